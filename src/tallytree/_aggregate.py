@@ -1,0 +1,934 @@
+"""The user-facing aggregate: bounds, reads and writes over one tree per namespace.
+
+Design
+======
+An :class:`Aggregate` is a named, sorted multiset of items ``(key, id, values)`` with one tree per
+namespace. This module turns user arguments into entries and bounds and calls ``_btree``:
+
+* an item's entry is ``encode_key(key) + encode_id(id)``; its tree is ``aggregate id + namespace``;
+* every read takes the same bounds, keyword-only: ``ge``/``gt`` (lower), ``le``/``lt`` (upper),
+  ``prefix`` (tuple keys starting with these elements) or ``eq`` (this key, every id). A bound is a key,
+  or a :class:`Position` / :class:`Item` to start or stop inside a run of equal keys. A key bound compares
+  by value (``le=1`` includes the key ``1.0``), a position bound is exact;
+* bounds become a lower and an upper *cut*: ``(bytes, after)`` meaning "entries ``< bytes``" or, with
+  ``after``, "entries ``<= bytes``"; a key ``k`` cuts at its body (before every key equal to ``k``) or
+  at ``body + b"\\xff"`` (after every one). Counting below a cut is ``Tree.rank``, so a bounded count is
+  two O(log n) descents and ``count(a..b) + count(b..c) == count(a..c)`` holds exactly.
+
+Writes validate everything (key, id, namespace, values) before touching a tree and check for
+duplicates or absence before changing a node, so a write that raises has changed nothing, even inside a
+transaction that goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import random as _random
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._btree import Root, Tree, same_values, vsub
+from ._keys import decode_key, encode_body, encode_id, encode_key, encode_prefix
+from ._node import sum_value
+from ._store import ROOTS
+from ._txn import Transaction, WriteTransaction, decode_root
+from .errors import (
+    BoundsError,
+    DuplicateItemError,
+    InvalidValueError,
+    ItemNotFoundError,
+    OutOfRangeError,
+    TransactionError,
+)
+
+if TYPE_CHECKING:
+    from ._db import Database
+
+__all__ = ["Aggregate", "Item", "Page", "Position", "Totals"]
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**64 - 1
+_AFTER = b"\xff"
+
+Cut = tuple[bytes, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item of an aggregate: its sort key, its id (tie-breaker) and its values (in field order)."""
+
+    key: Any
+    id: Any
+    values: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """An exact position ``(key, id)`` for bounds: ``gt=Position(k, "evt_9")`` starts after that item."""
+
+    key: Any
+    id: Any
+
+
+class Totals:
+    """The count and the exact sum of every value field of a set of items.
+
+    Sums of ints are exact ints; sums involving floats are correctly rounded (``math.fsum``).
+
+    >>> t = Totals(2, ("cost", "tokens"), (0.75, 3000))
+    >>> t.count, t.cost, t["tokens"], t.mean("cost")
+    (2, 0.75, 3000, 0.375)
+    """
+
+    __slots__ = ("_fields", "_sums", "count")
+
+    def __init__(self, count: int, fields: tuple[str, ...], sums: tuple[int | float, ...]) -> None:
+        self.count = count
+        self._fields = fields
+        self._sums = sums
+
+    @classmethod
+    def from_summary(cls, fields: tuple[str, ...], summary: list[int]) -> Totals:
+        """Build from an internal summary vector ``[count, S..., F...]``."""
+        nfields = len(fields)
+        sums = tuple(
+            sum_value(summary[1 + index], summary[1 + nfields + index]) for index in range(nfields)
+        )
+        return cls(summary[0], fields, sums)
+
+    def __getattr__(self, name: str) -> int | float:
+        try:
+            return self._sums[self._fields.index(name)]
+        except ValueError:
+            raise AttributeError(
+                f"Totals has no field {name!r}; the fields are {', '.join(self._fields) or 'none'}"
+            ) from None
+
+    def __getitem__(self, name: str) -> int | float:
+        if name == "count":
+            return self.count
+        try:
+            return self._sums[self._fields.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The names of the summed fields, in declaration order."""
+        return self._fields
+
+    @property
+    def sums(self) -> dict[str, int | float]:
+        """The sums by field name."""
+        return dict(zip(self._fields, self._sums, strict=True))
+
+    def mean(self, field: str) -> float | None:
+        """The mean of a field over the items (None when there are none)."""
+        if self.count == 0:
+            return None
+        return self[field] / self.count
+
+    def as_dict(self) -> dict[str, int | float]:
+        """``{"count": ..., field: sum, ...}``, for JSON output."""
+        return {"count": self.count, **self.sums}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Totals):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.as_dict().items()))
+
+    def __repr__(self) -> str:
+        parts = [f"count={self.count}", *(f"{name}={value!r}" for name, value in self.sums.items())]
+        return f"Totals({', '.join(parts)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of items, with the cursor to pass as ``after=`` for the next page.
+
+    The cursor encodes a position, not an offset, so it stays valid when items are added or removed.
+    """
+
+    items: list[Item]
+    cursor: str | None
+    done: bool
+
+
+class _Bounds:
+    """Bounds resolved to cuts."""
+
+    __slots__ = ("lower", "upper")
+
+    def __init__(self, lower: Cut | None, upper: Cut | None) -> None:
+        self.lower = lower
+        self.upper = upper
+
+
+def _entry_of(position: Position | Item) -> bytes:
+    return encode_key(position.key) + encode_id(position.id)
+
+
+def resolve_bounds(
+    ge: Any = None,
+    gt: Any = None,
+    le: Any = None,
+    lt: Any = None,
+    prefix: tuple[Any, ...] | None = None,
+    eq: Any = None,
+) -> _Bounds:
+    """Turn the bound keywords into lower and upper cuts. Raises BoundsError on conflicts."""
+    if ge is not None and gt is not None:
+        raise BoundsError("give at most one lower bound: ge= or gt=, not both")
+    if le is not None and lt is not None:
+        raise BoundsError("give at most one upper bound: le= or lt=, not both")
+    ranged = ge is not None or gt is not None or le is not None or lt is not None
+    if prefix is not None:
+        if ranged or eq is not None:
+            raise BoundsError("prefix= cannot be combined with ge/gt/le/lt/eq; use one kind of bound")
+        if not isinstance(prefix, tuple):
+            raise BoundsError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
+        start = encode_prefix(prefix)
+        return _Bounds((start, False), (start + _AFTER, False))
+    if eq is not None:
+        if ranged:
+            raise BoundsError("eq= cannot be combined with ge/gt/le/lt; use one kind of bound")
+        if isinstance(eq, Position | Item):
+            raise BoundsError("eq= takes a key; to find one item use get(tx, key, id)")
+        body = encode_body(eq)
+        return _Bounds((body, False), (body + _AFTER, False))
+    lower: Cut | None = None
+    upper: Cut | None = None
+    if ge is not None:
+        lower = (_entry_of(ge), False) if isinstance(ge, Position | Item) else (encode_body(ge), False)
+    elif gt is not None:
+        lower = (_entry_of(gt), True) if isinstance(gt, Position | Item) else (_after_key(gt), False)
+    if lt is not None:
+        upper = (_entry_of(lt), False) if isinstance(lt, Position | Item) else (encode_body(lt), False)
+    elif le is not None:
+        upper = (_entry_of(le), True) if isinstance(le, Position | Item) else (_after_key(le), False)
+    return _Bounds(lower, upper)
+
+
+def _after_key(key: Any) -> bytes:
+    return encode_body(key) + _AFTER
+
+
+def decode_entry(entry: bytes) -> tuple[Any, Any]:
+    """Split an entry into its key and id."""
+    key, offset = decode_key(entry)
+    item_id, _ = decode_key(entry, offset)
+    return key, item_id
+
+
+def _encode_cursor(entry: bytes) -> str:
+    return base64.urlsafe_b64encode(entry).decode("ascii")
+
+
+def _decode_cursor(cursor: str) -> bytes:
+    try:
+        entry = base64.urlsafe_b64decode(cursor.encode("ascii"))
+        decode_entry(entry)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise BoundsError(
+            f"after={cursor!r} is not a cursor returned by page(); pass page.cursor"
+        ) from exc
+    return entry
+
+
+_KEEP: Any = object()
+
+
+class Aggregate:
+    """A named, sorted multiset of items per namespace, with counts and exact sums.
+
+    Obtain one with :meth:`tallytree.Database.aggregate`. Every method takes the transaction first;
+    reads work in ``db.read()`` and ``db.write()`` transactions, writes in ``db.write()`` only.
+    """
+
+    def __init__(
+        self, db: Database, name: str, agg_id: int, fields: tuple[str, ...], node_size: int
+    ) -> None:
+        self._db = db
+        self.name = name
+        self.fields = fields
+        self.node_size = node_size
+        self._id = agg_id
+        self._prefix = agg_id.to_bytes(4, "big")
+        self._readonly_reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Aggregate {self.name!r} values={self.fields!r} node_size={self.node_size}>"
+
+    # ------------------------------------------------------------ plumbing
+
+    def _tree_key(self, namespace: Any) -> bytes:
+        return self._prefix + encode_key(namespace, what="namespace")
+
+    def _tree(self, tx: Transaction, namespace: Any) -> tuple[Tree, bytes]:
+        tx.check_database(self._db)
+        tree_key = self._tree_key(namespace)
+        return Tree(tx, len(self.fields), self.node_size, tx.root(tree_key)), tree_key
+
+    def _writable(self, tx: Transaction) -> WriteTransaction:
+        tx.check_database(self._db)
+        if not isinstance(tx, WriteTransaction):
+            raise TransactionError(
+                f"{self.name}: writes need a write transaction; use `with db.write() as tx:`"
+            )
+        if self._readonly_reason is not None:
+            raise TransactionError(self._readonly_reason)
+        return tx
+
+    def _save(self, tx: WriteTransaction, tree_key: bytes, tree: Tree) -> None:
+        tx.set_root(tree_key, tree.root)
+
+    def _values(self, values: Any) -> tuple[int | float, ...]:
+        fields = self.fields
+        if isinstance(values, Mapping):
+            unknown = set(values) - set(fields)
+            if unknown:
+                raise InvalidValueError(
+                    f"{self.name}: unknown value field(s) {sorted(map(str, unknown))}; "
+                    f"the fields are {list(fields)}"
+                )
+            missing = [field for field in fields if field not in values]
+            if missing:
+                raise InvalidValueError(f"{self.name}: missing value field(s) {missing}")
+            values = tuple(values[field] for field in fields)
+        elif isinstance(values, tuple | list):
+            values = tuple(values)
+        else:
+            raise InvalidValueError(
+                f"{self.name}: values must be a tuple in field order {list(fields)} or a mapping by "
+                f"field name, not {type(values).__name__}"
+            )
+        if len(values) != len(fields):
+            raise InvalidValueError(
+                f"{self.name}: expected {len(fields)} value(s) {list(fields)}, got {len(values)}"
+            )
+        for field, value in zip(fields, values, strict=True):
+            kind = type(value)
+            if kind is float:
+                if not math.isfinite(value):
+                    raise InvalidValueError(
+                        f"{self.name}: {field}={value!r} is not finite; sums need finite numbers"
+                    )
+            elif kind is int:
+                if not _INT64_MIN <= value <= _INT64_MAX:
+                    raise InvalidValueError(
+                        f"{self.name}: {field}={value} is outside the 64-bit range values are "
+                        "stored in (sums of them may be any size)"
+                    )
+            else:
+                raise InvalidValueError(
+                    f"{self.name}: {field}={value!r} is a {kind.__name__}; values are ints or "
+                    "floats (bool is not accepted)"
+                )
+        return values  # type: ignore[no-any-return]
+
+    def _item(self, entry: bytes, values: tuple[Any, ...]) -> Item:
+        key, item_id = decode_entry(entry)
+        return Item(key, item_id, values)
+
+    def _range(self, tree: Tree, bounds: _Bounds) -> tuple[int, int]:
+        start = tree.rank(*bounds.lower) if bounds.lower is not None else 0
+        stop = tree.rank(*bounds.upper) if bounds.upper is not None else tree.count
+        return start, max(start, stop)
+
+    # ------------------------------------------------------------ reads
+
+    def count(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> int:
+        """Number of items within the bounds. O(log n) whatever the size of the range; O(1) unbounded.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores")
+        >>> with db.write() as tx:
+        ...     scores.insert_many(tx, [(k, f"u{k}") for k in range(10)])
+        10
+        >>> with db.read() as tx:
+        ...     scores.count(tx, ge=3, lt=7), scores.count(tx), scores.count(tx, eq=5)
+        (4, 10, 1)
+
+        Raises BoundsError for conflicting bounds, InvalidKeyError / UnsupportedKeyTypeError for
+        bounds that are not keys.
+        """
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, _ = self._tree(tx, namespace)
+        if bounds.lower is None and bounds.upper is None:
+            return tree.count
+        start, stop = self._range(tree, bounds)
+        return stop - start
+
+    def totals(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> Totals:
+        """The count and exact sums of the items within the bounds. O(log n); O(1) unbounded.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> costs = db.aggregate("costs", values=("cost", "tokens"))
+        >>> with db.write() as tx:
+        ...     costs.insert(tx, 1, "a", (0.1, 10))
+        ...     costs.insert(tx, 2, "b", (0.2, 20))
+        >>> with db.read() as tx:
+        ...     costs.totals(tx)
+        Totals(count=2, cost=0.30000000000000004, tokens=30)
+        """
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, _ = self._tree(tx, namespace)
+        summary = self._summary(tree, bounds)
+        return Totals.from_summary(self.fields, summary)
+
+    def _summary(self, tree: Tree, bounds: _Bounds) -> list[int]:
+        if tree.root is None:
+            return tree.zero()
+        upper = (
+            tree.prefix_summary(*bounds.upper) if bounds.upper is not None else tree.root.summary
+        )
+        if bounds.lower is None:
+            return list(upper)
+        lower = tree.prefix_summary(*bounds.lower)
+        if lower[0] >= upper[0]:
+            return tree.zero()
+        return vsub(upper, lower)
+
+    def sum(
+        self,
+        tx: Transaction,
+        field: str,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> int | float:
+        """The exact sum of one value field within the bounds. O(log n).
+
+        Raises InvalidValueError for an unknown field.
+        """
+        if field not in self.fields:
+            raise InvalidValueError(
+                f"{self.name}: no value field {field!r}; the fields are {list(self.fields)}"
+            )
+        totals = self.totals(
+            tx, namespace=namespace, ge=ge, gt=gt, le=le, lt=lt, prefix=prefix, eq=eq
+        )
+        return totals[field]
+
+    def at(
+        self,
+        tx: Transaction,
+        index: int,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> Item:
+        """The item at 0-based ``index`` within the bounds; negative indexes count from the end.
+
+        O(log n). Raises OutOfRangeError (an IndexError) when there is no such item.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> latency = db.aggregate("latency")
+        >>> with db.write() as tx:
+        ...     latency.insert_many(tx, [(ms, f"r{ms}") for ms in (12, 40, 7, 95, 33)])
+        5
+        >>> with db.read() as tx:  # the median and the maximum
+        ...     latency.at(tx, 2).key, latency.at(tx, -1).key
+        (33, 95)
+        """
+        if type(index) is not int:
+            raise TypeError(f"index must be an int, not {type(index).__name__}")
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, _ = self._tree(tx, namespace)
+        start, stop = self._range(tree, bounds)
+        size = stop - start
+        position = index + size if index < 0 else index
+        if not 0 <= position < size:
+            raise OutOfRangeError(
+                f"{self.name}: index {index} is out of range for {size} item(s) within the bounds"
+            )
+        return self._item(*tree.select(start + position))
+
+    def rank(
+        self,
+        tx: Transaction,
+        key: Any,
+        id: Any = None,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+        reverse: bool = False,
+    ) -> int:
+        """How many items within the bounds come before ``(key, id)``: its 0-based rank. O(log n).
+
+        Without ``id``, counts the items before every item with this key, so
+        ``rank(tx, k) == count(tx, lt=k)``. With ``reverse=True``, counts the items after it instead
+        (after every item with the key when no ``id`` is given): the rank in descending order.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> board = db.aggregate("board")
+        >>> with db.write() as tx:
+        ...     board.insert_many(tx, [(10, "ann"), (30, "bob"), (20, "cy")])
+        3
+        >>> with db.read() as tx:
+        ...     board.rank(tx, 20), board.rank(tx, 20, reverse=True)
+        (1, 1)
+        """
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, _ = self._tree(tx, namespace)
+        start, stop = self._range(tree, bounds)
+        if id is None:
+            cut = (_after_key(key), False) if reverse else (encode_body(key), False)
+        else:
+            cut = (encode_key(key) + encode_id(id), reverse)
+        position = min(max(tree.rank(*cut), start), stop)
+        return stop - position if reverse else position - start
+
+    def min(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> Item | None:
+        """The first item within the bounds, or None. O(log n)."""
+        return self._end(tx, namespace, resolve_bounds(ge, gt, le, lt, prefix, eq), last=False)
+
+    def max(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> Item | None:
+        """The last item within the bounds, or None. O(log n)."""
+        return self._end(tx, namespace, resolve_bounds(ge, gt, le, lt, prefix, eq), last=True)
+
+    def _end(self, tx: Transaction, namespace: Any, bounds: _Bounds, last: bool) -> Item | None:
+        tree, _ = self._tree(tx, namespace)
+        start, stop = self._range(tree, bounds)
+        if start >= stop:
+            return None
+        return self._item(*tree.select(stop - 1 if last else start))
+
+    def random(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+        rng: _random.Random | int | None = None,
+    ) -> Item | None:
+        """A uniformly random item within the bounds, or None if there is none. O(log n).
+
+        ``rng`` is a ``random.Random`` or a seed, for reproducible draws.
+        """
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, _ = self._tree(tx, namespace)
+        start, stop = self._range(tree, bounds)
+        if start >= stop:
+            return None
+        generator = rng if isinstance(rng, _random.Random) else _random.Random(rng)
+        return self._item(*tree.select(start + generator.randrange(stop - start)))
+
+    def get(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> Item | None:
+        """The item ``(key, id)`` in the namespace, or None. O(log n)."""
+        entry = encode_key(key) + encode_id(id)
+        tree, _ = self._tree(tx, namespace)
+        values = tree.find(entry)
+        return None if values is None else self._item(entry, values)
+
+    def items(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+        reverse: bool = False,
+    ) -> Iterator[Item]:
+        """Iterate lazily over the items within the bounds, in key order (or reversed).
+
+        O(log n) to start and O(1) amortized per item. The iterator reads the transaction's snapshot;
+        changing the same namespace while iterating raises TransactionError.
+        """
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, tree_key = self._tree(tx, namespace)
+        start, stop = self._range(tree, bounds)
+        return self._iterate(tx, tree, tree_key, start, stop, reverse)
+
+    def _iterate(
+        self, tx: Transaction, tree: Tree, tree_key: bytes, start: int, stop: int, reverse: bool
+    ) -> Iterator[Item]:
+        version = tx.versions.get(tree_key, 0)
+        for entry, values in tree.iterate(start, stop, reverse):
+            if tx.versions.get(tree_key, 0) != version:
+                raise TransactionError(
+                    f"{self.name}: the namespace changed during iteration; collect the items "
+                    "(list(...)) before changing them"
+                )
+            yield self._item(entry, values)
+
+    def page(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+        after: str | Item | Position | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> Page:
+        """Up to ``limit`` items within the bounds, after the cursor of the previous page.
+
+        The cursor is a position, so paging stays correct when items are inserted or deleted between
+        pages. O(log n + limit).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> days = db.aggregate("days")
+        >>> with db.write() as tx:
+        ...     days.insert_many(tx, [(d, "x") for d in range(5)])
+        5
+        >>> with db.read() as tx:
+        ...     first = days.page(tx, limit=3)
+        ...     second = days.page(tx, limit=3, after=first.cursor)
+        >>> [i.key for i in first.items], [i.key for i in second.items], second.done
+        ([0, 1, 2], [3, 4], True)
+        """
+        if type(limit) is not int or limit < 1:
+            raise BoundsError(f"limit must be a positive int, not {limit!r}")
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, tree_key = self._tree(tx, namespace)
+        start, stop = self._range(tree, bounds)
+        if after is not None:
+            entry = (
+                _entry_of(after) if isinstance(after, Item | Position) else _decode_cursor(after)
+            )
+            if reverse:
+                stop = min(stop, tree.rank(entry, False))
+            else:
+                start = max(start, tree.rank(entry, True))
+        if reverse:
+            first, last = max(start, stop - limit), stop
+        else:
+            first, last = start, min(stop, start + limit)
+        items: list[Item] = []
+        entries: list[bytes] = []
+        for entry, values in tree.iterate(first, last, reverse):
+            entries.append(entry)
+            items.append(self._item(entry, values))
+        done = (first <= start) if reverse else (last >= stop)
+        cursor = _encode_cursor(entries[-1]) if entries else None
+        return Page(items, cursor, done)
+
+    def namespaces(self, tx: Transaction) -> Iterator[tuple[Any, Totals]]:
+        """Every non-empty namespace with its totals, in key order. O(1) per namespace."""
+        tx.check_database(self._db)
+        prefix = self._prefix
+        stop = (self._id + 1).to_bytes(4, "big")
+        pending: dict[bytes, Root | None] = {}
+        if isinstance(tx, WriteTransaction):
+            pending = {
+                key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)
+            }
+        stored = ((key, decode_root(value)) for key, value in tx.kv.scan(ROOTS, prefix, stop))
+        merged = dict(stored)
+        merged.update(pending)
+        for key in sorted(merged):
+            root = merged[key]
+            if root is None:
+                continue
+            namespace, _ = decode_key(key, len(prefix))
+            yield namespace, Totals.from_summary(self.fields, root.summary)
+
+    # ------------------------------------------------------------ writes
+
+    def insert(
+        self, tx: Transaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None
+    ) -> None:
+        """Insert one item. O(log n).
+
+        Raises DuplicateItemError (a KeyError) if ``(key, id)`` is already in the namespace, and the
+        key/value errors for bad input; in every case nothing changes.
+        """
+        wtx = self._writable(tx)
+        entry = encode_key(key) + encode_id(id)
+        checked = self._values(values)
+        tree, tree_key = self._tree(wtx, namespace)
+        if not tree.insert(entry, checked):
+            raise DuplicateItemError(
+                f"{self.name}: item (key={key!r}, id={id!r}) already exists in namespace "
+                f"{namespace!r}; use upsert() to overwrite or discard() it first"
+            )
+        self._save(wtx, tree_key, tree)
+
+    def delete(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> Item:
+        """Remove one item and return it. O(log n).
+
+        Raises ItemNotFoundError (a KeyError) if it is absent; use :meth:`discard` to allow that.
+        """
+        wtx = self._writable(tx)
+        entry = encode_key(key) + encode_id(id)
+        tree, tree_key = self._tree(wtx, namespace)
+        values = tree.delete(entry)
+        if values is None:
+            raise ItemNotFoundError(
+                f"{self.name}: no item (key={key!r}, id={id!r}) in namespace {namespace!r}; "
+                "use discard() to ignore missing items"
+            )
+        self._save(wtx, tree_key, tree)
+        return self._item(entry, values)
+
+    def discard(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> bool:
+        """Remove one item if present; return whether it was. Writes nothing if absent. O(log n)."""
+        wtx = self._writable(tx)
+        entry = encode_key(key) + encode_id(id)
+        tree, tree_key = self._tree(wtx, namespace)
+        if tree.delete(entry) is None:
+            return False
+        self._save(wtx, tree_key, tree)
+        return True
+
+    def upsert(
+        self, tx: Transaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None
+    ) -> Literal["inserted", "updated", "unchanged"]:
+        """Insert the item, or overwrite its values if it exists. O(log n).
+
+        Returns what happened; when the stored values are already equal (same types too), nothing is
+        written at all, so replaying the same upserts is free.
+        """
+        wtx = self._writable(tx)
+        entry = encode_key(key) + encode_id(id)
+        checked = self._values(values)
+        tree, tree_key = self._tree(wtx, namespace)
+        old = tree.update(entry, checked)
+        if old is None:
+            tree.insert(entry, checked)
+            self._save(wtx, tree_key, tree)
+            return "inserted"
+        if same_values(old, checked):
+            return "unchanged"
+        self._save(wtx, tree_key, tree)
+        return "updated"
+
+    def replace(
+        self,
+        tx: Transaction,
+        key: Any,
+        id: Any,
+        *,
+        namespace: Any = None,
+        new_key: Any = _KEEP,
+        new_id: Any = _KEEP,
+        new_values: Any = _KEEP,
+        new_namespace: Any = _KEEP,
+    ) -> Item:
+        """Move an item to a new key, id, namespace and/or values, atomically; return the new item.
+
+        O(log n). Raises ItemNotFoundError if the item is absent and DuplicateItemError if the new
+        position is taken; then nothing changes.
+        """
+        wtx = self._writable(tx)
+        entry = encode_key(key) + encode_id(id)
+        target_key = key if new_key is _KEEP else new_key
+        target_id = id if new_id is _KEEP else new_id
+        target_namespace = namespace if new_namespace is _KEEP else new_namespace
+        target_entry = encode_key(target_key) + encode_id(target_id)
+        target_values = self._values(new_values) if new_values is not _KEEP else None
+        tree, tree_key = self._tree(wtx, namespace)
+        old = tree.find(entry)
+        if old is None:
+            raise ItemNotFoundError(
+                f"{self.name}: no item (key={key!r}, id={id!r}) in namespace {namespace!r} to replace"
+            )
+        values = target_values if target_values is not None else old
+        target_tree_key = self._tree_key(target_namespace)
+        if target_tree_key == tree_key and target_entry == entry:
+            tree.update(entry, values)
+            self._save(wtx, tree_key, tree)
+            return self._item(entry, values)
+        same_tree = target_tree_key == tree_key
+        target = tree if same_tree else self._tree(wtx, target_namespace)[0]
+        if target.find(target_entry) is not None:
+            raise DuplicateItemError(
+                f"{self.name}: cannot move to (key={target_key!r}, id={target_id!r}) in namespace "
+                f"{target_namespace!r}: an item is already there"
+            )
+        tree.delete(entry)
+        self._save(wtx, tree_key, tree)
+        if not same_tree:
+            target = self._tree(wtx, target_namespace)[0]
+        target.insert(target_entry, values)
+        self._save(wtx, target_tree_key, target)
+        return self._item(target_entry, values)
+
+    def insert_many(
+        self,
+        tx: Transaction,
+        items: Iterable[Item | tuple[Any, ...]],
+        *,
+        namespace: Any = None,
+        on_duplicate: Literal["error", "skip", "update"] = "error",
+    ) -> int:
+        """Insert many items in one call; return how many were inserted (or updated).
+
+        ``items`` holds :class:`Item` objects or ``(key, id)`` / ``(key, id, values)`` tuples. Input
+        is validated first, sorted, then merged leaf by leaf, so time-ordered or clustered batches
+        cost little more than appending. ``on_duplicate`` says what to do with an item already present
+        (or repeated in the batch): ``"error"`` raises DuplicateItemError and inserts nothing,
+        ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert).
+        O(m log n), about O(m) for sorted runs.
+        """
+        if on_duplicate not in ("error", "skip", "update"):
+            raise ValueError(f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}")
+        wtx = self._writable(tx)
+        rows: list[tuple[bytes, tuple[int | float, ...], Any, Any]] = []
+        for item in items:
+            key, item_id, values = self._unpack_item(item)
+            rows.append((encode_key(key) + encode_id(item_id), self._values(values), key, item_id))
+        if not rows:
+            return 0
+        rows.sort(key=lambda row: row[0])
+        unique: list[tuple[bytes, tuple[int | float, ...], Any, Any]] = []
+        for row in rows:
+            if unique and unique[-1][0] == row[0]:
+                if on_duplicate == "error":
+                    raise DuplicateItemError(
+                        f"{self.name}: item (key={row[2]!r}, id={row[3]!r}) appears twice in the "
+                        "batch; nothing was inserted"
+                    )
+                if on_duplicate == "update":
+                    unique[-1] = row
+                continue
+            unique.append(row)
+        tree, tree_key = self._tree(wtx, namespace)
+        if on_duplicate == "update":
+            changed = 0
+            for entry, values, _, _ in unique:
+                if tree.update(entry, values) is None:
+                    tree.insert(entry, values)
+                changed += 1
+            self._save(wtx, tree_key, tree)
+            return changed
+        if on_duplicate == "error" and tree.root is not None:
+            for entry, _, key, item_id in unique:
+                if tree.find(entry) is not None:
+                    raise DuplicateItemError(
+                        f"{self.name}: item (key={key!r}, id={item_id!r}) already exists in "
+                        f"namespace {namespace!r}; nothing was inserted (on_duplicate='skip' "
+                        "keeps existing items)"
+                    )
+        inserted = tree.insert_sorted_run([row[0] for row in unique], [row[1] for row in unique])
+        if inserted:
+            self._save(wtx, tree_key, tree)
+        return inserted
+
+    def _unpack_item(self, item: Any) -> tuple[Any, Any, Any]:
+        if isinstance(item, Item):
+            return item.key, item.id, item.values
+        if isinstance(item, tuple) and len(item) in (2, 3):
+            return item[0], item[1], item[2] if len(item) == 3 else ()
+        raise InvalidValueError(
+            f"{self.name}: insert_many takes Item objects or (key, id[, values]) tuples, not {item!r}"
+        )
+
+    def delete_range(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+    ) -> Totals:
+        """Remove every item within the bounds; return the totals of what was removed.
+
+        Subtrees entirely inside the bounds are dropped without reading their items:
+        O(log n + nodes removed). To keep a copy, read ``items()`` with the same bounds first.
+        """
+        wtx = self._writable(tx)
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree, tree_key = self._tree(wtx, namespace)
+        start, stop = self._range(tree, bounds)
+        if start >= stop:
+            return Totals.from_summary(self.fields, tree.zero())
+        removed = tree.delete_range(start, stop)
+        self._save(wtx, tree_key, tree)
+        return Totals.from_summary(self.fields, removed)
+
+    def clear(self, tx: Transaction, *, namespace: Any = None) -> Totals:
+        """Remove every item of one namespace; return the totals of what was removed.
+
+        O(nodes removed): leaves are dropped by id without being read.
+        """
+        return self.delete_range(tx, namespace=namespace)

@@ -1,0 +1,229 @@
+"""The invariant checker: walks whole trees and reports every violated invariant with its path.
+
+Design
+======
+Like SQLite's integrity check and the BTrees ``check`` module, the checker recomputes everything from
+the leaves up and keeps going after the first problem. For each tree it verifies:
+
+* every node decodes, has a known layout, and its columns have one entry per key;
+* entries strictly increase, decode as (key, id), and lie within the fences passed down from the root
+  (``fence <= entry < next fence``); an internal child's own first fence equals its parent's;
+* each parent's stored count and exact sums for each child equal what the child's subtree holds,
+  and the root record's totals equal the whole tree's;
+* every leaf is at the root record's height; every non-root node holds ``node_size // 2`` to
+  ``node_size`` entries, and an internal root at least two children;
+* values are ints or finite floats.
+
+Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks)
+and root records of unknown aggregates. Cost: O(n) node reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ._aggregate import Aggregate, decode_entry
+from ._btree import Root, vadd
+from ._node import Node
+from ._store import NODES, ROOTS
+from ._txn import Transaction, decode_root
+from .errors import Error
+
+__all__ = ["Problem", "check"]
+
+_ALL: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One violated invariant: where (aggregate, namespace, child indexes from the root) and what."""
+
+    aggregate: str | None
+    namespace: Any
+    path: tuple[int, ...]
+    node_id: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = "/".join(map(str, self.path)) or "root"
+        return (
+            f"{self.aggregate}[{self.namespace!r}] {where} (node {self.node_id}): {self.message}"
+        )
+
+
+class _Walker:
+    def __init__(
+        self, tx: Transaction, aggregate: Aggregate, namespace: Any, problems: list[Problem]
+    ) -> None:
+        self.tx = tx
+        self.aggregate = aggregate
+        self.namespace = namespace
+        self.problems = problems
+        self.nfields = len(aggregate.fields)
+        self.max_size = aggregate.node_size
+        self.min_size = aggregate.node_size // 2
+        self.seen: set[int] = set()
+
+    def report(self, path: tuple[int, ...], node_id: int | None, message: str) -> None:
+        self.problems.append(
+            Problem(self.aggregate.name, self.namespace, path, node_id, message)
+        )
+
+    def tree(self, root: Root) -> None:
+        summary = self.node(root.node_id, (), 1, root.height, b"", None)
+        if summary is None:
+            return
+        if summary != root.summary:
+            self.report((), root.node_id, f"root record totals {root.summary} != tree {summary}")
+        if summary[0] == 0:
+            self.report((), root.node_id, "empty tree still has a root record")
+
+    def node(
+        self,
+        node_id: int,
+        path: tuple[int, ...],
+        depth: int,
+        height: int,
+        low: bytes,
+        high: bytes | None,
+    ) -> list[int] | None:
+        self.seen.add(node_id)
+        try:
+            node = self.tx.node(node_id)
+        except Error as exc:
+            self.report(path, node_id, f"cannot read node: {exc}")
+            return None
+        is_root = not path
+        size = len(node.keys)
+        if node.leaf != (depth == height):
+            self.report(path, node_id, f"{'leaf' if node.leaf else 'internal node'} at depth "
+                        f"{depth}, but the tree's height is {height}")
+        if size > self.max_size:
+            self.report(path, node_id, f"holds {size} entries, more than node_size {self.max_size}")
+        if is_root and not node.leaf and size < 2:
+            self.report(path, node_id, f"internal root has {size} child(ren); it needs 2 or more")
+        if not is_root and size < self.min_size:
+            self.report(path, node_id, f"holds {size} entries, fewer than {self.min_size}")
+        if is_root and size == 0:
+            self.report(path, node_id, "root node is empty")
+        for earlier, later in zip(node.keys, node.keys[1:], strict=False):
+            if not earlier < later:
+                self.report(path, node_id, "keys are not strictly increasing")
+                break
+        if node.keys:
+            if node.keys[0] < low:
+                self.report(path, node_id, "first key is below the fence set by the parent")
+            if high is not None and node.keys[-1] >= high:
+                self.report(path, node_id, "last key is not below the next fence of the parent")
+        return self.leaf(node, path) if node.leaf else self.internal(node, path, depth, height, low, high)
+
+    def leaf(self, node: Node, path: tuple[int, ...]) -> list[int] | None:
+        if len(node.cols) != self.nfields:
+            self.report(path, node.id, f"leaf has {len(node.cols)} value columns, expected {self.nfields}")
+            return None
+        for col in node.cols:
+            if len(col) != len(node.keys):
+                self.report(path, node.id, "a value column and the keys differ in length")
+                return None
+            for value in col:
+                if type(value) not in (int, float) or (
+                    type(value) is float and not math.isfinite(value)
+                ):
+                    self.report(path, node.id, f"invalid value {value!r}")
+        for entry in node.keys:
+            try:
+                decode_entry(entry)
+            except Error as exc:
+                self.report(path, node.id, f"entry {entry!r} does not decode: {exc}")
+        return node.summary()
+
+    def internal(
+        self,
+        node: Node,
+        path: tuple[int, ...],
+        depth: int,
+        height: int,
+        low: bytes,
+        high: bytes | None,
+    ) -> list[int] | None:
+        width = 1 + 2 * self.nfields
+        if len(node.cols) != width or len(node.kids) != len(node.keys) or any(
+            len(col) != len(node.keys) for col in node.cols
+        ):
+            self.report(path, node.id, "internal node columns do not match its children")
+            return None
+        if node.keys and node.keys[0] != low:
+            self.report(path, node.id, "first fence differs from the fence its parent stores")
+        total = [0] * width
+        for index, kid in enumerate(node.kids):
+            upper = node.keys[index + 1] if index + 1 < len(node.keys) else high
+            actual = self.node(kid, (*path, index), depth + 1, height, node.keys[index], upper)
+            stored = [col[index] for col in node.cols]
+            if actual is None:
+                total = vadd(total, stored)
+                continue
+            if actual != stored:
+                self.report(
+                    (*path, index), kid, f"parent stores totals {stored}, subtree holds {actual}"
+                )
+            total = vadd(total, actual)
+        return total
+
+
+def check(
+    tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any = _ALL
+) -> list[Problem]:
+    """Walk trees and return every violated invariant (an empty list means all is well).
+
+    With an aggregate, checks its trees (or only ``namespace``); without, checks every aggregate of the
+    database and also reports unreferenced nodes. O(n).
+
+    >>> import tallytree
+    >>> db = tallytree.open_memory()
+    >>> scores = db.aggregate("scores", node_size=4)
+    >>> with db.write() as tx:
+    ...     scores.insert_many(tx, [(k, "id") for k in range(100)])
+    100
+    >>> with db.read() as tx:
+    ...     tallytree.check(tx)
+    []
+    """
+    db = tx._db
+    tx.check_database(db)
+    problems: list[Problem] = []
+    aggregates = [aggregate] if aggregate is not None else [db.aggregate(name) for name in db.aggregates()]
+    seen: set[int] = set()
+    for each in aggregates:
+        for tree_key, root in _roots(tx, each):
+            name = db.namespace_of(tree_key)
+            if namespace is not _ALL and name != namespace:
+                continue
+            walker = _Walker(tx, each, name, problems)
+            if root is not None:
+                walker.tree(root)
+            seen |= walker.seen
+    if aggregate is None:
+        known = {each._prefix for each in aggregates}
+        for key, _ in tx.kv.scan(ROOTS, b"", None):
+            if key[:4] not in known:
+                problems.append(Problem(None, None, (), None, f"root record of unknown aggregate {key!r}"))
+        if not tx.write:  # a write transaction's freed and new nodes reach the table at commit
+            for key, _ in tx.kv.scan(NODES, b"", None):
+                node_id = int.from_bytes(key, "big")
+                if node_id not in seen:
+                    problems.append(Problem(None, None, (), node_id, "no tree references this node"))
+    return problems
+
+
+def _roots(tx: Transaction, aggregate: Aggregate) -> list[tuple[bytes, Root | None]]:
+    prefix = aggregate._prefix
+    stop = (aggregate._id + 1).to_bytes(4, "big")
+    found: dict[bytes, Root | None] = {
+        key: decode_root(value) for key, value in tx.kv.scan(ROOTS, prefix, stop)
+    }
+    changed = getattr(tx, "changed_roots", None)
+    if changed is not None:
+        found.update({key: root for key, root in changed().items() if key.startswith(prefix)})
+    return sorted(found.items())

@@ -1,0 +1,333 @@
+"""The database: opening a store, its aggregates, and its transactions.
+
+Design
+======
+A :class:`Database` is one backend (an LMDB environment, or memory) plus what every transaction shares:
+the decoded-node cache and the aggregate definitions. It is opened once per process and used from any
+number of threads. The ``meta`` table holds the format tag (checked on open, so a foreign or newer
+database is refused with a clear error), the id counters and one definition per aggregate::
+
+    b"format"      -> b"tallytree-1"
+    b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 64}
+
+Write transactions are serialized by the backend (LMDB's writer lock, across processes too). Opening a
+second write transaction in a thread that already has one would wait for itself forever, so it raises
+:class:`~tallytree.errors.TransactionError` instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgpack
+
+from ._aggregate import Aggregate
+from ._btree import Tree
+from ._keys import decode_key
+from ._store import ROOTS, Backend, MemoryBackend, NodeCache
+from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
+from .errors import (
+    AggregateNotFoundError,
+    DatabaseFormatError,
+    SchemaMismatchError,
+    TransactionError,
+)
+
+__all__ = ["DEFAULT_NODE_SIZE", "Database", "open", "open_memory"]
+
+FORMAT = b"tallytree-1"
+DEFAULT_NODE_SIZE = 64
+"""Entries per node; chosen by benchmark (see benchmarks/README.md)."""
+DEFAULT_CACHE_NODES = 32768
+_FORMAT_KEY = b"format"
+_NEXT_AGGREGATE = b"next_agg"
+_AGGREGATE_PREFIX = b"agg:"
+_MIN_NODE_SIZE = 4
+_MAX_NODE_SIZE = 1024
+
+
+class Database:
+    """An open tallytree database. Use :func:`tallytree.open` (or :func:`tallytree.open_memory`).
+
+    It is a context manager that closes the database on exit.
+    """
+
+    def __init__(self, backend: Backend, *, cache_nodes: int, path: Path | None = None) -> None:
+        self._backend = backend
+        self._cache = NodeCache(cache_nodes)
+        self._local = threading.local()
+        self._aggregates: dict[str, Aggregate] = {}
+        self._closed = False
+        self.path = path
+        self._check_format()
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "memory"
+        return f"<tallytree.Database {where}{' closed' if self._closed else ''}>"
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database; open transactions must have ended. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._cache.clear()
+            self._backend.close()
+
+    def _check_format(self) -> None:
+        with self.read() as tx:
+            stored = tx.meta(_FORMAT_KEY)
+            empty = stored is None and tx.meta(b"gen") is None
+        if stored == FORMAT:
+            return
+        if stored is not None:
+            raise DatabaseFormatError(
+                f"this database has format {stored!r}, but this tallytree reads {FORMAT!r}; "
+                "open it with the tallytree version that wrote it"
+            )
+        if not empty:
+            raise DatabaseFormatError("this store has tallytree tables but no format tag; it is damaged")
+        if getattr(self._backend, "readonly", False):
+            raise DatabaseFormatError("the database is empty and opened read-only; create it first")
+        with self.write() as wtx:
+            wtx.set_meta(_FORMAT_KEY, FORMAT)
+
+    # ------------------------------------------------------------ transactions
+
+    @contextmanager
+    def read(self) -> Iterator[ReadTransaction]:
+        """A read transaction: one consistent snapshot, never blocking or blocked by the writer.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> with db.read() as tx:
+        ...     db.aggregate("events").count(tx)
+        0
+        """
+        self._check_open()
+        tx = ReadTransaction(self, self._backend.begin(False))
+        try:
+            yield tx
+        finally:
+            tx.abort()
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTransaction]:
+        """The write transaction: every change inside commits together when the block ends.
+
+        An exception in the block aborts it, writing nothing. One writer at a time (across processes
+        too); a second ``db.write()`` in the same thread raises TransactionError.
+        """
+        self._check_open()
+        if getattr(self._local, "writing", False):
+            raise TransactionError(
+                "a write transaction is already open in this thread; do all the writes in it "
+                "(nested write transactions would wait for each other forever)"
+            )
+        kv = self._backend.begin(True)
+        tx = WriteTransaction(self, kv)
+        self._local.writing = True
+        try:
+            yield tx
+        except BaseException:
+            tx.abort()
+            raise
+        else:
+            tx.commit()
+        finally:
+            self._local.writing = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransactionError("the database is closed; open it again with tallytree.open()")
+
+    # ------------------------------------------------------------ aggregates
+
+    def aggregate(
+        self,
+        name: str,
+        *,
+        values: Sequence[str] | None = None,
+        node_size: int | None = None,
+        create: bool = True,
+    ) -> Aggregate:
+        """Open the aggregate ``name``, creating it (in its own transaction) if needed.
+
+        ``values`` names the numeric fields summed for every item, fixed at creation; reopening with
+        different ``values`` or ``node_size`` raises SchemaMismatchError. ``create=False`` raises
+        AggregateNotFoundError for an unknown name. O(1).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> db.aggregate("events", values=("cost", "tokens"))
+        <Aggregate 'events' values=('cost', 'tokens') node_size=64>
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ValueError(f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}")
+        fields = _check_fields(values) if values is not None else None
+        if node_size is not None and (
+            type(node_size) is not int or not _MIN_NODE_SIZE <= node_size <= _MAX_NODE_SIZE
+        ):
+            raise ValueError(
+                f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
+            )
+        known = self._aggregates.get(name) or self._load_aggregate(name)
+        if known is None:
+            if not create:
+                raise AggregateNotFoundError(
+                    f"no aggregate named {name!r}; the database has {self.aggregates()}"
+                )
+            known = self._create_aggregate(name, fields or (), node_size or DEFAULT_NODE_SIZE)
+        if fields is not None and fields != known.fields:
+            raise SchemaMismatchError(
+                f"aggregate {name!r} sums {list(known.fields)}, not {list(fields)}; value fields "
+                "are fixed at creation (drop_aggregate() and rebuild to change them)"
+            )
+        if node_size is not None and node_size != known.node_size:
+            raise SchemaMismatchError(
+                f"aggregate {name!r} was created with node_size={known.node_size}, not {node_size}"
+            )
+        self._aggregates[name] = known
+        return known
+
+    def _load_aggregate(self, name: str) -> Aggregate | None:
+        with self.read() as tx:
+            data = tx.meta(_AGGREGATE_PREFIX + name.encode())
+        if data is None:
+            return None
+        return self._aggregate_from(name, data)
+
+    def _aggregate_from(self, name: str, data: bytes) -> Aggregate:
+        definition = msgpack.unpackb(data, raw=False)
+        return Aggregate(
+            self, name, definition["id"], tuple(definition["values"]), definition["node_size"]
+        )
+
+    def _create_aggregate(self, name: str, fields: tuple[str, ...], node_size: int) -> Aggregate:
+        if getattr(self._local, "writing", False):
+            raise TransactionError(
+                f"aggregate {name!r} does not exist yet and creating it needs its own write "
+                "transaction; call db.aggregate() before `with db.write()`"
+            )
+        with self.write() as tx:
+            data = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            if data is not None:  # created meanwhile by another thread or process
+                return self._aggregate_from(name, data)
+            stored = tx.meta(_NEXT_AGGREGATE)
+            agg_id = int.from_bytes(stored, "big") if stored else 1
+            tx.set_meta(_NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
+            definition = {"id": agg_id, "values": list(fields), "node_size": node_size}
+            tx.set_meta(_AGGREGATE_PREFIX + name.encode(), msgpack.packb(definition))
+        return Aggregate(self, name, agg_id, fields, node_size)
+
+    def aggregates(self) -> list[str]:
+        """The names of the aggregates in the database, sorted."""
+        with self.read() as tx:
+            prefix = _AGGREGATE_PREFIX
+            stop = prefix[:-1] + bytes([prefix[-1] + 1])
+            return [key[len(prefix) :].decode() for key, _ in tx.kv.scan(0, prefix, stop)]
+
+    def drop_aggregate(self, name: str) -> None:
+        """Delete an aggregate with every namespace and node. O(nodes). Raises AggregateNotFoundError."""
+        aggregate = self.aggregate(name, create=False)
+        with self.write() as tx:
+            for tree_key, root in list(self._trees(tx, aggregate)):
+                tree = Tree(tx, len(aggregate.fields), aggregate.node_size, root)
+                tree.delete_range(0, tree.count)
+                tx.set_root(tree_key, None)
+            tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
+        aggregate._readonly_reason = f"aggregate {name!r} was dropped"
+        self._aggregates.pop(name, None)
+
+    def _trees(self, tx: Transaction, aggregate: Aggregate) -> Iterator[tuple[bytes, Any]]:
+        prefix = aggregate._prefix
+        stop = (aggregate._id + 1).to_bytes(4, "big")
+        for key, value in tx.kv.scan(ROOTS, prefix, stop):
+            yield key, decode_root(value)
+
+    def namespace_of(self, tree_key: bytes) -> Any:
+        """Decode the namespace part of a tree key (aggregate id + encoded namespace)."""
+        return decode_key(tree_key, 4)[0]
+
+    def cache_info(self) -> dict[str, int]:
+        """Node cache statistics: size, capacity, hits and misses."""
+        cache = self._cache
+        return {"size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses}
+
+
+def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise ValueError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
+    fields = tuple(values)
+    for field in fields:
+        if not isinstance(field, str) or not field.isidentifier() or field.startswith("_"):
+            raise ValueError(f"value field names are identifiers not starting with '_', not {field!r}")
+        if field in ("count", "fields", "sums", "mean", "as_dict"):
+            raise ValueError(f"{field!r} is reserved (it names a Totals attribute); pick another name")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"value field names must be unique: {list(fields)}")
+    return fields
+
+
+def open(  # noqa: A001 - mirrors the builtin on purpose: tallytree.open(path) reads naturally
+    path: str | Path,
+    *,
+    map_size: int = 1 << 30,
+    max_map_size: int = 1 << 40,
+    durable: bool = True,
+    readonly: bool = False,
+    create: bool = True,
+    cache_nodes: int = DEFAULT_CACHE_NODES,
+) -> Database:
+    """Open (or create) the database in the directory ``path``.
+
+    ``map_size`` is the initial size of the LMDB map; it doubles when full, up to ``max_map_size``.
+    ``durable=False`` skips the fsync of each commit (safe against a killed process, not against a power
+    loss). ``cache_nodes`` bounds the decoded-node cache shared by all transactions.
+
+    Raises DatabaseFormatError for a path that is a file, a non-empty foreign directory, an LMDB
+    environment that tallytree did not create, or an incompatible format version.
+
+    >>> import tallytree, tempfile
+    >>> with tallytree.open(tempfile.mkdtemp() + "/stats.tt") as db:
+    ...     db.aggregates()
+    []
+    """
+    from ._lmdb import LmdbBackend
+
+    backend = LmdbBackend(
+        path,
+        map_size=map_size,
+        max_map_size=max_map_size,
+        durable=durable,
+        readonly=readonly,
+        create=create,
+    )
+    try:
+        return Database(backend, cache_nodes=cache_nodes, path=Path(path))
+    except BaseException:
+        backend.close()
+        raise
+
+
+def open_memory(*, cache_nodes: int = DEFAULT_CACHE_NODES) -> Database:
+    """Open a new, empty database held in memory (for tests, examples and throwaway data).
+
+    It has the same API and semantics as an LMDB database, but commits cost O(size of the data).
+    """
+    return Database(MemoryBackend(), cache_nodes=cache_nodes)

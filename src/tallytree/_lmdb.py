@@ -1,0 +1,288 @@
+"""Everything LMDB: the environment, the three named databases, map growth and error translation.
+
+Design
+======
+One LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) with three named databases,
+``meta``, ``nodes`` and ``roots`` (see ``_store``). LMDB gives one writer at a time and any number of
+concurrent readers across threads and processes, each reading one consistent snapshot.
+
+Writes reach LMDB only at commit, as one batch of puts and deletes (node ids grow, so new nodes are
+appended with ``MDB_APPEND``). When the batch does not fit the map, the write transaction is aborted,
+the map is doubled (up to ``max_map_size``) and the batch is re-applied in a new write transaction,
+provided no other transaction of this process is open (LMDB requires that to resize) and no other
+writer committed in between (checked with the generation counter in ``meta``). Otherwise
+:class:`~tallytree.errors.MapFullError` is raised and nothing is written.
+
+Durability: ``durable=True`` syncs on every commit; ``durable=False`` leaves flushing to the operating
+system, which survives a killed process (the data is in the page cache) but not a power loss.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from ._store import META, NODES, Op
+from .errors import DatabaseFormatError, MapFullError, ReadOnlyError, TransactionError
+
+__all__ = ["LmdbBackend"]
+
+_NAMES = (b"meta", b"nodes", b"roots")
+_GENERATION = b"gen"
+
+
+class _LmdbTxn:
+    __slots__ = ("_backend", "_dbs", "_txn", "_write")
+
+    def __init__(self, backend: LmdbBackend, write: bool) -> None:
+        self._backend = backend
+        self._write = write
+        self._dbs = backend.dbs
+        self._txn: Any = backend.begin_raw(write)
+
+    def get(self, table: int, key: bytes) -> bytes | None:
+        value = self._txn.get(key, db=self._dbs[table])
+        return bytes(value) if value is not None else None
+
+    def scan(
+        self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        cursor = self._txn.cursor(db=self._dbs[table])
+        if not reverse:
+            if not cursor.set_range(start):
+                return
+            for key, value in cursor:
+                if stop is not None and key >= stop:
+                    return
+                yield key, value
+            return
+        positioned = cursor.set_range(stop) if stop is not None else cursor.last()
+        if not positioned:
+            positioned = cursor.last()
+        if not positioned:
+            return
+        if stop is not None and cursor.key() >= stop and not cursor.prev():
+            return
+        for key, value in cursor.iterprev():
+            if key < start:
+                return
+            yield key, value
+
+    def commit(self, ops: list[Op]) -> None:
+        backend = self._backend
+        try:
+            self._apply(ops)
+            self._txn.commit()
+        except lmdb.MapFullError:
+            self._txn.abort()
+            backend.end_raw(True)
+            backend.commit_after_growth(ops)
+            return
+        except BaseException:
+            self._txn.abort()
+            backend.end_raw(True)
+            raise
+        backend.end_raw(True)
+
+    def _apply(self, ops: list[Op]) -> None:
+        _apply_ops(self._txn, self._dbs, ops)
+
+    def abort(self) -> None:
+        self._txn.abort()
+        self._backend.end_raw(self._write)
+
+
+def _apply_ops(txn: Any, dbs: list[Any], ops: list[Op]) -> None:
+    nodes = dbs[NODES]
+    for table, key, value in ops:
+        db = dbs[table]
+        if value is None:
+            txn.delete(key, db=db)
+        else:
+            txn.put(key, value, db=db, append=db is nodes)
+
+
+class LmdbBackend:
+    """The three tables in one LMDB environment."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        map_size: int,
+        max_map_size: int,
+        durable: bool,
+        readonly: bool,
+        create: bool,
+    ) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self.max_map_size = max(max_map_size, map_size)
+        _check_directory(self.path, create=create and not readonly)
+        try:
+            self.env: Any = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                subdir=True,
+                readonly=readonly,
+                create=create and not readonly,
+                max_dbs=len(_NAMES),
+                sync=durable,
+                metasync=durable,
+                readahead=False,
+                max_readers=256,
+                lock=True,
+            )
+        except lmdb.InvalidError as exc:
+            raise DatabaseFormatError(
+                f"{self.path} does not hold an LMDB environment ({exc}); "
+                "point tallytree.open() at a tallytree database directory or an empty one"
+            ) from exc
+        except lmdb.Error as exc:
+            raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
+        self._lock = threading.Lock()  # guards the counters below and map resizing
+        self._active = 0
+        try:
+            self.dbs = self._open_dbs()
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _open_dbs(self) -> list[Any]:
+        with self.env.begin() as txn:
+            foreign = [bytes(key) for key, _ in txn.cursor() if bytes(key) not in _NAMES]
+        if foreign:
+            raise DatabaseFormatError(
+                f"{self.path} is an LMDB environment of another application (it holds keys such as "
+                f"{foreign[0][:40]!r}); tallytree will not write into it. Use a new directory"
+            )
+        dbs = []
+        try:
+            if self.readonly:
+                with self.env.begin() as txn:
+                    for name in _NAMES:
+                        dbs.append(self.env.open_db(name, txn=txn, create=False))
+            else:
+                for name in _NAMES:
+                    dbs.append(self.env.open_db(name, create=True))
+        except lmdb.NotFoundError as exc:
+            raise DatabaseFormatError(
+                f"{self.path} is an LMDB environment without tallytree's tables; "
+                "it was not created by tallytree (or is empty and opened read-only)"
+            ) from exc
+        except lmdb.Error as exc:
+            raise DatabaseFormatError(f"{self.path} is not a tallytree database: {exc}") from exc
+        return dbs
+
+    # transactions ------------------------------------------------------------
+
+    def begin(self, write: bool) -> _LmdbTxn:
+        if write and self.readonly:
+            raise ReadOnlyError("the database was opened with readonly=True; reopen it to write")
+        return _LmdbTxn(self, write)
+
+    def begin_raw(self, write: bool) -> Any:
+        with self._lock:
+            self._active += 1
+        try:
+            try:
+                return self.env.begin(write=write, buffers=False)
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+                return self.env.begin(write=write, buffers=False)
+        except lmdb.ReadonlyError as exc:
+            self.end_raw(write)
+            raise ReadOnlyError(f"{self.path} is read-only: {exc}") from exc
+        except BaseException:
+            self.end_raw(write)
+            raise
+
+    def end_raw(self, write: bool) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def _adopt_map_size(self) -> None:
+        with self._lock:
+            if self._active <= 1:
+                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+
+    def commit_after_growth(self, ops: list[Op]) -> None:
+        """Grow the map and apply ``ops`` again, or raise MapFullError writing nothing."""
+        generation = None
+        for _ in range(64):
+            size = self.env.info()["map_size"]
+            if size >= self.max_map_size:
+                break
+            with self._lock:
+                if self._active > 0:
+                    raise MapFullError(
+                        "the LMDB map is full and cannot grow while other transactions of this "
+                        "process are open; nothing was written. Close them and retry, or open the "
+                        "database with a larger map_size"
+                    )
+                self.env.set_mapsize(min(size * 2, self.max_map_size))
+            txn = self.begin_raw(True)
+            try:
+                current = txn.get(_GENERATION, db=self.dbs[META])
+                expected = _expected_generation(ops)
+                if generation is None and current != _previous_generation(expected):
+                    raise TransactionError(
+                        "another process committed while this transaction waited for the map to "
+                        "grow; nothing was written. Retry the transaction"
+                    )
+                generation = current
+                _apply_ops(txn, self.dbs, ops)
+                txn.commit()
+                self.end_raw(True)
+                return
+            except lmdb.MapFullError:
+                txn.abort()
+                self.end_raw(True)
+                continue
+            except BaseException:
+                txn.abort()
+                self.end_raw(True)
+                raise
+        raise MapFullError(
+            f"the LMDB map is full at max_map_size={self.max_map_size} bytes; nothing was written. "
+            "Reopen the database with a larger max_map_size"
+        )
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _expected_generation(ops: list[Op]) -> bytes | None:
+    for table, key, value in ops:
+        if table == META and key == _GENERATION:
+            return value
+    return None
+
+
+def _previous_generation(generation: bytes | None) -> bytes | None:
+    if generation is None:
+        return None
+    previous = int.from_bytes(generation, "big") - 1
+    return previous.to_bytes(8, "big") if previous > 0 else None
+
+
+def _check_directory(path: Path, *, create: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise DatabaseFormatError(
+            f"{path} is a file; a tallytree database is a directory (give a new or existing "
+            "directory path)"
+        )
+    if path.is_dir() and not (path / "data.mdb").exists():
+        if any(path.iterdir()):
+            raise DatabaseFormatError(
+                f"{path} is a non-empty directory without a database in it; refusing to create "
+                "one among foreign files. Use an empty or new directory"
+            )
+        if not create:
+            raise DatabaseFormatError(f"{path} holds no database and create=False")
+    if not path.exists() and not create:
+        raise DatabaseFormatError(f"{path} does not exist and create=False (or readonly=True)")

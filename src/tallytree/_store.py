@@ -1,0 +1,175 @@
+"""Storage interface: three ordered byte tables, a decoded-node cache, and an in-memory backend.
+
+Design
+======
+Everything above this module stores its state in three tables of byte keys and byte values:
+
+========  ==========================================  =========================================
+table     key                                         value
+========  ==========================================  =========================================
+META      ``b"format"``, ``b"next_id"``, ``b"gen"``,  format tag, counters, aggregate definitions
+          ``b"agg:" + name``                          (msgpack)
+NODES     node id, 8 bytes big-endian                 encoded node (``_node``)
+ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]``
+========  ==========================================  =========================================
+
+A backend provides transactions over these tables: ``get`` and ordered ``scan`` for reads, and one
+``commit(ops)`` that applies a list of puts and deletes atomically. Writes are buffered above this layer
+until commit, so a backend sees one batch per transaction; that lets the LMDB backend grow its map and
+retry a batch without involving the caller.
+
+Node ids only grow and are never reused, and committed nodes never change, so a decoded node can be
+cached by id for the life of the process: :class:`NodeCache` is a bounded LRU shared by all transactions
+of a database.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Protocol
+
+from sortedcontainers import SortedDict
+
+from ._node import Node
+
+__all__ = ["META", "NODES", "ROOTS", "Backend", "KVTxn", "MemoryBackend", "NodeCache", "Op"]
+
+META = 0
+NODES = 1
+ROOTS = 2
+
+Op = tuple[int, bytes, bytes | None]
+"""One buffered write: (table, key, value); a value of None deletes the key."""
+
+
+class KVTxn(Protocol):
+    """A transaction of a backend: a consistent snapshot, plus one atomic commit for writers."""
+
+    def get(self, table: int, key: bytes) -> bytes | None:
+        """Return the value stored under ``key``, or None."""
+        ...
+
+    def scan(
+        self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yield (key, value) with ``start <= key < stop`` (no upper limit if ``stop`` is None)."""
+        ...
+
+    def commit(self, ops: list[Op]) -> None:
+        """Apply ``ops`` atomically and end the transaction (writers only)."""
+        ...
+
+    def abort(self) -> None:
+        """End the transaction without writing anything."""
+        ...
+
+
+class Backend(Protocol):
+    """A store of the three tables."""
+
+    def begin(self, write: bool) -> KVTxn:
+        """Start a transaction; writers are serialized."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; later calls fail."""
+        ...
+
+
+class NodeCache:
+    """A bounded LRU of decoded committed nodes, keyed by node id. Safe to share between threads.
+
+    ``capacity`` counts nodes; a reader's memory is therefore bounded by ``capacity`` times the node
+    size, whatever the size of the data.
+    """
+
+    __slots__ = ("_nodes", "capacity", "hits", "misses")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._nodes: OrderedDict[int, Node] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, node_id: int) -> Node | None:
+        """The cached node, or None. O(1)."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            try:
+                self._nodes.move_to_end(node_id)
+            except KeyError:  # evicted by another thread in between; the node itself is still valid
+                pass
+        return node
+
+    def put(self, node: Node) -> None:
+        """Remember a committed node, evicting the least recently used beyond capacity. O(1)."""
+        if self.capacity <= 0:
+            return
+        nodes = self._nodes
+        nodes[node.id] = node
+        while len(nodes) > self.capacity:
+            try:
+                nodes.popitem(last=False)
+            except KeyError:
+                break
+
+    def clear(self) -> None:
+        """Forget every node."""
+        self._nodes.clear()
+
+
+class _MemoryTxn:
+    def __init__(self, backend: MemoryBackend, write: bool) -> None:
+        self._backend = backend
+        self._tables = backend.tables  # a snapshot: commits replace the table objects they change
+        self._write = write
+
+    def get(self, table: int, key: bytes) -> bytes | None:
+        return self._tables[table].get(key)  # type: ignore[no-any-return]
+
+    def scan(
+        self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        data = self._tables[table]
+        keys = list(data.irange(start, stop, inclusive=(True, False), reverse=reverse))
+        for key in keys:
+            yield key, data[key]
+
+    def commit(self, ops: list[Op]) -> None:
+        assert self._write
+        tables = [table.copy() for table in self._tables]
+        for table, key, value in ops:
+            if value is None:
+                tables[table].pop(key, None)
+            else:
+                tables[table][key] = value
+        self._backend.tables = tables
+        self._backend.writer.release()
+
+    def abort(self) -> None:
+        if self._write:
+            self._backend.writer.release()
+
+
+class MemoryBackend:
+    """Tables held in memory, with snapshot reads: for tests and for small, throwaway data.
+
+    A commit copies the tables it changes (O(n)), so this backend is not meant for large data.
+    """
+
+    def __init__(self) -> None:
+        self.tables: list[SortedDict] = [SortedDict(), SortedDict(), SortedDict()]
+        self.writer = threading.Lock()
+
+    def begin(self, write: bool) -> KVTxn:
+        if write:
+            self.writer.acquire()
+        return _MemoryTxn(self, write)
+
+    def close(self) -> None:
+        self.tables = [SortedDict(), SortedDict(), SortedDict()]

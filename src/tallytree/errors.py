@@ -1,0 +1,103 @@
+"""The exceptions tallytree raises.
+
+Every error derives from :class:`Error`, and each also subclasses the closest built-in exception, so
+``except KeyError`` keeps working for code that does not know tallytree, and ``except tallytree.Error``
+catches everything the library raises on purpose. Messages say what was wrong and what to do about it.
+
+A failed operation leaves the database as it was: writes validate their input before they touch a tree,
+and a transaction whose ``with`` block raises is aborted as a whole.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AggregateNotFoundError",
+    "BoundsError",
+    "CorruptDatabaseError",
+    "DatabaseFormatError",
+    "DuplicateItemError",
+    "Error",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "ItemNotFoundError",
+    "KeyTooLargeError",
+    "MapFullError",
+    "OutOfRangeError",
+    "ReadOnlyError",
+    "SchemaMismatchError",
+    "TransactionError",
+    "UnsupportedKeyTypeError",
+]
+
+
+class Error(Exception):
+    """Base class of every error tallytree raises on purpose."""
+
+
+class InvalidKeyError(Error, ValueError):
+    """A key, id or namespace has a supported type but an unusable value (NaN, naive datetime)."""
+
+
+class UnsupportedKeyTypeError(Error, TypeError):
+    """A key, id or namespace has a type that has no place in the key order (a list, a set, an object)."""
+
+
+class KeyTooLargeError(InvalidKeyError):
+    """A key, id or namespace encodes to more bytes than the limit allows."""
+
+
+class InvalidValueError(Error, ValueError):
+    """The values of an item do not match the aggregate's fields (wrong count, type, NaN, infinity)."""
+
+
+class DuplicateItemError(Error, KeyError):
+    """A strict insert found an item with the same (key, id) already in the namespace."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ItemNotFoundError(Error, KeyError):
+    """A strict delete or replace did not find the item it was asked to change."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AggregateNotFoundError(Error, KeyError):
+    """An aggregate was opened by name without ``create=True`` and does not exist."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutOfRangeError(Error, IndexError):
+    """A positional read (``at``) asked for an index outside the items within the bounds."""
+
+
+class BoundsError(Error, ValueError):
+    """The bounds of a read conflict (``ge`` with ``gt``, ``prefix`` with ``eq``, ...) or are malformed."""
+
+
+class SchemaMismatchError(Error, ValueError):
+    """An aggregate was reopened with value fields or options that differ from the stored definition."""
+
+
+class TransactionError(Error, RuntimeError):
+    """A transaction was used wrongly: after it ended, from a read transaction for a write, or nested."""
+
+
+class ReadOnlyError(TransactionError, PermissionError):
+    """A write was attempted on a database opened with ``readonly=True``."""
+
+
+class MapFullError(Error, OSError):
+    """The LMDB map is full and could not grow (``max_map_size`` reached or other transactions open)."""
+
+
+class DatabaseFormatError(Error, ValueError):
+    """The path is not a tallytree database, or was written by an incompatible format version."""
+
+
+class CorruptDatabaseError(DatabaseFormatError):
+    """A stored node or record could not be decoded; run ``tallytree check`` to locate the damage."""
