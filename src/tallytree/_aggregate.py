@@ -286,7 +286,8 @@ class Aggregate:
         return tx
 
     def _save(self, tx: WriteTransaction, tree_key: bytes, tree: Tree) -> None:
-        tx.set_root(tree_key, tree.root)
+        if tree.changed:
+            tx.set_root(tree_key, tree.root)
 
     def _values(self, values: Any) -> tuple[int | float, ...]:
         fields = self.fields

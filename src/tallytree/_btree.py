@@ -30,11 +30,11 @@ Costs, with ``B`` the node size: reads O(log_B n) node visits plus O(B) per visi
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._node import Node, delta_of
+from ._node import Chunk, Node, delta_of
 
 __all__ = ["NodeAccess", "Root", "Tree", "same_values", "vadd", "vsub"]
 
@@ -50,8 +50,8 @@ class NodeAccess(Protocol):
         """Return a node that may be changed in place: the node itself if dirty, else a fresh copy."""
         ...
 
-    def new_node(self, leaf: bool, keys: list[bytes], cols: list[list[Any]], kids: list[int]) -> Node:
-        """Create a dirty node under a fresh id."""
+    def new_node(self, make: Callable[[int], Node]) -> Node:
+        """Create a dirty node under a fresh id: ``make(new_id)`` builds it."""
         ...
 
     def free(self, node_id: int) -> None:
@@ -84,17 +84,24 @@ Path = list[tuple[Node, int]]
 class Tree:
     """Operations on one tree (one aggregate namespace) inside one transaction.
 
-    ``root`` is read and replaced by the write operations; the caller persists it.
+    The tree works on a copy of the root record it is given; after writes, the caller persists
+    ``root`` when :attr:`changed` says it differs.
     """
 
-    __slots__ = ("access", "max_size", "min_size", "nfields", "root")
+    __slots__ = ("access", "max_size", "min_size", "nfields", "original", "root")
 
     def __init__(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> None:
         self.access = access
         self.nfields = nfields
         self.max_size = node_size
         self.min_size = node_size // 2
-        self.root = root
+        self.original = root
+        self.root = Root(root.node_id, root.height, list(root.summary)) if root is not None else None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the root record differs from the one the tree started from."""
+        return self.root != self.original
 
     # ----------------------------------------------------------------- reads
 
@@ -116,7 +123,7 @@ class Tree:
         total = 0
         while not node.leaf:
             index = bisect_right(node.keys, bound) - 1
-            total += node.cumulative(0)[index]
+            total += node.counts()[index]
             node = access.node(node.kids[index])
         keys = node.keys
         return total + (bisect_right(keys, bound) if after else bisect_left(keys, bound))
@@ -132,12 +139,12 @@ class Tree:
         while not node.leaf:
             index = bisect_right(node.keys, bound) - 1
             for column in columns:
-                totals[column] += node.cumulative(column)[index]
+                totals[column] += node.prefix(column, index)
             node = access.node(node.kids[index])
         keys = node.keys
         index = bisect_right(keys, bound) if after else bisect_left(keys, bound)
         for column in columns:
-            totals[column] += node.cumulative(column)[index]
+            totals[column] += node.prefix(column, index)
         return totals
 
     def summary_at(self, index: int) -> list[int]:
@@ -151,14 +158,14 @@ class Tree:
         access = self.access
         node = access.node(self.root.node_id)
         while not node.leaf:
-            counts = node.cumulative(0)
+            counts = node.counts()
             child = bisect_right(counts, index) - 1
             for column in columns:
-                totals[column] += node.cumulative(column)[child]
+                totals[column] += node.prefix(column, child)
             index -= counts[child]
             node = access.node(node.kids[child])
         for column in columns:
-            totals[column] += node.cumulative(column)[index]
+            totals[column] += node.prefix(column, index)
         return totals
 
     def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
@@ -167,7 +174,7 @@ class Tree:
         access = self.access
         node = access.node(self.root.node_id)
         while not node.leaf:
-            counts = node.cumulative(0)
+            counts = node.counts()
             child = bisect_right(counts, index) - 1
             index -= counts[child]
             node = access.node(node.kids[child])
@@ -195,7 +202,7 @@ class Tree:
         node = access.node(self.root.node_id)
         index = stop - 1 if reverse else start
         while not node.leaf:
-            counts = node.cumulative(0)
+            counts = node.counts()
             child = bisect_right(counts, index) - 1
             index -= counts[child]
             stack.append((node, child))
@@ -231,7 +238,9 @@ class Tree:
         if delta is None:
             delta = delta_of(values)
         if self.root is None:
-            leaf = self.access.new_node(True, [entry], [[value] for value in values], [])
+            leaf = self.access.new_node(
+                lambda node_id: Node(node_id, True, [entry], [[value] for value in values], dirty=True)
+            )
             self.root = Root(leaf.id, 1, list(delta))
             return True
         path, leaf = self._path(entry)
@@ -269,6 +278,9 @@ class Tree:
             stop = position + 1
             while stop < total and (upper is None or entries[stop] < upper):
                 stop += 1
+            if all(_contains(leaf.keys, entries[at]) for at in range(position, stop)):
+                position = stop  # nothing new for this leaf: leave it untouched
+                continue
             path, leaf = self._make_mutable(path, leaf)
             delta = self.zero()
             keys, cols = leaf.keys, leaf.cols
@@ -301,7 +313,7 @@ class Tree:
         path, leaf = self._make_mutable(path, leaf)
         del leaf.keys[index]
         values = tuple(col.pop(index) for col in leaf.cols)
-        self._add_along(path, [-x for x in delta_of(values)])
+        self._add_along(path, _negate(delta_of(values)))
         self._rebalance_up(path, leaf)
         return values
 
@@ -389,8 +401,7 @@ class Tree:
     def _add_along(self, path: Path, delta: list[int]) -> None:
         assert self.root is not None
         for node, index in path:
-            for col, amount in zip(node.cols, delta, strict=True):
-                col[index] += amount
+            node.add(index, delta)
         self.root.summary = vadd(self.root.summary, delta)
 
     def _split_up(self, path: Path, node: Node) -> None:
@@ -401,40 +412,32 @@ class Tree:
             size = len(node.keys)
             pieces = -(-size // self.max_size)
             cuts = [size * piece // pieces for piece in range(pieces + 1)]
-            siblings: list[Node] = []
-            for begin, end in zip(cuts[1:-1], cuts[2:], strict=True):
-                siblings.append(
-                    access.new_node(
-                        node.leaf,
-                        node.keys[begin:end],
-                        [col[begin:end] for col in node.cols],
-                        node.kids[begin:end],
-                    )
-                )
+            chunks = [node.detach(begin) for begin in reversed(cuts[1:-1])]
+            chunks.reverse()
+            leaf = node.leaf
+            siblings = [
+                access.new_node(lambda node_id, chunk=chunk: Node.from_chunk(node_id, leaf, chunk))
+                for chunk in chunks
+            ]
             summaries = [sibling.summary() for sibling in siblings]
-            cut = cuts[1]
-            del node.keys[cut:]
-            del node.kids[cut:]
-            for col in node.cols:
-                del col[cut:]
             if path:
                 parent, index = path.pop()
+                moved = self.zero()
+                for summary in summaries:
+                    moved = vadd(moved, summary)
+                parent.add(index, _negate(moved))
                 for offset, (sibling, summary) in enumerate(zip(siblings, summaries), start=1):
-                    parent.keys.insert(index + offset, sibling.keys[0])
-                    parent.kids.insert(index + offset, sibling.id)
-                    for col, amount in zip(parent.cols, summary, strict=True):
-                        col[index] -= amount
-                        col.insert(index + offset, amount)
+                    parent.insert_child(index + offset, sibling.keys[0], sibling.id, summary)
                 node = parent
             else:
                 left = list(self.root.summary)
                 for summary in summaries:
                     left = vsub(left, summary)
-                all_summaries = [left, *summaries]
-                cols = [list(column) for column in zip(*all_summaries, strict=True)]
                 keys = [b"", *(sibling.keys[0] for sibling in siblings)]
                 kids = [node.id, *(sibling.id for sibling in siblings)]
-                node = access.new_node(False, keys, cols, kids)
+                node = access.new_node(
+                    lambda node_id: Node.internal_from(node_id, keys, kids, [left, *summaries])
+                )
                 self.root.node_id = node.id
                 self.root.height += 1
 
@@ -470,16 +473,10 @@ class Tree:
         parent.kids[left_index] = left.id
         right = access.node(parent.kids[right_index])
         total = len(left.keys) + len(right.keys)
-        if total <= self.max_size:  # merge right into left
-            left.keys.extend(right.keys)
-            left.kids.extend(right.kids)
-            for mine, theirs in zip(left.cols, right.cols, strict=True):
-                mine.extend(theirs)
-            for col in parent.cols:
-                col[left_index] += col[right_index]
-                del col[right_index]
-            del parent.keys[right_index]
-            del parent.kids[right_index]
+        if total <= self.max_size:  # merge right into left; right itself is only read
+            left.attach(len(left.keys), Chunk(right.keys, right.kids, right.cols, right.shifts))
+            parent.add(left_index, parent.child(right_index))
+            parent.remove_child(right_index)
             access.free(right.id)
             return True
         right = access.mutable(right)
@@ -488,29 +485,15 @@ class Tree:
         if len(left.keys) < target:  # move the first entries of right to the end of left
             count = target - len(left.keys)
             moved = right.summary(0, count)
-            left.keys.extend(right.keys[:count])
-            del right.keys[:count]
-            left.kids.extend(right.kids[:count])
-            del right.kids[:count]
-            for mine, theirs in zip(left.cols, right.cols, strict=True):
-                mine.extend(theirs[:count])
-                del theirs[:count]
-            sign = 1
+            left.attach(len(left.keys), right.detach(0, count))
+            parent.add(left_index, moved)
+            parent.add(right_index, _negate(moved))
         else:  # move the last entries of left to the front of right
-            count = len(left.keys) - target
-            cut = len(left.keys) - count
-            moved = left.summary(cut, None)
-            right.keys[:0] = left.keys[cut:]
-            del left.keys[cut:]
-            right.kids[:0] = left.kids[cut:]
-            del left.kids[cut:]
-            for mine, theirs in zip(left.cols, right.cols, strict=True):
-                theirs[:0] = mine[cut:]
-                del mine[cut:]
-            sign = -1
-        for col, amount in zip(parent.cols, moved, strict=True):
-            col[left_index] += sign * amount
-            col[right_index] -= sign * amount
+            cut = target
+            moved = left.summary(cut)
+            right.attach(0, left.detach(cut))
+            parent.add(left_index, _negate(moved))
+            parent.add(right_index, moved)
         parent.keys[right_index] = right.keys[0]
         return True
 
@@ -528,12 +511,10 @@ class Tree:
             height = self.root.height
         if node.leaf:
             removed = node.summary(start, stop)
-            del node.keys[start:stop]
-            for col in node.cols:
-                del col[start:stop]
+            node.detach(start, stop)
             return removed
         removed = self.zero()
-        counts = node.cumulative(0)
+        counts = node.counts()
         first = bisect_right(counts, start) - 1
         drop: list[int] = []
         for child in range(first, len(node.kids)):
@@ -542,28 +523,39 @@ class Tree:
                 break
             low, high = max(start, begin) - begin, min(stop, end) - begin
             if low == 0 and high == end - begin:
-                removed = vadd(removed, [col[child] for col in node.cols])
+                removed = vadd(removed, node.child(child))
                 self._free_subtree(node.kids[child], height - 1)
                 drop.append(child)
                 continue
             kid = self.access.mutable(self.access.node(node.kids[child]))
             node.kids[child] = kid.id
             part = self._remove_range(kid, low, high, height - 1)
-            for col, amount in zip(node.cols, part, strict=True):
-                col[child] -= amount
+            node.add(child, _negate(part))
             removed = vadd(removed, part)
             if not kid.keys:
                 self.access.free(kid.id)
                 drop.append(child)
         fence = node.keys[0]
         for child in reversed(drop):
-            del node.keys[child]
-            del node.kids[child]
-            for col in node.cols:
-                del col[child]
-        if node.keys:
-            node.keys[0] = fence  # the node's own lower fence survives the loss of its first child
+            node.remove_child(child)
+        if node.keys and drop and drop[0] == 0:
+            self._set_fence(node, fence, height)
         return removed
+
+    def _set_fence(self, node: Node, fence: bytes, height: int) -> None:
+        """Give a mutable node (of subtree height ``height``) and its leftmost spine a new fence.
+
+        After its first child was dropped, a node keeps its own lower fence, and the child now first
+        must start at that fence too, so every descent that reaches it finds a child to follow.
+        """
+        access = self.access
+        while True:
+            node.keys[0] = fence
+            if height <= 2:  # the children are leaves, which store no fence
+                return
+            kid = access.mutable(access.node(node.kids[0]))
+            node.kids[0] = kid.id
+            node, height = kid, height - 1
 
     def _repair_after_range(self, start: int) -> None:
         """Fix underfull nodes along the paths to entries ``start - 1`` and ``start``."""
@@ -583,20 +575,29 @@ class Tree:
         self.root.node_id = node.id
         while not node.leaf:
             while True:
-                counts = node.cumulative(0)
+                counts = node.counts()
                 child = bisect_right(counts, index) - 1
                 child = min(child, len(node.kids) - 1)
                 kid = access.node(node.kids[child])
                 if len(kid.keys) >= self.min_size or not self._fix_child(node, child):
                     break
                 changed = True
-            counts = node.cumulative(0)
+            counts = node.counts()
             child = min(bisect_right(counts, index) - 1, len(node.kids) - 1)
             index -= counts[child]
             kid = access.mutable(access.node(node.kids[child]))
             node.kids[child] = kid.id
             node = kid
         return changed
+
+
+def _contains(keys: list[bytes], entry: bytes) -> bool:
+    index = bisect_left(keys, entry)
+    return index < len(keys) and keys[index] == entry
+
+
+def _negate(summary: list[int]) -> list[int]:
+    return [-value for value in summary]
 
 
 def same_values(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:

@@ -160,7 +160,7 @@ class _Walker:
         for index, kid in enumerate(node.kids):
             upper = node.keys[index + 1] if index + 1 < len(node.keys) else high
             actual = self.node(kid, (*path, index), depth + 1, height, node.keys[index], upper)
-            stored = [col[index] for col in node.cols]
+            stored = node.child(index)
             if actual is None:
                 total = vadd(total, stored)
                 continue

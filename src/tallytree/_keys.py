@@ -267,7 +267,10 @@ def _magnitude(negative: bool, exponent: int, fraction: int, bits: int) -> bytes
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (sys.get_int_max_str_digits)
+        return f"<{type(value).__qualname__}>"
     return text if len(text) <= 80 else text[:60] + "..." + text[-12:]
 
 
@@ -299,8 +302,8 @@ def _int_body(value: int, what: str) -> bytes:
         bits = 0
     if exponent > _MAX_INT_EXPONENT:
         raise KeyTooLargeError(
-            f"{what} is too large: int keys must be below 2**{_MAX_INT_EXPONENT + 1} in magnitude; "
-            f"use a shorter {what}, for example a hash of the value"
+            f"{what} is too large: the limit for ints is a magnitude below "
+            f"2**{_MAX_INT_EXPONENT + 1}; use a smaller {what}, for example a hash of the value"
         )
     return _magnitude(negative, exponent, fraction, bits)
 
@@ -763,9 +766,11 @@ def decode_key(data: bytes, offset: int = 0) -> tuple[object, int]:
     try:
         numbers: list[_Number] = []
         value, pos = _decode_body(data, offset, numbers, 0)
+        end = pos + len(numbers)
+        if end - offset > MAX_KEY_BYTES:
+            raise _Corrupt(f"{end - offset} bytes, more than the limit of {MAX_KEY_BYTES}")
         if not numbers:
             return (_rebuild(value, [], [0]) if type(value) is list else value), pos
-        end = pos + len(numbers)
         kinds = data[pos:end]
         if len(kinds) < len(numbers):
             raise _Corrupt("truncated number types")

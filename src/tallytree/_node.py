@@ -41,17 +41,22 @@ A node is one msgpack array (decoding msgpack columns was measured faster in CPy
 flat fixed-width layout)::
 
     leaf:      [1, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
-    internal:  [2, [fence, ...], [child id, ...], counts, S column 0, ..., F column 0, ...]
+    internal:  [2, [fence, ...], [child id, ...], [shift, ...], counts, S col 0, ..., F col 0, ...]
 
-An S column is stored as ``[shift, m_0, m_1, ...]`` with ``S_i = m_i << shift`` (the shared trailing
-zeros factored out); an ``m_i`` that does not fit in 64 bits is stored as signed big-endian bytes.
+Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
+scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
+not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic. A
+value that does not fit in 64 bits is stored as signed big-endian bytes.
 Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
 can be cached by id across transactions and processes without ever being stale.
 """
 
 from __future__ import annotations
 
+from functools import reduce
 from itertools import accumulate
+from operator import or_
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -60,10 +65,12 @@ from .errors import CorruptDatabaseError
 
 __all__ = [
     "SCALE_BITS",
+    "Chunk",
     "Node",
     "decode_node",
     "delta_of",
     "encode_node",
+    "normalize",
     "pack_summary",
     "sum_value",
     "unpack_summary",
@@ -99,13 +106,67 @@ def sum_value(total: int, floats: int) -> int | float:
     return total / (1 << SCALE_BITS)
 
 
+class Chunk:
+    """A run of entries (leaf) or children (internal) detached from a node, to attach elsewhere."""
+
+    __slots__ = ("cols", "keys", "kids", "shifts")
+
+    def __init__(
+        self, keys: list[bytes], kids: list[int], cols: list[list[Any]], shifts: list[int]
+    ) -> None:
+        self.keys = keys
+        self.kids = kids
+        self.cols = cols
+        self.shifts = shifts
+
+
+def _trailing_zeros(value: int) -> int:
+    return (value & -value).bit_length() - 1
+
+
+def normalize(values: list[int]) -> tuple[int, list[int]]:
+    """Factor out the trailing zero bits that all ``values`` share: ``(shift, [v >> shift])``."""
+    combined = reduce(or_, values, 0)
+    if not combined:
+        return 0, list(values)
+    shift = _trailing_zeros(combined)
+    return shift, ([value >> shift for value in values] if shift else list(values))
+
+
+_FLOAT_SCALE = 128
+_FLOAT_FACTOR = 2.0**_FLOAT_SCALE
+
+
+def _scaled_column(values: list[Any]) -> tuple[int, Iterable[int]]:
+    """The values of a leaf column as exact ints ``x`` with value ``x << shift >> 1074``, fast.
+
+    All-int columns are summed as they are (shift 1074); all-float columns are multiplied by 2**128
+    in floating point, which is exact unless it overflows, and used as ints when every product is an
+    integer (shift 1074 - 128). Anything else takes the exact slow path (shift 0).
+    """
+    kinds = set(map(type, values))
+    if kinds <= {int}:
+        return SCALE_BITS, values
+    if kinds == {float}:
+        products = list(map(_FLOAT_FACTOR.__mul__, values))
+        if all(map(float.is_integer, products)):
+            return SCALE_BITS - _FLOAT_SCALE, map(int, products)
+    return 0, map(scaled, values)
+
+
+def _count_floats(values: list[Any]) -> int:
+    return sum(type(value) is float for value in values)
+
+
 class Node:
     """One tree node, decoded. Committed nodes are shared and must not be mutated.
 
     ``dirty`` nodes belong to one write transaction and are mutated in place until it commits.
+    In an internal node, column ``c`` of child ``i`` is ``cols[c][i] << shifts[c]``: factoring out
+    the trailing zero bits of the scaled sums keeps the stored ints small (usually below 2**64).
     """
 
-    __slots__ = ("_cum", "cols", "dirty", "id", "keys", "kids", "leaf")
+    __slots__ = ("_cum", "cols", "dirty", "id", "keys", "kids", "leaf", "shifts")
 
     def __init__(
         self,
@@ -114,6 +175,7 @@ class Node:
         keys: list[bytes],
         cols: list[list[Any]],
         kids: list[int] | None = None,
+        shifts: list[int] | None = None,
         dirty: bool = False,
     ) -> None:
         self.id = node_id
@@ -121,61 +183,173 @@ class Node:
         self.keys = keys
         self.cols = cols
         self.kids: list[int] = kids if kids is not None else []
+        self.shifts: list[int] = shifts if shifts is not None else [0] * len(cols)
         self.dirty = dirty
-        self._cum: dict[int, list[int]] | None = None
+        self._cum: dict[int, tuple[int, list[int]]] | None = None
+
+    @classmethod
+    def internal_from(
+        cls, node_id: int, keys: list[bytes], kids: list[int], summaries: list[list[int]]
+    ) -> Node:
+        """A dirty internal node with these children and their summaries (true scale)."""
+        cols: list[list[int]] = []
+        shifts: list[int] = []
+        nfields = (len(summaries[0]) - 1) // 2
+        for index, column in enumerate(zip(*summaries, strict=True)):
+            if 1 <= index <= nfields:  # only the scaled sums have trailing zeros worth sharing
+                shift, values = normalize(list(column))
+            else:
+                shift, values = 0, list(column)
+            cols.append(values)
+            shifts.append(shift)
+        return cls(node_id, False, keys, cols, kids, shifts, dirty=True)
+
+    @classmethod
+    def from_chunk(cls, node_id: int, leaf: bool, chunk: Chunk) -> Node:
+        """A dirty node holding a detached chunk."""
+        return cls(node_id, leaf, chunk.keys, chunk.cols, chunk.kids, chunk.shifts, dirty=True)
 
     def __repr__(self) -> str:
         kind = "leaf" if self.leaf else "internal"
         return f"<Node {self.id} {kind} size={len(self.keys)}{' dirty' if self.dirty else ''}>"
 
     def copy(self, node_id: int) -> Node:
-        """Return a mutable (dirty) copy of this node under a new id."""
+        """Return a mutable (dirty) copy of this node under a new id. O(size)."""
         return Node(
             node_id,
             self.leaf,
-            list(self.keys),
-            [list(col) for col in self.cols],
-            list(self.kids),
+            self.keys[:],
+            [col[:] for col in self.cols],
+            self.kids[:],
+            self.shifts[:],
             dirty=True,
         )
 
-    def cumulative(self, column: int) -> list[int]:
-        """Prefix sums of one summary column: ``result[i]`` covers children (or entries) ``< i``.
+    # ------------------------------------------------------------ reading summaries
 
-        For a leaf, column 0 is the count, ``1..F`` the scaled sums and ``F+1..2F`` the float counts,
-        computed from the raw values. Cached on committed nodes; recomputed on dirty ones. O(size).
+    def prefix(self, column: int, index: int) -> int:
+        """Column ``column`` of the summary of the first ``index`` children (entries), true scale.
+
+        Leaf columns are derived from the raw values: 0 is the count, ``1..F`` the scaled sums,
+        ``F+1..2F`` the float counts. Prefix arrays are cached on committed nodes. O(1) cached,
+        O(size) otherwise.
         """
+        if column == 0 and self.leaf:
+            return index
         cache = self._cum
-        if cache is not None:
-            found = cache.get(column)
-            if found is not None:
-                return found
-        result = self._compute_cumulative(column)
-        if not self.dirty:
-            if cache is None:
-                cache = self._cum = {}
-            cache[column] = result
-        return result
+        found = cache.get(column) if cache is not None else None
+        if found is None:
+            found = self._cumulative(column)
+            if not self.dirty:
+                if cache is None:
+                    cache = self._cum = {}
+                cache[column] = found
+        shift, values = found
+        return values[index] << shift if shift else values[index]
 
-    def _compute_cumulative(self, column: int) -> list[int]:
-        if not self.leaf:
-            return list(accumulate(self.cols[column], initial=0))
-        if column == 0:
+    def counts(self) -> list[int]:
+        """Cumulative child counts: ``counts()[i]`` items lie in children ``< i``."""
+        if self.leaf:
             return list(range(len(self.keys) + 1))
+        cache = self._cum
+        found = cache.get(0) if cache is not None else None
+        if found is None:
+            found = self._cumulative(0)
+            if not self.dirty:
+                if cache is None:
+                    cache = self._cum = {}
+                cache[0] = found
+        shift, counts = found
+        return [count << shift for count in counts] if shift else counts
+
+    def _cumulative(self, column: int) -> tuple[int, list[int]]:
+        if not self.leaf:
+            return self.shifts[column], list(accumulate(self.cols[column], initial=0))
         nfields = len(self.cols)
         if column <= nfields:
-            return list(accumulate(map(scaled, self.cols[column - 1]), initial=0))
-        values = self.cols[column - 1 - nfields]
-        return list(accumulate((type(value) is float for value in values), initial=0))
+            shift, values = _scaled_column(self.cols[column - 1])
+            return shift, list(accumulate(values, initial=0))
+        raw = self.cols[column - 1 - nfields]
+        return 0, list(accumulate((type(value) is float for value in raw), initial=0))
+
+    def child(self, index: int) -> list[int]:
+        """The stored summary of child ``index`` (internal nodes), true scale."""
+        return [col[index] << shift for col, shift in zip(self.cols, self.shifts, strict=True)]
 
     def summary(self, start: int = 0, stop: int | None = None) -> list[int]:
-        """The summary of entries (leaf) or children (internal) ``start:stop``. O(size)."""
-        if self.leaf:
-            count = len(self.keys[start:stop])
-            sums = [sum(map(scaled, col[start:stop])) for col in self.cols]
-            floats = [sum(type(value) is float for value in col[start:stop]) for col in self.cols]
-            return [count, *sums, *floats]
-        return [sum(col[start:stop]) for col in self.cols]
+        """The summary of entries (leaf) or children (internal) ``start:stop``, true scale. O(size)."""
+        if not self.leaf:
+            return [
+                sum(col[start:stop]) << shift
+                for col, shift in zip(self.cols, self.shifts, strict=True)
+            ]
+        sums = []
+        for col in self.cols:
+            shift, values = _scaled_column(col[start:stop])
+            sums.append(sum(values) << shift)
+        floats = [_count_floats(col[start:stop]) for col in self.cols]
+        return [len(self.keys[start:stop]), *sums, *floats]
+
+    # ------------------------------------------------------------ changing (dirty nodes only)
+
+    def _fit(self, column: int, amount: int) -> int:
+        """Lower the shift of a column so that ``amount`` is a multiple of it; return the shift."""
+        shift = self.shifts[column]
+        if shift and amount & ((1 << shift) - 1):
+            lower = _trailing_zeros(amount)
+            self.cols[column] = [value << (shift - lower) for value in self.cols[column]]
+            self.shifts[column] = shift = lower
+        return shift
+
+    def add(self, index: int, delta: list[int]) -> None:
+        """Add a summary delta (true scale) to child ``index``. O(columns)."""
+        for column, amount in enumerate(delta):
+            if amount:
+                shift = self._fit(column, amount)
+                self.cols[column][index] += amount >> shift
+
+    def detach(self, start: int, stop: int | None = None) -> Chunk:
+        """Remove the entries (children) ``start:stop`` and return them as a chunk. O(size)."""
+        chunk = Chunk(
+            self.keys[start:stop],
+            self.kids[start:stop],
+            [col[start:stop] for col in self.cols],
+            self.shifts[:],
+        )
+        del self.keys[start:stop]
+        del self.kids[start:stop]
+        for col in self.cols:
+            del col[start:stop]
+        return chunk
+
+    def attach(self, index: int, chunk: Chunk) -> None:
+        """Insert a chunk's entries (children) at ``index``, aligning the scales. O(size)."""
+        self.keys[index:index] = chunk.keys
+        self.kids[index:index] = chunk.kids
+        for column, values in enumerate(chunk.cols):
+            theirs = chunk.shifts[column]
+            mine = self.shifts[column]
+            if theirs > mine:
+                values = [value << (theirs - mine) for value in values]
+            elif theirs < mine:
+                self.cols[column] = [value << (mine - theirs) for value in self.cols[column]]
+                self.shifts[column] = theirs
+            self.cols[column][index:index] = values
+
+    def insert_child(self, index: int, key: bytes, kid: int, summary: list[int]) -> None:
+        """Insert one child with its summary (true scale) at ``index``. O(size)."""
+        self.keys.insert(index, key)
+        self.kids.insert(index, kid)
+        for column, amount in enumerate(summary):
+            shift = self._fit(column, amount) if amount else self.shifts[column]
+            self.cols[column].insert(index, amount >> shift)
+
+    def remove_child(self, index: int) -> None:
+        """Remove child ``index`` (internal nodes). O(size)."""
+        del self.keys[index]
+        del self.kids[index]
+        for col in self.cols:
+            del col[index]
 
 
 def _pack_int(value: int) -> int | bytes:
@@ -191,14 +365,15 @@ def _unpack_int(value: int | bytes) -> int:
 
 
 def _pack_column(column: list[int]) -> list[int | bytes]:
-    nonzero = [value for value in column if value]
-    shift = min(((value & -value).bit_length() - 1 for value in nonzero), default=0)
-    return [shift, *(_pack_int(value >> shift) for value in column)]
+    if column and (min(column) < _INT64_MIN or max(column) > _INT64_MAX):
+        return list(map(_pack_int, column))
+    return column  # type: ignore[return-value]
 
 
 def _unpack_column(packed: list[Any]) -> list[int]:
-    shift = packed[0]
-    return [_unpack_int(value) << shift for value in packed[1:]]
+    if any(type(value) is bytes for value in packed):
+        return [_unpack_int(value) for value in packed]
+    return packed
 
 
 def pack_summary(summary: list[int]) -> list[Any]:
@@ -215,11 +390,10 @@ def encode_node(node: Node) -> bytes:
     """Serialize a node (format version 1). O(size)."""
     if node.leaf:
         return msgpack.packb([LEAF, node.keys, *node.cols], use_bin_type=True)  # type: ignore[no-any-return]
-    nfields = (len(node.cols) - 1) // 2
-    cols: list[Any] = [node.cols[0]]
-    cols.extend(_pack_column(col) for col in node.cols[1 : 1 + nfields])
-    cols.extend(node.cols[1 + nfields :])
-    return msgpack.packb([INTERNAL, node.keys, node.kids, *cols], use_bin_type=True)  # type: ignore[no-any-return]
+    cols = [_pack_column(col) for col in node.cols]
+    return msgpack.packb(  # type: ignore[no-any-return]
+        [INTERNAL, node.keys, node.kids, node.shifts, *cols], use_bin_type=True
+    )
 
 
 def decode_node(data: bytes, node_id: int) -> Node:
@@ -229,12 +403,10 @@ def decode_node(data: bytes, node_id: int) -> Node:
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
             return Node(node_id, True, parts[1], parts[2:])
-        if kind == INTERNAL and len(parts) >= 4 and len(parts) % 2 == 0:
-            nfields = (len(parts) - 4) // 2
-            cols = [parts[3]]
-            cols.extend(_unpack_column(col) for col in parts[4 : 4 + nfields])
-            cols.extend(parts[4 + nfields :])
-            return Node(node_id, False, parts[1], cols, parts[2])
+        if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1:
+            cols = [_unpack_column(col) for col in parts[4:]]
+            if len(parts[3]) == len(cols):
+                return Node(node_id, False, parts[1], cols, parts[2], parts[3])
     except CorruptDatabaseError:
         raise
     except Exception as exc:

@@ -20,7 +20,8 @@ cache never holds a node that was not committed.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgpack
 
@@ -143,7 +144,7 @@ class ReadTransaction(Transaction):
     def mutable(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
-    def new_node(self, leaf: bool, keys: list[bytes], cols: list[list[Any]], kids: list[int]) -> Node:
+    def new_node(self, make: Callable[[int], Node]) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
     def free(self, node_id: int) -> None:
@@ -185,8 +186,8 @@ class WriteTransaction(Transaction):
         self._freed.append(node.id)
         return copy
 
-    def new_node(self, leaf: bool, keys: list[bytes], cols: list[list[Any]], kids: list[int]) -> Node:
-        node = Node(self._allocate(), leaf, keys, cols, kids, dirty=True)
+    def new_node(self, make: Callable[[int], Node]) -> Node:
+        node = make(self._allocate())
         self._dirty[node.id] = node
         return node
 

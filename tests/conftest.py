@@ -1,0 +1,101 @@
+"""Shared fixtures: databases over both backends, and an exact snapshot of a whole database.
+
+Hypothesis profiles: ``dev`` (the default) and ``ci`` (derandomized, so CI runs are reproducible, and
+printing the blob to reproduce a failure). Pick one with ``HYPOTHESIS_PROFILE=ci``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import tallytree
+
+settings.register_profile("dev", deadline=None)
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def strict(value: Any) -> Any:
+    """A form of ``value`` whose ``==`` also compares types: ``1``, ``1.0`` and ``True`` differ.
+
+    Plain ``==`` would accept ``Item(1, ...)`` where ``Item(1.0, ...)`` is expected, and ``1`` where
+    a float sum is expected; every comparison of results in the tests goes through this.
+    """
+    if isinstance(value, tallytree.Item):
+        return ("Item", strict(value.key), strict(value.id), strict(value.values))
+    if isinstance(value, tallytree.Totals):
+        return ("Totals", strict(value.as_dict()))
+    if isinstance(value, tuple):
+        return ("tuple", tuple(strict(each) for each in value))
+    if isinstance(value, list):
+        return ("list", [strict(each) for each in value])
+    if isinstance(value, dict):
+        return ("dict", sorted((repr(key), strict(each)) for key, each in value.items()))
+    return (type(value).__name__, value)
+
+
+def snapshot(db: tallytree.Database, tx: tallytree.Transaction | None = None) -> Any:
+    """Everything a user can observe of ``db``: every aggregate, namespace, item and total, exactly.
+
+    Reads in ``tx`` when given (to look inside a write transaction that goes on), else in a new read
+    transaction.
+    """
+    if tx is None:
+        with db.read() as read_tx:
+            return snapshot(db, read_tx)
+    state = []
+    for name in db.aggregates():
+        aggregate = db.aggregate(name)
+        spaces = []
+        for namespace, totals in aggregate.namespaces(tx):
+            items = list(aggregate.items(tx, namespace=namespace))
+            spaces.append((strict(namespace), strict(totals), strict(items)))
+        state.append((name, aggregate.fields, aggregate.node_size, spaces))
+    return state
+
+
+@pytest.fixture
+def take_snapshot() -> Callable[..., Any]:
+    """The :func:`snapshot` function, for tests that compare a database before and after."""
+    return snapshot
+
+
+@pytest.fixture
+def strict_form() -> Callable[[Any], Any]:
+    """The :func:`strict` function."""
+    return strict
+
+
+@pytest.fixture
+def memory_db() -> Iterator[tallytree.Database]:
+    with tallytree.open_memory() as db:
+        yield db
+
+
+@pytest.fixture
+def lmdb_db(tmp_path: Path) -> Iterator[tallytree.Database]:
+    with tallytree.open(tmp_path / "db", durable=False) as db:
+        yield db
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tallytree.Database]:
+    """A fresh, empty database over each backend in turn."""
+    if request.param == "memory":
+        database = tallytree.open_memory()
+    else:
+        database = tallytree.open(tmp_path / "db", durable=False)
+    with database:
+        yield database
