@@ -11,7 +11,7 @@ import functools
 import itertools
 import math
 import struct
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
 from enum import IntEnum
 from fractions import Fraction
@@ -382,7 +382,7 @@ def identical(a: object, b: object) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=600)
+@settings(max_examples=500)
 @given(key_pairs())
 @example(((1, "b"), (1.0, "a")))
 @example(((1, "a"), (1.0, "a")))
@@ -500,7 +500,7 @@ def test_floats_round_trip_bit_for_bit(number: float) -> None:
     assert struct.pack(">d", decoded) == struct.pack(">d", expected)
 
 
-@settings(max_examples=400)
+@settings(max_examples=250)
 @given(keys, keys)
 def test_prefix_free_up_to_the_escaped_nul(a: object, b: object) -> None:
     """An encoding is a proper prefix of another only when the longer one goes on with ff.
@@ -532,7 +532,7 @@ def test_prefix_through_the_escape_does_not_break_concatenation() -> None:
     assert not body <= encode_key("\x00") < body + b"\xff"
 
 
-@settings(max_examples=400)
+@settings(max_examples=250)
 @given(key_pairs(), key_pairs())
 def test_concatenation_compares_like_pairs(
     first: tuple[object, object], second: tuple[object, object]
@@ -549,7 +549,7 @@ def test_body_semantics_examples() -> None:
     assert encode_key((1, 2.0)) < encode_key((1.0, 2))  # tie-break in depth-first order
 
 
-@settings(max_examples=400)
+@settings(max_examples=300)
 @given(st.data())
 def test_body_range_holds_exactly_the_value_equal_keys(data: st.DataObject) -> None:
     key = data.draw(keys)
@@ -575,7 +575,7 @@ def cut_last_text(draw: st.DrawFn, items: tuple[object, ...]) -> tuple[object, .
     return (*items[:-1], last[: draw(st.integers(0, len(last)))])
 
 
-@settings(max_examples=400)
+@settings(max_examples=300)
 @given(st.data())
 def test_prefix_matches_leading_elements_by_value(data: st.DataObject) -> None:
     key = data.draw(tuple_keys)
@@ -756,6 +756,15 @@ def test_naive_datetime_is_invalid() -> None:
         encode_key((1, datetime(2024, 1, 1)))
 
 
+def test_datetime_whose_tzinfo_gives_no_offset_is_naive() -> None:
+    class NoOffset(tzinfo):
+        def utcoffset(self, dt: datetime | None) -> timedelta | None:
+            return None
+
+    with pytest.raises(InvalidKeyError, match="naive"):
+        encode_key(datetime(2024, 1, 1, tzinfo=NoOffset()))
+
+
 def test_datetime_outside_utc_range_is_invalid() -> None:
     with pytest.raises(InvalidKeyError, match="outside"):
         encode_key(datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))))
@@ -858,7 +867,8 @@ GARBAGE = {
     "non-minimal exponent": "33 81 00 00 00",
     "non-minimal negative exponent": "33 7e ff 00 00 01",
     "exponent too long": "33 84 01 00 00 00 00 00",
-    "trailing zero group": "33 80 01 00 00",
+    "zero fraction with a continuation": "33 80 01 00 00",
+    "trailing zero group": "33 80 81 00 01",  # 1.5 written with a needless 00 group
     "inf as int": "34 00",
     "0.5 as int": "33 7f fe 00 00",
     "2**60+1 as float": "33 81 3c 01 01 01 01 01 01 01 01 10 01",

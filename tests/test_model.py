@@ -461,9 +461,16 @@ class AggregateMachine(RuleBasedStateMachine):
         if kind == "insert_many":
             size = data.draw(st.integers(0, 8))
             rows = [Item(data.draw(keys), data.draw(ids), data.draw(value_tuples)) for _ in range(size)]
-            if rows and data.draw(st.booleans()):  # sometimes repeat an item of the namespace
-                key, item_id = self._pick(data, namespace)
-                rows.insert(data.draw(st.integers(0, size)), Item(key, item_id, (1, 2)))
+            # items already in the namespace, with their stored values or new ones; sometimes the
+            # whole batch, so that nothing is new
+            stored = self.model.rows(namespace)
+            if stored and data.draw(st.integers(0, 2)) == 0:
+                rows = []
+            for _ in range(data.draw(st.integers(0, 3)) if stored else 0):
+                row = data.draw(st.sampled_from(stored))
+                if data.draw(st.booleans()):
+                    row = Item(row.key, row.id, data.draw(value_tuples))
+                rows.insert(data.draw(st.integers(0, len(rows))), row)
             as_tuples = data.draw(st.booleans())
             return kind, {
                 "namespace": namespace,

@@ -94,9 +94,7 @@ class Totals:
     def from_summary(cls, fields: tuple[str, ...], summary: list[int]) -> Totals:
         """Build from an internal summary vector ``[count, S..., F...]``."""
         nfields = len(fields)
-        sums = tuple(
-            sum_value(summary[1 + index], summary[1 + nfields + index]) for index in range(nfields)
-        )
+        sums = tuple(sum_value(summary[1 + index], summary[1 + nfields + index]) for index in range(nfields))
         return cls(summary[0], fields, sums)
 
     def __getattr__(self, name: str) -> int | float:
@@ -235,9 +233,7 @@ def _decode_cursor(cursor: str) -> bytes:
         entry = base64.urlsafe_b64decode(cursor.encode("ascii"))
         decode_entry(entry)
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-        raise BoundsError(
-            f"after={cursor!r} is not a cursor returned by page(); pass page.cursor"
-        ) from exc
+        raise BoundsError(f"after={cursor!r} is not a cursor returned by page(); pass page.cursor") from exc
     return entry
 
 
@@ -251,9 +247,7 @@ class Aggregate:
     reads work in ``db.read()`` and ``db.write()`` transactions, writes in ``db.write()`` only.
     """
 
-    def __init__(
-        self, db: Database, name: str, agg_id: int, fields: tuple[str, ...], node_size: int
-    ) -> None:
+    def __init__(self, db: Database, name: str, agg_id: int, fields: tuple[str, ...], node_size: int) -> None:
         self._db = db
         self.name = name
         self.fields = fields
@@ -410,9 +404,7 @@ class Aggregate:
     def _summary(self, tree: Tree, bounds: _Bounds) -> list[int]:
         if tree.root is None:
             return tree.zero()
-        upper = (
-            tree.prefix_summary(*bounds.upper) if bounds.upper is not None else tree.root.summary
-        )
+        upper = tree.prefix_summary(*bounds.upper) if bounds.upper is not None else tree.root.summary
         if bounds.lower is None:
             return list(upper)
         lower = tree.prefix_summary(*bounds.lower)
@@ -441,9 +433,7 @@ class Aggregate:
             raise InvalidValueError(
                 f"{self.name}: no value field {field!r}; the fields are {list(self.fields)}"
             )
-        totals = self.totals(
-            tx, namespace=namespace, ge=ge, gt=gt, le=le, lt=lt, prefix=prefix, eq=eq
-        )
+        totals = self.totals(tx, namespace=namespace, ge=ge, gt=gt, le=le, lt=lt, prefix=prefix, eq=eq)
         return totals[field]
 
     def at(
@@ -666,12 +656,10 @@ class Aggregate:
         if type(limit) is not int or limit < 1:
             raise BoundsError(f"limit must be a positive int, not {limit!r}")
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
-        tree, tree_key = self._tree(tx, namespace)
+        tree, _ = self._tree(tx, namespace)
         start, stop = self._range(tree, bounds)
         if after is not None:
-            entry = (
-                _entry_of(after) if isinstance(after, Item | Position) else _decode_cursor(after)
-            )
+            entry = _entry_of(after) if isinstance(after, Item | Position) else _decode_cursor(after)
             if reverse:
                 stop = min(stop, tree.rank(entry, False))
             else:
@@ -696,11 +684,9 @@ class Aggregate:
         stop = (self._id + 1).to_bytes(4, "big")
         pending: dict[bytes, Root | None] = {}
         if isinstance(tx, WriteTransaction):
-            pending = {
-                key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)
-            }
+            pending = {key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)}
         stored = ((key, decode_root(value)) for key, value in tx.kv.scan(ROOTS, prefix, stop))
-        merged = dict(stored)
+        merged: dict[bytes, Root | None] = dict(stored)
         merged.update(pending)
         for key in sorted(merged):
             root = merged[key]
@@ -711,9 +697,7 @@ class Aggregate:
 
     # ------------------------------------------------------------ writes
 
-    def insert(
-        self, tx: Transaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None
-    ) -> None:
+    def insert(self, tx: Transaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None) -> None:
         """Insert one item. O(log n).
 
         Raises DuplicateItemError (a KeyError) if ``(key, id)`` is already in the namespace, and the

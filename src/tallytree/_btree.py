@@ -3,9 +3,9 @@
 Design
 ======
 This module knows nothing of LMDB or of keys: it orders opaque *entries* (bytes, see ``_keys``) and sums
-value columns, reading and writing nodes only through the small :class:`NodeAccess` interface (``node``,
-``mutable``, ``new_node``, ``free``). The same code runs over the in-memory store used by the tests and
-over LMDB, as SQLite's b-tree runs over its pager.
+value columns, reading and writing nodes only through the small :class:`NodeAccess` interface
+(``node``, ``mutable``, ``new_id``, ``adopt``, ``free``). The same code runs over the in-memory store
+used by the tests and over LMDB, as SQLite's b-tree runs over its pager.
 
 Every parent keeps each child's count and sums (see ``_node``), so:
 
@@ -30,7 +30,7 @@ Costs, with ``B`` the node size: reads O(log_B n) node visits plus O(B) per visi
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,8 +50,12 @@ class NodeAccess(Protocol):
         """Return a node that may be changed in place: the node itself if dirty, else a fresh copy."""
         ...
 
-    def new_node(self, make: Callable[[int], Node]) -> Node:
-        """Create a dirty node under a fresh id: ``make(new_id)`` builds it."""
+    def new_id(self) -> int:
+        """A fresh node id, never used before."""
+        ...
+
+    def adopt(self, node: Node) -> Node:
+        """Register a new dirty node (built with an id from :meth:`new_id`) and return it."""
         ...
 
     def free(self, node_id: int) -> None:
@@ -238,9 +242,9 @@ class Tree:
         if delta is None:
             delta = delta_of(values)
         if self.root is None:
-            leaf = self.access.new_node(
-                lambda node_id: Node(node_id, True, [entry], [[value] for value in values], dirty=True)
-            )
+            access = self.access
+            cols = [[value] for value in values]
+            leaf = access.adopt(Node(access.new_id(), True, [entry], cols, dirty=True))
             self.root = Root(leaf.id, 1, list(delta))
             return True
         path, leaf = self._path(entry)
@@ -415,10 +419,7 @@ class Tree:
             chunks = [node.detach(begin) for begin in reversed(cuts[1:-1])]
             chunks.reverse()
             leaf = node.leaf
-            siblings = [
-                access.new_node(lambda node_id, chunk=chunk: Node.from_chunk(node_id, leaf, chunk))
-                for chunk in chunks
-            ]
+            siblings = [access.adopt(Node.from_chunk(access.new_id(), leaf, chunk)) for chunk in chunks]
             summaries = [sibling.summary() for sibling in siblings]
             if path:
                 parent, index = path.pop()
@@ -426,7 +427,7 @@ class Tree:
                 for summary in summaries:
                     moved = vadd(moved, summary)
                 parent.add(index, _negate(moved))
-                for offset, (sibling, summary) in enumerate(zip(siblings, summaries), start=1):
+                for offset, (sibling, summary) in enumerate(zip(siblings, summaries, strict=True), start=1):
                     parent.insert_child(index + offset, sibling.keys[0], sibling.id, summary)
                 node = parent
             else:
@@ -435,9 +436,7 @@ class Tree:
                     left = vsub(left, summary)
                 keys = [b"", *(sibling.keys[0] for sibling in siblings)]
                 kids = [node.id, *(sibling.id for sibling in siblings)]
-                node = access.new_node(
-                    lambda node_id: Node.internal_from(node_id, keys, kids, [left, *summaries])
-                )
+                node = access.adopt(Node.internal_from(access.new_id(), keys, kids, [left, *summaries]))
                 self.root.node_id = node.id
                 self.root.height += 1
 

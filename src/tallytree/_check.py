@@ -48,9 +48,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = "/".join(map(str, self.path)) or "root"
-        return (
-            f"{self.aggregate}[{self.namespace!r}] {where} (node {self.node_id}): {self.message}"
-        )
+        return f"{self.aggregate}[{self.namespace!r}] {where} (node {self.node_id}): {self.message}"
 
 
 class _Walker:
@@ -67,9 +65,7 @@ class _Walker:
         self.seen: set[int] = set()
 
     def report(self, path: tuple[int, ...], node_id: int | None, message: str) -> None:
-        self.problems.append(
-            Problem(self.aggregate.name, self.namespace, path, node_id, message)
-        )
+        self.problems.append(Problem(self.aggregate.name, self.namespace, path, node_id, message))
 
     def tree(self, root: Root) -> None:
         summary = self.node(root.node_id, (), 1, root.height, b"", None)
@@ -98,8 +94,12 @@ class _Walker:
         is_root = not path
         size = len(node.keys)
         if node.leaf != (depth == height):
-            self.report(path, node_id, f"{'leaf' if node.leaf else 'internal node'} at depth "
-                        f"{depth}, but the tree's height is {height}")
+            self.report(
+                path,
+                node_id,
+                f"{'leaf' if node.leaf else 'internal node'} at depth "
+                f"{depth}, but the tree's height is {height}",
+            )
         if size > self.max_size:
             self.report(path, node_id, f"holds {size} entries, more than node_size {self.max_size}")
         if is_root and not node.leaf and size < 2:
@@ -128,9 +128,7 @@ class _Walker:
                 self.report(path, node.id, "a value column and the keys differ in length")
                 return None
             for value in col:
-                if type(value) not in (int, float) or (
-                    type(value) is float and not math.isfinite(value)
-                ):
+                if type(value) not in (int, float) or (type(value) is float and not math.isfinite(value)):
                     self.report(path, node.id, f"invalid value {value!r}")
         for entry in node.keys:
             try:
@@ -149,8 +147,10 @@ class _Walker:
         high: bytes | None,
     ) -> list[int] | None:
         width = 1 + 2 * self.nfields
-        if len(node.cols) != width or len(node.kids) != len(node.keys) or any(
-            len(col) != len(node.keys) for col in node.cols
+        if (
+            len(node.cols) != width
+            or len(node.kids) != len(node.keys)
+            or any(len(col) != len(node.keys) for col in node.cols)
         ):
             self.report(path, node.id, "internal node columns do not match its children")
             return None
@@ -165,16 +165,12 @@ class _Walker:
                 total = vadd(total, stored)
                 continue
             if actual != stored:
-                self.report(
-                    (*path, index), kid, f"parent stores totals {stored}, subtree holds {actual}"
-                )
+                self.report((*path, index), kid, f"parent stores totals {stored}, subtree holds {actual}")
             total = vadd(total, actual)
         return total
 
 
-def check(
-    tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any = _ALL
-) -> list[Problem]:
+def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any = _ALL) -> list[Problem]:
     """Walk trees and return every violated invariant (an empty list means all is well).
 
     With an aggregate, checks its trees (or only ``namespace``); without, checks every aggregate of the

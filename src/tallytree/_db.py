@@ -29,6 +29,7 @@ import msgpack
 from ._aggregate import Aggregate
 from ._btree import Tree
 from ._keys import decode_key
+from ._lmdb import LmdbBackend
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
 from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
 from .errors import (
@@ -214,9 +215,7 @@ class Database:
 
     def _aggregate_from(self, name: str, data: bytes) -> Aggregate:
         definition = msgpack.unpackb(data, raw=False)
-        return Aggregate(
-            self, name, definition["id"], tuple(definition["values"]), definition["node_size"]
-        )
+        return Aggregate(self, name, definition["id"], tuple(definition["values"]), definition["node_size"])
 
     def _create_aggregate(self, name: str, fields: tuple[str, ...], node_size: int) -> Aggregate:
         if getattr(self._local, "writing", False):
@@ -267,7 +266,12 @@ class Database:
     def cache_info(self) -> dict[str, int]:
         """Node cache statistics: size, capacity, hits and misses."""
         cache = self._cache
-        return {"size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses}
+        return {
+            "size": len(cache),
+            "capacity": cache.capacity,
+            "hits": cache.hits,
+            "misses": cache.misses,
+        }
 
 
 def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
@@ -284,7 +288,7 @@ def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
     return fields
 
 
-def open(  # noqa: A001 - mirrors the builtin on purpose: tallytree.open(path) reads naturally
+def open(
     path: str | Path,
     *,
     map_size: int = 1 << 30,
@@ -308,8 +312,6 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: tallytree.open(path) r
     ...     db.aggregates()
     []
     """
-    from ._lmdb import LmdbBackend
-
     backend = LmdbBackend(
         path,
         map_size=map_size,

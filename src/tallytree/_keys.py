@@ -212,9 +212,7 @@ def _complement(data: bytes) -> bytes:
 _HEAD_LOW = -1074
 _HEAD_HIGH = 1024
 _POS_HEADS = tuple(bytes((_POS,)) + _exponent_bytes(e) for e in range(_HEAD_LOW, _HEAD_HIGH))
-_NEG_HEADS = tuple(
-    bytes((_NEG,)) + _complement(_exponent_bytes(e)) for e in range(_HEAD_LOW, _HEAD_HIGH)
-)
+_NEG_HEADS = tuple(bytes((_NEG,)) + _complement(_exponent_bytes(e)) for e in range(_HEAD_LOW, _HEAD_HIGH))
 
 # _CONTINUATION[g]: the "more" bit set in every byte of a g-byte fraction but the last.
 _CONTINUATION = tuple(((1 << (8 * groups)) - 256) // 255 for groups in range(9))
@@ -252,17 +250,11 @@ def _magnitude(negative: bool, exponent: int, fraction: int, bits: int) -> bytes
         spread = 0
     if _HEAD_LOW <= exponent < _HEAD_HIGH:
         if negative:
-            return _NEG_HEADS[exponent - _HEAD_LOW] + (spread ^ ((1 << (8 * groups)) - 1)).to_bytes(
-                groups
-            )
+            return _NEG_HEADS[exponent - _HEAD_LOW] + (spread ^ ((1 << (8 * groups)) - 1)).to_bytes(groups)
         return _POS_HEADS[exponent - _HEAD_LOW] + spread.to_bytes(groups)
     head = _exponent_bytes(exponent)
     if negative:
-        return (
-            bytes((_NEG,))
-            + _complement(head)
-            + (spread ^ ((1 << (8 * groups)) - 1)).to_bytes(groups)
-        )
+        return bytes((_NEG,)) + _complement(head) + (spread ^ ((1 << (8 * groups)) - 1)).to_bytes(groups)
     return bytes((_POS,)) + head + spread.to_bytes(groups)
 
 
@@ -403,9 +395,7 @@ def _unsupported(value: object, what: str) -> UnsupportedKeyTypeError:
         hint = "convert it to int, float or str (a fixed-width string keeps the order)"
     else:
         hint = "convert it to one of these types"
-    return UnsupportedKeyTypeError(
-        f"{what} {_show(value)} has unsupported type {name}: {_SUPPORTED}; {hint}"
-    )
+    return UnsupportedKeyTypeError(f"{what} {_show(value)} has unsupported type {name}: {_SUPPORTED}; {hint}")
 
 
 def _body_into(key: object, parts: list[bytes], suffix: bytearray, what: str, depth: int) -> int:
@@ -608,30 +598,32 @@ class _Number:
 
     def resolve(self, kind: int) -> int | float:
         special = self.special
+        if special == _POS:
+            return _finite(self.negative, self.mantissa, self.exponent, kind)
         if kind == _INT_SUFFIX:
             if special == _ZERO:
                 return 0
-            if special != _POS or self.exponent < 0:
-                raise _Corrupt("an int suffix on a number that is not an integer")
-            value = self.mantissa << self.exponent
-            return -value if self.negative else value
+            raise _Corrupt("an int suffix on an infinity")
         if kind != _FLOAT_SUFFIX:
             raise _Corrupt(f"number type byte {kind:#04x} is neither 00 nor 01")
         if special == _ZERO:
             return 0.0
-        if special == _POS_INF:
-            return float("inf")
-        if special == _NEG_INF:
-            return float("-inf")
-        mantissa, exponent = self.mantissa, self.exponent
-        if (
-            mantissa.bit_length() > 53
-            or exponent < -1074
-            or mantissa.bit_length() + exponent > 1024
-        ):
-            raise _Corrupt("a float suffix on a number that no float represents exactly")
-        magnitude = math.ldexp(float(mantissa), exponent)  # exact: checked just above
-        return -magnitude if self.negative else magnitude
+        return float("inf") if special == _POS_INF else float("-inf")
+
+
+def _finite(negative: bool, mantissa: int, exponent: int, kind: int) -> int | float:
+    """The number ``±mantissa * 2**exponent`` as an int or a float, as the suffix byte says."""
+    if kind == _INT_SUFFIX:
+        if exponent < 0:
+            raise _Corrupt("an int suffix on a number that is not an integer")
+        value = mantissa << exponent
+        return -value if negative else value
+    if kind != _FLOAT_SUFFIX:
+        raise _Corrupt(f"number type byte {kind:#04x} is neither 00 nor 01")
+    if mantissa.bit_length() > 53 or exponent < -1074 or mantissa.bit_length() + exponent > 1024:
+        raise _Corrupt("a float suffix on a number that no float represents exactly")
+    magnitude = math.ldexp(float(mantissa), exponent)  # exact: checked just above
+    return -magnitude if negative else magnitude
 
 
 class _Corrupt(Exception):
@@ -764,6 +756,15 @@ def decode_key(data: bytes, offset: int = 0) -> tuple[object, int]:
     if type(data) is not bytes:
         data = bytes(data)
     try:
+        if offset < 0:
+            raise _Corrupt("negative offset")
+        code = data[offset]
+        if code in (_POS, _NEG):  # fast path for a lone number: no placeholder, no rebuilding
+            flip = 0 if code == _POS else 0xFF
+            mantissa, exponent, pos = _decode_magnitude(data, offset + 1, flip)
+            if pos + 1 - offset > MAX_KEY_BYTES:
+                raise _Corrupt(f"more than the limit of {MAX_KEY_BYTES} bytes")
+            return _finite(code == _NEG, mantissa, exponent, data[pos]), pos + 1
         numbers: list[_Number] = []
         value, pos = _decode_body(data, offset, numbers, 0)
         end = pos + len(numbers)

@@ -273,8 +273,7 @@ def _previous_generation(generation: bytes | None) -> bytes | None:
 def _check_directory(path: Path, *, create: bool) -> None:
     if path.exists() and not path.is_dir():
         raise DatabaseFormatError(
-            f"{path} is a file; a tallytree database is a directory (give a new or existing "
-            "directory path)"
+            f"{path} is a file; a tallytree database is a directory (give a new or existing directory path)"
         )
     if path.is_dir() and not (path / "data.mdb").exists():
         if any(path.iterdir()):

@@ -53,10 +53,10 @@ can be cached by id across transactions and processes without ever being stale.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import reduce
 from itertools import accumulate
 from operator import or_
-from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -90,7 +90,7 @@ def scaled(value: int | float) -> int:
     """Return ``value * 2**1074`` as an exact int (the value must be an int or a finite float)."""
     if type(value) is int:
         return value << SCALE_BITS
-    numerator, denominator = value.as_integer_ratio()  # type: ignore[union-attr]
+    numerator, denominator = value.as_integer_ratio()
     return numerator << (SCALE_BITS + 1 - denominator.bit_length())
 
 
@@ -111,9 +111,7 @@ class Chunk:
 
     __slots__ = ("cols", "keys", "kids", "shifts")
 
-    def __init__(
-        self, keys: list[bytes], kids: list[int], cols: list[list[Any]], shifts: list[int]
-    ) -> None:
+    def __init__(self, keys: list[bytes], kids: list[int], cols: list[list[Any]], shifts: list[int]) -> None:
         self.keys = keys
         self.kids = kids
         self.cols = cols
@@ -279,10 +277,7 @@ class Node:
     def summary(self, start: int = 0, stop: int | None = None) -> list[int]:
         """The summary of entries (leaf) or children (internal) ``start:stop``, true scale. O(size)."""
         if not self.leaf:
-            return [
-                sum(col[start:stop]) << shift
-                for col, shift in zip(self.cols, self.shifts, strict=True)
-            ]
+            return [sum(col[start:stop]) << shift for col, shift in zip(self.cols, self.shifts, strict=True)]
         sums = []
         for col in self.cols:
             shift, values = _scaled_column(col[start:stop])
@@ -326,11 +321,12 @@ class Node:
         """Insert a chunk's entries (children) at ``index``, aligning the scales. O(size)."""
         self.keys[index:index] = chunk.keys
         self.kids[index:index] = chunk.kids
-        for column, values in enumerate(chunk.cols):
+        for column, incoming in enumerate(chunk.cols):
             theirs = chunk.shifts[column]
             mine = self.shifts[column]
+            values = incoming
             if theirs > mine:
-                values = [value << (theirs - mine) for value in values]
+                values = [value << (theirs - mine) for value in incoming]
             elif theirs < mine:
                 self.cols[column] = [value << (mine - theirs) for value in self.cols[column]]
                 self.shifts[column] = theirs
@@ -414,6 +410,5 @@ def decode_node(data: bytes, node_id: int) -> Node:
             f"node {node_id} cannot be decoded ({exc}); run `tallytree check` to locate the damage"
         ) from exc
     raise CorruptDatabaseError(
-        f"node {node_id} has an unknown layout; "
-        "the database may be damaged or written by another version"
+        f"node {node_id} has an unknown layout; the database may be damaged or written by another version"
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Protocol
 
 from sortedcontainers import SortedDict
@@ -100,10 +101,8 @@ class NodeCache:
         """The cached node, or None. O(1)."""
         node = self._nodes.get(node_id)
         if node is not None:
-            try:
+            with suppress(KeyError):  # evicted by another thread meanwhile; the node is still valid
                 self._nodes.move_to_end(node_id)
-            except KeyError:  # evicted by another thread in between; the node itself is still valid
-                pass
         return node
 
     def put(self, node: Node) -> None:

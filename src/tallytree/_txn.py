@@ -20,7 +20,6 @@ cache never holds a node that was not committed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -85,9 +84,7 @@ class Transaction:
     def kv(self) -> KVTxn:
         """The backend transaction (raises if this transaction has ended)."""
         if not self._open:
-            raise TransactionError(
-                "this transaction has ended; start a new one with db.read() or db.write()"
-            )
+            raise TransactionError("this transaction has ended; start a new one with db.read() or db.write()")
         return self._kv
 
     def check_database(self, db: Database) -> None:
@@ -95,9 +92,7 @@ class Transaction:
         if db is not self._db:
             raise TransactionError("this transaction belongs to another database")
         if not self._open:
-            raise TransactionError(
-                "this transaction has ended; start a new one with db.read() or db.write()"
-            )
+            raise TransactionError("this transaction has ended; start a new one with db.read() or db.write()")
 
     def node(self, node_id: int) -> Node:
         """A committed node by id, through the shared cache. O(1) when cached, O(size) to decode."""
@@ -128,6 +123,18 @@ class Transaction:
         """A value of the META table."""
         return self.kv.get(META, key)
 
+    def mutable(self, node: Node) -> Node:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
+    def new_id(self) -> int:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
+    def adopt(self, node: Node) -> Node:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
+    def free(self, node_id: int) -> None:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
     def _finish(self) -> None:
         self._open = False
 
@@ -140,15 +147,6 @@ class Transaction:
 
 class ReadTransaction(Transaction):
     """A read-only snapshot. Any number may be open at once, in any threads and processes."""
-
-    def mutable(self, node: Node) -> Node:
-        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
-
-    def new_node(self, make: Callable[[int], Node]) -> Node:
-        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
-
-    def free(self, node_id: int) -> None:
-        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
 
 class WriteTransaction(Transaction):
@@ -186,8 +184,10 @@ class WriteTransaction(Transaction):
         self._freed.append(node.id)
         return copy
 
-    def new_node(self, make: Callable[[int], Node]) -> Node:
-        node = make(self._allocate())
+    def new_id(self) -> int:
+        return self._allocate()
+
+    def adopt(self, node: Node) -> Node:
         self._dirty[node.id] = node
         return node
 
@@ -227,8 +227,7 @@ class WriteTransaction(Transaction):
             kv.abort()
             return
         ops: list[Op] = [
-            (NODES, node_key(node_id), encode_node(self._dirty[node_id]))
-            for node_id in sorted(self._dirty)
+            (NODES, node_key(node_id), encode_node(self._dirty[node_id])) for node_id in sorted(self._dirty)
         ]
         ops.extend((NODES, node_key(node_id), None) for node_id in self._freed)
         for tree in sorted(self._changed_roots):
