@@ -253,8 +253,7 @@ def reference_number_body(value: int | float) -> bytes:
     else:
         groups = [bits[i : i + 7].ljust(7, "0") for i in range(0, len(bits), 7)]
         fraction = bytes(
-            (int(group, 2) << 1) | (1 if i < len(groups) - 1 else 0)
-            for i, group in enumerate(groups)
+            (int(group, 2) << 1) | (1 if i < len(groups) - 1 else 0) for i, group in enumerate(groups)
         )
     if value > 0:
         return b"\x33" + head + fraction
@@ -269,9 +268,7 @@ offsets = st.timedeltas(
     min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59)
 ).map(timezone)
 zones = st.one_of(st.just(UTC), offsets)
-datetimes = st.datetimes(
-    min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31), timezones=zones
-)
+datetimes = st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31), timezones=zones)
 small_numbers = st.sampled_from(
     [0, 0.0, -0.0, 1, 1.0, -1, -1.0, 0.5, -0.5, 1.5, 2, 2.0, 2**53, 2.0**53, 2**53 + 1, INF, -INF]
 )
@@ -279,9 +276,7 @@ ints = st.one_of(
     st.integers(-300, 300),
     st.integers(-(2**70), 2**70),
     st.integers(-(10**150), 10**150),
-    st.builds(
-        lambda mantissa, shift: mantissa << shift, st.integers(-99, 99), st.integers(0, 5000)
-    ),
+    st.builds(lambda mantissa, shift: mantissa << shift, st.integers(-99, 99), st.integers(0, 5000)),
 )
 floats = st.one_of(
     st.floats(allow_nan=False),  # includes inf, -0.0 and subnormals
@@ -290,9 +285,9 @@ floats = st.one_of(
 )
 numbers = st.one_of(small_numbers, ints, floats)
 texts = st.one_of(st.text(max_size=6), st.text(alphabet="\x00ab\xe9\U0001f600", max_size=4))
-binaries = st.one_of(
-    st.binary(max_size=6), st.lists(st.sampled_from(b"\x00\x01\xff")).map(bytes)
-).flatmap(lambda data: st.sampled_from([data, bytearray(data), memoryview(data)]))
+binaries = st.one_of(st.binary(max_size=6), st.lists(st.sampled_from(b"\x00\x01\xff")).map(bytes)).flatmap(
+    lambda data: st.sampled_from([data, bytearray(data), memoryview(data)])
+)
 scalars = st.one_of(st.none(), st.booleans(), numbers, texts, binaries, datetimes)
 raw_keys = st.recursive(
     scalars,
@@ -389,9 +384,7 @@ def identical(a: object, b: object) -> bool:
 @example((1, True))
 @example((-0.0, 0))
 @example((2**53 + 1, 2.0**53))
-@example(
-    (datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))))
-)
+@example((datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))))
 @example((("a",), ("a\x00",)))
 @example((("a", 1), ("a\x00",)))
 @example(((), (None,)))
@@ -486,9 +479,7 @@ def test_round_trip(key: object) -> None:
 @given(st.one_of(ints, floats, small_numbers).filter(fits))
 def test_numbers_match_the_reference_encoder(number: int | float) -> None:
     assert encode_body(number) == reference_number_body(number)
-    assert encode_key(number) == encode_body(number) + (
-        b"\x01" if type(number) is float else b"\x00"
-    )
+    assert encode_key(number) == encode_body(number) + (b"\x01" if type(number) is float else b"\x00")
 
 
 @settings(max_examples=300)
@@ -620,9 +611,7 @@ def test_prefix_edge_cases(key: tuple[object, ...], prefix: tuple[object, ...]) 
 @given(
     st.one_of(
         st.integers(-(2**40), 2**40),
-        st.sampled_from(
-            [-65537, -65536, -65535, -257, -256, -255, -1, 0, 1, 255, 256, 65535, 65536]
-        ),
+        st.sampled_from([-65537, -65536, -65535, -257, -256, -255, -1, 0, 1, 255, 256, 65535, 65536]),
     ),
     st.integers(-(2**40), 2**40),
 )
@@ -820,9 +809,7 @@ def test_unsupported_types(key: object, hint: str) -> None:
         validate_key(key)
 
 
-@pytest.mark.parametrize(
-    "id_", [True, False, 1.5, 1.0, None, (1,), datetime(2024, 1, 1, tzinfo=UTC), [1]]
-)
+@pytest.mark.parametrize("id_", [True, False, 1.5, 1.0, None, (1,), datetime(2024, 1, 1, tzinfo=UTC), [1]])
 def test_encode_id_rejects_other_types(id_: object) -> None:
     with pytest.raises(UnsupportedKeyTypeError, match="ids must be str, int or bytes"):
         encode_id(id_)
@@ -909,9 +896,7 @@ def test_decode_accepts_only_canonical_encodings(data: bytes, choices: st.DataOb
             index = choices.draw(st.integers(0, len(mutated) - 1))
             mutated[index] = choices.draw(st.integers(0, 255))
     mutated = (
-        mutated[: choices.draw(st.integers(0, len(mutated)))]
-        if choices.draw(st.booleans())
-        else mutated
+        mutated[: choices.draw(st.integers(0, len(mutated)))] if choices.draw(st.booleans()) else mutated
     )
     try:
         key, end = decode_key(bytes(mutated))

@@ -285,6 +285,16 @@ class Aggregate:
 
     def _values(self, values: Any) -> tuple[int | float, ...]:
         fields = self.fields
+        if type(values) is tuple and len(values) == len(fields):  # the common case, checked fast
+            for value in values:
+                kind = type(value)
+                if kind is float:
+                    if value - value != 0.0:  # inf - inf and nan - nan are nan
+                        break
+                elif kind is not int or not _INT64_MIN <= value <= _INT64_MAX:
+                    break
+            else:
+                return values
         if isinstance(values, Mapping):
             unknown = set(values) - set(fields)
             if unknown:

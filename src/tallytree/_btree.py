@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._node import Chunk, Node, delta_of
+from ._node import Chunk, Node, delta_of, summarize
 
 __all__ = ["NodeAccess", "Root", "Tree", "same_values", "vadd", "vsub"]
 
@@ -279,28 +279,32 @@ class Tree:
                 continue
             path, leaf = self._path(entry)
             upper = self._upper_fence(path)
-            stop = position + 1
-            while stop < total and (upper is None or entries[stop] < upper):
-                stop += 1
-            if all(_contains(leaf.keys, entries[at]) for at in range(position, stop)):
-                position = stop  # nothing new for this leaf: leave it untouched
+            stop = total if upper is None else bisect_left(entries, upper, position + 1, total)
+            keys = leaf.keys
+            appending = not keys or entries[position] > keys[-1]
+            if appending:
+                fresh = list(range(position, stop))
+            else:
+                fresh = [at for at in range(position, stop) if not _contains(keys, entries[at])]
+            if not fresh:  # nothing new for this leaf: leave it untouched
+                position = stop
                 continue
             path, leaf = self._make_mutable(path, leaf)
-            delta = self.zero()
             keys, cols = leaf.keys, leaf.cols
-            for at in range(position, stop):
-                entry = entries[at]
-                index = bisect_left(keys, entry)
-                if index < len(keys) and keys[index] == entry:
-                    continue
-                keys.insert(index, entry)
-                row = values[at]
-                for col, value in zip(cols, row, strict=True):
-                    col.insert(index, value)
-                delta = vadd(delta, delta_of(row))
-            inserted += delta[0]
-            if delta[0]:
-                self._add_along(path, delta)
+            rows = [values[at] for at in fresh]
+            if appending:
+                keys.extend(entries[position:stop])
+                for field, col in enumerate(cols):
+                    col.extend([row[field] for row in rows])
+            else:
+                for at in fresh:
+                    index = bisect_left(keys, entries[at])
+                    keys.insert(index, entries[at])
+                    for col, value in zip(cols, values[at], strict=True):
+                        col.insert(index, value)
+            columns = [[row[field] for row in rows] for field in range(self.nfields)]
+            self._add_along(path, summarize(len(rows), columns))
+            inserted += len(rows)
             if len(keys) > self.max_size:
                 self._split_up(path, leaf)
             position = stop

@@ -1,8 +1,9 @@
-r"""Order-preserving, prefix-free byte encoding of keys, ids and namespaces.
+r"""Order-preserving, self-delimiting byte encoding of keys, ids and namespaces.
 
 The tree compares keys as plain ``bytes``. This module maps every supported value to bytes whose
-lexicographic order is the value order below, and no encoding is a proper prefix of another, so the
-concatenation ``encode_key(key) + encode_id(id)`` compares exactly like the pair ``(key, id)``.
+lexicographic order is the value order below. Each encoding marks its own end, so the
+concatenation ``encode_key(key) + encode_id(id)`` compares exactly like the pair ``(key, id)``
+and decodes without a length field.
 
 The order
 ---------
@@ -24,11 +25,23 @@ One total order across types::
 Body and suffix
 ---------------
 ``encode_key(key) == encode_body(key) + suffix``. The *body* encodes the value only (``1`` and
-``1.0`` have the same body) and is prefix-free. The *suffix* has one byte per number in the key,
-in depth-first order: ``00`` for int, ``01`` for float. The body fixes how many numbers there are,
-so the whole encoding stays prefix-free; because the body decides first, the tie-break acts only
-between keys equal in value. Bounds on values use the body alone: every key whose body is ``b``
-lies in ``[b, b + ff)``, since no suffix byte, no type code and no terminator is ``ff``.
+``1.0`` have the same body). The *suffix* has one byte per number in the key, in depth-first
+order: ``00`` for int, ``01`` for float. The body fixes how many numbers there are, so the whole
+encoding still marks its own end; because the body decides first, the tie-break acts only
+between keys equal in value.
+
+Prefixes and ranges
+-------------------
+As in FoundationDB's tuple layer, an encoding is a proper prefix of another only through the
+escape of ``00`` in str and bytes, and then the longer one goes on with ``ff``: ``"" -> 40 00``,
+``"\x00" -> 40 00 ff 00``. Nothing that follows a complete encoding starts with ``ff`` (type
+codes, terminators and suffix bytes are all below it), which is what keeps concatenations in pair
+order. Membership is therefore a range, not ``startswith``:
+
+* the keys whose body is ``b`` (equal in value, any number types) are exactly ``[b, b + ff)``;
+* the tuple keys whose first elements equal ``p`` are exactly
+  ``[encode_prefix(p), encode_prefix(p) + ff)``; they all start with ``encode_prefix(p)``, but
+  ``("\x00",)`` starts with ``encode_prefix(("",))`` too and lies after the range.
 
 Type codes (first byte of an element's body)
 --------------------------------------------
@@ -69,9 +82,10 @@ is involved.
    on every group but the last; ``k == 0`` is the single byte ``00``. Trailing zeros are
    stripped, so a fraction that extends another is larger, and its bytes sort after.
 
-A negative number writes the bytes of its magnitude complemented, so a larger magnitude sorts lower.
-Ints are limited to ``|E| < 2**24`` (``n <= 3``) so that decoding damaged data cannot allocate
-unbounded memory; every int that fits ``MAX_KEY_BYTES`` in practice is far below that.
+A negative number writes the bytes of its magnitude complemented, so a larger magnitude sorts
+lower. Ints must be below ``2**(2**24)`` in magnitude (``E < 2**24``, so ``n <= 3``) so that
+decoding damaged data cannot allocate unbounded memory; only ints with millions of trailing zero
+bits could otherwise fit in ``MAX_KEY_BYTES``.
 
 Limits and decoding
 -------------------
@@ -544,8 +558,9 @@ def encode_prefix(prefix: tuple[object, ...]) -> bytes:
     """Return the bytes every tuple key starts with when its first elements equal ``prefix``.
 
     That is ``0x70`` and the element bodies, without the tuple terminator; elements match by value
-    (``1`` matches ``1.0``). Raises UnsupportedKeyTypeError for a non-tuple, and whatever
-    ``encode_key(prefix)`` raises.
+    (``1`` matches ``1.0``). The matching keys are exactly those in ``[p, p + b"\\xff")``; test
+    membership with that range, as ``startswith`` also admits ``("\\x00",)`` for ``("",)``.
+    Raises UnsupportedKeyTypeError for a non-tuple, and whatever ``encode_key(prefix)`` raises.
 
     >>> encode_key((1.0, "x")).startswith(encode_prefix((1,)))
     True

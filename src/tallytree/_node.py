@@ -42,11 +42,12 @@ flat fixed-width layout)::
 
     leaf:      [1, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
     internal:  [2, [fence, ...], [child id, ...], [shift, ...], counts, S col 0, ..., F col 0, ...]
+    wide:      [3, ...as internal, with each column value an int or signed big-endian bytes]
 
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
 not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic. A
-value that does not fit in 64 bits is stored as signed big-endian bytes.
+node with a value beyond 64 bits is written in the "wide" form (kind 3).
 Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
 can be cached by id across transactions and processes without ever being stale.
 """
@@ -55,8 +56,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import reduce
-from itertools import accumulate
-from operator import or_
+from itertools import accumulate, repeat
+from operator import is_, or_
 from typing import Any
 
 import msgpack
@@ -73,6 +74,7 @@ __all__ = [
     "normalize",
     "pack_summary",
     "sum_value",
+    "summarize",
     "unpack_summary",
 ]
 
@@ -81,6 +83,7 @@ SCALE_BITS = 1074
 
 LEAF = 1
 INTERNAL = 2
+INTERNAL_WIDE = 3
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -152,8 +155,15 @@ def _scaled_column(values: list[Any]) -> tuple[int, Iterable[int]]:
     return 0, map(scaled, values)
 
 
-def _count_floats(values: list[Any]) -> int:
-    return sum(type(value) is float for value in values)
+def summarize(count: int, columns: list[list[Any]]) -> list[int]:
+    """The summary ``[count, S..., F...]`` of raw value columns (one list per field). O(size)."""
+    sums = []
+    floats = []
+    for column in columns:
+        shift, values = _scaled_column(column)
+        sums.append(sum(values) << shift)
+        floats.append(list(map(type, column)).count(float))
+    return [count, *sums, *floats]
 
 
 class Node:
@@ -268,7 +278,7 @@ class Node:
             shift, values = _scaled_column(self.cols[column - 1])
             return shift, list(accumulate(values, initial=0))
         raw = self.cols[column - 1 - nfields]
-        return 0, list(accumulate((type(value) is float for value in raw), initial=0))
+        return 0, list(accumulate(map(is_, map(type, raw), repeat(float)), initial=0))
 
     def child(self, index: int) -> list[int]:
         """The stored summary of child ``index`` (internal nodes), true scale."""
@@ -278,12 +288,7 @@ class Node:
         """The summary of entries (leaf) or children (internal) ``start:stop``, true scale. O(size)."""
         if not self.leaf:
             return [sum(col[start:stop]) << shift for col, shift in zip(self.cols, self.shifts, strict=True)]
-        sums = []
-        for col in self.cols:
-            shift, values = _scaled_column(col[start:stop])
-            sums.append(sum(values) << shift)
-        floats = [_count_floats(col[start:stop]) for col in self.cols]
-        return [len(self.keys[start:stop]), *sums, *floats]
+        return summarize(len(self.keys[start:stop]), [col[start:stop] for col in self.cols])
 
     # ------------------------------------------------------------ changing (dirty nodes only)
 
@@ -360,18 +365,6 @@ def _unpack_int(value: int | bytes) -> int:
     return int.from_bytes(value, "big", signed=True)  # type: ignore[arg-type]
 
 
-def _pack_column(column: list[int]) -> list[int | bytes]:
-    if column and (min(column) < _INT64_MIN or max(column) > _INT64_MAX):
-        return list(map(_pack_int, column))
-    return column  # type: ignore[return-value]
-
-
-def _unpack_column(packed: list[Any]) -> list[int]:
-    if any(type(value) is bytes for value in packed):
-        return [_unpack_int(value) for value in packed]
-    return packed
-
-
 def pack_summary(summary: list[int]) -> list[Any]:
     """Encode a summary vector for msgpack (big ints become bytes)."""
     return [_pack_int(value) for value in summary]
@@ -386,10 +379,15 @@ def encode_node(node: Node) -> bytes:
     """Serialize a node (format version 1). O(size)."""
     if node.leaf:
         return msgpack.packb([LEAF, node.keys, *node.cols], use_bin_type=True)  # type: ignore[no-any-return]
-    cols = [_pack_column(col) for col in node.cols]
-    return msgpack.packb(  # type: ignore[no-any-return]
-        [INTERNAL, node.keys, node.kids, node.shifts, *cols], use_bin_type=True
-    )
+    try:
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [INTERNAL, node.keys, node.kids, node.shifts, *node.cols], use_bin_type=True
+        )
+    except OverflowError:  # a sum beyond 64 bits: store every column value as int or bytes
+        cols = [[_pack_int(value) for value in col] for col in node.cols]
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [INTERNAL_WIDE, node.keys, node.kids, node.shifts, *cols], use_bin_type=True
+        )
 
 
 def decode_node(data: bytes, node_id: int) -> Node:
@@ -399,8 +397,10 @@ def decode_node(data: bytes, node_id: int) -> Node:
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
             return Node(node_id, True, parts[1], parts[2:])
-        if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1:
-            cols = [_unpack_column(col) for col in parts[4:]]
+        if kind in (INTERNAL, INTERNAL_WIDE) and len(parts) >= 5 and len(parts) % 2 == 1:
+            cols = parts[4:]
+            if kind == INTERNAL_WIDE:
+                cols = [[_unpack_int(value) for value in col] for col in cols]
             if len(parts[3]) == len(cols):
                 return Node(node_id, False, parts[1], cols, parts[2], parts[3])
     except CorruptDatabaseError:
