@@ -162,13 +162,9 @@ class LmdbBackend:
             )
         dbs = []
         try:
-            if self.readonly:
-                with self.env.begin() as txn:
-                    for name in _NAMES:
-                        dbs.append(self.env.open_db(name, txn=txn, create=False))
-            else:
-                for name in _NAMES:
-                    dbs.append(self.env.open_db(name, create=True))
+            # outside any transaction: handles opened in a read-only one are not kept (py-lmdb)
+            for name in _NAMES:
+                dbs.append(self.env.open_db(name, create=not self.readonly))
         except lmdb.NotFoundError as exc:
             raise DatabaseFormatError(
                 f"{self.path} is an LMDB environment without tallytree's tables; "
