@@ -32,6 +32,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import add, sub
 from typing import Any, Protocol
 
 from ._node import Chunk, Node, delta_of, summarize
@@ -73,13 +74,13 @@ class Root:
 
 
 def vadd(left: list[int], right: list[int]) -> list[int]:
-    """Element-wise sum of two summaries."""
-    return [a + b for a, b in zip(left, right, strict=True)]
+    """Element-wise sum of two summaries (of equal length)."""
+    return list(map(add, left, right))
 
 
 def vsub(left: list[int], right: list[int]) -> list[int]:
-    """Element-wise difference of two summaries."""
-    return [a - b for a, b in zip(left, right, strict=True)]
+    """Element-wise difference of two summaries (of equal length)."""
+    return list(map(sub, left, right))
 
 
 Path = list[tuple[Node, int]]
@@ -138,18 +139,14 @@ class Tree:
         if self.root is None:
             return totals
         access = self.access
-        columns = range(len(totals))
         node = access.node(self.root.node_id)
         while not node.leaf:
             index = bisect_right(node.keys, bound) - 1
-            for column in columns:
-                totals[column] += node.prefix(column, index)
+            totals = vadd(totals, node.prefixes(index))
             node = access.node(node.kids[index])
         keys = node.keys
         index = bisect_right(keys, bound) if after else bisect_left(keys, bound)
-        for column in columns:
-            totals[column] += node.prefix(column, index)
-        return totals
+        return vadd(totals, node.prefixes(index))
 
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
@@ -158,19 +155,15 @@ class Tree:
             return totals
         if index >= self.count:
             return list(self.root.summary)
-        columns = range(len(totals))
         access = self.access
         node = access.node(self.root.node_id)
         while not node.leaf:
             counts = node.counts()
             child = bisect_right(counts, index) - 1
-            for column in columns:
-                totals[column] += node.prefix(column, child)
+            totals = vadd(totals, node.prefixes(child))
             index -= counts[child]
             node = access.node(node.kids[child])
-        for column in columns:
-            totals[column] += node.prefix(column, index)
-        return totals
+        return vadd(totals, node.prefixes(index))
 
     def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
         """The entry at ``index`` (0 <= index < count) and its values. O(log n)."""

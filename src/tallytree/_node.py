@@ -54,6 +54,7 @@ can be cached by id across transactions and processes without ever being stale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from functools import reduce
 from itertools import accumulate, repeat
@@ -103,10 +104,17 @@ def delta_of(values: tuple[int | float, ...] | list[int | float]) -> list[int]:
 
 
 def sum_value(total: int, floats: int) -> int | float:
-    """Turn a scaled exact sum back into a number: an exact int, or a correctly rounded float."""
+    """Turn a scaled exact sum back into a number: an exact int, or a correctly rounded float.
+
+    A float sum beyond the largest double rounds to infinity, as IEEE 754 addition does (the int
+    division raises OverflowError exactly when the correctly rounded quotient overflows).
+    """
     if floats == 0:
         return total >> SCALE_BITS
-    return total / (1 << SCALE_BITS)
+    try:
+        return total / (1 << SCALE_BITS)
+    except OverflowError:
+        return math.inf if total > 0 else -math.inf
 
 
 class Chunk:
@@ -174,7 +182,7 @@ class Node:
     the trailing zero bits of the scaled sums keeps the stored ints small (usually below 2**64).
     """
 
-    __slots__ = ("_cum", "cols", "dirty", "id", "keys", "kids", "leaf", "shifts")
+    __slots__ = ("_counts", "_table", "cols", "dirty", "id", "keys", "kids", "leaf", "shifts")
 
     def __init__(
         self,
@@ -193,7 +201,8 @@ class Node:
         self.kids: list[int] = kids if kids is not None else []
         self.shifts: list[int] = shifts if shifts is not None else [0] * len(cols)
         self.dirty = dirty
-        self._cum: dict[int, tuple[int, list[int]]] | None = None
+        self._counts: list[int] | None = None
+        self._table: list[tuple[int, list[int]]] | None = None
 
     @classmethod
     def internal_from(
@@ -235,42 +244,41 @@ class Node:
 
     # ------------------------------------------------------------ reading summaries
 
-    def prefix(self, column: int, index: int) -> int:
-        """Column ``column`` of the summary of the first ``index`` children (entries), true scale.
+    def prefixes(self, index: int) -> list[int]:
+        """The summary of the first ``index`` children (entries), true scale: every column at once.
 
         Leaf columns are derived from the raw values: 0 is the count, ``1..F`` the scaled sums,
-        ``F+1..2F`` the float counts. Prefix arrays are cached on committed nodes. O(1) cached,
-        O(size) otherwise.
+        ``F+1..2F`` the float counts. The prefix arrays are built once per committed node and cached.
+        O(columns) cached, O(size) otherwise.
         """
-        if column == 0 and self.leaf:
-            return index
-        cache = self._cum
-        found = cache.get(column) if cache is not None else None
-        if found is None:
-            found = self._cumulative(column)
+        table = self._table
+        if table is None:
+            table = [self._cumulative(column) for column in range(self._width())]
             if not self.dirty:
-                if cache is None:
-                    cache = self._cum = {}
-                cache[column] = found
-        shift, values = found
-        return values[index] << shift if shift else values[index]
+                self._table = table
+        return [values[index] << shift if shift else values[index] for shift, values in table]
+
+    def _width(self) -> int:
+        return 1 + 2 * len(self.cols) if self.leaf else len(self.cols)
 
     def counts(self) -> list[int]:
-        """Cumulative child counts: ``counts()[i]`` items lie in children ``< i``."""
+        """Cumulative child counts: ``counts()[i]`` items lie in children ``< i``. Cached. O(size)."""
+        counts = self._counts
+        if counts is not None:
+            return counts
         if self.leaf:
-            return list(range(len(self.keys) + 1))
-        cache = self._cum
-        found = cache.get(0) if cache is not None else None
-        if found is None:
-            found = self._cumulative(0)
-            if not self.dirty:
-                if cache is None:
-                    cache = self._cum = {}
-                cache[0] = found
-        shift, counts = found
-        return [count << shift for count in counts] if shift else counts
+            counts = list(range(len(self.keys) + 1))
+        else:
+            shift, counts = self._cumulative(0)
+            if shift:
+                counts = [count << shift for count in counts]
+        if not self.dirty:
+            self._counts = counts
+        return counts
 
     def _cumulative(self, column: int) -> tuple[int, list[int]]:
+        if column == 0 and self.leaf:
+            return 0, list(range(len(self.keys) + 1))
         if not self.leaf:
             return self.shifts[column], list(accumulate(self.cols[column], initial=0))
         nfields = len(self.cols)

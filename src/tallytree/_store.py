@@ -1,8 +1,8 @@
-"""Storage interface: three ordered byte tables, a decoded-node cache, and an in-memory backend.
+"""Storage interface: four ordered byte tables, a decoded-node cache, and an in-memory backend.
 
 Design
 ======
-Everything above this module stores its state in three tables of byte keys and byte values:
+Everything above this module stores its state in four tables of byte keys and byte values:
 
 ========  ==========================================  =========================================
 table     key                                         value
@@ -11,6 +11,7 @@ META      ``b"format"``, ``b"next_id"``, ``b"gen"``,  format tag, counters, aggr
           ``b"agg:" + name``                          (msgpack)
 NODES     node id, 8 bytes big-endian                 encoded node (``_node``)
 ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]``
+DOCS      table id (4 bytes) + encoded document id    the document (msgpack; see ``_table``)
 ========  ==========================================  =========================================
 
 A backend provides transactions over these tables: ``get`` and ordered ``scan`` for reads, and one
@@ -26,20 +27,21 @@ of a database.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import suppress
 from typing import Protocol
 
 from sortedcontainers import SortedDict
 
 from ._node import Node
 
-__all__ = ["META", "NODES", "ROOTS", "Backend", "KVTxn", "MemoryBackend", "NodeCache", "Op"]
+__all__ = ["DOCS", "META", "NODES", "ROOTS", "Backend", "KVTxn", "MemoryBackend", "NodeCache", "Op"]
 
 META = 0
 NODES = 1
 ROOTS = 2
+DOCS = 3
+TABLES = 4
+"""How many tables a backend holds."""
 
 Op = tuple[int, bytes, bytes | None]
 """One buffered write: (table, key, value); a value of None deletes the key."""
@@ -68,7 +70,7 @@ class KVTxn(Protocol):
 
 
 class Backend(Protocol):
-    """A store of the three tables."""
+    """A store of the four tables."""
 
     def begin(self, write: bool) -> KVTxn:
         """Start a transaction; writers are serialized."""
@@ -80,17 +82,19 @@ class Backend(Protocol):
 
 
 class NodeCache:
-    """A bounded LRU of decoded committed nodes, keyed by node id. Safe to share between threads.
+    """A bounded cache of decoded committed nodes, keyed by node id. Safe to share between threads.
 
     ``capacity`` counts nodes; a reader's memory is therefore bounded by ``capacity`` times the node
-    size, whatever the size of the data.
+    size, whatever the size of the data. Eviction is first-in first-out: a lookup costs one dict
+    probe (an LRU's bookkeeping cost more than the rare re-decoding of an evicted hot node), and
+    nodes are immutable, so a node evicted and read again is simply decoded again.
     """
 
     __slots__ = ("_nodes", "capacity", "hits", "misses")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._nodes: OrderedDict[int, Node] = OrderedDict()
+        self._nodes: dict[int, Node] = {}
         self.hits = 0
         self.misses = 0
 
@@ -99,22 +103,18 @@ class NodeCache:
 
     def get(self, node_id: int) -> Node | None:
         """The cached node, or None. O(1)."""
-        node = self._nodes.get(node_id)
-        if node is not None:
-            with suppress(KeyError):  # evicted by another thread meanwhile; the node is still valid
-                self._nodes.move_to_end(node_id)
-        return node
+        return self._nodes.get(node_id)
 
     def put(self, node: Node) -> None:
-        """Remember a committed node, evicting the least recently used beyond capacity. O(1)."""
+        """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""
         if self.capacity <= 0:
             return
         nodes = self._nodes
         nodes[node.id] = node
         while len(nodes) > self.capacity:
             try:
-                nodes.popitem(last=False)
-            except KeyError:
+                del nodes[next(iter(nodes))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread changed the dict
                 break
 
     def clear(self) -> None:
@@ -162,7 +162,7 @@ class MemoryBackend:
     """
 
     def __init__(self) -> None:
-        self.tables: list[SortedDict] = [SortedDict(), SortedDict(), SortedDict()]
+        self.tables: list[SortedDict] = [SortedDict() for _ in range(TABLES)]
         self.writer = threading.Lock()
 
     def begin(self, write: bool) -> KVTxn:
@@ -171,4 +171,4 @@ class MemoryBackend:
         return _MemoryTxn(self, write)
 
     def close(self) -> None:
-        self.tables = [SortedDict(), SortedDict(), SortedDict()]
+        self.tables = [SortedDict() for _ in range(TABLES)]
