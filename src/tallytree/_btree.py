@@ -411,7 +411,7 @@ class Tree:
         access = self.access
         while len(node.keys) > self.max_size:
             size = len(node.keys)
-            pieces = -(-size // self.max_size)
+            pieces = -(-size // self._fill_target())
             cuts = [size * piece // pieces for piece in range(pieces + 1)]
             chunks = [node.detach(begin) for begin in reversed(cuts[1:-1])]
             chunks.reverse()
@@ -436,6 +436,16 @@ class Tree:
                 node = access.adopt(Node.internal_from(access.new_id(), keys, kids, [left, *summaries]))
                 self.root.node_id = node.id
                 self.root.height += 1
+
+    def _fill_target(self) -> int:
+        """How full to make the pieces of a split: about 80% of the node size.
+
+        Leaves room for later inserts after a batch (a split into full pieces would make the next
+        insert into each of them split again), while every piece keeps at least ``min_size``
+        entries: with pieces of at most ``target`` entries, the smallest holds at least
+        ``(2 * target + 1) / 3``, so ``target >= 1.5 * min_size`` is enough.
+        """
+        return min(self.max_size, max(self.max_size * 4 // 5, (3 * self.min_size) // 2 + 1))
 
     def _rebalance_up(self, path: Path, node: Node) -> None:
         while path and len(node.keys) < self.min_size:

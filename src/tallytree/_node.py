@@ -42,12 +42,13 @@ flat fixed-width layout)::
 
     leaf:      [1, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
     internal:  [2, [fence, ...], [child id, ...], [shift, ...], counts, S col 0, ..., F col 0, ...]
-    wide:      [3, ...as internal, with each column value an int or signed big-endian bytes]
+    wide:      [3, keys, kids, shifts, [limbs per column], columns split into 63-bit limbs ...]
 
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
 not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic. A
-node with a value beyond 64 bits is written in the "wide" form (kind 3).
+sum column with a value beyond 64 bits is written split into 63-bit limbs (the "wide" form, kind 3),
+so msgpack still packs plain int64 lists.
 Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
 can be cached by id across transactions and processes without ever being stale.
 """
@@ -88,6 +89,8 @@ INTERNAL_WIDE = 3
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+_LIMB_BITS = 63
+_LIMB_MASK = (1 << _LIMB_BITS) - 1
 
 
 def scaled(value: int | float) -> int:
@@ -383,19 +386,42 @@ def unpack_summary(packed: list[Any]) -> list[int]:
     return [_unpack_int(value) for value in packed]
 
 
+def _limbs(column: list[int]) -> list[list[int]]:
+    """Split a column of ints into 63-bit limbs, most significant first, each fitting in int64."""
+    if not column or (min(column) >= _INT64_MIN and max(column) <= _INT64_MAX):
+        return [column]
+    limbs: list[list[int]] = []
+    rest = column
+    while min(rest) < _INT64_MIN or max(rest) > _INT64_MAX:
+        limbs.append([value & _LIMB_MASK for value in rest])
+        rest = [value >> _LIMB_BITS for value in rest]  # floor shift: the sign stays on top
+    limbs.append(rest)
+    limbs.reverse()
+    return limbs
+
+
+def _join_limbs(limbs: list[list[int]]) -> list[int]:
+    column = limbs[0]
+    for limb in limbs[1:]:
+        column = [(high << _LIMB_BITS) | low for high, low in zip(column, limb, strict=True)]
+    return column
+
+
 def encode_node(node: Node) -> bytes:
     """Serialize a node (format version 1). O(size)."""
     if node.leaf:
         return msgpack.packb([LEAF, node.keys, *node.cols], use_bin_type=True)  # type: ignore[no-any-return]
-    try:
+    nfields = (len(node.cols) - 1) // 2
+    split = [_limbs(col) if 1 <= index <= nfields else [col] for index, col in enumerate(node.cols)]
+    if all(len(limbs) == 1 for limbs in split):
         return msgpack.packb(  # type: ignore[no-any-return]
             [INTERNAL, node.keys, node.kids, node.shifts, *node.cols], use_bin_type=True
         )
-    except OverflowError:  # a sum beyond 64 bits: store every column value as int or bytes
-        cols = [[_pack_int(value) for value in col] for col in node.cols]
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [INTERNAL_WIDE, node.keys, node.kids, node.shifts, *cols], use_bin_type=True
-        )
+    counts = [len(limbs) for limbs in split]
+    flat = [limb for limbs in split for limb in limbs]
+    return msgpack.packb(  # type: ignore[no-any-return]
+        [INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat], use_bin_type=True
+    )
 
 
 def decode_node(data: bytes, node_id: int) -> Node:
@@ -405,11 +431,15 @@ def decode_node(data: bytes, node_id: int) -> Node:
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
             return Node(node_id, True, parts[1], parts[2:])
-        if kind in (INTERNAL, INTERNAL_WIDE) and len(parts) >= 5 and len(parts) % 2 == 1:
-            cols = parts[4:]
-            if kind == INTERNAL_WIDE:
-                cols = [[_unpack_int(value) for value in col] for col in cols]
-            if len(parts[3]) == len(cols):
+        if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1 and len(parts[3]) == len(parts) - 4:
+            return Node(node_id, False, parts[1], parts[4:], parts[2], parts[3])
+        if kind == INTERNAL_WIDE and len(parts) >= 6:
+            counts, flat = parts[4], parts[5:]
+            if sum(counts) == len(flat) and len(counts) == len(parts[3]):
+                cols, at = [], 0
+                for count in counts:
+                    cols.append(_join_limbs(flat[at : at + count]))
+                    at += count
                 return Node(node_id, False, parts[1], cols, parts[2], parts[3])
     except CorruptDatabaseError:
         raise
