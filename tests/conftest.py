@@ -1,4 +1,6 @@
-"""Shared fixtures: databases over both backends, and an exact snapshot of a whole database.
+"""Shared helpers and fixtures: databases over both backends, exact comparisons and snapshots.
+
+The test modules import :func:`strict` and :func:`snapshot` from here (``from conftest import ...``).
 
 Hypothesis profiles: ``dev`` (the default) and ``ci`` (derandomized, so CI runs are reproducible, and
 printing the blob to reproduce a failure). Pick one with ``HYPOTHESIS_PROFILE=ci``.
@@ -64,18 +66,6 @@ def snapshot(db: tallytree.Database, tx: tallytree.Transaction | None = None) ->
             spaces.append((strict(namespace), strict(totals), strict(items)))
         state.append((name, aggregate.fields, aggregate.node_size, spaces))
     return state
-
-
-@pytest.fixture
-def take_snapshot() -> Callable[..., Any]:
-    """The :func:`snapshot` function, for tests that compare a database before and after."""
-    return snapshot
-
-
-@pytest.fixture
-def strict_form() -> Callable[[Any], Any]:
-    """The :func:`strict` function."""
-    return strict
 
 
 @pytest.fixture

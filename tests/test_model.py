@@ -560,6 +560,23 @@ class AggregateMachine(RuleBasedStateMachine):
     def insert_many(self, data: st.DataObject) -> None:
         self._one_write(data, "insert_many")
 
+    @rule(
+        namespace=namespaces,
+        rows=st.lists(st.builds(Item, keys, ids, value_tuples), min_size=10, max_size=30),
+        on_duplicate=st.sampled_from(["skip", "update"]),
+    )
+    def grow(self, namespace: Any, rows: list[Item], on_duplicate: str) -> None:
+        """Many items at once, so that trees reach three levels and range deletes drop subtrees."""
+        with self.db.write() as tx:
+            self._apply(
+                tx,
+                self.model,
+                ("insert_many", {
+                    "namespace": namespace, "rows": rows, "argument": rows,
+                    "on_duplicate": on_duplicate,
+                }),
+            )  # fmt: skip
+
     @rule(data=st.data())
     def delete_range(self, data: st.DataObject) -> None:
         self._one_write(data, "delete_range")
@@ -651,6 +668,9 @@ class AggregateMachine(RuleBasedStateMachine):
         item_id: Any,
         reverse: bool,
     ) -> None:
+        if data.draw(st.booleans()):  # often an item of the namespace: its rank counts exactly
+            key, item_id = self._pick(data, namespace)
+            item_id = data.draw(st.sampled_from([None, item_id]))
         rows = self.model.select(namespace, bounds)
         if item_id is None:
             here = value_order(key)
@@ -883,7 +903,7 @@ class LmdbMachine(AggregateMachine):
     backend = "lmdb"
 
 
-MACHINE_SETTINGS = settings(max_examples=50, stateful_step_count=45, deadline=None)
+MACHINE_SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None)
 
 TestMemoryBackend = MemoryMachine.TestCase
 TestMemoryBackend.settings = MACHINE_SETTINGS

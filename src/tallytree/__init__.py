@@ -4,7 +4,12 @@ Layers, each importing only the ones below it::
 
     __init__      the public API (this file)
     _db           Database: open(), transactions, aggregate definitions
-    _aggregate    Aggregate: bounds, reads, writes; Item, Position, Totals, Page
+    _hooks        Change, ChangeHandler, verify / repair against an external source
+    _table        Table: documents with attached aggregates kept in sync
+    _extract      extractors: how a document becomes an item; item moves below the public API
+    _aggregate    Aggregate: bounds, reads, writes, buckets; Item, Position, Totals, Page
+    _buckets      bucket edges (time widths, calendar months) and Bucket
+    _bulk         bottom-up bulk building from (un)sorted items, external sort
     _check        the invariant checker
     _txn          read / write transactions, the copy-on-write overlay
     _btree        the order-statistic B+ tree of counts and exact sums (no storage code)
@@ -26,9 +31,14 @@ Totals(count=1, cost=0.25)
 """
 
 from ._aggregate import Aggregate, Item, Page, Position, Totals
+from ._buckets import Bucket
+from ._bulk import BuildReport
 from ._check import Problem, check
 from ._db import DEFAULT_NODE_SIZE, Database, open, open_memory
+from ._extract import Definition
+from ._hooks import Change, ChangeHandler, Drift, DriftExample, repair, verify
 from ._keys import MAX_KEY_BYTES
+from ._table import Table
 from ._txn import ReadTransaction, Transaction, WriteTransaction
 from .errors import (
     AggregateNotFoundError,
@@ -37,6 +47,8 @@ from .errors import (
     DatabaseFormatError,
     DuplicateItemError,
     Error,
+    ExtractionError,
+    InvalidDocumentError,
     InvalidKeyError,
     InvalidValueError,
     ItemNotFoundError,
@@ -45,7 +57,9 @@ from .errors import (
     OutOfRangeError,
     ReadOnlyError,
     SchemaMismatchError,
+    TableNotFoundError,
     TransactionError,
+    UnsortedInputError,
     UnsupportedKeyTypeError,
 )
 
@@ -57,11 +71,20 @@ __all__ = [
     "Aggregate",
     "AggregateNotFoundError",
     "BoundsError",
+    "Bucket",
+    "BuildReport",
+    "Change",
+    "ChangeHandler",
     "CorruptDatabaseError",
     "Database",
     "DatabaseFormatError",
+    "Definition",
+    "Drift",
+    "DriftExample",
     "DuplicateItemError",
     "Error",
+    "ExtractionError",
+    "InvalidDocumentError",
     "InvalidKeyError",
     "InvalidValueError",
     "Item",
@@ -75,13 +98,18 @@ __all__ = [
     "ReadOnlyError",
     "ReadTransaction",
     "SchemaMismatchError",
+    "Table",
+    "TableNotFoundError",
     "Totals",
     "Transaction",
     "TransactionError",
+    "UnsortedInputError",
     "UnsupportedKeyTypeError",
     "WriteTransaction",
     "__version__",
     "check",
     "open",
     "open_memory",
+    "repair",
+    "verify",
 ]

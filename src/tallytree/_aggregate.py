@@ -26,11 +26,15 @@ import base64
 import binascii
 import math
 import random as _random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._btree import Root, Tree, same_values, vsub
+from ._buckets import Bucket, bucket_edges
+from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate
+from ._bulk import build as _bulk_build
+from ._bulk import build_many as _bulk_build_many
 from ._keys import decode_key, encode_body, encode_id, encode_key, encode_prefix
 from ._node import sum_value
 from ._store import ROOTS
@@ -229,6 +233,10 @@ def _encode_cursor(entry: bytes) -> str:
 
 
 def _decode_cursor(cursor: str) -> bytes:
+    if not isinstance(cursor, str):
+        raise BoundsError(
+            f"after= takes page.cursor (a str), an Item or a Position, not {type(cursor).__name__}"
+        )
     try:
         entry = base64.urlsafe_b64decode(cursor.encode("ascii"))
         decode_entry(entry)
@@ -624,6 +632,7 @@ class Aggregate:
     ) -> Iterator[Item]:
         version = tx.versions.get(tree_key, 0)
         for entry, values in tree.iterate(start, stop, reverse):
+            tx.check_database(self._db)  # cached nodes must not let an iterator outlive its transaction
             if tx.versions.get(tree_key, 0) != version:
                 raise TransactionError(
                     f"{self.name}: the namespace changed during iteration; collect the items "
@@ -838,7 +847,8 @@ class Aggregate:
         is validated first, sorted, then merged leaf by leaf, so time-ordered or clustered batches
         cost little more than appending. ``on_duplicate`` says what to do with an item already present
         (or repeated in the batch): ``"error"`` raises DuplicateItemError and inserts nothing,
-        ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert).
+        ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert; an item whose
+        stored values are already equal, types included, is not counted, as upsert() says "unchanged").
         O(m log n), about O(m) for sorted runs.
         """
         if on_duplicate not in ("error", "skip", "update"):
@@ -867,9 +877,11 @@ class Aggregate:
         if on_duplicate == "update":
             changed = 0
             for entry, values, _, _ in unique:
-                if tree.update(entry, values) is None:
+                old = tree.update(entry, values)
+                if old is None:
                     tree.insert(entry, values)
-                changed += 1
+                if old is None or not same_values(old, values):
+                    changed += 1
             self._save(wtx, tree_key, tree)
             return changed
         if on_duplicate == "error" and tree.root is not None:
@@ -927,3 +939,171 @@ class Aggregate:
         O(nodes removed): leaves are dropped by id without being read.
         """
         return self.delete_range(tx, namespace=namespace)
+
+    # ------------------------------------------------------------ buckets
+
+    def buckets(
+        self,
+        tx: Transaction,
+        *,
+        namespace: Any = None,
+        start: Any = None,
+        width: Any = None,
+        count: int | None = None,
+        edges: Iterable[Any] | None = None,
+        prefix: tuple[Any, ...] | None = None,
+    ) -> list[Bucket]:
+        """The totals of consecutive half-open key ranges, in one call: O((buckets + 1) log n).
+
+        Give ``start``, ``width`` and ``count`` (``count`` buckets ``[start + i*width, start +
+        (i+1)*width)``; ``width`` a number for numeric keys, a ``timedelta`` for datetime keys, or a
+        calendar ``"month"`` / ``"quarter"`` / ``"year"``, or ``(unit, n)``), or explicit ascending
+        ``edges=[e0, e1, ..., ek]`` for the ``k`` buckets ``[e0, e1) ... [e(k-1), ek)``. Each edge
+        bounds like ``ge=``, so the buckets add up exactly to ``totals(ge=e0, lt=ek)``. With
+        ``prefix=(p, ...)``, keys are tuples and each edge ``e`` means the key ``(p, ..., e)``: buckets
+        over the last element within one prefix (e.g. per day within ``("open",)``).
+
+        >>> import tallytree
+        >>> from datetime import datetime, timedelta, timezone
+        >>> db = tallytree.open_memory()
+        >>> calls = db.aggregate("calls", values=("cost",))
+        >>> day0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
+        >>> with db.write() as tx:
+        ...     calls.insert_many(tx, [(day0 + timedelta(hours=7 * i), i, (0.5,)) for i in range(10)])
+        10
+        >>> with db.read() as tx:
+        ...     days = calls.buckets(tx, start=day0, width=timedelta(days=1), count=3)
+        >>> [(b.start.day, b.count, b.totals.cost) for b in days]
+        [(1, 4, 2.0), (2, 3, 1.5), (3, 3, 1.5)]
+
+        Raises BoundsError for a bad width, count or edges that decrease.
+        """
+        keys = bucket_edges(start, width, count, edges)
+        if prefix is not None and not isinstance(prefix, tuple):
+            raise BoundsError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
+        bodies = [encode_body((*prefix, key) if prefix is not None else key) for key in keys]
+        for index in range(1, len(bodies)):
+            if bodies[index] < bodies[index - 1]:
+                raise BoundsError(
+                    f"{self.name}: bucket edges must not decrease: {keys[index - 1]!r} then {keys[index]!r}"
+                )
+        tree, _ = self._tree(tx, namespace)
+        fields = self.fields
+        if tree.root is None:
+            empty = Totals.from_summary(fields, tree.zero())
+            return [Bucket(keys[index], keys[index + 1], empty) for index in range(len(keys) - 1)]
+        below: list[list[int]] = []
+        for index, body in enumerate(bodies):
+            if index and body == bodies[index - 1]:
+                below.append(below[-1])
+            else:
+                below.append(tree.prefix_summary(body, False))
+        buckets = []
+        for index in range(len(keys) - 1):
+            totals = Totals.from_summary(fields, vsub(below[index + 1], below[index]))
+            buckets.append(Bucket(keys[index], keys[index + 1], totals))
+        return buckets
+
+    # ------------------------------------------------------------ bulk building
+
+    def build(
+        self,
+        tx: Transaction,
+        items: Iterable[Item | tuple[Any, ...]],
+        *,
+        namespace: Any = None,
+        sorted: bool = False,
+        replace: bool = True,
+        on_duplicate: OnDuplicate = "error",
+        fill: float = DEFAULT_FILL,
+        memory: int = DEFAULT_MEMORY,
+        on_invalid: Callable[[int, Exception], None] | None = None,
+    ) -> BuildReport:
+        """Build a namespace's tree bottom-up from many items: the fast way to load existing data.
+
+        ``items`` holds :class:`Item` objects or ``(key, id)`` / ``(key, id, values)`` tuples, in any
+        order (``sorted=True`` promises (key, id) order: nothing is buffered, and an item out of order
+        raises UnsortedInputError naming both). Unsorted input is sorted in memory up to ``memory``
+        bytes, beyond that in runs spilled to temporary files and merged. Each node is written once,
+        ``fill`` full (0.5 to 1.0), in key order. ``replace=True`` (the default) replaces what the
+        namespace held; ``replace=False`` merges with it (one pass over the stored items: O(n + m),
+        for small additions to a large namespace :meth:`insert_many` is cheaper). A repeated (key, id)
+        raises DuplicateItemError naming both items, or with ``on_duplicate="last"`` the last one
+        wins (over a stored item too). An invalid item raises (naming it by its position in
+        ``items``) unless ``on_invalid(position, error)`` is given, which is then called and the item
+        skipped. Everything happens in ``tx``: readers see the old tree until the commit, and a build
+        that raises has changed nothing, as for every write. O(m) node writes, plus O(m log m) to sort.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores", values=("points",))
+        >>> with db.write() as tx:
+        ...     scores.build(tx, [(k % 7, f"u{k}", (k,)) for k in range(1000)])
+        BuildReport(items=1000, namespaces=1, duplicates=0, invalid=0, cleared=0)
+        >>> with db.read() as tx:
+        ...     scores.count(tx, ge=5), scores.totals(tx).points, tallytree.check(tx)
+        (285, 499500, [])
+
+        Raises DuplicateItemError, UnsortedInputError, and the key and value errors of insert().
+        """
+        wtx = self._writable(tx)
+        return _bulk_build(
+            self,
+            wtx,
+            items,
+            namespace=namespace,
+            sorted=sorted,
+            replace=replace,
+            on_duplicate=on_duplicate,
+            fill=fill,
+            memory=memory,
+            on_invalid=on_invalid,
+            item_type=Item,
+        )
+
+    def build_many(
+        self,
+        tx: Transaction,
+        rows: Iterable[tuple[Any, ...]],
+        *,
+        sorted: bool = False,
+        replace: bool = True,
+        on_duplicate: OnDuplicate = "error",
+        clear_others: bool = False,
+        fill: float = DEFAULT_FILL,
+        memory: int = DEFAULT_MEMORY,
+        on_invalid: Callable[[int, Exception], None] | None = None,
+    ) -> BuildReport:
+        """Build the trees of many namespaces from one stream of ``(namespace, key, id[, values])`` rows.
+
+        Rows are grouped by namespace (sorted by namespace, key and id, externally if they exceed
+        ``memory``; ``sorted=True`` promises that order) and each namespace is built as by
+        :meth:`build`, with the same options. Namespaces absent from ``rows`` are left alone, or
+        emptied with ``clear_others=True`` (the aggregate then holds exactly ``rows``). All or
+        nothing: the new trees replace the old ones only once every namespace is built, so a build
+        that raises has changed nothing. O(m) node writes, plus O(m log m) to sort.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events", values=("cost",))
+        >>> rows = [(f"user:{n % 3}", n, f"e{n}", (0.5,)) for n in range(30)]
+        >>> with db.write() as tx:
+        ...     events.build_many(tx, rows).namespaces
+        3
+        >>> with db.read() as tx:
+        ...     events.totals(tx, namespace="user:1")
+        Totals(count=10, cost=5.0)
+        """
+        wtx = self._writable(tx)
+        return _bulk_build_many(
+            self,
+            wtx,
+            rows,
+            sorted=sorted,
+            replace=replace,
+            on_duplicate=on_duplicate,
+            clear_others=clear_others,
+            fill=fill,
+            memory=memory,
+            on_invalid=on_invalid,
+        )

@@ -9,6 +9,8 @@ database is refused with a clear error), the id counters and one definition per 
 
     b"format"      -> b"tallytree-1"
     b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 64}
+                      (+ "table": name for an aggregate maintained by a table: it refuses writes)
+    b"table:" + name -> a table and its attached aggregates (see ``_table``)
 
 Write transactions are serialized by the backend (LMDB's writer lock, across processes too). Opening a
 second write transaction in a thread that already has one would wait for itself forever, so it raises
@@ -28,14 +30,17 @@ import msgpack
 
 from ._aggregate import Aggregate
 from ._btree import Tree
+from ._extract import Definition
 from ._keys import decode_key
 from ._lmdb import LmdbBackend
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
+from ._table import Table, check_writing, create_table, owned_reason, table_from
 from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
     DatabaseFormatError,
     SchemaMismatchError,
+    TableNotFoundError,
     TransactionError,
 )
 
@@ -63,6 +68,8 @@ class Database:
         self._cache = NodeCache(cache_nodes)
         self._local = threading.local()
         self._aggregates: dict[str, Aggregate] = {}
+        self._tables: dict[str, Table] = {}
+        self._handled: dict[str, Definition] = {}  # extractors registered by ChangeHandlers
         self._closed = False
         self.path = path
         self._check_format()
@@ -215,7 +222,11 @@ class Database:
 
     def _aggregate_from(self, name: str, data: bytes) -> Aggregate:
         definition = msgpack.unpackb(data, raw=False)
-        return Aggregate(self, name, definition["id"], tuple(definition["values"]), definition["node_size"])
+        fields = tuple(definition["values"])
+        aggregate = Aggregate(self, name, definition["id"], fields, definition["node_size"])
+        if definition.get("table") is not None:
+            aggregate._readonly_reason = owned_reason(name, definition["table"])
+        return aggregate
 
     def _create_aggregate(self, name: str, fields: tuple[str, ...], node_size: int) -> Aggregate:
         if getattr(self._local, "writing", False):
@@ -244,6 +255,13 @@ class Database:
     def drop_aggregate(self, name: str) -> None:
         """Delete an aggregate with every namespace and node. O(nodes). Raises AggregateNotFoundError."""
         aggregate = self.aggregate(name, create=False)
+        with self.read() as tx:
+            owner = msgpack.unpackb(tx.meta(_AGGREGATE_PREFIX + name.encode()) or b"\x80").get("table")
+        if owner is not None:
+            raise TransactionError(
+                f"aggregate {name!r} is maintained by table {owner!r}; use "
+                f"db.table({owner!r}).drop_aggregate({name!r}) (or detach it first)"
+            )
         with self.write() as tx:
             for tree_key, root in list(self._trees(tx, aggregate)):
                 tree = Tree(tx, len(aggregate.fields), aggregate.node_size, root)
@@ -258,6 +276,52 @@ class Database:
         stop = (aggregate._id + 1).to_bytes(4, "big")
         for key, value in tx.kv.scan(ROOTS, prefix, stop):
             yield key, decode_root(value)
+
+    # ------------------------------------------------------------ tables
+
+    def table(self, name: str, *, create: bool = True) -> Table:
+        """Open the table ``name``, creating it (in its own transaction) if needed.
+
+        A table stores documents and keeps its attached aggregates in sync with them; see
+        :class:`~tallytree.Table`. Reattaches the field-based aggregates stored with it. ``create=False``
+        raises TableNotFoundError for an unknown name. O(attached aggregates).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> db.table("events")
+        <Table 'events' aggregates=[]>
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ValueError(f"a table name is a non-empty str of at most 200 chars, not {name!r}")
+        known = self._tables.get(name)
+        if known is not None:
+            return known
+        key = b"table:" + name.encode()
+        with self.read() as tx:
+            record = tx.meta(key)
+        if record is None:
+            if not create:
+                raise TableNotFoundError(f"no table named {name!r}; the database has {self.tables()}")
+            check_writing(self, f"creating table {name!r}")
+            with self.write() as wtx:
+                record = wtx.meta(key) or create_table(self, wtx, name)
+        table = table_from(self, name, record)
+        with self.read() as tx:
+            table._load(tx, tx.meta(key))
+        self._tables[name] = table
+        return table
+
+    def tables(self) -> list[str]:
+        """The names of the tables in the database, sorted."""
+        with self.read() as tx:
+            prefix = b"table:"
+            stop = prefix[:-1] + bytes([prefix[-1] + 1])
+            return [key[len(prefix) :].decode() for key, _ in tx.kv.scan(0, prefix, stop)]
+
+    def drop_table(self, name: str) -> None:
+        """Delete a table with its documents and attached aggregates. Raises TableNotFoundError."""
+        self.table(name, create=False).drop()
 
     def namespace_of(self, tree_key: bytes) -> Any:
         """Decode the namespace part of a tree key (aggregate id + encoded namespace)."""

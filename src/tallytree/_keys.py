@@ -492,8 +492,10 @@ def encode_key(key: object, *, what: str = "key") -> bytes:
         data = _float_body(key, what) + b"\x01"  # type: ignore[arg-type]  # exact type checked
     elif kind is str:
         data = _str_body(key, what)  # type: ignore[arg-type]  # exact type checked
+    elif kind is datetime:  # no suffix: the body is the whole encoding
+        return _datetime_body(key, what)  # type: ignore[arg-type]  # exact type checked
     elif kind is tuple and len(key) <= 8:  # type: ignore[arg-type]  # exact type checked
-        # Fast path for flat tuples of ints, floats and strs. Any other element, and any error
+        # Fast path for flat tuples of ints, floats, strs and datetimes. Any other element, and any error
         # (to be reported with the whole key in the message), takes the general path below.
         parts: list[bytes | bytearray] = [_TUPLE_START]
         suffix = bytearray()
@@ -509,6 +511,8 @@ def encode_key(key: object, *, what: str = "key") -> bytes:
                     suffix.append(_FLOAT_SUFFIX)
                 elif item_kind is str and len(item) <= MAX_KEY_BYTES:
                     parts.append(_str_body(item, what))
+                elif item_kind is datetime:
+                    parts.append(_datetime_body(item, what))
                 else:
                     break
             else:

@@ -1,10 +1,10 @@
-"""Everything LMDB: the environment, the three named databases, map growth and error translation.
+"""Everything LMDB: the environment, the four named databases, map growth and error translation.
 
 Design
 ======
-One LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) with three named databases,
-``meta``, ``nodes`` and ``roots`` (see ``_store``). LMDB gives one writer at a time and any number of
-concurrent readers across threads and processes, each reading one consistent snapshot.
+One LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) with four named databases,
+``meta``, ``nodes``, ``roots`` and ``docs`` (see ``_store``). LMDB gives one writer at a time and any
+number of concurrent readers across threads and processes, each reading one consistent snapshot.
 
 Writes reach LMDB only at commit, as one batch of puts and deletes (node ids grow, so new nodes are
 appended with ``MDB_APPEND``). When the batch does not fit the map, the write transaction is aborted,
@@ -31,7 +31,7 @@ from .errors import DatabaseFormatError, MapFullError, ReadOnlyError, Transactio
 
 __all__ = ["LmdbBackend"]
 
-_NAMES = (b"meta", b"nodes", b"roots")
+_NAMES = (b"meta", b"nodes", b"roots", b"docs")
 _GENERATION = b"gen"
 
 
@@ -107,7 +107,7 @@ def _apply_ops(txn: Any, dbs: list[Any], ops: list[Op]) -> None:
 
 
 class LmdbBackend:
-    """The three tables in one LMDB environment."""
+    """The four tables in one LMDB environment."""
 
     def __init__(
         self,
@@ -188,7 +188,12 @@ class LmdbBackend:
             try:
                 return self.env.begin(write=write, buffers=False)
             except lmdb.MapResizedError:
-                self._adopt_map_size()
+                if not self._adopt_map_size():
+                    raise TransactionError(
+                        "another process grew the database map while other transactions of this "
+                        "process were open, and LMDB can follow only when none is; end them and "
+                        "retry (or open the database with a larger map_size)"
+                    ) from None
                 return self.env.begin(write=write, buffers=False)
         except lmdb.ReadonlyError as exc:
             self.end_raw(write)
@@ -201,10 +206,13 @@ class LmdbBackend:
         with self._lock:
             self._active -= 1
 
-    def _adopt_map_size(self) -> None:
+    def _adopt_map_size(self) -> bool:
+        """Adopt the map size another process grew to: possible only when no other transaction is open."""
         with self._lock:
-            if self._active <= 1:
-                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+            if self._active > 1:
+                return False
+            self.env.set_mapsize(0)
+            return True
 
     def commit_after_growth(self, ops: list[Op]) -> None:
         """Grow the map and apply ``ops`` again, or raise MapFullError writing nothing."""
@@ -279,5 +287,10 @@ def _check_directory(path: Path, *, create: bool) -> None:
             )
         if not create:
             raise DatabaseFormatError(f"{path} holds no database and create=False")
-    if not path.exists() and not create:
-        raise DatabaseFormatError(f"{path} does not exist and create=False (or readonly=True)")
+    if not path.exists():
+        if not create:
+            raise DatabaseFormatError(f"{path} does not exist and create=False (or readonly=True)")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise DatabaseFormatError(f"cannot create the database directory {path}: {exc}") from exc

@@ -9,6 +9,11 @@ that implements the tree's ``NodeAccess`` copy-on-write contract:
 * ``mutable(node)`` copies a committed node under a fresh id (from the ``next_id`` counter in ``meta``)
   and schedules the old id for deletion; later changes in the same transaction edit the copy in place;
 * root records changed by the transaction are kept in a dict;
+* META values and documents (the DOCS table, see ``_table``) written by the transaction are kept in
+  dicts (``None`` for a deletion) that its own reads consult first;
+* *deferred inserts* (:meth:`WriteTransaction.defer_insert`, used by table inserts) are queued per tree
+  and merged in sorted runs (``Tree.insert_sorted_run``) before anything reads that tree's root
+  (``root``), before ``changed_roots`` and at commit, so every read still sees them;
 * nothing reaches the backend until :meth:`WriteTransaction.commit`, which encodes every dirty node once
   and hands the backend one batch. An exception in the ``with`` block discards the overlay, so a failed
   transaction writes nothing.
@@ -20,13 +25,15 @@ cache never holds a node that was not committed.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ._btree import Root
+from ._btree import Root, Tree
 from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
-from ._store import META, NODES, ROOTS, KVTxn, NodeCache, Op
+from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from .errors import CorruptDatabaseError, TransactionError
 
 if TYPE_CHECKING:
@@ -36,6 +43,7 @@ __all__ = ["ReadTransaction", "Transaction", "WriteTransaction", "encode_root", 
 
 _NEXT_ID = b"next_id"
 _GENERATION = b"gen"
+_DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds the queue's memory
 
 
 def node_key(node_id: int) -> bytes:
@@ -123,6 +131,14 @@ class Transaction:
         """A value of the META table."""
         return self.kv.get(META, key)
 
+    def doc(self, key: bytes) -> bytes | None:
+        """A value of the DOCS table (an encoded document), or None."""
+        return self.kv.get(DOCS, key)
+
+    def docs(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The DOCS entries with ``start <= key < stop``, in key order."""
+        return self.kv.scan(DOCS, start, stop)
+
     def mutable(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
@@ -157,14 +173,22 @@ class WriteTransaction(Transaction):
     def __init__(self, db: Database, kv: KVTxn) -> None:
         super().__init__(db, kv)
         self._dirty: dict[int, Node] = {}
+        self._encoded: dict[int, bytes] = {}  # new nodes given in stored form (bulk builds)
         self._freed: list[int] = []
         self._changed_roots: set[bytes] = set()
         self._meta: dict[bytes, bytes | None] = {}
+        self._docs: dict[bytes, bytes | None] = {}
+        self.docs_version = 0
+        self._deferred: dict[bytes, tuple[int, int, list[tuple[bytes, tuple[Any, ...]]]]] = {}
         self._next_id: int | None = None
 
     def node(self, node_id: int) -> Node:
         dirty = self._dirty.get(node_id)
         if dirty is not None:
+            return dirty
+        if self._encoded and node_id in self._encoded:  # read back a bulk-built node: now a dirty one
+            dirty = self._dirty[node_id] = decode_node(self._encoded.pop(node_id), node_id)
+            dirty.dirty = True
             return dirty
         return super().node(node_id)
 
@@ -191,8 +215,16 @@ class WriteTransaction(Transaction):
         self._dirty[node.id] = node
         return node
 
+    def adopt_encoded(self, node_id: int, data: bytes) -> None:
+        """Register a new node (id from :meth:`new_id`) already in its stored form (``encode_node``).
+
+        Bulk builds use it so that a transaction writing millions of items holds their encoded bytes
+        only; the node is decoded again only if the transaction reads it.
+        """
+        self._encoded[node_id] = data
+
     def free(self, node_id: int) -> None:
-        if self._dirty.pop(node_id, None) is None:
+        if self._dirty.pop(node_id, None) is None and self._encoded.pop(node_id, None) is None:
             self._freed.append(node_id)
 
     def set_root(self, tree: bytes, root: Root | None) -> None:
@@ -203,7 +235,41 @@ class WriteTransaction(Transaction):
 
     def changed_roots(self) -> dict[bytes, Root | None]:
         """The root records this transaction changed, by tree key."""
+        if self._deferred:
+            self.flush_deferred()
         return {tree: self._roots[tree] for tree in self._changed_roots}
+
+    def root(self, tree: bytes) -> Root | None:
+        if self._deferred and tree in self._deferred:
+            self._flush_tree(tree)
+        return super().root(tree)
+
+    def defer_insert(
+        self, tree: bytes, nfields: int, node_size: int, entry: bytes, values: tuple[Any, ...]
+    ) -> None:
+        """Queue the insertion of an entry known to be new (an entry already in the tree is left as it
+        is). Queued entries are merged per tree in sorted runs before the tree is next read, which
+        costs much less than one insert each. O(1) now, amortized O(log n / run length) later."""
+        pending = self._deferred.get(tree)
+        if pending is None:
+            pending = self._deferred[tree] = (nfields, node_size, [])
+        rows = pending[2]
+        rows.append((entry, values))
+        if len(rows) >= _DEFERRED_RUN:
+            self._flush_tree(tree)
+
+    def flush_deferred(self) -> None:
+        """Apply every queued insert."""
+        for tree in sorted(self._deferred):
+            self._flush_tree(tree)
+
+    def _flush_tree(self, tree_key: bytes) -> None:
+        nfields, node_size, rows = self._deferred.pop(tree_key)
+        rows.sort(key=itemgetter(0))
+        tree = Tree(self, nfields, node_size, super().root(tree_key))
+        tree.insert_sorted_run([row[0] for row in rows], [row[1] for row in rows])
+        if tree.changed:
+            self.set_root(tree_key, tree.root)
 
     def set_meta(self, key: bytes, value: bytes | None) -> None:
         """Write (or delete, with None) a META value at commit."""
@@ -214,14 +280,57 @@ class WriteTransaction(Transaction):
             return self._meta[key]
         return super().meta(key)
 
+    def set_doc(self, key: bytes, value: bytes | None) -> None:
+        """Write (or delete, with None) a DOCS value at commit."""
+        self._docs[key] = value
+        self.docs_version += 1
+
+    def doc(self, key: bytes) -> bytes | None:
+        docs = self._docs
+        if key in docs:
+            return docs[key]
+        return super().doc(key)
+
+    def docs(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The DOCS entries in ``[start, stop)`` as this transaction sees them (its own writes merged)."""
+        pending = sorted(key for key in self._docs if start <= key < stop)
+        if not pending:
+            yield from super().docs(start, stop)
+            return
+        index = 0
+        for key, value in super().docs(start, stop):
+            while index < len(pending) and pending[index] <= key:
+                written = self._docs[pending[index]]
+                if pending[index] < key and written is not None:
+                    yield pending[index], written
+                index += 1
+            if key not in self._docs:
+                yield key, value
+            elif (written := self._docs[key]) is not None:
+                yield key, written
+        for key in pending[index:]:
+            written = self._docs[key]
+            if written is not None:
+                yield key, written
+
     @property
     def changed(self) -> bool:
         """Whether committing would write anything."""
-        return bool(self._dirty or self._freed or self._changed_roots or self._meta)
+        return bool(
+            self._deferred
+            or self._dirty
+            or self._encoded
+            or self._freed
+            or self._changed_roots
+            or self._meta
+            or self._docs
+        )
 
     def commit(self) -> None:
         """Write every change in one atomic batch and end the transaction."""
         kv = self.kv
+        if self._deferred:
+            self.flush_deferred()
         if not self.changed:
             self._finish()
             kv.abort()
@@ -229,11 +338,15 @@ class WriteTransaction(Transaction):
         ops: list[Op] = [
             (NODES, node_key(node_id), encode_node(self._dirty[node_id])) for node_id in sorted(self._dirty)
         ]
+        if self._encoded:  # merge the pre-encoded nodes in, keeping ids ascending for LMDB's append
+            ops.extend((NODES, node_key(node_id), data) for node_id, data in self._encoded.items())
+            ops.sort(key=itemgetter(1))
         ops.extend((NODES, node_key(node_id), None) for node_id in self._freed)
         for tree in sorted(self._changed_roots):
             root = self._roots[tree]
             ops.append((ROOTS, tree, encode_root(root) if root is not None else None))
         ops.extend((META, key, value) for key, value in self._meta.items())
+        ops.extend((DOCS, key, value) for key, value in sorted(self._docs.items()))
         if self._next_id is not None:
             ops.append((META, _NEXT_ID, self._next_id.to_bytes(8, "big")))
         stored = kv.get(META, _GENERATION)

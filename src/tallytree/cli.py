@@ -1,30 +1,57 @@
 """The ``tallytree`` command line: ``main(argv) -> int``, no module-level state.
 
-Commands:
+Commands (``tallytree COMMAND --help`` for each)::
 
-* ``demo [DIR]``: generate a realistic event dataset, load it into per-user trees and print the
-  answers of the scenario queries, each timed next to a naive scan that computes the same answer.
-* ``check DB [AGGREGATE]``: run the invariant checker; exit code 3 if it finds problems.
+    build DB AGGREGATE --from SOURCE --key F[,F...]   bulk-build an aggregate from JSON Lines, CSV,
+                                                      SQLite or an SQL URL (one atomic transaction)
+    query DB AGGREGATE OP                             count, totals, rank, at, min, max, buckets, items
+    check DB [AGGREGATE]                              run the invariant checker
+    verify DB AGGREGATE --from SOURCE ...             compare with the source; --repair fixes the drift
+    stats DB                                          per aggregate: namespaces, items, depth, nodes, bytes
+    namespaces DB AGGREGATE                           namespaces with their totals, paged
+    demo [DIR]                                        generated events, the scenario queries, timed
 
-Exit codes: 0 ok, 1 error (bad input, one line on stderr), 2 bad usage, 3 check failed.
+Every command takes ``--json`` (one JSON document on stdout, errors too). Exit codes, for scripts:
+
+    0  ok                          3  check failed, or verify found drift (not repaired)
+    1  error (one line on stderr)  4  not found: database, aggregate, namespace or source file
+    2  bad usage                 130  interrupted (nothing was written)
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
-import random
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
-from . import _db
+from . import __version__, _bulk, _db
+from ._aggregate import Aggregate, Item, Totals
+from ._btree import Tree, same_values
 from ._check import check
-from .errors import Error
+from ._demo import run_demo
+from ._keys import decode_key, encode_key
+from ._sources import (
+    KEY_TYPES,
+    RowError,
+    RowSpec,
+    SourceError,
+    SourceNotFoundError,
+    open_source,
+    parse_datetime,
+    parse_value,
+)
+from ._store import NODES, ROOTS
+from ._txn import Transaction, decode_root, node_key
+from .errors import AggregateNotFoundError, Error
 
 __all__ = ["console_main", "main"]
 
@@ -32,58 +59,910 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 3
+EXIT_NOT_FOUND = 4
+EXIT_INTERRUPTED = 130
 
 T = TypeVar("T")
 
 
+class _Failure(Exception):
+    """End the command with this one-line message and exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _NotFound(_Failure):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_NOT_FOUND)
+
+
+class _Usage(_Failure):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and the hint to --help) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Usage(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+_EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage, 3 check failed or drift found, 4 not found
+values on the command line are JSON if they parse as JSON (42, "42", ["eu", 1]), else text"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tallytree",
         description="Exact counts, sums and ranks in O(log n), persisted in LMDB.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="load generated events and answer the scenario queries, timed against scans"
+    parser.add_argument("--version", action="version", version=f"tallytree {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
+        return sub
+
+    build = command(
+        "build",
+        "bulk-build an aggregate from a file or a database",
+        "Build AGGREGATE in DB from SOURCE, bottom-up, in one atomic transaction: readers see the old\n"
+        "contents until the commit, and an interrupted build leaves the database as it was (run it\n"
+        "again). The aggregate then holds exactly the source's items (--append merges instead).",
     )
-    demo.add_argument("directory", nargs="?", help="where to create the database (default: a temp dir)")
+    build.add_argument("database", metavar="DB", help="database directory (created if missing)")
+    build.add_argument("aggregate", metavar="AGGREGATE", help="aggregate name (created if missing)")
+    _source_arguments(build)
+    build.add_argument(
+        "--append", action="store_true", help="merge into the stored items instead of replacing"
+    )
+    build.add_argument(
+        "--on-duplicate",
+        choices=("error", "last"),
+        default="error",
+        help="a repeated (key, id): fail naming both rows (default), or keep the last",
+    )
+    build.add_argument(
+        "--sorted", action="store_true", help="promise the source is in (namespace, key, id) order"
+    )
+    build.add_argument("--node-size", type=int, help="entries per node, for a new aggregate (default 64)")
+    build.add_argument("--fill", type=float, default=_bulk.DEFAULT_FILL, help="node fill factor, 0.5 to 1.0")
+    build.add_argument("--memory", default="256M", help="sort buffer before spilling to disk (default 256M)")
+    build.add_argument("--temp-dir", help="directory for sort runs (default: the system's)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    build.set_defaults(handler=_build)
+
+    query = command(
+        "query",
+        "count, totals, rank, at, min, max, buckets or items",
+        "Read AGGREGATE: OP is count | totals | rank KEY | at INDEX | min | max | buckets | items.\n"
+        "Bounds are key values; for datetime keys, ISO 8601 text or epoch seconds work.",
+    )
+    query.add_argument("database", metavar="DB", help="database directory")
+    query.add_argument("aggregate", metavar="AGGREGATE")
+    query.add_argument(
+        "op",
+        metavar="OP",
+        choices=("count", "totals", "rank", "at", "min", "max", "buckets", "items"),
+        help="count, totals, rank, at, min, max, buckets or items",
+    )
+    query.add_argument("arg", metavar="ARG", nargs="?", help="the KEY of rank, the INDEX of at")
+    query.add_argument("--namespace", metavar="N", help="the namespace (default: the default one)")
+    query.add_argument(
+        "--missing-ok", action="store_true", help="an empty namespace is not an error (exit 0)"
+    )
+    for bound in ("ge", "gt", "le", "lt", "eq"):
+        query.add_argument(f"--{bound}", metavar="VALUE", help=f"bound: key {_BOUND_HELP[bound]} VALUE")
+    query.add_argument(
+        "--prefix", metavar="VALUE", help="tuple keys starting with VALUE (an element or an array)"
+    )
+    query.add_argument(
+        "--key-type", choices=KEY_TYPES, help="how to read key values (default: like the keys)"
+    )
+    query.add_argument("--id", metavar="ID", help="rank: the id of the item (default: before every id)")
+    query.add_argument("--reverse", action="store_true", help="rank from the end; items in descending order")
+    query.add_argument("--limit", type=int, default=100, help="items: page size (default 100)")
+    query.add_argument("--after", metavar="CURSOR", help="items: the cursor printed by the previous page")
+    query.add_argument("--start", metavar="VALUE", help="buckets: the first edge")
+    query.add_argument(
+        "--width", metavar="W", help="buckets: 1d, 6h, 15m, 30s, 1w, month, quarter, year, or a number"
+    )
+    query.add_argument("--count", type=int, help="buckets: how many buckets")
+    query.set_defaults(handler=_query)
+
+    checker = command("check", "run the invariant checker", "Walk every tree and print every problem.")
+    checker.add_argument("database", metavar="DB", help="database directory")
+    checker.add_argument("aggregate", metavar="AGGREGATE", nargs="?", help="only this aggregate")
+    checker.add_argument("--namespace", metavar="N", help="only this namespace (with AGGREGATE)")
+    checker.set_defaults(handler=_check)
+
+    verify = command(
+        "verify",
+        "compare an aggregate with its source",
+        "Compare AGGREGATE with SOURCE (read with the same options as build): items missing from the\n"
+        "aggregate, extra items, and items whose values differ. --repair applies the difference.",
+    )
+    verify.add_argument("database", metavar="DB", help="database directory")
+    verify.add_argument("aggregate", metavar="AGGREGATE")
+    _source_arguments(verify)
+    verify.add_argument("--repair", action="store_true", help="insert, update and delete to match the source")
+    verify.add_argument(
+        "--examples", type=int, default=5, help="examples shown per kind of drift (default 5)"
+    )
+    verify.add_argument("--memory", default="256M", help="sort buffer before spilling to disk")
+    verify.add_argument("--temp-dir", help="directory for sort runs")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(handler=_verify)
+
+    stats = command(
+        "stats",
+        "per aggregate: namespaces, items, depth, nodes, fill, bytes",
+        "Walk every tree and measure it.",
+    )
+    stats.add_argument("database", metavar="DB", help="database directory")
+    stats.add_argument("aggregate", metavar="AGGREGATE", nargs="?", help="only this aggregate")
+    stats.set_defaults(handler=_stats)
+
+    spaces = command("namespaces", "list namespaces with their totals", "Namespaces in key order, paged.")
+    spaces.add_argument("database", metavar="DB", help="database directory")
+    spaces.add_argument("aggregate", metavar="AGGREGATE")
+    spaces.add_argument("--limit", type=int, default=100, help="page size (default 100)")
+    spaces.add_argument("--after", metavar="N", help="start after this namespace (the last one printed)")
+    spaces.set_defaults(handler=_namespaces)
+
+    demo = command(
+        "demo",
+        "load generated events and answer the scenario queries, timed against scans",
+        "Generate users and events (created and start times, cost, tokens), bulk-build the aggregates\n"
+        "and answer the dashboard questions, each timed next to a scan computing the same answer.",
+    )
+    demo.add_argument(
+        "directory", metavar="DIR", nargs="?", help="where to create the database (default: a temp dir)"
+    )
     demo.add_argument("--users", type=int, default=200, help="number of users (default 200)")
     demo.add_argument("--events", type=int, default=200_000, help="number of events (default 200000)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    checker = commands.add_parser("check", help="run the invariant checker on a database")
-    checker.add_argument("database", help="database directory")
-    checker.add_argument("aggregate", nargs="?", help="only this aggregate")
-    checker.add_argument("--json", action="store_true", help="print the problems as JSON")
+    demo.set_defaults(handler=_demo)
     return parser
+
+
+_BOUND_HELP = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "eq": "=="}
+
+
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="SOURCE",
+        required=True,
+        help="a JSON Lines or CSV file, - for stdin, a SQLite file, or an SQL URL (needs SQLAlchemy)",
+    )
+    parser.add_argument(
+        "--key", required=True, metavar="F[,F...]", help="the key field(s); several make a tuple"
+    )
+    parser.add_argument("--id", metavar="F", help="the id field (default: the record number, from 1)")
+    parser.add_argument("--namespace", metavar="F", help="the namespace field (default: one namespace)")
+    parser.add_argument(
+        "--sum",
+        action="append",
+        default=[],
+        metavar="F",
+        help="a summed field (repeat, or F,F; NAME=F renames); default: the aggregate's fields",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="F=VALUE",
+        help="only records whose F is VALUE (repeat)",
+    )
+    parser.add_argument(
+        "--key-type",
+        action="append",
+        default=[],
+        metavar="TYPE|F=TYPE",
+        help=f"how to read key fields: {', '.join(KEY_TYPES)} (datetime: ISO 8601 or epoch s/ms)",
+    )
+    parser.add_argument("--id-type", choices=("auto", "str", "int"), default="auto", help="how to read ids")
+    parser.add_argument(
+        "--format", choices=("jsonl", "csv", "sqlite"), help="the source format (default: guessed)"
+    )
+    parser.add_argument("--delimiter", help="CSV delimiter (default , or tab for .tsv)")
+    parser.add_argument("--table", help="SQL sources: the table to read")
+    parser.add_argument("--query", help="SQL sources: the query to run")
+    parser.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a malformed record: fail with its line number (default), or skip it and count it",
+    )
+
+
+# ---------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    parser = _parser()
+    wants_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2)
-        return int(exc.code or 0)
-    try:
-        if args.command == "demo":
-            return _demo(args)
-        return _check(args)
-    except Error as exc:
-        print(f"tallytree: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # --help and --version exit 0
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except _Failure as exc:
+        return _fail(str(exc), exc.code, wants_json)
+    except (AggregateNotFoundError, SourceNotFoundError) as exc:
+        return _fail(str(exc), EXIT_NOT_FOUND, wants_json)
+    except (Error, SourceError, RowError) as exc:
+        return _fail(str(exc), EXIT_ERROR, wants_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written", EXIT_INTERRUPTED, wants_json)
+    except BrokenPipeError:  # the reader of our output went away (| head): not an error
+        _silence_stdout()
+        return EXIT_OK
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}", EXIT_ERROR, wants_json)
 
 
 def console_main() -> None:
-    """Entry point of the ``tallytree`` console script."""
+    """Entry point of the ``tallytree`` console script and of ``python -m tallytree``."""
     sys.exit(main())
 
 
-def _check(args: argparse.Namespace) -> int:
-    with _db.open(args.database, readonly=True) as db:
-        aggregate = db.aggregate(args.aggregate, create=False) if args.aggregate else None
-        with db.read() as tx:
-            problems = check(tx, aggregate)
+def _fail(message: str, code: int, wants_json: bool) -> int:
+    line = " ".join(message.split())
+    print(f"tallytree: error: {line}", file=sys.stderr)
+    if wants_json:
+        _print_json({"error": line, "exit_code": code})
+    return code
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, ensure_ascii=False, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON for keys, ids and namespaces: datetimes as ISO 8601, tuples as arrays, bytes as base64."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, Totals):
+        return value.as_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _show(value: Any) -> str:
+    """Keys, ids and namespaces in text output: JSON-like, readable, parseable back as a value."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, str):
+        return value if _reads_back(value) else json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, default=_jsonable, ensure_ascii=False)
+
+
+def _reads_back(text: str) -> bool:
+    """Whether ``text`` given on the command line would be read as this very text."""
+    try:
+        return bool(text) and text.strip() == text and parse_value(text) == text
+    except ValueError:
+        return False
+
+
+def _number(value: int | float) -> str:
+    return f"{value:,}" if isinstance(value, int) else repr(value)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _open_existing(path: str) -> _db.Database:
+    """Open an existing database read-only; not found (4) when there is none at ``path``."""
+    directory = Path(path)
+    if not (directory / "data.mdb").exists() and (
+        not directory.exists() or (directory.is_dir() and not any(directory.iterdir()))
+    ):
+        raise _NotFound(f"no tallytree database at {path}")
+    return _db.open(directory, readonly=True)
+
+
+def _aggregate(db: _db.Database, name: str) -> Aggregate:
+    try:
+        return db.aggregate(name, create=False)
+    except AggregateNotFoundError:
+        known = ", ".join(db.aggregates()) or "none"
+        raise _NotFound(f"no aggregate {name!r} in {db.path} (it has: {known})") from None
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    upper = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = upper[-1:] if upper[-1:] in units else ""
+    try:
+        number = float(upper[: len(upper) - len(unit)] if unit else upper)
+    except ValueError:
+        raise _Usage(f"--memory {text!r} is not a size such as 512M or 2G") from None
+    if number <= 0:
+        raise _Usage(f"--memory {text!r} must be positive")
+    return int(number * units[unit])
+
+
+def _database_bytes(path: Path | None) -> int:
+    if path is None:
+        return 0
+    data = path / "data.mdb"
+    return data.stat().st_size if data.exists() else 0
+
+
+class _Progress:
+    """A one-line progress display on stderr (only on a terminal): count, rate and ETA."""
+
+    def __init__(self, enabled: bool, stream: IO[str]) -> None:
+        self.enabled = enabled
+        self.stream = stream
+        self.started = time.perf_counter()
+        self.shown = 0.0
+        self.width = 0
+
+    def show(
+        self, phase: str, done: int, unit: str, fraction: float | None = None, force: bool = False
+    ) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.shown < 0.2:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{phase}", f"{done:,} {unit}", f"{rate:,.0f} {unit}/s"]
+        if fraction is not None and 0 < fraction <= 1:
+            bar = int(fraction * 20)
+            parts.insert(1, f"[{'#' * bar}{'.' * (20 - bar)}] {fraction:4.0%}")
+            remaining = elapsed * (1 - fraction) / fraction
+            parts.append(f"ETA {int(remaining) // 60}:{int(remaining) % 60:02d}")
+        line = "  ".join(parts)
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def close(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+class _LineMap:
+    """Maps item positions to source record numbers, storing only where the offset between them changes."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.offsets: list[int] = []
+        self.last: int | None = None  # the current offset
+
+    def add(self, position: int, number: int) -> None:
+        offset = number - position
+        if offset != self.last:
+            self.starts.append(position)
+            self.offsets.append(offset)
+            self.last = offset
+
+    def number(self, position: int) -> int:
+        index = bisect_right(self.starts, position) - 1
+        return position + self.offsets[index] if index >= 0 else position
+
+
+class _Reader:
+    """Reads a source into rows for a build (or a verify), counting, timing and handling bad records."""
+
+    SAMPLES = 5
+
+    def __init__(self, args: argparse.Namespace, fields: Sequence[str] | None, progress: _Progress) -> None:
+        self.args = args
+        self.progress = progress
+        self.source = open_source(
+            args.source,
+            format=args.format,
+            table=args.table,
+            query=args.query,
+            delimiter=args.delimiter,
+            stdin=sys.stdin.buffer,
+        )
+        try:
+            self.spec = _row_spec(args, fields)
+            self.convert = self.spec.converter(self.source)
+        except BaseException:
+            self.source.close()
+            raise
+        self.lines = _LineMap()
+        self.records = 0
+        self.items = 0
+        self.skipped = 0
+        self.samples: list[dict[str, Any]] = []
+        self.parse_seconds = 0.0
+
+    @property
+    def sums(self) -> dict[str, str]:
+        return self.spec.sums
+
+    def close(self) -> None:
+        self.source.close()
+
+    def label(self, position: int) -> str:
+        return self.source.where(self.lines.number(position))
+
+    def bad(self, number: int, error: Exception) -> None:
+        where = self.source.where(number)
+        reason = error.args[0] if isinstance(error, RowError) and error.args else str(error)
+        if self.args.on_error == "fail":
+            raise _Failure(f"{self.source.name} {where}: {reason}")
+        self.skipped += 1
+        if len(self.samples) < self.SAMPLES:
+            self.samples.append({"where": where, "error": str(reason)})
+
+    def invalid(self, position: int, error: Exception) -> None:
+        """The library's on_invalid: an item whose key or values the aggregate refuses."""
+        self.bad(self.lines.number(position), error)
+
+    def rows(self) -> Iterator[Any]:
+        """The rows, read in timed batches (so parsing time is measured apart from building)."""
+        records = self.source.records()
+        convert = self.convert
+        source = self.source
+        total = source.total_bytes
+        lines = self.lines
+        count = self.records
+        items = self.items
+        while True:
+            batch: list[Any] = []
+            append = batch.append
+            started = time.perf_counter()
+            for number, record in records:
+                count += 1
+                if type(record) is RowError:
+                    self.bad(number, record)
+                    continue
+                try:
+                    row = convert(number, count, record)
+                except RowError as exc:
+                    self.bad(number, exc)
+                    continue
+                if row is None:
+                    continue
+                if number - items != lines.last:  # a record skipped, filtered or spanning lines
+                    lines.add(items, number)
+                items += 1
+                append(row)
+                if len(batch) >= 4096:
+                    break
+            self.parse_seconds += time.perf_counter() - started
+            self.records, self.items = count, items
+            if not batch:
+                return
+            fraction = source.bytes_read() / total if total else None
+            self.progress.show(f"reading {source.name}", count, "records", fraction)
+            yield from batch
+
+    def skipped_report(self) -> dict[str, Any]:
+        return {"count": self.skipped, "examples": self.samples}
+
+
+def _split_fields(values: Sequence[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _row_spec(args: argparse.Namespace, fields: Sequence[str] | None) -> RowSpec:
+    key = _split_fields([args.key])
+    if not key:
+        raise _Usage("--key needs at least one field name")
+    sums: dict[str, str] = {}
+    for item in _split_fields(args.sum):
+        name, _, column = item.partition("=")
+        sums[name.strip()] = (column or name).strip()
+    if not sums and fields:
+        sums = {name: name for name in fields}
+    where: dict[str, str] = {}
+    for item in args.where:
+        name, equals, wanted = item.partition("=")
+        if not equals or not name:
+            raise _Usage(f"--where {item!r} is not FIELD=VALUE")
+        where[name.strip()] = wanted
+    key_types: dict[str, str] = {}
+    for item in args.key_type:
+        name, equals, kind = item.rpartition("=")
+        if not equals:
+            name, kind = "*", item
+        if kind not in KEY_TYPES:
+            raise _Usage(f"--key-type {item!r}: the type is one of {', '.join(KEY_TYPES)}")
+        if name != "*" and name not in key:
+            raise _Usage(f"--key-type {item!r}: {name!r} is not a --key field")
+        key_types[name] = kind
+    return RowSpec(
+        key=key,
+        key_types=key_types,
+        id=args.id,
+        id_type=args.id_type,
+        namespace=args.namespace,
+        sums=sums,
+        where=where,
+    )
+
+
+# ---------------------------------------------------------------- build
+
+
+def _build(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    memory = _parse_size(args.memory)
+    if not 0.5 <= args.fill <= 1.0:
+        raise _Usage(f"--fill {args.fill} must be from 0.5 to 1.0")
+    progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
+    reader = _Reader(args, None, progress)
+    try:
+        with _db.open(args.database) as db:
+            existing = args.aggregate in db.aggregates()
+            fields = db.aggregate(args.aggregate).fields if existing else ()
+            if not reader.sums and fields:
+                reader.spec.sums.update({name: name for name in fields})
+                reader.convert = reader.spec.converter(reader.source)
+            try:
+                aggregate = db.aggregate(args.aggregate, values=tuple(reader.sums), node_size=args.node_size)
+            except ValueError as exc:
+                raise _Failure(str(exc)) from exc
+            try:
+                report, commit_seconds = _run_build(args, db, aggregate, reader, memory, progress)
+            except BaseException:
+                if not existing and args.aggregate in db.aggregates():
+                    db.drop_aggregate(args.aggregate)  # it was created for this build
+                raise
+            size = _database_bytes(db.path)
+    finally:
+        progress.close()
+        reader.close()
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "aggregate": args.aggregate,
+        "source": reader.source.name,
+        "records": reader.records,
+        "items": report.items,
+        "namespaces": report.namespaces,
+        "seconds": round(seconds, 3),
+        "items_per_second": round(report.items / seconds) if seconds > 0 else 0,
+        "parse_seconds": round(reader.parse_seconds, 3),
+        "build_seconds": round(seconds - reader.parse_seconds - commit_seconds, 3),
+        "commit_seconds": round(commit_seconds, 3),
+        "database_bytes": size,
+        "duplicates_dropped": report.duplicates,
+        "namespaces_cleared": report.cleared,
+        "skipped": reader.skipped_report(),
+    }
     if args.json:
-        print(json.dumps([str(problem) for problem in problems], indent=2))
+        _print_json(summary)
+    elif not args.quiet:
+        print(
+            f"built {args.aggregate}: {report.items:,} items in {report.namespaces:,} namespace(s) from "
+            f"{reader.source.name} in {seconds:.2f} s ({summary['items_per_second']:,} items/s); "
+            f"database {size / 2**20:,.1f} MiB"
+        )
+        print(
+            f"  time: parsing {reader.parse_seconds:.2f} s, building {summary['build_seconds']:.2f} s, "
+            f"commit {commit_seconds:.2f} s"
+        )
+        if report.duplicates:
+            print(f"  {report.duplicates:,} duplicate item(s) replaced by a later one (--on-duplicate last)")
+        if report.cleared:
+            print(f"  {report.cleared:,} namespace(s) absent from the source emptied")
+        if reader.skipped:
+            print(f"  skipped {reader.skipped:,} malformed record(s), e.g.:")
+            for sample in reader.samples:
+                print(f"    {sample['where']}: {sample['error']}")
+    return EXIT_OK
+
+
+def _run_build(
+    args: argparse.Namespace,
+    db: _db.Database,
+    aggregate: Aggregate,
+    reader: _Reader,
+    memory: int,
+    progress: _Progress,
+) -> tuple[_bulk.BuildReport, float]:
+    def on_progress(phase: str, done: int) -> None:
+        if phase == "write" and not args.sorted:
+            total = reader.items
+            progress.show("writing nodes", done, "items", done / total if total else None)
+
+    with db.write() as tx:
+        try:
+            report = _bulk.build_many(
+                aggregate,
+                tx,
+                reader.rows(),
+                sorted=args.sorted,
+                replace=not args.append,
+                on_duplicate=args.on_duplicate,
+                clear_others=not args.append,
+                fill=args.fill,
+                memory=memory,
+                on_invalid=reader.invalid if args.on_error == "skip" else None,
+                label=reader.label,
+                progress=on_progress,
+                temp_dir=args.temp_dir,
+            )
+        except Error as exc:
+            raise _Failure(f"{reader.source.name}: {exc}") from exc
+        progress.show("committing", report.items, "items", force=True)
+        committing = time.perf_counter()
+    return report, time.perf_counter() - committing
+
+
+# ---------------------------------------------------------------- query
+
+
+_WIDTHS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class _Keys:
+    """Reads key values from the command line: like the stored keys (datetime keys from ISO text or
+    epoch numbers), or as ``--key-type`` says."""
+
+    def __init__(self, kind: str | None, sample: Any) -> None:
+        self.kind = kind
+        self.sample = sample
+
+    def read(self, option: str, text: str) -> Any:
+        try:
+            value = parse_value(text)
+            return self._shape(value, text, self.sample)
+        except ValueError as exc:
+            raise _Failure(f"{option} {text!r}: {exc}") from None
+
+    def _shape(self, value: Any, text: str, sample: Any) -> Any:
+        kind = self.kind
+        if kind is not None and kind != "auto" and not isinstance(value, tuple):
+            if kind == "datetime":
+                return parse_datetime(value)
+            if kind == "str":
+                return text
+            if kind == "int":
+                if type(value) is not int:
+                    raise ValueError("not an int")
+                return value
+            if kind == "float":
+                if type(value) not in (int, float):
+                    raise ValueError("not a number")
+                return float(value)
+        if (
+            isinstance(sample, datetime)
+            and isinstance(value, str | int | float)
+            and not isinstance(value, bool)
+        ):
+            return parse_datetime(value)
+        if isinstance(sample, tuple) and isinstance(value, tuple):
+            return tuple(
+                self._shape(element, str(element), sample[index] if index < len(sample) else None)
+                for index, element in enumerate(value)
+            )
+        return value
+
+    def prefix(self, text: str) -> tuple[Any, ...]:
+        try:
+            value = parse_value(text)
+            elements = value if isinstance(value, tuple) else (value,)
+            if isinstance(self.sample, tuple):
+                return tuple(self._shape(elements, text, self.sample))
+            return elements
+        except ValueError as exc:
+            raise _Failure(f"--prefix {text!r}: {exc}") from None
+
+
+def _namespace_value(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return parse_value(text)
+    except ValueError as exc:
+        raise _Usage(f"--namespace {text!r}: {exc}") from None
+
+
+def _item_document(item: Item, fields: tuple[str, ...]) -> dict[str, Any]:
+    return {"key": item.key, "id": item.id, "values": dict(zip(fields, item.values, strict=True))}
+
+
+def _item_line(item: Item, fields: tuple[str, ...]) -> str:
+    values = " ".join(f"{name}={_number(value)}" for name, value in zip(fields, item.values, strict=True))
+    return f"{_show(item.key)}  {_show(item.id)}" + (f"  {values}" if values else "")
+
+
+def _totals_line(totals: Totals) -> str:
+    return " ".join(f"{name}={_number(value)}" for name, value in totals.as_dict().items())
+
+
+def _query(args: argparse.Namespace) -> int:
+    op = args.op
+    if op in ("rank", "at") and args.arg is None:
+        raise _Usage(f"query {op} needs {'a KEY' if op == 'rank' else 'an INDEX'} after it")
+    if op not in ("rank", "at") and args.arg is not None:
+        raise _Usage(f"query {op} takes no argument (got {args.arg!r}); bounds are options: --ge, --lt, ...")
+    with _open_existing(args.database) as db:
+        aggregate = _aggregate(db, args.aggregate)
+        fields = aggregate.fields
+        namespace = _namespace_value(args.namespace)
+        with db.read() as tx:
+            if (
+                args.namespace is not None
+                and not args.missing_ok
+                and aggregate.count(tx, namespace=namespace) == 0
+            ):
+                raise _NotFound(
+                    f"no namespace {_show(namespace)} in aggregate {args.aggregate!r} (it holds no items; "
+                    "--missing-ok reads it as empty)"
+                )
+            sample = aggregate.min(tx, namespace=namespace)
+            keys = _Keys(args.key_type, sample.key if sample is not None else None)
+            bounds: dict[str, Any] = {"namespace": namespace}
+            for name in ("ge", "gt", "le", "lt", "eq"):
+                text = getattr(args, name)
+                if text is not None:
+                    bounds[name] = keys.read(f"--{name}", text)
+            if args.prefix is not None:
+                bounds["prefix"] = keys.prefix(args.prefix)
+            document, lines = _answer(args, aggregate, tx, keys, bounds, fields)
+            if args.namespace is None and sample is None and next(aggregate.namespaces(tx), None) is not None:
+                hint = f"list them with: tallytree namespaces DB {args.aggregate}"
+                print(
+                    f"tallytree: note: the default namespace of {args.aggregate!r} is empty; its items are "
+                    f"in namespaces (give --namespace; {hint})",
+                    file=sys.stderr,
+                )
+    if args.json:
+        _print_json(document)
+    else:
+        for line in lines:
+            print(line)
+    return EXIT_OK
+
+
+def _answer(
+    args: argparse.Namespace,
+    aggregate: Aggregate,
+    tx: Transaction,
+    keys: _Keys,
+    bounds: dict[str, Any],
+    fields: tuple[str, ...],
+) -> tuple[Any, list[str]]:
+    op = args.op
+    if op == "count":
+        count = aggregate.count(tx, **bounds)
+        return {"count": count}, [str(count)]
+    if op == "totals":
+        totals = aggregate.totals(tx, **bounds)
+        return totals.as_dict(), [_totals_line(totals)]
+    if op == "rank":
+        key = keys.read("KEY", args.arg)
+        item_id = parse_value(args.id) if args.id is not None else None
+        rank = aggregate.rank(tx, key, item_id, reverse=args.reverse, **bounds)
+        return {"rank": rank}, [str(rank)]
+    if op == "at":
+        try:
+            index = int(args.arg)
+        except ValueError:
+            raise _Usage(
+                f"query at takes an integer INDEX (negative from the end), not {args.arg!r}"
+            ) from None
+        item = aggregate.at(tx, index, **bounds)
+        return _item_document(item, fields), [_item_line(item, fields)]
+    if op in ("min", "max"):
+        found = aggregate.min(tx, **bounds) if op == "min" else aggregate.max(tx, **bounds)
+        if found is None:
+            return None, ["(no items)"]
+        return _item_document(found, fields), [_item_line(found, fields)]
+    if op == "buckets":
+        return _buckets(args, aggregate, tx, keys, bounds, fields)
+    if args.limit < 1:
+        raise _Usage("--limit must be at least 1")
+    page = aggregate.page(tx, after=args.after, limit=args.limit, reverse=args.reverse, **bounds)
+    lines = [_item_line(item, fields) for item in page.items]
+    if not page.done:
+        lines.append(f"# more: --after {page.cursor}")
+    document = {
+        "items": [_item_document(item, fields) for item in page.items],
+        "cursor": page.cursor,
+        "done": page.done,
+    }
+    return document, lines
+
+
+def _buckets(
+    args: argparse.Namespace,
+    aggregate: Aggregate,
+    tx: Transaction,
+    keys: _Keys,
+    bounds: dict[str, Any],
+    fields: tuple[str, ...],
+) -> tuple[Any, list[str]]:
+    if args.start is None or args.width is None or args.count is None:
+        raise _Usage("query buckets needs --start VALUE --width W --count N")
+    extra = sorted(name for name in ("ge", "gt", "le", "lt", "eq") if name in bounds)
+    if extra:
+        raise _Usage(f"query buckets takes --start/--width/--count (and --prefix), not --{extra[0]}")
+    start = keys.read("--start", args.start)
+    width = _width(args.width, start)
+    buckets = aggregate.buckets(
+        tx,
+        namespace=bounds["namespace"],
+        start=start,
+        width=width,
+        count=args.count,
+        prefix=bounds.get("prefix"),
+    )
+    document = [{"start": bucket.start, "end": bucket.end, **bucket.totals.as_dict()} for bucket in buckets]
+    lines = [f"{_show(bucket.start)}  {_totals_line(bucket.totals)}" for bucket in buckets]
+    return document, lines
+
+
+def _width(text: str, start: Any) -> Any:
+    lower = text.strip().lower()
+    for unit in ("month", "quarter", "year"):
+        if lower.rstrip("s") in (unit, f"1{unit}"):
+            return unit
+        if lower.endswith((unit, unit + "s")) and lower[: lower.index(unit)].isdigit():
+            return (unit, int(lower[: lower.index(unit)]))
+    if isinstance(start, datetime):
+        number, unit = lower[:-1], lower[-1:]
+        if unit in _WIDTHS and number.replace(".", "", 1).isdigit():
+            return timedelta(seconds=float(number) * _WIDTHS[unit])
+        raise _Usage(
+            f"--width {text!r}: for datetime keys use e.g. 1d, 6h, 15m, 30s, 1w, month, quarter, year"
+        )
+    value = parse_value(text)
+    if type(value) not in (int, float):
+        raise _Usage(f"--width {text!r}: for numeric keys give a number")
+    return value
+
+
+# ---------------------------------------------------------------- check, stats, namespaces
+
+
+def _check(args: argparse.Namespace) -> int:
+    if args.namespace is not None and args.aggregate is None:
+        raise _Usage("check --namespace needs an AGGREGATE")
+    with _open_existing(args.database) as db:
+        aggregate = _aggregate(db, args.aggregate) if args.aggregate else None
+        with db.read() as tx:
+            if args.namespace is not None:
+                problems = check(tx, aggregate, namespace=_namespace_value(args.namespace))
+            else:
+                problems = check(tx, aggregate)
+    if args.json:
+        _print_json({"ok": not problems, "problems": [str(problem) for problem in problems]})
     else:
         for problem in problems:
             print(problem)
@@ -91,100 +970,298 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if problems else EXIT_OK
 
 
-def _timed(function: Callable[[], T], repeat: int = 5) -> tuple[T, float]:
-    """Run ``function`` ``repeat`` times; return its result and the best time in microseconds."""
-    best = float("inf")
-    result: Any = None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return result, best * 1e6
+def _stats(args: argparse.Namespace) -> int:
+    with _open_existing(args.database) as db:
+        names = [args.aggregate] if args.aggregate else db.aggregates()
+        aggregates = [_aggregate(db, name) for name in names]
+        with db.read() as tx:
+            documents = [_aggregate_stats(tx, aggregate) for aggregate in aggregates]
+        size = _database_bytes(db.path)
+    if args.json:
+        _print_json({"database_bytes": size, "aggregates": documents})
+        return EXIT_OK
+    print(f"database {args.database}: {size / 2**20:,.1f} MiB on disk")
+    if not documents:
+        print("  no aggregates")
+    for document in documents:
+        print(
+            f"  {document['name']} (values: {', '.join(document['values']) or 'none'}; node size "
+            f"{document['node_size']}): {document['items']:,} items in {document['namespaces']:,} "
+            f"namespace(s), depth {document['depth']}, {document['leaves']:,} leaves + "
+            f"{document['internal_nodes']:,} internal nodes, fill {document['fill']:.0%}, "
+            f"{document['bytes'] / 2**20:,.2f} MiB of nodes"
+        )
+    return EXIT_OK
+
+
+def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
+    """Walk the trees of an aggregate: internal nodes are decoded, leaves only measured."""
+    namespaces = items = depth = leaves = internal = entries = size = 0
+    prefix = aggregate._prefix
+    stop = (int.from_bytes(prefix, "big") + 1).to_bytes(4, "big")
+    for _, value in tx.kv.scan(ROOTS, prefix, stop):
+        root = decode_root(value)
+        namespaces += 1
+        items += root.summary[0]
+        depth = max(depth, root.height)
+        level = [(root.node_id, root.height)]
+        while level:
+            following: list[tuple[int, int]] = []
+            for node_id, height in level:
+                if height == 1:
+                    data = tx.kv.get(NODES, node_key(node_id))
+                    size += len(data) if data is not None else 0
+                    leaves += 1
+                    continue
+                node = tx.node(node_id)
+                data = tx.kv.get(NODES, node_key(node_id))
+                size += len(data) if data is not None else 0
+                internal += 1
+                entries += len(node.kids)
+                following.extend((kid, height - 1) for kid in node.kids)
+            level = following
+    nodes = leaves + internal
+    entries += items  # leaf entries
+    return {
+        "name": aggregate.name,
+        "values": list(aggregate.fields),
+        "node_size": aggregate.node_size,
+        "namespaces": namespaces,
+        "items": items,
+        "depth": depth,
+        "leaves": leaves,
+        "internal_nodes": internal,
+        "fill": entries / (nodes * aggregate.node_size) if nodes else 0.0,
+        "bytes": size,
+        "bytes_per_item": round(size / items, 1) if items else 0.0,
+    }
+
+
+def _namespaces(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise _Usage("--limit must be at least 1")
+    after = encode_key(_namespace_value(args.after), what="namespace") if args.after is not None else None
+    with _open_existing(args.database) as db:
+        aggregate = _aggregate(db, args.aggregate)
+        page: list[tuple[Any, Totals]] = []
+        more = False
+        with db.read() as tx:
+            for namespace, totals in aggregate.namespaces(tx):
+                if after is not None and encode_key(namespace, what="namespace") <= after:
+                    continue
+                if len(page) == args.limit:
+                    more = True
+                    break
+                page.append((namespace, totals))
+    following = page[-1][0] if more else None
+    if args.json:
+        spaces = [{"namespace": namespace, **totals.as_dict()} for namespace, totals in page]
+        _print_json({"namespaces": spaces, "next": following, "done": not more})
+        return EXIT_OK
+    for namespace, totals in page:
+        print(f"{_show(namespace)}  {_totals_line(totals)}")
+    if more:
+        print(f"# more: --after {_quote_arg(_show(following))}")
+    return EXIT_OK
+
+
+def _quote_arg(text: str) -> str:
+    return text if text.replace(":", "").replace("_", "").replace("-", "").isalnum() else repr(text)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _verify(args: argparse.Namespace) -> int:
+    memory = _parse_size(args.memory)
+    if args.examples < 0:
+        raise _Usage("--examples must be 0 or more")
+    directory = Path(args.database)
+    if args.repair:
+        if not (directory / "data.mdb").exists():
+            raise _NotFound(f"no tallytree database at {args.database}")
+        db = _db.open(directory)
+    else:
+        db = _open_existing(args.database)
+    progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
+    with db:
+        aggregate = _aggregate(db, args.aggregate)
+        reader = _Reader(args, aggregate.fields, progress)
+        try:
+            if tuple(reader.sums) != aggregate.fields:
+                raise _Failure(
+                    f"aggregate {args.aggregate!r} sums {list(aggregate.fields)}, but --sum names "
+                    f"{list(reader.sums)}"
+                )
+            transaction = db.write() if args.repair else db.read()
+            with transaction as tx:
+                drift = _Drift(aggregate, args.examples)
+                source = _bulk.sorted_items(
+                    aggregate,
+                    reader.rows(),
+                    memory=memory,
+                    on_invalid=reader.invalid if args.on_error == "skip" else None,
+                    label=reader.label,
+                    temp_dir=args.temp_dir,
+                )
+                try:
+                    drift.compare(source, _stored_items(tx, aggregate))
+                except Error as exc:
+                    raise _Failure(f"{reader.source.name}: {exc}") from exc
+                repaired = drift.repair(tx) if args.repair and drift.total else 0
+        finally:
+            progress.close()
+            reader.close()
+    document = {
+        "aggregate": args.aggregate,
+        "source": reader.source.name,
+        "source_items": drift.source_items,
+        "stored_items": drift.stored_items,
+        "missing": {"count": drift.counts["missing"], "examples": drift.examples["missing"]},
+        "extra": {"count": drift.counts["extra"], "examples": drift.examples["extra"]},
+        "different": {"count": drift.counts["different"], "examples": drift.examples["different"]},
+        "drift": drift.total,
+        "repaired": repaired,
+        "skipped": reader.skipped_report(),
+    }
+    if args.json:
+        _print_json(document)
+    else:
+        print(
+            f"verify {args.aggregate} against {reader.source.name}: {drift.source_items:,} source items, "
+            f"{drift.stored_items:,} stored"
+        )
+        meaning = {
+            "missing": "in the source, not in the aggregate",
+            "extra": "in the aggregate, not in the source",
+            "different": "values differ",
+        }
+        for kind, text in meaning.items():
+            print(f"  {kind}: {drift.counts[kind]:,} ({text})")
+            for example in drift.examples[kind]:
+                print(f"    {_example_line(example)}")
+        if reader.skipped:
+            print(f"  skipped {reader.skipped:,} malformed record(s) of the source")
+        if not drift.total:
+            print("ok: the aggregate matches the source")
+        elif repaired:
+            print(f"repaired: {repaired:,} item(s) written or removed; the aggregate now matches the source")
+        else:
+            print(f"drift: {drift.total:,} item(s); run again with --repair to fix it")
+    return EXIT_CHECK_FAILED if drift.total and not repaired else EXIT_OK
+
+
+def _example_line(example: dict[str, Any]) -> str:
+    where = f"namespace {_show(example['namespace'])} " if example["namespace"] is not None else ""
+    text = f"{where}key {_show(example['key'])} id {_show(example['id'])}"
+    if "stored" in example:
+        text += f": stored {example['stored']}, source {example['source']}"
+    return text
+
+
+def _stored_items(tx: Transaction, aggregate: Aggregate) -> Iterator[tuple[bytes, bytes, tuple[Any, ...]]]:
+    """``(encoded namespace, entry, values)`` of every stored item, in tree order."""
+    prefix = aggregate._prefix
+    stop = (int.from_bytes(prefix, "big") + 1).to_bytes(4, "big")
+    roots = list(tx.kv.scan(ROOTS, prefix, stop))
+    for tree_key, value in roots:
+        root = decode_root(value)
+        tree = Tree(tx, len(aggregate.fields), aggregate.node_size, root)
+        namespace = tree_key[len(prefix) :]
+        for entry, values in tree.iterate(0, tree.count):
+            yield namespace, entry, values
+
+
+class _Drift:
+    """Merge-compares two sorted streams of items; keeps counts, examples and the repairs to make."""
+
+    def __init__(self, aggregate: Aggregate, examples: int) -> None:
+        self.aggregate = aggregate
+        self.limit = examples
+        self.counts = {"missing": 0, "extra": 0, "different": 0}
+        self.examples: dict[str, list[dict[str, Any]]] = {"missing": [], "extra": [], "different": []}
+        self.source_items = 0
+        self.stored_items = 0
+        self.upserts: dict[bytes, list[tuple[bytes, tuple[Any, ...]]]] = {}
+        self.deletes: dict[bytes, list[bytes]] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def compare(
+        self,
+        source: Iterator[tuple[bytes, bytes, tuple[Any, ...]]],
+        stored: Iterator[tuple[bytes, bytes, tuple[Any, ...]]],
+    ) -> None:
+        wanted = next(source, None)
+        have = next(stored, None)
+        while wanted is not None or have is not None:
+            if have is None or (wanted is not None and (wanted[0], wanted[1]) < (have[0], have[1])):
+                assert wanted is not None
+                self.source_items += 1
+                self._note("missing", wanted, None)
+                self.upserts.setdefault(wanted[0], []).append((wanted[1], wanted[2]))
+                wanted = next(source, None)
+            elif wanted is None or (have[0], have[1]) < (wanted[0], wanted[1]):
+                self.stored_items += 1
+                self._note("extra", have, None)
+                self.deletes.setdefault(have[0], []).append(have[1])
+                have = next(stored, None)
+            else:
+                self.source_items += 1
+                self.stored_items += 1
+                if not same_values(have[2], wanted[2]):
+                    self._note("different", wanted, have[2])
+                    self.upserts.setdefault(wanted[0], []).append((wanted[1], wanted[2]))
+                wanted = next(source, None)
+                have = next(stored, None)
+
+    def _note(
+        self, kind: str, item: tuple[bytes, bytes, tuple[Any, ...]], stored: tuple[Any, ...] | None
+    ) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) >= self.limit:
+            return
+        namespace = decode_key(item[0])[0]
+        key, offset = decode_key(item[1])
+        item_id = decode_key(item[1], offset)[0]
+        fields = self.aggregate.fields
+        example: dict[str, Any] = {"namespace": namespace, "key": key, "id": item_id}
+        if kind == "different":
+            assert stored is not None
+            example["stored"] = dict(zip(fields, stored, strict=True))
+            example["source"] = dict(zip(fields, item[2], strict=True))
+        elif fields:
+            example["values"] = dict(zip(fields, item[2], strict=True))
+        self.examples[kind].append(example)
+
+    def repair(self, tx: Transaction) -> int:
+        aggregate = self.aggregate
+        changed = 0
+        for encoded, entries in self.deletes.items():
+            namespace = decode_key(encoded)[0]
+            for entry in entries:
+                key, offset = decode_key(entry)
+                changed += aggregate.discard(tx, key, decode_key(entry, offset)[0], namespace=namespace)
+        for encoded, upserts in self.upserts.items():
+            namespace = decode_key(encoded)[0]
+            items = []
+            for entry, values in upserts:
+                key, offset = decode_key(entry)
+                items.append((key, decode_key(entry, offset)[0], values))
+            changed += aggregate.insert_many(tx, items, namespace=namespace, on_duplicate="update")
+        return changed
+
+
+# ---------------------------------------------------------------- demo
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.users < 1 or args.events < 1:
+        raise _Usage("--users and --events must be at least 1")
     directory = Path(args.directory) if args.directory else Path(tempfile.mkdtemp()) / "demo.tt"
-    rng = random.Random(args.seed)
-    now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-    users = [f"user:{number}" for number in range(args.users)]
-    weights = [1 / (rank + 1) for rank in range(len(users))]  # a few heavy users, a long tail
-    print(f"Generating {args.events:,} events for {len(users)} users ...")
-    events: dict[str, list[tuple[datetime, str, tuple[float, int]]]] = {user: [] for user in users}
-    for number, user in enumerate(rng.choices(users, weights, k=args.events)):
-        created = now - timedelta(seconds=rng.randrange(0, 365 * 86400))
-        cost = round(rng.uniform(0.0005, 0.05), 6)
-        events[user].append((created, f"evt_{number}", (cost, rng.randrange(100, 5000))))
-
-    with _db.open(directory, durable=False) as db:
-        created_at = db.aggregate("events_by_created", values=("cost", "tokens"))
-        start = time.perf_counter()
-        with db.write() as tx:
-            for user, rows in events.items():
-                created_at.insert_many(tx, rows, namespace=user)
-        seconds = time.perf_counter() - start
-        print(f"Loaded into {directory} in {seconds:.2f} s ({args.events / seconds:,.0f} items/s)\n")
-
-        heavy = users[0]
-        rows = events[heavy]
-        week_ago = now - timedelta(days=7)
-        print(f"Questions for {heavy} ({len(rows):,} events), tallytree vs a scan of the rows:")
-        with db.read() as tx:
-            _report(
-                "events in the last 7 days",
-                lambda: created_at.count(tx, namespace=heavy, ge=week_ago),
-                lambda: sum(1 for created, _, _ in rows if created >= week_ago),
-            )
-            _report(
-                "all-time events",
-                lambda: created_at.count(tx, namespace=heavy),
-                lambda: len([row for row in rows]),
-            )
-            _report(
-                "cost in the last 30 days",
-                lambda: round(created_at.sum(tx, "cost", namespace=heavy, ge=now - timedelta(30)), 6),
-                lambda: round(
-                    sum(values[0] for created, _, values in rows if created >= now - timedelta(30)),
-                    6,
-                ),
-            )
-            _report(
-                "tokens in the last 24 h",
-                lambda: created_at.sum(tx, "tokens", namespace=heavy, ge=now - timedelta(1)),
-                lambda: sum(values[1] for created, _, values in rows if created >= now - timedelta(1)),
-            )
-            middle = sorted(rows)[len(rows) // 2][0]
-            _report(
-                "rank of the median event",
-                lambda: created_at.rank(tx, middle, namespace=heavy),
-                lambda: sum(1 for created, _, _ in rows if created < middle),
-            )
-            _report(
-                "10,000th oldest event",
-                lambda: created_at.at(tx, min(9_999, len(rows) - 1), namespace=heavy).id,
-                lambda: sorted(rows)[min(9_999, len(rows) - 1)][1],
-            )
-            print("\nDaily cost for the last 7 days (one totals() call per day):")
-            for day in range(7, 0, -1):
-                begin, end = now - timedelta(days=day), now - timedelta(days=day - 1)
-                totals = created_at.totals(tx, namespace=heavy, ge=begin, lt=end)
-                print(
-                    f"  {begin:%a %d %b}: {totals.count:4d} events, cost {totals.cost:8.4f}, "
-                    f"tokens {totals.tokens:9,d}"
-                )
-            print("\nBusiest users (namespace totals, O(1) each):")
-            busiest = sorted(created_at.namespaces(tx), key=lambda pair: -pair[1].count)[:3]
-            for user, totals in busiest:
-                print(f"  {user}: {totals.count:,} events, cost {totals.cost:.2f}")
-            problems = check(tx, created_at)
-        print(f"\nInvariant check: {'ok' if not problems else problems[:3]}")
-    return EXIT_OK if not problems else EXIT_CHECK_FAILED
-
-
-def _report(label: str, fast: Callable[[], Any], scan: Callable[[], Any]) -> None:
-    answer, fast_us = _timed(fast)
-    expected, scan_us = _timed(scan, repeat=3)
-    status = "" if answer == expected else f"   MISMATCH: scan says {expected!r}"
-    print(
-        f"  {label:<28} {answer!s:>14}   tallytree {fast_us:9.1f} us   scan {scan_us:11.1f} us"
-        f"   ({scan_us / fast_us:,.0f}x){status}"
-    )
+    report = run_demo(directory, users=args.users, events=args.events, seed=args.seed, quiet=args.json)
+    if args.json:
+        _print_json(report)
+    return EXIT_OK if report["check_ok"] else EXIT_CHECK_FAILED

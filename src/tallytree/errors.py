@@ -17,6 +17,8 @@ __all__ = [
     "DatabaseFormatError",
     "DuplicateItemError",
     "Error",
+    "ExtractionError",
+    "InvalidDocumentError",
     "InvalidKeyError",
     "InvalidValueError",
     "ItemNotFoundError",
@@ -25,7 +27,9 @@ __all__ = [
     "OutOfRangeError",
     "ReadOnlyError",
     "SchemaMismatchError",
+    "TableNotFoundError",
     "TransactionError",
+    "UnsortedInputError",
     "UnsupportedKeyTypeError",
 ]
 
@@ -71,6 +75,13 @@ class AggregateNotFoundError(Error, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TableNotFoundError(Error, KeyError):
+    """A table was opened by name with ``create=False`` and does not exist."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class OutOfRangeError(Error, IndexError):
     """A positional read (``at``) asked for an index outside the items within the bounds."""
 
@@ -101,3 +112,26 @@ class DatabaseFormatError(Error, ValueError):
 
 class CorruptDatabaseError(DatabaseFormatError):
     """A stored node or record could not be decoded; run ``tallytree check`` to locate the damage."""
+
+
+class InvalidDocumentError(Error, ValueError):
+    """A table document is not a mapping, or holds a value msgpack cannot store (a naive datetime, an
+    object, an int beyond 64 bits)."""
+
+
+class ExtractionError(Error, ValueError):
+    """An extractor (key, namespace, a value or where) failed on a document: a missing field, a value of
+    the wrong type, or an exception raised by an extractor function. Nothing was written.
+
+    ``aggregate``, ``document_id`` and ``field`` say where; the original exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, aggregate: str, document_id: object, field: str) -> None:
+        super().__init__(message)
+        self.aggregate = aggregate
+        self.document_id = document_id
+        self.field = field
+
+
+class UnsortedInputError(Error, ValueError):
+    """A bulk build was told its input is sorted (``sorted=True``) and found an item out of order."""

@@ -1,0 +1,1242 @@
+"""Bulk building: a namespace's tree written bottom-up, once per node, from items in key order.
+
+Design
+======
+Inserting ``n`` items one at a time visits O(n log n) nodes and rewrites each leaf many times. A bulk
+build writes every node exactly once, in key order, leaves first::
+
+    items --> validate + encode --> sort --> duplicates --> leaves --> level 2 --> ... --> root
+              (whole batches at      (in memory, or runs   (error naming both rows,
+               once: one pass per     spilled to temporary  or keep the last)
+               column, not per item)  files, then merged)
+
+    level 2          [ b""  | e4   | e8   ]      fence, child id, count and exact sums per child
+                      /        |       \\
+    leaves     [e0 e1 e2 e3] [e4 .. e7] [e8 e9 e10]      entries in order, one value column per field
+
+**Packing.** Each level is a stream: children arrive in key order, and a node of ``t`` children (``t =
+fill * node_size``, 0.9 by default, the leaf fill factor PostgreSQL's index builds use, which leaves
+room for later inserts) is written as soon as at least ``t + node_size`` children are pending. What is
+still pending at the end, between ``node_size`` and ``t + node_size`` children, is cut into one to
+three nodes of even size, so every node but the root holds ``node_size // 2`` to ``node_size`` entries,
+the last ones included (the "rebalance the last two" step of classic bulk loading). A level that ends
+with a single node has made the root; the first node of each level has the fence ``b""``, as the
+leftmost spine of an insert-built tree has. Nodes get ascending ids as they are written, so the commit
+writes them with LMDB's append path. The tree is identical in content to one built by inserts (same
+items, same exact sums), and the checker accepts it; only the node boundaries differ.
+
+**Input.** Items are ``(key, id, values)`` tuples or :class:`~tallytree.Item` objects (``(namespace, key,
+id, values)`` rows for :func:`build_many`). They are taken in batches: a batch whose keys all have one
+type (int, float, str, bytes, UTC datetime), whose ids are all ints, strs or bytes, and whose values
+are tuples of ints and finite floats is validated and encoded column by column (a handful of C-level
+passes and one tight loop per column), to the very bytes ``encode_key`` gives; anything else takes the
+item-by-item path, which is also the one that names a bad item.
+
+**Sorting.** ``sorted=True`` streams: input is checked as it goes (an item out of order raises
+:class:`~tallytree.errors.UnsortedInputError` naming both items) and nothing is buffered. Otherwise items
+are buffered up to ``memory`` bytes (estimated), sorted (a stable sort, so among equal items the last
+one given stays last) and, when the input is larger, spilled as sorted runs to temporary files
+(msgpack blocks) and merged with :func:`heapq.merge`; runs that do not overlap (input that was in order
+anyway) are simply concatenated. Rows of many namespaces are sorted by (namespace, key, id), so each
+namespace is built in turn, one tree writer at a time.
+
+**Atomicity.** Everything happens inside the caller's write transaction: the old tree of a namespace
+is freed (``Tree.delete_range`` drops it by node id) and the new root recorded, and none of it is visible
+to readers until the commit; an exception, Ctrl-C or ``kill -9`` before the commit leaves the database
+as it was, and the build can simply be run again. Written nodes are kept in the transaction in their
+encoded form (:meth:`~tallytree.WriteTransaction.adopt_encoded`), so a build holds about the size of
+the new tree on disk, plus the sort buffer for unsorted input.
+
+Cost: O(n) node writes for sorted input plus O(n log n) comparisons to sort; O(height x node_size)
+pending state per tree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from itertools import islice, pairwise, repeat
+from operator import add, attrgetter, floordiv, itemgetter, le, lt, sub
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+import msgpack
+
+from ._btree import Root, Tree
+from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key
+from ._node import Node, encode_node, summarize
+from ._txn import WriteTransaction
+from .errors import DuplicateItemError, Error, InvalidValueError, UnsortedInputError
+
+if TYPE_CHECKING:
+    from tempfile import TemporaryDirectory
+
+    from ._aggregate import Aggregate
+
+__all__ = [
+    "DEFAULT_FILL",
+    "DEFAULT_MEMORY",
+    "BuildReport",
+    "OnDuplicate",
+    "build",
+    "build_many",
+    "encode_ids",
+    "encode_keys",
+    "sorted_items",
+]
+
+DEFAULT_FILL = 0.9
+"""Share of ``node_size`` each built node holds (PostgreSQL's leaf fill factor for index builds)."""
+DEFAULT_MEMORY = 256 * 2**20
+"""Bytes of (estimated) item data an unsorted build sorts in memory before spilling runs to disk."""
+
+OnDuplicate = Literal["error", "last"]
+
+_BATCH = 32_768
+_BLOCK = 8_192
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_FAST_INT_LIMIT = 1 << 56
+_ITEM_OVERHEAD = 120  # estimated bytes per buffered item besides its entry: objects and list slots
+_VALUE_OVERHEAD = 40
+
+Label = Callable[[int], str]
+Progress = Callable[[str, int], None]
+OnInvalid = Callable[[int, Exception], None]
+
+
+def _default_label(position: int) -> str:
+    return f"item {position}"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildReport:
+    """What a bulk build did.
+
+    ``items`` and ``namespaces`` count what the built namespaces now hold; ``duplicates`` the input
+    items dropped by ``on_duplicate="last"`` (and existing items replaced when merging); ``invalid``
+    the items passed to ``on_invalid`` and skipped; ``cleared`` the namespaces emptied by
+    ``clear_others=True``.
+    """
+
+    items: int
+    namespaces: int
+    duplicates: int = 0
+    invalid: int = 0
+    cleared: int = 0
+
+
+# ---------------------------------------------------------------- column encoders
+#
+# Each returns exactly ``[encode_key(value) for value in values]`` (tests compare them on random
+# input), or None when the batch is outside what it handles; the caller then encodes item by item.
+
+_GROUPS = tuple(((1 << (8 * groups)) - 256) // 255 for groups in range(9))  # "more" bits of g bytes
+_ONES = tuple((1 << (8 * groups)) - 1 for groups in range(9))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_DATETIME_BIAS = 1 << 63
+
+
+@cache
+def _heads() -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """Type code and exponent bytes of positive and negative numbers, by binary exponent."""
+    positive = {exponent: encode_body(2.0**exponent)[:-1] for exponent in range(-1022, 1024)}
+    negative = {exponent: encode_body(-(2.0**exponent))[:-1] for exponent in range(-1022, 1024)}
+    return positive, negative
+
+
+def _spread(fraction: int) -> tuple[int, int]:
+    """Continuation-coded 7-bit groups of a 56-bit left-aligned fraction, and their byte count."""
+    if not fraction:
+        return 0, 1
+    # spread the 56 bits into eight 7-bit groups, one per byte, the first group highest
+    bits = (fraction & 0xFFFFFFF) | ((fraction >> 28) << 32)
+    bits = (bits & 0x00003FFF00003FFF) | ((bits & 0x0FFFC0000FFFC000) << 2)
+    bits = (bits & 0x007F007F007F007F) | ((bits & 0x3F803F803F803F80) << 1)
+    dropped = ((bits & -bits).bit_length() - 1) >> 3  # trailing all-zero groups are not written
+    return ((bits << 1) >> (8 * dropped)) | _GROUPS[8 - dropped], 8 - dropped
+
+
+def _int_keys(values: Sequence[int]) -> list[bytes]:
+    if not (min(values) > -_FAST_INT_LIMIT and max(values) < _FAST_INT_LIMIT):
+        return list(map(encode_key, values))
+    positive, negative = _heads()
+    groups, ones = _GROUPS, _ONES
+    zero = encode_key(0)
+    out: list[bytes] = []
+    append = out.append
+    for value in values:  # _spread inlined: this loop is the hot path of int keys and ids
+        if value > 0:
+            heads, magnitude = positive, value
+        elif value < 0:
+            heads, magnitude = negative, -value
+        else:
+            append(zero)
+            continue
+        exponent = magnitude.bit_length() - 1
+        fraction = (magnitude << (56 - exponent)) & 0xFFFFFFFFFFFFFF
+        if fraction:
+            bits = (fraction & 0xFFFFFFF) | ((fraction >> 28) << 32)
+            bits = (bits & 0x00003FFF00003FFF) | ((bits & 0x0FFFC0000FFFC000) << 2)
+            bits = (bits & 0x007F007F007F007F) | ((bits & 0x3F803F803F803F80) << 1)
+            dropped = ((bits & -bits).bit_length() - 1) >> 3
+            size = 8 - dropped
+            spread = ((bits << 1) >> (8 * dropped)) | groups[size]
+        else:
+            size, spread = 1, 0
+        if heads is negative:
+            spread ^= ones[size]
+        append(heads[exponent] + spread.to_bytes(size) + b"\x00")
+    return out
+
+
+def _float_keys(values: Sequence[float]) -> list[bytes]:
+    positive, negative = _heads()
+    count = len(values)
+    raws = struct.unpack(f">{count}Q", struct.pack(f">{count}d", *values))
+    out: list[bytes] = []
+    append = out.append
+    for value, raw in zip(values, raws, strict=True):
+        biased = (raw >> 52) & 0x7FF
+        if biased in (0, 0x7FF):  # zero, subnormal, infinity or NaN: the general encoder
+            append(encode_key(value))
+            continue
+        spread, size = _spread((raw & 0xFFFFFFFFFFFFF) << 4)
+        if raw >> 63:
+            append(negative[biased - 1023] + (spread ^ _ONES[size]).to_bytes(size) + b"\x01")
+        else:
+            append(positive[biased - 1023] + spread.to_bytes(size) + b"\x01")
+    return out
+
+
+def _text_keys(values: Sequence[str]) -> list[bytes] | None:
+    if "\x00" in "".join(values):
+        return None
+    try:
+        data = list(map(str.encode, values))
+    except UnicodeEncodeError:
+        return None
+    if max(map(len, data)) > MAX_KEY_BYTES - 2:
+        return None
+    return list(map(b"\x40%b\x00".__mod__, data))
+
+
+def _bytes_keys(values: Sequence[bytes]) -> list[bytes] | None:
+    if b"\x00" in b"".join(values) or max(map(len, values)) > MAX_KEY_BYTES - 2:
+        return None
+    return list(map(b"\x50%b\x00".__mod__, values))
+
+
+def _datetime_keys(values: Sequence[datetime]) -> list[bytes] | None:
+    if set(map(attrgetter("tzinfo"), values)) != {UTC}:
+        return None  # naive or another zone: the item-by-item path converts or rejects them
+    micros = map(floordiv, map(sub, values, repeat(_EPOCH)), repeat(_MICROSECOND))
+    biased = map(add, micros, repeat(_DATETIME_BIAS))
+    return list(map(b"\x60".__add__, map(int.to_bytes, biased, repeat(8))))
+
+
+def encode_keys(values: Sequence[Any]) -> list[bytes] | None:
+    """``[encode_key(v) for v in values]`` for a batch of one common key type, fast; else None.
+
+    Raises what ``encode_key`` raises for an invalid key (the caller then finds which one).
+
+    >>> encode_keys([3, 1]) == [encode_key(3), encode_key(1)]
+    True
+    >>> encode_keys([1, "a"]) is None  # mixed types: encode item by item
+    True
+    """
+    if not values:
+        return []
+    kinds = set(map(type, values))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is int:
+        return _int_keys(values)
+    if kind is str:
+        return _text_keys(values)
+    if kind is datetime:
+        return _datetime_keys(values)
+    if kind is float:
+        return _float_keys(values)
+    if kind is tuple:
+        return list(map(encode_key, values))
+    if kind is bytes:
+        return _bytes_keys(values)
+    return None
+
+
+def encode_ids(values: Sequence[Any]) -> list[bytes] | None:
+    """``[encode_id(v) for v in values]`` for a batch of all-int, all-str or all-bytes ids; else None."""
+    if not values:
+        return []
+    kinds = set(map(type, values))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is int:
+        return _int_keys(values)
+    if kind is str:
+        return _text_keys(values)
+    if kind is bytes:
+        return _bytes_keys(values)
+    return None
+
+
+def _valid_column(column: list[Any]) -> bool:
+    """Whether every value is an int in the int64 range or a finite float (conservative, fast)."""
+    kinds = set(map(type, column))
+    if not kinds <= {int, float}:
+        return False
+    if float in kinds and not math.isfinite(sum(column)):
+        return False  # an inf or NaN (or a sum that overflows: then the slow path decides)
+    return int not in kinds or (min(column) >= _INT64_MIN and max(column) <= _INT64_MAX)
+
+
+# ---------------------------------------------------------------- encoded chunks
+
+
+class _Chunk:
+    """Validated, encoded items: parallel lists (namespaces only for multi-namespace builds)."""
+
+    __slots__ = ("cols", "entries", "namespaces", "positions")
+
+    def __init__(
+        self,
+        namespaces: list[bytes] | None,
+        entries: list[bytes],
+        positions: Sequence[int],
+        cols: list[list[Any]],
+    ) -> None:
+        self.namespaces = namespaces
+        self.entries = entries
+        self.positions = positions
+        self.cols = cols
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def size(self, nfields: int) -> int:
+        """Estimated bytes held by the chunk's objects."""
+        return sum(map(len, self.entries)) + len(self.entries) * (_ITEM_OVERHEAD + _VALUE_OVERHEAD * nfields)
+
+    def slice(self, start: int, stop: int) -> _Chunk:
+        """The items ``start:stop``."""
+        namespaces = self.namespaces
+        return _Chunk(
+            namespaces[start:stop] if namespaces is not None else None,
+            self.entries[start:stop],
+            self.positions[start:stop],
+            [col[start:stop] for col in self.cols],
+        )
+
+    def take(self, order: Sequence[int]) -> _Chunk:
+        """The chunk's items in the order of these indexes."""
+        namespaces = self.namespaces
+        return _Chunk(
+            list(map(namespaces.__getitem__, order)) if namespaces is not None else None,
+            list(map(self.entries.__getitem__, order)),
+            list(map(self.positions.__getitem__, order)),
+            [list(map(col.__getitem__, order)) for col in self.cols],
+        )
+
+
+class _Encoder:
+    """Turns batches of user items into chunks, fast per column, or item by item when needed."""
+
+    def __init__(
+        self,
+        aggregate: Aggregate,
+        namespaced: bool,
+        on_invalid: OnInvalid | None,
+        label: Label,
+        item_type: type | None,
+    ) -> None:
+        self.aggregate = aggregate
+        self.item_type = item_type
+        self.nfields = len(aggregate.fields)
+        self.namespaced = namespaced
+        self.on_invalid = on_invalid
+        self.label = label
+        self.invalid = 0
+        self._namespaces: dict[tuple[type, Any], bytes] = {}
+
+    def encode(self, batch: list[Any], start: int) -> _Chunk:
+        chunk = self._fast(batch, start)
+        return chunk if chunk is not None else self._slow(batch, start)
+
+    def _fast(self, batch: list[Any], start: int) -> _Chunk | None:
+        # Columns are taken with itemgetter maps, not zip(*batch): a transposition allocates an
+        # iterator per row, which costs more than everything else here.
+        kinds = set(map(type, batch))
+        nfields = self.nfields
+        full = 4 if self.namespaced else 3
+        if kinds == {tuple}:
+            lengths = set(map(len, batch))
+            if len(lengths) != 1:
+                return None
+            width = lengths.pop()
+            columns = [list(map(itemgetter(index), batch)) for index in range(width)]
+        elif kinds == {self.item_type} and not self.namespaced:
+            width = full
+            columns = [list(map(attrgetter(name), batch)) for name in ("key", "id", "values")]
+        else:
+            return None
+        if width == full:
+            values = columns.pop()
+            if not set(map(type, values)) <= {tuple, list} or set(map(len, values)) != {nfields}:
+                return None
+            cols = [list(map(itemgetter(field), values)) for field in range(nfields)]
+            if not all(map(_valid_column, cols)):
+                return None
+        elif width == full - 1 and nfields == 0:
+            cols = []
+        else:
+            return None
+        try:
+            namespaces = self._encode_namespaces(columns[0]) if self.namespaced else None
+            keys = encode_keys(columns[-2])
+            ids = encode_ids(columns[-1])
+        except Error:  # an invalid key somewhere: the item-by-item path names it
+            return None
+        if keys is None or ids is None:
+            return None
+        entries = list(map(bytes.__add__, keys, ids))
+        return _Chunk(namespaces, entries, range(start, start + len(batch)), cols)
+
+    def _encode_namespaces(self, namespaces: Sequence[Any]) -> list[bytes]:
+        cache = self._namespaces
+        if set(map(type, namespaces)) == {str}:
+            for namespace in dict.fromkeys(namespaces):
+                if (str, namespace) not in cache:
+                    cache[str, namespace] = encode_key(namespace, what="namespace")
+            return list(map(cache.__getitem__, zip(repeat(str), namespaces)))
+        return [self._namespace(namespace) for namespace in namespaces]
+
+    def _namespace(self, namespace: Any) -> bytes:
+        kind = type(namespace)
+        if kind is tuple or kind is float:  # (1,) == (1.0,) and 0.0 == -0.0 collide as dict keys
+            return encode_key(namespace, what="namespace")
+        found = self._namespaces.get((kind, namespace))
+        if found is None:
+            found = self._namespaces[kind, namespace] = encode_key(namespace, what="namespace")
+        return found
+
+    def _slow(self, batch: list[Any], start: int) -> _Chunk:
+        aggregate = self.aggregate
+        namespaces: list[bytes] | None = [] if self.namespaced else None
+        entries: list[bytes] = []
+        positions: list[int] = []
+        cols: list[list[Any]] = [[] for _ in range(self.nfields)]
+        for position, row in enumerate(batch, start):
+            try:
+                if self.namespaced:
+                    if not isinstance(row, tuple) or len(row) not in (3, 4):
+                        raise InvalidValueError(
+                            f"{aggregate.name}: build_many takes (namespace, key, id[, values]) tuples, "
+                            f"not {row!r}"
+                        )
+                    namespace = self._namespace(row[0])
+                    key, item_id, values = row[1], row[2], row[3] if len(row) == 4 else ()
+                else:
+                    key, item_id, values = aggregate._unpack_item(row)
+                entry = encode_key(key) + encode_id(item_id)
+                checked = aggregate._values(values)
+            except Error as exc:
+                if self.on_invalid is None:
+                    raise _with_label(exc, self.label(position)) from exc
+                self.on_invalid(position, exc)
+                self.invalid += 1
+                continue
+            if namespaces is not None:
+                namespaces.append(namespace)
+            entries.append(entry)
+            positions.append(position)
+            for col, value in zip(cols, checked, strict=True):
+                col.append(value)
+        return _Chunk(namespaces, entries, positions, cols)
+
+
+def _with_label(exc: Error, label: str) -> Error:
+    """The same kind of error, its message prefixed with where the item came from."""
+    try:
+        return type(exc)(f"{label}: {exc}")
+    except TypeError:  # an error class with a richer constructor: keep it as it is
+        return exc
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    iterator = iter(items)
+    start = 0
+    while batch := list(islice(iterator, size)):
+        yield start, batch
+        start += len(batch)
+
+
+# ---------------------------------------------------------------- sorting
+
+
+def _sort_key(chunk: _Chunk) -> list[bytes]:
+    if chunk.namespaces is None:
+        return chunk.entries
+    return list(map(bytes.__add__, chunk.namespaces, chunk.entries))
+
+
+def _ascending(keys: list[bytes]) -> bool:
+    return all(map(lt, keys, islice(keys, 1, None)))
+
+
+def _sort_chunk(chunk: _Chunk) -> _Chunk:
+    """The chunk sorted by (namespace, entry); stable, so equal items keep their input order."""
+    keys = _sort_key(chunk)
+    if all(map(le, keys, islice(keys, 1, None))):
+        return chunk
+    return chunk.take(sorted(range(len(keys)), key=keys.__getitem__))
+
+
+def _concat(chunks: list[_Chunk], nfields: int) -> _Chunk:
+    if len(chunks) == 1:
+        return chunks[0]
+    namespaced = chunks[0].namespaces is not None
+    namespaces: list[bytes] | None = [] if namespaced else None
+    entries: list[bytes] = []
+    positions: list[int] = []
+    cols: list[list[Any]] = [[] for _ in range(nfields)]
+    for chunk in chunks:
+        if namespaces is not None and chunk.namespaces is not None:
+            namespaces.extend(chunk.namespaces)
+        entries.extend(chunk.entries)
+        positions.extend(chunk.positions)
+        for col, more in zip(cols, chunk.cols, strict=True):
+            col.extend(more)
+    return _Chunk(namespaces, entries, positions, cols)
+
+
+class _Run:
+    """A sorted run spilled to a temporary file as msgpack blocks."""
+
+    def __init__(self, directory: str, number: int, chunk: _Chunk) -> None:
+        self.path = os.path.join(directory, f"run-{number:06d}.msgpack")
+        keys = _sort_key(chunk)
+        self.first, self.last = keys[0], keys[-1]
+        with open(self.path, "wb") as file:
+            for begin in range(0, len(chunk), _BLOCK):
+                end = begin + _BLOCK
+                block = [
+                    chunk.namespaces[begin:end] if chunk.namespaces is not None else None,
+                    chunk.entries[begin:end],
+                    list(chunk.positions[begin:end]),
+                    *(col[begin:end] for col in chunk.cols),
+                ]
+                file.write(msgpack.packb(block, use_bin_type=True))
+
+    def chunks(self) -> Iterator[_Chunk]:
+        with open(self.path, "rb") as file:
+            yield from (_Chunk(block[0], block[1], block[2], block[3:]) for block in _unpacker(file))
+
+
+def _merge(runs: list[_Run], nfields: int) -> Iterator[_Chunk]:
+    """Merge sorted runs block by block, so that the per-item work is done by C code.
+
+    Each run has a current block. The smallest of the blocks' last keys, ``limit``, bounds what can be
+    emitted: every item ``<= limit`` of every run is in its current block. Those slices are
+    concatenated in run order and sorted stably (timsort merges the sorted slices in about linear
+    time), so equal items keep their input order, as :func:`heapq.merge` would. At least one
+    block is used up per step.
+    """
+    sources = [run.chunks() for run in runs]
+    blocks: list[_Chunk | None] = [next(source, None) for source in sources]
+    keys: list[list[bytes]] = [_sort_key(block) if block is not None else [] for block in blocks]
+    offsets = [0] * len(runs)
+    while True:
+        live = [index for index, block in enumerate(blocks) if block is not None]
+        if not live:
+            return
+        limit = min(keys[index][-1] for index in live)
+        pieces: list[_Chunk] = []
+        for index in live:
+            block = blocks[index]
+            assert block is not None
+            start = offsets[index]
+            stop = bisect_right(keys[index], limit, start)
+            if stop > start:
+                pieces.append(block.slice(start, stop))
+            if stop == len(block):
+                block = blocks[index] = next(sources[index], None)
+                keys[index] = _sort_key(block) if block is not None else []
+                offsets[index] = 0
+            else:
+                offsets[index] = stop
+        yield _sort_chunk(_concat(pieces, nfields))
+
+
+def _unpacker(file: IO[bytes]) -> Iterator[list[Any]]:
+    return iter(msgpack.Unpacker(file, raw=False, use_list=True, max_buffer_size=1 << 31))
+
+
+class _Sorter:
+    """Sorts chunks by (namespace, entry): in memory up to a budget, else in runs merged from disk."""
+
+    def __init__(
+        self, nfields: int, namespaced: bool, memory: int, temp_dir: str | None, progress: Progress | None
+    ) -> None:
+        self.nfields = nfields
+        self.namespaced = namespaced
+        self.memory = memory
+        self.temp_dir = temp_dir
+        self.progress = progress
+        self.buffer: list[_Chunk] = []
+        self.buffered = 0
+        self.runs: list[_Run] = []
+        self.directory: TemporaryDirectory[str] | None = None
+
+    def add(self, chunk: _Chunk) -> None:
+        if not len(chunk):
+            return
+        self.buffer.append(chunk)
+        self.buffered += chunk.size(self.nfields)
+        if self.buffered > self.memory:
+            self._spill()
+
+    def _sorted_buffer(self) -> _Chunk:
+        chunk = _sort_chunk(_concat(self.buffer, self.nfields))
+        self.buffer, self.buffered = [], 0
+        return chunk
+
+    def _spill(self) -> None:
+        chunk = self._sorted_buffer()
+        if self.directory is None:
+            import tempfile  # noqa: PLC0415  # 2.5 ms at import (shutil, bz2, lzma); only spills need it
+
+            self.directory = tempfile.TemporaryDirectory(prefix="tallytree-sort-", dir=self.temp_dir)
+        self.runs.append(_Run(self.directory.name, len(self.runs), chunk))
+        if self.progress is not None:
+            self.progress("spill", len(self.runs))
+
+    def chunks(self) -> Iterator[_Chunk]:
+        """The sorted stream, as chunks in order."""
+        if not self.runs:
+            if self.buffer:
+                yield self._sorted_buffer()
+            return
+        if self.buffer:
+            self._spill()
+        runs = sorted(self.runs, key=attrgetter("first"))
+        if all(map(lt, [run.last for run in runs], [run.first for run in runs[1:]])):
+            for run in runs:  # the runs do not overlap (the input was in order): concatenate them
+                yield from run.chunks()
+            return
+        yield from _merge(self.runs, self.nfields)
+
+    def close(self) -> None:
+        """Remove the temporary files."""
+        self.buffer = []
+        if self.directory is not None:
+            self.directory.cleanup()
+            self.directory = None
+
+
+# ---------------------------------------------------------------- writing trees
+
+
+def _cuts(size: int, target: int, min_size: int, max_size: int, alone: bool) -> list[int]:
+    """Boundaries cutting ``size`` children into even nodes of about ``target``, none below ``min_size``.
+
+    ``alone``: these are all the level's children, so one node (the root) may take them all.
+    """
+    if alone and size <= max_size:
+        return [0, size]
+    pieces = -(-size // target)
+    while pieces > 1 and size // pieces < min_size:
+        pieces -= 1
+    return [size * piece // pieces for piece in range(pieces + 1)]
+
+
+class _Level:
+    __slots__ = ("emitted", "fences", "kids", "summaries")
+
+    def __init__(self) -> None:
+        self.fences: list[bytes] = []
+        self.kids: list[int] = []
+        self.summaries: list[list[int]] = []
+        self.emitted = 0
+
+
+class _TreeWriter:
+    """Writes one tree bottom-up from entries given in strictly ascending order."""
+
+    def __init__(
+        self, tx: WriteTransaction, nfields: int, node_size: int, fill: float, written: list[int]
+    ) -> None:
+        self.tx = tx
+        self.written = written  # the ids of the nodes written, to drop them if the build fails
+        self.nfields = nfields
+        self.max_size = node_size
+        self.min_size = node_size // 2
+        self.target = max(self.min_size, 2, min(node_size, round(node_size * fill)))
+        self.keys: list[bytes] = []
+        self.cols: list[list[Any]] = [[] for _ in range(nfields)]
+        self.levels: list[_Level] = []
+        self.leaves = 0
+        self.count = 0
+
+    def add(self, entries: list[bytes], cols: list[list[Any]]) -> None:
+        if not entries:
+            return
+        keys = self.keys
+        keys.extend(entries)
+        pending = self.cols
+        for col, more in zip(pending, cols, strict=True):
+            col.extend(more)
+        self.count += len(entries)
+        target = self.target
+        offset = 0
+        last = len(keys) - target - self.max_size  # write leaves while this many remain pending
+        while offset <= last:
+            end = offset + target
+            self._leaf(keys[offset:end], [col[offset:end] for col in pending])
+            offset = end
+        if offset:
+            self.keys = keys[offset:]
+            self.cols = [col[offset:] for col in pending]
+
+    def pop_last(self) -> None:
+        """Forget the last entry added (it is always still pending)."""
+        self.keys.pop()
+        for col in self.cols:
+            col.pop()
+        self.count -= 1
+
+    def _leaf(self, keys: list[bytes], cols: list[list[Any]]) -> None:
+        tx = self.tx
+        node_id = tx.new_id()
+        self.written.append(node_id)
+        tx.adopt_encoded(node_id, encode_node(Node(node_id, True, keys, cols)))
+        fence = keys[0] if self.leaves else b""
+        self.leaves += 1
+        self._push(0, fence, node_id, summarize(len(keys), cols))
+
+    def _push(self, height: int, fence: bytes, node_id: int, summary: list[int]) -> None:
+        if height == len(self.levels):
+            self.levels.append(_Level())
+        level = self.levels[height]
+        level.fences.append(fence)
+        level.kids.append(node_id)
+        level.summaries.append(summary)
+        target = self.target
+        if len(level.kids) >= target + self.max_size:
+            self._internal(height, 0, target)
+            del level.fences[:target], level.kids[:target], level.summaries[:target]
+
+    def _internal(self, height: int, start: int, stop: int) -> None:
+        level = self.levels[height]
+        tx = self.tx
+        node_id = tx.new_id()
+        self.written.append(node_id)
+        summaries = level.summaries[start:stop]
+        node = Node.internal_from(node_id, level.fences[start:stop], level.kids[start:stop], summaries)
+        tx.adopt_encoded(node_id, encode_node(node))
+        level.emitted += 1
+        summary = [sum(column) for column in zip(*summaries, strict=True)]
+        self._push(height + 1, level.fences[start], node_id, summary)
+
+    def finish(self) -> Root | None:
+        """Write what is pending, level by level; return the root record (None: no items)."""
+        keys, cols = self.keys, self.cols
+        if keys:
+            cuts = _cuts(len(keys), self.target, self.min_size, self.max_size, alone=not self.leaves)
+            for begin, end in pairwise(cuts):
+                self._leaf(keys[begin:end], [col[begin:end] for col in cols])
+            self.keys, self.cols = [], [[] for _ in range(self.nfields)]
+        if not self.levels:
+            return None
+        height = 0
+        while True:
+            level = self.levels[height]
+            if not level.emitted and len(level.kids) == 1:
+                return Root(level.kids[0], height + 1, level.summaries[0])
+            cuts = _cuts(len(level.kids), self.target, self.min_size, self.max_size, alone=not level.emitted)
+            for begin, end in pairwise(cuts):
+                self._internal(height, begin, end)
+            level.fences, level.kids, level.summaries = [], [], []
+            height += 1
+
+
+class _MergeWriter:
+    """A tree writer fed with new entries, merging in the existing items of a tree (replace=False)."""
+
+    def __init__(
+        self, inner: _TreeWriter, old: Tree, on_duplicate: OnDuplicate, conflict: Callable[[bytes], None]
+    ) -> None:
+        self.inner = inner
+        self.old = old.iterate(0, old.count)
+        self.head = next(self.old, None)
+        self.on_duplicate = on_duplicate
+        self.conflict = conflict
+        self.replaced = 0
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
+
+    def add(self, entries: list[bytes], cols: list[list[Any]]) -> None:
+        out: list[bytes] = []
+        out_cols: list[list[Any]] = [[] for _ in cols]
+        rows = zip(*cols, strict=True) if cols else repeat(())
+        head = self.head
+        for entry, values in zip(entries, rows, strict=False):  # rows may be repeat(())
+            while head is not None and head[0] < entry:
+                self._append(out, out_cols, *head)
+                head = next(self.old, None)
+            if head is not None and head[0] == entry:
+                if self.on_duplicate == "error":
+                    self.head = head
+                    self.conflict(entry)
+                self.replaced += 1
+                head = next(self.old, None)
+            self._append(out, out_cols, entry, values)
+        self.head = head
+        self.inner.add(out, out_cols)
+
+    @staticmethod
+    def _append(out: list[bytes], cols: list[list[Any]], entry: bytes, values: tuple[Any, ...]) -> None:
+        out.append(entry)
+        for col, value in zip(cols, values, strict=True):
+            col.append(value)
+
+    def pop_last(self) -> None:
+        self.inner.pop_last()  # the last entry given was a new one: older ones above it are not out yet
+
+    def finish(self) -> Root | None:
+        out: list[bytes] = []
+        out_cols: list[list[Any]] = [[] for _ in range(self.inner.nfields)]
+        head = self.head
+        while head is not None:
+            self._append(out, out_cols, *head)
+            head = next(self.old, None)
+        self.inner.add(out, out_cols)
+        return self.inner.finish()
+
+
+# ---------------------------------------------------------------- the build
+
+
+class _Build:
+    """Feeds sorted chunks to one tree writer per namespace, checking order and duplicates."""
+
+    def __init__(
+        self,
+        aggregate: Aggregate,
+        tx: WriteTransaction,
+        *,
+        replace: bool,
+        on_duplicate: OnDuplicate,
+        fill: float,
+        label: Label,
+        progress: Progress | None,
+    ) -> None:
+        self.aggregate = aggregate
+        self.tx = tx
+        self.replace = replace
+        self.on_duplicate = on_duplicate
+        self.fill = fill
+        self.label = label
+        self.progress = progress
+        self.namespace: bytes | None = None
+        self.writer: _TreeWriter | _MergeWriter | None = None
+        self.old: Root | None = None
+        self.last: tuple[bytes, int] | None = None  # last entry given to the writer, and its position
+        self.last_namespace_position = -1
+        self.built: set[bytes] = set()
+        self.swaps: list[tuple[bytes, Root | None, Root | None]] = []  # (tree, old root, new root)
+        self.node_ids: list[int] = []  # every node written, to drop them if the build fails
+        self.items = 0
+        self.namespaces = 0
+        self.duplicates = 0
+        self.written = 0
+
+    # -- messages
+
+    def _describe(self, entry: bytes) -> str:
+        key, offset = decode_key(entry)
+        item_id, _ = decode_key(entry, offset)
+        return f"(key={key!r}, id={item_id!r})"
+
+    def _where(self) -> str:
+        namespace = decode_key(self.namespace)[0] if self.namespace else None
+        return "" if namespace is None else f" in namespace {namespace!r}"
+
+    def _duplicate(self, entry: bytes, first: int, second: int) -> DuplicateItemError:
+        return DuplicateItemError(
+            f"{self.aggregate.name}: item {self._describe(entry)} appears twice in the input, "
+            f"{self.label(first)} and {self.label(second)}{self._where()}; nothing was written "
+            "(on_duplicate='last' keeps the last one)"
+        )
+
+    def _conflict(self, entry: bytes) -> None:
+        raise DuplicateItemError(
+            f"{self.aggregate.name}: item {self._describe(entry)} is already stored{self._where()}; "
+            "nothing was written (replace=True rebuilds the namespace, on_duplicate='last' overwrites "
+            "the stored item)"
+        )
+
+    def _unsorted(self, entry: bytes, position: int, previous: bytes, before: int) -> UnsortedInputError:
+        return UnsortedInputError(
+            f"{self.aggregate.name}: the input is not sorted: {self.label(position)} "
+            f"{self._describe(entry)} comes after {self.label(before)} {self._describe(previous)}"
+            f"{self._where()}; build without the promise of sorted input (sorted=False) to have it sorted"
+        )
+
+    # -- namespaces
+
+    def _start(self, namespace: bytes) -> None:
+        aggregate, tx = self.aggregate, self.tx
+        self.namespace = namespace
+        tree_key = aggregate._prefix + namespace
+        self.old = tx.root(tree_key)
+        writer = _TreeWriter(tx, len(aggregate.fields), aggregate.node_size, self.fill, self.node_ids)
+        if self.old is not None and not self.replace:
+            old = Tree(tx, len(aggregate.fields), aggregate.node_size, self.old)
+            self.writer = _MergeWriter(writer, old, self.on_duplicate, self._conflict)
+        else:
+            self.writer = writer
+        self.last = None
+
+    def _end(self) -> None:
+        """Finish the namespace's tree; its old tree is freed and the new root set by :meth:`finish`."""
+        writer, namespace = self.writer, self.namespace
+        if writer is None or namespace is None:
+            return
+        root = writer.finish()
+        if isinstance(writer, _MergeWriter):
+            self.duplicates += writer.replaced
+        tree_key = self.aggregate._prefix + namespace
+        self.swaps.append((tree_key, self.old, root))
+        self.built.add(tree_key)
+        if root is not None:
+            self.items += root.summary[0]
+            self.namespaces += 1
+        self.writer = None
+
+    def discard(self) -> None:
+        """Drop every node written so far: the build failed, and the transaction is as it was."""
+        for node_id in self.node_ids:
+            self.tx.free(node_id)
+        self.node_ids.clear()
+
+    # -- feeding
+
+    def feed(self, chunk: _Chunk, verify: bool, namespace: bytes | None = None) -> None:
+        """Take a chunk in (namespace, entry) order (checked when ``verify``)."""
+        count = len(chunk)
+        if not count:
+            return
+        namespaces = chunk.namespaces
+        if namespaces is None:
+            assert namespace is not None
+            self._segment(namespace, chunk, 0, count, verify)
+        else:
+            if verify and not all(map(le, namespaces, islice(namespaces, 1, None))):
+                index = next(i for i in range(count - 1) if namespaces[i] > namespaces[i + 1])
+                raise self._unsorted_namespace(
+                    namespaces[index + 1],
+                    chunk.positions[index + 1],
+                    namespaces[index],
+                    chunk.positions[index],
+                )
+            start = 0
+            while start < count:
+                current = namespaces[start]
+                stop = bisect_right(namespaces, current, start)
+                self._segment(current, chunk, start, stop, verify)
+                start = stop
+        self.written += count
+        if self.progress is not None:
+            self.progress("write", self.written)
+
+    def _unsorted_namespace(
+        self, namespace: bytes, position: int, previous: bytes, before: int
+    ) -> UnsortedInputError:
+        return UnsortedInputError(
+            f"{self.aggregate.name}: the input is not grouped by namespace in order: "
+            f"{self.label(position)} has namespace {decode_key(namespace)[0]!r}, which sorts before "
+            f"namespace {decode_key(previous)[0]!r} of {self.label(before)}; build without the promise "
+            "of sorted input (sorted=False) to have it sorted"
+        )
+
+    def _segment(self, namespace: bytes, chunk: _Chunk, start: int, stop: int, verify: bool) -> None:
+        if namespace != self.namespace:
+            if verify and self.namespace is not None and namespace < self.namespace:
+                raise self._unsorted_namespace(
+                    namespace, chunk.positions[start], self.namespace, self.last_namespace_position
+                )
+            self._end()
+            self._start(namespace)
+        whole = start == 0 and stop == len(chunk)
+        entries = chunk.entries if whole else chunk.entries[start:stop]
+        positions = chunk.positions if whole else chunk.positions[start:stop]
+        cols = chunk.cols if whole else [col[start:stop] for col in chunk.cols]
+        last = self.last
+        if not _ascending(entries) or (last is not None and not last[0] < entries[0]):
+            entries, positions, cols = self._clean(entries, positions, cols)
+        writer = self.writer
+        assert writer is not None
+        if entries:
+            writer.add(entries, cols)
+            self.last = (entries[-1], positions[-1])
+        self.last_namespace_position = chunk.positions[stop - 1]
+
+    def _clean(
+        self, entries: list[bytes], positions: Sequence[int], cols: list[list[Any]]
+    ) -> tuple[list[bytes], list[int], list[list[Any]]]:
+        """The entries with duplicates resolved; raises for duplicates (on_duplicate='error') or disorder."""
+        out: list[bytes] = []
+        out_positions: list[int] = []
+        out_cols: list[list[Any]] = [[] for _ in cols]
+        previous = self.last
+        rows = zip(*cols, strict=True) if cols else repeat(())
+        for entry, position, values in zip(entries, positions, rows, strict=False):  # rows: maybe repeat(())
+            if previous is not None:
+                if entry == previous[0]:
+                    if self.on_duplicate == "error":
+                        raise self._duplicate(entry, previous[1], position)
+                    self.duplicates += 1
+                    if out:  # keep the last: drop the earlier one
+                        out.pop()
+                        out_positions.pop()
+                        for col in out_cols:
+                            col.pop()
+                    else:
+                        assert self.writer is not None
+                        self.writer.pop_last()
+                elif entry < previous[0]:
+                    raise self._unsorted(entry, position, previous[0], previous[1])
+            out.append(entry)
+            out_positions.append(position)
+            for col, value in zip(out_cols, values, strict=True):
+                col.append(value)
+            previous = (entry, position)
+        return out, out_positions, out_cols
+
+    def finish(self, clear_others: bool) -> int:
+        """End the last namespace, then swap every built tree in (freeing the old ones); with
+        ``clear_others``, also empty every namespace not built. Returns how many were emptied.
+
+        Nothing changes a root before this point, so a build that fails earlier leaves the
+        transaction as it was once :meth:`discard` has dropped the nodes it wrote.
+        """
+        self._end()
+        aggregate, tx = self.aggregate, self.tx
+        for tree_key, old, new in self.swaps:
+            if old is not None:
+                _free(tx, aggregate, old)
+            if new is not None or old is not None:
+                tx.set_root(tree_key, new)
+        self.node_ids.clear()
+        if not clear_others:
+            return 0
+        cleared = 0
+        for namespace, _ in list(aggregate.namespaces(tx)):
+            tree_key = aggregate._tree_key(namespace)
+            if tree_key in self.built:
+                continue
+            root = tx.root(tree_key)
+            if root is not None:
+                _free(tx, aggregate, root)
+                tx.set_root(tree_key, None)
+                cleared += 1
+        return cleared
+
+
+def _free(tx: WriteTransaction, aggregate: Aggregate, root: Root) -> None:
+    """Free every node of a tree (dropped by id: its leaves are not read)."""
+    Tree(tx, len(aggregate.fields), aggregate.node_size, root).delete_range(0, root.summary[0])
+
+
+def _check_options(on_duplicate: str, fill: float, memory: int) -> None:
+    if on_duplicate not in ("error", "last"):
+        raise ValueError(f"on_duplicate must be 'error' or 'last', not {on_duplicate!r}")
+    if not isinstance(fill, int | float) or not 0.5 <= fill <= 1.0:
+        raise ValueError(f"fill must be a number from 0.5 to 1.0, not {fill!r}")
+    if type(memory) is not int or memory < 1:
+        raise ValueError(f"memory must be a positive int (bytes), not {memory!r}")
+
+
+def _run(
+    aggregate: Aggregate,
+    tx: WriteTransaction,
+    rows: Iterable[Any],
+    *,
+    namespace: bytes | None,
+    presorted: bool,
+    replace: bool,
+    on_duplicate: OnDuplicate,
+    fill: float,
+    memory: int,
+    clear_others: bool,
+    on_invalid: OnInvalid | None,
+    label: Label,
+    progress: Progress | None,
+    temp_dir: str | None,
+    item_type: type | None,
+) -> BuildReport:
+    _check_options(on_duplicate, fill, memory)
+    encoder = _Encoder(aggregate, namespace is None, on_invalid, label, item_type)
+    build = _Build(
+        aggregate, tx, replace=replace, on_duplicate=on_duplicate, fill=fill, label=label, progress=progress
+    )
+    try:
+        _feed(build, encoder, rows, namespace, presorted, memory, temp_dir, progress)
+        if namespace is not None and build.namespace is None and replace:
+            build._start(namespace)  # no items at all: the namespace is replaced by an empty one
+        cleared = build.finish(clear_others)
+    except BaseException:
+        build.discard()  # a caller that catches the error and commits must not commit half a build
+        raise
+    return BuildReport(build.items, build.namespaces, build.duplicates, encoder.invalid, cleared)
+
+
+def _feed(
+    build: _Build,
+    encoder: _Encoder,
+    rows: Iterable[Any],
+    namespace: bytes | None,
+    presorted: bool,
+    memory: int,
+    temp_dir: str | None,
+    progress: Progress | None,
+) -> None:
+    read = 0
+    if presorted:
+        for start, batch in _batches(rows, _BATCH):
+            read += len(batch)
+            if progress is not None:
+                progress("read", read)
+            build.feed(encoder.encode(batch, start), True, namespace)
+        return
+    sorter = _Sorter(encoder.nfields, namespace is None, memory, temp_dir, progress)
+    try:
+        for start, batch in _batches(rows, _BATCH):
+            sorter.add(encoder.encode(batch, start))
+            read += len(batch)
+            if progress is not None:
+                progress("read", read)
+        for chunk in sorter.chunks():
+            build.feed(chunk, False, namespace)
+    finally:
+        sorter.close()
+
+
+def build(
+    aggregate: Aggregate,
+    tx: WriteTransaction,
+    items: Iterable[Any],
+    *,
+    namespace: Any = None,
+    sorted: bool = False,
+    replace: bool = True,
+    on_duplicate: OnDuplicate = "error",
+    fill: float = DEFAULT_FILL,
+    memory: int = DEFAULT_MEMORY,
+    on_invalid: OnInvalid | None = None,
+    label: Label = _default_label,
+    progress: Progress | None = None,
+    temp_dir: str | None = None,
+    item_type: type | None = None,
+) -> BuildReport:
+    """Build one namespace's tree from items; see :meth:`tallytree.Aggregate.build`."""
+    encoded = encode_key(namespace, what="namespace")
+    return _run(
+        aggregate,
+        tx,
+        items,
+        namespace=encoded,
+        presorted=sorted,
+        replace=replace,
+        on_duplicate=on_duplicate,
+        fill=fill,
+        memory=memory,
+        clear_others=False,
+        on_invalid=on_invalid,
+        label=label,
+        progress=progress,
+        temp_dir=temp_dir,
+        item_type=item_type,
+    )
+
+
+def build_many(
+    aggregate: Aggregate,
+    tx: WriteTransaction,
+    rows: Iterable[Any],
+    *,
+    sorted: bool = False,
+    replace: bool = True,
+    on_duplicate: OnDuplicate = "error",
+    clear_others: bool = False,
+    fill: float = DEFAULT_FILL,
+    memory: int = DEFAULT_MEMORY,
+    on_invalid: OnInvalid | None = None,
+    label: Label = _default_label,
+    progress: Progress | None = None,
+    temp_dir: str | None = None,
+) -> BuildReport:
+    """Build the trees of every namespace in ``rows``; see :meth:`tallytree.Aggregate.build_many`."""
+    return _run(
+        aggregate,
+        tx,
+        rows,
+        namespace=None,
+        presorted=sorted,
+        replace=replace,
+        on_duplicate=on_duplicate,
+        fill=fill,
+        memory=memory,
+        clear_others=clear_others,
+        on_invalid=on_invalid,
+        label=label,
+        progress=progress,
+        temp_dir=temp_dir,
+        item_type=None,
+    )
+
+
+def sorted_items(
+    aggregate: Aggregate,
+    rows: Iterable[Any],
+    *,
+    memory: int = DEFAULT_MEMORY,
+    on_invalid: OnInvalid | None = None,
+    label: Label = _default_label,
+    temp_dir: str | None = None,
+) -> Iterator[tuple[bytes, bytes, tuple[Any, ...]]]:
+    """``(encoded namespace, entry, values)`` of ``(namespace, key, id, values)`` rows, in tree order.
+
+    Validated and sorted as :func:`build_many` does (externally beyond ``memory``); of equal items the
+    last one is kept. Used to compare an aggregate with its source, one pass over each.
+    """
+    _check_options("last", DEFAULT_FILL, memory)
+    encoder = _Encoder(aggregate, True, on_invalid, label, None)
+    sorter = _Sorter(len(aggregate.fields), True, memory, temp_dir, None)
+    try:
+        for start, batch in _batches(rows, _BATCH):
+            sorter.add(encoder.encode(batch, start))
+        pending: tuple[bytes, bytes, tuple[Any, ...]] | None = None
+        for chunk in sorter.chunks():
+            namespaces = chunk.namespaces
+            assert namespaces is not None
+            values = zip(*chunk.cols, strict=True) if chunk.cols else repeat(())
+            for item in zip(namespaces, chunk.entries, values, strict=False):  # values may be repeat(())
+                if pending is not None and (pending[0] != item[0] or pending[1] != item[1]):
+                    yield pending
+                pending = item
+        if pending is not None:
+            yield pending
+    finally:
+        sorter.close()

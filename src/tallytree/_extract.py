@@ -1,0 +1,504 @@
+"""Extractors: how a document becomes an item of an aggregate, and the low-level item writes.
+
+Design
+======
+A :class:`Definition` says how to derive one aggregate's item from a document::
+
+    document {"org": 7, "status": "open", "created_at": t, "cost": 0.25}  (id "load_1")
+        namespace= "org"                     -> 7
+        key=       ("status", "created_at")  -> ("open", t)
+        values=    ("cost",)                 -> (0.25,)
+        where=     {"void": False}           -> matched (a non-matching document has no item)
+    item: tree (aggregate id + encode(7)), entry encode(("open", t)) + encode("load_1"), values (0.25,)
+
+Each of ``key``, ``namespace`` and each value is an *extractor*: a field name, a tuple of field names
+(a composite key), or a function of the document. The document id is the item id, so a document has at
+most one item per aggregate and the pair (old document, new document) determines exactly which item to
+remove and which to add: that is what keeps a table's aggregates in sync by construction, and what the
+change hooks and ``verify`` reuse.
+
+*Coordinates* ``(tree key, entry, values)`` are computed and validated for every aggregate before any
+tree is touched, so an extractor that fails raises :class:`~tallytree.errors.ExtractionError` and
+nothing is written. Field-based definitions are described by plain data (stored with the table);
+function-based ones by the function's qualified name and a fingerprint of its code, used to detect a
+different function passed on reopening.
+
+The writes here go below :class:`~tallytree.Aggregate`'s public methods (straight to the trees), because
+aggregates owned by a table refuse public writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
+from typing import Any, Literal
+
+import msgpack
+
+from ._aggregate import Aggregate
+from ._btree import Tree, same_values
+from ._keys import encode_key
+from ._txn import Transaction, WriteTransaction
+from .errors import (
+    DuplicateItemError,
+    ExtractionError,
+    InvalidKeyError,
+    InvalidValueError,
+    ItemNotFoundError,
+    UnsupportedKeyTypeError,
+)
+
+__all__ = ["Coord", "Definition", "Extractor", "build", "check_strict", "move"]
+
+Extractor = str | tuple[str, ...] | Callable[[Any], Any]
+"""A field name, a tuple of field names (a composite key), or a function of the document."""
+
+Where = str | Mapping[str, Any] | Callable[[Any], Any] | None
+"""A field name (the document matches when the field is truthy), a mapping of field values that must
+all be equal, or a predicate; None matches every document."""
+
+Coord = tuple[bytes, bytes, tuple[Any, ...]]
+"""An item's place: (tree key, entry, values)."""
+
+OnMissing = Literal["error", "skip"]
+
+_TREE_KEY_CACHE = 65536
+
+
+class _Missing(Exception):
+    """Internal: a field is absent (or a value is None) and on_missing="skip" applies."""
+
+
+def describe(spec: Any, role: str) -> Any:
+    """A plain-data description of an extractor, stored with a table and compared on reattach."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return ["field", spec]
+    if isinstance(spec, tuple) and spec and all(isinstance(field, str) for field in spec):
+        return ["fields", list(spec)]
+    if callable(spec):
+        return ["function", _qualname(spec), _fingerprint(spec), _PYTHON]
+    raise TypeError(
+        f"{role}= takes a field name, a tuple of field names or a function of the document, not {spec!r}"
+    )
+
+
+def describe_where(where: Where) -> Any:
+    """Like :func:`describe`, for ``where=``."""
+    if where is None:
+        return None
+    if isinstance(where, str):
+        return ["field", where]
+    if isinstance(where, Mapping):
+        if not all(isinstance(field, str) for field in where):
+            raise TypeError(f"where= as a mapping takes field names as keys, not {where!r}")
+        return ["equals", dict(where)]
+    if callable(where):
+        return ["function", _qualname(where), _fingerprint(where), _PYTHON]
+    raise TypeError(
+        f"where= takes a field name, a mapping of field values or a predicate function, not {where!r}"
+    )
+
+
+def same_description(stored: Any, given: Any) -> bool:
+    """Whether two descriptions denote the same definition (function code is compared only when both
+    were fingerprinted by the same Python version, as bytecode differs between versions)."""
+    if isinstance(stored, list) and isinstance(given, list):
+        if stored and stored[0] == "function" and given and given[0] == "function":
+            if stored[1] != given[1]:
+                return False
+            return bool(stored[3] != given[3] or stored[2] == given[2])
+        return len(stored) == len(given) and all(
+            same_description(a, b) for a, b in zip(stored, given, strict=True)
+        )
+    if isinstance(stored, dict) and isinstance(given, dict):
+        return stored.keys() == given.keys() and all(same_description(stored[k], given[k]) for k in stored)
+    return bool(stored == given and type(stored) is type(given))
+
+
+def has_function(description: Any) -> bool:
+    """Whether a description includes a function (which must be passed again after reopening)."""
+    if isinstance(description, list):
+        if description and description[0] == "function":
+            return True
+        return any(has_function(part) for part in description)
+    if isinstance(description, dict):
+        return any(has_function(part) for part in description.values())
+    return False
+
+
+_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _qualname(function: Callable[..., Any]) -> str:
+    module = getattr(function, "__module__", None) or "?"
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{module}.{name}"
+
+
+def _fingerprint(function: Callable[..., Any]) -> str:
+    """A hash of the function's code, constants, names, defaults and simple closure values."""
+    digest = hashlib.sha256()
+    code = getattr(function, "__code__", None)
+    if code is None:  # a builtin, a partial, an itemgetter, a callable object: its repr is what we have
+        digest.update(repr(function).encode())
+        return digest.hexdigest()[:16]
+
+    def feed(code: Any) -> None:
+        digest.update(code.co_code)
+        digest.update(repr(code.co_names).encode())
+        for constant in code.co_consts:
+            if hasattr(constant, "co_code"):
+                feed(constant)
+            else:
+                digest.update(repr(constant).encode())
+
+    feed(code)
+    digest.update(repr(getattr(function, "__defaults__", None)).encode())
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if value is None or isinstance(value, str | int | float | bytes | tuple | frozenset):
+            digest.update(repr(value).encode())
+        else:
+            digest.update(type(value).__qualname__.encode())
+    return digest.hexdigest()[:16]
+
+
+def _getter(spec: Any) -> Callable[[Any], Any]:
+    if isinstance(spec, str):
+        return itemgetter(spec)
+    if isinstance(spec, tuple):
+        if len(spec) == 1:
+            field = spec[0]
+            return lambda doc: (doc[field],)
+        return itemgetter(*spec)
+    return spec  # type: ignore[no-any-return]  # checked callable by describe()
+
+
+def _where_predicate(where: Where) -> Callable[[Any], Any] | None:
+    if where is None:
+        return None
+    if isinstance(where, str):
+        field = where
+        return lambda doc: doc.get(field)
+    if isinstance(where, Mapping):
+        wanted = list(where.items())
+        missing = object()
+        return lambda doc: all(doc.get(field, missing) == value for field, value in wanted)
+    return where
+
+
+def _to_tuple(value: Any) -> Any:
+    """Lists (what msgpack gives back for tuples) as tuples, recursively, so they can be keys."""
+    if isinstance(value, list | tuple):
+        return tuple(_to_tuple(each) for each in value)
+    return value
+
+
+class Definition:
+    """How the documents of a table (or of an external source) map to the items of one aggregate."""
+
+    __slots__ = (
+        "_fields_named",
+        "_key",
+        "_namespace",
+        "_none_namespace_key",
+        "_skip",
+        "_tree_keys",
+        "_value_getter",
+        "_value_specs",
+        "_where",
+        "aggregate",
+        "description",
+        "key_spec",
+        "name",
+        "namespace_spec",
+        "on_missing",
+        "where_spec",
+    )
+
+    def __init__(
+        self,
+        aggregate: Aggregate,
+        *,
+        key: Extractor,
+        namespace: Extractor | None,
+        values: Mapping[str, Extractor],
+        where: Where,
+        on_missing: OnMissing,
+    ) -> None:
+        if on_missing not in ("error", "skip"):
+            raise ValueError(f"on_missing must be 'error' or 'skip', not {on_missing!r}")
+        self.aggregate = aggregate
+        self.name = aggregate.name
+        self.key_spec = key
+        self.namespace_spec = namespace
+        self.where_spec = where
+        self.on_missing = on_missing
+        self._value_specs = dict(values)
+        description = {
+            "key": describe(key, "key"),
+            "namespace": describe(namespace, "namespace"),
+            "values": [[field, describe(spec, f"values[{field!r}]")] for field, spec in values.items()],
+            "where": describe_where(where),
+            "on_missing": on_missing,
+        }
+        try:  # in its stored form (tuples as lists), so that a reopened definition compares equal
+            self.description = msgpack.unpackb(msgpack.packb(description, datetime=True), timestamp=3)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"{aggregate.name}: where= holds a value that cannot be stored: {exc}") from exc
+        if tuple(values) != aggregate.fields:
+            raise ValueError(f"{self.name}: value fields {list(values)} != {list(aggregate.fields)}")
+        self._key = _getter(key)
+        self._namespace = _getter(namespace) if namespace is not None else None
+        getters = [_getter(spec) for spec in values.values()]
+        plain = [spec for spec in values.values() if isinstance(spec, str)]
+        if len(plain) == len(getters) and len(plain) > 1:
+            self._value_getter: Callable[[Any], Any] = itemgetter(*plain)  # returns a tuple
+        elif len(getters) == 1:
+            only = getters[0]
+            self._value_getter = lambda doc: (only(doc),)
+        elif not getters:
+            self._value_getter = lambda doc: ()
+        else:
+            self._value_getter = lambda doc: tuple([getter(doc) for getter in getters])
+        # a mapping compares with the stored form of documents (lists for tuples, UTC datetimes)
+        self._where = _where_predicate(self.description["where"][1] if isinstance(where, Mapping) else where)
+        self._skip = on_missing == "skip"
+        self._tree_keys: dict[Any, bytes] = {}
+        self._none_namespace_key = aggregate._tree_key(None)
+        self._fields_named = tuple(values)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The aggregate's value fields."""
+        return self._fields_named
+
+    def tree_key(self, namespace: Any) -> bytes:
+        """The tree key of a namespace (cached for str and int namespaces)."""
+        if namespace is None:
+            return self._none_namespace_key
+        kind = type(namespace)
+        if kind is str or kind is int:
+            cached = self._tree_keys.get(namespace)
+            if cached is not None:
+                return cached
+            tree_key = self.aggregate._tree_key(namespace)
+            if len(self._tree_keys) >= _TREE_KEY_CACHE:
+                self._tree_keys.clear()
+            self._tree_keys[namespace] = tree_key
+            return tree_key
+        return self.aggregate._tree_key(namespace)
+
+    def coordinates(self, doc: Any, doc_id: Any, id_bytes: bytes) -> Coord | None:
+        """The item of ``doc`` (tree key, entry, values), or None when it has none (``where`` is false,
+        or a field is missing with ``on_missing="skip"``). Raises ExtractionError."""
+        try:
+            where = self._where
+            if where is not None and not where(doc):
+                return None
+            key = self._key(doc)
+            namespace = self._namespace(doc) if self._namespace is not None else None
+            values = self._value_getter(doc)
+        except Exception:
+            return self._slow(doc, doc_id, id_bytes)
+        try:
+            entry = encode_key(key) + id_bytes
+            tree_key = self.tree_key(namespace)
+            checked = self.aggregate._values(values)
+        except Exception:
+            return self._slow(doc, doc_id, id_bytes)
+        return tree_key, entry, checked
+
+    def _slow(self, doc: Any, doc_id: Any, id_bytes: bytes) -> Coord | None:
+        """Extraction again, one step at a time, to name what failed (or to skip the document)."""
+        try:
+            if self._where is not None:
+                matched = self._step(doc, doc_id, "where", self._where, self.where_spec)
+                if not matched:
+                    return None
+            key = _to_tuple(self._step(doc, doc_id, "key", self._key, self.key_spec))
+            namespace = None
+            if self._namespace is not None:
+                namespace = _to_tuple(
+                    self._step(doc, doc_id, "namespace", self._namespace, self.namespace_spec)
+                )
+            values = []
+            for field, spec in self._value_specs.items():
+                value = self._step(doc, doc_id, f"values[{field!r}]", _getter(spec), spec)
+                if value is None:
+                    self._missing(doc_id, f"values[{field!r}]", spec, "is None")
+                values.append(value)
+            entry = self._encode(doc_id, "key", self.key_spec, key) + id_bytes
+            tree_key = self._encode_namespace(doc_id, namespace)
+            try:
+                checked = self.aggregate._values(tuple(values))
+            except InvalidValueError as exc:
+                raise self._error(doc_id, "values", self._value_specs, str(exc)) from exc
+        except _Missing:
+            return None
+        return tree_key, entry, checked
+
+    def _step(self, doc: Any, doc_id: Any, role: str, getter: Callable[[Any], Any], spec: Any) -> Any:
+        try:
+            return getter(doc)
+        except KeyError as exc:
+            field = exc.args[0] if exc.args else spec
+            self._missing(doc_id, role, spec, f"has no field {field!r}")
+        except Exception as exc:
+            if not isinstance(doc, Mapping) and not callable(spec):
+                raise self._error(doc_id, role, spec, f"is not a mapping but a {type(doc).__name__}") from exc
+            raise self._error(doc_id, role, spec, f"raised {type(exc).__name__}: {exc}") from exc
+
+    def _missing(self, doc_id: Any, role: str, spec: Any, what: str) -> None:
+        if self._skip:
+            raise _Missing
+        raise self._error(doc_id, role, spec, f"{what} (pass on_missing='skip' to leave such documents out)")
+
+    def _encode(self, doc_id: Any, role: str, spec: Any, key: Any) -> bytes:
+        try:
+            return encode_key(key)
+        except (InvalidKeyError, UnsupportedKeyTypeError) as exc:
+            raise self._error(doc_id, role, spec, f"gave an unusable key: {exc}") from exc
+
+    def _encode_namespace(self, doc_id: Any, namespace: Any) -> bytes:
+        try:
+            return self.tree_key(namespace)
+        except (InvalidKeyError, UnsupportedKeyTypeError) as exc:
+            what = f"gave an unusable key: {exc}"
+            raise self._error(doc_id, "namespace", self.namespace_spec, what) from exc
+
+    def _error(self, doc_id: Any, role: str, spec: Any, what: str) -> ExtractionError:
+        if isinstance(spec, str):
+            source = f"field {spec!r}"
+        elif isinstance(spec, tuple):
+            source = f"fields {spec!r}"
+        elif isinstance(spec, Mapping):
+            source = f"fields {list(spec)!r}"
+        else:
+            source = f"function {_qualname(spec)}"
+        field = spec if isinstance(spec, str) else role
+        return ExtractionError(
+            f"{self.name}: document {doc_id!r}: {role} ({source}) {what}; nothing was written",
+            aggregate=self.name,
+            document_id=doc_id,
+            field=str(field),
+        )
+
+
+# ---------------------------------------------------------------- item writes below the public API
+
+
+def _tree(tx: Transaction, aggregate: Aggregate, tree_key: bytes) -> Tree:
+    return Tree(tx, len(aggregate.fields), aggregate.node_size, tx.root(tree_key))
+
+
+def _save(tx: WriteTransaction, tree_key: bytes, tree: Tree) -> None:
+    if tree.changed:
+        tx.set_root(tree_key, tree.root)
+
+
+def move(tx: WriteTransaction, aggregate: Aggregate, old: Coord | None, new: Coord | None) -> bool:
+    """Make the aggregate hold ``new`` instead of ``old`` (either may be None); return whether anything
+    changed. Tolerant: an absent old item or a present new one is not an error, so the result is the
+    same whatever the aggregate held. O(log n) per tree touched."""
+    if old is not None and new is not None and old[0] == new[0]:
+        tree_key = old[0]
+        if old[1] == new[1] and same_values(old[2], new[2]):
+            return False
+        tree = _tree(tx, aggregate, tree_key)
+        if old[1] == new[1]:
+            if tree.update(new[1], new[2]) is None:
+                tree.insert(new[1], new[2])
+        else:
+            tree.delete(old[1])
+            if not tree.insert(new[1], new[2]):
+                tree.update(new[1], new[2])
+        _save(tx, tree_key, tree)
+        return True
+    changed = False
+    if old is not None:
+        tree = _tree(tx, aggregate, old[0])
+        if tree.delete(old[1]) is not None:
+            _save(tx, old[0], tree)
+            changed = True
+    if new is not None:
+        tree = _tree(tx, aggregate, new[0])
+        if not tree.insert(new[1], new[2]):
+            tree.update(new[1], new[2])
+        _save(tx, new[0], tree)
+        changed = True
+    return changed
+
+
+def check_strict(
+    tx: Transaction, aggregate: Aggregate, old: Coord | None, new: Coord | None, doc_id: Any
+) -> None:
+    """Raise unless the aggregate holds ``old`` (when given) and ``new``'s place is free (when it is a
+    different place): what a strict change handler requires before writing anything."""
+    if old is not None and _tree(tx, aggregate, old[0]).find(old[1]) is None:
+        raise ItemNotFoundError(
+            f"{aggregate.name}: the item of document {doc_id!r} is not in the aggregate; use "
+            "apply(..., idempotent=True) for replays, or repair() to fix drift"
+        )
+    if (
+        new is not None
+        and (old is None or old[:2] != new[:2])
+        and _tree(tx, aggregate, new[0]).find(new[1]) is not None
+    ):
+        raise DuplicateItemError(
+            f"{aggregate.name}: the item of document {doc_id!r} is already in the aggregate; use "
+            "apply(..., idempotent=True) for replays and backfills"
+        )
+
+
+def build(tx: WriteTransaction, aggregate: Aggregate, coords: Iterable[Coord]) -> int:
+    """Add many items (new ones; present entries are skipped), grouped by tree and merged in sorted
+    runs. Return how many were added. About O(m log m) for m items."""
+    by_tree: dict[bytes, list[tuple[bytes, tuple[Any, ...]]]] = {}
+    for tree_key, entry, values in coords:
+        rows = by_tree.get(tree_key)
+        if rows is None:
+            rows = by_tree[tree_key] = []
+        rows.append((entry, values))
+    added = 0
+    for tree_key in sorted(by_tree):
+        rows = by_tree[tree_key]
+        rows.sort(key=itemgetter(0))
+        tree = _tree(tx, aggregate, tree_key)
+        added += tree.insert_sorted_run([row[0] for row in rows], [row[1] for row in rows])
+        _save(tx, tree_key, tree)
+    return added
+
+
+def spec_from(description: Any) -> Any:
+    """Inverse of :func:`describe` for field-based descriptions (a function description gives None)."""
+    if description is None:
+        return None
+    kind = description[0]
+    if kind == "field":
+        return description[1]
+    if kind == "fields":
+        return tuple(description[1])
+    if kind == "equals":
+        return dict(description[1])
+    return None
+
+
+def definition_from(aggregate: Aggregate, description: Mapping[str, Any]) -> Definition:
+    """Rebuild a field-based definition from its stored description."""
+    values = {field: spec_from(spec) for field, spec in description["values"]}
+    return Definition(
+        aggregate,
+        key=spec_from(description["key"]),
+        namespace=spec_from(description["namespace"]),
+        values=values,
+        where=spec_from(description["where"]),
+        on_missing=description["on_missing"],
+    )

@@ -1,0 +1,423 @@
+"""Hooks for data that lives elsewhere: changes, change handlers, and verify / repair against a source.
+
+Design
+======
+When the documents live in another store (PostgreSQL, SQLite, an ORM), the application reports each
+write as a :class:`Change` (insert with the new row, update with the old and the new, delete with the
+old) to a :class:`ChangeHandler`, built from the same extractors as a table (see ``_extract``). The
+handler moves each aggregate's item of the old row to the item of the new one, in the caller's
+tallytree transaction:
+
+* ``apply(tx, change)`` is strict: the old item must be present and the new place free, checked for
+  every aggregate before anything is written, so a change applied twice, or against drifted data,
+  raises instead of double counting;
+* ``apply(tx, change, idempotent=True)`` makes the aggregates hold the new row's items whatever they held
+  (absent old items and present new ones are fine): for replays of a log in order, and backfills.
+
+The two stores commit separately, so a crash between them leaves drift. :func:`verify` recomputes what
+an aggregate should hold from a source of documents (a table, any iterable of rows, a DB-API cursor or
+an SQLAlchemy result) and reports the difference item by item; :func:`repair` applies that difference in
+one transaction. Both read the whole aggregate and the whole source: O(n) time, and memory for the
+expected items (about 100 bytes each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._aggregate import Aggregate, Item, decode_entry
+from ._btree import Tree, same_values
+from ._extract import Coord, Definition, Extractor, OnMissing, Where, check_strict, move
+from ._keys import decode_key, encode_id
+from ._table import Table
+from ._txn import Transaction, WriteTransaction
+from .errors import AggregateNotFoundError, InvalidDocumentError, TransactionError
+
+if TYPE_CHECKING:
+    from ._db import Database
+
+__all__ = ["Change", "ChangeHandler", "Drift", "DriftExample", "repair", "verify"]
+
+ChangeKind = Literal["insert", "update", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One write to a document stored elsewhere: ``insert`` (new), ``update`` (old and new) or
+    ``delete`` (old). Build with :meth:`insert`, :meth:`update` or :meth:`delete`.
+
+    >>> Change.update(7, {"status": "open"}, {"status": "paid"}).kind
+    'update'
+    """
+
+    kind: ChangeKind
+    id: Any
+    old: Mapping[str, Any] | None = None
+    new: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        wanted = {"insert": (False, True), "update": (True, True), "delete": (True, False)}.get(self.kind)
+        if wanted is None:
+            raise ValueError(f"a change is an 'insert', 'update' or 'delete', not {self.kind!r}")
+        if ((self.old is not None), (self.new is not None)) != wanted:
+            raise ValueError(
+                f"a {self.kind} change takes {'old' if wanted[0] else 'no old'} and "
+                f"{'new' if wanted[1] else 'no new'} document"
+            )
+
+    @classmethod
+    def insert(cls, id: Any, new: Mapping[str, Any]) -> Change:
+        """A new document."""
+        return cls("insert", id, None, new)
+
+    @classmethod
+    def update(cls, id: Any, old: Mapping[str, Any], new: Mapping[str, Any]) -> Change:
+        """A document that changed from ``old`` to ``new``."""
+        return cls("update", id, old, new)
+
+    @classmethod
+    def delete(cls, id: Any, old: Mapping[str, Any]) -> Change:
+        """A document that was removed (``old`` is its last state)."""
+        return cls("delete", id, old, None)
+
+
+class ChangeHandler:
+    """Keeps aggregates in sync with documents stored elsewhere, from the changes you report.
+
+    >>> import tallytree
+    >>> db = tallytree.open_memory()
+    >>> hooks = tallytree.ChangeHandler(db)
+    >>> invoices = hooks.aggregate("invoices", namespace="org", key="status", values=("total",))
+    >>> with db.write() as tx:
+    ...     hooks.apply(tx, Change.insert(1, {"org": 7, "status": "open", "total": 120}))
+    ...     hooks.apply(tx, Change.update(1, {"org": 7, "status": "open", "total": 120},
+    ...                                      {"org": 7, "status": "paid", "total": 120}))
+    >>> with db.read() as tx:
+    ...     invoices.count(tx, namespace=7, eq="paid"), invoices.count(tx, namespace=7, eq="open")
+    (1, 0)
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._definitions: dict[str, Definition] = {}
+
+    def __repr__(self) -> str:
+        return f"<ChangeHandler aggregates={sorted(self._definitions)}>"
+
+    def aggregate(
+        self,
+        name: str,
+        *,
+        key: Extractor,
+        namespace: Extractor | None = None,
+        values: Sequence[str] | Mapping[str, Extractor] = (),
+        where: Where = None,
+        node_size: int | None = None,
+        on_missing: OnMissing = "error",
+    ) -> Aggregate:
+        """Open (or create) the aggregate ``name`` and register how documents map to its items.
+
+        The extractors are those of :meth:`tallytree.Table.aggregate`. The definition lives in this
+        handler (pass it again in each process); the aggregate's value fields and node size are fixed
+        at creation as usual.
+        """
+        if isinstance(values, Mapping):
+            specs: dict[str, Extractor] = dict(values)
+        elif isinstance(values, str):
+            raise ValueError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
+        else:
+            specs = {name: name for name in values}
+        aggregate = self._db.aggregate(name, values=tuple(specs), node_size=node_size)
+        if aggregate._readonly_reason is not None:
+            raise TransactionError(aggregate._readonly_reason)
+        definition = Definition(
+            aggregate, key=key, namespace=namespace, values=specs, where=where, on_missing=on_missing
+        )
+        self._definitions[name] = definition
+        self._db._handled[name] = definition
+        return aggregate
+
+    def aggregates(self) -> list[str]:
+        """The names of the registered aggregates, sorted."""
+        return sorted(self._definitions)
+
+    def definition(self, name: str) -> Definition:
+        """The extractors registered for ``name``. Raises AggregateNotFoundError."""
+        try:
+            return self._definitions[name]
+        except KeyError:
+            raise AggregateNotFoundError(f"this handler has no aggregate {name!r}") from None
+
+    def apply(self, tx: Transaction, change: Change, *, idempotent: bool = False) -> None:
+        """Apply one change to every registered aggregate, in ``tx``. O(a log n).
+
+        Strict by default: raises ItemNotFoundError when an old item is absent and DuplicateItemError
+        when a new one is already there (checked for every aggregate first: nothing is written).
+        ``idempotent=True`` accepts both, so replaying changes in order converges. Raises
+        ExtractionError for a document the extractors cannot read.
+        """
+        wtx = _writable(self._db, tx)
+        if not isinstance(change, Change):
+            raise TypeError(f"apply() takes a Change, not {type(change).__name__}")
+        id_bytes = encode_id(change.id)
+        plans: list[tuple[Definition, Coord | None, Coord | None]] = []
+        for definition in self._definitions.values():
+            old = definition.coordinates(change.old, change.id, id_bytes) if change.old is not None else None
+            new = definition.coordinates(change.new, change.id, id_bytes) if change.new is not None else None
+            plans.append((definition, old, new))
+        if not idempotent:
+            for definition, old, new in plans:
+                check_strict(wtx, definition.aggregate, old, new, change.id)
+        for definition, old, new in plans:
+            if old is not None or new is not None:
+                move(wtx, definition.aggregate, old, new)
+
+    def apply_many(self, tx: Transaction, changes: Iterable[Change], *, idempotent: bool = False) -> int:
+        """Apply changes in order (see :meth:`apply`); return how many. A strict failure raises after
+        the earlier changes were applied: let it abort the transaction."""
+        applied = 0
+        for change in changes:
+            self.apply(tx, change, idempotent=idempotent)
+            applied += 1
+        return applied
+
+
+def _writable(db: Database, tx: Transaction) -> WriteTransaction:
+    tx.check_database(db)
+    if not isinstance(tx, WriteTransaction):
+        raise TransactionError("applying changes needs a write transaction: `with db.write() as tx:`")
+    return tx
+
+
+# ---------------------------------------------------------------- verify and repair
+
+
+@dataclass(frozen=True, slots=True)
+class DriftExample:
+    """One item that differs: what the source implies (``expected``) and what the aggregate holds."""
+
+    kind: Literal["missing", "extra", "different"]
+    id: Any
+    expected: tuple[Any, Item] | None
+    actual: tuple[Any, Item] | None
+
+    def __str__(self) -> str:
+        def show(place: tuple[Any, Item] | None) -> str:
+            if place is None:
+                return "nothing"
+            namespace, item = place
+            return f"key={item.key!r} values={item.values!r} in namespace {namespace!r}"
+
+        return f"{self.kind} id={self.id!r}: expected {show(self.expected)}, found {show(self.actual)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """What :func:`verify` found: counts of missing, extra and different items, and examples.
+
+    ``ok`` is True when the aggregate holds exactly the items the source implies.
+    """
+
+    aggregate: str
+    documents: int
+    expected: int
+    actual: int
+    missing: int
+    extra: int
+    different: int
+    examples: list[DriftExample] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No drift at all."""
+        return not (self.missing or self.extra or self.different)
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.aggregate}: {self.documents} document(s) -> {self.expected} item(s) expected, "
+            f"{self.actual} held; missing {self.missing}, extra {self.extra}, different {self.different}"
+        )
+        return "\n  ".join([head, *map(str, self.examples)])
+
+
+_Fix = tuple[Coord | None, Coord | None]
+
+
+def _definition_for(db: Database, aggregate: Aggregate, source: Any) -> Definition:
+    name = aggregate.name
+    for table in db._tables.values():
+        if name in table._definitions:
+            return table._definitions[name]
+        if name in table._pending:
+            return table.definition(name)  # raises: its function must be passed again
+    handled = db._handled.get(name)
+    if handled is not None:
+        return handled
+    if isinstance(source, Table):
+        return source.definition(name)
+    raise AggregateNotFoundError(
+        f"{aggregate.name}: no extractors known for it; attach it to a table or register it with a "
+        "ChangeHandler in this process (or pass definition=)"
+    )
+
+
+def _documents(tx: Transaction, source: Any, id: str | Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """``(id, document)`` pairs from a table, DB-API cursor, SQLAlchemy result or iterable of rows."""
+    if isinstance(source, Table):
+        yield from source.items(tx)
+        return
+    get_id: Callable[[Any], Any] = (lambda doc: doc[id]) if isinstance(id, str) else id
+    description = getattr(source, "description", None)
+    if description is not None and not isinstance(source, Mapping):  # a DB-API cursor
+        names = [column[0] for column in description]
+        for row in source:
+            doc = dict(zip(names, row, strict=True))
+            yield get_id(doc), doc
+        return
+    for row in source:
+        if isinstance(row, Mapping):
+            yield get_id(row), row
+        elif hasattr(row, "_mapping"):  # an SQLAlchemy Row
+            doc = dict(row._mapping)
+            yield get_id(doc), doc
+        elif isinstance(row, tuple) and len(row) == 2:
+            yield row[0], row[1]
+        else:
+            raise InvalidDocumentError(
+                f"verify() reads mappings, (id, document) pairs, DB-API cursors or SQLAlchemy rows, "
+                f"not {type(row).__name__}"
+            )
+
+
+def _diff(
+    tx: Transaction,
+    aggregate: Aggregate,
+    source: Any,
+    definition: Definition | None,
+    id: str | Callable[[Any], Any],
+    examples: int,
+) -> tuple[Drift, list[_Fix]]:
+    tx.check_database(aggregate._db)
+    if definition is None:
+        definition = _definition_for(aggregate._db, aggregate, source)
+    expected: dict[bytes, Coord] = {}
+    documents = 0
+    for doc_id, doc in _documents(tx, source, id):
+        documents += 1
+        id_bytes = encode_id(doc_id)
+        coord = definition.coordinates(doc, doc_id, id_bytes)
+        if coord is not None:
+            expected[id_bytes] = coord
+        else:
+            expected.pop(id_bytes, None)
+    fixes: list[_Fix] = []
+    shown: list[DriftExample] = []
+    counts = {"missing": 0, "extra": 0, "different": 0}
+
+    def note(kind: Literal["missing", "extra", "different"], want: Coord | None, have: Coord | None) -> None:
+        counts[kind] += 1
+        fixes.append((have, want))
+        if len(shown) < examples:
+            some = want if want is not None else have
+            assert some is not None
+            doc_id = decode_entry(some[1])[1]
+            shown.append(DriftExample(kind, doc_id, _place(aggregate, want), _place(aggregate, have)))
+
+    actual = 0
+    seen: set[bytes] = set()
+    for namespace, _ in list(aggregate.namespaces(tx)):
+        tree_key = aggregate._tree_key(namespace)
+        tree = Tree(tx, len(aggregate.fields), aggregate.node_size, tx.root(tree_key))
+        for entry, values in tree.iterate(0, tree.count):
+            actual += 1
+            _, offset = decode_key(entry)
+            id_bytes = entry[offset:]
+            have: Coord = (tree_key, entry, values)
+            want = expected.get(id_bytes)
+            if want is None or id_bytes in seen:
+                note("extra", None, have)
+                continue
+            seen.add(id_bytes)
+            if want[0] != tree_key or want[1] != entry or not same_values(want[2], values):
+                note("different", want, have)
+    for id_bytes, want in expected.items():
+        if id_bytes not in seen:
+            note("missing", want, None)
+    drift = Drift(
+        aggregate.name,
+        documents,
+        len(expected),
+        actual,
+        counts["missing"],
+        counts["extra"],
+        counts["different"],
+        shown,
+    )
+    return drift, fixes
+
+
+def _place(aggregate: Aggregate, coord: Coord | None) -> tuple[Any, Item] | None:
+    if coord is None:
+        return None
+    namespace = decode_key(coord[0], len(aggregate._prefix))[0]
+    key, item_id = decode_entry(coord[1])
+    return namespace, Item(key, item_id, tuple(coord[2]))
+
+
+def verify(
+    tx: Transaction,
+    aggregate: Aggregate,
+    source: Any,
+    *,
+    definition: Definition | None = None,
+    id: str | Callable[[Any], Any] = "id",
+    examples: int = 10,
+) -> Drift:
+    """Compare an aggregate with what a source of documents implies; report the drift.
+
+    ``source`` is a :class:`~tallytree.Table`, a DB-API cursor (after ``execute``), an SQLAlchemy
+    result, or any iterable of mappings (the document id read from the field ``id``, or by a function)
+    or of ``(id, document)`` pairs. The extractors are the aggregate's: those of the table it is
+    attached to, or of the ChangeHandler that registered it in this process (or ``definition=``).
+    Returns a :class:`Drift` with counts and up to ``examples`` examples. O(n) reads, O(n) memory.
+
+    >>> import tallytree
+    >>> db = tallytree.open_memory()
+    >>> hooks = tallytree.ChangeHandler(db)
+    >>> totals = hooks.aggregate("totals", key="day", values=("amount",))
+    >>> rows = [{"id": 1, "day": 1, "amount": 5}, {"id": 2, "day": 2, "amount": 7}]
+    >>> with db.write() as tx:
+    ...     hooks.apply(tx, Change.insert(1, rows[0]))  # the second insert was lost
+    ...     drift = tallytree.verify(tx, totals, rows)
+    ...     (drift.ok, drift.missing), tallytree.repair(tx, totals, rows).missing
+    ((False, 1), 1)
+    >>> with db.read() as tx:
+    ...     tallytree.verify(tx, totals, rows).ok
+    True
+    """
+    return _diff(tx, aggregate, source, definition, id, examples)[0]
+
+
+def repair(
+    tx: Transaction,
+    aggregate: Aggregate,
+    source: Any,
+    *,
+    definition: Definition | None = None,
+    id: str | Callable[[Any], Any] = "id",
+    examples: int = 10,
+) -> Drift:
+    """Make the aggregate hold exactly what the source implies, in ``tx`` (a write transaction);
+    return the drift that was fixed. Works on table-owned aggregates too. O(n + d log n) for d fixes.
+    """
+    wtx = _writable(aggregate._db, tx)
+    drift, fixes = _diff(wtx, aggregate, source, definition, id, examples)
+    for have, _ in fixes:  # every removal first, so no insertion is undone by a later removal
+        if have is not None:
+            move(wtx, aggregate, have, None)
+    for _, want in fixes:
+        if want is not None:
+            move(wtx, aggregate, None, want)
+    return drift

@@ -1,0 +1,852 @@
+"""Tables: documents with attached aggregates that stay in sync by construction.
+
+Design
+======
+A table stores documents (dicts of msgpack-serializable values) in the DOCS store, keyed by
+``table id (4 bytes) + encode_id(document id)``, in the same LMDB environment and transactions as the
+aggregates. Aggregates are *attached* to a table by extractors (see ``_extract``); every write through
+the table computes, for every attached aggregate, the item of the old document and the item of the new
+one, validates all of them, and only then writes the document and moves each item, all in the caller's
+transaction. The aggregates therefore cannot drift from the documents: there is no other write path
+(their public writes are refused), and a write that raises has changed nothing.
+
+What the META table holds for a table::
+
+    b"table:" + name   -> msgpack {"id": 3, "aggregates": {name: description, ...}}
+    b"tstate:" + id    -> document count, next generated id (two unsigned 64-bit big-endian ints)
+    b"agg:" + name     -> the aggregate's usual definition, plus "table": name (owned: read-only)
+
+Documents are stored as msgpack and extractors always run on the decoded form (what ``get`` returns),
+so the item computed when a document is removed is exactly the one computed when it was written. In
+that form tuples are lists (a list key is used as a tuple) and datetimes are UTC.
+
+Definitions persist. Field-based ones reattach on reopening; one that uses a function is *pending*
+until the same ``table.aggregate(...)`` call is made again (the function is compared with the stored
+name and code fingerprint), and until then the table refuses writes rather than let it drift. Each write
+transaction first checks the stored table record, so an aggregate attached by another process is never
+skipped.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgpack
+
+from ._aggregate import Aggregate, Totals, resolve_bounds
+from ._btree import Root, Tree
+from ._extract import (
+    Coord,
+    Definition,
+    Extractor,
+    OnMissing,
+    Where,
+    build,
+    definition_from,
+    has_function,
+    move,
+    same_description,
+)
+from ._keys import decode_key, encode_id
+from ._store import ROOTS
+from ._txn import Transaction, WriteTransaction, decode_root
+from .errors import (
+    AggregateNotFoundError,
+    CorruptDatabaseError,
+    DuplicateItemError,
+    ExtractionError,
+    InvalidDocumentError,
+    ItemNotFoundError,
+    SchemaMismatchError,
+    TransactionError,
+    UnsupportedKeyTypeError,
+)
+
+if TYPE_CHECKING:
+    from ._db import Database
+
+__all__ = ["Table", "decode_doc", "encode_doc"]
+
+_TABLE_PREFIX = b"table:"
+_STATE_PREFIX = b"tstate:"
+_NEXT_TABLE = b"next_table"
+_AGGREGATE_PREFIX = b"agg:"
+_NEXT_AGGREGATE = b"next_agg"
+_STATE = struct.Struct(">QQ")
+_MAX_GENERATED = 2**62  # explicit int ids above this do not move the generated-id counter
+
+Document = dict[str, Any]
+
+
+def encode_doc(doc: Any, doc_id: Any, where: str) -> bytes:
+    """The stored form of a document. Raises InvalidDocumentError."""
+    if not isinstance(doc, Mapping):
+        raise InvalidDocumentError(
+            f"{where}: document {doc_id!r} must be a mapping (a dict of fields), not {type(doc).__name__}"
+        )
+    try:
+        return msgpack.packb(doc, use_bin_type=True, datetime=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidDocumentError(
+            f"{where}: document {doc_id!r} cannot be stored: {exc}. Documents hold None, bool, int "
+            "(64-bit), float, str, bytes, timezone-aware datetime, lists and dicts of these"
+        ) from exc
+
+
+def decode_doc(data: bytes) -> Document:
+    """Inverse of :func:`encode_doc`: dicts, lists for tuples, UTC datetimes."""
+    return msgpack.unpackb(  # type: ignore[no-any-return]
+        data, raw=False, timestamp=3, strict_map_key=False
+    )
+
+
+def check_writing(db: Database, what: str) -> None:
+    """Raise if the calling thread holds a write transaction (``what`` needs its own)."""
+    if getattr(db._local, "writing", False):
+        raise TransactionError(
+            f"{what} needs its own write transaction; call it before `with db.write()`, not inside"
+        )
+
+
+class Table:
+    """A collection of documents with attached aggregates, kept in sync in the same transaction.
+
+    Obtain one with :meth:`tallytree.Database.table`. Document ids are str, int or bytes; ids generated
+    by :meth:`insert` are increasing ints, never reused.
+
+    >>> import tallytree
+    >>> db = tallytree.open_memory()
+    >>> loads = db.table("loads")
+    >>> by_status = loads.aggregate("loads_by_status", namespace="org", key="status", values=("amount",))
+    >>> with db.write() as tx:
+    ...     first = loads.insert(tx, {"org": 1, "status": "open", "amount": 100})
+    ...     _ = loads.insert(tx, {"org": 1, "status": "open", "amount": 250})
+    ...     _ = loads.update(tx, first, {"status": "delivered"})
+    >>> with db.read() as tx:
+    ...     by_status.count(tx, namespace=1, eq="open"), by_status.totals(tx, namespace=1)
+    (1, Totals(count=2, amount=350))
+    """
+
+    def __init__(self, db: Database, name: str, table_id: int) -> None:
+        self._db = db
+        self.name = name
+        self._id = table_id
+        self._prefix = table_id.to_bytes(4, "big")
+        self._stop = (table_id + 1).to_bytes(4, "big")
+        self._record_key = _TABLE_PREFIX + name.encode()
+        self._where = f"table {name!r}"
+        self._state_key = _STATE_PREFIX + self._prefix
+        self._record = b""
+        self._definitions: dict[str, Definition] = {}
+        self._pending: dict[str, Any] = {}
+        self._dropped: str | None = None
+        self._tx: WriteTransaction | None = None
+        self._count = 0
+        self._next_id = 1
+
+    def __repr__(self) -> str:
+        return f"<Table {self.name!r} aggregates={sorted([*self._definitions, *self._pending])}>"
+
+    # ------------------------------------------------------------ definitions
+
+    def _load(self, tx: Transaction, record: bytes | None) -> None:
+        """Adopt the stored table record: attach field-based aggregates, keep given functions."""
+        if record is None:
+            self._dropped = f"table {self.name!r} was dropped"
+            raise TransactionError(self._dropped)
+        if record == self._record:
+            return
+        data = msgpack.unpackb(record, raw=False)
+        definitions: dict[str, Definition] = {}
+        pending: dict[str, Any] = {}
+        for name, description in data["aggregates"].items():
+            current = self._definitions.get(name)
+            stored = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            if stored is None:
+                raise CorruptDatabaseError(f"table {self.name!r}: aggregate {name!r} has no definition")
+            aggregate = self._db._aggregates.get(name)
+            fresh = self._db._aggregate_from(name, stored)
+            if aggregate is None or (aggregate._id, aggregate.fields, aggregate.node_size) != (
+                fresh._id,
+                fresh.fields,
+                fresh.node_size,
+            ):
+                self._adopt_owned(fresh)
+                aggregate = fresh
+            elif aggregate._readonly_reason is None:  # opened with db.aggregate() before it was attached
+                aggregate._readonly_reason = owned_reason(name, self.name)
+            if (
+                current is not None
+                and current.aggregate is aggregate
+                and same_description(current.description, description)
+            ):
+                definitions[name] = current
+            elif has_function(description):
+                pending[name] = description
+            else:
+                definitions[name] = definition_from(aggregate, description)
+        self._definitions = definitions
+        self._pending = pending
+        self._record = record
+
+    def _definition_record(self, changes: Mapping[str, Any]) -> bytes:
+        data: dict[str, Any] = msgpack.unpackb(self._record, raw=False) if self._record else {}
+        aggregates = dict(data.get("aggregates", {}))
+        for name, description in changes.items():
+            if description is None:
+                aggregates.pop(name, None)
+            else:
+                aggregates[name] = description
+        return msgpack.packb({"id": self._id, "aggregates": aggregates})  # type: ignore[no-any-return]
+
+    def aggregate(
+        self,
+        name: str,
+        *,
+        key: Extractor | None = None,
+        namespace: Extractor | None = None,
+        values: Sequence[str] | Mapping[str, Extractor] = (),
+        where: Where = None,
+        node_size: int | None = None,
+        on_missing: OnMissing = "error",
+        rebuild: bool = False,
+    ) -> Aggregate:
+        """Attach the aggregate ``name`` to this table (or return it when already attached).
+
+        ``key`` and ``namespace`` are extractors: a field name, a tuple of field names (a composite
+        key such as ``("status", "created_at")``) or a function of the document. ``values`` names the
+        summed fields (each read from the field of the same name), or maps each summed field to an
+        extractor: ``{"cost": "cost_usd", "tokens": lambda d: d["input"] + d["output"]}``. ``where``
+        keeps only matching documents: a field name (truthy), a mapping of required field values, or
+        a predicate. ``on_missing="skip"`` leaves out documents that lack a field (or have a None
+        value) instead of raising ExtractionError.
+
+        Attaching to a table that holds documents builds the aggregate from them, sorted per namespace,
+        in the same transaction as the definition. Definitions persist: calling again with the same
+        arguments returns the aggregate, with different ones raises SchemaMismatchError unless
+        ``rebuild=True`` (which rebuilds it from the documents). With only ``name``, returns the
+        attached aggregate (AggregateNotFoundError if there is none).
+
+        The returned aggregate has every read of :class:`~tallytree.Aggregate`; its writes raise
+        TransactionError (write through the table). Needs its own write transaction (call it before
+        ``with db.write()``). O(n log n) for n documents when building, O(1) otherwise.
+        """
+        self._check_alive()
+        if key is None:
+            if namespace is not None or values or where is not None or node_size is not None or rebuild:
+                raise TypeError("table.aggregate(): key= is required to define an aggregate")
+            return self._attached(name)
+        from ._db import DEFAULT_NODE_SIZE, _check_fields  # noqa: PLC0415  # _db imports this module
+
+        if isinstance(values, Mapping):
+            specs: dict[str, Extractor] = dict(values)
+        elif isinstance(values, str):
+            raise ValueError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
+        else:
+            specs = {field: field for field in values}
+        fields = _check_fields(tuple(specs))
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ValueError(f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}")
+        with self._db.read() as tx:
+            self._load(tx, tx.meta(self._record_key))
+        known = self._definitions.get(name)
+        if known is not None and not rebuild and self._matches(known.aggregate, specs, node_size):
+            probe = self._probe(known.aggregate, key, namespace, specs, where, on_missing)
+            if same_description(known.description, probe.description):
+                return known.aggregate
+        check_writing(self._db, f"attaching aggregate {name!r} to table {self.name!r}")
+        with self._db.write() as tx:
+            self._load(tx, tx.meta(self._record_key))
+            stored = msgpack.unpackb(self._record, raw=False)["aggregates"].get(name)
+            if stored is None and tx.meta(_AGGREGATE_PREFIX + name.encode()) is not None:
+                raise SchemaMismatchError(
+                    f"an aggregate named {name!r} already exists and is not attached to table "
+                    f"{self.name!r}; pick another name, or drop it first (db.drop_aggregate)"
+                )
+            size = node_size or DEFAULT_NODE_SIZE
+            if stored is not None:
+                previous = self._db._aggregates[name]
+                if self._matches(previous, specs, node_size):
+                    probe = self._probe(previous, key, namespace, specs, where, on_missing)
+                    if same_description(stored, probe.description) and not rebuild:
+                        self._definitions[name] = probe  # a function given again after reopening
+                        self._pending.pop(name, None)
+                        return previous
+                    given = probe.description
+                else:
+                    given = {"values": list(specs), "node_size": node_size}
+                if not rebuild:
+                    raise SchemaMismatchError(
+                        f"table {self.name!r}: aggregate {name!r} is stored with a different definition "
+                        f"({_show(stored, previous)}) than the one given ({given}). Pass rebuild=True "
+                        "to rebuild it from the documents with the new definition"
+                    )
+                _drop_trees(tx, previous)
+                if node_size is None:
+                    size = previous.node_size
+            aggregate = _define_aggregate(tx, name, fields, size, owner=self.name)
+            definition = self._probe(aggregate, key, namespace, specs, where, on_missing)
+            coords = self._all_coordinates(tx, [definition])[0]
+            build(tx, aggregate, (coord for coord in coords if coord is not None))
+            record = self._definition_record({name: definition.description})
+            tx.set_meta(self._record_key, record)
+        self._adopt_owned(aggregate)
+        self._definitions[name] = definition
+        self._pending.pop(name, None)
+        self._record = record
+        self._tx = None
+        return aggregate
+
+    @staticmethod
+    def _probe(
+        aggregate: Aggregate,
+        key: Extractor,
+        namespace: Extractor | None,
+        specs: Mapping[str, Extractor],
+        where: Where,
+        on_missing: OnMissing,
+    ) -> Definition:
+        return Definition(
+            aggregate, key=key, namespace=namespace, values=specs, where=where, on_missing=on_missing
+        )
+
+    @staticmethod
+    def _matches(aggregate: Aggregate, specs: Mapping[str, Any], node_size: int | None) -> bool:
+        return aggregate.fields == tuple(specs) and node_size in (None, aggregate.node_size)
+
+    def _adopt_owned(self, aggregate: Aggregate) -> None:
+        previous = self._db._aggregates.get(aggregate.name)
+        if previous is not None and previous is not aggregate:
+            previous._readonly_reason = (
+                f"aggregate {aggregate.name!r} was redefined; get it again with table.aggregate()"
+            )
+        aggregate._readonly_reason = owned_reason(aggregate.name, self.name)
+        self._db._aggregates[aggregate.name] = aggregate
+
+    def _attached(self, name: str) -> Aggregate:
+        with self._db.read() as tx:
+            self._load(tx, tx.meta(self._record_key))
+        definition = self._definitions.get(name)
+        if definition is not None:
+            return definition.aggregate
+        if name in self._pending:
+            return self._db._aggregates[name]
+        raise AggregateNotFoundError(
+            f"table {self.name!r} has no aggregate {name!r}; it has {self.aggregates()}"
+        )
+
+    def aggregates(self) -> list[str]:
+        """The names of the attached aggregates, sorted (those awaiting their functions included)."""
+        self._check_alive()
+        with self._db.read() as tx:
+            self._load(tx, tx.meta(self._record_key))
+        return sorted([*self._definitions, *self._pending])
+
+    def definition(self, name: str) -> Definition:
+        """The extractors of an attached aggregate (for verify/repair). Raises AggregateNotFoundError
+        (or TransactionError when its function has not been passed again since reopening)."""
+        self._attached(name)
+        definition = self._definitions.get(name)
+        if definition is None:
+            raise TransactionError(self._pending_message(name))
+        return definition
+
+    def _pending_message(self, name: str) -> str:
+        return (
+            f"table {self.name!r}: aggregate {name!r} is defined with a function; after reopening, call "
+            f"table.aggregate({name!r}, key=..., ...) again with the same definition before writing to "
+            "the table (writing without it would leave it out of sync)"
+        )
+
+    def detach(self, name: str) -> Aggregate:
+        """Stop maintaining an aggregate; it keeps its items and becomes an ordinary, writable one.
+
+        Needs its own write transaction. Raises AggregateNotFoundError.
+        """
+        aggregate = self._attached(name)
+        check_writing(self._db, f"detaching aggregate {name!r}")
+        with self._db.write() as tx:
+            self._load(tx, tx.meta(self._record_key))
+            stored = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            if stored is not None:
+                definition = msgpack.unpackb(stored, raw=False)
+                definition.pop("table", None)
+                tx.set_meta(_AGGREGATE_PREFIX + name.encode(), msgpack.packb(definition))
+            record = self._definition_record({name: None})
+            tx.set_meta(self._record_key, record)
+        aggregate._readonly_reason = None
+        self._definitions.pop(name, None)
+        self._pending.pop(name, None)
+        self._record = record
+        return aggregate
+
+    def drop_aggregate(self, name: str) -> None:
+        """Detach an aggregate and delete it with all its items, in one transaction. O(nodes)."""
+        aggregate = self._attached(name)
+        check_writing(self._db, f"dropping aggregate {name!r}")
+        with self._db.write() as tx:
+            self._load(tx, tx.meta(self._record_key))
+            _drop_trees(tx, aggregate)
+            tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
+            record = self._definition_record({name: None})
+            tx.set_meta(self._record_key, record)
+        aggregate._readonly_reason = f"aggregate {name!r} was dropped"
+        self._db._aggregates.pop(name, None)
+        self._definitions.pop(name, None)
+        self._pending.pop(name, None)
+        self._record = record
+
+    def drop(self) -> None:
+        """Delete the table: its documents and every attached aggregate, in one transaction."""
+        self._check_alive()
+        check_writing(self._db, f"dropping table {self.name!r}")
+        with self._db.write() as tx:
+            self._load(tx, tx.meta(self._record_key))
+            names = [*self._definitions, *self._pending]
+            for name in names:
+                aggregate = self._db._aggregates.get(name)
+                stored = tx.meta(_AGGREGATE_PREFIX + name.encode())
+                if stored is None:
+                    continue
+                if aggregate is None:
+                    aggregate = self._db._aggregate_from(name, stored)
+                _drop_trees(tx, aggregate)
+                tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
+            for key, _ in list(tx.docs(self._prefix, self._stop)):
+                tx.set_doc(key, None)
+            tx.set_meta(self._record_key, None)
+            tx.set_meta(self._state_key, None)
+        for name in names:
+            dropped = self._db._aggregates.pop(name, None)
+            if dropped is not None:
+                dropped._readonly_reason = f"aggregate {name!r} was dropped with table {self.name!r}"
+        self._dropped = f"table {self.name!r} was dropped"
+        self._db._tables.pop(self.name, None)
+
+    def _check_alive(self) -> None:
+        if self._dropped is not None:
+            raise TransactionError(self._dropped)
+
+    # ------------------------------------------------------------ per-transaction state
+
+    def _begin(self, tx: Transaction) -> WriteTransaction:
+        """Check a write transaction and load the table's state for it (once per transaction)."""
+        if tx is self._tx:
+            return self._tx
+        self._check_alive()
+        tx.check_database(self._db)
+        if not isinstance(tx, WriteTransaction):
+            raise TransactionError(f"table {self.name!r}: writes need `with db.write() as tx:`")
+        self._load(tx, tx.meta(self._record_key))
+        if self._pending:
+            raise TransactionError(self._pending_message(sorted(self._pending)[0]))
+        state = tx.meta(self._state_key)
+        self._count, self._next_id = _STATE.unpack(state) if state is not None else (0, 1)
+        self._tx = tx
+        return tx
+
+    def _save_state(self, tx: WriteTransaction) -> None:
+        tx.set_meta(self._state_key, _STATE.pack(self._count, self._next_id))
+
+    def _generate_id(self, tx: WriteTransaction) -> tuple[int, bytes]:
+        doc_id = self._next_id  # taken only when the insert succeeds (see _note_id)
+        while True:
+            id_bytes = encode_id(doc_id)
+            if tx.doc(self._prefix + id_bytes) is None:
+                return doc_id, id_bytes
+            doc_id += 1
+
+    def _note_id(self, doc_id: Any) -> None:
+        if type(doc_id) is int and self._next_id <= doc_id < _MAX_GENERATED:
+            self._next_id = doc_id + 1
+
+    def _encode_id(self, doc_id: Any) -> bytes:
+        try:
+            return encode_id(doc_id)
+        except UnsupportedKeyTypeError as exc:
+            raise UnsupportedKeyTypeError(f"table {self.name!r}: {exc}") from None
+
+    def _coordinates(self, doc: Document, doc_id: Any, id_bytes: bytes) -> list[Coord | None]:
+        return [definition.coordinates(doc, doc_id, id_bytes) for definition in self._definitions.values()]
+
+    def _all_coordinates(self, tx: Transaction, definitions: list[Definition]) -> list[list[Coord | None]]:
+        """The items of every stored document, for each definition (one pass over the documents)."""
+        results: list[list[Coord | None]] = [[] for _ in definitions]
+        start = len(self._prefix)
+        for key, data in tx.docs(self._prefix, self._stop):
+            doc = decode_doc(data)
+            id_bytes = key[start:]
+            for result, definition in zip(results, definitions, strict=True):
+                try:  # the id is decoded only to name a document in an error
+                    result.append(definition.coordinates(doc, None, id_bytes))
+                except ExtractionError:
+                    definition.coordinates(doc, decode_key(key, start)[0], id_bytes)
+                    raise
+        return results
+
+    # ------------------------------------------------------------ reads
+
+    def get(self, tx: Transaction, id: Any) -> Document | None:
+        """The document with this id, or None. O(log n)."""
+        self._check_alive()
+        tx.check_database(self._db)
+        data = tx.doc(self._prefix + self._encode_id(id))
+        return decode_doc(data) if data is not None else None
+
+    def count(self, tx: Transaction) -> int:
+        """The number of documents. O(1)."""
+        self._check_alive()
+        tx.check_database(self._db)
+        if tx is self._tx:
+            return self._count
+        state = tx.meta(self._state_key)
+        return int(_STATE.unpack(state)[0]) if state is not None else 0
+
+    def items(self, tx: Transaction, *, reverse: bool = False) -> Iterator[tuple[Any, Document]]:
+        """Iterate lazily over ``(id, document)`` in id order (ints, then str, then bytes).
+
+        Writing to the table while iterating raises TransactionError; collect with list() first.
+        """
+        self._check_alive()
+        tx.check_database(self._db)
+        start = len(self._prefix)
+        entries: Iterable[tuple[bytes, bytes]]
+        if reverse:
+            entries = reversed(list(tx.docs(self._prefix, self._stop)))
+        else:
+            entries = tx.docs(self._prefix, self._stop)
+        version = getattr(tx, "docs_version", 0)
+        for key, data in entries:
+            if getattr(tx, "docs_version", 0) != version:
+                raise TransactionError(
+                    f"table {self.name!r} changed during iteration; collect the documents "
+                    "(list(...)) before changing them"
+                )
+            yield decode_key(key, start)[0], decode_doc(data)
+
+    def ids(self, tx: Transaction) -> Iterator[Any]:
+        """Iterate over the document ids in order."""
+        for doc_id, _ in self.items(tx):
+            yield doc_id
+
+    # ------------------------------------------------------------ writes
+
+    def insert(self, tx: Transaction, doc: Mapping[str, Any], id: Any = None) -> Any:
+        """Insert a document and its item in every attached aggregate; return its id.
+
+        Without ``id``, a new int id is generated. O(a log n) for a attached aggregates. Raises
+        DuplicateItemError (a KeyError) if the id exists, InvalidDocumentError or ExtractionError for
+        a document that cannot be stored or indexed; then nothing is written.
+        """
+        wtx = self._begin(tx)
+        if id is None:
+            id, id_bytes = self._generate_id(wtx)
+            doc_key = self._prefix + id_bytes
+        else:
+            id_bytes = self._encode_id(id)
+            doc_key = self._prefix + id_bytes
+            if wtx.doc(doc_key) is not None:
+                raise DuplicateItemError(
+                    f"table {self.name!r}: a document with id {id!r} exists; use upsert() or replace()"
+                )
+        data = encode_doc(doc, id, self._where)
+        coords = self._coordinates(decode_doc(data), id, id_bytes)
+        wtx.set_doc(doc_key, data)
+        for definition, coord in zip(self._definitions.values(), coords, strict=True):
+            if coord is not None:  # the entry is new (its id is): queue it, merged in sorted runs
+                aggregate = definition.aggregate
+                wtx.defer_insert(coord[0], len(aggregate.fields), aggregate.node_size, coord[1], coord[2])
+        self._count += 1
+        self._note_id(id)
+        self._save_state(wtx)
+        return id
+
+    def _change(
+        self, tx: WriteTransaction, doc_id: Any, id_bytes: bytes, old: Document | None, data: bytes | None
+    ) -> None:
+        """Replace document ``old`` (None: absent) by the encoded ``data`` (None: delete)."""
+        new = decode_doc(data) if data is not None else None
+        old_coords = self._coordinates(old, doc_id, id_bytes) if old is not None else None
+        new_coords = self._coordinates(new, doc_id, id_bytes) if new is not None else None
+        tx.set_doc(self._prefix + id_bytes, data)
+        for index, definition in enumerate(self._definitions.values()):
+            before = old_coords[index] if old_coords is not None else None
+            after = new_coords[index] if new_coords is not None else None
+            if before is not None or after is not None:
+                move(tx, definition.aggregate, before, after)
+        self._count += (new is not None) - (old is not None)
+        self._save_state(tx)
+
+    def _stored(self, tx: WriteTransaction, id: Any) -> tuple[bytes, bytes | None]:
+        id_bytes = self._encode_id(id)
+        return id_bytes, tx.doc(self._prefix + id_bytes)
+
+    def update(
+        self, tx: Transaction, id: Any, patch: Mapping[str, Any], *, remove: Iterable[str] = ()
+    ) -> Document:
+        """Merge ``patch`` into the document (top-level fields), drop the ``remove`` fields, and move
+        its items accordingly; return the new document. O(a log n).
+
+        Raises ItemNotFoundError (a KeyError) if there is no such document.
+        """
+        wtx = self._begin(tx)
+        id_bytes, stored = self._stored(wtx, id)
+        if stored is None:
+            raise ItemNotFoundError(f"table {self.name!r}: no document with id {id!r} to update")
+        if not isinstance(patch, Mapping):
+            raise InvalidDocumentError(f"table {self.name!r}: a patch is a mapping, not {patch!r}")
+        old = decode_doc(stored)
+        new = {**old, **patch}
+        for field in remove:
+            new.pop(field, None)
+        data = encode_doc(new, id, f"table {self.name!r}")
+        if data != stored:
+            self._change(wtx, id, id_bytes, old, data)
+        return decode_doc(data)
+
+    def replace(self, tx: Transaction, id: Any, doc: Mapping[str, Any]) -> Document:
+        """Replace the whole document; return the old one. Raises ItemNotFoundError. O(a log n)."""
+        wtx = self._begin(tx)
+        id_bytes, stored = self._stored(wtx, id)
+        if stored is None:
+            raise ItemNotFoundError(f"table {self.name!r}: no document with id {id!r} to replace")
+        data = encode_doc(doc, id, f"table {self.name!r}")
+        old = decode_doc(stored)
+        if data != stored:
+            self._change(wtx, id, id_bytes, old, data)
+        return old
+
+    def upsert(
+        self, tx: Transaction, id: Any, doc: Mapping[str, Any]
+    ) -> Literal["inserted", "updated", "unchanged"]:
+        """Insert the document or replace the stored one; writes nothing when it is identical."""
+        wtx = self._begin(tx)
+        id_bytes, stored = self._stored(wtx, id)
+        data = encode_doc(doc, id, f"table {self.name!r}")
+        if stored == data:
+            return "unchanged"
+        self._change(wtx, id, id_bytes, decode_doc(stored) if stored is not None else None, data)
+        if stored is None:
+            self._note_id(id)
+            self._save_state(wtx)
+            return "inserted"
+        return "updated"
+
+    def delete(self, tx: Transaction, id: Any) -> Document:
+        """Delete a document and its items; return it. Raises ItemNotFoundError. O(a log n)."""
+        wtx = self._begin(tx)
+        id_bytes, stored = self._stored(wtx, id)
+        if stored is None:
+            raise ItemNotFoundError(
+                f"table {self.name!r}: no document with id {id!r}; use discard() to ignore missing ones"
+            )
+        old = decode_doc(stored)
+        self._change(wtx, id, id_bytes, old, None)
+        return old
+
+    def discard(self, tx: Transaction, id: Any) -> bool:
+        """Delete the document if present; return whether it was. Writes nothing if absent."""
+        wtx = self._begin(tx)
+        id_bytes, stored = self._stored(wtx, id)
+        if stored is None:
+            return False
+        self._change(wtx, id, id_bytes, decode_doc(stored), None)
+        return True
+
+    def insert_many(
+        self,
+        tx: Transaction,
+        docs: Iterable[Mapping[str, Any] | tuple[Any, Mapping[str, Any]]],
+        *,
+        on_duplicate: Literal["error", "skip", "update"] = "error",
+    ) -> list[Any]:
+        """Insert many documents (each a mapping, or an ``(id, document)`` pair); return their ids.
+
+        Everything is validated first; the items of new documents are then merged into each aggregate
+        in sorted runs per namespace (much faster than one insert per document). ``on_duplicate`` says
+        what to do with an id already stored or repeated: ``"error"`` raises DuplicateItemError and
+        writes nothing, ``"skip"`` keeps the stored document, ``"update"`` replaces it.
+        """
+        if on_duplicate not in ("error", "skip", "update"):
+            raise ValueError(f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}")
+        wtx = self._begin(tx)
+        where = f"table {self.name!r}"
+        fresh: dict[bytes, tuple[Any, bytes, list[Coord | None]]] = {}
+        updates: dict[bytes, tuple[Any, bytes]] = {}
+        ids: list[Any] = []
+        next_id = self._next_id
+        for each in docs:
+            if isinstance(each, tuple) and len(each) == 2:
+                doc_id, doc = each
+            else:
+                doc_id, doc = None, each
+            if doc_id is None:
+                while True:
+                    doc_id = next_id
+                    next_id += 1
+                    id_bytes = encode_id(doc_id)
+                    if id_bytes not in fresh and wtx.doc(self._prefix + id_bytes) is None:
+                        break
+                exists = False
+            else:
+                if type(doc_id) is int and next_id <= doc_id < _MAX_GENERATED:
+                    next_id = doc_id + 1
+                id_bytes = self._encode_id(doc_id)
+                present = wtx.doc(self._prefix + id_bytes) is not None
+                exists = present or id_bytes in fresh or id_bytes in updates
+            ids.append(doc_id)
+            if exists:
+                if on_duplicate == "error":
+                    raise DuplicateItemError(
+                        f"{where}: a document with id {doc_id!r} exists (or repeats in the batch); "
+                        "nothing was inserted"
+                    )
+                if on_duplicate == "skip":
+                    continue
+            data = encode_doc(doc, doc_id, where)
+            coords = self._coordinates(decode_doc(data), doc_id, id_bytes)  # validates updates too
+            if exists and id_bytes not in fresh:
+                updates[id_bytes] = (doc_id, data)
+                continue
+            fresh[id_bytes] = (doc_id, data, coords)
+        shapes = [
+            (len(definition.aggregate.fields), definition.aggregate.node_size)
+            for definition in self._definitions.values()
+        ]
+        for id_bytes, (_, data, coords) in fresh.items():
+            wtx.set_doc(self._prefix + id_bytes, data)
+            for (nfields, node_size), coord in zip(shapes, coords, strict=True):
+                if coord is not None:
+                    wtx.defer_insert(coord[0], nfields, node_size, coord[1], coord[2])
+        self._count += len(fresh)
+        self._next_id = next_id
+        self._save_state(wtx)
+        for id_bytes, (doc_id, data) in updates.items():
+            stored = wtx.doc(self._prefix + id_bytes)
+            if stored != data:
+                self._change(wtx, doc_id, id_bytes, decode_doc(stored) if stored else None, data)
+        return ids
+
+    def delete_range(
+        self,
+        tx: Transaction,
+        aggregate: str | Aggregate,
+        *,
+        namespace: Any = None,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+        export: Callable[[Any, Document], object] | None = None,
+    ) -> Totals:
+        """Delete every document whose item in ``aggregate`` lies within the bounds; return the totals
+        of the removed items of that aggregate.
+
+        ``export(id, document)`` is called for each of them, in key order, before anything is deleted
+        (to archive them; if it raises, nothing is deleted). The items in ``aggregate`` go with a range
+        delete that drops whole subtrees; the other aggregates lose one item per document.
+        O(k (log n + a log n)) for k documents.
+        """
+        wtx = self._begin(tx)
+        name = aggregate if isinstance(aggregate, str) else aggregate.name
+        driving = self._definitions.get(name)
+        if driving is None:
+            raise AggregateNotFoundError(f"table {self.name!r} has no aggregate {name!r}")
+        target = driving.aggregate
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree_key = target._tree_key(namespace)
+        tree = Tree(wtx, len(target.fields), target.node_size, wtx.root(tree_key))
+        start, stop = target._range(tree, bounds)
+        if start >= stop:
+            return Totals.from_summary(target.fields, tree.zero())
+        removed: list[tuple[Any, bytes, Document]] = []
+        for entry, _ in tree.iterate(start, stop):
+            _, offset = decode_key(entry)
+            id_bytes = entry[offset:]
+            doc_id = decode_key(id_bytes)[0]
+            stored = wtx.doc(self._prefix + id_bytes)
+            if stored is None:
+                raise ItemNotFoundError(
+                    f"{name}: holds document {doc_id!r}, which table {self.name!r} does not have; "
+                    "run tallytree.repair() on it"
+                )
+            removed.append((doc_id, id_bytes, decode_doc(stored)))
+        if export is not None:
+            for doc_id, _, doc in removed:
+                export(doc_id, doc)
+        others = [d for d in self._definitions.values() if d is not driving]
+        for doc_id, id_bytes, doc in removed:
+            for definition in others:
+                coord = definition.coordinates(doc, doc_id, id_bytes)
+                if coord is not None:
+                    move(wtx, definition.aggregate, coord, None)
+            wtx.set_doc(self._prefix + id_bytes, None)
+        tree = Tree(wtx, len(target.fields), target.node_size, wtx.root(tree_key))
+        summary = tree.delete_range(start, stop)
+        if tree.changed:
+            wtx.set_root(tree_key, tree.root)
+        self._count -= len(removed)
+        self._save_state(wtx)
+        return Totals.from_summary(target.fields, summary)
+
+
+def owned_reason(aggregate: str, table: str) -> str:
+    return (
+        f"aggregate {aggregate!r} is maintained by table {table!r}: write through the table "
+        "(insert/update/replace/delete), or table.detach() it first"
+    )
+
+
+def _show(description: Any, aggregate: Aggregate | None) -> str:
+    parts = [f"{role}={description[role]!r}" for role in ("key", "namespace", "values", "where")]
+    parts.append(f"on_missing={description['on_missing']!r}")
+    if aggregate is not None:
+        parts.append(f"node_size={aggregate.node_size}")
+    return ", ".join(parts)
+
+
+def _define_aggregate(
+    tx: WriteTransaction, name: str, fields: tuple[str, ...], node_size: int, *, owner: str
+) -> Aggregate:
+    """Write a new aggregate definition (owned by a table) in ``tx``; same format as ``_db``."""
+    stored = tx.meta(_NEXT_AGGREGATE)
+    agg_id = int.from_bytes(stored, "big") if stored else 1
+    tx.set_meta(_NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
+    definition = {"id": agg_id, "values": list(fields), "node_size": node_size, "table": owner}
+    tx.set_meta(_AGGREGATE_PREFIX + name.encode(), msgpack.packb(definition))
+    return Aggregate(tx._db, name, agg_id, fields, node_size)
+
+
+def _drop_trees(tx: WriteTransaction, aggregate: Aggregate) -> None:
+    """Delete every tree of an aggregate, including trees created earlier in this transaction."""
+    prefix = aggregate._prefix
+    stop = (aggregate._id + 1).to_bytes(4, "big")
+    roots: dict[bytes, Root | None] = {
+        key: decode_root(value) for key, value in tx.kv.scan(ROOTS, prefix, stop)
+    }
+    roots.update({key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)})
+    for tree_key, root in roots.items():
+        if root is None:
+            continue
+        tree = Tree(tx, len(aggregate.fields), aggregate.node_size, root)
+        tree.delete_range(0, tree.count)
+        tx.set_root(tree_key, None)
+
+
+def create_table(db: Database, tx: WriteTransaction, name: str) -> bytes:
+    """Write a new, empty table record in ``tx``; return it."""
+    stored = tx.meta(_NEXT_TABLE)
+    table_id = int.from_bytes(stored, "big") if stored else 1
+    tx.set_meta(_NEXT_TABLE, (table_id + 1).to_bytes(4, "big"))
+    record: bytes = msgpack.packb({"id": table_id, "aggregates": {}})
+    tx.set_meta(_TABLE_PREFIX + name.encode(), record)
+    return record
+
+
+def table_from(db: Database, name: str, record: bytes) -> Table:
+    """A Table object for a stored record."""
+    return Table(db, name, msgpack.unpackb(record, raw=False)["id"])

@@ -1,0 +1,763 @@
+"""The command line, in-process through ``main(argv)`` and as a subprocess.
+
+Every command with text and ``--json`` output, the exit codes scripts rely on (0 ok, 1 error, 2 usage,
+3 check failed or drift, 4 not found), bad arguments, and malformed sources: truncated JSON, wrong
+types, missing fields, bad dates, short CSV lines, with their line numbers, failing or skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tallytree
+from tallytree.cli import main
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+Run = tuple[int, str, str]
+
+
+def make_events(count: int = 300) -> list[dict[str, Any]]:
+    events = []
+    for index in range(count):
+        events.append(
+            {
+                "org": f"org:{index % 4}",
+                "ts": (T0 + timedelta(hours=7 * index)).isoformat().replace("+00:00", "Z"),
+                "id": f"e{index}",
+                "cost": round(0.01 * (index % 17), 2),
+                "tokens": 10 * index,
+                "status": "open" if index % 3 else "done",
+            }
+        )
+    return events
+
+
+EVENTS = make_events()
+FIELDS = ["org", "ts", "id", "cost", "tokens", "status"]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Any:
+    def call(*argv: str) -> Run:
+        code = main([str(arg) for arg in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "csv": write_csv(tmp_path / "events.csv", EVENTS),
+        "jsonl": write_jsonl(tmp_path / "events.jsonl", EVENTS),
+    }
+
+
+BUILD = ["--key", "ts", "--key-type", "datetime", "--id", "id", "--namespace", "org", "--sum", "cost,tokens"]
+
+
+@pytest.fixture
+def built(tmp_path: Path, sources: dict[str, Path], run: Any) -> Path:
+    database = tmp_path / "db"
+    code, _, err = run("build", database, "events", "--from", sources["csv"], *BUILD, "--quiet")
+    assert (code, err) == (0, "")
+    return database
+
+
+def org_rows(org: str) -> list[dict[str, Any]]:
+    return [row for row in EVENTS if row["org"] == org]
+
+
+def when(row: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(row["ts"])
+
+
+# ------------------------------------------------------------------ build
+
+
+def test_build_from_csv_prints_a_summary(tmp_path: Path, sources: dict[str, Path], run: Any) -> None:
+    code, out, err = run("build", tmp_path / "db", "events", "--from", sources["csv"], *BUILD)
+    assert code == 0 and err == ""  # no progress bar: stderr is not a terminal
+    assert out.startswith("built events: 300 items in 4 namespace(s) from ")
+    assert "items/s" in out and "MiB" in out and "parsing" in out
+
+
+def test_build_json_summary_and_the_answers(tmp_path: Path, sources: dict[str, Path], run: Any) -> None:
+    database = tmp_path / "db"
+    code, out, _ = run("build", database, "events", "--from", sources["jsonl"], *BUILD, "--json")
+    summary = json.loads(out)
+    assert code == 0
+    assert summary["items"] == 300 and summary["namespaces"] == 4 and summary["records"] == 300
+    assert summary["database_bytes"] > 0 and summary["items_per_second"] > 0
+    assert set(summary) >= {"seconds", "parse_seconds", "build_seconds", "commit_seconds", "skipped"}
+    with tallytree.open(database, readonly=True) as db:
+        aggregate = db.aggregate("events", create=False)
+        assert aggregate.fields == ("cost", "tokens")
+        with db.read() as tx:
+            totals = aggregate.totals(tx, namespace="org:1")
+            rows = org_rows("org:1")
+            assert totals.count == len(rows)
+            assert totals.tokens == sum(row["tokens"] for row in rows)
+            assert totals.cost == math.fsum(row["cost"] for row in rows)
+            assert aggregate.min(tx, namespace="org:1") == tallytree.Item(when(rows[0]), "e1", (0.01, 10))
+            assert tallytree.check(tx) == []
+
+
+def test_build_tuple_keys_with_where_and_prefix_queries(
+    tmp_path: Path, sources: dict[str, Path], run: Any
+) -> None:
+    database = tmp_path / "db"
+    argv = ["--key", "status,ts", "--key-type", "ts=datetime", "--id", "id", "--where", "org=org:2"]
+    code, out, _ = run("build", database, "by_status", "--from", sources["jsonl"], *argv, "--json")
+    assert code == 0
+    assert json.loads(out)["items"] == len(org_rows("org:2"))
+    code, out, _ = run("query", database, "by_status", "count", "--prefix", "open")
+    assert (code, out) == (0, f"{sum(1 for row in org_rows('org:2') if row['status'] == 'open')}\n")
+    cutoff = T0 + timedelta(days=30)
+    code, out, _ = run("query", database, "by_status", "count", "--prefix", '["done"]', "--json")
+    assert json.loads(out) == {"count": sum(1 for row in org_rows("org:2") if row["status"] == "done")}
+    code, out, _ = run("query", database, "by_status", "count", "--ge", '["open", "2024-01-31T00:00:00Z"]')
+    expected = sum(1 for row in org_rows("org:2") if (row["status"], when(row)) >= ("open", cutoff))
+    assert (code, out) == (0, f"{expected}\n")
+
+
+def test_build_replaces_the_aggregate_and_append_merges(tmp_path: Path, run: Any) -> None:
+    database = tmp_path / "db"
+    first = write_csv(tmp_path / "first.csv", EVENTS[:100])
+    second = write_csv(tmp_path / "second.csv", EVENTS[50:120])
+    assert run("build", database, "events", "--from", first, *BUILD, "--quiet")[0] == 0
+    assert run("build", database, "events", "--from", second, *BUILD, "--quiet")[0] == 0
+    expected = sum(1 for row in EVENTS[50:120] if row["org"] == "org:0")
+    assert run("query", database, "events", "count", "--namespace", "org:0")[1] == f"{expected}\n"
+    code, _, err = run("build", database, "events", "--from", first, *BUILD, "--append")
+    assert code == 1 and "is already stored in namespace" in err  # an overlap is a duplicate
+    last = ["--append", "--on-duplicate", "last", "--json"]
+    code, out, _ = run("build", database, "events", "--from", first, *BUILD, *last)
+    assert code == 0 and json.loads(out)["items"] == 120
+    code, out, _ = run("stats", database, "--json")
+    assert json.loads(out)["aggregates"][0]["items"] == 120
+
+
+def test_build_without_sum_keeps_the_aggregate_fields(
+    built: Path, sources: dict[str, Path], run: Any
+) -> None:
+    argv = ["--key", "ts", "--key-type", "datetime", "--id", "id", "--namespace", "org"]
+    code, out, _ = run("build", built, "events", "--from", sources["csv"], *argv, "--json")
+    assert code == 0 and json.loads(out)["items"] == 300
+    code, out, err = run("build", built, "events", "--from", sources["csv"], *argv, "--sum", "cost")
+    assert code == 1 and "sums ['cost', 'tokens'], not ['cost']" in err
+
+
+def test_build_from_stdin_as_a_subprocess(tmp_path: Path, sources: dict[str, Path]) -> None:
+    database = tmp_path / "db"
+    for source in ("csv", "jsonl"):
+        result = subprocess.run(
+            [sys.executable, "-m", "tallytree", "build", str(database), source, "--from", "-", *BUILD],
+            input=sources[source].read_bytes(),
+            capture_output=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == b""
+        assert b"from standard input" in result.stdout
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tallytree",
+            "query",
+            str(database),
+            "jsonl",
+            "totals",
+            "--namespace",
+            "org:3",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    rows = org_rows("org:3")
+    cost = math.fsum(row["cost"] for row in rows)
+    tokens = sum(row["tokens"] for row in rows)
+    assert result.stdout.decode() == f"count={len(rows)} cost={cost!r} tokens={tokens:,}\n"
+
+
+def test_build_from_sqlite(tmp_path: Path, run: Any) -> None:
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE events (org TEXT, ts INTEGER, id INTEGER, cost REAL)")
+        connection.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?)",
+            [(f"org:{index % 3}", 1_700_000_000 + 60 * index, index, 0.5) for index in range(90)],
+        )
+    database = tmp_path / "db"
+    argv = ["--key", "ts", "--key-type", "datetime", "--id", "id", "--namespace", "org", "--sum", "cost"]
+    code, out, _ = run("build", database, "a", "--from", path, "--table", "events", *argv, "--json")
+    assert code == 0 and json.loads(out)["items"] == 90
+    query = "SELECT * FROM events WHERE id % 2 = 0"
+    code, out, _ = run(
+        "build", database, "b", "--from", f"sqlite:///{path}", "--query", query, *argv, "--json"
+    )
+    assert code == 0 and json.loads(out)["items"] == 45
+    code, out, _ = run("query", database, "a", "max", "--namespace", "org:0", "--json")
+    last = datetime.fromtimestamp(1_700_000_000 + 60 * 87, UTC).isoformat()
+    assert json.loads(out) == {"key": last, "id": 87, "values": {"cost": 0.5}}
+    code, _, err = run("build", database, "c", "--from", path, *argv)
+    assert code == 1 and "--table NAME or --query SQL" in err
+    code, _, err = run("build", database, "c", "--from", path, "--table", "nope", *argv)
+    assert code == 1 and "no such table: nope" in err
+
+
+class FakeSqlAlchemy(types.ModuleType):
+    """Just enough of SQLAlchemy's API (create_engine, text, a streaming result) over sqlite3."""
+
+    def __init__(self) -> None:
+        super().__init__("sqlalchemy")
+
+    @staticmethod
+    def text(sql: str) -> str:
+        return sql
+
+    @staticmethod
+    def create_engine(url: str) -> Any:
+        path = url.split("@", 1)[1]
+
+        class Result:
+            def __init__(self, cursor: sqlite3.Cursor) -> None:
+                self.cursor = cursor
+
+            def keys(self) -> list[str]:
+                return [column[0] for column in self.cursor.description]
+
+            def __iter__(self) -> Iterator[Any]:
+                return iter(self.cursor)
+
+        class Connection:
+            def __init__(self) -> None:
+                self.connection = sqlite3.connect(path)
+
+            def execution_options(self, **options: Any) -> Connection:
+                assert options == {"stream_results": True}
+                return self
+
+            def execute(self, sql: str) -> Result:
+                return Result(self.connection.execute(sql))
+
+            def close(self) -> None:
+                self.connection.close()
+
+        class Engine:
+            def connect(self) -> Connection:
+                return Connection()
+
+            def dispose(self) -> None:
+                pass
+
+        return Engine()
+
+
+def test_build_from_an_sql_url(tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE scores (user TEXT, score INTEGER)")
+        connection.executemany(
+            "INSERT INTO scores VALUES (?, ?)", [(f"u{index}", index % 10) for index in range(50)]
+        )
+    url = f"postgresql://me:secret@{path}"
+    argv = ["--table", "scores", "--key", "score", "--id", "user"]
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # not installed
+    code, _, err = run("build", tmp_path / "db", "scores", "--from", url, *argv)
+    assert code == 1 and "needs SQLAlchemy" in err and "pip install 'tallytree[sql]'" in err
+    monkeypatch.setitem(sys.modules, "sqlalchemy", FakeSqlAlchemy())
+    code, out, _ = run("build", tmp_path / "db", "scores", "--from", url, *argv, "--json")
+    assert code == 0 and json.loads(out)["items"] == 50
+    assert json.loads(out)["source"] == f"postgresql://me:***@{path}"  # no password in output
+    assert run("query", tmp_path / "db", "scores", "count", "--ge", "5")[1] == "25\n"
+
+
+# ------------------------------------------------------------------ malformed sources
+
+BAD_JSONL = """\
+{"ts": "2024-01-01T00:00:00Z", "id": "a", "cost": 1}
+{"ts": "2024-01-02T00:00:00Z", "id": "b", "cost": "abc"}
+
+{"ts": "yesterday", "id": "c", "cost": 2}
+{"id": "d", "cost": 2}
+{"ts": 1704067200, "id": "e", "cost": true}
+{"ts": "2024-01-03", "id": "f", "cost": 2.5}
+{"ts": "2024-01-04", "id": "g", "co"""
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        (2, "line 2: field 'cost' is \"abc\", not a number"),
+        (4, "line 4: field 'ts' is \"yesterday\": not a datetime (ISO 8601 or epoch seconds/milliseconds)"),
+        (5, "line 5: field 'ts' is missing"),
+        (6, "line 6: field 'cost' is True, not a number"),
+        (
+            8,
+            "line 8: invalid JSON (Unterminated string starting at: line 1 column 33 (char 32)); the line "
+            "may ",
+        ),
+    ],
+)
+def test_malformed_records_fail_with_the_line(tmp_path: Path, run: Any, keep: int, message: str) -> None:
+    """Each source keeps the first good line and the bad one (numbering as in the full file)."""
+    lines = BAD_JSONL.split("\n")
+    kept = [line if number in (1, keep) else "" for number, line in enumerate(lines, 1)]
+    source = tmp_path / "bad.jsonl"
+    source.write_text("\n".join(kept))
+    argv = ["--key", "ts", "--key-type", "datetime", "--id", "id", "--sum", "cost"]
+    code, out, err = run("build", tmp_path / "db", "bad", "--from", source, *argv)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tallytree: error: {source} {message}")
+    assert err.count("\n") == 1  # one line
+    assert run("check", tmp_path / "db")[0] == 0
+    with tallytree.open(tmp_path / "db", readonly=True) as db:
+        assert db.aggregates() == []  # the aggregate created for the failed build is gone
+
+
+def test_malformed_records_can_be_skipped_and_counted(tmp_path: Path, run: Any) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(BAD_JSONL.replace('"id": "f"', '"id": "' + "x" * 300 + '"'))
+    argv = ["--key", "ts", "--key-type", "datetime", "--id", "id", "--sum", "cost", "--on-error", "skip"]
+    code, out, _ = run("build", tmp_path / "db", "bad", "--from", source, *argv, "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["items"] == 1
+    assert summary["skipped"]["count"] == 6
+    assert [sample["where"] for sample in summary["skipped"]["examples"]] == [
+        f"line {n}" for n in (2, 4, 5, 6, 8)
+    ]
+    code, out, _ = run("build", tmp_path / "db", "bad", "--from", source, *argv)
+    assert "skipped 6 malformed record(s), e.g.:\n    line 2: field 'cost'" in out
+    argv[-1] = "fail"
+    source.write_text(
+        BAD_JSONL.split("\n", maxsplit=1)[0] + "\n" + '{"ts": 1, "id": "' + "x" * 300 + '", "cost": 1}\n'
+    )
+    code, _, err = run("build", tmp_path / "db", "bad", "--from", source, *argv)
+    assert code == 1 and f"{source}: line 2: id is too large" in err  # refused by the library, named by line
+
+
+def test_malformed_csv_lines(tmp_path: Path, run: Any) -> None:
+    source = tmp_path / "short.csv"
+    source.write_text('ts,id,cost\n1,a,1\n2,b\n3,c,"unterminated\n')
+    code, _, err = run(
+        "build", tmp_path / "db", "x", "--from", source, "--key", "ts", "--id", "id", "--sum", "cost"
+    )
+    assert code == 1
+    assert "short.csv line 3: expected 3 fields (as in the header), found 2" in err
+    argv = ["--key", "ts", "--id", "id", "--sum", "cost", "--on-error", "skip", "--json"]
+    code, out, _ = run("build", tmp_path / "db", "x", "--from", source, *argv)
+    skipped = json.loads(out)["skipped"]
+    assert code == 0 and skipped["count"] == 2
+    assert skipped["examples"][1] == {
+        "where": "line 4",
+        "error": "malformed CSV (unexpected end of data); the line may be truncated",
+    }
+    source.write_text("ts,id\n")
+    code, _, err = run("build", tmp_path / "db", "x", "--from", source, "--key", "nope")
+    assert code == 1 and "has no column 'nope'; its columns are ts, id" in err
+
+
+def test_duplicates_name_both_lines_or_keep_the_last(tmp_path: Path, run: Any) -> None:
+    source = tmp_path / "dup.csv"
+    source.write_text("ts,id,cost\n1,a,1\n2,a,2\n1,a,3\n")
+    argv = ["--key", "ts", "--id", "id", "--sum", "cost"]
+    code, _, err = run("build", tmp_path / "db", "d", "--from", source, *argv)
+    assert code == 1
+    assert "item (key=1, id='a') appears twice in the input, line 2 and line 4;" in err
+    code, out, _ = run(
+        "build", tmp_path / "db", "d", "--from", source, *argv, "--on-duplicate", "last", "--json"
+    )
+    assert code == 0 and json.loads(out)["duplicates_dropped"] == 1
+    assert run("query", tmp_path / "db", "d", "totals")[1] == "count=2 cost=5\n"
+
+
+def test_sorted_promise_is_checked(tmp_path: Path, run: Any) -> None:
+    source = tmp_path / "unsorted.csv"
+    source.write_text("ts,id\n3,a\n1,b\n")
+    code, _, err = run(
+        "build", tmp_path / "db", "s", "--from", source, "--key", "ts", "--id", "id", "--sorted"
+    )
+    assert code == 1 and "line 3 (key=1, id='b') comes after line 2 (key=3, id='a')" in err
+
+
+def test_a_failed_build_leaves_the_previous_contents(built: Path, tmp_path: Path, run: Any) -> None:
+    before = run("query", built, "events", "totals", "--namespace", "org:1", "--json")[1]
+    source = write_jsonl(tmp_path / "more.jsonl", EVENTS[:50])
+    with source.open("a") as file:
+        file.write('{"org": "org:1", "ts": "not a date", "id": "zz", "cost": 1, "tokens": 1}\n')
+    assert run("build", built, "events", "--from", source, *BUILD)[0] == 1
+    assert run("query", built, "events", "totals", "--namespace", "org:1", "--json")[1] == before
+    assert run("check", built)[0] == 0
+
+
+# ------------------------------------------------------------------ not found, usage
+
+
+def test_not_found_is_exit_code_4(tmp_path: Path, built: Path, run: Any) -> None:
+    code, _, err = run("build", tmp_path / "db2", "x", "--from", tmp_path / "missing.csv", "--key", "ts")
+    assert (code, err) == (4, f"tallytree: error: source {tmp_path / 'missing.csv'} not found\n")
+    assert not (tmp_path / "db2").exists()
+    assert run("query", tmp_path / "nowhere", "events", "count")[0] == 4
+    code, _, err = run("query", built, "nope", "count")
+    assert code == 4 and "no aggregate 'nope'" in err and "(it has: events)" in err
+    code, _, err = run("query", built, "events", "count", "--namespace", "org:9")
+    assert code == 4 and "no namespace org:9" in err
+    assert run("query", built, "events", "count", "--namespace", "org:9", "--missing-ok")[1] == "0\n"
+    assert run("check", built, "nope")[0] == 4
+    assert run("namespaces", built, "nope")[0] == 4
+
+
+def test_a_directory_that_is_not_a_database(tmp_path: Path, sources: dict[str, Path], run: Any) -> None:
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    code, _, err = run("check", foreign)
+    assert code == 1 and "non-empty directory without a database" in err
+    code, _, err = run("build", foreign, "x", "--from", sources["csv"], *BUILD)
+    assert code == 1 and "refusing to create one among foreign files" in err
+    code, _, err = run("build", tmp_path / "db", "x", "--from", tmp_path, *BUILD)
+    assert code == 1 and "is a directory" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["build", "db", "a", "--from", "x.csv"], "the following arguments are required: --key"),
+        (
+            ["build", "db", "a", "--from", "x.csv", "--key", "k", "--fill", "2"],
+            "--fill 2.0 must be from 0.5 to 1.0",
+        ),
+        (
+            ["build", "db", "a", "--from", "x.csv", "--key", "k", "--memory", "lots"],
+            "--memory 'lots' is not a size",
+        ),
+        (["build", "db", "a", "--from", "x.csv", "--key", "k", "--key-type", "date"], "the type is one of"),
+        (
+            ["build", "db", "a", "--from", "x.csv", "--key", "k", "--where", "k"],
+            "--where 'k' is not FIELD=VALUE",
+        ),
+        (["query", "db", "a", "rank"], "query rank needs a KEY"),
+        (["query", "db", "a", "count", "5"], "query count takes no argument"),
+        (["query", "db", "a", "sum"], "invalid choice: 'sum'"),
+        (["check", "db", "--namespace", "x"], "check --namespace needs an AGGREGATE"),
+    ],
+)
+def test_bad_usage_is_exit_code_2(tmp_path: Path, run: Any, argv: list[str], message: str) -> None:
+    source = tmp_path / "x.csv"
+    source.write_text("k\n1\n")
+    argv = [str(source) if arg == "x.csv" else str(tmp_path / "db") if arg == "db" else arg for arg in argv]
+    code, out, err = run(*argv)
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1
+
+
+def test_help_and_version(run: Any) -> None:
+    for command in ("build", "query", "check", "verify", "stats", "namespaces", "demo"):
+        code, out, _ = run(command, "--help")
+        assert code == 0 and out.startswith(f"usage: tallytree {command}") and "--json" in out
+    code, out, _ = run("--version")
+    assert (code, out) == (0, f"tallytree {tallytree.__version__}\n")
+
+
+def test_errors_are_json_too_with_json(built: Path, run: Any) -> None:
+    code, out, err = run("query", built, "nope", "count", "--json")
+    assert code == 4 and json.loads(out) == {
+        "error": err.removeprefix("tallytree: error: ").strip(),
+        "exit_code": 4,
+    }
+
+
+# ------------------------------------------------------------------ query
+
+
+def test_query_operations(built: Path, run: Any) -> None:
+    rows = org_rows("org:2")
+    ns = ["--namespace", "org:2"]
+    start, stop = "2024-02-01", "2024-03-01T00:00:00+00:00"
+    inside = [
+        row
+        for row in rows
+        if datetime(2024, 2, 1, tzinfo=UTC) <= when(row) < datetime(2024, 3, 1, tzinfo=UTC)
+    ]
+    assert run("query", built, "events", "count", *ns, "--ge", start, "--lt", stop)[1] == f"{len(inside)}\n"
+    epoch = str(int(datetime(2024, 2, 1, tzinfo=UTC).timestamp()))
+    assert run("query", built, "events", "count", *ns, "--ge", epoch, "--lt", stop)[1] == f"{len(inside)}\n"
+    code, out, _ = run("query", built, "events", "totals", *ns, "--ge", start, "--lt", stop, "--json")
+    assert json.loads(out) == {
+        "count": len(inside),
+        "cost": math.fsum(row["cost"] for row in inside),
+        "tokens": sum(row["tokens"] for row in inside),
+    }
+    assert run("query", built, "events", "rank", start, *ns)[1] == f"{rows.index(inside[0])}\n"
+    assert (
+        run("query", built, "events", "rank", start, *ns, "--reverse")[1]
+        == f"{len(rows) - rows.index(inside[0])}\n"
+    )
+    code, out, _ = run("query", built, "events", "at", "-1", *ns, "--json")
+    assert json.loads(out)["id"] == rows[-1]["id"]
+    code, out, _ = run("query", built, "events", "at", "0", *ns)
+    assert (
+        out == f"{when(rows[0]).isoformat()}  {rows[0]['id']}  cost={rows[0]['cost']!r} "
+        f"tokens={rows[0]['tokens']}\n"
+    )
+    code, _, err = run("query", built, "events", "at", "1000", *ns)
+    assert code == 1 and "out of range" in err
+    code, _, err = run("query", built, "events", "at", "first", *ns)
+    assert code == 2 and "integer INDEX" in err
+    assert json.loads(run("query", built, "events", "min", *ns, "--json")[1])["id"] == rows[0]["id"]
+    assert json.loads(run("query", built, "events", "max", *ns, "--gt", "2030-01-01", "--json")[1]) is None
+    assert run("query", built, "events", "max", *ns, "--gt", "2030-01-01")[1] == "(no items)\n"
+    code, _, err = run("query", built, "events", "count", *ns, "--ge", "tomorrow")
+    assert code == 1 and "--ge 'tomorrow': not a datetime" in err
+
+
+def test_query_buckets(built: Path, run: Any) -> None:
+    rows = org_rows("org:0")
+    argv = ["query", built, "events", "buckets", "--namespace", "org:0", "--start", "2024-01-01"]
+    code, out, _ = run(*argv, "--width", "1w", "--count", "3", "--json")
+    weeks = json.loads(out)
+    assert code == 0 and len(weeks) == 3
+    for index, bucket in enumerate(weeks):
+        low, high = T0 + timedelta(weeks=index), T0 + timedelta(weeks=index + 1)
+        assert bucket["start"] == low.isoformat()
+        assert bucket["count"] == sum(1 for row in rows if low <= when(row) < high)
+    code, out, _ = run(*argv, "--width", "month", "--count", "2")
+    assert out.splitlines()[1].startswith("2024-02-01T00:00:00+00:00  count=")
+    code, _, err = run(*argv, "--width", "fortnight", "--count", "2")
+    assert code == 2 and "--width 'fortnight'" in err
+    assert run(*argv[:-2], "--count", "2")[0] == 2
+
+
+def test_query_items_pages_with_a_cursor(built: Path, run: Any) -> None:
+    rows = org_rows("org:3")
+    seen: list[str] = []
+    cursor: list[str] = []
+    while True:
+        code, out, _ = run(
+            "query", built, "events", "items", "--namespace", "org:3", "--limit", "30", *cursor, "--json"
+        )
+        assert code == 0
+        page = json.loads(out)
+        seen.extend(item["id"] for item in page["items"])
+        if page["done"]:
+            break
+        cursor = ["--after", page["cursor"]]
+    assert seen == [row["id"] for row in rows]
+    _, out, _ = run("query", built, "events", "items", "--namespace", "org:3", "--limit", "2", "--reverse")
+    lines = out.splitlines()
+    assert [line.split()[1] for line in lines[:2]] == [rows[-1]["id"], rows[-2]["id"]]
+    assert lines[2].startswith("# more: --after ")
+
+
+# ------------------------------------------------------------------ check, stats, namespaces
+
+
+def test_check_passes_and_fails(built: Path, run: Any) -> None:
+    assert run("check", built) == (0, "ok: no problems found\n", "")
+    assert json.loads(run("check", built, "events", "--namespace", "org:1", "--json")[1]) == {
+        "ok": True,
+        "problems": [],
+    }
+    import lmdb
+
+    environment = lmdb.open(str(built), max_dbs=8)
+    roots = environment.open_db(b"roots")
+    with environment.begin(write=True) as txn:
+        key, value = next(iter(txn.cursor(db=roots)))
+        node_id, height, summary = tallytree._txn.decode_root(value).node_id, 1, [1, 0, 0, 0, 0]
+        txn.put(
+            key, tallytree._txn.encode_root(tallytree._btree.Root(node_id, height + 5, summary)), db=roots
+        )
+    environment.close()
+    code, out, _ = run("check", built)
+    assert code == 3 and "problem(s)" in out and "height is 6" in out
+    code, out, _ = run("check", built, "--json")
+    assert code == 3 and json.loads(out)["ok"] is False
+
+
+def test_stats(built: Path, run: Any) -> None:
+    code, out, _ = run("stats", built, "--json")
+    document = json.loads(out)
+    [events] = document["aggregates"]
+    assert code == 0 and document["database_bytes"] > 0
+    assert (events["name"], events["items"], events["namespaces"], events["depth"]) == ("events", 300, 4, 2)
+    assert events["leaves"] >= 4 and events["internal_nodes"] == 4 and events["bytes"] > 0
+    assert 0 < events["fill"] <= 1
+    code, out, _ = run("stats", built)
+    assert "events (values: cost, tokens; node size 64): 300 items in 4 namespace(s), depth 2" in out
+
+
+def test_namespaces_are_paged(built: Path, run: Any) -> None:
+    code, out, _ = run("namespaces", built, "events", "--limit", "3")
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].startswith("org:0  count=75 cost=")
+    assert lines[-1] == "# more: --after org:2"
+    _, out, _ = run("namespaces", built, "events", "--after", "org:2", "--json")
+    document = json.loads(out)
+    assert [space["namespace"] for space in document["namespaces"]] == ["org:3"]
+    assert document["done"] is True and document["next"] is None
+
+
+# ------------------------------------------------------------------ verify
+
+
+def test_verify_reports_drift_and_repairs_it(built: Path, tmp_path: Path, run: Any) -> None:
+    argv = [
+        "--key",
+        "ts",
+        "--key-type",
+        "datetime",
+        "--id",
+        "id",
+        "--namespace",
+        "org",
+        "--sum",
+        "cost,tokens",
+    ]
+    source = write_csv(tmp_path / "same.csv", EVENTS)
+    assert run("verify", built, "events", "--from", source, *argv)[:2] == (
+        0,
+        "verify events against "
+        f"{source}: 300 source items, 300 stored\n"
+        "  missing: 0 (in the source, not in the aggregate)\n"
+        "  extra: 0 (in the aggregate, not in the source)\n"
+        "  different: 0 (values differ)\n"
+        "ok: the aggregate matches the source\n",
+    )
+    changed = [dict(row) for row in EVENTS[:-2]]  # the last two are gone: extra in the aggregate
+    changed[5]["cost"] = 99.5  # different
+    changed.append({**EVENTS[0], "id": "new"})  # missing from the aggregate
+    drifted = write_csv(tmp_path / "drifted.csv", changed)
+    code, out, _ = run("verify", built, "events", "--from", drifted, *argv, "--json")
+    report = json.loads(out)
+    assert code == 3
+    assert (report["missing"]["count"], report["extra"]["count"], report["different"]["count"]) == (1, 2, 1)
+    assert report["different"]["examples"] == [
+        {
+            "namespace": "org:1",
+            "key": when(EVENTS[5]).isoformat(),
+            "id": "e5",
+            "stored": {"cost": EVENTS[5]["cost"], "tokens": 50},
+            "source": {"cost": 99.5, "tokens": 50},
+        }
+    ]
+    code, out, _ = run("verify", built, "events", "--from", drifted, *argv)
+    assert code == 3 and "drift: 4 item(s); run again with --repair to fix it" in out
+    code, out, _ = run("verify", built, "events", "--from", drifted, *argv, "--repair")
+    assert code == 0 and "repaired: 4 item(s)" in out
+    assert run("verify", built, "events", "--from", drifted, *argv)[0] == 0
+    assert run("check", built)[0] == 0
+    code, _, err = run("verify", built, "events", "--from", drifted, "--key", "ts", "--sum", "cost")
+    assert code == 1 and "sums ['cost', 'tokens'], but --sum names ['cost']" in err
+
+
+# ------------------------------------------------------------------ demo and the console script
+
+
+def test_demo_json(tmp_path: Path, run: Any) -> None:
+    code, out, _ = run("demo", tmp_path / "demo.tt", "--events", "3000", "--users", "20", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["check_ok"] is True
+    assert all(question["match"] for question in report["questions"])
+    assert {question["question"] for question in report["questions"]} >= {
+        "events in the last 7 days",
+        "upcoming events (next 7 days)",
+        "daily cost, 30 days",
+        "rank of the median event",
+    }
+
+
+def test_demo_as_the_readme_runs_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tallytree", "demo", str(tmp_path / "demo.tt"), "--events", "5000"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Bulk-built 2 aggregates" in result.stdout
+    assert "MISMATCH" not in result.stdout
+    assert result.stdout.rstrip().endswith("Invariant check: ok")
+
+
+def test_console_script(built: Path) -> None:
+    script = shutil.which("tallytree", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if script is None:
+        pytest.skip("the tallytree console script is not installed")
+    argv = [script, "query", str(built), "events", "count"]
+    result = subprocess.run([*argv, "--namespace", "org:1"], capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stdout) == (0, "75\n")
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)  # the default namespace
+    assert (result.returncode, result.stdout) == (0, "0\n")
+    assert "the default namespace of 'events' is empty" in result.stderr
+    result = subprocess.run(
+        [script, "query", str(built), "nope", "count"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 4 and result.stderr.count("\n") == 1
+
+
+def test_docs_commands_run(tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``$ tallytree`` line of docs/cli.md, against the files the page describes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    write_csv(tmp_path / "events.csv", EVENTS)
+    lines = BAD_JSONL.split("\n")
+    (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], lines[6], lines[3]]) + "\n")
+    with sqlite3.connect(tmp_path / "app.sqlite") as connection:
+        connection.execute(f"CREATE TABLE events ({', '.join(FIELDS)})")
+        connection.executemany(
+            f"INSERT INTO events VALUES ({', '.join('?' * len(FIELDS))})",
+            [tuple(row[name] for name in FIELDS) for row in EVENTS],
+        )
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^\$ (.*tallytree .*)$", text, flags=re.MULTILINE)
+    assert len(commands) >= 15
+    for line in commands:
+        command, _, comment = line.partition("   # ")
+        expected = int(comment.removeprefix("exit ")) if comment else 0
+        if command.startswith("cat "):
+            source, _, piped = command.removeprefix("cat ").partition(" | ")
+            stdin = types.SimpleNamespace(buffer=io.BytesIO((tmp_path / source).read_bytes()))
+            monkeypatch.setattr(sys, "stdin", stdin)
+            command = piped
+        argv = shlex.split(command)
+        assert argv[0] == "tallytree"
+        code, _, err = run(*argv[1:])
+        assert code == expected, (command, err)

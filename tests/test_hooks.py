@@ -1,0 +1,197 @@
+"""Change handlers for external stores, and verify / repair against a source of documents."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from typing import Any
+
+import pytest
+from conftest import snapshot
+
+import tallytree
+from tallytree import Change, ChangeHandler
+from tallytree._extract import move
+
+
+def _handler(db: tallytree.Database) -> tuple[ChangeHandler, tallytree.Aggregate, tallytree.Aggregate]:
+    hooks = ChangeHandler(db)
+    by_status = hooks.aggregate("by_status", namespace="org", key="status", values=("total",))
+    timeline = hooks.aggregate("timeline", key=("org", "day"), where=lambda row: row["status"] != "void")
+    return hooks, by_status, timeline
+
+
+def test_change_values_are_validated() -> None:
+    assert Change.insert(1, {"a": 1}) == Change("insert", 1, None, {"a": 1})
+    with pytest.raises(ValueError):
+        Change("insert", 1, {"a": 1}, {"a": 2})
+    with pytest.raises(ValueError):
+        Change("delete", 1, None, None)
+    with pytest.raises(ValueError):
+        Change("upsert", 1, None, {"a": 1})  # type: ignore[arg-type]
+
+
+def test_strict_apply_checks_every_aggregate_before_writing(db: tallytree.Database) -> None:
+    hooks, by_status, timeline = _handler(db)
+    row = {"org": 1, "status": "open", "day": 3, "total": 10}
+    with db.write() as tx:
+        hooks.apply(tx, Change.insert(1, row))
+        before = snapshot(db, tx)
+        with pytest.raises(tallytree.DuplicateItemError):
+            hooks.apply(tx, Change.insert(1, row))
+        with pytest.raises(tallytree.ItemNotFoundError):
+            hooks.apply(tx, Change.delete(2, row))
+        with pytest.raises(tallytree.ItemNotFoundError):
+            hooks.apply(tx, Change.update(1, {**row, "status": "paid"}, row))
+        with pytest.raises(tallytree.ExtractionError):
+            hooks.apply(tx, Change.update(1, row, {"org": 1, "status": "paid", "day": 3}))
+        assert snapshot(db, tx) == before
+        hooks.apply(tx, Change.update(1, row, {**row, "status": "void", "total": 12}))
+        assert by_status.totals(tx, namespace=1, eq="void").as_dict() == {"count": 1, "total": 12}
+        assert timeline.count(tx) == 0
+        hooks.apply(tx, Change.delete(1, {**row, "status": "void", "total": 12}))
+        assert by_status.count(tx, namespace=1) == 0
+    with db.read() as tx, pytest.raises(tallytree.TransactionError):
+        hooks.apply(tx, Change.insert(1, row))
+
+
+def _random_log(rng: random.Random, size: int) -> tuple[list[Change], dict[int, dict[str, Any]]]:
+    rows: dict[int, dict[str, Any]] = {}
+    log = []
+    for step in range(size):
+        if rows and rng.random() < 0.5:
+            row_id = rng.choice(list(rows))
+            if rng.random() < 0.6:
+                new = {
+                    **rows[row_id],
+                    "status": rng.choice(["open", "paid", "void"]),
+                    "day": rng.randrange(9),
+                }
+                log.append(Change.update(row_id, rows[row_id], new))
+                rows[row_id] = new
+            else:
+                log.append(Change.delete(row_id, rows.pop(row_id)))
+        else:
+            row = {
+                "org": rng.randrange(3),
+                "status": "open",
+                "day": rng.randrange(9),
+                "total": rng.randrange(99),
+            }
+            rows[step] = row
+            log.append(Change.insert(step, row))
+    return log, rows
+
+
+def test_idempotent_replay_of_a_log_converges(db: tallytree.Database) -> None:
+    hooks, by_status, timeline = _handler(db)
+    log, rows = _random_log(random.Random(3), 400)
+    with db.write() as tx:
+        assert hooks.apply_many(tx, log) == len(log)
+    once = snapshot(db)
+    with db.write() as tx:
+        hooks.apply_many(tx, log[:150], idempotent=True)  # a replay of a prefix, then of everything
+        hooks.apply_many(tx, log[100:], idempotent=True)
+    assert snapshot(db) == once
+    with db.read() as tx:
+        for aggregate in (by_status, timeline):
+            assert tallytree.verify(tx, aggregate, rows.items()).ok
+    row_id = next(iter(rows))
+    with db.write() as tx, pytest.raises(tallytree.DuplicateItemError):
+        hooks.apply(tx, Change.insert(row_id, rows[row_id]))
+
+
+def test_verify_reports_drift_and_repair_fixes_it(db: tallytree.Database) -> None:
+    hooks, by_status, _ = _handler(db)
+    rows = {i: {"id": i, "org": i % 2, "status": "open", "day": i, "total": i} for i in range(20)}
+    with db.write() as tx:
+        for row_id, row in rows.items():
+            hooks.apply(tx, Change.insert(row_id, row))
+    rows[3] = {**rows[3], "status": "paid"}  # written elsewhere, never reported: "different"
+    rows[20] = {"id": 20, "org": 0, "status": "open", "day": 20, "total": 20}  # "missing"
+    del rows[5]  # "extra"
+    rows[7] = {**rows[7], "total": 700}  # "different" values
+    with db.read() as tx:
+        drift = tallytree.verify(tx, by_status, rows.values(), examples=2)
+    assert (drift.documents, drift.expected, drift.actual) == (20, 20, 20)
+    assert (drift.missing, drift.extra, drift.different, drift.ok) == (1, 1, 2, False)
+    assert len(drift.examples) == 2
+    assert "missing 1, extra 1, different 2" in str(drift)
+    with db.read() as tx:
+        full = tallytree.verify(tx, by_status, rows.values())
+    kinds = {example.id: example.kind for example in full.examples}
+    assert kinds == {3: "different", 7: "different", 5: "extra", 20: "missing"}
+    different = next(example for example in full.examples if example.id == 3)
+    assert different.expected is not None and different.actual is not None
+    assert different.expected[1].key == "paid" and different.actual[1].key == "open"
+    with db.write() as tx:
+        fixed = tallytree.repair(tx, by_status, rows.values())
+        assert fixed.missing + fixed.extra + fixed.different == 4
+        assert tallytree.verify(tx, by_status, rows.values()).ok
+    with db.read() as tx:
+        assert by_status.totals(tx, namespace=1).as_dict() == {
+            "count": sum(1 for r in rows.values() if r["org"] == 1),
+            "total": sum(r["total"] for r in rows.values() if r["org"] == 1),
+        }
+        assert not tallytree.check(tx)
+
+
+def test_verify_reads_a_dbapi_cursor_and_id_functions(db: tallytree.Database) -> None:
+    _, by_status, _ = _handler(db)
+    sql = sqlite3.connect(":memory:")
+    sql.execute("create table invoices (invoice_id integer primary key, org, status, day, total)")
+    rng = random.Random(1)
+    for i in range(100):
+        values = (i, rng.randrange(3), rng.choice(["open", "paid"]), rng.randrange(9), rng.randrange(50))
+        sql.execute("insert into invoices values (?, ?, ?, ?, ?)", values)
+    with db.write() as tx:
+        cursor = sql.execute("select * from invoices")
+        drift = tallytree.repair(tx, by_status, cursor, id="invoice_id")
+        assert drift.missing == 100
+        assert tallytree.verify(tx, by_status, sql.execute("select * from invoices"), id="invoice_id").ok
+        rows = sql.execute("select invoice_id, org, status, day, total from invoices").fetchall()
+        as_pairs = [(r[0], dict(zip(("id", "org", "status", "day", "total"), r, strict=True))) for r in rows]
+        assert tallytree.verify(tx, by_status, as_pairs).ok
+        keyed = [dict(pair[1], ref=f"inv-{pair[0]}") for pair in as_pairs]
+        drift = tallytree.verify(tx, by_status, keyed, id=lambda row: row["ref"])
+        assert (drift.missing, drift.extra) == (100, 100)
+    with db.read() as tx:
+        org_totals = dict(sql.execute("select org, sum(total) from invoices group by org").fetchall())
+        assert {ns: t.total for ns, t in by_status.namespaces(tx)} == org_totals
+
+
+def test_verify_needs_extractors(db: tallytree.Database) -> None:
+    plain = db.aggregate("plain")
+    with db.read() as tx, pytest.raises(tallytree.AggregateNotFoundError):
+        tallytree.verify(tx, plain, [])
+
+
+def test_repair_restores_a_tampered_table_aggregate(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate("a", namespace="g", key="k", values=("v",))
+    with db.write() as tx:
+        table.insert_many(tx, [(i, {"g": i % 3, "k": i % 7, "v": i}) for i in range(100)])
+    with db.write() as tx:  # simulate damage below the public API
+        move(
+            tx,
+            agg,
+            (agg._tree_key(1), tallytree._keys.encode_key(1 % 7) + tallytree._keys.encode_id(1), (1,)),
+            None,
+        )
+        move(
+            tx,
+            agg,
+            None,
+            (agg._tree_key(9), tallytree._keys.encode_key(0) + tallytree._keys.encode_id("x"), (5,)),
+        )
+    with db.write() as tx:
+        drift = tallytree.verify(tx, agg, table)
+        assert (drift.missing, drift.extra, drift.different) == (1, 1, 0)
+        tallytree.repair(tx, agg, table)
+        assert tallytree.verify(tx, agg, table).ok
+
+
+def test_handler_refuses_table_owned_aggregates(db: tallytree.Database) -> None:
+    db.table("t").aggregate("owned", key="k")
+    with pytest.raises(tallytree.TransactionError, match="maintained by table"):
+        ChangeHandler(db).aggregate("owned", key="k")

@@ -1,0 +1,502 @@
+"""The LMDB backend: reopening, read-only use, foreign files, map growth, other processes, kill -9.
+
+Subprocess tests run a small script with the same interpreter; the scripts print one line per
+milestone, and the test reads those lines to know what the child has committed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+import tallytree
+from conftest import snapshot
+from tallytree import DatabaseFormatError, MapFullError, ReadOnlyError
+
+SOURCE = str(Path(tallytree.__file__).resolve().parent.parent)
+
+
+def _fill(db: tallytree.Database) -> None:
+    """Two aggregates with varied keys, values and namespaces, after inserts, deletes and moves."""
+    events = db.aggregate("events", values=("cost", "tokens"), node_size=4)
+    scores = db.aggregate("scores", node_size=5)
+    with db.write() as tx:
+        events.insert_many(tx, [(day, f"e{day}", (day * 0.1, 2**63 + day)) for day in range(200)])
+        events.insert_many(
+            tx,
+            [((("open", "closed")[n % 2], n), n, (1e-3, -n)) for n in range(50)],
+            namespace=("org", 1),
+        )
+        events.insert(tx, datetime(2024, 5, 1, tzinfo=UTC), b"\x00id", (2.5, 7), namespace="dates")
+        scores.insert_many(tx, [(n * 1.5, str(n)) for n in range(100)], namespace="game")
+    with db.write() as tx:
+        events.delete_range(tx, ge=50, lt=120)
+        events.replace(tx, 3, "e3", new_namespace="moved", new_values=(0.25, 1))
+        scores.clear(tx, namespace="game")
+        scores.insert(tx, None, 0)
+
+
+def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
+    environment = {**os.environ, "PYTHONPATH": SOURCE}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+
+
+def _wait_for(process: subprocess.Popen[str], prefix: str) -> str:
+    """Read the child's lines until one starts with ``prefix``; fail if it exits first."""
+    assert process.stdout is not None
+    while True:
+        line = process.stdout.readline()
+        if not line:
+            _, errors = process.communicate(timeout=30)
+            raise AssertionError(f"the child exited ({process.returncode}) before {prefix!r}: {errors}")
+        if line.startswith(prefix):
+            return line.strip()
+
+
+def _kill(process: subprocess.Popen[str]) -> list[str]:
+    """SIGKILL the child; return the lines it printed that were not read yet."""
+    process.send_signal(signal.SIGKILL)
+    rest, _ = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    return rest.splitlines()
+
+
+# ================================================================== reopening
+
+
+def test_close_and_reopen_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+        before = snapshot(db)
+    with tallytree.open(path) as db:
+        assert snapshot(db) == before
+        events = db.aggregate("events", create=False)
+        assert (events.fields, events.node_size) == (("cost", "tokens"), 4)
+        assert db.aggregate("scores").node_size == 5
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+            assert events.totals(tx, namespace="moved").as_dict() == {"count": 1, "cost": 0.25, "tokens": 1}
+        with db.write() as tx:  # and it goes on: writes after a reopen
+            events.insert(tx, 1000, "late", (1.0, 1))
+            after = snapshot(db, tx)
+    with tallytree.open(path) as db:
+        assert snapshot(db) == after
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+
+
+def test_durable_false_commits_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        _fill(db)
+        before = snapshot(db)
+    with tallytree.open(path, durable=False) as db:
+        assert snapshot(db) == before
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+
+
+def test_readonly_open_reads_and_refuses_every_write(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+        before = snapshot(db)
+    with tallytree.open(path, readonly=True) as db:
+        assert snapshot(db) == before
+        events = db.aggregate("events", values=("cost", "tokens"))
+        with pytest.raises(ReadOnlyError), db.write():
+            pass
+        with pytest.raises(ReadOnlyError):
+            db.aggregate("new")
+        with pytest.raises(ReadOnlyError):
+            db.drop_aggregate("scores")
+        with db.read() as tx:  # refusing writes left the database usable
+            assert events.count(tx) == 129
+            assert tallytree.check(tx) == []
+        assert snapshot(db) == before
+    assert issubclass(ReadOnlyError, PermissionError)
+    with tallytree.open(path) as db:
+        assert snapshot(db) == before
+        assert db.aggregates() == ["events", "scores"]
+
+
+def test_readonly_open_needs_an_existing_database(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(tmp_path / "missing", readonly=True)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(tmp_path / "empty", readonly=True)
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(tmp_path / "missing", create=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+# ================================================================== foreign and damaged files
+
+
+def _lmdb_env(path: Path, **options: Any) -> Any:
+    return lmdb.open(str(path), max_dbs=8, map_size=1 << 20, **options)
+
+
+def _lmdb_main_keys(path: Path) -> list[bytes]:
+    env = _lmdb_env(path)
+    try:
+        with env.begin() as txn:
+            return [bytes(key) for key, _ in txn.cursor()]
+    finally:
+        env.close()
+
+
+def test_a_file_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database")
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path)
+    assert path.read_text() == "not a database"
+
+
+def test_a_non_empty_foreign_directory_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "project"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path)
+    assert sorted(child.name for child in path.iterdir()) == ["notes.txt"]
+
+
+def test_an_lmdb_environment_of_another_application_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other"
+    env = _lmdb_env(path)
+    with env.begin(write=True) as txn:
+        txn.put(b"hello", b"world")
+    env.close()
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path)
+    assert _lmdb_main_keys(path) == [b"hello"], "tallytree wrote into a foreign environment"
+
+
+def test_an_lmdb_environment_with_foreign_named_databases_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other"
+    env = _lmdb_env(path)
+    users = env.open_db(b"users")
+    with env.begin(write=True) as txn:
+        txn.put(b"u1", b"ann", db=users)
+    env.close()
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path)
+    assert _lmdb_main_keys(path) == [b"users"]
+
+
+def test_a_damaged_data_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(random.Random(1).randbytes(16384))
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path)
+
+
+def _set_meta(path: Path, key: bytes, value: bytes | None) -> None:
+    env = _lmdb_env(path)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        if value is None:
+            txn.delete(key, db=meta)
+        else:
+            txn.put(key, value, db=meta)
+    env.close()
+
+
+def test_another_format_version_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+        before = snapshot(db)
+    _set_meta(path, b"format", b"tallytree-99")
+    with pytest.raises(DatabaseFormatError, match="tallytree-99"):
+        tallytree.open(path)
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path, readonly=True)
+    _set_meta(path, b"format", b"tallytree-1")
+    with tallytree.open(path) as db:
+        assert snapshot(db) == before
+
+
+def test_a_database_without_its_format_tag_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+    _set_meta(path, b"format", None)
+    with pytest.raises(DatabaseFormatError):
+        tallytree.open(path)
+
+
+# ================================================================== map growth
+
+
+def test_the_map_grows_as_data_arrives(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    small = 64 * 1024
+    with tallytree.open(path, map_size=small, durable=False) as db:
+        events = db.aggregate("events", values=("cost",), node_size=16)
+        for batch in range(10):  # many small commits, then one large one
+            with db.write() as tx:
+                events.insert_many(tx, [(batch * 1000 + n, "id", (0.5,)) for n in range(300)])
+        with db.write() as tx:
+            events.insert_many(tx, [(100_000 + n, str(n), (0.5,)) for n in range(20_000)])
+        with db.read() as tx:
+            assert events.totals(tx).as_dict() == {"count": 23_000, "cost": 11_500.0}
+            assert tallytree.check(tx) == []
+    assert (path / "data.mdb").stat().st_size > 8 * small, "the map did not grow"
+    with tallytree.open(path, map_size=small) as db:  # a small map_size does not shrink the file
+        events = db.aggregate("events")
+        with db.read() as tx:
+            assert events.count(tx) == 23_000
+            assert events.at(tx, -1).key == 119_999
+        with db.write() as tx:
+            events.insert(tx, -1, "after", (1.0,))
+        with db.read() as tx:
+            assert events.count(tx) == 23_001 and tallytree.check(tx) == []
+
+
+def test_a_full_map_at_max_map_size_raises_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    limit = 256 * 1024
+    with tallytree.open(path, map_size=64 * 1024, max_map_size=limit, durable=False) as db:
+        events = db.aggregate("events", values=("cost",))
+        committed = 0
+        with pytest.raises(MapFullError):
+            for batch in range(100):
+                with db.write() as tx:
+                    events.insert_many(tx, [(batch, n, (1.0,)) for n in range(500)])
+                committed += 500
+        assert committed > 0, "the limit must allow a few batches"
+        with db.read() as tx:
+            assert events.count(tx) == committed
+            assert tallytree.check(tx) == []
+        before = snapshot(db)
+        with pytest.raises(MapFullError), db.write() as tx:
+            events.insert_many(tx, [(-1, n, (1.0,)) for n in range(5000)])
+        assert snapshot(db) == before
+    assert isinstance(MapFullError("x"), OSError)
+    with tallytree.open(path, max_map_size=limit) as db:
+        assert snapshot(db) == before
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+
+
+def test_the_map_cannot_grow_while_a_reader_of_this_process_is_open(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events")
+        with db.read() as reader:
+            with pytest.raises(MapFullError), db.write() as tx:
+                events.insert_many(tx, [(n, "id") for n in range(5000)])
+            assert events.count(reader) == 0
+        with db.read() as tx:
+            assert events.count(tx) == 0
+        with db.write() as tx:  # the reader is gone: now the map grows
+            events.insert_many(tx, [(n, "id") for n in range(5000)])
+        with db.read() as tx:
+            assert events.count(tx) == 5000 and tallytree.check(tx) == []
+
+
+# ================================================================== other processes
+
+WRITER = """
+import sys, tallytree
+path, transactions = sys.argv[1], int(sys.argv[2])
+with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+    events = db.aggregate("events", values=("amount", "half"), node_size=4)
+    for n in range(transactions):
+        with db.write() as tx:
+            for namespace in ("a", "b", "c"):
+                events.insert(tx, n, namespace, (1, 0.5), namespace=namespace)
+        if n % 50 == 0:
+            print("committed", n + 1, flush=True)
+print("done", flush=True)
+"""
+
+
+def test_readers_see_consistent_snapshots_while_another_process_writes(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    transactions = 400
+    with tallytree.open(path, map_size=64 * 1024) as db:
+        events = db.aggregate("events", values=("amount", "half"), node_size=4)
+    writer = _spawn(WRITER, str(path), str(transactions))
+    try:
+        with tallytree.open(path, map_size=64 * 1024) as db:
+            events = db.aggregate("events")
+            seen: list[int] = []
+            while True:
+                finished = writer.poll() is not None
+                with db.read() as tx:
+                    assert tallytree.check(tx) == []
+                    listed = {namespace: totals for namespace, totals in events.namespaces(tx)}
+                    counts = [events.count(tx, namespace=namespace) for namespace in ("a", "b", "c")]
+                    assert len(set(counts)) == 1, f"a transaction was seen half done: {counts}"
+                    assert sum(totals.count for totals in listed.values()) == sum(counts)
+                    for totals in listed.values():
+                        assert totals.amount == totals.count and totals.half == totals.count / 2
+                    if listed:
+                        assert events.max(tx, namespace="b").key == counts[0] - 1
+                seen.append(counts[0])
+                if finished:
+                    break
+            assert seen == sorted(seen), "a reader went back in time"
+            assert seen[-1] == transactions
+            assert len(set(seen)) >= 3, f"the reads did not interleave with the writes: {set(seen)}"
+        assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+    finally:
+        if writer.poll() is None:
+            _kill(writer)
+
+
+ENDLESS_TRANSACTION = """
+import sys, tallytree
+path = sys.argv[1]
+with tallytree.open(path) as db:
+    events = db.aggregate("events", values=("amount",), node_size=4)
+    for batch in range(5):
+        with db.write() as tx:
+            events.insert_many(tx, [(batch * 100 + n, "id", (batch,)) for n in range(100)])
+    print("committed", flush=True)
+    with db.write() as tx:
+        n = 0
+        while True:
+            events.insert(tx, 10_000 + n, "pending", (1,))
+            events.delete(tx, n % 500, "id")
+            events.insert(tx, n % 500, "id", (-1,))
+            n += 1
+            if n == 2000:
+                print("writing", flush=True)
+"""
+
+
+def test_kill_9_in_a_long_write_transaction_keeps_the_last_commit(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    writer = _spawn(ENDLESS_TRANSACTION, str(path))
+    try:
+        _wait_for(writer, "committed")
+        _wait_for(writer, "writing")
+        time.sleep(0.2)
+    finally:
+        _kill(writer)
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+            assert [(item.key, item.values) for item in events.items(tx)] == [
+                (batch * 100 + n, (batch,)) for batch in range(5) for n in range(100)
+            ]
+        with db.write() as tx:  # the dead writer's lock was released
+            events.insert(tx, -1, "after", (1,))
+        with db.read() as tx:
+            assert events.count(tx) == 501 and tallytree.check(tx) == []
+
+
+COMMIT_LOOP = """
+import sys, tallytree
+path, size, durable = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "durable"
+with tallytree.open(path, map_size=1 << 20, durable=durable) as db:
+    events = db.aggregate("events", values=("amount",), node_size=8)
+    batch = 0
+    while True:
+        with db.write() as tx:
+            events.insert_many(tx, [(batch * size + n, batch, (batch,)) for n in range(size)])
+            if batch:
+                events.delete_range(tx, ge=(batch - 1) * size, lt=(batch - 1) * size + size // 2)
+        batch += 1
+        print("committed", batch, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("delay", "durable"), [(0.0, "durable"), (0.05, "durable"), (0.13, "no-sync"), (0.31, "no-sync")]
+)
+def test_kill_9_between_and_during_commits_leaves_a_committed_state(
+    tmp_path: Path, delay: float, durable: str
+) -> None:
+    path = tmp_path / "db"
+    size = 2000
+    writer = _spawn(COMMIT_LOOP, str(path), str(size), durable)
+    try:
+        _wait_for(writer, "committed 3")
+        time.sleep(delay)
+    finally:
+        rest = _kill(writer)
+    reported = max([3, *(int(line.split()[1]) for line in rest if line.startswith("committed"))])
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+            count = events.count(tx)
+            batches = 2 * count // size - 1  # every batch but the last lost half of its items
+            assert count == size * (batches + 1) // 2, f"{count} items: a partial transaction"
+            assert batches >= reported, "a reported commit was lost"
+            expected = [
+                key
+                for batch in range(batches)
+                for key in range(batch * size, batch * size + size)
+                if batch == batches - 1 or key >= batch * size + size // 2
+            ]
+            assert [item.key for item in events.items(tx)] == expected, "a partial transaction"
+            assert events.sum(tx, "amount") == sum(key // size for key in expected)
+
+
+GROWER = """
+import sys, tallytree
+with tallytree.open(sys.argv[1], map_size=64 * 1024, durable=False) as db:
+    events = db.aggregate("events")
+    with db.write() as tx:
+        events.insert_many(tx, [(n, "id") for n in range(30_000)])
+"""
+
+
+def test_growth_by_another_process_while_a_transaction_is_open_raises_a_typed_error(
+    tmp_path: Path,
+) -> None:
+    """Regression: a read begun while another transaction of this process was open (a nested read,
+    or another thread's) after another process grew the map raised a raw lmdb.MapResizedError."""
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 * 1024) as db:
+        events = db.aggregate("events")
+        with db.read() as outer:
+            subprocess.run([sys.executable, "-c", GROWER, str(path)], check=True, env={**os.environ, "PYTHONPATH": SOURCE})
+            assert events.count(outer) == 0, "the open snapshot is unaffected"
+            with pytest.raises(tallytree.TransactionError), db.read():
+                pass
+            failures: list[BaseException] = []
+
+            def read_in_a_thread() -> None:
+                try:
+                    with db.read():
+                        pass
+                except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                    failures.append(exc)
+
+            thread = threading.Thread(target=read_in_a_thread)
+            thread.start()
+            thread.join()
+            assert [type(exc) for exc in failures] == [tallytree.TransactionError]
+            assert events.count(outer) == 0
+        with db.read() as tx:  # once no transaction is open, the map follows
+            assert events.count(tx) == 30_000 and tallytree.check(tx) == []

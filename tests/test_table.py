@@ -1,0 +1,842 @@
+"""Tables: documents with attached aggregates, checked against brute force over the documents."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import snapshot, strict
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import tallytree
+from tallytree import Change, ChangeHandler
+
+# ---------------------------------------------------------------- brute force
+
+
+def expected_items(
+    docs: dict[Any, dict[str, Any]],
+    key: Callable[[dict[str, Any]], Any],
+    namespace: Callable[[dict[str, Any]], Any] = lambda doc: None,
+    values: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda doc: (),
+    where: Callable[[dict[str, Any]], bool] = lambda doc: True,
+) -> dict[Any, list[tuple[Any, Any, tuple[Any, ...]]]]:
+    """What an aggregate should hold: per namespace, sorted (key, id, values)."""
+    spaces: dict[Any, list[tuple[Any, Any, tuple[Any, ...]]]] = defaultdict(list)
+    for doc_id, doc in docs.items():
+        if where(doc):
+            spaces[namespace(doc)].append((key(doc), doc_id, values(doc)))
+    return {
+        space: sorted(
+            items, key=lambda item: tallytree._keys.encode_key(item[0]) + tallytree._keys.encode_id(item[1])
+        )
+        for space, items in spaces.items()
+    }
+
+
+def held_items(tx: tallytree.Transaction, aggregate: tallytree.Aggregate) -> dict[Any, list[Any]]:
+    return {
+        namespace: [(item.key, item.id, item.values) for item in aggregate.items(tx, namespace=namespace)]
+        for namespace, _ in aggregate.namespaces(tx)
+    }
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_insert_get_update_delete_keep_aggregates_exact(db: tallytree.Database) -> None:
+    loads = db.table("loads")
+    by_status = loads.aggregate("by_status", namespace="org", key="status", values=("amount",))
+    with db.write() as tx:
+        first = loads.insert(tx, {"org": 1, "status": "open", "amount": 100})
+        second = loads.insert(tx, {"org": 1, "status": "open", "amount": 250})
+        third = loads.insert(tx, {"org": 2, "status": "open", "amount": 7}, id="manual")
+        assert (first, second, third) == (1, 2, "manual")
+        assert loads.get(tx, first) == {"org": 1, "status": "open", "amount": 100}
+        assert loads.update(tx, first, {"status": "delivered", "amount": 120}) == {
+            "org": 1,
+            "status": "delivered",
+            "amount": 120,
+        }
+        assert by_status.totals(tx, namespace=1).as_dict() == {"count": 2, "amount": 370}
+        assert by_status.count(tx, namespace=1, eq="open") == 1
+        loads.update(tx, "manual", {"org": 1})  # moves between namespaces
+        assert by_status.count(tx, namespace=2) == 0
+        assert by_status.totals(tx, namespace=1).as_dict() == {"count": 3, "amount": 377}
+        assert loads.delete(tx, second)["amount"] == 250
+        assert loads.count(tx) == 2
+    with db.read() as tx:
+        assert by_status.totals(tx, namespace=1).as_dict() == {"count": 2, "amount": 127}
+        assert [doc_id for doc_id, _ in loads.items(tx)] == [1, "manual"]
+        assert [doc_id for doc_id, _ in loads.items(tx, reverse=True)] == ["manual", 1]
+        assert list(loads.ids(tx)) == [1, "manual"]
+        assert loads.get(tx, second) is None
+        assert loads.count(tx) == 2
+        assert not tallytree.check(tx)
+
+
+def test_strict_and_idempotent_variants(db: tallytree.Database) -> None:
+    table = db.table("t")
+    counts = table.aggregate("counts", key="kind")
+    with db.write() as tx:
+        table.insert(tx, {"kind": "a"}, id="x")
+        with pytest.raises(tallytree.DuplicateItemError):
+            table.insert(tx, {"kind": "b"}, id="x")
+        with pytest.raises(tallytree.ItemNotFoundError):
+            table.update(tx, "nope", {"kind": "b"})
+        with pytest.raises(tallytree.ItemNotFoundError):
+            table.replace(tx, "nope", {"kind": "b"})
+        with pytest.raises(tallytree.ItemNotFoundError):
+            table.delete(tx, "nope")
+        assert table.discard(tx, "nope") is False
+        assert table.upsert(tx, "y", {"kind": "b"}) == "inserted"
+        assert table.upsert(tx, "y", {"kind": "b"}) == "unchanged"
+        assert table.upsert(tx, "y", {"kind": "c"}) == "updated"
+        assert table.replace(tx, "y", {"kind": "a", "extra": 1}) == {"kind": "c"}
+        assert table.discard(tx, "y") is True
+        assert counts.count(tx) == 1
+        assert table.count(tx) == 1
+
+
+def test_unchanged_writes_write_nothing(db: tallytree.Database) -> None:
+    table = db.table("t")
+    table.aggregate("counts", key="kind")
+    with db.write() as tx:
+        table.insert(tx, {"kind": "a"}, id="x")
+    with db.write() as tx:
+        table.upsert(tx, "x", {"kind": "a"})
+        table.update(tx, "x", {"kind": "a"})
+        table.replace(tx, "x", {"kind": "a"})
+        assert not tx.changed
+
+
+def test_generated_ids_skip_explicit_ints_and_are_never_reused(db: tallytree.Database) -> None:
+    table = db.table("t")
+    with db.write() as tx:
+        assert table.insert(tx, {}) == 1
+        table.insert(tx, {}, id=10)
+        assert table.insert(tx, {}) == 11
+        table.delete(tx, 11)
+    with db.write() as tx:
+        assert table.insert(tx, {}) == 12
+        assert table.insert_many(tx, [{}, ("s", {}), {}]) == [13, "s", 14]
+
+
+def test_failed_generated_insert_does_not_consume_the_id(db: tallytree.Database) -> None:
+    table = db.table("t")
+    table.aggregate("k", key="kind")
+    with db.write() as tx:
+        with pytest.raises(tallytree.ExtractionError):
+            table.insert(tx, {"other": 1})
+        assert table.insert(tx, {"kind": 1}) == 1
+
+
+def test_extraction_error_names_document_and_field_and_writes_nothing(db: tallytree.Database) -> None:
+    table = db.table("t")
+    table.aggregate("a", key="created", namespace="org")
+    table.aggregate("b", key="kind", values=("cost",))
+    with db.write() as tx:
+        table.insert(tx, {"org": 1, "created": 5, "kind": "x", "cost": 1.5}, id="ok")
+        before = snapshot(db, tx)
+        count = table.count(tx)
+        with pytest.raises(tallytree.ExtractionError) as info:
+            table.insert(tx, {"org": 1, "created": 6, "kind": "x"}, id="bad")
+        assert info.value.document_id == "bad"
+        assert info.value.aggregate == "b"
+        assert "cost" in str(info.value) and "'bad'" in str(info.value)
+        with pytest.raises(tallytree.ExtractionError) as info:
+            table.insert(tx, {"org": 1, "created": 6, "kind": "x", "cost": "cheap"}, id="bad")
+        assert "cost" in str(info.value)
+        with pytest.raises(tallytree.ExtractionError) as info:
+            table.insert(tx, {"org": {"nested": 1}, "created": 6, "kind": "x", "cost": 1.0}, id="bad")
+        assert info.value.field == "org"
+        with pytest.raises(tallytree.ExtractionError):
+            table.update(tx, "ok", {"cost": None})
+        with pytest.raises(tallytree.InvalidDocumentError):
+            table.insert(tx, {"created": datetime(2024, 1, 1)}, id="naive")
+        with pytest.raises(tallytree.InvalidDocumentError):
+            table.insert(tx, ["not", "a", "mapping"])  # type: ignore[arg-type]
+        with pytest.raises(tallytree.ExtractionError):
+            table.insert_many(tx, [{"org": 1, "created": 7, "kind": "y", "cost": 2.0}, {"org": 1}])
+        assert snapshot(db, tx) == before
+        assert table.count(tx) == count
+        assert table.get(tx, "bad") is None
+
+
+def test_callable_extractor_errors_are_wrapped(db: tallytree.Database) -> None:
+    table = db.table("t")
+    table.aggregate("a", key=lambda doc: 1 / doc["n"])
+    with db.write() as tx, pytest.raises(tallytree.ExtractionError) as info:
+        table.insert(tx, {"n": 0}, id=1)
+    assert "ZeroDivisionError" in str(info.value)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_on_missing_skip_and_where(db: tallytree.Database) -> None:
+    table = db.table("t")
+    paid = table.aggregate("paid", key="paid_at", values=("amount",), on_missing="skip")
+    active = table.aggregate("active", key="created", where={"void": False})
+    truthy = table.aggregate("flagged", key="created", where="flag")
+    big = table.aggregate("big", key="created", where=lambda doc: (doc["amount"] or 0) > 100)
+    with db.write() as tx:
+        table.insert(tx, {"created": 1, "amount": 50, "void": False}, id="a")
+        table.insert(tx, {"created": 2, "amount": 500, "void": False, "paid_at": 9, "flag": 1}, id="b")
+        table.insert(tx, {"created": 3, "amount": None, "void": True, "paid_at": 4}, id="c")
+        assert [i.id for i in paid.items(tx)] == ["b"]  # c has amount None: skipped
+        assert [i.id for i in active.items(tx)] == ["a", "b"]
+        assert [i.id for i in truthy.items(tx)] == ["b"]
+        with pytest.raises(tallytree.ExtractionError, match="'amount'"):  # the predicate's KeyError
+            table.insert(tx, {"created": 4}, id="d")
+        table.update(tx, "c", {"void": False, "amount": 300})  # starts matching both
+        assert [i.id for i in active.items(tx)] == ["a", "b", "c"]
+        assert [i.id for i in big.items(tx)] == ["b", "c"]
+        assert paid.totals(tx).as_dict() == {"count": 2, "amount": 800}
+        table.update(tx, "b", {"void": True}, remove=["paid_at"])  # stops matching, loses a field
+        assert [i.id for i in active.items(tx)] == ["a", "c"]
+        assert [i.id for i in paid.items(tx)] == ["c"]
+
+
+def test_composite_and_function_keys_and_value_mappings(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate(
+        "calls",
+        namespace=lambda doc: ("org", doc["org"]),
+        key=("status", "at"),
+        values={"cost": "cost_usd", "tokens": lambda doc: doc["input"] + doc["output"]},
+    )
+    with db.write() as tx:
+        table.insert(
+            tx, {"org": 1, "status": "ok", "at": 5, "cost_usd": 0.25, "input": 10, "output": 3}, id=1
+        )
+        table.insert(tx, {"org": 1, "status": "ok", "at": 7, "cost_usd": 0.5, "input": 1, "output": 1}, id=2)
+    with db.read() as tx:
+        assert agg.totals(tx, namespace=("org", 1), prefix=("ok",)).as_dict() == {
+            "count": 2,
+            "cost": 0.75,
+            "tokens": 15,
+        }
+        assert agg.count(tx, namespace=("org", 1), ge=("ok", 6)) == 1
+
+
+def test_list_fields_are_tuple_keys_and_datetimes_are_instants(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate("a", key="pair", namespace="when")
+    when = datetime(2024, 3, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    with db.write() as tx:
+        table.insert(tx, {"pair": (1, "x"), "when": when}, id=1)
+        table.update(tx, 1, {"pair": [2, "y"]})
+        assert table.get(tx, 1) == {"pair": [2, "y"], "when": when}
+        assert table.get(tx, 1)["when"].tzinfo == UTC  # type: ignore[index]
+        assert [i.key for i in agg.items(tx, namespace=when)] == [(2, "y")]
+        table.delete(tx, 1)
+        assert agg.count(tx, namespace=when) == 0
+
+
+def test_direct_writes_to_owned_aggregates_are_refused(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate("a", key="k")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1}, id=1)
+        for write in (
+            lambda: agg.insert(tx, 2, 2),
+            lambda: agg.delete(tx, 1, 1),
+            lambda: agg.upsert(tx, 1, 1),
+            lambda: agg.insert_many(tx, [(3, 3)]),
+            lambda: agg.delete_range(tx),
+            lambda: agg.clear(tx),
+            lambda: db.aggregate("a").insert(tx, 4, 4),
+        ):
+            with pytest.raises(tallytree.TransactionError, match="maintained by table 't'"):
+                write()
+        assert agg.count(tx) == 1
+    with pytest.raises(tallytree.TransactionError, match="drop_aggregate"):
+        db.drop_aggregate("a")
+
+
+def test_attach_builds_from_existing_documents_in_one_transaction(db: tallytree.Database) -> None:
+    table = db.table("t")
+    rng = random.Random(4)
+    docs = {
+        i: {"org": rng.randrange(5), "t": rng.randrange(1000), "v": rng.randrange(100)} for i in range(2000)
+    }
+    with db.write() as tx:
+        table.insert_many(tx, list(docs.items()))
+    agg = table.aggregate("late", namespace="org", key="t", values=("v",), node_size=8)
+    with db.read() as tx:
+        assert held_items(tx, agg) == expected_items(
+            docs, key=lambda d: d["t"], namespace=lambda d: d["org"], values=lambda d: (d["v"],)
+        )
+        assert not tallytree.check(tx, agg)
+    other = db.table("u")
+    with db.write() as tx:
+        other.insert(tx, {"t": 1}, id="good")
+        other.insert(tx, {"org": 1, "v": 1}, id="bad")  # no "t": fine until an aggregate needs it
+    with pytest.raises(tallytree.ExtractionError, match="'bad'"):
+        other.aggregate("needs_t", key="t")
+    assert "needs_t" not in db.aggregates()
+    assert other.aggregates() == []
+    assert table.aggregates() == ["late"]
+
+
+def test_same_definition_again_returns_the_aggregate_and_mismatch_raises(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate("a", key="k", values=("v",))
+    assert table.aggregate("a", key="k", values=("v",)) is agg
+    assert table.aggregate("a") is agg
+    with pytest.raises(tallytree.SchemaMismatchError):
+        table.aggregate("a", key="other", values=("v",))
+    with pytest.raises(tallytree.SchemaMismatchError):
+        table.aggregate("a", key="k", values=("v", "w"))
+    with pytest.raises(tallytree.AggregateNotFoundError):
+        table.aggregate("unknown")
+    db.aggregate("plain")
+    with pytest.raises(tallytree.SchemaMismatchError, match="not attached"):
+        table.aggregate("plain", key="k")
+
+
+def test_rebuild_with_a_new_definition(db: tallytree.Database) -> None:
+    table = db.table("t")
+    table.aggregate("a", key="k", values=("v",))
+    with db.write() as tx:
+        table.insert_many(tx, [(i, {"k": i, "j": -i, "v": i, "w": 2 * i}) for i in range(50)])
+    rebuilt = table.aggregate("a", key="j", values=("v", "w"), rebuild=True, node_size=6)
+    assert rebuilt.fields == ("v", "w") and rebuilt.node_size == 6
+    with db.read() as tx:
+        assert rebuilt.at(tx, 0).id == 49
+        assert rebuilt.totals(tx).as_dict() == {"count": 50, "v": 1225, "w": 2450}
+        assert not tallytree.check(tx)
+    with db.write() as tx:
+        table.delete(tx, 49)
+        assert rebuilt.at(tx, 0).id == 48
+
+
+def test_detach_and_drop(db: tallytree.Database) -> None:
+    table = db.table("t")
+    kept = table.aggregate("kept", key="k")
+    dropped = table.aggregate("dropped", key="k")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1}, id=1)
+    detached = table.detach("kept")
+    assert detached is kept
+    with db.write() as tx:
+        kept.insert(tx, 5, "manual")  # an ordinary aggregate now
+        table.insert(tx, {"k": 2}, id=2)  # no longer maintained
+        assert kept.count(tx) == 2 and dropped.count(tx) == 2
+    table.drop_aggregate("dropped")
+    assert "dropped" not in db.aggregates()
+    assert table.aggregates() == []
+    with db.write() as tx, pytest.raises(tallytree.TransactionError, match="dropped"):
+        dropped.insert(tx, 1, 1)
+    other = db.table("other")
+    other.aggregate("o", key="k")
+    with db.write() as tx:
+        other.insert(tx, {"k": 1})
+    db.drop_table("other")
+    assert db.tables() == ["t"]
+    assert "o" not in db.aggregates()
+    with pytest.raises(tallytree.TableNotFoundError):
+        db.table("other", create=False)
+    with db.write() as tx, pytest.raises(tallytree.TransactionError):
+        other.insert(tx, {"k": 1})
+    fresh = db.table("other")
+    with db.read() as tx:
+        assert fresh.count(tx) == 0 and list(fresh.items(tx)) == []
+
+
+def test_table_management_refuses_inside_a_write_transaction(db: tallytree.Database) -> None:
+    table = db.table("t")
+    with db.write() as tx, pytest.raises(tallytree.TransactionError, match=r"before `with db\.write"):
+        table.aggregate("a", key="k")
+    with db.write() as tx, pytest.raises(tallytree.TransactionError):
+        db.table("new")
+    with db.read() as tx, pytest.raises(tallytree.TransactionError, match="write"):
+        table.insert(tx, {})
+
+
+def test_iteration_sees_own_writes_and_refuses_changes_during_iteration(db: tallytree.Database) -> None:
+    table = db.table("t")
+    with db.write() as tx:
+        table.insert_many(tx, [(i, {"n": i}) for i in range(0, 10, 2)])
+    with db.write() as tx:
+        table.insert(tx, {"n": 5}, id=5)
+        table.delete(tx, 4)
+        table.update(tx, 0, {"n": 100})
+        assert [(doc_id, doc["n"]) for doc_id, doc in table.items(tx)] == [
+            (0, 100),
+            (2, 2),
+            (5, 5),
+            (6, 6),
+            (8, 8),
+        ]
+        with pytest.raises(tallytree.TransactionError, match="during iteration"):
+            for doc_id, _ in table.items(tx):
+                table.delete(tx, doc_id)
+
+
+def test_insert_many_duplicates(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate("a", key="k", values=("v",))
+    with db.write() as tx:
+        table.insert_many(tx, [(1, {"k": 1, "v": 1}), (2, {"k": 2, "v": 2})])
+        with pytest.raises(tallytree.DuplicateItemError):
+            table.insert_many(tx, [(3, {"k": 3, "v": 3}), (1, {"k": 9, "v": 9})])
+        with pytest.raises(tallytree.DuplicateItemError):
+            table.insert_many(tx, [(3, {"k": 3, "v": 3}), (3, {"k": 9, "v": 9})])
+        assert table.count(tx) == 2
+        table.insert_many(tx, [(3, {"k": 3, "v": 3}), (1, {"k": 9, "v": 9})], on_duplicate="skip")
+        assert agg.totals(tx).as_dict() == {"count": 3, "v": 6}
+        table.insert_many(
+            tx, [(1, {"k": 9, "v": 9}), (4, {"k": 4, "v": 4}), (4, {"k": 5, "v": 5})], on_duplicate="update"
+        )
+        assert agg.totals(tx).as_dict() == {"count": 4, "v": 19}
+        assert [i.key for i in agg.items(tx)] == [2, 3, 5, 9]
+        assert table.count(tx) == 4
+
+
+def test_delete_range_exports_then_removes_from_every_aggregate(db: tallytree.Database) -> None:
+    table = db.table("events")
+    by_time = table.aggregate("by_time", namespace="group", key="at", values=("size",))
+    by_kind = table.aggregate("by_kind", key="kind")
+    docs = {i: {"group": i % 3, "at": i, "size": i * 10, "kind": "k" + str(i % 4)} for i in range(60)}
+    with db.write() as tx:
+        table.insert_many(tx, list(docs.items()))
+    exported: list[tuple[Any, dict[str, Any]]] = []
+    with db.write() as tx:
+        removed = table.delete_range(
+            tx, "by_time", namespace=1, lt=30, export=lambda i, d: exported.append((i, d))
+        )
+    gone = [i for i in docs if docs[i]["group"] == 1 and docs[i]["at"] < 30]
+    assert [i for i, _ in exported] == gone
+    assert removed.as_dict() == {"count": len(gone), "size": sum(docs[i]["size"] for i in gone)}
+    for i in gone:
+        del docs[i]
+    with db.read() as tx:
+        assert held_items(tx, by_kind) == expected_items(docs, key=lambda d: d["kind"])
+        assert held_items(tx, by_time) == expected_items(
+            docs, key=lambda d: d["at"], namespace=lambda d: d["group"], values=lambda d: (d["size"],)
+        )
+        assert table.count(tx) == len(docs)
+        assert all(tallytree.verify(tx, agg, table).ok for agg in (by_time, by_kind))
+
+    def failing(doc_id: Any, doc: Any) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError), db.write() as tx:
+        table.delete_range(tx, "by_time", namespace=2, export=failing)
+    with db.read() as tx:
+        assert by_time.count(tx, namespace=2) == 20
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_definitions_persist_and_function_definitions_must_be_passed_again(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+
+    def org_of(doc: dict[str, Any]) -> Any:
+        return doc["org"]
+
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        table.aggregate("fields", namespace="org", key=("status", "at"), values=("v",), where={"void": False})
+        table.aggregate("func", namespace=org_of, key="at")
+        with db.write() as tx:
+            table.insert(tx, {"org": 1, "status": "a", "at": 1, "v": 2, "void": False}, id=1)
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        assert table.aggregates() == ["fields", "func"]
+        fields = table.aggregate("fields")
+        with db.read() as tx:
+            assert fields.totals(tx, namespace=1).as_dict() == {"count": 1, "v": 2}
+            assert table.aggregate("func").count(tx, namespace=1) == 1  # reads work
+        with (
+            db.write() as tx,
+            pytest.raises(tallytree.TransactionError, match="'func' is defined with a function"),
+        ):
+            table.insert(tx, {"org": 1, "status": "a", "at": 2, "v": 3, "void": False})
+
+        def other(doc: dict[str, Any]) -> Any:
+            return doc["status"]
+
+        other.__qualname__ = org_of.__qualname__  # same name, different code
+        with pytest.raises(tallytree.SchemaMismatchError):
+            table.aggregate("func", namespace=other, key="at")
+        func = table.aggregate("func", namespace=org_of, key="at")
+        with db.write() as tx:
+            table.insert(tx, {"org": 1, "status": "a", "at": 2, "v": 3, "void": False}, id=2)
+        with db.read() as tx:
+            assert func.count(tx, namespace=1) == 2
+            assert fields.totals(tx, namespace=1).as_dict() == {"count": 2, "v": 5}
+            assert db.aggregate("fields") is fields
+        with db.write() as tx, pytest.raises(tallytree.TransactionError, match="maintained"):
+            db.aggregate("func").insert(tx, 1, 1)
+
+
+def test_an_aggregate_attached_by_another_process_is_maintained(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        table.aggregate("first", key="k")
+        with db.write() as tx:
+            table.insert(tx, {"k": 1}, id=1)
+        script = textwrap.dedent(
+            f"""
+            import tallytree
+            with tallytree.open({str(path)!r}, durable=False) as db:
+                db.table("t").aggregate("second", key="k", values=("k",))
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], check=True)
+        with db.write() as tx:
+            table.insert(tx, {"k": 2}, id=2)
+        second = table.aggregate("second")
+        with db.read() as tx:
+            assert second.totals(tx).as_dict() == {"count": 2, "k": 3}
+            assert tallytree.verify(tx, second, table).ok
+
+
+# ---------------------------------------------------------------- long random sequences: zero drift
+
+Doc = dict[str, Any]
+
+
+def _random_doc(rng: random.Random) -> Doc:
+    doc: Doc = {
+        "org": rng.choice([1, 2, 3, "x"]),
+        "status": rng.choice(["open", "paid", "void"]),
+        "at": rng.randrange(50),
+        "cost": rng.choice([0.1, 0.25, 1.5, 3]),
+        "tokens": rng.randrange(100),
+    }
+    if rng.random() < 0.3:
+        del doc["tokens"]
+    if rng.random() < 0.2:
+        doc["flag"] = rng.random() < 0.5
+    return doc
+
+
+def _attach_all(table: tallytree.Table, node_size: int) -> list[tuple[tallytree.Aggregate, dict[str, Any]]]:
+    """Four aggregates covering every extractor kind, with their brute-force definitions."""
+    return [
+        (
+            table.aggregate(
+                "by_status", namespace="org", key="status", values=("cost",), node_size=node_size
+            ),
+            {"key": lambda d: d["status"], "namespace": lambda d: d["org"], "values": lambda d: (d["cost"],)},
+        ),
+        (
+            table.aggregate("timeline", key=("status", "at"), where={"flag": True}, node_size=node_size),
+            {"key": lambda d: (d["status"], d["at"]), "where": lambda d: d.get("flag") is True},
+        ),
+        (
+            table.aggregate(
+                "tokens",
+                namespace=lambda d: ("org", d["org"]),
+                key="at",
+                values={"tokens": "tokens", "double": lambda d: 2 * d["tokens"]},
+                on_missing="skip",
+                node_size=node_size,
+            ),
+            {
+                "key": lambda d: d["at"],
+                "namespace": lambda d: ("org", d["org"]),
+                "values": lambda d: (d["tokens"], 2 * d["tokens"]),
+                "where": lambda d: "tokens" in d,
+            },
+        ),
+        (
+            table.aggregate("live", key="at", where=lambda d: d["status"] != "void", node_size=node_size),
+            {"key": lambda d: d["at"], "where": lambda d: d["status"] != "void"},
+        ),
+    ]
+
+
+def _check_all(
+    tx: tallytree.Transaction,
+    table: tallytree.Table,
+    attached: list[tuple[tallytree.Aggregate, dict[str, Any]]],
+    docs: dict[Any, Doc],
+) -> None:
+    assert table.count(tx) == len(docs)
+    assert dict(table.items(tx)) == docs
+    for aggregate, brute in attached:
+        assert strict(held_items(tx, aggregate)) == strict(expected_items(docs, **brute)), aggregate.name
+        drift = tallytree.verify(tx, aggregate, table)
+        assert drift.ok, str(drift)
+
+
+def _random_writes(
+    rng: random.Random,
+    tx: tallytree.WriteTransaction,
+    table: tallytree.Table,
+    docs: dict[Any, Doc],
+    steps: int,
+) -> None:
+    for _ in range(steps):
+        operation = rng.random()
+        ids = list(docs)
+        if operation < 0.3 or not ids:
+            doc = _random_doc(rng)
+            doc_id = table.insert(tx, doc, id=rng.choice([None, f"s{rng.randrange(10**6)}"]))
+            docs[doc_id] = doc
+        elif operation < 0.5:
+            doc_id = rng.choice(ids)
+            patch = {field: value for field, value in _random_doc(rng).items() if rng.random() < 0.5}
+            remove = ["flag"] if rng.random() < 0.2 else []
+            docs[doc_id] = table.update(tx, doc_id, patch, remove=remove)
+        elif operation < 0.6:
+            doc_id = rng.choice(ids)
+            docs[doc_id] = _random_doc(rng)
+            table.replace(tx, doc_id, docs[doc_id])
+        elif operation < 0.7:
+            doc_id = rng.choice([*ids, "fresh" + str(rng.randrange(100))])
+            docs[doc_id] = _random_doc(rng)
+            table.upsert(tx, doc_id, docs[doc_id])
+        elif operation < 0.82:
+            doc_id = rng.choice(ids)
+            table.delete(tx, doc_id)
+            del docs[doc_id]
+        elif operation < 0.9:
+            batch = [_random_doc(rng) for _ in range(rng.randrange(1, 20))]
+            for doc_id, doc in zip(table.insert_many(tx, batch), batch, strict=True):
+                docs[doc_id] = doc
+        elif operation < 0.95:
+            namespace = rng.choice([1, 2, 3, "x"])
+            status = rng.choice(["open", "paid"])
+            table.delete_range(tx, "by_status", namespace=namespace, eq=status)
+            for doc_id in [i for i, d in docs.items() if d["org"] == namespace and d["status"] == status]:
+                del docs[doc_id]
+        else:
+            doc_id = rng.choice(ids)
+            bad = dict(docs[doc_id])
+            bad["status"] = ["not", {"a": "key"}]
+            with pytest.raises(tallytree.ExtractionError):
+                table.replace(tx, doc_id, bad)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_random_sequences_never_drift(db: tallytree.Database, seed: int) -> None:
+    rng = random.Random(seed)
+    table = db.table("t")
+    with db.write() as tx:  # some documents before the aggregates are attached
+        docs = {}
+        for _ in range(50):
+            doc = _random_doc(rng)
+            docs[table.insert(tx, doc)] = doc
+    attached = _attach_all(table, node_size=rng.choice([4, 5, 8]))
+    for _ in range(6):
+        with db.write() as tx:
+            _random_writes(rng, tx, table, docs, 250)
+            _check_all(tx, table, attached, docs)
+        with db.read() as tx:
+            _check_all(tx, table, attached, docs)
+            assert not tallytree.check(tx)
+
+
+def test_delete_range_in_random_sequences_matches_brute_force(db: tallytree.Database) -> None:
+    rng = random.Random(11)
+    table = db.table("t")
+    attached = _attach_all(table, node_size=4)
+    docs: dict[Any, Doc] = {}
+    with db.write() as tx:
+        for _ in range(300):
+            doc = _random_doc(rng)
+            docs[table.insert(tx, doc)] = doc
+        for _ in range(10):
+            namespace = rng.choice([1, 2, 3, "x"])
+            status = rng.choice(["open", "paid", "void"])
+            table.delete_range(tx, "by_status", namespace=namespace, eq=status)
+            docs = {i: d for i, d in docs.items() if not (d["org"] == namespace and d["status"] == status)}
+            _check_all(tx, table, attached, docs)
+
+
+class TableMachine(RuleBasedStateMachine):
+    """Hypothesis: random table writes against a dict of documents; aggregates must match brute force."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.db = tallytree.open_memory()
+        self.table = self.db.table("t")
+        self.docs: dict[Any, Doc] = {}
+        self.attached: list[tuple[tallytree.Aggregate, dict[str, Any]]] = []
+
+    @initialize(node_size=st.integers(4, 9))
+    def attach(self, node_size: int) -> None:
+        self.attached = _attach_all(self.table, node_size)
+
+    docs_strategy = st.fixed_dictionaries(
+        {
+            "org": st.sampled_from([1, 2, "x"]),
+            "status": st.sampled_from(["open", "paid", "void"]),
+            "at": st.integers(0, 20),
+            "cost": st.sampled_from([0.1, 0.2, 1, 2**40]),
+        },
+        optional={"tokens": st.integers(0, 10), "flag": st.booleans()},
+    )
+
+    @rule(doc=docs_strategy, doc_id=st.one_of(st.none(), st.integers(0, 30), st.text(max_size=2)))
+    def insert(self, doc: Doc, doc_id: Any) -> None:
+        with self.db.write() as tx:
+            if doc_id is not None and doc_id in self.docs:
+                with pytest.raises(tallytree.DuplicateItemError):
+                    self.table.insert(tx, doc, id=doc_id)
+                return
+            self.docs[self.table.insert(tx, doc, id=doc_id)] = doc
+
+    @rule(data=st.data(), patch=docs_strategy)
+    def update(self, data: st.DataObject, patch: Doc) -> None:
+        if not self.docs:
+            return
+        doc_id = data.draw(st.sampled_from(sorted(self.docs, key=repr)))
+        with self.db.write() as tx:
+            self.docs[doc_id] = self.table.update(tx, doc_id, patch)
+
+    @rule(data=st.data(), doc=docs_strategy)
+    def replace(self, data: st.DataObject, doc: Doc) -> None:
+        if not self.docs:
+            return
+        doc_id = data.draw(st.sampled_from(sorted(self.docs, key=repr)))
+        with self.db.write() as tx:
+            self.table.replace(tx, doc_id, doc)
+        self.docs[doc_id] = doc
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        if not self.docs:
+            return
+        doc_id = data.draw(st.sampled_from(sorted(self.docs, key=repr)))
+        with self.db.write() as tx:
+            self.table.delete(tx, doc_id)
+        del self.docs[doc_id]
+
+    @rule(docs=st.lists(docs_strategy, max_size=8))
+    def insert_many(self, docs: list[Doc]) -> None:
+        with self.db.write() as tx:
+            ids = self.table.insert_many(tx, docs)
+        self.docs.update(zip(ids, docs, strict=True))
+
+    @invariant()
+    def in_sync(self) -> None:
+        if not self.attached:
+            return
+        with self.db.read() as tx:
+            _check_all(tx, self.table, self.attached, self.docs)
+            assert not tallytree.check(tx)
+
+    def teardown(self) -> None:
+        self.db.close()
+
+
+TestTableMachine = TableMachine.TestCase
+TestTableMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+# ---------------------------------------------------------------- hooks share the extractors
+
+
+def test_change_handler_matches_a_table_on_the_same_writes(db: tallytree.Database) -> None:
+    rng = random.Random(5)
+    table = db.table("t")
+    table.aggregate("table_view", namespace="org", key="status", values=("cost",))
+    hooks = ChangeHandler(db)
+    external = hooks.aggregate("external_view", namespace="org", key="status", values=("cost",))
+    docs: dict[Any, Doc] = {}
+    with db.write() as tx:
+        for _ in range(400):
+            if docs and rng.random() < 0.4:
+                doc_id = rng.choice(list(docs))
+                if rng.random() < 0.5:
+                    new = table.update(tx, doc_id, {"status": rng.choice(["open", "paid"])})
+                    hooks.apply(tx, Change.update(doc_id, docs[doc_id], new))
+                    docs[doc_id] = new
+                else:
+                    hooks.apply(tx, Change.delete(doc_id, table.delete(tx, doc_id)))
+                    del docs[doc_id]
+            else:
+                doc = _random_doc(rng)
+                doc_id = table.insert(tx, doc)
+                hooks.apply(tx, Change.insert(doc_id, doc))
+                docs[doc_id] = doc
+        table_view = table.aggregate("table_view")
+        assert [(ns, t.as_dict()) for ns, t in table_view.namespaces(tx)] == [
+            (ns, t.as_dict()) for ns, t in external.namespaces(tx)
+        ]
+        assert tallytree.verify(tx, external, table).ok
+        assert tallytree.verify(tx, external, [(i, d) for i, d in table.items(tx)]).ok
+
+
+def test_json_roundtrip_of_documents_is_what_get_returns(db: tallytree.Database) -> None:
+    table = db.table("t")
+    doc = {"a": [1, 2, {"b": None}], "c": b"\x00", "d": 1.5, "e": True, "f": "é"}
+    with db.write() as tx:
+        table.insert(tx, doc, id=b"raw")
+    with db.read() as tx:
+        assert table.get(tx, b"raw") == doc
+        assert json.dumps(Counter(type(v).__name__ for v in table.get(tx, b"raw").values()))  # type: ignore[union-attr]
+
+
+def test_iterating_a_table_is_lazy(db: tallytree.Database) -> None:
+    table = db.table("t")
+    with db.write() as tx:
+        table.insert_many(tx, [{"n": i} for i in range(100)])
+    with db.read() as tx:
+        iterator: Iterator[Any] = table.items(tx)
+        assert next(iterator) == (1, {"n": 0})
+
+
+def test_where_mappings_with_tuples_reattach(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        db.table("t").aggregate("a", key="k", where={"pair": (1, 2)})
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        assert table.aggregate("a", key="k", where={"pair": (1, 2)}) is table.aggregate("a")
+        with db.write() as tx:
+            table.insert(tx, {"k": 1, "pair": (1, 2)}, id=1)
+            table.insert(tx, {"k": 2, "pair": (2, 1)}, id=2)
+        with db.read() as tx:
+            assert [item.id for item in table.aggregate("a").items(tx)] == [1]
+        with pytest.raises(TypeError, match="cannot be stored"):
+            table.aggregate("b", key="k", where={"x": object()})
+
+
+def test_where_mapping_compares_like_stored_documents(db: tallytree.Database) -> None:
+    table = db.table("t")
+    agg = table.aggregate("a", key="k", where={"pair": (1, 2)})
+    with db.write() as tx:
+        table.insert(tx, {"k": 1, "pair": (1, 2)}, id=1)
+        table.insert(tx, {"k": 2, "pair": [1, 2]}, id=2)
+        assert [item.id for item in agg.items(tx)] == [1, 2]
+
+
+def test_an_aggregate_opened_before_another_process_attached_it_becomes_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        db.table("t")
+        with pytest.raises(tallytree.AggregateNotFoundError):
+            db.aggregate("later", create=False)
+        script = textwrap.dedent(
+            f"""
+            import tallytree
+            with tallytree.open({str(path)!r}, durable=False) as db:
+                db.table("t").aggregate("later", key="k")
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], check=True)
+        later = db.aggregate("later")
+        with db.write() as tx:
+            db.table("t").insert(tx, {"k": 1}, id=1)  # the write transaction reloads the definitions
+            with pytest.raises(tallytree.TransactionError, match="maintained"):
+                later.insert(tx, 2, 2)
+            assert later.count(tx) == 1
