@@ -446,6 +446,16 @@ class Aggregate:
         """The exact sum of one value field within the bounds. O(log n).
 
         Raises InvalidValueError for an unknown field.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> ai = db.aggregate("ai", values=("cost", "tokens"))
+        >>> with db.write() as tx:
+        ...     ai.insert_many(tx, [(day, "call", (0.1, 700)) for day in range(10)])
+        10
+        >>> with db.read() as tx:
+        ...     ai.sum(tx, "cost", ge=5), ai.sum(tx, "tokens")
+        (0.5, 7000)
         """
         if field not in self.fields:
             raise InvalidValueError(
@@ -547,7 +557,18 @@ class Aggregate:
         prefix: tuple[Any, ...] | None = None,
         eq: Any = None,
     ) -> Item | None:
-        """The first item within the bounds, or None. O(log n)."""
+        """The first item within the bounds, or None. O(log n).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> ages = db.aggregate("ages")
+        >>> with db.write() as tx:
+        ...     ages.insert_many(tx, [(31, "ann"), (25, "bob"), (47, "cy")])
+        3
+        >>> with db.read() as tx:
+        ...     ages.min(tx).id, ages.min(tx, gt=25).id, ages.min(tx, gt=50)
+        ('bob', 'ann', None)
+        """
         return self._end(tx, namespace, resolve_bounds(ge, gt, le, lt, prefix, eq), last=False)
 
     def max(
@@ -562,7 +583,18 @@ class Aggregate:
         prefix: tuple[Any, ...] | None = None,
         eq: Any = None,
     ) -> Item | None:
-        """The last item within the bounds, or None. O(log n)."""
+        """The last item within the bounds, or None. O(log n).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> ages = db.aggregate("ages")
+        >>> with db.write() as tx:
+        ...     ages.insert_many(tx, [(31, "ann"), (25, "bob"), (47, "cy")])
+        3
+        >>> with db.read() as tx:
+        ...     ages.max(tx).id, ages.max(tx, lt=47).id
+        ('cy', 'ann')
+        """
         return self._end(tx, namespace, resolve_bounds(ge, gt, le, lt, prefix, eq), last=True)
 
     def _end(self, tx: Transaction, namespace: Any, bounds: _Bounds, last: bool) -> Item | None:
@@ -588,6 +620,18 @@ class Aggregate:
         """A uniformly random item within the bounds, or None if there is none. O(log n).
 
         ``rng`` is a ``random.Random`` or a seed, for reproducible draws.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> users = db.aggregate("users")
+        >>> with db.write() as tx:
+        ...     users.insert_many(tx, [(n, f"u{n}") for n in range(100)])
+        100
+        >>> with db.read() as tx:
+        ...     first, again = users.random(tx, rng=7), users.random(tx, rng=7)
+        ...     inside = users.random(tx, ge=90, rng=1).key >= 90
+        >>> first == again, inside
+        (True, True)
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree, _ = self._tree(tx, namespace)
@@ -598,7 +642,17 @@ class Aggregate:
         return self._item(*tree.select(start + generator.randrange(stop - start)))
 
     def get(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> Item | None:
-        """The item ``(key, id)`` in the namespace, or None. O(log n)."""
+        """The item ``(key, id)`` in the namespace, or None. O(log n).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> costs = db.aggregate("costs", values=("cost",))
+        >>> with db.write() as tx:
+        ...     costs.insert(tx, 5, "a", (1.5,), namespace="org:1")
+        >>> with db.read() as tx:
+        ...     costs.get(tx, 5, "a", namespace="org:1"), costs.get(tx, 5, "a")
+        (Item(key=5, id='a', values=(1.5,)), None)
+        """
         entry = encode_key(key) + encode_id(id)
         tree, _ = self._tree(tx, namespace)
         values = tree.find(entry)
@@ -621,6 +675,16 @@ class Aggregate:
 
         O(log n) to start and O(1) amortized per item. The iterator reads the transaction's snapshot;
         changing the same namespace while iterating raises TransactionError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> days = db.aggregate("days")
+        >>> with db.write() as tx:
+        ...     days.insert_many(tx, [(d, "x") for d in range(10)])
+        10
+        >>> with db.read() as tx:
+        ...     [item.key for item in days.items(tx, ge=3, lt=6, reverse=True)]
+        [5, 4, 3]
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree, tree_key = self._tree(tx, namespace)
@@ -697,7 +761,19 @@ class Aggregate:
         return Page(items, cursor, done)
 
     def namespaces(self, tx: Transaction) -> Iterator[tuple[Any, Totals]]:
-        """Every non-empty namespace with its totals, in key order. O(1) per namespace."""
+        """Every non-empty namespace with its totals, in key order. O(1) per namespace.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> usage = db.aggregate("usage", values=("tokens",))
+        >>> with db.write() as tx:
+        ...     usage.insert(tx, 1, "a", (100,), namespace="org:2")
+        ...     usage.insert(tx, 2, "b", (50,), namespace="org:1")
+        ...     usage.insert(tx, 3, "c", (25,), namespace="org:1")
+        >>> with db.read() as tx:
+        ...     list(usage.namespaces(tx))
+        [('org:1', Totals(count=2, tokens=75)), ('org:2', Totals(count=1, tokens=100))]
+        """
         tx.check_database(self._db)
         prefix = self._prefix
         stop = (self._id + 1).to_bytes(4, "big")
@@ -721,6 +797,17 @@ class Aggregate:
 
         Raises DuplicateItemError (a KeyError) if ``(key, id)`` is already in the namespace, and the
         key/value errors for bad input; in every case nothing changes.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events", values=("cost", "tokens"))
+        >>> with db.write() as tx:
+        ...     events.insert(tx, 1700000000, "evt_1", (0.25, 1200), namespace="user:42")
+        ...     events.insert(tx, 1700000000, "evt_2", {"cost": 0.5, "tokens": 80}, namespace="user:42")
+        >>> with db.write() as tx:
+        ...     events.insert(tx, 1700000000, "evt_1", (0.25, 1200), namespace="user:42")
+        Traceback (most recent call last):
+        tallytree.errors.DuplicateItemError: events: item (key=1700000000, id='evt_1') already ...
         """
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
@@ -737,6 +824,14 @@ class Aggregate:
         """Remove one item and return it. O(log n).
 
         Raises ItemNotFoundError (a KeyError) if it is absent; use :meth:`discard` to allow that.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores", values=("points",))
+        >>> with db.write() as tx:
+        ...     scores.insert(tx, 10, "ann", (3,))
+        ...     scores.delete(tx, 10, "ann")
+        Item(key=10, id='ann', values=(3,))
         """
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
@@ -751,7 +846,16 @@ class Aggregate:
         return self._item(entry, values)
 
     def discard(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> bool:
-        """Remove one item if present; return whether it was. Writes nothing if absent. O(log n)."""
+        """Remove one item if present; return whether it was. Writes nothing if absent. O(log n).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores")
+        >>> with db.write() as tx:
+        ...     scores.insert(tx, 10, "ann")
+        ...     scores.discard(tx, 10, "ann"), scores.discard(tx, 10, "ann")
+        (True, False)
+        """
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
         tree, tree_key = self._tree(wtx, namespace)
@@ -767,6 +871,13 @@ class Aggregate:
 
         Returns what happened; when the stored values are already equal (same types too), nothing is
         written at all, so replaying the same upserts is free.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> quota = db.aggregate("quota", values=("used",))
+        >>> with db.write() as tx:
+        ...     [quota.upsert(tx, "2026-11", "org:1", (n,)) for n in (5, 7, 7)]
+        ['inserted', 'updated', 'unchanged']
         """
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
@@ -798,6 +909,17 @@ class Aggregate:
 
         O(log n). Raises ItemNotFoundError if the item is absent and DuplicateItemError if the new
         position is taken; then nothing changes.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> loads = db.aggregate("loads", values=("weight",))
+        >>> with db.write() as tx:
+        ...     loads.insert(tx, ("open", 1), "L1", (900,), namespace="org:1")
+        ...     loads.replace(tx, ("open", 1), "L1", namespace="org:1", new_key=("delivered", 1))
+        Item(key=('delivered', 1), id='L1', values=(900,))
+        >>> with db.read() as tx:
+        ...     loads.count(tx, namespace="org:1", prefix=("open",))
+        0
         """
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
@@ -850,6 +972,16 @@ class Aggregate:
         ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert; an item whose
         stored values are already equal, types included, is not counted, as upsert() says "unchanged").
         O(m log n), about O(m) for sorted runs.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events", values=("cost",))
+        >>> with db.write() as tx:
+        ...     events.insert_many(tx, [(t, f"e{t}", (0.5,)) for t in range(1000)], namespace="u1")
+        ...     events.insert_many(tx, [(0, "e0", (0.5,)), (1000, "e1000", (2.0,))],
+        ...                        namespace="u1", on_duplicate="skip")
+        1000
+        1
         """
         if on_duplicate not in ("error", "skip", "update"):
             raise ValueError(f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}")
@@ -922,6 +1054,18 @@ class Aggregate:
 
         Subtrees entirely inside the bounds are dropped without reading their items:
         O(log n + nodes removed). To keep a copy, read ``items()`` with the same bounds first.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events", values=("cost",))
+        >>> with db.write() as tx:
+        ...     events.insert_many(tx, [(day, f"e{day}", (1.0,)) for day in range(400)])
+        ...     events.delete_range(tx, lt=35)
+        400
+        Totals(count=35, cost=35.0)
+        >>> with db.read() as tx:
+        ...     events.count(tx), events.min(tx).key
+        (365, 35)
         """
         wtx = self._writable(tx)
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
@@ -937,6 +1081,18 @@ class Aggregate:
         """Remove every item of one namespace; return the totals of what was removed.
 
         O(nodes removed): leaves are dropped by id without being read.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events")
+        >>> with db.write() as tx:
+        ...     events.insert_many(tx, [(n, "e") for n in range(50)], namespace="old")
+        ...     events.clear(tx, namespace="old")
+        50
+        Totals(count=50)
+        >>> with db.read() as tx:
+        ...     events.count(tx, namespace="old"), list(events.namespaces(tx))
+        (0, [])
         """
         return self.delete_range(tx, namespace=namespace)
 
