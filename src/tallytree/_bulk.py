@@ -36,16 +36,19 @@ item-by-item path, which is also the one that names a bad item.
 :class:`~tallytree.errors.UnsortedInputError` naming both items) and nothing is buffered. Otherwise items
 are buffered up to ``memory`` bytes (estimated), sorted (a stable sort, so among equal items the last
 one given stays last) and, when the input is larger, spilled as sorted runs to temporary files
-(msgpack blocks) and merged with :func:`heapq.merge`; runs that do not overlap (input that was in order
-anyway) are simply concatenated. Rows of many namespaces are sorted by (namespace, key, id), so each
-namespace is built in turn, one tree writer at a time.
+(msgpack blocks) and merged block by block (:func:`_merge`: one C-level sort per step instead of a
+Python step per item); runs that do not overlap (input that was in order anyway) are concatenated.
+Rows of many namespaces are sorted by (namespace, key, id), so each namespace is built in turn, one
+tree writer at a time.
 
-**Atomicity.** Everything happens inside the caller's write transaction: the old tree of a namespace
-is freed (``Tree.delete_range`` drops it by node id) and the new root recorded, and none of it is visible
-to readers until the commit; an exception, Ctrl-C or ``kill -9`` before the commit leaves the database
-as it was, and the build can simply be run again. Written nodes are kept in the transaction in their
-encoded form (:meth:`~tallytree.WriteTransaction.adopt_encoded`), so a build holds about the size of
-the new tree on disk, plus the sort buffer for unsorted input.
+**Atomicity.** Everything happens inside the caller's write transaction, and nothing is visible to
+readers until the commit: an exception, Ctrl-C or ``kill -9`` before it leaves the database as it was,
+and the build can simply be run again. Within the transaction too, a build is all or nothing: the
+new trees replace the old ones (which ``Tree.delete_range`` frees by node id) only once every
+namespace is built, and a build that raises drops the nodes it wrote, so a caller that catches the
+error and commits commits nothing of it. Written nodes are kept in the transaction in their encoded
+form (:meth:`~tallytree.WriteTransaction.adopt_encoded`), so a build holds about the size of the new
+tree on disk, plus the sort buffer for unsorted input.
 
 Cost: O(n) node writes for sorted input plus O(n log n) comparisons to sort; O(height x node_size)
 pending state per tree.
