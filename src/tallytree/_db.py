@@ -139,6 +139,19 @@ class Database:
 
         An exception in the block aborts it, writing nothing. One writer at a time (across processes
         too); a second ``db.write()`` in the same thread raises TransactionError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores")
+        >>> try:
+        ...     with db.write() as tx:
+        ...         scores.insert(tx, 1, "a")
+        ...         raise RuntimeError("something went wrong")
+        ... except RuntimeError:
+        ...     pass
+        >>> with db.read() as tx:  # the insert was rolled back with the rest of the transaction
+        ...     scores.count(tx)
+        0
         """
         self._check_open()
         if getattr(self._local, "writing", False):
@@ -246,14 +259,32 @@ class Database:
         return Aggregate(self, name, agg_id, fields, node_size)
 
     def aggregates(self) -> list[str]:
-        """The names of the aggregates in the database, sorted."""
+        """The names of the aggregates in the database, sorted.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> _ = db.aggregate("visits"), db.aggregate("costs", values=("usd",))
+        >>> db.aggregates()
+        ['costs', 'visits']
+        """
         with self.read() as tx:
             prefix = _AGGREGATE_PREFIX
             stop = prefix[:-1] + bytes([prefix[-1] + 1])
             return [key[len(prefix) :].decode() for key, _ in tx.kv.scan(0, prefix, stop)]
 
     def drop_aggregate(self, name: str) -> None:
-        """Delete an aggregate with every namespace and node. O(nodes). Raises AggregateNotFoundError."""
+        """Delete an aggregate with every namespace and node. O(nodes). Raises AggregateNotFoundError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> old = db.aggregate("old")
+        >>> with db.write() as tx:
+        ...     old.insert_many(tx, [(n, "x") for n in range(100)], namespace="a")
+        100
+        >>> db.drop_aggregate("old")
+        >>> db.aggregates()
+        []
+        """
         aggregate = self.aggregate(name, create=False)
         with self.read() as tx:
             owner = msgpack.unpackb(tx.meta(_AGGREGATE_PREFIX + name.encode()) or b"\x80").get("table")
@@ -328,7 +359,12 @@ class Database:
         return decode_key(tree_key, 4)[0]
 
     def cache_info(self) -> dict[str, int]:
-        """Node cache statistics: size, capacity, hits and misses."""
+        """Node cache statistics: size, capacity, hits and misses.
+
+        >>> import tallytree
+        >>> tallytree.open_memory(cache_nodes=1000).cache_info()["capacity"]
+        1000
+        """
         cache = self._cache
         return {
             "size": len(cache),
