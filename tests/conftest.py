@@ -9,7 +9,7 @@ printing the blob to reproduce a failure). Pick one with ``HYPOTHESIS_PROFILE=ci
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -15,9 +15,9 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+from conftest import snapshot, strict
 
 import tallytree
-from conftest import snapshot, strict
 from tallytree import (
     AggregateNotFoundError,
     BoundsError,
@@ -359,11 +359,17 @@ def test_insert_many_on_duplicate_modes(db: tallytree.Database) -> None:
         assert not tx.changed
     assert snapshot(db) == before
     with db.write() as tx:
-        assert aggregate.insert_many(tx, [(2, "a", (2,)), (1, "a", (9,)), (2, "a", (3,))], on_duplicate="skip") == 1
+        assert (
+            aggregate.insert_many(tx, [(2, "a", (2,)), (1, "a", (9,)), (2, "a", (3,))], on_duplicate="skip")
+            == 1
+        )
     with db.read() as tx:
         assert [item.values for item in aggregate.items(tx)] == [(1,), (2,)], "the first one wins"
     with db.write() as tx:
-        assert aggregate.insert_many(tx, [(2, "a", (4,)), (3, "a", (3,)), (2, "a", (5,))], on_duplicate="update") == 2
+        assert (
+            aggregate.insert_many(tx, [(2, "a", (4,)), (3, "a", (3,)), (2, "a", (5,))], on_duplicate="update")
+            == 2
+        )
     with db.read() as tx:
         assert [item.values for item in aggregate.items(tx)] == [(1,), (5,), (3,)], "the last one wins"
     with db.write() as tx:  # Item objects and tuples mix
@@ -455,7 +461,9 @@ def test_range_deletes_on_deep_trees_match_a_list(db: tallytree.Database, seed: 
     for _ in range(12):
         low = rng.randrange(10_000)
         high = low + rng.choice([1, 50, 300, 2000, 10_000])
-        bounds: dict[str, Any] = rng.choice([{"ge": low, "lt": high}, {"lt": high}, {"ge": low}, {"gt": low, "le": high}])
+        bounds: dict[str, Any] = rng.choice(
+            [{"ge": low, "lt": high}, {"lt": high}, {"ge": low}, {"gt": low, "le": high}]
+        )
         expected = [key for key in model if _within(key, bounds)]
         with db.write() as tx:
             removed = aggregate.delete_range(tx, **bounds)
@@ -663,7 +671,9 @@ ID_SITES: dict[str, Callable[[Any], Call]] = {
     "get": lambda item_id: lambda a, tx: a.get(tx, 1, item_id),
     "replace": lambda item_id: lambda a, tx: a.replace(tx, 1, item_id, new_key=2),
     "replace-new-id": lambda item_id: lambda a, tx: a.replace(tx, 1, "e1", new_id=item_id),
-    "insert-many": lambda item_id: lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), (1, item_id, (1, 2))]),
+    "insert-many": lambda item_id: (
+        lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), (1, item_id, (1, 2))])
+    ),
     "rank": lambda item_id: lambda a, tx: a.rank(tx, 1, item_id),
     "count-position": lambda item_id: lambda a, tx: a.count(tx, ge=Position(1, item_id)),
     "page-after": lambda item_id: lambda a, tx: a.page(tx, after=Item(1, item_id)),
@@ -697,9 +707,15 @@ VALUE_SITES: dict[str, Callable[[Any], Call]] = {
     "upsert-existing": lambda values: lambda a, tx: a.upsert(tx, 1, "e1", values),
     "replace": lambda values: lambda a, tx: a.replace(tx, 1, "e1", new_values=values),
     "replace-moving": lambda values: lambda a, tx: a.replace(tx, 1, "e1", new_key=1000, new_values=values),
-    "insert-many": lambda values: lambda a, tx: a.insert_many(tx, [(1000, "ok", (1, 2)), (1001, "x", values)]),
-    "insert-many-item": lambda values: lambda a, tx: a.insert_many(tx, [Item(1001, "x", values)], on_duplicate="skip"),
-    "insert-many-update": lambda values: lambda a, tx: a.insert_many(tx, [(1, "e1", values)], on_duplicate="update"),
+    "insert-many": lambda values: (
+        lambda a, tx: a.insert_many(tx, [(1000, "ok", (1, 2)), (1001, "x", values)])
+    ),
+    "insert-many-item": lambda values: (
+        lambda a, tx: a.insert_many(tx, [Item(1001, "x", values)], on_duplicate="skip")
+    ),
+    "insert-many-update": lambda values: (
+        lambda a, tx: a.insert_many(tx, [(1, "e1", values)], on_duplicate="update")
+    ),
 }
 OTHER_BAD_CALLS: list[tuple[str, Call, type[Exception]]] = [
     ("ge-and-gt", lambda a, tx: a.count(tx, ge=1, gt=2), BoundsError),
@@ -731,16 +747,28 @@ OTHER_BAD_CALLS: list[tuple[str, Call, type[Exception]]] = [
     ("index-none", lambda a, tx: a.at(tx, None), TypeError),
     ("sum-unknown-field", lambda a, tx: a.sum(tx, "latency"), InvalidValueError),
     ("sum-count", lambda a, tx: a.sum(tx, "count"), InvalidValueError),
-    ("insert-many-short-tuple", lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), (1,)]), InvalidValueError),
+    (
+        "insert-many-short-tuple",
+        lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), (1,)]),
+        InvalidValueError,
+    ),
     ("insert-many-long-tuple", lambda a, tx: a.insert_many(tx, [(1, "a", (1, 2), 4)]), InvalidValueError),
     ("insert-many-scalar", lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), 1]), InvalidValueError),
-    ("insert-many-bad-mode", lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2))], on_duplicate="replace"), ValueError),
+    (
+        "insert-many-bad-mode",
+        lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2))], on_duplicate="replace"),
+        ValueError,
+    ),
     ("insert-duplicate", lambda a, tx: a.insert(tx, 1, "e1", (1, 2)), DuplicateItemError),
-    ("insert-many-duplicate", lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), (2, "e2", (1, 2))]), DuplicateItemError),
+    (
+        "insert-many-duplicate",
+        lambda a, tx: a.insert_many(tx, [(100, "ok", (1, 2)), (2, "e2", (1, 2))]),
+        DuplicateItemError,
+    ),
     ("delete-missing", lambda a, tx: a.delete(tx, 1, "e2"), ItemNotFoundError),
     ("replace-missing", lambda a, tx: a.replace(tx, 1.0, "e1", new_key=3), ItemNotFoundError),
     ("replace-onto-taken", lambda a, tx: a.replace(tx, 1, "e1", new_key=2, new_id="e2"), DuplicateItemError),
-]  # fmt: skip
+]
 
 
 def _bad_calls() -> list[Any]:
@@ -880,7 +908,7 @@ def test_nested_write_transaction_raises_and_the_outer_one_goes_on(filled: Any) 
 
 
 def test_transactions_belong_to_their_database(filled: Any) -> None:
-    db, events = filled
+    _, events = filled
     with tallytree.open_memory() as other, other.write() as tx:
         with pytest.raises(TransactionError):
             events.insert(tx, 1000, "x", (1, 1))

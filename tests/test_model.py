@@ -203,11 +203,7 @@ class Model:
         return [row for row in self.rows(namespace) if in_bounds(row, bounds)]
 
     def namespaces(self) -> list[tuple[Any, dict[str, int | float]]]:
-        return [
-            (namespace, totals_of(rows))
-            for _, (namespace, rows) in sorted(self.spaces.items())
-            if rows
-        ]
+        return [(namespace, totals_of(rows)) for _, (namespace, rows) in sorted(self.spaces.items()) if rows]
 
     # writes: each raises the error tallytree must raise, changing nothing, or returns its result
 
@@ -242,9 +238,7 @@ class Model:
         self._space(namespace)[index] = Item(old.key, old.id, values)
         return "updated"
 
-    def replace(
-        self, namespace: Any, key: Any, item_id: Any, changes: dict[str, Any]
-    ) -> Item:
+    def replace(self, namespace: Any, key: Any, item_id: Any, changes: dict[str, Any]) -> Item:
         index = self._find(namespace, key, item_id)
         if index is None:
             raise ItemNotFoundError
@@ -276,9 +270,10 @@ class Model:
                 if on_duplicate == "skip":
                     continue
             batch[order] = row  # "update": the last one wins
-        if on_duplicate == "error":
-            if any(self._find(namespace, row.key, row.id) is not None for row in batch.values()):
-                raise DuplicateItemError
+        if on_duplicate == "error" and any(
+            self._find(namespace, row.key, row.id) is not None for row in batch.values()
+        ):
+            raise DuplicateItemError
         changed = 0
         for row in batch.values():
             if on_duplicate == "update":
@@ -316,7 +311,15 @@ BOUND_IDS: list[Any] = [*IDS, 0, 3, "", "c"]
 NAMESPACES: list[Any] = [None, "a", ("org", 1)]
 READ_NAMESPACES: list[Any] = [*NAMESPACES, "unknown"]
 PREFIXES: list[tuple[Any, ...]] = [
-    (), ("open",), ("open", 3), ("open", 3.0), ("closed",), (1,), (1.0,), ("zz",), ("open", 3, "x"),
+    (),
+    ("open",),
+    ("open", 3),
+    ("open", 3.0),
+    ("closed",),
+    (1,),
+    (1.0,),
+    ("zz",),
+    ("open", 3, "x"),
 ]
 X_VALUES: list[int | float] = [0, 1, -3, 7, 0.1, 0.2, 0.3, 1e-3, 2.5, -0.1, 1e16, -1e16, 1e300, 5e-324]
 Y_VALUES: list[int | float] = [0, 1, -1, 12345678901, 2**63 - 1, -(2**63), 2**64 - 1, 0.5, 1e-300]
@@ -405,9 +408,7 @@ class AggregateMachine(RuleBasedStateMachine):
         if self.backend == "lmdb":
             self.directory = tempfile.mkdtemp(prefix="tallytree-model-")
             # a small map, so that the map also grows during the run
-            self.db = tallytree.open(
-                f"{self.directory}/db", map_size=128 * 1024, durable=False
-            )
+            self.db = tallytree.open(f"{self.directory}/db", map_size=128 * 1024, durable=False)
         else:
             self.db = tallytree.open_memory()
         self.aggregate = self.db.aggregate("agg", values=FIELDS, node_size=node_size)
@@ -527,7 +528,9 @@ class AggregateMachine(RuleBasedStateMachine):
         outcome_model = _outcome(expected)
         if outcome_model[0] == "error":
             model.spaces = before.spaces  # the model may have been half-changed; restore it
-        assert outcome_real == outcome_model, f"{kind} {args}: tallytree {outcome_real}, model {outcome_model}"
+        assert outcome_real == outcome_model, (
+            f"{kind} {args}: tallytree {outcome_real}, model {outcome_model}"
+        )
 
     def _one_write(self, data: st.DataObject, kind: str) -> None:
         op = self._draw_op(data, kind)
@@ -668,15 +671,14 @@ class AggregateMachine(RuleBasedStateMachine):
         item_id: Any,
         reverse: bool,
     ) -> None:
-        if data.draw(st.booleans()):  # often an item of the namespace: its rank counts exactly
-            key, item_id = self._pick(data, namespace)
-            item_id = data.draw(st.sampled_from([None, item_id]))
         rows = self.model.select(namespace, bounds)
+        if rows and data.draw(st.booleans()):  # often an item within the bounds: counted exactly
+            row = data.draw(st.sampled_from(rows))
+            key, item_id = row.key, data.draw(st.sampled_from([None, row.id, row.id]))
         if item_id is None:
             here = value_order(key)
             expected = sum(
-                (value_order(row.key) > here) if reverse else (value_order(row.key) < here)
-                for row in rows
+                (value_order(row.key) > here) if reverse else (value_order(row.key) < here) for row in rows
             )
         else:
             here = item_order(key, item_id)
@@ -685,9 +687,7 @@ class AggregateMachine(RuleBasedStateMachine):
                 for row in rows
             )
         with self._reader(data) as tx:
-            rank = self.aggregate.rank(
-                tx, key, item_id, namespace=namespace, reverse=reverse, **bounds
-            )
+            rank = self.aggregate.rank(tx, key, item_id, namespace=namespace, reverse=reverse, **bounds)
         assert rank == expected
 
     @rule(data=st.data(), namespace=st.sampled_from(READ_NAMESPACES), bounds=bounds)
@@ -714,9 +714,7 @@ class AggregateMachine(RuleBasedStateMachine):
         bounds=bounds,
         reverse=st.booleans(),
     )
-    def read_items(
-        self, data: st.DataObject, namespace: Any, bounds: dict[str, Any], reverse: bool
-    ) -> None:
+    def read_items(self, data: st.DataObject, namespace: Any, bounds: dict[str, Any], reverse: bool) -> None:
         rows = self.model.select(namespace, bounds)
         with self._reader(data) as tx:
             items = list(self.aggregate.items(tx, namespace=namespace, reverse=reverse, **bounds))
@@ -818,14 +816,28 @@ class AggregateMachine(RuleBasedStateMachine):
                 found = self.aggregate.at(tx, rank, namespace=namespace)
                 assert value_order(found.key) >= value_order(key)
 
+    @rule(data=st.data())
+    def rank_and_at_agree_for_every_item(self, data: st.DataObject) -> None:
+        """For each item: at(rank(item)) is the item; ranks from both ends add up to count - 1."""
+        spaces = [namespace for namespace, _ in self.model.namespaces()]
+        if not spaces:
+            return
+        namespace = data.draw(st.sampled_from(spaces))
+        rows = self.model.rows(namespace)
+        with self._reader(data) as tx:
+            for index, row in enumerate(rows):
+                forward = self.aggregate.rank(tx, row.key, row.id, namespace=namespace)
+                backward = self.aggregate.rank(tx, row.key, row.id, namespace=namespace, reverse=True)
+                assert (forward, backward) == (index, len(rows) - 1 - index)
+                assert strict(self.aggregate.at(tx, forward, namespace=namespace)) == strict(row)
+                assert strict(self.aggregate.at(tx, -1 - backward, namespace=namespace)) == strict(row)
+
     @rule(
         data=st.data(),
         namespace=st.sampled_from(READ_NAMESPACES),
         cuts=st.lists(bound_values, min_size=3, max_size=3),
     )
-    def counts_of_adjacent_ranges_add_up(
-        self, data: st.DataObject, namespace: Any, cuts: list[Any]
-    ) -> None:
+    def counts_of_adjacent_ranges_add_up(self, data: st.DataObject, namespace: Any, cuts: list[Any]) -> None:
         low, middle, high = sorted(cuts, key=cut_order)
         with self._reader(data) as tx:
             count = self.aggregate.count
@@ -839,9 +851,8 @@ class AggregateMachine(RuleBasedStateMachine):
         data=st.data(),
         conflict=st.sampled_from(CONFLICTS),
         method=st.sampled_from(
-            ["count", "totals", "sum", "at", "rank", "min", "max", "random", "items", "page",
-             "delete_range"]
-        ),  # fmt: skip
+            ["count", "totals", "sum", "at", "rank", "min", "max", "random", "items", "page", "delete_range"]
+        ),
     )
     def conflicting_bounds_raise(self, data: st.DataObject, conflict: dict[str, Any], method: str) -> None:
         aggregate = self.aggregate

@@ -19,9 +19,9 @@ from typing import Any
 
 import lmdb
 import pytest
+from conftest import snapshot
 
 import tallytree
-from conftest import snapshot
 from tallytree import DatabaseFormatError, MapFullError, ReadOnlyError
 
 SOURCE = str(Path(tallytree.__file__).resolve().parent.parent)
@@ -101,6 +101,44 @@ def test_close_and_reopen_keeps_everything(tmp_path: Path) -> None:
         assert snapshot(db) == after
         with db.read() as tx:
             assert tallytree.check(tx) == []
+
+
+def test_a_reopened_aggregate_keeps_its_definition(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+    with tallytree.open(path) as db:
+        with pytest.raises(tallytree.SchemaMismatchError):
+            db.aggregate("events", values=("cost",))
+        with pytest.raises(tallytree.SchemaMismatchError):
+            db.aggregate("scores", node_size=64)
+        with pytest.raises(tallytree.AggregateNotFoundError):
+            db.aggregate("unknown", create=False)
+        assert db.aggregates() == ["events", "scores"]
+
+
+def test_the_checker_reports_a_missing_node_and_reads_raise_a_typed_error(tmp_path: Path) -> None:
+    """The state machines rely on check(); here it must find damage done behind tallytree's back."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+    env = _lmdb_env(path)
+    nodes = env.open_db(b"nodes")
+    with env.begin(write=True) as txn:
+        victim = bytes(next(iter(txn.cursor(db=nodes)))[0])
+        txn.delete(victim, db=nodes)
+    env.close()
+    with tallytree.open(path) as db, db.read() as tx:
+        problems = tallytree.check(tx)
+        assert problems, "check() missed a deleted node"
+        assert any(problem.node_id == int.from_bytes(victim, "big") for problem in problems)
+        damaged = {problem.aggregate for problem in problems if problem.aggregate is not None}
+        assert damaged
+        with pytest.raises(tallytree.CorruptDatabaseError):
+            for name in damaged:
+                aggregate = db.aggregate(name)
+                for namespace, _ in aggregate.namespaces(tx):
+                    list(aggregate.items(tx, namespace=namespace))
 
 
 def test_durable_false_commits_survive_close_and_reopen(tmp_path: Path) -> None:
@@ -480,7 +518,11 @@ def test_growth_by_another_process_while_a_transaction_is_open_raises_a_typed_er
     with tallytree.open(path, map_size=64 * 1024) as db:
         events = db.aggregate("events")
         with db.read() as outer:
-            subprocess.run([sys.executable, "-c", GROWER, str(path)], check=True, env={**os.environ, "PYTHONPATH": SOURCE})
+            subprocess.run(
+                [sys.executable, "-c", GROWER, str(path)],
+                check=True,
+                env={**os.environ, "PYTHONPATH": SOURCE},
+            )
             assert events.count(outer) == 0, "the open snapshot is unaffected"
             with pytest.raises(tallytree.TransactionError), db.read():
                 pass
@@ -490,7 +532,7 @@ def test_growth_by_another_process_while_a_transaction_is_open_raises_a_typed_er
                 try:
                     with db.read():
                         pass
-                except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                except BaseException as exc:
                     failures.append(exc)
 
             thread = threading.Thread(target=read_in_a_thread)
