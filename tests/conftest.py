@@ -68,18 +68,6 @@ def snapshot(db: tallytree.Database, tx: tallytree.Transaction | None = None) ->
     return state
 
 
-@pytest.fixture
-def memory_db() -> Iterator[tallytree.Database]:
-    with tallytree.open_memory() as db:
-        yield db
-
-
-@pytest.fixture
-def lmdb_db(tmp_path: Path) -> Iterator[tallytree.Database]:
-    with tallytree.open(tmp_path / "db", durable=False) as db:
-        yield db
-
-
 @pytest.fixture(params=["memory", "lmdb"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tallytree.Database]:
     """A fresh, empty database over each backend in turn."""

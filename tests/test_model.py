@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
 
+from conftest import strict
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -85,21 +86,6 @@ def key_order(key: Any) -> tuple[Any, ...]:
 
 def item_order(key: Any, item_id: Any) -> tuple[Any, ...]:
     return (key_order(key), key_order(item_id))
-
-
-def strict(value: Any) -> Any:
-    """A form of ``value`` whose ``==`` also compares types (``1``, ``1.0`` and ``True`` differ)."""
-    if isinstance(value, Item):
-        return ("Item", strict(value.key), strict(value.id), strict(value.values))
-    if isinstance(value, Totals):
-        return ("Totals", strict(value.as_dict()))
-    if isinstance(value, tuple):
-        return ("tuple", tuple(strict(each) for each in value))
-    if isinstance(value, list):
-        return ("list", [strict(each) for each in value])
-    if isinstance(value, dict):
-        return ("dict", sorted((key, strict(each)) for key, each in value.items()))
-    return (type(value).__name__, value)
 
 
 def exact_sum(values: list[int | float]) -> int | float:
