@@ -277,19 +277,9 @@ def encode_keys(values: Sequence[Any]) -> list[bytes] | None:
 
 def encode_ids(values: Sequence[Any]) -> list[bytes] | None:
     """``[encode_id(v) for v in values]`` for a batch of all-int, all-str or all-bytes ids; else None."""
-    if not values:
-        return []
-    kinds = set(map(type, values))
-    if len(kinds) != 1:
+    if values and type(values[0]) not in (int, str, bytes):
         return None
-    kind = kinds.pop()
-    if kind is int:
-        return _int_keys(values)
-    if kind is str:
-        return _text_keys(values)
-    if kind is bytes:
-        return _bytes_keys(values)
-    return None
+    return encode_keys(values)  # ids encode like keys; encode_keys checks that all share one type
 
 
 def _valid_column(column: list[Any]) -> bool:
