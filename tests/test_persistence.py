@@ -341,7 +341,7 @@ def test_a_full_map_at_max_map_size_raises_and_writes_nothing(tmp_path: Path) ->
             assert tallytree.check(tx) == []
 
 
-def test_the_map_cannot_grow_while_a_reader_of_this_process_is_open(tmp_path: Path) -> None:
+def test_the_map_cannot_grow_while_the_writing_thread_holds_a_reader(tmp_path: Path) -> None:
     path = tmp_path / "db"
     with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
         events = db.aggregate("events")
@@ -355,6 +355,60 @@ def test_the_map_cannot_grow_while_a_reader_of_this_process_is_open(tmp_path: Pa
             events.insert_many(tx, [(n, "id") for n in range(5000)])
         with db.read() as tx:
             assert events.count(tx) == 5000 and tallytree.check(tx) == []
+
+
+def test_a_growing_writer_waits_for_readers_of_other_threads(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events")
+        opened, release = threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def reader() -> None:
+            with db.read() as tx:
+                opened.set()
+                release.wait(5)
+                seen.append(events.count(tx))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        opened.wait(5)
+        threading.Timer(0.3, release.set).start()  # the reader ends while the writer waits
+        with db.write() as tx:
+            events.insert_many(tx, [(n, "id") for n in range(5000)])
+        thread.join(5)
+        assert seen == [0]  # the reader kept its snapshot until it ended
+        with db.read() as tx:
+            assert events.count(tx) == 5000 and tallytree.check(tx) == []
+
+
+def test_a_growing_writer_gives_up_on_a_reader_that_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tallytree._lmdb, "RESIZE_WAIT", 0.2)
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events")
+        opened, release = threading.Event(), threading.Event()
+
+        def reader() -> None:
+            with db.read():
+                opened.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        opened.wait(5)
+        try:
+            with pytest.raises(MapFullError, match="other threads"), db.write() as tx:
+                events.insert_many(tx, [(n, "id") for n in range(5000)])
+        finally:
+            release.set()
+            thread.join(5)
+        with db.read() as tx:
+            assert events.count(tx) == 0 and tallytree.check(tx) == []
+        with db.write() as tx:  # the reader is gone: now the map grows
+            events.insert_many(tx, [(n, "id") for n in range(5000)])
 
 
 # ================================================================== other processes

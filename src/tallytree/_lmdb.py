@@ -8,10 +8,16 @@ number of concurrent readers across threads and processes, each reading one cons
 
 Writes reach LMDB only at commit, as one batch of puts and deletes (node ids grow, so new nodes are
 appended with ``MDB_APPEND``). When the batch does not fit the map, the write transaction is aborted,
-the map is doubled (up to ``max_map_size``) and the batch is re-applied in a new write transaction,
-provided no other transaction of this process is open (LMDB requires that to resize) and no other
-writer committed in between (checked with the generation counter in ``meta``). Otherwise
-:class:`~tallytree.errors.MapFullError` is raised and nothing is written.
+the map is doubled (up to ``max_map_size``) and the batch is re-applied in a new write transaction.
+LMDB can resize only while no other transaction of this process is open: the writer waits for other
+threads' transactions to end (new ones wait behind it; up to :data:`RESIZE_WAIT` seconds), and fails
+at once if its own thread holds one. If another writer committed in between (checked with the
+generation counter in ``meta``), or the wait times out, :class:`~tallytree.errors.MapFullError` or
+:class:`~tallytree.errors.TransactionError` is raised and nothing is written.
+
+The environment uses ``MDB_WRITEMAP``: commits write into the shared memory map instead of copying
+pages with ``pwrite``, which halves the cost of a small commit. The data file is therefore sized to
+the map (sparse: only the pages in use take disk space).
 
 Durability: ``durable=True`` syncs on every commit; ``durable=False`` leaves flushing to the operating
 system, which survives a killed process (the data is in the page cache) but not a power loss.
@@ -20,6 +26,7 @@ system, which survives a killed process (the data is in the page cache) but not 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,8 @@ __all__ = ["LmdbBackend"]
 
 _NAMES = (b"meta", b"nodes", b"roots", b"docs")
 _GENERATION = b"gen"
+RESIZE_WAIT = 10.0
+"""Seconds a writer that must grow the map waits for other threads' transactions to end."""
 
 
 class _LmdbTxn:
@@ -134,6 +143,7 @@ class LmdbBackend:
                 sync=durable,
                 metasync=durable,
                 readahead=False,
+                writemap=not readonly,
                 max_readers=256,
                 lock=True,
             )
@@ -144,8 +154,11 @@ class LmdbBackend:
             ) from exc
         except lmdb.Error as exc:
             raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
-        self._lock = threading.Lock()  # guards the counters below and map resizing
-        self._active = 0
+        self._lock = threading.Condition()  # guards the counters below and map resizing
+        self._active = 0  # open LMDB transactions of this process
+        self._by_thread: Counter[int] = Counter()  # the same, per thread
+        self._resizing = False  # a writer waits for the others to end, to grow the map
+        self.resize_wait = RESIZE_WAIT
         try:
             self.dbs = self._open_dbs()
         except BaseException:
@@ -183,7 +196,10 @@ class LmdbBackend:
 
     def begin_raw(self, write: bool) -> Any:
         with self._lock:
+            while self._resizing:  # let a pending map growth go first
+                self._lock.wait()
             self._active += 1
+            self._by_thread[threading.get_ident()] += 1
         try:
             try:
                 return self.env.begin(write=write, buffers=False)
@@ -205,6 +221,11 @@ class LmdbBackend:
     def end_raw(self, write: bool) -> None:
         with self._lock:
             self._active -= 1
+            thread = threading.get_ident()
+            self._by_thread[thread] -= 1
+            if self._by_thread[thread] <= 0:
+                del self._by_thread[thread]
+            self._lock.notify_all()
 
     def _adopt_map_size(self) -> bool:
         """Adopt the map size another process grew to: possible only when no other transaction is open."""
@@ -221,14 +242,7 @@ class LmdbBackend:
             size = self.env.info()["map_size"]
             if size >= self.max_map_size:
                 break
-            with self._lock:
-                if self._active > 0:
-                    raise MapFullError(
-                        "the LMDB map is full and cannot grow while other transactions of this "
-                        "process are open; nothing was written. Close them and retry, or open the "
-                        "database with a larger map_size"
-                    )
-                self.env.set_mapsize(min(size * 2, self.max_map_size))
+            self._grow(min(size * 2, self.max_map_size))
             txn = self.begin_raw(True)
             try:
                 current = txn.get(_GENERATION, db=self.dbs[META])
@@ -255,6 +269,33 @@ class LmdbBackend:
             f"the LMDB map is full at max_map_size={self.max_map_size} bytes; nothing was written. "
             "Reopen the database with a larger max_map_size"
         )
+
+    def _grow(self, size: int) -> None:
+        """Set the map size once no other transaction of this process is open.
+
+        LMDB can resize only then. Transactions of other threads are waited for (up to
+        ``resize_wait`` seconds; new ones wait meanwhile); one still open in this thread would never
+        end, so it fails at once.
+        """
+        with self._lock:
+            if self._by_thread.get(threading.get_ident(), 0) > 0:
+                raise MapFullError(
+                    "the LMDB map is full and cannot grow while this thread has another transaction "
+                    "of the database open (a read transaction around the write?); nothing was "
+                    "written. End it and retry, or open the database with a larger map_size"
+                )
+            self._resizing = True
+            try:
+                if not self._lock.wait_for(lambda: self._active == 0, timeout=self.resize_wait):
+                    raise MapFullError(
+                        f"the LMDB map is full and cannot grow while other threads keep transactions "
+                        f"of the database open (waited {self.resize_wait:g} s); nothing was written. "
+                        "Retry, keep read transactions short, or open the database with a larger map_size"
+                    )
+                self.env.set_mapsize(size)
+            finally:
+                self._resizing = False
+                self._lock.notify_all()
 
     def close(self) -> None:
         self.env.close()

@@ -416,8 +416,8 @@ def _parse_size(text: str) -> int:
 def _database_bytes(path: Path | None) -> int:
     if path is None:
         return 0
-    data = path / "data.mdb"
-    return data.stat().st_size if data.exists() else 0
+    data = path / "data.mdb"  # LMDB's file is sparse (sized to the map): count the blocks in use
+    return data.stat().st_blocks * 512 if data.exists() else 0
 
 
 class _Progress:
