@@ -39,6 +39,7 @@ from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
     DatabaseFormatError,
+    InvalidArgumentError,
     SchemaMismatchError,
     TableNotFoundError,
     TransactionError,
@@ -199,12 +200,14 @@ class Database:
         """
         self._check_open()
         if not isinstance(name, str) or not name or len(name) > 200:
-            raise ValueError(f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}")
+            raise InvalidArgumentError(
+                f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}"
+            )
         fields = _check_fields(values) if values is not None else None
         if node_size is not None and (
             type(node_size) is not int or not _MIN_NODE_SIZE <= node_size <= _MAX_NODE_SIZE
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
             )
         known = self._aggregates.get(name) or self._load_aggregate(name)
@@ -324,7 +327,7 @@ class Database:
         """
         self._check_open()
         if not isinstance(name, str) or not name or len(name) > 200:
-            raise ValueError(f"a table name is a non-empty str of at most 200 chars, not {name!r}")
+            raise InvalidArgumentError(f"a table name is a non-empty str of at most 200 chars, not {name!r}")
         known = self._tables.get(name)
         if known is not None:
             return known
@@ -376,15 +379,19 @@ class Database:
 
 def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
     if isinstance(values, str):
-        raise ValueError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
+        raise InvalidArgumentError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
     fields = tuple(values)
     for field in fields:
         if not isinstance(field, str) or not field.isidentifier() or field.startswith("_"):
-            raise ValueError(f"value field names are identifiers not starting with '_', not {field!r}")
+            raise InvalidArgumentError(
+                f"value field names are identifiers not starting with '_', not {field!r}"
+            )
         if field in ("count", "fields", "sums", "mean", "as_dict"):
-            raise ValueError(f"{field!r} is reserved (it names a Totals attribute); pick another name")
+            raise InvalidArgumentError(
+                f"{field!r} is reserved (it names a Totals attribute); pick another name"
+            )
     if len(set(fields)) != len(fields):
-        raise ValueError(f"value field names must be unique: {list(fields)}")
+        raise InvalidArgumentError(f"value field names must be unique: {list(fields)}")
     return fields
 
 

@@ -33,7 +33,13 @@ from ._extract import Coord, Definition, Extractor, OnMissing, Where, check_stri
 from ._keys import decode_key, encode_id
 from ._table import Table
 from ._txn import Transaction, WriteTransaction
-from .errors import AggregateNotFoundError, InvalidDocumentError, TransactionError
+from .errors import (
+    AggregateNotFoundError,
+    ArgumentTypeError,
+    InvalidArgumentError,
+    InvalidDocumentError,
+    TransactionError,
+)
 
 if TYPE_CHECKING:
     from ._db import Database
@@ -60,9 +66,9 @@ class Change:
     def __post_init__(self) -> None:
         wanted = {"insert": (False, True), "update": (True, True), "delete": (True, False)}.get(self.kind)
         if wanted is None:
-            raise ValueError(f"a change is an 'insert', 'update' or 'delete', not {self.kind!r}")
+            raise InvalidArgumentError(f"a change is an 'insert', 'update' or 'delete', not {self.kind!r}")
         if ((self.old is not None), (self.new is not None)) != wanted:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"a {self.kind} change takes {'old' if wanted[0] else 'no old'} and "
                 f"{'new' if wanted[1] else 'no new'} document"
             )
@@ -126,7 +132,9 @@ class ChangeHandler:
         if isinstance(values, Mapping):
             specs: dict[str, Extractor] = dict(values)
         elif isinstance(values, str):
-            raise ValueError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
+            raise InvalidArgumentError(
+                f"values= takes a sequence of field names, e.g. ({values!r},), not a str"
+            )
         else:
             specs = {name: name for name in values}
         aggregate = self._db.aggregate(name, values=tuple(specs), node_size=node_size)
@@ -160,7 +168,7 @@ class ChangeHandler:
         """
         wtx = _writable(self._db, tx)
         if not isinstance(change, Change):
-            raise TypeError(f"apply() takes a Change, not {type(change).__name__}")
+            raise ArgumentTypeError(f"apply() takes a Change, not {type(change).__name__}")
         id_bytes = encode_id(change.id)
         plans: list[tuple[Definition, Coord | None, Coord | None]] = []
         for definition in self._definitions.values():

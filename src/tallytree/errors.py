@@ -12,12 +12,14 @@ from __future__ import annotations
 
 __all__ = [
     "AggregateNotFoundError",
+    "ArgumentTypeError",
     "BoundsError",
     "CorruptDatabaseError",
     "DatabaseFormatError",
     "DuplicateItemError",
     "Error",
     "ExtractionError",
+    "InvalidArgumentError",
     "InvalidDocumentError",
     "InvalidKeyError",
     "InvalidValueError",
@@ -135,3 +137,12 @@ class ExtractionError(Error, ValueError):
 
 class UnsortedInputError(Error, ValueError):
     """A bulk build was told its input is sorted (``sorted=True``) and found an item out of order."""
+
+
+class InvalidArgumentError(Error, ValueError):
+    """An argument other than a key, value or bound is not acceptable: an aggregate, table or field
+    name, ``node_size``, ``on_duplicate``, ``fill``, a change kind..."""
+
+
+class ArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument has the wrong type (an index that is not an int, a change that is not a Change)."""
