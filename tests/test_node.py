@@ -1,0 +1,74 @@
+"""The node byte format: every form round-trips, and the wide form is used only when needed."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tallytree import CorruptDatabaseError
+from tallytree._node import INTERNAL, INTERNAL_WIDE, LEAF, Node, decode_node, encode_node
+
+
+def _internal(sums: list[int]) -> Node:
+    size = len(sums)
+    keys = [b""] + [bytes([0x30, index]) for index in range(1, size)]
+    cols = [[1] * size, sums, [0] * size]  # count, the scaled sums of one field, its float count
+    return Node(9, False, keys, cols, list(range(100, 100 + size)), [0, 3, 0], dirty=True)
+
+
+def _kind(data: bytes) -> int:
+    kind: int = msgpack.unpackb(data)[0]
+    return kind
+
+
+def _same(decoded: Node, node: Node) -> bool:
+    return (decoded.leaf, decoded.keys, decoded.kids, decoded.shifts, decoded.cols) == (
+        node.leaf,
+        node.keys,
+        node.kids,
+        node.shifts,
+        node.cols,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sums", "kind"),
+    [
+        ([5, -7, 2**40], INTERNAL),
+        ([2**63 - 1, -(2**63)], INTERNAL),
+        ([2**64 - 1, 0], INTERNAL),  # msgpack packs uint64 too: still the plain form
+        ([2**64, 1], INTERNAL_WIDE),
+        ([-(2**63) - 1, 1], INTERNAL_WIDE),
+        ([2**200 + 12345, -(2**130) + 7, 3], INTERNAL_WIDE),  # several limbs
+    ],
+)
+def test_internal_nodes_round_trip_in_the_smallest_form(sums: list[int], kind: int) -> None:
+    node = _internal(sums)
+    data = encode_node(node)
+    assert _kind(data) == kind
+    decoded = decode_node(data, 9)
+    assert _same(decoded, node) and not decoded.dirty
+
+
+@given(st.lists(st.integers(min_value=-(2**300), max_value=2**300), min_size=1, max_size=20))
+def test_any_sums_round_trip(sums: list[int]) -> None:
+    node = _internal(sums)
+    assert _same(decode_node(encode_node(node), 9), node)
+
+
+def test_leaves_round_trip() -> None:
+    leaf = Node(4, True, [b"a", b"b"], [[0.5, 2], [7, -1]], dirty=True)
+    data = encode_node(leaf)
+    assert _kind(data) == LEAF
+    assert _same(decode_node(data, 4), leaf)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x01", msgpack.packb([9, [], []]), msgpack.packb([INTERNAL, [b""], [1]]), msgpack.packb("node")],
+)
+def test_malformed_nodes_raise_corrupt_database_error(data: bytes) -> None:
+    with pytest.raises(CorruptDatabaseError, match="node 3"):
+        decode_node(data, 3)
