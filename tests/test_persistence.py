@@ -596,3 +596,22 @@ def test_growth_by_another_process_while_a_transaction_is_open_raises_a_typed_er
             assert events.count(outer) == 0
         with db.read() as tx:  # once no transaction is open, the map follows
             assert events.count(tx) == 30_000 and tallytree.check(tx) == []
+
+
+def test_check_reads_through_the_given_transaction_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second transaction opened while one is open cannot follow a map grown by another process.
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        first, second = db.aggregate("a"), db.aggregate("b", values=("v",))
+        with db.write() as tx:
+            first.insert(tx, 1, "x")
+            second.insert(tx, 2, "y", (3,))
+    with tallytree.open(path) as db, db.read() as tx:  # a new handle: nothing cached
+        begun: list[bool] = []
+        real_begin = db._backend.begin
+        monkeypatch.setattr(db._backend, "begin", lambda write: begun.append(write) or real_begin(write))
+        assert tallytree.check(tx) == []
+        assert [aggregate.name for aggregate in db.aggregates_in(tx)] == ["a", "b"]
+        assert begun == []

@@ -189,7 +189,7 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
     db = tx._db
     tx.check_database(db)
     problems: list[Problem] = []
-    aggregates = [aggregate] if aggregate is not None else [db.aggregate(name) for name in db.aggregates()]
+    aggregates = [aggregate] if aggregate is not None else db.aggregates_in(tx)
     seen: set[int] = set()
     for each in aggregates:
         for tree_key, root in _roots(tx, each):

@@ -271,9 +271,24 @@ class Database:
         ['costs', 'visits']
         """
         with self.read() as tx:
-            prefix = _AGGREGATE_PREFIX
-            stop = prefix[:-1] + bytes([prefix[-1] + 1])
-            return [key[len(prefix) :].decode() for key, _ in tx.kv.scan(0, prefix, stop)]
+            return [aggregate.name for aggregate in self.aggregates_in(tx)]
+
+    def aggregates_in(self, tx: Transaction) -> list[Aggregate]:
+        """The aggregates defined in the snapshot of ``tx``, by name, read through ``tx`` itself.
+
+        Opens no transaction of its own: a second transaction opened while ``tx`` is open would fail
+        if another process grew the map in between (LMDB adopts a new map size only when no
+        transaction of the process is open).
+        """
+        tx.check_database(self)
+        prefix = _AGGREGATE_PREFIX
+        stop = prefix[:-1] + bytes([prefix[-1] + 1])
+        found = []
+        for key, data in tx.kv.scan(0, prefix, stop):
+            name = key[len(prefix) :].decode()
+            known = self._aggregates.get(name)
+            found.append(known if known is not None else self._aggregate_from(name, data))
+        return found
 
     def drop_aggregate(self, name: str) -> None:
         """Delete an aggregate with every namespace and node. O(nodes). Raises AggregateNotFoundError.
