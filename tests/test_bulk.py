@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -110,6 +111,45 @@ def test_encoders_take_the_fast_path_for_common_batches() -> None:
     assert encode_keys([1, "a"]) is None  # mixed: item by item
     assert encode_ids([1.5]) is None  # floats are not ids
     assert encode_keys([T0.replace(tzinfo=None)]) is None  # naive: the general path rejects it
+
+
+def int_batches() -> Iterator[tuple[str, list[int]]]:
+    rng = random.Random(7)
+    stamps = [1_700_000_000 + 3 * index for index in range(20_000)]  # one exponent: one shift, one head
+    yield "timestamps", stamps
+    yield "negated timestamps", [-value for value in reversed(stamps)]
+    yield "ids across powers of two", list(range(2, 20_000))
+    yield "negative ids", list(range(-20_000, -1))
+    yield "powers of two", [1 << rng.randrange(1, 56) for _ in range(5_000)]  # zero fractions
+    yield "negative powers of two", [-(1 << rng.randrange(1, 56)) for _ in range(5_000)]
+    yield "near the lane limit", [(1 << 56) - 1 - rng.randrange(1000) for _ in range(3_000)]
+    yield "near the negative limit", [-(1 << 56) + 1 + rng.randrange(1000) for _ in range(3_000)]
+    yield "every width", [rng.randrange(2, 1 << rng.randrange(2, 57)) for _ in range(20_000)]
+    yield "zeros and ones (item by item)", [rng.randrange(-2, 3) for _ in range(3_000)]
+    yield "beyond 2**56 (encode_key)", [rng.randrange(-(1 << 70), 1 << 70) for _ in range(3_000)]
+    yield "huge", [10**100, -(10**100), 2**1000]
+    yield "mixed slices", [0, 1, *range(2, 10_000), -5, *range(10_000, 30_000)]
+
+
+@pytest.mark.parametrize(("label", "values"), list(int_batches()), ids=[label for label, _ in int_batches()])
+def test_int_lane_encoder_matches_encode_key(label: str, values: list[int]) -> None:
+    assert encode_keys(values) == [encode_key(value) for value in values], label
+    assert encode_ids(values) == [encode_id(value) for value in values], label
+
+
+def test_float_and_special_keys_match_encode_key() -> None:
+    rng = random.Random(3)
+    floats = [rng.uniform(-1e9, 1e9) for _ in range(2_000)]
+    floats += [0.0, -0.0, float("inf"), float("-inf"), 5e-324, -5e-324, 1.0, -1.0, 2.0**1023]
+    assert encode_keys(floats) == [encode_key(value) for value in floats]
+    texts = [f"evt_{index}" for index in range(2_000)] + ["", "é"]
+    assert encode_keys(texts) == [encode_key(value) for value in texts]
+    assert encode_keys([*texts, "a\x00b"]) is None  # an escaped NUL: item by item
+    stamps = [T0 + timedelta(microseconds=rng.randrange(-(10**15), 10**15)) for _ in range(2_000)]
+    assert encode_keys(stamps) == [encode_key(value) for value in stamps]
+    pairs = [(rng.randrange(-3, 3), f"s{index}") for index in range(2_000)]
+    assert encode_keys(pairs) == [encode_key(value) for value in pairs]
+    assert encode_keys([1, 2.5, 3]) is None  # mixed types: item by item
 
 
 # ------------------------------------------------------------------ build equals inserts
@@ -575,3 +615,25 @@ def test_docs_snippets_run() -> None:
     namespace: dict[str, Any] = {}
     for block in blocks:
         exec(compile(block, "docs/bulk.md", "exec"), namespace)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_builds_restore_the_garbage_collector_state(enabled: bool) -> None:
+    db = tallytree.open_memory()
+    events = db.aggregate("events", values=("cost",))
+    table = db.table("docs")
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        with db.write() as tx:
+            events.build(tx, [(n, "id", (1,)) for n in range(100)], namespace="a", sorted=True)
+        assert gc.isenabled() is enabled
+        with pytest.raises(tallytree.UnsortedInputError), db.write() as tx:
+            events.build(tx, [(2, "id", (1,)), (1, "id", (1,))], namespace="b", sorted=True)
+        assert gc.isenabled() is enabled
+        with db.write() as tx:
+            table.insert_many(tx, [{"id": n, "at": n} for n in range(100)])
+        table.aggregate("by_at", key="at")  # attaching builds from the documents
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import tallytree
+from tallytree._sources import RowSpec, open_source
 from tallytree.cli import main
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -389,6 +390,52 @@ def test_malformed_csv_lines(tmp_path: Path, run: Any) -> None:
     source.write_text("ts,id\n")
     code, _, err = run("build", tmp_path / "db", "x", "--from", source, "--key", "nope")
     assert code == 1 and "has no column 'nope'; its columns are ts, id" in err
+
+
+def test_csv_batches_convert_as_records_do(tmp_path: Path) -> None:
+    """The column-at-a-time CSV path gives each record's row exactly, or hands the batch back."""
+    source = tmp_path / "cells.csv"
+    source.write_text(
+        "org,ts,id,cost,n\n"
+        'o1,2024-01-02T03:04:05+02:00,7,1.5,3\n o1 ,2024-01-02 03:04:05, a ,-0,"1e3"\n'
+        "2,2024-01-02T03:04:05.25Z,007,.5, 7 \n"
+    )
+    spec = RowSpec(
+        key=["ts"], key_types={"ts": "datetime"}, id="id", namespace="org", sums={"c": "cost", "n": "n"}
+    )
+    opened = open_source(str(source), format=None, table=None, query=None, delimiter=None, stdin=None)
+    try:
+        batch = next(opened.batches(100))
+        records = [record for _, record in batch]
+        assert [number for number, _ in batch] == [2, 3, 4]
+        convert, batch_convert = spec.converter(opened), spec.batch_converter(opened)
+        assert batch_convert is not None
+        rows = batch_convert(records, 1)
+        assert rows == [convert(number, ordinal, record) for ordinal, (number, record) in enumerate(batch, 1)]
+        assert rows is not None and [type(value) for value in rows[1][3]] == [int, float]
+        for cell in ("+5", "1_000", "nan", "", "٣", "1e999"):  # _number's own checks decide these
+            assert batch_convert([[*records[0][:3], cell, "1"]], 1) is None, cell
+        assert batch_convert([["o", "20240102", "1", "1", "1"]], 1) is None  # read as epoch seconds
+    finally:
+        opened.close()
+
+
+def test_csv_errors_in_later_batches_name_their_lines(tmp_path: Path, run: Any) -> None:
+    source = tmp_path / "long.csv"
+    lines = [f"{index},e{index},{index % 7}.5" for index in range(10_000)]
+    lines[6_000] = "6000,e6000,oops"
+    lines[7_000] = '7000,"e\n7000",1'  # a record spanning two lines
+    source.write_text("ts,id,cost\n" + "\n".join(lines) + "\n")
+    argv = ["--key", "ts", "--id", "id", "--sum", "cost", "--on-error", "skip", "--json"]
+    code, out, _ = run("build", tmp_path / "db", "x", "--from", source, *argv)
+    report = json.loads(out)
+    assert code == 0 and report["items"] == 9_999 and report["skipped"]["count"] == 1
+    assert report["skipped"]["examples"][0]["where"] == "line 6002"
+    lines.append("6000,e6000,2")  # a duplicate of line 6002, after the two-line record
+    lines[6_000] = "6000,e6000,1"
+    source.write_text("ts,id,cost\n" + "\n".join(lines) + "\n")
+    code, _, err = run("build", tmp_path / "db", "y", "--from", source, *argv[:-3])
+    assert code == 1 and "line 6002 and line 10003" in err
 
 
 def test_duplicates_name_both_lines_or_keep_the_last(tmp_path: Path, run: Any) -> None:

@@ -47,3 +47,26 @@ def test_a_wrong_type_is_also_a_type_error(db: tallytree.Database) -> None:
     assert isinstance(raised.value, TypeError) and isinstance(raised.value, InvalidArgumentError)
     with db.read() as tx:
         assert db.aggregate("events").count(tx) == 0
+
+
+def test_reads_and_batches_raise_typed_argument_errors(db: tallytree.Database) -> None:
+    scores = db.aggregate("scores")
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id") for n in range(10)])
+        with pytest.raises(InvalidArgumentError, match="on_duplicate"):
+            scores.insert_many(tx, [(99, "id")], on_duplicate="replace")  # type: ignore[arg-type]
+    with db.read() as tx:
+        with pytest.raises(ArgumentTypeError, match="index must be an int"):
+            scores.at(tx, 1.0)  # type: ignore[arg-type]
+        assert scores.count(tx) == 10  # the failed batch wrote nothing
+
+
+def test_table_definitions_raise_typed_argument_errors(db: tallytree.Database) -> None:
+    events = db.table("events")
+    with pytest.raises(InvalidArgumentError, match="values="):
+        events.aggregate("by_day", key="day", values="cost")
+    with pytest.raises(InvalidArgumentError, match="aggregate name"):
+        events.aggregate("", key="day")
+    with pytest.raises(ArgumentTypeError, match="key= is required"):
+        events.aggregate("by_day", values=("cost",))
+    assert db.aggregates() == []

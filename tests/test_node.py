@@ -24,13 +24,10 @@ def _kind(data: bytes) -> int:
 
 
 def _same(decoded: Node, node: Node) -> bool:
-    return (decoded.leaf, decoded.keys, decoded.kids, decoded.shifts, decoded.cols) == (
-        node.leaf,
-        node.keys,
-        node.kids,
-        node.shifts,
-        node.cols,
-    )
+    def fields(each: Node) -> tuple[object, ...]:
+        return each.leaf, list(each.keys), list(each.kids), each.shifts, [list(col) for col in each.cols]
+
+    return fields(decoded) == fields(node)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +69,17 @@ def test_leaves_round_trip() -> None:
 def test_malformed_nodes_raise_corrupt_database_error(data: bytes) -> None:
     with pytest.raises(CorruptDatabaseError, match="node 3"):
         decode_node(data, 3)
+
+
+def test_decoded_and_committed_nodes_are_frozen_and_copies_are_not() -> None:
+    leaf = decode_node(encode_node(Node(4, True, [b"a", b"b"], [[0.5, 2]], dirty=True)), 4)
+    with pytest.raises((TypeError, AttributeError)):
+        leaf.keys.insert(0, b"0")
+    with pytest.raises((TypeError, AttributeError)):
+        leaf.cols[0][0] = 1.5
+    copy = leaf.copy(5)
+    copy.keys.insert(0, b"0")
+    copy.cols[0].insert(0, 7)
+    assert copy.dirty and list(leaf.keys) == [b"a", b"b"] and list(leaf.cols[0]) == [0.5, 2]
+    copy.freeze()
+    assert not copy.dirty and copy.keys == (b"0", b"a", b"b") and copy.cols == [(7, 0.5, 2)]

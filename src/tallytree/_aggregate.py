@@ -12,8 +12,9 @@ namespace. This module turns user arguments into entries and bounds and calls ``
   by value (``le=1`` includes the key ``1.0``), a position bound is exact;
 * bounds become a lower and an upper *cut*: ``(bytes, after)`` meaning "entries ``< bytes``" or, with
   ``after``, "entries ``<= bytes``"; a key ``k`` cuts at its body (before every key equal to ``k``) or
-  at ``body + b"\\xff"`` (after every one). Counting below a cut is ``Tree.rank``, so a bounded count is
-  two O(log n) descents and ``count(a..b) + count(b..c) == count(a..c)`` holds exactly.
+  at ``body + b"\\xff"`` (after every one). Counting below a cut is ``Tree.rank``; a bounded count is
+  the difference of two such ranks, found in one fused O(log n) descent (``Tree.rank_range``), and
+  ``count(a..b) + count(b..c) == count(a..c)`` holds exactly. Totals use ``Tree.range_summary``.
 
 Writes validate everything (key, id, namespace, values) before touching a tree and check for
 duplicates or absence before changing a node, so a write that raises has changed nothing, even inside a
@@ -28,11 +29,14 @@ import math
 import random as _random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from itertools import compress, islice
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._btree import Root, Tree, same_values, vsub
 from ._buckets import Bucket, bucket_edges
-from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate
+from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate, encode_ids, encode_keys
 from ._bulk import build as _bulk_build
 from ._bulk import build_many as _bulk_build_many
 from ._keys import decode_key, encode_body, encode_id, encode_key, encode_prefix
@@ -40,8 +44,11 @@ from ._node import sum_value
 from ._store import ROOTS
 from ._txn import Transaction, WriteTransaction, decode_root
 from .errors import (
+    ArgumentTypeError,
     BoundsError,
     DuplicateItemError,
+    Error,
+    InvalidArgumentError,
     InvalidValueError,
     ItemNotFoundError,
     OutOfRangeError,
@@ -56,6 +63,7 @@ __all__ = ["Aggregate", "Item", "Page", "Position", "Totals"]
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**64 - 1
 _AFTER = b"\xff"
+_TREE_KEYS = 4096  # tree keys remembered per aggregate (then forgotten all at once)
 
 Cut = tuple[bytes, bool]
 
@@ -98,8 +106,11 @@ class Totals:
     def from_summary(cls, fields: tuple[str, ...], summary: list[int]) -> Totals:
         """Build from an internal summary vector ``[count, S..., F...]``."""
         nfields = len(fields)
-        sums = tuple(sum_value(summary[1 + index], summary[1 + nfields + index]) for index in range(nfields))
-        return cls(summary[0], fields, sums)
+        totals = cls.__new__(cls)
+        totals.count = summary[0]
+        totals._fields = fields
+        totals._sums = tuple(map(sum_value, summary[1 : 1 + nfields], summary[1 + nfields :]))
+        return totals
 
     def __getattr__(self, name: str) -> int | float:
         try:
@@ -172,6 +183,27 @@ class _Bounds:
         self.upper = upper
 
 
+_Encoded = tuple[list[bytes], list[list[Any]], list[Any], list[Any]]
+"""A batch for insert_many: entries, value columns (one list per field), the keys and the ids."""
+
+
+def _valid_column(column: list[Any]) -> bool:
+    """Whether every value would pass ``Aggregate._values``: in-range ints, finite floats (fast, C-level).
+
+    Conservative: False also for columns it cannot judge quickly (a float sum that overflows), which
+    then go through the item-by-item check.
+    """
+    kinds = set(map(type, column))
+    if not kinds <= {int, float}:
+        return False
+    if int in kinds and not (min(column) >= _INT64_MIN and max(column) <= _INT64_MAX):
+        return False
+    return float not in kinds or math.isfinite(sum(column))  # inf and nan make the sum so
+
+
+_UNBOUNDED = _Bounds(None, None)  # shared: bounds are never changed once resolved
+
+
 def _entry_of(position: Position | Item) -> bytes:
     return encode_key(position.key) + encode_id(position.id)
 
@@ -185,6 +217,24 @@ def resolve_bounds(
     eq: Any = None,
 ) -> _Bounds:
     """Turn the bound keywords into lower and upper cuts. Raises BoundsError on conflicts."""
+    if prefix is None and eq is None and gt is None and le is None:  # the common ge= / lt= range
+        if ge is None and lt is None:
+            return _UNBOUNDED
+        kind = type(ge)
+        if kind is int or kind is float or kind is str or kind is datetime:
+            first: Cut | None = (encode_body(ge), False)
+        elif ge is None:
+            first = None
+        else:
+            first = (_entry_of(ge), False) if isinstance(ge, Position | Item) else (encode_body(ge), False)
+        kind = type(lt)
+        if kind is int or kind is float or kind is str or kind is datetime:
+            return _Bounds(first, (encode_body(lt), False))
+        if lt is None:
+            return _Bounds(first, None)
+        return _Bounds(
+            first, (_entry_of(lt), False) if isinstance(lt, Position | Item) else (encode_body(lt), False)
+        )
     if ge is not None and gt is not None:
         raise BoundsError("give at most one lower bound: ge= or gt=, not both")
     if le is not None and lt is not None:
@@ -263,6 +313,7 @@ class Aggregate:
         self._id = agg_id
         self._prefix = agg_id.to_bytes(4, "big")
         self._readonly_reason: str | None = None
+        self._tree_keys: dict[Any, bytes] = {}  # namespace (exact str / int / None) -> tree key
 
     def __repr__(self) -> str:
         return f"<Aggregate {self.name!r} values={self.fields!r} node_size={self.node_size}>"
@@ -270,12 +321,29 @@ class Aggregate:
     # ------------------------------------------------------------ plumbing
 
     def _tree_key(self, namespace: Any) -> bytes:
-        return self._prefix + encode_key(namespace, what="namespace")
+        kind = type(namespace)
+        if kind is not str and kind is not int and namespace is not None:
+            return self._prefix + encode_key(namespace, what="namespace")
+        # Only exact str, int and None are remembered: they are equal only to values of their own
+        # type here, whereas 1, 1.0 and True would share a dict slot but encode differently.
+        known = self._tree_keys
+        tree_key = known.get(namespace)
+        if tree_key is None:
+            tree_key = self._prefix + encode_key(namespace, what="namespace")
+            if len(known) >= _TREE_KEYS:
+                known.clear()
+            known[namespace] = tree_key
+        return tree_key
 
     def _tree(self, tx: Transaction, namespace: Any) -> tuple[Tree, bytes]:
         tx.check_database(self._db)
         tree_key = self._tree_key(namespace)
         return Tree(tx, len(self.fields), self.node_size, tx.root(tree_key)), tree_key
+
+    def _reader(self, tx: Transaction, namespace: Any) -> Tree:
+        """The tree of a namespace, for reads only (it shares the transaction's root record)."""
+        tx.check_database(self._db)
+        return Tree.reader(tx, len(self.fields), self.node_size, tx.root(self._tree_key(namespace)))
 
     def _writable(self, tx: Transaction) -> WriteTransaction:
         tx.check_database(self._db)
@@ -350,8 +418,9 @@ class Aggregate:
         return Item(key, item_id, values)
 
     def _range(self, tree: Tree, bounds: _Bounds) -> tuple[int, int]:
-        start = tree.rank(*bounds.lower) if bounds.lower is not None else 0
-        stop = tree.rank(*bounds.upper) if bounds.upper is not None else tree.count
+        if bounds is _UNBOUNDED:
+            return 0, tree.count
+        start, stop = tree.rank_range(bounds.lower, bounds.upper)
         return start, max(start, stop)
 
     # ------------------------------------------------------------ reads
@@ -384,11 +453,11 @@ class Aggregate:
         bounds that are not keys.
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         if bounds.lower is None and bounds.upper is None:
             return tree.count
-        start, stop = self._range(tree, bounds)
-        return stop - start
+        start, stop = tree.rank_range(bounds.lower, bounds.upper)
+        return stop - start if stop > start else 0
 
     def totals(
         self,
@@ -415,20 +484,8 @@ class Aggregate:
         Totals(count=2, cost=0.30000000000000004, tokens=30)
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
-        tree, _ = self._tree(tx, namespace)
-        summary = self._summary(tree, bounds)
-        return Totals.from_summary(self.fields, summary)
-
-    def _summary(self, tree: Tree, bounds: _Bounds) -> list[int]:
-        if tree.root is None:
-            return tree.zero()
-        upper = tree.prefix_summary(*bounds.upper) if bounds.upper is not None else tree.root.summary
-        if bounds.lower is None:
-            return list(upper)
-        lower = tree.prefix_summary(*bounds.lower)
-        if lower[0] >= upper[0]:
-            return tree.zero()
-        return vsub(upper, lower)
+        tree = self._reader(tx, namespace)
+        return Totals.from_summary(self.fields, tree.range_summary(bounds.lower, bounds.upper))
 
     def sum(
         self,
@@ -492,9 +549,9 @@ class Aggregate:
         (33, 95)
         """
         if type(index) is not int:
-            raise TypeError(f"index must be an int, not {type(index).__name__}")
+            raise ArgumentTypeError(f"index must be an int, not {type(index).__name__}")
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
         size = stop - start
         position = index + size if index < 0 else index
@@ -536,7 +593,7 @@ class Aggregate:
         (1, 1)
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
         if id is None:
             cut = (_after_key(key), False) if reverse else (encode_body(key), False)
@@ -598,7 +655,7 @@ class Aggregate:
         return self._end(tx, namespace, resolve_bounds(ge, gt, le, lt, prefix, eq), last=True)
 
     def _end(self, tx: Transaction, namespace: Any, bounds: _Bounds, last: bool) -> Item | None:
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
         if start >= stop:
             return None
@@ -634,7 +691,7 @@ class Aggregate:
         (True, True)
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
         if start >= stop:
             return None
@@ -654,7 +711,7 @@ class Aggregate:
         (Item(key=5, id='a', values=(1.5,)), None)
         """
         entry = encode_key(key) + encode_id(id)
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         values = tree.find(entry)
         return None if values is None else self._item(entry, values)
 
@@ -966,12 +1023,15 @@ class Aggregate:
         """Insert many items in one call; return how many were inserted (or updated).
 
         ``items`` holds :class:`Item` objects or ``(key, id)`` / ``(key, id, values)`` tuples. Input
-        is validated first, sorted, then merged leaf by leaf, so time-ordered or clustered batches
-        cost little more than appending. ``on_duplicate`` says what to do with an item already present
-        (or repeated in the batch): ``"error"`` raises DuplicateItemError and inserts nothing,
-        ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert; an item whose
-        stored values are already equal, types included, is not counted, as upsert() says "unchanged").
-        O(m log n), about O(m) for sorted runs.
+        is validated and encoded first (per column when the batch is uniform, item by item otherwise,
+        which names the first bad item), sorted unless already in order, then merged into the tree
+        once per touched node (``Tree.merge_sorted``): each touched leaf is rewritten once, so
+        clustered batches cost about one leaf write per ``node_size`` items, and time-ordered ones
+        (after the last item) are written as whole new leaves. ``on_duplicate`` says what to do with
+        an item already present (or repeated in the batch): ``"error"`` raises DuplicateItemError and
+        inserts nothing, ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert;
+        an item whose stored values are already equal, types included, is not counted, as upsert()
+        says "unchanged"). O(m log m + t log n) for ``m`` items landing in ``t`` leaves.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -984,50 +1044,102 @@ class Aggregate:
         1
         """
         if on_duplicate not in ("error", "skip", "update"):
-            raise ValueError(f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}")
+            raise InvalidArgumentError(
+                f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}"
+            )
         wtx = self._writable(tx)
-        rows: list[tuple[bytes, tuple[int | float, ...], Any, Any]] = []
-        for item in items:
-            key, item_id, values = self._unpack_item(item)
-            rows.append((encode_key(key) + encode_id(item_id), self._values(values), key, item_id))
-        if not rows:
+        batch = items if type(items) is list else list(items)
+        encoded = self._encode_batch(batch)
+        entries, cols, keys, ids = encoded if encoded is not None else self._encode_items(batch)
+        if not entries:
             return 0
-        rows.sort(key=lambda row: row[0])
-        unique: list[tuple[bytes, tuple[int | float, ...], Any, Any]] = []
-        for row in rows:
-            if unique and unique[-1][0] == row[0]:
+        order: list[int] | None = None
+        if not all(map(bytes.__lt__, entries, islice(entries, 1, None))):  # not strictly ascending yet
+            order = sorted(range(len(entries)), key=entries.__getitem__)  # stable: first given first
+            entries = list(map(entries.__getitem__, order))
+            cols = [list(map(col.__getitem__, order)) for col in cols]
+            equal = map(bytes.__eq__, entries, islice(entries, 1, None))
+            repeats = list(compress(range(1, len(entries)), equal))
+            if repeats:
                 if on_duplicate == "error":
+                    second = order[repeats[0]]
                     raise DuplicateItemError(
-                        f"{self.name}: item (key={row[2]!r}, id={row[3]!r}) appears twice in the "
-                        "batch; nothing was inserted"
+                        f"{self.name}: item (key={keys[second]!r}, id={ids[second]!r}) appears twice in "
+                        "the batch; nothing was inserted"
                     )
-                if on_duplicate == "update":
-                    unique[-1] = row
-                continue
-            unique.append(row)
+                # "skip" keeps the first of equal items, "update" the last
+                dropped = set(repeats) if on_duplicate == "skip" else {at - 1 for at in repeats}
+                kept = [at for at in range(len(entries)) if at not in dropped]
+                entries = list(map(entries.__getitem__, kept))
+                cols = [list(map(col.__getitem__, kept)) for col in cols]
+                order = list(map(order.__getitem__, kept))
         tree, tree_key = self._tree(wtx, namespace)
-        if on_duplicate == "update":
-            changed = 0
-            for entry, values, _, _ in unique:
-                old = tree.update(entry, values)
-                if old is None:
-                    tree.insert(entry, values)
-                if old is None or not same_values(old, values):
-                    changed += 1
+        changed, conflict = tree.merge_sorted(entries, cols, on_duplicate)
+        if conflict is not None:
+            first = order[conflict] if order is not None else conflict
+            raise DuplicateItemError(
+                f"{self.name}: item (key={keys[first]!r}, id={ids[first]!r}) already exists in "
+                f"namespace {namespace!r}; nothing was inserted (on_duplicate='skip' "
+                "keeps existing items)"
+            )
+        if changed:
             self._save(wtx, tree_key, tree)
-            return changed
-        if on_duplicate == "error" and tree.root is not None:
-            for entry, _, key, item_id in unique:
-                if tree.find(entry) is not None:
-                    raise DuplicateItemError(
-                        f"{self.name}: item (key={key!r}, id={item_id!r}) already exists in "
-                        f"namespace {namespace!r}; nothing was inserted (on_duplicate='skip' "
-                        "keeps existing items)"
-                    )
-        inserted = tree.insert_sorted_run([row[0] for row in unique], [row[1] for row in unique])
-        if inserted:
-            self._save(wtx, tree_key, tree)
-        return inserted
+        return changed
+
+    def _encode_batch(self, batch: list[Any]) -> _Encoded | None:
+        """insert_many's fast path: entries, value columns, keys and ids, encoded and checked per column.
+
+        Taken when every item is a ``(key, id, values)`` tuple (``(key, id)`` without value fields)
+        or an :class:`Item`, keys share one type and ids one type, values are tuples and every column
+        passes :func:`_valid_column`; the encoders give the very bytes ``encode_key`` does. Anything
+        else, an invalid item included, returns None: the item-by-item path then names the first bad
+        item exactly as it would have. O(m), mostly C-level passes.
+        """
+        nfields = len(self.fields)
+        kinds = set(map(type, batch))
+        values: list[Any] | None
+        if kinds == {tuple}:
+            lengths = set(map(len, batch))
+            if lengths == {3}:
+                keys, ids, values = (list(map(itemgetter(at), batch)) for at in range(3))
+            elif lengths == {2} and not nfields:
+                keys, ids, values = list(map(itemgetter(0), batch)), list(map(itemgetter(1), batch)), None
+            else:
+                return None
+        elif kinds == {Item}:
+            keys, ids, values = (list(map(attrgetter(name), batch)) for name in ("key", "id", "values"))
+        else:
+            return None
+        cols: list[list[Any]] = []
+        if values is not None:
+            if set(map(type, values)) != {tuple} or set(map(len, values)) != {nfields}:
+                return None
+            cols = [list(map(itemgetter(field), values)) for field in range(nfields)]
+            if not all(map(_valid_column, cols)):
+                return None
+        try:
+            encoded_keys = encode_keys(keys)
+            encoded_ids = encode_ids(ids)
+        except Error:
+            return None
+        if encoded_keys is None or encoded_ids is None:
+            return None
+        return list(map(bytes.__add__, encoded_keys, encoded_ids)), cols, keys, ids
+
+    def _encode_items(self, batch: list[Any]) -> _Encoded:
+        """insert_many's item-by-item path: the same result as :meth:`_encode_batch`, or the first error."""
+        entries: list[bytes] = []
+        rows: list[tuple[int | float, ...]] = []
+        keys: list[Any] = []
+        ids: list[Any] = []
+        for item in batch:
+            key, item_id, values = self._unpack_item(item)
+            entries.append(encode_key(key) + encode_id(item_id))
+            rows.append(self._values(values))
+            keys.append(key)
+            ids.append(item_id)
+        cols = [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in self.fields]
+        return entries, cols, keys, ids
 
     def _unpack_item(self, item: Any) -> tuple[Any, Any, Any]:
         if isinstance(item, Item):
@@ -1143,7 +1255,7 @@ class Aggregate:
                 raise BoundsError(
                     f"{self.name}: bucket edges must not decrease: {keys[index - 1]!r} then {keys[index]!r}"
                 )
-        tree, _ = self._tree(tx, namespace)
+        tree = self._reader(tx, namespace)
         fields = self.fields
         if tree.root is None:
             empty = Totals.from_summary(fields, tree.zero())

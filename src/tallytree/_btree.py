@@ -11,10 +11,26 @@ Every parent keeps each child's count and sums (see ``_node``), so:
 
 * ``rank`` / ``prefix_summary`` descend once, adding the cumulative count (and sums) of the children left
   of the path: one node per level, O(log n) whatever the size of the range.
-* A bounded count or sum is ``prefix(upper) - prefix(lower)``: two descents.
+* A bounded count or sum is ``prefix(upper) - prefix(lower)``, computed in one fused descent
+  (``rank_range`` / ``range_summary``): the path the two cuts share is walked once, then each cut
+  descends alone. Sums are gathered as references to cached cumulative rows of internal nodes (exact
+  ints, true scale) and added once at the end; the entries needed from the (at most two) leaves
+  reached are summed together in one exact pass per field, each leaf on its shorter side, so a leaf
+  read for the first time costs no O(B) table (a leaf read often gets one, see ``Node.hot_rows``).
 * ``select`` descends by cumulative counts.
 * ``insert`` / ``delete`` / ``update`` change one leaf and add a delta to the summary of each node on the
   path, then split, merge or borrow on the way back up.
+* ``merge_sorted`` (batches, ``insert_many``) works per touched node, not per entry: a read-only plan
+  splits the sorted batch among the children of each node it visits and finds what each touched leaf
+  gets (or, for ``existing="error"``, stops at the first entry already there, before anything is
+  written); the apply pass then copies each touched leaf once, merges its new entries in, gives each
+  touched child one summary delta (from running sums over the batch, O(fields) per child), and cuts an
+  overfull node once into as many pieces as needed. Appends past the last entry therefore fill whole
+  new leaves and split each node of the right spine once, like a bulk build of the new part::
+
+      batch (sorted)  e1 e2 e3 | e4 e5 | ... e9        plan: two bisections per touched child
+      root            [ c0 | c1 | c2 ]                 apply: right to left, so a split (siblings go
+      leaves         c0+{e1,e2,e3}  c1+{e4,e5}  c2+...        to the right) moves no child still to do
 * ``delete_range`` drops whole subtrees that fall inside the range (reading none of their leaves), trims
   the two boundary paths, then repairs underfull nodes along them: O(log n + nodes removed).
 
@@ -24,18 +40,21 @@ parent's pointer is rewritten. Committed nodes are never modified, which is what
 concurrent readers safe.
 
 Costs, with ``B`` the node size: reads O(log_B n) node visits plus O(B) per visit on a node first seen
-(cumulative arrays are computed once and cached on committed nodes); writes O(B log_B n).
+(cumulative arrays are computed once and cached on committed nodes; a range's leaf parts cost at most
+B / 2 entries each); writes O(B log_B n).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from operator import add, sub
-from typing import Any, Protocol
+from functools import reduce
+from itertools import accumulate, repeat
+from operator import add, is_, lshift, neg, sub
+from typing import Any, Literal, Protocol
 
-from ._node import Chunk, Node, delta_of, summarize
+from ._node import SCALE_BITS, Chunk, Node, _float_sum, _scaled_column, column_sum, delta_of, summarize
 
 __all__ = ["NodeAccess", "Root", "Tree", "same_values", "vadd", "vsub"]
 
@@ -84,6 +103,18 @@ def vsub(left: list[int], right: list[int]) -> list[int]:
 
 
 Path = list[tuple[Node, int]]
+Existing = Literal["error", "skip", "update"]
+"""What a merge does with an entry already in the tree (see :meth:`Tree.merge_sorted`)."""
+
+_INSERT_EACH = 16
+"""Up to this many new entries are inserted into a leaf one by one; more are merged in one sort."""
+
+Cut = tuple[bytes, bool]
+"""Where a bound cuts: ``(bound, after)`` means "entries ``< bound``" (``<= bound`` when ``after``)."""
+
+Span = tuple[Node, int, int, bool, Sequence[int], Sequence[int]]
+"""Entries ``start:stop`` of a leaf, to be added (True) to or subtracted from a range summary, and the
+summaries up to the leaf's start and end (their difference is the leaf's summary, kept by its parent)."""
 
 
 class Tree:
@@ -102,6 +133,18 @@ class Tree:
         self.min_size = node_size // 2
         self.original = root
         self.root = Root(root.node_id, root.height, list(root.summary)) if root is not None else None
+
+    @classmethod
+    def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Tree:
+        """A tree for reads only: it shares the root record instead of copying it. O(1)."""
+        tree = cls.__new__(cls)
+        tree.access = access
+        tree.nfields = nfields
+        tree.max_size = node_size
+        tree.min_size = node_size // 2
+        tree.original = root
+        tree.root = root
+        return tree
 
     @property
     def changed(self) -> bool:
@@ -123,8 +166,11 @@ class Tree:
         """Number of entries ``< bound`` (``<= bound`` when ``after``). O(log n)."""
         if self.root is None:
             return 0
+        return self._rank_in(self.access.node(self.root.node_id), bound, after)
+
+    def _rank_in(self, node: Node, bound: bytes, after: bool) -> int:
+        """Number of entries ``< bound`` (``<= bound``) in the subtree of ``node``."""
         access = self.access
-        node = access.node(self.root.node_id)
         total = 0
         while not node.leaf:
             index = bisect_right(node.keys, bound) - 1
@@ -133,20 +179,209 @@ class Tree:
         keys = node.keys
         return total + (bisect_right(keys, bound) if after else bisect_left(keys, bound))
 
-    def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
-        """Summary of the entries ``< bound`` (``<= bound`` when ``after``). O(log n)."""
-        totals = self.zero()
-        if self.root is None:
-            return totals
+    def rank_range(self, lower: Cut | None, upper: Cut | None) -> tuple[int, int]:
+        """``(rank(*lower), rank(*upper))``, 0 and ``count`` for a missing cut, in one descent.
+
+        The two cuts share the path down to the node where they part; from there each descends
+        alone. O(log n).
+        """
+        root = self.root
+        if root is None:
+            return 0, 0
+        if lower is None:
+            return 0, (self.rank(*upper) if upper is not None else root.summary[0])
+        if upper is None:
+            return self.rank(*lower), root.summary[0]
+        low, low_after = lower
+        high, high_after = upper
         access = self.access
-        node = access.node(self.root.node_id)
+        node = access.node(root.node_id)
+        base = 0
         while not node.leaf:
-            index = bisect_right(node.keys, bound) - 1
-            totals = vadd(totals, node.prefixes(index))
+            keys = node.keys
+            index = bisect_right(keys, low) - 1
+            other = bisect_right(keys, high) - 1
+            counts = node.counts()
+            if index != other:
+                start = base + counts[index] + self._rank_in(access.node(node.kids[index]), low, low_after)
+                stop = base + counts[other] + self._rank_in(access.node(node.kids[other]), high, high_after)
+                return start, stop
+            base += counts[index]
             node = access.node(node.kids[index])
         keys = node.keys
-        index = bisect_right(keys, bound) if after else bisect_left(keys, bound)
-        return vadd(totals, node.prefixes(index))
+        start = bisect_right(keys, low) if low_after else bisect_left(keys, low)
+        stop = bisect_right(keys, high) if high_after else bisect_left(keys, high)
+        return base + start, base + stop
+
+    def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
+        """Summary of the entries ``< bound`` (``<= bound`` when ``after``). O(log n + B)."""
+        return self.range_summary(None, (bound, after))
+
+    def range_summary(self, lower: Cut | None, upper: Cut | None) -> list[int]:
+        """Summary of the entries between two cuts (None: no cut on that side), in one descent.
+
+        Equals ``prefix_summary(*upper) - prefix_summary(*lower)``, or zero when the cuts are
+        inverted. The cuts share the path down to the node where they part; from there each descends
+        alone, adding the cumulative rows (:meth:`Node.rows`) of the children left of its path. The
+        parts of the (at most two) leaves reached are summed together at the end, each leaf on its
+        shorter side (its prefix, or the whole leaf as its parent knows it minus its suffix), so a
+        leaf never seen before costs no table: O(log n + B).
+        """
+        root = self.root
+        if root is None:
+            return self.zero()
+        if upper is None and lower is None:
+            return list(root.summary)
+        access = self.access
+        node = access.node(root.node_id)
+        plus: list[Sequence[int]] = []
+        minus: list[Sequence[int]] = []
+        spans: list[Span] = []
+        if lower is None or upper is None:
+            if upper is not None:
+                self._prefix_into(node, self.zero(), root.summary, upper, plus, minus, spans, True)
+            elif lower is not None:
+                plus.append(root.summary)
+                self._prefix_into(node, self.zero(), root.summary, lower, minus, plus, spans, False)
+            return self._settle(plus, minus, spans)
+        low, low_after = lower
+        high, high_after = upper
+        before: Sequence[int] = self.zero()
+        after: Sequence[int] = root.summary
+        while not node.leaf:
+            keys = node.keys
+            index = bisect_right(keys, low) - 1
+            other = bisect_right(keys, high) - 1
+            rows = node.rows()
+            if index != other:
+                if index > other:
+                    return self.zero()
+                kids = node.kids
+                high_kid = access.node(kids[other])
+                self._prefix_into(high_kid, rows[other], rows[other + 1], upper, plus, minus, spans, True)
+                low_kid = access.node(kids[index])
+                self._prefix_into(low_kid, rows[index], rows[index + 1], lower, minus, plus, spans, False)
+                return self._settle(plus, minus, spans)
+            before, after = rows[index], rows[index + 1]
+            node = access.node(node.kids[index])
+        keys = node.keys
+        start = bisect_right(keys, low) if low_after else bisect_left(keys, low)
+        stop = bisect_right(keys, high) if high_after else bisect_left(keys, high)
+        if start >= stop:
+            return self.zero()
+        size = len(keys)
+        if 2 * (stop - start) <= size:
+            spans.append((node, start, stop, True, before, after))
+            return self._settle([self.zero()], minus, spans)
+        plus.append(after)  # the whole leaf, as its parent knows it, minus both ends
+        minus.append(before)
+        if start:
+            spans.append((node, 0, start, False, before, after))
+        if stop < size:
+            spans.append((node, stop, size, False, before, after))
+        return self._settle(plus, minus, spans)
+
+    def _prefix_into(
+        self,
+        node: Node,
+        before: Sequence[int],
+        after: Sequence[int],
+        cut: Cut,
+        plus: list[Sequence[int]],
+        minus: list[Sequence[int]],
+        spans: list[Span],
+        positive: bool,
+    ) -> None:
+        """Add what precedes ``cut`` in ``node``'s subtree to ``plus`` (rows to subtract to ``minus``).
+
+        ``before`` and ``after`` are the summaries up to the start and the end of the subtree, in the
+        caller's frame. Each level adds the cumulative row of the children left of the path; the leaf
+        adds ``before`` and a span of its first entries, or, when that is shorter, ``after`` minus a
+        span of its last entries (spans are recorded with their sign, ``positive`` for ``plus``).
+        """
+        bound, bound_after = cut
+        access = self.access
+        while not node.leaf:
+            index = bisect_right(node.keys, bound) - 1
+            rows = node.rows()
+            plus.append(before)
+            before, after = rows[index], rows[index + 1]
+            node = access.node(node.kids[index])
+        keys = node.keys
+        index = bisect_right(keys, bound) if bound_after else bisect_left(keys, bound)
+        size = len(keys)
+        if 2 * index <= size:
+            plus.append(before)
+            if index:
+                spans.append((node, 0, index, positive, before, after))
+        else:
+            plus.append(after)
+            if index < size:
+                spans.append((node, index, size, not positive, before, after))
+
+    def _settle(self, plus: list[Sequence[int]], minus: list[Sequence[int]], spans: list[Span]) -> list[int]:
+        """``sum(plus) - sum(minus)``, plus the signed leaf spans summed together (one pass per field)."""
+        total = plus[0]
+        for row in plus[1:]:
+            total = list(map(add, total, row))
+        for row in minus:
+            total = list(map(sub, total, row))
+        total = list(total)
+        if spans:
+            total, spans = self._from_hot_leaves(total, spans)
+        added = taken = 0
+        for _, start, stop, positive, _, _ in spans:
+            if positive:
+                added += stop - start
+            else:
+                taken += stop - start
+        if not added and not taken:
+            return total
+        total[0] += added - taken
+        nfields = self.nfields
+        for field in range(nfields):
+            at = 1 + nfields + field  # the float count of the field: the leaves' own, from their parents
+            values: list[Any] = []
+            only_floats = no_floats = True
+            for leaf, start, stop, positive, before, after in spans:
+                column = leaf.cols[field]
+                values += column[start:stop] if positive else map(neg, column[start:stop])
+                floats = after[at] - before[at]
+                if floats:
+                    no_floats = False
+                if floats != after[0] - before[0]:
+                    only_floats = False
+            if no_floats:
+                total[1 + field] += sum(values) << SCALE_BITS
+                continue
+            exact = _float_sum(values) if only_floats else None
+            if exact is None:
+                exact, floats = column_sum(values)
+                if floats != added + taken:  # a mix of ints and floats: count each side
+                    floats = 0
+                    for leaf, start, stop, positive, _, _ in spans:
+                        found = list(map(type, leaf.cols[field][start:stop])).count(float)
+                        floats += found if positive else -found
+                    total[1 + field] += exact
+                    total[at] += floats
+                    continue
+            total[1 + field] += exact
+            total[at] += added - taken
+        return total
+
+    @staticmethod
+    def _from_hot_leaves(total: list[int], spans: list[Span]) -> tuple[list[int], list[Span]]:
+        """Add the spans of leaves with cumulative rows to ``total``; return it and the other spans."""
+        rest = []
+        for span in spans:
+            hot = span[0].hot_rows()
+            if hot is None:
+                rest.append(span)
+                continue
+            shifts, rows = hot
+            part = map(lshift, map(sub, rows[span[2]], rows[span[1]]), shifts)
+            total = list(map(add if span[3] else sub, total, part))
+        return total, rest
 
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
@@ -254,54 +489,178 @@ class Tree:
         return True
 
     def insert_sorted_run(self, entries: list[bytes], values: list[tuple[Any, ...]]) -> int:
-        """Insert many new entries given in ascending order; return how many were inserted.
+        """Insert many new entries given in strictly ascending order; return how many were inserted.
 
-        Entries already present are skipped. Consecutive entries that land in the same leaf are merged
-        into it with one path update and one (multi-way) split, which is what makes time-ordered batches
-        fast. O(m log n) worst case, O(m + (m / B) log n) when the run is clustered.
+        Entries already present are skipped. The values are turned into columns and merged as
+        :meth:`merge_sorted` does. O(t log B + m) for ``m`` entries landing in ``t`` leaves.
         """
-        inserted = 0
-        position = 0
-        total = len(entries)
-        while position < total:
-            entry = entries[position]
-            if self.root is None:
-                self.insert(entry, values[position])
-                inserted += 1
-                position += 1
-                continue
-            path, leaf = self._path(entry)
-            upper = self._upper_fence(path)
-            stop = total if upper is None else bisect_left(entries, upper, position + 1, total)
-            keys = leaf.keys
-            appending = not keys or entries[position] > keys[-1]
-            if appending:
-                fresh = list(range(position, stop))
+        if not entries:
+            return 0
+        cols = [list(col) for col in zip(*values, strict=True)] if self.nfields else []
+        return self.merge_sorted(entries, cols)[0]
+
+    def merge_sorted(
+        self, entries: list[bytes], cols: list[list[Any]], existing: Existing = "skip"
+    ) -> tuple[int, int | None]:
+        """Merge entries given in strictly ascending order, their values as columns, into the tree.
+
+        ``existing`` says what happens to an entry already in the tree: ``"skip"`` keeps the stored
+        one, ``"update"`` overwrites its values (an entry whose values are equal, types included, is
+        neither written nor counted), ``"error"`` changes nothing at all. Returns ``(changed,
+        conflict)``: how many entries were inserted or updated, and with ``"error"`` the index of the
+        first entry already present (None if there is none).
+
+        Two passes. The *plan* only reads: it splits the entries among the children of each node it
+        visits (two bisections per touched child), so every touched node is read once, and finds for
+        each touched leaf where its entries go and which already exist. The *apply* pass then writes
+        bottom-up, right to left (a split puts siblings right of the child it splits, so the
+        children still to visit keep their index): each touched leaf is copied once and merged with
+        its new entries, each touched child's summary in its parent gets one delta, and an overfull
+        node is cut once into as many pieces as needed. Deltas come from running sums over the batch
+        (:class:`_Run`), so a subtree's delta costs O(fields) whatever the number of its new
+        entries. A run past the last entry (time-ordered appends) lands in the rightmost leaf and is
+        cut there into whole new leaves, and their parent is cut once: a bulk build of the new part.
+
+        O(t log B + m) work for ``m`` entries landing in ``t`` leaves, and O(t log_B n + m / B)
+        nodes written.
+        """
+        if not entries:
+            return 0, None
+        run = _Run(entries, cols, existing)
+        access = self.access
+        if self.root is None:
+            leaf = access.adopt(Node(access.new_id(), True, [], [[] for _ in cols], dirty=True))
+            self.root = Root(leaf.id, 1, self.zero())
+        root = self.root
+        try:
+            plan = self._plan(access.node(root.node_id), root.height, 0, len(entries), run)
+        except _Conflict as conflict:
+            return 0, conflict.index
+        if plan is None:
+            return 0, None
+        node = access.mutable(plan.node)
+        root.node_id = node.id
+        if root.height == 1:
+            self._apply_leaf(node, plan, run)
+        else:
+            self._apply(node, plan.kids, root.height - 1, run)
+        root.summary = vadd(root.summary, run.delta(0, len(entries), plan.correction))
+        if len(node.keys) > self.max_size:
+            self._grow_root(node)
+        return run.changed, None
+
+    def _plan(self, node: Node, height: int, lo: int, hi: int, run: _Run) -> _Step | None:
+        """What merging ``run.entries[lo:hi]`` changes below ``node`` (None: nothing). Reads only."""
+        if height == 1:
+            return self._plan_leaf(node, lo, hi, run)
+        access = self.access
+        entries = run.entries
+        keys = node.keys
+        last = len(keys) - 1
+        steps: list[_Step] = []
+        correction: list[int] | None = None
+        child = 0
+        at = lo
+        while at < hi:
+            child = bisect_right(keys, entries[at], child) - 1
+            stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+            step = self._plan(access.node(node.kids[child]), height - 1, at, stop, run)
+            part: list[int] | None
+            if step is None:  # every entry of the slice is there already, unchanged
+                part = run.delta(at, stop)
             else:
-                fresh = [at for at in range(position, stop) if not _contains(keys, entries[at])]
-            if not fresh:  # nothing new for this leaf: leave it untouched
-                position = stop
+                step.child = child
+                steps.append(step)
+                part = step.correction
+            if part is not None:
+                correction = part if correction is None else vadd(correction, part)
+            at = stop
+        if not steps:
+            return None
+        step = _Step(node, lo, hi, correction)
+        step.kids = steps
+        return step
+
+    def _plan_leaf(self, leaf: Node, lo: int, hi: int, run: _Run) -> _Step | None:
+        entries = run.entries
+        keys = leaf.keys
+        if not keys or entries[lo] > keys[-1]:  # all after the last entry: append them
+            run.changed += hi - lo
+            return _Step(leaf, lo, hi, None)
+        batch = entries[lo:hi]
+        places = list(map(bisect_left, repeat(keys), batch))
+        step = _Step(leaf, lo, hi, None)
+        if places == list(map(bisect_right, repeat(keys), batch)):  # none of them is there yet
+            run.changed += hi - lo
+            step.fresh, step.places = range(lo, hi), places
+            return step
+        fresh: list[int] = []
+        fresh_places: list[int] = []
+        correction: list[int] | None = None
+        size = len(keys)
+        for index, at in zip(range(lo, hi), places, strict=True):
+            if at == size or keys[at] != entries[index]:
+                fresh.append(index)
+                fresh_places.append(at)
                 continue
-            path, leaf = self._make_mutable(path, leaf)
-            keys, cols = leaf.keys, leaf.cols
-            rows = [values[at] for at in fresh]
-            if appending:
-                keys.extend(entries[position:stop])
-                for field, col in enumerate(cols):
-                    col.extend([row[field] for row in rows])
+            if run.existing == "error":
+                raise _Conflict(index)
+            new = run.values(index)
+            if run.existing == "skip":
+                gone = delta_of(new)  # its share of the run's sums, which does not arrive
             else:
-                for at in fresh:
-                    index = bisect_left(keys, entries[at])
-                    keys.insert(index, entries[at])
-                    for col, value in zip(cols, values[at], strict=True):
-                        col.insert(index, value)
-            columns = [[row[field] for row in rows] for field in range(self.nfields)]
-            self._add_along(path, summarize(len(rows), columns))
-            inserted += len(rows)
-            if len(keys) > self.max_size:
-                self._split_up(path, leaf)
-            position = stop
-        return inserted
+                old = tuple(col[at] for col in leaf.cols)
+                gone = delta_of(old)  # replaced by the new values, counted in the run's sums
+                if not same_values(old, new):
+                    step.updates.append((index, at))
+            correction = gone if correction is None else vadd(correction, gone)
+        if not fresh and not step.updates:
+            return None
+        run.changed += len(fresh) + len(step.updates)
+        step.fresh, step.places, step.correction = fresh, fresh_places, correction
+        return step
+
+    def _apply(self, parent: Node, steps: list[_Step], height: int, run: _Run) -> None:
+        """Carry out planned steps below a mutable ``parent`` whose children have height ``height``."""
+        access = self.access
+        for step in reversed(steps):  # right to left: splits shift only the children already done
+            kid = access.mutable(step.node)
+            parent.kids[step.child] = kid.id
+            if height == 1:
+                self._apply_leaf(kid, step, run)
+            else:
+                self._apply(kid, step.kids, height - 1, run)
+            parent.add(step.child, run.delta(step.lo, step.hi, step.correction))
+            if len(kid.keys) > self.max_size:
+                self._split_child(parent, step.child, kid)
+
+    @staticmethod
+    def _apply_leaf(leaf: Node, step: _Step, run: _Run) -> None:
+        keys, cols, lo, hi = leaf.keys, leaf.cols, step.lo, step.hi
+        for index, at in step.updates:
+            for col, values in zip(cols, run.cols, strict=True):
+                col[at] = values[index]
+        fresh = step.fresh
+        entries = run.entries
+        if fresh is None:
+            keys.extend(entries[lo:hi])
+            for col, values in zip(cols, run.cols, strict=True):
+                col.extend(values[lo:hi])
+        elif len(fresh) <= _INSERT_EACH:
+            places = step.places
+            for back in range(len(fresh) - 1, -1, -1):  # from the right: the places left stay valid
+                at, index = places[back], fresh[back]
+                keys.insert(at, entries[index])
+                for col, values in zip(cols, run.cols, strict=True):
+                    col.insert(at, values[index])
+        else:  # many: one C-level merge of two sorted runs, the columns following the keys
+            merged = keys + list(map(entries.__getitem__, fresh))
+            order = sorted(range(len(merged)), key=merged.__getitem__)
+            leaf.keys = list(map(merged.__getitem__, order))
+            leaf.cols = [
+                list(map((col + list(map(values.__getitem__, fresh))).__getitem__, order))
+                for col, values in zip(cols, run.cols, strict=True)
+            ]
 
     def delete(self, entry: bytes) -> tuple[Any, ...] | None:
         """Remove ``entry``; return its values, or None (changing nothing) if absent. O(log n)."""
@@ -373,14 +732,6 @@ class Tree:
             node = access.node(node.kids[index])
         return path, node
 
-    @staticmethod
-    def _upper_fence(path: Path) -> bytes | None:
-        """The smallest fence above the leaf at the end of ``path`` (None: no upper limit)."""
-        for node, index in reversed(path):
-            if index + 1 < len(node.keys):
-                return node.keys[index + 1]
-        return None
-
     def _make_mutable(self, path: Path, leaf: Node) -> tuple[Path, Node]:
         assert self.root is not None
         access = self.access
@@ -407,35 +758,52 @@ class Tree:
 
     def _split_up(self, path: Path, node: Node) -> None:
         """Split an overfull node into as many pieces as needed, then its parent, up to the root."""
+        while len(node.keys) > self.max_size:
+            if not path:
+                self._grow_root(node)
+                return
+            parent, index = path.pop()
+            self._split_child(parent, index, node)
+            node = parent
+
+    def _cut(self, node: Node) -> list[Node]:
+        """Cut an overfull mutable node into even pieces of at most the fill target.
+
+        The node keeps the first piece; the others become new nodes, returned in order. O(size).
+        """
+        access = self.access
+        size = len(node.keys)
+        pieces = -(-size // self._fill_target())
+        cuts = [size * piece // pieces for piece in range(pieces + 1)]
+        chunks = [node.detach(begin) for begin in reversed(cuts[1:-1])]  # from the end: O(size)
+        chunks.reverse()
+        return [access.adopt(Node.from_chunk(access.new_id(), node.leaf, chunk)) for chunk in chunks]
+
+    def _split_child(self, parent: Node, index: int, node: Node) -> None:
+        """Cut the overfull child ``index`` (``node``) of a mutable parent; the new pieces follow it."""
+        siblings = self._cut(node)
+        summaries = [sibling.summary() for sibling in siblings]
+        parent.add(index, _negate(reduce(vadd, summaries)))
+        if len(siblings) == 1:  # the common case: a plain insert is cheaper than a block
+            parent.insert_child(index + 1, siblings[0].keys[0], siblings[0].id, summaries[0])
+            return
+        fences = [sibling.keys[0] for sibling in siblings]
+        block = Node.internal_from(0, fences, [sibling.id for sibling in siblings], summaries)
+        parent.attach(index + 1, Chunk(block.keys, block.kids, block.cols, block.shifts))
+
+    def _grow_root(self, node: Node) -> None:
+        """Cut an overfull root into pieces under a new root, as many levels as needed."""
         assert self.root is not None
         access = self.access
         while len(node.keys) > self.max_size:
-            size = len(node.keys)
-            pieces = -(-size // self._fill_target())
-            cuts = [size * piece // pieces for piece in range(pieces + 1)]
-            chunks = [node.detach(begin) for begin in reversed(cuts[1:-1])]
-            chunks.reverse()
-            leaf = node.leaf
-            siblings = [access.adopt(Node.from_chunk(access.new_id(), leaf, chunk)) for chunk in chunks]
+            siblings = self._cut(node)
             summaries = [sibling.summary() for sibling in siblings]
-            if path:
-                parent, index = path.pop()
-                moved = self.zero()
-                for summary in summaries:
-                    moved = vadd(moved, summary)
-                parent.add(index, _negate(moved))
-                for offset, (sibling, summary) in enumerate(zip(siblings, summaries, strict=True), start=1):
-                    parent.insert_child(index + offset, sibling.keys[0], sibling.id, summary)
-                node = parent
-            else:
-                left = list(self.root.summary)
-                for summary in summaries:
-                    left = vsub(left, summary)
-                keys = [b"", *(sibling.keys[0] for sibling in siblings)]
-                kids = [node.id, *(sibling.id for sibling in siblings)]
-                node = access.adopt(Node.internal_from(access.new_id(), keys, kids, [left, *summaries]))
-                self.root.node_id = node.id
-                self.root.height += 1
+            left = vsub(self.root.summary, reduce(vadd, summaries))
+            keys = [b"", *(sibling.keys[0] for sibling in siblings)]
+            kids = [node.id, *(sibling.id for sibling in siblings)]
+            node = access.adopt(Node.internal_from(access.new_id(), keys, kids, [left, *summaries]))
+            self.root.node_id = node.id
+            self.root.height += 1
 
     def _fill_target(self) -> int:
         """How full to make the pieces of a split: about 80% of the node size.
@@ -564,14 +932,22 @@ class Tree:
             node, height = kid, height - 1
 
     def _repair_after_range(self, start: int) -> None:
-        """Fix underfull nodes along the paths to entries ``start - 1`` and ``start``."""
-        changed = True
-        while changed:
+        """Fix underfull nodes along the paths to entries ``start - 1`` and ``start``.
+
+        A pass fixes each path top-down; a merge can leave the parent underfull, which the next pass
+        fixes, so passes are bounded by the height. The bound turns a bug into an error (the write
+        transaction then aborts, writing nothing) rather than an endless loop.
+        """
+        height = self.root.height if self.root is not None else 1
+        for _ in range(4 * height + 8):
             changed = False
             self._shrink_root()
             for target in (start - 1, start):
                 if self.root is not None and 0 <= target < self.count:
                     changed |= self._fix_path(target)
+            if not changed:
+                return
+        raise AssertionError("tallytree bug: repairing the tree after delete_range did not settle")
 
     def _fix_path(self, index: int) -> bool:
         assert self.root is not None
@@ -597,9 +973,81 @@ class Tree:
         return changed
 
 
-def _contains(keys: list[bytes], entry: bytes) -> bool:
-    index = bisect_left(keys, entry)
-    return index < len(keys) and keys[index] == entry
+class _Run:
+    """A batch of entries in strictly ascending order, its values as columns (one list per field).
+
+    ``delta(lo, hi)`` is the summary of entries ``lo:hi``. The whole run's is computed once (appends
+    ask for no other); other slices come from prefix sums of the scaled values (exact ints) and of
+    the float counts, built on first use in O(m), then O(fields) per slice.
+    """
+
+    __slots__ = ("changed", "cols", "entries", "existing", "prefixes", "total")
+
+    def __init__(self, entries: list[bytes], cols: list[list[Any]], existing: Existing) -> None:
+        self.entries = entries
+        self.cols = cols
+        self.existing = existing
+        self.changed = 0
+        self.total: list[int] | None = None
+        self.prefixes: list[tuple[int, list[int]]] | None = None  # (shift, sums) per summary column
+
+    def values(self, index: int) -> tuple[Any, ...]:
+        """The values of entry ``index``."""
+        return tuple(col[index] for col in self.cols)
+
+    def delta(self, lo: int, hi: int, correction: list[int] | None = None) -> list[int]:
+        """The summary of entries ``lo:hi``, less ``correction`` (the part that changes nothing)."""
+        if lo == 0 and hi == len(self.entries):
+            if self.total is None:
+                self.total = summarize(hi, self.cols)
+            summary = self.total
+        else:
+            prefixes = self.prefixes if self.prefixes is not None else self._prefixes()
+            summary = [hi - lo, *[(sums[hi] - sums[lo]) << shift for shift, sums in prefixes]]
+        return list(summary) if correction is None else vsub(summary, correction)
+
+    def _prefixes(self) -> list[tuple[int, list[int]]]:
+        sums: list[tuple[int, list[int]]] = []
+        floats: list[tuple[int, list[int]]] = []
+        for col in self.cols:
+            shift, values = _scaled_column(col)
+            sums.append((shift, list(accumulate(values, initial=0))))
+            floats.append((0, list(accumulate(map(is_, map(type, col), repeat(float)), initial=0))))
+        self.prefixes = [*sums, *floats]
+        return self.prefixes
+
+
+class _Step:
+    """A planned change of one node: entries ``lo:hi`` of the run land below it.
+
+    ``child`` is its index in its parent. An internal node's step lists the steps of its touched
+    children (``kids``); a leaf's lists the entries to insert (``fresh``, indexes into the run; None:
+    append the whole slice) and where in the leaf (``places``), and the ``(entry index, position)``
+    pairs to overwrite (``updates``). ``correction`` is the summary of
+    the slice's entries that were already there (their stored values for "update", their new ones
+    for "skip"), so the node's delta is ``run.delta(lo, hi, correction)``.
+    """
+
+    __slots__ = ("child", "correction", "fresh", "hi", "kids", "lo", "node", "places", "updates")
+
+    def __init__(self, node: Node, lo: int, hi: int, correction: list[int] | None) -> None:
+        self.node = node
+        self.lo = lo
+        self.hi = hi
+        self.correction = correction
+        self.child = 0
+        self.kids: list[_Step] = []
+        self.fresh: list[int] | range | None = None
+        self.places: list[int] = []
+        self.updates: list[tuple[int, int]] = []
+
+
+class _Conflict(Exception):
+    """Raised by the plan when ``existing="error"`` meets an entry already in the tree."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
 
 
 def _negate(summary: list[int]) -> list[int]:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from itertools import compress
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ import msgpack
 
 from ._aggregate import Aggregate
 from ._btree import Tree, same_values
+from ._bulk import Columns, encode_keys, valid_column
 from ._keys import encode_key
 from ._txn import Transaction, WriteTransaction
 from .errors import (
@@ -50,7 +52,7 @@ from .errors import (
     UnsupportedKeyTypeError,
 )
 
-__all__ = ["Coord", "Definition", "Extractor", "build", "check_strict", "move"]
+__all__ = ["Coord", "Definition", "Extractor", "check_strict", "move"]
 
 Extractor = str | tuple[str, ...] | Callable[[Any], Any]
 """A field name, a tuple of field names (a composite key), or a function of the document."""
@@ -205,9 +207,12 @@ class Definition:
     """How the documents of a table (or of an external source) map to the items of one aggregate."""
 
     __slots__ = (
+        "_column_getters",
         "_fields_named",
         "_key",
         "_namespace",
+        "_namespace_bytes",
+        "_none_namespace",
         "_none_namespace_key",
         "_skip",
         "_tree_keys",
@@ -273,6 +278,9 @@ class Definition:
         self._skip = on_missing == "skip"
         self._tree_keys: dict[Any, bytes] = {}
         self._none_namespace_key = aggregate._tree_key(None)
+        self._none_namespace = encode_key(None, what="namespace")
+        self._namespace_bytes: dict[Any, bytes] = {}
+        self._column_getters = getters
         self._fields_named = tuple(values)
 
     @property
@@ -315,6 +323,51 @@ class Definition:
         except Exception:
             return self._slow(doc, doc_id, id_bytes)
         return tree_key, entry, checked
+
+    def columns(self, docs: list[Any], ids: list[bytes]) -> Columns | None:
+        """The items of many documents at once, as ``(encoded namespaces, entries, value columns)``,
+        or None when the batch needs :meth:`coordinates` document by document (a missing field, a
+        value or key of a type the column encoders do not take, a failing extractor: that path names
+        the document, or skips it with ``on_missing="skip"``).
+
+        Each extractor runs once per document through ``map``, and keys, namespaces and values are
+        encoded and checked a column at a time (the column encoders of ``_bulk``). Same items as
+        :meth:`coordinates`. O(len(docs)).
+        """
+        try:
+            if self._where is not None:
+                matched = list(map(self._where, docs))
+                if not all(matched):
+                    docs = list(compress(docs, matched))
+                    ids = list(compress(ids, matched))
+            if not docs:
+                return [], [], [[] for _ in self._fields_named]
+            keys = encode_keys(list(map(self._key, docs)))
+            if keys is None:
+                return None
+            namespaces = self._namespace_column(docs)
+            if namespaces is None:
+                return None
+            cols = [list(map(getter, docs)) for getter in self._column_getters]
+        except Exception:  # a missing field, a failing extractor, an invalid key: document by document
+            return None
+        if not all(map(valid_column, cols)):
+            return None
+        return namespaces, list(map(bytes.__add__, keys, ids)), cols
+
+    def _namespace_column(self, docs: list[Any]) -> list[bytes] | None:
+        if self._namespace is None:
+            return [self._none_namespace] * len(docs)
+        namespaces = list(map(self._namespace, docs))
+        if not set(map(type, namespaces)) <= {str, int}:  # 1 == 1.0 == True would share a cache slot
+            return None
+        cache = self._namespace_bytes
+        for namespace in dict.fromkeys(namespaces):
+            if namespace not in cache:
+                if len(cache) >= _TREE_KEY_CACHE:
+                    cache.clear()
+                cache[namespace] = encode_key(namespace, what="namespace")
+        return list(map(cache.__getitem__, namespaces))
 
     def _slow(self, doc: Any, doc_id: Any, id_bytes: bytes) -> Coord | None:
         """Extraction again, one step at a time, to name what failed (or to skip the document)."""
@@ -456,25 +509,6 @@ def check_strict(
             f"{aggregate.name}: the item of document {doc_id!r} is already in the aggregate; use "
             "apply(..., idempotent=True) for replays and backfills"
         )
-
-
-def build(tx: WriteTransaction, aggregate: Aggregate, coords: Iterable[Coord]) -> int:
-    """Add many items (new ones; present entries are skipped), grouped by tree and merged in sorted
-    runs. Return how many were added. About O(m log m) for m items."""
-    by_tree: dict[bytes, list[tuple[bytes, tuple[Any, ...]]]] = {}
-    for tree_key, entry, values in coords:
-        rows = by_tree.get(tree_key)
-        if rows is None:
-            rows = by_tree[tree_key] = []
-        rows.append((entry, values))
-    added = 0
-    for tree_key in sorted(by_tree):
-        rows = by_tree[tree_key]
-        rows.sort(key=itemgetter(0))
-        tree = _tree(tx, aggregate, tree_key)
-        added += tree.insert_sorted_run([row[0] for row in rows], [row[1] for row in rows])
-        _save(tx, tree_key, tree)
-    return added
 
 
 def spec_from(description: Any) -> Any:

@@ -232,6 +232,7 @@ _NEG_HEADS = tuple(bytes((_NEG,)) + _complement(_exponent_bytes(e)) for e in ran
 _CONTINUATION = tuple(((1 << (8 * groups)) - 256) // 255 for groups in range(9))
 _ALL_ONES = tuple((1 << (8 * groups)) - 1 for groups in range(9))
 _LOW_56 = (1 << 56) - 1
+_SMALL_INT = 1 << 57  # positive ints below this have at most 56 fraction bits (encode_body's fast path)
 
 
 def _spread(bits: int) -> int:
@@ -543,6 +544,21 @@ def encode_body(key: object, *, what: str = "key") -> bytes:
     """
     kind = type(key)
     if kind is int:
+        value: int = key  # type: ignore[assignment]  # exact type checked
+        if 0 < value < _SMALL_INT:  # the common bound (a count, an epoch time)
+            # what _int_body and _magnitude do, inlined: at most 56 fraction bits, so 8 groups or fewer
+            exponent = value.bit_length() - 1
+            fraction = value ^ (1 << exponent)
+            if not fraction:
+                return _POS_HEADS[exponent - _HEAD_LOW] + b"\x00"
+            trailing = (fraction & -fraction).bit_length() - 1
+            bits = exponent - trailing
+            groups = (bits + 6) // 7
+            padded = (fraction >> trailing) << (7 * groups - bits)
+            padded = (padded & 0xFFFFFFF) | ((padded >> 28) << 32)
+            padded = (padded & 0x00003FFF00003FFF) | ((padded & 0x0FFFC0000FFFC000) << 2)
+            padded = (padded & 0x007F007F007F007F) | ((padded & 0x3F803F803F803F80) << 1)
+            return _POS_HEADS[exponent - _HEAD_LOW] + ((padded << 1) | _CONTINUATION[groups]).to_bytes(groups)
         body = _int_body(key, what)  # type: ignore[arg-type]  # exact type checked
         size = len(body) + 1
     elif kind is float:

@@ -46,9 +46,10 @@ flat fixed-width layout)::
 
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
-not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic. A
-sum column with a value beyond 64 bits is written split into 63-bit limbs (the "wide" form, kind 3),
-so msgpack still packs plain int64 lists.
+not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic.
+msgpack packs ints from -2**63 to 2**64 - 1; encoding tries the plain form first and, only when msgpack
+refuses a value, writes the sum columns that need it split into 63-bit limbs (the "wide" form, kind
+3). Checking every column's range beforehand cost more than the whole plain encoding.
 Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
 can be cached by id across transactions and processes without ever being stale.
 """
@@ -82,6 +83,7 @@ __all__ = [
 
 SCALE_BITS = 1074
 """Sums are kept as exact integers in units of ``2**-1074``, the smallest positive double."""
+_UNIT = 1 << SCALE_BITS
 
 LEAF = 1
 INTERNAL = 2
@@ -91,6 +93,10 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 _LIMB_BITS = 63
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
+
+
+def _pack(parts: list[Any]) -> bytes:
+    return msgpack.packb(parts, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def scaled(value: int | float) -> int:
@@ -115,7 +121,7 @@ def sum_value(total: int, floats: int) -> int | float:
     if floats == 0:
         return total >> SCALE_BITS
     try:
-        return total / (1 << SCALE_BITS)
+        return total / _UNIT
     except OverflowError:
         return math.inf if total > 0 else -math.inf
 
@@ -177,15 +183,84 @@ def summarize(count: int, columns: list[list[Any]]) -> list[int]:
     return [count, *sums, *floats]
 
 
+_FSUM_ROUNDS = 4
+_HOT_READS = 6  # range reads of a leaf before it gets cumulative rows (see Node.hot_rows)
+
+
+def _float_sum(values: list[float]) -> int | None:
+    """The exact sum of finite floats, scaled by ``2**1074``; None if it needs too many rounds.
+
+    ``math.fsum`` is correctly rounded, so it returns 0.0 exactly when the exact sum is 0: each
+    round takes the rounded sum ``p`` as the next part and appends ``-p`` to the values, until what
+    is left sums to zero. The parts then add up to the exact sum; values of similar magnitude need
+    two rounds, each one C loop over the values.
+    """
+    rest = list(values)
+    total = 0
+    try:
+        for _ in range(_FSUM_ROUNDS):
+            part = math.fsum(rest)
+            if not part:
+                return total
+            numerator, denominator = part.as_integer_ratio()
+            total += numerator << (SCALE_BITS + 1 - denominator.bit_length())
+            rest.append(-part)
+    except (OverflowError, ValueError):  # an intermediate sum beyond the largest double
+        pass
+    return None
+
+
+def column_sum(values: list[Any]) -> tuple[int, int]:
+    """The exact sum of a list of ints and floats, scaled by ``2**1074``, and how many are floats."""
+    if values and type(values[0]) is not float:
+        total = sum(values)
+        if type(total) is int:
+            return total << SCALE_BITS, 0
+    floats = list(map(type, values)).count(float)
+    if floats == len(values):
+        exact = _float_sum(values)
+        if exact is not None:
+            return exact, floats
+    return sum(map(scaled, values)), floats
+
+
+def summarize_exact(count: int, columns: list[list[Any]]) -> list[int]:
+    """The same as :func:`summarize`, computed as :func:`column_sum` does (faster on short slices)."""
+    sums = []
+    floats = []
+    for column in columns:
+        total, number = column_sum(column)
+        sums.append(total)
+        floats.append(number)
+    return [count, *sums, *floats]
+
+
 class Node:
     """One tree node, decoded. Committed nodes are shared and must not be mutated.
 
     ``dirty`` nodes belong to one write transaction and are mutated in place until it commits.
     In an internal node, column ``c`` of child ``i`` is ``cols[c][i] << shifts[c]``: factoring out
     the trailing zero bits of the scaled sums keeps the stored ints small (usually below 2**64).
+
+    Reads cache derived arrays on committed nodes only (never on dirty ones): cumulative counts
+    (:meth:`counts`), an internal node's cumulative child summaries in true scale (:meth:`rows`),
+    and, for a leaf read often, its cumulative summaries in node-local scale (:meth:`hot_rows`).
     """
 
-    __slots__ = ("_counts", "_table", "cols", "dirty", "id", "keys", "kids", "leaf", "shifts")
+    __slots__ = (
+        "_counts",
+        "_hot",
+        "_reads",
+        "_rows",
+        "_table",
+        "cols",
+        "dirty",
+        "id",
+        "keys",
+        "kids",
+        "leaf",
+        "shifts",
+    )
 
     def __init__(
         self,
@@ -206,6 +281,9 @@ class Node:
         self.dirty = dirty
         self._counts: list[int] | None = None
         self._table: list[tuple[int, list[int]]] | None = None
+        self._rows: list[tuple[int, ...]] | None = None
+        self._reads = 0
+        self._hot: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
 
     @classmethod
     def internal_from(
@@ -238,12 +316,26 @@ class Node:
         return Node(
             node_id,
             self.leaf,
-            self.keys[:],
-            [col[:] for col in self.cols],
-            self.kids[:],
-            self.shifts[:],
+            list(self.keys),
+            [list(col) for col in self.cols],
+            list(self.kids),
+            list(self.shifts),
             dirty=True,
         )
+
+    def freeze(self) -> None:
+        """Mark a dirty node committed: from now on it is shared and never changes. O(size).
+
+        Its lists become tuples, as in a decoded node. A committed node is typed with lists like a
+        dirty one because only dirty nodes are ever changed; the tuples make a mistaken change fail
+        loudly, and CPython's cyclic garbage collector stops tracking tuples of bytes and numbers,
+        so its full collections no longer walk every cached node (they took about a quarter of a
+        single-insert commit at 10^6 items).
+        """
+        self.dirty = False
+        self.keys = tuple(self.keys)  # type: ignore[assignment]
+        self.kids = tuple(self.kids)  # type: ignore[assignment]
+        self.cols = [tuple(col) for col in self.cols]  # type: ignore[misc]
 
     # ------------------------------------------------------------ reading summaries
 
@@ -254,12 +346,53 @@ class Node:
         ``F+1..2F`` the float counts. The prefix arrays are built once per committed node and cached.
         O(columns) cached, O(size) otherwise.
         """
+        if not self.leaf:
+            return list(self.rows()[index])
         table = self._table
         if table is None:
             table = [self._cumulative(column) for column in range(self._width())]
             if not self.dirty:
                 self._table = table
         return [values[index] << shift if shift else values[index] for shift, values in table]
+
+    def hot_rows(self) -> tuple[tuple[int, ...], list[tuple[int, ...]]] | None:
+        """``(shifts, rows)`` for a committed leaf once it has been read a few times, else None.
+
+        ``rows[i]`` is the summary of entries ``< i`` in node-local scale: column ``c`` is
+        ``rows[i][c] << shifts[c]`` (small ints; only the shifts are big). A range read sums the few
+        entries it needs from a leaf directly (no table: most leaves of a large tree are read once
+        in a while); a leaf read again and again gets its rows on its sixth read (building them costs
+        about as much as six direct reads, so a leaf never pays more than twice what it would have
+        paid either way), after which a span of it costs O(columns) in C-level maps.
+        """
+        hot = self._hot
+        if hot is None and not self.dirty:
+            self._reads += 1
+            if self._reads >= _HOT_READS:
+                table = self._table or [self._cumulative(column) for column in range(self._width())]
+                shifts = tuple(shift for shift, _ in table)
+                hot = self._hot = (shifts, list(zip(*(values for _, values in table), strict=True)))
+        return hot
+
+    def rows(self) -> list[tuple[int, ...]]:
+        """Cumulative child summaries of an internal node, true scale: ``rows()[i]`` sums children ``< i``.
+
+        One tuple per index ``0..len(kids)``, so a descent adds a whole summary by reference and a
+        range inside the node is ``rows()[j] - rows()[i]``. Kept in true scale (big ints), which costs
+        memory only on internal nodes, a few percent of a tree. Cached on committed nodes. O(size)
+        to build, O(1) cached.
+        """
+        rows = self._rows
+        if rows is not None:
+            return rows
+        columns = []
+        for col, shift in zip(self.cols, self.shifts, strict=True):
+            sums = list(accumulate(col, initial=0))
+            columns.append([value << shift for value in sums] if shift else sums)
+        rows = list(zip(*columns, strict=True))
+        if not self.dirty:
+            self._rows = rows
+        return rows
 
     def _width(self) -> int:
         return 1 + 2 * len(self.cols) if self.leaf else len(self.cols)
@@ -299,7 +432,8 @@ class Node:
         """The summary of entries (leaf) or children (internal) ``start:stop``, true scale. O(size)."""
         if not self.leaf:
             return [sum(col[start:stop]) << shift for col, shift in zip(self.cols, self.shifts, strict=True)]
-        return summarize(len(self.keys[start:stop]), [col[start:stop] for col in self.cols])
+        count = len(range(len(self.keys))[start:stop])
+        return summarize_exact(count, [col[start:stop] for col in self.cols])
 
     # ------------------------------------------------------------ changing (dirty nodes only)
 
@@ -392,9 +526,11 @@ def _limbs(column: list[int]) -> list[list[int]]:
         return [column]
     limbs: list[list[int]] = []
     rest = column
-    while min(rest) < _INT64_MIN or max(rest) > _INT64_MAX:
+    while True:
         limbs.append([value & _LIMB_MASK for value in rest])
         rest = [value >> _LIMB_BITS for value in rest]  # floor shift: the sign stays on top
+        if min(rest) >= _INT64_MIN and max(rest) <= _INT64_MAX:
+            break
     limbs.append(rest)
     limbs.reverse()
     return limbs
@@ -408,31 +544,33 @@ def _join_limbs(limbs: list[list[int]]) -> list[int]:
 
 
 def encode_node(node: Node) -> bytes:
-    """Serialize a node (format version 1). O(size)."""
+    """Serialize a node (format version 1). O(size).
+
+    The plain form is tried first: msgpack refuses an int beyond 64 bits, and only then are the sum
+    columns that need it split into limbs (the "wide" form).
+    """
     if node.leaf:
-        return msgpack.packb([LEAF, node.keys, *node.cols], use_bin_type=True)  # type: ignore[no-any-return]
+        return _pack([LEAF, node.keys, *node.cols])
+    try:
+        return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
+    except OverflowError:
+        pass
     nfields = (len(node.cols) - 1) // 2
     split = [_limbs(col) if 1 <= index <= nfields else [col] for index, col in enumerate(node.cols)]
-    if all(len(limbs) == 1 for limbs in split):
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [INTERNAL, node.keys, node.kids, node.shifts, *node.cols], use_bin_type=True
-        )
     counts = [len(limbs) for limbs in split]
     flat = [limb for limbs in split for limb in limbs]
-    return msgpack.packb(  # type: ignore[no-any-return]
-        [INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat], use_bin_type=True
-    )
+    return _pack([INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat])
 
 
 def decode_node(data: bytes, node_id: int) -> Node:
     """Deserialize a committed node; raise CorruptDatabaseError if it is malformed. O(size)."""
     try:
-        parts = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        parts = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=False)  # see freeze()
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
-            return Node(node_id, True, parts[1], parts[2:])
+            return Node(node_id, True, parts[1], list(parts[2:]))
         if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1 and len(parts[3]) == len(parts) - 4:
-            return Node(node_id, False, parts[1], parts[4:], parts[2], parts[3])
+            return Node(node_id, False, parts[1], list(parts[4:]), parts[2], list(parts[3]))
         if kind == INTERNAL_WIDE and len(parts) >= 6:
             counts, flat = parts[4], parts[5:]
             if sum(counts) == len(flat) and len(counts) == len(parts[3]):
@@ -440,7 +578,7 @@ def decode_node(data: bytes, node_id: int) -> Node:
                 for count in counts:
                     cols.append(_join_limbs(flat[at : at + count]))
                     at += count
-                return Node(node_id, False, parts[1], cols, parts[2], parts[3])
+                return Node(node_id, False, parts[1], cols, parts[2], list(parts[3]))
     except CorruptDatabaseError:
         raise
     except Exception as exc:

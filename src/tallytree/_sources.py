@@ -34,7 +34,8 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
+from itertools import islice, repeat
+from operator import attrgetter, itemgetter, methodcaller
 from typing import IO, Any
 
 __all__ = [
@@ -218,6 +219,12 @@ class Source:
     def records(self) -> Iterator[tuple[int, Any]]:
         raise NotImplementedError
 
+    def batches(self, size: int) -> Iterator[list[tuple[int, Any]]]:
+        """:meth:`records` in lists of up to ``size`` (use one or the other, once)."""
+        records = self.records()
+        while batch := list(islice(records, size)):
+            yield batch
+
     def bytes_read(self) -> int:
         """Bytes consumed so far (0 when unknown)."""
         return 0
@@ -318,6 +325,44 @@ class CsvSource(_FileSource):
                 )
                 continue
             yield reader.line_num, row
+
+    def batches(self, size: int) -> Iterator[list[tuple[int, Any]]]:
+        """:meth:`records` in lists, read without a Python step per row when the rows are well formed:
+        the reader and its line number after each row are zipped in C (``list.extend`` keeps the
+        rows read before a malformed one)."""
+        reader = self.reader
+        width = len(self.fields or ())
+        rows = zip(reader, map(attrgetter("line_num"), repeat(reader)), strict=False)
+        while True:
+            read: list[tuple[list[str], int]] = []
+            error: Exception | None = None
+            try:
+                read.extend(islice(rows, size))
+            except UnicodeDecodeError as exc:
+                error = SourceError(f"{self.name} line {reader.line_num + 1}: not UTF-8 text ({exc.reason})")
+                error.__cause__ = exc
+            except csv.Error as exc:
+                error = RowError(f"malformed CSV ({exc}); the line may be truncated")
+            if read:
+                if set(map(len, map(itemgetter(0), read))) == {width}:
+                    yield list(zip(map(itemgetter(1), read), map(itemgetter(0), read), strict=True))
+                else:
+                    yield [self._checked(row, number) for row, number in read if row]
+            if isinstance(error, SourceError):
+                raise error
+            if error is not None:
+                yield [(reader.line_num, error)]
+            elif len(read) < size:
+                return
+
+    def _checked(self, row: list[str], number: int) -> tuple[int, Any]:
+        width = len(self.fields or ())
+        if len(row) == width:
+            return number, row
+        return number, RowError(
+            f"expected {width} fields (as in the header), found {len(row)}; the line may be truncated or "
+            "have an unquoted delimiter"
+        )
 
 
 class SqlSource(Source):
@@ -552,6 +597,123 @@ class RowSpec:
             return namespace, key, item_id, values
 
         return convert
+
+    def batch_converter(self, source: Source) -> Callable[[list[Any], int], list[Row] | None] | None:
+        """A function ``(records, first ordinal) -> rows`` converting a batch of CSV records a column
+        at a time, or None when this spec or source has no such path (not CSV, ``where``).
+
+        Gives exactly what :meth:`converter` gives for each record, or None for a batch that needs
+        it record by record (an empty or malformed cell, a value outside the common shapes), which
+        then names the record. Each column is converted by one ``map`` (ISO datetimes, ints and
+        decimal numbers checked a column at a time), not by a Python call per record and field.
+        """
+        if source.kind != "csv" or self.where or source.fields is None:
+            return None
+        fields = source.fields
+        key_types = [self.key_types.get(name, self.key_types.get("*", "auto")) for name in self.key]
+        key_parts = [_column(name, kind) for name, kind in zip(self.key, key_types, strict=True)]
+        id_part = _id_column(self.id, self.id_type) if self.id is not None else None
+        namespace_part = _typed(self.namespace, "auto", True) if self.namespace is not None else None
+        typed: dict[str, Any] = {}  # namespaces repeat: each text is typed once
+        names = [*self.key, *([self.id] if self.id is not None else []), *self.sums.values()]
+        if self.namespace is not None:
+            names.append(self.namespace)
+        for name in names:
+            if name not in fields:
+                return None  # the record-by-record converter raises the SourceError
+        key_getters = [itemgetter(fields.index(name)) for name in self.key]
+        id_getter = itemgetter(fields.index(self.id)) if self.id is not None else None
+        value_getters = [itemgetter(fields.index(name)) for name in self.sums.values()]
+        namespace_getter = itemgetter(fields.index(self.namespace)) if self.namespace is not None else None
+
+        def convert(records: list[Any], ordinal: int) -> list[Row] | None:
+            try:
+                keys = [
+                    part(list(map(get, records))) for part, get in zip(key_parts, key_getters, strict=True)
+                ]
+                if any(column is None for column in keys):
+                    return None
+                key_column: Any = keys[0] if len(keys) == 1 else zip(*keys, strict=True)
+                if id_getter is not None and id_part is not None:
+                    ids: Any = id_part(list(map(id_getter, records)))
+                else:
+                    ids = range(ordinal, ordinal + len(records))
+                values = [_numbers(list(map(get, records))) for get in value_getters]
+                if any(column is None for column in values):
+                    return None
+                namespaces: Any = repeat(None)
+                if namespace_getter is not None and namespace_part is not None:
+                    texts = list(map(namespace_getter, records))
+                    for text in dict.fromkeys(texts).keys() - typed.keys():
+                        if len(typed) >= 100_000:
+                            typed.clear()
+                        typed[text] = namespace_part(text)
+                    namespaces = map(typed.__getitem__, texts)
+            except (RowError, ValueError, OverflowError):
+                return None
+            rows = zip(*values, strict=True) if values else repeat(())
+            return list(zip(namespaces, key_column, ids, rows, strict=False))  # may repeat()
+
+        return convert
+
+
+def _column(name: str, kind: str) -> Callable[[list[str]], list[Any] | None]:
+    """A converter of a column of key texts (see :func:`_typed`); None: convert record by record."""
+    one = _typed(name, kind, True)
+    if kind != "datetime":
+        return lambda texts: list(map(one, texts))
+
+    def datetimes(texts: list[str]) -> list[Any] | None:
+        texts = list(map(str.strip, texts))
+        # the shape parse_datetime reads as ISO 8601 (anything else may be epoch seconds)
+        if min(map(len, texts)) < 10 or set(map(itemgetter(4), texts)) != {"-"}:
+            return None
+        if not all(map(str.isdigit, map(itemgetter(slice(0, 4)), texts))):
+            return None
+        moments = list(map(datetime.fromisoformat, texts))
+        zones = set(map(attrgetter("tzinfo"), moments))
+        if zones == {UTC}:
+            return moments
+        if zones == {None}:
+            return list(map(methodcaller("replace", tzinfo=UTC), moments))
+        return list(map(parse_datetime, moments))
+
+    return datetimes
+
+
+def _id_column(name: str, kind: str) -> Callable[[list[str]], list[Any]]:
+    """A converter of a column of id texts (see :func:`_typed_id`)."""
+    one = _typed_id(name, kind, True)
+
+    def ids(texts: list[str]) -> list[Any]:
+        if kind == "int" or not texts or not min(map(len, texts)):
+            return list(map(one, texts))  # (an empty id raises RowError there)
+        if kind == "str" or not any(map(str.isdigit, map(str.lstrip, texts, repeat("-")))):
+            return texts  # no text is an integer (``_canonical_int`` needs digits after a "-")
+        return list(map(one, texts))
+
+    return ids
+
+
+_NUMBER_CHARS = frozenset("0123456789.-eE ")
+
+
+def _numbers(texts: list[str]) -> list[int | float] | None:
+    """What :func:`_number` gives for each text (ints for integers, else finite floats), or None."""
+    joined = "".join(texts)
+    if not _NUMBER_CHARS.issuperset(joined):  # "+", "_", "nan", non-ASCII digits: record by record
+        return None
+    integral = list(map(str.isdigit, map(str.lstrip, map(str.strip, texts), repeat("-"))))
+    if all(integral):
+        return list(map(int, texts))
+    floats = list(map(float, texts))
+    if not math.isfinite(sum(floats)):
+        return None
+    if not any(integral):
+        return floats
+    return [
+        int(text) if whole else number for text, whole, number in zip(texts, integral, floats, strict=True)
+    ]
 
 
 _MISSING: Any = object()

@@ -117,6 +117,10 @@ class NodeCache:
             except (KeyError, RuntimeError, StopIteration):  # another thread changed the dict
                 break
 
+    def discard(self, node_id: int) -> None:
+        """Forget one node if cached (a reader that still needs it decodes it again). O(1)."""
+        self._nodes.pop(node_id, None)
+
     def clear(self) -> None:
         """Forget every node."""
         self._nodes.clear()

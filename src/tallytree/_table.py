@@ -31,19 +31,21 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import islice, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 
 from ._aggregate import Aggregate, Totals, resolve_bounds
 from ._btree import Root, Tree
+from ._bulk import Columns, build_columns
 from ._extract import (
     Coord,
     Definition,
     Extractor,
     OnMissing,
     Where,
-    build,
     definition_from,
     has_function,
     move,
@@ -54,9 +56,11 @@ from ._store import ROOTS
 from ._txn import Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
+    ArgumentTypeError,
     CorruptDatabaseError,
     DuplicateItemError,
     ExtractionError,
+    InvalidArgumentError,
     InvalidDocumentError,
     ItemNotFoundError,
     SchemaMismatchError,
@@ -76,6 +80,7 @@ _AGGREGATE_PREFIX = b"agg:"
 _NEXT_AGGREGATE = b"next_agg"
 _STATE = struct.Struct(">QQ")
 _MAX_GENERATED = 2**62  # explicit int ids above this do not move the generated-id counter
+_ATTACH_BATCH = 8_192  # documents read, decoded and extracted at once when attaching
 
 Document = dict[str, Any]
 
@@ -99,6 +104,14 @@ def decode_doc(data: bytes) -> Document:
     """Inverse of :func:`encode_doc`: dicts, lists for tuples, UTC datetimes."""
     return msgpack.unpackb(  # type: ignore[no-any-return]
         data, raw=False, timestamp=3, strict_map_key=False
+    )
+
+
+def decode_docs(datas: Sequence[bytes]) -> list[Document]:
+    """:func:`decode_doc` of many documents, in one msgpack call (as one array)."""
+    header = b"\xdd" + len(datas).to_bytes(4)  # msgpack array32
+    return msgpack.unpackb(  # type: ignore[no-any-return]
+        header + b"".join(datas), raw=False, timestamp=3, strict_map_key=False
     )
 
 
@@ -236,19 +249,23 @@ class Table:
         self._check_alive()
         if key is None:
             if namespace is not None or values or where is not None or node_size is not None or rebuild:
-                raise TypeError("table.aggregate(): key= is required to define an aggregate")
+                raise ArgumentTypeError("table.aggregate(): key= is required to define an aggregate")
             return self._attached(name)
         from ._db import DEFAULT_NODE_SIZE, _check_fields  # noqa: PLC0415  # _db imports this module
 
         if isinstance(values, Mapping):
             specs: dict[str, Extractor] = dict(values)
         elif isinstance(values, str):
-            raise ValueError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
+            raise InvalidArgumentError(
+                f"values= takes a sequence of field names, e.g. ({values!r},), not a str"
+            )
         else:
             specs = {field: field for field in values}
         fields = _check_fields(tuple(specs))
         if not isinstance(name, str) or not name or len(name) > 200:
-            raise ValueError(f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}")
+            raise InvalidArgumentError(
+                f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}"
+            )
         with self._db.read() as tx:
             self._load(tx, tx.meta(self._record_key))
         known = self._definitions.get(name)
@@ -288,8 +305,7 @@ class Table:
                     size = previous.node_size
             aggregate = _define_aggregate(tx, name, fields, size, owner=self.name)
             definition = self._probe(aggregate, key, namespace, specs, where, on_missing)
-            coords = self._all_coordinates(tx, [definition])[0]
-            build(tx, aggregate, (coord for coord in coords if coord is not None))
+            build_columns(aggregate, tx, self._columns(tx, definition))
             record = self._definition_record({name: definition.description})
             tx.set_meta(self._record_key, record)
         self._adopt_owned(aggregate)
@@ -471,20 +487,37 @@ class Table:
     def _coordinates(self, doc: Document, doc_id: Any, id_bytes: bytes) -> list[Coord | None]:
         return [definition.coordinates(doc, doc_id, id_bytes) for definition in self._definitions.values()]
 
-    def _all_coordinates(self, tx: Transaction, definitions: list[Definition]) -> list[list[Coord | None]]:
-        """The items of every stored document, for each definition (one pass over the documents)."""
-        results: list[list[Coord | None]] = [[] for _ in definitions]
+    def _columns(self, tx: Transaction, definition: Definition) -> Iterator[Columns]:
+        """The items of every stored document as batches of encoded columns (one pass, in id order).
+
+        Documents are read and decoded a batch at a time (one msgpack call per batch) and extracted a
+        column at a time (:meth:`Definition.columns`); a batch that needs it goes document by document
+        (:meth:`Definition.coordinates`), which names a document whose extraction fails.
+        """
         start = len(self._prefix)
-        for key, data in tx.docs(self._prefix, self._stop):
-            doc = decode_doc(data)
-            id_bytes = key[start:]
-            for result, definition in zip(results, definitions, strict=True):
-                try:  # the id is decoded only to name a document in an error
-                    result.append(definition.coordinates(doc, None, id_bytes))
-                except ExtractionError:
-                    definition.coordinates(doc, decode_key(key, start)[0], id_bytes)
-                    raise
-        return results
+        cut = slice(start, None)
+        prefix = len(definition.aggregate._prefix)
+        entries = tx.docs(self._prefix, self._stop)
+        while batch := list(islice(entries, _ATTACH_BATCH)):
+            keys = list(map(itemgetter(0), batch))
+            docs = decode_docs(list(map(itemgetter(1), batch)))
+            ids = list(map(bytes.__getitem__, keys, repeat(cut)))
+            columns = definition.columns(docs, ids)
+            if columns is None:
+                columns = [], [], [[] for _ in definition.fields]
+                namespaces, items, cols = columns
+                for key, doc, id_bytes in zip(keys, docs, ids, strict=True):
+                    try:  # the id is decoded only to name a document in an error
+                        coord = definition.coordinates(doc, None, id_bytes)
+                    except ExtractionError:
+                        definition.coordinates(doc, decode_key(key, start)[0], id_bytes)
+                        raise
+                    if coord is not None:
+                        namespaces.append(coord[0][prefix:])
+                        items.append(coord[1])
+                        for col, value in zip(cols, coord[2], strict=True):
+                            col.append(value)
+            yield columns
 
     # ------------------------------------------------------------ reads
 
@@ -670,7 +703,9 @@ class Table:
         writes nothing, ``"skip"`` keeps the stored document, ``"update"`` replaces it.
         """
         if on_duplicate not in ("error", "skip", "update"):
-            raise ValueError(f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}")
+            raise InvalidArgumentError(
+                f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}"
+            )
         wtx = self._begin(tx)
         where = f"table {self.name!r}"
         fresh: dict[bytes, tuple[Any, bytes, list[Coord | None]]] = {}

@@ -187,8 +187,7 @@ class WriteTransaction(Transaction):
         if dirty is not None:
             return dirty
         if self._encoded and node_id in self._encoded:  # read back a bulk-built node: now a dirty one
-            dirty = self._dirty[node_id] = decode_node(self._encoded.pop(node_id), node_id)
-            dirty.dirty = True
+            dirty = self._dirty[node_id] = decode_node(self._encoded.pop(node_id), node_id).copy(node_id)
             return dirty
         return super().node(node_id)
 
@@ -354,6 +353,9 @@ class WriteTransaction(Transaction):
         ops.append((META, _GENERATION, generation.to_bytes(8, "big")))
         self._finish()
         kv.commit(ops)
+        cache = self._cache
+        for node_id in self._freed:  # replaced or dropped: only readers of older snapshots need them
+            cache.discard(node_id)
         for node in self._dirty.values():
-            node.dirty = False
-            self._cache.put(node)
+            node.freeze()
+            cache.put(node)

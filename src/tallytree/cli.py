@@ -30,6 +30,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
 
@@ -532,43 +533,76 @@ class _Reader:
         self.bad(self.lines.number(position), error)
 
     def rows(self) -> Iterator[Any]:
-        """The rows, read in timed batches (so parsing time is measured apart from building)."""
-        records = self.source.records()
-        convert = self.convert
+        """The rows, read in timed batches (so parsing time is measured apart from building).
+
+        A batch of CSV records is converted a column at a time when it can be
+        (:meth:`RowSpec.batch_converter`); a batch with a malformed record goes record by record,
+        which names it (or skips it with ``--on-error skip``).
+        """
         source = self.source
+        batches = source.batches(4096)
         total = source.total_bytes
+        batch_convert = self.spec.batch_converter(source)
+        while True:
+            started = time.perf_counter()
+            pending = next(batches, None)
+            if pending is None:
+                self.parse_seconds += time.perf_counter() - started
+                return
+            batch = None
+            if batch_convert is not None and pending:
+                numbers = list(map(itemgetter(0), pending))
+                raw = list(map(itemgetter(1), pending))
+                if RowError not in set(map(type, raw)):
+                    batch = batch_convert(raw, self.records + 1)
+                    if batch is not None:
+                        self._number_lines(numbers)
+                        self.records += len(pending)
+                        self.items += len(batch)
+            if batch is None:
+                batch = self._convert(pending)
+            self.parse_seconds += time.perf_counter() - started
+            fraction = source.bytes_read() / total if total else None
+            self.progress.show(f"reading {source.name}", self.records, "records", fraction)
+            yield from batch
+
+    def _number_lines(self, numbers: list[int]) -> None:
+        """Record the source record numbers of the next ``len(numbers)`` items."""
+        lines, items = self.lines, self.items
+        if numbers[-1] - numbers[0] == len(numbers) - 1:  # one record per line: one offset
+            if numbers[0] - items != lines.last:
+                lines.add(items, numbers[0])
+            return
+        for position, number in enumerate(numbers, items):
+            if number - position != lines.last:
+                lines.add(position, number)
+
+    def _convert(self, pending: list[tuple[int, Any]]) -> list[Any]:
+        """Rows of records converted one at a time, malformed ones reported or skipped."""
+        convert = self.convert
         lines = self.lines
         count = self.records
         items = self.items
-        while True:
-            batch: list[Any] = []
-            append = batch.append
-            started = time.perf_counter()
-            for number, record in records:
-                count += 1
-                if type(record) is RowError:
-                    self.bad(number, record)
-                    continue
-                try:
-                    row = convert(number, count, record)
-                except RowError as exc:
-                    self.bad(number, exc)
-                    continue
-                if row is None:
-                    continue
-                if number - items != lines.last:  # a record skipped, filtered or spanning lines
-                    lines.add(items, number)
-                items += 1
-                append(row)
-                if len(batch) >= 4096:
-                    break
-            self.parse_seconds += time.perf_counter() - started
-            self.records, self.items = count, items
-            if not batch:
-                return
-            fraction = source.bytes_read() / total if total else None
-            self.progress.show(f"reading {source.name}", count, "records", fraction)
-            yield from batch
+        batch: list[Any] = []
+        append = batch.append
+        for number, record in pending:
+            count += 1
+            if type(record) is RowError:
+                self.bad(number, record)
+                continue
+            try:
+                row = convert(number, count, record)
+            except RowError as exc:
+                self.bad(number, exc)
+                continue
+            if row is None:
+                continue
+            if number - items != lines.last:  # a record skipped, filtered or spanning lines
+                lines.add(items, number)
+            items += 1
+            append(row)
+        self.records, self.items = count, items
+        return batch
 
     def skipped_report(self) -> dict[str, Any]:
         return {"count": self.skipped, "examples": self.samples}
@@ -637,7 +671,9 @@ def _build(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise _Failure(str(exc)) from exc
             try:
-                report, commit_seconds = _run_build(args, db, aggregate, reader, memory, progress)
+                report, commit_seconds = _without_gc(
+                    _run_build, args, db, aggregate, reader, memory, progress
+                )
             except BaseException:
                 if not existing and args.aggregate in db.aggregates():
                     db.drop_aggregate(args.aggregate)  # it was created for this build
@@ -684,6 +720,12 @@ def _build(args: argparse.Namespace) -> int:
             for sample in reader.samples:
                 print(f"    {sample['where']}: {sample['error']}")
     return EXIT_OK
+
+
+def _without_gc(function: Callable[..., T], *args: Any) -> T:
+    """Call ``function`` with the cyclic garbage collector paused (see ``_bulk.gc_paused``)."""
+    with _bulk.gc_paused():
+        return function(*args)
 
 
 def _run_build(

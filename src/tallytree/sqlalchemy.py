@@ -72,6 +72,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._hooks import Change, ChangeHandler, Drift, repair, verify
+from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from ._db import Database
@@ -101,7 +102,7 @@ class _Registration:
         if id is None:
             keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
             if len(keys) != 1:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{model.__name__} has a composite primary key {keys}; pass id= (a column name or a "
                     "function of the row giving a str, int or bytes)"
                 )
