@@ -882,3 +882,25 @@ def test_an_aggregate_opened_before_another_process_attached_it_becomes_read_onl
             with pytest.raises(tallytree.TransactionError, match="maintained"):
                 later.insert(tx, 2, 2)
             assert later.count(tx) == 1
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("backend", ["memory", "lmdb"])
+def test_document_batches_equal_the_document_scan(tmp_path: Path, backend: str, size: int) -> None:
+    db = tallytree.open_memory() if backend == "memory" else tallytree.open(tmp_path / "db", durable=False)
+    first, second = db.table("first"), db.table("second")  # a second table bounds the first's range
+    with db.write() as tx:
+        first.insert_many(tx, [{"id": n, "v": n} for n in range(20)])
+        second.insert_many(tx, [{"id": n, "v": -n} for n in range(5)])
+    start, stop = first._prefix, first._stop
+    with db.read() as tx:
+        expected = list(tx.docs(start, stop))
+        batches = list(tx.doc_batches(start, stop, size))
+    assert len(expected) == 20 and [entry for batch in batches for entry in batch] == expected
+    assert all(0 < len(batch) <= size for batch in batches)
+    with db.write() as tx:  # the transaction's own writes are merged in
+        first.delete(tx, 3)
+        first.insert(tx, {"id": 99, "v": 1})
+        merged = list(tx.docs(start, stop))
+        assert [entry for batch in tx.doc_batches(start, stop, size) for entry in batch] == merged
+        assert len(merged) == 20

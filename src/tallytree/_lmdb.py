@@ -27,8 +27,10 @@ system, which survives a killed process (the data is in the page cache) but not 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,22 @@ class _LmdbTxn:
             if key < start:
                 return
             yield key, value
+
+    def scan_batches(
+        self, table: int, start: bytes, stop: bytes, size: int
+    ) -> Iterator[list[tuple[bytes, bytes]]]:
+        # lists of ``size`` taken by C-level iteration; only the last one is cut at ``stop``
+        cursor = self._txn.cursor(db=self._dbs[table])
+        if not cursor.set_range(start):
+            return
+        items = cursor.iternext(keys=True, values=True)
+        while batch := list(islice(items, size)):
+            if batch[-1][0] >= stop:
+                end = bisect_left(batch, (stop,))
+                if end:
+                    yield batch[:end]
+                return
+            yield batch
 
     def commit(self, ops: list[Op]) -> None:
         backend = self._backend

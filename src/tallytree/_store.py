@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from itertools import islice
 from typing import Protocol
 
 from sortedcontainers import SortedDict
@@ -58,6 +59,12 @@ class KVTxn(Protocol):
         self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
         """Yield (key, value) with ``start <= key < stop`` (no upper limit if ``stop`` is None)."""
+        ...
+
+    def scan_batches(
+        self, table: int, start: bytes, stop: bytes, size: int
+    ) -> Iterator[list[tuple[bytes, bytes]]]:
+        """The same entries as ``scan(table, start, stop)``, as lists of up to ``size`` (fewer calls)."""
         ...
 
     def commit(self, ops: list[Op]) -> None:
@@ -142,6 +149,13 @@ class _MemoryTxn:
         keys = list(data.irange(start, stop, inclusive=(True, False), reverse=reverse))
         for key in keys:
             yield key, data[key]
+
+    def scan_batches(
+        self, table: int, start: bytes, stop: bytes, size: int
+    ) -> Iterator[list[tuple[bytes, bytes]]]:
+        items = self.scan(table, start, stop)
+        while batch := list(islice(items, size)):
+            yield batch
 
     def commit(self, ops: list[Op]) -> None:
         assert self._write

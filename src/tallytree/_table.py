@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import islice, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -497,8 +497,7 @@ class Table:
         start = len(self._prefix)
         cut = slice(start, None)
         prefix = len(definition.aggregate._prefix)
-        entries = tx.docs(self._prefix, self._stop)
-        while batch := list(islice(entries, _ATTACH_BATCH)):
+        for batch in tx.doc_batches(self._prefix, self._stop, _ATTACH_BATCH):
             keys = list(map(itemgetter(0), batch))
             docs = decode_docs(list(map(itemgetter(1), batch)))
             ids = list(map(bytes.__getitem__, keys, repeat(cut)))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from itertools import islice
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,10 @@ class Transaction:
     def docs(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
         """The DOCS entries with ``start <= key < stop``, in key order."""
         return self.kv.scan(DOCS, start, stop)
+
+    def doc_batches(self, start: bytes, stop: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
+        """The entries of :meth:`docs`, as lists of up to ``size``: for whole-table passes."""
+        return self.kv.scan_batches(DOCS, start, stop, size)
 
     def mutable(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
@@ -289,6 +294,14 @@ class WriteTransaction(Transaction):
         if key in docs:
             return docs[key]
         return super().doc(key)
+
+    def doc_batches(self, start: bytes, stop: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
+        if not any(start <= key < stop for key in self._docs):
+            yield from super().doc_batches(start, stop, size)
+            return
+        entries = self.docs(start, stop)  # merge this transaction's own writes, entry by entry
+        while batch := list(islice(entries, size)):
+            yield batch
 
     def docs(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
         """The DOCS entries in ``[start, stop)`` as this transaction sees them (its own writes merged)."""
