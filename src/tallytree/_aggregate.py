@@ -39,6 +39,7 @@ from ._buckets import Bucket, bucket_edges
 from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate, encode_ids, encode_keys
 from ._bulk import build as _bulk_build
 from ._bulk import build_many as _bulk_build_many
+from ._gc import gc_paused
 from ._keys import decode_key, encode_body, encode_id, encode_key, encode_prefix
 from ._node import sum_value
 from ._store import ROOTS
@@ -1031,7 +1032,8 @@ class Aggregate:
         an item already present (or repeated in the batch): ``"error"`` raises DuplicateItemError and
         inserts nothing, ``"skip"`` keeps the stored one, ``"update"`` overwrites its values (upsert;
         an item whose stored values are already equal, types included, is not counted, as upsert()
-        says "unchanged"). O(m log m + t log n) for ``m`` items landing in ``t`` leaves.
+        says "unchanged"). O(m log m + t log n) for ``m`` items landing in ``t`` leaves. The cyclic
+        garbage collector is paused during the call, as during builds (see ``_gc``).
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -1048,6 +1050,16 @@ class Aggregate:
                 f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}"
             )
         wtx = self._writable(tx)
+        with gc_paused():
+            return self._insert_many(wtx, items, namespace, on_duplicate)
+
+    def _insert_many(
+        self,
+        wtx: WriteTransaction,
+        items: Iterable[Item | tuple[Any, ...]],
+        namespace: Any,
+        on_duplicate: Literal["error", "skip", "update"],
+    ) -> int:
         batch = items if type(items) is list else list(items)
         encoded = self._encode_batch(batch)
         entries, cols, keys, ids = encoded if encoded is not None else self._encode_items(batch)

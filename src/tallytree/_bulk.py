@@ -62,13 +62,11 @@ pending state per tree.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import struct
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
@@ -79,6 +77,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import msgpack
 
 from ._btree import Root, Tree
+from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key
 from ._node import Node, encode_node, summarize_exact
 from ._txn import WriteTransaction
@@ -1173,26 +1172,6 @@ class _Build:
 def _free(tx: WriteTransaction, aggregate: Aggregate, root: Root) -> None:
     """Free every node of a tree (dropped by id: its leaves are not read)."""
     Tree(tx, len(aggregate.fields), aggregate.node_size, root).delete_range(0, root.summary[0])
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause CPython's cyclic garbage collector for a bulk operation, then restore its state.
-
-    A build allocates millions of short-lived rows, tuples and lists, none of them in cycles, and
-    every 700 allocations the collector scans the young ones again, every tenth time the older ones
-    too: measured, that cost 12% of an attach and made a 10^6-row CSV build 1.7 times slower.
-    Reference counting frees everything meanwhile. The collector is process-wide: another thread's
-    cycles wait for the end of the build (and a thread that disables it meanwhile sees it enabled
-    again), as with Mercurial's ``nogc``.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _check_options(on_duplicate: str, fill: float, memory: int) -> None:

@@ -51,6 +51,7 @@ from ._extract import (
     move,
     same_description,
 )
+from ._gc import gc_paused
 from ._keys import decode_key, encode_id
 from ._store import ROOTS
 from ._txn import Transaction, WriteTransaction, decode_root
@@ -699,13 +700,23 @@ class Table:
         Everything is validated first; the items of new documents are then merged into each aggregate
         in sorted runs per namespace (much faster than one insert per document). ``on_duplicate`` says
         what to do with an id already stored or repeated: ``"error"`` raises DuplicateItemError and
-        writes nothing, ``"skip"`` keeps the stored document, ``"update"`` replaces it.
+        writes nothing, ``"skip"`` keeps the stored document, ``"update"`` replaces it. The cyclic
+        garbage collector is paused during the call, as during builds (see ``_gc``).
         """
         if on_duplicate not in ("error", "skip", "update"):
             raise InvalidArgumentError(
                 f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}"
             )
         wtx = self._begin(tx)
+        with gc_paused():  # the pending documents are many live objects: spare the GC's rescans
+            return self._insert_many(wtx, docs, on_duplicate)
+
+    def _insert_many(
+        self,
+        wtx: WriteTransaction,
+        docs: Iterable[Mapping[str, Any] | tuple[Any, Mapping[str, Any]]],
+        on_duplicate: Literal["error", "skip", "update"],
+    ) -> list[Any]:
         where = f"table {self.name!r}"
         fresh: dict[bytes, tuple[Any, bytes, list[Coord | None]]] = {}
         updates: dict[bytes, tuple[Any, bytes]] = {}

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from ._btree import Root, Tree
+from ._gc import gc_paused
 from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from .errors import CorruptDatabaseError, TransactionError
@@ -44,6 +45,7 @@ __all__ = ["ReadTransaction", "Transaction", "WriteTransaction", "encode_root", 
 
 _NEXT_ID = b"next_id"
 _GENERATION = b"gen"
+_BULK_COMMIT = 64  # dirty nodes beyond which a commit pauses the cyclic garbage collector
 _DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds the queue's memory
 
 
@@ -339,7 +341,18 @@ class WriteTransaction(Transaction):
         )
 
     def commit(self) -> None:
-        """Write every change in one atomic batch and end the transaction."""
+        """Write every change in one atomic batch and end the transaction.
+
+        Merging queued inserts and encoding many dirty nodes is bulk work: the cyclic garbage
+        collector is paused for it (see ``_gc``) when the transaction holds more than a few nodes.
+        """
+        if self._deferred or len(self._dirty) > _BULK_COMMIT:
+            with gc_paused():
+                self._commit()
+        else:
+            self._commit()
+
+    def _commit(self) -> None:
         kv = self.kv
         if self._deferred:
             self.flush_deferred()

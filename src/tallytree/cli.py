@@ -39,6 +39,7 @@ from ._aggregate import Aggregate, Item, Totals
 from ._btree import Tree, same_values
 from ._check import check
 from ._demo import run_demo
+from ._gc import gc_paused
 from ._keys import decode_key, encode_key
 from ._sources import (
     KEY_TYPES,
@@ -723,8 +724,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _without_gc(function: Callable[..., T], *args: Any) -> T:
-    """Call ``function`` with the cyclic garbage collector paused (see ``_bulk.gc_paused``)."""
-    with _bulk.gc_paused():
+    """Call ``function`` with the cyclic garbage collector paused (see ``_gc``)."""
+    with gc_paused():
         return function(*args)
 
 
