@@ -27,7 +27,7 @@ of a database.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Protocol
 
@@ -111,6 +111,12 @@ class NodeCache:
     def get(self, node_id: int) -> Node | None:
         """The cached node, or None. O(1)."""
         return self._nodes.get(node_id)
+
+    @property
+    def lookup(self) -> Callable[[int], Node | None]:
+        """:meth:`get` without a Python frame: the bound ``get`` of the cache's dict (which
+        :meth:`clear` empties in place, so it stays valid)."""
+        return self._nodes.get
 
     def put(self, node: Node) -> None:
         """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""

@@ -82,6 +82,7 @@ class Transaction:
         self._db = db
         self._kv = kv
         self._cache: NodeCache = db._cache
+        self._cached = self._cache.lookup  # the cache dict's own get: one C call per node on a descent
         self._roots: dict[bytes, Root | None] = {}
         self._open = True
         self._thread = threading.get_ident()
@@ -107,7 +108,7 @@ class Transaction:
 
     def node(self, node_id: int) -> Node:
         """A committed node by id, through the shared cache. O(1) when cached, O(size) to decode."""
-        node = self._cache.get(node_id)
+        node = self._cached(node_id)
         if node is not None:
             self._cache.hits += 1
             return node
