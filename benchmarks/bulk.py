@@ -44,7 +44,7 @@ import tallytree
 from tallytree import _bulk, _extract, _table, cli
 from tallytree._btree import Tree
 from tallytree._keys import encode_key
-from tallytree._node import summarize
+from tallytree._node import _scaled_column
 
 T0 = 1_700_000_000
 START = datetime(2023, 11, 14, tzinfo=UTC)
@@ -79,15 +79,26 @@ def previous_datetime_keys(values: Any) -> list[bytes] | None:
     return list(map(b"\x60".__add__, map(int.to_bytes, biased, repeat(8))))
 
 
+def previous_summarize(count: int, columns: list[list[Any]]) -> list[int]:
+    """The leaf summary before the repeated-fsum exact sum: scaled ints summed as big ints."""
+    sums = []
+    floats = []
+    for column in columns:
+        shift, values = _scaled_column(column)
+        sums.append(sum(values) << shift)
+        floats.append(list(map(type, column)).count(float))
+    return [count, *sums, *floats]
+
+
 CURRENT = {
     "_int_keys": _bulk._int_keys,
     "_datetime_keys": _bulk._datetime_keys,
-    "summarize_exact": _bulk.summarize_exact,
+    "summarize": _bulk.summarize,
 }
 PREVIOUS = {
     "_int_keys": previous_int_keys,
     "_datetime_keys": previous_datetime_keys,
-    "summarize_exact": summarize,
+    "summarize": previous_summarize,
 }
 
 

@@ -22,7 +22,7 @@ import tallytree
 from tallytree._aggregate import Totals, resolve_bounds
 from tallytree._btree import Tree, vsub
 from tallytree._keys import _int_body, encode_body
-from tallytree._node import SCALE_BITS, column_sum, scaled, summarize
+from tallytree._node import SCALE_BITS, column_sum, scaled
 
 FIELDS = ("cost", "tokens")
 
@@ -62,7 +62,10 @@ def _brute(rows: list[tuple[bytes, tuple[Any, ...]]], lower: Any, upper: Any) ->
         for entry, values in rows
         if (lower is None or not below(entry, lower)) and (upper is None or below(entry, upper))
     ]
-    return summarize(len(inside), [[values[field] for values in inside] for field in range(len(FIELDS))])
+    columns = [[values[field] for values in inside] for field in range(len(FIELDS))]
+    sums = [sum(map(scaled, column)) for column in columns]
+    floats = [sum(type(value) is float for value in column) for column in columns]
+    return [len(inside), *sums, *floats]
 
 
 def _cuts(rng: random.Random, rows: list[tuple[bytes, tuple[Any, ...]]], size: int) -> list[Any]:

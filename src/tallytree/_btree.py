@@ -54,7 +54,7 @@ from itertools import accumulate, repeat
 from operator import add, is_, lshift, neg, sub
 from typing import Any, Literal, Protocol
 
-from ._node import SCALE_BITS, Chunk, Node, _float_sum, _scaled_column, column_sum, delta_of, summarize_exact
+from ._node import SCALE_BITS, Chunk, Node, _float_sum, _scaled_column, column_sum, delta_of, summarize
 
 __all__ = ["NodeAccess", "Root", "Tree", "same_values", "vadd", "vsub"]
 
@@ -999,7 +999,7 @@ class _Run:
         """The summary of entries ``lo:hi``, less ``correction`` (the part that changes nothing)."""
         if lo == 0 and hi == len(self.entries):
             if self.total is None:
-                self.total = summarize_exact(hi, self.cols)
+                self.total = summarize(hi, self.cols)
             summary = self.total
         else:
             prefixes = self.prefixes if self.prefixes is not None else self._prefixes()

@@ -79,7 +79,7 @@ import msgpack
 from ._btree import Root, Tree
 from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key
-from ._node import Node, encode_node, summarize_exact
+from ._node import Node, encode_node, summarize
 from ._txn import WriteTransaction
 from .errors import DuplicateItemError, Error, InvalidArgumentError, InvalidValueError, UnsortedInputError
 
@@ -835,7 +835,7 @@ class _TreeWriter:
         tx.adopt_encoded(node_id, encode_node(Node(node_id, True, keys, cols)))
         fence = keys[0] if self.leaves else b""
         self.leaves += 1
-        self._push(0, fence, node_id, summarize_exact(len(keys), cols))
+        self._push(0, fence, node_id, summarize(len(keys), cols))
 
     def _push(self, height: int, fence: bytes, node_id: int, summary: list[int]) -> None:
         if height == len(self.levels):

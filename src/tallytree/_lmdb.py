@@ -37,7 +37,7 @@ from typing import Any
 import lmdb
 
 from ._store import META, NODES, Op
-from .errors import DatabaseFormatError, MapFullError, ReadOnlyError, TransactionError
+from .errors import DatabaseFormatError, Error, MapFullError, ReadOnlyError, TransactionError
 
 __all__ = ["LmdbBackend"]
 
@@ -225,7 +225,8 @@ class LmdbBackend:
                 return self.env.begin(write=write, buffers=False)
             except lmdb.MapResizedError:
                 self.end_raw(write)
-                self._resize(0, _ADOPT)  # another process grew the map: adopt its size, then retry
+                # another process grew the map: adopt its size, then retry
+                self._resize(0, _ADOPT, TransactionError)
             except lmdb.ReadonlyError as exc:
                 self.end_raw(write)
                 raise ReadOnlyError(f"{self.path} is read-only: {exc}") from exc
@@ -250,7 +251,7 @@ class LmdbBackend:
             size = self.env.info()["map_size"]
             if size >= self.max_map_size:
                 break
-            self._resize(min(size * 2, self.max_map_size), _GROW)
+            self._resize(min(size * 2, self.max_map_size), _GROW, MapFullError)
             txn = self.begin_raw(True)
             try:
                 current = txn.get(_GENERATION, db=self.dbs[META])
@@ -278,16 +279,15 @@ class LmdbBackend:
             "Reopen the database with a larger max_map_size"
         )
 
-    def _resize(self, size: int, why: str) -> None:
+    def _resize(self, size: int, why: str, error: type[Error]) -> None:
         """Set the map size (0: adopt the size another process grew it to) once no other
         transaction of this process is open.
 
         LMDB can resize only then. Transactions of other threads are waited for (up to
         ``resize_wait`` seconds; new ones wait meanwhile); one still open in this thread would never
-        end, so that fails at once. Either failure raises MapFullError (growing) or TransactionError
-        (adopting), before anything is written.
+        end, so that fails at once. Either failure raises ``error`` (MapFullError when growing,
+        TransactionError when adopting), before anything is written.
         """
-        error = MapFullError if why == _GROW else TransactionError
         with self._lock:
             if self._by_thread.get(threading.get_ident(), 0) > 0:
                 raise error(

@@ -172,17 +172,6 @@ def _scaled_column(values: list[Any]) -> tuple[int, Iterable[int]]:
     return 0, map(scaled, values)
 
 
-def summarize(count: int, columns: list[list[Any]]) -> list[int]:
-    """The summary ``[count, S..., F...]`` of raw value columns (one list per field). O(size)."""
-    sums = []
-    floats = []
-    for column in columns:
-        shift, values = _scaled_column(column)
-        sums.append(sum(values) << shift)
-        floats.append(list(map(type, column)).count(float))
-    return [count, *sums, *floats]
-
-
 _FSUM_ROUNDS = 4
 _HOT_READS = 6  # range reads of a leaf before it gets cumulative rows (see Node.hot_rows)
 
@@ -224,8 +213,12 @@ def column_sum(values: list[Any]) -> tuple[int, int]:
     return sum(map(scaled, values)), floats
 
 
-def summarize_exact(count: int, columns: list[list[Any]]) -> list[int]:
-    """The same as :func:`summarize`, computed as :func:`column_sum` does (faster on short slices)."""
+def summarize(count: int, columns: list[list[Any]]) -> list[int]:
+    """The summary ``[count, S..., F...]`` of raw value columns (one list per field). O(size).
+
+    >>> summarize(2, [[0.5, 0.25], [3, 4]]) == [2, 3 << 1072, 7 << 1074, 2, 0]
+    True
+    """
     sums = []
     floats = []
     for column in columns:
@@ -433,7 +426,7 @@ class Node:
         if not self.leaf:
             return [sum(col[start:stop]) << shift for col, shift in zip(self.cols, self.shifts, strict=True)]
         count = len(range(len(self.keys))[start:stop])
-        return summarize_exact(count, [col[start:stop] for col in self.cols])
+        return summarize(count, [col[start:stop] for col in self.cols])
 
     # ------------------------------------------------------------ changing (dirty nodes only)
 
