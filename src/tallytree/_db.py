@@ -278,7 +278,15 @@ class Database:
 
         Opens no transaction of its own: a second transaction opened while ``tx`` is open would fail
         if another process grew the map in between (LMDB adopts a new map size only when no
-        transaction of the process is open).
+        transaction of the process is open). O(aggregates). Raises TransactionError for a
+        transaction of another database or one that has ended.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> _ = db.aggregate("visits")
+        >>> with db.read() as tx:
+        ...     [aggregate.name for aggregate in db.aggregates_in(tx)]
+        ['visits']
         """
         tx.check_database(self)
         prefix = _AGGREGATE_PREFIX
