@@ -91,6 +91,7 @@ INTERNAL_WIDE = 3
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+_UINT64_MAX = 2**64 - 1  # msgpack packs ints from _INT64_MIN to here
 _LIMB_BITS = 63
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
 
@@ -539,16 +540,17 @@ def _join_limbs(limbs: list[list[int]]) -> list[int]:
 def encode_node(node: Node) -> bytes:
     """Serialize a node (format version 1). O(size).
 
-    The plain form is tried first: msgpack refuses an int beyond 64 bits, and only then are the sum
-    columns that need it split into limbs (the "wide" form).
+    msgpack refuses an int beyond 64 bits: a sum column that holds one (the exact sum of floats of
+    several magnitudes usually does) is split into limbs, and the node takes the "wide" form. The sum
+    columns are checked first (their min and max), so a node is packed once. Only sum columns can be
+    that large: counts, float counts, ids and shifts are small.
     """
     if node.leaf:
         return _pack([LEAF, node.keys, *node.cols])
-    try:
-        return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
-    except OverflowError:
-        pass
     nfields = (len(node.cols) - 1) // 2
+    sums = node.cols[1 : 1 + nfields]
+    if all(not col or (min(col) >= _INT64_MIN and max(col) <= _UINT64_MAX) for col in sums):
+        return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
     split = [_limbs(col) if 1 <= index <= nfields else [col] for index, col in enumerate(node.cols)]
     counts = [len(limbs) for limbs in split]
     flat = [limb for limbs in split for limb in limbs]
