@@ -83,3 +83,52 @@ def test_decoded_and_committed_nodes_are_frozen_and_copies_are_not() -> None:
     assert copy.dirty and list(leaf.keys) == [b"a", b"b"] and list(leaf.cols[0]) == [0.5, 2]
     copy.freeze()
     assert not copy.dirty and copy.keys == (b"0", b"a", b"b") and copy.cols == [(7, 0.5, 2)]
+
+
+def _fresh(node: Node) -> Node:
+    """The same node built anew: no limbs kept from an earlier encoding or decoding."""
+    return Node(
+        node.id,
+        node.leaf,
+        list(node.keys),
+        [list(col) for col in node.cols],
+        list(node.kids),
+        list(node.shifts),
+    )
+
+
+_WIDE = st.integers(min_value=-(2**200), max_value=2**200)
+
+
+@given(
+    st.lists(_WIDE, min_size=2, max_size=12),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=11), st.integers(0, 3), _WIDE), max_size=12),
+)
+def test_a_changed_wide_node_encodes_as_a_fresh_one(
+    sums: list[int], changes: list[tuple[int, int, int]]
+) -> None:
+    """The limbs a decoded node keeps follow add(), whatever the change: a value that needs another
+    limb, a delta with fewer trailing zeros (a lower shift), a structural change."""
+    node = decode_node(encode_node(_internal(sums)), 9).copy(10)
+    for position, kind, amount in changes:
+        index = position % len(node.keys)
+        if kind == 0:
+            node.add(index, [0, amount, 0])
+        elif kind == 1:
+            node.add(index, [0, amount << 40, 0])  # a multiple of the shift: the limbs are updated in place
+        elif kind == 2 and len(node.keys) > 2:
+            node.remove_child(index)
+        else:
+            node.insert_child(index, bytes([0x30, 0x80]), 99, [1, amount, 0])
+        assert encode_node(node) == encode_node(_fresh(node))
+        node = decode_node(encode_node(node), node.id).copy(node.id + 1)
+        assert _same(node, _fresh(node))
+
+
+def test_a_wide_node_keeps_its_limbs_across_a_sum_change() -> None:
+    node = decode_node(encode_node(_internal([2**100 + 3, 2**90, 5])), 9)
+    assert node._limbs is not None  # decoded with its split columns
+    copy = node.copy(10)
+    copy.add(1, [0, 7 << 3, 0])
+    assert copy._limbs is not None and 1 in copy._limbs  # updated in place, not dropped
+    assert encode_node(copy) == encode_node(_fresh(copy))

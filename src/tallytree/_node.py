@@ -244,6 +244,7 @@ class Node:
     __slots__ = (
         "_counts",
         "_hot",
+        "_limbs",
         "_reads",
         "_rows",
         "_table",
@@ -278,6 +279,10 @@ class Node:
         self._rows: list[tuple[int, ...]] | None = None
         self._reads = 0
         self._hot: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
+        # The sum columns too wide for msgpack, split into limbs as stored (see encode_node): kept in
+        # step by add(), so a node whose children's sums change (every ancestor of an insert) is
+        # encoded without splitting its columns again; any other change drops them.
+        self._limbs: dict[int, list[list[int]]] | None = None
 
     @classmethod
     def internal_from(
@@ -307,7 +312,7 @@ class Node:
 
     def copy(self, node_id: int) -> Node:
         """Return a mutable (dirty) copy of this node under a new id. O(size)."""
-        return Node(
+        node = Node(
             node_id,
             self.leaf,
             list(self.keys),
@@ -316,6 +321,9 @@ class Node:
             list(self.shifts),
             dirty=True,
         )
+        if self._limbs:
+            node._limbs = {column: [list(limb) for limb in limbs] for column, limbs in self._limbs.items()}
+        return node
 
     def freeze(self) -> None:
         """Mark a dirty node committed: from now on it is shared and never changes. O(size).
@@ -330,6 +338,8 @@ class Node:
         self.keys = tuple(self.keys)  # type: ignore[assignment]
         self.kids = tuple(self.kids)  # type: ignore[assignment]
         self.cols = [tuple(col) for col in self.cols]  # type: ignore[misc]
+        if self._limbs:
+            self._limbs = {column: [tuple(limb) for limb in limbs] for column, limbs in self._limbs.items()}  # type: ignore[misc]
 
     # ------------------------------------------------------------ reading summaries
 
@@ -435,6 +445,7 @@ class Node:
         """Lower the shift of a column so that ``amount`` is a multiple of it; return the shift."""
         shift = self.shifts[column]
         if shift and amount & ((1 << shift) - 1):
+            self._limbs = None
             lower = _trailing_zeros(amount)
             self.cols[column] = [value << (shift - lower) for value in self.cols[column]]
             self.shifts[column] = shift = lower
@@ -446,9 +457,25 @@ class Node:
             if amount:
                 shift = self._fit(column, amount)
                 self.cols[column][index] += amount >> shift
+                if self._limbs and column in self._limbs:
+                    self._set_limbs(column, index)
+
+    def _set_limbs(self, column: int, index: int) -> None:
+        """Split the changed value ``cols[column][index]`` into the column's limbs (or drop them)."""
+        assert self._limbs is not None
+        limbs = self._limbs[column]
+        value = self.cols[column][index]
+        for limb in reversed(limbs[1:]):
+            limb[index] = value & _LIMB_MASK
+            value >>= _LIMB_BITS
+        if _INT64_MIN <= value <= _INT64_MAX:
+            limbs[0][index] = value
+        else:  # the value needs one more limb: encode_node splits the column again
+            del self._limbs[column]
 
     def detach(self, start: int, stop: int | None = None) -> Chunk:
         """Remove the entries (children) ``start:stop`` and return them as a chunk. O(size)."""
+        self._limbs = None
         chunk = Chunk(
             self.keys[start:stop],
             self.kids[start:stop],
@@ -463,6 +490,7 @@ class Node:
 
     def attach(self, index: int, chunk: Chunk) -> None:
         """Insert a chunk's entries (children) at ``index``, aligning the scales. O(size)."""
+        self._limbs = None
         self.keys[index:index] = chunk.keys
         self.kids[index:index] = chunk.kids
         for column, incoming in enumerate(chunk.cols):
@@ -478,6 +506,7 @@ class Node:
 
     def insert_child(self, index: int, key: bytes, kid: int, summary: list[int]) -> None:
         """Insert one child with its summary (true scale) at ``index``. O(size)."""
+        self._limbs = None
         self.keys.insert(index, key)
         self.kids.insert(index, kid)
         for column, amount in enumerate(summary):
@@ -486,6 +515,7 @@ class Node:
 
     def remove_child(self, index: int) -> None:
         """Remove child ``index`` (internal nodes). O(size)."""
+        self._limbs = None
         del self.keys[index]
         del self.kids[index]
         for col in self.cols:
@@ -512,6 +542,11 @@ def pack_summary(summary: list[int]) -> list[Any]:
 def unpack_summary(packed: list[Any]) -> list[int]:
     """Inverse of :func:`pack_summary`."""
     return [_unpack_int(value) for value in packed]
+
+
+def _fits(column: list[int]) -> bool:
+    """Whether msgpack packs every int of the column as it is (int64 and uint64)."""
+    return not column or (min(column) >= _INT64_MIN and max(column) <= _UINT64_MAX)
 
 
 def _limbs(column: list[int]) -> list[list[int]]:
@@ -548,10 +583,14 @@ def encode_node(node: Node) -> bytes:
     if node.leaf:
         return _pack([LEAF, node.keys, *node.cols])
     nfields = (len(node.cols) - 1) // 2
-    sums = node.cols[1 : 1 + nfields]
-    if all(not col or (min(col) >= _INT64_MIN and max(col) <= _UINT64_MAX) for col in sums):
+    known = node._limbs or {}
+    if not known and all(_fits(col) for col in node.cols[1 : 1 + nfields]):
         return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
-    split = [_limbs(col) if 1 <= index <= nfields else [col] for index, col in enumerate(node.cols)]
+    split = [
+        (known.get(index) or _limbs(col)) if 1 <= index <= nfields else [col]
+        for index, col in enumerate(node.cols)
+    ]
+    node._limbs = {index: limbs for index, limbs in enumerate(split) if len(limbs) > 1} or None
     counts = [len(limbs) for limbs in split]
     flat = [limb for limbs in split for limb in limbs]
     return _pack([INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat])
@@ -569,11 +608,16 @@ def decode_node(data: bytes, node_id: int) -> Node:
         if kind == INTERNAL_WIDE and len(parts) >= 6:
             counts, flat = parts[4], parts[5:]
             if sum(counts) == len(flat) and len(counts) == len(parts[3]):
-                cols, at = [], 0
-                for count in counts:
-                    cols.append(_join_limbs(flat[at : at + count]))
+                cols, at, split = [], 0, {}
+                for index, count in enumerate(counts):
+                    limbs = list(flat[at : at + count])
+                    cols.append(_join_limbs(limbs))
+                    if count > 1:
+                        split[index] = limbs
                     at += count
-                return Node(node_id, False, parts[1], cols, parts[2], list(parts[3]))
+                node = Node(node_id, False, parts[1], cols, parts[2], list(parts[3]))
+                node._limbs = split or None
+                return node
     except CorruptDatabaseError:
         raise
     except Exception as exc:
