@@ -6,6 +6,11 @@ to be "bounded by fsync, report it". This script measures, in the same run and i
 * ``fsync``: writing 4 KiB to a file and ``os.fdatasync`` -- the floor of any durable commit here;
 * tallytree with ``durable=False`` and ``durable=True`` (LMDB syncs the data and the meta page);
 * SQLite (WAL) with ``synchronous=NORMAL`` (no sync per commit) and ``synchronous=FULL``;
+* the LMDB floor of tallytree's commit (``sync=False``): bare LMDB transactions doing the page writes
+  of a single insert and nothing else -- one new node per tree level appended, the node it replaces
+  deleted, the root and generation records rewritten -- in an environment holding as many nodes of
+  the same sizes as tallytree's; and the same without the deletes, which is what a layout that did
+  not free the replaced nodes at once would pay;
 
 each inserting one event per transaction into a namespace preloaded with N events. It prints a
 markdown table of medians, commits per second and the ratio to one fsync::
@@ -26,17 +31,28 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import lmdb
 
 import tallytree
+from tallytree._store import NODES
 
 Insert = Callable[[int, int], None]
+FLOOR = "lmdb floor: the same page writes, no tree"
+FLOOR_NO_DELETES = "lmdb floor without the deletes"
 
 
-def _tallytree(directory: Path, n: int, durable: bool) -> tuple[Insert, Callable[[], None]]:
+def _tallytree(
+    directory: Path, n: int, durable: bool, shape: list[Any] | None = None
+) -> tuple[Insert, Callable[[], None]]:
+    """Inserts into a namespace of ``n`` events; ``shape`` receives the tree's :func:`node_shape`."""
     db = tallytree.open(directory / f"tt-{durable}", durable=durable)
     events = db.aggregate("events", values=("cost", "tokens"))
     with db.write() as tx:
         events.build(tx, ((ts * 10, ts, (0.25, 100)) for ts in range(n)), namespace="org", sorted=True)
+    if shape is not None:
+        shape.extend(node_shape(db, events, "org"))
 
     def insert(ts: int, item: int) -> None:
         with db.write() as tx:
@@ -63,6 +79,55 @@ def _sqlite(directory: Path, n: int, synchronous: str) -> tuple[Insert, Callable
     return insert, con.close
 
 
+def node_shape(
+    db: tallytree.Database, aggregate: tallytree.Aggregate, namespace: str
+) -> tuple[int, list[int]]:
+    """The height of a namespace's tree and the sizes of the stored nodes (every tree's), in bytes."""
+    with db.read() as tx:
+        root = tx.root(aggregate._tree_key(namespace))
+        height = root.height if root is not None else 1
+    backend = db._backend
+    with backend.env.begin() as txn:
+        sizes = [len(value) for _, value in txn.cursor(db=backend.dbs[NODES])]
+    return height, sizes
+
+
+def _lmdb_floor(
+    directory: Path, height: int, sizes: list[int], deletes: bool
+) -> tuple[Insert, Callable[[], None]]:
+    """Bare LMDB commits with the page writes of one tallytree insert: ``height`` nodes appended (and
+    as many random old ones deleted), a root record and a generation counter rewritten."""
+    env = lmdb.open(
+        str(directory / f"floor-{deletes}"), map_size=1 << 34, sync=False, metasync=False, max_dbs=2
+    )
+    nodes, meta = env.open_db(b"nodes"), env.open_db(b"meta")
+    values = [os.urandom(size) for size in sizes]
+    with env.begin(write=True) as txn:
+        for node_id, value in enumerate(values):
+            txn.put(node_id.to_bytes(8, "big"), value, db=nodes, append=True)
+    live = list(range(len(values)))
+    rng = random.Random(3)
+    state = {"next": len(values)}
+
+    def commit(ts: int, item: int) -> None:
+        with env.begin(write=True) as txn:
+            for level in range(height):
+                node_id = state["next"]
+                state["next"] += 1
+                txn.put(
+                    node_id.to_bytes(8, "big"), values[(item + level) % len(values)], db=nodes, append=True
+                )
+                if deletes:  # the replaced node: a random old one, its page rewritten
+                    at = rng.randrange(len(live))
+                    live[at], live[-1] = live[-1], live[at]
+                    txn.delete(live.pop().to_bytes(8, "big"), db=nodes)
+                live.append(node_id)
+            txn.put(b"root", os.urandom(48), db=meta)
+            txn.put(b"generation", item.to_bytes(8, "big"), db=meta)
+
+    return commit, env.close
+
+
 def _fsync(directory: Path) -> tuple[Insert, Callable[[], None]]:
     descriptor = os.open(directory / "fsync.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     block = os.urandom(4096)
@@ -80,13 +145,17 @@ def measure(n: int, commits: int, rounds: int, seed: int = 7) -> dict[str, list[
     samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tt-durability-") as tmp:
         directory = Path(tmp)
+        shape: list[Any] = []
         systems = {
             "fsync (4 KiB + fdatasync)": _fsync(directory),
-            "tallytree durable=False": _tallytree(directory, n, durable=False),
+            "tallytree durable=False": _tallytree(directory, n, durable=False, shape=shape),
             "tallytree durable=True": _tallytree(directory, n, durable=True),
             "sqlite WAL synchronous=NORMAL": _sqlite(directory, n, "NORMAL"),
             "sqlite WAL synchronous=FULL": _sqlite(directory, n, "FULL"),
         }
+        height, sizes = shape
+        systems[FLOOR] = _lmdb_floor(directory, height, sizes, deletes=True)
+        systems[FLOOR_NO_DELETES] = _lmdb_floor(directory, height, sizes, deletes=False)
         next_id = n
         try:
             for _ in range(rounds):

@@ -13,7 +13,9 @@ def test_durability_quick_run() -> None:
         "tallytree durable=True",
         "sqlite WAL synchronous=NORMAL",
         "sqlite WAL synchronous=FULL",
+        durability.FLOOR,
+        durability.FLOOR_NO_DELETES,
     }
     assert all(len(times) == 20 and min(times) > 0 for times in samples.values())
     table = durability.report(samples, 500)
-    assert table.count("\n| ") == 6  # the header and one row per system
+    assert table.count("\n| ") == 8  # the header and one row per system
