@@ -51,6 +51,7 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 any_int = st.one_of(
     st.integers(-300, 300),
     st.integers(-(2**56) + 1, 2**56 - 1),
+    st.integers(-(2**63), 2**63),  # 64-bit ids: the loop's nine-group path, and its limits
     st.integers(-(2**70), 2**70),
     st.integers(0, 56).map(lambda shift: 1 << shift),
 )
@@ -126,7 +127,10 @@ def int_batches() -> Iterator[tuple[str, list[int]]]:
     yield "near the negative limit", [-(1 << 56) + 1 + rng.randrange(1000) for _ in range(3_000)]
     yield "every width", [rng.randrange(2, 1 << rng.randrange(2, 57)) for _ in range(20_000)]
     yield "zeros and ones (item by item)", [rng.randrange(-2, 3) for _ in range(3_000)]
-    yield "beyond 2**56 (encode_key)", [rng.randrange(-(1 << 70), 1 << 70) for _ in range(3_000)]
+    yield "64-bit ids (nine groups)", [rng.randrange(1 << 56, 1 << 63) for _ in range(5_000)]
+    yield "64-bit ids, both signs", [rng.randrange(-(1 << 63) + 1, 1 << 63) for _ in range(5_000)]
+    yield "nine-group edges", [1 << 56, (1 << 56) + 1, (1 << 62) + 64, (1 << 63) - 1, -(1 << 63) + 1, 1 << 62]
+    yield "beyond 2**63 (encode_key)", [rng.randrange(-(1 << 70), 1 << 70) for _ in range(3_000)]
     yield "huge", [10**100, -(10**100), 2**1000]
     yield "mixed slices", [0, 1, *range(2, 10_000), -5, *range(10_000, 30_000)]
 

@@ -114,7 +114,8 @@ _BATCH = 32_768
 _BLOCK = 8_192
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
-_FAST_INT_LIMIT = 1 << 56
+_FAST_INT_LIMIT = 1 << 56  # ints the lanes take (eight 7-bit fraction groups at most)
+_WIDE_INT_LIMIT = 1 << 63  # ints the loop takes (nine groups at most): 64-bit ids, snowflakes
 _ITEM_OVERHEAD = 120  # estimated bytes per buffered item besides its entry: objects and list slots
 _VALUE_OVERHEAD = 40
 
@@ -149,8 +150,8 @@ class BuildReport:
 # Each returns exactly ``[encode_key(value) for value in values]`` (tests compare them on random
 # input), or None when the batch is outside what it handles; the caller then encodes item by item.
 
-_GROUPS = tuple(((1 << (8 * groups)) - 256) // 255 for groups in range(9))  # "more" bits of g bytes
-_ONES = tuple((1 << (8 * groups)) - 1 for groups in range(9))
+_GROUPS = tuple(((1 << (8 * groups)) - 256) // 255 for groups in range(10))  # "more" bits of g bytes
+_ONES = tuple((1 << (8 * groups)) - 1 for groups in range(10))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _DATETIME_BIAS = 1 << 63
@@ -182,7 +183,8 @@ def _int_keys(values: Sequence[int]) -> list[bytes]:
         part = values[start : start + _LANES]
         low, high = min(part), max(part)
         if not (low > -_FAST_INT_LIMIT and high < _FAST_INT_LIMIT):
-            out += map(encode_key, part)
+            wide = low > -_WIDE_INT_LIMIT and high < _WIDE_INT_LIMIT
+            out += _int_keys_loop(part) if wide else map(encode_key, part)
         elif low >= 2:
             out += _int_lanes(part, low, high)
         elif high <= -2:
@@ -282,7 +284,7 @@ def _int_lanes(values: Sequence[int], low: int, high: int) -> list[bytes]:
 
 
 def _int_keys_loop(values: Sequence[int]) -> list[bytes]:
-    """One int at a time (ints with ``|v| < 2**56``): for slices that :func:`_int_lanes` does not take."""
+    """One int at a time (ints with ``|v| < 2**63``): for slices that :func:`_int_lanes` does not take."""
     positive, negative = _heads()
     groups, ones = _GROUPS, _ONES
     zero = encode_key(0)
@@ -297,13 +299,19 @@ def _int_keys_loop(values: Sequence[int]) -> list[bytes]:
             append(zero)
             continue
         exponent = magnitude.bit_length() - 1
-        fraction = (magnitude << (56 - exponent)) & 0xFFFFFFFFFFFFFF
-        if fraction:
+        if exponent <= 56:  # up to eight groups: the fraction, left-aligned on 56 bits
+            fraction, low, width = (magnitude << (56 - exponent)) & 0xFFFFFFFFFFFFFF, 0, 8
+        else:  # nine: the first eight from the top 56 of 63 bits, the ninth from the last 7
+            wide = (magnitude ^ (1 << exponent)) << (63 - exponent)
+            fraction, low, width = wide >> 7, wide & 0x7F, 9
+        if fraction or low:
             bits = (fraction & 0xFFFFFFF) | ((fraction >> 28) << 32)
             bits = (bits & 0x00003FFF00003FFF) | ((bits & 0x0FFFC0000FFFC000) << 2)
             bits = (bits & 0x007F007F007F007F) | ((bits & 0x3F803F803F803F80) << 1)
+            if width == 9:
+                bits = (bits << 8) | low
             dropped = ((bits & -bits).bit_length() - 1) >> 3
-            size = 8 - dropped
+            size = width - dropped
             spread = ((bits << 1) >> (8 * dropped)) | groups[size]
         else:
             size, spread = 1, 0
