@@ -22,7 +22,7 @@ import pytest
 from conftest import snapshot
 
 import tallytree
-from tallytree import DatabaseFormatError, MapFullError, ReadOnlyError
+from tallytree import DatabaseFormatError, MapFullError, ReadOnlyError, TransactionError
 
 SOURCE = str(Path(tallytree.__file__).resolve().parent.parent)
 
@@ -615,3 +615,20 @@ def test_check_reads_through_the_given_transaction_only(
         assert tallytree.check(tx) == []
         assert [aggregate.name for aggregate in db.aggregates_in(tx)] == ["a", "b"]
         assert begun == []
+
+
+def test_a_read_transaction_lives_exactly_as_long_as_its_block(tmp_path: Path) -> None:
+    """db.read() begins nothing until the block is entered, and the block's end (an exception
+    included) ends it: the map can then grow in the same thread."""
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events")
+        unused = db.read()  # never entered: no transaction was begun
+        with pytest.raises(RuntimeError), db.read() as tx:
+            raise RuntimeError("the block fails")
+        with pytest.raises(TransactionError):
+            events.count(tx)  # ended with its block
+        with db.write() as wtx:  # the map grows: no read transaction of this thread is open
+            events.insert_many(wtx, [(n, "id") for n in range(5000)])
+        with unused as late, db.read() as other:  # a reading entered late sees the latest snapshot
+            assert events.count(late) == events.count(other) == 5000

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -117,8 +117,7 @@ class Database:
 
     # ------------------------------------------------------------ transactions
 
-    @contextmanager
-    def read(self) -> Iterator[ReadTransaction]:
+    def read(self) -> AbstractContextManager[ReadTransaction]:
         """A read transaction: one consistent snapshot, never blocking or blocked by the writer.
 
         >>> import tallytree
@@ -127,12 +126,7 @@ class Database:
         ...     db.aggregate("events").count(tx)
         0
         """
-        self._check_open()
-        tx = ReadTransaction(self, self._backend.begin(False))
-        try:
-            yield tx
-        finally:
-            tx.abort()
+        return _Reading(self)
 
     @contextmanager
     def write(self) -> Iterator[WriteTransaction]:
@@ -416,6 +410,30 @@ def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
     if len(set(fields)) != len(fields):
         raise InvalidArgumentError(f"value field names must be unique: {list(fields)}")
     return fields
+
+
+class _Reading:
+    """What :meth:`Database.read` returns: the transaction begins on entering the block and ends on
+    leaving it (a plain class: a generator-based context manager costs a microsecond more per read)."""
+
+    __slots__ = ("_db", "_tx")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._tx: ReadTransaction | None = None
+
+    def __enter__(self) -> ReadTransaction:
+        db = self._db
+        db._check_open()
+        tx = self._tx = ReadTransaction(db, db._backend.begin(False))
+        return tx
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        tx, self._tx = self._tx, None
+        if tx is not None:
+            tx.abort()
 
 
 def open(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -174,9 +173,9 @@ class LmdbBackend:
             ) from exc
         except lmdb.Error as exc:
             raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
-        self._lock = threading.Condition()  # guards the counters below and map resizing
+        self._lock = threading.Condition(threading.Lock())  # guards _active and _resizing
         self._active = 0  # open LMDB transactions of this process
-        self._by_thread: Counter[int] = Counter()  # the same, per thread
+        self._mine = threading.local()  # .open: the same, of the calling thread (only it changes it)
         self._resizing = False  # a writer waits for the others to end, to grow the map
         self.resize_wait = RESIZE_WAIT
         try:
@@ -220,7 +219,8 @@ class LmdbBackend:
                 while self._resizing:  # let a pending map growth go first
                     self._lock.wait()
                 self._active += 1
-                self._by_thread[threading.get_ident()] += 1
+            mine = self._mine
+            mine.open = getattr(mine, "open", 0) + 1
             try:
                 return self.env.begin(write=write, buffers=False)
             except lmdb.MapResizedError:
@@ -236,13 +236,12 @@ class LmdbBackend:
         raise TransactionError("another process keeps growing the database map; retry the transaction")
 
     def end_raw(self, write: bool) -> None:
+        mine = self._mine  # (a transaction ended by another thread than its own: not below zero)
+        mine.open = max(getattr(mine, "open", 0) - 1, 0)
         with self._lock:
             self._active -= 1
-            thread = threading.get_ident()
-            self._by_thread[thread] -= 1
-            if self._by_thread[thread] <= 0:
-                del self._by_thread[thread]
-            self._lock.notify_all()
+            if self._resizing:  # a writer waits for the process's transactions to end
+                self._lock.notify_all()
 
     def commit_after_growth(self, ops: list[Op]) -> None:
         """Grow the map and apply ``ops`` again, or raise MapFullError writing nothing."""
@@ -289,7 +288,7 @@ class LmdbBackend:
         TransactionError when adopting), before anything is written.
         """
         with self._lock:
-            if self._by_thread.get(threading.get_ident(), 0) > 0:
+            if getattr(self._mine, "open", 0) > 0:
                 raise error(
                     f"{why}, which LMDB can do only when no other transaction of the process is "
                     "open, and this thread has one open (a read transaction around this one?); "

@@ -24,7 +24,6 @@ cache never holds a node that was not committed.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from itertools import islice
 from operator import itemgetter
@@ -85,7 +84,6 @@ class Transaction:
         self._cached = self._cache.lookup  # the cache dict's own get: one C call per node on a descent
         self._roots: dict[bytes, Root | None] = {}
         self._open = True
-        self._thread = threading.get_ident()
         self.versions: dict[bytes, int] = {}
 
     def __repr__(self) -> str:
