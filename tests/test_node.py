@@ -132,3 +132,43 @@ def test_a_wide_node_keeps_its_limbs_across_a_sum_change() -> None:
     copy.add(1, [0, 7 << 3, 0])
     assert copy._limbs is not None and 1 in copy._limbs  # updated in place, not dropped
     assert encode_node(copy) == encode_node(_fresh(copy))
+
+
+_SAMPLES = [
+    encode_node(Node(4, True, [b"a", b"b", b"c"], [[0.5, 2, -1.25], [1, 2, 3]], dirty=True)),
+    encode_node(_internal([5, -7, 2**40])),
+    encode_node(_internal([2**100 + 3, -(2**90), 5])),  # the wide form
+]
+
+
+@given(
+    st.sampled_from(_SAMPLES), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4)
+)
+def test_damaged_node_bytes_decode_consistently_or_raise_a_typed_error(
+    data: bytes, damage: list[tuple[int, int]]
+) -> None:
+    """Any byte changes: either a node whose arrays agree (reads of it cannot fail untyped) or
+    CorruptDatabaseError, never another exception."""
+    damaged = bytearray(data)
+    for at, value in damage:
+        damaged[at % len(damaged)] = value
+    try:
+        node = decode_node(bytes(damaged), 7)
+    except CorruptDatabaseError:
+        return
+    size = len(node.keys)
+    assert all(len(col) == size for col in node.cols)
+    assert node.leaf or len(node.kids) == size
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [LEAF, [b"a", b"b"], [1]],  # a column shorter than the keys
+        [LEAF, b"ab", [1, 2]],  # keys that are not an array
+        [INTERNAL, [b"", b"a"], [1], [0, 0, 0], [1, 1], [2, 2], [0, 0]],  # one kid for two keys
+    ],
+)
+def test_inconsistent_nodes_raise_corrupt_database_error(parts: list[object]) -> None:
+    with pytest.raises(CorruptDatabaseError, match="node 5 is inconsistent"):
+        decode_node(msgpack.packb(parts), 5)

@@ -57,7 +57,7 @@ can be cached by id across transactions and processes without ever being stale.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import is_, or_
@@ -596,15 +596,30 @@ def encode_node(node: Node) -> bytes:
     return _pack([INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat])
 
 
+_ARRAYS = (tuple, list)  # msgpack arrays decode to tuples; joined limbs are lists
+
+
+def _consistent(node: Node) -> Node:
+    """The decoded node, if its parts are arrays of one length (else a read would fail untyped)."""
+    size = len(node.keys)
+    parts: list[Sequence[Any]] = [node.keys, *node.cols] if node.leaf else [node.keys, node.kids, *node.cols]
+    if all(type(part) in _ARRAYS and len(part) == size for part in parts):
+        return node
+    raise CorruptDatabaseError(
+        f"node {node.id} is inconsistent (its keys and columns differ in kind or length); "
+        "run `tallytree check` to locate the damage"
+    )
+
+
 def decode_node(data: bytes, node_id: int) -> Node:
     """Deserialize a committed node; raise CorruptDatabaseError if it is malformed. O(size)."""
     try:
         parts = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=False)  # see freeze()
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
-            return Node(node_id, True, parts[1], list(parts[2:]))
+            return _consistent(Node(node_id, True, parts[1], list(parts[2:])))
         if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1 and len(parts[3]) == len(parts) - 4:
-            return Node(node_id, False, parts[1], list(parts[4:]), parts[2], list(parts[3]))
+            return _consistent(Node(node_id, False, parts[1], list(parts[4:]), parts[2], list(parts[3])))
         if kind == INTERNAL_WIDE and len(parts) >= 6:
             counts, flat = parts[4], parts[5:]
             if sum(counts) == len(flat) and len(counts) == len(parts[3]):
@@ -617,7 +632,7 @@ def decode_node(data: bytes, node_id: int) -> Node:
                     at += count
                 node = Node(node_id, False, parts[1], cols, parts[2], list(parts[3]))
                 node._limbs = split or None
-                return node
+                return _consistent(node)
     except CorruptDatabaseError:
         raise
     except Exception as exc:
