@@ -91,7 +91,18 @@ class Database:
         self.close()
 
     def close(self) -> None:
-        """Close the database; open transactions must have ended. Idempotent."""
+        """Close the database; open transactions must have ended. Idempotent. O(cached nodes).
+
+        Every later transaction, and so every read or write, raises TransactionError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> db.close()
+        >>> db.close()  # a second close does nothing
+        >>> db.aggregates()
+        Traceback (most recent call last):
+        tallytree.errors.TransactionError: the database is closed; open it again with tallytree.open()
+        """
         if not self._closed:
             self._closed = True
             self._cache.clear()
@@ -364,18 +375,50 @@ class Database:
         return table
 
     def tables(self) -> list[str]:
-        """The names of the tables in the database, sorted."""
+        """The names of the tables in the database, sorted. O(t) for t tables.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> _ = db.table("orders"), db.table("invoices")
+        >>> db.tables()
+        ['invoices', 'orders']
+        """
         with self.read() as tx:
             prefix = b"table:"
             stop = prefix[:-1] + bytes([prefix[-1] + 1])
             return [key[len(prefix) :].decode() for key, _ in tx.kv.scan(0, prefix, stop)]
 
     def drop_table(self, name: str) -> None:
-        """Delete a table with its documents and attached aggregates. Raises TableNotFoundError."""
+        """Delete a table with its documents and attached aggregates. Raises TableNotFoundError.
+
+        Needs its own write transaction (call it before ``with db.write()``). O(documents + nodes of
+        the attached aggregates).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> orders = db.table("orders")
+        >>> _ = orders.aggregate("orders_by_day", key="day")
+        >>> with db.write() as tx:
+        ...     _ = orders.insert_many(tx, [{"day": day} for day in range(10)])
+        >>> db.drop_table("orders")
+        >>> db.tables(), db.aggregates()
+        ([], [])
+        """
         self.table(name, create=False).drop()
 
     def namespace_of(self, tree_key: bytes) -> Any:
-        """Decode the namespace part of a tree key (aggregate id + encoded namespace)."""
+        """Decode the namespace part of a tree key (aggregate id + encoded namespace). O(key length).
+
+        Tree keys are what :meth:`tallytree.WriteTransaction.changed_roots` returns, for instance:
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events")
+        >>> with db.write() as tx:
+        ...     events.insert(tx, 1, "e1", namespace=("eu", 7))
+        ...     [db.namespace_of(tree_key) for tree_key in tx.changed_roots()]
+        [('eu', 7)]
+        """
         return decode_key(tree_key, 4)[0]
 
     def cache_info(self) -> dict[str, int]:

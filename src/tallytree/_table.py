@@ -246,6 +246,19 @@ class Table:
         The returned aggregate has every read of :class:`~tallytree.Aggregate`; its writes raise
         TransactionError (write through the table). Needs its own write transaction (call it before
         ``with db.write()``). O(n log n) for n documents when building, O(1) otherwise.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> orders = db.table("orders")
+        >>> with db.write() as tx:
+        ...     orders.insert_many(tx, [{"shop": "a", "total": 5}, {"shop": "b", "total": 7}, {"shop": "a"}])
+        [1, 2, 3]
+        >>> by_shop = orders.aggregate("orders_by_shop", key="shop", values=("total",), on_missing="skip")
+        >>> orders.aggregate("orders_by_shop", key="shop", values=("total",), on_missing="skip") is by_shop
+        True
+        >>> with db.read() as tx:
+        ...     by_shop.totals(tx, eq="a"), by_shop.totals(tx)
+        (Totals(count=1, total=5), Totals(count=2, total=12))
         """
         self._check_alive()
         if key is None:
@@ -355,7 +368,18 @@ class Table:
         )
 
     def aggregates(self) -> list[str]:
-        """The names of the attached aggregates, sorted (those awaiting their functions included)."""
+        """The names of the attached aggregates, sorted (those awaiting their functions included).
+
+        O(a) for a attached aggregates.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> runs = db.table("runs")
+        >>> _ = runs.aggregate("runs_by_model", key="model", values=("tokens",))
+        >>> _ = runs.aggregate("runs_by_day", key="day")
+        >>> runs.aggregates()
+        ['runs_by_day', 'runs_by_model']
+        """
         self._check_alive()
         with self._db.read() as tx:
             self._load(tx, tx.meta(self._record_key))
@@ -363,7 +387,17 @@ class Table:
 
     def definition(self, name: str) -> Definition:
         """The extractors of an attached aggregate (for verify/repair). Raises AggregateNotFoundError
-        (or TransactionError when its function has not been passed again since reopening)."""
+        (or TransactionError when its function has not been passed again since reopening). O(a) for a
+        attached aggregates.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> runs = db.table("runs")
+        >>> _ = runs.aggregate("runs_by_model", namespace="org", key="model", values=("tokens",))
+        >>> definition = runs.definition("runs_by_model")
+        >>> definition.namespace_spec, definition.key_spec, definition.aggregate.fields
+        ('org', 'model', ('tokens',))
+        """
         self._attached(name)
         definition = self._definitions.get(name)
         if definition is None:
@@ -380,7 +414,24 @@ class Table:
     def detach(self, name: str) -> Aggregate:
         """Stop maintaining an aggregate; it keeps its items and becomes an ordinary, writable one.
 
-        Needs its own write transaction. Raises AggregateNotFoundError.
+        Needs its own write transaction (call it before ``with db.write()``). O(a) for a attached
+        aggregates, whatever the number of items. Raises AggregateNotFoundError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> jobs = db.table("jobs")
+        >>> by_state = jobs.aggregate("jobs_by_state", key="state")
+        >>> with db.write() as tx:
+        ...     jobs.insert(tx, {"state": "done"})
+        1
+        >>> by_state = jobs.detach("jobs_by_state")
+        >>> with db.write() as tx:
+        ...     jobs.insert(tx, {"state": "done"})  # no longer indexed
+        ...     by_state.insert(tx, "done", "manual")  # its own writes are allowed again
+        2
+        >>> with db.read() as tx:
+        ...     jobs.count(tx), by_state.count(tx, eq="done")
+        (2, 2)
         """
         aggregate = self._attached(name)
         check_writing(self._db, f"detaching aggregate {name!r}")
@@ -400,7 +451,25 @@ class Table:
         return aggregate
 
     def drop_aggregate(self, name: str) -> None:
-        """Detach an aggregate and delete it with all its items, in one transaction. O(nodes)."""
+        """Detach an aggregate and delete it with all its items, in one transaction. O(nodes).
+
+        The documents stay. Needs its own write transaction (call it before ``with db.write()``).
+        Raises AggregateNotFoundError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> jobs = db.table("jobs")
+        >>> _ = jobs.aggregate("jobs_by_state", key="state")
+        >>> _ = jobs.aggregate("jobs_by_owner", key="owner")
+        >>> with db.write() as tx:
+        ...     _ = jobs.insert_many(tx, [{"state": "done", "owner": "ann"}, {"state": "new", "owner": "bo"}])
+        >>> jobs.drop_aggregate("jobs_by_owner")
+        >>> with db.read() as tx:
+        ...     jobs.count(tx)
+        2
+        >>> jobs.aggregates(), db.aggregates()
+        (['jobs_by_state'], ['jobs_by_state'])
+        """
         aggregate = self._attached(name)
         check_writing(self._db, f"dropping aggregate {name!r}")
         with self._db.write() as tx:
@@ -416,7 +485,22 @@ class Table:
         self._record = record
 
     def drop(self) -> None:
-        """Delete the table: its documents and every attached aggregate, in one transaction."""
+        """Delete the table: its documents and every attached aggregate, in one transaction.
+
+        Needs its own write transaction (call it before ``with db.write()``). O(n + nodes) for n
+        documents. Afterwards every method of this object raises TransactionError, as do writes to the
+        dropped aggregates; ``db.table(name)`` creates a new, empty table.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scratch = db.table("scratch")
+        >>> _ = scratch.aggregate("scratch_by_kind", key="kind")
+        >>> with db.write() as tx:
+        ...     _ = scratch.insert_many(tx, [{"kind": "a"}, {"kind": "b"}])
+        >>> scratch.drop()
+        >>> db.tables(), db.aggregates()
+        ([], [])
+        """
         self._check_alive()
         check_writing(self._db, f"dropping table {self.name!r}")
         with self._db.write() as tx:
@@ -522,14 +606,37 @@ class Table:
     # ------------------------------------------------------------ reads
 
     def get(self, tx: Transaction, id: Any) -> Document | None:
-        """The document with this id, or None. O(log n)."""
+        """The document with this id, or None. O(log n).
+
+        The document comes back in its stored form: tuples as lists, datetimes in UTC.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> users = db.table("users")
+        >>> with db.write() as tx:
+        ...     users.insert(tx, {"name": "ada", "langs": ("en", "fr")}, id="u1")
+        'u1'
+        >>> with db.read() as tx:
+        ...     users.get(tx, "u1"), users.get(tx, "u2")
+        ({'name': 'ada', 'langs': ['en', 'fr']}, None)
+        """
         self._check_alive()
         tx.check_database(self._db)
         data = tx.doc(self._prefix + self._encode_id(id))
         return decode_doc(data) if data is not None else None
 
     def count(self, tx: Transaction) -> int:
-        """The number of documents. O(1)."""
+        """The number of documents. O(1).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> tasks = db.table("tasks")
+        >>> with db.write() as tx:
+        ...     _ = tasks.insert_many(tx, [{"n": 1}, {"n": 2}, {"n": 3}])
+        ...     _ = tasks.delete(tx, 2)
+        ...     tasks.count(tx)
+        2
+        """
         self._check_alive()
         tx.check_database(self._db)
         if tx is self._tx:
@@ -541,6 +648,18 @@ class Table:
         """Iterate lazily over ``(id, document)`` in id order (ints, then str, then bytes).
 
         Writing to the table while iterating raises TransactionError; collect with list() first.
+        O(log n) to start, then O(1) per document (``reverse=True`` reads every document first).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> notes = db.table("notes")
+        >>> with db.write() as tx:
+        ...     _ = notes.insert(tx, {"text": "b"}, id="x")
+        ...     _ = notes.insert(tx, {"text": "a"}, id=2)
+        ...     _ = notes.insert(tx, {"text": "c"})  # a generated id, after the int ids used
+        >>> with db.read() as tx:
+        ...     list(notes.items(tx))
+        [(2, {'text': 'a'}), (3, {'text': 'c'}), ('x', {'text': 'b'})]
         """
         self._check_alive()
         tx.check_database(self._db)
@@ -560,7 +679,21 @@ class Table:
             yield decode_key(key, start)[0], decode_doc(data)
 
     def ids(self, tx: Transaction) -> Iterator[Any]:
-        """Iterate over the document ids in order."""
+        """Iterate over the document ids in order (ints by value, then str, then bytes).
+
+        It goes through :meth:`items`, so it reads and decodes every document. O(log n) to start, then
+        O(1) per document.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> tags = db.table("tags")
+        >>> with db.write() as tx:
+        ...     for id in ("a", 10, b"k", 2):
+        ...         _ = tags.insert(tx, {}, id=id)
+        >>> with db.read() as tx:
+        ...     list(tags.ids(tx))
+        [2, 10, 'a', b'k']
+        """
         for doc_id, _ in self.items(tx):
             yield doc_id
 
@@ -572,6 +705,19 @@ class Table:
         Without ``id``, a new int id is generated. O(a log n) for a attached aggregates. Raises
         DuplicateItemError (a KeyError) if the id exists, InvalidDocumentError or ExtractionError for
         a document that cannot be stored or indexed; then nothing is written.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> runs = db.table("runs")
+        >>> by_model = runs.aggregate("runs_by_model", key="model", values=("tokens",))
+        >>> with db.write() as tx:
+        ...     runs.insert(tx, {"model": "small", "tokens": 120})
+        ...     runs.insert(tx, {"model": "large", "tokens": 900}, id="r-7")
+        1
+        'r-7'
+        >>> with db.read() as tx:
+        ...     by_model.totals(tx, eq="small"), by_model.totals(tx)
+        (Totals(count=1, tokens=120), Totals(count=2, tokens=1020))
         """
         wtx = self._begin(tx)
         if id is None:
@@ -620,9 +766,22 @@ class Table:
         self, tx: Transaction, id: Any, patch: Mapping[str, Any], *, remove: Iterable[str] = ()
     ) -> Document:
         """Merge ``patch`` into the document (top-level fields), drop the ``remove`` fields, and move
-        its items accordingly; return the new document. O(a log n).
+        its items accordingly; return the new document. O(a log n). Writes nothing if the document
+        does not change.
 
         Raises ItemNotFoundError (a KeyError) if there is no such document.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> tickets = db.table("tickets")
+        >>> by_team = tickets.aggregate("tickets_by_team", namespace="team", key="priority")
+        >>> with db.write() as tx:
+        ...     ticket = tickets.insert(tx, {"team": "web", "priority": 2, "note": "slow"})
+        ...     tickets.update(tx, ticket, {"team": "db"}, remove=["note"])
+        {'team': 'db', 'priority': 2}
+        >>> with db.read() as tx:
+        ...     by_team.count(tx, namespace="web"), by_team.count(tx, namespace="db")
+        (0, 1)
         """
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
@@ -640,7 +799,22 @@ class Table:
         return decode_doc(data)
 
     def replace(self, tx: Transaction, id: Any, doc: Mapping[str, Any]) -> Document:
-        """Replace the whole document; return the old one. Raises ItemNotFoundError. O(a log n)."""
+        """Replace the whole document; return the old one. Raises ItemNotFoundError. O(a log n).
+
+        Unlike :meth:`update`, fields missing from ``doc`` are gone afterwards.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> prices = db.table("prices")
+        >>> by_sku = prices.aggregate("prices_by_sku", key="sku", values=("cents",))
+        >>> with db.write() as tx:
+        ...     _ = prices.insert(tx, {"sku": "A1", "cents": 250, "promo": True}, id="A1")
+        ...     prices.replace(tx, "A1", {"sku": "A1", "cents": 199})
+        {'sku': 'A1', 'cents': 250, 'promo': True}
+        >>> with db.read() as tx:
+        ...     prices.get(tx, "A1"), by_sku.totals(tx)
+        ({'sku': 'A1', 'cents': 199}, Totals(count=1, cents=199))
+        """
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
         if stored is None:
@@ -654,7 +828,22 @@ class Table:
     def upsert(
         self, tx: Transaction, id: Any, doc: Mapping[str, Any]
     ) -> Literal["inserted", "updated", "unchanged"]:
-        """Insert the document or replace the stored one; writes nothing when it is identical."""
+        """Insert the document or replace the stored one; writes nothing when it is identical.
+
+        Returns what happened, so replays and backfills can be run again safely. O(a log n) for a
+        attached aggregates.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> stock = db.table("stock")
+        >>> by_item = stock.aggregate("stock_by_item", key="item", values=("qty",))
+        >>> with db.write() as tx:
+        ...     [stock.upsert(tx, "A1", {"item": "A1", "qty": qty}) for qty in (5, 5, 7)]
+        ['inserted', 'unchanged', 'updated']
+        >>> with db.read() as tx:
+        ...     by_item.totals(tx)
+        Totals(count=1, qty=7)
+        """
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
         data = encode_doc(doc, id, f"table {self.name!r}")
@@ -668,7 +857,21 @@ class Table:
         return "updated"
 
     def delete(self, tx: Transaction, id: Any) -> Document:
-        """Delete a document and its items; return it. Raises ItemNotFoundError. O(a log n)."""
+        """Delete a document and its items; return it. Raises ItemNotFoundError. O(a log n).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> carts = db.table("carts")
+        >>> by_user = carts.aggregate("carts_by_user", namespace="user", key="day", values=("total",))
+        >>> with db.write() as tx:
+        ...     first = carts.insert(tx, {"user": "u1", "day": 1, "total": 30})
+        ...     _ = carts.insert(tx, {"user": "u1", "day": 2, "total": 12})
+        ...     carts.delete(tx, first)
+        {'user': 'u1', 'day': 1, 'total': 30}
+        >>> with db.read() as tx:
+        ...     by_user.totals(tx, namespace="u1")
+        Totals(count=1, total=12)
+        """
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
         if stored is None:
@@ -680,7 +883,22 @@ class Table:
         return old
 
     def discard(self, tx: Transaction, id: Any) -> bool:
-        """Delete the document if present; return whether it was. Writes nothing if absent."""
+        """Delete the document if present; return whether it was. Writes nothing if absent.
+
+        The idempotent form of :meth:`delete`, for replays. O(a log n) for a attached aggregates.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> sessions = db.table("sessions")
+        >>> by_user = sessions.aggregate("sessions_by_user", key="user")
+        >>> with db.write() as tx:
+        ...     _ = sessions.insert(tx, {"user": "u1"}, id="s1")
+        ...     sessions.discard(tx, "s1"), sessions.discard(tx, "s1")
+        (True, False)
+        >>> with db.read() as tx:
+        ...     by_user.count(tx)
+        0
+        """
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
         if stored is None:
@@ -700,8 +918,25 @@ class Table:
         Everything is validated first; the items of new documents are then merged into each aggregate
         in sorted runs per namespace (much faster than one insert per document). ``on_duplicate`` says
         what to do with an id already stored or repeated: ``"error"`` raises DuplicateItemError and
-        writes nothing, ``"skip"`` keeps the stored document, ``"update"`` replaces it. The cyclic
-        garbage collector is paused during the call, as during builds (see ``_gc``).
+        writes nothing, ``"skip"`` keeps the stored document, ``"update"`` replaces it. The ids are
+        returned in input order, those of skipped documents included. The cyclic garbage collector is
+        paused during the call, as during builds (see ``_gc``). O(a (m log m + t log n)) for m new
+        documents whose items land in t leaves of each of the a aggregates, plus O(a log n) per
+        replaced document.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.table("events")
+        >>> by_user = events.aggregate("events_by_user", namespace="user", key="at", values=("cost",))
+        >>> with db.write() as tx:
+        ...     len(events.insert_many(tx, [{"user": "u1", "at": at, "cost": 2} for at in range(100)]))
+        ...     late = [(100, {"user": "u2", "at": 0, "cost": 5}), (101, {"user": "u2", "at": 1, "cost": 1})]
+        ...     events.insert_many(tx, late, on_duplicate="update")  # 100 exists: it moves to u2
+        100
+        [100, 101]
+        >>> with db.read() as tx:
+        ...     by_user.totals(tx, namespace="u1"), by_user.totals(tx, namespace="u2")
+        (Totals(count=99, cost=198), Totals(count=2, cost=6))
         """
         if on_duplicate not in ("error", "skip", "update"):
             raise InvalidArgumentError(
@@ -794,7 +1029,22 @@ class Table:
         ``export(id, document)`` is called for each of them, in key order, before anything is deleted
         (to archive them; if it raises, nothing is deleted). The items in ``aggregate`` go with a range
         delete that drops whole subtrees; the other aggregates lose one item per document.
-        O(k (log n + a log n)) for k documents.
+        O(k (log n + a log n)) for k documents. Raises AggregateNotFoundError if ``aggregate`` is not
+        attached to this table.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> logs = db.table("logs")
+        >>> by_day = logs.aggregate("logs_by_day", key="day", values=("size",))
+        >>> with db.write() as tx:
+        ...     _ = logs.insert_many(tx, [{"day": day, "size": 10 * day} for day in range(1, 8)])
+        >>> archived = []
+        >>> with db.write() as tx:
+        ...     logs.delete_range(tx, by_day, lt=4, export=lambda id, doc: archived.append(id))
+        Totals(count=3, size=60)
+        >>> with db.read() as tx:
+        ...     archived, logs.count(tx), by_day.totals(tx)
+        ([1, 2, 3], 4, Totals(count=4, size=220))
         """
         wtx = self._begin(tx)
         name = aggregate if isinstance(aggregate, str) else aggregate.name
