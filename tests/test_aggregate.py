@@ -964,7 +964,8 @@ def test_aggregate_definitions_are_checked_and_never_half_created(filled: Any) -
     assert db.aggregate("events") is events
 
 
-def test_a_dropped_aggregate_is_gone_and_its_handle_refuses_writes(filled: Any) -> None:
+def test_a_dropped_aggregate_is_gone_and_its_handle_refuses_reads_and_writes(filled: Any) -> None:
+    """A stale handle raises instead of answering as an empty aggregate: a silent 0 would hide the bug."""
     db, events = filled
     db.drop_aggregate("events")
     assert db.aggregates() == ["bystander"]
@@ -977,14 +978,17 @@ def test_a_dropped_aggregate_is_gone_and_its_handle_refuses_writes(filled: Any) 
         assert not tx.changed
     with db.read() as tx:
         assert tallytree.check(tx) == [], "dropping leaves no node behind"
-        assert events.count(tx) == 0 and list(events.namespaces(tx)) == []
+        for read in (events.count, events.totals, lambda tx: list(events.namespaces(tx)), events.min):
+            with pytest.raises(TransactionError, match="'events' was dropped"):
+                read(tx)
         assert db.aggregate("bystander").count(tx) == 1
     reborn = db.aggregate("events", values=("latency",))
     with db.write() as tx:
         reborn.insert(tx, 1, "a", (0.5,))
     with db.read() as tx:
         assert reborn.totals(tx).as_dict() == {"count": 1, "latency": 0.5}
-        assert events.count(tx) == 0, "the old handle does not see the new aggregate"
+        with pytest.raises(TransactionError):  # the old handle does not see the new aggregate
+            events.count(tx)
         assert tallytree.check(tx) == []
 
 

@@ -331,7 +331,8 @@ class Aggregate:
         self.node_size = node_size
         self._id = agg_id
         self._prefix = agg_id.to_bytes(4, "big")
-        self._readonly_reason: str | None = None
+        self._readonly_reason: str | None = None  # why writes are refused (a table owns it, it was dropped)
+        self._dropped: str | None = None  # why every read and write is refused: the aggregate is gone
         self._tree_keys: dict[Any, bytes] = {}  # namespace (exact str / int / None) -> tree key
 
     def __repr__(self) -> str:
@@ -354,18 +355,23 @@ class Aggregate:
             known[namespace] = tree_key
         return tree_key
 
-    def _tree(self, tx: Transaction, namespace: Any) -> tuple[Tree, bytes]:
+    def _check(self, tx: Transaction) -> None:
         tx.check_database(self._db)
+        if self._dropped is not None:
+            raise TransactionError(f"{self._dropped}; open it again with db.aggregate() or table.aggregate()")
+
+    def _tree(self, tx: Transaction, namespace: Any) -> tuple[Tree, bytes]:
+        self._check(tx)
         tree_key = self._tree_key(namespace)
         return Tree(tx, len(self.fields), self.node_size, tx.root(tree_key)), tree_key
 
     def _reader(self, tx: Transaction, namespace: Any) -> Tree:
         """The tree of a namespace, for reads only (it shares the transaction's root record)."""
-        tx.check_database(self._db)
+        self._check(tx)
         return Tree.reader(tx, len(self.fields), self.node_size, tx.root(self._tree_key(namespace)))
 
     def _writable(self, tx: Transaction) -> WriteTransaction:
-        tx.check_database(self._db)
+        self._check(tx)
         if not isinstance(tx, WriteTransaction):
             raise TransactionError(
                 f"{self.name}: writes need a write transaction; use `with db.write() as tx:`"
@@ -772,7 +778,7 @@ class Aggregate:
     ) -> Iterator[Item]:
         version = tx.versions.get(tree_key, 0)
         for entry, values in tree.iterate(start, stop, reverse):
-            tx.check_database(self._db)  # cached nodes must not let an iterator outlive its transaction
+            self._check(tx)  # cached nodes must not let an iterator outlive its transaction (or aggregate)
             if tx.versions.get(tree_key, 0) != version:
                 raise TransactionError(
                     f"{self.name}: the namespace changed during iteration; collect the items "
@@ -850,7 +856,7 @@ class Aggregate:
         ...     list(usage.namespaces(tx))
         [('org:1', Totals(count=2, tokens=75)), ('org:2', Totals(count=1, tokens=100))]
         """
-        tx.check_database(self._db)
+        self._check(tx)
         prefix = self._prefix
         stop = (self._id + 1).to_bytes(4, "big")
         pending: dict[bytes, Root | None] = {}

@@ -306,6 +306,9 @@ class Database:
     def drop_aggregate(self, name: str) -> None:
         """Delete an aggregate with every namespace and node. O(nodes). Raises AggregateNotFoundError.
 
+        Reads and writes through the old :class:`Aggregate` object then raise TransactionError (it
+        would otherwise answer as an empty aggregate); ``db.aggregate(name)`` creates a new one.
+
         >>> import tallytree
         >>> db = tallytree.open_memory()
         >>> old = db.aggregate("old")
@@ -330,7 +333,7 @@ class Database:
                 tree.delete_range(0, tree.count)
                 tx.set_root(tree_key, None)
             tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
-        aggregate._readonly_reason = f"aggregate {name!r} was dropped"
+        aggregate._readonly_reason = aggregate._dropped = f"aggregate {name!r} was dropped"
         self._aggregates.pop(name, None)
 
     def _trees(self, tx: Transaction, aggregate: Aggregate) -> Iterator[tuple[bytes, Any]]:

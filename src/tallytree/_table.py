@@ -478,7 +478,7 @@ class Table:
             tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
             record = self._definition_record({name: None})
             tx.set_meta(self._record_key, record)
-        aggregate._readonly_reason = f"aggregate {name!r} was dropped"
+        aggregate._readonly_reason = aggregate._dropped = f"aggregate {name!r} was dropped"
         self._db._aggregates.pop(name, None)
         self._definitions.pop(name, None)
         self._pending.pop(name, None)
@@ -488,8 +488,8 @@ class Table:
         """Delete the table: its documents and every attached aggregate, in one transaction.
 
         Needs its own write transaction (call it before ``with db.write()``). O(n + nodes) for n
-        documents. Afterwards every method of this object raises TransactionError, as do writes to the
-        dropped aggregates; ``db.table(name)`` creates a new, empty table.
+        documents. Afterwards every method of this object raises TransactionError, as do reads and
+        writes through the dropped aggregates; ``db.table(name)`` creates a new, empty table.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -522,7 +522,9 @@ class Table:
         for name in names:
             dropped = self._db._aggregates.pop(name, None)
             if dropped is not None:
-                dropped._readonly_reason = f"aggregate {name!r} was dropped with table {self.name!r}"
+                dropped._readonly_reason = dropped._dropped = (
+                    f"aggregate {name!r} was dropped with table {self.name!r}"
+                )
         self._dropped = f"table {self.name!r} was dropped"
         self._db._tables.pop(self.name, None)
 
