@@ -929,6 +929,32 @@ def test_a_closed_database_refuses_transactions(db: tallytree.Database) -> None:
     assert events.name == "events"
 
 
+def test_transactions_open_when_the_database_closes_raise_typed_errors(db: tallytree.Database) -> None:
+    """Closing under an open transaction: its reads raise TransactionError (not the backend's own
+    error, nor answers from a closed store) and its commit raises, writing nothing."""
+    events = db.aggregate("events")
+    with db.write() as tx:
+        events.insert_many(tx, [(n, "id") for n in range(100)])
+    reading, writing = db.read(), db.write()
+    reader = reading.__enter__()
+    writer = writing.__enter__()
+    events.insert(writer, 1000, "late")
+    db.close()
+    for read in (
+        lambda: events.count(reader),
+        lambda: events.count(reader, ge=5),
+        lambda: list(events.items(reader)),
+    ):
+        with pytest.raises(TransactionError, match="closed while this transaction was open"):
+            read()
+    reading.__exit__(None, None, None)
+    with pytest.raises(TransactionError, match="nothing was written"):
+        writing.__exit__(None, None, None)
+    if db.path is not None:  # LMDB: the file holds the last commit, without the late insert
+        with tallytree.open(db.path) as again, again.read() as tx:
+            assert again.aggregate("events").count(tx) == 100
+
+
 def test_aggregate_definitions_are_checked_and_never_half_created(filled: Any) -> None:
     db, events = filled
     names = db.aggregates()

@@ -91,9 +91,11 @@ class Database:
         self.close()
 
     def close(self) -> None:
-        """Close the database; open transactions must have ended. Idempotent. O(cached nodes).
+        """Close the database. Idempotent. O(cached nodes).
 
-        Every later transaction, and so every read or write, raises TransactionError.
+        End transactions first: one still open raises TransactionError on its next read, and a write
+        transaction still open writes nothing (its commit raises). Every later transaction, and so
+        every read or write, raises TransactionError.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()

@@ -103,6 +103,11 @@ class Transaction:
             raise TransactionError("this transaction belongs to another database")
         if not self._open:
             raise TransactionError("this transaction has ended; start a new one with db.read() or db.write()")
+        if db._closed:
+            raise TransactionError(
+                "the database was closed while this transaction was open; end transactions before "
+                "db.close(), and open the database again"
+            )
 
     def node(self, node_id: int) -> Node:
         """A committed node by id, through the shared cache. O(1) when cached, O(size) to decode."""
@@ -344,7 +349,13 @@ class WriteTransaction(Transaction):
 
         Merging queued inserts and encoding many dirty nodes is bulk work: the cyclic garbage
         collector is paused for it (see ``_gc``) when the transaction holds more than a few nodes.
+        Raises TransactionError, writing nothing, if the database was closed meanwhile.
         """
+        if self._db._closed:
+            self.abort()
+            raise TransactionError(
+                "the database was closed while this write transaction was open; nothing was written"
+            )
         if self._deferred or len(self._dirty) > _BULK_COMMIT:
             with gc_paused():
                 self._commit()
