@@ -528,6 +528,9 @@ def test_totals_api() -> None:
     assert (totals.count, totals.cost, totals["tokens"], totals["count"]) == (4, 1.0, 3000, 4)
     assert totals.mean("cost") == 0.25
     assert Totals(0, ("cost",), (0,)).mean("cost") is None
+    for empty_or_not in (totals, Totals(0, ("cost",), (0,))):  # an unknown field, items or none
+        with pytest.raises(KeyError):
+            empty_or_not.mean("price")
     assert totals.fields == ("cost", "tokens")
     assert totals.sums == {"cost": 1.0, "tokens": 3000}
     assert totals.as_dict() == {"count": 4, "cost": 1.0, "tokens": 3000}

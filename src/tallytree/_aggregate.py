@@ -154,9 +154,10 @@ class Totals:
         >>> Totals(2, ("cost", "tokens"), (0.75, 3000)).mean("tokens"), none.mean("tokens")
         (1500.0, None)
         """
+        total = self[field]  # an unknown field raises KeyError, with or without items
         if self.count == 0:
             return None
-        return self[field] / self.count
+        return total / self.count
 
     def as_dict(self) -> dict[str, int | float]:
         """``{"count": ..., field: sum, ...}``, for JSON output. O(f) for f fields.

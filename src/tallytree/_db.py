@@ -255,7 +255,8 @@ class Database:
         if getattr(self._local, "writing", False):
             raise TransactionError(
                 f"aggregate {name!r} does not exist yet and creating it needs its own write "
-                "transaction; call db.aggregate() before `with db.write()`"
+                "transaction; define it (db.aggregate(), table.aggregate() or hooks.aggregate()) "
+                "before `with db.write()`"
             )
         with self.write() as tx:
             data = tx.meta(_AGGREGATE_PREFIX + name.encode())

@@ -69,7 +69,8 @@ class Change:
             raise InvalidArgumentError(f"a change is an 'insert', 'update' or 'delete', not {self.kind!r}")
         if ((self.old is not None), (self.new is not None)) != wanted:
             raise InvalidArgumentError(
-                f"a {self.kind} change takes {'old' if wanted[0] else 'no old'} and "
+                f"{'an' if self.kind in ('insert', 'update') else 'a'} {self.kind} change takes "
+                f"{'old' if wanted[0] else 'no old'} and "
                 f"{'new' if wanted[1] else 'no new'} document"
             )
 
