@@ -25,7 +25,13 @@ def _kind(data: bytes) -> int:
 
 def _same(decoded: Node, node: Node) -> bool:
     def fields(each: Node) -> tuple[object, ...]:
-        return each.leaf, list(each.keys), list(each.kids), each.shifts, [list(col) for col in each.cols]
+        return (
+            each.leaf,
+            list(each.keys),
+            list(each.kids),
+            list(each.shifts),
+            [list(col) for col in each.cols],
+        )
 
     return fields(decoded) == fields(node)
 
@@ -82,7 +88,35 @@ def test_decoded_and_committed_nodes_are_frozen_and_copies_are_not() -> None:
     copy.cols[0].insert(0, 7)
     assert copy.dirty and list(leaf.keys) == [b"a", b"b"] and list(leaf.cols[0]) == [0.5, 2]
     copy.freeze()
-    assert not copy.dirty and copy.keys == (b"0", b"a", b"b") and copy.cols == [(7, 0.5, 2)]
+    assert not copy.dirty and copy.keys == (b"0", b"a", b"b") and copy.cols == ((7, 0.5, 2),)
+    with pytest.raises((TypeError, AttributeError)):
+        copy.cols.append((1,))  # the holder of the columns too
+
+
+def test_committed_nodes_leave_no_container_tracked_by_the_garbage_collector() -> None:
+    """Tuples of bytes and numbers are untracked after one collection; lists never are, and a
+    full collection walks every tracked container of every cached node."""
+    import gc
+
+    wide = _internal([2**100 + 3, -(2**90), 5])
+    nodes = [decode_node(encode_node(wide), 9), decode_node(encode_node(_internal([1, 2, 3])), 8)]
+    nodes.append(decode_node(encode_node(Node(4, True, [b"a", b"b"], [[0.5, 2]], dirty=True)), 4))
+    copy = nodes[-1].copy(5)
+    copy.counts(), copy.freeze()
+    nodes.append(copy)
+    for node in nodes:
+        node.counts(), node.prefixes(1)
+        if not node.leaf:
+            node.rows()
+    for _ in range(3):  # a tuple is untracked once its items are: nested tuples take a look each
+        gc.collect()
+    tracked = [
+        name
+        for node in nodes
+        for name in ("keys", "kids", "cols", "shifts", "_counts", "_rows", "_table", "_limbs")
+        if gc.is_tracked(getattr(node, name))
+    ]
+    assert tracked == []
 
 
 def _fresh(node: Node) -> Node:
