@@ -904,3 +904,20 @@ def test_document_batches_equal_the_document_scan(tmp_path: Path, backend: str, 
         merged = list(tx.docs(start, stop))
         assert [entry for batch in tx.doc_batches(start, stop, size) for entry in batch] == merged
         assert len(merged) == 20
+
+
+def test_a_definition_shows_its_extractors(db: tallytree.Database) -> None:
+    def cents(doc: dict[str, Any]) -> int:
+        return int(doc["amount"] * 100)
+
+    table = db.table("invoices")
+    table.aggregate(
+        "open_by_org", namespace="org", key="due", values={"cents": cents}, where={"state": "open"}
+    )
+    table.aggregate("by_day", key=("day", "hour"), on_missing="skip")
+    shown = repr(table.definition("open_by_org"))
+    assert shown.startswith("<Definition 'open_by_org' key='due' namespace='org' values={'cents': ")
+    assert "cents" in shown.split("values=")[1] and "where={'state': 'open'}" in shown
+    assert repr(table.definition("by_day")) == (
+        "<Definition 'by_day' key=('day', 'hour') namespace=None values={} on_missing='skip'>"
+    )

@@ -203,6 +203,10 @@ def _to_tuple(value: Any) -> Any:
     return value
 
 
+def _spec_repr(spec: Any) -> str:
+    return getattr(spec, "__qualname__", None) or repr(spec) if callable(spec) else repr(spec)
+
+
 class Definition:
     """How the documents of a table (or of an external source) map to the items of one aggregate."""
 
@@ -282,6 +286,29 @@ class Definition:
         self._namespace_bytes: dict[Any, bytes] = {}
         self._column_getters = getters
         self._fields_named = tuple(values)
+
+    def __repr__(self) -> str:
+        """The extractors as given: field names, tuples of them, or functions by name.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> runs = db.table("runs")
+        >>> _ = runs.aggregate("tokens_by_day", namespace="org", key=("day", "model"), values=("tokens",))
+        >>> runs.definition("tokens_by_day")
+        <Definition 'tokens_by_day' key=('day', 'model') namespace='org' values={'tokens': 'tokens'}>
+        """
+        parts = [
+            f"key={_spec_repr(self.key_spec)}",
+            f"namespace={_spec_repr(self.namespace_spec)}",
+            "values={"
+            + ", ".join(f"{field!r}: {_spec_repr(spec)}" for field, spec in self._value_specs.items())
+            + "}",
+        ]
+        if self.where_spec is not None:
+            parts.append(f"where={_spec_repr(self.where_spec)}")
+        if self.on_missing != "error":
+            parts.append(f"on_missing={self.on_missing!r}")
+        return f"<Definition {self.name!r} {' '.join(parts)}>"
 
     @property
     def fields(self) -> tuple[str, ...]:
