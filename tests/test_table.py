@@ -921,3 +921,24 @@ def test_a_definition_shows_its_extractors(db: tallytree.Database) -> None:
     assert repr(table.definition("by_day")) == (
         "<Definition 'by_day' key=('day', 'hour') namespace=None values={} on_missing='skip'>"
     )
+
+
+def test_items_in_reverse_are_the_items_reversed_in_every_transaction(db: tallytree.Database) -> None:
+    """Streamed from a reverse scan (read transactions, or a write transaction that has not written to
+    the table), or collected (one that has): the same documents, within the table's own bounds."""
+    before, table, after = db.table("a"), db.table("b"), db.table("c")
+    with db.write() as tx:
+        before.insert_many(tx, [{"n": n} for n in range(5)])
+        table.insert_many(tx, [({"n": n}) for n in range(50)] + [{"n": "s"}])
+        table.insert(tx, {"n": "named"}, id="zz")
+        after.insert_many(tx, [{"n": n} for n in range(5)])
+    with db.read() as tx:
+        forward = list(table.items(tx))
+        assert list(table.items(tx, reverse=True)) == forward[::-1] and len(forward) == 52
+    with db.write() as tx:
+        assert list(table.items(tx, reverse=True)) == forward[::-1]  # nothing written yet: streamed
+        table.delete(tx, 3)
+        table.insert(tx, {"n": "new"}, id="m")
+        changed = list(table.items(tx))
+        assert list(table.items(tx, reverse=True)) == changed[::-1]
+        assert ("m", {"n": "new"}) in changed and all(doc_id != 3 for doc_id, _ in changed)

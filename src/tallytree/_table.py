@@ -650,7 +650,8 @@ class Table:
         """Iterate lazily over ``(id, document)`` in id order (ints, then str, then bytes).
 
         Writing to the table while iterating raises TransactionError; collect with list() first.
-        O(log n) to start, then O(1) per document (``reverse=True`` reads every document first).
+        O(log n) to start, then O(1) per document (in reverse, inside a write transaction
+        that wrote to the table, its documents are collected first).
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -671,11 +672,7 @@ class Table:
         """The stored ``(key, document bytes)`` pairs in order; raises if the table changes meanwhile."""
         self._check_alive()
         tx.check_database(self._db)
-        entries: Iterable[tuple[bytes, bytes]]
-        if reverse:
-            entries = reversed(list(tx.docs(self._prefix, self._stop)))
-        else:
-            entries = tx.docs(self._prefix, self._stop)
+        entries = tx.docs(self._prefix, self._stop, reverse)
         version = getattr(tx, "docs_version", 0)
         for entry in entries:
             if getattr(tx, "docs_version", 0) != version:

@@ -142,9 +142,9 @@ class Transaction:
         """A value of the DOCS table (an encoded document), or None."""
         return self.kv.get(DOCS, key)
 
-    def docs(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """The DOCS entries with ``start <= key < stop``, in key order."""
-        return self.kv.scan(DOCS, start, stop)
+    def docs(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """The DOCS entries with ``start <= key < stop``, in key order (descending when ``reverse``)."""
+        return self.kv.scan(DOCS, start, stop, reverse)
 
     def doc_batches(self, start: bytes, stop: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
         """The entries of :meth:`docs`, as lists of up to ``size``: for whole-table passes."""
@@ -309,11 +309,18 @@ class WriteTransaction(Transaction):
         while batch := list(islice(entries, size)):
             yield batch
 
-    def docs(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """The DOCS entries in ``[start, stop)`` as this transaction sees them (its own writes merged)."""
+    def docs(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """The DOCS entries in ``[start, stop)`` as this transaction sees them (its own writes merged).
+
+        In reverse, the entries are streamed when the transaction wrote none in the range, and
+        collected first otherwise.
+        """
         pending = sorted(key for key in self._docs if start <= key < stop)
         if not pending:
-            yield from super().docs(start, stop)
+            yield from super().docs(start, stop, reverse)
+            return
+        if reverse:
+            yield from reversed(list(self.docs(start, stop)))
             return
         index = 0
         for key, value in super().docs(start, stop):
