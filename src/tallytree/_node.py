@@ -577,6 +577,14 @@ def _join_limbs(limbs: list[list[int]]) -> list[int]:
     return column
 
 
+def _kept_limbs(limbs: list[list[int]] | None) -> list[list[int]] | None:
+    """Limbs kept by add(), if they are still as few as :func:`_limbs` would make (values shrink)."""
+    if limbs is None:
+        return None
+    top = limbs[0]
+    return limbs if min(top) < -1 or max(top) > 0 else None
+
+
 def encode_node(node: Node) -> bytes:
     """Serialize a node (format version 1). O(size).
 
@@ -588,11 +596,11 @@ def encode_node(node: Node) -> bytes:
     if node.leaf:
         return _pack([LEAF, node.keys, *node.cols])
     nfields = (len(node.cols) - 1) // 2
-    known = node._limbs or {}
-    if not known and all(_fits(col) for col in node.cols[1 : 1 + nfields]):
+    if all(_fits(col) for col in node.cols[1 : 1 + nfields]):
         return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
+    known = node._limbs or {}
     split = [
-        (known.get(index) or _limbs(col)) if 1 <= index <= nfields else [col]
+        (_kept_limbs(known.get(index)) or _limbs(col)) if 1 <= index <= nfields else [col]
         for index, col in enumerate(node.cols)
     ]
     node._limbs = {index: limbs for index, limbs in enumerate(split) if len(limbs) > 1} or None
