@@ -332,7 +332,7 @@ class Aggregate:
         self.node_size = node_size
         self._id = agg_id
         self._prefix = agg_id.to_bytes(4, "big")
-        self._readonly_reason: str | None = None  # why writes are refused (a table owns it, it was dropped)
+        self._readonly_reason: str | None = None  # why writes are refused (a table maintains it)
         self._dropped: str | None = None  # why every read and write is refused: the aggregate is gone
         self._tree_keys: dict[Any, bytes] = {}  # namespace (exact str / int / None) -> tree key
 

@@ -336,7 +336,7 @@ class Database:
                 tree.delete_range(0, tree.count)
                 tx.set_root(tree_key, None)
             tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
-        aggregate._readonly_reason = aggregate._dropped = f"aggregate {name!r} was dropped"
+        aggregate._dropped = f"aggregate {name!r} was dropped"
         self._aggregates.pop(name, None)
 
     def _trees(self, tx: Transaction, aggregate: Aggregate) -> Iterator[tuple[bytes, Any]]:

@@ -204,7 +204,10 @@ def _to_tuple(value: Any) -> Any:
 
 
 def _spec_repr(spec: Any) -> str:
-    return getattr(spec, "__qualname__", None) or repr(spec) if callable(spec) else repr(spec)
+    """A field spec as written (``'org'``, ``('day', 'hour')``); a function by its name."""
+    if callable(spec):
+        return getattr(spec, "__qualname__", None) or repr(spec)
+    return repr(spec)
 
 
 class Definition:

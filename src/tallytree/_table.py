@@ -478,7 +478,7 @@ class Table:
             tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
             record = self._definition_record({name: None})
             tx.set_meta(self._record_key, record)
-        aggregate._readonly_reason = aggregate._dropped = f"aggregate {name!r} was dropped"
+        aggregate._dropped = f"aggregate {name!r} was dropped"
         self._db._aggregates.pop(name, None)
         self._definitions.pop(name, None)
         self._pending.pop(name, None)
@@ -522,9 +522,7 @@ class Table:
         for name in names:
             dropped = self._db._aggregates.pop(name, None)
             if dropped is not None:
-                dropped._readonly_reason = dropped._dropped = (
-                    f"aggregate {name!r} was dropped with table {self.name!r}"
-                )
+                dropped._dropped = f"aggregate {name!r} was dropped with table {self.name!r}"
         self._dropped = f"table {self.name!r} was dropped"
         self._db._tables.pop(self.name, None)
 
