@@ -159,6 +159,18 @@ def test_a_changed_wide_node_encodes_as_a_fresh_one(
         assert _same(node, _fresh(node))
 
 
+@pytest.mark.parametrize("shrunk", [2**64 - 1, 2**63, 2**63 - 1, 5, -(2**63)])
+def test_a_wide_node_whose_sums_shrink_back_is_written_plain(shrunk: int) -> None:
+    """A node known to be wide skips the plain attempt; once its sums fit msgpack's ints again
+    (up to 2**64 - 1, above int64's range included) it is written plain, as a fresh node would be."""
+    node = decode_node(encode_node(_internal([2**100, 7, 5])), 9).copy(10)
+    assert node._limbs is not None
+    node.add(0, [0, (shrunk - 2**100) << 3, 0])
+    data = encode_node(node)
+    assert _kind(data) == INTERNAL and data == encode_node(_fresh(node))
+    assert _same(decode_node(data, 10), _fresh(node))
+
+
 def test_a_wide_node_keeps_its_limbs_across_a_sum_change() -> None:
     node = decode_node(encode_node(_internal([2**100 + 3, 2**90, 5])), 9)
     assert node._limbs is not None  # decoded with its split columns

@@ -47,9 +47,10 @@ flat fixed-width layout)::
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
 not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic.
-msgpack packs ints from -2**63 to 2**64 - 1; encoding tries the plain form first and, only when msgpack
-refuses a value, writes the sum columns that need it split into 63-bit limbs (the "wide" form, kind
-3). Checking every column's range beforehand cost more than the whole plain encoding.
+msgpack packs ints from -2**63 to 2**64 - 1; a node whose sums need more is written with those sum
+columns split into 63-bit limbs (the "wide" form, kind 3). A node known to be wide (it keeps its limbs
+in memory) is written wide at once; any other is packed plainly first and packed wide only if msgpack
+refuses a value. Checking every column's range beforehand cost a third of the plain encoding.
 Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
 can be cached by id across transactions and processes without ever being stale.
 """
@@ -549,11 +550,6 @@ def unpack_summary(packed: list[Any]) -> list[int]:
     return [_unpack_int(value) for value in packed]
 
 
-def _fits(column: list[int]) -> bool:
-    """Whether msgpack packs every int of the column as it is (int64 and uint64)."""
-    return not column or (min(column) >= _INT64_MIN and max(column) <= _UINT64_MAX)
-
-
 def _limbs(column: list[int]) -> list[list[int]]:
     """Split a column of ints into 63-bit limbs, most significant first, each fitting in int64."""
     if not column or (min(column) >= _INT64_MIN and max(column) <= _INT64_MAX):
@@ -589,24 +585,41 @@ def encode_node(node: Node) -> bytes:
     """Serialize a node (format version 1). O(size).
 
     msgpack refuses an int beyond 64 bits: a sum column that holds one (the exact sum of floats of
-    several magnitudes usually does) is split into limbs, and the node takes the "wide" form. The sum
-    columns are checked first (their min and max), so a node is packed once. Only sum columns can be
-    that large: counts, float counts, ids and shifts are small.
+    several magnitudes usually does) is split into limbs, and the node takes the "wide" form. A node
+    known to be wide (it keeps its limbs, see :meth:`Node.add`) goes straight to that form; any other
+    is packed plainly first, which costs no scan of its columns, and only if msgpack refuses a value
+    is it packed again, wide (a node turns wide once, when a sum first outgrows 64 bits). The output
+    depends only on the node's contents: plain when every sum column fits msgpack's ints, else wide
+    with each column in as few limbs as it needs. Only sum columns can be that large: counts, float
+    counts, ids and shifts are small.
     """
     if node.leaf:
         return _pack([LEAF, node.keys, *node.cols])
+    if not node._limbs:
+        try:
+            return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
+        except OverflowError:
+            pass
     nfields = (len(node.cols) - 1) // 2
-    if all(_fits(col) for col in node.cols[1 : 1 + nfields]):
-        return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
     known = node._limbs or {}
     split = [
         (_kept_limbs(known.get(index)) or _limbs(col)) if 1 <= index <= nfields else [col]
         for index, col in enumerate(node.cols)
     ]
     node._limbs = {index: limbs for index, limbs in enumerate(split) if len(limbs) > 1} or None
+    if all(map(_fits_unsigned, split)):  # the sums shrank back: the plain form, as a fresh node
+        return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
     counts = [len(limbs) for limbs in split]
     flat = [limb for limbs in split for limb in limbs]
     return _pack([INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat])
+
+
+def _fits_unsigned(limbs: list[list[int]]) -> bool:
+    """Whether a column split into these limbs fits msgpack's ints (up to ``2**64 - 1``) as it is."""
+    if len(limbs) == 1:
+        return True
+    top = limbs[0]  # two limbs: the value is below 2**64 exactly when the top limb is 0 or 1
+    return len(limbs) == 2 and (not top or (min(top) >= 0 and max(top) <= 1))
 
 
 _ARRAYS = (tuple, list)  # msgpack arrays decode to tuples; joined limbs are lists
