@@ -1,6 +1,7 @@
 """Shared helpers and fixtures: databases over both backends, exact comparisons and snapshots.
 
-The test modules import :func:`strict` and :func:`snapshot` from here (``from conftest import ...``).
+The test modules import :func:`strict`, :func:`snapshot` and :func:`pure_python` from here
+(``from conftest import ...``).
 
 Hypothesis profiles: ``dev`` (the default) and ``ci`` (derandomized, so CI runs are reproducible, and
 printing the blob to reproduce a failure). Pick one with ``HYPOTHESIS_PROFILE=ci``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,19 @@ def strict(value: Any) -> Any:
     if isinstance(value, dict):
         return ("dict", sorted((repr(key), strict(each)) for key, each in value.items()))
     return (type(value).__name__, value)
+
+
+@contextmanager
+def pure_python() -> Iterator[None]:
+    """Run the Python twins of the C kernels (``tallytree._native``) inside the block, built or not."""
+    from tallytree import _bulk, _node
+
+    saved = _bulk.speedups, _node.speedups
+    _bulk.speedups = _node.speedups = None
+    try:
+        yield
+    finally:
+        _bulk.speedups, _node.speedups = saved
 
 
 def snapshot(db: tallytree.Database, tx: tallytree.Transaction | None = None) -> Any:

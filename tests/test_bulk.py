@@ -20,12 +20,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import snapshot, strict
+from conftest import pure_python, snapshot, strict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,22 +85,31 @@ def reference(values: list[Any], encode: Any) -> list[bytes] | type[Exception]:
         return type(exc)
 
 
-@given(homogeneous)
-def test_key_encoder_matches_encode_key(values: list[Any]) -> None:
+@pytest.mark.parametrize("kernels", ["built", "python"])
+@given(values=homogeneous)
+def test_key_encoder_matches_encode_key(kernels: str, values: list[Any]) -> None:
     expected = reference(values, encode_key)
-    try:
-        found = encode_keys(values)
-    except tallytree.Error:
-        assert not isinstance(expected, list)
-        return
+    with pure_python() if kernels == "python" else nullcontext():
+        try:
+            found = encode_keys(values)
+        except tallytree.Error:
+            assert not isinstance(expected, list)
+            return
     if found is not None:
         assert found == expected
 
 
-@given(st.lists(any_int, max_size=30) | st.lists(any_text, max_size=30) | st.lists(st.binary(), max_size=30))
-def test_id_encoder_matches_encode_id(values: list[Any]) -> None:
+id_lists = st.one_of(
+    st.lists(any_int, max_size=30), st.lists(any_text, max_size=30), st.lists(st.binary(), max_size=30)
+)
+
+
+@pytest.mark.parametrize("kernels", ["built", "python"])
+@given(values=id_lists)
+def test_id_encoder_matches_encode_id(kernels: str, values: list[Any]) -> None:
     expected = reference(values, encode_id)
-    found = encode_ids(values)
+    with pure_python() if kernels == "python" else nullcontext():
+        found = encode_ids(values)
     if found is not None:
         assert found == expected
 
@@ -135,10 +145,12 @@ def int_batches() -> Iterator[tuple[str, list[int]]]:
     yield "mixed slices", [0, 1, *range(2, 10_000), -5, *range(10_000, 30_000)]
 
 
+@pytest.mark.parametrize("kernels", ["built", "python"])
 @pytest.mark.parametrize(("label", "values"), list(int_batches()), ids=[label for label, _ in int_batches()])
-def test_int_lane_encoder_matches_encode_key(label: str, values: list[int]) -> None:
-    assert encode_keys(values) == [encode_key(value) for value in values], label
-    assert encode_ids(values) == [encode_id(value) for value in values], label
+def test_int_lane_encoder_matches_encode_key(kernels: str, label: str, values: list[int]) -> None:
+    with pure_python() if kernels == "python" else nullcontext():
+        assert encode_keys(values) == [encode_key(value) for value in values], label
+        assert encode_ids(values) == [encode_id(value) for value in values], label
 
 
 def test_float_and_special_keys_match_encode_key() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import random
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
-from conftest import strict
+from conftest import pure_python, strict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -191,15 +192,25 @@ def test_namespaces_that_compare_equal_keep_their_own_trees(db: tallytree.Databa
         assert agg.at(tx, 0, namespace=1.0).id == "1.0"
 
 
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@pytest.mark.parametrize("kernels", ["built", "python"])
 @settings(max_examples=300)
-@given(
-    st.lists(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**63), 2**63 - 1)))
-)
-def test_column_sum_is_exact(values: list[int | float]) -> None:
-    assert column_sum(values) == (sum(map(scaled, values)), sum(type(value) is float for value in values))
+@given(values=st.lists(st.one_of(FINITE, st.integers(-(2**63), 2**63 - 1))) | st.lists(FINITE))
+def test_column_sum_is_exact(kernels: str, values: list[int | float]) -> None:
+    with pure_python() if kernels == "python" else nullcontext():
+        found = column_sum(values)
+    assert found == (sum(map(scaled, values)), sum(type(value) is float for value in values))
 
 
-def test_column_sum_of_floats_that_need_many_parts() -> None:
+@pytest.mark.parametrize("kernels", ["built", "python"])
+def test_column_sum_of_floats_that_need_many_parts(kernels: str) -> None:
+    with pure_python() if kernels == "python" else nullcontext():
+        check_column_sums()
+
+
+def check_column_sums() -> None:
     values = [1e308, 1e308, -1e308, 1e-300, 5e-324, 1.0, -1e308, 3.0]  # an intermediate overflow, tiny parts
     assert column_sum(values) == (sum(map(scaled, values)), len(values))
     spread = [2.0**exponent for exponent in range(-1074, 1000, 20)]  # too many parts: the exact slow path

@@ -79,6 +79,7 @@ import msgpack
 from ._btree import Root, Tree
 from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key
+from ._native import speedups
 from ._node import Node, encode_node, summarize
 from ._txn import WriteTransaction
 from .errors import DuplicateItemError, Error, InvalidArgumentError, InvalidValueError, UnsortedInputError
@@ -178,6 +179,8 @@ def _spread(fraction: int) -> tuple[int, int]:
 
 
 def _int_keys(values: Sequence[int]) -> list[bytes]:
+    if speedups is not None and (keys := speedups.int_keys(values)) is not None:
+        return keys  # the C twin of what follows, for ints in the int64 range (see _native)
     out: list[bytes] = []
     for start in range(0, len(values), _LANES):
         part = values[start : start + _LANES]
@@ -341,6 +344,8 @@ def _float_keys(values: Sequence[float]) -> list[bytes]:
 
 
 def _text_keys(values: Sequence[str]) -> list[bytes] | None:
+    if speedups is not None and (keys := speedups.text_keys(values, MAX_KEY_BYTES - 2)) is not None:
+        return keys  # the C twin of what follows (see _native)
     if "\x00" in "".join(values):
         return None
     try:
@@ -359,6 +364,8 @@ def _bytes_keys(values: Sequence[bytes]) -> list[bytes] | None:
 
 
 def _datetime_keys(values: Sequence[datetime]) -> list[bytes] | None:
+    if speedups is not None and (keys := speedups.datetime_keys(values)) is not None:
+        return keys  # the C twin of what follows, for datetimes in datetime.UTC (see _native)
     if set(map(attrgetter("tzinfo"), values)) != {UTC}:
         return None  # naive or another zone: the item-by-item path converts or rejects them
     micros = map(floordiv, map(sub, values, repeat(_EPOCH)), repeat(_MICROSECOND))

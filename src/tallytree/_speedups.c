@@ -1,0 +1,418 @@
+/* tallytree._speedups: optional C kernels for the hottest pure functions.
+
+Design
+======
+Four functions, each a faster twin of Python code that stays the reference and the fallback
+(``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
+the Python code and gives the same answers):
+
+* ``int_keys(values)``: ``[encode_key(v) for v in values]`` for exact ints in the int64 range
+  (``_keys`` documents the format);
+* ``datetime_keys(values)``: the same for exact ``datetime`` objects whose tzinfo is ``datetime.UTC``;
+* ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
+  (which would need escaping);
+* ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
+  (``_node.scaled``), accumulated in fixed point with no rounding at all.
+
+Each takes any sequence and returns None, without raising, when a value is outside what it handles
+(another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the caller
+then takes the Python path, which accepts or rejects the value with its usual typed error. So this
+module never decides what is valid; it only computes faster what the Python code would.
+
+Exact float sums
+----------------
+A finite double is ``m * 2**s`` units of ``2**-1074`` with ``m < 2**53`` and ``0 <= s <= 2045``. The
+accumulator holds 32-bit digits (weight ``2**(32 i)``) in signed 64-bit slots: adding ``m << s``
+adds at most three 32-bit parts to three slots, and a slot absorbs 2**31 such parts before it could
+overflow, so carries are propagated only at the end (or every 2**30 values), when the digits are
+turned into one Python int by ``int.from_bytes``.
+*/
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <datetime.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ keys */
+
+#define TYPE_NEGATIVE 0x31
+#define TYPE_ZERO 0x32
+#define TYPE_POSITIVE 0x33
+#define TYPE_DATETIME 0x60
+#define SUFFIX_INT 0x00
+
+/* The body of a positive magnitude after the type code (exponent, fraction groups), complemented
+   when negative, then the int suffix. Returns the number of bytes written (at most 13). */
+static Py_ssize_t
+encode_magnitude(uint64_t magnitude, int negative, unsigned char *out)
+{
+    unsigned char *p = out;
+    int exponent = 63 - __builtin_clzll(magnitude);
+    *p++ = negative ? TYPE_NEGATIVE : TYPE_POSITIVE;
+    unsigned char *body = p;
+    if (exponent == 0) {
+        *p++ = 0x80;
+    }
+    else {
+        *p++ = 0x81;
+        *p++ = (unsigned char)exponent;
+    }
+    uint64_t fraction = exponent ? magnitude & ((UINT64_C(1) << exponent) - 1) : 0;
+    if (fraction == 0) {
+        *p++ = 0x00;
+    }
+    else {
+        /* the fraction's ``exponent`` bits, left-aligned in 63 bits, cut into 7-bit groups */
+        int bits = exponent - __builtin_ctzll(fraction); /* significant bits, trailing zeros stripped */
+        uint64_t aligned = fraction << (63 - exponent); /* bit 62 is the first fraction bit */
+        int groups = (bits + 6) / 7;
+        for (int group = 0; group < groups; group++) {
+            unsigned int value = (unsigned int)((aligned >> (56 - 7 * group)) & 0x7F);
+            *p++ = (unsigned char)((value << 1) | (group + 1 < groups ? 1 : 0));
+        }
+    }
+    if (negative) {
+        for (unsigned char *q = body; q < p; q++) {
+            *q ^= 0xFF;
+        }
+    }
+    *p++ = SUFFIX_INT;
+    return p - out;
+}
+
+static PyObject *
+int_keys(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "int_keys() needs a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(count);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    unsigned char buffer[16];
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *item = items[index];
+        if (!PyLong_CheckExact(item)) {
+            goto unhandled;
+        }
+        int overflow = 0;
+        long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow) {
+            goto unhandled;
+        }
+        if (value == -1 && PyErr_Occurred()) {
+            goto failed;
+        }
+        Py_ssize_t size;
+        if (value == 0) {
+            buffer[0] = TYPE_ZERO;
+            buffer[1] = SUFFIX_INT;
+            size = 2;
+        }
+        else if (value > 0) {
+            size = encode_magnitude((uint64_t)value, 0, buffer);
+        }
+        else {
+            size = encode_magnitude(UINT64_C(0) - (uint64_t)value, 1, buffer);
+        }
+        PyObject *key = PyBytes_FromStringAndSize((const char *)buffer, size);
+        if (key == NULL) {
+            goto failed;
+        }
+        PyList_SET_ITEM(out, index, key);
+    }
+    Py_DECREF(seq);
+    return out;
+unhandled:
+    Py_DECREF(seq);
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+failed:
+    Py_DECREF(seq);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's days_from_civil). */
+static int64_t
+days_from_civil(int64_t year, unsigned month, unsigned day)
+{
+    year -= month <= 2;
+    int64_t era = (year >= 0 ? year : year - 399) / 400;
+    unsigned year_of_era = (unsigned)(year - era * 400);
+    unsigned day_of_year = (153 * (month > 2 ? month - 3 : month + 9) + 2) / 5 + day - 1;
+    unsigned day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    return era * 146097 + (int64_t)day_of_era - 719468;
+}
+
+static PyObject *
+datetime_keys(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "datetime_keys() needs a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(count);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    unsigned char buffer[9];
+    buffer[0] = TYPE_DATETIME;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *item = items[index];
+        if (!PyDateTime_CheckExact(item) || !_PyDateTime_HAS_TZINFO(item)
+            || ((PyDateTime_DateTime *)item)->tzinfo != PyDateTime_TimeZone_UTC) {
+            Py_DECREF(seq);
+            Py_DECREF(out);
+            Py_RETURN_NONE;
+        }
+        int64_t days = days_from_civil(PyDateTime_GET_YEAR(item), PyDateTime_GET_MONTH(item),
+                                       PyDateTime_GET_DAY(item));
+        int64_t seconds = ((days * 24 + PyDateTime_DATE_GET_HOUR(item)) * 60
+                           + PyDateTime_DATE_GET_MINUTE(item)) * 60
+                          + PyDateTime_DATE_GET_SECOND(item);
+        uint64_t biased = (uint64_t)(seconds * 1000000 + PyDateTime_DATE_GET_MICROSECOND(item))
+                          ^ (UINT64_C(1) << 63);
+        for (int byte = 0; byte < 8; byte++) {
+            buffer[1 + byte] = (unsigned char)(biased >> (56 - 8 * byte));
+        }
+        PyObject *key = PyBytes_FromStringAndSize((const char *)buffer, 9);
+        if (key == NULL) {
+            Py_DECREF(seq);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, index, key);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+#define TYPE_TEXT 0x40
+
+/* One str key: 40, the UTF-8 bytes, 00. 0 when done, 1 when the Python code must decide (a NUL to
+   escape, a surrogate, longer than ``limit``), -1 on a memory error. */
+static int
+text_key(PyObject *item, Py_ssize_t limit, PyObject **key)
+{
+    PyObject *encoded = NULL;
+    const char *data;
+    Py_ssize_t size;
+    if (PyUnicode_IS_ASCII(item)) { /* the str's own bytes are its UTF-8 */
+        data = (const char *)PyUnicode_DATA(item);
+        size = PyUnicode_GET_LENGTH(item);
+    }
+    else { /* a new bytes object, not the UTF-8 copy that PyUnicode_AsUTF8 would keep in the str */
+        encoded = PyUnicode_AsUTF8String(item);
+        if (encoded == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+                return -1;
+            }
+            PyErr_Clear();
+            return 1;
+        }
+        data = PyBytes_AS_STRING(encoded);
+        size = PyBytes_GET_SIZE(encoded);
+    }
+    if (size > limit || memchr(data, 0, (size_t)size) != NULL) {
+        Py_XDECREF(encoded);
+        return 1;
+    }
+    *key = PyBytes_FromStringAndSize(NULL, size + 2);
+    if (*key == NULL) {
+        Py_XDECREF(encoded);
+        return -1;
+    }
+    char *out = PyBytes_AS_STRING(*key);
+    out[0] = TYPE_TEXT;
+    memcpy(out + 1, data, (size_t)size);
+    out[size + 1] = 0x00;
+    Py_XDECREF(encoded);
+    return 0;
+}
+
+static PyObject *
+text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "text_keys(values, limit) takes two arguments");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], "text_keys() needs a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(count);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *key = NULL;
+        int status = PyUnicode_CheckExact(items[index]) ? text_key(items[index], limit, &key) : 1;
+        if (status != 0) {
+            Py_DECREF(seq);
+            Py_DECREF(out);
+            if (status < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        PyList_SET_ITEM(out, index, key);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+/* ------------------------------------------------------------------ exact float sums */
+
+#define SLOTS 70            /* 32-bit digits: 2098 bits of doubles, room for carries and the sign */
+#define FLUSH_EVERY (1 << 30) /* values added between two carry propagations (a slot holds 2**31) */
+
+static void
+propagate(int64_t *slots)
+{
+    for (int index = 0; index < SLOTS - 1; index++) {
+        int64_t carry = slots[index] >> 32; /* arithmetic: floor division by 2**32 */
+        slots[index] -= carry * ((int64_t)1 << 32);
+        slots[index + 1] += carry;
+    }
+}
+
+static PyObject *
+float_sum(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "float_sum() needs a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    int64_t slots[SLOTS];
+    memset(slots, 0, sizeof(slots));
+    Py_ssize_t since = 0;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *item = items[index];
+        if (!PyFloat_CheckExact(item)) {
+            Py_DECREF(seq);
+            Py_RETURN_NONE;
+        }
+        double value = PyFloat_AS_DOUBLE(item);
+        uint64_t raw;
+        memcpy(&raw, &value, sizeof(raw));
+        unsigned biased = (unsigned)((raw >> 52) & 0x7FF);
+        if (biased == 0x7FF) { /* NaN or an infinity */
+            Py_DECREF(seq);
+            Py_RETURN_NONE;
+        }
+        uint64_t mantissa = raw & ((UINT64_C(1) << 52) - 1);
+        unsigned shift = 0;
+        if (biased) {
+            mantissa |= UINT64_C(1) << 52;
+            shift = biased - 1;
+        }
+        if (!mantissa) {
+            continue; /* 0.0 or -0.0 */
+        }
+        int slot = (int)(shift / 32);
+        unsigned __int128 wide = (unsigned __int128)mantissa << (shift % 32);
+        int64_t parts[3] = {
+            (int64_t)(uint32_t)wide,
+            (int64_t)(uint32_t)(wide >> 32),
+            (int64_t)(uint32_t)(wide >> 64),
+        };
+        if (raw >> 63) {
+            slots[slot] -= parts[0];
+            slots[slot + 1] -= parts[1];
+            slots[slot + 2] -= parts[2];
+        }
+        else {
+            slots[slot] += parts[0];
+            slots[slot + 1] += parts[1];
+            slots[slot + 2] += parts[2];
+        }
+        if (++since == FLUSH_EVERY) {
+            propagate(slots);
+            since = 0;
+        }
+    }
+    Py_DECREF(seq);
+    propagate(slots);
+    /* Digits 0..SLOTS-2 are now in [0, 2**32); the last slot is the sign, 0 or -1 (the sum is below
+       2**2161 in magnitude). Write the digits little-endian up to the last one that is not a sign
+       extension, and one more for the sign. */
+    uint32_t fill = slots[SLOTS - 1] < 0 ? UINT32_MAX : 0;
+    int used = 1;
+    for (int index = SLOTS - 2; index >= 0; index--) {
+        if ((uint32_t)slots[index] != fill) {
+            used = index + 2;
+            break;
+        }
+    }
+    unsigned char bytes[SLOTS * 4];
+    for (int index = 0; index < used; index++) {
+        uint32_t digit = index < SLOTS - 1 ? (uint32_t)slots[index] : fill;
+        bytes[4 * index] = (unsigned char)digit;
+        bytes[4 * index + 1] = (unsigned char)(digit >> 8);
+        bytes[4 * index + 2] = (unsigned char)(digit >> 16);
+        bytes[4 * index + 3] = (unsigned char)(digit >> 24);
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyLong_FromNativeBytes(bytes, (size_t)used * 4, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+#else
+    return _PyLong_FromByteArray(bytes, (size_t)used * 4, 1, 1);
+#endif
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"int_keys", int_keys, METH_O,
+     "int_keys(values) -> list[bytes] | None: encode_key of each exact int in the int64 range."},
+    {"datetime_keys", datetime_keys, METH_O,
+     "datetime_keys(values) -> list[bytes] | None: encode_key of each exact datetime in datetime.UTC."},
+    {"text_keys", (PyCFunction)(void (*)(void))text_keys, METH_FASTCALL,
+     "text_keys(values, limit) -> list[bytes] | None: encode_key of each exact str of at most limit "
+     "UTF-8 bytes and no NUL."},
+    {"float_sum", float_sum, METH_O,
+     "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "tallytree._speedups",
+    "Optional C kernels: faster twins of tallytree's key encoders and exact float sums.",
+    -1,
+    methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) {
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,197 @@
+"""The C kernels (``tallytree._speedups``) against the Python code they stand in for.
+
+Each kernel must give exactly what the Python reference gives, or None (the caller then runs the
+Python code), never a different answer. Skipped where the extension was not built; ``.ci/run``
+checks that it is built there.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tallytree._keys import MAX_KEY_BYTES, encode_key
+from tallytree._native import speedups
+from tallytree._node import scaled
+
+pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+EDGES = [0, 1, -1, 2, -2, 127, 128, 255, 256, 2**56 - 1, 2**56, 2**62, 2**63 - 1, -(2**63), -(2**63) + 1]
+
+
+def exact_sum(values: list[float]) -> int:
+    """The reference: every float as an exact int in units of 2**-1074, added as Python ints."""
+    return sum(map(scaled, values))
+
+
+@given(st.lists(INT64 | st.sampled_from(EDGES), max_size=50))
+def test_int_keys_equal_encode_key(values: list[int]) -> None:
+    assert speedups is not None
+    assert speedups.int_keys(values) == [encode_key(value) for value in values]
+
+
+def test_int_keys_at_every_width_and_sign() -> None:
+    assert speedups is not None
+    rng = random.Random(5)
+    values = [sign * rng.randrange(1 << bits, 1 << (bits + 1)) for bits in range(63) for sign in (1, -1)]
+    values += [*EDGES, 2**63 - 2]
+    assert speedups.int_keys(values) == [encode_key(value) for value in values]
+    assert speedups.int_keys(tuple(values)) == speedups.int_keys(values)  # any sequence
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[2**63], [-(2**63) - 1], [10**30], [True], [1, False], [1.0], ["1"], [None], [1, 2, 2**64]],
+    ids=repr,
+)
+def test_int_keys_leave_what_they_do_not_handle_to_python(values: list[Any]) -> None:
+    assert speedups is not None
+    assert speedups.int_keys(values) is None
+
+
+class Int(int):
+    pass
+
+
+def test_int_keys_leave_int_subclasses_to_python() -> None:
+    assert speedups is not None
+    assert speedups.int_keys([Int(3)]) is None
+
+
+@given(
+    st.lists(
+        st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)),
+        max_size=40,
+    )
+)
+def test_datetime_keys_equal_encode_key(naive: list[datetime]) -> None:
+    assert speedups is not None
+    values = [value.replace(tzinfo=UTC) for value in naive]
+    assert speedups.datetime_keys(values) == [encode_key(value) for value in values]
+
+
+def test_datetime_keys_at_the_edges() -> None:
+    assert speedups is not None
+    values = [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(2000, 2, 29, 12, tzinfo=UTC),
+        datetime(2100, 3, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ]
+    assert speedups.datetime_keys(values) == [encode_key(value) for value in values]
+
+
+class Stamp(datetime):
+    pass
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [datetime(2024, 1, 1)],  # naive: the Python path rejects it with a hint
+        [datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2)))],  # another zone: converted there
+        [datetime(2024, 1, 1, tzinfo=UTC), 5],
+        [Stamp(2024, 1, 1, tzinfo=UTC)],
+    ],
+    ids=["naive", "zone", "mixed", "subclass"],
+)
+def test_datetime_keys_leave_what_they_do_not_handle_to_python(values: list[Any]) -> None:
+    assert speedups is not None
+    assert speedups.datetime_keys(values) is None
+
+
+LIMIT = MAX_KEY_BYTES - 2
+
+
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))),
+        max_size=40,
+    )
+)
+def test_text_keys_equal_encode_key(values: list[str]) -> None:
+    assert speedups is not None
+    assert speedups.text_keys(values, LIMIT) == [encode_key(value) for value in values]
+
+
+def test_text_keys_at_the_length_limit() -> None:
+    assert speedups is not None
+    longest = ["a" * LIMIT, "é" * (LIMIT // 2), ""]
+    assert speedups.text_keys(longest, LIMIT) == [encode_key(value) for value in longest]
+    assert speedups.text_keys(["a" * (LIMIT + 1)], LIMIT) is None
+    assert speedups.text_keys(["é" * (LIMIT // 2 + 1)], LIMIT) is None
+
+
+class Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["a\x00b"], ["ok", "\ud800"], ["a", 1], [b"a"], [Text("a")]],
+    ids=["nul", "surrogate", "mixed", "bytes", "subclass"],
+)
+def test_text_keys_leave_what_they_do_not_handle_to_python(values: list[Any]) -> None:
+    assert speedups is not None
+    assert speedups.text_keys(values, LIMIT) is None
+
+
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+SCALES = st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 0.1])
+
+
+@given(st.lists(FINITE | SCALES, max_size=60))
+def test_float_sum_is_exact(values: list[float]) -> None:
+    assert speedups is not None
+    assert speedups.float_sum(values) == exact_sum(values)
+
+
+def test_float_sum_cancels_exactly_and_holds_extremes() -> None:
+    assert speedups is not None
+    largest = 1.7976931348623157e308
+    cases = [
+        [],
+        [0.0, -0.0],
+        [largest] * 1000,  # far beyond the largest double: still an exact int
+        [-largest] * 1000,
+        [largest, 5e-324, -largest],  # only the smallest subnormal is left
+        [0.1] * 10 + [-1.0],
+        [1e300, 1e-300, -1e300, -1e-300],
+    ]
+    for values in cases:
+        assert speedups.float_sum(values) == exact_sum(values), values
+
+
+def test_float_sum_of_many_values() -> None:
+    assert speedups is not None
+    rng = random.Random(11)
+    values = [math.ldexp(rng.uniform(-1, 1), rng.randrange(-1074, 1000)) for _ in range(200_000)]
+    assert speedups.float_sum(values) == exact_sum(values)
+
+
+@pytest.mark.parametrize(
+    "values", [[1.0, math.nan], [math.inf], [-math.inf, 1.0], [1.0, 2], [True], ["0.5"]], ids=repr
+)
+def test_float_sum_leaves_what_it_does_not_handle_to_python(values: list[Any]) -> None:
+    assert speedups is not None
+    assert speedups.float_sum(values) is None
+
+
+def test_a_non_sequence_raises_type_error() -> None:
+    assert speedups is not None
+    for kernel in (speedups.int_keys, speedups.datetime_keys, speedups.float_sum):
+        with pytest.raises(TypeError):
+            kernel(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.text_keys(5, LIMIT)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.text_keys(["a"])  # type: ignore[call-arg]
