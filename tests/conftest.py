@@ -53,14 +53,17 @@ def strict(value: Any) -> Any:
 @contextmanager
 def pure_python() -> Iterator[None]:
     """Run the Python twins of the C kernels (``tallytree._native``) inside the block, built or not."""
-    from tallytree import _bulk, _node
+    from tallytree import _bulk, _keys, _node
 
-    saved = _bulk.speedups, _node.speedups
-    _bulk.speedups = _node.speedups = None
+    modules = (_bulk, _keys, _node)
+    saved = [module.speedups for module in modules]
+    for module in modules:
+        module.speedups = None
     try:
         yield
     finally:
-        _bulk.speedups, _node.speedups = saved
+        for module, kernels in zip(modules, saved, strict=True):
+            module.speedups = kernels
 
 
 def snapshot(db: tallytree.Database, tx: tallytree.Transaction | None = None) -> Any:

@@ -11,6 +11,7 @@ import functools
 import itertools
 import math
 import struct
+from contextlib import nullcontext
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
 from enum import IntEnum
@@ -18,6 +19,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 import pytest
+from conftest import pure_python
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -475,11 +477,28 @@ def test_round_trip(key: object) -> None:
     assert identical(decoded, canonical(key))
 
 
+@pytest.mark.parametrize("kernels", ["built", "python"])
 @settings(max_examples=300)
-@given(st.one_of(ints, floats, small_numbers).filter(fits))
-def test_numbers_match_the_reference_encoder(number: int | float) -> None:
-    assert encode_body(number) == reference_number_body(number)
-    assert encode_key(number) == encode_body(number) + (b"\x01" if type(number) is float else b"\x00")
+@given(number=st.one_of(ints, floats, small_numbers).filter(fits))
+def test_numbers_match_the_reference_encoder(kernels: str, number: int | float) -> None:
+    with pure_python() if kernels == "python" else nullcontext():
+        assert encode_body(number) == reference_number_body(number)
+        assert encode_key(number) == encode_body(number) + (b"\x01" if type(number) is float else b"\x00")
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=-7)), timezone(timedelta(0))]),
+    )
+)
+def test_datetimes_encode_alike_with_and_without_the_c_kernels(moment: datetime) -> None:
+    built = encode_key(moment), encode_body(moment)
+    with pure_python():
+        python = encode_key(moment), encode_body(moment)
+    micros = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert built == python == (b"\x60" + (micros + 2**63).to_bytes(8, "big"),) * 2
 
 
 @settings(max_examples=300)

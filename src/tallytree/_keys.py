@@ -138,6 +138,7 @@ import math
 import struct
 from datetime import UTC, date, datetime, timedelta
 
+from ._native import speedups
 from .errors import (
     CorruptDatabaseError,
     InvalidKeyError,
@@ -487,6 +488,10 @@ def encode_key(key: object, *, what: str = "key") -> bytes:
     naive datetime or a string with lone surrogates, and KeyTooLargeError above ``MAX_KEY_BYTES``.
     """
     kind = type(key)
+    if speedups is not None and (kind is int or kind is datetime):
+        keys = speedups.int_keys((key,)) if kind is int else speedups.datetime_keys((key,))  # type: ignore[arg-type]
+        if keys is not None:  # the C twin (see _native) took it: an int64, or a datetime in UTC
+            return keys[0]
     if kind is int:
         data = _int_body(key, what) + b"\x00"  # type: ignore[arg-type]  # exact type checked
     elif kind is float:
@@ -543,6 +548,10 @@ def encode_body(key: object, *, what: str = "key") -> bytes:
     '70 33 80 00 40 61 00 00'
     """
     kind = type(key)
+    if speedups is not None and (kind is int or kind is datetime):
+        keys = speedups.int_keys((key,)) if kind is int else speedups.datetime_keys((key,))  # type: ignore[arg-type]
+        if keys is not None:  # the C twin (see _native): the key without its suffix byte (ints only)
+            return keys[0][:-1] if kind is int else keys[0]
     if kind is int:
         value: int = key  # type: ignore[assignment]  # exact type checked
         if 0 < value < _SMALL_INT:  # the common bound (a count, an epoch time)
