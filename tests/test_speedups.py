@@ -193,3 +193,67 @@ def test_a_non_sequence_raises_type_error() -> None:
         speedups.text_keys(5, LIMIT)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         speedups.text_keys(["a"])  # type: ignore[call-arg]
+
+
+VALUE = st.one_of(FINITE, st.integers(-(2**63), 2**63 - 1))
+
+
+@st.composite
+def leaf_spans(draw: st.DrawFn) -> tuple[list[tuple[Any, int, int, bool]], int]:
+    """Spans over leaves of ``fields`` columns (tuples or lists), each with a start, stop and sign."""
+    fields = draw(st.integers(0, 3))
+    spans = []
+    for _ in range(draw(st.integers(0, 4))):
+        size = draw(st.integers(0, 12))
+        columns = [draw(st.lists(VALUE, min_size=size, max_size=size)) for _ in range(fields)]
+        start = draw(st.integers(0, size))
+        stop = draw(st.integers(start, size))
+        holder = tuple(map(tuple, columns)) if draw(st.booleans()) else columns
+        spans.append((holder, start, stop, draw(st.booleans())))
+    return spans, fields
+
+
+def reference_span_sums(spans: list[tuple[Any, int, int, bool]], fields: int) -> list[tuple[int, int]]:
+    found = []
+    for field in range(fields):
+        total = floats = 0
+        for columns, start, stop, positive in spans:
+            values = columns[field][start:stop]
+            sign = 1 if positive else -1
+            total += sign * sum(map(scaled, values))
+            floats += sign * sum(type(value) is float for value in values)
+        found.append((total, floats))
+    return found
+
+
+@given(leaf_spans())
+def test_span_sums_are_exact(case: tuple[list[tuple[Any, int, int, bool]], int]) -> None:
+    assert speedups is not None
+    spans, fields = case
+    assert speedups.span_sums(spans, fields) == reference_span_sums(spans, fields)
+
+
+def test_span_sums_leave_a_field_they_do_not_handle_to_python() -> None:
+    assert speedups is not None
+    columns = ([1.5, math.nan], [2**70, 3], [0.5, 1])
+    found = speedups.span_sums([(columns, 0, 2, True)], 3)
+    assert found == [None, None, (scaled(0.5) + scaled(1), 1)]
+    assert speedups.span_sums([(columns, 1, 2, False)], 3)[1] == (-scaled(3), 0)  # the big int is outside
+
+
+@pytest.mark.parametrize(
+    ("spans", "fields", "error"),
+    [
+        ([("not columns", 0, 0, True)], 1, TypeError),
+        ([(([1.0],), 0, 2, True)], 1, IndexError),
+        ([(([1.0],), 1, 0, True)], 1, IndexError),
+        ([(([1.0],), 0, 1, True)], 2, TypeError),
+        ([(([1.0],), 0, 1)], 1, TypeError),
+        ([[([1.0],), 0, 1, True]], 1, TypeError),
+        ([], -1, ValueError),
+    ],
+)
+def test_span_sums_refuse_malformed_spans(spans: Any, fields: int, error: type[Exception]) -> None:
+    assert speedups is not None
+    with pytest.raises(error):
+        speedups.span_sums(spans, fields)

@@ -3,10 +3,11 @@
 Design
 ======
 ``_speedups`` (C, built by ``setup.py`` when a compiler is present; ``optional=True``, so an install
-without one still succeeds) holds faster twins of four pure functions: the int, datetime and str key
-encoders of ``_bulk`` and the exact float sum of ``_node``. The Python functions stay the reference
-and the fallback: each C function returns None for any input it does not handle, and the caller then
-runs the Python code. Answers are the same either way (tests compare the two on random inputs).
+without one still succeeds) holds faster twins of pure functions: the int, datetime and str key
+encoders of ``_bulk`` and ``_keys``, the exact float sum of ``_node`` and the leaf-span sums of
+``_btree``. The Python functions stay the reference and the fallback: each C function returns None
+for any input it does not handle, and the caller then runs the Python code. Answers are the same
+either way (tests compare the two on random inputs, and CI runs the core tests without them).
 
 Set the environment variable ``TALLYTREE_PURE_PYTHON=1`` before importing tallytree to run without
 them (to compare, or to rule them out when chasing a bug).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Speedups", "speedups"]
 
@@ -33,6 +34,9 @@ class Speedups(Protocol):
     def datetime_keys(self, values: Sequence[datetime], /) -> list[bytes] | None: ...
     def text_keys(self, values: Sequence[str], limit: int, /) -> list[bytes] | None: ...
     def float_sum(self, values: Sequence[float], /) -> int | None: ...
+    def span_sums(
+        self, spans: list[tuple[Any, int, int, bool]], fields: int, /
+    ) -> list[tuple[int, int] | None]: ...
 
 
 _built: Speedups | None

@@ -2,7 +2,7 @@
 
 Design
 ======
-Four functions, each a faster twin of Python code that stays the reference and the fallback
+Five functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -12,20 +12,22 @@ the Python code and gives the same answers):
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
-  (``_node.scaled``), accumulated in fixed point with no rounding at all.
+  (``_node.scaled``), accumulated in fixed point with no rounding at all;
+* ``span_sums(spans, fields)``: for each value field, the exact sum and the float count of the leaf
+  spans a range read adds or subtracts (``_btree.Tree._settle``), read in place from the columns.
 
 Each takes any sequence and returns None, without raising, when a value is outside what it handles
 (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the caller
 then takes the Python path, which accepts or rejects the value with its usual typed error. So this
 module never decides what is valid; it only computes faster what the Python code would.
 
-Exact float sums
-----------------
+Exact sums
+----------
 A finite double is ``m * 2**s`` units of ``2**-1074`` with ``m < 2**53`` and ``0 <= s <= 2045``. The
 accumulator holds 32-bit digits (weight ``2**(32 i)``) in signed 64-bit slots: adding ``m << s``
 adds at most three 32-bit parts to three slots, and a slot absorbs 2**31 such parts before it could
 overflow, so carries are propagated only at the end (or every 2**30 values), when the digits are
-turned into one Python int by ``int.from_bytes``.
+turned into one Python int. An int in the int64 range is ``|v| * 2**1074`` units, added the same way.
 */
 
 #define PY_SSIZE_T_CLEAN
@@ -280,94 +282,115 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
-/* ------------------------------------------------------------------ exact float sums */
+/* ------------------------------------------------------------------ exact sums */
 
 #define SLOTS 70            /* 32-bit digits: 2098 bits of doubles, room for carries and the sign */
 #define FLUSH_EVERY (1 << 30) /* values added between two carry propagations (a slot holds 2**31) */
+#define INT_SHIFT 1074      /* an int v is v * 2**1074 units */
+
+typedef struct {
+    int64_t slots[SLOTS];
+    Py_ssize_t since; /* values added since the last carry propagation */
+} Accumulator;
 
 static void
-propagate(int64_t *slots)
+propagate(Accumulator *acc)
 {
     for (int index = 0; index < SLOTS - 1; index++) {
-        int64_t carry = slots[index] >> 32; /* arithmetic: floor division by 2**32 */
-        slots[index] -= carry * ((int64_t)1 << 32);
-        slots[index + 1] += carry;
+        int64_t carry = acc->slots[index] >> 32; /* arithmetic: floor division by 2**32 */
+        acc->slots[index] -= carry * ((int64_t)1 << 32);
+        acc->slots[index + 1] += carry;
+    }
+    acc->since = 0;
+}
+
+/* Add (or subtract) magnitude * 2**shift units: magnitude < 2**64, shift <= 2045 (slot + 2 < SLOTS). */
+static void
+accumulate(Accumulator *acc, uint64_t magnitude, unsigned shift, int negative)
+{
+    int slot = (int)(shift / 32);
+    unsigned __int128 wide = (unsigned __int128)magnitude << (shift % 32);
+    int64_t parts[3] = {/* at most 64 + 31 bits */
+        (int64_t)(uint32_t)wide,
+        (int64_t)(uint32_t)(wide >> 32),
+        (int64_t)(uint32_t)(wide >> 64),
+    };
+    for (int part = 0; part < 3; part++) {
+        acc->slots[slot + part] += negative ? -parts[part] : parts[part];
+    }
+    if (++acc->since == FLUSH_EVERY) {
+        propagate(acc);
     }
 }
 
-static PyObject *
-float_sum(PyObject *Py_UNUSED(module), PyObject *values)
+/* Add a finite double; 0 if it is NaN or an infinity (left to the Python code). */
+static int
+accumulate_double(Accumulator *acc, double value, int negate)
 {
-    PyObject *seq = PySequence_Fast(values, "float_sum() needs a sequence");
-    if (seq == NULL) {
-        return NULL;
+    uint64_t raw;
+    memcpy(&raw, &value, sizeof(raw));
+    unsigned biased = (unsigned)((raw >> 52) & 0x7FF);
+    if (biased == 0x7FF) {
+        return 0;
     }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    int64_t slots[SLOTS];
-    memset(slots, 0, sizeof(slots));
-    Py_ssize_t since = 0;
-    for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *item = items[index];
-        if (!PyFloat_CheckExact(item)) {
-            Py_DECREF(seq);
-            Py_RETURN_NONE;
-        }
-        double value = PyFloat_AS_DOUBLE(item);
-        uint64_t raw;
-        memcpy(&raw, &value, sizeof(raw));
-        unsigned biased = (unsigned)((raw >> 52) & 0x7FF);
-        if (biased == 0x7FF) { /* NaN or an infinity */
-            Py_DECREF(seq);
-            Py_RETURN_NONE;
-        }
-        uint64_t mantissa = raw & ((UINT64_C(1) << 52) - 1);
-        unsigned shift = 0;
-        if (biased) {
-            mantissa |= UINT64_C(1) << 52;
-            shift = biased - 1;
-        }
-        if (!mantissa) {
-            continue; /* 0.0 or -0.0 */
-        }
-        int slot = (int)(shift / 32);
-        unsigned __int128 wide = (unsigned __int128)mantissa << (shift % 32);
-        int64_t parts[3] = {
-            (int64_t)(uint32_t)wide,
-            (int64_t)(uint32_t)(wide >> 32),
-            (int64_t)(uint32_t)(wide >> 64),
-        };
-        if (raw >> 63) {
-            slots[slot] -= parts[0];
-            slots[slot + 1] -= parts[1];
-            slots[slot + 2] -= parts[2];
-        }
-        else {
-            slots[slot] += parts[0];
-            slots[slot + 1] += parts[1];
-            slots[slot + 2] += parts[2];
-        }
-        if (++since == FLUSH_EVERY) {
-            propagate(slots);
-            since = 0;
-        }
+    uint64_t mantissa = raw & ((UINT64_C(1) << 52) - 1);
+    unsigned shift = 0;
+    if (biased) {
+        mantissa |= UINT64_C(1) << 52;
+        shift = biased - 1;
     }
-    Py_DECREF(seq);
-    propagate(slots);
+    if (mantissa) { /* else 0.0 or -0.0 */
+        accumulate(acc, mantissa, shift, (int)(raw >> 63) != negate);
+    }
+    return 1;
+}
+
+/* Add an exact int in the int64 range, or a finite float; counts the floats in *floats (negated
+   when ``negate``). 0 for anything else (left to the Python code), -1 on an error. */
+static int
+accumulate_value(Accumulator *acc, PyObject *item, int negate, Py_ssize_t *floats)
+{
+    if (PyFloat_CheckExact(item)) {
+        *floats += negate ? -1 : 1;
+        return accumulate_double(acc, PyFloat_AS_DOUBLE(item), negate);
+    }
+    if (!PyLong_CheckExact(item)) {
+        return 0;
+    }
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow) {
+        return 0;
+    }
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value) {
+        uint64_t magnitude = value > 0 ? (uint64_t)value : UINT64_C(0) - (uint64_t)value;
+        accumulate(acc, magnitude, INT_SHIFT, (value < 0) != negate);
+    }
+    return 1;
+}
+
+/* The accumulated sum as a Python int. */
+static PyObject *
+accumulated(Accumulator *acc)
+{
+    propagate(acc);
     /* Digits 0..SLOTS-2 are now in [0, 2**32); the last slot is the sign, 0 or -1 (the sum is below
        2**2161 in magnitude). Write the digits little-endian up to the last one that is not a sign
        extension, and one more for the sign. */
-    uint32_t fill = slots[SLOTS - 1] < 0 ? UINT32_MAX : 0;
+    uint32_t fill = acc->slots[SLOTS - 1] < 0 ? UINT32_MAX : 0;
     int used = 1;
     for (int index = SLOTS - 2; index >= 0; index--) {
-        if ((uint32_t)slots[index] != fill) {
+        if ((uint32_t)acc->slots[index] != fill) {
             used = index + 2;
             break;
         }
     }
     unsigned char bytes[SLOTS * 4];
     for (int index = 0; index < used; index++) {
-        uint32_t digit = index < SLOTS - 1 ? (uint32_t)slots[index] : fill;
+        uint32_t digit = index < SLOTS - 1 ? (uint32_t)acc->slots[index] : fill;
         bytes[4 * index] = (unsigned char)digit;
         bytes[4 * index + 1] = (unsigned char)(digit >> 8);
         bytes[4 * index + 2] = (unsigned char)(digit >> 16);
@@ -380,6 +403,110 @@ float_sum(PyObject *Py_UNUSED(module), PyObject *values)
 #endif
 }
 
+static PyObject *
+float_sum(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "float_sum() needs a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Accumulator acc;
+    memset(&acc, 0, sizeof(acc));
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *item = items[index];
+        if (!PyFloat_CheckExact(item) || !accumulate_double(&acc, PyFloat_AS_DOUBLE(item), 0)) {
+            Py_DECREF(seq);
+            Py_RETURN_NONE;
+        }
+    }
+    Py_DECREF(seq);
+    return accumulated(&acc);
+}
+
+/* One field of span_sums: (sum, floats), None when a value is left to Python, NULL on an error. */
+static PyObject *
+span_field(PyObject *spans, Py_ssize_t field)
+{
+    Accumulator acc;
+    memset(&acc, 0, sizeof(acc));
+    Py_ssize_t floats = 0;
+    Py_ssize_t count = PyList_GET_SIZE(spans);
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *span = PyList_GET_ITEM(spans, index);
+        PyObject *columns, *column;
+        Py_ssize_t start, stop;
+        int positive;
+        if (!PyTuple_Check(span)
+            || !PyArg_ParseTuple(span, "Onnp", &columns, &start, &stop, &positive)) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "span_sums() needs (columns, start, stop, positive) tuples");
+            }
+            return NULL;
+        }
+        if (!(PyTuple_Check(columns) || PyList_Check(columns)) || field >= PySequence_Fast_GET_SIZE(columns)) {
+            PyErr_SetString(PyExc_TypeError, "span_sums(): columns must be a tuple or list of the fields");
+            return NULL;
+        }
+        column = PySequence_Fast_GET_ITEM(columns, field);
+        if (!(PyTuple_Check(column) || PyList_Check(column))) {
+            PyErr_SetString(PyExc_TypeError, "span_sums(): a column must be a tuple or list");
+            return NULL;
+        }
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(column);
+        if (start < 0 || stop > size || start > stop) {
+            PyErr_SetString(PyExc_IndexError, "span_sums(): a span lies outside its column");
+            return NULL;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(column);
+        for (Py_ssize_t at = start; at < stop; at++) {
+            int status = accumulate_value(&acc, items[at], !positive, &floats);
+            if (status <= 0) {
+                if (status < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    PyObject *total = accumulated(&acc);
+    if (total == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(Nn)", total, floats);
+}
+
+static PyObject *
+span_sums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "span_sums(spans: list, fields: int) takes two arguments");
+        return NULL;
+    }
+    Py_ssize_t fields = PyLong_AsSsize_t(args[1]);
+    if (fields == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fields < 0) {
+        PyErr_SetString(PyExc_ValueError, "span_sums(): fields must be >= 0");
+        return NULL;
+    }
+    PyObject *out = PyList_New(fields);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        PyObject *found = span_field(args[0], field);
+        if (found == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, field, found);
+    }
+    return out;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -390,6 +517,9 @@ static PyMethodDef methods[] = {
     {"text_keys", (PyCFunction)(void (*)(void))text_keys, METH_FASTCALL,
      "text_keys(values, limit) -> list[bytes] | None: encode_key of each exact str of at most limit "
      "UTF-8 bytes and no NUL."},
+    {"span_sums", (PyCFunction)(void (*)(void))span_sums, METH_FASTCALL,
+     "span_sums(spans, fields) -> list[tuple[int, int] | None]: per field, the exact sum (units of "
+     "2**-1074) and the signed float count of the spans (columns, start, stop, positive)."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},
