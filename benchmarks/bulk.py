@@ -6,15 +6,14 @@ this one process, on seeded data:
 
 * ``--n``: ``Aggregate.build(tx, items, namespace=..., sorted=True)`` of ``n`` in-memory items, int keys
   (epoch seconds) and int ids, then UTC datetime keys and str ids, values (float, int), into a fresh
-  in-memory database, commit included. The current column encoders are compared with the previous
-  ones (int keys one Python step per value, datetime keys through ``int.to_bytes``, leaf sums by
-  ``summarize``: kept below), interleaved over ``--rounds`` rounds; the median of each and their
-  ratio are printed.
+  in-memory database, commit included. Builds with the C kernels (``tallytree._native``) and with
+  their pure-Python twins alternate over ``--rounds`` rounds; the median of each and their ratio are
+  printed (the Python figure is what an install without a C compiler gets).
 * ``--stream N``: the same int build of ``N`` items from a generator (nothing buffered), into an
   LMDB database (``durable=False``): items/s and the process's peak resident memory.
 * ``--attach N``: attaching an aggregate (namespace org, key at, values cost and tokens) to a table
-  of ``N`` documents, against the previous attach (one item per document, inserted per tree in
-  sorted runs), interleaved in this run on the same table (each attached aggregate is dropped).
+  of ``N`` documents, with the C kernels and without, alternating in this run on the same table (each
+  attached aggregate is dropped).
 * ``--csv N``: ``tallytree build`` (``cli.main``) of an unsorted CSV file of ``N`` rows (org, ISO
   timestamp, id, cost, tokens; 1,000 namespaces), with the parse / build / commit split it reports.
 
@@ -34,17 +33,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from itertools import repeat
-from operator import add, attrgetter, floordiv, itemgetter, sub
 from typing import Any
 
 import tallytree
-from tallytree import _bulk, _extract, _table, cli
-from tallytree._btree import Tree
-from tallytree._keys import encode_key
-from tallytree._node import _scaled_column
+from tallytree import _btree, _bulk, _keys, _native, _node, cli
 
 T0 = 1_700_000_000
 START = datetime(2023, 11, 14, tzinfo=UTC)
@@ -63,43 +58,21 @@ def datetime_items(n: int) -> Iterator[tuple[datetime, str, tuple[float, int]]]:
     return ((START + 3 * i * second, f"evt_{i}", (0.25 + i % 7, i % 1000)) for i in range(n))
 
 
-def previous_int_keys(values: Any) -> list[bytes]:
-    """The int key encoder before the lane encoder: one Python step per value."""
-    if not (min(values) > -_bulk._FAST_INT_LIMIT and max(values) < _bulk._FAST_INT_LIMIT):
-        return list(map(encode_key, values))
-    return _bulk._int_keys_loop(values)
+@contextmanager
+def kernels(built: bool) -> Iterator[None]:
+    """Run with the C kernels (when they were built) or with their pure-Python twins."""
+    modules = (_btree, _bulk, _keys, _node)
+    saved = [module.speedups for module in modules]
+    for module in modules:
+        module.speedups = _native.speedups if built else None
+    try:
+        yield
+    finally:
+        for module, kernel in zip(modules, saved, strict=True):
+            module.speedups = kernel
 
 
-def previous_datetime_keys(values: Any) -> list[bytes] | None:
-    """The datetime key encoder before the struct lanes."""
-    if set(map(attrgetter("tzinfo"), values)) != {UTC}:
-        return None
-    micros = map(floordiv, map(sub, values, repeat(_bulk._EPOCH)), repeat(_bulk._MICROSECOND))
-    biased = map(add, micros, repeat(1 << 63))
-    return list(map(b"\x60".__add__, map(int.to_bytes, biased, repeat(8))))
-
-
-def previous_summarize(count: int, columns: list[list[Any]]) -> list[int]:
-    """The leaf summary before the repeated-fsum exact sum: scaled ints summed as big ints."""
-    sums = []
-    floats = []
-    for column in columns:
-        shift, values = _scaled_column(column)
-        sums.append(sum(values) << shift)
-        floats.append(list(map(type, column)).count(float))
-    return [count, *sums, *floats]
-
-
-CURRENT = {
-    "_int_keys": _bulk._int_keys,
-    "_datetime_keys": _bulk._datetime_keys,
-    "summarize": _bulk.summarize,
-}
-PREVIOUS = {
-    "_int_keys": previous_int_keys,
-    "_datetime_keys": previous_datetime_keys,
-    "summarize": previous_summarize,
-}
+KERNELS = {"C": True, "Python": False}
 
 
 def build_once(items: list[Any]) -> float:
@@ -116,21 +89,20 @@ def in_memory(n: int, rounds: int) -> None:
         ("int keys, int ids", list(int_items(n))),
         ("datetime keys, str ids", list(datetime_items(n))),
     ):
-        times: dict[str, list[float]] = {"new": [], "old": []}
+        times: dict[str, list[float]] = {name: [] for name in KERNELS}
         for _ in range(rounds):
-            for name, functions in (("new", CURRENT), ("old", PREVIOUS)):
-                for attribute, function in functions.items():
-                    setattr(_bulk, attribute, function)
-                try:
+            for name, built in KERNELS.items():
+                with kernels(built):
                     times[name].append(build_once(items))
-                finally:
-                    for attribute, function in CURRENT.items():
-                        setattr(_bulk, attribute, function)
-        new, old = statistics.median(times["new"]), statistics.median(times["old"])
+        fast, slow = statistics.median(times["C"]), statistics.median(times["Python"])
         print(
-            f"build sorted, {label}, n={n:,}: {n / new:,.0f} items/s (previous encoders {n / old:,.0f}; "
-            f"{old / new:.2f}x), medians of {rounds}"
+            f"build sorted, {label}, n={n:,}: {n / fast:,.0f} items/s with the C kernels{_missing()} "
+            f"(pure Python {n / slow:,.0f}; {slow / fast:.2f}x), medians of {rounds}"
         )
+
+
+def _missing() -> str:
+    return "" if _native.speedups is not None else " [NOT BUILT: both figures are pure Python]"
 
 
 def stream(n: int) -> None:
@@ -161,63 +133,27 @@ def documents(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def previous_attach(table: tallytree.Table, tx: Any, definition: _extract.Definition) -> None:
-    """The attach before the column path (its code, kept here): one item per document, grouped per
-    tree, sorted, then inserted per tree in a sorted run."""
-    start = len(table._prefix)
-    by_tree: dict[bytes, list[tuple[bytes, tuple[Any, ...]]]] = {}
-    for key, data in tx.docs(table._prefix, table._stop):
-        coord = definition.coordinates(_table.decode_doc(data), None, key[start:])
-        if coord is not None:
-            by_tree.setdefault(coord[0], []).append((coord[1], coord[2]))
-    aggregate = definition.aggregate
-    for tree_key in sorted(by_tree):
-        rows = by_tree[tree_key]
-        rows.sort(key=itemgetter(0))
-        tree = Tree(tx, len(aggregate.fields), aggregate.node_size, tx.root(tree_key))
-        tree.insert_sorted_run([row[0] for row in rows], [row[1] for row in rows])
-        if tree.changed:
-            tx.set_root(tree_key, tree.root)
-
-
 def attach(n: int, rounds: int) -> None:
     docs = documents(n)
-    times: dict[str, list[float]] = {"new": [], "old": []}
+    times: dict[str, list[float]] = {name: [] for name in KERNELS}
     with tempfile.TemporaryDirectory() as directory, tallytree.open(directory + "/db", durable=False) as db:
         table = db.table("events")
         with db.write() as tx:
             table.insert_many(tx, docs)
         del docs
         for round_ in range(rounds):
-            for name in ("new", "old"):
+            for name, built in KERNELS.items():
                 aggregate = f"{name}_{round_}"
-                started = time.perf_counter()
-                if name == "new":
+                with kernels(built):
+                    started = time.perf_counter()
                     table.aggregate(aggregate, namespace="org", key="at", values=("cost", "tokens"))
-                else:
-                    _attach_with(table, aggregate, previous_attach)
-                times[name].append(time.perf_counter() - started)
+                    times[name].append(time.perf_counter() - started)
                 table.drop_aggregate(aggregate)
-    new, old = statistics.median(times["new"]), statistics.median(times["old"])
+    fast, slow = statistics.median(times["C"]), statistics.median(times["Python"])
     print(
-        f"attach to a table of {n:,}: {n / new:,.0f} documents/s (previous {n / old:,.0f}; "
-        f"{old / new:.2f}x), medians of {rounds}"
+        f"attach to a table of {n:,}: {n / fast:,.0f} documents/s with the C kernels{_missing()} "
+        f"(pure Python {n / slow:,.0f}; {slow / fast:.2f}x), medians of {rounds}"
     )
-
-
-def _attach_with(table: tallytree.Table, name: str, how: Callable[..., None]) -> None:
-    """Attach as ``table.aggregate`` does, with another way to build (for the comparison)."""
-    original = _table.build_columns
-
-    def previous(aggregate: Any, tx: Any, batches: Any) -> Any:
-        definition = table._probe(aggregate, "at", "org", {"cost": "cost", "tokens": "tokens"}, None, "error")
-        how(table, tx, definition)
-
-    _table.build_columns = previous  # type: ignore[assignment]
-    try:
-        table.aggregate(name, namespace="org", key="at", values=("cost", "tokens"))
-    finally:
-        _table.build_columns = original
 
 
 def csv_build(n: int) -> None:
