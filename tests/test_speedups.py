@@ -198,27 +198,37 @@ def test_a_non_sequence_raises_type_error() -> None:
 VALUE = st.one_of(FINITE, st.integers(-(2**63), 2**63 - 1))
 
 
+class Leaf:
+    """What a span needs of a leaf: its columns."""
+
+    def __init__(self, cols: Any) -> None:
+        self.cols = cols
+
+
+Span = tuple[Any, ...]
+
+
 @st.composite
-def leaf_spans(draw: st.DrawFn) -> tuple[list[tuple[Any, int, int, bool]], int]:
-    """Spans over leaves of ``fields`` columns (tuples or lists), each with a start, stop and sign."""
+def leaf_spans(draw: st.DrawFn) -> tuple[list[Span], int]:
+    """Spans ``(leaf, start, stop, positive)`` over leaves of ``fields`` columns (tuples or lists)."""
     fields = draw(st.integers(0, 3))
-    spans = []
+    spans: list[Span] = []
     for _ in range(draw(st.integers(0, 4))):
         size = draw(st.integers(0, 12))
         columns = [draw(st.lists(VALUE, min_size=size, max_size=size)) for _ in range(fields)]
         start = draw(st.integers(0, size))
         stop = draw(st.integers(start, size))
         holder = tuple(map(tuple, columns)) if draw(st.booleans()) else columns
-        spans.append((holder, start, stop, draw(st.booleans())))
+        spans.append((Leaf(holder), start, stop, draw(st.booleans()), "ignored"))
     return spans, fields
 
 
-def reference_span_sums(spans: list[tuple[Any, int, int, bool]], fields: int) -> list[tuple[int, int]]:
+def reference_span_sums(spans: list[Span], fields: int) -> list[tuple[int, int]]:
     found = []
     for field in range(fields):
         total = floats = 0
-        for columns, start, stop, positive in spans:
-            values = columns[field][start:stop]
+        for leaf, start, stop, positive, *_ in spans:
+            values = leaf.cols[field][start:stop]
             sign = 1 if positive else -1
             total += sign * sum(map(scaled, values))
             floats += sign * sum(type(value) is float for value in values)
@@ -227,33 +237,74 @@ def reference_span_sums(spans: list[tuple[Any, int, int, bool]], fields: int) ->
 
 
 @given(leaf_spans())
-def test_span_sums_are_exact(case: tuple[list[tuple[Any, int, int, bool]], int]) -> None:
+def test_span_sums_are_exact(case: tuple[list[Span], int]) -> None:
     assert speedups is not None
     spans, fields = case
     assert speedups.span_sums(spans, fields) == reference_span_sums(spans, fields)
+    assert speedups.span_sums(tuple(spans), fields) == reference_span_sums(spans, fields)
 
 
 def test_span_sums_leave_a_field_they_do_not_handle_to_python() -> None:
     assert speedups is not None
-    columns = ([1.5, math.nan], [2**70, 3], [0.5, 1])
-    found = speedups.span_sums([(columns, 0, 2, True)], 3)
+    leaf = Leaf(([1.5, math.nan], [2**70, 3], [0.5, 1]))
+    found = speedups.span_sums([(leaf, 0, 2, True)], 3)
     assert found == [None, None, (scaled(0.5) + scaled(1), 1)]
-    assert speedups.span_sums([(columns, 1, 2, False)], 3)[1] == (-scaled(3), 0)  # the big int is outside
+    assert speedups.span_sums([(leaf, 1, 2, False)], 3)[1] == (-scaled(3), 0)  # the big int is outside
+
+
+@given(leaf_spans(), st.data())
+def test_settle_adds_rows_and_spans_exactly(case: tuple[list[Span], int], data: st.DataObject) -> None:
+    assert speedups is not None
+    spans, fields = case
+    width = 1 + 2 * fields
+    row = st.tuples(*[st.integers(-(2**1200), 2**1200)] * width) | st.lists(
+        st.integers(-(2**70), 2**70), min_size=width, max_size=width
+    )
+    plus = data.draw(st.lists(row, min_size=1, max_size=4))
+    minus = data.draw(st.lists(row, max_size=4))
+    expected = [sum(column) for column in zip(*plus, strict=True)]
+    for other in minus:
+        expected = [mine - theirs for mine, theirs in zip(expected, other, strict=True)]
+    expected[0] += sum((stop - start) * (1 if positive else -1) for _, start, stop, positive, _ in spans)
+    for field, (total, floats) in enumerate(reference_span_sums(spans, fields)):
+        expected[1 + field] += total
+        expected[1 + fields + field] += floats
+    assert speedups.settle(plus, minus, spans, fields) == expected
+
+
+def test_settle_leaves_a_read_with_an_unhandled_value_to_python() -> None:
+    assert speedups is not None
+    leaf = Leaf(([1.5, 2**70],))
+    assert speedups.settle([[0, 0, 0]], [], [(leaf, 0, 1, True)], 1) == [1, scaled(1.5), 1]
+    assert speedups.settle([[0, 0, 0]], [], [(leaf, 0, 2, True)], 1) is None
 
 
 @pytest.mark.parametrize(
     ("spans", "fields", "error"),
     [
-        ([("not columns", 0, 0, True)], 1, TypeError),
-        ([(([1.0],), 0, 2, True)], 1, IndexError),
-        ([(([1.0],), 1, 0, True)], 1, IndexError),
-        ([(([1.0],), 0, 1, True)], 2, TypeError),
-        ([(([1.0],), 0, 1)], 1, TypeError),
-        ([[([1.0],), 0, 1, True]], 1, TypeError),
+        ([("no columns", 0, 0, True)], 1, AttributeError),
+        ([(Leaf("text"), 0, 0, True)], 1, TypeError),
+        ([(Leaf(([1.0],)), 0, 2, True)], 1, IndexError),
+        ([(Leaf(([1.0],)), 1, 0, True)], 1, IndexError),
+        ([(Leaf(([1.0],)), 0, 1, True)], 2, TypeError),
+        ([(Leaf(([1.0],)), 0, 1)], 1, TypeError),
+        ([[Leaf(([1.0],)), 0, 1, True]], 1, TypeError),
+        ([(Leaf(("abc",)), 0, 1, True)], 1, TypeError),
+        (5, 1, TypeError),
         ([], -1, ValueError),
     ],
 )
-def test_span_sums_refuse_malformed_spans(spans: Any, fields: int, error: type[Exception]) -> None:
+def test_span_reads_refuse_malformed_spans(spans: Any, fields: int, error: type[Exception]) -> None:
     assert speedups is not None
     with pytest.raises(error):
         speedups.span_sums(spans, fields)
+    with pytest.raises(error):
+        speedups.settle([[0] * (1 + 2 * max(fields, 0))], [], spans, fields)
+
+
+def test_settle_refuses_rows_of_another_width() -> None:
+    assert speedups is not None
+    with pytest.raises(ValueError):
+        speedups.settle([[0, 0]], [], [], 1)
+    with pytest.raises(TypeError):
+        speedups.settle((0, 0, 0), [], [], 1)  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 Design
 ======
-Five functions, each a faster twin of Python code that stays the reference and the fallback
+Six functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -14,7 +14,10 @@ the Python code and gives the same answers):
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
 * ``span_sums(spans, fields)``: for each value field, the exact sum and the float count of the leaf
-  spans a range read adds or subtracts (``_btree.Tree._settle``), read in place from the columns.
+  spans ``(leaf, start, stop, positive, ...)`` a range read adds or subtracts, read in place from
+  ``leaf.cols``; ``settle(plus, minus, spans,
+  fields)`` adds the summary rows of a range read and its spans into the read's answer in one call
+  (``_btree.Tree._settle``).
 
 Each takes any sequence and returns None, without raising, when a value is outside what it handles
 (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the caller
@@ -425,41 +428,73 @@ float_sum(PyObject *Py_UNUSED(module), PyObject *values)
     return accumulated(&acc);
 }
 
-/* One field of span_sums: (sum, floats), None when a value is left to Python, NULL on an error. */
+/* A span: a tuple (leaf, start, stop, positive, ...) whose leaf has ``cols``, a tuple or list of
+   columns, each a tuple or list (further items are ignored: ``_btree`` passes its own span tuples).
+   Sets *columns to a borrowed reference (the leaf keeps it alive). 0, or -1 with an exception. */
+static int
+parse_span(PyObject *span, PyObject **columns, Py_ssize_t *start, Py_ssize_t *stop, int *positive)
+{
+    static PyObject *cols_name = NULL;
+    if (cols_name == NULL && (cols_name = PyUnicode_InternFromString("cols")) == NULL) {
+        return -1;
+    }
+    if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) < 4) {
+        PyErr_SetString(PyExc_TypeError, "a span is a tuple (leaf, start, stop, positive, ...)");
+        return -1;
+    }
+    PyObject *held = PyObject_GetAttr(PyTuple_GET_ITEM(span, 0), cols_name);
+    if (held == NULL) {
+        return -1;
+    }
+    Py_DECREF(held); /* borrowed from here on: the leaf, held by the span, keeps its columns */
+    if (!(PyTuple_Check(held) || PyList_Check(held))) {
+        PyErr_SetString(PyExc_TypeError, "a span's leaf.cols must be a tuple or list of columns");
+        return -1;
+    }
+    *columns = held;
+    *start = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+    if (*start == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *stop = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 2));
+    if (*stop == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *positive = PyObject_IsTrue(PyTuple_GET_ITEM(span, 3));
+    return *positive < 0 ? -1 : 0;
+}
+
+/* One field of span_sums: (sum, floats), None when a value is left to Python, NULL on an error.
+   ``spans`` is a list or tuple (PySequence_Fast). */
 static PyObject *
 span_field(PyObject *spans, Py_ssize_t field)
 {
     Accumulator acc;
     memset(&acc, 0, sizeof(acc));
     Py_ssize_t floats = 0;
-    Py_ssize_t count = PyList_GET_SIZE(spans);
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(spans);
     for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *span = PyList_GET_ITEM(spans, index);
         PyObject *columns, *column;
         Py_ssize_t start, stop;
         int positive;
-        if (!PyTuple_Check(span)
-            || !PyArg_ParseTuple(span, "Onnp", &columns, &start, &stop, &positive)) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_TypeError, "span_sums() needs (columns, start, stop, positive) tuples");
-            }
+        if (parse_span(PySequence_Fast_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
             return NULL;
         }
-        if (!(PyTuple_Check(columns) || PyList_Check(columns)) || field >= PySequence_Fast_GET_SIZE(columns)) {
-            PyErr_SetString(PyExc_TypeError, "span_sums(): columns must be a tuple or list of the fields");
+        if (field >= PySequence_Fast_GET_SIZE(columns)) {
+            PyErr_SetString(PyExc_TypeError, "a span's leaf has fewer columns than fields");
             return NULL;
         }
         column = PySequence_Fast_GET_ITEM(columns, field);
         if (!(PyTuple_Check(column) || PyList_Check(column))) {
-            PyErr_SetString(PyExc_TypeError, "span_sums(): a column must be a tuple or list");
+            PyErr_SetString(PyExc_TypeError, "a column must be a tuple or list");
             return NULL;
         }
         Py_ssize_t size = PySequence_Fast_GET_SIZE(column);
         if (start < 0 || stop > size || start > stop) {
-            PyErr_SetString(PyExc_IndexError, "span_sums(): a span lies outside its column");
+            PyErr_SetString(PyExc_IndexError, "a span lies outside its column");
             return NULL;
         }
-        PyObject **items = PySequence_Fast_ITEMS(column);
+    PyObject **items = PySequence_Fast_ITEMS(column);
         for (Py_ssize_t at = start; at < stop; at++) {
             int status = accumulate_value(&acc, items[at], !positive, &floats);
             if (status <= 0) {
@@ -480,8 +515,8 @@ span_field(PyObject *spans, Py_ssize_t field)
 static PyObject *
 span_sums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "span_sums(spans: list, fields: int) takes two arguments");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "span_sums(spans, fields) takes two arguments");
         return NULL;
     }
     Py_ssize_t fields = PyLong_AsSsize_t(args[1]);
@@ -492,19 +527,144 @@ span_sums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "span_sums(): fields must be >= 0");
         return NULL;
     }
+    PyObject *spans = PySequence_Fast(args[0], "span_sums() needs a sequence of spans");
+    if (spans == NULL) {
+        return NULL;
+    }
     PyObject *out = PyList_New(fields);
     if (out == NULL) {
+        Py_DECREF(spans);
         return NULL;
     }
     for (Py_ssize_t field = 0; field < fields; field++) {
-        PyObject *found = span_field(args[0], field);
+        PyObject *found = span_field(spans, field);
         if (found == NULL) {
+            Py_DECREF(spans);
             Py_DECREF(out);
             return NULL;
         }
         PyList_SET_ITEM(out, field, found);
     }
+    Py_DECREF(spans);
     return out;
+}
+
+/* out[index] += value (or -= value), for a list of Python ints. */
+static int
+add_into(PyObject *out, Py_ssize_t index, PyObject *value, int subtract)
+{
+    PyObject *old = PyList_GET_ITEM(out, index);
+    PyObject *sum = subtract ? PyNumber_Subtract(old, value) : PyNumber_Add(old, value);
+    if (sum == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(out, index, sum);
+    Py_DECREF(old);
+    return 0;
+}
+
+/* Add (or subtract) every row of a list of summary rows into out. */
+static int
+add_rows(PyObject *out, PyObject *rows, Py_ssize_t width, int subtract)
+{
+    for (Py_ssize_t index = 0; index < PyList_GET_SIZE(rows); index++) {
+        PyObject *row = PySequence_Fast(PyList_GET_ITEM(rows, index), "settle(): a row must be a sequence");
+        if (row == NULL) {
+            return -1;
+        }
+        if (PySequence_Fast_GET_SIZE(row) != width) {
+            Py_DECREF(row);
+            PyErr_SetString(PyExc_ValueError, "settle(): a row's width differs from 1 + 2 * fields");
+            return -1;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(row);
+        for (Py_ssize_t column = 0; column < width; column++) {
+            if (add_into(out, column, items[column], subtract) < 0) {
+                Py_DECREF(row);
+                return -1;
+            }
+        }
+        Py_DECREF(row);
+    }
+    return 0;
+}
+
+static PyObject *
+settle(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "settle(plus: list, minus: list, spans, fields: int)");
+        return NULL;
+    }
+    Py_ssize_t fields = PyLong_AsSsize_t(args[3]);
+    if (fields == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fields < 0) {
+        PyErr_SetString(PyExc_ValueError, "settle(): fields must be >= 0");
+        return NULL;
+    }
+    Py_ssize_t width = 1 + 2 * fields;
+    PyObject *spans = PySequence_Fast(args[2], "settle() needs a sequence of spans");
+    if (spans == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(width);
+    if (out == NULL) {
+        Py_DECREF(spans);
+        return NULL;
+    }
+    for (Py_ssize_t column = 0; column < width; column++) {
+        PyList_SET_ITEM(out, column, PyLong_FromLong(0)); /* a cached small int: cannot fail */
+    }
+    if (add_rows(out, args[0], width, 0) < 0 || add_rows(out, args[1], width, 1) < 0) {
+        goto failed;
+    }
+    long long entries = 0;
+    for (Py_ssize_t index = 0; index < PySequence_Fast_GET_SIZE(spans); index++) {
+        PyObject *columns;
+        Py_ssize_t start, stop;
+        int positive;
+        if (parse_span(PySequence_Fast_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
+            goto failed;
+        }
+        entries += positive ? stop - start : start - stop;
+    }
+    PyObject *count = PyLong_FromLongLong(entries);
+    if (count == NULL) {
+        goto failed;
+    }
+    int status = add_into(out, 0, count, 0);
+    Py_DECREF(count);
+    if (status < 0) {
+        goto failed;
+    }
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        PyObject *found = span_field(spans, field);
+        if (found == NULL) {
+            goto failed;
+        }
+        if (found == Py_None) { /* a value for the Python code: it settles the whole read */
+            Py_DECREF(found);
+            Py_DECREF(spans);
+            Py_DECREF(out);
+            Py_RETURN_NONE;
+        }
+        status = add_into(out, 1 + field, PyTuple_GET_ITEM(found, 0), 0);
+        if (status == 0) {
+            status = add_into(out, 1 + fields + field, PyTuple_GET_ITEM(found, 1), 0);
+        }
+        Py_DECREF(found);
+        if (status < 0) {
+            goto failed;
+        }
+    }
+    Py_DECREF(spans);
+    return out;
+failed:
+    Py_DECREF(spans);
+    Py_DECREF(out);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ module */
@@ -519,7 +679,10 @@ static PyMethodDef methods[] = {
      "UTF-8 bytes and no NUL."},
     {"span_sums", (PyCFunction)(void (*)(void))span_sums, METH_FASTCALL,
      "span_sums(spans, fields) -> list[tuple[int, int] | None]: per field, the exact sum (units of "
-     "2**-1074) and the signed float count of the spans (columns, start, stop, positive)."},
+     "2**-1074) and the signed float count of the spans (leaf, start, stop, positive, ...)."},
+    {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL,
+     "settle(plus, minus, spans, fields) -> list[int] | None: the summary sum(plus) - sum(minus) "
+     "plus the signed leaf spans, exactly."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},
