@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -308,3 +309,50 @@ def test_settle_refuses_rows_of_another_width() -> None:
         speedups.settle([[0, 0]], [], [], 1)
     with pytest.raises(TypeError):
         speedups.settle((0, 0, 0), [], [], 1)  # type: ignore[arg-type]
+
+
+class Keyed:
+    """What bisect needs of a node: its keys, whether it may still change, and a slot for the blob."""
+
+    def __init__(self, keys: Any, dirty: bool) -> None:
+        self.keys = keys
+        self.dirty = dirty
+        self._blob: bytes | None = None
+
+
+@given(
+    st.lists(st.binary(max_size=12), max_size=70, unique=True), st.lists(st.binary(max_size=13), max_size=20)
+)
+def test_bisect_equals_the_bisect_module(keys: list[bytes], probes: list[bytes]) -> None:
+    assert speedups is not None
+    keys.sort()
+    committed, dirty = Keyed(tuple(keys), False), Keyed(list(keys), True)
+    for probe in [*probes, *keys]:
+        for right, reference in ((True, bisect_right), (False, bisect_left)):
+            expected = reference(keys, probe)
+            assert speedups.bisect(committed, probe, right) == expected
+            assert speedups.bisect(dirty, probe, right) == expected
+    assert dirty._blob is None  # a node that may still change keeps no blob
+    assert (committed._blob is not None) == bool(probes or keys)  # built on the first search
+
+
+def test_bisect_refuses_what_is_not_a_node_of_bytes() -> None:
+    assert speedups is not None
+    with pytest.raises(TypeError):
+        speedups.bisect(Keyed((b"a",), False), "a", True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.bisect(Keyed((b"a", "b"), False), b"a", True)
+    with pytest.raises(TypeError):
+        speedups.bisect(Keyed([b"a", 2], True), b"b", True)
+    with pytest.raises(AttributeError):
+        speedups.bisect(object(), b"a", True)
+    for blob in (
+        b"\x00",
+        b"\x00" * 8,
+        (400).to_bytes(4, "little") + b"\x00" * 4,
+        bytes([8, 0, 0, 0, 99, 0, 0, 0]),
+    ):
+        damaged = Keyed((b"a",), False)
+        damaged._blob = blob
+        with pytest.raises(TypeError):
+            speedups.bisect(damaged, b"a", True)

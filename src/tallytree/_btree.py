@@ -47,7 +47,7 @@ B / 2 entries each); writes O(B log_B n).
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from itertools import accumulate, repeat
@@ -114,6 +114,19 @@ Cut = tuple[bytes, bool]
 """Where a bound cuts: ``(bound, after)`` means "entries ``< bound``" (``<= bound`` when ``after``)."""
 
 Span = tuple[Node, int, int, bool, Sequence[int], Sequence[int]]
+
+
+def _bisect_keys(node: Node, key: bytes, right: bool) -> int:
+    """``bisect_right`` (``bisect_left`` unless ``right``) of ``key`` in ``node.keys``. O(log B)."""
+    return bisect_right(node.keys, key) if right else bisect_left(node.keys, key)
+
+
+def _finder() -> Callable[[Node, bytes, bool], int]:
+    """The key search of the descents: the C kernel's (through each committed node's cached search
+    blob, see ``_speedups.c``), or :func:`_bisect_keys`."""
+    return _bisect_keys if speedups is None else speedups.bisect
+
+
 """Entries ``start:stop`` of a leaf, to be added (True) to or subtracted from a range summary, and the
 summaries up to the leaf's start and end (their difference is the leaf's summary, kept by its parent)."""
 
@@ -172,13 +185,13 @@ class Tree:
     def _rank_in(self, node: Node, bound: bytes, after: bool) -> int:
         """Number of entries ``< bound`` (``<= bound``) in the subtree of ``node``."""
         access = self.access
+        find = _finder()
         total = 0
         while not node.leaf:
-            index = bisect_right(node.keys, bound) - 1
+            index = find(node, bound, True) - 1
             total += node.counts()[index]
             node = access.node(node.kids[index])
-        keys = node.keys
-        return total + (bisect_right(keys, bound) if after else bisect_left(keys, bound))
+        return total + find(node, bound, after)
 
     def rank_range(self, lower: Cut | None, upper: Cut | None) -> tuple[int, int]:
         """``(rank(*lower), rank(*upper))``, 0 and ``count`` for a missing cut, in one descent.
@@ -196,12 +209,12 @@ class Tree:
         low, low_after = lower
         high, high_after = upper
         access = self.access
+        find = _finder()
         node = access.node(root.node_id)
         base = 0
         while not node.leaf:
-            keys = node.keys
-            index = bisect_right(keys, low) - 1
-            other = bisect_right(keys, high) - 1
+            index = find(node, low, True) - 1
+            other = find(node, high, True) - 1
             counts = node.counts()
             if index != other:
                 start = base + counts[index] + self._rank_in(access.node(node.kids[index]), low, low_after)
@@ -209,10 +222,7 @@ class Tree:
                 return start, stop
             base += counts[index]
             node = access.node(node.kids[index])
-        keys = node.keys
-        start = bisect_right(keys, low) if low_after else bisect_left(keys, low)
-        stop = bisect_right(keys, high) if high_after else bisect_left(keys, high)
-        return base + start, base + stop
+        return base + find(node, low, low_after), base + find(node, high, high_after)
 
     def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
         """Summary of the entries ``< bound`` (``<= bound`` when ``after``). O(log n + B)."""
@@ -249,10 +259,10 @@ class Tree:
         high, high_after = upper
         before: Sequence[int] = self.zero()
         after: Sequence[int] = root.summary
+        find = _finder()
         while not node.leaf:
-            keys = node.keys
-            index = bisect_right(keys, low) - 1
-            other = bisect_right(keys, high) - 1
+            index = find(node, low, True) - 1
+            other = find(node, high, True) - 1
             rows = node.rows()
             if index != other:
                 if index > other:
@@ -265,12 +275,11 @@ class Tree:
                 return self._settle(plus, minus, spans)
             before, after = rows[index], rows[index + 1]
             node = access.node(node.kids[index])
-        keys = node.keys
-        start = bisect_right(keys, low) if low_after else bisect_left(keys, low)
-        stop = bisect_right(keys, high) if high_after else bisect_left(keys, high)
+        start = find(node, low, low_after)
+        stop = find(node, high, high_after)
         if start >= stop:
             return self.zero()
-        size = len(keys)
+        size = len(node.keys)
         if 2 * (stop - start) <= size:
             spans.append((node, start, stop, True, before, after))
             return self._settle([self.zero()], minus, spans)
@@ -302,15 +311,15 @@ class Tree:
         """
         bound, bound_after = cut
         access = self.access
+        find = _finder()
         while not node.leaf:
-            index = bisect_right(node.keys, bound) - 1
+            index = find(node, bound, True) - 1
             rows = node.rows()
             plus.append(before)
             before, after = rows[index], rows[index + 1]
             node = access.node(node.kids[index])
-        keys = node.keys
-        index = bisect_right(keys, bound) if bound_after else bisect_left(keys, bound)
-        size = len(keys)
+        index = find(node, bound, bound_after)
+        size = len(node.keys)
         if 2 * index <= size:
             plus.append(before)
             if index:
@@ -738,9 +747,10 @@ class Tree:
         assert self.root is not None
         access = self.access
         path: Path = []
+        find = _finder()
         node = access.node(self.root.node_id)
         while not node.leaf:
-            index = bisect_right(node.keys, entry) - 1
+            index = find(node, entry, True) - 1
             path.append((node, index))
             node = access.node(node.kids[index])
         return path, node

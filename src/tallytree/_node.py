@@ -247,6 +247,7 @@ class Node:
     """
 
     __slots__ = (
+        "_blob",
         "_counts",
         "_hot",
         "_limbs",
@@ -280,6 +281,7 @@ class Node:
         # a leaf's shifts are all zero and never change: a tuple, which the garbage collector untracks
         self.shifts: list[int] = shifts if shifts is not None else (0,) * len(cols)  # type: ignore[assignment]
         self.dirty = dirty
+        self._blob: bytes | None = None  # the search blob of the C kernel bisect (see _speedups.c)
         self._counts: list[int] | None = None
         self._table: list[tuple[int, list[int]]] | None = None
         self._rows: list[tuple[int, ...]] | None = None

@@ -2,7 +2,7 @@
 
 Design
 ======
-Six functions, each a faster twin of Python code that stays the reference and the fallback
+Seven functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -11,6 +11,11 @@ the Python code and gives the same answers):
 * ``datetime_keys(values)``: the same for exact ``datetime`` objects whose tzinfo is ``datetime.UTC``;
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
+* ``bisect(node, key, right)``: ``bisect_right`` (or ``bisect_left``) of ``key`` in ``node.keys``. A
+  committed node gets a *search blob* on its first search, cached in ``node._blob``: its keys back to
+  back behind their offsets, one bytes object, so a search touches one contiguous block instead of a
+  tuple and a separate bytes object per probe (most probes of a large tree are cache misses). A dirty
+  node is searched in its list, uncached;
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
 * ``span_sums(spans, fields)``: for each value field, the exact sum and the float count of the leaf
@@ -283,6 +288,178 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     Py_DECREF(seq);
     return out;
+}
+
+/* ------------------------------------------------------------------ searching a node's keys */
+
+/* Compare bytes a (length an) with b (length bn) as Python compares bytes. */
+static int
+compare_bytes(const char *a, Py_ssize_t an, const char *b, Py_ssize_t bn)
+{
+    int order = memcmp(a, b, (size_t)(an < bn ? an : bn));
+    return order ? order : (an > bn) - (an < bn);
+}
+
+/* bisect_right / bisect_left of key in a list or tuple of bytes; -1 with TypeError otherwise. */
+static Py_ssize_t
+bisect_sequence(PyObject *keys, const char *key, Py_ssize_t size, int right)
+{
+    PyObject *fast = PySequence_Fast(keys, "a node's keys must be a sequence of bytes");
+    if (fast == NULL) {
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    Py_ssize_t low = 0, high = PySequence_Fast_GET_SIZE(fast);
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        PyObject *probe = items[middle];
+        if (!PyBytes_Check(probe)) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "a node's keys must be bytes");
+            return -1;
+        }
+        int order = compare_bytes(PyBytes_AS_STRING(probe), PyBytes_GET_SIZE(probe), key, size);
+        if (right ? order <= 0 : order < 0) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    Py_DECREF(fast);
+    return low;
+}
+
+/* The search blob of a committed node: n + 1 native uint32 offsets, then the n keys back to back.
+   The keys of a node are a few KiB at most (MAX_KEY_BYTES each), so 32-bit offsets suffice. */
+static PyObject *
+build_blob(PyObject *keys)
+{
+    PyObject *fast = PySequence_Fast(keys, "a node's keys must be a sequence of bytes");
+    if (fast == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        if (!PyBytes_Check(items[index])) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "a node's keys must be bytes");
+            return NULL;
+        }
+        total += PyBytes_GET_SIZE(items[index]);
+    }
+    Py_ssize_t header = (count + 1) * (Py_ssize_t)sizeof(uint32_t);
+    if (total > (Py_ssize_t)UINT32_MAX - header) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_OverflowError, "a node's keys are too large to index");
+        return NULL;
+    }
+    PyObject *blob = PyBytes_FromStringAndSize(NULL, header + total);
+    if (blob == NULL) {
+        Py_DECREF(fast);
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(blob);
+    uint32_t offset = (uint32_t)header;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        Py_ssize_t size = PyBytes_GET_SIZE(items[index]);
+        memcpy(out + index * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
+        memcpy(out + offset, PyBytes_AS_STRING(items[index]), (size_t)size);
+        offset += (uint32_t)size;
+    }
+    memcpy(out + count * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
+    Py_DECREF(fast);
+    return blob;
+}
+
+static PyObject *
+node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    static PyObject *blob_name = NULL, *keys_name = NULL, *dirty_name = NULL;
+    if (blob_name == NULL) {
+        blob_name = PyUnicode_InternFromString("_blob");
+        keys_name = PyUnicode_InternFromString("keys");
+        dirty_name = PyUnicode_InternFromString("dirty");
+        if (blob_name == NULL || keys_name == NULL || dirty_name == NULL) {
+            return NULL;
+        }
+    }
+    if (nargs != 3 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "bisect(node, key: bytes, right: bool)");
+        return NULL;
+    }
+    PyObject *node = args[0];
+    const char *key = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
+    int right = PyObject_IsTrue(args[2]);
+    if (right < 0) {
+        return NULL;
+    }
+    PyObject *blob = PyObject_GetAttr(node, blob_name);
+    if (blob == NULL) {
+        return NULL;
+    }
+    if (blob == Py_None) {
+        Py_DECREF(blob);
+        PyObject *dirty = PyObject_GetAttr(node, dirty_name);
+        PyObject *keys = dirty == NULL ? NULL : PyObject_GetAttr(node, keys_name);
+        int changing = dirty == NULL ? -1 : PyObject_IsTrue(dirty);
+        Py_XDECREF(dirty);
+        if (keys == NULL || changing < 0) {
+            Py_XDECREF(keys);
+            return NULL;
+        }
+        if (changing) { /* a node of a write transaction: its keys may still change */
+            Py_ssize_t found = bisect_sequence(keys, key, size, right);
+            Py_DECREF(keys);
+            return found < 0 ? NULL : PyLong_FromSsize_t(found);
+        }
+        blob = build_blob(keys);
+        Py_DECREF(keys);
+        if (blob == NULL || PyObject_SetAttr(node, blob_name, blob) < 0) {
+            Py_XDECREF(blob);
+            return NULL;
+        }
+    }
+    if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(uint32_t)) {
+        Py_DECREF(blob);
+        PyErr_SetString(PyExc_TypeError, "node._blob must be None or a search blob");
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(blob);
+    Py_ssize_t length = PyBytes_GET_SIZE(blob);
+    uint32_t first, last;
+    memcpy(&first, data, sizeof(first));
+    Py_ssize_t count = (Py_ssize_t)(first / sizeof(uint32_t)) - 1;
+    if (first % sizeof(uint32_t) || count < 0 || (Py_ssize_t)first > length) {
+        Py_DECREF(blob);
+        PyErr_SetString(PyExc_TypeError, "node._blob is not a search blob");
+        return NULL;
+    }
+    memcpy(&last, data + count * (Py_ssize_t)sizeof(uint32_t), sizeof(last));
+    if ((Py_ssize_t)last != length) {
+        Py_DECREF(blob);
+        PyErr_SetString(PyExc_TypeError, "node._blob is not a search blob");
+        return NULL;
+    }
+    Py_ssize_t low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        uint32_t start, stop;
+        memcpy(&start, data + middle * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
+        memcpy(&stop, data + (middle + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
+        int order = compare_bytes(data + start, (Py_ssize_t)(stop - start), key, size);
+        if (right ? order <= 0 : order < 0) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    Py_DECREF(blob);
+    return PyLong_FromSsize_t(low);
 }
 
 /* ------------------------------------------------------------------ exact sums */
@@ -683,6 +860,9 @@ static PyMethodDef methods[] = {
     {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL,
      "settle(plus, minus, spans, fields) -> list[int] | None: the summary sum(plus) - sum(minus) "
      "plus the signed leaf spans, exactly."},
+    {"bisect", (PyCFunction)(void (*)(void))node_bisect, METH_FASTCALL,
+     "bisect(node, key, right) -> int: bisect_right (or bisect_left) of key in node.keys, through a "
+     "search blob cached on committed nodes."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},
