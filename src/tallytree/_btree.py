@@ -747,10 +747,9 @@ class Tree:
         assert self.root is not None
         access = self.access
         path: Path = []
-        find = _finder()
         node = access.node(self.root.node_id)
-        while not node.leaf:
-            index = find(node, entry, True) - 1
+        while not node.leaf:  # no search blobs: a write replaces these nodes, and their blobs would go
+            index = bisect_right(node.keys, entry) - 1
             path.append((node, index))
             node = access.node(node.kids[index])
         return path, node
