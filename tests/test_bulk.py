@@ -571,6 +571,7 @@ def test_sigkill_during_a_build_leaves_the_previous_contents(tmp_path: Path) -> 
         time.sleep(rng.uniform(0.0, 0.8))  # reading, sorting, spilling runs to disk or writing nodes
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
+        child.stdout.close()
         assert child.returncode == -signal.SIGKILL
         with tallytree.open(path) as db:
             assert snapshot(db) == before
@@ -617,6 +618,7 @@ def test_sigkill_between_and_during_commits_leaves_one_committed_state(tmp_path:
         time.sleep(rng.uniform(0.0, 1.0))
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
+        child.stdout.close()
         with tallytree.open(path) as db:
             assert snapshot(db) in states
             with db.read() as tx:

@@ -356,3 +356,28 @@ def test_bisect_refuses_what_is_not_a_node_of_bytes() -> None:
         damaged._blob = blob
         with pytest.raises(TypeError):
             speedups.bisect(damaged, b"a", True)
+
+
+class Computed:
+    """A leaf whose columns are built anew on every access (nothing else holds them)."""
+
+    @property
+    def cols(self) -> tuple[tuple[float, ...]]:
+        return (tuple(float(value) for value in range(50)),)
+
+
+def test_span_reads_hold_columns_that_only_they_reference() -> None:
+    assert speedups is not None
+    spans = [(Computed(), 10, 40, True), (Computed(), 0, 5, False)]
+    assert speedups.span_sums(spans, 1) == reference_span_sums(spans, 1)
+    assert speedups.settle([[0, 0, 0]], [], spans, 1) == [30 - 5, *reference_span_sums(spans, 1)[0]]
+
+
+def test_settle_and_span_sums_take_exact_types_only() -> None:
+    assert speedups is not None
+    leaf = Leaf(([1.0, 2.0],))
+    for span in [(leaf, 0, 2, 1), (leaf, 0.0, 2, True), (leaf, 0, True, True)]:
+        with pytest.raises(TypeError):
+            speedups.span_sums([span], 1)
+    with pytest.raises(TypeError):
+        speedups.settle([[0, 0, 0.5]], [], [], 1)

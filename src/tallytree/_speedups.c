@@ -606,8 +606,9 @@ float_sum(PyObject *Py_UNUSED(module), PyObject *values)
 }
 
 /* A span: a tuple (leaf, start, stop, positive, ...) whose leaf has ``cols``, a tuple or list of
-   columns, each a tuple or list (further items are ignored: ``_btree`` passes its own span tuples).
-   Sets *columns to a borrowed reference (the leaf keeps it alive). 0, or -1 with an exception. */
+   columns, each a tuple or list; start and stop are ints and positive a bool (further items are
+   ignored: ``_btree`` passes its own span tuples). Sets *columns to a new reference. Nothing here
+   runs Python code but the attribute lookup, which comes first. 0, or -1 with an exception. */
 static int
 parse_span(PyObject *span, PyObject **columns, Py_ssize_t *start, Py_ssize_t *stop, int *positive)
 {
@@ -615,72 +616,79 @@ parse_span(PyObject *span, PyObject **columns, Py_ssize_t *start, Py_ssize_t *st
     if (cols_name == NULL && (cols_name = PyUnicode_InternFromString("cols")) == NULL) {
         return -1;
     }
-    if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) < 4) {
-        PyErr_SetString(PyExc_TypeError, "a span is a tuple (leaf, start, stop, positive, ...)");
+    if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) < 4 || !PyLong_CheckExact(PyTuple_GET_ITEM(span, 1))
+        || !PyLong_CheckExact(PyTuple_GET_ITEM(span, 2)) || !PyBool_Check(PyTuple_GET_ITEM(span, 3))) {
+        PyErr_SetString(PyExc_TypeError, "a span is a tuple (leaf, start: int, stop: int, positive: bool, ...)");
         return -1;
     }
     PyObject *held = PyObject_GetAttr(PyTuple_GET_ITEM(span, 0), cols_name);
     if (held == NULL) {
         return -1;
     }
-    Py_DECREF(held); /* borrowed from here on: the leaf, held by the span, keeps its columns */
     if (!(PyTuple_Check(held) || PyList_Check(held))) {
+        Py_DECREF(held);
         PyErr_SetString(PyExc_TypeError, "a span's leaf.cols must be a tuple or list of columns");
         return -1;
     }
-    *columns = held;
     *start = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
-    if (*start == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *stop = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 2));
+    *stop = *start == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 2));
     if (*stop == -1 && PyErr_Occurred()) {
+        Py_DECREF(held);
         return -1;
     }
-    *positive = PyObject_IsTrue(PyTuple_GET_ITEM(span, 3));
-    return *positive < 0 ? -1 : 0;
+    *positive = PyTuple_GET_ITEM(span, 3) == Py_True;
+    *columns = held;
+    return 0;
 }
 
 /* One field of span_sums: (sum, floats), None when a value is left to Python, NULL on an error.
-   ``spans`` is a list or tuple (PySequence_Fast). */
+   ``spans`` is a tuple. */
 static PyObject *
 span_field(PyObject *spans, Py_ssize_t field)
 {
     Accumulator acc;
     memset(&acc, 0, sizeof(acc));
     Py_ssize_t floats = 0;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(spans);
+    Py_ssize_t count = PyTuple_GET_SIZE(spans);
     for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *columns, *column;
+        PyObject *columns, *column = NULL;
         Py_ssize_t start, stop;
         int positive;
-        if (parse_span(PySequence_Fast_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
+        if (parse_span(PyTuple_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
             return NULL;
         }
+        const char *problem = NULL;
         if (field >= PySequence_Fast_GET_SIZE(columns)) {
-            PyErr_SetString(PyExc_TypeError, "a span's leaf has fewer columns than fields");
+            problem = "a span's leaf has fewer columns than fields";
+        }
+        else {
+            column = PySequence_Fast_GET_ITEM(columns, field);
+            if (!(PyTuple_Check(column) || PyList_Check(column))) {
+                problem = "a column must be a tuple or list";
+            }
+            else if (start < 0 || stop > PySequence_Fast_GET_SIZE(column) || start > stop) {
+                Py_DECREF(columns);
+                PyErr_SetString(PyExc_IndexError, "a span lies outside its column");
+                return NULL;
+            }
+        }
+        if (problem != NULL) {
+            Py_DECREF(columns);
+            PyErr_SetString(PyExc_TypeError, problem);
             return NULL;
         }
-        column = PySequence_Fast_GET_ITEM(columns, field);
-        if (!(PyTuple_Check(column) || PyList_Check(column))) {
-            PyErr_SetString(PyExc_TypeError, "a column must be a tuple or list");
-            return NULL;
-        }
-        Py_ssize_t size = PySequence_Fast_GET_SIZE(column);
-        if (start < 0 || stop > size || start > stop) {
-            PyErr_SetString(PyExc_IndexError, "a span lies outside its column");
-            return NULL;
-        }
-    PyObject **items = PySequence_Fast_ITEMS(column);
+        PyObject **items = PySequence_Fast_ITEMS(column); /* no Python code runs in this loop */
         for (Py_ssize_t at = start; at < stop; at++) {
             int status = accumulate_value(&acc, items[at], !positive, &floats);
             if (status <= 0) {
+                Py_DECREF(columns);
                 if (status < 0) {
                     return NULL;
                 }
                 Py_RETURN_NONE;
             }
         }
+        Py_DECREF(columns);
     }
     PyObject *total = accumulated(&acc);
     if (total == NULL) {
@@ -704,7 +712,7 @@ span_sums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "span_sums(): fields must be >= 0");
         return NULL;
     }
-    PyObject *spans = PySequence_Fast(args[0], "span_sums() needs a sequence of spans");
+    PyObject *spans = PySequence_Tuple(args[0]); /* a copy no Python code can change meanwhile */
     if (spans == NULL) {
         return NULL;
     }
@@ -756,6 +764,11 @@ add_rows(PyObject *out, PyObject *rows, Py_ssize_t width, int subtract)
         }
         PyObject **items = PySequence_Fast_ITEMS(row);
         for (Py_ssize_t column = 0; column < width; column++) {
+            if (!PyLong_CheckExact(items[column])) { /* ints only: their arithmetic runs no Python code */
+                Py_DECREF(row);
+                PyErr_SetString(PyExc_TypeError, "settle(): rows hold ints");
+                return -1;
+            }
             if (add_into(out, column, items[column], subtract) < 0) {
                 Py_DECREF(row);
                 return -1;
@@ -782,7 +795,7 @@ settle(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t width = 1 + 2 * fields;
-    PyObject *spans = PySequence_Fast(args[2], "settle() needs a sequence of spans");
+    PyObject *spans = PySequence_Tuple(args[2]); /* a copy no Python code can change meanwhile */
     if (spans == NULL) {
         return NULL;
     }
@@ -798,13 +811,14 @@ settle(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         goto failed;
     }
     long long entries = 0;
-    for (Py_ssize_t index = 0; index < PySequence_Fast_GET_SIZE(spans); index++) {
+    for (Py_ssize_t index = 0; index < PyTuple_GET_SIZE(spans); index++) {
         PyObject *columns;
         Py_ssize_t start, stop;
         int positive;
-        if (parse_span(PySequence_Fast_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
+        if (parse_span(PyTuple_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
             goto failed;
         }
+        Py_DECREF(columns);
         entries += positive ? stop - start : start - stop;
     }
     PyObject *count = PyLong_FromLongLong(entries);
