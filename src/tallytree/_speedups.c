@@ -92,62 +92,86 @@ encode_magnitude(uint64_t magnitude, int negative, unsigned char *out)
     return p - out;
 }
 
-static PyObject *
-int_keys(PyObject *Py_UNUSED(module), PyObject *values)
+/* An exact int (not a bool or another subclass) in the int64 range: 1 with *value set, 0 for anything
+   else (left to the Python code), -1 on an error. */
+static int
+exact_int64(PyObject *item, long long *value)
 {
-    PyObject *seq = PySequence_Fast(values, "int_keys() needs a sequence");
+    if (!PyLong_CheckExact(item)) {
+        return 0;
+    }
+    int overflow = 0;
+    *value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow) {
+        return 0;
+    }
+    return *value == -1 && PyErr_Occurred() ? -1 : 1;
+}
+
+/* How one value becomes its key: 0 with *key set, 1 when the Python code must decide, -1 on an error. */
+typedef int (*KeyEncoder)(PyObject *item, Py_ssize_t limit, PyObject **key);
+
+/* [encode(value) for value in values], or None as soon as one value is left to the Python code. */
+static PyObject *
+map_keys(PyObject *values, KeyEncoder encode, Py_ssize_t limit)
+{
+    PyObject *seq = PySequence_Fast(values, "the key encoders need a sequence");
     if (seq == NULL) {
         return NULL;
     }
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq); /* the encoders run no Python code */
     PyObject *out = PyList_New(count);
     if (out == NULL) {
         Py_DECREF(seq);
         return NULL;
     }
-    unsigned char buffer[16];
     for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *item = items[index];
-        if (!PyLong_CheckExact(item)) {
-            goto unhandled;
-        }
-        int overflow = 0;
-        long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
-        if (overflow) {
-            goto unhandled;
-        }
-        if (value == -1 && PyErr_Occurred()) {
-            goto failed;
-        }
-        Py_ssize_t size;
-        if (value == 0) {
-            buffer[0] = TYPE_ZERO;
-            buffer[1] = SUFFIX_INT;
-            size = 2;
-        }
-        else if (value > 0) {
-            size = encode_magnitude((uint64_t)value, 0, buffer);
-        }
-        else {
-            size = encode_magnitude(UINT64_C(0) - (uint64_t)value, 1, buffer);
-        }
-        PyObject *key = PyBytes_FromStringAndSize((const char *)buffer, size);
-        if (key == NULL) {
-            goto failed;
+        PyObject *key = NULL;
+        int status = encode(items[index], limit, &key);
+        if (status != 0) {
+            Py_DECREF(seq);
+            Py_DECREF(out);
+            if (status < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
         }
         PyList_SET_ITEM(out, index, key);
     }
     Py_DECREF(seq);
     return out;
-unhandled:
-    Py_DECREF(seq);
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-failed:
-    Py_DECREF(seq);
-    Py_DECREF(out);
-    return NULL;
+}
+
+static int
+int_key(PyObject *item, Py_ssize_t Py_UNUSED(limit), PyObject **key)
+{
+    long long value;
+    int found = exact_int64(item, &value);
+    if (found <= 0) {
+        return found < 0 ? -1 : 1;
+    }
+    unsigned char buffer[16];
+    Py_ssize_t size;
+    if (value == 0) {
+        buffer[0] = TYPE_ZERO;
+        buffer[1] = SUFFIX_INT;
+        size = 2;
+    }
+    else if (value > 0) {
+        size = encode_magnitude((uint64_t)value, 0, buffer);
+    }
+    else {
+        size = encode_magnitude(UINT64_C(0) - (uint64_t)value, 1, buffer);
+    }
+    *key = PyBytes_FromStringAndSize((const char *)buffer, size);
+    return *key == NULL ? -1 : 0;
+}
+
+static PyObject *
+int_keys(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    return map_keys(values, int_key, 0);
 }
 
 /* Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's days_from_civil). */
@@ -162,59 +186,43 @@ days_from_civil(int64_t year, unsigned month, unsigned day)
     return era * 146097 + (int64_t)day_of_era - 719468;
 }
 
+static int
+datetime_key(PyObject *item, Py_ssize_t Py_UNUSED(limit), PyObject **key)
+{
+    if (!PyDateTime_CheckExact(item) || !_PyDateTime_HAS_TZINFO(item)
+        || ((PyDateTime_DateTime *)item)->tzinfo != PyDateTime_TimeZone_UTC) {
+        return 1;
+    }
+    int64_t days = days_from_civil(PyDateTime_GET_YEAR(item), PyDateTime_GET_MONTH(item),
+                                   PyDateTime_GET_DAY(item));
+    int64_t seconds = ((days * 24 + PyDateTime_DATE_GET_HOUR(item)) * 60 + PyDateTime_DATE_GET_MINUTE(item)) * 60
+                      + PyDateTime_DATE_GET_SECOND(item);
+    uint64_t biased = (uint64_t)(seconds * 1000000 + PyDateTime_DATE_GET_MICROSECOND(item)) ^ (UINT64_C(1) << 63);
+    unsigned char buffer[9];
+    buffer[0] = TYPE_DATETIME;
+    for (int byte = 0; byte < 8; byte++) {
+        buffer[1 + byte] = (unsigned char)(biased >> (56 - 8 * byte));
+    }
+    *key = PyBytes_FromStringAndSize((const char *)buffer, 9);
+    return *key == NULL ? -1 : 0;
+}
+
 static PyObject *
 datetime_keys(PyObject *Py_UNUSED(module), PyObject *values)
 {
-    PyObject *seq = PySequence_Fast(values, "datetime_keys() needs a sequence");
-    if (seq == NULL) {
-        return NULL;
-    }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *out = PyList_New(count);
-    if (out == NULL) {
-        Py_DECREF(seq);
-        return NULL;
-    }
-    unsigned char buffer[9];
-    buffer[0] = TYPE_DATETIME;
-    for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *item = items[index];
-        if (!PyDateTime_CheckExact(item) || !_PyDateTime_HAS_TZINFO(item)
-            || ((PyDateTime_DateTime *)item)->tzinfo != PyDateTime_TimeZone_UTC) {
-            Py_DECREF(seq);
-            Py_DECREF(out);
-            Py_RETURN_NONE;
-        }
-        int64_t days = days_from_civil(PyDateTime_GET_YEAR(item), PyDateTime_GET_MONTH(item),
-                                       PyDateTime_GET_DAY(item));
-        int64_t seconds = ((days * 24 + PyDateTime_DATE_GET_HOUR(item)) * 60
-                           + PyDateTime_DATE_GET_MINUTE(item)) * 60
-                          + PyDateTime_DATE_GET_SECOND(item);
-        uint64_t biased = (uint64_t)(seconds * 1000000 + PyDateTime_DATE_GET_MICROSECOND(item))
-                          ^ (UINT64_C(1) << 63);
-        for (int byte = 0; byte < 8; byte++) {
-            buffer[1 + byte] = (unsigned char)(biased >> (56 - 8 * byte));
-        }
-        PyObject *key = PyBytes_FromStringAndSize((const char *)buffer, 9);
-        if (key == NULL) {
-            Py_DECREF(seq);
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, index, key);
-    }
-    Py_DECREF(seq);
-    return out;
+    return map_keys(values, datetime_key, 0);
 }
 
 #define TYPE_TEXT 0x40
 
-/* One str key: 40, the UTF-8 bytes, 00. 0 when done, 1 when the Python code must decide (a NUL to
-   escape, a surrogate, longer than ``limit``), -1 on a memory error. */
+/* One str key: 40, the UTF-8 bytes, 00. 1 (for the Python code) for another type, a NUL to escape,
+   a surrogate, or more than ``limit`` bytes. */
 static int
 text_key(PyObject *item, Py_ssize_t limit, PyObject **key)
 {
+    if (!PyUnicode_CheckExact(item)) {
+        return 1;
+    }
     PyObject *encoded = NULL;
     const char *data;
     Py_ssize_t size;
@@ -262,32 +270,7 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (limit == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(args[0], "text_keys() needs a sequence");
-    if (seq == NULL) {
-        return NULL;
-    }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *out = PyList_New(count);
-    if (out == NULL) {
-        Py_DECREF(seq);
-        return NULL;
-    }
-    for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *key = NULL;
-        int status = PyUnicode_CheckExact(items[index]) ? text_key(items[index], limit, &key) : 1;
-        if (status != 0) {
-            Py_DECREF(seq);
-            Py_DECREF(out);
-            if (status < 0) {
-                return NULL;
-            }
-            Py_RETURN_NONE;
-        }
-        PyList_SET_ITEM(out, index, key);
-    }
-    Py_DECREF(seq);
-    return out;
+    return map_keys(args[0], text_key, limit);
 }
 
 /* ------------------------------------------------------------------ searching a node's keys */
@@ -534,16 +517,10 @@ accumulate_value(Accumulator *acc, PyObject *item, int negate, Py_ssize_t *float
         *floats += negate ? -1 : 1;
         return accumulate_double(acc, PyFloat_AS_DOUBLE(item), negate);
     }
-    if (!PyLong_CheckExact(item)) {
-        return 0;
-    }
-    int overflow = 0;
-    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (overflow) {
-        return 0;
-    }
-    if (value == -1 && PyErr_Occurred()) {
-        return -1;
+    long long value;
+    int found = exact_int64(item, &value);
+    if (found <= 0) {
+        return found;
     }
     if (value) {
         uint64_t magnitude = value > 0 ? (uint64_t)value : UINT64_C(0) - (uint64_t)value;
