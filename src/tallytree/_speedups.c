@@ -19,15 +19,17 @@ the Python code and gives the same answers):
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
 * ``span_sums(spans, fields)``: for each value field, the exact sum and the float count of the leaf
-  spans ``(leaf, start, stop, positive, ...)`` a range read adds or subtracts, read in place from
-  ``leaf.cols``; ``settle(plus, minus, spans,
-  fields)`` adds the summary rows of a range read and its spans into the read's answer in one call
-  (``_btree.Tree._settle``).
+  spans ``(leaf, start, stop, positive, ...)`` that a range read adds or subtracts, read in place
+  from ``leaf.cols``;
+* ``settle(plus, minus, spans, fields)``: the answer of a range read in one call: its summary rows
+  added and subtracted, and its leaf spans summed as ``span_sums`` does (``_btree.Tree._settle``).
 
-Each takes any sequence and returns None, without raising, when a value is outside what it handles
-(another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the caller
-then takes the Python path, which accepts or rejects the value with its usual typed error. So this
-module never decides what is valid; it only computes faster what the Python code would.
+The encoders and the sums return None, without raising, as soon as a value is outside what they
+handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
+caller then takes the Python path, which accepts or rejects the value with its usual typed error. So
+this module never decides what is valid; it only computes faster what the Python code would.
+``bisect`` and the span kernels work on tallytree's own nodes and raise TypeError (or IndexError)
+for anything malformed. No kernel runs Python code while it holds a pointer into a sequence.
 
 Exact sums
 ----------
