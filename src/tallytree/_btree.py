@@ -114,6 +114,8 @@ Cut = tuple[bytes, bool]
 """Where a bound cuts: ``(bound, after)`` means "entries ``< bound``" (``<= bound`` when ``after``)."""
 
 Span = tuple[Node, int, int, bool, Sequence[int], Sequence[int]]
+"""Entries ``start:stop`` of a leaf, to be added (True) to or subtracted from a range summary, and the
+summaries up to the leaf's start and end (their difference is the leaf's summary, kept by its parent)."""
 
 
 def _bisect_keys(node: Node, key: bytes, right: bool) -> int:
@@ -123,12 +125,8 @@ def _bisect_keys(node: Node, key: bytes, right: bool) -> int:
 
 def _finder() -> Callable[[Node, bytes, bool], int]:
     """The key search of the descents: the C kernel's (through each committed node's cached search
-    blob, see ``_speedups.c``), or :func:`_bisect_keys`."""
+    blob, see ``_speedups.c``), or :func:`_bisect_keys`. O(1)."""
     return _bisect_keys if speedups is None else speedups.bisect
-
-
-"""Entries ``start:stop`` of a leaf, to be added (True) to or subtracted from a range summary, and the
-summaries up to the leaf's start and end (their difference is the leaf's summary, kept by its parent)."""
 
 
 class Tree:
