@@ -93,7 +93,6 @@ INTERNAL_WIDE = 3
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
-_UINT64_MAX = 2**64 - 1  # msgpack packs ints from _INT64_MIN to here
 _LIMB_BITS = 63
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
 
