@@ -34,12 +34,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import tallytree
-from tallytree import _btree, _bulk, _keys, _native, _node, cli
+from tallytree import _native, cli
+from tallytree._native import kernels
 
 T0 = 1_700_000_000
 START = datetime(2023, 11, 14, tzinfo=UTC)
@@ -56,20 +56,6 @@ def int_items(n: int) -> Iterator[tuple[int, int, tuple[float, int]]]:
 def datetime_items(n: int) -> Iterator[tuple[datetime, str, tuple[float, int]]]:
     second = timedelta(seconds=1)
     return ((START + 3 * i * second, f"evt_{i}", (0.25 + i % 7, i % 1000)) for i in range(n))
-
-
-@contextmanager
-def kernels(built: bool) -> Iterator[None]:
-    """Run with the C kernels (when they were built) or with their pure-Python twins."""
-    modules = (_btree, _bulk, _keys, _node)
-    saved = [module.speedups for module in modules]
-    for module in modules:
-        module.speedups = _native.speedups if built else None
-    try:
-        yield
-    finally:
-        for module, kernel in zip(modules, saved, strict=True):
-            module.speedups = kernel
 
 
 KERNELS = {"C": True, "Python": False}

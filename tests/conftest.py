@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import tallytree
+from tallytree._native import kernels
 
 settings.register_profile("dev", deadline=None)
 settings.register_profile(
@@ -53,17 +54,8 @@ def strict(value: Any) -> Any:
 @contextmanager
 def pure_python() -> Iterator[None]:
     """Run the Python twins of the C kernels (``tallytree._native``) inside the block, built or not."""
-    from tallytree import _bulk, _keys, _node
-
-    modules = (_bulk, _keys, _node)
-    saved = [module.speedups for module in modules]
-    for module in modules:
-        module.speedups = None
-    try:
+    with kernels(False):
         yield
-    finally:
-        for module, kernels in zip(modules, saved, strict=True):
-            module.speedups = kernels
 
 
 def snapshot(db: tallytree.Database, tx: tallytree.Transaction | None = None) -> Any:

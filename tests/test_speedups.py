@@ -237,20 +237,31 @@ def reference_span_sums(spans: list[Span], fields: int) -> list[tuple[int, int]]
     return found
 
 
+def settled(spans: list[Span], fields: int) -> list[int]:
+    """The reference answer of ``settle`` with no rows: the signed count, the sums, the float counts."""
+    count = sum((stop - start) * (1 if positive else -1) for _, start, stop, positive, *_ in spans)
+    sums = reference_span_sums(spans, fields)
+    return [count, *(total for total, _ in sums), *(floats for _, floats in sums)]
+
+
 @given(leaf_spans())
-def test_span_sums_are_exact(case: tuple[list[Span], int]) -> None:
+def test_settle_sums_spans_exactly(case: tuple[list[Span], int]) -> None:
     assert speedups is not None
     spans, fields = case
-    assert speedups.span_sums(spans, fields) == reference_span_sums(spans, fields)
-    assert speedups.span_sums(tuple(spans), fields) == reference_span_sums(spans, fields)
+    zero = [0] * (1 + 2 * fields)
+    assert speedups.settle([zero], [], spans, fields) == settled(spans, fields)
+    assert speedups.settle([zero], [], tuple(spans), fields) == settled(spans, fields)  # any sequence
 
 
-def test_span_sums_leave_a_field_they_do_not_handle_to_python() -> None:
+@pytest.mark.parametrize(
+    "column", [[math.nan, 1.5], [math.inf, 1.5], [2**70, 3], [True, 3], ["a", 3]], ids=repr
+)
+def test_settle_leaves_a_span_with_a_value_it_does_not_handle_to_python(column: list[Any]) -> None:
     assert speedups is not None
-    leaf = Leaf(([1.5, math.nan], [2**70, 3], [0.5, 1]))
-    found = speedups.span_sums([(leaf, 0, 2, True)], 3)
-    assert found == [None, None, (scaled(0.5) + scaled(1), 1)]
-    assert speedups.span_sums([(leaf, 1, 2, False)], 3)[1] == (-scaled(3), 0)  # the big int is outside
+    leaf = Leaf(([0.5, 1], column))
+    assert speedups.settle([[0] * 5], [], [(leaf, 0, 2, True)], 2) is None
+    found = speedups.settle([[0] * 5], [], [(leaf, 1, 2, False)], 2)  # the value is outside the span
+    assert found == settled([(leaf, 1, 2, False)], 2)
 
 
 @given(leaf_spans(), st.data())
@@ -295,10 +306,8 @@ def test_settle_leaves_a_read_with_an_unhandled_value_to_python() -> None:
         ([], -1, ValueError),
     ],
 )
-def test_span_reads_refuse_malformed_spans(spans: Any, fields: int, error: type[Exception]) -> None:
+def test_settle_refuses_malformed_spans(spans: Any, fields: int, error: type[Exception]) -> None:
     assert speedups is not None
-    with pytest.raises(error):
-        speedups.span_sums(spans, fields)
     with pytest.raises(error):
         speedups.settle([[0] * (1 + 2 * max(fields, 0))], [], spans, fields)
 
@@ -366,18 +375,21 @@ class Computed:
         return (tuple(float(value) for value in range(50)),)
 
 
-def test_span_reads_hold_columns_that_only_they_reference() -> None:
+def test_settle_holds_columns_that_only_it_references() -> None:
     assert speedups is not None
-    spans = [(Computed(), 10, 40, True), (Computed(), 0, 5, False)]
-    assert speedups.span_sums(spans, 1) == reference_span_sums(spans, 1)
-    assert speedups.settle([[0, 0, 0]], [], spans, 1) == [30 - 5, *reference_span_sums(spans, 1)[0]]
+    spans: list[Span] = [(Computed(), 10, 40, True), (Computed(), 0, 5, False)]
+    assert (
+        speedups.settle([[0, 0, 0]], [], spans, 1)
+        == settled(spans, 1)
+        == [30 - 5, *reference_span_sums(spans, 1)[0]]
+    )
 
 
-def test_settle_and_span_sums_take_exact_types_only() -> None:
+def test_settle_takes_exact_types_only() -> None:
     assert speedups is not None
     leaf = Leaf(([1.0, 2.0],))
     for span in [(leaf, 0, 2, 1), (leaf, 0.0, 2, True), (leaf, 0, True, True)]:
         with pytest.raises(TypeError):
-            speedups.span_sums([span], 1)
+            speedups.settle([[0, 0, 0]], [], [span], 1)
     with pytest.raises(TypeError):
         speedups.settle([[0, 0, 0.5]], [], [], 1)

@@ -339,7 +339,7 @@ class Tree:
         for row in minus:
             total = list(map(sub, total, row))
         total = list(total)
-        if spans and speedups is None:  # the C kernel sums a span faster than the rows would
+        if spans:
             total, spans = self._from_hot_leaves(total, spans)
         added = taken = 0
         for _, start, stop, positive, _, _ in spans:
@@ -351,16 +351,8 @@ class Tree:
             return total
         total[0] += added - taken
         nfields = self.nfields
-        exact_sums: list[tuple[int, int] | None] = [None] * nfields
-        if speedups is not None and nfields:  # read in place, exactly, by the C twin of the loop below
-            exact_sums = speedups.span_sums(spans, nfields)
         for field in range(nfields):
             at = 1 + nfields + field  # the float count of the field: the leaves' own, from their parents
-            exact_sum = exact_sums[field]
-            if exact_sum is not None:
-                total[1 + field] += exact_sum[0]
-                total[at] += exact_sum[1]
-                continue
             values: list[Any] = []
             only_floats = no_floats = True
             for leaf, start, stop, positive, before, after in spans:

@@ -19,12 +19,14 @@ True
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
-__all__ = ["Speedups", "speedups"]
+__all__ = ["Speedups", "kernels", "speedups"]
 
 
 class Speedups(Protocol):
@@ -43,7 +45,6 @@ class Speedups(Protocol):
         fields: int,
         /,
     ) -> list[int] | None: ...
-    def span_sums(self, spans: Sequence[tuple[Any, ...]], fields: int, /) -> list[tuple[int, int] | None]: ...
 
 
 _built: Speedups | None
@@ -55,3 +56,29 @@ except ImportError:  # not built (no C compiler at install time): the Python cod
     _built = None
 
 speedups: Speedups | None = None if os.environ.get("TALLYTREE_PURE_PYTHON", "") not in ("", "0") else _built
+
+
+_USERS = ("_btree", "_bulk", "_keys", "_node")  # the modules that bind ``speedups`` at import
+
+
+@contextmanager
+def kernels(built: bool) -> Iterator[None]:
+    """Run the block with the C kernels (if they were built) or, ``built=False``, with the Python code.
+
+    For tests and benchmarks that compare the two in one process. Not thread-safe: it rebinds
+    ``speedups`` in the modules that use it, and restores them afterwards. O(1).
+
+    >>> from tallytree import _keys
+    >>> with kernels(False):
+    ...     _keys.speedups is None
+    True
+    """
+    modules = [importlib.import_module(f"tallytree.{name}") for name in _USERS]
+    saved = [getattr(module, "speedups") for module in modules]  # noqa: B009 (modules typed loosely)
+    for module in modules:
+        setattr(module, "speedups", _built if built else None)  # noqa: B010
+    try:
+        yield
+    finally:
+        for module, kept in zip(modules, saved, strict=True):
+            setattr(module, "speedups", kept)  # noqa: B010

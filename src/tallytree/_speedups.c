@@ -2,7 +2,7 @@
 
 Design
 ======
-Seven functions, each a faster twin of Python code that stays the reference and the fallback
+Six functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -18,17 +18,16 @@ the Python code and gives the same answers):
   node is searched in its list, uncached;
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
-* ``span_sums(spans, fields)``: for each value field, the exact sum and the float count of the leaf
-  spans ``(leaf, start, stop, positive, ...)`` that a range read adds or subtracts, read in place
-  from ``leaf.cols``;
-* ``settle(plus, minus, spans, fields)``: the answer of a range read in one call: its summary rows
-  added and subtracted, and its leaf spans summed as ``span_sums`` does (``_btree.Tree._settle``).
+* ``settle(plus, minus, spans, fields)``: the answer of a range read in one call
+  (``_btree.Tree._settle``): its summary rows added and subtracted, and its leaf spans
+  ``(leaf, start, stop, positive, ...)`` summed exactly, read in place from ``leaf.cols``; None when a
+  span holds a value for the Python code (an int beyond int64).
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
 caller then takes the Python path, which accepts or rejects the value with its usual typed error. So
 this module never decides what is valid; it only computes faster what the Python code would.
-``bisect`` and the span kernels work on tallytree's own nodes and raise TypeError (or IndexError)
+``bisect`` and ``settle`` work on tallytree's own nodes and raise TypeError (or IndexError)
 for anything malformed. No kernel runs Python code while it holds a pointer into a sequence.
 
 Exact sums
@@ -108,6 +107,21 @@ exact_int64(PyObject *item, long long *value)
         return 0;
     }
     return *value == -1 && PyErr_Occurred() ? -1 : 1;
+}
+
+/* A size argument (fields, a length limit): 0 with *value set, or -1 with TypeError or ValueError. */
+static int
+size_argument(PyObject *argument, const char *what, Py_ssize_t *value)
+{
+    *value = PyLong_AsSsize_t(argument);
+    if (*value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*value < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= 0", what);
+        return -1;
+    }
+    return 0;
 }
 
 /* How one value becomes its key: 0 with *key set, 1 when the Python code must decide, -1 on an error. */
@@ -268,8 +282,8 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "text_keys(values, limit) takes two arguments");
         return NULL;
     }
-    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit == -1 && PyErr_Occurred()) {
+    Py_ssize_t limit;
+    if (size_argument(args[1], "text_keys(): limit", &limit) < 0) {
         return NULL;
     }
     return map_keys(args[0], text_key, limit);
@@ -620,7 +634,7 @@ parse_span(PyObject *span, PyObject **columns, Py_ssize_t *start, Py_ssize_t *st
     return 0;
 }
 
-/* One field of span_sums: (sum, floats), None when a value is left to Python, NULL on an error.
+/* One field of settle's spans: (sum, floats), None when a value is left to Python, NULL on an error.
    ``spans`` is a tuple. */
 static PyObject *
 span_field(PyObject *spans, Py_ssize_t field)
@@ -676,43 +690,6 @@ span_field(PyObject *spans, Py_ssize_t field)
     return Py_BuildValue("(Nn)", total, floats);
 }
 
-static PyObject *
-span_sums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "span_sums(spans, fields) takes two arguments");
-        return NULL;
-    }
-    Py_ssize_t fields = PyLong_AsSsize_t(args[1]);
-    if (fields == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fields < 0) {
-        PyErr_SetString(PyExc_ValueError, "span_sums(): fields must be >= 0");
-        return NULL;
-    }
-    PyObject *spans = PySequence_Tuple(args[0]); /* a copy no Python code can change meanwhile */
-    if (spans == NULL) {
-        return NULL;
-    }
-    PyObject *out = PyList_New(fields);
-    if (out == NULL) {
-        Py_DECREF(spans);
-        return NULL;
-    }
-    for (Py_ssize_t field = 0; field < fields; field++) {
-        PyObject *found = span_field(spans, field);
-        if (found == NULL) {
-            Py_DECREF(spans);
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, field, found);
-    }
-    Py_DECREF(spans);
-    return out;
-}
-
 /* out[index] += value (or -= value), for a list of Python ints. */
 static int
 add_into(PyObject *out, Py_ssize_t index, PyObject *value, int subtract)
@@ -765,12 +742,8 @@ settle(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "settle(plus: list, minus: list, spans, fields: int)");
         return NULL;
     }
-    Py_ssize_t fields = PyLong_AsSsize_t(args[3]);
-    if (fields == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fields < 0) {
-        PyErr_SetString(PyExc_ValueError, "settle(): fields must be >= 0");
+    Py_ssize_t fields;
+    if (size_argument(args[3], "settle(): fields", &fields) < 0) {
         return NULL;
     }
     Py_ssize_t width = 1 + 2 * fields;
@@ -847,9 +820,6 @@ static PyMethodDef methods[] = {
     {"text_keys", (PyCFunction)(void (*)(void))text_keys, METH_FASTCALL,
      "text_keys(values, limit) -> list[bytes] | None: encode_key of each exact str of at most limit "
      "UTF-8 bytes and no NUL."},
-    {"span_sums", (PyCFunction)(void (*)(void))span_sums, METH_FASTCALL,
-     "span_sums(spans, fields) -> list[tuple[int, int] | None]: per field, the exact sum (units of "
-     "2**-1074) and the signed float count of the spans (leaf, start, stop, positive, ...)."},
     {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL,
      "settle(plus, minus, spans, fields) -> list[int] | None: the summary sum(plus) - sum(minus) "
      "plus the signed leaf spans, exactly."},
