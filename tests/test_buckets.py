@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tallytree
-from tallytree._btree import Tree
+from tallytree._tree import Tree
 
 
 def brute(items: list[tuple[Any, float]], lower: Any, upper: Any) -> tuple[int, float]:

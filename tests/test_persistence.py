@@ -273,9 +273,25 @@ def test_another_format_version_is_refused_and_left_untouched(tmp_path: Path) ->
         tallytree.open(path)
     with pytest.raises(DatabaseFormatError):
         tallytree.open(path, readonly=True)
-    _set_meta(path, b"format", b"tallytree-1")
+    _set_meta(path, b"format", b"tallytree-2")
     with tallytree.open(path) as db:
         assert snapshot(db) == before
+
+
+def test_a_version_1_database_is_read_and_upgraded_when_opened_for_writing(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+        before = snapshot(db)
+    _set_meta(path, b"format", b"tallytree-1")
+    with tallytree.open(path, readonly=True) as db:  # read as it is, tag untouched
+        assert snapshot(db) == before
+        with db.read() as tx:
+            assert tx.meta(b"format") == b"tallytree-1"
+    with tallytree.open(path) as db:
+        assert snapshot(db) == before
+        with db.read() as tx:
+            assert tx.meta(b"format") == b"tallytree-2"
 
 
 def test_a_database_without_its_format_tag_is_refused(tmp_path: Path) -> None:

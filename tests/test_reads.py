@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 import tallytree
 from tallytree._aggregate import Totals, resolve_bounds
-from tallytree._btree import Tree, vsub
+from tallytree._btree import vsub
 from tallytree._keys import _int_body, encode_body
 from tallytree._node import SCALE_BITS, column_sum, scaled
+from tallytree._tree import Tree
 
 FIELDS = ("cost", "tokens")
 

@@ -34,7 +34,7 @@ from itertools import compress, islice
 from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._btree import Root, Tree, same_values, vsub
+from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
 from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate, encode_ids, encode_keys
 from ._bulk import build as _bulk_build
@@ -43,6 +43,7 @@ from ._gc import gc_paused
 from ._keys import decode_key, encode_body, encode_id, encode_key, encode_prefix
 from ._node import sum_value
 from ._store import ROOTS
+from ._tree import Tree
 from ._txn import Transaction, WriteTransaction, decode_root
 from .errors import (
     ArgumentTypeError,
@@ -382,8 +383,9 @@ class Aggregate:
         return tx
 
     def _save(self, tx: WriteTransaction, tree_key: bytes, tree: Tree) -> None:
-        if tree.changed:
-            tx.set_root(tree_key, tree.root)
+        changed, root = tree.take_root()
+        if changed:
+            tx.set_root(tree_key, root)
 
     def _values(self, values: Any) -> tuple[int | float, ...]:
         fields = self.fields
@@ -1119,8 +1121,7 @@ class Aggregate:
                 f"namespace {namespace!r}; nothing was inserted (on_duplicate='skip' "
                 "keeps existing items)"
             )
-        if changed:
-            self._save(wtx, tree_key, tree)
+        self._save(wtx, tree_key, tree)  # even when nothing was new: pending inserts may have moved
         return changed
 
     def _encode_batch(self, batch: list[Any]) -> _Encoded | None:

@@ -57,7 +57,7 @@ from typing import Any, Literal, Protocol
 from ._native import speedups
 from ._node import SCALE_BITS, Chunk, Node, _float_sum, _scaled_column, column_sum, delta_of, summarize
 
-__all__ = ["NodeAccess", "Root", "Tree", "same_values", "vadd", "vsub"]
+__all__ = ["NodeAccess", "NodeTree", "Root", "same_values", "vadd", "vsub"]
 
 
 class NodeAccess(Protocol):
@@ -86,11 +86,19 @@ class NodeAccess(Protocol):
 
 @dataclass
 class Root:
-    """Where a tree starts: the root node id, the height (1 = the root is a leaf), and its totals."""
+    """A tree's root record: the root node id, the height (1 = the root is a leaf), the totals, and
+    the id of the node holding the tree's pending inserts (see ``_tree``).
+
+    ``summary`` covers every item, pending ones included, and ``pending_summary`` the pending ones.
+    A tree whose items are all pending has no nodes: ``node_id`` and ``height`` are 0. ``pending``
+    is 0 (and ``pending_summary`` None) when nothing is pending.
+    """
 
     node_id: int
     height: int
     summary: list[int]
+    pending: int = 0
+    pending_summary: list[int] | None = None
 
 
 def vadd(left: list[int], right: list[int]) -> list[int]:
@@ -105,7 +113,7 @@ def vsub(left: list[int], right: list[int]) -> list[int]:
 
 Path = list[tuple[Node, int]]
 Existing = Literal["error", "skip", "update"]
-"""What a merge does with an entry already in the tree (see :meth:`Tree.merge_sorted`)."""
+"""What a merge does with an entry already in the tree (see :meth:`NodeTree.merge_sorted`)."""
 
 _INSERT_EACH = 16
 """Up to this many new entries are inserted into a leaf one by one; more are merged in one sort."""
@@ -129,8 +137,11 @@ def _finder() -> Callable[[Node, bytes, bool], int]:
     return _bisect_keys if speedups is None else speedups.bisect
 
 
-class Tree:
-    """Operations on one tree (one aggregate namespace) inside one transaction.
+class NodeTree:
+    """Operations on the nodes of one tree (one aggregate namespace) inside one transaction.
+
+    This is the B+ tree proper; callers use :class:`~tallytree._tree.Tree`, which adds the tree's
+    pending inserts.
 
     The tree works on a copy of the root record it is given; after writes, the caller persists
     ``root`` when :attr:`changed` says it differs.
@@ -147,7 +158,7 @@ class Tree:
         self.root = Root(root.node_id, root.height, list(root.summary)) if root is not None else None
 
     @classmethod
-    def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Tree:
+    def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> NodeTree:
         """A tree for reads only: it shares the root record instead of copying it. O(1)."""
         tree = cls.__new__(cls)
         tree.access = access
@@ -179,6 +190,21 @@ class Tree:
         if self.root is None:
             return 0
         return self._rank_in(self.access.node(self.root.node_id), bound, after)
+
+    def locate(self, entry: bytes) -> tuple[int, bool]:
+        """``(rank(entry, False), whether entry is in the tree)``, in one descent. O(log n)."""
+        if self.root is None:
+            return 0, False
+        access = self.access
+        find = _finder()
+        node = access.node(self.root.node_id)
+        total = 0
+        while not node.leaf:
+            index = find(node, entry, True) - 1
+            total += node.counts()[index]
+            node = access.node(node.kids[index])
+        index = find(node, entry, False)
+        return total + index, index < len(node.keys) and node.keys[index] == entry
 
     def _rank_in(self, node: Node, bound: bytes, after: bool) -> int:
         """Number of entries ``< bound`` (``<= bound``) in the subtree of ``node``."""
@@ -560,6 +586,25 @@ class Tree:
         if len(node.keys) > self.max_size:
             self._grow_root(node)
         return run.changed, None
+
+    def first_existing(self, entries: list[bytes], cols: list[list[Any]]) -> int | None:
+        """The index of the first of ``entries`` (strictly ascending) already in the tree, or None.
+
+        The read-only plan of :meth:`merge_sorted` with ``existing="error"``. O(t log B + m).
+        """
+        if self.root is None or not entries:
+            return None
+        try:
+            self._plan(
+                self.access.node(self.root.node_id),
+                self.root.height,
+                0,
+                len(entries),
+                _Run(entries, cols, "error"),
+            )
+        except _Conflict as conflict:
+            return conflict.index
+        return None
 
     def _plan(self, node: Node, height: int, lo: int, hi: int, run: _Run) -> _Step | None:
         """What merging ``run.entries[lo:hi]`` changes below ``node`` (None: nothing). Reads only."""

@@ -76,11 +76,12 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._btree import Root, Tree
+from ._btree import Root
 from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key
 from ._native import speedups
 from ._node import Node, encode_node, summarize
+from ._tree import Tree
 from ._txn import WriteTransaction
 from .errors import DuplicateItemError, Error, InvalidArgumentError, InvalidValueError, UnsortedInputError
 

@@ -12,7 +12,9 @@ the leaves up and keeps going after the first problem. For each tree it verifies
   and the root record's totals equal the whole tree's;
 * every leaf is at the root record's height; every non-root node holds ``node_size // 2`` to
   ``node_size`` entries, and an internal root at least two children;
-* values are ints or finite floats.
+* values are ints or finite floats;
+* the pending node, if any (see ``_tree``), holds fewer entries than its capacity, in strictly
+  increasing order, none of them in the tree's other nodes, each with its exact rank among them.
 
 Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks)
 and root records of unknown aggregates. Cost: O(n) node reads.
@@ -25,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._aggregate import Aggregate, decode_entry
-from ._btree import Root, vadd
+from ._btree import NodeTree, Root, vadd
 from ._node import Node
 from ._store import NODES, ROOTS
+from ._tree import pending_capacity
 from ._txn import Transaction, decode_root
 from .errors import Error
 
@@ -68,13 +71,63 @@ class _Walker:
         self.problems.append(Problem(self.aggregate.name, self.namespace, path, node_id, message))
 
     def tree(self, root: Root) -> None:
-        summary = self.node(root.node_id, (), 1, root.height, b"", None)
+        before = len(self.problems)
+        if root.node_id:
+            summary = self.node(root.node_id, (), 1, root.height, b"", None)
+        else:
+            summary = [0] * (1 + 2 * self.nfields)
+            if root.height:
+                self.report((), None, f"a tree without nodes has height {root.height}")
         if summary is None:
             return
+        nodes_clean = len(self.problems) == before
+        if root.pending:
+            pending = self.pending(root, summary, nodes_clean)
+            if pending is None:
+                return
+            summary = vadd(summary, pending)
         if summary != root.summary:
             self.report((), root.node_id, f"root record totals {root.summary} != tree {summary}")
         if summary[0] == 0:
             self.report((), root.node_id, "empty tree still has a root record")
+
+    def pending(self, root: Root, nodes: list[int], nodes_clean: bool) -> list[int] | None:
+        """Check a tree's pending node (see ``_tree``); return its summary (None: unreadable)."""
+        node_id = root.pending
+        self.seen.add(node_id)
+        try:
+            node = self.tx.node(node_id)
+        except Error as exc:
+            self.report((), node_id, f"cannot read the pending node: {exc}")
+            return None
+        size = len(node.keys)
+        if not node.leaf or len(node.kids) != size:
+            self.report((), node_id, "the pending node is not a pending node (no rank per entry)")
+            return None
+        if not 0 < size < pending_capacity(self.max_size):
+            self.report(
+                (),
+                node_id,
+                f"the pending node holds {size} entries; it must hold 1 to "
+                f"{pending_capacity(self.max_size) - 1}",
+            )
+        for earlier, later in zip(node.keys, node.keys[1:], strict=False):
+            if not earlier < later:
+                self.report((), node_id, "pending entries are not strictly increasing")
+                break
+        summary = self.leaf(node, ())
+        if summary is not None and summary != root.pending_summary:
+            self.report((), node_id, f"root record pending totals {root.pending_summary} != {summary}")
+        if nodes_clean:  # each rank is the count of node entries before it, and no entry is in both
+            base = Root(root.node_id, root.height, nodes) if root.node_id else None
+            tree = NodeTree.reader(self.tx, self.nfields, self.max_size, base)
+            for entry, rank in zip(node.keys, node.kids, strict=True):
+                actual, found = tree.locate(entry)
+                if found:
+                    self.report((), node_id, f"pending entry {entry!r} is also in the tree's nodes")
+                elif rank != actual:
+                    self.report((), node_id, f"pending entry {entry!r} has rank {rank}, not {actual}")
+        return summary
 
     def node(
         self,

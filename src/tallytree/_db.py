@@ -7,7 +7,9 @@ the decoded-node cache and the aggregate definitions. It is opened once per proc
 number of threads. The ``meta`` table holds the format tag (checked on open, so a foreign or newer
 database is refused with a clear error), the id counters and one definition per aggregate::
 
-    b"format"      -> b"tallytree-1"
+    b"format"      -> b"tallytree-2" (version 2 added the pending node of each tree, see ``_tree``;
+                      a version 1 database is read as it is and tagged version 2 when opened for
+                      writing, since version 1 code cannot read a pending node)
     b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 64}
                       (+ "table": name for an aggregate maintained by a table: it refuses writes)
     b"table:" + name -> a table and its attached aggregates (see ``_table``)
@@ -29,12 +31,12 @@ from typing import Any
 import msgpack
 
 from ._aggregate import Aggregate
-from ._btree import Tree
 from ._extract import Definition
 from ._keys import decode_key
 from ._lmdb import LmdbBackend
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
 from ._table import Table, check_writing, create_table, owned_reason, table_from
+from ._tree import Tree
 from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
@@ -47,7 +49,9 @@ from .errors import (
 
 __all__ = ["DEFAULT_NODE_SIZE", "Database", "open", "open_memory"]
 
-FORMAT = b"tallytree-1"
+FORMAT = b"tallytree-2"
+_UPGRADABLE = (b"tallytree-1",)
+"""Older formats this version reads as they are (and upgrades by retagging when writing)."""
 DEFAULT_NODE_SIZE = 64
 """Entries per node; chosen by benchmark (see benchmarks/README.md)."""
 DEFAULT_CACHE_NODES = 32768
@@ -115,6 +119,11 @@ class Database:
             stored = tx.meta(_FORMAT_KEY)
             empty = stored is None and tx.meta(b"gen") is None
         if stored == FORMAT:
+            return
+        if stored in _UPGRADABLE:
+            if not getattr(self._backend, "readonly", False):
+                with self.write() as wtx:
+                    wtx.set_meta(_FORMAT_KEY, FORMAT)
             return
         if stored is not None:
             raise DatabaseFormatError(

@@ -39,9 +39,10 @@ from typing import Any, Literal
 import msgpack
 
 from ._aggregate import Aggregate
-from ._btree import Tree, same_values
+from ._btree import same_values
 from ._bulk import Columns, encode_keys, valid_column
 from ._keys import encode_key
+from ._tree import Tree
 from ._txn import Transaction, WriteTransaction
 from .errors import (
     DuplicateItemError,
@@ -483,8 +484,9 @@ def _tree(tx: Transaction, aggregate: Aggregate, tree_key: bytes) -> Tree:
 
 
 def _save(tx: WriteTransaction, tree_key: bytes, tree: Tree) -> None:
-    if tree.changed:
-        tx.set_root(tree_key, tree.root)
+    changed, root = tree.take_root()
+    if changed:
+        tx.set_root(tree_key, root)
 
 
 def move(tx: WriteTransaction, aggregate: Aggregate, old: Coord | None, new: Coord | None) -> bool:

@@ -43,6 +43,10 @@ flat fixed-width layout)::
     leaf:      [1, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
     internal:  [2, [fence, ...], [child id, ...], [shift, ...], counts, S col 0, ..., F col 0, ...]
     wide:      [3, keys, kids, shifts, [limbs per column], columns split into 63-bit limbs ...]
+    pending:   [4, [entry, ...], [rank, ...], [value of field 0, ...], ...]
+
+A *pending* node holds a tree's inserts not yet merged into its leaves (see ``_tree``): a leaf whose
+``kids`` column holds, for each entry, how many entries of the tree's other nodes sort before it.
 
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
@@ -90,6 +94,7 @@ _UNIT = 1 << SCALE_BITS
 LEAF = 1
 INTERNAL = 2
 INTERNAL_WIDE = 3
+PENDING = 4
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -599,6 +604,8 @@ def encode_node(node: Node) -> bytes:
     counts, ids and shifts are small.
     """
     if node.leaf:
+        if node.kids:  # a pending node: its ranks ride in the kids column
+            return _pack([PENDING, node.keys, node.kids, *node.cols])
         return _pack([LEAF, node.keys, *node.cols])
     if not node._limbs:
         try:
@@ -634,6 +641,8 @@ def _consistent(node: Node) -> Node:
     """The decoded node, if its parts are arrays of one length (else a read would fail untyped)."""
     size = len(node.keys)
     parts: list[Sequence[Any]] = [node.keys, *node.cols] if node.leaf else [node.keys, node.kids, *node.cols]
+    if node.leaf and node.kids:
+        parts.append(node.kids)
     if all(type(part) in _ARRAYS and len(part) == size for part in parts):
         return node
     raise CorruptDatabaseError(
@@ -649,6 +658,8 @@ def decode_node(data: bytes, node_id: int) -> Node:
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
             return _consistent(Node(node_id, True, parts[1], parts[2:]))
+        if kind == PENDING and len(parts) >= 3 and parts[1] and len(parts[2]) == len(parts[1]):
+            return _consistent(Node(node_id, True, parts[1], parts[3:], parts[2]))
         if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1 and len(parts[3]) == len(parts) - 4:
             return _consistent(Node(node_id, False, parts[1], parts[4:], parts[2], parts[3]))
         if kind == INTERNAL_WIDE and len(parts) >= 6:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgpack
 
 from ._aggregate import Aggregate, Totals, resolve_bounds
-from ._btree import Root, Tree
+from ._btree import Root
 from ._bulk import Columns, build_columns
 from ._extract import (
     Coord,
@@ -54,6 +54,7 @@ from ._extract import (
 from ._gc import gc_paused
 from ._keys import decode_key, encode_id
 from ._store import ROOTS
+from ._tree import Tree
 from ._txn import Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
@@ -1084,8 +1085,9 @@ class Table:
             wtx.set_doc(self._prefix + id_bytes, None)
         tree = Tree(wtx, len(target.fields), target.node_size, wtx.root(tree_key))
         summary = tree.delete_range(start, stop)
-        if tree.changed:
-            wtx.set_root(tree_key, tree.root)
+        changed, root = tree.take_root()
+        if changed:
+            wtx.set_root(tree_key, root)
         self._count -= len(removed)
         self._save_state(wtx)
         return Totals.from_summary(target.fields, summary)

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ._btree import Root, Tree
+from ._btree import Root
 from ._gc import gc_paused
 from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
+from ._tree import Tree
 from .errors import CorruptDatabaseError, TransactionError
 
 if TYPE_CHECKING:
@@ -54,17 +55,27 @@ def node_key(node_id: int) -> bytes:
 
 
 def encode_root(root: Root) -> bytes:
-    """The ROOTS table value of a root record."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        [root.node_id, root.height, pack_summary(root.summary)], use_bin_type=True
-    )
+    """The ROOTS table value of a root record: ``[node id, height, summary]``, followed by the pending
+    node's id and summary when the tree has one."""
+    parts: list[Any] = [root.node_id, root.height, pack_summary(root.summary)]
+    if root.pending:
+        assert root.pending_summary is not None
+        parts += [root.pending, pack_summary(root.pending_summary)]
+    return msgpack.packb(parts, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_root(data: bytes) -> Root:
     """Inverse of :func:`encode_root`."""
     try:
-        node_id, height, summary = msgpack.unpackb(data, raw=False)
-        return Root(node_id, height, unpack_summary(summary))
+        node_id, height, summary, *pending = msgpack.unpackb(data, raw=False)
+        if not all(type(value) is int for value in (node_id, height)):
+            raise ValueError("the node id and the height must be ints")
+        if not pending:
+            return Root(node_id, height, unpack_summary(summary))
+        pending_id, pending_summary = pending
+        if type(pending_id) is not int or len(pending_summary) != len(summary):
+            raise ValueError("malformed pending node fields")
+        return Root(node_id, height, unpack_summary(summary), pending_id, unpack_summary(pending_summary))
     except Exception as exc:
         raise CorruptDatabaseError(f"a root record cannot be decoded ({exc})") from exc
 
@@ -278,8 +289,9 @@ class WriteTransaction(Transaction):
         rows.sort(key=itemgetter(0))
         tree = Tree(self, nfields, node_size, super().root(tree_key))
         tree.insert_sorted_run([row[0] for row in rows], [row[1] for row in rows])
-        if tree.changed:
-            self.set_root(tree_key, tree.root)
+        changed, root = tree.take_root()
+        if changed:
+            self.set_root(tree_key, root)
 
     def set_meta(self, key: bytes, value: bytes | None) -> None:
         """Write (or delete, with None) a META value at commit."""

@@ -36,7 +36,7 @@ from typing import IO, Any, NoReturn, TypeVar
 
 from . import __version__, _bulk, _db
 from ._aggregate import Aggregate, Item, Totals
-from ._btree import Tree, same_values
+from ._btree import same_values
 from ._check import check
 from ._demo import run_demo
 from ._gc import gc_paused
@@ -52,6 +52,7 @@ from ._sources import (
     parse_value,
 )
 from ._store import NODES, ROOTS
+from ._tree import Tree
 from ._txn import Transaction, decode_root, node_key
 from .errors import AggregateNotFoundError, Error
 

@@ -1,0 +1,396 @@
+"""A tree as its callers see it: the B+ tree of nodes plus a small node of pending inserts.
+
+Design
+======
+Committing one insert into the B+ tree rewrites every node on its path: copy-on-write gives each a
+fresh id, so a tree of height 4 writes four nodes of a few KiB and deletes four, whatever the size
+of the change. For the commonest write of the applications tallytree serves, one new event per
+committed transaction, that page traffic is most of the cost.
+
+So inserts first go to the tree's *pending* node: one small sorted node (at most
+:func:`pending_capacity` entries, 32 with the default node size) referenced by the root record, which
+is rewritten by every commit anyway. An insert then writes the pending node and the root record
+instead of a whole path; when the pending node is full, its entries are merged into the leaves in
+one sorted run (``NodeTree.merge_sorted``), which for time-ordered events costs one path for all of
+them::
+
+    root record   [node id, height, totals of everything, pending id]
+                      |                                        |
+    nodes         the B+ tree (NodeTree)               pending: e3 e9 e12   entries not in the nodes
+                                                       ranks:    1  5  5    node entries before each
+                                                       values:  ...
+
+Each pending entry keeps its *rank*: how many entries of the nodes sort before it. The node tree
+does not change while entries are pending (a merge empties the pending node first; deletes of node
+entries adjust the ranks after them), so the ranks stay exact, and entry ``i`` of the pending node
+is at position ``rank[i] + i`` of the whole tree. Every read therefore stays O(log n):
+
+* counts and sums add the pending entries inside the bounds (two bisections and the pending
+  node's cumulative sums, cached like a leaf's) to what the nodes give;
+* ``select(k)`` bisects the pending positions: either entry ``i`` is at ``k``, or the answer is the
+  nodes' entry ``k - i``, with ``i`` the pending entries before it;
+* ``iterate`` merges the nodes' items with the pending ones in between.
+
+Writes: ``delete`` and ``update`` of a pending entry change the pending node only; a delete in the
+nodes lowers the ranks after it; ``delete_range`` splits into its pending and node parts; batch
+merges (``merge_sorted``, large ``insert_sorted_run``) merge the pending entries in first. The
+root record's ``summary`` covers everything, so ``namespaces()`` still reads each total in O(1).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from heapq import merge
+from operator import itemgetter
+from typing import Any
+
+from ._btree import Cut, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
+from ._node import Node, delta_of
+
+__all__ = ["Tree", "pending_capacity"]
+
+_PENDING_MAX = 32
+"""The most entries a pending node holds: each insert rewrites it, so it stays small."""
+
+
+def pending_capacity(node_size: int) -> int:
+    """How many inserts a tree keeps pending before merging them into its leaves. O(1).
+
+    >>> pending_capacity(64), pending_capacity(4)
+    (32, 2)
+    """
+    return max(2, min(node_size // 2, _PENDING_MAX))
+
+
+class Tree:
+    """The items of one tree (one aggregate namespace) inside one transaction: nodes and pending.
+
+    Indexes are positions in the whole tree (nodes and pending entries in one order). The tree
+    works on copies of the records it is given; after writes, the caller persists ``root`` when
+    :attr:`changed` says it differs.
+    """
+
+    __slots__ = ("access", "capacity", "nfields", "nodes", "original", "pending", "pending_summary")
+
+    def __init__(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> None:
+        self._load(access, nfields, node_size, root, NodeTree)
+
+    @classmethod
+    def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Tree:
+        """A tree for reads only: its node tree shares the root record when it can. O(1)."""
+        tree = cls.__new__(cls)
+        tree._load(access, nfields, node_size, root, NodeTree.reader)
+        return tree
+
+    def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None, make: Any) -> None:
+        self.access = access
+        self.nfields = nfields
+        self.capacity = pending_capacity(node_size)
+        self.original = root
+        self.pending: Node | None = None
+        self.pending_summary: list[int] | None = None
+        nodes = root
+        if root is not None and root.pending:
+            assert root.pending_summary is not None  # decode_root reads both or neither
+            self.pending = access.node(root.pending)
+            self.pending_summary = list(root.pending_summary)
+            nodes = Root(root.node_id, root.height, vsub(root.summary, root.pending_summary))
+        self.nodes: NodeTree = make(access, nfields, node_size, nodes if root and root.node_id else None)
+
+    @property
+    def root(self) -> Root | None:
+        """The root record of the tree as it is now (None: the tree is empty)."""
+        nodes = self.nodes.root
+        pending, summary = self.pending, self.pending_summary
+        if pending is None or summary is None:
+            return nodes
+        if nodes is None:
+            return Root(0, 0, list(summary), pending.id, list(summary))
+        return Root(nodes.node_id, nodes.height, vadd(nodes.summary, summary), pending.id, list(summary))
+
+    @property
+    def changed(self) -> bool:
+        """Whether the root record differs from the one the tree started from (or last handed out
+        by :meth:`take_root`)."""
+        return self.root != self.original
+
+    def take_root(self) -> tuple[bool, Root | None]:
+        """``(changed, root)``: the root record to store, and whether it differs from the one the
+        tree started from or last handed out. Later changes are measured from this record, so a
+        tree saved twice (a delete, then an insert) is seen to change again. O(1)."""
+        root = self.root
+        if root == self.original:
+            return False, root
+        if root is not None:  # a snapshot: the node tree changes its own record in place
+            root = Root(root.node_id, root.height, list(root.summary), root.pending, root.pending_summary)
+        self.original = root
+        return True, root
+
+    # ----------------------------------------------------------------- reads
+
+    @property
+    def count(self) -> int:
+        """Number of items in the tree. O(1)."""
+        pending = self.pending
+        return self.nodes.count + (len(pending.keys) if pending is not None else 0)
+
+    def zero(self) -> list[int]:
+        """The summary of no items."""
+        return [0] * (1 + 2 * self.nfields)
+
+    def rank(self, bound: bytes, after: bool) -> int:
+        """Number of entries ``< bound`` (``<= bound`` when ``after``). O(log n)."""
+        rank = self.nodes.rank(bound, after)
+        if self.pending is not None:
+            rank += _finder()(self.pending, bound, after)
+        return rank
+
+    def rank_range(self, lower: Cut | None, upper: Cut | None) -> tuple[int, int]:
+        """``(rank(*lower), rank(*upper))``, 0 and ``count`` for a missing cut. O(log n)."""
+        start, stop = self.nodes.rank_range(lower, upper)
+        pending = self.pending
+        if pending is not None:
+            find = _finder()
+            start += find(pending, *lower) if lower is not None else 0
+            stop += find(pending, *upper) if upper is not None else len(pending.keys)
+        return start, stop
+
+    def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
+        """Summary of the entries ``< bound`` (``<= bound`` when ``after``). O(log n + B)."""
+        return self.range_summary(None, (bound, after))
+
+    def range_summary(self, lower: Cut | None, upper: Cut | None) -> list[int]:
+        """Summary of the entries between two cuts (None: no cut on that side); zero when they are
+        inverted. O(log n + B)."""
+        summary = self.nodes.range_summary(lower, upper)
+        pending = self.pending
+        if pending is not None:
+            find = _finder()
+            start = find(pending, *lower) if lower is not None else 0
+            stop = find(pending, *upper) if upper is not None else len(pending.keys)
+            if start < stop:
+                summary = vadd(summary, vsub(pending.prefixes(stop), pending.prefixes(start)))
+        return summary
+
+    def summary_at(self, index: int) -> list[int]:
+        """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
+        pending = self.pending
+        if pending is None:
+            return self.nodes.summary_at(index)
+        before = self._pending_before(index)
+        return vadd(self.nodes.summary_at(index - before), pending.prefixes(before))
+
+    def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
+        """The entry at ``index`` (0 <= index < count) and its values. O(log n)."""
+        pending = self.pending
+        if pending is None:
+            return self.nodes.select(index)
+        before = self._pending_before(index)
+        if before < len(pending.keys) and pending.kids[before] + before == index:
+            return pending.keys[before], tuple(col[before] for col in pending.cols)
+        return self.nodes.select(index - before)
+
+    def find(self, entry: bytes) -> tuple[Any, ...] | None:
+        """The values of ``entry``, or None if absent. O(log n)."""
+        at = self._pending_index(entry)
+        if at is not None:
+            assert self.pending is not None
+            return tuple(col[at] for col in self.pending.cols)
+        return self.nodes.find(entry)
+
+    def iterate(
+        self, start: int, stop: int, reverse: bool = False
+    ) -> Iterator[tuple[bytes, tuple[Any, ...]]]:
+        """Yield entries with index in ``[start, stop)``, lazily; O(log n) to start, O(1) amortized each."""
+        pending = self.pending
+        if pending is None:
+            return self.nodes.iterate(start, stop, reverse)
+        start, stop = max(start, 0), min(stop, self.count)
+        first, last = self._pending_before(start), self._pending_before(stop)
+        nodes = self.nodes.iterate(start - first, stop - last, reverse)
+        if first == last:
+            return nodes
+        items = [(pending.keys[at], tuple(col[at] for col in pending.cols)) for at in range(first, last)]
+        if reverse:
+            items.reverse()
+        return merge(nodes, items, key=itemgetter(0), reverse=reverse)
+
+    def _pending_before(self, index: int) -> int:
+        """How many pending entries lie before position ``index`` of the whole tree. O(log B)."""
+        assert self.pending is not None
+        ranks = self.pending.kids
+        return bisect_left(range(len(ranks)), index, key=lambda at: ranks[at] + at)
+
+    def _pending_index(self, entry: bytes) -> int | None:
+        """The index of ``entry`` in the pending node, or None. O(log B)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        at = bisect_left(pending.keys, entry)
+        return at if at < len(pending.keys) and pending.keys[at] == entry else None
+
+    # ----------------------------------------------------------------- writes
+
+    def insert(self, entry: bytes, values: tuple[Any, ...]) -> bool:
+        """Insert ``entry`` with ``values``; return False (changing nothing) if it exists.
+
+        The entry goes to the pending node; a full pending node is merged into the leaves.
+        O(log n) (plus the merge, one sorted run, every :func:`pending_capacity` inserts).
+        """
+        if self._pending_index(entry) is not None:
+            return False
+        rank, found = self.nodes.locate(entry)
+        if found:
+            return False
+        pending = self._writable_pending(delta_of(values))
+        at = bisect_left(pending.keys, entry)
+        pending.keys.insert(at, entry)
+        pending.kids.insert(at, rank)
+        for col, value in zip(pending.cols, values, strict=True):
+            col.insert(at, value)
+        if len(pending.keys) >= self.capacity:
+            self.flush()
+        return True
+
+    def insert_sorted_run(self, entries: list[bytes], values: list[tuple[Any, ...]]) -> int:
+        """Insert many new entries given in strictly ascending order; return how many were inserted.
+
+        Entries already present are skipped. A run that fits the pending node goes there; a longer
+        one is merged into the leaves with the pending entries. O(t log B + m) for ``m`` entries
+        landing in ``t`` leaves.
+        """
+        pending = self.pending
+        if len(entries) + (len(pending.keys) if pending is not None else 0) < self.capacity:
+            return sum(map(self.insert, entries, values))
+        self.flush()
+        return self.nodes.insert_sorted_run(entries, values)
+
+    def merge_sorted(
+        self, entries: list[bytes], cols: list[list[Any]], existing: Existing = "skip"
+    ) -> tuple[int, int | None]:
+        """:meth:`NodeTree.merge_sorted`, after the pending entries are merged into the leaves.
+
+        With ``existing="error"``, a batch that conflicts changes nothing, pending entries included.
+        """
+        if existing == "error" and self.pending is not None:  # find a conflict before writing anything
+            pending = self.pending.keys
+            conflicts = [
+                index
+                for index, entry in enumerate(entries)
+                if (at := bisect_left(pending, entry)) < len(pending) and pending[at] == entry
+            ][:1]
+            conflict = self.nodes.first_existing(entries, cols)
+            if conflict is not None:
+                conflicts.append(conflict)
+            if conflicts:
+                return 0, min(conflicts)
+        self.flush()
+        return self.nodes.merge_sorted(entries, cols, existing)
+
+    def flush(self) -> None:
+        """Merge the pending entries into the leaves (one sorted run) and drop the pending node."""
+        pending = self.pending
+        if pending is None:
+            return
+        self.nodes.merge_sorted(list(pending.keys), [list(col) for col in pending.cols])
+        self.access.free(pending.id)
+        self.pending = self.pending_summary = None
+
+    def delete(self, entry: bytes) -> tuple[Any, ...] | None:
+        """Remove ``entry``; return its values, or None (changing nothing) if absent. O(log n + B)."""
+        at = self._pending_index(entry)
+        if at is not None:
+            assert self.pending is not None
+            values = tuple(col[at] for col in self.pending.cols)
+            pending = self._writable_pending(_negate(delta_of(values)))
+            del pending.keys[at]
+            del pending.kids[at]
+            for col in pending.cols:
+                del col[at]
+            self._drop_if_empty()
+            return values
+        removed = self.nodes.delete(entry)
+        if removed is not None and self.pending is not None:
+            self._shift_ranks(bisect_right(self.pending.keys, entry), -1)
+        return removed
+
+    def update(self, entry: bytes, values: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Overwrite the values of an existing entry; return the old values (None if absent).
+
+        Writes nothing when the values are unchanged (same type and value). O(log n).
+        """
+        at = self._pending_index(entry)
+        if at is None:
+            return self.nodes.update(entry, values)
+        assert self.pending is not None
+        old = tuple(col[at] for col in self.pending.cols)
+        if not same_values(old, values):
+            pending = self._writable_pending(vsub(delta_of(values), delta_of(old)))
+            for col, value in zip(pending.cols, values, strict=True):
+                col[at] = value
+        return old
+
+    def delete_range(self, start: int, stop: int) -> list[int]:
+        """Remove the entries with index in ``[start, stop)``; return their summary.
+
+        O(log n + nodes removed).
+        """
+        pending = self.pending
+        if pending is None:
+            return self.nodes.delete_range(start, stop)
+        start, stop = max(start, 0), min(stop, self.count)
+        if start >= stop:
+            return self.zero()
+        first, last = self._pending_before(start), self._pending_before(stop)
+        removed = self.nodes.delete_range(start - first, stop - last)
+        if first < last:
+            part = vsub(pending.prefixes(last), pending.prefixes(first))
+            removed = vadd(removed, part)
+            pending = self._writable_pending(_negate(part))
+            del pending.keys[first:last]
+            del pending.kids[first:last]
+            for col in pending.cols:
+                del col[first:last]
+            if self._drop_if_empty():
+                return removed
+        self._shift_ranks(first, (start - first) - (stop - last))
+        return removed
+
+    def _shift_ranks(self, start: int, amount: int) -> None:
+        """Add ``amount`` to the ranks of pending entries ``start:`` (the nodes gained or lost some)."""
+        assert self.pending is not None
+        if start >= len(self.pending.keys) or not amount:
+            return
+        pending = self._writable_pending()
+        pending.kids[start:] = [rank + amount for rank in pending.kids[start:]]
+
+    def _writable_pending(self, delta: list[int] | None = None) -> Node:
+        """The pending node, made mutable (created empty if there is none); ``delta`` is added to
+        its summary."""
+        access = self.access
+        pending = self.pending
+        if pending is None:
+            cols: list[list[Any]] = [[] for _ in range(self.nfields)]
+            pending = access.adopt(Node(access.new_id(), True, [], cols, [], dirty=True))
+            self.pending_summary = self.zero()
+        else:
+            pending = access.mutable(pending)
+        if delta is not None:
+            assert self.pending_summary is not None
+            self.pending_summary = vadd(self.pending_summary, delta)
+        self.pending = pending
+        return pending
+
+    def _drop_if_empty(self) -> bool:
+        """Free the pending node if it holds nothing any more; return whether it did."""
+        pending = self.pending
+        if pending is None or pending.keys:
+            return False
+        self.access.free(pending.id)
+        self.pending = self.pending_summary = None
+        return True
+
+
+def _negate(summary: list[int]) -> list[int]:
+    return [-value for value in summary]

@@ -1,0 +1,319 @@
+"""The pending node of each tree (``_tree``): inserts kept aside in one small node, merged in runs.
+
+The state machine of ``test_model`` runs every operation over trees with pending entries (its node
+sizes give capacities of 2 to 4). These tests pin what it cannot see: that a single insert rewrites
+one node instead of a path, that ranks stay exact through deletes and range deletes, that reads mix
+pending and stored entries in order, that a conflicting batch changes nothing, and that the checker
+and the decoders catch damaged pending records.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import pytest
+from conftest import snapshot, strict
+
+import tallytree
+from tallytree._btree import Root
+from tallytree._keys import encode_id, encode_key
+from tallytree._node import Node, decode_node, encode_node
+from tallytree._store import NODES, Op, _MemoryTxn
+from tallytree._tree import pending_capacity
+from tallytree._txn import decode_root, encode_root, node_key
+from tallytree.errors import CorruptDatabaseError, DuplicateItemError
+
+FIELDS = ("cost", "tokens")
+STORED = encode_key(50) + encode_id("s")
+
+
+def root_of(db: tallytree.Database, aggregate: tallytree.Aggregate, namespace: Any = None) -> Root | None:
+    with db.read() as tx:
+        return tx.root(aggregate._tree_key(namespace))
+
+
+def model_items(rows: dict[tuple[int, str], tuple[Any, ...]]) -> list[tallytree.Item]:
+    return [tallytree.Item(key, item_id, values) for (key, item_id), values in sorted(rows.items())]
+
+
+def assert_reads_match(db: tallytree.Database, aggregate: tallytree.Aggregate, rows: dict[Any, Any]) -> None:
+    """Every read of the namespace equals the sorted model, in both orders and at every index."""
+    expected = model_items(rows)
+    with db.read() as tx:
+        assert tallytree.check(tx) == []
+        assert strict(list(aggregate.items(tx))) == strict(expected)
+        assert strict(list(aggregate.items(tx, reverse=True))) == strict(expected[::-1])
+        assert aggregate.count(tx) == len(expected)
+        for index, item in enumerate(expected):
+            assert strict(aggregate.at(tx, index)) == strict(item)
+            assert aggregate.rank(tx, item.key, item.id) == index
+            assert strict(aggregate.get(tx, item.key, item.id)) == strict(item)
+        keys = sorted({item.key for item in expected})
+        for low in keys[:: max(1, len(keys) // 7)]:
+            for high in keys[:: max(1, len(keys) // 5)]:
+                inside = [item for item in expected if low <= item.key < high]
+                totals = aggregate.totals(tx, ge=low, lt=high)
+                assert totals.count == len(inside)
+                assert totals.tokens == sum(item.values[1] for item in inside)
+                assert strict(list(aggregate.items(tx, ge=low, lt=high))) == strict(inside)
+                if inside:
+                    assert strict(aggregate.at(tx, -1, ge=low, lt=high)) == strict(inside[-1])
+
+
+@pytest.fixture
+def events(db: tallytree.Database) -> Iterator[tallytree.Aggregate]:
+    yield db.aggregate("events", values=FIELDS, node_size=8)
+
+
+def test_capacity_follows_the_node_size() -> None:
+    assert [pending_capacity(size) for size in (4, 5, 8, 16, 63, 64, 1024)] == [2, 2, 4, 8, 31, 32, 32]
+
+
+def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
+    db: tallytree.Database, events: tallytree.Aggregate
+) -> None:
+    rows = {(key * 10, "s"): (0.5, key) for key in range(40)}
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    stored = root_of(db, events)
+    assert stored is not None and stored.pending == 0
+    for key in (5, 395, 1000):  # before, inside and after the stored entries
+        with db.write() as tx:
+            events.insert(tx, key, "p", (0.25, 1000 + key))
+        rows[(key, "p")] = (0.25, 1000 + key)
+    root = root_of(db, events)
+    assert root is not None and root.pending != 0
+    assert root.node_id == stored.node_id  # the stored nodes were not rewritten
+    assert root.summary[0] == 43 and root.pending_summary is not None and root.pending_summary[0] == 3
+    assert_reads_match(db, events, rows)
+    with db.read() as tx:
+        assert strict(events.min(tx)) == strict(tallytree.Item(0, "s", (0.5, 0)))
+        assert strict(events.max(tx)) == strict(tallytree.Item(1000, "p", (0.25, 2000)))
+        assert events.rank(tx, 1000, reverse=True) == 0
+
+
+def test_a_full_pending_node_is_merged_into_the_leaves(
+    db: tallytree.Database, events: tallytree.Aggregate
+) -> None:
+    capacity = pending_capacity(events.node_size)
+    rows = {}
+    for key in range(capacity - 1):
+        with db.write() as tx:
+            events.insert(tx, key, "a", (1.0, key))
+        rows[(key, "a")] = (1.0, key)
+    root = root_of(db, events)
+    assert root is not None and root.node_id == 0 and root.height == 0  # everything is pending
+    assert_reads_match(db, events, rows)
+    with db.write() as tx:
+        events.insert(tx, capacity, "a", (1.0, capacity))
+    rows[(capacity, "a")] = (1.0, capacity)
+    root = root_of(db, events)
+    assert root is not None and root.pending == 0 and root.node_id != 0
+    assert_reads_match(db, events, rows)
+
+
+def test_one_insert_per_commit_writes_the_pending_node_and_not_a_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = tallytree.open_memory()
+    events = db.aggregate("events", values=FIELDS, node_size=8)
+    with db.write() as tx:
+        events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(2000)])  # height 4 or more
+    root = root_of(db, events)
+    assert root is not None and root.height >= 4
+    written: list[list[Op]] = []
+    commit = _MemoryTxn.commit
+
+    def recording(self: _MemoryTxn, ops: list[Op]) -> None:
+        written.append(ops)
+        commit(self, ops)
+
+    monkeypatch.setattr(_MemoryTxn, "commit", recording)
+    capacity = pending_capacity(events.node_size)
+    for key in range(capacity - 1):
+        with db.write() as tx:
+            events.insert(tx, 10_000 + key, "new", (0.5, key))
+    for ops in written:
+        nodes = [op for op in ops if op[0] == NODES]
+        assert len([op for op in nodes if op[2] is not None]) == 1  # the new pending node
+        assert len([op for op in nodes if op[2] is None]) <= 1  # the previous one
+    assert root_of(db, events).node_id == root.node_id  # type: ignore[union-attr]
+
+
+def test_deletes_in_the_nodes_keep_the_pending_ranks_exact(
+    db: tallytree.Database, events: tallytree.Aggregate
+) -> None:
+    rng = random.Random(5)
+    rows = {(key * 2, "s"): (0.5, key) for key in range(60)}
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    for step in range(150):
+        with db.write() as tx:
+            if rng.random() < 0.5 or not rows:
+                key = rng.randrange(200) * 2 + 1
+                if (key, "p") not in rows:
+                    events.insert(tx, key, "p", (0.25, step))
+                    rows[(key, "p")] = (0.25, step)
+            else:
+                key, item_id = rng.choice(sorted(rows))
+                events.delete(tx, key, item_id)
+                del rows[(key, item_id)]
+        if step % 10 == 0:
+            assert_reads_match(db, events, rows)
+    assert_reads_match(db, events, rows)
+
+
+def test_updates_of_pending_entries_change_only_the_pending_node(
+    db: tallytree.Database, events: tallytree.Aggregate
+) -> None:
+    with db.write() as tx:
+        events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(30)])
+    with db.write() as tx:
+        events.insert(tx, 100, "p", (1.0, 1))
+    before = root_of(db, events)
+    with db.write() as tx:
+        assert events.upsert(tx, 100, "p", (1.0, 1)) == "unchanged"
+        assert events.upsert(tx, 100, "p", (2.0, 5)) == "updated"
+    after = root_of(db, events)
+    assert before is not None and after is not None
+    assert after.node_id == before.node_id and after.pending != before.pending
+    with db.read() as tx:
+        assert events.totals(tx, ge=100).as_dict() == {"count": 1, "cost": 2.0, "tokens": 5}
+        assert tallytree.check(tx) == []
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 1000), (5, 31), (15, 16), (31, 1000), (-5, 3), (14, 15)])
+def test_a_range_delete_across_pending_and_stored_entries(
+    db: tallytree.Database, events: tallytree.Aggregate, low: int, high: int
+) -> None:
+    rows = {(key * 2, "s"): (0.5, key) for key in range(20)}
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    for key in (1, 15, 29):
+        with db.write() as tx:
+            events.insert(tx, key, "p", (0.25, key))
+        rows[(key, "p")] = (0.25, key)
+    with db.write() as tx:
+        removed = events.delete_range(tx, ge=low, lt=high)
+    gone = [row for row in rows if low <= row[0] < high]
+    assert removed.count == len(gone)
+    assert removed.tokens == sum(rows[row][1] for row in gone)
+    for row in gone:
+        del rows[row]
+    assert_reads_match(db, events, rows)
+
+
+def test_a_conflicting_batch_changes_nothing_pending_included(
+    db: tallytree.Database, events: tallytree.Aggregate
+) -> None:
+    with db.write() as tx:
+        events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(0, 40, 2)])
+    with db.write() as tx:
+        events.insert(tx, 11, "p", (0.25, 1))
+    before = snapshot(db)
+    root = root_of(db, events)
+    for batch in ([(9, "x"), (11, "p"), (13, "x")], [(11, "p"), (20, "s")], [(3, "x"), (20, "s"), (11, "p")]):
+        with db.write() as tx:
+            with pytest.raises(DuplicateItemError) as raised:
+                events.insert_many(tx, [(key, item_id, (0.0, 0)) for key, item_id in batch])
+            first = min((key, item_id) for key, item_id in batch if (key, item_id) in {(11, "p"), (20, "s")})
+            assert f"key={first[0]!r}, id={first[1]!r}" in str(raised.value)
+        assert snapshot(db) == before
+        assert root_of(db, events) == root
+    with db.write() as tx:  # "skip" merges the pending entry in and inserts the rest
+        assert events.insert_many(tx, [(11, "p", (0.0, 0)), (13, "x", (0.0, 0))], on_duplicate="skip") == 1
+    with db.read() as tx:
+        assert strict(events.get(tx, 11, "p")) == strict(tallytree.Item(11, "p", (0.25, 1)))
+        assert tallytree.check(tx) == []
+
+
+def test_pending_entries_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events", values=FIELDS)
+        for key in range(5):
+            with db.write() as tx:
+                events.insert(tx, key, "a", (0.1, key), namespace="org")
+        before = snapshot(db)
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        root = root_of(db, events, "org")
+        assert root is not None and root.node_id == 0 and root.pending != 0
+        assert snapshot(db) == before
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+            assert events.totals(tx, namespace="org").as_dict() == {"count": 5, "cost": 0.5, "tokens": 10}
+
+
+# ------------------------------------------------------------------ records and damage
+
+
+def test_a_pending_node_round_trips_through_its_byte_form() -> None:
+    node = Node(7, True, [b"a", b"c"], [[0.5, 2], [1, 2]], [3, 9], dirty=True)
+    decoded = decode_node(encode_node(node), 7)
+    assert decoded.leaf and list(decoded.keys) == [b"a", b"c"] and list(decoded.kids) == [3, 9]
+    assert [list(col) for col in decoded.cols] == [[0.5, 2], [1, 2]]
+    plain = decode_node(encode_node(Node(8, True, [b"a"], [[1]], dirty=True)), 8)
+    assert plain.leaf and not plain.kids
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [[4, [b"a", b"b"], [1], [1, 2]], [4, [], [], []], [4, [b"a"], [0], [1, 2]], [4, [b"a"]]],
+)
+def test_a_malformed_pending_node_is_a_corruption_error(parts: list[Any]) -> None:
+    with pytest.raises(CorruptDatabaseError):
+        decode_node(msgpack.packb(parts), 3)
+
+
+def test_root_records_with_and_without_a_pending_node_round_trip() -> None:
+    plain = Root(5, 2, [3, 1 << 1074, 1])
+    assert decode_root(encode_root(plain)) == plain
+    pending = Root(0, 0, [2, 3 << 1074, 0], 9, [2, 3 << 1074, 0])
+    assert decode_root(encode_root(pending)) == pending
+    for damaged in ([5, 2, [3, 1, 1], 9], [5, 2, [3, 1, 1], 9, [1]], [5, "2", [3, 1, 1]]):
+        with pytest.raises(CorruptDatabaseError):
+            decode_root(msgpack.packb(damaged))
+
+
+def _rewrite_pending(path: Path, change: Any) -> None:
+    """Apply ``change(root, pending parts) -> (root, parts)`` to the one tree's records, raw."""
+    env = lmdb.open(str(path), max_dbs=4)
+    roots, nodes = env.open_db(b"roots"), env.open_db(b"nodes")
+    with env.begin(write=True) as txn:
+        key, value = next(iter(txn.cursor(db=roots)))
+        root = decode_root(value)
+        parts = msgpack.unpackb(txn.get(node_key(root.pending), db=nodes))
+        root, parts = change(root, parts)
+        txn.put(key, encode_root(root), db=roots)
+        txn.put(node_key(root.pending), msgpack.packb(parts), db=nodes)
+    env.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda root, parts: (root, [*parts[:2], [parts[2][0] + 1, *parts[2][1:]], *parts[3:]]), "has rank"),
+        (lambda root, parts: (root, [parts[0], [STORED, *parts[1][1:]], *parts[2:]]), "also in"),
+        (lambda root, parts: (root, [parts[0], parts[1][::-1], *parts[2:]]), "not strictly increasing"),
+        (lambda root, parts: (root, [*parts[:3], [9.0, *parts[3][1:]], *parts[4:]]), "pending totals"),
+    ],
+)
+def test_the_checker_reports_damaged_pending_records(tmp_path: Path, change: Any, message: str) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events", values=FIELDS)
+        with db.write() as tx:
+            events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(100)])
+        for key in (200, 300):
+            with db.write() as tx:
+                events.insert(tx, key, "s", (0.5, key))
+    _rewrite_pending(path, change)
+    with tallytree.open(path) as db, db.read() as tx:
+        problems = tallytree.check(tx)
+    assert any(message in problem.message for problem in problems), problems
