@@ -4,13 +4,16 @@ PRODUCT.md asks for >= 20,000 single-insert commits per second without fsync, an
 to be "bounded by fsync, report it". This script measures, in the same run and interleaved rounds:
 
 * ``fsync``: writing 4 KiB to a file and ``os.fdatasync`` -- the floor of any durable commit here;
-* tallytree with ``durable=False`` and ``durable=True`` (LMDB syncs the data and the meta page);
-* SQLite (WAL) with ``synchronous=NORMAL`` (no sync per commit) and ``synchronous=FULL``;
-* the LMDB floor of tallytree's commit (``sync=False``): bare LMDB transactions doing the page writes
-  of a single insert and nothing else -- one new node per tree level appended, the node it replaces
-  deleted, the root and generation records rewritten -- in an environment holding as many nodes of
-  the same sizes as tallytree's; and the same without the deletes, which is what a layout that did
-  not free the replaced nodes at once would pay;
+* tallytree with ``durable=False`` (random keys, and time-ordered keys: new events, after every
+  stored one) and ``durable=True`` (LMDB syncs the data and the meta page);
+* SQLite (WAL) with ``synchronous=NORMAL`` (no sync per commit; random and time-ordered keys) and
+  ``synchronous=FULL``;
+* two LMDB floors (``sync=False``), bare LMDB transactions in an environment holding as many nodes
+  of the same sizes as tallytree's: a *pending-node commit* (one record the size of a half-full
+  pending node appended, the previous one deleted, the root, next-id and generation records
+  rewritten: what one tallytree insert writes while its tree's pending node fills), and a *path
+  rewrite* (one node per tree level appended, as many random old ones deleted: what every insert
+  wrote before the pending node, and what merging it costs per random key);
 
 each inserting one event per transaction into a namespace preloaded with N events. It prints a
 markdown table of medians, commits per second and the ratio to one fsync::
@@ -39,15 +42,20 @@ import tallytree
 from tallytree._store import NODES
 
 Insert = Callable[[int, int], None]
-FLOOR = "lmdb floor: the same page writes, no tree"
-FLOOR_NO_DELETES = "lmdb floor without the deletes"
+FLOOR = "lmdb floor: a pending-node commit"
+FLOOR_PATH = "lmdb floor: a path rewrite"
+RANDOM = "tallytree durable=False"
+ORDERED = "tallytree durable=False, time-ordered keys"
+PENDING_BYTES = 600
+"""The size of a half-full pending node of 32 entries of the benchmark's events, about."""
 
 
 def _tallytree(
-    directory: Path, n: int, durable: bool, shape: list[Any] | None = None
+    directory: Path, n: int, durable: bool, shape: list[Any] | None = None, ordered: bool = False
 ) -> tuple[Insert, Callable[[], None]]:
-    """Inserts into a namespace of ``n`` events; ``shape`` receives the tree's :func:`node_shape`."""
-    db = tallytree.open(directory / f"tt-{durable}", durable=durable)
+    """Inserts into a namespace of ``n`` events (``ordered``: each after every stored one, as new
+    events arrive); ``shape`` receives the tree's :func:`node_shape`."""
+    db = tallytree.open(directory / f"tt-{durable}-{ordered}", durable=durable)
     events = db.aggregate("events", values=("cost", "tokens"))
     with db.write() as tx:
         events.build(tx, ((ts * 10, ts, (0.25, 100)) for ts in range(n)), namespace="org", sorted=True)
@@ -56,13 +64,15 @@ def _tallytree(
 
     def insert(ts: int, item: int) -> None:
         with db.write() as tx:
-            events.insert(tx, ts, item, (0.25, 100), namespace="org")
+            events.insert(tx, n * 10 + item if ordered else ts, item, (0.25, 100), namespace="org")
 
     return insert, db.close
 
 
-def _sqlite(directory: Path, n: int, synchronous: str) -> tuple[Insert, Callable[[], None]]:
-    con = sqlite3.connect(directory / f"sqlite-{synchronous}.db", isolation_level=None)
+def _sqlite(
+    directory: Path, n: int, synchronous: str, ordered: bool = False
+) -> tuple[Insert, Callable[[], None]]:
+    con = sqlite3.connect(directory / f"sqlite-{synchronous}-{ordered}.db", isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(f"PRAGMA synchronous={synchronous}")
     con.execute("CREATE TABLE events (ns TEXT, ts INTEGER, id INTEGER, cost REAL, tokens INTEGER)")
@@ -73,7 +83,9 @@ def _sqlite(directory: Path, n: int, synchronous: str) -> tuple[Insert, Callable
 
     def insert(ts: int, item: int) -> None:
         con.execute("BEGIN")
-        con.execute("INSERT INTO events VALUES ('org', ?, ?, 0.25, 100)", (ts, item))
+        con.execute(
+            "INSERT INTO events VALUES ('org', ?, ?, 0.25, 100)", (n * 10 + item if ordered else ts, item)
+        )
         con.execute("COMMIT")
 
     return insert, con.close
@@ -93,13 +105,12 @@ def node_shape(
 
 
 def _lmdb_floor(
-    directory: Path, height: int, sizes: list[int], deletes: bool
+    directory: Path, height: int, sizes: list[int], path: bool
 ) -> tuple[Insert, Callable[[], None]]:
-    """Bare LMDB commits with the page writes of one tallytree insert: ``height`` nodes appended (and
-    as many random old ones deleted), a root record and a generation counter rewritten."""
-    env = lmdb.open(
-        str(directory / f"floor-{deletes}"), map_size=1 << 34, sync=False, metasync=False, max_dbs=2
-    )
+    """Bare LMDB commits with the page writes of one insert: with ``path``, ``height`` nodes appended
+    and as many random old ones deleted; else one pending node appended and the previous one
+    deleted. Then the root record and the counters are rewritten."""
+    env = lmdb.open(str(directory / f"floor-{path}"), map_size=1 << 34, sync=False, metasync=False, max_dbs=2)
     nodes, meta = env.open_db(b"nodes"), env.open_db(b"meta")
     values = [os.urandom(size) for size in sizes]
     with env.begin(write=True) as txn:
@@ -109,20 +120,24 @@ def _lmdb_floor(
     rng = random.Random(3)
     state = {"next": len(values)}
 
+    pending = os.urandom(PENDING_BYTES)
+
     def commit(ts: int, item: int) -> None:
         with env.begin(write=True) as txn:
-            for level in range(height):
+            for level in range(height if path else 1):
                 node_id = state["next"]
                 state["next"] += 1
-                txn.put(
-                    node_id.to_bytes(8, "big"), values[(item + level) % len(values)], db=nodes, append=True
-                )
-                if deletes:  # the replaced node: a random old one, its page rewritten
+                value = values[(item + level) % len(values)] if path else pending
+                txn.put(node_id.to_bytes(8, "big"), value, db=nodes, append=True)
+                if path:  # the replaced node: a random old one, its page rewritten
                     at = rng.randrange(len(live))
                     live[at], live[-1] = live[-1], live[at]
                     txn.delete(live.pop().to_bytes(8, "big"), db=nodes)
-                live.append(node_id)
-            txn.put(b"root", os.urandom(48), db=meta)
+                    live.append(node_id)
+                elif node_id > len(values):  # the previous pending node
+                    txn.delete((node_id - 1).to_bytes(8, "big"), db=nodes)
+            txn.put(b"root", os.urandom(60), db=meta)
+            txn.put(b"next_id", state["next"].to_bytes(8, "big"), db=meta)
             txn.put(b"generation", item.to_bytes(8, "big"), db=meta)
 
     return commit, env.close
@@ -148,14 +163,16 @@ def measure(n: int, commits: int, rounds: int, seed: int = 7) -> dict[str, list[
         shape: list[Any] = []
         systems = {
             "fsync (4 KiB + fdatasync)": _fsync(directory),
-            "tallytree durable=False": _tallytree(directory, n, durable=False, shape=shape),
+            RANDOM: _tallytree(directory, n, durable=False, shape=shape),
+            ORDERED: _tallytree(directory, n, durable=False, ordered=True),
             "tallytree durable=True": _tallytree(directory, n, durable=True),
             "sqlite WAL synchronous=NORMAL": _sqlite(directory, n, "NORMAL"),
+            "sqlite WAL synchronous=NORMAL, time-ordered keys": _sqlite(directory, n, "NORMAL", ordered=True),
             "sqlite WAL synchronous=FULL": _sqlite(directory, n, "FULL"),
         }
         height, sizes = shape
-        systems[FLOOR] = _lmdb_floor(directory, height, sizes, deletes=True)
-        systems[FLOOR_NO_DELETES] = _lmdb_floor(directory, height, sizes, deletes=False)
+        systems[FLOOR] = _lmdb_floor(directory, height, sizes, path=False)
+        systems[FLOOR_PATH] = _lmdb_floor(directory, height, sizes, path=True)
         next_id = n
         try:
             for _ in range(rounds):

@@ -9,13 +9,15 @@ def test_durability_quick_run() -> None:
     samples = durability.measure(n=500, commits=20, rounds=2)
     assert set(samples) == {
         "fsync (4 KiB + fdatasync)",
-        "tallytree durable=False",
+        durability.RANDOM,
+        durability.ORDERED,
         "tallytree durable=True",
         "sqlite WAL synchronous=NORMAL",
+        "sqlite WAL synchronous=NORMAL, time-ordered keys",
         "sqlite WAL synchronous=FULL",
         durability.FLOOR,
-        durability.FLOOR_NO_DELETES,
+        durability.FLOOR_PATH,
     }
     assert all(len(times) == 20 and min(times) > 0 for times in samples.values())
     table = durability.report(samples, 500)
-    assert table.count("\n| ") == 8  # the header and one row per system
+    assert table.count("\n| ") == 10  # the header and one row per system

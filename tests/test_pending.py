@@ -276,7 +276,16 @@ def test_root_records_with_and_without_a_pending_node_round_trip() -> None:
     assert decode_root(encode_root(plain)) == plain
     pending = Root(0, 0, [2, 3 << 1074, 0], 9, [2, 3 << 1074, 0])
     assert decode_root(encode_root(pending)) == pending
-    for damaged in ([5, 2, [3, 1, 1], 9], [5, 2, [3, 1, 1], 9, [1]], [5, "2", [3, 1, 1]]):
+    version_1 = [5, 2, [3, (1 << 1074).to_bytes(136, "big", signed=True), 1]]  # big ints as bytes
+    assert decode_root(msgpack.packb(version_1)) == plain
+    for damaged in (
+        [5, 2, [3, 1, 1], 9],
+        [5, 2, [3, 1, 1], 9, [1]],
+        [5, "2", [3, 1, 1]],
+        [5, 2, [3, [1, -4], 1]],
+        [5, 2, [3, [1.5, 4], 1]],
+        [5, 2, [3, "1", 1]],
+    ):
         with pytest.raises(CorruptDatabaseError):
             decode_root(msgpack.packb(damaged))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -150,8 +150,7 @@ class Database:
         """
         return _Reading(self)
 
-    @contextmanager
-    def write(self) -> Iterator[WriteTransaction]:
+    def write(self) -> AbstractContextManager[WriteTransaction]:
         """The write transaction: every change inside commits together when the block ends.
 
         An exception in the block aborts it, writing nothing. One writer at a time (across processes
@@ -170,24 +169,7 @@ class Database:
         ...     scores.count(tx)
         0
         """
-        self._check_open()
-        if getattr(self._local, "writing", False):
-            raise TransactionError(
-                "a write transaction is already open in this thread; do all the writes in it "
-                "(nested write transactions would wait for each other forever)"
-            )
-        kv = self._backend.begin(True)
-        tx = WriteTransaction(self, kv)
-        self._local.writing = True
-        try:
-            yield tx
-        except BaseException:
-            tx.abort()
-            raise
-        else:
-            tx.commit()
-        finally:
-            self._local.writing = False
+        return _Writing(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -492,6 +474,44 @@ class _Reading:
         tx, self._tx = self._tx, None
         if tx is not None:
             tx.abort()
+
+
+class _Writing:
+    """What :meth:`Database.write` returns: the transaction begins on entering the block, commits
+    when the block ends normally and aborts when it raises (a plain class, as :class:`_Reading`)."""
+
+    __slots__ = ("_db", "_tx")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._tx: WriteTransaction | None = None
+
+    def __enter__(self) -> WriteTransaction:
+        db = self._db
+        db._check_open()
+        local = db._local
+        if getattr(local, "writing", False):
+            raise TransactionError(
+                "a write transaction is already open in this thread; do all the writes in it "
+                "(nested write transactions would wait for each other forever)"
+            )
+        tx = self._tx = WriteTransaction(db, db._backend.begin(True))
+        local.writing = True
+        return tx
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        tx, self._tx = self._tx, None
+        if tx is None:
+            return
+        try:
+            if kind is None:
+                tx.commit()
+            else:
+                tx.abort()
+        finally:
+            self._db._local.writing = False
 
 
 def open(

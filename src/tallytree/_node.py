@@ -538,25 +538,46 @@ class Node:
             del col[index]
 
 
-def _pack_int(value: int) -> int | bytes:
+def _pack_int(value: int) -> int | list[int | bytes]:
+    """An int for msgpack: itself when it fits int64, else ``[mantissa, shift]`` with the trailing
+    zero bits factored out (scaled sums have ~1,074 of them), the mantissa as bytes if it is still
+    too big."""
     if _INT64_MIN <= value <= _INT64_MAX:
         return value
-    return value.to_bytes((value.bit_length() + 8) // 8, "big", signed=True)
+    shift = _trailing_zeros(value)
+    mantissa = value >> shift
+    if _INT64_MIN <= mantissa <= _INT64_MAX:
+        return [mantissa, shift]
+    return [mantissa.to_bytes((mantissa.bit_length() + 8) // 8, "big", signed=True), shift]
 
 
-def _unpack_int(value: int | bytes) -> int:
-    if type(value) is int:
-        return value
-    return int.from_bytes(value, "big", signed=True)  # type: ignore[arg-type]
+def _unpack_int(value: Any) -> int:
+    kind = type(value)
+    if kind is int:
+        return value  # type: ignore[no-any-return]
+    if kind is list:
+        mantissa, shift = value
+        if type(mantissa) is bytes:
+            mantissa = int.from_bytes(mantissa, "big", signed=True)
+        if type(mantissa) is not int or type(shift) is not int or shift < 0:
+            raise ValueError(f"malformed packed int {value!r}")
+        return mantissa << shift
+    if kind is bytes:  # format version 1: the whole int as bytes
+        return int.from_bytes(value, "big", signed=True)
+    raise ValueError(f"malformed packed int {value!r}")
 
 
 def pack_summary(summary: list[int]) -> list[Any]:
-    """Encode a summary vector for msgpack (big ints become bytes)."""
+    """Encode a summary vector for msgpack: small ints as they are, big ones as ``[mantissa, shift]``.
+
+    >>> pack_summary([3, 3 << 1074, -(1 << 80)])
+    [3, [3, 1074], [-1, 80]]
+    """
     return [_pack_int(value) for value in summary]
 
 
 def unpack_summary(packed: list[Any]) -> list[int]:
-    """Inverse of :func:`pack_summary`."""
+    """Inverse of :func:`pack_summary` (which also reads version 1's big ints given as bytes)."""
     return [_unpack_int(value) for value in packed]
 
 

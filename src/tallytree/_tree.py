@@ -86,7 +86,7 @@ class Tree:
     def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None, make: Any) -> None:
         self.access = access
         self.nfields = nfields
-        self.capacity = pending_capacity(node_size)
+        self.capacity = max(2, min(node_size >> 1, _PENDING_MAX))  # pending_capacity(), inlined
         self.original = root
         self.pending: Node | None = None
         self.pending_summary: list[int] | None = None
