@@ -668,6 +668,20 @@ def test_stats(built: Path, run: Any) -> None:
     assert 0 < events["fill"] <= 1
     code, out, _ = run("stats", built)
     assert "events (values: cost, tokens; node size 64): 300 items in 4 namespace(s), depth 2" in out
+    assert events["pending_items"] == 0 and "pending" not in out
+    with tallytree.open(built) as db:  # single inserts wait in their trees' pending nodes
+        aggregate = db.aggregate("events")
+        for number in range(3):
+            with db.write() as tx:
+                aggregate.insert(
+                    tx, datetime(2030, 1, 1, tzinfo=UTC), f"late{number}", (0.5, 1), namespace="new"
+                )
+    code, out, _ = run("stats", built, "--json")
+    [events] = json.loads(out)["aggregates"]
+    assert (events["items"], events["pending_items"], events["namespaces"]) == (303, 3, 5)
+    code, out, _ = run("stats", built)
+    assert "303 items in 5 namespace(s)" in out and "; 3 pending inserts" in out
+    assert run("check", built)[0] == 0
 
 
 def test_namespaces_are_paged(built: Path, run: Any) -> None:

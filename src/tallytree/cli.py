@@ -1034,13 +1034,14 @@ def _stats(args: argparse.Namespace) -> int:
             f"namespace(s), depth {document['depth']}, {document['leaves']:,} leaves + "
             f"{document['internal_nodes']:,} internal nodes, fill {document['fill']:.0%}, "
             f"{document['bytes'] / 2**20:,.2f} MiB of nodes"
+            + (f"; {document['pending_items']:,} pending inserts" if document["pending_items"] else "")
         )
     return EXIT_OK
 
 
 def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
     """Walk the trees of an aggregate: internal nodes are decoded, leaves only measured."""
-    namespaces = items = depth = leaves = internal = entries = size = 0
+    namespaces = items = pending = depth = leaves = internal = entries = size = 0
     prefix = aggregate._prefix
     stop = (int.from_bytes(prefix, "big") + 1).to_bytes(4, "big")
     for _, value in tx.kv.scan(ROOTS, prefix, stop):
@@ -1048,7 +1049,11 @@ def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
         namespaces += 1
         items += root.summary[0]
         depth = max(depth, root.height)
-        level = [(root.node_id, root.height)]
+        if root.pending and root.pending_summary is not None:  # inserts not merged into leaves yet
+            pending += root.pending_summary[0]
+            data = tx.kv.get(NODES, node_key(root.pending))
+            size += len(data) if data is not None else 0
+        level = [(root.node_id, root.height)] if root.node_id else []
         while level:
             following: list[tuple[int, int]] = []
             for node_id, height in level:
@@ -1065,13 +1070,14 @@ def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
                 following.extend((kid, height - 1) for kid in node.kids)
             level = following
     nodes = leaves + internal
-    entries += items  # leaf entries
+    entries += items - pending  # leaf entries
     return {
         "name": aggregate.name,
         "values": list(aggregate.fields),
         "node_size": aggregate.node_size,
         "namespaces": namespaces,
         "items": items,
+        "pending_items": pending,
         "depth": depth,
         "leaves": leaves,
         "internal_nodes": internal,
