@@ -2,9 +2,10 @@
 
 Design
 ======
-This module knows nothing of LMDB or of keys: it orders opaque *entries* (bytes, see ``_keys``) and sums
-value columns, reading and writing nodes only through the small :class:`NodeAccess` interface
-(``node``, ``mutable``, ``new_id``, ``adopt``, ``free``). The same code runs over the in-memory store
+This module is the B+ tree proper; callers reach it through ``_tree.Tree``, which adds each tree's
+pending node (inserts not yet merged into the leaves). It knows nothing of LMDB or of keys: it orders
+opaque *entries* (bytes, see ``_keys``) and sums value columns, reading and writing nodes only through
+the small :class:`NodeAccess` interface (``node``, ``mutable``, ``new_id``, ``adopt``, ``free``). The same code runs over the in-memory store
 used by the tests and over LMDB, as SQLite's b-tree runs over its pager.
 
 Every parent keeps each child's count and sums (see ``_node``), so:

@@ -10,7 +10,8 @@ table     key                                         value
 META      ``b"format"``, ``b"next_id"``, ``b"gen"``,  format tag, counters, aggregate definitions
           ``b"agg:" + name``                          (msgpack)
 NODES     node id, 8 bytes big-endian                 encoded node (``_node``)
-ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]``
+ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]`` (+ the
+                                                      pending node's id and summary, see ``_tree``)
 DOCS      table id (4 bytes) + encoded document id    the document (msgpack; see ``_table``)
 ========  ==========================================  =========================================
 
