@@ -326,3 +326,43 @@ def test_the_checker_reports_damaged_pending_records(tmp_path: Path, change: Any
     with tallytree.open(path) as db, db.read() as tx:
         problems = tallytree.check(tx)
     assert any(message in problem.message for problem in problems), problems
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_build_over_a_namespace_with_pending_items(db: tallytree.Database, replace: bool) -> None:
+    events = db.aggregate("events", values=FIELDS, node_size=8)
+    with db.write() as tx:
+        events.insert_many(tx, [(key * 2, "s", (0.5, key)) for key in range(50)], namespace="org")
+    for key in (1, 51, 501):
+        with db.write() as tx:
+            events.insert(tx, key, "p", (0.25, key), namespace="org")
+    rows = {(key * 2, "s"): (0.5, key) for key in range(50)} | {
+        (key, "p"): (0.25, key) for key in (1, 51, 501)
+    }
+    built = {(key * 2 + 1, "b"): (1.0, key) for key in range(100, 130)}
+    with db.write() as tx:
+        events.build(
+            tx,
+            [(key, item_id, values) for (key, item_id), values in built.items()],
+            namespace="org",
+            replace=replace,
+        )
+    expected = built if replace else rows | built
+    with db.read() as tx:
+        assert tallytree.check(tx) == []
+        assert strict(list(events.items(tx, namespace="org"))) == strict(model_items(expected))
+        assert events.totals(tx, namespace="org").tokens == sum(values[1] for values in expected.values())
+
+
+def test_a_table_insert_per_commit_goes_to_the_pending_nodes(db: tallytree.Database) -> None:
+    table = db.table("events")
+    by_day = table.aggregate("by_day", key="day", values=("cost",), node_size=8)
+    for number in range(3):
+        with db.write() as tx:
+            table.insert(tx, {"day": number, "cost": 0.5}, id=f"e{number}")
+    root = root_of(db, by_day)
+    assert root is not None and root.node_id == 0 and root.pending != 0
+    with db.read() as tx:
+        assert tallytree.check(tx) == []
+        assert by_day.totals(tx).as_dict() == {"count": 3, "cost": 1.5}
+        assert [item.id for item in by_day.items(tx)] == ["e0", "e1", "e2"]
