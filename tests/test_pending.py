@@ -145,7 +145,7 @@ def test_one_insert_per_commit_writes_the_pending_node_and_not_a_path(
     assert root_of(db, events).node_id == root.node_id  # type: ignore[union-attr]
 
 
-def test_deletes_in_the_nodes_keep_the_pending_ranks_exact(
+def test_deletes_in_the_nodes_keep_the_pending_positions_exact(
     db: tallytree.Database, events: tallytree.Aggregate
 ) -> None:
     rng = random.Random(5)
@@ -307,7 +307,10 @@ def _rewrite_pending(path: Path, change: Any) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda root, parts: (root, [*parts[:2], [parts[2][0] + 1, *parts[2][1:]], *parts[3:]]), "has rank"),
+        (
+            lambda root, parts: (root, [*parts[:2], [parts[2][0] + 1, *parts[2][1:]], *parts[3:]]),
+            "has position",
+        ),
         (lambda root, parts: (root, [parts[0], [STORED, *parts[1][1:]], *parts[2:]]), "also in"),
         (lambda root, parts: (root, [parts[0], parts[1][::-1], *parts[2:]]), "not strictly increasing"),
         (lambda root, parts: (root, [*parts[:3], [9.0, *parts[3][1:]], *parts[4:]]), "pending totals"),

@@ -5,8 +5,9 @@ Design
 This module is the B+ tree proper; callers reach it through ``_tree.Tree``, which adds each tree's
 pending node (inserts not yet merged into the leaves). It knows nothing of LMDB or of keys: it orders
 opaque *entries* (bytes, see ``_keys``) and sums value columns, reading and writing nodes only through
-the small :class:`NodeAccess` interface (``node``, ``mutable``, ``new_id``, ``adopt``, ``free``). The same code runs over the in-memory store
-used by the tests and over LMDB, as SQLite's b-tree runs over its pager.
+the small :class:`NodeAccess` interface (``node``, ``mutable``, ``new_id``, ``adopt``, ``free``). The
+same code runs over the in-memory store used by the tests and over LMDB, as SQLite's b-tree runs over
+its pager.
 
 Every parent keeps each child's count and sums (see ``_node``), so:
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import add, is_, lshift, neg, sub
@@ -100,6 +102,16 @@ class Root:
     summary: list[int]
     pending: int = 0
     pending_summary: list[int] | None = None
+    _nodes: Root | None = dataclass_field(default=None, compare=False, repr=False)
+
+    def nodes_root(self) -> Root:
+        """The record of the tree's nodes alone: the totals less the pending ones (computed once per
+        record: a record is never changed once it holds a pending node). O(1)."""
+        nodes = self._nodes
+        if nodes is None:
+            assert self.pending_summary is not None  # decode_root reads both or neither
+            nodes = self._nodes = Root(self.node_id, self.height, vsub(self.summary, self.pending_summary))
+        return nodes
 
 
 def vadd(left: list[int], right: list[int]) -> list[int]:

@@ -14,7 +14,7 @@ the leaves up and keeps going after the first problem. For each tree it verifies
   ``node_size`` entries, and an internal root at least two children;
 * values are ints or finite floats;
 * the pending node, if any (see ``_tree``), holds fewer entries than its capacity, in strictly
-  increasing order, none of them in the tree's other nodes, each with its exact rank among them.
+  increasing order, none of them in the tree's other nodes, each with its exact position.
 
 Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks)
 and root records of unknown aggregates. Cost: O(n) node reads.
@@ -118,15 +118,17 @@ class _Walker:
         summary = self.leaf(node, ())
         if summary is not None and summary != root.pending_summary:
             self.report((), node_id, f"root record pending totals {root.pending_summary} != {summary}")
-        if nodes_clean:  # each rank is the count of node entries before it, and no entry is in both
+        if nodes_clean:  # each position counts the entries before it, and no entry is in both
             base = Root(root.node_id, root.height, nodes) if root.node_id else None
             tree = NodeTree.reader(self.tx, self.nfields, self.max_size, base)
-            for entry, rank in zip(node.keys, node.kids, strict=True):
-                actual, found = tree.locate(entry)
+            for index, (entry, position) in enumerate(zip(node.keys, node.kids, strict=True)):
+                rank, found = tree.locate(entry)
                 if found:
                     self.report((), node_id, f"pending entry {entry!r} is also in the tree's nodes")
-                elif rank != actual:
-                    self.report((), node_id, f"pending entry {entry!r} has rank {rank}, not {actual}")
+                elif position != rank + index:
+                    self.report(
+                        (), node_id, f"pending entry {entry!r} has position {position}, not {rank + index}"
+                    )
         return summary
 
     def node(

@@ -43,10 +43,10 @@ flat fixed-width layout)::
     leaf:      [1, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
     internal:  [2, [fence, ...], [child id, ...], [shift, ...], counts, S col 0, ..., F col 0, ...]
     wide:      [3, keys, kids, shifts, [limbs per column], columns split into 63-bit limbs ...]
-    pending:   [4, [entry, ...], [rank, ...], [value of field 0, ...], ...]
+    pending:   [4, [entry, ...], [position, ...], [value of field 0, ...], ...]
 
 A *pending* node holds a tree's inserts not yet merged into its leaves (see ``_tree``): a leaf whose
-``kids`` column holds, for each entry, how many entries of the tree's other nodes sort before it.
+``kids`` column holds, for each entry, its position (index) among all the tree's entries.
 
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
@@ -625,7 +625,7 @@ def encode_node(node: Node) -> bytes:
     counts, ids and shifts are small.
     """
     if node.leaf:
-        if node.kids:  # a pending node: its ranks ride in the kids column
+        if node.kids:  # a pending node: its positions ride in the kids column
             return _pack([PENDING, node.keys, node.kids, *node.cols])
         return _pack([LEAF, node.keys, *node.cols])
     if not node._limbs:

@@ -16,23 +16,24 @@ them::
 
     root record   [node id, height, totals of everything, pending id]
                       |                                        |
-    nodes         the B+ tree (NodeTree)               pending: e3 e9 e12   entries not in the nodes
-                                                       ranks:    1  5  5    node entries before each
-                                                       values:  ...
+    nodes         the B+ tree (NodeTree)               pending:   e3 e9 e12  entries not in the nodes
+                                                       positions:  1  6  7   their index in the tree
+                                                       values:    ...
 
-Each pending entry keeps its *rank*: how many entries of the nodes sort before it. The node tree
-does not change while entries are pending (a merge empties the pending node first; deletes of node
-entries adjust the ranks after them), so the ranks stay exact, and entry ``i`` of the pending node
-is at position ``rank[i] + i`` of the whole tree. Every read therefore stays O(log n):
+Each pending entry keeps its *position*: its index among all the tree's entries, which is the
+number of node entries before it (its rank in the nodes) plus its own index in the pending node. The
+node tree does not change while entries are pending except by deletes, which lower the positions
+after them (a merge empties the pending node first), so positions stay exact, and every read stays
+O(log n):
 
 * counts and sums add the pending entries inside the bounds (two bisections and the pending
   node's cumulative sums, cached like a leaf's) to what the nodes give;
-* ``select(k)`` bisects the pending positions: either entry ``i`` is at ``k``, or the answer is the
-  nodes' entry ``k - i``, with ``i`` the pending entries before it;
+* ``select(k)`` bisects the positions: either pending entry ``i`` is at ``k``, or the answer is the
+  nodes' entry ``k - i``, with ``i`` the pending entries before position ``k``;
 * ``iterate`` merges the nodes' items with the pending ones in between.
 
 Writes: ``delete`` and ``update`` of a pending entry change the pending node only; a delete in the
-nodes lowers the ranks after it; ``delete_range`` splits into its pending and node parts; batch
+nodes lowers the positions after it; ``delete_range`` splits into its pending and node parts; batch
 merges (``merge_sorted``, large ``insert_sorted_run``) merge the pending entries in first. The
 root record's ``summary`` covers everything, so ``namespaces()`` still reads each total in O(1).
 """
@@ -92,10 +93,9 @@ class Tree:
         self.pending_summary: list[int] | None = None
         nodes = root
         if root is not None and root.pending:
-            assert root.pending_summary is not None  # decode_root reads both or neither
             self.pending = access.node(root.pending)
-            self.pending_summary = list(root.pending_summary)
-            nodes = Root(root.node_id, root.height, vsub(root.summary, root.pending_summary))
+            self.pending_summary = root.pending_summary  # replaced, never changed in place
+            nodes = root.nodes_root()
         self.nodes: NodeTree = make(access, nfields, node_size, nodes if root and root.node_id else None)
 
     @property
@@ -187,7 +187,7 @@ class Tree:
         if pending is None:
             return self.nodes.select(index)
         before = self._pending_before(index)
-        if before < len(pending.keys) and pending.kids[before] + before == index:
+        if before < len(pending.keys) and pending.kids[before] == index:
             return pending.keys[before], tuple(col[before] for col in pending.cols)
         return self.nodes.select(index - before)
 
@@ -219,8 +219,7 @@ class Tree:
     def _pending_before(self, index: int) -> int:
         """How many pending entries lie before position ``index`` of the whole tree. O(log B)."""
         assert self.pending is not None
-        ranks = self.pending.kids
-        return bisect_left(range(len(ranks)), index, key=lambda at: ranks[at] + at)
+        return bisect_left(self.pending.kids, index)
 
     def _pending_index(self, entry: bytes) -> int | None:
         """The index of ``entry`` in the pending node, or None. O(log B)."""
@@ -246,7 +245,8 @@ class Tree:
         pending = self._writable_pending(delta_of(values))
         at = bisect_left(pending.keys, entry)
         pending.keys.insert(at, entry)
-        pending.kids.insert(at, rank)
+        pending.kids.insert(at, rank + at)
+        self._shift_positions(at + 1, 1)
         for col, value in zip(pending.cols, values, strict=True):
             col.insert(at, value)
         if len(pending.keys) >= self.capacity:
@@ -306,13 +306,14 @@ class Tree:
             pending = self._writable_pending(_negate(delta_of(values)))
             del pending.keys[at]
             del pending.kids[at]
+            self._shift_positions(at, -1)
             for col in pending.cols:
                 del col[at]
             self._drop_if_empty()
             return values
         removed = self.nodes.delete(entry)
         if removed is not None and self.pending is not None:
-            self._shift_ranks(bisect_right(self.pending.keys, entry), -1)
+            self._shift_positions(bisect_right(self.pending.keys, entry), -1)
         return removed
 
     def update(self, entry: bytes, values: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -354,16 +355,17 @@ class Tree:
                 del col[first:last]
             if self._drop_if_empty():
                 return removed
-        self._shift_ranks(first, (start - first) - (stop - last))
+        self._shift_positions(first, start - stop)
         return removed
 
-    def _shift_ranks(self, start: int, amount: int) -> None:
-        """Add ``amount`` to the ranks of pending entries ``start:`` (the nodes gained or lost some)."""
+    def _shift_positions(self, start: int, amount: int) -> None:
+        """Add ``amount`` to the positions of pending entries ``start:`` (entries before them came or
+        went)."""
         assert self.pending is not None
         if start >= len(self.pending.keys) or not amount:
             return
         pending = self._writable_pending()
-        pending.kids[start:] = [rank + amount for rank in pending.kids[start:]]
+        pending.kids[start:] = [position + amount for position in pending.kids[start:]]
 
     def _writable_pending(self, delta: list[int] | None = None) -> Node:
         """The pending node, made mutable (created empty if there is none); ``delta`` is added to
