@@ -13,13 +13,15 @@ from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import msgpack
 import pytest
+from conftest import pure_python
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tallytree._keys import MAX_KEY_BYTES, encode_key
 from tallytree._native import speedups
-from tallytree._node import scaled
+from tallytree._node import Node, delta_of, encode_node, scaled
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
 
@@ -393,3 +395,64 @@ def test_settle_takes_exact_types_only() -> None:
             speedups.settle([[0, 0, 0]], [], [span], 1)
     with pytest.raises(TypeError):
         speedups.settle([[0, 0, 0.5]], [], [], 1)
+
+
+# ------------------------------------------------------------------ node encoding
+
+SCALAR = (
+    st.binary(max_size=300)
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.sampled_from(
+        [*EDGES, 2**64 - 1, 2**32, 2**32 - 1, 65535, 65536, -32, -33, -128, -129, -32768, -32769]
+    )
+    | st.floats(allow_nan=True, allow_infinity=True)
+)
+
+
+@given(st.integers(0, 127), st.lists(st.lists(SCALAR, max_size=40) | st.tuples(SCALAR, SCALAR), max_size=20))
+def test_pack_node_is_msgpack_byte_for_byte(head: int, parts: list[Any]) -> None:
+    assert speedups is not None
+    assert speedups.pack_node(head, tuple(parts)) == msgpack.packb([head, *parts], use_bin_type=True)
+
+
+def test_pack_node_at_the_size_boundaries_of_arrays_and_bins() -> None:
+    assert speedups is not None
+    parts = (list(range(70_000)), [b"a"] * 15, [b"b"] * 16, [b"c" * 65_535, b"d" * 65_536], [])
+    assert speedups.pack_node(2, parts) == msgpack.packb([2, *parts], use_bin_type=True)
+    many = tuple([[1]] * 20)  # more than 15 parts: an array16 header
+    assert speedups.pack_node(1, many) == msgpack.packb([1, *many], use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "part",
+    [[2**64], [-(2**63) - 1], [True], [None], ["text"], [[1]], [Int(3)], [bytearray(b"x")], "abc"],
+    ids=repr,
+)
+def test_pack_node_leaves_what_it_does_not_handle_to_python(part: Any) -> None:
+    assert speedups is not None
+    assert speedups.pack_node(1, (part,)) is None
+
+
+def test_pack_node_refuses_malformed_arguments() -> None:
+    assert speedups is not None
+    for arguments in ((1, [[1]]), ("1", ([1],)), (1,), (128, ([1],)), (-1, ([1],))):
+        with pytest.raises((TypeError, ValueError)):
+            speedups.pack_node(*arguments)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=70, unique=True), st.data())
+def test_encode_node_is_the_same_with_and_without_the_kernel(keys: list[bytes], data: st.DataObject) -> None:
+    keys.sort()
+    values = st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    cols = [data.draw(st.lists(values, min_size=len(keys), max_size=len(keys))) for _ in range(2)]
+    nodes = [
+        Node(1, True, keys, cols, dirty=True),
+        Node(2, True, keys, cols, list(range(len(keys))), dirty=True),  # a pending node
+        Node.internal_from(
+            3, keys, list(range(len(keys))), [delta_of((a, b)) for a, b in zip(*cols, strict=True)]
+        ),
+    ]
+    for node in nodes:
+        built = encode_node(node)
+        with pure_python():
+            assert encode_node(node) == built

@@ -106,6 +106,17 @@ def _pack(parts: list[Any]) -> bytes:
     return msgpack.packb(parts, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def _pack_node(head: int, parts: tuple[Sequence[Any], ...]) -> bytes:
+    """msgpack's bytes for ``[head, *parts]``: the C kernel's (byte for byte the same, 5-8x faster),
+    or msgpack's own when the kernel is not built or leaves a value to it (an int beyond 64 bits,
+    which msgpack refuses with OverflowError)."""
+    if speedups is not None:
+        packed = speedups.pack_node(head, parts)
+        if packed is not None:
+            return packed
+    return _pack([head, *parts])
+
+
 def scaled(value: int | float) -> int:
     """Return ``value * 2**1074`` as an exact int (the value must be an int or a finite float)."""
     if type(value) is int:
@@ -626,11 +637,11 @@ def encode_node(node: Node) -> bytes:
     """
     if node.leaf:
         if node.kids:  # a pending node: its positions ride in the kids column
-            return _pack([PENDING, node.keys, node.kids, *node.cols])
-        return _pack([LEAF, node.keys, *node.cols])
+            return _pack_node(PENDING, (node.keys, node.kids, *node.cols))
+        return _pack_node(LEAF, (node.keys, *node.cols))
     if not node._limbs:
         try:
-            return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
+            return _pack_node(INTERNAL, (node.keys, node.kids, node.shifts, *node.cols))
         except OverflowError:
             pass
     nfields = (len(node.cols) - 1) // 2

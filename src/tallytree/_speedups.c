@@ -2,7 +2,7 @@
 
 Design
 ======
-Six functions, each a faster twin of Python code that stays the reference and the fallback
+Seven functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -21,7 +21,10 @@ the Python code and gives the same answers):
 * ``settle(plus, minus, spans, fields)``: the answer of a range read in one call
   (``_btree.Tree._settle``): its summary rows added and subtracted, and its leaf spans
   ``(leaf, start, stop, positive, ...)`` summed exactly, read in place from ``leaf.cols``; None when a
-  span holds a value for the Python code (an int beyond int64).
+  span holds a value for the Python code (an int beyond int64);
+* ``pack_node(head, parts)``: msgpack's bytes for ``[head, *parts]``, each part a list or tuple of
+  exact bytes, ints (int64 or uint64 range) and floats: the node layouts of ``_node.encode_node``,
+  byte for byte what ``msgpack.packb(..., use_bin_type=True)`` writes, without building its objects.
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
@@ -810,6 +813,243 @@ failed:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ node encoding */
+
+/* What msgpack-python's packb (use_bin_type=True) writes for ``[head, *parts]``, where each part is a
+   list or tuple of bytes, exact ints (int64 or uint64 range) and exact floats: the node layouts of
+   ``_node.encode_node``. The output is byte for byte msgpack's: the smallest int form, float64,
+   bin8/16/32, fixarray/array16/array32. Anything else (another type, a larger int) gives None, and
+   the Python code packs the node itself. Two passes: sizes and types first, then the bytes. */
+
+static Py_ssize_t
+array_header_size(Py_ssize_t count)
+{
+    return count <= 15 ? 1 : count <= 0xFFFF ? 3 : 5;
+}
+
+static char *
+put_array_header(char *out, Py_ssize_t count)
+{
+    if (count <= 15) {
+        *out++ = (char)(0x90 | count);
+    }
+    else if (count <= 0xFFFF) {
+        *out++ = (char)0xdc;
+        *out++ = (char)(count >> 8);
+        *out++ = (char)count;
+    }
+    else {
+        *out++ = (char)0xdd;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            *out++ = (char)(count >> shift);
+        }
+    }
+    return out;
+}
+
+static char *
+put_be(char *out, unsigned long long value, int bytes)
+{
+    for (int shift = 8 * (bytes - 1); shift >= 0; shift -= 8) {
+        *out++ = (char)(value >> shift);
+    }
+    return out;
+}
+
+/* The packed size of one scalar, or 0 for a value left to the Python code, or -1 with an error set.
+   ``*signed_value`` / ``*unsigned_value`` receive an int's value. */
+static Py_ssize_t
+scalar_size(PyObject *item, long long *signed_value, unsigned long long *unsigned_value, int *is_unsigned)
+{
+    if (PyBytes_CheckExact(item)) {
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size > (Py_ssize_t)0xFFFFFFFF) {
+            return 0;
+        }
+        return size + (size <= 0xFF ? 2 : size <= 0xFFFF ? 3 : 5);
+    }
+    if (PyFloat_CheckExact(item)) {
+        return 9;
+    }
+    if (!PyLong_CheckExact(item)) {
+        return 0;
+    }
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *is_unsigned = 0;
+    if (overflow > 0) {
+        unsigned long long big = PyLong_AsUnsignedLongLong(item);
+        if (big == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* beyond uint64: msgpack refuses it, and so does the Python code's path */
+            return 0;
+        }
+        *unsigned_value = big;
+        *is_unsigned = 1;
+        return 9;
+    }
+    if (overflow < 0) {
+        return 0;
+    }
+    *signed_value = value;
+    if (value >= 0) {
+        return value < 0x80 ? 1 : value <= 0xFF ? 2 : value <= 0xFFFF ? 3 : value <= 0xFFFFFFFFLL ? 5 : 9;
+    }
+    return value >= -32 ? 1 : value >= -128 ? 2 : value >= -32768 ? 3 : value >= -2147483648LL ? 5 : 9;
+}
+
+static char *
+put_scalar(char *out, PyObject *item)
+{
+    if (PyBytes_CheckExact(item)) {
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size <= 0xFF) {
+            *out++ = (char)0xc4;
+            *out++ = (char)size;
+        }
+        else if (size <= 0xFFFF) {
+            *out++ = (char)0xc5;
+            out = put_be(out, (unsigned long long)size, 2);
+        }
+        else {
+            *out++ = (char)0xc6;
+            out = put_be(out, (unsigned long long)size, 4);
+        }
+        memcpy(out, PyBytes_AS_STRING(item), (size_t)size);
+        return out + size;
+    }
+    if (PyFloat_CheckExact(item)) {
+        double value = PyFloat_AS_DOUBLE(item);
+        unsigned long long bits;
+        memcpy(&bits, &value, sizeof(bits));
+        *out++ = (char)0xcb;
+        return put_be(out, bits, 8);
+    }
+    long long value = 0;
+    unsigned long long big = 0;
+    int is_unsigned = 0;
+    scalar_size(item, &value, &big, &is_unsigned); /* checked by the first pass: cannot fail now */
+    if (is_unsigned) {
+        *out++ = (char)0xcf;
+        return put_be(out, big, 8);
+    }
+    if (value >= 0) {
+        if (value < 0x80) {
+            *out++ = (char)value;
+        }
+        else if (value <= 0xFF) {
+            *out++ = (char)0xcc;
+            *out++ = (char)value;
+        }
+        else if (value <= 0xFFFF) {
+            *out++ = (char)0xcd;
+            out = put_be(out, (unsigned long long)value, 2);
+        }
+        else if (value <= 0xFFFFFFFFLL) {
+            *out++ = (char)0xce;
+            out = put_be(out, (unsigned long long)value, 4);
+        }
+        else {
+            *out++ = (char)0xcf;
+            out = put_be(out, (unsigned long long)value, 8);
+        }
+        return out;
+    }
+    if (value >= -32) {
+        *out++ = (char)(signed char)value;
+    }
+    else if (value >= -128) {
+        *out++ = (char)0xd0;
+        *out++ = (char)value;
+    }
+    else if (value >= -32768) {
+        *out++ = (char)0xd1;
+        out = put_be(out, (unsigned long long)value, 2);
+    }
+    else if (value >= -2147483648LL) {
+        *out++ = (char)0xd2;
+        out = put_be(out, (unsigned long long)value, 4);
+    }
+    else {
+        *out++ = (char)0xd3;
+        out = put_be(out, (unsigned long long)value, 8);
+    }
+    return out;
+}
+
+static PyObject *
+pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyLong_CheckExact(args[0]) || !PyTuple_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "pack_node(head: int, parts: tuple of sequences)");
+        return NULL;
+    }
+    long head = PyLong_AsLong(args[0]);
+    if (head == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (head < 0 || head > 127) {
+        PyErr_SetString(PyExc_ValueError, "pack_node: head must be from 0 to 127");
+        return NULL;
+    }
+    PyObject *parts = args[1];
+    Py_ssize_t count = PyTuple_GET_SIZE(parts);
+    /* Hold each part. Nothing between the passes can change a list: every item is an exact bytes,
+       int or float, whose conversions run no Python code. */
+    PyObject *held = PyTuple_New(count);
+    if (held == NULL) {
+        return NULL;
+    }
+    Py_ssize_t total = array_header_size(count + 1) + 1;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, index);
+        if (!PyList_CheckExact(part) && !PyTuple_CheckExact(part)) {
+            Py_DECREF(held);
+            Py_RETURN_NONE;
+        }
+        Py_INCREF(part);
+        PyTuple_SET_ITEM(held, index, part);
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(part);
+        PyObject **items = PySequence_Fast_ITEMS(part);
+        total += array_header_size(size);
+        for (Py_ssize_t at = 0; at < size; at++) {
+            long long value;
+            unsigned long long big;
+            int is_unsigned;
+            Py_ssize_t length = scalar_size(items[at], &value, &big, &is_unsigned);
+            if (length <= 0) {
+                Py_DECREF(held);
+                if (length < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+            total += length;
+        }
+    }
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
+    if (packed == NULL) {
+        Py_DECREF(held);
+        return NULL;
+    }
+    char *out = put_array_header(PyBytes_AS_STRING(packed), count + 1);
+    *out++ = (char)head;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *part = PyTuple_GET_ITEM(held, index);
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(part);
+        PyObject **items = PySequence_Fast_ITEMS(part);
+        out = put_array_header(out, size);
+        for (Py_ssize_t at = 0; at < size; at++) {
+            out = put_scalar(out, items[at]);
+        }
+    }
+    Py_DECREF(held);
+    assert(out == PyBytes_AS_STRING(packed) + total);
+    return packed;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -826,6 +1066,8 @@ static PyMethodDef methods[] = {
     {"bisect", (PyCFunction)(void (*)(void))node_bisect, METH_FASTCALL,
      "bisect(node, key, right) -> int: bisect_right (or bisect_left) of key in node.keys, through a "
      "search blob cached on committed nodes."},
+    {"pack_node", (PyCFunction)(void (*)(void))pack_node, METH_FASTCALL,
+     "pack_node(head, parts): msgpack's bytes for [head, *parts], or None (see _node.encode_node)."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},

@@ -7,14 +7,14 @@ fresh id, so a tree of height 4 writes four nodes of a few KiB and deletes four,
 of the change. For the commonest write of the applications tallytree serves, one new event per
 committed transaction, that page traffic is most of the cost.
 
-So inserts first go to the tree's *pending* node: one small sorted node (at most
-:func:`pending_capacity` entries, 32 with the default node size) referenced by the root record, which
-is rewritten by every commit anyway. An insert then writes the pending node and the root record
-instead of a whole path; when the pending node is full, its entries are merged into the leaves in
-one sorted run (``NodeTree.merge_sorted``), which for time-ordered events costs one path for all of
-them::
+So inserts (and short sorted runs, such as a table's per-document inserts) first go to the tree's
+*pending* node: one small sorted node referenced by the root record, which every commit rewrites
+anyway. An insert then writes the pending node and the root record instead of a whole path; when
+the pending node reaches :func:`pending_capacity` entries (32 with the default node size), they are
+merged into the leaves in one sorted run (``NodeTree.merge_sorted``), which for time-ordered events
+costs one path for all of them::
 
-    root record   [node id, height, totals of everything, pending id]
+    root record   [node id, height, totals of everything, pending id, pending totals]
                       |                                        |
     nodes         the B+ tree (NodeTree)               pending:   e3 e9 e12  entries not in the nodes
                                                        positions:  1  6  7   their index in the tree
