@@ -369,3 +369,27 @@ def test_a_table_insert_per_commit_goes_to_the_pending_nodes(db: tallytree.Datab
         assert tallytree.check(tx) == []
         assert by_day.totals(tx).as_dict() == {"count": 3, "cost": 1.5}
         assert [item.id for item in by_day.items(tx)] == ["e0", "e1", "e2"]
+
+
+def test_a_root_record_is_decoded_once_while_it_stays_the_same(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = db.aggregate("events", values=FIELDS)
+    with db.write() as tx:
+        events.insert(tx, 1, "a", (0.5, 1))
+    decoded: list[bytes] = []
+    original = tallytree._txn.decode_root
+
+    def counting(data: bytes) -> Root:
+        decoded.append(data)
+        return original(data)
+
+    monkeypatch.setattr(tallytree._txn, "decode_root", counting)
+    for _ in range(3):
+        with db.read() as tx:
+            assert events.count(tx) == 1
+    assert len(decoded) <= 1  # once at most (the write may have left it decoded already)
+    with db.write() as tx:
+        events.insert(tx, 2, "b", (0.5, 1))
+    with db.read() as tx:  # the new record is read, not the remembered one
+        assert events.count(tx) == 2 and events.totals(tx).tokens == 2

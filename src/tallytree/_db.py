@@ -31,6 +31,7 @@ from typing import Any
 import msgpack
 
 from ._aggregate import Aggregate
+from ._btree import Root
 from ._extract import Definition
 from ._keys import decode_key
 from ._lmdb import LmdbBackend
@@ -71,6 +72,7 @@ class Database:
     def __init__(self, backend: Backend, *, cache_nodes: int, path: Path | None = None) -> None:
         self._backend = backend
         self._cache = NodeCache(cache_nodes)
+        self._roots: dict[bytes, tuple[bytes, Root]] = {}  # decoded root records, see Transaction.root
         self._local = threading.local()
         self._aggregates: dict[str, Aggregate] = {}
         self._tables: dict[str, Table] = {}
@@ -112,6 +114,7 @@ class Database:
         if not self._closed:
             self._closed = True
             self._cache.clear()
+            self._roots.clear()
             self._backend.close()
 
     def _check_format(self) -> None:

@@ -45,6 +45,7 @@ __all__ = ["ReadTransaction", "Transaction", "WriteTransaction", "encode_root", 
 
 _NEXT_ID = b"next_id"
 _GENERATION = b"gen"
+_DECODED_ROOTS = 4096  # decoded root records the database keeps (emptied when full)
 _BULK_COMMIT = 64  # dirty nodes beyond which a commit pauses the cyclic garbage collector
 _DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds the queue's memory
 
@@ -93,6 +94,7 @@ class Transaction:
         self._kv = kv
         self._cache: NodeCache = db._cache
         self._cached = self._cache.lookup  # the cache dict's own get: one C call per node on a descent
+        self._decoded = db._roots
         self._roots: dict[bytes, Root | None] = {}
         self._open = True
         self.versions: dict[bytes, int] = {}
@@ -141,7 +143,19 @@ class Transaction:
         if tree in self._roots:
             return self._roots[tree]
         data = self.kv.get(ROOTS, tree)
-        root = decode_root(data) if data is not None else None
+        root = None
+        if data is not None:
+            # A record decoded before, by any transaction, is reused when its bytes are the same: root
+            # records are never changed in place (trees copy what they change), so sharing is safe.
+            decoded = self._decoded
+            known = decoded.get(tree)
+            if known is not None and known[0] == data:
+                root = known[1]
+            else:
+                root = decode_root(data)
+                if len(decoded) >= _DECODED_ROOTS:
+                    decoded.clear()
+                decoded[tree] = (data, root)
         self._roots[tree] = root
         return root
 
