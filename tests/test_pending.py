@@ -82,7 +82,7 @@ def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
         events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
     stored = root_of(db, events)
     assert stored is not None and stored.pending == 0
-    for key in (5, 395, 1000):  # before, inside and after the stored entries
+    for key in (1000, 395, 5000):  # after the stored entries: new events
         with db.write() as tx:
             events.insert(tx, key, "p", (0.25, 1000 + key))
         rows[(key, "p")] = (0.25, 1000 + key)
@@ -93,8 +93,14 @@ def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
     assert_reads_match(db, events, rows)
     with db.read() as tx:
         assert strict(events.min(tx)) == strict(tallytree.Item(0, "s", (0.5, 0)))
-        assert strict(events.max(tx)) == strict(tallytree.Item(1000, "p", (0.25, 2000)))
-        assert events.rank(tx, 1000, reverse=True) == 0
+        assert strict(events.max(tx)) == strict(tallytree.Item(5000, "p", (0.25, 6000)))
+        assert events.rank(tx, 1000, reverse=True) == 1
+    with db.write() as tx:  # inside the stored range: straight into its leaf, pending ones untouched
+        events.insert(tx, 5, "q", (0.75, 7))
+    rows[(5, "q")] = (0.75, 7)
+    scattered = root_of(db, events)
+    assert scattered is not None and scattered.node_id != root.node_id and scattered.pending == root.pending
+    assert_reads_match(db, events, rows)
 
 
 def test_a_full_pending_node_is_merged_into_the_leaves(
@@ -145,21 +151,27 @@ def test_one_insert_per_commit_writes_the_pending_node_and_not_a_path(
     assert root_of(db, events).node_id == root.node_id  # type: ignore[union-attr]
 
 
-def test_deletes_in_the_nodes_keep_the_pending_positions_exact(
+def test_appends_scattered_inserts_and_deletes_interleaved(
     db: tallytree.Database, events: tallytree.Aggregate
 ) -> None:
     rng = random.Random(5)
     rows = {(key * 2, "s"): (0.5, key) for key in range(60)}
     with db.write() as tx:
         events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
-    for step in range(150):
+    newest = 200
+    for step in range(200):
         with db.write() as tx:
-            if rng.random() < 0.5 or not rows:
-                key = rng.randrange(200) * 2 + 1
-                if (key, "p") not in rows:
-                    events.insert(tx, key, "p", (0.25, step))
-                    rows[(key, "p")] = (0.25, step)
-            else:
+            choice = rng.random()
+            if choice < 0.45:  # a new event
+                newest += rng.randrange(1, 4)
+                events.insert(tx, newest, "p", (0.25, step))
+                rows[(newest, "p")] = (0.25, step)
+            elif choice < 0.6:  # an event inside the stored range
+                key = rng.randrange(newest)
+                if (key, "q") not in rows:
+                    events.insert(tx, key, "q", (1.5, step))
+                    rows[(key, "q")] = (1.5, step)
+            elif rows:
                 key, item_id = rng.choice(sorted(rows))
                 events.delete(tx, key, item_id)
                 del rows[(key, item_id)]
@@ -187,17 +199,20 @@ def test_updates_of_pending_entries_change_only_the_pending_node(
         assert tallytree.check(tx) == []
 
 
-@pytest.mark.parametrize(("low", "high"), [(0, 1000), (5, 31), (15, 16), (31, 1000), (-5, 3), (14, 15)])
+@pytest.mark.parametrize(
+    ("low", "high"), [(0, 1000), (5, 42), (41, 42), (43, 1000), (-5, 3), (30, 44), (39, 40), (45, 50)]
+)
 def test_a_range_delete_across_pending_and_stored_entries(
     db: tallytree.Database, events: tallytree.Aggregate, low: int, high: int
 ) -> None:
     rows = {(key * 2, "s"): (0.5, key) for key in range(20)}
     with db.write() as tx:
         events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
-    for key in (1, 15, 29):
+    for key in (41, 43, 45):
         with db.write() as tx:
             events.insert(tx, key, "p", (0.25, key))
         rows[(key, "p")] = (0.25, key)
+    assert root_of(db, events).pending_summary[0] == 3  # type: ignore[union-attr,index]
     with db.write() as tx:
         removed = events.delete_range(tx, ge=low, lt=high)
     gone = [row for row in rows if low <= row[0] < high]
@@ -214,21 +229,26 @@ def test_a_conflicting_batch_changes_nothing_pending_included(
     with db.write() as tx:
         events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(0, 40, 2)])
     with db.write() as tx:
-        events.insert(tx, 11, "p", (0.25, 1))
+        events.insert(tx, 41, "p", (0.25, 1))
     before = snapshot(db)
     root = root_of(db, events)
-    for batch in ([(9, "x"), (11, "p"), (13, "x")], [(11, "p"), (20, "s")], [(3, "x"), (20, "s"), (11, "p")]):
+    assert root is not None and root.pending != 0
+    for batch in (
+        [(39, "x"), (41, "p"), (43, "x")],
+        [(41, "p"), (20, "s")],
+        [(3, "x"), (20, "s"), (41, "p")],
+    ):
         with db.write() as tx:
             with pytest.raises(DuplicateItemError) as raised:
                 events.insert_many(tx, [(key, item_id, (0.0, 0)) for key, item_id in batch])
-            first = min((key, item_id) for key, item_id in batch if (key, item_id) in {(11, "p"), (20, "s")})
+            first = min((key, item_id) for key, item_id in batch if (key, item_id) in {(41, "p"), (20, "s")})
             assert f"key={first[0]!r}, id={first[1]!r}" in str(raised.value)
         assert snapshot(db) == before
         assert root_of(db, events) == root
     with db.write() as tx:  # "skip" merges the pending entry in and inserts the rest
-        assert events.insert_many(tx, [(11, "p", (0.0, 0)), (13, "x", (0.0, 0))], on_duplicate="skip") == 1
+        assert events.insert_many(tx, [(41, "p", (0.0, 0)), (43, "x", (0.0, 0))], on_duplicate="skip") == 1
     with db.read() as tx:
-        assert strict(events.get(tx, 11, "p")) == strict(tallytree.Item(11, "p", (0.25, 1)))
+        assert strict(events.get(tx, 41, "p")) == strict(tallytree.Item(41, "p", (0.25, 1)))
         assert tallytree.check(tx) == []
 
 
@@ -254,17 +274,19 @@ def test_pending_entries_survive_reopening(tmp_path: Path) -> None:
 
 
 def test_a_pending_node_round_trips_through_its_byte_form() -> None:
-    node = Node(7, True, [b"a", b"c"], [[0.5, 2], [1, 2]], [3, 9], dirty=True)
+    node = Node(7, True, [b"a", b"c"], [[0.5, 2], [1, 2]], dirty=True)
+    node.pending = True
     decoded = decode_node(encode_node(node), 7)
-    assert decoded.leaf and list(decoded.keys) == [b"a", b"c"] and list(decoded.kids) == [3, 9]
+    assert decoded.leaf and decoded.pending and list(decoded.keys) == [b"a", b"c"]
     assert [list(col) for col in decoded.cols] == [[0.5, 2], [1, 2]]
-    plain = decode_node(encode_node(Node(8, True, [b"a"], [[1]], dirty=True)), 8)
-    assert plain.leaf and not plain.kids
+    assert decoded.copy(9).pending
+    plain = decode_node(encode_node(Node(8, True, [b"a", b"c"], [[0.5, 2], [1, 2]], dirty=True)), 8)
+    assert plain.leaf and not plain.pending
 
 
 @pytest.mark.parametrize(
     "parts",
-    [[4, [b"a", b"b"], [1], [1, 2]], [4, [], [], []], [4, [b"a"], [0], [1, 2]], [4, [b"a"]]],
+    [[4, [b"a", b"b"], [1], [1, 2]], [4, [], [], []], [4, [b"a"], [0, 1]], [4], [4, "ab", [1, 2]]],
 )
 def test_a_malformed_pending_node_is_a_corruption_error(parts: list[Any]) -> None:
     with pytest.raises(CorruptDatabaseError):
@@ -307,13 +329,10 @@ def _rewrite_pending(path: Path, change: Any) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (
-            lambda root, parts: (root, [*parts[:2], [parts[2][0] + 1, *parts[2][1:]], *parts[3:]]),
-            "has position",
-        ),
-        (lambda root, parts: (root, [parts[0], [STORED, *parts[1][1:]], *parts[2:]]), "also in"),
+        (lambda root, parts: (root, [parts[0], [STORED, *parts[1][1:]], *parts[2:]]), "is not after"),
         (lambda root, parts: (root, [parts[0], parts[1][::-1], *parts[2:]]), "not strictly increasing"),
-        (lambda root, parts: (root, [*parts[:3], [9.0, *parts[3][1:]], *parts[4:]]), "pending totals"),
+        (lambda root, parts: (root, [*parts[:2], [9.0, *parts[2][1:]], *parts[3:]]), "pending totals"),
+        (lambda root, parts: (root, [1, *parts[1:]]), "not a pending node"),
     ],
 )
 def test_the_checker_reports_damaged_pending_records(tmp_path: Path, change: Any, message: str) -> None:

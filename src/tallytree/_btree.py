@@ -204,6 +204,16 @@ class NodeTree:
             return 0
         return self._rank_in(self.access.node(self.root.node_id), bound, after)
 
+    def last_entry(self) -> bytes | None:
+        """The greatest entry of the tree, or None if it is empty. O(log n)."""
+        if self.root is None:
+            return None
+        access = self.access
+        node = access.node(self.root.node_id)
+        while not node.leaf:
+            node = access.node(node.kids[-1])
+        return node.keys[-1]
+
     def locate(self, entry: bytes) -> tuple[int, bool]:
         """``(rank(entry, False), whether entry is in the tree)``, in one descent. O(log n)."""
         if self.root is None:

@@ -43,10 +43,10 @@ flat fixed-width layout)::
     leaf:      [1, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
     internal:  [2, [fence, ...], [child id, ...], [shift, ...], counts, S col 0, ..., F col 0, ...]
     wide:      [3, keys, kids, shifts, [limbs per column], columns split into 63-bit limbs ...]
-    pending:   [4, [entry, ...], [position, ...], [value of field 0, ...], ...]
+    pending:   [4, [entry, ...], [value of field 0, ...], ..., [value of field F-1, ...]]
 
-A *pending* node holds a tree's inserts not yet merged into its leaves (see ``_tree``): a leaf whose
-``kids`` column holds, for each entry, its position (index) among all the tree's entries.
+A *pending* node holds a tree's appends not yet merged into its leaves (see ``_tree``): laid out as
+a leaf, marked by its kind (``Node.pending``).
 
 Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the trailing zero bits that the
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
@@ -275,6 +275,7 @@ class Node:
         "keys",
         "kids",
         "leaf",
+        "pending",
         "shifts",
     )
 
@@ -296,6 +297,7 @@ class Node:
         # a leaf's shifts are all zero and never change: a tuple, which the garbage collector untracks
         self.shifts: list[int] = shifts if shifts is not None else (0,) * len(cols)  # type: ignore[assignment]
         self.dirty = dirty
+        self.pending = False  # a tree's pending node (see _tree): a leaf stored with its own kind
         self._blob: bytes | None = None  # the search blob of the C kernel bisect (see _speedups.c)
         self._counts: list[int] | None = None
         self._table: list[tuple[int, list[int]]] | None = None
@@ -346,6 +348,7 @@ class Node:
         )
         if self._limbs:
             node._limbs = {column: [list(limb) for limb in limbs] for column, limbs in self._limbs.items()}
+        node.pending = self.pending
         return node
 
     def freeze(self) -> None:
@@ -636,9 +639,7 @@ def encode_node(node: Node) -> bytes:
     counts, ids and shifts are small.
     """
     if node.leaf:
-        if node.kids:  # a pending node: its positions ride in the kids column
-            return _pack_node(PENDING, (node.keys, node.kids, *node.cols))
-        return _pack_node(LEAF, (node.keys, *node.cols))
+        return _pack_node(PENDING if node.pending else LEAF, (node.keys, *node.cols))
     if not node._limbs:
         try:
             return _pack_node(INTERNAL, (node.keys, node.kids, node.shifts, *node.cols))
@@ -673,8 +674,6 @@ def _consistent(node: Node) -> Node:
     """The decoded node, if its parts are arrays of one length (else a read would fail untyped)."""
     size = len(node.keys)
     parts: list[Sequence[Any]] = [node.keys, *node.cols] if node.leaf else [node.keys, node.kids, *node.cols]
-    if node.leaf and node.kids:
-        parts.append(node.kids)
     if all(type(part) in _ARRAYS and len(part) == size for part in parts):
         return node
     raise CorruptDatabaseError(
@@ -690,8 +689,10 @@ def decode_node(data: bytes, node_id: int) -> Node:
         kind = parts[0]
         if kind == LEAF and len(parts) >= 2:
             return _consistent(Node(node_id, True, parts[1], parts[2:]))
-        if kind == PENDING and len(parts) >= 3 and parts[1] and len(parts[2]) == len(parts[1]):
-            return _consistent(Node(node_id, True, parts[1], parts[3:], parts[2]))
+        if kind == PENDING and len(parts) >= 2 and parts[1]:
+            node = _consistent(Node(node_id, True, parts[1], parts[2:]))
+            node.pending = True
+            return node
         if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1 and len(parts[3]) == len(parts) - 4:
             return _consistent(Node(node_id, False, parts[1], parts[4:], parts[2], parts[3]))
         if kind == INTERNAL_WIDE and len(parts) >= 6:

@@ -1,4 +1,4 @@
-"""A tree as its callers see it: the B+ tree of nodes plus a small node of pending inserts.
+"""A tree as its callers see it: the B+ tree of nodes plus a small node of pending appends.
 
 Design
 ======
@@ -7,43 +7,41 @@ fresh id, so a tree of height 4 writes four nodes of a few KiB and deletes four,
 of the change. For the commonest write of the applications tallytree serves, one new event per
 committed transaction, that page traffic is most of the cost.
 
-So inserts (and short sorted runs, such as a table's per-document inserts) first go to the tree's
-*pending* node: one small sorted node referenced by the root record, which every commit rewrites
-anyway. An insert then writes the pending node and the root record instead of a whole path; when
-the pending node reaches :func:`pending_capacity` entries (32 with the default node size), they are
-merged into the leaves in one sorted run (``NodeTree.merge_sorted``), which for time-ordered events
-costs one path for all of them::
+So an insert after every entry of the tree's nodes (a new event, keyed by its time; also a short
+sorted run of them, such as a table's per-document inserts) first goes to the tree's *pending* node:
+one small sorted node referenced by the root record, which every commit rewrites anyway. It then
+writes the pending node and the root record instead of a whole path; when the pending node reaches
+:func:`pending_capacity` entries (32 with the default node size), they are appended to the leaves
+in one sorted run (``NodeTree.merge_sorted``), one path for all of them::
 
     root record   [node id, height, totals of everything, pending id, pending totals]
                       |                                        |
-    nodes         the B+ tree (NodeTree)               pending:   e3 e9 e12  entries not in the nodes
-                                                       positions:  1  6  7   their index in the tree
-                                                       values:    ...
+    nodes         the B+ tree (NodeTree): e1 ... e90    pending: e93 e95 e99   all after the nodes
 
-Each pending entry keeps its *position*: its index among all the tree's entries, which is the
-number of node entries before it (its rank in the nodes) plus its own index in the pending node. The
-node tree does not change while entries are pending except by deletes, which lower the positions
-after them (a merge empties the pending node first), so positions stay exact, and every read stays
-O(log n):
+An insert that falls inside the nodes' range goes straight into its leaf, as before: such scattered
+entries would land in as many leaves when merged, which costs what inserting them one by one costs
+(measured: no gain in commits per second), so they skip the pending node.
+
+Invariant: every pending entry sorts after every entry of the nodes. Inserts keep it (see above),
+deletes cannot break it, and batch merges (``merge_sorted``, long sorted runs) merge the pending
+entries first. So the whole tree is the nodes' entries followed by the pending ones, and every read
+stays O(log n):
 
 * counts and sums add the pending entries inside the bounds (two bisections and the pending
   node's cumulative sums, cached like a leaf's) to what the nodes give;
-* ``select(k)`` bisects the positions: either pending entry ``i`` is at ``k``, or the answer is the
-  nodes' entry ``k - i``, with ``i`` the pending entries before position ``k``;
-* ``iterate`` merges the nodes' items with the pending ones in between.
+* ``select(k)`` is the nodes' entry ``k`` below their count, else pending entry ``k - count``;
+* ``iterate`` chains the two.
 
-Writes: ``delete`` and ``update`` of a pending entry change the pending node only; a delete in the
-nodes lowers the positions after it; ``delete_range`` splits into its pending and node parts; batch
-merges (``merge_sorted``, large ``insert_sorted_run``) merge the pending entries in first. The
-root record's ``summary`` covers everything, so ``namespaces()`` still reads each total in O(1).
+``delete`` and ``update`` of a pending entry change the pending node only, and ``delete_range``
+splits into its node and pending parts. The root record's ``summary`` covers everything, so
+``namespaces()`` still reads each total in O(1).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterator
-from heapq import merge
-from operator import itemgetter
+from itertools import chain
 from typing import Any
 
 from ._btree import Cut, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
@@ -122,8 +120,8 @@ class Tree:
         root = self.root
         if root == self.original:
             return False, root
-        if root is not None:  # a snapshot: the node tree changes its own record in place
-            root = Root(root.node_id, root.height, list(root.summary), root.pending, root.pending_summary)
+        if root is not None and root is self.nodes.root:  # the node tree changes its record in place
+            root = Root(root.node_id, root.height, list(root.summary))
         self.original = root
         return True, root
 
@@ -175,21 +173,18 @@ class Tree:
 
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
-        pending = self.pending
-        if pending is None:
+        pending, stored = self.pending, self.nodes.count
+        if pending is None or index <= stored:
             return self.nodes.summary_at(index)
-        before = self._pending_before(index)
-        return vadd(self.nodes.summary_at(index - before), pending.prefixes(before))
+        return vadd(self.nodes.summary_at(stored), pending.prefixes(index - stored))
 
     def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
         """The entry at ``index`` (0 <= index < count) and its values. O(log n)."""
-        pending = self.pending
-        if pending is None:
+        pending, stored = self.pending, self.nodes.count
+        if pending is None or index < stored:
             return self.nodes.select(index)
-        before = self._pending_before(index)
-        if before < len(pending.keys) and pending.kids[before] == index:
-            return pending.keys[before], tuple(col[before] for col in pending.cols)
-        return self.nodes.select(index - before)
+        at = index - stored
+        return pending.keys[at], tuple(col[at] for col in pending.cols)
 
     def find(self, entry: bytes) -> tuple[Any, ...] | None:
         """The values of ``entry``, or None if absent. O(log n)."""
@@ -203,23 +198,15 @@ class Tree:
         self, start: int, stop: int, reverse: bool = False
     ) -> Iterator[tuple[bytes, tuple[Any, ...]]]:
         """Yield entries with index in ``[start, stop)``, lazily; O(log n) to start, O(1) amortized each."""
-        pending = self.pending
-        if pending is None:
+        pending, stored = self.pending, self.nodes.count
+        if pending is None or stop <= stored:
             return self.nodes.iterate(start, stop, reverse)
-        start, stop = max(start, 0), min(stop, self.count)
-        first, last = self._pending_before(start), self._pending_before(stop)
-        nodes = self.nodes.iterate(start - first, stop - last, reverse)
-        if first == last:
-            return nodes
-        items = [(pending.keys[at], tuple(col[at] for col in pending.cols)) for at in range(first, last)]
+        first, last = max(start - stored, 0), min(stop - stored, len(pending.keys))
+        appended = [(pending.keys[at], tuple(col[at] for col in pending.cols)) for at in range(first, last)]
+        nodes = self.nodes.iterate(start, min(stop, stored), reverse)
         if reverse:
-            items.reverse()
-        return merge(nodes, items, key=itemgetter(0), reverse=reverse)
-
-    def _pending_before(self, index: int) -> int:
-        """How many pending entries lie before position ``index`` of the whole tree. O(log B)."""
-        assert self.pending is not None
-        return bisect_left(self.pending.kids, index)
+            return chain(reversed(appended), nodes)
+        return chain(nodes, appended)
 
     def _pending_index(self, entry: bytes) -> int | None:
         """The index of ``entry`` in the pending node, or None. O(log B)."""
@@ -234,19 +221,24 @@ class Tree:
     def insert(self, entry: bytes, values: tuple[Any, ...]) -> bool:
         """Insert ``entry`` with ``values``; return False (changing nothing) if it exists.
 
-        The entry goes to the pending node; a full pending node is merged into the leaves.
-        O(log n) (plus the merge, one sorted run, every :func:`pending_capacity` inserts).
+        An entry after every entry of the nodes (a new event) goes to the pending node, and a full
+        pending node is merged into the leaves, one path for all its entries. Any other entry goes
+        straight into its leaf: scattered entries would land in as many leaves when merged, which
+        costs what inserting them one by one costs (measured: no gain in commits per second), so
+        they skip the pending node. O(log n) (plus the merge every :func:`pending_capacity`
+        inserts).
         """
         if self._pending_index(entry) is not None:
             return False
-        rank, found = self.nodes.locate(entry)
-        if found:
-            return False
-        pending = self._writable_pending(delta_of(values))
+        nodes = self.nodes
+        pending = self.pending
+        # after the first pending entry means after every entry of the nodes (the invariant)
+        last = None if pending is not None and entry > pending.keys[0] else nodes.last_entry()
+        if last is not None and entry <= last:  # inside the nodes' range: into its leaf
+            return nodes.insert(entry, values)
+        pending = self._writable_pending(delta_of(values))  # after every entry of the nodes
         at = bisect_left(pending.keys, entry)
         pending.keys.insert(at, entry)
-        pending.kids.insert(at, rank + at)
-        self._shift_positions(at + 1, 1)
         for col, value in zip(pending.cols, values, strict=True):
             col.insert(at, value)
         if len(pending.keys) >= self.capacity:
@@ -305,16 +297,11 @@ class Tree:
             values = tuple(col[at] for col in self.pending.cols)
             pending = self._writable_pending(_negate(delta_of(values)))
             del pending.keys[at]
-            del pending.kids[at]
-            self._shift_positions(at, -1)
             for col in pending.cols:
                 del col[at]
             self._drop_if_empty()
             return values
-        removed = self.nodes.delete(entry)
-        if removed is not None and self.pending is not None:
-            self._shift_positions(bisect_right(self.pending.keys, entry), -1)
-        return removed
+        return self.nodes.delete(entry)
 
     def update(self, entry: bytes, values: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Overwrite the values of an existing entry; return the old values (None if absent).
@@ -337,35 +324,21 @@ class Tree:
 
         O(log n + nodes removed).
         """
-        pending = self.pending
-        if pending is None:
+        pending, stored = self.pending, self.nodes.count
+        if pending is None or stop <= stored:
             return self.nodes.delete_range(start, stop)
-        start, stop = max(start, 0), min(stop, self.count)
-        if start >= stop:
-            return self.zero()
-        first, last = self._pending_before(start), self._pending_before(stop)
-        removed = self.nodes.delete_range(start - first, stop - last)
+        start = max(start, 0)
+        removed = self.nodes.delete_range(start, stored) if start < stored else self.zero()
+        first, last = max(start - stored, 0), min(stop - stored, len(pending.keys))
         if first < last:
             part = vsub(pending.prefixes(last), pending.prefixes(first))
             removed = vadd(removed, part)
             pending = self._writable_pending(_negate(part))
             del pending.keys[first:last]
-            del pending.kids[first:last]
             for col in pending.cols:
                 del col[first:last]
-            if self._drop_if_empty():
-                return removed
-        self._shift_positions(first, start - stop)
+            self._drop_if_empty()
         return removed
-
-    def _shift_positions(self, start: int, amount: int) -> None:
-        """Add ``amount`` to the positions of pending entries ``start:`` (entries before them came or
-        went)."""
-        assert self.pending is not None
-        if start >= len(self.pending.keys) or not amount:
-            return
-        pending = self._writable_pending()
-        pending.kids[start:] = [position + amount for position in pending.kids[start:]]
 
     def _writable_pending(self, delta: list[int] | None = None) -> Node:
         """The pending node, made mutable (created empty if there is none); ``delta`` is added to
@@ -374,7 +347,9 @@ class Tree:
         pending = self.pending
         if pending is None:
             cols: list[list[Any]] = [[] for _ in range(self.nfields)]
-            pending = access.adopt(Node(access.new_id(), True, [], cols, [], dirty=True))
+            pending = Node(access.new_id(), True, [], cols, dirty=True)
+            pending.pending = True
+            access.adopt(pending)
             self.pending_summary = self.zero()
         else:
             pending = access.mutable(pending)
