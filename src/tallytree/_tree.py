@@ -65,9 +65,9 @@ def pending_capacity(node_size: int) -> int:
 class Tree:
     """The items of one tree (one aggregate namespace) inside one transaction: nodes and pending.
 
-    Indexes are positions in the whole tree (nodes and pending entries in one order). The tree
-    works on copies of the records it is given; after writes, the caller persists ``root`` when
-    :attr:`changed` says it differs.
+    Indexes are positions in the whole tree: the nodes' entries, then the pending ones. The tree
+    works on copies of the records it is given; after writes, the caller stores the record that
+    :meth:`take_root` hands out when it says the record changed.
     """
 
     __slots__ = ("access", "capacity", "nfields", "nodes", "original", "pending", "pending_summary")
