@@ -587,7 +587,7 @@ def pack_summary(summary: list[int]) -> list[Any]:
     >>> pack_summary([3, 3 << 1074, -(1 << 80)])
     [3, [3, 1074], [-1, 80]]
     """
-    return [_pack_int(value) for value in summary]
+    return [value if _INT64_MIN <= value <= _INT64_MAX else _pack_int(value) for value in summary]
 
 
 def unpack_summary(packed: list[Any]) -> list[int]:

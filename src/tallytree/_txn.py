@@ -409,12 +409,21 @@ class WriteTransaction(Transaction):
         if self._encoded:  # merge the pre-encoded nodes in, keeping ids ascending for LMDB's append
             ops.extend((NODES, node_key(node_id), data) for node_id, data in self._encoded.items())
             ops.sort(key=itemgetter(1))
-        ops.extend((NODES, node_key(node_id), None) for node_id in self._freed)
+        if self._freed:
+            ops.extend((NODES, node_key(node_id), None) for node_id in self._freed)
+        written: list[tuple[bytes, bytes, Root]] = []
         for tree in sorted(self._changed_roots):
             root = self._roots[tree]
-            ops.append((ROOTS, tree, encode_root(root) if root is not None else None))
-        ops.extend((META, key, value) for key, value in self._meta.items())
-        ops.extend((DOCS, key, value) for key, value in sorted(self._docs.items()))
+            if root is None:
+                ops.append((ROOTS, tree, None))
+                continue
+            data = encode_root(root)
+            ops.append((ROOTS, tree, data))
+            written.append((tree, data, root))
+        if self._meta:
+            ops.extend((META, key, value) for key, value in self._meta.items())
+        if self._docs:
+            ops.extend((DOCS, key, value) for key, value in sorted(self._docs.items()))
         if self._next_id is not None:
             ops.append((META, _NEXT_ID, self._next_id.to_bytes(8, "big")))
         stored = kv.get(META, _GENERATION)
@@ -428,3 +437,8 @@ class WriteTransaction(Transaction):
         for node in self._dirty.values():
             node.freeze()
             cache.put(node)
+        decoded = self._decoded  # the next transaction finds these records decoded (see root())
+        if len(decoded) + len(written) > _DECODED_ROOTS:
+            decoded.clear()
+        for tree, data, root in written:
+            decoded[tree] = (data, root)
