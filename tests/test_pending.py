@@ -71,7 +71,7 @@ def events(db: tallytree.Database) -> Iterator[tallytree.Aggregate]:
 
 
 def test_capacity_follows_the_node_size() -> None:
-    assert [pending_capacity(size) for size in (4, 5, 8, 16, 63, 64, 1024)] == [2, 2, 4, 8, 31, 32, 32]
+    assert [pending_capacity(size) for size in (4, 5, 8, 16, 63, 64, 1024)] == [4, 5, 8, 16, 63, 64, 64]
 
 
 def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
