@@ -110,12 +110,13 @@ READ_OPS: list[tuple[str, str, str]] = [
 MULTI_READ_OPS = {"count_10%", "totals_10%", "rank", "select"}
 WRITE_OPS = [
     ("insert_one", "insert one event per committed transaction"),
+    ("insert_one_append", "insert one new event (after every stored one) per committed transaction"),
     ("delete_one", "delete one event per committed transaction"),
     ("insert_batch_random", "insert many random-time events in one transaction (per event)"),
     ("insert_batch_append", "append many time-ordered events in one transaction (per event)"),
     ("delete_range_10%", "delete the oldest 10% of a namespace in one transaction (whole op)"),
 ]
-MULTI_WRITE_OPS = {"insert_one", "delete_one"}
+MULTI_WRITE_OPS = {"insert_one", "insert_one_append", "delete_one"}
 TALLYTREE_ONLY = {"load_build": "load", "buckets_30d_native": "buckets_30d"}
 """tallytree-only variants of an operation, compared with the alternatives' numbers for that operation."""
 DESCRIPTIONS = {
@@ -328,11 +329,14 @@ def check_state(run: Run, where: str, live: list[System], dataset: Dataset, name
 def measure_single_writes(
     run: Run, shape: str, n: int, live: list[System], dataset: Dataset, rng: random.Random
 ) -> None:
-    """insert_one then delete_one of the same events: each system ends with the dataset it started with."""
+    """insert_one then delete_one of the same events, then insert_one_append of new events (each after
+    every stored event of its namespace, as events arrive), removed afterwards untimed: each system
+    ends with the dataset it started with."""
     settings = run.settings
     per_round = settings.writes_per_round
     events = [new_event(dataset, rng) for _ in range(settings.write_rounds * per_round)]
     touched = sorted({event[0] for event in events})
+    measure_appends(run, shape, n, live, dataset, rng)
     for op in ("insert_one", "delete_one"):
         samples: dict[str, list[float]] = {system.name: [] for system in live}
         for round_index in range(settings.write_rounds):
@@ -365,6 +369,33 @@ def measure_single_writes(
                         namespace_totals(system, ns),
                     )
     check_state(run, f"{shape} N={n} after deletes", live, dataset, touched[:5])
+
+
+def measure_appends(
+    run: Run, shape: str, n: int, live: list[System], dataset: Dataset, rng: random.Random
+) -> None:
+    """insert_one_append: one new event per committed transaction, each after every stored event of
+    its namespace (times past the dataset's year, increasing); the events are deleted afterwards."""
+    settings = run.settings
+    per_round = settings.writes_per_round
+    events = []
+    for index in range(settings.write_rounds * per_round):
+        _, _, item_id, cost, tokens = new_event(dataset, rng)
+        events.append((dataset.pick_namespace(rng), T0 + SPAN + index, item_id, cost, tokens))
+    samples: dict[str, list[float]] = {system.name: [] for system in live}
+    for round_index in range(settings.write_rounds):
+        chunk = events[round_index * per_round : (round_index + 1) * per_round]
+        for system in rotated(live, round_index):
+            times = samples[system.name]
+            clock = time.perf_counter_ns
+            for event in chunk:
+                start = clock()
+                system.insert_one(event)
+                times.append((clock() - start) / 1e9)
+    for system in live:
+        run.record(shape, n, "insert_one_append", system.name, samples[system.name])
+        for event in events:
+            system.delete_one(event[0], event[1], event[2])
 
 
 def measure_batches(
@@ -527,6 +558,7 @@ def run_shape(
         rng = random.Random(f"{shape}:{n}:writes")
         measure_single_writes(run, shape, n, live, dataset, rng)
         log("  insert_one           " + summary(run, shape, n, "insert_one"))
+        log("  insert_one_append    " + summary(run, shape, n, "insert_one_append"))
         log("  delete_one           " + summary(run, shape, n, "delete_one"))
         if shape == "single":
             measure_batches(run, shape, n, live, dataset, rng)
@@ -767,7 +799,14 @@ def write_report(result: dict[str, Any], path: Path, out: Path, plots: list[str]
         add("")
         add("| operation | N | " + " | ".join(system_names) + " |")
         add("|---|---|" + "---|" * len(system_names))
-        for op in ("load", "insert_one", "delete_one", "insert_batch_random", "insert_batch_append"):
+        for op in (
+            "load",
+            "insert_one",
+            "insert_one_append",
+            "delete_one",
+            "insert_batch_random",
+            "insert_batch_append",
+        ):
             for n in shape_sizes:
                 row = [index.get((shape, n, op, name)) for name in system_names]
                 if not any(row):
@@ -893,6 +932,7 @@ def targets_section(index: dict[tuple[str, int, str, str], dict[str, Any]], n: i
         ("insert_batch_random", 100_000),
         ("insert_batch_append", 300_000),
         ("insert_one", 20_000),
+        ("insert_one_append", 20_000),
         (load_op, 1_000_000),
     ):
         value = median(op)
