@@ -338,22 +338,7 @@ def measure_single_writes(
     touched = sorted({event[0] for event in events})
     measure_appends(run, shape, n, live, dataset, rng)
     for op in ("insert_one", "delete_one"):
-        samples: dict[str, list[float]] = {system.name: [] for system in live}
-        for round_index in range(settings.write_rounds):
-            chunk = events[round_index * per_round : (round_index + 1) * per_round]
-            for system in rotated(live, round_index):
-                times = samples[system.name]
-                clock = time.perf_counter_ns
-                if op == "insert_one":
-                    for event in chunk:
-                        start = clock()
-                        system.insert_one(event)
-                        times.append((clock() - start) / 1e9)
-                else:
-                    for event in chunk:
-                        start = clock()
-                        system.delete_one(event[0], event[1], event[2])
-                        times.append((clock() - start) / 1e9)
+        samples = time_single_writes(run, live, events, insert=op == "insert_one")
         for system in live:
             run.record(shape, n, op, system.name, samples[system.name])
         if op == "insert_one":
@@ -371,6 +356,27 @@ def measure_single_writes(
     check_state(run, f"{shape} N={n} after deletes", live, dataset, touched[:5])
 
 
+def time_single_writes(
+    run: Run, live: list[System], events: list[tuple], insert: bool
+) -> dict[str, list[float]]:
+    """Seconds per committed insert (or delete) of each event, per system, in rotated rounds."""
+    per_round = run.settings.writes_per_round
+    samples: dict[str, list[float]] = {system.name: [] for system in live}
+    for round_index in range(run.settings.write_rounds):
+        chunk = events[round_index * per_round : (round_index + 1) * per_round]
+        for system in rotated(live, round_index):
+            times = samples[system.name]
+            clock = time.perf_counter_ns
+            for event in chunk:
+                start = clock()
+                if insert:
+                    system.insert_one(event)
+                else:
+                    system.delete_one(event[0], event[1], event[2])
+                times.append((clock() - start) / 1e9)
+    return samples
+
+
 def measure_appends(
     run: Run, shape: str, n: int, live: list[System], dataset: Dataset, rng: random.Random
 ) -> None:
@@ -382,16 +388,7 @@ def measure_appends(
     for index in range(settings.write_rounds * per_round):
         _, _, item_id, cost, tokens = new_event(dataset, rng)
         events.append((dataset.pick_namespace(rng), T0 + SPAN + index, item_id, cost, tokens))
-    samples: dict[str, list[float]] = {system.name: [] for system in live}
-    for round_index in range(settings.write_rounds):
-        chunk = events[round_index * per_round : (round_index + 1) * per_round]
-        for system in rotated(live, round_index):
-            times = samples[system.name]
-            clock = time.perf_counter_ns
-            for event in chunk:
-                start = clock()
-                system.insert_one(event)
-                times.append((clock() - start) / 1e9)
+    samples = time_single_writes(run, live, events, insert=True)
     for system in live:
         run.record(shape, n, "insert_one_append", system.name, samples[system.name])
         for event in events:
