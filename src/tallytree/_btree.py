@@ -214,21 +214,6 @@ class NodeTree:
             node = access.node(node.kids[-1])
         return node.keys[-1]
 
-    def locate(self, entry: bytes) -> tuple[int, bool]:
-        """``(rank(entry, False), whether entry is in the tree)``, in one descent. O(log n)."""
-        if self.root is None:
-            return 0, False
-        access = self.access
-        find = _finder()
-        node = access.node(self.root.node_id)
-        total = 0
-        while not node.leaf:
-            index = find(node, entry, True) - 1
-            total += node.counts()[index]
-            node = access.node(node.kids[index])
-        index = find(node, entry, False)
-        return total + index, index < len(node.keys) and node.keys[index] == entry
-
     def _rank_in(self, node: Node, bound: bytes, after: bool) -> int:
         """Number of entries ``< bound`` (``<= bound``) in the subtree of ``node``."""
         access = self.access

@@ -86,7 +86,7 @@ class Tree:
     def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None, make: Any) -> None:
         self.access = access
         self.nfields = nfields
-        self.capacity = min(node_size, _PENDING_MAX)  # pending_capacity(), inlined
+        self.capacity = pending_capacity(node_size)
         self.original = root
         self.pending: Node | None = None
         self.pending_summary: list[int] | None = None

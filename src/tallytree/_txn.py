@@ -55,6 +55,13 @@ def node_key(node_id: int) -> bytes:
     return node_id.to_bytes(8, "big")
 
 
+def _remember(decoded: dict[bytes, tuple[bytes, Root]], tree: bytes, data: bytes, root: Root) -> None:
+    """Keep a decoded root record with its bytes, emptying the (bounded) dict when it is full. O(1)."""
+    if len(decoded) >= _DECODED_ROOTS:
+        decoded.clear()
+    decoded[tree] = (data, root)
+
+
 def encode_root(root: Root) -> bytes:
     """The ROOTS table value of a root record: ``[node id, height, summary]``, followed by the pending
     node's id and summary when the tree has one."""
@@ -147,15 +154,12 @@ class Transaction:
         if data is not None:
             # A record decoded before, by any transaction, is reused when its bytes are the same: root
             # records are never changed in place (trees copy what they change), so sharing is safe.
-            decoded = self._decoded
-            known = decoded.get(tree)
+            known = self._decoded.get(tree)
             if known is not None and known[0] == data:
                 root = known[1]
             else:
                 root = decode_root(data)
-                if len(decoded) >= _DECODED_ROOTS:
-                    decoded.clear()
-                decoded[tree] = (data, root)
+                _remember(self._decoded, tree, data, root)
         self._roots[tree] = root
         return root
 
@@ -437,8 +441,5 @@ class WriteTransaction(Transaction):
         for node in self._dirty.values():
             node.freeze()
             cache.put(node)
-        decoded = self._decoded  # the next transaction finds these records decoded (see root())
-        if len(decoded) + len(written) > _DECODED_ROOTS:
-            decoded.clear()
-        for tree, data, root in written:
-            decoded[tree] = (data, root)
+        for tree, data, root in written:  # the next transaction finds these records decoded (see root())
+            _remember(self._decoded, tree, data, root)
