@@ -113,7 +113,7 @@ def test_committed_nodes_leave_no_container_tracked_by_the_garbage_collector() -
     tracked = [
         name
         for node in nodes
-        for name in ("keys", "kids", "cols", "shifts", "_counts", "_rows", "_table", "_limbs")
+        for name in ("keys", "kids", "cols", "shifts", "_counts", "_rows", "_table")
         if gc.is_tracked(getattr(node, name))
     ]
     assert tracked == []
@@ -141,15 +141,15 @@ _WIDE = st.integers(min_value=-(2**200), max_value=2**200)
 def test_a_changed_wide_node_encodes_as_a_fresh_one(
     sums: list[int], changes: list[tuple[int, int, int]]
 ) -> None:
-    """The limbs a decoded node keeps follow add(), whatever the change: a value that needs another
-    limb, a delta with fewer trailing zeros (a lower shift), a structural change."""
+    """A wide node's bytes depend only on its contents, whatever the change: a value that needs
+    another limb or one fewer, a delta with fewer trailing zeros (a lower shift), a structural change."""
     node = decode_node(encode_node(_internal(sums)), 9).copy(10)
     for position, kind, amount in changes:
         index = position % len(node.keys)
         if kind == 0:
             node.add(index, [0, amount, 0])
         elif kind == 1:
-            node.add(index, [0, amount << 40, 0])  # a multiple of the shift: the limbs are updated in place
+            node.add(index, [0, amount << 40, 0])  # a multiple of the shift
         elif kind == 2 and len(node.keys) > 2:
             node.remove_child(index)
         else:
@@ -161,23 +161,13 @@ def test_a_changed_wide_node_encodes_as_a_fresh_one(
 
 @pytest.mark.parametrize("shrunk", [2**64 - 1, 2**63, 2**63 - 1, 5, -(2**63)])
 def test_a_wide_node_whose_sums_shrink_back_is_written_plain(shrunk: int) -> None:
-    """A node known to be wide skips the plain attempt; once its sums fit msgpack's ints again
-    (up to 2**64 - 1, above int64's range included) it is written plain, as a fresh node would be."""
+    """A node decoded wide is written plain once its sums fit msgpack's ints again (up to
+    2**64 - 1, above int64's range included), as a fresh node would be."""
     node = decode_node(encode_node(_internal([2**100, 7, 5])), 9).copy(10)
-    assert node._limbs is not None
     node.add(0, [0, (shrunk - 2**100) << 3, 0])
     data = encode_node(node)
     assert _kind(data) == INTERNAL and data == encode_node(_fresh(node))
     assert _same(decode_node(data, 10), _fresh(node))
-
-
-def test_a_wide_node_keeps_its_limbs_across_a_sum_change() -> None:
-    node = decode_node(encode_node(_internal([2**100 + 3, 2**90, 5])), 9)
-    assert node._limbs is not None  # decoded with its split columns
-    copy = node.copy(10)
-    copy.add(1, [0, 7 << 3, 0])
-    assert copy._limbs is not None and 1 in copy._limbs  # updated in place, not dropped
-    assert encode_node(copy) == encode_node(_fresh(copy))
 
 
 _SAMPLES = [

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tallytree._keys import MAX_KEY_BYTES, encode_key
 from tallytree._native import speedups
-from tallytree._node import Node, delta_of, encode_node, scaled
+from tallytree._node import Node, decode_node, delta_of, encode_node, scaled
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
 
@@ -456,3 +456,83 @@ def test_encode_node_is_the_same_with_and_without_the_kernel(keys: list[bytes], 
         built = encode_node(node)
         with pure_python():
             assert encode_node(node) == built
+
+
+# ------------------------------------------------------------------ internal nodes, wide sums
+
+LIMB_EDGES = [
+    0,
+    1,
+    -1,
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    -(2**63) - 1,
+    2**64 - 1,
+    2**64,
+    -(2**64),
+    2**126 - 1,
+    2**126,
+    -(2**126),
+    -(2**126) - 1,
+    2**189,
+    -(2**189) - 1,
+    2**63 * 3,
+    -(2**64) + 1,
+]
+BIG = st.integers(-(2**300), 2**300) | st.sampled_from(LIMB_EDGES) | st.integers(-(2**70), 2**70)
+
+
+def _wide_node(sums: list[list[int]], size: int) -> Node:
+    keys = [b""] + [bytes([0x30, index % 256, index // 256]) for index in range(1, size)]
+    nfields = len(sums)
+    cols = [
+        [2**40 + index for index in range(size)],
+        *sums,
+        *([[index % 3 for index in range(size)]] * nfields),
+    ]
+    return Node(9, False, keys, cols, list(range(7, 7 + size)), [0] * (1 + 2 * nfields), dirty=True)
+
+
+@given(st.integers(1, 40), st.integers(0, 9), st.data())
+def test_pack_internal_is_the_python_encoding_byte_for_byte(
+    size: int, nfields: int, data: st.DataObject
+) -> None:
+    """Plain or wide, with any number of limbs, any number of columns (more than 15 parts, an
+    array16 header) and children: the kernel writes the bytes the Python code writes."""
+    sums = [data.draw(st.lists(BIG, min_size=size, max_size=size)) for _ in range(nfields)]
+    node = _wide_node(sums, size)
+    built = encode_node(node)
+    with pure_python():
+        assert encode_node(node) == built
+    assert [list(col) for col in decode_node(built, 9).cols] == node.cols
+
+
+def test_pack_internal_with_many_children_and_limbs() -> None:
+    size = 70_000 // 1000 * 300  # more than 65,535 values over all limbs, an array16 per limb
+    node = _wide_node([[(-1) ** index * 2 ** (index % 400) for index in range(size)]], size)
+    built = encode_node(node)
+    with pure_python():
+        assert encode_node(node) == built
+
+
+@pytest.mark.parametrize("value", [1.5, True, None, Int(3)], ids=repr)
+def test_pack_internal_leaves_what_it_does_not_handle_to_python(value: Any) -> None:
+    assert speedups is not None
+    node = _wide_node([[2**100, 1]], 2)
+    parts = (node.keys, node.kids, node.shifts, node.cols[0], [2**100, value], node.cols[2])
+    assert speedups.pack_internal(parts, 1) is None
+    assert speedups.pack_internal((node.keys, node.kids, node.shifts, "abc", [1, 2], [1, 1]), 1) is None
+
+
+def test_pack_internal_refuses_malformed_arguments() -> None:
+    assert speedups is not None
+    for arguments in (
+        ([[1]], 0),
+        ((), 0),
+        (([], [], [], [1]), 1),
+        (([], [], [], []), "1"),
+        (([], [], [], []), -1),
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            speedups.pack_internal(*arguments)

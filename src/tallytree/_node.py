@@ -52,9 +52,9 @@ Column ``c`` of child ``i`` is ``col_c[i] << shift_c``: factoring out the traili
 scaled sums share keeps the stored ints small (a sum of floats with 53-bit mantissas needs ~60-80 bits,
 not 1,100). The same representation is used in memory, so decoding does no big-int arithmetic.
 msgpack packs ints from -2**63 to 2**64 - 1; a node whose sums need more is written with those sum
-columns split into 63-bit limbs (the "wide" form, kind 3). A node known to be wide (it keeps its limbs
-in memory) is written wide at once; any other is packed plainly first and packed wide only if msgpack
-refuses a value. Checking every column's range beforehand cost a third of the plain encoding.
+columns split into 63-bit limbs (the "wide" form, kind 3). Exact float sums usually need 65-90 bits,
+so most internal nodes of an aggregate with a float field are wide: the C kernel ``pack_internal``
+measures and splits the columns and writes either form in one pass (see :func:`encode_node`).
 Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
 can be cached by id across transactions and processes without ever being stale.
 """
@@ -265,7 +265,6 @@ class Node:
         "_blob",
         "_counts",
         "_hot",
-        "_limbs",
         "_reads",
         "_rows",
         "_table",
@@ -304,10 +303,6 @@ class Node:
         self._rows: list[tuple[int, ...]] | None = None
         self._reads = 0
         self._hot: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
-        # The sum columns too wide for msgpack, split into limbs as stored (see encode_node): kept in
-        # step by add(), so a node whose children's sums change (every ancestor of an insert) is
-        # encoded without splitting its columns again; any other change drops them.
-        self._limbs: dict[int, list[list[int]]] | None = None
 
     @classmethod
     def internal_from(
@@ -346,8 +341,6 @@ class Node:
             list(self.shifts),
             dirty=True,
         )
-        if self._limbs:
-            node._limbs = {column: [list(limb) for limb in limbs] for column, limbs in self._limbs.items()}
         node.pending = self.pending
         return node
 
@@ -368,8 +361,6 @@ class Node:
         self.kids = tuple(self.kids)  # type: ignore[assignment]
         self.cols = tuple(map(tuple, self.cols))  # type: ignore[assignment]
         self.shifts = tuple(self.shifts)  # type: ignore[assignment]
-        if self._limbs:
-            self._limbs = {column: tuple(map(tuple, limbs)) for column, limbs in self._limbs.items()}  # type: ignore[misc]
 
     # ------------------------------------------------------------ reading summaries
 
@@ -475,7 +466,6 @@ class Node:
         """Lower the shift of a column so that ``amount`` is a multiple of it; return the shift."""
         shift = self.shifts[column]
         if shift and amount & ((1 << shift) - 1):
-            self._limbs = None
             lower = _trailing_zeros(amount)
             self.cols[column] = [value << (shift - lower) for value in self.cols[column]]
             self.shifts[column] = shift = lower
@@ -487,25 +477,9 @@ class Node:
             if amount:
                 shift = self._fit(column, amount)
                 self.cols[column][index] += amount >> shift
-                if self._limbs and column in self._limbs:
-                    self._set_limbs(column, index)
-
-    def _set_limbs(self, column: int, index: int) -> None:
-        """Split the changed value ``cols[column][index]`` into the column's limbs (or drop them)."""
-        assert self._limbs is not None
-        limbs = self._limbs[column]
-        value = self.cols[column][index]
-        for limb in reversed(limbs[1:]):
-            limb[index] = value & _LIMB_MASK
-            value >>= _LIMB_BITS
-        if _INT64_MIN <= value <= _INT64_MAX:
-            limbs[0][index] = value
-        else:  # the value needs one more limb: encode_node splits the column again
-            del self._limbs[column]
 
     def detach(self, start: int, stop: int | None = None) -> Chunk:
         """Remove the entries (children) ``start:stop`` and return them as a chunk. O(size)."""
-        self._limbs = None
         chunk = Chunk(
             self.keys[start:stop],
             self.kids[start:stop],
@@ -520,7 +494,6 @@ class Node:
 
     def attach(self, index: int, chunk: Chunk) -> None:
         """Insert a chunk's entries (children) at ``index``, aligning the scales. O(size)."""
-        self._limbs = None
         self.keys[index:index] = chunk.keys
         self.kids[index:index] = chunk.kids
         for column, incoming in enumerate(chunk.cols):
@@ -536,7 +509,6 @@ class Node:
 
     def insert_child(self, index: int, key: bytes, kid: int, summary: list[int]) -> None:
         """Insert one child with its summary (true scale) at ``index``. O(size)."""
-        self._limbs = None
         self.keys.insert(index, key)
         self.kids.insert(index, kid)
         for column, amount in enumerate(summary):
@@ -545,7 +517,6 @@ class Node:
 
     def remove_child(self, index: int) -> None:
         """Remove child ``index`` (internal nodes). O(size)."""
-        self._limbs = None
         del self.keys[index]
         del self.kids[index]
         for col in self.cols:
@@ -618,53 +589,34 @@ def _join_limbs(limbs: list[list[int]]) -> list[int]:
     return column
 
 
-def _kept_limbs(limbs: list[list[int]] | None) -> list[list[int]] | None:
-    """Limbs kept by add(), if they are still as few as :func:`_limbs` would make (values shrink)."""
-    if limbs is None:
-        return None
-    top = limbs[0]
-    return limbs if min(top) < -1 or max(top) > 0 else None
-
-
 def encode_node(node: Node) -> bytes:
-    """Serialize a node (format version 1). O(size).
+    """Serialize a node. O(size).
 
     msgpack refuses an int beyond 64 bits: a sum column that holds one (the exact sum of floats of
-    several magnitudes usually does) is split into limbs, and the node takes the "wide" form. A node
-    known to be wide (it keeps its limbs, see :meth:`Node.add`) goes straight to that form; any other
-    is packed plainly first, which costs no scan of its columns, and only if msgpack refuses a value
-    is it packed again, wide (a node turns wide once, when a sum first outgrows 64 bits). The output
-    depends only on the node's contents: plain when every sum column fits msgpack's ints, else wide
-    with each column in as few limbs as it needs. Only sum columns can be that large: counts, float
-    counts, ids and shifts are small.
+    several magnitudes usually does) is split into limbs, and the node takes the "wide" form. The
+    output depends only on the node's contents: plain when every value fits msgpack's ints (from
+    ``-2**63`` to ``2**64 - 1``), else wide, with each sum column in as few limbs as leave its top
+    limb in int64. Only sum columns can be that large: counts, float counts, ids and shifts are small.
+    The C kernel ``pack_internal`` writes either form in one pass (3-4 us for a wide node of 60
+    children, against 12-14 us in Python); the Python code packs plainly first, and only if msgpack
+    refuses a value splits the sum columns.
     """
     if node.leaf:
         return _pack_node(PENDING if node.pending else LEAF, (node.keys, *node.cols))
-    if not node._limbs:
-        try:
-            return _pack_node(INTERNAL, (node.keys, node.kids, node.shifts, *node.cols))
-        except OverflowError:
-            pass
     nfields = (len(node.cols) - 1) // 2
-    known = node._limbs or {}
-    split = [
-        (_kept_limbs(known.get(index)) or _limbs(col)) if 1 <= index <= nfields else [col]
-        for index, col in enumerate(node.cols)
-    ]
-    node._limbs = {index: limbs for index, limbs in enumerate(split) if len(limbs) > 1} or None
-    if all(map(_fits_unsigned, split)):  # the sums shrank back: the plain form, as a fresh node
-        return _pack([INTERNAL, node.keys, node.kids, node.shifts, *node.cols])
+    parts: tuple[Sequence[Any], ...] = (node.keys, node.kids, node.shifts, *node.cols)
+    if speedups is not None:
+        packed = speedups.pack_internal(parts, nfields)
+        if packed is not None:
+            return packed
+    try:
+        return _pack([INTERNAL, *parts])
+    except OverflowError:
+        pass
+    split = [_limbs(col) if 1 <= index <= nfields else [col] for index, col in enumerate(node.cols)]
     counts = [len(limbs) for limbs in split]
     flat = [limb for limbs in split for limb in limbs]
     return _pack([INTERNAL_WIDE, node.keys, node.kids, node.shifts, counts, *flat])
-
-
-def _fits_unsigned(limbs: list[list[int]]) -> bool:
-    """Whether a column split into these limbs fits msgpack's ints (up to ``2**64 - 1``) as it is."""
-    if len(limbs) == 1:
-        return True
-    top = limbs[0]  # two limbs: the value is below 2**64 exactly when the top limb is 0 or 1
-    return len(limbs) == 2 and (not top or (min(top) >= 0 and max(top) <= 1))
 
 
 _ARRAYS = (tuple, list)  # msgpack arrays decode to tuples; joined limbs are lists
@@ -698,15 +650,11 @@ def decode_node(data: bytes, node_id: int) -> Node:
         if kind == INTERNAL_WIDE and len(parts) >= 6:
             counts, flat = parts[4], parts[5:]
             if sum(counts) == len(flat) and len(counts) == len(parts[3]):
-                cols, at, split = [], 0, {}
-                for index, count in enumerate(counts):
-                    limbs = flat[at : at + count]
-                    cols.append(tuple(_join_limbs(limbs)))
-                    if count > 1:
-                        split[index] = limbs
+                cols, at = [], 0
+                for count in counts:
+                    cols.append(tuple(_join_limbs(flat[at : at + count])))
                     at += count
                 node = Node(node_id, False, parts[1], tuple(cols), parts[2], parts[3])  # type: ignore[arg-type]
-                node._limbs = split or None
                 return _consistent(node)
     except CorruptDatabaseError:
         raise

@@ -856,85 +856,20 @@ put_be(char *out, unsigned long long value, int bytes)
     return out;
 }
 
-/* The packed size of one scalar, or 0 for a value left to the Python code, or -1 with an error set.
-   ``*signed_value`` / ``*unsigned_value`` receive an int's value. */
+/* The packed size of a signed 64-bit int, in msgpack's smallest form. */
 static Py_ssize_t
-scalar_size(PyObject *item, long long *signed_value, unsigned long long *unsigned_value, int *is_unsigned)
+int_size(long long value)
 {
-    if (PyBytes_CheckExact(item)) {
-        Py_ssize_t size = PyBytes_GET_SIZE(item);
-        if (size > (Py_ssize_t)0xFFFFFFFF) {
-            return 0;
-        }
-        return size + (size <= 0xFF ? 2 : size <= 0xFFFF ? 3 : 5);
-    }
-    if (PyFloat_CheckExact(item)) {
-        return 9;
-    }
-    if (!PyLong_CheckExact(item)) {
-        return 0;
-    }
-    int overflow;
-    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (value == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *is_unsigned = 0;
-    if (overflow > 0) {
-        unsigned long long big = PyLong_AsUnsignedLongLong(item);
-        if (big == (unsigned long long)-1 && PyErr_Occurred()) {
-            PyErr_Clear(); /* beyond uint64: msgpack refuses it, and so does the Python code's path */
-            return 0;
-        }
-        *unsigned_value = big;
-        *is_unsigned = 1;
-        return 9;
-    }
-    if (overflow < 0) {
-        return 0;
-    }
-    *signed_value = value;
     if (value >= 0) {
         return value < 0x80 ? 1 : value <= 0xFF ? 2 : value <= 0xFFFF ? 3 : value <= 0xFFFFFFFFLL ? 5 : 9;
     }
     return value >= -32 ? 1 : value >= -128 ? 2 : value >= -32768 ? 3 : value >= -2147483648LL ? 5 : 9;
 }
 
+/* Write a signed 64-bit int in msgpack's smallest form. */
 static char *
-put_scalar(char *out, PyObject *item)
+put_int(char *out, long long value)
 {
-    if (PyBytes_CheckExact(item)) {
-        Py_ssize_t size = PyBytes_GET_SIZE(item);
-        if (size <= 0xFF) {
-            *out++ = (char)0xc4;
-            *out++ = (char)size;
-        }
-        else if (size <= 0xFFFF) {
-            *out++ = (char)0xc5;
-            out = put_be(out, (unsigned long long)size, 2);
-        }
-        else {
-            *out++ = (char)0xc6;
-            out = put_be(out, (unsigned long long)size, 4);
-        }
-        memcpy(out, PyBytes_AS_STRING(item), (size_t)size);
-        return out + size;
-    }
-    if (PyFloat_CheckExact(item)) {
-        double value = PyFloat_AS_DOUBLE(item);
-        unsigned long long bits;
-        memcpy(&bits, &value, sizeof(bits));
-        *out++ = (char)0xcb;
-        return put_be(out, bits, 8);
-    }
-    long long value = 0;
-    unsigned long long big = 0;
-    int is_unsigned = 0;
-    scalar_size(item, &value, &big, &is_unsigned); /* checked by the first pass: cannot fail now */
-    if (is_unsigned) {
-        *out++ = (char)0xcf;
-        return put_be(out, big, 8);
-    }
     if (value >= 0) {
         if (value < 0x80) {
             *out++ = (char)value;
@@ -977,6 +912,85 @@ put_scalar(char *out, PyObject *item)
         out = put_be(out, (unsigned long long)value, 8);
     }
     return out;
+}
+
+/* The packed size of one scalar, or 0 for a value left to the Python code, or -1 with an error set.
+   ``*signed_value`` / ``*unsigned_value`` receive an int's value. */
+static Py_ssize_t
+scalar_size(PyObject *item, long long *signed_value, unsigned long long *unsigned_value, int *is_unsigned)
+{
+    if (PyBytes_CheckExact(item)) {
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size > (Py_ssize_t)0xFFFFFFFF) {
+            return 0;
+        }
+        return size + (size <= 0xFF ? 2 : size <= 0xFFFF ? 3 : 5);
+    }
+    if (PyFloat_CheckExact(item)) {
+        return 9;
+    }
+    if (!PyLong_CheckExact(item)) {
+        return 0;
+    }
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *is_unsigned = 0;
+    if (overflow > 0) {
+        unsigned long long big = PyLong_AsUnsignedLongLong(item);
+        if (big == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* beyond uint64: msgpack refuses it, and so does the Python code's path */
+            return 0;
+        }
+        *unsigned_value = big;
+        *is_unsigned = 1;
+        return 9;
+    }
+    if (overflow < 0) {
+        return 0;
+    }
+    *signed_value = value;
+    return int_size(value);
+}
+
+static char *
+put_scalar(char *out, PyObject *item)
+{
+    if (PyBytes_CheckExact(item)) {
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size <= 0xFF) {
+            *out++ = (char)0xc4;
+            *out++ = (char)size;
+        }
+        else if (size <= 0xFFFF) {
+            *out++ = (char)0xc5;
+            out = put_be(out, (unsigned long long)size, 2);
+        }
+        else {
+            *out++ = (char)0xc6;
+            out = put_be(out, (unsigned long long)size, 4);
+        }
+        memcpy(out, PyBytes_AS_STRING(item), (size_t)size);
+        return out + size;
+    }
+    if (PyFloat_CheckExact(item)) {
+        double value = PyFloat_AS_DOUBLE(item);
+        unsigned long long bits;
+        memcpy(&bits, &value, sizeof(bits));
+        *out++ = (char)0xcb;
+        return put_be(out, bits, 8);
+    }
+    long long value = 0;
+    unsigned long long big = 0;
+    int is_unsigned = 0;
+    scalar_size(item, &value, &big, &is_unsigned); /* checked by the first pass: cannot fail now */
+    if (is_unsigned) {
+        *out++ = (char)0xcf;
+        return put_be(out, big, 8);
+    }
+    return put_int(out, value);
 }
 
 static PyObject *
@@ -1050,6 +1064,278 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return packed;
 }
 
+
+/* ------------------------------------------------------------------ internal nodes, wide sums */
+
+/* Internal nodes keep exact sums, scaled by 2**1074 with their shared trailing zeros factored out;
+   a float sum column often needs 65-90 bits, beyond msgpack's ints. Such a node is stored "wide"
+   (see _node.encode_node): each sum column split into the fewest 63-bit limbs that leave its top limb
+   in int64, most significant first: value = top * 2**(63k) + sum(limb_i * 2**(63i)). */
+
+#define LIMB_BITS 63
+#define LIMB_MASK ((1ULL << LIMB_BITS) - 1)
+
+/* How many limbs below the top one a value needs (0 when it fits int64), or -1 with an error set. */
+static Py_ssize_t
+extra_limbs(PyObject *item)
+{
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!overflow) {
+        return 0;
+    }
+    /* v >= 0 fits k extra limbs when bit_length(v) <= 63(k + 1); v < 0 when bit_length(~v) does. */
+    PyObject *magnitude = overflow > 0 ? Py_NewRef(item) : PyNumber_Invert(item);
+    if (magnitude == NULL) {
+        return -1;
+    }
+    int64_t bits = (int64_t)_PyLong_NumBits(magnitude);
+    Py_DECREF(magnitude);
+    if (bits < 0) {
+        return -1;
+    }
+    return (Py_ssize_t)((bits - 1) / LIMB_BITS);
+}
+
+/* Split an int into 1 + extra limbs, most significant first (the top one signed). 0, or -1 with an
+   error set. */
+static int
+split_limbs(PyObject *item, Py_ssize_t extra, long long *limbs)
+{
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!overflow) { /* the low limb holds its bits, every higher one its sign */
+        long long sign = value < 0 ? -1 : 0;
+        for (Py_ssize_t index = 0; index < extra; index++) {
+            limbs[extra - index] = index == 0 ? (long long)((unsigned long long)value & LIMB_MASK)
+                                              : (long long)((unsigned long long)sign & LIMB_MASK);
+        }
+        limbs[0] = extra ? sign : value;
+        return 0;
+    }
+    size_t length = 8 * (size_t)extra + 16; /* two's complement, with room for the last 9-byte read */
+    unsigned char local[128];
+    unsigned char *bytes = length <= sizeof(local) ? local : PyMem_Malloc(length);
+    if (bytes == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    int failed = _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, 1, 1);
+#else
+    int failed = _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, 1);
+#endif
+    if (!failed) {
+        for (Py_ssize_t index = 0; index <= extra; index++) {
+            size_t bit = (size_t)index * LIMB_BITS, at = bit / 8;
+            int shift = (int)(bit % 8);
+            unsigned long long word = 0;
+            for (int byte = 0; byte < 8; byte++) {
+                word |= (unsigned long long)bytes[at + (size_t)byte] << (8 * byte);
+            }
+            if (shift) {
+                word = (word >> shift) | ((unsigned long long)bytes[at + 8] << (64 - shift));
+            }
+            limbs[extra - index] = index < extra ? (long long)(word & LIMB_MASK) : (long long)word;
+        }
+    }
+    if (bytes != local) {
+        PyMem_Free(bytes);
+    }
+    return failed ? -1 : 0;
+}
+
+static PyObject *pack_node(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+static PyObject *
+pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || !PyLong_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "pack_internal(parts: tuple of sequences, nfields: int)");
+        return NULL;
+    }
+    PyObject *parts = args[0];
+    Py_ssize_t count = PyTuple_GET_SIZE(parts);
+    Py_ssize_t nfields = PyLong_AsSsize_t(args[1]);
+    if (nfields == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t first = 4, stop = 4 + nfields; /* parts: keys, kids, shifts, counts, sums..., floats... */
+    if (nfields < 0 || stop > count || count < 4) {
+        PyErr_SetString(PyExc_ValueError, "pack_internal: parts must be keys, kids, shifts and the columns");
+        return NULL;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, index);
+        if (!PyList_CheckExact(part) && !PyTuple_CheckExact(part)) {
+            Py_RETURN_NONE;
+        }
+    }
+    /* How many limbs each sum column needs; a node whose sums all fit int64 is packed plainly. */
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(PyTuple_GET_ITEM(parts, 0));
+    Py_ssize_t extras[256];
+    if (nfields > 256) {
+        Py_RETURN_NONE;
+    }
+    int wide = 0;
+    for (Py_ssize_t column = first; column < stop; column++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, column);
+        if (PySequence_Fast_GET_SIZE(part) != size) {
+            Py_RETURN_NONE;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(part);
+        Py_ssize_t most = 0;
+        for (Py_ssize_t at = 0; at < size; at++) {
+            if (!PyLong_CheckExact(items[at])) {
+                Py_RETURN_NONE;
+            }
+            Py_ssize_t extra = extra_limbs(items[at]);
+            if (extra < 0) {
+                return NULL;
+            }
+            most = extra > most ? extra : most;
+        }
+        extras[column - first] = most;
+        wide |= most > 0;
+    }
+    if (wide) { /* a sum in [2**63, 2**64) still fits msgpack's uint64: plain if every one does */
+        wide = 0;
+        for (Py_ssize_t column = first; column < stop && !wide; column++) {
+            PyObject **items = PySequence_Fast_ITEMS(PyTuple_GET_ITEM(parts, column));
+            for (Py_ssize_t at = 0; at < size && !wide; at++) {
+                long long value;
+                unsigned long long big;
+                int is_unsigned;
+                Py_ssize_t length = scalar_size(items[at], &value, &big, &is_unsigned);
+                if (length < 0) {
+                    return NULL;
+                }
+                wide = length == 0;
+            }
+        }
+    }
+    if (!wide) {
+        PyObject *plain[2] = {NULL, parts};
+        plain[0] = PyLong_FromLong(2);
+        if (plain[0] == NULL) {
+            return NULL;
+        }
+        PyObject *packed = pack_node(module, plain, 2);
+        Py_DECREF(plain[0]);
+        return packed;
+    }
+    /* The wide form: [3, keys, kids, shifts, [limbs per column], each column's limbs in turn]. */
+    Py_ssize_t columns = count - 3, flat = columns - nfields, limbs_total = 0;
+    for (Py_ssize_t column = first; column < stop; column++) {
+        flat += extras[column - first] + 1;
+        limbs_total += (extras[column - first] + 1) * size;
+    }
+    long long *limbs = PyMem_Malloc((size_t)limbs_total * sizeof(long long));
+    long long *split = PyMem_Malloc(sizeof(long long) * (size_t)(64 + 1));
+    if (limbs == NULL || split == NULL) {
+        PyMem_Free(limbs);
+        PyMem_Free(split);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t total = array_header_size(5 + flat) + 1 + array_header_size(columns), at_limb = 0;
+    for (Py_ssize_t column = first; column < stop; column++) {
+        Py_ssize_t extra = extras[column - first];
+        PyObject **items = PySequence_Fast_ITEMS(PyTuple_GET_ITEM(parts, column));
+        if (extra > 64) { /* a sum of more than 4,000 bits: left to the Python code */
+            PyMem_Free(limbs);
+            PyMem_Free(split);
+            Py_RETURN_NONE;
+        }
+        for (Py_ssize_t at = 0; at < size; at++) {
+            if (split_limbs(items[at], extra, split) < 0) {
+                PyMem_Free(limbs);
+                PyMem_Free(split);
+                return NULL;
+            }
+            for (Py_ssize_t limb = 0; limb <= extra; limb++) {
+                limbs[at_limb + limb * size + at] = split[limb];
+            }
+        }
+        at_limb += (extra + 1) * size;
+        total += (extra + 1) * array_header_size(size) + int_size(extra + 1);
+    }
+    PyMem_Free(split);
+    for (Py_ssize_t index = 0; index < limbs_total; index++) {
+        total += int_size(limbs[index]);
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        if (index >= first && index < stop) {
+            continue;
+        }
+        PyObject *part = PyTuple_GET_ITEM(parts, index);
+        Py_ssize_t length = PySequence_Fast_GET_SIZE(part);
+        PyObject **items = PySequence_Fast_ITEMS(part);
+        total += array_header_size(length) + (index >= 3 ? int_size(1) : 0);
+        for (Py_ssize_t at = 0; at < length; at++) {
+            long long value;
+            unsigned long long big;
+            int is_unsigned;
+            Py_ssize_t item_size = scalar_size(items[at], &value, &big, &is_unsigned);
+            if (item_size <= 0) {
+                PyMem_Free(limbs);
+                if (item_size < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+            total += item_size;
+        }
+    }
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
+    if (packed == NULL) {
+        PyMem_Free(limbs);
+        return NULL;
+    }
+    char *out = put_array_header(PyBytes_AS_STRING(packed), 5 + flat);
+    *out++ = (char)3;
+    for (Py_ssize_t index = 0; index < 3; index++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, index);
+        Py_ssize_t length = PySequence_Fast_GET_SIZE(part);
+        PyObject **items = PySequence_Fast_ITEMS(part);
+        out = put_array_header(out, length);
+        for (Py_ssize_t at = 0; at < length; at++) {
+            out = put_scalar(out, items[at]);
+        }
+    }
+    out = put_array_header(out, columns);
+    for (Py_ssize_t column = 3; column < count; column++) {
+        out = put_int(out, column >= first && column < stop ? extras[column - first] + 1 : 1);
+    }
+    at_limb = 0;
+    for (Py_ssize_t column = 3; column < count; column++) {
+        if (column >= first && column < stop) {
+            for (Py_ssize_t limb = 0; limb <= extras[column - first]; limb++) {
+                out = put_array_header(out, size);
+                for (Py_ssize_t at = 0; at < size; at++) {
+                    out = put_int(out, limbs[at_limb++]);
+                }
+            }
+            continue;
+        }
+        PyObject *part = PyTuple_GET_ITEM(parts, column);
+        Py_ssize_t length = PySequence_Fast_GET_SIZE(part);
+        PyObject **items = PySequence_Fast_ITEMS(part);
+        out = put_array_header(out, length);
+        for (Py_ssize_t at = 0; at < length; at++) {
+            out = put_scalar(out, items[at]);
+        }
+    }
+    PyMem_Free(limbs);
+    assert(out == PyBytes_AS_STRING(packed) + total);
+    return packed;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1068,6 +1354,9 @@ static PyMethodDef methods[] = {
      "search blob cached on committed nodes."},
     {"pack_node", (PyCFunction)(void (*)(void))pack_node, METH_FASTCALL,
      "pack_node(head, parts): msgpack's bytes for [head, *parts], or None (see _node.encode_node)."},
+    {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,
+     "pack_internal(parts, nfields) -> bytes | None: an internal node's bytes, plain or wide (see "
+     "_node.encode_node)."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},
