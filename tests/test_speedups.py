@@ -347,6 +347,21 @@ def test_bisect_equals_the_bisect_module(keys: list[bytes], probes: list[bytes])
     assert (committed._blob is not None) == bool(probes or keys)  # built on the first search
 
 
+TIED = st.binary(max_size=12).map(lambda raw: bytes(byte % 2 for byte in raw))
+"""Keys over a two-letter alphabet: many share their first 8 bytes, or are prefixes of each other,
+or end in zero bytes (which the blob's zero-padded 8-byte prefixes cannot tell apart)."""
+
+
+@given(st.lists(TIED, max_size=70, unique=True), st.lists(TIED, max_size=20))
+def test_bisect_with_keys_that_tie_on_their_first_eight_bytes(keys: list[bytes], probes: list[bytes]) -> None:
+    assert speedups is not None
+    keys.sort()
+    committed = Keyed(tuple(keys), False)
+    for probe in [*probes, *keys, *(key + b"\x00" for key in keys), *(key[:-1] for key in keys)]:
+        assert speedups.bisect(committed, probe, True) == bisect_right(keys, probe)
+        assert speedups.bisect(committed, probe, False) == bisect_left(keys, probe)
+
+
 def test_bisect_refuses_what_is_not_a_node_of_bytes() -> None:
     assert speedups is not None
     with pytest.raises(TypeError):
