@@ -19,6 +19,7 @@ from conftest import pure_python
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tallytree
 from tallytree._keys import MAX_KEY_BYTES, encode_key
 from tallytree._native import speedups
 from tallytree._node import Node, decode_node, delta_of, encode_node, scaled
@@ -328,7 +329,7 @@ class Keyed:
     def __init__(self, keys: Any, dirty: bool) -> None:
         self.keys = keys
         self.dirty = dirty
-        self._blob: bytes | None = None
+        self._blob: bytes | bool | None = None
 
 
 @given(
@@ -344,7 +345,15 @@ def test_bisect_equals_the_bisect_module(keys: list[bytes], probes: list[bytes])
             assert speedups.bisect(committed, probe, right) == expected
             assert speedups.bisect(dirty, probe, right) == expected
     assert dirty._blob is None  # a node that may still change keeps no blob
-    assert (committed._blob is not None) == bool(probes or keys)  # built on the first search
+    assert isinstance(committed._blob, bytes) == bool(probes or keys)  # built by the second search
+
+
+def test_a_committed_node_gets_its_search_blob_on_its_second_search() -> None:
+    assert speedups is not None
+    node = Keyed((b"a", b"c", b"e"), False)
+    assert speedups.bisect(node, b"c", True) == 2 and node._blob is False  # searched in its keys
+    assert speedups.bisect(node, b"d", False) == 2 and isinstance(node._blob, bytes)
+    assert speedups.bisect(node, b"a", False) == 0 and speedups.bisect(node, b"f", True) == 3
 
 
 TIED = st.binary(max_size=12).map(lambda raw: bytes(byte % 2 for byte in raw))
@@ -551,3 +560,54 @@ def test_pack_internal_refuses_malformed_arguments() -> None:
     ):
         with pytest.raises((TypeError, ValueError)):
             speedups.pack_internal(*arguments)
+
+
+# ------------------------------------------------------------------ descents
+
+
+class _Abort(Exception):
+    """Raised to abort a write transaction."""
+
+
+def _hits_of(db: Any, read: Any) -> int:
+    before = db.cache_info()["hits"]
+    with db.read() as tx:
+        read(tx)
+    hits: int = db.cache_info()["hits"] - before
+    return hits
+
+
+@given(st.lists(st.integers(-50, 250), min_size=2, max_size=6), st.booleans())
+def test_rank_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(
+    bounds: list[int], write: bool
+) -> None:
+    """rank and rank_range, in a read transaction (nodes taken from the shared cache) and in a write
+    transaction (dirty nodes first), give the Python answers; the cache hits are counted alike."""
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key // 3, key) for key in range(0, 200, 2)])
+    low, high = min(bounds), max(bounds)
+
+    def reads(tx: Any) -> Any:
+        return (
+            agg.count(tx, ge=low, lt=high),
+            agg.count(tx, gt=low, le=high),
+            agg.rank(tx, bounds[0]),
+            agg.rank(tx, bounds[1], reverse=True),
+        )
+
+    with db.read() as tx:
+        expected = reads(tx)
+    with pure_python(), db.read() as tx:
+        assert reads(tx) == expected
+    with pytest.raises(_Abort), db.write() as tx:  # dirty nodes: C descents fetch every node
+        agg.insert(tx, key=1000, id=-1)
+        changed = reads(tx)
+        with pure_python():
+            assert reads(tx) == changed
+        raise _Abort  # abort the transaction
+    assert _hits_of(db, reads) > 0
+    with pure_python():
+        python_hits = _hits_of(db, reads)
+    assert _hits_of(db, reads) == python_hits

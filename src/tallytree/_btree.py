@@ -86,6 +86,17 @@ class NodeAccess(Protocol):
         """Forget a node: drop it if dirty, delete it at commit if committed."""
         ...
 
+    @property
+    def shared(self) -> dict[int, Node] | None:
+        """Committed nodes a descent may take directly by id (the shared cache of a read
+        transaction), or None when every node must come from :meth:`node` (a write transaction,
+        whose dirty nodes come first)."""
+        ...
+
+    def count_hits(self, hits: int) -> None:
+        """Count nodes a descent took from :attr:`shared` (cache statistics)."""
+        ...
+
 
 @dataclass
 class Root:
@@ -202,7 +213,15 @@ class NodeTree:
         """Number of entries ``< bound`` (``<= bound`` when ``after``). O(log n)."""
         if self.root is None:
             return 0
-        return self._rank_in(self.access.node(self.root.node_id), bound, after)
+        access = self.access
+        if speedups is not None:  # the same descent, in one C call
+            rank, hits = speedups.rank(
+                access.node(self.root.node_id), bound, after, access.node, access.shared
+            )
+            if hits:
+                access.count_hits(hits)
+            return rank
+        return self._rank_in(access.node(self.root.node_id), bound, after)
 
     def last_entry(self) -> bytes | None:
         """The greatest entry of the tree, or None if it is empty. O(log n)."""
@@ -241,8 +260,15 @@ class NodeTree:
         low, low_after = lower
         high, high_after = upper
         access = self.access
-        find = _finder()
         node = access.node(root.node_id)
+        if speedups is not None:  # the same descent, in one C call
+            start, stop, hits = speedups.rank_range(
+                node, low, low_after, high, high_after, access.node, access.shared
+            )
+            if hits:
+                access.count_hits(hits)
+            return start, stop
+        find = _finder()
         base = 0
         while not node.leaf:
             index = find(node, low, True) - 1

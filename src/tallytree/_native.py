@@ -39,6 +39,20 @@ class Speedups(Protocol):
     def float_sum(self, values: Sequence[float], /) -> int | None: ...
     def pack_node(self, head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
+    def rank(
+        self, node: Any, key: bytes, after: bool, fetch: Any, nodes: dict[int, Any] | None, /
+    ) -> tuple[int, int]: ...
+    def rank_range(
+        self,
+        node: Any,
+        low: bytes,
+        low_after: bool,
+        high: bytes,
+        high_after: bool,
+        fetch: Any,
+        nodes: dict[int, Any] | None,
+        /,
+    ) -> tuple[int, int, int]: ...
     def settle(
         self,
         plus: list[Sequence[int]],

@@ -12,7 +12,7 @@ the Python code and gives the same answers):
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``bisect(node, key, right)``: ``bisect_right`` (or ``bisect_left``) of ``key`` in ``node.keys``. A
-  committed node gets a *search blob* on its first search, cached in ``node._blob``: the first 8
+  committed node gets a *search blob* on its second search, cached in ``node._blob``: the first 8
   bytes of each key as a number, then the keys back to back behind their offsets, one bytes object.
   A search bisects the numbers (one contiguous array) and reads a key only on a tie, instead of a
   tuple and a separate bytes object per probe (most probes of a large tree are cache misses). A dirty
@@ -398,34 +398,34 @@ build_blob(PyObject *keys)
     return blob;
 }
 
-static PyObject *
-node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name;
+
+static int
+intern_names(void)
 {
-    static PyObject *blob_name = NULL, *keys_name = NULL, *dirty_name = NULL;
-    if (blob_name == NULL) {
-        blob_name = PyUnicode_InternFromString("_blob");
-        keys_name = PyUnicode_InternFromString("keys");
-        dirty_name = PyUnicode_InternFromString("dirty");
-        if (blob_name == NULL || keys_name == NULL || dirty_name == NULL) {
-            return NULL;
-        }
-    }
-    if (nargs != 3 || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "bisect(node, key: bytes, right: bool)");
-        return NULL;
-    }
-    PyObject *node = args[0];
-    const char *key = PyBytes_AS_STRING(args[1]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
-    int right = PyObject_IsTrue(args[2]);
-    if (right < 0) {
-        return NULL;
-    }
+    blob_name = PyUnicode_InternFromString("_blob");
+    keys_name = PyUnicode_InternFromString("keys");
+    dirty_name = PyUnicode_InternFromString("dirty");
+    leaf_name = PyUnicode_InternFromString("leaf");
+    kids_name = PyUnicode_InternFromString("kids");
+    counts_cache_name = PyUnicode_InternFromString("_counts");
+    counts_name = PyUnicode_InternFromString("counts");
+    return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name
+               ? 0
+               : -1;
+}
+
+/* bisect_right (bisect_left unless right) of key in node.keys, through the node's search blob (built
+   and cached on a committed node's first search); -1 with an error set. */
+static Py_ssize_t
+search_node(PyObject *node, const char *key, Py_ssize_t size, int right)
+{
     PyObject *blob = PyObject_GetAttr(node, blob_name);
     if (blob == NULL) {
-        return NULL;
+        return -1;
     }
-    if (blob == Py_None) {
+    if (blob == Py_None || blob == Py_False) {
+        int first_search = blob == Py_None;
         Py_DECREF(blob);
         PyObject *dirty = PyObject_GetAttr(node, dirty_name);
         PyObject *keys = dirty == NULL ? NULL : PyObject_GetAttr(node, keys_name);
@@ -433,18 +433,24 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         Py_XDECREF(dirty);
         if (keys == NULL || changing < 0) {
             Py_XDECREF(keys);
-            return NULL;
+            return -1;
         }
-        if (changing) { /* a node of a write transaction: its keys may still change */
+        /* A node of a write transaction (its keys may still change), or a committed node searched
+           for the first time (False marks it): searched in its keys. Most nodes of a large tree are
+           searched once in a while, and a first search reads ~log2(n) keys where a blob reads all. */
+        if (changing || first_search) {
             Py_ssize_t found = bisect_sequence(keys, key, size, right);
             Py_DECREF(keys);
-            return found < 0 ? NULL : PyLong_FromSsize_t(found);
+            if (found >= 0 && !changing && PyObject_SetAttr(node, blob_name, Py_False) < 0) {
+                return -1;
+            }
+            return found;
         }
         blob = build_blob(keys);
         Py_DECREF(keys);
         if (blob == NULL || PyObject_SetAttr(node, blob_name, blob) < 0) {
             Py_XDECREF(blob);
-            return NULL;
+            return -1;
         }
     }
     const char *data = PyBytes_Check(blob) ? PyBytes_AS_STRING(blob) : NULL;
@@ -466,7 +472,7 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     if (!valid) {
         Py_DECREF(blob);
         PyErr_SetString(PyExc_TypeError, "node._blob must be None or a search blob");
-        return NULL;
+        return -1;
     }
     uint64_t prefix = key_prefix(key, size);
     Py_ssize_t low = 0, high = count;
@@ -485,7 +491,7 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             if (start > stop || (Py_ssize_t)stop > length) {
                 Py_DECREF(blob);
                 PyErr_SetString(PyExc_TypeError, "node._blob is not a search blob");
-                return NULL;
+                return -1;
             }
             order = compare_bytes(data + start, (Py_ssize_t)(stop - start), key, size);
         }
@@ -497,7 +503,242 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         }
     }
     Py_DECREF(blob);
-    return PyLong_FromSsize_t(low);
+    return low;
+}
+
+static PyObject *
+node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "bisect(node, key: bytes, right: bool)");
+        return NULL;
+    }
+    int right = PyObject_IsTrue(args[2]);
+    if (right < 0) {
+        return NULL;
+    }
+    Py_ssize_t found = search_node(args[0], PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), right);
+    return found < 0 ? NULL : PyLong_FromSsize_t(found);
+}
+
+/* ------------------------------------------------------------------ descents */
+
+/* Ranks (rank, rank_range of _btree.NodeTree) descend one node per level: search the node, add the
+   cumulative count of the children left of the path, fetch the child. Here the whole descent is one
+   call: a child is looked up in ``nodes`` (the shared cache of committed nodes, for a read
+   transaction; None in a write transaction, whose dirty nodes must come first), else fetched through
+   ``fetch(node_id)`` (the transaction's ``node``). The lookups found in ``nodes`` are counted in
+   ``*hits`` for the cache statistics. */
+
+typedef struct {
+    PyObject *nodes; /* a dict, or NULL */
+    PyObject *fetch;
+    Py_ssize_t hits;
+} Fetcher;
+
+/* The child ``index`` of an internal node (a new reference), or NULL with an error set. */
+static PyObject *
+child_of(PyObject *node, Py_ssize_t index, Fetcher *fetcher)
+{
+    PyObject *kids = PyObject_GetAttr(node, kids_name);
+    if (kids == NULL) {
+        return NULL;
+    }
+    PyObject *kid = PySequence_GetItem(kids, index);
+    Py_DECREF(kids);
+    if (kid == NULL) {
+        return NULL;
+    }
+    if (fetcher->nodes != NULL) {
+        PyObject *child = PyDict_GetItemWithError(fetcher->nodes, kid);
+        if (child != NULL) {
+            fetcher->hits++;
+            Py_DECREF(kid);
+            return Py_NewRef(child);
+        }
+        if (PyErr_Occurred()) {
+            Py_DECREF(kid);
+            return NULL;
+        }
+    }
+    PyObject *child = PyObject_CallOneArg(fetcher->fetch, kid);
+    Py_DECREF(kid);
+    return child;
+}
+
+/* 1 for a leaf, 0 for an internal node, -1 with an error set. */
+static int
+node_is_leaf(PyObject *node)
+{
+    PyObject *leaf = PyObject_GetAttr(node, leaf_name);
+    if (leaf == NULL) {
+        return -1;
+    }
+    int answer = PyObject_IsTrue(leaf);
+    Py_DECREF(leaf);
+    return answer;
+}
+
+/* The items in the children before ``index`` of an internal node (node.counts()[index]). */
+static int
+count_before(PyObject *node, Py_ssize_t index, Py_ssize_t *count)
+{
+    PyObject *counts = PyObject_GetAttr(node, counts_cache_name);
+    if (counts == Py_None) {
+        Py_DECREF(counts);
+        counts = PyObject_CallMethodNoArgs(node, counts_name);
+    }
+    if (counts == NULL) {
+        return -1;
+    }
+    PyObject *item = PySequence_GetItem(counts, index);
+    Py_DECREF(counts);
+    if (item == NULL) {
+        return -1;
+    }
+    *count = PyLong_AsSsize_t(item);
+    Py_DECREF(item);
+    return *count == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The index of the child of an internal node whose subtree holds the cut at ``key``. */
+static Py_ssize_t
+child_index(PyObject *node, const char *key, Py_ssize_t size)
+{
+    Py_ssize_t found = search_node(node, key, size, 1);
+    return found < 0 ? -1 : found > 0 ? found - 1 : 0; /* keys[0] is the node's fence: <= any key below */
+}
+
+/* The number of entries < key (<= key when after) in the subtree of ``node`` (a new reference that
+   this function consumes); -1 with an error set. */
+static Py_ssize_t
+descend(PyObject *node, const char *key, Py_ssize_t size, int after, Fetcher *fetcher)
+{
+    Py_ssize_t total = 0;
+    for (;;) {
+        int leaf = node_is_leaf(node);
+        if (leaf < 0) {
+            break;
+        }
+        if (leaf) {
+            Py_ssize_t found = search_node(node, key, size, after);
+            Py_DECREF(node);
+            return found < 0 ? -1 : total + found;
+        }
+        Py_ssize_t index = child_index(node, key, size), before;
+        if (index < 0 || count_before(node, index, &before) < 0) {
+            break;
+        }
+        total += before;
+        PyObject *child = child_of(node, index, fetcher);
+        Py_DECREF(node);
+        node = child;
+        if (node == NULL) {
+            return -1;
+        }
+    }
+    Py_DECREF(node);
+    return -1;
+}
+
+static int
+fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
+{
+    if (!PyCallable_Check(fetch) || (nodes != Py_None && !PyDict_CheckExact(nodes))) {
+        PyErr_SetString(PyExc_TypeError, "fetch must be callable and nodes a dict or None");
+        return -1;
+    }
+    fetcher->fetch = fetch;
+    fetcher->nodes = nodes == Py_None ? NULL : nodes;
+    fetcher->hits = 0;
+    return 0;
+}
+
+/* rank(node, key, after, fetch, nodes) -> (rank, hits) */
+static PyObject *
+tree_rank(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 5 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "rank(node, key: bytes, after: bool, fetch, nodes)");
+        return NULL;
+    }
+    int after = PyObject_IsTrue(args[2]);
+    if (after < 0 || fetcher_from(args[3], args[4], &fetcher) < 0) {
+        return NULL;
+    }
+    Py_ssize_t rank = descend(Py_NewRef(args[0]), PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), after, &fetcher);
+    return rank < 0 ? NULL : Py_BuildValue("nn", rank, fetcher.hits);
+}
+
+/* rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits): the two
+   descents share the path down to the node where the cuts part. */
+static PyObject *
+tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 7 || !PyBytes_Check(args[1]) || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "rank_range(node, low: bytes, low_after, high: bytes, high_after, fetch, nodes)");
+        return NULL;
+    }
+    int low_after = PyObject_IsTrue(args[2]), high_after = PyObject_IsTrue(args[4]);
+    if (low_after < 0 || high_after < 0 || fetcher_from(args[5], args[6], &fetcher) < 0) {
+        return NULL;
+    }
+    const char *low = PyBytes_AS_STRING(args[1]), *high = PyBytes_AS_STRING(args[3]);
+    Py_ssize_t low_size = PyBytes_GET_SIZE(args[1]), high_size = PyBytes_GET_SIZE(args[3]);
+    PyObject *node = Py_NewRef(args[0]);
+    Py_ssize_t base = 0;
+    for (;;) {
+        int leaf = node_is_leaf(node);
+        if (leaf < 0) {
+            break;
+        }
+        if (leaf) {
+            Py_ssize_t start = search_node(node, low, low_size, low_after);
+            Py_ssize_t stop = start < 0 ? -1 : search_node(node, high, high_size, high_after);
+            Py_DECREF(node);
+            return stop < 0 ? NULL : Py_BuildValue("nnn", base + start, base + stop, fetcher.hits);
+        }
+        Py_ssize_t index = child_index(node, low, low_size);
+        Py_ssize_t other = index < 0 ? -1 : child_index(node, high, high_size);
+        Py_ssize_t before;
+        if (other < 0 || count_before(node, index, &before) < 0) {
+            break;
+        }
+        if (index != other) {
+            Py_ssize_t at_other;
+            if (count_before(node, other, &at_other) < 0) {
+                break;
+            }
+            PyObject *low_child = child_of(node, index, &fetcher);
+            PyObject *high_child = low_child == NULL ? NULL : child_of(node, other, &fetcher);
+            Py_DECREF(node);
+            if (high_child == NULL) {
+                Py_XDECREF(low_child);
+                return NULL;
+            }
+            Py_ssize_t start = descend(low_child, low, low_size, low_after, &fetcher);
+            if (start < 0) {
+                Py_DECREF(high_child);
+                return NULL;
+            }
+            Py_ssize_t stop = descend(high_child, high, high_size, high_after, &fetcher);
+            if (stop < 0) {
+                return NULL;
+            }
+            return Py_BuildValue("nnn", base + before + start, base + at_other + stop, fetcher.hits);
+        }
+        base += before;
+        PyObject *child = child_of(node, index, &fetcher);
+        Py_DECREF(node);
+        node = child;
+        if (node == NULL) {
+            return NULL;
+        }
+    }
+    Py_DECREF(node);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ exact sums */
@@ -1388,6 +1629,11 @@ static PyMethodDef methods[] = {
     {"bisect", (PyCFunction)(void (*)(void))node_bisect, METH_FASTCALL,
      "bisect(node, key, right) -> int: bisect_right (or bisect_left) of key in node.keys, through a "
      "search blob cached on committed nodes."},
+    {"rank", (PyCFunction)(void (*)(void))tree_rank, METH_FASTCALL,
+     "rank(node, key, after, fetch, nodes) -> (rank, hits): entries < key (<= key when after) below "
+     "node, in one descent."},
+    {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
+     "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
     {"pack_node", (PyCFunction)(void (*)(void))pack_node, METH_FASTCALL,
      "pack_node(head, parts): msgpack's bytes for [head, *parts], or None (see _node.encode_node)."},
     {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,
@@ -1413,6 +1659,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    if (intern_names() < 0) {
+        return NULL;
+    }
     PyDateTime_IMPORT;
     if (PyDateTimeAPI == NULL) {
         return NULL;

@@ -129,6 +129,15 @@ class Transaction:
                 "db.close(), and open the database again"
             )
 
+    @property
+    def shared(self) -> dict[int, Node] | None:
+        """The shared cache's nodes, which a read transaction's descents may take directly."""
+        return self._cache._nodes
+
+    def count_hits(self, hits: int) -> None:
+        """Count cache hits of a descent that took nodes from :attr:`shared`."""
+        self._cache.hits += hits
+
     def node(self, node_id: int) -> Node:
         """A committed node by id, through the shared cache. O(1) when cached, O(size) to decode."""
         node = self._cached(node_id)
@@ -221,6 +230,10 @@ class WriteTransaction(Transaction):
         self.docs_version = 0
         self._deferred: dict[bytes, tuple[int, int, list[tuple[bytes, tuple[Any, ...]]]]] = {}
         self._next_id: int | None = None
+
+    @property
+    def shared(self) -> dict[int, Node] | None:
+        return None  # dirty nodes come first: every node through node()
 
     def node(self, node_id: int) -> Node:
         dirty = self._dirty.get(node_id)
