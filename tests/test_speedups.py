@@ -578,15 +578,13 @@ def _hits_of(db: Any, read: Any) -> int:
 
 
 @given(st.lists(st.integers(-50, 250), min_size=2, max_size=6), st.booleans())
-def test_rank_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(
-    bounds: list[int], write: bool
-) -> None:
-    """rank and rank_range, in a read transaction (nodes taken from the shared cache) and in a write
+def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: list[int], write: bool) -> None:
+    """rank, rank_range and the range sums' descents, in a read transaction (nodes taken from the shared cache) and in a write
     transaction (dirty nodes first), give the Python answers; the cache hits are counted alike."""
     db = tallytree.open_memory()
-    agg = db.aggregate("a", node_size=4)
+    agg = db.aggregate("a", values=("cost", "n"), node_size=4)
     with db.write() as tx:
-        agg.insert_many(tx, [(key // 3, key) for key in range(0, 200, 2)])
+        agg.insert_many(tx, [(key // 3, key, (key / 7, key)) for key in range(0, 200, 2)])
     low, high = min(bounds), max(bounds)
 
     def reads(tx: Any) -> Any:
@@ -595,6 +593,9 @@ def test_rank_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(
             agg.count(tx, gt=low, le=high),
             agg.rank(tx, bounds[0]),
             agg.rank(tx, bounds[1], reverse=True),
+            agg.totals(tx, ge=low, lt=high),
+            agg.totals(tx, lt=bounds[0]),
+            agg.totals(tx, ge=bounds[1]),
         )
 
     with db.read() as tx:
@@ -602,7 +603,7 @@ def test_rank_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(
     with pure_python(), db.read() as tx:
         assert reads(tx) == expected
     with pytest.raises(_Abort), db.write() as tx:  # dirty nodes: C descents fetch every node
-        agg.insert(tx, key=1000, id=-1)
+        agg.insert(tx, key=1000, id=-1, values=(0.5, 1))
         changed = reads(tx)
         with pure_python():
             assert reads(tx) == changed

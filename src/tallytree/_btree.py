@@ -369,6 +369,13 @@ class NodeTree:
         """
         bound, bound_after = cut
         access = self.access
+        if speedups is not None:  # the same descent, in one C call
+            hits = speedups.prefix_into(
+                node, before, after, bound, bound_after, plus, spans, positive, access.node, access.shared
+            )
+            if hits:
+                access.count_hits(hits)
+            return
         find = _finder()
         while not node.leaf:
             index = find(node, bound, True) - 1

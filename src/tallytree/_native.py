@@ -53,6 +53,20 @@ class Speedups(Protocol):
         nodes: dict[int, Any] | None,
         /,
     ) -> tuple[int, int, int]: ...
+    def prefix_into(
+        self,
+        node: Any,
+        before: Sequence[int],
+        after: Sequence[int],
+        key: bytes,
+        key_after: bool,
+        plus: list[Sequence[int]],
+        spans: list[Any],
+        positive: bool,
+        fetch: Any,
+        nodes: dict[int, Any] | None,
+        /,
+    ) -> int: ...
     def settle(
         self,
         plus: list[Sequence[int]],

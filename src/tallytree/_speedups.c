@@ -398,7 +398,8 @@ build_blob(PyObject *keys)
     return blob;
 }
 
-static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name;
+static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
+    *rows_cache_name, *rows_name;
 
 static int
 intern_names(void)
@@ -410,7 +411,10 @@ intern_names(void)
     kids_name = PyUnicode_InternFromString("kids");
     counts_cache_name = PyUnicode_InternFromString("_counts");
     counts_name = PyUnicode_InternFromString("counts");
-    return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name
+    rows_cache_name = PyUnicode_InternFromString("_rows");
+    rows_name = PyUnicode_InternFromString("rows");
+    return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
+                   rows_cache_name && rows_name
                ? 0
                : -1;
 }
@@ -652,6 +656,111 @@ fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
     fetcher->nodes = nodes == Py_None ? NULL : nodes;
     fetcher->hits = 0;
     return 0;
+}
+
+/* node.rows() of an internal node (its cached cumulative rows, or computed): a new reference. */
+static PyObject *
+rows_of(PyObject *node)
+{
+    PyObject *rows = PyObject_GetAttr(node, rows_cache_name);
+    if (rows == Py_None) {
+        Py_DECREF(rows);
+        rows = PyObject_CallMethodNoArgs(node, rows_name);
+    }
+    return rows;
+}
+
+/* prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits:
+   _btree.NodeTree._prefix_into in one call. Descending to the cut, each level appends ``before`` to
+   ``plus`` and moves ``before``/``after`` to the rows around the child taken; the leaf appends
+   ``before`` and a span of its first entries, or ``after`` and (with the other sign) a span of its
+   last entries, whichever span is shorter. */
+static PyObject *
+prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 10 || !PyBytes_Check(args[3]) || !PyList_CheckExact(args[5]) || !PyList_CheckExact(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "prefix_into(node, before, after, key: bytes, key_after, plus: list, spans: list, "
+                        "positive, fetch, nodes)");
+        return NULL;
+    }
+    int key_after = PyObject_IsTrue(args[4]), positive = PyObject_IsTrue(args[7]);
+    if (key_after < 0 || positive < 0 || fetcher_from(args[8], args[9], &fetcher) < 0) {
+        return NULL;
+    }
+    const char *key = PyBytes_AS_STRING(args[3]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[3]);
+    PyObject *plus = args[5], *spans = args[6];
+    PyObject *node = Py_NewRef(args[0]), *before = Py_NewRef(args[1]), *after = Py_NewRef(args[2]);
+    for (;;) {
+        int leaf = node_is_leaf(node);
+        if (leaf < 0) {
+            goto error;
+        }
+        if (leaf) {
+            break;
+        }
+        Py_ssize_t index = child_index(node, key, size);
+        if (index < 0) {
+            goto error;
+        }
+        PyObject *rows = rows_of(node);
+        if (rows == NULL || PyList_Append(plus, before) < 0) {
+            Py_XDECREF(rows);
+            goto error;
+        }
+        PyObject *low = PySequence_GetItem(rows, index);
+        PyObject *high = low == NULL ? NULL : PySequence_GetItem(rows, index + 1);
+        Py_DECREF(rows);
+        if (high == NULL) {
+            Py_XDECREF(low);
+            goto error;
+        }
+        Py_SETREF(before, low);
+        Py_SETREF(after, high);
+        PyObject *child = child_of(node, index, &fetcher);
+        if (child == NULL) {
+            goto error;
+        }
+        Py_SETREF(node, child);
+    }
+    Py_ssize_t index = search_node(node, key, size, key_after);
+    PyObject *keys = index < 0 ? NULL : PyObject_GetAttr(node, keys_name);
+    Py_ssize_t count = keys == NULL ? -1 : PyObject_Length(keys);
+    Py_XDECREF(keys);
+    if (count < 0) {
+        goto error;
+    }
+    PyObject *span = NULL;
+    int head = 2 * index <= count;
+    if (PyList_Append(plus, head ? before : after) < 0) {
+        goto error;
+    }
+    if (head && index) {
+        span = Py_BuildValue("(OnnOOO)", node, (Py_ssize_t)0, index, positive ? Py_True : Py_False, before, after);
+    }
+    else if (!head && index < count) {
+        span = Py_BuildValue("(OnnOOO)", node, index, count, positive ? Py_False : Py_True, before, after);
+    }
+    else {
+        goto done;
+    }
+    if (span == NULL || PyList_Append(spans, span) < 0) {
+        Py_XDECREF(span);
+        goto error;
+    }
+    Py_DECREF(span);
+done:
+    Py_DECREF(node);
+    Py_DECREF(before);
+    Py_DECREF(after);
+    return PyLong_FromSsize_t(fetcher.hits);
+error:
+    Py_DECREF(node);
+    Py_DECREF(before);
+    Py_DECREF(after);
+    return NULL;
 }
 
 /* rank(node, key, after, fetch, nodes) -> (rank, hits) */
@@ -1634,6 +1743,9 @@ static PyMethodDef methods[] = {
      "node, in one descent."},
     {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
      "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
+    {"prefix_into", (PyCFunction)(void (*)(void))prefix_into, METH_FASTCALL,
+     "prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits: "
+     "the rows and leaf span of what precedes a cut, in one descent (see _btree)."},
     {"pack_node", (PyCFunction)(void (*)(void))pack_node, METH_FASTCALL,
      "pack_node(head, parts): msgpack's bytes for [head, *parts], or None (see _node.encode_node)."},
     {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,

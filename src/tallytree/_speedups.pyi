@@ -29,3 +29,16 @@ def rank_range(
     nodes: dict[int, Any] | None,
     /,
 ) -> tuple[int, int, int]: ...
+def prefix_into(
+    node: Any,
+    before: Sequence[int],
+    after: Sequence[int],
+    key: bytes,
+    key_after: bool,
+    plus: list[Sequence[int]],
+    spans: list[Any],
+    positive: bool,
+    fetch: Any,
+    nodes: dict[int, Any] | None,
+    /,
+) -> int: ...
