@@ -4,9 +4,10 @@ Design
 ======
 ``_speedups`` (C, built by ``setup.py`` when a compiler is present; ``optional=True``, so an install
 without one still succeeds) holds faster twins of pure functions: the int, datetime and str key
-encoders of ``_bulk`` and ``_keys``, the exact float sum of ``_node`` and the leaf-span sums of
-``_btree``. The Python functions stay the reference and the fallback: each C function returns None
-for any input it does not handle, and the caller then runs the Python code. Answers are the same
+encoders of ``_bulk`` and ``_keys``, the exact float sum and the node packers of ``_node``, and the
+key search, descents and leaf-span sums of ``_btree``. The Python functions stay the reference and
+the fallback: each C function returns None for any input it does not handle, and the caller then
+runs the Python code. Answers are the same
 either way (tests compare the two on random inputs, and CI runs the core tests without them).
 
 Set the environment variable ``TALLYTREE_PURE_PYTHON=1`` before importing tallytree to run without

@@ -2,7 +2,7 @@
 
 Design
 ======
-Seven functions, each a faster twin of Python code that stays the reference and the fallback
+Ten functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -15,8 +15,13 @@ the Python code and gives the same answers):
   committed node gets a *search blob* on its second search, cached in ``node._blob``: the first 8
   bytes of each key as a number, then the keys back to back behind their offsets, one bytes object.
   A search bisects the numbers (one contiguous array) and reads a key only on a tie, instead of a
-  tuple and a separate bytes object per probe (most probes of a large tree are cache misses). A dirty
-  node is searched in its list, uncached;
+  tuple and a separate bytes object per probe (most probes of a large tree are cache misses). A
+  node's first search reads its keys directly (a blob reads all of them, and most leaves of a large
+  tree are searched once in a while); a dirty node is always searched in its list, uncached;
+* ``rank``, ``rank_range`` and ``prefix_into``: the descents of ``_btree.NodeTree`` (a rank, two ranks
+  sharing their path, the rows and leaf span before a cut) in one call each, children taken from the
+  shared node cache when the caller allows it (read transactions) and through the transaction's
+  ``node`` otherwise; they return how many cache hits they made, for the statistics;
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
 * ``settle(plus, minus, spans, fields)``: the answer of a range read in one call
@@ -25,14 +30,16 @@ the Python code and gives the same answers):
   span holds a value for the Python code (an int beyond int64);
 * ``pack_node(head, parts)``: msgpack's bytes for ``[head, *parts]``, each part a list or tuple of
   exact bytes, ints (int64 or uint64 range) and floats: the node layouts of ``_node.encode_node``,
-  byte for byte what ``msgpack.packb(..., use_bin_type=True)`` writes, without building its objects.
+  byte for byte what ``msgpack.packb(..., use_bin_type=True)`` writes, without building its objects;
+* ``pack_internal(parts, nfields)``: an internal node's bytes, plain, or wide when a sum exceeds
+  msgpack's ints (its sum columns split into 63-bit limbs), as ``_node.encode_node`` writes them.
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
 caller then takes the Python path, which accepts or rejects the value with its usual typed error. So
 this module never decides what is valid; it only computes faster what the Python code would.
-``bisect`` and ``settle`` work on tallytree's own nodes and raise TypeError (or IndexError)
-for anything malformed. No kernel runs Python code while it holds a pointer into a sequence.
+``bisect``, the descents and ``settle`` work on tallytree's own nodes and raise TypeError (or
+IndexError) for anything malformed. No kernel runs Python code while it holds a pointer into a sequence.
 
 Exact sums
 ----------
@@ -1461,9 +1468,10 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 #define LIMB_BITS 63
 #define LIMB_MASK ((1ULL << LIMB_BITS) - 1)
 
-/* How many limbs below the top one a value needs (0 when it fits int64), or -1 with an error set. */
+/* How many limbs below the top one a value needs (0 when it fits int64), or -1 with an error set;
+   ``*plain`` is cleared when the value is beyond msgpack's ints (-2**63 to 2**64 - 1). */
 static Py_ssize_t
-extra_limbs(PyObject *item)
+extra_limbs(PyObject *item, int *plain)
 {
     int overflow;
     long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
@@ -1472,6 +1480,9 @@ extra_limbs(PyObject *item)
     }
     if (!overflow) {
         return 0;
+    }
+    if (overflow < 0 || _PyLong_NumBits(item) > 64) {
+        *plain = 0;
     }
     /* v >= 0 fits k extra limbs when bit_length(v) <= 63(k + 1); v < 0 when bit_length(~v) does. */
     PyObject *magnitude = overflow > 0 ? Py_NewRef(item) : PyNumber_Invert(item);
@@ -1569,7 +1580,7 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (nfields > 256) {
         Py_RETURN_NONE;
     }
-    int wide = 0;
+    int plain = 1;
     for (Py_ssize_t column = first; column < stop; column++) {
         PyObject *part = PyTuple_GET_ITEM(parts, column);
         if (PySequence_Fast_GET_SIZE(part) != size) {
@@ -1581,39 +1592,23 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (!PyLong_CheckExact(items[at])) {
                 Py_RETURN_NONE;
             }
-            Py_ssize_t extra = extra_limbs(items[at]);
+            Py_ssize_t extra = extra_limbs(items[at], &plain);
             if (extra < 0) {
                 return NULL;
             }
             most = extra > most ? extra : most;
         }
         extras[column - first] = most;
-        wide |= most > 0;
     }
-    if (wide) { /* a sum in [2**63, 2**64) still fits msgpack's uint64: plain if every one does */
-        wide = 0;
-        for (Py_ssize_t column = first; column < stop && !wide; column++) {
-            PyObject **items = PySequence_Fast_ITEMS(PyTuple_GET_ITEM(parts, column));
-            for (Py_ssize_t at = 0; at < size && !wide; at++) {
-                long long value;
-                unsigned long long big;
-                int is_unsigned;
-                Py_ssize_t length = scalar_size(items[at], &value, &big, &is_unsigned);
-                if (length < 0) {
-                    return NULL;
-                }
-                wide = length == 0;
-            }
-        }
-    }
+    int wide = !plain; /* a sum in [2**63, 2**64) still fits msgpack's uint64: plain if every one does */
     if (!wide) {
-        PyObject *plain[2] = {NULL, parts};
-        plain[0] = PyLong_FromLong(2);
-        if (plain[0] == NULL) {
+        PyObject *arguments[2] = {NULL, parts};
+        arguments[0] = PyLong_FromLong(2);
+        if (arguments[0] == NULL) {
             return NULL;
         }
-        PyObject *packed = pack_node(module, plain, 2);
-        Py_DECREF(plain[0]);
+        PyObject *packed = pack_node(module, arguments, 2);
+        Py_DECREF(arguments[0]);
         return packed;
     }
     /* The wide form: [3, keys, kids, shifts, [limbs per column], each column's limbs in turn]. */
