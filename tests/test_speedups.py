@@ -577,10 +577,11 @@ def _hits_of(db: Any, read: Any) -> int:
     return hits
 
 
-@given(st.lists(st.integers(-50, 250), min_size=2, max_size=6), st.booleans())
-def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: list[int], write: bool) -> None:
-    """rank, rank_range and the range sums' descents, in a read transaction (nodes taken from the shared cache) and in a write
-    transaction (dirty nodes first), give the Python answers; the cache hits are counted alike."""
+@given(st.lists(st.integers(-50, 250), min_size=2, max_size=6))
+def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: list[int]) -> None:
+    """rank, rank_range and the range sums' descents, in a read transaction (nodes taken from the
+    shared cache) and in a write transaction (dirty nodes first), give the Python answers; the cache
+    hits are counted alike."""
     db = tallytree.open_memory()
     agg = db.aggregate("a", values=("cost", "n"), node_size=4)
     with db.write() as tx:
