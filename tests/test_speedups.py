@@ -613,3 +613,46 @@ def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: li
     with pure_python():
         python_hits = _hits_of(db, reads)
     assert _hits_of(db, reads) == python_hits
+
+
+# ------------------------------------------------------------------ untracked node containers
+
+
+@given(st.lists(st.binary(min_size=1, max_size=9), min_size=1, max_size=40, unique=True), st.data())
+def test_thaw_and_freeze_node_build_what_the_python_code_builds_untracked(
+    keys: list[bytes], data: st.DataObject
+) -> None:
+    """Node.copy and Node.freeze through the kernels: equal lists and tuples, with the same items,
+    untracked by the garbage collector; a thawed copy still changes like a list."""
+    import gc
+
+    keys.sort()
+    values = st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    cols = [data.draw(st.lists(values, min_size=len(keys), max_size=len(keys))) for _ in range(3)]
+    leaf = Node(1, True, keys, cols, dirty=True)
+    internal = Node(2, False, keys, cols, list(range(len(keys))), [0, 5, 0], dirty=True)
+    for node in (leaf, internal):
+        with pure_python():
+            expected = node.copy(7)
+            expected.freeze()
+        copy = node.copy(7)
+        parts = [copy.keys, copy.kids, copy.shifts, copy.cols, *copy.cols]
+        assert all(type(part) is list and not gc.is_tracked(part) for part in parts)
+        copy.keys.append(b"\xff")  # still a list that changes (and the collector need not see it)
+        copy.keys.pop()
+        copy.freeze()
+        assert not copy.dirty
+        for name in ("keys", "kids", "shifts", "cols"):
+            assert getattr(copy, name) == getattr(expected, name)
+            assert type(getattr(copy, name)) is tuple and not gc.is_tracked(getattr(copy, name))
+        assert all(type(col) is tuple and not gc.is_tracked(col) for col in copy.cols)
+
+
+def test_thaw_keeps_tracking_a_container_that_could_join_a_cycle() -> None:
+    import gc
+
+    assert speedups is not None
+    odd = Keyed([b"a", [1]], False)  # a list inside keys: not a node's shape, so left tracked
+    odd.kids, odd.cols, odd.shifts = (), ([object()],), ()  # type: ignore[attr-defined]
+    keys, _, cols, _ = speedups.thaw(odd)
+    assert gc.is_tracked(keys) and gc.is_tracked(cols) and gc.is_tracked(cols[0])

@@ -333,15 +333,19 @@ class Node:
 
     def copy(self, node_id: int) -> Node:
         """Return a mutable (dirty) copy of this node under a new id. O(size)."""
-        node = Node(
-            node_id,
-            self.leaf,
-            list(self.keys),
-            [list(col) for col in self.cols],
-            list(self.kids),
-            list(self.shifts),
-            dirty=True,
-        )
+        if speedups is not None:  # the same lists, untracked by the garbage collector (see freeze)
+            keys, kids, cols, shifts = speedups.thaw(self)
+            node = Node(node_id, self.leaf, keys, cols, kids, shifts, dirty=True)
+        else:
+            node = Node(
+                node_id,
+                self.leaf,
+                list(self.keys),
+                [list(col) for col in self.cols],
+                list(self.kids),
+                list(self.shifts),
+                dirty=True,
+            )
         node.pending = self.pending
         return node
 
@@ -356,7 +360,17 @@ class Node:
         objects and 47 ms per full collection when the columns' holder, the shifts, an empty kids
         list and the cached arrays were lists; 32,000 (the Node objects, mostly) and 17-19 ms as
         tuples.
+
+        The C kernels go one step further (``freeze_node``, and ``thaw`` in :meth:`copy`): a node's
+        lists and tuples hold only bytes, ints and floats (and, for the columns, such lists or
+        tuples), so they can be part of no reference cycle, and the kernels untrack them as they
+        make them. The collector then never looks at them at all: after a batch of 5,000 scattered
+        inserts, the young collection that walked the dirty copies' lists took 17-35 ms (3-7 us per
+        item); it now takes 1-2 ms.
         """
+        if speedups is not None:  # the same, and the tuples untracked at once (no first look)
+            speedups.freeze_node(self)
+            return
         self.dirty = False
         self.keys = tuple(self.keys)  # type: ignore[assignment]
         self.kids = tuple(self.kids)  # type: ignore[assignment]

@@ -1717,6 +1717,158 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return packed;
 }
 
+/* ------------------------------------------------------------------ freezing a node */
+
+/* Untrack a tuple for the cyclic garbage collector if it holds only exact bytes, ints, floats and
+   untracked tuples: such a tuple can be part of no reference cycle. The collector does the same on
+   its first look at the tuple (_PyTuple_MaybeUntrack); doing it at once spares that look, which
+   after a batch of thousands of node rewrites costs tens of milliseconds. */
+static void
+untrack_if_atomic(PyObject *tuple)
+{
+    Py_ssize_t count = PyTuple_GET_SIZE(tuple);
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *item = PyTuple_GET_ITEM(tuple, index);
+        if (!(PyBytes_CheckExact(item) || PyLong_CheckExact(item) || PyFloat_CheckExact(item)
+              || (PyTuple_CheckExact(item) && !PyObject_GC_IsTracked(item)))) {
+            return;
+        }
+    }
+    if (PyObject_GC_IsTracked(tuple)) {
+        PyObject_GC_UnTrack(tuple);
+    }
+}
+
+/* The attribute ``name`` of ``node`` as a tuple (untracked when it can be); a new reference. */
+static PyObject *
+frozen_attribute(PyObject *node, PyObject *name, int nested)
+{
+    PyObject *value = PyObject_GetAttr(node, name);
+    if (value == NULL) {
+        return NULL;
+    }
+    PyObject *tuple = PySequence_Tuple(value);
+    Py_DECREF(value);
+    if (tuple == NULL) {
+        return NULL;
+    }
+    if (nested) {
+        for (Py_ssize_t index = 0; index < PyTuple_GET_SIZE(tuple); index++) {
+            PyObject *inner = PySequence_Tuple(PyTuple_GET_ITEM(tuple, index));
+            if (inner == NULL) {
+                Py_DECREF(tuple);
+                return NULL;
+            }
+            untrack_if_atomic(inner);
+            PyObject *old = PyTuple_GET_ITEM(tuple, index);
+            PyTuple_SET_ITEM(tuple, index, inner); /* the tuple is new: no one else sees it yet */
+            Py_DECREF(old);
+        }
+    }
+    untrack_if_atomic(tuple);
+    return tuple;
+}
+
+/* A list copy of a sequence, untracked when its items allow it (as untrack_if_atomic); a new
+   reference. A node's lists hold bytes, ints and floats (a column holder, such lists) and nothing
+   ever adds another kind: they can join no reference cycle, so the collector need not look at them. */
+static PyObject *
+untracked_list(PyObject *items, int nested)
+{
+    PyObject *list = PySequence_List(items);
+    if (list == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(list);
+    int atomic = 1;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *item = PyList_GET_ITEM(list, index);
+        if (nested) {
+            PyObject *inner = untracked_list(item, 0);
+            if (inner == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, index, inner); /* the list is new: no one else sees it yet */
+            Py_DECREF(item);
+            item = inner;
+        }
+        if (!(PyBytes_CheckExact(item) || PyLong_CheckExact(item) || PyFloat_CheckExact(item)
+              || (PyList_CheckExact(item) && !PyObject_GC_IsTracked(item)))) {
+            atomic = 0;
+        }
+    }
+    if (atomic && PyObject_GC_IsTracked(list)) {
+        PyObject_GC_UnTrack(list);
+    }
+    return list;
+}
+
+/* thaw(node) -> (keys, kids, cols, shifts): new lists for a dirty copy of a node (Node.copy),
+   untracked by the cyclic garbage collector. */
+static PyObject *
+thaw(PyObject *Py_UNUSED(module), PyObject *node)
+{
+    static PyObject *cols_attribute = NULL, *shifts_attribute = NULL;
+    if (cols_attribute == NULL) {
+        cols_attribute = PyUnicode_InternFromString("cols");
+        shifts_attribute = PyUnicode_InternFromString("shifts");
+        if (cols_attribute == NULL || shifts_attribute == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *names[4] = {keys_name, kids_name, cols_attribute, shifts_attribute};
+    PyObject *out = PyTuple_New(4);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (int index = 0; index < 4; index++) {
+        PyObject *value = PyObject_GetAttr(node, names[index]);
+        PyObject *list = value == NULL ? NULL : untracked_list(value, index == 2);
+        Py_XDECREF(value);
+        if (list == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, index, list);
+    }
+    return out;
+}
+
+/* freeze_node(node): _node.Node.freeze, its lists made untracked tuples. */
+static PyObject *
+freeze_node(PyObject *Py_UNUSED(module), PyObject *node)
+{
+    static PyObject *cols_attribute = NULL, *shifts_attribute = NULL;
+    if (cols_attribute == NULL) {
+        cols_attribute = PyUnicode_InternFromString("cols");
+        shifts_attribute = PyUnicode_InternFromString("shifts");
+        if (cols_attribute == NULL || shifts_attribute == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *names[4] = {keys_name, kids_name, shifts_attribute, cols_attribute};
+    PyObject *frozen[4] = {NULL, NULL, NULL, NULL};
+    for (int index = 0; index < 4; index++) {
+        frozen[index] = frozen_attribute(node, names[index], index == 3);
+        if (frozen[index] == NULL) {
+            for (int done = 0; done < index; done++) {
+                Py_DECREF(frozen[done]);
+            }
+            return NULL;
+        }
+    }
+    int failed = PyObject_SetAttr(node, dirty_name, Py_False) < 0;
+    for (int index = 0; index < 4; index++) {
+        failed = failed || PyObject_SetAttr(node, names[index], frozen[index]) < 0;
+        Py_DECREF(frozen[index]);
+    }
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1741,6 +1893,11 @@ static PyMethodDef methods[] = {
     {"prefix_into", (PyCFunction)(void (*)(void))prefix_into, METH_FASTCALL,
      "prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits: "
      "the rows and leaf span of what precedes a cut, in one descent (see _btree)."},
+    {"thaw", thaw, METH_O,
+     "thaw(node) -> (keys, kids, cols, shifts): new lists for a dirty copy, untracked by the garbage "
+     "collector."},
+    {"freeze_node", freeze_node, METH_O,
+     "freeze_node(node): make a dirty node's lists tuples, untracked by the garbage collector."},
     {"pack_node", (PyCFunction)(void (*)(void))pack_node, METH_FASTCALL,
      "pack_node(head, parts): msgpack's bytes for [head, *parts], or None (see _node.encode_node)."},
     {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,
