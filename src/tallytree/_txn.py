@@ -427,7 +427,7 @@ class WriteTransaction(Transaction):
             ops.extend((NODES, node_key(node_id), data) for node_id, data in self._encoded.items())
             ops.sort(key=itemgetter(1))
         if self._freed:
-            ops.extend((NODES, node_key(node_id), None) for node_id in self._freed)
+            ops.extend((NODES, node_key(node_id), None) for node_id in sorted(self._freed))
         written: list[tuple[bytes, bytes, Root]] = []
         for tree in sorted(self._changed_roots):
             root = self._roots[tree]
