@@ -406,7 +406,7 @@ build_blob(PyObject *keys)
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
-    *rows_cache_name, *rows_name;
+    *rows_cache_name, *rows_name, *cols_name, *shifts_name;
 
 static int
 intern_names(void)
@@ -420,8 +420,10 @@ intern_names(void)
     counts_name = PyUnicode_InternFromString("counts");
     rows_cache_name = PyUnicode_InternFromString("_rows");
     rows_name = PyUnicode_InternFromString("rows");
+    cols_name = PyUnicode_InternFromString("cols");
+    shifts_name = PyUnicode_InternFromString("shifts");
     return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
-                   rows_cache_name && rows_name
+                   rows_cache_name && rows_name && cols_name && shifts_name
                ? 0
                : -1;
 }
@@ -1001,10 +1003,6 @@ float_sum(PyObject *Py_UNUSED(module), PyObject *values)
 static int
 parse_span(PyObject *span, PyObject **columns, Py_ssize_t *start, Py_ssize_t *stop, int *positive)
 {
-    static PyObject *cols_name = NULL;
-    if (cols_name == NULL && (cols_name = PyUnicode_InternFromString("cols")) == NULL) {
-        return -1;
-    }
     if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) < 4 || !PyLong_CheckExact(PyTuple_GET_ITEM(span, 1))
         || !PyLong_CheckExact(PyTuple_GET_ITEM(span, 2)) || !PyBool_Check(PyTuple_GET_ITEM(span, 3))) {
         PyErr_SetString(PyExc_TypeError, "a span is a tuple (leaf, start: int, stop: int, positive: bool, ...)");
@@ -1386,6 +1384,40 @@ put_scalar(char *out, PyObject *item)
     return put_int(out, value);
 }
 
+/* The packed size of a list or tuple of scalars (its array header included), 0 when an item is left
+   to the Python code, -1 with an error set. */
+static Py_ssize_t
+part_size(PyObject *part)
+{
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(part);
+    PyObject **items = PySequence_Fast_ITEMS(part);
+    Py_ssize_t total = array_header_size(size);
+    for (Py_ssize_t at = 0; at < size; at++) {
+        long long value;
+        unsigned long long big;
+        int is_unsigned;
+        Py_ssize_t length = scalar_size(items[at], &value, &big, &is_unsigned);
+        if (length <= 0) {
+            return length;
+        }
+        total += length;
+    }
+    return total;
+}
+
+/* Write a list or tuple of scalars measured by part_size. */
+static char *
+put_part(char *out, PyObject *part)
+{
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(part);
+    PyObject **items = PySequence_Fast_ITEMS(part);
+    out = put_array_header(out, size);
+    for (Py_ssize_t at = 0; at < size; at++) {
+        out = put_scalar(out, items[at]);
+    }
+    return out;
+}
+
 static PyObject *
 pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1418,23 +1450,15 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(part);
         PyTuple_SET_ITEM(held, index, part);
-        Py_ssize_t size = PySequence_Fast_GET_SIZE(part);
-        PyObject **items = PySequence_Fast_ITEMS(part);
-        total += array_header_size(size);
-        for (Py_ssize_t at = 0; at < size; at++) {
-            long long value;
-            unsigned long long big;
-            int is_unsigned;
-            Py_ssize_t length = scalar_size(items[at], &value, &big, &is_unsigned);
-            if (length <= 0) {
-                Py_DECREF(held);
-                if (length < 0) {
-                    return NULL;
-                }
-                Py_RETURN_NONE;
+        Py_ssize_t length = part_size(part);
+        if (length <= 0) {
+            Py_DECREF(held);
+            if (length < 0) {
+                return NULL;
             }
-            total += length;
+            Py_RETURN_NONE;
         }
+        total += length;
     }
     PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
     if (packed == NULL) {
@@ -1444,13 +1468,7 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     char *out = put_array_header(PyBytes_AS_STRING(packed), count + 1);
     *out++ = (char)head;
     for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *part = PyTuple_GET_ITEM(held, index);
-        Py_ssize_t size = PySequence_Fast_GET_SIZE(part);
-        PyObject **items = PySequence_Fast_ITEMS(part);
-        out = put_array_header(out, size);
-        for (Py_ssize_t at = 0; at < size; at++) {
-            out = put_scalar(out, items[at]);
-        }
+        out = put_part(out, PyTuple_GET_ITEM(held, index));
     }
     Py_DECREF(held);
     assert(out == PyBytes_AS_STRING(packed) + total);
@@ -1654,24 +1672,15 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (index >= first && index < stop) {
             continue;
         }
-        PyObject *part = PyTuple_GET_ITEM(parts, index);
-        Py_ssize_t length = PySequence_Fast_GET_SIZE(part);
-        PyObject **items = PySequence_Fast_ITEMS(part);
-        total += array_header_size(length) + (index >= 3 ? int_size(1) : 0);
-        for (Py_ssize_t at = 0; at < length; at++) {
-            long long value;
-            unsigned long long big;
-            int is_unsigned;
-            Py_ssize_t item_size = scalar_size(items[at], &value, &big, &is_unsigned);
-            if (item_size <= 0) {
-                PyMem_Free(limbs);
-                if (item_size < 0) {
-                    return NULL;
-                }
-                Py_RETURN_NONE;
+        Py_ssize_t length = part_size(PyTuple_GET_ITEM(parts, index));
+        if (length <= 0) {
+            PyMem_Free(limbs);
+            if (length < 0) {
+                return NULL;
             }
-            total += item_size;
+            Py_RETURN_NONE;
         }
+        total += length + (index >= 3 ? int_size(1) : 0);
     }
     PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
     if (packed == NULL) {
@@ -1681,13 +1690,7 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *out = put_array_header(PyBytes_AS_STRING(packed), 5 + flat);
     *out++ = (char)3;
     for (Py_ssize_t index = 0; index < 3; index++) {
-        PyObject *part = PyTuple_GET_ITEM(parts, index);
-        Py_ssize_t length = PySequence_Fast_GET_SIZE(part);
-        PyObject **items = PySequence_Fast_ITEMS(part);
-        out = put_array_header(out, length);
-        for (Py_ssize_t at = 0; at < length; at++) {
-            out = put_scalar(out, items[at]);
-        }
+        out = put_part(out, PyTuple_GET_ITEM(parts, index));
     }
     out = put_array_header(out, columns);
     for (Py_ssize_t column = 3; column < count; column++) {
@@ -1704,13 +1707,7 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             continue;
         }
-        PyObject *part = PyTuple_GET_ITEM(parts, column);
-        Py_ssize_t length = PySequence_Fast_GET_SIZE(part);
-        PyObject **items = PySequence_Fast_ITEMS(part);
-        out = put_array_header(out, length);
-        for (Py_ssize_t at = 0; at < length; at++) {
-            out = put_scalar(out, items[at]);
-        }
+        out = put_part(out, PyTuple_GET_ITEM(parts, column));
     }
     PyMem_Free(limbs);
     assert(out == PyBytes_AS_STRING(packed) + total);
@@ -1809,15 +1806,7 @@ untracked_list(PyObject *items, int nested)
 static PyObject *
 thaw(PyObject *Py_UNUSED(module), PyObject *node)
 {
-    static PyObject *cols_attribute = NULL, *shifts_attribute = NULL;
-    if (cols_attribute == NULL) {
-        cols_attribute = PyUnicode_InternFromString("cols");
-        shifts_attribute = PyUnicode_InternFromString("shifts");
-        if (cols_attribute == NULL || shifts_attribute == NULL) {
-            return NULL;
-        }
-    }
-    PyObject *names[4] = {keys_name, kids_name, cols_attribute, shifts_attribute};
+    PyObject *names[4] = {keys_name, kids_name, cols_name, shifts_name};
     PyObject *out = PyTuple_New(4);
     if (out == NULL) {
         return NULL;
@@ -1839,15 +1828,7 @@ thaw(PyObject *Py_UNUSED(module), PyObject *node)
 static PyObject *
 freeze_node(PyObject *Py_UNUSED(module), PyObject *node)
 {
-    static PyObject *cols_attribute = NULL, *shifts_attribute = NULL;
-    if (cols_attribute == NULL) {
-        cols_attribute = PyUnicode_InternFromString("cols");
-        shifts_attribute = PyUnicode_InternFromString("shifts");
-        if (cols_attribute == NULL || shifts_attribute == NULL) {
-            return NULL;
-        }
-    }
-    PyObject *names[4] = {keys_name, kids_name, shifts_attribute, cols_attribute};
+    PyObject *names[4] = {keys_name, kids_name, shifts_name, cols_name};
     PyObject *frozen[4] = {NULL, NULL, NULL, NULL};
     for (int index = 0; index < 4; index++) {
         frozen[index] = frozen_attribute(node, names[index], index == 3);
