@@ -41,6 +41,15 @@ class Speedups(Protocol):
     def pack_node(self, head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
     def freeze_node(self, node: Any, /) -> None: ...
+    def pack_root(
+        self,
+        node_id: int,
+        height: int,
+        summary: list[int],
+        pending: int,
+        pending_summary: list[int] | None,
+        /,
+    ) -> bytes | None: ...
     def thaw(self, node: Any, /) -> tuple[list[Any], list[Any], list[Any], list[Any]]: ...
     def rank(
         self, node: Any, key: bytes, after: bool, fetch: Any, nodes: dict[int, Any] | None, /
@@ -91,7 +100,7 @@ except ImportError:  # not built (no C compiler at install time): the Python cod
 speedups: Speedups | None = None if os.environ.get("TALLYTREE_PURE_PYTHON", "") not in ("", "0") else _built
 
 
-_USERS = ("_btree", "_bulk", "_keys", "_node")  # the modules that bind ``speedups`` at import
+_USERS = ("_btree", "_bulk", "_keys", "_node", "_txn")  # the modules that bind ``speedups`` at import
 
 
 @contextmanager

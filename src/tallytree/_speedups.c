@@ -2,7 +2,7 @@
 
 Design
 ======
-Ten functions, each a faster twin of Python code that stays the reference and the fallback
+Thirteen functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -32,7 +32,12 @@ the Python code and gives the same answers):
   exact bytes, ints (int64 or uint64 range) and floats: the node layouts of ``_node.encode_node``,
   byte for byte what ``msgpack.packb(..., use_bin_type=True)`` writes, without building its objects;
 * ``pack_internal(parts, nfields)``: an internal node's bytes, plain, or wide when a sum exceeds
-  msgpack's ints (its sum columns split into 63-bit limbs), as ``_node.encode_node`` writes them.
+  msgpack's ints (its sum columns split into 63-bit limbs), as ``_node.encode_node`` writes them;
+* ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
+  ``_txn.encode_root`` writes them;
+* ``thaw(node)`` and ``freeze_node(node)``: ``Node.copy``'s new lists and ``Node.freeze``'s tuples,
+  untracked by the cyclic garbage collector as they are made (a node's containers hold only bytes,
+  ints and floats, so they can join no reference cycle).
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
@@ -1714,6 +1719,150 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return packed;
 }
 
+/* ------------------------------------------------------------------ root records */
+
+/* The packed form of one summary value (_node.pack_summary): the int itself in the int64 range,
+   else [mantissa, shift] with the trailing zero bits factored out (a scaled sum has ~1,074 of
+   them). Sets *size to its packed size and returns 1 when the mantissa fits int64, 0 when the
+   value is left to the Python code (a mantissa written as bytes), -1 with an error set. */
+static int
+summary_value(PyObject *item, long long *mantissa, long long *shift, Py_ssize_t *size)
+{
+    if (!PyLong_CheckExact(item)) {
+        return 0;
+    }
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!overflow) {
+        *mantissa = value;
+        *shift = -1;
+        *size = int_size(value);
+        return 1;
+    }
+    size_t length = _PyLong_NumBits(item) / 8 + 2;
+    if (length > 4096) {
+        return 0;
+    }
+    unsigned char bytes[4096];
+#if PY_VERSION_HEX >= 0x030D0000
+    int failed = _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, 1, 1);
+#else
+    int failed = _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, 1);
+#endif
+    if (failed) {
+        return -1;
+    }
+    size_t zeros = 0; /* two's complement keeps a value's trailing zero bits */
+    for (size_t at = 0; at < length; at++) {
+        if (bytes[at]) {
+            zeros = 8 * at + (size_t)__builtin_ctz(bytes[at]);
+            break;
+        }
+    }
+    PyObject *count = PyLong_FromSize_t(zeros);
+    PyObject *shifted = count == NULL ? NULL : PyNumber_Rshift(item, count);
+    Py_XDECREF(count);
+    if (shifted == NULL) {
+        return -1;
+    }
+    value = PyLong_AsLongLongAndOverflow(shifted, &overflow);
+    Py_DECREF(shifted);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow) {
+        return 0;
+    }
+    *mantissa = value;
+    *shift = (long long)zeros;
+    *size = 1 + int_size(value) + int_size((long long)zeros);
+    return 1;
+}
+
+/* Measure (out == NULL) or write a packed summary; -1 with an error set, 0 if left to Python. */
+static Py_ssize_t
+put_summary(PyObject *summary, char **out)
+{
+    if (!PyList_CheckExact(summary)) {
+        return 0;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(summary), total = array_header_size(count);
+    if (out != NULL) {
+        *out = put_array_header(*out, count);
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        long long mantissa, shift;
+        Py_ssize_t size;
+        int found = summary_value(PyList_GET_ITEM(summary, index), &mantissa, &shift, &size);
+        if (found <= 0) {
+            return found;
+        }
+        total += size;
+        if (out != NULL) {
+            if (shift >= 0) {
+                *out = put_array_header(*out, 2);
+                *out = put_int(*out, mantissa);
+                *out = put_int(*out, shift);
+            }
+            else {
+                *out = put_int(*out, mantissa);
+            }
+        }
+    }
+    return total;
+}
+
+/* pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record as
+   _txn.encode_root writes it, [node_id, height, summary] plus [pending, pending_summary] when
+   pending is not 0, the summaries packed as _node.pack_summary packs them. */
+static PyObject *
+pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "pack_root(node_id, height, summary, pending, pending_summary)");
+        return NULL;
+    }
+    long long ids[3];
+    for (int index = 0; index < 3; index++) {
+        PyObject *item = args[index == 2 ? 3 : index];
+        int overflow;
+        ids[index] = PyLong_CheckExact(item) ? PyLong_AsLongLongAndOverflow(item, &overflow) : (overflow = 1, 0);
+        if (ids[index] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (overflow) {
+            Py_RETURN_NONE;
+        }
+    }
+    int pending = ids[2] != 0;
+    Py_ssize_t first = put_summary(args[2], NULL);
+    Py_ssize_t second = pending ? put_summary(args[4], NULL) : 1;
+    if (first <= 0 || second <= 0) {
+        if (first < 0 || second < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t total = 1 + int_size(ids[0]) + int_size(ids[1]) + first + (pending ? int_size(ids[2]) + second : 0);
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
+    if (packed == NULL) {
+        return NULL;
+    }
+    char *out = put_array_header(PyBytes_AS_STRING(packed), pending ? 5 : 3);
+    out = put_int(out, ids[0]);
+    out = put_int(out, ids[1]);
+    put_summary(args[2], &out);
+    if (pending) {
+        out = put_int(out, ids[2]);
+        put_summary(args[4], &out);
+    }
+    assert(out == PyBytes_AS_STRING(packed) + total);
+    return packed;
+}
+
 /* ------------------------------------------------------------------ freezing a node */
 
 /* Untrack a tuple for the cyclic garbage collector if it holds only exact bytes, ints, floats and
@@ -1874,6 +2023,9 @@ static PyMethodDef methods[] = {
     {"prefix_into", (PyCFunction)(void (*)(void))prefix_into, METH_FASTCALL,
      "prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits: "
      "the rows and leaf span of what precedes a cut, in one descent (see _btree)."},
+    {"pack_root", (PyCFunction)(void (*)(void))pack_root, METH_FASTCALL,
+     "pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record "
+     "(see _txn.encode_root)."},
     {"thaw", thaw, METH_O,
      "thaw(node) -> (keys, kids, cols, shifts): new lists for a dirty copy, untracked by the garbage "
      "collector."},

@@ -33,6 +33,7 @@ import msgpack
 
 from ._btree import Root
 from ._gc import gc_paused
+from ._native import speedups
 from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from ._tree import Tree
@@ -64,7 +65,14 @@ def _remember(decoded: dict[bytes, tuple[bytes, Root]], tree: bytes, data: bytes
 
 def encode_root(root: Root) -> bytes:
     """The ROOTS table value of a root record: ``[node id, height, summary]``, followed by the pending
-    node's id and summary when the tree has one."""
+    node's id and summary when the tree has one. The C kernel ``pack_root`` writes the same bytes
+    (2.1 us instead of 4.1 for a record with a pending node: every commit writes one per changed tree)."""
+    if speedups is not None:
+        packed = speedups.pack_root(
+            root.node_id, root.height, root.summary, root.pending, root.pending_summary
+        )
+        if packed is not None:
+            return packed
     parts: list[Any] = [root.node_id, root.height, pack_summary(root.summary)]
     if root.pending:
         assert root.pending_summary is not None
