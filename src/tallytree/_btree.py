@@ -318,6 +318,16 @@ class NodeTree:
             return self._settle(plus, minus, spans)
         low, low_after = lower
         high, high_after = upper
+        if speedups is not None:  # the same descent, in one C call
+            parts = speedups.range_parts(
+                node, root.summary, self.zero(), low, low_after, high, high_after, access.node, access.shared
+            )
+            rows_in, rows_out, leaf_spans, hits = parts
+            if hits:
+                access.count_hits(hits)
+            if rows_in is None or rows_out is None or leaf_spans is None:  # the cuts are inverted
+                return self.zero()
+            return self._settle(rows_in, rows_out, leaf_spans)
         before: Sequence[int] = self.zero()
         after: Sequence[int] = root.summary
         find = _finder()

@@ -41,6 +41,19 @@ class Speedups(Protocol):
     def pack_node(self, head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
     def freeze_node(self, node: Any, /) -> None: ...
+    def range_parts(
+        self,
+        node: Any,
+        summary: Sequence[int],
+        zero: Sequence[int],
+        low: bytes,
+        low_after: bool,
+        high: bytes,
+        high_after: bool,
+        fetch: Any,
+        nodes: dict[int, Any] | None,
+        /,
+    ) -> tuple[list[Sequence[int]] | None, list[Sequence[int]] | None, list[Any] | None, int]: ...
     def pack_root(
         self,
         node_id: int,

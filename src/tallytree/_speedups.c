@@ -684,29 +684,17 @@ rows_of(PyObject *node)
     return rows;
 }
 
-/* prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits:
-   _btree.NodeTree._prefix_into in one call. Descending to the cut, each level appends ``before`` to
-   ``plus`` and moves ``before``/``after`` to the rows around the child taken; the leaf appends
-   ``before`` and a span of its first entries, or ``after`` and (with the other sign) a span of its
-   last entries, whichever span is shorter. */
-static PyObject *
-prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+/* _btree.NodeTree._prefix_into: descending to the cut at ``key`` below ``node`` (a reference this
+   consumes), each level appends ``before`` to ``plus`` and moves ``before``/``after`` to the rows
+   around the child taken; the leaf appends ``before`` and a span of its first entries, or ``after``
+   and (with the other sign) a span of its last entries, whichever span is shorter. 0, or -1 with an
+   error set. */
+static int
+prefix_walk(PyObject *node, PyObject *before, PyObject *after, const char *key, Py_ssize_t size, int key_after,
+            PyObject *plus, PyObject *spans, int positive, Fetcher *fetcher)
 {
-    Fetcher fetcher;
-    if (nargs != 10 || !PyBytes_Check(args[3]) || !PyList_CheckExact(args[5]) || !PyList_CheckExact(args[6])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "prefix_into(node, before, after, key: bytes, key_after, plus: list, spans: list, "
-                        "positive, fetch, nodes)");
-        return NULL;
-    }
-    int key_after = PyObject_IsTrue(args[4]), positive = PyObject_IsTrue(args[7]);
-    if (key_after < 0 || positive < 0 || fetcher_from(args[8], args[9], &fetcher) < 0) {
-        return NULL;
-    }
-    const char *key = PyBytes_AS_STRING(args[3]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[3]);
-    PyObject *plus = args[5], *spans = args[6];
-    PyObject *node = Py_NewRef(args[0]), *before = Py_NewRef(args[1]), *after = Py_NewRef(args[2]);
+    Py_INCREF(before);
+    Py_INCREF(after);
     for (;;) {
         int leaf = node_is_leaf(node);
         if (leaf < 0) {
@@ -733,7 +721,7 @@ prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         }
         Py_SETREF(before, low);
         Py_SETREF(after, high);
-        PyObject *child = child_of(node, index, &fetcher);
+        PyObject *child = child_of(node, index, fetcher);
         if (child == NULL) {
             goto error;
         }
@@ -746,11 +734,11 @@ prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     if (count < 0) {
         goto error;
     }
-    PyObject *span = NULL;
     int head = 2 * index <= count;
     if (PyList_Append(plus, head ? before : after) < 0) {
         goto error;
     }
+    PyObject *span = NULL;
     if (head && index) {
         span = Py_BuildValue("(OnnOOO)", node, (Py_ssize_t)0, index, positive ? Py_True : Py_False, before, after);
     }
@@ -769,12 +757,170 @@ done:
     Py_DECREF(node);
     Py_DECREF(before);
     Py_DECREF(after);
-    return PyLong_FromSsize_t(fetcher.hits);
+    return 0;
 error:
     Py_DECREF(node);
     Py_DECREF(before);
     Py_DECREF(after);
-    return NULL;
+    return -1;
+}
+
+/* prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits:
+   prefix_walk from Python. */
+static PyObject *
+prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 10 || !PyBytes_Check(args[3]) || !PyList_CheckExact(args[5]) || !PyList_CheckExact(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "prefix_into(node, before, after, key: bytes, key_after, plus: list, spans: list, "
+                        "positive, fetch, nodes)");
+        return NULL;
+    }
+    int key_after = PyObject_IsTrue(args[4]), positive = PyObject_IsTrue(args[7]);
+    if (key_after < 0 || positive < 0 || fetcher_from(args[8], args[9], &fetcher) < 0) {
+        return NULL;
+    }
+    if (prefix_walk(Py_NewRef(args[0]), args[1], args[2], PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]),
+                    key_after, args[5], args[6], positive, &fetcher) < 0) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(fetcher.hits);
+}
+
+/* range_parts(node, summary, zero, low, low_after, high, high_after, fetch, nodes) -> (plus, minus,
+   spans, hits), the first three None when the cuts are inverted: the rows and leaf spans of the entries between
+   two cuts, for settle (_btree.NodeTree.range_summary in one call). The cuts share the path down to
+   the node where they part; from there each descends alone (prefix_walk). When both end in one
+   leaf, its part is summed on its shorter side: the span between them, or the whole leaf as its
+   parent knows it minus both ends. */
+static PyObject *
+range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 9 || !PyBytes_Check(args[3]) || !PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "range_parts(node, summary, zero, low: bytes, low_after, high: bytes, high_after, "
+                        "fetch, nodes)");
+        return NULL;
+    }
+    int low_after = PyObject_IsTrue(args[4]), high_after = PyObject_IsTrue(args[6]);
+    if (low_after < 0 || high_after < 0 || fetcher_from(args[7], args[8], &fetcher) < 0) {
+        return NULL;
+    }
+    const char *low = PyBytes_AS_STRING(args[3]), *high = PyBytes_AS_STRING(args[5]);
+    Py_ssize_t low_size = PyBytes_GET_SIZE(args[3]), high_size = PyBytes_GET_SIZE(args[5]);
+    PyObject *zero = args[2];
+    PyObject *plus = PyList_New(0), *minus = PyList_New(0), *spans = PyList_New(0);
+    PyObject *node = Py_NewRef(args[0]), *before = Py_NewRef(zero), *after = Py_NewRef(args[1]);
+    PyObject *result = NULL;
+    if (plus == NULL || minus == NULL || spans == NULL) {
+        goto finish;
+    }
+    for (;;) {
+        int leaf = node_is_leaf(node);
+        if (leaf < 0) {
+            goto finish;
+        }
+        if (leaf) {
+            break;
+        }
+        Py_ssize_t index = child_index(node, low, low_size);
+        Py_ssize_t other = index < 0 ? -1 : child_index(node, high, high_size);
+        if (other < 0) {
+            goto finish;
+        }
+        if (index > other) {
+            result = Py_BuildValue("(OOOn)", Py_None, Py_None, Py_None, fetcher.hits);
+            goto finish;
+        }
+        PyObject *rows = rows_of(node);
+        if (rows == NULL) {
+            goto finish;
+        }
+        if (index != other) {
+            PyObject *parts[4] = {NULL, NULL, NULL, NULL}; /* the rows around both children */
+            Py_ssize_t at[4] = {other, other + 1, index, index + 1};
+            int failed = 0;
+            for (int part = 0; part < 4 && !failed; part++) {
+                parts[part] = PySequence_GetItem(rows, at[part]);
+                failed = parts[part] == NULL;
+            }
+            Py_DECREF(rows);
+            PyObject *high_kid = failed ? NULL : child_of(node, other, &fetcher);
+            failed = failed || high_kid == NULL
+                     || prefix_walk(high_kid, parts[0], parts[1], high, high_size, high_after, plus, spans, 1,
+                                    &fetcher) < 0;
+            PyObject *low_kid = failed ? NULL : child_of(node, index, &fetcher);
+            failed = failed || low_kid == NULL
+                     || prefix_walk(low_kid, parts[2], parts[3], low, low_size, low_after, minus, spans, 0,
+                                    &fetcher) < 0;
+            for (int part = 0; part < 4; part++) {
+                Py_XDECREF(parts[part]);
+            }
+            if (!failed) {
+                result = Py_BuildValue("(OOOn)", plus, minus, spans, fetcher.hits);
+            }
+            goto finish;
+        }
+        PyObject *low_row = PySequence_GetItem(rows, index);
+        PyObject *high_row = low_row == NULL ? NULL : PySequence_GetItem(rows, index + 1);
+        Py_DECREF(rows);
+        if (high_row == NULL) {
+            Py_XDECREF(low_row);
+            goto finish;
+        }
+        Py_SETREF(before, low_row);
+        Py_SETREF(after, high_row);
+        PyObject *child = child_of(node, index, &fetcher);
+        if (child == NULL) {
+            goto finish;
+        }
+        Py_SETREF(node, child);
+    }
+    Py_ssize_t start = search_node(node, low, low_size, low_after);
+    Py_ssize_t stop = start < 0 ? -1 : search_node(node, high, high_size, high_after);
+    PyObject *keys = stop < 0 ? NULL : PyObject_GetAttr(node, keys_name);
+    Py_ssize_t size = keys == NULL ? -1 : PyObject_Length(keys);
+    Py_XDECREF(keys);
+    if (size < 0) {
+        goto finish;
+    }
+    if (start >= stop) {
+        result = Py_BuildValue("(OOOn)", Py_None, Py_None, Py_None, fetcher.hits);
+        goto finish;
+    }
+    int failed;
+    if (2 * (stop - start) <= size) { /* the span between the cuts */
+        PyObject *span = Py_BuildValue("(OnnOOO)", node, start, stop, Py_True, before, after);
+        failed = span == NULL || PyList_Append(spans, span) < 0 || PyList_Append(plus, zero) < 0;
+        Py_XDECREF(span);
+    }
+    else { /* the whole leaf, as its parent knows it, minus both ends */
+        failed = PyList_Append(plus, after) < 0 || PyList_Append(minus, before) < 0;
+        PyObject *ends[2] = {NULL, NULL};
+        if (!failed && start) {
+            ends[0] = Py_BuildValue("(OnnOOO)", node, (Py_ssize_t)0, start, Py_False, before, after);
+            failed = ends[0] == NULL || PyList_Append(spans, ends[0]) < 0;
+        }
+        if (!failed && stop < size) {
+            ends[1] = Py_BuildValue("(OnnOOO)", node, stop, size, Py_False, before, after);
+            failed = ends[1] == NULL || PyList_Append(spans, ends[1]) < 0;
+        }
+        Py_XDECREF(ends[0]);
+        Py_XDECREF(ends[1]);
+    }
+    if (!failed) {
+        result = Py_BuildValue("(OOOn)", plus, minus, spans, fetcher.hits);
+    }
+finish:
+    Py_XDECREF(plus);
+    Py_XDECREF(minus);
+    Py_XDECREF(spans);
+    Py_DECREF(node);
+    Py_DECREF(before);
+    Py_DECREF(after);
+    return result;
 }
 
 /* rank(node, key, after, fetch, nodes) -> (rank, hits) */
@@ -2020,6 +2166,9 @@ static PyMethodDef methods[] = {
      "node, in one descent."},
     {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
      "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
+    {"range_parts", (PyCFunction)(void (*)(void))range_parts, METH_FASTCALL,
+     "range_parts(node, summary, zero, low, low_after, high, high_after, fetch, nodes) -> (plus, minus, "
+     "spans, hits): the parts of a range sum, for settle (see _btree); None parts if inverted."},
     {"prefix_into", (PyCFunction)(void (*)(void))prefix_into, METH_FASTCALL,
      "prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits: "
      "the rows and leaf span of what precedes a cut, in one descent (see _btree)."},
