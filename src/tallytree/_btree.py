@@ -19,8 +19,8 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   ints, true scale) and added once at the end; the entries needed from the (at most two) leaves
   reached are summed together in one exact pass per field, each leaf on its shorter side, so a leaf
   read for the first time costs no O(B) table (a leaf read often gets one, see ``Node.hot_rows``).
-* With the C kernels built, the descents of ``rank``, ``rank_range`` and of each cut of a range sum
-  run in one C call each (``_speedups.c``): the same steps, with children taken straight from the
+* With the C kernels built, the descents of ``rank``, ``rank_range`` and ``range_summary`` run in one
+  C call each (``_speedups.c``): the same steps, with children taken straight from the
   shared node cache in read transactions. The Python loops below stay the reference and the fallback.
 * ``select`` descends by cumulative counts.
 * ``insert`` / ``delete`` / ``update`` change one leaf and add a delta to the summary of each node on the

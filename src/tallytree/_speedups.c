@@ -2,7 +2,7 @@
 
 Design
 ======
-Thirteen functions, each a faster twin of Python code that stays the reference and the fallback
+Fourteen functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -18,8 +18,9 @@ the Python code and gives the same answers):
   tuple and a separate bytes object per probe (most probes of a large tree are cache misses). A
   node's first search reads its keys directly (a blob reads all of them, and most leaves of a large
   tree are searched once in a while); a dirty node is always searched in its list, uncached;
-* ``rank``, ``rank_range`` and ``prefix_into``: the descents of ``_btree.NodeTree`` (a rank, two ranks
-  sharing their path, the rows and leaf span before a cut) in one call each, children taken from the
+* ``rank``, ``rank_range``, ``prefix_into`` and ``range_parts``: the descents of ``_btree.NodeTree`` (a
+  rank, two ranks sharing their path, the rows and leaf span before a cut, the rows and spans of a
+  range sum for ``settle``) in one call each, children taken from the
   shared node cache when the caller allows it (read transactions) and through the transaction's
   ``node`` otherwise; they return how many cache hits they made, for the statistics;
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
