@@ -244,3 +244,30 @@ def test_encode_body_fast_path_edges() -> None:
 
 def test_tree_reader_is_a_tree() -> None:
     assert isinstance(Tree.reader(None, 0, 4, None), Tree)  # type: ignore[arg-type]
+
+
+def test_a_read_transaction_reuses_its_trees_and_keeps_its_snapshot(db: tallytree.Database) -> None:
+    """A read transaction keeps the trees it read (a bounded number): namespaces read again, more of
+    them than it keeps, give the same answers, which a later commit does not change."""
+    from tallytree._aggregate import _READERS
+
+    events = db.aggregate("events", values=("n",), node_size=4)
+    spaces = range(_READERS + 40)
+    with db.write() as tx:
+        for space in spaces:
+            events.insert_many(tx, [(key, key, (space,)) for key in range(space % 7 + 1)], namespace=space)
+    expected = {space: (space % 7 + 1, (space % 7 + 1) * space) for space in spaces}
+    with db.read() as tx:
+        for round_ in range(2):
+            for space in spaces:
+                totals = events.totals(tx, namespace=space)
+                assert (totals.count, totals.n) == expected[space]
+                assert events.count(tx, namespace=space, ge=1) == expected[space][0] - 1
+                assert len(tx.readers) <= _READERS
+            with db.write() as writer:  # committed meanwhile: invisible to this snapshot
+                events.insert(writer, key=100 + round_, id=100, values=(1,), namespace=0)
+                events.delete(writer, key=round_, id=round_, namespace=1)
+        assert tx.readers  # it kept trees
+    with db.read() as tx:
+        assert events.count(tx, namespace=0) == expected[0][0] + 2
+        assert events.count(tx, namespace=1) == expected[1][0] - 2

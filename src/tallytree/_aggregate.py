@@ -66,6 +66,7 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**64 - 1
 _AFTER = b"\xff"
 _TREE_KEYS = 4096  # tree keys remembered per aggregate (then forgotten all at once)
+_READERS = 64  # trees a read transaction keeps for namespaces read again (then forgotten all at once)
 
 Cut = tuple[bytes, bool]
 
@@ -368,9 +369,21 @@ class Aggregate:
         return Tree(tx, len(self.fields), self.node_size, tx.root(tree_key)), tree_key
 
     def _reader(self, tx: Transaction, namespace: Any) -> Tree:
-        """The tree of a namespace, for reads only (it shares the transaction's root record)."""
+        """The tree of a namespace, for reads only (it shares the transaction's root record). A read
+        transaction's snapshot never changes, so it keeps the trees it read (``tx.readers``) and a
+        namespace read again costs one dict lookup; a write transaction's trees change, so each read
+        in one loads its tree again. O(1)."""
         self._check(tx)
-        return Tree.reader(tx, len(self.fields), self.node_size, tx.root(self._tree_key(namespace)))
+        tree_key = self._tree_key(namespace)
+        if tx.write:
+            return Tree.reader(tx, len(self.fields), self.node_size, tx.root(tree_key))
+        readers = tx.readers
+        tree = readers.get(tree_key)
+        if tree is None:
+            if len(readers) >= _READERS:
+                readers.clear()
+            tree = readers[tree_key] = Tree.reader(tx, len(self.fields), self.node_size, tx.root(tree_key))
+        return tree
 
     def _writable(self, tx: Transaction) -> WriteTransaction:
         self._check(tx)
