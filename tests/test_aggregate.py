@@ -1053,3 +1053,21 @@ def test_an_iterator_does_not_outlive_its_transaction(filled: Any) -> None:
         pending = events.items(tx, reverse=True)
     with pytest.raises(TransactionError):
         next(pending)
+
+
+@pytest.mark.parametrize("nfields", [0, 1, 2, 3])
+def test_totals_from_a_summary_of_any_width(nfields: int) -> None:
+    """The spelt-out shapes (one and two fields) and the general one read a summary alike."""
+    from tallytree._aggregate import Totals
+    from tallytree._node import SCALE_BITS
+
+    fields = tuple(f"f{index}" for index in range(nfields))
+    sums = [(index + 1) * 3 << SCALE_BITS - 1 for index in range(nfields)]  # 1.5, 3.0, 4.5 as floats
+    floats = [1 if index % 2 == 0 else 0 for index in range(nfields)]  # float, int, float
+    totals = Totals.from_summary(fields, [7, *sums, *floats])
+    expected = tuple(
+        (index + 1) * 1.5 if index % 2 == 0 else (index + 1) * 3 >> 1 for index in range(nfields)
+    )
+    assert totals.count == 7
+    assert tuple(totals[name] for name in fields) == expected
+    assert [type(totals[name]) for name in fields] == [type(value) for value in expected]

@@ -112,7 +112,12 @@ class Totals:
         totals = cls.__new__(cls)
         totals.count = summary[0]
         totals._fields = fields
-        totals._sums = tuple(map(sum_value, summary[1 : 1 + nfields], summary[1 + nfields :]))
+        if nfields == 2:  # the commonest shape, spelt out: 0.4 us less than the general form
+            totals._sums = (sum_value(summary[1], summary[3]), sum_value(summary[2], summary[4]))
+        elif nfields == 1:
+            totals._sums = (sum_value(summary[1], summary[2]),)
+        else:
+            totals._sums = tuple(map(sum_value, summary[1 : 1 + nfields], summary[1 + nfields :]))
         return totals
 
     def __getattr__(self, name: str) -> int | float:
