@@ -685,6 +685,30 @@ rows_of(PyObject *node)
     return rows;
 }
 
+/* One level of a range sum's descent: ``*before`` and ``*after`` become the rows around child
+   ``index`` of ``*node`` (``rows`` are its cumulative rows, a reference this consumes) and ``*node``
+   that child. 0, or -1 with an error set (the references stay valid for the caller to release). */
+static int
+step_down(PyObject **node, PyObject *rows, Py_ssize_t index, PyObject **before, PyObject **after,
+          Fetcher *fetcher)
+{
+    PyObject *low = PySequence_GetItem(rows, index);
+    PyObject *high = low == NULL ? NULL : PySequence_GetItem(rows, index + 1);
+    Py_DECREF(rows);
+    if (high == NULL) {
+        Py_XDECREF(low);
+        return -1;
+    }
+    Py_SETREF(*before, low);
+    Py_SETREF(*after, high);
+    PyObject *child = child_of(*node, index, fetcher);
+    if (child == NULL) {
+        return -1;
+    }
+    Py_SETREF(*node, child);
+    return 0;
+}
+
 /* _btree.NodeTree._prefix_into: descending to the cut at ``key`` below ``node`` (a reference this
    consumes), each level appends ``before`` to ``plus`` and moves ``before``/``after`` to the rows
    around the child taken; the leaf appends ``before`` and a span of its first entries, or ``after``
@@ -713,20 +737,9 @@ prefix_walk(PyObject *node, PyObject *before, PyObject *after, const char *key, 
             Py_XDECREF(rows);
             goto error;
         }
-        PyObject *low = PySequence_GetItem(rows, index);
-        PyObject *high = low == NULL ? NULL : PySequence_GetItem(rows, index + 1);
-        Py_DECREF(rows);
-        if (high == NULL) {
-            Py_XDECREF(low);
+        if (step_down(&node, rows, index, &before, &after, fetcher) < 0) {
             goto error;
         }
-        Py_SETREF(before, low);
-        Py_SETREF(after, high);
-        PyObject *child = child_of(node, index, fetcher);
-        if (child == NULL) {
-            goto error;
-        }
-        Py_SETREF(node, child);
     }
     Py_ssize_t index = search_node(node, key, size, key_after);
     PyObject *keys = index < 0 ? NULL : PyObject_GetAttr(node, keys_name);
@@ -864,20 +877,9 @@ range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             }
             goto finish;
         }
-        PyObject *low_row = PySequence_GetItem(rows, index);
-        PyObject *high_row = low_row == NULL ? NULL : PySequence_GetItem(rows, index + 1);
-        Py_DECREF(rows);
-        if (high_row == NULL) {
-            Py_XDECREF(low_row);
+        if (step_down(&node, rows, index, &before, &after, &fetcher) < 0) {
             goto finish;
         }
-        Py_SETREF(before, low_row);
-        Py_SETREF(after, high_row);
-        PyObject *child = child_of(node, index, &fetcher);
-        if (child == NULL) {
-            goto finish;
-        }
-        Py_SETREF(node, child);
     }
     Py_ssize_t start = search_node(node, low, low_size, low_after);
     Py_ssize_t stop = start < 0 ? -1 : search_node(node, high, high_size, high_after);
