@@ -263,11 +263,11 @@ def test_a_read_transaction_reuses_its_trees_and_keeps_its_snapshot(db: tallytre
                 totals = events.totals(tx, namespace=space)
                 assert (totals.count, totals.n) == expected[space]
                 assert events.count(tx, namespace=space, ge=1) == expected[space][0] - 1
-                assert len(tx.readers) <= _READERS
+                assert len(tx._readers) <= _READERS
             with db.write() as writer:  # committed meanwhile: invisible to this snapshot
                 events.insert(writer, key=100 + round_, id=100, values=(1,), namespace=0)
                 events.delete(writer, key=round_, id=round_, namespace=1)
-        assert tx.readers  # it kept trees
+        assert tx._readers  # it kept trees
     with db.read() as tx:
         assert events.count(tx, namespace=0) == expected[0][0] + 2
         assert events.count(tx, namespace=1) == expected[1][0] - 2

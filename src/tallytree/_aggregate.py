@@ -375,14 +375,14 @@ class Aggregate:
 
     def _reader(self, tx: Transaction, namespace: Any) -> Tree:
         """The tree of a namespace, for reads only (it shares the transaction's root record). A read
-        transaction's snapshot never changes, so it keeps the trees it read (``tx.readers``) and a
+        transaction's snapshot never changes, so it keeps the trees it read (``tx._readers``) and a
         namespace read again costs one dict lookup; a write transaction's trees change, so each read
         in one loads its tree again. O(1)."""
         self._check(tx)
         tree_key = self._tree_key(namespace)
         if tx.write:
             return Tree.reader(tx, len(self.fields), self.node_size, tx.root(tree_key))
-        readers = tx.readers
+        readers = tx._readers
         tree = readers.get(tree_key)
         if tree is None:
             if len(readers) >= _READERS:

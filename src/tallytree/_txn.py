@@ -115,7 +115,7 @@ class Transaction:
         self.versions: dict[bytes, int] = {}
         # The trees a read transaction has read, by tree key (see Aggregate._reader): its snapshot
         # never changes, so a namespace read again reuses its tree. Bounded: cleared when full.
-        self.readers: dict[bytes, Tree] = {}
+        self._readers: dict[bytes, Tree] = {}
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
