@@ -705,3 +705,23 @@ def test_pack_root_leaves_what_it_does_not_handle_to_python() -> None:
     assert speedups.pack_root(1, 1, [1.5], 0, None) is None
     with pytest.raises(TypeError):
         speedups.pack_root(1, 1, [1])  # type: ignore[call-arg]
+
+
+def test_descent_kernels_refuse_malformed_arguments() -> None:
+    """Wrong argument counts or types raise TypeError; a fetch that is not callable or a cache that is
+    not a dict too; an object that is not a node fails on its missing attributes, never crashes."""
+    assert speedups is not None
+    node = Keyed((b"a", b"b"), False)
+    calls = [
+        lambda: speedups.rank(node, "a", True, len, None),  # type: ignore[arg-type]
+        lambda: speedups.rank(node, b"a", True, 3, None),
+        lambda: speedups.rank(node, b"a", True, len, [1]),  # type: ignore[arg-type]
+        lambda: speedups.rank_range(node, b"a", False, "b", False, len, None),  # type: ignore[arg-type]
+        lambda: speedups.range_parts(node, [0], [0], b"a", False, b"b", False, len),  # type: ignore[call-arg]
+        lambda: speedups.prefix_into(node, [0], [0], b"a", False, (), [], True, len, None),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+    with pytest.raises(AttributeError):
+        speedups.rank(object(), b"a", True, len, None)
