@@ -324,7 +324,9 @@ def test_settle_refuses_rows_of_another_width() -> None:
 
 
 class Keyed:
-    """What bisect needs of a node: its keys, whether it may still change, and a slot for the blob."""
+    """What bisect needs of a leaf: its keys, whether it may still change, and a slot for the image."""
+
+    leaf = True
 
     def __init__(self, keys: Any, dirty: bool) -> None:
         self.keys = keys
@@ -385,7 +387,8 @@ def test_bisect_refuses_what_is_not_a_node_of_bytes() -> None:
         b"\x00",
         b"\x00" * 8,
         (400).to_bytes(4, "little") + b"\x00" * 4,
-        bytes([8, 0, 0, 0, 99, 0, 0, 0]),
+        bytes([8, 0, 0, 0, 99, 0, 0, 0]),  # an unknown kind
+        bytes([1, 0, 0, 0, 1, 0, 0, 0]) + b"a" + bytes(7) + (20).to_bytes(4, "little") * 2 + b"a",  # offsets
     ):
         damaged = Keyed((b"a",), False)
         damaged._blob = blob

@@ -346,6 +346,88 @@ bisect_sequence(PyObject *keys, const char *key, Py_ssize_t size, int right)
     return low;
 }
 
+/* The search image of a committed node (its "blob"), one bytes object:
+
+       uint32 n | uint32 kind | n uint64 key prefixes
+       | internal nodes: n + 1 int64 cumulative child counts | n uint64 child ids
+       | n + 1 uint32 offsets | the n keys back to back
+
+   A search bisects the prefixes (n * 8 contiguous bytes: a probe of a cold node costs one cache line,
+   and the last probes share it) and reads a key itself only when its prefix ties with the probe's. A
+   descent then reads the count before the child it takes and the child's id from the same object:
+   a cold internal node costs the lines of its image, where its attributes (the kind, a tuple of
+   counts and its int objects, a tuple of ids and theirs) cost a cache miss each. The keys of a node
+   are a few KiB at most (MAX_KEY_BYTES each), so 32-bit offsets suffice. An internal node whose
+   counts or ids do not fit in 64 bits (none in practice) gets an image of kind IMAGE_KEYS: searched
+   through it, counted and followed through its attributes. */
+
+enum { IMAGE_LEAF = 1, IMAGE_INTERNAL = 2, IMAGE_KEYS = 3 };
+
+typedef struct {
+    PyObject *blob; /* owned; NULL when the node has no image (a dirty node, or searched only once) */
+    Py_ssize_t count, length;
+    int kind;
+    const char *data, *prefixes, *counts, *kids, *offsets;
+} Image;
+
+/* Where the sections of an image of ``count`` keys start; returns the size of the fixed part. */
+static Py_ssize_t
+image_layout(Py_ssize_t count, int kind, Image *image)
+{
+    Py_ssize_t at = 8;
+    image->prefixes = image->data + at;
+    at += count * 8;
+    if (kind == IMAGE_INTERNAL) {
+        image->counts = image->data + at;
+        at += (count + 1) * 8;
+        image->kids = image->data + at;
+        at += count * 8;
+    }
+    else {
+        image->counts = image->kids = NULL;
+    }
+    image->offsets = image->data + at;
+    return at + (count + 1) * (Py_ssize_t)sizeof(uint32_t);
+}
+
+/* Fill ``image`` from a blob (a reference this consumes); 0, or -1 with TypeError if it is not one. */
+static int
+image_parse(PyObject *blob, Image *image)
+{
+    image->blob = blob;
+    image->data = PyBytes_AS_STRING(blob);
+    image->length = PyBytes_GET_SIZE(blob);
+    uint32_t head[2] = {0, 0}, first = 0, last = 0;
+    if (image->length >= 8) {
+        memcpy(head, image->data, sizeof(head));
+    }
+    image->count = (Py_ssize_t)head[0];
+    image->kind = (int)head[1];
+    int valid = image->length >= 8 && image->kind >= IMAGE_LEAF && image->kind <= IMAGE_KEYS &&
+                image->count <= image->length / 12;
+    if (valid) {
+        Py_ssize_t header = image_layout(image->count, image->kind, image);
+        valid = header <= image->length;
+        if (valid) {
+            memcpy(&first, image->offsets, sizeof(first));
+            memcpy(&last, image->offsets + image->count * (Py_ssize_t)sizeof(uint32_t), sizeof(last));
+            valid = (Py_ssize_t)first == header && (Py_ssize_t)last == image->length;
+        }
+    }
+    if (!valid) {
+        Py_CLEAR(image->blob);
+        PyErr_SetString(PyExc_TypeError, "node._blob must be None, False or a search image");
+        return -1;
+    }
+    return 0;
+}
+
+static void
+image_release(Image *image)
+{
+    Py_CLEAR(image->blob);
+}
+
 /* The first 8 bytes of a key as a big-endian number, zero-padded: prefix(a) < prefix(b) implies
    a < b, and equal prefixes leave the order to the whole keys. */
 static uint64_t
@@ -356,59 +438,6 @@ key_prefix(const char *key, Py_ssize_t size)
         prefix = (prefix << 8) | (index < size ? (unsigned char)key[index] : 0);
     }
     return prefix;
-}
-
-/* The search blob of a committed node, one bytes object:
-       uint64 n | n uint64 key prefixes | n + 1 uint32 offsets | the n keys back to back
-   A search bisects the prefixes (n * 8 contiguous bytes: a probe of a cold node costs one cache line,
-   and the last probes share it) and reads a key itself only when its prefix ties with the probe's.
-   The keys of a node are a few KiB at most (MAX_KEY_BYTES each), so 32-bit offsets suffice. */
-static PyObject *
-build_blob(PyObject *keys)
-{
-    PyObject *fast = PySequence_Fast(keys, "a node's keys must be a sequence of bytes");
-    if (fast == NULL) {
-        return NULL;
-    }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
-    PyObject **items = PySequence_Fast_ITEMS(fast);
-    Py_ssize_t total = 0;
-    for (Py_ssize_t index = 0; index < count; index++) {
-        if (!PyBytes_Check(items[index])) {
-            Py_DECREF(fast);
-            PyErr_SetString(PyExc_TypeError, "a node's keys must be bytes");
-            return NULL;
-        }
-        total += PyBytes_GET_SIZE(items[index]);
-    }
-    Py_ssize_t header = 8 + count * 8 + (count + 1) * (Py_ssize_t)sizeof(uint32_t);
-    if (total > (Py_ssize_t)UINT32_MAX - header) {
-        Py_DECREF(fast);
-        PyErr_SetString(PyExc_OverflowError, "a node's keys are too large to index");
-        return NULL;
-    }
-    PyObject *blob = PyBytes_FromStringAndSize(NULL, header + total);
-    if (blob == NULL) {
-        Py_DECREF(fast);
-        return NULL;
-    }
-    char *out = PyBytes_AS_STRING(blob);
-    uint64_t stored = (uint64_t)count;
-    memcpy(out, &stored, sizeof(stored));
-    char *offsets = out + 8 + count * 8;
-    uint32_t offset = (uint32_t)header;
-    for (Py_ssize_t index = 0; index < count; index++) {
-        Py_ssize_t size = PyBytes_GET_SIZE(items[index]);
-        const char *key = PyBytes_AS_STRING(items[index]);
-        uint64_t prefix = key_prefix(key, size);
-        memcpy(out + 8 + index * 8, &prefix, sizeof(prefix));
-        memcpy(offsets + index * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
-        memcpy(out + offset, key, (size_t)size);
-        offset += (uint32_t)size;
-    }
-    memcpy(offsets + count * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
-    Py_DECREF(fast);
-    return blob;
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
@@ -434,71 +463,207 @@ intern_names(void)
                : -1;
 }
 
-/* bisect_right (bisect_left unless right) of key in node.keys, through the node's search blob (built
-   and cached on a committed node's first search); -1 with an error set. */
-static Py_ssize_t
-search_node(PyObject *node, const char *key, Py_ssize_t size, int right)
+/* 1 for a leaf, 0 for an internal node, -1 with an error set (through the attribute). */
+static int
+node_is_leaf(PyObject *node)
 {
+    PyObject *leaf = PyObject_GetAttr(node, leaf_name);
+    if (leaf == NULL) {
+        return -1;
+    }
+    int answer = PyObject_IsTrue(leaf);
+    Py_DECREF(leaf);
+    return answer;
+}
+
+/* The 64-bit numbers of a sequence of ints into ``out`` (signed or not); 1 if one does not fit (no
+   error set), -1 with an error set if the sequence is not one of ints. */
+static int
+fill_words(PyObject *values, Py_ssize_t expected, int is_signed, char *out)
+{
+    PyObject *fast = PySequence_Fast(values, "a node's counts and ids must be sequences of ints");
+    if (fast == NULL) {
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(fast) != expected) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_TypeError, "a node's counts and ids do not match its keys");
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t index = 0; index < expected; index++) {
+        if (!PyLong_Check(items[index])) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "a node's counts and ids must be ints");
+            return -1;
+        }
+        int overflow = 0;
+        long long value = PyLong_AsLongLongAndOverflow(items[index], &overflow);
+        if (overflow || (!is_signed && value < 0)) {
+            Py_DECREF(fast);
+            return 1;
+        }
+        if (value == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        memcpy(out + index * 8, &value, sizeof(value));
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* The image of a committed node (a new reference), or NULL with an error set. */
+static PyObject *
+build_image(PyObject *node)
+{
+    int leaf = node_is_leaf(node);
+    PyObject *keys = leaf < 0 ? NULL : PyObject_GetAttr(node, keys_name);
+    PyObject *fast = keys == NULL ? NULL : PySequence_Fast(keys, "a node's keys must be a sequence of bytes");
+    Py_XDECREF(keys);
+    if (fast == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        if (!PyBytes_Check(items[index])) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "a node's keys must be bytes");
+            return NULL;
+        }
+        total += PyBytes_GET_SIZE(items[index]);
+    }
+    PyObject *counts = NULL, *kids = NULL;
+    if (!leaf) {
+        counts = PyObject_GetAttr(node, counts_cache_name);
+        if (counts == Py_None) {
+            Py_DECREF(counts);
+            counts = PyObject_CallMethodNoArgs(node, counts_name);
+        }
+        kids = counts == NULL ? NULL : PyObject_GetAttr(node, kids_name);
+        if (kids == NULL) {
+            Py_XDECREF(counts);
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    PyObject *blob = NULL;
+    for (int kind = leaf ? IMAGE_LEAF : IMAGE_INTERNAL; blob == NULL; kind = IMAGE_KEYS) {
+        Image image = {.data = NULL};
+        Py_ssize_t header = image_layout(count, kind, &image);
+        if (count > UINT32_MAX / 16 || total > (Py_ssize_t)UINT32_MAX - header) {
+            PyErr_SetString(PyExc_OverflowError, "a node's keys are too large to index");
+            break;
+        }
+        blob = PyBytes_FromStringAndSize(NULL, header + total);
+        if (blob == NULL) {
+            break;
+        }
+        image.data = PyBytes_AS_STRING(blob);
+        image_layout(count, kind, &image);
+        uint32_t head[2] = {(uint32_t)count, (uint32_t)kind};
+        memcpy((char *)image.data, head, sizeof(head));
+        if (kind == IMAGE_INTERNAL) {
+            int filled = fill_words(counts, count + 1, 1, (char *)image.counts);
+            filled = filled ? filled : fill_words(kids, count, 0, (char *)image.kids);
+            if (filled) {
+                Py_CLEAR(blob);
+                if (filled < 0) {
+                    break;
+                }
+                continue; /* a count or an id beyond 64 bits: an image of the keys alone */
+            }
+        }
+        char *out = (char *)image.data;
+        char *offsets = (char *)image.offsets;
+        uint32_t offset = (uint32_t)header;
+        for (Py_ssize_t index = 0; index < count; index++) {
+            Py_ssize_t size = PyBytes_GET_SIZE(items[index]);
+            const char *key = PyBytes_AS_STRING(items[index]);
+            uint64_t prefix = key_prefix(key, size);
+            memcpy((char *)image.prefixes + index * 8, &prefix, sizeof(prefix));
+            memcpy(offsets + index * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
+            memcpy(out + offset, key, (size_t)size);
+            offset += (uint32_t)size;
+        }
+        memcpy(offsets + count * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
+    }
+    Py_XDECREF(counts);
+    Py_XDECREF(kids);
+    Py_DECREF(fast);
+    return blob;
+}
+
+/* The image of ``node`` into ``image``: image->blob is NULL when the node has none, a dirty node
+   (whose keys may still change) or a committed node searched for the first time, which this marks
+   (``_blob`` False): most nodes of a large tree are searched once in a while, and a search of the
+   keys reads ~log2(n) of them where building an image reads them all. The second search builds it.
+   0, or -1 with an error set. */
+static int
+node_image(PyObject *node, Image *image)
+{
+    image->blob = NULL;
     PyObject *blob = PyObject_GetAttr(node, blob_name);
     if (blob == NULL) {
         return -1;
     }
-    if (blob == Py_None || blob == Py_False) {
-        int first_search = blob == Py_None;
+    if (PyBytes_Check(blob)) {
+        return image_parse(blob, image);
+    }
+    if (blob != Py_None && blob != Py_False) {
         Py_DECREF(blob);
-        PyObject *dirty = PyObject_GetAttr(node, dirty_name);
-        PyObject *keys = dirty == NULL ? NULL : PyObject_GetAttr(node, keys_name);
-        int changing = dirty == NULL ? -1 : PyObject_IsTrue(dirty);
-        Py_XDECREF(dirty);
-        if (keys == NULL || changing < 0) {
-            Py_XDECREF(keys);
-            return -1;
-        }
-        /* A node of a write transaction (its keys may still change), or a committed node searched
-           for the first time (False marks it): searched in its keys. Most nodes of a large tree are
-           searched once in a while, and a first search reads ~log2(n) keys where a blob reads all. */
-        if (changing || first_search) {
-            Py_ssize_t found = bisect_sequence(keys, key, size, right);
-            Py_DECREF(keys);
-            if (found >= 0 && !changing && PyObject_SetAttr(node, blob_name, Py_False) < 0) {
-                return -1;
-            }
-            return found;
-        }
-        blob = build_blob(keys);
-        Py_DECREF(keys);
-        if (blob == NULL || PyObject_SetAttr(node, blob_name, blob) < 0) {
-            Py_XDECREF(blob);
-            return -1;
-        }
-    }
-    const char *data = PyBytes_Check(blob) ? PyBytes_AS_STRING(blob) : NULL;
-    Py_ssize_t length = data ? PyBytes_GET_SIZE(blob) : 0;
-    uint64_t stored = 0;
-    uint32_t first = 0, last = 0;
-    if (length >= 8) {
-        memcpy(&stored, data, sizeof(stored));
-    }
-    Py_ssize_t count = (Py_ssize_t)stored;
-    Py_ssize_t header = 8 + count * 8 + (count + 1) * (Py_ssize_t)sizeof(uint32_t);
-    const char *offsets = data + 8 + count * 8;
-    int valid = length >= 8 && stored <= (uint64_t)(length / 12) && header <= length;
-    if (valid) {
-        memcpy(&first, offsets, sizeof(first));
-        memcpy(&last, offsets + count * (Py_ssize_t)sizeof(uint32_t), sizeof(last));
-        valid = (Py_ssize_t)first == header && (Py_ssize_t)last == length;
-    }
-    if (!valid) {
-        Py_DECREF(blob);
-        PyErr_SetString(PyExc_TypeError, "node._blob must be None or a search blob");
+        PyErr_SetString(PyExc_TypeError, "node._blob must be None, False or a search image");
         return -1;
     }
+    int first_search = blob == Py_None;
+    Py_DECREF(blob);
+    PyObject *dirty = PyObject_GetAttr(node, dirty_name);
+    int changing = dirty == NULL ? -1 : PyObject_IsTrue(dirty);
+    Py_XDECREF(dirty);
+    if (changing) {
+        return changing < 0 ? -1 : 0;
+    }
+    if (first_search) {
+        return PyObject_SetAttr(node, blob_name, Py_False);
+    }
+    blob = build_image(node);
+    if (blob == NULL || PyObject_SetAttr(node, blob_name, blob) < 0) {
+        Py_XDECREF(blob);
+        return -1;
+    }
+    return image_parse(blob, image);
+}
+
+/* 1 for a leaf, 0 for an internal node, -1 with an error set. */
+static int
+image_is_leaf(PyObject *node, const Image *image)
+{
+    return image->blob != NULL ? image->kind == IMAGE_LEAF : node_is_leaf(node);
+}
+
+/* bisect_right (bisect_left unless right) of key in the node's keys, through its image when it has
+   one; -1 with an error set. */
+static Py_ssize_t
+image_search(PyObject *node, const Image *image, const char *key, Py_ssize_t size, int right)
+{
+    if (image->blob == NULL) {
+        PyObject *keys = PyObject_GetAttr(node, keys_name);
+        if (keys == NULL) {
+            return -1;
+        }
+        Py_ssize_t found = bisect_sequence(keys, key, size, right);
+        Py_DECREF(keys);
+        return found;
+    }
+    const char *offsets = image->offsets, *data = image->data;
     uint64_t prefix = key_prefix(key, size);
-    Py_ssize_t low = 0, high = count;
+    Py_ssize_t low = 0, high = image->count;
     while (low < high) {
         Py_ssize_t middle = low + (high - low) / 2;
         uint64_t probe;
-        memcpy(&probe, data + 8 + middle * 8, sizeof(probe));
+        memcpy(&probe, image->prefixes + middle * 8, sizeof(probe));
         int order;
         if (probe != prefix) {
             order = probe < prefix ? -1 : 1;
@@ -507,9 +672,8 @@ search_node(PyObject *node, const char *key, Py_ssize_t size, int right)
             uint32_t start, stop;
             memcpy(&start, offsets + middle * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
             memcpy(&stop, offsets + (middle + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
-            if (start > stop || (Py_ssize_t)stop > length) {
-                Py_DECREF(blob);
-                PyErr_SetString(PyExc_TypeError, "node._blob is not a search blob");
+            if (start > stop || (Py_ssize_t)stop > image->length) {
+                PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
                 return -1;
             }
             order = compare_bytes(data + start, (Py_ssize_t)(stop - start), key, size);
@@ -521,8 +685,20 @@ search_node(PyObject *node, const char *key, Py_ssize_t size, int right)
             high = middle;
         }
     }
-    Py_DECREF(blob);
     return low;
+}
+
+/* bisect_right (bisect_left unless right) of key in node.keys; -1 with an error set. */
+static Py_ssize_t
+search_node(PyObject *node, const char *key, Py_ssize_t size, int right)
+{
+    Image image;
+    if (node_image(node, &image) < 0) {
+        return -1;
+    }
+    Py_ssize_t found = image_search(node, &image, key, size, right);
+    image_release(&image);
+    return found;
 }
 
 static PyObject *
@@ -555,16 +731,41 @@ typedef struct {
     Py_ssize_t hits;
 } Fetcher;
 
+/* The number of keys of a node; -1 with an error set. */
+static Py_ssize_t
+node_size(PyObject *node, const Image *image)
+{
+    if (image->blob != NULL) {
+        return image->count;
+    }
+    PyObject *keys = PyObject_GetAttr(node, keys_name);
+    Py_ssize_t count = keys == NULL ? -1 : PyObject_Length(keys);
+    Py_XDECREF(keys);
+    return count;
+}
+
 /* The child ``index`` of an internal node (a new reference), or NULL with an error set. */
 static PyObject *
-child_of(PyObject *node, Py_ssize_t index, Fetcher *fetcher)
+child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher)
 {
-    PyObject *kids = PyObject_GetAttr(node, kids_name);
-    if (kids == NULL) {
-        return NULL;
+    PyObject *kid;
+    if (image->kind == IMAGE_INTERNAL && image->blob != NULL) {
+        if (index < 0 || index >= image->count) {
+            PyErr_SetString(PyExc_IndexError, "child index out of range");
+            return NULL;
+        }
+        uint64_t id;
+        memcpy(&id, image->kids + index * 8, sizeof(id));
+        kid = PyLong_FromUnsignedLongLong(id);
     }
-    PyObject *kid = PySequence_GetItem(kids, index);
-    Py_DECREF(kids);
+    else {
+        PyObject *kids = PyObject_GetAttr(node, kids_name);
+        if (kids == NULL) {
+            return NULL;
+        }
+        kid = PySequence_GetItem(kids, index);
+        Py_DECREF(kids);
+    }
     if (kid == NULL) {
         return NULL;
     }
@@ -585,23 +786,20 @@ child_of(PyObject *node, Py_ssize_t index, Fetcher *fetcher)
     return child;
 }
 
-/* 1 for a leaf, 0 for an internal node, -1 with an error set. */
-static int
-node_is_leaf(PyObject *node)
-{
-    PyObject *leaf = PyObject_GetAttr(node, leaf_name);
-    if (leaf == NULL) {
-        return -1;
-    }
-    int answer = PyObject_IsTrue(leaf);
-    Py_DECREF(leaf);
-    return answer;
-}
-
 /* The items in the children before ``index`` of an internal node (node.counts()[index]). */
 static int
-count_before(PyObject *node, Py_ssize_t index, Py_ssize_t *count)
+count_before(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t *count)
 {
+    if (image->kind == IMAGE_INTERNAL && image->blob != NULL) {
+        if (index < 0 || index > image->count) {
+            PyErr_SetString(PyExc_IndexError, "child index out of range");
+            return -1;
+        }
+        int64_t before;
+        memcpy(&before, image->counts + index * 8, sizeof(before));
+        *count = (Py_ssize_t)before;
+        return 0;
+    }
     PyObject *counts = PyObject_GetAttr(node, counts_cache_name);
     if (counts == Py_None) {
         Py_DECREF(counts);
@@ -622,9 +820,9 @@ count_before(PyObject *node, Py_ssize_t index, Py_ssize_t *count)
 
 /* The index of the child of an internal node whose subtree holds the cut at ``key``. */
 static Py_ssize_t
-child_index(PyObject *node, const char *key, Py_ssize_t size)
+child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size)
 {
-    Py_ssize_t found = search_node(node, key, size, 1);
+    Py_ssize_t found = image_search(node, image, key, size, 1);
     return found < 0 ? -1 : found > 0 ? found - 1 : 0; /* keys[0] is the node's fence: <= any key below */
 }
 
@@ -635,21 +833,28 @@ descend(PyObject *node, const char *key, Py_ssize_t size, int after, Fetcher *fe
 {
     Py_ssize_t total = 0;
     for (;;) {
-        int leaf = node_is_leaf(node);
+        Image image;
+        if (node_image(node, &image) < 0) {
+            break;
+        }
+        int leaf = image_is_leaf(node, &image);
         if (leaf < 0) {
+            image_release(&image);
             break;
         }
         if (leaf) {
-            Py_ssize_t found = search_node(node, key, size, after);
+            Py_ssize_t found = image_search(node, &image, key, size, after);
+            image_release(&image);
             Py_DECREF(node);
             return found < 0 ? -1 : total + found;
         }
-        Py_ssize_t index = child_index(node, key, size), before;
-        if (index < 0 || count_before(node, index, &before) < 0) {
-            break;
+        Py_ssize_t index = child_index(node, &image, key, size), before;
+        PyObject *child = NULL;
+        if (index >= 0 && count_before(node, &image, index, &before) == 0) {
+            total += before;
+            child = child_of(node, &image, index, fetcher);
         }
-        total += before;
-        PyObject *child = child_of(node, index, fetcher);
+        image_release(&image);
         Py_DECREF(node);
         node = child;
         if (node == NULL) {
@@ -689,8 +894,8 @@ rows_of(PyObject *node)
    ``index`` of ``*node`` (``rows`` are its cumulative rows, a reference this consumes) and ``*node``
    that child. 0, or -1 with an error set (the references stay valid for the caller to release). */
 static int
-step_down(PyObject **node, PyObject *rows, Py_ssize_t index, PyObject **before, PyObject **after,
-          Fetcher *fetcher)
+step_down(PyObject **node, const Image *image, PyObject *rows, Py_ssize_t index, PyObject **before,
+          PyObject **after, Fetcher *fetcher)
 {
     PyObject *low = PySequence_GetItem(rows, index);
     PyObject *high = low == NULL ? NULL : PySequence_GetItem(rows, index + 1);
@@ -701,7 +906,7 @@ step_down(PyObject **node, PyObject *rows, Py_ssize_t index, PyObject **before, 
     }
     Py_SETREF(*before, low);
     Py_SETREF(*after, high);
-    PyObject *child = child_of(*node, index, fetcher);
+    PyObject *child = child_of(*node, image, index, fetcher);
     if (child == NULL) {
         return -1;
     }
@@ -720,15 +925,16 @@ prefix_walk(PyObject *node, PyObject *before, PyObject *after, const char *key, 
 {
     Py_INCREF(before);
     Py_INCREF(after);
+    Image image = {.blob = NULL};
     for (;;) {
-        int leaf = node_is_leaf(node);
+        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
             goto error;
         }
         if (leaf) {
             break;
         }
-        Py_ssize_t index = child_index(node, key, size);
+        Py_ssize_t index = child_index(node, &image, key, size);
         if (index < 0) {
             goto error;
         }
@@ -737,14 +943,14 @@ prefix_walk(PyObject *node, PyObject *before, PyObject *after, const char *key, 
             Py_XDECREF(rows);
             goto error;
         }
-        if (step_down(&node, rows, index, &before, &after, fetcher) < 0) {
+        if (step_down(&node, &image, rows, index, &before, &after, fetcher) < 0) {
             goto error;
         }
+        image_release(&image);
     }
-    Py_ssize_t index = search_node(node, key, size, key_after);
-    PyObject *keys = index < 0 ? NULL : PyObject_GetAttr(node, keys_name);
-    Py_ssize_t count = keys == NULL ? -1 : PyObject_Length(keys);
-    Py_XDECREF(keys);
+    Py_ssize_t index = image_search(node, &image, key, size, key_after);
+    Py_ssize_t count = index < 0 ? -1 : node_size(node, &image);
+    image_release(&image);
     if (count < 0) {
         goto error;
     }
@@ -773,6 +979,7 @@ done:
     Py_DECREF(after);
     return 0;
 error:
+    image_release(&image);
     Py_DECREF(node);
     Py_DECREF(before);
     Py_DECREF(after);
@@ -828,19 +1035,20 @@ range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     PyObject *plus = PyList_New(0), *minus = PyList_New(0), *spans = PyList_New(0);
     PyObject *node = Py_NewRef(args[0]), *before = Py_NewRef(zero), *after = Py_NewRef(args[1]);
     PyObject *result = NULL;
+    Image image = {.blob = NULL};
     if (plus == NULL || minus == NULL || spans == NULL) {
         goto finish;
     }
     for (;;) {
-        int leaf = node_is_leaf(node);
+        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
             goto finish;
         }
         if (leaf) {
             break;
         }
-        Py_ssize_t index = child_index(node, low, low_size);
-        Py_ssize_t other = index < 0 ? -1 : child_index(node, high, high_size);
+        Py_ssize_t index = child_index(node, &image, low, low_size);
+        Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
         if (other < 0) {
             goto finish;
         }
@@ -861,11 +1069,11 @@ range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
                 failed = parts[part] == NULL;
             }
             Py_DECREF(rows);
-            PyObject *high_kid = failed ? NULL : child_of(node, other, &fetcher);
+            PyObject *high_kid = failed ? NULL : child_of(node, &image, other, &fetcher);
             failed = failed || high_kid == NULL
                      || prefix_walk(high_kid, parts[0], parts[1], high, high_size, high_after, plus, spans, 1,
                                     &fetcher) < 0;
-            PyObject *low_kid = failed ? NULL : child_of(node, index, &fetcher);
+            PyObject *low_kid = failed ? NULL : child_of(node, &image, index, &fetcher);
             failed = failed || low_kid == NULL
                      || prefix_walk(low_kid, parts[2], parts[3], low, low_size, low_after, minus, spans, 0,
                                     &fetcher) < 0;
@@ -877,15 +1085,14 @@ range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             }
             goto finish;
         }
-        if (step_down(&node, rows, index, &before, &after, &fetcher) < 0) {
+        if (step_down(&node, &image, rows, index, &before, &after, &fetcher) < 0) {
             goto finish;
         }
+        image_release(&image);
     }
-    Py_ssize_t start = search_node(node, low, low_size, low_after);
-    Py_ssize_t stop = start < 0 ? -1 : search_node(node, high, high_size, high_after);
-    PyObject *keys = stop < 0 ? NULL : PyObject_GetAttr(node, keys_name);
-    Py_ssize_t size = keys == NULL ? -1 : PyObject_Length(keys);
-    Py_XDECREF(keys);
+    Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
+    Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
+    Py_ssize_t size = stop < 0 ? -1 : node_size(node, &image);
     if (size < 0) {
         goto finish;
     }
@@ -917,6 +1124,7 @@ range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         result = Py_BuildValue("(OOOn)", plus, minus, spans, fetcher.hits);
     }
 finish:
+    image_release(&image);
     Py_XDECREF(plus);
     Py_XDECREF(minus);
     Py_XDECREF(spans);
@@ -961,30 +1169,33 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     Py_ssize_t low_size = PyBytes_GET_SIZE(args[1]), high_size = PyBytes_GET_SIZE(args[3]);
     PyObject *node = Py_NewRef(args[0]);
     Py_ssize_t base = 0;
+    Image image = {.blob = NULL};
     for (;;) {
-        int leaf = node_is_leaf(node);
+        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
             break;
         }
         if (leaf) {
-            Py_ssize_t start = search_node(node, low, low_size, low_after);
-            Py_ssize_t stop = start < 0 ? -1 : search_node(node, high, high_size, high_after);
+            Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
+            Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
+            image_release(&image);
             Py_DECREF(node);
             return stop < 0 ? NULL : Py_BuildValue("nnn", base + start, base + stop, fetcher.hits);
         }
-        Py_ssize_t index = child_index(node, low, low_size);
-        Py_ssize_t other = index < 0 ? -1 : child_index(node, high, high_size);
+        Py_ssize_t index = child_index(node, &image, low, low_size);
+        Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
         Py_ssize_t before;
-        if (other < 0 || count_before(node, index, &before) < 0) {
+        if (other < 0 || count_before(node, &image, index, &before) < 0) {
             break;
         }
         if (index != other) {
             Py_ssize_t at_other;
-            if (count_before(node, other, &at_other) < 0) {
+            if (count_before(node, &image, other, &at_other) < 0) {
                 break;
             }
-            PyObject *low_child = child_of(node, index, &fetcher);
-            PyObject *high_child = low_child == NULL ? NULL : child_of(node, other, &fetcher);
+            PyObject *low_child = child_of(node, &image, index, &fetcher);
+            PyObject *high_child = low_child == NULL ? NULL : child_of(node, &image, other, &fetcher);
+            image_release(&image);
             Py_DECREF(node);
             if (high_child == NULL) {
                 Py_XDECREF(low_child);
@@ -1002,13 +1213,15 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
             return Py_BuildValue("nnn", base + before + start, base + at_other + stop, fetcher.hits);
         }
         base += before;
-        PyObject *child = child_of(node, index, &fetcher);
+        PyObject *child = child_of(node, &image, index, &fetcher);
+        image_release(&image);
         Py_DECREF(node);
         node = child;
         if (node == NULL) {
             return NULL;
         }
     }
+    image_release(&image);
     Py_DECREF(node);
     return NULL;
 }
