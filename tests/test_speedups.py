@@ -7,6 +7,7 @@ checks that it is built there.
 
 from __future__ import annotations
 
+import sys
 import math
 import random
 from bisect import bisect_left, bisect_right
@@ -388,7 +389,8 @@ def test_bisect_refuses_what_is_not_a_node_of_bytes() -> None:
         b"\x00" * 8,
         (400).to_bytes(4, "little") + b"\x00" * 4,
         bytes([8, 0, 0, 0, 99, 0, 0, 0]),  # an unknown kind
-        bytes([1, 0, 0, 0, 1, 0, 0, 0]) + b"a" + bytes(7) + (20).to_bytes(4, "little") * 2 + b"a",  # offsets
+        # one key whose prefix ties with b"a"'s, and offsets beyond the image
+        bytes([1, 0, 0, 0, 1, 0, 0, 0]) + (0x61 << 56).to_bytes(8, sys.byteorder) + (99).to_bytes(4, sys.byteorder) * 2,
     ):
         damaged = Keyed((b"a",), False)
         damaged._blob = blob

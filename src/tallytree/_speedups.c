@@ -397,23 +397,16 @@ image_parse(PyObject *blob, Image *image)
     image->blob = blob;
     image->data = PyBytes_AS_STRING(blob);
     image->length = PyBytes_GET_SIZE(blob);
-    uint32_t head[2] = {0, 0}, first = 0, last = 0;
+    uint32_t head[2] = {0, 0};
     if (image->length >= 8) {
         memcpy(head, image->data, sizeof(head));
     }
     image->count = (Py_ssize_t)head[0];
     image->kind = (int)head[1];
+    /* Only the header is read here: a cold image's offsets lie a few cache lines away, and a search
+       reads them only on a tie, checking each against the image's length. */
     int valid = image->length >= 8 && image->kind >= IMAGE_LEAF && image->kind <= IMAGE_KEYS &&
-                image->count <= image->length / 12;
-    if (valid) {
-        Py_ssize_t header = image_layout(image->count, image->kind, image);
-        valid = header <= image->length;
-        if (valid) {
-            memcpy(&first, image->offsets, sizeof(first));
-            memcpy(&last, image->offsets + image->count * (Py_ssize_t)sizeof(uint32_t), sizeof(last));
-            valid = (Py_ssize_t)first == header && (Py_ssize_t)last == image->length;
-        }
-    }
+                image->count <= image->length / 12 && image_layout(image->count, image->kind, image) <= image->length;
     if (!valid) {
         Py_CLEAR(image->blob);
         PyErr_SetString(PyExc_TypeError, "node._blob must be None, False or a search image");
@@ -865,6 +858,60 @@ descend(PyObject *node, const char *key, Py_ssize_t size, int after, Fetcher *fe
     return -1;
 }
 
+/* Two descents at once (the cuts of a range below the node where they part): ``ranks[side]`` becomes
+   the number of entries < cuts[side] (<= when afters[side]) below nodes[side] (references this
+   consumes). They step down level by level in turn, each level opening both images before searching
+   either: the cache misses of one descent's next node (its object, its image's first line) are then
+   under way while the other one works, where one descent after the other waits for each miss in
+   turn. 0, or -1 with an error set. */
+static int
+descend_pair(PyObject *nodes[2], const char *cuts[2], const Py_ssize_t sizes[2], const int afters[2],
+             Py_ssize_t ranks[2], Fetcher *fetcher)
+{
+    Image images[2] = {{.blob = NULL}, {.blob = NULL}};
+    int done[2] = {0, 0}, failed = 0;
+    while (!failed && !(done[0] && done[1])) {
+        for (int side = 0; side < 2 && !failed; side++) {
+            failed = !done[side] && node_image(nodes[side], &images[side]) < 0;
+        }
+        for (int side = 0; side < 2 && !failed; side++) {
+            if (done[side]) {
+                continue;
+            }
+            PyObject *node = nodes[side];
+            Image *image = &images[side];
+            int leaf = image_is_leaf(node, image);
+            if (leaf < 0) {
+                failed = 1;
+            }
+            else if (leaf) {
+                Py_ssize_t found = image_search(node, image, cuts[side], sizes[side], afters[side]);
+                failed = found < 0;
+                ranks[side] += found;
+                done[side] = 1;
+            }
+            else {
+                Py_ssize_t index = child_index(node, image, cuts[side], sizes[side]), before;
+                failed = index < 0 || count_before(node, image, index, &before) < 0;
+                PyObject *child = failed ? NULL : child_of(node, image, index, fetcher);
+                if (child == NULL) {
+                    failed = 1;
+                }
+                else {
+                    ranks[side] += before;
+                    Py_SETREF(nodes[side], child);
+                }
+            }
+            image_release(image);
+        }
+    }
+    for (int side = 0; side < 2; side++) {
+        image_release(&images[side]);
+        Py_DECREF(nodes[side]);
+    }
+    return failed ? -1 : 0;
+}
+
 static int
 fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
 {
@@ -914,51 +961,59 @@ step_down(PyObject **node, const Image *image, PyObject *rows, Py_ssize_t index,
     return 0;
 }
 
-/* _btree.NodeTree._prefix_into: descending to the cut at ``key`` below ``node`` (a reference this
-   consumes), each level appends ``before`` to ``plus`` and moves ``before``/``after`` to the rows
-   around the child taken; the leaf appends ``before`` and a span of its first entries, or ``after``
-   and (with the other sign) a span of its last entries, whichever span is shorter. 0, or -1 with an
-   error set. */
-static int
-prefix_walk(PyObject *node, PyObject *before, PyObject *after, const char *key, Py_ssize_t size, int key_after,
-            PyObject *plus, PyObject *spans, int positive, Fetcher *fetcher)
+/* _btree.NodeTree._prefix_into as a walk: descending to the cut at ``key`` below ``node``, each level
+   appends ``before`` to ``plus`` and moves ``before``/``after`` to the rows around the child taken;
+   the leaf appends ``before`` and a span of its first entries, or ``after`` and (with the other sign)
+   a span of its last entries, whichever span is shorter. */
+typedef struct {
+    PyObject *node, *before, *after; /* owned */
+    const char *key;
+    Py_ssize_t size;
+    int key_after, positive, done;
+    PyObject *plus; /* borrowed */
+    Image image;
+} Walk;
+
+static void
+walk_start(Walk *walk, PyObject *node, PyObject *before, PyObject *after, const char *key, Py_ssize_t size,
+           int key_after, PyObject *plus, int positive)
 {
-    Py_INCREF(before);
-    Py_INCREF(after);
-    Image image = {.blob = NULL};
-    for (;;) {
-        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
-        if (leaf < 0) {
-            goto error;
-        }
-        if (leaf) {
-            break;
-        }
-        Py_ssize_t index = child_index(node, &image, key, size);
-        if (index < 0) {
-            goto error;
-        }
-        PyObject *rows = rows_of(node);
-        if (rows == NULL || PyList_Append(plus, before) < 0) {
-            Py_XDECREF(rows);
-            goto error;
-        }
-        if (step_down(&node, &image, rows, index, &before, &after, fetcher) < 0) {
-            goto error;
-        }
-        image_release(&image);
-    }
-    Py_ssize_t index = image_search(node, &image, key, size, key_after);
-    Py_ssize_t count = index < 0 ? -1 : node_size(node, &image);
-    image_release(&image);
+    walk->node = node; /* consumed */
+    walk->before = Py_NewRef(before);
+    walk->after = Py_NewRef(after);
+    walk->key = key;
+    walk->size = size;
+    walk->key_after = key_after;
+    walk->plus = plus;
+    walk->positive = positive;
+    walk->done = 0;
+    walk->image.blob = NULL;
+}
+
+static void
+walk_release(Walk *walk)
+{
+    image_release(&walk->image);
+    Py_CLEAR(walk->node);
+    Py_CLEAR(walk->before);
+    Py_CLEAR(walk->after);
+}
+
+/* The leaf's part of a walk (its node's image open). 0, or -1 with an error set. */
+static int
+walk_leaf(Walk *walk, PyObject *spans)
+{
+    PyObject *node = walk->node, *before = walk->before, *after = walk->after;
+    Py_ssize_t index = image_search(node, &walk->image, walk->key, walk->size, walk->key_after);
+    Py_ssize_t count = index < 0 ? -1 : node_size(node, &walk->image);
     if (count < 0) {
-        goto error;
+        return -1;
     }
-    int head = 2 * index <= count;
-    if (PyList_Append(plus, head ? before : after) < 0) {
-        goto error;
+    int head = 2 * index <= count, positive = walk->positive;
+    if (PyList_Append(walk->plus, head ? before : after) < 0) {
+        return -1;
     }
-    PyObject *span = NULL;
+    PyObject *span;
     if (head && index) {
         span = Py_BuildValue("(OnnOOO)", node, (Py_ssize_t)0, index, positive ? Py_True : Py_False, before, after);
     }
@@ -966,28 +1021,64 @@ prefix_walk(PyObject *node, PyObject *before, PyObject *after, const char *key, 
         span = Py_BuildValue("(OnnOOO)", node, index, count, positive ? Py_False : Py_True, before, after);
     }
     else {
-        goto done;
+        return 0;
     }
-    if (span == NULL || PyList_Append(spans, span) < 0) {
-        Py_XDECREF(span);
-        goto error;
+    int failed = span == NULL || PyList_Append(spans, span) < 0;
+    Py_XDECREF(span);
+    return failed ? -1 : 0;
+}
+
+/* One level of a walk (its node's image open): step down to a child, or finish at the leaf. */
+static int
+walk_step(Walk *walk, PyObject *spans, Fetcher *fetcher)
+{
+    int leaf = image_is_leaf(walk->node, &walk->image);
+    if (leaf) {
+        walk->done = 1;
+        return leaf < 0 ? -1 : walk_leaf(walk, spans);
     }
-    Py_DECREF(span);
-done:
-    Py_DECREF(node);
-    Py_DECREF(before);
-    Py_DECREF(after);
-    return 0;
-error:
-    image_release(&image);
-    Py_DECREF(node);
-    Py_DECREF(before);
-    Py_DECREF(after);
-    return -1;
+    Py_ssize_t index = child_index(walk->node, &walk->image, walk->key, walk->size);
+    if (index < 0) {
+        return -1;
+    }
+    PyObject *rows = rows_of(walk->node);
+    if (rows == NULL || PyList_Append(walk->plus, walk->before) < 0) {
+        Py_XDECREF(rows);
+        return -1;
+    }
+    return step_down(&walk->node, &walk->image, rows, index, &walk->before, &walk->after, fetcher);
+}
+
+/* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
+   in turn, each level opening every walk's image before searching any: the cache misses of one
+   walk's next node (its object, its image's first line) are then under way while the other works,
+   where one walk after the other waits for each miss in turn. Releases the walks. 0, or -1 with an
+   error set. */
+static int
+walk_all(Walk *walks, int count, PyObject *spans, Fetcher *fetcher)
+{
+    int failed = 0, running = count;
+    while (!failed && running) {
+        for (int at = 0; at < count && !failed; at++) {
+            failed = !walks[at].done && node_image(walks[at].node, &walks[at].image) < 0;
+        }
+        running = 0;
+        for (int at = 0; at < count && !failed; at++) {
+            if (!walks[at].done) {
+                failed = walk_step(&walks[at], spans, fetcher) < 0;
+                image_release(&walks[at].image);
+                running += !walks[at].done;
+            }
+        }
+    }
+    for (int at = 0; at < count; at++) {
+        walk_release(&walks[at]);
+    }
+    return failed ? -1 : 0;
 }
 
 /* prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits:
-   prefix_walk from Python. */
+   a walk (see Walk) from Python. */
 static PyObject *
 prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1002,8 +1093,10 @@ prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     if (key_after < 0 || positive < 0 || fetcher_from(args[8], args[9], &fetcher) < 0) {
         return NULL;
     }
-    if (prefix_walk(Py_NewRef(args[0]), args[1], args[2], PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]),
-                    key_after, args[5], args[6], positive, &fetcher) < 0) {
+    Walk walk;
+    walk_start(&walk, Py_NewRef(args[0]), args[1], args[2], PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]),
+               key_after, args[5], positive);
+    if (walk_all(&walk, 1, args[6], &fetcher) < 0) {
         return NULL;
     }
     return PyLong_FromSsize_t(fetcher.hits);
@@ -1012,7 +1105,7 @@ prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
 /* range_parts(node, summary, zero, low, low_after, high, high_after, fetch, nodes) -> (plus, minus,
    spans, hits), the first three None when the cuts are inverted: the rows and leaf spans of the entries between
    two cuts, for settle (_btree.NodeTree.range_summary in one call). The cuts share the path down to
-   the node where they part; from there each descends alone (prefix_walk). When both end in one
+   the node where they part; from there each descends alone, the two in step (walk_all). When both end in one
    leaf, its part is summed on its shorter side: the span between them, or the whole leaf as its
    parent knows it minus both ends. */
 static PyObject *
@@ -1070,13 +1163,17 @@ range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             }
             Py_DECREF(rows);
             PyObject *high_kid = failed ? NULL : child_of(node, &image, other, &fetcher);
-            failed = failed || high_kid == NULL
-                     || prefix_walk(high_kid, parts[0], parts[1], high, high_size, high_after, plus, spans, 1,
-                                    &fetcher) < 0;
-            PyObject *low_kid = failed ? NULL : child_of(node, &image, index, &fetcher);
-            failed = failed || low_kid == NULL
-                     || prefix_walk(low_kid, parts[2], parts[3], low, low_size, low_after, minus, spans, 0,
-                                    &fetcher) < 0;
+            PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, &fetcher);
+            if (low_kid == NULL) {
+                Py_XDECREF(high_kid);
+                failed = 1;
+            }
+            else {
+                Walk walks[2];
+                walk_start(&walks[0], high_kid, parts[0], parts[1], high, high_size, high_after, plus, 1);
+                walk_start(&walks[1], low_kid, parts[2], parts[3], low, low_size, low_after, minus, 0);
+                failed = walk_all(walks, 2, spans, &fetcher) < 0;
+            }
             for (int part = 0; part < 4; part++) {
                 Py_XDECREF(parts[part]);
             }
@@ -1201,16 +1298,14 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
                 Py_XDECREF(low_child);
                 return NULL;
             }
-            Py_ssize_t start = descend(low_child, low, low_size, low_after, &fetcher);
-            if (start < 0) {
-                Py_DECREF(high_child);
+            PyObject *pair[2] = {low_child, high_child};
+            const char *cuts[2] = {low, high};
+            Py_ssize_t cut_sizes[2] = {low_size, high_size}, ranks[2] = {0, 0};
+            int afters[2] = {low_after, high_after};
+            if (descend_pair(pair, cuts, cut_sizes, afters, ranks, &fetcher) < 0) {
                 return NULL;
             }
-            Py_ssize_t stop = descend(high_child, high, high_size, high_after, &fetcher);
-            if (stop < 0) {
-                return NULL;
-            }
-            return Py_BuildValue("nnn", base + before + start, base + at_other + stop, fetcher.hits);
+            return Py_BuildValue("nnn", base + before + ranks[0], base + at_other + ranks[1], fetcher.hits);
         }
         base += before;
         PyObject *child = child_of(node, &image, index, &fetcher);
