@@ -7,9 +7,9 @@ checks that it is built there.
 
 from __future__ import annotations
 
-import sys
 import math
 import random
+import sys
 from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -390,7 +390,9 @@ def test_bisect_refuses_what_is_not_a_node_of_bytes() -> None:
         (400).to_bytes(4, "little") + b"\x00" * 4,
         bytes([8, 0, 0, 0, 99, 0, 0, 0]),  # an unknown kind
         # one key whose prefix ties with b"a"'s, and offsets beyond the image
-        bytes([1, 0, 0, 0, 1, 0, 0, 0]) + (0x61 << 56).to_bytes(8, sys.byteorder) + (99).to_bytes(4, sys.byteorder) * 2,
+        bytes([1, 0, 0, 0, 1, 0, 0, 0])
+        + (0x61 << 56).to_bytes(8, sys.byteorder)
+        + (99).to_bytes(4, sys.byteorder) * 2,
     ):
         damaged = Keyed((b"a",), False)
         damaged._blob = blob
@@ -606,6 +608,9 @@ def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: li
 
     with db.read() as tx:
         expected = reads(tx)
+    for _ in range(3):  # nodes searched once, then with search images built, then through them
+        with db.read() as tx:
+            assert reads(tx) == expected
     with pure_python(), db.read() as tx:
         assert reads(tx) == expected
     with pytest.raises(_Abort), db.write() as tx:  # dirty nodes: C descents fetch every node
@@ -618,6 +623,30 @@ def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: li
     with pure_python():
         python_hits = _hits_of(db, reads)
     assert _hits_of(db, reads) == python_hits
+
+
+@pytest.mark.parametrize("first_id", [3, 2**64 + 3], ids=["64-bit ids", "wider ids"])
+def test_descents_through_images_of_internal_nodes(first_id: int) -> None:
+    """An internal node's image holds its cumulative counts and child ids; one whose ids do not fit
+    in 64 bits gets an image of its keys alone and is followed through its attributes."""
+    assert speedups is not None
+    runs = [[b"a", b"c", b"e"], [b"g", b"h"], [b"m", b"p", b"q", b"s"]]
+    leaves = {first_id + at: Node(first_id + at, True, tuple(run), ()) for at, run in enumerate(runs)}  # type: ignore[arg-type]
+    fences = (b"", b"g", b"m")
+    sizes = tuple(len(run) for run in runs)
+    root = Node(1, False, fences, (sizes,), tuple(leaves), (0,))  # type: ignore[arg-type]
+    everything = sorted(key for run in runs for key in run)
+    probes = [b"", b"a", b"b", b"f", b"g", b"ga", b"m", b"n", b"s", b"t"]
+    for _ in range(3):  # searched in its keys, then its image built, then through it
+        for low in probes:
+            rank, _ = speedups.rank(root, low, False, leaves.__getitem__, leaves)
+            assert rank == bisect_left(everything, low)
+            for high in probes:
+                start, stop, _ = speedups.rank_range(root, low, False, high, True, leaves.__getitem__, None)
+                assert (start, stop) == (bisect_left(everything, low), bisect_right(everything, high))
+    image = root._blob
+    assert isinstance(image, bytes)
+    assert int.from_bytes(image[4:8], sys.byteorder) == (2 if first_id < 2**64 else 3)  # the image's kind
 
 
 # ------------------------------------------------------------------ untracked node containers
