@@ -325,9 +325,11 @@ def test_settle_refuses_rows_of_another_width() -> None:
 
 
 class Keyed:
-    """What bisect needs of a leaf: its keys, whether it may still change, and a slot for the image."""
+    """What bisect needs of a leaf: its keys, whether it may still change, a slot for the image, and
+    its value columns (none)."""
 
     leaf = True
+    cols = ()
 
     def __init__(self, keys: Any, dirty: bool) -> None:
         self.keys = keys
@@ -646,7 +648,7 @@ def test_descents_through_images_of_internal_nodes(first_id: int) -> None:
                 assert (start, stop) == (bisect_left(everything, low), bisect_right(everything, high))
     image = root._blob
     assert isinstance(image, bytes)
-    assert int.from_bytes(image[4:8], sys.byteorder) == (2 if first_id < 2**64 else 3)  # the image's kind
+    assert int.from_bytes(image[4:6], sys.byteorder) == (2 if first_id < 2**64 else 3)  # the image's kind
 
 
 # ------------------------------------------------------------------ untracked node containers
@@ -751,8 +753,10 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
         lambda: speedups.rank(node, b"a", True, 3, None),
         lambda: speedups.rank(node, b"a", True, len, [1]),  # type: ignore[arg-type]
         lambda: speedups.rank_range(node, b"a", False, "b", False, len, None),  # type: ignore[arg-type]
-        lambda: speedups.range_parts(node, [0], [0], b"a", False, b"b", False, len),  # type: ignore[call-arg]
-        lambda: speedups.prefix_into(node, [0], [0], b"a", False, (), [], True, len, None),  # type: ignore[arg-type]
+        lambda: speedups.range_totals(node, [0], b"a", False, b"b", False, len, None),  # type: ignore[call-arg]
+        lambda: speedups.range_totals(node, [0], None, False, None, False, len, None, 0),  # no cut at all
+        lambda: speedups.range_totals(node, [0], "a", False, None, False, len, None, 0),  # type: ignore[arg-type]
+        lambda: speedups.range_totals(node, [0], b"a", False, None, False, 3, None, 0),
     ]
     for call in calls:
         with pytest.raises(TypeError):

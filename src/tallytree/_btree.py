@@ -306,6 +306,18 @@ class NodeTree:
             return list(root.summary)
         access = self.access
         node = access.node(root.node_id)
+        if speedups is not None:  # the same descent in one C call, summed in fixed point as it goes
+            low, low_after = lower if lower is not None else (None, False)
+            high, high_after = upper if upper is not None else (None, False)
+            found = speedups.range_totals(
+                node, root.summary, low, low_after, high, high_after, access.node, access.shared, self.nfields
+            )
+            if found is not None:
+                total, hits = found
+                if hits:
+                    access.count_hits(hits)
+                return total
+            # a value the kernel leaves to Python (an int beyond int64 in a leaf, a sum beyond ~2**2100)
         plus: list[Sequence[int]] = []
         minus: list[Sequence[int]] = []
         spans: list[Span] = []
@@ -318,16 +330,6 @@ class NodeTree:
             return self._settle(plus, minus, spans)
         low, low_after = lower
         high, high_after = upper
-        if speedups is not None:  # the same descent, in one C call
-            parts = speedups.range_parts(
-                node, root.summary, self.zero(), low, low_after, high, high_after, access.node, access.shared
-            )
-            rows_in, rows_out, leaf_spans, hits = parts
-            if hits:
-                access.count_hits(hits)
-            if rows_in is None or rows_out is None or leaf_spans is None:  # the cuts are inverted
-                return self.zero()
-            return self._settle(rows_in, rows_out, leaf_spans)
         before: Sequence[int] = self.zero()
         after: Sequence[int] = root.summary
         find = _finder()
@@ -382,13 +384,6 @@ class NodeTree:
         """
         bound, bound_after = cut
         access = self.access
-        if speedups is not None:  # the same descent, in one C call
-            hits = speedups.prefix_into(
-                node, before, after, bound, bound_after, plus, spans, positive, access.node, access.shared
-            )
-            if hits:
-                access.count_hits(hits)
-            return
         find = _finder()
         while not node.leaf:
             index = find(node, bound, True) - 1

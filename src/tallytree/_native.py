@@ -41,19 +41,19 @@ class Speedups(Protocol):
     def pack_node(self, head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
     def freeze_node(self, node: Any, /) -> None: ...
-    def range_parts(
+    def range_totals(
         self,
         node: Any,
         summary: Sequence[int],
-        zero: Sequence[int],
-        low: bytes,
+        low: bytes | None,
         low_after: bool,
-        high: bytes,
+        high: bytes | None,
         high_after: bool,
         fetch: Any,
         nodes: dict[int, Any] | None,
+        fields: int,
         /,
-    ) -> tuple[list[Sequence[int]] | None, list[Sequence[int]] | None, list[Any] | None, int]: ...
+    ) -> tuple[list[int], int] | None: ...
     def pack_root(
         self,
         node_id: int,
@@ -78,20 +78,6 @@ class Speedups(Protocol):
         nodes: dict[int, Any] | None,
         /,
     ) -> tuple[int, int, int]: ...
-    def prefix_into(
-        self,
-        node: Any,
-        before: Sequence[int],
-        after: Sequence[int],
-        key: bytes,
-        key_after: bool,
-        plus: list[Sequence[int]],
-        spans: list[Any],
-        positive: bool,
-        fetch: Any,
-        nodes: dict[int, Any] | None,
-        /,
-    ) -> int: ...
     def settle(
         self,
         plus: list[Sequence[int]],

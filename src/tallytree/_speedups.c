@@ -346,81 +346,6 @@ bisect_sequence(PyObject *keys, const char *key, Py_ssize_t size, int right)
     return low;
 }
 
-/* The search image of a committed node (its "blob"), one bytes object:
-
-       uint32 n | uint32 kind | n uint64 key prefixes
-       | internal nodes: n + 1 int64 cumulative child counts | n uint64 child ids
-       | n + 1 uint32 offsets | the n keys back to back
-
-   A search bisects the prefixes (n * 8 contiguous bytes: a probe of a cold node costs one cache line,
-   and the last probes share it) and reads a key itself only when its prefix ties with the probe's. A
-   descent then reads the count before the child it takes and the child's id from the same object:
-   a cold internal node costs the lines of its image, where its attributes (the kind, a tuple of
-   counts and its int objects, a tuple of ids and theirs) cost a cache miss each. The keys of a node
-   are a few KiB at most (MAX_KEY_BYTES each), so 32-bit offsets suffice. An internal node whose
-   counts or ids do not fit in 64 bits (none in practice) gets an image of kind IMAGE_KEYS: searched
-   through it, counted and followed through its attributes. */
-
-enum { IMAGE_LEAF = 1, IMAGE_INTERNAL = 2, IMAGE_KEYS = 3 };
-
-typedef struct {
-    PyObject *blob; /* owned; NULL when the node has no image (a dirty node, or searched only once) */
-    Py_ssize_t count, length;
-    int kind;
-    const char *data, *prefixes, *counts, *kids, *offsets;
-} Image;
-
-/* Where the sections of an image of ``count`` keys start; returns the size of the fixed part. */
-static Py_ssize_t
-image_layout(Py_ssize_t count, int kind, Image *image)
-{
-    Py_ssize_t at = 8;
-    image->prefixes = image->data + at;
-    at += count * 8;
-    if (kind == IMAGE_INTERNAL) {
-        image->counts = image->data + at;
-        at += (count + 1) * 8;
-        image->kids = image->data + at;
-        at += count * 8;
-    }
-    else {
-        image->counts = image->kids = NULL;
-    }
-    image->offsets = image->data + at;
-    return at + (count + 1) * (Py_ssize_t)sizeof(uint32_t);
-}
-
-/* Fill ``image`` from a blob (a reference this consumes); 0, or -1 with TypeError if it is not one. */
-static int
-image_parse(PyObject *blob, Image *image)
-{
-    image->blob = blob;
-    image->data = PyBytes_AS_STRING(blob);
-    image->length = PyBytes_GET_SIZE(blob);
-    uint32_t head[2] = {0, 0};
-    if (image->length >= 8) {
-        memcpy(head, image->data, sizeof(head));
-    }
-    image->count = (Py_ssize_t)head[0];
-    image->kind = (int)head[1];
-    /* Only the header is read here: a cold image's offsets lie a few cache lines away, and a search
-       reads them only on a tie, checking each against the image's length. */
-    int valid = image->length >= 8 && image->kind >= IMAGE_LEAF && image->kind <= IMAGE_KEYS &&
-                image->count <= image->length / 12 && image_layout(image->count, image->kind, image) <= image->length;
-    if (!valid) {
-        Py_CLEAR(image->blob);
-        PyErr_SetString(PyExc_TypeError, "node._blob must be None, False or a search image");
-        return -1;
-    }
-    return 0;
-}
-
-static void
-image_release(Image *image)
-{
-    Py_CLEAR(image->blob);
-}
-
 /* The first 8 bytes of a key as a big-endian number, zero-padded: prefix(a) < prefix(b) implies
    a < b, and equal prefixes leave the order to the whole keys. */
 static uint64_t
@@ -467,6 +392,335 @@ node_is_leaf(PyObject *node)
     int answer = PyObject_IsTrue(leaf);
     Py_DECREF(leaf);
     return answer;
+}
+
+/* The search image of a committed node (its "blob"), one bytes object:
+
+       uint32 n | uint16 kind | uint16 fields | n uint64 key prefixes
+       | internal nodes: n + 1 int64 cumulative child counts | n uint64 child ids
+       | n + 1 uint32 offsets | (8-byte aligned) the values section | the n keys back to back
+
+   A search bisects the prefixes (n * 8 contiguous bytes: a probe of a cold node costs one cache line,
+   and the last probes share it) and reads a key itself only when its prefix ties with the probe's. A
+   descent then reads the count before the child it takes and the child's id from the same object:
+   a cold internal node costs the lines of its image, where its attributes (the kind, a tuple of
+   counts and its int objects, a tuple of ids and theirs) cost a cache miss each. The keys of a node
+   are a few KiB at most (MAX_KEY_BYTES each), so 32-bit offsets suffice. An internal node whose
+   counts or ids do not fit in 64 bits (none in practice) gets an image of kind IMAGE_KEYS: searched
+   through it, counted and followed through its attributes.
+
+   The values section holds what a range sum reads (``range_totals``), for ``fields`` value fields:
+
+   * internal node: ``fields`` int32 shifts, then n + 1 rows, row i being the node-local sums of the
+     children before i (``Node.rows()[i]`` without its count, each sum ``>> shift``): ``fields``
+     int128 sums (low then high 64 bits), then ``fields`` int64 float counts. Present when every
+     cumulative sum fits in 127 bits and every shift is at most MAX_SHIFT (the other columns of the
+     node are unshifted): always, but for ints beyond 2**60 or so.
+   * leaf: ``fields`` type bytes, then one column of n raw values per field: VALUES_FLOAT (every
+     value a float: doubles), VALUES_INT (every value an int of the int64 range: int64s) or
+     VALUES_NONE (a mixed or wider column, read from ``cols``; its n * 8 bytes unused).
+
+   ``fields`` is NO_VALUES when the node has no values section. A range sum of a cold node then reads
+   a few contiguous lines, where ``Node.rows()`` holds a tuple of Python ints of ~1,100 bits per row
+   and a leaf's ``cols`` a float object per value. */
+
+enum { IMAGE_LEAF = 1, IMAGE_INTERNAL = 2, IMAGE_KEYS = 3 };
+enum { VALUES_NONE = 0, VALUES_FLOAT = 1, VALUES_INT = 2 };
+#define NO_VALUES 0xFFFF
+#define MAX_SHIFT 2048 /* a shifted int128 row must stay well inside the sum accumulator */
+
+typedef struct {
+    PyObject *blob; /* owned; NULL when the node has no image (a dirty node, or searched only once) */
+    Py_ssize_t count, length, fields; /* fields: -1 without a values section */
+    int kind;
+    const char *data, *prefixes, *counts, *kids, *offsets, *values;
+} Image;
+
+static Py_ssize_t
+align8(Py_ssize_t size)
+{
+    return (size + 7) & ~(Py_ssize_t)7;
+}
+
+/* The size of an image's values section. */
+static Py_ssize_t
+values_size(Py_ssize_t count, int kind, Py_ssize_t fields)
+{
+    if (fields < 0) {
+        return 0;
+    }
+    return kind == IMAGE_LEAF ? align8(fields) + 8 * fields * count : align8(4 * fields) + (count + 1) * 24 * fields;
+}
+
+/* Where the keys of an image start: the size of its other sections. */
+static Py_ssize_t
+image_header(Py_ssize_t count, int kind, Py_ssize_t fields)
+{
+    Py_ssize_t fixed = 8 + count * 8 + (kind == IMAGE_INTERNAL ? (2 * count + 1) * 8 : 0);
+    return align8(fixed + (count + 1) * (Py_ssize_t)sizeof(uint32_t)) + values_size(count, kind, fields);
+}
+
+/* Point the sections of ``image`` (its data set, at least image_header bytes) into its data. */
+static void
+image_layout(Py_ssize_t count, int kind, Py_ssize_t fields, Image *image)
+{
+    Py_ssize_t at = 8;
+    image->prefixes = image->data + at;
+    at += count * 8;
+    if (kind == IMAGE_INTERNAL) {
+        image->counts = image->data + at;
+        at += (count + 1) * 8;
+        image->kids = image->data + at;
+        at += count * 8;
+    }
+    else {
+        image->counts = image->kids = NULL;
+    }
+    image->offsets = image->data + at;
+    at = align8(at + (count + 1) * (Py_ssize_t)sizeof(uint32_t));
+    image->fields = fields;
+    image->values = fields < 0 ? NULL : image->data + at;
+}
+
+/* Fill ``image`` from a blob (a reference this consumes); 0, or -1 with TypeError if it is not one. */
+static int
+image_parse(PyObject *blob, Image *image)
+{
+    image->blob = blob;
+    image->data = PyBytes_AS_STRING(blob);
+    image->length = PyBytes_GET_SIZE(blob);
+    uint32_t count = 0;
+    uint16_t kind = 0, fields = 0;
+    if (image->length >= 8) {
+        memcpy(&count, image->data, sizeof(count));
+        memcpy(&kind, image->data + 4, sizeof(kind));
+        memcpy(&fields, image->data + 6, sizeof(fields));
+    }
+    image->count = (Py_ssize_t)count;
+    image->kind = (int)kind;
+    /* Only the header is read here: a cold image's offsets lie a few cache lines away, and a search
+       reads them only on a tie, checking each against the image's length. */
+    Py_ssize_t with = fields == NO_VALUES ? -1 : fields;
+    int valid = image->length >= 8 && kind >= IMAGE_LEAF && kind <= IMAGE_KEYS && image->count <= image->length / 12 &&
+                (with < 0 || kind != IMAGE_KEYS) && image_header(image->count, kind, with) <= image->length;
+    if (!valid) {
+        Py_CLEAR(image->blob);
+        PyErr_SetString(PyExc_TypeError, "node._blob must be None, False or a search image");
+        return -1;
+    }
+    image_layout(image->count, kind, with, image);
+    return 0;
+}
+
+static void
+image_release(Image *image)
+{
+    Py_CLEAR(image->blob);
+}
+
+/* Two's complement little-endian bytes of an int; -1 with OverflowError if it needs more. */
+static int
+long_bytes(PyObject *item, unsigned char *bytes, size_t length, int is_signed)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, is_signed, 1);
+#else
+    return _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, is_signed);
+#endif
+}
+
+/* An exact int that fits in 127 bits: 1 with *value set, 0 for anything else, -1 on an error. */
+static int
+exact_int128(PyObject *item, __int128 *value)
+{
+    long long small;
+    int found = exact_int64(item, &small);
+    if (found != 0) {
+        *value = small;
+        return found;
+    }
+    if (!PyLong_CheckExact(item)) {
+        return 0;
+    }
+    unsigned char bytes[16];
+    if (long_bytes(item, bytes, sizeof(bytes), 1) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    unsigned __int128 raw = 0;
+    for (int byte = 15; byte >= 0; byte--) {
+        raw = (raw << 8) | bytes[byte];
+    }
+    memcpy(value, &raw, sizeof(raw));
+    return 1;
+}
+
+/* A running sum of a column of ints into ``out`` (``stride`` bytes apart, ``width`` 8 or 16 bytes
+   each, n + 1 values from 0). 1 if a value or a sum does not fit (or is not an exact int), 0, or -1
+   with an error set. */
+static int
+cumulate(PyObject *column, Py_ssize_t count, int width, char *out, Py_ssize_t stride)
+{
+    PyObject *fast = PySequence_Fast(column, "a node's columns must be sequences");
+    if (fast == NULL) {
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(fast) != count) {
+        Py_DECREF(fast);
+        return 1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    __int128 total = 0;
+    int status = 0;
+    for (Py_ssize_t index = 0; index <= count && status == 0; index++) {
+        if (width == 8) {
+            int64_t narrow = (int64_t)total;
+            memcpy(out + index * stride, &narrow, sizeof(narrow));
+        }
+        else {
+            memcpy(out + index * stride, &total, sizeof(total));
+        }
+        if (index == count) {
+            break;
+        }
+        __int128 value;
+        int found = exact_int128(items[index], &value);
+        if (found <= 0) {
+            status = found < 0 ? -1 : 1;
+        }
+        else if (__builtin_add_overflow(total, value, &total) ||
+                 (width == 8 && (total > INT64_MAX || total < INT64_MIN))) {
+            status = 1;
+        }
+    }
+    Py_DECREF(fast);
+    return status;
+}
+
+/* The values section of an internal node into ``out`` (values_size bytes): 1 if it has none, 0, or
+   -1 with an error set. */
+static int
+internal_values(PyObject *cols, PyObject *shifts, Py_ssize_t count, Py_ssize_t fields, char *out)
+{
+    Py_ssize_t row = 24 * fields;
+    char *rows = out + align8(4 * fields);
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        long long shift;
+        int found = exact_int64(PySequence_Fast_GET_ITEM(shifts, 1 + field), &shift);
+        if (found <= 0 || shift < 0 || shift > MAX_SHIFT) {
+            return found < 0 ? -1 : 1;
+        }
+        long long unshifted;
+        found = exact_int64(PySequence_Fast_GET_ITEM(shifts, 1 + fields + field), &unshifted);
+        if (found <= 0 || unshifted != 0) { /* float counts are never shifted */
+            return found < 0 ? -1 : 1;
+        }
+        int32_t narrow = (int32_t)shift;
+        memcpy(out + 4 * field, &narrow, sizeof(narrow));
+        int status = cumulate(PySequence_Fast_GET_ITEM(cols, 1 + field), count, 16, rows + 16 * field, row);
+        status = status ? status
+                        : cumulate(PySequence_Fast_GET_ITEM(cols, 1 + fields + field), count, 8,
+                                   rows + 16 * fields + 8 * field, row);
+        if (status) {
+            return status;
+        }
+    }
+    return 0;
+}
+
+/* The values section of a leaf into ``out`` (values_size bytes): 0, or -1 with an error set. */
+static int
+leaf_values(PyObject *cols, Py_ssize_t count, Py_ssize_t fields, char *out)
+{
+    char *columns = out + align8(fields);
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        PyObject *fast = PySequence_Fast(PySequence_Fast_GET_ITEM(cols, field), "a leaf's columns must be sequences");
+        if (fast == NULL) {
+            return -1;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(fast);
+        char type = PySequence_Fast_GET_SIZE(fast) == count ? VALUES_FLOAT : VALUES_NONE;
+        char *column = columns + 8 * field * count;
+        for (Py_ssize_t index = 0; index < count && type == VALUES_FLOAT; index++) {
+            if (!PyFloat_CheckExact(items[index])) {
+                type = VALUES_INT;
+                break;
+            }
+            double value = PyFloat_AS_DOUBLE(items[index]);
+            memcpy(column + 8 * index, &value, sizeof(value));
+        }
+        for (Py_ssize_t index = 0; index < count && type == VALUES_INT; index++) {
+            long long value;
+            int found = exact_int64(items[index], &value);
+            if (found < 0) {
+                Py_DECREF(fast);
+                return -1;
+            }
+            if (found == 0) {
+                type = VALUES_NONE;
+                break;
+            }
+            memcpy(column + 8 * index, &value, sizeof(value));
+        }
+        Py_DECREF(fast);
+        out[field] = type;
+    }
+    return 0;
+}
+
+/* The values section of a node into ``*out`` (PyMem_Malloc'ed, values_size bytes) and its number of
+   fields into ``*fields``; *out stays NULL (fields -1) when the node has none. 0, or -1 with an error. */
+static int
+node_values(PyObject *node, int kind, Py_ssize_t count, Py_ssize_t *fields, char **out)
+{
+    *out = NULL;
+    *fields = -1;
+    if (kind == IMAGE_KEYS) {
+        return 0;
+    }
+    PyObject *cols = PyObject_GetAttr(node, cols_name);
+    PyObject *cols_fast = cols == NULL ? NULL : PySequence_Fast(cols, "a node's cols must be a sequence");
+    Py_XDECREF(cols);
+    PyObject *shifts = NULL, *shifts_fast = NULL;
+    if (cols_fast != NULL && kind == IMAGE_INTERNAL) {
+        shifts = PyObject_GetAttr(node, shifts_name);
+        shifts_fast = shifts == NULL ? NULL : PySequence_Fast(shifts, "a node's shifts must be a sequence");
+        Py_XDECREF(shifts);
+        if (shifts_fast == NULL) {
+            Py_CLEAR(cols_fast);
+        }
+    }
+    if (cols_fast == NULL) {
+        return -1;
+    }
+    Py_ssize_t width = PySequence_Fast_GET_SIZE(cols_fast);
+    Py_ssize_t wanted = kind == IMAGE_LEAF ? width : (width - 1) / 2;
+    int status = 1;
+    if (wanted < NO_VALUES &&
+        (kind == IMAGE_LEAF || (width % 2 == 1 && PySequence_Fast_GET_SIZE(shifts_fast) == width))) {
+        Py_ssize_t size = values_size(count, kind, wanted);
+        *out = PyMem_Calloc((size_t)(size ? size : 1), 1);
+        if (*out == NULL) {
+            PyErr_NoMemory();
+            status = -1;
+        }
+        else {
+            status = kind == IMAGE_LEAF ? leaf_values(cols_fast, count, wanted, *out)
+                                        : internal_values(cols_fast, shifts_fast, count, wanted, *out);
+        }
+    }
+    Py_DECREF(cols_fast);
+    Py_XDECREF(shifts_fast);
+    if (status) {
+        PyMem_Free(*out);
+        *out = NULL;
+        return status < 0 ? -1 : 0;
+    }
+    *fields = wanted;
+    return 0;
 }
 
 /* The 64-bit numbers of a sequence of ints into ``out`` (signed or not); 1 if one does not fit (no
@@ -543,9 +797,15 @@ build_image(PyObject *node)
         }
     }
     PyObject *blob = NULL;
+    char *values = NULL;
     for (int kind = leaf ? IMAGE_LEAF : IMAGE_INTERNAL; blob == NULL; kind = IMAGE_KEYS) {
-        Image image = {.data = NULL};
-        Py_ssize_t header = image_layout(count, kind, &image);
+        Py_ssize_t fields;
+        PyMem_Free(values);
+        if (node_values(node, kind, count, &fields, &values) < 0) {
+            values = NULL;
+            break;
+        }
+        Py_ssize_t header = image_header(count, kind, fields);
         if (count > UINT32_MAX / 16 || total > (Py_ssize_t)UINT32_MAX - header) {
             PyErr_SetString(PyExc_OverflowError, "a node's keys are too large to index");
             break;
@@ -554,10 +814,15 @@ build_image(PyObject *node)
         if (blob == NULL) {
             break;
         }
-        image.data = PyBytes_AS_STRING(blob);
-        image_layout(count, kind, &image);
-        uint32_t head[2] = {(uint32_t)count, (uint32_t)kind};
-        memcpy((char *)image.data, head, sizeof(head));
+        char *out = PyBytes_AS_STRING(blob);
+        memset(out, 0, (size_t)header); /* the alignment padding too: an image's bytes depend on the node alone */
+        Image image = {.data = out};
+        image_layout(count, kind, fields, &image);
+        uint32_t head_count = (uint32_t)count;
+        uint16_t head_kind = (uint16_t)kind, head_fields = fields < 0 ? NO_VALUES : (uint16_t)fields;
+        memcpy(out, &head_count, sizeof(head_count));
+        memcpy(out + 4, &head_kind, sizeof(head_kind));
+        memcpy(out + 6, &head_fields, sizeof(head_fields));
         if (kind == IMAGE_INTERNAL) {
             int filled = fill_words(counts, count + 1, 1, (char *)image.counts);
             filled = filled ? filled : fill_words(kids, count, 0, (char *)image.kids);
@@ -569,7 +834,9 @@ build_image(PyObject *node)
                 continue; /* a count or an id beyond 64 bits: an image of the keys alone */
             }
         }
-        char *out = (char *)image.data;
+        if (values != NULL) {
+            memcpy((char *)image.values, values, (size_t)values_size(count, kind, fields));
+        }
         char *offsets = (char *)image.offsets;
         uint32_t offset = (uint32_t)header;
         for (Py_ssize_t index = 0; index < count; index++) {
@@ -583,6 +850,7 @@ build_image(PyObject *node)
         }
         memcpy(offsets + count * (Py_ssize_t)sizeof(uint32_t), &offset, sizeof(offset));
     }
+    PyMem_Free(values);
     Py_XDECREF(counts);
     Py_XDECREF(kids);
     Py_DECREF(fast);
@@ -935,300 +1203,6 @@ rows_of(PyObject *node)
         rows = PyObject_CallMethodNoArgs(node, rows_name);
     }
     return rows;
-}
-
-/* One level of a range sum's descent: ``*before`` and ``*after`` become the rows around child
-   ``index`` of ``*node`` (``rows`` are its cumulative rows, a reference this consumes) and ``*node``
-   that child. 0, or -1 with an error set (the references stay valid for the caller to release). */
-static int
-step_down(PyObject **node, const Image *image, PyObject *rows, Py_ssize_t index, PyObject **before,
-          PyObject **after, Fetcher *fetcher)
-{
-    PyObject *low = PySequence_GetItem(rows, index);
-    PyObject *high = low == NULL ? NULL : PySequence_GetItem(rows, index + 1);
-    Py_DECREF(rows);
-    if (high == NULL) {
-        Py_XDECREF(low);
-        return -1;
-    }
-    Py_SETREF(*before, low);
-    Py_SETREF(*after, high);
-    PyObject *child = child_of(*node, image, index, fetcher);
-    if (child == NULL) {
-        return -1;
-    }
-    Py_SETREF(*node, child);
-    return 0;
-}
-
-/* _btree.NodeTree._prefix_into as a walk: descending to the cut at ``key`` below ``node``, each level
-   appends ``before`` to ``plus`` and moves ``before``/``after`` to the rows around the child taken;
-   the leaf appends ``before`` and a span of its first entries, or ``after`` and (with the other sign)
-   a span of its last entries, whichever span is shorter. */
-typedef struct {
-    PyObject *node, *before, *after; /* owned */
-    const char *key;
-    Py_ssize_t size;
-    int key_after, positive, done;
-    PyObject *plus; /* borrowed */
-    Image image;
-} Walk;
-
-static void
-walk_start(Walk *walk, PyObject *node, PyObject *before, PyObject *after, const char *key, Py_ssize_t size,
-           int key_after, PyObject *plus, int positive)
-{
-    walk->node = node; /* consumed */
-    walk->before = Py_NewRef(before);
-    walk->after = Py_NewRef(after);
-    walk->key = key;
-    walk->size = size;
-    walk->key_after = key_after;
-    walk->plus = plus;
-    walk->positive = positive;
-    walk->done = 0;
-    walk->image.blob = NULL;
-}
-
-static void
-walk_release(Walk *walk)
-{
-    image_release(&walk->image);
-    Py_CLEAR(walk->node);
-    Py_CLEAR(walk->before);
-    Py_CLEAR(walk->after);
-}
-
-/* The leaf's part of a walk (its node's image open). 0, or -1 with an error set. */
-static int
-walk_leaf(Walk *walk, PyObject *spans)
-{
-    PyObject *node = walk->node, *before = walk->before, *after = walk->after;
-    Py_ssize_t index = image_search(node, &walk->image, walk->key, walk->size, walk->key_after);
-    Py_ssize_t count = index < 0 ? -1 : node_size(node, &walk->image);
-    if (count < 0) {
-        return -1;
-    }
-    int head = 2 * index <= count, positive = walk->positive;
-    if (PyList_Append(walk->plus, head ? before : after) < 0) {
-        return -1;
-    }
-    PyObject *span;
-    if (head && index) {
-        span = Py_BuildValue("(OnnOOO)", node, (Py_ssize_t)0, index, positive ? Py_True : Py_False, before, after);
-    }
-    else if (!head && index < count) {
-        span = Py_BuildValue("(OnnOOO)", node, index, count, positive ? Py_False : Py_True, before, after);
-    }
-    else {
-        return 0;
-    }
-    int failed = span == NULL || PyList_Append(spans, span) < 0;
-    Py_XDECREF(span);
-    return failed ? -1 : 0;
-}
-
-/* One level of a walk (its node's image open): step down to a child, or finish at the leaf. */
-static int
-walk_step(Walk *walk, PyObject *spans, Fetcher *fetcher)
-{
-    int leaf = image_is_leaf(walk->node, &walk->image);
-    if (leaf) {
-        walk->done = 1;
-        return leaf < 0 ? -1 : walk_leaf(walk, spans);
-    }
-    Py_ssize_t index = child_index(walk->node, &walk->image, walk->key, walk->size);
-    if (index < 0) {
-        return -1;
-    }
-    PyObject *rows = rows_of(walk->node);
-    if (rows == NULL || PyList_Append(walk->plus, walk->before) < 0) {
-        Py_XDECREF(rows);
-        return -1;
-    }
-    return step_down(&walk->node, &walk->image, rows, index, &walk->before, &walk->after, fetcher);
-}
-
-/* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
-   in turn, each level opening every walk's image before searching any: the cache misses of one
-   walk's next node (its object, its image's first line) are then under way while the other works,
-   where one walk after the other waits for each miss in turn. Releases the walks. 0, or -1 with an
-   error set. */
-static int
-walk_all(Walk *walks, int count, PyObject *spans, Fetcher *fetcher)
-{
-    int failed = 0, running = count;
-    while (!failed && running) {
-        for (int at = 0; at < count && !failed; at++) {
-            failed = !walks[at].done && node_image(walks[at].node, &walks[at].image) < 0;
-        }
-        running = 0;
-        for (int at = 0; at < count && !failed; at++) {
-            if (!walks[at].done) {
-                failed = walk_step(&walks[at], spans, fetcher) < 0;
-                image_release(&walks[at].image);
-                running += !walks[at].done;
-            }
-        }
-    }
-    for (int at = 0; at < count; at++) {
-        walk_release(&walks[at]);
-    }
-    return failed ? -1 : 0;
-}
-
-/* prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits:
-   a walk (see Walk) from Python. */
-static PyObject *
-prefix_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    Fetcher fetcher;
-    if (nargs != 10 || !PyBytes_Check(args[3]) || !PyList_CheckExact(args[5]) || !PyList_CheckExact(args[6])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "prefix_into(node, before, after, key: bytes, key_after, plus: list, spans: list, "
-                        "positive, fetch, nodes)");
-        return NULL;
-    }
-    int key_after = PyObject_IsTrue(args[4]), positive = PyObject_IsTrue(args[7]);
-    if (key_after < 0 || positive < 0 || fetcher_from(args[8], args[9], &fetcher) < 0) {
-        return NULL;
-    }
-    Walk walk;
-    walk_start(&walk, Py_NewRef(args[0]), args[1], args[2], PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]),
-               key_after, args[5], positive);
-    if (walk_all(&walk, 1, args[6], &fetcher) < 0) {
-        return NULL;
-    }
-    return PyLong_FromSsize_t(fetcher.hits);
-}
-
-/* range_parts(node, summary, zero, low, low_after, high, high_after, fetch, nodes) -> (plus, minus,
-   spans, hits), the first three None when the cuts are inverted: the rows and leaf spans of the entries between
-   two cuts, for settle (_btree.NodeTree.range_summary in one call). The cuts share the path down to
-   the node where they part; from there each descends alone, the two in step (walk_all). When both end in one
-   leaf, its part is summed on its shorter side: the span between them, or the whole leaf as its
-   parent knows it minus both ends. */
-static PyObject *
-range_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    Fetcher fetcher;
-    if (nargs != 9 || !PyBytes_Check(args[3]) || !PyBytes_Check(args[5])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "range_parts(node, summary, zero, low: bytes, low_after, high: bytes, high_after, "
-                        "fetch, nodes)");
-        return NULL;
-    }
-    int low_after = PyObject_IsTrue(args[4]), high_after = PyObject_IsTrue(args[6]);
-    if (low_after < 0 || high_after < 0 || fetcher_from(args[7], args[8], &fetcher) < 0) {
-        return NULL;
-    }
-    const char *low = PyBytes_AS_STRING(args[3]), *high = PyBytes_AS_STRING(args[5]);
-    Py_ssize_t low_size = PyBytes_GET_SIZE(args[3]), high_size = PyBytes_GET_SIZE(args[5]);
-    PyObject *zero = args[2];
-    PyObject *plus = PyList_New(0), *minus = PyList_New(0), *spans = PyList_New(0);
-    PyObject *node = Py_NewRef(args[0]), *before = Py_NewRef(zero), *after = Py_NewRef(args[1]);
-    PyObject *result = NULL;
-    Image image = {.blob = NULL};
-    if (plus == NULL || minus == NULL || spans == NULL) {
-        goto finish;
-    }
-    for (;;) {
-        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
-        if (leaf < 0) {
-            goto finish;
-        }
-        if (leaf) {
-            break;
-        }
-        Py_ssize_t index = child_index(node, &image, low, low_size);
-        Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
-        if (other < 0) {
-            goto finish;
-        }
-        if (index > other) {
-            result = Py_BuildValue("(OOOn)", Py_None, Py_None, Py_None, fetcher.hits);
-            goto finish;
-        }
-        PyObject *rows = rows_of(node);
-        if (rows == NULL) {
-            goto finish;
-        }
-        if (index != other) {
-            PyObject *parts[4] = {NULL, NULL, NULL, NULL}; /* the rows around both children */
-            Py_ssize_t at[4] = {other, other + 1, index, index + 1};
-            int failed = 0;
-            for (int part = 0; part < 4 && !failed; part++) {
-                parts[part] = PySequence_GetItem(rows, at[part]);
-                failed = parts[part] == NULL;
-            }
-            Py_DECREF(rows);
-            PyObject *high_kid = failed ? NULL : child_of(node, &image, other, &fetcher);
-            PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, &fetcher);
-            if (low_kid == NULL) {
-                Py_XDECREF(high_kid);
-                failed = 1;
-            }
-            else {
-                Walk walks[2];
-                walk_start(&walks[0], high_kid, parts[0], parts[1], high, high_size, high_after, plus, 1);
-                walk_start(&walks[1], low_kid, parts[2], parts[3], low, low_size, low_after, minus, 0);
-                failed = walk_all(walks, 2, spans, &fetcher) < 0;
-            }
-            for (int part = 0; part < 4; part++) {
-                Py_XDECREF(parts[part]);
-            }
-            if (!failed) {
-                result = Py_BuildValue("(OOOn)", plus, minus, spans, fetcher.hits);
-            }
-            goto finish;
-        }
-        if (step_down(&node, &image, rows, index, &before, &after, &fetcher) < 0) {
-            goto finish;
-        }
-        image_release(&image);
-    }
-    Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
-    Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
-    Py_ssize_t size = stop < 0 ? -1 : node_size(node, &image);
-    if (size < 0) {
-        goto finish;
-    }
-    if (start >= stop) {
-        result = Py_BuildValue("(OOOn)", Py_None, Py_None, Py_None, fetcher.hits);
-        goto finish;
-    }
-    int failed;
-    if (2 * (stop - start) <= size) { /* the span between the cuts */
-        PyObject *span = Py_BuildValue("(OnnOOO)", node, start, stop, Py_True, before, after);
-        failed = span == NULL || PyList_Append(spans, span) < 0 || PyList_Append(plus, zero) < 0;
-        Py_XDECREF(span);
-    }
-    else { /* the whole leaf, as its parent knows it, minus both ends */
-        failed = PyList_Append(plus, after) < 0 || PyList_Append(minus, before) < 0;
-        PyObject *ends[2] = {NULL, NULL};
-        if (!failed && start) {
-            ends[0] = Py_BuildValue("(OnnOOO)", node, (Py_ssize_t)0, start, Py_False, before, after);
-            failed = ends[0] == NULL || PyList_Append(spans, ends[0]) < 0;
-        }
-        if (!failed && stop < size) {
-            ends[1] = Py_BuildValue("(OnnOOO)", node, stop, size, Py_False, before, after);
-            failed = ends[1] == NULL || PyList_Append(spans, ends[1]) < 0;
-        }
-        Py_XDECREF(ends[0]);
-        Py_XDECREF(ends[1]);
-    }
-    if (!failed) {
-        result = Py_BuildValue("(OOOn)", plus, minus, spans, fetcher.hits);
-    }
-finish:
-    image_release(&image);
-    Py_XDECREF(plus);
-    Py_XDECREF(minus);
-    Py_XDECREF(spans);
-    Py_DECREF(node);
-    Py_DECREF(before);
-    Py_DECREF(after);
-    return result;
 }
 
 /* rank(node, key, after, fetch, nodes) -> (rank, hits) */
@@ -1664,6 +1638,535 @@ failed:
     Py_DECREF(spans);
     Py_DECREF(out);
     return NULL;
+}
+
+/* ------------------------------------------------------------------ range sums through images */
+
+/* range_totals answers a range sum (``_btree.NodeTree.range_summary``) in one call: the same descent
+   as the Python code, with every summary row and leaf span added straight into fixed-point
+   accumulators (one per field) instead of being collected as Python rows for ``settle``. A node with
+   an image is read there: its rows as node-local int128 sums and int64 float counts, its leaf values
+   as doubles or int64s. A node without one (dirty, or searched once) is read through its attributes
+   (``rows()`` and ``cols``). Anything the accumulators do not take (an int beyond the int64 range in
+   a leaf, a sum beyond ~2**2100 units, NaN) makes the kernel answer None: the Python code then
+   answers the whole read. */
+
+typedef struct {
+    Py_ssize_t fields;
+    long long count;
+    long long *floats;  /* per field */
+    Accumulator *sums;  /* per field */
+} Total;
+
+static int
+total_start(Total *total, Py_ssize_t fields)
+{
+    total->fields = fields;
+    total->count = 0;
+    total->floats = PyMem_Calloc((size_t)fields + 1, sizeof(long long));
+    total->sums = PyMem_Calloc((size_t)fields + 1, sizeof(Accumulator));
+    if (total->floats == NULL || total->sums == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void
+total_end(Total *total)
+{
+    PyMem_Free(total->floats);
+    PyMem_Free(total->sums);
+}
+
+/* The summary ``[count, S..., F...]`` (true scale), a new list. */
+static PyObject *
+total_summary(Total *total)
+{
+    Py_ssize_t fields = total->fields;
+    PyObject *out = PyList_New(1 + 2 * fields);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t column = 0; column < 1 + 2 * fields; column++) {
+        PyObject *value = column == 0        ? PyLong_FromLongLong(total->count)
+                          : column <= fields ? accumulated(&total->sums[column - 1])
+                                             : PyLong_FromLongLong(total->floats[column - 1 - fields]);
+        if (value == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, column, value);
+    }
+    return out;
+}
+
+/* Add (or subtract) an int128 in units of 2**shift (shift <= MAX_SHIFT). */
+static void
+accumulate_wide(Accumulator *acc, __int128 value, unsigned shift, int negate)
+{
+    int negative = value < 0;
+    unsigned __int128 magnitude = negative ? (unsigned __int128)0 - (unsigned __int128)value : (unsigned __int128)value;
+    if ((uint64_t)magnitude) {
+        accumulate(acc, (uint64_t)magnitude, shift, negative != negate);
+    }
+    if ((uint64_t)(magnitude >> 64)) {
+        accumulate(acc, (uint64_t)(magnitude >> 64), shift + 64, negative != negate);
+    }
+}
+
+/* Add (or subtract) a Python int in units (a true-scale sum of a Python row): 0, 1 when it is too
+   large for the accumulator (left to Python), -1 with an error set. */
+static int
+accumulate_long(Accumulator *acc, PyObject *item, int negate)
+{
+    if (!PyLong_CheckExact(item)) {
+        PyErr_SetString(PyExc_TypeError, "a summary row holds ints");
+        return -1;
+    }
+    size_t bits = _PyLong_NumBits(item);
+    if (bits == (size_t)-1) {
+        return -1;
+    }
+    if (bits > MAX_SHIFT + 64) {
+        return 1;
+    }
+    int negative = _PyLong_Sign(item) < 0;
+    PyObject *magnitude = negative ? PyNumber_Negative(item) : Py_NewRef(item);
+    if (magnitude == NULL) {
+        return -1;
+    }
+    unsigned char bytes[(MAX_SHIFT + 64) / 8 + 8];
+    size_t length = (bits + 63) / 64 * 8;
+    int failed = long_bytes(magnitude, bytes, length, 0);
+    Py_DECREF(magnitude);
+    if (failed) {
+        return -1;
+    }
+    for (size_t word = 0; word < length / 8; word++) {
+        uint64_t part = 0;
+        for (int byte = 7; byte >= 0; byte--) {
+            part = (part << 8) | bytes[8 * word + (size_t)byte];
+        }
+        if (part) {
+            accumulate(acc, part, (unsigned)(64 * word), negative != negate);
+        }
+    }
+    return 0;
+}
+
+/* A summary row of a range sum: the rows before a child of an internal node, from its image
+   (``image``, the blob, owned) or from its ``rows()`` (``python``, owned); zero when both are NULL. */
+typedef struct {
+    PyObject *image, *python;
+    const char *sums, *shifts;
+    long long count;
+} Row;
+
+static void
+row_release(Row *row)
+{
+    Py_CLEAR(row->image);
+    Py_CLEAR(row->python);
+}
+
+/* Replace ``*before`` and ``*after`` by the rows around child ``index`` of an internal node. */
+static int
+rows_around(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t fields, Row *before, Row *after)
+{
+    row_release(before);
+    row_release(after);
+    if (image->blob != NULL && image->kind == IMAGE_INTERNAL && image->fields == fields) {
+        if (index < 0 || index >= image->count) {
+            PyErr_SetString(PyExc_IndexError, "child index out of range");
+            return -1;
+        }
+        Row *rows[2] = {before, after};
+        for (int side = 0; side < 2; side++) {
+            int64_t count;
+            memcpy(&count, image->counts + (index + side) * 8, sizeof(count));
+            rows[side]->image = Py_NewRef(image->blob);
+            rows[side]->shifts = image->values;
+            rows[side]->sums = image->values + align8(4 * fields) + (index + side) * 24 * fields;
+            rows[side]->count = count;
+        }
+        return 0;
+    }
+    PyObject *rows = rows_of(node);
+    if (rows == NULL) {
+        return -1;
+    }
+    before->python = PySequence_GetItem(rows, index);
+    after->python = before->python == NULL ? NULL : PySequence_GetItem(rows, index + 1);
+    Py_DECREF(rows);
+    return after->python == NULL ? -1 : 0;
+}
+
+/* Add (sign 1) or subtract (-1) a row: 0, 1 when a value is left to Python, -1 with an error set. */
+static int
+add_row(Total *total, const Row *row, int sign)
+{
+    Py_ssize_t fields = total->fields;
+    if (row->image != NULL) {
+        total->count += sign * row->count;
+        for (Py_ssize_t field = 0; field < fields; field++) {
+            int32_t shift;
+            __int128 sum;
+            int64_t floats;
+            memcpy(&shift, row->shifts + 4 * field, sizeof(shift));
+            memcpy(&sum, row->sums + 16 * field, sizeof(sum));
+            memcpy(&floats, row->sums + 16 * fields + 8 * field, sizeof(floats));
+            accumulate_wide(&total->sums[field], sum, (unsigned)shift, sign < 0);
+            total->floats[field] += sign * floats;
+        }
+        return 0;
+    }
+    if (row->python == NULL) {
+        return 0;
+    }
+    PyObject *fast = PySequence_Fast(row->python, "a summary row must be a sequence");
+    if (fast == NULL) {
+        return -1;
+    }
+    int status = 0;
+    if (PySequence_Fast_GET_SIZE(fast) != 1 + 2 * fields) {
+        PyErr_SetString(PyExc_ValueError, "a summary row's width differs from 1 + 2 * fields");
+        status = -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t column = 0; column < 1 + 2 * fields && status == 0; column++) {
+        if (column >= 1 && column <= fields) {
+            status = accumulate_long(&total->sums[column - 1], items[column], sign < 0);
+            continue;
+        }
+        long long value;
+        int found = exact_int64(items[column], &value);
+        status = found < 0 ? -1 : found == 0 ? 1 : 0;
+        if (found > 0) {
+            *(column == 0 ? &total->count : &total->floats[column - 1 - fields]) += sign * value;
+        }
+    }
+    Py_DECREF(fast);
+    return status;
+}
+
+/* Add (positive) or subtract the entries [start, stop) of a leaf, from its image's columns where it
+   has them, else from ``cols``: 0, 1 when a value is left to Python, -1 with an error set. */
+static int
+add_span(Total *total, PyObject *leaf, const Image *image, Py_ssize_t start, Py_ssize_t stop, int positive)
+{
+    Py_ssize_t fields = total->fields, length = stop - start;
+    total->count += positive ? length : -length;
+    int imaged = image->blob != NULL && image->kind == IMAGE_LEAF && image->fields == fields;
+    if (imaged && (start < 0 || stop > image->count)) {
+        PyErr_SetString(PyExc_IndexError, "a span lies outside its leaf");
+        return -1;
+    }
+    PyObject *columns = NULL;
+    int status = 0;
+    for (Py_ssize_t field = 0; field < fields && status == 0; field++) {
+        Accumulator *acc = &total->sums[field];
+        char type = imaged ? image->values[field] : VALUES_NONE;
+        const char *column = imaged ? image->values + align8(fields) + 8 * field * image->count : NULL;
+        if (type == VALUES_FLOAT) {
+            for (Py_ssize_t index = start; index < stop && status == 0; index++) {
+                double value;
+                memcpy(&value, column + 8 * index, sizeof(value));
+                status = accumulate_double(acc, value, !positive) ? 0 : 1;
+            }
+            total->floats[field] += positive ? length : -length;
+            continue;
+        }
+        if (type == VALUES_INT) {
+            for (Py_ssize_t index = start; index < stop; index++) {
+                int64_t value;
+                memcpy(&value, column + 8 * index, sizeof(value));
+                uint64_t magnitude = value < 0 ? UINT64_C(0) - (uint64_t)value : (uint64_t)value;
+                if (magnitude) {
+                    accumulate(acc, magnitude, INT_SHIFT, (value < 0) == positive);
+                }
+            }
+            continue;
+        }
+        if (columns == NULL) {
+            PyObject *cols = PyObject_GetAttr(leaf, cols_name);
+            columns = cols == NULL ? NULL : PySequence_Fast(cols, "a leaf's cols must be a sequence");
+            Py_XDECREF(cols);
+            if (columns == NULL) {
+                return -1;
+            }
+            if (PySequence_Fast_GET_SIZE(columns) != fields) {
+                PyErr_SetString(PyExc_TypeError, "a leaf's cols do not match the fields");
+                status = -1;
+                break;
+            }
+        }
+        PyObject *values = PySequence_Fast(PySequence_Fast_GET_ITEM(columns, field), "a column must be a sequence");
+        if (values == NULL) {
+            status = -1;
+            break;
+        }
+        if (start < 0 || stop > PySequence_Fast_GET_SIZE(values) || start > stop) {
+            PyErr_SetString(PyExc_IndexError, "a span lies outside its column");
+            status = -1;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(values); /* no Python code runs in this loop */
+        Py_ssize_t floats = 0;
+        for (Py_ssize_t index = start; index < stop && status == 0; index++) {
+            int found = accumulate_value(acc, items[index], !positive, &floats);
+            status = found < 0 ? -1 : found == 0 ? 1 : 0;
+        }
+        total->floats[field] += floats;
+        Py_DECREF(values);
+    }
+    Py_XDECREF(columns);
+    return status;
+}
+
+/* The descent to one cut of a range sum, below the node where the cuts part (or from the root for a
+   one-sided range): ``sign`` 1 for the upper cut (what lies before it is added), -1 for the lower one
+   (subtracted). Each level adds the rows before the child taken; the leaf adds ``before`` and its
+   entries before the cut, or ``after`` minus its entries from the cut, whichever span is shorter. */
+typedef struct {
+    PyObject *node; /* owned */
+    Row before, after;
+    const char *key;
+    Py_ssize_t size;
+    int key_after, sign, done;
+    Image image;
+} Walk;
+
+static void
+walk_start(Walk *walk, PyObject *node, const char *key, Py_ssize_t size, int key_after, int sign)
+{
+    memset(walk, 0, sizeof(*walk));
+    walk->node = node; /* consumed */
+    walk->key = key;
+    walk->size = size;
+    walk->key_after = key_after;
+    walk->sign = sign;
+}
+
+static void
+walk_release(Walk *walk)
+{
+    image_release(&walk->image);
+    Py_CLEAR(walk->node);
+    row_release(&walk->before);
+    row_release(&walk->after);
+}
+
+/* One level of a walk (its node's image open): 0, 1 when a value is left to Python, -1 on an error. */
+static int
+walk_step(Walk *walk, Total *total, Fetcher *fetcher)
+{
+    PyObject *node = walk->node;
+    int leaf = image_is_leaf(node, &walk->image);
+    if (leaf < 0) {
+        return -1;
+    }
+    if (leaf) {
+        walk->done = 1;
+        Py_ssize_t index = image_search(node, &walk->image, walk->key, walk->size, walk->key_after);
+        Py_ssize_t count = index < 0 ? -1 : node_size(node, &walk->image);
+        if (count < 0) {
+            return -1;
+        }
+        int head = 2 * index <= count, status;
+        if (head) {
+            status = add_row(total, &walk->before, walk->sign);
+            return status || !index ? status : add_span(total, node, &walk->image, 0, index, walk->sign > 0);
+        }
+        status = add_row(total, &walk->after, walk->sign);
+        return status || index == count ? status : add_span(total, node, &walk->image, index, count, walk->sign < 0);
+    }
+    Py_ssize_t index = child_index(node, &walk->image, walk->key, walk->size);
+    if (index < 0) {
+        return -1;
+    }
+    int status = add_row(total, &walk->before, walk->sign);
+    if (status) {
+        return status;
+    }
+    if (rows_around(node, &walk->image, index, total->fields, &walk->before, &walk->after) < 0) {
+        return -1;
+    }
+    PyObject *child = child_of(node, &walk->image, index, fetcher);
+    if (child == NULL) {
+        return -1;
+    }
+    Py_SETREF(walk->node, child);
+    return 0;
+}
+
+/* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
+   in turn, each level opening every walk's image before searching any: the cache misses of one
+   walk's next node (its object, its image's first line) are then under way while the other works,
+   where one walk after the other waits for each miss in turn. Releases the walks. 0, 1 when a value
+   is left to Python, -1 with an error set. */
+static int
+walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
+{
+    int status = 0, running = count;
+    while (status == 0 && running) {
+        for (int at = 0; at < count && status == 0; at++) {
+            status = !walks[at].done && node_image(walks[at].node, &walks[at].image) < 0 ? -1 : 0;
+        }
+        running = 0;
+        for (int at = 0; at < count && status == 0; at++) {
+            if (!walks[at].done) {
+                status = walk_step(&walks[at], total, fetcher);
+                image_release(&walks[at].image);
+                running += !walks[at].done;
+            }
+        }
+    }
+    for (int at = 0; at < count; at++) {
+        walk_release(&walks[at]);
+    }
+    return status;
+}
+
+/* The shared path of a two-sided range sum, from ``node`` (a reference this consumes): down to the
+   node where the cuts part, then both walks in step; or, when both cuts end in one leaf, its part on
+   its shorter side (the span between them, or the whole leaf as its parent knows it minus both
+   ends). 0, 1 when a value is left to Python, -1 with an error set. */
+static int
+between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low_size, int low_after,
+        const char *high, Py_ssize_t high_size, int high_after, Total *total, Fetcher *fetcher)
+{
+    Image image = {.blob = NULL};
+    int status = -1;
+    for (;;) {
+        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        if (leaf < 0) {
+            goto finish;
+        }
+        if (leaf) {
+            break;
+        }
+        Py_ssize_t index = child_index(node, &image, low, low_size);
+        Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
+        if (other < 0) {
+            goto finish;
+        }
+        if (index > other) { /* inverted cuts: nothing between them */
+            status = 0;
+            goto finish;
+        }
+        if (index != other) {
+            Walk walks[2];
+            PyObject *high_kid = child_of(node, &image, other, fetcher);
+            PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, fetcher);
+            if (low_kid == NULL) {
+                Py_XDECREF(high_kid);
+                goto finish;
+            }
+            walk_start(&walks[0], high_kid, high, high_size, high_after, 1);
+            walk_start(&walks[1], low_kid, low, low_size, low_after, -1);
+            if (rows_around(node, &image, other, total->fields, &walks[0].before, &walks[0].after) < 0 ||
+                rows_around(node, &image, index, total->fields, &walks[1].before, &walks[1].after) < 0) {
+                walk_release(&walks[0]);
+                walk_release(&walks[1]);
+                goto finish;
+            }
+            status = walk_all(walks, 2, total, fetcher);
+            goto finish;
+        }
+        if (rows_around(node, &image, index, total->fields, before, after) < 0) {
+            goto finish;
+        }
+        PyObject *child = child_of(node, &image, index, fetcher);
+        if (child == NULL) {
+            goto finish;
+        }
+        image_release(&image);
+        Py_SETREF(node, child);
+    }
+    Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
+    Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
+    Py_ssize_t size = stop < 0 ? -1 : node_size(node, &image);
+    if (size < 0) {
+        goto finish;
+    }
+    if (start >= stop) {
+        status = 0;
+    }
+    else if (2 * (stop - start) <= size) {
+        status = add_span(total, node, &image, start, stop, 1);
+    }
+    else {
+        status = add_row(total, after, 1);
+        status = status ? status : add_row(total, before, -1);
+        status = status || !start ? status : add_span(total, node, &image, 0, start, 0);
+        status = status || stop == size ? status : add_span(total, node, &image, stop, size, 0);
+    }
+finish:
+    image_release(&image);
+    Py_DECREF(node);
+    return status;
+}
+
+/* range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields) -> (summary,
+   hits) or None: the summary [count, S..., F...] of the entries between the cuts (either may be None
+   for a one-sided range, not both), or None when a value is left to the Python code. */
+static PyObject *
+range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    Py_ssize_t fields;
+    if (nargs != 9 || (args[2] != Py_None && !PyBytes_Check(args[2])) || (args[4] != Py_None && !PyBytes_Check(args[4])) ||
+        (args[2] == Py_None && args[4] == Py_None)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "range_totals(node, summary, low: bytes | None, low_after, high: bytes | None, high_after, "
+                        "fetch, nodes, fields), with at least one cut");
+        return NULL;
+    }
+    int low_after = PyObject_IsTrue(args[3]), high_after = PyObject_IsTrue(args[5]);
+    if (low_after < 0 || high_after < 0 || fetcher_from(args[6], args[7], &fetcher) < 0 ||
+        size_argument(args[8], "range_totals(): fields", &fields) < 0) {
+        return NULL;
+    }
+    Total total;
+    if (total_start(&total, fields) < 0) {
+        total_end(&total);
+        return NULL;
+    }
+    Row before = {NULL}, after = {.python = Py_NewRef(args[1])};
+    PyObject *node = Py_NewRef(args[0]);
+    int status;
+    if (args[2] == Py_None || args[4] == Py_None) { /* one cut: its walk from the root */
+        int upper = args[2] == Py_None;
+        PyObject *cut = upper ? args[4] : args[2];
+        Walk walk;
+        walk_start(&walk, node, PyBytes_AS_STRING(cut), PyBytes_GET_SIZE(cut), upper ? high_after : low_after,
+                   upper ? 1 : -1);
+        walk.after = after;
+        after.python = NULL;
+        status = upper ? 0 : add_row(&total, &walk.after, 1); /* everything, minus what lies before the cut */
+        if (status) {
+            walk_release(&walk);
+        }
+        else {
+            status = walk_all(&walk, 1, &total, &fetcher);
+        }
+    }
+    else {
+        status = between(node, &before, &after, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]), low_after,
+                         PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4]), high_after, &total, &fetcher);
+    }
+    row_release(&before);
+    row_release(&after);
+    PyObject *result = NULL;
+    if (status == 0) {
+        PyObject *summary = total_summary(&total);
+        result = summary == NULL ? NULL : Py_BuildValue("(Nn)", summary, fetcher.hits);
+    }
+    else if (status > 0) {
+        result = Py_NewRef(Py_None);
+    }
+    total_end(&total);
+    return result;
 }
 
 /* ------------------------------------------------------------------ node encoding */
@@ -2477,12 +2980,9 @@ static PyMethodDef methods[] = {
      "node, in one descent."},
     {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
      "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
-    {"range_parts", (PyCFunction)(void (*)(void))range_parts, METH_FASTCALL,
-     "range_parts(node, summary, zero, low, low_after, high, high_after, fetch, nodes) -> (plus, minus, "
-     "spans, hits): the parts of a range sum, for settle (see _btree); None parts if inverted."},
-    {"prefix_into", (PyCFunction)(void (*)(void))prefix_into, METH_FASTCALL,
-     "prefix_into(node, before, after, key, key_after, plus, spans, positive, fetch, nodes) -> hits: "
-     "the rows and leaf span of what precedes a cut, in one descent (see _btree)."},
+    {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
+     "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields) -> (summary, hits) "
+     "or None: a range sum in one call"},
     {"pack_root", (PyCFunction)(void (*)(void))pack_root, METH_FASTCALL,
      "pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record "
      "(see _txn.encode_root)."},

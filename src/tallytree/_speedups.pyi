@@ -17,18 +17,18 @@ def float_sum(values: Sequence[float], /) -> int | None: ...
 def pack_node(head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
 def pack_internal(parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
 def freeze_node(node: Any, /) -> None: ...
-def range_parts(
+def range_totals(
     node: Any,
     summary: Sequence[int],
-    zero: Sequence[int],
-    low: bytes,
+    low: bytes | None,
     low_after: bool,
-    high: bytes,
+    high: bytes | None,
     high_after: bool,
     fetch: Any,
     nodes: dict[int, Any] | None,
+    fields: int,
     /,
-) -> tuple[list[Sequence[int]] | None, list[Sequence[int]] | None, list[Any] | None, int]: ...
+) -> tuple[list[int], int] | None: ...
 def pack_root(
     node_id: int, height: int, summary: list[int], pending: int, pending_summary: list[int] | None, /
 ) -> bytes | None: ...
@@ -46,16 +46,3 @@ def rank_range(
     nodes: dict[int, Any] | None,
     /,
 ) -> tuple[int, int, int]: ...
-def prefix_into(
-    node: Any,
-    before: Sequence[int],
-    after: Sequence[int],
-    key: bytes,
-    key_after: bool,
-    plus: list[Sequence[int]],
-    spans: list[Any],
-    positive: bool,
-    fetch: Any,
-    nodes: dict[int, Any] | None,
-    /,
-) -> int: ...
