@@ -349,11 +349,11 @@ def test_bisect_equals_the_bisect_module(keys: list[bytes], probes: list[bytes])
             expected = reference(keys, probe)
             assert speedups.bisect(committed, probe, right) == expected
             assert speedups.bisect(dirty, probe, right) == expected
-    assert dirty._blob is None  # a node that may still change keeps no blob
+    assert dirty._blob is None  # a node that may still change keeps no image
     assert isinstance(committed._blob, bytes) == bool(probes or keys)  # built by the second search
 
 
-def test_a_committed_node_gets_its_search_blob_on_its_second_search() -> None:
+def test_a_committed_node_gets_its_search_image_on_its_second_search() -> None:
     assert speedups is not None
     node = Keyed((b"a", b"c", b"e"), False)
     assert speedups.bisect(node, b"c", True) == 2 and node._blob is False  # searched in its keys

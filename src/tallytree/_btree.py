@@ -20,8 +20,11 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   reached are summed together in one exact pass per field, each leaf on its shorter side, so a leaf
   read for the first time costs no O(B) table (a leaf read often gets one, see ``Node.hot_rows``).
 * With the C kernels built, the descents of ``rank``, ``rank_range`` and ``range_summary`` run in one
-  C call each (``_speedups.c``): the same steps, with children taken straight from the
-  shared node cache in read transactions. The Python loops below stay the reference and the fallback.
+  C call each (``_speedups.c``): the same steps, with children taken straight from the shared node
+  cache in read transactions, and a node's search image read instead of its attributes (its counts,
+  child ids and cumulative sums in fixed-width arrays; a leaf's values as raw numbers): a range sum
+  is added up in fixed point as the descent goes, with no Python row or value object. The Python
+  loops below stay the reference and the fallback (for sums the C accumulators do not take).
 * ``select`` descends by cumulative counts.
 * ``insert`` / ``delete`` / ``update`` change one leaf and add a delta to the summary of each node on the
   path, then split, merge or borrow on the way back up.
@@ -160,7 +163,7 @@ def _bisect_keys(node: Node, key: bytes, right: bool) -> int:
 
 def _finder() -> Callable[[Node, bytes, bool], int]:
     """The key search of the descents: the C kernel's (through each committed node's cached search
-    blob, see ``_speedups.c``), or :func:`_bisect_keys`. O(1)."""
+    image, see ``_speedups.c``), or :func:`_bisect_keys`. O(1)."""
     return _bisect_keys if speedups is None else speedups.bisect
 
 
@@ -832,7 +835,7 @@ class NodeTree:
         access = self.access
         path: Path = []
         node = access.node(self.root.node_id)
-        while not node.leaf:  # no search blobs: a write replaces these nodes, and their blobs would go
+        while not node.leaf:  # no search images: a write replaces these nodes, and their images would go
             index = bisect_right(node.keys, entry) - 1
             path.append((node, index))
             node = access.node(node.kids[index])

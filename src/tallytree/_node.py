@@ -297,7 +297,7 @@ class Node:
         self.shifts: list[int] = shifts if shifts is not None else (0,) * len(cols)  # type: ignore[assignment]
         self.dirty = dirty
         self.pending = False  # a tree's pending node (see _tree): a leaf stored with its own kind
-        # the search blob of the C kernel bisect (see _speedups.c); False once searched without one
+        # the search image of the C kernels (see _speedups.c); False once searched without one
         self._blob: bytes | bool | None = None
         self._counts: list[int] | None = None
         self._table: list[tuple[int, list[int]]] | None = None

@@ -12,21 +12,28 @@ the Python code and gives the same answers):
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``bisect(node, key, right)``: ``bisect_right`` (or ``bisect_left``) of ``key`` in ``node.keys``. A
-  committed node gets a *search blob* on its second search, cached in ``node._blob``: the first 8
-  bytes of each key as a number, then the keys back to back behind their offsets, one bytes object.
-  A search bisects the numbers (one contiguous array) and reads a key only on a tie, instead of a
-  tuple and a separate bytes object per probe (most probes of a large tree are cache misses). A
-  node's first search reads its keys directly (a blob reads all of them, and most leaves of a large
-  tree are searched once in a while); a dirty node is always searched in its list, uncached;
-* ``rank``, ``rank_range``, ``prefix_into`` and ``range_parts``: the descents of ``_btree.NodeTree`` (a
-  rank, two ranks sharing their path, the rows and leaf span before a cut, the rows and spans of a
-  range sum for ``settle``) in one call each, children taken from the
-  shared node cache when the caller allows it (read transactions) and through the transaction's
-  ``node`` otherwise; they return how many cache hits they made, for the statistics;
+  committed node gets a *search image* on its second search, cached in ``node._blob``: one bytes
+  object with the first 8 bytes of each key as a number, the keys back to back behind their offsets,
+  and what a descent reads of the node (an internal node's cumulative counts, child ids and
+  cumulative sums, a leaf's values as raw doubles or int64s). A search bisects the numbers (one
+  contiguous array) and reads a key only on a tie; a descent reads a few contiguous lines of a cold
+  node, instead of a tuple and a separate object per probe, count, id, sum and value (most nodes of a
+  large tree are out of the CPU caches: each such object is a cache miss). A node's first search
+  reads its keys directly (an image reads all of them, and most leaves of a large tree are searched
+  once in a while); a dirty node is always searched in its list, and has no image;
+* ``rank`` and ``rank_range``: the descents of ``_btree.NodeTree`` (a rank; two ranks sharing their
+  path, then descending in step) in one call each, children taken from the shared node cache when
+  the caller allows it (read transactions) and through the transaction's ``node`` otherwise; they
+  return how many cache hits they made, for the statistics;
+* ``range_totals``: a range sum (``_btree.NodeTree.range_summary``) in one call: the same descents,
+  with every row and leaf span added as it goes into fixed-point accumulators, read from the images
+  (node-local int128 sums, raw leaf columns) or, for nodes without one, from their attributes; None
+  for a sum beyond its accumulators (left to the Python code);
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
-* ``settle(plus, minus, spans, fields)``: the answer of a range read in one call
-  (``_btree.Tree._settle``): its summary rows added and subtracted, and its leaf spans
+* ``settle(plus, minus, spans, fields)``: the end of the Python code's range sum
+  (``_btree.Tree._settle``, when ``range_totals`` leaves a read to it): its summary rows added and
+  subtracted, and its leaf spans
   ``(leaf, start, stop, positive, ...)`` summed exactly, read in place from ``leaf.cols``; None when a
   span holds a value for the Python code (an int beyond int64);
 * ``pack_node(head, parts)``: msgpack's bytes for ``[head, *parts]``, each part a list or tuple of
@@ -44,8 +51,9 @@ The encoders and the sums return None, without raising, as soon as a value is ou
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
 caller then takes the Python path, which accepts or rejects the value with its usual typed error. So
 this module never decides what is valid; it only computes faster what the Python code would.
-``bisect``, the descents and ``settle`` work on tallytree's own nodes and raise TypeError (or
-IndexError) for anything malformed. No kernel runs Python code while it holds a pointer into a sequence.
+``bisect``, the descents, ``range_totals`` and ``settle`` work on tallytree's own nodes and raise
+TypeError (or IndexError) for anything malformed. No kernel runs Python code while it holds a pointer
+into a sequence.
 
 Exact sums
 ----------
@@ -449,7 +457,10 @@ values_size(Py_ssize_t count, int kind, Py_ssize_t fields)
     if (fields < 0) {
         return 0;
     }
-    return kind == IMAGE_LEAF ? align8(fields) + 8 * fields * count : align8(4 * fields) + (count + 1) * 24 * fields;
+    if (kind == IMAGE_LEAF) {
+        return align8(fields) + 8 * fields * count;
+    }
+    return align8(4 * fields) + (count + 1) * 24 * fields;
 }
 
 /* Where the keys of an image start: the size of its other sections. */
@@ -501,8 +512,9 @@ image_parse(PyObject *blob, Image *image)
     /* Only the header is read here: a cold image's offsets lie a few cache lines away, and a search
        reads them only on a tie, checking each against the image's length. */
     Py_ssize_t with = fields == NO_VALUES ? -1 : fields;
-    int valid = image->length >= 8 && kind >= IMAGE_LEAF && kind <= IMAGE_KEYS && image->count <= image->length / 12 &&
-                (with < 0 || kind != IMAGE_KEYS) && image_header(image->count, kind, with) <= image->length;
+    int valid = image->length >= 8 && kind >= IMAGE_LEAF && kind <= IMAGE_KEYS &&
+                image->count <= image->length / 12 && (with < 0 || kind != IMAGE_KEYS) &&
+                image_header(image->count, kind, with) <= image->length;
     if (!valid) {
         Py_CLEAR(image->blob);
         PyErr_SetString(PyExc_TypeError, "node._blob must be None, False or a search image");
@@ -637,7 +649,8 @@ leaf_values(PyObject *cols, Py_ssize_t count, Py_ssize_t fields, char *out)
 {
     char *columns = out + align8(fields);
     for (Py_ssize_t field = 0; field < fields; field++) {
-        PyObject *fast = PySequence_Fast(PySequence_Fast_GET_ITEM(cols, field), "a leaf's columns must be sequences");
+        PyObject *fast =
+            PySequence_Fast(PySequence_Fast_GET_ITEM(cols, field), "a leaf's columns must be sequences");
         if (fast == NULL) {
             return -1;
         }
@@ -815,7 +828,8 @@ build_image(PyObject *node)
             break;
         }
         char *out = PyBytes_AS_STRING(blob);
-        memset(out, 0, (size_t)header); /* the alignment padding too: an image's bytes depend on the node alone */
+        /* the alignment padding too: an image's bytes depend on the node alone */
+        memset(out, 0, (size_t)header);
         Image image = {.data = out};
         image_layout(count, kind, fields, &image);
         uint32_t head_count = (uint32_t)count;
@@ -1706,7 +1720,10 @@ static void
 accumulate_wide(Accumulator *acc, __int128 value, unsigned shift, int negate)
 {
     int negative = value < 0;
-    unsigned __int128 magnitude = negative ? (unsigned __int128)0 - (unsigned __int128)value : (unsigned __int128)value;
+    unsigned __int128 magnitude = (unsigned __int128)value;
+    if (negative) {
+        magnitude = (unsigned __int128)0 - magnitude;
+    }
     if ((uint64_t)magnitude) {
         accumulate(acc, (uint64_t)magnitude, shift, negative != negate);
     }
@@ -1901,7 +1918,8 @@ add_span(Total *total, PyObject *leaf, const Image *image, Py_ssize_t start, Py_
                 break;
             }
         }
-        PyObject *values = PySequence_Fast(PySequence_Fast_GET_ITEM(columns, field), "a column must be a sequence");
+        PyObject *values =
+            PySequence_Fast(PySequence_Fast_GET_ITEM(columns, field), "a column must be a sequence");
         if (values == NULL) {
             status = -1;
             break;
@@ -1978,7 +1996,10 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
             return status || !index ? status : add_span(total, node, &walk->image, 0, index, walk->sign > 0);
         }
         status = add_row(total, &walk->after, walk->sign);
-        return status || index == count ? status : add_span(total, node, &walk->image, index, count, walk->sign < 0);
+        if (status || index == count) {
+            return status;
+        }
+        return add_span(total, node, &walk->image, index, count, walk->sign < 0);
     }
     Py_ssize_t index = child_index(node, &walk->image, walk->key, walk->size);
     if (index < 0) {
@@ -2115,11 +2136,12 @@ range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
 {
     Fetcher fetcher;
     Py_ssize_t fields;
-    if (nargs != 9 || (args[2] != Py_None && !PyBytes_Check(args[2])) || (args[4] != Py_None && !PyBytes_Check(args[4])) ||
-        (args[2] == Py_None && args[4] == Py_None)) {
+    int cuts_ok = nargs == 9 && (args[2] == Py_None || PyBytes_Check(args[2])) &&
+                  (args[4] == Py_None || PyBytes_Check(args[4])) && (args[2] != Py_None || args[4] != Py_None);
+    if (!cuts_ok) {
         PyErr_SetString(PyExc_TypeError,
-                        "range_totals(node, summary, low: bytes | None, low_after, high: bytes | None, high_after, "
-                        "fetch, nodes, fields), with at least one cut");
+                        "range_totals(node, summary, low: bytes | None, low_after, high: bytes | None, "
+                        "high_after, fetch, nodes, fields), with at least one cut");
         return NULL;
     }
     int low_after = PyObject_IsTrue(args[3]), high_after = PyObject_IsTrue(args[5]);
