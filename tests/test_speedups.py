@@ -21,9 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tallytree
-from tallytree._keys import MAX_KEY_BYTES, encode_key
+from tallytree import _keys as keys_module
+from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
 from tallytree._node import Node, decode_node, delta_of, encode_node, scaled
+from tallytree.errors import CorruptDatabaseError
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
 
@@ -841,3 +843,122 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
             call()
     with pytest.raises(AttributeError):
         speedups.rank(object(), b"a", True, len, None)
+
+
+# ------------------------------------------------------------------ decoding entries
+
+COMMON_KEYS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63) + 1, 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+"""What the kernel decodes: lone None, bools, int64 ints (but -2**63), floats, str and bytes."""
+OTHER_KEYS = (
+    st.integers().filter(lambda value: not -(2**63) < value < 2**63)
+    | st.datetimes(timezones=st.just(UTC))
+    | st.tuples(st.integers(), st.text(max_size=5))
+)
+"""What it leaves to the Python decoder."""
+IDS = st.text(max_size=20) | st.integers(-(2**63) + 1, 2**63 - 1) | st.binary(max_size=20)
+
+
+def _decoded(entry: bytes) -> tuple[Any, Any]:
+    with pure_python():
+        return keys_module.decode_entry(entry)
+
+
+def _same(found: tuple[Any, Any], expected: tuple[Any, Any]) -> bool:
+    """Equal, with equal types (1 and 1.0 are distinct keys) and equal float signs."""
+    return all(
+        type(a) is type(b) and a == b and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
+        for a, b in zip(found, expected, strict=True)
+    )
+
+
+@given(COMMON_KEYS, IDS)
+def test_decode_entry_decodes_the_common_entries_as_python_does(key: Any, item_id: Any) -> None:
+    assert speedups is not None
+    entry = encode_key(key) + encode_id(item_id)
+    found = speedups.decode_entry(entry, MAX_KEY_BYTES)
+    assert found is not None
+    assert _same(found, _decoded(entry))
+    assert keys_module.decode_entry(entry) == found
+
+
+@given(OTHER_KEYS, IDS)
+def test_decode_entry_leaves_other_keys_to_python(key: Any, item_id: Any) -> None:
+    assert speedups is not None
+    entry = encode_key(key) + encode_id(item_id)
+    assert speedups.decode_entry(entry, MAX_KEY_BYTES) is None
+    assert keys_module.decode_entry(entry) == _decoded(entry) == (key, item_id)
+
+
+@given(COMMON_KEYS, IDS, st.data())
+def test_decode_entry_of_damaged_bytes_is_none_or_what_python_decodes(
+    key: Any, item_id: Any, data: st.DataObject
+) -> None:
+    """A byte changed, dropped or added anywhere: the kernel gives None (the Python decoder then
+    decodes the bytes or raises CorruptDatabaseError) or exactly the Python answer."""
+    assert speedups is not None
+    entry = bytearray(encode_key(key) + encode_id(item_id))
+    at = data.draw(st.integers(0, 3) | st.integers(0, len(entry)))  # a number's head and exponent often
+    change = data.draw(st.sampled_from(["set", "drop", "add"]))
+    byte = data.draw(st.integers(0, 255))
+    if change == "set" and at < len(entry):
+        entry[at] = byte
+    elif change == "drop" and at < len(entry):
+        del entry[at]
+    else:
+        entry.insert(at, byte)
+    _agree(bytes(entry))
+
+
+def _agree(entry: bytes) -> None:
+    """The kernel gives None, or what the Python decoder gives; None when that one raises."""
+    assert speedups is not None
+    found = speedups.decode_entry(entry, MAX_KEY_BYTES)
+    try:
+        expected = _decoded(entry)
+    except CorruptDatabaseError:
+        assert found is None
+        return
+    assert found is None or _same(found, expected)
+
+
+def _non_minimal(body: bytes) -> bytes:
+    """A finite number's body with its exponent written one byte longer than it needs."""
+    flip = 0xFF if body[0] == 0x31 else 0
+    head = body[1] ^ flip
+    longer = head + 1 if head >= 0x80 else head - 1
+    return bytes([body[0], longer ^ flip, flip]) + body[2:]
+
+
+@pytest.mark.parametrize("value", [5, -5, 2.5, -2.5, 1e-300, -1e300, 2**62, 0.1, 3, -(2**40)], ids=repr)
+def test_decode_entry_refuses_numbers_that_are_not_canonical(value: Any) -> None:
+    """Written by hand: an exponent one byte too long, an int suffix on a fraction, a float suffix on
+    an int beyond 53 bits, a third suffix byte; the kernel leaves each to the Python decoder."""
+    key = encode_key(value)
+    body, suffix = key[:-1], key[-1]
+    tail = encode_id("a")
+    for entry in (
+        _non_minimal(body) + bytes([suffix]) + tail,
+        body + bytes([1 - suffix]) + tail,
+        body + b"\x02" + tail,
+    ):
+        _agree(entry)
+    assert speedups is not None
+    assert speedups.decode_entry(_non_minimal(body) + bytes([suffix]) + tail, MAX_KEY_BYTES) is None
+
+
+def test_decode_entry_respects_the_size_limit_and_refuses_bad_arguments() -> None:
+    assert speedups is not None
+    entry = encode_key("abcdef") + encode_id(1)
+    assert speedups.decode_entry(entry, MAX_KEY_BYTES) == ("abcdef", 1)
+    assert speedups.decode_entry(entry, 5) is None  # the key's 8 bytes exceed the limit
+    with pytest.raises(TypeError):
+        speedups.decode_entry(bytearray(entry), MAX_KEY_BYTES)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        speedups.decode_entry(entry, -1)

@@ -40,7 +40,7 @@ from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate, encod
 from ._bulk import build as _bulk_build
 from ._bulk import build_many as _bulk_build_many
 from ._gc import gc_paused
-from ._keys import decode_key, encode_body, encode_id, encode_key, encode_prefix
+from ._keys import decode_entry, decode_key, encode_body, encode_id, encode_key, encode_prefix
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree
@@ -296,13 +296,6 @@ def resolve_bounds(
 
 def _after_key(key: Any) -> bytes:
     return encode_body(key) + _AFTER
-
-
-def decode_entry(entry: bytes) -> tuple[Any, Any]:
-    """Split an entry into its key and id."""
-    key, offset = decode_key(entry)
-    item_id, _ = decode_key(entry, offset)
-    return key, item_id
 
 
 def _encode_cursor(entry: bytes) -> str:

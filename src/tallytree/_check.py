@@ -27,8 +27,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._aggregate import Aggregate, decode_entry
+from ._aggregate import Aggregate
 from ._btree import NodeTree, Root, vadd
+from ._keys import decode_entry
 from ._node import Node
 from ._store import NODES, ROOTS
 from ._tree import pending_capacity

@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._aggregate import Aggregate, Item, decode_entry
+from ._aggregate import Aggregate, Item
 from ._btree import same_values
 from ._extract import Coord, Definition, Extractor, OnMissing, Where, check_strict, move
-from ._keys import decode_key, encode_id
+from ._keys import decode_entry, decode_key, encode_id
 from ._table import Table
 from ._tree import Tree
 from ._txn import Transaction, WriteTransaction

@@ -314,6 +314,197 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return map_keys(args[0], text_key, limit);
 }
 
+/* ------------------------------------------------------------------ decoding entries */
+
+/* decode_entry(entry, limit) -> (key, id) or None: ``_aggregate.decode_entry`` for the common keys and
+   ids, each a lone None, bool, number (an int of the int64 range, a float), str or bytes of at most
+   ``limit`` encoded bytes (``_keys`` documents the format). Anything else (a datetime, a tuple, a
+   bigger int, an encoding that is not canonical, one beyond the limit) gives None, and the caller
+   decodes the entry in Python, which decodes it or raises CorruptDatabaseError. So this kernel only
+   ever returns what the Python code would. */
+
+enum { CODE_NONE = 0x10, CODE_FALSE = 0x20, CODE_TRUE = 0x21, CODE_NEG_INF = 0x30, CODE_NEG = 0x31,
+       CODE_ZERO = 0x32, CODE_POS = 0x33, CODE_POS_INF = 0x34, CODE_STR = 0x40, CODE_BYTES = 0x50 };
+
+/* The magnitude of a finite number at data[at]: ``*mantissa * 2***exponent`` (mantissa odd, or 1),
+   ``*at`` moved past it. 1, or 0 when it is not canonical or needs more than 63 bits of mantissa. */
+static int
+decode_magnitude(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int flip, uint64_t *mantissa,
+                 int64_t *exponent)
+{
+    Py_ssize_t pos = *at;
+    if (pos >= length) {
+        return 0;
+    }
+    unsigned head = data[pos++] ^ (unsigned)flip;
+    int size = head >= 0x80 ? (int)head - 0x80 : 0x80 - (int)head;
+    if (size > 3 || pos + size > length) {
+        return 0;
+    }
+    int64_t raw = 0;
+    for (int byte = 0; byte < size; byte++) {
+        raw = (raw << 8) | (data[pos + byte] ^ (unsigned)flip);
+    }
+    pos += size;
+    if (head >= 0x80) {
+        if (size && raw >> (8 * size - 8) == 0) { /* not minimal */
+            return 0;
+        }
+        *exponent = raw;
+    }
+    else {
+        int64_t span = (int64_t)1 << (8 * size);
+        if (raw > span - 1 - (span >> 8)) {
+            return 0;
+        }
+        *exponent = raw - span + 1;
+    }
+    uint64_t fraction = 0;
+    int groups = 0;
+    unsigned byte;
+    do {
+        if (pos >= length || groups == 9) { /* 9 groups: 63 bits, all a mantissa here may have */
+            return 0;
+        }
+        byte = data[pos++] ^ (unsigned)flip;
+        fraction = (fraction << 7) | (byte >> 1);
+        groups++;
+    } while (byte & 1);
+    *at = pos;
+    if (fraction == 0) {
+        *mantissa = 1;
+        return groups == 1;
+    }
+    if (byte == 0) {
+        return 0;
+    }
+    int trailing = __builtin_ctzll(fraction), bits = 7 * groups - trailing;
+    if (bits > 62) {
+        return 0;
+    }
+    *mantissa = (UINT64_C(1) << bits) | (fraction >> trailing);
+    *exponent -= bits;
+    return 1;
+}
+
+/* A text body (str or bytes) at data[*at], unescaped into a new object; NULL with no error set when
+   it is not canonical, NULL with an error on a failure. */
+static PyObject *
+decode_text(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int text)
+{
+    Py_ssize_t pos = *at, escapes = 0, end = -1;
+    while (pos < length) {
+        if (data[pos] == 0) {
+            if (pos + 1 < length && data[pos + 1] == 0xFF) {
+                escapes++;
+                pos += 2;
+                continue;
+            }
+            end = pos;
+            break;
+        }
+        pos++;
+    }
+    if (end < 0) {
+        return NULL;
+    }
+    Py_ssize_t size = end - *at - escapes;
+    char local[256];
+    char *buffer = size <= (Py_ssize_t)sizeof(local) ? local : PyMem_Malloc((size_t)size);
+    if (buffer == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t out = 0;
+    for (Py_ssize_t index = *at; index < end; index++) {
+        buffer[out++] = (char)data[index];
+        index += data[index] == 0; /* skip the ff of an escaped 00 */
+    }
+    PyObject *value = text ? PyUnicode_DecodeUTF8(buffer, size, NULL) : PyBytes_FromStringAndSize(buffer, size);
+    if (buffer != local) {
+        PyMem_Free(buffer);
+    }
+    if (value == NULL && text && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear(); /* not UTF-8: the Python code reports the corruption */
+    }
+    *at = end + 1;
+    return value;
+}
+
+/* One lone key (or id) at data[*at], its suffix included; NULL with no error set when it is not one
+   this kernel decodes, NULL with an error on a failure. */
+static PyObject *
+decode_lone(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssize_t limit)
+{
+    Py_ssize_t start = *at, pos = start;
+    if (pos >= length) {
+        return NULL;
+    }
+    unsigned code = data[pos++];
+    PyObject *value = NULL;
+    if (code == CODE_STR || code == CODE_BYTES) {
+        value = decode_text(data, length, &pos, code == CODE_STR);
+    }
+    else if (code == CODE_NONE || code == CODE_FALSE || code == CODE_TRUE) {
+        value = Py_NewRef(code == CODE_NONE ? Py_None : code == CODE_TRUE ? Py_True : Py_False);
+    }
+    else if (code >= CODE_NEG_INF && code <= CODE_POS_INF) {
+        uint64_t mantissa = 0;
+        int64_t exponent = 0;
+        int finite = code == CODE_NEG || code == CODE_POS;
+        if ((finite && !decode_magnitude(data, length, &pos, code == CODE_NEG ? 0xFF : 0, &mantissa, &exponent)) ||
+            pos >= length) {
+            return NULL;
+        }
+        unsigned kind = data[pos++]; /* the suffix: 00 int, 01 float */
+        int negative = code < CODE_ZERO;
+        if (kind == 0 && (code == CODE_ZERO || (finite && exponent >= 0 && exponent + 64 - __builtin_clzll(mantissa) <= 63))) {
+            int64_t magnitude = code == CODE_ZERO ? 0 : (int64_t)(mantissa << exponent);
+            value = PyLong_FromLongLong(negative ? -magnitude : magnitude);
+        }
+        else if (kind == 1 && !finite) {
+            value = PyFloat_FromDouble(code == CODE_ZERO ? 0.0 : code == CODE_POS_INF ? INFINITY : -INFINITY);
+        }
+        else if (kind == 1) {
+            int bits = 64 - __builtin_clzll(mantissa);
+            if (bits > 53 || exponent < -1074 || bits + exponent > 1024) {
+                return NULL;
+            }
+            double magnitude = ldexp((double)mantissa, (int)exponent); /* exact: checked just above */
+            value = PyFloat_FromDouble(negative ? -magnitude : magnitude);
+        }
+    }
+    if (value != NULL && pos - start > limit) {
+        Py_CLEAR(value);
+    }
+    *at = pos;
+    return value;
+}
+
+static PyObject *
+decode_entry(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t limit;
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "decode_entry(entry: bytes, limit)");
+        return NULL;
+    }
+    if (size_argument(args[1], "decode_entry(): limit", &limit) < 0) {
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t length = PyBytes_GET_SIZE(args[0]), at = 0;
+    PyObject *key = decode_lone(data, length, &at, limit);
+    PyObject *id = key == NULL ? NULL : decode_lone(data, length, &at, limit);
+    if (id == NULL) {
+        Py_XDECREF(key);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(NN)", key, id);
+}
+
 /* ------------------------------------------------------------------ searching a node's keys */
 
 /* Compare bytes a (length an) with b (length bn) as Python compares bytes. */
@@ -3005,6 +3196,8 @@ static PyMethodDef methods[] = {
     {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
      "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields) -> (summary, hits) "
      "or None: a range sum in one call"},
+    {"decode_entry", (PyCFunction)(void (*)(void))decode_entry, METH_FASTCALL,
+     "decode_entry(entry, limit) -> (key, id) or None: an entry of common keys and ids, decoded"},
     {"pack_root", (PyCFunction)(void (*)(void))pack_root, METH_FASTCALL,
      "pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record "
      "(see _txn.encode_root)."},
