@@ -2,7 +2,7 @@
 
 Design
 ======
-Fourteen functions, each a faster twin of Python code that stays the reference and the fallback
+Fifteen functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -11,6 +11,8 @@ the Python code and gives the same answers):
 * ``datetime_keys(values)``: the same for exact ``datetime`` objects whose tzinfo is ``datetime.UTC``;
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
+* ``decode_entry(entry, limit)``: ``_keys.decode_entry`` (an entry's key and id) when both are a lone
+  None, bool, int64, float, str or bytes; None for anything else, left to the Python decoder;
 * ``bisect(node, key, right)``: ``bisect_right`` (or ``bisect_left``) of ``key`` in ``node.keys``. A
   committed node gets a *search image* on its second search, cached in ``node._blob``: one bytes
   object with the first 8 bytes of each key as a number, the keys back to back behind their offsets,
