@@ -608,6 +608,8 @@ def test_descents_in_c_answer_and_count_cache_hits_as_the_python_ones(bounds: li
             agg.totals(tx, ge=low, lt=high),
             agg.totals(tx, lt=bounds[0]),
             agg.totals(tx, ge=bounds[1]),
+            agg.at(tx, bounds[0] % 100),
+            agg.at(tx, -1 - bounds[1] % 100),
         )
 
     with db.read() as tx:
@@ -726,6 +728,12 @@ def test_descents_through_images_of_internal_nodes(first_id: int) -> None:
             for high in probes:
                 start, stop, _ = speedups.rank_range(root, low, False, high, True, leaves.__getitem__, None)
                 assert (start, stop) == (bisect_left(everything, low), bisect_right(everything, high))
+        for index, key in enumerate(everything):
+            leaf, position, _ = speedups.select(root, index, leaves.__getitem__, leaves)
+            assert leaf.keys[position] == key
+        for outside in (-1, len(everything)):
+            with pytest.raises(IndexError):
+                speedups.select(root, outside, leaves.__getitem__, leaves)
     image = root._blob
     assert isinstance(image, bytes)
     assert int.from_bytes(image[4:6], sys.byteorder) == (2 if first_id < 2**64 else 3)  # the image's kind
@@ -843,6 +851,13 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
             call()
     with pytest.raises(AttributeError):
         speedups.rank(object(), b"a", True, len, None)
+    for call in (
+        lambda: speedups.select(node, 0, len),  # type: ignore[call-arg]
+        lambda: speedups.select(node, "0", len, None),  # type: ignore[arg-type]
+        lambda: speedups.select(node, 0, len, [1]),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError):
+            call()
 
 
 # ------------------------------------------------------------------ decoding entries

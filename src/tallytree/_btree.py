@@ -495,6 +495,10 @@ class NodeTree:
         assert self.root is not None and 0 <= index < self.count
         access = self.access
         node = access.node(self.root.node_id)
+        if speedups is not None:  # the same descent, in one C call
+            node, index, hits = speedups.select(node, index, access.node, access.shared)
+            if hits:
+                access.count_hits(hits)
         while not node.leaf:
             counts = node.counts()
             child = bisect_right(counts, index) - 1

@@ -2,7 +2,7 @@
 
 Design
 ======
-Fifteen functions, each a faster twin of Python code that stays the reference and the fallback
+Sixteen functions, each a faster twin of Python code that stays the reference and the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -23,8 +23,9 @@ the Python code and gives the same answers):
   large tree are out of the CPU caches: each such object is a cache miss). A node's first search
   reads its keys directly (an image reads all of them, and most leaves of a large tree are searched
   once in a while); a dirty node is always searched in its list, and has no image;
-* ``rank`` and ``rank_range``: the descents of ``_btree.NodeTree`` (a rank; two ranks sharing their
-  path, then descending in step) in one call each, children taken from the shared node cache when
+* ``rank``, ``rank_range`` and ``select``: the descents of ``_btree.NodeTree`` (a rank; two ranks
+  sharing their path, then descending in step; the leaf and position of an entry by its index) in
+  one call each, children taken from the shared node cache when
   the caller allows it (read transactions) and through the transaction's ``node`` otherwise; they
   return how many cache hits they made, for the statistics;
 * ``range_totals``: a range sum (``_btree.NodeTree.range_summary``) in one call: the same descents,
@@ -1410,6 +1411,99 @@ rows_of(PyObject *node)
         rows = PyObject_CallMethodNoArgs(node, rows_name);
     }
     return rows;
+}
+
+/* The child of an internal node whose subtree holds entry ``*index`` of the node's subtree (the last
+   child whose cumulative count is <= it), ``*index`` made relative to that child: through the image's
+   counts, or ``node.counts()``. The child's position, or -1 with an error set. */
+static Py_ssize_t
+child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
+{
+    PyObject *counts = NULL;
+    Py_ssize_t size;
+    if (image->kind == IMAGE_INTERNAL && image->blob != NULL) {
+        size = image->count + 1;
+    }
+    else {
+        counts = PyObject_GetAttr(node, counts_cache_name);
+        if (counts == Py_None) {
+            Py_DECREF(counts);
+            counts = PyObject_CallMethodNoArgs(node, counts_name);
+        }
+        size = counts == NULL ? -1 : PyObject_Length(counts);
+        if (size < 0) {
+            Py_XDECREF(counts);
+            return -1;
+        }
+    }
+    Py_ssize_t low = 0, high = size, before = 0; /* bisect_right(counts, index) */
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2, value;
+        if (counts == NULL) {
+            int64_t stored;
+            memcpy(&stored, image->counts + middle * 8, sizeof(stored));
+            value = (Py_ssize_t)stored;
+        }
+        else {
+            PyObject *item = PySequence_GetItem(counts, middle);
+            value = item == NULL ? -1 : PyLong_AsSsize_t(item);
+            Py_XDECREF(item);
+            if (value == -1 && PyErr_Occurred()) {
+                Py_DECREF(counts);
+                return -1;
+            }
+        }
+        if (value <= *index) {
+            low = middle + 1;
+            before = value;
+        }
+        else {
+            high = middle;
+        }
+    }
+    Py_XDECREF(counts);
+    if (low < 1 || low >= size) {
+        PyErr_SetString(PyExc_IndexError, "select(): the index lies outside the node's counts");
+        return -1;
+    }
+    *index -= before;
+    return low - 1;
+}
+
+/* select(node, index, fetch, nodes) -> (leaf, position, hits): the leaf that holds entry ``index``
+   of the subtree of ``node`` and its position there (_btree.NodeTree.select's descent). */
+static PyObject *
+tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "select(node, index, fetch, nodes)");
+        return NULL;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(args[1]);
+    if ((index == -1 && PyErr_Occurred()) || fetcher_from(args[2], args[3], &fetcher) < 0) {
+        return NULL;
+    }
+    PyObject *node = Py_NewRef(args[0]);
+    for (;;) {
+        Image image;
+        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        if (leaf != 0) {
+            image_release(&image);
+            if (leaf < 0) {
+                Py_DECREF(node);
+                return NULL;
+            }
+            return Py_BuildValue("(Nnn)", node, index, fetcher.hits);
+        }
+        Py_ssize_t child = child_by_count(node, &image, &index);
+        PyObject *next = child < 0 ? NULL : child_of(node, &image, child, &fetcher);
+        image_release(&image);
+        Py_SETREF(node, next);
+        if (node == NULL) {
+            return NULL;
+        }
+    }
 }
 
 /* rank(node, key, after, fetch, nodes) -> (rank, hits) */
@@ -3195,6 +3289,8 @@ static PyMethodDef methods[] = {
      "node, in one descent."},
     {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
      "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
+    {"select", (PyCFunction)(void (*)(void))tree_select, METH_FASTCALL,
+     "select(node, index, fetch, nodes) -> (leaf, position, hits)."},
     {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
      "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields) -> (summary, hits) "
      "or None: a range sum in one call"},
