@@ -320,7 +320,7 @@ class NodeTree:
                 if hits:
                     access.count_hits(hits)
                 return total
-            # a value the kernel leaves to Python (an int beyond int64 in a leaf, a sum beyond ~2**2100)
+            # None: a sum beyond the kernel's accumulators (~2**2112 units), for the Python code below
         plus: list[Sequence[int]] = []
         minus: list[Sequence[int]] = []
         spans: list[Span] = []
