@@ -869,12 +869,13 @@ COMMON_KEYS = (
     | st.floats(allow_nan=False)
     | st.text(max_size=20)
     | st.binary(max_size=20)
-)
-"""What the kernel decodes: lone None, bools, int64 ints (but -2**63), floats, str and bytes."""
-OTHER_KEYS = (
-    st.integers().filter(lambda value: not -(2**63) < value < 2**63)
     | st.datetimes(timezones=st.just(UTC))
-    | st.tuples(st.integers(), st.text(max_size=5))
+    | st.datetimes(timezones=st.sampled_from([timezone(timedelta(hours=-11)), timezone(timedelta(hours=14))]))
+)
+"""What the kernel decodes: lone None, bools, int64 ints (but -2**63), floats, str, bytes and aware
+datetimes (stored as instants: decoded in UTC)."""
+OTHER_KEYS = st.integers().filter(lambda value: not -(2**63) < value < 2**63) | st.tuples(
+    st.integers(), st.text(max_size=5)
 )
 """What it leaves to the Python decoder."""
 IDS = st.text(max_size=20) | st.integers(-(2**63) + 1, 2**63 - 1) | st.binary(max_size=20)
@@ -886,9 +887,12 @@ def _decoded(entry: bytes) -> tuple[Any, Any]:
 
 
 def _same(found: tuple[Any, Any], expected: tuple[Any, Any]) -> bool:
-    """Equal, with equal types (1 and 1.0 are distinct keys) and equal float signs."""
+    """Equal, with equal types (1 and 1.0 are distinct keys), float signs and time zones."""
     return all(
-        type(a) is type(b) and a == b and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
+        type(a) is type(b)
+        and a == b
+        and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
+        and (type(a) is not datetime or a.tzinfo is b.tzinfo)
         for a, b in zip(found, expected, strict=True)
     )
 
@@ -977,3 +981,18 @@ def test_decode_entry_respects_the_size_limit_and_refuses_bad_arguments() -> Non
         speedups.decode_entry(bytearray(entry), MAX_KEY_BYTES)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         speedups.decode_entry(entry, -1)
+
+
+def test_decode_entry_leaves_datetimes_beyond_the_range_to_python() -> None:
+    """Eight bytes one microsecond past datetime.max (or before datetime.min): the kernel gives None
+    and the Python decoder reports the corruption."""
+    assert speedups is not None
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for instant, step in ((datetime.max.replace(tzinfo=UTC), 1), (datetime.min.replace(tzinfo=UTC), -1)):
+        micros = (instant - epoch) // timedelta(microseconds=1)
+        inside = encode_key(instant) + encode_id("a")
+        assert speedups.decode_entry(inside, MAX_KEY_BYTES) == (instant, "a")
+        outside = b"\x60" + (micros + step + 2**63).to_bytes(8, "big") + encode_id("a")
+        assert speedups.decode_entry(outside, MAX_KEY_BYTES) is None
+        with pytest.raises(CorruptDatabaseError):
+            _decoded(outside)

@@ -12,7 +12,7 @@ the Python code and gives the same answers):
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``decode_entry(entry, limit)``: ``_keys.decode_entry`` (an entry's key and id) when both are a lone
-  None, bool, int64, float, str or bytes; None for anything else, left to the Python decoder;
+  None, bool, int64, float, str, bytes or datetime; None for anything else, left to the Python decoder;
 * ``bisect(node, key, right)``: ``bisect_right`` (or ``bisect_left``) of ``key`` in ``node.keys``. A
   committed node gets a *search image* on its second search, cached in ``node._blob``: one bytes
   object with the first 8 bytes of each key as a number, the keys back to back behind their offsets,
@@ -319,15 +319,66 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------ decoding entries */
 
-/* decode_entry(entry, limit) -> (key, id) or None: ``_aggregate.decode_entry`` for the common keys and
-   ids, each a lone None, bool, number (an int of the int64 range, a float), str or bytes of at most
-   ``limit`` encoded bytes (``_keys`` documents the format). Anything else (a datetime, a tuple, a
+/* decode_entry(entry, limit) -> (key, id) or None: ``_keys.decode_entry`` for the common keys and
+   ids, each a lone None, bool, number (an int of the int64 range, a float), str, bytes or datetime of
+   at most ``limit`` encoded bytes (``_keys`` documents the format). Anything else (a tuple, a
    bigger int, an encoding that is not canonical, one beyond the limit) gives None, and the caller
    decodes the entry in Python, which decodes it or raises CorruptDatabaseError. So this kernel only
    ever returns what the Python code would. */
 
 enum { CODE_NONE = 0x10, CODE_FALSE = 0x20, CODE_TRUE = 0x21, CODE_NEG_INF = 0x30, CODE_NEG = 0x31,
-       CODE_ZERO = 0x32, CODE_POS = 0x33, CODE_POS_INF = 0x34, CODE_STR = 0x40, CODE_BYTES = 0x50 };
+       CODE_ZERO = 0x32, CODE_POS = 0x33, CODE_POS_INF = 0x34, CODE_STR = 0x40, CODE_BYTES = 0x50,
+       CODE_DATETIME = 0x60 };
+
+#define MICROS_PER_DAY INT64_C(86400000000)
+
+/* The proleptic Gregorian date ``days`` after 1970-01-01 (H. Hinnant's civil_from_days). */
+static void
+civil_from_days(int64_t days, int *year, int *month, int *day)
+{
+    days += 719468;
+    int64_t era = (days >= 0 ? days : days - 146096) / 146097; /* 400-year eras from 0000-03-01 */
+    int64_t of_era = days - era * 146097;
+    int64_t year_of_era = (of_era - of_era / 1460 + of_era / 36524 - of_era / 146096) / 365;
+    int64_t of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    int64_t shifted = (5 * of_year + 2) / 153; /* months from March */
+    *day = (int)(of_year - (153 * shifted + 2) / 5 + 1);
+    *month = (int)(shifted < 10 ? shifted + 3 : shifted - 9);
+    *year = (int)(year_of_era + era * 400 + (*month <= 2));
+}
+
+/* A datetime body at data[*at] (8 bytes: microseconds since 1970 UTC + 2**63) as an aware datetime in
+   UTC, as ``_keys`` decodes it; NULL with no error set when it is outside datetime's range. */
+static PyObject *
+decode_datetime(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at)
+{
+    if (*at + 8 > length) {
+        return NULL;
+    }
+    uint64_t biased = 0;
+    for (int byte = 0; byte < 8; byte++) {
+        biased = (biased << 8) | data[*at + byte];
+    }
+    *at += 8;
+    int64_t micros = (int64_t)(biased ^ (UINT64_C(1) << 63));
+    int64_t lowest = days_from_civil(1, 1, 1) * MICROS_PER_DAY;
+    int64_t highest = (days_from_civil(9999, 12, 31) + 1) * MICROS_PER_DAY - 1;
+    if (micros < lowest || micros > highest) {
+        return NULL;
+    }
+    int64_t days = micros / MICROS_PER_DAY, rest = micros % MICROS_PER_DAY;
+    if (rest < 0) { /* floor division */
+        days -= 1;
+        rest += MICROS_PER_DAY;
+    }
+    int year, month, day;
+    civil_from_days(days, &year, &month, &day);
+    int64_t seconds = rest / 1000000;
+    return PyDateTimeAPI->DateTime_FromDateAndTime(year, month, day, (int)(seconds / 3600),
+                                                   (int)(seconds / 60 % 60), (int)(seconds % 60),
+                                                   (int)(rest % 1000000), PyDateTime_TimeZone_UTC,
+                                                   PyDateTimeAPI->DateTimeType);
+}
 
 /* The magnitude of a finite number at data[at]: ``*mantissa * 2***exponent`` (mantissa odd, or 1),
    ``*at`` moved past it. 1, or 0 when it is not canonical or needs more than 63 bits of mantissa. */
@@ -446,6 +497,9 @@ decode_lone(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssi
     PyObject *value = NULL;
     if (code == CODE_STR || code == CODE_BYTES) {
         value = decode_text(data, length, &pos, code == CODE_STR);
+    }
+    else if (code == CODE_DATETIME) {
+        value = decode_datetime(data, length, &pos);
     }
     else if (code == CODE_NONE || code == CODE_FALSE || code == CODE_TRUE) {
         value = Py_NewRef(code == CODE_NONE ? Py_None : code == CODE_TRUE ? Py_True : Py_False);
