@@ -835,9 +835,9 @@ def decode_key(data: bytes, offset: int = 0) -> tuple[object, int]:
 def decode_entry(entry: bytes) -> tuple[object, object]:
     """Split an entry (``encode_key(key) + encode_id(id)``) into its key and id. O(size).
 
-    The C kernel decodes the common entries (a lone None, bool, int of the int64 range, float, str,
-    bytes or datetime for the key and the id) and leaves any other to :func:`decode_key`, which gives
-    the same answer or raises CorruptDatabaseError.
+    The C kernel decodes the common entries (a None, bool, int of the int64 range, float, str, bytes,
+    datetime, or a tuple of those, for the key and the id) and leaves any other to :func:`decode_key`,
+    which gives the same answer or raises CorruptDatabaseError.
 
     >>> decode_entry(encode_key(1.5) + encode_id("evt_1"))
     (1.5, 'evt_1')

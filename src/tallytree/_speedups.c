@@ -11,8 +11,9 @@ the Python code and gives the same answers):
 * ``datetime_keys(values)``: the same for exact ``datetime`` objects whose tzinfo is ``datetime.UTC``;
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
-* ``decode_entry(entry, limit)``: ``_keys.decode_entry`` (an entry's key and id) when both are a lone
-  None, bool, int64, float, str, bytes or datetime; None for anything else, left to the Python decoder;
+* ``decode_entry(entry, limit)``: ``_keys.decode_entry`` (an entry's key and id) when both are a None,
+  bool, int64, float, str, bytes, datetime or a tuple of those; None for anything else, left to the
+  Python decoder;
 * ``bisect(node, key, right)``: ``bisect_right`` (or ``bisect_left``) of ``key`` in ``node.keys``. A
   committed node gets a *search image* on its second search, cached in ``node._blob``: one bytes
   object with the first 8 bytes of each key as a number, the keys back to back behind their offsets,
@@ -320,15 +321,15 @@ text_keys(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 /* ------------------------------------------------------------------ decoding entries */
 
 /* decode_entry(entry, limit) -> (key, id) or None: ``_keys.decode_entry`` for the common keys and
-   ids, each a lone None, bool, number (an int of the int64 range, a float), str, bytes or datetime of
-   at most ``limit`` encoded bytes (``_keys`` documents the format). Anything else (a tuple, a
-   bigger int, an encoding that is not canonical, one beyond the limit) gives None, and the caller
-   decodes the entry in Python, which decodes it or raises CorruptDatabaseError. So this kernel only
-   ever returns what the Python code would. */
+   ids, each a None, bool, number (an int of the int64 range, a float), str, bytes, datetime, or a
+   tuple of those, of at most ``limit`` encoded bytes (``_keys`` documents the format). Anything else
+   (a nested tuple, a bigger int, an encoding that is not canonical, one beyond the limit) gives None,
+   and the caller decodes the entry in Python, which decodes it or raises CorruptDatabaseError. So this
+   kernel only ever returns what the Python code would. */
 
 enum { CODE_NONE = 0x10, CODE_FALSE = 0x20, CODE_TRUE = 0x21, CODE_NEG_INF = 0x30, CODE_NEG = 0x31,
        CODE_ZERO = 0x32, CODE_POS = 0x33, CODE_POS_INF = 0x34, CODE_STR = 0x40, CODE_BYTES = 0x50,
-       CODE_DATETIME = 0x60 };
+       CODE_DATETIME = 0x60, CODE_TUPLE = 0x70 };
 
 #define MICROS_PER_DAY INT64_C(86400000000)
 
@@ -484,50 +485,147 @@ decode_text(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int te
     return value;
 }
 
+/* A number's body, decoded: +-mantissa * 2**exponent for a finite one (code CODE_NEG or CODE_POS),
+   else zero or an infinity. Its suffix byte, after the whole key's body, says int or float. */
+typedef struct {
+    unsigned code;
+    uint64_t mantissa;
+    int64_t exponent;
+} Number;
+
+#define MAX_NUMBERS 128 /* numbers in one key: each takes two of its at most MAX_KEY_BYTES bytes */
+
+/* The number as its suffix byte ``kind`` types it (00 int, 01 float); NULL with no error set when it
+   is not one this kernel makes (an int beyond int64, a fraction typed int, a float no double holds). */
+static PyObject *
+number_value(const Number *number, unsigned kind)
+{
+    unsigned code = number->code;
+    int finite = code == CODE_NEG || code == CODE_POS, negative = code < CODE_ZERO;
+    int64_t exponent = number->exponent;
+    int bits = finite ? 64 - __builtin_clzll(number->mantissa) : 0;
+    if (kind == 0) {
+        if (code == CODE_ZERO) {
+            return PyLong_FromLong(0);
+        }
+        if (!finite || exponent < 0 || bits + exponent > 63) {
+            return NULL;
+        }
+        int64_t magnitude = (int64_t)(number->mantissa << exponent);
+        return PyLong_FromLongLong(negative ? -magnitude : magnitude);
+    }
+    if (kind != 1) {
+        return NULL;
+    }
+    if (!finite) {
+        return PyFloat_FromDouble(code == CODE_ZERO ? 0.0 : code == CODE_POS_INF ? INFINITY : -INFINITY);
+    }
+    if (bits > 53 || exponent < -1074 || bits + exponent > 1024) {
+        return NULL;
+    }
+    double magnitude = ldexp((double)number->mantissa, (int)exponent); /* exact: checked just above */
+    return PyFloat_FromDouble(negative ? -magnitude : magnitude);
+}
+
+/* One element body at data[*at] that is not a tuple: its value, or, for a number (typed by a suffix
+   read later), None with ``*number`` filled and ``*is_number`` set. NULL when it is not one this kernel
+   decodes (no error set) or on a failure (an error set). */
+static PyObject *
+decode_element(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Number *number, int *is_number)
+{
+    *is_number = 0;
+    if (*at >= length) {
+        return NULL;
+    }
+    unsigned code = data[(*at)++];
+    if (code == CODE_STR || code == CODE_BYTES) {
+        return decode_text(data, length, at, code == CODE_STR);
+    }
+    if (code == CODE_DATETIME) {
+        return decode_datetime(data, length, at);
+    }
+    if (code == CODE_NONE || code == CODE_FALSE || code == CODE_TRUE) {
+        return Py_NewRef(code == CODE_NONE ? Py_None : code == CODE_TRUE ? Py_True : Py_False);
+    }
+    if (code < CODE_NEG_INF || code > CODE_POS_INF) {
+        return NULL;
+    }
+    number->code = code;
+    number->mantissa = 1;
+    number->exponent = 0;
+    if ((code == CODE_NEG || code == CODE_POS) &&
+        !decode_magnitude(data, length, at, code == CODE_NEG ? 0xFF : 0, &number->mantissa, &number->exponent)) {
+        return NULL;
+    }
+    *is_number = 1;
+    return Py_NewRef(Py_None);
+}
+
+/* A tuple body at data[*at] (after its code) whose elements are not tuples, then the suffix bytes of
+   its numbers; NULL as for decode_element. */
+static PyObject *
+decode_flat_tuple(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at)
+{
+    Number numbers[MAX_NUMBERS];
+    Py_ssize_t places[MAX_NUMBERS];
+    int count = 0;
+    PyObject *items = PyList_New(0);
+    if (items == NULL) {
+        return NULL;
+    }
+    while (*at < length && data[*at] != 0) {
+        int is_number;
+        PyObject *item = data[*at] == CODE_TUPLE || count == MAX_NUMBERS
+                             ? NULL /* nested tuples: the Python decoder's */
+                             : decode_element(data, length, at, &numbers[count], &is_number);
+        if (item == NULL) {
+            goto fail;
+        }
+        if (is_number) {
+            places[count++] = PyList_GET_SIZE(items);
+        }
+        int failed = PyList_Append(items, item) < 0;
+        Py_DECREF(item);
+        if (failed) {
+            goto fail;
+        }
+    }
+    if (*at >= length || *at + 1 + count > length) {
+        goto fail;
+    }
+    *at += 1; /* the tuple's terminator */
+    for (int index = 0; index < count; index++) {
+        PyObject *value = number_value(&numbers[index], data[(*at)++]);
+        if (value == NULL) {
+            goto fail;
+        }
+        PyList_SetItem(items, places[index], value); /* steals value; cannot fail here */
+    }
+    PyObject *tuple = PyList_AsTuple(items);
+    Py_DECREF(items);
+    return tuple;
+fail:
+    Py_DECREF(items);
+    return NULL;
+}
+
 /* One lone key (or id) at data[*at], its suffix included; NULL with no error set when it is not one
    this kernel decodes, NULL with an error on a failure. */
 static PyObject *
 decode_lone(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssize_t limit)
 {
     Py_ssize_t start = *at, pos = start;
-    if (pos >= length) {
-        return NULL;
+    PyObject *value;
+    if (pos < length && data[pos] == CODE_TUPLE) {
+        pos++;
+        value = decode_flat_tuple(data, length, &pos);
     }
-    unsigned code = data[pos++];
-    PyObject *value = NULL;
-    if (code == CODE_STR || code == CODE_BYTES) {
-        value = decode_text(data, length, &pos, code == CODE_STR);
-    }
-    else if (code == CODE_DATETIME) {
-        value = decode_datetime(data, length, &pos);
-    }
-    else if (code == CODE_NONE || code == CODE_FALSE || code == CODE_TRUE) {
-        value = Py_NewRef(code == CODE_NONE ? Py_None : code == CODE_TRUE ? Py_True : Py_False);
-    }
-    else if (code >= CODE_NEG_INF && code <= CODE_POS_INF) {
-        uint64_t mantissa = 0;
-        int64_t exponent = 0;
-        int finite = code == CODE_NEG || code == CODE_POS;
-        if ((finite && !decode_magnitude(data, length, &pos, code == CODE_NEG ? 0xFF : 0, &mantissa, &exponent)) ||
-            pos >= length) {
-            return NULL;
-        }
-        unsigned kind = data[pos++]; /* the suffix: 00 int, 01 float */
-        int negative = code < CODE_ZERO;
-        if (kind == 0 && (code == CODE_ZERO || (finite && exponent >= 0 && exponent + 64 - __builtin_clzll(mantissa) <= 63))) {
-            int64_t magnitude = code == CODE_ZERO ? 0 : (int64_t)(mantissa << exponent);
-            value = PyLong_FromLongLong(negative ? -magnitude : magnitude);
-        }
-        else if (kind == 1 && !finite) {
-            value = PyFloat_FromDouble(code == CODE_ZERO ? 0.0 : code == CODE_POS_INF ? INFINITY : -INFINITY);
-        }
-        else if (kind == 1) {
-            int bits = 64 - __builtin_clzll(mantissa);
-            if (bits > 53 || exponent < -1074 || bits + exponent > 1024) {
-                return NULL;
-            }
-            double magnitude = ldexp((double)mantissa, (int)exponent); /* exact: checked just above */
-            value = PyFloat_FromDouble(negative ? -magnitude : magnitude);
+    else {
+        Number number;
+        int is_number;
+        value = decode_element(data, length, &pos, &number, &is_number);
+        if (value != NULL && is_number) {
+            Py_SETREF(value, pos < length ? number_value(&number, data[pos++]) : NULL);
         }
     }
     if (value != NULL && pos - start > limit) {
