@@ -1225,7 +1225,8 @@ build_image(PyObject *node)
 static int
 node_image(PyObject *node, Image *image)
 {
-    image->blob = NULL;
+    memset(image, 0, sizeof(*image)); /* no image: every field defined, the checks read kind first */
+    image->fields = -1;
     PyObject *blob = PyObject_GetAttr(node, blob_name);
     if (blob == NULL) {
         return -1;
