@@ -2101,8 +2101,8 @@ failed:
    accumulators (one per field) instead of being collected as Python rows for ``settle``. A node with
    an image is read there: its rows as node-local int128 sums and int64 float counts, its leaf values
    as doubles or int64s. A node without one (dirty, or searched once) is read through its attributes
-   (``rows()`` and ``cols``). Anything the accumulators do not take (an int beyond the int64 range in
-   a leaf, a sum beyond ~2**2100 units, NaN) makes the kernel answer None: the Python code then
+   (``rows()`` and ``cols``). Anything the accumulators do not take (a sum beyond ~2**2112 units, a
+   leaf value of a kind no aggregate stores) makes the kernel answer None: the Python code then
    answers the whole read. */
 
 typedef struct {
@@ -2117,7 +2117,7 @@ total_start(Total *total, Py_ssize_t fields)
 {
     total->fields = fields;
     total->count = 0;
-    total->floats = PyMem_Calloc((size_t)fields + 1, sizeof(long long));
+    total->floats = PyMem_Calloc((size_t)fields + 1, sizeof(long long)); /* + 1: never a 0-byte block */
     total->sums = PyMem_Calloc((size_t)fields + 1, sizeof(Accumulator));
     if (total->floats == NULL || total->sums == NULL) {
         PyErr_NoMemory();
