@@ -1082,6 +1082,19 @@ node_values(PyObject *node, int kind, Py_ssize_t count, Py_ssize_t *fields, char
     return 0;
 }
 
+/* A derived array of a node, ``node.counts()`` or ``node.rows()``: the one a committed node caches in
+   ``cached``, else computed by the ``method`` (a new reference, or NULL with an error set). */
+static PyObject *
+derived(PyObject *node, PyObject *cached, PyObject *method)
+{
+    PyObject *value = PyObject_GetAttr(node, cached);
+    if (value == Py_None) {
+        Py_DECREF(value);
+        value = PyObject_CallMethodNoArgs(node, method);
+    }
+    return value;
+}
+
 /* The 64-bit numbers of a sequence of ints into ``out`` (signed or not); 1 if one does not fit (no
    error set), -1 with an error set if the sequence is not one of ints. */
 static int
@@ -1143,11 +1156,7 @@ build_image(PyObject *node)
     }
     PyObject *counts = NULL, *kids = NULL;
     if (!leaf) {
-        counts = PyObject_GetAttr(node, counts_cache_name);
-        if (counts == Py_None) {
-            Py_DECREF(counts);
-            counts = PyObject_CallMethodNoArgs(node, counts_name);
-        }
+        counts = derived(node, counts_cache_name, counts_name);
         kids = counts == NULL ? NULL : PyObject_GetAttr(node, kids_name);
         if (kids == NULL) {
             Py_XDECREF(counts);
@@ -1422,11 +1431,7 @@ count_before(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t *c
         *count = (Py_ssize_t)before;
         return 0;
     }
-    PyObject *counts = PyObject_GetAttr(node, counts_cache_name);
-    if (counts == Py_None) {
-        Py_DECREF(counts);
-        counts = PyObject_CallMethodNoArgs(node, counts_name);
-    }
+    PyObject *counts = derived(node, counts_cache_name, counts_name);
     if (counts == NULL) {
         return -1;
     }
@@ -1448,62 +1453,23 @@ child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size
     return found < 0 ? -1 : found > 0 ? found - 1 : 0; /* keys[0] is the node's fence: <= any key below */
 }
 
-/* The number of entries < key (<= key when after) in the subtree of ``node`` (a new reference that
-   this function consumes); -1 with an error set. */
-static Py_ssize_t
-descend(PyObject *node, const char *key, Py_ssize_t size, int after, Fetcher *fetcher)
-{
-    Py_ssize_t total = 0;
-    for (;;) {
-        Image image;
-        if (node_image(node, &image) < 0) {
-            break;
-        }
-        int leaf = image_is_leaf(node, &image);
-        if (leaf < 0) {
-            image_release(&image);
-            break;
-        }
-        if (leaf) {
-            Py_ssize_t found = image_search(node, &image, key, size, after);
-            image_release(&image);
-            Py_DECREF(node);
-            return found < 0 ? -1 : total + found;
-        }
-        Py_ssize_t index = child_index(node, &image, key, size), before;
-        PyObject *child = NULL;
-        if (index >= 0 && count_before(node, &image, index, &before) == 0) {
-            total += before;
-            child = child_of(node, &image, index, fetcher);
-        }
-        image_release(&image);
-        Py_DECREF(node);
-        node = child;
-        if (node == NULL) {
-            return -1;
-        }
-    }
-    Py_DECREF(node);
-    return -1;
-}
-
-/* Two descents at once (the cuts of a range below the node where they part): ``ranks[side]`` becomes
-   the number of entries < cuts[side] (<= when afters[side]) below nodes[side] (references this
-   consumes). They step down level by level in turn, each level opening both images before searching
-   either: the cache misses of one descent's next node (its object, its image's first line) are then
-   under way while the other one works, where one descent after the other waits for each miss in
-   turn. 0, or -1 with an error set. */
+/* ``count`` descents (one rank, or the two cuts of a range below the node where they part):
+   ``ranks[side]`` grows by the number of entries < cuts[side] (<= when afters[side]) below
+   nodes[side] (references this consumes). Two step down level by level in turn, each level opening
+   both images before searching either: the cache misses of one descent's next node (its object, its
+   image's first line) are then under way while the other one works, where one descent after the
+   other waits for each miss in turn. 0, or -1 with an error set. */
 static int
-descend_pair(PyObject *nodes[2], const char *cuts[2], const Py_ssize_t sizes[2], const int afters[2],
-             Py_ssize_t ranks[2], Fetcher *fetcher)
+descend(int count, PyObject *nodes[], const char *cuts[], const Py_ssize_t sizes[], const int afters[],
+        Py_ssize_t ranks[], Fetcher *fetcher)
 {
     Image images[2] = {{.blob = NULL}, {.blob = NULL}};
-    int done[2] = {0, 0}, failed = 0;
+    int done[2] = {count < 1, count < 2}, failed = 0;
     while (!failed && !(done[0] && done[1])) {
-        for (int side = 0; side < 2 && !failed; side++) {
+        for (int side = 0; side < count && !failed; side++) {
             failed = !done[side] && node_image(nodes[side], &images[side]) < 0;
         }
-        for (int side = 0; side < 2 && !failed; side++) {
+        for (int side = 0; side < count && !failed; side++) {
             if (done[side]) {
                 continue;
             }
@@ -1534,7 +1500,7 @@ descend_pair(PyObject *nodes[2], const char *cuts[2], const Py_ssize_t sizes[2],
             image_release(image);
         }
     }
-    for (int side = 0; side < 2; side++) {
+    for (int side = 0; side < count; side++) {
         image_release(&images[side]);
         Py_DECREF(nodes[side]);
     }
@@ -1554,18 +1520,6 @@ fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
     return 0;
 }
 
-/* node.rows() of an internal node (its cached cumulative rows, or computed): a new reference. */
-static PyObject *
-rows_of(PyObject *node)
-{
-    PyObject *rows = PyObject_GetAttr(node, rows_cache_name);
-    if (rows == Py_None) {
-        Py_DECREF(rows);
-        rows = PyObject_CallMethodNoArgs(node, rows_name);
-    }
-    return rows;
-}
-
 /* The child of an internal node whose subtree holds entry ``*index`` of the node's subtree (the last
    child whose cumulative count is <= it), ``*index`` made relative to that child: through the image's
    counts, or ``node.counts()``. The child's position, or -1 with an error set. */
@@ -1578,11 +1532,7 @@ child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
         size = image->count + 1;
     }
     else {
-        counts = PyObject_GetAttr(node, counts_cache_name);
-        if (counts == Py_None) {
-            Py_DECREF(counts);
-            counts = PyObject_CallMethodNoArgs(node, counts_name);
-        }
+        counts = derived(node, counts_cache_name, counts_name);
         size = counts == NULL ? -1 : PyObject_Length(counts);
         if (size < 0) {
             Py_XDECREF(counts);
@@ -1672,8 +1622,14 @@ tree_rank(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (after < 0 || fetcher_from(args[3], args[4], &fetcher) < 0) {
         return NULL;
     }
-    Py_ssize_t rank = descend(Py_NewRef(args[0]), PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), after, &fetcher);
-    return rank < 0 ? NULL : Py_BuildValue("nn", rank, fetcher.hits);
+    PyObject *nodes[1] = {Py_NewRef(args[0])};
+    const char *cuts[1] = {PyBytes_AS_STRING(args[1])};
+    Py_ssize_t sizes[1] = {PyBytes_GET_SIZE(args[1])}, ranks[1] = {0};
+    int afters[1] = {after};
+    if (descend(1, nodes, cuts, sizes, afters, ranks, &fetcher) < 0) {
+        return NULL;
+    }
+    return Py_BuildValue("nn", ranks[0], fetcher.hits);
 }
 
 /* rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits): the two
@@ -1730,7 +1686,7 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
             const char *cuts[2] = {low, high};
             Py_ssize_t cut_sizes[2] = {low_size, high_size}, ranks[2] = {0, 0};
             int afters[2] = {low_after, high_after};
-            if (descend_pair(pair, cuts, cut_sizes, afters, ranks, &fetcher) < 0) {
+            if (descend(2, pair, cuts, cut_sizes, afters, ranks, &fetcher) < 0) {
                 return NULL;
             }
             return Py_BuildValue("nnn", base + before + ranks[0], base + at_other + ranks[1], fetcher.hits);
@@ -2249,7 +2205,7 @@ rows_around(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t fie
         }
         return 0;
     }
-    PyObject *rows = rows_of(node);
+    PyObject *rows = derived(node, rows_cache_name, rows_name);
     if (rows == NULL) {
         return -1;
     }
