@@ -93,10 +93,10 @@ class NodeAccess(Protocol):
         ...
 
     @property
-    def shared(self) -> dict[int, Node] | None:
-        """Committed nodes a descent may take directly by id (the shared cache of a read
-        transaction), or None when every node must come from :meth:`node` (a write transaction,
-        whose dirty nodes come first)."""
+    def shared(self) -> object:
+        """Committed nodes a C descent may take directly by id (the store of the shared cache of a
+        read transaction: a ``NodeTable`` or a dict of nodes by id), or None when every node must
+        come from :meth:`node` (a write transaction, whose dirty nodes come first)."""
         ...
 
     def count_hits(self, hits: int) -> None:

@@ -71,6 +71,7 @@ turned into one Python int. An int in the int64 range is ``|v| * 2**1074`` units
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <datetime.h>
+#include <structmember.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -713,7 +714,7 @@ key_prefix(const char *key, Py_ssize_t size)
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
-    *rows_cache_name, *rows_name, *cols_name, *shifts_name;
+    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name;
 
 static int
 intern_names(void)
@@ -729,8 +730,9 @@ intern_names(void)
     rows_name = PyUnicode_InternFromString("rows");
     cols_name = PyUnicode_InternFromString("cols");
     shifts_name = PyUnicode_InternFromString("shifts");
+    id_name = PyUnicode_InternFromString("id");
     return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
-                   rows_cache_name && rows_name && cols_name && shifts_name
+                   rows_cache_name && rows_name && cols_name && shifts_name && id_name
                ? 0
                : -1;
 }
@@ -1267,6 +1269,19 @@ node_image(PyObject *node, Image *image)
     return image_parse(blob, image);
 }
 
+/* node_image, given the node's image when the caller has it already (``hint``, borrowed: an image
+   from ``node._blob``, which a node sets once and keeps), or NULL. */
+static int
+node_image_hinted(PyObject *node, PyObject *hint, Image *image)
+{
+    if (hint == NULL) {
+        return node_image(node, image);
+    }
+    memset(image, 0, sizeof(*image));
+    image->fields = -1;
+    return image_parse(Py_NewRef(hint), image);
+}
+
 /* 1 for a leaf, 0 for an internal node, -1 with an error set. */
 static int
 image_is_leaf(PyObject *node, const Image *image)
@@ -1347,6 +1362,365 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     return found < 0 ? NULL : PyLong_FromSsize_t(found);
 }
 
+/* ------------------------------------------------------------------ the node table */
+
+/* NodeTable: the shared cache of committed nodes (``_store.NodeCache``), by node id, with the search
+   image of each node next to it once it has one. A descent of a large tree meets most nodes cold,
+   out of the CPU caches; through a dict, taking a child costs a miss for the dict's index, one for
+   its entry and one for the stored key, an int object the lookup compares with the id read from the
+   parent's image (a new int object each time), then one for the node object, whose ``_blob`` leads
+   to the image. Here a child is one probe of an open-addressing table of plain slots (id, node,
+   image), usually one cache line, and no int object is made: the image's first line comes next.
+
+   Linear probing on the id times a Fibonacci constant (ids are consecutive); deletion shifts the
+   following slots back, so there are no tombstones; the table doubles when half full. Eviction is
+   first in, first out, as the dict's was: the ids in insertion order wait in a ring, which is
+   compacted when it holds more than twice the live entries plus some (ids discarded meanwhile).
+
+   The table holds strong references to its nodes and their images. It is not tracked by the cyclic
+   garbage collector: a node refers to bytes, ints, floats and tuples of those, never to a table, so
+   no cycle can pass through one. Every change completes before a reference is released. */
+
+typedef struct {
+    uint64_t id; /* 0: empty (node ids start at 1) */
+    PyObject *node;
+    PyObject *blob; /* node._blob once it is an image (set once, never changed after), or NULL */
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    Slot *slots;
+    size_t mask;    /* slots - 1 (a power of two), or 0 before the first put */
+    Py_ssize_t used, capacity;
+    uint64_t *ring; /* ids in insertion order, from ring[head] on, ``queued`` of them */
+    size_t ring_size, head, queued;
+} NodeTable;
+
+static PyTypeObject NodeTableType;
+
+static size_t
+slot_of(const NodeTable *table, uint64_t id)
+{
+    return (size_t)((id * 0x9E3779B97F4A7C15ull) >> 20) & table->mask;
+}
+
+/* The slot holding ``id``, or NULL. */
+static Slot *
+table_find(const NodeTable *table, uint64_t id)
+{
+    if (table->slots == NULL || id == 0) {
+        return NULL;
+    }
+    for (size_t at = slot_of(table, id);; at = (at + 1) & table->mask) {
+        Slot *slot = &table->slots[at];
+        if (slot->id == id) {
+            return slot;
+        }
+        if (slot->id == 0) {
+            return NULL;
+        }
+    }
+}
+
+/* Empty ``slot`` (which the caller has taken the references of) and shift the run after it back. */
+static void
+table_unlink(NodeTable *table, Slot *slot)
+{
+    size_t hole = (size_t)(slot - table->slots), at = hole;
+    for (;;) {
+        at = (at + 1) & table->mask;
+        Slot *next = &table->slots[at];
+        if (next->id == 0) {
+            break;
+        }
+        size_t home = slot_of(table, next->id);
+        /* next may move to the hole if its home is not in (hole, at] (cyclically) */
+        if ((at > hole) ? (home <= hole || home > at) : (home <= hole && home > at)) {
+            table->slots[hole] = *next;
+            hole = at;
+        }
+    }
+    table->slots[hole] = (Slot){0, NULL, NULL};
+    table->used--;
+}
+
+/* Remove ``id`` if present: 1 with the node and blob handed to the caller, else 0. */
+static int
+table_take(NodeTable *table, uint64_t id, PyObject **node, PyObject **blob)
+{
+    Slot *slot = table_find(table, id);
+    if (slot == NULL) {
+        return 0;
+    }
+    *node = slot->node;
+    *blob = slot->blob;
+    table_unlink(table, slot);
+    return 1;
+}
+
+static int
+table_resize(NodeTable *table, size_t size)
+{
+    Slot *old = table->slots;
+    size_t old_size = old == NULL ? 0 : table->mask + 1;
+    Slot *slots = PyMem_Calloc(size, sizeof(Slot));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    table->slots = slots;
+    table->mask = size - 1;
+    for (size_t index = 0; index < old_size; index++) {
+        if (old[index].id != 0) {
+            size_t at = slot_of(table, old[index].id);
+            while (slots[at].id != 0) {
+                at = (at + 1) & table->mask;
+            }
+            slots[at] = old[index];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Append ``id`` to the ring. A full ring is first rebuilt with the ids still in the table, in order,
+   at twice the size when more than half of it is live. 0, or -1 with MemoryError. */
+static int
+ring_push(NodeTable *table, uint64_t id)
+{
+    if (table->queued == table->ring_size) {
+        size_t live = 0;
+        for (size_t index = 0; index < table->queued; index++) {
+            live += table_find(table, table->ring[(table->head + index) % table->ring_size]) != NULL;
+        }
+        size_t size = table->ring_size < 64 ? 64 : table->ring_size;
+        if (live * 2 > size) {
+            size *= 2;
+        }
+        uint64_t *ring = PyMem_Malloc(size * sizeof(uint64_t));
+        if (ring == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        size_t kept = 0;
+        for (size_t index = 0; index < table->queued; index++) {
+            uint64_t queued = table->ring[(table->head + index) % table->ring_size];
+            if (table_find(table, queued) != NULL) {
+                ring[kept++] = queued;
+            }
+        }
+        PyMem_Free(table->ring);
+        table->ring = ring;
+        table->ring_size = size;
+        table->head = 0;
+        table->queued = kept;
+    }
+    table->ring[(table->head + table->queued) % table->ring_size] = id;
+    table->queued++;
+    return 0;
+}
+
+/* A node id from an object: 1 with *id set for an exact int from 1 to 2**64 - 1, else 0. */
+static int
+table_id(PyObject *value, uint64_t *id)
+{
+    if (!PyLong_CheckExact(value)) {
+        return 0;
+    }
+    unsigned long long number = PyLong_AsUnsignedLongLong(value);
+    if (number == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* negative or beyond 64 bits: never an id */
+        return 0;
+    }
+    *id = (uint64_t)number;
+    return number != 0;
+}
+
+static PyObject *
+table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Py_ssize_t capacity;
+    static char *names[] = {"capacity", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:NodeTable", names, &capacity)) {
+        return NULL;
+    }
+    NodeTable *table = (NodeTable *)type->tp_alloc(type, 0);
+    if (table != NULL) {
+        table->capacity = capacity;
+    }
+    return (PyObject *)table;
+}
+
+/* Forget every node: the slots are detached first, then their references released. */
+static void
+table_drop_all(NodeTable *table)
+{
+    Slot *slots = table->slots;
+    size_t size = slots == NULL ? 0 : table->mask + 1;
+    table->slots = NULL;
+    table->mask = 0;
+    table->used = 0;
+    table->head = table->queued = 0;
+    for (size_t index = 0; index < size; index++) {
+        if (slots[index].id != 0) {
+            Py_DECREF(slots[index].node);
+            Py_XDECREF(slots[index].blob);
+        }
+    }
+    PyMem_Free(slots);
+}
+
+static void
+table_dealloc(NodeTable *table)
+{
+    table_drop_all(table);
+    PyMem_Free(table->ring);
+    Py_TYPE(table)->tp_free((PyObject *)table);
+}
+
+static Py_ssize_t
+table_length(NodeTable *table)
+{
+    return table->used;
+}
+
+static PyObject *
+table_get(NodeTable *table, PyObject *key)
+{
+    uint64_t id;
+    Slot *slot = table_id(key, &id) ? table_find(table, id) : NULL;
+    return Py_NewRef(slot != NULL ? slot->node : Py_None);
+}
+
+static PyObject *
+table_discard(NodeTable *table, PyObject *key)
+{
+    uint64_t id;
+    PyObject *node, *blob;
+    if (table_id(key, &id) && table_take(table, id, &node, &blob)) {
+        Py_DECREF(node);
+        Py_XDECREF(blob);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_clear(NodeTable *table, PyObject *Py_UNUSED(ignored))
+{
+    table_drop_all(table);
+    Py_RETURN_NONE;
+}
+
+/* put(node): remember a committed node under node.id, then evict the oldest beyond capacity. */
+static PyObject *
+table_put(NodeTable *table, PyObject *node)
+{
+    PyObject *key = PyObject_GetAttr(node, id_name);
+    if (key == NULL) {
+        return NULL;
+    }
+    uint64_t id;
+    int valid = table_id(key, &id);
+    Py_DECREF(key);
+    if (!valid) {
+        PyErr_SetString(PyExc_ValueError, "a node's id must be an int from 1 to 2**64 - 1");
+        return NULL;
+    }
+    if (table->capacity <= 0) {
+        Py_RETURN_NONE;
+    }
+    Slot *slot = table_find(table, id);
+    if (slot != NULL) { /* the same node decoded twice (two threads): keep the newer, in place */
+        PyObject *old = slot->node, *blob = slot->blob;
+        slot->node = Py_NewRef(node);
+        slot->blob = NULL;
+        Py_DECREF(old);
+        Py_XDECREF(blob);
+        Py_RETURN_NONE;
+    }
+    if ((size_t)(table->used + 1) * 2 > (table->slots == NULL ? 0 : table->mask + 1)) {
+        if (table_resize(table, table->slots == NULL ? 64 : (table->mask + 1) * 2) < 0) {
+            return NULL;
+        }
+    }
+    if (ring_push(table, id) < 0) {
+        return NULL;
+    }
+    size_t at = slot_of(table, id);
+    while (table->slots[at].id != 0) {
+        at = (at + 1) & table->mask;
+    }
+    table->slots[at] = (Slot){id, Py_NewRef(node), NULL};
+    table->used++;
+    while (table->used > table->capacity && table->queued) {
+        uint64_t oldest = table->ring[table->head];
+        table->head = (table->head + 1) % table->ring_size;
+        table->queued--;
+        PyObject *evicted, *blob;
+        if (table_take(table, oldest, &evicted, &blob)) {
+            Py_DECREF(evicted);
+            Py_XDECREF(blob);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef table_methods[] = {
+    {"get", (PyCFunction)table_get, METH_O, "get(node_id) -> the cached node, or None."},
+    {"put", (PyCFunction)table_put, METH_O,
+     "put(node): remember a committed node under node.id, evicting the oldest beyond capacity."},
+    {"discard", (PyCFunction)table_discard, METH_O, "discard(node_id): forget a node if cached."},
+    {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear(): forget every node."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef table_members[] = {
+    {"capacity", T_PYSSIZET, offsetof(NodeTable, capacity), READONLY, "the most nodes kept"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods table_as_sequence = {.sq_length = (lenfunc)table_length};
+
+static PyTypeObject NodeTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tallytree._speedups.NodeTable",
+    .tp_basicsize = sizeof(NodeTable),
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_as_sequence = &table_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NodeTable(capacity): committed nodes by id, with their search images, first in first "
+              "out beyond capacity (the store of _store.NodeCache).",
+    .tp_methods = table_methods,
+    .tp_members = table_members,
+    .tp_new = table_new,
+};
+
+/* The node ``id`` from the table, a new reference, with its image (borrowed: the node holds it too)
+   in *blob when it has one; NULL (no error) when the table does not hold it. */
+static PyObject *
+table_child(NodeTable *table, uint64_t id, PyObject **blob)
+{
+    Slot *slot = table_find(table, id);
+    if (slot == NULL) {
+        return NULL;
+    }
+    PyObject *node = Py_NewRef(slot->node);
+    if (slot->blob == NULL) { /* learn the image once the node has one (its second search) */
+        *blob = NULL;
+        PyObject *found = PyObject_GetAttr(node, blob_name);
+        if (found == NULL) {
+            PyErr_Clear(); /* node_image raises it */
+        }
+        else if (PyBytes_CheckExact(found) && (slot = table_find(table, id)) != NULL && slot->node == node) {
+            slot->blob = Py_NewRef(found);
+            *blob = found;
+        }
+        Py_XDECREF(found);
+        return node;
+    }
+    *blob = slot->blob;
+    return node;
+}
+
 /* ------------------------------------------------------------------ descents */
 
 /* Ranks (rank, rank_range of _btree.NodeTree) descend one node per level: search the node, add the
@@ -1357,7 +1731,8 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
    ``*hits`` for the cache statistics. */
 
 typedef struct {
-    PyObject *nodes; /* a dict, or NULL */
+    PyObject *nodes;  /* a dict, or NULL */
+    NodeTable *table; /* or a NodeTable, or NULL */
     PyObject *fetch;
     Py_ssize_t hits;
 } Fetcher;
@@ -1375,11 +1750,13 @@ node_size(PyObject *node, const Image *image)
     return count;
 }
 
-/* The child ``index`` of an internal node (a new reference), or NULL with an error set. */
+/* The child ``index`` of an internal node (a new reference), or NULL with an error set; with its
+   image in *hint (borrowed, see node_image_hinted) when the node table knows it, else NULL. */
 static PyObject *
-child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher)
+child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher, PyObject **hint)
 {
     PyObject *kid;
+    *hint = NULL;
     if (image->kind == IMAGE_INTERNAL && image->blob != NULL) {
         if (index < 0 || index >= image->count) {
             PyErr_SetString(PyExc_IndexError, "child index out of range");
@@ -1387,6 +1764,13 @@ child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher)
         }
         uint64_t id;
         memcpy(&id, image->kids + index * 8, sizeof(id));
+        if (fetcher->table != NULL) { /* no int object at all for a node the table holds */
+            PyObject *child = table_child(fetcher->table, id, hint);
+            if (child != NULL) {
+                fetcher->hits++;
+                return child;
+            }
+        }
         kid = PyLong_FromUnsignedLongLong(id);
     }
     else {
@@ -1399,6 +1783,15 @@ child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher)
     }
     if (kid == NULL) {
         return NULL;
+    }
+    uint64_t id;
+    if (fetcher->table != NULL && table_id(kid, &id)) {
+        PyObject *child = table_child(fetcher->table, id, hint);
+        if (child != NULL) {
+            fetcher->hits++;
+            Py_DECREF(kid);
+            return child;
+        }
     }
     if (fetcher->nodes != NULL) {
         PyObject *child = PyDict_GetItemWithError(fetcher->nodes, kid);
@@ -1460,14 +1853,14 @@ child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size
    image's first line) are then under way while the other one works, where one descent after the
    other waits for each miss in turn. 0, or -1 with an error set. */
 static int
-descend(int count, PyObject *nodes[], const char *cuts[], const Py_ssize_t sizes[], const int afters[],
-        Py_ssize_t ranks[], Fetcher *fetcher)
+descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], const Py_ssize_t sizes[],
+        const int afters[], Py_ssize_t ranks[], Fetcher *fetcher)
 {
     Image images[2] = {{.blob = NULL}, {.blob = NULL}};
     int done[2] = {count < 1, count < 2}, failed = 0;
     while (!failed && !(done[0] && done[1])) {
         for (int side = 0; side < count && !failed; side++) {
-            failed = !done[side] && node_image(nodes[side], &images[side]) < 0;
+            failed = !done[side] && node_image_hinted(nodes[side], hints[side], &images[side]) < 0;
         }
         for (int side = 0; side < count && !failed; side++) {
             if (done[side]) {
@@ -1488,7 +1881,7 @@ descend(int count, PyObject *nodes[], const char *cuts[], const Py_ssize_t sizes
             else {
                 Py_ssize_t index = child_index(node, image, cuts[side], sizes[side]), before;
                 failed = index < 0 || count_before(node, image, index, &before) < 0;
-                PyObject *child = failed ? NULL : child_of(node, image, index, fetcher);
+                PyObject *child = failed ? NULL : child_of(node, image, index, fetcher, &hints[side]);
                 if (child == NULL) {
                     failed = 1;
                 }
@@ -1510,12 +1903,14 @@ descend(int count, PyObject *nodes[], const char *cuts[], const Py_ssize_t sizes
 static int
 fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
 {
-    if (!PyCallable_Check(fetch) || (nodes != Py_None && !PyDict_CheckExact(nodes))) {
-        PyErr_SetString(PyExc_TypeError, "fetch must be callable and nodes a dict or None");
+    int table = Py_IS_TYPE(nodes, &NodeTableType);
+    if (!PyCallable_Check(fetch) || (nodes != Py_None && !table && !PyDict_CheckExact(nodes))) {
+        PyErr_SetString(PyExc_TypeError, "fetch must be callable and nodes a NodeTable, a dict or None");
         return -1;
     }
     fetcher->fetch = fetch;
-    fetcher->nodes = nodes == Py_None ? NULL : nodes;
+    fetcher->nodes = nodes == Py_None || table ? NULL : nodes;
+    fetcher->table = table ? (NodeTable *)nodes : NULL;
     fetcher->hits = 0;
     return 0;
 }
@@ -1587,10 +1982,10 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     if ((index == -1 && PyErr_Occurred()) || fetcher_from(args[2], args[3], &fetcher) < 0) {
         return NULL;
     }
-    PyObject *node = Py_NewRef(args[0]);
+    PyObject *node = Py_NewRef(args[0]), *hint = NULL;
     for (;;) {
         Image image;
-        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf != 0) {
             image_release(&image);
             if (leaf < 0) {
@@ -1600,7 +1995,7 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             return Py_BuildValue("(Nnn)", node, index, fetcher.hits);
         }
         Py_ssize_t child = child_by_count(node, &image, &index);
-        PyObject *next = child < 0 ? NULL : child_of(node, &image, child, &fetcher);
+        PyObject *next = child < 0 ? NULL : child_of(node, &image, child, &fetcher, &hint);
         image_release(&image);
         Py_SETREF(node, next);
         if (node == NULL) {
@@ -1622,11 +2017,11 @@ tree_rank(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (after < 0 || fetcher_from(args[3], args[4], &fetcher) < 0) {
         return NULL;
     }
-    PyObject *nodes[1] = {Py_NewRef(args[0])};
+    PyObject *nodes[1] = {Py_NewRef(args[0])}, *hints[1] = {NULL};
     const char *cuts[1] = {PyBytes_AS_STRING(args[1])};
     Py_ssize_t sizes[1] = {PyBytes_GET_SIZE(args[1])}, ranks[1] = {0};
     int afters[1] = {after};
-    if (descend(1, nodes, cuts, sizes, afters, ranks, &fetcher) < 0) {
+    if (descend(1, nodes, hints, cuts, sizes, afters, ranks, &fetcher) < 0) {
         return NULL;
     }
     return Py_BuildValue("nn", ranks[0], fetcher.hits);
@@ -1648,11 +2043,11 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     }
     const char *low = PyBytes_AS_STRING(args[1]), *high = PyBytes_AS_STRING(args[3]);
     Py_ssize_t low_size = PyBytes_GET_SIZE(args[1]), high_size = PyBytes_GET_SIZE(args[3]);
-    PyObject *node = Py_NewRef(args[0]);
+    PyObject *node = Py_NewRef(args[0]), *hint = NULL;
     Py_ssize_t base = 0;
     Image image = {.blob = NULL};
     for (;;) {
-        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
             break;
         }
@@ -1674,8 +2069,9 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
             if (count_before(node, &image, other, &at_other) < 0) {
                 break;
             }
-            PyObject *low_child = child_of(node, &image, index, &fetcher);
-            PyObject *high_child = low_child == NULL ? NULL : child_of(node, &image, other, &fetcher);
+            PyObject *hints[2] = {NULL, NULL};
+            PyObject *low_child = child_of(node, &image, index, &fetcher, &hints[0]);
+            PyObject *high_child = low_child == NULL ? NULL : child_of(node, &image, other, &fetcher, &hints[1]);
             image_release(&image);
             Py_DECREF(node);
             if (high_child == NULL) {
@@ -1686,13 +2082,13 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
             const char *cuts[2] = {low, high};
             Py_ssize_t cut_sizes[2] = {low_size, high_size}, ranks[2] = {0, 0};
             int afters[2] = {low_after, high_after};
-            if (descend(2, pair, cuts, cut_sizes, afters, ranks, &fetcher) < 0) {
+            if (descend(2, pair, hints, cuts, cut_sizes, afters, ranks, &fetcher) < 0) {
                 return NULL;
             }
             return Py_BuildValue("nnn", base + before + ranks[0], base + at_other + ranks[1], fetcher.hits);
         }
         base += before;
-        PyObject *child = child_of(node, &image, index, &fetcher);
+        PyObject *child = child_of(node, &image, index, &fetcher, &hint);
         image_release(&image);
         Py_DECREF(node);
         node = child;
@@ -2343,6 +2739,7 @@ add_span(Total *total, PyObject *leaf, const Image *image, Py_ssize_t start, Py_
    entries before the cut, or ``after`` minus its entries from the cut, whichever span is shorter. */
 typedef struct {
     PyObject *node; /* owned */
+    PyObject *hint; /* the node's image if known, borrowed (see node_image_hinted), or NULL */
     Row before, after;
     const char *key;
     Py_ssize_t size;
@@ -2408,7 +2805,7 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
     if (rows_around(node, &walk->image, index, total->fields, &walk->before, &walk->after) < 0) {
         return -1;
     }
-    PyObject *child = child_of(node, &walk->image, index, fetcher);
+    PyObject *child = child_of(node, &walk->image, index, fetcher, &walk->hint);
     if (child == NULL) {
         return -1;
     }
@@ -2427,7 +2824,8 @@ walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
     int status = 0, running = count;
     while (status == 0 && running) {
         for (int at = 0; at < count && status == 0; at++) {
-            status = !walks[at].done && node_image(walks[at].node, &walks[at].image) < 0 ? -1 : 0;
+            Walk *walk = &walks[at];
+            status = !walk->done && node_image_hinted(walk->node, walk->hint, &walk->image) < 0 ? -1 : 0;
         }
         running = 0;
         for (int at = 0; at < count && status == 0; at++) {
@@ -2453,9 +2851,10 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
         const char *high, Py_ssize_t high_size, int high_after, Total *total, Fetcher *fetcher)
 {
     Image image = {.blob = NULL};
+    PyObject *hint = NULL;
     int status = -1;
     for (;;) {
-        int leaf = node_image(node, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
             goto finish;
         }
@@ -2473,14 +2872,17 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
         }
         if (index != other) {
             Walk walks[2];
-            PyObject *high_kid = child_of(node, &image, other, fetcher);
-            PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, fetcher);
+            PyObject *high_hint, *low_hint = NULL;
+            PyObject *high_kid = child_of(node, &image, other, fetcher, &high_hint);
+            PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, fetcher, &low_hint);
             if (low_kid == NULL) {
                 Py_XDECREF(high_kid);
                 goto finish;
             }
             walk_start(&walks[0], high_kid, high, high_size, high_after, 1);
             walk_start(&walks[1], low_kid, low, low_size, low_after, -1);
+            walks[0].hint = high_hint;
+            walks[1].hint = low_hint;
             if (rows_around(node, &image, other, total->fields, &walks[0].before, &walks[0].after) < 0 ||
                 rows_around(node, &image, index, total->fields, &walks[1].before, &walks[1].after) < 0) {
                 walk_release(&walks[0]);
@@ -2493,7 +2895,7 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
         if (rows_around(node, &image, index, total->fields, before, after) < 0) {
             goto finish;
         }
-        PyObject *child = child_of(node, &image, index, fetcher);
+        PyObject *child = child_of(node, &image, index, fetcher, &hint);
         if (child == NULL) {
             goto finish;
         }
@@ -3445,5 +3847,12 @@ PyInit__speedups(void)
     if (PyDateTimeAPI == NULL) {
         return NULL;
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&NodeTableType) < 0) {
+        return NULL;
+    }
+    PyObject *created = PyModule_Create(&module);
+    if (created != NULL && PyModule_AddObjectRef(created, "NodeTable", (PyObject *)&NodeTableType) < 0) {
+        Py_CLEAR(created);
+    }
+    return created;
 }

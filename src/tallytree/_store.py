@@ -21,8 +21,8 @@ until commit, so a backend sees one batch per transaction; that lets the LMDB ba
 retry a batch without involving the caller.
 
 Node ids only grow and are never reused, and committed nodes never change, so a decoded node can be
-cached by id for the life of the process: :class:`NodeCache` is a bounded LRU shared by all transactions
-of a database.
+cached by id for the life of the process: :class:`NodeCache` is a bounded first-in first-out cache
+shared by all transactions of a database.
 """
 
 from __future__ import annotations
@@ -34,9 +34,22 @@ from typing import Protocol
 
 from sortedcontainers import SortedDict
 
+from . import _native
+from ._native import NodeStore
 from ._node import Node
 
-__all__ = ["DOCS", "META", "NODES", "ROOTS", "Backend", "KVTxn", "MemoryBackend", "NodeCache", "Op"]
+__all__ = [
+    "DOCS",
+    "META",
+    "NODES",
+    "ROOTS",
+    "Backend",
+    "KVTxn",
+    "MemoryBackend",
+    "NodeCache",
+    "NodeDict",
+    "Op",
+]
 
 META = 0
 NODES = 1
@@ -89,41 +102,25 @@ class Backend(Protocol):
         ...
 
 
-class NodeCache:
-    """A bounded cache of decoded committed nodes, keyed by node id. Safe to share between threads.
+class NodeDict:
+    """Nodes by id in a dict, first in first out beyond ``capacity``: the pure-Python twin of
+    ``_speedups.NodeTable`` (same methods), used when the C kernels are not built."""
 
-    ``capacity`` counts nodes; a reader's memory is therefore bounded by ``capacity`` times the node
-    size, whatever the size of the data. Eviction is first-in first-out: a lookup costs one dict
-    probe (an LRU's bookkeeping cost more than the rare re-decoding of an evicted hot node), and
-    nodes are immutable, so a node evicted and read again is simply decoded again.
-    """
-
-    __slots__ = ("_nodes", "capacity", "hits", "misses")
+    __slots__ = ("capacity", "get", "nodes")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._nodes: dict[int, Node] = {}
-        self.hits = 0
-        self.misses = 0
+        self.nodes: dict[int, Node] = {}
+        self.get: Callable[[int], Node | None] = self.nodes.get  # the dict's own get: no Python frame
 
     def __len__(self) -> int:
-        return len(self._nodes)
-
-    def get(self, node_id: int) -> Node | None:
-        """The cached node, or None. O(1)."""
-        return self._nodes.get(node_id)
-
-    @property
-    def lookup(self) -> Callable[[int], Node | None]:
-        """:meth:`get` without a Python frame: the bound ``get`` of the cache's dict (which
-        :meth:`clear` empties in place, so it stays valid)."""
-        return self._nodes.get
+        return len(self.nodes)
 
     def put(self, node: Node) -> None:
         """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""
         if self.capacity <= 0:
             return
-        nodes = self._nodes
+        nodes = self.nodes
         nodes[node.id] = node
         while len(nodes) > self.capacity:
             try:
@@ -132,8 +129,64 @@ class NodeCache:
                 break
 
     def discard(self, node_id: int) -> None:
+        """Forget one node if cached. O(1)."""
+        self.nodes.pop(node_id, None)
+
+    def clear(self) -> None:
+        """Forget every node (in place: ``get`` stays bound to the dict)."""
+        self.nodes.clear()
+
+
+class NodeCache:
+    """A bounded cache of decoded committed nodes, keyed by node id. Safe to share between threads.
+
+    ``capacity`` counts nodes; a reader's memory is therefore bounded by ``capacity`` times the node
+    size, whatever the size of the data. Eviction is first-in first-out: a lookup costs one probe
+    (an LRU's bookkeeping cost more than the rare re-decoding of an evicted hot node), and nodes are
+    immutable, so a node evicted and read again is simply decoded again.
+
+    The nodes are kept in ``_speedups.NodeTable`` when the C kernels are built: an open-addressing
+    table of (id, node, search image) slots, from which the kernels' descents take a child in about
+    one cache line, with no int object made for its id (see ``_speedups.c``); else in a
+    :class:`NodeDict`.
+    """
+
+    __slots__ = ("_nodes", "capacity", "hits", "misses")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        built = _native.speedups
+        self._nodes: NodeStore = built.NodeTable(capacity) if built is not None else NodeDict(capacity)
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, node_id: int) -> Node | None:
+        """The cached node, or None. O(1)."""
+        node: Node | None = self._nodes.get(node_id)
+        return node
+
+    @property
+    def lookup(self) -> Callable[[int], Node | None]:
+        """:meth:`get` without a Python frame: the store's own ``get`` (which :meth:`clear` keeps
+        valid)."""
+        return self._nodes.get
+
+    @property
+    def shared(self) -> object:
+        """What the C kernels' descents take nodes from: the NodeTable, or the NodeDict's dict."""
+        nodes = self._nodes
+        return nodes.nodes if isinstance(nodes, NodeDict) else nodes
+
+    def put(self, node: Node) -> None:
+        """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""
+        self._nodes.put(node)
+
+    def discard(self, node_id: int) -> None:
         """Forget one node if cached (a reader that still needs it decodes it again). O(1)."""
-        self._nodes.pop(node_id, None)
+        self._nodes.discard(node_id)
 
     def clear(self) -> None:
         """Forget every node."""

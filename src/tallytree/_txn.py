@@ -108,7 +108,7 @@ class Transaction:
         self._db = db
         self._kv = kv
         self._cache: NodeCache = db._cache
-        self._cached = self._cache.lookup  # the cache dict's own get: one C call per node on a descent
+        self._cached = self._cache.lookup  # the cache store's own get: one C call per node on a descent
         self._decoded = db._roots
         self._roots: dict[bytes, Root | None] = {}
         self._open = True
@@ -141,9 +141,9 @@ class Transaction:
             )
 
     @property
-    def shared(self) -> dict[int, Node] | None:
-        """The shared cache's nodes, which a read transaction's descents may take directly."""
-        return self._cache._nodes
+    def shared(self) -> object:
+        """The shared cache's store, which a read transaction's descents may take nodes from."""
+        return self._cache.shared
 
     def count_hits(self, hits: int) -> None:
         """Count cache hits of a descent that took nodes from :attr:`shared`."""
@@ -243,7 +243,7 @@ class WriteTransaction(Transaction):
         self._next_id: int | None = None
 
     @property
-    def shared(self) -> dict[int, Node] | None:
+    def shared(self) -> object:
         return None  # dirty nodes come first: every node through node()
 
     def node(self, node_id: int) -> Node:
