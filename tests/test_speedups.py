@@ -1013,3 +1013,174 @@ def test_decode_entry_leaves_datetimes_beyond_the_range_to_python() -> None:
         assert speedups.decode_entry(outside, MAX_KEY_BYTES) is None
         with pytest.raises(CorruptDatabaseError):
             _decoded(outside)
+
+
+# ------------------------------------------------------------------ the node table
+
+
+class Cached:
+    """A node as the node cache sees one: an id, and a search image or not."""
+
+    def __init__(self, node_id: Any, blob: Any = None) -> None:
+        self.id = node_id
+        self._blob = blob
+
+
+TABLE_IDS = st.integers(1, 120) | st.sampled_from([2**32, 2**63, 2**64 - 1])
+TABLE_OPS = st.lists(
+    st.tuples(st.sampled_from(["put", "put", "put", "discard", "get", "clear"]), TABLE_IDS), max_size=400
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([-1, 0, 1, 2, 5, 12, 30, 1000]), TABLE_OPS)
+def test_node_table_behaves_as_the_python_node_dict(capacity: int, ops: list[tuple[str, int]]) -> None:
+    """NodeTable (open addressing, a ring of puts for first-in first-out eviction) against its
+    pure-Python twin: the same nodes kept, evicted and forgotten after any sequence of puts (of new
+    and cached ids, and of ids discarded before), discards, lookups and clears."""
+    from tallytree._store import NodeDict
+
+    assert speedups is not None
+    table, model = speedups.NodeTable(capacity), NodeDict(capacity)
+    for op, node_id in ops:
+        if op == "put":
+            node = Cached(node_id)
+            table.put(node)
+            model.put(node)  # type: ignore[arg-type]
+        elif op == "discard":
+            table.discard(node_id)
+            model.discard(node_id)
+        elif op == "clear":
+            table.clear()
+            model.clear()
+        assert table.get(node_id) is model.get(node_id)
+        assert len(table) == len(model)
+    assert all(table.get(node_id) is node for node_id, node in model.nodes.items())
+    assert table.capacity == capacity
+
+
+def _home(node_id: int, slots: int) -> int:
+    """The slot NodeTable probes first for an id (see ``slot_of`` in _speedups.c)."""
+    return ((node_id * 0x9E3779B97F4A7C15) % 2**64 >> 20) % slots
+
+
+def test_node_table_keeps_runs_of_colliding_ids_reachable() -> None:
+    """Ids that share their first slot form one probe run; removing any of them (discard or eviction)
+    shifts the rest back, and every remaining id stays reachable, also when the run wraps around
+    the end of the table."""
+    assert speedups is not None
+    ids = [node_id for node_id in range(1, 20_000) if _home(node_id, 64) in (5, 6)][:24]
+    neighbours = [node_id for node_id in range(1, 20_000) if _home(node_id, 64) == 7][:4]
+    wrapping = [node_id for node_id in range(1, 20_000) if _home(node_id, 64) in (62, 63)][:8]
+    rng = random.Random(3)
+    for _ in range(20):
+        table = speedups.NodeTable(1000)  # 14 ids: 64 slots, the last run wrapping to slot 0 on
+        nodes = {node_id: Cached(node_id) for node_id in wrapping + neighbours[:2] + ids[:4]}
+        order = list(nodes)
+        rng.shuffle(order)
+        for node_id in order:
+            table.put(nodes[node_id])
+        gone = set(rng.sample(order, 5))
+        for node_id in gone:
+            table.discard(node_id)
+        for node_id in order:
+            assert table.get(node_id) is (None if node_id in gone else nodes[node_id])
+    for _ in range(20):
+        table = speedups.NodeTable(1000)
+        nodes = {node_id: Cached(node_id) for node_id in ids + neighbours}
+        order = list(nodes)
+        rng.shuffle(order)
+        for node_id in order:
+            table.put(nodes[node_id])
+        gone = set(rng.sample(order, 14))
+        for node_id in gone:
+            table.discard(node_id)
+        for node_id in order:
+            assert table.get(node_id) is (None if node_id in gone else nodes[node_id])
+    fifo = speedups.NodeTable(4)  # eviction removes from the middle of a run too
+    for node_id in ids:
+        fifo.put(Cached(node_id))
+        assert fifo.get(node_id) is not None
+    assert [fifo.get(node_id) is not None for node_id in ids] == [False] * 20 + [True] * 4
+
+
+def test_node_table_evicts_in_order_of_the_puts_that_stand() -> None:
+    """A node discarded then put again is as new: its earlier put does not evict it."""
+    assert speedups is not None
+    table = speedups.NodeTable(3)
+    for node_id in (1, 2, 3):
+        table.put(Cached(node_id))
+    table.discard(1)
+    table.put(Cached(1))  # queued after 2 and 3 now
+    table.put(Cached(4))  # evicts 2, the oldest put that stands
+    assert [table.get(node_id) is not None for node_id in (1, 2, 3, 4)] == [True, False, True, True]
+
+
+def test_node_table_releases_every_node_it_forgets() -> None:
+    """Evicted, discarded, replaced and cleared nodes lose the table's reference, and no other."""
+    assert speedups is not None
+    table = speedups.NodeTable(100)
+    nodes = [Cached(node_id) for node_id in range(1, 1001)]
+    before = [sys.getrefcount(node) for node in nodes]
+    for node_id in range(1000):  # 900 evicted on the way
+        table.put(nodes[node_id])
+    assert [table.get(node.id) for node in nodes[-100:]] == nodes[-100:]
+    for node_id in range(901, 951):
+        table.discard(node_id)
+    table.put(Cached(nodes[-1].id))  # a node decoded twice: the newer one is kept
+    assert table.get(nodes[-1].id) is not nodes[-1]
+    assert len(table) == 50
+    table.clear()
+    assert len(table) == 0
+    assert [sys.getrefcount(node) for node in nodes] == before
+
+
+@pytest.mark.parametrize("node_id", [0, -1, 2**64, 1.0, "1", None, True])
+def test_node_table_refuses_a_node_without_a_64_bit_id(node_id: Any) -> None:
+    assert speedups is not None
+    table = speedups.NodeTable(10)
+    with pytest.raises(ValueError, match="id must be an int"):
+        table.put(Cached(node_id))
+    assert table.get(node_id) is None  # a lookup of anything that is not an id finds nothing
+    table.discard(node_id)
+    with pytest.raises(AttributeError):
+        table.put(object())
+    assert len(table) == 0
+
+
+def test_node_table_of_no_capacity_keeps_nothing() -> None:
+    assert speedups is not None
+    table = speedups.NodeTable(0)
+    table.put(Cached(1))
+    assert len(table) == 0 and table.get(1) is None
+
+
+def test_descents_take_nodes_and_images_from_a_node_table() -> None:
+    """rank, rank_range, select and range_totals through a NodeTable give what they give through a
+    dict, as nodes get their images (the table learns each image on the lookup after it is built),
+    and count the same cache hits."""
+    assert speedups is not None
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x",), node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, key, (key / 3,)) for key in range(300)])
+    with db.read() as tx:
+        record = tx.root(agg._tree_key(None))
+        assert record is not None and not record.pending
+        root, summary = tx.node(record.node_id), record.summary
+        store = tx.shared
+        assert isinstance(store, speedups.NodeTable)
+        as_dict = {node_id: store.get(node_id) for node_id in range(1, 1000) if store.get(node_id)}
+        cuts = [(b"", b"\xff"), (encode_key(10), encode_key(200)), (encode_key(57), encode_key(58))]
+        for _ in range(4):  # first search, image built, image learnt by the table, then used
+            for low, high in cuts:
+                answers = [
+                    (
+                        speedups.rank(root, low, False, tx.node, nodes),
+                        speedups.rank_range(root, low, False, high, True, tx.node, nodes),
+                        speedups.select(root, 37, tx.node, nodes)[1:],
+                        speedups.range_totals(root, summary, low, False, high, False, tx.node, nodes, 1),
+                    )
+                    for nodes in (store, as_dict)
+                ]
+                assert answers[0] == answers[1]

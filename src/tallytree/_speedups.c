@@ -1374,8 +1374,9 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
 
    Linear probing on the id times a Fibonacci constant (ids are consecutive); deletion shifts the
    following slots back, so there are no tombstones; the table doubles when half full. Eviction is
-   first in, first out, as the dict's was: the ids in insertion order wait in a ring, which is
-   compacted when it holds more than twice the live entries plus some (ids discarded meanwhile).
+   first in, first out, as the dict's was: each put is numbered, and (id, number) pairs wait in a
+   ring in that order; a pair whose slot has gone, or holds a later put of the id, is skipped, and a
+   full ring is rebuilt with the live pairs alone.
 
    The table holds strong references to its nodes and their images. It is not tracked by the cyclic
    garbage collector: a node refers to bytes, ints, floats and tuples of those, never to a table, so
@@ -1383,16 +1384,22 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
 
 typedef struct {
     uint64_t id; /* 0: empty (node ids start at 1) */
+    uint64_t put; /* the number of the put that stored it */
     PyObject *node;
     PyObject *blob; /* node._blob once it is an image (set once, never changed after), or NULL */
 } Slot;
+
+typedef struct {
+    uint64_t id, put;
+} Queued;
 
 typedef struct {
     PyObject_HEAD
     Slot *slots;
     size_t mask;    /* slots - 1 (a power of two), or 0 before the first put */
     Py_ssize_t used, capacity;
-    uint64_t *ring; /* ids in insertion order, from ring[head] on, ``queued`` of them */
+    uint64_t puts;  /* puts so far */
+    Queued *ring;   /* puts in order, from ring[head] on, ``queued`` of them */
     size_t ring_size, head, queued;
 } NodeTable;
 
@@ -1440,7 +1447,7 @@ table_unlink(NodeTable *table, Slot *slot)
             hole = at;
         }
     }
-    table->slots[hole] = (Slot){0, NULL, NULL};
+    table->slots[hole] = (Slot){0, 0, NULL, NULL};
     table->used--;
 }
 
@@ -1483,30 +1490,38 @@ table_resize(NodeTable *table, size_t size)
     return 0;
 }
 
-/* Append ``id`` to the ring. A full ring is first rebuilt with the ids still in the table, in order,
-   at twice the size when more than half of it is live. 0, or -1 with MemoryError. */
+/* Whether a queued put still stands: its id is in the table, stored by that put. */
 static int
-ring_push(NodeTable *table, uint64_t id)
+is_live(const NodeTable *table, Queued queued)
+{
+    const Slot *slot = table_find(table, queued.id);
+    return slot != NULL && slot->put == queued.put;
+}
+
+/* Queue a put. A full ring is first rebuilt with its live puts alone, in order, at twice the size
+   when more than half of it is live. 0, or -1 with MemoryError. */
+static int
+ring_push(NodeTable *table, Queued queued)
 {
     if (table->queued == table->ring_size) {
         size_t live = 0;
         for (size_t index = 0; index < table->queued; index++) {
-            live += table_find(table, table->ring[(table->head + index) % table->ring_size]) != NULL;
+            live += is_live(table, table->ring[(table->head + index) % table->ring_size]);
         }
         size_t size = table->ring_size < 64 ? 64 : table->ring_size;
         if (live * 2 > size) {
             size *= 2;
         }
-        uint64_t *ring = PyMem_Malloc(size * sizeof(uint64_t));
+        Queued *ring = PyMem_Malloc(size * sizeof(Queued));
         if (ring == NULL) {
             PyErr_NoMemory();
             return -1;
         }
         size_t kept = 0;
         for (size_t index = 0; index < table->queued; index++) {
-            uint64_t queued = table->ring[(table->head + index) % table->ring_size];
-            if (table_find(table, queued) != NULL) {
-                ring[kept++] = queued;
+            Queued old = table->ring[(table->head + index) % table->ring_size];
+            if (is_live(table, old)) {
+                ring[kept++] = old;
             }
         }
         PyMem_Free(table->ring);
@@ -1515,7 +1530,7 @@ ring_push(NodeTable *table, uint64_t id)
         table->head = 0;
         table->queued = kept;
     }
-    table->ring[(table->head + table->queued) % table->ring_size] = id;
+    table->ring[(table->head + table->queued) % table->ring_size] = queued;
     table->queued++;
     return 0;
 }
@@ -1643,21 +1658,22 @@ table_put(NodeTable *table, PyObject *node)
             return NULL;
         }
     }
-    if (ring_push(table, id) < 0) {
+    Queued queued = {id, ++table->puts};
+    if (ring_push(table, queued) < 0) {
         return NULL;
     }
     size_t at = slot_of(table, id);
     while (table->slots[at].id != 0) {
         at = (at + 1) & table->mask;
     }
-    table->slots[at] = (Slot){id, Py_NewRef(node), NULL};
+    table->slots[at] = (Slot){id, queued.put, Py_NewRef(node), NULL};
     table->used++;
     while (table->used > table->capacity && table->queued) {
-        uint64_t oldest = table->ring[table->head];
+        Queued oldest = table->ring[table->head];
         table->head = (table->head + 1) % table->ring_size;
         table->queued--;
         PyObject *evicted, *blob;
-        if (table_take(table, oldest, &evicted, &blob)) {
+        if (is_live(table, oldest) && table_take(table, oldest.id, &evicted, &blob)) {
             Py_DECREF(evicted);
             Py_XDECREF(blob);
         }
