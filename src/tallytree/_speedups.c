@@ -2,7 +2,8 @@
 
 Design
 ======
-Sixteen functions, each a faster twin of Python code that stays the reference and the fallback
+Sixteen functions and one type, each a faster twin of Python code that stays the reference and the
+fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -24,11 +25,15 @@ the Python code and gives the same answers):
   large tree are out of the CPU caches: each such object is a cache miss). A node's first search
   reads its keys directly (an image reads all of them, and most leaves of a large tree are searched
   once in a while); a dirty node is always searched in its list, and has no image;
+* ``NodeTable``: the store of the shared node cache (``_store.NodeCache``; ``_store.NodeDict`` is its
+  Python twin): nodes by id in an open-addressing table whose slots also hold each node's image, so
+  that a descent takes a cold child in about one cache line, where a dict costs its index, its entry,
+  the stored key (an int object the lookup compares) and then the node object;
 * ``rank``, ``rank_range`` and ``select``: the descents of ``_btree.NodeTree`` (a rank; two ranks
   sharing their path, then descending in step; the leaf and position of an entry by its index) in
-  one call each, children taken from the shared node cache when
-  the caller allows it (read transactions) and through the transaction's ``node`` otherwise; they
-  return how many cache hits they made, for the statistics;
+  one call each, children taken from the shared node cache (a NodeTable, or a dict) when the caller
+  allows it (read transactions) and through the transaction's ``node`` otherwise; they return how
+  many cache hits they made, for the statistics;
 * ``range_totals``: a range sum (``_btree.NodeTree.range_summary``) in one call: the same descents,
   with every row and leaf span added as it goes into fixed-point accumulators, read from the images
   (node-local int128 sums, raw leaf columns) or, for nodes without one, from their attributes; None
