@@ -7,6 +7,7 @@ checks that it is built there.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import sys
@@ -1073,26 +1074,15 @@ def test_node_table_keeps_runs_of_colliding_ids_reachable() -> None:
     neighbours = [node_id for node_id in range(1, 20_000) if _home(node_id, 64) == 7][:4]
     wrapping = [node_id for node_id in range(1, 20_000) if _home(node_id, 64) in (62, 63)][:8]
     rng = random.Random(3)
-    for _ in range(20):
-        table = speedups.NodeTable(1000)  # 14 ids: 64 slots, the last run wrapping to slot 0 on
-        nodes = {node_id: Cached(node_id) for node_id in wrapping + neighbours[:2] + ids[:4]}
+    runs = [(wrapping + neighbours[:2] + ids[:4], 5), (ids + neighbours, 14)]  # 14 ids: a run wraps to slot 0
+    for (chosen, removed), _ in itertools.product(runs, range(20)):
+        table = speedups.NodeTable(1000)  # 64 slots for these
+        nodes = {node_id: Cached(node_id) for node_id in chosen}
         order = list(nodes)
         rng.shuffle(order)
         for node_id in order:
             table.put(nodes[node_id])
-        gone = set(rng.sample(order, 5))
-        for node_id in gone:
-            table.discard(node_id)
-        for node_id in order:
-            assert table.get(node_id) is (None if node_id in gone else nodes[node_id])
-    for _ in range(20):
-        table = speedups.NodeTable(1000)
-        nodes = {node_id: Cached(node_id) for node_id in ids + neighbours}
-        order = list(nodes)
-        rng.shuffle(order)
-        for node_id in order:
-            table.put(nodes[node_id])
-        gone = set(rng.sample(order, 14))
+        gone = set(rng.sample(order, removed))
         for node_id in gone:
             table.discard(node_id)
         for node_id in order:
