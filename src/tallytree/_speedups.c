@@ -846,6 +846,14 @@ image_layout(Py_ssize_t count, int kind, Py_ssize_t fields, Image *image)
     image->values = fields < 0 ? NULL : image->data + at;
 }
 
+/* No image yet: every field defined (the checks read the kind first). */
+static void
+image_clear(Image *image)
+{
+    memset(image, 0, sizeof(*image));
+    image->fields = -1;
+}
+
 /* Fill ``image`` from a blob (a reference this consumes); 0, or -1 with TypeError if it is not one. */
 static int
 image_parse(PyObject *blob, Image *image)
@@ -1241,8 +1249,7 @@ build_image(PyObject *node)
 static int
 node_image(PyObject *node, Image *image)
 {
-    memset(image, 0, sizeof(*image)); /* no image: every field defined, the checks read kind first */
-    image->fields = -1;
+    image_clear(image);
     PyObject *blob = PyObject_GetAttr(node, blob_name);
     if (blob == NULL) {
         return -1;
@@ -1282,8 +1289,7 @@ node_image_hinted(PyObject *node, PyObject *hint, Image *image)
     if (hint == NULL) {
         return node_image(node, image);
     }
-    memset(image, 0, sizeof(*image));
-    image->fields = -1;
+    image_clear(image);
     return image_parse(Py_NewRef(hint), image);
 }
 

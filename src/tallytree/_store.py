@@ -104,7 +104,15 @@ class Backend(Protocol):
 
 class NodeDict:
     """Nodes by id in a dict, first in first out beyond ``capacity``: the pure-Python twin of
-    ``_speedups.NodeTable`` (same methods), used when the C kernels are not built."""
+    ``_speedups.NodeTable`` (same methods), used when the C kernels are not built.
+
+    >>> from tallytree._node import Node
+    >>> store = NodeDict(2)
+    >>> for node_id in (1, 2, 3):
+    ...     store.put(Node(node_id, True, [], []))
+    >>> [store.get(node_id) is not None for node_id in (1, 2, 3)]
+    [False, True, True]
+    """
 
     __slots__ = ("capacity", "get", "nodes")
 
@@ -151,14 +159,22 @@ class NodeCache:
     :class:`NodeDict`.
     """
 
-    __slots__ = ("_nodes", "capacity", "hits", "misses")
+    __slots__ = ("_nodes", "hits", "misses", "shared")
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
         built = _native.speedups
-        self._nodes: NodeStore = built.NodeTable(capacity) if built is not None else NodeDict(capacity)
+        nodes: NodeStore = built.NodeTable(capacity) if built is not None else NodeDict(capacity)
+        self._nodes = nodes
+        # what the C kernels' descents take nodes from: the NodeTable, or the NodeDict's dict (both
+        # emptied in place by clear(), so this stays valid)
+        self.shared: object = nodes.nodes if isinstance(nodes, NodeDict) else nodes
         self.hits = 0
         self.misses = 0
+
+    @property
+    def capacity(self) -> int:
+        """The most nodes kept."""
+        return self._nodes.capacity
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -173,12 +189,6 @@ class NodeCache:
         """:meth:`get` without a Python frame: the store's own ``get`` (which :meth:`clear` keeps
         valid)."""
         return self._nodes.get
-
-    @property
-    def shared(self) -> object:
-        """What the C kernels' descents take nodes from: the NodeTable, or the NodeDict's dict."""
-        nodes = self._nodes
-        return nodes.nodes if isinstance(nodes, NodeDict) else nodes
 
     def put(self, node: Node) -> None:
         """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""
