@@ -25,6 +25,7 @@ from tallytree import (
     KeyTooLargeError,
     UnsupportedKeyTypeError,
 )
+from tallytree._native import speedups
 
 FIELDS = ("cost", "tokens")
 
@@ -125,6 +126,89 @@ def test_random_batches_merge_many_entries_per_leaf(db: tallytree.Database, on_d
         with db.write() as tx:
             assert aggregate.insert_many(tx, rows, on_duplicate=on_duplicate) == expected
         assert_matches(db, aggregate, model)
+
+
+class MergeSpy:
+    """Wraps the C kernel ``merge_leaf`` and counts what it answered: merged bytes, a duplicate's
+    index, or None (the leaf left to the decoded path)."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.answers: dict[str, int] = {"bytes": 0, "duplicate": 0, "none": 0}
+
+    def __call__(self, *args: Any) -> Any:
+        answer = self.kernel(*args)
+        kind = "bytes" if type(answer) is bytes else "none" if answer is None else "duplicate"
+        self.answers[kind] += 1
+        return answer
+
+
+@pytest.fixture
+def merge_spy(monkeypatch: pytest.MonkeyPatch) -> MergeSpy | None:
+    """A spy on ``merge_leaf`` for the test's duration, or None when the kernels are not built."""
+    if speedups is None:
+        return None
+    spy = MergeSpy(speedups.merge_leaf)
+    monkeypatch.setattr(speedups, "merge_leaf", spy)
+    return spy
+
+
+@pytest.mark.parametrize("on_duplicate", ["error", "skip", "update"])
+def test_scattered_batches_merge_into_stored_leaves(
+    db: tallytree.Database, on_duplicate: str, merge_spy: MergeSpy | None
+) -> None:
+    """Scattered batches into roomy leaves take their new entries in the leaves' stored bytes (the C
+    kernel ``merge_leaf``, no decoding); a leaf changed earlier in the transaction, one that must
+    split and one that holds an entry already are left to the decoded path. Both give the model's
+    answers, and a duplicate with ``on_duplicate="error"`` found in a stored leaf writes nothing."""
+    rng = random.Random(23)
+    aggregate = db.aggregate("scattered", values=FIELDS, node_size=16)
+    model: dict[tuple[int, int], tuple[Any, ...]] = {}
+    rows = [event(rng, key * 10, key) for key in range(600)]
+    with db.write() as tx:
+        aggregate.insert_many(tx, rows)
+    model.update({(key, item_id): values for key, item_id, values in rows})
+    assert_matches(db, aggregate, model)
+    free = [key for key in range(6000) if key % 10]
+    rng.shuffle(free)
+    for round_index in range(6):
+        with db.write() as tx:
+            for _ in range(2):  # the second batch meets leaves the first rewrote in this transaction
+                rows = [event(rng, free.pop(), 10_000 + len(free)) for _ in range(25)]
+                assert aggregate.insert_many(tx, rows, on_duplicate=on_duplicate) == 25
+                model.update({(key, item_id): values for key, item_id, values in rows})
+            if round_index == 3:  # a dozen entries into one leaf: it must split
+                keys = [key for key in range(2001, 2020) if key % 10][:12]
+                free = [key for key in free if key not in keys]
+                rows = [event(rng, key, 20_000 + key) for key in keys]
+                assert aggregate.insert_many(tx, rows, on_duplicate=on_duplicate) == 12
+                model.update({(key, item_id): values for key, item_id, values in rows})
+        assert_matches(db, aggregate, model)
+    stored_key = rng.choice(sorted(model))
+    rows = [event(rng, free.pop(), 30_000 + index) for index in range(30)]
+    rows.append((*stored_key, (0.75, 3)))
+    rows.sort()
+    before = snapshot(db)
+    with db.write() as tx:
+        if on_duplicate == "error":
+            with pytest.raises(DuplicateItemError, match="already exists"):
+                aggregate.insert_many(tx, rows, on_duplicate="error")
+            assert not tx.changed
+        else:
+            changed = aggregate.insert_many(tx, rows, on_duplicate=on_duplicate)
+            updated = on_duplicate == "update" and strict(model[stored_key]) != strict((0.75, 3))
+            assert changed == 30 + updated
+            for key, item_id, values in rows:
+                if (key, item_id) != stored_key or on_duplicate == "update":
+                    model[key, item_id] = values
+    if on_duplicate == "error":
+        assert snapshot(db) == before
+    assert_matches(db, aggregate, model)
+    if merge_spy is not None:
+        answers = merge_spy.answers
+        assert answers["bytes"] > 100, answers
+        assert answers["none"] > 0, answers  # the splitting leaf
+        assert answers["duplicate"] == 1, answers
 
 
 def test_integer_sums_stay_exact_in_batches(db: tallytree.Database) -> None:

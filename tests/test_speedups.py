@@ -494,6 +494,123 @@ def test_encode_node_is_the_same_with_and_without_the_kernel(keys: list[bytes], 
             assert encode_node(node) == built
 
 
+# ------------------------------------------------------------------ merging into stored leaves
+
+LEAF_VALUE = (
+    st.integers(-(2**63), 2**64 - 1)
+    | st.sampled_from([*EDGES, 2**64 - 1, 2**32, 65535, 65536, -32, -33, -129, -32769])
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+ENTRY = st.binary(min_size=1, max_size=300)
+
+
+def merged_leaf(
+    keys: list[bytes], cols: list[list[Any]], new: list[bytes], new_cols: list[list[Any]]
+) -> bytes:
+    """What encode_node writes for the leaf holding both sets of entries (the reference)."""
+    rows = sorted(
+        zip([*keys, *new], *[[*old, *more] for old, more in zip(cols, new_cols, strict=True)], strict=True)
+    )
+    columns = [[row[1 + field] for row in rows] for field in range(len(cols))]
+    return encode_node(Node(1, True, [row[0] for row in rows], columns, dirty=True))
+
+
+@given(st.lists(ENTRY, max_size=40, unique=True), st.integers(0, 3), st.integers(0, 3), st.data())
+def test_merge_leaf_writes_what_encode_node_writes(
+    entries: list[bytes], fields: int, pad: int, data: st.DataObject
+) -> None:
+    """A stored leaf and a sorted slice of new entries merge into the bytes of the merged leaf."""
+    assert speedups is not None
+    split = data.draw(st.integers(0, len(entries)))
+    stored, new = sorted(entries[:split]), sorted(entries[split:])
+    cols = [
+        data.draw(st.lists(LEAF_VALUE, min_size=len(stored), max_size=len(stored))) for _ in range(fields)
+    ]
+    new_cols = [data.draw(st.lists(LEAF_VALUE, min_size=len(new), max_size=len(new))) for _ in range(fields)]
+    leaf = encode_node(Node(1, True, stored, cols, dirty=True))
+    batch = [b"\x00"] * pad + new + [b"\xff" * 301]  # the slice sits inside a longer run
+    batch_cols = [[0] * pad + column + [0] for column in new_cols]
+    merged = speedups.merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries))
+    assert merged == merged_leaf(stored, cols, new, new_cols)
+    if entries:  # one entry too many: the leaf must split, in Python
+        assert speedups.merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries) - 1) is None
+
+
+@given(st.lists(ENTRY, min_size=1, max_size=40, unique=True), st.data())
+def test_merge_leaf_names_the_first_entry_already_stored(entries: list[bytes], data: st.DataObject) -> None:
+    """A new entry equal to a stored one: its index in the batch, whatever the leaf's size limit."""
+    assert speedups is not None
+    stored = sorted(data.draw(st.lists(st.sampled_from(entries), min_size=1, unique=True)))
+    new = sorted(data.draw(st.lists(st.sampled_from(entries), min_size=1, unique=True)))
+    leaf = encode_node(Node(1, True, stored, [[1.5] * len(stored)], dirty=True))
+    first = next((index for index, entry in enumerate(new) if entry in stored), None)
+    for limit in (0, len(stored) + len(new)):
+        answer = speedups.merge_leaf(leaf, new, 0, len(new), [[7] * len(new)], limit)
+        if first is not None:
+            assert answer == first
+        elif limit:
+            assert type(answer) is bytes
+        else:
+            assert answer is None
+
+
+def test_merge_leaf_at_the_size_boundaries_of_arrays_and_bins() -> None:
+    """Array headers of 15/16 and 65,535/65,536 entries, bins of 255/256 and 65,535/65,536 bytes."""
+    assert speedups is not None
+    for stored, new in ((14, 1), (15, 1), (7, 9), (65_000, 536), (65_535, 1)):
+        old = [(2 * index).to_bytes(4, "big") for index in range(stored)]
+        more = [(2 * index + 1).to_bytes(4, "big") for index in range(new)]  # between the stored ones
+        cols = [list(range(stored)), [0.5] * stored]
+        new_cols = [list(range(-new, 0)), [2.0**64] * new]
+        leaf = encode_node(Node(1, True, old, cols, dirty=True))
+        merged = speedups.merge_leaf(leaf, more, 0, new, new_cols, stored + new)
+        assert merged == merged_leaf(old, cols, more, new_cols)
+    for size in (254, 255, 256, 65_535, 65_536):
+        leaf = encode_node(Node(1, True, [b"a" * size], [[1]], dirty=True))
+        merged = speedups.merge_leaf(leaf, [b"b" * size], 0, 1, [[2]], 2)
+        assert merged == merged_leaf([b"a" * size], [[1]], [b"b" * size], [[2]])
+
+
+def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
+    """Another layout, another field count, a value pack_node leaves to Python, truncated or damaged
+    bytes: None, and the decoded path takes the leaf (and reports the damage)."""
+    assert speedups is not None
+    keys = [b"a", b"c", b"e"]
+    leaf = encode_node(Node(1, True, keys, [[1, 2.5, -3]], dirty=True))
+    assert type(speedups.merge_leaf(leaf, [b"b"], 0, 1, [[4]], 8)) is bytes
+    pending = Node(1, True, keys, [[1, 2, 3]], dirty=True)
+    pending.pending = True
+    internal = Node.internal_from(1, keys, [1, 2, 3], [delta_of((value,)) for value in (1, 2, 3)])
+    for other in (encode_node(pending), encode_node(internal), msgpack.packb([1, ["a"], [1]])):
+        assert speedups.merge_leaf(other, [b"b"], 0, 1, [[4]], 8) is None
+    assert speedups.merge_leaf(leaf, [b"b"], 0, 1, [[4], [5]], 8) is None  # two fields, one stored
+    for value in (2**64, -(2**63) - 1, True, None, "4", b"4", Int(4)):
+        assert speedups.merge_leaf(leaf, [b"b"], 0, 1, [[value]], 8) is None
+    assert speedups.merge_leaf(leaf, [bytearray(b"b")], 0, 1, [[4]], 8) is None
+    for cut in range(len(leaf)):
+        assert speedups.merge_leaf(leaf[:cut], [b"b"], 0, 1, [[4]], 8) is None
+    assert speedups.merge_leaf(leaf + b"\x00", [b"b"], 0, 1, [[4]], 8) is None
+    assert speedups.merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
+
+
+def test_merge_leaf_refuses_malformed_arguments() -> None:
+    assert speedups is not None
+    leaf = encode_node(Node(1, True, [b"a"], [[1]], dirty=True))
+    for arguments, error in (
+        ((leaf, [b"b"], 0, 1, [[4]]), TypeError),
+        ((bytearray(leaf), [b"b"], 0, 1, [[4]], 8), TypeError),
+        ((leaf, (b"b",), 0, 1, [[4]], 8), TypeError),
+        ((leaf, [b"b"], 0, 1, [(4,)], 8), TypeError),
+        ((leaf, [b"b"], 0, 1, [[]], 8), TypeError),
+        ((leaf, [b"b"], 0, 2, [[4]], 8), IndexError),
+        ((leaf, [b"b"], 1, 0, [[4]], 8), IndexError),
+        ((leaf, [b"b"], -1, 1, [[4]], 8), ValueError),
+        ((leaf, [b"b"], 0, 1, [[4]], -1), ValueError),
+    ):
+        with pytest.raises(error):
+            speedups.merge_leaf(*arguments)
+
+
 # ------------------------------------------------------------------ internal nodes, wide sums
 
 LIMB_EDGES = [

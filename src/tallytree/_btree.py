@@ -92,6 +92,15 @@ class NodeAccess(Protocol):
         """Forget a node: drop it if dirty, delete it at commit if committed."""
         ...
 
+    def stored(self, node_id: int) -> bytes | None:
+        """The stored bytes of a node this transaction has not changed (``_node`` format), or None
+        for a node it changed (a dirty one) or a node that is missing."""
+        ...
+
+    def adopt_encoded(self, node_id: int, data: bytes) -> None:
+        """Register a new node (id from :meth:`new_id`) given in its stored form."""
+        ...
+
     @property
     def shared(self) -> object:
         """Committed nodes a C descent may take directly by id (the store of the shared cache of a
@@ -621,6 +630,7 @@ class NodeTree:
         if not entries:
             return 0, None
         run = _Run(entries, cols, existing)
+        run.stored = speedups is not None
         access = self.access
         if self.root is None:
             leaf = access.adopt(Node(access.new_id(), True, [], [[] for _ in cols], dirty=True))
@@ -637,7 +647,7 @@ class NodeTree:
         if root.height == 1:
             self._apply_leaf(node, plan, run)
         else:
-            self._apply(node, plan.kids, root.height - 1, run)
+            self._apply(node, plan, root.height - 1, run)
         root.summary = vadd(root.summary, run.delta(0, len(entries), plan.correction))
         if len(node.keys) > self.max_size:
             self._grow_root(node)
@@ -671,12 +681,19 @@ class NodeTree:
         keys = node.keys
         last = len(keys) - 1
         steps: list[_Step] = []
+        merged: list[_Stored] = []
         correction: list[int] | None = None
         child = 0
         at = lo
+        stored = height == 2 and run.stored  # leaves below, merged in their stored bytes if they can be
         while at < hi:
             child = bisect_right(keys, entries[at], child) - 1
             stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+            if stored and (done := self._merge_stored(node.kids[child], at, stop, run)) is not None:
+                done.child = child
+                merged.append(done)
+                at = stop
+                continue
             step = self._plan(access.node(node.kids[child]), height - 1, at, stop, run)
             part: list[int] | None
             if step is None:  # every entry of the slice is there already, unchanged
@@ -688,11 +705,32 @@ class NodeTree:
             if part is not None:
                 correction = part if correction is None else vadd(correction, part)
             at = stop
-        if not steps:
+        if not steps and not merged:
             return None
         step = _Step(node, lo, hi, correction)
         step.kids = steps
+        step.merged = merged
         return step
+
+    def _merge_stored(self, kid: int, lo: int, hi: int, run: _Run) -> _Stored | None:
+        """Plan the merge of ``run.entries[lo:hi]`` into leaf ``kid`` done on its stored bytes (the C
+        kernel ``merge_leaf``): the merged leaf's bytes, ready to write, without decoding the leaf.
+        None leaves the leaf to :meth:`_plan_leaf`: it was changed in this transaction, must split, or
+        already holds one of the entries (for ``existing="error"``, a conflict, raised). O(B + slice).
+        """
+        assert speedups is not None  # run.stored is only set with the kernels built
+        data = self.access.stored(kid)
+        if data is None:
+            return None
+        merged = speedups.merge_leaf(data, run.entries, lo, hi, run.cols, self.max_size)
+        if isinstance(merged, int):  # an entry already stored: a conflict, or the decoded path
+            if run.existing == "error":
+                raise _Conflict(merged)
+            return None
+        if merged is None:
+            return None
+        run.changed += hi - lo
+        return _Stored(kid, merged, lo, hi)
 
     def _plan_leaf(self, leaf: Node, lo: int, hi: int, run: _Run) -> _Step | None:
         entries = run.entries
@@ -733,19 +771,35 @@ class NodeTree:
         step.fresh, step.places, step.correction = fresh, fresh_places, correction
         return step
 
-    def _apply(self, parent: Node, steps: list[_Step], height: int, run: _Run) -> None:
-        """Carry out planned steps below a mutable ``parent`` whose children have height ``height``."""
+    def _apply(self, parent: Node, plan: _Step, height: int, run: _Run) -> None:
+        """Carry out the steps planned below a mutable ``parent`` whose children have height ``height``."""
         access = self.access
-        for step in reversed(steps):  # right to left: splits shift only the children already done
+        if plan.merged:  # first, while no split has moved a child
+            self._apply_merged(parent, plan.merged, run)
+        for step in reversed(plan.kids):  # right to left: splits shift only the children already done
             kid = access.mutable(step.node)
             parent.kids[step.child] = kid.id
             if height == 1:
                 self._apply_leaf(kid, step, run)
             else:
-                self._apply(kid, step.kids, height - 1, run)
+                self._apply(kid, step, height - 1, run)
             parent.add(step.child, run.delta(step.lo, step.hi, step.correction))
             if len(kid.keys) > self.max_size:
                 self._split_child(parent, step.child, kid)
+
+    def _apply_merged(self, parent: Node, merged: list[_Stored], run: _Run) -> None:
+        """Write leaves merged in their stored bytes under fresh ids and give ``parent`` their deltas,
+        column by column (none of them splits). O(fields * len(merged))."""
+        access = self.access
+        kids = parent.kids
+        for step in merged:
+            kid_id = access.new_id()
+            access.adopt_encoded(kid_id, step.data)
+            access.free(step.node_id)
+            kids[step.child] = kid_id
+        parent.add_columns(
+            [step.child for step in merged], run.deltas([(step.lo, step.hi) for step in merged])
+        )
 
     @staticmethod
     def _apply_leaf(leaf: Node, step: _Step, run: _Run) -> None:
@@ -1094,12 +1148,13 @@ class _Run:
     the float counts, built on first use in O(m), then O(fields) per slice.
     """
 
-    __slots__ = ("changed", "cols", "entries", "existing", "prefixes", "total")
+    __slots__ = ("changed", "cols", "entries", "existing", "prefixes", "stored", "total")
 
     def __init__(self, entries: list[bytes], cols: list[list[Any]], existing: Existing) -> None:
         self.entries = entries
         self.cols = cols
         self.existing = existing
+        self.stored = False  # merge new entries into leaves' stored bytes (see NodeTree._merge_stored)
         self.changed = 0
         self.total: list[int] | None = None
         self.prefixes: list[tuple[int, list[int]]] | None = None  # (shift, sums) per summary column
@@ -1118,6 +1173,18 @@ class _Run:
             prefixes = self.prefixes if self.prefixes is not None else self._prefixes()
             summary = [hi - lo, *[(sums[hi] - sums[lo]) << shift for shift, sums in prefixes]]
         return list(summary) if correction is None else vsub(summary, correction)
+
+    def deltas(self, slices: list[tuple[int, int]]) -> list[list[int]]:
+        """The summaries of the slices ``lo:hi`` of the run, column by column: ``deltas(s)[c][i]`` is
+        column ``c`` of slice ``i``'s summary. O(fields * len(slices))."""
+        prefixes = self.prefixes if self.prefixes is not None else self._prefixes()
+        columns = [[hi - lo for lo, hi in slices]]
+        for shift, sums in prefixes:
+            if shift:
+                columns.append([(sums[hi] - sums[lo]) << shift for lo, hi in slices])
+            else:
+                columns.append([sums[hi] - sums[lo] for lo, hi in slices])
+        return columns
 
     def _prefixes(self) -> list[tuple[int, list[int]]]:
         sums: list[tuple[int, list[int]]] = []
@@ -1141,7 +1208,7 @@ class _Step:
     for "skip"), so the node's delta is ``run.delta(lo, hi, correction)``.
     """
 
-    __slots__ = ("child", "correction", "fresh", "hi", "kids", "lo", "node", "places", "updates")
+    __slots__ = ("child", "correction", "fresh", "hi", "kids", "lo", "merged", "node", "places", "updates")
 
     def __init__(self, node: Node, lo: int, hi: int, correction: list[int] | None) -> None:
         self.node = node
@@ -1150,9 +1217,24 @@ class _Step:
         self.correction = correction
         self.child = 0
         self.kids: list[_Step] = []
+        self.merged: list[_Stored] = []
         self.fresh: list[int] | range | None = None
         self.places: list[int] = []
         self.updates: list[tuple[int, int]] = []
+
+
+class _Stored:
+    """A leaf merged in its stored bytes: node ``node_id`` becomes ``data`` (entries ``lo:hi`` of the
+    run merged in, all of them new), and ``child`` is its index in its parent."""
+
+    __slots__ = ("child", "data", "hi", "lo", "node_id")
+
+    def __init__(self, node_id: int, data: bytes, lo: int, hi: int) -> None:
+        self.node_id = node_id
+        self.data = data
+        self.lo = lo
+        self.hi = hi
+        self.child = 0
 
 
 class _Conflict(Exception):

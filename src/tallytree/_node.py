@@ -65,7 +65,7 @@ import math
 from collections.abc import Iterable, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
-from operator import is_, or_
+from operator import is_, or_, rshift
 from typing import Any
 
 import msgpack
@@ -492,6 +492,22 @@ class Node:
             if amount:
                 shift = self._fit(column, amount)
                 self.cols[column][index] += amount >> shift
+
+    def add_columns(self, indexes: list[int], columns: list[list[int]]) -> None:
+        """Add deltas (true scale) to children ``indexes``, given column by column: child
+        ``indexes[i]`` gets ``columns[c][i]`` in column ``c``. O(columns * len(indexes)).
+        """
+        cols = self.cols
+        for column, amounts in enumerate(columns):
+            combined = reduce(or_, amounts, 0)
+            if not combined:
+                continue
+            shift = self._fit(column, combined)  # one shift that suits every amount
+            col = cols[column]
+            for index, amount in zip(
+                indexes, map(rshift, amounts, repeat(shift)) if shift else amounts, strict=True
+            ):
+                col[index] += amount
 
     def detach(self, start: int, stop: int | None = None) -> Chunk:
         """Remove the entries (children) ``start:stop`` and return them as a chunk. O(size)."""

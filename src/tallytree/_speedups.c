@@ -3288,6 +3288,267 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 }
 
 
+/* ------------------------------------------------------------------ merging into a stored leaf */
+
+/* ``merge_leaf(data, entries, lo, hi, cols, limit)``: the stored bytes of a leaf (``_node`` layout
+   ``[1, [entry, ...], [value, ...] per field]``) with entries ``lo:hi`` of a sorted batch (and their
+   values, ``cols[f][lo:hi]``) merged in, written without decoding the leaf into Python objects: its
+   keys and values are copied as they are stored, and only the new ones are packed (as pack_node packs
+   them, so the bytes are those ``encode_node`` writes for the merged leaf). A write of a batch of
+   scattered entries touches one leaf per entry or so, mostly out of the node cache; decoding each one,
+   copying it and packing it again cost more than the rest of the write.
+
+   Returns the bytes; or, when a new entry is already in the leaf, the index (into ``entries``) of the
+   first such one (whatever the leaf's size); or None when the merge is left to the Python code: more
+   than ``limit`` entries (the leaf must split), another layout or field count, a value pack_node
+   leaves to Python, or bytes it cannot parse (the Python decoder then says what is wrong). */
+
+typedef struct {
+    Py_ssize_t at;      /* offset of the element (its tag) */
+    Py_ssize_t size;    /* the whole element's size */
+    Py_ssize_t payload; /* offset of a bin's bytes */
+} Element;
+
+/* Read a msgpack array header at data[*at]: 1 with *count set, 0 if there is none. */
+static int
+read_array_header(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssize_t *count)
+{
+    Py_ssize_t here = *at;
+    if (here >= length) {
+        return 0;
+    }
+    unsigned char tag = data[here];
+    if ((tag & 0xF0) == 0x90) {
+        *count = tag & 0x0F;
+        *at = here + 1;
+        return 1;
+    }
+    if (tag == 0xdc && here + 3 <= length) {
+        *count = (Py_ssize_t)data[here + 1] << 8 | data[here + 2];
+        *at = here + 3;
+        return 1;
+    }
+    if (tag == 0xdd && here + 5 <= length) {
+        *count = (Py_ssize_t)data[here + 1] << 24 | (Py_ssize_t)data[here + 2] << 16 |
+                 (Py_ssize_t)data[here + 3] << 8 | data[here + 4];
+        *at = here + 5;
+        return 1;
+    }
+    return 0;
+}
+
+/* Read one element at data[*at] into *element: a bin when ``bin`` (a key), else a number (a value).
+   Returns 0 for anything else or a truncated element. */
+static int
+read_element(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int bin, Element *element)
+{
+    Py_ssize_t here = *at, size, header = 0;
+    if (here >= length) {
+        return 0;
+    }
+    unsigned char tag = data[here];
+    if (bin) {
+        if (tag == 0xc4 && here + 2 <= length) {
+            header = 2;
+            size = data[here + 1];
+        }
+        else if (tag == 0xc5 && here + 3 <= length) {
+            header = 3;
+            size = (Py_ssize_t)data[here + 1] << 8 | data[here + 2];
+        }
+        else if (tag == 0xc6 && here + 5 <= length) {
+            header = 5;
+            size = (Py_ssize_t)data[here + 1] << 24 | (Py_ssize_t)data[here + 2] << 16 |
+                   (Py_ssize_t)data[here + 3] << 8 | data[here + 4];
+        }
+        else {
+            return 0;
+        }
+        size += header;
+    }
+    else if (tag <= 0x7f || tag >= 0xe0) {
+        size = 1;
+    }
+    else if (tag == 0xcc || tag == 0xd0) {
+        size = 2;
+    }
+    else if (tag == 0xcd || tag == 0xd1) {
+        size = 3;
+    }
+    else if (tag == 0xce || tag == 0xd2) {
+        size = 5;
+    }
+    else if (tag == 0xcf || tag == 0xd3 || tag == 0xcb) {
+        size = 9;
+    }
+    else {
+        return 0;
+    }
+    if (size > length - here) {
+        return 0;
+    }
+    element->at = here;
+    element->size = size;
+    element->payload = here + header;
+    *at = here + size;
+    return 1;
+}
+
+static PyObject *
+merge_leaf(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyBytes_CheckExact(args[0]) || !PyList_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        !PyLong_CheckExact(args[3]) || !PyList_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "merge_leaf(data: bytes, entries: list, lo: int, hi: int, cols: list, limit: int)");
+        return NULL;
+    }
+    PyObject *entries = args[1], *cols = args[4];
+    Py_ssize_t lo, hi, limit;
+    if (size_argument(args[2], "merge_leaf(): lo", &lo) < 0 || size_argument(args[3], "merge_leaf(): hi", &hi) < 0 ||
+        size_argument(args[5], "merge_leaf(): limit", &limit) < 0) {
+        return NULL;
+    }
+    Py_ssize_t fields = PyList_GET_SIZE(cols);
+    if (lo > hi || hi > PyList_GET_SIZE(entries)) {
+        PyErr_SetString(PyExc_IndexError, "merge_leaf: lo:hi is not a slice of entries");
+        return NULL;
+    }
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        PyObject *column = PyList_GET_ITEM(cols, field);
+        if (!PyList_CheckExact(column) || PyList_GET_SIZE(column) < hi) {
+            PyErr_SetString(PyExc_TypeError, "merge_leaf: cols must be lists as long as entries");
+            return NULL;
+        }
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t length = PyBytes_GET_SIZE(args[0]), at = 0, parts, count;
+    if (!read_array_header(data, length, &at, &parts) || parts != 2 + fields || at >= length || data[at] != 1) {
+        Py_RETURN_NONE; /* not a leaf of this many fields */
+    }
+    at++;
+    if (!read_array_header(data, length, &at, &count)) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t total = count + (hi - lo);
+    /* The new entries and values, measured (what pack_node accepts, or the Python code packs them). */
+    Py_ssize_t new_size = 0;
+    for (Py_ssize_t index = lo; index < hi; index++) {
+        PyObject *entry = PyList_GET_ITEM(entries, index);
+        if (!PyBytes_CheckExact(entry)) {
+            Py_RETURN_NONE;
+        }
+        long long value;
+        unsigned long long big;
+        int is_unsigned;
+        new_size += scalar_size(entry, &value, &big, &is_unsigned);
+        for (Py_ssize_t field = 0; field < fields; field++) {
+            PyObject *item = PyList_GET_ITEM(PyList_GET_ITEM(cols, field), index);
+            if (PyBytes_Check(item)) {
+                Py_RETURN_NONE; /* not a number: the Python code refuses it */
+            }
+            Py_ssize_t size = scalar_size(item, &value, &big, &is_unsigned);
+            if (size <= 0) {
+                if (size < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+            new_size += size;
+        }
+    }
+    /* The stored elements: count keys, then count values per field. */
+    Element *elements = PyMem_Malloc(sizeof(Element) * (size_t)(count * (1 + fields)) + 1);
+    Py_ssize_t *order = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)total + 1);
+    if (elements == NULL || order == NULL) {
+        PyMem_Free(elements);
+        PyMem_Free(order);
+        return PyErr_NoMemory();
+    }
+    PyObject *result = NULL;
+    Py_ssize_t old_size = 0;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        if (!read_element(data, length, &at, 1, &elements[index])) {
+            goto fallback;
+        }
+        old_size += elements[index].size;
+    }
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        Py_ssize_t values;
+        if (!read_array_header(data, length, &at, &values) || values != count) {
+            goto fallback;
+        }
+        Element *column = elements + count * (1 + field);
+        for (Py_ssize_t index = 0; index < count; index++) {
+            if (!read_element(data, length, &at, 0, &column[index])) {
+                goto fallback;
+            }
+            old_size += column[index].size;
+        }
+    }
+    if (at != length) {
+        goto fallback;
+    }
+    /* The merge order: old entry i as i, new entry j as -1 - j. */
+    Py_ssize_t old = 0, out = 0;
+    for (Py_ssize_t index = lo; index < hi; index++) {
+        PyObject *entry = PyList_GET_ITEM(entries, index);
+        const char *key = PyBytes_AS_STRING(entry);
+        Py_ssize_t size = PyBytes_GET_SIZE(entry);
+        while (old < count) {
+            const Element *stored = &elements[old];
+            int cmp = compare_bytes((const char *)data + stored->payload, stored->size - (stored->payload - stored->at),
+                                    key, size);
+            if (cmp > 0) {
+                break;
+            }
+            if (cmp == 0) {
+                result = PyLong_FromSsize_t(index);
+                goto done;
+            }
+            order[out++] = old++;
+        }
+        order[out++] = -1 - index;
+    }
+    while (old < count) {
+        order[out++] = old++;
+    }
+    if (total > limit) {
+        goto fallback; /* checked after the merge, so that a duplicate is found either way */
+    }
+    Py_ssize_t packed_size = array_header_size(2 + fields) + 1 + (1 + fields) * array_header_size(total) +
+                             old_size + new_size;
+    result = PyBytes_FromStringAndSize(NULL, packed_size);
+    if (result == NULL) {
+        goto done;
+    }
+    char *write = put_array_header(PyBytes_AS_STRING(result), 2 + fields);
+    *write++ = 1;
+    for (Py_ssize_t part = 0; part <= fields; part++) {
+        write = put_array_header(write, total);
+        const Element *column = elements + count * part;
+        PyObject *incoming = part ? PyList_GET_ITEM(cols, part - 1) : entries;
+        for (Py_ssize_t index = 0; index < total; index++) {
+            Py_ssize_t source = order[index];
+            if (source >= 0) {
+                memcpy(write, data + column[source].at, (size_t)column[source].size);
+                write += column[source].size;
+            }
+            else {
+                write = put_scalar(write, PyList_GET_ITEM(incoming, -1 - source));
+            }
+        }
+    }
+    assert(write == PyBytes_AS_STRING(result) + packed_size);
+    goto done;
+fallback:
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(elements);
+    PyMem_Free(order);
+    return result;
+}
+
 /* ------------------------------------------------------------------ internal nodes, wide sums */
 
 /* Internal nodes keep exact sums, scaled by 2**1074 with their shared trailing zeros factored out;
@@ -3847,6 +4108,9 @@ static PyMethodDef methods[] = {
     {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,
      "pack_internal(parts, nfields) -> bytes | None: an internal node's bytes, plain or wide (see "
      "_node.encode_node)."},
+    {"merge_leaf", (PyCFunction)(void (*)(void))merge_leaf, METH_FASTCALL,
+     "merge_leaf(data, entries, lo, hi, cols, limit) -> bytes | int | None: a stored leaf with "
+     "entries[lo:hi] merged in (see _btree.NodeTree.merge_sorted)."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},

@@ -199,7 +199,14 @@ class Transaction:
         """The entries of :meth:`docs`, as lists of up to ``size``: for whole-table passes."""
         return self.kv.scan_batches(DOCS, start, stop, size)
 
+    def stored(self, node_id: int) -> bytes | None:
+        """The stored bytes of a committed node (None if it is missing). O(1)."""
+        return self.kv.get(NODES, node_key(node_id))
+
     def mutable(self, node: Node) -> Node:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
+    def adopt_encoded(self, node_id: int, data: bytes) -> None:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
     def new_id(self) -> int:
@@ -254,6 +261,12 @@ class WriteTransaction(Transaction):
             dirty = self._dirty[node_id] = decode_node(self._encoded.pop(node_id), node_id).copy(node_id)
             return dirty
         return super().node(node_id)
+
+    def stored(self, node_id: int) -> bytes | None:
+        if node_id in self._dirty:
+            return None
+        data = self._encoded.get(node_id)
+        return data if data is not None else super().stored(node_id)
 
     def _allocate(self) -> int:
         if self._next_id is None:
