@@ -129,27 +129,28 @@ def test_random_batches_merge_many_entries_per_leaf(db: tallytree.Database, on_d
 
 
 class MergeSpy:
-    """Wraps the C kernel ``merge_leaf`` and counts what it answered: merged bytes, a duplicate's
-    index, or None (the leaf left to the decoded path)."""
+    """Wraps the C kernel ``merge_children`` and counts what it answered for each leaf: merged bytes,
+    a duplicate's index, or None (the leaf left to the decoded path)."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.answers: dict[str, int] = {"bytes": 0, "duplicate": 0, "none": 0}
 
     def __call__(self, *args: Any) -> Any:
-        answer = self.kernel(*args)
-        kind = "bytes" if type(answer) is bytes else "none" if answer is None else "duplicate"
-        self.answers[kind] += 1
-        return answer
+        rows = self.kernel(*args)
+        for *_, answer in rows:
+            kind = "bytes" if type(answer) is bytes else "none" if answer is None else "duplicate"
+            self.answers[kind] += 1
+        return rows
 
 
 @pytest.fixture
 def merge_spy(monkeypatch: pytest.MonkeyPatch) -> MergeSpy | None:
-    """A spy on ``merge_leaf`` for the test's duration, or None when the kernels are not built."""
+    """A spy on ``merge_children`` for the test's duration, or None when the kernels are not built."""
     if speedups is None:
         return None
-    spy = MergeSpy(speedups.merge_leaf)
-    monkeypatch.setattr(speedups, "merge_leaf", spy)
+    spy = MergeSpy(speedups.merge_children)
+    monkeypatch.setattr(speedups, "merge_children", spy)
     return spy
 
 
@@ -158,7 +159,7 @@ def test_scattered_batches_merge_into_stored_leaves(
     db: tallytree.Database, on_duplicate: str, merge_spy: MergeSpy | None
 ) -> None:
     """Scattered batches into roomy leaves take their new entries in the leaves' stored bytes (the C
-    kernel ``merge_leaf``, no decoding); a leaf changed earlier in the transaction, one that must
+    kernel ``merge_children``, no decoding); a leaf changed earlier in the transaction, one that must
     split and one that holds an entry already are left to the decoded path. Both give the model's
     answers, and a duplicate with ``on_duplicate="error"`` found in a stored leaf writes nothing."""
     rng = random.Random(23)

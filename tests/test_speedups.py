@@ -504,6 +504,14 @@ LEAF_VALUE = (
 ENTRY = st.binary(min_size=1, max_size=300)
 
 
+def merge_leaf(data: bytes, entries: list[bytes], lo: int, hi: int, cols: list[list[Any]], limit: int) -> Any:
+    """``merge_children`` over a parent of one leaf child: what it gives for that leaf."""
+    assert speedups is not None
+    rows = speedups.merge_children([b""], [7], entries, lo, hi, cols, limit, {7: data}.get)
+    assert [row[:4] for row in rows] == [(0, lo, hi, 7)]
+    return rows[0][4]
+
+
 def merged_leaf(
     keys: list[bytes], cols: list[list[Any]], new: list[bytes], new_cols: list[list[Any]]
 ) -> bytes:
@@ -515,13 +523,12 @@ def merged_leaf(
     return encode_node(Node(1, True, [row[0] for row in rows], columns, dirty=True))
 
 
-@given(st.lists(ENTRY, max_size=40, unique=True), st.integers(0, 3), st.integers(0, 3), st.data())
+@given(st.lists(ENTRY, min_size=1, max_size=40, unique=True), st.integers(0, 3), st.integers(0, 3), st.data())
 def test_merge_leaf_writes_what_encode_node_writes(
     entries: list[bytes], fields: int, pad: int, data: st.DataObject
 ) -> None:
     """A stored leaf and a sorted slice of new entries merge into the bytes of the merged leaf."""
-    assert speedups is not None
-    split = data.draw(st.integers(0, len(entries)))
+    split = data.draw(st.integers(0, len(entries) - 1))
     stored, new = sorted(entries[:split]), sorted(entries[split:])
     cols = [
         data.draw(st.lists(LEAF_VALUE, min_size=len(stored), max_size=len(stored))) for _ in range(fields)
@@ -530,10 +537,10 @@ def test_merge_leaf_writes_what_encode_node_writes(
     leaf = encode_node(Node(1, True, stored, cols, dirty=True))
     batch = [b"\x00"] * pad + new + [b"\xff" * 301]  # the slice sits inside a longer run
     batch_cols = [[0] * pad + column + [0] for column in new_cols]
-    merged = speedups.merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries))
+    merged = merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries))
     assert merged == merged_leaf(stored, cols, new, new_cols)
     if entries:  # one entry too many: the leaf must split, in Python
-        assert speedups.merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries) - 1) is None
+        assert merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries) - 1) is None
 
 
 @given(st.lists(ENTRY, min_size=1, max_size=40, unique=True), st.data())
@@ -545,7 +552,7 @@ def test_merge_leaf_names_the_first_entry_already_stored(entries: list[bytes], d
     leaf = encode_node(Node(1, True, stored, [[1.5] * len(stored)], dirty=True))
     first = next((index for index, entry in enumerate(new) if entry in stored), None)
     for limit in (0, len(stored) + len(new)):
-        answer = speedups.merge_leaf(leaf, new, 0, len(new), [[7] * len(new)], limit)
+        answer = merge_leaf(leaf, new, 0, len(new), [[7] * len(new)], limit)
         if first is not None:
             assert answer == first
         elif limit:
@@ -563,11 +570,11 @@ def test_merge_leaf_at_the_size_boundaries_of_arrays_and_bins() -> None:
         cols = [list(range(stored)), [0.5] * stored]
         new_cols = [list(range(-new, 0)), [2.0**64] * new]
         leaf = encode_node(Node(1, True, old, cols, dirty=True))
-        merged = speedups.merge_leaf(leaf, more, 0, new, new_cols, stored + new)
+        merged = merge_leaf(leaf, more, 0, new, new_cols, stored + new)
         assert merged == merged_leaf(old, cols, more, new_cols)
     for size in (254, 255, 256, 65_535, 65_536):
         leaf = encode_node(Node(1, True, [b"a" * size], [[1]], dirty=True))
-        merged = speedups.merge_leaf(leaf, [b"b" * size], 0, 1, [[2]], 2)
+        merged = merge_leaf(leaf, [b"b" * size], 0, 1, [[2]], 2)
         assert merged == merged_leaf([b"a" * size], [[1]], [b"b" * size], [[2]])
 
 
@@ -577,38 +584,89 @@ def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
     assert speedups is not None
     keys = [b"a", b"c", b"e"]
     leaf = encode_node(Node(1, True, keys, [[1, 2.5, -3]], dirty=True))
-    assert type(speedups.merge_leaf(leaf, [b"b"], 0, 1, [[4]], 8)) is bytes
+    assert type(merge_leaf(leaf, [b"b"], 0, 1, [[4]], 8)) is bytes
     pending = Node(1, True, keys, [[1, 2, 3]], dirty=True)
     pending.pending = True
     internal = Node.internal_from(1, keys, [1, 2, 3], [delta_of((value,)) for value in (1, 2, 3)])
     for other in (encode_node(pending), encode_node(internal), msgpack.packb([1, ["a"], [1]])):
-        assert speedups.merge_leaf(other, [b"b"], 0, 1, [[4]], 8) is None
-    assert speedups.merge_leaf(leaf, [b"b"], 0, 1, [[4], [5]], 8) is None  # two fields, one stored
+        assert merge_leaf(other, [b"b"], 0, 1, [[4]], 8) is None
+    assert merge_leaf(leaf, [b"b"], 0, 1, [[4], [5]], 8) is None  # two fields, one stored
     for value in (2**64, -(2**63) - 1, True, None, "4", b"4", Int(4)):
-        assert speedups.merge_leaf(leaf, [b"b"], 0, 1, [[value]], 8) is None
-    assert speedups.merge_leaf(leaf, [bytearray(b"b")], 0, 1, [[4]], 8) is None
+        assert merge_leaf(leaf, [b"b"], 0, 1, [[value]], 8) is None
     for cut in range(len(leaf)):
-        assert speedups.merge_leaf(leaf[:cut], [b"b"], 0, 1, [[4]], 8) is None
-    assert speedups.merge_leaf(leaf + b"\x00", [b"b"], 0, 1, [[4]], 8) is None
-    assert speedups.merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
+        assert merge_leaf(leaf[:cut], [b"b"], 0, 1, [[4]], 8) is None
+    assert merge_leaf(leaf + b"\x00", [b"b"], 0, 1, [[4]], 8) is None
+    assert merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
 
 
-def test_merge_leaf_refuses_malformed_arguments() -> None:
+@given(
+    st.lists(st.binary(max_size=6), min_size=1, max_size=12, unique=True),
+    st.lists(st.binary(min_size=1, max_size=6), max_size=40, unique=True),
+    st.data(),
+)
+def test_merge_children_splits_a_batch_as_the_python_plan_does(
+    fences: list[bytes], entries: list[bytes], data: st.DataObject
+) -> None:
+    """Each touched child gets the slice the Python plan gives it (``bisect_right`` on the fences,
+    ``bisect_left`` on the batch), with its id and its merge; a child with no stored bytes, None."""
+    assert speedups is not None
+    fences = [b"", *sorted(fence for fence in fences if fence)]
+    entries.sort()
+    lo = data.draw(st.integers(0, len(entries)))
+    hi = data.draw(st.integers(lo, len(entries)))
+    kids = [100 + index for index in range(len(fences))]
+    leaves = {kid: encode_node(Node(kid, True, [], [[]], dirty=True)) for kid in kids[::2]}  # odd ones: None
+    rows = speedups.merge_children(fences, kids, entries, lo, hi, [[1] * len(entries)], 64, leaves.get)
+    expected = []
+    at, child = lo, 0
+    while at < hi:
+        child = bisect_right(fences, entries[at], child) - 1
+        stop = bisect_left(entries, fences[child + 1], at + 1, hi) if child + 1 < len(fences) else hi
+        merged = None
+        if kids[child] in leaves:
+            merged = encode_node(Node(1, True, entries[at:stop], [[1] * (stop - at)], dirty=True))
+        expected.append((child, at, stop, kids[child], merged))
+        at = stop
+    assert rows == expected
+
+
+def test_merge_children_reports_every_leaf_after_a_duplicate() -> None:
+    """A duplicate in one leaf does not end the merge: the plan needs the leaves after it (for
+    ``existing="skip"``) and raises a conflict in order (for ``"error"``)."""
+    assert speedups is not None
+    leaves = {
+        1: encode_node(Node(1, True, [b"b"], [], dirty=True)),
+        2: encode_node(Node(2, True, [b"x"], [], dirty=True)),
+    }
+    rows = speedups.merge_children((b"", b"m"), (1, 2), [b"b", b"c", b"y"], 0, 3, [], 8, leaves.get)
+    assert rows == [(0, 0, 2, 1, 0), (1, 2, 3, 2, encode_node(Node(2, True, [b"x", b"y"], [], dirty=True)))]
+
+
+def test_merge_children_refuses_malformed_arguments() -> None:
     assert speedups is not None
     leaf = encode_node(Node(1, True, [b"a"], [[1]], dirty=True))
+    stored = {1: leaf}.get
+    good = ([b""], [1], [b"b"], 0, 1, [[4]], 8, stored)
+    assert [row[:4] for row in speedups.merge_children(*good)] == [(0, 0, 1, 1)]
     for arguments, error in (
-        ((leaf, [b"b"], 0, 1, [[4]]), TypeError),
-        ((bytearray(leaf), [b"b"], 0, 1, [[4]], 8), TypeError),
-        ((leaf, (b"b",), 0, 1, [[4]], 8), TypeError),
-        ((leaf, [b"b"], 0, 1, [(4,)], 8), TypeError),
-        ((leaf, [b"b"], 0, 1, [[]], 8), TypeError),
-        ((leaf, [b"b"], 0, 2, [[4]], 8), IndexError),
-        ((leaf, [b"b"], 1, 0, [[4]], 8), IndexError),
-        ((leaf, [b"b"], -1, 1, [[4]], 8), ValueError),
-        ((leaf, [b"b"], 0, 1, [[4]], -1), ValueError),
+        (good[:-1], TypeError),
+        (([b""], [1], (b"b",), 0, 1, [[4]], 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, None), TypeError),
+        (([b""], [1, 2], [b"b"], 0, 1, [[4]], 8, stored), TypeError),
+        (([], [], [b"b"], 0, 1, [[4]], 8, stored), TypeError),
+        (([""], [1], [b"b"], 0, 1, [[4]], 8, stored), TypeError),
+        (([b""], [1], ["b"], 0, 1, [[4]], 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [(4,)], 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [[]], 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, {1: bytearray(leaf)}.get), TypeError),
+        (([b""], [1], [b"b"], 0, 2, [[4]], 8, stored), IndexError),
+        (([b""], [1], [b"b"], 1, 0, [[4]], 8, stored), IndexError),
+        (([b""], [1], [b"b"], -1, 1, [[4]], 8, stored), ValueError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], -1, stored), ValueError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, {}.__getitem__), KeyError),  # stored() raised
     ):
         with pytest.raises(error):
-            speedups.merge_leaf(*arguments)
+            speedups.merge_children(*arguments)
 
 
 # ------------------------------------------------------------------ internal nodes, wide sums

@@ -97,8 +97,9 @@ class NodeAccess(Protocol):
         for a node it changed (a dirty one) or a node that is missing."""
         ...
 
-    def adopt_encoded(self, node_id: int, data: bytes) -> None:
-        """Register a new node (id from :meth:`new_id`) given in its stored form."""
+    def replace_stored(self, node_ids: list[int], data: list[bytes]) -> list[int]:
+        """Write new nodes given in stored form in place of these stored ones (which are freed);
+        return the new nodes' ids, in order."""
         ...
 
     @property
@@ -156,6 +157,10 @@ Existing = Literal["error", "skip", "update"]
 
 _INSERT_EACH = 16
 """Up to this many new entries are inserted into a leaf one by one; more are merged in one sort."""
+
+_Merged = tuple[int, int, int, int, bytes]
+"""A leaf merged in its stored bytes (see :meth:`NodeTree._plan_stored`): its index in its parent, the
+slice ``lo:hi`` of the run it took, its node id and its new bytes."""
 
 Cut = tuple[bytes, bool]
 """Where a bound cuts: ``(bound, after)`` means "entries ``< bound``" (``<= bound`` when ``after``)."""
@@ -681,19 +686,14 @@ class NodeTree:
         keys = node.keys
         last = len(keys) - 1
         steps: list[_Step] = []
-        merged: list[_Stored] = []
         correction: list[int] | None = None
         child = 0
         at = lo
-        stored = height == 2 and run.stored  # leaves below, merged in their stored bytes if they can be
+        if height == 2 and run.stored:
+            return self._plan_stored(node, lo, hi, run)
         while at < hi:
             child = bisect_right(keys, entries[at], child) - 1
             stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
-            if stored and (done := self._merge_stored(node.kids[child], at, stop, run)) is not None:
-                done.child = child
-                merged.append(done)
-                at = stop
-                continue
             step = self._plan(access.node(node.kids[child]), height - 1, at, stop, run)
             part: list[int] | None
             if step is None:  # every entry of the slice is there already, unchanged
@@ -705,32 +705,50 @@ class NodeTree:
             if part is not None:
                 correction = part if correction is None else vadd(correction, part)
             at = stop
+        if not steps:
+            return None
+        step = _Step(node, lo, hi, correction)
+        step.kids = steps
+        return step
+
+    def _plan_stored(self, node: Node, lo: int, hi: int, run: _Run) -> _Step | None:
+        """:meth:`_plan` for a node whose children are leaves, each touched leaf merged in its stored
+        bytes if it can be (the C kernel ``merge_children``): the merged leaf, ready to write, without
+        decoding the leaf. A leaf changed in this transaction, one that must split and one that holds
+        an entry already (for ``existing="error"``, a conflict, raised in order) are left to
+        :meth:`_plan_leaf`. O(B + slice) per touched leaf.
+        """
+        assert speedups is not None  # run.stored is only set with the kernels built
+        access = self.access
+        steps: list[_Step] = []
+        merged: list[_Merged] = []
+        correction: list[int] | None = None
+        for row in speedups.merge_children(
+            node.keys, node.kids, run.entries, lo, hi, run.cols, self.max_size, access.stored
+        ):
+            child, start, stop, kid, data = row
+            if type(data) is bytes:
+                merged.append(row)
+                run.changed += stop - start
+                continue
+            if data is not None and run.existing == "error":
+                raise _Conflict(data)
+            step = self._plan_leaf(access.node(kid), start, stop, run)
+            part: list[int] | None
+            if step is None:  # every entry of the slice is there already, unchanged
+                part = run.delta(start, stop)
+            else:
+                step.child = child
+                steps.append(step)
+                part = step.correction
+            if part is not None:
+                correction = part if correction is None else vadd(correction, part)
         if not steps and not merged:
             return None
         step = _Step(node, lo, hi, correction)
         step.kids = steps
         step.merged = merged
         return step
-
-    def _merge_stored(self, kid: int, lo: int, hi: int, run: _Run) -> _Stored | None:
-        """Plan the merge of ``run.entries[lo:hi]`` into leaf ``kid`` done on its stored bytes (the C
-        kernel ``merge_leaf``): the merged leaf's bytes, ready to write, without decoding the leaf.
-        None leaves the leaf to :meth:`_plan_leaf`: it was changed in this transaction, must split, or
-        already holds one of the entries (for ``existing="error"``, a conflict, raised). O(B + slice).
-        """
-        assert speedups is not None  # run.stored is only set with the kernels built
-        data = self.access.stored(kid)
-        if data is None:
-            return None
-        merged = speedups.merge_leaf(data, run.entries, lo, hi, run.cols, self.max_size)
-        if isinstance(merged, int):  # an entry already stored: a conflict, or the decoded path
-            if run.existing == "error":
-                raise _Conflict(merged)
-            return None
-        if merged is None:
-            return None
-        run.changed += hi - lo
-        return _Stored(kid, merged, lo, hi)
 
     def _plan_leaf(self, leaf: Node, lo: int, hi: int, run: _Run) -> _Step | None:
         entries = run.entries
@@ -787,19 +805,15 @@ class NodeTree:
             if len(kid.keys) > self.max_size:
                 self._split_child(parent, step.child, kid)
 
-    def _apply_merged(self, parent: Node, merged: list[_Stored], run: _Run) -> None:
+    def _apply_merged(self, parent: Node, merged: list[_Merged], run: _Run) -> None:
         """Write leaves merged in their stored bytes under fresh ids and give ``parent`` their deltas,
         column by column (none of them splits). O(fields * len(merged))."""
-        access = self.access
+        children = [row[0] for row in merged]
+        ids = self.access.replace_stored([row[3] for row in merged], [row[4] for row in merged])
         kids = parent.kids
-        for step in merged:
-            kid_id = access.new_id()
-            access.adopt_encoded(kid_id, step.data)
-            access.free(step.node_id)
-            kids[step.child] = kid_id
-        parent.add_columns(
-            [step.child for step in merged], run.deltas([(step.lo, step.hi) for step in merged])
-        )
+        for child, kid in zip(children, ids, strict=True):
+            kids[child] = kid
+        parent.add_columns(children, run.deltas([(row[1], row[2]) for row in merged]))
 
     @staticmethod
     def _apply_leaf(leaf: Node, step: _Step, run: _Run) -> None:
@@ -1154,7 +1168,7 @@ class _Run:
         self.entries = entries
         self.cols = cols
         self.existing = existing
-        self.stored = False  # merge new entries into leaves' stored bytes (see NodeTree._merge_stored)
+        self.stored = False  # merge new entries into leaves' stored bytes (see NodeTree._plan_stored)
         self.changed = 0
         self.total: list[int] | None = None
         self.prefixes: list[tuple[int, list[int]]] | None = None  # (shift, sums) per summary column
@@ -1217,24 +1231,10 @@ class _Step:
         self.correction = correction
         self.child = 0
         self.kids: list[_Step] = []
-        self.merged: list[_Stored] = []
+        self.merged: list[_Merged] = []
         self.fresh: list[int] | range | None = None
         self.places: list[int] = []
         self.updates: list[tuple[int, int]] = []
-
-
-class _Stored:
-    """A leaf merged in its stored bytes: node ``node_id`` becomes ``data`` (entries ``lo:hi`` of the
-    run merged in, all of them new), and ``child`` is its index in its parent."""
-
-    __slots__ = ("child", "data", "hi", "lo", "node_id")
-
-    def __init__(self, node_id: int, data: bytes, lo: int, hi: int) -> None:
-        self.node_id = node_id
-        self.data = data
-        self.lo = lo
-        self.hi = hi
-        self.child = 0
 
 
 class _Conflict(Exception):

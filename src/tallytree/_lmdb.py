@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,10 @@ class _LmdbTxn:
     def get(self, table: int, key: bytes) -> bytes | None:
         value = self._txn.get(key, db=self._dbs[table])
         return bytes(value) if value is not None else None
+
+    def getter(self, table: int) -> Callable[[bytes], bytes | None]:
+        """A cursor's ``get`` (bytes: the transaction has no buffers): no table argument to pass."""
+        return self._txn.cursor(db=self._dbs[table]).get  # type: ignore[no-any-return]
 
     def scan(
         self, table: int, start: bytes, stop: bytes | None, reverse: bool = False

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Protocol
@@ -54,9 +54,18 @@ class Speedups(Protocol):
     def bisect(self, node: Any, key: bytes, right: bool, /) -> int: ...
     def decode_entry(self, entry: bytes, limit: int, /) -> tuple[Any, Any] | None: ...
     def float_sum(self, values: Sequence[float], /) -> int | None: ...
-    def merge_leaf(
-        self, data: bytes, entries: list[bytes], lo: int, hi: int, cols: list[list[Any]], limit: int, /
-    ) -> bytes | int | None: ...
+    def merge_children(
+        self,
+        keys: Sequence[bytes],
+        kids: Sequence[int],
+        entries: list[bytes],
+        lo: int,
+        hi: int,
+        cols: list[list[Any]],
+        limit: int,
+        stored: Callable[[int], bytes | None],
+        /,
+    ) -> list[tuple[int, int, int, int, Any]]: ...
     def pack_node(self, head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
     def freeze_node(self, node: Any, /) -> None: ...

@@ -3290,7 +3290,7 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------ merging into a stored leaf */
 
-/* ``merge_leaf(data, entries, lo, hi, cols, limit)``: the stored bytes of a leaf (``_node`` layout
+/* A merge: the stored bytes of a leaf (``_node`` layout
    ``[1, [entry, ...], [value, ...] per field]``) with entries ``lo:hi`` of a sorted batch (and their
    values, ``cols[f][lo:hi]``) merged in, written without decoding the leaf into Python objects: its
    keys and values are copied as they are stored, and only the new ones are packed (as pack_node packs
@@ -3394,35 +3394,25 @@ read_element(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int b
     return 1;
 }
 
+/* The merge (the arguments' types checked by the caller): a new reference to the bytes, the index of
+   a duplicate or None; NULL with an error set. */
 static PyObject *
-merge_leaf(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, PyObject *cols, Py_ssize_t limit)
 {
-    if (nargs != 6 || !PyBytes_CheckExact(args[0]) || !PyList_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
-        !PyLong_CheckExact(args[3]) || !PyList_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "merge_leaf(data: bytes, entries: list, lo: int, hi: int, cols: list, limit: int)");
-        return NULL;
-    }
-    PyObject *entries = args[1], *cols = args[4];
-    Py_ssize_t lo, hi, limit;
-    if (size_argument(args[2], "merge_leaf(): lo", &lo) < 0 || size_argument(args[3], "merge_leaf(): hi", &hi) < 0 ||
-        size_argument(args[5], "merge_leaf(): limit", &limit) < 0) {
-        return NULL;
-    }
     Py_ssize_t fields = PyList_GET_SIZE(cols);
     if (lo > hi || hi > PyList_GET_SIZE(entries)) {
-        PyErr_SetString(PyExc_IndexError, "merge_leaf: lo:hi is not a slice of entries");
+        PyErr_SetString(PyExc_IndexError, "merge_children: lo:hi is not a slice of entries");
         return NULL;
     }
     for (Py_ssize_t field = 0; field < fields; field++) {
         PyObject *column = PyList_GET_ITEM(cols, field);
         if (!PyList_CheckExact(column) || PyList_GET_SIZE(column) < hi) {
-            PyErr_SetString(PyExc_TypeError, "merge_leaf: cols must be lists as long as entries");
+            PyErr_SetString(PyExc_TypeError, "merge_children: cols must be lists as long as entries");
             return NULL;
         }
     }
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t length = PyBytes_GET_SIZE(args[0]), at = 0, parts, count;
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(stored);
+    Py_ssize_t length = PyBytes_GET_SIZE(stored), at = 0, parts, count;
     if (!read_array_header(data, length, &at, &parts) || parts != 2 + fields || at >= length || data[at] != 1) {
         Py_RETURN_NONE; /* not a leaf of this many fields */
     }
@@ -3546,6 +3536,155 @@ fallback:
 done:
     PyMem_Free(elements);
     PyMem_Free(order);
+    return result;
+}
+
+/* ``merge_children(keys, kids, entries, lo, hi, cols, limit, stored)``: for an internal node whose
+   children are leaves (its ``keys`` and ``kids``), the entries ``lo:hi`` of a sorted batch split among
+   its children by their fences (``keys[i] <= child i's entries < keys[i + 1]``), as the Python plan
+   splits them, and each touched child's slice merged into the child's stored bytes (above). ``stored(node_id)`` gives those bytes, or None for a child the Python code must take (one
+   the transaction changed). Returns a list of ``(child, lo, hi, node_id, merged)`` per touched child,
+   in order, ``merged`` being what the merge gave (bytes, a duplicate's index or None) or None. One
+   call per parent instead of a Python loop per leaf: the batch is split first, then, with no pointer
+   into a sequence held, each child's bytes are fetched and merged. */
+static PyObject *
+merge_children(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyList_CheckExact(args[2]) || !PyLong_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) ||
+        !PyList_CheckExact(args[5]) || !PyLong_CheckExact(args[6]) || !PyCallable_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "merge_children(keys, kids, entries: list, lo: int, hi: int, cols: list, "
+                                         "limit: int, stored: callable)");
+        return NULL;
+    }
+    PyObject *entries = args[2], *cols = args[5], *stored = args[7];
+    Py_ssize_t lo, hi, limit;
+    if (size_argument(args[3], "merge_children(): lo", &lo) < 0 ||
+        size_argument(args[4], "merge_children(): hi", &hi) < 0 ||
+        size_argument(args[6], "merge_children(): limit", &limit) < 0) {
+        return NULL;
+    }
+    if (lo > hi || hi > PyList_GET_SIZE(entries)) {
+        PyErr_SetString(PyExc_IndexError, "merge_children: lo:hi is not a slice of entries");
+        return NULL;
+    }
+    PyObject *keys = PySequence_Fast(args[0], "merge_children: keys must be a sequence of bytes");
+    if (keys == NULL) {
+        return NULL;
+    }
+    PyObject *kids = PySequence_Fast(args[1], "merge_children: kids must be a sequence of ints");
+    if (kids == NULL) {
+        Py_DECREF(keys);
+        return NULL;
+    }
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(keys);
+    PyObject *result = NULL;
+    Py_ssize_t *slices = PyMem_Malloc(sizeof(Py_ssize_t) * 3 * (size_t)(hi - lo) + 1), touched = 0;
+    if (slices == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (PySequence_Fast_GET_SIZE(kids) != size || size == 0) {
+        PyErr_SetString(PyExc_TypeError, "merge_children: keys and kids must be as long, and not empty");
+        goto done;
+    }
+    /* Split the slice: no Python code runs while the sequences' items are read. */
+    PyObject **fences = PySequence_Fast_ITEMS(keys), **items = PySequence_Fast_ITEMS(entries);
+    for (Py_ssize_t index = 0; index < size; index++) {
+        if (!PyBytes_Check(fences[index])) {
+            PyErr_SetString(PyExc_TypeError, "merge_children: keys must be bytes");
+            goto done;
+        }
+    }
+    for (Py_ssize_t index = lo; index < hi; index++) {
+        if (!PyBytes_Check(items[index])) {
+            PyErr_SetString(PyExc_TypeError, "merge_children: entries must be bytes");
+            goto done;
+        }
+    }
+    Py_ssize_t child = 0, at = lo;
+    while (at < hi) {
+        const char *entry = PyBytes_AS_STRING(items[at]);
+        Py_ssize_t entry_size = PyBytes_GET_SIZE(items[at]);
+        Py_ssize_t low = child, high = size; /* bisect_right(keys, entry, child) - 1 */
+        while (low < high) {
+            Py_ssize_t middle = low + (high - low) / 2;
+            if (compare_bytes(PyBytes_AS_STRING(fences[middle]), PyBytes_GET_SIZE(fences[middle]), entry,
+                              entry_size) <= 0) {
+                low = middle + 1;
+            }
+            else {
+                high = middle;
+            }
+        }
+        child = low > 0 ? low - 1 : 0;
+        Py_ssize_t stop = hi;
+        if (child + 1 < size) { /* bisect_left(entries, keys[child + 1], at + 1, hi) */
+            const char *fence = PyBytes_AS_STRING(fences[child + 1]);
+            Py_ssize_t fence_size = PyBytes_GET_SIZE(fences[child + 1]);
+            low = at + 1;
+            high = hi;
+            while (low < high) {
+                Py_ssize_t middle = low + (high - low) / 2;
+                if (compare_bytes(PyBytes_AS_STRING(items[middle]), PyBytes_GET_SIZE(items[middle]), fence,
+                                  fence_size) < 0) {
+                    low = middle + 1;
+                }
+                else {
+                    high = middle;
+                }
+            }
+            stop = low;
+        }
+        slices[3 * touched] = child;
+        slices[3 * touched + 1] = at;
+        slices[3 * touched + 2] = stop;
+        touched++;
+        at = stop;
+    }
+    /* Fetch and merge each touched child (fetching runs Python code: items are read again after it). */
+    result = PyList_New(0);
+    if (result == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t slice = 0; slice < touched; slice++) {
+        Py_ssize_t index = slices[3 * slice], start = slices[3 * slice + 1], stop = slices[3 * slice + 2];
+        PyObject *kid = PySequence_GetItem(args[1], index);
+        if (kid == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyObject *data = PyObject_CallOneArg(stored, kid);
+        PyObject *merged = NULL;
+        if (data == Py_None) {
+            merged = data;
+        }
+        else if (data != NULL && PyBytes_CheckExact(data)) {
+            merged = merge_into(data, entries, start, stop, cols, limit);
+            Py_DECREF(data);
+        }
+        else if (data != NULL) {
+            Py_DECREF(data);
+            PyErr_SetString(PyExc_TypeError, "merge_children: stored() must return bytes or None");
+        }
+        PyObject *row = merged == NULL ? NULL : Py_BuildValue("(nnnNN)", index, start, stop, kid, merged);
+        if (row == NULL) {
+            if (merged == NULL) {
+                Py_DECREF(kid);
+            }
+            Py_CLEAR(result);
+            goto done;
+        }
+        int failed = PyList_Append(result, row);
+        Py_DECREF(row);
+        if (failed < 0) {
+            Py_CLEAR(result);
+            goto done;
+        }
+    }
+done:
+    PyMem_Free(slices);
+    Py_DECREF(keys);
+    Py_DECREF(kids);
     return result;
 }
 
@@ -4108,9 +4247,9 @@ static PyMethodDef methods[] = {
     {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,
      "pack_internal(parts, nfields) -> bytes | None: an internal node's bytes, plain or wide (see "
      "_node.encode_node)."},
-    {"merge_leaf", (PyCFunction)(void (*)(void))merge_leaf, METH_FASTCALL,
-     "merge_leaf(data, entries, lo, hi, cols, limit) -> bytes | int | None: a stored leaf with "
-     "entries[lo:hi] merged in (see _btree.NodeTree.merge_sorted)."},
+    {"merge_children", (PyCFunction)(void (*)(void))merge_children, METH_FASTCALL,
+     "merge_children(keys, kids, entries, lo, hi, cols, limit, stored) -> list of (child, lo, hi, node_id, "
+     "merged): a slice of a sorted batch merged into the stored bytes of the leaves it touches."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},

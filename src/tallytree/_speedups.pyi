@@ -1,4 +1,4 @@
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,9 +26,17 @@ def select(node: Any, index: int, fetch: Any, nodes: object, /) -> tuple[Any, in
 def bisect(node: Any, key: bytes, right: bool, /) -> int: ...
 def decode_entry(entry: bytes, limit: int, /) -> tuple[Any, Any] | None: ...
 def float_sum(values: Sequence[float], /) -> int | None: ...
-def merge_leaf(
-    data: bytes, entries: list[bytes], lo: int, hi: int, cols: list[list[Any]], limit: int, /
-) -> bytes | int | None: ...
+def merge_children(
+    keys: Sequence[bytes],
+    kids: Sequence[int],
+    entries: list[bytes],
+    lo: int,
+    hi: int,
+    cols: list[list[Any]],
+    limit: int,
+    stored: Callable[[int], bytes | None],
+    /,
+) -> list[tuple[int, int, int, int, Any]]: ...
 def pack_node(head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
 def pack_internal(parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
 def freeze_node(node: Any, /) -> None: ...

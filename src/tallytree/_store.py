@@ -69,6 +69,10 @@ class KVTxn(Protocol):
         """Return the value stored under ``key``, or None."""
         ...
 
+    def getter(self, table: int) -> Callable[[bytes], bytes | None]:
+        """``get`` for one table, as one callable (for loops that read many values of one table)."""
+        ...
+
     def scan(
         self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
@@ -211,6 +215,9 @@ class _MemoryTxn:
 
     def get(self, table: int, key: bytes) -> bytes | None:
         return self._tables[table].get(key)  # type: ignore[no-any-return]
+
+    def getter(self, table: int) -> Callable[[bytes], bytes | None]:
+        return self._tables[table].get  # type: ignore[no-any-return]
 
     def scan(
         self, table: int, start: bytes, stop: bytes | None, reverse: bool = False

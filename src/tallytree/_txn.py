@@ -24,7 +24,7 @@ cache never holds a node that was not committed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -206,7 +206,7 @@ class Transaction:
     def mutable(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
-    def adopt_encoded(self, node_id: int, data: bytes) -> None:
+    def replace_stored(self, node_ids: list[int], data: list[bytes]) -> list[int]:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
     def new_id(self) -> int:
@@ -248,6 +248,7 @@ class WriteTransaction(Transaction):
         self.docs_version = 0
         self._deferred: dict[bytes, tuple[int, int, list[tuple[bytes, tuple[Any, ...]]]]] = {}
         self._next_id: int | None = None
+        self._node_bytes: Callable[[bytes], bytes | None] | None = None  # see stored()
 
     @property
     def shared(self) -> object:
@@ -266,14 +267,19 @@ class WriteTransaction(Transaction):
         if node_id in self._dirty:
             return None
         data = self._encoded.get(node_id)
-        return data if data is not None else super().stored(node_id)
+        if data is None:
+            if self._node_bytes is None:
+                self._node_bytes = self.kv.getter(NODES)
+            data = self._node_bytes(node_id.to_bytes(8, "big"))
+        return data
 
-    def _allocate(self) -> int:
+    def _allocate(self, count: int = 1) -> int:
+        """The first of ``count`` fresh ids."""
         if self._next_id is None:
             stored = self.kv.get(META, _NEXT_ID)
             self._next_id = int.from_bytes(stored, "big") if stored else 1
         node_id = self._next_id
-        self._next_id += 1
+        self._next_id += count
         return node_id
 
     def mutable(self, node: Node) -> Node:
@@ -302,6 +308,16 @@ class WriteTransaction(Transaction):
     def free(self, node_id: int) -> None:
         if self._dirty.pop(node_id, None) is None and self._encoded.pop(node_id, None) is None:
             self._freed.append(node_id)
+
+    def replace_stored(self, node_ids: list[int], data: list[bytes]) -> list[int]:
+        """Nodes given in stored form (see :meth:`adopt_encoded`) in place of stored ones, which are
+        freed; returns the new ids. O(len(data))."""
+        first = self._allocate(len(data))
+        ids = list(range(first, first + len(data)))
+        self._encoded.update(zip(ids, data, strict=True))
+        for node_id in node_ids:
+            self.free(node_id)
+        return ids
 
     def set_root(self, tree: bytes, root: Root | None) -> None:
         """Record the new root of a tree (None: the tree is now empty)."""
