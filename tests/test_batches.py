@@ -130,16 +130,17 @@ def test_random_batches_merge_many_entries_per_leaf(db: tallytree.Database, on_d
 
 class MergeSpy:
     """Wraps the C kernel ``merge_children`` and counts what it answered for each leaf: merged bytes,
-    a duplicate's index, or None (the leaf left to the decoded path)."""
+    the pieces of a split, a duplicate's index, or None (the leaf left to the decoded path)."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self.answers: dict[str, int] = {"bytes": 0, "duplicate": 0, "none": 0}
+        self.answers: dict[str, int] = {"bytes": 0, "pieces": 0, "duplicate": 0, "none": 0}
 
     def __call__(self, *args: Any) -> Any:
         rows = self.kernel(*args)
         for *_, answer in rows:
-            kind = "bytes" if type(answer) is bytes else "none" if answer is None else "duplicate"
+            kinds = {bytes: "bytes", list: "pieces", int: "duplicate"}
+            kind = kinds.get(type(answer), "none")
             self.answers[kind] += 1
         return rows
 
@@ -159,8 +160,9 @@ def test_scattered_batches_merge_into_stored_leaves(
     db: tallytree.Database, on_duplicate: str, merge_spy: MergeSpy | None
 ) -> None:
     """Scattered batches into roomy leaves take their new entries in the leaves' stored bytes (the C
-    kernel ``merge_children``, no decoding); a leaf changed earlier in the transaction, one that must
-    split and one that holds an entry already are left to the decoded path. Both give the model's
+    kernel ``merge_children``, no decoding), and a leaf that must split is cut there too; a leaf
+    changed earlier in the transaction and one that holds an entry already are left to the decoded
+    path. Both give the model's
     answers, and a duplicate with ``on_duplicate="error"`` found in a stored leaf writes nothing."""
     rng = random.Random(23)
     aggregate = db.aggregate("scattered", values=FIELDS, node_size=16)
@@ -208,7 +210,7 @@ def test_scattered_batches_merge_into_stored_leaves(
     if merge_spy is not None:
         answers = merge_spy.answers
         assert answers["bytes"] > 100, answers
-        assert answers["none"] > 0, answers  # the splitting leaf
+        assert answers["pieces"] > 0, answers  # the leaves that split
         assert answers["duplicate"] == 1, answers
 
 

@@ -25,7 +25,7 @@ import tallytree
 from tallytree import _keys as keys_module
 from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
-from tallytree._node import Node, decode_node, delta_of, encode_node, scaled
+from tallytree._node import Node, decode_node, delta_of, encode_node, scaled, summarize
 from tallytree.errors import CorruptDatabaseError, KeyTooLargeError
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
@@ -504,10 +504,20 @@ LEAF_VALUE = (
 ENTRY = st.binary(min_size=1, max_size=300)
 
 
-def merge_leaf(data: bytes, entries: list[bytes], lo: int, hi: int, cols: list[list[Any]], limit: int) -> Any:
+def merge_leaf(
+    data: bytes,
+    entries: list[bytes],
+    lo: int,
+    hi: int,
+    cols: list[list[Any]],
+    limit: int,
+    target: int | None = None,
+) -> Any:
     """``merge_children`` over a parent of one leaf child: what it gives for that leaf."""
     assert speedups is not None
-    rows = speedups.merge_children([b""], [7], entries, lo, hi, cols, limit, {7: data}.get)
+    rows = speedups.merge_children(
+        [b""], [7], entries, lo, hi, cols, limit, limit if target is None else target, {7: data}.get
+    )
     assert [row[:4] for row in rows] == [(0, lo, hi, 7)]
     return rows[0][4]
 
@@ -539,8 +549,19 @@ def test_merge_leaf_writes_what_encode_node_writes(
     batch_cols = [[0] * pad + column + [0] for column in new_cols]
     merged = merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries))
     assert merged == merged_leaf(stored, cols, new, new_cols)
-    if entries:  # one entry too many: the leaf must split, in Python
-        assert merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries) - 1) is None
+    if len(entries) > 1:  # one entry too many: the leaf is cut into even pieces of at most target
+        target = data.draw(st.integers(1, len(entries) - 1))
+        pieces = merge_leaf(leaf, batch, pad, pad + len(new), batch_cols, len(entries) - 1, target)
+        rows = sorted(zip(stored + new, *[a + b for a, b in zip(cols, new_cols, strict=True)], strict=True))
+        count = -(-len(rows) // target)
+        cuts = [len(rows) * piece // count for piece in range(count + 1)]
+        expected = []
+        for begin, end in itertools.pairwise(cuts):
+            part = rows[begin:end]
+            columns = [[row[1 + field] for row in part] for field in range(fields)]
+            encoded = encode_node(Node(1, True, [row[0] for row in part], columns, dirty=True))
+            expected.append((part[0][0], encoded, summarize(len(part), columns)))
+        assert pieces == [expected[0][1], *expected[1:]]
 
 
 @given(st.lists(ENTRY, min_size=1, max_size=40, unique=True), st.data())
@@ -596,6 +617,10 @@ def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
     for cut in range(len(leaf)):
         assert merge_leaf(leaf[:cut], [b"b"], 0, 1, [[4]], 8) is None
     assert merge_leaf(leaf + b"\x00", [b"b"], 0, 1, [[4]], 8) is None
+    for value in (math.inf, math.nan):  # a split sums its pieces: not these (validated away before)
+        assert merge_leaf(leaf, [b"f"], 0, 1, [[value]], 3, 2) is None
+    assert type(merge_leaf(leaf, [b"f"], 0, 1, [[math.inf]], 4)) is bytes  # no split: packed as given
+    assert merge_leaf(leaf, [b"f"], 0, 1, [[4]], 3, 0) is None  # no fill target to cut to
     assert merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
 
 
@@ -616,7 +641,7 @@ def test_merge_children_splits_a_batch_as_the_python_plan_does(
     hi = data.draw(st.integers(lo, len(entries)))
     kids = [100 + index for index in range(len(fences))]
     leaves = {kid: encode_node(Node(kid, True, [], [[]], dirty=True)) for kid in kids[::2]}  # odd ones: None
-    rows = speedups.merge_children(fences, kids, entries, lo, hi, [[1] * len(entries)], 64, leaves.get)
+    rows = speedups.merge_children(fences, kids, entries, lo, hi, [[1] * len(entries)], 64, 64, leaves.get)
     expected = []
     at, child = lo, 0
     while at < hi:
@@ -638,7 +663,7 @@ def test_merge_children_reports_every_leaf_after_a_duplicate() -> None:
         1: encode_node(Node(1, True, [b"b"], [], dirty=True)),
         2: encode_node(Node(2, True, [b"x"], [], dirty=True)),
     }
-    rows = speedups.merge_children((b"", b"m"), (1, 2), [b"b", b"c", b"y"], 0, 3, [], 8, leaves.get)
+    rows = speedups.merge_children((b"", b"m"), (1, 2), [b"b", b"c", b"y"], 0, 3, [], 8, 8, leaves.get)
     assert rows == [(0, 0, 2, 1, 0), (1, 2, 3, 2, encode_node(Node(2, True, [b"x", b"y"], [], dirty=True)))]
 
 
@@ -646,24 +671,25 @@ def test_merge_children_refuses_malformed_arguments() -> None:
     assert speedups is not None
     leaf = encode_node(Node(1, True, [b"a"], [[1]], dirty=True))
     stored = {1: leaf}.get
-    good = ([b""], [1], [b"b"], 0, 1, [[4]], 8, stored)
+    good = ([b""], [1], [b"b"], 0, 1, [[4]], 8, 8, stored)
     assert [row[:4] for row in speedups.merge_children(*good)] == [(0, 0, 1, 1)]
     for arguments, error in (
         (good[:-1], TypeError),
-        (([b""], [1], (b"b",), 0, 1, [[4]], 8, stored), TypeError),
-        (([b""], [1], [b"b"], 0, 1, [[4]], 8, None), TypeError),
-        (([b""], [1, 2], [b"b"], 0, 1, [[4]], 8, stored), TypeError),
-        (([], [], [b"b"], 0, 1, [[4]], 8, stored), TypeError),
-        (([""], [1], [b"b"], 0, 1, [[4]], 8, stored), TypeError),
-        (([b""], [1], ["b"], 0, 1, [[4]], 8, stored), TypeError),
-        (([b""], [1], [b"b"], 0, 1, [(4,)], 8, stored), TypeError),
-        (([b""], [1], [b"b"], 0, 1, [[]], 8, stored), TypeError),
-        (([b""], [1], [b"b"], 0, 1, [[4]], 8, {1: bytearray(leaf)}.get), TypeError),
-        (([b""], [1], [b"b"], 0, 2, [[4]], 8, stored), IndexError),
-        (([b""], [1], [b"b"], 1, 0, [[4]], 8, stored), IndexError),
-        (([b""], [1], [b"b"], -1, 1, [[4]], 8, stored), ValueError),
-        (([b""], [1], [b"b"], 0, 1, [[4]], -1, stored), ValueError),
-        (([b""], [1], [b"b"], 0, 1, [[4]], 8, {}.__getitem__), KeyError),  # stored() raised
+        (([b""], [1], (b"b",), 0, 1, [[4]], 8, 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, 8, None), TypeError),
+        (([b""], [1, 2], [b"b"], 0, 1, [[4]], 8, 8, stored), TypeError),
+        (([], [], [b"b"], 0, 1, [[4]], 8, 8, stored), TypeError),
+        (([""], [1], [b"b"], 0, 1, [[4]], 8, 8, stored), TypeError),
+        (([b""], [1], ["b"], 0, 1, [[4]], 8, 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [(4,)], 8, 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [[]], 8, 8, stored), TypeError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, 8, {1: bytearray(leaf)}.get), TypeError),
+        (([b""], [1], [b"b"], 0, 2, [[4]], 8, 8, stored), IndexError),
+        (([b""], [1], [b"b"], 1, 0, [[4]], 8, 8, stored), IndexError),
+        (([b""], [1], [b"b"], -1, 1, [[4]], 8, 8, stored), ValueError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], -1, 8, stored), ValueError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, -1, stored), ValueError),
+        (([b""], [1], [b"b"], 0, 1, [[4]], 8, 8, {}.__getitem__), KeyError),  # stored() raised
     ):
         with pytest.raises(error):
             speedups.merge_children(*arguments)

@@ -158,9 +158,10 @@ Existing = Literal["error", "skip", "update"]
 _INSERT_EACH = 16
 """Up to this many new entries are inserted into a leaf one by one; more are merged in one sort."""
 
-_Merged = tuple[int, int, int, int, bytes]
+_Merged = tuple[int, int, int, int, Any]
 """A leaf merged in its stored bytes (see :meth:`NodeTree._plan_stored`): its index in its parent, the
-slice ``lo:hi`` of the run it took, its node id and its new bytes."""
+slice ``lo:hi`` of the run it took, its node id, and its new bytes or (when it splits) its pieces:
+the first piece's bytes, then ``(fence, bytes, summary)`` for each other piece."""
 
 Cut = tuple[bytes, bool]
 """Where a bound cuts: ``(bound, after)`` means "entries ``< bound``" (``<= bound`` when ``after``)."""
@@ -723,12 +724,21 @@ class NodeTree:
         steps: list[_Step] = []
         merged: list[_Merged] = []
         correction: list[int] | None = None
+        splits: list[_Merged] = []
         for row in speedups.merge_children(
-            node.keys, node.kids, run.entries, lo, hi, run.cols, self.max_size, access.stored
+            node.keys,
+            node.kids,
+            run.entries,
+            lo,
+            hi,
+            run.cols,
+            self.max_size,
+            self._fill_target(),
+            access.stored,
         ):
             child, start, stop, kid, data = row
-            if type(data) is bytes:
-                merged.append(row)
+            if type(data) is bytes or type(data) is list:
+                (merged if type(data) is bytes else splits).append(row)
                 run.changed += stop - start
                 continue
             if data is not None and run.existing == "error":
@@ -743,11 +753,12 @@ class NodeTree:
                 part = step.correction
             if part is not None:
                 correction = part if correction is None else vadd(correction, part)
-        if not steps and not merged:
+        if not steps and not merged and not splits:
             return None
         step = _Step(node, lo, hi, correction)
         step.kids = steps
         step.merged = merged
+        step.splits = splits
         return step
 
     def _plan_leaf(self, leaf: Node, lo: int, hi: int, run: _Run) -> _Step | None:
@@ -794,7 +805,10 @@ class NodeTree:
         access = self.access
         if plan.merged:  # first, while no split has moved a child
             self._apply_merged(parent, plan.merged, run)
+        splits = plan.splits  # leaves cut in their stored bytes, right to left among the steps
         for step in reversed(plan.kids):  # right to left: splits shift only the children already done
+            while splits and splits[-1][0] > step.child:
+                self._apply_split(parent, splits.pop(), run)
             kid = access.mutable(step.node)
             parent.kids[step.child] = kid.id
             if height == 1:
@@ -804,6 +818,19 @@ class NodeTree:
             parent.add(step.child, run.delta(step.lo, step.hi, step.correction))
             if len(kid.keys) > self.max_size:
                 self._split_child(parent, step.child, kid)
+        while splits:
+            self._apply_split(parent, splits.pop(), run)
+
+    def _apply_split(self, parent: Node, row: _Merged, run: _Run) -> None:
+        """A leaf merged in its stored bytes and cut into pieces: the first piece takes its place in
+        ``parent``, the others follow it, each with the summary the kernel summed. O(B)."""
+        child, lo, hi, kid, pieces = row
+        first, *rest = pieces
+        ids = self.access.replace_stored([kid], [first, *(piece[1] for piece in rest)])
+        parent.kids[child] = ids[0]
+        summaries = [piece[2] for piece in rest]
+        parent.add(child, vsub(run.delta(lo, hi), reduce(vadd, summaries)))
+        self._insert_siblings(parent, child, [piece[0] for piece in rest], ids[1:], summaries)
 
     def _apply_merged(self, parent: Node, merged: list[_Merged], run: _Run) -> None:
         """Write leaves merged in their stored bytes under fresh ids and give ``parent`` their deltas,
@@ -965,11 +992,18 @@ class NodeTree:
         siblings = self._cut(node)
         summaries = [sibling.summary() for sibling in siblings]
         parent.add(index, _negate(reduce(vadd, summaries)))
-        if len(siblings) == 1:  # the common case: a plain insert is cheaper than a block
-            parent.insert_child(index + 1, siblings[0].keys[0], siblings[0].id, summaries[0])
-            return
         fences = [sibling.keys[0] for sibling in siblings]
-        block = Node.internal_from(0, fences, [sibling.id for sibling in siblings], summaries)
+        self._insert_siblings(parent, index, fences, [sibling.id for sibling in siblings], summaries)
+
+    @staticmethod
+    def _insert_siblings(
+        parent: Node, index: int, fences: list[bytes], ids: list[int], summaries: list[list[int]]
+    ) -> None:
+        """Insert the new pieces of child ``index`` of ``parent`` after it. O(size)."""
+        if len(ids) == 1:  # the common case: a plain insert is cheaper than a block
+            parent.insert_child(index + 1, fences[0], ids[0], summaries[0])
+            return
+        block = Node.internal_from(0, fences, ids, summaries)
         parent.attach(index + 1, Chunk(block.keys, block.kids, block.cols, block.shifts))
 
     def _grow_root(self, node: Node) -> None:
@@ -1222,7 +1256,19 @@ class _Step:
     for "skip"), so the node's delta is ``run.delta(lo, hi, correction)``.
     """
 
-    __slots__ = ("child", "correction", "fresh", "hi", "kids", "lo", "merged", "node", "places", "updates")
+    __slots__ = (
+        "child",
+        "correction",
+        "fresh",
+        "hi",
+        "kids",
+        "lo",
+        "merged",
+        "node",
+        "places",
+        "splits",
+        "updates",
+    )
 
     def __init__(self, node: Node, lo: int, hi: int, correction: list[int] | None) -> None:
         self.node = node
@@ -1232,6 +1278,7 @@ class _Step:
         self.child = 0
         self.kids: list[_Step] = []
         self.merged: list[_Merged] = []
+        self.splits: list[_Merged] = []
         self.fresh: list[int] | range | None = None
         self.places: list[int] = []
         self.updates: list[tuple[int, int]] = []

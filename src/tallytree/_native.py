@@ -63,6 +63,7 @@ class Speedups(Protocol):
         hi: int,
         cols: list[list[Any]],
         limit: int,
+        target: int,
         stored: Callable[[int], bytes | None],
         /,
     ) -> list[tuple[int, int, int, int, Any]]: ...

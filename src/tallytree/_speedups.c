@@ -3298,10 +3298,14 @@ pack_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
    scattered entries touches one leaf per entry or so, mostly out of the node cache; decoding each one,
    copying it and packing it again cost more than the rest of the write.
 
-   Returns the bytes; or, when a new entry is already in the leaf, the index (into ``entries``) of the
-   first such one (whatever the leaf's size); or None when the merge is left to the Python code: more
-   than ``limit`` entries (the leaf must split), another layout or field count, a value pack_node
-   leaves to Python, or bytes it cannot parse (the Python decoder then says what is wrong). */
+   Returns the bytes; or, when the merged leaf holds more than ``limit`` entries, the even pieces of at
+   most ``target`` entries ``NodeTree._cut`` would cut it into, as a list: the first piece's bytes (it
+   keeps the leaf's place), then ``(fence, bytes, summary)`` for each other piece (its first entry,
+   and its summary ``[count, S..., F...]`` summed exactly as ``_node.summarize`` sums, stored values
+   read in place); or, when a new entry is already in the leaf, the index (into ``entries``) of the
+   first such one; or None when the merge is left to the Python code: another layout or field count,
+   a value pack_node leaves to Python (or, in a split, NaN or an infinity), or bytes it cannot parse
+   (the Python decoder then says what is wrong). */
 
 typedef struct {
     Py_ssize_t at;      /* offset of the element (its tag) */
@@ -3394,10 +3398,180 @@ read_element(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int b
     return 1;
 }
 
+/* A merge in progress: the stored leaf's elements and the merge order (old entry i as i, new entry j
+   of the batch as -1 - j). */
+typedef struct {
+    const unsigned char *data;
+    const Element *elements; /* count keys, then count values per field */
+    Py_ssize_t count, fields;
+    const Py_ssize_t *order;
+    PyObject *entries, *cols;
+} Merge;
+
+/* The packed size of the element of merged position ``index`` in ``part`` (0: keys, f + 1: field f). */
+static Py_ssize_t
+merged_size(const Merge *merge, Py_ssize_t part, Py_ssize_t index)
+{
+    Py_ssize_t source = merge->order[index];
+    if (source >= 0) {
+        return merge->elements[merge->count * part + source].size;
+    }
+    PyObject *incoming = part ? PyList_GET_ITEM(merge->cols, part - 1) : merge->entries;
+    long long value;
+    unsigned long long big;
+    int is_unsigned;
+    return scalar_size(PyList_GET_ITEM(incoming, -1 - source), &value, &big, &is_unsigned); /* measured before */
+}
+
+/* The bytes of the leaf holding merged positions ``from:to``. */
+static PyObject *
+merged_piece(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
+{
+    Py_ssize_t fields = merge->fields, size = array_header_size(2 + fields) + 1 + (1 + fields) * array_header_size(to - from);
+    for (Py_ssize_t part = 0; part <= fields; part++) {
+        for (Py_ssize_t index = from; index < to; index++) {
+            size += merged_size(merge, part, index);
+        }
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, size);
+    if (result == NULL) {
+        return NULL;
+    }
+    char *write = put_array_header(PyBytes_AS_STRING(result), 2 + fields);
+    *write++ = 1;
+    for (Py_ssize_t part = 0; part <= fields; part++) {
+        write = put_array_header(write, to - from);
+        const Element *column = merge->elements + merge->count * part;
+        PyObject *incoming = part ? PyList_GET_ITEM(merge->cols, part - 1) : merge->entries;
+        for (Py_ssize_t index = from; index < to; index++) {
+            Py_ssize_t source = merge->order[index];
+            if (source >= 0) {
+                memcpy(write, merge->data + column[source].at, (size_t)column[source].size);
+                write += column[source].size;
+            }
+            else {
+                write = put_scalar(write, PyList_GET_ITEM(incoming, -1 - source));
+            }
+        }
+    }
+    assert(write == PyBytes_AS_STRING(result) + size);
+    return result;
+}
+
+/* Add a stored number (a msgpack int or float element) to an accumulator, counting floats. */
+static void
+accumulate_stored(Accumulator *acc, const unsigned char *data, const Element *element, Py_ssize_t *floats)
+{
+    const unsigned char *at = data + element->at;
+    unsigned char tag = at[0];
+    uint64_t bits = 0;
+    for (Py_ssize_t index = 1; index < element->size; index++) {
+        bits = bits << 8 | at[index];
+    }
+    if (tag == 0xcb || tag == 0xca) {
+        double value;
+        if (tag == 0xcb) {
+            memcpy(&value, &bits, sizeof(value));
+        }
+        else {
+            uint32_t narrow = (uint32_t)bits;
+            float single;
+            memcpy(&single, &narrow, sizeof(single));
+            value = single;
+        }
+        *floats += 1;
+        accumulate_double(acc, value, 0); /* finite: the values were checked when inserted */
+        return;
+    }
+    int64_t value;
+    if (tag <= 0x7f) {
+        value = tag;
+    }
+    else if (tag >= 0xe0) {
+        value = (int8_t)tag;
+    }
+    else if (tag == 0xcf) {
+        if (bits) {
+            accumulate(acc, bits, INT_SHIFT, 0); /* beyond int64: a magnitude */
+        }
+        return;
+    }
+    else if (tag >= 0xcc && tag <= 0xce) {
+        value = (int64_t)bits;
+    }
+    else { /* 0xd0..0xd3: sign-extend from the element's width */
+        int width = (int)(element->size - 1) * 8;
+        value = width == 64 ? (int64_t)bits : (int64_t)(bits << (64 - width)) >> (64 - width);
+    }
+    if (value) {
+        uint64_t magnitude = value > 0 ? (uint64_t)value : UINT64_C(0) - (uint64_t)value;
+        accumulate(acc, magnitude, INT_SHIFT, value < 0);
+    }
+}
+
+/* The summary ``[count, S..., F...]`` (``_node.summarize``) of merged positions ``from:to``; None
+   for a new value the accumulators do not take (NaN or an infinity, which no caller passes). */
+static PyObject *
+piece_summary(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
+{
+    Py_ssize_t fields = merge->fields;
+    PyObject *summary = PyList_New(1 + 2 * fields);
+    if (summary == NULL) {
+        return NULL;
+    }
+    PyObject *count = PyLong_FromSsize_t(to - from);
+    if (count == NULL) {
+        Py_DECREF(summary);
+        return NULL;
+    }
+    PyList_SET_ITEM(summary, 0, count);
+    Accumulator acc;
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        memset(&acc, 0, sizeof(acc));
+        Py_ssize_t floats = 0;
+        const Element *column = merge->elements + merge->count * (1 + field);
+        PyObject *incoming = PyList_GET_ITEM(merge->cols, field);
+        for (Py_ssize_t index = from; index < to; index++) {
+            Py_ssize_t source = merge->order[index];
+            if (source >= 0) {
+                accumulate_stored(&acc, merge->data, &column[source], &floats);
+                continue;
+            }
+            PyObject *item = PyList_GET_ITEM(incoming, -1 - source);
+            int found = accumulate_value(&acc, item, 0, &floats);
+            if (found == 0 && PyLong_CheckExact(item)) { /* beyond int64: uint64, as pack_node took it */
+                unsigned long long big = PyLong_AsUnsignedLongLong(item);
+                if (big == (unsigned long long)-1 && PyErr_Occurred()) {
+                    found = -1;
+                }
+                else {
+                    accumulate(&acc, big, INT_SHIFT, 0);
+                    found = 1;
+                }
+            }
+            if (found <= 0) {
+                Py_DECREF(summary);
+                return found < 0 ? NULL : Py_NewRef(Py_None);
+            }
+        }
+        PyObject *total = accumulated(&acc);
+        PyObject *number = total == NULL ? NULL : PyLong_FromSsize_t(floats);
+        if (number == NULL) {
+            Py_XDECREF(total);
+            Py_DECREF(summary);
+            return NULL;
+        }
+        PyList_SET_ITEM(summary, 1 + field, total);
+        PyList_SET_ITEM(summary, 1 + fields + field, number);
+    }
+    return summary;
+}
+
 /* The merge (the arguments' types checked by the caller): a new reference to the bytes, the index of
    a duplicate or None; NULL with an error set. */
 static PyObject *
-merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, PyObject *cols, Py_ssize_t limit)
+merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, PyObject *cols, Py_ssize_t limit,
+           Py_ssize_t target)
 {
     Py_ssize_t fields = PyList_GET_SIZE(cols);
     if (lo > hi || hi > PyList_GET_SIZE(entries)) {
@@ -3422,7 +3596,6 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
     }
     Py_ssize_t total = count + (hi - lo);
     /* The new entries and values, measured (what pack_node accepts, or the Python code packs them). */
-    Py_ssize_t new_size = 0;
     for (Py_ssize_t index = lo; index < hi; index++) {
         PyObject *entry = PyList_GET_ITEM(entries, index);
         if (!PyBytes_CheckExact(entry)) {
@@ -3431,7 +3604,6 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
         long long value;
         unsigned long long big;
         int is_unsigned;
-        new_size += scalar_size(entry, &value, &big, &is_unsigned);
         for (Py_ssize_t field = 0; field < fields; field++) {
             PyObject *item = PyList_GET_ITEM(PyList_GET_ITEM(cols, field), index);
             if (PyBytes_Check(item)) {
@@ -3444,7 +3616,6 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
                 }
                 Py_RETURN_NONE;
             }
-            new_size += size;
         }
     }
     /* The stored elements: count keys, then count values per field. */
@@ -3456,12 +3627,10 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
         return PyErr_NoMemory();
     }
     PyObject *result = NULL;
-    Py_ssize_t old_size = 0;
     for (Py_ssize_t index = 0; index < count; index++) {
         if (!read_element(data, length, &at, 1, &elements[index])) {
             goto fallback;
         }
-        old_size += elements[index].size;
     }
     for (Py_ssize_t field = 0; field < fields; field++) {
         Py_ssize_t values;
@@ -3473,7 +3642,6 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
             if (!read_element(data, length, &at, 0, &column[index])) {
                 goto fallback;
             }
-            old_size += column[index].size;
         }
     }
     if (at != length) {
@@ -3503,33 +3671,59 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
     while (old < count) {
         order[out++] = old++;
     }
-    if (total > limit) {
-        goto fallback; /* checked after the merge, so that a duplicate is found either way */
+    Merge merge = {data, elements, count, fields, order, entries, cols};
+    if (total <= limit) {
+        result = merged_piece(&merge, 0, total);
+        goto done;
     }
-    Py_ssize_t packed_size = array_header_size(2 + fields) + 1 + (1 + fields) * array_header_size(total) +
-                             old_size + new_size;
-    result = PyBytes_FromStringAndSize(NULL, packed_size);
+    /* Split into even pieces of at most ``target`` entries, as NodeTree._cut cuts a leaf. */
+    if (target < 1) {
+        goto fallback;
+    }
+    Py_ssize_t pieces = (total + target - 1) / target;
+    result = PyList_New(pieces);
     if (result == NULL) {
         goto done;
     }
-    char *write = put_array_header(PyBytes_AS_STRING(result), 2 + fields);
-    *write++ = 1;
-    for (Py_ssize_t part = 0; part <= fields; part++) {
-        write = put_array_header(write, total);
-        const Element *column = elements + count * part;
-        PyObject *incoming = part ? PyList_GET_ITEM(cols, part - 1) : entries;
-        for (Py_ssize_t index = 0; index < total; index++) {
-            Py_ssize_t source = order[index];
+    for (Py_ssize_t piece = 0; piece < pieces; piece++) {
+        Py_ssize_t from = total * piece / pieces, to = total * (piece + 1) / pieces;
+        PyObject *bytes = merged_piece(&merge, from, to);
+        if (bytes == NULL || piece == 0) {
+            if (bytes == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(result, 0, bytes);
+            continue;
+        }
+        PyObject *summary = piece_summary(&merge, from, to);
+        if (summary == Py_None) { /* a value the accumulators do not take */
+            Py_DECREF(summary);
+            Py_DECREF(bytes);
+            Py_CLEAR(result);
+            goto fallback;
+        }
+        PyObject *fence = NULL;
+        if (summary != NULL) {
+            Py_ssize_t source = order[from];
             if (source >= 0) {
-                memcpy(write, data + column[source].at, (size_t)column[source].size);
-                write += column[source].size;
+                const Element *key = &elements[source];
+                fence = PyBytes_FromStringAndSize((const char *)data + key->payload, key->size - (key->payload - key->at));
             }
             else {
-                write = put_scalar(write, PyList_GET_ITEM(incoming, -1 - source));
+                fence = Py_NewRef(PyList_GET_ITEM(entries, -1 - source));
             }
         }
+        PyObject *row = fence == NULL ? NULL : PyTuple_Pack(3, fence, bytes, summary);
+        Py_XDECREF(fence);
+        Py_DECREF(bytes);
+        Py_XDECREF(summary);
+        if (row == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, piece, row);
     }
-    assert(write == PyBytes_AS_STRING(result) + packed_size);
     goto done;
 fallback:
     result = Py_NewRef(Py_None);
@@ -3539,28 +3733,31 @@ done:
     return result;
 }
 
-/* ``merge_children(keys, kids, entries, lo, hi, cols, limit, stored)``: for an internal node whose
-   children are leaves (its ``keys`` and ``kids``), the entries ``lo:hi`` of a sorted batch split among
-   its children by their fences (``keys[i] <= child i's entries < keys[i + 1]``), as the Python plan
-   splits them, and each touched child's slice merged into the child's stored bytes (above). ``stored(node_id)`` gives those bytes, or None for a child the Python code must take (one
-   the transaction changed). Returns a list of ``(child, lo, hi, node_id, merged)`` per touched child,
-   in order, ``merged`` being what the merge gave (bytes, a duplicate's index or None) or None. One
+/* ``merge_children(keys, kids, entries, lo, hi, cols, limit, target, stored)``: for an internal node
+   whose children are leaves (its ``keys`` and ``kids``), the entries ``lo:hi`` of a sorted batch split
+   among its children by their fences (``keys[i] <= child i's entries < keys[i + 1]``), as the Python
+   plan splits them, and each touched child's slice merged into the child's stored bytes (above).
+   ``stored(node_id)`` gives those bytes, or None for a child the Python code must take (one the
+   transaction changed). Returns a list of ``(child, lo, hi, node_id, merged)`` per touched child, in
+   order, ``merged`` being what the merge gave (bytes, pieces, a duplicate's index or None) or None. One
    call per parent instead of a Python loop per leaf: the batch is split first, then, with no pointer
    into a sequence held, each child's bytes are fetched and merged. */
 static PyObject *
 merge_children(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8 || !PyList_CheckExact(args[2]) || !PyLong_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) ||
-        !PyList_CheckExact(args[5]) || !PyLong_CheckExact(args[6]) || !PyCallable_Check(args[7])) {
+    if (nargs != 9 || !PyList_CheckExact(args[2]) || !PyLong_CheckExact(args[3]) || !PyLong_CheckExact(args[4]) ||
+        !PyList_CheckExact(args[5]) || !PyLong_CheckExact(args[6]) || !PyLong_CheckExact(args[7]) ||
+        !PyCallable_Check(args[8])) {
         PyErr_SetString(PyExc_TypeError, "merge_children(keys, kids, entries: list, lo: int, hi: int, cols: list, "
-                                         "limit: int, stored: callable)");
+                                         "limit: int, target: int, stored: callable)");
         return NULL;
     }
-    PyObject *entries = args[2], *cols = args[5], *stored = args[7];
-    Py_ssize_t lo, hi, limit;
+    PyObject *entries = args[2], *cols = args[5], *stored = args[8];
+    Py_ssize_t lo, hi, limit, target;
     if (size_argument(args[3], "merge_children(): lo", &lo) < 0 ||
         size_argument(args[4], "merge_children(): hi", &hi) < 0 ||
-        size_argument(args[6], "merge_children(): limit", &limit) < 0) {
+        size_argument(args[6], "merge_children(): limit", &limit) < 0 ||
+        size_argument(args[7], "merge_children(): target", &target) < 0) {
         return NULL;
     }
     if (lo > hi || hi > PyList_GET_SIZE(entries)) {
@@ -3659,7 +3856,7 @@ merge_children(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
             merged = data;
         }
         else if (data != NULL && PyBytes_CheckExact(data)) {
-            merged = merge_into(data, entries, start, stop, cols, limit);
+            merged = merge_into(data, entries, start, stop, cols, limit, target);
             Py_DECREF(data);
         }
         else if (data != NULL) {
@@ -4248,7 +4445,7 @@ static PyMethodDef methods[] = {
      "pack_internal(parts, nfields) -> bytes | None: an internal node's bytes, plain or wide (see "
      "_node.encode_node)."},
     {"merge_children", (PyCFunction)(void (*)(void))merge_children, METH_FASTCALL,
-     "merge_children(keys, kids, entries, lo, hi, cols, limit, stored) -> list of (child, lo, hi, node_id, "
+     "merge_children(keys, kids, entries, lo, hi, cols, limit, target, stored) -> list of (child, lo, hi, node_id, "
      "merged): a slice of a sorted batch merged into the stored bytes of the leaves it touches."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},

@@ -34,6 +34,7 @@ def merge_children(
     hi: int,
     cols: list[list[Any]],
     limit: int,
+    target: int,
     stored: Callable[[int], bytes | None],
     /,
 ) -> list[tuple[int, int, int, int, Any]]: ...
