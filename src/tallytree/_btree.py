@@ -5,7 +5,8 @@ Design
 This module is the B+ tree proper; callers reach it through ``_tree.Tree``, which adds each tree's
 pending node (inserts not yet merged into the leaves). It knows nothing of LMDB or of keys: it orders
 opaque *entries* (bytes, see ``_keys``) and sums value columns, reading and writing nodes only through
-the small :class:`NodeAccess` interface (``node``, ``mutable``, ``new_id``, ``adopt``, ``free``). The
+the small :class:`NodeAccess` interface (``node``, ``mutable``, ``new_id``, ``adopt``, ``free``, and
+``stored`` / ``replace_stored`` for nodes handled in their stored bytes). The
 same code runs over the in-memory store used by the tests and over LMDB, as SQLite's b-tree runs over
 its pager.
 
@@ -39,6 +40,17 @@ Every parent keeps each child's count and sums (see ``_node``), so:
       batch (sorted)  e1 e2 e3 | e4 e5 | ... e9        plan: two bisections per touched child
       root            [ c0 | c1 | c2 ]                 apply: right to left, so a split (siblings go
       leaves         c0+{e1,e2,e3}  c1+{e4,e5}  c2+...        to the right) moves no child still to do
+
+  With the C kernels, the plan of a node whose children are leaves is one call (``merge_children``):
+  it splits the node's slice of the batch among its leaves and merges each slice into the leaf's
+  *stored bytes*, copying the stored keys and values as they are and packing only the new ones, cut
+  into even pieces (each with its exact summary) if the leaf overflows. A leaf is then neither
+  decoded, copied nor encoded, nor taken into the node cache: a batch of scattered keys touches one
+  leaf per key or so, most of them out of the cache in a large tree, and those three steps cost more
+  than the rest of the write. The merged bytes go to the transaction as they are
+  (``NodeAccess.replace_stored``), and the parent gets its children's deltas column by column. A
+  leaf the transaction already changed (a dirty node) and one that holds an entry of the batch
+  already take the decoded path above.
 * ``delete_range`` drops whole subtrees that fall inside the range (reading none of their leaves), trims
   the two boundary paths, then repairs underfull nodes along them: O(log n + nodes removed).
 

@@ -2,7 +2,7 @@
 
 Design
 ======
-Sixteen functions and one type, each a faster twin of Python code that stays the reference and the
+Seventeen functions and one type, each a faster twin of Python code that stays the reference and the
 fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
@@ -54,7 +54,13 @@ the Python code and gives the same answers):
   ``_txn.encode_root`` writes them;
 * ``thaw(node)`` and ``freeze_node(node)``: ``Node.copy``'s new lists and ``Node.freeze``'s tuples,
   untracked by the cyclic garbage collector as they are made (a node's containers hold only bytes,
-  ints and floats, so they can join no reference cycle).
+  ints and floats, so they can join no reference cycle);
+* ``merge_children(keys, kids, entries, lo, hi, cols, limit, target, stored)``: the plan of
+  ``_btree.NodeTree.merge_sorted`` for a node whose children are leaves (the batch's slice split
+  among them) with each touched leaf's slice merged into the leaf's stored bytes, which are parsed in
+  place and never decoded into Python objects: the merged leaf's bytes (those ``encode_node`` writes
+  for it), or its even pieces with their exact summaries when it overflows, or the index of an entry
+  already stored.
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the

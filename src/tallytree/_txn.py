@@ -14,6 +14,9 @@ that implements the tree's ``NodeAccess`` copy-on-write contract:
 * *deferred inserts* (:meth:`WriteTransaction.defer_insert`, used by table inserts) are queued per tree
   and merged in sorted runs (``Tree.insert_sorted_run``) before anything reads that tree's root
   (``root``), before ``changed_roots`` and at commit, so every read still sees them;
+* new nodes may also come already encoded: bulk builds (``adopt_encoded``) and leaves a batch merged
+  in their stored bytes (``replace_stored``, see ``_btree``) are kept as bytes, decoded again only if
+  the transaction reads them, and, not being decoded, do not enter the node cache at commit;
 * nothing reaches the backend until :meth:`WriteTransaction.commit`, which encodes every dirty node once
   and hands the backend one batch. An exception in the ``with`` block discards the overlay, so a failed
   transaction writes nothing.
