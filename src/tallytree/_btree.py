@@ -694,6 +694,8 @@ class NodeTree:
         """What merging ``run.entries[lo:hi]`` changes below ``node`` (None: nothing). Reads only."""
         if height == 1:
             return self._plan_leaf(node, lo, hi, run)
+        if height == 2 and run.stored:
+            return self._plan_stored(node, lo, hi, run)
         access = self.access
         entries = run.entries
         keys = node.keys
@@ -702,21 +704,11 @@ class NodeTree:
         correction: list[int] | None = None
         child = 0
         at = lo
-        if height == 2 and run.stored:
-            return self._plan_stored(node, lo, hi, run)
         while at < hi:
             child = bisect_right(keys, entries[at], child) - 1
             stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
             step = self._plan(access.node(node.kids[child]), height - 1, at, stop, run)
-            part: list[int] | None
-            if step is None:  # every entry of the slice is there already, unchanged
-                part = run.delta(at, stop)
-            else:
-                step.child = child
-                steps.append(step)
-                part = step.correction
-            if part is not None:
-                correction = part if correction is None else vadd(correction, part)
+            correction = _collect(steps, step, child, at, stop, run, correction)
             at = stop
         if not steps:
             return None
@@ -726,10 +718,10 @@ class NodeTree:
 
     def _plan_stored(self, node: Node, lo: int, hi: int, run: _Run) -> _Step | None:
         """:meth:`_plan` for a node whose children are leaves, each touched leaf merged in its stored
-        bytes if it can be (the C kernel ``merge_children``): the merged leaf, ready to write, without
-        decoding the leaf. A leaf changed in this transaction, one that must split and one that holds
-        an entry already (for ``existing="error"``, a conflict, raised in order) are left to
-        :meth:`_plan_leaf`. O(B + slice) per touched leaf.
+        bytes if it can be (the C kernel ``merge_children``): the merged leaf, or its pieces if it
+        overflows, ready to write, without decoding the leaf. A leaf changed in this transaction and
+        one that holds an entry already (for ``existing="error"``, a conflict, raised in order) are
+        left to :meth:`_plan_leaf`. O(B + slice) per touched leaf.
         """
         assert speedups is not None  # run.stored is only set with the kernels built
         access = self.access
@@ -749,22 +741,17 @@ class NodeTree:
             access.stored,
         ):
             child, start, stop, kid, data = row
-            if type(data) is bytes or type(data) is list:
-                (merged if type(data) is bytes else splits).append(row)
-                run.changed += stop - start
-                continue
-            if data is not None and run.existing == "error":
+            if type(data) is bytes:
+                merged.append(row)
+            elif type(data) is list:
+                splits.append(row)
+            elif data is not None and run.existing == "error":
                 raise _Conflict(data)
-            step = self._plan_leaf(access.node(kid), start, stop, run)
-            part: list[int] | None
-            if step is None:  # every entry of the slice is there already, unchanged
-                part = run.delta(start, stop)
-            else:
-                step.child = child
-                steps.append(step)
-                part = step.correction
-            if part is not None:
-                correction = part if correction is None else vadd(correction, part)
+            else:  # left to the decoded path
+                step = self._plan_leaf(access.node(kid), start, stop, run)
+                correction = _collect(steps, step, child, start, stop, run, correction)
+                continue
+            run.changed += stop - start
         if not steps and not merged and not splits:
             return None
         step = _Step(node, lo, hi, correction)
@@ -1294,6 +1281,29 @@ class _Step:
         self.fresh: list[int] | range | None = None
         self.places: list[int] = []
         self.updates: list[tuple[int, int]] = []
+
+
+def _collect(
+    steps: list[_Step],
+    step: _Step | None,
+    child: int,
+    lo: int,
+    hi: int,
+    run: _Run,
+    correction: list[int] | None,
+) -> list[int] | None:
+    """Record the planned step of child ``child`` (None: its slice ``lo:hi`` is all there already)
+    and return its parent's correction with the child's part added."""
+    part: list[int] | None
+    if step is None:  # every entry of the slice is there already, unchanged
+        part = run.delta(lo, hi)
+    else:
+        step.child = child
+        steps.append(step)
+        part = step.correction
+    if part is None:
+        return correction
+    return part if correction is None else vadd(correction, part)
 
 
 class _Conflict(Exception):
