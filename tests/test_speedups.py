@@ -621,6 +621,8 @@ def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
         assert merge_leaf(leaf, [b"f"], 0, 1, [[value]], 3, 2) is None
     assert type(merge_leaf(leaf, [b"f"], 0, 1, [[math.inf]], 4)) is bytes  # no split: packed as given
     assert merge_leaf(leaf, [b"f"], 0, 1, [[4]], 3, 0) is None  # no fill target to cut to
+    damaged = encode_node(Node(1, True, keys, [[1, -3, math.inf]], dirty=True))  # "e" goes to the 2nd piece
+    assert merge_leaf(damaged, [b"f"], 0, 1, [[4]], 3, 2) is None
     assert merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
 
 

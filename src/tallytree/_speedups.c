@@ -3464,8 +3464,9 @@ merged_piece(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
     return result;
 }
 
-/* Add a stored number (a msgpack int or float element) to an accumulator, counting floats. */
-static void
+/* Add a stored number (a msgpack int or float element) to an accumulator, counting floats; 0 for a
+   stored NaN or infinity (never written: only a damaged leaf holds one), else 1. */
+static int
 accumulate_stored(Accumulator *acc, const unsigned char *data, const Element *element, Py_ssize_t *floats)
 {
     const unsigned char *at = data + element->at;
@@ -3486,8 +3487,7 @@ accumulate_stored(Accumulator *acc, const unsigned char *data, const Element *el
             value = single;
         }
         *floats += 1;
-        accumulate_double(acc, value, 0); /* finite: the values were checked when inserted */
-        return;
+        return accumulate_double(acc, value, 0);
     }
     int64_t value;
     if (tag <= 0x7f) {
@@ -3500,7 +3500,7 @@ accumulate_stored(Accumulator *acc, const unsigned char *data, const Element *el
         if (bits) {
             accumulate(acc, bits, INT_SHIFT, 0); /* beyond int64: a magnitude */
         }
-        return;
+        return 1;
     }
     else if (tag >= 0xcc && tag <= 0xce) {
         value = (int64_t)bits;
@@ -3513,10 +3513,12 @@ accumulate_stored(Accumulator *acc, const unsigned char *data, const Element *el
         uint64_t magnitude = value > 0 ? (uint64_t)value : UINT64_C(0) - (uint64_t)value;
         accumulate(acc, magnitude, INT_SHIFT, value < 0);
     }
+    return 1;
 }
 
 /* The summary ``[count, S..., F...]`` (``_node.summarize``) of merged positions ``from:to``; None
-   for a new value the accumulators do not take (NaN or an infinity, which no caller passes). */
+   for a value the accumulators do not take (NaN or an infinity, which no caller passes and no intact
+   leaf holds). */
 static PyObject *
 piece_summary(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
 {
@@ -3540,7 +3542,10 @@ piece_summary(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
         for (Py_ssize_t index = from; index < to; index++) {
             Py_ssize_t source = merge->order[index];
             if (source >= 0) {
-                accumulate_stored(&acc, merge->data, &column[source], &floats);
+                if (!accumulate_stored(&acc, merge->data, &column[source], &floats)) {
+                    Py_DECREF(summary);
+                    Py_RETURN_NONE;
+                }
                 continue;
             }
             PyObject *item = PyList_GET_ITEM(incoming, -1 - source);

@@ -273,7 +273,7 @@ class WriteTransaction(Transaction):
         if data is None:
             if self._node_bytes is None:
                 self._node_bytes = self.kv.getter(NODES)
-            data = self._node_bytes(node_id.to_bytes(8, "big"))
+            data = self._node_bytes(node_key(node_id))
         return data
 
     def _allocate(self, count: int = 1) -> int:
