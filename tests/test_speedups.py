@@ -991,6 +991,7 @@ def test_thaw_keeps_tracking_a_container_that_could_join_a_cycle() -> None:
 SUMMARY_VALUE = (
     st.integers(-(2**63), 2**63 - 1)
     | st.builds(lambda mantissa, shift: mantissa << shift, st.integers(-(2**70), 2**70), st.integers(0, 1100))
+    | st.builds(lambda mantissa, shift: mantissa << shift, st.integers(-(2**2100), 2**2100), st.integers(0, 9))
     | st.sampled_from([*LIMB_EDGES, 3 << 1074, -(5 << 1000), (2**63 - 1) << 7, -(2**63) << 9, 2**63 << 9])
 )
 
@@ -1005,14 +1006,18 @@ SUMMARY_VALUE = (
 def test_pack_root_is_the_python_encoding_byte_for_byte(
     node_id: int, height: int, summary: list[int], pending: int, data: st.DataObject
 ) -> None:
-    """Plain ints, [mantissa, shift] pairs at the int64 edges, and mantissas too big for int64 (left to
-    the Python code, which writes them as bytes): the same bytes either way, and they decode back."""
+    """Plain ints, [mantissa, shift] pairs at the int64 edges, and mantissas too big for int64 (written
+    as bytes, bin8 and bin16): the kernel writes every one, the same bytes as the Python code, and
+    they decode back."""
     from tallytree._btree import Root
     from tallytree._txn import decode_root, encode_root
 
+    assert speedups is not None
     pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
     root = Root(node_id, height, summary, pending, pending_summary if pending else None)
-    built = encode_root(root)
+    built = speedups.pack_root(node_id, height, summary, pending, pending_summary if pending else None)
+    assert built is not None
+    assert encode_root(root) == built
     with pure_python():
         assert encode_root(root) == built
     decoded = decode_root(built)
@@ -1027,7 +1032,7 @@ def test_pack_root_is_the_python_encoding_byte_for_byte(
 
 def test_pack_root_leaves_what_it_does_not_handle_to_python() -> None:
     assert speedups is not None
-    assert speedups.pack_root(1, 1, [1, 2**200 + 1], 0, None) is None  # an odd mantissa beyond int64
+    assert speedups.pack_root(1, 1, [1, 2**9000 + 1], 0, None) is None  # a mantissa beyond 8,176 bits
     assert speedups.pack_root(1, 1, (1, 2), 0, None) is None  # not a list
     assert speedups.pack_root(2**64, 1, [1], 0, None) is None
     assert speedups.pack_root(1, 1, [1.5], 0, None) is None

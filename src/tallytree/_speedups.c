@@ -51,7 +51,8 @@ the Python code and gives the same answers):
 * ``pack_internal(parts, nfields)``: an internal node's bytes, plain, or wide when a sum exceeds
   msgpack's ints (its sum columns split into 63-bit limbs), as ``_node.encode_node`` writes them;
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
-  ``_txn.encode_root`` writes them;
+  ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
+  int64);
 * ``thaw(node)`` and ``freeze_node(node)``: ``Node.copy``'s new lists and ``Node.freeze``'s tuples,
   untracked by the cyclic garbage collector as they are made (a node's containers hold only bytes,
   ints and floats, so they can join no reference cycle);
@@ -4138,10 +4139,41 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* The packed form of one summary value (_node.pack_summary): the int itself in the int64 range,
    else [mantissa, shift] with the trailing zero bits factored out (a scaled sum has ~1,074 of
-   them). Sets *size to its packed size and returns 1 when the mantissa fits int64, 0 when the
-   value is left to the Python code (a mantissa written as bytes), -1 with an error set. */
-static int
-summary_value(PyObject *item, long long *mantissa, long long *shift, Py_ssize_t *size)
+   them), the mantissa as msgpack bin (big-endian two's complement, (bit_length + 8) // 8 bytes)
+   when it is still beyond int64: exact float sums of many magnitudes usually are. */
+typedef struct {
+    long long mantissa;
+    long long shift; /* -1: the int itself */
+    Py_ssize_t length; /* > 0: the mantissa is the `length` bytes of `bytes` */
+    unsigned char bytes[1024];
+} SummaryValue;
+
+static Py_ssize_t
+bin_header_size(Py_ssize_t length)
+{
+    return length <= 0xFF ? 2 : length <= 0xFFFF ? 3 : 5;
+}
+
+static char *
+put_bin_header(char *out, Py_ssize_t length)
+{
+    if (length <= 0xFF) {
+        *out++ = (char)0xc4;
+        *out++ = (char)length;
+        return out;
+    }
+    if (length <= 0xFFFF) {
+        *out++ = (char)0xc5;
+        return put_be(out, (unsigned long long)length, 2);
+    }
+    *out++ = (char)0xc6;
+    return put_be(out, (unsigned long long)length, 4);
+}
+
+/* Fill *packed with the packed form of `item` and return its packed size; 0 when the value is left
+   to the Python code (not an exact int, or a mantissa beyond 8,184 bits), -1 with an error set. */
+static Py_ssize_t
+summary_value(PyObject *item, SummaryValue *packed)
 {
     if (!PyLong_CheckExact(item)) {
         return 0;
@@ -4151,29 +4183,32 @@ summary_value(PyObject *item, long long *mantissa, long long *shift, Py_ssize_t 
     if (value == -1 && PyErr_Occurred()) {
         return -1;
     }
+    packed->length = 0;
     if (!overflow) {
-        *mantissa = value;
-        *shift = -1;
-        *size = int_size(value);
-        return 1;
+        packed->mantissa = value;
+        packed->shift = -1;
+        return int_size(value);
     }
-    size_t length = _PyLong_NumBits(item) / 8 + 2;
-    if (length > 4096) {
+    size_t bits = _PyLong_NumBits(item);
+    if (bits == (size_t)-1) {
+        return -1;
+    }
+    if (bits / 8 + 2 > sizeof(packed->bytes)) {
         return 0;
     }
-    unsigned char bytes[4096];
+    size_t length = bits / 8 + 2;
 #if PY_VERSION_HEX >= 0x030D0000
-    int failed = _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, 1, 1);
+    int failed = _PyLong_AsByteArray((PyLongObject *)item, packed->bytes, length, 1, 1, 1);
 #else
-    int failed = _PyLong_AsByteArray((PyLongObject *)item, bytes, length, 1, 1);
+    int failed = _PyLong_AsByteArray((PyLongObject *)item, packed->bytes, length, 1, 1);
 #endif
     if (failed) {
         return -1;
     }
     size_t zeros = 0; /* two's complement keeps a value's trailing zero bits */
     for (size_t at = 0; at < length; at++) {
-        if (bytes[at]) {
-            zeros = 8 * at + (size_t)__builtin_ctz(bytes[at]);
+        if (packed->bytes[at]) {
+            zeros = 8 * at + (size_t)__builtin_ctz(packed->bytes[at]);
             break;
         }
     }
@@ -4184,17 +4219,30 @@ summary_value(PyObject *item, long long *mantissa, long long *shift, Py_ssize_t 
         return -1;
     }
     value = PyLong_AsLongLongAndOverflow(shifted, &overflow);
-    Py_DECREF(shifted);
     if (value == -1 && PyErr_Occurred()) {
+        Py_DECREF(shifted);
         return -1;
     }
-    if (overflow) {
-        return 0;
+    packed->shift = (long long)zeros;
+    Py_ssize_t size = 1 + int_size((long long)zeros);
+    if (!overflow) {
+        Py_DECREF(shifted);
+        packed->mantissa = value;
+        return size + int_size(value);
     }
-    *mantissa = value;
-    *shift = (long long)zeros;
-    *size = 1 + int_size(value) + int_size((long long)zeros);
-    return 1;
+    /* int.to_bytes((bit_length + 8) // 8, "big", signed=True), as _node._pack_int writes it */
+    length = (_PyLong_NumBits(shifted) + 8) / 8;
+#if PY_VERSION_HEX >= 0x030D0000
+    failed = _PyLong_AsByteArray((PyLongObject *)shifted, packed->bytes, length, 0, 1, 1);
+#else
+    failed = _PyLong_AsByteArray((PyLongObject *)shifted, packed->bytes, length, 0, 1);
+#endif
+    Py_DECREF(shifted);
+    if (failed) {
+        return -1;
+    }
+    packed->length = (Py_ssize_t)length;
+    return size + bin_header_size(packed->length) + packed->length;
 }
 
 /* Measure (out == NULL) or write a packed summary; -1 with an error set, 0 if left to Python. */
@@ -4208,24 +4256,30 @@ put_summary(PyObject *summary, char **out)
     if (out != NULL) {
         *out = put_array_header(*out, count);
     }
+    SummaryValue packed;
     for (Py_ssize_t index = 0; index < count; index++) {
-        long long mantissa, shift;
-        Py_ssize_t size;
-        int found = summary_value(PyList_GET_ITEM(summary, index), &mantissa, &shift, &size);
-        if (found <= 0) {
-            return found;
+        Py_ssize_t size = summary_value(PyList_GET_ITEM(summary, index), &packed);
+        if (size <= 0) {
+            return size;
         }
         total += size;
-        if (out != NULL) {
-            if (shift >= 0) {
-                *out = put_array_header(*out, 2);
-                *out = put_int(*out, mantissa);
-                *out = put_int(*out, shift);
-            }
-            else {
-                *out = put_int(*out, mantissa);
-            }
+        if (out == NULL) {
+            continue;
         }
+        if (packed.shift < 0) {
+            *out = put_int(*out, packed.mantissa);
+            continue;
+        }
+        *out = put_array_header(*out, 2);
+        if (packed.length > 0) {
+            *out = put_bin_header(*out, packed.length);
+            memcpy(*out, packed.bytes, (size_t)packed.length);
+            *out += packed.length;
+        }
+        else {
+            *out = put_int(*out, packed.mantissa);
+        }
+        *out = put_int(*out, packed.shift);
     }
     return total;
 }

@@ -69,7 +69,9 @@ def _remember(decoded: dict[bytes, tuple[bytes, Root]], tree: bytes, data: bytes
 def encode_root(root: Root) -> bytes:
     """The ROOTS table value of a root record: ``[node id, height, summary]``, followed by the pending
     node's id and summary when the tree has one. The C kernel ``pack_root`` writes the same bytes
-    (2.1 us instead of 4.1 for a record with a pending node: every commit writes one per changed tree)."""
+    (every commit writes one per changed tree): 1.6 us instead of 3.3 for a record with a pending
+    node whose float sums need more than 64 bits once their trailing zeros are factored out, the
+    usual case for 10^5 events with costs of six decimals."""
     if speedups is not None:
         packed = speedups.pack_root(
             root.node_id, root.height, root.summary, root.pending, root.pending_summary
