@@ -121,6 +121,10 @@ class System:
     def disk_bytes(self) -> int | None:
         return None
 
+    def settle(self) -> None:
+        """Finish background work the load left (untimed), so that it does not run during the
+        measurements of any system: a server's checkpoint, for example."""
+
 
 # -- tallytree ---------------------------------------------------------------------------------------
 
@@ -889,6 +893,11 @@ class Postgres(_Sql):
         server = Postgres.server
         version = server.server_version if server is not None else "?"
         return f"{version} (psycopg {metadata.version('psycopg')})"
+
+    def settle(self) -> None:
+        """A checkpoint now: after a bulk load, the spread checkpoint (and its disk writes) would
+        otherwise run for minutes, on the cores every system's measurements share."""
+        self.conn.execute("CHECKPOINT")
 
     def load(self, dataset: Dataset) -> None:
         with (
