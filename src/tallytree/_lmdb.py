@@ -111,21 +111,29 @@ class _LmdbTxn:
             self._apply(ops)
             self._txn.commit()
         except lmdb.MapFullError:
-            self._txn.abort()
-            backend.end_raw(True)
+            self._end(abort=True)
             backend.commit_after_growth(ops)
             return
         except BaseException:
-            self._txn.abort()
-            backend.end_raw(True)
+            self._end(abort=True)
             raise
-        backend.end_raw(True)
+        self._end(abort=False)
 
     def _apply(self, ops: list[Op]) -> None:
         _apply_ops(self._txn, self._dbs, ops)
 
     def abort(self) -> None:
-        self._txn.abort()
+        self._end(abort=True)
+
+    def _end(self, abort: bool) -> None:
+        """Release the ended LMDB transaction. py-lmdb keeps an ended read transaction's reader slot
+        (one of ``max_readers``) until the object is freed, so it is dropped here rather than left
+        to whatever still refers to this wrapper. Idempotent."""
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return
+        if abort:
+            txn.abort()
         self._backend.end_raw(self._write)
 
 

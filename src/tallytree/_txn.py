@@ -225,6 +225,9 @@ class Transaction:
 
     def _finish(self) -> None:
         self._open = False
+        # The trees read refer back to this transaction: without them it is freed as soon as its
+        # caller drops it, not at the next cyclic collection (an LMDB reader slot waits for that)
+        self._readers.clear()
 
     def abort(self) -> None:
         """End the transaction, discarding any change."""
