@@ -364,6 +364,19 @@ def test_a_committed_node_gets_its_search_image_on_its_second_search() -> None:
     assert speedups.bisect(node, b"a", False) == 0 and speedups.bisect(node, b"f", True) == 3
 
 
+def test_an_internal_node_gets_its_search_image_on_its_first_search() -> None:
+    """Internal nodes are few and every descent passes through them: one searched once already has
+    its image, so that a range sum right after a write replaced it reads its rows from the image
+    instead of building all of them in Python (Node.rows)."""
+    assert speedups is not None
+    node = Node.internal_from(7, [b"", b"m"], [1, 2], [[3, 6 << 1074, 3], [2, 1 << 1074, 0]])
+    node.freeze()
+    assert speedups.bisect(node, b"n", True) == 2 and isinstance(node._blob, bytes)
+    assert node._rows is None  # the sums come from the image
+    dirty = node.copy(8)
+    assert speedups.bisect(dirty, b"a", True) == 1 and dirty._blob is None  # may still change
+
+
 TIED = st.binary(max_size=12).map(lambda raw: bytes(byte % 2 for byte in raw))
 """Keys over a two-letter alphabet: many share their first 8 bytes, or are prefixes of each other,
 or end in zero bytes (which the blob's zero-padded 8-byte prefixes cannot tell apart)."""
