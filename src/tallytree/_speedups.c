@@ -3075,6 +3075,29 @@ put_be(char *out, unsigned long long value, int bytes)
     return out;
 }
 
+/* msgpack's bin8/16/32 header of a byte string of ``length`` bytes: its size, and writing it. */
+static Py_ssize_t
+bin_header_size(Py_ssize_t length)
+{
+    return length <= 0xFF ? 2 : length <= 0xFFFF ? 3 : 5;
+}
+
+static char *
+put_bin_header(char *out, Py_ssize_t length)
+{
+    if (length <= 0xFF) {
+        *out++ = (char)0xc4;
+        *out++ = (char)length;
+        return out;
+    }
+    if (length <= 0xFFFF) {
+        *out++ = (char)0xc5;
+        return put_be(out, (unsigned long long)length, 2);
+    }
+    *out++ = (char)0xc6;
+    return put_be(out, (unsigned long long)length, 4);
+}
+
 /* The packed size of a signed 64-bit int, in msgpack's smallest form. */
 static Py_ssize_t
 int_size(long long value)
@@ -3143,7 +3166,7 @@ scalar_size(PyObject *item, long long *signed_value, unsigned long long *unsigne
         if (size > (Py_ssize_t)0xFFFFFFFF) {
             return 0;
         }
-        return size + (size <= 0xFF ? 2 : size <= 0xFFFF ? 3 : 5);
+        return size + bin_header_size(size);
     }
     if (PyFloat_CheckExact(item)) {
         return 9;
@@ -3179,18 +3202,7 @@ put_scalar(char *out, PyObject *item)
 {
     if (PyBytes_CheckExact(item)) {
         Py_ssize_t size = PyBytes_GET_SIZE(item);
-        if (size <= 0xFF) {
-            *out++ = (char)0xc4;
-            *out++ = (char)size;
-        }
-        else if (size <= 0xFFFF) {
-            *out++ = (char)0xc5;
-            out = put_be(out, (unsigned long long)size, 2);
-        }
-        else {
-            *out++ = (char)0xc6;
-            out = put_be(out, (unsigned long long)size, 4);
-        }
+        out = put_bin_header(out, size);
         memcpy(out, PyBytes_AS_STRING(item), (size_t)size);
         return out + size;
     }
@@ -4156,28 +4168,6 @@ typedef struct {
     Py_ssize_t length; /* > 0: the mantissa is the `length` bytes of `bytes` */
     unsigned char bytes[1024];
 } SummaryValue;
-
-static Py_ssize_t
-bin_header_size(Py_ssize_t length)
-{
-    return length <= 0xFF ? 2 : length <= 0xFFFF ? 3 : 5;
-}
-
-static char *
-put_bin_header(char *out, Py_ssize_t length)
-{
-    if (length <= 0xFF) {
-        *out++ = (char)0xc4;
-        *out++ = (char)length;
-        return out;
-    }
-    if (length <= 0xFFFF) {
-        *out++ = (char)0xc5;
-        return put_be(out, (unsigned long long)length, 2);
-    }
-    *out++ = (char)0xc6;
-    return put_be(out, (unsigned long long)length, 4);
-}
 
 /* Fill *packed with the packed form of `item` and return its packed size; 0 when the value is left
    to the Python code (not an exact int, or a mantissa beyond 8,184 bits), -1 with an error set. */
