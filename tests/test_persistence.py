@@ -387,6 +387,32 @@ def test_ended_read_transactions_give_their_reader_slots_back_at_once(tmp_path: 
     db.close()
 
 
+def test_one_read_transaction_too_many_raises_a_typed_error_and_costs_nothing(tmp_path: Path) -> None:
+    """LMDB has a fixed number of reader slots: the read transaction beyond them raises
+    TransactionError with a hint (not py-lmdb's own error), and once some end, reads work again."""
+    from tallytree._lmdb import READERS
+
+    db = tallytree.open(tmp_path / "db", durable=False)
+    events = db.aggregate("events")
+    with db.write() as tx:
+        events.insert(tx, 1, "a")
+    blocks = [db.read() for _ in range(READERS)]
+    for block in blocks:
+        assert events.count(block.__enter__()) == 1
+    with pytest.raises(TransactionError, match="too many read transactions"):
+        db.read().__enter__()
+    for block in blocks[:10]:
+        block.__exit__(None, None, None)
+    with db.read() as tx:
+        assert events.count(tx) == 1
+    for block in blocks[10:]:
+        block.__exit__(None, None, None)
+    assert db._backend._active == 0  # the refused one is not counted as open (map growth waits on it)
+    with db.write() as tx:
+        events.insert(tx, 2, "b")
+    db.close()
+
+
 def test_the_map_cannot_grow_while_the_writing_thread_holds_a_reader(tmp_path: Path) -> None:
     path = tmp_path / "db"
     with tallytree.open(path, map_size=64 * 1024, durable=False) as db:

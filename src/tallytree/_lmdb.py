@@ -45,6 +45,8 @@ _GENERATION = b"gen"
 _GROW = "the LMDB map is full and must grow"
 _ADOPT = "another process grew the database map and this one must follow"
 RESIZE_WAIT = 10.0
+READERS = 256
+"""LMDB reader slots: read transactions open at once, across every process using a database."""
 """Seconds a writer that must grow the map waits for other threads' transactions to end."""
 
 
@@ -175,7 +177,7 @@ class LmdbBackend:
                 sync=durable,
                 metasync=durable,
                 readahead=False,
-                max_readers=256,
+                max_readers=READERS,
                 lock=True,
             )
         except lmdb.InvalidError as exc:
@@ -246,6 +248,13 @@ class LmdbBackend:
             except lmdb.ReadonlyError as exc:
                 self.end_raw(write)
                 raise ReadOnlyError(f"{self.path} is read-only: {exc}") from exc
+            except lmdb.ReadersFullError as exc:
+                self.end_raw(write)
+                raise TransactionError(
+                    f"too many read transactions are open on {self.path} at once: LMDB has "
+                    f"{READERS} reader slots, shared by every process using the database; end read "
+                    "transactions sooner (each `with db.read()` block holds one until it ends)"
+                ) from exc
             except BaseException:
                 self.end_raw(write)
                 raise

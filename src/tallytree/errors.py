@@ -97,7 +97,8 @@ class SchemaMismatchError(Error, ValueError):
 
 
 class TransactionError(Error, RuntimeError):
-    """A transaction was used wrongly: after it ended, from a read transaction for a write, or nested."""
+    """A transaction was used wrongly: after it ended, from a read transaction for a write, nested, or
+    beyond the read transactions a database can have open at once."""
 
 
 class ReadOnlyError(TransactionError, PermissionError):
