@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from datetime import UTC, datetime
@@ -411,6 +412,50 @@ def test_one_read_transaction_too_many_raises_a_typed_error_and_costs_nothing(tm
     with db.write() as tx:
         events.insert(tx, 2, "b")
     db.close()
+
+
+def test_a_commit_the_disk_refuses_raises_storage_error_and_writes_nothing(tmp_path: Path) -> None:
+    """A real write failure, in a process of its own: a file size limit (RLIMIT_FSIZE) just above
+    the data file makes LMDB's page writes fail (EFBIG) when a large batch commits. The commit raises
+    StorageError, not py-lmdb's error; the database keeps its last committed state and passes the
+    checker, and takes writes again once the limit is lifted."""
+    path = tmp_path / "db"
+    script = textwrap.dedent(
+        f"""
+        import os, resource, signal
+        import tallytree
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails with EFBIG
+        db = tallytree.open({str(path)!r}, durable=False)
+        events = db.aggregate("events", values=("cost",))
+        with db.write() as tx:
+            events.insert_many(tx, [(i, i, (0.5,)) for i in range(1000)])
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        size = os.path.getsize(os.path.join({str(path)!r}, "data.mdb"))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 65536, hard))
+        try:
+            with db.write() as tx:
+                events.insert_many(tx, [(i, i, (0.25,)) for i in range(1000, 200_000)])
+            print("committed")
+        except tallytree.StorageError as exc:
+            print("refused:", exc)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        with db.read() as tx:
+            print("count", events.count(tx), "problems", len(tallytree.check(tx)))
+        with db.write() as tx:
+            events.insert(tx, 10**7, "after", (1.0,))
+        with db.read() as tx:
+            print("count", events.count(tx), "problems", len(tallytree.check(tx)))
+        """
+    )
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused:") and "nothing of the transaction was written" in lines[0], lines
+    assert lines[1:] == ["count 1000 problems 0", "count 1001 problems 0"], lines
+    with tallytree.open(path, readonly=True) as db, db.read() as tx:  # and so it stays, reopened
+        assert db.aggregate("events").count(tx) == 1001
+        assert tallytree.check(tx) == []
 
 
 def test_the_map_cannot_grow_while_the_writing_thread_holds_a_reader(tmp_path: Path) -> None:

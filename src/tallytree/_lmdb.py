@@ -36,7 +36,7 @@ from typing import Any
 import lmdb
 
 from ._store import META, NODES, Op
-from .errors import DatabaseFormatError, Error, MapFullError, ReadOnlyError, TransactionError
+from .errors import DatabaseFormatError, Error, MapFullError, ReadOnlyError, StorageError, TransactionError
 
 __all__ = ["LmdbBackend"]
 
@@ -116,6 +116,9 @@ class _LmdbTxn:
             self._end(abort=True)
             backend.commit_after_growth(ops)
             return
+        except lmdb.Error as exc:  # the disk, not the data: LMDB committed nothing
+            self._end(abort=True)
+            raise _storage_error(backend.path, exc) from exc
         except BaseException:
             self._end(abort=True)
             raise
@@ -294,6 +297,10 @@ class LmdbBackend:
                 txn.abort()
                 self.end_raw(True)
                 continue
+            except lmdb.Error as exc:
+                txn.abort()
+                self.end_raw(True)
+                raise _storage_error(self.path, exc) from exc
             except BaseException:
                 txn.abort()
                 self.end_raw(True)
@@ -335,6 +342,13 @@ class LmdbBackend:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _storage_error(path: Path, exc: Exception) -> StorageError:
+    return StorageError(
+        f"LMDB could not commit to {path} ({exc}); nothing of the transaction was written and the "
+        "database is as it was. Free disk space (or raise the file size limit), then retry"
+    )
 
 
 def _expected_generation(ops: list[Op]) -> bytes | None:

@@ -29,6 +29,7 @@ __all__ = [
     "OutOfRangeError",
     "ReadOnlyError",
     "SchemaMismatchError",
+    "StorageError",
     "TableNotFoundError",
     "TransactionError",
     "UnsortedInputError",
@@ -107,6 +108,11 @@ class ReadOnlyError(TransactionError, PermissionError):
 
 class MapFullError(Error, OSError):
     """The LMDB map is full and could not grow (``max_map_size`` reached or other transactions open)."""
+
+
+class StorageError(Error, OSError):
+    """The storage failed under a commit (a full disk, an I/O error, a file size limit): nothing of the
+    transaction was written, and the database is as it was before it."""
 
 
 class DatabaseFormatError(Error, ValueError):
