@@ -86,6 +86,23 @@ def test_insert_get_update_delete_keep_aggregates_exact(db: tallytree.Database) 
         assert not tallytree.check(tx)
 
 
+def test_a_document_iterator_does_not_outlive_its_transaction(db: tallytree.Database) -> None:
+    """Resumed after its transaction ended, items() and ids() raise TransactionError on both backends
+    (LMDB's cursor used to raise py-lmdb's own error; the memory backend read on)."""
+    notes = db.table("notes")
+    with db.write() as tx:
+        for index in range(50):
+            notes.insert(tx, {"n": index})
+    for make in (notes.items, notes.ids, lambda tx: notes.items(tx, reverse=True)):
+        with db.read() as tx:
+            iterator = iter(make(tx))
+            next(iterator)
+        with pytest.raises(tallytree.TransactionError, match="has ended"):
+            next(iterator)
+    with db.read() as tx:  # inside its transaction, the same iteration reads everything
+        assert [doc["n"] for _, doc in notes.items(tx)] == list(range(50))
+
+
 def test_strict_and_idempotent_variants(db: tallytree.Database) -> None:
     table = db.table("t")
     counts = table.aggregate("counts", key="kind")

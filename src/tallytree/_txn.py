@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ReadTransaction", "Transaction", "WriteTransaction", "encode_root", "node_key"]
 
+_ENDED = "this transaction has ended; start a new one with db.read() or db.write()"
 _NEXT_ID = b"next_id"
 _GENERATION = b"gen"
 _DECODED_ROOTS = 4096  # decoded root records the database keeps (emptied when full)
@@ -130,7 +131,7 @@ class Transaction:
     def kv(self) -> KVTxn:
         """The backend transaction (raises if this transaction has ended)."""
         if not self._open:
-            raise TransactionError("this transaction has ended; start a new one with db.read() or db.write()")
+            raise TransactionError(_ENDED)
         return self._kv
 
     def check_database(self, db: Database) -> None:
@@ -138,7 +139,7 @@ class Transaction:
         if db is not self._db:
             raise TransactionError("this transaction belongs to another database")
         if not self._open:
-            raise TransactionError("this transaction has ended; start a new one with db.read() or db.write()")
+            raise TransactionError(_ENDED)
         if db._closed:
             raise TransactionError(
                 "the database was closed while this transaction was open; end transactions before "
@@ -197,8 +198,14 @@ class Transaction:
         return self.kv.get(DOCS, key)
 
     def docs(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """The DOCS entries with ``start <= key < stop``, in key order (descending when ``reverse``)."""
-        return self.kv.scan(DOCS, start, stop, reverse)
+        """The DOCS entries with ``start <= key < stop``, in key order (descending when ``reverse``).
+
+        Lazy: an iteration resumed after the transaction ended raises TransactionError (rather than
+        the backend's own error, or reading on from a snapshot that is gone)."""
+        for entry in self.kv.scan(DOCS, start, stop, reverse):
+            yield entry
+            if not self._open:
+                raise TransactionError(_ENDED)
 
     def doc_batches(self, start: bytes, stop: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
         """The entries of :meth:`docs`, as lists of up to ``size``: for whole-table passes."""
