@@ -1053,6 +1053,11 @@ def test_an_iterator_does_not_outlive_its_transaction(filled: Any) -> None:
         pending = events.items(tx, reverse=True)
     with pytest.raises(TransactionError):
         next(pending)
+    with db.read() as tx:  # two namespaces (the fixture's)
+        namespaces = events.namespaces(tx)
+        next(namespaces)
+    with pytest.raises(TransactionError):
+        next(namespaces)
 
 
 @pytest.mark.parametrize("nfields", [0, 1, 2, 3])
