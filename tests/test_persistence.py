@@ -458,6 +458,44 @@ def test_a_commit_the_disk_refuses_raises_storage_error_and_writes_nothing(tmp_p
         assert tallytree.check(tx) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_is_told_to_open_the_database_again(tmp_path: Path) -> None:
+    """LMDB must not be used across fork(): in the child, a transaction on the database the parent
+    opened raises TransactionError saying so; the child closes it, opens it again and writes, and
+    the parent, whose database was never touched by the child, reads the child's write."""
+    path = tmp_path / "db"
+    db = tallytree.open(path, durable=False)
+    events = db.aggregate("events")
+    with db.write() as tx:
+        events.insert(tx, 1, "parent")
+    child = os.fork()
+    if child == 0:  # pragma: no cover (runs in the child, which reports through its exit code)
+        code = 1
+        try:
+            try:
+                with db.read() as tx:
+                    events.count(tx)
+                code = 2  # the inherited database was used: it must not be
+            except TransactionError as exc:
+                if "fork" in str(exc):
+                    db.close()
+                    with tallytree.open(path, durable=False) as again:
+                        mine = again.aggregate("events")
+                        with again.write() as tx:
+                            mine.insert(tx, 2, "child")
+                        with again.read() as tx:
+                            code = 0 if mine.count(tx) == 2 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with db.read() as tx:
+        assert [item.id for item in events.items(tx)] == ["parent", "child"]
+    with db.write() as tx:
+        events.insert(tx, 3, "parent again")
+    db.close()
+
+
 def test_the_map_cannot_grow_while_the_writing_thread_holds_a_reader(tmp_path: Path) -> None:
     path = tmp_path / "db"
     with tallytree.open(path, map_size=64 * 1024, durable=False) as db:

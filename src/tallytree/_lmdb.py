@@ -22,11 +22,21 @@ then dies of SIGBUS (seen in ``test_readers_see_consistent_snapshots_while_anoth
 
 Durability: ``durable=True`` syncs on every commit; ``durable=False`` leaves flushing to the operating
 system, which survives a killed process (the data is in the page cache) but not a power loss.
+
+An LMDB environment must not be used across ``fork()`` (its lock table, mutexes and map belong to the
+process that opened it). A database open when the process forks is marked in the child (an
+``os.register_at_fork`` hook): every transaction the child begins on it raises TransactionError,
+saying to close it and open it again in the child, before the inherited locks are touched.
+
+Errors are translated: a full map grows the map (or raises MapFullError), a commit the disk refuses
+raises StorageError, the read transaction beyond the reader slots raises TransactionError.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -47,6 +57,17 @@ _ADOPT = "another process grew the database map and this one must follow"
 RESIZE_WAIT = 10.0
 READERS = 256
 """LMDB reader slots: read transactions open at once, across every process using a database."""
+
+_OPEN: weakref.WeakSet[LmdbBackend] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    """In a forked child: every environment the parent had open is unusable here."""
+    for backend in list(_OPEN):
+        backend.forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
 """Seconds a writer that must grow the map waits for other threads' transactions to end."""
 
 
@@ -199,11 +220,14 @@ class LmdbBackend:
         self._mine = threading.local()  # .open: the same, of the calling thread (only it changes it)
         self._resizing = False  # a writer waits for the others to end, to grow the map
         self.resize_wait = RESIZE_WAIT
+        self.pid = os.getpid()
+        self.forked = False  # set in a forked child (see _mark_forked)
         try:
             self.dbs = self._open_dbs()
         except BaseException:
             self.env.close()
             raise
+        _OPEN.add(self)
 
     def _open_dbs(self) -> list[Any]:
         with self.env.begin() as txn:
@@ -235,6 +259,12 @@ class LmdbBackend:
         return _LmdbTxn(self, write)
 
     def begin_raw(self, write: bool) -> Any:
+        if self.forked:  # before any lock: one held by another thread at the fork stays held here
+            raise TransactionError(
+                f"{self.path} was opened by process {self.pid}, which then forked: LMDB must not be "
+                "used across fork(). In this process, close the database (db.close()) and open it "
+                "again with tallytree.open(); in a pre-forking server, open it after the fork"
+            )
         for _ in range(8):
             with self._mutex:
                 while self._resizing:  # let a pending map growth go first
@@ -341,6 +371,7 @@ class LmdbBackend:
                 self._lock.notify_all()
 
     def close(self) -> None:
+        _OPEN.discard(self)
         self.env.close()
 
 
