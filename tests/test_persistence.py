@@ -496,6 +496,24 @@ def test_a_forked_child_is_told_to_open_the_database_again(tmp_path: Path) -> No
     db.close()
 
 
+def test_a_second_open_in_the_same_process_is_refused_with_a_hint(tmp_path: Path) -> None:
+    """LMDB allows one handle per process (a second one's close would drop the first one's locks):
+    the second open raises TransactionError telling to share the first; once it is closed, the
+    directory opens again."""
+    path = tmp_path / "db"
+    first = tallytree.open(path, durable=False)
+    events = first.aggregate("events")
+    with first.write() as tx:
+        events.insert(tx, 1, "a")
+    with pytest.raises(TransactionError, match="once per process"):
+        tallytree.open(path, durable=False)
+    with first.read() as tx:  # the refused open changed nothing
+        assert events.count(tx) == 1
+    first.close()
+    with tallytree.open(path, readonly=True) as again, again.read() as tx:
+        assert again.aggregate("events").count(tx) == 1
+
+
 def test_the_map_cannot_grow_while_the_writing_thread_holds_a_reader(tmp_path: Path) -> None:
     path = tmp_path / "db"
     with tallytree.open(path, map_size=64 * 1024, durable=False) as db:

@@ -210,6 +210,11 @@ class LmdbBackend:
                 "point tallytree.open() at a tallytree database directory or an empty one"
             ) from exc
         except lmdb.Error as exc:
+            if "already open in this process" in str(exc):  # py-lmdb refuses a second handle
+                raise TransactionError(
+                    f"{self.path} is already open in this process; open a database once per "
+                    "process and share the Database object between threads (or close it first)"
+                ) from exc
             raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
         # _mutex guards _active and _resizing; _lock is a condition on it, for the rare waits. The hot
         # path (every transaction) takes the bare lock: a C call, where the condition's own
