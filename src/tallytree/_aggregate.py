@@ -885,7 +885,7 @@ class Aggregate:
                 continue
             namespace, _ = decode_key(key, len(prefix))
             yield namespace, Totals.from_summary(self.fields, root.summary)
-            tx.check_database(self._db)  # like every iterator, it does not outlive its transaction
+            self._check(tx)  # like _iterate: an iterator does not outlive its transaction (or aggregate)
 
     # ------------------------------------------------------------ writes
 

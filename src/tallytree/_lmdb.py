@@ -55,6 +55,7 @@ _GENERATION = b"gen"
 _GROW = "the LMDB map is full and must grow"
 _ADOPT = "another process grew the database map and this one must follow"
 RESIZE_WAIT = 10.0
+"""Seconds a writer that must grow the map waits for other threads' transactions to end."""
 READERS = 256
 """LMDB reader slots: read transactions open at once, across every process using a database."""
 
@@ -68,7 +69,6 @@ def _mark_forked() -> None:
 
 
 os.register_at_fork(after_in_child=_mark_forked)
-"""Seconds a writer that must grow the map waits for other threads' transactions to end."""
 
 
 class _LmdbTxn:
