@@ -408,7 +408,7 @@ def test_one_read_transaction_too_many_raises_a_typed_error_and_costs_nothing(tm
         assert events.count(tx) == 1
     for block in blocks[10:]:
         block.__exit__(None, None, None)
-    assert db._backend._active == 0  # the refused one is not counted as open (map growth waits on it)
+    assert not db._backend._open  # the refused one is not counted as open (map growth waits on it)
     with db.write() as tx:
         events.insert(tx, 2, "b")
     db.close()

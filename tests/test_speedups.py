@@ -34,6 +34,12 @@ INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 EDGES = [0, 1, -1, 2, -2, 127, 128, 255, 256, 2**56 - 1, 2**56, 2**62, 2**63 - 1, -(2**63), -(2**63) + 1]
 
 
+def python_keys(values: list[Any]) -> list[bytes]:
+    """The reference: ``encode_key`` of each value by the Python encoder (it calls the kernels too)."""
+    with pure_python():
+        return [encode_key(value) for value in values]
+
+
 def exact_sum(values: list[float]) -> int:
     """The reference: every float as an exact int in units of 2**-1074, added as Python ints."""
     return sum(map(scaled, values))
@@ -42,7 +48,7 @@ def exact_sum(values: list[float]) -> int:
 @given(st.lists(INT64 | st.sampled_from(EDGES), max_size=50))
 def test_int_keys_equal_encode_key(values: list[int]) -> None:
     assert speedups is not None
-    assert speedups.int_keys(values) == [encode_key(value) for value in values]
+    assert speedups.int_keys(values) == python_keys(values)
 
 
 def test_int_keys_at_every_width_and_sign() -> None:
@@ -50,7 +56,7 @@ def test_int_keys_at_every_width_and_sign() -> None:
     rng = random.Random(5)
     values = [sign * rng.randrange(1 << bits, 1 << (bits + 1)) for bits in range(63) for sign in (1, -1)]
     values += [*EDGES, 2**63 - 2]
-    assert speedups.int_keys(values) == [encode_key(value) for value in values]
+    assert speedups.int_keys(values) == python_keys(values)
     assert speedups.int_keys(tuple(values)) == speedups.int_keys(values)  # any sequence
 
 
@@ -62,6 +68,27 @@ def test_int_keys_at_every_width_and_sign() -> None:
 def test_int_keys_leave_what_they_do_not_handle_to_python(values: list[Any]) -> None:
     assert speedups is not None
     assert speedups.int_keys(values) is None
+
+
+@given(
+    INT64
+    | st.sampled_from(EDGES)
+    | st.datetimes(min_value=datetime(1, 1, 1), timezones=st.just(UTC))
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.booleans()
+    | st.text(max_size=5)
+)
+def test_one_key_equals_the_python_encoder(value: Any) -> None:
+    """One int64 or UTC datetime: its key, or its body (the key without an int's suffix byte), as the
+    Python encoder gives them; anything else is left to it (None)."""
+    assert speedups is not None
+    kind = type(value)
+    handled = (kind is int and -(2**63) <= value < 2**63) or kind is datetime
+    with pure_python():
+        key, body = keys_module.encode_key(value), keys_module.encode_body(value)
+    assert speedups.one_key(value, False) == (key if handled else None)
+    assert speedups.one_key(value, True) == (body if handled else None)
 
 
 class Int(int):
@@ -82,7 +109,7 @@ def test_int_keys_leave_int_subclasses_to_python() -> None:
 def test_datetime_keys_equal_encode_key(naive: list[datetime]) -> None:
     assert speedups is not None
     values = [value.replace(tzinfo=UTC) for value in naive]
-    assert speedups.datetime_keys(values) == [encode_key(value) for value in values]
+    assert speedups.datetime_keys(values) == python_keys(values)
 
 
 def test_datetime_keys_at_the_edges() -> None:
@@ -95,7 +122,7 @@ def test_datetime_keys_at_the_edges() -> None:
         datetime(2100, 3, 1, tzinfo=UTC),
         datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     ]
-    assert speedups.datetime_keys(values) == [encode_key(value) for value in values]
+    assert speedups.datetime_keys(values) == python_keys(values)
 
 
 class Stamp(datetime):

@@ -490,9 +490,9 @@ def encode_key(key: object, *, what: str = "key") -> bytes:
     """
     kind = type(key)
     if speedups is not None and (kind is int or kind is datetime):
-        keys = speedups.int_keys((key,)) if kind is int else speedups.datetime_keys((key,))  # type: ignore[arg-type]
-        if keys is not None:  # the C twin (see _native) took it: an int64, or a datetime in UTC
-            return keys[0]
+        encoded = speedups.one_key(key, False)
+        if encoded is not None:  # the C twin (see _native) took it: an int64, or a datetime in UTC
+            return encoded
     if kind is int:
         data = _int_body(key, what) + b"\x00"  # type: ignore[arg-type]  # exact type checked
     elif kind is float:
@@ -550,9 +550,9 @@ def encode_body(key: object, *, what: str = "key") -> bytes:
     """
     kind = type(key)
     if speedups is not None and (kind is int or kind is datetime):
-        keys = speedups.int_keys((key,)) if kind is int else speedups.datetime_keys((key,))  # type: ignore[arg-type]
-        if keys is not None:  # the C twin (see _native): the key without its suffix byte (ints only)
-            return keys[0][:-1] if kind is int else keys[0]
+        encoded = speedups.one_key(key, True)
+        if encoded is not None:  # the C twin (see _native): the key without its suffix byte (ints only)
+            return encoded
     if kind is int:
         value: int = key  # type: ignore[assignment]  # exact type checked
         if 0 < value < _SMALL_INT:  # the common bound (a count, an epoch time)

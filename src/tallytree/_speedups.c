@@ -2,7 +2,7 @@
 
 Design
 ======
-Seventeen functions and one type, each a faster twin of Python code that stays the reference and the
+Eighteen functions and one type, each a faster twin of Python code that stays the reference and the
 fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
@@ -10,6 +10,8 @@ the Python code and gives the same answers):
 * ``int_keys(values)``: ``[encode_key(v) for v in values]`` for exact ints in the int64 range
   (``_keys`` documents the format);
 * ``datetime_keys(values)``: the same for exact ``datetime`` objects whose tzinfo is ``datetime.UTC``;
+* ``one_key(value, body)``: ``encode_key(value)`` (``encode_body`` when ``body``) of one value those two
+  take, without their tuple and list (a bound, a single insert);
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``decode_entry(entry, limit)``: ``_keys.decode_entry`` (an entry's key and id) when both are a None,
@@ -270,6 +272,36 @@ static PyObject *
 datetime_keys(PyObject *Py_UNUSED(module), PyObject *values)
 {
     return map_keys(values, datetime_key, 0);
+}
+
+/* ``one_key(value, body)``: encode_key(value), or encode_body(value) when ``body`` is true, for one
+   exact int64 or UTC datetime: what int_keys((value,))[0] gives without the tuple and the list (a
+   bound or a single insert encodes one key). None for any other value (left to the Python code). */
+static PyObject *
+one_key(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "one_key(value, body: bool)");
+        return NULL;
+    }
+    int body = PyObject_IsTrue(args[1]);
+    if (body < 0) {
+        return NULL;
+    }
+    PyObject *key = NULL;
+    int status = PyLong_CheckExact(args[0]) ? int_key(args[0], 0, &key) : datetime_key(args[0], 0, &key);
+    if (status != 0) {
+        if (status < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (body && PyLong_CheckExact(args[0])) { /* an int's body is its key without the suffix byte */
+        PyObject *cut = PyBytes_FromStringAndSize(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key) - 1);
+        Py_DECREF(key);
+        return cut;
+    }
+    return key;
 }
 
 #define TYPE_TEXT 0x40
@@ -4474,6 +4506,9 @@ static PyMethodDef methods[] = {
      "int_keys(values) -> list[bytes] | None: encode_key of each exact int in the int64 range."},
     {"datetime_keys", datetime_keys, METH_O,
      "datetime_keys(values) -> list[bytes] | None: encode_key of each exact datetime in datetime.UTC."},
+    {"one_key", (PyCFunction)(void (*)(void))one_key, METH_FASTCALL,
+     "one_key(value, body) -> bytes | None: encode_key (or encode_body) of one exact int64 or UTC "
+     "datetime."},
     {"text_keys", (PyCFunction)(void (*)(void))text_keys, METH_FASTCALL,
      "text_keys(values, limit) -> list[bytes] | None: encode_key of each exact str of at most limit "
      "UTF-8 bytes and no NUL."},

@@ -78,9 +78,22 @@ class Tree:
 
     @classmethod
     def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Tree:
-        """A tree for reads only: its node tree shares the root record when it can. O(1)."""
+        """A tree for reads only: its node tree shares the root record when it can. O(1).
+
+        What ``_load`` does, spelled out: the first read of a namespace in a transaction builds one.
+        """
         tree = cls.__new__(cls)
-        tree._load(access, nfields, node_size, root, NodeTree.reader)
+        tree.access = access
+        tree.nfields = nfields
+        tree.capacity = min(node_size, _PENDING_MAX)
+        tree.original = root
+        if root is None or not root.pending:
+            tree.pending = tree.pending_summary = None
+            tree.nodes = NodeTree.reader(access, nfields, node_size, root if root and root.node_id else None)
+            return tree
+        tree.pending = access.node(root.pending)
+        tree.pending_summary = root.pending_summary
+        tree.nodes = NodeTree.reader(access, nfields, node_size, root.nodes_root() if root.node_id else None)
         return tree
 
     def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None, make: Any) -> None:
