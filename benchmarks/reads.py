@@ -7,6 +7,10 @@ seeded events of ``compare.py`` (one namespace, spread over a year), with the C 
 Python alternating in one process, so that both modes see the same machine load. Every answer of one
 mode is compared with the other's.
 
+``count_own_tx`` is ``count`` with a read transaction of its own per query (begun and ended around
+it, as a request that asks one question does): what a transaction and the first read of a namespace
+in it add.
+
 Two query sets per operation and size:
 
 * ``fresh``: new random windows every round, so most leaves a round reads were not read in a while
@@ -46,7 +50,7 @@ if str(HERE) not in sys.path:
 
 from workload import make_dataset, window  # noqa: E402
 
-OPERATIONS = ("count", "totals", "rank", "at")
+OPERATIONS = ("count", "totals", "rank", "at", "count_own_tx")
 SETS = ("fresh", "repeated")
 MODES = ("C kernels", "pure Python")
 FRACTION = 0.1  # windows cover 10% of the year
@@ -82,8 +86,16 @@ def queries(rng: random.Random, count: int, n: int) -> list[tuple[int, int, int]
     return [(*window(rng, FRACTION), rng.randrange(n)) for _ in range(count)]
 
 
-def reader(op: str, events: Any, namespace: str) -> Callable[[Any, tuple[int, int, int]], Any]:
-    """The read of one query, inside a transaction."""
+def reader(op: str, db: Any, events: Any, namespace: str) -> Callable[[Any, tuple[int, int, int]], Any]:
+    """The read of one query, inside a transaction (``count_own_tx``: in a read transaction of its
+    own, begun and ended around it, as a request that asks one question does)."""
+    if op == "count_own_tx":
+
+        def own(_: Any, q: tuple[int, int, int]) -> Any:
+            with db.read() as tx:
+                return events.count(tx, namespace=namespace, ge=q[0], lt=q[1])
+
+        return own
     if op == "count":
         return lambda tx, q: events.count(tx, namespace=namespace, ge=q[0], lt=q[1])
     if op == "totals":
@@ -114,7 +126,7 @@ def measure(
                 with kernels(mode == MODES[0]), db.read() as tx:
                     for op in OPERATIONS:
                         batch = fresh[n, op] if kind == "fresh" else repeated[n, op]
-                        read = reader(op, events, namespace)
+                        read = reader(op, db, events, namespace)
                         start = time.perf_counter()
                         found = [read(tx, q) for q in batch]
                         elapsed = time.perf_counter() - start

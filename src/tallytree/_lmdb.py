@@ -13,7 +13,12 @@ LMDB can resize only while no other transaction of this process is open: the wri
 threads' transactions to end (new ones wait behind it; up to :data:`RESIZE_WAIT` seconds), and fails
 at once if its own thread holds one. If another writer committed in between (checked with the
 generation counter in ``meta``), or the wait times out, :class:`~tallytree.errors.MapFullError` or
-:class:`~tallytree.errors.TransactionError` is raised and nothing is written.
+:class:`~tallytree.errors.TransactionError` is raised and nothing is written. The open transactions
+are kept in a list of thread ids that every transaction joins and leaves without a lock (list
+appends and removals are atomic); only the rare waits use a condition variable.
+
+py-lmdb is called with positional arguments on every hot path: its keyword parsing costs more than
+LMDB's own work for a small get, put or begin.
 
 The environment does not use ``MDB_WRITEMAP``, although it halves the cost of a small commit
 (measured 44 -> 22 us for a 4-node commit): with it every process that opens or resizes the map
