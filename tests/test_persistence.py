@@ -301,7 +301,12 @@ def test_a_database_without_its_format_tag_is_refused(tmp_path: Path) -> None:
     with tallytree.open(path) as db:
         _fill(db)
     _set_meta(path, b"format", None)
-    with pytest.raises(DatabaseFormatError):
+    with pytest.raises(DatabaseFormatError, match="no format tag"):
+        tallytree.open(path)
+    # written before 2026-11-22: a generation counter instead of (here, besides) the id counter
+    _set_meta(path, b"next_id", None)
+    _set_meta(path, b"gen", (5).to_bytes(8, "big"))
+    with pytest.raises(DatabaseFormatError, match="no format tag"):
         tallytree.open(path)
 
 
@@ -725,6 +730,49 @@ def test_kill_9_between_and_during_commits_leaves_a_committed_state(
             ]
             assert [item.key for item in events.items(tx)] == expected, "a partial transaction"
             assert events.sum(tx, "amount") == sum(key // size for key in expected)
+
+
+ONE_INSERT = """
+import sys, tallytree
+with tallytree.open(sys.argv[1]) as db:
+    with db.write() as tx:
+        db.aggregate("events").insert(tx, -1, "from another process")
+"""
+
+
+def test_a_commit_by_another_process_during_map_growth_aborts_the_growing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fills the map is re-applied after the map grows, unless another process
+    committed while it waited: the batch was computed from the older snapshot, so it must not be
+    written over the newer one."""
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events")
+        with db.write() as tx:
+            events.insert(tx, 0, "first")
+        backend = db._backend
+        real_resize = backend._resize
+
+        def resize_then_let_another_process_commit(size: int, why: str, error: type[Exception]) -> None:
+            real_resize(size, why, error)
+            subprocess.run(
+                [sys.executable, "-c", ONE_INSERT, str(path)],
+                check=True,
+                env={**os.environ, "PYTHONPATH": SOURCE},
+            )
+
+        monkeypatch.setattr(backend, "_resize", resize_then_let_another_process_commit)
+        with pytest.raises(tallytree.TransactionError, match="another process committed"), db.write() as tx:
+            events.insert_many(tx, [(n, "id") for n in range(1, 20_000)])
+        monkeypatch.undo()
+        with db.read() as tx:
+            assert [item.id for item in events.items(tx)] == ["from another process", "first"]
+            assert tallytree.check(tx) == []
+        with db.write() as tx:  # the retry commits
+            events.insert_many(tx, [(n, "id") for n in range(1, 20_000)])
+        with db.read() as tx:
+            assert events.count(tx) == 20_001 and tallytree.check(tx) == []
 
 
 GROWER = """

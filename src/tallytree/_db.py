@@ -120,7 +120,8 @@ class Database:
     def _check_format(self) -> None:
         with self.read() as tx:
             stored = tx.meta(_FORMAT_KEY)
-            empty = stored is None and tx.meta(b"gen") is None
+            # a database that has committed writes holds next_id (or, written before 2026-11-22, gen)
+            empty = stored is None and tx.meta(b"next_id") is None and tx.meta(b"gen") is None
         if stored == FORMAT:
             return
         if stored in _UPGRADABLE:

@@ -11,9 +11,11 @@ appended with ``MDB_APPEND``). When the batch does not fit the map, the write tr
 the map is doubled (up to ``max_map_size``) and the batch is re-applied in a new write transaction.
 LMDB can resize only while no other transaction of this process is open: the writer waits for other
 threads' transactions to end (new ones wait behind it; up to :data:`RESIZE_WAIT` seconds), and fails
-at once if its own thread holds one. If another writer committed in between (checked with the
-generation counter in ``meta``), or the wait times out, :class:`~tallytree.errors.MapFullError` or
-:class:`~tallytree.errors.TransactionError` is raised and nothing is written. The open transactions
+at once if its own thread holds one. If another writer committed in between (LMDB then gives the new
+write transaction a later id than the aborted one had), or the wait times out,
+:class:`~tallytree.errors.MapFullError` or :class:`~tallytree.errors.TransactionError` is raised and
+nothing is written. (Databases written before 2026-11-22 hold a generation counter in ``meta`` that
+served this check; it is no longer read or written: a commit writes one record less.) The open transactions
 are kept in a list of thread ids that every transaction joins and leaves without a lock (list
 appends and removals are atomic); only the rare waits use a condition variable.
 
@@ -51,13 +53,12 @@ from typing import Any
 
 import lmdb
 
-from ._store import META, NODES, Op
+from ._store import NODES, Op
 from .errors import DatabaseFormatError, Error, MapFullError, ReadOnlyError, StorageError, TransactionError
 
 __all__ = ["LmdbBackend"]
 
 _NAMES = (b"meta", b"nodes", b"roots", b"docs")
-_GENERATION = b"gen"
 _GROW = "the LMDB map is full and must grow"
 _ADOPT = "another process grew the database map and this one must follow"
 RESIZE_WAIT = 10.0
@@ -136,12 +137,13 @@ class _LmdbTxn:
 
     def commit(self, ops: list[Op]) -> None:
         backend = self._backend
+        txn_id = self._txn.id()  # the id a retry must still have (see commit_after_growth)
         try:
             self._apply(ops)
             self._txn.commit()
         except lmdb.MapFullError:
             self._end(abort=True)
-            backend.commit_after_growth(ops)
+            backend.commit_after_growth(ops, txn_id)
             return
         except lmdb.Error as exc:  # the disk, not the data: LMDB committed nothing
             self._end(abort=True)
@@ -321,9 +323,12 @@ class LmdbBackend:
             with self._lock:
                 self._lock.notify_all()
 
-    def commit_after_growth(self, ops: list[Op]) -> None:
-        """Grow the map and apply ``ops`` again, or raise MapFullError writing nothing."""
-        generation = None
+    def commit_after_growth(self, ops: list[Op], txn_id: int) -> None:
+        """Grow the map and apply ``ops`` again, or raise MapFullError writing nothing.
+
+        ``txn_id`` is LMDB's id of the aborted write transaction: a new one gets the same id unless
+        another process committed in between, in which case ``ops`` (computed from the older
+        snapshot) must not be applied."""
         ident = get_ident()
         for _ in range(64):
             size = self.env.info()["map_size"]
@@ -332,14 +337,11 @@ class LmdbBackend:
             self._resize(min(size * 2, self.max_map_size), _GROW, MapFullError)
             txn = self.begin_raw(True, ident)
             try:
-                current = txn.get(_GENERATION, db=self.dbs[META])
-                expected = _expected_generation(ops)
-                if generation is None and current != _previous_generation(expected):
+                if txn.id() != txn_id:
                     raise TransactionError(
                         "another process committed while this transaction waited for the map to "
                         "grow; nothing was written. Retry the transaction"
                     )
-                generation = current
                 _apply_ops(txn, self.dbs, ops)
                 txn.commit()
                 self.end_raw(ident)
@@ -401,20 +403,6 @@ def _storage_error(path: Path, exc: Exception) -> StorageError:
         f"LMDB could not commit to {path} ({exc}); nothing of the transaction was written and the "
         "database is as it was. Free disk space (or raise the file size limit), then retry"
     )
-
-
-def _expected_generation(ops: list[Op]) -> bytes | None:
-    for table, key, value in ops:
-        if table == META and key == _GENERATION:
-            return value
-    return None
-
-
-def _previous_generation(generation: bytes | None) -> bytes | None:
-    if generation is None:
-        return None
-    previous = int.from_bytes(generation, "big") - 1
-    return previous.to_bytes(8, "big") if previous > 0 else None
 
 
 def _check_directory(path: Path, *, create: bool) -> None:

@@ -7,7 +7,7 @@ Everything above this module stores its state in four tables of byte keys and by
 ========  ==========================================  =========================================
 table     key                                         value
 ========  ==========================================  =========================================
-META      ``b"format"``, ``b"next_id"``, ``b"gen"``,  format tag, counters, aggregate definitions
+META      ``b"format"``, ``b"next_id"``,              format tag, node id counter, aggregate definitions
           ``b"agg:" + name``                          (msgpack)
 NODES     node id, 8 bytes big-endian                 encoded node (``_node``)
 ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]`` (+ the

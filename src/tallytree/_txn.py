@@ -49,7 +49,6 @@ __all__ = ["ReadTransaction", "Transaction", "WriteTransaction", "encode_root", 
 
 _ENDED = "this transaction has ended; start a new one with db.read() or db.write()"
 _NEXT_ID = b"next_id"
-_GENERATION = b"gen"
 _DECODED_ROOTS = 4096  # decoded root records the database keeps (emptied when full)
 _BULK_COMMIT = 64  # dirty nodes beyond which a commit pauses the cyclic garbage collector
 _DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds the queue's memory
@@ -498,9 +497,6 @@ class WriteTransaction(Transaction):
             ops.extend((DOCS, key, value) for key, value in sorted(self._docs.items()))
         if self._next_id is not None:
             ops.append((META, _NEXT_ID, self._next_id.to_bytes(8, "big")))
-        stored = kv.get(META, _GENERATION)
-        generation = (int.from_bytes(stored, "big") if stored else 0) + 1
-        ops.append((META, _GENERATION, generation.to_bytes(8, "big")))
         self._finish()
         kv.commit(ops)
         cache = self._cache
