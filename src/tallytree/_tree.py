@@ -119,7 +119,12 @@ class Tree:
             return nodes
         if nodes is None:
             return Root(0, 0, list(summary), pending.id, list(summary))
-        return Root(nodes.node_id, nodes.height, vadd(nodes.summary, summary), pending.id, list(summary))
+        # the nodes' own record goes along (a copy: the node tree changes its record in place), so
+        # that the next transaction does not compute it back from the totals (``Root.nodes_root``)
+        alone = Root(nodes.node_id, nodes.height, list(nodes.summary))
+        return Root(
+            nodes.node_id, nodes.height, vadd(nodes.summary, summary), pending.id, list(summary), alone
+        )
 
     @property
     def changed(self) -> bool:
