@@ -10,10 +10,10 @@ to be "bounded by fsync, report it". This script measures, in the same run and i
   ``synchronous=FULL``;
 * two LMDB floors (``sync=False``), bare LMDB transactions in an environment holding as many nodes
   of the same sizes as tallytree's: a *pending-node commit* (one record the size of a half-full
-  pending node appended, the previous one deleted, the root, next-id and generation records
-  rewritten: what one tallytree insert writes while its tree's pending node fills), and a *path
-  rewrite* (one node per tree level appended, as many random old ones deleted: what every insert
-  wrote before the pending node, and what merging it costs per random key);
+  pending node appended, the previous one deleted, the root and next-id records rewritten: what
+  one tallytree insert writes while its tree's pending node fills), and a *path rewrite* (one node
+  per tree level appended, as many random old ones deleted: what every insert wrote before the
+  pending node, and what merging it costs per random key);
 
 each inserting one event per transaction into a namespace preloaded with N events. It prints a
 markdown table of medians, p90s, means, commits per second (one over the mean: the throughput, the
@@ -139,7 +139,6 @@ def _lmdb_floor(
                     txn.delete((node_id - 1).to_bytes(8, "big"), db=nodes)
             txn.put(b"root", os.urandom(60), db=meta)
             txn.put(b"next_id", state["next"].to_bytes(8, "big"), db=meta)
-            txn.put(b"generation", item.to_bytes(8, "big"), db=meta)
 
     return commit, env.close
 
