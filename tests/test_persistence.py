@@ -589,6 +589,55 @@ def test_a_growing_writer_gives_up_on_a_reader_that_stays_open(
             events.insert_many(tx, [(n, "id") for n in range(5000)])
 
 
+def test_readers_in_many_threads_while_the_map_grows_again_and_again(tmp_path: Path) -> None:
+    """Transactions join and leave the list of open ones without a lock, and a growing writer waits
+    for that list to empty while new transactions wait for the growth: with threads switching as
+    often as CPython allows, no reader fails or sees a torn snapshot, every growth commits, and no
+    transaction is left counted as open."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    path = tmp_path / "db"
+    try:
+        with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
+            events = db.aggregate("events", values=("v",))
+            done = threading.Event()
+            failures: list[BaseException] = []
+            reads = [0] * 4
+
+            def reader(slot: int) -> None:
+                last = 0
+                try:
+                    while not done.is_set():
+                        with db.read() as tx:
+                            totals = events.totals(tx)
+                        # every batch inserts 500 items of value 1: a snapshot holds whole batches
+                        assert totals.count % 500 == 0 and totals.v == totals.count >= last
+                        last = totals.count
+                        reads[slot] += 1
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=reader, args=(slot,)) for slot in range(4)]
+            for thread in threads:
+                thread.start()
+            try:
+                for batch in range(40):
+                    with db.write() as tx:
+                        events.insert_many(tx, [(batch * 500 + n, "id", (1,)) for n in range(500)])
+            finally:
+                done.set()
+                for thread in threads:
+                    thread.join(30)
+            assert failures == []
+            assert all(reads), "every reader read"
+            assert db._backend._open == []
+            assert db._backend.env.info()["map_size"] >= 8 * 64 * 1024, "the map grew three times or more"
+            with db.read() as tx:
+                assert events.count(tx) == 20_000 and tallytree.check(tx) == []
+    finally:
+        sys.setswitchinterval(previous)
+
+
 # ================================================================== other processes
 
 WRITER = """
