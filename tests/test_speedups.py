@@ -25,7 +25,7 @@ import tallytree
 from tallytree import _keys as keys_module
 from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
-from tallytree._node import Node, decode_node, delta_of, encode_node, scaled, summarize
+from tallytree._node import Node, _join_limbs, _limbs, decode_node, delta_of, encode_node, scaled, summarize
 from tallytree.errors import CorruptDatabaseError, KeyTooLargeError
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
@@ -785,6 +785,42 @@ def test_pack_internal_is_the_python_encoding_byte_for_byte(
     with pure_python():
         assert encode_node(node) == built
     assert [list(col) for col in decode_node(built, 9).cols] == node.cols
+
+
+@given(st.lists(BIG, min_size=1, max_size=30))
+def test_join_limbs_is_the_python_join(column: list[int]) -> None:
+    """A column split into limbs by the Python encoder is joined back by the kernel, exactly."""
+    assert speedups is not None
+    limbs = _limbs(column)
+    assert speedups.join_limbs(tuple(map(tuple, limbs))) == tuple(_join_limbs(limbs)) == tuple(column)
+
+
+def test_join_limbs_at_every_depth() -> None:
+    assert speedups is not None
+    rng = random.Random(11)
+    for bits in (64, 126, 127, 189, 500, 4000):
+        column = [rng.randrange(-(2**bits), 2**bits) for _ in range(20)] + [2**bits - 1, -(2**bits)]
+        limbs = _limbs(column)
+        assert speedups.join_limbs(limbs) == tuple(column), bits
+
+
+@pytest.mark.parametrize(
+    "limbs",
+    [
+        ([1, 2], [3]),  # columns of unequal lengths
+        ([1], [-1]),  # a lower limb below 0
+        ([1], [2**63]),  # a lower limb beyond 63 bits
+        ([2**63], [1]),  # a top limb beyond int64
+        ([1.0], [1]),
+        ([True], [1]),
+        "ab",
+        [[0]] * 65,  # more limbs than the kernel takes
+    ],
+    ids=repr,
+)
+def test_join_limbs_leaves_what_it_does_not_handle_to_python(limbs: Any) -> None:
+    assert speedups is not None
+    assert speedups.join_limbs(limbs) is None
 
 
 def test_pack_internal_with_many_children_and_limbs() -> None:

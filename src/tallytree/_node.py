@@ -684,7 +684,9 @@ def decode_node(data: bytes, node_id: int) -> Node:
             if sum(counts) == len(flat) and len(counts) == len(parts[3]):
                 cols, at = [], 0
                 for count in counts:
-                    cols.append(tuple(_join_limbs(flat[at : at + count])))
+                    limbs = flat[at : at + count]
+                    joined = speedups.join_limbs(limbs) if speedups is not None and count > 1 else None
+                    cols.append(joined if joined is not None else tuple(_join_limbs(limbs)))
                     at += count
                 node = Node(node_id, False, parts[1], tuple(cols), parts[2], parts[3])  # type: ignore[arg-type]
                 return _consistent(node)

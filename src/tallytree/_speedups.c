@@ -2,7 +2,7 @@
 
 Design
 ======
-Eighteen functions and one type, each a faster twin of Python code that stays the reference and the
+Nineteen functions and one type, each a faster twin of Python code that stays the reference and the
 fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
@@ -53,6 +53,7 @@ the Python code and gives the same answers):
   byte for byte what ``msgpack.packb(..., use_bin_type=True)`` writes, without building its objects;
 * ``pack_internal(parts, nfields)``: an internal node's bytes, plain, or wide when a sum exceeds
   msgpack's ints (its sum columns split into 63-bit limbs), as ``_node.encode_node`` writes them;
+* ``join_limbs(limbs)``: the inverse for one decoded sum column, ``_node._join_limbs``;
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
   int64);
@@ -4040,6 +4041,93 @@ split_limbs(PyObject *item, Py_ssize_t extra, long long *limbs)
     return failed ? -1 : 0;
 }
 
+/* join_limbs(limbs) -> tuple[int, ...] | None: _node._join_limbs, the inverse of the split above:
+   ``limbs`` holds a column's limbs, most significant first (the top one a signed int64, the others
+   in [0, 2**63)); each value is assembled as a two's complement number of 64-bit words, then made
+   an int in one call. None for anything else (left to the Python code): a limb that is not an
+   exact int in its range, columns of unequal lengths, more than 64 limbs. */
+static PyObject *
+join_limbs(PyObject *Py_UNUSED(module), PyObject *limbs)
+{
+    if (!PyTuple_CheckExact(limbs) && !PyList_CheckExact(limbs)) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t depth = PySequence_Fast_GET_SIZE(limbs);
+    if (depth < 1 || depth > 64) {
+        Py_RETURN_NONE;
+    }
+    PyObject **columns = PySequence_Fast_ITEMS(limbs);
+    Py_ssize_t size = -1;
+    for (Py_ssize_t level = 0; level < depth; level++) {
+        PyObject *column = columns[level];
+        if (!PyTuple_CheckExact(column) && !PyList_CheckExact(column)) {
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t length = PySequence_Fast_GET_SIZE(column);
+        if (size >= 0 && length != size) {
+            Py_RETURN_NONE;
+        }
+        size = length;
+    }
+    PyObject *out = PyTuple_New(size);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_ssize_t top_bit = LIMB_BITS * (depth - 1); /* where the top limb starts */
+    Py_ssize_t nwords = (top_bit + 64 + 63) / 64;
+    uint64_t words[64];
+    unsigned char bytes[8 * 64];
+    for (Py_ssize_t index = 0; index < size; index++) {
+        memset(words, 0, sizeof(uint64_t) * (size_t)nwords);
+        long long top;
+        int found = exact_int64(PySequence_Fast_ITEMS(columns[0])[index], &top);
+        for (Py_ssize_t level = 1; found > 0 && level < depth; level++) {
+            long long limb;
+            found = exact_int64(PySequence_Fast_ITEMS(columns[level])[index], &limb);
+            if (found > 0 && (limb < 0)) { /* a lower limb holds 63 bits: [0, 2**63) */
+                found = 0;
+            }
+            if (found > 0) {
+                Py_ssize_t bit = LIMB_BITS * (depth - 1 - level), word = bit / 64;
+                int shift = (int)(bit % 64);
+                words[word] |= (uint64_t)limb << shift;
+                if (shift) {
+                    words[word + 1] |= (uint64_t)limb >> (64 - shift);
+                }
+            }
+        }
+        if (found <= 0) {
+            Py_DECREF(out);
+            if (found < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t word = top_bit / 64;
+        int shift = (int)(top_bit % 64);
+        words[word] |= (uint64_t)top << shift;
+        Py_ssize_t next = word + 1;
+        if (shift && next < nwords) {
+            words[next++] |= (uint64_t)(top >> (64 - shift)); /* arithmetic: the sign comes along */
+        }
+        for (; next < nwords; next++) {
+            words[next] = top < 0 ? ~UINT64_C(0) : 0;
+        }
+        for (Py_ssize_t at = 0; at < nwords; at++) {
+            for (int byte = 0; byte < 8; byte++) {
+                bytes[8 * at + byte] = (unsigned char)(words[at] >> (8 * byte));
+            }
+        }
+        PyObject *value = _PyLong_FromByteArray(bytes, (size_t)(8 * nwords), 1, 1);
+        if (value == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, index, value);
+    }
+    return out;
+}
+
 static PyObject *pack_node(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 static PyObject *
@@ -4506,6 +4594,8 @@ static PyMethodDef methods[] = {
      "int_keys(values) -> list[bytes] | None: encode_key of each exact int in the int64 range."},
     {"datetime_keys", datetime_keys, METH_O,
      "datetime_keys(values) -> list[bytes] | None: encode_key of each exact datetime in datetime.UTC."},
+    {"join_limbs", join_limbs, METH_O,
+     "join_limbs(limbs) -> tuple[int, ...] | None: _node._join_limbs (a wide column's limbs joined)."},
     {"one_key", (PyCFunction)(void (*)(void))one_key, METH_FASTCALL,
      "one_key(value, body) -> bytes | None: encode_key (or encode_body) of one exact int64 or UTC "
      "datetime."},
