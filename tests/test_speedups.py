@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import pure_python
+from conftest import pure_python, strict
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
@@ -955,6 +955,62 @@ def test_range_totals_equal_the_python_sums(
         with pure_python():
             assert reads(tx) == changed
         raise _Abort
+
+
+ROUNDING_CASES = [
+    [1.0, 2.0**-53],  # exactly halfway between 1 and its successor: to even, 1.0
+    [1.0, 2.0**-53, 2.0**-80],  # just above halfway: up
+    [1.0 + 2.0**-52, 2.0**-53],  # halfway from an odd mantissa: up, to even
+    [-1.0, -(2.0**-53)],  # the same below zero
+    [2.0**53, 1.0],  # halfway at the integers
+    [2.0**53, 1.0, 2.0**-1074],  # a sticky bit 1,127 places below
+    [5e-324, 5e-324, -1e-323],  # subnormals cancelling to zero
+    [5e-324, 1e-320],  # subnormal sums, exact
+    [2.2250738585072014e-308, -5e-324],  # just below the smallest normal
+    [1.7976931348623157e308, 9.9e291],  # below half an ulp above the largest double: stays finite
+    [1.7976931348623157e308, 1e292],  # above it: rounds to infinity, as IEEE addition does
+    [-1.7976931348623157e308, -1e292],
+    [1e16, 1.0, -1e16],  # cancellation that naive addition gets wrong
+    [0.1] * 10,
+    [-0.0, -0.0],
+    [8.316417288928509e-306],  # 54 to 64 significant bits in units of 2**-1074
+    [8.316417288928509e-306, 5e-324],  # the same, rounded
+    [-3e-306, 2**-1020, 5e-324],
+]
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["in the leaves", "pending"])
+@pytest.mark.parametrize("values", ROUNDING_CASES, ids=repr)
+def test_range_values_round_the_exact_sum_once(values: list[float], pending: bool) -> None:
+    """The kernel's values (``range_values``: the sum rounded in C, no big int) equal the Python
+    rounding of the exact sum, ties, sticky bits, subnormals and overflow included: with the values
+    in the leaves (among zero-valued fillers), and with them pending (time-ordered appends after
+    the fillers, added to the same exact sum)."""
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x", "n"), node_size=4)
+    fillers = [(key, "filler", (0.0, 0)) for key in range(-12, 0)]
+    rows = [(key, "id", (value, key)) for key, value in enumerate(values)]
+    with db.write() as tx:
+        agg.insert_many(tx, fillers if pending else fillers + rows)
+    with db.write() as tx:
+        for key, id_, row in rows if pending else []:
+            agg.insert(tx, key, id_, row)
+    windows = [(0, len(values)), (0, None), (-12, None), (-5, len(values)), (None, len(values))]
+
+    def reads(tx: Any) -> list[Any]:
+        bounded = [{k: v for k, v in (("ge", low), ("lt", high)) if v is not None} for low, high in windows]
+        return [strict(agg.totals(tx, **bounds)) for bounds in bounded]
+
+    with db.read() as tx:
+        assert (agg._reader(tx, None).pending is not None) == pending
+    with pure_python(), db.read() as tx:
+        expected = reads(tx)
+    for _ in range(3):  # nodes read once, then through their images
+        with db.read() as tx:
+            assert reads(tx) == expected
+    if all(abs(value) < 1e300 for value in values):
+        with db.read() as tx:
+            assert agg.totals(tx, ge=0).x == math.fsum(values)
 
 
 def test_range_totals_leaves_what_it_cannot_sum_to_python() -> None:

@@ -120,6 +120,15 @@ class Totals:
             totals._sums = tuple(map(sum_value, summary[1 : 1 + nfields], summary[1 + nfields :]))
         return totals
 
+    @classmethod
+    def from_values(cls, fields: tuple[str, ...], values: list[Any]) -> Totals:
+        """Build from ``[count, value of each field]`` (``Tree.range_values``)."""
+        totals = cls.__new__(cls)
+        totals.count = values[0]
+        totals._fields = fields
+        totals._sums = tuple(values[1:])
+        return totals
+
     def __getattr__(self, name: str) -> int | float:
         try:
             return self._sums[self._fields.index(name)]
@@ -524,7 +533,7 @@ class Aggregate:
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
-        return Totals.from_summary(self.fields, tree.range_summary(bounds.lower, bounds.upper))
+        return Totals.from_values(self.fields, tree.range_values(bounds.lower, bounds.upper))
 
     def sum(
         self,

@@ -76,7 +76,17 @@ from operator import add, is_, lshift, neg, sub
 from typing import Any, Literal, Protocol
 
 from ._native import speedups
-from ._node import SCALE_BITS, Chunk, Node, _float_sum, _scaled_column, column_sum, delta_of, summarize
+from ._node import (
+    SCALE_BITS,
+    Chunk,
+    Node,
+    _float_sum,
+    _scaled_column,
+    column_sum,
+    delta_of,
+    sum_value,
+    summarize,
+)
 
 __all__ = ["NodeAccess", "NodeTree", "Root", "same_values", "vadd", "vsub"]
 
@@ -151,6 +161,15 @@ class Root:
             assert self.pending_summary is not None  # decode_root reads both or neither
             nodes = self._nodes = Root(self.node_id, self.height, vsub(self.summary, self.pending_summary))
         return nodes
+
+
+def summary_values(summary: list[int], nfields: int) -> list[Any]:
+    """``[count, value of each field]`` of a summary ``[count, S..., F...]`` (see ``sum_value``).
+
+    >>> summary_values([2, 3 << SCALE_BITS, 1 << SCALE_BITS, 0, 1], 2)  # an int sum, a float sum
+    [2, 3, 1.0]
+    """
+    return [summary[0], *map(sum_value, summary[1 : 1 + nfields], summary[1 + nfields :])]
 
 
 def vadd(left: list[int], right: list[int]) -> list[int]:
@@ -318,6 +337,39 @@ class NodeTree:
     def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
         """Summary of the entries ``< bound`` (``<= bound`` when ``after``). O(log n + B)."""
         return self.range_summary(None, (bound, after))
+
+    def range_values(self, lower: Cut | None, upper: Cut | None, extra: list[int] | None) -> list[Any]:
+        """``[count, value of each field]`` of the entries between two cuts plus the summary ``extra``
+        (None: nothing more), each sum as :func:`_node.sum_value` gives it from the exact total.
+
+        :meth:`range_summary` then ``sum_value``, with the C kernels in one call that makes no big
+        int (the exact sum is rounded once, in C). O(log n + B).
+        """
+        root = self.root
+        if speedups is not None and root is not None and (lower is not None or upper is not None):
+            access = self.access
+            low, low_after = lower if lower is not None else (None, False)
+            high, high_after = upper if upper is not None else (None, False)
+            found = speedups.range_totals(
+                access.node(root.node_id),
+                root.summary,
+                low,
+                low_after,
+                high,
+                high_after,
+                access.node,
+                access.shared,
+                self.nfields,
+                extra,
+                True,
+            )
+            if found is not None:
+                values, hits = found
+                if hits:
+                    access.count_hits(hits)
+                return values
+        summary = self.range_summary(lower, upper)
+        return summary_values(vadd(summary, extra) if extra is not None else summary, self.nfields)
 
     def range_summary(self, lower: Cut | None, upper: Cut | None) -> list[int]:
         """Summary of the entries between two cuts (None: no cut on that side), in one descent.

@@ -83,8 +83,10 @@ class Speedups(Protocol):
         fetch: Any,
         nodes: object,
         fields: int,
+        extra: Sequence[int] | None = None,
+        values: bool = False,
         /,
-    ) -> tuple[list[int], int] | None: ...
+    ) -> tuple[list[Any], int] | None: ...
     def pack_root(
         self,
         node_id: int,

@@ -2583,6 +2583,102 @@ total_summary(Total *total)
     return out;
 }
 
+/* An accumulated sum as the value ``_node.sum_value`` gives: with no float in it, the exact int
+   (the sum is a whole number of 2**1074 units: a floor shift); else the double nearest to it, ties to
+   even (one rounding of the exact sum; beyond the largest double, an infinity). */
+static PyObject *
+accumulated_value(Accumulator *acc, long long floats)
+{
+    propagate(acc);
+    int negative = acc->slots[SLOTS - 1] < 0;
+    uint32_t digits[SLOTS];
+    for (int index = 0; index < SLOTS - 1; index++) {
+        digits[index] = (uint32_t)acc->slots[index];
+    }
+    digits[SLOTS - 1] = negative ? UINT32_MAX : 0;
+    if (floats == 0) { /* the digits from bit 1074 = 33 * 32 + 18 up, two's complement */
+        unsigned char bytes[SLOTS * 4];
+        int count = SLOTS - 33;
+        for (int index = 0; index < count; index++) {
+            uint32_t low = digits[33 + index], high = 33 + index + 1 < SLOTS ? digits[34 + index] : digits[SLOTS - 1];
+            uint32_t digit = (low >> 18) | (high << 14);
+            for (int byte = 0; byte < 4; byte++) {
+                bytes[4 * index + byte] = (unsigned char)(digit >> (8 * byte));
+            }
+        }
+        return _PyLong_FromByteArray(bytes, (size_t)count * 4, 1, 1);
+    }
+    if (negative) { /* the magnitude: two's complement negation */
+        uint64_t carry = 1;
+        for (int index = 0; index < SLOTS; index++) {
+            uint64_t digit = (uint64_t)(uint32_t)~digits[index] + carry;
+            digits[index] = (uint32_t)digit;
+            carry = digit >> 32;
+        }
+    }
+    int top = SLOTS - 1;
+    while (top >= 0 && digits[top] == 0) {
+        top--;
+    }
+    double value;
+    if (top < 0) {
+        value = 0.0;
+    }
+    else {
+        int bits = 32 * top + (32 - __builtin_clz(digits[top]));
+        if (bits <= 53) { /* exact: at most 53 bits, any scale is representable */
+            uint64_t small = (uint64_t)digits[0] | (top >= 1 ? (uint64_t)digits[1] << 32 : 0);
+            value = ldexp((double)small, -INT_SHIFT);
+        }
+        else { /* the top 64 bits, left-aligned, and whether any bit below them is set */
+            uint64_t high;
+            int sticky = 0;
+            if (bits <= 64) {
+                high = ((uint64_t)digits[0] | (uint64_t)digits[1] << 32) << (64 - bits);
+            }
+            else {
+                int start = bits - 64, at = start / 32, offset = start % 32;
+                unsigned __int128 window = 0;
+                for (int index = 2; index >= 0; index--) {
+                    window = (window << 32) | (at + index < SLOTS ? digits[at + index] : 0);
+                }
+                high = (uint64_t)(window >> offset);
+                sticky = offset && (digits[at] & ((UINT32_C(1) << offset) - 1)) != 0;
+                for (int index = 0; index < at && !sticky; index++) {
+                    sticky = digits[index] != 0;
+                }
+            }
+            uint64_t mantissa = high >> 11, rest = high & 0x7FF;
+            if (rest > 0x400 || (rest == 0x400 && (sticky || (mantissa & 1)))) {
+                mantissa++; /* 2**53 after a carry is still exact as a double */
+            }
+            value = ldexp((double)mantissa, bits - 53 - INT_SHIFT);
+        }
+    }
+    return PyFloat_FromDouble(negative ? -value : value);
+}
+
+/* ``[count, value of each field]``, each sum as ``_node.sum_value`` gives it, a new list. */
+static PyObject *
+total_values(Total *total)
+{
+    Py_ssize_t fields = total->fields;
+    PyObject *out = PyList_New(1 + fields);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t column = 0; column <= fields; column++) {
+        PyObject *value = column == 0 ? PyLong_FromLongLong(total->count)
+                                      : accumulated_value(&total->sums[column - 1], total->floats[column - 1]);
+        if (value == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, column, value);
+    }
+    return out;
+}
+
 /* Add (or subtract) an int128 in units of 2**shift (shift <= MAX_SHIFT). */
 static void
 accumulate_wide(Accumulator *acc, __int128 value, unsigned shift, int negate)
@@ -3002,15 +3098,17 @@ finish:
     return status;
 }
 
-/* range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields) -> (summary,
-   hits) or None: the summary [count, S..., F...] of the entries between the cuts (either may be None
-   for a one-sided range, not both), or None when a value is left to the Python code. */
+/* range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values])
+   -> (summary, hits) or None: the summary [count, S..., F...] of the entries between the cuts (either
+   may be None for a one-sided range, not both), plus the summary ``extra`` when given (not None); with
+   ``values`` true, [count, value of each field] instead (``_node.sum_value`` of each sum: one
+   rounding of the exact sum, and no big int made). None when a value is left to the Python code. */
 static PyObject *
 range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
     Py_ssize_t fields;
-    int cuts_ok = nargs == 9 && (args[2] == Py_None || PyBytes_Check(args[2])) &&
+    int cuts_ok = (nargs == 9 || nargs == 11) && (args[2] == Py_None || PyBytes_Check(args[2])) &&
                   (args[4] == Py_None || PyBytes_Check(args[4])) && (args[2] != Py_None || args[4] != Py_None);
     if (!cuts_ok) {
         PyErr_SetString(PyExc_TypeError,
@@ -3019,7 +3117,8 @@ range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     int low_after = PyObject_IsTrue(args[3]), high_after = PyObject_IsTrue(args[5]);
-    if (low_after < 0 || high_after < 0 || fetcher_from(args[6], args[7], &fetcher) < 0 ||
+    int values = nargs == 11 ? PyObject_IsTrue(args[10]) : 0;
+    if (low_after < 0 || high_after < 0 || values < 0 || fetcher_from(args[6], args[7], &fetcher) < 0 ||
         size_argument(args[8], "range_totals(): fields", &fields) < 0) {
         return NULL;
     }
@@ -3053,9 +3152,13 @@ range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     }
     row_release(&before);
     row_release(&after);
+    if (status == 0 && nargs == 11 && args[9] != Py_None) {
+        Row extra = {.python = args[9]};
+        status = add_row(&total, &extra, 1);
+    }
     PyObject *result = NULL;
     if (status == 0) {
-        PyObject *summary = total_summary(&total);
+        PyObject *summary = values ? total_values(&total) : total_summary(&total);
         result = summary == NULL ? NULL : Py_BuildValue("(Nn)", summary, fetcher.hits);
     }
     else if (status > 0) {
@@ -4616,8 +4719,8 @@ static PyMethodDef methods[] = {
     {"select", (PyCFunction)(void (*)(void))tree_select, METH_FASTCALL,
      "select(node, index, fetch, nodes) -> (leaf, position, hits)."},
     {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
-     "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields) -> (summary, hits) "
-     "or None: a range sum in one call"},
+     "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values]) -> "
+     "(summary, hits) or None: a range sum in one call"},
     {"decode_entry", (PyCFunction)(void (*)(void))decode_entry, METH_FASTCALL,
      "decode_entry(entry, limit) -> (key, id) or None: an entry of common keys and ids, decoded"},
     {"pack_root", (PyCFunction)(void (*)(void))pack_root, METH_FASTCALL,

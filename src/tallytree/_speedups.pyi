@@ -53,8 +53,10 @@ def range_totals(
     fetch: Any,
     nodes: object,
     fields: int,
+    extra: Sequence[int] | None = None,
+    values: bool = False,
     /,
-) -> tuple[list[int], int] | None: ...
+) -> tuple[list[Any], int] | None: ...
 def pack_root(
     node_id: int, height: int, summary: list[int], pending: int, pending_summary: list[int] | None, /
 ) -> bytes | None: ...

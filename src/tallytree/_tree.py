@@ -190,6 +190,19 @@ class Tree:
                 summary = vadd(summary, _span(pending, start, stop))
         return summary
 
+    def range_values(self, lower: Cut | None, upper: Cut | None) -> list[Any]:
+        """``[count, value of each field]`` between two cuts (see ``NodeTree.range_values``): the
+        pending entries inside the bounds go into the same exact sum, rounded once. O(log n + B)."""
+        pending = self.pending
+        extra = None
+        if pending is not None:
+            find = _finder()
+            start = find(pending, *lower) if lower is not None else 0
+            stop = find(pending, *upper) if upper is not None else len(pending.keys)
+            if start < stop:
+                extra = _span(pending, start, stop)
+        return self.nodes.range_values(lower, upper, extra)
+
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
         pending, stored = self.pending, self.nodes.count
