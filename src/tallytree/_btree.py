@@ -24,8 +24,10 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   C call each (``_speedups.c``): the same steps, with children taken straight from the shared node
   cache in read transactions, and a node's search image read instead of its attributes (its counts,
   child ids and cumulative sums in fixed-width arrays; a leaf's values as raw numbers): a range sum
-  is added up in fixed point as the descent goes, with no Python row or value object. The Python
-  loops below stay the reference and the fallback (for sums the C accumulators do not take).
+  is added up in fixed point as the descent goes, with no Python row or value object, and
+  ``range_values`` (what ``totals`` reads) also rounds each exact sum to its final value there, once.
+  The Python loops below stay the reference and the fallback (for sums the C accumulators do not
+  take).
 * ``select`` descends by cumulative counts.
 * ``insert`` / ``delete`` / ``update`` change one leaf and add a delta to the summary of each node on the
   path, then split, merge or borrow on the way back up.

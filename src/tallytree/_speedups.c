@@ -40,7 +40,9 @@ the Python code and gives the same answers):
 * ``range_totals``: a range sum (``_btree.NodeTree.range_summary``) in one call: the same descents,
   with every row and leaf span added as it goes into fixed-point accumulators, read from the images
   (node-local int128 sums, raw leaf columns) or, for nodes without one, from their attributes; None
-  for a sum beyond its accumulators (left to the Python code);
+  for a sum beyond its accumulators (left to the Python code). Given an extra summary (a tree's
+  pending entries) it adds it too, and asked for values (``NodeTree.range_values``) it returns each
+  sum as ``_node.sum_value`` would, rounded once from the accumulator (round half to even);
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
 * ``settle(plus, minus, spans, fields)``: the end of the Python code's range sum
