@@ -15,9 +15,9 @@ at once if its own thread holds one. If another writer committed in between (LMD
 write transaction a later id than the aborted one had), or the wait times out,
 :class:`~tallytree.errors.MapFullError` or :class:`~tallytree.errors.TransactionError` is raised and
 nothing is written. (Databases written before 2026-11-22 hold a generation counter in ``meta`` that
-served this check; it is no longer read or written: a commit writes one record less.) The open transactions
-are kept in a list of thread ids that every transaction joins and leaves without a lock (list
-appends and removals are atomic); only the rare waits use a condition variable.
+served this check; it is no longer read or written, so a commit writes one record less.) The open
+transactions are kept in a list of thread ids that every transaction joins and leaves without a
+lock (list appends and removals are atomic); only the rare waits use a condition variable.
 
 py-lmdb is called with positional arguments on every hot path: its keyword parsing costs more than
 LMDB's own work for a small get, put or begin.
