@@ -349,29 +349,40 @@ class NodeTree:
         """
         root = self.root
         if speedups is not None and root is not None and (lower is not None or upper is not None):
-            access = self.access
-            low, low_after = lower if lower is not None else (None, False)
-            high, high_after = upper if upper is not None else (None, False)
-            found = speedups.range_totals(
-                access.node(root.node_id),
-                root.summary,
-                low,
-                low_after,
-                high,
-                high_after,
-                access.node,
-                access.shared,
-                self.nfields,
-                extra,
-                True,
-            )
-            if found is not None:
-                values, hits = found
-                if hits:
-                    access.count_hits(hits)
+            values = self._range_totals(root, lower, upper, extra, True)
+            if values is not None:
                 return values
         summary = self.range_summary(lower, upper)
         return summary_values(vadd(summary, extra) if extra is not None else summary, self.nfields)
+
+    def _range_totals(
+        self, root: Root, lower: Cut | None, upper: Cut | None, extra: list[int] | None, values: bool
+    ) -> list[Any] | None:
+        """The C kernel's range sum (``range_totals``; at least one cut): the summary, or with
+        ``values`` the final values; None when it leaves the sum to the Python code."""
+        access = self.access
+        low, low_after = lower if lower is not None else (None, False)
+        high, high_after = upper if upper is not None else (None, False)
+        assert speedups is not None
+        found = speedups.range_totals(
+            access.node(root.node_id),
+            root.summary,
+            low,
+            low_after,
+            high,
+            high_after,
+            access.node,
+            access.shared,
+            self.nfields,
+            extra,
+            values,
+        )
+        if found is None:
+            return None
+        total, hits = found
+        if hits:
+            access.count_hits(hits)
+        return total
 
     def range_summary(self, lower: Cut | None, upper: Cut | None) -> list[int]:
         """Summary of the entries between two cuts (None: no cut on that side), in one descent.
@@ -388,20 +399,13 @@ class NodeTree:
             return self.zero()
         if upper is None and lower is None:
             return list(root.summary)
-        access = self.access
-        node = access.node(root.node_id)
         if speedups is not None:  # the same descent in one C call, summed in fixed point as it goes
-            low, low_after = lower if lower is not None else (None, False)
-            high, high_after = upper if upper is not None else (None, False)
-            found = speedups.range_totals(
-                node, root.summary, low, low_after, high, high_after, access.node, access.shared, self.nfields
-            )
-            if found is not None:
-                total, hits = found
-                if hits:
-                    access.count_hits(hits)
+            total = self._range_totals(root, lower, upper, None, False)
+            if total is not None:
                 return total
             # None: a sum beyond the kernel's accumulators (~2**2112 units), for the Python code below
+        access = self.access
+        node = access.node(root.node_id)
         plus: list[Sequence[int]] = []
         minus: list[Sequence[int]] = []
         spans: list[Span] = []

@@ -78,28 +78,15 @@ class Tree:
 
     @classmethod
     def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Tree:
-        """A tree for reads only: its node tree shares the root record when it can. O(1).
-
-        What ``_load`` does, spelled out: the first read of a namespace in a transaction builds one.
-        """
+        """A tree for reads only: its node tree shares the root record when it can. O(1)."""
         tree = cls.__new__(cls)
-        tree.access = access
-        tree.nfields = nfields
-        tree.capacity = min(node_size, _PENDING_MAX)
-        tree.original = root
-        if root is None or not root.pending:
-            tree.pending = tree.pending_summary = None
-            tree.nodes = NodeTree.reader(access, nfields, node_size, root if root and root.node_id else None)
-            return tree
-        tree.pending = access.node(root.pending)
-        tree.pending_summary = root.pending_summary
-        tree.nodes = NodeTree.reader(access, nfields, node_size, root.nodes_root() if root.node_id else None)
+        tree._load(access, nfields, node_size, root, NodeTree.reader)
         return tree
 
     def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None, make: Any) -> None:
         self.access = access
         self.nfields = nfields
-        self.capacity = pending_capacity(node_size)
+        self.capacity = min(node_size, _PENDING_MAX)  # pending_capacity, inlined: once per tree read
         self.original = root
         self.pending: Node | None = None
         self.pending_summary: list[int] | None = None
@@ -181,27 +168,23 @@ class Tree:
         """Summary of the entries between two cuts (None: no cut on that side); zero when they are
         inverted. O(log n + B)."""
         summary = self.nodes.range_summary(lower, upper)
-        pending = self.pending
-        if pending is not None:
-            find = _finder()
-            start = find(pending, *lower) if lower is not None else 0
-            stop = find(pending, *upper) if upper is not None else len(pending.keys)
-            if start < stop:
-                summary = vadd(summary, _span(pending, start, stop))
-        return summary
+        extra = self._pending_summary(lower, upper)
+        return vadd(summary, extra) if extra is not None else summary
 
     def range_values(self, lower: Cut | None, upper: Cut | None) -> list[Any]:
         """``[count, value of each field]`` between two cuts (see ``NodeTree.range_values``): the
         pending entries inside the bounds go into the same exact sum, rounded once. O(log n + B)."""
+        return self.nodes.range_values(lower, upper, self._pending_summary(lower, upper))
+
+    def _pending_summary(self, lower: Cut | None, upper: Cut | None) -> list[int] | None:
+        """The summary of the pending entries between two cuts, or None when there are none."""
         pending = self.pending
-        extra = None
-        if pending is not None:
-            find = _finder()
-            start = find(pending, *lower) if lower is not None else 0
-            stop = find(pending, *upper) if upper is not None else len(pending.keys)
-            if start < stop:
-                extra = _span(pending, start, stop)
-        return self.nodes.range_values(lower, upper, extra)
+        if pending is None:
+            return None
+        find = _finder()
+        start = find(pending, *lower) if lower is not None else 0
+        stop = find(pending, *upper) if upper is not None else len(pending.keys)
+        return _span(pending, start, stop) if start < stop else None
 
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
