@@ -1013,6 +1013,27 @@ def test_range_values_round_the_exact_sum_once(values: list[float], pending: boo
             assert agg.totals(tx, ge=0).x == math.fsum(values)
 
 
+def test_range_totals_refuses_an_extra_summary_of_the_wrong_shape() -> None:
+    """The extra summary (a tree's pending entries) must be ``[count, S..., F...]`` of ints: another
+    width or type raises, and no value is made up."""
+    assert speedups is not None
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x",), node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, "id", (1.5,)) for key in range(20)])
+    with db.read() as tx:
+        tree = agg._reader(tx, None).nodes
+        assert tree.root is not None
+        node = tree.access.node(tree.root.node_id)
+        args = (node, tree.root.summary, encode_key(3), False, None, False, tx.node, tx.shared, 1)
+        found = speedups.range_totals(*args, [1, 3 << 1073, 1], True)  # one more item of 1.5
+        assert found is not None and found[0] == [18, 27.0]
+        with pytest.raises(ValueError, match="width"):
+            speedups.range_totals(*args, [1, 2], True)
+        with pytest.raises(TypeError):
+            speedups.range_totals(*args, [1, 1.5, 1], True)
+
+
 def test_range_totals_leaves_what_it_cannot_sum_to_python() -> None:
     """Sums beyond the accumulators (~2**2112 units: 2**14 values near the largest float) make the
     kernel answer None; totals then still gives the exact answer, through the Python code."""
@@ -1187,6 +1208,8 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
         lambda: speedups.range_totals(node, [0], None, False, None, False, len, None, 0),  # no cut at all
         lambda: speedups.range_totals(node, [0], "a", False, None, False, len, None, 0),  # type: ignore[arg-type]
         lambda: speedups.range_totals(node, [0], b"a", False, None, False, 3, None, 0),
+        lambda: speedups.range_totals(node, [0], b"a", False, None, False, len, None, 0, None),  # type: ignore[call-arg]
+        lambda: speedups.one_key(1),  # type: ignore[call-arg]
     ]
     for call in calls:
         with pytest.raises(TypeError):

@@ -122,7 +122,11 @@ class Totals:
 
     @classmethod
     def from_values(cls, fields: tuple[str, ...], values: list[Any]) -> Totals:
-        """Build from ``[count, value of each field]`` (``Tree.range_values``)."""
+        """Build from ``[count, value of each field]`` (``Tree.range_values``). O(fields).
+
+        >>> Totals.from_values(("cost", "tokens"), [2, 0.5, 30])
+        Totals(count=2, cost=0.5, tokens=30)
+        """
         totals = cls.__new__(cls)
         totals.count = values[0]
         totals._fields = fields
