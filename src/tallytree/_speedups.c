@@ -1828,6 +1828,28 @@ node_size(PyObject *node, const Image *image)
     return count;
 }
 
+/* Start loading the first lines of a cold child's image: its header and the key prefixes a search
+   bisects (a node of 64 keys: 520 bytes after the object's header). A bisection waits for each of
+   its probes in turn, a miss each on a node out of the CPU caches; loaded up front, the lines come in
+   together, and while they come the caller goes on (the other descent of a range, the release of the
+   parent). A prefetch never faults: lines past a small image's end cost a load, nothing more. */
+#define PREFETCH_LINES 9
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(address) __builtin_prefetch(address)
+#else
+#define PREFETCH(address) ((void)(address)) /* a hint only: other compilers go without */
+#endif
+static void
+prefetch_image(PyObject *blob)
+{
+    if (blob != NULL) {
+        const char *start = (const char *)blob;
+        for (int line = 0; line < PREFETCH_LINES; line++) {
+            PREFETCH(start + 64 * line);
+        }
+    }
+}
+
 /* The child ``index`` of an internal node (a new reference), or NULL with an error set; with its
    image in *hint (borrowed, see node_image_hinted) when the node table knows it, else NULL. */
 static PyObject *
@@ -1845,6 +1867,7 @@ child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher,
         if (fetcher->table != NULL) { /* no int object at all for a node the table holds */
             PyObject *child = table_child(fetcher->table, id, hint);
             if (child != NULL) {
+                prefetch_image(*hint);
                 fetcher->hits++;
                 return child;
             }
