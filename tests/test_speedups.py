@@ -7,10 +7,12 @@ checks that it is built there.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import random
 import sys
+import weakref
 from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -1538,3 +1540,76 @@ def test_descents_take_nodes_and_images_from_a_node_table() -> None:
                     for nodes in (store, as_dict)
                 ]
                 assert answers[0] == answers[1]
+
+
+class Watched(Node):
+    """A committed node that a weak reference can watch (Node has slots, and no ``__weakref__``)."""
+
+    __slots__ = ("__weakref__",)
+
+    @classmethod
+    def copy_of(cls, node: Node) -> Watched:
+        kids = list(node.kids) if not node.leaf else None
+        cols = [list(col) for col in node.cols]
+        copy = cls(node.id, node.leaf, list(node.keys), cols, kids, list(node.shifts))
+        copy.dirty = True
+        copy.freeze()  # committed: its lists made tuples, as decoding makes them
+        return copy
+
+
+@pytest.mark.parametrize("descent", ["rank", "rank_range", "select", "range_totals"])
+def test_descents_keep_the_nodes_a_table_drops_under_them(descent: str) -> None:
+    """A descent borrows the nodes it takes from a NodeTable (see ``fetcher_keep``). When the table
+    drops them while it runs (here a fetch clears it; an eviction or another thread's clear does the
+    same), they stay alive until the descent ends, and are released then; the answer is unchanged."""
+    assert speedups is not None
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x",), node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, key, (key / 3,)) for key in range(300)])
+    with db.read() as tx:
+        record = tx.root(agg._tree_key(None))
+        assert record is not None
+        root, summary = Watched.copy_of(tx.node(record.node_id)), record.summary
+        ids, frontier = [], [root]
+        while frontier:  # every node below the root
+            kids = [tx.node(kid) for node in frontier if not node.leaf for kid in node.kids]
+            ids += [kid.id for kid in kids]
+            frontier = kids
+        low, high = encode_key(10), encode_key(200)
+
+        def run(fetch: Any, nodes: Any) -> Any:
+            if descent == "rank":
+                return speedups.rank(root, high, False, fetch, nodes)[0]
+            if descent == "rank_range":
+                return speedups.rank_range(root, low, False, high, True, fetch, nodes)[:2]
+            if descent == "select":
+                leaf, at, _ = speedups.select(root, 137, fetch, nodes)
+                return leaf.keys[at]
+            return speedups.range_totals(root, summary, low, False, high, False, fetch, nodes, 1)[0]
+
+        expected = run(tx.node, None)
+        table = speedups.NodeTable(10_000)
+        for node_id in ids:
+            table.put(Watched.copy_of(tx.node(node_id)))
+        watches = [weakref.ref(table.get(node_id)) for node_id in ids]
+        for _ in range(3):  # every node searched enough to have its image, learnt by the table
+            assert run(tx.node, table) == expected
+        leaves = [node_id for node_id in ids if tx.node(node_id).leaf]
+        for node_id in leaves:  # every leaf fetched: the first fetch clears the table
+            table.discard(node_id)
+        alive_during: list[int] = []
+
+        def clearing_fetch(node_id: int) -> Node:
+            if not alive_during:
+                table.clear()
+                gc.collect()
+                alive_during.append(sum(watch() is not None for watch in watches))
+            return tx.node(node_id)
+
+        assert run(clearing_fetch, table) == expected
+        assert len(table) == 0
+        internal = len(ids) - len(leaves)
+        assert alive_during == [internal]  # dropped by the table, kept for the descent
+        gc.collect()
+        assert [watch() for watch in watches] == [None] * len(ids)  # and released when it ended

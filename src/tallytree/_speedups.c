@@ -1442,7 +1442,14 @@ node_bisect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
 
    The table holds strong references to its nodes and their images. It is not tracked by the cyclic
    garbage collector: a node refers to bytes, ints, floats and tuples of those, never to a table, so
-   no cycle can pass through one. Every change completes before a reference is released. */
+   no cycle can pass through one. Every change completes before a reference is released.
+
+   A descent borrows the nodes it takes from the table: taking a reference would write to each node
+   object, a cache miss per level on a large tree, for nothing the descent needs (it reads the
+   image). While a descent runs, the table is *pinned* (``pins``): a node it drops then (an eviction
+   by a fetch, or another thread's put, discard or clear while the descent waits for the GIL) goes
+   to the ``buried`` list with its image instead of being released, and the last descent to end
+   releases them. */
 
 typedef struct {
     uint64_t id; /* 0: empty (node ids start at 1) */
@@ -1463,6 +1470,9 @@ typedef struct {
     uint64_t puts;  /* puts so far */
     Queued *ring;   /* puts in order, from ring[head] on, ``queued`` of them */
     size_t ring_size, head, queued;
+    Py_ssize_t pins;       /* descents running on borrowed nodes */
+    PyObject **buried;     /* references dropped while pinned, released when the last pin goes */
+    Py_ssize_t nburied, buried_size;
 } NodeTable;
 
 static PyTypeObject NodeTableType;
@@ -1628,6 +1638,54 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)table;
 }
 
+/* Release a reference the table dropped, or keep it until the last pin goes (see above). Should
+   the list fail to grow (no memory), the reference is kept for good: a leak, not a freed node under
+   a descent. */
+static void
+table_release(NodeTable *table, PyObject *reference)
+{
+    if (reference == NULL) {
+        return;
+    }
+    if (table->pins == 0) {
+        Py_DECREF(reference);
+        return;
+    }
+    if (table->nburied == table->buried_size) {
+        Py_ssize_t size = table->buried_size < 16 ? 16 : 2 * table->buried_size;
+        PyObject **grown = PyMem_Realloc(table->buried, (size_t)size * sizeof(PyObject *));
+        if (grown == NULL) {
+            return;
+        }
+        table->buried = grown;
+        table->buried_size = size;
+    }
+    table->buried[table->nburied++] = reference;
+}
+
+static void
+table_pin(NodeTable *table)
+{
+    table->pins++;
+}
+
+/* End a descent: the last one releases what the table dropped meanwhile. */
+static void
+table_unpin(NodeTable *table)
+{
+    if (--table->pins > 0 || table->nburied == 0) {
+        return;
+    }
+    PyObject **buried = table->buried;
+    Py_ssize_t count = table->nburied;
+    table->buried = NULL;
+    table->nburied = table->buried_size = 0;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        Py_DECREF(buried[index]);
+    }
+    PyMem_Free(buried);
+}
+
 /* Forget every node: the slots are detached first, then their references released. */
 static void
 table_drop_all(NodeTable *table)
@@ -1640,8 +1698,8 @@ table_drop_all(NodeTable *table)
     table->head = table->queued = 0;
     for (size_t index = 0; index < size; index++) {
         if (slots[index].id != 0) {
-            Py_DECREF(slots[index].node);
-            Py_XDECREF(slots[index].blob);
+            table_release(table, slots[index].node);
+            table_release(table, slots[index].blob);
         }
     }
     PyMem_Free(slots);
@@ -1650,8 +1708,9 @@ table_drop_all(NodeTable *table)
 static void
 table_dealloc(NodeTable *table)
 {
-    table_drop_all(table);
+    table_drop_all(table); /* never pinned here: a descent holds a reference to the table */
     PyMem_Free(table->ring);
+    PyMem_Free(table->buried);
     Py_TYPE(table)->tp_free((PyObject *)table);
 }
 
@@ -1675,8 +1734,8 @@ table_discard(NodeTable *table, PyObject *key)
     uint64_t id;
     PyObject *node, *blob;
     if (table_id(key, &id) && table_take(table, id, &node, &blob)) {
-        Py_DECREF(node);
-        Py_XDECREF(blob);
+        table_release(table, node);
+        table_release(table, blob);
     }
     Py_RETURN_NONE;
 }
@@ -1711,8 +1770,8 @@ table_put(NodeTable *table, PyObject *node)
         PyObject *old = slot->node, *blob = slot->blob;
         slot->node = Py_NewRef(node);
         slot->blob = NULL;
-        Py_DECREF(old);
-        Py_XDECREF(blob);
+        table_release(table, old);
+        table_release(table, blob);
         Py_RETURN_NONE;
     }
     if ((size_t)(table->used + 1) * 2 > (table->slots == NULL ? 0 : table->mask + 1)) {
@@ -1736,8 +1795,8 @@ table_put(NodeTable *table, PyObject *node)
         table->queued--;
         PyObject *evicted, *blob;
         if (is_live(table, oldest) && table_take(table, oldest.id, &evicted, &blob)) {
-            Py_DECREF(evicted);
-            Py_XDECREF(blob);
+            table_release(table, evicted);
+            table_release(table, blob);
         }
     }
     Py_RETURN_NONE;
@@ -1772,8 +1831,8 @@ static PyTypeObject NodeTableType = {
     .tp_new = table_new,
 };
 
-/* The node ``id`` from the table, a new reference, with its image (borrowed: the node holds it too)
-   in *blob when it has one; NULL (no error) when the table does not hold it. */
+/* The node ``id`` from the table (borrowed: the caller has pinned the table), with its image
+   (borrowed too) in *blob when it has one; NULL (no error) when the table does not hold it. */
 static PyObject *
 table_child(NodeTable *table, uint64_t id, PyObject **blob)
 {
@@ -1781,7 +1840,7 @@ table_child(NodeTable *table, uint64_t id, PyObject **blob)
     if (slot == NULL) {
         return NULL;
     }
-    PyObject *node = Py_NewRef(slot->node);
+    PyObject *node = slot->node;
     if (slot->blob == NULL) { /* learn the image once the node has one (its second search) */
         *blob = NULL;
         PyObject *found = PyObject_GetAttr(node, blob_name);
@@ -1810,10 +1869,29 @@ table_child(NodeTable *table, uint64_t id, PyObject **blob)
 
 typedef struct {
     PyObject *nodes;  /* a dict, or NULL */
-    NodeTable *table; /* or a NodeTable, or NULL */
+    NodeTable *table; /* or a NodeTable (pinned while the descent runs), or NULL */
     PyObject *fetch;
     Py_ssize_t hits;
+    PyObject *kept;   /* a list of the nodes taken from ``nodes`` or ``fetch``, or NULL */
 } Fetcher;
+
+/* Keep ``node`` (a reference this consumes) until the descent ends: the node, borrowed, or NULL
+   with an error set (and NULL given: NULL). A descent holds no reference of its own to the nodes it
+   passes through (see NodeTable): those of the table stay alive while it is pinned, these here. */
+static PyObject *
+fetcher_keep(Fetcher *fetcher, PyObject *node)
+{
+    if (node == NULL) {
+        return NULL;
+    }
+    if (fetcher->kept == NULL && (fetcher->kept = PyList_New(0)) == NULL) {
+        Py_DECREF(node);
+        return NULL;
+    }
+    int failed = PyList_Append(fetcher->kept, node);
+    Py_DECREF(node);
+    return failed ? NULL : node;
+}
 
 /* The number of keys of a node; -1 with an error set. */
 static Py_ssize_t
@@ -1850,8 +1928,8 @@ prefetch_image(PyObject *blob)
     }
 }
 
-/* The child ``index`` of an internal node (a new reference), or NULL with an error set; with its
-   image in *hint (borrowed, see node_image_hinted) when the node table knows it, else NULL. */
+/* The child ``index`` of an internal node (borrowed: see fetcher_keep), or NULL with an error set;
+   with its image in *hint (borrowed, see node_image_hinted) when the node table knows it, else NULL. */
 static PyObject *
 child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher, PyObject **hint)
 {
@@ -1899,7 +1977,7 @@ child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher,
         if (child != NULL) {
             fetcher->hits++;
             Py_DECREF(kid);
-            return Py_NewRef(child);
+            return fetcher_keep(fetcher, Py_NewRef(child));
         }
         if (PyErr_Occurred()) {
             Py_DECREF(kid);
@@ -1908,7 +1986,7 @@ child_of(PyObject *node, const Image *image, Py_ssize_t index, Fetcher *fetcher,
     }
     PyObject *child = PyObject_CallOneArg(fetcher->fetch, kid);
     Py_DECREF(kid);
-    return child;
+    return fetcher_keep(fetcher, child);
 }
 
 /* The items in the children before ``index`` of an internal node (node.counts()[index]). */
@@ -1949,7 +2027,7 @@ child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size
 
 /* ``count`` descents (one rank, or the two cuts of a range below the node where they part):
    ``ranks[side]`` grows by the number of entries < cuts[side] (<= when afters[side]) below
-   nodes[side] (references this consumes). Two step down level by level in turn, each level opening
+   nodes[side] (borrowed). Two step down level by level in turn, each level opening
    both images before searching either: the cache misses of one descent's next node (its object, its
    image's first line) are then under way while the other one works, where one descent after the
    other waits for each miss in turn. 0, or -1 with an error set. */
@@ -1988,7 +2066,7 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
                 }
                 else {
                     ranks[side] += before;
-                    Py_SETREF(nodes[side], child);
+                    nodes[side] = child;
                 }
             }
             image_release(image);
@@ -1996,7 +2074,6 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
     }
     for (int side = 0; side < count; side++) {
         image_release(&images[side]);
-        Py_DECREF(nodes[side]);
     }
     return failed ? -1 : 0;
 }
@@ -2013,7 +2090,21 @@ fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
     fetcher->nodes = nodes == Py_None || table ? NULL : nodes;
     fetcher->table = table ? (NodeTable *)nodes : NULL;
     fetcher->hits = 0;
+    fetcher->kept = NULL;
+    if (fetcher->table != NULL) {
+        table_pin(fetcher->table);
+    }
     return 0;
+}
+
+/* End a descent begun by fetcher_from: unpin the table, release the nodes kept. */
+static void
+fetcher_end(Fetcher *fetcher)
+{
+    if (fetcher->table != NULL) {
+        table_unpin(fetcher->table);
+    }
+    Py_CLEAR(fetcher->kept);
 }
 
 /* The child of an internal node whose subtree holds entry ``*index`` of the node's subtree (the last
@@ -2083,26 +2174,21 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     if ((index == -1 && PyErr_Occurred()) || fetcher_from(args[2], args[3], &fetcher) < 0) {
         return NULL;
     }
-    PyObject *node = Py_NewRef(args[0]), *hint = NULL;
-    for (;;) {
+    PyObject *node = args[0], *hint = NULL, *result = NULL;
+    while (node != NULL) {
         Image image;
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf != 0) {
             image_release(&image);
-            if (leaf < 0) {
-                Py_DECREF(node);
-                return NULL;
-            }
-            return Py_BuildValue("(Nnn)", node, index, fetcher.hits);
+            result = leaf < 0 ? NULL : Py_BuildValue("(Onn)", node, index, fetcher.hits);
+            break;
         }
         Py_ssize_t child = child_by_count(node, &image, &index);
-        PyObject *next = child < 0 ? NULL : child_of(node, &image, child, &fetcher, &hint);
+        node = child < 0 ? NULL : child_of(node, &image, child, &fetcher, &hint);
         image_release(&image);
-        Py_SETREF(node, next);
-        if (node == NULL) {
-            return NULL;
-        }
     }
+    fetcher_end(&fetcher);
+    return result;
 }
 
 /* rank(node, key, after, fetch, nodes) -> (rank, hits) */
@@ -2118,14 +2204,13 @@ tree_rank(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if (after < 0 || fetcher_from(args[3], args[4], &fetcher) < 0) {
         return NULL;
     }
-    PyObject *nodes[1] = {Py_NewRef(args[0])}, *hints[1] = {NULL};
+    PyObject *nodes[1] = {args[0]}, *hints[1] = {NULL};
     const char *cuts[1] = {PyBytes_AS_STRING(args[1])};
     Py_ssize_t sizes[1] = {PyBytes_GET_SIZE(args[1])}, ranks[1] = {0};
     int afters[1] = {after};
-    if (descend(1, nodes, hints, cuts, sizes, afters, ranks, &fetcher) < 0) {
-        return NULL;
-    }
-    return Py_BuildValue("nn", ranks[0], fetcher.hits);
+    int failed = descend(1, nodes, hints, cuts, sizes, afters, ranks, &fetcher) < 0;
+    fetcher_end(&fetcher);
+    return failed ? NULL : Py_BuildValue("nn", ranks[0], fetcher.hits);
 }
 
 /* rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits): the two
@@ -2144,62 +2229,53 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     }
     const char *low = PyBytes_AS_STRING(args[1]), *high = PyBytes_AS_STRING(args[3]);
     Py_ssize_t low_size = PyBytes_GET_SIZE(args[1]), high_size = PyBytes_GET_SIZE(args[3]);
-    PyObject *node = Py_NewRef(args[0]), *hint = NULL;
+    PyObject *node = args[0], *hint = NULL, *result = NULL;
     Py_ssize_t base = 0;
-    Image image = {.blob = NULL};
-    for (;;) {
+    while (node != NULL) {
+        Image image;
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
+            image_release(&image);
             break;
         }
         if (leaf) {
             Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
             Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
             image_release(&image);
-            Py_DECREF(node);
-            return stop < 0 ? NULL : Py_BuildValue("nnn", base + start, base + stop, fetcher.hits);
+            result = stop < 0 ? NULL : Py_BuildValue("nnn", base + start, base + stop, fetcher.hits);
+            break;
         }
         Py_ssize_t index = child_index(node, &image, low, low_size);
         Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
-        Py_ssize_t before;
-        if (other < 0 || count_before(node, &image, index, &before) < 0) {
+        Py_ssize_t before, at_other;
+        if (other < 0 || count_before(node, &image, index, &before) < 0 ||
+            (index != other && count_before(node, &image, other, &at_other) < 0)) {
+            image_release(&image);
             break;
         }
         if (index != other) {
-            Py_ssize_t at_other;
-            if (count_before(node, &image, other, &at_other) < 0) {
-                break;
-            }
             PyObject *hints[2] = {NULL, NULL};
             PyObject *low_child = child_of(node, &image, index, &fetcher, &hints[0]);
             PyObject *high_child = low_child == NULL ? NULL : child_of(node, &image, other, &fetcher, &hints[1]);
             image_release(&image);
-            Py_DECREF(node);
             if (high_child == NULL) {
-                Py_XDECREF(low_child);
-                return NULL;
+                break;
             }
             PyObject *pair[2] = {low_child, high_child};
             const char *cuts[2] = {low, high};
             Py_ssize_t cut_sizes[2] = {low_size, high_size}, ranks[2] = {0, 0};
             int afters[2] = {low_after, high_after};
-            if (descend(2, pair, hints, cuts, cut_sizes, afters, ranks, &fetcher) < 0) {
-                return NULL;
+            if (descend(2, pair, hints, cuts, cut_sizes, afters, ranks, &fetcher) == 0) {
+                result = Py_BuildValue("nnn", base + before + ranks[0], base + at_other + ranks[1], fetcher.hits);
             }
-            return Py_BuildValue("nnn", base + before + ranks[0], base + at_other + ranks[1], fetcher.hits);
+            break;
         }
         base += before;
-        PyObject *child = child_of(node, &image, index, &fetcher, &hint);
+        node = child_of(node, &image, index, &fetcher, &hint);
         image_release(&image);
-        Py_DECREF(node);
-        node = child;
-        if (node == NULL) {
-            return NULL;
-        }
     }
-    image_release(&image);
-    Py_DECREF(node);
-    return NULL;
+    fetcher_end(&fetcher);
+    return result;
 }
 
 /* ------------------------------------------------------------------ exact sums */
@@ -2993,7 +3069,7 @@ add_span(Total *total, PyObject *leaf, const Image *image, Py_ssize_t start, Py_
    (subtracted). Each level adds the rows before the child taken; the leaf adds ``before`` and its
    entries before the cut, or ``after`` minus its entries from the cut, whichever span is shorter. */
 typedef struct {
-    PyObject *node; /* owned */
+    PyObject *node; /* borrowed (see fetcher_keep) */
     PyObject *hint; /* the node's image if known, borrowed (see node_image_hinted), or NULL */
     Row before, after;
     const char *key;
@@ -3006,7 +3082,7 @@ static void
 walk_start(Walk *walk, PyObject *node, const char *key, Py_ssize_t size, int key_after, int sign)
 {
     memset(walk, 0, sizeof(*walk));
-    walk->node = node; /* consumed */
+    walk->node = node;
     walk->key = key;
     walk->size = size;
     walk->key_after = key_after;
@@ -3017,7 +3093,7 @@ static void
 walk_release(Walk *walk)
 {
     image_release(&walk->image);
-    Py_CLEAR(walk->node);
+    walk->node = NULL;
     row_release(&walk->before);
     row_release(&walk->after);
 }
@@ -3064,7 +3140,7 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
     if (child == NULL) {
         return -1;
     }
-    Py_SETREF(walk->node, child);
+    walk->node = child;
     return 0;
 }
 
@@ -3097,7 +3173,7 @@ walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
     return status;
 }
 
-/* The shared path of a two-sided range sum, from ``node`` (a reference this consumes): down to the
+/* The shared path of a two-sided range sum, from ``node`` (borrowed): down to the
    node where the cuts part, then both walks in step; or, when both cuts end in one leaf, its part on
    its shorter side (the span between them, or the whole leaf as its parent knows it minus both
    ends). 0, 1 when a value is left to Python, -1 with an error set. */
@@ -3131,7 +3207,6 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
             PyObject *high_kid = child_of(node, &image, other, fetcher, &high_hint);
             PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, fetcher, &low_hint);
             if (low_kid == NULL) {
-                Py_XDECREF(high_kid);
                 goto finish;
             }
             walk_start(&walks[0], high_kid, high, high_size, high_after, 1);
@@ -3155,7 +3230,7 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
             goto finish;
         }
         image_release(&image);
-        Py_SETREF(node, child);
+        node = child;
     }
     Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
     Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
@@ -3177,7 +3252,6 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
     }
 finish:
     image_release(&image);
-    Py_DECREF(node);
     return status;
 }
 
@@ -3201,17 +3275,17 @@ range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     }
     int low_after = PyObject_IsTrue(args[3]), high_after = PyObject_IsTrue(args[5]);
     int values = nargs == 11 ? PyObject_IsTrue(args[10]) : 0;
-    if (low_after < 0 || high_after < 0 || values < 0 || fetcher_from(args[6], args[7], &fetcher) < 0 ||
+    if (low_after < 0 || high_after < 0 || values < 0 ||
         size_argument(args[8], "range_totals(): fields", &fields) < 0) {
         return NULL;
     }
     Total total;
-    if (total_start(&total, fields) < 0) {
+    if (total_start(&total, fields) < 0 || fetcher_from(args[6], args[7], &fetcher) < 0) { /* pins: last */
         total_end(&total);
         return NULL;
     }
     Row before = {NULL}, after = {.python = Py_NewRef(args[1])};
-    PyObject *node = Py_NewRef(args[0]);
+    PyObject *node = args[0];
     int status;
     if (args[2] == Py_None || args[4] == Py_None) { /* one cut: its walk from the root */
         int upper = args[2] == Py_None;
@@ -3239,6 +3313,7 @@ range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         Row extra = {.python = args[9]};
         status = add_row(&total, &extra, 1);
     }
+    fetcher_end(&fetcher);
     PyObject *result = NULL;
     if (status == 0) {
         PyObject *summary = values ? total_values(&total) : total_summary(&total);
