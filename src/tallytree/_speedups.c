@@ -31,7 +31,9 @@ the Python code and gives the same answers):
 * ``NodeTable``: the store of the shared node cache (``_store.NodeCache``; ``_store.NodeDict`` is its
   Python twin): nodes by id in an open-addressing table whose slots also hold each node's image, so
   that a descent takes a cold child in about one cache line, where a dict costs its index, its entry,
-  the stored key (an int object the lookup compares) and then the node object;
+  the stored key (an int object the lookup compares) and then the node object. A descent borrows
+  the nodes it takes from it (the table is pinned meanwhile) and starts loading each child's image
+  as soon as the table names it, so the node objects themselves are not touched at all;
 * ``rank``, ``rank_range`` and ``select``: the descents of ``_btree.NodeTree`` (a rank; two ranks
   sharing their path, then descending in step; the leaf and position of an entry by its index) in
   one call each, children taken from the shared node cache (a NodeTable, or a dict) when the caller
