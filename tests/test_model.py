@@ -36,6 +36,7 @@ from tallytree import (
     Position,
     Totals,
 )
+from tallytree._db import DEFAULT_CACHE_NODES
 
 FIELDS = ("x", "y")
 
@@ -408,14 +409,18 @@ class AggregateMachine(RuleBasedStateMachine):
 
     # -------------------------------------------------------------- setup
 
-    @initialize(node_size=st.integers(4, 9))
-    def open_database(self, node_size: int) -> None:
+    # a node cache of a few nodes evicts during every read: the C descents then meet nodes fetched
+    # and nodes the cache drops under them (see NodeTable in _speedups.c)
+    @initialize(node_size=st.integers(4, 9), cache_nodes=st.sampled_from([3, 12, DEFAULT_CACHE_NODES]))
+    def open_database(self, node_size: int, cache_nodes: int) -> None:
         if self.backend == "lmdb":
             self.directory = tempfile.mkdtemp(prefix="tallytree-model-")
             # a small map, so that the map also grows during the run
-            self.db = tallytree.open(f"{self.directory}/db", map_size=128 * 1024, durable=False)
+            self.db = tallytree.open(
+                f"{self.directory}/db", map_size=128 * 1024, durable=False, cache_nodes=cache_nodes
+            )
         else:
-            self.db = tallytree.open_memory()
+            self.db = tallytree.open_memory(cache_nodes=cache_nodes)
         self.aggregate = self.db.aggregate("agg", values=FIELDS, node_size=node_size)
         self.bystander = self.db.aggregate("bystander", node_size=4)
         with self.db.write() as tx:
