@@ -1511,15 +1511,21 @@ def test_node_table_of_no_capacity_keeps_nothing() -> None:
     assert len(table) == 0 and table.get(1) is None
 
 
+def _small_tree() -> tuple[tallytree.Database, tallytree.Aggregate]:
+    """300 items with a float field in nodes of 4: a tree of five levels."""
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x",), node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, key, (key / 3,)) for key in range(300)])
+    return db, agg
+
+
 def test_descents_take_nodes_and_images_from_a_node_table() -> None:
     """rank, rank_range, select and range_totals through a NodeTable give what they give through a
     dict, as nodes get their images (the table learns each image on the lookup after it is built),
     and count the same cache hits."""
     assert speedups is not None
-    db = tallytree.open_memory()
-    agg = db.aggregate("a", values=("x",), node_size=4)
-    with db.write() as tx:
-        agg.insert_many(tx, [(key, key, (key / 3,)) for key in range(300)])
+    db, agg = _small_tree()
     with db.read() as tx:
         record = tx.root(agg._tree_key(None))
         assert record is not None and not record.pending
@@ -1563,10 +1569,7 @@ def test_descents_keep_the_nodes_a_table_drops_under_them(descent: str) -> None:
     drops them while it runs (here a fetch clears it; an eviction or another thread's clear does the
     same), they stay alive until the descent ends, and are released then; the answer is unchanged."""
     assert speedups is not None
-    db = tallytree.open_memory()
-    agg = db.aggregate("a", values=("x",), node_size=4)
-    with db.write() as tx:
-        agg.insert_many(tx, [(key, key, (key / 3,)) for key in range(300)])
+    db, agg = _small_tree()
     with db.read() as tx:
         record = tx.root(agg._tree_key(None))
         assert record is not None
