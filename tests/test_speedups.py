@@ -1616,3 +1616,28 @@ def test_descents_keep_the_nodes_a_table_drops_under_them(descent: str) -> None:
         assert alive_during == [internal]  # dropped by the table, kept for the descent
         gc.collect()
         assert [watch() for watch in watches] == [None] * len(ids)  # and released when it ended
+
+
+def test_descents_keep_any_number_of_fetched_nodes() -> None:
+    """A descent keeps the nodes it fetches until it ends, 16 in the Fetcher itself and the rest on
+    the heap: two cuts parting at the root of a tree of ten levels fetch 18."""
+    assert speedups is not None
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x",), node_size=4)
+    keys = list(range(30_000))
+    random.Random(1).shuffle(keys)  # nodes about 3/4 full: a deeper tree than sorted inserts make
+    with db.write() as tx:
+        for key in keys:
+            agg.insert(tx, key, key, (key,))
+    with db.read() as tx:
+        record = tx.root(agg._tree_key(None))
+        assert record is not None and record.height >= 10
+        root = tx.node(record.node_id)
+        for low, high in ((10, 29_990), (1, 15_000), (14_999, 15_001)):
+            cuts = (encode_key(low), False, encode_key(high), False)
+            assert speedups.rank_range(root, *cuts, tx.node, None)[:2] == (
+                low,
+                high,
+            )  # None: every node fetched
+            found = speedups.range_totals(root, record.summary, *cuts, tx.node, None, 1, None, True)
+            assert found is not None and found[0] == [high - low, sum(range(low, high))]

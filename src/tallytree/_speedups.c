@@ -1874,7 +1874,9 @@ typedef struct {
     NodeTable *table; /* or a NodeTable (pinned while the descent runs), or NULL */
     PyObject *fetch;
     Py_ssize_t hits;
-    PyObject *kept;   /* a list of the nodes taken from ``nodes`` or ``fetch``, or NULL */
+    /* the nodes taken from ``nodes`` or ``fetch`` (references): in ``local``, then on the heap */
+    PyObject **kept, *local[16];
+    Py_ssize_t nkept, kept_size;
 } Fetcher;
 
 /* Keep ``node`` (a reference this consumes) until the descent ends: the node, borrowed, or NULL
@@ -1886,13 +1888,23 @@ fetcher_keep(Fetcher *fetcher, PyObject *node)
     if (node == NULL) {
         return NULL;
     }
-    if (fetcher->kept == NULL && (fetcher->kept = PyList_New(0)) == NULL) {
-        Py_DECREF(node);
-        return NULL;
+    if (fetcher->nkept == fetcher->kept_size) {
+        Py_ssize_t size = 2 * fetcher->kept_size;
+        PyObject **grown = PyMem_Malloc((size_t)size * sizeof(PyObject *));
+        if (grown == NULL) {
+            Py_DECREF(node);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memcpy(grown, fetcher->kept, (size_t)fetcher->nkept * sizeof(PyObject *));
+        if (fetcher->kept != fetcher->local) {
+            PyMem_Free(fetcher->kept);
+        }
+        fetcher->kept = grown;
+        fetcher->kept_size = size;
     }
-    int failed = PyList_Append(fetcher->kept, node);
-    Py_DECREF(node);
-    return failed ? NULL : node;
+    fetcher->kept[fetcher->nkept++] = node;
+    return node;
 }
 
 /* The number of keys of a node; -1 with an error set. */
@@ -2092,7 +2104,9 @@ fetcher_from(PyObject *fetch, PyObject *nodes, Fetcher *fetcher)
     fetcher->nodes = nodes == Py_None || table ? NULL : nodes;
     fetcher->table = table ? (NodeTable *)nodes : NULL;
     fetcher->hits = 0;
-    fetcher->kept = NULL;
+    fetcher->kept = fetcher->local;
+    fetcher->nkept = 0;
+    fetcher->kept_size = (Py_ssize_t)(sizeof(fetcher->local) / sizeof(fetcher->local[0]));
     if (fetcher->table != NULL) {
         table_pin(fetcher->table);
     }
@@ -2106,7 +2120,14 @@ fetcher_end(Fetcher *fetcher)
     if (fetcher->table != NULL) {
         table_unpin(fetcher->table);
     }
-    Py_CLEAR(fetcher->kept);
+    for (Py_ssize_t index = 0; index < fetcher->nkept; index++) {
+        Py_DECREF(fetcher->kept[index]);
+    }
+    if (fetcher->kept != fetcher->local) {
+        PyMem_Free(fetcher->kept);
+    }
+    fetcher->kept = fetcher->local;
+    fetcher->nkept = 0;
 }
 
 /* The child of an internal node whose subtree holds entry ``*index`` of the node's subtree (the last
