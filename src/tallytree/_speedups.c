@@ -2209,6 +2209,10 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         Py_ssize_t child = child_by_count(node, &image, &index);
         node = child < 0 ? NULL : child_of(node, &image, child, &fetcher, &hint);
         image_release(&image);
+        if (node != NULL) { /* the leaf is returned, and read: its object's lines come in meanwhile */
+            PREFETCH((const char *)node);
+            PREFETCH((const char *)node + 64);
+        }
     }
     fetcher_end(&fetcher);
     return result;
