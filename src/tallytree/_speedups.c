@@ -33,7 +33,8 @@ the Python code and gives the same answers):
   that a descent takes a cold child in about one cache line, where a dict costs its index, its entry,
   the stored key (an int object the lookup compares) and then the node object. A descent borrows
   the nodes it takes from it (the table is pinned meanwhile) and starts loading each child's image
-  as soon as the table names it, so the node objects themselves are not touched at all;
+  as soon as the table names it: a descent touches no node object (``select`` loads the one it
+  returns);
 * ``rank``, ``rank_range`` and ``select``: the descents of ``_btree.NodeTree`` (a rank; two ranks
   sharing their path, then descending in step; the leaf and position of an entry by its index) in
   one call each, children taken from the shared node cache (a NodeTable, or a dict) when the caller
@@ -1641,8 +1642,8 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 /* Release a reference the table dropped, or keep it until the last pin goes (see above). Should
-   the list fail to grow (no memory), the reference is kept for good: a leak, not a freed node under
-   a descent. */
+   ``buried`` fail to grow (no memory), the reference is kept for good: a leak, not a freed node
+   under a descent. */
 static void
 table_release(NodeTable *table, PyObject *reference)
 {
@@ -2042,9 +2043,9 @@ child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size
 /* ``count`` descents (one rank, or the two cuts of a range below the node where they part):
    ``ranks[side]`` grows by the number of entries < cuts[side] (<= when afters[side]) below
    nodes[side] (borrowed). Two step down level by level in turn, each level opening
-   both images before searching either: the cache misses of one descent's next node (its object, its
-   image's first line) are then under way while the other one works, where one descent after the
-   other waits for each miss in turn. 0, or -1 with an error set. */
+   both images before searching either: the cache misses of one descent's next node (its table slot,
+   its image's first lines) are then under way while the other one works, where one descent after
+   the other waits for each miss in turn. 0, or -1 with an error set. */
 static int
 descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], const Py_ssize_t sizes[],
         const int afters[], Py_ssize_t ranks[], Fetcher *fetcher)
@@ -3173,7 +3174,7 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
 
 /* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
    in turn, each level opening every walk's image before searching any: the cache misses of one
-   walk's next node (its object, its image's first line) are then under way while the other works,
+   walk's next node (its table slot, its image's first lines) are then under way while the other works,
    where one walk after the other waits for each miss in turn. Releases the walks. 0, 1 when a value
    is left to Python, -1 with an error set. */
 static int
