@@ -638,6 +638,61 @@ def test_readers_in_many_threads_while_the_map_grows_again_and_again(tmp_path: P
         sys.setswitchinterval(previous)
 
 
+def test_bounded_reads_in_many_threads_through_a_tiny_node_cache(tmp_path: Path) -> None:
+    """Readers' C descents borrow the nodes of the shared node cache (see NodeTable in _speedups.c).
+    With a cache of six nodes, each read fetches most of its path, every fetch evicts a node another
+    thread's descent may stand on, and a commit drops the nodes it replaced; with threads switching
+    as often as CPython allows, every bounded answer still matches its snapshot."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with tallytree.open(tmp_path / "db", durable=False, cache_nodes=6) as db:
+            events = db.aggregate("events", values=("v",), node_size=4)
+            done = threading.Event()
+            failures: list[BaseException] = []
+            reads = [0] * 4
+
+            def reader(slot: int) -> None:
+                rng = random.Random(slot)
+                try:
+                    while not done.is_set():
+                        with db.read() as tx:
+                            total = events.count(tx)  # keys 0 .. total - 1, one item each
+                            if not total:
+                                continue
+                            low, high = sorted(rng.randrange(total + 1) for _ in range(2))
+                            assert events.count(tx, ge=low, lt=high) == high - low
+                            found = events.totals(tx, ge=low, lt=high)
+                            assert found.count == high - low and found.v == sum(range(low, high))
+                            index = rng.randrange(total)
+                            assert events.at(tx, index).key == index
+                            assert events.rank(tx, index) == index
+                        reads[slot] += 1
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=reader, args=(slot,)) for slot in range(4)]
+            for thread in threads:
+                thread.start()
+            try:
+                for batch in range(30):
+                    with db.write() as tx:  # in random order: nodes all over the tree are replaced
+                        keys = list(range(batch * 100, (batch + 1) * 100))
+                        random.Random(batch).shuffle(keys)
+                        for key in keys:
+                            events.insert(tx, key, "id", (key,))
+            finally:
+                done.set()
+                for thread in threads:
+                    thread.join(30)
+            assert failures == []
+            assert all(reads), "every reader read"
+            with db.read() as tx:
+                assert events.count(tx) == 3_000 and tallytree.check(tx) == []
+    finally:
+        sys.setswitchinterval(previous)
+
+
 # ================================================================== other processes
 
 WRITER = """
