@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -589,53 +590,63 @@ def test_a_growing_writer_gives_up_on_a_reader_that_stays_open(
             events.insert_many(tx, [(n, "id") for n in range(5000)])
 
 
+def _read_while_writing(read: Callable[[int], None], write: Callable[[], None]) -> None:
+    """Run ``read(slot)`` over and over in four threads while ``write()`` runs, with threads switching
+    as often as CPython allows; every reader must read at least once and never fail."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    done = threading.Event()
+    failures: list[BaseException] = []
+    reads = [0] * 4
+
+    def reader(slot: int) -> None:
+        try:
+            while not done.is_set():
+                read(slot)
+                reads[slot] += 1
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(slot,)) for slot in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        write()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(30)
+        sys.setswitchinterval(previous)
+    assert failures == []
+    assert all(reads), "every reader read"
+
+
 def test_readers_in_many_threads_while_the_map_grows_again_and_again(tmp_path: Path) -> None:
     """Transactions join and leave the list of open ones without a lock, and a growing writer waits
     for that list to empty while new transactions wait for the growth: with threads switching as
     often as CPython allows, no reader fails or sees a torn snapshot, every growth commits, and no
     transaction is left counted as open."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    path = tmp_path / "db"
-    try:
-        with tallytree.open(path, map_size=64 * 1024, durable=False) as db:
-            events = db.aggregate("events", values=("v",))
-            done = threading.Event()
-            failures: list[BaseException] = []
-            reads = [0] * 4
+    with tallytree.open(tmp_path / "db", map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events", values=("v",))
+        last = [0] * 4
 
-            def reader(slot: int) -> None:
-                last = 0
-                try:
-                    while not done.is_set():
-                        with db.read() as tx:
-                            totals = events.totals(tx)
-                        # every batch inserts 500 items of value 1: a snapshot holds whole batches
-                        assert totals.count % 500 == 0 and totals.v == totals.count >= last
-                        last = totals.count
-                        reads[slot] += 1
-                except BaseException as exc:
-                    failures.append(exc)
-
-            threads = [threading.Thread(target=reader, args=(slot,)) for slot in range(4)]
-            for thread in threads:
-                thread.start()
-            try:
-                for batch in range(40):
-                    with db.write() as tx:
-                        events.insert_many(tx, [(batch * 500 + n, "id", (1,)) for n in range(500)])
-            finally:
-                done.set()
-                for thread in threads:
-                    thread.join(30)
-            assert failures == []
-            assert all(reads), "every reader read"
-            assert db._backend._open == []
-            assert db._backend.env.info()["map_size"] >= 8 * 64 * 1024, "the map grew three times or more"
+        def read(slot: int) -> None:
             with db.read() as tx:
-                assert events.count(tx) == 20_000 and tallytree.check(tx) == []
-    finally:
-        sys.setswitchinterval(previous)
+                totals = events.totals(tx)
+            # every batch inserts 500 items of value 1: a snapshot holds whole batches
+            assert totals.count % 500 == 0 and totals.v == totals.count >= last[slot]
+            last[slot] = totals.count
+
+        def write() -> None:
+            for batch in range(40):
+                with db.write() as tx:
+                    events.insert_many(tx, [(batch * 500 + n, "id", (1,)) for n in range(500)])
+
+        _read_while_writing(read, write)
+        assert db._backend._open == []
+        assert db._backend.env.info()["map_size"] >= 8 * 64 * 1024, "the map grew three times or more"
+        with db.read() as tx:
+            assert events.count(tx) == 20_000 and tallytree.check(tx) == []
 
 
 def test_bounded_reads_in_many_threads_through_a_tiny_node_cache(tmp_path: Path) -> None:
@@ -643,54 +654,35 @@ def test_bounded_reads_in_many_threads_through_a_tiny_node_cache(tmp_path: Path)
     With a cache of six nodes, each read fetches most of its path, every fetch evicts a node another
     thread's descent may stand on, and a commit drops the nodes it replaced; with threads switching
     as often as CPython allows, every bounded answer still matches its snapshot."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        with tallytree.open(tmp_path / "db", durable=False, cache_nodes=6) as db:
-            events = db.aggregate("events", values=("v",), node_size=4)
-            done = threading.Event()
-            failures: list[BaseException] = []
-            reads = [0] * 4
+    with tallytree.open(tmp_path / "db", durable=False, cache_nodes=6) as db:
+        events = db.aggregate("events", values=("v",), node_size=4)
+        rngs = [random.Random(slot) for slot in range(4)]
 
-            def reader(slot: int) -> None:
-                rng = random.Random(slot)
-                try:
-                    while not done.is_set():
-                        with db.read() as tx:
-                            total = events.count(tx)  # keys 0 .. total - 1, one item each
-                            if not total:
-                                continue
-                            low, high = sorted(rng.randrange(total + 1) for _ in range(2))
-                            assert events.count(tx, ge=low, lt=high) == high - low
-                            found = events.totals(tx, ge=low, lt=high)
-                            assert found.count == high - low and found.v == sum(range(low, high))
-                            index = rng.randrange(total)
-                            assert events.at(tx, index).key == index
-                            assert events.rank(tx, index) == index
-                        reads[slot] += 1
-                except BaseException as exc:
-                    failures.append(exc)
-
-            threads = [threading.Thread(target=reader, args=(slot,)) for slot in range(4)]
-            for thread in threads:
-                thread.start()
-            try:
-                for batch in range(30):
-                    with db.write() as tx:  # in random order: nodes all over the tree are replaced
-                        keys = list(range(batch * 100, (batch + 1) * 100))
-                        random.Random(batch).shuffle(keys)
-                        for key in keys:
-                            events.insert(tx, key, "id", (key,))
-            finally:
-                done.set()
-                for thread in threads:
-                    thread.join(30)
-            assert failures == []
-            assert all(reads), "every reader read"
+        def read(slot: int) -> None:
+            rng = rngs[slot]
             with db.read() as tx:
-                assert events.count(tx) == 3_000 and tallytree.check(tx) == []
-    finally:
-        sys.setswitchinterval(previous)
+                total = events.count(tx)  # keys 0 .. total - 1, one item each
+                if not total:
+                    return
+                low, high = sorted(rng.randrange(total + 1) for _ in range(2))
+                assert events.count(tx, ge=low, lt=high) == high - low
+                found = events.totals(tx, ge=low, lt=high)
+                assert found.count == high - low and found.v == sum(range(low, high))
+                index = rng.randrange(total)
+                assert events.at(tx, index).key == index
+                assert events.rank(tx, index) == index
+
+        def write() -> None:
+            for batch in range(30):
+                with db.write() as tx:  # in random order: nodes all over the tree are replaced
+                    keys = list(range(batch * 100, (batch + 1) * 100))
+                    random.Random(batch).shuffle(keys)
+                    for key in keys:
+                        events.insert(tx, key, "id", (key,))
+
+        _read_while_writing(read, write)
+        with db.read() as tx:
+            assert events.count(tx) == 3_000 and tallytree.check(tx) == []
 
 
 # ================================================================== other processes
