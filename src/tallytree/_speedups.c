@@ -3308,7 +3308,8 @@ range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Total total;
-    if (total_start(&total, fields) < 0 || fetcher_from(args[6], args[7], &fetcher) < 0) { /* pins: last */
+    /* fetcher_from pins the node table: the last step that can fail before fetcher_end is certain */
+    if (total_start(&total, fields) < 0 || fetcher_from(args[6], args[7], &fetcher) < 0) {
         total_end(&total);
         return NULL;
     }
