@@ -1131,6 +1131,24 @@ def test_thaw_and_freeze_node_build_what_the_python_code_builds_untracked(
         assert all(type(col) is tuple and not gc.is_tracked(col) for col in copy.cols)
 
 
+def test_freeze_moves_only_the_lists_nothing_else_holds() -> None:
+    """freeze_node gives a list's items to its tuple when the node is the list's only holder; a list
+    that something else also holds is copied and left as it was."""
+    import gc
+
+    shared_keys, shared_col = [b"a", b"b"], [1, 2]
+    node = Node(1, True, shared_keys, [shared_col, [0.5, 0.25]], dirty=True)  # the holder is the node's
+    whole = Node(2, False, [b"a", b"b"], [[7, 8], [9, 10]], [5, 6], [0, 3], dirty=True)
+    node.freeze()
+    whole.freeze()
+    assert shared_keys == [b"a", b"b"] and shared_col == [1, 2]
+    assert node.keys == (b"a", b"b") and node.cols == ((1, 2), (0.5, 0.25))
+    assert (whole.keys, whole.kids, whole.shifts) == ((b"a", b"b"), (5, 6), (0, 3))
+    assert whole.cols == ((7, 8), (9, 10))
+    frozen = [node.keys, node.cols, *node.cols, whole.keys, whole.kids, whole.shifts, whole.cols, *whole.cols]
+    assert all(type(part) is tuple and not gc.is_tracked(part) for part in frozen)
+
+
 def test_thaw_keeps_tracking_a_container_that_could_join_a_cycle() -> None:
     import gc
 

@@ -366,7 +366,9 @@ class Node:
         tuples), so they can be part of no reference cycle, and the kernels untrack them as they
         make them. The collector then never looks at them at all: after a batch of 5,000 scattered
         inserts, the young collection that walked the dirty copies' lists took 17-35 ms (3-7 us per
-        item); it now takes 1-2 ms.
+        item); it now takes 1-2 ms. ``freeze_node`` also moves a list's items into its tuple when the
+        node is the list's only holder, touching none of them (an internal node of 48 children has
+        ~340): copy and freeze of such a node took 3.4 us, now 1.8 us.
         """
         if speedups is not None:  # the same, and the tuples untracked at once (no first look)
             speedups.freeze_node(self)

@@ -4763,7 +4763,49 @@ untrack_if_atomic(PyObject *tuple)
     }
 }
 
-/* The attribute ``name`` of ``node`` as a tuple (untracked when it can be); a new reference. */
+/* ``value`` (a new reference this consumes) as a tuple, untracked when it can be; a new reference.
+
+   A list that only its holder refers to (``owners`` references: the node's attribute, or the
+   column holder, and the caller's) gives its items to the tuple: their pointers move, and no item
+   is touched, where a copy adds a reference to each item and the list's end takes it back (a node of
+   48 children has ~340 items, most of them out of the CPU caches after a descent). A list that
+   untracked_list made holds only bytes, ints, floats and such lists, and nothing ever adds another
+   kind to a node's lists (see untracked_list): its tuple is untracked without a look at the items. */
+static PyObject *
+frozen(PyObject *value, Py_ssize_t owners)
+{
+    if (PyList_CheckExact(value) && Py_REFCNT(value) == owners) {
+        Py_ssize_t count = PyList_GET_SIZE(value);
+        PyObject *tuple = PyTuple_New(count);
+        if (tuple == NULL) {
+            Py_DECREF(value);
+            return NULL;
+        }
+        PyListObject *list = (PyListObject *)value;
+        if (count) {
+            memcpy(&PyTuple_GET_ITEM(tuple, 0), list->ob_item, (size_t)count * sizeof(PyObject *));
+        }
+        Py_SET_SIZE(list, 0); /* the items are the tuple's now: the list frees its array alone */
+        int atomic = !PyObject_GC_IsTracked(value);
+        Py_DECREF(value);
+        if (atomic) {
+            PyObject_GC_UnTrack(tuple);
+        }
+        else {
+            untrack_if_atomic(tuple);
+        }
+        return tuple;
+    }
+    PyObject *tuple = PySequence_Tuple(value);
+    Py_DECREF(value);
+    if (tuple != NULL) {
+        untrack_if_atomic(tuple);
+    }
+    return tuple;
+}
+
+/* The attribute ``name`` of ``node`` as a tuple (see frozen); a new reference. With ``nested``, a
+   column holder: each column is made a tuple first. */
 static PyObject *
 frozen_attribute(PyObject *node, PyObject *name, int nested)
 {
@@ -4771,26 +4813,39 @@ frozen_attribute(PyObject *node, PyObject *name, int nested)
     if (value == NULL) {
         return NULL;
     }
-    PyObject *tuple = PySequence_Tuple(value);
-    Py_DECREF(value);
-    if (tuple == NULL) {
-        return NULL;
+    if (nested && PyList_CheckExact(value) && Py_REFCNT(value) == 2) { /* the columns, in place */
+        for (Py_ssize_t index = 0; index < PyList_GET_SIZE(value); index++) {
+            PyObject *column = PyList_GET_ITEM(value, index);
+            PyObject *inner = frozen(Py_NewRef(column), 2); /* the holder's reference and this one */
+            if (inner == NULL) {
+                Py_DECREF(value);
+                return NULL;
+            }
+            PyList_SET_ITEM(value, index, inner); /* no Python code runs, and no one else sees it */
+            Py_DECREF(column);
+        }
+        return frozen(value, 2);
     }
     if (nested) {
+        PyObject *tuple = PySequence_Tuple(value);
+        Py_DECREF(value);
+        if (tuple == NULL) {
+            return NULL;
+        }
         for (Py_ssize_t index = 0; index < PyTuple_GET_SIZE(tuple); index++) {
-            PyObject *inner = PySequence_Tuple(PyTuple_GET_ITEM(tuple, index));
+            PyObject *inner = frozen(Py_NewRef(PyTuple_GET_ITEM(tuple, index)), 0);
             if (inner == NULL) {
                 Py_DECREF(tuple);
                 return NULL;
             }
-            untrack_if_atomic(inner);
             PyObject *old = PyTuple_GET_ITEM(tuple, index);
             PyTuple_SET_ITEM(tuple, index, inner); /* the tuple is new: no one else sees it yet */
             Py_DECREF(old);
         }
+        untrack_if_atomic(tuple);
+        return tuple;
     }
-    untrack_if_atomic(tuple);
-    return tuple;
+    return frozen(value, 2);
 }
 
 /* A list copy of a sequence, untracked when its items allow it (as untrack_if_atomic); a new
@@ -4804,6 +4859,10 @@ untracked_list(PyObject *items, int nested)
         return NULL;
     }
     Py_ssize_t count = PyList_GET_SIZE(list);
+    if (!nested && PyTuple_CheckExact(items) && !PyObject_GC_IsTracked(items)) {
+        PyObject_GC_UnTrack(list); /* an untracked tuple's items are atomic already: no look at them */
+        return list;
+    }
     int atomic = 1;
     for (Py_ssize_t index = 0; index < count; index++) {
         PyObject *item = PyList_GET_ITEM(list, index);
