@@ -3421,6 +3421,33 @@ put_bin_header(char *out, Py_ssize_t length)
     return put_be(out, (unsigned long long)length, 4);
 }
 
+/* An exact int of at most 60 bits, read from the object without a call: 1 with *value set, else 0
+   (then PyLong_AsLongLongAndOverflow decides). A node's counts, ids, float counts, shifts and most
+   of its limbs are such ints; packing a node converts ~300 of them. */
+static inline int
+small_int(PyObject *item, long long *value)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyUnstable_Long_IsCompact((PyLongObject *)item)) {
+        *value = (long long)PyUnstable_Long_CompactValue((PyLongObject *)item);
+        return 1;
+    }
+    return 0;
+#else
+    Py_ssize_t size = Py_SIZE(item);
+    const digit *digits = ((PyLongObject *)item)->ob_digit;
+    if (size < -2 || size > 2) {
+        return 0;
+    }
+    long long magnitude = size == 0 ? 0 : (long long)digits[0];
+    if (size == 2 || size == -2) {
+        magnitude |= (long long)digits[1] << PyLong_SHIFT;
+    }
+    *value = size < 0 ? -magnitude : magnitude;
+    return 1;
+#endif
+}
+
 /* The packed size of a signed 64-bit int, in msgpack's smallest form. */
 static Py_ssize_t
 int_size(long long value)
@@ -3497,12 +3524,15 @@ scalar_size(PyObject *item, long long *signed_value, unsigned long long *unsigne
     if (!PyLong_CheckExact(item)) {
         return 0;
     }
+    *is_unsigned = 0;
+    if (small_int(item, signed_value)) {
+        return int_size(*signed_value);
+    }
     int overflow;
     long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
     if (value == -1 && PyErr_Occurred()) {
         return -1;
     }
-    *is_unsigned = 0;
     if (overflow > 0) {
         unsigned long long big = PyLong_AsUnsignedLongLong(item);
         if (big == (unsigned long long)-1 && PyErr_Occurred()) {
@@ -4256,6 +4286,10 @@ done:
 static Py_ssize_t
 extra_limbs(PyObject *item, int *plain)
 {
+    long long small;
+    if (small_int(item, &small)) {
+        return 0;
+    }
     int overflow;
     long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
     if (value == -1 && PyErr_Occurred()) {
@@ -4285,10 +4319,13 @@ extra_limbs(PyObject *item, int *plain)
 static int
 split_limbs(PyObject *item, Py_ssize_t extra, long long *limbs)
 {
-    int overflow;
-    long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (value == -1 && PyErr_Occurred()) {
-        return -1;
+    int overflow = 0;
+    long long value;
+    if (!small_int(item, &value)) {
+        value = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (value == -1 && PyErr_Occurred()) {
+            return -1;
+        }
     }
     if (!overflow) { /* the low limb holds its bits, every higher one its sign */
         long long sign = value < 0 ? -1 : 0;
