@@ -28,6 +28,7 @@ from tallytree import _keys as keys_module
 from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
 from tallytree._node import Node, _join_limbs, _limbs, decode_node, delta_of, encode_node, scaled, summarize
+from tallytree._store import NODES
 from tallytree.errors import CorruptDatabaseError, KeyTooLargeError
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
@@ -840,6 +841,132 @@ def test_pack_internal_leaves_what_it_does_not_handle_to_python(value: Any) -> N
     parts = (node.keys, node.kids, node.shifts, node.cols[0], [2**100, value], node.cols[2])
     assert speedups.pack_internal(parts, 1) is None
     assert speedups.pack_internal((node.keys, node.kids, node.shifts, "abc", [1, 2], [1, 1]), 1) is None
+
+
+def _committed(node: Node) -> Node:
+    """``node`` as a transaction leaves it once committed: frozen, with its stored bytes."""
+    committed = decode_node(encode_node(node), node.id)
+    assert committed._packed is not None
+    return committed
+
+
+def _packed(node: Node) -> bytes:
+    """The Python code's bytes for a node (the full pack, which pack_internal equals)."""
+    with pure_python():
+        return encode_node(node)
+
+
+@given(st.integers(1, 30), st.integers(0, 3), st.data())
+def test_repack_internal_writes_pack_internal_bytes_or_leaves_the_node_to_it(
+    size: int, nfields: int, data: st.DataObject
+) -> None:
+    """A committed node's copy, changed in a few numbers (a child's id, its count and sums, within
+    a limb count or across one, to or from the plain form), is repacked from the stored bytes into
+    exactly what a full pack writes, or left to the full pack (None); never anything else. A copy
+    changed only in ids and counts is always repacked."""
+    assert speedups is not None
+    sums = [data.draw(st.lists(BIG, min_size=size, max_size=size)) for _ in range(nfields)]
+    origin = _committed(_wide_node(sums, size))
+    copy = origin.copy(10)
+    assert copy._origin is origin
+    for _ in range(data.draw(st.integers(0, 4))):
+        index = data.draw(st.integers(0, size - 1))
+        column = data.draw(st.integers(-1, len(copy.cols) - 1))
+        if column < 0:
+            copy.kids[index] = data.draw(st.integers(0, 2**64 - 1))
+        else:
+            copy.cols[column][index] += data.draw(BIG if 1 <= column <= nfields else st.integers(-5, 2**40))
+    repacked = speedups.repack_internal(copy, origin, origin._packed, nfields)
+    if repacked is not None:
+        assert repacked == _packed(copy)
+    assert encode_node(copy) == _packed(copy)
+    copy.kids[0] = 2**33 + 1
+    copy.cols[0][-1] += 1
+    plain_copy = origin.copy(11)
+    plain_copy.kids[-1] += 300
+    plain_copy.cols[0][0] += 70_000
+    assert speedups.repack_internal(plain_copy, origin, origin._packed, nfields) == _packed(plain_copy)
+    unchanged = origin.copy(12)
+    assert speedups.repack_internal(unchanged, origin, origin._packed, nfields) is origin._packed
+
+
+def test_repack_internal_leaves_other_changes_and_other_bytes_to_the_full_pack() -> None:
+    """A changed key or shift, a child more or less, more than 16 changed numbers, and stored bytes
+    that are not the layout it expects (cut short, another kind, a key where a number goes) all give
+    None, so that the caller packs the node in full."""
+    assert speedups is not None
+    origin = _committed(_wide_node([[2**100 + index for index in range(30)]], 30))
+    packed = origin._packed
+    assert packed is not None
+
+    def changed(change: Any) -> Node:
+        copy = origin.copy(10)
+        copy.kids[3] += 1  # a change repack_internal handles, so only ``change`` can refuse it
+        change(copy)
+        return copy
+
+    refused = [
+        changed(lambda copy: copy.keys.__setitem__(5, copy.keys[5] + b"\x00")),
+        changed(lambda copy: copy.shifts.__setitem__(1, 7)),
+        changed(lambda copy: copy.insert_child(4, b"\x30\x04\x00\x01", 99, [1, 2**100, 0])),
+        changed(lambda copy: [copy.cols[0].__setitem__(index, 5) for index in range(17)]),
+        changed(lambda copy: copy.kids.__setitem__(6, 2**64)),  # beyond msgpack's ints
+    ]
+    for copy in refused:
+        assert speedups.repack_internal(copy, origin, packed, 1) is None
+    copy = changed(lambda copy: None)
+    assert speedups.repack_internal(copy, origin, packed, 1) == _packed(copy)
+    two = _committed(_wide_node([[2**100, 5], [7, 9]], 2))  # the sums take 2 limbs and 1
+    swapped = two.copy(10)
+    swapped.cols[1][0] = 3  # now 1 limb
+    swapped.cols[2][1] = 2**100  # and 2: as many arrays, split otherwise
+    assert speedups.repack_internal(swapped, two, two._packed, 2) is None
+    plain = _committed(_wide_node([[index for index in range(30)]], 30))
+    assert plain._packed is not None
+    for stored in (
+        packed[:-1],
+        packed[:40],
+        packed + b"\x00",
+        plain._packed,
+        packed.replace(b"\xc4\x03", b"\xd9\x03", 1),
+    ):
+        assert speedups.repack_internal(copy, origin, stored, 1) is None
+    with pytest.raises(TypeError):
+        speedups.repack_internal(copy, origin, bytearray(packed), 1)
+    with pytest.raises(ValueError):
+        speedups.repack_internal(copy, origin, packed, -1)
+
+
+def test_writes_of_single_items_store_what_a_full_pack_writes(tmp_path: Any) -> None:
+    """Scattered inserts, updates and deletes, one per transaction, through tiny nodes (so that
+    splits and merges come too): every stored internal node is byte for byte the full pack of its
+    contents, and the tree checks out."""
+    db = tallytree.open(tmp_path / "db", durable=False)
+    events = db.aggregate("events", values=("cost", "tokens"), node_size=4)
+    rng = random.Random(3)
+    live: list[tuple[int, str]] = []
+    for step in range(600):
+        with db.write() as tx:
+            if live and step % 4 == 0:
+                key, item_id = live.pop(rng.randrange(len(live)))
+                events.delete(tx, key, item_id)
+            elif live and step % 4 == 1:
+                key, item_id = rng.choice(live)
+                events.upsert(tx, key, item_id, (rng.random() * 2.0 ** rng.randrange(-60, 60), step))
+            else:
+                key, item_id = rng.randrange(10**6), f"e{step}"
+                events.insert(tx, key, item_id, (rng.random(), rng.randrange(10**9)))
+                live.append((key, item_id))
+    with db.read() as tx:
+        assert tallytree.check(tx, events) == []
+        internal = 0
+        for key, data in tx.kv.scan(NODES, b"", None):
+            node = decode_node(data, int.from_bytes(key, "big"))
+            if not node.leaf:
+                internal += 1
+                assert data == _packed(node)
+        assert internal > 10
+    db.close()
 
 
 def test_pack_internal_refuses_malformed_arguments() -> None:

@@ -265,6 +265,8 @@ class Node:
         "_blob",
         "_counts",
         "_hot",
+        "_origin",
+        "_packed",
         "_reads",
         "_rows",
         "_table",
@@ -304,6 +306,10 @@ class Node:
         self._rows: list[tuple[int, ...]] | None = None
         self._reads = 0
         self._hot: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
+        # an internal node's stored bytes once committed, and a dirty copy's committed original:
+        # encode_node writes the copy's bytes from the original's, changing only what changed
+        self._packed: bytes | None = None
+        self._origin: Node | None = None
 
     @classmethod
     def internal_from(
@@ -336,6 +342,8 @@ class Node:
         if speedups is not None:  # the same lists, untracked by the garbage collector (see freeze)
             keys, kids, cols, shifts = speedups.thaw(self)
             node = Node(node_id, self.leaf, keys, cols, kids, shifts, dirty=True)
+            if self._packed is not None:
+                node._origin = self
         else:
             node = Node(
                 node_id,
@@ -370,6 +378,7 @@ class Node:
         node is the list's only holder, touching none of them (an internal node of 48 children has
         ~340): copy and freeze of such a node took 3.4 us, now 1.8 us.
         """
+        self._origin = None
         if speedups is not None:  # the same, and the tuples untracked at once (no first look)
             speedups.freeze_node(self)
             return
@@ -634,12 +643,24 @@ def encode_node(node: Node) -> bytes:
     children, where the Python code took 17 us reusing limbs kept from decoding and takes 35 us
     without); the Python code packs plainly first, and only if msgpack refuses a value splits the
     sum columns.
+
+    A write of one item changes each internal node on its path in a few numbers (a child's id, count
+    and sums). Such a node, a dirty copy of a committed one (``_origin``, whose stored bytes a commit
+    or a decode left in ``_packed``), is written by ``repack_internal`` from those bytes, only the
+    changed numbers encoded again: the same bytes as a full pack, in 1.6 us where the full pack of a
+    wide node of 50 children takes 4.5 us. Anything else (a key, a shift or a limb count changed, a
+    child more or less) is packed in full.
     """
     if node.leaf:
         return _pack_node(PENDING if node.pending else LEAF, (node.keys, *node.cols))
     nfields = (len(node.cols) - 1) // 2
     parts: tuple[Sequence[Any], ...] = (node.keys, node.kids, node.shifts, *node.cols)
     if speedups is not None:
+        origin = node._origin
+        if origin is not None and origin._packed is not None:
+            packed = speedups.repack_internal(node, origin, origin._packed, nfields)
+            if packed is not None:
+                return packed
         packed = speedups.pack_internal(parts, nfields)
         if packed is not None:
             return packed
@@ -680,7 +701,9 @@ def decode_node(data: bytes, node_id: int) -> Node:
             node.pending = True
             return node
         if kind == INTERNAL and len(parts) >= 5 and len(parts) % 2 == 1 and len(parts[3]) == len(parts) - 4:
-            return _consistent(Node(node_id, False, parts[1], parts[4:], parts[2], parts[3]))
+            node = _consistent(Node(node_id, False, parts[1], parts[4:], parts[2], parts[3]))
+            node._packed = data if type(data) is bytes else None
+            return node
         if kind == INTERNAL_WIDE and len(parts) >= 6:
             counts, flat = parts[4], parts[5:]
             if sum(counts) == len(flat) and len(counts) == len(parts[3]):
@@ -690,8 +713,9 @@ def decode_node(data: bytes, node_id: int) -> Node:
                     joined = speedups.join_limbs(limbs) if speedups is not None and count > 1 else None
                     cols.append(joined if joined is not None else tuple(_join_limbs(limbs)))
                     at += count
-                node = Node(node_id, False, parts[1], tuple(cols), parts[2], parts[3])  # type: ignore[arg-type]
-                return _consistent(node)
+                node = _consistent(Node(node_id, False, parts[1], tuple(cols), parts[2], parts[3]))  # type: ignore[arg-type]
+                node._packed = data if type(data) is bytes else None
+                return node
     except CorruptDatabaseError:
         raise
     except Exception as exc:

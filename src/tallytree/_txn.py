@@ -474,9 +474,13 @@ class WriteTransaction(Transaction):
             self._finish()
             kv.abort()
             return
-        ops: list[Op] = [
-            (NODES, node_key(node_id), encode_node(self._dirty[node_id])) for node_id in sorted(self._dirty)
-        ]
+        ops: list[Op] = []
+        for node_id in sorted(self._dirty):
+            node = self._dirty[node_id]
+            data = encode_node(node)
+            ops.append((NODES, node_key(node_id), data))
+            if not node.leaf:  # what the node's next copy is repacked from (see encode_node)
+                node._packed = data
         if self._encoded:  # merge the pre-encoded nodes in, keeping ids ascending for LMDB's append
             ops.extend((NODES, node_key(node_id), data) for node_id, data in self._encoded.items())
             ops.sort(key=itemgetter(1))
