@@ -4320,6 +4320,26 @@ extra_limbs(PyObject *item, int *plain)
     return (Py_ssize_t)((bits - 1) / LIMB_BITS);
 }
 
+/* The extra limbs the widest int of a sum column needs (extra_limbs of each; *plain cleared when one
+   is beyond msgpack's ints): >= 0; -2 when an item is not an exact int (left to the Python code); -1
+   with an error set. */
+static Py_ssize_t
+column_extra(PyObject *const *items, Py_ssize_t count, int *plain)
+{
+    Py_ssize_t most = 0;
+    for (Py_ssize_t at = 0; at < count; at++) {
+        if (!PyLong_CheckExact(items[at])) {
+            return -2;
+        }
+        Py_ssize_t extra = extra_limbs(items[at], plain);
+        if (extra < 0) {
+            return -1;
+        }
+        most = extra > most ? extra : most;
+    }
+    return most;
+}
+
 /* Split an int into 1 + extra limbs, most significant first (the top one signed). 0, or -1 with an
    error set. */
 static int
@@ -4499,17 +4519,9 @@ pack_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (PySequence_Fast_GET_SIZE(part) != size) {
             Py_RETURN_NONE;
         }
-        PyObject **items = PySequence_Fast_ITEMS(part);
-        Py_ssize_t most = 0;
-        for (Py_ssize_t at = 0; at < size; at++) {
-            if (!PyLong_CheckExact(items[at])) {
-                Py_RETURN_NONE;
-            }
-            Py_ssize_t extra = extra_limbs(items[at], &plain);
-            if (extra < 0) {
-                return NULL;
-            }
-            most = extra > most ? extra : most;
+        Py_ssize_t most = column_extra(PySequence_Fast_ITEMS(part), size, &plain);
+        if (most < 0) {
+            return most == -1 ? NULL : Py_NewRef(Py_None);
         }
         extras[column - first] = most;
     }
@@ -4857,19 +4869,11 @@ repack_parts(PyObject *mine[4], PyObject *theirs[4], PyObject *packed, Py_ssize_
     Py_ssize_t extras[256];
     int plain = 1;
     for (Py_ssize_t field = 0; field < nfields; field++) {
-        PyObject **items = part_items(cols[1 + field], count);
-        Py_ssize_t most = 0;
-        for (Py_ssize_t index = 0; index < count; index++) {
-            if (!PyLong_CheckExact(items[index])) {
-                Py_RETURN_NONE;
-            }
-            Py_ssize_t extra = extra_limbs(items[index], &plain);
-            if (extra < 0) {
-                return NULL;
-            }
-            most = extra > most ? extra : most;
+        Py_ssize_t most = column_extra(part_items(cols[1 + field], count), count, &plain);
+        if (most == -1) {
+            return NULL;
         }
-        if (most > 64) {
+        if (most < 0 || most > 64) {
             Py_RETURN_NONE;
         }
         extras[field] = most;
