@@ -1225,6 +1225,49 @@ def test_descents_through_images_of_internal_nodes(first_id: int) -> None:
     assert int.from_bytes(image[4:6], sys.byteorder) == (2 if first_id < 2**64 else 3)  # the image's kind
 
 
+@given(
+    st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=40, unique=True),
+    st.sampled_from(["float", "int", "mixed", "none"]),
+    st.data(),
+)
+def test_select_reads_the_entry_and_values_from_a_leaf_image(
+    keys: list[bytes], kind: str, data: st.DataObject
+) -> None:
+    """With ``item``, select returns the entry and the values of the leaf's image once the leaf has
+    one, equal (in type too: -0.0, ints) to the node's own; before that, and for a column that mixes
+    ints and floats, it returns the leaf and the position, as without ``item``."""
+    assert speedups is not None
+    keys.sort()
+    size = len(keys)
+    floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([-0.0, 5e-324])
+    ints = INT64 | st.sampled_from(EDGES)
+    column = {"float": floats, "int": ints, "mixed": floats | ints, "none": floats}[kind]
+    cols = [
+        data.draw(st.lists(column, min_size=size, max_size=size)) for _ in range(0 if kind == "none" else 2)
+    ]
+    mixed = kind == "mixed" and any(len({type(value) for value in col}) > 1 for col in cols)
+    leaf = decode_node(encode_node(Node(5, True, keys, cols, dirty=True)), 5)
+    root = Node(1, False, (b"",), ((size,),), (5,), (0,))  # type: ignore[arg-type]
+    nodes = {5: leaf}
+    calls = 0
+    for _ in range(2):
+        for index in range(size):
+            found, at, _ = speedups.select(root, index, nodes.__getitem__, nodes, True)
+            calls += 1
+            expected_values = tuple(col[index] for col in leaf.cols)
+            if calls == 1 or mixed:  # the leaf's first search marks it, its second builds the image
+                assert (found, at) == (leaf, index)
+                continue
+            assert at is None
+            entry, values = found
+            assert entry == keys[index]
+            assert values == expected_values
+            assert [(type(value), math.copysign(1, value)) for value in values] == [
+                (type(value), math.copysign(1, value)) for value in expected_values
+            ]
+    assert isinstance(leaf._blob, bytes)
+
+
 # ------------------------------------------------------------------ untracked node containers
 
 

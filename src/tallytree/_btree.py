@@ -576,14 +576,23 @@ class NodeTree:
         return vadd(totals, node.prefixes(index))
 
     def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
-        """The entry at ``index`` (0 <= index < count) and its values. O(log n)."""
+        """The entry at ``index`` (0 <= index < count) and its values. O(log n).
+
+        With the C kernels, a leaf that has a search image gives the entry and values from it (one
+        bytes object and a few numbers made from contiguous lines), rather than from its tuples,
+        whose items are out of the CPU caches in a large tree: `at` at 10^6 items 22% faster, at
+        10^4 14% (in-process A/B, 13 paired rounds).
+        """
         assert self.root is not None and 0 <= index < self.count
         access = self.access
         node = access.node(self.root.node_id)
         if speedups is not None:  # the same descent, in one C call
-            node, index, hits = speedups.select(node, index, access.node, access.shared)
+            found, at, hits = speedups.select(node, index, access.node, access.shared, True)
             if hits:
                 access.count_hits(hits)
+            if at is None:  # the entry and its values, read from the leaf's search image
+                return found  # type: ignore[no-any-return]
+            node, index = found, at
         while not node.leaf:
             counts = node.counts()
             child = bisect_right(counts, index) - 1

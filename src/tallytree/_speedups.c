@@ -2184,24 +2184,90 @@ child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
     return low - 1;
 }
 
-/* select(node, index, fetch, nodes) -> (leaf, position, hits): the leaf that holds entry ``index``
-   of the subtree of ``node`` and its position there (_btree.NodeTree.select's descent). */
+/* The entry at ``position`` of a leaf and its values, read from the leaf's image: ``(entry, values)``
+   (new objects), or NULL with no error set when the image does not hold them (no image, no values
+   section, or a column of mixed kinds: the caller reads the node's lists instead), or NULL with an
+   error set. The values equal the node's own (a float column holds exact floats as doubles, an int
+   column exact ints of the int64 range as int64s), and so does the entry. Reading the image costs a
+   few contiguous lines where the node's objects cost a chain of misses: its keys tuple, then the
+   key; its columns, then each column, then each value. */
+static PyObject *
+image_entry(const Image *image, Py_ssize_t position)
+{
+    if (image->blob == NULL || image->kind != IMAGE_LEAF || image->fields < 0 || position < 0 ||
+        position >= image->count) {
+        return NULL;
+    }
+    Py_ssize_t fields = image->fields, count = image->count;
+    const char *columns = image->values + align8(fields);
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        if (image->values[field] != VALUES_FLOAT && image->values[field] != VALUES_INT) {
+            return NULL;
+        }
+    }
+    uint32_t start, stop;
+    memcpy(&start, image->offsets + position * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
+    memcpy(&stop, image->offsets + (position + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
+    if (start > stop || (Py_ssize_t)stop > image->length) {
+        PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
+        return NULL;
+    }
+    PyObject *values = PyTuple_New(fields);
+    for (Py_ssize_t field = 0; values != NULL && field < fields; field++) {
+        const char *cell = columns + 8 * (field * count + position);
+        PyObject *value;
+        if (image->values[field] == VALUES_FLOAT) {
+            double number;
+            memcpy(&number, cell, sizeof(number));
+            value = PyFloat_FromDouble(number);
+        }
+        else {
+            int64_t number;
+            memcpy(&number, cell, sizeof(number));
+            value = PyLong_FromLongLong((long long)number);
+        }
+        if (value == NULL) {
+            Py_CLEAR(values);
+            break;
+        }
+        PyTuple_SET_ITEM(values, field, value);
+    }
+    if (values == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyBytes_FromStringAndSize(image->data + start, (Py_ssize_t)(stop - start));
+    return entry == NULL ? (Py_DECREF(values), NULL) : Py_BuildValue("(NN)", entry, values);
+}
+
+/* select(node, index, fetch, nodes[, item]) -> (leaf, position, hits): the leaf that holds entry
+   ``index`` of the subtree of ``node`` and its position there (_btree.NodeTree.select's descent). With
+   ``item`` true, ((entry, values), None, hits) instead when the leaf's image holds them (see
+   image_entry). */
 static PyObject *
 tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "select(node, index, fetch, nodes)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "select(node, index, fetch, nodes[, item])");
         return NULL;
     }
     Py_ssize_t index = PyLong_AsSsize_t(args[1]);
-    if ((index == -1 && PyErr_Occurred()) || fetcher_from(args[2], args[3], &fetcher) < 0) {
+    int item = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if ((index == -1 && PyErr_Occurred()) || item < 0 || fetcher_from(args[2], args[3], &fetcher) < 0) {
         return NULL;
     }
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     while (node != NULL) {
         Image image;
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        if (leaf > 0 && item) {
+            PyObject *found = image_entry(&image, index);
+            if (found != NULL || PyErr_Occurred()) {
+                image_release(&image);
+                result = found == NULL ? NULL : Py_BuildValue("(NOn)", found, Py_None, fetcher.hits);
+                break;
+            }
+        }
         if (leaf != 0) {
             image_release(&image);
             result = leaf < 0 ? NULL : Py_BuildValue("(Onn)", node, index, fetcher.hits);
@@ -5372,7 +5438,7 @@ static PyMethodDef methods[] = {
     {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
      "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
     {"select", (PyCFunction)(void (*)(void))tree_select, METH_FASTCALL,
-     "select(node, index, fetch, nodes) -> (leaf, position, hits)."},
+     "select(node, index, fetch, nodes[, item]) -> (leaf, position, hits)."},
     {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
      "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values]) -> "
      "(summary, hits) or None: a range sum in one call"},
