@@ -1729,11 +1729,50 @@ def test_descents_take_nodes_and_images_from_a_node_table() -> None:
                         speedups.rank(root, low, False, tx.node, nodes),
                         speedups.rank_range(root, low, False, high, True, tx.node, nodes),
                         speedups.select(root, 37, tx.node, nodes)[1:],
+                        speedups.find(root, encode_key(37) + encode_id(37), tx.node, nodes),
                         speedups.range_totals(root, summary, low, False, high, False, tx.node, nodes, 1),
                     )
                     for nodes in (store, as_dict)
                 ]
                 assert answers[0] == answers[1]
+
+
+@given(st.lists(st.integers(0, 400), max_size=120, unique=True), st.sampled_from(["float", "int", "mixed"]))
+def test_find_gives_what_the_python_find_gives(keys: list[int], kind: str) -> None:
+    """NodeTree.find through the kernel (``find``) answers what the Python descent answers, for
+    entries present and absent, in a read transaction as leaves get their images (from which the
+    values come, in type too) and in a write transaction, whose changed nodes have none."""
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x", "y"), node_size=4)
+
+    def values(key: int) -> tuple[Any, ...]:
+        if kind == "float" or (kind == "mixed" and key % 3):
+            return (key / 7, -0.0)
+        return (key * 3, -key)
+
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, f"i{key}", values(key)) for key in keys])
+    probes = [(key, f"i{key}") for key in range(0, 402, 3)] + [(key, "other") for key in keys[:20]]
+
+    def answers(tx: Any) -> list[Any]:
+        found = [agg.get(tx, key, item_id) for key, item_id in probes]
+        return [
+            (item.key, item.id, item.values, [type(value) for value in item.values]) if item else None
+            for item in found
+        ]
+
+    with pure_python(), db.read() as tx:
+        expected = answers(tx)
+    for _ in range(3):  # leaves searched once, then with their images built, then through them
+        with db.read() as tx:
+            assert answers(tx) == expected
+    with pytest.raises(_Abort), db.write() as tx:
+        agg.upsert(tx, 3, "i3", (0.5, 1.5))
+        agg.discard(tx, keys[0] if keys else 0, f"i{keys[0] if keys else 0}")
+        changed = answers(tx)
+        with pure_python():
+            assert answers(tx) == changed
+        raise _Abort
 
 
 class Watched(Node):
@@ -1751,7 +1790,7 @@ class Watched(Node):
         return copy
 
 
-@pytest.mark.parametrize("descent", ["rank", "rank_range", "select", "range_totals"])
+@pytest.mark.parametrize("descent", ["rank", "rank_range", "select", "find", "range_totals"])
 def test_descents_keep_the_nodes_a_table_drops_under_them(descent: str) -> None:
     """A descent borrows the nodes it takes from a NodeTable (see ``fetcher_keep``). When the table
     drops them while it runs (here a fetch clears it; an eviction or another thread's clear does the
@@ -1777,6 +1816,9 @@ def test_descents_keep_the_nodes_a_table_drops_under_them(descent: str) -> None:
             if descent == "select":
                 leaf, at, _ = speedups.select(root, 137, fetch, nodes)
                 return leaf.keys[at]
+            if descent == "find":
+                found, at, _ = speedups.find(root, encode_key(137) + encode_id(137), fetch, nodes)
+                return found if at is None else tuple(col[at] for col in found.cols)
             return speedups.range_totals(root, summary, low, False, high, False, fetch, nodes, 1)[0]
 
         expected = run(tx.node, None)

@@ -2285,6 +2285,90 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     return result;
 }
 
+/* Whether entry ``position`` of a leaf is ``key``: 1, 0, or -1 with an error set. */
+static int
+leaf_holds(PyObject *node, const Image *image, Py_ssize_t position, const char *key, Py_ssize_t size)
+{
+    if (image->blob != NULL) {
+        if (position >= image->count) {
+            return 0;
+        }
+        uint32_t start, stop;
+        memcpy(&start, image->offsets + position * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
+        memcpy(&stop, image->offsets + (position + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
+        if (start > stop || (Py_ssize_t)stop > image->length) {
+            PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
+            return -1;
+        }
+        return compare_bytes(image->data + start, (Py_ssize_t)(stop - start), key, size) == 0;
+    }
+    PyObject *keys = PyObject_GetAttr(node, keys_name);
+    Py_ssize_t count = keys == NULL ? -1 : PyObject_Length(keys);
+    PyObject *found = count < 0 || position >= count ? NULL : PySequence_GetItem(keys, position);
+    Py_XDECREF(keys);
+    if (found == NULL) {
+        return count < 0 || position < count ? -1 : 0;
+    }
+    int same = PyBytes_Check(found) && PyBytes_GET_SIZE(found) == size &&
+               memcmp(PyBytes_AS_STRING(found), key, (size_t)size) == 0;
+    Py_DECREF(found);
+    return same;
+}
+
+/* find(node, entry, fetch, nodes) -> (found, position, hits): the leaf below ``node`` that would hold
+   ``entry`` searched for it (_btree.NodeTree.find's descent). ``(None, None, hits)`` when it is absent;
+   ``(values, None, hits)`` when the leaf's image holds its values (see image_entry); else ``(leaf,
+   position, hits)``, the caller reading the values from the leaf's columns. */
+static PyObject *
+tree_find(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Fetcher fetcher;
+    if (nargs != 4 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "find(node, entry: bytes, fetch, nodes)");
+        return NULL;
+    }
+    if (fetcher_from(args[2], args[3], &fetcher) < 0) {
+        return NULL;
+    }
+    const char *key = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
+    PyObject *node = args[0], *hint = NULL, *result = NULL;
+    while (node != NULL) {
+        Image image;
+        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        if (leaf < 0) {
+            image_release(&image);
+            break;
+        }
+        if (leaf) {
+            Py_ssize_t position = image_search(node, &image, key, size, 0);
+            int holds = position < 0 ? -1 : leaf_holds(node, &image, position, key, size);
+            PyObject *entry = holds > 0 ? image_entry(&image, position) : NULL;
+            image_release(&image);
+            if (holds < 0 || PyErr_Occurred()) {
+                Py_XDECREF(entry);
+                break;
+            }
+            if (holds == 0) {
+                result = Py_BuildValue("(OOn)", Py_None, Py_None, fetcher.hits);
+            }
+            else if (entry != NULL) { /* (entry, values): the values are what the caller wants */
+                result = Py_BuildValue("(OOn)", PyTuple_GET_ITEM(entry, 1), Py_None, fetcher.hits);
+                Py_DECREF(entry);
+            }
+            else {
+                result = Py_BuildValue("(Onn)", node, position, fetcher.hits);
+            }
+            break;
+        }
+        Py_ssize_t index = child_index(node, &image, key, size);
+        node = index < 0 ? NULL : child_of(node, &image, index, &fetcher, &hint);
+        image_release(&image);
+    }
+    fetcher_end(&fetcher);
+    return result;
+}
+
 /* rank(node, key, after, fetch, nodes) -> (rank, hits) */
 static PyObject *
 tree_rank(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -5437,6 +5521,8 @@ static PyMethodDef methods[] = {
      "node, in one descent."},
     {"rank_range", (PyCFunction)(void (*)(void))tree_rank_range, METH_FASTCALL,
      "rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits)."},
+    {"find", (PyCFunction)(void (*)(void))tree_find, METH_FASTCALL,
+     "find(node, entry, fetch, nodes) -> (values | leaf | None, position | None, hits)."},
     {"select", (PyCFunction)(void (*)(void))tree_select, METH_FASTCALL,
      "select(node, index, fetch, nodes[, item]) -> (leaf, position, hits)."},
     {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
