@@ -650,7 +650,8 @@ def test_readers_in_many_threads_while_the_map_grows_again_and_again(tmp_path: P
 
 
 def test_bounded_reads_in_many_threads_through_a_tiny_node_cache(tmp_path: Path) -> None:
-    """Readers' C descents borrow the nodes of the shared node cache (see NodeTable in _speedups.c).
+    """Readers' C descents (count, totals, at, rank, get) borrow the nodes of the shared node cache
+    (see NodeTable in _speedups.c).
     With a cache of six nodes, each read fetches most of its path, every fetch evicts a node another
     thread's descent may stand on, and a commit drops the nodes it replaced; with threads switching
     as often as CPython allows, every bounded answer still matches its snapshot."""
@@ -669,8 +670,10 @@ def test_bounded_reads_in_many_threads_through_a_tiny_node_cache(tmp_path: Path)
                 found = events.totals(tx, ge=low, lt=high)
                 assert found.count == high - low and found.v == sum(range(low, high))
                 index = rng.randrange(total)
-                assert events.at(tx, index).key == index
+                item = events.at(tx, index)
+                assert (item.key, item.values) == (index, (index,))
                 assert events.rank(tx, index) == index
+                assert events.get(tx, index, "id") == item and events.get(tx, index, "other") is None
 
         def write() -> None:
             for batch in range(30):
