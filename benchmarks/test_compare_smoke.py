@@ -36,3 +36,25 @@ def test_compare_quick_run(tmp_path: Path) -> None:
     if compare.plotting_available():
         assert (out / "latency-overview.png").stat().st_size > 0
         assert (out / "latency-count_10pct.png").stat().st_size > 0
+
+
+def test_targets_put_the_run_of_tallytree_by_itself_next_to_the_shared_run() -> None:
+    """The targets table judges each target on this run and, when given, on the run of tallytree by
+    itself (``measure_alone``); a target with no such figure shows a dash."""
+
+    def measured(op: str, seconds: float, system: str = "tallytree") -> dict[str, object]:
+        return {"shape": "single", "n": 1000, "op": op, "system": system, "median_s": seconds}
+
+    shared = [measured("totals_10%", 12e-6), measured("rank", 3e-6), measured("insert_one", 100e-6)]
+    alone = [measured("totals_10%", 6e-6), measured("insert_one", 40e-6)]
+
+    def index(rows: list[dict[str, object]]) -> dict[tuple[str, int, str, str], dict[str, object]]:
+        return {(m["shape"], m["n"], m["op"], m["system"]): m for m in rows}  # type: ignore[misc]
+
+    table = compare.targets_section(index(shared), 1000, index(alone))
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "tallytree by itself" in lines["target"]
+    assert lines["count + sums, 10% window"].endswith("| **not met** | 6 µs | met |")
+    assert lines["insert_one"].endswith("| **not met** | 25 k/s | met |")
+    assert lines["rank"].endswith("| met | - | - |")
+    assert "tallytree by itself" not in compare.targets_section(index(shared), 1000)
