@@ -1011,7 +1011,7 @@ def targets_section(
             ' systems take turns; "tallytree by itself" is the same benchmark run again with'
             " tallytree alone, in a process of its own, right after (`--systems tallytree`), as an"
             " application holds it. Writes that replace cached nodes cost most in the shared process"
-            " (see README.md, Method)."
+            ' (see README.md, "Headline ratios").'
         )
     return "\n".join(
         [
