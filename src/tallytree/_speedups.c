@@ -5097,12 +5097,8 @@ repack_internal(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "repack_internal(node, origin, packed: bytes, nfields: int)");
         return NULL;
     }
-    Py_ssize_t nfields = PyLong_AsSsize_t(args[3]);
-    if (nfields == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (nfields < 0) {
-        PyErr_SetString(PyExc_ValueError, "repack_internal: nfields must be at least 0");
+    Py_ssize_t nfields;
+    if (size_argument(args[3], "repack_internal: nfields", &nfields) < 0) {
         return NULL;
     }
     PyObject *names[4] = {keys_name, kids_name, shifts_name, cols_name};
