@@ -2,8 +2,8 @@
 
 Design
 ======
-Nineteen functions and one type, each a faster twin of Python code that stays the reference and the
-fallback
+Twenty-one functions and one type, each a faster twin of Python code that stays the reference and
+the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
 
@@ -35,11 +35,13 @@ the Python code and gives the same answers):
   the nodes it takes from it (the table is pinned meanwhile) and starts loading each child's image
   as soon as the table names it: a descent touches no node object (``select`` loads the one it
   returns);
-* ``rank``, ``rank_range`` and ``select``: the descents of ``_btree.NodeTree`` (a rank; two ranks
-  sharing their path, then descending in step; the leaf and position of an entry by its index) in
-  one call each, children taken from the shared node cache (a NodeTable, or a dict) when the caller
-  allows it (read transactions) and through the transaction's ``node`` otherwise; they return how
-  many cache hits they made, for the statistics;
+* ``rank``, ``rank_range``, ``select`` and ``find``: the descents of ``_btree.NodeTree`` (a rank; two
+  ranks sharing their path, then descending in step; the leaf and position of an entry by its index;
+  the values of an entry by its bytes) in one call each, children taken from the shared node cache (a
+  NodeTable, or a dict) when the caller allows it (read transactions) and through the transaction's
+  ``node`` otherwise; they return how many cache hits they made, for the statistics. ``select`` (asked
+  for the item) and ``find`` read the entry and its values from the leaf's image when it has one,
+  rather than from the leaf's tuples, whose items are cold objects in a large tree;
 * ``range_totals``: a range sum (``_btree.NodeTree.range_summary``) in one call: the same descents,
   with every row and leaf span added as it goes into fixed-point accumulators, read from the images
   (node-local int128 sums, raw leaf columns) or, for nodes without one, from their attributes; None
@@ -58,13 +60,18 @@ the Python code and gives the same answers):
   byte for byte what ``msgpack.packb(..., use_bin_type=True)`` writes, without building its objects;
 * ``pack_internal(parts, nfields)``: an internal node's bytes, plain, or wide when a sum exceeds
   msgpack's ints (its sum columns split into 63-bit limbs), as ``_node.encode_node`` writes them;
+* ``repack_internal(node, origin, packed, nfields)``: the same bytes for an internal node copied from a
+  committed one (``origin``, whose stored bytes are ``packed``) and changed in a few numbers, as a
+  write of one item changes each node on its path: the stored bytes copied, the changed numbers
+  encoded again; None for any other change, and the caller packs in full;
 * ``join_limbs(limbs)``: the inverse for one decoded sum column, ``_node._join_limbs``;
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
   int64);
 * ``thaw(node)`` and ``freeze_node(node)``: ``Node.copy``'s new lists and ``Node.freeze``'s tuples,
   untracked by the cyclic garbage collector as they are made (a node's containers hold only bytes,
-  ints and floats, so they can join no reference cycle);
+  ints and floats, so they can join no reference cycle); a list the node alone holds gives its items
+  to the tuple without a touch;
 * ``merge_children(keys, kids, entries, lo, hi, cols, limit, target, stored)``: the plan of
   ``_btree.NodeTree.merge_sorted`` for a node whose children are leaves (the batch's slice split
   among them) with each touched leaf's slice merged into the leaf's stored bytes, which are parsed in
