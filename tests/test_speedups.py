@@ -1410,6 +1410,11 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
         lambda: speedups.select(node, 0, len),  # type: ignore[call-arg]
         lambda: speedups.select(node, "0", len, None),  # type: ignore[arg-type]
         lambda: speedups.select(node, 0, len, [1]),  # type: ignore[arg-type]
+        lambda: speedups.select(node, 0, len, None, True, 1),  # type: ignore[call-arg]
+        lambda: speedups.find(node, b"a", len),  # type: ignore[call-arg]
+        lambda: speedups.find(node, "a", len, None),  # type: ignore[arg-type]
+        lambda: speedups.find(node, b"a", 3, None),
+        lambda: speedups.find(node, b"a", len, [1]),  # type: ignore[arg-type]
     ):
         with pytest.raises(TypeError):
             call()

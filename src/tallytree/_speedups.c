@@ -1361,6 +1361,22 @@ image_is_leaf(PyObject *node, const Image *image)
     return image->blob != NULL ? image->kind == IMAGE_LEAF : node_is_leaf(node);
 }
 
+/* Key ``position`` of an image (0 <= position < count): its bytes, with its size in *size, or NULL
+   with TypeError when the offsets point outside the image. */
+static const char *
+image_key(const Image *image, Py_ssize_t position, Py_ssize_t *size)
+{
+    uint32_t start, stop;
+    memcpy(&start, image->offsets + position * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
+    memcpy(&stop, image->offsets + (position + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
+    if (start > stop || (Py_ssize_t)stop > image->length) {
+        PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
+        return NULL;
+    }
+    *size = (Py_ssize_t)(stop - start);
+    return image->data + start;
+}
+
 /* bisect_right (bisect_left unless right) of key in the node's keys, through its image when it has
    one; -1 with an error set. */
 static Py_ssize_t
@@ -1375,7 +1391,6 @@ image_search(PyObject *node, const Image *image, const char *key, Py_ssize_t siz
         Py_DECREF(keys);
         return found;
     }
-    const char *offsets = image->offsets, *data = image->data;
     uint64_t prefix = key_prefix(key, size);
     Py_ssize_t low = 0, high = image->count;
     while (low < high) {
@@ -1387,14 +1402,12 @@ image_search(PyObject *node, const Image *image, const char *key, Py_ssize_t siz
             order = probe < prefix ? -1 : 1;
         }
         else {
-            uint32_t start, stop;
-            memcpy(&start, offsets + middle * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
-            memcpy(&stop, offsets + (middle + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
-            if (start > stop || (Py_ssize_t)stop > image->length) {
-                PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
+            Py_ssize_t probe_size;
+            const char *probed = image_key(image, middle, &probe_size);
+            if (probed == NULL) {
                 return -1;
             }
-            order = compare_bytes(data + start, (Py_ssize_t)(stop - start), key, size);
+            order = compare_bytes(probed, probe_size, key, size);
         }
         if (right ? order <= 0 : order < 0) {
             low = middle + 1;
@@ -2212,11 +2225,9 @@ image_entry(const Image *image, Py_ssize_t position)
             return NULL;
         }
     }
-    uint32_t start, stop;
-    memcpy(&start, image->offsets + position * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
-    memcpy(&stop, image->offsets + (position + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
-    if (start > stop || (Py_ssize_t)stop > image->length) {
-        PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
+    Py_ssize_t size;
+    const char *key = image_key(image, position, &size);
+    if (key == NULL) {
         return NULL;
     }
     PyObject *values = PyTuple_New(fields);
@@ -2242,7 +2253,7 @@ image_entry(const Image *image, Py_ssize_t position)
     if (values == NULL) {
         return NULL;
     }
-    PyObject *entry = PyBytes_FromStringAndSize(image->data + start, (Py_ssize_t)(stop - start));
+    PyObject *entry = PyBytes_FromStringAndSize(key, size);
     return entry == NULL ? (Py_DECREF(values), NULL) : Py_BuildValue("(NN)", entry, values);
 }
 
@@ -2300,14 +2311,9 @@ leaf_holds(PyObject *node, const Image *image, Py_ssize_t position, const char *
         if (position >= image->count) {
             return 0;
         }
-        uint32_t start, stop;
-        memcpy(&start, image->offsets + position * (Py_ssize_t)sizeof(uint32_t), sizeof(start));
-        memcpy(&stop, image->offsets + (position + 1) * (Py_ssize_t)sizeof(uint32_t), sizeof(stop));
-        if (start > stop || (Py_ssize_t)stop > image->length) {
-            PyErr_SetString(PyExc_TypeError, "node._blob is not a search image");
-            return -1;
-        }
-        return compare_bytes(image->data + start, (Py_ssize_t)(stop - start), key, size) == 0;
+        Py_ssize_t stored_size;
+        const char *stored = image_key(image, position, &stored_size);
+        return stored == NULL ? -1 : compare_bytes(stored, stored_size, key, size) == 0;
     }
     PyObject *keys = PyObject_GetAttr(node, keys_name);
     Py_ssize_t count = keys == NULL ? -1 : PyObject_Length(keys);
