@@ -1246,7 +1246,7 @@ def test_select_reads_the_entry_and_values_from_a_leaf_image(
         data.draw(st.lists(column, min_size=size, max_size=size)) for _ in range(0 if kind == "none" else 2)
     ]
     mixed = kind == "mixed" and any(len({type(value) for value in col}) > 1 for col in cols)
-    leaf = decode_node(encode_node(Node(5, True, keys, cols, dirty=True)), 5)
+    leaf = Node(5, True, tuple(keys), tuple(map(tuple, cols)))  # type: ignore[arg-type]  # committed, decoded whole
     root = Node(1, False, (b"",), ((size,),), (5,), (0,))  # type: ignore[arg-type]
     nodes = {5: leaf}
     calls = 0
@@ -1254,7 +1254,7 @@ def test_select_reads_the_entry_and_values_from_a_leaf_image(
         for index in range(size):
             found, at, _ = speedups.select(root, index, nodes.__getitem__, nodes, True)
             calls += 1
-            expected_values = tuple(col[index] for col in leaf.cols)
+            expected_values = tuple(col[index] for col in cols)
             if calls == 1 or mixed:  # the leaf's first search marks it, its second builds the image
                 assert (found, at) == (leaf, index)
                 continue
@@ -1876,3 +1876,193 @@ def test_descents_keep_any_number_of_fetched_nodes() -> None:
             )  # None: every node fetched
             found = speedups.range_totals(root, record.summary, *cuts, tx.node, None, 1, None, True)
             assert found is not None and found[0] == [high - low, sum(range(low, high))]
+
+
+# ------------------------------------------------------------------ compact leaves, second-chance cache
+
+LEAF_COLUMNS = {
+    "float": st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([-0.0, 5e-324]),
+    "int": INT64 | st.sampled_from(EDGES),
+    "mixed": st.floats(allow_nan=False, allow_infinity=False) | INT64,
+    "wide": st.integers(2**63, 2**64 - 1),  # a leaf stores uint64s too
+}
+
+
+def _whole_image(keys: list[bytes], cols: list[list[Any]]) -> bytes:
+    """The image build_image makes for a committed leaf decoded whole (on its second search)."""
+    assert speedups is not None
+    leaf = Node(9, True, tuple(keys), tuple(map(tuple, cols)))  # type: ignore[arg-type]
+    for _ in range(2):
+        speedups.bisect(leaf, b"", True)
+    assert isinstance(leaf._blob, bytes)
+    return leaf._blob
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=70, unique=True),
+    st.lists(st.sampled_from(sorted(LEAF_COLUMNS)), max_size=3),
+    st.data(),
+)
+def test_leaf_image_builds_a_stored_leafs_image_from_its_bytes(
+    keys: list[bytes], kinds: list[str], data: st.DataObject
+) -> None:
+    """leaf_image(bytes) is byte for byte the image of the leaf decoded whole, when every column is
+    all floats or all int64s, and None exactly otherwise; leaf_lists gives the leaf back from it, the
+    type and the sign of each value included, in tuples the garbage collector does not track."""
+    import gc
+
+    assert speedups is not None
+    keys.sort()
+    cols = [data.draw(st.lists(LEAF_COLUMNS[kind], min_size=len(keys), max_size=len(keys))) for kind in kinds]
+    stored = encode_node(Node(9, True, keys, cols, dirty=True))
+    whole = all(
+        all(type(value) is float for value in col)
+        or all(type(value) is int and -(2**63) <= value < 2**63 for value in col)
+        for col in cols
+    )
+    compact = speedups.leaf_image(stored)
+    if not whole:
+        assert compact is None
+        return
+    assert compact is not None
+    image, fields = compact
+    assert fields == len(cols)
+    assert image == _whole_image(keys, cols)
+    lists = speedups.leaf_lists(image)
+    assert lists is not None
+    got_keys, got_cols = lists
+    assert got_keys == tuple(keys)
+    assert [[(type(value), value, math.copysign(1, value)) for value in col] for col in got_cols] == [
+        [(type(value), value, math.copysign(1, value)) for value in col] for col in cols
+    ]
+    assert not any(gc.is_tracked(part) for part in (got_keys, got_cols, *got_cols))
+
+
+def test_leaf_image_refuses_what_is_not_a_whole_leaf() -> None:
+    """None for another kind (an internal or pending node), a leaf of no entries, bytes cut short or
+    extended, and values of another type; leaf_lists refuses an internal node's image, and one
+    with a column left to the node's attributes. Both refuse a non-bytes argument."""
+    assert speedups is not None
+    keys = [encode_key(key) + encode_id(key) for key in range(5)]
+    stored = encode_node(Node(9, True, keys, [[1.5] * 5, list(range(5))], dirty=True))
+    assert speedups.leaf_image(stored) is not None
+    internal = Node(9, False, keys, [[1] * 5], list(range(10, 15)), [0], dirty=True)
+    pending = Node(9, True, keys, [[1.5] * 5], dirty=True)
+    pending.pending = True
+    refused = [
+        encode_node(internal),
+        encode_node(pending),
+        msgpack.packb([1, [], []]),
+        stored[:-1],
+        stored + b"\x00",
+        msgpack.packb([1, keys, [True] * 5]),
+        msgpack.packb([1, [key.decode("latin-1") for key in keys], [1.5] * 5]),
+        msgpack.packb([2, keys, [1.5] * 5]),
+        msgpack.packb({"a": 1}),
+        b"",
+    ]
+    assert [speedups.leaf_image(data) for data in refused] == [None] * len(refused)
+    assert speedups.leaf_lists(_whole_image(keys, [[1, 2.5, 3, 4, 5]])) is None  # a mixed column
+    branch = Node(1, False, tuple(keys), ((1,) * 5,), tuple(range(10, 15)), (0,))  # type: ignore[arg-type]
+    speedups.bisect(branch, b"", True)
+    assert isinstance(branch._blob, bytes) and speedups.leaf_lists(branch._blob) is None
+    for kernel in (speedups.leaf_image, speedups.leaf_lists):
+        with pytest.raises(TypeError):
+            kernel(bytearray(stored))
+
+
+def test_a_decoded_leaf_is_its_image_until_its_lists_are_read() -> None:
+    """decode_node turns a stored leaf of floats and int64s into a compact node: its image, and its
+    keys and columns made on first read (equal to a whole decode's); other leaves are decoded whole,
+    and an attribute a node does not have still raises AttributeError."""
+    assert speedups is not None
+    keys = [encode_key(key) + encode_id(f"e{key}") for key in range(40)]
+    cols = [[key / 3 for key in range(40)], [key * 1000 for key in range(40)]]
+    stored = encode_node(Node(9, True, keys, cols, dirty=True))
+    node = decode_node(stored, 9)
+    slot = Node.__dict__["keys"]
+    with pytest.raises(AttributeError):
+        slot.__get__(node)  # not made yet
+    assert node._blob == _whole_image(keys, cols)
+    assert node.shifts == (0, 0) and node.leaf and not node.dirty and not node.pending
+    assert node.keys == tuple(keys) and node.cols == tuple(map(tuple, cols))
+    assert slot.__get__(node) is node.keys  # made once, then kept
+    with pytest.raises(AttributeError, match="nope"):
+        node.nope  # noqa: B018
+    with pure_python():
+        whole = decode_node(stored, 9)
+    assert whole.keys == node.keys and whole.cols == node.cols and whole._blob is None
+    mixed = decode_node(encode_node(Node(9, True, keys, [[1] * 39 + [1.5], cols[1]], dirty=True)), 9)
+    assert mixed._blob is None and slot.__get__(mixed) == tuple(keys)
+    with pytest.raises(CorruptDatabaseError):
+        decode_node(stored[:-3], 9)
+
+
+@pytest.mark.parametrize("store", ["NodeTable", "NodeDict"])
+def test_the_node_cache_gives_a_node_found_since_it_was_oldest_a_second_chance(store: str) -> None:
+    """A node looked up since it was last the oldest is passed over once by eviction (unmarked and
+    queued again); an unmarked one goes; a new node is never evicted by its own put."""
+    from tallytree._store import NodeDict
+
+    assert speedups is not None
+    table = speedups.NodeTable(3) if store == "NodeTable" else NodeDict(3)
+    for node_id in (1, 2, 3):
+        table.put(Cached(node_id))  # type: ignore[arg-type]
+    assert table.get(1) is not None
+    table.put(Cached(4))  # type: ignore[arg-type]  # 1 was found: 2 goes
+    assert [table.get(node_id) is not None for node_id in (1, 2, 3, 4)] == [True, False, True, True]
+    table.put(Cached(5))  # type: ignore[arg-type]  # 3 and 1 found again by the line above, 4 too: all get a second chance, 3 goes
+    assert table.get(3) is None
+    for node_id in (6, 7, 8):
+        table.put(Cached(node_id))  # type: ignore[arg-type]
+        assert table.get(node_id) is not None  # marked at once: still never evicted by its own put
+    assert len(table) == 3
+
+
+def test_internal_nodes_stay_cached_while_leaves_stream_through_a_small_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tree with many more leaves than the cache holds, read under each parent of leaves in turn:
+    once each node was decoded, only leaves are (first in, first out would decode the internal
+    nodes again each time the leaves pushed them out)."""
+    from tallytree import _txn
+
+    db = tallytree.open_memory(cache_nodes=100)
+    agg = db.aggregate("a", values=("x",), node_size=16)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, key, (key / 2,)) for key in range(3000)])
+    starts: dict[int, list[int]] = {}  # the first key of each leaf (keys are 0..2999), by parent
+
+    def walk(node: Node, start: int) -> int:
+        for kid in node.kids:
+            child = tx.node(kid)
+            if child.leaf:
+                starts.setdefault(node.id, []).append(start)
+                start += len(child.keys)
+            else:
+                start = walk(child, start)
+        return start
+
+    with db.read() as tx:
+        record = tx.root(agg._tree_key(None))
+        assert record is not None and walk(tx.node(record.node_id), 0) == 3000
+    groups = list(starts.values())
+    assert 15 < len(groups) < 30
+    db._cache.clear()
+    decoded: list[bool] = []
+
+    def decode(data: bytes, node_id: int) -> Node:
+        node = decode_node(data, node_id)
+        decoded.append(node.leaf)
+        return node
+
+    monkeypatch.setattr(_txn, "decode_node", decode)
+    with db.read() as tx:
+        for query in range(600):
+            if query == len(groups):
+                assert not all(decoded)  # the internal nodes, decoded in the first round
+                decoded.clear()
+            group = groups[query % len(groups)]
+            key = group[query // len(groups) % len(group)] + 1  # inside the leaf: a fence would lead left
+            assert agg.rank(tx, key) == key
+    assert len(decoded) > 200 and all(decoded)  # more leaves than the cache holds, and only leaves

@@ -21,8 +21,8 @@ until commit, so a backend sees one batch per transaction; that lets the LMDB ba
 retry a batch without involving the caller.
 
 Node ids only grow and are never reused, and committed nodes never change, so a decoded node can be
-cached by id for the life of the process: :class:`NodeCache` is a bounded first-in first-out cache
-shared by all transactions of a database.
+cached by id for the life of the process: :class:`NodeCache` is a bounded cache (a second-chance
+clock) shared by all transactions of a database.
 """
 
 from __future__ import annotations
@@ -107,55 +107,82 @@ class Backend(Protocol):
 
 
 class NodeDict:
-    """Nodes by id in a dict, first in first out beyond ``capacity``: the pure-Python twin of
-    ``_speedups.NodeTable`` (same methods), used when the C kernels are not built.
+    """Nodes by id in a dict, evicted by a second-chance clock beyond ``capacity``: the pure-Python
+    twin of ``_speedups.NodeTable`` (same methods, same policy), used when the C kernels are not built.
+
+    The dict's order is the order of the puts. A node found by :meth:`get` is marked; eviction takes
+    the oldest node, but a marked one is unmarked and moved to the end instead: a node looked up since
+    it was last the oldest stays. So a tree's internal nodes, read by every descent, stay cached while
+    its leaves stream through a cache smaller than the tree.
 
     >>> from tallytree._node import Node
     >>> store = NodeDict(2)
-    >>> for node_id in (1, 2, 3):
+    >>> for node_id in (1, 2):
     ...     store.put(Node(node_id, True, [], []))
+    >>> store.get(1) is not None  # 1 is marked: the next eviction passes it over once
+    True
+    >>> store.put(Node(3, True, [], []))
     >>> [store.get(node_id) is not None for node_id in (1, 2, 3)]
-    [False, True, True]
+    [True, False, True]
     """
 
-    __slots__ = ("capacity", "get", "nodes")
+    __slots__ = ("capacity", "marked", "nodes")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.nodes: dict[int, Node] = {}
-        self.get: Callable[[int], Node | None] = self.nodes.get  # the dict's own get: no Python frame
+        self.marked: set[int] = set()
+
+    def get(self, node_id: int) -> Node | None:
+        """The node, or None; a node found is marked (see the class). O(1)."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            self.marked.add(node_id)
+        return node
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     def put(self, node: Node) -> None:
-        """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""
+        """Remember a committed node, evicting beyond capacity (see the class). O(1) amortized."""
         if self.capacity <= 0:
             return
-        nodes = self.nodes
-        nodes[node.id] = node
-        while len(nodes) > self.capacity:
+        nodes, marked = self.nodes, self.marked
+        if node.id in nodes:  # the same node decoded twice (two threads): the newer, in place
+            nodes[node.id] = node
+            return
+        while len(nodes) >= self.capacity:  # room first: the new node is no candidate
             try:
-                del nodes[next(iter(nodes))]
+                oldest = next(iter(nodes))
+                if oldest in marked:  # a second chance
+                    marked.discard(oldest)
+                    nodes[oldest] = nodes.pop(oldest)
+                else:
+                    del nodes[oldest]
             except (KeyError, RuntimeError, StopIteration):  # another thread changed the dict
                 break
+        nodes[node.id] = node
 
     def discard(self, node_id: int) -> None:
         """Forget one node if cached. O(1)."""
         self.nodes.pop(node_id, None)
+        self.marked.discard(node_id)
 
     def clear(self) -> None:
-        """Forget every node (in place: ``get`` stays bound to the dict)."""
+        """Forget every node (in place: the dict stays the one ``NodeCache.shared`` names)."""
         self.nodes.clear()
+        self.marked.clear()
 
 
 class NodeCache:
     """A bounded cache of decoded committed nodes, keyed by node id. Safe to share between threads.
 
     ``capacity`` counts nodes; a reader's memory is therefore bounded by ``capacity`` times the node
-    size, whatever the size of the data. Eviction is first-in first-out: a lookup costs one probe
-    (an LRU's bookkeeping cost more than the rare re-decoding of an evicted hot node), and nodes are
-    immutable, so a node evicted and read again is simply decoded again.
+    size, whatever the size of the data. Eviction is a second-chance clock: the oldest node goes
+    unless a lookup found it since it was last the oldest (a lookup only marks the node it finds: an
+    LRU's reordering costs more). A tree's internal nodes, which every descent reads, therefore stay
+    while leaves stream through a cache smaller than the tree. Nodes are immutable, so a node
+    evicted and read again is simply decoded again.
 
     The nodes are kept in ``_speedups.NodeTable`` when the C kernels are built: an open-addressing
     table of (id, node, search image) slots, from which the kernels' descents take a child in about
@@ -190,12 +217,12 @@ class NodeCache:
 
     @property
     def lookup(self) -> Callable[[int], Node | None]:
-        """:meth:`get` without a Python frame: the store's own ``get`` (which :meth:`clear` keeps
-        valid)."""
+        """:meth:`get` without this class's frame: the store's own ``get`` (which :meth:`clear`
+        keeps valid)."""
         return self._nodes.get
 
     def put(self, node: Node) -> None:
-        """Remember a committed node, evicting the oldest beyond capacity. O(1) amortized."""
+        """Remember a committed node, evicting one beyond capacity (see the class). O(1) amortized."""
         self._nodes.put(node)
 
     def discard(self, node_id: int) -> None:
