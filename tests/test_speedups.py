@@ -2066,3 +2066,32 @@ def test_internal_nodes_stay_cached_while_leaves_stream_through_a_small_cache(
             key = group[query // len(groups) % len(group)] + 1  # inside the leaf: a fence would lead left
             assert agg.rank(tx, key) == key
     assert len(decoded) > 200 and all(decoded)  # more leaves than the cache holds, and only leaves
+
+
+def test_committed_nodes_are_untracked_by_the_garbage_collector() -> None:
+    """A node decoded (leaf, compact leaf, internal) or frozen at commit is untracked by the cyclic
+    collector (it can be part of no cycle); a dirty copy, which refers to its origin, is tracked."""
+    import gc
+
+    assert speedups is not None
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("x",), node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, key, (key / 2 if key % 5 else key,)) for key in range(60)])
+    with db.read() as tx:
+        record = tx.root(agg._tree_key(None))
+        assert record is not None
+        nodes = [decode_node(data, node_id) for node_id, data in _stored_nodes(tx)]
+    assert {node.leaf for node in nodes} == {True, False}
+    assert not any(gc.is_tracked(node) for node in nodes)
+    with db.write() as tx:
+        agg.insert(tx, 1000, 1000, (1.0,))
+        dirty = [node for node in tx._dirty.values()]
+        assert dirty and all(gc.is_tracked(node) for node in dirty)
+    assert not any(gc.is_tracked(node) for node in dirty)  # frozen by the commit
+    assert not gc.is_tracked(speedups.untrack(Node(1, True, [], [])))
+
+
+def _stored_nodes(tx: tallytree.Transaction) -> list[tuple[int, bytes]]:
+    """Every stored node of a database as (id, bytes)."""
+    return [(int.from_bytes(key, "big"), bytes(data)) for key, data in tx.kv.scan(NODES, b"", b"\xff" * 9)]
