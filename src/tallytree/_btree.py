@@ -215,6 +215,16 @@ def _finder() -> Callable[[Node, bytes, bool], int]:
     return _bisect_keys if speedups is None else speedups.bisect
 
 
+def _locate(leaf: Node, entry: bytes) -> tuple[int, bool]:
+    """Where ``entry`` is, or would go, in a leaf, and whether it is there. O(log B).
+
+    Through the search of the descents: a compact leaf (``Node.compact``) is searched in its image,
+    and its lists are not made for it (a write then makes its dirty copy's lists from the image)."""
+    find = _finder()
+    index = find(leaf, entry, False)
+    return index, find(leaf, entry, True) > index
+
+
 class NodeTree:
     """Operations on the nodes of one tree (one aggregate namespace) inside one transaction.
 
@@ -678,8 +688,8 @@ class NodeTree:
             self.root = Root(leaf.id, 1, list(delta))
             return True
         path, leaf = self._path(entry)
-        index = bisect_left(leaf.keys, entry)
-        if index < len(leaf.keys) and leaf.keys[index] == entry:
+        index, present = _locate(leaf, entry)
+        if present:
             return False
         path, leaf = self._make_mutable(path, leaf)
         leaf.keys.insert(index, entry)
@@ -955,8 +965,8 @@ class NodeTree:
         if self.root is None:
             return None
         path, leaf = self._path(entry)
-        index = bisect_left(leaf.keys, entry)
-        if index >= len(leaf.keys) or leaf.keys[index] != entry:
+        index, present = _locate(leaf, entry)
+        if not present:
             return None
         path, leaf = self._make_mutable(path, leaf)
         del leaf.keys[index]
@@ -973,8 +983,8 @@ class NodeTree:
         if self.root is None:
             return None
         path, leaf = self._path(entry)
-        index = bisect_left(leaf.keys, entry)
-        if index >= len(leaf.keys) or leaf.keys[index] != entry:
+        index, present = _locate(leaf, entry)
+        if not present:
             return None
         old = tuple(col[index] for col in leaf.cols)
         if same_values(old, values):

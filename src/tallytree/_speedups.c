@@ -5535,9 +5535,141 @@ untracked_list(PyObject *items, int nested)
 
 /* thaw(node) -> (keys, kids, cols, shifts): new lists for a dirty copy of a node (Node.copy),
    untracked by the cyclic garbage collector. */
+/* A new untracked container of ``count`` items: a list when ``lists``, else a tuple. */
+static PyObject *
+new_sequence(Py_ssize_t count, int lists)
+{
+    PyObject *sequence = lists ? PyList_New(count) : PyTuple_New(count);
+    if (sequence != NULL && PyObject_GC_IsTracked(sequence)) {
+        PyObject_GC_UnTrack(sequence); /* filled with bytes, numbers and such containers only */
+    }
+    return sequence;
+}
+
+static void
+sequence_set(PyObject *sequence, Py_ssize_t index, PyObject *item)
+{
+    if (PyList_CheckExact(sequence)) {
+        PyList_SET_ITEM(sequence, index, item);
+    }
+    else {
+        PyTuple_SET_ITEM(sequence, index, item);
+    }
+}
+
+/* The keys and value columns of a leaf whose image (``blob``) holds it whole (every column
+   VALUES_FLOAT or VALUES_INT), as ``(keys, cols)``: tuples as decode_node makes them, or lists as
+   thaw makes them when ``lists``, untracked by the garbage collector either way. None for any other
+   image; NULL with an error set. */
+static PyObject *
+image_parts(PyObject *blob, int lists)
+{
+    Image image;
+    if (image_parse(Py_NewRef(blob), &image) < 0) {
+        return NULL;
+    }
+    Py_ssize_t count = image.count, fields = image.fields;
+    int whole = image.kind == IMAGE_LEAF && fields >= 0;
+    for (Py_ssize_t field = 0; whole && field < fields; field++) {
+        whole = image.values[field] == VALUES_FLOAT || image.values[field] == VALUES_INT;
+    }
+    if (!whole) {
+        image_release(&image);
+        Py_RETURN_NONE;
+    }
+    PyObject *keys = new_sequence(count, lists), *cols = new_sequence(fields, lists), *result = NULL;
+    for (Py_ssize_t index = 0; keys != NULL && cols != NULL && index < count; index++) {
+        Py_ssize_t size;
+        const char *key = image_key(&image, index, &size);
+        PyObject *item = key == NULL ? NULL : PyBytes_FromStringAndSize(key, size);
+        if (item == NULL) {
+            goto done;
+        }
+        sequence_set(keys, index, item);
+    }
+    const char *columns = image.values + align8(fields);
+    for (Py_ssize_t field = 0; keys != NULL && cols != NULL && field < fields; field++) {
+        PyObject *column = new_sequence(count, lists);
+        if (column == NULL) {
+            goto done;
+        }
+        sequence_set(cols, field, column);
+        int floats = image.values[field] == VALUES_FLOAT;
+        for (Py_ssize_t index = 0; index < count; index++) {
+            const char *cell = columns + 8 * (field * count + index);
+            PyObject *item;
+            if (floats) {
+                double value;
+                memcpy(&value, cell, sizeof(value));
+                item = PyFloat_FromDouble(value);
+            }
+            else {
+                int64_t value;
+                memcpy(&value, cell, sizeof(value));
+                item = PyLong_FromLongLong(value);
+            }
+            if (item == NULL) {
+                goto done;
+            }
+            sequence_set(column, index, item);
+        }
+    }
+    if (keys != NULL && cols != NULL) {
+        result = PyTuple_Pack(2, keys, cols);
+    }
+done:
+    Py_XDECREF(keys);
+    Py_XDECREF(cols);
+    image_release(&image);
+    return result;
+}
+
+/* thaw of a compact leaf (its keys never made: see _node.Node.compact): new lists straight from its
+   image, which stays the committed node's only form; NULL with an error set, or None (not compact). */
+static PyObject *
+thaw_compact(PyObject *node)
+{
+    PyObject *keys = PyObject_GenericGetAttr(node, keys_name); /* the slot itself: no __getattr__ */
+    if (keys != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        Py_XDECREF(keys);
+        return keys == NULL ? NULL : Py_NewRef(Py_None);
+    }
+    PyErr_Clear();
+    PyObject *blob = PyObject_GetAttr(node, blob_name);
+    PyObject *parts = blob == NULL ? NULL : PyBytes_CheckExact(blob) ? image_parts(blob, 1) : Py_NewRef(Py_None);
+    Py_XDECREF(blob);
+    if (parts == NULL || parts == Py_None) {
+        if (parts == Py_None) { /* no lists to be had from it: let the attribute say what is wrong */
+            Py_DECREF(parts);
+            keys = PyObject_GetAttr(node, keys_name);
+            Py_XDECREF(keys);
+            return keys == NULL ? NULL : Py_NewRef(Py_None);
+        }
+        return NULL;
+    }
+    PyObject *cols = PyTuple_GET_ITEM(parts, 1), *kids = new_sequence(0, 1);
+    PyObject *shifts = new_sequence(PyList_GET_SIZE(cols), 1);
+    PyObject *out = NULL;
+    if (kids != NULL && shifts != NULL) {
+        for (Py_ssize_t field = 0; field < PyList_GET_SIZE(cols); field++) {
+            PyList_SET_ITEM(shifts, field, PyLong_FromLong(0)); /* a small int: cannot fail */
+        }
+        out = PyTuple_Pack(4, PyTuple_GET_ITEM(parts, 0), kids, cols, shifts);
+    }
+    Py_XDECREF(kids);
+    Py_XDECREF(shifts);
+    Py_DECREF(parts);
+    return out;
+}
+
 static PyObject *
 thaw(PyObject *Py_UNUSED(module), PyObject *node)
 {
+    PyObject *compact = thaw_compact(node);
+    if (compact != Py_None) {
+        return compact;
+    }
+    Py_DECREF(compact);
     PyObject *names[4] = {keys_name, kids_name, cols_name, shifts_name};
     PyObject *out = PyTuple_New(4);
     if (out == NULL) {
@@ -5694,8 +5826,7 @@ leaf_image(PyObject *Py_UNUSED(module), PyObject *stored)
 }
 
 /* leaf_lists(image) -> (keys, cols) | None: the keys and value columns of a leaf whose image holds
-   it whole (every column VALUES_FLOAT or VALUES_INT), as tuples, as decode_node makes them; None for
-   any other image. */
+   it whole, as tuples, as decode_node makes them; None for any other image (see image_parts). */
 static PyObject *
 leaf_lists(PyObject *Py_UNUSED(module), PyObject *blob)
 {
@@ -5703,66 +5834,7 @@ leaf_lists(PyObject *Py_UNUSED(module), PyObject *blob)
         PyErr_SetString(PyExc_TypeError, "leaf_lists(image: bytes)");
         return NULL;
     }
-    Image image;
-    if (image_parse(Py_NewRef(blob), &image) < 0) {
-        return NULL;
-    }
-    Py_ssize_t count = image.count, fields = image.fields;
-    int whole = image.kind == IMAGE_LEAF && fields >= 0;
-    for (Py_ssize_t field = 0; whole && field < fields; field++) {
-        whole = image.values[field] == VALUES_FLOAT || image.values[field] == VALUES_INT;
-    }
-    if (!whole) {
-        image_release(&image);
-        Py_RETURN_NONE;
-    }
-    PyObject *keys = PyTuple_New(count), *cols = PyTuple_New(fields), *result = NULL;
-    for (Py_ssize_t index = 0; keys != NULL && cols != NULL && index < count; index++) {
-        Py_ssize_t size;
-        const char *key = image_key(&image, index, &size);
-        PyObject *item = key == NULL ? NULL : PyBytes_FromStringAndSize(key, size);
-        if (item == NULL) {
-            goto done;
-        }
-        PyTuple_SET_ITEM(keys, index, item);
-    }
-    const char *columns = image.values + align8(fields);
-    for (Py_ssize_t field = 0; keys != NULL && cols != NULL && field < fields; field++) {
-        PyObject *column = PyTuple_New(count);
-        if (column == NULL) {
-            goto done;
-        }
-        PyTuple_SET_ITEM(cols, field, column);
-        for (Py_ssize_t index = 0; index < count; index++) {
-            const char *cell = columns + 8 * (field * count + index);
-            PyObject *item;
-            if (image.values[field] == VALUES_FLOAT) {
-                double value;
-                memcpy(&value, cell, sizeof(value));
-                item = PyFloat_FromDouble(value);
-            }
-            else {
-                int64_t value;
-                memcpy(&value, cell, sizeof(value));
-                item = PyLong_FromLongLong(value);
-            }
-            if (item == NULL) {
-                goto done;
-            }
-            PyTuple_SET_ITEM(column, index, item);
-        }
-        untrack_if_atomic(column);
-    }
-    if (keys != NULL && cols != NULL) {
-        untrack_if_atomic(keys);
-        untrack_if_atomic(cols);
-        result = PyTuple_Pack(2, keys, cols);
-    }
-done:
-    Py_XDECREF(keys);
-    Py_XDECREF(cols);
-    image_release(&image);
-    return result;
+    return image_parts(blob, 0);
 }
 
 static PyMethodDef methods[] = {
