@@ -1991,6 +1991,12 @@ def test_a_decoded_leaf_is_its_image_until_its_lists_are_read() -> None:
         node.nope  # noqa: B018
     with pure_python():
         whole = decode_node(stored, 9)
+        late = decode_node(stored, 9)
+        assert late._blob is None and late.keys == tuple(keys)
+        compact = speedups.leaf_image(stored)
+        assert compact is not None
+        cached = Node.compact(9, *compact)  # decoded with the kernels, read by the Python code
+        assert cached.keys == tuple(keys) and cached.cols == tuple(map(tuple, cols))
     assert whole.keys == node.keys and whole.cols == node.cols and whole._blob is None
     mixed = decode_node(encode_node(Node(9, True, keys, [[1] * 39 + [1.5], cols[1]], dirty=True)), 9)
     assert mixed._blob is None and slot.__get__(mixed) == tuple(keys)

@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from . import _native
 from ._native import speedups
 from .errors import CorruptDatabaseError
 
@@ -356,8 +357,9 @@ class Node:
 
         def __getattr__(self, name: str) -> Any:
             """Called only for an attribute not set: a compact leaf's keys and cols, made on first use."""
-            if name in ("keys", "cols") and type(self._blob) is bytes and speedups is not None:
-                lists = speedups.leaf_lists(self._blob)
+            built = _native._built  # a compact node comes from the extension, whether it is in use now or not
+            if name in ("keys", "cols") and type(self._blob) is bytes and built is not None:
+                lists = built.leaf_lists(self._blob)
                 if lists is not None:
                     self.keys, self.cols = lists
                     return lists[name == "cols"]
