@@ -1392,6 +1392,20 @@ image_is_leaf(PyObject *node, const Image *image)
     return image->blob != NULL ? image->kind == IMAGE_LEAF : node_is_leaf(node);
 }
 
+/* The number of a leaf image's value cell (a VALUES_FLOAT or VALUES_INT column's), a new reference. */
+static PyObject *
+cell_value(const char *cell, char type)
+{
+    if (type == VALUES_FLOAT) {
+        double number;
+        memcpy(&number, cell, sizeof(number));
+        return PyFloat_FromDouble(number);
+    }
+    int64_t number;
+    memcpy(&number, cell, sizeof(number));
+    return PyLong_FromLongLong((long long)number);
+}
+
 /* Key ``position`` of an image (0 <= position < count): its bytes, with its size in *size, or NULL
    with TypeError when the offsets point outside the image. */
 static const char *
@@ -2295,18 +2309,7 @@ image_entry(const Image *image, Py_ssize_t position)
     }
     PyObject *values = PyTuple_New(fields);
     for (Py_ssize_t field = 0; values != NULL && field < fields; field++) {
-        const char *cell = columns + 8 * (field * count + position);
-        PyObject *value;
-        if (image->values[field] == VALUES_FLOAT) {
-            double number;
-            memcpy(&number, cell, sizeof(number));
-            value = PyFloat_FromDouble(number);
-        }
-        else {
-            int64_t number;
-            memcpy(&number, cell, sizeof(number));
-            value = PyLong_FromLongLong((long long)number);
-        }
+        PyObject *value = cell_value(columns + 8 * (field * count + position), image->values[field]);
         if (value == NULL) {
             Py_CLEAR(values);
             break;
@@ -5594,20 +5597,8 @@ image_parts(PyObject *blob, int lists)
             goto done;
         }
         sequence_set(cols, field, column);
-        int floats = image.values[field] == VALUES_FLOAT;
         for (Py_ssize_t index = 0; index < count; index++) {
-            const char *cell = columns + 8 * (field * count + index);
-            PyObject *item;
-            if (floats) {
-                double value;
-                memcpy(&value, cell, sizeof(value));
-                item = PyFloat_FromDouble(value);
-            }
-            else {
-                int64_t value;
-                memcpy(&value, cell, sizeof(value));
-                item = PyLong_FromLongLong(value);
-            }
+            PyObject *item = cell_value(columns + 8 * (field * count + index), image.values[field]);
             if (item == NULL) {
                 goto done;
             }
