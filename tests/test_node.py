@@ -194,7 +194,11 @@ def test_damaged_node_bytes_decode_consistently_or_raise_a_typed_error(
         return
     size = len(node.keys)
     assert all(len(col) == size for col in node.cols)
-    assert node.leaf or len(node.kids) == size
+    assert all(type(key) is bytes for key in node.keys)
+    if node.leaf:
+        assert all(type(value) in (int, float) for col in node.cols for value in col)
+    else:
+        assert len(node.kids) == size and all(type(value) is int for col in node.cols for value in col)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +206,18 @@ def test_damaged_node_bytes_decode_consistently_or_raise_a_typed_error(
     [
         [LEAF, [b"a", b"b"], [1]],  # a column shorter than the keys
         [LEAF, b"ab", [1, 2]],  # keys that are not an array
+        [LEAF, [b"a", "b"], [1, 2]],  # a key that is not bytes (a search would fail untyped)
+        [LEAF, [b"a", b"b"], [1, None]],  # a value that is not a number
+        [LEAF, [b"a", b"b"], [1, True]],  # nor is a bool
         [INTERNAL, [b"", b"a"], [1], [0, 0, 0], [1, 1], [2, 2], [0, 0]],  # one kid for two keys
+        [INTERNAL, [b"", b"a"], [1, 2], [0, 0, 0], [1, 1], [2.5, 2], [0, 0]],  # a sum that is not an int
+        [INTERNAL, [b"", b"a"], [1, -2], [0, 0, 0], [1, 1], [2, 2], [0, 0]],  # a negative child id
+        [INTERNAL, [b"", b"a"], [1, 2], [0, 0, 0], [1, 0], [2, 2], [0, 0]],  # an empty child
+        [INTERNAL, [b"", b"a"], [1, 2], [0, 0, 0], [1, 1], [2, 2], [0, -1]],  # a negative float count
+        [INTERNAL, [b"", b"a"], [1, 2], [46, 0, 0], [1, 1], [2, 2], [0, 0]],  # a shifted count
+        [INTERNAL, [b"", b"a"], [1, 2], [0, -1, 0], [1, 1], [2, 2], [0, 0]],  # a negative shift
+        [INTERNAL, [b"", b"a"], [1, 2], [0, 10**6, 0], [1, 1], [2, 2], [0, 0]],  # a shift no sum has
+        [INTERNAL, [], [], [0, 0, 0], [], [], []],  # no child
     ],
 )
 def test_inconsistent_nodes_raise_corrupt_database_error(parts: list[object]) -> None:

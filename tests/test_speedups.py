@@ -667,6 +667,8 @@ def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
     damaged = encode_node(Node(1, True, keys, [[1, -3, math.inf]], dirty=True))  # "e" goes to the 2nd piece
     assert merge_leaf(damaged, [b"f"], 0, 1, [[4]], 3, 2) is None
     assert merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
+    assert leaf[2] == 0x93  # the keys' array header: claiming 2**31 keys, it must not be believed
+    assert merge_leaf(leaf[:2] + b"\xdd\x7f\xff\xff\xff" + leaf[3:], [b"b"], 0, 1, [[4]], 8) is None
 
 
 @given(
@@ -2101,3 +2103,104 @@ def test_committed_nodes_are_untracked_by_the_garbage_collector() -> None:
 def _stored_nodes(tx: tallytree.Transaction) -> list[tuple[int, bytes]]:
     """Every stored node of a database as (id, bytes)."""
     return [(int.from_bytes(key, "big"), bytes(data)) for key, data in tx.kv.scan(NODES, b"", b"\xff" * 9)]
+
+
+# ------------------------------------------------------------------ damaged stored nodes
+
+DAMAGE = st.tuples(st.sampled_from(["set", "drop", "add"]), st.integers(0, 2**16), st.integers(0, 255))
+
+
+def _damaged(data: bytes, damage: tuple[str, int, int]) -> bytes:
+    """``data`` with one byte set, dropped or added (at a position taken modulo its length)."""
+    change, at, byte = damage
+    damaged = bytearray(data)
+    at %= len(damaged) + (change == "add")
+    if change == "set":
+        damaged[at] = byte if byte != damaged[at] else byte ^ 0xFF
+    elif change == "drop":
+        del damaged[at]
+    else:
+        damaged.insert(at, byte)
+    return bytes(damaged)
+
+
+def _decoded_or_corrupt(data: bytes) -> Node | None:
+    try:
+        return decode_node(data, 3)
+    except CorruptDatabaseError:
+        return None
+
+
+def _parts(node: Node) -> tuple[Any, ...]:
+    return (node.leaf, node.pending, tuple(node.keys), tuple(node.kids), tuple(map(tuple, node.cols)))
+
+
+@st.composite
+def stored_nodes(draw: st.DrawFn) -> Node:
+    """A leaf (floats, int64s or both per column), a pending node or an internal node, as stored."""
+    keys = sorted(draw(st.lists(st.binary(min_size=1, max_size=12), min_size=1, max_size=12, unique=True)))
+    kind = draw(st.sampled_from(["leaf", "pending", "internal"]))
+    if kind == "internal":
+        counts = draw(st.lists(st.integers(1, 10**6), min_size=len(keys), max_size=len(keys)))
+        sums = draw(st.lists(st.integers(-(2**130), 2**130), min_size=len(keys), max_size=len(keys)))
+        kids = list(range(50, 50 + len(keys)))
+        return Node(9, False, keys, [counts, sums, [0] * len(keys)], kids, [0, 3, 0], dirty=True)
+    column = st.sampled_from(sorted(LEAF_COLUMNS)).flatmap(
+        lambda name: st.lists(LEAF_COLUMNS[name], min_size=len(keys), max_size=len(keys))
+    )
+    node = Node(9, True, keys, draw(st.lists(column, min_size=1, max_size=2)), dirty=True)
+    node.pending = kind == "pending"
+    return node
+
+
+@settings(max_examples=500)
+@given(stored_nodes(), DAMAGE, st.data())
+def test_a_damaged_stored_node_is_refused_or_read_as_python_reads_it(
+    node: Node, damage: tuple[str, int, int], data: st.DataObject
+) -> None:
+    """A stored node with one byte set, dropped or added, as a failing disk or a foreign writer
+    leaves it: every kernel that reads stored bytes (the decode, the compact leaf's image and lists,
+    the searches in it, the batch merge into a stored leaf, the repack of an internal node) either
+    refuses it or reads exactly what the Python decoder reads. Run under AddressSanitizer too (see
+    the C design note): none of them may read outside the bytes."""
+    assert speedups is not None
+    damaged = _damaged(encode_node(node), damage)
+    with pure_python():
+        expected = _decoded_or_corrupt(damaged)
+    found = _decoded_or_corrupt(damaged)
+    assert (found is None) == (expected is None)
+    image = speedups.leaf_image(damaged)
+    if expected is None:
+        assert image is None
+    else:
+        assert found is not None and _same(_parts(found), _parts(expected))
+    entry = data.draw(st.binary(min_size=1, max_size=12), label="new entry")
+    merged = merge_leaf(damaged, [entry], 0, 1, [[1.5]] * len(node.cols), 64)
+    if expected is None:
+        assert merged is None
+        return
+    # keys out of order (damage the checker reports) are searched as they are: answers may differ
+    ordered = all(a < b for a, b in itertools.pairwise(expected.keys))
+    if type(merged) is bytes:
+        with pure_python():
+            merged_node = decode_node(merged, 1)
+        assert expected.leaf and not expected.pending
+        if ordered:  # the decoded leaf with the entry added (numbers copied as stored)
+            at = bisect_left(expected.keys, entry)
+            assert expected.keys[at : at + 1] != (entry,)
+            keys = [*expected.keys[:at], entry, *expected.keys[at:]]
+            cols = [[*col[:at], 1.5, *col[at:]] for col in expected.cols]
+            assert _same(_parts(merged_node), _parts(Node(1, True, keys, cols)))
+    assert found is not None
+    if found.leaf:
+        assert isinstance(found.keys, tuple)  # the compact leaf's lists (made from its image)
+        for probe in [*expected.keys, entry] if ordered else ():
+            for after in (False, True):
+                search = bisect_right if after else bisect_left
+                assert speedups.bisect(found, probe, after) == search(expected.keys, probe)
+        return
+    copy = found.copy(4)  # a write's copy of the damaged internal node: repacked from its bytes
+    copy.add(0, [1, 8, 0])
+    repacked = encode_node(copy)
+    with pure_python():
+        assert _same(_parts(decode_node(repacked, 4)), _parts(decode_node(encode_node(copy.copy(5)), 5)))

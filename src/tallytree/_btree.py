@@ -215,6 +215,11 @@ def _finder() -> Callable[[Node, bytes, bool], int]:
     return _bisect_keys if speedups is None else speedups.bisect
 
 
+def _rightmost(path: Path) -> bool:
+    """Whether a descent took the last child at every level (its leaf is the tree's last). O(height)."""
+    return all(index == len(node.kids) - 1 for node, index in path)
+
+
 def _locate(leaf: Node, entry: bytes) -> tuple[int, bool]:
     """Where ``entry`` is, or would go, in a leaf, and whether it is there. O(log B).
 
@@ -677,11 +682,20 @@ class NodeTree:
 
     # ----------------------------------------------------------------- writes
 
-    def insert(self, entry: bytes, values: tuple[Any, ...], delta: list[int] | None = None) -> bool:
-        """Insert ``entry`` with ``values``; return False (changing nothing) if it exists. O(log n)."""
+    def insert(
+        self, entry: bytes, values: tuple[Any, ...], delta: list[int] | None = None, *, inside: bool = False
+    ) -> bool | None:
+        """Insert ``entry`` with ``values``; return False (changing nothing) if it exists. O(log n).
+
+        With ``inside=True`` only an entry inside the tree's range is inserted: for one after every
+        entry (or into an empty tree) the call changes nothing and returns None, found on the same
+        descent (``Tree.insert`` keeps such entries in its pending node).
+        """
         if delta is None:
             delta = delta_of(values)
         if self.root is None:
+            if inside:
+                return None
             access = self.access
             cols = [[value] for value in values]
             leaf = access.adopt(Node(access.new_id(), True, [entry], cols, dirty=True))
@@ -691,6 +705,8 @@ class NodeTree:
         index, present = _locate(leaf, entry)
         if present:
             return False
+        if inside and _rightmost(path) and entry > leaf.keys[-1]:
+            return None
         path, leaf = self._make_mutable(path, leaf)
         leaf.keys.insert(index, entry)
         for col, value in zip(leaf.cols, values, strict=True):

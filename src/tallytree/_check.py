@@ -136,6 +136,9 @@ class _Walker:
         low: bytes,
         high: bytes | None,
     ) -> list[int] | None:
+        if node_id in self.seen:  # a cycle, or a child shared by two parents: not walked again
+            self.report(path, node_id, "node is reached a second time (a cycle or a shared child)")
+            return None
         self.seen.add(node_id)
         try:
             node = self.tx.node(node_id)
@@ -151,6 +154,8 @@ class _Walker:
                 f"{'leaf' if node.leaf else 'internal node'} at depth "
                 f"{depth}, but the tree's height is {height}",
             )
+            if depth >= height:  # its children would lie below the leaves' level: not walked
+                return None
         if size > self.max_size:
             self.report(path, node_id, f"holds {size} entries, more than node_size {self.max_size}")
         if is_root and not node.leaf and size < 2:

@@ -715,17 +715,45 @@ def encode_node(node: Node) -> bytes:
 
 
 _ARRAYS = (tuple, list)  # msgpack arrays decode to tuples; joined limbs are lists
+_KINDS_OF_KEYS = frozenset({bytes})
+_KINDS_OF_VALUES = frozenset({int, float})
+_KINDS_OF_SUMS = frozenset({int})
+_MAX_SHIFT = 2048  # trailing zeros of a stored sum: under 1074 + 64 + 64 bits (see scaled), with room
 
 
 def _consistent(node: Node) -> Node:
-    """The decoded node, if its parts are arrays of one length (else a read would fail untyped)."""
+    """The decoded node, if its parts are arrays of one length holding what they must: keys bytes,
+    child ids and an internal node's summaries ints, its shifts ints in ``[0, _MAX_SHIFT]``, a
+    leaf's values ints or floats (else a read would fail untyped, or answer wrong). O(size)."""
     size = len(node.keys)
     parts: list[Sequence[Any]] = [node.keys, *node.cols] if node.leaf else [node.keys, node.kids, *node.cols]
-    if all(type(part) in _ARRAYS and len(part) == size for part in parts):
-        return node
+    if all(type(part) in _ARRAYS and len(part) == size for part in parts) and _KINDS_OF_KEYS.issuperset(
+        map(type, node.keys)
+    ):
+        allowed = _KINDS_OF_VALUES if node.leaf else _KINDS_OF_SUMS
+        if all(allowed.issuperset(map(type, part)) for part in parts[1:]) and (node.leaf or _in_range(node)):
+            return node
     raise CorruptDatabaseError(
-        f"node {node.id} is inconsistent (its keys and columns differ in kind or length); "
-        "run `tallytree check` to locate the damage"
+        f"node {node.id} is inconsistent (its keys and columns differ in kind or length, or hold "
+        "what they cannot); run `tallytree check` to locate the damage"
+    )
+
+
+def _in_range(node: Node) -> bool:
+    """Whether an internal node's numbers (typed already) are ones a commit can write: at least one
+    child, child ids and counts from 1 and float counts from 0 (all below 2**63, none shifted), the
+    sums' shifts in ``[0, _MAX_SHIFT]``. The sums may be any int. O(size)."""
+    cols, kids = node.cols, node.kids
+    fields = (len(cols) - 1) // 2
+    counts = [cols[0], *cols[1 + fields :]]
+    return (
+        len(kids) > 0
+        and min(kids) >= 1
+        and max(kids) <= _INT64_MAX
+        and min(cols[0]) >= 1
+        and all(min(column) >= 0 and max(column) <= _INT64_MAX for column in counts)
+        and all(type(shift) is int and 0 <= shift <= _MAX_SHIFT for shift in node.shifts)
+        and not any(node.shifts[0:1] + node.shifts[1 + fields :])  # counts are never shifted
     )
 
 

@@ -4217,8 +4217,8 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
         Py_RETURN_NONE; /* not a leaf of this many fields */
     }
     at++;
-    if (!read_array_header(data, length, &at, &count)) {
-        Py_RETURN_NONE;
+    if (!read_array_header(data, length, &at, &count) || count > (length - at) / (1 + fields)) {
+        Py_RETURN_NONE; /* more elements than bytes left (damaged): nothing is allocated for them */
     }
     Py_ssize_t total = count + (hi - lo);
     /* The new entries and values, measured (what pack_node accepts, or the Python code packs them). */

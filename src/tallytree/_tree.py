@@ -245,12 +245,13 @@ class Tree:
         """
         if self._pending_index(entry) is not None:
             return False
-        nodes = self.nodes
         pending = self.pending
-        # after the first pending entry means after every entry of the nodes (the invariant)
-        last = None if pending is not None and entry > pending.keys[0] else nodes.last_entry()
-        if last is not None and entry <= last:  # inside the nodes' range: into its leaf
-            return nodes.insert(entry, values)
+        # after the first pending entry means after every entry of the nodes (the invariant);
+        # otherwise the descent to the entry's leaf tells whether it falls inside the nodes' range
+        if pending is None or entry < pending.keys[0]:
+            inserted = self.nodes.insert(entry, values, inside=True)
+            if inserted is not None:  # inside the nodes' range: into its leaf (or already there)
+                return inserted
         pending = self._writable_pending(delta_of(values))  # after every entry of the nodes
         at = bisect_left(pending.keys, entry)
         pending.keys.insert(at, entry)
