@@ -89,8 +89,13 @@ from ._node import (
     sum_value,
     summarize,
 )
+from .errors import CorruptDatabaseError
 
 __all__ = ["NodeAccess", "NodeTree", "Root", "same_values", "vadd", "vsub"]
+
+MAX_LEVELS = 64
+"""More levels than any tree has (a node holds at least 2 children, so 2**64 items need fewer): a
+descent that goes deeper follows a cycle of damaged child ids. The C kernels use the same bound."""
 
 
 class NodeAccess(Protocol):
@@ -215,6 +220,22 @@ def _finder() -> Callable[[Node, bytes, bool], int]:
     return _bisect_keys if speedups is None else speedups.bisect
 
 
+def _damaged(node: Node, what: str) -> CorruptDatabaseError:
+    """The error for a node that contradicts its parent (damage a decode cannot see)."""
+    return CorruptDatabaseError(f"node {node.id} is damaged: {what}; run `tallytree check` to locate it")
+
+
+def _deeper(levels: int, node: Node) -> int:
+    """``levels + 1``, for a descent going below ``node``; CorruptDatabaseError past
+    :data:`MAX_LEVELS` (damaged child ids that lead back up would otherwise loop for ever). O(1)."""
+    if levels >= MAX_LEVELS:
+        raise CorruptDatabaseError(
+            f"node {node.id} lies deeper than any tree goes: damaged child ids form a cycle; "
+            "run `tallytree check` to locate the damage"
+        )
+    return levels + 1
+
+
 def _rightmost(path: Path) -> bool:
     """Whether a descent took the last child at every level (its leaf is the tree's last). O(height)."""
     return all(index == len(node.kids) - 1 for node, index in path)
@@ -298,7 +319,9 @@ class NodeTree:
             return None
         access = self.access
         node = access.node(self.root.node_id)
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             node = access.node(node.kids[-1])
         return node.keys[-1]
 
@@ -307,7 +330,9 @@ class NodeTree:
         access = self.access
         find = _finder()
         total = 0
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             index = find(node, bound, True) - 1
             total += node.counts()[index]
             node = access.node(node.kids[index])
@@ -339,7 +364,9 @@ class NodeTree:
             return start, stop
         find = _finder()
         base = 0
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             index = find(node, low, True) - 1
             other = find(node, high, True) - 1
             counts = node.counts()
@@ -436,7 +463,9 @@ class NodeTree:
         before: Sequence[int] = self.zero()
         after: Sequence[int] = root.summary
         find = _finder()
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             index = find(node, low, True) - 1
             other = find(node, high, True) - 1
             rows = node.rows()
@@ -488,7 +517,9 @@ class NodeTree:
         bound, bound_after = cut
         access = self.access
         find = _finder()
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             index = find(node, bound, True) - 1
             rows = node.rows()
             plus.append(before)
@@ -582,7 +613,9 @@ class NodeTree:
             return list(self.root.summary)
         access = self.access
         node = access.node(self.root.node_id)
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             counts = node.counts()
             child = bisect_right(counts, index) - 1
             totals = vadd(totals, node.prefixes(child))
@@ -608,11 +641,15 @@ class NodeTree:
             if at is None:  # the entry and its values, read from the leaf's search image
                 return found  # type: ignore[no-any-return]
             node, index = found, at
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             counts = node.counts()
             child = bisect_right(counts, index) - 1
             index -= counts[child]
             node = access.node(node.kids[child])
+        if not 0 <= index < len(node.keys):
+            raise _damaged(node, "it holds fewer entries than its parent counts")
         return node.keys[index], tuple(col[index] for col in node.cols)
 
     def find(self, entry: bytes) -> tuple[Any, ...] | None:
@@ -650,7 +687,9 @@ class NodeTree:
         stack: Path = []
         node = access.node(self.root.node_id)
         index = stop - 1 if reverse else start
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             counts = node.counts()
             child = bisect_right(counts, index) - 1
             index -= counts[child]
@@ -672,6 +711,7 @@ class NodeTree:
                     stack.append((parent, child))
                     node = access.node(parent.kids[child])
                     while not node.leaf:
+                        _deeper(len(stack), node)
                         child = len(node.kids) - 1 if reverse else 0
                         stack.append((node, child))
                         node = access.node(node.kids[child])
@@ -799,6 +839,12 @@ class NodeTree:
 
     def _plan(self, node: Node, height: int, lo: int, hi: int, run: _Run) -> _Step | None:
         """What merging ``run.entries[lo:hi]`` changes below ``node`` (None: nothing). Reads only."""
+        if node.leaf != (height == 1):  # damaged child ids: a node at another level than its own
+            raise CorruptDatabaseError(
+                f"node {node.id} is {'a leaf' if node.leaf else 'an internal node'} where the tree's "
+                f"height puts {'leaves' if height == 1 else 'internal nodes'}: damaged child ids (a "
+                "cycle or a node of another tree); run `tallytree check` to locate the damage"
+            )
         if height == 1:
             return self._plan_leaf(node, lo, hi, run)
         if height == 2 and run.stored:
@@ -813,6 +859,8 @@ class NodeTree:
         at = lo
         while at < hi:
             child = bisect_right(keys, entries[at], child) - 1
+            if child < 0:  # below the node's own fence: only damaged keys send an entry there
+                raise _damaged(node, "its first key is above entries its parent sends to it")
             stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
             step = self._plan(access.node(node.kids[child]), height - 1, at, stop, run)
             correction = _collect(steps, step, child, at, stop, run, correction)
@@ -854,8 +902,8 @@ class NodeTree:
                 splits.append(row)
             elif data is not None and run.existing == "error":
                 raise _Conflict(data)
-            else:  # left to the decoded path
-                step = self._plan_leaf(access.node(kid), start, stop, run)
+            else:  # left to the decoded path (which checks that the child is a leaf)
+                step = self._plan(access.node(kid), 1, start, stop, run)
                 correction = _collect(steps, step, child, start, stop, run, correction)
                 continue
             run.changed += stop - start
@@ -1040,7 +1088,9 @@ class NodeTree:
         access = self.access
         path: Path = []
         node = access.node(self.root.node_id)
+        levels = 0
         while not node.leaf:  # no search images: a write replaces these nodes, and their images would go
+            levels = _deeper(levels, node)
             index = bisect_right(node.keys, entry) - 1
             path.append((node, index))
             node = access.node(node.kids[index])
@@ -1276,7 +1326,9 @@ class NodeTree:
         changed = False
         node = access.mutable(access.node(self.root.node_id))
         self.root.node_id = node.id
+        levels = 0
         while not node.leaf:
+            levels = _deeper(levels, node)
             while True:
                 counts = node.counts()
                 child = bisect_right(counts, index) - 1

@@ -2040,6 +2040,23 @@ prefetch_image(PyObject *blob)
     }
 }
 
+/* A descent past MAX_LEVELS follows damaged child ids that lead back up: without a bound it would
+   loop for ever. -1 with tallytree's CorruptDatabaseError set (ImportError if that cannot be found). */
+#define MAX_LEVELS 64 /* more levels than any tree has (_btree.MAX_LEVELS) */
+static int
+too_deep(void)
+{
+    PyObject *errors = PyImport_ImportModule("tallytree.errors");
+    PyObject *type = errors == NULL ? NULL : PyObject_GetAttrString(errors, "CorruptDatabaseError");
+    Py_XDECREF(errors);
+    if (type != NULL) {
+        PyErr_SetString(type, "a descent went deeper than any tree goes: damaged child ids form a cycle; "
+                              "run `tallytree check` to locate the damage");
+        Py_DECREF(type);
+    }
+    return -1;
+}
+
 /* The child ``index`` of an internal node (borrowed: see fetcher_keep), or NULL with an error set;
    with its image in *hint (borrowed, see node_image_hinted) when the node table knows it, else NULL. */
 static PyObject *
@@ -2148,8 +2165,12 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
         const int afters[], Py_ssize_t ranks[], Fetcher *fetcher)
 {
     Image images[2] = {{.blob = NULL}, {.blob = NULL}};
-    int done[2] = {count < 1, count < 2}, failed = 0;
+    int done[2] = {count < 1, count < 2}, failed = 0, levels = 0;
     while (!failed && !(done[0] && done[1])) {
+        if (++levels > MAX_LEVELS) {
+            failed = too_deep();
+            break;
+        }
         for (int side = 0; side < count && !failed; side++) {
             failed = !done[side] && node_image_hinted(nodes[side], hints[side], &images[side]) < 0;
         }
@@ -2341,7 +2362,11 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     PyObject *node = args[0], *hint = NULL, *result = NULL;
-    while (node != NULL) {
+    for (int levels = 1; node != NULL; levels++) {
+        if (levels > MAX_LEVELS) {
+            too_deep();
+            break;
+        }
         Image image;
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf > 0 && item) {
@@ -2412,7 +2437,11 @@ tree_find(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     const char *key = PyBytes_AS_STRING(args[1]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
     PyObject *node = args[0], *hint = NULL, *result = NULL;
-    while (node != NULL) {
+    for (int levels = 1; node != NULL; levels++) {
+        if (levels > MAX_LEVELS) {
+            too_deep();
+            break;
+        }
         Image image;
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
@@ -2488,7 +2517,11 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     Py_ssize_t low_size = PyBytes_GET_SIZE(args[1]), high_size = PyBytes_GET_SIZE(args[3]);
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     Py_ssize_t base = 0;
-    while (node != NULL) {
+    for (int levels = 1; node != NULL; levels++) {
+        if (levels > MAX_LEVELS) {
+            too_deep();
+            break;
+        }
         Image image;
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
@@ -3331,7 +3364,7 @@ typedef struct {
     Row before, after;
     const char *key;
     Py_ssize_t size;
-    int key_after, sign, done;
+    int key_after, sign, done, levels;
     Image image;
 } Walk;
 
@@ -3381,6 +3414,9 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
             return status;
         }
         return add_span(total, node, &walk->image, index, count, walk->sign < 0);
+    }
+    if (++walk->levels > MAX_LEVELS) {
+        return too_deep();
     }
     Py_ssize_t index = child_index(node, &walk->image, walk->key, walk->size);
     if (index < 0) {
@@ -3441,7 +3477,11 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
     Image image = {.blob = NULL};
     PyObject *hint = NULL;
     int status = -1;
-    for (;;) {
+    for (int levels = 1;; levels++) {
+        if (levels > MAX_LEVELS) {
+            too_deep();
+            goto finish;
+        }
         int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
         if (leaf < 0) {
             goto finish;
