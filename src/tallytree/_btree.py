@@ -61,6 +61,11 @@ node is changed in a transaction (later changes in the same transaction edit tha
 parent's pointer is rewritten. Committed nodes are never modified, which is what makes the node cache and
 concurrent readers safe.
 
+Damaged data. Nodes are checked as they are decoded (``_node``), but a decode cannot see damage
+that contradicts a parent: every descent counts its levels and raises CorruptDatabaseError past
+:data:`MAX_LEVELS` (damaged child ids that form a cycle), a batch's plan checks each node's level and
+fences, and ``select`` checks that the leaf holds the index its parent's counts lead to.
+
 Costs, with ``B`` the node size: reads O(log_B n) node visits plus O(B) per visit on a node first seen
 (cumulative arrays are computed once and cached on committed nodes; a range's leaf parts cost at most
 B / 2 entries each); writes O(B log_B n).

@@ -94,6 +94,14 @@ this module never decides what is valid; it only computes faster what the Python
 TypeError (or IndexError) for anything malformed. No kernel runs Python code while it holds a pointer
 into a sequence.
 
+Damaged bytes. The kernels that parse stored bytes (``leaf_image``, ``merge_children``, the repack)
+check every length against the bytes left before they read or allocate, and return None for
+anything they do not recognize, so the Python decoder reports the damage; a Hypothesis test damages
+one byte of stored nodes and compares the kernels with the Python decoder, also under
+AddressSanitizer. Every descent stops after ``MAX_LEVELS`` levels with tallytree's
+CorruptDatabaseError: damaged child ids that lead back up would otherwise loop for ever, holding the
+GIL.
+
 Exact sums
 ----------
 A finite double is ``m * 2**s`` units of ``2**-1074`` with ``m < 2**53`` and ``0 <= s <= 2045``. The
