@@ -27,7 +27,17 @@ import tallytree
 from tallytree import _keys as keys_module
 from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
-from tallytree._node import Node, _join_limbs, _limbs, decode_node, delta_of, encode_node, scaled, summarize
+from tallytree._node import (
+    Node,
+    _consistent,
+    _join_limbs,
+    _limbs,
+    decode_node,
+    delta_of,
+    encode_node,
+    scaled,
+    summarize,
+)
 from tallytree._store import NODES
 from tallytree.errors import CorruptDatabaseError, KeyTooLargeError
 
@@ -2204,3 +2214,36 @@ def test_a_damaged_stored_node_is_refused_or_read_as_python_reads_it(
     repacked = encode_node(copy)
     with pure_python():
         assert _same(_parts(decode_node(repacked, 4)), _parts(decode_node(encode_node(copy.copy(5)), 5)))
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (True, (b"a", b"b"), (), ((1, 2.5),), (0,)),
+        (True, [], (), ([],), (0,)),  # an empty leaf, with a list (joined limbs are lists)
+        (True, (b"a", "b"), (), ((1, 2),), (0,)),
+        (True, (b"a",), (), ((True,),), (0,)),
+        (True, (b"a",), (), ((1, 2),), (0,)),
+        (False, (b"", b"a"), (5, 6), ((1, 2), (-(2**200), 3), (0, 1)), (0, 7, 0)),
+        (False, (b"", b"a"), (5, 6), ((1, 2), [-(2**200), 3], (0, 1)), (0, 7, 0)),
+        (False, (b"", b"a"), (5, 2**63), ((1, 2), (1, 3), (0, 1)), (0, 7, 0)),
+        (False, (b"", b"a"), (5, 6), ((1, 2), (1, 3), (0, 1)), (1, 7, 0)),
+        (False, (b"", b"a"), (5, 6), ((1, 2), (1, 3), (0, 1)), (0, 2049, 0)),
+        (False, (b"", b"a"), (5, 6), ((1, 2), (1, 3.0), (0, 1)), (0, 7, 0)),
+        (False, (b"", b"a"), (5, 6), ((0, 2), (1, 3), (0, 1)), (0, 7, 0)),
+        (False, (), (), ((), (), ()), (0, 0, 0)),
+    ],
+)
+def test_valid_node_makes_the_python_checks(parts: tuple[Any, ...]) -> None:
+    """The kernel answers what _node._consistent's Python checks answer, on nodes it accepts and on
+    each kind of damage it refuses."""
+    assert speedups is not None
+    leaf, keys, kids, cols, shifts = parts
+    node = Node(3, leaf, keys, cols, kids, shifts)
+    with pure_python():
+        try:
+            _consistent(node)
+            expected = True
+        except CorruptDatabaseError:
+            expected = False
+    assert speedups.valid_node(leaf, keys, kids, cols, shifts) is expected

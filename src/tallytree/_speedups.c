@@ -2,7 +2,7 @@
 
 Design
 ======
-Twenty-four functions and one type, each a faster twin of Python code that stays the reference and
+Twenty-five functions and one type, each a faster twin of Python code that stays the reference and
 the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
@@ -70,6 +70,8 @@ the Python code and gives the same answers):
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
   int64);
+* ``valid_node(leaf, keys, kids, cols, shifts)``: ``_node._consistent``'s checks of a decoded node (its
+  arrays' lengths, the kinds of their items, an internal node's counts, ids and shifts in range);
 * ``thaw(node)``, ``freeze_node(node)`` and ``untrack(node)``: ``Node.copy``'s new lists and
   ``Node.freeze``'s tuples, untracked by the cyclic garbage collector as they are made, and a
   committed node itself untracked, frozen or decoded (a node's containers hold only bytes, ints
@@ -5440,6 +5442,99 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------ freezing a node */
 
+/* The items of a decoded node's array (a tuple, or a list of joined limbs) as a C array, or NULL when
+   it is neither or not ``size`` long. Borrowed. */
+static PyObject **
+node_array(PyObject *array, Py_ssize_t size)
+{
+    if (PyTuple_CheckExact(array) && PyTuple_GET_SIZE(array) == size) {
+        return &PyTuple_GET_ITEM(array, 0);
+    }
+    if (PyList_CheckExact(array) && PyList_GET_SIZE(array) == size) {
+        static PyObject *no_items[1]; /* an empty list may have no item array at all */
+        return size ? &PyList_GET_ITEM(array, 0) : no_items;
+    }
+    return NULL;
+}
+
+/* Whether every item of an array is an exact int in [low, high] (no range when low > high). */
+static int
+ints_within(PyObject **items, Py_ssize_t size, long long low, long long high)
+{
+    for (Py_ssize_t index = 0; index < size; index++) {
+        if (!PyLong_CheckExact(items[index])) {
+            return 0;
+        }
+        if (low <= high) {
+            int overflow;
+            long long value = PyLong_AsLongLongAndOverflow(items[index], &overflow);
+            if (overflow || value < low || value > high) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* valid_node(leaf, keys, kids, cols, shifts) -> bool: _node._consistent's checks of a decoded node's
+   parts (the reference, and the fallback): arrays of one length; keys bytes; a leaf's values ints or
+   floats; an internal node's at least one child, child ids and counts from 1 and float counts from
+   0 (all int64), its sums ints, its shifts in [0, 2048] and 0 for the counts. */
+static PyObject *
+valid_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "valid_node(leaf, keys, kids, cols, shifts)");
+        return NULL;
+    }
+    int leaf = PyObject_IsTrue(args[0]);
+    if (leaf < 0) {
+        return NULL;
+    }
+    PyObject *keys = args[1], *cols = args[3];
+    if (!(PyTuple_CheckExact(keys) || PyList_CheckExact(keys)) || !(PyTuple_CheckExact(cols) || PyList_CheckExact(cols))) {
+        Py_RETURN_FALSE;
+    }
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(keys), columns = PySequence_Fast_GET_SIZE(cols);
+    PyObject **items = node_array(keys, size), **holders = node_array(cols, columns);
+    if (items == NULL || holders == NULL) {
+        Py_RETURN_FALSE;
+    }
+    for (Py_ssize_t index = 0; index < size; index++) {
+        if (!PyBytes_CheckExact(items[index])) {
+            Py_RETURN_FALSE;
+        }
+    }
+    if (leaf) {
+        for (Py_ssize_t column = 0; column < columns; column++) {
+            PyObject **values = node_array(holders[column], size);
+            if (values == NULL) {
+                Py_RETURN_FALSE;
+            }
+            for (Py_ssize_t index = 0; index < size; index++) {
+                if (!PyLong_CheckExact(values[index]) && !PyFloat_CheckExact(values[index])) {
+                    Py_RETURN_FALSE;
+                }
+            }
+        }
+        Py_RETURN_TRUE;
+    }
+    Py_ssize_t fields = (columns - 1) / 2;
+    PyObject **kids = node_array(args[2], size), **shifts = node_array(args[4], columns);
+    if (size < 1 || columns < 1 || kids == NULL || shifts == NULL || !ints_within(kids, size, 1, INT64_MAX)) {
+        Py_RETURN_FALSE;
+    }
+    for (Py_ssize_t column = 0; column < columns; column++) {
+        int counts = column == 0 || column > fields;
+        PyObject **values = node_array(holders[column], size);
+        if (values == NULL || !ints_within(values, size, column == 0 ? 1 : 0, counts ? INT64_MAX : -1) ||
+            !ints_within(&shifts[column], 1, 0, counts ? 0 : 2048)) {
+            Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 /* Untrack a tuple for the cyclic garbage collector if it holds only exact bytes, ints, floats and
    untracked tuples: such a tuple can be part of no reference cycle. The collector does the same on
    its first look at the tuple (_PyTuple_MaybeUntrack); doing it at once spares that look, which
@@ -5918,6 +6013,8 @@ static PyMethodDef methods[] = {
     {"freeze_node", freeze_node, METH_O,
      "freeze_node(node) -> node: make a dirty node's lists tuples, and it and them untracked by the "
      "garbage collector."},
+    {"valid_node", (PyCFunction)(void (*)(void))valid_node, METH_FASTCALL,
+     "valid_node(leaf, keys, kids, cols, shifts) -> bool: a decoded node's parts hold what they must."},
     {"untrack", untrack, METH_O,
      "untrack(node) -> node: a committed node, untracked by the cyclic garbage collector."},
     {"pack_node", (PyCFunction)(void (*)(void))pack_node, METH_FASTCALL,
