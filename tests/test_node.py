@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import msgpack
 import pytest
 from hypothesis import given
@@ -209,6 +211,8 @@ def test_damaged_node_bytes_decode_consistently_or_raise_a_typed_error(
         [LEAF, [b"a", "b"], [1, 2]],  # a key that is not bytes (a search would fail untyped)
         [LEAF, [b"a", b"b"], [1, None]],  # a value that is not a number
         [LEAF, [b"a", b"b"], [1, True]],  # nor is a bool
+        [LEAF, [b"a", b"b"], [1.5, math.nan]],  # values are finite (a sum would fail untyped)
+        [LEAF, [b"a", b"b"], [-math.inf, 2.5]],
         [INTERNAL, [b"", b"a"], [1], [0, 0, 0], [1, 1], [2, 2], [0, 0]],  # one kid for two keys
         [INTERNAL, [b"", b"a"], [1, 2], [0, 0, 0], [1, 1], [2.5, 2], [0, 0]],  # a sum that is not an int
         [INTERNAL, [b"", b"a"], [1, -2], [0, 0, 0], [1, 1], [2, 2], [0, 0]],  # a negative child id

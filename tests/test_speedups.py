@@ -677,6 +677,10 @@ def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
     damaged = encode_node(Node(1, True, keys, [[1, -3, math.inf]], dirty=True))  # "e" goes to the 2nd piece
     assert merge_leaf(damaged, [b"f"], 0, 1, [[4]], 3, 2) is None
     assert merge_leaf(leaf.replace(b"\xcb", b"\xc1"), [b"b"], 0, 1, [[4]], 8) is None
+    for value in (math.nan, math.inf):  # stored, only damage makes them: the decode reports it
+        stored = encode_node(Node(1, True, keys, [[1.5, value, 2.5]], dirty=True))
+        assert merge_leaf(stored, [b"b"], 0, 1, [[4]], 8) is None
+        assert speedups.leaf_image(stored) is None
     assert leaf[2] == 0x93  # the keys' array header: claiming 2**31 keys, it must not be believed
     assert merge_leaf(leaf[:2] + b"\xdd\x7f\xff\xff\xff" + leaf[3:], [b"b"], 0, 1, [[4]], 8) is None
 

@@ -724,7 +724,7 @@ _MAX_SHIFT = 2048  # trailing zeros of a stored sum: under 1074 + 64 + 64 bits (
 def _consistent(node: Node) -> Node:
     """The decoded node, if its parts are arrays of one length holding what they must: keys bytes,
     child ids and an internal node's summaries ints, its shifts ints in ``[0, _MAX_SHIFT]``, a
-    leaf's values ints or floats (else a read would fail untyped, or answer wrong). The C kernel
+    leaf's values ints or finite floats (else a read would fail untyped, or answer wrong). The C kernel
     ``valid_node`` makes the same checks (the decode of an internal node took 15-20 us more with the
     Python ones). O(size)."""
     if speedups is not None:
@@ -737,7 +737,9 @@ def _consistent(node: Node) -> Node:
         map(type, node.keys)
     ):
         allowed = _KINDS_OF_VALUES if node.leaf else _KINDS_OF_SUMS
-        if all(allowed.issuperset(map(type, part)) for part in parts[1:]) and (node.leaf or _in_range(node)):
+        if all(allowed.issuperset(map(type, part)) for part in parts[1:]) and (
+            all(all(map(math.isfinite, part)) for part in parts[1:]) if node.leaf else _in_range(node)
+        ):
             return node
     raise _inconsistent(node)
 

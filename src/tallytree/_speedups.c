@@ -4118,6 +4118,8 @@ merged_piece(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
     return result;
 }
 
+#define EXPONENT_BITS UINT64_C(0x7FF0000000000000) /* all set: a double that is an infinity or a NaN */
+
 /* A stored number (a msgpack int or float element, as read_element reads one): VALUES_FLOAT with its
    double's bits in *word, VALUES_INT with its int64's, or VALUES_NONE for an int beyond int64 (its
    magnitude in *word). */
@@ -4317,6 +4319,11 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
         for (Py_ssize_t index = 0; index < count; index++) {
             if (!read_element(data, length, &at, 0, &column[index])) {
                 goto fallback;
+            }
+            uint64_t bits;
+            if (data[column[index].at] == 0xcb && stored_number(data, &column[index], &bits) == VALUES_FLOAT &&
+                (bits & EXPONENT_BITS) == EXPONENT_BITS) {
+                goto fallback; /* an infinity or a NaN: damage, which the decode reports */
             }
         }
     }
@@ -5478,7 +5485,7 @@ ints_within(PyObject **items, Py_ssize_t size, long long low, long long high)
 
 /* valid_node(leaf, keys, kids, cols, shifts) -> bool: _node._consistent's checks of a decoded node's
    parts (the reference, and the fallback): arrays of one length; keys bytes; a leaf's values ints or
-   floats; an internal node's at least one child, child ids and counts from 1 and float counts from
+   finite floats; an internal node's at least one child, child ids and counts from 1 and float counts from
    0 (all int64), its sums ints, its shifts in [0, 2048] and 0 for the counts. */
 static PyObject *
 valid_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -5512,7 +5519,8 @@ valid_node(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 Py_RETURN_FALSE;
             }
             for (Py_ssize_t index = 0; index < size; index++) {
-                if (!PyLong_CheckExact(values[index]) && !PyFloat_CheckExact(values[index])) {
+                PyObject *value = values[index];
+                if (PyFloat_CheckExact(value) ? !isfinite(PyFloat_AS_DOUBLE(value)) : !PyLong_CheckExact(value)) {
                     Py_RETURN_FALSE;
                 }
             }
@@ -5892,6 +5900,9 @@ stored_columns(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_
                 }
                 memcpy(&bits, data + here + 1, sizeof(bits));
                 column[index] = __builtin_bswap64(bits);
+                if ((column[index] & EXPONENT_BITS) == EXPONENT_BITS) {
+                    return 0; /* an infinity or a NaN: never stored (damage, which the decode reports) */
+                }
             }
             *at = here;
             out[field] = VALUES_FLOAT;
