@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -124,17 +124,26 @@ def test_a_reopened_aggregate_keeps_its_definition(tmp_path: Path) -> None:
         assert db.aggregates() == ["events", "scores"]
 
 
-def test_the_checker_reports_a_missing_node_and_reads_raise_a_typed_error(tmp_path: Path) -> None:
-    """The state machines rely on check(); here it must find damage done behind tallytree's back."""
-    path = tmp_path / "db"
+@contextlib.contextmanager
+def _behind_tallytrees_back(path: Path) -> Iterator[tuple[Any, Any]]:
+    """A database ``_fill`` wrote, then a raw LMDB write transaction on it and its nodes table."""
     with tallytree.open(path) as db:
         _fill(db)
     env = _lmdb_env(path)
-    nodes = env.open_db(b"nodes")
-    with env.begin(write=True) as txn:
+    try:
+        nodes = env.open_db(b"nodes")
+        with env.begin(write=True) as txn:
+            yield txn, nodes
+    finally:
+        env.close()
+
+
+def test_the_checker_reports_a_missing_node_and_reads_raise_a_typed_error(tmp_path: Path) -> None:
+    """The state machines rely on check(); here it must find damage done behind tallytree's back."""
+    path = tmp_path / "db"
+    with _behind_tallytrees_back(path) as (txn, nodes):
         victim = bytes(next(iter(txn.cursor(db=nodes)))[0])
         txn.delete(victim, db=nodes)
-    env.close()
     with tallytree.open(path) as db, db.read() as tx:
         problems = tallytree.check(tx)
         assert problems, "check() missed a deleted node"
@@ -185,17 +194,12 @@ def test_a_damaged_byte_in_any_node_gives_answers_or_typed_errors(
     the fixes of that day, none after.)"""
     rng = random.Random(seed)
     path = tmp_path / "db"
-    with tallytree.open(path) as db:
-        _fill(db)
-    env = _lmdb_env(path)
-    nodes = env.open_db(b"nodes")
-    with env.begin(write=True) as txn:
+    with _behind_tallytrees_back(path) as (txn, nodes):
         stored = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=nodes)]
         key, value = rng.choice(stored)
         damaged = bytearray(value)
         damaged[rng.randrange(len(damaged))] = rng.randrange(256)
         txn.put(key, bytes(damaged), db=nodes)
-    env.close()
     with tallytree.open(path) as db, contextlib.ExitStack() as stack:
         if not kernels:
             stack.enter_context(pure_python())
