@@ -898,6 +898,8 @@ def test_kill_9_in_a_long_write_transaction_keeps_the_last_commit(tmp_path: Path
             assert events.count(tx) == 501 and tallytree.check(tx) == []
 
 
+# The report is one string: with PYTHONUNBUFFERED set, print writes its pieces one by one, and the
+# kill could cut a line after "committed" (seen once in CI).
 COMMIT_LOOP = """
 import sys, tallytree
 path, size, durable = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "durable"
@@ -910,7 +912,7 @@ with tallytree.open(path, map_size=1 << 20, durable=durable) as db:
             if batch:
                 events.delete_range(tx, ge=(batch - 1) * size, lt=(batch - 1) * size + size // 2)
         batch += 1
-        print("committed", batch, flush=True)
+        print(f"committed {batch}", flush=True)
 """
 
 
