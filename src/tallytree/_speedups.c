@@ -2067,6 +2067,22 @@ too_deep(void)
     return -1;
 }
 
+/* One level of a descent: ``node``'s image opened into *image (see node_image_hinted) and whether the
+   node is a leaf, 1 or 0; -1 with an error set (the image released), CorruptDatabaseError when
+   ``levels`` (this one's depth, from 1) is past MAX_LEVELS. */
+static int
+open_level(PyObject *node, PyObject *hint, Image *image, int levels)
+{
+    image->blob = NULL;
+    int leaf = levels > MAX_LEVELS ? too_deep()
+               : node_image_hinted(node, hint, image) < 0 ? -1
+                                                           : image_is_leaf(node, image);
+    if (leaf < 0) {
+        image_release(image);
+    }
+    return leaf;
+}
+
 /* The child ``index`` of an internal node (borrowed: see fetcher_keep), or NULL with an error set;
    with its image in *hint (borrowed, see node_image_hinted) when the node table knows it, else NULL. */
 static PyObject *
@@ -2373,12 +2389,8 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     }
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     for (int levels = 1; node != NULL; levels++) {
-        if (levels > MAX_LEVELS) {
-            too_deep();
-            break;
-        }
         Image image;
-        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = open_level(node, hint, &image, levels);
         if (leaf > 0 && item) {
             PyObject *found = image_entry(&image, index);
             if (found != NULL || PyErr_Occurred()) {
@@ -2448,12 +2460,8 @@ tree_find(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     for (int levels = 1; node != NULL; levels++) {
-        if (levels > MAX_LEVELS) {
-            too_deep();
-            break;
-        }
         Image image;
-        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = open_level(node, hint, &image, levels);
         if (leaf < 0) {
             image_release(&image);
             break;
@@ -2528,12 +2536,8 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     Py_ssize_t base = 0;
     for (int levels = 1; node != NULL; levels++) {
-        if (levels > MAX_LEVELS) {
-            too_deep();
-            break;
-        }
         Image image;
-        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = open_level(node, hint, &image, levels);
         if (leaf < 0) {
             image_release(&image);
             break;
@@ -3488,11 +3492,7 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
     PyObject *hint = NULL;
     int status = -1;
     for (int levels = 1;; levels++) {
-        if (levels > MAX_LEVELS) {
-            too_deep();
-            goto finish;
-        }
-        int leaf = node_image_hinted(node, hint, &image) < 0 ? -1 : image_is_leaf(node, &image);
+        int leaf = open_level(node, hint, &image, levels);
         if (leaf < 0) {
             goto finish;
         }
