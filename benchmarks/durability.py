@@ -9,11 +9,11 @@ to be "bounded by fsync, report it". This script measures, in the same run and i
 * SQLite (WAL) with ``synchronous=NORMAL`` (no sync per commit; random and time-ordered keys) and
   ``synchronous=FULL``;
 * two LMDB floors (``sync=False``), bare LMDB transactions in an environment holding as many nodes
-  of the same sizes as tallytree's: a *pending-node commit* (one record the size of a half-full
-  pending node appended, the previous one deleted, the root and next-id records rewritten: what
-  one tallytree insert writes while its tree's pending node fills), and a *path rewrite* (one node
-  per tree level appended, as many random old ones deleted: what every insert wrote before the
-  pending node, and what merging it costs per random key);
+  of the same sizes as tallytree's: a *pending-node commit* (the tree's root record, holding a
+  half-full pending node, rewritten: what one tallytree insert writes while its tree's pending node
+  fills), and a *path rewrite* (one node per tree level appended, as many random old ones deleted,
+  the root and next-id records rewritten: what every insert wrote before the pending node, and
+  what merging it costs per random key);
 
 each inserting one event per transaction into a namespace preloaded with N events. It prints a
 markdown table of medians, p90s, means, commits per second (one over the mean: the throughput, the
@@ -109,10 +109,10 @@ def _lmdb_floor(
     directory: Path, height: int, sizes: list[int], path: bool
 ) -> tuple[Insert, Callable[[], None]]:
     """Bare LMDB commits with the page writes of one insert: with ``path``, ``height`` nodes appended
-    and as many random old ones deleted; else one pending node appended and the previous one
-    deleted. Then the root record and the counters are rewritten."""
-    env = lmdb.open(str(directory / f"floor-{path}"), map_size=1 << 34, sync=False, metasync=False, max_dbs=2)
-    nodes, meta = env.open_db(b"nodes"), env.open_db(b"meta")
+    and as many random old ones deleted, then the root record and the node id counter rewritten;
+    else the root record alone, holding a pending node (format 3, see ``_tree``)."""
+    env = lmdb.open(str(directory / f"floor-{path}"), map_size=1 << 34, sync=False, metasync=False, max_dbs=3)
+    nodes, meta, roots = env.open_db(b"nodes"), env.open_db(b"meta"), env.open_db(b"roots")
     values = [os.urandom(size) for size in sizes]
     with env.begin(write=True) as txn:
         for node_id, value in enumerate(values):
@@ -121,23 +121,24 @@ def _lmdb_floor(
     rng = random.Random(3)
     state = {"next": len(values)}
 
-    pending = os.urandom(PENDING_BYTES)
+    record = os.urandom(60 + PENDING_BYTES)
 
     def commit(ts: int, item: int) -> None:
         with env.begin(write=True) as txn:
-            for level in range(height if path else 1):
+            if not path:
+                txn.put(b"root", record, db=roots)
+                return
+            for level in range(height):
                 node_id = state["next"]
                 state["next"] += 1
-                value = values[(item + level) % len(values)] if path else pending
-                txn.put(node_id.to_bytes(8, "big"), value, db=nodes, append=True)
-                if path:  # the replaced node: a random old one, its page rewritten
-                    at = rng.randrange(len(live))
-                    live[at], live[-1] = live[-1], live[at]
-                    txn.delete(live.pop().to_bytes(8, "big"), db=nodes)
-                    live.append(node_id)
-                elif node_id > len(values):  # the previous pending node
-                    txn.delete((node_id - 1).to_bytes(8, "big"), db=nodes)
-            txn.put(b"root", os.urandom(60), db=meta)
+                txn.put(
+                    node_id.to_bytes(8, "big"), values[(item + level) % len(values)], db=nodes, append=True
+                )
+                at = rng.randrange(len(live))  # the replaced node: a random old one, its page rewritten
+                live[at], live[-1] = live[-1], live[at]
+                txn.delete(live.pop().to_bytes(8, "big"), db=nodes)
+                live.append(node_id)
+            txn.put(b"root", os.urandom(60), db=roots)
             txn.put(b"next_id", state["next"].to_bytes(8, "big"), db=meta)
 
     return commit, env.close

@@ -22,8 +22,8 @@ from conftest import snapshot, strict
 import tallytree
 from tallytree._btree import Root
 from tallytree._keys import encode_id, encode_key
-from tallytree._node import Node, decode_node, encode_node
-from tallytree._store import NODES, Op, _MemoryTxn
+from tallytree._node import Node, decode_node, encode_node, pack_summary
+from tallytree._store import NODES, ROOTS, Op, _MemoryTxn
 from tallytree._tree import pending_capacity
 from tallytree._txn import decode_root, encode_root, node_key
 from tallytree.errors import CorruptDatabaseError, DuplicateItemError
@@ -35,6 +35,15 @@ STORED = encode_key(50) + encode_id("s")
 def root_of(db: tallytree.Database, aggregate: tallytree.Aggregate, namespace: Any = None) -> Root | None:
     with db.read() as tx:
         return tx.root(aggregate._tree_key(namespace))
+
+
+def pending_entries(db: tallytree.Database, root: Root | None) -> list[bytes] | None:
+    """The entries of a root record's pending node (None: nothing is pending)."""
+    if root is None:
+        return None
+    with db.read() as tx:
+        node = root.pending_of(tx)
+    return None if node is None else list(node.keys)
 
 
 def model_items(rows: dict[tuple[int, str], tuple[Any, ...]]) -> list[tallytree.Item]:
@@ -81,13 +90,14 @@ def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
     with db.write() as tx:
         events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
     stored = root_of(db, events)
-    assert stored is not None and stored.pending == 0
+    assert stored is not None and stored.pending_summary is None
     for key in (1000, 395, 5000):  # after the stored entries: new events
         with db.write() as tx:
             events.insert(tx, key, "p", (0.25, 1000 + key))
         rows[(key, "p")] = (0.25, 1000 + key)
     root = root_of(db, events)
-    assert root is not None and root.pending != 0
+    assert root is not None and root.pending == 0  # held by the record, not a node of its own
+    assert pending_entries(db, root) == [encode_key(key) + encode_id("p") for key in (395, 1000, 5000)]
     assert root.node_id == stored.node_id  # the stored nodes were not rewritten
     assert root.summary[0] == 43 and root.pending_summary is not None and root.pending_summary[0] == 3
     assert_reads_match(db, events, rows)
@@ -99,7 +109,8 @@ def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
         events.insert(tx, 5, "q", (0.75, 7))
     rows[(5, "q")] = (0.75, 7)
     scattered = root_of(db, events)
-    assert scattered is not None and scattered.node_id != root.node_id and scattered.pending == root.pending
+    assert scattered is not None and scattered.node_id != root.node_id
+    assert pending_entries(db, scattered) == pending_entries(db, root)
     assert_reads_match(db, events, rows)
 
 
@@ -119,11 +130,11 @@ def test_a_full_pending_node_is_merged_into_the_leaves(
         events.insert(tx, capacity, "a", (1.0, capacity))
     rows[(capacity, "a")] = (1.0, capacity)
     root = root_of(db, events)
-    assert root is not None and root.pending == 0 and root.node_id != 0
+    assert root is not None and root.pending_summary is None and root.node_id != 0
     assert_reads_match(db, events, rows)
 
 
-def test_one_insert_per_commit_writes_the_pending_node_and_not_a_path(
+def test_one_insert_per_commit_writes_the_root_record_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     db = tallytree.open_memory()
@@ -144,10 +155,9 @@ def test_one_insert_per_commit_writes_the_pending_node_and_not_a_path(
     for key in range(capacity - 1):
         with db.write() as tx:
             events.insert(tx, 10_000 + key, "new", (0.5, key))
-    for ops in written:
-        nodes = [op for op in ops if op[0] == NODES]
-        assert len([op for op in nodes if op[2] is not None]) == 1  # the new pending node
-        assert len([op for op in nodes if op[2] is None]) <= 1  # the previous one
+    assert len(written) == capacity - 1
+    for ops in written:  # the record holds the pending entries: no node is written or deleted
+        assert [op[0] for op in ops] == [ROOTS]
     assert root_of(db, events).node_id == root.node_id  # type: ignore[union-attr]
 
 
@@ -193,7 +203,7 @@ def test_updates_of_pending_entries_change_only_the_pending_node(
         assert events.upsert(tx, 100, "p", (2.0, 5)) == "updated"
     after = root_of(db, events)
     assert before is not None and after is not None
-    assert after.node_id == before.node_id and after.pending != before.pending
+    assert after.node_id == before.node_id and after.pending_summary != before.pending_summary
     with db.read() as tx:
         assert events.totals(tx, ge=100).as_dict() == {"count": 1, "cost": 2.0, "tokens": 5}
         assert tallytree.check(tx) == []
@@ -232,7 +242,7 @@ def test_a_conflicting_batch_changes_nothing_pending_included(
         events.insert(tx, 41, "p", (0.25, 1))
     before = snapshot(db)
     root = root_of(db, events)
-    assert root is not None and root.pending != 0
+    assert root is not None and root.pending_summary is not None
     for batch in (
         [(39, "x"), (41, "p"), (43, "x")],
         [(41, "p"), (20, "s")],
@@ -263,7 +273,7 @@ def test_pending_entries_survive_reopening(tmp_path: Path) -> None:
     with tallytree.open(path) as db:
         events = db.aggregate("events")
         root = root_of(db, events, "org")
-        assert root is not None and root.node_id == 0 and root.pending != 0
+        assert root is not None and root.node_id == 0 and root.pending_summary is not None
         assert snapshot(db) == before
         with db.read() as tx:
             assert tallytree.check(tx) == []
@@ -296,13 +306,38 @@ def test_a_malformed_pending_node_is_a_corruption_error(parts: list[Any]) -> Non
 def test_root_records_with_and_without_a_pending_node_round_trip() -> None:
     plain = Root(5, 2, [3, 1 << 1074, 1])
     assert decode_root(encode_root(plain)) == plain
-    pending = Root(0, 0, [2, 3 << 1074, 0], 9, [2, 3 << 1074, 0])
-    assert decode_root(encode_root(pending)) == pending
+    node = Node(0, True, [b"a", b"c"], [[0.5, 2], [1, 2]], dirty=True)
+    node.pending = True
+    held = Root(0, 0, [2, 5 << 1073, 2], 0, [2, 5 << 1073, 2], None, node)
+    decoded = decode_root(encode_root(held))
+    assert (decoded.node_id, decoded.height, decoded.summary) == (0, 0, held.summary)
+    assert decoded.pending == 0 and decoded.pending_summary == held.pending_summary
+    assert decoded.packed_pending == encode_node(node)  # decoded on first use only
+    pending = decoded.pending_of(None)  # type: ignore[arg-type]  # a held node needs no store
+    assert pending is not None and pending.pending and pending.id == 0
+    assert list(pending.keys) == [b"a", b"c"] and [list(col) for col in pending.cols] == [[0.5, 2], [1, 2]]
+    assert decoded.pending_of(None) is pending and decoded.packed_pending is None  # type: ignore[arg-type]
+    version_2 = Root(0, 0, [2, 3 << 1074, 0], 9, [2, 3 << 1074, 0])  # the pending node stored by id
+    assert decode_root(encode_root(version_2)) == version_2
     version_1 = [5, 2, [3, (1 << 1074).to_bytes(136, "big", signed=True), 1]]  # big ints as bytes
     assert decode_root(msgpack.packb(version_1)) == plain
     for damaged in (
         [5, 2, [3, 1, 1], 9],
         [5, 2, [3, 1, 1], 9, [1]],
+        [5, 2, [3, 1, 1], 0, [3, 1, 1]],
+        [5, 2, [3, 1, 1], -4, [3, 1, 1]],
+        [5, 2, [3, 1, 1], b"", [3, 1, 1]],
+        [5, 2, [3, 1, 1], "node", [3, 1, 1]],
+        [5, 2, [3, 1, 1], 9, [4, 1, 1]],  # more pending entries than entries
+        [5, 2, [3, 1, 1], 9, [0, 1, 1]],
+        [-5, 2, [3, 1, 1]],  # ids and heights that cannot be
+        [5, 0, [3, 1, 1]],
+        [0, 2, [3, 1, 1]],
+        [5, 65, [3, 1, 1]],
+        [5, 2, [-3, 1, 1]],
+        [5, 2, [[3, 1], 1, 1]],
+        [5, 2, [3, [1, 10**6], 1]],  # an int of a million bits
+        [5, 2, [3, [b"\x01" * 2000, 0], 1]],
         [5, "2", [3, 1, 1]],
         [5, 2, [3, [1, -4], 1]],
         [5, 2, [3, [1.5, 4], 1]],
@@ -312,17 +347,101 @@ def test_root_records_with_and_without_a_pending_node_round_trip() -> None:
             decode_root(msgpack.packb(damaged))
 
 
-def _rewrite_pending(path: Path, change: Any) -> None:
-    """Apply ``change(root, pending parts) -> (root, parts)`` to the one tree's records, raw."""
+@pytest.mark.parametrize(
+    "held",
+    [msgpack.packb([1, [b"a"], [1.0], [1]]), msgpack.packb([4, [], [], []]), b"\x93\x04", b"\xc1"],
+)
+def test_a_record_holding_something_else_than_a_pending_node_is_a_corruption_error(held: bytes) -> None:
+    record = decode_root(msgpack.packb([0, 0, [1, 1, 0], held, [1, 1, 0]]))
+    with pytest.raises(CorruptDatabaseError, match="pending"):
+        record.pending_of(None)  # type: ignore[arg-type]
+
+
+def _as_version_2(path: Path) -> int:
+    """Rewrite a database raw as format 2 wrote it: each pending node stored by itself under a fresh
+    id, its record naming it. Returns the last id given."""
     env = lmdb.open(str(path), max_dbs=4)
-    roots, nodes = env.open_db(b"roots"), env.open_db(b"nodes")
+    roots, nodes, meta = env.open_db(b"roots"), env.open_db(b"nodes"), env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        next_id = int.from_bytes(txn.get(b"next_id", db=meta), "big")
+        for key, value in list(txn.cursor(db=roots)):
+            root = decode_root(value)
+            if root.packed_pending is None:
+                continue
+            txn.put(node_key(next_id), root.packed_pending, db=nodes)
+            stored = Root(root.node_id, root.height, root.summary, next_id, root.pending_summary)
+            txn.put(key, encode_root(stored), db=roots)
+            next_id += 1
+        txn.put(b"next_id", next_id.to_bytes(8, "big"), db=meta)
+        txn.put(b"format", b"tallytree-2", db=meta)
+    env.close()
+    return next_id - 1
+
+
+def test_a_version_2_pending_node_is_read_and_moves_into_the_record_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    rows = {(key * 2, "s"): (0.5, key) for key in range(30)}
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events", values=FIELDS, node_size=8)
+        with db.write() as tx:
+            events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+            events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(8)], namespace="full")
+        for key in (100, 101):
+            with db.write() as tx:
+                events.insert(tx, key, "p", (0.25, key))
+                events.insert(tx, 1000 + key, "p", (0.25, key), namespace="full")
+            rows[(key, "p")] = (0.25, key)
+    stored = _as_version_2(path)
+    with tallytree.open(path, readonly=True) as db:  # read as it is
+        events = db.aggregate("events")
+        root = root_of(db, events)
+        assert root is not None and root.pending == stored - 1 and root.packed_pending is None
+        assert_reads_match(db, events, rows)
+        with db.read() as tx:
+            assert tx.meta(b"format") == b"tallytree-2"
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        with db.read() as tx:
+            assert tx.meta(b"format") == b"tallytree-3"
+            assert tx.kv.get(NODES, node_key(stored - 1)) is not None
+        with db.write() as tx:  # a change of the pending entries: the node moves into the record
+            events.insert(tx, 102, "p", (0.25, 102))
+            events.delete(tx, 1101, "p", namespace="full")
+        rows[(102, "p")] = (0.25, 102)
+        root = root_of(db, events)
+        assert root is not None and root.pending == 0 and pending_entries(db, root) is not None
+        assert_reads_match(db, events, rows)
+        with db.read() as tx:
+            assert tx.kv.get(NODES, node_key(stored - 1)) is None  # freed, not leaked (check() agrees)
+            assert tx.kv.get(NODES, node_key(stored)) is None
+            assert events.count(tx, namespace="full") == 9
+        with db.write() as tx:  # and a full pending node merges into the leaves as before
+            for key in range(103, 103 + pending_capacity(8)):
+                events.insert(tx, key, "p", (0.25, key))
+                rows[(key, "p")] = (0.25, key)
+        assert_reads_match(db, events, rows)
+
+
+def test_a_record_that_miscounts_its_pending_entries_is_a_corruption_error() -> None:
+    node = Node(0, True, [b"a", b"c"], [[1, 1]], dirty=True)  # two entries, counted as three
+    node.pending = True
+    record = decode_root(msgpack.packb([0, 0, [3, 2, 0], encode_node(node), [3, 2, 0]]))
+    with pytest.raises(CorruptDatabaseError, match="counts 3 pending entries"):
+        record.pending_of(None)  # type: ignore[arg-type]
+
+
+def _rewrite_pending(path: Path, change: Any) -> None:
+    """Apply ``change(root, pending parts) -> (root, parts)`` to the one tree's record, raw."""
+    env = lmdb.open(str(path), max_dbs=4)
+    roots = env.open_db(b"roots")
     with env.begin(write=True) as txn:
         key, value = next(iter(txn.cursor(db=roots)))
         root = decode_root(value)
-        parts = msgpack.unpackb(txn.get(node_key(root.pending), db=nodes))
-        root, parts = change(root, parts)
-        txn.put(key, encode_root(root), db=roots)
-        txn.put(node_key(root.pending), msgpack.packb(parts), db=nodes)
+        assert root.packed_pending is not None
+        root, parts = change(root, msgpack.unpackb(root.packed_pending))
+        assert root.pending_summary is not None
+        record = [root.node_id, root.height, pack_summary(root.summary), msgpack.packb(parts)]
+        txn.put(key, msgpack.packb([*record, pack_summary(root.pending_summary)]), db=roots)
     env.close()
 
 
@@ -383,7 +502,7 @@ def test_a_table_insert_per_commit_goes_to_the_pending_nodes(db: tallytree.Datab
         with db.write() as tx:
             table.insert(tx, {"day": number, "cost": 0.5}, id=f"e{number}")
     root = root_of(db, by_day)
-    assert root is not None and root.node_id == 0 and root.pending != 0
+    assert root is not None and root.node_id == 0 and root.pending_summary is not None
     with db.read() as tx:
         assert tallytree.check(tx) == []
         assert by_day.totals(tx).as_dict() == {"count": 3, "cost": 1.5}

@@ -1233,8 +1233,8 @@ def test_descents_through_images_of_internal_nodes(first_id: int) -> None:
         for index, key in enumerate(everything):
             leaf, position, _ = speedups.select(root, index, leaves.__getitem__, leaves)
             assert leaf.keys[position] == key
-        for outside in (-1, len(everything)):
-            with pytest.raises(IndexError):
+        for outside in (-1, len(everything)):  # callers stay within the record's count: damage
+            with pytest.raises(CorruptDatabaseError, match="fewer entries than its parent counts"):
                 speedups.select(root, outside, leaves.__getitem__, leaves)
     image = root._blob
     assert isinstance(image, bytes)
@@ -1356,26 +1356,44 @@ SUMMARY_VALUE = (
 )
 
 
+PENDING_NODE = st.builds(
+    lambda keys, count: (sorted(keys), [list(range(len(keys)))] * count),
+    st.sets(st.binary(min_size=1, max_size=40), min_size=1, max_size=400),  # bin8 to bin16 nodes
+    st.integers(0, 3),
+)
+
+
 @given(
     st.integers(0, 2**40),
     st.integers(0, 9),
     st.lists(SUMMARY_VALUE, min_size=1, max_size=9),
-    st.integers(0, 2**40),
+    st.integers(0, 2**40) | PENDING_NODE,
     st.data(),
 )
 def test_pack_root_is_the_python_encoding_byte_for_byte(
-    node_id: int, height: int, summary: list[int], pending: int, data: st.DataObject
+    node_id: int, height: int, summary: list[int], pending: Any, data: st.DataObject
 ) -> None:
     """Plain ints, [mantissa, shift] pairs at the int64 edges, and mantissas too big for int64 (written
-    as bytes, bin8 and bin16): the kernel writes every one, the same bytes as the Python code, and
+    as bytes, bin8 and bin16); no pending node, a format 2 one named by id, or one held by the record
+    (its bytes a bin8 or bin16): the kernel writes every one, the same bytes as the Python code, and
     they decode back."""
     from tallytree._btree import Root
     from tallytree._txn import decode_root, encode_root
 
     assert speedups is not None
+    height = 0 if node_id == 0 else max(height, 1)  # a record decodes only if they agree
+    summary[0] = data.draw(st.integers(1, 2**40))  # the count
     pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
-    root = Root(node_id, height, summary, pending, pending_summary if pending else None)
-    built = speedups.pack_root(node_id, height, summary, pending, pending_summary if pending else None)
+    pending_summary[0] = data.draw(st.integers(1, summary[0]))
+    node = None
+    if type(pending) is tuple:
+        node = Node(0, True, pending[0], pending[1], dirty=True)
+        node.pending = True
+        pending = 0
+    held = node is not None or pending != 0
+    root = Root(node_id, height, summary, pending, pending_summary if held else None, None, node)
+    reference = encode_node(node) if node is not None else pending
+    built = speedups.pack_root(node_id, height, summary, reference, pending_summary if held else None)
     assert built is not None
     assert encode_root(root) == built
     with pure_python():
@@ -1388,6 +1406,7 @@ def test_pack_root_is_the_python_encoding_byte_for_byte(
         pending,
     )
     assert decoded.pending_summary == root.pending_summary
+    assert decoded.packed_pending == (encode_node(node) if node is not None else None)
 
 
 def test_pack_root_leaves_what_it_does_not_handle_to_python() -> None:
@@ -2107,10 +2126,14 @@ def test_committed_nodes_are_untracked_by_the_garbage_collector() -> None:
     assert {node.leaf for node in nodes} == {True, False}
     assert not any(gc.is_tracked(node) for node in nodes)
     with db.write() as tx:
-        agg.insert(tx, 1000, 1000, (1.0,))
+        agg.insert(tx, 30.5, 1000, (1.0,))  # into a leaf: a path of dirty copies
+        agg.insert(tx, 1000, 1000, (1.0,))  # after the last entry: into the record's pending node
         dirty = [node for node in tx._dirty.values()]
-        assert dirty and all(gc.is_tracked(node) for node in dirty)
-    assert not any(gc.is_tracked(node) for node in dirty)  # frozen by the commit
+        pending = tx.root(agg._tree_key(None)).pending_node  # type: ignore[union-attr]
+        assert pending is not None and pending.dirty
+        dirty.append(pending)
+        assert len(dirty) > 1 and all(gc.is_tracked(node) for node in dirty)
+    assert not any(gc.is_tracked(node) or node.dirty for node in dirty)  # frozen by the commit
     assert not gc.is_tracked(speedups.untrack(Node(1, True, [], [])))
 
 

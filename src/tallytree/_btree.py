@@ -90,6 +90,7 @@ from ._node import (
     _float_sum,
     _scaled_column,
     column_sum,
+    decode_pending,
     delta_of,
     sum_value,
     summarize,
@@ -151,11 +152,14 @@ class NodeAccess(Protocol):
 @dataclass
 class Root:
     """A tree's root record: the root node id, the height (1 = the root is a leaf), the totals, and
-    the id of the node holding the tree's pending inserts (see ``_tree``).
+    the tree's pending inserts (see ``_tree``).
 
-    ``summary`` covers every item, pending ones included, and ``pending_summary`` the pending ones.
-    A tree whose items are all pending has no nodes: ``node_id`` and ``height`` are 0. ``pending``
-    is 0 (and ``pending_summary`` None) when nothing is pending.
+    ``summary`` covers every item, pending ones included, and ``pending_summary`` the pending ones
+    (None when nothing is pending). A tree whose items are all pending has no nodes: ``node_id`` and
+    ``height`` are 0. The pending node is held in the record itself (format 3: ``pending_node``,
+    decoded from ``packed_pending`` on first use, see :meth:`pending_of`); a record written by format
+    2 names it by id instead (``pending``, 0 when none), and the tree's next change of its pending
+    entries moves them into the record.
     """
 
     node_id: int
@@ -164,6 +168,8 @@ class Root:
     pending: int = 0
     pending_summary: list[int] | None = None
     _nodes: Root | None = dataclass_field(default=None, compare=False, repr=False)
+    pending_node: Node | None = None  # compared by identity: records are never changed in place
+    packed_pending: bytes | None = dataclass_field(default=None, compare=False, repr=False)
 
     def nodes_root(self) -> Root:
         """The record of the tree's nodes alone: the totals less the pending ones (computed once per
@@ -173,6 +179,26 @@ class Root:
             assert self.pending_summary is not None  # decode_root reads both or neither
             nodes = self._nodes = Root(self.node_id, self.height, vsub(self.summary, self.pending_summary))
         return nodes
+
+    def pending_of(self, access: NodeAccess) -> Node | None:
+        """The pending node, or None: decoded from the record once (then kept with it), or, for a
+        format 2 record, read by id. O(B) the first time, O(1) after."""
+        node = self.pending_node
+        if node is None:
+            if self.packed_pending is not None:
+                node = decode_pending(self.packed_pending)
+            elif self.pending:
+                node = access.node(self.pending)
+            if node is not None and (
+                self.pending_summary is None or self.pending_summary[0] != len(node.keys)
+            ):
+                raise CorruptDatabaseError(
+                    f"a root record counts {self.pending_summary and self.pending_summary[0]} pending "
+                    f"entries, but its pending node holds {len(node.keys)}; run `tallytree check`"
+                )
+            if self.packed_pending is not None:
+                self.pending_node, self.packed_pending = node, None
+        return node
 
 
 def summary_values(summary: list[int], nfields: int) -> list[Any]:
@@ -228,6 +254,16 @@ def _finder() -> Callable[[Node, bytes, bool], int]:
 def _damaged(node: Node, what: str) -> CorruptDatabaseError:
     """The error for a node that contradicts its parent (damage a decode cannot see)."""
     return CorruptDatabaseError(f"node {node.id} is damaged: {what}; run `tallytree check` to locate it")
+
+
+def _by_count(node: Node, counts: Sequence[int], index: int) -> int:
+    """The child of an internal node whose subtree holds its entry ``index`` (``counts`` are its
+    cumulative counts); CorruptDatabaseError when the node holds fewer entries than its parent (or
+    the root record) counts. O(log B)."""
+    child = bisect_right(counts, index) - 1
+    if not 0 <= child < len(node.kids):
+        raise _damaged(node, "its parent (or the root record) counts more entries than it holds")
+    return child
 
 
 def _deeper(levels: int, node: Node) -> int:
@@ -622,7 +658,7 @@ class NodeTree:
         while not node.leaf:
             levels = _deeper(levels, node)
             counts = node.counts()
-            child = bisect_right(counts, index) - 1
+            child = _by_count(node, counts, index)
             totals = vadd(totals, node.prefixes(child))
             index -= counts[child]
             node = access.node(node.kids[child])
@@ -650,7 +686,7 @@ class NodeTree:
         while not node.leaf:
             levels = _deeper(levels, node)
             counts = node.counts()
-            child = bisect_right(counts, index) - 1
+            child = _by_count(node, counts, index)
             index -= counts[child]
             node = access.node(node.kids[child])
         if not 0 <= index < len(node.keys):
@@ -696,7 +732,7 @@ class NodeTree:
         while not node.leaf:
             levels = _deeper(levels, node)
             counts = node.counts()
-            child = bisect_right(counts, index) - 1
+            child = _by_count(node, counts, index)
             index -= counts[child]
             stack.append((node, child))
             node = access.node(node.kids[child])

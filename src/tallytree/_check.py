@@ -83,7 +83,7 @@ class _Walker:
         if summary is None:
             return
         nodes_clean = len(self.problems) == before
-        if root.pending:
+        if root.pending_summary is not None:
             pending = self.pending(root, summary, nodes_clean)
             if pending is None:
                 return
@@ -95,12 +95,16 @@ class _Walker:
 
     def pending(self, root: Root, nodes: list[int], nodes_clean: bool) -> list[int] | None:
         """Check a tree's pending node (see ``_tree``); return its summary (None: unreadable)."""
-        node_id = root.pending
-        self.seen.add(node_id)
+        node_id = root.pending or None  # None: the record holds the node (format 3)
+        if node_id is not None:
+            self.seen.add(node_id)
         try:
-            node = self.tx.node(node_id)
+            node = root.pending_of(self.tx)
         except Error as exc:
             self.report((), node_id, f"cannot read the pending node: {exc}")
+            return None
+        if node is None:
+            self.report((), None, "the root record has pending totals but no pending node")
             return None
         size = len(node.keys)
         if not node.pending:

@@ -7,9 +7,11 @@ the decoded-node cache and the aggregate definitions. It is opened once per proc
 number of threads. The ``meta`` table holds the format tag (checked on open, so a foreign or newer
 database is refused with a clear error), the id counters and one definition per aggregate::
 
-    b"format"      -> b"tallytree-2" (version 2 added the pending node of each tree, see ``_tree``;
-                      a version 1 database is read as it is and tagged version 2 when opened for
-                      writing, since version 1 code cannot read a pending node)
+    b"format"      -> b"tallytree-3" (version 2 added the pending node of each tree, see ``_tree``;
+                      version 3 holds it in the tree's root record instead of naming a node. An
+                      older database is read as it is and tagged version 3 when opened for writing,
+                      since older code cannot read what this version writes; a version 2 tree's
+                      pending node moves into its record the next time its pending entries change)
     b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 64}
                       (+ "table": name for an aggregate maintained by a table: it refuses writes)
     b"table:" + name -> a table and its attached aggregates (see ``_table``)
@@ -50,8 +52,8 @@ from .errors import (
 
 __all__ = ["DEFAULT_NODE_SIZE", "Database", "open", "open_memory"]
 
-FORMAT = b"tallytree-2"
-_UPGRADABLE = (b"tallytree-1",)
+FORMAT = b"tallytree-3"
+_UPGRADABLE = (b"tallytree-1", b"tallytree-2")
 """Older formats this version reads as they are (and upgrades by retagging when writing)."""
 DEFAULT_NODE_SIZE = 64
 """Entries per node; chosen by benchmark (see benchmarks/README.md)."""

@@ -100,7 +100,7 @@ class Speedups(Protocol):
         node_id: int,
         height: int,
         summary: list[int],
-        pending: int,
+        pending: int | bytes,
         pending_summary: list[int] | None,
         /,
     ) -> bytes | None: ...

@@ -90,6 +90,7 @@ __all__ = [
     "Chunk",
     "Node",
     "decode_node",
+    "decode_pending",
     "delta_of",
     "encode_node",
     "normalize",
@@ -618,20 +619,28 @@ def _pack_int(value: int) -> int | list[int | bytes]:
     return [mantissa.to_bytes((mantissa.bit_length() + 8) // 8, "big", signed=True), shift]
 
 
+_SUMMARY_BITS = 8192
+"""More bits than any summary value has: a sum of 2**63 doubles of the largest magnitude, scaled by
+2**1074, has about 2,160. A stored value beyond it is damage (and would take memory and time to
+build: the shift alone could ask for 2**63 bits)."""
+
+
 def _unpack_int(value: Any) -> int:
     kind = type(value)
     if kind is int:
         return value  # type: ignore[no-any-return]
     if kind is list:
         mantissa, shift = value
-        if type(mantissa) is bytes:
+        if type(mantissa) is bytes and len(mantissa) <= _SUMMARY_BITS // 8:
             mantissa = int.from_bytes(mantissa, "big", signed=True)
-        if type(mantissa) is not int or type(shift) is not int or shift < 0:
-            raise ValueError(f"malformed packed int {value!r}")
+        if type(mantissa) is not int or type(shift) is not int or not 0 <= shift <= _SUMMARY_BITS:
+            raise ValueError("malformed packed int")
+        if mantissa.bit_length() + shift > _SUMMARY_BITS:
+            raise ValueError(f"a packed int of more than {_SUMMARY_BITS} bits")
         return mantissa << shift
-    if kind is bytes:  # format version 1: the whole int as bytes
+    if kind is bytes and len(value) <= _SUMMARY_BITS // 8:  # format version 1: the whole int as bytes
         return int.from_bytes(value, "big", signed=True)
-    raise ValueError(f"malformed packed int {value!r}")
+    raise ValueError("malformed packed int")
 
 
 def pack_summary(summary: list[int]) -> list[Any]:
@@ -780,6 +789,20 @@ def decode_node(data: bytes, node_id: int) -> Node:
     compact = speedups.leaf_image(data) if type(data) is bytes else None
     node = Node.compact(node_id, *compact) if compact is not None else _decode(data, node_id)
     return speedups.untrack(node)  # type: ignore[no-any-return]
+
+
+def decode_pending(data: bytes) -> Node:
+    """Deserialize the pending node a root record holds (see ``_tree``); raise CorruptDatabaseError
+    unless it is one. Such a node has no id of its own (0). O(size)."""
+    try:
+        node = decode_node(data, 0)
+    except CorruptDatabaseError as exc:
+        raise CorruptDatabaseError(f"the pending entries of a root record cannot be decoded: {exc}") from exc
+    if not node.pending:
+        raise CorruptDatabaseError(
+            "a root record holds a node that is not a pending node; run `tallytree check` to locate it"
+        )
+    return node
 
 
 def _decode(data: bytes, node_id: int) -> Node:

@@ -69,7 +69,7 @@ the Python code and gives the same answers):
 * ``join_limbs(limbs)``: the inverse for one decoded sum column, ``_node._join_limbs``;
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
-  int64);
+  int64; the pending node's bytes as a bin, or a format 2 pending node's id);
 * ``valid_node(leaf, keys, kids, cols, shifts)``: ``_node._consistent``'s checks of a decoded node (its
   arrays' lengths, the kinds of their items, an internal node's counts, ids and shifts in range);
 * ``thaw(node)``, ``freeze_node(node)`` and ``untrack(node)``: ``Node.copy``'s new lists and
@@ -2050,21 +2050,28 @@ prefetch_image(PyObject *blob)
     }
 }
 
-/* A descent past MAX_LEVELS follows damaged child ids that lead back up: without a bound it would
-   loop for ever. -1 with tallytree's CorruptDatabaseError set (ImportError if that cannot be found). */
-#define MAX_LEVELS 64 /* more levels than any tree has (_btree.MAX_LEVELS) */
+/* -1 with tallytree's CorruptDatabaseError set to ``message`` (ImportError if that cannot be found). */
 static int
-too_deep(void)
+corrupt(const char *message)
 {
     PyObject *errors = PyImport_ImportModule("tallytree.errors");
     PyObject *type = errors == NULL ? NULL : PyObject_GetAttrString(errors, "CorruptDatabaseError");
     Py_XDECREF(errors);
     if (type != NULL) {
-        PyErr_SetString(type, "a descent went deeper than any tree goes: damaged child ids form a cycle; "
-                              "run `tallytree check` to locate the damage");
+        PyErr_SetString(type, message);
         Py_DECREF(type);
     }
     return -1;
+}
+
+/* A descent past MAX_LEVELS follows damaged child ids that lead back up: without a bound it would
+   loop for ever. -1 with CorruptDatabaseError set. */
+#define MAX_LEVELS 64 /* more levels than any tree has (_btree.MAX_LEVELS) */
+static int
+too_deep(void)
+{
+    return corrupt("a descent went deeper than any tree goes: damaged child ids form a cycle; "
+                   "run `tallytree check` to locate the damage");
 }
 
 /* One level of a descent: ``node``'s image opened into *image (see node_image_hinted) and whether the
@@ -2320,9 +2327,9 @@ child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
         }
     }
     Py_XDECREF(counts);
-    if (low < 1 || low >= size) {
-        PyErr_SetString(PyExc_IndexError, "select(): the index lies outside the node's counts");
-        return -1;
+    if (low < 1 || low >= size) { /* the parent (or the root record) counts more than the node holds */
+        return corrupt("a node holds fewer entries than its parent counts; run `tallytree check` to "
+                       "locate the damage");
     }
     *index -= before;
     return low - 1;
@@ -5401,7 +5408,8 @@ put_summary(PyObject *summary, char **out)
 
 /* pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record as
    _txn.encode_root writes it, [node_id, height, summary] plus [pending, pending_summary] when
-   pending is not 0, the summaries packed as _node.pack_summary packs them. */
+   pending is not 0, the summaries packed as _node.pack_summary packs them. ``pending`` is the
+   pending node's bytes (written as a bin), or the id of a pending node stored by itself (format 2). */
 static PyObject *
 pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -5409,8 +5417,13 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "pack_root(node_id, height, summary, pending, pending_summary)");
         return NULL;
     }
-    long long ids[3];
+    PyObject *held = PyBytes_CheckExact(args[3]) ? args[3] : NULL;
+    Py_ssize_t held_size = held != NULL ? PyBytes_GET_SIZE(held) : 0;
+    long long ids[3] = {0, 0, 0};
     for (int index = 0; index < 3; index++) {
+        if (index == 2 && held != NULL) {
+            break;
+        }
         PyObject *item = args[index == 2 ? 3 : index];
         int overflow;
         ids[index] = PyLong_CheckExact(item) ? PyLong_AsLongLongAndOverflow(item, &overflow) : (overflow = 1, 0);
@@ -5421,7 +5434,7 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             Py_RETURN_NONE;
         }
     }
-    int pending = ids[2] != 0;
+    int pending = held != NULL ? held_size > 0 : ids[2] != 0;
     Py_ssize_t first = put_summary(args[2], NULL);
     Py_ssize_t second = pending ? put_summary(args[4], NULL) : 1;
     if (first <= 0 || second <= 0) {
@@ -5430,7 +5443,8 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         }
         Py_RETURN_NONE;
     }
-    Py_ssize_t total = 1 + int_size(ids[0]) + int_size(ids[1]) + first + (pending ? int_size(ids[2]) + second : 0);
+    Py_ssize_t reference = held != NULL ? bin_header_size(held_size) + held_size : int_size(ids[2]);
+    Py_ssize_t total = 1 + int_size(ids[0]) + int_size(ids[1]) + first + (pending ? reference + second : 0);
     PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
     if (packed == NULL) {
         return NULL;
@@ -5440,7 +5454,14 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     out = put_int(out, ids[1]);
     put_summary(args[2], &out);
     if (pending) {
-        out = put_int(out, ids[2]);
+        if (held != NULL) {
+            out = put_bin_header(out, held_size);
+            memcpy(out, PyBytes_AS_STRING(held), (size_t)held_size);
+            out += held_size;
+        }
+        else {
+            out = put_int(out, ids[2]);
+        }
         put_summary(args[4], &out);
     }
     assert(out == PyBytes_AS_STRING(packed) + total);

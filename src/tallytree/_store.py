@@ -11,7 +11,7 @@ META      ``b"format"``, ``b"next_id"``,              format tag, node id counte
           ``b"agg:" + name``                          (msgpack)
 NODES     node id, 8 bytes big-endian                 encoded node (``_node``)
 ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]`` (+ the
-                                                      pending node's id and summary, see ``_tree``)
+                                                      pending node and its summary, see ``_tree``)
 DOCS      table id (4 bytes) + encoded document id    the document (msgpack; see ``_table``)
 ========  ==========================================  =========================================
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ._btree import Root
+from ._btree import MAX_LEVELS, Root
 from ._gc import gc_paused
 from ._native import speedups
 from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
@@ -67,36 +67,50 @@ def _remember(decoded: dict[bytes, tuple[bytes, Root]], tree: bytes, data: bytes
 
 
 def encode_root(root: Root) -> bytes:
-    """The ROOTS table value of a root record: ``[node id, height, summary]``, followed by the pending
-    node's id and summary when the tree has one. The C kernel ``pack_root`` writes the same bytes
-    (every commit writes one per changed tree): 1.6 us instead of 3.3 for a record with a pending
-    node whose float sums need more than 64 bits once their trailing zeros are factored out, the
-    usual case for 10^5 events with costs of six decimals."""
+    """The ROOTS table value of a root record: ``[node id, height, summary]``, followed, when the tree
+    has pending entries, by the pending node's bytes (``encode_node``) and its summary; a format 2
+    record gives the pending node's id in place of its bytes. The C kernel ``pack_root`` writes the
+    same bytes (every commit writes one per changed tree): 1.6 us instead of 3.3 for a record with a
+    pending id and summary whose float sums need more than 64 bits once their trailing zeros are
+    factored out, the usual case for 10^5 events with costs of six decimals."""
+    node = root.pending_node
+    pending: int | bytes = encode_node(node) if node is not None else root.pending
     if speedups is not None:
-        packed = speedups.pack_root(
-            root.node_id, root.height, root.summary, root.pending, root.pending_summary
-        )
+        packed = speedups.pack_root(root.node_id, root.height, root.summary, pending, root.pending_summary)
         if packed is not None:
             return packed
     parts: list[Any] = [root.node_id, root.height, pack_summary(root.summary)]
-    if root.pending:
+    if pending:
         assert root.pending_summary is not None
-        parts += [root.pending, pack_summary(root.pending_summary)]
+        parts += [pending, pack_summary(root.pending_summary)]
     return msgpack.packb(parts, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_root(data: bytes) -> Root:
-    """Inverse of :func:`encode_root`."""
+    """Inverse of :func:`encode_root`. The pending node's bytes are decoded on first use
+    (``Root.pending_of``): listing namespaces reads only the totals."""
     try:
         node_id, height, summary, *pending = msgpack.unpackb(data, raw=False)
         if not all(type(value) is int for value in (node_id, height)):
             raise ValueError("the node id and the height must be ints")
+        if not (0 <= node_id < 1 << 63 and 0 <= height <= MAX_LEVELS and (node_id == 0) == (height == 0)):
+            raise ValueError(f"node id {node_id} and height {height} do not go together")
+        if type(summary) is not list or not summary or type(summary[0]) is not int or summary[0] < 0:
+            raise ValueError("malformed totals")
         if not pending:
             return Root(node_id, height, unpack_summary(summary))
-        pending_id, pending_summary = pending
-        if type(pending_id) is not int or len(pending_summary) != len(summary):
-            raise ValueError("malformed pending node fields")
-        return Root(node_id, height, unpack_summary(summary), pending_id, unpack_summary(pending_summary))
+        held, pending_summary = pending
+        if type(pending_summary) is not list or len(pending_summary) != len(summary):
+            raise ValueError("malformed pending summary")
+        if type(pending_summary[0]) is not int or not 1 <= pending_summary[0] <= summary[0]:
+            raise ValueError("the pending count does not fit the totals")
+        if type(held) is bytes and held:
+            root = Root(node_id, height, unpack_summary(summary), 0, unpack_summary(pending_summary))
+            root.packed_pending = held
+            return root
+        if type(held) is not int or held <= 0:
+            raise ValueError("malformed pending node")
+        return Root(node_id, height, unpack_summary(summary), held, unpack_summary(pending_summary))
     except Exception as exc:
         raise CorruptDatabaseError(f"a root record cannot be decoded ({exc})") from exc
 
@@ -504,6 +518,9 @@ class WriteTransaction(Transaction):
         self._finish()
         kv.commit(ops)
         cache = self._cache
+        for _, _, root in written:  # a pending node the record holds is now committed too
+            if root.pending_node is not None and root.pending_node.dirty:
+                root.pending_node.freeze()
         for node_id in self._freed:  # replaced or dropped: only readers of older snapshots need them
             cache.discard(node_id)
         for node in self._dirty.values():

@@ -1049,10 +1049,13 @@ def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
         namespaces += 1
         items += root.summary[0]
         depth = max(depth, root.height)
-        if root.pending and root.pending_summary is not None:  # inserts not merged into leaves yet
+        if root.pending_summary is not None:  # inserts not merged into leaves yet
             pending += root.pending_summary[0]
-            data = tx.kv.get(NODES, node_key(root.pending))
-            size += len(data) if data is not None else 0
+            if root.packed_pending is not None:  # held by the record (format 3)
+                size += len(root.packed_pending)
+            else:  # stored by itself (format 2)
+                data = tx.kv.get(NODES, node_key(root.pending))
+                size += len(data) if data is not None else 0
         level = [(root.node_id, root.height)] if root.node_id else []
         while level:
             following: list[tuple[int, int]] = []
