@@ -114,6 +114,33 @@ def test_single_inserts_wait_in_the_pending_node_and_reads_include_them(
     assert_reads_match(db, events, rows)
 
 
+def test_a_write_that_leaves_the_pending_entries_alone_writes_their_bytes_as_they_were(
+    db: tallytree.Database, events: tallytree.Aggregate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with db.write() as tx:
+        events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(40)])
+    with db.write() as tx:
+        events.insert(tx, 100, "p", (0.25, 1))
+    encoded: list[bool] = []
+    original = tallytree._txn.encode_node
+
+    def counting(node: Node) -> bytes:
+        encoded.append(node.pending)
+        return original(node)
+
+    monkeypatch.setattr(tallytree._txn, "encode_node", counting)
+    for key in (5, 7):  # inside the stored range: the path is rewritten, the pending node is not
+        with db.write() as tx:
+            events.insert(tx, key, "q", (1.0, 2))
+    assert encoded and not any(encoded)
+    with db.write() as tx:
+        events.insert(tx, 101, "p", (0.25, 1))
+    assert encoded[-1]  # changed: encoded again
+    with db.read() as tx:
+        assert tallytree.check(tx) == []
+        assert events.count(tx, ge=100) == 2 and events.count(tx) == 44
+
+
 def test_a_full_pending_node_is_merged_into_the_leaves(
     db: tallytree.Database, events: tallytree.Aggregate
 ) -> None:

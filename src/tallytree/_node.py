@@ -320,7 +320,8 @@ class Node:
         self._reads = 0
         self._hot: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
         # an internal node's stored bytes once committed, and a dirty copy's committed original:
-        # encode_node writes the copy's bytes from the original's, changing only what changed
+        # encode_node writes the copy's bytes from the original's, changing only what changed (a
+        # pending node keeps its bytes too, which _txn.encode_root writes again while it is unchanged)
         self._packed: bytes | None = None
         self._origin: Node | None = None
 
@@ -380,7 +381,7 @@ class Node:
         if speedups is not None:  # the same lists, untracked by the garbage collector (see freeze)
             keys, kids, cols, shifts = speedups.thaw(self)
             node = Node(node_id, self.leaf, keys, cols, kids, shifts, dirty=True)
-            if self._packed is not None:
+            if self._packed is not None and not self.leaf:
                 node._origin = self
         else:
             node = Node(
@@ -802,6 +803,7 @@ def decode_pending(data: bytes) -> Node:
         raise CorruptDatabaseError(
             "a root record holds a node that is not a pending node; run `tallytree check` to locate it"
         )
+    node._packed = data  # written again as it is while the node stays the same (``encode_root``)
     return node
 
 

@@ -74,7 +74,10 @@ def encode_root(root: Root) -> bytes:
     pending id and summary whose float sums need more than 64 bits once their trailing zeros are
     factored out, the usual case for 10^5 events with costs of six decimals."""
     node = root.pending_node
-    pending: int | bytes = encode_node(node) if node is not None else root.pending
+    pending: int | bytes = root.pending
+    if node is not None:  # a committed node keeps its bytes: a write elsewhere in the tree reuses them
+        pending = node._packed if node._packed is not None and not node.dirty else encode_node(node)
+        node._packed = pending  # used once the commit freezes the node
     if speedups is not None:
         packed = speedups.pack_root(root.node_id, root.height, root.summary, pending, root.pending_summary)
         if packed is not None:
