@@ -679,6 +679,7 @@ def test_stats(built: Path, run: Any) -> None:
     code, out, _ = run("stats", built, "--json")
     [events] = json.loads(out)["aggregates"]
     assert (events["items"], events["pending_items"], events["namespaces"]) == (303, 3, 5)
+    assert events["bytes"] > document["aggregates"][0]["bytes"]  # the pending node its record holds
     code, out, _ = run("stats", built)
     assert "303 items in 5 namespace(s)" in out and "; 3 pending inserts" in out
     assert run("check", built)[0] == 0
