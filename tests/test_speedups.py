@@ -2274,3 +2274,66 @@ def test_valid_node_makes_the_python_checks(parts: tuple[Any, ...]) -> None:
         except CorruptDatabaseError:
             expected = False
     assert speedups.valid_node(leaf, keys, kids, cols, shifts) is expected
+
+
+def _decoded_root(data: bytes) -> Any:
+    """What ``decode_root`` makes of ``data``: the record's fields, or the error class it raises."""
+    from tallytree._txn import decode_root
+
+    try:
+        root = decode_root(data)
+    except CorruptDatabaseError:
+        return CorruptDatabaseError
+    return (root.node_id, root.height, root.summary, root.pending, root.pending_summary, root.packed_pending)
+
+
+@settings(max_examples=400)
+@given(
+    st.integers(1, 2**40),
+    st.lists(SUMMARY_VALUE, min_size=1, max_size=5),
+    st.integers(0, 2**40) | PENDING_NODE,
+    DAMAGE,
+    st.data(),
+)
+def test_unpack_root_reads_a_record_or_a_damaged_one_as_python_does(
+    node_id: int, summary: list[int], pending: Any, damage: tuple[str, int, int], data: st.DataObject
+) -> None:
+    """The kernel reads every record ``encode_root`` writes (no pending node, one named by id, one
+    held) into the fields the Python reader gives; for the same record with one byte set, dropped or
+    added, ``decode_root`` either refuses it in both modes or reads the same fields."""
+    from tallytree._btree import Root
+    from tallytree._txn import _read_root, encode_root
+
+    assert speedups is not None
+    summary[0] = data.draw(st.integers(1, 2**40))
+    pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
+    pending_summary[0] = data.draw(st.integers(1, summary[0]))
+    node = None
+    if type(pending) is tuple:
+        node = Node(0, True, pending[0], pending[1], dirty=True)
+        node.pending = True
+        pending = 0
+    held = node is not None or pending != 0
+    record = encode_root(Root(node_id, 3, summary, pending, pending_summary if held else None, None, node))
+    assert speedups.unpack_root(record) == _read_root(record)
+    damaged = _damaged(record, damage)
+    decoded = _decoded_root(damaged)
+    with pure_python():
+        assert _decoded_root(damaged) == decoded
+
+
+def test_unpack_root_leaves_what_it_does_not_read_to_python() -> None:
+    assert speedups is not None
+    for fields in (
+        [1, 1, [3, 1.5]],  # a float in a summary
+        [1, 1, [[3, 1], 1]],  # a count given as a pair
+        [1, 1, [3, 1], "pending", [1, 1]],
+        [1, 1, [3, 1], 9],  # four fields
+        [1, 1, [3, [1, 9000]]],  # beyond 8,192 bits
+        [1, 1, [3, 2**64 - 1]],  # beyond int64
+        [1, 1, [-3, 1]],
+    ):
+        assert speedups.unpack_root(msgpack.packb(fields)) is None, fields
+    assert speedups.unpack_root(msgpack.packb([1, 1, [3, 1]]) + b"\x00") is None  # bytes after it
+    with pytest.raises(TypeError):
+        speedups.unpack_root(bytearray(b"\x93"))  # type: ignore[arg-type]

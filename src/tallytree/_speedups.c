@@ -70,6 +70,8 @@ the Python code and gives the same answers):
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
   int64; the pending node's bytes as a bin, or a format 2 pending node's id);
+* ``unpack_root(data)``: a root record's fields, for ``_txn.decode_root`` to check (the summaries'
+  [mantissa, shift] pairs joined, refused beyond 8,192 bits), or None for what it does not read;
 * ``valid_node(leaf, keys, kids, cols, shifts)``: ``_node._consistent``'s checks of a decoded node (its
   arrays' lengths, the kinds of their items, an internal node's counts, ids and shifts in range);
 * ``thaw(node)``, ``freeze_node(node)`` and ``untrack(node)``: ``Node.copy``'s new lists and
@@ -5468,6 +5470,149 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return packed;
 }
 
+/* An int element (not a float) at data[*at] in the int64 range: 1 with *value set, else 0. */
+static int
+read_int64(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int64_t *value)
+{
+    Element element;
+    uint64_t word;
+    if (!read_element(data, length, at, 0, &element) || stored_number(data, &element, &word) != VALUES_INT) {
+        return 0;
+    }
+    *value = (int64_t)word;
+    return 1;
+}
+
+#define SUMMARY_BITS 8192 /* _node._SUMMARY_BITS: more bits than any summary value has */
+
+/* A packed summary at data[*at] (see _node.pack_summary: ints, and [mantissa, shift] pairs whose
+   mantissa is an int or a bin) as a new list of ints, its first item (the count) a plain int in
+   [0, 2**63); NULL with no error set for anything else, NULL with an error set on failure. */
+static PyObject *
+read_summary(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at)
+{
+    Py_ssize_t count;
+    if (!read_array_header(data, length, at, &count) || count < 1 || count > length) {
+        return NULL;
+    }
+    PyObject *summary = PyList_New(count);
+    if (summary == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        int64_t value, shift;
+        Py_ssize_t pair;
+        PyObject *item = NULL;
+        if (read_int64(data, length, at, &value)) {
+            if (index == 0 && value < 0) {
+                break;
+            }
+            item = PyLong_FromLongLong(value);
+        }
+        else if (index > 0 && read_array_header(data, length, at, &pair) && pair == 2) {
+            PyObject *mantissa = NULL;
+            Element element;
+            if (read_int64(data, length, at, &value)) {
+                mantissa = PyLong_FromLongLong(value);
+            }
+            else if (read_element(data, length, at, 1, &element) && element.size - (element.payload - element.at) <= SUMMARY_BITS / 8) {
+                mantissa = _PyLong_FromByteArray(data + element.payload, (size_t)(element.size - (element.payload - element.at)), 0, 1);
+            }
+            else {
+                break;
+            }
+            if (mantissa == NULL) {
+                Py_DECREF(summary);
+                return NULL;
+            }
+            int64_t bits = (int64_t)_PyLong_NumBits(mantissa);
+            if (!read_int64(data, length, at, &shift) || shift < 0 || bits < 0 || bits + shift > SUMMARY_BITS) {
+                Py_DECREF(mantissa);
+                break;
+            }
+            PyObject *amount = PyLong_FromLongLong(shift);
+            item = amount == NULL ? NULL : PyNumber_Lshift(mantissa, amount);
+            Py_XDECREF(amount);
+            Py_DECREF(mantissa);
+        }
+        else {
+            break;
+        }
+        if (item == NULL) {
+            Py_DECREF(summary);
+            return NULL;
+        }
+        PyList_SET_ITEM(summary, index, item);
+        if (index == count - 1) {
+            return summary;
+        }
+    }
+    Py_DECREF(summary); /* the items not set are NULL, which a list's dealloc skips */
+    return NULL;
+}
+
+/* unpack_root(data) -> (node_id, height, summary, pending, pending_summary) | None: a root record's
+   fields as _txn.decode_root reads them: ``pending`` the pending node's bytes, a format 2 pending
+   node's id, or None (and ``pending_summary`` None) when nothing is pending. None for anything
+   else, which the Python decoder then reads or refuses. */
+static PyObject *
+unpack_root(PyObject *Py_UNUSED(module), PyObject *data)
+{
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "unpack_root(data): data must be bytes");
+        return NULL;
+    }
+    const unsigned char *bytes = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t length = PyBytes_GET_SIZE(data), at = 0, count;
+    int64_t node_id, height, id = 0;
+    if (!read_array_header(bytes, length, &at, &count) || (count != 3 && count != 5) ||
+        !read_int64(bytes, length, &at, &node_id) || !read_int64(bytes, length, &at, &height)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *summary = read_summary(bytes, length, &at);
+    if (summary == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *pending = NULL, *pending_summary = NULL;
+    if (count == 5) {
+        Element element;
+        Py_ssize_t here = at;
+        if (read_element(bytes, length, &at, 1, &element)) {
+            pending = PyBytes_FromStringAndSize((const char *)bytes + element.payload, element.size - (element.payload - element.at));
+        }
+        else if ((at = here, read_int64(bytes, length, &at, &id))) {
+            pending = PyLong_FromLongLong(id);
+        }
+        else {
+            Py_DECREF(summary);
+            Py_RETURN_NONE;
+        }
+        pending_summary = pending == NULL ? NULL : read_summary(bytes, length, &at);
+        if (pending_summary == NULL) {
+            Py_DECREF(summary);
+            Py_XDECREF(pending);
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    if (at != length) { /* bytes after the record: let the Python decoder say so */
+        Py_DECREF(summary);
+        Py_XDECREF(pending);
+        Py_XDECREF(pending_summary);
+        Py_RETURN_NONE;
+    }
+    if (pending == NULL) {
+        pending = Py_NewRef(Py_None);
+        pending_summary = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(LLNNN)", (long long)node_id, (long long)height, summary, pending, pending_summary);
+}
+
 /* ------------------------------------------------------------------ freezing a node */
 
 /* The items of a decoded node's array (a tuple, or a list of joined limbs) as a C array, or NULL when
@@ -6039,6 +6184,9 @@ static PyMethodDef methods[] = {
     {"pack_root", (PyCFunction)(void (*)(void))pack_root, METH_FASTCALL,
      "pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record "
      "(see _txn.encode_root)."},
+    {"unpack_root", unpack_root, METH_O,
+     "unpack_root(data) -> (node_id, height, summary, pending, pending_summary) | None: a root record's "
+     "fields (see _txn.decode_root)."},
     {"thaw", thaw, METH_O,
      "thaw(node) -> (keys, kids, cols, shifts): new lists for a dirty copy, untracked by the garbage "
      "collector."},
