@@ -2,7 +2,7 @@
 
 Design
 ======
-Twenty-five functions and one type, each a faster twin of Python code that stays the reference and
+Twenty-six functions and one type, each a faster twin of Python code that stays the reference and
 the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
