@@ -1363,6 +1363,23 @@ PENDING_NODE = st.builds(
 )
 
 
+def _drawn_root(node_id: int, height: int, summary: list[int], pending: Any, data: st.DataObject) -> Any:
+    """A root record of these fields, with a count and pending totals that fit: no pending node
+    (``pending`` 0), one named by id (an int), or one held (``PENDING_NODE``'s keys and columns)."""
+    from tallytree._btree import Root
+
+    summary[0] = data.draw(st.integers(1, 2**40))  # the count
+    pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
+    pending_summary[0] = data.draw(st.integers(1, summary[0]))
+    node = None
+    if type(pending) is tuple:
+        node = Node(0, True, pending[0], pending[1], dirty=True)
+        node.pending = True
+        pending = 0
+    held = node is not None or pending != 0
+    return Root(node_id, height, summary, pending, pending_summary if held else None, None, node)
+
+
 @given(
     st.integers(0, 2**40),
     st.integers(0, 9),
@@ -1377,23 +1394,14 @@ def test_pack_root_is_the_python_encoding_byte_for_byte(
     as bytes, bin8 and bin16); no pending node, a format 2 one named by id, or one held by the record
     (its bytes a bin8 or bin16): the kernel writes every one, the same bytes as the Python code, and
     they decode back."""
-    from tallytree._btree import Root
     from tallytree._txn import decode_root, encode_root
 
     assert speedups is not None
     height = 0 if node_id == 0 else max(height, 1)  # a record decodes only if they agree
-    summary[0] = data.draw(st.integers(1, 2**40))  # the count
-    pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
-    pending_summary[0] = data.draw(st.integers(1, summary[0]))
-    node = None
-    if type(pending) is tuple:
-        node = Node(0, True, pending[0], pending[1], dirty=True)
-        node.pending = True
-        pending = 0
-    held = node is not None or pending != 0
-    root = Root(node_id, height, summary, pending, pending_summary if held else None, None, node)
+    root = _drawn_root(node_id, height, summary, pending, data)
+    node, pending, pending_summary = root.pending_node, root.pending, root.pending_summary
     reference = encode_node(node) if node is not None else pending
-    built = speedups.pack_root(node_id, height, summary, reference, pending_summary if held else None)
+    built = speedups.pack_root(node_id, height, root.summary, reference, pending_summary)
     assert built is not None
     assert encode_root(root) == built
     with pure_python():
@@ -2301,20 +2309,10 @@ def test_unpack_root_reads_a_record_or_a_damaged_one_as_python_does(
     """The kernel reads every record ``encode_root`` writes (no pending node, one named by id, one
     held) into the fields the Python reader gives; for the same record with one byte set, dropped or
     added, ``decode_root`` either refuses it in both modes or reads the same fields."""
-    from tallytree._btree import Root
     from tallytree._txn import _read_root, encode_root
 
     assert speedups is not None
-    summary[0] = data.draw(st.integers(1, 2**40))
-    pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
-    pending_summary[0] = data.draw(st.integers(1, summary[0]))
-    node = None
-    if type(pending) is tuple:
-        node = Node(0, True, pending[0], pending[1], dirty=True)
-        node.pending = True
-        pending = 0
-    held = node is not None or pending != 0
-    record = encode_root(Root(node_id, 3, summary, pending, pending_summary if held else None, None, node))
+    record = encode_root(_drawn_root(node_id, 3, summary, pending, data))
     assert speedups.unpack_root(record) == _read_root(record)
     damaged = _damaged(record, damage)
     decoded = _decoded_root(damaged)
