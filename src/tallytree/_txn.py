@@ -49,7 +49,7 @@ __all__ = ["ReadTransaction", "Transaction", "WriteTransaction", "encode_root", 
 
 _ENDED = "this transaction has ended; start a new one with db.read() or db.write()"
 _NEXT_ID = b"next_id"
-_DECODED_ROOTS = 4096  # decoded root records the database keeps (emptied when full)
+_DECODED_ROOTS = 4096  # decoded root records kept, each with its pending node (emptied when full)
 _BULK_COMMIT = 64  # dirty nodes beyond which a commit pauses the cyclic garbage collector
 _DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds the queue's memory
 
