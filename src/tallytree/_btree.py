@@ -189,12 +189,11 @@ class Root:
                 node = decode_pending(self.packed_pending)
             elif self.pending:
                 node = access.node(self.pending)
-            if node is not None and (
-                self.pending_summary is None or self.pending_summary[0] != len(node.keys)
-            ):
+            counted = self.pending_summary[0] if self.pending_summary is not None else 0
+            if node is not None and counted != len(node.keys):
                 raise CorruptDatabaseError(
-                    f"a root record counts {self.pending_summary and self.pending_summary[0]} pending "
-                    f"entries, but its pending node holds {len(node.keys)}; run `tallytree check`"
+                    f"a root record counts {counted} pending entries, but its pending node holds "
+                    f"{len(node.keys)}; run `tallytree check`"
                 )
             if self.packed_pending is not None:
                 self.pending_node, self.packed_pending = node, None
