@@ -2328,6 +2328,9 @@ def test_unpack_root_leaves_what_it_does_not_read_to_python() -> None:
         [1, 1, [3, 1], "pending", [1, 1]],
         [1, 1, [3, 1], 9],  # four fields
         [1, 1, [3, [1, 9000]]],  # beyond 8,192 bits
+        [1, 1, [3, [1, 8192]]],
+        [1, 1, [3, [1, 2**63 - 1]]],  # a shift that would overflow the bit count (found by UBSan)
+        [1, 1, [3, [b"\x01" * 1025, 0]]],
         [1, 1, [3, 2**64 - 1]],  # beyond int64
         [1, 1, [-3, 1]],
     ):

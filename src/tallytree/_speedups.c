@@ -5526,7 +5526,8 @@ read_summary(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at)
                 return NULL;
             }
             int64_t bits = (int64_t)_PyLong_NumBits(mantissa);
-            if (!read_int64(data, length, at, &shift) || shift < 0 || bits < 0 || bits + shift > SUMMARY_BITS) {
+            if (!read_int64(data, length, at, &shift) || shift < 0 || shift > SUMMARY_BITS || bits < 0 ||
+                bits > SUMMARY_BITS - shift) {
                 Py_DECREF(mantissa);
                 break;
             }
