@@ -92,8 +92,8 @@ def encode_root(root: Root) -> bytes:
 def decode_root(data: bytes) -> Root:
     """Inverse of :func:`encode_root`. The pending node's bytes are decoded on first use
     (``Root.pending_of``): listing namespaces reads only the totals. The C kernel ``unpack_root``
-    reads the fields (2.0 us instead of 7-8 for a record with a pending node), which are then
-    checked here."""
+    reads the fields (1.5 us, where msgpack and Python took 3.8 us for a record without a pending
+    node), which are then checked here."""
     try:
         fields = speedups.unpack_root(data) if speedups is not None and type(data) is bytes else None
         if fields is None:
