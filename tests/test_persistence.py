@@ -807,6 +807,36 @@ def test_bounded_reads_in_many_threads_through_a_tiny_node_cache(tmp_path: Path)
             assert events.count(tx) == 3_000 and tallytree.check(tx) == []
 
 
+def test_readers_in_many_threads_while_new_events_join_the_pending_nodes(tmp_path: Path) -> None:
+    """One new event per commit goes into its tree's root record (the pending node, decoded by the
+    first reader that needs it and shared by the others); every few commits the pending entries
+    merge into the leaves. With threads switching as often as CPython allows, every reader sees a
+    whole snapshot: the first n events of each namespace, in order, with their exact sums."""
+    with tallytree.open(tmp_path / "db", durable=False) as db:
+        events = db.aggregate("events", values=("v",), node_size=4)
+
+        def read(slot: int) -> None:
+            with db.read() as tx:
+                for namespace in ("a", "b"):
+                    total = events.count(tx, namespace=namespace)
+                    assert events.totals(tx, namespace=namespace).v == sum(range(total))
+                    items = list(events.items(tx, namespace=namespace))
+                    assert [item.key for item in items] == list(range(total))
+                    if total:
+                        assert events.at(tx, -1, namespace=namespace).key == total - 1
+                        assert events.count(tx, ge=total // 2, namespace=namespace) == total - total // 2
+
+        def write() -> None:
+            for key in range(300):
+                for namespace in ("a", "b"):
+                    with db.write() as tx:
+                        events.insert(tx, key, "id", (key,), namespace=namespace)
+
+        _read_while_writing(read, write)
+        with db.read() as tx:
+            assert events.count(tx, namespace="a") == 300 and tallytree.check(tx) == []
+
+
 # ================================================================== other processes
 
 WRITER = """
