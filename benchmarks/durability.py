@@ -4,8 +4,8 @@ PRODUCT.md asks for >= 20,000 single-insert commits per second without fsync, an
 to be "bounded by fsync, report it". This script measures, in the same run and interleaved rounds:
 
 * ``fsync``: writing 4 KiB to a file and ``os.fdatasync`` -- the floor of any durable commit here;
-* tallytree with ``durable=False`` (random keys, and time-ordered keys: new events, after every
-  stored one) and ``durable=True`` (LMDB syncs the data and the meta page);
+* tallytree with ``durable=False`` and ``durable=True`` (LMDB syncs the data and the meta page),
+  each with random keys and with time-ordered keys (new events, after every stored one);
 * SQLite (WAL) with ``synchronous=NORMAL`` (no sync per commit; random and time-ordered keys) and
   ``synchronous=FULL``;
 * two LMDB floors (``sync=False``), bare LMDB transactions in an environment holding as many nodes
@@ -47,6 +47,7 @@ FLOOR = "lmdb floor: a pending-node commit"
 FLOOR_PATH = "lmdb floor: a path rewrite"
 RANDOM = "tallytree durable=False"
 ORDERED = "tallytree durable=False, time-ordered keys"
+DURABLE_ORDERED = "tallytree durable=True, time-ordered keys"
 PENDING_BYTES = 866
 """The size of a half-full pending node (32 of the benchmark's events), as tallytree stores it."""
 
@@ -167,6 +168,7 @@ def measure(n: int, commits: int, rounds: int, seed: int = 7) -> dict[str, list[
             RANDOM: _tallytree(directory, n, durable=False, shape=shape),
             ORDERED: _tallytree(directory, n, durable=False, ordered=True),
             "tallytree durable=True": _tallytree(directory, n, durable=True),
+            DURABLE_ORDERED: _tallytree(directory, n, durable=True, ordered=True),
             "sqlite WAL synchronous=NORMAL": _sqlite(directory, n, "NORMAL"),
             "sqlite WAL synchronous=NORMAL, time-ordered keys": _sqlite(directory, n, "NORMAL", ordered=True),
             "sqlite WAL synchronous=FULL": _sqlite(directory, n, "FULL"),

@@ -12,6 +12,7 @@ def test_durability_quick_run() -> None:
         durability.RANDOM,
         durability.ORDERED,
         "tallytree durable=True",
+        durability.DURABLE_ORDERED,
         "sqlite WAL synchronous=NORMAL",
         "sqlite WAL synchronous=NORMAL, time-ordered keys",
         "sqlite WAL synchronous=FULL",
@@ -20,4 +21,4 @@ def test_durability_quick_run() -> None:
     }
     assert all(len(times) == 20 and min(times) > 0 for times in samples.values())
     table = durability.report(samples, 500)
-    assert table.count("\n| ") == 10  # the header and one row per system
+    assert table.count("\n| ") == 11  # the header and one row per system
