@@ -7,6 +7,7 @@ checks that it is built there.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
@@ -1363,14 +1364,18 @@ PENDING_NODE = st.builds(
 )
 
 
-def _drawn_root(node_id: int, height: int, summary: list[int], pending: Any, data: st.DataObject) -> Any:
-    """A root record of these fields, with a count and pending totals that fit: no pending node
-    (``pending`` 0), one named by id (an int), or one held (``PENDING_NODE``'s keys and columns)."""
+def _drawn_root(
+    node_id: int, height: int, summary: list[int], pending: Any, data: st.DataObject, fit: bool = True
+) -> Any:
+    """A root record of these fields: no pending node (``pending`` 0), one named by id (an int), or
+    one held (``PENDING_NODE``'s keys and columns). With ``fit``, its count and pending totals are
+    made ones a record can hold; else they are any summary values, as drawn."""
     from tallytree._btree import Root
 
-    summary[0] = data.draw(st.integers(1, 2**40))  # the count
     pending_summary = data.draw(st.lists(SUMMARY_VALUE, min_size=len(summary), max_size=len(summary)))
-    pending_summary[0] = data.draw(st.integers(1, summary[0]))
+    if fit:
+        summary[0] = data.draw(st.integers(1, 2**40))  # the count
+        pending_summary[0] = data.draw(st.integers(1, summary[0]))
     node = None
     if type(pending) is tuple:
         node = Node(0, True, pending[0], pending[1], dirty=True)
@@ -1393,19 +1398,26 @@ def test_pack_root_is_the_python_encoding_byte_for_byte(
     """Plain ints, [mantissa, shift] pairs at the int64 edges, and mantissas too big for int64 (written
     as bytes, bin8 and bin16); no pending node, a format 2 one named by id, or one held by the record
     (its bytes a bin8 or bin16): the kernel writes every one, the same bytes as the Python code, and
-    they decode back."""
+    they decode back (when their fields can be a record's; else they are refused)."""
     from tallytree._txn import decode_root, encode_root
 
     assert speedups is not None
-    height = 0 if node_id == 0 else max(height, 1)  # a record decodes only if they agree
-    root = _drawn_root(node_id, height, summary, pending, data)
-    node, pending, pending_summary = root.pending_node, root.pending, root.pending_summary
-    reference = encode_node(node) if node is not None else pending
-    built = speedups.pack_root(node_id, height, root.summary, reference, pending_summary)
-    assert built is not None
-    assert encode_root(root) == built
-    with pure_python():
+    for fit in (False, True):  # any values are packed alike; fitting ones also round-trip
+        if fit:
+            height = 0 if node_id == 0 else max(height, 1)  # a record decodes only if they agree
+        root = _drawn_root(node_id, height, list(summary), pending, data, fit)
+        node, reference = root.pending_node, root.pending
+        if node is not None:
+            reference = encode_node(node)
+        built = speedups.pack_root(node_id, height, root.summary, reference, root.pending_summary)
+        assert built is not None
         assert encode_root(root) == built
+        with pure_python():
+            assert encode_root(root) == built
+        if not fit:  # read, or refused with the typed error, never another exception
+            with contextlib.suppress(CorruptDatabaseError):
+                decode_root(built)
+    summary, pending = root.summary, root.pending
     decoded = decode_root(built)
     assert (decoded.node_id, decoded.height, decoded.summary, decoded.pending) == (
         node_id,

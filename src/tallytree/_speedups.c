@@ -5485,9 +5485,58 @@ read_int64(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int64_t
 
 #define SUMMARY_BITS 8192 /* _node._SUMMARY_BITS: more bits than any summary value has */
 
-/* A packed summary at data[*at] (see _node.pack_summary: ints, and [mantissa, shift] pairs whose
-   mantissa is an int or a bin) as a new list of ints, its first item (the count) a plain int in
-   [0, 2**63); NULL with no error set for anything else, NULL with an error set on failure. */
+/* One packed summary value at data[*at]: an int, or (not ``first``, the count) a [mantissa, shift]
+   pair whose mantissa is an int or a bin, joined into *item within SUMMARY_BITS bits. 1 with a new
+   reference in *item, 0 for anything else, -1 with an error set. */
+static int
+read_summary_value(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, int first, PyObject **item)
+{
+    int64_t value, shift;
+    Py_ssize_t pair;
+    Element element;
+    if (read_int64(data, length, at, &value)) {
+        if (first && value < 0) {
+            return 0;
+        }
+        *item = PyLong_FromLongLong(value);
+        return *item == NULL ? -1 : 1;
+    }
+    if (first || !read_array_header(data, length, at, &pair) || pair != 2) {
+        return 0;
+    }
+    PyObject *mantissa;
+    if (read_int64(data, length, at, &value)) {
+        mantissa = PyLong_FromLongLong(value);
+    }
+    else if (read_element(data, length, at, 1, &element)) {
+        Py_ssize_t size = element.size - (element.payload - element.at);
+        if (size > SUMMARY_BITS / 8) {
+            return 0;
+        }
+        mantissa = _PyLong_FromByteArray(data + element.payload, (size_t)size, 0, 1);
+    }
+    else {
+        return 0;
+    }
+    if (mantissa == NULL) {
+        return -1;
+    }
+    int64_t bits = (int64_t)_PyLong_NumBits(mantissa);
+    if (!read_int64(data, length, at, &shift) || shift < 0 || shift > SUMMARY_BITS || bits < 0 ||
+        bits > SUMMARY_BITS - shift) { /* no bits + shift: a damaged shift near 2**63 overflows it */
+        Py_DECREF(mantissa);
+        return 0;
+    }
+    PyObject *amount = PyLong_FromLongLong(shift);
+    *item = amount == NULL ? NULL : PyNumber_Lshift(mantissa, amount);
+    Py_XDECREF(amount);
+    Py_DECREF(mantissa);
+    return *item == NULL ? -1 : 1;
+}
+
+/* A packed summary at data[*at] (see _node.pack_summary) as a new list of ints, its first item (the
+   count) a plain int in [0, 2**63); NULL with no error set for anything else, NULL with an error set
+   on failure. */
 static PyObject *
 read_summary(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at)
 {
@@ -5500,56 +5549,14 @@ read_summary(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at)
         return NULL;
     }
     for (Py_ssize_t index = 0; index < count; index++) {
-        int64_t value, shift;
-        Py_ssize_t pair;
-        PyObject *item = NULL;
-        if (read_int64(data, length, at, &value)) {
-            if (index == 0 && value < 0) {
-                break;
-            }
-            item = PyLong_FromLongLong(value);
-        }
-        else if (index > 0 && read_array_header(data, length, at, &pair) && pair == 2) {
-            PyObject *mantissa = NULL;
-            Element element;
-            if (read_int64(data, length, at, &value)) {
-                mantissa = PyLong_FromLongLong(value);
-            }
-            else if (read_element(data, length, at, 1, &element) && element.size - (element.payload - element.at) <= SUMMARY_BITS / 8) {
-                mantissa = _PyLong_FromByteArray(data + element.payload, (size_t)(element.size - (element.payload - element.at)), 0, 1);
-            }
-            else {
-                break;
-            }
-            if (mantissa == NULL) {
-                Py_DECREF(summary);
-                return NULL;
-            }
-            int64_t bits = (int64_t)_PyLong_NumBits(mantissa);
-            if (!read_int64(data, length, at, &shift) || shift < 0 || shift > SUMMARY_BITS || bits < 0 ||
-                bits > SUMMARY_BITS - shift) {
-                Py_DECREF(mantissa);
-                break;
-            }
-            PyObject *amount = PyLong_FromLongLong(shift);
-            item = amount == NULL ? NULL : PyNumber_Lshift(mantissa, amount);
-            Py_XDECREF(amount);
-            Py_DECREF(mantissa);
-        }
-        else {
-            break;
-        }
-        if (item == NULL) {
-            Py_DECREF(summary);
+        PyObject *item;
+        if (read_summary_value(data, length, at, index == 0, &item) <= 0) {
+            Py_DECREF(summary); /* the items not set are NULL, which a list's dealloc skips */
             return NULL;
         }
         PyList_SET_ITEM(summary, index, item);
-        if (index == count - 1) {
-            return summary;
-        }
     }
-    Py_DECREF(summary); /* the items not set are NULL, which a list's dealloc skips */
-    return NULL;
+    return summary;
 }
 
 /* unpack_root(data) -> (node_id, height, summary, pending, pending_summary) | None: a root record's
@@ -5582,7 +5589,8 @@ unpack_root(PyObject *Py_UNUSED(module), PyObject *data)
         Element element;
         Py_ssize_t here = at;
         if (read_element(bytes, length, &at, 1, &element)) {
-            pending = PyBytes_FromStringAndSize((const char *)bytes + element.payload, element.size - (element.payload - element.at));
+            Py_ssize_t size = element.size - (element.payload - element.at);
+            pending = PyBytes_FromStringAndSize((const char *)bytes + element.payload, size);
         }
         else if ((at = here, read_int64(bytes, length, &at, &id))) {
             pending = PyLong_FromLongLong(id);
