@@ -24,7 +24,7 @@ from tallytree._btree import Root
 from tallytree._keys import encode_id, encode_key
 from tallytree._node import Node, decode_node, encode_node, pack_summary
 from tallytree._store import NODES, ROOTS, Op, _MemoryTxn
-from tallytree._tree import pending_capacity
+from tallytree._tree import Tree, pending_capacity
 from tallytree._txn import decode_root, encode_root, node_key
 from tallytree.errors import CorruptDatabaseError, DuplicateItemError
 
@@ -186,6 +186,59 @@ def test_one_insert_per_commit_writes_the_root_record_alone(
     for ops in written:  # the record holds the pending entries: no node is written or deleted
         assert [op[0] for op in ops] == [ROOTS]
     assert root_of(db, events).node_id == root.node_id  # type: ignore[union-attr]
+
+
+def test_new_events_join_the_pending_node_without_loading_the_tree(
+    db: tallytree.Database, events: tallytree.Aggregate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = {(key, "s"): (0.5, key) for key in range(30)}
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    with db.write() as tx:  # the first pending entry: the tree makes the pending node
+        events.insert(tx, 100, "p", (0.25, 100))
+    rows[(100, "p")] = (0.25, 100)
+    loaded: list[bytes] = []
+    insert = Tree.insert
+
+    def counting(self: Tree, entry: bytes, values: tuple[Any, ...]) -> bool:
+        loaded.append(entry)
+        return insert(self, entry, values)
+
+    monkeypatch.setattr(Tree, "insert", counting)
+    committed = root_of(db, events)
+    assert committed is not None
+    with db.read() as tx:
+        held = committed.pending_of(tx)
+    assert held is not None and not held.dirty
+    old = snapshot(db)
+    with db.read() as before, db.write() as tx:  # appends, twice to a node this transaction copied
+        for key in (101, 102, 103):
+            events.insert(tx, key, "p", (0.25, key))
+            rows[(key, "p")] = (0.25, key)
+        assert events.count(tx, ge=100) == 4 and events.at(tx, -1, ge=100).key == 103
+        assert snapshot(db, before) == old  # an older snapshot still sees its pending entries
+    assert loaded == []
+    assert list(held.keys) == [encode_key(100) + encode_id("p")]  # the committed node was copied
+    assert_reads_match(db, events, rows)
+    with db.write() as tx, pytest.raises(DuplicateItemError):  # the last entry again: the tree refuses it
+        events.insert(tx, 103, "p", (1.0, 1))
+    assert loaded == [encode_key(103) + encode_id("p")]
+    with pytest.raises(RuntimeError), db.write() as tx:  # an aborted append changes nothing
+        events.insert(tx, 104, "p", (0.25, 104))
+        raise RuntimeError
+    with db.write() as tx:  # before the last pending entry: the tree places it (here: pending)
+        events.insert(tx, 102, "q", (0.25, 102))
+    rows[(102, "q")] = (0.25, 102)
+    assert loaded[-1] == encode_key(102) + encode_id("q")
+    assert_reads_match(db, events, rows)
+    capacity = pending_capacity(events.node_size)
+    for key in range(200, 200 + capacity):  # appends until the node fills: the tree merges it
+        with db.write() as tx:
+            events.insert(tx, key, "p", (0.25, key))
+        rows[(key, "p")] = (0.25, key)
+    root = root_of(db, events)
+    assert root is not None and root.node_id != committed.node_id
+    assert_reads_match(db, events, rows)
 
 
 def test_appends_scattered_inserts_and_deletes_interleaved(

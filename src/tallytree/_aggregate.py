@@ -43,7 +43,7 @@ from ._gc import gc_paused
 from ._keys import decode_entry, decode_key, encode_body, encode_id, encode_key, encode_prefix
 from ._node import sum_value
 from ._store import ROOTS
-from ._tree import Tree
+from ._tree import Tree, appended, pending_capacity
 from ._txn import Transaction, WriteTransaction, decode_root
 from .errors import (
     ArgumentTypeError,
@@ -922,6 +922,11 @@ class Aggregate:
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
         checked = self._values(values)
+        tree_key = self._tree_key(namespace)
+        root = appended(wtx, wtx.root(tree_key), pending_capacity(self.node_size), entry, checked)
+        if root is not None:  # a new event: onto the pending node, without loading the tree
+            wtx.set_root(tree_key, root)
+            return
         tree, tree_key = self._tree(wtx, namespace)
         if not tree.insert(entry, checked):
             raise DuplicateItemError(

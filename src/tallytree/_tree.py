@@ -28,6 +28,10 @@ of 10^6 items: 51-56 us against 72-76 us per commit (three runs each), of which 
 from 17-18 us (a node put, a node delete, the root record and the node id counter) to 10-12 us (the
 root record alone); 0.76x in an in-process A/B of 21 alternating rounds.
 
+The insert of a new event does not even load the tree: :func:`appended` builds the next root record
+from the current one, the entry added to a copy of its pending node (the tree is loaded when the entry
+is not after every pending entry, or fills the node). That took a commit from 53 to 45 us.
+
 An insert that falls inside the nodes' range goes straight into its leaf, as before: such scattered
 entries would land in as many leaves when merged, which costs what inserting them one by one costs
 (measured: no gain in commits per second), so they skip the pending node.
@@ -58,7 +62,7 @@ from ._btree import Cut, Existing, NodeAccess, NodeTree, Root, _finder, same_val
 from ._node import Node, delta_of
 from .errors import CorruptDatabaseError
 
-__all__ = ["Tree", "pending_capacity"]
+__all__ = ["Tree", "appended", "pending_capacity"]
 
 _PENDING_MAX = 64
 """The most entries a pending node holds: each insert rewrites it, so it stays small (64 was measured
@@ -402,6 +406,52 @@ class Tree:
             self.access.free(pending.id)
         self.pending = self.pending_summary = None
         return True
+
+
+def appended(
+    access: NodeAccess, root: Root | None, capacity: int, entry: bytes, values: tuple[Any, ...]
+) -> Root | None:
+    """The root record with ``entry`` appended to its pending node, or None when the insert needs
+    the whole tree (:meth:`Tree.insert`): no pending node yet, a format 2 one, ``entry`` not after
+    every pending entry (a duplicate, or one that may fall among the nodes' entries), or a pending
+    node that the entry would fill (time to merge). O(B) for the copy of the pending node (none when
+    this transaction already copied it), O(1) otherwise.
+
+    The commonest write, one new event per committed transaction, costs the record rewrite alone:
+    loading a Tree, then building and comparing its record, took 8 us of the 53 us of such a commit
+    (measured 45 us with this path, 10^6 items, in-process A/B).
+
+    >>> from tallytree._btree import Root
+    >>> from tallytree._node import Node, delta_of
+    >>> node = Node(0, True, [b"a"], [[5]], dirty=True)
+    >>> node.pending = True
+    >>> root = Root(0, 0, delta_of((5,)), 0, delta_of((5,)), None, node)
+    >>> new = appended(None, root, 64, b"b", (7,))
+    >>> new.pending_node.keys, new.summary[0], new.pending_summary[0]
+    ([b'a', b'b'], 2, 2)
+    >>> appended(None, root, 64, b"a", (1,)) is None  # not after the last pending entry: the tree decides
+    True
+    """
+    if root is None or root.pending_summary is None or root.pending:
+        return None
+    pending = root.pending_of(access)
+    if pending is None or len(pending.keys) + 1 >= capacity or entry <= pending.keys[-1]:
+        return None
+    node = pending if pending.dirty else pending.copy(0)  # a dirty one is this transaction's own
+    node.keys.append(entry)
+    for col, value in zip(node.cols, values, strict=True):
+        col.append(value)
+    delta = delta_of(values)
+    nodes = root.nodes_root() if root.node_id else None
+    return Root(
+        root.node_id,
+        root.height,
+        vadd(root.summary, delta),
+        0,
+        vadd(root.pending_summary, delta),
+        nodes,
+        node,
+    )
 
 
 def _span(pending: Node, start: int, stop: int) -> list[int]:
