@@ -233,9 +233,42 @@ def test_float_sum_leaves_what_it_does_not_handle_to_python(values: list[Any]) -
     assert speedups.float_sum(values) is None
 
 
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False)
+        ),
+        max_size=6,
+    )
+)
+def test_delta_of_scales_each_value_exactly(values: list[int | float]) -> None:
+    assert speedups is not None
+    expected = [1, *map(scaled, values), *[int(type(value) is float) for value in values]]
+    assert strict(speedups.delta_of(values)) == strict(expected)
+    assert strict(speedups.delta_of(tuple(values))) == strict(expected)
+
+
+def test_delta_of_holds_the_extremes() -> None:
+    assert speedups is not None
+    largest, smallest = 1.7976931348623157e308, 5e-324
+    for value in (0.0, -0.0, smallest, -smallest, 2.2250738585072014e-308, 2.225073858507201e-308, largest):
+        assert speedups.delta_of((value, -value)) == [1, scaled(value), scaled(-value), 1, 1], value
+    assert speedups.delta_of((smallest,))[1] == 1  # type: ignore[index]  # the unit itself
+    assert speedups.delta_of((-(2**300), 0)) == [1, -(2**300) << 1074, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "values", [(True,), (1.0, math.inf), (-math.inf,), (math.nan, 1), ("1",), (1, None)], ids=repr
+)
+def test_delta_of_leaves_what_it_does_not_handle_to_python(values: tuple[Any, ...]) -> None:
+    assert speedups is not None
+    assert speedups.delta_of(values) is None
+
+
 def test_a_non_sequence_raises_type_error() -> None:
     assert speedups is not None
-    for kernel in (speedups.int_keys, speedups.datetime_keys, speedups.float_sum):
+    for kernel in (speedups.int_keys, speedups.datetime_keys, speedups.float_sum, speedups.delta_of):
         with pytest.raises(TypeError):
             kernel(5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):

@@ -139,7 +139,18 @@ def scaled(value: int | float) -> int:
 
 
 def delta_of(values: tuple[int | float, ...] | list[int | float]) -> list[int]:
-    """Return the summary of one item with these values: ``[1, S..., F...]``."""
+    """Return the summary of one item with these values: ``[1, S..., F...]``. O(fields).
+
+    The C kernel ``delta_of`` gives the same list (in 0.3 us for two fields, where this code takes
+    1.3; every write of one item makes one).
+
+    >>> delta_of((0.5, 3)) == [1, 1 << 1073, 3 << 1074, 1, 0]
+    True
+    """
+    if speedups is not None:
+        delta = speedups.delta_of(values)
+        if delta is not None:
+            return delta
     return [1, *map(scaled, values), *[int(type(value) is float) for value in values]]
 
 

@@ -52,6 +52,8 @@ the Python code and gives the same answers):
   sum as ``_node.sum_value`` would, rounded once from the accumulator (round half to even);
 * ``float_sum(values)``: the exact sum of finite floats as an int in units of ``2**-1074``
   (``_node.scaled``), accumulated in fixed point with no rounding at all;
+* ``delta_of(values)``: the summary of one item, ``_node.delta_of`` (each value in those units, and
+  which values are floats), the change every write of one item adds along its path;
 * ``settle(plus, minus, spans, fields)``: the end of the Python code's range sum
   (``_btree.Tree._settle``, when ``range_totals`` leaves a read to it): its summary rows added and
   subtracted, and its leaf spans
@@ -2726,6 +2728,79 @@ float_sum(PyObject *Py_UNUSED(module), PyObject *values)
     }
     Py_DECREF(seq);
     return accumulated(&acc);
+}
+
+/* One value in units of 2**-1074, as _node.scaled gives it: an exact int shifted left by 1074, a
+   finite double as its exact multiple of the smallest subnormal. NULL with no error set when the value
+   is neither (a bool, an infinity, NaN, any other type). */
+static PyObject *
+scaled_value(PyObject *item)
+{
+    PyObject *mantissa;
+    long shift;
+    if (PyLong_CheckExact(item)) {
+        mantissa = Py_NewRef(item);
+        shift = INT_SHIFT;
+    }
+    else if (PyFloat_CheckExact(item) && isfinite(PyFloat_AS_DOUBLE(item))) {
+        int exponent;
+        double fraction = frexp(PyFloat_AS_DOUBLE(item), &exponent); /* value = fraction * 2**exponent */
+        long long whole = (long long)ldexp(fraction, 53);             /* exact: |whole| < 2**53 */
+        shift = (long)exponent - 53 + INT_SHIFT;
+        if (shift < 0) { /* a subnormal: whole is a multiple of 2**-shift (its low bits are zero) */
+            unsigned long long magnitude = whole < 0 ? 0ULL - (unsigned long long)whole : (unsigned long long)whole;
+            magnitude >>= -shift;
+            whole = whole < 0 ? -(long long)magnitude : (long long)magnitude;
+            shift = 0;
+        }
+        mantissa = PyLong_FromLongLong(whole);
+    }
+    else {
+        return NULL;
+    }
+    if (mantissa == NULL) {
+        return NULL;
+    }
+    PyObject *count = PyLong_FromLong(shift);
+    PyObject *value = count == NULL ? NULL : PyNumber_Lshift(mantissa, count);
+    Py_XDECREF(count);
+    Py_DECREF(mantissa);
+    return value;
+}
+
+/* delta_of(values) -> list | None: the summary of one item, [1, each value in units of 2**-1074,
+   1 for each float value else 0] (see _node.delta_of); None when a value is not an exact int or a
+   finite float. */
+static PyObject *
+delta_of(PyObject *Py_UNUSED(module), PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "delta_of() needs a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *delta = PyList_New(1 + 2 * count);
+    if (delta == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    PyList_SET_ITEM(delta, 0, PyLong_FromLong(1));
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *value = scaled_value(items[index]);
+        if (value == NULL) {
+            Py_DECREF(seq);
+            Py_DECREF(delta);
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        PyList_SET_ITEM(delta, 1 + index, value);
+        PyList_SET_ITEM(delta, 1 + count + index, PyLong_FromLong(PyFloat_CheckExact(items[index])));
+    }
+    Py_DECREF(seq);
+    return delta;
 }
 
 /* A span: a tuple (leaf, start, stop, positive, ...) whose leaf has ``cols``, a tuple or list of
@@ -6223,6 +6298,8 @@ static PyMethodDef methods[] = {
      "when the image holds the leaf whole."},
     {"leaf_lists", leaf_lists, METH_O,
      "leaf_lists(image) -> (keys, cols) | None: a compact leaf's keys and columns, from its image."},
+    {"delta_of", delta_of, METH_O,
+     "delta_of(values) -> list | None: the summary of one item with these values (see _node.delta_of)."},
     {"float_sum", float_sum, METH_O,
      "float_sum(values) -> int | None: the exact sum of finite floats, in units of 2**-1074."},
     {NULL, NULL, 0, NULL},
