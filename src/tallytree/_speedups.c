@@ -5444,43 +5444,45 @@ summary_value(PyObject *item, SummaryValue *packed)
     return size + bin_header_size(packed->length) + packed->length;
 }
 
-/* Measure (out == NULL) or write a packed summary; -1 with an error set, 0 if left to Python. */
+/* Measure a summary (a list), each value's packed form kept in values[0:len(summary)]: its packed
+   size; 0 if left to Python (not a list, or a value summary_value leaves), -1 with an error set. */
 static Py_ssize_t
-put_summary(PyObject *summary, char **out)
+measure_summary(PyObject *summary, SummaryValue *values)
 {
-    if (!PyList_CheckExact(summary)) {
-        return 0;
-    }
     Py_ssize_t count = PyList_GET_SIZE(summary), total = array_header_size(count);
-    if (out != NULL) {
-        *out = put_array_header(*out, count);
-    }
-    SummaryValue packed;
     for (Py_ssize_t index = 0; index < count; index++) {
-        Py_ssize_t size = summary_value(PyList_GET_ITEM(summary, index), &packed);
+        Py_ssize_t size = summary_value(PyList_GET_ITEM(summary, index), &values[index]);
         if (size <= 0) {
             return size;
         }
         total += size;
-        if (out == NULL) {
-            continue;
-        }
-        if (packed.shift < 0) {
-            *out = put_int(*out, packed.mantissa);
-            continue;
-        }
-        *out = put_array_header(*out, 2);
-        if (packed.length > 0) {
-            *out = put_bin_header(*out, packed.length);
-            memcpy(*out, packed.bytes, (size_t)packed.length);
-            *out += packed.length;
-        }
-        else {
-            *out = put_int(*out, packed.mantissa);
-        }
-        *out = put_int(*out, packed.shift);
     }
     return total;
+}
+
+/* Write the `count` values measure_summary kept, as an array; returns the end of what it wrote. */
+static char *
+write_summary(char *out, const SummaryValue *values, Py_ssize_t count)
+{
+    out = put_array_header(out, count);
+    for (Py_ssize_t index = 0; index < count; index++) {
+        const SummaryValue *packed = &values[index];
+        if (packed->shift < 0) {
+            out = put_int(out, packed->mantissa);
+            continue;
+        }
+        out = put_array_header(out, 2);
+        if (packed->length > 0) {
+            out = put_bin_header(out, packed->length);
+            memcpy(out, packed->bytes, (size_t)packed->length);
+            out += packed->length;
+        }
+        else {
+            out = put_int(out, packed->mantissa);
+        }
+        out = put_int(out, packed->shift);
+    }
+    return out;
 }
 
 /* pack_root(node_id, height, summary, pending, pending_summary) -> bytes | None: a root record as
@@ -5512,9 +5514,20 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         }
     }
     int pending = held != NULL ? held_size > 0 : ids[2] != 0;
-    Py_ssize_t first = put_summary(args[2], NULL);
-    Py_ssize_t second = pending ? put_summary(args[4], NULL) : 1;
+    if (!PyList_CheckExact(args[2]) || (pending && !PyList_CheckExact(args[4]))) {
+        Py_RETURN_NONE;
+    }
+    /* each value measured once, its packed form kept for the write (the big sums' conversions
+       are most of the work) */
+    Py_ssize_t counts[2] = {PyList_GET_SIZE(args[2]), pending ? PyList_GET_SIZE(args[4]) : 0};
+    SummaryValue *values = PyMem_Malloc((size_t)(counts[0] + counts[1] + 1) * sizeof(SummaryValue));
+    if (values == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t first = measure_summary(args[2], values);
+    Py_ssize_t second = pending && first > 0 ? measure_summary(args[4], values + counts[0]) : 1;
     if (first <= 0 || second <= 0) {
+        PyMem_Free(values);
         if (first < 0 || second < 0) {
             return NULL;
         }
@@ -5524,12 +5537,13 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t total = 1 + int_size(ids[0]) + int_size(ids[1]) + first + (pending ? reference + second : 0);
     PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
     if (packed == NULL) {
+        PyMem_Free(values);
         return NULL;
     }
     char *out = put_array_header(PyBytes_AS_STRING(packed), pending ? 5 : 3);
     out = put_int(out, ids[0]);
     out = put_int(out, ids[1]);
-    put_summary(args[2], &out);
+    out = write_summary(out, values, counts[0]);
     if (pending) {
         if (held != NULL) {
             out = put_bin_header(out, held_size);
@@ -5539,8 +5553,9 @@ pack_root(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         else {
             out = put_int(out, ids[2]);
         }
-        put_summary(args[4], &out);
+        out = write_summary(out, values + counts[0], counts[1]);
     }
+    PyMem_Free(values);
     assert(out == PyBytes_AS_STRING(packed) + total);
     return packed;
 }
