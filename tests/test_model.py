@@ -6,7 +6,9 @@ own small comparator (:func:`key_order`), never with tallytree's encoder, and su
 arithmetic. After every step the invariant checker must report nothing and the whole database must
 equal the model.
 
-Node sizes are drawn from 4..9, so a few dozen items exercise every split, merge and borrow.
+Node sizes are drawn from 4..9, so a few dozen items exercise every split, merge and borrow. The
+pending nodes (capacity 4..9 too) fill and merge as often; the ``append`` rule writes new events (after
+every item of a namespace), the inserts that join a pending node without loading their tree.
 """
 
 from __future__ import annotations
@@ -443,8 +445,27 @@ class AggregateMachine(RuleBasedStateMachine):
             return row.key, row.id
         return data.draw(keys), data.draw(ids)
 
+    def _after_last(self, data: st.DataObject, namespace: Any) -> tuple[Any, Any]:
+        """A (key, id) after every item of the namespace, as new events come (they join the tree's
+        pending node without loading the tree, ``_tree.appended``): the last item's key with a
+        greater id. Any (key, id) for an empty namespace."""
+        rows = self.model.rows(namespace)
+        if not rows:
+            return data.draw(keys), data.draw(ids)
+        last = rows[-1]
+        if isinstance(last.id, int):
+            return last.key, last.id + data.draw(st.integers(1, 3))
+        return last.key, last.id + ("a" if isinstance(last.id, str) else b"\x00")
+
     def _draw_op(self, data: st.DataObject, kind: str) -> tuple[str, dict[str, Any]]:
         namespace = data.draw(namespaces)
+        if kind == "append":  # a new event: after every item of the namespace (see _after_last)
+            key, item_id = self._after_last(data, namespace)
+            values, argument = data.draw(values_argument())
+            return "insert", {
+                "namespace": namespace, "key": key, "id": item_id,
+                "values": values, "argument": argument,
+            }  # fmt: skip
         if kind in ("insert", "upsert"):
             if kind == "insert":
                 key, item_id = data.draw(keys), data.draw(ids)
@@ -555,6 +576,10 @@ class AggregateMachine(RuleBasedStateMachine):
         self._one_write(data, "insert")
 
     @rule(data=st.data())
+    def append(self, data: st.DataObject) -> None:
+        self._one_write(data, "append")
+
+    @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
         self._one_write(data, "delete")
 
@@ -602,8 +627,8 @@ class AggregateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), commit=st.booleans())
     def several_writes_in_one_transaction(self, data: st.DataObject, commit: bool) -> None:
         """Writes see each other inside the transaction; all commit together, or none on abort."""
-        kinds = ["insert", "insert", "upsert", "delete", "discard", "replace", "insert_many",
-                 "delete_range", "clear"]  # fmt: skip
+        kinds = ["insert", "insert", "append", "append", "upsert", "delete", "discard", "replace",
+                 "insert_many", "delete_range", "clear"]  # fmt: skip
         ops = [
             self._draw_op(data, data.draw(st.sampled_from(kinds)))
             for _ in range(data.draw(st.integers(1, 6)))
