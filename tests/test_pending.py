@@ -1,10 +1,11 @@
 """The pending node of each tree (``_tree``): inserts kept aside in one small node, merged in runs.
 
 The state machine of ``test_model`` runs every operation over trees with pending entries (its node
-sizes give capacities of 2 to 4). These tests pin what it cannot see: that a single insert rewrites
-one node instead of a path, that ranks stay exact through deletes and range deletes, that reads mix
-pending and stored entries in order, that a conflicting batch changes nothing, and that the checker
-and the decoders catch damaged pending records.
+sizes give capacities of 4 to 9, and its ``append`` rule writes new events). These tests pin what it
+cannot see: that a single insert rewrites one node instead of a path, that a new event does not load
+its tree, that ranks stay exact through deletes and range deletes, that reads mix pending and stored
+entries in order, that a conflicting batch changes nothing, and that the checker and the decoders
+catch damaged pending records.
 """
 
 from __future__ import annotations
