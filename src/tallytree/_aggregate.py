@@ -923,11 +923,12 @@ class Aggregate:
         entry = encode_key(key) + encode_id(id)
         checked = self._values(values)
         tree_key = self._tree_key(namespace)
-        root = appended(wtx, wtx.root(tree_key), pending_capacity(self.node_size), entry, checked)
+        current = wtx.root(tree_key)
+        root = appended(wtx, current, pending_capacity(self.node_size), entry, checked)
         if root is not None:  # a new event: onto the pending node, without loading the tree
             wtx.set_root(tree_key, root)
             return
-        tree, tree_key = self._tree(wtx, namespace)
+        tree = Tree(wtx, len(self.fields), self.node_size, current)  # the record already read
         if not tree.insert(entry, checked):
             raise DuplicateItemError(
                 f"{self.name}: item (key={key!r}, id={id!r}) already exists in namespace "
