@@ -134,12 +134,16 @@ def test_a_write_that_leaves_the_pending_entries_alone_writes_their_bytes_as_the
         with db.write() as tx:
             events.insert(tx, key, "q", (1.0, 2))
     assert encoded and not any(encoded)
-    with db.write() as tx:
+    with db.write() as tx:  # changed: appended to the stored bytes in C, or encoded again
         events.insert(tx, 101, "p", (0.25, 1))
-    assert encoded[-1]  # changed: encoded again
     with db.read() as tx:
+        data = tx.kv.get(ROOTS, events._tree_key(None))
         assert tallytree.check(tx) == []
         assert events.count(tx, ge=100) == 2 and events.count(tx) == 44
+    assert data is not None
+    held = decode_root(data).packed_pending
+    assert held is not None and held == encode_node(decode_node(held, 0))  # what encode_node writes
+    assert decode_node(held, 0).keys[-1] == encode_key(101) + encode_id("p")
 
 
 def test_a_full_pending_node_is_merged_into_the_leaves(

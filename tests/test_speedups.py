@@ -2383,3 +2383,129 @@ def test_unpack_root_leaves_what_it_does_not_read_to_python() -> None:
     assert speedups.unpack_root(msgpack.packb([1, 1, [3, 1]]) + b"\x00") is None  # bytes after it
     with pytest.raises(TypeError):
         speedups.unpack_root(bytearray(b"\x93"))  # type: ignore[arg-type]
+
+
+BIG_NEGATIVE = st.integers(-(2**70), -(2**63) - 1)
+
+
+def _pending_bytes(keys: list[bytes], cols: list[list[Any]]) -> bytes:
+    node = Node(0, True, list(keys), [list(col) for col in cols], dirty=True)
+    node.pending = True
+    return encode_node(node)
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=70, unique=True),
+    st.lists(st.sampled_from(sorted(LEAF_COLUMNS)), max_size=3),
+    st.binary(min_size=1, max_size=300),
+    st.integers(0, 80),
+    st.data(),
+)
+def test_append_pending_writes_what_encode_node_writes_for_the_appended_node(
+    keys: list[bytes], kinds: list[str], entry: bytes, capacity: int, data: st.DataObject
+) -> None:
+    """append_pending(stored, entry, values, capacity) is byte for byte ``encode_node`` of the pending
+    node with the entry and its values appended, when the entry sorts after every stored one, the node
+    then holds fewer than ``capacity`` entries and each value is one msgpack packs (an int from
+    -2**63 to 2**64 - 1, a float); None exactly otherwise, for the Python code to decide."""
+    assert speedups is not None
+    keys.sort()
+    cols = [data.draw(st.lists(LEAF_COLUMNS[kind], min_size=len(keys), max_size=len(keys))) for kind in kinds]
+    values = tuple(data.draw(LEAF_COLUMNS[kind] | st.integers(2**64, 2**70) | BIG_NEGATIVE) for kind in kinds)
+    stored = _pending_bytes(keys, cols)
+    appended = speedups.append_pending(stored, entry, values, capacity)
+    packable = all(type(value) is float or -(2**63) <= value < 2**64 for value in values)
+    if entry <= keys[-1] or len(keys) + 1 >= capacity or not packable:
+        assert appended is None
+        return
+    assert appended == _pending_bytes(
+        [*keys, entry], [[*col, value] for col, value in zip(cols, values, strict=True)]
+    )
+
+
+def test_append_pending_leaves_what_it_does_not_read_to_python() -> None:
+    """None for bytes that are not a whole pending node of as many fields as values are given: a leaf,
+    an internal node, bytes cut short or extended, a column of another length, keys or values of
+    another type; a TypeError for arguments of the wrong types."""
+    assert speedups is not None
+    keys = [encode_key(key) + encode_id(key) for key in range(5)]
+    stored = _pending_bytes(keys, [[1.5] * 5, list(range(5))])
+    entry, values = encode_key(9) + encode_id(9), (2.5, 7)
+    assert speedups.append_pending(stored, entry, values, 64) is not None
+    refused = [
+        encode_node(Node(9, True, keys, [[1.5] * 5, list(range(5))], dirty=True)),  # a leaf
+        encode_node(Node(9, False, keys, [[1] * 5], list(range(10, 15)), [0], dirty=True)),
+        stored[:-1],
+        stored + b"\x00",
+        msgpack.packb([4, keys, [1.5] * 5, list(range(4))]),  # a column one short
+        msgpack.packb([4, keys, [1.5] * 5]),  # one field where two values are given
+        msgpack.packb([4, keys, [1.5] * 5, [None] * 5]),
+        msgpack.packb([4, [key.decode("latin-1") for key in keys], [1.5] * 5, list(range(5))]),
+        msgpack.packb([4, [], [], []]),
+        msgpack.packb({"a": 1}),
+        b"",
+    ]
+    assert [speedups.append_pending(data, entry, values, 64) for data in refused] == [None] * len(refused)
+    assert speedups.append_pending(stored, entry, (2.5,), 64) is None  # one value for two fields
+    assert speedups.append_pending(stored, entry, (2.5, b"7"), 64) is None  # not a number
+    assert speedups.append_pending(stored, b"\xff" * 70000, values, 64) is None  # beyond any key
+    for arguments in (
+        (bytearray(stored), entry, values, 64),
+        (stored, bytearray(entry), values, 64),
+        (stored, entry, list(values), 64),
+        (stored, entry, values, 64.0),
+        (stored, entry, values),
+    ):
+        with pytest.raises(TypeError):
+            speedups.append_pending(*arguments)  # type: ignore[arg-type]
+
+
+def test_leaf_image_reads_a_pending_node_when_asked_for_its_kind() -> None:
+    """leaf_image(data, 4) gives a pending node's image, the image of a leaf of the same entries and
+    values; each kind refuses the other's bytes, and any other kind is a ValueError."""
+    assert speedups is not None
+    keys = [encode_key(key) + encode_id(key) for key in range(7)]
+    cols = [[0.5 * key for key in range(7)], list(range(7))]
+    pending = _pending_bytes(keys, cols)
+    leaf = encode_node(Node(9, True, keys, cols, dirty=True))
+    assert speedups.leaf_image(pending, 4) == speedups.leaf_image(leaf, 1) == speedups.leaf_image(leaf)
+    assert speedups.leaf_image(pending) is None and speedups.leaf_image(leaf, 4) is None
+    for kind in (0, 2, 3, 5, -1, 2**70):
+        with pytest.raises((ValueError, OverflowError)):
+            speedups.leaf_image(pending, kind)
+    with pytest.raises(TypeError):
+        speedups.leaf_image(pending, 4.0)  # type: ignore[arg-type]
+
+
+def test_a_pending_node_read_from_its_record_is_compact_until_its_lists_are_read() -> None:
+    """decode_pending makes the node from its search image alone; its size, a bisection and the
+    totals of a window that takes every pending entry or none need no lists, and the lists made on
+    first use hold the stored entries and values."""
+    from tallytree._node import decode_pending
+    from tallytree._tree import Tree
+
+    assert speedups is not None
+    keys = [encode_key(key) + encode_id(key) for key in range(100, 110)]
+    cols = [[0.25] * 10, list(range(10))]
+    node = decode_pending(_pending_bytes(keys, cols))
+    assert node.pending and not node.dirty and node.size() == 10
+    with pytest.raises(AttributeError):
+        object.__getattribute__(node, "keys")  # not made yet
+    assert speedups.bisect(node, keys[4], False) == 4
+    db = tallytree.open_memory()
+    events = db.aggregate("events", values=("cost", "tokens"))
+    with db.write() as tx:
+        events.insert_many(tx, [(key, key, (1.0, 1)) for key in range(50)])
+    for key in range(100, 110):  # new events, each appended to the record's bytes by its commit
+        with db.write() as tx:
+            events.insert(tx, key, key, (0.25, key - 100))
+    with db.read() as tx:
+        tree = Tree.reader(tx, 2, events.node_size, tx.root(events._tree_key(None)))
+        assert tree.pending is not None and tree.pending.size() == 10
+        assert events.totals(tx, ge=20).count == 40 and events.totals(tx, lt=60).cost == 50.0
+        assert events.count(tx) == 60 and events.rank(tx, 105) == 55
+        with pytest.raises(AttributeError):
+            object.__getattribute__(tree.pending, "keys")
+        part = events.totals(tx, ge=103, lt=106)  # a part of the pending entries: summed from the lists
+        assert (part.count, part.cost, part.tokens) == (3, 0.75, 12)
+        assert list(tree.pending.keys) == keys and list(tree.pending.cols[1]) == list(range(10))

@@ -190,10 +190,10 @@ class Root:
             elif self.pending:
                 node = access.node(self.pending)
             counted = self.pending_summary[0] if self.pending_summary is not None else 0
-            if node is not None and counted != len(node.keys):
+            if node is not None and counted != node.size():
                 raise CorruptDatabaseError(
                     f"a root record counts {counted} pending entries, but its pending node holds "
-                    f"{len(node.keys)}; run `tallytree check`"
+                    f"{node.size()}; run `tallytree check`"
                 )
             if self.packed_pending is not None:
                 self.pending_node, self.packed_pending = node, None

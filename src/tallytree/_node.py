@@ -73,6 +73,7 @@ in the node cache, that is most of what a read costs.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
@@ -109,6 +110,7 @@ INTERNAL = 2
 INTERNAL_WIDE = 3
 PENDING = 4
 
+_IMAGE_COUNT = struct.Struct("=I")  # a search image starts with its entry count (see _speedups.c)
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 _LIMB_BITS = 63
@@ -385,7 +387,19 @@ class Node:
 
     def __repr__(self) -> str:
         kind = "leaf" if self.leaf else "internal"
-        return f"<Node {self.id} {kind} size={len(self.keys)}{' dirty' if self.dirty else ''}>"
+        return f"<Node {self.id} {kind} size={self.size()}{' dirty' if self.dirty else ''}>"
+
+    def size(self) -> int:
+        """How many entries (or children) the node holds, read from its search image when it has one,
+        so that a compact node's lists are not made for it. O(1).
+
+        >>> Node(0, True, [b"a", b"b"], [[1, 2]]).size()
+        2
+        """
+        blob = self._blob
+        if type(blob) is bytes:
+            return _IMAGE_COUNT.unpack_from(blob)[0]  # type: ignore[no-any-return]
+        return len(self.keys)
 
     def copy(self, node_id: int) -> Node:
         """Return a mutable (dirty) copy of this node under a new id. O(size)."""
@@ -805,7 +819,18 @@ def decode_node(data: bytes, node_id: int) -> Node:
 
 def decode_pending(data: bytes) -> Node:
     """Deserialize the pending node a root record holds (see ``_tree``); raise CorruptDatabaseError
-    unless it is one. Such a node has no id of its own (0). O(size)."""
+    unless it is one. Such a node has no id of its own (0). O(size).
+
+    With the C kernels it is decoded compact, as a leaf is (its search image alone, see
+    :meth:`Node.compact`): a new event's commit appends to the record's bytes without a node
+    (``_tree.appended``), so the first read after it decodes the new pending node, and a read of
+    totals needs only its searches and, for a window that takes every pending entry, the record's
+    pending totals. 1.3 us for 32 events, where a decode into tuples takes 7.3."""
+    if speedups is not None and type(data) is bytes and (compact := speedups.leaf_image(data, PENDING)):
+        node: Node = speedups.untrack(Node.compact(0, *compact))
+        node.pending = True
+        node._packed = data
+        return node
     try:
         node = decode_node(data, 0)
     except CorruptDatabaseError as exc:

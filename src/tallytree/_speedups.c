@@ -4656,6 +4656,109 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------ appending to a pending node */
+
+/* append_pending(packed, entry, values, capacity): the stored bytes of a pending node (``_node``
+   layout ``[4, [entry, ...], [value, ...] per field]``) with ``entry`` and its values appended, when
+   ``entry`` sorts after every stored entry and the node then holds fewer than ``capacity`` entries.
+   The stored keys and values are copied as they are and only the new ones packed, as pack_node packs
+   them, so the bytes are those ``encode_node`` writes for the appended node. A new event per
+   committed transaction costs this one call instead of a copy of the node's lists, the appends, the
+   node's packing and its freezing at commit (see ``_tree.appended``).
+
+   Returns None when the append is not for this kernel: an entry not after the last one, a full node,
+   a value pack_node leaves to Python, another layout or field count, or bytes it cannot parse (the
+   Python code then decodes the node, which says what is wrong). */
+#define APPEND_FIELDS 64 /* value fields this kernel appends to; more are left to Python */
+
+static PyObject *
+append_pending(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[1]) ||
+        !PyTuple_CheckExact(args[2]) || !PyLong_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "append_pending(packed: bytes, entry: bytes, values: tuple, capacity: int)");
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t length = PyBytes_GET_SIZE(args[0]);
+    PyObject *entry = args[1], *values = args[2];
+    Py_ssize_t fields = PyTuple_GET_SIZE(values);
+    Py_ssize_t capacity = PyLong_AsSsize_t(args[3]);
+    if (capacity == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t at = 0, parts, count, column;
+    if (fields > APPEND_FIELDS || PyBytes_GET_SIZE(args[1]) > 0xFFFF ||
+        !read_array_header(data, length, &at, &parts) || parts != fields + 2 || at >= length ||
+        data[at] != 4) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t kind_end = ++at; /* the outer header and the kind are copied as they are */
+    if (!read_array_header(data, length, &at, &count) || count < 1 || count + 1 >= capacity) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t keys_start = at;
+    Element last = {0, 0, 0};
+    for (Py_ssize_t index = 0; index < count; index++) {
+        if (!read_element(data, length, &at, 1, &last)) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (compare_bytes((const char *)data + last.payload, last.size - (last.payload - last.at),
+                      PyBytes_AS_STRING(entry), PyBytes_GET_SIZE(entry)) >= 0) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t keys_end = at;
+    Py_ssize_t starts[APPEND_FIELDS], ends[APPEND_FIELDS];
+    Py_ssize_t added = bin_header_size(PyBytes_GET_SIZE(entry)) + PyBytes_GET_SIZE(entry);
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        if (!read_array_header(data, length, &at, &column) || column != count) {
+            Py_RETURN_NONE;
+        }
+        starts[field] = at;
+        Element element;
+        for (Py_ssize_t index = 0; index < count; index++) {
+            if (!read_element(data, length, &at, 0, &element)) {
+                Py_RETURN_NONE;
+            }
+        }
+        ends[field] = at;
+        long long value;
+        unsigned long long big;
+        int is_unsigned;
+        Py_ssize_t size = scalar_size(PyTuple_GET_ITEM(values, field), &value, &big, &is_unsigned);
+        if (size <= 0 || PyBytes_CheckExact(PyTuple_GET_ITEM(values, field))) {
+            if (size < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        added += size;
+    }
+    if (at != length) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t grow = array_header_size(count + 1) - array_header_size(count);
+    Py_ssize_t total = length + added + (1 + fields) * grow;
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, total);
+    if (packed == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(packed);
+    memcpy(out, data, (size_t)kind_end);
+    out = put_array_header(out + kind_end, count + 1);
+    memcpy(out, data + keys_start, (size_t)(keys_end - keys_start));
+    out = put_scalar(out + (keys_end - keys_start), entry);
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        out = put_array_header(out, count + 1);
+        memcpy(out, data + starts[field], (size_t)(ends[field] - starts[field]));
+        out = put_scalar(out + (ends[field] - starts[field]), PyTuple_GET_ITEM(values, field));
+    }
+    assert(out == PyBytes_AS_STRING(packed) + total);
+    return packed;
+}
+
 /* ------------------------------------------------------------------ internal nodes, wide sums */
 
 /* Internal nodes keep exact sums, scaled by 2**1074 with their shared trailing zeros factored out;
@@ -6184,8 +6287,9 @@ stored_columns(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_
     return 1;
 }
 
-/* leaf_image(data) -> (image, fields) | None: the search image of a stored leaf (``_node`` layout
-   ``[1, [entry, ...], [value, ...] per field]``) built from its bytes, byte for byte the image
+/* leaf_image(data, kind=1) -> (image, fields) | None: the search image of a stored leaf (``_node``
+   layout ``[1, [entry, ...], [value, ...] per field]``; with kind 4, a pending node, laid out as a
+   leaf) built from its bytes, byte for byte the image
    build_image builds from the decoded leaf, when every value column is all floats or all int64s (the
    image then holds the leaf whole: see leaf_lists); None for anything else (another kind, a mixed or
    wider column, no entries, bytes that do not parse), which the caller decodes in full.
@@ -6196,16 +6300,24 @@ stored_columns(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_
    of the memory. One pass: the image is allocated with room for keys as long as the rest of the
    bytes, and shrunk to its size at the end. */
 static PyObject *
-leaf_image(PyObject *Py_UNUSED(module), PyObject *stored)
+leaf_image(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyBytes_Check(stored)) {
-        PyErr_SetString(PyExc_TypeError, "leaf_image(data: bytes)");
+    long kind = 1;
+    if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0]) || (nargs == 2 && !PyLong_CheckExact(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "leaf_image(data: bytes, kind: int = 1)");
         return NULL;
     }
+    if (nargs == 2 && ((kind = PyLong_AsLong(args[1])) != 1 && kind != 4)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "leaf_image: kind must be 1 (a leaf) or 4 (a pending node)");
+        }
+        return NULL;
+    }
+    PyObject *stored = args[0];
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(stored);
     Py_ssize_t length = PyBytes_GET_SIZE(stored), at = 0, parts, count;
     if (!read_array_header(data, length, &at, &parts) || parts < 2 || parts - 2 >= NO_VALUES || at >= length ||
-        data[at++] != 1 || !read_array_header(data, length, &at, &count) || count < 1 || count > length) {
+        data[at++] != kind || !read_array_header(data, length, &at, &count) || count < 1 || count > length) {
         Py_RETURN_NONE;
     }
     Py_ssize_t fields = parts - 2;
@@ -6308,9 +6420,12 @@ static PyMethodDef methods[] = {
     {"merge_children", (PyCFunction)(void (*)(void))merge_children, METH_FASTCALL,
      "merge_children(keys, kids, entries, lo, hi, cols, limit, target, stored) -> list of (child, lo, hi, node_id, "
      "merged): a slice of a sorted batch merged into the stored bytes of the leaves it touches."},
-    {"leaf_image", leaf_image, METH_O,
-     "leaf_image(data) -> (image, fields) | None: a stored leaf's search image, built from its bytes, "
-     "when the image holds the leaf whole."},
+    {"append_pending", (PyCFunction)(void (*)(void))append_pending, METH_FASTCALL,
+     "append_pending(packed, entry, values, capacity) -> bytes | None: a pending node's stored bytes "
+     "with an entry appended after its last one (see _tree.appended)."},
+    {"leaf_image", (PyCFunction)(void (*)(void))leaf_image, METH_FASTCALL,
+     "leaf_image(data, kind=1) -> (image, fields) | None: a stored leaf's (or pending node's) search "
+     "image, built from its bytes, when the image holds it whole."},
     {"leaf_lists", leaf_lists, METH_O,
      "leaf_lists(image) -> (keys, cols) | None: a compact leaf's keys and columns, from its image."},
     {"delta_of", delta_of, METH_O,

@@ -60,6 +60,7 @@ from itertools import chain
 from typing import Any
 
 from ._btree import Cut, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
+from ._native import speedups
 from ._node import Node, delta_of
 from .errors import CorruptDatabaseError
 
@@ -154,8 +155,8 @@ class Tree:
     @property
     def count(self) -> int:
         """Number of items in the tree. O(1)."""
-        pending = self.pending
-        return self.nodes.count + (len(pending.keys) if pending is not None else 0)
+        summary = self.pending_summary  # its count, not len(keys): a compact pending node has no lists
+        return self.nodes.count + (summary[0] if summary is not None else 0)
 
     def zero(self) -> list[int]:
         """The summary of no items."""
@@ -175,7 +176,7 @@ class Tree:
         if pending is not None:
             find = _finder()
             start += find(pending, *lower) if lower is not None else 0
-            stop += find(pending, *upper) if upper is not None else len(pending.keys)
+            stop += find(pending, *upper) if upper is not None else self._pending_count()
         return start, stop
 
     def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
@@ -200,9 +201,18 @@ class Tree:
         if pending is None:
             return None
         find = _finder()
+        count = self._pending_count()
         start = find(pending, *lower) if lower is not None else 0
-        stop = find(pending, *upper) if upper is not None else len(pending.keys)
+        stop = find(pending, *upper) if upper is not None else count
+        if start == 0 and stop == count:  # every pending entry, the usual case of a window up to now
+            return self.pending_summary
         return _span(pending, start, stop) if start < stop else None
+
+    def _pending_count(self) -> int:
+        """How many entries are pending: from their summary, which a compact pending node (its
+        search image alone, see ``decode_pending``) answers without making its lists. O(1)."""
+        summary = self.pending_summary
+        return summary[0] if summary is not None else 0
 
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
@@ -435,16 +445,25 @@ def appended(
     """
     if root is None or root.pending_summary is None or root.pending:
         return None
-    pending = root.pending_of(access)
-    if pending is None or len(pending.keys) + 1 >= capacity or entry <= pending.keys[-1]:
-        return None
-    node = pending if pending.dirty else pending.copy(0)  # a dirty one is this transaction's own
-    node.keys.append(entry)
-    for col, value in zip(node.cols, values, strict=True):
-        col.append(value)
+    node = root.pending_node
+    packed = None
+    if speedups is not None:  # the stored bytes, appended to in C
+        stored = root.packed_pending if node is None else None if node.dirty else node._packed
+        if stored is not None:
+            packed = speedups.append_pending(stored, entry, values, capacity)
+    if packed is not None:
+        node = None
+    else:  # without the extension, or for a node this transaction changed: the node's lists
+        pending = root.pending_of(access)
+        if pending is None or len(pending.keys) + 1 >= capacity or entry <= pending.keys[-1]:
+            return None
+        node = pending if pending.dirty else pending.copy(0)  # a dirty one is this transaction's own
+        node.keys.append(entry)
+        for col, value in zip(node.cols, values, strict=True):
+            col.append(value)
     delta = delta_of(values)
     nodes = root.nodes_root() if root.node_id else None
-    return Root(
+    new = Root(
         root.node_id,
         root.height,
         vadd(root.summary, delta),
@@ -453,6 +472,8 @@ def appended(
         nodes,
         node,
     )
+    new.packed_pending = packed
+    return new
 
 
 def _span(pending: Node, start: int, stop: int) -> list[int]:
