@@ -193,6 +193,68 @@ def test_one_insert_per_commit_writes_the_root_record_alone(
     assert root_of(db, events).node_id == root.node_id  # type: ignore[union-attr]
 
 
+def _right_edge(db: tallytree.Database, root: Root) -> list[Node]:
+    """The nodes from the root down to the last leaf."""
+    with db.read() as tx:
+        nodes = [tx.node(root.node_id)]
+        while not nodes[-1].leaf:
+            nodes.append(tx.node(nodes[-1].kids[-1]))
+    return nodes
+
+
+@pytest.mark.parametrize("stored", [2000, 6, 3])
+def test_a_full_pending_node_becomes_the_last_leaf_and_the_leaves_before_it_stay(
+    stored: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full, the pending node becomes a new last leaf: the flush commit writes that leaf and the
+    right edge of internal nodes (one more child each, or a split), and rewrites or deletes no leaf.
+    A tree that is one leaf gets a root over it and the new leaf, unless that leaf is too small to
+    stop being the root (3 entries with node size 8): then the entries are merged into it."""
+    db = tallytree.open_memory()
+    events = db.aggregate("events", values=FIELDS, node_size=8)
+    rows = {(key, "s"): (0.5, key) for key in range(stored)}
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    before = root_of(db, events)
+    assert before is not None
+    edge = _right_edge(db, before)
+    with db.read() as tx:
+        leaves_before = {node.id: tx.stored(node.id) for node in edge if node.leaf}
+    written: list[list[Op]] = []
+    commit = _MemoryTxn.commit
+
+    def recording(self: _MemoryTxn, ops: list[Op]) -> None:
+        written.append(ops)
+        commit(self, ops)
+
+    monkeypatch.setattr(_MemoryTxn, "commit", recording)
+    capacity = pending_capacity(events.node_size)
+    for key in range(capacity):
+        with db.write() as tx:
+            events.insert(tx, 10_000 + key, "new", (0.25, key))
+        rows[(10_000 + key, "new")] = (0.25, key)
+    after = root_of(db, events)
+    assert after is not None and after.pending_summary is None
+    assert_reads_match(db, events, rows)
+    new_edge = _right_edge(db, after)
+    last = new_edge[-1]
+    flush = [op for op in written[-1] if op[0] == NODES]
+    (old_leaf,) = leaves_before
+    with db.read() as tx:
+        written_nodes = [decode_node(value, int.from_bytes(key, "big")) for _, key, value in flush if value]
+        deleted = [int.from_bytes(key, "big") for _, key, value in flush if value is None]
+    if stored == 3:  # merged: the lone leaf rewritten with the new entries, and cut in two
+        assert old_leaf in deleted and len([node for node in written_nodes if node.leaf]) == 2
+        return
+    assert list(last.keys) == [encode_key(10_000 + key) + encode_id("new") for key in range(capacity)]
+    assert after.height == max(before.height, 2)
+    with db.read() as tx:
+        assert tx.stored(old_leaf) == leaves_before[old_leaf]  # the last leaf before: as it was
+    assert [node.id for node in written_nodes if node.leaf] == [last.id]
+    assert old_leaf not in deleted and all(not node.leaf for node in edge if node.id in deleted)
+    assert len(written_nodes) <= len(new_edge) + 1  # the edge, and a sibling of a split at most
+
+
 def test_new_events_join_the_pending_node_without_loading_the_tree(
     db: tallytree.Database, events: tallytree.Aggregate, monkeypatch: pytest.MonkeyPatch
 ) -> None:

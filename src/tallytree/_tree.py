@@ -330,10 +330,12 @@ class Tree:
 
     def flush(self) -> None:
         """Merge the pending entries into the leaves (one sorted run) and drop the pending node."""
-        pending = self.pending
+        pending, summary = self.pending, self.pending_summary
         if pending is None:
             return
-        self.nodes.merge_sorted(list(pending.keys), [list(col) for col in pending.cols])
+        keys, cols = list(pending.keys), [list(col) for col in pending.cols]
+        if summary is None or not self.nodes.append_leaf(keys, cols, summary):  # a leaf of its own, or merged
+            self.nodes.merge_sorted(keys, cols)
         if pending.id:  # a format 2 pending node, stored by itself
             self.access.free(pending.id)
         self.pending = self.pending_summary = None
