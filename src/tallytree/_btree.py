@@ -157,9 +157,10 @@ class Root:
     ``summary`` covers every item, pending ones included, and ``pending_summary`` the pending ones
     (None when nothing is pending). A tree whose items are all pending has no nodes: ``node_id`` and
     ``height`` are 0. The pending node is held in the record itself (format 3: ``pending_node``,
-    decoded from ``packed_pending`` on first use, see :meth:`pending_of`); a record written by format
-    2 names it by id instead (``pending``, 0 when none), and the tree's next change of its pending
-    entries moves them into the record.
+    decoded from ``packed_pending`` on first use, see :meth:`pending_of`; the record a new event's
+    commit builds by appending to those bytes, ``_tree.appended``, holds the bytes alone); a record
+    written by format 2 names it by id instead (``pending``, 0 when none), and the tree's next
+    change of its pending entries moves them into the record.
     """
 
     node_id: int
