@@ -37,9 +37,10 @@ it (0.77-0.79x the commit time, in-process A/B, session 18).
 
 A full pending node becomes a new last leaf (``NodeTree.append_leaf``): the internal nodes of the
 right edge get one more child, and the leaves before it are not touched. A merge would also rewrite
-the last leaf and plan and cut the run; a commit that fills the pending node took 480 us at 10^6
-events, one commit in 64 and a quarter of their time (0.92x with the new leaf, A/B). When the
-pending entries are too few for a leaf (node sizes above 128), they are merged as before.
+the last leaf and plan and cut the run; a commit that fills the pending node took 450 us at 10^6
+events, one commit in 64 and a quarter of their time (300 us with the new leaf; 0.92x per commit,
+A/B). When the pending entries are too few for a leaf (node sizes above 128), they are merged as
+before.
 
 An insert that falls inside the nodes' range goes straight into its leaf, as before: such scattered
 entries would land in as many leaves when merged, which costs what inserting them one by one costs
