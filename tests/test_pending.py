@@ -47,6 +47,19 @@ def pending_entries(db: tallytree.Database, root: Root | None) -> list[bytes] | 
     return None if node is None else list(node.keys)
 
 
+def record_commits(monkeypatch: pytest.MonkeyPatch) -> list[list[Op]]:
+    """The operations of every commit of an in-memory database from now on, one list per commit."""
+    written: list[list[Op]] = []
+    commit = _MemoryTxn.commit
+
+    def recording(self: _MemoryTxn, ops: list[Op]) -> None:
+        written.append(ops)
+        commit(self, ops)
+
+    monkeypatch.setattr(_MemoryTxn, "commit", recording)
+    return written
+
+
 def model_items(rows: dict[tuple[int, str], tuple[Any, ...]]) -> list[tallytree.Item]:
     return [tallytree.Item(key, item_id, values) for (key, item_id), values in sorted(rows.items())]
 
@@ -175,14 +188,7 @@ def test_one_insert_per_commit_writes_the_root_record_alone(
         events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(2000)])  # height 4 or more
     root = root_of(db, events)
     assert root is not None and root.height >= 4
-    written: list[list[Op]] = []
-    commit = _MemoryTxn.commit
-
-    def recording(self: _MemoryTxn, ops: list[Op]) -> None:
-        written.append(ops)
-        commit(self, ops)
-
-    monkeypatch.setattr(_MemoryTxn, "commit", recording)
+    written = record_commits(monkeypatch)
     capacity = pending_capacity(events.node_size)
     for key in range(capacity - 1):
         with db.write() as tx:
@@ -220,14 +226,7 @@ def test_a_full_pending_node_becomes_the_last_leaf_and_the_leaves_before_it_stay
     edge = _right_edge(db, before)
     with db.read() as tx:
         leaves_before = {node.id: tx.stored(node.id) for node in edge if node.leaf}
-    written: list[list[Op]] = []
-    commit = _MemoryTxn.commit
-
-    def recording(self: _MemoryTxn, ops: list[Op]) -> None:
-        written.append(ops)
-        commit(self, ops)
-
-    monkeypatch.setattr(_MemoryTxn, "commit", recording)
+    written = record_commits(monkeypatch)
     capacity = pending_capacity(events.node_size)
     for key in range(capacity):
         with db.write() as tx:
