@@ -549,16 +549,13 @@ class WriteTransaction(Transaction):
         self._finish()
         kv.commit(ops)
         cache = self._cache
-        for _, _, root in written:  # a pending node the record holds is now committed too
-            if root.pending_node is not None and root.pending_node.dirty:
-                root.pending_node.freeze()
         for node_id in self._freed:  # replaced or dropped: only readers of older snapshots need them
             cache.discard(node_id)
         for node in self._dirty.values():
             node.freeze()
             cache.put(node)
-        for tree, data, root in written:  # the next transaction finds these records decoded (see root())
-            _remember(self._decoded, tree, data, root)
+        for tree, data, root in written:
+            self._committed_root(tree, data, root)
 
     def _commit_root(self, kv: KVTxn) -> None:
         """:meth:`_commit` of a transaction that changed one root record and nothing else: a new event
@@ -573,7 +570,12 @@ class WriteTransaction(Transaction):
         data = encode_root(root)
         self._finish()
         kv.commit([(ROOTS, tree, data)])
+        self._committed_root(tree, data, root)
+
+    def _committed_root(self, tree: bytes, data: bytes, root: Root) -> None:
+        """After the commit of a root record: the pending node it holds is committed too (frozen), and
+        the next transaction finds the record decoded (see :meth:`root`)."""
         node = root.pending_node
-        if node is not None and node.dirty:  # a pending node the record holds is now committed too
+        if node is not None and node.dirty:
             node.freeze()
-        _remember(self._decoded, tree, data, root)  # the next transaction finds it decoded (see root())
+        _remember(self._decoded, tree, data, root)
