@@ -677,3 +677,89 @@ def test_a_root_record_is_decoded_once_while_it_stays_the_same(
         events.insert(tx, 2, "b", (0.5, 1))
     with db.read() as tx:  # the new record is read, not the remembered one
         assert events.count(tx) == 2 and events.totals(tx).tokens == 2
+
+
+@pytest.mark.skipif(tallytree._tree.speedups is None, reason="without the C kernels every read decodes it")
+def test_reads_whose_bounds_miss_the_pending_entries_do_not_decode_them(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a new event's commit the record holds the pending node's bytes alone. Reads that take
+    none of the pending entries or all of them (told by the count and the first and last entries,
+    read from the bytes) answer without decoding the node; a bound among them, or a read of a
+    pending item, decodes it once. Every answer matches the model."""
+    events = db.aggregate("events", values=FIELDS, node_size=16)
+    rows = {(key * 10, "s"): (0.5, key) for key in range(60)}
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    decoded: list[bytes] = []
+    original = tallytree._btree.decode_pending
+
+    def counting(data: bytes) -> Node:
+        decoded.append(data)
+        return original(data)
+
+    monkeypatch.setattr(tallytree._btree, "decode_pending", counting)
+    for key in (700, 710, 720, 730):  # new events: the last commit appends to the record's bytes
+        with db.write() as tx:
+            events.insert(tx, key, "p", (0.25, key))
+        rows[(key, "p")] = (0.25, key)
+    root = root_of(db, events)
+    assert root is not None and root.pending_node is None and root.packed_pending is not None
+    decoded.clear()
+    expected = model_items(rows)
+    with db.read() as tx:  # none of the pending entries, or all of them
+        assert events.count(tx) == 64
+        assert events.totals(tx, ge=100, lt=700).count == 60 - 10
+        assert events.totals(tx, ge=100, le=590).tokens == sum(range(10, 60))
+        assert events.totals(tx, ge=300).count == 34 and events.totals(tx, ge=300, lt=731).count == 34
+        assert events.totals(tx, gt=590).tokens == 700 + 710 + 720 + 730
+        assert events.totals(tx, ge=700, le=730).cost == 1.0  # exactly the pending entries
+        assert events.count(tx, gt=730) == 0 and events.count(tx, gt=800) == 0
+        assert events.rank(tx, 700) == 60 and events.rank(tx, 731) == 64
+        assert events.rank(tx, 730, "p") == 63  # the last one: ahead of it, every pending entry but it
+        assert events.rank(tx, 100, reverse=True) == 64 - 11
+        assert strict(events.get(tx, 100, "s")) == strict(expected[10])
+        assert events.get(tx, 5, "p") is None and events.get(tx, 999, "p") is None
+        assert strict(events.at(tx, 59)) == strict(expected[59])
+        assert strict(events.min(tx)) == strict(expected[0])
+    assert decoded == []
+    with db.read() as tx:  # a bound among the pending entries
+        assert events.count(tx, ge=705, lt=725) == 2 and events.rank(tx, 715) == 62
+        assert strict(events.max(tx)) == strict(expected[-1])
+        assert strict(events.get(tx, 710, "p")) == strict(tallytree.Item(710, "p", (0.25, 710)))
+    assert len(decoded) == 1  # once, then kept with the record for every later reader
+    with db.read() as tx:
+        assert events.count(tx, ge=711) == 2
+    assert len(decoded) == 1
+    assert_reads_match(db, events, rows)
+
+
+def test_a_read_that_misses_a_miscounted_pending_node_still_reports_it(tmp_path: Path) -> None:
+    """The count read from the bytes must agree with the record's before a read skips the decode:
+    a record that counts three pending entries for two is reported by any read that consults them,
+    even one whose bounds end before them."""
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events", values=FIELDS)
+        with db.write() as tx:
+            events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(100)])
+        for key in (200, 300):
+            with db.write() as tx:
+                events.insert(tx, key, "s", (0.5, key))
+
+    def miscount(root: Root, parts: Any) -> tuple[Root, Any]:
+        assert root.pending_summary is not None
+        root.summary[0] += 1
+        root.pending_summary[0] += 1
+        return root, parts
+
+    _rewrite_pending(path, miscount)
+    with tallytree.open(path) as db, db.read() as tx:
+        events = db.aggregate("events")
+        for read in (
+            lambda: events.count(tx, lt=50),
+            lambda: events.rank(tx, 10),
+            lambda: events.totals(tx, ge=150),
+        ):
+            with pytest.raises(CorruptDatabaseError, match="counts 3 pending entries"):
+                read()

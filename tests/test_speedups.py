@@ -2509,3 +2509,43 @@ def test_a_pending_node_read_from_its_record_is_compact_until_its_lists_are_read
         part = events.totals(tx, ge=103, lt=106)  # a part of the pending entries: summed from the lists
         assert (part.count, part.cost, part.tokens) == (3, 0.75, 12)
         assert list(tree.pending.keys) == keys and list(tree.pending.cols[1]) == list(range(10))
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=70, unique=True),
+    st.lists(st.sampled_from(sorted(LEAF_COLUMNS)), max_size=3),
+    st.data(),
+)
+def test_pending_edges_reads_the_count_and_the_first_and_last_entries(
+    keys: list[bytes], kinds: list[str], data: st.DataObject
+) -> None:
+    """pending_edges(stored) is the entry count and the first and last entries of the pending node
+    those bytes hold, whatever its columns."""
+    assert speedups is not None
+    keys.sort()
+    cols = [data.draw(st.lists(LEAF_COLUMNS[kind], min_size=len(keys), max_size=len(keys))) for kind in kinds]
+    assert speedups.pending_edges(_pending_bytes(keys, cols)) == (len(keys), keys[0], keys[-1])
+
+
+def test_pending_edges_leaves_what_it_does_not_read_to_python() -> None:
+    """None for bytes that are not a pending node with entries (the decoder then says what is wrong):
+    a leaf, an internal node, no entries, keys that are not bytes, bytes cut inside the keys; a
+    TypeError for an argument that is not bytes."""
+    assert speedups is not None
+    keys = [encode_key(key) + encode_id(key) for key in range(5)]
+    stored = _pending_bytes(keys, [[1.5] * 5])
+    keys_end = len(stored) - len(msgpack.packb([1.5] * 5))
+    refused = [
+        encode_node(Node(9, True, keys, [[1.5] * 5], dirty=True)),  # a leaf
+        encode_node(Node(9, False, keys, [[1] * 5], list(range(10, 15)), [0], dirty=True)),
+        stored[: keys_end - 1],
+        msgpack.packb([4, [], []]),
+        msgpack.packb([4, [key.decode("latin-1") for key in keys], [1.5] * 5]),
+        msgpack.packb([4]),
+        msgpack.packb({"a": 1}),
+        b"",
+    ]
+    assert [speedups.pending_edges(data) for data in refused] == [None] * len(refused)
+    for argument in (bytearray(stored), memoryview(stored), None):
+        with pytest.raises(TypeError):
+            speedups.pending_edges(argument)  # type: ignore[arg-type]

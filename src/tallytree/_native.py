@@ -62,6 +62,7 @@ class Speedups(Protocol):
     def append_pending(
         self, packed: bytes, entry: bytes, values: tuple[int | float, ...], capacity: int, /
     ) -> bytes | None: ...
+    def pending_edges(self, packed: bytes, /) -> tuple[int, bytes, bytes] | None: ...
     def float_sum(self, values: Sequence[float], /) -> int | None: ...
     def merge_children(
         self,
@@ -145,7 +146,8 @@ except ImportError:  # not built (no C compiler at install time): the Python cod
 speedups: Speedups | None = None if os.environ.get("TALLYTREE_PURE_PYTHON", "") not in ("", "0") else _built
 
 
-_USERS = ("_btree", "_bulk", "_keys", "_node", "_txn")  # the modules that bind ``speedups`` at import
+# the modules that bind ``speedups`` at import
+_USERS = ("_btree", "_bulk", "_keys", "_node", "_tree", "_txn")
 
 
 @contextmanager

@@ -4759,6 +4759,42 @@ append_pending(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     return packed;
 }
 
+/* pending_edges(packed) -> (count, first, last) | None: the entry count and the first and last
+   entries of a pending node's stored bytes, read in place (no image, no lists). A read whose bounds fall outside them takes none
+   or all of the pending entries without decoding the node (see _tree.Tree.pending). None when the
+   bytes are not a pending node with at least one entry (the decoder then says what is wrong). */
+static PyObject *
+pending_edges(PyObject *Py_UNUSED(module), PyObject *packed)
+{
+    if (!PyBytes_CheckExact(packed)) {
+        PyErr_SetString(PyExc_TypeError, "pending_edges(packed: bytes)");
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(packed);
+    Py_ssize_t length = PyBytes_GET_SIZE(packed);
+    Py_ssize_t at = 0, parts, count;
+    if (!read_array_header(data, length, &at, &parts) || parts < 2 || at >= length || data[at] != 4) {
+        Py_RETURN_NONE;
+    }
+    at++;
+    if (!read_array_header(data, length, &at, &count) || count < 1) {
+        Py_RETURN_NONE;
+    }
+    Element first, last;
+    if (!read_element(data, length, &at, 1, &first)) {
+        Py_RETURN_NONE;
+    }
+    last = first;
+    for (Py_ssize_t index = 1; index < count; index++) {
+        if (!read_element(data, length, &at, 1, &last)) {
+            Py_RETURN_NONE;
+        }
+    }
+    return Py_BuildValue("(ny#y#)", count, (const char *)data + first.payload,
+                         first.size - (first.payload - first.at), (const char *)data + last.payload,
+                         last.size - (last.payload - last.at));
+}
+
 /* ------------------------------------------------------------------ internal nodes, wide sums */
 
 /* Internal nodes keep exact sums, scaled by 2**1074 with their shared trailing zeros factored out;
@@ -6423,6 +6459,9 @@ static PyMethodDef methods[] = {
     {"append_pending", (PyCFunction)(void (*)(void))append_pending, METH_FASTCALL,
      "append_pending(packed, entry, values, capacity) -> bytes | None: a pending node's stored bytes "
      "with an entry appended after its last one (see _tree.appended)."},
+    {"pending_edges", pending_edges, METH_O,
+     "pending_edges(packed) -> (count, first, last) | None: a pending node's entry count and first "
+     "and last entries, read from its stored bytes."},
     {"leaf_image", (PyCFunction)(void (*)(void))leaf_image, METH_FASTCALL,
      "leaf_image(data, kind=1) -> (image, fields) | None: a stored leaf's (or pending node's) search "
      "image, built from its bytes, when the image holds it whole."},

@@ -19,9 +19,9 @@ leaves in one sorted run (``NodeTree.merge_sorted``), one path for all of them::
     nodes         the B+ tree (NodeTree): e1 ... e90    pending: e93 e95 e99   all after the nodes
 
 Held in the record (format 3), the pending node has no id, so it is never looked up, cached or
-freed by id: it is decoded from the record the first time a tree is read from it
-(``Root.pending_of``; listing namespaces reads only the totals), copied when a write changes it,
-and frozen when the record is committed. Format 2 stored it as a node of its own, named by id in
+freed by id: it is decoded from the record the first time a read needs its entries
+(``Root.pending_of``, through ``Tree.pending``; listing namespaces reads only the totals), copied
+when a write changes it, and frozen when the record is committed. Format 2 stored it as a node of its own, named by id in
 the record: such a node is read by id, and the first change of its entries moves them into the
 record and frees it. Measured against format 2 with one time-ordered insert per commit into a tree
 of 10^6 items: 51-56 us against 72-76 us per commit (three runs each), of which LMDB's share went
@@ -33,7 +33,11 @@ from the current one (the tree is loaded when the entry is not after every pendi
 the node). That took a commit from 53 to 45 us. With the C kernels the entry is appended to the
 pending node's stored bytes (``append_pending``): no node is copied, packed or frozen, and a read
 decodes the new pending node compact, as its search image (``decode_pending``), when it first needs
-it (0.77-0.79x the commit time, in-process A/B, session 18).
+it (0.77-0.79x the commit time, in-process A/B, session 18). Most reads need none of the pending
+entries or all of them (last week's totals, or totals up to now): the pending node's count and first
+and last entries, read from its bytes in place (``pending_edges``), tell such bounds apart, and only
+a bound that falls among the entries, or a read of the entries themselves, decodes the node. That
+took the 4-5 us of the decode off the first read after each new event (session 19).
 
 A full pending node becomes a new last leaf (``NodeTree.append_leaf``): the internal nodes of the
 right edge get one more child, and the leaves before it are not touched. A merge would also rewrite
@@ -98,7 +102,17 @@ class Tree:
     :meth:`take_root` hands out when it says the record changed.
     """
 
-    __slots__ = ("access", "capacity", "nfields", "nodes", "original", "pending", "pending_summary")
+    __slots__ = (
+        "_edges",
+        "_pending",
+        "_record",
+        "access",
+        "capacity",
+        "nfields",
+        "nodes",
+        "original",
+        "pending_summary",
+    )
 
     def __init__(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> None:
         self._load(access, nfields, node_size, root, NodeTree)
@@ -115,14 +129,75 @@ class Tree:
         self.nfields = nfields
         self.capacity = min(node_size, _PENDING_MAX)  # pending_capacity, inlined: once per tree read
         self.original = root
-        self.pending: Node | None = None
+        self._pending: Node | None = None
+        self._record: Root | None = None  # a record whose pending node is not decoded yet
+        self._edges: tuple[int, bytes, bytes] | None = None
         self.pending_summary: list[int] | None = None
         nodes = root
         if root is not None and root.pending_summary is not None:
-            self.pending = root.pending_of(access)
+            if root.pending_node is None and root.packed_pending is not None and speedups is not None:
+                self._record = root  # decoded by the first read that needs its entries (see pending)
+            else:
+                self._pending = root.pending_of(access)
             self.pending_summary = root.pending_summary  # replaced, never changed in place
             nodes = root.nodes_root()
         self.nodes: NodeTree = make(access, nfields, node_size, nodes if root and root.node_id else None)
+
+    @property
+    def pending(self) -> Node | None:
+        """The pending node (None when nothing is pending), decoded from the record the first time
+        it is needed. O(B) the first time, O(1) after.
+
+        A record that a new event's commit wrote holds the pending node's bytes alone (see
+        :func:`appended`), and decoding them took 4-5 us of the first read after each such commit.
+        Most reads need none of its entries, or all of them: a window that ends before the first
+        pending entry (last week's totals), or one that takes every pending entry (up to now). They
+        are told apart by the count and the first and last entries, read from the bytes in place
+        (:meth:`_edges_of_record`), and only a bound that falls among the pending entries, or a read
+        of the entries themselves, decodes the node.
+        """
+        record = self._record
+        if record is not None:
+            self._pending = record.pending_of(self.access)
+            self._record = None
+        return self._pending
+
+    @pending.setter
+    def pending(self, node: Node | None) -> None:
+        self._pending = node
+        self._record = None
+
+    def _edges_of_record(self) -> tuple[int, bytes, bytes] | None:
+        """``(count, first, last)`` of a pending node not decoded yet, read from its bytes; None once
+        it is decoded, or when the bytes do not give them (the decode then says what is wrong). O(B)
+        in C the first time, O(1) after."""
+        record = self._record
+        if record is None:
+            return None
+        edges = self._edges
+        if edges is None:
+            packed = record.packed_pending  # None if another reader of the record decoded it
+            if packed is None or speedups is None:
+                return None
+            edges = speedups.pending_edges(packed)
+            if edges is None or edges[0] != self._pending_count():  # damaged: the decode reports it
+                return None
+            self._edges = edges
+        return edges
+
+    def _pending_find(self, bound: bytes, after: bool) -> int:
+        """Number of pending entries ``< bound`` (``<= bound`` when ``after``); the pending node must
+        exist. O(log B), without decoding it when the bound falls outside its entries."""
+        edges = self._edges_of_record()
+        if edges is not None:
+            count, first, last = edges  # entries are unique: one equal to an edge counts once
+            if bound <= first:
+                return 1 if after and bound == first else 0
+            if bound >= last:
+                return count - 1 if bound == last and not after else count
+        pending = self.pending
+        assert pending is not None
+        return _finder()(pending, bound, after)
 
     @property
     def root(self) -> Root | None:
@@ -175,18 +250,16 @@ class Tree:
     def rank(self, bound: bytes, after: bool) -> int:
         """Number of entries ``< bound`` (``<= bound`` when ``after``). O(log n)."""
         rank = self.nodes.rank(bound, after)
-        if self.pending is not None:
-            rank += _finder()(self.pending, bound, after)
+        if self.pending_summary is not None:
+            rank += self._pending_find(bound, after)
         return rank
 
     def rank_range(self, lower: Cut | None, upper: Cut | None) -> tuple[int, int]:
         """``(rank(*lower), rank(*upper))``, 0 and ``count`` for a missing cut. O(log n)."""
         start, stop = self.nodes.rank_range(lower, upper)
-        pending = self.pending
-        if pending is not None:
-            find = _finder()
-            start += find(pending, *lower) if lower is not None else 0
-            stop += find(pending, *upper) if upper is not None else self._pending_count()
+        if self.pending_summary is not None:
+            start += self._pending_find(*lower) if lower is not None else 0
+            stop += self._pending_find(*upper) if upper is not None else self._pending_count()
         return start, stop
 
     def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
@@ -207,16 +280,18 @@ class Tree:
 
     def _pending_summary(self, lower: Cut | None, upper: Cut | None) -> list[int] | None:
         """The summary of the pending entries between two cuts, or None when there are none."""
-        pending = self.pending
-        if pending is None:
+        if self.pending_summary is None:
             return None
-        find = _finder()
         count = self._pending_count()
-        start = find(pending, *lower) if lower is not None else 0
-        stop = find(pending, *upper) if upper is not None else count
+        start = self._pending_find(*lower) if lower is not None else 0
+        stop = self._pending_find(*upper) if upper is not None else count
         if start == 0 and stop == count:  # every pending entry, the usual case of a window up to now
             return self.pending_summary
-        return _span(pending, start, stop) if start < stop else None
+        if start >= stop:  # none, the usual case of a window that ends before now
+            return None
+        pending = self.pending
+        assert pending is not None
+        return _span(pending, start, stop)
 
     def _pending_count(self) -> int:
         """How many entries are pending: from their summary, which a compact pending node (its
@@ -226,15 +301,17 @@ class Tree:
 
     def summary_at(self, index: int) -> list[int]:
         """Summary of the first ``index`` entries (0 <= index <= count). O(log n)."""
-        pending, stored = self.pending, self.nodes.count
-        if pending is None or index <= stored:
+        stored = self.nodes.count
+        pending = None if self.pending_summary is None or index <= stored else self.pending
+        if pending is None:
             return self.nodes.summary_at(index)
         return vadd(self.nodes.summary_at(stored), pending.prefixes(index - stored))
 
     def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
         """The entry at ``index`` (0 <= index < count) and its values. O(log n)."""
-        pending, stored = self.pending, self.nodes.count
-        if pending is None or index < stored:
+        stored = self.nodes.count
+        pending = None if self.pending_summary is None or index < stored else self.pending
+        if pending is None:
             return self.nodes.select(index)
         at = index - stored
         if at >= len(pending.keys):
@@ -255,8 +332,9 @@ class Tree:
         self, start: int, stop: int, reverse: bool = False
     ) -> Iterator[tuple[bytes, tuple[Any, ...]]]:
         """Yield entries with index in ``[start, stop)``, lazily; O(log n) to start, O(1) amortized each."""
-        pending, stored = self.pending, self.nodes.count
-        if pending is None or stop <= stored:
+        stored = self.nodes.count
+        pending = None if self.pending_summary is None or stop <= stored else self.pending
+        if pending is None:
             return self.nodes.iterate(start, stop, reverse)
         first, last = max(start - stored, 0), min(stop - stored, len(pending.keys))
         appended = [(pending.keys[at], tuple(col[at] for col in pending.cols)) for at in range(first, last)]
@@ -267,6 +345,9 @@ class Tree:
 
     def _pending_index(self, entry: bytes) -> int | None:
         """The index of ``entry`` in the pending node, or None. O(log B)."""
+        edges = self._edges_of_record()
+        if edges is not None and not edges[1] <= entry <= edges[2]:
+            return None
         pending = self.pending
         if pending is None:
             return None
