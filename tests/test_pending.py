@@ -60,6 +60,19 @@ def record_commits(monkeypatch: pytest.MonkeyPatch) -> list[list[Op]]:
     return written
 
 
+def record_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, arg: int = 0) -> list[Any]:
+    """Argument ``arg`` of every call of ``owner.name`` from now on (the function still runs)."""
+    calls: list[Any] = []
+    original = getattr(owner, name)
+
+    def recording(*args: Any) -> Any:
+        calls.append(args[arg])
+        return original(*args)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 def model_items(rows: dict[tuple[int, str], tuple[Any, ...]]) -> list[tallytree.Item]:
     return [tallytree.Item(key, item_id, values) for (key, item_id), values in sorted(rows.items())]
 
@@ -135,18 +148,11 @@ def test_a_write_that_leaves_the_pending_entries_alone_writes_their_bytes_as_the
         events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(40)])
     with db.write() as tx:
         events.insert(tx, 100, "p", (0.25, 1))
-    encoded: list[bool] = []
-    original = tallytree._txn.encode_node
-
-    def counting(node: Node) -> bytes:
-        encoded.append(node.pending)
-        return original(node)
-
-    monkeypatch.setattr(tallytree._txn, "encode_node", counting)
+    encoded = record_calls(monkeypatch, tallytree._txn, "encode_node")
     for key in (5, 7):  # inside the stored range: the path is rewritten, the pending node is not
         with db.write() as tx:
             events.insert(tx, key, "q", (1.0, 2))
-    assert encoded and not any(encoded)
+    assert encoded and not any(node.pending for node in encoded)
     with db.write() as tx:  # changed: appended to the stored bytes in C, or encoded again
         events.insert(tx, 101, "p", (0.25, 1))
     with db.read() as tx:
@@ -263,14 +269,7 @@ def test_new_events_join_the_pending_node_without_loading_the_tree(
     with db.write() as tx:  # the first pending entry: the tree makes the pending node
         events.insert(tx, 100, "p", (0.25, 100))
     rows[(100, "p")] = (0.25, 100)
-    loaded: list[bytes] = []
-    insert = Tree.insert
-
-    def counting(self: Tree, entry: bytes, values: tuple[Any, ...]) -> bool:
-        loaded.append(entry)
-        return insert(self, entry, values)
-
-    monkeypatch.setattr(Tree, "insert", counting)
+    loaded = record_calls(monkeypatch, Tree, "insert", arg=1)  # the entries
     committed = root_of(db, events)
     assert committed is not None
     with db.read() as tx:
@@ -661,14 +660,7 @@ def test_a_root_record_is_decoded_once_while_it_stays_the_same(
     events = db.aggregate("events", values=FIELDS)
     with db.write() as tx:
         events.insert(tx, 1, "a", (0.5, 1))
-    decoded: list[bytes] = []
-    original = tallytree._txn.decode_root
-
-    def counting(data: bytes) -> Root:
-        decoded.append(data)
-        return original(data)
-
-    monkeypatch.setattr(tallytree._txn, "decode_root", counting)
+    decoded = record_calls(monkeypatch, tallytree._txn, "decode_root")
     for _ in range(3):
         with db.read() as tx:
             assert events.count(tx) == 1
@@ -691,14 +683,7 @@ def test_reads_whose_bounds_miss_the_pending_entries_do_not_decode_them(
     rows = {(key * 10, "s"): (0.5, key) for key in range(60)}
     with db.write() as tx:
         events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
-    decoded: list[bytes] = []
-    original = tallytree._btree.decode_pending
-
-    def counting(data: bytes) -> Node:
-        decoded.append(data)
-        return original(data)
-
-    monkeypatch.setattr(tallytree._btree, "decode_pending", counting)
+    decoded = record_calls(monkeypatch, tallytree._btree, "decode_pending")
     for key in (700, 710, 720, 730):  # new events: the last commit appends to the record's bytes
         with db.write() as tx:
             events.insert(tx, key, "p", (0.25, key))
