@@ -23,10 +23,10 @@ freed by id: it is decoded from the record the first time a read needs its entri
 (``Root.pending_of``, through ``Tree.pending``; listing namespaces reads only the totals), copied
 when a write changes it, and frozen when the record is committed. Format 2 stored it as a node of
 its own, named by id in the record: such a node is read by id, and the first change of its entries
-moves them into the record and frees it. Measured against format 2 with one time-ordered insert per commit into a tree
-of 10^6 items: 51-56 us against 72-76 us per commit (three runs each), of which LMDB's share went
-from 17-18 us (a node put, a node delete, the root record and the node id counter) to 10-12 us (the
-root record alone); 0.76x in an in-process A/B of 21 alternating rounds.
+moves them into the record and frees it. Measured against format 2 with one time-ordered insert
+per commit into a tree of 10^6 items: 51-56 us against 72-76 us per commit (three runs each), of
+which LMDB's share went from 17-18 us (a node put, a node delete, the root record and the node id
+counter) to 10-12 us (the root record alone); 0.76x in an in-process A/B of 21 alternating rounds.
 
 The insert of a new event does not even load the tree: :func:`appended` builds the next root record
 from the current one (the tree is loaded when the entry is not after every pending entry, or fills
