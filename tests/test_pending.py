@@ -590,6 +590,21 @@ def _rewrite_pending(path: Path, change: Any) -> None:
     env.close()
 
 
+def _damaged_pending(tmp_path: Path, change: Any) -> Path:
+    """A database of 100 stored events and two pending ones, its record then changed by ``change``
+    (see :func:`_rewrite_pending`); returns its path."""
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events", values=FIELDS)
+        with db.write() as tx:
+            events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(100)])
+        for key in (200, 300):
+            with db.write() as tx:
+                events.insert(tx, key, "s", (0.5, key))
+    _rewrite_pending(path, change)
+    return path
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -600,15 +615,7 @@ def _rewrite_pending(path: Path, change: Any) -> None:
     ],
 )
 def test_the_checker_reports_damaged_pending_records(tmp_path: Path, change: Any, message: str) -> None:
-    path = tmp_path / "db"
-    with tallytree.open(path, durable=False) as db:
-        events = db.aggregate("events", values=FIELDS)
-        with db.write() as tx:
-            events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(100)])
-        for key in (200, 300):
-            with db.write() as tx:
-                events.insert(tx, key, "s", (0.5, key))
-    _rewrite_pending(path, change)
+    path = _damaged_pending(tmp_path, change)
     with tallytree.open(path) as db, db.read() as tx:
         problems = tallytree.check(tx)
     assert any(message in problem.message for problem in problems), problems
@@ -723,14 +730,6 @@ def test_a_read_that_misses_a_miscounted_pending_node_still_reports_it(tmp_path:
     """The count read from the bytes must agree with the record's before a read skips the decode:
     a record that counts three pending entries for two is reported by any read that consults them,
     even one whose bounds end before them."""
-    path = tmp_path / "db"
-    with tallytree.open(path, durable=False) as db:
-        events = db.aggregate("events", values=FIELDS)
-        with db.write() as tx:
-            events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(100)])
-        for key in (200, 300):
-            with db.write() as tx:
-                events.insert(tx, key, "s", (0.5, key))
 
     def miscount(root: Root, parts: Any) -> tuple[Root, Any]:
         assert root.pending_summary is not None
@@ -738,7 +737,7 @@ def test_a_read_that_misses_a_miscounted_pending_node_still_reports_it(tmp_path:
         root.pending_summary[0] += 1
         return root, parts
 
-    _rewrite_pending(path, miscount)
+    path = _damaged_pending(tmp_path, miscount)
     with tallytree.open(path) as db, db.read() as tx:
         events = db.aggregate("events")
         for read in (
