@@ -148,11 +148,15 @@ def test_a_write_that_leaves_the_pending_entries_alone_writes_their_bytes_as_the
         events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(40)])
     with db.write() as tx:
         events.insert(tx, 100, "p", (0.25, 1))
-    encoded = record_calls(monkeypatch, tallytree._txn, "encode_node")
+    at_commit = record_calls(monkeypatch, tallytree._txn, "encode_node")
+    in_place = record_calls(monkeypatch, tallytree._node, "encode_node")  # Node.bumped without C
     for key in (5, 7):  # inside the stored range: the path is rewritten, the pending node is not
+        before = root_of(db, events)
         with db.write() as tx:
             events.insert(tx, key, "q", (1.0, 2))
-    assert encoded and not any(node.pending for node in encoded)
+        after = root_of(db, events)
+        assert before is not None and after is not None and after.node_id != before.node_id
+    assert not any(node.pending for node in at_commit + in_place)
     with db.write() as tx:  # changed: appended to the stored bytes in C, or encoded again
         events.insert(tx, 101, "p", (0.25, 1))
     with db.read() as tx:

@@ -6,7 +6,8 @@ This module is the B+ tree proper; callers reach it through ``_tree.Tree``, whic
 pending node (inserts not yet merged into the leaves). It knows nothing of LMDB or of keys: it orders
 opaque *entries* (bytes, see ``_keys``) and sums value columns, reading and writing nodes only through
 the small :class:`NodeAccess` interface (``node``, ``mutable``, ``new_id``, ``adopt``, ``free``, and
-``stored`` / ``replace_stored`` for nodes handled in their stored bytes). The
+``stored``, ``replace_stored``, ``adopt_encoded`` and ``adopt_prepared`` for nodes handled in
+their stored bytes). The
 same code runs over the in-memory store used by the tests and over LMDB, as SQLite's b-tree runs over
 its pager.
 
@@ -77,6 +78,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from enum import Enum
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import add, is_, lshift, neg, sub
@@ -121,6 +123,15 @@ class NodeAccess(Protocol):
 
     def adopt(self, node: Node) -> Node:
         """Register a new dirty node (built with an id from :meth:`new_id`) and return it."""
+        ...
+
+    def adopt_encoded(self, node_id: int, data: bytes) -> None:
+        """Register a new node (id from :meth:`new_id`) given in stored form only."""
+        ...
+
+    def adopt_prepared(self, node: Node, data: bytes) -> None:
+        """Register a new node (id from :meth:`new_id`) in committed form (never changed in place,
+        see ``Node.bumped``) with ``data``, its stored bytes."""
         ...
 
     def free(self, node_id: int) -> None:
@@ -226,6 +237,14 @@ Existing = Literal["error", "skip", "update"]
 
 _INSERT_EACH = 16
 """Up to this many new entries are inserted into a leaf one by one; more are merged in one sort."""
+
+
+class _Path(Enum):
+    DECODED = 0
+    """What ``NodeTree._insert_stored`` returns for an insert it leaves to the decoded path."""
+
+
+_DECODED = _Path.DECODED
 
 _Merged = tuple[int, int, int, int, Any]
 """A leaf merged in its stored bytes (see :meth:`NodeTree._plan_stored`): its index in its parent, the
@@ -782,6 +801,10 @@ class NodeTree:
             leaf = access.adopt(Node(access.new_id(), True, [entry], cols, dirty=True))
             self.root = Root(leaf.id, 1, list(delta))
             return True
+        if speedups is not None and self.root.height > 1:
+            done = self._insert_stored(entry, values, delta, inside)
+            if done is not _DECODED:
+                return done
         path, leaf = self._path(entry)
         index, present = _locate(leaf, entry)
         if present:
@@ -795,6 +818,73 @@ class NodeTree:
         self._add_along(path, delta)
         if len(leaf.keys) > self.max_size:
             self._split_up(path, leaf)
+        return True
+
+    def _insert_stored(
+        self, entry: bytes, values: tuple[Any, ...], delta: list[int], inside: bool
+    ) -> bool | Literal[_Path.DECODED] | None:
+        """:meth:`insert` written from stored bytes, when it can be: the leaf merged with the entry in
+        its stored bytes (``merge_children``, as a batch merges it) and each internal node of the
+        path rebuilt in committed form, its bytes repacked from its stored ones (``Node.bumped``),
+        all of them handed to the transaction ready to write (``adopt_encoded``,
+        ``adopt_prepared``). Returns what :meth:`insert` returns, or ``_DECODED``, having changed
+        nothing, for an insert it leaves to the decoded path: a path the transaction changed already
+        (a dirty node), a leaf that would split, an entry that may belong after the last leaf (the
+        right edge, where the pending node may take it), a leaf the kernel leaves to Python, damage.
+
+        This is the path of a scattered insert into a committed tree, one per transaction. The
+        decoded path copies each node into lists, changes the copies, and encodes and freezes them
+        at commit, after decoding the leaf if it was not cached. The new leaf is not decoded: it
+        enters the node cache when a read decodes it. O(B log_B n).
+        """
+        assert self.root is not None and speedups is not None
+        access = self.access
+        path: Path = []
+        node = access.node(self.root.node_id)
+        last = True  # on the right edge so far
+        for level in range(self.root.height - 1):
+            if node.dirty or node.leaf or node._packed is None:
+                return _DECODED
+            index = bisect_right(node.keys, entry) - 1
+            last = last and index == len(node.kids) - 1
+            path.append((node, index))
+            if level < self.root.height - 2:
+                node = access.node(node.kids[index])
+        if inside and last:
+            return _DECODED
+        parent, index = path[-1]
+        rows = speedups.merge_children(
+            parent.keys,
+            parent.kids,
+            [entry],
+            0,
+            1,
+            [[value] for value in values],
+            self.max_size,
+            self._fill_target(),
+            access.stored,
+        )
+        if len(rows) != 1 or rows[0][0] != index:
+            return _DECODED
+        merged = rows[0][4]
+        if type(merged) is int:
+            return False  # the entry is there already
+        if type(merged) is not bytes:  # the leaf splits, or is one this kernel leaves to Python
+            return _DECODED
+        leaf = access.new_id()
+        made: list[Node] = []
+        child = leaf
+        for node, index in reversed(path):
+            bumped = node.bumped(access.new_id(), index, child, delta)
+            made.append(bumped)
+            child = bumped.id
+        access.adopt_encoded(leaf, merged)
+        access.free(rows[0][3])
+        for (node, _), bumped in zip(reversed(path), made, strict=True):
+            access.adopt_prepared(bumped, bumped.packed())
+            access.free(node.id)
+        self.root.node_id = child
+        self.root.summary = vadd(self.root.summary, delta)
         return True
 
     def append_leaf(self, keys: list[bytes], cols: list[list[Any]], summary: list[int]) -> bool:

@@ -571,6 +571,59 @@ class Node:
                 shift = self._fit(column, amount)
                 self.cols[column][index] += amount >> shift
 
+    def bumped(self, node_id: int, index: int, kid: int, delta: list[int]) -> Node:
+        """A new committed internal node: this one (committed) with child ``index`` replaced by
+        ``kid`` and its summary grown by ``delta`` (true scale), its stored bytes ready
+        (:meth:`packed`). O(size).
+
+        This is what one insert does to each internal node of its path, without a dirty copy: the
+        child ids and the changed columns become new tuples, the keys, shifts and other columns are
+        shared with this node, and the new node is never changed in place (a later change copies it,
+        as it copies any committed node). With the C kernels, one call (``bump_internal``) makes the
+        tuples and repacks the bytes from this node's (see :func:`encode_node`); a column whose shift
+        does not divide its amount is rescaled first, as :meth:`add` rescales it, in Python.
+
+        >>> node = Node.internal_from(5, [b"", b"m"], [1, 2], [[3, 0, 0], [4, 0, 0]])
+        >>> node.freeze()
+        >>> new = node.bumped(9, 1, 7, [1, 0, 0])
+        >>> new.kids, new.child(1), new.dirty, node.child(1)
+        ((1, 7), [5, 0, 0], False, [4, 0, 0])
+        """
+        made = None
+        if speedups is not None:
+            nfields = (len(self.cols) - 1) // 2
+            made = speedups.bump_internal(self, self._packed, index, kid, delta, nfields)
+        if made is not None:
+            kids, cols, packed = made
+            shifts = self.shifts
+        else:  # without the kernels, or a column to rescale (as _fit does)
+            changed: list[Sequence[int]] = list(self.cols)
+            shifts = list(self.shifts)
+            for column, amount in enumerate(delta):
+                if amount:
+                    col, shift = changed[column], shifts[column]
+                    if shift and amount & ((1 << shift) - 1):
+                        lower = _trailing_zeros(amount)
+                        col = [value << (shift - lower) for value in col]
+                        shifts[column] = shift = lower
+                    changed[column] = (*col[:index], col[index] + (amount >> shift), *col[index + 1 :])
+            kids, cols, packed = (*self.kids[:index], kid, *self.kids[index + 1 :]), tuple(changed), None
+            shifts = tuple(shifts)  # type: ignore[assignment]
+        node = Node(node_id, False, self.keys, cols, kids, shifts)  # type: ignore[arg-type]  # tuples
+        if packed is None:
+            node._origin = self  # what encode_node repacks it from
+            packed = encode_node(node)
+            node._origin = None
+        node._packed = packed
+        if speedups is not None:
+            speedups.untrack(node)  # as freeze_node leaves a committed node (see freeze)
+        return node
+
+    def packed(self) -> bytes:
+        """The stored bytes of a committed internal node, as a commit or a decode left them. O(1)."""
+        assert self._packed is not None
+        return self._packed
+
     def add_columns(self, indexes: list[int], columns: list[list[int]]) -> None:
         """Add deltas (true scale) to children ``indexes``, given column by column: child
         ``indexes[i]`` gets ``columns[c][i]`` in column ``c``. O(columns * len(indexes)).

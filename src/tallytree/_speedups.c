@@ -5495,6 +5495,156 @@ repack_internal(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     return result;
 }
 
+/* A copy of tuple ``items`` (``count`` long) with item ``index`` replaced by ``item`` (a new reference,
+   stolen): a new reference, or NULL with an error set. */
+static PyObject *
+tuple_with(PyObject *items, Py_ssize_t count, Py_ssize_t index, PyObject *item)
+{
+    PyObject *copy = PyTuple_New(count);
+    if (copy == NULL) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyObject **from = PySequence_Fast_ITEMS(items), **to = ((PyTupleObject *)copy)->ob_item;
+    for (Py_ssize_t at = 0; at < count; at++) {
+        to[at] = Py_NewRef(from[at]);
+    }
+    Py_SETREF(to[index], item);
+    return copy;
+}
+
+/* bump_internal(node, packed, index, kid, delta, nfields) -> (kids, cols, packed) | None: what one insert
+   does to an internal node of its path (``_node.Node.bumped``), without a dirty copy. ``node`` is a
+   committed internal node (its keys, kids, shifts and each column a tuple or list), ``packed`` its
+   stored bytes (or None), ``delta`` the summary to add to child ``index`` (true scale), ``kid`` the
+   child's new id. Returns the new node's child ids and columns as tuples (the unchanged columns are the
+   node's own objects) and its bytes: repacked from ``packed`` as repack_internal does, else packed in
+   full as pack_internal does, else None (the Python code packs it). Returns None, making nothing, when
+   a column's shift does not divide its amount (the column must be rescaled: a dirty copy's ``add``
+   does that) or the node is not of this shape. */
+static PyObject *
+bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || (args[1] != Py_None && !PyBytes_CheckExact(args[1])) || !PyLong_CheckExact(args[2]) ||
+        !PyLong_CheckExact(args[3]) || !PyList_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "bump_internal(node, packed: bytes | None, index: int, kid: int, "
+                                         "delta: list, nfields: int)");
+        return NULL;
+    }
+    Py_ssize_t index, nfields;
+    if (size_argument(args[2], "bump_internal: index", &index) < 0 ||
+        size_argument(args[5], "bump_internal: nfields", &nfields) < 0) {
+        return NULL;
+    }
+    Py_ssize_t columns = 1 + 2 * nfields;
+    PyObject *delta = args[4];
+    if (nfields > 256 || PyList_GET_SIZE(delta) != columns) {
+        Py_RETURN_NONE;
+    }
+    PyObject *names[4] = {keys_name, kids_name, shifts_name, cols_name};
+    PyObject *theirs[4] = {NULL, NULL, NULL, NULL}, *mine[4] = {NULL, NULL, NULL, NULL};
+    PyObject *amounts[1 + 2 * 256], *result = NULL;
+    memset(amounts, 0, sizeof(PyObject *) * (size_t)columns);
+    for (int part = 0; part < 4; part++) {
+        theirs[part] = PyObject_GetAttr(args[0], names[part]);
+        if (theirs[part] == NULL) {
+            goto done;
+        }
+    }
+    Py_ssize_t count = PyList_CheckExact(theirs[1]) || PyTuple_CheckExact(theirs[1])
+                           ? PySequence_Fast_GET_SIZE(theirs[1])
+                           : -1;
+    PyObject **shifts = part_items(theirs[2], columns), **cols = part_items(theirs[3], columns);
+    if (count <= index || shifts == NULL || cols == NULL) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    for (Py_ssize_t column = 0; column < columns; column++) {
+        if (part_items(cols[column], count) == NULL || !PyLong_CheckExact(shifts[column])) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    /* Each column's amount at its scale, checked before anything is made. */
+    for (Py_ssize_t column = 0; column < columns; column++) {
+        PyObject *amount = PyList_GET_ITEM(delta, column);
+        if (!PyLong_CheckExact(amount)) {
+            PyErr_SetString(PyExc_TypeError, "bump_internal: delta must hold ints");
+            goto done;
+        }
+        int zero = PyObject_Not(amount); /* an exact int: never fails */
+        if (zero) {
+            continue;
+        }
+        PyObject *scaled = PyNumber_Rshift(amount, shifts[column]);
+        PyObject *back = scaled == NULL ? NULL : PyNumber_Lshift(scaled, shifts[column]);
+        int exact = back == NULL ? -1 : PyObject_RichCompareBool(back, amount, Py_EQ);
+        Py_XDECREF(back);
+        if (exact <= 0) {
+            Py_XDECREF(scaled);
+            if (exact == 0) {
+                result = Py_NewRef(Py_None);
+            }
+            goto done;
+        }
+        amounts[column] = scaled;
+    }
+    PyObject *new_cols = PyTuple_New(columns);
+    if (new_cols == NULL) {
+        goto done;
+    }
+    mine[3] = new_cols;
+    for (Py_ssize_t column = 0; column < columns; column++) {
+        PyObject *col = cols[column], *item;
+        if (amounts[column] == NULL) {
+            item = Py_NewRef(col);
+        }
+        else {
+            PyObject *sum = PyNumber_Add(PySequence_Fast_ITEMS(col)[index], amounts[column]);
+            item = sum == NULL ? NULL : tuple_with(col, count, index, sum);
+        }
+        if (item == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(new_cols, column, item);
+    }
+    mine[1] = tuple_with(theirs[1], count, index, Py_NewRef(args[3]));
+    if (mine[1] == NULL) {
+        goto done;
+    }
+    mine[0] = Py_NewRef(theirs[0]);
+    mine[2] = Py_NewRef(theirs[2]);
+    PyObject *packed = args[1] == Py_None ? Py_NewRef(Py_None) : repack_parts(mine, theirs, args[1], nfields);
+    if (packed == Py_None) {
+        Py_DECREF(packed);
+        PyObject *parts = PyTuple_New(3 + columns);
+        if (parts == NULL) {
+            goto done;
+        }
+        for (int part = 0; part < 3; part++) {
+            PyTuple_SET_ITEM(parts, part, Py_NewRef(mine[part]));
+        }
+        for (Py_ssize_t column = 0; column < columns; column++) {
+            PyTuple_SET_ITEM(parts, 3 + column, Py_NewRef(PyTuple_GET_ITEM(new_cols, column)));
+        }
+        PyObject *call[2] = {parts, args[5]};
+        packed = pack_internal(module, call, 2);
+        Py_DECREF(parts);
+    }
+    if (packed != NULL) {
+        result = Py_BuildValue("(OON)", mine[1], mine[3], packed);
+    }
+done:
+    for (int part = 0; part < 4; part++) {
+        Py_XDECREF(theirs[part]);
+        Py_XDECREF(mine[part]);
+    }
+    for (Py_ssize_t column = 0; column < columns; column++) {
+        Py_XDECREF(amounts[column]);
+    }
+    return result;
+}
+
 /* ------------------------------------------------------------------ root records */
 
 /* The packed form of one summary value (_node.pack_summary): the int itself in the int64 range,
@@ -6449,6 +6599,10 @@ static PyMethodDef methods[] = {
     {"pack_internal", (PyCFunction)(void (*)(void))pack_internal, METH_FASTCALL,
      "pack_internal(parts, nfields) -> bytes | None: an internal node's bytes, plain or wide (see "
      "_node.encode_node)."},
+    {"bump_internal", (PyCFunction)(void (*)(void))bump_internal, METH_FASTCALL,
+     "bump_internal(node, packed, index, kid, delta, nfields) -> (kids, cols, packed) | None: a committed "
+     "internal node's child ids and columns with one child's id replaced and its summary grown, and "
+     "their bytes (see _node.Node.bumped)"},
     {"repack_internal", (PyCFunction)(void (*)(void))repack_internal, METH_FASTCALL,
      "repack_internal(node, origin, packed, nfields) -> bytes | None: pack_internal's bytes for an "
      "internal node copied from ``origin`` (whose stored bytes are ``packed``) and changed in a few "

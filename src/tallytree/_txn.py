@@ -17,6 +17,11 @@ that implements the tree's ``NodeAccess`` copy-on-write contract:
 * new nodes may also come already encoded: bulk builds (``adopt_encoded``) and leaves a batch merged
   in their stored bytes (``replace_stored``, see ``_btree``) are kept as bytes, decoded again only if
   the transaction reads them, and, not being decoded, do not enter the node cache at commit;
+* an internal node a single insert rewrote from its stored bytes (``adopt_prepared``, see
+  ``NodeTree.insert``) comes with both forms, its bytes and its node in committed form (tuples):
+  reads in the transaction get the node, the commit writes the bytes and caches the node, and a
+  later change in the transaction copies it like a committed node (the copy replaces it, and it is
+  never written);
 * nothing reaches the backend until :meth:`WriteTransaction.commit`, which encodes every dirty node once
   and hands the backend one batch. An exception in the ``with`` block discards the overlay, so a failed
   transaction writes nothing.
@@ -261,6 +266,12 @@ class Transaction:
     def adopt(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
+    def adopt_encoded(self, node_id: int, data: bytes) -> None:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
+    def adopt_prepared(self, node: Node, data: bytes) -> None:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
     def free(self, node_id: int) -> None:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
@@ -290,6 +301,7 @@ class WriteTransaction(Transaction):
         super().__init__(db, kv)
         self._dirty: dict[int, Node] = {}
         self._encoded: dict[int, bytes] = {}  # new nodes given in stored form (bulk builds)
+        self._prepared: dict[int, Node] = {}  # of those, the ones given decoded too (adopt_prepared)
         self._freed: list[int] = []
         self._changed_roots: set[bytes] = set()
         self._meta: dict[bytes, bytes | None] = {}
@@ -307,6 +319,8 @@ class WriteTransaction(Transaction):
         dirty = self._dirty.get(node_id)
         if dirty is not None:
             return dirty
+        if self._prepared and node_id in self._prepared:
+            return self._prepared[node_id]
         if self._encoded and node_id in self._encoded:  # read back a bulk-built node: now a dirty one
             dirty = self._dirty[node_id] = decode_node(self._encoded.pop(node_id), node_id).copy(node_id)
             return dirty
@@ -336,7 +350,10 @@ class WriteTransaction(Transaction):
             return node
         copy = node.copy(self._allocate())
         self._dirty[copy.id] = copy
-        self._freed.append(node.id)
+        if self._prepared and self._prepared.pop(node.id, None) is not None:  # new here: never written
+            del self._encoded[node.id]
+        else:
+            self._freed.append(node.id)
         return copy
 
     def new_id(self) -> int:
@@ -354,9 +371,22 @@ class WriteTransaction(Transaction):
         """
         self._encoded[node_id] = data
 
+    def adopt_prepared(self, node: Node, data: bytes) -> None:
+        """Register a new node (id from :meth:`new_id`) given in both forms: committed (its lists
+        tuples, ``dirty`` false) and stored (``data``, its ``encode_node`` bytes).
+
+        Reads in the transaction get ``node``; the commit writes ``data`` and puts ``node`` in the node
+        cache, where a copy-on-write path would have encoded and frozen a dirty node. A change later in
+        the transaction copies it (:meth:`mutable`), and the copy replaces it. O(1).
+        """
+        self._prepared[node.id] = node
+        self._encoded[node.id] = data
+
     def free(self, node_id: int) -> None:
         if self._dirty.pop(node_id, None) is None and self._encoded.pop(node_id, None) is None:
             self._freed.append(node_id)
+        elif self._prepared:
+            self._prepared.pop(node_id, None)
 
     def replace_stored(self, node_ids: list[int], data: list[bytes]) -> list[int]:
         """Nodes given in stored form (see :meth:`adopt_encoded`) in place of stored ones, which are
@@ -553,6 +583,8 @@ class WriteTransaction(Transaction):
             cache.discard(node_id)
         for node in self._dirty.values():
             node.freeze()
+            cache.put(node)
+        for node in self._prepared.values():
             cache.put(node)
         for tree, data, root in written:
             self._committed_root(tree, data, root)

@@ -1,0 +1,233 @@
+"""A single insert written from stored bytes: ``NodeTree._insert_stored`` and ``Node.bumped``.
+
+An insert inside a committed tree's range merges its entry into the leaf's stored bytes and rebuilds
+each internal node of the path in committed form (``Node.bumped``, the C kernel ``bump_internal``),
+instead of copying the nodes into lists. These tests check that ``bumped`` makes exactly what a dirty
+copy changed by ``add`` makes (the same children, the same bytes), with and without the kernels, and
+that the trees such inserts write, alone or mixed with other writes in one transaction, read as the
+model says and pass the checker.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+from conftest import pure_python, strict
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tallytree
+from tallytree._btree import NodeTree
+from tallytree._keys import encode_id, encode_key
+from tallytree._native import speedups
+from tallytree._node import Node, decode_node, encode_node
+
+FIELDS = ("cost", "tokens")
+needs_kernels = pytest.mark.skipif(speedups is None, reason="the stored path needs the C kernels")
+
+SUMS = (
+    st.integers(-(2**70), 2**70) | st.integers(-(2**300), 2**300) | st.sampled_from([0, 1, -1, 2**63, 2**64])
+)
+
+
+def _committed(size: int, nfields: int, data: st.DataObject) -> Node:
+    """A committed internal node of ``size`` children: drawn summaries whose sums share trailing zero
+    bits (so the columns have shifts), as a decode leaves it (tuples, with its stored bytes)."""
+    zeros = data.draw(st.integers(0, 1100))
+    summaries = [
+        [
+            data.draw(st.integers(1, 2**40)),
+            *(data.draw(SUMS) << zeros for _ in range(nfields)),
+            *(data.draw(st.integers(0, 2**20)) for _ in range(nfields)),
+        ]
+        for _ in range(size)
+    ]
+    keys = [b""] + [bytes([0x30, index]) for index in range(1, size)]
+    node = Node.internal_from(5, keys, list(range(100, 100 + size)), summaries)
+    committed = decode_node(encode_node(node), 5)
+    assert committed._packed is not None and not committed.dirty
+    return committed
+
+
+def _expected(origin: Node, index: int, kid: int, delta: list[int]) -> Node:
+    """What the decoded path makes of ``origin``: a dirty copy, its child replaced, ``add``."""
+    copy = origin.copy(6)
+    copy.kids[index] = kid
+    copy.add(index, delta)
+    return copy
+
+
+@given(st.integers(1, 40), st.integers(0, 3), st.data())
+def test_bumped_is_the_dirty_copy_changed_by_add(size: int, nfields: int, data: st.DataObject) -> None:
+    """Any internal node (plain or wide, with shifts), any child, any delta (one its shifts divide or
+    one that forces a column to be rescaled), with the kernels and without: the new node has the
+    children, ids and summaries a dirty copy changed by ``add`` has, and the bytes a full pack of
+    that copy writes; it is committed (never changed in place) and the original is unchanged."""
+    origin = _committed(size, nfields, data)
+    before = [origin.child(index) for index in range(size)]
+    index = data.draw(st.integers(0, size - 1))
+    kid = data.draw(st.integers(0, 2**63))
+    delta = [
+        data.draw(st.integers(-3, 3)),
+        *(data.draw(SUMS) << data.draw(st.integers(0, 1100)) for _ in range(nfields)),
+        *(data.draw(st.integers(-3, 3)) for _ in range(nfields)),
+    ]
+    expected = _expected(origin, index, kid, delta)
+    with pure_python():
+        full = encode_node(expected)
+    for mode in ("kernels", "python"):
+        if mode == "kernels":
+            bumped = origin.bumped(7, index, kid, delta)
+        else:
+            with pure_python():
+                bumped = origin.bumped(7, index, kid, delta)
+        assert bumped.id == 7 and not bumped.dirty and not bumped.leaf, mode
+        assert type(bumped.kids) is tuple and all(type(col) is tuple for col in bumped.cols), mode
+        assert list(bumped.kids) == expected.kids, mode
+        assert [bumped.child(at) for at in range(size)] == [expected.child(at) for at in range(size)], mode
+        assert bumped.packed() == full, mode
+        assert [origin.child(at) for at in range(size)] == before
+        assert origin.kids == tuple(range(100, 100 + size))
+
+
+@needs_kernels
+def test_bump_internal_refuses_what_it_does_not_take() -> None:
+    """A shift that does not divide the amount, an index past the children and a delta of another
+    width give None (the Python code takes those); wrong argument types raise TypeError."""
+    assert speedups is not None
+    node = Node.internal_from(5, [b"", b"m"], [1, 2], [[3, 8 << 40, 0], [4, 4 << 40, 0]])
+    node.freeze()
+    node._packed = encode_node(node)
+    assert node.shifts[1] == 42  # the two sums share 42 trailing zero bits
+    made = speedups.bump_internal(node, node._packed, 1, 9, [1, 4 << 42, 0], 1)
+    assert made is not None and made[0] == (1, 9) and made[2] is not None
+    assert speedups.bump_internal(node, node._packed, 1, 9, [1, 1 << 41, 0], 1) is None  # rescale
+    assert speedups.bump_internal(node, node._packed, 2, 9, [1, 0, 0], 1) is None  # no child 2
+    assert speedups.bump_internal(node, node._packed, 0, 9, [1, 0], 1) is None  # too short
+    assert speedups.bump_internal(node, None, 0, 9, [1, 0, 0], 1) is not None  # packed in full
+    for bad in (
+        (node, bytearray(node._packed), 0, 9, [1, 0, 0], 1),
+        (node, node._packed, 0, 9, (1, 0, 0), 1),
+        (node, node._packed, 0, 9, [1.0, 0, 0], 1),
+        (node, node._packed, "0", 9, [1, 0, 0], 1),
+    ):
+        with pytest.raises(TypeError):
+            speedups.bump_internal(*bad)
+
+
+def _rows(count: int, seed: int) -> dict[tuple[int, str], tuple[Any, ...]]:
+    rng = random.Random(seed)
+    return {
+        (key * 10, "s"): (rng.choice([0.25, 0.1, 3.0, 1e-9]), rng.randrange(1000)) for key in range(count)
+    }
+
+
+def _assert_matches(db: tallytree.Database, events: tallytree.Aggregate, rows: dict[Any, Any]) -> None:
+    expected = [tallytree.Item(key, item_id, values) for (key, item_id), values in sorted(rows.items())]
+    with db.read() as tx:
+        assert tallytree.check(tx) == []
+        assert strict(list(events.items(tx))) == strict(expected)
+        for low, high in ((0, 10**9), (55, 905), (300, 301), (17, 2000)):
+            inside = [item for item in expected if low <= item.key < high]
+            totals = events.totals(tx, ge=low, lt=high)
+            assert totals.cost == math.fsum(item.values[0] for item in inside)
+            assert totals.count == len(inside)
+            assert totals.tokens == sum(item.values[1] for item in inside)
+
+
+@needs_kernels
+def test_scattered_inserts_write_their_paths_from_stored_bytes(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inserts inside a committed tree of four levels, one per transaction: no node is copied into
+    lists, and the leaf is neither decoded nor cached; duplicates are refused the same way; every
+    read then matches the model."""
+    events = db.aggregate("events", values=FIELDS, node_size=4)
+    rows = _rows(300, 1)
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    with db.read() as tx:
+        root = tx.root(events._tree_key(None))
+        assert root is not None and root.height >= 4
+    copies: list[Node] = []
+    original = Node.copy
+
+    def copy(node: Node, node_id: int) -> Node:
+        copies.append(node)
+        return original(node, node_id)
+
+    monkeypatch.setattr(Node, "copy", copy)
+    stored = 0
+    rng = random.Random(2)
+    for key in rng.sample(range(1, 2990), 60):
+        if (key, "n") in rows or key % 10 == 0:
+            continue
+        leaf_size = _leaf_size(db, events, key)
+        before = len(copies)
+        with db.write() as tx:
+            events.insert(tx, key, "n", (0.5, key))
+        rows[(key, "n")] = (0.5, key)
+        if leaf_size < 4:  # no split: the stored path
+            assert len(copies) == before, key
+            stored += 1
+        with pytest.raises(tallytree.DuplicateItemError), db.write() as tx:
+            events.insert(tx, key, "n", (1.0, 1))
+    assert stored >= 10
+    _assert_matches(db, events, rows)
+
+
+def _leaf_size(db: tallytree.Database, events: tallytree.Aggregate, key: int) -> int:
+    """How many entries the leaf that ``key`` would go to holds now."""
+    with db.read() as tx:
+        root = tx.root(events._tree_key(None))
+        assert root is not None
+        tree = NodeTree(tx, len(FIELDS), events.node_size, root)
+        _, leaf = tree._path(encode_key(key) + encode_id("n"))
+        return leaf.size()
+
+
+@needs_kernels
+def test_writes_mixed_with_stored_inserts_in_one_transaction(db: tallytree.Database) -> None:
+    """In one transaction, stored-path inserts followed by more inserts into the same leaves, deletes
+    of what they inserted and of older items, an upsert, then an abort of another such transaction:
+    each read in the transaction and after the commit matches the model, and the aborted one changed
+    nothing."""
+    events = db.aggregate("events", values=FIELDS, node_size=4)
+    rows = _rows(200, 3)
+    with db.write() as tx:
+        events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
+    rng = random.Random(4)
+    with db.write() as tx:
+        for key in rng.sample(range(1, 1990), 40):
+            if key % 10 == 0:
+                continue
+            events.insert(tx, key, "a", (0.25, key))
+            rows[(key, "a")] = (0.25, key)
+            events.insert(tx, key, "b", (0.75, 1))  # the same leaf, now given in stored form
+            rows[(key, "b")] = (0.75, 1)
+            assert events.count(tx, le=key) == sum(1 for (k, _) in rows if k <= key)
+        for key, item_id in rng.sample(sorted(rows), 30):
+            assert strict(events.delete(tx, key, item_id)) == strict(
+                tallytree.Item(key, item_id, rows.pop((key, item_id)))
+            )
+        some = next(iter(sorted(rows)))
+        assert events.upsert(tx, some[0], some[1], (2.0, 2)) == "updated"
+        rows[some] = (2.0, 2)
+        assert events.totals(tx).count == len(rows)
+    _assert_matches(db, events, rows)
+    before = _snapshot(db, events)
+    with pytest.raises(RuntimeError), db.write() as tx:
+        for key in range(1, 1990, 37):
+            if key % 10:
+                events.insert(tx, key, "z", (9.0, 9))
+        raise RuntimeError("abort")
+    assert _snapshot(db, events) == before
+    _assert_matches(db, events, rows)
+
+
+def _snapshot(db: tallytree.Database, events: tallytree.Aggregate) -> Any:
+    with db.read() as tx:
+        return strict(list(events.items(tx))), strict(events.totals(tx))
