@@ -32,6 +32,13 @@ Every parent keeps each child's count and sums (see ``_node``), so:
 * ``select`` descends by cumulative counts.
 * ``insert`` / ``delete`` / ``update`` change one leaf and add a delta to the summary of each node on the
   path, then split, merge or borrow on the way back up.
+* With the C kernels, an ``insert`` into a committed path that needs no split is written from stored
+  bytes (``_insert_stored``): the leaf is merged with the entry in its stored bytes, as a batch
+  merges it (below), and each internal node of the path is rebuilt in committed form by
+  ``Node.bumped`` (one C call makes its new child ids and changed columns as tuples and repacks its
+  bytes from the stored ones). Nothing is copied into lists, encoded or frozen at commit, and the
+  leaf is not decoded; the transaction takes the leaf as bytes and the internal nodes in both forms
+  (``adopt_encoded``, ``adopt_prepared``). Any other insert takes the decoded path.
 * ``merge_sorted`` (batches, ``insert_many``) works per touched node, not per entry: a read-only plan
   splits the sorted batch among the children of each node it visits and finds what each touched leaf
   gets (or, for ``existing="error"``, stops at the first entry already there, before anything is
