@@ -580,8 +580,9 @@ class Node:
         child ids and the changed columns become new tuples, the keys, shifts and other columns are
         shared with this node, and the new node is never changed in place (a later change copies it,
         as it copies any committed node). With the C kernels, one call (``bump_internal``) makes the
-        tuples and repacks the bytes from this node's (see :func:`encode_node`); a column whose shift
-        does not divide its amount is rescaled first, as :meth:`add` rescales it, in Python.
+        tuples and repacks the bytes from this node's (see :func:`encode_node`). Without them, or for
+        a column whose shift does not divide its amount (which :meth:`add` rescales), it is a dirty
+        copy changed and frozen at once.
 
         >>> node = Node.internal_from(5, [b"", b"m"], [1, 2], [[3, 0, 0], [4, 0, 0]])
         >>> node.freeze()
@@ -593,30 +594,23 @@ class Node:
         if speedups is not None:
             nfields = (len(self.cols) - 1) // 2
             made = speedups.bump_internal(self, self._packed, index, kid, delta, nfields)
-        if made is not None:
-            kids, cols, packed = made
-            shifts = self.shifts
-        else:  # without the kernels, or a column to rescale (as _fit does)
-            changed: list[Sequence[int]] = list(self.cols)
-            shifts = list(self.shifts)
-            for column, amount in enumerate(delta):
-                if amount:
-                    col, shift = changed[column], shifts[column]
-                    if shift and amount & ((1 << shift) - 1):
-                        lower = _trailing_zeros(amount)
-                        col = [value << (shift - lower) for value in col]
-                        shifts[column] = shift = lower
-                    changed[column] = (*col[:index], col[index] + (amount >> shift), *col[index + 1 :])
-            kids, cols, packed = (*self.kids[:index], kid, *self.kids[index + 1 :]), tuple(changed), None
-            shifts = tuple(shifts)  # type: ignore[assignment]
-        node = Node(node_id, False, self.keys, cols, kids, shifts)  # type: ignore[arg-type]  # tuples
+        if made is None:  # without the kernels, or a column to rescale: a dirty copy, as writes make
+            node = self.copy(node_id)
+            node.kids[index] = kid
+            node.add(index, delta)
+            data = encode_node(node)  # repacked from this node's bytes when it can be
+            node.freeze()
+            node._packed = data
+            return node
+        assert speedups is not None  # made by the kernel
+        kids, cols, packed = made
+        node = Node(node_id, False, self.keys, cols, kids, self.shifts)  # type: ignore[arg-type]  # tuples
         if packed is None:
             node._origin = self  # what encode_node repacks it from
             packed = encode_node(node)
             node._origin = None
         node._packed = packed
-        if speedups is not None:
-            speedups.untrack(node)  # as freeze_node leaves a committed node (see freeze)
+        speedups.untrack(node)  # as freeze_node leaves a committed node (see freeze)
         return node
 
     def packed(self) -> bytes:

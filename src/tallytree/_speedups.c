@@ -5576,6 +5576,10 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (zero) {
             continue;
         }
+        if (PyObject_Not(shifts[column])) { /* counts, float counts, and sums with nothing factored out */
+            amounts[column] = Py_NewRef(amount);
+            continue;
+        }
         PyObject *scaled = PyNumber_Rshift(amount, shifts[column]);
         PyObject *back = scaled == NULL ? NULL : PyNumber_Lshift(scaled, shifts[column]);
         int exact = back == NULL ? -1 : PyObject_RichCompareBool(back, amount, Py_EQ);
