@@ -832,31 +832,22 @@ class NodeTree:
     ) -> bool | Literal[_Path.DECODED] | None:
         """:meth:`insert` written from stored bytes, when it can be: the leaf merged with the entry in
         its stored bytes (``merge_children``, as a batch merges it) and each internal node of the
-        path rebuilt in committed form, its bytes repacked from its stored ones (``Node.bumped``),
-        all of them handed to the transaction ready to write (``adopt_encoded``,
-        ``adopt_prepared``). Returns what :meth:`insert` returns, or ``_DECODED``, having changed
-        nothing, for an insert it leaves to the decoded path: a path the transaction changed already
-        (a dirty node), a leaf that would split, an entry that may belong after the last leaf (the
-        right edge, where the pending node may take it), a leaf the kernel leaves to Python, damage.
+        path rebuilt in committed form (:meth:`_write_stored`). Returns what :meth:`insert` returns,
+        or ``_DECODED``, having changed nothing, for an insert it leaves to the decoded path: a path
+        the transaction changed already (a dirty node), a leaf that would split, an entry that may
+        belong after the last leaf (the right edge, where the pending node may take it), a leaf the
+        kernel leaves to Python, damage.
 
         This is the path of a scattered insert into a committed tree, one per transaction. The
         decoded path copies each node into lists, changes the copies, and encodes and freezes them
         at commit, after decoding the leaf if it was not cached. The new leaf is not decoded: it
         enters the node cache when a read decodes it. O(B log_B n).
         """
-        assert self.root is not None and speedups is not None
-        access = self.access
-        path: Path = []
-        node = access.node(self.root.node_id)
-        last = True  # on the right edge so far
-        for level in range(self.root.height - 1):
-            if node.dirty or node.leaf or node._packed is None:
-                return _DECODED
-            index = bisect_right(node.keys, entry) - 1
-            last = last and index == len(node.kids) - 1
-            path.append((node, index))
-            if level < self.root.height - 2:
-                node = access.node(node.kids[index])
+        assert speedups is not None
+        found = self._stored_path(entry)
+        if found is None:
+            return _DECODED
+        path, last = found
         if inside and last:
             return _DECODED
         parent, index = path[-1]
@@ -869,7 +860,7 @@ class NodeTree:
             [[value] for value in values],
             self.max_size,
             self._fill_target(),
-            access.stored,
+            self.access.stored,
         )
         if len(rows) != 1 or rows[0][0] != index:
             return _DECODED
@@ -878,21 +869,93 @@ class NodeTree:
             return False  # the entry is there already
         if type(merged) is not bytes:  # the leaf splits, or is one this kernel leaves to Python
             return _DECODED
-        leaf = access.new_id()
-        made: list[Node] = []
-        child = leaf
+        self._write_stored(path, merged, delta)
+        return True
+
+    def _edit_stored(
+        self, entry: bytes, values: tuple[Any, ...] | None
+    ) -> tuple[Any, ...] | Literal[_Path.DECODED] | None:
+        """:meth:`delete` (``values`` None) or :meth:`update` written from stored bytes, as
+        :meth:`_insert_stored` writes an insert: the entry removed from its leaf's stored bytes, or
+        given its new values there (the kernel ``leaf_edit``), and the path rebuilt in committed form.
+        Returns the entry's old values, None (changing nothing) when it is absent, or ``_DECODED``,
+        having changed nothing, for a change left to the decoded path: a path the transaction
+        changed already, a delete that leaves the leaf underfull (the decoded path merges or borrows),
+        a leaf the kernel leaves to Python, damage. An update to equal values writes nothing.
+
+        A leaderboard's score change (a delete and an insert) and a status change (an item moved to
+        another key) are such writes of scattered items. O(B log_B n).
+        """
+        assert speedups is not None
+        found = self._stored_path(entry)
+        if found is None:
+            return _DECODED
+        path, _ = found
+        parent, index = path[-1]
+        data = self.access.stored(parent.kids[index])
+        if data is None:  # a leaf this transaction changed: its lists
+            return _DECODED
+        if values is not None and type(values) is not tuple:
+            values = tuple(values)
+        edited = speedups.leaf_edit(data, entry, values, self.nfields)
+        if edited is None or edited is False:
+            return None if edited is None else _DECODED
+        assert not isinstance(edited, bool)  # narrowed for mypy: False and True are refused above
+        changed, old, count = edited
+        if values is None:
+            if count < self.min_size:
+                return _DECODED
+            delta = _negate(delta_of(old))
+        elif same_values(old, values):
+            return old
+        else:
+            delta = vsub(delta_of(values), delta_of(old))
+        self._write_stored(path, changed, delta)
+        return old
+
+    def _stored_path(self, entry: bytes) -> tuple[Path, bool] | None:
+        """The internal nodes of the path to ``entry``'s leaf, each with the index of the child taken,
+        and whether the path is the right edge; None when a write from stored bytes cannot take it:
+        a tree of one leaf, or a node of the path that this transaction changed (a dirty one, whose
+        lists the decoded path changes) or that holds no stored bytes. O(log n)."""
+        root = self.root
+        assert root is not None
+        height = root.height
+        if height < 2:
+            return None
+        access = self.access
+        path: Path = []
+        node = access.node(root.node_id)
+        last = True  # on the right edge so far
+        for level in range(height - 1):
+            if node.dirty or node.leaf or node._packed is None:
+                return None
+            index = bisect_right(node.keys, entry) - 1
+            last = last and index == len(node.kids) - 1
+            path.append((node, index))
+            if level < height - 2:
+                node = access.node(node.kids[index])
+        return path, last
+
+    def _write_stored(self, path: Path, leaf: bytes, delta: list[int]) -> None:
+        """Write a changed leaf given as its stored bytes, in place of the one ``path`` leads to, and
+        each internal node of the path rebuilt in committed form by ``Node.bumped`` (new child id,
+        summary grown by ``delta``), all handed to the transaction ready to write (``adopt_encoded``,
+        ``adopt_prepared``); nothing is copied into lists, encoded or frozen at commit. O(B log_B n)."""
+        assert self.root is not None
+        access = self.access
+        parent, index = path[-1]
+        old = parent.kids[index]
+        child = access.new_id()
+        access.adopt_encoded(child, leaf)
+        access.free(old)
         for node, index in reversed(path):
             bumped = node.bumped(access.new_id(), index, child, delta)
-            made.append(bumped)
-            child = bumped.id
-        access.adopt_encoded(leaf, merged)
-        access.free(rows[0][3])
-        for (node, _), bumped in zip(reversed(path), made, strict=True):
             access.adopt_prepared(bumped, bumped.packed())
             access.free(node.id)
+            child = bumped.id
         self.root.node_id = child
         self.root.summary = vadd(self.root.summary, delta)
-        return True
 
     def append_leaf(self, keys: list[bytes], cols: list[list[Any]], summary: list[int]) -> bool:
         """Add entries that sort after every entry of the tree (ascending, ``summary`` theirs) as a
@@ -1211,6 +1274,10 @@ class NodeTree:
         """Remove ``entry``; return its values, or None (changing nothing) if absent. O(log n)."""
         if self.root is None:
             return None
+        if speedups is not None and self.root.height > 1:
+            done = self._edit_stored(entry, None)
+            if done is not _DECODED:
+                return done
         path, leaf = self._path(entry)
         index, present = _locate(leaf, entry)
         if not present:
@@ -1229,6 +1296,10 @@ class NodeTree:
         """
         if self.root is None:
             return None
+        if speedups is not None and self.root.height > 1:
+            done = self._edit_stored(entry, values)
+            if done is not _DECODED:
+                return done
         path, leaf = self._path(entry)
         index, present = _locate(leaf, entry)
         if not present:

@@ -68,6 +68,9 @@ the Python code and gives the same answers):
   committed one (``origin``, whose stored bytes are ``packed``) and changed in a few numbers, as a
   write of one item changes each node on its path: the stored bytes copied, the changed numbers
   encoded again; None for any other change, and the caller packs in full;
+* ``bump_internal(node, packed, index, kid, delta, nfields)``: what one write does to a committed
+  internal node of its path, without a dirty copy (``_node.Node.bumped``): its child ids and changed
+  columns as new tuples, and its bytes repacked from ``packed``;
 * ``join_limbs(limbs)``: the inverse for one decoded sum column, ``_node._join_limbs``;
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
@@ -90,7 +93,10 @@ the Python code and gives the same answers):
   among them) with each touched leaf's slice merged into the leaf's stored bytes, which are parsed in
   place and never decoded into Python objects: the merged leaf's bytes (those ``encode_node`` writes
   for it), or its even pieces with their exact summaries when it overflows, or the index of an entry
-  already stored.
+  already stored;
+* ``leaf_edit(data, entry, values, nfields)``: one entry removed from a stored leaf, or given new
+  values, in the same way (the other elements copied as stored), with the entry's old values: a
+  delete or an update of a scattered item (``_btree.NodeTree._edit_stored``).
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
@@ -4329,6 +4335,75 @@ piece_summary(const Merge *merge, Py_ssize_t from, Py_ssize_t to)
     return summary;
 }
 
+/* 1 when ``item`` is a number pack_node packs (a float, or an int of at most 64 bits), 0 for anything
+   else (the Python code packs or refuses it), -1 with an error set. */
+static int
+packable_number(PyObject *item)
+{
+    if (PyBytes_Check(item)) {
+        return 0; /* not a number: the Python code refuses it */
+    }
+    long long value;
+    unsigned long long big;
+    int is_unsigned;
+    Py_ssize_t size = scalar_size(item, &value, &big, &is_unsigned);
+    return size < 0 ? -1 : size > 0;
+}
+
+/* The elements of a stored leaf with ``fields`` value fields (``[1, [entry, ...], [value, ...] per
+   field]``): 1 with *count set and *elements a PyMem_Malloc'ed array of count keys, then count
+   values per field; 0 when the bytes are not such a leaf or do not parse (nothing is allocated:
+   the Python decoder then says what is wrong), or hold an infinity or a NaN; -1 with MemoryError. */
+static int
+leaf_elements(const unsigned char *data, Py_ssize_t length, Py_ssize_t fields, Element **elements,
+              Py_ssize_t *count)
+{
+    Py_ssize_t at = 0, parts, size;
+    if (!read_array_header(data, length, &at, &parts) || parts != 2 + fields || at >= length || data[at] != 1) {
+        return 0; /* not a leaf of this many fields */
+    }
+    at++;
+    if (!read_array_header(data, length, &at, &size) || size > (length - at) / (1 + fields)) {
+        return 0; /* more elements than bytes left (damaged): nothing is allocated for them */
+    }
+    Element *found = PyMem_Malloc(sizeof(Element) * (size_t)(size * (1 + fields)) + 1);
+    if (found == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t index = 0; index < size; index++) {
+        if (!read_element(data, length, &at, 1, &found[index])) {
+            goto damaged;
+        }
+    }
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        Py_ssize_t values;
+        if (!read_array_header(data, length, &at, &values) || values != size) {
+            goto damaged;
+        }
+        Element *column = found + size * (1 + field);
+        for (Py_ssize_t index = 0; index < size; index++) {
+            if (!read_element(data, length, &at, 0, &column[index])) {
+                goto damaged;
+            }
+            uint64_t bits;
+            if (data[column[index].at] == 0xcb && stored_number(data, &column[index], &bits) == VALUES_FLOAT &&
+                (bits & EXPONENT_BITS) == EXPONENT_BITS) {
+                goto damaged; /* an infinity or a NaN: damage, which the decode reports */
+            }
+        }
+    }
+    if (at != length) {
+        goto damaged;
+    }
+    *elements = found;
+    *count = size;
+    return 1;
+damaged:
+    PyMem_Free(found);
+    return 0;
+}
+
 /* The merge (the arguments' types checked by the caller): a new reference to the bytes, the index of
    a duplicate or None; NULL with an error set. */
 static PyObject *
@@ -4347,73 +4422,33 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
             return NULL;
         }
     }
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(stored);
-    Py_ssize_t length = PyBytes_GET_SIZE(stored), at = 0, parts, count;
-    if (!read_array_header(data, length, &at, &parts) || parts != 2 + fields || at >= length || data[at] != 1) {
-        Py_RETURN_NONE; /* not a leaf of this many fields */
-    }
-    at++;
-    if (!read_array_header(data, length, &at, &count) || count > (length - at) / (1 + fields)) {
-        Py_RETURN_NONE; /* more elements than bytes left (damaged): nothing is allocated for them */
-    }
-    Py_ssize_t total = count + (hi - lo);
     /* The new entries and values, measured (what pack_node accepts, or the Python code packs them). */
     for (Py_ssize_t index = lo; index < hi; index++) {
         PyObject *entry = PyList_GET_ITEM(entries, index);
         if (!PyBytes_CheckExact(entry)) {
             Py_RETURN_NONE;
         }
-        long long value;
-        unsigned long long big;
-        int is_unsigned;
         for (Py_ssize_t field = 0; field < fields; field++) {
-            PyObject *item = PyList_GET_ITEM(PyList_GET_ITEM(cols, field), index);
-            if (PyBytes_Check(item)) {
-                Py_RETURN_NONE; /* not a number: the Python code refuses it */
-            }
-            Py_ssize_t size = scalar_size(item, &value, &big, &is_unsigned);
-            if (size <= 0) {
-                if (size < 0) {
-                    return NULL;
-                }
-                Py_RETURN_NONE;
+            int packable = packable_number(PyList_GET_ITEM(PyList_GET_ITEM(cols, field), index));
+            if (packable <= 0) {
+                return packable < 0 ? NULL : Py_NewRef(Py_None);
             }
         }
     }
-    /* The stored elements: count keys, then count values per field. */
-    Element *elements = PyMem_Malloc(sizeof(Element) * (size_t)(count * (1 + fields)) + 1);
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(stored);
+    Py_ssize_t length = PyBytes_GET_SIZE(stored), count;
+    Element *elements;
+    int parsed = leaf_elements(data, length, fields, &elements, &count);
+    if (parsed <= 0) {
+        return parsed < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    Py_ssize_t total = count + (hi - lo);
     Py_ssize_t *order = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)total + 1);
-    if (elements == NULL || order == NULL) {
+    if (order == NULL) {
         PyMem_Free(elements);
-        PyMem_Free(order);
         return PyErr_NoMemory();
     }
     PyObject *result = NULL;
-    for (Py_ssize_t index = 0; index < count; index++) {
-        if (!read_element(data, length, &at, 1, &elements[index])) {
-            goto fallback;
-        }
-    }
-    for (Py_ssize_t field = 0; field < fields; field++) {
-        Py_ssize_t values;
-        if (!read_array_header(data, length, &at, &values) || values != count) {
-            goto fallback;
-        }
-        Element *column = elements + count * (1 + field);
-        for (Py_ssize_t index = 0; index < count; index++) {
-            if (!read_element(data, length, &at, 0, &column[index])) {
-                goto fallback;
-            }
-            uint64_t bits;
-            if (data[column[index].at] == 0xcb && stored_number(data, &column[index], &bits) == VALUES_FLOAT &&
-                (bits & EXPONENT_BITS) == EXPONENT_BITS) {
-                goto fallback; /* an infinity or a NaN: damage, which the decode reports */
-            }
-        }
-    }
-    if (at != length) {
-        goto fallback;
-    }
     /* The merge order: old entry i as i, new entry j as -1 - j. */
     Py_ssize_t old = 0, out = 0;
     for (Py_ssize_t index = lo; index < hi; index++) {
@@ -4657,6 +4692,148 @@ done:
 }
 
 /* ------------------------------------------------------------------ appending to a pending node */
+
+/* A stored number (a value element of a leaf) as the object the decode makes of it. */
+static PyObject *
+stored_object(const unsigned char *data, const Element *element)
+{
+    uint64_t word;
+    int type = stored_number(data, element, &word);
+    if (type == VALUES_FLOAT) {
+        double value;
+        memcpy(&value, &word, sizeof(value));
+        return PyFloat_FromDouble(value);
+    }
+    if (type == VALUES_NONE) {
+        return PyLong_FromUnsignedLongLong(word);
+    }
+    return PyLong_FromLongLong((long long)(int64_t)word);
+}
+
+/* leaf_edit(data, entry, values, nfields) -> (bytes, old values, count) | None | False: one entry of a
+   stored leaf removed (``values`` None) or given new values (a tuple of ``nfields`` numbers), in the
+   leaf's stored bytes, as ``merge_children`` adds one (``_btree.NodeTree._edit_stored``): the other
+   keys and values are copied as they are stored and only new values are packed, so the bytes are
+   those ``encode_node`` writes for the changed leaf. Returns the new bytes, the entry's old values
+   (as the decode makes them) and the leaf's new entry count; None when the entry is not in the leaf;
+   False, making nothing, for an edit left to the Python code: another layout or field count, a value
+   pack_node leaves to Python, bytes it cannot parse (the Python decoder then says what is wrong). A
+   delete or an update of a scattered item rewrites its leaf without decoding it. O(B). */
+static PyObject *
+leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[1]) ||
+        (args[2] != Py_None && !PyTuple_CheckExact(args[2])) || !PyLong_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "leaf_edit(data: bytes, entry: bytes, values: tuple | None, nfields: int)");
+        return NULL;
+    }
+    Py_ssize_t fields;
+    if (size_argument(args[3], "leaf_edit: nfields", &fields) < 0) {
+        return NULL;
+    }
+    PyObject *values = args[2];
+    int removing = values == Py_None;
+    if (!removing) {
+        if (PyTuple_GET_SIZE(values) != fields) {
+            PyErr_SetString(PyExc_ValueError, "leaf_edit: values must hold nfields numbers");
+            return NULL;
+        }
+        for (Py_ssize_t field = 0; field < fields; field++) {
+            int packable = packable_number(PyTuple_GET_ITEM(values, field));
+            if (packable <= 0) {
+                return packable < 0 ? NULL : Py_NewRef(Py_False);
+            }
+        }
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t length = PyBytes_GET_SIZE(args[0]), count;
+    Element *elements;
+    int parsed = leaf_elements(data, length, fields, &elements, &count);
+    if (parsed <= 0) {
+        return parsed < 0 ? NULL : Py_NewRef(Py_False);
+    }
+    /* bisect_left of the entry among the stored keys */
+    const char *key = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]), low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        const Element *stored = &elements[middle];
+        if (compare_bytes((const char *)data + stored->payload, stored->size - (stored->payload - stored->at), key,
+                          size) < 0) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    PyObject *result = NULL, *old = NULL, *bytes = NULL;
+    const Element *found = low < count ? &elements[low] : NULL;
+    if (found == NULL ||
+        compare_bytes((const char *)data + found->payload, found->size - (found->payload - found->at), key, size)) {
+        result = Py_NewRef(Py_None); /* not in this leaf */
+        goto done;
+    }
+    old = PyTuple_New(fields);
+    if (old == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        PyObject *value = stored_object(data, &elements[count * (1 + field) + low]);
+        if (value == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(old, field, value);
+    }
+    /* The new bytes: each part's elements before the entry's and after it copied as they are (each
+       part's elements lie one after another), the entry's own dropped, or its values packed anew. */
+    Py_ssize_t after = removing ? count - 1 : count;
+    Py_ssize_t total = array_header_size(2 + fields) + 1 + (1 + fields) * array_header_size(after);
+    for (Py_ssize_t part = 0; part <= fields; part++) {
+        const Element *column = elements + count * part;
+        total += column[count - 1].at + column[count - 1].size - column[0].at - column[low].size;
+        if (part && !removing) {
+            long long value;
+            unsigned long long big;
+            int is_unsigned;
+            total += scalar_size(PyTuple_GET_ITEM(values, part - 1), &value, &big, &is_unsigned);
+        }
+    }
+    if (!removing) { /* the entry's key stays */
+        total += elements[low].size;
+    }
+    bytes = PyBytes_FromStringAndSize(NULL, total);
+    if (bytes == NULL) {
+        goto done;
+    }
+    char *write = put_array_header(PyBytes_AS_STRING(bytes), 2 + fields);
+    *write++ = 1;
+    for (Py_ssize_t part = 0; part <= fields; part++) {
+        const Element *column = elements + count * part;
+        write = put_array_header(write, after);
+        Py_ssize_t start = column[0].at, cut = column[low].at, rest = cut + column[low].size;
+        Py_ssize_t end = column[count - 1].at + column[count - 1].size;
+        memcpy(write, data + start, (size_t)(cut - start));
+        write += cut - start;
+        if (!removing) {
+            if (part) {
+                write = put_scalar(write, PyTuple_GET_ITEM(values, part - 1));
+            }
+            else {
+                memcpy(write, data + cut, (size_t)column[low].size);
+                write += column[low].size;
+            }
+        }
+        memcpy(write, data + rest, (size_t)(end - rest));
+        write += end - rest;
+    }
+    assert(write == PyBytes_AS_STRING(bytes) + total);
+    result = Py_BuildValue("(OOn)", bytes, old, after);
+done:
+    Py_XDECREF(bytes);
+    Py_XDECREF(old);
+    PyMem_Free(elements);
+    return result;
+}
 
 /* append_pending(packed, entry, values, capacity): the stored bytes of a pending node (``_node``
    layout ``[4, [entry, ...], [value, ...] per field]``) with ``entry`` and its values appended, when
@@ -6614,6 +6791,9 @@ static PyMethodDef methods[] = {
     {"merge_children", (PyCFunction)(void (*)(void))merge_children, METH_FASTCALL,
      "merge_children(keys, kids, entries, lo, hi, cols, limit, target, stored) -> list of (child, lo, hi, node_id, "
      "merged): a slice of a sorted batch merged into the stored bytes of the leaves it touches."},
+    {"leaf_edit", (PyCFunction)(void (*)(void))leaf_edit, METH_FASTCALL,
+     "leaf_edit(data, entry, values, nfields) -> (bytes, old values, count) | None | False: one entry of a "
+     "stored leaf removed (values None) or given new values, in its stored bytes."},
     {"append_pending", (PyCFunction)(void (*)(void))append_pending, METH_FASTCALL,
      "append_pending(packed, entry, values, capacity) -> bytes | None: a pending node's stored bytes "
      "with an entry appended after its last one (see _tree.appended)."},
