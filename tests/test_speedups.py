@@ -719,6 +719,101 @@ def test_merge_leaf_leaves_what_it_does_not_handle_to_python() -> None:
     assert merge_leaf(leaf[:2] + b"\xdd\x7f\xff\xff\xff" + leaf[3:], [b"b"], 0, 1, [[4]], 8) is None
 
 
+def _leaf(keys: list[bytes], cols: list[list[Any]]) -> bytes:
+    return encode_node(Node(1, True, keys, cols, dirty=True))
+
+
+@given(st.lists(ENTRY, min_size=1, max_size=40, unique=True), st.integers(0, 3), st.data())
+def test_leaf_edit_writes_what_encode_node_writes(
+    entries: list[bytes], fields: int, data: st.DataObject
+) -> None:
+    """One entry removed from a stored leaf, or given new values: the bytes ``encode_node`` writes
+    for the leaf so changed, the entry's old values as the decode makes them, and the new count; an
+    entry the leaf does not hold gives None."""
+    assert speedups is not None
+    entries.sort()
+    size = len(entries)
+    cols = [data.draw(st.lists(LEAF_VALUE, min_size=size, max_size=size)) for _ in range(fields)]
+    leaf = _leaf(entries, cols)
+    at = data.draw(st.integers(0, size - 1))
+    old = decode_node(leaf, 1)
+    stored = tuple(column[at] for column in old.cols)
+    removed = speedups.leaf_edit(leaf, entries[at], None, fields)
+    rest = [column[:at] + column[at + 1 :] for column in cols]
+    assert strict(removed) == strict((_leaf(entries[:at] + entries[at + 1 :], rest), stored, size - 1))
+    new = tuple(data.draw(LEAF_VALUE) for _ in range(fields))
+    updated = speedups.leaf_edit(leaf, entries[at], new, fields)
+    changed = [[*column[:at], value, *column[at + 1 :]] for column, value in zip(cols, new, strict=True)]
+    assert strict(updated) == strict((_leaf(entries, changed), stored, size))
+    absent = data.draw(ENTRY.filter(lambda entry: entry not in entries))
+    assert speedups.leaf_edit(leaf, absent, None, fields) is None
+    assert speedups.leaf_edit(leaf, absent, new, fields) is None
+
+
+def test_leaf_edit_at_the_size_boundaries_of_arrays_and_bins() -> None:
+    """A removal that shrinks an array header from 16 to 15 or from 65,536 to 65,535 entries, and
+    edits of keys in bins of 255/256 and 65,535/65,536 bytes."""
+    assert speedups is not None
+    for size in (1, 16, 17, 65_536):
+        keys = [index.to_bytes(4, "big") for index in range(size)]
+        cols = [list(range(size)), [0.5] * size]
+        leaf = _leaf(keys, cols)
+        for at in {0, size // 2, size - 1}:
+            rest = [column[:at] + column[at + 1 :] for column in cols]
+            made = speedups.leaf_edit(leaf, keys[at], None, 2)
+            assert made == (_leaf(keys[:at] + keys[at + 1 :], rest), (at, 0.5), size - 1)
+            made = speedups.leaf_edit(leaf, keys[at], (2**64 - 1, -1), 2)
+            changed = [
+                [*cols[0][:at], 2**64 - 1, *cols[0][at + 1 :]],
+                [*cols[1][:at], -1, *cols[1][at + 1 :]],
+            ]
+            assert made == (_leaf(keys, changed), (at, 0.5), size)
+    for length in (254, 255, 256, 65_535, 65_536):
+        keys = [b"a" * length, b"b" * length]
+        leaf = _leaf(keys, [[1, 2]])
+        assert speedups.leaf_edit(leaf, keys[1], None, 1) == (_leaf(keys[:1], [[1]]), (2,), 1)
+        assert speedups.leaf_edit(leaf, keys[0], (7,), 1) == (_leaf(keys, [[7, 2]]), (1,), 2)
+    assert speedups.leaf_edit(_leaf([], [[]]), b"a", None, 1) is None  # an empty leaf holds nothing
+
+
+def test_leaf_edit_leaves_what_it_does_not_handle_to_python() -> None:
+    """Another layout or field count, a value pack_node leaves to Python, truncated or damaged bytes:
+    False, and the decoded path takes the edit (and reports the damage); bad arguments raise."""
+    assert speedups is not None
+    keys = [b"a", b"c", b"e"]
+    leaf = _leaf(keys, [[1, 2.5, -3]])
+    assert speedups.leaf_edit(leaf, b"c", (4,), 1) == (_leaf(keys, [[1, 4, -3]]), (2.5,), 3)
+    pending = Node(1, True, keys, [[1, 2, 3]], dirty=True)
+    pending.pending = True
+    internal = Node.internal_from(1, keys, [1, 2, 3], [delta_of((value,)) for value in (1, 2, 3)])
+    for other in (encode_node(pending), encode_node(internal), msgpack.packb([1, ["a"], [1]])):
+        assert speedups.leaf_edit(other, b"a", None, 1) is False
+    assert speedups.leaf_edit(leaf, b"c", None, 2) is False  # two fields, one stored
+    assert speedups.leaf_edit(leaf, b"c", None, 0) is False
+    for value in (2**64, -(2**63) - 1, True, None, "4", b"4", Int(4), 4.0j):
+        assert speedups.leaf_edit(leaf, b"c", (value,), 1) is False
+    for cut in range(len(leaf)):
+        assert speedups.leaf_edit(leaf[:cut], b"c", None, 1) is False
+    assert speedups.leaf_edit(leaf + b"\x00", b"c", None, 1) is False
+    assert speedups.leaf_edit(leaf.replace(b"\xcb", b"\xc1"), b"c", None, 1) is False
+    for value in (math.nan, math.inf):  # stored, only damage makes them: the decode reports it
+        damaged = _leaf(keys, [[1.5, value, 2.5]])
+        assert speedups.leaf_edit(damaged, b"a", None, 1) is False
+    assert leaf[2] == 0x93  # the keys' array header: claiming 2**31 keys, it must not be believed
+    assert speedups.leaf_edit(leaf[:2] + b"\xdd\x7f\xff\xff\xff" + leaf[3:], b"c", None, 1) is False
+    for arguments, error in (
+        ((leaf, b"c", None), TypeError),
+        ((bytearray(leaf), b"c", None, 1), TypeError),
+        ((leaf, "c", None, 1), TypeError),
+        ((leaf, b"c", [4], 1), TypeError),
+        ((leaf, b"c", None, 1.0), TypeError),
+        ((leaf, b"c", (4, 5), 1), ValueError),
+        ((leaf, b"c", None, -1), ValueError),
+    ):
+        with pytest.raises(error):
+            speedups.leaf_edit(*arguments)
+
+
 @given(
     st.lists(st.binary(max_size=6), min_size=1, max_size=12, unique=True),
     st.lists(st.binary(min_size=1, max_size=6), max_size=40, unique=True),

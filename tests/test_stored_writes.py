@@ -1,17 +1,20 @@
-"""A single insert written from stored bytes: ``NodeTree._insert_stored`` and ``Node.bumped``.
+"""Single writes from stored bytes: ``NodeTree._insert_stored``, ``_edit_stored`` and ``Node.bumped``.
 
-An insert inside a committed tree's range merges its entry into the leaf's stored bytes and rebuilds
-each internal node of the path in committed form (``Node.bumped``, the C kernel ``bump_internal``),
-instead of copying the nodes into lists. These tests check that ``bumped`` makes exactly what a dirty
-copy changed by ``add`` makes (the same children, the same bytes), with and without the kernels, and
-that the trees such inserts write, alone or mixed with other writes in one transaction, read as the
-model says and pass the checker.
+An insert inside a committed tree's range merges its entry into the leaf's stored bytes, and a delete
+or a value update of a scattered item edits its leaf's stored bytes (the kernel ``leaf_edit``); each
+internal node of the path is then rebuilt in committed form (``Node.bumped``, the C kernel
+``bump_internal``) instead of being copied into lists. These tests check that ``bumped`` makes
+exactly what a dirty copy changed by ``add`` makes (the same children, the same bytes), with and
+without the kernels; that such writes decode no leaf when they can take the stored path and take the
+decoded one when they cannot (a split, an underfull leaf); and that the trees they write, alone or
+mixed with other writes in one transaction, read as the model says and pass the checker.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -138,55 +141,132 @@ def _assert_matches(db: tallytree.Database, events: tallytree.Aggregate, rows: d
             assert totals.tokens == sum(item.values[1] for item in inside)
 
 
-@needs_kernels
-def test_scattered_inserts_write_their_paths_from_stored_bytes(
-    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Inserts inside a committed tree of four levels, one per transaction: no node is copied into
-    lists, and the leaf is neither decoded nor cached; duplicates are refused the same way; every
-    read then matches the model."""
+def _loaded(db: tallytree.Database, count: int, seed: int) -> tuple[tallytree.Aggregate, dict[Any, Any]]:
+    """An aggregate of nodes of four entries holding ``count`` items (a tree of four levels or more),
+    and its model."""
     events = db.aggregate("events", values=FIELDS, node_size=4)
-    rows = _rows(300, 1)
+    rows = _rows(count, seed)
     with db.write() as tx:
         events.insert_many(tx, [(key, item_id, values) for (key, item_id), values in rows.items()])
     with db.read() as tx:
         root = tx.root(events._tree_key(None))
         assert root is not None and root.height >= 4
-    copies: list[Node] = []
-    original = Node.copy
+    return events, rows
 
-    def copy(node: Node, node_id: int) -> Node:
-        copies.append(node)
-        return original(node, node_id)
 
-    monkeypatch.setattr(Node, "copy", copy)
+class Spy:
+    """Counts the writes that take the decoded path (a descent that decodes the leaf and copies the
+    nodes it changes into lists) and the writes from stored bytes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.decoded = 0
+        self.stored = 0
+        descend, write = NodeTree._path, NodeTree._write_stored
+
+        def spy_descend(tree: NodeTree, entry: bytes) -> Any:
+            self.decoded += 1
+            return descend(tree, entry)
+
+        def spy_write(tree: NodeTree, path: Any, leaf: bytes, delta: list[int]) -> None:
+            self.stored += 1
+            write(tree, path, leaf, delta)
+
+        monkeypatch.setattr(NodeTree, "_path", spy_descend)
+        monkeypatch.setattr(NodeTree, "_write_stored", spy_write)
+
+    def counts(self) -> tuple[int, int]:
+        return self.decoded, self.stored
+
+
+def _leaf_of(db: tallytree.Database, events: tallytree.Aggregate, key: int, item_id: str) -> tuple[int, bool]:
+    """How many entries the leaf that ``(key, item_id)`` goes to holds now, and whether it holds
+    that item (it may be in the tree's pending node instead)."""
+    entry = encode_key(key) + encode_id(item_id)
+    with db.read() as tx:
+        root = tx.root(events._tree_key(None))
+        assert root is not None
+        _, leaf = NodeTree(tx, len(FIELDS), events.node_size, root)._path(entry)
+        return leaf.size(), entry in leaf.keys
+
+
+@needs_kernels
+def test_scattered_inserts_write_their_paths_from_stored_bytes(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inserts inside a committed tree of four levels, one per transaction: one that splits no leaf
+    is one write from stored bytes and decodes no leaf; duplicates are refused the same way and
+    write nothing; every read then matches the model."""
+    events, rows = _loaded(db, 300, 1)
+    spy = Spy(monkeypatch)
     stored = 0
     rng = random.Random(2)
     for key in rng.sample(range(1, 2990), 60):
         if (key, "n") in rows or key % 10 == 0:
             continue
-        leaf_size = _leaf_size(db, events, key)
-        before = len(copies)
+        leaf_size, _ = _leaf_of(db, events, key, "n")
+        decoded, writes = spy.counts()
         with db.write() as tx:
             events.insert(tx, key, "n", (0.5, key))
         rows[(key, "n")] = (0.5, key)
         if leaf_size < 4:  # no split: the stored path
-            assert len(copies) == before, key
+            assert spy.counts() == (decoded, writes + 1), key
             stored += 1
+        decoded, writes = spy.counts()
         with pytest.raises(tallytree.DuplicateItemError), db.write() as tx:
             events.insert(tx, key, "n", (1.0, 1))
+        assert spy.counts() == (decoded, writes)
     assert stored >= 10
     _assert_matches(db, events, rows)
 
 
-def _leaf_size(db: tallytree.Database, events: tallytree.Aggregate, key: int) -> int:
-    """How many entries the leaf that ``key`` would go to holds now."""
-    with db.read() as tx:
-        root = tx.root(events._tree_key(None))
-        assert root is not None
-        tree = NodeTree(tx, len(FIELDS), events.node_size, root)
-        _, leaf = tree._path(encode_key(key) + encode_id("n"))
-        return leaf.size()
+@needs_kernels
+def test_scattered_deletes_and_updates_write_their_paths_from_stored_bytes(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletes and value updates of items of a committed tree of four levels, one per transaction:
+    an update, and a delete that leaves its leaf at least half full, are one write from stored
+    bytes each and decode no leaf; a delete that would leave its leaf underfull takes the decoded path
+    (which merges or borrows); an update to the same values and the removal of an absent item
+    write nothing. Every read then matches the model, and the checker finds nothing."""
+    events, rows = _loaded(db, 300, 5)
+    spy = Spy(monkeypatch)
+    rng = random.Random(6)
+    kinds: Counter[str] = Counter()
+    for key, item_id in rng.sample(sorted(rows), 150):
+        size, held = _leaf_of(db, events, key, item_id)
+        decoded, writes = spy.counts()
+        if rng.random() < 0.6:
+            with db.write() as tx:
+                removed = events.delete(tx, key, item_id)
+            assert strict(removed) == strict(tallytree.Item(key, item_id, rows.pop((key, item_id))))
+            kind = "pending" if not held else "stored delete" if size > 2 else "rebalanced"
+            if kind == "stored delete":
+                assert spy.counts() == (decoded, writes + 1), key
+            elif kind == "rebalanced":
+                assert spy.decoded > decoded and spy.stored == writes, key
+        else:
+            values = (rng.choice([0.5, 7.25, 1e-300, 2.0**70]), rng.randrange(-5, 5))
+            with db.write() as tx:
+                assert events.upsert(tx, key, item_id, values) == "updated"
+            rows[(key, item_id)] = values
+            kind = "stored update" if held else "pending"
+            if held:
+                assert spy.counts() == (decoded, writes + 1), key
+            decoded, writes = spy.counts()
+            with db.write() as tx:
+                assert events.upsert(tx, key, item_id, values) == "unchanged"
+            assert spy.counts() == (decoded, writes)
+        kinds[kind] += 1
+        decoded, writes = spy.counts()
+        with pytest.raises(tallytree.ItemNotFoundError), db.write() as tx:
+            events.delete(tx, key, "absent")
+        with db.write() as tx:
+            assert not events.discard(tx, key, item_id if kind != "stored update" else "absent")
+        assert spy.counts() == (decoded, writes)
+        if len(rows) % 16 == 0:
+            _assert_matches(db, events, rows)
+    assert kinds["stored delete"] >= 20 and kinds["stored update"] >= 20 and kinds["rebalanced"] >= 5, kinds
+    _assert_matches(db, events, rows)
 
 
 @needs_kernels
@@ -231,3 +311,45 @@ def test_writes_mixed_with_stored_inserts_in_one_transaction(db: tallytree.Datab
 def _snapshot(db: tallytree.Database, events: tallytree.Aggregate) -> Any:
     with db.read() as tx:
         return strict(list(events.items(tx))), strict(events.totals(tx))
+
+
+@needs_kernels
+def test_moves_of_scattered_items(db: tallytree.Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leaderboard's score changes: items moved to new keys (a delete and an insert in one write),
+    one per transaction, then many in one; a move onto a taken position and a transaction of moves
+    that aborts change nothing. Most moves are written from stored bytes; every read matches the
+    model."""
+    events, rows = _loaded(db, 300, 7)
+    spy = Spy(monkeypatch)
+    rng = random.Random(8)
+
+    def move(tx: tallytree.Transaction, key: int, item_id: str) -> None:
+        target = key + rng.randrange(1, 400)
+        while (target, item_id) in rows:
+            target += 1
+        values = (rng.choice([0.5, 1e-9]), key)
+        moved = events.replace(tx, key, item_id, new_key=target, new_values=values)
+        assert strict(moved) == strict(tallytree.Item(target, item_id, values))
+        del rows[(key, item_id)]
+        rows[(target, item_id)] = values
+
+    for key, item_id in rng.sample(sorted(rows), 40):
+        with db.write() as tx:
+            move(tx, key, item_id)
+    assert spy.stored >= 40  # most of the 80 writes
+    with db.write() as tx:
+        for key, item_id in rng.sample(sorted(rows), 30):
+            move(tx, key, item_id)
+            assert events.count(tx) == len(rows)
+    _assert_matches(db, events, rows)
+    before = _snapshot(db, events)
+    (first, first_id), (second, second_id) = sorted(rows)[:2]
+    with pytest.raises(tallytree.DuplicateItemError), db.write() as tx:
+        events.replace(tx, first, first_id, new_key=second, new_id=second_id)
+    assert _snapshot(db, events) == before
+    with pytest.raises(RuntimeError), db.write() as tx:
+        for key, item_id in rng.sample(sorted(rows), 30):
+            events.replace(tx, key, item_id, new_key=key + 0.5)
+        raise RuntimeError("abort")
+    assert _snapshot(db, events) == before
+    _assert_matches(db, events, rows)
