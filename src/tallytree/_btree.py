@@ -38,7 +38,10 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   ``Node.bumped`` (one C call makes its new child ids and changed columns as tuples and repacks its
   bytes from the stored ones). Nothing is copied into lists, encoded or frozen at commit, and the
   leaf is not decoded; the transaction takes the leaf as bytes and the internal nodes in both forms
-  (``adopt_encoded``, ``adopt_prepared``). Any other insert takes the decoded path.
+  (``adopt_encoded``, ``adopt_prepared``). A ``delete`` that leaves its leaf at least half full and
+  an ``update`` are written the same way (``_edit_stored``): the kernel ``leaf_edit`` drops the
+  entry from the leaf's stored bytes, or packs its new values there, and hands back its old values.
+  Any other write takes the decoded path.
 * ``merge_sorted`` (batches, ``insert_many``) works per touched node, not per entry: a read-only plan
   splits the sorted batch among the children of each node it visits and finds what each touched leaf
   gets (or, for ``existing="error"``, stops at the first entry already there, before anything is
