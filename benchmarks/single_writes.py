@@ -47,9 +47,11 @@ Rows = Callable[[], list[tuple[int, int, float, int]]]
 """Every stored event as ``(ts, id, cost, tokens)``, in order: both systems must end with the same."""
 
 
-def _tallytree(directory: Path, n: int) -> tuple[dict[str, Write], Rows, Callable[[], None]]:
+def _tallytree(
+    directory: Path, n: int, node_size: int | None
+) -> tuple[dict[str, Write], Rows, Callable[[], None]]:
     db = tallytree.open(directory / "tallytree", durable=False)
-    events = db.aggregate("events", values=("cost", "tokens"))
+    events = db.aggregate("events", values=("cost", "tokens"), node_size=node_size)
     with db.write() as tx:
         events.build(tx, ((ts * 10, ts, (0.25, 100)) for ts in range(n)), namespace="org", sorted=True)
 
@@ -108,10 +110,13 @@ def _sqlite(directory: Path, n: int) -> tuple[dict[str, Write], Rows, Callable[[
     return writes, rows, con.close
 
 
-def measure(n: int, commits: int, rounds: int, seed: int = 7) -> dict[tuple[str, str], list[float]]:
+def measure(
+    n: int, commits: int, rounds: int, seed: int = 7, node_size: int | None = None
+) -> dict[tuple[str, str], list[float]]:
     """Per-commit seconds for each (system, kind), ``commits`` each, in ``rounds`` interleaved
-    rounds. Both systems get the same items and times; each stored item is written once. Raises
-    AssertionError if the two systems then hold different events."""
+    rounds, tallytree's aggregate with ``node_size`` (None: the default). Both systems get the
+    same items and times; each stored item is written once. Raises AssertionError if the two
+    systems then hold different events."""
     rng = random.Random(seed)
     per_round = commits // rounds
     chosen = rng.sample(range(n), 3 * per_round * rounds)  # distinct items to delete, update, move
@@ -124,7 +129,7 @@ def measure(n: int, commits: int, rounds: int, seed: int = 7) -> dict[tuple[str,
     samples: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tt-single-writes-") as tmp:
         directory = Path(tmp)
-        systems = {"tallytree": _tallytree(directory, n), "sqlite": _sqlite(directory, n)}
+        systems = {"tallytree": _tallytree(directory, n, node_size), "sqlite": _sqlite(directory, n)}
         try:
             for round_ in range(rounds):
                 for name, (writes, _, _) in systems.items():
@@ -171,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100_000, help="events preloaded (default 100,000)")
     parser.add_argument("--commits", type=int, default=1_000, help="commits per kind (default 1,000)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--node-size", type=int, help="tallytree's node size (default: the library's)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.commits < args.rounds or 3 * args.commits > args.n:
         parser.error("need 1 <= rounds <= commits and 3 * commits <= n (each stored item is written once)")
-    print(report(measure(args.n, args.commits, args.rounds), args.n))
+    print(report(measure(args.n, args.commits, args.rounds, node_size=args.node_size), args.n))
     return 0
 
 

@@ -658,7 +658,12 @@ def test_check_passes_and_fails(built: Path, run: Any) -> None:
     assert code == 3 and json.loads(out)["ok"] is False
 
 
-def test_stats(built: Path, run: Any) -> None:
+def test_stats(tmp_path: Path, sources: dict[str, Path], run: Any) -> None:
+    built = tmp_path / "db"  # nodes of 64 entries: 75 items per namespace make trees of two levels
+    code, _, err = run(
+        "build", built, "events", "--from", sources["csv"], *BUILD, "--node-size", "64", "--quiet"
+    )
+    assert (code, err) == (0, "")
     code, out, _ = run("stats", built, "--json")
     document = json.loads(out)
     [events] = document["aggregates"]

@@ -143,7 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--sorted", action="store_true", help="promise the source is in (namespace, key, id) order"
     )
-    build.add_argument("--node-size", type=int, help="entries per node, for a new aggregate (default 64)")
+    build.add_argument(
+        "--node-size",
+        type=int,
+        help=f"entries per node, for a new aggregate (default {_db.DEFAULT_NODE_SIZE})",
+    )
     build.add_argument("--fill", type=float, default=_bulk.DEFAULT_FILL, help="node fill factor, 0.5 to 1.0")
     build.add_argument("--memory", default="256M", help="sort buffer before spilling to disk (default 256M)")
     build.add_argument("--temp-dir", help="directory for sort runs (default: the system's)")
