@@ -57,7 +57,7 @@ _UPGRADABLE = (b"tallytree-1", b"tallytree-2")
 """Older formats this version reads as they are (and upgrades by retagging when writing)."""
 DEFAULT_NODE_SIZE = 128
 """Entries per node; chosen by benchmark (see docs/performance.md, "Settings"): 128 against 64,
-single writes of scattered items take 0.85-0.89x the time, reads the same within 5%."""
+single writes of scattered items take 0.82-0.93x the time; reads of 10^6 items the same."""
 DEFAULT_CACHE_NODES = 16384
 """Decoded nodes kept per database: with the default node size, about the memory and the items
 that 32,768 nodes of 64 entries held."""
