@@ -4691,7 +4691,7 @@ done:
     return result;
 }
 
-/* ------------------------------------------------------------------ appending to a pending node */
+/* ------------------------------------------------------------------ editing a stored leaf */
 
 /* A stored number (a value element of a leaf) as the object the decode makes of it. */
 static PyObject *
@@ -4834,6 +4834,8 @@ done:
     PyMem_Free(elements);
     return result;
 }
+
+/* ------------------------------------------------------------------ appending to a pending node */
 
 /* append_pending(packed, entry, values, capacity): the stored bytes of a pending node (``_node``
    layout ``[4, [entry, ...], [value, ...] per field]``) with ``entry`` and its values appended, when
