@@ -901,9 +901,10 @@ class NodeTree:
         if values is not None and type(values) is not tuple:
             values = tuple(values)
         edited = speedups.leaf_edit(data, entry, values, self.nfields)
-        if edited is None or edited is False:
-            return None if edited is None else _DECODED
-        assert not isinstance(edited, bool)  # narrowed for mypy: False and True are refused above
+        if edited is None:  # not in its leaf
+            return None
+        if type(edited) is not tuple:  # False: a leaf or value the kernel leaves to Python
+            return _DECODED
         changed, old, count = edited
         if values is None:
             if count < self.min_size:
