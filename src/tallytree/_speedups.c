@@ -93,10 +93,13 @@ the Python code and gives the same answers):
   among them) with each touched leaf's slice merged into the leaf's stored bytes, which are parsed in
   place and never decoded into Python objects: the merged leaf's bytes (those ``encode_node`` writes
   for it), or its even pieces with their exact summaries when it overflows, or the index of an entry
-  already stored;
+  already stored. A leaf that does not overflow is spliced: every key's place is noted, each value
+  column is walked by its tags only, and the runs between the new elements are copied whole (1.7
+  us for a leaf of 110 entries and one new entry, 4.0 us when every element was noted and copied
+  one by one);
 * ``leaf_edit(data, entry, values, nfields)``: one entry removed from a stored leaf, or given new
-  values, in the same way (the other elements copied as stored), with the entry's old values: a
-  delete or an update of a scattered item (``_btree.NodeTree._edit_stored``).
+  values, spliced in the same way (the other elements copied as stored), with the entry's old
+  values: a delete or an update of a scattered item (``_btree.NodeTree._edit_stored``).
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the
@@ -4063,6 +4066,22 @@ typedef struct {
     Py_ssize_t payload; /* offset of a bin's bytes */
 } Element;
 
+/* The size of a stored number by its tag (fixints, ints of 1 to 8 bytes, doubles), 0 for other tags. */
+static unsigned char number_sizes[256];
+
+static void
+init_number_sizes(void)
+{
+    for (int tag = 0; tag < 256; tag++) {
+        number_sizes[tag] = tag <= 0x7f || tag >= 0xe0                 ? 1
+                            : tag == 0xcc || tag == 0xd0               ? 2
+                            : tag == 0xcd || tag == 0xd1               ? 3
+                            : tag == 0xce || tag == 0xd2               ? 5
+                            : tag == 0xcf || tag == 0xd3 || tag == 0xcb ? 9
+                                                                       : 0;
+    }
+}
+
 /* Read a msgpack array header at data[*at]: 1 with *count set, 0 if there is none. */
 static int
 read_array_header(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssize_t *count)
@@ -4404,6 +4423,211 @@ damaged:
     return 0;
 }
 
+/* Splicing a stored leaf. A write of a few entries into a leaf of ~100 needs the place of each key
+   (to find where the entries go) but, in each value column, only the places where something is
+   inserted or dropped: the runs between them are copied as they are. leaf_keys notes every key's
+   place; column_marks walks a column by its tags (a table lookup per number), noting only the places
+   asked for. A merge of one entry costs a third of what building every element (leaf_elements) and
+   copying them one by one costs. */
+
+/* The keys of a stored leaf with ``fields`` value fields (``[1, [entry, ...], [value, ...] per
+   field]``): 1 with *count set, *offsets a PyMem_Malloc'ed array of the count + 1 places of the key
+   elements (the last: where the keys end) and *at where the first value column begins; 0 when the
+   bytes are not such a leaf or do not parse (nothing is allocated); -1 with MemoryError. */
+static int
+leaf_keys(const unsigned char *data, Py_ssize_t length, Py_ssize_t fields, Py_ssize_t **offsets, Py_ssize_t *count,
+          Py_ssize_t *at)
+{
+    Py_ssize_t here = 0, parts, size;
+    if (!read_array_header(data, length, &here, &parts) || parts != 2 + fields || here >= length || data[here] != 1) {
+        return 0; /* not a leaf of this many fields */
+    }
+    here++;
+    if (!read_array_header(data, length, &here, &size) || size > (length - here) / (1 + fields)) {
+        return 0; /* more elements than bytes left (damaged): nothing is allocated for them */
+    }
+    Py_ssize_t *found = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(size + 1));
+    if (found == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t index = 0;
+    while (index < size) {
+        Element element;
+        Py_ssize_t start = here;
+        found[index++] = here;
+        if (!read_element(data, length, &here, 1, &element)) {
+            PyMem_Free(found);
+            return 0;
+        }
+        /* keys of one length follow one another (see skip_bins): their places are known in advance */
+        Py_ssize_t step = element.size, header = element.payload - element.at;
+        while (index < size && here + step <= length && data[here] == data[start] &&
+               (header == 2 ? data[here + 1] == data[start + 1] : memcmp(data + here, data + start, (size_t)header) == 0)) {
+            found[index++] = here;
+            here += step;
+        }
+    }
+    found[size] = here;
+    *offsets = found;
+    *count = size;
+    *at = here;
+    return 1;
+}
+
+/* Key ``index`` of a leaf whose key places leaf_keys noted: its bytes and their size. */
+static inline const char *
+leaf_key(const unsigned char *data, const Py_ssize_t *offsets, Py_ssize_t index, Py_ssize_t *size)
+{
+    unsigned char tag = data[offsets[index]];
+    Py_ssize_t header = tag == 0xc4 ? 2 : tag == 0xc5 ? 3 : 5; /* read_element read a bin there */
+    *size = offsets[index + 1] - offsets[index] - header;
+    return (const char *)data + offsets[index] + header;
+}
+
+/* bisect_left of ``key`` among keys low:count of a leaf whose key places leaf_keys noted. */
+static Py_ssize_t
+leaf_bisect(const unsigned char *data, const Py_ssize_t *offsets, Py_ssize_t low, Py_ssize_t count, const char *key,
+            Py_ssize_t size)
+{
+    Py_ssize_t high = count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2, stored;
+        const char *bytes = leaf_key(data, offsets, middle, &stored);
+        if (compare_bytes(bytes, stored, key, size) < 0) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    return low;
+}
+
+/* Walk the value column at data[*at], an array of ``count`` stored numbers: 1 with *begin set to the
+   place of its first element, places[m] to the place of element marks[m] (``marks`` ascending, a mark
+   of ``count`` meaning the column's end) and *at moved past it; 0 for bytes of another layout or a
+   stored infinity or NaN (never written: damage, which the Python decoder then reports). */
+static int
+column_marks(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssize_t count,
+             const Py_ssize_t *marks, Py_ssize_t nmarks, Py_ssize_t *begin, Py_ssize_t *places)
+{
+    Py_ssize_t here = *at, stored, mark = 0;
+    if (!read_array_header(data, length, &here, &stored) || stored != count) {
+        return 0;
+    }
+    *begin = here;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        while (mark < nmarks && marks[mark] == index) {
+            places[mark++] = here;
+        }
+        if (here >= length) {
+            return 0;
+        }
+        unsigned char tag = data[here];
+        Py_ssize_t size = number_sizes[tag];
+        if (size == 0 || size > length - here) {
+            return 0;
+        }
+        if (tag == 0xcb && (data[here + 1] & 0x7F) == 0x7F && (data[here + 2] & 0xF0) == 0xF0) {
+            return 0; /* every exponent bit set: an infinity or a NaN */
+        }
+        here += size;
+    }
+    while (mark < nmarks) {
+        places[mark++] = here;
+    }
+    *at = here;
+    return 1;
+}
+
+/* The new element ``index`` of ``part`` in a splice: the entry (part 0) or its value of field part - 1. */
+static inline PyObject *
+spliced_item(PyObject *entries, PyObject *cols, Py_ssize_t part, Py_ssize_t index)
+{
+    return PyList_GET_ITEM(part ? PyList_GET_ITEM(cols, part - 1) : entries, index);
+}
+
+/* merge_into for entries that fit the leaf (no split): the leaf's bytes with ``entries[lo:hi]`` (and
+   their values) spliced in, each part's stored elements copied in runs. ``offsets``, ``count`` and
+   ``at`` are leaf_keys'. The bytes merged_piece writes for the same merge (the tests compare them);
+   the index of an entry already in the leaf; None for bytes that do not parse; NULL with an error. */
+static PyObject *
+merge_spliced(const unsigned char *data, Py_ssize_t length, const Py_ssize_t *offsets, Py_ssize_t count, Py_ssize_t at,
+              PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, PyObject *cols)
+{
+    Py_ssize_t fields = PyList_GET_SIZE(cols), added = hi - lo, parts = 1 + fields;
+    /* marks[j]: the stored key new entry lo + j goes before; places[part * added + j]: its byte place */
+    Py_ssize_t *marks = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(added * (1 + parts) + 2 * parts) + 1);
+    if (marks == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t *places = marks + added, *begins = places + added * parts, *ends = begins + parts;
+    PyObject *result = NULL;
+    Py_ssize_t low = 0;
+    for (Py_ssize_t index = lo; index < hi; index++) {
+        PyObject *entry = PyList_GET_ITEM(entries, index);
+        const char *key = PyBytes_AS_STRING(entry);
+        Py_ssize_t size = PyBytes_GET_SIZE(entry), stored;
+        low = leaf_bisect(data, offsets, low, count, key, size);
+        if (low < count) {
+            const char *bytes = leaf_key(data, offsets, low, &stored);
+            if (compare_bytes(bytes, stored, key, size) == 0) {
+                result = PyLong_FromSsize_t(index);
+                goto done;
+            }
+        }
+        marks[index - lo] = low;
+        places[index - lo] = offsets[low];
+    }
+    begins[0] = offsets[0];
+    ends[0] = offsets[count];
+    for (Py_ssize_t part = 1; part < parts; part++) {
+        if (!column_marks(data, length, &at, count, marks, added, &begins[part], places + part * added)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        ends[part] = at;
+    }
+    if (at != length) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t total = array_header_size(2 + fields) + 1 + parts * array_header_size(count + added);
+    for (Py_ssize_t part = 0; part < parts; part++) {
+        total += ends[part] - begins[part];
+        for (Py_ssize_t index = lo; index < hi; index++) {
+            long long value;
+            unsigned long long big;
+            int is_unsigned;
+            total += scalar_size(spliced_item(entries, cols, part, index), &value, &big, &is_unsigned);
+        }
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) {
+        goto done;
+    }
+    char *write = put_array_header(PyBytes_AS_STRING(result), 2 + fields);
+    *write++ = 1;
+    for (Py_ssize_t part = 0; part < parts; part++) {
+        write = put_array_header(write, count + added);
+        Py_ssize_t copied = begins[part];
+        for (Py_ssize_t index = lo; index < hi; index++) {
+            Py_ssize_t place = places[part * added + index - lo];
+            memcpy(write, data + copied, (size_t)(place - copied));
+            write += place - copied;
+            copied = place;
+            write = put_scalar(write, spliced_item(entries, cols, part, index));
+        }
+        memcpy(write, data + copied, (size_t)(ends[part] - copied));
+        write += ends[part] - copied;
+    }
+    assert(write == PyBytes_AS_STRING(result) + total);
+done:
+    PyMem_Free(marks);
+    return result;
+}
+
 /* The merge (the arguments' types checked by the caller): a new reference to the bytes, the index of
    a duplicate or None; NULL with an error set. */
 static PyObject *
@@ -4436,9 +4660,19 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
         }
     }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(stored);
-    Py_ssize_t length = PyBytes_GET_SIZE(stored), count;
-    Element *elements;
-    int parsed = leaf_elements(data, length, fields, &elements, &count);
+    Py_ssize_t length = PyBytes_GET_SIZE(stored), count, at, *offsets;
+    int parsed = leaf_keys(data, length, fields, &offsets, &count, &at);
+    if (parsed <= 0) {
+        return parsed < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (count + (hi - lo) <= limit) { /* no split: spliced */
+        PyObject *spliced = merge_spliced(data, length, offsets, count, at, entries, lo, hi, cols);
+        PyMem_Free(offsets);
+        return spliced;
+    }
+    PyMem_Free(offsets);
+    Element *elements; /* a split: every element noted, the pieces written element by element */
+    parsed = leaf_elements(data, length, fields, &elements, &count);
     if (parsed <= 0) {
         return parsed < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -4474,10 +4708,6 @@ merge_into(PyObject *stored, PyObject *entries, Py_ssize_t lo, Py_ssize_t hi, Py
         order[out++] = old++;
     }
     Merge merge = {data, elements, count, fields, order, entries, cols};
-    if (total <= limit) {
-        result = merged_piece(&merge, 0, total);
-        goto done;
-    }
     /* Split into even pieces of at most ``target`` entries, as NodeTree._cut cuts a leaf. */
     if (target < 1) {
         goto fallback;
@@ -4746,30 +4976,44 @@ leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         }
     }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t length = PyBytes_GET_SIZE(args[0]), count;
-    Element *elements;
-    int parsed = leaf_elements(data, length, fields, &elements, &count);
+    Py_ssize_t length = PyBytes_GET_SIZE(args[0]), count, at, *offsets;
+    int parsed = leaf_keys(data, length, fields, &offsets, &count, &at);
     if (parsed <= 0) {
         return parsed < 0 ? NULL : Py_NewRef(Py_False);
     }
-    /* bisect_left of the entry among the stored keys */
     const char *key = PyBytes_AS_STRING(args[1]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[1]), low = 0, high = count;
-    while (low < high) {
-        Py_ssize_t middle = low + (high - low) / 2;
-        const Element *stored = &elements[middle];
-        if (compare_bytes((const char *)data + stored->payload, stored->size - (stored->payload - stored->at), key,
-                          size) < 0) {
-            low = middle + 1;
-        }
-        else {
-            high = middle;
-        }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]), stored;
+    Py_ssize_t low = leaf_bisect(data, offsets, 0, count, key, size);
+    int present = low < count;
+    if (present) {
+        const char *found = leaf_key(data, offsets, low, &stored);
+        present = compare_bytes(found, stored, key, size) == 0;
     }
     PyObject *result = NULL, *old = NULL, *bytes = NULL;
-    const Element *found = low < count ? &elements[low] : NULL;
-    if (found == NULL ||
-        compare_bytes((const char *)data + found->payload, found->size - (found->payload - found->at), key, size)) {
+    Py_ssize_t parts = 1 + fields, marks[2] = {low, present ? low + 1 : low};
+    Py_ssize_t *places = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(4 * parts)); /* per part: where the
+        entry's element begins and ends, where the part's elements begin, and where they end */
+    if (places == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t *begins = places + 2 * parts, *ends = begins + parts;
+    places[0] = offsets[marks[0]];
+    places[1] = offsets[marks[1]];
+    begins[0] = offsets[0];
+    ends[0] = offsets[count];
+    for (Py_ssize_t part = 1; part < parts; part++) { /* read whole, an absent entry's leaf too */
+        if (!column_marks(data, length, &at, count, marks, 2, &begins[part], places + 2 * part)) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        ends[part] = at;
+    }
+    if (at != length) {
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    if (!present) {
         result = Py_NewRef(Py_None); /* not in this leaf */
         goto done;
     }
@@ -4778,7 +5022,9 @@ leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     for (Py_ssize_t field = 0; field < fields; field++) {
-        PyObject *value = stored_object(data, &elements[count * (1 + field) + low]);
+        const Py_ssize_t *mine = places + 2 * (1 + field);
+        Element element = {.at = mine[0], .size = mine[1] - mine[0], .payload = mine[0]};
+        PyObject *value = stored_object(data, &element);
         if (value == NULL) {
             goto done;
         }
@@ -4787,10 +5033,9 @@ leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     /* The new bytes: each part's elements before the entry's and after it copied as they are (each
        part's elements lie one after another), the entry's own dropped, or its values packed anew. */
     Py_ssize_t after = removing ? count - 1 : count;
-    Py_ssize_t total = array_header_size(2 + fields) + 1 + (1 + fields) * array_header_size(after);
-    for (Py_ssize_t part = 0; part <= fields; part++) {
-        const Element *column = elements + count * part;
-        total += column[count - 1].at + column[count - 1].size - column[0].at - column[low].size;
+    Py_ssize_t total = array_header_size(2 + fields) + 1 + parts * array_header_size(after);
+    for (Py_ssize_t part = 0; part < parts; part++) {
+        total += ends[part] - begins[part] - (places[2 * part + 1] - places[2 * part]);
         if (part && !removing) {
             long long value;
             unsigned long long big;
@@ -4799,7 +5044,7 @@ leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         }
     }
     if (!removing) { /* the entry's key stays */
-        total += elements[low].size;
+        total += places[1] - places[0];
     }
     bytes = PyBytes_FromStringAndSize(NULL, total);
     if (bytes == NULL) {
@@ -4807,31 +5052,30 @@ leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     char *write = put_array_header(PyBytes_AS_STRING(bytes), 2 + fields);
     *write++ = 1;
-    for (Py_ssize_t part = 0; part <= fields; part++) {
-        const Element *column = elements + count * part;
+    for (Py_ssize_t part = 0; part < parts; part++) {
         write = put_array_header(write, after);
-        Py_ssize_t start = column[0].at, cut = column[low].at, rest = cut + column[low].size;
-        Py_ssize_t end = column[count - 1].at + column[count - 1].size;
-        memcpy(write, data + start, (size_t)(cut - start));
-        write += cut - start;
+        Py_ssize_t cut = places[2 * part], rest = places[2 * part + 1];
+        memcpy(write, data + begins[part], (size_t)(cut - begins[part]));
+        write += cut - begins[part];
         if (!removing) {
             if (part) {
                 write = put_scalar(write, PyTuple_GET_ITEM(values, part - 1));
             }
             else {
-                memcpy(write, data + cut, (size_t)column[low].size);
-                write += column[low].size;
+                memcpy(write, data + cut, (size_t)(rest - cut));
+                write += rest - cut;
             }
         }
-        memcpy(write, data + rest, (size_t)(end - rest));
-        write += end - rest;
+        memcpy(write, data + rest, (size_t)(ends[part] - rest));
+        write += ends[part] - rest;
     }
     assert(write == PyBytes_AS_STRING(bytes) + total);
     result = Py_BuildValue("(OOn)", bytes, old, after);
 done:
     Py_XDECREF(bytes);
     Py_XDECREF(old);
-    PyMem_Free(elements);
+    PyMem_Free(places);
+    PyMem_Free(offsets);
     return result;
 }
 
@@ -5346,22 +5590,6 @@ typedef struct {
     Py_ssize_t index; /* the child */
     PyObject *item;   /* its new value (borrowed from the node's list) */
 } Change;
-
-/* The size of a stored number by its tag (fixints, ints of 1 to 8 bytes, doubles), 0 for other tags. */
-static unsigned char number_sizes[256];
-
-static void
-init_number_sizes(void)
-{
-    for (int tag = 0; tag < 256; tag++) {
-        number_sizes[tag] = tag <= 0x7f || tag >= 0xe0                 ? 1
-                            : tag == 0xcc || tag == 0xd0               ? 2
-                            : tag == 0xcd || tag == 0xd1               ? 3
-                            : tag == 0xce || tag == 0xd2               ? 5
-                            : tag == 0xcf || tag == 0xd3 || tag == 0xcb ? 9
-                                                                       : 0;
-    }
-}
 
 /* Skip ``count`` stored numbers from data[*at]: 1, or 0 for another tag or bytes that end first.
 
