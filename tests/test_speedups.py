@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 import tallytree
 from tallytree import _keys as keys_module
+from tallytree._btree import _Run, vadd
 from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
 from tallytree._node import (
@@ -855,6 +856,97 @@ def test_merge_children_reports_every_leaf_after_a_duplicate() -> None:
     }
     rows = speedups.merge_children((b"", b"m"), (1, 2), [b"b", b"c", b"y"], 0, 3, [], 8, 8, leaves.get)
     assert rows == [(0, 0, 2, 1, 0), (1, 2, 3, 2, encode_node(Node(2, True, [b"x", b"y"], [], dirty=True)))]
+
+
+def test_merge_children_reads_a_transactions_source_as_stored_reads_it() -> None:
+    """``stored`` as a write transaction's source (``stored_source``): a dirty child has no stored
+    bytes (None, left to the Python code), a child given in stored form is read from that dict, any
+    other from the table by its 8-byte key; the rows are those the callable ``stored`` gives."""
+    assert speedups is not None
+    leaves = {
+        kid: encode_node(Node(kid, True, [bytes([97 + kid])], [[kid]], dirty=True)) for kid in (1, 2, 3)
+    }
+    table = {(2**40 + 3).to_bytes(8, "big"): leaves[3]}
+    source: tuple[dict[int, Any], dict[int, bytes], Any] = ({1: "dirty"}, {2: leaves[2]}, table.get)
+    fences, kids = (b"", b"c", b"e"), (1, 2, 2**40 + 3)
+    entries = [b"b1", b"c1", b"e1"]
+    rows = speedups.merge_children(fences, kids, entries, 0, 3, [[7, 8, 9]], 8, 8, source)
+    merged = [
+        encode_node(Node(2, True, [b"c", b"c1"], [[2, 8]], dirty=True)),
+        encode_node(Node(3, True, [b"d", b"e1"], [[3, 9]], dirty=True)),
+    ]
+    assert rows == [(0, 0, 1, 1, None), (1, 1, 2, 2, merged[0]), (2, 2, 3, 2**40 + 3, merged[1])]
+    stored = {2: leaves[2], 2**40 + 3: leaves[3]}.get
+    assert speedups.merge_children(fences, kids, entries, 0, 3, [[7, 8, 9]], 8, 8, stored) == [
+        (0, 0, 1, 1, None),
+        *rows[1:],
+    ]
+    table.clear()  # a missing node: None, as the callable's None
+    assert speedups.merge_children(fences, kids, entries, 2, 3, [[7, 8, 9]], 8, 8, source) == [
+        (2, 2, 3, 2**40 + 3, None)
+    ]
+    for bad in (({}, {}), ({}, [], table.get), ([], {}, table.get), ({}, {}, None), ({}, {}, table.get, 1)):
+        with pytest.raises(TypeError):
+            speedups.merge_children(fences, kids, entries, 0, 3, [[7, 8, 9]], 8, 8, bad)
+    with pytest.raises(OverflowError):  # a node id outside the 8-byte keys
+        speedups.merge_children([b""], [-1], [b"a"], 0, 1, [[1]], 8, 8, ({}, {}, table.get))
+
+
+SPAN_VALUE = st.integers(-(2**70), 2**70) | st.sampled_from([0.5, 0.25, 1.5, 3.0, -2.0, 1e300, 5e-324])
+
+
+@given(st.integers(1, 3), st.data())
+def test_add_spans_adds_what_add_columns_adds(fields: int, data: st.DataObject) -> None:
+    """A batch's spans added to a dirty parent's columns (``_apply_merged``): each child's summary
+    grows by its span's summary, as ``add_columns(children, run.deltas(...))`` grows it; when an
+    amount does not fit a column's shift the kernel returns False and changes nothing."""
+    assert speedups is not None
+    children = data.draw(st.integers(1, 6))
+    summaries = [delta_of(tuple(data.draw(SPAN_VALUE) for _ in range(fields))) for _ in range(children)]
+    size = data.draw(st.integers(1, 12))
+    cols = [data.draw(st.lists(SPAN_VALUE, min_size=size, max_size=size)) for _ in range(fields)]
+    run = _Run([bytes([index]) for index in range(size)], cols, "skip")
+    cuts = sorted(data.draw(st.lists(st.integers(0, size), min_size=2, max_size=2 * children)))
+    touched = sorted(data.draw(st.sets(st.integers(0, children - 1), max_size=len(cuts) - 1)))
+    rows = [(child, lo, hi, 0, b"") for child, lo, hi in zip(touched, cuts, cuts[1:], strict=False)]
+    node = Node.internal_from(1, [b""] * children, list(range(children)), summaries)
+    reference = node.copy(2)
+    before = [node.child(index) for index in range(children)], list(node.shifts)
+    reference.add_columns([row[0] for row in rows], run.deltas([(row[1], row[2]) for row in rows]))
+    expected = [reference.child(index) for index in range(children)]
+    for row in rows:
+        assert expected[row[0]] == vadd(before[0][row[0]], run.delta(row[1], row[2]))
+    if speedups.add_spans(node, rows, run.prefix_sums()):
+        assert [node.child(index) for index in range(children)] == expected
+        assert node.shifts == before[1]
+    else:
+        assert ([node.child(index) for index in range(children)], node.shifts) == before
+        assert reference.shifts != before[1]  # the Python code had to rescale a column
+
+
+def test_add_spans_refuses_what_it_does_not_handle() -> None:
+    assert speedups is not None
+    node = Node.internal_from(1, [b"", b"m"], [1, 2], [delta_of((1,)), delta_of((2,))])
+    run = _Run([b"a", b"b"], [[3, 4]], "skip")
+    prefixes = run.prefix_sums()
+    assert speedups.add_spans(node, [(1, 0, 2, 0, b"")], prefixes) is True
+    assert node.child(1) == vadd(delta_of((2,)), run.delta(0, 2))
+    assert speedups.add_spans(node, [(2, 0, 2)], prefixes) is False  # no such child
+    assert speedups.add_spans(node, [(0, 0, 2)], prefixes[:1]) is False  # another column count
+    frozen = node.copy(3)
+    frozen.freeze()
+    assert speedups.add_spans(frozen, [(0, 0, 1)], prefixes) is False  # tuples: a committed node
+    for rows, error in (
+        ([(0, 0)], TypeError),
+        ([[0, 0, 1]], TypeError),
+        ([(0, 1, 0)], ValueError),
+        ([(0, -1, 1)], ValueError),
+        ([(0, 0, 5)], TypeError),  # beyond the prefix sums
+    ):
+        with pytest.raises(error):
+            speedups.add_spans(node, rows, prefixes)
+    with pytest.raises(TypeError):
+        speedups.add_spans(node, (), prefixes)
 
 
 def test_merge_children_refuses_malformed_arguments() -> None:

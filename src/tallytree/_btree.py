@@ -94,7 +94,7 @@ from itertools import accumulate, repeat
 from operator import add, is_, lshift, neg, sub
 from typing import Any, Literal, Protocol
 
-from ._native import speedups
+from ._native import StoredSource, speedups
 from ._node import (
     SCALE_BITS,
     Chunk,
@@ -151,6 +151,11 @@ class NodeAccess(Protocol):
     def stored(self, node_id: int) -> bytes | None:
         """The stored bytes of a node this transaction has not changed (``_node`` format), or None
         for a node it changed (a dirty one) or a node that is missing."""
+        ...
+
+    def stored_source(self) -> Callable[[int], bytes | None] | StoredSource:
+        """:meth:`stored` in the form ``merge_children`` reads fastest: :meth:`stored` itself, or the
+        parts it reads (see ``_native.StoredSource``)."""
         ...
 
     def replace_stored(self, node_ids: list[int], data: list[bytes]) -> list[int]:
@@ -863,7 +868,7 @@ class NodeTree:
             [[value] for value in values],
             self.max_size,
             self._fill_target(),
-            self.access.stored,
+            self.access.stored_source(),
         )
         if len(rows) != 1 or rows[0][0] != index:
             return _DECODED
@@ -1143,7 +1148,7 @@ class NodeTree:
             run.cols,
             self.max_size,
             self._fill_target(),
-            access.stored,
+            access.stored_source(),
         ):
             child, start, stop, kid, data = row
             if type(data) is bytes:
@@ -1244,6 +1249,8 @@ class NodeTree:
         kids = parent.kids
         for child, kid in zip(children, ids, strict=True):
             kids[child] = kid
+        if speedups is not None and speedups.add_spans(parent, merged, run.prefix_sums()):
+            return
         parent.add_columns(children, run.deltas([(row[1], row[2]) for row in merged]))
 
     @staticmethod
@@ -1642,14 +1649,13 @@ class _Run:
                 self.total = summarize(hi, self.cols)
             summary = self.total
         else:
-            prefixes = self.prefixes if self.prefixes is not None else self._prefixes()
-            summary = [hi - lo, *[(sums[hi] - sums[lo]) << shift for shift, sums in prefixes]]
+            summary = [hi - lo, *[(sums[hi] - sums[lo]) << shift for shift, sums in self.prefix_sums()]]
         return list(summary) if correction is None else vsub(summary, correction)
 
     def deltas(self, slices: list[tuple[int, int]]) -> list[list[int]]:
         """The summaries of the slices ``lo:hi`` of the run, column by column: ``deltas(s)[c][i]`` is
         column ``c`` of slice ``i``'s summary. O(fields * len(slices))."""
-        prefixes = self.prefixes if self.prefixes is not None else self._prefixes()
+        prefixes = self.prefix_sums()
         columns = [[hi - lo for lo, hi in slices]]
         for shift, sums in prefixes:
             if shift:
@@ -1658,14 +1664,17 @@ class _Run:
                 columns.append([sums[hi] - sums[lo] for lo, hi in slices])
         return columns
 
-    def _prefixes(self) -> list[tuple[int, list[int]]]:
-        sums: list[tuple[int, list[int]]] = []
-        floats: list[tuple[int, list[int]]] = []
-        for col in self.cols:
-            shift, values = _scaled_column(col)
-            sums.append((shift, list(accumulate(values, initial=0))))
-            floats.append((0, list(accumulate(map(is_, map(type, col), repeat(float)), initial=0))))
-        self.prefixes = [*sums, *floats]
+    def prefix_sums(self) -> list[tuple[int, list[int]]]:
+        """For each summary column after the counts, ``(shift, sums)``: ``sums[i] << shift`` is the
+        column's sum over the run's first ``i`` entries at true scale. Made once per run. O(m)."""
+        if self.prefixes is None:
+            sums: list[tuple[int, list[int]]] = []
+            floats: list[tuple[int, list[int]]] = []
+            for col in self.cols:
+                shift, values = _scaled_column(col)
+                sums.append((shift, list(accumulate(values, initial=0))))
+                floats.append((0, list(accumulate(map(is_, map(type, col), repeat(float)), initial=0))))
+            self.prefixes = [*sums, *floats]
         return self.prefixes
 
 

@@ -42,6 +42,12 @@ class NodeStore(Protocol):
     def clear(self) -> None: ...
 
 
+StoredSource = tuple[dict[int, Any], dict[int, bytes], Callable[[bytes], "bytes | None"]]
+"""Where a write transaction's stored node bytes come from, for ``merge_children`` to read them
+without a Python call per node: the ids to skip (nodes the transaction changed), nodes given in
+stored form by id, and ``get(key)`` of the NODES table (see ``WriteTransaction.stored_source``)."""
+
+
 class Speedups(Protocol):
     """What ``_speedups`` provides (each returns None for input it leaves to the Python code)."""
 
@@ -74,11 +80,12 @@ class Speedups(Protocol):
         cols: list[list[Any]],
         limit: int,
         target: int,
-        stored: Callable[[int], bytes | None],
+        stored: Callable[[int], bytes | None] | StoredSource,
         /,
     ) -> list[tuple[int, int, int, int, Any]]: ...
     def pack_node(self, head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: ...
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
+    def add_spans(self, node: Any, rows: list[Any], prefixes: list[tuple[int, list[int]]], /) -> bool: ...
     def bump_internal(
         self, node: Any, packed: bytes | None, index: int, kid: int, delta: list[int], nfields: int, /
     ) -> tuple[tuple[int, ...], tuple[Any, ...], bytes | None] | None: ...

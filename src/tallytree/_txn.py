@@ -33,15 +33,16 @@ cache never holds a node that was not committed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from itertools import islice
+from itertools import islice, repeat
 from operator import itemgetter
+from struct import Struct
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ._btree import MAX_LEVELS, Root
 from ._gc import gc_paused
-from ._native import speedups
+from ._native import StoredSource, speedups
 from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from ._tree import Tree
@@ -62,6 +63,9 @@ _DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds t
 def node_key(node_id: int) -> bytes:
     """The NODES table key of a node id."""
     return node_id.to_bytes(8, "big")
+
+
+_node_keys = Struct(">Q").pack  # node_key, for map() over many ids
 
 
 def _remember(decoded: dict[bytes, tuple[bytes, Root]], tree: bytes, data: bytes, root: Root) -> None:
@@ -254,6 +258,9 @@ class Transaction:
         """The stored bytes of a committed node (None if it is missing). O(1)."""
         return self.kv.get(NODES, node_key(node_id))
 
+    def stored_source(self) -> Callable[[int], bytes | None] | StoredSource:
+        return self.stored
+
     def mutable(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
@@ -309,7 +316,7 @@ class WriteTransaction(Transaction):
         self.docs_version = 0
         self._deferred: dict[bytes, tuple[int, int, list[tuple[bytes, tuple[Any, ...]]]]] = {}
         self._next_id: int | None = None
-        self._node_bytes: Callable[[bytes], bytes | None] | None = None  # see stored()
+        self._source: StoredSource | None = None  # see stored_source()
 
     @property
     def shared(self) -> object:
@@ -331,10 +338,16 @@ class WriteTransaction(Transaction):
             return None
         data = self._encoded.get(node_id)
         if data is None:
-            if self._node_bytes is None:
-                self._node_bytes = self.kv.getter(NODES)
-            data = self._node_bytes(node_key(node_id))
+            data = self.stored_source()[2](node_key(node_id))
         return data
+
+    def stored_source(self) -> StoredSource:
+        """What :meth:`stored` reads, for ``merge_children``: the dirty nodes (no stored bytes), the
+        nodes given in stored form, and the NODES table's getter. The same objects for the whole
+        transaction. O(1)."""
+        if self._source is None:
+            self._source = (self._dirty, self._encoded, self.kv.getter(NODES))
+        return self._source
 
     def _allocate(self, count: int = 1) -> int:
         """The first of ``count`` fresh ids."""
@@ -393,9 +406,13 @@ class WriteTransaction(Transaction):
         freed; returns the new ids. O(len(data))."""
         first = self._allocate(len(data))
         ids = list(range(first, first + len(data)))
-        self._encoded.update(zip(ids, data, strict=True))
-        for node_id in node_ids:
-            self.free(node_id)
+        dirty, encoded, freed = self._dirty, self._encoded, self._freed
+        for node_id in node_ids:  # free(), inlined: a batch frees a node per leaf it merges into
+            if dirty.pop(node_id, None) is None and encoded.pop(node_id, None) is None:
+                freed.append(node_id)
+            elif self._prepared:
+                self._prepared.pop(node_id, None)
+        encoded.update(zip(ids, data, strict=True))
         return ids
 
     def set_root(self, tree: bytes, root: Root | None) -> None:
@@ -557,10 +574,11 @@ class WriteTransaction(Transaction):
             if not node.leaf:  # what the node's next copy is repacked from (see encode_node)
                 node._packed = data
         if self._encoded:  # merge the pre-encoded nodes in, keeping ids ascending for LMDB's append
-            ops.extend((NODES, node_key(node_id), data) for node_id, data in self._encoded.items())
+            encoded = self._encoded
+            ops.extend(zip(repeat(NODES), map(_node_keys, encoded), encoded.values()))
             ops.sort(key=itemgetter(1))
-        if self._freed:
-            ops.extend((NODES, node_key(node_id), None) for node_id in sorted(self._freed))
+        if self._freed:  # a batch frees a node per leaf: the ops made by C-level loops
+            ops.extend(zip(repeat(NODES), map(_node_keys, sorted(self._freed)), repeat(None)))
         written: list[tuple[bytes, bytes, Root]] = []
         for tree in sorted(self._changed_roots):
             root = self._roots[tree]
