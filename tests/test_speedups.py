@@ -2279,6 +2279,41 @@ def test_a_decoded_leaf_is_its_image_until_its_lists_are_read() -> None:
         decode_node(stored[:-3], 9)
 
 
+def test_items_leaves_the_cached_leaves_compact(tmp_path: Any) -> None:
+    """``items`` (forward, reverse, bounded) reads a compact leaf's lists without keeping them: the
+    cached leaves stay compact, and a write that replaces them has no lists to free."""
+    assert speedups is not None
+    from tallytree._node import _is_compact
+
+    with tallytree.open(tmp_path / "db") as db:
+        events = db.aggregate("events", values=("cost", "tokens"), node_size=8)
+        with db.write() as tx:
+            events.insert_many(tx, [(key, f"e{key}", (key / 4, key)) for key in range(200)])
+    with tallytree.open(tmp_path / "db") as db:  # a new process's cache: leaves decoded compact
+        events = db.aggregate("events", values=("cost", "tokens"))
+        with db.read() as tx:
+            assert [item.key for item in events.items(tx)] == list(range(200))
+            assert [item.key for item in events.items(tx, reverse=True, ge=30, lt=170)] == list(
+                range(169, 29, -1)
+            )
+            assert [item.values for item in events.items(tx, ge=57, lt=60)] == [
+                (57 / 4, 57),
+                (58 / 4, 58),
+                (59 / 4, 59),
+            ]
+            page = events.page(tx, limit=50, ge=100)
+            assert [item.key for item in page.items] == list(range(100, 150))
+            leaves, stack = [], [tx.node(tx.root(events._tree_key(None)).node_id)]
+            while stack:
+                node = stack.pop()
+                if node.leaf:
+                    leaves.append(node)
+                else:
+                    stack.extend(tx.node(kid) for kid in node.kids)
+            assert len(leaves) > 20 and all(map(_is_compact, leaves))
+            assert leaves[0].keys is not None and not _is_compact(leaves[0])  # the attribute still makes them
+
+
 @pytest.mark.parametrize("store", ["NodeTable", "NodeDict"])
 def test_the_node_cache_gives_a_node_found_since_it_was_oldest_a_second_chance(store: str) -> None:
     """A node looked up since it was last the oldest is passed over once by eviction (unmarked and

@@ -772,7 +772,7 @@ class NodeTree:
             node = access.node(node.kids[child])
         step = -1 if reverse else 1
         while True:
-            keys, cols = node.keys, node.cols
+            keys, cols = node.entries()  # a cached compact leaf stays compact
             while 0 <= index < len(keys):
                 yield keys[index], tuple(col[index] for col in cols)
                 remaining -= 1
@@ -790,7 +790,7 @@ class NodeTree:
                         child = len(node.kids) - 1 if reverse else 0
                         stack.append((node, child))
                         node = access.node(node.kids[child])
-                    index = len(node.keys) - 1 if reverse else 0
+                    index = node.size() - 1 if reverse else 0
                     break
             else:
                 return

@@ -389,6 +389,23 @@ class Node:
         kind = "leaf" if self.leaf else "internal"
         return f"<Node {self.id} {kind} size={self.size()}{' dirty' if self.dirty else ''}>"
 
+    def entries(self) -> tuple[Sequence[bytes], Sequence[Sequence[Any]]]:
+        """A leaf's keys and value columns, for one pass over them. A compact leaf's are made for the
+        caller and not kept: a cached leaf that kept them would hold ~300 more objects (twice the
+        memory), all freed one by one when a write replaces the leaf (a batch into leaves that
+        ``items`` had read took 1.4x the time). O(size) for a compact leaf, else O(1).
+
+        >>> Node(0, True, [b"a", b"b"], [[1, 2]]).entries()
+        ([b'a', b'b'], [[1, 2]])
+        """
+        blob = self._blob
+        if type(blob) is bytes and _is_compact(self):
+            built = _native._built  # a compact node comes from the extension (see __getattr__)
+            lists = built.leaf_lists(blob) if built is not None else None
+            if lists is not None:
+                return lists
+        return self.keys, self.cols
+
     def size(self) -> int:
         """How many entries (or children) the node holds, read from its search image when it has one,
         so that a compact node's lists are not made for it. O(1).
@@ -925,3 +942,15 @@ def _decode(data: bytes, node_id: int) -> Node:
     raise CorruptDatabaseError(
         f"node {node_id} has an unknown layout; the database may be damaged or written by another version"
     )
+
+
+_KEYS_SLOT: Any = Node.__dict__["keys"]  # the slot's descriptor: reading it never calls __getattr__
+
+
+def _is_compact(node: Node) -> bool:
+    """Whether ``node`` is a compact leaf whose lists were never made (see :meth:`Node.compact`)."""
+    try:
+        _KEYS_SLOT.__get__(node)
+    except AttributeError:
+        return True
+    return False
