@@ -2386,8 +2386,11 @@ def test_internal_nodes_stay_cached_while_leaves_stream_through_a_small_cache(
 
 def test_committed_nodes_are_untracked_by_the_garbage_collector() -> None:
     """A node decoded (leaf, compact leaf, internal) or frozen at commit is untracked by the cyclic
-    collector (it can be part of no cycle); a dirty copy, which refers to its origin, is tracked."""
+    collector (it can be part of no cycle); a dirty copy, which refers to its origin, is tracked. A
+    dirty leaf enters the node cache compact, as a decode would make it."""
     import gc
+
+    from tallytree._node import _is_compact
 
     assert speedups is not None
     db = tallytree.open_memory()
@@ -2402,13 +2405,28 @@ def test_committed_nodes_are_untracked_by_the_garbage_collector() -> None:
     assert not any(gc.is_tracked(node) for node in nodes)
     with db.write() as tx:
         agg.insert(tx, 30.5, 1000, (1.0,))  # into a leaf: a path of dirty copies
+        agg.insert(tx, 52.5, 1001, (1.0,))  # into a leaf of floats only (51 to 54)
         agg.insert(tx, 1000, 1000, (1.0,))  # after the last entry: into the record's pending node
         dirty = [node for node in tx._dirty.values()]
         pending = tx.root(agg._tree_key(None)).pending_node  # type: ignore[union-attr]
         assert pending is not None and pending.dirty
         dirty.append(pending)
         assert len(dirty) > 1 and all(gc.is_tracked(node) for node in dirty)
-    assert not any(gc.is_tracked(node) or node.dirty for node in dirty)  # frozen by the commit
+    leaves = [node for node in dirty if node.leaf and not node.pending]
+    assert leaves and len(leaves) < len(dirty)
+    compact = [speedups.leaf_image(encode_node(node)) is not None for node in leaves]
+    assert True in compact and False in compact  # all floats, and ints mixed with floats
+    for node, image in zip(leaves, compact, strict=True):
+        if not image:  # a column the image does not hold: cached frozen
+            continue
+        cached = db._cache.get(node.id)  # compact, made from the committed bytes (see Node.entries)
+        assert cached is not None and cached is not node and _is_compact(cached)
+        assert not gc.is_tracked(cached) and not cached.dirty
+        assert cached.keys == tuple(node.keys) and cached.cols == tuple(map(tuple, node.cols))
+    frozen = [node for node, image in zip(leaves, compact, strict=True) if not image]
+    frozen += [node for node in dirty if node not in leaves]
+    assert not any(gc.is_tracked(node) or node.dirty for node in frozen)  # frozen by the commit
+    assert all(db._cache.get(node.id) is node for node in frozen if not node.pending)
     assert not gc.is_tracked(speedups.untrack(Node(1, True, [], [])))
 
 

@@ -91,7 +91,7 @@ from dataclasses import field as dataclass_field
 from enum import Enum
 from functools import reduce
 from itertools import accumulate, repeat
-from operator import add, is_, lshift, neg, sub
+from operator import add, is_, itemgetter, lshift, neg, sub
 from typing import Any, Literal, Protocol
 
 from ._native import StoredSource, speedups
@@ -1244,8 +1244,8 @@ class NodeTree:
     def _apply_merged(self, parent: Node, merged: list[_Merged], run: _Run) -> None:
         """Write leaves merged in their stored bytes under fresh ids and give ``parent`` their deltas,
         column by column (none of them splits). O(fields * len(merged))."""
-        children = [row[0] for row in merged]
-        ids = self.access.replace_stored([row[3] for row in merged], [row[4] for row in merged])
+        children = list(map(itemgetter(0), merged))
+        ids = self.access.replace_stored(list(map(itemgetter(3), merged)), list(map(itemgetter(4), merged)))
         kids = parent.kids
         for child, kid in zip(children, ids, strict=True):
             kids[child] = kid
