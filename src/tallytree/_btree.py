@@ -60,10 +60,12 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   into even pieces (each with its exact summary) if the leaf overflows. A leaf is then neither
   decoded, copied nor encoded, nor taken into the node cache: a batch of scattered keys touches one
   leaf per key or so, most of them out of the cache in a large tree, and those three steps cost more
-  than the rest of the write. The merged bytes go to the transaction as they are
-  (``NodeAccess.replace_stored``), and the parent gets its children's deltas column by column. A
-  leaf the transaction already changed (a dirty node) and one that holds an entry of the batch
-  already take the decoded path above.
+  than the rest of the write. The kernel reads the leaves' bytes itself from the transaction's parts
+  (``NodeAccess.stored_source``), with no Python call per leaf. The merged bytes go to the
+  transaction as they are (``NodeAccess.replace_stored``), and the parent gets its children's deltas
+  from the batch's prefix sums in one C call (``add_spans``; column by column in Python when a column
+  must be rescaled first). A leaf the transaction already changed (a dirty node) and one that holds
+  an entry of the batch already take the decoded path above.
 * ``delete_range`` drops whole subtrees that fall inside the range (reading none of their leaves), trims
   the two boundary paths, then repairs underfull nodes along them: O(log n + nodes removed).
 

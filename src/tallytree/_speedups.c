@@ -99,7 +99,10 @@ the Python code and gives the same answers):
   one by one);
 * ``leaf_edit(data, entry, values, nfields)``: one entry removed from a stored leaf, or given new
   values, spliced in the same way (the other elements copied as stored), with the entry's old
-  values: a delete or an update of a scattered item (``_btree.NodeTree._edit_stored``).
+  values: a delete or an update of a scattered item (``_btree.NodeTree._edit_stored``);
+* ``add_spans(node, rows, prefixes)``: the merged leaves of a batch (``merge_children``'s rows) added
+  to their dirty parent's summary columns from the batch's prefix sums
+  (``_btree.NodeTree._apply_merged``), or False, changing nothing, when a column must be rescaled.
 
 The encoders and the sums return None, without raising, as soon as a value is outside what they
 handle (another type, a subclass, a bool, a big int, another time zone, NaN or an infinity): the

@@ -24,7 +24,11 @@ that implements the tree's ``NodeAccess`` copy-on-write contract:
   never written);
 * nothing reaches the backend until :meth:`WriteTransaction.commit`, which encodes every dirty node once
   and hands the backend one batch. An exception in the ``with`` block discards the overlay, so a failed
-  transaction writes nothing.
+  transaction writes nothing;
+* after the commit, a dirty internal node is frozen (its lists made tuples) and cached; a dirty leaf is
+  cached as a decode would make it, compact (its search image, built from the bytes just written),
+  so the cache holds 5.1 KiB for a leaf of 115 entries instead of 19.6, and replacing it later frees
+  one object instead of ~300.
 
 Dirty nodes enter the shared cache only after the commit succeeded, and ids are never reused, so the
 cache never holds a node that was not committed.
