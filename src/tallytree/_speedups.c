@@ -4372,6 +4372,20 @@ packable_number(PyObject *item)
     return size < 0 ? -1 : size > 0;
 }
 
+/* The head of a stored leaf with ``fields`` value fields (``[1, [entry, ...], ...]``): 1 with *size
+   set to its entry count and *at moved to its first key, 0 when the bytes are not such a leaf or
+   claim more entries than the bytes left could hold (damage: nothing is to be allocated for them). */
+static int
+leaf_header(const unsigned char *data, Py_ssize_t length, Py_ssize_t fields, Py_ssize_t *at, Py_ssize_t *size)
+{
+    Py_ssize_t parts;
+    if (!read_array_header(data, length, at, &parts) || parts != 2 + fields || *at >= length || data[*at] != 1) {
+        return 0;
+    }
+    (*at)++;
+    return read_array_header(data, length, at, size) && *size <= (length - *at) / (1 + fields);
+}
+
 /* The elements of a stored leaf with ``fields`` value fields (``[1, [entry, ...], [value, ...] per
    field]``): 1 with *count set and *elements a PyMem_Malloc'ed array of count keys, then count
    values per field; 0 when the bytes are not such a leaf or do not parse (nothing is allocated:
@@ -4380,13 +4394,9 @@ static int
 leaf_elements(const unsigned char *data, Py_ssize_t length, Py_ssize_t fields, Element **elements,
               Py_ssize_t *count)
 {
-    Py_ssize_t at = 0, parts, size;
-    if (!read_array_header(data, length, &at, &parts) || parts != 2 + fields || at >= length || data[at] != 1) {
-        return 0; /* not a leaf of this many fields */
-    }
-    at++;
-    if (!read_array_header(data, length, &at, &size) || size > (length - at) / (1 + fields)) {
-        return 0; /* more elements than bytes left (damaged): nothing is allocated for them */
+    Py_ssize_t at = 0, size;
+    if (!leaf_header(data, length, fields, &at, &size)) {
+        return 0;
     }
     Element *found = PyMem_Malloc(sizeof(Element) * (size_t)(size * (1 + fields)) + 1);
     if (found == NULL) {
@@ -4441,13 +4451,9 @@ static int
 leaf_keys(const unsigned char *data, Py_ssize_t length, Py_ssize_t fields, Py_ssize_t **offsets, Py_ssize_t *count,
           Py_ssize_t *at)
 {
-    Py_ssize_t here = 0, parts, size;
-    if (!read_array_header(data, length, &here, &parts) || parts != 2 + fields || here >= length || data[here] != 1) {
-        return 0; /* not a leaf of this many fields */
-    }
-    here++;
-    if (!read_array_header(data, length, &here, &size) || size > (length - here) / (1 + fields)) {
-        return 0; /* more elements than bytes left (damaged): nothing is allocated for them */
+    Py_ssize_t here = 0, size;
+    if (!leaf_header(data, length, fields, &here, &size)) {
+        return 0;
     }
     Py_ssize_t *found = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(size + 1));
     if (found == NULL) {
@@ -4544,6 +4550,26 @@ column_marks(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ss
     return 1;
 }
 
+/* Where each part of a leaf lies (part 0 its keys, part 1 + f field f's values): begins[part] and
+   ends[part], and places[part * nmarks + m] where element marks[m] of the part begins, from the key
+   places leaf_keys noted (``offsets``, ``count``, ``at``). 1, or 0 when the value columns do not
+   parse or the bytes do not end with the last one (see column_marks). */
+static int
+leaf_parts(const unsigned char *data, Py_ssize_t length, const Py_ssize_t *offsets, Py_ssize_t count, Py_ssize_t at,
+           Py_ssize_t parts, const Py_ssize_t *marks, Py_ssize_t nmarks, Py_ssize_t *places, Py_ssize_t *begins,
+           Py_ssize_t *ends)
+{
+    begins[0] = offsets[0];
+    ends[0] = offsets[count];
+    for (Py_ssize_t part = 1; part < parts; part++) {
+        if (!column_marks(data, length, &at, count, marks, nmarks, &begins[part], places + part * nmarks)) {
+            return 0;
+        }
+        ends[part] = at;
+    }
+    return at == length;
+}
+
 /* The new element ``index`` of ``part`` in a splice: the entry (part 0) or its value of field part - 1. */
 static inline PyObject *
 spliced_item(PyObject *entries, PyObject *cols, Py_ssize_t part, Py_ssize_t index)
@@ -4583,16 +4609,7 @@ merge_spliced(const unsigned char *data, Py_ssize_t length, const Py_ssize_t *of
         marks[index - lo] = low;
         places[index - lo] = offsets[low];
     }
-    begins[0] = offsets[0];
-    ends[0] = offsets[count];
-    for (Py_ssize_t part = 1; part < parts; part++) {
-        if (!column_marks(data, length, &at, count, marks, added, &begins[part], places + part * added)) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        ends[part] = at;
-    }
-    if (at != length) {
+    if (!leaf_parts(data, length, offsets, count, at, parts, marks, added, places, begins, ends)) {
         result = Py_NewRef(Py_None);
         goto done;
     }
@@ -5046,17 +5063,8 @@ leaf_edit(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t *begins = places + 2 * parts, *ends = begins + parts;
     places[0] = offsets[marks[0]];
     places[1] = offsets[marks[1]];
-    begins[0] = offsets[0];
-    ends[0] = offsets[count];
-    for (Py_ssize_t part = 1; part < parts; part++) { /* read whole, an absent entry's leaf too */
-        if (!column_marks(data, length, &at, count, marks, 2, &begins[part], places + 2 * part)) {
-            result = Py_NewRef(Py_False);
-            goto done;
-        }
-        ends[part] = at;
-    }
-    if (at != length) {
-        result = Py_NewRef(Py_False);
+    if (!leaf_parts(data, length, offsets, count, at, parts, marks, 2, places, begins, ends)) {
+        result = Py_NewRef(Py_False); /* read whole, an absent entry's leaf too */
         goto done;
     }
     if (!present) {
@@ -5966,6 +5974,23 @@ tuple_with(PyObject *items, Py_ssize_t count, Py_ssize_t index, PyObject *item)
     return copy;
 }
 
+/* ``value >> by`` when no set bit is shifted out (both exact ints): 1 with *out set (a new
+   reference), 0 when a set bit would be lost, -1 with an error set; *out is NULL unless 1. */
+static int
+exact_rshift(PyObject *value, PyObject *by, PyObject **out)
+{
+    PyObject *shifted = PyNumber_Rshift(value, by);
+    PyObject *back = shifted == NULL ? NULL : PyNumber_Lshift(shifted, by);
+    int exact = back == NULL ? -1 : PyObject_RichCompareBool(back, value, Py_EQ);
+    Py_XDECREF(back);
+    if (exact <= 0) {
+        Py_XDECREF(shifted);
+        shifted = NULL;
+    }
+    *out = shifted;
+    return exact;
+}
+
 /* add_spans(node, rows, prefixes) -> bool: a batch's merged leaves added to their parent's summary
    columns (``_btree.NodeTree._apply_merged``). ``node`` is a dirty internal node (its ``cols`` lists,
    its ``shifts``); each row ``(child, lo, hi, ...)`` of ``rows`` says that child ``child`` got the
@@ -6045,17 +6070,12 @@ add_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 }
                 else {
                     PyObject *by = PyLong_FromSsize_t(scale > shift ? scale - shift : shift - scale);
-                    amount = by == NULL ? NULL : (scale > shift ? PyNumber_Lshift : PyNumber_Rshift)(sum, by);
-                    if (amount != NULL && scale < shift) { /* exact only if the bits shifted out are 0 */
-                        PyObject *back = PyNumber_Lshift(amount, by);
-                        int exact = back == NULL ? -1 : PyObject_RichCompareBool(back, sum, Py_EQ);
-                        Py_XDECREF(back);
-                        if (exact <= 0) {
-                            Py_CLEAR(amount);
-                            if (exact == 0) {
-                                result = Py_NewRef(Py_False);
-                            }
-                        }
+                    amount = NULL;
+                    if (by != NULL && scale > shift) {
+                        amount = PyNumber_Lshift(sum, by);
+                    }
+                    else if (by != NULL && exact_rshift(sum, by, &amount) == 0) {
+                        result = Py_NewRef(Py_False);
                     }
                     Py_XDECREF(by);
                     Py_DECREF(sum);
@@ -6160,12 +6180,9 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             amounts[column] = Py_NewRef(amount);
             continue;
         }
-        PyObject *scaled = PyNumber_Rshift(amount, shifts[column]);
-        PyObject *back = scaled == NULL ? NULL : PyNumber_Lshift(scaled, shifts[column]);
-        int exact = back == NULL ? -1 : PyObject_RichCompareBool(back, amount, Py_EQ);
-        Py_XDECREF(back);
+        PyObject *scaled;
+        int exact = exact_rshift(amount, shifts[column], &scaled);
         if (exact <= 0) {
-            Py_XDECREF(scaled);
             if (exact == 0) {
                 result = Py_NewRef(Py_None);
             }
