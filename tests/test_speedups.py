@@ -947,6 +947,12 @@ def test_add_spans_refuses_what_it_does_not_handle() -> None:
             speedups.add_spans(node, rows, prefixes)
     with pytest.raises(TypeError):
         speedups.add_spans(node, (), prefixes)
+    with pytest.raises(TypeError):  # sums that would run Python code: refused before any is read
+        speedups.add_spans(node, [(0, 0, 1)], [(shift, [Int(x) for x in sums]) for shift, sums in prefixes])
+    odd = node.copy(4)
+    odd.cols[1][0] = Int(odd.cols[1][0])  # a column item that is not an exact int: left to Python
+    assert speedups.add_spans(odd, [(0, 0, 1)], prefixes) is False
+    assert odd.child(0) == node.child(0)
 
 
 def test_merge_children_refuses_malformed_arguments() -> None:

@@ -6044,7 +6044,8 @@ add_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         }
         for (Py_ssize_t column = 0; column < columns; column++) {
             PyObject *col = PyList_GET_ITEM(cols, column);
-            if (!PyList_CheckExact(col) || child >= PyList_GET_SIZE(col)) {
+            if (!PyList_CheckExact(col) || child >= PyList_GET_SIZE(col) ||
+                !PyLong_CheckExact(PyList_GET_ITEM(col, child))) {
                 result = Py_NewRef(Py_False);
                 goto done;
             }
@@ -6064,7 +6065,12 @@ add_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                     size_argument(PySequence_Fast_ITEMS(shifts)[column], "add_spans: a column's shift", &shift) < 0) {
                     goto done;
                 }
-                PyObject *sum = PyNumber_Subtract(PyList_GET_ITEM(sums, hi), PyList_GET_ITEM(sums, lo));
+                PyObject *high = PyList_GET_ITEM(sums, hi), *low = PyList_GET_ITEM(sums, lo);
+                if (!PyLong_CheckExact(high) || !PyLong_CheckExact(low)) { /* no Python code runs here */
+                    PyErr_SetString(PyExc_TypeError, "add_spans: prefix sums must be ints");
+                    goto done;
+                }
+                PyObject *sum = PyNumber_Subtract(high, low);
                 if (sum == NULL || scale == shift) {
                     amount = sum;
                 }
