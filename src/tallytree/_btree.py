@@ -1244,8 +1244,9 @@ class NodeTree:
         self._insert_siblings(parent, child, [piece[0] for piece in rest], ids[1:], summaries)
 
     def _apply_merged(self, parent: Node, merged: list[_Merged], run: _Run) -> None:
-        """Write leaves merged in their stored bytes under fresh ids and give ``parent`` their deltas,
-        column by column (none of them splits). O(fields * len(merged))."""
+        """Write leaves merged in their stored bytes under fresh ids and give ``parent`` their deltas
+        (none of them splits): one C call (``add_spans``), or column by column when a column must be
+        rescaled first. O(fields * len(merged))."""
         children = list(map(itemgetter(0), merged))
         ids = self.access.replace_stored(list(map(itemgetter(3), merged)), list(map(itemgetter(4), merged)))
         kids = parent.kids
