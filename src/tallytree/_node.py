@@ -876,9 +876,19 @@ def decode_node(data: bytes, node_id: int) -> Node:
     """
     if speedups is None:
         return _decode(data, node_id)
-    compact = speedups.leaf_image(data) if type(data) is bytes else None
-    node = Node.compact(node_id, *compact) if compact is not None else _decode(data, node_id)
-    return speedups.untrack(node)  # type: ignore[no-any-return]
+    node = compact_leaf(data, node_id)
+    return node if node is not None else speedups.untrack(_decode(data, node_id))
+
+
+def compact_leaf(data: bytes, node_id: int) -> Node | None:
+    """The stored leaf ``data`` as a compact node (:meth:`Node.compact`, untracked by the cyclic
+    garbage collector), or None without the C kernels or for bytes their image does not hold (not a
+    leaf, or a column that mixes ints and floats). What :func:`decode_node` makes of a leaf, and what
+    a commit caches for a leaf it writes. O(size)."""
+    if speedups is None or type(data) is not bytes:
+        return None
+    image = speedups.leaf_image(data)
+    return speedups.untrack(Node.compact(node_id, *image)) if image is not None else None
 
 
 def decode_pending(data: bytes) -> Node:

@@ -47,7 +47,7 @@ import msgpack
 from ._btree import MAX_LEVELS, Root
 from ._gc import gc_paused
 from ._native import StoredSource, speedups
-from ._node import Node, decode_node, encode_node, pack_summary, unpack_summary
+from ._node import Node, compact_leaf, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from ._tree import Tree
 from .errors import CorruptDatabaseError, TransactionError
@@ -578,8 +578,8 @@ class WriteTransaction(Transaction):
             ops.append((NODES, node_key(node_id), data))
             if not node.leaf:  # what the node's next copy is repacked from (see encode_node)
                 node._packed = data
-            elif speedups is not None and (image := speedups.leaf_image(data)) is not None:
-                compact[node_id] = speedups.untrack(Node.compact(node_id, *image))
+            elif (leaf := compact_leaf(data, node_id)) is not None:
+                compact[node_id] = leaf
         if self._encoded:  # merge the pre-encoded nodes in, keeping ids ascending for LMDB's append
             encoded = self._encoded
             ops.extend(zip(repeat(NODES), map(_node_keys, encoded), encoded.values()))
