@@ -2542,6 +2542,25 @@ def test_a_damaged_stored_node_is_refused_or_read_as_python_reads_it(
         assert _same(_parts(decode_node(repacked, 4)), _parts(decode_node(encode_node(copy.copy(5)), 5)))
 
 
+@pytest.mark.parametrize("cols", [[[1.5]], [[7], [2.5]]])
+@pytest.mark.parametrize("damage", [("set", 9, 0), ("drop", -1, 0)])  # 9: the first column's header
+def test_a_merge_into_a_damaged_leaf_reports_the_damage_not_a_duplicate(
+    cols: list[list[Any]], damage: tuple[str, int, int]
+) -> None:
+    """A new entry equal to a stored key, merged into a leaf whose value columns are damaged (a column
+    header overwritten, the last byte dropped): the merge gives None, so the Python decoder reports the
+    damage, rather than the duplicate's index it found in the leaf's keys. (Found by the Hypothesis
+    test above: the splice searched the keys before it walked the columns.)"""
+    stored = encode_node(Node(9, True, [b"\x00", b"k"], [col * 2 for col in cols], dirty=True))
+    assert stored[9] == 0x92  # after the node's head (3 bytes) and two keys of one byte (3 bytes each)
+    change, at, byte = damage
+    damaged = _damaged(stored, (change, at % len(stored), byte))
+    with pure_python():
+        assert _decoded_or_corrupt(damaged) is None
+    assert merge_leaf(stored, [b"k"], 0, 1, [[1.5]] * len(cols), 64) == 0  # intact: the duplicate
+    assert merge_leaf(damaged, [b"k"], 0, 1, [[1.5]] * len(cols), 64) is None
+
+
 @pytest.mark.parametrize(
     "parts",
     [

@@ -4593,7 +4593,7 @@ merge_spliced(const unsigned char *data, Py_ssize_t length, const Py_ssize_t *of
     }
     Py_ssize_t *places = marks + added, *begins = places + added * parts, *ends = begins + parts;
     PyObject *result = NULL;
-    Py_ssize_t low = 0;
+    Py_ssize_t low = 0, duplicate = -1;
     for (Py_ssize_t index = lo; index < hi; index++) {
         PyObject *entry = PyList_GET_ITEM(entries, index);
         const char *key = PyBytes_AS_STRING(entry);
@@ -4602,15 +4602,22 @@ merge_spliced(const unsigned char *data, Py_ssize_t length, const Py_ssize_t *of
         if (low < count) {
             const char *bytes = leaf_key(data, offsets, low, &stored);
             if (compare_bytes(bytes, stored, key, size) == 0) {
-                result = PyLong_FromSsize_t(index);
-                goto done;
+                duplicate = index;
+                break;
             }
         }
         marks[index - lo] = low;
         places[index - lo] = offsets[low];
     }
-    if (!leaf_parts(data, length, offsets, count, at, parts, marks, added, places, begins, ends)) {
+    /* The columns are walked even for a duplicate: a leaf whose columns do not parse is damage, which
+       the Python decoder must report, not a duplicate found in its keys. */
+    if (!leaf_parts(data, length, offsets, count, at, parts, marks, duplicate < 0 ? added : 0, places, begins,
+                    ends)) {
         result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (duplicate >= 0) {
+        result = PyLong_FromSsize_t(duplicate);
         goto done;
     }
     Py_ssize_t total = array_header_size(2 + fields) + 1 + parts * array_header_size(count + added);
