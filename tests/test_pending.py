@@ -52,9 +52,9 @@ def record_commits(monkeypatch: pytest.MonkeyPatch) -> list[list[Op]]:
     written: list[list[Op]] = []
     commit = _MemoryTxn.commit
 
-    def recording(self: _MemoryTxn, ops: list[Op]) -> None:
+    def recording(self: _MemoryTxn, ops: list[Op], appended: int = 0) -> None:
         written.append(ops)
-        commit(self, ops)
+        commit(self, ops, appended)
 
     monkeypatch.setattr(_MemoryTxn, "commit", recording)
     return written

@@ -263,6 +263,34 @@ def test_damaged_child_ids_that_form_a_cycle_raise_instead_of_looping(tmp_path: 
                 write(tx)
 
 
+def test_a_damaged_node_id_counter_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    """The node id counter set back below the ids stored (a foreign writer, a restored old META):
+    a commit would give new nodes ids that are taken. LMDB's append refuses such keys without an
+    error, so the commit checks what it appended: CorruptDatabaseError, and the database is left as
+    it was, every node intact."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        events = db.aggregate("events", values=("cost",), node_size=4)
+        with db.write() as tx:
+            events.insert_many(tx, [(day, f"e{day}", (day / 4,)) for day in range(100)])
+        before = snapshot(db)
+    env = _lmdb_env(path)
+    with env.begin(write=True) as txn:
+        txn.put(b"next_id", (1).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        for write in (
+            lambda tx: events.insert(tx, 50.5, "new", (1.0,)),  # one path rewritten
+            lambda tx: events.insert_many(tx, [(day + 0.5, "m", (1.0,)) for day in range(0, 100, 7)]),
+        ):
+            with pytest.raises(tallytree.CorruptDatabaseError, match="node id counter"), db.write() as tx:
+                write(tx)
+        assert snapshot(db) == before
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+
+
 def test_durable_false_commits_survive_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "db"
     with tallytree.open(path, durable=False) as db:

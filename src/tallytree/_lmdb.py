@@ -48,17 +48,27 @@ from _thread import get_ident
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 from ._store import NODES, Op
-from .errors import DatabaseFormatError, Error, MapFullError, ReadOnlyError, StorageError, TransactionError
+from .errors import (
+    CorruptDatabaseError,
+    DatabaseFormatError,
+    Error,
+    MapFullError,
+    ReadOnlyError,
+    StorageError,
+    TransactionError,
+)
 
 __all__ = ["LmdbBackend"]
 
 _NAMES = (b"meta", b"nodes", b"roots", b"docs")
+_key_value = itemgetter(1, 2)  # an Op's key and value
 _GROW = "the LMDB map is full and must grow"
 _ADOPT = "another process grew the database map and this one must follow"
 RESIZE_WAIT = 10.0
@@ -135,15 +145,15 @@ class _LmdbTxn:
                 return
             yield batch
 
-    def commit(self, ops: list[Op]) -> None:
+    def commit(self, ops: list[Op], appended: int = 0) -> None:
         backend = self._backend
         txn_id = self._txn.id()  # the id a retry must still have (see commit_after_growth)
         try:
-            self._apply(ops)
+            _apply_ops(self._txn, self._dbs, ops, appended)
             self._txn.commit()
         except lmdb.MapFullError:
             self._end(abort=True)
-            backend.commit_after_growth(ops, txn_id)
+            backend.commit_after_growth(ops, appended, txn_id)
             return
         except lmdb.Error as exc:  # the disk, not the data: LMDB committed nothing
             self._end(abort=True)
@@ -152,9 +162,6 @@ class _LmdbTxn:
             self._end(abort=True)
             raise
         self._end(abort=False)
-
-    def _apply(self, ops: list[Op]) -> None:
-        _apply_ops(self._txn, self._dbs, ops)
 
     def abort(self) -> None:
         self._end(abort=True)
@@ -171,12 +178,23 @@ class _LmdbTxn:
         self._backend.end_raw(self._ident)
 
 
-def _apply_ops(txn: Any, dbs: list[Any], ops: list[Op]) -> None:
+def _apply_ops(txn: Any, dbs: list[Any], ops: list[Op], appended: int) -> None:
+    # The first ``appended`` ops (new nodes, ascending) go to LMDB in one putmulti call, which loops
+    # in C: 0.50 us a put of 2.5 KB, against 0.73 us for put() called from Python (and the loop below
+    # costs more per op than that loop did). putmulti(items, dupdata, overwrite, append).
+    nodes = dbs[NODES]
+    if appended:
+        _, added = txn.cursor(nodes).putmulti(map(_key_value, islice(ops, appended)), True, True, True)
+        if added != appended:  # LMDB appends only above the highest key stored
+            raise CorruptDatabaseError(
+                "a new node id is not above the ids stored: the database's node id counter (meta "
+                "next_id) is damaged; nothing was written. Run `tallytree check` and rebuild the "
+                "aggregates from their source"
+            )
     # py-lmdb's calls take their arguments by position here: its keyword parsing costs more than
     # LMDB's own work for a small value (put 0.41 -> 0.25 us, delete 0.17 -> 0.11 us, get 0.36 ->
     # 0.29 us). put(key, value, dupdata, overwrite, append, db); delete(key, value, db).
-    nodes = dbs[NODES]
-    for table, key, value in ops:
+    for table, key, value in islice(ops, appended, None) if appended else ops:
         db = dbs[table]
         if value is None:
             txn.delete(key, b"", db)
@@ -323,8 +341,9 @@ class LmdbBackend:
             with self._lock:
                 self._lock.notify_all()
 
-    def commit_after_growth(self, ops: list[Op], txn_id: int) -> None:
-        """Grow the map and apply ``ops`` again, or raise MapFullError writing nothing.
+    def commit_after_growth(self, ops: list[Op], appended: int, txn_id: int) -> None:
+        """Grow the map and apply ``ops`` again (``appended`` as for commit), or raise MapFullError
+        writing nothing.
 
         ``txn_id`` is LMDB's id of the aborted write transaction: a new one gets the same id unless
         another process committed in between, in which case ``ops`` (computed from the older
@@ -342,7 +361,7 @@ class LmdbBackend:
                         "another process committed while this transaction waited for the map to "
                         "grow; nothing was written. Retry the transaction"
                     )
-                _apply_ops(txn, self.dbs, ops)
+                _apply_ops(txn, self.dbs, ops, appended)
                 txn.commit()
                 self.end_raw(ident)
                 return

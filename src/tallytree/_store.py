@@ -85,8 +85,11 @@ class KVTxn(Protocol):
         """The same entries as ``scan(table, start, stop)``, as lists of up to ``size`` (fewer calls)."""
         ...
 
-    def commit(self, ops: list[Op]) -> None:
-        """Apply ``ops`` atomically and end the transaction (writers only)."""
+    def commit(self, ops: list[Op], appended: int = 0) -> None:
+        """Apply ``ops`` atomically and end the transaction (writers only).
+
+        The first ``appended`` ops are NODES puts of new keys, ascending, each above every key
+        stored: a backend may append them in one call (LMDB's ``putmulti`` with ``MDB_APPEND``)."""
         ...
 
     def abort(self) -> None:
@@ -261,7 +264,7 @@ class _MemoryTxn:
         while batch := list(islice(items, size)):
             yield batch
 
-    def commit(self, ops: list[Op]) -> None:
+    def commit(self, ops: list[Op], appended: int = 0) -> None:
         assert self._write
         tables = [table.copy() for table in self._tables]
         for table, key, value in ops:

@@ -584,6 +584,7 @@ class WriteTransaction(Transaction):
             encoded = self._encoded
             ops.extend(zip(repeat(NODES), map(_node_keys, encoded), encoded.values()))
             ops.sort(key=itemgetter(1))
+        appended = len(ops)  # the new nodes, ids ascending: LMDB appends them in one call
         if self._freed:  # a batch frees a node per leaf: the ops made by C-level loops
             ops.extend(zip(repeat(NODES), map(_node_keys, sorted(self._freed)), repeat(None)))
         written: list[tuple[bytes, bytes, Root]] = []
@@ -602,7 +603,7 @@ class WriteTransaction(Transaction):
         if self._next_id is not None:
             ops.append((META, _NEXT_ID, self._next_id.to_bytes(8, "big")))
         self._finish()
-        kv.commit(ops)
+        kv.commit(ops, appended)
         cache = self._cache
         for node_id in self._freed:  # replaced or dropped: only readers of older snapshots need them
             cache.discard(node_id)
