@@ -2542,6 +2542,33 @@ def test_a_damaged_stored_node_is_refused_or_read_as_python_reads_it(
         assert _same(_parts(decode_node(repacked, 4)), _parts(decode_node(encode_node(copy.copy(5)), 5)))
 
 
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=20),
+            st.sampled_from([b"", b"\x00", b"12345678", b"12345678\x00", b"123456789", b"12345679"]),
+        ),
+        max_size=60,
+    )
+)
+def test_sort_order_is_a_stable_argsort_of_bytes(items: list[bytes]) -> None:
+    """``sort_order`` gives the order ``sorted`` gives, ties (equal items, and items equal in their
+    first 8 bytes, zero bytes included) kept in input order, with the kernel and without it."""
+    assert speedups is not None
+    expected = sorted(range(len(items)), key=items.__getitem__)
+    assert speedups.sort_order(items) == expected
+    with pure_python():
+        assert keys_module.sort_order(items) == expected
+
+
+def test_sort_order_leaves_anything_but_a_list_of_bytes_to_python() -> None:
+    assert speedups is not None
+    assert speedups.sort_order([b"b", "a"]) is None
+    assert speedups.sort_order([b"b", bytearray(b"a")]) is None
+    assert speedups.sort_order((b"b", b"a")) is None  # type: ignore[arg-type]
+    assert speedups.sort_order([]) == []
+
+
 @pytest.mark.parametrize("cols", [[[1.5]], [[7], [2.5]]])
 @pytest.mark.parametrize("damage", [("set", 9, 0), ("drop", -1, 0)])  # 9: the first column's header
 def test_a_merge_into_a_damaged_leaf_reports_the_damage_not_a_duplicate(

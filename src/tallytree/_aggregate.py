@@ -40,7 +40,7 @@ from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate, encod
 from ._bulk import build as _bulk_build
 from ._bulk import build_many as _bulk_build_many
 from ._gc import gc_paused
-from ._keys import decode_entry, decode_key, encode_body, encode_id, encode_key, encode_prefix
+from ._keys import decode_entry, decode_key, encode_body, encode_id, encode_key, encode_prefix, sort_order
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree, appended, pending_capacity
@@ -1125,7 +1125,7 @@ class Aggregate:
             return 0
         order: list[int] | None = None
         if not all(map(bytes.__lt__, entries, islice(entries, 1, None))):  # not strictly ascending yet
-            order = sorted(range(len(entries)), key=entries.__getitem__)  # stable: first given first
+            order = sort_order(entries)  # stable: first given first
             entries = list(map(entries.__getitem__, order))
             cols = [list(map(col.__getitem__, order)) for col in cols]
             equal = map(bytes.__eq__, entries, islice(entries, 1, None))

@@ -78,7 +78,7 @@ import msgpack
 
 from ._btree import Root
 from ._gc import gc_paused
-from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key
+from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key, sort_order
 from ._native import speedups
 from ._node import Node, encode_node, summarize
 from ._tree import Tree
@@ -628,7 +628,7 @@ def _sort_chunk(chunk: _Chunk) -> _Chunk:
     keys = _sort_key(chunk)
     if all(map(le, keys, islice(keys, 1, None))):
         return chunk
-    return chunk.take(sorted(range(len(keys)), key=keys.__getitem__))
+    return chunk.take(sort_order(keys))
 
 
 def _concat(chunks: list[_Chunk], nfields: int) -> _Chunk:
@@ -1407,7 +1407,7 @@ def _feed_columns(build: _Build, batches: Iterable[Columns], nfields: int) -> No
         for namespace in sorted(pieces):
             chunk = _concat(pieces.pop(namespace), nfields)
             if not _ascending(chunk.entries):
-                chunk = chunk.take(sorted(range(len(chunk)), key=chunk.entries.__getitem__))
+                chunk = chunk.take(sort_order(chunk.entries))
             build.feed(chunk, False, namespace)
     finally:
         if sorter is not None:
@@ -1423,7 +1423,7 @@ def _split_namespaces(chunk: _Chunk) -> Iterator[tuple[bytes, _Chunk]]:
     if namespaces.count(namespaces[0]) == len(namespaces):
         yield namespaces[0], _Chunk(None, chunk.entries, chunk.positions, chunk.cols)
         return
-    chunk = chunk.take(sorted(range(len(chunk)), key=namespaces.__getitem__))  # stable
+    chunk = chunk.take(sort_order(namespaces))  # stable
     namespaces = chunk.namespaces
     assert namespaces is not None
     begin = 0
