@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
-from ._bulk import DEFAULT_FILL, DEFAULT_MEMORY, BuildReport, OnDuplicate, encode_ids, encode_keys
+from ._bulk import (
+    DEFAULT_FILL,
+    DEFAULT_MEMORY,
+    BuildReport,
+    OnDuplicate,
+    encode_ids,
+    encode_keys,
+    valid_column,
+)
 from ._bulk import build as _bulk_build
 from ._bulk import build_many as _bulk_build_many
 from ._gc import gc_paused
@@ -225,20 +233,6 @@ class _Bounds:
 
 _Encoded = tuple[list[bytes], list[list[Any]], list[Any], list[Any]]
 """A batch for insert_many: entries, value columns (one list per field), the keys and the ids."""
-
-
-def _valid_column(column: list[Any]) -> bool:
-    """Whether every value would pass ``Aggregate._values``: in-range ints, finite floats (fast, C-level).
-
-    Conservative: False also for columns it cannot judge quickly (a float sum that overflows), which
-    then go through the item-by-item check.
-    """
-    kinds = set(map(type, column))
-    if not kinds <= {int, float}:
-        return False
-    if int in kinds and not (min(column) >= _INT64_MIN and max(column) <= _INT64_MAX):
-        return False
-    return float not in kinds or math.isfinite(sum(column))  # inf and nan make the sum so
 
 
 _UNBOUNDED = _Bounds(None, None)  # shared: bounds are never changed once resolved
@@ -1160,9 +1154,10 @@ class Aggregate:
 
         Taken when every item is a ``(key, id, values)`` tuple (``(key, id)`` without value fields)
         or an :class:`Item`, keys share one type and ids one type, values are tuples and every column
-        passes :func:`_valid_column`; the encoders give the very bytes ``encode_key`` does. Anything
-        else, an invalid item included, returns None: the item-by-item path then names the first bad
-        item exactly as it would have. O(m), mostly C-level passes.
+        passes ``valid_column`` (int64s and finite floats, all of which ``_values`` accepts); the
+        encoders give the very bytes ``encode_key`` does. Anything else, an invalid item included (or
+        an int beyond int64 that ``_values`` accepts), returns None: the item-by-item path then names
+        the first bad item exactly as it would have, or takes it. O(m), mostly C-level passes.
         """
         nfields = len(self.fields)
         kinds = set(map(type, batch))
@@ -1184,7 +1179,7 @@ class Aggregate:
             if set(map(type, values)) != {tuple} or set(map(len, values)) != {nfields}:
                 return None
             cols = [list(map(itemgetter(field), values)) for field in range(nfields)]
-            if not all(map(_valid_column, cols)):
+            if not all(map(valid_column, cols)):
                 return None
         try:
             encoded_keys = encode_keys(keys)

@@ -6,9 +6,12 @@ One LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) with fo
 ``meta``, ``nodes``, ``roots`` and ``docs`` (see ``_store``). LMDB gives one writer at a time and any
 number of concurrent readers across threads and processes, each reading one consistent snapshot.
 
-Writes reach LMDB only at commit, as one batch of puts and deletes (node ids grow, so new nodes are
-appended with ``MDB_APPEND``). When the batch does not fit the map, the write transaction is aborted,
-the map is doubled (up to ``max_map_size``) and the batch is re-applied in a new write transaction.
+Writes reach LMDB only at commit, as one batch of puts and deletes. Node ids grow, so new nodes are
+appended with ``MDB_APPEND``, all in one ``putmulti`` call; LMDB skips, without an error, a key that
+is not above every key stored, so the commit checks that every new node was appended (a damaged
+node id counter raises CorruptDatabaseError, writing nothing). When the batch does not fit the
+map, the write transaction is aborted, the map is doubled (up to ``max_map_size``) and the batch is
+re-applied in a new write transaction.
 LMDB can resize only while no other transaction of this process is open: the writer waits for other
 threads' transactions to end (new ones wait behind it; up to :data:`RESIZE_WAIT` seconds), and fails
 at once if its own thread holds one. If another writer committed in between (LMDB then gives the new
