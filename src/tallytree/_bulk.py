@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
 from itertools import islice, pairwise, repeat
-from operator import attrgetter, floordiv, itemgetter, le, lshift, lt, neg, sub
+from operator import add, attrgetter, floordiv, itemgetter, le, lshift, lt, neg, sub
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgpack
@@ -538,7 +538,7 @@ class _Encoder:
             return None
         if keys is None or ids is None:
             return None
-        entries = list(map(bytes.__add__, keys, ids))
+        entries = list(map(add, keys, ids))
         return _Chunk(namespaces, entries, range(start, start + len(batch)), cols)
 
     def _encode_namespaces(self, namespaces: Sequence[Any]) -> list[bytes]:
@@ -616,7 +616,7 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]
 def _sort_key(chunk: _Chunk) -> list[bytes]:
     if chunk.namespaces is None:
         return chunk.entries
-    return list(map(bytes.__add__, chunk.namespaces, chunk.entries))
+    return list(map(add, chunk.namespaces, chunk.entries))
 
 
 def _ascending(keys: list[bytes]) -> bool:

@@ -33,7 +33,7 @@ import hashlib
 import sys
 from collections.abc import Callable, Mapping
 from itertools import compress
-from operator import itemgetter
+from operator import add, itemgetter
 from typing import Any, Literal
 
 import msgpack
@@ -384,7 +384,7 @@ class Definition:
             return None
         if not all(map(valid_column, cols)):
             return None
-        return namespaces, list(map(bytes.__add__, keys, ids)), cols
+        return namespaces, list(map(add, keys, ids)), cols
 
     def _namespace_column(self, docs: list[Any]) -> list[bytes] | None:
         if self._namespace is None:
