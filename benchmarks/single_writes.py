@@ -15,8 +15,19 @@ commit either) into a namespace preloaded with N events:
 
 SQLite holds the events in a table with the covering index the benchmarks use everywhere,
 ``(ns, ts, id, cost, tokens)``, so each of its writes changes that index as tallytree's change its
-tree. It prints a markdown table of medians, means and commits per second (one over the mean), and
-tallytree's median as a multiple of SQLite's::
+tree.
+
+A third column is the storage floor, ``lmdb``: bare py-lmdb in an environment opened as tallytree
+opens its own, holding a copy of tallytree's stored nodes, doing per commit the LMDB work of a
+path rewrite and nothing else. A tree that copies the path of a write (every tree whose nodes are
+immutable once committed) must, per committed write, read the leaf, put a new copy of each node
+of the path (``depth`` nodes of the sizes tallytree stores; a move rewrites two paths that share
+the root), delete the old copies, and put its root record and node id counter. Whatever tallytree
+spends above that floor is its own code; the floor itself no Python code on LMDB can go below.
+
+It prints a markdown table of medians, means and commits per second (one over the mean),
+tallytree's median as a multiple of SQLite's, the floor's median and tallytree's as a multiple of
+it::
 
     python benchmarks/single_writes.py              # N = 100,000, 1,000 commits per kind
     python benchmarks/single_writes.py --n 1000000 --commits 3000
@@ -25,19 +36,24 @@ tallytree's median as a multiple of SQLite's::
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lmdb
+
 import tallytree
 
 KINDS = ("insert", "delete", "update", "move")
-SYSTEMS = ("tallytree", "sqlite")
+SYSTEMS = ("tallytree", "sqlite", "lmdb")
 Write = Callable[[int, int], None]
 """One committed write: ``(item, ts)``, a preloaded event's id (or a new id for an insert) and a
 random time."""
@@ -47,13 +63,17 @@ Rows = Callable[[], list[tuple[int, int, float, int]]]
 """Every stored event as ``(ts, id, cost, tokens)``, in order: both systems must end with the same."""
 
 
-def _tallytree(
-    directory: Path, n: int, node_size: int | None
-) -> tuple[dict[str, Write], Rows, Callable[[], None]]:
-    db = tallytree.open(directory / "tallytree", durable=False)
-    events = db.aggregate("events", values=("cost", "tokens"), node_size=node_size)
-    with db.write() as tx:
-        events.build(tx, ((ts * 10, ts, (0.25, 100)) for ts in range(n)), namespace="org", sorted=True)
+def _build(path: Path, n: int, node_size: int | None) -> None:
+    """tallytree's database of ``n`` events, built bottom-up and closed."""
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events", values=("cost", "tokens"), node_size=node_size)
+        with db.write() as tx:
+            events.build(tx, ((ts * 10, ts, (0.25, 100)) for ts in range(n)), namespace="org", sorted=True)
+
+
+def _tallytree(path: Path) -> tuple[dict[str, Write], Rows, Callable[[], None]]:
+    db = tallytree.open(path, durable=False)
+    events = db.aggregate("events", values=("cost", "tokens"))
 
     def insert(item: int, ts: int) -> None:
         with db.write() as tx:
@@ -110,13 +130,65 @@ def _sqlite(directory: Path, n: int) -> tuple[dict[str, Write], Rows, Callable[[
     return writes, rows, con.close
 
 
+def _lmdb_floor(source: Path, path: Path, seed: int) -> tuple[dict[str, Write], Rows, Callable[[], None]]:
+    """The storage floor of a path rewrite (see the module docstring), on a copy of tallytree's
+    closed database ``source``: its nodes, its depth (from ``tallytree stats --json``), its root
+    record. Each write rewrites ``depth`` stored nodes drawn at random (two paths for a move)."""
+    stats = subprocess.run(
+        [sys.executable, "-m", "tallytree", "stats", str(source), "events", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    depth = json.loads(stats.stdout)["aggregates"][0]["depth"]
+    shutil.copytree(source, path)
+    # as tallytree opens a database with durable=False (tallytree/_lmdb.py)
+    env = lmdb.open(
+        str(path), map_size=1 << 30, max_dbs=4, sync=False, metasync=False, readahead=False, lock=True
+    )
+    meta, nodes, roots = (env.open_db(name) for name in (b"meta", b"nodes", b"roots"))
+    with env.begin() as txn:
+        stored = dict(txn.cursor(nodes))  # node key -> stored bytes
+        root_key, root_record = next(iter(txn.cursor(roots)))
+        next_id = int.from_bytes(txn.get(b"next_id", db=meta), "big")
+    alive = list(stored)
+    rng = random.Random(seed)
+
+    def rewrite(count: int) -> None:
+        nonlocal next_id
+        # the calls take their arguments by position, as tallytree's do (tallytree/_lmdb.py)
+        txn = env.begin(None, None, True)
+        old = [alive.pop(rng.randrange(len(alive))) for _ in range(count)]
+        txn.get(old[0], None, nodes)  # the leaf, read to merge the write in (the rest are cached)
+        new = [(next_id + index).to_bytes(8, "big") for index in range(count)]
+        values = [stored.pop(key) for key in old]  # each node rewritten at its own size
+        txn.cursor(nodes).putmulti(list(zip(new, values, strict=True)), True, True, True)
+        for key in old:
+            txn.delete(key, b"", nodes)
+        txn.put(root_key, root_record, True, True, False, roots)
+        next_id += count
+        txn.put(b"next_id", next_id.to_bytes(8, "big"), True, True, False, meta)
+        txn.commit()
+        stored.update(zip(new, values, strict=True))
+        alive.extend(new)
+
+    def path_rewrite(item: int, ts: int) -> None:
+        rewrite(depth)
+
+    def two_paths(item: int, ts: int) -> None:
+        rewrite(2 * depth - 1)
+
+    writes = {"insert": path_rewrite, "delete": path_rewrite, "update": path_rewrite, "move": two_paths}
+    return writes, lambda: [], env.close
+
+
 def measure(
     n: int, commits: int, rounds: int, seed: int = 7, node_size: int | None = None
 ) -> dict[tuple[str, str], list[float]]:
     """Per-commit seconds for each (system, kind), ``commits`` each, in ``rounds`` interleaved
-    rounds, tallytree's aggregate with ``node_size`` (None: the default). Both systems get the
-    same items and times; each stored item is written once. Raises AssertionError if the two
-    systems then hold different events."""
+    rounds, tallytree's aggregate with ``node_size`` (None: the default). tallytree and SQLite get
+    the same items and times; each stored item is written once. Raises AssertionError if the two
+    then hold different events."""
     rng = random.Random(seed)
     per_round = commits // rounds
     chosen = rng.sample(range(n), 3 * per_round * rounds)  # distinct items to delete, update, move
@@ -129,7 +201,11 @@ def measure(
     samples: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tt-single-writes-") as tmp:
         directory = Path(tmp)
-        systems = {"tallytree": _tallytree(directory, n, node_size), "sqlite": _sqlite(directory, n)}
+        _build(directory / "built", n, node_size)
+        systems = {"lmdb": _lmdb_floor(directory / "built", directory / "lmdb", seed)}
+        shutil.move(directory / "built", directory / "tallytree")
+        systems["tallytree"] = _tallytree(directory / "tallytree")
+        systems["sqlite"] = _sqlite(directory, n)
         try:
             for round_ in range(rounds):
                 for name, (writes, _, _) in systems.items():
@@ -150,23 +226,24 @@ def measure(
 
 
 def report(samples: dict[tuple[str, str], list[float]], n: int) -> str:
-    """A markdown table: per kind of write, each system's median and mean per commit and commits/s
-    (from the mean), and tallytree's median as a multiple of SQLite's."""
+    """A markdown table: per kind of write, tallytree's and SQLite's median and mean per commit and
+    commits/s (from the mean), tallytree's median as a multiple of SQLite's, the storage floor's
+    median and tallytree's median as a multiple of it."""
     lines = [
         f"One write per committed transaction into a namespace of {n:,} events",
         "",
-        "| write | tallytree median | mean | commits/s | sqlite median | mean | commits/s | median ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| write | tallytree median | mean | commits/s | sqlite median | mean | commits/s | ratio to sqlite "
+        "| LMDB floor median | ratio to floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in KINDS:
         cells = [kind]
-        medians = []
-        for name in SYSTEMS:
-            measured = samples[(name, kind)]
-            median, mean = statistics.median(measured), statistics.fmean(measured)
-            medians.append(median)
-            cells += [f"{median * 1e6:,.1f} us", f"{mean * 1e6:,.1f} us", f"{1 / mean:,.0f}"]
-        cells.append(f"{medians[0] / medians[1]:.2f}x")
+        medians = {name: statistics.median(samples[(name, kind)]) for name in SYSTEMS}
+        for name in ("tallytree", "sqlite"):
+            mean = statistics.fmean(samples[(name, kind)])
+            cells += [f"{medians[name] * 1e6:,.1f} us", f"{mean * 1e6:,.1f} us", f"{1 / mean:,.0f}"]
+        cells.append(f"{medians['tallytree'] / medians['sqlite']:.2f}x")
+        cells += [f"{medians['lmdb'] * 1e6:,.1f} us", f"{medians['tallytree'] / medians['lmdb']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
