@@ -410,6 +410,8 @@ def test_replace_moves_items_atomically(db: tallytree.Database) -> None:
             aggregate.replace(tx, 6, "nope", namespace="from", new_key=1000)
         with pytest.raises(ItemNotFoundError):
             aggregate.replace(tx, 6, "id", namespace="elsewhere", new_key=1000)
+        with pytest.raises(ItemNotFoundError):  # absent, and its new place taken: absence is reported
+            aggregate.replace(tx, 6, "nope", namespace="from", new_key=7, new_id="id")
         assert not tx.changed
         assert snapshot(db, tx) == before
     assert snapshot(db) == before

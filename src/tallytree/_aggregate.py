@@ -406,6 +406,12 @@ class Aggregate:
         if changed:
             tx.set_root(tree_key, root)
 
+    def _not_found(self, key: Any, id: Any, namespace: Any, hint: str) -> ItemNotFoundError:
+        """The error for a missing item (made only when raised: its message formats reprs)."""
+        return ItemNotFoundError(
+            f"{self.name}: no item (key={key!r}, id={id!r}) in namespace {namespace!r}{hint}"
+        )
+
     def _values(self, values: Any) -> tuple[int | float, ...]:
         fields = self.fields
         if type(values) is tuple and len(values) == len(fields):  # the common case, checked fast
@@ -949,10 +955,7 @@ class Aggregate:
         tree, tree_key = self._tree(wtx, namespace)
         values = tree.delete(entry)
         if values is None:
-            raise ItemNotFoundError(
-                f"{self.name}: no item (key={key!r}, id={id!r}) in namespace {namespace!r}; "
-                "use discard() to ignore missing items"
-            )
+            raise self._not_found(key, id, namespace, "; use discard() to ignore missing items")
         self._save(wtx, tree_key, tree)
         return self._item(entry, values)
 
@@ -1040,26 +1043,31 @@ class Aggregate:
         target_entry = encode_key(target_key) + encode_id(target_id)
         target_values = self._values(new_values) if new_values is not _KEEP else None
         tree, tree_key = self._tree(wtx, namespace)
-        old = tree.find(entry)
-        if old is None:
-            raise ItemNotFoundError(
-                f"{self.name}: no item (key={key!r}, id={id!r}) in namespace {namespace!r} to replace"
-            )
-        values = target_values if target_values is not None else old
         target_tree_key = self._tree_key(target_namespace)
-        if target_tree_key == tree_key and target_entry == entry:
+        same_tree = target_tree_key == tree_key
+        if same_tree and target_entry == entry:  # the item stays: only its values may change
+            old = tree.find(entry)
+            if old is None:
+                raise self._not_found(key, id, namespace, " to replace")
+            values = target_values if target_values is not None else old
             tree.update(entry, values)
             self._save(wtx, tree_key, tree)
             return self._item(entry, values)
-        same_tree = target_tree_key == tree_key
         target = tree if same_tree else self._tree(wtx, target_namespace)[0]
         if target.find(target_entry) is not None:
+            if tree.find(entry) is None:  # both wrong: the missing item is the one reported
+                raise self._not_found(key, id, namespace, " to replace")
             raise DuplicateItemError(
                 f"{self.name}: cannot move to (key={target_key!r}, id={target_id!r}) in namespace "
                 f"{target_namespace!r}: an item is already there"
             )
-        tree.delete(entry)
+        # The delete finds the item itself (no lookup first: a move is two writes of scattered
+        # items, and each lookup decodes a leaf); absent, it changes nothing.
+        old = tree.delete(entry)
+        if old is None:
+            raise self._not_found(key, id, namespace, " to replace")
         self._save(wtx, tree_key, tree)
+        values = target_values if target_values is not None else old
         if not same_tree:
             target = self._tree(wtx, target_namespace)[0]
         target.insert(target_entry, values)
