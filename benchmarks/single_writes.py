@@ -23,7 +23,8 @@ path rewrite and nothing else. A tree that copies the path of a write (every tre
 immutable once committed) must, per committed write, read the leaf, put a new copy of each node
 of the path (``depth`` nodes of the sizes tallytree stores; a move rewrites two paths that share
 the root), delete the old copies, and put its root record and node id counter. Whatever tallytree
-spends above that floor is its own code; the floor itself no Python code on LMDB can go below.
+spends above that floor is its own code; no code that copies paths on LMDB, in any language,
+can go below the floor.
 
 It prints a markdown table of medians, means and commits per second (one over the mean),
 tallytree's median as a multiple of SQLite's, the floor's median and tallytree's as a multiple of
@@ -202,11 +203,12 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="tt-single-writes-") as tmp:
         directory = Path(tmp)
         _build(directory / "built", n, node_size)
-        systems = {"lmdb": _lmdb_floor(directory / "built", directory / "lmdb", seed)}
-        shutil.move(directory / "built", directory / "tallytree")
-        systems["tallytree"] = _tallytree(directory / "tallytree")
-        systems["sqlite"] = _sqlite(directory, n)
-        try:
+        systems: dict[str, tuple[dict[str, Write], Rows, Callable[[], None]]] = {}
+        try:  # each system made is closed, whatever happens after
+            systems["lmdb"] = _lmdb_floor(directory / "built", directory / "lmdb", seed)
+            shutil.move(directory / "built", directory / "tallytree")
+            systems["tallytree"] = _tallytree(directory / "tallytree")
+            systems["sqlite"] = _sqlite(directory, n)
             for round_ in range(rounds):
                 for name, (writes, _, _) in systems.items():
                     for kind in KINDS:

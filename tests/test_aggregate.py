@@ -412,6 +412,14 @@ def test_replace_moves_items_atomically(db: tallytree.Database) -> None:
             aggregate.replace(tx, 6, "id", namespace="elsewhere", new_key=1000)
         with pytest.raises(ItemNotFoundError):  # absent, and its new place taken: absence is reported
             aggregate.replace(tx, 6, "nope", namespace="from", new_key=7, new_id="id")
+        with pytest.raises(ItemNotFoundError):  # absent, given new values only
+            aggregate.replace(tx, 6, "nope", namespace="from", new_values=(1,))
+        with pytest.raises(ItemNotFoundError):  # absent, given nothing new
+            aggregate.replace(tx, 6, "nope", namespace="from")
+        assert strict(aggregate.replace(tx, 6, "id", namespace="from")) == strict(Item(6, "id", (6,)))
+        assert strict(aggregate.replace(tx, 6, "id", namespace="from", new_values=(6,))) == strict(
+            Item(6, "id", (6,))
+        )
         assert not tx.changed
         assert snapshot(db, tx) == before
     assert snapshot(db) == before

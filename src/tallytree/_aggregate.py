@@ -1046,13 +1046,12 @@ class Aggregate:
         target_tree_key = self._tree_key(target_namespace)
         same_tree = target_tree_key == tree_key
         if same_tree and target_entry == entry:  # the item stays: only its values may change
-            old = tree.find(entry)
+            # the update finds the item itself, as the delete below does; absent, it changes nothing
+            old = tree.find(entry) if target_values is None else tree.update(entry, target_values)
             if old is None:
                 raise self._not_found(key, id, namespace, " to replace")
-            values = target_values if target_values is not None else old
-            tree.update(entry, values)
             self._save(wtx, tree_key, tree)
-            return self._item(entry, values)
+            return self._item(entry, old if target_values is None else target_values)
         target = tree if same_tree else self._tree(wtx, target_namespace)[0]
         if target.find(target_entry) is not None:
             if tree.find(entry) is None:  # both wrong: the missing item is the one reported
