@@ -83,6 +83,7 @@ __all__ = ["Tree", "appended", "pending_capacity"]
 _PENDING_MAX = 64
 """The most entries a pending node holds: each insert rewrites it, so it stays small (64 was measured
 faster than 32: fewer merges, for a pending node still under 2 KiB)."""
+_new = object.__new__  # Tree.reader's allocations, without the class attribute lookups
 
 
 def pending_capacity(node_size: int) -> int:
@@ -115,33 +116,48 @@ class Tree:
     )
 
     def __init__(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> None:
-        self._load(access, nfields, node_size, root, NodeTree)
+        nodes = self._load(access, nfields, node_size, root)
+        self.nodes: NodeTree = NodeTree(access, nfields, node_size, nodes)
 
     @classmethod
     def reader(cls, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Tree:
-        """A tree for reads only: its node tree shares the root record when it can. O(1)."""
-        tree = cls.__new__(cls)
-        tree._load(access, nfields, node_size, root, NodeTree.reader)
+        """A tree for reads only: its node tree shares the root record when it can. O(1).
+
+        The first read of a namespace in each transaction makes one, so it is lean: the node tree is
+        made as ``NodeTree.reader`` makes it, inlined (0.57 us for both trees, where the calls took
+        1.15 us of the 10 us of a count in a transaction of its own).
+        """
+        tree = _new(cls)
+        nodes = tree._load(access, nfields, node_size, root)
+        node_tree = tree.nodes = _new(NodeTree)
+        node_tree.access = access
+        node_tree.nfields = nfields
+        node_tree.max_size = node_size
+        node_tree.min_size = node_size // 2
+        node_tree.original = node_tree.root = nodes
         return tree
 
-    def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None, make: Any) -> None:
+    def _load(self, access: NodeAccess, nfields: int, node_size: int, root: Root | None) -> Root | None:
+        """Set up the tree from a root record; return the record of its nodes alone (None when it
+        has none), for its node tree."""
         self.access = access
         self.nfields = nfields
-        self.capacity = min(node_size, _PENDING_MAX)  # pending_capacity, inlined: once per tree read
+        self.capacity = node_size if node_size < _PENDING_MAX else _PENDING_MAX  # pending_capacity
         self.original = root
-        self._pending: Node | None = None
-        self._record: Root | None = None  # a record whose pending node is not decoded yet
         self._edges: tuple[int, bytes, bytes] | None = None
-        self.pending_summary: list[int] | None = None
-        nodes = root
-        if root is not None and root.pending_summary is not None:
-            if root.pending_node is None and root.packed_pending is not None and speedups is not None:
-                self._record = root  # decoded by the first read that needs its entries (see pending)
-            else:
-                self._pending = root.pending_of(access)
-            self.pending_summary = root.pending_summary  # replaced, never changed in place
-            nodes = root.nodes_root()
-        self.nodes: NodeTree = make(access, nfields, node_size, nodes if root and root.node_id else None)
+        if root is None or root.pending_summary is None:
+            self._pending: Node | None = None
+            self._record: Root | None = None  # a record whose pending node is not decoded yet
+            self.pending_summary: list[int] | None = None
+            return root if root is not None and root.node_id else None
+        if root.pending_node is None and root.packed_pending is not None and speedups is not None:
+            self._pending = None
+            self._record = root  # decoded by the first read that needs its entries (see pending)
+        else:
+            self._pending = root.pending_of(access)
+            self._record = None
+        self.pending_summary = root.pending_summary  # replaced, never changed in place
+        return root.nodes_root() if root.node_id else None
 
     @property
     def pending(self) -> Node | None:
