@@ -266,6 +266,19 @@ def test_int_sums_are_exact_beyond_64_bits(db: tallytree.Database) -> None:
         assert aggregate.sum(tx, "big", ge=10, lt=13) == 3 * (2**64 - 1)
 
 
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**30])
+def test_an_int_value_beyond_the_stored_range_is_refused(db: tallytree.Database, value: int) -> None:
+    """A single value is stored in 64 bits (-2**63 to 2**64 - 1, as the README says); its sums are not."""
+    aggregate = db.aggregate("ints", values=("big",))
+    with db.write() as tx:
+        aggregate.insert(tx, 0, "ok", (2**64 - 1,))
+        with pytest.raises(InvalidValueError, match=r"-2\*\*63 to 2\*\*64 - 1") as raised:
+            aggregate.insert(tx, 1, "big", (value,))
+        assert "larger unit" in str(raised.value)
+    with db.read() as tx:
+        assert aggregate.count(tx) == 1
+
+
 def test_float_sum_beyond_the_largest_double_is_infinite_and_recovers(db: tallytree.Database) -> None:
     """Regression: a float sum above the largest double made totals() and namespaces() raise
     OverflowError; IEEE 754 rounds it to infinity. The exact sum lives on, so it comes back."""

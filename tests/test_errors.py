@@ -70,3 +70,97 @@ def test_table_definitions_raise_typed_argument_errors(db: tallytree.Database) -
     with pytest.raises(ArgumentTypeError, match="key= is required"):
         events.aggregate("by_day", values=("cost",))
     assert db.aggregates() == []
+
+
+def test_a_read_or_write_given_no_transaction_raises_argument_type_error(db: tallytree.Database) -> None:
+    scores = db.aggregate("scores")
+    with pytest.raises(ArgumentTypeError, match="transaction") as raised:
+        scores.count(db)  # type: ignore[arg-type]
+    assert isinstance(raised.value, TypeError)
+    with pytest.raises(ArgumentTypeError, match="transaction"):
+        scores.insert(None, 1, "a")  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="transaction"):
+        tallytree.check(db)  # type: ignore[arg-type]
+    with db.read() as tx:
+        assert scores.count(tx) == 0
+
+
+def test_random_refuses_an_rng_that_is_neither_a_generator_nor_a_seed(db: tallytree.Database) -> None:
+    scores = db.aggregate("scores")
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    with db.read() as tx:
+        for rng in (object(), [1], True):
+            with pytest.raises(ArgumentTypeError, match="rng="):
+                scores.random(tx, rng=rng)  # type: ignore[arg-type]
+            with pytest.raises(ArgumentTypeError, match="rng="):  # refused before the range is read
+                scores.random(tx, ge=100, rng=rng)  # type: ignore[arg-type]
+        seeded = [scores.random(tx, rng=seed) for seed in (3, 3.5, "s", b"s", bytearray(b"s"))]
+        assert all(item is not None for item in seeded)
+        assert scores.random(tx, rng="s") == seeded[2]
+
+
+def test_insert_many_refuses_what_is_not_iterable_and_writes_nothing(db: tallytree.Database) -> None:
+    scores = db.aggregate("scores")
+    with db.write() as tx:
+        for items in (None, 5, object()):
+            with pytest.raises(ArgumentTypeError, match="iterable"):
+                scores.insert_many(tx, items)  # type: ignore[arg-type]
+        assert scores.insert_many(tx, iter([(1, "a"), (2, "b")])) == 2
+    with db.read() as tx:
+        assert scores.count(tx) == 2
+
+
+def test_an_unknown_field_of_totals_is_a_typed_key_error(db: tallytree.Database) -> None:
+    costs = db.aggregate("costs", values=("cost",))
+    with db.write() as tx:
+        costs.insert(tx, 1, "a", (0.5,))
+    with db.read() as tx:
+        totals = costs.totals(tx)
+    assert totals["cost"] == 0.5 and totals["count"] == 1 and totals.mean("cost") == 0.5
+    for read in (lambda: totals["tokens"], lambda: totals.mean("tokens")):
+        with pytest.raises(tallytree.UnknownFieldError) as raised:
+            read()
+        assert isinstance(raised.value, KeyError) and isinstance(raised.value, Error)
+        assert str(raised.value) == "no value field 'tokens'; the fields are ['cost'] (and 'count')"
+
+
+def test_check_refuses_an_aggregate_of_another_database(db: tallytree.Database) -> None:
+    mine = db.aggregate("events", node_size=4)
+    other_db = tallytree.open_memory()
+    other = other_db.aggregate("events")
+    with other_db.write() as tx:
+        other.insert_many(tx, [(n, "id") for n in range(20)])  # healthy, but judged by mine it is not
+    with db.write() as tx:
+        mine.insert_many(tx, [(n, "id") for n in range(20)])
+    with db.read() as tx:
+        assert tallytree.check(tx, mine) == []
+        with pytest.raises(tallytree.TransactionError, match="another database"):
+            tallytree.check(tx, other)
+        with pytest.raises(ArgumentTypeError, match="aggregate"):
+            tallytree.check(tx, "events")  # type: ignore[arg-type]
+
+
+def test_check_of_one_namespace_matches_it_as_reads_do(db: tallytree.Database) -> None:
+    scores = db.aggregate("scores", node_size=4)
+    with db.write() as tx:
+        for namespace in (1, 1.0, True):
+            scores.insert_many(tx, [(n, "id") for n in range(10)], namespace=namespace)
+        assert scores.count(tx, namespace=1.0) == 10
+    walked: list[Any] = []
+    original = tallytree._check._Walker.__init__
+
+    def spy(self: Any, tx: Any, aggregate: Any, namespace: Any, problems: Any) -> None:
+        walked.append(namespace)
+        original(self, tx, aggregate, namespace, problems)
+
+    tallytree._check._Walker.__init__ = spy  # type: ignore[method-assign]
+    try:
+        with db.read() as tx:
+            assert tallytree.check(tx, scores, namespace=1) == []
+            assert tallytree.check(tx, scores, namespace="absent") == []
+            with pytest.raises(tallytree.UnsupportedKeyTypeError):
+                tallytree.check(tx, scores, namespace=[1])
+    finally:
+        tallytree._check._Walker.__init__ = original  # type: ignore[method-assign]
+    assert walked == [1] and type(walked[0]) is int

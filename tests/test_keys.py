@@ -724,8 +724,10 @@ def test_too_large_nesting_fails_fast() -> None:
     deep: tuple[object, ...] = ()
     for _ in range(200):
         deep = (deep,)
-    with pytest.raises(KeyTooLargeError):
+    with pytest.raises(KeyTooLargeError) as raised:
         encode_key(deep)
+    # the size it names is a true lower bound, over the limit (not 2 bytes per level above it only)
+    assert f"at least {2 * 128} bytes and the limit is {MAX_KEY_BYTES}" in str(raised.value)
     wide: tuple[object, ...] = ()
     for _ in range(12):
         wide = (wide,) * 200  # 200**12 leaves if it were expanded

@@ -62,6 +62,7 @@ from .errors import (
     StorageError,
     TableNotFoundError,
     TransactionError,
+    UnknownFieldError,
     UnsortedInputError,
     UnsupportedKeyTypeError,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "Totals",
     "Transaction",
     "TransactionError",
+    "UnknownFieldError",
     "UnsortedInputError",
     "UnsupportedKeyTypeError",
     "WriteTransaction",

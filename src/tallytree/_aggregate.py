@@ -49,7 +49,16 @@ from ._bulk import (
 from ._bulk import build as _bulk_build
 from ._bulk import build_many as _bulk_build_many
 from ._gc import gc_paused
-from ._keys import decode_entry, decode_key, encode_body, encode_id, encode_key, encode_prefix, sort_order
+from ._keys import (
+    _show,
+    decode_entry,
+    decode_key,
+    encode_body,
+    encode_id,
+    encode_key,
+    encode_prefix,
+    sort_order,
+)
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree, appended, pending_capacity
@@ -64,6 +73,7 @@ from .errors import (
     ItemNotFoundError,
     OutOfRangeError,
     TransactionError,
+    UnknownFieldError,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Aggregate", "Item", "Page", "Position", "Totals"]
 
+_SEEDS = (int, float, str, bytes, bytearray)  # what random.Random takes as a seed (bool aside)
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**64 - 1
 _AFTER = b"\xff"
@@ -156,7 +167,9 @@ class Totals:
         try:
             return self._sums[self._fields.index(name)]
         except ValueError:
-            raise KeyError(name) from None
+            raise UnknownFieldError(
+                f"no value field {name!r}; the fields are {list(self._fields)} (and 'count')"
+            ) from None
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -183,7 +196,7 @@ class Totals:
         >>> Totals(2, ("cost", "tokens"), (0.75, 3000)).mean("tokens"), none.mean("tokens")
         (1500.0, None)
         """
-        total = self[field]  # an unknown field raises KeyError, with or without items
+        total = self[field]  # an unknown field raises UnknownFieldError, with or without items
         if self.count == 0:
             return None
         return total / self.count
@@ -365,7 +378,15 @@ class Aggregate:
         return tree_key
 
     def _check(self, tx: Transaction) -> None:
-        tx.check_database(self._db)
+        try:
+            tx.check_database(self._db)
+        except AttributeError:
+            if isinstance(tx, Transaction):
+                raise
+            raise ArgumentTypeError(
+                f"{self.name}: the first argument is a transaction (`with db.read() as tx:` or "
+                f"`with db.write() as tx:`), not {_show(tx)}"
+            ) from None
         if self._dropped is not None:
             raise TransactionError(f"{self._dropped}; open it again with db.aggregate() or table.aggregate()")
 
@@ -456,8 +477,8 @@ class Aggregate:
             elif kind is int:
                 if not _INT64_MIN <= value <= _INT64_MAX:
                     raise InvalidValueError(
-                        f"{self.name}: {field}={value} is outside the 64-bit range values are "
-                        "stored in (sums of them may be any size)"
+                        f"{self.name}: {field}={value} is outside the range of a value, -2**63 to "
+                        "2**64 - 1 (their sums may be any size); store it in a larger unit, or as a float"
                     )
             else:
                 raise InvalidValueError(
@@ -743,12 +764,19 @@ class Aggregate:
         >>> first == again, inside
         (True, True)
         """
+        if isinstance(rng, _random.Random):
+            generator = rng
+        elif rng is None or type(rng) in _SEEDS:
+            generator = _random.Random(rng)
+        else:
+            raise ArgumentTypeError(
+                f"rng= takes a random.Random or a seed (an int, float, str or bytes), not {_show(rng)}"
+            )
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
         if start >= stop:
             return None
-        generator = rng if isinstance(rng, _random.Random) else _random.Random(rng)
         return self._item(*tree.select(start + generator.randrange(stop - start)))
 
     def get(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> Item | None:
@@ -1120,7 +1148,17 @@ class Aggregate:
         namespace: Any,
         on_duplicate: Literal["error", "skip", "update"],
     ) -> int:
-        batch = items if type(items) is list else list(items)
+        if type(items) is list:
+            batch = items
+        else:
+            try:
+                iterator = iter(items)
+            except TypeError:
+                raise ArgumentTypeError(
+                    f"{self.name}: insert_many takes an iterable of items or (key, id[, values]) tuples, "
+                    f"not {_show(items)}"
+                ) from None
+            batch = list(iterator)
         encoded = self._encode_batch(batch)
         entries, cols, keys, ids = encoded if encoded is not None else self._encode_items(batch)
         if not entries:

@@ -34,7 +34,7 @@ from ._node import Node
 from ._store import NODES, ROOTS
 from ._tree import pending_capacity
 from ._txn import Transaction, decode_root
-from .errors import Error
+from .errors import ArgumentTypeError, Error
 
 __all__ = ["Problem", "check"]
 
@@ -246,17 +246,27 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
     ...     tallytree.check(tx)
     []
     """
+    if not isinstance(tx, Transaction):
+        raise ArgumentTypeError(f"check() takes a transaction (`with db.read() as tx:`), not {tx!r}")
     db = tx._db
     tx.check_database(db)
+    if aggregate is not None:
+        if not isinstance(aggregate, Aggregate):
+            raise ArgumentTypeError(
+                f"check() takes an aggregate (db.aggregate(name)) or None, not {aggregate!r}"
+            )
+        aggregate._check(tx)  # one of this transaction's database, not dropped
     problems: list[Problem] = []
     aggregates = [aggregate] if aggregate is not None else db.aggregates_in(tx)
     seen: set[int] = set()
     for each in aggregates:
+        # A namespace is matched by its encoded key, as reads find it (1, 1.0 and True are three),
+        # which also rejects a value that is no namespace with the key errors reads raise.
+        wanted = None if namespace is _ALL else each._tree_key(namespace)
         for tree_key, root in _roots(tx, each):
-            name = db.namespace_of(tree_key)
-            if namespace is not _ALL and name != namespace:
+            if wanted is not None and tree_key != wanted:
                 continue
-            walker = _Walker(tx, each, name, problems)
+            walker = _Walker(tx, each, db.namespace_of(tree_key), problems)
             if root is not None:
                 walker.tree(root)
             seen |= walker.seen

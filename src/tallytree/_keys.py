@@ -429,7 +429,7 @@ def _body_into(key: object, parts: list[bytes], suffix: bytearray, what: str, de
         body = _str_body(key, what)  # type: ignore[arg-type]  # narrowed by the exact type check
     elif isinstance(key, tuple):
         if depth >= _MAX_DEPTH or len(key) > MAX_KEY_BYTES:
-            raise _too_large(what, max(2 * depth, len(key)), at_least=True)
+            raise _too_large(what, max(2 * (depth + 1), len(key) + 2), at_least=True)  # with its own 2
         parts.append(_TUPLE_START)
         size = 2
         for item in key:

@@ -32,6 +32,7 @@ __all__ = [
     "StorageError",
     "TableNotFoundError",
     "TransactionError",
+    "UnknownFieldError",
     "UnsortedInputError",
     "UnsupportedKeyTypeError",
 ]
@@ -80,6 +81,14 @@ class AggregateNotFoundError(Error, KeyError):
 
 class TableNotFoundError(Error, KeyError):
     """A table was opened by name with ``create=False`` and does not exist."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownFieldError(Error, KeyError):
+    """A value field was asked of a :class:`~tallytree.Totals` by a name its aggregate does not have
+    (``totals["nope"]``, ``totals.mean("nope")``)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
