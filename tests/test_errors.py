@@ -72,6 +72,28 @@ def test_table_definitions_raise_typed_argument_errors(db: tallytree.Database) -
     assert db.aggregates() == []
 
 
+WRONG_TYPES: list[tuple[str, Callable[[tallytree.Database], Any]]] = [
+    ("aggregate name", lambda db: db.aggregate(5)),
+    ("aggregate node_size", lambda db: db.aggregate("a", node_size="4")),
+    ("aggregate values", lambda db: db.aggregate("a", values=5)),
+    ("aggregate field name", lambda db: db.aggregate("a", values=(5,))),
+    ("table name", lambda db: db.table(b"t")),
+    ("table aggregate name", lambda db: db.table("t").aggregate(5, key="at")),
+    ("table aggregate values", lambda db: db.table("t").aggregate("a", key="at", values=5)),
+    ("table aggregate node_size", lambda db: db.table("t").aggregate("a", key="at", node_size=4.0)),
+]
+
+
+@pytest.mark.parametrize("make", [make for _, make in WRONG_TYPES], ids=[n for n, _ in WRONG_TYPES])
+def test_definitions_of_the_wrong_type_raise_argument_type_error(
+    db: tallytree.Database, make: Callable[..., Any]
+) -> None:
+    with pytest.raises(ArgumentTypeError) as raised:
+        make(db)
+    assert isinstance(raised.value, TypeError) and isinstance(raised.value, InvalidArgumentError)
+    assert db.aggregates() == []
+
+
 def test_a_read_or_write_given_no_transaction_raises_argument_type_error(db: tallytree.Database) -> None:
     scores = db.aggregate("scores")
     with pytest.raises(ArgumentTypeError, match="transaction") as raised:

@@ -23,6 +23,9 @@ second write transaction in a thread that already has one would wait for itself 
 
 from __future__ import annotations
 
+import mmap
+import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -43,6 +46,7 @@ from ._tree import Tree
 from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
+    ArgumentTypeError,
     DatabaseFormatError,
     InvalidArgumentError,
     SchemaMismatchError,
@@ -66,6 +70,16 @@ _NEXT_AGGREGATE = b"next_agg"
 _AGGREGATE_PREFIX = b"agg:"
 _MIN_NODE_SIZE = 4
 _MAX_NODE_SIZE = 1024
+_DEFAULT_MAP_SIZE = 1 << 30
+_MIN_MAP_SIZE = 16 * mmap.PAGESIZE
+"""The smallest ``map_size`` open() takes: 16 LMDB pages (an LMDB page is an OS page; 64 KiB with 4 KiB
+pages). Creating the four tables and committing the format tag needs 9; a smaller map fails inside
+LMDB, after the files exist. The map grows by doubling from there, so a small start costs little."""
+_INT_OPTIONS = {  # name -> (least value, what it is), for _check_options; the most is sys.maxsize
+    "map_size": (_MIN_MAP_SIZE, "the initial map size in bytes"),
+    "max_map_size": (_MIN_MAP_SIZE, "the largest map size in bytes"),
+    "cache_nodes": (0, "the most decoded nodes cached, 0 for no cache"),
+}
 
 
 class Database:
@@ -206,17 +220,10 @@ class Database:
         <Aggregate 'events' values=('cost', 'tokens') node_size=128>
         """
         self._check_open()
-        if not isinstance(name, str) or not name or len(name) > 200:
-            raise InvalidArgumentError(
-                f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}"
-            )
+        _check_name(name, "an aggregate")
         fields = _check_fields(values) if values is not None else None
-        if node_size is not None and (
-            type(node_size) is not int or not _MIN_NODE_SIZE <= node_size <= _MAX_NODE_SIZE
-        ):
-            raise InvalidArgumentError(
-                f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
-            )
+        if node_size is not None:
+            _check_node_size(node_size)
         known = self._aggregates.get(name) or self._load_aggregate(name)
         if known is None:
             if not create:
@@ -360,8 +367,7 @@ class Database:
         <Table 'events' aggregates=[]>
         """
         self._check_open()
-        if not isinstance(name, str) or not name or len(name) > 200:
-            raise InvalidArgumentError(f"a table name is a non-empty str of at most 200 chars, not {name!r}")
+        _check_name(name, "a table")
         known = self._tables.get(name)
         if known is not None:
             return known
@@ -443,12 +449,40 @@ class Database:
         }
 
 
+def _check_name(name: object, what: str) -> None:
+    """Raise ArgumentTypeError unless ``name`` (of ``what``: "an aggregate", "a table") is a str, and
+    InvalidArgumentError unless it has 1 to 200 chars."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"{what} name is a str, not {type(name).__name__} {name!r}")
+    if not name or len(name) > 200:
+        raise InvalidArgumentError(f"{what} name is a non-empty str of at most 200 chars, not {name!r}")
+
+
+def _check_node_size(node_size: object) -> None:
+    """Raise ArgumentTypeError unless ``node_size`` is an int, InvalidArgumentError unless in range."""
+    if type(node_size) is not int:
+        raise ArgumentTypeError(
+            f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
+        )
+    if not _MIN_NODE_SIZE <= node_size <= _MAX_NODE_SIZE:
+        raise InvalidArgumentError(
+            f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
+        )
+
+
 def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
     if isinstance(values, str):
         raise InvalidArgumentError(f"values= takes a sequence of field names, e.g. ({values!r},), not a str")
-    fields = tuple(values)
+    try:
+        fields = tuple(values)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"values= takes a sequence of field names, e.g. ('cost', 'tokens'), not {values!r}"
+        ) from None
     for field in fields:
-        if not isinstance(field, str) or not field.isidentifier() or field.startswith("_"):
+        if not isinstance(field, str):
+            raise ArgumentTypeError(f"value field names are str identifiers, not {field!r}")
+        if not field.isidentifier() or field.startswith("_"):
             raise InvalidArgumentError(
                 f"value field names are identifiers not starting with '_', not {field!r}"
             )
@@ -524,9 +558,9 @@ class _Writing:
 
 
 def open(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
-    map_size: int = 1 << 30,
+    map_size: int | None = None,
     max_map_size: int = 1 << 40,
     durable: bool = True,
     readonly: bool = False,
@@ -535,20 +569,37 @@ def open(
 ) -> Database:
     """Open (or create) the database in the directory ``path``.
 
-    ``map_size`` is the initial size of the LMDB map; it doubles when full, up to ``max_map_size``.
-    ``durable=False`` skips the fsync of each commit (safe against a killed process, not against a power
-    loss). ``cache_nodes`` bounds the decoded-node cache shared by all transactions.
+    ``map_size`` is the initial size of the LMDB map in bytes (1 GiB by default, or ``max_map_size``
+    if that is smaller); it doubles when full, up to ``max_map_size`` (1 TiB by default). Both are ints
+    from 16 OS pages (64 KiB with 4 KiB pages) to ``sys.maxsize``, and ``map_size`` may not exceed
+    ``max_map_size``. ``durable=False`` skips the fsync of each commit (safe against a killed process,
+    not against a power loss). ``cache_nodes`` (an int >= 0; 0 caches nothing) bounds the decoded-node
+    cache shared by all transactions. ``durable``, ``readonly`` and ``create`` are bools.
 
-    Raises DatabaseFormatError for a path that is a file, a non-empty foreign directory, an LMDB
-    environment that tallytree did not create, or an incompatible format version.
+    Arguments are checked before anything is created: a wrong type raises ArgumentTypeError (a
+    TypeError), an unacceptable value (an empty path, a size out of range) InvalidArgumentError (a
+    ValueError). Raises DatabaseFormatError for a path that is a file, a non-empty foreign directory, an
+    LMDB environment that tallytree did not create, or an incompatible format version.
 
     >>> import tallytree, tempfile
     >>> with tallytree.open(tempfile.mkdtemp() + "/stats.tt") as db:
     ...     db.aggregates()
     []
     """
-    backend = LmdbBackend(
+    _check_options(
         path,
+        map_size=map_size,
+        max_map_size=max_map_size,
+        durable=durable,
+        readonly=readonly,
+        create=create,
+        cache_nodes=cache_nodes,
+    )
+    if map_size is None:
+        map_size = min(_DEFAULT_MAP_SIZE, max_map_size)
+    directory = Path(path)
+    backend = LmdbBackend(
+        directory,
         map_size=map_size,
         max_map_size=max_map_size,
         durable=durable,
@@ -556,7 +607,7 @@ def open(
         create=create,
     )
     try:
-        return Database(backend, cache_nodes=cache_nodes, path=Path(path))
+        return Database(backend, cache_nodes=cache_nodes, path=directory)
     except BaseException:
         backend.close()
         raise
@@ -566,5 +617,44 @@ def open_memory(*, cache_nodes: int = DEFAULT_CACHE_NODES) -> Database:
     """Open a new, empty database held in memory (for tests, examples and throwaway data).
 
     It has the same API and semantics as an LMDB database, but commits cost O(size of the data).
+    ``cache_nodes`` is as for :func:`open` (an int >= 0; a wrong type raises ArgumentTypeError, a
+    negative number InvalidArgumentError).
     """
+    _check_options(cache_nodes=cache_nodes)
     return Database(MemoryBackend(), cache_nodes=cache_nodes)
+
+
+def _check_options(*paths: object, **options: object) -> None:
+    """Raise ArgumentTypeError or InvalidArgumentError for the first unacceptable argument of
+    :func:`open` (its path, then its options) or :func:`open_memory` (no path), before anything is
+    created on disk. The rules are in ``open``'s docstring. O(len(path))."""
+    for path in paths:
+        name = os.fspath(path) if isinstance(path, os.PathLike) else path
+        if not isinstance(name, str):
+            raise ArgumentTypeError(
+                f"path must be a str or os.PathLike naming a directory, not {type(path).__name__} {path!r}"
+            )
+        if not name:
+            raise InvalidArgumentError("path is empty (unset?); name a directory, '.' for the current one")
+        if "\0" in name:
+            raise InvalidArgumentError(f"path {name!r} contains a NUL character, which no file name can hold")
+    for option, value in options.items():
+        if option not in _INT_OPTIONS:
+            if not isinstance(value, bool):
+                raise ArgumentTypeError(f"{option} must be True or False, not {value!r}")
+        elif value is not None or option != "map_size":  # map_size=None: the default
+            least, meaning = _INT_OPTIONS[option]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ArgumentTypeError(
+                    f"{option} ({meaning}) must be an int, not {type(value).__name__} {value!r}"
+                )
+            if not least <= value <= sys.maxsize:
+                raise InvalidArgumentError(
+                    f"{option} ({meaning}) must be from {least} to sys.maxsize, not {value}"
+                )
+    map_size, max_map_size = options.get("map_size"), options.get("max_map_size")
+    if isinstance(map_size, int) and isinstance(max_map_size, int) and map_size > max_map_size:
+        raise InvalidArgumentError(
+            f"map_size ({map_size}) is above max_map_size ({max_map_size}), and the map cannot start "
+            "beyond its limit; raise max_map_size or lower map_size"
+        )

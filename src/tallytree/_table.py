@@ -266,7 +266,12 @@ class Table:
             if namespace is not None or values or where is not None or node_size is not None or rebuild:
                 raise ArgumentTypeError("table.aggregate(): key= is required to define an aggregate")
             return self._attached(name)
-        from ._db import DEFAULT_NODE_SIZE, _check_fields  # noqa: PLC0415  # _db imports this module
+        from ._db import (  # noqa: PLC0415  # _db imports this module
+            DEFAULT_NODE_SIZE,
+            _check_fields,
+            _check_name,
+            _check_node_size,
+        )
 
         if isinstance(values, Mapping):
             specs: dict[str, Extractor] = dict(values)
@@ -275,12 +280,11 @@ class Table:
                 f"values= takes a sequence of field names, e.g. ({values!r},), not a str"
             )
         else:
-            specs = {field: field for field in values}
+            specs = {field: field for field in _check_fields(values)}
         fields = _check_fields(tuple(specs))
-        if not isinstance(name, str) or not name or len(name) > 200:
-            raise InvalidArgumentError(
-                f"an aggregate name is a non-empty str of at most 200 chars, not {name!r}"
-            )
+        _check_name(name, "an aggregate")
+        if node_size is not None:
+            _check_node_size(node_size)
         with self._db.read() as tx:
             self._load(tx, tx.meta(self._record_key))
         known = self._definitions.get(name)

@@ -1,0 +1,159 @@
+"""tallytree.open() and open_memory() check their arguments before they create anything on disk."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tallytree
+from tallytree import ArgumentTypeError, Error, InvalidArgumentError
+
+PAGES_16 = 16 * mmap.PAGESIZE
+"""The smallest map_size open() takes."""
+
+WRONG_TYPES: list[tuple[str, dict[str, Any]]] = [
+    ("map_size", {"map_size": "big"}),
+    ("map_size", {"map_size": 1.5e9}),
+    ("map_size", {"map_size": True}),
+    ("max_map_size", {"max_map_size": "1T"}),
+    ("max_map_size", {"max_map_size": False}),
+    ("cache_nodes", {"cache_nodes": "x"}),
+    ("cache_nodes", {"cache_nodes": 100.0}),
+    ("cache_nodes", {"cache_nodes": True}),
+    ("durable", {"durable": "no"}),
+    ("durable", {"durable": 0}),
+    ("readonly", {"readonly": 1}),
+    ("readonly", {"readonly": None}),
+    ("create", {"create": "yes"}),
+]
+
+BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
+    ("map_size", {"map_size": -1}),
+    ("map_size", {"map_size": 0}),
+    ("map_size", {"map_size": PAGES_16 - 1}),
+    ("map_size", {"map_size": sys.maxsize + 1, "max_map_size": sys.maxsize}),
+    ("max_map_size", {"max_map_size": -5}),
+    ("max_map_size", {"max_map_size": 2**64}),
+    ("max_map_size", {"map_size": 1 << 30, "max_map_size": 1 << 20}),
+    ("max_map_size", {"map_size": 2 * PAGES_16, "max_map_size": PAGES_16}),
+    ("cache_nodes", {"cache_nodes": -5}),
+    ("cache_nodes", {"cache_nodes": -1}),
+    ("cache_nodes", {"cache_nodes": sys.maxsize + 1}),
+]
+
+
+def _ids(cases: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [",".join(f"{k}={v!r}" for k, v in options.items()) for _, options in cases]
+
+
+def _nothing_created(root: Path) -> None:
+    assert list(root.iterdir()) == [], "a failed open left something behind"
+
+
+@pytest.mark.parametrize(("name", "options"), WRONG_TYPES, ids=_ids(WRONG_TYPES))
+def test_an_option_of_the_wrong_type_raises_argument_type_error(
+    tmp_path: Path, name: str, options: dict[str, Any]
+) -> None:
+    with pytest.raises(ArgumentTypeError, match=name) as raised:
+        tallytree.open(tmp_path / "db", **options)
+    assert isinstance(raised.value, TypeError)
+    assert isinstance(raised.value, InvalidArgumentError) and isinstance(raised.value, Error)
+    _nothing_created(tmp_path)
+
+
+@pytest.mark.parametrize(("name", "options"), BAD_VALUES, ids=_ids(BAD_VALUES))
+def test_an_option_with_a_bad_value_raises_invalid_argument_error(
+    tmp_path: Path, name: str, options: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=name) as raised:
+        tallytree.open(tmp_path / "db", **options)
+    assert isinstance(raised.value, ValueError) and isinstance(raised.value, Error)
+    assert not isinstance(raised.value, TypeError), "a value error, not a type error"
+    _nothing_created(tmp_path)
+
+
+def test_map_size_above_max_map_size_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"map_size \(1073741824\) is above max_map_size"):
+        tallytree.open(tmp_path / "db", map_size=1 << 30, max_map_size=1 << 20)
+    _nothing_created(tmp_path)
+
+
+@pytest.mark.parametrize("path", [5, 5.0, None, b"/tmp/db", ["db"]], ids=repr)
+def test_a_path_of_the_wrong_type_raises_argument_type_error(path: Any) -> None:
+    with pytest.raises(ArgumentTypeError, match="path") as raised:
+        tallytree.open(path)
+    assert isinstance(raised.value, TypeError) and isinstance(raised.value, InvalidArgumentError)
+
+
+@pytest.mark.parametrize("path", ["", "db\0name"], ids=repr)
+def test_an_unusable_path_raises_invalid_argument_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # "" would otherwise mean the current directory
+    with pytest.raises(InvalidArgumentError, match="path") as raised:
+        tallytree.open(path)
+    assert isinstance(raised.value, ValueError) and not isinstance(raised.value, TypeError)
+    _nothing_created(tmp_path)
+
+
+def test_a_bad_option_is_found_before_a_bad_directory(tmp_path: Path) -> None:
+    """The arguments are checked before the path is looked at, so a missing parent is not created."""
+    path = tmp_path / "a" / "b" / "db"
+    with pytest.raises(ArgumentTypeError, match="cache_nodes"):
+        tallytree.open(path, cache_nodes="x")
+    _nothing_created(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("error", "options"),
+    [
+        (ArgumentTypeError, {"cache_nodes": "x"}),
+        (ArgumentTypeError, {"cache_nodes": 3.0}),
+        (ArgumentTypeError, {"cache_nodes": False}),
+        (InvalidArgumentError, {"cache_nodes": -5}),
+    ],
+    ids=repr,
+)
+def test_open_memory_checks_cache_nodes(error: type[Exception], options: dict[str, Any]) -> None:
+    with pytest.raises(error, match="cache_nodes") as raised:
+        tallytree.open_memory(**options)
+    assert isinstance(raised.value, TypeError if error is ArgumentTypeError else ValueError)
+
+
+def test_valid_calls_still_work(tmp_path: Path) -> None:
+    with tallytree.open(
+        str(tmp_path / "db"),
+        map_size=PAGES_16,
+        max_map_size=PAGES_16 * 64,
+        durable=False,
+        readonly=False,
+        create=True,
+        cache_nodes=0,  # 0 caches nothing
+    ) as db:
+        events = db.aggregate("events", values=("cost",), node_size=4)
+        with db.write() as tx:
+            events.insert_many(tx, [(n, "e", (1.0,)) for n in range(500)])
+        with db.read() as tx:
+            assert events.count(tx) == 500 and tallytree.check(tx) == []
+        assert db.cache_info()["capacity"] == 0
+    with tallytree.open(tmp_path / "db", readonly=True, create=False, cache_nodes=3) as db, db.read() as tx:
+        assert db.aggregate("events").count(tx) == 500
+    with tallytree.open(tmp_path / "other", map_size=1 << 20, max_map_size=1 << 20) as db:
+        assert db._backend.env.info()["map_size"] == 1 << 20  # map_size may equal max_map_size
+    memory = tallytree.open_memory(cache_nodes=0)
+    assert memory.cache_info()["capacity"] == 0
+    assert tallytree.open_memory().cache_info()["capacity"] == tallytree._db.DEFAULT_CACHE_NODES
+
+
+def test_a_max_map_size_alone_below_the_default_map_size_lowers_the_initial_map(tmp_path: Path) -> None:
+    """map_size defaults to 1 GiB, or to max_map_size when that is smaller (it is not raised above it)."""
+    limit = 256 * 1024
+    with tallytree.open(tmp_path / "small", max_map_size=limit, durable=False) as db:
+        assert db._backend.env.info()["map_size"] == limit
+        assert db._backend.max_map_size == limit
+    with tallytree.open(tmp_path / "default", durable=False) as db:
+        assert db._backend.env.info()["map_size"] == 1 << 30
