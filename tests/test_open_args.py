@@ -54,25 +54,20 @@ def _nothing_created(root: Path) -> None:
     assert list(root.iterdir()) == [], "a failed open left something behind"
 
 
-@pytest.mark.parametrize(("name", "options"), WRONG_TYPES, ids=_ids(WRONG_TYPES))
-def test_an_option_of_the_wrong_type_raises_argument_type_error(
-    tmp_path: Path, name: str, options: dict[str, Any]
-) -> None:
-    with pytest.raises(ArgumentTypeError, match=name) as raised:
-        tallytree.open(tmp_path / "db", **options)
-    assert isinstance(raised.value, TypeError)
-    assert isinstance(raised.value, InvalidArgumentError) and isinstance(raised.value, Error)
-    _nothing_created(tmp_path)
+BAD_OPTIONS = [(ArgumentTypeError, *case) for case in WRONG_TYPES] + [
+    (InvalidArgumentError, *case) for case in BAD_VALUES
+]
 
 
-@pytest.mark.parametrize(("name", "options"), BAD_VALUES, ids=_ids(BAD_VALUES))
-def test_an_option_with_a_bad_value_raises_invalid_argument_error(
-    tmp_path: Path, name: str, options: dict[str, Any]
+@pytest.mark.parametrize(("error", "name", "options"), BAD_OPTIONS, ids=_ids(WRONG_TYPES) + _ids(BAD_VALUES))
+def test_a_bad_option_raises_its_typed_error_and_creates_nothing(
+    tmp_path: Path, error: type[Exception], name: str, options: dict[str, Any]
 ) -> None:
-    with pytest.raises(InvalidArgumentError, match=name) as raised:
+    with pytest.raises(error, match=name) as raised:
         tallytree.open(tmp_path / "db", **options)
     assert isinstance(raised.value, ValueError) and isinstance(raised.value, Error)
-    assert not isinstance(raised.value, TypeError), "a value error, not a type error"
+    # a wrong type is also a TypeError (ArgumentTypeError); a wrong value only a ValueError
+    assert isinstance(raised.value, TypeError) == (error is ArgumentTypeError)
     _nothing_created(tmp_path)
 
 
