@@ -586,8 +586,8 @@ def open(
     ...     db.aggregates()
     []
     """
+    _check_path(path)
     _check_options(
-        path,
         map_size=map_size,
         max_map_size=max_map_size,
         durable=durable,
@@ -624,20 +624,24 @@ def open_memory(*, cache_nodes: int = DEFAULT_CACHE_NODES) -> Database:
     return Database(MemoryBackend(), cache_nodes=cache_nodes)
 
 
-def _check_options(*paths: object, **options: object) -> None:
-    """Raise ArgumentTypeError or InvalidArgumentError for the first unacceptable argument of
-    :func:`open` (its path, then its options) or :func:`open_memory` (no path), before anything is
-    created on disk. The rules are in ``open``'s docstring. O(len(path))."""
-    for path in paths:
-        name = os.fspath(path) if isinstance(path, os.PathLike) else path
-        if not isinstance(name, str):
-            raise ArgumentTypeError(
-                f"path must be a str or os.PathLike naming a directory, not {type(path).__name__} {path!r}"
-            )
-        if not name:
-            raise InvalidArgumentError("path is empty (unset?); name a directory, '.' for the current one")
-        if "\0" in name:
-            raise InvalidArgumentError(f"path {name!r} contains a NUL character, which no file name can hold")
+def _check_path(path: object) -> None:
+    """Raise ArgumentTypeError unless ``path`` is a str or os.PathLike of str, InvalidArgumentError
+    if it is empty or holds a NUL. O(len(path))."""
+    name = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"path must be a str or os.PathLike naming a directory, not {type(path).__name__} {path!r}"
+        )
+    if not name:
+        raise InvalidArgumentError("path is empty (unset?); name a directory, '.' for the current one")
+    if "\0" in name:
+        raise InvalidArgumentError(f"path {name!r} contains a NUL character, which no file name can hold")
+
+
+def _check_options(**options: object) -> None:
+    """Raise ArgumentTypeError or InvalidArgumentError for the first unacceptable option of
+    :func:`open` or :func:`open_memory`, before anything is created on disk. The rules are in
+    ``open``'s docstring. O(1)."""
     for option, value in options.items():
         if option not in _INT_OPTIONS:
             if not isinstance(value, bool):
