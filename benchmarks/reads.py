@@ -56,8 +56,9 @@ MODES = ("C kernels", "pure Python")
 FRACTION = 0.1  # windows cover 10% of the year
 
 
-def build(path: Path, n: int, warm: bool = True) -> tuple[Any, Any, str]:
-    """A database holding the seeded single-namespace dataset of ``n`` events, opened for reading.
+def build(path: Path, n: int, warm: bool = True, built: bool = True) -> tuple[Any, Any, str]:
+    """A database holding the seeded single-namespace dataset of ``n`` events, opened for reading and
+    its nodes decoded with the C kernels (``built``) or in pure Python, as a process of that mode has.
 
     ``warm``: search every node a few times first, as a process that has served reads has: a committed
     node gets its search image (see ``_speedups.c``) on its second search. Without it, most leaves of
@@ -71,7 +72,10 @@ def build(path: Path, n: int, warm: bool = True) -> tuple[Any, Any, str]:
         events.build(
             tx, ((ts, i, (cost, tokens)) for ts, i, cost, tokens in rows), namespace=namespace, sorted=True
         )
-    with db.read() as tx:  # decode every node once: the cache holds the whole tree, as in a warm process
+    db.close()  # reopened with an empty node cache, decoded in the mode measured
+    db = tallytree.open(path, durable=False)
+    events = db.aggregate("events", values=("cost", "tokens"))
+    with kernels(built), db.read() as tx:  # decode every node once: the cache holds the whole tree, as in a warm process
         for _ in events.items(tx, namespace=namespace):
             pass
         if warm:  # every leaf searched about three times, twice over
@@ -113,7 +117,11 @@ def measure(
     modes = MODES if speedups is not None else MODES[1:]
     results: dict[tuple[str, int, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as directory:
-        trees = {n: build(Path(directory) / f"n{n}", n, warm) for n in sizes}
+        trees = {
+            (mode, n): build(Path(directory) / f"{index}-{n}", n, warm, mode == MODES[0])
+            for index, mode in enumerate(modes)
+            for n in sizes
+        }
         # each operation its own windows: one that followed another on the same windows would find
         # their leaves in the CPU caches
         repeated = {(n, op): queries(rng, per_round, n) for n in sizes for op in OPERATIONS}
@@ -122,7 +130,7 @@ def measure(
             fresh = {(n, op): queries(rng, per_round, n) for n in sizes for op in OPERATIONS}
             answers: dict[tuple[int, str, str], list[Any]] = {}
             for mode, n, kind in cells if round_index % 2 == 0 else reversed(cells):
-                db, events, namespace = trees[n]
+                db, events, namespace = trees[mode, n]
                 with kernels(mode == MODES[0]), db.read() as tx:
                     for op in OPERATIONS:
                         batch = fresh[n, op] if kind == "fresh" else repeated[n, op]
