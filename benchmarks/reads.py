@@ -75,7 +75,8 @@ def build(path: Path, n: int, warm: bool = True, built: bool = True) -> tuple[An
     db.close()  # reopened with an empty node cache, decoded in the mode measured
     db = tallytree.open(path, durable=False)
     events = db.aggregate("events", values=("cost", "tokens"))
-    with kernels(built), db.read() as tx:  # decode every node once: the cache holds the whole tree, as in a warm process
+    # decode every node once: the cache holds the whole tree, as in a warm process
+    with kernels(built), db.read() as tx:
         for _ in events.items(tx, namespace=namespace):
             pass
         if warm:  # every leaf searched about three times, twice over

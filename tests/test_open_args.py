@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 import tallytree
-from tallytree import ArgumentTypeError, Error, InvalidArgumentError
+import tallytree._lmdb
+from tallytree import ArgumentTypeError, Error, InvalidArgumentError, StorageError
 
 PAGES_16 = 16 * mmap.PAGESIZE
 """The smallest map_size open() takes."""
@@ -152,3 +154,39 @@ def test_a_max_map_size_alone_below_the_default_map_size_lowers_the_initial_map(
         assert db._backend.max_map_size == limit
     with tallytree.open(tmp_path / "default", durable=False) as db:
         assert db._backend.env.info()["map_size"] == 1 << 30
+
+
+def test_a_map_size_beyond_the_address_space_raises_and_creates_nothing(tmp_path: Path) -> None:
+    """2**62 bytes pass the range checks but no 64-bit process can map them (LMDB failed inside, after
+    creating the directory and its files, with a DatabaseFormatError that blamed the directory)."""
+    with pytest.raises(InvalidArgumentError, match="address space") as raised:
+        tallytree.open(tmp_path / "a" / "db", map_size=1 << 62, max_map_size=1 << 62)
+    assert "smaller map_size" in str(raised.value)
+    _nothing_created(tmp_path)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new directory", "empty directory"])
+def test_an_open_that_fails_after_lmdb_created_its_files_removes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """LMDB creates data.mdb and lock.mdb as it opens; if it then fails (here: it cannot map the
+    file), the files go, and so do the directories open() made: the path is left as it was."""
+    real_open = lmdb.open
+
+    def open_then_fail(path: str, **options: Any) -> Any:
+        real_open(path, **options).close()
+        raise lmdb.MemoryError("mdb_env_open: Cannot allocate memory")
+
+    monkeypatch.setattr(tallytree._lmdb.lmdb, "open", open_then_fail)
+    path = tmp_path / "db" if existing else tmp_path / "a" / "b" / "db"
+    if existing:
+        path.mkdir()
+    with pytest.raises(StorageError, match="address space"):
+        tallytree.open(path)
+    if existing:
+        assert list(path.iterdir()) == []
+        path.rmdir()
+    _nothing_created(tmp_path)
+    monkeypatch.undo()
+    with tallytree.open(path) as db:  # and a later open creates the database as usual
+        assert db.aggregates() == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import random
 import signal
@@ -510,6 +511,61 @@ def test_a_full_map_at_max_map_size_raises_and_writes_nothing(tmp_path: Path) ->
         assert snapshot(db) == before
         with db.read() as tx:
             assert tallytree.check(tx) == []
+
+
+_ADDRESS_LIMITED_WRITER = textwrap.dedent(
+    """
+    import json, resource, sys, tallytree
+    with tallytree.open(sys.argv[1], map_size=4 << 20, max_map_size=1 << 40, durable=False) as db:
+        docs = db.table("docs")
+        status = open("/proc/self/status").read()
+        used = int(status.split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (used + (96 << 20), resource.RLIM_INFINITY))
+        stored, error = 0, None
+        try:
+            for n in range(1000):
+                with db.write() as tx:
+                    docs.insert(tx, {"blob": bytes(2 << 20)}, id=n)
+                stored += 1
+        except tallytree.Error as exc:
+            error = [type(exc).__name__, str(exc)]
+        with db.write() as tx:  # a small write still fits the map as it is
+            docs.insert(tx, {"blob": b"small"}, id="after")
+        with db.read() as tx:
+            print(json.dumps({"stored": stored, "error": error, "count": docs.count(tx)}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and limits RLIMIT_AS")
+def test_a_map_the_process_cannot_address_raises_map_full_and_the_database_stays_usable(
+    tmp_path: Path,
+) -> None:
+    """Under an address-space limit (``ulimit -v``) the map can grow only so far. LMDB unmaps the old
+    map before mapping the new one, so a growth it cannot map would leave the database object without
+    a map (every later call then failed with a raw lmdb.Error): the growth is tried first, and refused
+    with MapFullError, nothing written, the database usable."""
+    path = tmp_path / "db"
+    child = subprocess.run(
+        [sys.executable, "-c", _ADDRESS_LIMITED_WRITER, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SOURCE},
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout)
+    assert result["error"] is not None, "the limit never stopped the growth"
+    name, message = result["error"]
+    assert name == "MapFullError" and "address space" in message and "nothing was written" in message
+    assert result["stored"] >= 1  # the map grew at least once before the limit
+    assert result["count"] == result["stored"] + 1  # the failed write left nothing; the small one landed
+    with tallytree.open(path) as db, db.read() as tx:  # without the limit: all there, all sound
+        docs = db.table("docs")
+        assert docs.count(tx) == result["stored"] + 1
+        assert docs.get(tx, "after") == {"blob": b"small"}
+        assert tallytree.check(tx) == []
 
 
 def test_ended_read_transactions_give_their_reader_slots_back_at_once(tmp_path: Path) -> None:

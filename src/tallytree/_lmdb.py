@@ -40,10 +40,20 @@ saying to close it and open it again in the child, before the inherited locks ar
 
 Errors are translated: a full map grows the map (or raises MapFullError), a commit the disk refuses
 raises StorageError, the read transaction beyond the reader slots raises TransactionError.
+
+A map the process cannot map (more than its address space or ``ulimit -v`` allows) is refused before
+LMDB tries: LMDB unmaps the old map before it maps the new one, so a failed ``set_mapsize`` leaves
+an environment with no map at all, which every later call finds closed. Each size is first tried as
+a read-only anonymous mapping (:func:`_unmappable`, about 15 us: it reserves address space, not
+memory), at ``open()`` (InvalidArgumentError, nothing created), before growing (a growth that cannot
+double grows by an eighth; failing that, MapFullError with nothing written) and before adopting
+another process's size (TransactionError). An ``open()`` that fails after LMDB created its files
+removes them, and the directory if ``open()`` made it.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import weakref
@@ -62,6 +72,7 @@ from .errors import (
     CorruptDatabaseError,
     DatabaseFormatError,
     Error,
+    InvalidArgumentError,
     MapFullError,
     ReadOnlyError,
     StorageError,
@@ -221,33 +232,22 @@ class LmdbBackend:
         self.path = Path(path)
         self.readonly = readonly
         self.max_map_size = max(max_map_size, map_size)
-        _check_directory(self.path, create=create and not readonly)
-        try:
-            self.env: Any = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                subdir=True,
-                readonly=readonly,
-                create=create and not readonly,
-                max_dbs=len(_NAMES),
-                sync=durable,
-                metasync=durable,
-                readahead=False,
-                max_readers=READERS,
-                lock=True,
+        if failure := _unmappable(map_size):
+            raise InvalidArgumentError(
+                f"map_size={map_size} is more address space than this process can map ({failure}); "
+                "pass a smaller map_size: the map grows by itself, up to max_map_size, as data is added"
             )
-        except lmdb.InvalidError as exc:
-            raise DatabaseFormatError(
-                f"{self.path} does not hold an LMDB environment ({exc}); "
-                "point tallytree.open() at a tallytree database directory or an empty one"
-            ) from exc
-        except lmdb.Error as exc:
-            if "already open in this process" in str(exc):  # py-lmdb refuses a second handle
-                raise TransactionError(
-                    f"{self.path} is already open in this process; open a database once per "
-                    "process and share the Database object between threads (or close it first)"
-                ) from exc
-            raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
+        created = _check_directory(self.path, create=create and not readonly)
+        fresh = not (self.path / "data.mdb").exists()
+        try:
+            self.env: Any = self._open_env(map_size, durable, readonly, create)
+        except BaseException:
+            if fresh:  # remove what this call made: the path is left as it was
+                for name in ("data.mdb", "lock.mdb"):
+                    (self.path / name).unlink(missing_ok=True)
+                for directory in created:
+                    directory.rmdir()
+            raise
         # The open LMDB transactions of this process, one entry each: the thread that began it. A
         # map growth waits for the list to empty, and new transactions wait for the growth. The hot
         # path (every transaction) takes no lock: list.append and list.remove are atomic, a beginner
@@ -266,6 +266,39 @@ class LmdbBackend:
             self.env.close()
             raise
         _OPEN.add(self)
+
+    def _open_env(self, map_size: int, durable: bool, readonly: bool, create: bool) -> Any:
+        try:
+            return lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                subdir=True,
+                readonly=readonly,
+                create=create and not readonly,
+                max_dbs=len(_NAMES),
+                sync=durable,
+                metasync=durable,
+                readahead=False,
+                max_readers=READERS,
+                lock=True,
+            )
+        except lmdb.InvalidError as exc:
+            raise DatabaseFormatError(
+                f"{self.path} does not hold an LMDB environment ({exc}); "
+                "point tallytree.open() at a tallytree database directory or an empty one"
+            ) from exc
+        except lmdb.MemoryError as exc:  # a file larger than the process can map
+            raise StorageError(
+                f"cannot map {self.path} ({exc}): the database is larger than the address space this "
+                "process may use; raise its limit (ulimit -v) or open it where more is available"
+            ) from exc
+        except lmdb.Error as exc:
+            if "already open in this process" in str(exc):  # py-lmdb refuses a second handle
+                raise TransactionError(
+                    f"{self.path} is already open in this process; open a database once per "
+                    "process and share the Database object between threads (or close it first)"
+                ) from exc
+            raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
 
     def _open_dbs(self) -> list[Any]:
         with self.env.begin() as txn:
@@ -356,7 +389,7 @@ class LmdbBackend:
             size = self.env.info()["map_size"]
             if size >= self.max_map_size:
                 break
-            self._resize(min(size * 2, self.max_map_size), _GROW, MapFullError)
+            self._resize(self._growth(size), _GROW, MapFullError)
             txn = self.begin_raw(True, ident)
             try:
                 if txn.id() != txn_id:
@@ -385,6 +418,20 @@ class LmdbBackend:
             "Reopen the database with a larger max_map_size"
         )
 
+    def _growth(self, size: int) -> int:
+        """The size to grow a map of ``size`` bytes to: double, or an eighth more if the process cannot
+        map twice as much (see :func:`_unmappable`), at most ``max_map_size``; MapFullError if
+        neither can be mapped."""
+        failure: str | None = None
+        for grown in (min(size * 2, self.max_map_size), min(size + size // 8, self.max_map_size)):
+            if (failure := _unmappable(grown)) is None:
+                return grown
+        raise MapFullError(
+            f"{_GROW} beyond {size} bytes, but this process cannot map more address space ({failure}); "
+            "nothing was written. Raise the process's address-space limit (ulimit -v), or free address "
+            "space in it (close other databases)"
+        )
+
     def _resize(self, size: int, why: str, error: type[Error]) -> None:
         """Set the map size (0: adopt the size another process grew it to) once no other
         transaction of this process is open.
@@ -410,7 +457,13 @@ class LmdbBackend:
                         "nothing was written. Retry, keep transactions short, or open the database "
                         "with a larger map_size"
                     )
-                self.env.set_mapsize(size)
+                try:
+                    self.env.set_mapsize(size)
+                except lmdb.Error as exc:  # LMDB unmapped the old map and could not map the new one
+                    raise error(
+                        f"{why}, and LMDB could not map it ({exc}); nothing was written, but this "
+                        "database object has lost its map: close it and open the database again"
+                    ) from exc
             finally:
                 self._resizing = False
                 self._lock.notify_all()
@@ -427,7 +480,28 @@ def _storage_error(path: Path, exc: Exception) -> StorageError:
     )
 
 
-def _check_directory(path: Path, *, create: bool) -> None:
+def _unmappable(size: int) -> str | None:
+    """Why this process cannot map ``size`` bytes now, or None if it can (or cannot tell).
+
+    Maps and unmaps ``size`` bytes of read-only anonymous memory: address space, which the kernel
+    neither fills nor charges against memory. Where ``mmap`` has no ``PROT_READ`` (Windows), LMDB
+    sizes the file itself and this returns None. About 15 us.
+
+    >>> _unmappable(1 << 20) is None
+    True
+    """
+    if not hasattr(mmap, "PROT_READ"):
+        return None
+    try:
+        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ).close()
+    except (OSError, OverflowError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _check_directory(path: Path, *, create: bool) -> list[Path]:
+    """Check that ``path`` is a database directory or can become one; make it if ``create``.
+    Returns the directories it made, deepest first (none if ``path`` existed)."""
     if path.exists() and not path.is_dir():
         raise DatabaseFormatError(
             f"{path} is a file; a tallytree database is a directory (give a new or existing directory path)"
@@ -443,7 +517,10 @@ def _check_directory(path: Path, *, create: bool) -> None:
     if not path.exists():
         if not create:
             raise DatabaseFormatError(f"{path} does not exist and create=False (or readonly=True)")
+        made = [path, *[parent for parent in path.parents if not parent.exists()]]
         try:
             path.mkdir(parents=True)
         except OSError as exc:
             raise DatabaseFormatError(f"cannot create the database directory {path}: {exc}") from exc
+        return made
+    return []
