@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 import tallytree
-from tallytree._sources import RowSpec, open_source
+from tallytree._sources import RowSpec, SourceError, open_source
 from tallytree.cli import main
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -392,6 +392,50 @@ def test_malformed_csv_lines(tmp_path: Path, run: Any) -> None:
     assert code == 1 and "has no column 'nope'; its columns are ts, id" in err
 
 
+def test_a_repeated_column_is_refused_where_it_is_read(tmp_path: Path, run: Any) -> None:
+    """CSV records would give the first of two same-named columns and SQL ones the last: neither is
+    guessed. A repeated column that no option names is no problem."""
+    source = tmp_path / "repeated.csv"
+    source.write_text("k,v, v\n1,2,3\n2,4,5\n")
+    for option in (
+        ["--sum", "v"],
+        ["--sum", "total=v"],
+        ["--id", "v"],
+        ["--where", "v=2"],
+        ["--namespace", "v"],
+    ):
+        code, out, err = run("build", tmp_path / "db", "r", "--from", source, "--key", "k", *option)
+        assert (code, out) == (1, ""), option
+        assert err == (
+            f"tallytree: error: {source} has 2 columns named 'v' (columns 2, 3), so which one to read is "
+            "ambiguous; rename them in the header row so that each name is one column\n"
+        )
+    assert not (tmp_path / "db").exists()  # refused before the database is opened
+    code, out, _ = run("build", tmp_path / "db", "r", "--from", source, "--key", "k", "--json")
+    assert code == 0 and json.loads(out)["items"] == 2
+    spec = RowSpec(key=["k"], sums={"v": "v"})
+    opened = open_source(str(source))
+    try:
+        assert spec.batch_converter(opened) is None  # the record path, which refuses
+    finally:
+        opened.close()
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (k INTEGER, v INTEGER, w INTEGER)")
+        connection.execute("INSERT INTO t VALUES (1, 2, 3)")
+    query = ["--query", "SELECT k, v, w AS v FROM t", "--key", "k", "--sum", "v"]
+    code, _, err = run("build", tmp_path / "db", "s", "--from", path, *query)
+    assert code == 1 and "has 2 columns named 'v' (columns 2, 3)" in err and "(SELECT ... AS ...)" in err
+
+
+def test_open_source_takes_a_table_or_a_query(tmp_path: Path) -> None:
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (k INTEGER)")
+    with pytest.raises(SourceError, match="--table NAME or --query SQL, not both"):
+        open_source(str(path), table="t", query="SELECT 1 AS k")
+
+
 def test_csv_batches_convert_as_records_do(tmp_path: Path) -> None:
     """The column-at-a-time CSV path gives each record's row exactly, or hands the batch back."""
     source = tmp_path / "cells.csv"
@@ -471,6 +515,73 @@ def test_a_failed_build_leaves_the_previous_contents(built: Path, tmp_path: Path
     assert run("check", built)[0] == 0
 
 
+def table_owned(database: Path) -> None:
+    """A database with aggregate ``owned`` maintained by table ``events`` (five documents)."""
+    with tallytree.open(database) as db:
+        table = db.table("events")
+        table.aggregate("owned", key="ts", namespace="org", values=("cost", "tokens"))
+        with db.write() as tx:
+            for row in EVENTS[:5]:
+                table.insert(tx, {**row, "ts": when(row)}, id=row["id"])
+
+
+def assert_table_owned_intact(database: Path) -> None:
+    with tallytree.open(database, readonly=True) as db:
+        table, owned = db.table("events"), db.aggregate("owned", create=False)
+        with db.read() as tx:
+            assert owned.count(tx, namespace="org:0") == 2 and table.count(tx) == 5
+            assert tallytree.verify(tx, owned, table).ok
+
+
+@pytest.mark.parametrize(
+    ("source", "options"),
+    [
+        ("csv", []),
+        ("csv", ["--append"]),
+        ("jsonl", ["--append", "--on-duplicate", "last"]),
+        ("jsonl", ["--on-error", "skip", "--fill", "1.0"]),
+        ("sqlite", []),
+    ],
+)
+def test_build_refuses_an_aggregate_a_table_maintains(
+    tmp_path: Path, sources: dict[str, Path], run: Any, source: str, options: list[str]
+) -> None:
+    """Loading items into it directly would make it disagree with the table: nothing is written."""
+    database = tmp_path / "db"
+    table_owned(database)
+    where = ["--from", sources[source]] if source != "sqlite" else []
+    if source == "sqlite":
+        path = tmp_path / "app.sqlite"
+        with sqlite3.connect(path) as connection:
+            connection.execute(f"CREATE TABLE events ({', '.join(FIELDS)})")
+            connection.executemany(
+                f"INSERT INTO events VALUES ({', '.join('?' * len(FIELDS))})",
+                [tuple(row[name] for name in FIELDS) for row in EVENTS],
+            )
+        where = ["--from", str(path), "--table", "events"]
+    code, out, err = run("build", database, "owned", *where, *BUILD, *options, "--json")
+    assert code == 1
+    assert "aggregate 'owned' is maintained by table 'events': write through the table" in err
+    assert "detach()" in err and json.loads(out)["exit_code"] == 1
+    assert_table_owned_intact(database)
+
+
+def test_build_loads_a_table_aggregate_once_detached(
+    tmp_path: Path, sources: dict[str, Path], run: Any
+) -> None:
+    """The way out the refusal names: a detached aggregate is an ordinary one. And verify --repair
+    refuses an attached one as build does."""
+    database = tmp_path / "db"
+    table_owned(database)
+    code, _, err = run("verify", database, "owned", "--from", sources["csv"], *BUILD, "--repair")
+    assert code == 1 and "is maintained by table 'events'" in err
+    assert_table_owned_intact(database)
+    with tallytree.open(database) as db:
+        db.table("events").detach("owned")
+    code, out, _ = run("build", database, "owned", "--from", sources["csv"], *BUILD, "--json")
+    assert code == 0 and json.loads(out)["items"] == 300
+
+
 # ------------------------------------------------------------------ not found, usage
 
 
@@ -518,6 +629,22 @@ def test_a_directory_that_is_not_a_database(tmp_path: Path, sources: dict[str, P
         (
             ["build", "db", "a", "--from", "x.csv", "--key", "k", "--where", "k"],
             "--where 'k' is not FIELD=VALUE",
+        ),
+        (
+            ["build", "db", "a", "--from", "x.csv", "--key", "k", "--sum", "k=k", "--sum", "k"],
+            "--sum 'k': the field 'k' is named twice",
+        ),
+        (
+            ["build", "db", "a", "--from", "x.csv", "--key", "k", "--sum", "n=k,n=k"],
+            "--sum 'n=k': the field 'n' is named twice",
+        ),
+        (
+            ["build", "db", "a", "--from", "x.csv", "--key", "k", "--table", "t", "--query", "SELECT 1"],
+            "argument --query: not allowed with argument --table",
+        ),
+        (
+            ["verify", "db", "a", "--from", "x.csv", "--key", "k", "--query", "SELECT 1", "--table", "t"],
+            "argument --table: not allowed with argument --query",
         ),
         (["query", "db", "a", "rank"], "query rank needs a KEY"),
         (["query", "db", "a", "count", "5"], "query count takes no argument"),

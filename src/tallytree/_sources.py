@@ -454,8 +454,11 @@ def open_source(
 
     The format is ``format`` (jsonl, csv, sqlite) if given, else guessed from the file name
     (``.jsonl``/``.ndjson``/``.json``, ``.csv``, ``.tsv``) or its first bytes (a SQLite header, ``{``
-    for JSON Lines, else CSV). Raises SourceNotFoundError for a missing file, SourceError otherwise.
+    for JSON Lines, else CSV). An SQL source reads ``table`` or runs ``query``, never both. Raises
+    SourceNotFoundError for a missing file, SourceError otherwise.
     """
+    if table and query:  # the query would run and the table be ignored without a word
+        raise SourceError("give --table NAME or --query SQL, not both (a query can read the table)")
     if "://" in spec and not os.path.exists(spec):
         if spec.startswith("sqlite:///"):
             return _open_file(spec[len("sqlite:///") :], "sqlite", table, query, delimiter)
@@ -619,8 +622,8 @@ class RowSpec:
         if self.namespace is not None:
             names.append(self.namespace)
         for name in names:
-            if name not in fields:
-                return None  # the record-by-record converter raises the SourceError
+            if fields.count(name) != 1:
+                return None  # missing or repeated: the record-by-record converter raises the SourceError
         key_getters = [itemgetter(fields.index(name)) for name in self.key]
         id_getter = itemgetter(fields.index(self.id)) if self.id is not None else None
         value_getters = [itemgetter(fields.index(name)) for name in self.sums.values()]
@@ -723,7 +726,8 @@ def _fetcher(names: list[str], source: Source, missing: Any = None) -> Callable[
     """A function giving the values of ``names`` in a record, as a tuple.
 
     Raises SourceError when the source declares its fields (a CSV header, SQL columns) and one is
-    absent. The function raises RowError for a field a JSON record lacks, or gives ``missing``.
+    absent or repeated. The function raises RowError for a field a JSON record lacks, or gives
+    ``missing``.
     """
     fields = source.fields
     if fields is not None:
@@ -732,6 +736,8 @@ def _fetcher(names: list[str], source: Source, missing: Any = None) -> Callable[
                 raise SourceError(
                     f"{source.name} has no column {name!r}; its columns are {', '.join(fields)}"
                 )
+            if fields.count(name) > 1:
+                raise SourceError(_repeated_column(source, name))
     if source.kind == "csv":
         assert fields is not None
         indexes = [fields.index(name) for name in names]
@@ -741,6 +747,21 @@ def _fetcher(names: list[str], source: Source, missing: Any = None) -> Callable[
         return itemgetter(*indexes) if indexes else (lambda record: ())
     getters = [_getter(name, missing) for name in names]
     return lambda record: tuple([get(record) for get in getters])
+
+
+def _repeated_column(source: Source, name: str) -> str:
+    """Why a column that several columns share cannot be read: a CSV record would give the first
+    one, an SQL record (a dict) the last, so either reading would be a silent guess."""
+    fields = source.fields or []
+    positions = [str(index) for index, field in enumerate(fields, 1) if field == name]
+    if source.kind == "csv":
+        fix = "rename them in the header row so that each name is one column"
+    else:
+        fix = "name them apart in --query (SELECT ... AS ...)"
+    return (
+        f"{source.name} has {len(positions)} columns named {name!r} (columns {', '.join(positions)}), "
+        f"so which one to read is ambiguous; {fix}"
+    )
 
 
 def _getter(name: str, missing: Any) -> Callable[[dict[str, Any]], Any]:

@@ -290,8 +290,10 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=("jsonl", "csv", "sqlite"), help="the source format (default: guessed)"
     )
     parser.add_argument("--delimiter", help="CSV delimiter (default , or tab for .tsv)")
-    parser.add_argument("--table", help="SQL sources: the table to read")
-    parser.add_argument("--query", help="SQL sources: the query to run")
+    # one or the other: with both, one of them would be ignored
+    sql = parser.add_mutually_exclusive_group()
+    sql.add_argument("--table", help="SQL sources: the table to read")
+    sql.add_argument("--query", help="SQL sources: the query to run (instead of --table)")
     parser.add_argument(
         "--on-error",
         choices=("fail", "skip"),
@@ -625,7 +627,13 @@ def _row_spec(args: argparse.Namespace, fields: Sequence[str] | None) -> RowSpec
     sums: dict[str, str] = {}
     for item in _split_fields(args.sum):
         name, _, column = item.partition("=")
-        sums[name.strip()] = (column or name).strip()
+        name = name.strip()
+        if name in sums:  # a dict would keep one silently; the aggregate's field names are distinct
+            raise _Usage(
+                f"--sum {item!r}: the field {name!r} is named twice; give each summed field once "
+                "(NAME=COLUMN names a field apart from its column)"
+            )
+        sums[name] = (column or name).strip()
     if not sums and fields:
         sums = {name: name for name in fields}
     where: dict[str, str] = {}
@@ -748,10 +756,14 @@ def _run_build(
             progress.show("writing nodes", done, "items", done / total if total else None)
 
     with db.write() as tx:
+        # The library's own check, in the transaction that writes: an aggregate a table maintains
+        # refuses writes that bypass the table (the table's hooks would no longer match it), and
+        # _bulk.build_many, unlike Aggregate.build_many, does not check. Nothing is read before it.
+        wtx = aggregate._writable(tx)
         try:
             report = _bulk.build_many(
                 aggregate,
-                tx,
+                wtx,
                 reader.rows(),
                 sorted=args.sorted,
                 replace=not args.append,
