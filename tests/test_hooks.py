@@ -195,3 +195,50 @@ def test_handler_refuses_table_owned_aggregates(db: tallytree.Database) -> None:
     db.table("t").aggregate("owned", key="k")
     with pytest.raises(tallytree.TransactionError, match="maintained by table"):
         ChangeHandler(db).aggregate("owned", key="k")
+
+
+def test_a_handler_refuses_to_write_into_an_aggregate_dropped_since() -> None:
+    """It wrote under the dropped aggregate's id: root records of an unknown aggregate (check() flagged
+    them), and nothing in the aggregate created again under the name."""
+    db = tallytree.open_memory()
+    handler = ChangeHandler(db)
+    handler.aggregate("inv", key="s")
+    db.drop_aggregate("inv")
+    with pytest.raises(tallytree.TransactionError, match="dropped"), db.write() as tx:
+        handler.apply(tx, Change.insert(1, {"s": "a"}))
+    with db.read() as tx:
+        assert tallytree.check(tx) == []
+
+
+def test_a_handler_checks_a_definition_before_creating_its_aggregate() -> None:
+    db = tallytree.open_memory()
+    handler = ChangeHandler(db)
+    with pytest.raises(tallytree.InvalidArgumentError, match="on_missing"):
+        handler.aggregate("q", key="k", on_missing="no")  # type: ignore[arg-type]
+    with pytest.raises(tallytree.ArgumentTypeError, match="key="):
+        handler.aggregate("q", key=["a", "b"])  # type: ignore[arg-type]
+    assert db.aggregates() == []  # nothing was created
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda h, a, tx: h.apply_many(tx, 5), tallytree.ArgumentTypeError, "iterable of Change"),
+        (lambda h, a, tx: tallytree.verify(tx, "inv", []), tallytree.ArgumentTypeError, "take an Aggregate"),
+        (lambda h, a, tx: tallytree.repair(tx, "inv", []), tallytree.ArgumentTypeError, "take an Aggregate"),
+        (lambda h, a, tx: tallytree.verify(tx, a, [{"s": "a"}]), tallytree.InvalidDocumentError, "no 'id'"),
+        (
+            lambda h, a, tx: h.apply(None, Change.insert(1, {"s": "a"})),
+            tallytree.ArgumentTypeError,
+            "transaction",
+        ),
+    ],
+)
+def test_bad_handler_arguments_raise_typed_errors(call: Any, error: type[Exception], match: str) -> None:
+    db = tallytree.open_memory()
+    handler = ChangeHandler(db)
+    aggregate = handler.aggregate("inv", key="s")
+    with pytest.raises(error, match=match), db.write() as tx:
+        call(handler, aggregate, tx)
+    with db.read() as tx:  # nothing was written
+        assert aggregate.count(tx) == 0 and tallytree.check(tx) == []

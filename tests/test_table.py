@@ -959,3 +959,119 @@ def test_items_in_reverse_are_the_items_reversed_in_every_transaction(db: tallyt
         changed = list(table.items(tx))
         assert list(table.items(tx, reverse=True)) == changed[::-1]
         assert ("m", {"n": "new"}) in changed and all(doc_id != 3 for doc_id, _ in changed)
+
+
+# ================================================================== stale objects and bad arguments
+
+
+def test_a_table_dropped_and_created_again_by_another_process_refuses_the_old_object(tmp_path: Path) -> None:
+    """The old object wrote its documents under the dropped table's id (records nothing ever deletes)
+    and its items into the new table's aggregate, which then held items for no document."""
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        table.aggregate("a", key="k", values=("v",))
+        with db.write() as tx:
+            table.insert(tx, {"k": 1, "v": 1}, id=1)
+        script = textwrap.dedent(
+            f"""
+            import tallytree
+            with tallytree.open({str(path)!r}, durable=False) as db:
+                db.drop_table("t")
+                db.table("t").aggregate("a", key="k", values=("v",))
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], check=True)
+        before = snapshot(db)
+        with pytest.raises(tallytree.TransactionError, match="dropped and created again"), db.write() as tx:
+            table.insert(tx, {"k": 50, "v": 1})
+        assert snapshot(db) == before
+        fresh = db.table("t")
+        with db.write() as tx:
+            fresh.insert(tx, {"k": 50, "v": 1})
+        with db.read() as tx:
+            assert fresh.count(tx) == 1 and tallytree.check(tx) == []
+            assert tallytree.verify(tx, fresh.aggregate("a"), fresh).ok
+
+
+def test_an_aggregate_object_from_before_a_redefinition_raises_instead_of_reading_empty() -> None:
+    db = tallytree.open_memory()
+    table = db.table("t")
+    old = table.aggregate("a", key="k")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1})
+    new = table.aggregate("a", key="k", rebuild=True)
+    with db.read() as tx:
+        assert new.count(tx) == 1
+        with pytest.raises(tallytree.TransactionError, match="was redefined"):
+            old.count(tx)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda t, tx: t.insert_many(tx, 5), tallytree.ArgumentTypeError, "iterable of documents"),
+        (lambda t, tx: t.update(tx, 1, {}, remove="note"), tallytree.ArgumentTypeError, "remove="),
+        (lambda t, tx: t.update(tx, 1, {}, remove=5), tallytree.ArgumentTypeError, "remove="),
+        (lambda t, tx: t.delete_range(tx, 5), tallytree.ArgumentTypeError, "attached aggregate or its name"),
+        (lambda t, tx: t.delete_range(tx, "a", export=5), tallytree.ArgumentTypeError, "export="),
+        (lambda t, tx: t.insert(None, {"k": 1}), tallytree.ArgumentTypeError, "is a transaction"),
+        (lambda t, tx: t.get("tx", 1), tallytree.ArgumentTypeError, "is a transaction"),
+    ],
+)
+def test_bad_table_arguments_raise_typed_errors_and_change_nothing(
+    call: Callable[[Any, Any], Any], error: type[Exception], match: str
+) -> None:
+    """An audit found each of these escaping as a raw TypeError, AttributeError or ValueError (and
+    ``remove="note"`` removing the fields n, o, t and e)."""
+    db = tallytree.open_memory()
+    table = db.table("t")
+    table.aggregate("a", key="k")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1, "n": 1, "o": 1, "note": "x"}, id=1)
+    before = snapshot(db)
+    tables = db.tables()
+    with pytest.raises(error, match=match), db.write() as tx:
+        call(table, tx)
+    assert snapshot(db) == before and db.tables() == tables and db.aggregates() == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"key": 5}, tallytree.ArgumentTypeError, "key="),
+        ({"key": ()}, tallytree.ArgumentTypeError, "key="),
+        ({"key": "k", "namespace": 3.5}, tallytree.ArgumentTypeError, "namespace="),
+        ({"key": "k", "where": 5}, tallytree.ArgumentTypeError, "where="),
+        ({"key": "k", "where": {1: 2}}, tallytree.ArgumentTypeError, "where="),
+        ({"key": "k", "where": {"a": {1}}}, tallytree.ArgumentTypeError, "where="),
+        ({"key": "k", "values": {"x": 5}}, tallytree.ArgumentTypeError, "values"),
+        ({"key": "k", "on_missing": "x"}, tallytree.InvalidArgumentError, "on_missing"),
+    ],
+)
+def test_bad_definitions_raise_typed_errors_and_attach_nothing(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    db = tallytree.open_memory()
+    table = db.table("t")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1}, id=1)
+    with pytest.raises(error, match=match):
+        table.aggregate("b", **options)
+    assert db.aggregates() == [] and table.aggregates() == []
+
+
+def test_upsert_of_the_same_fields_in_another_order_is_unchanged_but_a_type_change_is_not() -> None:
+    db = tallytree.open_memory()
+    table = db.table("t")
+    totals = table.aggregate("a", key="k", values=("v",))
+    with db.write() as tx:
+        assert table.upsert(tx, 1, {"k": 1, "v": 2, "m": {"x": 1, "y": [1, {"p": 1, "q": 2}]}}) == "inserted"
+    with db.write() as tx:
+        reordered = {"m": {"y": [1, {"q": 2, "p": 1}], "x": 1}, "v": 2, "k": 1}
+        assert table.upsert(tx, 1, reordered) == "unchanged"
+        assert not tx.changed  # nothing written
+        assert table.upsert(tx, 1, {"k": 1, "v": 2.0, "m": {"x": 1, "y": [1, {"p": 1, "q": 2}]}}) == "updated"
+    with db.read() as tx:
+        assert table.get(tx, 1)["v"] == 2.0 and type(table.get(tx, 1)["v"]) is float
+        assert totals.totals(tx).as_dict() == {"count": 1, "v": 2.0}

@@ -35,6 +35,7 @@ from itertools import compress, islice
 from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._args import iterator_of
 from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
 from ._bulk import (
@@ -62,7 +63,7 @@ from ._keys import (
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree, appended, pending_capacity
-from ._txn import Transaction, WriteTransaction, decode_root
+from ._txn import Transaction, WriteTransaction, check_transaction, decode_root
 from .errors import (
     ArgumentTypeError,
     BoundsError,
@@ -380,13 +381,9 @@ class Aggregate:
     def _check(self, tx: Transaction) -> None:
         try:
             tx.check_database(self._db)
-        except AttributeError:
-            if isinstance(tx, Transaction):
-                raise
-            raise ArgumentTypeError(
-                f"{self.name}: the first argument is a transaction (`with db.read() as tx:` or "
-                f"`with db.write() as tx:`), not {_show(tx)}"
-            ) from None
+        except AttributeError:  # not a transaction (found here, off the path of every read)
+            check_transaction(tx, self._db, self.name)
+            raise
         if self._dropped is not None:
             raise TransactionError(f"{self._dropped}; open it again with db.aggregate() or table.aggregate()")
 
@@ -1151,14 +1148,9 @@ class Aggregate:
         if type(items) is list:
             batch = items
         else:
-            try:
-                iterator = iter(items)
-            except TypeError:
-                raise ArgumentTypeError(
-                    f"{self.name}: insert_many takes an iterable of items or (key, id[, values]) tuples, "
-                    f"not {_show(items)}"
-                ) from None
-            batch = list(iterator)
+            batch = list(
+                iterator_of(items, f"{self.name}: insert_many", "items or (key, id[, values]) tuples")
+            )
         encoded = self._encode_batch(batch)
         entries, cols, keys, ids = encoded if encoded is not None else self._encode_items(batch)
         if not entries:
@@ -1258,7 +1250,7 @@ class Aggregate:
         if isinstance(item, tuple) and len(item) in (2, 3):
             return item[0], item[1], item[2] if len(item) == 3 else ()
         raise InvalidValueError(
-            f"{self.name}: insert_many takes Item objects or (key, id[, values]) tuples, not {item!r}"
+            f"{self.name}: items are Item objects or (key, id[, values]) tuples, not {item!r}"
         )
 
     def delete_range(

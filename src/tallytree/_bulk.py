@@ -76,6 +76,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgpack
 
+from ._args import iterator_of
 from ._btree import Root
 from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key, sort_order
@@ -554,7 +555,10 @@ class _Encoder:
         kind = type(namespace)
         if kind is tuple or kind is float:  # (1,) == (1.0,) and 0.0 == -0.0 collide as dict keys
             return encode_key(namespace, what="namespace")
-        found = self._namespaces.get((kind, namespace))
+        try:
+            found = self._namespaces.get((kind, namespace))
+        except TypeError:  # unhashable (a dict, a list): no key type either, as encode_key says
+            return encode_key(namespace, what="namespace")
         if found is None:
             found = self._namespaces[kind, namespace] = encode_key(namespace, what="namespace")
         return found
@@ -1218,6 +1222,7 @@ def _run(
     item_type: type | None,
 ) -> BuildReport:
     _check_options(on_duplicate, fill, memory)
+    rows = iterator_of(rows, f"{aggregate.name}: build", "items or (key, id[, values]) tuples")
     encoder = _Encoder(aggregate, namespace is None, on_invalid, label, item_type)
     build = _Build(
         aggregate, tx, replace=replace, on_duplicate=on_duplicate, fill=fill, label=label, progress=progress

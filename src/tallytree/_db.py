@@ -369,7 +369,7 @@ class Database:
         self._check_open()
         _check_name(name, "a table")
         known = self._tables.get(name)
-        if known is not None:
+        if known is not None and known._dropped is None:  # (a dropped one: the name may be reused)
             return known
         key = b"table:" + name.encode()
         with self.read() as tx:

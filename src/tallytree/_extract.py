@@ -45,15 +45,18 @@ from ._keys import encode_key
 from ._tree import Tree
 from ._txn import Transaction, WriteTransaction
 from .errors import (
+    ArgumentTypeError,
     DuplicateItemError,
     ExtractionError,
+    InvalidArgumentError,
     InvalidKeyError,
     InvalidValueError,
     ItemNotFoundError,
+    SchemaMismatchError,
     UnsupportedKeyTypeError,
 )
 
-__all__ = ["Coord", "Definition", "Extractor", "check_strict", "move"]
+__all__ = ["Coord", "Definition", "Extractor", "check_strict", "describe_definition", "move"]
 
 Extractor = str | tuple[str, ...] | Callable[[Any], Any]
 """A field name, a tuple of field names (a composite key), or a function of the document."""
@@ -84,8 +87,9 @@ def describe(spec: Any, role: str) -> Any:
         return ["fields", list(spec)]
     if callable(spec):
         return ["function", _qualname(spec), _fingerprint(spec), _PYTHON]
-    raise TypeError(
-        f"{role}= takes a field name, a tuple of field names or a function of the document, not {spec!r}"
+    raise ArgumentTypeError(
+        f"{role}= takes a field name, a non-empty tuple of field names or a function of the document, "
+        f"not {spec!r}"
     )
 
 
@@ -97,13 +101,50 @@ def describe_where(where: Where) -> Any:
         return ["field", where]
     if isinstance(where, Mapping):
         if not all(isinstance(field, str) for field in where):
-            raise TypeError(f"where= as a mapping takes field names as keys, not {where!r}")
+            raise ArgumentTypeError(f"where= as a mapping takes field names as keys, not {where!r}")
         return ["equals", dict(where)]
     if callable(where):
         return ["function", _qualname(where), _fingerprint(where), _PYTHON]
-    raise TypeError(
+    raise ArgumentTypeError(
         f"where= takes a field name, a mapping of field values or a predicate function, not {where!r}"
     )
+
+
+def describe_definition(
+    name: str,
+    key: Extractor,
+    namespace: Extractor | None,
+    values: Mapping[str, Extractor],
+    where: Where,
+    on_missing: OnMissing,
+) -> dict[str, Any]:
+    """The stored form of a definition (tuples as lists), checking every part: ArgumentTypeError for
+    an extractor of the wrong kind or a ``where=`` value that cannot be stored, InvalidArgumentError
+    for ``on_missing``. Runs before anything is created (see ``ChangeHandler.aggregate``). O(fields).
+
+    >>> describe_definition("a", "ts", None, {"cost": "cost"}, None, "skip")["values"]
+    [['cost', ['field', 'cost']]]
+    >>> describe_definition("a", "ts", None, {}, None, "sometimes")
+    Traceback (most recent call last):
+    tallytree.errors.InvalidArgumentError: a: on_missing must be 'error' or 'skip', not 'sometimes'
+    """
+    if on_missing not in ("error", "skip"):
+        raise InvalidArgumentError(f"{name}: on_missing must be 'error' or 'skip', not {on_missing!r}")
+    description = {
+        "key": describe(key, "key"),
+        "namespace": describe(namespace, "namespace"),
+        "values": [[field, describe(spec, f"values[{field!r}]")] for field, spec in values.items()],
+        "where": describe_where(where),
+        "on_missing": on_missing,
+    }
+    try:  # in its stored form (tuples as lists), so that a reopened definition compares equal
+        stored: dict[str, Any] = msgpack.unpackb(msgpack.packb(description, datetime=True), timestamp=3)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ArgumentTypeError(
+            f"{name}: where= holds a value that cannot be stored ({exc}); compare with None, bools, "
+            "numbers, str, bytes, datetimes, or lists and dicts of these"
+        ) from exc
+    return stored
 
 
 def same_description(stored: Any, given: Any) -> bool:
@@ -246,8 +287,7 @@ class Definition:
         where: Where,
         on_missing: OnMissing,
     ) -> None:
-        if on_missing not in ("error", "skip"):
-            raise ValueError(f"on_missing must be 'error' or 'skip', not {on_missing!r}")
+        self.description = describe_definition(aggregate.name, key, namespace, values, where, on_missing)
         self.aggregate = aggregate
         self.name = aggregate.name
         self.key_spec = key
@@ -255,19 +295,10 @@ class Definition:
         self.where_spec = where
         self.on_missing = on_missing
         self._value_specs = dict(values)
-        description = {
-            "key": describe(key, "key"),
-            "namespace": describe(namespace, "namespace"),
-            "values": [[field, describe(spec, f"values[{field!r}]")] for field, spec in values.items()],
-            "where": describe_where(where),
-            "on_missing": on_missing,
-        }
-        try:  # in its stored form (tuples as lists), so that a reopened definition compares equal
-            self.description = msgpack.unpackb(msgpack.packb(description, datetime=True), timestamp=3)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"{aggregate.name}: where= holds a value that cannot be stored: {exc}") from exc
         if tuple(values) != aggregate.fields:
-            raise ValueError(f"{self.name}: value fields {list(values)} != {list(aggregate.fields)}")
+            raise SchemaMismatchError(
+                f"{self.name}: value fields {list(values)} != the aggregate's {list(aggregate.fields)}"
+            )
         self._key = _getter(key)
         self._namespace = _getter(namespace) if namespace is not None else None
         getters = [_getter(spec) for spec in values.values()]
@@ -480,6 +511,7 @@ class Definition:
 
 
 def _tree(tx: Transaction, aggregate: Aggregate, tree_key: bytes) -> Tree:
+    aggregate._check(tx)  # a dropped aggregate (a handler may still hold it) raises TransactionError
     return Tree(tx, len(aggregate.fields), aggregate.node_size, tx.root(tree_key))
 
 

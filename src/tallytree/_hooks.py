@@ -28,12 +28,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._aggregate import Aggregate, Item
+from ._args import iterator_of
 from ._btree import same_values
-from ._extract import Coord, Definition, Extractor, OnMissing, Where, check_strict, move
+from ._extract import (
+    Coord,
+    Definition,
+    Extractor,
+    OnMissing,
+    Where,
+    check_strict,
+    describe_definition,
+    move,
+)
 from ._keys import decode_entry, decode_key, encode_id
 from ._table import Table
 from ._tree import Tree
-from ._txn import Transaction, WriteTransaction
+from ._txn import Transaction, WriteTransaction, check_transaction
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
@@ -168,6 +178,7 @@ class ChangeHandler:
             )
         else:
             specs = {name: name for name in values}
+        describe_definition(name, key, namespace, specs, where, on_missing)  # before creating anything
         aggregate = self._db.aggregate(name, values=tuple(specs), node_size=node_size)
         if aggregate._readonly_reason is not None:
             raise TransactionError(aggregate._readonly_reason)
@@ -269,14 +280,14 @@ class ChangeHandler:
         Totals(count=1, amount=7)
         """
         applied = 0
-        for change in changes:
+        for change in iterator_of(changes, "apply_many", "Change objects"):
             self.apply(tx, change, idempotent=idempotent)
             applied += 1
         return applied
 
 
 def _writable(db: Database, tx: Transaction) -> WriteTransaction:
-    tx.check_database(db)
+    check_transaction(tx, db, "applying changes")
     if not isinstance(tx, WriteTransaction):
         raise TransactionError("applying changes needs a write transaction: `with db.write() as tx:`")
     return tx
@@ -373,7 +384,7 @@ def _documents(tx: Transaction, source: Any, id: str | Callable[[Any], Any]) -> 
     if isinstance(source, Table):
         yield from source.items(tx)
         return
-    get_id: Callable[[Any], Any] = (lambda doc: doc[id]) if isinstance(id, str) else id
+    get_id: Callable[[Any], Any] = _field_getter(id) if isinstance(id, str) else id
     description = getattr(source, "description", None)
     if description is not None and not isinstance(source, Mapping):  # a DB-API cursor
         names = [column[0] for column in description]
@@ -396,6 +407,29 @@ def _documents(tx: Transaction, source: Any, id: str | Callable[[Any], Any]) -> 
             )
 
 
+def _field_getter(field: str) -> Callable[[Any], Any]:
+    """``doc[field]``, and for a row without it an InvalidDocumentError saying what to pass."""
+
+    def get(doc: Any) -> Any:
+        try:
+            return doc[field]
+        except KeyError:
+            raise InvalidDocumentError(
+                f"a row has no {field!r} field to identify it (fields: {sorted(map(str, doc))[:10]}); pass "
+                "id= the name of the rows' id field, or a function of a row"
+            ) from None
+
+    return get
+
+
+def _check_aggregate(aggregate: object) -> None:
+    if not isinstance(aggregate, Aggregate):
+        raise ArgumentTypeError(
+            "verify() and repair() take an Aggregate (from db.aggregate(name) or table.aggregate(name)), "
+            f"not {aggregate!r:.60}"
+        )
+
+
 def _diff(
     tx: Transaction,
     aggregate: Aggregate,
@@ -404,7 +438,9 @@ def _diff(
     id: str | Callable[[Any], Any],
     examples: int,
 ) -> tuple[Drift, list[_Fix]]:
-    tx.check_database(aggregate._db)
+    _check_aggregate(aggregate)
+    check_transaction(tx, aggregate._db, aggregate.name)
+    aggregate._check(tx)  # a dropped aggregate raises
     if definition is None:
         definition = _definition_for(aggregate._db, aggregate, source)
     expected: dict[bytes, Coord] = {}
@@ -517,6 +553,7 @@ def repair(
     """Make the aggregate hold exactly what the source implies, in ``tx`` (a write transaction);
     return the drift that was fixed. Works on table-owned aggregates too. O(n + d log n) for d fixes.
     """
+    _check_aggregate(aggregate)
     wtx = _writable(aggregate._db, tx)
     drift, fixes = _diff(wtx, aggregate, source, definition, id, examples)
     for have, _ in fixes:  # every removal first, so no insertion is undone by a later removal

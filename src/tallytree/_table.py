@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgpack
 
 from ._aggregate import Aggregate, Totals, resolve_bounds
+from ._args import iterator_of
 from ._btree import Root
 from ._bulk import Columns, build_columns
 from ._extract import (
@@ -55,7 +56,7 @@ from ._gc import gc_paused
 from ._keys import decode_key, encode_id
 from ._store import ROOTS
 from ._tree import Tree
-from ._txn import Transaction, WriteTransaction, decode_root
+from ._txn import Transaction, WriteTransaction, check_transaction, decode_root
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
@@ -107,6 +108,36 @@ def decode_doc(data: bytes) -> Document:
     return msgpack.unpackb(  # type: ignore[no-any-return]
         data, raw=False, timestamp=3, strict_map_key=False
     )
+
+
+def same_doc(stored: bytes | None, data: bytes) -> bool:
+    """Whether two stored documents hold the same fields and values, types included, in whatever
+    field order (``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` are the same document). O(size).
+
+    >>> same_doc(encode_doc({"a": 1, "b": 2}, 1, ""), encode_doc({"b": 2, "a": 1}, 1, ""))
+    True
+    >>> same_doc(encode_doc({"a": 1}, 1, ""), encode_doc({"a": 1.0}, 1, ""))
+    False
+    """
+    if stored == data:
+        return True
+    if stored is None or len(stored) != len(data):  # reordering fields keeps the length
+        return False
+    return _canonical(decode_doc(stored)) == _canonical(decode_doc(data))
+
+
+def _canonical(value: Any) -> bytes:
+    """msgpack of ``value`` with every mapping's fields in sorted order (by type, then value)."""
+
+    def ordered(item: Any) -> Any:
+        if isinstance(item, dict):
+            pairs = sorted(item.items(), key=lambda pair: (type(pair[0]).__name__, pair[0]))
+            return {key: ordered(inner) for key, inner in pairs}
+        if isinstance(item, list):
+            return [ordered(inner) for inner in item]
+        return item
+
+    return msgpack.packb(ordered(value), use_bin_type=True, datetime=True)  # type: ignore[no-any-return]
 
 
 def decode_docs(datas: Sequence[bytes]) -> list[Document]:
@@ -174,6 +205,9 @@ class Table:
         if record == self._record:
             return
         data = msgpack.unpackb(record, raw=False)
+        if data["id"] != self._id:  # dropped and created again (by another process): a new table
+            self._dropped = f"table {self.name!r} was dropped and created again"
+            raise TransactionError(f"{self._dropped}; get it again with db.table({self.name!r})")
         definitions: dict[str, Definition] = {}
         pending: dict[str, Any] = {}
         for name, description in data["aggregates"].items():
@@ -353,10 +387,8 @@ class Table:
 
     def _adopt_owned(self, aggregate: Aggregate) -> None:
         previous = self._db._aggregates.get(aggregate.name)
-        if previous is not None and previous is not aggregate:
-            previous._readonly_reason = (
-                f"aggregate {aggregate.name!r} was redefined; get it again with table.aggregate()"
-            )
+        if previous is not None and previous._id != aggregate._id:  # its trees are gone
+            previous._dropped = f"aggregate {aggregate.name!r} was redefined"
         aggregate._readonly_reason = owned_reason(aggregate.name, self.name)
         self._db._aggregates[aggregate.name] = aggregate
 
@@ -542,7 +574,7 @@ class Table:
         if tx is self._tx:
             return self._tx
         self._check_alive()
-        tx.check_database(self._db)
+        check_transaction(tx, self._db, self._where)
         if not isinstance(tx, WriteTransaction):
             raise TransactionError(f"table {self.name!r}: writes need `with db.write() as tx:`")
         self._load(tx, tx.meta(self._record_key))
@@ -626,7 +658,7 @@ class Table:
         ({'name': 'ada', 'langs': ['en', 'fr']}, None)
         """
         self._check_alive()
-        tx.check_database(self._db)
+        check_transaction(tx, self._db, self._where)
         data = tx.doc(self._prefix + self._encode_id(id))
         return decode_doc(data) if data is not None else None
 
@@ -643,7 +675,7 @@ class Table:
         2
         """
         self._check_alive()
-        tx.check_database(self._db)
+        check_transaction(tx, self._db, self._where)
         if tx is self._tx:
             return self._count
         state = tx.meta(self._state_key)
@@ -674,7 +706,7 @@ class Table:
     def _scan_docs(self, tx: Transaction, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         """The stored ``(key, document bytes)`` pairs in order; raises if the table changes meanwhile."""
         self._check_alive()
-        tx.check_database(self._db)
+        check_transaction(tx, self._db, self._where)
         entries = tx.docs(self._prefix, self._stop, reverse)
         version = getattr(tx, "docs_version", 0)
         for entry in entries:
@@ -796,6 +828,11 @@ class Table:
             raise ItemNotFoundError(f"table {self.name!r}: no document with id {id!r} to update")
         if not isinstance(patch, Mapping):
             raise InvalidDocumentError(f"table {self.name!r}: a patch is a mapping, not {patch!r}")
+        if isinstance(remove, str | bytes) or not isinstance(remove, Iterable):
+            raise ArgumentTypeError(
+                f"table {self.name!r}: remove= takes a list of field names, e.g. [{remove!r}], "
+                f"not {remove!r:.60}"
+            )
         old = decode_doc(stored)
         new = {**old, **patch}
         for field in remove:
@@ -828,7 +865,7 @@ class Table:
             raise ItemNotFoundError(f"table {self.name!r}: no document with id {id!r} to replace")
         data = encode_doc(doc, id, f"table {self.name!r}")
         old = decode_doc(stored)
-        if data != stored:
+        if not same_doc(stored, data):
             self._change(wtx, id, id_bytes, old, data)
         return old
 
@@ -854,7 +891,7 @@ class Table:
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
         data = encode_doc(doc, id, f"table {self.name!r}")
-        if stored == data:
+        if same_doc(stored, data):
             return "unchanged"
         self._change(wtx, id, id_bytes, decode_doc(stored) if stored is not None else None, data)
         if stored is None:
@@ -950,6 +987,7 @@ class Table:
                 f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}"
             )
         wtx = self._begin(tx)
+        docs = iterator_of(docs, f"table {self.name!r}: insert_many", "documents or (id, document) pairs")
         with gc_paused():  # the pending documents are many live objects: spare the GC's rescans
             return self._insert_many(wtx, docs, on_duplicate)
 
@@ -1054,7 +1092,19 @@ class Table:
         ([1, 2, 3], 4, Totals(count=4, size=220))
         """
         wtx = self._begin(tx)
-        name = aggregate if isinstance(aggregate, str) else aggregate.name
+        if isinstance(aggregate, Aggregate):
+            name = aggregate.name
+        elif isinstance(aggregate, str):
+            name = aggregate
+        else:
+            raise ArgumentTypeError(
+                f"table {self.name!r}: delete_range takes an attached aggregate or its name, "
+                f"not {aggregate!r:.60}"
+            )
+        if export is not None and not callable(export):
+            raise ArgumentTypeError(
+                f"table {self.name!r}: export= takes a function of (id, document), not {export!r:.60}"
+            )
         driving = self._definitions.get(name)
         if driving is None:
             raise AggregateNotFoundError(f"table {self.name!r} has no aggregate {name!r}")

@@ -46,11 +46,12 @@ import msgpack
 
 from ._btree import MAX_LEVELS, Root
 from ._gc import gc_paused
+from ._keys import _show
 from ._native import StoredSource, speedups
 from ._node import Node, compact_leaf, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from ._tree import Tree
-from .errors import CorruptDatabaseError, TransactionError
+from .errors import ArgumentTypeError, CorruptDatabaseError, TransactionError
 
 if TYPE_CHECKING:
     from ._db import Database
@@ -147,6 +148,18 @@ def _read_root(data: bytes) -> tuple[int, int, list[int], int | bytes | None, li
     if type(pending_summary) is not list or not pending_summary or type(pending_summary[0]) is not int:
         raise ValueError("malformed pending summary")
     return node_id, height, unpack_summary(summary), held, unpack_summary(pending_summary)
+
+
+def check_transaction(tx: object, db: Database, who: str) -> None:
+    """Raise unless ``tx`` is an open transaction of ``db``: ArgumentTypeError when it is not a
+    transaction at all (``who`` names the caller), else as :meth:`Transaction.check_database`. O(1).
+    """
+    if not isinstance(tx, Transaction):
+        raise ArgumentTypeError(
+            f"{who}: the first argument is a transaction (`with db.read() as tx:` or "
+            f"`with db.write() as tx:`), not {_show(tx)}"
+        )
+    tx.check_database(db)
 
 
 class Transaction:
