@@ -8,14 +8,28 @@ Design
 are defined by the usual extractors over the row's column values (a dict of column attribute name to
 value). It listens to the session events:
 
+* ``before_flush``: the old row of every registered instance about to be updated or deleted is read
+  while the database still holds it: from the attribute history for the columns loaded or set, and
+  by loading the others (expired after a commit, deferred), which the flush has not changed yet;
 * ``after_flush``: every flushed insert, update and delete of a registered class becomes a
-  :class:`~tallytree.Change` (the old row is read from the attribute history, so it is the row as the
-  database held it before the flush), queued on the session with the SQL transaction it belongs to;
+  :class:`~tallytree.Change`, queued on the session with the SQL transaction it belongs to. Within a
+  flush the deletes come first, then the updates, then the inserts, so a row deleted and re-added
+  with the same id (SQLAlchemy's "row switch") ends with the new row's items; an update that changes
+  the document id (a new primary key) is a delete of the old id and an insert of the new one, since
+  items are keyed by id;
 * ``after_soft_rollback`` (every rollback: of a SAVEPOINT, or of the whole transaction): the changes
   queued inside the rolled-back transaction (and the SAVEPOINTs in it) are dropped, so nothing reaches
   tallytree for a rolled-back transaction;
 * ``after_commit`` (the outermost commit, after the database committed): the queued changes are applied
   in one tallytree write transaction, in order, with ``idempotent=True`` by default.
+
+Old values of expired attributes: after a commit (``expire_on_commit=True``, the default) or
+``session.expire()``, setting an attribute does not load the value it replaces, so neither the history
+nor the database (the flush has written the new value by ``after_flush``) could tell the old row.
+:meth:`Sync.register` therefore gives every column attribute of the class active history (a "set"
+listener with ``active_history=True``, for the process, for every session): setting an expired
+attribute first loads the instance's expired columns, one SELECT, which reading any of them would
+cost anyway; setting loaded attributes costs nothing more.
 
 The crash window: the SQL commit and the tallytree commit are two commits. If the process dies (or the
 tallytree write fails) after the first and before the second, those changes are in SQL but not in
@@ -80,6 +94,7 @@ if TYPE_CHECKING:
 __all__ = ["Sync"]
 
 _QUEUE = "tallytree.changes"
+_OLD_ROWS = "tallytree.old_rows"
 
 
 def _sqlalchemy() -> Any:
@@ -91,6 +106,13 @@ def _sqlalchemy() -> Any:
         ) from exc
 
 
+def _load_old_value(target: Any, value: Any, oldvalue: Any, initiator: Any) -> None:
+    """The "set" listener that gives a column attribute active history; it does nothing itself.
+
+    Listening with ``active_history=True`` is what makes SQLAlchemy load the value a set replaces when
+    that value is not loaded (an expired attribute), so the attribute history keeps the old value."""
+
+
 class _Registration:
     __slots__ = ("columns", "handler", "id", "model")
 
@@ -99,6 +121,11 @@ class _Registration:
         self.model = model
         self.handler = handler
         self.columns = [attribute.key for attribute in mapper.column_attrs]
+        event = _sqlalchemy().event
+        for key in self.columns:  # every column: extractor functions may read any of them
+            attribute = getattr(model, key)
+            if not event.contains(attribute, "set", _load_old_value):  # once per class, for any Sync
+                event.listen(attribute, "set", _load_old_value, active_history=True, propagate=True)
         if id is None:
             keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
             if len(keys) != 1:
@@ -116,6 +143,11 @@ class _Registration:
         return {key: getattr(instance, key) for key in self.columns}
 
     def old_row(self, instance: Any) -> dict[str, Any]:
+        """The row as the database holds it before the coming flush; call it in ``before_flush``.
+
+        A column set since it was loaded has its old value in the history (always: active history
+        loads it when the set replaced an expired value); a column neither loaded nor set is loaded
+        now, and the database still holds its old value."""
         attributes = _sqlalchemy().inspect(instance).attrs
         row = {}
         for key in self.columns:
@@ -143,7 +175,9 @@ class Sync:
         """Register a mapped class; return its ChangeHandler, on which to define the aggregates.
 
         Documents are dicts of the class's column attributes. ``id`` names the column (or function of
-        the row) giving the document id; by default the single primary key column.
+        the row) giving the document id; by default the single primary key column. Gives the class's
+        column attributes active history, for good (see the module docstring). O(columns).
+        Raises InvalidArgumentError for a composite primary key without ``id``.
         """
         if model in self._registrations:
             return self._registrations[model].handler
@@ -154,6 +188,7 @@ class Sync:
     def listen(self, target: Any) -> None:
         """Listen to a Session class, a sessionmaker or one session (any target of session events)."""
         event = _sqlalchemy().event
+        event.listen(target, "before_flush", self._before_flush)
         event.listen(target, "after_flush", self._after_flush)
         event.listen(target, "after_soft_rollback", self._after_soft_rollback)
         event.listen(target, "after_commit", self._after_commit)
@@ -162,6 +197,7 @@ class Sync:
         """Stop listening to ``target``."""
         event = _sqlalchemy().event
         for name, function in (
+            ("before_flush", self._before_flush),
             ("after_flush", self._after_flush),
             ("after_soft_rollback", self._after_soft_rollback),
             ("after_commit", self._after_commit),
@@ -174,30 +210,69 @@ class Sync:
         queue: list[tuple[Any, ChangeHandler, Change]] = session.info.setdefault(_QUEUE, [])
         return queue
 
+    def _before_flush(self, session: Any, flush_context: Any, instances: Any) -> None:
+        # after_flush is too late to read what is not loaded: the database holds the new rows by then.
+        # The rows live in the flush's own scratch dict, so a failed flush leaves none behind. None
+        # marks a deleted instance whose row was already gone.
+        old_rows: dict[Any, dict[str, Any] | None] = {}
+        for instance in session.dirty:
+            registration = self._registrations.get(type(instance))
+            if registration is not None and session.is_modified(instance, include_collections=False):
+                old_rows[_sqlalchemy().inspect(instance)] = registration.old_row(instance)
+        deleted_elsewhere = importlib.import_module("sqlalchemy.orm.exc").ObjectDeletedError
+        for instance in session.deleted:
+            registration = self._registrations.get(type(instance))
+            if registration is not None:
+                state = _sqlalchemy().inspect(instance)
+                try:
+                    old_rows[state] = registration.old_row(instance)
+                except deleted_elsewhere:
+                    # Deleted by someone else: the flush deletes nothing and does not fail, so neither
+                    # do we; the row's items, if any, were already drift for repair.
+                    old_rows[state] = None
+        flush_context.attributes[(_OLD_ROWS, self)] = old_rows
+
     def _after_flush(self, session: Any, flush_context: Any) -> None:
         transaction = session.get_nested_transaction() or session.get_transaction()
-        queue = self._queue(session)
+        old_rows: dict[Any, dict[str, Any] | None] = flush_context.attributes.get((_OLD_ROWS, self), {})
+
+        def old_row(registration: _Registration, instance: Any) -> dict[str, Any] | None:
+            # Missing only for an instance changed by a before_flush listener that ran after ours;
+            # its history is complete then (active history), so reading it now is still right.
+            state = _sqlalchemy().inspect(instance)
+            return old_rows[state] if state in old_rows else registration.old_row(instance)
+
+        # Removals before updates before additions: a flush holds each old id and each new id once,
+        # and only a removal and an addition of the same id (a row switch, a primary key moved onto a
+        # deleted row's) depend on their order.
+        removals: list[tuple[ChangeHandler, Change]] = []
+        updates: list[tuple[ChangeHandler, Change]] = []
+        additions: list[tuple[ChangeHandler, Change]] = []
+        for instance in session.deleted:
+            registration = self._registrations.get(type(instance))
+            if registration is not None:
+                old = old_row(registration, instance)
+                if old is not None:
+                    removals.append((registration.handler, Change.delete(registration.row_id(old), old)))
+        for instance in session.dirty:
+            registration = self._registrations.get(type(instance))
+            if registration is not None and session.is_modified(instance, include_collections=False):
+                old, new = old_row(registration, instance), registration.new_row(instance)
+                assert old is not None  # None is only ever recorded for deleted instances
+                old_id, new_id = registration.row_id(old), registration.row_id(new)
+                if old_id != new_id:  # items are keyed by id: the old id's go, the new id's come
+                    removals.append((registration.handler, Change.delete(old_id, old)))
+                    additions.append((registration.handler, Change.insert(new_id, new)))
+                elif old != new:
+                    updates.append((registration.handler, Change.update(new_id, old, new)))
         for instance in session.new:
             registration = self._registrations.get(type(instance))
             if registration is not None:
                 row = registration.new_row(instance)
-                queue.append(
-                    (transaction, registration.handler, Change.insert(registration.row_id(row), row))
-                )
-        for instance in session.dirty:
-            registration = self._registrations.get(type(instance))
-            if registration is not None and session.is_modified(instance, include_collections=False):
-                old, new = registration.old_row(instance), registration.new_row(instance)
-                if old != new:
-                    change = Change.update(registration.row_id(new), old, new)
-                    queue.append((transaction, registration.handler, change))
-        for instance in session.deleted:
-            registration = self._registrations.get(type(instance))
-            if registration is not None:
-                old = registration.old_row(instance)
-                queue.append(
-                    (transaction, registration.handler, Change.delete(registration.row_id(old), old))
-                )
+                additions.append((registration.handler, Change.insert(registration.row_id(row), row)))
+        self._queue(session).extend(
+            (transaction, handler, change) for handler, change in [*removals, *updates, *additions]
+        )
 
     def _after_soft_rollback(self, session: Any, previous_transaction: Any) -> None:
         queue = session.info.get(_QUEUE)
