@@ -1075,3 +1075,61 @@ def test_upsert_of_the_same_fields_in_another_order_is_unchanged_but_a_type_chan
     with db.read() as tx:
         assert table.get(tx, 1)["v"] == 2.0 and type(table.get(tx, 1)["v"]) is float
         assert totals.totals(tx).as_dict() == {"count": 1, "v": 2.0}
+
+
+def test_a_write_that_finds_its_aggregate_drifted_raises_and_writes_nothing() -> None:
+    """A key function that reads something besides the document (here a global factor, changed after
+    the items were written) gives an old item the aggregate does not hold. The write used to skip the
+    missing item silently and insert the new one: two items for one document, which check() cannot
+    see. Now it raises, and the aggregates moved before the drifted one are moved back."""
+    factor = [1]
+    db = tallytree.open_memory()
+    table = db.table("t")
+    plain = table.aggregate("plain", key="k", values=("v",))
+    scaled = table.aggregate("scaled", key=lambda doc: doc["k"] * factor[0], values=("v",))
+    with db.write() as tx:
+        for n in range(3):
+            table.insert(tx, {"k": n, "v": n + 1}, id=n)
+    factor[0] = 10
+    before = snapshot(db)
+    for write in (
+        lambda tx: table.update(tx, 2, {"k": 5}),
+        lambda tx: table.replace(tx, 1, {"k": 7, "v": 9}),
+        lambda tx: table.delete(tx, 2),
+        lambda tx: table.upsert(tx, 1, {"k": 1, "v": 4}),
+    ):
+        with pytest.raises(tallytree.ItemNotFoundError, match="drifted"), db.write() as tx:
+            write(tx)
+        assert snapshot(db) == before
+    with db.write() as tx:  # caught inside the transaction: the transaction goes on unchanged
+        with pytest.raises(tallytree.ItemNotFoundError, match="drifted"):
+            table.update(tx, 2, {"k": 5})
+        assert snapshot(db, tx) == before
+        assert table.get(tx, 2) == {"k": 2, "v": 3}
+    factor[0] = 1  # the definition behaves as when the items were written: writes work again
+    with db.write() as tx:
+        table.update(tx, 2, {"k": 5})
+    with db.read() as tx:
+        assert plain.count(tx, eq=5) == scaled.count(tx, eq=5) == 1
+        assert tallytree.verify(tx, scaled, table).ok and tallytree.check(tx) == []
+
+
+def test_a_write_onto_an_item_the_aggregate_already_holds_raises_and_writes_nothing() -> None:
+    """The new item's place is taken by a stray item of the same document (planted here as a write
+    that bypassed the table would): DuplicateItemError, and the old item, already removed, is put back
+    with the values it had."""
+    from tallytree._extract import move
+
+    db = tallytree.open_memory()
+    table = db.table("t")
+    aggregate = table.aggregate("a", key="k", values=("v",))
+    with db.write() as tx:
+        table.insert(tx, {"k": 1, "v": 2}, id=1)
+        coords = table._coordinates({"k": 5, "v": 9}, 1, tallytree._keys.encode_id(1))
+        move(tx, aggregate, None, coords[0])  # a stray item of document 1 at key 5
+    before = snapshot(db)
+    with pytest.raises(tallytree.DuplicateItemError, match="drifted"), db.write() as tx:
+        table.update(tx, 1, {"k": 5, "v": 3})
+    assert snapshot(db) == before
+    with db.read() as tx:
+        assert aggregate.get(tx, 1, 1) == tallytree.Item(1, 1, (2,))

@@ -56,7 +56,7 @@ from .errors import (
     UnsupportedKeyTypeError,
 )
 
-__all__ = ["Coord", "Definition", "Extractor", "check_strict", "describe_definition", "move"]
+__all__ = ["Coord", "Definition", "Extractor", "check_strict", "describe_definition", "move", "move_exactly"]
 
 Extractor = str | tuple[str, ...] | Callable[[Any], Any]
 """A field name, a tuple of field names (a composite key), or a function of the document."""
@@ -552,6 +552,53 @@ def move(tx: WriteTransaction, aggregate: Aggregate, old: Coord | None, new: Coo
         _save(tx, new[0], tree)
         changed = True
     return changed
+
+
+def move_exactly(
+    tx: WriteTransaction, aggregate: Aggregate, old: Coord | None, new: Coord | None, why: str
+) -> Coord | None:
+    """:func:`move` for an aggregate that must hold ``old`` and not ``new``'s place (a table's): else
+    it has drifted from its source, and ItemNotFoundError or DuplicateItemError is raised, saying
+    ``why`` (which document, which table) and how to repair, with the aggregate as it was. Returns
+    ``old`` with the values the aggregate held (what undoes the move: ``move(tx, aggregate, new,
+    held)``). O(log n) per tree touched."""
+    if old is None:
+        held = None
+    elif new is not None and old[:2] == new[:2]:
+        if same_values(old[2], new[2]):
+            return old
+        tree = _tree(tx, aggregate, old[0])
+        values = tree.update(new[1], new[2])
+        if values is None:  # absent: nothing was written
+            raise _drifted(aggregate, why, "does not hold")
+        _save(tx, old[0], tree)
+        return (old[0], old[1], values)
+    else:
+        tree = _tree(tx, aggregate, old[0])
+        values = tree.delete(old[1])
+        if values is None:  # absent: nothing was written
+            raise _drifted(aggregate, why, "does not hold")
+        _save(tx, old[0], tree)
+        held = (old[0], old[1], values)
+    if new is not None:
+        tree = _tree(tx, aggregate, new[0])
+        if not tree.insert(new[1], new[2]):  # taken: nothing was inserted; put the old item back
+            if held is not None:
+                move(tx, aggregate, None, held)
+            raise _drifted(aggregate, why, "already holds")
+        _save(tx, new[0], tree)
+    return held
+
+
+def _drifted(aggregate: Aggregate, why: str, holds: str) -> ItemNotFoundError | DuplicateItemError:
+    error = ItemNotFoundError if holds == "does not hold" else DuplicateItemError
+    return error(
+        f"{why}: aggregate {aggregate.name!r} {holds} the item its definition gives for the document "
+        "before this write, so it has drifted from the table (a key, namespace or where function that "
+        "reads something besides the document, or a write that bypassed the table); nothing was "
+        f"written. Rebuild it: table.aggregate({aggregate.name!r}, ..., rebuild=True), or "
+        "tallytree.repair(tx, aggregate, table)"
+    )
 
 
 def check_strict(

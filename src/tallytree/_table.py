@@ -50,6 +50,7 @@ from ._extract import (
     definition_from,
     has_function,
     move,
+    move_exactly,
     same_description,
 )
 from ._gc import gc_paused
@@ -788,12 +789,20 @@ class Table:
         new = decode_doc(data) if data is not None else None
         old_coords = self._coordinates(old, doc_id, id_bytes) if old is not None else None
         new_coords = self._coordinates(new, doc_id, id_bytes) if new is not None else None
+        done: list[tuple[Aggregate, Coord | None, Coord | None]] = []
+        why = f"table {self.name!r}, document {doc_id!r}"
+        try:
+            for index, definition in enumerate(self._definitions.values()):
+                before = old_coords[index] if old_coords is not None else None
+                after = new_coords[index] if new_coords is not None else None
+                if before is not None or after is not None:
+                    held = move_exactly(tx, definition.aggregate, before, after, why)
+                    done.append((definition.aggregate, held, after))
+        except (ItemNotFoundError, DuplicateItemError):  # drift: undo the moves made, write nothing
+            for aggregate, before, after in reversed(done):
+                move(tx, aggregate, after, before)
+            raise
         tx.set_doc(self._prefix + id_bytes, data)
-        for index, definition in enumerate(self._definitions.values()):
-            before = old_coords[index] if old_coords is not None else None
-            after = new_coords[index] if new_coords is not None else None
-            if before is not None or after is not None:
-                move(tx, definition.aggregate, before, after)
         self._count += (new is not None) - (old is not None)
         self._save_state(tx)
 
