@@ -578,13 +578,19 @@ def move_exactly(
         values = tree.delete(old[1])
         if values is None:  # absent: nothing was written
             raise _drifted(aggregate, why, "does not hold")
-        _save(tx, old[0], tree)
         held = (old[0], old[1], values)
+        if new is None or new[0] != old[0]:
+            _save(tx, old[0], tree)
     if new is not None:
-        tree = _tree(tx, aggregate, new[0])
+        if held is None or new[0] != held[0]:  # else the old item's tree, held for one save
+            tree = _tree(tx, aggregate, new[0])
         if not tree.insert(new[1], new[2]):  # taken: nothing was inserted; put the old item back
             if held is not None:
-                move(tx, aggregate, None, held)
+                if held[0] == new[0]:
+                    tree.insert(held[1], held[2])
+                    _save(tx, new[0], tree)
+                else:
+                    move(tx, aggregate, None, held)
             raise _drifted(aggregate, why, "already holds")
         _save(tx, new[0], tree)
     return held
