@@ -289,12 +289,18 @@ def test_updates_of_instances_expired_by_a_commit_are_applied(setup: Any) -> Non
         assert_in_sync(db, sync, by_status, session, expected_counts(rows))
 
 
+def _committed_open_loads(session: Any, *amounts: int) -> list[Any]:
+    """Open loads of org 1 with these amounts, committed (so expired, as the session expires on commit)."""
+    loads = [Load(org=1, status="open", amount=amount) for amount in amounts]
+    session.add_all(loads)
+    session.commit()
+    return loads
+
+
 def test_setting_an_expired_attribute_to_its_own_value_changes_nothing(setup: Any) -> None:
     db, sync, by_status, factory = setup
     with factory() as session:
-        same, both = Load(org=1, status="open", amount=5), Load(org=1, status="open", amount=7)
-        session.add_all([same, both])
-        session.commit()
+        same, both = _committed_open_loads(session, 5, 7)
         same.status = "open"  # expired, set to the value it has: no change at all
         both.status = "open"  # the same here, while another column of the row does change
         both.amount = 9
@@ -309,9 +315,7 @@ def test_setting_an_expired_attribute_to_its_own_value_changes_nothing(setup: An
 def test_deleting_a_row_updated_while_expired_removes_its_item(setup: Any) -> None:
     db, sync, by_status, factory = setup
     with factory() as session:
-        load, other = Load(org=1, status="open", amount=5), Load(org=1, status="open", amount=7)
-        session.add_all([load, other])
-        session.commit()
+        load, _ = _committed_open_loads(session, 5, 7)
         load.status = "paid"
         session.commit()
         session.delete(load)  # expired again: its old row is "paid", and no stale "open" item is left
