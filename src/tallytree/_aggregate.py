@@ -35,7 +35,7 @@ from itertools import compress, islice
 from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._args import iterator_of
+from ._args import ITEMS, iterator_of
 from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
 from ._bulk import (
@@ -1145,12 +1145,7 @@ class Aggregate:
         namespace: Any,
         on_duplicate: Literal["error", "skip", "update"],
     ) -> int:
-        if type(items) is list:
-            batch = items
-        else:
-            batch = list(
-                iterator_of(items, f"{self.name}: insert_many", "items or (key, id[, values]) tuples")
-            )
+        batch = items if type(items) is list else list(iterator_of(items, f"{self.name}: insert_many", ITEMS))
         encoded = self._encode_batch(batch)
         entries, cols, keys, ids = encoded if encoded is not None else self._encode_items(batch)
         if not entries:

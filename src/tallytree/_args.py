@@ -8,9 +8,12 @@ from typing import TypeVar
 from ._keys import _show
 from .errors import ArgumentTypeError
 
-__all__ = ["iterator_of"]
+__all__ = ["ITEMS", "iterator_of"]
 
 T = TypeVar("T")
+
+ITEMS = "items or (key, id[, values]) tuples"
+"""What insert_many and the builds take, as their messages name it."""
 
 
 def iterator_of(values: Iterable[T], who: str, what: str) -> Iterator[T]:

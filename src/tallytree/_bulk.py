@@ -76,7 +76,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._args import iterator_of
+from ._args import ITEMS, iterator_of
 from ._btree import Root
 from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key, sort_order
@@ -1222,7 +1222,7 @@ def _run(
     item_type: type | None,
 ) -> BuildReport:
     _check_options(on_duplicate, fill, memory)
-    rows = iterator_of(rows, f"{aggregate.name}: build", "items or (key, id[, values]) tuples")
+    rows = iterator_of(rows, f"{aggregate.name}: build", ITEMS)
     encoder = _Encoder(aggregate, namespace is None, on_invalid, label, item_type)
     build = _Build(
         aggregate, tx, replace=replace, on_duplicate=on_duplicate, fill=fill, label=label, progress=progress

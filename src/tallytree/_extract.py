@@ -47,6 +47,7 @@ from ._txn import Transaction, WriteTransaction
 from .errors import (
     ArgumentTypeError,
     DuplicateItemError,
+    Error,
     ExtractionError,
     InvalidArgumentError,
     InvalidKeyError,
@@ -570,14 +571,14 @@ def move_exactly(
         tree = _tree(tx, aggregate, old[0])
         values = tree.update(new[1], new[2])
         if values is None:  # absent: nothing was written
-            raise _drifted(aggregate, why, "does not hold")
+            raise _drifted(ItemNotFoundError, aggregate, why, "does not hold")
         _save(tx, old[0], tree)
         return (old[0], old[1], values)
     else:
         tree = _tree(tx, aggregate, old[0])
         values = tree.delete(old[1])
         if values is None:  # absent: nothing was written
-            raise _drifted(aggregate, why, "does not hold")
+            raise _drifted(ItemNotFoundError, aggregate, why, "does not hold")
         held = (old[0], old[1], values)
         if new is None or new[0] != old[0]:
             _save(tx, old[0], tree)
@@ -591,13 +592,12 @@ def move_exactly(
                     _save(tx, new[0], tree)
                 else:
                     move(tx, aggregate, None, held)
-            raise _drifted(aggregate, why, "already holds")
+            raise _drifted(DuplicateItemError, aggregate, why, "already holds")
         _save(tx, new[0], tree)
     return held
 
 
-def _drifted(aggregate: Aggregate, why: str, holds: str) -> ItemNotFoundError | DuplicateItemError:
-    error = ItemNotFoundError if holds == "does not hold" else DuplicateItemError
+def _drifted(error: type[Error], aggregate: Aggregate, why: str, holds: str) -> Error:
     return error(
         f"{why}: aggregate {aggregate.name!r} {holds} the item its definition gives for the document "
         "before this write, so it has drifted from the table (a key, namespace or where function that "

@@ -439,8 +439,7 @@ def _diff(
     examples: int,
 ) -> tuple[Drift, list[_Fix]]:
     _check_aggregate(aggregate)
-    check_transaction(tx, aggregate._db, aggregate.name)
-    aggregate._check(tx)  # a dropped aggregate raises
+    aggregate._check(tx)  # a transaction of its database, and the aggregate not dropped
     if definition is None:
         definition = _definition_for(aggregate._db, aggregate, source)
     expected: dict[bytes, Coord] = {}
