@@ -1187,3 +1187,69 @@ def test_a_read_transaction_lives_exactly_as_long_as_its_block(tmp_path: Path) -
             events.insert_many(wtx, [(n, "id") for n in range(5000)])
         with unused as late, db.read() as other:  # a reading entered late sees the latest snapshot
             assert events.count(late) == events.count(other) == 5000
+
+
+def _in_another_process(path: Path, script: str) -> None:
+    code = f"import tallytree\nwith tallytree.open({str(path)!r}, durable=False) as db:\n"
+    subprocess.run([sys.executable, "-c", code + textwrap.indent(textwrap.dedent(script), "    ")], check=True)
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_an_aggregate_dropped_by_another_process_refuses_the_old_object(tmp_path: Path, again: bool) -> None:
+    """The old object wrote into trees under the dropped aggregate's id, which nothing reads or
+    deletes (the write was lost), and read them back as if the aggregate still held them."""
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        old = db.aggregate("events", values=("cost",))
+        with db.write() as tx:
+            old.insert(tx, 1, "a", (1.5,))
+        recreate = 'db.aggregate("events", values=("usd", "n"))' if again else ""
+        _in_another_process(path, f'db.drop_aggregate("events")\n{recreate}')
+        before = snapshot(db)
+        with pytest.raises(TransactionError, match="dropped") as raised, db.write() as tx:
+            old.insert(tx, 2, "b", (2.5,))
+        assert "open it again with db.aggregate()" in str(raised.value)
+        assert snapshot(db) == before
+        with db.read() as tx, pytest.raises(TransactionError, match="dropped"):
+            old.count(tx)
+        if again:
+            fresh = db.aggregate("events")
+            assert fresh is not old and fresh.fields == ("usd", "n")
+            with db.write() as tx:
+                fresh.insert(tx, 2, "b", (2, 3))
+            with db.read() as tx:
+                assert fresh.totals(tx).as_dict() == {"count": 1, "usd": 2, "n": 3}
+                assert tallytree.check(tx) == []
+        else:
+            with pytest.raises(tallytree.AggregateNotFoundError):
+                db.aggregate("events", create=False)
+
+
+def test_db_aggregate_returns_the_same_object_while_it_is_current(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        events = db.aggregate("events")
+        _in_another_process(path, 'db.aggregate("other")')
+        assert db.aggregate("events") is events
+        with db.write() as tx:
+            events.insert(tx, 1, "a")
+        _in_another_process(path, 'db.drop_aggregate("events")\ndb.aggregate("events")')
+        assert db.aggregate("events") is not events  # found stale before any use of the old object
+        with db.read() as tx:
+            assert db.aggregate("events").count(tx) == 0
+
+
+def test_an_aggregate_detached_by_another_process_takes_its_own_writes_again(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with tallytree.open(path, durable=False) as db:
+        jobs = db.table("jobs")
+        by_state = jobs.aggregate("by_state", key="state")
+        with db.write() as tx:
+            jobs.insert(tx, {"state": "new"})
+            with pytest.raises(TransactionError, match="maintained by table"):
+                by_state.insert(tx, "done", "manual")
+        _in_another_process(path, 'db.table("jobs").detach("by_state")')
+        with db.write() as tx:
+            by_state.insert(tx, "done", "manual")
+        with db.read() as tx:
+            assert by_state.count(tx) == 2

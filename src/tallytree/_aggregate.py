@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import math
 import operator
 import random as _random
@@ -34,6 +35,8 @@ from datetime import datetime
 from itertools import compress, islice
 from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal
+
+import msgpack
 
 from ._args import ITEMS, iterator_of
 from ._btree import Root, same_values, vsub
@@ -63,7 +66,7 @@ from ._keys import (
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree, appended, pending_capacity
-from ._txn import Transaction, WriteTransaction, check_transaction, decode_root
+from ._txn import DEFINITIONS, Transaction, WriteTransaction, check_transaction, decode_root
 from .errors import (
     ArgumentTypeError,
     BoundsError,
@@ -340,6 +343,14 @@ def _decode_cursor(cursor: str) -> bytes:
 _KEEP: Any = object()
 
 
+def owned_reason(aggregate: str, table: str) -> str:
+    """Why an aggregate a table maintains refuses writes of its own."""
+    return (
+        f"aggregate {aggregate!r} is maintained by table {table!r}: write through the table "
+        "(insert/update/replace/delete), or table.detach() it first"
+    )
+
+
 class Aggregate:
     """A named, sorted multiset of items per namespace, with counts and exact sums.
 
@@ -356,6 +367,9 @@ class Aggregate:
         self._prefix = agg_id.to_bytes(4, "big")
         self._readonly_reason: str | None = None  # why writes are refused (a table maintains it)
         self._dropped: str | None = None  # why every read and write is refused: the aggregate is gone
+        self._record_key = DEFINITIONS + name.encode()
+        self._record: bytes | None = None  # its stored definition and the backend's epoch when last
+        self._epoch = -1  # confirmed (see _confirm)
         self._tree_keys: dict[Any, bytes] = {}  # namespace (exact str / int / None) -> tree key
 
     def __repr__(self) -> str:
@@ -385,7 +399,41 @@ class Aggregate:
             check_transaction(tx, self._db, self.name)
             raise
         if self._dropped is not None:
-            raise TransactionError(f"{self._dropped}; open it again with db.aggregate() or table.aggregate()")
+            raise self._gone()
+        if self._epoch != tx._epoch:
+            self._confirm(tx)
+
+    def _confirm(self, tx: Transaction) -> None:
+        """Check that this aggregate is still the one stored under its name.
+
+        Another process may have dropped it, and perhaps created a new aggregate of the same name,
+        since this object was made: its writes would then go to trees that nothing reads, and its
+        reads would answer from them. A check holds until the backend's epoch moves (see
+        ``_store.Backend.epoch``): a transaction that finds another process's commits, or a commit of
+        this process that changed a definition. Then one META get (about 1 us); the record is
+        decoded only when its bytes changed. Raises TransactionError.
+        """
+        record = tx.meta(self._record_key)
+        if record != self._record:
+            definition = msgpack.unpackb(record, raw=False) if record is not None else None
+            if definition is None or definition["id"] != self._id:
+                again = "" if definition is None else " and created again"
+                self._dropped = f"aggregate {self.name!r} was dropped{again} by another process or Database"
+                raise self._gone()
+            owner = definition.get("table")
+            self._readonly_reason = owned_reason(self.name, owner) if owner is not None else None
+            self._record = record
+        self._epoch = tx._epoch
+
+    def _current(self) -> bool:
+        """Whether this object is still the aggregate stored under its name, in a new snapshot."""
+        if self._dropped is None:
+            with self._db.read() as tx, contextlib.suppress(TransactionError):
+                self._confirm(tx)
+        return self._dropped is None
+
+    def _gone(self) -> TransactionError:
+        return TransactionError(f"{self._dropped}; open it again with db.aggregate() or table.aggregate()")
 
     def _tree(self, tx: Transaction, namespace: Any) -> tuple[Tree, bytes]:
         self._check(tx)

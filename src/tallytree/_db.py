@@ -35,15 +35,15 @@ from typing import Any
 
 import msgpack
 
-from ._aggregate import Aggregate
+from ._aggregate import Aggregate, owned_reason
 from ._btree import Root
 from ._extract import Definition
 from ._keys import decode_key
 from ._lmdb import LmdbBackend
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
-from ._table import Table, check_writing, create_table, owned_reason, table_from
+from ._table import Table, check_writing, create_table, table_from
 from ._tree import Tree
-from ._txn import ReadTransaction, Transaction, WriteTransaction, decode_root
+from ._txn import DEFINITIONS, ReadTransaction, Transaction, WriteTransaction, decode_root
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
@@ -67,7 +67,6 @@ DEFAULT_CACHE_NODES = 16384
 that 32,768 nodes of 64 entries held."""
 _FORMAT_KEY = b"format"
 _NEXT_AGGREGATE = b"next_agg"
-_AGGREGATE_PREFIX = b"agg:"
 _MIN_NODE_SIZE = 4
 _MAX_NODE_SIZE = 1024
 _DEFAULT_MAP_SIZE = 1 << 30
@@ -212,7 +211,9 @@ class Database:
 
         ``values`` names the numeric fields summed for every item, fixed at creation; reopening with
         different ``values`` or ``node_size`` raises SchemaMismatchError. ``create=False`` raises
-        AggregateNotFoundError for an unknown name. O(1).
+        AggregateNotFoundError for an unknown name. An object this database returned before is
+        returned again while it is current (a read transaction confirms it, about 4 us), and a new
+        one once another process dropped the aggregate. O(1).
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -224,7 +225,9 @@ class Database:
         fields = _check_fields(values) if values is not None else None
         if node_size is not None:
             _check_node_size(node_size)
-        known = self._aggregates.get(name) or self._load_aggregate(name)
+        known = self._aggregates.get(name)
+        if known is None or not known._current():  # (dropped, by another process perhaps: load again)
+            known = self._load_aggregate(name)
         if known is None:
             if not create:
                 raise AggregateNotFoundError(
@@ -245,7 +248,7 @@ class Database:
 
     def _load_aggregate(self, name: str) -> Aggregate | None:
         with self.read() as tx:
-            data = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            data = tx.meta(DEFINITIONS + name.encode())
         if data is None:
             return None
         return self._aggregate_from(name, data)
@@ -266,14 +269,14 @@ class Database:
                 "before `with db.write()`"
             )
         with self.write() as tx:
-            data = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            data = tx.meta(DEFINITIONS + name.encode())
             if data is not None:  # created meanwhile by another thread or process
                 return self._aggregate_from(name, data)
             stored = tx.meta(_NEXT_AGGREGATE)
             agg_id = int.from_bytes(stored, "big") if stored else 1
             tx.set_meta(_NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
             definition = {"id": agg_id, "values": list(fields), "node_size": node_size}
-            tx.set_meta(_AGGREGATE_PREFIX + name.encode(), msgpack.packb(definition))
+            tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
         return Aggregate(self, name, agg_id, fields, node_size)
 
     def aggregates(self) -> list[str]:
@@ -304,7 +307,7 @@ class Database:
         ['visits']
         """
         tx.check_database(self)
-        prefix = _AGGREGATE_PREFIX
+        prefix = DEFINITIONS
         stop = prefix[:-1] + bytes([prefix[-1] + 1])
         found = []
         for key, data in tx.kv.scan(0, prefix, stop):
@@ -331,7 +334,7 @@ class Database:
         """
         aggregate = self.aggregate(name, create=False)
         with self.read() as tx:
-            owner = msgpack.unpackb(tx.meta(_AGGREGATE_PREFIX + name.encode()) or b"\x80").get("table")
+            owner = msgpack.unpackb(tx.meta(DEFINITIONS + name.encode()) or b"\x80").get("table")
         if owner is not None:
             raise TransactionError(
                 f"aggregate {name!r} is maintained by table {owner!r}; use "
@@ -342,7 +345,7 @@ class Database:
                 tree = Tree(tx, len(aggregate.fields), aggregate.node_size, root)
                 tree.delete_range(0, tree.count)
                 tx.set_root(tree_key, None)
-            tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
+            tx.set_meta(DEFINITIONS + name.encode(), None)
         aggregate._dropped = f"aggregate {name!r} was dropped"
         self._aggregates.pop(name, None)
 

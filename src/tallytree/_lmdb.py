@@ -22,6 +22,11 @@ served this check; it is no longer read or written, so a commit writes one recor
 transactions are kept in a list of thread ids that every transaction joins and leaves without a
 lock (list appends and removals are atomic); only the rare waits use a condition variable.
 
+Each transaction compares its snapshot's LMDB commit id with the last one this process made or saw:
+a later one means another process committed in between, and moves the backend's ``epoch``, after
+which each ``Aggregate`` object checks once that its stored definition is still there (another
+process may have dropped it). A process that only reads, or is the only writer, never checks again.
+
 py-lmdb is called with positional arguments on every hot path: its keyword parsing costs more than
 LMDB's own work for a small get, put or begin.
 
@@ -103,13 +108,19 @@ os.register_at_fork(after_in_child=_mark_forked)
 
 
 class _LmdbTxn:
-    __slots__ = ("_backend", "_dbs", "_ident", "_txn")
+    __slots__ = ("_backend", "_dbs", "_ident", "_snapshot", "_txn", "epoch")
 
     def __init__(self, backend: LmdbBackend, write: bool) -> None:
         self._backend = backend
         self._dbs = backend.dbs
         self._ident = ident = get_ident()
         self._txn: Any = backend.begin_raw(write, ident)
+        # LMDB's id of the last commit this snapshot holds (a write transaction's own id is the next)
+        self._snapshot = snapshot = self._txn.id() - write
+        if snapshot > backend.seen:  # commits this process did not make (see LmdbBackend.epoch)
+            backend.seen = snapshot
+            backend.epoch += 1
+        self.epoch = backend.epoch
 
     def get(self, table: int, key: bytes) -> bytes | None:
         # bytes already (the transaction has no buffers); positional arguments, see _apply_ops
@@ -165,6 +176,8 @@ class _LmdbTxn:
         try:
             _apply_ops(self._txn, self._dbs, ops, appended)
             self._txn.commit()
+            if self._snapshot == backend.seen and _puts(ops, appended):
+                backend.seen = self._snapshot + 1  # this commit's id
         except lmdb.MapFullError:
             self._end(abort=True)
             backend.commit_after_growth(ops, appended, txn_id)
@@ -190,6 +203,17 @@ class _LmdbTxn:
         if abort:
             txn.abort()
         self._backend.end_raw(self._ident)
+
+
+def _puts(ops: list[Op], appended: int) -> bool:
+    """Whether ``ops`` put a value. LMDB gives a commit an id (the snapshot's + 1) unless it changed
+    nothing, which deletes alone can do (of absent keys); a put always changes a page."""
+    if appended:
+        return True
+    for op in ops:  # noqa: SIM110 (a plain loop: 0.1 us against any()'s 0.35 for one op)
+        if op[2] is not None:
+            return True
+    return False
 
 
 def _apply_ops(txn: Any, dbs: list[Any], ops: list[Op], appended: int) -> None:
@@ -258,6 +282,11 @@ class LmdbBackend:
         self._lock = threading.Condition()
         self._resizing = False  # a writer waits for the others to end, to grow the map
         self.resize_wait = RESIZE_WAIT
+        # The last LMDB commit known to be this process's own, or seen by one of its transactions,
+        # and the number of times a transaction found commits after it that this process did not make
+        # (the Backend protocol's epoch; WriteTransaction also moves it, see _store).
+        self.seen = -1
+        self.epoch = 0
         self.pid = os.getpid()
         self.forked = False  # set in a forked child (see _mark_forked)
         try:

@@ -65,6 +65,9 @@ Op = tuple[int, bytes, bytes | None]
 class KVTxn(Protocol):
     """A transaction of a backend: a consistent snapshot, plus one atomic commit for writers."""
 
+    epoch: int
+    """The backend's :attr:`Backend.epoch` when this transaction began."""
+
     def get(self, table: int, key: bytes) -> bytes | None:
         """Return the value stored under ``key``, or None."""
         ...
@@ -99,6 +102,13 @@ class KVTxn(Protocol):
 
 class Backend(Protocol):
     """A store of the four tables."""
+
+    epoch: int
+    """A number that changes whenever the stored aggregate definitions may have changed since a
+    transaction of this process last saw them: when a transaction of this process finds commits that
+    it did not make (another process's), and when this process commits a change of a definition
+    (``WriteTransaction``). A check that a definition is still current need not be made again
+    while the number stays the same (see ``Aggregate._confirm``)."""
 
     def begin(self, write: bool) -> KVTxn:
         """Start a transaction; writers are serialized."""
@@ -242,6 +252,7 @@ class _MemoryTxn:
         self._backend = backend
         self._tables = backend.tables  # a snapshot: commits replace the table objects they change
         self._write = write
+        self.epoch = backend.epoch  # (no other process shares the tables)
 
     def get(self, table: int, key: bytes) -> bytes | None:
         return self._tables[table].get(key)  # type: ignore[no-any-return]
@@ -289,6 +300,7 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.tables: list[SortedDict] = [SortedDict() for _ in range(TABLES)]
         self.writer = threading.Lock()
+        self.epoch = 0
 
     def begin(self, write: bool) -> KVTxn:
         if write:

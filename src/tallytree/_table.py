@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._aggregate import Aggregate, Totals, resolve_bounds
+from ._aggregate import Aggregate, Totals, owned_reason, resolve_bounds
 from ._args import iterator_of
 from ._btree import Root
 from ._bulk import Columns, build_columns
@@ -57,7 +57,7 @@ from ._gc import gc_paused
 from ._keys import decode_key, encode_id
 from ._store import ROOTS
 from ._tree import Tree
-from ._txn import Transaction, WriteTransaction, check_transaction, decode_root
+from ._txn import DEFINITIONS, Transaction, WriteTransaction, check_transaction, decode_root
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
@@ -80,7 +80,6 @@ __all__ = ["Table", "decode_doc", "encode_doc"]
 _TABLE_PREFIX = b"table:"
 _STATE_PREFIX = b"tstate:"
 _NEXT_TABLE = b"next_table"
-_AGGREGATE_PREFIX = b"agg:"
 _NEXT_AGGREGATE = b"next_agg"
 _STATE = struct.Struct(">QQ")
 _MAX_GENERATED = 2**62  # explicit int ids above this do not move the generated-id counter
@@ -213,7 +212,7 @@ class Table:
         pending: dict[str, Any] = {}
         for name, description in data["aggregates"].items():
             current = self._definitions.get(name)
-            stored = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            stored = tx.meta(DEFINITIONS + name.encode())
             if stored is None:
                 raise CorruptDatabaseError(f"table {self.name!r}: aggregate {name!r} has no definition")
             aggregate = self._db._aggregates.get(name)
@@ -331,7 +330,7 @@ class Table:
         with self._db.write() as tx:
             self._load(tx, tx.meta(self._record_key))
             stored = msgpack.unpackb(self._record, raw=False)["aggregates"].get(name)
-            if stored is None and tx.meta(_AGGREGATE_PREFIX + name.encode()) is not None:
+            if stored is None and tx.meta(DEFINITIONS + name.encode()) is not None:
                 raise SchemaMismatchError(
                     f"an aggregate named {name!r} already exists and is not attached to table "
                     f"{self.name!r}; pick another name, or drop it first (db.drop_aggregate)"
@@ -475,11 +474,11 @@ class Table:
         check_writing(self._db, f"detaching aggregate {name!r}")
         with self._db.write() as tx:
             self._load(tx, tx.meta(self._record_key))
-            stored = tx.meta(_AGGREGATE_PREFIX + name.encode())
+            stored = tx.meta(DEFINITIONS + name.encode())
             if stored is not None:
                 definition = msgpack.unpackb(stored, raw=False)
                 definition.pop("table", None)
-                tx.set_meta(_AGGREGATE_PREFIX + name.encode(), msgpack.packb(definition))
+                tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
             record = self._definition_record({name: None})
             tx.set_meta(self._record_key, record)
         aggregate._readonly_reason = None
@@ -513,7 +512,7 @@ class Table:
         with self._db.write() as tx:
             self._load(tx, tx.meta(self._record_key))
             _drop_trees(tx, aggregate)
-            tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
+            tx.set_meta(DEFINITIONS + name.encode(), None)
             record = self._definition_record({name: None})
             tx.set_meta(self._record_key, record)
         aggregate._dropped = f"aggregate {name!r} was dropped"
@@ -546,13 +545,13 @@ class Table:
             names = [*self._definitions, *self._pending]
             for name in names:
                 aggregate = self._db._aggregates.get(name)
-                stored = tx.meta(_AGGREGATE_PREFIX + name.encode())
+                stored = tx.meta(DEFINITIONS + name.encode())
                 if stored is None:
                     continue
                 if aggregate is None:
                     aggregate = self._db._aggregate_from(name, stored)
                 _drop_trees(tx, aggregate)
-                tx.set_meta(_AGGREGATE_PREFIX + name.encode(), None)
+                tx.set_meta(DEFINITIONS + name.encode(), None)
             for key, _ in list(tx.docs(self._prefix, self._stop)):
                 tx.set_doc(key, None)
             tx.set_meta(self._record_key, None)
@@ -1156,13 +1155,6 @@ class Table:
         return Totals.from_summary(target.fields, summary)
 
 
-def owned_reason(aggregate: str, table: str) -> str:
-    return (
-        f"aggregate {aggregate!r} is maintained by table {table!r}: write through the table "
-        "(insert/update/replace/delete), or table.detach() it first"
-    )
-
-
 def _show(description: Any, aggregate: Aggregate | None) -> str:
     parts = [f"{role}={description[role]!r}" for role in ("key", "namespace", "values", "where")]
     parts.append(f"on_missing={description['on_missing']!r}")
@@ -1179,7 +1171,7 @@ def _define_aggregate(
     agg_id = int.from_bytes(stored, "big") if stored else 1
     tx.set_meta(_NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
     definition = {"id": agg_id, "values": list(fields), "node_size": node_size, "table": owner}
-    tx.set_meta(_AGGREGATE_PREFIX + name.encode(), msgpack.packb(definition))
+    tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
     return Aggregate(tx._db, name, agg_id, fields, node_size)
 
 

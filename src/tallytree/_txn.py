@@ -162,6 +162,11 @@ def check_transaction(tx: object, db: Database, who: str) -> None:
     tx.check_database(db)
 
 
+DEFINITIONS = b"agg:"
+"""The prefix of the META keys of aggregate definitions (``agg:`` + name; written by ``_db`` and
+``_table``)."""
+
+
 class Transaction:
     """A consistent snapshot of the database; the base of read and write transactions.
 
@@ -182,6 +187,7 @@ class Transaction:
         # The trees a read transaction has read, by tree key (see Aggregate._reader): its snapshot
         # never changes, so a namespace read again reuses its tree. Bounded: cleared when full.
         self._readers: dict[bytes, Tree] = {}
+        self._epoch = kv.epoch  # see Aggregate._confirm
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -559,11 +565,14 @@ class WriteTransaction(Transaction):
             raise TransactionError(
                 "the database was closed while this write transaction was open; nothing was written"
             )
+        redefined = self._meta and any(key.startswith(DEFINITIONS) for key in self._meta)
         if self._deferred or len(self._dirty) > _BULK_COMMIT:
             with gc_paused():
                 self._commit()
         else:
             self._commit()
+        if redefined:  # an aggregate created, changed or dropped: objects check theirs again
+            self._db._backend.epoch += 1
 
     def _commit(self) -> None:
         kv = self.kv
