@@ -667,6 +667,35 @@ def test_a_commit_the_disk_refuses_raises_storage_error_and_writes_nothing(tmp_p
         assert tallytree.check(tx) == []
 
 
+@pytest.mark.parametrize("limit", [0, 8192, 32768])
+def test_an_open_the_disk_refuses_raises_storage_error_and_leaves_the_path_as_it_was(
+    tmp_path: Path, limit: int
+) -> None:
+    """Under a file size limit, LMDB cannot create its files (0), or the first commit, the format tag,
+    fails (8 and 32 KiB). The open raised DatabaseFormatError ("cannot open ...: File too large") or
+    left data.mdb, lock.mdb and the directory it made behind; now StorageError, and nothing made."""
+    target = tmp_path / "new" / "db"
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        import tallytree
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+        try:
+            tallytree.open({str(target)!r})
+            print("opened")
+        except tallytree.Error as exc:
+            print(type(exc).__name__, exc)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("StorageError") and "File too large" in result.stdout, result.stdout
+    assert list(tmp_path.iterdir()) == []
+    with tallytree.open(target) as db:  # without the limit
+        assert db.aggregates() == []
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_forked_child_is_told_to_open_the_database_again(tmp_path: Path) -> None:
     """LMDB must not be used across fork(): in the child, a transaction on the database the parent

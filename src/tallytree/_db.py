@@ -611,8 +611,9 @@ def open(
     )
     try:
         return Database(backend, cache_nodes=cache_nodes, path=directory)
-    except BaseException:
+    except BaseException:  # (a new database whose format tag could not be written, for one)
         backend.close()
+        backend.discard_made()
         raise
 
 

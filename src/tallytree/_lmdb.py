@@ -58,6 +58,7 @@ removes them, and the directory if ``open()`` made it.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -262,15 +263,12 @@ class LmdbBackend:
                 "pass a smaller map_size: the map grows by itself, up to max_map_size, as data is added"
             )
         created = _check_directory(self.path, create=create and not readonly)
-        fresh = not (self.path / "data.mdb").exists()
+        # what this open makes, which a failed open removes (discard_made)
+        self._made = (not (self.path / "data.mdb").exists(), created)
         try:
             self.env: Any = self._open_env(map_size, durable, readonly, create)
         except BaseException:
-            if fresh:  # remove what this call made: the path is left as it was
-                for name in ("data.mdb", "lock.mdb"):
-                    (self.path / name).unlink(missing_ok=True)
-                for directory in created:
-                    directory.rmdir()
+            self.discard_made()
             raise
         # The open LMDB transactions of this process, one entry each: the thread that began it. A
         # map growth waits for the list to empty, and new transactions wait for the growth. The hot
@@ -293,8 +291,19 @@ class LmdbBackend:
             self.dbs = self._open_dbs()
         except BaseException:
             self.env.close()
+            self.discard_made()
             raise
         _OPEN.add(self)
+
+    def discard_made(self) -> None:
+        """After an open that failed (the environment closed or never opened): remove the files and
+        directories the open created, so the path is left as it was."""
+        fresh, created = self._made
+        if fresh:
+            for name in ("data.mdb", "lock.mdb"):
+                (self.path / name).unlink(missing_ok=True)
+            for directory in created:
+                directory.rmdir()
 
     def _open_env(self, map_size: int, durable: bool, readonly: bool, create: bool) -> Any:
         try:
@@ -326,6 +335,11 @@ class LmdbBackend:
                 raise TransactionError(
                     f"{self.path} is already open in this process; open a database once per "
                     "process and share the Database object between threads (or close it first)"
+                ) from exc
+            if str(exc).rpartition(": ")[2] in _DISK_ERRORS:
+                raise StorageError(
+                    f"LMDB could not create or open the files of {self.path} ({exc}). Free disk space "
+                    "(or raise the file size limit, or mount the file system read-write), then open it again"
                 ) from exc
             raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
 
@@ -500,6 +514,13 @@ class LmdbBackend:
     def close(self) -> None:
         _OPEN.discard(self)
         self.env.close()
+
+
+_DISK_ERRORS = frozenset(
+    os.strerror(code) for code in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+)
+"""How py-lmdb ends the message of an error that is the disk's, not the data's (its exceptions carry
+no errno)."""
 
 
 def _storage_error(path: Path, exc: Exception) -> StorageError:
