@@ -411,6 +411,41 @@ def test_a_conflicting_batch_changes_nothing_pending_included(
         assert tallytree.check(tx) == []
 
 
+def test_a_batch_before_the_pending_entries_or_already_there_leaves_them_pending(
+    db: tallytree.Database, events: tallytree.Aggregate
+) -> None:
+    """A batch merge flushed the pending node first, whatever the batch: one that sorts before every
+    pending entry now leaves them pending, and on_duplicate="skip" of items all present (stored or
+    pending) writes nothing at all (it rewrote the root record, the pending entries merged in)."""
+    with db.write() as tx:
+        events.insert_many(tx, [(key, "s", (0.5, key)) for key in range(0, 400, 2)])
+    with db.write() as tx:
+        for key in (401, 402):
+            events.insert(tx, key, "p", (0.25, 1))
+    pending = pending_entries(db, root_of(db, events))
+    assert pending is not None and len(pending) == 2
+    before = snapshot(db)
+    for batch in ([(2, "s"), (402, "p")], [(401, "p")], [(10, "s"), (12, "s")]):
+        with db.write() as tx:
+            assert events.insert_many(tx, [(k, i, (0.0, 0)) for k, i in batch], on_duplicate="skip") == 0
+            assert not tx.changed_roots()
+        assert snapshot(db) == before
+    with db.write() as tx:  # new items before the pending ones: merged into the leaves, pending kept
+        assert (
+            events.insert_many(
+                tx, [(1, "n", (1.0, 1)), (399, "n", (1.0, 1)), (401, "p", (0.0, 0))], on_duplicate="skip"
+            )
+            == 2
+        )
+    assert pending_entries(db, root_of(db, events)) == pending
+    with db.write() as tx:  # one that reaches them merges them in
+        assert events.insert_many(tx, [(3, "n", (1.0, 1)), (403, "n", (1.0, 1))]) == 2
+    assert pending_entries(db, root_of(db, events)) is None
+    with db.read() as tx:
+        assert events.count(tx) == 206 and events.count(tx, ge=401) == 3
+        assert tallytree.check(tx) == []
+
+
 def test_pending_entries_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "db"
     with tallytree.open(path, durable=False) as db:

@@ -410,9 +410,12 @@ class Tree:
     def merge_sorted(
         self, entries: list[bytes], cols: list[list[Any]], existing: Existing = "skip"
     ) -> tuple[int, int | None]:
-        """:meth:`NodeTree.merge_sorted`, after the pending entries are merged into the leaves.
+        """:meth:`NodeTree.merge_sorted`, after the pending entries are merged into the leaves when
+        the batch reaches them (a batch that sorts before every pending entry leaves them pending).
 
         With ``existing="error"``, a batch that conflicts changes nothing, pending entries included.
+        With ``existing="skip"``, entries already pending are dropped from the batch first, so a
+        batch that is all there already changes nothing.
         """
         if existing == "error" and self.pending is not None:  # find a conflict before writing anything
             pending = self.pending.keys
@@ -426,7 +429,19 @@ class Tree:
                 conflicts.append(conflict)
             if conflicts:
                 return 0, min(conflicts)
-        self.flush()
+        pending = self.pending
+        if pending is not None and entries and entries[-1] >= pending.keys[0]:
+            cut = bisect_left(entries, pending.keys[0])
+            if existing == "skip":
+                kept = [at for at in range(cut, len(entries)) if self._pending_index(entries[at]) is None]
+                if len(kept) < len(entries) - cut:
+                    kept[:0] = range(cut)
+                    entries = list(map(entries.__getitem__, kept))
+                    cols = [list(map(col.__getitem__, kept)) for col in cols]
+            if entries and entries[-1] >= pending.keys[0]:
+                self.flush()
+        if not entries:
+            return 0, None
         return self.nodes.merge_sorted(entries, cols, existing)
 
     def flush(self) -> None:
