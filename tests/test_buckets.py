@@ -155,6 +155,38 @@ def test_bucket_argument_errors(db: tallytree.Database) -> None:
                 agg.buckets(tx, **arguments)
 
 
+def test_bucket_arguments_of_the_wrong_type_raise_argument_type_error(db: tallytree.Database) -> None:
+    """A wrong type is a TypeError (and still the BoundsError it was); a wrong value stays a BoundsError."""
+    agg = db.aggregate("a")
+    with db.write() as tx:
+        agg.insert_many(tx, [(k, k) for k in range(10)])
+    with db.read() as tx:
+        for arguments in (
+            {"edges": 5},
+            {"edges": None, "start": 0, "width": 1, "count": "3"},
+            {"start": 0, "width": 1, "count": 3.0},
+            {"start": 0, "width": 1, "count": True},
+            {"start": 0, "width": [1], "count": 3},
+            {"start": 0, "width": True, "count": 3},
+            {"start": 0, "width": 1, "count": 3, "prefix": "x"},
+        ):
+            with pytest.raises(tallytree.ArgumentTypeError) as raised:
+                agg.buckets(tx, **arguments)
+            assert isinstance(raised.value, TypeError), arguments
+        with pytest.raises(tallytree.ArgumentTypeError, match=r"buckets\(edges=\) takes an iterable of keys"):
+            agg.buckets(tx, edges=5)  # type: ignore[arg-type]
+        for arguments in (
+            {"start": 0, "width": 1, "count": -1},
+            {"start": 0, "width": 1, "count": 0},
+            {"start": 0, "width": "fortnight", "count": 3},
+            {"start": 0, "width": ("month", "3"), "count": 3},
+        ):
+            with pytest.raises(tallytree.BoundsError) as bounds:
+                agg.buckets(tx, **arguments)
+            assert not isinstance(bounds.value, TypeError), arguments
+        assert [b.count for b in agg.buckets(tx, edges=iter([0, 5, 10]))] == [5, 5]
+
+
 def test_one_descent_per_edge(db: tallytree.Database, monkeypatch: pytest.MonkeyPatch) -> None:
     agg = db.aggregate("big", node_size=8)
     with db.write() as tx:

@@ -346,6 +346,36 @@ def test_sorted_input_beyond_the_memory_budget_concatenates_runs(monkeypatch: py
         assert tallytree.check(tx) == []
 
 
+@pytest.mark.parametrize("memory", [_bulk.DEFAULT_MEMORY, 5_000])
+def test_sorted_items_treats_a_repeated_item_as_build_many_does(
+    memory: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What verify compares a source with: a repeated (namespace, key, id) raises naming both rows, in
+    memory or across spilled runs, or with on_duplicate="last" the last one is kept, as a build does."""
+    monkeypatch.setattr(_bulk, "_BATCH", 50)
+    rows = [("ns", key, key, (key, 0.5)) for key in range(1000)]
+    rows.append(("ns", 7, 7, (70, 0.5)))  # item 1000 repeats item 7
+    rows.append(("other", 7, 7, (1, 0.5)))  # the same (key, id) in another namespace is another item
+    db = tallytree.open_memory()
+    aggregate = db.aggregate("agg", values=FIELDS)
+    with pytest.raises(
+        DuplicateItemError,
+        match=r"item \(key=7, id=7\) appears twice in the input, item 7 and "
+        r"item 1000 in namespace 'ns'",
+    ):
+        list(_bulk.sorted_items(aggregate, rows, memory=memory))
+    with db.write() as tx, pytest.raises(DuplicateItemError, match="item 7 and item 1000"):
+        aggregate.build_many(tx, rows, memory=memory)
+    kept = list(_bulk.sorted_items(aggregate, rows, memory=memory, on_duplicate="last"))
+    assert len(kept) == 1001
+    assert [values for _, entry, values in kept if entry == encode_key(7) + encode_id(7)] == [
+        (70, 0.5),
+        (1, 0.5),
+    ]
+    with pytest.raises(ValueError, match="on_duplicate"):
+        list(_bulk.sorted_items(aggregate, rows, on_duplicate="skip"))  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ single namespace, options
 
 

@@ -882,6 +882,30 @@ def test_verify_reports_drift_and_repairs_it(built: Path, tmp_path: Path, run: A
     assert code == 1 and "sums ['cost', 'tokens'], but --sum names ['cost']" in err
 
 
+def test_verify_treats_a_repeated_item_as_build_does(tmp_path: Path, run: Any) -> None:
+    """A source build refuses verifies as an error naming both lines, not as "ok" with the last row
+    kept; --on-duplicate last compares what a build with it holds. --repair writes nothing then."""
+    source = tmp_path / "dup.csv"
+    source.write_text("ts,id,cost\n1,a,1\n2,b,2\n1,a,3\n")
+    argv = ["--key", "ts", "--id", "id", "--sum", "cost"]
+    database = tmp_path / "db"
+    assert run("build", database, "d", "--from", source, *argv, "--on-duplicate", "last", "--quiet")[0] == 0
+    twice = "item (key=1, id='a') appears twice in the input, line 2 and line 4;"
+    assert run("build", database, "d", "--from", source, *argv)[0] == 1
+    for extra in ([], ["--on-duplicate", "error"], ["--repair"], ["--json"]):
+        code, out, err = run("verify", database, "d", "--from", source, *argv, *extra)
+        assert code == 1 and twice in (err if "--json" not in extra else json.loads(out)["error"]), extra
+        assert "ok:" not in out
+    assert run("query", database, "d", "totals")[1] == "count=2 cost=5\n"
+    code, out, _ = run("verify", database, "d", "--from", source, *argv, "--on-duplicate", "last")
+    assert code == 0 and "2 source items, 2 stored" in out and "ok: the aggregate matches the source" in out
+    source.write_text("ts,id,cost\n1,a,1\n2,b,2\n1,a,9\n")  # the last one wins: it differs
+    code, out, _ = run("verify", database, "d", "--from", source, *argv, "--on-duplicate", "last")
+    assert code == 3 and "different: 1" in out
+    code, out, _ = run("verify", database, "d", "--from", source, *argv, "--on-duplicate", "last", "--repair")
+    assert code == 0 and run("query", database, "d", "totals")[1] == "count=2 cost=11\n"
+
+
 # ------------------------------------------------------------------ demo and the console script
 
 

@@ -186,3 +186,114 @@ def test_check_of_one_namespace_matches_it_as_reads_do(db: tallytree.Database) -
     finally:
         tallytree._check._Walker.__init__ = original  # type: ignore[method-assign]
     assert walked == [1] and type(walked[0]) is int
+
+
+BAD_FLAGS: list[tuple[str, Callable[[tallytree.Aggregate, Any], Any]]] = [
+    ("items reverse", lambda a, tx: a.items(tx, reverse="yes")),
+    ("items reverse 1", lambda a, tx: a.items(tx, reverse=1)),
+    ("page reverse", lambda a, tx: a.page(tx, reverse="yes")),
+    ("rank reverse", lambda a, tx: a.rank(tx, 3, reverse="yes")),
+    ("rank reverse with id", lambda a, tx: a.rank(tx, 3, "id", reverse=None)),
+    ("build sorted", lambda a, tx: a.build(tx, [(100, "new")], sorted="yes")),
+    ("build replace", lambda a, tx: a.build(tx, [(100, "new")], replace="no")),
+    ("build_many sorted", lambda a, tx: a.build_many(tx, [(None, 100, "new")], sorted=1)),
+    ("build_many replace", lambda a, tx: a.build_many(tx, [(None, 100, "new")], replace=0)),
+    ("build_many clear_others", lambda a, tx: a.build_many(tx, [(None, 100, "new")], clear_others="no")),
+]
+
+
+@pytest.mark.parametrize("call", [call for _, call in BAD_FLAGS], ids=[name for name, _ in BAD_FLAGS])
+def test_a_flag_that_is_not_a_bool_raises_argument_type_error(
+    db: tallytree.Database, call: Callable[[tallytree.Aggregate, Any], Any]
+) -> None:
+    """``sorted="no"`` is true: a flag that is not a bool is a mistake, refused before anything is read."""
+    scores = db.aggregate("scores")
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    with db.write() as tx, pytest.raises(ArgumentTypeError, match="= takes True or False, not ") as raised:
+        call(scores, tx)
+    assert isinstance(raised.value, TypeError)
+    with db.read() as tx:
+        assert [item.key for item in scores.items(tx)] == list(range(10))  # nothing changed
+
+
+def test_rank_in_both_directions_still_answers() -> None:
+    db = tallytree.open_memory()
+    board = db.aggregate("board")
+    with db.write() as tx:
+        board.insert_many(tx, [(10, "ann"), (20, "bob"), (20, "cy"), (30, "dan")])
+    with db.read() as tx:
+        assert [board.rank(tx, 20, reverse=flag) for flag in (False, True)] == [1, 1]
+        assert [board.rank(tx, 20, "bob", reverse=flag) for flag in (False, True)] == [1, 2]
+        assert [board.rank(tx, 20, "cy", ge=20, reverse=flag) for flag in (False, True)] == [1, 1]
+        with pytest.raises(ArgumentTypeError, match="reverse="):
+            board.rank(tx, 20, reverse=1)
+
+
+def test_a_build_refuses_an_on_invalid_that_is_not_a_function_before_any_item(db: tallytree.Database) -> None:
+    scores = db.aggregate("scores", values=("v",))
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id", (n,)) for n in range(10)])
+    for items in ([(1, "a", (1,))], [(float("nan"), "a", (1,))]):  # valid items too: checked up front
+        with db.write() as tx, pytest.raises(ArgumentTypeError, match="on_invalid= takes a function"):
+            scores.build(tx, items, on_invalid=5)  # type: ignore[arg-type]
+    with db.read() as tx:
+        assert scores.count(tx) == 10
+
+
+def test_a_read_option_of_the_wrong_type_is_an_argument_type_error(db: tallytree.Database) -> None:
+    """Also the BoundsError it was before; a wrong value (limit=0) stays a BoundsError alone."""
+    scores = db.aggregate("scores")
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    with db.read() as tx:
+        wrong_types: list[Callable[[], Any]] = [
+            lambda: scores.page(tx, limit="3"),
+            lambda: scores.page(tx, limit=None),
+            lambda: scores.page(tx, limit=2.0),
+            lambda: scores.page(tx, after=5),
+            lambda: scores.count(tx, prefix="ab"),
+        ]
+        for read in wrong_types:
+            with pytest.raises(ArgumentTypeError) as raised:
+                read()
+            assert isinstance(raised.value, TypeError) and isinstance(raised.value, tallytree.BoundsError)
+        for limit in (0, -1):
+            with pytest.raises(tallytree.BoundsError, match="limit must be a positive int") as bounds:
+                scores.page(tx, limit=limit)
+            assert not isinstance(bounds.value, TypeError)
+        assert len(scores.page(tx, limit=3).items) == 3
+
+
+def test_sum_of_a_field_the_aggregate_does_not_have_is_an_unknown_field_error(db: tallytree.Database) -> None:
+    """As README's list says, and as ``totals["nope"]`` raises; still the InvalidValueError it was."""
+    costs = db.aggregate("costs", values=("cost",))
+    with db.write() as tx:
+        costs.insert(tx, 1, "a", (0.5,))
+    with db.read() as tx:
+        for field in ("nope", "count", 5):
+            with pytest.raises(tallytree.UnknownFieldError, match="no value field") as raised:
+                costs.sum(tx, field)  # type: ignore[arg-type]
+            assert isinstance(raised.value, KeyError) and isinstance(
+                raised.value, tallytree.InvalidValueError
+            )
+            assert str(raised.value).startswith(f"costs: no value field {field!r}; the fields are ['cost']")
+        assert costs.sum(tx, "cost") == 0.5
+
+
+def test_create_and_reverse_flags_of_databases_tables_and_sync_take_bools_only(
+    db: tallytree.Database,
+) -> None:
+    """``db.aggregate("zz", create="no")`` created the aggregate ("no" is true), and table.items and
+    Sync took any value as a flag."""
+    with pytest.raises(tallytree.ArgumentTypeError, match="create= takes True or False"):
+        db.aggregate("zz", create="no")  # type: ignore[arg-type]
+    with pytest.raises(tallytree.ArgumentTypeError, match="create= takes True or False"):
+        db.table("zz", create=0)  # type: ignore[arg-type]
+    assert db.aggregates() == [] and db.tables() == []
+    notes = db.table("notes")
+    with db.read() as tx, pytest.raises(tallytree.ArgumentTypeError, match="reverse="):
+        list(notes.items(tx, reverse="yes"))  # type: ignore[arg-type]
+    sqlalchemy = pytest.importorskip("tallytree.sqlalchemy")
+    with pytest.raises(tallytree.ArgumentTypeError, match="idempotent="):
+        sqlalchemy.Sync(db, idempotent="no")

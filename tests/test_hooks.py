@@ -242,3 +242,105 @@ def test_bad_handler_arguments_raise_typed_errors(call: Any, error: type[Excepti
         call(handler, aggregate, tx)
     with db.read() as tx:  # nothing was written
         assert aggregate.count(tx) == 0 and tallytree.check(tx) == []
+
+
+def test_repair_refuses_a_table_aggregate_from_any_source_but_its_table(db: tallytree.Database) -> None:
+    """A foreign source would make the aggregate disagree with its table, as a direct write would: repair
+    raises the TransactionError of every write that bypasses the table, and changes nothing. Its own
+    table stays a legitimate source; verify, which only reads, takes any."""
+    loads = db.table("loads")
+    by_status = loads.aggregate("by_status", key="status", values=("rate",))
+    other = db.table("other")
+    other.aggregate("rates", key="status", values=("rate",))
+    with db.write() as tx:
+        loads.insert(tx, {"status": "open", "rate": 5}, id=1)
+        other.insert(tx, {"status": "closed", "rate": 999}, id=1)
+    foreign = [{"id": 1, "status": "closed", "rate": 999}, {"id": 2, "status": "x", "rate": 1}]
+    before = snapshot(db)
+    sources: list[Any] = [foreign, iter(foreign), [(1, foreign[0])], other]
+    for source in sources:
+        with pytest.raises(tallytree.TransactionError, match="maintained by table 'loads'"), db.write() as tx:
+            tallytree.repair(tx, by_status, source)
+    with db.write() as tx, pytest.raises(tallytree.TransactionError, match="maintained by table"):
+        tallytree.repair(tx, by_status, loads, definition=other.definition("rates"))  # not its extractors
+    assert snapshot(db) == before
+    with db.read() as tx:
+        assert tallytree.verify(tx, by_status, loads).ok
+        assert tallytree.verify(tx, by_status, foreign).different == 1  # reading is allowed
+    with db.write() as tx:
+        assert tallytree.repair(tx, by_status, loads).ok
+        assert tallytree.repair(tx, by_status, loads, definition=loads.definition("by_status")).ok
+        loads.update(tx, 1, {"rate": 6})  # the table's own writes still agree with it
+    with db.read() as tx:
+        assert by_status.totals(tx).rate == 6 and tallytree.verify(tx, by_status, loads).ok
+    loads.detach("by_status")  # an ordinary aggregate again: any source may repair it
+    hooks = ChangeHandler(db)
+    detached = hooks.aggregate("by_status", key="status", values=("rate",))
+    with db.write() as tx:
+        assert tallytree.repair(tx, detached, foreign).different == 1
+    with db.read() as tx:
+        assert [item.key for item in detached.items(tx)] == ["closed", "x"]
+
+
+def test_flags_must_be_bools(db: tallytree.Database) -> None:
+    """``idempotent="no"`` is true: a flag that is not a bool is refused before anything is written."""
+    hooks, _, _ = _handler(db)
+    row = {"org": 1, "status": "open", "day": 3, "total": 10}
+    before = snapshot(db)
+    for flag in ("y", 1, None):
+        with db.write() as tx:
+            with pytest.raises(
+                tallytree.ArgumentTypeError, match="idempotent= takes True or False"
+            ) as raised:
+                hooks.apply(tx, Change.insert(1, row), idempotent=flag)  # type: ignore[arg-type]
+            assert isinstance(raised.value, TypeError)
+            with pytest.raises(tallytree.ArgumentTypeError, match="idempotent="):
+                hooks.apply_many(tx, [Change.insert(1, row)], idempotent=flag)  # type: ignore[arg-type]
+            with pytest.raises(tallytree.ArgumentTypeError, match="idempotent="):
+                hooks.apply_many(tx, [], idempotent=flag)  # type: ignore[arg-type]
+    assert snapshot(db) == before
+    with db.write() as tx:
+        assert hooks.apply_many(tx, [Change.insert(1, row)] * 2, idempotent=True) == 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Change.insert(1, "open"),
+        lambda: Change.insert(1, [("status", "open")]),
+        lambda: Change.update(1, {"status": "open"}, 5),
+        lambda: Change.update(1, "old", {"status": "open"}),
+        lambda: Change.delete(1, ["status"]),
+    ],
+)
+def test_a_change_document_must_be_a_mapping(make: Any) -> None:
+    with pytest.raises(tallytree.InvalidDocumentError, match="must be a mapping"):
+        make()
+
+
+def test_a_change_kind_of_any_type_is_a_typed_error() -> None:
+    for kind in (["insert"], {"insert": 1}, 5, None):
+        with pytest.raises(tallytree.InvalidArgumentError, match="'insert', 'update' or 'delete'"):
+            Change(kind, 1, None, {"a": 1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda a, tx: tallytree.verify(tx, a, 5), "iterable of rows"),
+        (lambda a, tx: tallytree.repair(tx, a, None), "iterable of rows"),
+        (lambda a, tx: tallytree.verify(tx, a, [{"id": 1, "s": "a"}], id=5), "id= takes"),
+        (lambda a, tx: tallytree.repair(tx, a, [{"id": 1, "s": "a"}], id=None), "id= takes"),
+        (lambda a, tx: tallytree.repair(tx, a, [{"id": 1, "s": "a"}], examples="3"), "examples="),
+        (lambda a, tx: tallytree.verify(tx, a, [], examples=2.0), "examples="),
+        (lambda a, tx: tallytree.repair(tx, a, [{"id": 1, "s": "a"}], definition="inv"), "definition="),
+    ],
+)
+def test_verify_and_repair_refuse_arguments_of_the_wrong_type(call: Any, match: str) -> None:
+    db = tallytree.open_memory()
+    aggregate = ChangeHandler(db).aggregate("inv", key="s")
+    with pytest.raises(tallytree.ArgumentTypeError, match=match) as raised, db.write() as tx:
+        call(aggregate, tx)
+    assert isinstance(raised.value, TypeError)
+    with db.read() as tx:  # nothing was written
+        assert aggregate.count(tx) == 0 and tallytree.check(tx) == []

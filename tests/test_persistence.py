@@ -696,6 +696,64 @@ def test_an_open_the_disk_refuses_raises_storage_error_and_leaves_the_path_as_it
         assert db.aggregates() == []
 
 
+_REWRITER = """
+import sys, tallytree
+with tallytree.open(sys.argv[1], durable=False) as db:
+    events = db.aggregate("events")
+    for round in range(20):
+        with db.write() as tx:
+            events.delete_range(tx)
+            events.insert_many(tx, [(n, f"r{round}", (7,)) for n in range(2000)])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("child", ["close", "leave the block", "reopen inside the block"])
+def test_a_child_forked_during_a_read_leaves_the_parents_snapshot_intact(tmp_path: Path, child: str) -> None:
+    """LMDB's reader table is shared memory: the child's abort of the inherited read transaction (on
+    leaving its ``with`` block) or close of the environment (``db.close()``, the advice given) freed
+    the parent's reader slot, and the rewrites of another process then reused the pages of the
+    parent's open snapshot (raw lmdb.BadDbiError, or CorruptDatabaseError on a sound database)."""
+    path = tmp_path / "db"
+    db = tallytree.open(path, durable=False, cache_nodes=0)
+    events = db.aggregate("events", values=("v",), node_size=8)
+    with db.write() as tx:
+        events.insert_many(tx, [(n, "a", (1,)) for n in range(2000)])
+    with db.read() as tx:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (runs in the child, which reports through its exit code)
+            code = 1
+            try:
+                if child == "close":
+                    db.close()
+                    code = 0
+                elif child == "reopen inside the block":
+                    try:  # the inherited transaction still holds the environment
+                        tallytree.open(path)
+                        code = 4
+                    except TransactionError as exc:
+                        code = 0 if "already open" in str(exc) else 5
+                else:
+                    raise SystemExit
+            except SystemExit:
+                code = 0
+            finally:
+                if child != "reopen inside the block":
+                    try:  # the inherited database is closed here, its transactions too
+                        events.count(tx)
+                        code = 2
+                    except TransactionError as exc:
+                        code = code if "fork" in str(exc) else 3
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        subprocess.run([sys.executable, "-c", _REWRITER, str(path)], check=True, timeout=120)
+        assert [(item.key, item.id) for item in events.items(tx)] == [(n, "a") for n in range(2000)]
+        assert events.totals(tx).as_dict() == {"count": 2000, "v": 2000}
+        assert tallytree.check(tx) == []
+    db.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_forked_child_is_told_to_open_the_database_again(tmp_path: Path) -> None:
     """LMDB must not be used across fork(): in the child, a transaction on the database the parent
@@ -1220,7 +1278,9 @@ def test_a_read_transaction_lives_exactly_as_long_as_its_block(tmp_path: Path) -
 
 def _in_another_process(path: Path, script: str) -> None:
     code = f"import tallytree\nwith tallytree.open({str(path)!r}, durable=False) as db:\n"
-    subprocess.run([sys.executable, "-c", code + textwrap.indent(textwrap.dedent(script), "    ")], check=True)
+    subprocess.run(
+        [sys.executable, "-c", code + textwrap.indent(textwrap.dedent(script), "    ")], check=True
+    )
 
 
 @pytest.mark.parametrize("again", [False, True])

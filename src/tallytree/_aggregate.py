@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._args import ITEMS, iterator_of
+from ._args import ITEMS, check_flag, flag_error, iterator_of
 from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
 from ._bulk import (
@@ -70,6 +70,7 @@ from ._txn import DEFINITIONS, Transaction, WriteTransaction, check_transaction,
 from .errors import (
     ArgumentTypeError,
     BoundsError,
+    BoundsTypeError,
     DuplicateItemError,
     Error,
     InvalidArgumentError,
@@ -296,7 +297,7 @@ def resolve_bounds(
         if ranged or eq is not None:
             raise BoundsError("prefix= cannot be combined with ge/gt/le/lt/eq; use one kind of bound")
         if not isinstance(prefix, tuple):
-            raise BoundsError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
+            raise BoundsTypeError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
         start = encode_prefix(prefix)
         return _Bounds((start, False), (start + _AFTER, False))
     if eq is not None:
@@ -329,7 +330,7 @@ def _encode_cursor(entry: bytes) -> str:
 
 def _decode_cursor(cursor: str) -> bytes:
     if not isinstance(cursor, str):
-        raise BoundsError(
+        raise BoundsTypeError(
             f"after= takes page.cursor (a str), an Item or a Position, not {type(cursor).__name__}"
         )
     try:
@@ -621,7 +622,8 @@ class Aggregate:
     ) -> int | float:
         """The exact sum of one value field within the bounds. O(log n).
 
-        Raises InvalidValueError for an unknown field.
+        Raises UnknownFieldError (a KeyError, as ``totals["nope"]`` raises) for a field the aggregate
+        does not have; it is also an InvalidValueError, which this raised before.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -634,8 +636,9 @@ class Aggregate:
         (0.5, 7000)
         """
         if field not in self.fields:
-            raise InvalidValueError(
-                f"{self.name}: no value field {field!r}; the fields are {list(self.fields)}"
+            hint = "; count(tx) counts the items" if field == "count" else ""
+            raise UnknownFieldError(
+                f"{self.name}: no value field {field!r}; the fields are {list(self.fields)}{hint}"
             )
         totals = self.totals(tx, namespace=namespace, ge=ge, gt=gt, le=le, lt=lt, prefix=prefix, eq=eq)
         return totals[field]
@@ -714,12 +717,14 @@ class Aggregate:
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
-        if id is None:
-            cut = (_after_key(key), False) if reverse else (encode_body(key), False)
-        else:
-            cut = (encode_key(key) + encode_id(id), reverse)
-        position = min(max(tree.rank(*cut), start), stop)
-        return stop - position if reverse else position - start
+        # reverse is checked by the identity tests that choose the direction: no work added to a rank
+        if reverse is False:
+            cut = (encode_body(key), False) if id is None else (encode_key(key) + encode_id(id), False)
+            return min(max(tree.rank(*cut), start), stop) - start
+        if reverse is True:
+            cut = (_after_key(key), False) if id is None else (encode_key(key) + encode_id(id), True)
+            return stop - min(max(tree.rank(*cut), start), stop)
+        raise flag_error("reverse", reverse)
 
     def min(
         self,
@@ -869,6 +874,7 @@ class Aggregate:
         ...     [item.key for item in days.items(tx, ge=3, lt=6, reverse=True)]
         [5, 4, 3]
         """
+        check_flag(reverse, "reverse")
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree, tree_key = self._tree(tx, namespace)
         start, stop = self._range(tree, bounds)
@@ -919,8 +925,11 @@ class Aggregate:
         >>> [i.key for i in first.items], [i.key for i in second.items], second.done
         ([0, 1, 2], [3, 4], True)
         """
-        if type(limit) is not int or limit < 1:
+        if type(limit) is not int:
+            raise BoundsTypeError(f"limit must be a positive int, not {_show(limit)}")
+        if limit < 1:
             raise BoundsError(f"limit must be a positive int, not {limit!r}")
+        check_flag(reverse, "reverse")
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree, _ = self._tree(tx, namespace)
         start, stop = self._range(tree, bounds)
@@ -1390,11 +1399,12 @@ class Aggregate:
         >>> [(b.start.day, b.count, b.totals.cost) for b in days]
         [(1, 4, 2.0), (2, 3, 1.5), (3, 3, 1.5)]
 
-        Raises BoundsError for a bad width, count or edges that decrease.
+        Raises BoundsError for a bad width, count or edges that decrease, and ArgumentTypeError (also a
+        BoundsError) for a count, width or ``edges`` of the wrong type.
         """
         keys = bucket_edges(start, width, count, edges)
         if prefix is not None and not isinstance(prefix, tuple):
-            raise BoundsError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
+            raise BoundsTypeError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
         bodies = [encode_body((*prefix, key) if prefix is not None else key) for key in keys]
         for index in range(1, len(bodies)):
             if bodies[index] < bodies[index - 1]:

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .errors import BoundsError
+from ._args import iterator_of
+from ._keys import _show
+from .errors import BoundsError, BoundsTypeError
 
 if TYPE_CHECKING:
     from ._aggregate import Totals
@@ -67,7 +69,7 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
     if edges is not None:
         if start is not None or width is not None or count is not None:
             raise BoundsError("give either edges= or start=, width= and count=, not both")
-        result = list(edges)
+        result = list(iterator_of(edges, "buckets(edges=)", "keys, e.g. [0, 10, 20]"))
         if len(result) < 2:
             raise BoundsError(f"edges= needs at least two edges (one bucket), got {len(result)}")
         if len(result) > MAX_BUCKETS + 1:
@@ -75,7 +77,9 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
         return result
     if start is None or width is None or count is None:
         raise BoundsError("buckets() needs start=, width= and count= (or edges=[...])")
-    if type(count) is not int or not 1 <= count <= MAX_BUCKETS:
+    if type(count) is not int:
+        raise BoundsTypeError(f"count must be an int from 1 to {MAX_BUCKETS}, not {_show(count)}")
+    if not 1 <= count <= MAX_BUCKETS:
         raise BoundsError(f"count must be an int from 1 to {MAX_BUCKETS}, not {count!r}")
     unit = width
     step = 1
@@ -102,7 +106,8 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
         if not width > 0:
             raise BoundsError(f"width must be positive, not {width!r}")
         return [start + width * index for index in range(count + 1)]
-    raise BoundsError(
-        f"width={width!r}: use a number (numeric keys), a timedelta (datetime keys) or 'month'/"
-        "'quarter'/'year'"
+    error = BoundsError if isinstance(width, tuple) else BoundsTypeError  # a tuple of the wrong shape
+    raise error(
+        f"width={_show(width)}: use a number (numeric keys), a timedelta (datetime keys) or 'month'/"
+        "'quarter'/'year' (or (unit, n))"
     )

@@ -76,15 +76,22 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._args import ITEMS, iterator_of
+from ._args import ITEMS, check_flag, iterator_of
 from ._btree import Root
 from ._gc import gc_paused
-from ._keys import MAX_KEY_BYTES, decode_key, encode_body, encode_id, encode_key, sort_order
+from ._keys import MAX_KEY_BYTES, _show, decode_key, encode_body, encode_id, encode_key, sort_order
 from ._native import speedups
 from ._node import Node, encode_node, summarize
 from ._tree import Tree
 from ._txn import WriteTransaction
-from .errors import DuplicateItemError, Error, InvalidArgumentError, InvalidValueError, UnsortedInputError
+from .errors import (
+    ArgumentTypeError,
+    DuplicateItemError,
+    Error,
+    InvalidArgumentError,
+    InvalidValueError,
+    UnsortedInputError,
+)
 
 if TYPE_CHECKING:
     from tempfile import TemporaryDirectory
@@ -962,6 +969,27 @@ class _MergeWriter:
 # ---------------------------------------------------------------- the build
 
 
+def _describe(entry: bytes) -> str:
+    key, offset = decode_key(entry)
+    item_id, _ = decode_key(entry, offset)
+    return f"(key={key!r}, id={item_id!r})"
+
+
+def _in_namespace(namespace: bytes | None) -> str:
+    decoded = decode_key(namespace)[0] if namespace else None
+    return "" if decoded is None else f" in namespace {decoded!r}"
+
+
+def _duplicate(
+    aggregate: Aggregate, namespace: bytes | None, entry: bytes, first: str, second: str
+) -> DuplicateItemError:
+    """A (key, id) repeated in the input, at ``first`` and ``second``: what builds and verify raise."""
+    return DuplicateItemError(
+        f"{aggregate.name}: item {_describe(entry)} appears twice in the input, {first} and "
+        f"{second}{_in_namespace(namespace)}; nothing was written (on_duplicate='last' keeps the last one)"
+    )
+
+
 class _Build:
     """Feeds sorted chunks to one tree writer per namespace, checking order and duplicates."""
 
@@ -999,20 +1027,13 @@ class _Build:
     # -- messages
 
     def _describe(self, entry: bytes) -> str:
-        key, offset = decode_key(entry)
-        item_id, _ = decode_key(entry, offset)
-        return f"(key={key!r}, id={item_id!r})"
+        return _describe(entry)
 
     def _where(self) -> str:
-        namespace = decode_key(self.namespace)[0] if self.namespace else None
-        return "" if namespace is None else f" in namespace {namespace!r}"
+        return _in_namespace(self.namespace)
 
     def _duplicate(self, entry: bytes, first: int, second: int) -> DuplicateItemError:
-        return DuplicateItemError(
-            f"{self.aggregate.name}: item {self._describe(entry)} appears twice in the input, "
-            f"{self.label(first)} and {self.label(second)}{self._where()}; nothing was written "
-            "(on_duplicate='last' keeps the last one)"
-        )
+        return _duplicate(self.aggregate, self.namespace, entry, self.label(first), self.label(second))
 
     def _conflict(self, entry: bytes) -> None:
         raise DuplicateItemError(
@@ -1194,6 +1215,17 @@ def _free(tx: WriteTransaction, aggregate: Aggregate, root: Root) -> None:
     Tree(tx, len(aggregate.fields), aggregate.node_size, root).delete_range(0, root.summary[0])
 
 
+def _check_flags(presorted: bool, replace: bool, clear_others: bool, on_invalid: OnInvalid | None) -> None:
+    """The flags of a build are bools, and ``on_invalid`` a function: checked once, before any item."""
+    check_flag(presorted, "sorted")
+    check_flag(replace, "replace")
+    check_flag(clear_others, "clear_others")
+    if on_invalid is not None and not callable(on_invalid):
+        raise ArgumentTypeError(
+            f"on_invalid= takes a function of (position, error), or None, not {_show(on_invalid)}"
+        )
+
+
 def _check_options(on_duplicate: str, fill: float, memory: int) -> None:
     if on_duplicate not in ("error", "last"):
         raise InvalidArgumentError(f"on_duplicate must be 'error' or 'last', not {on_duplicate!r}")
@@ -1222,6 +1254,7 @@ def _run(
     item_type: type | None,
 ) -> BuildReport:
     _check_options(on_duplicate, fill, memory)
+    _check_flags(presorted, replace, clear_others, on_invalid)
     rows = iterator_of(rows, f"{aggregate.name}: build", ITEMS)
     encoder = _Encoder(aggregate, namespace is None, on_invalid, label, item_type)
     build = _Build(
@@ -1445,6 +1478,7 @@ def sorted_items(
     aggregate: Aggregate,
     rows: Iterable[Any],
     *,
+    on_duplicate: OnDuplicate = "error",
     memory: int = DEFAULT_MEMORY,
     on_invalid: OnInvalid | None = None,
     label: Label = _default_label,
@@ -1452,24 +1486,34 @@ def sorted_items(
 ) -> Iterator[tuple[bytes, bytes, tuple[Any, ...]]]:
     """``(encoded namespace, entry, values)`` of ``(namespace, key, id, values)`` rows, in tree order.
 
-    Validated and sorted as :func:`build_many` does (externally beyond ``memory``); of equal items the
-    last one is kept. Used to compare an aggregate with its source, one pass over each.
+    Validated and sorted as :func:`build_many` does (externally beyond ``memory``), and a repeated
+    (namespace, key, id) treated as it does: DuplicateItemError naming both rows (``label``), or with
+    ``on_duplicate="last"`` the last one is kept. Used to compare an aggregate with its source, one
+    pass over each, so that a source verifies as what a build of it would hold.
     """
-    _check_options("last", DEFAULT_FILL, memory)
+    _check_options(on_duplicate, DEFAULT_FILL, memory)
     encoder = _Encoder(aggregate, True, on_invalid, label, None)
     sorter = _Sorter(len(aggregate.fields), True, memory, temp_dir, None)
+    keep_last = on_duplicate == "last"
     try:
         for start, batch in _batches(rows, _BATCH):
             sorter.add(encoder.encode(batch, start))
         pending: tuple[bytes, bytes, tuple[Any, ...]] | None = None
+        pending_position = 0
         for chunk in sorter.chunks():
             namespaces = chunk.namespaces
             assert namespaces is not None
             values = zip(*chunk.cols, strict=True) if chunk.cols else repeat(())
-            for item in zip(namespaces, chunk.entries, values, strict=False):  # values may be repeat(())
-                if pending is not None and (pending[0] != item[0] or pending[1] != item[1]):
-                    yield pending
-                pending = item
+            items = zip(namespaces, chunk.entries, values, strict=False)  # values may be repeat(())
+            for item, position in zip(items, chunk.positions, strict=True):
+                if pending is not None:
+                    if pending[0] != item[0] or pending[1] != item[1]:
+                        yield pending
+                    elif not keep_last:  # the sort is stable: the pending item came first
+                        raise _duplicate(
+                            aggregate, item[0], item[1], label(pending_position), label(position)
+                        )
+                pending, pending_position = item, position
         if pending is not None:
             yield pending
     finally:

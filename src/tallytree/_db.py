@@ -27,6 +27,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 import msgpack
 
 from ._aggregate import Aggregate, owned_reason
+from ._args import check_flag
 from ._btree import Root
 from ._extract import Definition
 from ._keys import decode_key
@@ -96,8 +98,11 @@ class Database:
         self._tables: dict[str, Table] = {}
         self._handled: dict[str, Definition] = {}  # extractors registered by ChangeHandlers
         self._closed = False
+        self._forked_from: int | None = None  # the pid that opened it, in a process forked since
         self.path = path
         self._check_format()
+        if path is not None:  # (a database in memory is this process's own copy after a fork)
+            _ON_DISK.add(self)
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else "memory"
@@ -195,7 +200,19 @@ class Database:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise TransactionError("the database is closed; open it again with tallytree.open()")
+            raise self._closed_error("the database is closed; open it again with tallytree.open()")
+
+    def _closed_error(self, message: str) -> TransactionError:
+        """The error for a use of this closed database: ``message``, or, in a process forked since
+        the database was opened, what to do about the fork."""
+        if self._forked_from is None:
+            return TransactionError(message)
+        return TransactionError(
+            f"{self.path} was opened by process {self._forked_from}, which then forked: LMDB must not "
+            "be used across fork(), and this process may use neither the database nor a transaction "
+            "begun before the fork. Open it again here with tallytree.open() (in a pre-forking "
+            "server, open it after the fork)"
+        )
 
     # ------------------------------------------------------------ aggregates
 
@@ -222,6 +239,7 @@ class Database:
         """
         self._check_open()
         _check_name(name, "an aggregate")
+        check_flag(create, "create")
         fields = _check_fields(values) if values is not None else None
         if node_size is not None:
             _check_node_size(node_size)
@@ -371,6 +389,7 @@ class Database:
         """
         self._check_open()
         _check_name(name, "a table")
+        check_flag(create, "create")
         known = self._tables.get(name)
         if known is not None and known._dropped is None:  # (a dropped one: the name may be reused)
             return known
@@ -558,6 +577,24 @@ class _Writing:
                 tx.abort()
         finally:
             self._db._local.writing = False
+
+
+_ON_DISK: weakref.WeakSet[Database] = weakref.WeakSet()
+"""The databases on LMDB this process opened (see :func:`_forked`)."""
+
+
+def _forked() -> None:
+    """In a forked child: every database on LMDB the parent had open is closed here, without touching
+    LMDB (see ``_lmdb._mark_forked``), so that neither it nor a transaction inherited from the parent
+    reads or writes, and ``tallytree.open()`` can open the database again."""
+    parent = os.getppid()
+    for db in list(_ON_DISK):
+        if not db._closed:
+            db._closed = True
+            db._forked_from = parent
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def open(

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._aggregate import Aggregate, Item
-from ._args import iterator_of
+from ._aggregate import Aggregate, Item, owned_reason
+from ._args import check_flag, iterator_of
 from ._btree import same_values
 from ._extract import (
     Coord,
@@ -40,7 +40,7 @@ from ._extract import (
     describe_definition,
     move,
 )
-from ._keys import decode_entry, decode_key, encode_id
+from ._keys import _show, decode_entry, decode_key, encode_id
 from ._table import Table
 from ._tree import Tree
 from ._txn import Transaction, WriteTransaction, check_transaction
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["Change", "ChangeHandler", "Drift", "DriftExample", "repair", "verify"]
 
 ChangeKind = Literal["insert", "update", "delete"]
+_WANTED = {"insert": (False, True), "update": (True, True), "delete": (True, False)}  # (old, new) given
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +76,22 @@ class Change:
     new: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        wanted = {"insert": (False, True), "update": (True, True), "delete": (True, False)}.get(self.kind)
+        wanted = _WANTED.get(self.kind) if isinstance(self.kind, str) else None
         if wanted is None:
-            raise InvalidArgumentError(f"a change is an 'insert', 'update' or 'delete', not {self.kind!r}")
-        if ((self.old is not None), (self.new is not None)) != wanted:
+            raise InvalidArgumentError(
+                f"a change is an 'insert', 'update' or 'delete', not {_show(self.kind)}"
+            )
+        old, new = self.old, self.new
+        if ((old is not None), (new is not None)) != wanted:
             raise InvalidArgumentError(
                 f"{'an' if self.kind in ('insert', 'update') else 'a'} {self.kind} change takes "
-                f"{'old' if wanted[0] else 'no old'} and "
-                f"{'new' if wanted[1] else 'no new'} document"
+                f"{'an old' if wanted[0] else 'no old'} document and {'a new' if wanted[1] else 'no new'} "
+                "document"
             )
+        if old is not None and type(old) is not dict and not isinstance(old, Mapping):
+            raise _not_a_document("old", old)
+        if new is not None and type(new) is not dict and not isinstance(new, Mapping):
+            raise _not_a_document("new", new)
 
     @classmethod
     def insert(cls, id: Any, new: Mapping[str, Any]) -> Change:
@@ -115,6 +123,13 @@ class Change:
         ('delete', {'org': 3, 'status': 'paid'}, None)
         """
         return cls("delete", id, old, None)
+
+
+def _not_a_document(which: str, document: object) -> InvalidDocumentError:
+    return InvalidDocumentError(
+        f"the {which} document of a change must be a mapping (a dict of fields), not "
+        f"{type(document).__name__} {_show(document)}"
+    )
 
 
 class ChangeHandler:
@@ -244,6 +259,10 @@ class ChangeHandler:
         ...     per_team.count(tx, namespace="red"), per_team.totals(tx, namespace="blue")
         (0, Totals(count=1, points=5))
         """
+        check_flag(idempotent, "idempotent")
+        self._apply(tx, change, idempotent)
+
+    def _apply(self, tx: Transaction, change: Change, idempotent: bool) -> None:
         wtx = _writable(self._db, tx)
         if not isinstance(change, Change):
             raise ArgumentTypeError(f"apply() takes a Change, not {type(change).__name__}")
@@ -279,9 +298,10 @@ class ChangeHandler:
         ...     daily.totals(tx)
         Totals(count=1, amount=7)
         """
+        check_flag(idempotent, "idempotent")
         applied = 0
         for change in iterator_of(changes, "apply_many", "Change objects"):
-            self.apply(tx, change, idempotent=idempotent)
+            self._apply(tx, change, idempotent)
             applied += 1
         return applied
 
@@ -385,14 +405,15 @@ def _documents(tx: Transaction, source: Any, id: str | Callable[[Any], Any]) -> 
         yield from source.items(tx)
         return
     get_id: Callable[[Any], Any] = _field_getter(id) if isinstance(id, str) else id
+    rows = iterator_of(source, "verify() or repair()", _SOURCES)
     description = getattr(source, "description", None)
     if description is not None and not isinstance(source, Mapping):  # a DB-API cursor
         names = [column[0] for column in description]
-        for row in source:
+        for row in rows:
             doc = dict(zip(names, row, strict=True))
             yield get_id(doc), doc
         return
-    for row in source:
+    for row in rows:
         if isinstance(row, Mapping):
             yield get_id(row), row
         elif hasattr(row, "_mapping"):  # an SQLAlchemy Row
@@ -422,12 +443,44 @@ def _field_getter(field: str) -> Callable[[Any], Any]:
     return get
 
 
+_SOURCES = "rows (mappings or (id, document) pairs), a Table, a DB-API cursor or an SQLAlchemy result"
+
+
 def _check_aggregate(aggregate: object) -> None:
     if not isinstance(aggregate, Aggregate):
         raise ArgumentTypeError(
             "verify() and repair() take an Aggregate (from db.aggregate(name) or table.aggregate(name)), "
             f"not {aggregate!r:.60}"
         )
+
+
+def _check_options(definition: object, id: object, examples: object) -> None:
+    """The options of verify() and repair(), checked before anything is read."""
+    if definition is not None and not isinstance(definition, Definition):
+        raise ArgumentTypeError(
+            f"definition= takes a Definition (handler.definition(name) or table.definition(name)), or "
+            f"None, not {_show(definition)}"
+        )
+    if not isinstance(id, str) and not callable(id):
+        raise ArgumentTypeError(
+            f"id= takes the name of the rows' id field or a function of a row, not {_show(id)}"
+        )
+    if type(examples) is not int:
+        raise ArgumentTypeError(f"examples= takes an int (how many examples to keep), not {_show(examples)}")
+
+
+def _owned_by(aggregate: Aggregate, source: Any, definition: Definition | None) -> bool:
+    """Whether ``source`` is the table that maintains the aggregate, read with that table's extractors.
+
+    Only then may repair() write to a table-owned aggregate: it makes the aggregate agree with its
+    table again. Call after ``aggregate._check(tx)``, which reads who owns it now.
+    """
+    return (
+        isinstance(source, Table)
+        and source._db is aggregate._db
+        and aggregate._readonly_reason == owned_reason(aggregate.name, source.name)
+        and (definition is None or definition is source._definitions.get(aggregate.name))
+    )
 
 
 def _diff(
@@ -439,6 +492,7 @@ def _diff(
     examples: int,
 ) -> tuple[Drift, list[_Fix]]:
     _check_aggregate(aggregate)
+    _check_options(definition, id, examples)
     aggregate._check(tx)  # a transaction of its database, and the aggregate not dropped
     if definition is None:
         definition = _definition_for(aggregate._db, aggregate, source)
@@ -550,10 +604,30 @@ def repair(
     examples: int = 10,
 ) -> Drift:
     """Make the aggregate hold exactly what the source implies, in ``tx`` (a write transaction);
-    return the drift that was fixed. Works on table-owned aggregates too. O(n + d log n) for d fixes.
+    return the drift that was fixed. O(n + d log n) for d fixes.
+
+    An aggregate a table maintains refuses writes from any other source, as its own writes do
+    (TransactionError: a foreign source would make it disagree with its table); ``repair(tx, aggregate,
+    table)`` from that very table restores it after damage. Raises what :func:`verify` raises.
+
+    >>> import tallytree
+    >>> db = tallytree.open_memory()
+    >>> loads = db.table("loads")
+    >>> by_status = loads.aggregate("by_status", key="status")
+    >>> with db.write() as tx:
+    ...     _ = loads.insert(tx, {"status": "open"}, id=1)
+    ...     tallytree.repair(tx, by_status, loads).ok
+    True
+    >>> with db.write() as tx:
+    ...     tallytree.repair(tx, by_status, [{"id": 1, "status": "closed"}])
+    Traceback (most recent call last):
+    tallytree.errors.TransactionError: aggregate 'by_status' is maintained by table 'loads': write ...
     """
     _check_aggregate(aggregate)
     wtx = _writable(aggregate._db, tx)
+    aggregate._check(wtx)  # the aggregate's stored definition, current: whether a table owns it now
+    if not _owned_by(aggregate, source, definition):
+        aggregate._writable(wtx)  # raises TransactionError for an aggregate a table maintains
     drift, fixes = _diff(wtx, aggregate, source, definition, id, examples)
     for have, _ in fixes:  # every removal first, so no insertion is undone by a later removal
         if have is not None:

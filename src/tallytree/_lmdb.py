@@ -41,7 +41,9 @@ system, which survives a killed process (the data is in the page cache) but not 
 An LMDB environment must not be used across ``fork()`` (its lock table, mutexes and map belong to the
 process that opened it). A database open when the process forks is marked in the child (an
 ``os.register_at_fork`` hook): every transaction the child begins on it raises TransactionError,
-saying to close it and open it again in the child, before the inherited locks are touched.
+saying to open it again in the child, before the inherited locks are touched. Nothing inherited is
+aborted or closed in the child, which would free the parent's reader slots (see :func:`_mark_forked`);
+the child drops it, and ``_db`` closes the inherited Database objects.
 
 Errors are translated: a full map grows the map (or raises MapFullError), a commit the disk refuses
 raises StorageError, the read transaction beyond the reader slots raises TransactionError.
@@ -100,9 +102,19 @@ _OPEN: weakref.WeakSet[LmdbBackend] = weakref.WeakSet()
 
 
 def _mark_forked() -> None:
-    """In a forked child: every environment the parent had open is unusable here."""
+    """In a forked child: every environment the parent had open is unusable here.
+
+    Nothing inherited may be aborted or closed either: the reader table is shared memory, and
+    LMDB's abort of an inherited read transaction, or close of the environment, would free the
+    parent's reader slot, letting a writer reuse the pages of the parent's open snapshot. py-lmdb
+    frees a transaction or environment that a child merely drops without touching the table, and
+    forgets the environment's files then, so that the child may open the database again: the
+    backend drops its references here, and a transaction ended later (``_LmdbTxn._end``) is dropped,
+    not aborted."""
     for backend in list(_OPEN):
         backend.forked = True
+        backend.env = None
+        backend.dbs = []
 
 
 os.register_at_fork(after_in_child=_mark_forked)
@@ -201,9 +213,10 @@ class _LmdbTxn:
         txn, self._txn = self._txn, None
         if txn is None:
             return
-        if abort:
+        backend = self._backend
+        if abort and not backend.forked:  # (an inherited one is dropped: see _mark_forked)
             txn.abort()
-        self._backend.end_raw(self._ident)
+        backend.end_raw(self._ident)
 
 
 def _puts(ops: list[Op], appended: int) -> bool:
@@ -513,7 +526,8 @@ class LmdbBackend:
 
     def close(self) -> None:
         _OPEN.discard(self)
-        self.env.close()
+        if not self.forked:  # (see _mark_forked)
+            self.env.close()
 
 
 _DISK_ERRORS = frozenset(

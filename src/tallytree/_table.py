@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgpack
 
 from ._aggregate import Aggregate, Totals, owned_reason, resolve_bounds
-from ._args import iterator_of
+from ._args import check_flag, iterator_of
 from ._btree import Root
 from ._bulk import Columns, build_columns
 from ._extract import (
@@ -699,6 +699,7 @@ class Table:
         ...     list(notes.items(tx))
         [(2, {'text': 'a'}), (3, {'text': 'c'}), ('x', {'text': 'b'})]
         """
+        check_flag(reverse, "reverse")
         start = len(self._prefix)
         for key, data in self._scan_docs(tx, reverse):
             yield decode_key(key, start)[0], decode_doc(data)

@@ -429,16 +429,17 @@ class Tree:
                 conflicts.append(conflict)
             if conflicts:
                 return 0, min(conflicts)
-        pending = self.pending
-        if pending is not None and entries and entries[-1] >= pending.keys[0]:
-            cut = bisect_left(entries, pending.keys[0])
+        node = self.pending
+        if node is not None and entries and entries[-1] >= node.keys[0]:
+            first = node.keys[0]
+            cut = bisect_left(entries, first)
             if existing == "skip":
                 kept = [at for at in range(cut, len(entries)) if self._pending_index(entries[at]) is None]
                 if len(kept) < len(entries) - cut:
                     kept[:0] = range(cut)
                     entries = list(map(entries.__getitem__, kept))
                     cols = [list(map(col.__getitem__, kept)) for col in cols]
-            if entries and entries[-1] >= pending.keys[0]:
+            if entries and entries[-1] >= first:
                 self.flush()
         if not entries:
             return 0, None

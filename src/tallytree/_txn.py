@@ -207,7 +207,7 @@ class Transaction:
         if not self._open:
             raise TransactionError(_ENDED)
         if db._closed:
-            raise TransactionError(
+            raise db._closed_error(
                 "the database was closed while this transaction was open; end transactions before "
                 "db.close(), and open the database again"
             )
@@ -562,7 +562,7 @@ class WriteTransaction(Transaction):
         """
         if self._db._closed:
             self.abort()
-            raise TransactionError(
+            raise self._db._closed_error(
                 "the database was closed while this write transaction was open; nothing was written"
             )
         redefined = self._meta and any(key.startswith(DEFINITIONS) for key in self._meta)

@@ -134,12 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--append", action="store_true", help="merge into the stored items instead of replacing"
     )
-    build.add_argument(
-        "--on-duplicate",
-        choices=("error", "last"),
-        default="error",
-        help="a repeated (key, id): fail naming both rows (default), or keep the last",
-    )
+    _on_duplicate_argument(build)
     build.add_argument(
         "--sorted", action="store_true", help="promise the source is in (namespace, key, id) order"
     )
@@ -201,12 +196,14 @@ def _parser() -> argparse.ArgumentParser:
     verify = command(
         "verify",
         "compare an aggregate with its source",
-        "Compare AGGREGATE with SOURCE (read with the same options as build): items missing from the\n"
-        "aggregate, extra items, and items whose values differ. --repair applies the difference.",
+        "Compare AGGREGATE with SOURCE (read with build's source options and --on-duplicate): items\n"
+        "missing from the aggregate, extra items, and items whose values differ. --repair applies the\n"
+        "difference.",
     )
     verify.add_argument("database", metavar="DB", help="database directory")
     verify.add_argument("aggregate", metavar="AGGREGATE")
     _source_arguments(verify)
+    _on_duplicate_argument(verify)
     verify.add_argument("--repair", action="store_true", help="insert, update and delete to match the source")
     verify.add_argument(
         "--examples", type=int, default=5, help="examples shown per kind of drift (default 5)"
@@ -249,6 +246,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _BOUND_HELP = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "eq": "=="}
+
+
+def _on_duplicate_argument(parser: argparse.ArgumentParser) -> None:
+    """``--on-duplicate``, the same for build and verify: a source verifies as a build of it would load."""
+    parser.add_argument(
+        "--on-duplicate",
+        choices=("error", "last"),
+        default="error",
+        help="a repeated (key, id): fail naming both rows (default), or keep the last",
+    )
 
 
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1168,6 +1175,7 @@ def _verify(args: argparse.Namespace) -> int:
                 source = _bulk.sorted_items(
                     aggregate,
                     reader.rows(),
+                    on_duplicate=args.on_duplicate,
                     memory=memory,
                     on_invalid=reader.invalid if args.on_error == "skip" else None,
                     label=reader.label,

@@ -14,6 +14,7 @@ __all__ = [
     "AggregateNotFoundError",
     "ArgumentTypeError",
     "BoundsError",
+    "BoundsTypeError",
     "CorruptDatabaseError",
     "DatabaseFormatError",
     "DuplicateItemError",
@@ -86,9 +87,10 @@ class TableNotFoundError(Error, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class UnknownFieldError(Error, KeyError):
-    """A value field was asked of a :class:`~tallytree.Totals` by a name its aggregate does not have
-    (``totals["nope"]``, ``totals.mean("nope")``)."""
+class UnknownFieldError(InvalidValueError, KeyError):
+    """A value field was asked for by a name its aggregate does not have (``totals["nope"]``,
+    ``totals.mean("nope")``, ``aggregate.sum(tx, "nope")``). A KeyError, as a missing key of a mapping
+    is, and an InvalidValueError, which ``sum`` raised before."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
@@ -162,3 +164,9 @@ class InvalidArgumentError(Error, ValueError):
 
 class ArgumentTypeError(InvalidArgumentError, TypeError):
     """An argument has the wrong type (an index that is not an int, a change that is not a Change)."""
+
+
+class BoundsTypeError(ArgumentTypeError, BoundsError):
+    """A read option of the wrong type (``page(limit="3")``, ``buckets(count="3")``, ``prefix="ab"``):
+    an ArgumentTypeError, as every argument of the wrong type raises, and the BoundsError these raised
+    before."""

@@ -85,6 +85,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._args import check_flag
 from ._hooks import Change, ChangeHandler, Drift, repair, verify
 from .errors import InvalidArgumentError
 
@@ -165,6 +166,7 @@ class Sync:
     """Applies the changes of registered mapped classes to tallytree after each SQL commit."""
 
     def __init__(self, db: Database, *, idempotent: bool = True) -> None:
+        check_flag(idempotent, "idempotent")
         self._db = db
         self._idempotent = idempotent
         self._registrations: dict[type, _Registration] = {}
