@@ -592,7 +592,9 @@ def test_sigkill_during_a_build_leaves_the_previous_contents(tmp_path: Path) -> 
         before = snapshot(db)
     script = tmp_path / "build.py"
     script.write_text(KILLED_BUILD)
-    env = {**os.environ, "PYTHONPATH": str(Path(tallytree.__file__).parent.parent)}
+    spills = tmp_path / "tmp"  # where the killed builds leave their runs (not the system's /tmp)
+    spills.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(tallytree.__file__).parent.parent), "TMPDIR": str(spills)}
     rng = random.Random(11)
     for _ in range(3):
         child = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env)

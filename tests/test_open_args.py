@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,60 @@ def test_an_open_that_fails_after_lmdb_created_its_files_removes_them(
     monkeypatch.undo()
     with tallytree.open(path) as db:  # and a later open creates the database as usual
         assert db.aggregates() == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lmdb.Error("/some/db: Permission denied"),  # LMDB's own open of data.mdb or lock.mdb
+        PermissionError(13, "Permission denied"),  # a directory this process may not look into
+    ],
+)
+def test_a_database_the_process_may_not_open_raises_storage_error_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    """A permission error was a raw PermissionError (from looking into the directory) or a
+    DatabaseFormatError ("cannot open ...: Permission denied"), as if the files were not a database.
+    (Simulated: the tests may run as root, whom permissions do not stop.)"""
+    with tallytree.open(tmp_path / "db") as db:
+        db.aggregate("events")
+
+    def refuse(*args: Any, **options: Any) -> Any:
+        raise failure
+
+    target = "open" if isinstance(failure, lmdb.Error) else "_checked_directory"
+    owner = tallytree._lmdb.lmdb if target == "open" else tallytree._lmdb
+    monkeypatch.setattr(owner, target, refuse)
+    for readonly in (False, True):
+        with pytest.raises(StorageError, match=r"Permission denied.*fix their permissions"):
+            tallytree.open(tmp_path / "db", readonly=readonly)
+    monkeypatch.undo()
+    with tallytree.open(tmp_path / "db") as db:
+        assert db.aggregates() == ["events"]
+
+
+def test_an_open_while_another_process_grows_the_map_adopts_the_new_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process grew the map between LMDB's open and the open's first transaction: a raw
+    lmdb.MapResizedError, or DatabaseFormatError ("not a tallytree database: MDB_MAP_RESIZED")."""
+    path = tmp_path / "db"
+    with tallytree.open(path, map_size=64 << 10) as db:
+        db.aggregate("events")
+    grow = (
+        "import sys, tallytree\n"
+        "with tallytree.open(sys.argv[1], map_size=64 << 10, durable=False) as db:\n"
+        "    with db.write() as tx:\n"
+        "        db.aggregate('events').insert_many(tx, [(n, 'g') for n in range(30000)])\n"
+    )
+    real_open = lmdb.open
+
+    def open_then_another_process_grows(*args: Any, **options: Any) -> Any:
+        env = real_open(*args, **options)
+        subprocess.run([sys.executable, "-c", grow, str(path)], check=True, timeout=120)
+        return env
+
+    monkeypatch.setattr(tallytree._lmdb.lmdb, "open", open_then_another_process_grows)
+    with tallytree.open(path, map_size=64 << 10) as db, db.read() as tx:
+        assert db.aggregate("events").count(tx) == 30000
+        assert tallytree.check(tx) == []

@@ -1342,3 +1342,63 @@ def test_an_aggregate_detached_by_another_process_takes_its_own_writes_again(tmp
             by_state.insert(tx, "done", "manual")
         with db.read() as tx:
             assert by_state.count(tx) == 2
+
+
+def test_a_truncated_data_file_is_refused_at_open_instead_of_killing_the_process(tmp_path: Path) -> None:
+    """A data.mdb cut short (a copy interrupted) killed the process with SIGBUS at the first read past
+    its end, printing nothing; now open() refuses it with CorruptDatabaseError. Runs in a child
+    process, so that the old behaviour fails the test instead of killing the test run."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+    data = path / "data.mdb"
+    with open(data, "r+b") as file:
+        file.truncate(data.stat().st_size - 4096)
+    script = (
+        "import sys, tallytree\n"
+        "try:\n"
+        "    tallytree.open(sys.argv[1])\n"
+        "except tallytree.CorruptDatabaseError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.startswith("refused:") and "truncated" in result.stdout
+
+
+def test_the_reader_slot_of_a_process_killed_while_reading_is_freed(tmp_path: Path) -> None:
+    """A reader killed with -9 kept its LMDB reader slot: while other processes kept the database
+    open, its snapshot's pages were never reused (the file grew with every rewrite), and after
+    enough such kills no read could begin anywhere. A writer now frees such slots (at open, when
+    the slots run out, before the map grows, and once a second)."""
+    path = tmp_path / "db"
+    db = tallytree.open(path, durable=False)
+    events = db.aggregate("events", values=("v",))
+    with db.write() as tx:
+        events.insert_many(tx, [(n, "a", (1,)) for n in range(2000)])
+    reader = _spawn(
+        "import sys, time, tallytree\n"
+        "db = tallytree.open(sys.argv[1])\n"
+        "with db.read() as tx:\n"
+        "    print('reading', db.aggregate('events').count(tx), flush=True)\n"
+        "    time.sleep(600)\n",
+        str(path),
+    )
+    assert _wait_for(reader, "reading") == "reading 2000"
+    os.kill(reader.pid, signal.SIGKILL)
+    reader.wait()
+
+    def rewrite_and_measure() -> int:
+        for round in range(10):
+            with db.write() as tx:
+                events.delete_range(tx)
+                events.insert_many(tx, [(n, f"r{round}", (1,)) for n in range(2000)])
+        return (path / "data.mdb").stat().st_size
+
+    time.sleep(tallytree._lmdb.READER_CHECK)  # the next write sweeps the slots
+    settled = rewrite_and_measure()
+    assert rewrite_and_measure() == settled  # pages are reused: the file stops growing
+    assert str(reader.pid) not in db._backend.env.readers()
+    db.close()

@@ -71,6 +71,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import lmdb
@@ -97,6 +98,8 @@ RESIZE_WAIT = 10.0
 """Seconds a writer that must grow the map waits for other threads' transactions to end."""
 READERS = 256
 """LMDB reader slots: read transactions open at once, across every process using a database."""
+READER_CHECK = 1.0
+"""Seconds between two sweeps of the reader slots of dead processes by a process that writes."""
 
 _OPEN: weakref.WeakSet[LmdbBackend] = weakref.WeakSet()
 
@@ -298,10 +301,12 @@ class LmdbBackend:
         # (the Backend protocol's epoch; WriteTransaction also moves it, see _store).
         self.seen = -1
         self.epoch = 0
+        self._next_reader_check = monotonic() + READER_CHECK  # (_check_file has just swept them)
         self.pid = os.getpid()
         self.forked = False  # set in a forked child (see _mark_forked)
         try:
-            self.dbs = self._open_dbs()
+            self._check_file()
+            self.dbs = self._opened_dbs()
         except BaseException:
             self.env.close()
             self.discard_made()
@@ -349,12 +354,52 @@ class LmdbBackend:
                     f"{self.path} is already open in this process; open a database once per "
                     "process and share the Database object between threads (or close it first)"
                 ) from exc
+            if str(exc).rpartition(": ")[2] in _DENIED:
+                raise _denied(self.path, exc) from exc
             if str(exc).rpartition(": ")[2] in _DISK_ERRORS:
                 raise StorageError(
                     f"LMDB could not create or open the files of {self.path} ({exc}). Free disk space "
                     "(or raise the file size limit, or mount the file system read-write), then open it again"
                 ) from exc
             raise DatabaseFormatError(f"cannot open {self.path}: {exc}") from exc
+
+    def _check_file(self) -> None:
+        """Refuse a data file shorter than the pages its last commit uses (truncated: reading past its
+        end would kill the process with SIGBUS), and free the reader slots of dead processes.
+
+        A process killed during a read transaction leaves its slot taken, and its snapshot's pages
+        can then never be reused: the file grows, and once every slot is taken no read can begin.
+        LMDB frees such slots only when asked (``mdb_reader_check``): at each open, when the slots
+        run out, before the map grows, and at the first write of each second (:data:`READER_CHECK`;
+        a sweep takes a few microseconds). O(reader slots).
+        """
+        last = self.env.info()["last_pgno"]
+        size = (self.path / "data.mdb").stat().st_size
+        needed = (last + 1) * self.env.stat()["psize"]
+        if size < needed:
+            raise CorruptDatabaseError(
+                f"{self.path}/data.mdb is {size} bytes, but its last commit uses {needed}: the file was "
+                "truncated (a copy cut short, a full disk during a copy). Restore it from a backup or "
+                "rebuild the aggregates from their source in a new directory"
+            )
+        if not self.readonly:
+            self.env.reader_check()
+
+    def _opened_dbs(self) -> list[Any]:
+        """:meth:`_open_dbs`, after adopting the map size another process grew the map to meanwhile,
+        or freeing the reader slots of dead processes."""
+        for _ in range(8):
+            try:
+                return self._open_dbs()
+            except lmdb.MapResizedError:
+                try:
+                    self.env.set_mapsize(0)  # adopt the size in the file (no transaction is open)
+                except lmdb.Error as exc:
+                    raise StorageError(f"cannot map {self.path} as another process grew it: {exc}") from exc
+            except lmdb.ReadersFullError as exc:
+                if not self.env.reader_check():
+                    raise _readers_full(self.path) from exc
+        raise TransactionError(f"another process kept growing the map of {self.path}; open it again")
 
     def _open_dbs(self) -> list[Any]:
         with self.env.begin() as txn:
@@ -374,6 +419,8 @@ class LmdbBackend:
                 f"{self.path} is an LMDB environment without tallytree's tables; "
                 "it was not created by tallytree (or is empty and opened read-only)"
             ) from exc
+        except (lmdb.MapResizedError, lmdb.ReadersFullError):
+            raise  # (see _opened_dbs)
         except lmdb.Error as exc:
             raise DatabaseFormatError(f"{self.path} is not a tallytree database: {exc}") from exc
         return dbs
@@ -381,9 +428,15 @@ class LmdbBackend:
     # transactions ------------------------------------------------------------
 
     def begin(self, write: bool) -> _LmdbTxn:
-        if write and self.readonly:
+        if not write:
+            return _LmdbTxn(self, False)
+        if self.readonly:
             raise ReadOnlyError("the database was opened with readonly=True; reopen it to write")
-        return _LmdbTxn(self, write)
+        txn = _LmdbTxn(self, True)
+        if (now := monotonic()) >= self._next_reader_check:  # see _check_file
+            self._next_reader_check = now + READER_CHECK
+            self.env.reader_check()
+        return txn
 
     def begin_raw(self, write: bool, ident: int) -> Any:
         """Begin an LMDB transaction for thread ``ident`` (whoever ends it passes the same ident to
@@ -416,11 +469,8 @@ class LmdbBackend:
                 raise ReadOnlyError(f"{self.path} is read-only: {exc}") from exc
             except lmdb.ReadersFullError as exc:
                 self.end_raw(ident)
-                raise TransactionError(
-                    f"too many read transactions are open on {self.path} at once: LMDB has "
-                    f"{READERS} reader slots, shared by every process using the database; end read "
-                    "transactions sooner (each `with db.read()` block holds one until it ends)"
-                ) from exc
+                if not self.env.reader_check():  # no slot held by a dead process to free
+                    raise _readers_full(self.path) from exc
             except BaseException:
                 self.end_raw(ident)
                 raise
@@ -441,6 +491,7 @@ class LmdbBackend:
         another process committed in between, in which case ``ops`` (computed from the older
         snapshot) must not be applied."""
         ident = get_ident()
+        self.env.reader_check()  # a dead process's snapshot would keep its pages from reuse
         for _ in range(64):
             size = self.env.info()["map_size"]
             if size >= self.max_map_size:
@@ -535,6 +586,15 @@ _DISK_ERRORS = frozenset(
 )
 """How py-lmdb ends the message of an error that is the disk's, not the data's (its exceptions carry
 no errno)."""
+_DENIED = frozenset(os.strerror(code) for code in (errno.EACCES, errno.EPERM))
+
+
+def _readers_full(path: Path) -> TransactionError:
+    return TransactionError(
+        f"too many read transactions are open on {path} at once: LMDB has {READERS} reader slots, "
+        "shared by every process using the database; end read transactions sooner (each `with "
+        "db.read()` block holds one until it ends)"
+    )
 
 
 def _storage_error(path: Path, exc: Exception) -> StorageError:
@@ -565,7 +625,23 @@ def _unmappable(size: int) -> str | None:
 
 def _check_directory(path: Path, *, create: bool) -> list[Path]:
     """Check that ``path`` is a database directory or can become one; make it if ``create``.
-    Returns the directories it made, deepest first (none if ``path`` existed)."""
+    Returns the directories it made, deepest first (none if ``path`` existed). A directory this process
+    may not look into raises StorageError."""
+    try:
+        return _checked_directory(path, create=create)
+    except PermissionError as exc:
+        raise _denied(path, exc) from exc
+
+
+def _denied(path: Path, exc: Exception) -> StorageError:
+    return StorageError(
+        f"cannot open {path}: {exc}. This process may not read (or, to write, may not write) the "
+        "database directory or its files data.mdb and lock.mdb; fix their permissions (a reader "
+        "needs to write lock.mdb too), or open it as a user that may"
+    )
+
+
+def _checked_directory(path: Path, *, create: bool) -> list[Path]:
     if path.exists() and not path.is_dir():
         raise DatabaseFormatError(
             f"{path} is a file; a tallytree database is a directory (give a new or existing directory path)"
@@ -584,7 +660,9 @@ def _check_directory(path: Path, *, create: bool) -> list[Path]:
         made = [path, *[parent for parent in path.parents if not parent.exists()]]
         try:
             path.mkdir(parents=True)
+        except PermissionError:
+            raise  # (see _check_directory)
         except OSError as exc:
-            raise DatabaseFormatError(f"cannot create the database directory {path}: {exc}") from exc
+            raise StorageError(f"cannot create the database directory {path}: {exc}") from exc
         return made
     return []
