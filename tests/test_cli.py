@@ -922,6 +922,16 @@ def test_demo_json(tmp_path: Path, run: Any) -> None:
     }
 
 
+def test_demo_without_a_directory_removes_its_database(tmp_path: Path) -> None:
+    """It left a database of about 15 MB in a new /tmp directory at every run."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "tallytree", "demo", "--events", "2000", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["database"].startswith(str(tmp_path))  # it was made there
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_as_the_readme_runs_it(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tallytree", "demo", str(tmp_path / "demo.tt"), "--events", "5000"],

@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
         "and answer the dashboard questions, each timed next to a scan computing the same answer.",
     )
     demo.add_argument(
-        "directory", metavar="DIR", nargs="?", help="where to create the database (default: a temp dir)"
+        "directory", metavar="DIR", nargs="?", help="where to create the database, kept (default: a temporary directory, removed at the end)"
     )
     demo.add_argument("--users", type=int, default=200, help="number of users (default 200)")
     demo.add_argument("--events", type=int, default=200_000, help="number of events (default 200000)")
@@ -1337,8 +1337,16 @@ class _Drift:
 def _demo(args: argparse.Namespace) -> int:
     if args.users < 1 or args.events < 1:
         raise _Usage("--users and --events must be at least 1")
-    directory = Path(args.directory) if args.directory else Path(tempfile.mkdtemp()) / "demo.tt"
-    report = run_demo(directory, users=args.users, events=args.events, seed=args.seed, quiet=args.json)
+    if args.directory:
+        report = run_demo(
+            Path(args.directory), users=args.users, events=args.events, seed=args.seed, quiet=args.json
+        )
+    else:  # a database of its own, removed at the end (DIR keeps one)
+        with tempfile.TemporaryDirectory(prefix="tallytree-demo-") as scratch:
+            directory = Path(scratch) / "demo.tt"
+            report = run_demo(
+                directory, users=args.users, events=args.events, seed=args.seed, quiet=args.json
+            )
     if args.json:
         _print_json(report)
     return EXIT_OK if report["check_ok"] else EXIT_CHECK_FAILED
