@@ -175,6 +175,8 @@ def test_bucket_arguments_of_the_wrong_type_raise_argument_type_error(db: tallyt
             assert isinstance(raised.value, TypeError), arguments
         with pytest.raises(tallytree.ArgumentTypeError, match=r"buckets\(edges=\) takes an iterable of keys"):
             agg.buckets(tx, edges=5)  # type: ignore[arg-type]
+        with pytest.raises(tallytree.BoundsTypeError, match="edges= takes a sequence of keys"):
+            agg.buckets(tx, edges="abc")  # iterable, but its characters are not meant as edges
         for arguments in (
             {"start": 0, "width": 1, "count": -1},
             {"start": 0, "width": 1, "count": 0},

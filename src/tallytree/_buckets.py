@@ -69,6 +69,8 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
     if edges is not None:
         if start is not None or width is not None or count is not None:
             raise BoundsError("give either edges= or start=, width= and count=, not both")
+        if isinstance(edges, str | bytes):  # iterable, but as characters: surely not what was meant
+            raise BoundsTypeError(f"edges= takes a sequence of keys, e.g. [0, 10, 20], not {_show(edges)}")
         result = list(iterator_of(edges, "buckets(edges=)", "keys, e.g. [0, 10, 20]"))
         if len(result) < 2:
             raise BoundsError(f"edges= needs at least two edges (one bucket), got {len(result)}")

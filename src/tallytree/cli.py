@@ -236,7 +236,10 @@ def _parser() -> argparse.ArgumentParser:
         "and answer the dashboard questions, each timed next to a scan computing the same answer.",
     )
     demo.add_argument(
-        "directory", metavar="DIR", nargs="?", help="where to create the database, kept (default: a temporary directory, removed at the end)"
+        "directory",
+        metavar="DIR",
+        nargs="?",
+        help="where to create the database, kept (default: a temporary directory, removed at the end)",
     )
     demo.add_argument("--users", type=int, default=200, help="number of users (default 200)")
     demo.add_argument("--events", type=int, default=200_000, help="number of events (default 200000)")
