@@ -36,8 +36,6 @@ from itertools import compress, islice
 from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
-import msgpack
-
 from ._args import ITEMS, check_flag, flag_error, iterator_of
 from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
@@ -66,7 +64,14 @@ from ._keys import (
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree, appended, pending_capacity
-from ._txn import DEFINITIONS, Transaction, WriteTransaction, check_transaction, decode_root
+from ._txn import (
+    DEFINITIONS,
+    Transaction,
+    WriteTransaction,
+    check_transaction,
+    decode_definition,
+    decode_root,
+)
 from .errors import (
     ArgumentTypeError,
     BoundsError,
@@ -416,7 +421,7 @@ class Aggregate:
         """
         record = tx.meta(self._record_key)
         if record != self._record:
-            definition = msgpack.unpackb(record, raw=False) if record is not None else None
+            definition = decode_definition(self.name, record, tx) if record is not None else None
             if definition is None or definition["id"] != self._id:
                 again = "" if definition is None else " and created again"
                 self._dropped = f"aggregate {self.name!r} was dropped{again} by another process or Database"

@@ -77,7 +77,11 @@ concurrent readers safe.
 Damaged data. Nodes are checked as they are decoded (``_node``), but a decode cannot see damage
 that contradicts a parent: every descent counts its levels and raises CorruptDatabaseError past
 :data:`MAX_LEVELS` (damaged child ids that form a cycle), a batch's plan checks each node's level and
-fences, and ``select`` checks that the leaf holds the index its parent's counts lead to.
+fences, and ``select`` checks that the leaf holds the index its parent's counts lead to. Reads go by
+each node's kind and never use the root record's height; writes do (splits grow it, a range delete
+drops subtrees by it), so every write descent compares the height with the nodes it meets, at one
+comparison per level: a leaf above the bottom level, or a leaf reached at another depth, raises
+CorruptDatabaseError before anything is changed from it.
 
 Costs, with ``B`` the node size: reads O(log_B n) node visits plus O(B) per visit on a node first seen
 (cumulative arrays are computed once and cached on committed nodes; a range's leaf parts cost at most
@@ -311,6 +315,29 @@ def _deeper(levels: int, node: Node) -> int:
             "run `tallytree check` to locate the damage"
         )
     return levels + 1
+
+
+def _misplaced(node: Node, height: int) -> CorruptDatabaseError:
+    """The error for a node met at a level where the tree's height (``height``: that of the subtree
+    the node heads) puts the other kind: a leaf above the bottom level or an internal node at it.
+    The root record's height is damaged, or child ids are (a cycle, a node of another tree)."""
+    return CorruptDatabaseError(
+        f"node {node.id} is {'a leaf' if node.leaf else 'an internal node'} where the tree's height "
+        f"puts {'leaves' if height == 1 else 'internal nodes'}: its root record's height or damaged "
+        "child ids (a cycle or a node of another tree) disagree with the nodes; run `tallytree check` "
+        "to locate the damage"
+    )
+
+
+def _wrong_depth(leaf: Node, levels: int, height: int) -> CorruptDatabaseError:
+    """The error for a leaf a descent met below ``levels`` internal nodes, in a tree whose root record
+    gives ``height`` (leaves below ``height - 1`` of them): the record's height or child ids are
+    damaged."""
+    return CorruptDatabaseError(
+        f"leaf {leaf.id} lies at depth {levels + 1}, but its tree's root record gives height {height}: "
+        "the record's height or damaged child ids (a cycle or a node of another tree) disagree with "
+        "the nodes; run `tallytree check` to locate the damage"
+    )
 
 
 def _rightmost(path: Path) -> bool:
@@ -994,6 +1021,8 @@ class NodeTree:
             levels = _deeper(levels, node)
             path.append((node, len(node.kids) - 1))
             node = access.node(node.kids[-1])
+        if levels != root.height - 1:  # (a damaged height would grow a tree of leaves at two depths)
+            raise _wrong_depth(node, levels, root.height)
         if not path and node.size() < self.min_size:
             return False
         leaf = access.adopt(Node(access.new_id(), True, keys, cols, dirty=True))
@@ -1096,12 +1125,8 @@ class NodeTree:
 
     def _plan(self, node: Node, height: int, lo: int, hi: int, run: _Run) -> _Step | None:
         """What merging ``run.entries[lo:hi]`` changes below ``node`` (None: nothing). Reads only."""
-        if node.leaf != (height == 1):  # damaged child ids: a node at another level than its own
-            raise CorruptDatabaseError(
-                f"node {node.id} is {'a leaf' if node.leaf else 'an internal node'} where the tree's "
-                f"height puts {'leaves' if height == 1 else 'internal nodes'}: damaged child ids (a "
-                "cycle or a node of another tree); run `tallytree check` to locate the damage"
-            )
+        if node.leaf != (height == 1):  # a damaged height or child ids: a node at another level
+            raise _misplaced(node, height)
         if height == 1:
             return self._plan_leaf(node, lo, hi, run)
         if height == 2 and run.stored:
@@ -1339,6 +1364,7 @@ class NodeTree:
         root = self.root
         if start == 0 and stop == root.summary[0]:
             removed = list(root.summary)
+            self._leftmost_leaf(root)  # (the subtrees are freed by height, their leaves unread)
             self._free_subtree(root.node_id, root.height)
             self.root = None
             return removed
@@ -1362,7 +1388,22 @@ class NodeTree:
             index = bisect_right(node.keys, entry) - 1
             path.append((node, index))
             node = access.node(node.kids[index])
+        if levels != self.root.height - 1:  # the writes' splits and merges go by the height
+            raise _wrong_depth(node, levels, self.root.height)
         return path, node
+
+    def _leftmost_leaf(self, root: Root) -> Node:
+        """The first leaf, found down the left edge; CorruptDatabaseError unless it lies at the depth
+        the root record's height gives. O(height)."""
+        access = self.access
+        node = access.node(root.node_id)
+        levels = 0
+        while not node.leaf:
+            levels = _deeper(levels, node)
+            node = access.node(node.kids[0])
+        if levels != root.height - 1:
+            raise _wrong_depth(node, levels, root.height)
+        return node
 
     def _make_mutable(self, path: Path, leaf: Node) -> tuple[Path, Node]:
         assert self.root is not None
@@ -1521,6 +1562,8 @@ class NodeTree:
     def _free_subtree(self, node_id: int, height: int) -> None:
         if height > 1:
             node = self.access.node(node_id)
+            if node.leaf:
+                raise _misplaced(node, height)
             for kid in node.kids:
                 self._free_subtree(kid, height - 1)
         self.access.free(node_id)
@@ -1530,6 +1573,8 @@ class NodeTree:
         assert self.root is not None
         if height is None:
             height = self.root.height
+        if node.leaf != (height == 1):  # (the subtrees it drops, and the fences it sets, go by height)
+            raise _misplaced(node, height)
         if node.leaf:
             removed = node.summary(start, stop)
             node.detach(start, stop)
@@ -1574,7 +1619,10 @@ class NodeTree:
             node.keys[0] = fence
             if height <= 2:  # the children are leaves, which store no fence
                 return
-            kid = access.mutable(access.node(node.kids[0]))
+            kid = access.node(node.kids[0])
+            if kid.leaf:
+                raise _misplaced(kid, height - 1)
+            kid = access.mutable(kid)
             node.kids[0] = kid.id
             node, height = kid, height - 1
 
@@ -1619,6 +1667,8 @@ class NodeTree:
             kid = access.mutable(access.node(node.kids[child]))
             node.kids[child] = kid.id
             node = kid
+        if levels != self.root.height - 1:
+            raise _wrong_depth(node, levels, self.root.height)
         return changed
 
 

@@ -17,8 +17,13 @@ the leaves up and keeps going after the first problem. For each tree it verifies
   increasing order, all after every entry of the tree's other nodes, with the totals its root
   record gives.
 
-Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks)
-and root records of unknown aggregates. Cost: O(n) node reads.
+Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks),
+root records of unknown aggregates, aggregate definitions that do not decode, and ids that two
+definitions share or that the id counter would give again.
+
+Damage is reported, not raised: a node, root record or definition that does not decode, and pages of
+the LMDB file that LMDB itself cannot read, each become a problem (with the namespace, or the
+aggregate, they belong to), and the walk goes on with the rest. Cost: O(n) node reads.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from typing import Any
 
 from ._aggregate import Aggregate
 from ._btree import NodeTree, Root, vadd
-from ._keys import decode_entry
+from ._db import NEXT_AGGREGATE, damage_error, stored_name
+from ._keys import decode_entry, decode_key
 from ._node import Node
-from ._store import NODES, ROOTS
+from ._store import META, NODES, ROOTS
+from ._table import decode_record
 from ._tree import pending_capacity
 from ._txn import Transaction, decode_root
-from .errors import ArgumentTypeError, Error
+from .errors import ArgumentTypeError, CorruptDatabaseError, Error
 
 __all__ = ["Problem", "check"]
 
@@ -103,6 +110,10 @@ class _Walker:
         except Error as exc:
             self.report((), node_id, f"cannot read the pending node: {exc}")
             return None
+        except Exception as exc:
+            raise _halt(
+                exc, Problem(self.aggregate.name, self.namespace, (), node_id, "the pending node")
+            ) from exc
         if node is None:
             self.report((), None, "the root record has pending totals but no pending node")
             return None
@@ -149,6 +160,8 @@ class _Walker:
         except Error as exc:
             self.report(path, node_id, f"cannot read node: {exc}")
             return None
+        except Exception as exc:
+            raise _halt(exc, Problem(self.aggregate.name, self.namespace, path, node_id, "the node")) from exc
         is_root = not path
         size = len(node.keys)
         if node.leaf != (depth == height):
@@ -257,7 +270,42 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
             )
         aggregate._check(tx)  # one of this transaction's database, not dropped
     problems: list[Problem] = []
-    aggregates = [aggregate] if aggregate is not None else db.aggregates_in(tx)
+    try:
+        _walk(tx, aggregate, namespace, problems)
+    except _Halt as halt:
+        problems.append(halt.problem)
+    except Exception as exc:  # (an LMDB error out of a scan: no one node to name)
+        problems.append(_halt(exc, Problem(None, None, (), None, "a table of the database")).problem)
+    return problems
+
+
+class _Halt(Exception):
+    """LMDB met a damaged page of the file: it refuses every later read of the transaction (with
+    MDB_BAD_TXN), so the check stops there and reports where (``problem``)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def _halt(exc: Exception, where: Problem) -> _Halt:
+    """The _Halt for an LMDB error met reading ``where`` (a Problem whose message names what was read)
+    if it is one for a damaged file; any other error is re-raised: a bug, not damage."""
+    if damage_error(exc) is None:
+        raise exc
+    message = (
+        f"LMDB cannot read {where.message} ({type(exc).__name__}: {exc}): the database file is damaged "
+        "there, and the check stopped (LMDB refuses every later read of a transaction that met a "
+        "damaged page); restore the database from a backup or rebuild its aggregates from their source"
+    )
+    return _Halt(Problem(where.aggregate, where.namespace, where.path, where.node_id, message))
+
+
+def _walk(tx: Transaction, aggregate: Aggregate | None, namespace: Any, problems: list[Problem]) -> None:
+    """The walk of :func:`check`, appending to ``problems``."""
+    before = len(problems)
+    aggregates = [aggregate] if aggregate is not None else _aggregates(tx, problems)
+    skipped = len(problems) > before  # trees of damaged definitions, or under unreadable records
     seen: set[int] = set()
     for each in aggregates:
         # A namespace is matched by its encoded key, as reads find it (1, 1.0 and True are three),
@@ -266,30 +314,110 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
         for tree_key, root in _roots(tx, each):
             if wanted is not None and tree_key != wanted:
                 continue
-            walker = _Walker(tx, each, db.namespace_of(tree_key), problems)
-            if root is not None:
+            walker = _Walker(tx, each, _namespace(tree_key), problems)
+            if isinstance(root, Exception):
+                walker.report((), None, f"the root record cannot be read: {root}")
+                skipped = True
+            elif root is not None:
                 walker.tree(root)
             seen |= walker.seen
     if aggregate is None:
+        _check_tables(tx, problems)
         known = {each._prefix for each in aggregates}
         for key, _ in tx.kv.scan(ROOTS, b"", None):
             if key[:4] not in known:
                 problems.append(Problem(None, None, (), None, f"root record of unknown aggregate {key!r}"))
         if not tx.write:  # a write transaction's freed and new nodes reach the table at commit
-            for key, _ in tx.kv.scan(NODES, b"", None):
-                node_id = int.from_bytes(key, "big")
-                if node_id not in seen:
-                    problems.append(Problem(None, None, (), node_id, "no tree references this node"))
-    return problems
+            _leaks(tx, seen, skipped, problems)
 
 
-def _roots(tx: Transaction, aggregate: Aggregate) -> list[tuple[bytes, Root | None]]:
+def _leaks(tx: Transaction, seen: set[int], skipped: bool, problems: list[Problem]) -> None:
+    """Report the nodes no tree walked references, one problem each; or, when trees were ``skipped``
+    (their definition or root record is damaged: the damage is reported, and they hold nodes), one
+    problem for all of them."""
+    leaked = [
+        node_id
+        for key, _ in tx.kv.scan(NODES, b"", None)
+        if (node_id := int.from_bytes(key, "big")) not in seen
+    ]
+    if not skipped:
+        problems.extend(
+            Problem(None, None, (), node_id, "no tree references this node") for node_id in leaked
+        )
+    elif leaked:
+        shown = ", ".join(map(str, leaked[:10])) + (", ..." if len(leaked) > 10 else "")
+        message = (
+            f"{len(leaked)} node(s) that no tree checked references ({shown}); the trees of the damaged "
+            "definitions or root records reported above may hold them"
+        )
+        problems.append(Problem(None, None, (), None, message))
+
+
+def _namespace(tree_key: bytes) -> Any:
+    """The namespace of a tree key, for a Problem (the key itself when it does not decode)."""
+    try:
+        return decode_key(tree_key, 4)[0]
+    except Error:
+        return tree_key
+
+
+def _aggregates(tx: Transaction, problems: list[Problem]) -> list[Aggregate]:
+    """The aggregates defined in ``tx``'s snapshot; damaged definitions, ids two of them share and ids
+    at or above the id counter (a new aggregate would take them) appended to ``problems``."""
+    found: list[Aggregate] = []
+    for name, each in tx._db.definitions_in(tx):
+        if isinstance(each, CorruptDatabaseError):
+            problems.append(Problem(_show_name(name), None, (), None, str(each)))
+        else:
+            found.append(each)
+    counter = tx.meta(NEXT_AGGREGATE)
+    next_id = int.from_bytes(counter, "big") if counter else 1
+    owners: dict[int, str] = {}
+    for each in found:
+        if each._id in owners:
+            shared = f"aggregate {owners[each._id]!r} has the same id, {each._id}"
+            problems.append(Problem(each.name, None, (), None, shared))
+        owners.setdefault(each._id, each.name)
+        if each._id >= next_id:
+            problems.append(
+                Problem(
+                    each.name,
+                    None,
+                    (),
+                    None,
+                    f"its id {each._id} is not below the aggregate id counter (META {NEXT_AGGREGATE!r}, "
+                    f"{next_id}): a new aggregate would take it, and its trees",
+                )
+            )
+    return found
+
+
+def _check_tables(tx: Transaction, problems: list[Problem]) -> None:
+    """Append a problem for each table record (META ``table:`` + name) that does not decode."""
+    prefix = b"table:"
+    for key, record in tx.kv.scan(META, prefix, prefix[:-1] + bytes([prefix[-1] + 1])):
+        try:
+            decode_record(stored_name(key, prefix, "a table"), record)
+        except CorruptDatabaseError as exc:
+            problems.append(Problem(None, None, (), None, str(exc)))
+
+
+def _show_name(name: str | bytes) -> str:
+    return name if isinstance(name, str) else repr(name)
+
+
+def _roots(tx: Transaction, aggregate: Aggregate) -> list[tuple[bytes, Root | Exception | None]]:
+    """The root records of an aggregate's trees by tree key (those a write transaction changed as
+    it holds them); one that does not decode as its error."""
     prefix = aggregate._prefix
     stop = (aggregate._id + 1).to_bytes(4, "big")
-    found: dict[bytes, Root | None] = {
-        key: decode_root(value) for key, value in tx.kv.scan(ROOTS, prefix, stop)
-    }
+    found: dict[bytes, Root | Exception | None] = {}
+    for key, value in tx.kv.scan(ROOTS, prefix, stop):
+        try:
+            found[key] = decode_root(value)
+        except CorruptDatabaseError as exc:
+            found[key] = exc
     changed = getattr(tx, "changed_roots", None)
     if changed is not None:
         found.update({key: root for key, root in changed().items() if key.startswith(prefix)})
-    return sorted(found.items())
+    return sorted(found.items(), key=lambda pair: pair[0])

@@ -15,10 +15,18 @@ database is refused with a clear error), the id counters and one definition per 
     b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 128}
                       (+ "table": name for an aggregate maintained by a table: it refuses writes)
     b"table:" + name -> a table and its attached aggregates (see ``_table``)
+    b"next_agg"    -> the next aggregate id (4 bytes, big-endian; ids are never reused)
 
 Write transactions are serialized by the backend (LMDB's writer lock, across processes too). Opening a
 second write transaction in a thread that already has one would wait for itself forever, so it raises
 :class:`~tallytree.errors.TransactionError` instead.
+
+Damage. A definition is checked whenever it is decoded (``_txn.decode_definition``: when an aggregate
+is opened or its record changes, never per read), and a new aggregate refuses an id that a definition
+or a tree already uses (a counter set back); both raise CorruptDatabaseError. The LMDB errors of a
+damaged file (:data:`_LMDB_DAMAGE`) are translated into CorruptDatabaseError where a ``db.read()`` or
+``db.write()`` block ends (:func:`damage_error`), so reads and writes pay nothing for it, and by
+``open()``; ``check`` reports them as a problem.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import lmdb
 import msgpack
 
 from ._aggregate import Aggregate, owned_reason
@@ -45,13 +54,26 @@ from ._lmdb import LmdbBackend
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
 from ._table import Table, check_writing, create_table, table_from
 from ._tree import Tree
-from ._txn import DEFINITIONS, ReadTransaction, Transaction, WriteTransaction, decode_root
+from ._txn import (
+    DEFINITIONS,
+    MAX_AGGREGATE_ID,
+    MAX_NODE_SIZE,
+    MIN_NODE_SIZE,
+    RESERVED_FIELDS,
+    ReadTransaction,
+    Transaction,
+    WriteTransaction,
+    decode_definition,
+    decode_root,
+)
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
+    CorruptDatabaseError,
     DatabaseFormatError,
     InvalidArgumentError,
     SchemaMismatchError,
+    StorageError,
     TableNotFoundError,
     TransactionError,
 )
@@ -68,9 +90,9 @@ DEFAULT_CACHE_NODES = 16384
 """Decoded nodes kept per database: with the default node size, about the memory and the items
 that 32,768 nodes of 64 entries held."""
 _FORMAT_KEY = b"format"
-_NEXT_AGGREGATE = b"next_agg"
-_MIN_NODE_SIZE = 4
-_MAX_NODE_SIZE = 1024
+NEXT_AGGREGATE = b"next_agg"
+_MIN_NODE_SIZE = MIN_NODE_SIZE
+_MAX_NODE_SIZE = MAX_NODE_SIZE
 _DEFAULT_MAP_SIZE = 1 << 30
 _MIN_MAP_SIZE = 16 * mmap.PAGESIZE
 """The smallest ``map_size`` open() takes: 16 LMDB pages (an LMDB page is an OS page; 64 KiB with 4 KiB
@@ -267,16 +289,19 @@ class Database:
     def _load_aggregate(self, name: str) -> Aggregate | None:
         with self.read() as tx:
             data = tx.meta(DEFINITIONS + name.encode())
-        if data is None:
-            return None
-        return self._aggregate_from(name, data)
+            if data is None:
+                return None
+            return self._aggregate_from(name, data, tx)
 
-    def _aggregate_from(self, name: str, data: bytes) -> Aggregate:
-        definition = msgpack.unpackb(data, raw=False)
+    def _aggregate_from(self, name: str, data: bytes, tx: Transaction) -> Aggregate:
+        """The aggregate of a stored definition, read in ``tx`` (see ``_txn.decode_definition``, which
+        raises CorruptDatabaseError for a damaged one). O(fields)."""
+        definition = decode_definition(name, data, tx)
         fields = tuple(definition["values"])
         aggregate = Aggregate(self, name, definition["id"], fields, definition["node_size"])
         if definition.get("table") is not None:
             aggregate._readonly_reason = owned_reason(name, definition["table"])
+        aggregate._record = data  # decoded: its first confirmation (Aggregate._confirm) compares bytes
         return aggregate
 
     def _create_aggregate(self, name: str, fields: tuple[str, ...], node_size: int) -> Aggregate:
@@ -289,13 +314,8 @@ class Database:
         with self.write() as tx:
             data = tx.meta(DEFINITIONS + name.encode())
             if data is not None:  # created meanwhile by another thread or process
-                return self._aggregate_from(name, data)
-            stored = tx.meta(_NEXT_AGGREGATE)
-            agg_id = int.from_bytes(stored, "big") if stored else 1
-            tx.set_meta(_NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
-            definition = {"id": agg_id, "values": list(fields), "node_size": node_size}
-            tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
-        return Aggregate(self, name, agg_id, fields, node_size)
+                return self._aggregate_from(name, data, tx)
+            return define_aggregate(tx, name, fields, node_size)
 
     def aggregates(self) -> list[str]:
         """The names of the aggregates in the database, sorted.
@@ -324,14 +344,37 @@ class Database:
         ...     [aggregate.name for aggregate in db.aggregates_in(tx)]
         ['visits']
         """
+        found = []
+        for _, aggregate in self.definitions_in(tx):
+            if isinstance(aggregate, CorruptDatabaseError):
+                raise aggregate
+            found.append(aggregate)
+        return found
+
+    def definitions_in(self, tx: Transaction) -> list[tuple[str | bytes, Aggregate | CorruptDatabaseError]]:
+        """Every aggregate definition in the snapshot of ``tx``, by name: the aggregate, or the
+        CorruptDatabaseError of a damaged definition, with its name (the raw bytes of a name that is
+        not UTF-8). What ``check`` reports damaged definitions from. O(aggregates)."""
         tx.check_database(self)
         prefix = DEFINITIONS
         stop = prefix[:-1] + bytes([prefix[-1] + 1])
-        found = []
+        found: list[tuple[str | bytes, Aggregate | CorruptDatabaseError]] = []
         for key, data in tx.kv.scan(0, prefix, stop):
-            name = key[len(prefix) :].decode()
+            try:
+                name = stored_name(key, prefix, "an aggregate")
+            except CorruptDatabaseError as exc:
+                found.append((key[len(prefix) :], exc))
+                continue
             known = self._aggregates.get(name)
-            found.append(known if known is not None else self._aggregate_from(name, data))
+            try:
+                if known is None:
+                    found.append((name, self._aggregate_from(name, data, tx)))
+                    continue
+                if known._record != data:  # (checked even so: check() reports a damaged definition)
+                    decode_definition(name, data, tx)
+                found.append((name, known))
+            except CorruptDatabaseError as exc:
+                found.append((name, exc))
         return found
 
     def drop_aggregate(self, name: str) -> None:
@@ -352,7 +395,8 @@ class Database:
         """
         aggregate = self.aggregate(name, create=False)
         with self.read() as tx:
-            owner = msgpack.unpackb(tx.meta(DEFINITIONS + name.encode()) or b"\x80").get("table")
+            data = tx.meta(DEFINITIONS + name.encode())
+            owner = decode_definition(name, data).get("table") if data is not None else None
         if owner is not None:
             raise TransactionError(
                 f"aggregate {name!r} is maintained by table {owner!r}; use "
@@ -420,7 +464,7 @@ class Database:
         with self.read() as tx:
             prefix = b"table:"
             stop = prefix[:-1] + bytes([prefix[-1] + 1])
-            return [key[len(prefix) :].decode() for key, _ in tx.kv.scan(0, prefix, stop)]
+            return [stored_name(key, prefix, "a table") for key, _ in tx.kv.scan(0, prefix, stop)]
 
     def drop_table(self, name: str) -> None:
         """Delete a table with its documents and attached aggregates. Raises TableNotFoundError.
@@ -471,6 +515,56 @@ class Database:
         }
 
 
+def stored_name(key: bytes, prefix: bytes, what: str) -> str:
+    """The name in a META key (``prefix`` + name) of ``what`` ("an aggregate", "a table");
+    CorruptDatabaseError for one that is not UTF-8 (tallytree writes names as str). O(len(key))."""
+    try:
+        return key[len(prefix) :].decode()
+    except UnicodeDecodeError as exc:
+        raise CorruptDatabaseError(
+            f"the META record {key!r} names {what} with bytes that are not UTF-8: the record is damaged; "
+            "run `tallytree check` to see all the damage, then restore the database from a backup "
+            "or rebuild its aggregates from their source"
+        ) from exc
+
+
+def define_aggregate(
+    tx: WriteTransaction, name: str, fields: tuple[str, ...], node_size: int, *, owner: str | None = None
+) -> Aggregate:
+    """Write the definition of a new aggregate in ``tx`` (``owner``: the table that maintains it) and
+    return it, with the next id of the counter (META ``next_agg``).
+
+    An id is never reused, so a counter set back (a foreign writer, a META record restored from an
+    old copy) would give the new aggregate the trees of an existing one, which it would then answer
+    from and write into: an id that a definition or a root record (one cursor seek) already uses
+    raises CorruptDatabaseError, and the write transaction, aborted, writes nothing. O(aggregates)."""
+    stored = tx.meta(NEXT_AGGREGATE)
+    agg_id = int.from_bytes(stored, "big") if stored else 1
+    taken = not 1 <= agg_id <= MAX_AGGREGATE_ID
+    if not taken:
+        start, stop = agg_id.to_bytes(4, "big"), (agg_id + 1).to_bytes(4, "big")
+        taken = next(tx.kv.scan(ROOTS, start, stop), None) is not None
+    if not taken:
+        taken = any(
+            aggregate._id == agg_id
+            for _, aggregate in tx._db.definitions_in(tx)
+            if not isinstance(aggregate, CorruptDatabaseError)
+        )
+    if taken:
+        raise CorruptDatabaseError(
+            f"cannot create aggregate {name!r}: the aggregate id counter (META {NEXT_AGGREGATE!r}) "
+            f"gives id {agg_id}, which an existing aggregate uses (or which is out of range): the "
+            "counter is damaged; nothing was written. Run `tallytree check`, then restore the "
+            "database from a backup or rebuild its aggregates from their source"
+        )
+    tx.set_meta(NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
+    definition: dict[str, Any] = {"id": agg_id, "values": list(fields), "node_size": node_size}
+    if owner is not None:
+        definition["table"] = owner
+    tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
+    return Aggregate(tx._db, name, agg_id, fields, node_size)
+
+
 def _check_name(name: object, what: str) -> None:
     """Raise ArgumentTypeError unless ``name`` (of ``what``: "an aggregate", "a table") is a str, and
     InvalidArgumentError unless it has 1 to 200 chars."""
@@ -508,7 +602,7 @@ def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
             raise InvalidArgumentError(
                 f"value field names are identifiers not starting with '_', not {field!r}"
             )
-        if field in ("count", "fields", "sums", "mean", "as_dict"):
+        if field in RESERVED_FIELDS:
             raise InvalidArgumentError(
                 f"{field!r} is reserved (it names a Totals attribute); pick another name"
             )
@@ -539,6 +633,8 @@ class _Reading:
         tx, self._tx = self._tx, None
         if tx is not None:
             tx.abort()
+        if kind is not None and (damage := damage_error(value)) is not None:
+            raise damage from value
 
 
 class _Writing:
@@ -575,8 +671,62 @@ class _Writing:
                 tx.commit()
             else:
                 tx.abort()
+        except StorageError as exc:  # LMDB met damaged pages as it wrote: not the disk's refusal
+            if (damage := damage_error(exc.__cause__)) is None:
+                raise
+            raise damage from exc.__cause__
         finally:
             self._db._local.writing = False
+        if kind is not None and (damage := damage_error(value)) is not None:
+            raise damage from value
+
+
+_LMDB_DAMAGE = (
+    lmdb.CorruptedError,  # MDB_CORRUPTED: "Located page was wrong type"
+    lmdb.PageNotFoundError,  # MDB_PAGE_NOTFOUND: a page number beyond the file
+    lmdb.BadDbiError,  # a named database's record in the main one changed under its handle
+    lmdb.IncompatibleError,  # a named database's flags damaged
+    lmdb.CursorFullError,  # LMDB's own tree deeper than it can be: its page links form a cycle
+    lmdb.PageFullError,
+    lmdb.BadChecksumError,
+    lmdb.ProblemError,
+    lmdb.BadTxnError,  # MDB_BAD_TXN: every later call of a transaction that met one of the above
+)
+"""The errors LMDB raises for a damaged file (a failing disk, a foreign writer): its pages are not
+what its own structure says. A transaction that met one is refused every later call (MDB_BAD_TXN:
+tallytree nests no transactions and retries a write that filled the map in a new one, so it meets
+that error only after damage). Other LMDB errors (a full map, the reader slots, a map grown by
+another process, the disk refusing a write) are about the environment, not the data, and ``_lmdb``
+translates them."""
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def damage_error(error: BaseException | None) -> CorruptDatabaseError | None:
+    """The CorruptDatabaseError for ``error`` if it is an LMDB error for a damaged file that tallytree
+    met (raised from its own code: one a caller's own LMDB environment raised inside a ``with
+    db.read()`` block is left alone), else None.
+
+    ``db.read()`` and ``db.write()`` translate these as their block ends (raising the new error from
+    ``__exit__``, chained to LMDB's), so no read or write pays for a ``try`` of its own; ``open()``
+    and ``check()`` too. O(frames) on the error's way only."""
+    if not isinstance(error, _LMDB_DAMAGE):
+        return None
+    trace = error.__traceback__
+    if trace is None:
+        return None
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    if not trace.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        return None
+    found = (
+        "this transaction met a damaged page earlier, and LMDB refuses it every later call"
+        if isinstance(error, lmdb.BadTxnError)
+        else "LMDB found a page that its own structure contradicts"
+    )
+    return CorruptDatabaseError(
+        f"the database file is damaged: {found} ({error}). Run `tallytree check` to see what can "
+        "still be read, then restore the database from a backup or rebuild its aggregates from their source"
+    )
 
 
 _ON_DISK: weakref.WeakSet[Database] = weakref.WeakSet()
@@ -638,14 +788,20 @@ def open(
     if map_size is None:
         map_size = min(_DEFAULT_MAP_SIZE, max_map_size)
     directory = Path(path)
-    backend = LmdbBackend(
-        directory,
-        map_size=map_size,
-        max_map_size=max_map_size,
-        durable=durable,
-        readonly=readonly,
-        create=create,
-    )
+    try:
+        backend = LmdbBackend(
+            directory,
+            map_size=map_size,
+            max_map_size=max_map_size,
+            durable=durable,
+            readonly=readonly,
+            create=create,
+        )
+    except _LMDB_DAMAGE as exc:  # (the backend closed what it opened)
+        raise CorruptDatabaseError(
+            f"{directory} is damaged: LMDB cannot read the list of its tables ({exc}). Restore the "
+            "database from a backup, or rebuild its aggregates from their source"
+        ) from exc
     try:
         return Database(backend, cache_nodes=cache_nodes, path=directory)
     except BaseException:  # (a new database whose format tag could not be written, for one)

@@ -55,9 +55,17 @@ from ._extract import (
 )
 from ._gc import gc_paused
 from ._keys import decode_key, encode_id
-from ._store import ROOTS
+from ._store import META, ROOTS
 from ._tree import Tree
-from ._txn import DEFINITIONS, Transaction, WriteTransaction, check_transaction, decode_root
+from ._txn import (
+    DEFINITIONS,
+    MAX_AGGREGATE_ID,
+    Transaction,
+    WriteTransaction,
+    check_transaction,
+    decode_definition,
+    decode_root,
+)
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
@@ -80,7 +88,6 @@ __all__ = ["Table", "decode_doc", "encode_doc"]
 _TABLE_PREFIX = b"table:"
 _STATE_PREFIX = b"tstate:"
 _NEXT_TABLE = b"next_table"
-_NEXT_AGGREGATE = b"next_agg"
 _STATE = struct.Struct(">QQ")
 _MAX_GENERATED = 2**62  # explicit int ids above this do not move the generated-id counter
 _ATTACH_BATCH = 8_192  # documents read, decoded and extracted at once when attaching
@@ -104,10 +111,48 @@ def encode_doc(doc: Any, doc_id: Any, where: str) -> bytes:
 
 
 def decode_doc(data: bytes) -> Document:
-    """Inverse of :func:`encode_doc`: dicts, lists for tuples, UTC datetimes."""
+    """Inverse of :func:`encode_doc`: dicts, lists for tuples, UTC datetimes. For bytes it encoded
+    itself; a stored document goes through :meth:`Table._stored_doc`, which checks it."""
     return msgpack.unpackb(  # type: ignore[no-any-return]
         data, raw=False, timestamp=3, strict_map_key=False
     )
+
+
+def _damage(what: str, problem: str) -> CorruptDatabaseError:
+    """The error for a stored table record or document that is damaged (``what`` names it)."""
+    return CorruptDatabaseError(
+        f"{what} is damaged: {problem}; restore the database from a backup, or rebuild the table from "
+        "the source data (`tallytree check` reports damage to the tables' records and the aggregates)"
+    )
+
+
+def decode_record(name: str, record: bytes) -> dict[str, Any]:
+    """The stored record of table ``name`` (META ``table:`` + name), checked: a map of ``id`` (an
+    int from 1 to 2**32 - 2) and ``aggregates`` (a map of aggregate names to descriptions, each a
+    map). Decoded when a table is opened or its record changes, never per document. Raises
+    CorruptDatabaseError naming the record. O(attached aggregates).
+
+    >>> decode_record("loads", msgpack.packb({"id": 2, "aggregates": {}}))
+    {'id': 2, 'aggregates': {}}
+    >>> decode_record("loads", msgpack.packb([2, {}]))
+    Traceback (most recent call last):
+    tallytree.errors.CorruptDatabaseError: the record of table 'loads' (META b'table:loads') is damaged: ...
+    """
+    what = f"the record of table {name!r} (META {_TABLE_PREFIX + name.encode()!r})"
+    try:
+        data = msgpack.unpackb(record, raw=False)
+    except (ValueError, TypeError) as exc:  # msgpack's errors (and UnicodeDecodeError) are ValueErrors
+        raise _damage(what, f"it does not decode ({type(exc).__name__}: {exc})") from exc
+    if type(data) is not dict or "id" not in data or "aggregates" not in data:
+        raise _damage(what, "it is not a map of an id and the attached aggregates")
+    table_id, aggregates = data["id"], data["aggregates"]
+    if type(table_id) is not int or not 1 <= table_id <= MAX_AGGREGATE_ID:
+        raise _damage(what, f"its id is {table_id!r:.60}, not an int from 1 to {MAX_AGGREGATE_ID}")
+    if type(aggregates) is not dict or not all(
+        type(key) is str and key and type(description) is dict for key, description in aggregates.items()
+    ):
+        raise _damage(what, f"its aggregates {aggregates!r:.60} are not a map of names to definitions")
+    return data
 
 
 def same_doc(stored: bytes | None, data: bytes) -> bool:
@@ -204,7 +249,7 @@ class Table:
             raise TransactionError(self._dropped)
         if record == self._record:
             return
-        data = msgpack.unpackb(record, raw=False)
+        data = decode_record(self.name, record)
         if data["id"] != self._id:  # dropped and created again (by another process): a new table
             self._dropped = f"table {self.name!r} was dropped and created again"
             raise TransactionError(f"{self._dropped}; get it again with db.table({self.name!r})")
@@ -214,9 +259,9 @@ class Table:
             current = self._definitions.get(name)
             stored = tx.meta(DEFINITIONS + name.encode())
             if stored is None:
-                raise CorruptDatabaseError(f"table {self.name!r}: aggregate {name!r} has no definition")
+                raise _damage(f"table {self.name!r}", f"its aggregate {name!r} has no definition")
             aggregate = self._db._aggregates.get(name)
-            fresh = self._db._aggregate_from(name, stored)
+            fresh = self._db._aggregate_from(name, stored, tx)
             if aggregate is None or (aggregate._id, aggregate.fields, aggregate.node_size) != (
                 fresh._id,
                 fresh.fields,
@@ -235,13 +280,45 @@ class Table:
             elif has_function(description):
                 pending[name] = description
             else:
-                definitions[name] = definition_from(aggregate, description)
+                definitions[name] = self._definition_from(aggregate, description)
         self._definitions = definitions
         self._pending = pending
         self._record = record
 
+    def _definition_from(self, aggregate: Aggregate, description: dict[str, Any]) -> Definition:
+        """The definition a table record describes for ``aggregate``; CorruptDatabaseError for a
+        description that makes none (a missing part, an extractor of no known kind, value fields
+        that are not the aggregate's). O(fields)."""
+        try:
+            return definition_from(aggregate, description)
+        except CorruptDatabaseError:
+            raise
+        except Exception as exc:  # whatever a damaged description makes the definition raise
+            raise _damage(
+                f"the record of table {self.name!r} (META {self._record_key!r})",
+                f"its description of aggregate {aggregate.name!r} makes no definition "
+                f"({type(exc).__name__}: {exc})",
+            ) from exc
+
+    def _stored_doc(self, data: bytes, doc_id: Any) -> Document:
+        """A stored document, decoded and checked to be a map (as every document written is);
+        CorruptDatabaseError naming it and the table otherwise. O(size)."""
+        try:
+            doc = decode_doc(data)
+        except (ValueError, TypeError) as exc:  # msgpack's errors (and UnicodeDecodeError) are ValueErrors
+            raise _damage(
+                f"document {doc_id!r} of table {self.name!r}",
+                f"its stored bytes do not decode ({type(exc).__name__}: {exc})",
+            ) from exc
+        if type(doc) is not dict:
+            raise _damage(
+                f"document {doc_id!r} of table {self.name!r}",
+                f"it is stored as {type(doc).__name__} {doc!r:.60}, not as a map of fields",
+            )
+        return doc
+
     def _definition_record(self, changes: Mapping[str, Any]) -> bytes:
-        data: dict[str, Any] = msgpack.unpackb(self._record, raw=False) if self._record else {}
+        data: dict[str, Any] = decode_record(self.name, self._record) if self._record else {}
         aggregates = dict(data.get("aggregates", {}))
         for name, description in changes.items():
             if description is None:
@@ -329,7 +406,7 @@ class Table:
         check_writing(self._db, f"attaching aggregate {name!r} to table {self.name!r}")
         with self._db.write() as tx:
             self._load(tx, tx.meta(self._record_key))
-            stored = msgpack.unpackb(self._record, raw=False)["aggregates"].get(name)
+            stored = decode_record(self.name, self._record)["aggregates"].get(name)
             if stored is None and tx.meta(DEFINITIONS + name.encode()) is not None:
                 raise SchemaMismatchError(
                     f"an aggregate named {name!r} already exists and is not attached to table "
@@ -476,7 +553,7 @@ class Table:
             self._load(tx, tx.meta(self._record_key))
             stored = tx.meta(DEFINITIONS + name.encode())
             if stored is not None:
-                definition = msgpack.unpackb(stored, raw=False)
+                definition = decode_definition(name, stored, tx)
                 definition.pop("table", None)
                 tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
             record = self._definition_record({name: None})
@@ -549,7 +626,7 @@ class Table:
                 if stored is None:
                     continue
                 if aggregate is None:
-                    aggregate = self._db._aggregate_from(name, stored)
+                    aggregate = self._db._aggregate_from(name, stored, tx)
                 _drop_trees(tx, aggregate)
                 tx.set_meta(DEFINITIONS + name.encode(), None)
             for key, _ in list(tx.docs(self._prefix, self._stop)):
@@ -621,7 +698,13 @@ class Table:
         prefix = len(definition.aggregate._prefix)
         for batch in tx.doc_batches(self._prefix, self._stop, _ATTACH_BATCH):
             keys = list(map(itemgetter(0), batch))
-            docs = decode_docs(list(map(itemgetter(1), batch)))
+            try:
+                docs = decode_docs(list(map(itemgetter(1), batch)))
+            except (ValueError, TypeError):
+                docs = []
+            if len(docs) != len(batch) or not all(type(doc) is dict for doc in docs):
+                # (a damaged document: named by decoding them one by one)
+                docs = [self._stored_doc(data, decode_key(key, start)[0]) for key, data in batch]
             ids = list(map(bytes.__getitem__, keys, repeat(cut)))
             columns = definition.columns(docs, ids)
             if columns is None:
@@ -660,7 +743,7 @@ class Table:
         self._check_alive()
         check_transaction(tx, self._db, self._where)
         data = tx.doc(self._prefix + self._encode_id(id))
-        return decode_doc(data) if data is not None else None
+        return self._stored_doc(data, id) if data is not None else None
 
     def count(self, tx: Transaction) -> int:
         """The number of documents. O(1).
@@ -702,7 +785,8 @@ class Table:
         check_flag(reverse, "reverse")
         start = len(self._prefix)
         for key, data in self._scan_docs(tx, reverse):
-            yield decode_key(key, start)[0], decode_doc(data)
+            doc_id = decode_key(key, start)[0]
+            yield doc_id, self._stored_doc(data, doc_id)
 
     def _scan_docs(self, tx: Transaction, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         """The stored ``(key, document bytes)`` pairs in order; raises if the table changes meanwhile."""
@@ -842,7 +926,7 @@ class Table:
                 f"table {self.name!r}: remove= takes a list of field names, e.g. [{remove!r}], "
                 f"not {remove!r:.60}"
             )
-        old = decode_doc(stored)
+        old = self._stored_doc(stored, id)
         new = {**old, **patch}
         for field in remove:
             new.pop(field, None)
@@ -873,7 +957,7 @@ class Table:
         if stored is None:
             raise ItemNotFoundError(f"table {self.name!r}: no document with id {id!r} to replace")
         data = encode_doc(doc, id, f"table {self.name!r}")
-        old = decode_doc(stored)
+        old = self._stored_doc(stored, id)
         if not same_doc(stored, data):
             self._change(wtx, id, id_bytes, old, data)
         return old
@@ -900,9 +984,12 @@ class Table:
         wtx = self._begin(tx)
         id_bytes, stored = self._stored(wtx, id)
         data = encode_doc(doc, id, f"table {self.name!r}")
+        if stored == data:
+            return "unchanged"
+        old = self._stored_doc(stored, id) if stored is not None else None
         if same_doc(stored, data):
             return "unchanged"
-        self._change(wtx, id, id_bytes, decode_doc(stored) if stored is not None else None, data)
+        self._change(wtx, id, id_bytes, old, data)
         if stored is None:
             self._note_id(id)
             self._save_state(wtx)
@@ -931,7 +1018,7 @@ class Table:
             raise ItemNotFoundError(
                 f"table {self.name!r}: no document with id {id!r}; use discard() to ignore missing ones"
             )
-        old = decode_doc(stored)
+        old = self._stored_doc(stored, id)
         self._change(wtx, id, id_bytes, old, None)
         return old
 
@@ -956,7 +1043,7 @@ class Table:
         id_bytes, stored = self._stored(wtx, id)
         if stored is None:
             return False
-        self._change(wtx, id, id_bytes, decode_doc(stored), None)
+        self._change(wtx, id, id_bytes, self._stored_doc(stored, id), None)
         return True
 
     def insert_many(
@@ -1060,7 +1147,8 @@ class Table:
         for id_bytes, (doc_id, data) in updates.items():
             stored = wtx.doc(self._prefix + id_bytes)
             if stored != data:
-                self._change(wtx, doc_id, id_bytes, decode_doc(stored) if stored else None, data)
+                old = self._stored_doc(stored, doc_id) if stored is not None else None
+                self._change(wtx, doc_id, id_bytes, old, data)
         return ids
 
     def delete_range(
@@ -1135,7 +1223,7 @@ class Table:
                     f"{name}: holds document {doc_id!r}, which table {self.name!r} does not have; "
                     "run tallytree.repair() on it"
                 )
-            removed.append((doc_id, id_bytes, decode_doc(stored)))
+            removed.append((doc_id, id_bytes, self._stored_doc(stored, doc_id)))
         if export is not None:
             for doc_id, _, doc in removed:
                 export(doc_id, doc)
@@ -1167,13 +1255,11 @@ def _show(description: Any, aggregate: Aggregate | None) -> str:
 def _define_aggregate(
     tx: WriteTransaction, name: str, fields: tuple[str, ...], node_size: int, *, owner: str
 ) -> Aggregate:
-    """Write a new aggregate definition (owned by a table) in ``tx``; same format as ``_db``."""
-    stored = tx.meta(_NEXT_AGGREGATE)
-    agg_id = int.from_bytes(stored, "big") if stored else 1
-    tx.set_meta(_NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
-    definition = {"id": agg_id, "values": list(fields), "node_size": node_size, "table": owner}
-    tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
-    return Aggregate(tx._db, name, agg_id, fields, node_size)
+    """Write a new aggregate definition (owned by a table) in ``tx``, as ``_db`` writes one (which
+    refuses an id the damaged counter would give again)."""
+    from ._db import define_aggregate  # noqa: PLC0415  # _db imports this module
+
+    return define_aggregate(tx, name, fields, node_size, owner=owner)
 
 
 def _drop_trees(tx: WriteTransaction, aggregate: Aggregate) -> None:
@@ -1193,9 +1279,36 @@ def _drop_trees(tx: WriteTransaction, aggregate: Aggregate) -> None:
 
 
 def create_table(db: Database, tx: WriteTransaction, name: str) -> bytes:
-    """Write a new, empty table record in ``tx``; return it."""
+    """Write a new, empty table record in ``tx``; return it.
+
+    Table ids are never reused, so a counter (META ``next_table``) set back would give the new table
+    the documents of an existing one: an id that documents (one cursor seek), a document count or
+    another table's record already use raises CorruptDatabaseError, and the write transaction,
+    aborted, writes nothing. O(tables)."""
     stored = tx.meta(_NEXT_TABLE)
     table_id = int.from_bytes(stored, "big") if stored else 1
+    taken = not 1 <= table_id <= MAX_AGGREGATE_ID
+    if not taken:
+        prefix, stop = table_id.to_bytes(4, "big"), (table_id + 1).to_bytes(4, "big")
+        taken = next(tx.docs(prefix, stop), None) is not None or tx.meta(_STATE_PREFIX + prefix) is not None
+    if not taken:
+        stop = _TABLE_PREFIX[:-1] + bytes([_TABLE_PREFIX[-1] + 1])
+        for key, other in tx.kv.scan(META, _TABLE_PREFIX, stop):
+            try:
+                taken = (
+                    decode_record(key[len(_TABLE_PREFIX) :].decode(errors="replace"), other)["id"] == table_id
+                )
+            except CorruptDatabaseError:  # (its id is unknown; ``Database.table`` reports it when opened)
+                continue
+            if taken:
+                break
+    if taken:
+        raise CorruptDatabaseError(
+            f"cannot create table {name!r}: the table id counter (META {_NEXT_TABLE!r}) gives id "
+            f"{table_id}, which an existing table uses (or which is out of range): the counter is "
+            "damaged; nothing was written. Restore the database from a backup, or rebuild it from "
+            "the source data"
+        )
     tx.set_meta(_NEXT_TABLE, (table_id + 1).to_bytes(4, "big"))
     record: bytes = msgpack.packb({"id": table_id, "aggregates": {}})
     tx.set_meta(_TABLE_PREFIX + name.encode(), record)
@@ -1203,5 +1316,5 @@ def create_table(db: Database, tx: WriteTransaction, name: str) -> bytes:
 
 
 def table_from(db: Database, name: str, record: bytes) -> Table:
-    """A Table object for a stored record."""
-    return Table(db, name, msgpack.unpackb(record, raw=False)["id"])
+    """A Table object for a stored record (CorruptDatabaseError for a damaged one)."""
+    return Table(db, name, decode_record(name, record)["id"])

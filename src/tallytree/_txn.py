@@ -165,6 +165,96 @@ def check_transaction(tx: object, db: Database, who: str) -> None:
 DEFINITIONS = b"agg:"
 """The prefix of the META keys of aggregate definitions (``agg:`` + name; written by ``_db`` and
 ``_table``)."""
+MIN_NODE_SIZE = 4
+MAX_NODE_SIZE = 1024
+"""The node sizes an aggregate may have: ``node_size=`` is checked against them when an aggregate is
+created (``_db``), and a stored definition when it is decoded (:func:`decode_definition`)."""
+RESERVED_FIELDS = ("count", "fields", "sums", "mean", "as_dict")
+"""Names no value field may have: they name attributes of ``Totals``."""
+MAX_AGGREGATE_ID = (1 << 32) - 2
+"""Aggregate ids are counted from 1 and are the 4-byte prefix of their trees' keys (ROOTS); the next
+prefix ends the scans of an aggregate's trees, so the last one is not an id."""
+
+
+def decode_definition(name: str, data: bytes, tx: Transaction | None = None) -> dict[str, Any]:
+    """The stored definition of aggregate ``name`` (the META record ``agg:`` + name), checked.
+
+    The only decoder of definitions: a map of ``id`` (an int from 1 to :data:`MAX_AGGREGATE_ID`),
+    ``values`` (a list of distinct field names), ``node_size`` (an int from :data:`MIN_NODE_SIZE`
+    to :data:`MAX_NODE_SIZE`) and, for an aggregate a table maintains, ``table`` (its name, or
+    None). With ``tx``, its field count is also compared with the totals held by the first of its
+    trees' root records (one cursor seek): a definition that gained or lost a field would read the
+    trees' sums under the wrong names. A definition is decoded when an aggregate is opened or its
+    record changes, never on the path of a read or a write. Raises CorruptDatabaseError naming the
+    record. O(fields).
+
+    >>> decode_definition("events", msgpack.packb({"id": 3, "values": ["cost"], "node_size": 128}))
+    {'id': 3, 'values': ['cost'], 'node_size': 128}
+    >>> decode_definition("events", msgpack.packb({"id": "3", "values": ["cost"], "node_size": 128}))
+    Traceback (most recent call last):
+    tallytree.errors.CorruptDatabaseError: the definition of aggregate 'events' ... its id is '3', not an...
+    """
+    try:
+        definition = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError) as exc:  # msgpack's errors (and UnicodeDecodeError) are ValueErrors
+        raise _damaged_definition(name, f"it does not decode ({type(exc).__name__}: {exc})") from exc
+    problem = _definition_problem(definition)
+    if problem is None and tx is not None:
+        problem = _field_count_problem(definition, tx)
+    if problem is not None:
+        raise _damaged_definition(name, problem)
+    return definition  # type: ignore[no-any-return]
+
+
+def _definition_problem(definition: Any) -> str | None:
+    """What makes a decoded definition unusable, or None."""
+    if type(definition) is not dict:
+        return f"it holds {type(definition).__name__} {_show(definition)}, not a map"
+    missing = [field for field in ("id", "values", "node_size") if field not in definition]
+    if missing:
+        return f"it has no {' and no '.join(missing)}"
+    agg_id, values, node_size = definition["id"], definition["values"], definition["node_size"]
+    if type(agg_id) is not int or not 1 <= agg_id <= MAX_AGGREGATE_ID:
+        return f"its id is {_show(agg_id)}, not an int from 1 to {MAX_AGGREGATE_ID}"
+    if type(values) is not list or not all(
+        type(field) is str and field.isidentifier() and field[0] != "_" and field not in RESERVED_FIELDS
+        for field in values
+    ):
+        return f"its value fields {_show(values)} are not a list of field names"
+    if len(set(values)) != len(values):
+        return f"its value fields {values} repeat a name"
+    if type(node_size) is not int or not MIN_NODE_SIZE <= node_size <= MAX_NODE_SIZE:
+        return f"its node_size is {_show(node_size)}, not an int from {MIN_NODE_SIZE} to {MAX_NODE_SIZE}"
+    owner = definition.get("table")
+    if owner is not None and (type(owner) is not str or not owner):
+        return f"the table that maintains it is {_show(owner)}, not a table name"
+    return None
+
+
+def _field_count_problem(definition: dict[str, Any], tx: Transaction) -> str | None:
+    """A disagreement between a definition's field count and the totals of its first root record."""
+    agg_id = definition["id"]
+    start = agg_id.to_bytes(4, "big")
+    for _, data in tx.kv.scan(ROOTS, start, (agg_id + 1).to_bytes(4, "big")):
+        try:
+            width = len(decode_root(data).summary)
+        except CorruptDatabaseError:  # the record's own damage (``check`` reports it)
+            return None
+        if width != 1 + 2 * len(definition["values"]):
+            return (
+                f"it has {len(definition['values'])} value field(s) {definition['values']}, but its "
+                f"trees hold totals of {(width - 1) // 2}"
+            )
+        return None
+    return None
+
+
+def _damaged_definition(name: str, problem: str) -> CorruptDatabaseError:
+    return CorruptDatabaseError(
+        f"the definition of aggregate {name!r} (META record {DEFINITIONS + name.encode()!r}) is damaged: "
+        f"{problem}; run `tallytree check` to see all the damage, then restore the database from a "
+        "backup or rebuild its aggregates from their source"
+    )
 
 
 class Transaction:

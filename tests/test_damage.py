@@ -1,0 +1,567 @@
+"""Data damaged behind tallytree's back (a failing disk, a foreign writer, an old copy of one record):
+every read and write raises CorruptDatabaseError (a tallytree.Error) saying what is damaged, never a
+raw LMDB, msgpack or built-in error and never a wrong answer, writes nothing, and ``check`` reports
+the damage as problems instead of raising.
+
+The damage is made as the other damage tests make it (``test_persistence``): with raw py-lmdb writes
+on a closed database."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import pytest
+from conftest import pure_python
+
+import tallytree
+from tallytree import CorruptDatabaseError, StorageError
+from tallytree.cli import main as cli_main
+
+# ================================================================== helpers
+
+
+def _lmdb_env(path: Path) -> Any:
+    return lmdb.open(str(path), max_dbs=8, map_size=1 << 24)
+
+
+@contextlib.contextmanager
+def _behind_tallytrees_back(path: Path, table: bytes) -> Iterator[tuple[Any, Any]]:
+    """A raw LMDB write transaction on the closed database at ``path``, and its named table ``table``
+    (``meta``, ``nodes``, ``roots`` or ``docs``)."""
+    env = _lmdb_env(path)
+    try:
+        handle = env.open_db(table)
+        with env.begin(write=True) as txn:
+            yield txn, handle
+    finally:
+        env.close()
+
+
+def _put(path: Path, table: bytes, key: bytes, value: bytes) -> None:
+    with _behind_tallytrees_back(path, table) as (txn, handle):
+        txn.put(key, value, db=handle)
+
+
+def _get(path: Path, table: bytes, key: bytes) -> bytes:
+    env = _lmdb_env(path)
+    try:
+        with env.begin() as txn:
+            value = txn.get(key, db=env.open_db(table, txn=txn))
+    finally:
+        env.close()
+    assert value is not None
+    return bytes(value)
+
+
+def _dump(path: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """Every record of the four tables of the closed database at ``path``: what "nothing was written"
+    compares."""
+    env = _lmdb_env(path)
+    try:
+        with env.begin() as txn:
+            return {
+                name: [(bytes(key), bytes(value)) for key, value in txn.cursor(db=env.open_db(name, txn=txn))]
+                for name in (b"meta", b"nodes", b"roots", b"docs")
+            }
+    finally:
+        env.close()
+
+
+def _events(path: Path) -> None:
+    """A database with aggregate ``events`` (one field, node size 8, two namespaces) and table
+    ``loads`` with aggregate ``by_status`` attached and 50 documents, ``L0`` to ``L49``."""
+    with tallytree.open(path) as db:
+        events = db.aggregate("events", values=("cost",), node_size=8)
+        with db.write() as tx:
+            for namespace in ("a", "b"):
+                events.insert_many(tx, [(n, f"e{n}", (n / 4,)) for n in range(200)], namespace=namespace)
+        loads = db.table("loads")
+        loads.aggregate("by_status", namespace="org", key="status", values=("rate",), node_size=8)
+        with db.write() as tx:
+            loads.insert_many(
+                tx,
+                [(f"L{n}", {"org": "acme", "status": ("open", "done")[n % 2], "rate": n}) for n in range(50)],
+            )
+
+
+def _raises_damage(action: Callable[[], object], *names: str) -> CorruptDatabaseError:
+    """Run ``action``, which must raise CorruptDatabaseError whose message holds each of ``names``."""
+    with pytest.raises(CorruptDatabaseError) as caught:
+        action()
+    for name in names:
+        assert name in str(caught.value), f"{name!r} not named in: {caught.value}"
+    return caught.value
+
+
+def _cli_check(path: Path) -> int:
+    return cli_main(["check", str(path)])
+
+
+# ================================================================== damaged pages of data.mdb
+
+
+def _read_everything(db: tallytree.Database) -> None:
+    with db.read() as tx:
+        for aggregate in db.aggregates_in(tx):
+            for namespace, totals in aggregate.namespaces(tx):
+                list(aggregate.items(tx, namespace=namespace))
+                aggregate.count(tx, namespace=namespace, ge=10, lt=150)
+                if totals.count:
+                    aggregate.at(tx, -1, namespace=namespace)
+                    aggregate.rank(tx, 100, namespace=namespace)
+
+
+def test_every_zeroed_page_of_the_file_gives_problems_or_typed_errors(tmp_path: Path) -> None:
+    """Each 4 KiB page of data.mdb zeroed in turn, as a torn write or a lost sector leaves it: LMDB
+    raises its own errors (MDB_CORRUPTED "Located page was wrong type", MDB_PAGE_NOTFOUND, and
+    MDB_BAD_TXN for every later call of the transaction). ``open`` raises DatabaseFormatError (a
+    tallytree.Error), ``check`` returns problems (the CLI exits 3), reads and writes raise
+    CorruptDatabaseError chained to LMDB's error, and nothing is written."""
+    origin = tmp_path / "origin"
+    with tallytree.open(origin, map_size=1 << 24) as db:
+        events = db.aggregate("events", values=("cost",), node_size=16)
+        with db.write() as tx:
+            for namespace in ("a", "b"):
+                events.insert_many(tx, [(n, f"e{n}", (n / 4,)) for n in range(2000)], namespace=namespace)
+    pages = os.path.getsize(origin / "data.mdb") // 4096
+    corrupt_reads = corrupt_checks = 0
+    for page in range(pages):
+        path = tmp_path / f"page{page}"
+        shutil.copytree(origin, path)
+        with (path / "data.mdb").open("r+b") as file:
+            file.seek(page * 4096)
+            file.write(bytes(4096))
+        try:
+            db = tallytree.open(path, map_size=1 << 24)
+        except tallytree.DatabaseFormatError:
+            continue  # the meta pages, or the list of tables
+        with db:
+            with db.read() as tx:
+                problems = tallytree.check(tx)
+            if any("LMDB cannot read" in problem.message for problem in problems):
+                corrupt_checks += 1
+            try:
+                _read_everything(db)
+            except CorruptDatabaseError as exc:
+                corrupt_reads += 1
+                assert isinstance(exc.__cause__, lmdb.Error), "LMDB's error is not chained"
+                assert "damaged" in str(exc) and "tallytree check" in str(exc)
+            except tallytree.Error:
+                pass
+            writes: list[Callable[[tallytree.WriteTransaction], object]] = [
+                lambda tx, db=db: db.aggregate("events").insert_many(
+                    tx, [(n + 0.5, "w", (1.0,)) for n in range(0, 2000, 7)]
+                ),
+                # a new tree: LMDB meets the damaged page only when the commit writes
+                lambda tx, db=db: db.aggregate("events").insert(tx, 10**6, "w", (1.0,), namespace="new"),
+            ]
+            for write in writes:
+                try:
+                    _in_write(db, write)
+                except StorageError:  # the disk did not refuse anything: the file is damaged
+                    pytest.fail(f"page {page}: a damaged file was reported as a failing disk")
+                except tallytree.Error:
+                    pass
+        if problems:
+            assert _cli_check(path) == 3
+    assert corrupt_reads >= 10 and corrupt_checks >= 10, (corrupt_reads, corrupt_checks)
+
+
+def test_an_lmdb_error_of_the_callers_own_environment_is_not_taken_for_damage(tmp_path: Path) -> None:
+    """The translation looks at where LMDB's error was raised: a caller's own LMDB environment that
+    fails inside a ``with db.read()`` block keeps its error. And a damaged page that tallytree meets
+    is translated."""
+    path = tmp_path / "db"
+    _events(path)
+    with tallytree.open(path) as db, pytest.raises(lmdb.CorruptedError), db.read():
+        raise lmdb.CorruptedError("the caller's own environment")
+    # the root page of the nodes table zeroed: LMDB fails every read of a node
+    env = _lmdb_env(path)
+    with env.begin() as txn:
+        record = bytes(txn.get(b"nodes"))  # the named table's MDB_db record, md_root last
+    env.close()
+    root_page = int.from_bytes(record[40:48], "little")
+    assert 0 < root_page < os.path.getsize(path / "data.mdb") // 4096
+    with (path / "data.mdb").open("r+b") as file:
+        file.seek(root_page * 4096)
+        file.write(bytes(4096))
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        error = _raises_damage(lambda: _read_everything(db), "damaged")
+        assert isinstance(error.__cause__, lmdb.Error)
+        with db.read() as tx:
+            problems = tallytree.check(tx)
+        assert problems and "LMDB cannot read" in problems[-1].message
+        with pytest.raises(CorruptDatabaseError), db.write() as tx:
+            events.insert(tx, 1000, "new", (1.0,), namespace="a")
+
+
+# ================================================================== damaged META records
+
+
+def _definition(path: Path, name: str) -> dict[str, Any]:
+    return msgpack.unpackb(_get(path, b"meta", b"agg:" + name.encode()), raw=False)  # type: ignore[no-any-return]
+
+
+DAMAGED_DEFINITIONS: dict[str, Callable[[dict[str, Any]], bytes]] = {
+    "not msgpack": lambda _: b"\xc1",
+    "cut short": lambda stored: msgpack.packb(stored)[:-3],
+    "not a map": lambda _: msgpack.packb(7),
+    "no values": lambda stored: msgpack.packb({"id": stored["id"], "node_size": 8}),
+    "values not a list": lambda stored: msgpack.packb({**stored, "values": 5}),
+    "values not names": lambda stored: msgpack.packb({**stored, "values": [b"cost"]}),
+    "values repeated": lambda stored: msgpack.packb({**stored, "values": ["cost", "cost"]}),
+    "a value named as a total": lambda stored: msgpack.packb({**stored, "values": ["count"]}),
+    "id a str": lambda stored: msgpack.packb({**stored, "id": str(stored["id"])}),
+    "id negative": lambda stored: msgpack.packb({**stored, "id": -1}),
+    "id beyond 4 bytes": lambda stored: msgpack.packb({**stored, "id": 2**40}),
+    "node_size 0": lambda stored: msgpack.packb({**stored, "node_size": 0}),
+    "node_size a str": lambda stored: msgpack.packb({**stored, "node_size": "8"}),
+    "table not a name": lambda stored: msgpack.packb({**stored, "table": 7}),
+    "a field more than its trees": lambda stored: msgpack.packb({**stored, "values": ["cost", "extra"]}),
+    "no field, its trees one": lambda stored: msgpack.packb({**stored, "values": []}),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_DEFINITIONS))
+def test_a_damaged_aggregate_definition_raises_corrupt_database_error_naming_it(
+    tmp_path: Path, damage: str
+) -> None:
+    """The META record ``agg:events`` damaged: listing, opening, reading and writing raise
+    CorruptDatabaseError naming the record (not a msgpack, Key, Type, Attribute or ZeroDivision
+    error, nor sums read under the wrong names), writing nothing; check() reports it and goes on
+    with the other aggregates; the CLI's check exits 3."""
+    path = tmp_path / "db"
+    _events(path)
+    _put(path, b"meta", b"agg:events", DAMAGED_DEFINITIONS[damage](_definition(path, "events")))
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        _raises_damage(db.aggregates, "agg:events")
+        _raises_damage(lambda: db.aggregate("events"), "agg:events")
+        with db.read() as tx:
+            _raises_damage(lambda: db.aggregates_in(tx), "agg:events")
+            problems = tallytree.check(tx)
+        assert [problem.aggregate for problem in problems if problem.aggregate is not None] == ["events"]
+        assert "agg:events" in problems[0].message
+        by_status = db.aggregate("by_status")  # the others work
+        with db.read() as tx:
+            assert by_status.count(tx, namespace="acme") == 50
+            assert tallytree.check(tx, by_status) == []
+        _raises_damage(lambda: db.drop_aggregate("events"), "agg:events")
+    assert _dump(path) == before
+    assert _cli_check(path) == 3
+
+
+def test_a_definition_damaged_while_its_aggregate_is_open_is_refused(tmp_path: Path) -> None:
+    """An Aggregate object opened before its definition was damaged (by another process): ``check``
+    reports the damaged definition rather than reading its trees with the fields it had."""
+    path = tmp_path / "db"
+    _events(path)
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        stored = _definition_in(db, "events")
+        with db.write() as tx:
+            tx.set_meta(b"agg:events", msgpack.packb({**stored, "values": ["cost", "extra"]}))
+        with db.read() as tx:
+            problems = tallytree.check(tx)
+        assert [problem.aggregate for problem in problems if problem.aggregate is not None] == ["events"]
+        assert "2 value field(s)" in problems[0].message and "agg:events" in problems[0].message
+        assert events.fields == ("cost",)
+
+
+def test_an_open_aggregate_whose_definition_another_process_damaged_raises_corrupt_database_error(
+    tmp_path: Path,
+) -> None:
+    """The object checks its definition again after another process's commit (Aggregate._confirm):
+    a damaged record raised msgpack's or Python's own errors there."""
+    path = tmp_path / "db"
+    _events(path)
+    damage = (
+        "import sys, lmdb\n"
+        "env = lmdb.open(sys.argv[1], max_dbs=4)\n"
+        "with env.begin(write=True) as txn:\n"
+        "    txn.put(b'agg:events', b'\\xc1 not msgpack', db=env.open_db(b'meta', txn=txn))\n"
+        "env.close()\n"
+    )
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        with db.read() as tx:
+            assert events.count(tx, namespace="a") == 200
+        subprocess.run([sys.executable, "-c", damage, str(path)], check=True, timeout=60)
+        with db.read() as tx:
+            _raises_damage(lambda: events.count(tx, namespace="a"), "agg:events")
+
+
+def _definition_in(db: tallytree.Database, name: str) -> dict[str, Any]:
+    with db.read() as tx:
+        data = tx.meta(b"agg:" + name.encode())
+    assert data is not None
+    return msgpack.unpackb(data, raw=False)  # type: ignore[no-any-return]
+
+
+def test_names_that_are_not_utf8_are_reported_as_damage(tmp_path: Path) -> None:
+    """tallytree writes names as UTF-8: a META key ``agg:`` or ``table:`` followed by other bytes is
+    damage, reported by name (its bytes), not a UnicodeDecodeError."""
+    path = tmp_path / "db"
+    _events(path)
+    _put(path, b"meta", b"agg:\xff\xfe", msgpack.packb({"id": 9, "values": [], "node_size": 8}))
+    with tallytree.open(path) as db:
+        _raises_damage(db.aggregates, "agg:\\xff\\xfe", "UTF-8")
+        with db.read() as tx:
+            problems = tallytree.check(tx)
+        assert any("UTF-8" in problem.message for problem in problems)
+    path = tmp_path / "db2"
+    _events(path)
+    _put(path, b"meta", b"table:\xff", msgpack.packb({"id": 99, "aggregates": {}}))
+    with tallytree.open(path) as db:
+        _raises_damage(db.tables, "table:\\xff", "UTF-8")
+        with db.read() as tx:
+            assert any("UTF-8" in problem.message for problem in tallytree.check(tx))
+
+
+DAMAGED_TABLE_RECORDS: dict[str, Callable[[dict[str, Any]], bytes]] = {
+    "not msgpack": lambda _: b"\xc1",
+    "no id": lambda stored: msgpack.packb({"aggregates": stored["aggregates"]}),
+    "id a str": lambda stored: msgpack.packb({**stored, "id": "1"}),
+    "aggregates a list": lambda stored: msgpack.packb({**stored, "aggregates": [1, 2]}),
+    "a description not a map": lambda stored: msgpack.packb({**stored, "aggregates": {"by_status": 3}}),
+    "a description without its key": lambda stored: msgpack.packb(
+        {
+            **stored,
+            "aggregates": {
+                "by_status": {k: v for k, v in stored["aggregates"]["by_status"].items() if k != "key"}
+            },
+        }
+    ),
+    "a description with other fields": lambda stored: msgpack.packb(
+        {
+            **stored,
+            "aggregates": {
+                "by_status": {**stored["aggregates"]["by_status"], "values": [["n", ["field", "n"]]]}
+            },
+        }
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_TABLE_RECORDS))
+def test_a_damaged_table_record_raises_corrupt_database_error_naming_it(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "db"
+    _events(path)
+    stored = msgpack.unpackb(_get(path, b"meta", b"table:loads"), raw=False)
+    _put(path, b"meta", b"table:loads", DAMAGED_TABLE_RECORDS[damage](stored))
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        _raises_damage(lambda: db.table("loads"), "table 'loads'")
+        _raises_damage(lambda: db.table("loads", create=False), "table 'loads'")
+        _raises_damage(lambda: db.drop_table("loads"), "table 'loads'")
+        with db.read() as tx:
+            problems = tallytree.check(tx)
+        if damage not in ("a description without its key", "a description with other fields"):
+            assert any("table:loads" in problem.message for problem in problems), problems
+    assert _dump(path) == before
+
+
+# ================================================================== id counters set back
+
+
+def test_an_aggregate_id_counter_set_back_refuses_to_reuse_an_id(tmp_path: Path) -> None:
+    """META ``next_agg`` set back to 1 (a foreign writer, a record restored from an old copy): a new
+    aggregate would get the id of ``events`` and hold its 400 items at once, and write into its trees.
+    Creating one, by the database or by a table, raises CorruptDatabaseError naming the counter and
+    writes nothing; check() reports the ids the counter would give again."""
+    path = tmp_path / "db"
+    _events(path)
+    _put(path, b"meta", b"next_agg", (1).to_bytes(4, "big"))
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        _raises_damage(lambda: db.aggregate("brand_new", values=("cost",), node_size=8), "next_agg")
+        loads = db.table("loads")
+        _raises_damage(lambda: loads.aggregate("by_org", key="org"), "next_agg")
+        with db.read() as tx:
+            problems = tallytree.check(tx)
+        assert sorted(problem.aggregate for problem in problems if "next_agg" in problem.message) == [
+            "by_status",
+            "events",
+        ]
+        assert db.aggregates() == ["by_status", "events"]
+    assert _dump(path) == before
+
+
+def test_a_counter_set_back_to_an_id_that_only_trees_use_is_refused(tmp_path: Path) -> None:
+    """The id of a dropped aggregate whose trees a foreign writer left behind (no definition uses it):
+    the one cursor seek on the root records finds them."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        kept = db.aggregate("kept")
+        with db.write() as tx:
+            kept.insert(tx, 1, "a", namespace="n")
+    definition = _definition(path, "kept")
+    with _behind_tallytrees_back(path, b"meta") as (txn, meta):
+        txn.delete(b"agg:kept", db=meta)
+        txn.put(b"next_agg", definition["id"].to_bytes(4, "big"), db=meta)
+    with tallytree.open(path) as db:
+        _raises_damage(lambda: db.aggregate("brand_new"), "next_agg")
+        assert db.aggregates() == []
+
+
+def test_two_definitions_sharing_an_id_are_reported_by_check(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    _events(path)
+    by_status = _definition(path, "by_status")
+    _put(path, b"meta", b"agg:events", msgpack.packb({**_definition(path, "events"), "id": by_status["id"]}))
+    with tallytree.open(path) as db, db.read() as tx:
+        problems = tallytree.check(tx)
+    assert any("has the same id" in problem.message for problem in problems), problems
+
+
+def test_a_table_id_counter_set_back_refuses_to_reuse_an_id(tmp_path: Path) -> None:
+    """META ``next_table`` set back: a new table would share the documents of ``loads``."""
+    path = tmp_path / "db"
+    _events(path)
+    _put(path, b"meta", b"next_table", (1).to_bytes(4, "big"))
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        _raises_damage(lambda: db.table("other"), "next_table")
+        assert db.tables() == ["loads"]
+    assert _dump(path) == before
+
+
+# ================================================================== damaged documents
+
+
+DAMAGED_DOCUMENTS: dict[str, Callable[[bytes], bytes]] = {
+    "not msgpack": lambda _: b"\xc1",
+    "cut short": lambda stored: stored[:-2],
+    "not a map": lambda _: msgpack.packb([1, 2]),
+    "not UTF-8": lambda _: b"\x81\xa3\xff\xfe\xfd\x01",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_DOCUMENTS))
+def test_a_damaged_document_raises_corrupt_database_error_naming_it_and_its_table(
+    tmp_path: Path, damage: str
+) -> None:
+    """Document ``L10`` of table ``loads`` damaged in the DOCS table: every read and write of it (and
+    the whole-table passes that meet it) raises CorruptDatabaseError naming the document and the
+    table, writing nothing."""
+    path = tmp_path / "db"
+    _events(path)
+    with _behind_tallytrees_back(path, b"docs") as (txn, docs):
+        (key,) = [bytes(key) for key, _ in txn.cursor(db=docs) if bytes(key).endswith(b"L10\x00")]
+        txn.put(key, DAMAGED_DOCUMENTS[damage](bytes(txn.get(key, db=docs))), db=docs)
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        loads = db.table("loads")
+        with db.read() as tx:
+            _raises_damage(lambda: loads.get(tx, "L10"), "'L10'", "table 'loads'")
+            _raises_damage(lambda: list(loads.items(tx)), "'L10'", "table 'loads'")
+            assert loads.get(tx, "L11") is not None
+        new = {"org": "acme", "status": "open", "rate": 1}
+        writes: list[Callable[[tallytree.WriteTransaction], object]] = [
+            lambda tx: loads.update(tx, "L10", {"status": "done"}),
+            lambda tx: loads.replace(tx, "L10", new),
+            lambda tx: loads.upsert(tx, "L10", new),
+            lambda tx: loads.delete(tx, "L10"),
+            lambda tx: loads.discard(tx, "L10"),
+            lambda tx: loads.insert_many(tx, [("L10", new)], on_duplicate="update"),
+            lambda tx: loads.delete_range(tx, "by_status", namespace="acme"),
+        ]
+        for write in writes:
+            _raises_damage(lambda write=write: _in_write(db, write), "'L10'", "table 'loads'")
+        _raises_damage(lambda: loads.aggregate("by_rate", key="rate"), "'L10'", "table 'loads'")
+    assert _dump(path) == before
+
+
+def _in_write(db: tallytree.Database, write: Callable[[tallytree.WriteTransaction], object]) -> None:
+    with db.write() as tx:
+        write(tx)
+
+
+# ================================================================== damaged root records
+
+
+def _one_tree(path: Path) -> bytes:
+    """A tree of height 4 (node size 4, 200 items) in namespace "s" of aggregate "a"; its tree key."""
+    with tallytree.open(path) as db:
+        a = db.aggregate("a", values=("x",), node_size=4)
+        with db.write() as tx:
+            a.insert_many(tx, [(f"k{n:05d}", n, (n,)) for n in range(200)], namespace="s")
+        with db.read() as tx:
+            root = tx.root(a._tree_key("s"))
+            assert root is not None and root.height == 4
+        return a._tree_key("s")
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["C kernels", "pure Python"])
+@pytest.mark.parametrize("change", [-3, -1, 1, 3])
+def test_a_root_record_with_a_wrong_height_is_refused_by_every_write(
+    tmp_path: Path, change: int, kernels: bool
+) -> None:
+    """The height in a root record changed to another plausible height: reads, which go by each node's
+    kind, answer as before, but writes go by the height (splits grow it, a range delete drops
+    subtrees by it, appends hang a new leaf at it). Each write raises CorruptDatabaseError (delete_range
+    raised a bare IndexError, and the others wrote on, on a tree whose leaves then lay at two
+    depths), writing nothing."""
+    path = tmp_path / "db"
+    tree_key = _one_tree(path)
+    record = msgpack.unpackb(_get(path, b"roots", tree_key), raw=False)
+    record[1] += change
+    _put(path, b"roots", tree_key, msgpack.packb(record, use_bin_type=True))
+    before = _dump(path)
+    with tallytree.open(path) as db, contextlib.ExitStack() as stack:
+        if not kernels:
+            stack.enter_context(pure_python())
+        a = db.aggregate("a")
+        with db.read() as tx:
+            assert a.count(tx, namespace="s") == 200
+            assert a.totals(tx, namespace="s", ge="k00010", lt="k00020").x == sum(range(10, 20))
+            assert any("height" in problem.message for problem in tallytree.check(tx))
+        writes: list[Callable[[tallytree.WriteTransaction], object]] = [
+            lambda tx: a.insert(tx, "k00050x", 1, (1,), namespace="s"),
+            lambda tx: a.upsert(tx, "k00051", 51, (7,), namespace="s"),
+            lambda tx: a.delete(tx, "k00050", 50, namespace="s"),
+            lambda tx: a.insert_many(tx, [(f"k{n:05d}y", 1, (1,)) for n in range(0, 200, 9)], namespace="s"),
+            lambda tx: [a.insert(tx, f"z{n:03d}", 1, (1,), namespace="s") for n in range(70)],
+            lambda tx: a.delete_range(tx, namespace="s", ge="k00050", lt="k00100"),
+            lambda tx: a.delete_range(tx, namespace="s", ge="k00000", lt="k00016"),
+            lambda tx: a.clear(tx, namespace="s"),
+        ]
+        for write in writes:
+            _raises_damage(lambda write=write: _in_write(db, write), "height")
+    assert _dump(path) == before
+
+
+def test_check_reports_a_root_record_that_does_not_decode_and_goes_on(tmp_path: Path) -> None:
+    """One of three root records replaced by bytes that do not decode: check() returns a problem
+    naming its aggregate and namespace (it raised CorruptDatabaseError, naming neither), the other
+    trees are checked, and the CLI's check exits 3 (it exited 1, as for an error)."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        a = db.aggregate("a", values=("x",), node_size=4)
+        with db.write() as tx:
+            for namespace in ("good1", "bad", "good2"):
+                a.insert_many(tx, [(n, n, (n,)) for n in range(50)], namespace=namespace)
+        tree_key = a._tree_key("bad")
+    _put(path, b"roots", tree_key, b"\x2a" + _get(path, b"roots", tree_key)[1:])
+    with tallytree.open(path) as db:
+        with db.read() as tx:
+            problems = tallytree.check(tx)
+        assert [(problem.aggregate, problem.namespace) for problem in problems if problem.namespace] == [
+            ("a", "bad")
+        ]
+        assert "root record" in problems[0].message
+        a = db.aggregate("a")
+        with db.read() as tx:
+            assert a.count(tx, namespace="good2") == 50
+            _raises_damage(lambda: a.count(tx, namespace="bad"), "root record")
+    assert _cli_check(path) == 3
