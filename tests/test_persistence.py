@@ -1402,3 +1402,16 @@ def test_the_reader_slot_of_a_process_killed_while_reading_is_freed(tmp_path: Pa
     assert rewrite_and_measure() == settled  # pages are reused: the file stops growing
     assert str(reader.pid) not in db._backend.env.readers()
     db.close()
+
+
+def test_the_command_line_exits_3_for_a_truncated_database(tmp_path: Path) -> None:
+    """Damage met at open is what check reports (exit 3), not a generic error (exit 1)."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        _fill(db)
+    data = path / "data.mdb"
+    with open(data, "r+b") as file:
+        file.truncate(data.stat().st_size - 4096)
+    command = [sys.executable, "-m", "tallytree", "check", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 3 and "truncated" in result.stderr, (result.returncode, result.stderr)

@@ -54,7 +54,7 @@ from ._sources import (
 from ._store import NODES, ROOTS
 from ._tree import Tree
 from ._txn import Transaction, decode_root, node_key
-from .errors import AggregateNotFoundError, Error
+from .errors import AggregateNotFoundError, CorruptDatabaseError, Error
 
 __all__ = ["console_main", "main"]
 
@@ -329,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), exc.code, wants_json)
     except (AggregateNotFoundError, SourceNotFoundError) as exc:
         return _fail(str(exc), EXIT_NOT_FOUND, wants_json)
+    except CorruptDatabaseError as exc:  # damage met by any command, at open included: as check finds it
+        return _fail(str(exc), EXIT_CHECK_FAILED, wants_json)
     except (Error, SourceError, RowError) as exc:
         return _fail(str(exc), EXIT_ERROR, wants_json)
     except KeyboardInterrupt:
