@@ -11,6 +11,14 @@ import tallytree
 from tallytree import ArgumentTypeError, Change, Error, InvalidArgumentError
 
 
+def _ten_scores(db: tallytree.Database) -> tallytree.Aggregate:
+    """Aggregate ``scores`` holding keys 0 to 9 (id "id")."""
+    scores = db.aggregate("scores")
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    return scores
+
+
 @pytest.fixture
 def db() -> tallytree.Database:
     return tallytree.open_memory()
@@ -108,9 +116,7 @@ def test_a_read_or_write_given_no_transaction_raises_argument_type_error(db: tal
 
 
 def test_random_refuses_an_rng_that_is_neither_a_generator_nor_a_seed(db: tallytree.Database) -> None:
-    scores = db.aggregate("scores")
-    with db.write() as tx:
-        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    scores = _ten_scores(db)
     with db.read() as tx:
         for rng in (object(), [1], True):
             with pytest.raises(ArgumentTypeError, match="rng="):
@@ -207,9 +213,7 @@ def test_a_flag_that_is_not_a_bool_raises_argument_type_error(
     db: tallytree.Database, call: Callable[[tallytree.Aggregate, Any], Any]
 ) -> None:
     """``sorted="no"`` is true: a flag that is not a bool is a mistake, refused before anything is read."""
-    scores = db.aggregate("scores")
-    with db.write() as tx:
-        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    scores = _ten_scores(db)
     with db.write() as tx, pytest.raises(ArgumentTypeError, match="= takes True or False, not ") as raised:
         call(scores, tx)
     assert isinstance(raised.value, TypeError)
@@ -243,9 +247,7 @@ def test_a_build_refuses_an_on_invalid_that_is_not_a_function_before_any_item(db
 
 def test_a_read_option_of_the_wrong_type_is_an_argument_type_error(db: tallytree.Database) -> None:
     """Also the BoundsError it was before; a wrong value (limit=0) stays a BoundsError alone."""
-    scores = db.aggregate("scores")
-    with db.write() as tx:
-        scores.insert_many(tx, [(n, "id") for n in range(10)])
+    scores = _ten_scores(db)
     with db.read() as tx:
         wrong_types: list[Callable[[], Any]] = [
             lambda: scores.page(tx, limit="3"),

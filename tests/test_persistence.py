@@ -1344,16 +1344,22 @@ def test_an_aggregate_detached_by_another_process_takes_its_own_writes_again(tmp
             assert by_state.count(tx) == 2
 
 
-def test_a_truncated_data_file_is_refused_at_open_instead_of_killing_the_process(tmp_path: Path) -> None:
-    """A data.mdb cut short (a copy interrupted) killed the process with SIGBUS at the first read past
-    its end, printing nothing; now open() refuses it with CorruptDatabaseError. Runs in a child
-    process, so that the old behaviour fails the test instead of killing the test run."""
+def _truncated(tmp_path: Path) -> Path:
+    """A database whose data.mdb lost its last page, as a copy cut short leaves it."""
     path = tmp_path / "db"
     with tallytree.open(path) as db:
         _fill(db)
     data = path / "data.mdb"
     with open(data, "r+b") as file:
         file.truncate(data.stat().st_size - 4096)
+    return path
+
+
+def test_a_truncated_data_file_is_refused_at_open_instead_of_killing_the_process(tmp_path: Path) -> None:
+    """A data.mdb cut short (a copy interrupted) killed the process with SIGBUS at the first read past
+    its end, printing nothing; now open() refuses it with CorruptDatabaseError. Runs in a child
+    process, so that the old behaviour fails the test instead of killing the test run."""
+    path = _truncated(tmp_path)
     script = (
         "import sys, tallytree\n"
         "try:\n"
@@ -1406,12 +1412,7 @@ def test_the_reader_slot_of_a_process_killed_while_reading_is_freed(tmp_path: Pa
 
 def test_the_command_line_exits_3_for_a_truncated_database(tmp_path: Path) -> None:
     """Damage met at open is what check reports (exit 3), not a generic error (exit 1)."""
-    path = tmp_path / "db"
-    with tallytree.open(path) as db:
-        _fill(db)
-    data = path / "data.mdb"
-    with open(data, "r+b") as file:
-        file.truncate(data.stat().st_size - 4096)
+    path = _truncated(tmp_path)
     command = [sys.executable, "-m", "tallytree", "check", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 3 and "truncated" in result.stderr, (result.returncode, result.stderr)

@@ -63,6 +63,7 @@ from ._txn import (
     ReadTransaction,
     Transaction,
     WriteTransaction,
+    counter_damaged,
     decode_definition,
     decode_root,
 )
@@ -551,12 +552,7 @@ def define_aggregate(
             if not isinstance(aggregate, CorruptDatabaseError)
         )
     if taken:
-        raise CorruptDatabaseError(
-            f"cannot create aggregate {name!r}: the aggregate id counter (META {NEXT_AGGREGATE!r}) "
-            f"gives id {agg_id}, which an existing aggregate uses (or which is out of range): the "
-            "counter is damaged; nothing was written. Run `tallytree check`, then restore the "
-            "database from a backup or rebuild its aggregates from their source"
-        )
+        raise counter_damaged("aggregate", name, NEXT_AGGREGATE, agg_id)
     tx.set_meta(NEXT_AGGREGATE, (agg_id + 1).to_bytes(4, "big"))
     definition: dict[str, Any] = {"id": agg_id, "values": list(fields), "node_size": node_size}
     if owner is not None:

@@ -63,6 +63,7 @@ from ._txn import (
     Transaction,
     WriteTransaction,
     check_transaction,
+    counter_damaged,
     decode_definition,
     decode_root,
 )
@@ -1303,12 +1304,7 @@ def create_table(db: Database, tx: WriteTransaction, name: str) -> bytes:
             if taken:
                 break
     if taken:
-        raise CorruptDatabaseError(
-            f"cannot create table {name!r}: the table id counter (META {_NEXT_TABLE!r}) gives id "
-            f"{table_id}, which an existing table uses (or which is out of range): the counter is "
-            "damaged; nothing was written. Restore the database from a backup, or rebuild it from "
-            "the source data"
-        )
+        raise counter_damaged("table", name, _NEXT_TABLE, table_id)
     tx.set_meta(_NEXT_TABLE, (table_id + 1).to_bytes(4, "big"))
     record: bytes = msgpack.packb({"id": table_id, "aggregates": {}})
     tx.set_meta(_TABLE_PREFIX + name.encode(), record)

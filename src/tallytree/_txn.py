@@ -176,6 +176,17 @@ MAX_AGGREGATE_ID = (1 << 32) - 2
 prefix ends the scans of an aggregate's trees, so the last one is not an id."""
 
 
+def counter_damaged(kind: str, name: str, counter: bytes, new_id: int) -> CorruptDatabaseError:
+    """The error for a new aggregate or table (``kind``) whose id counter (META ``counter``) gives an
+    id that one already uses, or that is out of range: the counter was set back or damaged."""
+    return CorruptDatabaseError(
+        f"cannot create {kind} {name!r}: the {kind} id counter (META {counter!r}) gives id {new_id}, "
+        f"which an existing {kind} uses (or which is out of range): the counter is damaged; nothing "
+        "was written. Run `tallytree check`, then restore the database from a backup or rebuild it "
+        "from the source data"
+    )
+
+
 def decode_definition(name: str, data: bytes, tx: Transaction | None = None) -> dict[str, Any]:
     """The stored definition of aggregate ``name`` (the META record ``agg:`` + name), checked.
 
