@@ -365,7 +365,7 @@ def _aggregates(tx: Transaction, problems: list[Problem]) -> list[Aggregate]:
     """The aggregates defined in ``tx``'s snapshot; damaged definitions, ids two of them share and ids
     at or above the id counter (a new aggregate would take them) appended to ``problems``."""
     found: list[Aggregate] = []
-    for name, each in tx._db.definitions_in(tx):
+    for name, each in tx._db._definitions_in(tx):
         if isinstance(each, CorruptDatabaseError):
             problems.append(Problem(_show_name(name), None, (), None, str(each)))
         else:

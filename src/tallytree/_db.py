@@ -346,13 +346,13 @@ class Database:
         ['visits']
         """
         found = []
-        for _, aggregate in self.definitions_in(tx):
+        for _, aggregate in self._definitions_in(tx):
             if isinstance(aggregate, CorruptDatabaseError):
                 raise aggregate
             found.append(aggregate)
         return found
 
-    def definitions_in(self, tx: Transaction) -> list[tuple[str | bytes, Aggregate | CorruptDatabaseError]]:
+    def _definitions_in(self, tx: Transaction) -> list[tuple[str | bytes, Aggregate | CorruptDatabaseError]]:
         """Every aggregate definition in the snapshot of ``tx``, by name: the aggregate, or the
         CorruptDatabaseError of a damaged definition, with its name (the raw bytes of a name that is
         not UTF-8). What ``check`` reports damaged definitions from. O(aggregates)."""
@@ -548,7 +548,7 @@ def define_aggregate(
     if not taken:
         taken = any(
             aggregate._id == agg_id
-            for _, aggregate in tx._db.definitions_in(tx)
+            for _, aggregate in tx._db._definitions_in(tx)
             if not isinstance(aggregate, CorruptDatabaseError)
         )
     if taken:
