@@ -371,6 +371,7 @@ class Aggregate:
         self.node_size = node_size
         self._id = agg_id
         self._prefix = agg_id.to_bytes(4, "big")
+        self._owner: str | None = None  # the table that maintains it (see _set_owner)
         self._readonly_reason: str | None = None  # why writes are refused (a table maintains it)
         self._dropped: str | None = None  # why every read and write is refused: the aggregate is gone
         self._record_key = DEFINITIONS + name.encode()
@@ -426,10 +427,14 @@ class Aggregate:
                 again = "" if definition is None else " and created again"
                 self._dropped = f"aggregate {self.name!r} was dropped{again} by another process or Database"
                 raise self._gone()
-            owner = definition.get("table")
-            self._readonly_reason = owned_reason(self.name, owner) if owner is not None else None
+            self._set_owner(definition.get("table"))
             self._record = record
         self._epoch = tx._epoch
+
+    def _set_owner(self, table: str | None) -> None:
+        """Record the table that maintains this aggregate (None: none), whose writes alone it takes."""
+        self._owner = table
+        self._readonly_reason = owned_reason(self.name, table) if table is not None else None
 
     def _current(self) -> bool:
         """Whether this object is still the aggregate stored under its name, in a new snapshot."""

@@ -45,7 +45,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-from ._aggregate import Aggregate, owned_reason
+from ._aggregate import Aggregate
 from ._args import check_flag
 from ._btree import Root
 from ._extract import Definition
@@ -66,6 +66,7 @@ from ._txn import (
     counter_damaged,
     decode_definition,
     decode_root,
+    field_name_ok,
 )
 from .errors import (
     AggregateNotFoundError,
@@ -92,8 +93,6 @@ DEFAULT_CACHE_NODES = 16384
 that 32,768 nodes of 64 entries held."""
 _FORMAT_KEY = b"format"
 NEXT_AGGREGATE = b"next_agg"
-_MIN_NODE_SIZE = MIN_NODE_SIZE
-_MAX_NODE_SIZE = MAX_NODE_SIZE
 _DEFAULT_MAP_SIZE = 1 << 30
 _MIN_MAP_SIZE = 16 * mmap.PAGESIZE
 """The smallest ``map_size`` open() takes: 16 LMDB pages (an LMDB page is an OS page; 64 KiB with 4 KiB
@@ -300,8 +299,7 @@ class Database:
         definition = decode_definition(name, data, tx)
         fields = tuple(definition["values"])
         aggregate = Aggregate(self, name, definition["id"], fields, definition["node_size"])
-        if definition.get("table") is not None:
-            aggregate._readonly_reason = owned_reason(name, definition["table"])
+        aggregate._set_owner(definition.get("table"))
         aggregate._record = data  # decoded: its first confirmation (Aggregate._confirm) compares bytes
         return aggregate
 
@@ -574,11 +572,11 @@ def _check_node_size(node_size: object) -> None:
     """Raise ArgumentTypeError unless ``node_size`` is an int, InvalidArgumentError unless in range."""
     if type(node_size) is not int:
         raise ArgumentTypeError(
-            f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
+            f"node_size must be an int from {MIN_NODE_SIZE} to {MAX_NODE_SIZE}, not {node_size!r}"
         )
-    if not _MIN_NODE_SIZE <= node_size <= _MAX_NODE_SIZE:
+    if not MIN_NODE_SIZE <= node_size <= MAX_NODE_SIZE:
         raise InvalidArgumentError(
-            f"node_size must be an int from {_MIN_NODE_SIZE} to {_MAX_NODE_SIZE}, not {node_size!r}"
+            f"node_size must be an int from {MIN_NODE_SIZE} to {MAX_NODE_SIZE}, not {node_size!r}"
         )
 
 
@@ -594,13 +592,13 @@ def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
     for field in fields:
         if not isinstance(field, str):
             raise ArgumentTypeError(f"value field names are str identifiers, not {field!r}")
-        if not field.isidentifier() or field.startswith("_"):
-            raise InvalidArgumentError(
-                f"value field names are identifiers not starting with '_', not {field!r}"
-            )
         if field in RESERVED_FIELDS:
             raise InvalidArgumentError(
                 f"{field!r} is reserved (it names a Totals attribute); pick another name"
+            )
+        if not field_name_ok(field):
+            raise InvalidArgumentError(
+                f"value field names are identifiers not starting with '_', not {field!r}"
             )
     if len(set(fields)) != len(fields):
         raise InvalidArgumentError(f"value field names must be unique: {list(fields)}")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._aggregate import Aggregate, Item, owned_reason
+from ._aggregate import Aggregate, Item
 from ._args import check_flag, iterator_of
 from ._btree import same_values
 from ._extract import (
@@ -478,7 +478,7 @@ def _owned_by(aggregate: Aggregate, source: Any, definition: Definition | None) 
     return (
         isinstance(source, Table)
         and source._db is aggregate._db
-        and aggregate._readonly_reason == owned_reason(aggregate.name, source.name)
+        and aggregate._owner == source.name
         and (definition is None or definition is source._definitions.get(aggregate.name))
     )
 

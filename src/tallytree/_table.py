@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._aggregate import Aggregate, Totals, owned_reason, resolve_bounds
+from ._aggregate import Aggregate, Totals, resolve_bounds
 from ._args import check_flag, iterator_of
 from ._btree import Root
 from ._bulk import Columns, build_columns
@@ -270,8 +270,8 @@ class Table:
             ):
                 self._adopt_owned(fresh)
                 aggregate = fresh
-            elif aggregate._readonly_reason is None:  # opened with db.aggregate() before it was attached
-                aggregate._readonly_reason = owned_reason(name, self.name)
+            elif aggregate._owner is None:  # opened with db.aggregate() before it was attached
+                aggregate._set_owner(self.name)
             if (
                 current is not None
                 and current.aggregate is aggregate
@@ -467,7 +467,7 @@ class Table:
         previous = self._db._aggregates.get(aggregate.name)
         if previous is not None and previous._id != aggregate._id:  # its trees are gone
             previous._dropped = f"aggregate {aggregate.name!r} was redefined"
-        aggregate._readonly_reason = owned_reason(aggregate.name, self.name)
+        aggregate._set_owner(self.name)
         self._db._aggregates[aggregate.name] = aggregate
 
     def _attached(self, name: str) -> Aggregate:
@@ -559,7 +559,7 @@ class Table:
                 tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
             record = self._definition_record({name: None})
             tx.set_meta(self._record_key, record)
-        aggregate._readonly_reason = None
+        aggregate._set_owner(None)
         self._definitions.pop(name, None)
         self._pending.pop(name, None)
         self._record = record

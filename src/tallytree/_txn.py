@@ -176,6 +176,16 @@ MAX_AGGREGATE_ID = (1 << 32) - 2
 prefix ends the scans of an aggregate's trees, so the last one is not an id."""
 
 
+def field_name_ok(field: str) -> bool:
+    """Whether ``field`` may name a value field: an identifier not starting with ``_`` and not one of
+    :data:`RESERVED_FIELDS`. What a new aggregate's ``values=`` and a stored definition are held to.
+
+    >>> field_name_ok("cost"), field_name_ok("_cost"), field_name_ok("count")
+    (True, False, False)
+    """
+    return field.isidentifier() and field[0] != "_" and field not in RESERVED_FIELDS
+
+
 def counter_damaged(kind: str, name: str, counter: bytes, new_id: int) -> CorruptDatabaseError:
     """The error for a new aggregate or table (``kind``) whose id counter (META ``counter``) gives an
     id that one already uses, or that is out of range: the counter was set back or damaged."""
@@ -227,10 +237,7 @@ def _definition_problem(definition: Any) -> str | None:
     agg_id, values, node_size = definition["id"], definition["values"], definition["node_size"]
     if type(agg_id) is not int or not 1 <= agg_id <= MAX_AGGREGATE_ID:
         return f"its id is {_show(agg_id)}, not an int from 1 to {MAX_AGGREGATE_ID}"
-    if type(values) is not list or not all(
-        type(field) is str and field.isidentifier() and field[0] != "_" and field not in RESERVED_FIELDS
-        for field in values
-    ):
+    if type(values) is not list or not all(type(field) is str and field_name_ok(field) for field in values):
         return f"its value fields {_show(values)} are not a list of field names"
     if len(set(values)) != len(values):
         return f"its value fields {values} repeat a name"
