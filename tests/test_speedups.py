@@ -85,25 +85,73 @@ def test_int_keys_leave_what_they_do_not_handle_to_python(values: list[Any]) -> 
     assert speedups.int_keys(values) is None
 
 
-@given(
+ONE_KEY_SCALARS = (
     INT64
     | st.sampled_from(EDGES)
     | st.datetimes(min_value=datetime(1, 1, 1), timezones=st.just(UTC))
+    | st.datetimes(min_value=datetime(1, 1, 1), timezones=st.just(timezone(timedelta(hours=2))))
     | st.integers()
     | st.floats(allow_nan=False)
     | st.booleans()
+    | st.none()
     | st.text(max_size=5)
+    | st.text(alphabet="a\x00\ud800é", max_size=4)  # NUL to escape, lone surrogates, non-ASCII
+    | st.text(min_size=240, max_size=260)  # around the size limit
+    | st.binary(max_size=3)
 )
-def test_one_key_equals_the_python_encoder(value: Any) -> None:
-    """One int64 or UTC datetime: its key, or its body (the key without an int's suffix byte), as the
-    Python encoder gives them; anything else is left to it (None)."""
-    assert speedups is not None
+
+
+def _one_key_handles(value: Any) -> bool:
+    """What ``one_key`` takes (the rest it leaves to Python): an int64, a UTC datetime, a str without
+    NUL (and encodable), or a flat tuple of those, None and bools; a whole key within the limit."""
     kind = type(value)
-    handled = (kind is int and -(2**63) <= value < 2**63) or kind is datetime
+    if kind is tuple:
+        return all(
+            item is None or type(item) is bool or (type(item) is not tuple and _one_key_handles(item))
+            for item in value
+        )
+    if kind is str:
+        return "\x00" not in value and not any("\ud800" <= char <= "\udfff" for char in value)
+    return (kind is int and -(2**63) <= value < 2**63) or (kind is datetime and value.tzinfo is UTC)
+
+
+@given(ONE_KEY_SCALARS | st.lists(ONE_KEY_SCALARS, max_size=4).map(tuple) | st.tuples(st.tuples(INT64)))
+def test_one_key_equals_the_python_encoder(value: Any) -> None:
+    """One key: its encoding, or its body (the key without the suffix bytes of its ints), as the
+    Python encoder gives them (or raises: then None); what it does not take is left to Python
+    (None)."""
+    assert speedups is not None
     with pure_python():
-        key, body = keys_module.encode_key(value), keys_module.encode_body(value)
-    assert speedups.one_key(value, False) == (key if handled else None)
-    assert speedups.one_key(value, True) == (body if handled else None)
+        try:
+            key, body = keys_module.encode_key(value), keys_module.encode_body(value)
+        except tallytree.Error:
+            key = body = None
+    handled = _one_key_handles(value) and key is not None
+    assert speedups.one_key(value, False, MAX_KEY_BYTES) == (key if handled else None)
+    assert speedups.one_key(value, True, MAX_KEY_BYTES) == (body if handled else None)
+    if type(value) is tuple:  # encode_prefix takes the kernel's body
+        if key is None:
+            with pytest.raises(tallytree.Error):
+                keys_module.encode_prefix(value)
+        else:
+            with pure_python():
+                prefix = keys_module.encode_prefix(value)
+            assert keys_module.encode_prefix(value) == prefix
+
+
+def test_one_key_leaves_a_key_over_the_limit_to_python() -> None:
+    """A whole key longer than ``limit`` (its suffix bytes counted) is Python's to refuse."""
+    assert speedups is not None
+    fits = ("a" * 100, 1, 2)
+    size = len(python_keys([fits])[0])
+    assert speedups.one_key(fits, False, size) == python_keys([fits])[0]
+    assert speedups.one_key(fits, True, size) is not None
+    assert speedups.one_key(fits, False, size - 1) is None  # one suffix byte over
+    assert speedups.one_key(fits, True, size - 1) is None  # the body alone fits; the key does not
+    assert speedups.one_key("a" * 10, False, 11) is None  # 40, ten bytes, 00
+    assert speedups.one_key("a" * 10, False, 12) == python_keys(["a" * 10])[0]
+    with pytest.raises(KeyTooLargeError):
+        encode_key(("a" * 200, "b" * 60))
 
 
 class Int(int):
@@ -1681,6 +1729,8 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
         lambda: speedups.range_totals(node, [0], b"a", False, None, False, 3, None, 0),
         lambda: speedups.range_totals(node, [0], b"a", False, None, False, len, None, 0, None),  # type: ignore[call-arg]
         lambda: speedups.one_key(1),  # type: ignore[call-arg]
+        lambda: speedups.one_key(1, True),  # type: ignore[call-arg]
+        lambda: speedups.one_key(1, True, None),  # type: ignore[arg-type]
     ]
     for call in calls:
         with pytest.raises(TypeError):

@@ -490,10 +490,10 @@ def encode_key(key: object, *, what: str = "key") -> bytes:
     naive datetime or a string with lone surrogates, and KeyTooLargeError above ``MAX_KEY_BYTES``.
     """
     kind = type(key)
-    if speedups is not None and (kind is int or kind is datetime):
-        encoded = speedups.one_key(key, False)
-        if encoded is not None:  # the C twin (see _native) took it: an int64, or a datetime in UTC
-            return encoded
+    if speedups is not None and (kind is int or kind is datetime or kind is tuple or kind is str):
+        encoded = speedups.one_key(key, False, MAX_KEY_BYTES)
+        if encoded is not None:  # the C twin (see _native) took it: an int64, a datetime in UTC, a str,
+            return encoded  # or a flat tuple of those, None and bools
     if kind is int:
         data = _int_body(key, what) + b"\x00"  # type: ignore[arg-type]  # exact type checked
     elif kind is float:
@@ -550,9 +550,9 @@ def encode_body(key: object, *, what: str = "key") -> bytes:
     '70 33 80 00 40 61 00 00'
     """
     kind = type(key)
-    if speedups is not None and (kind is int or kind is datetime):
-        encoded = speedups.one_key(key, True)
-        if encoded is not None:  # the C twin (see _native): the key without its suffix byte (ints only)
+    if speedups is not None and (kind is int or kind is datetime or kind is tuple or kind is str):
+        encoded = speedups.one_key(key, True, MAX_KEY_BYTES)
+        if encoded is not None:  # the C twin (see _native): the key without its suffix bytes
             return encoded
     if kind is int:
         value: int = key  # type: ignore[assignment]  # exact type checked
@@ -601,6 +601,10 @@ def encode_prefix(prefix: tuple[object, ...]) -> bytes:
             f"prefix {_show(prefix)} has type {type(prefix).__qualname__}; a prefix must be a "
             "tuple of the first elements of tuple keys, e.g. (2024,) or ('eu', 'fr')"
         )
+    if speedups is not None and type(prefix) is tuple:
+        body = speedups.one_key(prefix, True, MAX_KEY_BYTES)
+        if body is not None:  # the C twin (see _native)
+            return body[:-1]
     return _encode(prefix, "prefix")[0][:-1]
 
 

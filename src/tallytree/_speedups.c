@@ -10,8 +10,9 @@ the Python code and gives the same answers):
 * ``int_keys(values)``: ``[encode_key(v) for v in values]`` for exact ints in the int64 range
   (``_keys`` documents the format);
 * ``datetime_keys(values)``: the same for exact ``datetime`` objects whose tzinfo is ``datetime.UTC``;
-* ``one_key(value, body)``: ``encode_key(value)`` (``encode_body`` when ``body``) of one value those two
-  take, without their tuple and list (a bound, a single insert);
+* ``one_key(value, body, limit)``: ``encode_key(value)`` (``encode_body`` when ``body``) of one value
+  those two take, or a str, or a flat tuple of those, None and bools (a bound, a prefix, a single
+  insert);
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``sort_order(items)``: ``sorted(range(len(items)), key=items.__getitem__)`` for a list of bytes (a
@@ -322,36 +323,6 @@ datetime_keys(PyObject *Py_UNUSED(module), PyObject *values)
     return map_keys(values, datetime_key, 0);
 }
 
-/* ``one_key(value, body)``: encode_key(value), or encode_body(value) when ``body`` is true, for one
-   exact int64 or UTC datetime: what int_keys((value,))[0] gives without the tuple and the list (a
-   bound or a single insert encodes one key). None for any other value (left to the Python code). */
-static PyObject *
-one_key(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "one_key(value, body: bool)");
-        return NULL;
-    }
-    int body = PyObject_IsTrue(args[1]);
-    if (body < 0) {
-        return NULL;
-    }
-    PyObject *key = NULL;
-    int status = PyLong_CheckExact(args[0]) ? int_key(args[0], 0, &key) : datetime_key(args[0], 0, &key);
-    if (status != 0) {
-        if (status < 0) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
-    }
-    if (body && PyLong_CheckExact(args[0])) { /* an int's body is its key without the suffix byte */
-        PyObject *cut = PyBytes_FromStringAndSize(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key) - 1);
-        Py_DECREF(key);
-        return cut;
-    }
-    return key;
-}
-
 #define TYPE_TEXT 0x40
 
 /* One str key: 40, the UTF-8 bytes, 00. 1 (for the Python code) for another type, a NUL to escape,
@@ -396,6 +367,131 @@ text_key(PyObject *item, Py_ssize_t limit, PyObject **key)
     out[size + 1] = 0x00;
     Py_XDECREF(encoded);
     return 0;
+}
+
+/* The body of one tuple element, appended at out[*size] (at most ``room`` bytes in all), and its suffix
+   byte (an int's) at suffix[*numbers]: an exact int64, str (without NUL, encodable), UTC datetime, None
+   or bool. 1 (for the Python code) for anything else or when it does not fit, -1 on an error. */
+static int
+element_body(PyObject *item, unsigned char *out, Py_ssize_t room, Py_ssize_t *size, unsigned char *suffix,
+             Py_ssize_t *numbers)
+{
+    unsigned char buffer[16];
+    const unsigned char *data = buffer;
+    Py_ssize_t length;
+    PyObject *made = NULL;
+    if (item == Py_None || item == Py_False || item == Py_True) {
+        buffer[0] = item == Py_None ? 0x10 : item == Py_False ? 0x20 : 0x21;
+        length = 1;
+    }
+    else if (PyLong_CheckExact(item) || PyUnicode_CheckExact(item) || PyDateTime_CheckExact(item)) {
+        int status = PyLong_CheckExact(item)      ? int_key(item, 0, &made)
+                     : PyUnicode_CheckExact(item) ? text_key(item, room, &made)
+                                                  : datetime_key(item, 0, &made);
+        if (status != 0) {
+            return status;
+        }
+        data = (const unsigned char *)PyBytes_AS_STRING(made);
+        length = PyBytes_GET_SIZE(made);
+        if (PyLong_CheckExact(item)) { /* the int's suffix byte goes to the end of the key */
+            length -= 1;
+            suffix[(*numbers)++] = SUFFIX_INT;
+        }
+    }
+    else {
+        return 1;
+    }
+    if (*size + length > room) {
+        Py_XDECREF(made);
+        return 1;
+    }
+    memcpy(out + *size, data, (size_t)length);
+    *size += length;
+    Py_XDECREF(made);
+    return 0;
+}
+
+#define TYPE_TUPLE 0x70
+
+/* A flat exact tuple's key (70, the element bodies, 00, then one suffix byte per number), or only its
+   body: 0 with *key set, 1 for the Python code (an element it does not handle, more than ``limit``
+   bytes in the whole key), -1 on an error. */
+static int
+tuple_key(PyObject *item, Py_ssize_t limit, int body, PyObject **key)
+{
+    Py_ssize_t count = PyTuple_GET_SIZE(item);
+    if (limit > 1024 || count > limit) {
+        return 1;
+    }
+    unsigned char out[1024 + 2];
+    unsigned char suffix[1024];
+    Py_ssize_t size = 1, numbers = 0;
+    out[0] = TYPE_TUPLE;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        int status = element_body(PyTuple_GET_ITEM(item, index), out, limit, &size, suffix, &numbers);
+        if (status != 0) {
+            return status;
+        }
+    }
+    out[size++] = 0x00;
+    if (size + numbers > limit) {
+        return 1;
+    }
+    if (!body) {
+        memcpy(out + size, suffix, (size_t)numbers);
+        size += numbers;
+    }
+    *key = PyBytes_FromStringAndSize((const char *)out, size);
+    return *key == NULL ? -1 : 0;
+}
+
+/* ``one_key(value, body, limit)``: encode_key(value), or encode_body(value) when ``body`` is true, for
+   one exact int64, UTC datetime, str, or flat tuple of those, None and bools, of at most ``limit``
+   bytes (the whole key): what int_keys((value,))[0] gives without the tuple and the list (a bound or
+   a single insert encodes one key). None for any other value (left to the Python code, which encodes
+   it or raises). */
+static PyObject *
+one_key(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "one_key(value, body: bool, limit: int)");
+        return NULL;
+    }
+    int body = PyObject_IsTrue(args[1]);
+    if (body < 0) {
+        return NULL;
+    }
+    Py_ssize_t limit;
+    if (size_argument(args[2], "one_key(): limit", &limit) < 0) {
+        return NULL;
+    }
+    PyObject *value = args[0];
+    PyObject *key = NULL;
+    int status;
+    if (PyLong_CheckExact(value)) {
+        status = int_key(value, 0, &key);
+    }
+    else if (PyTuple_CheckExact(value)) {
+        status = tuple_key(value, limit, body, &key);
+    }
+    else if (PyUnicode_CheckExact(value)) {
+        status = text_key(value, limit - 2, &key); /* 40 and the terminator */
+    }
+    else {
+        status = datetime_key(value, 0, &key);
+    }
+    if (status != 0) {
+        if (status < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (body && PyLong_CheckExact(value)) { /* an int's body is its key without the suffix byte */
+        PyObject *cut = PyBytes_FromStringAndSize(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key) - 1);
+        Py_DECREF(key);
+        return cut;
+    }
+    return key;
 }
 
 static PyObject *
@@ -7260,8 +7356,8 @@ static PyMethodDef methods[] = {
     {"join_limbs", join_limbs, METH_O,
      "join_limbs(limbs) -> tuple[int, ...] | None: _node._join_limbs (a wide column's limbs joined)."},
     {"one_key", (PyCFunction)(void (*)(void))one_key, METH_FASTCALL,
-     "one_key(value, body) -> bytes | None: encode_key (or encode_body) of one exact int64 or UTC "
-     "datetime."},
+     "one_key(value, body, limit) -> bytes | None: encode_key (or encode_body) of one exact int64, UTC "
+     "datetime, str, or flat tuple of those, None and bools."},
     {"text_keys", (PyCFunction)(void (*)(void))text_keys, METH_FASTCALL,
      "text_keys(values, limit) -> list[bytes] | None: encode_key of each exact str of at most limit "
      "UTF-8 bytes and no NUL."},
