@@ -650,6 +650,11 @@ def test_a_directory_that_is_not_a_database(tmp_path: Path, sources: dict[str, P
         (["query", "db", "a", "count", "5"], "query count takes no argument"),
         (["query", "db", "a", "sum"], "invalid choice: 'sum'"),
         (["check", "db", "--namespace", "x"], "check --namespace needs an AGGREGATE"),
+        (["drop", "db"], "one of the arguments AGGREGATE --table is required"),
+        (
+            ["drop", "db", "a", "--table", "t", "--yes"],
+            "argument --table: not allowed with argument AGGREGATE",
+        ),
     ],
 )
 def test_bad_usage_is_exit_code_2(tmp_path: Path, run: Any, argv: list[str], message: str) -> None:
@@ -662,7 +667,7 @@ def test_bad_usage_is_exit_code_2(tmp_path: Path, run: Any, argv: list[str], mes
 
 
 def test_help_and_version(run: Any) -> None:
-    for command in ("build", "query", "check", "verify", "stats", "namespaces", "demo"):
+    for command in ("build", "query", "check", "verify", "stats", "namespaces", "drop", "demo"):
         code, out, _ = run(command, "--help")
         assert code == 0 and out.startswith(f"usage: tallytree {command}") and "--json" in out
     code, out, _ = run("--version")
@@ -827,6 +832,160 @@ def test_namespaces_are_paged(built: Path, run: Any) -> None:
     document = json.loads(out)
     assert [space["namespace"] for space in document["namespaces"]] == ["org:3"]
     assert document["done"] is True and document["next"] is None
+
+
+# ------------------------------------------------------------------ drop
+
+
+def aggregate_names(database: Path) -> tuple[list[str], list[str]]:
+    with tallytree.open(database, readonly=True) as db:
+        return db.aggregates(), db.tables()
+
+
+def test_drop_an_aggregate_leaves_the_others(built: Path, sources: dict[str, Path], run: Any) -> None:
+    code, _, err = run("build", built, "costs", "--from", sources["jsonl"], *BUILD[:-1], "cost", "--quiet")
+    assert (code, err) == (0, "")
+    costs_before = run("query", built, "costs", "totals", "--namespace", "org:2", "--json")[1]
+    code, out, err = run("drop", built, "events", "--yes")
+    assert (code, out, err) == (
+        0,
+        f"dropped aggregate 'events' from {built}: 300 items in 4 namespace(s)\n",
+        "",
+    )
+    assert aggregate_names(built) == (["costs"], [])
+    code, _, err = run("query", built, "events", "count")
+    assert code == 4 and "no aggregate 'events'" in err and "(it has: costs)" in err
+    assert run("query", built, "costs", "totals", "--namespace", "org:2", "--json")[1] == costs_before
+    assert run("check", built) == (0, "ok: no problems found\n", "")
+
+
+def test_drop_json(built: Path, run: Any) -> None:
+    code, out, err = run("drop", built, "events", "--yes", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"dropped": "aggregate", "name": "events", "items": 300, "namespaces": 4}
+    assert aggregate_names(built) == ([], [])
+
+
+def test_drop_refuses_without_yes(built: Path, tmp_path: Path, run: Any) -> None:
+    """Nothing is deleted, nor even written (the database is opened read-only), and the refusal
+    says what --yes would delete."""
+    written = (built / "data.mdb").stat().st_mtime_ns
+    code, out, err = run("drop", built, "events")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"drop would delete aggregate 'events' of {built}: 300 items in 4 namespace(s)" in err
+    assert "pass --yes" in err
+    code, out, err = run("drop", built, "events", "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2 and "300 items" in json.loads(out)["error"]
+    assert (built / "data.mdb").stat().st_mtime_ns == written
+    assert aggregate_names(built) == (["events"], [])
+    for org in ("org:0", "org:1", "org:2", "org:3"):
+        assert run("query", built, "events", "count", "--namespace", org)[1] == "75\n"
+    database = tmp_path / "tables"
+    table_owned(database)
+    code, out, err = run("drop", database, "--table", "events")
+    assert code == 2 and out == ""
+    assert "drop would delete table 'events'" in err and "5 document(s) and 1 attached aggregate(s)" in err
+    assert "owned: 5 items" in err and "pass --yes" in err
+    assert_table_owned_intact(database)
+
+
+def test_drop_a_table_with_its_documents_and_aggregates(
+    tmp_path: Path, sources: dict[str, Path], run: Any
+) -> None:
+    database = tmp_path / "db"
+    table_owned(database)
+    assert run("build", database, "free", "--from", sources["csv"], *BUILD, "--quiet")[0] == 0
+    code, out, err = run("drop", database, "--table", "events", "--yes", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "dropped": "table",
+        "name": "events",
+        "documents": 5,
+        "aggregates": [{"name": "owned", "items": 5, "namespaces": 4}],
+    }
+    assert aggregate_names(database) == (["free"], [])
+    with tallytree.open(database) as db:
+        table = db.table("events")  # a new, empty table of the same name
+        with db.read() as tx:
+            assert table.count(tx) == 0 and table.aggregates() == []
+    assert run("query", database, "free", "count", "--namespace", "org:0")[1] == "75\n"
+    assert run("check", database)[0] == 0
+    table_owned(tmp_path / "again")
+    code, out, _ = run("drop", tmp_path / "again", "--table", "events", "--yes")
+    assert code == 0
+    assert out == (
+        f"dropped table 'events' from {tmp_path / 'again'}: 5 document(s) and 1 attached aggregate(s) "
+        "(owned: 5 items)\n"
+    )
+
+
+@pytest.mark.parametrize("options", [[], ["--yes"], ["--yes", "--json"]])
+def test_drop_refuses_an_aggregate_a_table_maintains(tmp_path: Path, run: Any, options: list[str]) -> None:
+    """It goes with its table: dropped alone, the table would no longer match it. --yes changes nothing."""
+    database = tmp_path / "db"
+    table_owned(database)
+    code, out, err = run("drop", database, "owned", *options)
+    assert code == 1 and err.count("\n") == 1
+    assert "aggregate 'owned' is maintained by table 'events' and cannot be dropped on its own" in err
+    assert "--table events" in err and "detach" in err
+    if "--json" in options:
+        assert json.loads(out) == {"error": err.removeprefix("tallytree: error: ").strip(), "exit_code": 1}
+    else:
+        assert out == ""
+    assert aggregate_names(database) == (["owned"], ["events"])
+    assert_table_owned_intact(database)
+
+
+def test_drop_not_found_is_exit_code_4_and_creates_nothing(tmp_path: Path, built: Path, run: Any) -> None:
+    nowhere, empty = tmp_path / "nowhere", tmp_path / "empty"
+    empty.mkdir()
+    for database in (nowhere, empty, nowhere / "deeper"):
+        for target in (["events"], ["--table", "events"]):
+            code, _, err = run("drop", database, *target, "--yes")
+            assert (code, err) == (4, f"tallytree: error: no tallytree database at {database}\n")
+    assert not nowhere.exists() and list(empty.iterdir()) == []
+    code, out, err = run("drop", built, "nope", "--yes", "--json")
+    assert code == 4 and "no aggregate 'nope'" in err and "(it has: events)" in err
+    assert json.loads(out)["exit_code"] == 4
+    code, _, err = run("drop", built, "--table", "nope", "--yes")
+    assert code == 4 and "no table 'nope'" in err and "(it has: none)" in err
+    table_owned(tmp_path / "tables")
+    code, _, err = run("drop", tmp_path / "tables", "events", "--yes")  # a table, not an aggregate
+    assert code == 4 and "but a table of that name" in err and "use --table events" in err
+    assert_table_owned_intact(tmp_path / "tables")
+    assert aggregate_names(built) == (["events"], [])
+
+
+def test_drop_then_build_again_after_a_killed_build(
+    tmp_path: Path, sources: dict[str, Path], run: Any
+) -> None:
+    """A build killed after defining its aggregate (kill -9: no cleanup) leaves it defined and empty,
+    with the fields of that build. A build with other fields is refused and names drop; after the
+    drop, the build runs cleanly."""
+    database = tmp_path / "db"
+    killed = (
+        "import os, sys\n"
+        "from tallytree import cli\n"
+        "cli._run_build = lambda *args: os._exit(9)  # killed once the aggregate is defined\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    argv = ["build", str(database), "events", "--from", str(sources["csv"]), *BUILD[:-1], "cost", "--quiet"]
+    result = subprocess.run([sys.executable, "-c", killed, *argv], capture_output=True, check=False)
+    assert result.returncode == 9, result.stderr
+    with tallytree.open(database, readonly=True) as db:  # left behind, empty, summing cost alone
+        left = db.aggregate("events", create=False)
+        with db.read() as tx:
+            assert (left.fields, left.count(tx), list(left.namespaces(tx))) == (("cost",), 0, [])
+    code, _, err = run("build", database, "events", "--from", sources["csv"], *BUILD, "--quiet")
+    assert code == 1 and "sums ['cost'], not ['cost', 'tokens']" in err
+    assert f"drop it: tallytree drop {database} events --yes" in err
+    code, out, _ = run("drop", database, "events", "--yes")
+    assert (code, out) == (0, f"dropped aggregate 'events' from {database}: 0 items in 0 namespace(s)\n")
+    assert aggregate_names(database) == ([], [])
+    code, out, err = run("build", database, "events", "--from", sources["csv"], *BUILD, "--json")
+    assert (code, err) == (0, "") and json.loads(out)["items"] == 300
+    assert run("query", database, "events", "count", "--namespace", "org:1")[1] == "75\n"
+    assert run("check", database) == (0, "ok: no problems found\n", "")
 
 
 # ------------------------------------------------------------------ verify

@@ -9,12 +9,13 @@ Commands (``tallytree COMMAND --help`` for each)::
     verify DB AGGREGATE --from SOURCE ...             compare with the source; --repair fixes the drift
     stats DB                                          per aggregate: namespaces, items, depth, nodes, bytes
     namespaces DB AGGREGATE                           namespaces with their totals, paged
+    drop DB (AGGREGATE | --table TABLE) --yes         delete an aggregate, or a table with its aggregates
     demo [DIR]                                        generated events, the scenario queries, timed
 
 Every command takes ``--json`` (one JSON document on stdout, errors too). Exit codes, for scripts:
 
     0  ok                          3  check failed, or verify found drift (not repaired)
-    1  error (one line on stderr)  4  not found: database, aggregate, namespace or source file
+    1  error (one line on stderr)  4  not found: database, aggregate, table, namespace or source file
     2  bad usage                 130  interrupted (nothing was written)
 """
 
@@ -24,6 +25,7 @@ import argparse
 import base64
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -52,9 +54,16 @@ from ._sources import (
     parse_value,
 )
 from ._store import NODES, ROOTS
+from ._table import Table
 from ._tree import Tree
 from ._txn import Transaction, decode_root, node_key
-from .errors import AggregateNotFoundError, CorruptDatabaseError, Error
+from .errors import (
+    AggregateNotFoundError,
+    CorruptDatabaseError,
+    Error,
+    SchemaMismatchError,
+    TableNotFoundError,
+)
 
 __all__ = ["console_main", "main"]
 
@@ -229,6 +238,24 @@ def _parser() -> argparse.ArgumentParser:
     spaces.add_argument("--after", metavar="N", help="start after this namespace (the last one printed)")
     spaces.set_defaults(handler=_namespaces)
 
+    drop = command(
+        "drop",
+        "delete an aggregate, or a table with its documents and aggregates",
+        "Delete AGGREGATE with all its namespaces and items, or (--table) TABLE with its documents and\n"
+        "every aggregate it maintains, in one transaction. It cannot be undone, so without --yes\n"
+        "nothing is deleted: the command says what would be and exits with 2. An aggregate a table\n"
+        "maintains is dropped with its table (or detached from it in Python first).",
+    )
+    drop.usage = "%(prog)s [-h] DB (AGGREGATE | --table TABLE) [--yes] [--json]"
+    drop.add_argument("database", metavar="DB", help="database directory (never created)")
+    target = drop.add_mutually_exclusive_group(required=True)
+    target.add_argument("aggregate", metavar="AGGREGATE", nargs="?", help="the aggregate to delete")
+    target.add_argument(
+        "--table", metavar="TABLE", help="delete this table, its documents and its aggregates instead"
+    )
+    drop.add_argument("--yes", action="store_true", help="really delete (without it: say what, exit 2)")
+    drop.set_defaults(handler=_drop)
+
     demo = command(
         "demo",
         "load generated events and answer the scenario queries, timed against scans",
@@ -327,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except _Failure as exc:
         return _fail(str(exc), exc.code, wants_json)
-    except (AggregateNotFoundError, SourceNotFoundError) as exc:
+    except (AggregateNotFoundError, TableNotFoundError, SourceNotFoundError) as exc:
         return _fail(str(exc), EXIT_NOT_FOUND, wants_json)
     except CorruptDatabaseError as exc:  # damage met by any command, at open included: as check finds it
         return _fail(str(exc), EXIT_CHECK_FAILED, wants_json)
@@ -403,14 +430,15 @@ def _number(value: int | float) -> str:
 # ---------------------------------------------------------------- shared helpers
 
 
-def _open_existing(path: str) -> _db.Database:
-    """Open an existing database read-only; not found (4) when there is none at ``path``."""
+def _open_existing(path: str, *, write: bool = False) -> _db.Database:
+    """Open an existing database, read-only unless ``write``; not found (4) when there is none at
+    ``path``. Never creates anything."""
     directory = Path(path)
     if not (directory / "data.mdb").exists() and (
         not directory.exists() or (directory.is_dir() and not any(directory.iterdir()))
     ):
         raise _NotFound(f"no tallytree database at {path}")
-    return _db.open(directory, readonly=True)
+    return _db.open(directory, readonly=not write, create=False)
 
 
 def _aggregate(db: _db.Database, name: str) -> Aggregate:
@@ -419,6 +447,14 @@ def _aggregate(db: _db.Database, name: str) -> Aggregate:
     except AggregateNotFoundError:
         known = ", ".join(db.aggregates()) or "none"
         raise _NotFound(f"no aggregate {name!r} in {db.path} (it has: {known})") from None
+
+
+def _table(db: _db.Database, name: str) -> Table:
+    try:
+        return db.table(name, create=False)
+    except TableNotFoundError:
+        known = ", ".join(db.tables()) or "none"
+        raise _NotFound(f"no table {name!r} in {db.path} (it has: {known})") from None
 
 
 def _parse_size(text: str) -> int:
@@ -694,6 +730,9 @@ def _build(args: argparse.Namespace) -> int:
                 reader.convert = reader.spec.converter(reader.source)
             try:
                 aggregate = db.aggregate(args.aggregate, values=tuple(reader.sums), node_size=args.node_size)
+            except SchemaMismatchError as exc:  # fixed at creation: the way out is to drop it
+                again = shlex.join(["tallytree", "drop", args.database, args.aggregate, "--yes"])
+                raise _Failure(f"{exc}; to build it anew with these settings, drop it: {again}") from exc
             except ValueError as exc:
                 raise _Failure(str(exc)) from exc
             try:
@@ -1148,6 +1187,88 @@ def _namespaces(args: argparse.Namespace) -> int:
 
 def _quote_arg(text: str) -> str:
     return text if text.replace(":", "").replace("_", "").replace("-", "").isalnum() else repr(text)
+
+
+# ---------------------------------------------------------------- drop
+
+
+def _drop(args: argparse.Namespace) -> int:
+    """Delete an aggregate or a table, after saying what it holds; only with --yes (else exit 2).
+
+    Every refusal (not found, maintained by a table, no --yes) comes before anything is written,
+    and without --yes the database is opened read-only. The counts reported are those read just
+    before the drop, which is one transaction of the library's.
+    """
+    with _open_existing(args.database, write=args.yes) as db:
+        if args.table is not None:
+            document = _table_contents(db, _table(db, args.table))
+            target = f"table {args.table!r}"
+            aggregates = document["aggregates"]
+            held = f"{document['documents']:,} document(s) and {len(aggregates)} attached aggregate(s)"
+            if aggregates:
+                held += " (" + ", ".join(f"{one['name']}: {one['items']:,} items" for one in aggregates) + ")"
+        else:
+            aggregate = _droppable(db, args.aggregate)
+            with db.read() as tx:
+                document = {
+                    "dropped": "aggregate",
+                    "name": args.aggregate,
+                    **_aggregate_contents(tx, aggregate),
+                }
+            target = f"aggregate {args.aggregate!r}"
+            held = f"{document['items']:,} items in {document['namespaces']:,} namespace(s)"
+        if not args.yes:
+            raise _Usage(
+                f"drop would delete {target} of {args.database}: {held}. Nothing was deleted; it cannot "
+                "be undone, so pass --yes to delete it"
+            )
+        if args.table is not None:
+            db.drop_table(args.table)
+        else:
+            db.drop_aggregate(args.aggregate)
+    if args.json:
+        _print_json(document)
+    else:
+        print(f"dropped {target} from {args.database}: {held}")
+    return EXIT_OK
+
+
+def _droppable(db: _db.Database, name: str) -> Aggregate:
+    """The aggregate ``name``, refused (exit 1) when a table maintains it: it goes with the table."""
+    if name not in db.aggregates() and name in db.tables():
+        raise _NotFound(
+            f"no aggregate {name!r} in {db.path}, but a table of that name: to delete the table, its "
+            f"documents and its aggregates, use --table {shlex.quote(name)}"
+        )
+    aggregate = _aggregate(db, name)
+    owner = aggregate._owner
+    if owner is not None:
+        raise _Failure(
+            f"aggregate {name!r} is maintained by table {owner!r} and cannot be dropped on its own (the "
+            f"table would no longer match it): drop the table with --table {shlex.quote(owner)}, or in "
+            f"Python drop it with db.table({owner!r}).drop_aggregate({name!r}) (the documents stay) or "
+            "detach it first"
+        )
+    return aggregate
+
+
+def _aggregate_contents(tx: Transaction, aggregate: Aggregate) -> dict[str, int]:
+    namespaces = items = 0
+    for _, totals in aggregate.namespaces(tx):
+        namespaces += 1
+        items += totals.count
+    return {"items": items, "namespaces": namespaces}
+
+
+def _table_contents(db: _db.Database, table: Table) -> dict[str, Any]:
+    names = table.aggregates()
+    with db.read() as tx:
+        defined = {aggregate.name: aggregate for aggregate in db.aggregates_in(tx)}
+        aggregates = [
+            {"name": name, **_aggregate_contents(tx, defined[name])} for name in names if name in defined
+        ]
+        documents = table.count(tx)
+    return {"dropped": "table", "name": table.name, "documents": documents, "aggregates": aggregates}
 
 
 # ---------------------------------------------------------------- verify
