@@ -220,7 +220,9 @@ def test_leaderboard(db: tallytree.Database) -> None:
             )
 
 
-@pytest.mark.parametrize("name", ["org_stats", "user_stats", "ai_usage", "quotas", "archival", "leaderboard"])
+@pytest.mark.parametrize(
+    "name", ["org_stats", "user_stats", "ai_usage", "quotas", "archival", "leaderboard", "client_health"]
+)
 def test_examples_run_and_print(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     example(name).main(1500)
     output = capsys.readouterr().out
@@ -237,3 +239,71 @@ def test_docs_snippets_run() -> None:
         if "sqlalchemy" in block and importlib.util.find_spec("sqlalchemy") is None:
             continue
         exec(compile(block, "docs/tables.md", "exec"), namespace)
+
+
+def _client_health_by_hand(rows: dict[str, list[dict[str, Any]]], client: str, now: int) -> dict[str, int]:
+    week = now - 7 * 86_400
+    tickets = [row for row in rows["tickets"] if row["client"] == client]
+    rated = [row for row in tickets if row["csat"] is not None and row["closed_at"] >= week]
+    sent = [row for row in rows["invoices"] if row["client"] == client and row["status"] == "sent"]
+    return {
+        "open_tickets": sum(row["status"] == "open" for row in tickets),
+        "overdue_tickets": sum(row["status"] == "open" and row["due_at"] < now for row in tickets),
+        "opened_this_week": sum(row["opened_at"] >= week for row in tickets),
+        "csat_sum": sum(row["csat"] for row in rated),
+        "csat_count": len(rated),
+        "unpaid": sum(row["amount"] for row in sent),
+        "overdue_amount": sum(row["amount"] for row in sent if row["due_at"] < now),
+    }
+
+
+def test_client_health(tmp_path: Path) -> None:
+    client_health = example("client_health")
+    sql = client_health.connect(str(tmp_path / "app.sqlite"))
+    with tallytree.open(tmp_path / "db", durable=False) as db:
+        hooks = client_health.attach(db)
+        now = client_health.simulate(db, sql, hooks, 2500, clients=12, seed=3, refresh_at=2400)
+        rows = {
+            source: [dict(zip(columns, row, strict=True)) for row in sql.execute(f"select * from {source}")]
+            for source, columns in client_health.COLUMNS.items()
+        }
+        clients = sorted({row["client"] for source in rows.values() for row in source})
+        assert len(clients) == 12
+        stale = 0
+        for when in (now, now + 86_400, now + 5 * 86_400):  # "overdue" and "this week" move with the clock
+            with db.read() as tx:
+                for client in clients:
+                    expected = _client_health_by_hand(rows, client, when)
+                    assert client_health.health(tx, hooks, client, when) == expected
+                    assert client_health.health_sql(sql, client, when) == expected
+                    stale += when == now and client_health.view(sql, client) != expected
+        assert stale > 0  # the view, refreshed 100 writes before the end, is behind for some client
+        later = now + 5 * 86_400  # some tickets and invoices are overdue by then (the answers were checked)
+        assert any(client_health.health_sql(sql, c, later)["overdue_tickets"] for c in clients)
+        assert any(client_health.health_sql(sql, c, later)["overdue_amount"] for c in clients)
+        client_health.refresh_view(sql, now)
+        assert all(client_health.view(sql, c) == client_health.health_sql(sql, c, now) for c in clients)
+
+        # a write committed in SQL whose sync never ran: the next sync (in a new process) applies it once
+        client = clients[0]
+        ticket = {"client": client, "status": "open", "opened_at": now, "due_at": now - 1}
+        client_health.record(sql, "tickets", 10**9, {**ticket, "closed_at": None, "csat": None})
+        with db.read() as tx:
+            before = client_health.health(tx, hooks, client, now)
+        assert client_health.health_sql(sql, client, now)["overdue_tickets"] == before["overdue_tickets"] + 1
+    with tallytree.open(tmp_path / "db", durable=False) as db:
+        hooks = client_health.attach(db)  # a handler's extractors are registered in each process
+        assert client_health.sync(db, sql, hooks) == 1
+        assert client_health.sync(db, sql, hooks) == 0
+        assert sql.execute("select count(*) from outbox").fetchone()[0] == 0
+        with db.read() as tx:
+            assert client_health.health(tx, hooks, client, now) == client_health.health_sql(sql, client, now)
+            for name, source in (
+                ("tickets_by_status", "tickets"),
+                ("tickets_by_opened", "tickets"),
+                ("ratings", "tickets"),
+                ("invoices_by_status", "invoices"),
+            ):
+                assert tallytree.verify(tx, db.aggregate(name), sql.execute(f"select * from {source}")).ok
+            assert not tallytree.check(tx)
+    sql.close()
