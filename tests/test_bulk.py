@@ -298,18 +298,46 @@ def test_sorted_input_streams_and_unsorted_input_is_refused(
 def test_external_sort_equals_in_memory_sort(case: tuple[list[tuple[Any, ...]], int]) -> None:
     rows, node_size = case
     results = []
-    for memory, batch in ((_bulk.DEFAULT_MEMORY, _bulk._BATCH), (1, 7)):
+    for memory, batch, block in ((_bulk.DEFAULT_MEMORY, _bulk._BATCH, _bulk._BLOCK), (1, 7, 8192), (1, 9, 2)):
         db = tallytree.open_memory()
         aggregate = db.aggregate("agg", values=FIELDS, node_size=node_size)
-        saved = _bulk._BATCH
-        _bulk._BATCH = batch  # small batches: many runs, so the merge really merges
+        saved = _bulk._BATCH, _bulk._BLOCK
+        # small batches: many runs, so the merge really merges; small blocks: equal items on both
+        # sides of a run's block boundary
+        _bulk._BATCH, _bulk._BLOCK = batch, block
         try:
             with db.write() as tx:
                 aggregate.build_many(tx, rows, on_duplicate="last", memory=memory)
         finally:
-            _bulk._BATCH = saved
+            _bulk._BATCH, _bulk._BLOCK = saved
         results.append(snapshot(db))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("block", [2, 3, 4])
+def test_the_last_of_repeated_items_wins_across_block_boundaries_of_spilled_runs(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose repeated item straddles two of its blocks, and a later run that repeats it again:
+    the later run's copy is the last (found by an audit: the earlier run's second copy won)."""
+    monkeypatch.setattr(_bulk, "_BATCH", 8)
+    monkeypatch.setattr(_bulk, "_BLOCK", block)
+    first_run = [(None, key, "x", (1, 0.5)) for key in range(block - 1)]
+    first_run += [(None, 50, "x", (1, 0.5)), (None, 50, "x", (2, 0.5))]  # across blocks 1 and 2
+    first_run += [(None, 100 + key, "x", (1, 0.5)) for key in range(8 - len(first_run))]
+    second_run = [(None, 50, "x", (3, 0.5))] + [(None, 200 + key, "x", (1, 0.5)) for key in range(7)]
+    rows = first_run + second_run
+    db = tallytree.open_memory()
+    aggregate = db.aggregate("agg", values=FIELDS)
+    with db.write() as tx:
+        report = aggregate.build_many(tx, rows, on_duplicate="last", memory=1)
+    assert report.duplicates == 2
+    with db.read() as tx:
+        assert aggregate.get(tx, 50, "x") == tallytree.Item(50, "x", (3, 0.5))
+    kept = list(_bulk.sorted_items(aggregate, rows, memory=1, on_duplicate="last"))  # as verify reads
+    assert [values for _, entry, values in kept if entry == encode_key(50) + encode_id("x")] == [(3, 0.5)]
+    with pytest.raises(DuplicateItemError, match=rf"item {block - 1} and item {block}\b"):
+        list(_bulk.sorted_items(aggregate, rows, memory=1))
 
 
 def test_external_sort_spills_runs_and_removes_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -661,7 +661,8 @@ def _concat(chunks: list[_Chunk], nfields: int) -> _Chunk:
 
 
 class _Run:
-    """A sorted run spilled to a temporary file as msgpack blocks."""
+    """A sorted run spilled to a temporary file as msgpack blocks, each with the first key of the
+    block after it (None for the last block), so that a merge sees whether equal items go on there."""
 
     def __init__(self, directory: str, number: int, chunk: _Chunk) -> None:
         self.path = os.path.join(directory, f"run-{number:06d}.msgpack")
@@ -671,6 +672,7 @@ class _Run:
             for begin in range(0, len(chunk), _BLOCK):
                 end = begin + _BLOCK
                 block = [
+                    keys[end] if end < len(keys) else None,
                     chunk.namespaces[begin:end] if chunk.namespaces is not None else None,
                     chunk.entries[begin:end],
                     list(chunk.positions[begin:end]),
@@ -678,22 +680,34 @@ class _Run:
                 ]
                 file.write(msgpack.packb(block, use_bin_type=True))
 
-    def chunks(self) -> Iterator[_Chunk]:
+    def blocks(self) -> Iterator[tuple[_Chunk, bytes | None]]:
+        """Each block, with the first key of the next one (None after the last)."""
         with open(self.path, "rb") as file:
-            yield from (_Chunk(block[0], block[1], block[2], block[3:]) for block in _unpacker(file))
+            for block in _unpacker(file):
+                yield _Chunk(block[1], block[2], block[3], block[4:]), block[0]
+
+    def chunks(self) -> Iterator[_Chunk]:
+        return (chunk for chunk, _ in self.blocks())
 
 
 def _merge(runs: list[_Run], nfields: int) -> Iterator[_Chunk]:
     """Merge sorted runs block by block, so that the per-item work is done by C code.
 
     Each run has a current block. The smallest of the blocks' last keys, ``limit``, bounds what can be
-    emitted: every item ``<= limit`` of every run is in its current block. Those slices are
-    concatenated in run order and sorted stably (timsort merges the sorted slices in about linear
-    time), so equal items keep their input order, as :func:`heapq.merge` would. At least one
-    block is used up per step.
+    emitted: every item ``<= limit`` of every run is in its current block, once a run whose next
+    block starts with ``limit`` (equal items across its block boundary) has that block appended to
+    its current one. Those slices are concatenated in run order (input order: each run holds later
+    input than the one before) and sorted stably (timsort merges the sorted slices in about linear
+    time), so equal items come out in input order, as :func:`heapq.merge` would, and ``"last"``
+    keeps the last of them. At least one block is used up per step.
     """
-    sources = [run.chunks() for run in runs]
-    blocks: list[_Chunk | None] = [next(source, None) for source in sources]
+    sources = [run.blocks() for run in runs]
+    blocks: list[_Chunk | None] = []
+    following: list[bytes | None] = []  # the first key of each run's next block
+    for source in sources:
+        block, after = next(source, (None, None))
+        blocks.append(block)
+        following.append(after)
     keys: list[list[bytes]] = [_sort_key(block) if block is not None else [] for block in blocks]
     offsets = [0] * len(runs)
     while True:
@@ -701,6 +715,16 @@ def _merge(runs: list[_Run], nfields: int) -> Iterator[_Chunk]:
         if not live:
             return
         limit = min(keys[index][-1] for index in live)
+        straddling = [index for index in live if following[index] == limit]
+        if straddling:  # rare: items equal to limit go on in a run's next block; take it in first
+            for index in straddling:
+                block = blocks[index]
+                assert block is not None
+                more, following[index] = next(sources[index])
+                blocks[index] = block = _concat([block.slice(offsets[index], len(block)), more], nfields)
+                keys[index] = _sort_key(block)
+                offsets[index] = 0
+            continue
         pieces: list[_Chunk] = []
         for index in live:
             block = blocks[index]
@@ -710,7 +734,8 @@ def _merge(runs: list[_Run], nfields: int) -> Iterator[_Chunk]:
             if stop > start:
                 pieces.append(block.slice(start, stop))
             if stop == len(block):
-                block = blocks[index] = next(sources[index], None)
+                block, following[index] = next(sources[index], (None, None))
+                blocks[index] = block
                 keys[index] = _sort_key(block) if block is not None else []
                 offsets[index] = 0
             else:
