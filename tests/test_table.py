@@ -703,6 +703,116 @@ def test_long_random_sequences_never_drift(db: tallytree.Database, seed: int) ->
             assert not tallytree.check(tx)
 
 
+def _table_state(db: tallytree.Database, table: tallytree.Table, tx: tallytree.Transaction) -> Any:
+    """What a user sees of a table inside ``tx``: its documents, its count and every aggregate."""
+    return strict(dict(table.items(tx))), table.count(tx), snapshot(db, tx)
+
+
+def test_delete_range_writes_nothing_when_an_extractor_raises(db: tallytree.Database) -> None:
+    """Found by an audit: the documents before the failing one were deleted, and their items."""
+    logs = db.table("logs")
+    by_day = logs.aggregate("by_day", key="day")
+
+    down = {"day": 0}
+
+    def region(doc: dict[str, Any]) -> str:
+        if doc["day"] == down["day"]:
+            raise RuntimeError("the region service is down")
+        return "eu"
+
+    logs.aggregate("by_region", key=region)
+    with db.write() as tx:
+        logs.insert_many(tx, [{"day": day} for day in range(1, 6)])
+    down["day"] = 3  # the third document of the range fails
+    with db.write() as tx:
+        before = _table_state(db, logs, tx)
+        with pytest.raises(tallytree.ExtractionError, match="region service"):
+            logs.delete_range(tx, by_day, lt=5)
+        assert _table_state(db, logs, tx) == before  # the caller may go on and commit
+    down["day"] = 0
+    with db.read() as tx:
+        assert _table_state(db, logs, tx) == before
+        assert all(tallytree.verify(tx, logs.aggregate(name), logs).ok for name in logs.aggregates())
+
+
+def test_delete_range_refuses_an_aggregate_that_drifted(db: tallytree.Database) -> None:
+    """As delete() does: an item its definition gives but the aggregate lacks is drift, which
+    delete_range used to pass over, leaving the other items behind."""
+    logs = db.table("logs")
+    by_day = logs.aggregate("by_day", key="day")
+    shift = {"n": 0}
+    logs.aggregate("impure", key=lambda doc: doc["day"] + shift["n"])  # reads outside the document
+    with db.write() as tx:
+        logs.insert_many(tx, [{"day": day} for day in range(1, 6)])
+    shift["n"] = 100
+    with db.write() as tx:
+        before = _table_state(db, logs, tx)
+        with pytest.raises(tallytree.ItemNotFoundError, match="'impure' does not hold"):
+            logs.delete_range(tx, by_day, lt=4)
+        assert _table_state(db, logs, tx) == before
+
+
+def test_insert_many_with_updates_writes_nothing_when_an_update_meets_drift(db: tallytree.Database) -> None:
+    """Found by an audit: the batch's new documents stayed written (and the updates before the
+    failing one stayed made)."""
+    table = db.table("t")
+    shift = {"n": 0}
+    table.aggregate("by_k", key=lambda doc: doc["k"] + shift["n"] * (doc["k"] > 1), values=("v",))
+    with db.write() as tx:
+        table.insert(tx, {"k": 1, "v": 1}, id=1)
+        table.insert(tx, {"k": 2, "v": 2}, id=2)
+    shift["n"] = 100  # document 2's item has drifted; document 1's has not
+    with db.write() as tx:
+        before = _table_state(db, table, tx)
+        batch = [(3, {"k": 0, "v": 3}), (1, {"k": 1, "v": 10}), (2, {"k": 5, "v": 20})]
+        with pytest.raises(tallytree.ItemNotFoundError, match="'by_k' does not hold"):
+            table.insert_many(tx, batch, on_duplicate="update")
+        assert _table_state(db, table, tx) == before
+
+
+def test_where_mapping_tells_bools_from_numbers(db: tallytree.Database) -> None:
+    """``{"test": False}`` matches False only, not 0 or 0.0; ``{"n": 0}`` matches 0 and 0.0, not
+    False (found by an audit: Python's == made them equal)."""
+    loads = db.table("loads")
+    real = loads.aggregate("real", key="at", where={"test": False})
+    zero = loads.aggregate("zero", key="at", where={"n": 0})
+    docs = [
+        {"at": 1, "test": False, "n": 0},
+        {"at": 2, "test": 0, "n": False},
+        {"at": 3, "test": 0.0, "n": 0.0},
+        {"at": 4, "test": True, "n": 1},
+    ]
+    with db.write() as tx:
+        loads.insert_many(tx, docs)
+    with db.read() as tx:
+        assert [item.key for item in real.items(tx)] == [1]
+        assert [item.key for item in zero.items(tx)] == [1, 3]
+        assert tallytree.verify(tx, real, loads).ok and tallytree.verify(tx, zero, loads).ok
+
+
+@pytest.mark.parametrize("write", ["insert", "upsert", "update", "replace", "insert_many"])
+def test_a_document_with_a_tuple_as_dict_key_is_refused(db: tallytree.Database, write: str) -> None:
+    """msgpack packs such a key but cannot unpack it (it comes back a list): InvalidDocumentError,
+    not a bare TypeError, and nothing written."""
+    table = db.table("t")
+    table.aggregate("by_k", key="k")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1}, id=1)
+    bad = {"k": 2, "grid": {(1, 2): 3}}
+    calls: dict[str, Callable[[tallytree.WriteTransaction], object]] = {
+        "insert": lambda tx: table.insert(tx, bad, id=2),
+        "upsert": lambda tx: table.upsert(tx, 1, bad),
+        "update": lambda tx: table.update(tx, 1, {"grid": {(1, 2): 3}}),
+        "replace": lambda tx: table.replace(tx, 1, bad),
+        "insert_many": lambda tx: table.insert_many(tx, [{"k": 3}, bad]),
+    }
+    with db.write() as tx:
+        before = _table_state(db, table, tx)
+        with pytest.raises(tallytree.InvalidDocumentError, match="tuple"):
+            calls[write](tx)
+        assert _table_state(db, table, tx) == before
+
+
 def test_delete_range_in_random_sequences_matches_brute_force(db: tallytree.Database) -> None:
     rng = random.Random(11)
     table = db.table("t")

@@ -233,9 +233,18 @@ def _where_predicate(where: Where) -> Callable[[Any], Any] | None:
         field = where
         return lambda doc: doc.get(field)
     if isinstance(where, Mapping):
-        wanted = list(where.items())
+        wanted = [(field, value, type(value) is bool) for field, value in where.items()]
         missing = object()
-        return lambda doc: all(doc.get(field, missing) == value for field, value in wanted)
+
+        def matches(doc: Any) -> bool:
+            for field, value, boolean in wanted:
+                have = doc.get(field, missing)
+                # equal, and a bool only to a bool, as keys and values tell them apart: False is not 0
+                if have != value or (type(have) is bool) is not boolean:
+                    return False
+            return True
+
+        return matches
     return where
 
 

@@ -114,9 +114,15 @@ def encode_doc(doc: Any, doc_id: Any, where: str) -> bytes:
 def decode_doc(data: bytes) -> Document:
     """Inverse of :func:`encode_doc`: dicts, lists for tuples, UTC datetimes. For bytes it encoded
     itself; a stored document goes through :meth:`Table._stored_doc`, which checks it."""
-    return msgpack.unpackb(  # type: ignore[no-any-return]
-        data, raw=False, timestamp=3, strict_map_key=False
-    )
+    try:
+        return msgpack.unpackb(  # type: ignore[no-any-return]
+            data, raw=False, timestamp=3, strict_map_key=False
+        )
+    except TypeError as exc:  # packed, but not back: a dict key that is a tuple comes back a list
+        raise InvalidDocumentError(
+            f"a document cannot be stored: {exc} (a dict key that is a tuple or a list?). Dict keys "
+            "in documents are str, int, float, bool, None or bytes"
+        ) from exc
 
 
 def _damage(what: str, problem: str) -> CorruptDatabaseError:
@@ -1133,6 +1139,20 @@ class Table:
                 updates[id_bytes] = (doc_id, data)
                 continue
             fresh[id_bytes] = (doc_id, data, coords)
+        # the updates first, each undone if a later one fails (an aggregate that drifted): a batch
+        # that raises writes nothing
+        made: list[tuple[Any, bytes, bytes | None, bytes]] = []
+        try:
+            for id_bytes, (doc_id, data) in updates.items():
+                stored = wtx.doc(self._prefix + id_bytes)
+                if stored != data:
+                    old = self._stored_doc(stored, doc_id) if stored is not None else None
+                    self._change(wtx, doc_id, id_bytes, old, data)
+                    made.append((doc_id, id_bytes, stored, data))
+        except Exception:
+            for doc_id, id_bytes, stored, data in reversed(made):
+                self._change(wtx, doc_id, id_bytes, self._stored_doc(data, doc_id), stored)
+            raise
         shapes = [
             (len(definition.aggregate.fields), definition.aggregate.node_size)
             for definition in self._definitions.values()
@@ -1145,11 +1165,6 @@ class Table:
         self._count += len(fresh)
         self._next_id = next_id
         self._save_state(wtx)
-        for id_bytes, (doc_id, data) in updates.items():
-            stored = wtx.doc(self._prefix + id_bytes)
-            if stored != data:
-                old = self._stored_doc(stored, doc_id) if stored is not None else None
-                self._change(wtx, doc_id, id_bytes, old, data)
         return ids
 
     def delete_range(
@@ -1228,12 +1243,34 @@ class Table:
         if export is not None:
             for doc_id, _, doc in removed:
                 export(doc_id, doc)
-        others = [d for d in self._definitions.values() if d is not driving]
-        for doc_id, id_bytes, doc in removed:
-            for definition in others:
-                coord = definition.coordinates(doc, doc_id, id_bytes)
-                if coord is not None:
-                    move(wtx, definition.aggregate, coord, None)
+        # every item to remove from the other aggregates, before anything is written: an extractor
+        # that raises (or an aggregate that drifted, below) then leaves the table as it was
+        others = [d.aggregate for d in self._definitions.values() if d is not driving]
+        coords = [
+            (
+                doc_id,
+                [
+                    d.coordinates(doc, doc_id, id_bytes)
+                    for d in self._definitions.values()
+                    if d is not driving
+                ],
+            )
+            for doc_id, id_bytes, doc in removed
+        ]
+        done: list[tuple[Aggregate, Coord]] = []
+        try:
+            for doc_id, places in coords:
+                why = f"table {self.name!r}, document {doc_id!r}"
+                for other, coord in zip(others, places, strict=True):
+                    if coord is not None:
+                        held = move_exactly(wtx, other, coord, None, why)
+                        assert held is not None
+                        done.append((other, held))
+        except (ItemNotFoundError, DuplicateItemError):  # drift: undo the moves made, write nothing
+            for other, held in reversed(done):
+                move(wtx, other, None, held)
+            raise
+        for _, id_bytes, _ in removed:
             wtx.set_doc(self._prefix + id_bytes, None)
         tree = Tree(wtx, len(target.fields), target.node_size, wtx.root(tree_key))
         summary = tree.delete_range(start, stop)
