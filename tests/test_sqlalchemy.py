@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 pytest.importorskip("sqlalchemy")
 
-from sqlalchemy import Engine, create_engine, func, select, text, update
+from sqlalchemy import Engine, ForeignKey, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import tallytree
@@ -46,9 +46,49 @@ class Pair(Base):
     right: Mapped[int] = mapped_column(primary_key=True)
 
 
+class Invoice(Base):
+    """The base of a class hierarchy: single-table (CreditNote) and joined (Refund) inheritance."""
+
+    __tablename__ = "invoices"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    total: Mapped[int]
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "polymorphic_identity": "plain"}
+
+
+class CreditNote(Invoice):
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "credit"}
+
+
+class Refund(Invoice):
+    __tablename__ = "refunds"
+    id: Mapped[int] = mapped_column(ForeignKey("invoices.id"), primary_key=True)
+    reason: Mapped[str]
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "refund"}
+
+
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def savepoint_engine(tmp_path: Path) -> Iterator[Engine]:
+    """An engine whose SAVEPOINTs work: SQLAlchemy's documented recipe for pysqlite, which otherwise
+    leaves BEGIN to the driver (and the driver emits it late)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'savepoints.db'}")
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver emits no BEGIN of its own
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
     Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
@@ -384,3 +424,190 @@ def test_columns_the_update_itself_changes_keep_their_old_values(engine: Engine)
     finally:
         sync.remove(factory)
         db.close()
+
+
+# Regressions from a second audit: SAVEPOINTs, stale identity maps in verify and repair, subclasses,
+# verify and repair flushing the session, sessions closed without a commit, several Syncs.
+
+
+def test_changes_are_applied_at_the_outermost_commit_not_when_a_savepoint_is_released(
+    savepoint_engine: Engine,
+) -> None:
+    db = tallytree.open_memory()
+    sync = Sync(db)
+    by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
+    factory = sessionmaker(savepoint_engine)
+    sync.listen(factory)
+    try:
+        with factory() as session:
+            session.add(Load(id=1, org=1, status="open", amount=5))
+            session.commit()
+            load = session.get(Load, 1)
+            assert load is not None
+            load.status = "paid"  # the outer transaction's change
+            session.flush()
+            with session.begin_nested():  # SAVEPOINT, then RELEASE: SQLAlchemy fires after_commit
+                load.amount = 100
+            assert tally_counts(db, by_status) == {(1, "open"): (1, 5)}  # nothing before the commit
+            session.rollback()  # the whole transaction, released SAVEPOINT included
+            assert_in_sync(db, sync, by_status, session, {(1, "open"): (1, 5)})
+
+            session.add(Load(org=2, status="open", amount=1))  # outer: kept
+            with session.begin_nested():  # released: kept
+                session.add(Load(org=2, status="paid", amount=2))
+            rolled_back = session.begin_nested()  # rolled back: only its own changes go
+            session.add(Load(org=2, status="void", amount=4))
+            session.flush()
+            rolled_back.rollback()
+            outer = session.begin_nested()  # a released SAVEPOINT inside a rolled-back one goes too
+            with session.begin_nested():
+                session.add(Load(org=3, status="open", amount=8))
+            session.add(Load(org=3, status="paid", amount=16))
+            session.flush()
+            outer.rollback()
+            session.add(Load(org=2, status="open", amount=32))  # outer again, after the SAVEPOINTs
+            session.flush()
+            assert tally_counts(db, by_status) == {(1, "open"): (1, 5)}
+            session.commit()
+            expected = {(1, "open"): (1, 5), (2, "open"): (2, 33), (2, "paid"): (1, 2)}
+            assert_in_sync(db, sync, by_status, session, expected)
+    finally:
+        sync.remove(factory)
+        db.close()
+
+
+def test_verify_and_repair_read_the_database_not_the_instances_the_session_holds(setup: Any) -> None:
+    db, sync, by_status, factory = setup
+    with factory() as session:
+        session.add_all([Load(org=i % 2, status="open", amount=i) for i in range(1, 11)])
+        session.commit()
+        loads = session.scalars(select(Load).order_by(Load.id)).all()  # in the identity map, loaded
+        session.execute(text("UPDATE loads SET amount = amount + 1000 WHERE org = 1"))  # no flush event
+        drift = sync.verify(session)["loads"]
+        assert (drift.missing, drift.different, drift.extra) == (0, 5, 0)
+        assert not sync.repair(session)["loads"].ok
+        assert inspect(loads[0]).attrs.amount.loaded_value == 1  # the instances were left alone
+        session.commit()
+    with factory() as session:
+        rows = [(i % 2, "open", i + 1000 * (i % 2)) for i in range(1, 11)]
+        assert_in_sync(db, sync, by_status, session, expected_counts(rows))
+
+
+def test_subclasses_of_a_registered_class_are_synced(engine: Engine) -> None:
+    db = tallytree.open_memory()
+    sync = Sync(db)
+    factory = sessionmaker(engine)
+    sync.listen(factory)
+    by_kind = sync.register(Invoice).aggregate("invoices_by_kind", key="kind", values=("total",))
+    by_reason = sync.register(Refund).aggregate("refunds_by_reason", key="reason", values=("total",))
+
+    def items(aggregate: tallytree.Aggregate) -> dict[Any, tuple[Any, ...]]:
+        with db.read() as tx:
+            return {item.id: (item.key, *item.values) for item in aggregate.items(tx)}
+
+    try:
+        with factory() as session:
+            session.add_all(
+                [
+                    Invoice(id=1, total=5),
+                    CreditNote(id=2, total=7),
+                    CreditNote(id=3, total=9),
+                    Refund(id=4, total=11, reason="late"),
+                    Refund(id=5, total=13, reason="broken"),
+                ]
+            )
+            session.commit()
+            assert items(by_kind) == {
+                1: ("plain", 5),
+                2: ("credit", 7),
+                3: ("credit", 9),
+                4: ("refund", 11),
+                5: ("refund", 13),
+            }
+            assert items(by_reason) == {4: ("late", 11), 5: ("broken", 13)}
+            # A subclass registered later (the classes matched so far are cached): repair fills it in,
+            # and from then on its instances reach both its own aggregates and its base's.
+            credit_notes = sync.register(CreditNote).aggregate("credit_notes", key="total")
+            assert sync.repair(session, CreditNote)["credit_notes"].missing == 2
+            note = session.get(CreditNote, 2)
+            refund = session.get(Refund, 4)
+            assert note is not None and refund is not None
+            note.total = 70
+            refund.reason = "broken"  # a column of the subclass's own table
+            refund.total = 110
+            session.delete(session.get(CreditNote, 3))
+            session.delete(session.get(Refund, 5))
+            session.commit()
+            assert items(by_kind) == {1: ("plain", 5), 2: ("credit", 70), 4: ("refund", 110)}
+            assert items(credit_notes) == {2: (70,)}
+            assert items(by_reason) == {4: ("broken", 110)}
+            report = sync.verify(session)
+            assert set(report) == {"invoices_by_kind", "credit_notes", "refunds_by_reason"}
+            assert all(drift.ok for drift in report.values()), report
+            with db.read() as tx:
+                assert tallytree.check(tx) == []
+    finally:
+        sync.remove(factory)
+        db.close()
+
+
+def test_verify_and_repair_do_not_flush_the_session(setup: Any) -> None:
+    db, sync, by_status, factory = setup
+    with factory() as session:
+        session.add(Load(id=1, org=1, status="open", amount=5))
+        session.commit()
+        load = session.get(Load, 1)
+        assert load is not None
+        load.status = "paid"
+        pending = Load(org=1, status="open", amount=7)
+        session.add(pending)  # unflushed: neither verify nor repair may write it into the transaction
+        assert sync.verify(session)["loads"].ok
+        assert sync.repair(session)["loads"].ok
+        assert pending in session.new and session.is_modified(load)  # still pending, not flushed
+        with session.no_autoflush:
+            assert sql_counts(session) == {(1, "open"): (1, 5)}
+        session.rollback()
+        assert_in_sync(db, sync, by_status, session, {(1, "open"): (1, 5)})
+
+        session.add(Load(org=1, status="open", amount=7))
+        session.flush()  # flushed, not committed: a repair now could leave a rollback's rows behind
+        with pytest.raises(tallytree.TransactionError, match="not committed"):
+            sync.repair(session)
+        assert sync.verify(session)["loads"].missing == 1  # verify only reads: the flushed row shows
+        session.rollback()
+        assert sync.repair(session)["loads"].ok
+        assert_in_sync(db, sync, by_status, session, {(1, "open"): (1, 5)})
+
+
+def test_a_session_closed_without_a_commit_forgets_its_changes(setup: Any) -> None:
+    db, sync, by_status, factory = setup
+    session = factory()
+    session.add(Load(org=1, status="open", amount=5))
+    session.flush()
+    session.close()  # ends the transaction without a rollback event
+    session.add(Load(org=1, status="paid", amount=7))  # the same session, used again
+    session.commit()
+    assert_in_sync(db, sync, by_status, session, {(1, "paid"): (1, 7)})
+    session.close()
+
+
+def test_several_syncs_can_listen_to_the_same_sessions(engine: Engine) -> None:
+    first, second = tallytree.open_memory(), tallytree.open_memory()
+    syncs = [Sync(first), Sync(second)]
+    aggregates = [sync.register(Load).aggregate("loads", key="status") for sync in syncs]
+    factory = sessionmaker(engine)
+    for sync in syncs:
+        sync.listen(factory)
+    try:
+        with factory() as session:
+            session.add_all([Load(org=1, status="open", amount=1), Load(org=1, status="paid", amount=2)])
+            session.commit()
+            for db, sync, aggregate in zip((first, second), syncs, aggregates, strict=True):
+                with db.read() as tx:
+                    assert [item.key for item in aggregate.items(tx)] == ["open", "paid"]
+                assert sync.verify(session)["loads"].ok
+    finally:
+        for sync in syncs:
+            sync.remove(factory)
+        first.close()
+        second.close()

@@ -19,9 +19,21 @@ value). It listens to the session events:
   items are keyed by id;
 * ``after_soft_rollback`` (every rollback: of a SAVEPOINT, or of the whole transaction): the changes
   queued inside the rolled-back transaction (and the SAVEPOINTs in it) are dropped, so nothing reaches
-  tallytree for a rolled-back transaction;
-* ``after_commit`` (the outermost commit, after the database committed): the queued changes are applied
-  in one tallytree write transaction, in order, with ``idempotent=True`` by default.
+  tallytree for a rolled-back transaction; a rolled-back SAVEPOINT drops only its own changes;
+* ``after_commit``: SQLAlchemy fires it for a released SAVEPOINT too, and then nothing happens: the
+  SAVEPOINT's changes stay queued with the enclosing transaction, and go with it if it rolls back. At
+  the outermost commit (after the database committed) the queued changes are applied in one tallytree
+  write transaction, in order, with ``idempotent=True`` by default. Outermost is the session's: a
+  session joined to a connection whose transaction its caller ends later (``join_transaction_mode``)
+  applies at its own commit;
+* ``after_transaction_end`` of the outermost transaction: whatever is still queued is dropped (a
+  ``session.close()`` ends the transaction without a rollback event), so a session used again after a
+  close starts with an empty queue.
+
+Each :class:`Sync` keeps its own queue per session, so several can listen to the same sessions. An
+instance of a subclass of a registered class (single-table or joined inheritance) is a row of the
+registered class, as ``select(Registered)`` returns it: its changes reach the aggregates of every
+registered class it is an instance of.
 
 Old values of expired attributes: after a commit (``expire_on_commit=True``, the default) or
 ``session.expire()``, setting an attribute does not load the value it replaces, so neither the history
@@ -40,6 +52,14 @@ one transaction; run it at startup, after a crash, or on a schedule (it reports 
 nothing went wrong). ORM bulk statements
 (``session.execute(update(Model)...)``), Core statements and writes by other programs bypass the ORM's
 flush events, so they are not seen either: repair after them too.
+
+Verify and repair read the registered columns with a column select in the given session's transaction
+(``no_autoflush``): not through the identity map, whose instances may be stale, and without flushing or
+refreshing the session's instances. They see what that transaction sees: uncommitted rows it wrote with
+Core statements, but not the session's unflushed changes (those reach tallytree at the commit, as
+usual). :meth:`Sync.repair` refuses (TransactionError) while the session holds flushed changes of
+registered classes not yet committed, which a rollback would leave in tallytree; run it in a fresh
+session, or right after a commit.
 
 Usage (tested in ``tests/test_sqlalchemy.py``)::
 
@@ -87,7 +107,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._args import check_flag
 from ._hooks import Change, ChangeHandler, Drift, repair, verify
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, TransactionError
 
 if TYPE_CHECKING:
     from ._db import Database
@@ -170,6 +190,9 @@ class Sync:
         self._db = db
         self._idempotent = idempotent
         self._registrations: dict[type, _Registration] = {}
+        # The registrations an instance of a class reaches: every registered class in its MRO, nearest
+        # first; cached per class, cleared by register.
+        self._matches: dict[type, tuple[_Registration, ...]] = {}
 
     def register(
         self, model: type, *, id: str | Callable[[dict[str, Any]], Any] | None = None
@@ -177,7 +200,8 @@ class Sync:
         """Register a mapped class; return its ChangeHandler, on which to define the aggregates.
 
         Documents are dicts of the class's column attributes. ``id`` names the column (or function of
-        the row) giving the document id; by default the single primary key column. Gives the class's
+        the row) giving the document id; by default the single primary key column. Instances of the
+        class's mapped subclasses are its rows too (``select(model)`` returns them). Gives the class's
         column attributes active history, for good (see the module docstring). O(columns).
         Raises InvalidArgumentError for a composite primary key without ``id``.
         """
@@ -185,64 +209,83 @@ class Sync:
             return self._registrations[model].handler
         handler = ChangeHandler(self._db)
         self._registrations[model] = _Registration(model, handler, id)
+        self._matches.clear()
         return handler
 
     def listen(self, target: Any) -> None:
         """Listen to a Session class, a sessionmaker or one session (any target of session events)."""
         event = _sqlalchemy().event
-        event.listen(target, "before_flush", self._before_flush)
-        event.listen(target, "after_flush", self._after_flush)
-        event.listen(target, "after_soft_rollback", self._after_soft_rollback)
-        event.listen(target, "after_commit", self._after_commit)
+        for name, function in self._listeners():
+            event.listen(target, name, function)
 
     def remove(self, target: Any) -> None:
         """Stop listening to ``target``."""
         event = _sqlalchemy().event
-        for name, function in (
+        for name, function in self._listeners():
+            event.remove(target, name, function)
+
+    def _listeners(self) -> list[tuple[str, Callable[..., None]]]:
+        return [
             ("before_flush", self._before_flush),
             ("after_flush", self._after_flush),
             ("after_soft_rollback", self._after_soft_rollback),
             ("after_commit", self._after_commit),
-        ):
-            event.remove(target, name, function)
+            ("after_transaction_end", self._after_transaction_end),
+        ]
 
     # ------------------------------------------------------------ events
 
+    def _matching(self, cls: type) -> tuple[_Registration, ...]:
+        """The registrations of ``cls`` and its registered bases, nearest first."""
+        matches = self._matches.get(cls)
+        if matches is None:
+            matches = tuple(self._registrations[base] for base in cls.__mro__ if base in self._registrations)
+            self._matches[cls] = matches
+        return matches
+
+    def _queue_key(self) -> tuple[str, Sync]:
+        return (_QUEUE, self)  # one queue per Sync: several may listen to the same session
+
     def _queue(self, session: Any) -> list[tuple[Any, ChangeHandler, Change]]:
-        queue: list[tuple[Any, ChangeHandler, Change]] = session.info.setdefault(_QUEUE, [])
+        queue: list[tuple[Any, ChangeHandler, Change]] = session.info.setdefault(self._queue_key(), [])
         return queue
 
     def _before_flush(self, session: Any, flush_context: Any, instances: Any) -> None:
         # after_flush is too late to read what is not loaded: the database holds the new rows by then.
         # The rows live in the flush's own scratch dict, so a failed flush leaves none behind. None
-        # marks a deleted instance whose row was already gone.
-        old_rows: dict[Any, dict[str, Any] | None] = {}
+        # marks a deleted instance whose row was already gone. Keyed by (registration, state): a
+        # registered subclass and its registered base each read their own columns.
+        old_rows: dict[tuple[_Registration, Any], dict[str, Any] | None] = {}
         for instance in session.dirty:
-            registration = self._registrations.get(type(instance))
-            if registration is not None and session.is_modified(instance, include_collections=False):
-                old_rows[_sqlalchemy().inspect(instance)] = registration.old_row(instance)
+            registrations = self._matching(type(instance))
+            if registrations and session.is_modified(instance, include_collections=False):
+                state = _sqlalchemy().inspect(instance)
+                for registration in registrations:
+                    old_rows[(registration, state)] = registration.old_row(instance)
         deleted_elsewhere = importlib.import_module("sqlalchemy.orm.exc").ObjectDeletedError
         for instance in session.deleted:
-            registration = self._registrations.get(type(instance))
-            if registration is not None:
-                state = _sqlalchemy().inspect(instance)
+            registrations = self._matching(type(instance))
+            state = _sqlalchemy().inspect(instance) if registrations else None
+            for registration in registrations:
                 try:
-                    old_rows[state] = registration.old_row(instance)
+                    old_rows[(registration, state)] = registration.old_row(instance)
                 except deleted_elsewhere:
                     # Deleted by someone else: the flush deletes nothing and does not fail, so neither
                     # do we; the row's items, if any, were already drift for repair.
-                    old_rows[state] = None
+                    old_rows[(registration, state)] = None
         flush_context.attributes[(_OLD_ROWS, self)] = old_rows
 
     def _after_flush(self, session: Any, flush_context: Any) -> None:
         transaction = session.get_nested_transaction() or session.get_transaction()
-        old_rows: dict[Any, dict[str, Any] | None] = flush_context.attributes.get((_OLD_ROWS, self), {})
+        old_rows: dict[tuple[_Registration, Any], dict[str, Any] | None] = flush_context.attributes.get(
+            (_OLD_ROWS, self), {}
+        )
 
         def old_row(registration: _Registration, instance: Any) -> dict[str, Any] | None:
             # Missing only for an instance changed by a before_flush listener that ran after ours;
             # its history is complete then (active history), so reading it now is still right.
-            state = _sqlalchemy().inspect(instance)
-            return old_rows[state] if state in old_rows else registration.old_row(instance)
+            key = (registration, _sqlalchemy().inspect(instance))
+            return old_rows[key] if key in old_rows else registration.old_row(instance)
 
         # Removals before updates before additions: a flush holds each old id and each new id once,
         # and only a removal and an addition of the same id (a row switch, a primary key moved onto a
@@ -251,14 +294,15 @@ class Sync:
         updates: list[tuple[ChangeHandler, Change]] = []
         additions: list[tuple[ChangeHandler, Change]] = []
         for instance in session.deleted:
-            registration = self._registrations.get(type(instance))
-            if registration is not None:
+            for registration in self._matching(type(instance)):
                 old = old_row(registration, instance)
                 if old is not None:
                     removals.append((registration.handler, Change.delete(registration.row_id(old), old)))
         for instance in session.dirty:
-            registration = self._registrations.get(type(instance))
-            if registration is not None and session.is_modified(instance, include_collections=False):
+            registrations = self._matching(type(instance))
+            if not registrations or not session.is_modified(instance, include_collections=False):
+                continue
+            for registration in registrations:
                 old, new = old_row(registration, instance), registration.new_row(instance)
                 assert old is not None  # None is only ever recorded for deleted instances
                 old_id, new_id = registration.row_id(old), registration.row_id(new)
@@ -268,16 +312,15 @@ class Sync:
                 elif old != new:
                     updates.append((registration.handler, Change.update(new_id, old, new)))
         for instance in session.new:
-            registration = self._registrations.get(type(instance))
-            if registration is not None:
+            for registration in self._matching(type(instance)):
                 row = registration.new_row(instance)
                 additions.append((registration.handler, Change.insert(registration.row_id(row), row)))
-        self._queue(session).extend(
-            (transaction, handler, change) for handler, change in [*removals, *updates, *additions]
-        )
+        changes = [*removals, *updates, *additions]
+        if changes:
+            self._queue(session).extend((transaction, handler, change) for handler, change in changes)
 
     def _after_soft_rollback(self, session: Any, previous_transaction: Any) -> None:
-        queue = session.info.get(_QUEUE)
+        queue = session.info.get(self._queue_key())
         if not queue:
             return
 
@@ -288,34 +331,64 @@ class Sync:
                 transaction = transaction.parent
             return False
 
+        # A rolled-back SAVEPOINT drops the changes queued in it and in the SAVEPOINTs inside it
+        # (released or not), and keeps those of the enclosing transactions.
         queue[:] = [entry for entry in queue if not inside(entry[0])]
 
     def _after_commit(self, session: Any) -> None:
-        queue = session.info.pop(_QUEUE, None)
+        # SQLAlchemy fires after_commit when a SAVEPOINT is released too; the SAVEPOINT's transaction
+        # is still the session's nested transaction then (it closes after this event), and its changes
+        # stay queued, tagged with it, until the outermost commit or a rollback that encloses it.
+        if session.in_nested_transaction():
+            return
+        queue = session.info.pop(self._queue_key(), None)
         if not queue:
             return
         with self._db.write() as tx:
             for _, handler, change in queue:
                 handler.apply(tx, change, idempotent=self._idempotent)
 
+    def _after_transaction_end(self, session: Any, transaction: Any) -> None:
+        # The outermost transaction ended: committed (the queue was applied and removed), rolled back
+        # (dropped), or closed without either (session.close()): nothing queued may outlive it.
+        if transaction.parent is None:
+            session.info.pop(self._queue_key(), None)
+
     # ------------------------------------------------------------ verify and repair
 
     def _rows(self, session: Any, model: type) -> list[tuple[Any, dict[str, Any]]]:
+        # A column select, not select(model): the identity map would hand back the instances the
+        # session already holds, with their (possibly stale) loaded values, and populate_existing
+        # would overwrite their unflushed changes. no_autoflush: reading must not write the session's
+        # pending changes into the transaction. An ORM-enabled select of a mapped class's columns
+        # returns the rows of its subclasses too (and only a single-table subclass's own rows).
         registration = self._registrations[model]
+        columns = [getattr(model, key) for key in registration.columns]
         rows = []
-        for instance in session.execute(_sqlalchemy().select(model)).scalars():
-            row = registration.new_row(instance)
-            rows.append((registration.row_id(row), row))
+        with session.no_autoflush:
+            for values in session.execute(_sqlalchemy().select(*columns)):
+                row = dict(zip(registration.columns, values, strict=True))
+                rows.append((registration.row_id(row), row))
         return rows
 
     def verify(self, session: Any, model: type | None = None) -> dict[str, Drift]:
         """Compare every aggregate of the registered classes (or of ``model``) with the rows the
-        session's database holds now; return the drift per aggregate name. O(rows + items)."""
+        session's transaction sees now (read from the database, without flushing the session); return
+        the drift per aggregate name. O(rows + items)."""
         return self._check(session, model, fix=False)
 
     def repair(self, session: Any, model: type | None = None) -> dict[str, Drift]:
         """Like :meth:`verify`, then fix the aggregates to match the rows, in one tallytree write
-        transaction; return the drift that was fixed."""
+        transaction; return the drift that was fixed.
+
+        Raises TransactionError while ``session`` holds flushed changes of registered classes that are
+        not committed yet (a rollback would leave them in tallytree): run it in a fresh session, or
+        after the commit."""
+        if session.info.get(self._queue_key()):
+            raise TransactionError(
+                "Sync.repair: the session holds flushed changes that are not committed; commit or roll "
+                "back first (or repair in a fresh session)"
+            )
         return self._check(session, model, fix=True)
 
     def _check(self, session: Any, model: type | None, *, fix: bool) -> dict[str, Drift]:
