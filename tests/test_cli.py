@@ -15,10 +15,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -503,6 +505,467 @@ def test_sorted_promise_is_checked(tmp_path: Path, run: Any) -> None:
         "build", tmp_path / "db", "s", "--from", source, "--key", "ts", "--id", "id", "--sorted"
     )
     assert code == 1 and "line 3 (key=1, id='b') comes after line 2 (key=3, id='a')" in err
+
+
+# ------------------------------------------------------------------ malformed values, encodings, sizes
+
+
+def aggregates_of(database: Path) -> list[str]:
+    with tallytree.open(database, readonly=True) as db:
+        return db.aggregates()
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [
+        (".csv", "ts,id,v\n2024-01-01T00:00:00Z,a,1\n0001-01-01T00:00:00+01:00,b,2\n2024-01-02,c,3\n"),
+        (
+            ".jsonl",
+            '{"ts": "2024-01-01T00:00:00Z", "id": "a", "v": 1}\n'
+            '{"ts": "9999-12-31T23:59:59-01:00", "id": "b", "v": 2}\n'
+            '{"ts": "2024-01-02", "id": "c", "v": 3}\n',
+        ),
+    ],
+)
+def test_a_datetime_outside_the_years_1_to_9999_in_utc_is_a_malformed_record(
+    tmp_path: Path, run: Any, suffix: str, text: str
+) -> None:
+    """Valid ISO 8601 that leaves the years 1 to 9999 once converted to UTC (0001-01-01T00:00+01:00
+    is in the year 0) was an OverflowError traceback; it is a malformed record like a bad date."""
+    source = tmp_path / f"dates{suffix}"
+    source.write_text(text)
+    line = 3 if suffix == ".csv" else 2
+    argv = ["--key", "ts", "--key-type", "datetime", "--id", "id", "--sum", "v"]
+    code, out, err = run("build", tmp_path / "db", "d", "--from", source, *argv)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tallytree: error: {source} line {line}: field 'ts' is ")
+    assert err.endswith(": outside the years 1 to 9999 once converted to UTC\n")
+    assert aggregates_of(tmp_path / "db") == []
+    code, out, err = run("build", tmp_path / "db", "d", "--from", source, *argv, "--json")
+    assert code == 1 and json.loads(out) == {
+        "error": err.removeprefix("tallytree: error: ").strip(),
+        "exit_code": 1,
+    }
+    code, out, _ = run("build", tmp_path / "db", "d", "--from", source, *argv, "--on-error", "skip", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == 2 and report["skipped"]["count"] == 1
+    assert report["skipped"]["examples"][0]["where"] == f"line {line}"
+    code, _, err = run("query", tmp_path / "db", "d", "count", "--ge", "0001-01-01T00:00:00+01:00")
+    assert code == 1 and "outside the years 1 to 9999 once converted to UTC" in err
+
+
+NOT_UTF8_HINT = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 (if it is Latin-1)"
+
+
+def test_csv_bytes_that_are_not_utf8_are_malformed_records_named_by_their_line(
+    tmp_path: Path, run: Any
+) -> None:
+    """The text decoder reads ahead in chunks, so a decoding error used to name a line far before the
+    bad byte, or blame a good header. A record with bytes that are not UTF-8 is now a malformed record
+    (as a JSON Lines line is) named by the line of the bad byte, and can be skipped."""
+    big = tmp_path / "big.csv"
+    argv = ["--key", "k", "--id", "id", "--sum", "v"]
+    # the first and the last line of a batch of 4,096 records, the first of the next ones: the
+    # decoder reads ahead, so a bad byte is met while the batch before its own is read
+    for bad in (2500, 4097, 4098, 8193, 8194):
+        rows = (b"%d,%s%d,1\n" % (n, b"n\xff" if n == bad else b"n", n) for n in range(2, 10_001))
+        big.write_bytes(b"k,id,v\n" + b"".join(rows))
+        code, out, err = run("build", tmp_path / f"db{bad}", "u", "--from", big, *argv)
+        assert (code, out) == (1, "")
+        assert err == f"tallytree: error: {big} line {bad}: not UTF-8 text (byte 0xff); {NOT_UTF8_HINT}\n"
+        assert aggregates_of(tmp_path / f"db{bad}") == []
+        code, out, _ = run(
+            "build", tmp_path / f"db{bad}", "u", "--from", big, *argv, "--on-error", "skip", "--json"
+        )
+        report = json.loads(out)
+        assert code == 0 and report["items"] == 9_998 and report["skipped"]["count"] == 1
+        assert report["skipped"]["examples"][0]["where"] == f"line {bad}"
+    small = tmp_path / "small.csv"  # the header is fine: the record is named, not the header
+    small.write_bytes(b"k,id,v\n1,a,1\n2,b\xe9,1\n3,c,1\n")
+    code, _, err = run("build", tmp_path / "db", "s", "--from", small, *argv)
+    assert code == 1 and f"{small} line 3: not UTF-8 text (byte 0xe9)" in err and "header" not in err
+    spanning = tmp_path / "spanning.csv"  # a quoted cell over three lines, the bad byte on the second
+    spanning.write_bytes(b'k,id,v,note\n1,a,1,"one\r\ntw\xf6\r\nthree"\n2,b,1,ok\n')
+    code, _, err = run("build", tmp_path / "db", "s", "--from", spanning, *argv)
+    assert code == 1 and f"{spanning} line 3: not UTF-8 text (byte 0xf6)" in err
+    opened = open_source(str(spanning))
+    try:  # the record-by-record reader agrees
+        assert [(number, str(record)) for number, record in opened.records()] == [
+            (3, f"not UTF-8 text (byte 0xf6); {NOT_UTF8_HINT}"),
+            (5, "['2', 'b', '1', 'ok']"),
+        ]
+    finally:
+        opened.close()
+    header = tmp_path / "header.csv"  # without its header no record can be read: not skippable
+    header.write_bytes(b"k,id,v\xe9\n1,a,1\n")
+    code, _, err = run("build", tmp_path / "db", "h", "--from", header, *argv, "--on-error", "skip")
+    assert code == 1 and f"{header} line 1: the header row is not UTF-8 text (byte 0xe9)" in err
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b'{"k": 1, "id": "a", "v": 1}\n{"k": 2, "id": "\xe9", "v": 1}\n')
+    code, _, err = run("build", tmp_path / "db", "j", "--from", jsonl, *argv)
+    assert code == 1 and f"{jsonl} line 2: not UTF-8 text (byte 0xe9); convert the file" in err
+
+
+def test_a_csv_cell_longer_than_128_kib_is_read(tmp_path: Path, run: Any) -> None:
+    """The csv module refuses fields over 128 KiB by default: a well-formed file was "malformed"."""
+    source = tmp_path / "long.csv"
+    rows = [f"{n},e{n},{n}," + ("x" * 200_000 if n == 5 else "short") for n in range(1, 11)]
+    source.write_text("k,id,v,note\n" + "\n".join(rows) + "\n")
+    previous = csv.field_size_limit()
+    try:
+        csv.field_size_limit(2**17)  # the default, whatever ran before
+        code, out, err = run(
+            "build",
+            tmp_path / "db",
+            "l",
+            "--from",
+            source,
+            "--key",
+            "k",
+            "--id",
+            "id",
+            "--sum",
+            "v",
+            "--json",
+        )
+        assert (code, err) == (0, "") and json.loads(out)["items"] == 10
+        assert csv.field_size_limit() == 2**31 - 1  # raised, deliberately (process-global)
+        csv.field_size_limit(2**40)  # an application that raised it further keeps its limit
+        opened = open_source(str(source))
+        opened.close()
+        assert csv.field_size_limit() == 2**40
+    finally:
+        csv.field_size_limit(previous)
+
+
+VALUE_RANGE = "outside the range of a value, -2**63 to 2**64 - 1"
+TOO_LARGE = "too large to store (a key, an id or a namespace encodes to at most 255 bytes)"
+
+
+@pytest.mark.parametrize(
+    ("suffix", "record", "start", "end"),
+    [
+        (".csv", "2,b,{digits}", "field 'v' is ", f"an integer of 5,000 digits, {VALUE_RANGE}"),
+        (".csv", "{digits},b,1", "field 'k' is ", f"an integer of 5,000 digits, {TOO_LARGE}"),
+        (".csv", "2,{digits},1", "field 'id' (the id) is ", f"an integer of 5,000 digits, {TOO_LARGE}"),
+        (".csv", "2,-{digits},1", "field 'id' (the id) is ", f"an integer of 5,000 digits, {TOO_LARGE}"),
+        (".jsonl", '{{"k": 2, "id": "b", "v": "{digits}"}}', "field 'v' is ", f"5,000 digits, {VALUE_RANGE}"),
+        (".jsonl", '{{"k": 2, "id": "{digits}", "v": 1}}', "field 'id' (the id) is ", f"digits, {TOO_LARGE}"),
+        (
+            ".jsonl",
+            '{{"k": 2, "id": "b", "v": {digits}}}',
+            "a JSON number of 5,000 digits",
+            f"too large for a key, an id or a namespace, and {VALUE_RANGE}",
+        ),
+    ],
+)
+def test_integers_too_long_for_int_are_malformed_records(
+    tmp_path: Path, run: Any, suffix: str, record: str, start: str, end: str
+) -> None:
+    """int() refuses text of more than 4300 digits (sys.get_int_max_str_digits) with a ValueError that
+    escaped as a traceback: such a number is a malformed record (too large for a key, an id or a
+    value anyway), named by its line and skippable."""
+    first = "1,a,1" if suffix == ".csv" else '{"k": 1, "id": "a", "v": 1}'
+    source = tmp_path / f"digits{suffix}"
+    header = "k,id,v\n" if suffix == ".csv" else ""
+    source.write_text(header + first + "\n" + record.format(digits="9" * 5000) + "\n")
+    line = 3 if suffix == ".csv" else 2
+    argv = ["--key", "k", "--id", "id", "--sum", "v"]
+    code, out, err = run("build", tmp_path / "db", "n", "--from", source, *argv)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tallytree: error: {source} line {line}: {start}") and err.endswith(f"{end}\n")
+    assert err.count("\n") == 1 and len(err) < 400  # the number is shortened
+    assert aggregates_of(tmp_path / "db") == []
+    argv += ["--on-error", "skip", "--json"]
+    code, out, _ = run("build", tmp_path / "db", "n", "--from", source, *argv)
+    report = json.loads(out)
+    assert code == 0 and report["items"] == 1
+    assert report["skipped"]["examples"][0]["where"] == f"line {line}"
+
+
+def test_minus_zero_is_not_a_canonical_integer(tmp_path: Path, run: Any) -> None:
+    """'-0' is not written canonically, so it stays text, as '042' does: the ids 0 and -0 are two ids
+    (they collided as one duplicate item)."""
+    source = tmp_path / "zeros.csv"
+    source.write_text("k,id,v\n1,0,1\n1,-0,2\n-0,x,3\n0,x,4\n")
+    argv = ["--key", "k", "--id", "id", "--sum", "v"]
+    code, out, err = run("build", tmp_path / "db", "z", "--from", source, *argv)
+    assert (code, err) == (0, "") and out.startswith("built z: 4 items")
+    code, out, _ = run("query", tmp_path / "db", "z", "items", "--json")
+    items = [(item["key"], item["id"]) for item in json.loads(out)["items"]]
+    assert items == [(0, "x"), (1, 0), (1, "-0"), ("-0", "x")]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--memory", "nan"], "--memory 'nan' is not a size such as 512M or 2G"),
+        (["--memory", "inf"], "--memory 'inf' is not a size such as 512M or 2G"),
+        (["--memory", "1e400"], "--memory '1e400' is not a size such as 512M or 2G"),
+        (["--memory", "1e308G"], "--memory '1e308G' is not a size such as 512M or 2G"),
+        (["--memory=-1G"], "--memory '-1G' must be at least one byte"),
+        (["--memory", "0.5"], "--memory '0.5' must be at least one byte"),
+        (
+            ["--delimiter", ";;"],
+            "argument --delimiter: ';;' is not one character; give one, such as ';' or '|' (a tab: ",
+        ),
+        (["--delimiter", ""], "argument --delimiter: '' is not one character"),
+        (
+            ["--delimiter", '"'],
+            "argument --delimiter: '\"' cannot be the delimiter (it quotes or ends lines)",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["build", "verify"])
+def test_bad_memory_and_delimiter_are_bad_usage_before_anything_is_opened(
+    tmp_path: Path, run: Any, command: str, option: list[str], message: str
+) -> None:
+    """nan, inf and 1e400 were tracebacks, 0.5 an error (exit 1) from the library once the database
+    was open, ';;' a TypeError from the csv module, '' a silent comma."""
+    source = tmp_path / "ok.csv"
+    source.write_text("k,id,v\n1,a,1\n")
+    argv = [
+        command,
+        tmp_path / "db",
+        "a",
+        "--from",
+        source,
+        "--key",
+        "k",
+        "--id",
+        "id",
+        "--sum",
+        "v",
+        *option,
+    ]
+    code, out, err = run(*argv)
+    assert (code, out) == (2, "")
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "db").exists()
+    code, out, _ = run(*argv, "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+
+
+def test_a_backslash_t_delimiter_is_a_tab(tmp_path: Path, run: Any) -> None:
+    """--delimiter '\\t' in a shell passes a backslash and a t (a TypeError from the csv module
+    before): it means a tab, as $'\\t' does."""
+    source = tmp_path / "tabs.csv"
+    source.write_text("k\tid\tv\n1\ta\t1\n2\tb\t2\n")
+    for delimiter in ("\\t", "\t"):
+        argv = ["--key", "k", "--id", "id", "--sum", "v", "--delimiter", delimiter, "--json"]
+        code, out, err = run("build", tmp_path / "db", "t", "--from", source, *argv)
+        assert (code, err) == (0, "") and json.loads(out)["items"] == 2
+    with pytest.raises(SourceError, match="delimiter ';;' is not one character"):
+        open_source(str(source), delimiter=";;")
+
+
+def test_sql_blob_ids_are_bytes_ids(tmp_path: Path, run: Any) -> None:
+    """Ids may be bytes (README): an SQL BLOB id is one (it was refused), and verifies as built."""
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (k INTEGER, id BLOB, v INTEGER)")
+        rows = [(1, b"\x00\xffa", 1), (2, b"b", 2), (3, "b", 3), (4, 7, 4)]
+        connection.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    argv = ["--from", path, "--table", "t", "--key", "k", "--id", "id", "--sum", "v"]
+    code, out, err = run("build", tmp_path / "db", "b", *argv, "--json")
+    assert (code, err) == (0, "") and json.loads(out)["items"] == 4
+    with tallytree.open(tmp_path / "db", readonly=True) as db, db.read() as tx:
+        ids = [item.id for item in db.aggregate("b", create=False).items(tx)]
+    assert ids == [b"\x00\xffa", b"b", "b", 7]
+    code, out, _ = run("verify", tmp_path / "db", "b", *argv)
+    assert code == 0 and out.endswith("ok: the aggregate matches the source\n")
+    code, _, err = run("build", tmp_path / "db", "c", *argv, "--id-type", "int")
+    assert code == 1 and "row 1: field 'id' (the id) is b'\\x00\\xffa', bytes, not an int;" in err
+    code, _, err = run("build", tmp_path / "db", "c", *argv, "--id-type", "str")
+    assert code == 1 and "row 1: field 'id' (the id) is b'\\x00\\xffa', bytes that are not UTF-8 text" in err
+    code, out, _ = run(
+        "build", tmp_path / "db", "c", *argv, "--id-type", "str", "--on-error", "skip", "--json"
+    )
+    assert code == 0 and json.loads(out)["items"] == 3
+
+
+def test_text_ids_that_are_canonical_integers_are_ints_from_every_source(tmp_path: Path, run: Any) -> None:
+    """The documented rule (docs/cli.md, Typing): the JSON string "42" is the id 42, as the CSV cell
+    42 is, so that the same data as CSV or JSON Lines gives the same ids; "007" stays text."""
+    jsonl = tmp_path / "ids.jsonl"
+    jsonl.write_text(
+        '{"k": 1, "id": "42", "v": 1}\n{"k": 1, "id": "007", "v": 1}\n{"k": 1, "id": 5, "v": 1}\n'
+    )
+    csv_file = tmp_path / "ids.csv"
+    csv_file.write_text("k,id,v\n1,42,1\n1,007,1\n1,5,1\n")
+    argv = ["--key", "k", "--id", "id", "--sum", "v"]
+    for name, source in (("j", jsonl), ("c", csv_file)):
+        assert run("build", tmp_path / "db", name, "--from", source, *argv, "--quiet")[0] == 0
+    with tallytree.open(tmp_path / "db", readonly=True) as db, db.read() as tx:
+        for name in ("j", "c"):
+            assert [item.id for item in db.aggregate(name, create=False).items(tx)] == [5, 42, "007"]
+    assert run("verify", tmp_path / "db", "j", "--from", csv_file, *argv)[0] == 0
+    code, out, _ = run("build", tmp_path / "db", "s", "--from", jsonl, *argv, "--id-type", "str", "--json")
+    assert code == 0 and json.loads(out)["items"] == 3
+
+
+class SecretLeakingSqlAlchemy(FakeSqlAlchemy):
+    """A driver whose errors quote the URL it was given, percent-decoded too (as some do)."""
+
+    @staticmethod
+    def create_engine(url: str) -> Any:
+        from urllib.parse import unquote
+
+        raise RuntimeError(f"could not connect to {url!r} ({unquote(url)})")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "secrets"),
+    [
+        (
+            "postgresql://me:hunter2@db.example/app?sslmode=require&password=s%40uce",
+            "postgresql://me:***@db.example/app?sslmode=require&password=***",
+            ["hunter2", "s%40uce", "s@uce"],
+        ),
+        (
+            "postgresql://db.example/app?user=me&password=hunter2",
+            "postgresql://db.example/app?user=me&password=***",
+            ["hunter2"],
+        ),
+        (
+            "postgresql://me:pa/ss?w0rd@db.example/app",
+            "postgresql://me:***@db.example/app",
+            ["pa/ss?w0rd", "ss?w0rd"],
+        ),
+    ],
+)
+def test_no_password_of_a_database_url_appears_in_output(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch, url: str, shown: str, secrets: list[str]
+) -> None:
+    """A password in the query string (?password=...) was shown, as were the driver's messages."""
+    monkeypatch.setitem(sys.modules, "sqlalchemy", SecretLeakingSqlAlchemy())
+    code, out, err = run("build", tmp_path / "db", "a", "--from", url, "--table", "t", "--key", "k", "--json")
+    assert code == 1 and f"cannot read from {shown}: could not connect to" in err
+    for secret in secrets:
+        assert secret not in out and secret not in err
+
+
+def test_a_database_url_with_an_unescaped_at_in_its_password_is_refused(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``me:p@ss@host``: SQLAlchemy ends the password at the first '@' (and reads the host "ss@host"),
+    and the redaction hid only "p". Refused before connecting, with nothing of the password shown."""
+    monkeypatch.setitem(sys.modules, "sqlalchemy", SecretLeakingSqlAlchemy())
+    for url in ("postgresql://me:p@ss@db.example/app", "postgresql://me:p@ss/w@db.example/app?x=1"):
+        code, out, err = run(
+            "build", tmp_path / "db", "a", "--from", url, "--table", "t", "--key", "k", "--json"
+        )
+        assert code == 1 and "the database URL has a password and more than one '@'" in err
+        assert "percent-encode every '@' but the one before the host as %40" in err
+        assert "p@ss" not in out + err and "ss@" not in out + err and "ss/w" not in out + err
+    assert not (tmp_path / "db").exists()
+
+
+def test_sql_url_errors_while_reading_rows_are_source_errors(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver error mid-stream (a lost connection) is an error naming the source (exit 1), without
+    the password, not a traceback."""
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (k INTEGER)")
+        connection.executemany("INSERT INTO t VALUES (?)", [(n,) for n in range(10)])
+    fake = FakeSqlAlchemy()
+    create_engine = fake.create_engine
+
+    def failing_engine(url: str) -> Any:
+        engine = create_engine(url)
+        connect = engine.connect
+
+        def connected() -> Any:
+            connection = connect()
+            execute = connection.execute
+
+            def rows(sql: str) -> Any:
+                result = execute(sql)
+
+                class Failing:
+                    keys = result.keys
+
+                    def __iter__(self) -> Iterator[Any]:
+                        yield (1,)
+                        raise RuntimeError(f"connection to {url} lost")
+
+                return Failing()
+
+            connection.execute = rows
+            return connection
+
+        engine.connect = connected
+        return engine
+
+    monkeypatch.setattr(fake, "create_engine", failing_engine)
+    monkeypatch.setitem(sys.modules, "sqlalchemy", fake)
+    url = f"postgresql://me:hunter2@{path}"
+    code, out, err = run("build", tmp_path / "db", "a", "--from", url, "--table", "t", "--key", "k")
+    assert (code, out) == (1, "")
+    shown = f"postgresql://me:***@{path}"
+    assert err == f"tallytree: error: cannot read from {shown}: connection to {shown} lost\n"
+    assert aggregates_of(tmp_path / "db") == []
+
+
+# ------------------------------------------------------------------ SIGTERM
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+@pytest.mark.parametrize("command", ["build", "verify"])
+def test_sigterm_during_a_build_or_verify_cleans_up_as_ctrl_c_does(
+    tmp_path: Path, run: Any, command: str
+) -> None:
+    """SIGTERM (kill, timeout, docker stop) ended the process on the spot: a new aggregate stayed
+    defined, the sort runs stayed on disk. It now takes Ctrl-C's path and exits with 143.
+
+    Deterministic: the source is standard input, fed by the test and left open, so the process is
+    blocked reading it when the signal comes; the signal is sent once a sort run exists on disk (the
+    build has defined its aggregate and read past the first 32,768 rows)."""
+    database = tmp_path / "db"
+    old = tmp_path / "old.csv"
+    old.write_text("k,id,v\n1,a,1\n")
+    argv = ["--key", "k", "--id", "id", "--sum", "v"]
+    assert run("build", database, "old", "--from", old, *argv, "--quiet")[0] == 0
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    target = "new" if command == "build" else "old"
+    extra = ["--repair"] if command == "verify" else []  # a write transaction, which must be aborted
+    source = ["--from", "-", "--format", "csv", *argv, "--memory", "1K", "--temp-dir", str(runs)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tallytree", command, str(database), target, *source, "--quiet", *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stderr is not None
+    try:
+        process.stdin.write(b"k,id,v\n" + b"".join(b"%d,e%d,1\n" % (n, n) for n in range(60_000)))
+        process.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("tallytree-sort-*/run-*")):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no sort run was written"
+            time.sleep(0.01)
+        if command == "build":
+            assert sorted(aggregates_of(database)) == ["new", "old"]  # defined for the build
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdin.close()
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.stdout is not None and process.stdout.read() == b""
+    process.stdout.close()
+    assert (code, err) == (143, "tallytree: error: terminated (SIGTERM); nothing was written\n")
+    assert list(runs.iterdir()) == []  # the sort runs are removed
+    assert aggregates_of(database) == ["old"]
+    assert run("query", database, "old", "totals") == (0, "count=1 v=1\n", "")
+    assert run("check", database) == (0, "ok: no problems found\n", "")
 
 
 def test_a_failed_build_leaves_the_previous_contents(built: Path, tmp_path: Path, run: Any) -> None:

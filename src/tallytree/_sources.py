@@ -15,14 +15,29 @@ Two small pieces, kept apart from the command line so they can be tested (and re
   date).
 
 Typing rules. JSON values keep their JSON types (arrays become tuples). CSV cells and command-line
-values are text, typed *automatically*: an integer written canonically (``42``, not ``042``) becomes an
-int, a decimal number a float, anything else stays text. ``--key-type datetime`` reads ISO 8601 text
-(without an offset: UTC) or epoch seconds, or milliseconds for numbers of magnitude 10^11 and above.
-Summed values must be numbers (numeric text is accepted).
+values are text, typed *automatically*: an integer written canonically (``42``, ``-7``, not ``042``,
+``+7`` or ``-0``) becomes an int, a decimal number a float, anything else stays text. Ids are the
+exception to "JSON keeps its types": an id written as text that is a canonical integer becomes an int
+from every source (the JSON string ``"42"`` as the CSV cell ``42`` and the SQL text ``'42'``), so that
+the same data exported as CSV, JSON Lines or SQL gives the same ids (``--id-type str`` keeps text).
+``--key-type datetime`` reads ISO 8601 text (without an offset: UTC) or epoch seconds, or milliseconds
+for numbers of magnitude 10^11 and above; a moment that leaves the years 1 to 9999 once converted to
+UTC is a malformed record. Summed values must be numbers (numeric text is accepted). An integer of
+more digits than Python reads (``sys.get_int_max_str_digits()``, 4300 by default) is a malformed
+record, never a crash: as a key, id or namespace it could not fit the key size limit anyway, as a value
+it is beyond the int64 range of values.
+
+Text encoding. Files must be UTF-8. A JSON Lines line or a CSV record holding bytes that are not UTF-8
+is a malformed record (stopping the build, or skipped with ``--on-error skip``), named by the line of
+the first bad byte; the header of a CSV file is not a record, so bytes there stop the build. CSV text is
+decoded with ``surrogateescape``, so the csv module's reader (which reads ahead) never fails mid-file,
+and once the decoder has escaped a bad byte, records are checked for escaped bytes (U+DC80 to
+U+DCFF, which strict UTF-8 text never holds) before they are used (see :class:`CsvSource`).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
 import io
@@ -31,12 +46,15 @@ import math
 import os
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from itertools import islice, repeat
+from itertools import chain, islice, repeat
 from operator import attrgetter, itemgetter, methodcaller
 from typing import IO, Any
+
+from ._keys import MAX_KEY_BYTES
 
 __all__ = [
     "KEY_TYPES",
@@ -56,6 +74,14 @@ _MILLISECONDS_FROM = 10**11  # epoch numbers at least this large are millisecond
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)\Z")
 _NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_ESCAPED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, decoded with surrogateescape
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# csv's default field_size_limit is 128 KiB, so a well-formed file with one long cell (a note, a JSON
+# blob in an unused column) would be refused as malformed. The limit is process-global: it is raised
+# (never lowered, in case the application raised it further) when a CSV source is opened, to the
+# largest value a C long holds on every platform.
+_CSV_FIELD_LIMIT = 2**31 - 1
+_NOT_UTF8_HINT = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 (if it is Latin-1)"
 
 
 Row = tuple[Any, Any, Any, tuple[Any, ...]]
@@ -103,12 +129,29 @@ def _auto(text: str) -> Any:
     (42, '042', 4.5, 1000.0, 'eu-west', 'nan')
     """
     if _canonical_int(text):
-        return int(text)
+        return int(text)  # ValueError beyond sys.get_int_max_str_digits() (see _digits_error)
     if _DECIMAL.match(text):
         number = float(text)
         if math.isfinite(number):
             return number
     return text
+
+
+def _integer_digits(text: str) -> int:
+    """The number of digits of ``text`` if it is an integer (an optional sign, ASCII digits), else 0."""
+    digits = text.strip()
+    digits = digits[1:] if digits[:1] in ("-", "+") else digits
+    return len(digits) if digits.isascii() and digits.isdigit() else 0
+
+
+def _digits_error(text: str, limit: str) -> str:
+    """Why an integer too long for ``int()`` (``sys.get_int_max_str_digits()``) is refused."""
+    return f"an integer of {_integer_digits(text):,} digits, {limit}"
+
+
+_KEY_LIMIT = f"too large to store (a key, an id or a namespace encodes to at most {MAX_KEY_BYTES} bytes)"
+_VALUE_LIMIT = "outside the range of a value, -2**63 to 2**64 - 1"
+_JSON_DIGITS = re.compile(r"^Exceeds the limit \(\d+ digits\) for integer string conversion.*?(\d+) digits")
 
 
 def _tuples(value: Any) -> Any:
@@ -142,14 +185,19 @@ def parse_datetime(value: Any) -> datetime:
     >>> parse_datetime(1717236000) == parse_datetime(1717236000000) == parse_datetime("1717236000")
     True
 
-    Raises ValueError with the reason.
+    Raises ValueError with the reason, also for a moment outside the years 1 to 9999 in UTC
+    (``0001-01-01T00:00:00+01:00`` is in the year 0 in UTC).
     """
     if type(value) is str:
         text = value.strip()
         if len(text) >= 10 and text[4] == "-" and text[:4].isdigit():  # the common case: ISO 8601
             moment = _from_iso(text)
         elif _NUMBER.match(text):
-            moment = _from_epoch(int(text) if _canonical_int(text) else float(text))
+            try:
+                number = int(text) if _canonical_int(text) else float(text)
+            except ValueError:  # more digits than int() reads: far beyond the year 9999 anyway
+                raise ValueError("an epoch time outside the years 1 to 9999") from None
+            moment = _from_epoch(number)
         else:
             moment = _from_iso(text)
     elif isinstance(value, datetime):
@@ -161,7 +209,10 @@ def parse_datetime(value: Any) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     if moment.tzinfo is not UTC:
-        return moment.astimezone(UTC)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("outside the years 1 to 9999 once converted to UTC") from None
     return moment
 
 
@@ -265,10 +316,17 @@ class JsonLinesSource(_FileSource):
             try:
                 record = loads(line)
             except UnicodeDecodeError as exc:
-                yield number, RowError(f"not UTF-8 text ({exc.reason})")
+                byte = exc.object[exc.start]
+                yield number, RowError(f"not UTF-8 text (byte 0x{byte:02x}); {_NOT_UTF8_HINT}")
                 continue
             except ValueError as exc:
                 reason = str(exc)
+                digits = _JSON_DIGITS.search(reason)
+                if digits is not None:  # json reads integers with int(), which refuses this many digits
+                    size = int(digits.group(1))
+                    why = f"too large for a key, an id or a namespace, and {_VALUE_LIMIT}"
+                    yield number, RowError(f"a JSON number of {size:,} digits, {why}")
+                    continue
                 if not line.endswith(b"\n") or "Unterminated" in reason or "Expecting" in reason:
                     reason = f"invalid JSON ({reason}); the line may be truncated"
                 else:
@@ -282,49 +340,50 @@ class JsonLinesSource(_FileSource):
 
 
 class CsvSource(_FileSource):
-    """A CSV file with a header row (the field names)."""
+    """A CSV file with a header row (the field names).
+
+    The text is decoded with ``surrogateescape`` (counting, see :func:`_escape_counted`): a byte
+    that is not UTF-8 becomes a lone surrogate in its cell instead of an exception raised wherever
+    the decoder, which reads ahead in chunks, happens to be. A record holding such a byte is a
+    :class:`RowError` naming the line of its first bad byte, as a JSON Lines line that is not UTF-8
+    is. Records are checked for them only once the decoder has met a bad byte (in this process, since
+    the source was opened): a clean file costs nothing.
+    """
 
     kind = "csv"
 
     def __init__(self, name: str, stream: IO[bytes], total_bytes: int | None, delimiter: str) -> None:
         super().__init__(name, stream, total_bytes)
-        self.text = io.TextIOWrapper(self.stream, encoding="utf-8-sig", newline="")
+        if csv.field_size_limit() < _CSV_FIELD_LIMIT:  # see _CSV_FIELD_LIMIT: raised, never lowered
+            csv.field_size_limit(_CSV_FIELD_LIMIT)
+        self._escaped = _ESCAPES[0]  # bad bytes decoded so far, by any source: see batches()
+        self.text = io.TextIOWrapper(self.stream, encoding="utf-8-sig", errors=_ESCAPE_COUNTED, newline="")
         self.reader = csv.reader(self.text, delimiter=delimiter, strict=True)
         try:
             header = next(self.reader, None)
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             raise SourceError(f"{name}: cannot read the CSV header: {exc}") from exc
         if header is None:
             raise SourceError(f"{name} is empty: a CSV source needs a header row naming the fields")
+        escaped = _not_utf8(header, self.reader.line_num)
+        if escaped is not None:  # not a record to skip: without the header no record can be read
+            line, error = escaped
+            raise SourceError(f"{name} line {line}: the header row is {error.args[0]}")
         self.fields = [name.strip() for name in header]
 
     def records(self) -> Iterator[tuple[int, Any]]:
         reader = self.reader
-        width = len(self.fields or ())
         while True:
             try:
                 row = next(reader)
             except StopIteration:
                 return
-            except UnicodeDecodeError as exc:
-                raise SourceError(
-                    f"{self.name} line {reader.line_num + 1}: not UTF-8 text ({exc.reason})"
-                ) from exc
             except csv.Error as exc:
                 yield reader.line_num, RowError(f"malformed CSV ({exc}); the line may be truncated")
                 continue
-            if len(row) != width:
-                if not row:
-                    continue  # a blank line
-                yield (
-                    reader.line_num,
-                    RowError(
-                        f"expected {width} fields (as in the header), found {len(row)}; the line may be "
-                        "truncated or have an unquoted delimiter"
-                    ),
-                )
-                continue
-            yield reader.line_num, row
+            if not row:
+                continue  # a blank line
+            yield self._checked(row, reader.line_num)
 
     def batches(self, size: int) -> Iterator[list[tuple[int, Any]]]:
         """:meth:`records` in lists, read without a Python step per row when the rows are well formed:
@@ -338,18 +397,16 @@ class CsvSource(_FileSource):
             error: Exception | None = None
             try:
                 read.extend(islice(rows, size))
-            except UnicodeDecodeError as exc:
-                error = SourceError(f"{self.name} line {reader.line_num + 1}: not UTF-8 text ({exc.reason})")
-                error.__cause__ = exc
             except csv.Error as exc:
                 error = RowError(f"malformed CSV ({exc}); the line may be truncated")
             if read:
-                if set(map(len, map(itemgetter(0), read))) == {width}:
-                    yield list(zip(map(itemgetter(1), read), map(itemgetter(0), read), strict=True))
+                cells = list(map(itemgetter(0), read))
+                # a bad byte counted since this source opened may be in these rows (or later ones)
+                clean = _ESCAPES[0] == self._escaped or _utf8(cells)
+                if clean and set(map(len, cells)) == {width}:
+                    yield list(zip(map(itemgetter(1), read), cells, strict=True))
                 else:
                     yield [self._checked(row, number) for row, number in read if row]
-            if isinstance(error, SourceError):
-                raise error
             if error is not None:
                 yield [(reader.line_num, error)]
             elif len(read) < size:
@@ -357,12 +414,49 @@ class CsvSource(_FileSource):
 
     def _checked(self, row: list[str], number: int) -> tuple[int, Any]:
         width = len(self.fields or ())
+        escaped = _not_utf8(row, number)
+        if escaped is not None:
+            return escaped
         if len(row) == width:
             return number, row
         return number, RowError(
             f"expected {width} fields (as in the header), found {len(row)}; the line may be truncated or "
             "have an unquoted delimiter"
         )
+
+
+def _escape_counted(error: UnicodeError) -> tuple[str | bytes, int]:
+    """The ``surrogateescape`` error handler, counting the bad bytes it escapes in ``_ESCAPES`` (one
+    count per process: a source compares it with the count when it opened, and checks its records
+    for escaped bytes only if it grew; a count that grows for another source costs checks, never a
+    miss)."""
+    _ESCAPES[0] += 1
+    return _SURROGATE_ESCAPE(error)
+
+
+_ESCAPE_COUNTED = "tallytree.surrogateescape"
+_ESCAPES = [0]
+_SURROGATE_ESCAPE = codecs.lookup_error("surrogateescape")
+codecs.register_error(_ESCAPE_COUNTED, _escape_counted)
+
+
+def _utf8(rows: list[list[str]]) -> bool:
+    """Whether no cell of ``rows`` holds a byte that was not UTF-8 (see :class:`CsvSource`)."""
+    joined = "".join(chain.from_iterable(rows))
+    return joined.isascii() or _ESCAPED.search(joined) is None  # isascii: O(1) in CPython
+
+
+def _not_utf8(row: list[str], last_line: int) -> tuple[int, RowError] | None:
+    """``(line, RowError)`` for a CSV record holding bytes that are not UTF-8, naming the line of its
+    first bad byte; None if it holds none. ``last_line`` is the record's last line: the line breaks
+    after that byte are quoted ones inside the record (the reader keeps them in the cells)."""
+    joined = ",".join(row)
+    found = _ESCAPED.search(joined)
+    if found is None:
+        return None
+    line = last_line - len(_LINE_BREAK.findall(joined, found.start()))
+    byte = ord(found.group()) - 0xDC00
+    return line, RowError(f"not UTF-8 text (byte 0x{byte:02x}); {_NOT_UTF8_HINT}")
 
 
 class SqlSource(Source):
@@ -413,6 +507,14 @@ def _sqlite_source(path: str, table: str | None, query: str | None) -> SqlSource
 def _url_source(url: str, table: str | None, query: str | None) -> SqlSource:
     if not table and not query:
         raise SourceError("an SQL database source needs --table NAME or --query SQL")
+    name = _redact(url)
+    if _ambiguous_url(url):  # refused before connecting: SQLAlchemy would cut the password short
+        raise SourceError(
+            f"{name}: the database URL has a password and more than one '@', so where the password "
+            "ends is ambiguous; percent-encode every '@' but the one before the host as %40 (in the "
+            "password, the database name or the query), e.g. with python3 -c 'import sys, "
+            'urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))\' PASSWORD'
+        )
     try:
         sqlalchemy: Any = importlib.import_module("sqlalchemy")  # optional: only for SQL URLs
     except ImportError:
@@ -426,19 +528,96 @@ def _url_source(url: str, table: str | None, query: str | None) -> SqlSource:
         text = query or f"SELECT * FROM {_quote(table or '')}"
         result = connection.execution_options(stream_results=True).execute(sqlalchemy.text(text))
     except Exception as exc:  # driver errors have no common base class below Exception
-        raise SourceError(f"cannot read from {_redact(url)}: {exc}") from exc
+        # (from None: the chained driver error could quote the URL in a traceback)
+        raise SourceError(f"cannot read from {name}: {_scrub(str(exc), url)}") from None
     columns = list(result.keys())
+
+    def rows() -> Iterator[Sequence[Any]]:
+        try:
+            yield from result
+        except Exception as exc:  # as above: a lost connection, a bad value mid-stream
+            raise SourceError(f"cannot read from {name}: {_scrub(str(exc), url)}") from None
 
     def close() -> None:
         connection.close()
         engine.dispose()
 
-    return SqlSource(_redact(url), iter(result), columns, close)
+    return SqlSource(name, rows(), columns, close)
+
+
+_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|api_?key|access_?key", re.IGNORECASE)
+# ``user:password@`` as SQLAlchemy reads it (``sqlalchemy.engine.url._parse_url``): the user part
+# ends at the first ':' (without a '/'), the password at the next '@', whatever it holds before
+_USER_PASSWORD = re.compile(r"([^:/]*):([^@]*)@")
+
+
+def _ambiguous_url(url: str) -> bool:
+    """Whether a database URL has a password and another '@' besides the one ending it: then where the
+    password ends is a guess (SQLAlchemy ends it at the first '@', a person may have meant the last),
+    so it could be shown in part, and the connection would use the wrong password and host."""
+    rest = url.partition("//")[2]
+    return rest.count("@") > 1 and _USER_PASSWORD.match(rest) is not None
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The secrets a database URL holds, as written and percent-decoded, longest first: the password
+    of ``user:password@host`` and the values of query parameters such as ``password=``,
+    ``sslpassword=`` or ``token=``."""
+    rest = url.partition("//")[2]
+    secrets = []
+    found = _USER_PASSWORD.match(rest)
+    if found is not None:
+        secrets.append(found.group(2))
+        rest = rest[found.end() :]
+    if _ambiguous_url(url):
+        secrets.append(url.partition("//")[2].rpartition("@")[0])
+    for parameter in re.split(r"[&;]", rest.partition("?")[2].partition("#")[0]):
+        name, equals, value = parameter.partition("=")
+        if equals and _SECRET_PARAMETER.search(urllib.parse.unquote_plus(name)):
+            secrets.append(value)
+    unique = {*secrets, *map(urllib.parse.unquote_plus, secrets)} - {""}
+    return sorted(unique, key=len, reverse=True)
 
 
 def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL without its secrets (see :func:`_url_secrets`), for messages and output.
+
+    >>> _redact("postgresql://me:s3cret@db.example:5432/app?sslmode=require&password=s3cret#x")
+    'postgresql://me:***@db.example:5432/app?sslmode=require&password=***#x'
+
+    A URL with more than one '@' besides a password is ambiguous (see :func:`_ambiguous_url`):
+    everything up to its last '@' is hidden.
+
+    >>> _redact("postgresql://me:p@ss/w?rd@db.example/app")
+    'postgresql://***@db.example/app'
+    """
+    scheme, slashes, rest = url.partition("//")
+    if not slashes:
+        return url
+    if _ambiguous_url(url):
+        user, rest = "***@", rest.rpartition("@")[2]
+    elif (found := _USER_PASSWORD.match(rest)) is not None:
+        user, rest = f"{found.group(1)}:***@", rest[found.end() :]
+    else:
+        user = ""
+    path, question, query = rest.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        parts = re.split(r"([&;])", query)
+        for index, parameter in enumerate(parts):
+            name, equals, _ = parameter.partition("=")
+            if equals and _SECRET_PARAMETER.search(urllib.parse.unquote_plus(name)):
+                parts[index] = f"{name}=***"
+        rest = f"{path}?{''.join(parts)}{hash_}{fragment}"
+    return f"{scheme}//{user}{rest}"
+
+
+def _scrub(message: str, url: str) -> str:
+    """A driver's message without the URL's secrets (a message may quote the URL, or parts of it)."""
+    message = message.replace(url, _redact(url))
+    for secret in _url_secrets(url):
+        message = message.replace(secret, "***")
+    return message
 
 
 def open_source(
@@ -510,7 +689,11 @@ def _from_stream(name: str, stream: IO[bytes], total: int | None, kind: str, del
     if kind == "jsonl":
         return JsonLinesSource(name, stream, total)
     if kind == "csv":
-        return CsvSource(name, stream, total, delimiter or ",")
+        if delimiter is not None and (len(delimiter) != 1 or delimiter in '"\r\n'):
+            raise SourceError(
+                f"the CSV delimiter {delimiter!r} is not one character other than a quote or a line break"
+            )
+        return CsvSource(name, stream, total, "," if delimiter is None else delimiter)
     raise SourceError(f"unknown source format {kind!r}; use jsonl, csv or sqlite")
 
 
@@ -810,13 +993,22 @@ def _show(value: Any) -> str:
 
 
 def _canonical_int(text: str) -> bool:
-    """Whether ``text`` is an integer written canonically (``42``, ``-7``, ``0``; not ``042``, ``+1``)."""
+    """Whether ``text`` is an integer written canonically (``42``, ``-7``, ``0``; not ``042``, ``+1``,
+    ``-0``): the text ``str(int(text))`` gives back, so that no two texts become the same int.
+
+    >>> [_canonical_int(text) for text in ("42", "-7", "0", "042", "+1", "-0", "-", "")]
+    [True, True, True, False, False, False, False, False]
+    """
     digits = text[1:] if text[:1] == "-" else text
-    return digits.isascii() and digits.isdigit() and (digits[0] != "0" or digits == "0") and digits != "-0"
+    return digits.isascii() and digits.isdigit() and (digits[0] != "0" or text == "0")
 
 
 def _typed(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
-    """A converter of one key or namespace value to the given key type."""
+    """A converter of one key or namespace value to the given key type.
+
+    Every converter raises RowError for a value it cannot type (never ValueError: an integer text
+    of more digits than ``int()`` reads included).
+    """
     if kind == "datetime":
 
         def as_datetime(value: Any) -> Any:
@@ -848,6 +1040,10 @@ def _typed(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
                     raise ValueError
                 number = target(value.strip() if isinstance(value, str) else value)
             except (ValueError, OverflowError):
+                if isinstance(value, str) and _integer_digits(value):  # beyond int()'s digit limit
+                    raise RowError(
+                        f"field {name!r} is {_show(value)}, {_digits_error(value, _KEY_LIMIT)}"
+                    ) from None
                 raise RowError(f"field {name!r} is {_show(value)}, not {wanted}") from None
             if isinstance(number, float) and not math.isfinite(number):
                 raise RowError(f"field {name!r} is {_show(value)}, not a finite number")
@@ -861,7 +1057,12 @@ def _typed(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
         def auto_text(value: Any) -> Any:
             if value == "":
                 raise RowError(f"field {name!r} is empty")
-            return _auto(value)
+            try:
+                return _auto(value)
+            except ValueError:  # a canonical integer beyond int()'s digit limit
+                raise RowError(
+                    f"field {name!r} is {_show(value)}, {_digits_error(value, _KEY_LIMIT)}"
+                ) from None
 
         return auto_text
 
@@ -889,11 +1090,31 @@ def _typed_id(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
                 try:
                     return int(value)
                 except ValueError:
+                    if _integer_digits(value):  # beyond int()'s digit limit
+                        why = _digits_error(value, _KEY_LIMIT)
+                        raise RowError(f"field {name!r} (the id) is {_show(value)}, {why}") from None
                     raise RowError(f"field {name!r} (the id) is {_show(value)}, not an int") from None
             return value
         if type(value) is int:
             return str(value) if kind == "str" else value
-        raise RowError(f"field {name!r} (the id) is {_show(value)}; ids are text or integers")
+        if isinstance(value, bytes | bytearray | memoryview):  # an SQL BLOB (psycopg2 gives memoryview)
+            if kind == "auto":
+                return bytes(value)
+            if kind == "str":
+                try:
+                    return bytes(value).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RowError(
+                        f"field {name!r} (the id) is {_show(bytes(value))}, bytes that are not UTF-8 text; "
+                        "drop --id-type str to keep bytes ids"
+                    ) from None
+            raise RowError(
+                f"field {name!r} (the id) is {_show(bytes(value))}, bytes, not an int; drop --id-type int "
+                "to keep bytes ids"
+            )
+        raise RowError(
+            f"field {name!r} (the id) is {_show(value)}; ids are text, integers or bytes (SQL BLOBs)"
+        )
 
     return typed
 
@@ -910,7 +1131,12 @@ def _number(name: str) -> Callable[[Any], Any]:
             text = value.strip()
             digits = text[1:] if text[:1] == "-" else text
             if digits.isascii() and digits.isdigit():
-                return int(text)
+                try:
+                    return int(text)
+                except ValueError:  # beyond int()'s digit limit, so far beyond int64
+                    raise RowError(
+                        f"field {name!r} is {_show(value)}, {_digits_error(text, _VALUE_LIMIT)}"
+                    ) from None
             if _NUMBER.match(text):
                 result = float(text)
                 if math.isfinite(result):

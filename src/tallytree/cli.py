@@ -16,7 +16,13 @@ Every command takes ``--json`` (one JSON document on stdout, errors too). Exit c
 
     0  ok                          3  check failed, or verify found drift (not repaired)
     1  error (one line on stderr)  4  not found: database, aggregate, table, namespace or source file
-    2  bad usage                 130  interrupted (nothing was written)
+    2  bad usage                 130  interrupted by Ctrl-C (nothing was written)
+                                 143  build or verify ended by SIGTERM (nothing was written)
+
+SIGTERM (``kill``, ``timeout``, ``docker stop``) during ``build`` or ``verify`` takes the path of
+Ctrl-C: the transaction is aborted, a new aggregate the build defined is dropped again, the sort runs
+are removed, and the command exits with 143 (128 + 15, what a shell reports for a process SIGTERM
+ended). Other commands write nothing that needs undoing and keep the default handling.
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
@@ -73,6 +83,7 @@ EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 3
 EXIT_NOT_FOUND = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 
 T = TypeVar("T")
 
@@ -93,6 +104,37 @@ class _NotFound(_Failure):
 class _Usage(_Failure):
     def __init__(self, message: str) -> None:
         super().__init__(message, EXIT_USAGE)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during a build or a verify, raised in the main thread: a KeyboardInterrupt, so that it
+    unwinds exactly as Ctrl-C does (the transaction aborted, the sort runs removed, a new aggregate
+    dropped again), then ends the command with exit code 143."""
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM (the default of ``kill``, ``timeout``, ``docker stop``) into :class:`_Terminated`
+    while the block runs, instead of the default of ending the process on the spot, which would skip
+    the cleanup. A second SIGTERM during that cleanup is ignored. The previous handler is restored
+    afterwards. Only the main thread can handle signals: elsewhere (``main`` called from a thread)
+    nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def terminate(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------- arguments
@@ -326,7 +368,11 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=("jsonl", "csv", "sqlite"), help="the source format (default: guessed)"
     )
-    parser.add_argument("--delimiter", help="CSV delimiter (default , or tab for .tsv)")
+    parser.add_argument(
+        "--delimiter",
+        type=_delimiter,
+        help="CSV delimiter, one character (default , or a tab for .tsv; '\\t' is a tab)",
+    )
     # one or the other: with both, one of them would be ignored
     sql = parser.add_mutually_exclusive_group()
     sql.add_argument("--table", help="SQL sources: the table to read")
@@ -360,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_CHECK_FAILED, wants_json)
     except (Error, SourceError, RowError) as exc:
         return _fail(str(exc), EXIT_ERROR, wants_json)
+    except _Terminated:
+        return _fail("terminated (SIGTERM); nothing was written", EXIT_TERMINATED, wants_json)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written", EXIT_INTERRUPTED, wants_json)
     except BrokenPipeError:  # the reader of our output went away (| head): not an error
@@ -458,16 +506,35 @@ def _table(db: _db.Database, name: str) -> Table:
 
 
 def _parse_size(text: str) -> int:
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    """``--memory``: bytes from ``512M``, ``2G``, ``1.5GiB``, ``65536``; bad usage (exit 2), before
+    anything is opened, for anything else (``nan``, ``inf``, ``1e400``) and for less than one byte."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     upper = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = upper[-1:] if upper[-1:] in units else ""
     try:
         number = float(upper[: len(upper) - len(unit)] if unit else upper)
     except ValueError:
-        raise _Usage(f"--memory {text!r} is not a size such as 512M or 2G") from None
-    if number <= 0:
-        raise _Usage(f"--memory {text!r} must be positive")
-    return int(number * units[unit])
+        number = math.nan
+    if not math.isfinite(number * units[unit]):  # nan, inf, 1e400, 1e308G
+        raise _Usage(f"--memory {text!r} is not a size such as 512M or 2G")
+    size = int(number * units[unit])
+    if size < 1:
+        raise _Usage(f"--memory {text!r} must be at least one byte (a size such as 512M or 2G)")
+    return size
+
+
+def _delimiter(text: str) -> str:
+    """``--delimiter`` (an argparse type, so bad usage comes before anything is opened): one
+    character; ``\\t`` typed as two characters (``--delimiter '\\t'`` in a shell) is a tab."""
+    if text == "\\t":  # what people type for a tab; a CSV delimiter is never a backslash and a t
+        return "\t"
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one character; give one, such as ';' or '|' (a tab: '\\t' or $'\\t')"
+        )
+    if text in ('"', "\r", "\n"):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be the delimiter (it quotes or ends lines)")
+    return text
 
 
 def _database_bytes(path: Path | None) -> int:
@@ -719,34 +786,39 @@ def _build(args: argparse.Namespace) -> int:
     memory = _parse_size(args.memory)
     if not 0.5 <= args.fill <= 1.0:
         raise _Usage(f"--fill {args.fill} must be from 0.5 to 1.0")
-    progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
-    reader = _Reader(args, None, progress)
-    try:
-        with _db.open(args.database) as db:
-            existing = args.aggregate in db.aggregates()
-            fields = db.aggregate(args.aggregate).fields if existing else ()
-            if not reader.sums and fields:
-                reader.spec.sums.update({name: name for name in fields})
-                reader.convert = reader.spec.converter(reader.source)
-            try:
-                aggregate = db.aggregate(args.aggregate, values=tuple(reader.sums), node_size=args.node_size)
-            except SchemaMismatchError as exc:  # fixed at creation: the way out is to drop it
-                again = shlex.join(["tallytree", "drop", args.database, args.aggregate, "--yes"])
-                raise _Failure(f"{exc}; to build it anew with these settings, drop it: {again}") from exc
-            except ValueError as exc:
-                raise _Failure(str(exc)) from exc
-            try:
-                report, commit_seconds = _without_gc(
-                    _run_build, args, db, aggregate, reader, memory, progress
-                )
-            except BaseException:
-                if not existing and args.aggregate in db.aggregates():
-                    db.drop_aggregate(args.aggregate)  # it was created for this build
-                raise
-            size = _database_bytes(db.path)
-    finally:
-        progress.close()
-        reader.close()
+    with _sigterm_interrupts():  # until the commit and the close; what follows only reports
+        progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
+        reader = _Reader(args, None, progress)
+        try:
+            with _db.open(args.database) as db:
+                existing = args.aggregate in db.aggregates()
+                fields = db.aggregate(args.aggregate).fields if existing else ()
+                if not reader.sums and fields:
+                    reader.spec.sums.update({name: name for name in fields})
+                    reader.convert = reader.spec.converter(reader.source)
+                try:  # from the definition of a new aggregate on, so that a SIGTERM cannot slip in
+                    try:
+                        aggregate = db.aggregate(
+                            args.aggregate, values=tuple(reader.sums), node_size=args.node_size
+                        )
+                    except SchemaMismatchError as exc:  # fixed at creation: the way out is to drop it
+                        again = shlex.join(["tallytree", "drop", args.database, args.aggregate, "--yes"])
+                        raise _Failure(
+                            f"{exc}; to build it anew with these settings, drop it: {again}"
+                        ) from exc
+                    except ValueError as exc:
+                        raise _Failure(str(exc)) from exc
+                    report, commit_seconds = _without_gc(
+                        _run_build, args, db, aggregate, reader, memory, progress
+                    )
+                except BaseException:
+                    if not existing and args.aggregate in db.aggregates():
+                        db.drop_aggregate(args.aggregate)  # it was created for this build
+                    raise
+                size = _database_bytes(db.path)
+        finally:
+            progress.close()
+            reader.close()
     seconds = time.perf_counter() - started
     summary: dict[str, Any] = {
         "aggregate": args.aggregate,
@@ -1286,7 +1358,7 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         db = _open_existing(args.database)
     progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
-    with db:
+    with _sigterm_interrupts(), db:
         aggregate = _aggregate(db, args.aggregate)
         reader = _Reader(args, aggregate.fields, progress)
         try:
@@ -1311,6 +1383,9 @@ def _verify(args: argparse.Namespace) -> int:
                     drift.compare(source, _stored_items(tx, aggregate))
                 except Error as exc:
                     raise _Failure(f"{reader.source.name}: {exc}") from exc
+                finally:  # now, not when collected (an exception keeps it alive): it removes its sort runs
+                    if isinstance(source, Generator):
+                        source.close()
                 repaired = drift.repair(tx) if args.repair and drift.total else 0
         finally:
             progress.close()
