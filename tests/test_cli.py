@@ -70,6 +70,9 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+KEY_ID_SUM = ["--key", "k", "--id", "id", "--sum", "v"]  # columns k, id and v of the small CSV sources
+
+
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Any:
     def call(*argv: str) -> Run:
@@ -614,20 +617,7 @@ def test_a_csv_cell_longer_than_128_kib_is_read(tmp_path: Path, run: Any) -> Non
     previous = csv.field_size_limit()
     try:
         csv.field_size_limit(2**17)  # the default, whatever ran before
-        code, out, err = run(
-            "build",
-            tmp_path / "db",
-            "l",
-            "--from",
-            source,
-            "--key",
-            "k",
-            "--id",
-            "id",
-            "--sum",
-            "v",
-            "--json",
-        )
+        code, out, err = run("build", tmp_path / "db", "l", "--from", source, *KEY_ID_SUM, "--json")
         assert (code, err) == (0, "") and json.loads(out)["items"] == 10
         assert csv.field_size_limit() == 2**31 - 1  # raised, deliberately (process-global)
         csv.field_size_limit(2**40)  # an application that raised it further keeps its limit
@@ -724,20 +714,7 @@ def test_bad_memory_and_delimiter_are_bad_usage_before_anything_is_opened(
     was open, ';;' a TypeError from the csv module, '' a silent comma."""
     source = tmp_path / "ok.csv"
     source.write_text("k,id,v\n1,a,1\n")
-    argv = [
-        command,
-        tmp_path / "db",
-        "a",
-        "--from",
-        source,
-        "--key",
-        "k",
-        "--id",
-        "id",
-        "--sum",
-        "v",
-        *option,
-    ]
+    argv = [command, tmp_path / "db", "a", "--from", source, *KEY_ID_SUM, *option]
     code, out, err = run(*argv)
     assert (code, out) == (2, "")
     assert message in err and err.count("\n") == 1

@@ -493,16 +493,18 @@ def _aggregate(db: _db.Database, name: str) -> Aggregate:
     try:
         return db.aggregate(name, create=False)
     except AggregateNotFoundError:
-        known = ", ".join(db.aggregates()) or "none"
-        raise _NotFound(f"no aggregate {name!r} in {db.path} (it has: {known})") from None
+        raise _missing(db, "aggregate", name, db.aggregates()) from None
 
 
 def _table(db: _db.Database, name: str) -> Table:
     try:
         return db.table(name, create=False)
     except TableNotFoundError:
-        known = ", ".join(db.tables()) or "none"
-        raise _NotFound(f"no table {name!r} in {db.path} (it has: {known})") from None
+        raise _missing(db, "table", name, db.tables()) from None
+
+
+def _missing(db: _db.Database, kind: str, name: str, known: list[str]) -> _NotFound:
+    return _NotFound(f"no {kind} {name!r} in {db.path} (it has: {', '.join(known) or 'none'})")
 
 
 def _parse_size(text: str) -> int:
