@@ -702,7 +702,7 @@ def test_minus_zero_is_not_a_canonical_integer(tmp_path: Path, run: Any) -> None
         (["--delimiter", ""], "argument --delimiter: '' is not one character"),
         (
             ["--delimiter", '"'],
-            "argument --delimiter: '\"' cannot be the delimiter (it quotes or ends lines)",
+            "argument --delimiter: '\"' is a quote or a line break, which CSV reserves",
         ),
     ],
 )
@@ -734,6 +734,8 @@ def test_a_backslash_t_delimiter_is_a_tab(tmp_path: Path, run: Any) -> None:
         assert (code, err) == (0, "") and json.loads(out)["items"] == 2
     with pytest.raises(SourceError, match="delimiter ';;' is not one character"):
         open_source(str(source), delimiter=";;")
+    with pytest.raises(SourceError, match="delimiter '\"' is a quote or a line break"):
+        open_source(str(source), delimiter='"')
 
 
 def test_sql_blob_ids_are_bytes_ids(tmp_path: Path, run: Any) -> None:

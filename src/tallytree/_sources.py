@@ -63,6 +63,7 @@ __all__ = [
     "Source",
     "SourceError",
     "SourceNotFoundError",
+    "delimiter_problem",
     "open_source",
     "parse_datetime",
     "parse_value",
@@ -685,14 +686,27 @@ def _open_file(
         raise
 
 
+def delimiter_problem(delimiter: str) -> str | None:
+    """What is wrong with a CSV delimiter, as the end of a sentence, or None when it is usable: one
+    character, not a quote or a line break (the csv module would fail, or read other rows).
+
+    >>> delimiter_problem(";"), delimiter_problem(";;")
+    (None, "';;' is not one character; give one, such as ';' or '|'")
+    """
+    if len(delimiter) != 1:
+        return f"{delimiter!r} is not one character; give one, such as ';' or '|'"
+    if delimiter in ('"', "\r", "\n"):
+        return f"{delimiter!r} is a quote or a line break, which CSV reserves; give another character"
+    return None
+
+
 def _from_stream(name: str, stream: IO[bytes], total: int | None, kind: str, delimiter: str | None) -> Source:
     if kind == "jsonl":
         return JsonLinesSource(name, stream, total)
     if kind == "csv":
-        if delimiter is not None and (len(delimiter) != 1 or delimiter in '"\r\n'):
-            raise SourceError(
-                f"the CSV delimiter {delimiter!r} is not one character other than a quote or a line break"
-            )
+        problem = delimiter_problem(delimiter) if delimiter is not None else None
+        if problem is not None:
+            raise SourceError(f"the CSV delimiter {problem}")
         return CsvSource(name, stream, total, "," if delimiter is None else delimiter)
     raise SourceError(f"unknown source format {kind!r}; use jsonl, csv or sqlite")
 

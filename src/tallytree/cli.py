@@ -59,6 +59,7 @@ from ._sources import (
     RowSpec,
     SourceError,
     SourceNotFoundError,
+    delimiter_problem,
     open_source,
     parse_datetime,
     parse_value,
@@ -530,12 +531,10 @@ def _delimiter(text: str) -> str:
     character; ``\\t`` typed as two characters (``--delimiter '\\t'`` in a shell) is a tab."""
     if text == "\\t":  # what people type for a tab; a CSV delimiter is never a backslash and a t
         return "\t"
-    if len(text) != 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not one character; give one, such as ';' or '|' (a tab: '\\t' or $'\\t')"
-        )
-    if text in ('"', "\r", "\n"):
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be the delimiter (it quotes or ends lines)")
+    problem = delimiter_problem(text)
+    if problem is not None:
+        tab = " (a tab: '\\t' or $'\\t')" if len(text) != 1 else ""
+        raise argparse.ArgumentTypeError(problem + tab)
     return text
 
 
