@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -94,19 +95,30 @@ def savepoint_engine(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
+@contextmanager
+def listening(
+    engine: Engine, **options: Any
+) -> Iterator[tuple[tallytree.Database, Sync, sessionmaker[Session]]]:
+    """A Sync (``options``) over a new in-memory database, listening to a sessionmaker of ``engine``
+    for the block."""
+    db = tallytree.open_memory()
+    sync = Sync(db, **options)
+    factory = sessionmaker(engine)
+    sync.listen(factory)
+    try:
+        yield db, sync, factory
+    finally:
+        sync.remove(factory)
+        db.close()
+
+
 @pytest.fixture
 def setup(
     engine: Engine,
 ) -> Iterator[tuple[tallytree.Database, Sync, tallytree.Aggregate, sessionmaker[Session]]]:
-    db = tallytree.open_memory()
-    sync = Sync(db)
-    loads = sync.register(Load)
-    by_status = loads.aggregate("loads", namespace="org", key="status", values=("amount",))
-    factory = sessionmaker(engine)
-    sync.listen(factory)
-    yield db, sync, by_status, factory
-    sync.remove(factory)
-    db.close()
+    with listening(engine) as (db, sync, factory):
+        by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
+        yield db, sync, by_status, factory
 
 
 def sql_counts(session: Session) -> dict[tuple[int, str], tuple[int, int]]:
@@ -231,12 +243,8 @@ def test_a_failed_tallytree_write_leaves_sql_committed_and_repair_fixes_it(setup
 
 
 def test_strict_mode_raises_on_drift(engine: Engine) -> None:
-    db = tallytree.open_memory()
-    sync = Sync(db, idempotent=False)
-    sync.register(Load).aggregate("strict_loads", key="status")
-    factory = sessionmaker(engine)
-    sync.listen(factory)
-    try:
+    with listening(engine, idempotent=False) as (db, sync, factory):
+        sync.register(Load).aggregate("strict_loads", key="status")
         with factory() as session:
             session.add(Load(id=1, org=1, status="open", amount=1))
             session.commit()
@@ -255,8 +263,6 @@ def test_strict_mode_raises_on_drift(engine: Engine) -> None:
             session.get(Load, 1).status = "paid"  # type: ignore[union-attr]
             with pytest.raises(tallytree.ItemNotFoundError):
                 session.commit()
-    finally:
-        sync.remove(factory)
 
 
 def test_composite_primary_keys_need_an_id() -> None:
@@ -403,12 +409,8 @@ def test_a_row_deleted_and_added_again_in_one_flush_holds_the_new_row(setup: Any
 
 
 def test_columns_the_update_itself_changes_keep_their_old_values(engine: Engine) -> None:
-    db = tallytree.open_memory()
-    sync = Sync(db)
-    by_edits = sync.register(Ticket).aggregate("tickets_by_edits", key="edits")
-    factory = sessionmaker(engine)
-    sync.listen(factory)
-    try:
+    with listening(engine) as (db, sync, factory):
+        by_edits = sync.register(Ticket).aggregate("tickets_by_edits", key="edits")
         with factory() as session:
             ticket = Ticket(status="open")
             session.add(ticket)
@@ -421,9 +423,6 @@ def test_columns_the_update_itself_changes_keep_their_old_values(engine: Engine)
             with db.read() as tx:
                 assert (by_edits.count(tx), by_edits.count(tx, eq=2)) == (1, 1)
                 assert tallytree.check(tx) == []
-    finally:
-        sync.remove(factory)
-        db.close()
 
 
 # Regressions from a second audit: SAVEPOINTs, stale identity maps in verify and repair, subclasses,
@@ -433,12 +432,8 @@ def test_columns_the_update_itself_changes_keep_their_old_values(engine: Engine)
 def test_changes_are_applied_at_the_outermost_commit_not_when_a_savepoint_is_released(
     savepoint_engine: Engine,
 ) -> None:
-    db = tallytree.open_memory()
-    sync = Sync(db)
-    by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
-    factory = sessionmaker(savepoint_engine)
-    sync.listen(factory)
-    try:
+    with listening(savepoint_engine) as (db, sync, factory):
+        by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
         with factory() as session:
             session.add(Load(id=1, org=1, status="open", amount=5))
             session.commit()
@@ -471,9 +466,6 @@ def test_changes_are_applied_at_the_outermost_commit_not_when_a_savepoint_is_rel
             session.commit()
             expected = {(1, "open"): (1, 5), (2, "open"): (2, 33), (2, "paid"): (1, 2)}
             assert_in_sync(db, sync, by_status, session, expected)
-    finally:
-        sync.remove(factory)
-        db.close()
 
 
 def test_verify_and_repair_read_the_database_not_the_instances_the_session_holds(setup: Any) -> None:
@@ -494,18 +486,14 @@ def test_verify_and_repair_read_the_database_not_the_instances_the_session_holds
 
 
 def test_subclasses_of_a_registered_class_are_synced(engine: Engine) -> None:
-    db = tallytree.open_memory()
-    sync = Sync(db)
-    factory = sessionmaker(engine)
-    sync.listen(factory)
-    by_kind = sync.register(Invoice).aggregate("invoices_by_kind", key="kind", values=("total",))
-    by_reason = sync.register(Refund).aggregate("refunds_by_reason", key="reason", values=("total",))
+    with listening(engine) as (db, sync, factory):
+        by_kind = sync.register(Invoice).aggregate("invoices_by_kind", key="kind", values=("total",))
+        by_reason = sync.register(Refund).aggregate("refunds_by_reason", key="reason", values=("total",))
 
-    def items(aggregate: tallytree.Aggregate) -> dict[Any, tuple[Any, ...]]:
-        with db.read() as tx:
-            return {item.id: (item.key, *item.values) for item in aggregate.items(tx)}
+        def items(aggregate: tallytree.Aggregate) -> dict[Any, tuple[Any, ...]]:
+            with db.read() as tx:
+                return {item.id: (item.key, *item.values) for item in aggregate.items(tx)}
 
-    try:
         with factory() as session:
             session.add_all(
                 [
@@ -546,9 +534,6 @@ def test_subclasses_of_a_registered_class_are_synced(engine: Engine) -> None:
             assert all(drift.ok for drift in report.values()), report
             with db.read() as tx:
                 assert tallytree.check(tx) == []
-    finally:
-        sync.remove(factory)
-        db.close()
 
 
 def test_verify_and_repair_do_not_flush_the_session(setup: Any) -> None:
