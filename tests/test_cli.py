@@ -350,9 +350,7 @@ def test_malformed_records_fail_with_the_line(tmp_path: Path, run: Any, keep: in
     assert (code, out) == (1, "")
     assert err.startswith(f"tallytree: error: {source} {message}")
     assert err.count("\n") == 1  # one line
-    assert run("check", tmp_path / "db")[0] == 0
-    with tallytree.open(tmp_path / "db", readonly=True) as db:
-        assert db.aggregates() == []  # the aggregate created for the failed build is gone
+    assert not (tmp_path / "db").exists()  # the database created for the failed build is gone
 
 
 def test_malformed_records_can_be_skipped_and_counted(tmp_path: Path, run: Any) -> None:
@@ -543,7 +541,7 @@ def test_a_datetime_outside_the_years_1_to_9999_in_utc_is_a_malformed_record(
     assert (code, out) == (1, "")
     assert err.startswith(f"tallytree: error: {source} line {line}: field 'ts' is ")
     assert err.endswith(": outside the years 1 to 9999 once converted to UTC\n")
-    assert aggregates_of(tmp_path / "db") == []
+    assert not (tmp_path / "db").exists()
     code, out, err = run("build", tmp_path / "db", "d", "--from", source, *argv, "--json")
     assert code == 1 and json.loads(out) == {
         "error": err.removeprefix("tallytree: error: ").strip(),
@@ -576,7 +574,7 @@ def test_csv_bytes_that_are_not_utf8_are_malformed_records_named_by_their_line(
         code, out, err = run("build", tmp_path / f"db{bad}", "u", "--from", big, *argv)
         assert (code, out) == (1, "")
         assert err == f"tallytree: error: {big} line {bad}: not UTF-8 text (byte 0xff); {NOT_UTF8_HINT}\n"
-        assert aggregates_of(tmp_path / f"db{bad}") == []
+        assert not (tmp_path / f"db{bad}").exists()
         code, out, _ = run(
             "build", tmp_path / f"db{bad}", "u", "--from", big, *argv, "--on-error", "skip", "--json"
         )
@@ -665,7 +663,7 @@ def test_integers_too_long_for_int_are_malformed_records(
     assert (code, out) == (1, "")
     assert err.startswith(f"tallytree: error: {source} line {line}: {start}") and err.endswith(f"{end}\n")
     assert err.count("\n") == 1 and len(err) < 400  # the number is shortened
-    assert aggregates_of(tmp_path / "db") == []
+    assert not (tmp_path / "db").exists()
     argv += ["--on-error", "skip", "--json"]
     code, out, _ = run("build", tmp_path / "db", "n", "--from", source, *argv)
     report = json.loads(out)
@@ -885,7 +883,7 @@ def test_sql_url_errors_while_reading_rows_are_source_errors(
     assert (code, out) == (1, "")
     shown = f"postgresql://me:***@{path}"
     assert err == f"tallytree: error: cannot read from {shown}: connection to {shown} lost\n"
-    assert aggregates_of(tmp_path / "db") == []
+    assert not (tmp_path / "db").exists()
 
 
 # ------------------------------------------------------------------ SIGTERM
@@ -955,6 +953,29 @@ def test_a_failed_build_leaves_the_previous_contents(built: Path, tmp_path: Path
     assert run("build", built, "events", "--from", source, *BUILD)[0] == 1
     assert run("query", built, "events", "totals", "--namespace", "org:1", "--json")[1] == before
     assert run("check", built)[0] == 0
+
+
+def test_a_failed_build_into_a_new_path_leaves_no_database(tmp_path: Path, run: Any) -> None:
+    """A build that fails into a path that held no database removes the database it created, and
+    the directories it made for it; one into a database that existed before the build (even an empty
+    one) leaves that database, without the aggregate the build defined."""
+    source = tmp_path / "bad.csv"
+    source.write_text("k,id,v\n1,a,1\n2,b,oops\n")
+    argv = ["--key", "k", "--id", "id", "--sum", "v"]
+    nested = tmp_path / "new" / "deeper" / "db"
+    code, _, err = run("build", nested, "n", "--from", source, *argv)
+    assert code == 1 and "line 3: field 'v' is" in err
+    assert list(tmp_path.iterdir()) == [source]
+    empty = tmp_path / "empty"
+    tallytree.open(empty).close()  # a database with nothing in it, made before the build
+    other = tmp_path / "other"
+    assert run("build", other, "kept", "--from", source, *argv, "--on-error", "skip")[0] == 0
+    for database in (empty, other):
+        before = sorted(path.name for path in database.iterdir())
+        assert run("build", database, "n", "--from", source, *argv)[0] == 1
+        assert sorted(path.name for path in database.iterdir()) == before
+    assert aggregates_of(empty) == [] and aggregates_of(other) == ["kept"]
+    assert run("query", other, "kept", "totals") == (0, "count=1 v=1\n", "")
 
 
 def table_owned(database: Path) -> None:

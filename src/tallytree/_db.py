@@ -162,6 +162,24 @@ class Database:
             self._roots.clear()
             self._backend.close()
 
+    def _discard_if_unused(self) -> bool:
+        """Close the database and remove it (and the directories ``open()`` made for it) if this
+        ``open()`` created it and it holds no aggregate and no table: so that a failed first write,
+        such as the CLI's build into a new path, leaves the path as it was. Returns whether it was
+        removed. O(aggregates + tables).
+        """
+        backend = self._backend
+        if not isinstance(backend, LmdbBackend) or not backend.made_database():
+            return False
+        if self.aggregates() or self.tables():
+            return False
+        self.close()
+        try:
+            backend.discard_made()
+        except OSError:  # (something else was put in the directory meanwhile: leave it)
+            return False
+        return True
+
     def _check_format(self) -> None:
         with self.read() as tx:
             stored = tx.meta(_FORMAT_KEY)

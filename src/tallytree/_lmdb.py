@@ -313,6 +313,10 @@ class LmdbBackend:
             raise
         _OPEN.add(self)
 
+    def made_database(self) -> bool:
+        """Whether this open created the database (there was no ``data.mdb`` before it). O(1)."""
+        return self._made[0]
+
     def discard_made(self) -> None:
         """After an open that failed (the environment closed or never opened): remove the files and
         directories the open created, so the path is left as it was."""

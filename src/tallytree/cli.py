@@ -793,11 +793,11 @@ def _build(args: argparse.Namespace) -> int:
         try:
             with _db.open(args.database) as db:
                 existing = args.aggregate in db.aggregates()
-                fields = db.aggregate(args.aggregate).fields if existing else ()
-                if not reader.sums and fields:
-                    reader.spec.sums.update({name: name for name in fields})
-                    reader.convert = reader.spec.converter(reader.source)
                 try:  # from the definition of a new aggregate on, so that a SIGTERM cannot slip in
+                    fields = db.aggregate(args.aggregate).fields if existing else ()
+                    if not reader.sums and fields:
+                        reader.spec.sums.update({name: name for name in fields})
+                        reader.convert = reader.spec.converter(reader.source)
                     try:
                         aggregate = db.aggregate(
                             args.aggregate, values=tuple(reader.sums), node_size=args.node_size
@@ -815,6 +815,7 @@ def _build(args: argparse.Namespace) -> int:
                 except BaseException:
                     if not existing and args.aggregate in db.aggregates():
                         db.drop_aggregate(args.aggregate)  # it was created for this build
+                    db._discard_if_unused()  # a build into a new path leaves no empty database
                     raise
                 size = _database_bytes(db.path)
         finally:
