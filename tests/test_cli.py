@@ -462,7 +462,7 @@ def test_csv_batches_convert_as_records_do(tmp_path: Path) -> None:
         assert rows is not None and [type(value) for value in rows[1][3]] == [int, float]
         for cell in ("+5", "1_000", "nan", "", "٣", "1e999"):  # _number's own checks decide these
             assert batch_convert([[*records[0][:3], cell, "1"]], 1) is None, cell
-        assert batch_convert([["o", "20240102", "1", "1", "1"]], 1) is None  # read as epoch seconds
+        assert batch_convert([["o", "20240102", "1", "1", "1"]], 1) is None  # not the ISO shape
     finally:
         opened.close()
 
@@ -1146,6 +1146,31 @@ def test_errors_are_json_too_with_json(built: Path, run: Any) -> None:
 
 
 # ------------------------------------------------------------------ query
+
+
+def test_eight_digit_dates_are_basic_iso_dates_not_epoch_seconds(tmp_path: Path, run: Any) -> None:
+    """``20240131`` was read as epoch seconds (1970-08-23). Eight digits that form a date are that
+    date, as text (CSV, JSON Lines, a query bound) or a JSON number; eight digits that form none stay
+    epoch seconds, and a date with no such day is a malformed record."""
+    source = tmp_path / "days.csv"
+    source.write_text("day,id,v\n20240131,a,1\n2024-02-01,b,2\n20240229,c,4\n12345678,d,8\n")
+    jsonl = write_jsonl(tmp_path / "days.jsonl", [{"day": 20240131, "id": "a", "v": 1}])
+    argv = ["--key", "day", "--key-type", "datetime", "--id", "id", "--sum", "v"]
+    assert run("build", tmp_path / "db", "days", "--from", source, *argv)[0] == 0
+    assert run("build", tmp_path / "db", "json", "--from", jsonl, *argv)[0] == 0
+    code, out, _ = run("query", tmp_path / "db", "days", "items", "--json")
+    days = [item["key"] for item in json.loads(out)["items"]]
+    expected = [
+        datetime(1970, 5, 23, 21, 21, 18),
+        *(datetime(2024, m, d) for m, d in ((1, 31), (2, 1), (2, 29))),
+    ]
+    assert days == [day.replace(tzinfo=UTC).isoformat() for day in expected]
+    code, out, _ = run("query", tmp_path / "db", "json", "items", "--json")
+    assert [item["key"] for item in json.loads(out)["items"]] == [days[1]]
+    assert run("query", tmp_path / "db", "days", "totals", "--ge", "20240201") == (0, "count=2 v=6\n", "")
+    source.write_text("day,id,v\n20240131,a,1\n20230229,b,2\n")
+    code, _, err = run("build", tmp_path / "db", "days", "--from", source, *argv)
+    assert code == 1 and "line 3: field 'day' is \"20230229\": not a date: YYYYMMDD with no such day" in err
 
 
 def test_query_operations(built: Path, run: Any) -> None:

@@ -21,11 +21,12 @@ exception to "JSON keeps its types": an id written as text that is a canonical i
 from every source (the JSON string ``"42"`` as the CSV cell ``42`` and the SQL text ``'42'``), so that
 the same data exported as CSV, JSON Lines or SQL gives the same ids (``--id-type str`` keeps text).
 ``--key-type datetime`` reads ISO 8601 text (without an offset: UTC) or epoch seconds, or milliseconds
-for numbers of magnitude 10^11 and above; a moment that leaves the years 1 to 9999 once converted to
-UTC is a malformed record. Summed values must be numbers (numeric text is accepted). An integer of
-more digits than Python reads (``sys.get_int_max_str_digits()``, 4300 by default) is a malformed
-record, never a crash: as a key, id or namespace it could not fit the key size limit anyway, as a value
-it is beyond the int64 range of values.
+for numbers of magnitude 10^11 and above; eight digits that form a date are that date
+(``20240131``, ISO 8601's basic form), not seconds of 1970 to 1973; a moment that leaves the years
+1 to 9999 once converted to UTC is a malformed record. Summed values must be numbers (numeric text
+is accepted). An integer of more digits than Python reads (``sys.get_int_max_str_digits()``, 4300 by
+default) is a malformed record, never a crash: as a key, id or namespace it could not fit the key size
+limit anyway, as a value it is beyond the int64 range of values.
 
 Text encoding. Files must be UTF-8. A JSON Lines line or a CSV record holding bytes that are not UTF-8
 is a malformed record (stopping the build, or skipped with ``--on-error skip``), named by the line of
@@ -74,6 +75,8 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _MILLISECONDS_FROM = 10**11  # epoch numbers at least this large are milliseconds (10^11 s is year 5138)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)\Z")
+# eight digits that read as a date, YYYYMMDD (ISO 8601's basic form), rather than epoch seconds of 1970-73
+_BASIC_DATE = re.compile(r"[1-9][0-9]{3}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])\Z")
 _NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
 _ESCAPED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, decoded with surrogateescape
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -181,18 +184,31 @@ def parse_value(text: str) -> Any:
 def parse_datetime(value: Any) -> datetime:
     """An aware UTC datetime from ISO 8601 text (no offset: UTC) or epoch seconds / milliseconds.
 
+    Eight digits that form a date, as text or an int, are that date in ISO 8601's basic form
+    (``20240131``, ``YYYYMMDD``), not epoch seconds of 1970 to 1973. O(len(value)).
+
     >>> parse_datetime("2024-06-01T12:00:00+02:00").isoformat()
     '2024-06-01T10:00:00+00:00'
     >>> parse_datetime(1717236000) == parse_datetime(1717236000000) == parse_datetime("1717236000")
     True
+    >>> parse_datetime("20240131") == parse_datetime(20240131) == parse_datetime("2024-01-31")
+    True
 
     Raises ValueError with the reason, also for a moment outside the years 1 to 9999 in UTC
-    (``0001-01-01T00:00:00+01:00`` is in the year 0 in UTC).
+    (``0001-01-01T00:00:00+01:00`` is in the year 0 in UTC) and for eight digits that name no day
+    (``20240230``).
     """
+    if type(value) is int and 10**7 <= value < 10**8 and _BASIC_DATE.match(str(value)):
+        value = str(value)
     if type(value) is str:
         text = value.strip()
         if len(text) >= 10 and text[4] == "-" and text[:4].isdigit():  # the common case: ISO 8601
             moment = _from_iso(text)
+        elif _BASIC_DATE.match(text):
+            try:
+                moment = datetime(int(text[:4]), int(text[4:6]), int(text[6:]))
+            except ValueError:
+                raise ValueError("not a date: YYYYMMDD with no such day") from None
         elif _NUMBER.match(text):
             try:
                 number = int(text) if _canonical_int(text) else float(text)
