@@ -671,6 +671,31 @@ def test_integers_too_long_for_int_are_malformed_records(
     assert report["skipped"]["examples"][0]["where"] == f"line {line}"
 
 
+@pytest.mark.parametrize("cell", ["1_000", "\u0663", "\uff11\uff12", "1_0.5"])
+@pytest.mark.parametrize(
+    ("options", "field", "wanted"),
+    [
+        (["--key-type", "int"], "'k'", "an int"),
+        (["--key-type", "float"], "'k'", "a number"),
+        (["--id-type", "int"], "'id' (the id)", "an int"),
+    ],
+)
+def test_numbers_only_python_reads_are_malformed_records(
+    tmp_path: Path, run: Any, cell: str, options: list[str], field: str, wanted: str
+) -> None:
+    """int() and float() read "1_000" (Python's literal syntax) and digits outside ASCII; --key-type
+    int/float and --id-type int took them as numbers (1000, 3, 12), which a summed field refuses. They
+    are malformed records everywhere."""
+    source = tmp_path / "cells.csv"
+    record = f"{cell},2,1" if field == "'k'" else f"2,{cell},1"
+    source.write_text(f"k,id,v\n1,1,1\n{record}\n")
+    argv = ["--key", "k", "--id", "id", "--sum", "v", *options]
+    code, out, err = run("build", tmp_path / "db", "n", "--from", source, *argv)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tallytree: error: {source} line 3: field {field} is ")
+    assert err.endswith(f", not {wanted}\n")
+
+
 def test_minus_zero_is_not_a_canonical_integer(tmp_path: Path, run: Any) -> None:
     """'-0' is not written canonically, so it stays text, as '042' does: the ids 0 and -0 are two ids
     (they collided as one duplicate item)."""

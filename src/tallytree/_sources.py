@@ -16,7 +16,9 @@ Two small pieces, kept apart from the command line so they can be tested (and re
 
 Typing rules. JSON values keep their JSON types (arrays become tuples). CSV cells and command-line
 values are text, typed *automatically*: an integer written canonically (``42``, ``-7``, not ``042``,
-``+7`` or ``-0``) becomes an int, a decimal number a float, anything else stays text. Ids are the
+``+7`` or ``-0``) becomes an int, a decimal number a float, anything else stays text; text that
+only Python reads as a number (``1_000``, digits outside ASCII) is never one (see
+:func:`_python_only`). Ids are the
 exception to "JSON keeps its types": an id written as text that is a canonical integer becomes an int
 from every source (the JSON string ``"42"`` as the CSV cell ``42`` and the SQL text ``'42'``), so that
 the same data exported as CSV, JSON Lines or SQL gives the same ids (``--id-type str`` keeps text).
@@ -139,6 +141,18 @@ def _auto(text: str) -> Any:
         if math.isfinite(number):
             return number
     return text
+
+
+def _python_only(value: object) -> bool:
+    """Whether ``value`` is text in a form that ``int()`` and ``float()`` read but data does not hold
+    as a number: digits grouped by ``_`` (``1_000``, Python's literal syntax) or digits outside
+    ASCII (``\u0663``, Arabic-Indic three). Such text is not a number in a source, as a summed field already
+    refused it. O(len(value)).
+
+    >>> [_python_only(text) for text in ("1_000", "\u0663", "12", " -1.5e3 ", 7)]
+    [True, True, False, False, False]
+    """
+    return isinstance(value, str) and (not value.isascii() or "_" in value)
 
 
 def _integer_digits(text: str) -> int:
@@ -1066,7 +1080,7 @@ def _typed(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
             if isinstance(value, bool) or value is None or isinstance(value, dict | list):
                 raise RowError(f"field {name!r} is {_show(value)}, not {wanted}")
             try:
-                if kind == "int" and isinstance(value, float):
+                if (kind == "int" and isinstance(value, float)) or _python_only(value):
                     raise ValueError
                 number = target(value.strip() if isinstance(value, str) else value)
             except (ValueError, OverflowError):
@@ -1118,6 +1132,8 @@ def _typed_id(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
                 return value
             if kind == "int" or _canonical_int(value):
                 try:
+                    if _python_only(value):
+                        raise ValueError
                     return int(value)
                 except ValueError:
                     if _integer_digits(value):  # beyond int()'s digit limit
