@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import tallytree
 from tallytree import _keys as keys_module
-from tallytree._btree import _Run, vadd
+from tallytree._btree import NodeTree, _Run, vadd
 from tallytree._keys import MAX_KEY_BYTES, encode_id, encode_key
 from tallytree._native import speedups
 from tallytree._node import (
@@ -1375,6 +1375,70 @@ def test_range_totals_equal_the_python_sums(
         with pure_python():
             assert reads(tx) == changed
         raise _Abort
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(0, 30),
+    st.lists(st.tuples(FLOATS, INTS), min_size=1, max_size=7),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["ge", "gt"]),
+            st.none() | st.integers(-2, 42),
+            st.sampled_from(["le", "lt"]),
+            st.none() | st.integers(-2, 42),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_range_totals_sum_the_pending_node_in_the_same_call(
+    stored: int, appended: list[tuple[float, int]], windows: list[tuple[str, int | None, str, int | None]]
+) -> None:
+    """A tree's pending node (time-ordered inserts, one per transaction) handed to range_totals with
+    the nodes: its part between the cuts is found and summed there, with cuts before, among, on and
+    after the pending entries, and in a tree of no nodes (``stored`` 0), to what the pure Python code
+    gives; the kernel is used whenever a cut falls among the pending entries."""
+    db = tallytree.open_memory()
+    agg = db.aggregate("a", values=("f", "i"), node_size=8)
+    with db.write() as tx:
+        agg.insert_many(tx, [(key, "s", (key / 3, key)) for key in range(0, stored)])
+    for offset, values in enumerate(appended):  # keys stored .. stored + 6, pending (8 fill a leaf)
+        with db.write() as tx:
+            agg.insert(tx, stored + offset, "p", values)
+
+    def reads(tx: Any) -> list[Any]:
+        return [
+            strict(agg.totals(tx, **{low_name: low, high_name: high}))
+            for low_name, low, high_name, high in windows
+            if low is not None or high is not None
+        ]
+
+    with db.read() as tx:
+        tree = agg._reader(tx, None)
+        assert tree.pending_summary is not None and tree.pending_summary[0] == len(appended)
+        assert (tree.nodes.root is None) == (stored == 0)
+    with pure_python(), db.read() as tx:
+        expected = reads(tx)
+    calls = []
+    original = NodeTree.range_values_with
+
+    def counted(self: NodeTree, *args: Any) -> Any:
+        found = original(self, *args)
+        calls.append(found is not None)
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NodeTree, "range_values_with", counted)
+        for _ in range(2):  # the pending node as stored, then decoded
+            with db.read() as tx:
+                assert reads(tx) == expected
+    among = any(
+        bound is not None and stored <= bound < stored + len(appended)
+        for _, low, _, high in windows
+        for bound in (low, high)
+    )
+    assert all(calls) and (not among or calls)
 
 
 ROUNDING_CASES = [

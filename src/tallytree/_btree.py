@@ -501,8 +501,24 @@ class NodeTree:
         summary = self.range_summary(lower, upper)
         return summary_values(vadd(summary, extra) if extra is not None else summary, self.nfields)
 
+    def range_values_with(
+        self, lower: Cut | None, upper: Cut | None, pending: Node, pending_summary: list[int]
+    ) -> list[Any] | None:
+        """:meth:`range_values` of these entries and the leaf ``pending`` (a tree's pending node, of
+        summary ``pending_summary``) together, in one C call: its part between the cuts is found and
+        summed there too (at least one cut; the C kernels built). None when the kernel leaves the
+        sum to the Python code. O(log n + B)."""
+        return self._range_totals(self.root, lower, upper, None, True, pending, pending_summary)
+
     def _range_totals(
-        self, root: Root, lower: Cut | None, upper: Cut | None, extra: list[int] | None, values: bool
+        self,
+        root: Root | None,
+        lower: Cut | None,
+        upper: Cut | None,
+        extra: list[int] | None,
+        values: bool,
+        pending: Node | None = None,
+        pending_summary: list[int] | None = None,
     ) -> list[Any] | None:
         """The C kernel's range sum (``range_totals``; at least one cut): the summary, or with
         ``values`` the final values; None when it leaves the sum to the Python code."""
@@ -511,8 +527,8 @@ class NodeTree:
         high, high_after = upper if upper is not None else (None, False)
         assert speedups is not None
         found = speedups.range_totals(
-            access.node(root.node_id),
-            root.summary,
+            access.node(root.node_id) if root is not None else None,
+            root.summary if root is not None else None,
             low,
             low_after,
             high,
@@ -522,6 +538,8 @@ class NodeTree:
             self.nfields,
             extra,
             values,
+            pending,
+            pending_summary,
         )
         if found is None:
             return None

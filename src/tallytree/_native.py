@@ -102,7 +102,7 @@ class Speedups(Protocol):
     def range_totals(
         self,
         node: Any,
-        summary: Sequence[int],
+        summary: Sequence[int] | None,
         low: bytes | None,
         low_after: bool,
         high: bytes | None,
@@ -112,6 +112,8 @@ class Speedups(Protocol):
         fields: int,
         extra: Sequence[int] | None = None,
         values: bool = False,
+        pending: Any = None,
+        pending_summary: Sequence[int] | None = None,
         /,
     ) -> tuple[list[Any], int] | None: ...
     def pack_root(

@@ -3847,62 +3847,83 @@ finish:
     return status;
 }
 
-/* range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values])
-   -> (summary, hits) or None: the summary [count, S..., F...] of the entries between the cuts (either
-   may be None for a one-sided range, not both), plus the summary ``extra`` when given (not None); with
-   ``values`` true, [count, value of each field] instead (``_node.sum_value`` of each sum: one
-   rounding of the exact sum, and no big int made). None when a value is left to the Python code. */
+/* The summary of the entries of the tree under ``node`` (borrowed; ``summary`` its summary) between
+   two cuts (either may be NULL for a one-sided range, not both), added to ``total``. 0, 1 when a value
+   is left to Python, -1 with an error set. */
+static int
+range_into(PyObject *node, PyObject *summary, PyObject *low, int low_after, PyObject *high, int high_after,
+           Total *total, Fetcher *fetcher)
+{
+    Row before = {NULL}, after = {.python = Py_NewRef(summary)};
+    int status;
+    if (low == NULL || high == NULL) { /* one cut: its walk from the root */
+        int upper = low == NULL;
+        PyObject *cut = upper ? high : low;
+        Walk walk;
+        walk_start(&walk, node, PyBytes_AS_STRING(cut), PyBytes_GET_SIZE(cut), upper ? high_after : low_after,
+                   upper ? 1 : -1);
+        walk.after = after;
+        after.python = NULL;
+        status = upper ? 0 : add_row(total, &walk.after, 1); /* everything, minus what lies before the cut */
+        if (status) {
+            walk_release(&walk);
+        }
+        else {
+            status = walk_all(&walk, 1, total, fetcher);
+        }
+    }
+    else {
+        status = between(node, &before, &after, PyBytes_AS_STRING(low), PyBytes_GET_SIZE(low), low_after,
+                         PyBytes_AS_STRING(high), PyBytes_GET_SIZE(high), high_after, total, fetcher);
+    }
+    row_release(&before);
+    row_release(&after);
+    return status;
+}
+
+/* range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values
+   [, pending, pending_summary]]) -> (summary, hits) or None: the summary [count, S..., F...] of the
+   entries between the cuts (either may be None for a one-sided range, not both), plus the summary
+   ``extra`` when given (not None), plus the part between the cuts of the leaf ``pending`` (a tree's
+   pending node, its summary ``pending_summary``) when given (not None); ``node`` None: a tree of no
+   nodes. With ``values`` true, [count, value of each field] instead (``_node.sum_value`` of each sum:
+   one rounding of the exact sum, and no big int made). None when a value is left to the Python code. */
 static PyObject *
 range_totals(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
     Py_ssize_t fields;
-    int cuts_ok = (nargs == 9 || nargs == 11) && (args[2] == Py_None || PyBytes_Check(args[2])) &&
+    int cuts_ok = (nargs == 9 || nargs == 11 || nargs == 13) && (args[2] == Py_None || PyBytes_Check(args[2])) &&
                   (args[4] == Py_None || PyBytes_Check(args[4])) && (args[2] != Py_None || args[4] != Py_None);
     if (!cuts_ok) {
         PyErr_SetString(PyExc_TypeError,
                         "range_totals(node, summary, low: bytes | None, low_after, high: bytes | None, "
-                        "high_after, fetch, nodes, fields), with at least one cut");
+                        "high_after, fetch, nodes, fields[, extra, values[, pending, pending_summary]]), "
+                        "with at least one cut");
         return NULL;
     }
     int low_after = PyObject_IsTrue(args[3]), high_after = PyObject_IsTrue(args[5]);
-    int values = nargs == 11 ? PyObject_IsTrue(args[10]) : 0;
+    int values = nargs >= 11 ? PyObject_IsTrue(args[10]) : 0;
     if (low_after < 0 || high_after < 0 || values < 0 ||
         size_argument(args[8], "range_totals(): fields", &fields) < 0) {
         return NULL;
     }
+    PyObject *low = args[2] == Py_None ? NULL : args[2], *high = args[4] == Py_None ? NULL : args[4];
+    PyObject *pending = nargs == 13 && args[11] != Py_None ? args[11] : NULL;
     Total total;
     /* fetcher_from pins the node table: the last step that can fail before fetcher_end is certain */
     if (total_start(&total, fields) < 0 || fetcher_from(args[6], args[7], &fetcher) < 0) {
         total_end(&total);
         return NULL;
     }
-    Row before = {NULL}, after = {.python = Py_NewRef(args[1])};
-    PyObject *node = args[0];
-    int status;
-    if (args[2] == Py_None || args[4] == Py_None) { /* one cut: its walk from the root */
-        int upper = args[2] == Py_None;
-        PyObject *cut = upper ? args[4] : args[2];
-        Walk walk;
-        walk_start(&walk, node, PyBytes_AS_STRING(cut), PyBytes_GET_SIZE(cut), upper ? high_after : low_after,
-                   upper ? 1 : -1);
-        walk.after = after;
-        after.python = NULL;
-        status = upper ? 0 : add_row(&total, &walk.after, 1); /* everything, minus what lies before the cut */
-        if (status) {
-            walk_release(&walk);
-        }
-        else {
-            status = walk_all(&walk, 1, &total, &fetcher);
-        }
+    int status = 0;
+    if (args[0] != Py_None) {
+        status = range_into(args[0], args[1], low, low_after, high, high_after, &total, &fetcher);
     }
-    else {
-        status = between(node, &before, &after, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]), low_after,
-                         PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4]), high_after, &total, &fetcher);
+    if (status == 0 && pending != NULL) {
+        status = range_into(pending, args[12], low, low_after, high, high_after, &total, &fetcher);
     }
-    row_release(&before);
-    row_release(&after);
-    if (status == 0 && nargs == 11 && args[9] != Py_None) {
+    if (status == 0 && nargs >= 11 && args[9] != Py_None) {
         Row extra = {.python = args[9]};
         status = add_row(&total, &extra, 1);
     }
@@ -7377,7 +7398,8 @@ static PyMethodDef methods[] = {
     {"select", (PyCFunction)(void (*)(void))tree_select, METH_FASTCALL,
      "select(node, index, fetch, nodes[, item]) -> (leaf, position, hits)."},
     {"range_totals", (PyCFunction)(void (*)(void))range_totals, METH_FASTCALL,
-     "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values]) -> "
+     "range_totals(node, summary, low, low_after, high, high_after, fetch, nodes, fields[, extra, values[, "
+     "pending, pending_summary]]) -> "
      "(summary, hits) or None: a range sum in one call"},
     {"decode_entry", (PyCFunction)(void (*)(void))decode_entry, METH_FASTCALL,
      "decode_entry(entry, limit) -> (key, id) or None: an entry of common keys and ids, decoded"},

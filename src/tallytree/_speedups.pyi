@@ -67,7 +67,7 @@ def leaf_image(data: bytes, kind: int = 1, /) -> tuple[bytes, int] | None: ...
 def leaf_lists(image: bytes, /) -> tuple[tuple[bytes, ...], tuple[tuple[Any, ...], ...]] | None: ...
 def range_totals(
     node: Any,
-    summary: Sequence[int],
+    summary: Sequence[int] | None,
     low: bytes | None,
     low_after: bool,
     high: bytes | None,
@@ -77,6 +77,8 @@ def range_totals(
     fields: int,
     extra: Sequence[int] | None = None,
     values: bool = False,
+    pending: Any = None,
+    pending_summary: Sequence[int] | None = None,
     /,
 ) -> tuple[list[Any], int] | None: ...
 def pack_root(

@@ -285,8 +285,34 @@ class Tree:
 
     def range_values(self, lower: Cut | None, upper: Cut | None) -> list[Any]:
         """``[count, value of each field]`` between two cuts (see ``NodeTree.range_values``): the
-        pending entries inside the bounds go into the same exact sum, rounded once. O(log n + B)."""
+        pending entries inside the bounds go into the same exact sum, rounded once. O(log n + B).
+
+        With the C kernels, a pending node already decoded, or one that a cut falls among (which
+        decodes it), is handed to the kernel that sums the nodes' range, which finds and sums its
+        part in the same call: in a small namespace, most of whose entries are pending, a bounded
+        total took 6.9 us, 2.5 of them for the pending part in Python (session 29).
+        """
+        summary = self.pending_summary
+        bounded = lower is not None or upper is not None
+        if summary is not None and speedups is not None and bounded and self._pending_needed(lower, upper):
+            pending = self.pending
+            assert pending is not None
+            values = self.nodes.range_values_with(lower, upper, pending, summary)
+            if values is not None:
+                return values
         return self.nodes.range_values(lower, upper, self._pending_summary(lower, upper))
+
+    def _pending_needed(self, lower: Cut | None, upper: Cut | None) -> bool:
+        """Whether the pending node is decoded, or a cut may fall among its entries (by its first
+        and last entries, read from its bytes; True when they cannot be read so: the decode
+        decides). O(1) after the first call."""
+        if self._record is None:
+            return True
+        edges = self._edges_of_record()
+        if edges is None:
+            return True
+        _, first, last = edges
+        return any(cut is not None and first <= cut[0] <= last for cut in (lower, upper))
 
     def _pending_summary(self, lower: Cut | None, upper: Cut | None) -> list[int] | None:
         """The summary of the pending entries between two cuts, or None when there are none."""
