@@ -2331,6 +2331,20 @@ def test_leaf_image_builds_a_stored_leafs_image_from_its_bytes(
         [(type(value), value, math.copysign(1, value)) for value in col] for col in cols
     ]
     assert not any(gc.is_tracked(part) for part in (got_keys, got_cols, *got_cols))
+    rows = list(zip(*cols, strict=True)) if cols else [()] * len(keys)
+    start = data.draw(st.integers(0, len(keys) + 2))
+    stop = data.draw(st.integers(0, len(keys) + 2))
+    sliced = speedups.leaf_rows(image, start, stop)  # entries start:stop alone, clipped to the leaf
+    assert sliced is not None
+    got_keys, got_rows = sliced
+    assert got_keys == tuple(keys[start:stop])
+    assert [[(type(value), value, math.copysign(1, value)) for value in row] for row in got_rows] == [
+        [(type(value), value, math.copysign(1, value)) for value in row] for row in rows[start:stop]
+    ]
+    assert not any(gc.is_tracked(part) for part in (got_keys, got_rows, *got_rows))
+    node = Node.compact(9, image, fields)
+    assert node.entry_rows(start, stop) == sliced  # and through the node
+    assert Node(9, True, keys, cols).entry_rows(start, stop) == (keys[start:stop], rows[start:stop])
 
 
 def test_leaf_image_refuses_what_is_not_a_whole_leaf() -> None:
@@ -2361,9 +2375,18 @@ def test_leaf_image_refuses_what_is_not_a_whole_leaf() -> None:
     branch = Node(1, False, tuple(keys), ((1,) * 5,), tuple(range(10, 15)), (0,))  # type: ignore[arg-type]
     speedups.bisect(branch, b"", True)
     assert isinstance(branch._blob, bytes) and speedups.leaf_lists(branch._blob) is None
+    assert speedups.leaf_rows(branch._blob, 0, 5) is None
+    assert speedups.leaf_rows(_whole_image(keys, [[1, 2.5, 3, 4, 5]]), 0, 5) is None
     for kernel in (speedups.leaf_image, speedups.leaf_lists):
         with pytest.raises(TypeError):
             kernel(bytearray(stored))
+    whole = _whole_image(keys, [[1.5] * 5])
+    with pytest.raises(TypeError):
+        speedups.leaf_rows(bytearray(whole), 0, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        speedups.leaf_rows(whole, -1, 5)
+    with pytest.raises(TypeError):
+        speedups.leaf_rows(whole, 0)  # type: ignore[call-arg]
 
 
 def test_a_decoded_leaf_is_its_image_until_its_lists_are_read() -> None:

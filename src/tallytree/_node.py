@@ -389,22 +389,29 @@ class Node:
         kind = "leaf" if self.leaf else "internal"
         return f"<Node {self.id} {kind} size={self.size()}{' dirty' if self.dirty else ''}>"
 
-    def entries(self) -> tuple[Sequence[bytes], Sequence[Sequence[Any]]]:
-        """A leaf's keys and value columns, for one pass over them. A compact leaf's are made for the
-        caller and not kept: a cached leaf that kept them would hold ~300 more objects (twice the
-        memory), all freed one by one when a write replaces the leaf (a batch into leaves that
-        ``items`` had read took 1.4x the time). O(size) for a compact leaf, else O(1).
+    def entry_rows(self, start: int, stop: int) -> tuple[Sequence[bytes], Sequence[tuple[Any, ...]]]:
+        """A leaf's entries ``start:stop`` (0 <= start <= stop <= size) as their keys and their value
+        rows (one tuple per entry), made for those entries alone and not kept: from the search
+        image of a committed leaf that has one (a compact leaf always does) in one C call, else
+        from the lists. A cached compact leaf stays compact: had it kept its lists, it would hold
+        ~300 more objects (twice the memory), all freed one by one when a write replaces the leaf (a
+        batch into leaves that ``items`` had read took 1.4x the time). A page of 10 items from a
+        compact leaf of 115 made every entry (4.5 us), then each row with a generator.
+        O(stop - start).
 
-        >>> Node(0, True, [b"a", b"b"], [[1, 2]]).entries()
-        ([b'a', b'b'], [[1, 2]])
+        >>> Node(0, True, [b"a", b"b", b"c"], [[1, 2, 3], [4.0, 5.0, 6.0]]).entry_rows(1, 3)
+        ([b'b', b'c'], [(2, 5.0), (3, 6.0)])
         """
         blob = self._blob
-        if type(blob) is bytes and _is_compact(self):
+        if type(blob) is bytes and not self.dirty:
             built = _native._built  # a compact node comes from the extension (see __getattr__)
-            lists = built.leaf_lists(blob) if built is not None else None
-            if lists is not None:
-                return lists
-        return self.keys, self.cols
+            found = built.leaf_rows(blob, start, stop) if built is not None else None
+            if found is not None:
+                return found
+        keys = self.keys[start:stop]
+        if not self.cols:
+            return keys, [()] * len(keys)
+        return keys, list(zip(*(col[start:stop] for col in self.cols), strict=True))
 
     def size(self) -> int:
         """How many entries (or children) the node holds, read from its search image when it has one,

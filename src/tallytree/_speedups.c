@@ -7357,6 +7357,71 @@ leaf_image(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(Nn)", blob, fields);
 }
 
+/* leaf_rows(image, start, stop) -> (keys, rows) | None: entries ``start:stop`` (clipped to the leaf) of
+   a leaf whose image holds it whole, as a tuple of keys and a tuple of value rows (one tuple of
+   values per entry, as an item holds them), made for those entries alone; None for any other image
+   (see image_parts). What an iteration over part of a leaf (a page) reads, where leaf_lists makes
+   every entry's key and value and the caller then gathers each row. */
+static PyObject *
+leaf_rows(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t start, stop;
+    if (nargs != 3 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "leaf_rows(image: bytes, start: int, stop: int)");
+        return NULL;
+    }
+    if (size_argument(args[1], "leaf_rows(): start", &start) < 0 ||
+        size_argument(args[2], "leaf_rows(): stop", &stop) < 0) {
+        return NULL;
+    }
+    Image image;
+    if (image_parse(Py_NewRef(args[0]), &image) < 0) {
+        return NULL;
+    }
+    Py_ssize_t count = image.count, fields = image.fields;
+    int whole = image.kind == IMAGE_LEAF && fields >= 0;
+    for (Py_ssize_t field = 0; whole && field < fields; field++) {
+        whole = image.values[field] == VALUES_FLOAT || image.values[field] == VALUES_INT;
+    }
+    if (!whole) {
+        image_release(&image);
+        Py_RETURN_NONE;
+    }
+    stop = stop < count ? stop : count;
+    start = start < stop ? start : stop;
+    PyObject *keys = new_sequence(stop - start, 0), *rows = new_sequence(stop - start, 0), *result = NULL;
+    const char *columns = image.values + align8(fields);
+    for (Py_ssize_t index = start; keys != NULL && rows != NULL && index < stop; index++) {
+        Py_ssize_t size;
+        const char *key = image_key(&image, index, &size);
+        PyObject *item = key == NULL ? NULL : PyBytes_FromStringAndSize(key, size);
+        if (item == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(keys, index - start, item);
+        PyObject *row = new_sequence(fields, 0);
+        if (row == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(rows, index - start, row);
+        for (Py_ssize_t field = 0; field < fields; field++) {
+            PyObject *value = cell_value(columns + 8 * (field * count + index), image.values[field]);
+            if (value == NULL) {
+                goto done;
+            }
+            PyTuple_SET_ITEM(row, field, value);
+        }
+    }
+    if (keys != NULL && rows != NULL) {
+        result = PyTuple_Pack(2, keys, rows);
+    }
+done:
+    Py_XDECREF(keys);
+    Py_XDECREF(rows);
+    image_release(&image);
+    return result;
+}
+
 /* leaf_lists(image) -> (keys, cols) | None: the keys and value columns of a leaf whose image holds
    it whole, as tuples, as decode_node makes them; None for any other image (see image_parts). */
 static PyObject *
@@ -7451,6 +7516,9 @@ static PyMethodDef methods[] = {
     {"leaf_image", (PyCFunction)(void (*)(void))leaf_image, METH_FASTCALL,
      "leaf_image(data, kind=1) -> (image, fields) | None: a stored leaf's (or pending node's) search "
      "image, built from its bytes, when the image holds it whole."},
+    {"leaf_rows", (PyCFunction)(void (*)(void))leaf_rows, METH_FASTCALL,
+     "leaf_rows(image, start, stop) -> (keys, rows) | None: entries start:stop of a leaf whose image "
+     "holds it whole, keys and value tuples."},
     {"leaf_lists", leaf_lists, METH_O,
      "leaf_lists(image) -> (keys, cols) | None: a compact leaf's keys and columns, from its image."},
     {"delta_of", delta_of, METH_O,
