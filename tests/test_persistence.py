@@ -27,7 +27,7 @@ import pytest
 from conftest import pure_python, snapshot
 
 import tallytree
-from tallytree import DatabaseFormatError, MapFullError, ReadOnlyError, TransactionError
+from tallytree import CorruptDatabaseError, DatabaseFormatError, MapFullError, ReadOnlyError, TransactionError
 from tallytree._node import decode_node, encode_node
 from tallytree._store import NODES
 from tallytree._txn import node_key
@@ -401,6 +401,121 @@ def test_a_damaged_data_file_is_refused(tmp_path: Path) -> None:
     (path / "data.mdb").write_bytes(random.Random(1).randbytes(16384))
     with pytest.raises(DatabaseFormatError):
         tallytree.open(path)
+
+
+def _tables(path: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """Every table of an LMDB environment with its records, the main database's under b""."""
+    env = _lmdb_env(path)
+    try:
+        with env.begin() as txn:
+            names = [bytes(key) for key, _ in txn.cursor()]
+        found = {b"": [], **{name: [] for name in names}}
+        for name in names:
+            table = env.open_db(name, create=False)
+            with env.begin(db=table) as txn:
+                found[name] = [(bytes(key), bytes(value)) for key, value in txn.cursor()]
+        return found
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("tables", [(b"meta",), (b"meta", b"nodes", b"roots", b"docs"), (b"nodes",)])
+def test_an_lmdb_environment_whose_tables_have_tallytree_names_is_refused(
+    tmp_path: Path, tables: tuple[bytes, ...]
+) -> None:
+    """Another application's environment whose tables are named as tallytree's (its only one called
+    "meta", say) was taken for a new tallytree database: open() wrote the format tag into its meta
+    and created the other tables. It holds data and no tallytree format tag: refused, nothing
+    written."""
+    path = tmp_path / "other"
+    env = _lmdb_env(path)
+    for name in tables:
+        table = env.open_db(name)
+        with env.begin(write=True, db=table) as txn:
+            txn.put(b"schema_version", b"7")
+    env.close()
+    before = _tables(path)
+    for readonly in (False, True):
+        with pytest.raises(DatabaseFormatError, match="another application"):
+            tallytree.open(path, readonly=readonly)
+    assert _tables(path) == before, "tallytree wrote into a foreign environment"
+
+
+def test_the_keys_that_mark_a_tallytree_meta_are_the_ones_tallytree_writes() -> None:
+    from tallytree import _db, _lmdb, _txn
+
+    assert {_db._FORMAT_KEY, _txn._NEXT_ID} <= set(_lmdb._OWN_META)
+
+
+def test_a_creation_interrupted_before_the_format_tag_opens_as_a_new_database(tmp_path: Path) -> None:
+    """An environment whose tallytree tables exist but are all empty (a creation killed before the
+    format tag was committed) holds nothing: it opens as a new database."""
+    path = tmp_path / "db"
+    env = _lmdb_env(path)
+    for name in (b"meta", b"nodes", b"roots"):
+        env.open_db(name)
+    env.close()
+    with tallytree.open(path) as db:
+        db.aggregate("a")
+        assert db.aggregates() == ["a"]
+    assert tallytree.open(path, readonly=True).aggregates() == ["a"]
+
+
+def test_a_directory_holding_only_a_lock_file_opens_as_a_new_database(tmp_path: Path) -> None:
+    """LMDB creates lock.mdb before data.mdb: a creation killed between the two left a directory that
+    every open refused as foreign files. A lock file alone holds no data; read-only still finds no
+    database in it."""
+    path = tmp_path / "db"
+    path.mkdir()
+    (path / "lock.mdb").write_bytes(b"\0" * 8192)
+    with pytest.raises(DatabaseFormatError, match="holds no database"):
+        tallytree.open(path, readonly=True)
+    with tallytree.open(path) as db:
+        assert db.aggregates() == []
+    assert sorted(child.name for child in path.iterdir()) == ["data.mdb", "lock.mdb"]
+
+
+def test_an_empty_data_file_is_refused_not_made_a_new_database(tmp_path: Path) -> None:
+    """A data.mdb truncated to 0 bytes was taken by LMDB for a new environment: a read-write open
+    gave an empty database and check said ok, hiding the loss (read-only: 'Bad file descriptor').
+    Both are CorruptDatabaseError now, and exit 3 in the CLI; the file is left as it is."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        aggregate = db.aggregate("a")
+        with db.write() as tx:
+            aggregate.insert(tx, 1, "x")
+    os.truncate(path / "data.mdb", 0)
+    for readonly in (False, True):
+        with pytest.raises(CorruptDatabaseError, match=r"is empty \(0 bytes\)"):
+            tallytree.open(path, readonly=readonly)
+    assert (path / "data.mdb").stat().st_size == 0
+    command = [sys.executable, "-m", "tallytree", "check", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 3 and "0 bytes" in result.stderr, (result.returncode, result.stderr)
+
+
+@pytest.mark.parametrize("damage", ["cut to 100 bytes", "cut to one page", "second header page"])
+def test_an_lmdb_file_with_damaged_headers_is_corrupt_not_foreign(tmp_path: Path, damage: str) -> None:
+    """A data.mdb cut within its two header pages, or with a header page overwritten, was reported as
+    'does not hold an LMDB environment' (DatabaseFormatError, exit 1): it begins with LMDB's magic,
+    so it is a damaged database, CorruptDatabaseError (exit 3). Random bytes stay foreign."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        aggregate = db.aggregate("a")
+        with db.write() as tx:
+            aggregate.insert(tx, 1, "x")
+    data = path / "data.mdb"
+    if damage == "second header page":
+        with data.open("r+b") as file:
+            file.seek(4096)
+            file.write(random.Random(2).randbytes(4096))
+    else:
+        os.truncate(data, 100 if damage == "cut to 100 bytes" else 4096)
+    with pytest.raises(CorruptDatabaseError, match="LMDB cannot read"):
+        tallytree.open(path, readonly=True)
+    command = [sys.executable, "-m", "tallytree", "check", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 3, (result.returncode, result.stderr)
 
 
 def _set_meta(path: Path, key: bytes, value: bytes | None) -> None:

@@ -45,6 +45,15 @@ saying to open it again in the child, before the inherited locks are touched. No
 aborted or closed in the child, which would free the parent's reader slots (see :func:`_mark_forked`);
 the child drops it, and ``_db`` closes the inherited Database objects.
 
+What is opened must be tallytree's (:meth:`LmdbBackend._open_dbs`, before anything is written):
+an environment whose main database names another table, or whose tables hold data without one of
+the keys only tallytree writes in ``meta`` (:data:`_OWN_META`), is another application's and is
+refused, even one whose only table is called ``meta``; tables that are all empty are a creation
+that was interrupted, and open as a new database, as does a directory holding a ``lock.mdb`` alone
+(LMDB makes it before ``data.mdb``). A ``data.mdb`` of 0 bytes is refused as damaged: LMDB would
+fill it as a new environment, hiding the loss of a truncated database; one that LMDB refuses but
+that begins with LMDB's magic is damaged (CorruptDatabaseError), anything else foreign.
+
 Errors are translated: a full map grows the map (or raises MapFullError), a commit the disk refuses
 raises StorageError, the read transaction beyond the reader slots raises TransactionError.
 
@@ -71,7 +80,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from time import monotonic
+from time import monotonic, sleep
 from typing import Any
 
 import lmdb
@@ -91,6 +100,11 @@ from .errors import (
 __all__ = ["LmdbBackend"]
 
 _NAMES = (b"meta", b"nodes", b"roots", b"docs")
+# keys of ``meta`` that only tallytree writes: the format tag (_db._FORMAT_KEY), the node id counter
+# (_txn._NEXT_ID) and the generation counter of databases written before 2026-11-22
+_OWN_META = (b"format", b"next_id", b"gen")
+_MAGIC = b"\xde\xc0\xef\xbe"  # LMDB's meta page magic (0xBEEFC0DE, little-endian), after a page header
+_EMPTY_WAIT = 0.05  # seconds to let an LMDB environment being created write its first pages
 _key_value = itemgetter(1, 2)  # an Op's key and value
 _GROW = "the LMDB map is full and must grow"
 _ADOPT = "another process grew the database map and this one must follow"
@@ -279,6 +293,7 @@ class LmdbBackend:
                 "pass a smaller map_size: the map grows by itself, up to max_map_size, as data is added"
             )
         created = _check_directory(self.path, create=create and not readonly)
+        _check_data_file(self.path)
         # what this open makes, which a failed open removes (discard_made)
         self._made = (not (self.path / "data.mdb").exists(), created)
         try:
@@ -343,6 +358,12 @@ class LmdbBackend:
                 lock=True,
             )
         except lmdb.InvalidError as exc:
+            if _lmdb_file(self.path / "data.mdb"):
+                raise CorruptDatabaseError(
+                    f"{self.path}/data.mdb is an LMDB file that LMDB cannot read ({exc}): it was cut "
+                    "short or its header pages were overwritten. Restore it from a backup, or rebuild "
+                    "the aggregates from their source in a new directory"
+                ) from exc
             raise DatabaseFormatError(
                 f"{self.path} does not hold an LMDB environment ({exc}); "
                 "point tallytree.open() at a tallytree database directory or an empty one"
@@ -406,18 +427,33 @@ class LmdbBackend:
         raise TransactionError(f"another process kept growing the map of {self.path}; open it again")
 
     def _open_dbs(self) -> list[Any]:
+        """Open the four tables, creating those missing (unless read-only), once the environment is
+        known to be tallytree's: its main database names no other table, and the tables it names
+        hold tallytree's own keys in ``meta`` (:data:`_OWN_META`) or nothing at all (a creation that
+        was interrupted). Another application's environment is refused before anything is written
+        to it, even one whose only table is called ``meta``."""
         with self.env.begin() as txn:
-            foreign = [bytes(key) for key, _ in txn.cursor() if bytes(key) not in _NAMES]
+            present = [bytes(key) for key, _ in txn.cursor()]
+        foreign = [key for key in present if key not in _NAMES]
         if foreign:
             raise DatabaseFormatError(
                 f"{self.path} is an LMDB environment of another application (it holds keys such as "
                 f"{foreign[0][:40]!r}); tallytree will not write into it. Use a new directory"
             )
-        dbs = []
+        dbs: dict[bytes, Any] = {}
         try:
             # outside any transaction: handles opened in a read-only one are not kept (py-lmdb)
+            for name in present:
+                dbs[name] = self.env.open_db(name, create=False)
+            if dbs and not self._holds_tallytree(dbs):
+                raise DatabaseFormatError(
+                    f"{self.path} is an LMDB environment of another application (it has the tables "
+                    f"{b', '.join(dbs).decode()}, holding data but no tallytree format tag); tallytree "
+                    "will not write into it. Use a new directory"
+                )
             for name in _NAMES:
-                dbs.append(self.env.open_db(name, create=not self.readonly))
+                if name not in dbs:
+                    dbs[name] = self.env.open_db(name, create=not self.readonly)
         except lmdb.NotFoundError as exc:
             raise DatabaseFormatError(
                 f"{self.path} is an LMDB environment without tallytree's tables; "
@@ -427,7 +463,16 @@ class LmdbBackend:
             raise  # (see _opened_dbs)
         except lmdb.Error as exc:
             raise DatabaseFormatError(f"{self.path} is not a tallytree database: {exc}") from exc
-        return dbs
+        return [dbs[name] for name in _NAMES]
+
+    def _holds_tallytree(self, dbs: dict[bytes, Any]) -> bool:
+        """Whether the tables of an environment are tallytree's: ``meta`` holds one of the keys only
+        tallytree writes, or every table is empty. O(tables)."""
+        with self.env.begin() as txn:
+            meta = dbs.get(b"meta")
+            if meta is not None and any(txn.get(key, None, meta) is not None for key in _OWN_META):
+                return True
+            return all(txn.stat(db)["entries"] == 0 for db in dbs.values())
 
     # transactions ------------------------------------------------------------
 
@@ -637,6 +682,37 @@ def _check_directory(path: Path, *, create: bool) -> list[Path]:
         raise _denied(path, exc) from exc
 
 
+def _check_data_file(path: Path) -> None:
+    """Refuse a ``data.mdb`` of 0 bytes, which LMDB would take for a new environment and fill: a
+    database truncated to nothing (its loss would go unseen), or a creation killed before LMDB wrote
+    its first pages. A file being created by another process at this moment is given
+    :data:`_EMPTY_WAIT` to get them. O(1)."""
+    data = path / "data.mdb"
+    for wait in (0.0, _EMPTY_WAIT):
+        sleep(wait)
+        try:
+            if data.stat().st_size > 0:
+                return
+        except FileNotFoundError:
+            return
+    raise CorruptDatabaseError(
+        f"{data} is empty (0 bytes): the database was truncated (a copy cut short, a full disk), or "
+        "its creation was killed before LMDB wrote its first pages. Restore it from a backup if it "
+        "held data; otherwise remove the directory and open it again"
+    )
+
+
+def _lmdb_file(data: Path) -> bool:
+    """Whether ``data`` begins with an LMDB meta page (its magic after the page header, in the first
+    or second page of a common page size), so that a file LMDB refuses is damaged, not foreign."""
+    try:
+        with data.open("rb") as file:
+            head = file.read(65536 + 32)
+    except OSError:
+        return False
+    return any(head[offset + 16 : offset + 20] == _MAGIC for offset in (0, 4096, 8192, 16384, 65536))
+
+
 def _denied(path: Path, exc: Exception) -> StorageError:
     return StorageError(
         f"cannot open {path}: {exc}. This process may not read (or, to write, may not write) the "
@@ -651,7 +727,8 @@ def _checked_directory(path: Path, *, create: bool) -> list[Path]:
             f"{path} is a file; a tallytree database is a directory (give a new or existing directory path)"
         )
     if path.is_dir() and not (path / "data.mdb").exists():
-        if any(path.iterdir()):
+        # a lock.mdb alone is what a creation killed before LMDB made data.mdb leaves: no data
+        if any(entry.name != "lock.mdb" for entry in path.iterdir()):
             raise DatabaseFormatError(
                 f"{path} is a non-empty directory without a database in it; refusing to create "
                 "one among foreign files. Use an empty or new directory"
