@@ -6,6 +6,7 @@ Every test runs over both backends through the ``db`` fixture.
 
 from __future__ import annotations
 
+import base64
 import functools
 import math
 import operator
@@ -36,6 +37,7 @@ from tallytree import (
     TransactionError,
     UnsupportedKeyTypeError,
 )
+from tallytree._keys import encode_key
 
 FIELDS = ("cost", "tokens")
 NAN = float("nan")
@@ -547,6 +549,21 @@ def test_reads_in_a_write_transaction_see_its_own_writes(db: tallytree.Database)
             assert aggregate.count(read_tx) == 0
     with db.read() as tx:
         assert aggregate.count(tx) == 20
+
+
+def test_every_public_totals_attribute_is_a_reserved_field_name(db: tallytree.Database) -> None:
+    """Regression: value fields named from_values or from_summary were accepted, and totals.from_values
+    then read as the classmethod, not the sum. The reserved names cover every public attribute."""
+    from tallytree._txn import RESERVED_FIELDS
+
+    public = sorted(name for name in dir(Totals) if not name.startswith("_"))
+    assert set(public) <= set(RESERVED_FIELDS)
+    for name in public:
+        with pytest.raises(tallytree.InvalidArgumentError, match="reserved"):
+            db.aggregate("a", values=("cost", name))
+        with pytest.raises(tallytree.InvalidArgumentError, match="reserved"):
+            db.table("t").aggregate("a", key="k", values=(name,))
+    assert db.aggregates() == []
 
 
 def test_totals_api() -> None:
@@ -1061,6 +1078,91 @@ def test_changing_a_namespace_while_iterating_it_raises(filled: Any) -> None:
         pages = events.page(tx, limit=2)
         events.delete(tx, 0, "e0")
         assert [item.key for item in events.page(tx, limit=2, after=pages.cursor).items] == [2, 3]
+
+
+def test_changing_the_aggregate_while_listing_its_namespaces_raises(db: tallytree.Database) -> None:
+    """Regression: namespaces() in a write transaction kept yielding the roots it read when it began,
+    so a namespace emptied meanwhile was listed with its old totals, a changed one with stale totals,
+    and a new one was missing. It now raises TransactionError, as items() does."""
+    spaces = db.aggregate("spaces", values=("v",))
+    other = db.aggregate("other")
+    table = db.table("docs")
+    by_ns = table.aggregate("by_ns", key="k", namespace="ns")
+    with db.write() as tx:
+        for namespace in ("a", "b", "c"):
+            spaces.insert(tx, 1, "x", (1,), namespace=namespace)
+            table.insert(tx, {"k": 1, "ns": namespace})
+
+    def changes(tx: Any) -> list[Callable[[], Any]]:
+        return [
+            lambda: spaces.delete(tx, 1, "x", namespace="c"),  # a namespace not reached yet, emptied
+            lambda: spaces.insert(tx, 2, "y", (1,), namespace="c"),  # ... changed
+            lambda: spaces.insert(tx, 2, "y", (1,), namespace="bb"),  # a new namespace
+            lambda: spaces.insert(tx, 2, "y", (1,), namespace="a"),  # the namespace just listed
+        ]
+
+    for at in range(4):  # each transaction is aborted by the error
+        with pytest.raises(TransactionError, match=r"list\(agg.namespaces\(tx\)\)"), db.write() as tx:
+            listed = spaces.namespaces(tx)
+            assert next(listed)[0] == "a"
+            changes(tx)[at]()
+            next(listed)
+    with pytest.raises(TransactionError), db.write() as tx:  # changed before, changed again once passed
+        spaces.insert(tx, 3, "z", (1,), namespace="a")
+        listed = spaces.namespaces(tx)
+        assert [next(listed)[0], next(listed)[0]] == ["a", "b"]
+        spaces.insert(tx, 4, "z", (1,), namespace="a")
+        assert next(listed)[0] == "c"
+        next(listed)  # at the end
+    with pytest.raises(TransactionError), db.write() as tx:  # emptied before, filled again once passed
+        spaces.delete(tx, 1, "x", namespace="b")
+        listed = spaces.namespaces(tx)
+        assert [next(listed)[0], next(listed)[0]] == ["a", "c"]
+        spaces.insert(tx, 1, "x", (1,), namespace="b")
+        next(listed)
+    with pytest.raises(TransactionError), db.write() as tx:  # a table's queued inserts are changes too
+        listed = by_ns.namespaces(tx)
+        assert next(listed)[0] == "a"
+        table.insert(tx, {"k": 2, "ns": "c"})
+        next(listed)
+    with db.write() as tx:  # writes elsewhere, and writes after collecting the list, are fine
+        for namespace, totals in spaces.namespaces(tx):
+            other.insert(tx, totals.count, namespace)
+            table.insert(tx, {"k": 3, "ns": namespace})
+        for namespace, _ in list(spaces.namespaces(tx)):
+            spaces.insert(tx, 5, "w", (1,), namespace=namespace)
+        spaces.delete(tx, 1, "x", namespace="c")
+        assert [(n, t.count) for n, t in spaces.namespaces(tx)] == [("a", 2), ("b", 2), ("c", 1)]
+    with db.read() as tx:
+        assert [n for n, _ in other.namespaces(tx)] == [None] and other.count(tx) == 3
+        assert [(n, t.count) for n, t in by_ns.namespaces(tx)] == [("a", 2), ("b", 2), ("c", 2)]
+
+
+def test_page_refuses_a_cursor_it_did_not_return(db: tallytree.Database) -> None:
+    """Regression: a cursor with bytes after its id, or whose id had a type no id has (a float, None,
+    a tuple), was taken as a position."""
+    keys = [None, False, -INF, -(2**70), -0.5, 0, 2**64, 1e300, "", "\x00", b"", b"\xff", ("a", (1, "b"))]
+    keys.append(datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=5))))
+    aggregate = db.aggregate("paged", node_size=4)
+    with db.write() as tx:
+        aggregate.insert_many(tx, [(key, ident) for key in keys for ident in ("i", -(2**80), b"\x00")])
+    with db.read() as tx:
+        pages = [aggregate.page(tx, limit=1)]
+        while not pages[-1].done:  # every real cursor, over awkward keys and ids, is taken
+            pages.append(aggregate.page(tx, limit=1, after=pages[-1].cursor))
+        assert len(pages) == 3 * len(keys)
+        cursor = pages[0].cursor
+        assert cursor is not None
+        raw = base64.urlsafe_b64decode(cursor)
+        forged = [raw + b"junk!!", raw + b"\x00", encode_key(0) + encode_key(1.5)]
+        forged += [encode_key(0) + encode_key(ident) for ident in (None, True, (1, "x"), ("i",))]
+        texts = [base64.urlsafe_b64encode(data).decode() for data in forged]
+        standard = cursor.replace("-", "+").replace("_", "/")  # the same bytes in standard base64
+        assert standard != cursor
+        texts += [cursor + "!", cursor + "\n", cursor[:-1], standard, "", "é"]
+        for text in texts:
+            with pytest.raises(BoundsError, match="is not a cursor returned by page"):
+                aggregate.page(tx, after=text)
 
 
 def test_an_iterator_does_not_outlive_its_transaction(filled: Any) -> None:

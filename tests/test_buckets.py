@@ -173,8 +173,8 @@ def test_bucket_arguments_of_the_wrong_type_raise_argument_type_error(db: tallyt
             with pytest.raises(tallytree.ArgumentTypeError) as raised:
                 agg.buckets(tx, **arguments)
             assert isinstance(raised.value, TypeError), arguments
-        with pytest.raises(tallytree.ArgumentTypeError, match=r"buckets\(edges=\) takes an iterable of keys"):
-            agg.buckets(tx, edges=5)  # type: ignore[arg-type]
+        with pytest.raises(tallytree.BoundsTypeError, match=r"buckets\(edges=\) takes an iterable of keys"):
+            agg.buckets(tx, edges=5)  # type: ignore[arg-type]  # a BoundsError too, as documented
         with pytest.raises(tallytree.BoundsTypeError, match="edges= takes a sequence of keys"):
             agg.buckets(tx, edges="abc")  # iterable, but its characters are not meant as edges
         for arguments in (
@@ -182,11 +182,64 @@ def test_bucket_arguments_of_the_wrong_type_raise_argument_type_error(db: tallyt
             {"start": 0, "width": 1, "count": 0},
             {"start": 0, "width": "fortnight", "count": 3},
             {"start": 0, "width": ("month", "3"), "count": 3},
+            {"start": datetime(2024, 1, 1, tzinfo=UTC), "width": ("month", True), "count": 3},
+            {"start": datetime(2024, 1, 1, tzinfo=UTC), "width": ("year", False), "count": 3},
         ):
             with pytest.raises(tallytree.BoundsError) as bounds:
                 agg.buckets(tx, **arguments)
             assert not isinstance(bounds.value, TypeError), arguments
         assert [b.count for b in agg.buckets(tx, edges=iter([0, 5, 10]))] == [5, 5]
+
+
+def test_bucket_arguments_of_the_wrong_type_are_bounds_errors(db: tallytree.Database) -> None:
+    """Regression: edges= that is not iterable raised a plain ArgumentTypeError, which the docstring
+    promises is also a BoundsError; and width=("month", True) stepped one month, though count=True
+    (and every other bool given for an int) is refused."""
+    agg = db.aggregate("a")
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    with db.read() as tx:
+        for arguments in (
+            {"edges": 5},
+            {"edges": object()},
+            {"start": now, "width": ("month", True), "count": 2},
+            {"start": now, "width": ("quarter", 1.0), "count": 2},
+        ):
+            with pytest.raises(tallytree.BoundsError):
+                agg.buckets(tx, **arguments)
+        assert [b.end.month for b in agg.buckets(tx, start=now, width=("month", 1), count=2)] == [2, 3]
+
+
+def test_buckets_past_what_a_key_can_be_raise_bounds_error(db: tallytree.Database) -> None:
+    """Regression: edges past the year 9999 leaked ValueError or OverflowError from datetime, naming
+    nothing the caller passed; width=inf made the first edge 0 * inf, a NaN key the caller never gave;
+    and a float width whose edges overflowed gave buckets up to inf."""
+    agg = db.aggregate("a", values=("v",))
+    late = datetime(9999, 6, 1, tzinfo=UTC)
+    with db.write() as tx:
+        agg.insert_many(tx, [(late, 1, (1,)), (0, 2, (1,))])
+    with db.read() as tx:
+        for width, count in (
+            ("year", 2),
+            ("month", 7),
+            (("month", 10**6), 1),
+            (("quarter", 2**70), 1),
+            (timedelta(days=300), 2),
+            (timedelta(days=10**5), 10**4),  # the width times the count is beyond a timedelta
+        ):
+            with pytest.raises(tallytree.BoundsError, match=r"count=.* run past the year 9999") as raised:
+                agg.buckets(tx, start=late, width=width, count=count)
+            assert "start=datetime.datetime(9999, 6, 1" in str(raised.value)
+        assert [b.count for b in agg.buckets(tx, start=late, width="month", count=6)] == [1, 0, 0, 0, 0, 0]
+        last = agg.buckets(tx, start=late, width=timedelta(days=213), count=1)[0].end
+        assert (last.year, last.month) == (9999, 12)
+        for width in (float("inf"), float("nan")):
+            with pytest.raises(tallytree.BoundsError, match="finite positive"):
+                agg.buckets(tx, start=0, width=width, count=2)
+        for start, width, count in ((0, 1e308, 3), (-1e308, 1e308, 3), (10**400, 1.0, 2), (0.0, 10**400, 2)):
+            with pytest.raises(tallytree.BoundsError, match="run past the largest float"):
+                agg.buckets(tx, start=start, width=width, count=count)
+        assert [b.count for b in agg.buckets(tx, start=0, width=1e308, count=1)] == [1]
+        assert [b.end for b in agg.buckets(tx, start=float("inf"), width=1, count=1)] == [float("inf")]
 
 
 def test_one_descent_per_edge(db: tallytree.Database, monkeypatch: pytest.MonkeyPatch) -> None:

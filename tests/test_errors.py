@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -126,6 +127,76 @@ def test_random_refuses_an_rng_that_is_neither_a_generator_nor_a_seed(db: tallyt
         seeded = [scores.random(tx, rng=seed) for seed in (3, 3.5, "s", b"s", bytearray(b"s"))]
         assert all(item is not None for item in seeded)
         assert scores.random(tx, rng="s") == seeded[2]
+
+
+def test_random_refuses_a_nan_seed(db: tallytree.Database) -> None:
+    """Regression: random(rng=nan) drew a different item each call (Random seeds a float by its hash,
+    and each NaN object hashes by its identity), though a seed promises reproducible draws."""
+    scores = _ten_scores(db)
+    with db.read() as tx:
+        for nan in (float("nan"), -float("nan")):
+            with pytest.raises(InvalidArgumentError, match="NaN") as raised:
+                scores.random(tx, rng=nan)
+            assert not isinstance(raised.value, TypeError)
+        assert scores.random(tx, rng=float("inf")) == scores.random(tx, rng=float("inf"))
+
+
+HUGE = 10**5000  # beyond the 4,300 digits str() of an int takes by default
+DAY = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def test_ints_too_long_to_print_get_typed_errors(db: tallytree.Database) -> None:
+    """Regression: the message of the typed error formatted the int, and formatting an int of more than
+    4,300 digits raised a bare ValueError (or an OverflowError, for a calendar step) in its place."""
+    scores = db.aggregate("scores", values=("points",))
+    with db.write() as tx:
+        scores.insert_many(tx, [(n, "id", (n,)) for n in range(10)])
+    reads: list[tuple[type[Exception], Callable[[Any], Any]]] = [
+        (tallytree.OutOfRangeError, lambda tx: scores.at(tx, HUGE)),
+        (tallytree.OutOfRangeError, lambda tx: scores.at(tx, -HUGE)),
+        (tallytree.BoundsError, lambda tx: scores.page(tx, limit=-HUGE)),
+        (tallytree.BoundsError, lambda tx: scores.buckets(tx, start=0, width=1, count=HUGE)),
+        (tallytree.BoundsError, lambda tx: scores.buckets(tx, start=0, width=-HUGE, count=2)),
+        (tallytree.BoundsError, lambda tx: scores.buckets(tx, start=0, width=("month", -HUGE), count=2)),
+        (tallytree.BoundsError, lambda tx: scores.buckets(tx, start=DAY, width=("month", HUGE), count=2)),
+        (tallytree.BoundsTypeError, lambda tx: scores.count(tx, prefix=HUGE)),
+        (tallytree.UnknownFieldError, lambda tx: scores.sum(tx, HUGE)),
+    ]
+    with db.read() as tx:
+        for error, read in reads:
+            with pytest.raises(error):
+                read(tx)
+    with db.write() as tx:
+        for error, write in [
+            (tallytree.InvalidValueError, lambda tx: scores.insert(tx, 1, "new", (HUGE,))),
+            (tallytree.InvalidValueError, lambda tx: scores.insert(tx, 1, "new", ([HUGE],))),
+            (tallytree.InvalidValueError, lambda tx: scores.insert_many(tx, [[HUGE]])),
+            (InvalidArgumentError, lambda tx: scores.insert_many(tx, [], on_duplicate=HUGE)),
+        ]:
+            with pytest.raises(error):
+                write(tx)
+    with db.read() as tx:
+        assert scores.count(tx) == 10
+
+
+def test_bound_options_of_the_wrong_type_are_bounds_errors_an_index_is_not(db: tallytree.Database) -> None:
+    """As the README says: a bound or range option of the wrong type raises BoundsTypeError, an index
+    or a seed a plain ArgumentTypeError (an index out of range is an OutOfRangeError, no BoundsError)."""
+    scores = _ten_scores(db)
+    with db.read() as tx:
+        for read in (
+            lambda: scores.page(tx, limit="3"),
+            lambda: scores.count(tx, prefix="ab"),
+            lambda: scores.buckets(tx, start=0, width=1, count="3"),
+            lambda: scores.buckets(tx, edges=5),
+        ):
+            with pytest.raises(tallytree.BoundsTypeError) as raised:
+                read()
+            assert isinstance(raised.value, ArgumentTypeError) and isinstance(raised.value, TypeError)
+        for read in (lambda: scores.at(tx, "3"), lambda: scores.random(tx, rng=[1])):
+            with pytest.raises(ArgumentTypeError) as raised:
+                read()
+            assert not isinstance(raised.value, tallytree.BoundsError)
 
 
 def test_insert_many_refuses_what_is_not_iterable_and_writes_nothing(db: tallytree.Database) -> None:

@@ -24,7 +24,6 @@ transaction that goes on.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import math
 import operator
@@ -168,7 +167,7 @@ class Totals:
             return self._sums[self._fields.index(name)]
         except ValueError:
             raise AttributeError(
-                f"Totals has no field {name!r}; the fields are {', '.join(self._fields) or 'none'}"
+                f"Totals has no field {_show(name)}; the fields are {', '.join(self._fields) or 'none'}"
             ) from None
 
     def __getitem__(self, name: str) -> int | float:
@@ -178,7 +177,7 @@ class Totals:
             return self._sums[self._fields.index(name)]
         except ValueError:
             raise UnknownFieldError(
-                f"no value field {name!r}; the fields are {list(self._fields)} (and 'count')"
+                f"no value field {_show(name)}; the fields are {list(self._fields)} (and 'count')"
             ) from None
 
     @property
@@ -302,7 +301,7 @@ def resolve_bounds(
         if ranged or eq is not None:
             raise BoundsError("prefix= cannot be combined with ge/gt/le/lt/eq; use one kind of bound")
         if not isinstance(prefix, tuple):
-            raise BoundsTypeError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
+            raise BoundsTypeError(f"prefix= takes a tuple of leading key elements, not {_show(prefix)}")
         start = encode_prefix(prefix)
         return _Bounds((start, False), (start + _AFTER, False))
     if eq is not None:
@@ -334,16 +333,66 @@ def _encode_cursor(entry: bytes) -> str:
 
 
 def _decode_cursor(cursor: str) -> bytes:
+    """The entry a ``page().cursor`` stands for. O(size of the cursor).
+
+    Raises BoundsError for any str page() does not return: the cursor must be the base64 of exactly
+    one entry, a key and an id of an id type (str, int or bytes), written as page() writes them.
+    """
     if not isinstance(cursor, str):
         raise BoundsTypeError(
             f"after= takes page.cursor (a str), an Item or a Position, not {type(cursor).__name__}"
         )
     try:
         entry = base64.urlsafe_b64decode(cursor.encode("ascii"))
-        decode_entry(entry)
-    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-        raise BoundsError(f"after={cursor!r} is not a cursor returned by page(); pass page.cursor") from exc
+        key, item_id = decode_entry(entry)
+        canonical = encode_key(key) + encode_id(item_id)  # a float id, say, raises
+    except (ValueError, Error) as exc:  # binascii.Error and UnicodeEncodeError are ValueErrors
+        raise _not_a_cursor(cursor) from exc
+    if canonical != entry or _encode_cursor(entry) != cursor:  # bytes after the id, or other text
+        raise _not_a_cursor(cursor)
     return entry
+
+
+def _not_a_cursor(cursor: str) -> BoundsError:
+    return BoundsError(f"after={_show(cursor)} is not a cursor returned by page(); pass page.cursor")
+
+
+class _Watch:
+    """Whether the trees of one aggregate changed in a write transaction, for an iteration over them.
+
+    ``WriteTransaction.set_root`` bumps a tree's version (``tx.versions``) and appends a tree changed
+    for the first time, so a check costs O(1) per tree newly changed and per tree looked at, and
+    :meth:`any_changed` O(trees changed before the watch began).
+    """
+
+    __slots__ = ("_known", "_prefix", "_seen", "_tx")
+
+    def __init__(self, tx: WriteTransaction, prefix: bytes, trees: Iterable[bytes]) -> None:
+        self._tx = tx
+        self._prefix = prefix  # the aggregate's trees' keys start with it
+        versions = tx.versions
+        self._known = {tree: versions[tree] for tree in trees}  # the trees changed before
+        self._seen = len(versions)
+
+    def changed(self, tree: bytes, last: bytes | None = None) -> bool:
+        """Whether ``tree`` or ``last``, or a tree of the aggregate not changed before, has changed."""
+        tx = self._tx
+        tx.flush_deferred()  # inserts a table queued are changes of their trees
+        versions = tx.versions
+        fresh = len(versions) - self._seen
+        if fresh:
+            self._seen += fresh
+            if any(key.startswith(self._prefix) for key in islice(reversed(versions), fresh)):
+                return True
+        known = self._known
+        if tree in known and versions[tree] != known[tree]:
+            return True
+        return last is not None and last in known and versions[last] != known[last]
+
+    def any_changed(self) -> bool:
+        """Whether any tree of the aggregate has changed. O(trees changed before the watch began)."""
+        versions = self._tx.versions
+        return self.changed(b"") or any(versions[tree] != version for tree, version in self._known.items())
 
 
 _KEEP: Any = object()
@@ -533,12 +582,12 @@ class Aggregate:
             elif kind is int:
                 if not _INT64_MIN <= value <= _INT64_MAX:
                     raise InvalidValueError(
-                        f"{self.name}: {field}={value} is outside the range of a value, -2**63 to "
+                        f"{self.name}: {field}={_show(value)} is outside the range of a value, -2**63 to "
                         "2**64 - 1 (their sums may be any size); store it in a larger unit, or as a float"
                     )
             else:
                 raise InvalidValueError(
-                    f"{self.name}: {field}={value!r} is a {kind.__name__}; values are ints or "
+                    f"{self.name}: {field}={_show(value)} is a {kind.__name__}; values are ints or "
                     "floats (bool is not accepted)"
                 )
         return values  # type: ignore[no-any-return]
@@ -648,7 +697,7 @@ class Aggregate:
         if field not in self.fields:
             hint = "; count(tx) counts the items" if field == "count" else ""
             raise UnknownFieldError(
-                f"{self.name}: no value field {field!r}; the fields are {list(self.fields)}{hint}"
+                f"{self.name}: no value field {_show(field)}; the fields are {list(self.fields)}{hint}"
             )
         totals = self.totals(tx, namespace=namespace, ge=ge, gt=gt, le=le, lt=lt, prefix=prefix, eq=eq)
         return totals[field]
@@ -689,7 +738,7 @@ class Aggregate:
         position = index + size if index < 0 else index
         if not 0 <= position < size:
             raise OutOfRangeError(
-                f"{self.name}: index {index} is out of range for {size} item(s) within the bounds"
+                f"{self.name}: index {_show(index)} is out of range for {size} item(s) within the bounds"
             )
         return self._item(*tree.select(start + position))
 
@@ -827,6 +876,11 @@ class Aggregate:
         if isinstance(rng, _random.Random):
             generator = rng
         elif rng is None or type(rng) in _SEEDS:
+            if type(rng) is float and math.isnan(rng):  # Random seeds a float by its hash: a NaN's is its id
+                raise InvalidArgumentError(
+                    "rng= is a seed for reproducible draws, and a NaN seeds differently each time; "
+                    "pass an int, a str or a finite float"
+                )
             generator = _random.Random(rng)
         else:
             raise ArgumentTypeError(
@@ -938,7 +992,7 @@ class Aggregate:
         if type(limit) is not int:
             raise BoundsTypeError(f"limit must be a positive int, not {_show(limit)}")
         if limit < 1:
-            raise BoundsError(f"limit must be a positive int, not {limit!r}")
+            raise BoundsError(f"limit must be a positive int, not {_show(limit)}")
         check_flag(reverse, "reverse")
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree, _ = self._tree(tx, namespace)
@@ -965,6 +1019,11 @@ class Aggregate:
     def namespaces(self, tx: Transaction) -> Iterator[tuple[Any, Totals]]:
         """Every non-empty namespace with its totals, in key order. O(1) per namespace.
 
+        The iterator reads the transaction's snapshot; as for :meth:`items`, changing the aggregate
+        while iterating raises TransactionError (at the next namespace, or at the end for a namespace
+        already passed): collect them first, ``list(agg.namespaces(tx))``. In a write transaction,
+        add O(namespaces it changed) to start and to end.
+
         >>> import tallytree
         >>> db = tallytree.open_memory()
         >>> usage = db.aggregate("usage", values=("tokens",))
@@ -980,18 +1039,32 @@ class Aggregate:
         prefix = self._prefix
         stop = (self._id + 1).to_bytes(4, "big")
         pending: dict[bytes, Root | None] = {}
+        watch: _Watch | None = None  # a read transaction's snapshot never changes
         if isinstance(tx, WriteTransaction):
             pending = {key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)}
+            watch = _Watch(tx, prefix, pending)
         stored = ((key, decode_root(value)) for key, value in tx.kv.scan(ROOTS, prefix, stop))
         merged: dict[bytes, Root | None] = dict(stored)
         merged.update(pending)
+        last: bytes | None = None  # the tree yielded last
         for key in sorted(merged):
+            if watch is not None and watch.changed(key, last):
+                raise self._changed_during_namespaces()
             root = merged[key]
             if root is None:
                 continue
             namespace, _ = decode_key(key, len(prefix))
             yield namespace, Totals.from_summary(self.fields, root.summary)
             self._check(tx)  # like _iterate: an iterator does not outlive its transaction (or aggregate)
+            last = key
+        if watch is not None and watch.any_changed():  # a namespace already passed, emptied one refilled
+            raise self._changed_during_namespaces()
+
+    def _changed_during_namespaces(self) -> TransactionError:
+        return TransactionError(
+            f"{self.name}: the aggregate changed during namespaces(); collect them "
+            "(list(agg.namespaces(tx))) before changing it"
+        )
 
     # ------------------------------------------------------------ writes
 
@@ -1199,7 +1272,7 @@ class Aggregate:
         """
         if on_duplicate not in ("error", "skip", "update"):
             raise InvalidArgumentError(
-                f"on_duplicate must be 'error', 'skip' or 'update', not {on_duplicate!r}"
+                f"on_duplicate must be 'error', 'skip' or 'update', not {_show(on_duplicate)}"
             )
         wtx = self._writable(tx)
         with gc_paused():
@@ -1312,7 +1385,7 @@ class Aggregate:
         if isinstance(item, tuple) and len(item) in (2, 3):
             return item[0], item[1], item[2] if len(item) == 3 else ()
         raise InvalidValueError(
-            f"{self.name}: items are Item objects or (key, id[, values]) tuples, not {item!r}"
+            f"{self.name}: items are Item objects or (key, id[, values]) tuples, not {_show(item)}"
         )
 
     def delete_range(
@@ -1409,17 +1482,20 @@ class Aggregate:
         >>> [(b.start.day, b.count, b.totals.cost) for b in days]
         [(1, 4, 2.0), (2, 3, 1.5), (3, 3, 1.5)]
 
-        Raises BoundsError for a bad width, count or edges that decrease, and ArgumentTypeError (also a
-        BoundsError) for a count, width or ``edges`` of the wrong type.
+        Raises BoundsError for a bad width or count, edges that decrease and buckets that run past
+        what a key can be (the year 9999, the largest float), and BoundsTypeError (an
+        ArgumentTypeError and a BoundsError) for a count, width, ``edges`` or ``prefix`` of the wrong
+        type.
         """
         keys = bucket_edges(start, width, count, edges)
         if prefix is not None and not isinstance(prefix, tuple):
-            raise BoundsTypeError(f"prefix= takes a tuple of leading key elements, not {prefix!r}")
+            raise BoundsTypeError(f"prefix= takes a tuple of leading key elements, not {_show(prefix)}")
         bodies = [encode_body((*prefix, key) if prefix is not None else key) for key in keys]
         for index in range(1, len(bodies)):
             if bodies[index] < bodies[index - 1]:
                 raise BoundsError(
-                    f"{self.name}: bucket edges must not decrease: {keys[index - 1]!r} then {keys[index]!r}"
+                    f"{self.name}: bucket edges must not decrease: {_show(keys[index - 1])} then "
+                    f"{_show(keys[index])}"
                 )
         tree = self._reader(tx, namespace)
         fields = self.fields

@@ -17,14 +17,15 @@ calendar unit ``"month"``, ``"quarter"`` or ``"year"`` (optionally ``(unit, n)``
 from __future__ import annotations
 
 import calendar
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import MAXYEAR, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ._args import iterator_of
 from ._keys import _show
-from .errors import BoundsError, BoundsTypeError
+from .errors import ArgumentTypeError, BoundsError, BoundsTypeError
 
 if TYPE_CHECKING:
     from ._aggregate import Totals
@@ -33,6 +34,7 @@ __all__ = ["MAX_BUCKETS", "Bucket", "bucket_edges"]
 
 MAX_BUCKETS = 1_000_000
 _MONTHS = {"month": 1, "quarter": 3, "year": 12}
+_LAST_YEAR = f"the year {MAXYEAR}, the last a datetime can have"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +66,31 @@ def _add_months(start: datetime, months: int) -> datetime:
     return start.replace(year=year, month=month, day=day)
 
 
+def _too_far(start: Any, width: Any, count: int, limit: str) -> BoundsError:
+    """The error for buckets whose last edge is beyond ``limit`` (what a key of start's type can hold)."""
+    return BoundsError(
+        f"buckets(start={_show(start)}, width={_show(width)}, count={count}) run past {limit}; use "
+        "fewer or narrower buckets, or an earlier start"
+    )
+
+
 def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None) -> list[Any]:
-    """The ``k + 1`` edges of ``k`` buckets, from ``edges=`` or from ``start``/``width``/``count``."""
+    """The ``k + 1`` edges of ``k`` buckets, from ``edges=`` or from ``start``/``width``/``count``.
+
+    Raises BoundsError for a width or count out of range and for edges beyond what a key of the
+    start's type can be (past the year 9999, or past the largest float), and BoundsTypeError for an
+    argument of the wrong type. O(k).
+    """
     if edges is not None:
         if start is not None or width is not None or count is not None:
             raise BoundsError("give either edges= or start=, width= and count=, not both")
         if isinstance(edges, str | bytes):  # iterable, but as characters: surely not what was meant
             raise BoundsTypeError(f"edges= takes a sequence of keys, e.g. [0, 10, 20], not {_show(edges)}")
-        result = list(iterator_of(edges, "buckets(edges=)", "keys, e.g. [0, 10, 20]"))
+        try:
+            iterator = iterator_of(edges, "buckets(edges=)", "keys, e.g. [0, 10, 20]")
+        except ArgumentTypeError as exc:  # a read option of the wrong type: a BoundsError too
+            raise BoundsTypeError(str(exc)) from None
+        result = list(iterator)
         if len(result) < 2:
             raise BoundsError(f"edges= needs at least two edges (one bucket), got {len(result)}")
         if len(result) > MAX_BUCKETS + 1:
@@ -82,32 +101,46 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
     if type(count) is not int:
         raise BoundsTypeError(f"count must be an int from 1 to {MAX_BUCKETS}, not {_show(count)}")
     if not 1 <= count <= MAX_BUCKETS:
-        raise BoundsError(f"count must be an int from 1 to {MAX_BUCKETS}, not {count!r}")
+        raise BoundsError(f"count must be an int from 1 to {MAX_BUCKETS}, not {_show(count)}")
     unit = width
     step = 1
-    if isinstance(width, tuple) and len(width) == 2 and isinstance(width[1], int):
+    if isinstance(width, tuple) and len(width) == 2 and type(width[1]) is int:  # a bool is no step
         unit, step = width
     if isinstance(unit, str):
         if unit not in _MONTHS or step < 1:
             raise BoundsError(
-                f"width={width!r}: a calendar width is 'month', 'quarter' or 'year', or (unit, n) with n >= 1"
+                f"width={_show(width)}: a calendar width is 'month', 'quarter' or 'year', or (unit, n) "
+                "with n an int >= 1"
             )
         if not isinstance(start, datetime):
-            raise BoundsError(f"width={width!r} needs a datetime start, not {start!r}")
+            raise BoundsError(f"width={_show(width)} needs a datetime start, not {_show(start)}")
         months = _MONTHS[unit] * step
+        if start.year + (start.month - 1 + months * count) // 12 > MAXYEAR:
+            raise _too_far(start, width, count, _LAST_YEAR)
         return [_add_months(start, months * index) for index in range(count + 1)]
     if isinstance(width, timedelta):
         if not isinstance(start, datetime):
-            raise BoundsError(f"a timedelta width needs a datetime start, not {start!r}")
+            raise BoundsError(f"a timedelta width needs a datetime start, not {_show(start)}")
         if width <= timedelta(0):
             raise BoundsError(f"width must be positive, not {width!r}")
-        return [start + width * index for index in range(count + 1)]
+        try:
+            return [start + width * index for index in range(count + 1)]
+        except OverflowError:
+            raise _too_far(start, width, count, _LAST_YEAR) from None
     if isinstance(width, int | float) and not isinstance(width, bool):
         if isinstance(start, bool) or not isinstance(start, int | float):
-            raise BoundsError(f"a numeric width needs a numeric start, not {start!r}")
-        if not width > 0:
-            raise BoundsError(f"width must be positive, not {width!r}")
-        return [start + width * index for index in range(count + 1)]
+            raise BoundsError(f"a numeric width needs a numeric start, not {_show(start)}")
+        if not 0 < width < math.inf:  # nan and inf too: inf would make the edge 0 * inf, a nan
+            raise BoundsError(f"width must be a finite positive number, not {_show(width)}")
+        try:
+            result = [start + width * index for index in range(count + 1)]
+        except OverflowError:  # an int too large for a float, added to a float
+            raise _too_far(start, width, count, "the largest float") from None
+        if isinstance(result[-1], float) and math.isinf(result[-1]) and not math.isinf(start):
+            raise _too_far(start, width, count, "the largest float")
+        return result
+    if isinstance(width, tuple) and len(width) == 2 and isinstance(width[0], str) and width[0] in _MONTHS:
+        raise BoundsError(f"width={_show(width)}: n in (unit, n) is an int >= 1, not {_show(width[1])}")
     error = BoundsError if isinstance(width, tuple) else BoundsTypeError  # a tuple of the wrong shape
     raise error(
         f"width={_show(width)}: use a number (numeric keys), a timedelta (datetime keys) or 'month'/"

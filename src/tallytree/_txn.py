@@ -169,21 +169,27 @@ MIN_NODE_SIZE = 4
 MAX_NODE_SIZE = 1024
 """The node sizes an aggregate may have: ``node_size=`` is checked against them when an aggregate is
 created (``_db``), and a stored definition when it is decoded (:func:`decode_definition`)."""
-RESERVED_FIELDS = ("count", "fields", "sums", "mean", "as_dict")
-"""Names no value field may have: they name attributes of ``Totals``."""
+RESERVED_FIELDS = ("count", "fields", "sums", "mean", "as_dict", "from_summary", "from_values")
+"""Names no new value field may have: they name attributes of ``Totals`` (every public one: a field of
+such a name would read as the attribute, ``totals.from_values`` a method; tests/test_aggregate.py
+checks the list against ``dir(Totals)``)."""
+_RESERVED_STORED = RESERVED_FIELDS[:5]
+"""The names a stored definition may not have: the last two were reserved in session 29, and a field
+so named before stays readable (as ``totals["from_values"]``)."""
 MAX_AGGREGATE_ID = (1 << 32) - 2
 """Aggregate ids are counted from 1 and are the 4-byte prefix of their trees' keys (ROOTS); the next
 prefix ends the scans of an aggregate's trees, so the last one is not an id."""
 
 
 def field_name_ok(field: str) -> bool:
-    """Whether ``field`` may name a value field: an identifier not starting with ``_`` and not one of
-    :data:`RESERVED_FIELDS`. What a new aggregate's ``values=`` and a stored definition are held to.
+    """Whether ``field`` may name a stored value field: an identifier not starting with ``_`` and not
+    one of :data:`_RESERVED_STORED`. What a stored definition is held to; a new aggregate's
+    ``values=`` is also held to :data:`RESERVED_FIELDS` (``_db``).
 
     >>> field_name_ok("cost"), field_name_ok("_cost"), field_name_ok("count")
     (True, False, False)
     """
-    return field.isidentifier() and field[0] != "_" and field not in RESERVED_FIELDS
+    return field.isidentifier() and field[0] != "_" and field not in _RESERVED_STORED
 
 
 def counter_damaged(kind: str, name: str, counter: bytes, new_id: int) -> CorruptDatabaseError:

@@ -167,6 +167,7 @@ class ArgumentTypeError(InvalidArgumentError, TypeError):
 
 
 class BoundsTypeError(ArgumentTypeError, BoundsError):
-    """A read option of the wrong type (``page(limit="3")``, ``buckets(count="3")``, ``prefix="ab"``):
-    an ArgumentTypeError, as every argument of the wrong type raises, and the BoundsError these raised
-    before."""
+    """A bound or range option of the wrong type (``page(limit="3")``, ``buckets(count="3")``,
+    ``buckets(edges=5)``, ``prefix="ab"``): an ArgumentTypeError, as every argument of the wrong type
+    raises, and the BoundsError these raised before. An index (``at(tx, "3")``) or a seed
+    (``random(rng=[1])``) is no bound: a plain ArgumentTypeError."""
