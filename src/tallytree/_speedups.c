@@ -7089,6 +7089,26 @@ sequence_set(PyObject *sequence, Py_ssize_t index, PyObject *item)
     }
 }
 
+/* Whether an image holds its leaf whole: a leaf's, with every column VALUES_FLOAT or VALUES_INT. */
+static int
+image_is_whole(const Image *image)
+{
+    int whole = image->kind == IMAGE_LEAF && image->fields >= 0;
+    for (Py_ssize_t field = 0; whole && field < image->fields; field++) {
+        whole = image->values[field] == VALUES_FLOAT || image->values[field] == VALUES_INT;
+    }
+    return whole;
+}
+
+/* Key ``index`` of an image, as a new bytes object; NULL with an error set. */
+static PyObject *
+image_key_bytes(const Image *image, Py_ssize_t index)
+{
+    Py_ssize_t size;
+    const char *key = image_key(image, index, &size);
+    return key == NULL ? NULL : PyBytes_FromStringAndSize(key, size);
+}
+
 /* The keys and value columns of a leaf whose image (``blob``) holds it whole (every column
    VALUES_FLOAT or VALUES_INT), as ``(keys, cols)``: tuples as decode_node makes them, or lists as
    thaw makes them when ``lists``, untracked by the garbage collector either way. None for any other
@@ -7101,19 +7121,13 @@ image_parts(PyObject *blob, int lists)
         return NULL;
     }
     Py_ssize_t count = image.count, fields = image.fields;
-    int whole = image.kind == IMAGE_LEAF && fields >= 0;
-    for (Py_ssize_t field = 0; whole && field < fields; field++) {
-        whole = image.values[field] == VALUES_FLOAT || image.values[field] == VALUES_INT;
-    }
-    if (!whole) {
+    if (!image_is_whole(&image)) {
         image_release(&image);
         Py_RETURN_NONE;
     }
     PyObject *keys = new_sequence(count, lists), *cols = new_sequence(fields, lists), *result = NULL;
     for (Py_ssize_t index = 0; keys != NULL && cols != NULL && index < count; index++) {
-        Py_ssize_t size;
-        const char *key = image_key(&image, index, &size);
-        PyObject *item = key == NULL ? NULL : PyBytes_FromStringAndSize(key, size);
+        PyObject *item = image_key_bytes(&image, index);
         if (item == NULL) {
             goto done;
         }
@@ -7379,11 +7393,7 @@ leaf_rows(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t count = image.count, fields = image.fields;
-    int whole = image.kind == IMAGE_LEAF && fields >= 0;
-    for (Py_ssize_t field = 0; whole && field < fields; field++) {
-        whole = image.values[field] == VALUES_FLOAT || image.values[field] == VALUES_INT;
-    }
-    if (!whole) {
+    if (!image_is_whole(&image)) {
         image_release(&image);
         Py_RETURN_NONE;
     }
@@ -7392,9 +7402,7 @@ leaf_rows(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     PyObject *keys = new_sequence(stop - start, 0), *rows = new_sequence(stop - start, 0), *result = NULL;
     const char *columns = image.values + align8(fields);
     for (Py_ssize_t index = start; keys != NULL && rows != NULL && index < stop; index++) {
-        Py_ssize_t size;
-        const char *key = image_key(&image, index, &size);
-        PyObject *item = key == NULL ? NULL : PyBytes_FromStringAndSize(key, size);
+        PyObject *item = image_key_bytes(&image, index);
         if (item == NULL) {
             goto done;
         }
