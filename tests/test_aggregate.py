@@ -566,6 +566,25 @@ def test_every_public_totals_attribute_is_a_reserved_field_name(db: tallytree.Da
     assert db.aggregates() == []
 
 
+def test_items_read_back_are_whole_items(db: tallytree.Database) -> None:
+    """Reads make their Items without the dataclass __init__ (their slots set directly): each is the
+    same as one made by Item(...), equal, hashed alike, frozen, copied and pickled whole."""
+    import copy
+    import pickle
+
+    aggregate = db.aggregate("a", values=("v",))
+    with db.write() as tx:
+        aggregate.insert(tx, 1, "x", (2,))
+    with db.read() as tx:
+        read = [aggregate.at(tx, 0), *aggregate.items(tx), *aggregate.page(tx).items, aggregate.min(tx)]
+    made = Item(1, "x", (2,))
+    for item in read:
+        assert type(item) is Item and item == made and hash(item) == hash(made) and repr(item) == repr(made)
+        assert pickle.loads(pickle.dumps(item)) == made and copy.copy(item) == made
+        with pytest.raises(AttributeError):
+            item.key = 3  # type: ignore[misc]
+
+
 def test_totals_api() -> None:
     totals = Totals(4, ("cost", "tokens"), (1.0, 3000))
     assert (totals.count, totals.cost, totals["tokens"], totals["count"]) == (4, 1.0, 3000, 4)

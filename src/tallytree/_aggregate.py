@@ -109,6 +109,13 @@ class Item:
     values: tuple[Any, ...] = ()
 
 
+# An Item made without its dataclass __init__, which sets each field through object.__setattr__
+# (a frozen dataclass): its slots set directly, 0.9 us an item with its entry decoded, against 1.4 us
+# (session 29), for items, pages and every read that returns one. The same object in every way.
+_SET_KEY, _SET_ID, _SET_VALUES = (Item.__dict__[name].__set__ for name in ("key", "id", "values"))
+_new_object = object.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """An exact position ``(key, id)`` for bounds: ``gt=Position(k, "evt_9")`` starts after that item."""
@@ -594,7 +601,11 @@ class Aggregate:
 
     def _item(self, entry: bytes, values: tuple[Any, ...]) -> Item:
         key, item_id = decode_entry(entry)
-        return Item(key, item_id, values)
+        item: Item = _new_object(Item)  # see _SET_KEY
+        _SET_KEY(item, key)
+        _SET_ID(item, item_id)
+        _SET_VALUES(item, values)
+        return item
 
     def _range(self, tree: Tree, bounds: _Bounds) -> tuple[int, int]:
         if bounds is _UNBOUNDED:
