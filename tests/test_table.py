@@ -1243,3 +1243,22 @@ def test_a_write_onto_an_item_the_aggregate_already_holds_raises_and_writes_noth
     assert snapshot(db) == before
     with db.read() as tx:
         assert aggregate.get(tx, 1, 1) == tallytree.Item(1, 1, (2,))
+
+
+def test_aggregate_iteration_refuses_a_table_insert_into_its_namespace(db: tallytree.Database) -> None:
+    """A table's insert is queued (deferred) and merged into the tree later: it is still a change of
+    the namespace, which an aggregate's items() in progress must refuse, not miss."""
+    table = db.table("t")
+    agg = table.aggregate("a", key="k", namespace="ns", values=("v",))
+    with db.write() as tx:
+        table.insert_many(tx, [(i, {"k": i, "ns": "x", "v": 1}) for i in range(5)])
+    with db.write() as tx:
+        with pytest.raises(tallytree.TransactionError, match="during iteration"):
+            for item in agg.items(tx, namespace="x"):
+                table.insert(tx, {"k": item.key + 100, "ns": "x", "v": 1}, id=item.key + 100)
+        seen = []
+        for item in agg.items(tx, namespace="x"):  # another namespace changing is no change of this one
+            seen.append(item.key)
+            table.insert(tx, {"k": item.key, "ns": "y", "v": 1}, id=item.key + 200)
+        assert seen == [0, 1, 2, 3, 4, 100]
+        assert agg.count(tx, namespace="y") == 6

@@ -578,6 +578,8 @@ class WriteTransaction(Transaction):
         pending = self._deferred.get(tree)
         if pending is None:
             pending = self._deferred[tree] = (nfields, node_size, [])
+        versions = self.versions  # queued, the entry is a change of the tree already (see set_root)
+        versions[tree] = versions.get(tree, 0) + 1
         rows = pending[2]
         rows.append((entry, values))
         if len(rows) >= _DEFERRED_RUN:
