@@ -55,6 +55,31 @@ def test_strict_apply_checks_every_aggregate_before_writing(db: tallytree.Databa
         hooks.apply(tx, Change.insert(1, row))
 
 
+def test_strict_apply_refuses_a_stale_change_whose_old_values_the_aggregate_does_not_hold(
+    db: tallytree.Database,
+) -> None:
+    """An update that changes values only, delivered again after a later update (or out of order),
+    names an item that is there, but not with the old values it states: strict mode refuses it
+    instead of putting back values the source no longer holds. So does a stale delete."""
+    hooks, by_status, _ = _handler(db)
+    rows = [{"org": 1, "status": "open", "day": 3, "total": total} for total in (1, 2, 3)]
+    with db.write() as tx:
+        hooks.apply(tx, Change.insert(1, rows[0]))
+        hooks.apply(tx, Change.update(1, rows[0], rows[1]))
+        hooks.apply(tx, Change.update(1, rows[1], rows[2]))
+        before = snapshot(db, tx)
+        with pytest.raises(tallytree.ItemNotFoundError, match="stale"):
+            hooks.apply(tx, Change.update(1, rows[0], rows[1]))
+        with pytest.raises(tallytree.ItemNotFoundError, match="stale"):
+            hooks.apply(tx, Change.delete(1, rows[1]))
+        with pytest.raises(tallytree.ItemNotFoundError, match="stale"):  # 3.0 is not the 3 stored
+            hooks.apply(tx, Change.delete(1, {**rows[2], "total": 3.0}))
+        assert snapshot(db, tx) == before
+        assert by_status.totals(tx, namespace=1).as_dict() == {"count": 1, "total": 3}
+        hooks.apply(tx, Change.delete(1, rows[2]))
+        assert by_status.count(tx, namespace=1) == 0
+
+
 def _random_log(rng: random.Random, size: int) -> tuple[list[Change], dict[int, dict[str, Any]]]:
     rows: dict[int, dict[str, Any]] = {}
     log = []

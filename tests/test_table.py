@@ -1262,3 +1262,28 @@ def test_aggregate_iteration_refuses_a_table_insert_into_its_namespace(db: tally
             table.insert(tx, {"k": item.key, "ns": "y", "v": 1}, id=item.key + 200)
         assert seen == [0, 1, 2, 3, 4, 100]
         assert agg.count(tx, namespace="y") == 6
+
+
+def test_delete_range_refuses_an_export_that_writes_to_the_table(db: tallytree.Database) -> None:
+    """The range is found before export runs: a document export adds (or deletes) in the table would
+    make the delete remove the wrong items. It is refused, and nothing is deleted."""
+    logs = db.table("logs")
+    by_day = logs.aggregate("by_day", key="day", values=("size",))
+    by_kind = logs.aggregate("by_kind", key="kind", values=("size",))
+    with db.write() as tx:
+        logs.insert_many(tx, [(day, {"day": day, "size": 10, "kind": "raw"}) for day in range(1, 8)])
+
+    def export(doc_id: Any, doc: Any) -> None:
+        if doc_id == 1:  # a roll-up document inside the range being deleted
+            logs.insert(tx, {"day": 0, "size": 0, "kind": "rollup"}, id="rollup")
+
+    with db.write() as tx:
+        with pytest.raises(tallytree.TransactionError, match="export wrote"):
+            logs.delete_range(tx, by_day, lt=4, export=export)
+        assert [doc_id for doc_id, _ in logs.items(tx)] == [1, 2, 3, 4, 5, 6, 7, "rollup"]
+        for aggregate in (by_day, by_kind):
+            assert tallytree.verify(tx, aggregate, logs).ok
+        exported: list[Any] = []
+        assert logs.delete_range(tx, by_day, lt=4, export=lambda i, d: exported.append(i)).count == 4
+        assert exported == ["rollup", 1, 2, 3]
+        assert tallytree.verify(tx, by_kind, logs).ok

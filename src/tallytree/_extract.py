@@ -619,13 +619,23 @@ def _drifted(error: type[Error], aggregate: Aggregate, why: str, holds: str) -> 
 def check_strict(
     tx: Transaction, aggregate: Aggregate, old: Coord | None, new: Coord | None, doc_id: Any
 ) -> None:
-    """Raise unless the aggregate holds ``old`` (when given) and ``new``'s place is free (when it is a
-    different place): what a strict change handler requires before writing anything."""
-    if old is not None and _tree(tx, aggregate, old[0]).find(old[1]) is None:
-        raise ItemNotFoundError(
-            f"{aggregate.name}: the item of document {doc_id!r} is not in the aggregate; use "
-            "apply(..., idempotent=True) for replays, or repair() to fix drift"
-        )
+    """Raise unless the aggregate holds ``old`` (when given), its values included, and ``new``'s place
+    is free (when it is a different place): what a strict change handler requires before writing
+    anything. A change whose old document is not the one the aggregate holds (a stale or repeated
+    delivery of an update that changed values only) is refused like one whose item is missing."""
+    if old is not None:
+        held = _tree(tx, aggregate, old[0]).find(old[1])
+        if held is None:
+            raise ItemNotFoundError(
+                f"{aggregate.name}: the item of document {doc_id!r} is not in the aggregate; use "
+                "apply(..., idempotent=True) for replays, or repair() to fix drift"
+            )
+        if not same_values(held, old[2]):
+            raise ItemNotFoundError(
+                f"{aggregate.name}: the item of document {doc_id!r} holds values {held!r}, not the "
+                f"{old[2]!r} of the change's old document: the change is stale or delivered twice; "
+                "use apply(..., idempotent=True) for replays, or repair() to fix drift"
+            )
     if (
         new is not None
         and (old is None or old[:2] != new[:2])

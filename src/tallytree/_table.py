@@ -1185,7 +1185,8 @@ class Table:
         of the removed items of that aggregate.
 
         ``export(id, document)`` is called for each of them, in key order, before anything is deleted
-        (to archive them; if it raises, nothing is deleted). The items in ``aggregate`` go with a range
+        (to archive them; if it raises, nothing is deleted; if it writes to the table, TransactionError
+        is raised and nothing is deleted). The items in ``aggregate`` go with a range
         delete that drops whole subtrees; the other aggregates lose one item per document.
         O(k (log n + a log n)) for k documents. Raises AggregateNotFoundError if ``aggregate`` is not
         attached to this table.
@@ -1241,8 +1242,16 @@ class Table:
                 )
             removed.append((doc_id, id_bytes, self._stored_doc(stored, doc_id)))
         if export is not None:
+            version = (wtx.docs_version, wtx.versions.get(tree_key, 0))
             for doc_id, _, doc in removed:
                 export(doc_id, doc)
+                if (wtx.docs_version, wtx.versions.get(tree_key, 0)) != version:
+                    # the range found above may no longer be these documents' items
+                    raise TransactionError(
+                        f"table {self.name!r}: export wrote to the table (or to {name}) during "
+                        "delete_range; nothing was deleted. Collect what to write, and write it after "
+                        "delete_range returns"
+                    )
         # every item to remove from the other aggregates, before anything is written: an extractor
         # that raises (or an aggregate that drifted, below) then leaves the table as it was
         others = [d.aggregate for d in self._definitions.values() if d is not driving]
