@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -565,3 +566,143 @@ def test_check_reports_a_root_record_that_does_not_decode_and_goes_on(tmp_path: 
             assert a.count(tx, namespace="good2") == 50
             _raises_damage(lambda: a.count(tx, namespace="bad"), "root record")
     assert _cli_check(path) == 3
+
+
+# ================================================================== damage met at commit
+
+
+def test_damage_met_at_commit_ends_the_write_transaction(tmp_path: Path) -> None:
+    """A table insert queues its aggregate's entry and merges it at commit, where a damaged root
+    record is first decoded: the commit raises CorruptDatabaseError, and the LMDB write transaction
+    ends with it. It held the write lock: the next write raised a raw lmdb.Error ("another write
+    transaction is active"), and writers in other processes would have waited for ever."""
+    path = tmp_path / "db"
+    _events(path)
+    with tallytree.open(path) as db, db.read() as tx:
+        tree_key = db.aggregate("by_status")._tree_key("acme")
+    record = _get(path, b"roots", tree_key)
+    _put(path, b"roots", tree_key, record[:1])  # the record's array header alone
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        loads = db.table("loads")
+        for _ in range(2):
+            with pytest.raises(CorruptDatabaseError), db.write() as tx:
+                loads.insert(tx, {"org": "acme", "status": "open", "rate": 3.5}, "Lnew")
+        with db.write() as tx:  # another namespace's tree is sound
+            loads.insert(tx, {"org": "globex", "status": "open", "rate": 1}, "G1")
+    after = _dump(path)
+    assert after[b"roots"] != before[b"roots"]  # globex's tree
+    assert [row for row in after[b"roots"] if row[0] == tree_key] == [(tree_key, record[:1])]
+    script = f"import tallytree\nwith tallytree.open({str(path)!r}) as db, db.write() as tx: pass\n"
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)  # the lock is free
+
+
+@pytest.mark.parametrize("counter", [b"tallytree-3", b"\x01", (1 << 63).to_bytes(8, "big")])
+def test_a_damaged_node_id_counter_raises_corrupt_database_error(tmp_path: Path, counter: bytes) -> None:
+    """meta next_id is 8 bytes below 2**63: other bytes there made ids that no key holds (a raw
+    OverflowError from msgpack or int.to_bytes) or, shorter, ids of nodes that exist."""
+    path = tmp_path / "db"
+    _events(path)
+    _put(path, b"meta", b"next_id", counter)
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        events = db.aggregate("events")
+        for write in (
+            lambda tx: events.insert(tx, 5.5, "new", (1.0,), namespace="a"),
+            lambda tx: events.delete(tx, 10, "e10", namespace="b"),
+        ):
+            with db.write() as tx:
+                _raises_damage(partial(write, tx), "next_id")
+        with db.read() as tx:
+            assert events.count(tx, namespace="a") == 200
+    assert _dump(path) == before
+
+
+# ================================================================== another aggregate's records
+
+
+def _two_aggregates(path: Path) -> None:
+    """Aggregates ``one`` (one field) and ``two`` (two fields), node size 4, 60 items each in the
+    default namespace, and ``two`` in namespaces ``a`` and ``b`` too."""
+    with tallytree.open(path) as db:
+        one = db.aggregate("one", values=("v",), node_size=4)
+        two = db.aggregate("two", values=("a", "b"), node_size=4)
+        with db.write() as tx:
+            one.insert_many(tx, [(k, f"i{k}", (k,)) for k in range(60)])
+            for namespace in (None, "a", "b"):
+                two.insert_many(tx, [(k, f"j{k}", (k, k)) for k in range(60)], namespace=namespace)
+
+
+@pytest.mark.skipif(tallytree._btree.speedups is None, reason="the C range sum's check (Python sums it)")
+def test_a_node_of_another_aggregate_in_a_tree_is_damage(tmp_path: Path) -> None:
+    """An internal node of an aggregate of two fields stored where one of an aggregate of one field
+    was (a record swapped by a foreign writer): the C range sum raised a raw ValueError. (The Python
+    sum does not notice; ``check`` does.)"""
+    path = tmp_path / "db"
+    _two_aggregates(path)
+    with _behind_tallytrees_back(path, b"nodes") as (txn, nodes):
+        parts = [
+            (bytes(key), msgpack.unpackb(bytes(value)), bytes(value)) for key, value in txn.cursor(nodes)
+        ]
+        # internal nodes (_node.INTERNAL): [2, keys, kids, shifts, counts, sums..., float counts...]
+        ones = [key for key, part, _ in parts if part[0] == 2 and len(part) == 7]
+        twos = [value for _, part, value in parts if part[0] == 2 and len(part) == 9]
+        txn.put(ones[0], twos[0], db=nodes)
+    with tallytree.open(path) as db, db.read() as tx:
+        one = db.aggregate("one")
+        for read in (lambda: one.totals(tx, lt=7), lambda: one.totals(tx, ge=3, lt=50)):
+            _raises_damage(read, "node")
+        assert tallytree.check(tx, one)
+
+
+def test_a_root_record_of_another_aggregate_is_damage(tmp_path: Path) -> None:
+    """The root record of an aggregate of one field stored as the record of namespace ``b`` of one of
+    two fields: listing namespaces, sums and an insert (which appends to the record without loading
+    the tree) raised raw IndexError and ValueError."""
+    path = tmp_path / "db"
+    _two_aggregates(path)
+    with tallytree.open(path) as db:
+        keys = {
+            name: db.aggregate(name)._tree_key(namespace) for name, namespace in (("one", None), ("two", "b"))
+        }
+        with db.write() as tx:  # a pending entry in one's record
+            db.aggregate("one").insert(tx, 100, "p", (1,))
+    _put(path, b"roots", keys["two"], _get(path, b"roots", keys["one"]))
+    before = _dump(path)
+    with tallytree.open(path) as db:
+        two = db.aggregate("two")
+        with db.read() as tx:
+            for read in (
+                lambda: list(two.namespaces(tx)),
+                lambda: two.sum(tx, "b", namespace="b"),
+                lambda: two.totals(tx, lt=5, namespace="b"),
+            ):
+                _raises_damage(read, "root record")
+            assert two.totals(tx, namespace="a").count == 60
+        for write in (
+            lambda tx: two.insert(tx, 200, "x", (1, 2), namespace="b"),
+            lambda tx: two.insert_many(tx, [(3, "y", (1, 2))], namespace="b"),
+        ):
+            with pytest.raises(CorruptDatabaseError), db.write() as tx:
+                write(tx)
+    assert _dump(path) == before
+
+
+def test_a_root_record_that_undercounts_its_nodes_is_damage(tmp_path: Path) -> None:
+    """A root record's count lowered below what its nodes hold: a position from the nodes' ranks
+    (``at(-1, lt=)``, ``max(lt=)``) went past the record's count and met an assert (under ``python
+    -O``, no check: an answer that disagreed with ``at(-1)``)."""
+    path = tmp_path / "db"
+    with tallytree.open(path) as db:
+        events = db.aggregate("a", values=("v",), node_size=4)
+        with db.write() as tx:
+            events.insert_many(tx, [(k, f"i{k}", (k,)) for k in range(40)])
+        tree_key = events._tree_key(None)
+    record = msgpack.unpackb(_get(path, b"roots", tree_key))
+    record[2][0] -= 3
+    _put(path, b"roots", tree_key, msgpack.packb(record, use_bin_type=True))
+    with tallytree.open(path) as db, db.read() as tx:
+        events = db.aggregate("a")
+        for read in (lambda: events.at(tx, -1, lt=39), lambda: events.max(tx, lt=39)):
+            _raises_damage(read, "root record")
+        assert tallytree.check(tx, events)

@@ -260,6 +260,8 @@ def test_check_of_one_namespace_matches_it_as_reads_do(db: tallytree.Database) -
             assert tallytree.check(tx, scores, namespace="absent") == []
             with pytest.raises(tallytree.UnsupportedKeyTypeError):
                 tallytree.check(tx, scores, namespace=[1])
+            with pytest.raises(tallytree.InvalidArgumentError, match="needs the aggregate"):
+                tallytree.check(tx, namespace=1)  # (it reported every other namespace's nodes as leaks)
     finally:
         tallytree._check._Walker.__init__ = original  # type: ignore[method-assign]
     assert walked == [1] and type(walked[0]) is int

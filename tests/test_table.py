@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import tallytree
 from tallytree import Change, ChangeHandler, _bulk, _table
+from tallytree._txn import WriteTransaction
 
 # ---------------------------------------------------------------- brute force
 
@@ -148,6 +150,14 @@ def test_generated_ids_skip_explicit_ints_and_are_never_reused(db: tallytree.Dat
     with db.write() as tx:
         assert table.insert(tx, {}) == 12
         assert table.insert_many(tx, [{}, ("s", {}), {}]) == [13, "s", 14]
+    top = 2**62  # explicit ids from here on do not move the counter; generated ones still do
+    with db.write() as tx:
+        table.insert(tx, {}, id=top - 1)
+        first = table.insert(tx, {})
+        table.delete(tx, table.insert(tx, {}))
+        assert (first, table.insert(tx, {}), table.insert_many(tx, [{}])) == (top, top + 2, [top + 3])
+        table.insert(tx, {}, id=top + 100)  # an explicit id above: skipped when met, not jumped to
+        assert table.insert(tx, {}) == top + 4
 
 
 def test_failed_generated_insert_does_not_consume_the_id(db: tallytree.Database) -> None:
@@ -1287,3 +1297,63 @@ def test_delete_range_refuses_an_export_that_writes_to_the_table(db: tallytree.D
         assert logs.delete_range(tx, by_day, lt=4, export=lambda i, d: exported.append(i)).count == 4
         assert exported == ["rollup", 1, 2, 3]
         assert tallytree.verify(tx, by_kind, logs).ok
+
+
+def test_a_write_right_after_attaching_a_function_aggregate_sees_it(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread's write that begins the moment the attaching transaction commits (before
+    ``aggregate()`` returns) finds the new aggregate attached with its function, not pending as if
+    the table had been reopened."""
+    table = db.table("t")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1})
+    commit = WriteTransaction.commit
+    errors: list[BaseException] = []
+
+    def write_from_another_thread() -> None:
+        try:
+            with db.write() as tx:
+                table.insert(tx, {"k": 2})
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def commit_then_write(self: WriteTransaction) -> None:
+        commit(self)
+        monkeypatch.setattr(WriteTransaction, "commit", commit)  # once
+        other = threading.Thread(target=write_from_another_thread)
+        other.start()
+        other.join()
+
+    monkeypatch.setattr(WriteTransaction, "commit", commit_then_write)
+    doubled = table.aggregate("doubled", key=lambda doc: 2 * doc["k"])
+    assert errors == []
+    with db.read() as tx:
+        assert [item.key for item in doubled.items(tx)] == [2, 4]
+
+
+def test_attaching_an_aggregate_whose_commit_fails_leaves_the_table_as_it_was(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = db.table("t")
+    table.aggregate("by_k", key="k")
+    with db.write() as tx:
+        table.insert(tx, {"k": 1})
+
+    def fail(self: WriteTransaction) -> None:
+        raise OSError("the disk failed")
+
+    monkeypatch.setattr(WriteTransaction, "commit", fail)
+    with pytest.raises(OSError, match="disk"):
+        table.aggregate("doubled", key=lambda doc: 2 * doc["k"])
+    with pytest.raises(OSError, match="disk"):
+        table.aggregate("by_k", key="k", values=("k",), rebuild=True)
+    monkeypatch.undo()
+    assert table.aggregates() == ["by_k"]
+    assert db.aggregates() == ["by_k"]
+    with db.write() as tx:
+        table.insert(tx, {"k": 2})
+    with db.read() as tx:
+        assert table.definition("by_k").aggregate.count(tx) == 2
+        with pytest.raises(tallytree.AggregateNotFoundError):
+            db.aggregate("doubled", create=False)

@@ -75,6 +75,7 @@ from .errors import (
     ArgumentTypeError,
     BoundsError,
     BoundsTypeError,
+    CorruptDatabaseError,
     DuplicateItemError,
     Error,
     InvalidArgumentError,
@@ -362,6 +363,13 @@ def _decode_cursor(cursor: str) -> bytes:
 
 def _not_a_cursor(cursor: str) -> BoundsError:
     return BoundsError(f"after={_show(cursor)} is not a cursor returned by page(); pass page.cursor")
+
+
+def _foreign_record(name: str, namespace: Any) -> CorruptDatabaseError:
+    return CorruptDatabaseError(
+        f"{name}: the root record of namespace {namespace!r} sums another number of value fields than "
+        "the aggregate has (another aggregate's record, or damage); run `tallytree check`"
+    )
 
 
 class _Watch:
@@ -1065,6 +1073,8 @@ class Aggregate:
             if root is None:
                 continue
             namespace, _ = decode_key(key, len(prefix))
+            if len(root.summary) != 1 + 2 * len(self.fields):
+                raise _foreign_record(self.name, namespace)
             yield namespace, Totals.from_summary(self.fields, root.summary)
             self._check(tx)  # like _iterate: an iterator does not outlive its transaction (or aggregate)
             last = key

@@ -41,7 +41,7 @@ from ._store import META, NODES, ROOTS
 from ._table import decode_record
 from ._tree import pending_capacity
 from ._txn import Transaction, decode_root
-from .errors import ArgumentTypeError, CorruptDatabaseError, Error
+from .errors import ArgumentTypeError, CorruptDatabaseError, Error, InvalidArgumentError
 
 __all__ = ["Problem", "check"]
 
@@ -247,7 +247,8 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
     """Walk trees and return every violated invariant (an empty list means all is well).
 
     With an aggregate, checks its trees (or only ``namespace``); without, checks every aggregate of the
-    database and also reports unreferenced nodes. O(n).
+    database and also reports unreferenced nodes (``namespace`` without an aggregate raises
+    InvalidArgumentError). O(n).
 
     >>> import tallytree
     >>> db = tallytree.open_memory()
@@ -269,6 +270,11 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
                 f"check() takes an aggregate (db.aggregate(name)) or None, not {aggregate!r}"
             )
         aggregate._check(tx)  # one of this transaction's database, not dropped
+    elif namespace is not _ALL:  # (every aggregate's trees of that namespace would leave the others'
+        # nodes unreferenced: as the command line does, a namespace goes with an aggregate)
+        raise InvalidArgumentError(
+            "check(tx, namespace=...) needs the aggregate: check(tx, aggregate, namespace=...)"
+        )
     problems: list[Problem] = []
     try:
         _walk(tx, aggregate, namespace, problems)

@@ -680,7 +680,11 @@ class _Writing:
             return
         try:
             if kind is None:
-                tx.commit()
+                try:
+                    tx.commit()
+                except BaseException:
+                    tx.abort()  # ended already, unless the failure came before (does nothing then)
+                    raise
             else:
                 tx.abort()
         except StorageError as exc:  # LMDB met damaged pages as it wrote: not the disk's refusal

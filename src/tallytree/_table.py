@@ -411,45 +411,51 @@ class Table:
             if same_description(known.description, probe.description):
                 return known.aggregate
         check_writing(self._db, f"attaching aggregate {name!r} to table {self.name!r}")
-        with self._db.write() as tx:
-            self._load(tx, tx.meta(self._record_key))
-            stored = decode_record(self.name, self._record)["aggregates"].get(name)
-            if stored is None and tx.meta(DEFINITIONS + name.encode()) is not None:
-                raise SchemaMismatchError(
-                    f"an aggregate named {name!r} already exists and is not attached to table "
-                    f"{self.name!r}; pick another name, or drop it first (db.drop_aggregate)"
-                )
-            size = node_size or DEFAULT_NODE_SIZE
-            if stored is not None:
-                previous = self._db._aggregates[name]
-                if self._matches(previous, specs, node_size):
-                    probe = self._probe(previous, key, namespace, specs, where, on_missing)
-                    if same_description(stored, probe.description) and not rebuild:
-                        self._definitions[name] = probe  # a function given again after reopening
-                        self._pending.pop(name, None)
-                        return previous
-                    given = probe.description
-                else:
-                    given = {"values": list(specs), "node_size": node_size}
-                if not rebuild:
+        undo: Callable[[], None] | None = None
+        try:
+            with self._db.write() as tx:
+                self._load(tx, tx.meta(self._record_key))
+                stored = decode_record(self.name, self._record)["aggregates"].get(name)
+                if stored is None and tx.meta(DEFINITIONS + name.encode()) is not None:
                     raise SchemaMismatchError(
-                        f"table {self.name!r}: aggregate {name!r} is stored with a different definition "
-                        f"({_show(stored, previous)}) than the one given ({given}). Pass rebuild=True "
-                        "to rebuild it from the documents with the new definition"
+                        f"an aggregate named {name!r} already exists and is not attached to table "
+                        f"{self.name!r}; pick another name, or drop it first (db.drop_aggregate)"
                     )
-                _drop_trees(tx, previous)
-                if node_size is None:
-                    size = previous.node_size
-            aggregate = _define_aggregate(tx, name, fields, size, owner=self.name)
-            definition = self._probe(aggregate, key, namespace, specs, where, on_missing)
-            build_columns(aggregate, tx, self._columns(tx, definition))
-            record = self._definition_record({name: definition.description})
-            tx.set_meta(self._record_key, record)
-        self._adopt_owned(aggregate)
-        self._definitions[name] = definition
-        self._pending.pop(name, None)
-        self._record = record
-        self._tx = None
+                size = node_size or DEFAULT_NODE_SIZE
+                if stored is not None:
+                    previous = self._db._aggregates[name]
+                    if self._matches(previous, specs, node_size):
+                        probe = self._probe(previous, key, namespace, specs, where, on_missing)
+                        if same_description(stored, probe.description) and not rebuild:
+                            self._definitions[name] = probe  # a function given again after reopening
+                            self._pending.pop(name, None)
+                            return previous
+                        given = probe.description
+                    else:
+                        given = {"values": list(specs), "node_size": node_size}
+                    if not rebuild:
+                        raise SchemaMismatchError(
+                            f"table {self.name!r}: aggregate {name!r} is stored with a different definition "
+                            f"({_show(stored, previous)}) than the one given ({given}). Pass rebuild=True "
+                            "to rebuild it from the documents with the new definition"
+                        )
+                    _drop_trees(tx, previous)
+                    if node_size is None:
+                        size = previous.node_size
+                aggregate = _define_aggregate(tx, name, fields, size, owner=self.name)
+                definition = self._probe(aggregate, key, namespace, specs, where, on_missing)
+                build_columns(aggregate, tx, self._columns(tx, definition))
+                record = self._definition_record({name: definition.description})
+                tx.set_meta(self._record_key, record)
+                # Adopted before the commit, while this thread holds the write lock: another thread's
+                # write begun right after the commit would otherwise load the new record without this
+                # function, and refuse to write as if the table had been reopened. Put back if the
+                # commit fails.
+                undo = self._adopt_before_commit(aggregate, name, definition, record)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
         return aggregate
 
     @staticmethod
@@ -468,6 +474,31 @@ class Table:
     @staticmethod
     def _matches(aggregate: Aggregate, specs: Mapping[str, Any], node_size: int | None) -> bool:
         return aggregate.fields == tuple(specs) and node_size in (None, aggregate.node_size)
+
+    def _adopt_before_commit(
+        self, aggregate: Aggregate, name: str, definition: Definition, record: bytes
+    ) -> Callable[[], None]:
+        """Make ``aggregate`` (attached as ``definition``, the table record now ``record``) this
+        table's and the database's, before the transaction that writes them commits; return what
+        puts everything back if the commit fails."""
+        state = self._definitions, self._pending, self._record, self._tx
+        registered = self._db._aggregates.get(name)
+        dropped = registered._dropped if registered is not None else None
+
+        def undo() -> None:
+            self._definitions, self._pending, self._record, self._tx = state
+            if registered is None:
+                self._db._aggregates.pop(name, None)
+            else:
+                self._db._aggregates[name] = registered
+                registered._dropped = dropped
+
+        self._adopt_owned(aggregate)
+        self._definitions = {**self._definitions, name: definition}
+        self._pending = {key: value for key, value in self._pending.items() if key != name}
+        self._record = record
+        self._tx = None
+        return undo
 
     def _adopt_owned(self, aggregate: Aggregate) -> None:
         previous = self._db._aggregates.get(aggregate.name)
@@ -680,8 +711,11 @@ class Table:
                 return doc_id, id_bytes
             doc_id += 1
 
-    def _note_id(self, doc_id: Any) -> None:
-        if type(doc_id) is int and self._next_id <= doc_id < _MAX_GENERATED:
+    def _note_id(self, doc_id: Any, generated: bool = False) -> None:
+        """Move the generated-id counter past an inserted id: a generated one always (ids are never
+        reused, even past an explicit id at the top of the range), an explicit int below
+        ``_MAX_GENERATED``."""
+        if type(doc_id) is int and self._next_id <= doc_id and (generated or doc_id < _MAX_GENERATED):
             self._next_id = doc_id + 1
 
     def _encode_id(self, doc_id: Any) -> bytes:
@@ -851,6 +885,7 @@ class Table:
         (Totals(count=1, tokens=120), Totals(count=2, tokens=1020))
         """
         wtx = self._begin(tx)
+        generated = id is None
         if id is None:
             id, id_bytes = self._generate_id(wtx)
             doc_key = self._prefix + id_bytes
@@ -869,7 +904,7 @@ class Table:
                 aggregate = definition.aggregate
                 wtx.defer_insert(coord[0], len(aggregate.fields), aggregate.node_size, coord[1], coord[2])
         self._count += 1
-        self._note_id(id)
+        self._note_id(id, generated)
         self._save_state(wtx)
         return id
 

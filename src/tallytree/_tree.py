@@ -139,6 +139,11 @@ class Tree:
         self.capacity = node_size if node_size < _PENDING_MAX else _PENDING_MAX  # pending_capacity
         self.original = root
         self._edges: tuple[int, bytes, bytes] | None = None
+        if root is not None and (
+            len(root.summary) != 1 + 2 * nfields
+            or (root.pending_summary is not None and len(root.pending_summary) != 1 + 2 * nfields)
+        ):
+            raise _foreign_root()
         if root is None or root.pending_summary is None:
             self._pending: Node | None = None
             self._record: Root | None = None  # a record whose pending node is not decoded yet
@@ -593,6 +598,9 @@ def appended(
     """
     if root is None or root.pending_summary is None or root.pending:
         return None
+    width = 1 + 2 * len(values)
+    if len(root.summary) != width or len(root.pending_summary) != width:
+        raise _foreign_root()
     node = root.pending_node
     packed = None
     if speedups is not None:  # the stored bytes, appended to in C
@@ -622,6 +630,13 @@ def appended(
     )
     new.packed_pending = packed
     return new
+
+
+def _foreign_root() -> CorruptDatabaseError:
+    return CorruptDatabaseError(
+        "a root record sums another number of value fields than its aggregate has (another "
+        "aggregate's record, or damage); run `tallytree check` to locate it"
+    )
 
 
 def _span(pending: Node, start: int, stop: int) -> list[int]:

@@ -65,6 +65,14 @@ _BULK_COMMIT = 64  # dirty nodes beyond which a commit pauses the cyclic garbage
 _DEFERRED_RUN = 2048  # queued inserts per tree before they are merged: bounds the queue's memory
 
 
+def _counter_damage(what: str) -> CorruptDatabaseError:
+    return CorruptDatabaseError(
+        f"the database's node id counter (meta next_id) is damaged ({what}); nothing was written. Run "
+        "`tallytree check`, and restore the database from a backup or rebuild its aggregates from "
+        "their source"
+    )
+
+
 def node_key(node_id: int) -> bytes:
     """The NODES table key of a node id."""
     return node_id.to_bytes(8, "big")
@@ -490,9 +498,13 @@ class WriteTransaction(Transaction):
         """The first of ``count`` fresh ids."""
         if self._next_id is None:
             stored = self.kv.get(META, _NEXT_ID)
+            if stored is not None and len(stored) != 8:
+                raise _counter_damage(f"it holds {len(stored)} bytes, not 8")
             self._next_id = int.from_bytes(stored, "big") if stored else 1
         node_id = self._next_id
-        self._next_id += count
+        if node_id + count >= 1 << 63:  # ids are 8-byte keys: 2**63 of them is more than any disk holds
+            raise _counter_damage(f"it is at {node_id:,}")
+        self._next_id = node_id + count
         return node_id
 
     def mutable(self, node: Node) -> Node:
@@ -674,7 +686,8 @@ class WriteTransaction(Transaction):
 
         Merging queued inserts and encoding many dirty nodes is bulk work: the cyclic garbage
         collector is paused for it (see ``_gc``) when the transaction holds more than a few nodes.
-        Raises TransactionError, writing nothing, if the database was closed meanwhile.
+        Raises TransactionError, writing nothing, if the database was closed meanwhile; whatever
+        the commit raises, the transaction has ended, writing nothing.
         """
         if self._db._closed:
             self.abort()
@@ -682,11 +695,18 @@ class WriteTransaction(Transaction):
                 "the database was closed while this write transaction was open; nothing was written"
             )
         redefined = self._meta and any(key.startswith(DEFINITIONS) for key in self._meta)
-        if self._deferred or len(self._dirty) > _BULK_COMMIT:
-            with gc_paused():
+        try:
+            if self._deferred or len(self._dirty) > _BULK_COMMIT:
+                with gc_paused():
+                    self._commit()
+            else:
                 self._commit()
-        else:
-            self._commit()
+        except BaseException:
+            # raised before the backend's commit (damage met merging queued inserts, say): the
+            # backend transaction must end too, or it would hold the write lock (the backend ends
+            # its own on a failed commit; abort does nothing then)
+            self.abort()
+            raise
         if redefined:  # an aggregate created, changed or dropped: objects check theirs again
             self._db._backend.epoch += 1
 
