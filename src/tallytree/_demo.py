@@ -77,7 +77,7 @@ def run_demo(directory: Path, *, users: int, events: int, seed: int, quiet: bool
             f"({2 * events / seconds:,.0f} items/s)\n"
         )
 
-        heavy = names[0]
+        heavy = max(names, key=lambda user: len(created[user]))  # the busiest user (never without events)
         rows = created[heavy]
         upcoming = starting[heavy]
         week_ago = now - timedelta(days=7)
@@ -125,7 +125,7 @@ def run_demo(directory: Path, *, users: int, events: int, seed: int, quiet: bool
                 lambda: sum(1 for when, _, _ in rows if when < middle),
             )
             ask(
-                "10,000th oldest event",
+                f"{_ordinal(nth + 1)} oldest event",
                 lambda: by_created.at(rtx, nth, namespace=heavy).id,
                 lambda: sorted(rows)[nth][1],
             )
@@ -154,6 +154,17 @@ def run_demo(directory: Path, *, users: int, events: int, seed: int, quiet: bool
     report["busiest"] = [{"namespace": user, **totals.as_dict()} for user, totals in busiest]
     report["check_ok"] = not problems
     return report
+
+
+def _ordinal(number: int) -> str:
+    """``number`` (>= 1) as an English ordinal, with thousands separators. O(1).
+
+    >>> [_ordinal(number) for number in (1, 2, 3, 4, 11, 12, 13, 21, 112, 3411, 10_000)]
+    ['1st', '2nd', '3rd', '4th', '11th', '12th', '13th', '21st', '112th', '3,411th', '10,000th']
+    """
+    teen = number % 100 in (11, 12, 13)
+    suffix = "th" if teen else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number:,}{suffix}"
 
 
 def _daily_scan(rows: list[Row], day0: datetime, days: int) -> list[float]:
