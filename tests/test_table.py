@@ -1343,7 +1343,7 @@ def test_attaching_an_aggregate_whose_commit_fails_leaves_the_table_as_it_was(
     def fail(self: WriteTransaction) -> None:
         raise OSError("the disk failed")
 
-    monkeypatch.setattr(WriteTransaction, "commit", fail)
+    monkeypatch.setattr(WriteTransaction, "_commit", fail)
     with pytest.raises(OSError, match="disk"):
         table.aggregate("doubled", key=lambda doc: 2 * doc["k"])
     with pytest.raises(OSError, match="disk"):

@@ -680,11 +680,7 @@ class _Writing:
             return
         try:
             if kind is None:
-                try:
-                    tx.commit()
-                except BaseException:
-                    tx.abort()  # ended already, unless the failure came before (does nothing then)
-                    raise
+                tx.commit()  # which ends the transaction whatever it raises
             else:
                 tx.abort()
         except StorageError as exc:  # LMDB met damaged pages as it wrote: not the disk's refusal
