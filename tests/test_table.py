@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
+import os
 import random
 import subprocess
 import sys
@@ -21,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import tallytree
-from tallytree import Change, ChangeHandler, _bulk, _table
+from tallytree import Change, ChangeHandler, _bulk, _extract, _table
 from tallytree._txn import WriteTransaction
 
 # ---------------------------------------------------------------- brute force
@@ -573,6 +576,170 @@ def test_an_aggregate_attached_by_another_process_is_maintained(tmp_path: Path) 
         with db.read() as tx:
             assert second.totals(tx).as_dict() == {"count": 2, "k": 3}
             assert tallytree.verify(tx, second, table).ok
+
+
+# ---------------------------------------------------------------- function definitions in a new process
+
+_REOPEN_SCRIPT = textwrap.dedent(
+    """
+    import functools, json, sys
+    import tallytree
+
+    def field_of(field, doc):
+        return doc[field]
+
+    def other_field_of(field, doc):  # the same name, other code
+        return doc.get(field)
+
+    other_field_of.__qualname__ = "field_of"
+
+    def field_in(doc, field):
+        return doc[field]
+
+    class Field:
+        def __init__(self, field):
+            self.field = field
+
+        def __call__(self, doc):
+            return doc[self.field]
+
+        def of(self, doc):
+            return doc[self.field]
+
+    class OtherField(Field):  # the same names, other code
+        def __call__(self, doc):
+            return doc.get(self.field)
+
+        def of(self, doc):
+            return doc.get(self.field)
+
+    OtherField.__name__ = OtherField.__qualname__ = "Field"
+    OtherField.of.__qualname__ = "Field.of"
+
+    class SubField(Field):  # the same code, another class
+        pass
+
+    class Slotted:
+        __slots__ = ("field",)
+
+        def __init__(self, field):
+            self.field = field
+
+        def __call__(self, doc):
+            return doc[self.field]
+
+    def open_or_paid(doc):  # a frozenset of str constant: its order depends on the hash seed
+        return doc["status"] in {"open", "paid", "late"}
+
+    SAME = {
+        "partial": {"key": functools.partial(field_of, "at")},
+        "nested": {"key": functools.partial(functools.partial(field_in), field="at")},
+        "object": {"key": Field("at")},
+        "slotted": {"key": Slotted("at")},
+        "method": {"key": Field("at").of},
+        "where": {"key": "at", "where": open_or_paid},
+    }
+    OTHER = [
+        ("partial", {"key": functools.partial(field_of, "day")}),
+        ("partial", {"key": functools.partial(other_field_of, "at")}),
+        ("nested", {"key": functools.partial(functools.partial(field_in), field="day")}),
+        ("object", {"key": Field("day")}),
+        ("object", {"key": OtherField("at")}),
+        ("slotted", {"key": Slotted("day")}),
+        ("method", {"key": OtherField("at").of}),
+        ("method", {"key": SubField("at").of}),
+    ]
+    path, step = sys.argv[1], sys.argv[2]
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("docs")
+        if step == "other":
+            refused = []
+            for name, definition in OTHER:
+                try:
+                    table.aggregate(name, **definition)
+                    refused.append([name, None])
+                except tallytree.SchemaMismatchError as exc:
+                    refused.append([name, str(exc)])
+            print(json.dumps(refused))
+        else:
+            aggregates = {name: table.aggregate(name, **definition) for name, definition in SAME.items()}
+            with db.write() as tx:
+                table.insert(tx, {"at": 1, "day": 2, "status": "open"})
+            with db.read() as tx:
+                print(json.dumps({name: aggregate.count(tx) for name, aggregate in aggregates.items()}))
+    """
+)
+
+
+def test_partials_callable_objects_and_methods_reattach_in_a_new_process_and_others_are_refused(
+    tmp_path: Path,
+) -> None:
+    # a fresh process has other memory addresses (which a repr holds) and, with another hash seed,
+    # another order for a frozenset of strings: what a fingerprint must not depend on
+    script = tmp_path / "extractors.py"
+    script.write_text(_REOPEN_SCRIPT)
+    path = tmp_path / "db"
+
+    def run(step: str, seed: str) -> Any:
+        result = subprocess.run(
+            [sys.executable, str(script), str(path), step],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    kinds = ["partial", "nested", "object", "slotted", "method", "where"]
+    assert run("create", "1") == dict.fromkeys(kinds, 1)
+    assert run("same", "2") == dict.fromkeys(kinds, 2)  # every one reattached, and maintained
+    refused = run("other", "3")
+    kinds_refused = ["partial", "partial", "nested", "object", "object", "slotted", "method", "method"]
+    assert [name for name, _ in refused] == kinds_refused
+    for name, message in refused:
+        assert message is not None, f"a different {name} extractor was accepted"
+        assert "stored with a different definition" in message
+    assert "functools.partial(__main__.field_of)" in refused[0][1]  # names what the partial wraps
+
+
+def _field_of(field: str, doc: dict[str, Any]) -> Any:
+    return doc[field]
+
+
+def test_an_extraction_error_names_the_function_a_partial_wraps(db: tallytree.Database) -> None:
+    table = db.table("t")
+    table.aggregate("a", key=functools.partial(_field_of, "at"))
+    with (
+        pytest.raises(tallytree.ExtractionError, match=r"function functools\.partial\([\w.]*_field_of\)"),
+        db.write() as tx,
+    ):
+        table.insert(tx, {"day": 1})
+
+
+def _golden_key(doc: dict[str, Any], scale: int = 2) -> Any:
+    """Databases store the fingerprint of a function like this one: it must not change."""
+    return tuple(doc[name] * scale for name in ("at", "v") if doc.get(name) in {1, 2, 8}) or None
+
+
+def _golden_closure(field: str) -> Callable[[dict[str, Any]], Any]:
+    def key(doc: dict[str, Any]) -> Any:
+        return (doc[field], 1.5, b"x", None)
+
+    return key
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="golden values of Python 3.11 bytecode")
+def test_fingerprints_of_plain_functions_and_builtins_are_unchanged() -> None:
+    # Golden values, computed once under Python 3.11 with the _fingerprint of tallytree before partials,
+    # callable objects and bound methods had fingerprints of their own (`git show
+    # 9b02f0b:src/tallytree/_extract.py`, applied to these same functions): databases created then store
+    # them, and must reattach.
+    assert _extract._fingerprint(_golden_key) == "35b0ce18d57030bc"
+    assert _extract._fingerprint(_golden_closure("at")) == "b619581fba49bc85"
+    assert _extract._fingerprint(lambda doc: doc["org"]) == "53ddaada1234b04b"
+    assert _extract._fingerprint(operator.itemgetter("org", "day")) == "7f4af7038ab046df"
+    assert _extract._fingerprint(len) == "a581f2ee9214df62"
 
 
 # ---------------------------------------------------------------- long random sequences: zero drift

@@ -20,8 +20,10 @@ change hooks and ``verify`` reuse.
 *Coordinates* ``(tree key, entry, values)`` are computed and validated for every aggregate before any
 tree is touched, so an extractor that fails raises :class:`~tallytree.errors.ExtractionError` and
 nothing is written. Field-based definitions are described by plain data (stored with the table);
-function-based ones by the function's qualified name and a fingerprint of its code, used to detect a
-different function passed on reopening.
+function-based ones by the function's qualified name and a fingerprint of its code (for a
+``functools.partial``, the wrapped function's and its arguments; for a callable object, its class's
+``__call__`` and its attributes; see :func:`_fingerprint`), the same in every process, used to detect
+a different function passed on reopening.
 
 The writes here go below :class:`~tallytree.Aggregate`'s public methods (straight to the trees), because
 aggregates owned by a table refuse public writes.
@@ -30,10 +32,13 @@ aggregates owned by a table refuse public writes.
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from itertools import compress
 from operator import add, itemgetter
+from types import FunctionType, MethodType
 from typing import Any, Literal
 
 import msgpack
@@ -179,17 +184,119 @@ _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 def _qualname(function: Callable[..., Any]) -> str:
+    """A callable's dotted name for descriptions and messages; a partial names what it wraps.
+
+    >>> import functools, operator
+    >>> _qualname(operator.add), _qualname(functools.partial(operator.add, 1))
+    ('_operator.add', 'functools.partial(_operator.add)')
+    """
+    if isinstance(function, partial):
+        kind = type(function)
+        return f"{kind.__module__}.{kind.__qualname__}({_qualname(function.func)})"
     module = getattr(function, "__module__", None) or "?"
     name = getattr(function, "__qualname__", None) or type(function).__qualname__
     return f"{module}.{name}"
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+"""A memory address in a repr (``<function k at 0x7f...>``): different in every process."""
+
+_SIMPLE = (str, int, float, bytes, tuple, frozenset)
+"""Values described by their repr (None too); any other value is described by its type's name."""
+
+_HASH_ORDERED = (bool, int, float, complex)
+"""Types whose hashes, so a frozenset's iteration order, are the same in every process (str and bytes
+hashes are salted per process, PYTHONHASHSEED; None's is its address before Python 3.12)."""
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr(value)`` with memory addresses removed and frozensets whose order depends on the
+    process's hash salt written sorted, so that it is the same in every process. Equal to
+    ``repr(value)`` for every other value, so the fingerprints of plain functions stored before these
+    rules keep their value.
+
+    >>> _stable_repr(frozenset({"b", "a"})), _stable_repr((1, "x")), _stable_repr(frozenset({8, 1}))
+    ("frozenset({'a', 'b'})", "(1, 'x')", 'frozenset({8, 1})')
+    """
+    kind = type(value)
+    if kind is frozenset and not all(type(each) in _HASH_ORDERED for each in value):
+        return "frozenset({" + ", ".join(sorted(_stable_repr(each) for each in value)) + "})"
+    if kind is tuple:
+        parts = [_stable_repr(each) for each in value]
+        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+    return _ADDRESS.sub("", repr(value))
+
+
+def _value_repr(value: Any) -> str:
+    """How a value a callable holds (a closure cell, a partial's argument, an attribute) enters its
+    fingerprint: simple values by their stable repr, others by their type's name."""
+    if value is None or isinstance(value, _SIMPLE):
+        return _stable_repr(value)
+    return type(value).__qualname__
+
+
+def _attributes(instance: Any) -> list[tuple[str, str]]:
+    """An instance's attributes, ``__dict__`` and ``__slots__``, sorted, values by :func:`_value_repr`."""
+    found = dict(getattr(instance, "__dict__", None) or {})
+    missing = object()
+    for kind in type(instance).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot in ("__dict__", "__weakref__"):
+                continue
+            name = f"_{kind.__name__.lstrip('_')}{slot}" if slot.startswith("__") else slot  # mangled
+            value = getattr(instance, name, missing)
+            if value is not missing:
+                found.setdefault(name, value)
+    return sorted((str(name), _value_repr(value)) for name, value in found.items())
+
+
 def _fingerprint(function: Callable[..., Any]) -> str:
-    """A hash of the function's code, constants, names, defaults and simple closure values."""
+    """A hash of what a callable computes with, the same in every process (so that a definition
+    passed again after reopening is recognized), different when the code or its settings differ.
+
+    - a function: its code, constants, names, defaults and simple closure values (databases store
+      this value: it must not change, except where it used to differ between processes, a repr with
+      an address or a frozenset of strings);
+    - a bound method: its function's fingerprint and the type of the object it is bound to (the
+      class itself for a classmethod);
+    - a ``functools.partial``: the fingerprint of the function it wraps, and its arguments;
+    - a callable object: its class, the fingerprint of the class's ``__call__`` and the instance's
+      attributes (``__dict__`` and ``__slots__``);
+    - anything else (a builtin, a class, ``operator.itemgetter``...): its repr.
+
+    Values held (closure cells, partial arguments, attributes) count by their repr when they are
+    None, str, int, float, bytes, tuples or frozensets, otherwise by their type's name; memory
+    addresses are left out of every repr. O(size of the code).
+
+    >>> import functools, operator
+    >>> _fingerprint(functools.partial(operator.add, 1)) == _fingerprint(functools.partial(operator.add, 1))
+    True
+    >>> _fingerprint(functools.partial(operator.add, 1)) == _fingerprint(functools.partial(operator.add, 2))
+    False
+    """
     digest = hashlib.sha256()
+    if isinstance(function, MethodType):
+        bound = function.__self__
+        owner = bound if isinstance(bound, type) else type(bound)
+        parts: tuple[Any, ...] = ("method", _fingerprint(function.__func__), _type_name(owner))
+        digest.update(repr(parts).encode())
+        return digest.hexdigest()[:16]
+    if isinstance(function, partial):
+        keywords = tuple(sorted((str(name), _value_repr(value)) for name, value in function.keywords.items()))
+        arguments = tuple(_value_repr(argument) for argument in function.args)
+        parts = ("partial", _type_name(type(function)), _fingerprint(function.func), arguments, keywords)
+        digest.update(repr(parts).encode())
+        return digest.hexdigest()[:16]
     code = getattr(function, "__code__", None)
-    if code is None:  # a builtin, a partial, an itemgetter, a callable object: its repr is what we have
-        digest.update(repr(function).encode())
+    if code is None:
+        call = type(function).__call__
+        if isinstance(call, FunctionType) and not isinstance(function, type):  # a callable object
+            kind = type(function)
+            parts = ("object", _type_name(kind), _fingerprint(call), tuple(_attributes(function)))
+            digest.update(repr(parts).encode())
+        else:  # a builtin, a class, an itemgetter: its repr, which names it
+            digest.update(_ADDRESS.sub("", repr(function)).encode())
         return digest.hexdigest()[:16]
 
     def feed(code: Any) -> None:
@@ -199,20 +306,21 @@ def _fingerprint(function: Callable[..., Any]) -> str:
             if hasattr(constant, "co_code"):
                 feed(constant)
             else:
-                digest.update(repr(constant).encode())
+                digest.update(_stable_repr(constant).encode())
 
     feed(code)
-    digest.update(repr(getattr(function, "__defaults__", None)).encode())
+    digest.update(_stable_repr(getattr(function, "__defaults__", None)).encode())
     for cell in getattr(function, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if value is None or isinstance(value, str | int | float | bytes | tuple | frozenset):
-            digest.update(repr(value).encode())
-        else:
-            digest.update(type(value).__qualname__.encode())
+        digest.update(_value_repr(value).encode())
     return digest.hexdigest()[:16]
+
+
+def _type_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _getter(spec: Any) -> Callable[[Any], Any]:
