@@ -742,6 +742,19 @@ def test_fingerprints_of_plain_functions_and_builtins_are_unchanged() -> None:
     assert _extract._fingerprint(len) == "a581f2ee9214df62"
 
 
+def test_keyword_only_defaults_count_in_a_fingerprint() -> None:
+    def at_field(doc: Any, *, field: str = "at") -> Any:
+        return doc[field]
+
+    def day_field(doc: Any, *, field: str = "day") -> Any:
+        return doc[field]
+
+    day_field.__code__ = at_field.__code__  # the same code: only the keyword-only default differs
+    assert _extract._fingerprint(at_field) != _extract._fingerprint(day_field)
+    day_field.__kwdefaults__ = {"field": "at"}
+    assert _extract._fingerprint(at_field) == _extract._fingerprint(day_field)
+
+
 # ---------------------------------------------------------------- long random sequences: zero drift
 
 Doc = dict[str, Any]

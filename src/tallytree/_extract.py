@@ -255,9 +255,9 @@ def _fingerprint(function: Callable[..., Any]) -> str:
     """A hash of what a callable computes with, the same in every process (so that a definition
     passed again after reopening is recognized), different when the code or its settings differ.
 
-    - a function: its code, constants, names, defaults and simple closure values (databases store
-      this value: it must not change, except where it used to differ between processes, a repr with
-      an address or a frozenset of strings);
+    - a function: its code, constants, names, defaults (keyword-only ones too) and simple closure
+      values (databases store this value: it must not change, except where it used to differ
+      between processes, a repr with an address or a frozenset of strings);
     - a bound method: its function's fingerprint and the type of the object it is bound to (the
       class itself for a classmethod);
     - a ``functools.partial``: the fingerprint of the function it wraps, and its arguments;
@@ -310,6 +310,9 @@ def _fingerprint(function: Callable[..., Any]) -> str:
 
     feed(code)
     digest.update(_stable_repr(getattr(function, "__defaults__", None)).encode())
+    if keyword_defaults := getattr(function, "__kwdefaults__", None):  # added after fingerprints were
+        # stored: only functions that have keyword-only defaults hash them, so no stored value changes
+        digest.update(repr(sorted((str(k), _value_repr(v)) for k, v in keyword_defaults.items())).encode())
     for cell in getattr(function, "__closure__", None) or ():
         try:
             value = cell.cell_contents
