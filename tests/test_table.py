@@ -742,6 +742,46 @@ def test_fingerprints_of_plain_functions_and_builtins_are_unchanged() -> None:
     assert _extract._fingerprint(len) == "a581f2ee9214df62"
 
 
+def test_a_script_s_function_reattaches_when_the_script_is_imported(tmp_path: Path) -> None:
+    # The same code is __main__.shop_of when run and stats_defs.shop_of when imported: one function.
+    shop_of = "def shop_of(doc):\n    return doc['shop'].lower()\n"
+    (tmp_path / "stats_defs.py").write_text(
+        "import os, sys, tallytree\n"
+        + shop_of
+        + "with tallytree.open(sys.argv[1] if __name__ == '__main__' else os.environ['STATS_DB']) as db:\n"
+        "    orders = db.table('orders')\n"
+        "    orders.aggregate('by_shop', namespace=shop_of, key='day')\n"
+        "    with db.write() as tx:\n"
+        "        orders.insert(tx, {'shop': 'A', 'day': len(list(orders.ids(tx)))})\n"
+    )
+    db_path = tmp_path / "db"
+    subprocess.run([sys.executable, str(tmp_path / "stats_defs.py"), str(db_path)], check=True)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import stats_defs"],
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "STATS_DB": str(db_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert imported.returncode == 0, imported.stderr
+    with tallytree.open(db_path) as db:
+        orders = db.table("orders")
+        by_shop = orders.aggregate("by_shop", namespace=_compiled(shop_of, "elsewhere"), key="day")
+        with db.read() as tx:
+            assert by_shop.count(tx, namespace="a") == 2
+        with pytest.raises(tallytree.SchemaMismatchError):  # the same name, other code
+            orders.aggregate("by_shop", namespace=_compiled(shop_of.replace("lower", "upper")), key="day")
+
+
+def _compiled(source: str, module: str = "elsewhere") -> Any:
+    """The one function ``source`` defines, compiled in a module of another name."""
+    scope: dict[str, Any] = {"__name__": module}
+    exec(compile(source, "<test>", "exec"), scope)
+    [function] = (value for name, value in scope.items() if not name.startswith("__"))
+    return function
+
+
 def test_keyword_only_defaults_count_in_a_fingerprint() -> None:
     def at_field(doc: Any, *, field: str = "at") -> Any:
         return doc[field]

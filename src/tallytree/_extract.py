@@ -154,11 +154,23 @@ def describe_definition(
 
 
 def same_description(stored: Any, given: Any) -> bool:
-    """Whether two descriptions denote the same definition (function code is compared only when both
-    were fingerprinted by the same Python version, as bytecode differs between versions)."""
+    """Whether two descriptions denote the same definition.
+
+    Two functions are the same when their names match, the module and enclosing functions left out
+    (a script's ``__main__.shop_of`` is the ``stats.shop_of`` it defines when another program imports
+    it, and a lambda may move into another function), and so do their fingerprints. Fingerprints
+    are compared only when both were made by the same Python version, as bytecode differs between
+    versions. O(size of the descriptions).
+
+    >>> script = ["function", "__main__.shop_of", "ab12", "3.11"]
+    >>> imported = ["function", "stats.shop_of", "ab12", "3.11"]
+    >>> changed = ["function", "stats.shop_of", "cd34", "3.11"]
+    >>> same_description(script, imported), same_description(imported, changed)
+    (True, False)
+    """
     if isinstance(stored, list) and isinstance(given, list):
         if stored and stored[0] == "function" and given and given[0] == "function":
-            if stored[1] != given[1]:
+            if _short_name(stored[1]) != _short_name(given[1]):
                 return False
             return bool(stored[3] != given[3] or stored[2] == given[2])
         return len(stored) == len(given) and all(
@@ -167,6 +179,17 @@ def same_description(stored: Any, given: Any) -> bool:
     if isinstance(stored, dict) and isinstance(given, dict):
         return stored.keys() == given.keys() and all(same_description(stored[k], given[k]) for k in stored)
     return bool(stored == given and type(stored) is type(given))
+
+
+def _short_name(name: Any) -> Any:
+    """A stored function name without its module and enclosing functions: ``mod.f.<locals>.g`` ->
+    ``g``; a partial keeps its form, ``functools.partial(mod.f)`` -> ``partial(f)``."""
+    if not isinstance(name, str):
+        return name
+    if name.endswith(")") and "(" in name:
+        outer, inner = name[:-1].split("(", 1)
+        return f"{_short_name(outer)}({_short_name(inner)})"
+    return name.rsplit(".", 1)[-1]
 
 
 def has_function(description: Any) -> bool:
