@@ -1256,6 +1256,24 @@ def test_query_buckets(built: Path, run: Any) -> None:
     assert run(*argv[:-2], "--count", "2")[0] == 2
 
 
+def test_query_buckets_takes_the_library_units_in_any_case(built: Path, run: Any) -> None:
+    """Regression: --width took the words month, quarter and year but not hour, day and week, which the
+    library names too (the library's unit names are case-insensitive, like --width)."""
+    argv = ["query", built, "events", "buckets", "--namespace", "org:0", "--start", "2024-01-01"]
+    for width, step in (
+        ("day", timedelta(days=1)),
+        ("2Days", timedelta(days=2)),
+        ("WEEK", timedelta(weeks=1)),
+    ):
+        code, out, err = run(*argv, "--width", width, "--count", "2", "--json")
+        assert (code, err) == (0, ""), width
+        assert [bucket["start"] for bucket in json.loads(out)] == [T0.isoformat(), (T0 + step).isoformat()]
+    code, out, _ = run(*argv, "--width", "3hours", "--count", "2", "--json")
+    assert [bucket["end"] for bucket in json.loads(out)][-1] == (T0 + timedelta(hours=6)).isoformat()
+    code, _, err = run(*argv, "--width", "fortnight", "--count", "2")
+    assert code == 2 and "day, week, month" in err
+
+
 def test_query_items_pages_with_a_cursor(built: Path, run: Any) -> None:
     rows = org_rows("org:3")
     seen: list[str] = []

@@ -49,6 +49,7 @@ from typing import IO, Any, NoReturn, TypeVar
 from . import __version__, _bulk, _db
 from ._aggregate import Aggregate, Item, Totals
 from ._btree import same_values
+from ._buckets import UNITS
 from ._check import check
 from ._demo import run_demo
 from ._gc import gc_paused
@@ -234,7 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--after", metavar="CURSOR", help="items: the cursor printed by the previous page")
     query.add_argument("--start", metavar="VALUE", help="buckets: the first edge")
     query.add_argument(
-        "--width", metavar="W", help="buckets: 1d, 6h, 15m, 30s, 1w, month, quarter, year, or a number"
+        "--width",
+        metavar="W",
+        help="buckets: 15m, 6h, 1d, 1w, hour, day, week, month, quarter, year, 3months, or a number",
     )
     query.add_argument("--count", type=int, help="buckets: how many buckets")
     query.set_defaults(handler=_query)
@@ -1115,7 +1118,7 @@ def _buckets(
 
 def _width(text: str, start: Any) -> Any:
     lower = text.strip().lower()
-    for unit in ("month", "quarter", "year"):
+    for unit in UNITS:  # the library's named widths (hour, day, week, month, ...), in any case
         if lower.rstrip("s") in (unit, f"1{unit}"):
             return unit
         if lower.endswith((unit, unit + "s")) and lower[: lower.index(unit)].isdigit():
@@ -1125,7 +1128,8 @@ def _width(text: str, start: Any) -> Any:
         if unit in _WIDTHS and number.replace(".", "", 1).isdigit():
             return timedelta(seconds=float(number) * _WIDTHS[unit])
         raise _Usage(
-            f"--width {text!r}: for datetime keys use e.g. 1d, 6h, 15m, 30s, 1w, month, quarter, year"
+            f"--width {text!r}: for datetime keys use e.g. 1d, 6h, 15m, 30s, 1w, day, week, month, "
+            "quarter, year or 3months"
         )
     value = parse_value(text)
     if type(value) not in (int, float):
