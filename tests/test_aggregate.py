@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import math
 import operator
 import random
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +25,10 @@ from conftest import snapshot, strict
 import tallytree
 from tallytree import (
     AggregateNotFoundError,
+    ArgumentTypeError,
     BoundsError,
     DuplicateItemError,
+    InvalidArgumentError,
     InvalidKeyError,
     InvalidValueError,
     Item,
@@ -429,15 +433,86 @@ def test_replace_moves_items_atomically(db: tallytree.Database) -> None:
             aggregate.replace(tx, 6, "nope", namespace="from", new_key=7, new_id="id")
         with pytest.raises(ItemNotFoundError):  # absent, given new values only
             aggregate.replace(tx, 6, "nope", namespace="from", new_values=(1,))
-        with pytest.raises(ItemNotFoundError):  # absent, given nothing new
-            aggregate.replace(tx, 6, "nope", namespace="from")
-        assert strict(aggregate.replace(tx, 6, "id", namespace="from")) == strict(Item(6, "id", (6,)))
         assert strict(aggregate.replace(tx, 6, "id", namespace="from", new_values=(6,))) == strict(
             Item(6, "id", (6,))
         )
         assert not tx.changed
         assert snapshot(db, tx) == before
     assert snapshot(db) == before
+
+
+def test_replace_given_nothing_new_raises_naming_what_it_takes(db: tallytree.Database) -> None:
+    """replace() without a new_* argument returned the item unchanged (or raised ItemNotFoundError for
+    an absent one), as if it had done something."""
+    aggregate = db.aggregate("moves", values=("value",))
+    with db.write() as tx:
+        aggregate.insert(tx, 1, "id", (1,), namespace="from")
+    before = snapshot(db)
+    with db.write() as tx:
+        for item_id in ("id", "absent"):
+            with pytest.raises(InvalidArgumentError) as raised:
+                aggregate.replace(tx, 1, item_id, namespace="from")
+            message = str(raised.value)
+            assert message.startswith("moves: replace() changes an item: give at least one of ")
+            assert all(f"{name}=" in message for name in ("new_key", "new_id", "new_namespace", "new_values"))
+        assert not tx.changed
+    assert snapshot(db) == before
+
+
+def test_rank_and_get_take_an_item_or_a_position_as_bounds_do(db: tallytree.Database) -> None:
+    """rank(tx, item) raised UnsupportedKeyTypeError advising to convert the Item, though every bound
+    takes one; get(tx, item) too."""
+    board = db.aggregate("board", values=("points",))
+    with db.write() as tx:
+        board.insert_many(tx, [(10, "ann", (1,)), (20, "bob", (2,)), (20, "cy", (3,)), (30, "di", (4,))])
+    with db.read() as tx:
+        bob = board.at(tx, 1)
+        for position in (bob, Position(20, "bob")):
+            assert board.rank(tx, position) == board.rank(tx, 20, "bob") == board.count(tx, lt=position) == 1
+            assert board.rank(tx, position, reverse=True) == board.count(tx, gt=position) == 2
+            assert board.rank(tx, position, ge=20) == 0
+            assert strict(board.get(tx, position)) == strict(Item(20, "bob", (2,)))
+            assert board.get(tx, position, namespace="elsewhere") is None
+            with pytest.raises(InvalidArgumentError, match=r"board: rank\(\) takes a key and an id, or an"):
+                board.rank(tx, position, "cy")
+            with pytest.raises(InvalidArgumentError, match=r"board: get\(\) takes a key and an id, or an"):
+                board.get(tx, position, "cy")
+        assert board.get(tx, Position(20, "nobody")) is None
+        with pytest.raises(
+            ArgumentTypeError, match=r"board: get\(\) takes a key and an id, get\(tx, key, id\)"
+        ):
+            board.get(tx, 20)
+        with pytest.raises(UnsupportedKeyTypeError, match="use a tuple instead"):  # the key's own error
+            board.get(tx, [20])
+        with pytest.raises(UnsupportedKeyTypeError, match=r"id 1\.5"):
+            board.get(tx, 20, 1.5)
+        with pytest.raises(UnsupportedKeyTypeError, match=r"key \{20\} has unsupported type set"):
+            board.rank(tx, {20})
+
+
+def test_defaults_that_stand_for_an_argument_not_given_show_their_name() -> None:
+    """help(Aggregate.replace) showed ``new_key=<object object at 0x...>``."""
+    shown = str(inspect.signature(tallytree.Aggregate.replace))
+    assert "new_key: 'Any' = KEEP" in shown and "new_values: 'Any' = KEEP" in shown
+    assert "id: 'Any' = UNSET" in str(inspect.signature(tallytree.Aggregate.get))
+    for owner in (tallytree.Aggregate, tallytree.Table, tallytree.ChangeHandler):
+        for name, method in vars(owner).items():
+            if callable(method) and not name.startswith("_"):
+                assert " at 0x" not in str(inspect.signature(method)), f"{owner.__name__}.{name}"
+    for function in (tallytree.verify, tallytree.repair):
+        assert " at 0x" not in str(inspect.signature(function))
+
+
+def test_the_readme_names_the_attributes_of_an_aggregate(db: tallytree.Database) -> None:
+    """The README listed the methods of an aggregate, not its name, fields and node_size."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    aggregate = db.aggregate("costs", values=("cost",))
+    attributes = sorted(name for name in vars(aggregate) if not name.startswith("_"))
+    assert attributes == ["fields", "name", "node_size"]
+    section = readme[readme.index("## Reads and writes") :]
+    section = section[: section.index("\n## ")]
+    for name in attributes:
+        assert f"`{name}`" in section, name
 
 
 def test_delete_returns_the_item_and_strict_deletes_raise(db: tallytree.Database) -> None:
@@ -1220,3 +1295,20 @@ def test_totals_from_a_summary_of_any_width(nfields: int) -> None:
     assert totals.count == 7
     assert tuple(totals[name] for name in fields) == expected
     assert [type(totals[name]) for name in fields] == [type(value) for value in expected]
+
+
+def test_totals_and_buckets_copy_and_pickle() -> None:
+    import copy
+    import pickle
+
+    db = tallytree.open_memory()
+    calls = db.aggregate("calls", values=("cost",))
+    with db.write() as tx:
+        calls.insert_many(tx, [(i, i, (0.25 * i,)) for i in range(6)])
+    with db.read() as tx:
+        totals = calls.totals(tx)
+        [bucket] = calls.buckets(tx, start=0, width=10, count=1)
+    for clone in (copy.copy(totals), copy.deepcopy(totals), pickle.loads(pickle.dumps(totals))):
+        assert clone == totals and clone.cost == 3.75
+    for bucket_clone in (copy.deepcopy(bucket), pickle.loads(pickle.dumps(bucket))):
+        assert bucket_clone == bucket and bucket_clone.cost == 3.75

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -372,3 +374,87 @@ def test_create_and_reverse_flags_of_databases_tables_and_sync_take_bools_only(
     sqlalchemy = pytest.importorskip("tallytree.sqlalchemy")
     with pytest.raises(tallytree.ArgumentTypeError, match="idempotent="):
         sqlalchemy.Sync(db, idempotent="no")
+
+
+@pytest.mark.parametrize("backend", ["memory", "lmdb"])
+def test_commit_or_abort_inside_the_with_block_ends_the_transaction_and_the_block_accepts_it(
+    backend: str, tmp_path: Path
+) -> None:
+    """``tx.commit()`` in ``with db.write() as tx:`` committed, then the block's end raised
+    TransactionError ("this transaction has ended"); so did ``tx.abort()``."""
+    db = tallytree.open(tmp_path / "db.tt") if backend == "lmdb" else tallytree.open_memory()
+    scores = db.aggregate("scores")
+    docs = db.table("docs")
+    by_kind = docs.aggregate("by_kind", key="kind")
+    with db.write() as tx:
+        scores.insert(tx, 1, "a")
+        docs.insert(tx, {"kind": 1})  # queued (a deferred insert): the commit merges it
+        tx.commit()
+        tx.commit()  # ended already: nothing to do
+        for write in (lambda: scores.insert(tx, 2, "b"), lambda: docs.insert(tx, {"kind": 2})):
+            with pytest.raises(tallytree.TransactionError, match="this transaction has ended"):
+                write()
+        with db.read() as rtx:
+            assert scores.count(rtx) == by_kind.count(rtx) == 1
+        with db.write() as again:  # the write lock is free: a new write transaction may begin
+            scores.insert(again, 3, "c")
+    with db.write() as tx:
+        scores.insert(tx, 4, "d")
+        docs.insert(tx, {"kind": 4})
+        tx.abort()
+    # the block's error still propagates, and still aborts a transaction the block left open
+    with pytest.raises(RuntimeError, match="after the commit"), db.write() as tx:
+        scores.insert(tx, 5, "e")
+        tx.commit()
+        raise RuntimeError("after the commit")
+    with pytest.raises(RuntimeError, match="before the end"), db.write() as tx:
+        scores.insert(tx, 6, "f")
+        raise RuntimeError("before the end")
+    with db.read() as tx:
+        tx.abort()
+        with pytest.raises(tallytree.TransactionError, match="this transaction has ended"):
+            scores.count(tx)
+    with db.write() as tx:  # nothing was left half-done: the table's state and queue start afresh
+        assert docs.insert(tx, {"kind": 7}) == 2
+    with db.read() as tx:
+        assert [item.key for item in scores.items(tx)] == [1, 3, 5]
+        assert [(item.key, item.id) for item in by_kind.items(tx)] == [(1, 1), (7, 2)]
+        assert docs.count(tx) == 2 and tallytree.check(tx) == []
+    db.close()
+
+
+def test_writes_are_typed_to_refuse_a_read_transaction(tmp_path: Path) -> None:
+    """Writes were annotated ``tx: Transaction``, so ``agg.insert(read_tx, ...)`` type-checked and
+    failed only at run time."""
+    api = pytest.importorskip("mypy.api")
+    setup = (
+        "import tallytree\n"
+        "db = tallytree.open_memory()\n"
+        "events = db.aggregate('events')\n"
+        "docs = db.table('docs')\n"
+        "hooks = tallytree.ChangeHandler(db)\n"
+    )
+    writes = (
+        "    events.insert(tx, 1, 'a')\n"
+        "    events.delete_range(tx, lt=5)\n"
+        "    docs.insert(tx, {'kind': 1})\n"
+        "    hooks.apply(tx, tallytree.Change.insert(1, {'kind': 1}))\n"
+        "    tallytree.repair(tx, events, [])\n"
+    )
+    (tmp_path / "good.py").write_text(f"{setup}with db.write() as tx:\n{writes}")
+    (tmp_path / "bad.py").write_text(f"{setup}with db.read() as tx:\n{writes}")
+    report, errors, status = api.run(
+        [
+            "--strict",
+            "--no-incremental",
+            "--cache-dir",
+            os.devnull,
+            str(tmp_path / "good.py"),
+            str(tmp_path / "bad.py"),
+        ]
+    )
+    assert status == 1, report + errors
+    lines = [line for line in report.splitlines() if ": error:" in line]
+    assert not [line for line in lines if "good.py" in line], report
+    assert [int(line.split(":")[1]) for line in lines] == [7, 8, 9, 10, 11], report
+    assert all('"ReadTransaction"; expected "WriteTransaction"' in line for line in lines), report

@@ -798,8 +798,8 @@ def test_lone_surrogate_is_invalid() -> None:
         ({"a": 1}, "items"),
         ({1}, "sorted"),
         (frozenset(), "sorted"),
-        (Decimal("1.5"), "int, float or str"),
-        (Fraction(1, 3), "int, float or str"),
+        (Decimal("1.5"), "an int .in the smallest unit, e.g. cents. or a float"),
+        (Fraction(1, 3), "an int .in the smallest unit, e.g. cents. or a float"),
         (date(2024, 1, 1), "datetime.combine"),
         (time(12), "None, bool, int, float, str, bytes"),
         (complex(1, 2), "None, bool, int, float, str, bytes"),
@@ -828,6 +828,44 @@ def test_unsupported_types(key: object, hint: str) -> None:
         encode_body(key)
     with pytest.raises(UnsupportedKeyTypeError):
         validate_key(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        date(2024, 1, 1),
+        Decimal("1.5"),
+        Fraction(1, 3),
+        time(12),
+        complex(1, 2),
+        object(),
+        (1, date(2024, 1, 1)),
+    ],
+    ids=["date", "Decimal", "Fraction", "time", "complex", "object", "date in tuple"],
+)
+def test_no_hint_advises_a_conversion_that_sorts_apart_from_the_bounds(key: object) -> None:
+    """A date key's error advised ``d.isoformat()``, and a Decimal's a str: a str is a valid key, but
+    it sorts after every number and before every datetime, so a bound of the natural type (a datetime,
+    a number) then selected every such key or none, without an error."""
+    with pytest.raises(UnsupportedKeyTypeError) as info:
+        encode_key(key)
+    message = str(info.value)
+    assert "isoformat" not in message and "str(" not in message and " or str" not in message, message
+    assert (
+        "; convert every key and bound the same way: a bound of another type than the keys selects by "
+        "the order of the types (numbers < str < bytes < datetime < tuple) without an error" in message
+    ), message
+    if isinstance(key, date) or key == (1, date(2024, 1, 1)):
+        assert "datetime.combine(d, time(), tzinfo=timezone.utc)" in message
+
+
+def test_an_item_or_a_position_given_as_a_key_is_told_to_pass_its_key() -> None:
+    """``insert(tx, item, ...)`` advised to convert the Item "to one of these types"."""
+    from tallytree import Item, Position
+
+    for position in (Item(1, "a"), Position(1, "a")):
+        with pytest.raises(UnsupportedKeyTypeError, match=r"an Item or a Position is no key: pass its \.key"):
+            encode_key(position)
 
 
 @pytest.mark.parametrize("id_", [True, False, 1.5, 1.0, None, (1,), datetime(2024, 1, 1, tzinfo=UTC), [1]])

@@ -32,6 +32,7 @@ import tallytree
 from tallytree import (
     BoundsError,
     DuplicateItemError,
+    InvalidArgumentError,
     Item,
     ItemNotFoundError,
     OutOfRangeError,
@@ -228,6 +229,8 @@ class Model:
         return "updated"
 
     def replace(self, namespace: Any, key: Any, item_id: Any, changes: dict[str, Any]) -> Item:
+        if not changes:  # nothing new to give: refused before anything is looked up
+            raise InvalidArgumentError
         index = self._find(namespace, key, item_id)
         if index is None:
             raise ItemNotFoundError

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import compress, islice
 from operator import add, attrgetter, itemgetter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, final
 
 from ._args import ITEMS, check_flag, flag_error, iterator_of
 from ._btree import Root, same_values, vsub
@@ -84,6 +84,7 @@ from .errors import (
     OutOfRangeError,
     TransactionError,
     UnknownFieldError,
+    UnsupportedKeyTypeError,
 )
 
 if TYPE_CHECKING:
@@ -171,6 +172,8 @@ class Totals:
         return totals
 
     def __getattr__(self, name: str) -> int | float:
+        if name.startswith("_"):  # not set yet (copy, pickle make the object first): no recursion
+            raise AttributeError(name)
         try:
             return self._sums[self._fields.index(name)]
         except ValueError:
@@ -410,7 +413,28 @@ class _Watch:
         return self.changed(b"") or any(versions[tree] != version for tree, version in self._known.items())
 
 
-_KEEP: Any = object()
+@final
+class Sentinel:
+    """A default that stands for an argument not given, compared by identity and shown by its name:
+    ``help(Aggregate.replace)`` shows ``new_key=KEEP``, not ``<object object at 0x...>``.
+
+    >>> Sentinel("KEEP")
+    KEEP
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+_KEEP = Sentinel("KEEP")
+"""replace()'s default for what an item keeps (its key, id, namespace or values)."""
+_UNSET = Sentinel("UNSET")
+"""get()'s default id: none given (the key is then an Item or a Position)."""
 
 
 def owned_reason(aggregate: str, table: str) -> str:
@@ -781,6 +805,9 @@ class Aggregate:
         Without ``id``, counts the items before every item with this key, so
         ``rank(tx, k) == count(tx, lt=k)``. With ``reverse=True``, counts the items after it instead
         (after every item with the key when no ``id`` is given): the rank in descending order.
+        ``key`` may also be an :class:`Item` or a :class:`Position`, as bounds may: its key and id
+        (``rank(tx, item) == count(tx, lt=item)``); an ``id`` given with one raises
+        InvalidArgumentError.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -789,20 +816,38 @@ class Aggregate:
         ...     board.insert_many(tx, [(10, "ann"), (30, "bob"), (20, "cy")])
         3
         >>> with db.read() as tx:
-        ...     board.rank(tx, 20), board.rank(tx, 20, reverse=True)
-        (1, 1)
+        ...     best = board.max(tx)
+        ...     board.rank(tx, 20), board.rank(tx, 20, reverse=True), board.rank(tx, best, reverse=True)
+        (1, 1, 0)
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
+        try:
+            if id is None:  # before every item with the key, or after every one in reverse
+                cut = (_after_key(key) if reverse is True else encode_body(key), False)
+            else:
+                cut = (encode_key(key) + encode_id(id), reverse is True)
+        except UnsupportedKeyTypeError:  # an Item or a Position is no key: found here, off the path
+            if not isinstance(key, Item | Position):
+                raise
+            cut = (self._given_entry(key, id is not None, id, "rank"), reverse is True)
         # reverse is checked by the identity tests that choose the direction: no work added to a rank
         if reverse is False:
-            cut = (encode_body(key), False) if id is None else (encode_key(key) + encode_id(id), False)
             return min(max(tree.rank(*cut), start), stop) - start
         if reverse is True:
-            cut = (_after_key(key), False) if id is None else (encode_key(key) + encode_id(id), True)
             return stop - min(max(tree.rank(*cut), start), stop)
         raise flag_error("reverse", reverse)
+
+    def _given_entry(self, position: Item | Position, with_id: bool, id: Any, who: str) -> bytes:
+        """The entry of an Item or Position given in place of a key (``rank(tx, item)``); raises
+        InvalidArgumentError if an id was given too (``with_id``). O(1)."""
+        if with_id:
+            raise InvalidArgumentError(
+                f"{self.name}: {who}() takes a key and an id, or an Item or a Position alone (it holds "
+                f"both), not {type(position).__name__} {position!r} and id={_show(id)}"
+            )
+        return _entry_of(position)
 
     def min(
         self,
@@ -912,8 +957,12 @@ class Aggregate:
             return None
         return self._item(*tree.select(start + generator.randrange(stop - start)))
 
-    def get(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> Item | None:
+    def get(self, tx: Transaction, key: Any, id: Any = _UNSET, *, namespace: Any = None) -> Item | None:
         """The item ``(key, id)`` in the namespace, or None. O(log n).
+
+        ``key`` may also be an :class:`Item` or a :class:`Position`, without an ``id`` (which raises
+        InvalidArgumentError): ``get(tx, item)`` reads that item as the transaction sees it. A plain
+        key without an ``id`` raises ArgumentTypeError.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -923,8 +972,23 @@ class Aggregate:
         >>> with db.read() as tx:
         ...     costs.get(tx, 5, "a", namespace="org:1"), costs.get(tx, 5, "a")
         (Item(key=5, id='a', values=(1.5,)), None)
+        >>> with db.read() as tx:
+        ...     costs.get(tx, tallytree.Position(5, "a"), namespace="org:1")
+        Item(key=5, id='a', values=(1.5,))
         """
-        entry = encode_key(key) + encode_id(id)
+        try:
+            entry = encode_key(key) + encode_id(id)
+        except UnsupportedKeyTypeError:  # an Item or a Position, or no id: found here, off the path
+            if isinstance(key, Item | Position):
+                entry = self._given_entry(key, id is not _UNSET, id, "get")
+            elif id is _UNSET:
+                encode_key(key)  # a key that is no key raises its own error first
+                raise ArgumentTypeError(
+                    f"{self.name}: get() takes a key and an id, get(tx, key, id), or an Item or a "
+                    f"Position alone, not the key {_show(key)} alone"
+                ) from None
+            else:
+                raise
         tree = self._reader(tx, namespace)
         values = tree.find(entry)
         return None if values is None else self._item(entry, values)
@@ -1089,7 +1153,9 @@ class Aggregate:
 
     # ------------------------------------------------------------ writes
 
-    def insert(self, tx: Transaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None) -> None:
+    def insert(
+        self, tx: WriteTransaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None
+    ) -> None:
         """Insert one item. O(log n).
 
         Raises DuplicateItemError (a KeyError) if ``(key, id)`` is already in the namespace, and the
@@ -1123,7 +1189,7 @@ class Aggregate:
             )
         self._save(wtx, tree_key, tree)
 
-    def delete(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> Item:
+    def delete(self, tx: WriteTransaction, key: Any, id: Any, *, namespace: Any = None) -> Item:
         """Remove one item and return it. O(log n).
 
         Raises ItemNotFoundError (a KeyError) if it is absent; use :meth:`discard` to allow that.
@@ -1145,7 +1211,7 @@ class Aggregate:
         self._save(wtx, tree_key, tree)
         return self._item(entry, values)
 
-    def discard(self, tx: Transaction, key: Any, id: Any, *, namespace: Any = None) -> bool:
+    def discard(self, tx: WriteTransaction, key: Any, id: Any, *, namespace: Any = None) -> bool:
         """Remove one item if present; return whether it was. Writes nothing if absent. O(log n).
 
         >>> import tallytree
@@ -1165,7 +1231,7 @@ class Aggregate:
         return True
 
     def upsert(
-        self, tx: Transaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None
+        self, tx: WriteTransaction, key: Any, id: Any, values: Any = (), *, namespace: Any = None
     ) -> Literal["inserted", "updated", "unchanged"]:
         """Insert the item, or overwrite its values if it exists. O(log n).
 
@@ -1195,7 +1261,7 @@ class Aggregate:
 
     def replace(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         key: Any,
         id: Any,
         *,
@@ -1207,8 +1273,10 @@ class Aggregate:
     ) -> Item:
         """Move an item to a new key, id, namespace and/or values, atomically; return the new item.
 
-        O(log n). Raises ItemNotFoundError if the item is absent and DuplicateItemError if the new
-        position is taken; then nothing changes.
+        Give at least one of ``new_key``, ``new_id``, ``new_namespace`` and ``new_values``; each one
+        not given (shown as ``KEEP``) stays as it is. O(log n). Raises ItemNotFoundError if the item
+        is absent and DuplicateItemError if the new position is taken, then nothing changes; and
+        InvalidArgumentError when no ``new_*`` argument is given (to read an item, use :meth:`get`).
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -1221,6 +1289,11 @@ class Aggregate:
         ...     loads.count(tx, namespace="org:1", prefix=("open",))
         0
         """
+        if new_key is _KEEP and new_id is _KEEP and new_values is _KEEP and new_namespace is _KEEP:
+            raise InvalidArgumentError(
+                f"{self.name}: replace() changes an item: give at least one of new_key=, new_id=, "
+                "new_namespace= or new_values= (to read the item, use get(tx, key, id))"
+            )
         wtx = self._writable(tx)
         entry = encode_key(key) + encode_id(id)
         target_key = key if new_key is _KEEP else new_key
@@ -1261,7 +1334,7 @@ class Aggregate:
 
     def insert_many(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         items: Iterable[Item | tuple[Any, ...]],
         *,
         namespace: Any = None,
@@ -1411,7 +1484,7 @@ class Aggregate:
 
     def delete_range(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         *,
         namespace: Any = None,
         ge: Any = None,
@@ -1448,7 +1521,7 @@ class Aggregate:
         self._save(wtx, tree_key, tree)
         return Totals.from_summary(self.fields, removed)
 
-    def clear(self, tx: Transaction, *, namespace: Any = None) -> Totals:
+    def clear(self, tx: WriteTransaction, *, namespace: Any = None) -> Totals:
         """Remove every item of one namespace; return the totals of what was removed.
 
         O(nodes removed): leaves are dropped by id without being read.
@@ -1482,13 +1555,29 @@ class Aggregate:
     ) -> list[Bucket]:
         """The totals of consecutive half-open key ranges, in one call: O((buckets + 1) log n).
 
-        Give ``start``, ``width`` and ``count`` (``count`` buckets ``[start + i*width, start +
-        (i+1)*width)``; ``width`` a number for numeric keys, a ``timedelta`` for datetime keys, or a
-        calendar ``"month"`` / ``"quarter"`` / ``"year"``, or ``(unit, n)``), or explicit ascending
-        ``edges=[e0, e1, ..., ek]`` for the ``k`` buckets ``[e0, e1) ... [e(k-1), ek)``. Each edge
-        bounds like ``ge=``, so the buckets add up exactly to ``totals(ge=e0, lt=ek)``. With
-        ``prefix=(p, ...)``, keys are tuples and each edge ``e`` means the key ``(p, ..., e)``: buckets
-        over the last element within one prefix (e.g. per day within ``("open",)``).
+        Give ``start``, ``width`` and ``count`` for ``count`` buckets of ``width`` from ``start``, or
+        explicit ascending ``edges=[e0, e1, ..., ek]`` for the ``k`` buckets ``[e0, e1) ... [e(k-1),
+        ek)``. Each edge bounds like ``ge=``, so the buckets add up exactly to ``totals(ge=e0,
+        lt=ek)``. Every bucket is returned, empty ones too (count 0, sums 0, ``mean()`` None), and a
+        bucket reads like Totals: ``b.count``, ``b["cost"]`` or ``b.cost``. With ``prefix=(p, ...)``,
+        keys are tuples and each edge ``e`` means the key ``(p, ..., e)``: buckets over the last
+        element within one prefix (e.g. per day within ``("open",)``).
+
+        The first edge is ``start`` itself, as given (its ``fold`` too). Widths:
+
+        * Numeric keys (epoch seconds, amounts) take a number. An int start with an int width, or
+          with a whole float width (``1e9`` on epoch nanoseconds), gives exact int edges; otherwise
+          each edge is ``start + i*width`` rounded once to a float, and a fractional width on an int
+          start whose edges pass 2**53 (where floats skip ints) is refused: use an int width.
+        * Datetime keys take a ``timedelta``, or ``"hour"``, ``"day"``, ``"week"``, ``"month"``,
+          ``"quarter"``, ``"year"`` (in any case), or ``(unit, n)`` such as ``("month", 3)``. Whole
+          days, weeks and the month units step the local calendar of the start's zone: with a
+          ``zoneinfo`` zone a day is 23 or 25 hours long at a DST change, and a start on the 31st
+          steps to the last day of shorter months. Any other width steps real time, so every bucket
+          is exactly that long (the fall-back day has 25 hourly buckets). A local edge in a
+          repeated hour is its first pass, and one in a skipped hour moves forward by the gap
+          (02:30 becomes 03:30), as ``datetime`` arithmetic (``fold=0``) does; edges come back as
+          ``astimezone`` shows them.
 
         >>> import tallytree
         >>> from datetime import datetime, timedelta, timezone
@@ -1499,14 +1588,17 @@ class Aggregate:
         ...     calls.insert_many(tx, [(day0 + timedelta(hours=7 * i), i, (0.5,)) for i in range(10)])
         10
         >>> with db.read() as tx:
-        ...     days = calls.buckets(tx, start=day0, width=timedelta(days=1), count=3)
-        >>> [(b.start.day, b.count, b.totals.cost) for b in days]
-        [(1, 4, 2.0), (2, 3, 1.5), (3, 3, 1.5)]
+        ...     days = calls.buckets(tx, start=day0, width="day", count=4)
+        >>> [(b.start.day, b.count, b.cost) for b in days]
+        [(1, 4, 2.0), (2, 3, 1.5), (3, 3, 1.5), (4, 0, 0)]
 
-        Raises BoundsError for a bad width or count, edges that decrease and buckets that run past
-        what a key can be (the year 9999, the largest float), and BoundsTypeError (an
-        ArgumentTypeError and a BoundsError) for a count, width, ``edges`` or ``prefix`` of the wrong
-        type.
+        Raises BoundsError for a bad width or count, an unknown unit, a width that does not fit the
+        start's type (a unit or a timedelta for numbers, a number for datetimes), edges that
+        decrease and buckets that run past what a key can be (the year 9999, the largest float);
+        BoundsTypeError (an ArgumentTypeError and a BoundsError) for a count, width, ``edges`` or
+        ``prefix`` of the wrong type; and InvalidKeyError (a naive datetime, NaN) or
+        UnsupportedKeyTypeError for a ``start`` or an edge that is no key, naming ``start=`` or
+        ``edges=``.
         """
         keys = bucket_edges(start, width, count, edges)
         if prefix is not None and not isinstance(prefix, tuple):
@@ -1539,7 +1631,7 @@ class Aggregate:
 
     def build(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         items: Iterable[Item | tuple[Any, ...]],
         *,
         namespace: Any = None,
@@ -1594,7 +1686,7 @@ class Aggregate:
 
     def build_many(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         rows: Iterable[tuple[Any, ...]],
         *,
         sorted: bool = False,

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._aggregate import Aggregate
+from ._aggregate import Aggregate, Sentinel
 from ._btree import NodeTree, Root, vadd
 from ._db import NEXT_AGGREGATE, damage_error, stored_name
 from ._keys import decode_entry, decode_key
@@ -45,7 +45,7 @@ from .errors import ArgumentTypeError, CorruptDatabaseError, Error, InvalidArgum
 
 __all__ = ["Problem", "check"]
 
-_ALL: Any = object()
+_ALL: Any = Sentinel("ALL")
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,7 +221,9 @@ class Database:
         """The write transaction: every change inside commits together when the block ends.
 
         An exception in the block aborts it, writing nothing. One writer at a time (across processes
-        too); a second ``db.write()`` in the same thread raises TransactionError.
+        too); a second ``db.write()`` in the same thread raises TransactionError. ``tx.commit()`` or
+        ``tx.abort()`` in the block ends the transaction early: later uses of ``tx`` raise
+        TransactionError, a new ``db.write()`` may begin, and the block's end does nothing more.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()

@@ -237,7 +237,7 @@ class ChangeHandler:
         except KeyError:
             raise AggregateNotFoundError(f"this handler has no aggregate {name!r}") from None
 
-    def apply(self, tx: Transaction, change: Change, *, idempotent: bool = False) -> None:
+    def apply(self, tx: WriteTransaction, change: Change, *, idempotent: bool = False) -> None:
         """Apply one change to every registered aggregate, in ``tx``. O(a log n).
 
         Strict by default: raises ItemNotFoundError when an old item is absent and DuplicateItemError
@@ -279,7 +279,7 @@ class ChangeHandler:
             if old is not None or new is not None:
                 move(wtx, definition.aggregate, old, new)
 
-    def apply_many(self, tx: Transaction, changes: Iterable[Change], *, idempotent: bool = False) -> int:
+    def apply_many(self, tx: WriteTransaction, changes: Iterable[Change], *, idempotent: bool = False) -> int:
         """Apply changes in order (see :meth:`apply`); return how many. A strict failure raises after
         the earlier changes were applied: let it abort the transaction. O(m a log n) for m changes.
 
@@ -595,7 +595,7 @@ def verify(
 
 
 def repair(
-    tx: Transaction,
+    tx: WriteTransaction,
     aggregate: Aggregate,
     source: Any,
     *,

@@ -396,12 +396,29 @@ def _datetime_body(value: datetime, what: str) -> bytes:
     return _DATETIME_START + (micros + _DATETIME_BIAS).to_bytes(8)
 
 
+_SAME_TYPE = (
+    "; convert every key and bound the same way: a bound of another type than the keys selects "
+    "by the order of the types (numbers < str < bytes < datetime < tuple) without an error"
+)
+"""What a hint to convert a key adds: a str made of a date, say, is a valid key, but a datetime bound
+then selects every such key or none, silently. So no hint suggests a type that sorts apart from the
+value's own kind (a number's is a number, an instant's a datetime)."""
+
+
 def _unsupported(value: object, what: str) -> UnsupportedKeyTypeError:
+    """The error for a value of a type that has no place in the key order, with a conversion that
+    keeps its order (never one to str, which sorts apart from numbers and datetimes). O(1).
+
+    >>> from datetime import date
+    >>> raise _unsupported(date(2024, 5, 1), "key")
+    Traceback (most recent call last):
+    tallytree.errors.UnsupportedKeyTypeError: key ...(d, time(), tzinfo=timezone.utc); convert every key...
+    """
     name = type(value).__qualname__
     if isinstance(value, date):
         hint = (
             "a datetime.date names no instant: use an aware datetime such as "
-            "datetime.combine(d, time(), tzinfo=timezone.utc), or d.isoformat()"
+            f"datetime.combine(d, time(), tzinfo=timezone.utc){_SAME_TYPE}"
         )
     elif isinstance(value, list):
         hint = "use a tuple instead: tuple(value)"
@@ -409,10 +426,12 @@ def _unsupported(value: object, what: str) -> UnsupportedKeyTypeError:
         hint = "use a sorted tuple instead: tuple(sorted(value))"
     elif isinstance(value, dict):
         hint = "use a tuple of its items instead: tuple(sorted(value.items()))"
+    elif type(value).__name__ in {"Item", "Position"} and type(value).__module__ == "tallytree._aggregate":
+        hint = "an Item or a Position is no key: pass its .key (and its .id where an id is taken)"
     elif type(value).__name__ in {"Decimal", "Fraction"}:
-        hint = "convert it to int, float or str (a fixed-width string keeps the order)"
+        hint = f"convert it to a number: an int (in the smallest unit, e.g. cents) or a float{_SAME_TYPE}"
     else:
-        hint = "convert it to one of these types"
+        hint = f"convert it to one of these types{_SAME_TYPE}"
     return UnsupportedKeyTypeError(f"{what} {_show(value)} has unsupported type {name}: {_SUPPORTED}; {hint}")
 
 

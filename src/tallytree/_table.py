@@ -686,8 +686,8 @@ class Table:
 
     def _begin(self, tx: Transaction) -> WriteTransaction:
         """Check a write transaction and load the table's state for it (once per transaction)."""
-        if tx is self._tx:
-            return self._tx
+        if tx is self._tx and tx._open:  # ended (a commit in its with block): checked below, raises
+            return tx
         self._check_alive()
         check_transaction(tx, self._db, self._where)
         if not isinstance(tx, WriteTransaction):
@@ -864,7 +864,7 @@ class Table:
 
     # ------------------------------------------------------------ writes
 
-    def insert(self, tx: Transaction, doc: Mapping[str, Any], id: Any = None) -> Any:
+    def insert(self, tx: WriteTransaction, doc: Mapping[str, Any], id: Any = None) -> Any:
         """Insert a document and its item in every attached aggregate; return its id.
 
         Without ``id``, a new int id is generated. O(a log n) for a attached aggregates. Raises
@@ -937,7 +937,7 @@ class Table:
         return id_bytes, tx.doc(self._prefix + id_bytes)
 
     def update(
-        self, tx: Transaction, id: Any, patch: Mapping[str, Any], *, remove: Iterable[str] = ()
+        self, tx: WriteTransaction, id: Any, patch: Mapping[str, Any], *, remove: Iterable[str] = ()
     ) -> Document:
         """Merge ``patch`` into the document (top-level fields), drop the ``remove`` fields, and move
         its items accordingly; return the new document. O(a log n). Writes nothing if the document
@@ -977,7 +977,7 @@ class Table:
             self._change(wtx, id, id_bytes, old, data)
         return decode_doc(data)
 
-    def replace(self, tx: Transaction, id: Any, doc: Mapping[str, Any]) -> Document:
+    def replace(self, tx: WriteTransaction, id: Any, doc: Mapping[str, Any]) -> Document:
         """Replace the whole document; return the old one. Raises ItemNotFoundError. O(a log n).
 
         Unlike :meth:`update`, fields missing from ``doc`` are gone afterwards.
@@ -1005,7 +1005,7 @@ class Table:
         return old
 
     def upsert(
-        self, tx: Transaction, id: Any, doc: Mapping[str, Any]
+        self, tx: WriteTransaction, id: Any, doc: Mapping[str, Any]
     ) -> Literal["inserted", "updated", "unchanged"]:
         """Insert the document or replace the stored one; writes nothing when it is identical.
 
@@ -1038,7 +1038,7 @@ class Table:
             return "inserted"
         return "updated"
 
-    def delete(self, tx: Transaction, id: Any) -> Document:
+    def delete(self, tx: WriteTransaction, id: Any) -> Document:
         """Delete a document and its items; return it. Raises ItemNotFoundError. O(a log n).
 
         >>> import tallytree
@@ -1064,7 +1064,7 @@ class Table:
         self._change(wtx, id, id_bytes, old, None)
         return old
 
-    def discard(self, tx: Transaction, id: Any) -> bool:
+    def discard(self, tx: WriteTransaction, id: Any) -> bool:
         """Delete the document if present; return whether it was. Writes nothing if absent.
 
         The idempotent form of :meth:`delete`, for replays. O(a log n) for a attached aggregates.
@@ -1090,7 +1090,7 @@ class Table:
 
     def insert_many(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         docs: Iterable[Mapping[str, Any] | tuple[Any, Mapping[str, Any]]],
         *,
         on_duplicate: Literal["error", "skip", "update"] = "error",
@@ -1204,7 +1204,7 @@ class Table:
 
     def delete_range(
         self,
-        tx: Transaction,
+        tx: WriteTransaction,
         aggregate: str | Aggregate,
         *,
         namespace: Any = None,

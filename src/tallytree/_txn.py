@@ -292,7 +292,9 @@ def _damaged_definition(name: str, problem: str) -> CorruptDatabaseError:
 class Transaction:
     """A consistent snapshot of the database; the base of read and write transactions.
 
-    Use it only as the ``tx`` argument of aggregate methods, inside its ``with`` block.
+    Use it only as the ``tx`` argument of aggregate methods, inside its ``with`` block. Reads take
+    any transaction and are annotated ``tx: Transaction``: annotate a helper of your own that only
+    reads the same way, and one that writes ``tx: WriteTransaction`` (see :class:`WriteTransaction`).
     """
 
     write = False
@@ -434,18 +436,54 @@ class Transaction:
         self._readers.clear()
 
     def abort(self) -> None:
-        """End the transaction, discarding any change."""
+        """End the transaction, discarding any change of a write transaction. O(1).
+
+        The ``with`` block ends it anyway (a write block by committing, unless it raised); inside
+        the block, abort() ends it early: later reads and writes in it raise TransactionError, and
+        the block's end does nothing. On a transaction already ended, abort() does nothing.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores")
+        >>> with db.write() as tx:
+        ...     scores.insert(tx, 1, "a")
+        ...     tx.abort()  # the insert is dropped, and the block's end commits nothing
+        >>> with db.read() as tx:
+        ...     scores.count(tx)
+        0
+        """
         if self._open:
             self._finish()
             self._kv.abort()
 
 
 class ReadTransaction(Transaction):
-    """A read-only snapshot. Any number may be open at once, in any threads and processes."""
+    """A read-only snapshot, what ``db.read()`` gives. Any number may be open at once, in any threads
+    and processes. Writes refuse it: a type checker, as they take a :class:`WriteTransaction`, and at
+    run time with TransactionError."""
 
 
 class WriteTransaction(Transaction):
-    """The one write transaction: reads see its own changes; all of them commit together or none."""
+    """The one write transaction, what ``db.write()`` gives: reads see its own changes; all of them
+    commit together or none.
+
+    Every write (the writes of :class:`~tallytree.Aggregate` and :class:`~tallytree.Table`,
+    ``ChangeHandler.apply``, :func:`tallytree.repair`) is annotated ``tx: WriteTransaction``, so
+    ``mypy --strict`` refuses one given the ``tx`` of ``with db.read() as tx:``, which raises
+    TransactionError at run time. Annotate your own write helpers the same way:
+
+    >>> import tallytree
+    >>> def record(tx: tallytree.WriteTransaction, events: tallytree.Aggregate, when: int) -> None:
+    ...     events.insert(tx, when, f"e{when}")
+    >>> db = tallytree.open_memory()
+    >>> events = db.aggregate("events")
+    >>> with db.write() as tx:
+    ...     record(tx, events, 1)
+    >>> with db.read() as tx:
+    ...     record(tx, events, 2)  # mypy: incompatible type "ReadTransaction"
+    Traceback (most recent call last):
+    tallytree.errors.TransactionError: events: writes need a write transaction; use `with db.write() as tx:`
+    """
 
     write = True
 
@@ -466,6 +504,13 @@ class WriteTransaction(Transaction):
     @property
     def shared(self) -> object:
         return None  # dirty nodes come first: every node through node()
+
+    def _finish(self) -> None:
+        super()._finish()
+        # The thread holds no write transaction any more, even before its with block ends (a commit
+        # or an abort in the block): a new db.write() may begin. (No other thread's flag can be set
+        # while this transaction holds the backend's write lock, so resetting it is always right.)
+        self._db._local.writing = False
 
     def node(self, node_id: int) -> Node:
         dirty = self._dirty.get(node_id)
@@ -682,13 +727,31 @@ class WriteTransaction(Transaction):
         )
 
     def commit(self) -> None:
-        """Write every change in one atomic batch and end the transaction.
+        """Write every change in one atomic batch and end the transaction. O(changed nodes).
+
+        ``with db.write() as tx:`` commits when its block ends: call this only to commit earlier. The
+        transaction has then ended (so has the thread's write lock: a new ``db.write()`` may begin);
+        a later read or write in ``tx`` raises TransactionError, and the block's end does nothing.
+        On a transaction already ended (committed, or aborted with :meth:`abort`), commit() does
+        nothing, as ``sqlite3``'s does with no transaction open.
 
         Merging queued inserts and encoding many dirty nodes is bulk work: the cyclic garbage
         collector is paused for it (see ``_gc``) when the transaction holds more than a few nodes.
         Raises TransactionError, writing nothing, if the database was closed meanwhile; whatever
         the commit raises, the transaction has ended, writing nothing.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> scores = db.aggregate("scores")
+        >>> with db.write() as tx:
+        ...     scores.insert(tx, 1, "a")
+        ...     tx.commit()  # committed now: the block's end does nothing more
+        ...     with db.read() as rtx:
+        ...         scores.count(rtx)
+        1
         """
+        if not self._open:  # ended in the with block itself: nothing left to do
+            return
         if self._db._closed:
             self.abort()
             raise self._db._closed_error(

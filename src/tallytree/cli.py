@@ -68,7 +68,7 @@ from ._sources import (
 from ._store import NODES, ROOTS
 from ._table import Table
 from ._tree import Tree
-from ._txn import Transaction, decode_root, node_key
+from ._txn import Transaction, WriteTransaction, decode_root, node_key
 from .errors import (
     AggregateNotFoundError,
     CorruptDatabaseError,
@@ -1392,7 +1392,7 @@ def _verify(args: argparse.Namespace) -> int:
                 finally:  # now, not when collected (an exception keeps it alive): it removes its sort runs
                     if isinstance(source, Generator):
                         source.close()
-                repaired = drift.repair(tx) if args.repair and drift.total else 0
+                repaired = drift.repair(tx) if isinstance(tx, WriteTransaction) and drift.total else 0
         finally:
             progress.close()
             reader.close()
@@ -1520,7 +1520,7 @@ class _Drift:
             example["values"] = dict(zip(fields, item[2], strict=True))
         self.examples[kind].append(example)
 
-    def repair(self, tx: Transaction) -> int:
+    def repair(self, tx: WriteTransaction) -> int:
         aggregate = self.aggregate
         changed = 0
         for encoded, entries in self.deletes.items():

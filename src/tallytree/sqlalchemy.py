@@ -144,6 +144,7 @@ from ._args import check_flag
 from ._extract import Definition, Extractor, OnMissing, Where
 from ._hooks import Change, ChangeHandler, Drift, repair, verify
 from ._keys import encode_id
+from ._txn import WriteTransaction
 from .errors import ArgumentTypeError, InvalidArgumentError, TransactionError
 
 if TYPE_CHECKING:
@@ -760,6 +761,8 @@ class Sync:
                 for name in handler.aggregates():
                     aggregate = self._db.aggregate(name)
                     definition = handler.definition(name)
-                    check = repair if fix else verify
-                    report[name] = check(tx, aggregate, rows, definition=definition)
+                    if isinstance(tx, WriteTransaction):
+                        report[name] = repair(tx, aggregate, rows, definition=definition)
+                    else:
+                        report[name] = verify(tx, aggregate, rows, definition=definition)
         return report
