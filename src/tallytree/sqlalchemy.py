@@ -6,41 +6,60 @@ Design
 ======
 :class:`Sync` registers mapped classes, each with a :class:`~tallytree.ChangeHandler` whose aggregates
 are defined by the usual extractors over the row's column values (a dict of column attribute name to
-value). The rows come from the unit of work, row by row, through the mapper events of each registered
-class; the session events decide when they reach tallytree:
+value, but the columns ``register(exclude=...)`` leaves out). The rows come from the unit of work, row
+by row, through the mapper events of each registered class's hierarchy; the session events decide
+when they reach tallytree:
 
-* ``before_flush`` (session) opens a record for the flush; the mapper events of sessions this Sync
-  does not listen to find none and do nothing;
-* ``before_update`` / ``before_delete`` (mapper, fired for every row the flush writes: orphans deleted
-  by ``delete-orphan``, cascaded deletes and rows updated through a relationship included) read the
-  OLD row from the database, by the primary key it has there, on the flush's own connection, in its
-  transaction, ``SELECT ... FOR UPDATE`` (PostgreSQL, MySQL, Oracle lock the row until the commit;
+* ``before_flush`` (session) opens a record for the flush (the mapper events of sessions this Sync
+  does not listen to find none and do nothing), and reads the OLD rows of the instances of
+  registered classes the flush will update or delete, before any statement of the flush runs: from
+  the database, by the primary key they have there, on the flush's own connection, in its
+  transaction, ``SELECT ... FOR UPDATE`` (PostgreSQL, MySQL, Oracle lock the rows until the commit;
   SQLite ignores the clause: its writers are serialized, though pysqlite's default handling runs a
   transaction's first statement, when it is this read, before its own ``BEGIN``; SQLAlchemy's recipe
-  that emits ``BEGIN`` itself closes that gap). Not the session's copy: another session may
-  have committed a change to the row since this one loaded it, and a mutable value edited in place
-  (a ``MutableDict`` JSON column) has no old value in the history. An update that sets no registered
-  column (only a collection changed) reads nothing;
+  that emits ``BEGIN`` itself closes that gap). One ``WHERE pk IN (...)`` statement per registered
+  class (at most 500 keys each) for a single-column primary key; one by one otherwise. Not the
+  session's copy: another session may have committed a change to the row since this one loaded it,
+  and a mutable value edited in place (a ``MutableDict`` JSON column) has no old value in the
+  history. Before any statement: a parent's new primary key that the database cascades (``ON UPDATE
+  CASCADE``) must not show in the children's old rows, so the loaded children of a parent whose
+  primary key changes are read too. An update that sets no registered column (only a collection
+  changed) reads nothing;
+* ``before_update`` / ``before_delete`` (mapper, fired for every row the flush writes: orphans deleted
+  by ``delete-orphan``, cascaded deletes and rows updated through a relationship included) take the
+  row read in ``before_flush``, or read it now when it was not known then (an orphan, an instance a
+  later ``before_flush`` listener changed);
 * ``after_insert`` / ``after_update`` / ``after_delete`` (mapper) note the row once its statement ran.
   The NEW row of an update is the old row with the columns the UPDATE set (those changed in the
   history, and those it sets itself: ``onupdate``, ``server_onupdate``, ``Computed``, the version
   counter) taken from the instance, so a stale loaded column is never written back into tallytree. An
-  insert's new row is the instance's; it costs no query. A pending instance taking the primary key of
-  one the flush deletes (SQLAlchemy's "row switch": one UPDATE, no delete events) removes the deleted
-  row's items, read from the database in ``before_insert``;
+  insert's new row is the instance's; it costs no query, but for server-generated values the flush
+  did not fetch (``server_default``, ``Computed``: one SELECT loads them, unless ``eager_defaults``);
+* a pending instance taking the primary key of one the flush deletes (SQLAlchemy's "row switch": one
+  UPDATE, no delete events) removes the deleted row's items in ``before_insert``; the two may be
+  instances of different classes of one hierarchy, registered or not (the listeners are those of
+  the hierarchy's base class). A switch away from a registered joined-inheritance subclass is
+  refused (InvalidArgumentError, nothing committed): SQLAlchemy would update only the new class's
+  tables and leave the subclass's row behind, which ``select(Subclass)`` cannot load. So is an
+  UPDATE of the polymorphic discriminator that turns the row into a class with other registered
+  aggregates (SQLAlchemy fires the events of the instance's class only): delete it and add the new
+  class's instance in one flush, a row switch, instead;
 * ``after_flush`` (session) turns the flush's rows into :class:`~tallytree.Change` objects, queued on
   the session with the SQL transaction they belong to: the removals first, then the updates, then the
   additions (a flush holds each old id and each new id once, and only a removal and an addition of the
   same id depend on their order); an update that changes the document id is a delete of the old id and
   an insert of the new one, since items are keyed by id. It also extracts every change's items now, so
   that a row the aggregates cannot take (an id, key or value of the wrong type, a function that fails)
-  fails the flush, which rolls the SQL transaction back, instead of failing after the SQL commit;
+  fails the flush, which rolls the SQL transaction back, instead of failing after the SQL commit. And
+  it refuses (InvalidArgumentError) a flush writing a registered table through a class of another
+  hierarchy (two classes mapped to one table): its rows are the registered class's rows, its events
+  are not;
 * ``after_soft_rollback`` (every rollback: of a SAVEPOINT, or of the whole transaction): the changes
   queued inside the rolled-back transaction (and the SAVEPOINTs in it) are dropped, so nothing reaches
   tallytree for a rolled-back transaction; a rolled-back SAVEPOINT drops only its own changes;
-* ``before_commit``: a commit inside ``with db.write()`` in the same thread, with changes to apply, is
-  refused (TransactionError) before anything is committed: the tallytree write that follows the SQL
-  commit could not open;
+* ``before_commit``: a commit with changes to apply inside ``with db.write()`` in the same thread, or
+  once the database is closed, is refused (TransactionError) before anything is committed: the
+  tallytree write that follows the SQL commit could not open;
 * ``after_commit``: SQLAlchemy fires it for a released SAVEPOINT too, and then nothing happens: the
   SAVEPOINT's changes stay queued with the enclosing transaction, and go with it if it rolls back. At
   the outermost commit (after the database committed) the queued changes are applied in one tallytree
@@ -54,14 +73,29 @@ class; the session events decide when they reach tallytree:
 Each :class:`Sync` keeps its own queue per session, so several can listen to the same sessions (each
 reads the old rows it needs). An instance of a subclass of a registered class (single-table or joined
 inheritance) is a row of the registered class, as ``select(Registered)`` returns it: its changes reach
-the aggregates of every registered class it is an instance of; the nearest registered class's mapper
-listener handles it, reading the columns of all of them in one SELECT.
+the aggregates of every registered class it is an instance of, the columns of all of them read in one
+SELECT.
 
-Cost: one SELECT by primary key per updated or deleted row whose registered columns change, on the
-flush's connection (an index lookup; on PostgreSQL a row lock the UPDATE takes anyway); none for an
-insert. Measured on SQLite (a file, 1,000 rows, median of 500 committed one-row updates after a
-warm-up), a committed update costs about 0.45 ms with the Sync, 0.1 ms more than without it, and the
-same as the design before this one, which read the history and loaded expired columns instead.
+Listeners: the session listeners go on the targets given to :meth:`Sync.listen`; the mapper listeners
+(one set per registered hierarchy) are installed while the Sync listens to any target, and hold it
+weakly. :meth:`Sync.remove` of the last target, or :meth:`Sync.close`, removes them all, and nothing
+SQLAlchemy holds keeps a Sync that listens to nothing alive.
+
+Columns a ``relationship(post_update=True)`` writes (its foreign key, and the ``onupdate`` /
+``server_onupdate`` / ``Computed`` / version columns of the table its extra UPDATE writes) cannot be
+followed: that UPDATE fires no mapper event, and before a DELETE it runs before the old row can be
+read. :meth:`Sync.register` refuses them (and the first flush does, for a relationship mapped after
+the register), naming them: leave them out with ``exclude=``. A value a database trigger writes is
+followed only if its column says so (``server_default=FetchedValue()`` /
+``server_onupdate=FetchedValue()``), as SQLAlchemy itself needs.
+
+Cost: the old rows of a flush's updated and deleted rows (those whose registered columns change) in
+one SELECT per registered class, on the flush's connection (an index lookup per row; on PostgreSQL
+row locks the UPDATE takes anyway); none for an insert. Measured on SQLite (a file, 1,000 rows,
+medians of 40 alternating rounds in one process, five runs on a shared 2-core machine), a flush
+updating 100 rows took 0.51 to 0.77 times as long as with one SELECT per row (e.g. 11.0 ms against
+16.5 ms, and 5.8 ms without a Sync; the whole commit 0.70 to 0.84 times); a one-row flush, read by
+its own event as before, is not slower (0.88 times, within the noise; 0.6 to 0.7 ms).
 Setting an expired attribute loads nothing.
 
 Types, checked before anything is committed: a document id is a str, int or bytes, so
@@ -81,9 +115,15 @@ tallytree; a failed tallytree write raises from ``session.commit()`` after the S
 exception noting that SQL committed and tallytree lags (close that session: SQLAlchemy refuses further
 SQL in it). Nothing is lost for good: :meth:`Sync.verify` compares every aggregate with a query over
 the table and reports the drift, and :meth:`Sync.repair` fixes it in one transaction; run it at
-startup, after a crash, or on a schedule (it reports zero drift when nothing went wrong). ORM bulk
-statements (``session.execute(update(Model)...)``, ``bulk_save_objects``), Core statements and writes
-by other programs bypass the ORM's flush events, so they are not seen either: repair after them too.
+startup, after a crash, or on a schedule (it reports zero drift when nothing went wrong).
+
+Not seen either, since no mapper event fires for them (verify reports their drift, repair fixes
+it): ORM bulk statements (``session.execute(insert(Model), [...])``,
+``session.execute(update(Model)...)``, also by primary key with a list of dicts, ``delete(Model)``),
+``bulk_save_objects``, ``bulk_insert_mappings``, ``bulk_update_mappings``, Core and ``text()``
+statements, rows the database changes itself (``ON DELETE CASCADE`` / ``SET NULL`` with
+``passive_deletes=True``, ``ON UPDATE CASCADE`` of children not loaded, triggers), sessions this Sync
+does not listen to, and other programs: repair after them.
 
 Verify and repair read the registered columns with a column select in the given session's transaction
 (``no_autoflush``): not through the identity map, whose instances may be stale, and without flushing or
@@ -129,14 +169,18 @@ Usage (tested in ``tests/test_sqlalchemy.py``)::
 
     with Session(engine) as session:          # after a crash, or on a schedule
         drift = sync.repair(session)          # {"invoices": Drift(...)}; drift["invoices"].ok
+
+    sync.close()                              # at shutdown: removes every listener it installed
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import importlib
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +188,6 @@ from ._args import check_flag
 from ._extract import Definition, Extractor, OnMissing, Where
 from ._hooks import Change, ChangeHandler, Drift, repair, verify
 from ._keys import encode_id
-from ._txn import WriteTransaction
 from .errors import ArgumentTypeError, InvalidArgumentError, TransactionError
 
 if TYPE_CHECKING:
@@ -159,6 +202,16 @@ _FLUSH = "tallytree.flush"
 _NAIVE_DIALECTS = frozenset({"sqlite", "mysql", "mariadb"})
 _KEY_TYPES = (int, float, str, bytes, datetime.datetime)  # bool is an int; tuples come from several columns
 _ID_TYPES = (int, str, bytes)
+_ABSENT: Any = object()  # no prefetched old row: read it
+_CHUNK = 500  # primary keys per batched old-row SELECT (SQLite allows 999 parameters before 3.32)
+_MAPPER_EVENTS = (
+    "before_insert",
+    "after_insert",
+    "before_update",
+    "after_update",
+    "before_delete",
+    "after_delete",
+)
 
 Row = dict[str, Any]
 
@@ -185,6 +238,15 @@ def _python_type(column: Any) -> type | None:
     return python_type if isinstance(python_type, type) else None
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _describe(identity: Sequence[Any]) -> str:
+    """A primary key for a message: ``7``, or ``(7, 'a')`` for a composite one."""
+    return repr(identity[0]) if len(identity) == 1 else repr(tuple(identity))
+
+
 def _snapshot(value: Any) -> Any:
     """A copy of a mutable value (a JSON dict or list), so that later in-place edits of the instance's
     value do not rewrite a change queued for the commit."""
@@ -196,31 +258,63 @@ class _Registration:
 
     __slots__ = (
         "aware_keys",
+        "column_objects",
         "columns",
+        "excluded",
         "floats",
         "handler",
         "id",
         "id_as_str",
+        "mapper",
         "model",
+        "primary_key_index",
         "python_types",
         "select",
+        "select_many",
         "server_changed",
+        "updated_by",
+        "written_by",
     )
 
-    def __init__(self, db: Database, model: type, id: str | Callable[[dict[str, Any]], Any] | None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        model: type,
+        id: str | Callable[[dict[str, Any]], Any] | None,
+        exclude: Sequence[str] = (),
+    ) -> None:
         sqlalchemy = _sqlalchemy()
         mapper = sqlalchemy.inspect(model)
         self.model = model
-        self.columns: list[str] = [attribute.key for attribute in mapper.column_attrs]
-        self.python_types = {
-            attribute.key: _python_type(attribute.columns[0]) for attribute in mapper.column_attrs
-        }
+        self.mapper = mapper
+        if isinstance(exclude, str) or not all(isinstance(key, str) for key in exclude):
+            raise ArgumentTypeError(
+                f"exclude= takes a tuple of column attribute names, not {exclude!r}; e.g. exclude=('notes',)"
+            )
+        every = [attribute.key for attribute in mapper.column_attrs]
+        primary_key = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+        for key in exclude:
+            if key not in every:
+                raise InvalidArgumentError(
+                    f"exclude=: {model.__name__} has no column attribute {key!r} (columns: {every})"
+                )
+            if key in primary_key or key == id:
+                raise InvalidArgumentError(
+                    f"exclude=: {model.__name__}.{key} is the primary key or the id; the old rows are read "
+                    "by primary key and items are keyed by id: keep it"
+                )
+        self.excluded = frozenset(exclude)
+        attributes = [attribute for attribute in mapper.column_attrs if attribute.key not in self.excluded]
+        self.columns: list[str] = [attribute.key for attribute in attributes]
+        # The table columns the documents come from: a write of one of them is a write of the documents.
+        self.column_objects = frozenset(column for attribute in attributes for column in attribute.columns)
+        self.python_types = {attribute.key: _python_type(attribute.columns[0]) for attribute in attributes}
         # Columns the UPDATE itself may change (onupdate=, server_onupdate=, Computed, a version
         # counter): after an UPDATE their new values are the instance's (fetched or expired), not the
         # old row's.
         self.server_changed = frozenset(
             attribute.key
-            for attribute in mapper.column_attrs
+            for attribute in attributes
             if any(
                 column.onupdate is not None
                 or column.server_onupdate is not None
@@ -228,17 +322,29 @@ class _Registration:
                 for column in attribute.columns
             )
         )
+        # The attributes whose change makes the flush write a registered column (the column's own, and
+        # a many-to-one relationship's, whose foreign key the flush sets), or the row at all.
+        many_to_one = [
+            relationship
+            for relationship in mapper.relationships
+            if relationship.direction.name == "MANYTOONE"
+        ]
+        self.written_by = frozenset(self.columns) | {
+            relationship.key
+            for relationship in many_to_one
+            if any(column in self.column_objects for column in relationship.local_columns)
+        }
+        self.updated_by = frozenset(every) | {relationship.key for relationship in many_to_one}
         # A Float column given an int loads back as a float, and 5 and 5.0 are distinct keys.
         self.floats = frozenset(key for key, kind in self.python_types.items() if kind is float)
         self.aware_keys: list[tuple[str, str]] = []  # (aggregate, column): DateTime(timezone=True) keys
         if id is None:
-            keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
-            if len(keys) != 1:
+            if len(primary_key) != 1:
                 raise InvalidArgumentError(
-                    f"{model.__name__} has a composite primary key {keys}; pass id= (a column name or a "
-                    "function of the row giving a str, int or bytes)"
+                    f"{model.__name__} has a composite primary key {primary_key}; pass id= (a column name "
+                    "or a function of the row giving a str, int or bytes)"
                 )
-            id = keys[0]
+            id = primary_key[0]
         self.id_as_str = False
         if isinstance(id, str):
             if id not in self.python_types:
@@ -262,14 +368,22 @@ class _Registration:
         # The old row of an update or delete, read in the flush's transaction (FOR UPDATE where the
         # dialect locks rows): the registered columns, by primary key. An ORM-enabled select of a
         # subclass's columns joins its tables (joined inheritance) or adds its discriminator.
-        primary_key = [
+        where = [
             column == sqlalchemy.bindparam(f"pk{index}") for index, column in enumerate(mapper.primary_key)
         ]
-        self.select = (
-            sqlalchemy.select(*[getattr(model, key) for key in self.columns])
-            .where(*primary_key)
-            .with_for_update()
-        )
+        columns = [getattr(model, key) for key in self.columns]
+        self.select = sqlalchemy.select(*columns).where(*where).with_for_update()
+        # The old rows of several updates or deletes of one flush in one statement (a single-column
+        # primary key; chunked): WHERE pk IN (...), FOR UPDATE too.
+        self.primary_key_index: int | None = None
+        self.select_many = None
+        if len(primary_key) == 1:
+            self.primary_key_index = self.columns.index(primary_key[0])
+            self.select_many = (
+                sqlalchemy.select(*columns)
+                .where(mapper.primary_key[0].in_(sqlalchemy.bindparam("pks", expanding=True)))
+                .with_for_update()
+            )
         self.handler = _ModelHandler(db, self)
 
     def row_id(self, row: Row) -> Any:
@@ -285,6 +399,61 @@ class _Registration:
             self.select, {f"pk{i}": value for i, value in enumerate(identity)}
         ).first()
         return None if values is None else dict(zip(self.columns, values, strict=True))
+
+    def read_many(self, connection: Any, identities: Sequence[Sequence[Any]]) -> dict[Any, Row]:
+        """The rows of these (single-column) primary keys the database holds now, by primary key value,
+        in ``connection``'s transaction, FOR UPDATE; a key the result lacks is gone, or compares
+        differently in Python and SQL (a case-insensitive collation): read it alone."""
+        assert self.select_many is not None and self.primary_key_index is not None
+        rows: dict[Any, Row] = {}
+        keys = [identity[0] for identity in identities]
+        for start in range(0, len(keys), _CHUNK):
+            for values in connection.execute(self.select_many, {"pks": keys[start : start + _CHUNK]}):
+                rows[values[self.primary_key_index]] = dict(zip(self.columns, values, strict=True))
+        return rows
+
+    def post_updated(self) -> dict[str, str]:
+        """The registered columns that a relationship with ``post_update=True`` (of any class mapped in
+        this class's registry) may write in its extra UPDATE, each with that relationship's name.
+
+        That UPDATE fires no mapper event, sets the foreign key and whatever the UPDATE itself sets
+        (``onupdate=``, ``server_onupdate=``, ``Computed``, the version counter) of the table it writes,
+        and before a DELETE it runs before the old row can be read: no value it writes can be followed."""
+        tables = set(self.mapper.tables)
+        found: dict[str, str] = {}
+        for other in self.mapper.registry.mappers:
+            for relationship in other.relationships:
+                if not relationship.post_update:
+                    continue
+                for _, written in relationship.synchronize_pairs:  # (source, the foreign key written)
+                    if written.table not in tables:
+                        continue
+                    changed = [written] + [
+                        column
+                        for column in written.table.columns
+                        if column.onupdate is not None
+                        or column.server_onupdate is not None
+                        or column is self.mapper.version_id_col
+                    ]
+                    for column in changed:
+                        if column in self.column_objects:
+                            key = self.mapper.get_property_by_column(column).key
+                            found.setdefault(key, f"{other.class_.__name__}.{relationship.key}")
+        return found
+
+    def refuse_post_updates(self) -> None:
+        """Raise InvalidArgumentError when a registered column may be written by a post_update."""
+        found = self.post_updated()
+        if found:
+            relationships = sorted(set(found.values()))
+            raise InvalidArgumentError(
+                f"{self.model.__name__}: the column(s) {sorted(found)} may be written by the extra UPDATE "
+                f"of the relationship(s) {relationships} (post_update=True), which fires no mapper event "
+                "(and, before a DELETE, runs before the old row can be read): the aggregates would "
+                "drift; leave them out of the documents with "
+                f"register({self.model.__name__}, exclude={tuple(sorted(found))!r}), or drop "
+                "post_update=True"
+            )
 
     def instance_value(self, instance: Any, key: str) -> Any:
         value = getattr(instance, key)
@@ -311,6 +480,11 @@ class _Registration:
             for column in spec if isinstance(spec, tuple) else (spec,):
                 if not isinstance(column, str):
                     continue
+                if column in self.excluded:
+                    raise InvalidArgumentError(
+                        f"{name}: {model}.{column} (the {role} {spec!r}) was left out of the documents "
+                        "(register(exclude=...))"
+                    )
                 if column not in self.python_types:
                     raise InvalidArgumentError(
                         f"{name}: {model} has no column attribute {column!r} (the {role} {spec!r}); "
@@ -396,7 +570,7 @@ class _ModelHandler(ChangeHandler):
 class _Flush:
     """What one flush wrote, gathered by the mapper events, turned into changes by ``after_flush``."""
 
-    __slots__ = ("additions", "old", "removals", "switched", "updates")
+    __slots__ = ("additions", "old", "prefetched", "removals", "switched", "updates")
 
     def __init__(self) -> None:
         # state -> (old row or None when gone, the registered columns the UPDATE sets)
@@ -405,10 +579,29 @@ class _Flush:
         self.updates: list[tuple[tuple[_Registration, ...], Any, Row, frozenset[str]]] = []
         self.additions: list[tuple[tuple[_Registration, ...], Any]] = []
         self.switched: set[Any] = set()  # the new instances of row switches (see _before_insert)
+        # state -> old row (None when gone), read in before_flush (see Sync._prefetch) and taken by the
+        # state's own before_update / before_delete (or by the row switch that replaces it).
+        self.prefetched: dict[Any, Row | None] = {}
+
+
+def _mapper_hook(sync: weakref.ref[Sync], name: str) -> Callable[[Any, Any, Any], None]:
+    """A mapper event listener that holds its Sync weakly: the mapper registry, which keeps listeners
+    for good, must not keep a Sync (and its database) alive; a Sync that is gone does nothing."""
+
+    def hook(mapper: Any, connection: Any, target: Any) -> None:
+        live = sync()
+        if live is not None:
+            live._on_row(name, connection, target)
+
+    return hook
 
 
 class Sync:
-    """Applies the changes of registered mapped classes to tallytree after each SQL commit."""
+    """Applies the changes of registered mapped classes to tallytree after each SQL commit.
+
+    Listens to the sessions given to :meth:`listen`, and to the mapper events of the registered
+    classes while it listens to any; :meth:`close` (or the end of a ``with Sync(db) as sync:`` block)
+    removes every listener it installed."""
 
     def __init__(self, db: Database, *, idempotent: bool = True) -> None:
         check_flag(idempotent, "idempotent")
@@ -418,52 +611,163 @@ class Sync:
         # The registrations an instance of a class reaches: every registered class in its MRO, nearest
         # first; cached per class, cleared by register.
         self._matches: dict[type, tuple[_Registration, ...]] = {}
+        # The session targets listened to: weak references where the target allows one (a session
+        # that is gone took its listeners with it).
+        self._targets: list[Callable[[], Any]] = []
+        # The mapper listeners installed, per base class of each registered class's hierarchy: one set
+        # per hierarchy sees every row written through any of its classes (see _on_row).
+        self._hooks: dict[type, list[tuple[str, Callable[..., None]]]] = {}
+        # Mapped classes outside the registered hierarchies that map a registered table (their writes
+        # are refused in the flush), by base mapper; computed at the first flush after a change.
+        self._foreign: dict[Any, list[tuple[_Registration, frozenset[Any]]]] = {}
+        self._discriminators: dict[Any, str | None] = {}
+        self._checked = False
+        self._closed = False
+
+    def __enter__(self) -> Sync:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def register(
-        self, model: type, *, id: str | Callable[[dict[str, Any]], Any] | None = None
+        self,
+        model: type,
+        *,
+        id: str | Callable[[dict[str, Any]], Any] | None = None,
+        exclude: Sequence[str] = (),
     ) -> ChangeHandler:
         """Register a mapped class; return its ChangeHandler, on which to define the aggregates.
 
-        Documents are dicts of the class's column attributes. ``id`` names the column (or function of
-        the row) giving the document id; by default the single primary key column. A ``Uuid`` id
-        column gives its canonical ``str`` (in every change, and in verify and repair). Instances of
-        the class's mapped subclasses are its rows too (``select(model)`` returns them). Listens to
-        the class's mapper events for good (they do nothing for sessions this Sync does not listen
-        to). The handler's ``aggregate()`` refuses columns whose loaded type the aggregate cannot take
-        (see the module docstring). O(columns).
+        Documents are dicts of the class's column attributes, but those named in ``exclude``. ``id``
+        names the column (or function of the row) giving the document id; by default the single
+        primary key column. A ``Uuid`` id column gives its canonical ``str`` (in every change, and in
+        verify and repair). Instances of the class's mapped subclasses are its rows too
+        (``select(model)`` returns them). While the Sync listens to sessions, it listens to the mapper
+        events of the class's hierarchy (they do nothing for sessions it does not listen to). The
+        handler's ``aggregate()`` refuses columns whose loaded type the aggregate cannot take (see the
+        module docstring). O(columns + relationships of the mapped classes).
 
-        Raises InvalidArgumentError for a composite primary key without ``id`` or an ``id`` naming no
-        column attribute, ArgumentTypeError for an id column that loads as neither str, int, bytes
-        nor uuid (pass ``id=`` a function).
+        Raises InvalidArgumentError for a composite primary key without ``id``, an ``id`` or
+        ``exclude`` name that is no column attribute, an excluded primary key or id, a column that a
+        ``post_update=True`` relationship may write (its extra UPDATE fires no event: exclude it, as the
+        message says), and a class mapped to a table that a registered class of another hierarchy
+        maps too (each would see only the writes through its own class); ArgumentTypeError for an id
+        column that loads as neither str, int, bytes nor uuid (pass ``id=`` a function);
+        TransactionError after :meth:`close`.
+
+        Example::
+
+            handler = sync.register(Invoice, exclude=("notes",))
+            handler.aggregate("by_status", key="status", values=("total",))
         """
+        self._refuse_closed("register")
         if model in self._registrations:
             return self._registrations[model].handler
-        registration = _Registration(self._db, model, id)
-        event = _sqlalchemy().event
-        for name, method in (
-            ("before_insert", self._before_insert),
-            ("after_insert", self._after_insert),
-            ("before_update", self._before_update),
-            ("after_update", self._after_update),
-            ("before_delete", self._before_delete),
-            ("after_delete", self._after_delete),
-        ):
-            event.listen(model, name, self._mapper_listener(registration, method), propagate=True)
+        registration = _Registration(self._db, model, id, exclude)
+        registration.refuse_post_updates()
+        for other in self._registrations.values():
+            shared = set(registration.mapper.tables) & set(other.mapper.tables)
+            if shared and other.mapper.base_mapper is not registration.mapper.base_mapper:
+                raise InvalidArgumentError(
+                    f"{model.__name__} and the registered {other.model.__name__} both map the table(s) "
+                    f"{sorted(table.name for table in shared)} without one inheriting from the other: "
+                    "each would count every row of the table and see only the writes through its own "
+                    "class; register one of them and write the table only through it"
+                )
         self._registrations[model] = registration
         self._matches.clear()
+        self._checked = False
+        if self._live_targets():
+            self._install()
         return registration.handler
 
     def listen(self, target: Any) -> None:
-        """Listen to a Session class, a sessionmaker or one session (any target of session events)."""
+        """Listen to a Session class, a sessionmaker, a scoped_session or one session (any target of
+        session events); again for a target already listened to does nothing. Holds ``target`` weakly:
+        a session that is gone stops being listened to. O(registered classes).
+
+        Raises TransactionError after :meth:`close`."""
+        self._refuse_closed("listen")
+        if any(live is target for live in self._live_targets()):
+            return
         event = _sqlalchemy().event
         for name, function in self._listeners():
             event.listen(target, name, function)
+        try:
+            reference: Callable[[], Any] = weakref.ref(target)
+        except TypeError:  # not weakly referenceable: held until remove or close
+            reference = functools.partial(_identity, target)
+        self._targets.append(reference)
+        self._checked = False
+        self._install()
 
     def remove(self, target: Any) -> None:
-        """Stop listening to ``target``."""
+        """Stop listening to ``target`` (nothing happens for a target it does not listen to). Once it
+        listens to no target, its mapper listeners are removed too. Like SQLAlchemy's
+        ``event.remove``, call it while no session it listens to is flushing. O(registered classes)."""
         event = _sqlalchemy().event
-        for name, function in self._listeners():
-            event.remove(target, name, function)
+        for reference in self._targets:
+            if reference() is target:
+                for name, function in self._listeners():
+                    event.remove(target, name, function)
+                self._targets.remove(reference)
+                break
+        if not self._live_targets():
+            self._uninstall()
+
+    def close(self) -> None:
+        """Remove every listener this Sync installed (on its session targets and on the mapper events
+        of the registered classes); then :meth:`listen` and :meth:`register` raise TransactionError,
+        while :meth:`verify` and :meth:`repair` still work. Changes a session flushed and commits
+        after this are not applied: close when no session it listens to is in a transaction (at
+        shutdown), or repair after. Idempotent. O(targets + registered classes).
+
+        Example::
+
+            with Sync(db) as sync:   # or sync.close() when done
+                sync.register(Invoice).aggregate("by_status", key="status")
+                sync.listen(Session)
+                ...
+        """
+        for reference in list(self._targets):
+            target = reference()
+            if target is not None:
+                self.remove(target)
+        self._targets.clear()
+        self._uninstall()
+        self._closed = True
+
+    def _refuse_closed(self, method: str) -> None:
+        if self._closed:
+            raise TransactionError(f"Sync.{method}: this Sync is closed; create a new Sync")
+
+    def _live_targets(self) -> list[Any]:
+        live = [reference() for reference in self._targets]
+        self._targets = [
+            reference for reference, target in zip(self._targets, live, strict=True) if target is not None
+        ]
+        return [target for target in live if target is not None]
+
+    def _install(self) -> None:
+        """Install the mapper listeners of every registered hierarchy that has none yet."""
+        event = _sqlalchemy().event
+        reference = weakref.ref(self)
+        for registration in self._registrations.values():
+            base = registration.mapper.base_mapper.class_
+            if base in self._hooks:
+                continue
+            hooks = [(name, _mapper_hook(reference, name)) for name in _MAPPER_EVENTS]
+            for name, hook in hooks:
+                event.listen(base, name, hook, propagate=True)
+            self._hooks[base] = hooks
+
+    def _uninstall(self) -> None:
+        event = _sqlalchemy().event
+        for base, hooks in self._hooks.items():
+            for name, hook in hooks:
+                event.remove(base, name, hook)
+        self._hooks.clear()
 
     def _listeners(self) -> list[tuple[str, Callable[..., None]]]:
         return [
@@ -492,36 +796,29 @@ class Sync:
         queue: list[tuple[Any, ChangeHandler, Change]] = session.info.setdefault(self._queue_key(), [])
         return queue
 
-    def _mapper_listener(
-        self, registration: _Registration, method: Callable[[tuple[_Registration, ...], Any, Any, Any], None]
-    ) -> Callable[[Any, Any, Any], None]:
-        """A mapper event listener of ``registration``'s class (and, propagated, its subclasses).
+    def _on_row(self, name: str, connection: Any, target: Any) -> None:
+        """A mapper event of a row of a registered hierarchy (any class in it, registered or not).
 
-        Each registered class in an instance's MRO has one, and only the nearest acts: it handles the
-        instance for every registered class it is an instance of. It acts only in the flush of a session
-        this Sync listens to (whose ``before_flush`` left a :class:`_Flush` in ``session.info``)."""
-
-        def listener(mapper: Any, connection: Any, target: Any) -> None:
-            matches = self._matching(type(target))
-            if matches[0] is not registration:
-                return
-            state = _sqlalchemy().inspect(target)
-            session = state.session
-            flush = session.info.get((_FLUSH, self)) if session is not None else None
-            if flush is None:
-                return
-            for each in matches:
-                if each.aware_keys and connection.dialect.name in _NAIVE_DIALECTS:
-                    aggregate, column = each.aware_keys[0]
-                    raise ArgumentTypeError(
-                        f"{aggregate}: {each.model.__name__}.{column} is DateTime(timezone=True), which "
-                        f"{connection.dialect.name} stores without its offset: rows load back naive, "
-                        "which are not keys; store UTC through a TypeDecorator that returns aware "
-                        "datetimes, or key on a function of the row (nothing was committed)"
-                    )
-            method(matches, flush, connection, state)
-
-        return listener
+        It acts only in the flush of a session this Sync listens to (whose ``before_flush`` left a
+        :class:`_Flush` in ``session.info``), for the registered classes the instance is an instance
+        of (none for an unregistered class of the hierarchy: only a row switch or a discriminator
+        change can concern them)."""
+        state = _sqlalchemy().inspect(target)
+        session = state.session
+        flush = session.info.get((_FLUSH, self)) if session is not None else None
+        if flush is None:
+            return
+        matches = self._matching(type(target))
+        for each in matches:
+            if each.aware_keys and connection.dialect.name in _NAIVE_DIALECTS:
+                aggregate, column = each.aware_keys[0]
+                raise ArgumentTypeError(
+                    f"{aggregate}: {each.model.__name__}.{column} is DateTime(timezone=True), which "
+                    f"{connection.dialect.name} stores without its offset: rows load back naive, "
+                    "which are not keys; store UTC through a TypeDecorator that returns aware "
+                    "datetimes, or key on a function of the row (nothing was committed)"
+                )
+        getattr(self, f"_{name}")(matches, flush, connection, state)
 
     def _before_insert(
         self, matches: tuple[_Registration, ...], flush: _Flush, connection: Any, state: Any
@@ -529,7 +826,8 @@ class Sync:
         # A pending instance whose primary key is that of an instance this flush deletes: SQLAlchemy
         # turns the pair into one UPDATE (a "row switch"), fires before_insert then after_update for
         # the new instance, and no delete events for the old one, whose row the database still holds
-        # now: read it to remove its items. An insert of a new key costs a dictionary lookup, no query.
+        # now: read it to remove its items. The two may be of different classes of one hierarchy, of
+        # which either may be unregistered. An insert of a new key costs a dictionary lookup, no query.
         key = state.mapper.identity_key_from_instance(state.obj())
         if None in key[1]:
             return
@@ -538,19 +836,37 @@ class Sync:
             return
         flush.switched.add(state)
         existing_matches = self._matching(type(existing))
-        if existing_matches:
-            old = existing_matches[0].read(connection, key[1])
-            if old is not None:
-                flush.removals.append((existing_matches, old))
+        if not existing_matches:
+            return
+        new_tables = set(state.mapper.tables)
+        for registration in existing_matches:
+            left = [table.name for table in registration.mapper.tables if table not in new_tables]
+            if left:
+                old_name, new_name = type(existing).__name__, type(state.obj()).__name__
+                name = registration.model.__name__
+                raise InvalidArgumentError(
+                    f"{old_name} {_describe(key[1])} deleted and a new {new_name} with the same primary "
+                    "key added in one flush: SQLAlchemy turns the pair into an UPDATE of the new "
+                    f"class's tables and leaves the row of {left} behind (select({name}) could not "
+                    f"load it, and the aggregates of {name} would drift); flush the delete before "
+                    "adding the new instance (nothing was committed)"
+                )
+        old = self._old_row(flush, existing_matches[0], connection, _sqlalchemy().inspect(existing))
+        if old is not None:
+            flush.removals.append((existing_matches, old))
 
     def _after_insert(
         self, matches: tuple[_Registration, ...], flush: _Flush, connection: Any, state: Any
     ) -> None:
-        flush.additions.append((matches, state))
+        if matches:
+            flush.additions.append((matches, state))
 
     def _before_update(
         self, matches: tuple[_Registration, ...], flush: _Flush, connection: Any, state: Any
     ) -> None:
+        self._refuse_class_change(matches, state)
+        if not matches:
+            return
         # before_update fires for every dirty instance, also those whose UPDATE sets no column (a
         # collection changed): read the old row only when a registered column changes.
         nearest = matches[0]
@@ -560,12 +876,15 @@ class Sync:
             nearest.server_changed
             and any(attributes[prop.key].history.has_changes() for prop in state.mapper.column_attrs)
         ):
+            flush.prefetched.pop(state, None)
             return
-        flush.old[state] = (nearest.read(connection, state.identity), written)
+        flush.old[state] = (self._old_row(flush, nearest, connection, state), written)
 
     def _after_update(
         self, matches: tuple[_Registration, ...], flush: _Flush, connection: Any, state: Any
     ) -> None:
+        if not matches:
+            return
         if state in flush.switched:  # the new instance of a row switch: its whole row is new
             flush.additions.append((matches, state))
             return
@@ -576,23 +895,192 @@ class Sync:
     def _before_delete(
         self, matches: tuple[_Registration, ...], flush: _Flush, connection: Any, state: Any
     ) -> None:
-        flush.old[state] = (matches[0].read(connection, state.identity), frozenset())
+        if matches:
+            flush.old[state] = (
+                self._old_row(flush, matches[0], connection, state),
+                frozenset(),
+            )
 
     def _after_delete(
         self, matches: tuple[_Registration, ...], flush: _Flush, connection: Any, state: Any
     ) -> None:
-        old, _ = flush.old.pop(state, (None, frozenset()))
+        old, _ = flush.old.pop(state, (None, frozenset())) if matches else (None, frozenset())
         if old is not None:  # None: deleted by someone else already; its items were drift for repair
             flush.removals.append((matches, old))
 
+    def _old_row(self, flush: _Flush, registration: _Registration, connection: Any, state: Any) -> Row | None:
+        """The old row of ``state``: read in ``before_flush``, or now when it was not known then."""
+        row = flush.prefetched.pop(state, _ABSENT)
+        return registration.read(connection, state.identity) if row is _ABSENT else row
+
+    def _prefetch(self, session: Any, flush: _Flush) -> None:
+        """Read the old rows of the instances of registered classes that the flush will update (whose
+        registered columns, or many-to-one relationships setting them, changed) or delete, before
+        any statement of the flush runs: in one ``WHERE pk IN (...)`` statement per registered class
+        (chunked; FOR UPDATE too) for a single-column primary key, else one by one. A single row
+        (when no primary key changes) is left to its own event, which reads the same row.
+
+        Before any statement, not in each row's before_update: an UPDATE of a parent's primary key
+        that the database cascades (``ON UPDATE CASCADE``) would otherwise show the child's new
+        foreign key as its old value, which is not what tallytree holds. So the loaded children of a
+        parent whose primary key changes, which SQLAlchemy updates with it, are read here too. An
+        instance this leaves out (an orphan of ``delete-orphan``, one a later ``before_flush``
+        listener changes) is read by its own event, as is every instance under a session with
+        ``connection_callable`` (sharding). O(dirty + deleted instances), and O(identity map) when
+        a primary key changes."""
+        if getattr(session, "connection_callable", None) is not None:
+            return
+        inspect = _sqlalchemy().inspect
+        groups: dict[_Registration, dict[Any, None]] = {}  # ordered sets of states
+        moved: dict[Any, set[Any]] = {}  # primary key column -> old values, of rows whose key changes
+        for deleting, instances in ((False, session.dirty), (True, session.deleted)):
+            for instance in instances:
+                state = inspect(instance)
+                if state.key is None:
+                    continue
+                changed = state.committed_state.keys()  # the attributes that may have changed
+                if not deleting and changed:
+                    mapper = state.mapper
+                    for index, column in enumerate(mapper.primary_key):
+                        if mapper.get_property_by_column(column).key in changed:
+                            moved.setdefault(column, set()).add(state.identity[index])
+                matches = self._matching(type(instance))
+                if not matches:
+                    continue
+                nearest = matches[0]
+                if (
+                    deleting
+                    or any(key in nearest.written_by for key in changed)
+                    or (nearest.server_changed and any(key in nearest.updated_by for key in changed))
+                ):
+                    groups.setdefault(nearest, {})[state] = None
+        if moved:
+            self._children_of_moved_keys(session, moved, groups)
+        for registration, members in groups.items():
+            states = list(members)
+            if len(states) == 1 and not moved:  # read by its own event: the same row, one statement
+                continue
+            connection = session.connection(bind_arguments={"mapper": registration.mapper.base_mapper})
+            rows: dict[Any, Row] = {}
+            if len(states) > 1 and registration.select_many is not None:
+                rows = registration.read_many(connection, [state.identity for state in states])
+            for state in states:
+                row = rows.get(state.identity[0]) if rows else None
+                # A key the batch lacks is gone, or compares differently in SQL (a collation): alone.
+                flush.prefetched[state] = (
+                    row if row is not None else registration.read(connection, state.identity)
+                )
+
+    def _children_of_moved_keys(
+        self, session: Any, moved: dict[Any, set[Any]], groups: dict[_Registration, dict[Any, None]]
+    ) -> None:
+        """Add to ``groups`` the loaded instances of registered classes whose foreign key holds an old
+        primary key of ``moved``: SQLAlchemy updates them with their parent's new key (and the
+        database may cascade it first)."""
+        for state in session.identity_map.all_states():
+            matches = self._matching(state.class_)
+            if not matches or state.key is None:
+                continue
+            nearest = matches[0]
+            for key in nearest.columns:
+                value = state.dict.get(key)
+                if value is None:
+                    continue
+                column = nearest.mapper.column_attrs[key].columns[0]
+                if any(value in moved.get(foreign.column, ()) for foreign in column.foreign_keys):
+                    groups.setdefault(nearest, {})[state] = None
+                    break
+
+    def _refuse_class_change(self, matches: tuple[_Registration, ...], state: Any) -> None:
+        """Refuse an UPDATE of the polymorphic discriminator that moves the row into or out of a
+        registered class: SQLAlchemy fires the events of the instance's class, not of the class the
+        row becomes (and with joined inheritance leaves or lacks that class's table row)."""
+        mapper = state.mapper
+        if mapper.polymorphic_on is None:
+            return
+        key = self._discriminators.get(mapper, "")
+        if key == "":
+            try:
+                key = mapper.get_property_by_column(mapper.polymorphic_on).key
+            except Exception:  # a SQL expression, not a column attribute: nothing to check
+                key = None
+            self._discriminators[mapper] = key
+        if key is None or not state.attrs[key].history.has_changes():
+            return
+        value = state.dict.get(key)
+        target = mapper.polymorphic_map.get(value)
+        if target is None or self._matching(target.class_) == matches:
+            return
+        new_name = target.class_.__name__
+        raise InvalidArgumentError(
+            f"{mapper.class_.__name__} {_describe(state.identity)}: setting {key} to {value!r} makes "
+            f"the row a {new_name}, whose registered aggregates differ, and SQLAlchemy fires no event "
+            f"for that move; delete the instance and add a new {new_name} with the same primary key "
+            "in the same flush instead (nothing was committed)"
+        )
+
     def _before_flush(self, session: Any, flush_context: Any, instances: Any) -> None:
+        if not self._checked:
+            self._check_configuration()
         # A new record per flush: a failed flush's leftovers are dropped here (or at the rollback).
-        session.info[(_FLUSH, self)] = _Flush()
+        flush = session.info[(_FLUSH, self)] = _Flush()
+        self._prefetch(session, flush)
+
+    def _check_configuration(self) -> None:
+        """At the first flush after a register or listen (every mapper is configured by then, also
+        those defined after register): refuse post_update relationships on registered columns, and
+        find the classes outside the registered hierarchies that map a registered table."""
+        foreign: dict[Any, list[tuple[_Registration, frozenset[Any]]]] = {}
+        for registration in self._registrations.values():
+            registration.refuse_post_updates()
+            tables = frozenset(registration.mapper.tables)
+            for other in registration.mapper.registry.mappers:
+                shared = tables & set(other.tables)
+                if shared and other.base_mapper is not registration.mapper.base_mapper:
+                    entries = foreign.setdefault(other.base_mapper, [])
+                    if (registration, shared) not in entries:
+                        entries.append((registration, frozenset(shared)))
+        self._foreign = foreign
+        self._checked = True
+
+    def _refuse_foreign_writes(self, session: Any) -> None:
+        """Refuse (fail the flush) a write of a registered table through a class of another hierarchy:
+        its rows are the registered class's rows (``select(Registered)`` reads them), and its mapper
+        events are not the registered class's."""
+        inspect = _sqlalchemy().inspect
+        for kind, instances in (
+            ("insert", session.new),
+            ("update", session.dirty),
+            ("delete", session.deleted),
+        ):
+            for instance in instances:
+                state = inspect(instance)
+                for registration, tables in self._foreign.get(state.mapper.base_mapper, ()):
+                    if not tables & set(state.mapper.tables):
+                        continue
+                    if kind == "update" and not any(
+                        attribute.history.has_changes()
+                        for attribute in state.attrs
+                        if attribute.key in state.mapper.column_attrs
+                        and registration.column_objects
+                        & set(state.mapper.column_attrs[attribute.key].columns)
+                    ):
+                        continue
+                    raise InvalidArgumentError(
+                        f"a flush would {kind} a row of {sorted(table.name for table in tables)} through "
+                        f"{type(instance).__name__}, which is not (a subclass of) the registered "
+                        f"{registration.model.__name__}: the aggregates of {registration.model.__name__} "
+                        f"count every row of that table and see only writes through "
+                        f"{registration.model.__name__} and its subclasses; write through "
+                        f"{registration.model.__name__} (nothing was committed)"
+                    )
 
     def _after_flush(self, session: Any, flush_context: Any) -> None:
         flush: _Flush | None = session.info.pop((_FLUSH, self), None)
         if flush is None:
             return
+        if self._foreign:
+            self._refuse_foreign_writes(session)
         transaction = session.get_nested_transaction() or session.get_transaction()
         # Removals before updates before additions: a flush holds each old id and each new id once,
         # and only a removal and an addition of the same id (a row switch, a primary key moved onto a
@@ -673,18 +1161,32 @@ class Sync:
 
     def _before_commit(self, session: Any) -> None:
         # The changes are applied in a tallytree write transaction after the SQL commit; one already
-        # open in this thread would make that fail after the SQL commit. Refuse now, while nothing
-        # is committed. (Fired for a SAVEPOINT's release too, which applies nothing.)
-        if session.in_nested_transaction() or not getattr(self._db._local, "writing", False):
+        # open in this thread, or a closed database, would make that fail after the SQL commit.
+        # Refuse now, while nothing is committed. (Fired for a SAVEPOINT's release too, which applies
+        # nothing.)
+        if session.in_nested_transaction():
+            return
+        closed = getattr(self._db, "_closed", False)
+        if not closed and not getattr(self._db._local, "writing", False):
             return
         pending = [*session.new, *session.dirty, *session.deleted]
-        if session.info.get(self._queue_key()) or any(self._matching(type(each)) for each in pending):
+        if not session.info.get(self._queue_key()) and not any(
+            self._matching(type(each)) for each in pending
+        ):
+            return
+        if closed:
             raise TransactionError(
-                "session.commit() inside `with db.write()` in the same thread: the changes reach "
-                "tallytree in a write transaction of their own after the SQL commit, which cannot open "
-                "here; commit after the `with` block (nothing was committed: the session's transaction "
-                "is still open)"
+                "session.commit(): the tallytree database this Sync applies the changes to is closed, "
+                "and they would reach SQL only; close the Sync (sync.close()) before the database, or "
+                "open the database again and make a new Sync (nothing was committed: the session's "
+                "transaction is still open)"
             )
+        raise TransactionError(
+            "session.commit() inside `with db.write()` in the same thread: the changes reach "
+            "tallytree in a write transaction of their own after the SQL commit, which cannot open "
+            "here; commit after the `with` block (nothing was committed: the session's transaction "
+            "is still open)"
+        )
 
     def _after_commit(self, session: Any) -> None:
         # SQLAlchemy fires after_commit when a SAVEPOINT is released too; the SAVEPOINT's transaction
@@ -756,13 +1258,14 @@ class Sync:
         for each in models:
             handler = self._registrations[each].handler
             rows = self._rows(session, each)
-            context = self._db.write() if fix else self._db.read()
-            with context as tx:
-                for name in handler.aggregates():
-                    aggregate = self._db.aggregate(name)
-                    definition = handler.definition(name)
-                    if isinstance(tx, WriteTransaction):
-                        report[name] = repair(tx, aggregate, rows, definition=definition)
-                    else:
-                        report[name] = verify(tx, aggregate, rows, definition=definition)
+            if fix:
+                with self._db.write() as wtx:
+                    for name in handler.aggregates():
+                        definition = handler.definition(name)
+                        report[name] = repair(wtx, self._db.aggregate(name), rows, definition=definition)
+            else:
+                with self._db.read() as tx:
+                    for name in handler.aggregates():
+                        definition = handler.definition(name)
+                        report[name] = verify(tx, self._db.aggregate(name), rows, definition=definition)
         return report
