@@ -25,6 +25,8 @@ from conftest import pure_python
 
 import tallytree
 from tallytree import CorruptDatabaseError, StorageError
+from tallytree._keys import decode_entry
+from tallytree._txn import node_key
 from tallytree.cli import main as cli_main
 
 # ================================================================== helpers
@@ -653,6 +655,181 @@ def test_a_node_of_another_aggregate_in_a_tree_is_damage(tmp_path: Path) -> None
         for read in (lambda: one.totals(tx, lt=7), lambda: one.totals(tx, ge=3, lt=50)):
             _raises_damage(read, "node")
         assert tallytree.check(tx, one)
+
+
+# ================================================================== a node of another aggregate, read
+
+KERNELS = [True, False]
+
+
+def _path_to(path: Path, name: str, key: int) -> list[tuple[bytes, int, int]]:
+    """The nodes from the root of aggregate ``name``'s tree (default namespace) down to the leaf that
+    holds ``key``: for each, its NODES key and the first and last keys of its subtree."""
+    with tallytree.open(path) as db, db.read() as tx:
+        record = tx.root(db.aggregate(name)._tree_key(None))
+        assert record is not None
+
+        def edge(node_id: int, last: bool) -> Any:
+            node = tx.node(node_id)
+            while not node.leaf:
+                node = tx.node(node.kids[-1 if last else 0])
+            return decode_entry(node.keys[-1 if last else 0])[0]
+
+        found, node_id = [], record.node_id
+        while True:
+            node = tx.node(node_id)
+            found.append((node_key(node_id), edge(node_id, False), edge(node_id, True)))
+            if node.leaf:
+                return found
+            fences = [decode_entry(fence)[0] if at else -1 for at, fence in enumerate(node.keys)]
+            node_id = node.kids[max(at for at, fence in enumerate(fences) if fence <= key)]
+
+
+FOREIGN = {  # damaged aggregate, the aggregate whose node takes the place, the level (0: the root)
+    "a leaf of two fields in a tree of one": ("one", "two", -1),
+    "a leaf of one field in a tree of two": ("two", "one", -1),
+    "an internal node of two fields in a tree of one": ("one", "two", 1),
+    "an internal node of one field in a tree of two": ("two", "one", 1),
+    "the root node of two fields in a tree of one": ("one", "two", 0),
+}
+
+
+def _foreign_node(path: Path, damage: str) -> tuple[str, int, int]:
+    """Aggregates ``one`` and ``two`` (``_two_aggregates``: trees of the same shape), one node of the
+    tree of ``one`` (or ``two``) replaced by the node at its place in the other's tree (the same
+    entry counts, child counts and keys but the ids, so that only the number of value fields tells
+    them apart); the damaged aggregate and the first and last keys under the node."""
+    damaged, other, level = FOREIGN[damage]
+    _two_aggregates(path)
+    target, first, last = _path_to(path, damaged, 30)[level]
+    source = _path_to(path, other, 30)[level][0]
+    assert level == 0 or len(_path_to(path, damaged, 30)) >= 3  # an internal node below the root
+    _put(path, b"nodes", target, _get(path, b"nodes", source))
+    return damaged, first, last
+
+
+def _damage_in(reads: dict[str, Callable[[], object]]) -> list[str]:
+    """The reads (by name) that did not raise CorruptDatabaseError, with what they did instead."""
+    wrong = []
+    for name, read in reads.items():
+        try:
+            answer = read()
+        except CorruptDatabaseError:
+            continue
+        except Exception as exc:
+            wrong.append(f"{name}: {type(exc).__name__}: {exc}")
+        else:
+            try:
+                shown = repr(answer)
+            except Exception as exc:
+                shown = f"a {type(answer).__name__} whose repr raises {type(exc).__name__}: {exc}"
+            wrong.append(f"{name}: answered {shown}")
+    return wrong
+
+
+@pytest.mark.parametrize("damage", list(FOREIGN))
+@pytest.mark.parametrize("kernels", KERNELS, ids=["C kernels", "pure Python"])
+def test_reads_that_cut_into_a_node_of_another_aggregate_raise_corrupt_database_error(
+    tmp_path: Path, damage: str, kernels: bool
+) -> None:
+    """A node of a tree replaced by the node at its place in the tree of an aggregate of another
+    number of value fields (a damaged child id, or a node record a foreign writer swapped): every
+    read whose bounds cut into the node's subtree (inside one leaf, half-open either way, across
+    leaves, at the leaf's last entry, at its first entry and id) raises CorruptDatabaseError. The C
+    range sum answered some bounds (a cut at the end of the foreign leaf reads none of its values)
+    and raised ValueError at others, and count, rank, at, min, max, items, page and get answered
+    from the foreign node, as the Python descents still do."""
+    path = tmp_path / "db"
+    name, first, last = _foreign_node(path, damage)
+    middle = (first + last + 1) // 2  # first < middle <= last
+    prefix = "i" if name == "one" else "j"
+    bounds: list[dict[str, Any]] = [
+        {"eq": middle},
+        {"ge": middle},
+        {"lt": middle},
+        {"gt": middle},
+        {"le": middle},
+        {"ge": first + 1, "le": last},
+        {"ge": 0, "lt": middle},
+        {"gt": middle, "le": 59},
+        {"le": last},
+        {"gt": last},
+    ]
+    with tallytree.open(path) as db, contextlib.ExitStack() as stack:
+        if not kernels:
+            stack.enter_context(pure_python())
+        aggregate = db.aggregate(name)
+        field = aggregate.fields[0]
+        tx = stack.enter_context(db.read())
+        reads: dict[str, Callable[[], object]] = {
+            f"rank({first}, {prefix}{first})": lambda: aggregate.rank(tx, first, f"{prefix}{first}"),
+            f"get({middle})": lambda: aggregate.get(tx, middle, f"{prefix}{middle}"),
+            f"buckets(edges=[0, {middle}, 60])": lambda: aggregate.buckets(tx, edges=[0, middle, 60]),
+        }
+        for bound in bounds:
+            reads |= {
+                f"count({bound})": partial(aggregate.count, tx, **bound),
+                f"totals({bound})": partial(aggregate.totals, tx, **bound),
+                f"sum({bound})": partial(aggregate.sum, tx, field, **bound),
+                f"rank({middle}, {bound})": partial(aggregate.rank, tx, middle, **bound),
+                f"at(0, {bound})": partial(aggregate.at, tx, 0, **bound),
+                f"at(-1, {bound})": partial(aggregate.at, tx, -1, **bound),
+                f"min({bound})": partial(aggregate.min, tx, **bound),
+                f"max({bound})": partial(aggregate.max, tx, **bound),
+                f"items({bound})": lambda bound=bound: list(aggregate.items(tx, **bound)),
+                f"page({bound})": partial(aggregate.page, tx, limit=2, **bound),
+            }
+        assert _damage_in(reads) == []
+        assert tallytree.check(tx, aggregate)
+
+
+@pytest.mark.parametrize("damage", list(FOREIGN))
+@pytest.mark.parametrize("kernels", KERNELS, ids=["C kernels", "pure Python"])
+def test_iterations_through_a_node_of_another_aggregate_raise_corrupt_database_error(
+    tmp_path: Path, damage: str, kernels: bool
+) -> None:
+    """The same damage met by iterations whose bounds do not cut into the node but take it whole
+    (every item, or from before it to after it): they descend through it in Python, in both paths."""
+    path = tmp_path / "db"
+    name, first, last = _foreign_node(path, damage)
+    with tallytree.open(path) as db, contextlib.ExitStack() as stack:
+        if not kernels:
+            stack.enter_context(pure_python())
+        aggregate = db.aggregate(name)
+        tx = stack.enter_context(db.read())
+        reads: dict[str, Callable[[], object]] = {
+            "items()": lambda: list(aggregate.items(tx)),
+            "items(reverse=True)": lambda: list(aggregate.items(tx, reverse=True)),
+            "page(limit=100)": lambda: aggregate.page(tx, limit=100),
+        }
+        if first > 0 and last < 59:
+            around = {"ge": first - 1, "le": last + 1}
+            reads[f"items({around})"] = lambda: list(aggregate.items(tx, **around))
+        assert _damage_in(reads) == []
+
+
+@pytest.mark.skipif(tallytree._btree.speedups is None, reason="the C descents' check (Python's do not count)")
+@pytest.mark.parametrize("kept", [0, 1], ids=["emptied", "cut to its first entry"])
+def test_a_leaf_that_holds_fewer_entries_than_its_parent_counts_is_damage(tmp_path: Path, kept: int) -> None:
+    """A leaf of aggregate ``one`` whose record was emptied or cut by damage (its parent still counts
+    its four entries): reads whose cuts fall in it raise CorruptDatabaseError naming it, where the C
+    descents answered by the parent's counts and sums plus what the leaf holds."""
+    path = tmp_path / "db"
+    _two_aggregates(path)
+    target, first, last = _path_to(path, "one", 30)[-1]
+    kind, entries, values = msgpack.unpackb(_get(path, b"nodes", target))  # [1, entries, one column]
+    _put(path, b"nodes", target, msgpack.packb([kind, entries[:kept], values[:kept]], use_bin_type=True))
+    with tallytree.open(path) as db, db.read() as tx:
+        one = db.aggregate("one")
+        reads: dict[str, Callable[[], object]] = {
+            "count": lambda: one.count(tx, ge=first + 1, le=last),
+            "totals": lambda: one.totals(tx, lt=last),
+            "rank": lambda: one.rank(tx, first + 1),
+            "at": lambda: one.at(tx, 0, gt=first),
+            "min": lambda: one.min(tx, ge=last),
+        }
+        assert _damage_in(reads) == []
+        assert "holds" in str(_raises_damage(reads["count"], f"node {int.from_bytes(target, 'big')}"))
 
 
 def test_a_root_record_of_another_aggregate_is_damage(tmp_path: Path) -> None:

@@ -428,7 +428,9 @@ def test_settle_leaves_a_read_with_an_unhandled_value_to_python() -> None:
         ([(Leaf("text"), 0, 0, True)], 1, TypeError),
         ([(Leaf(([1.0],)), 0, 2, True)], 1, IndexError),
         ([(Leaf(([1.0],)), 1, 0, True)], 1, IndexError),
-        ([(Leaf(([1.0],)), 0, 1, True)], 2, TypeError),
+        # a leaf of another number of fields: a node of another aggregate (see the descents' checks)
+        ([(Leaf(([1.0],)), 0, 1, True)], 2, CorruptDatabaseError),
+        ([(Leaf(([1.0], [2.0])), 0, 1, True)], 1, CorruptDatabaseError),
         ([(Leaf(([1.0],)), 0, 1)], 1, TypeError),
         ([[Leaf(([1.0],)), 0, 1, True]], 1, TypeError),
         ([(Leaf(("abc",)), 0, 1, True)], 1, TypeError),
@@ -1580,6 +1582,139 @@ def test_descents_through_images_of_internal_nodes(first_id: int) -> None:
     assert int.from_bytes(image[4:6], sys.byteorder) == (2 if first_id < 2**64 else 3)  # the image's kind
 
 
+RUNS = [[b"a", b"c", b"e"], [b"g", b"h"], [b"m", b"p", b"q", b"s"]]
+"""The keys of three leaves; the descents below cut into the third (``_shape_descents``)."""
+
+
+def _shaped_leaf(node_id: int, keys: list[bytes], fields: int) -> Node:
+    cols = tuple(tuple(float(at + field) for at in range(len(keys))) for field in range(fields))
+    return Node(node_id, True, tuple(keys), cols)  # type: ignore[arg-type]  # committed, decoded whole
+
+
+def _hand_tree(
+    fields: int, first_id: int, runs: list[list[bytes]] = RUNS
+) -> tuple[Node, dict[int, Node], list[int]]:
+    """A committed root (id 1) over leaves of ``runs`` (ids from ``first_id``), every node of
+    ``fields`` value fields; with its leaves by id and the tree's summary."""
+    leaves = {first_id + at: _shaped_leaf(first_id + at, run, fields) for at, run in enumerate(runs)}
+    summaries = [summarize(len(leaf.keys), [list(col) for col in leaf.cols]) for leaf in leaves.values()]
+    fences = [b"", *(run[0] for run in runs[1:])]
+    root = Node.internal_from(1, fences, list(leaves), summaries)
+    root.freeze()
+    summary = [sum(column) for column in zip(*summaries, strict=True)]
+    return root, leaves, summary
+
+
+def _shape_descents(
+    root: Node, nodes: dict[int, Node], summary: list[int], fields: int, given: bool
+) -> dict[str, Any]:
+    """Each descent kernel, cutting into the third leaf of ``RUNS`` (its entry 1, b"p"), the tree's
+    number of value fields given (range_totals always takes it) or not."""
+    assert speedups is not None
+    fetch, extra = nodes.__getitem__, (fields,) if given else ()
+    return {
+        "rank": lambda: speedups.rank(root, b"n", False, fetch, nodes, *extra),
+        "rank_range": lambda: speedups.rank_range(root, b"b", False, b"n", True, fetch, nodes, *extra),
+        "select": lambda: speedups.select(root, 6, fetch, nodes, True, *extra),
+        "find": lambda: speedups.find(root, b"p", fetch, nodes, *extra),
+        "range_totals": lambda: speedups.range_totals(
+            root, summary, b"b", False, b"n", True, fetch, nodes, fields, None, True
+        ),
+    }
+
+
+@pytest.mark.parametrize("first_id", [3, 2**64 + 3], ids=["root image with sums", "root image of keys alone"])
+@pytest.mark.parametrize("fields", [0, 1, 2])
+@pytest.mark.parametrize("given", [True, False], ids=["fields given", "fields of the root"])
+def test_descents_refuse_a_leaf_of_another_number_of_fields(first_id: int, fields: int, given: bool) -> None:
+    """A leaf of another aggregate below a root (a damaged child id, or a swapped node record):
+    every descent that reaches it raises CorruptDatabaseError naming it, whether the caller gives the
+    tree's number of value fields or the root's stands for it; through the leaf's columns (its first
+    search), its image, and a root whose image holds no sums (ids beyond 64 bits: its number read
+    from its columns). rank, rank_range, select and find answered from the foreign leaf, and
+    range_totals raised TypeError or answered when its cut fell at the leaf's end."""
+    assert speedups is not None
+    root, leaves, summary = _hand_tree(fields, first_id)
+    sound = {
+        name: descent() for name, descent in _shape_descents(root, leaves, summary, fields, given).items()
+    }
+    assert sound["rank"][0] == 6 and sound["find"][0] is not None  # a sound tree answers
+    for foreign in {fields + 1, max(fields - 1, 0), fields + 2} - {fields}:
+        damaged = dict(leaves)
+        third = first_id + 2
+        damaged[third] = _shaped_leaf(third, RUNS[2], foreign)
+        for _ in range(3):  # the leaf searched in its keys, then its image built, then through it
+            for descent in _shape_descents(root, damaged, summary, fields, given).values():
+                with pytest.raises(CorruptDatabaseError, match=f"node {third} holds {foreign} value field"):
+                    descent()
+
+
+@pytest.mark.parametrize("fields", [0, 1, 2])
+def test_descents_given_the_number_of_fields_refuse_a_root_of_another(fields: int) -> None:
+    """A whole tree of another aggregate under a root node id (its root's record swapped): consistent
+    in itself, so only the number the caller gives tells; every descent raises, naming the root."""
+    root, leaves, summary = _hand_tree(fields + 1, 3)
+    for descent in _shape_descents(root, leaves, summary, fields, True).values():
+        with pytest.raises(
+            CorruptDatabaseError, match=f"node 1 holds {fields + 1} value field.* has {fields}"
+        ):
+            descent()
+    for name in ("rank", "rank_range", "select", "find"):  # without it, nothing to compare the root with
+        _shape_descents(root, leaves, summary, fields, False)[name]()
+
+
+@pytest.mark.parametrize(
+    "keys", [[b"m", b"p"], [b"m", b"p", b"q", b"r", b"s"], []], ids=["fewer", "more", "none"]
+)
+def test_descents_refuse_a_leaf_that_holds_another_count_than_its_parent(keys: list[bytes]) -> None:
+    """A leaf of the tree's own aggregate that holds another number of entries than its parent counts
+    for it (a leaf of another place, or emptied): rank, rank_range, select and range_totals raise
+    CorruptDatabaseError naming it, where they answered by mixing the parent's counts and sums with
+    the leaf's entries; find reads no counts, and answers from the leaf's keys."""
+    assert speedups is not None
+    root, leaves, summary = _hand_tree(1, 3)
+    damaged = {**leaves, 5: _shaped_leaf(5, keys, 1)}
+    for _ in range(3):
+        descents = _shape_descents(root, damaged, summary, 1, True)
+        for name in ("rank", "rank_range", "select", "range_totals"):
+            with pytest.raises(
+                CorruptDatabaseError, match=f"node 5 holds {len(keys)} entries where its parent counts 4"
+            ):
+                descents[name]()
+        found = descents["find"]()
+        assert (found[0] is None) == (b"p" not in keys)
+    # the root leaf of a one-leaf tree: range_totals compares it with the root record's count
+    leaf = _shaped_leaf(2, [b"a", b"b"], 1)
+    with pytest.raises(CorruptDatabaseError, match="node 2 holds 2 entries where its parent counts 3"):
+        speedups.range_totals(leaf, [3, 0, 0], b"b", False, None, False, len, None, 1)
+
+
+def test_two_descents_refuse_leaves_at_different_depths() -> None:
+    """A root whose first child is a leaf and whose second is an internal node (a child id that leads
+    to another level of the tree): rank_range and range_totals, whose cuts part at the root and step
+    down in turn, raise CorruptDatabaseError when one reaches its leaf a level before the other."""
+    assert speedups is not None
+    leaves = {3: _shaped_leaf(3, RUNS[0], 1), 4: _shaped_leaf(4, RUNS[1], 1), 5: _shaped_leaf(5, RUNS[2], 1)}
+    summaries = {
+        at: summarize(len(leaf.keys), [list(col) for col in leaf.cols]) for at, leaf in leaves.items()
+    }
+    lower = Node.internal_from(10, [b"g", b"m"], [4, 5], [summaries[4], summaries[5]])
+    lower.freeze()
+    inner = vadd(summaries[4], summaries[5])
+    root = Node.internal_from(1, [b"", b"g"], [3, 10], [summaries[3], inner])
+    root.freeze()
+    nodes: dict[int, Node] = {**leaves, 10: lower}
+    summary = vadd(summaries[3], inner)
+    for _ in range(3):
+        with pytest.raises(CorruptDatabaseError, match="different depths"):
+            speedups.rank_range(root, b"b", False, b"n", True, nodes.__getitem__, nodes, 1)
+        with pytest.raises(CorruptDatabaseError, match="different depths"):
+            speedups.range_totals(root, summary, b"b", False, b"n", True, nodes.__getitem__, nodes, 1)
+        # one descent alone cannot tell, and a range inside one child does not part at the root
+        assert speedups.rank(root, b"n", False, nodes.__getitem__, nodes, 1)[0] == 6
+        assert speedups.rank_range(root, b"h", False, b"n", True, nodes.__getitem__, nodes, 1)[:2] == (4, 6)
+
+
 @given(
     st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=40, unique=True),
     st.sampled_from(["float", "int", "mixed", "none"]),
@@ -1602,7 +1737,8 @@ def test_select_reads_the_entry_and_values_from_a_leaf_image(
     ]
     mixed = kind == "mixed" and any(len({type(value) for value in col}) > 1 for col in cols)
     leaf = Node(5, True, tuple(keys), tuple(map(tuple, cols)))  # type: ignore[arg-type]  # committed, decoded whole
-    root = Node(1, False, (b"",), ((size,),), (5,), (0,))  # type: ignore[arg-type]
+    width = 1 + 2 * len(cols)  # the count, then a sum and a float count per field (their values unread)
+    root = Node(1, False, (b"",), ((size,), *[(0,)] * (width - 1)), (5,), (0,) * width)  # type: ignore[arg-type]
     nodes = {5: leaf}
     calls = 0
     for _ in range(2):
@@ -1805,7 +1941,13 @@ def test_descent_kernels_refuse_malformed_arguments() -> None:
         lambda: speedups.select(node, 0, len),  # type: ignore[call-arg]
         lambda: speedups.select(node, "0", len, None),  # type: ignore[arg-type]
         lambda: speedups.select(node, 0, len, [1]),  # type: ignore[arg-type]
-        lambda: speedups.select(node, 0, len, None, True, 1),  # type: ignore[call-arg]
+        lambda: speedups.select(node, 0, len, None, True, 0, 1),  # type: ignore[call-arg]
+        lambda: speedups.select(node, 0, len, None, True, "0"),  # type: ignore[arg-type]
+        lambda: speedups.rank(node, b"a", True, len, None, 0, 1),  # type: ignore[call-arg]
+        lambda: speedups.rank(node, b"a", True, len, None, None),  # type: ignore[arg-type]
+        lambda: speedups.rank_range(node, b"a", False, b"b", False, len, None, 0, 1),  # type: ignore[call-arg]
+        lambda: speedups.find(node, b"a", len, None, 0, 1),  # type: ignore[call-arg]
+        lambda: speedups.find(node, b"a", len, None, 1.0),  # type: ignore[arg-type]
         lambda: speedups.find(node, b"a", len),  # type: ignore[call-arg]
         lambda: speedups.find(node, "a", len, None),  # type: ignore[arg-type]
         lambda: speedups.find(node, b"a", 3, None),

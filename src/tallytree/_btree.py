@@ -306,6 +306,22 @@ def _by_count(node: Node, counts: Sequence[int], index: int) -> int:
     return child
 
 
+def _of_tree(node: Node, nfields: int) -> Node:
+    """``node``, if it holds its tree's number of value fields (``nfields``), else CorruptDatabaseError:
+    a node of another aggregate (a damaged child id, or a node record a foreign writer swapped), whose
+    counts, rows and values would answer wrong or fail untyped. Read from its shifts: a leaf has one
+    per column, an internal node one per summary column (the count, then a sum and a float count per
+    field), and a compact leaf's lists are not made. The C descents make the same check. O(1)."""
+    width = len(node.shifts)
+    if width == (nfields if node.leaf else 1 + 2 * nfields):
+        return node
+    held = width if node.leaf else f"{(width - 1) / 2:g}"
+    raise CorruptDatabaseError(
+        f"node {node.id} holds {held} value field(s) where its aggregate has {nfields}: a node of another "
+        "aggregate (a damaged child id, or node record); run `tallytree check` to locate the damage"
+    )
+
+
 def _deeper(levels: int, node: Node) -> int:
     """``levels + 1``, for a descent going below ``node``; CorruptDatabaseError past
     :data:`MAX_LEVELS` (damaged child ids that lead back up would otherwise loop for ever). O(1)."""
@@ -410,7 +426,7 @@ class NodeTree:
         access = self.access
         if speedups is not None:  # the same descent, in one C call
             rank, hits = speedups.rank(
-                access.node(self.root.node_id), bound, after, access.node, access.shared
+                access.node(self.root.node_id), bound, after, access.node, access.shared, self.nfields
             )
             if hits:
                 access.count_hits(hits)
@@ -421,25 +437,26 @@ class NodeTree:
         """The greatest entry of the tree, or None if it is empty. O(log n)."""
         if self.root is None:
             return None
-        access = self.access
-        node = access.node(self.root.node_id)
+        access, nfields = self.access, self.nfields
+        node = _of_tree(access.node(self.root.node_id), nfields)
         levels = 0
         while not node.leaf:
             levels = _deeper(levels, node)
-            node = access.node(node.kids[-1])
+            node = _of_tree(access.node(node.kids[-1]), nfields)
         return node.keys[-1]
 
     def _rank_in(self, node: Node, bound: bytes, after: bool) -> int:
         """Number of entries ``< bound`` (``<= bound``) in the subtree of ``node``."""
-        access = self.access
+        access, nfields = self.access, self.nfields
         find = _finder()
         total = 0
         levels = 0
+        _of_tree(node, nfields)
         while not node.leaf:
             levels = _deeper(levels, node)
             index = find(node, bound, True) - 1
             total += node.counts()[index]
-            node = access.node(node.kids[index])
+            node = _of_tree(access.node(node.kids[index]), nfields)
         return total + find(node, bound, after)
 
     def rank_range(self, lower: Cut | None, upper: Cut | None) -> tuple[int, int]:
@@ -461,7 +478,7 @@ class NodeTree:
         node = access.node(root.node_id)
         if speedups is not None:  # the same descent, in one C call
             start, stop, hits = speedups.rank_range(
-                node, low, low_after, high, high_after, access.node, access.shared
+                node, low, low_after, high, high_after, access.node, access.shared, self.nfields
             )
             if hits:
                 access.count_hits(hits)
@@ -469,6 +486,7 @@ class NodeTree:
         find = _finder()
         base = 0
         levels = 0
+        _of_tree(node, self.nfields)
         while not node.leaf:
             levels = _deeper(levels, node)
             index = find(node, low, True) - 1
@@ -479,7 +497,7 @@ class NodeTree:
                 stop = base + counts[other] + self._rank_in(access.node(node.kids[other]), high, high_after)
                 return start, stop
             base += counts[index]
-            node = access.node(node.kids[index])
+            node = _of_tree(access.node(node.kids[index]), self.nfields)
         return base + find(node, low, low_after), base + find(node, high, high_after)
 
     def prefix_summary(self, bound: bytes, after: bool) -> list[int]:
@@ -542,6 +560,8 @@ class NodeTree:
                 pending,
                 pending_summary,
             )
+        except CorruptDatabaseError:  # the kernel named the damaged node itself
+            raise
         except (TypeError, ValueError, IndexError) as exc:  # its arguments are sound: a node is not
             raise CorruptDatabaseError(
                 f"a node of the tree is not one of this aggregate's ({exc}); run `tallytree check` to "
@@ -574,8 +594,8 @@ class NodeTree:
             if total is not None:
                 return total
             # None: a sum beyond the kernel's accumulators (~2**2112 units), for the Python code below
-        access = self.access
-        node = access.node(root.node_id)
+        access, nfields = self.access, self.nfields
+        node = _of_tree(access.node(root.node_id), nfields)
         plus: list[Sequence[int]] = []
         minus: list[Sequence[int]] = []
         spans: list[Span] = []
@@ -607,7 +627,7 @@ class NodeTree:
                 self._prefix_into(low_kid, rows[index], rows[index + 1], lower, minus, plus, spans, False)
                 return self._settle(plus, minus, spans)
             before, after = rows[index], rows[index + 1]
-            node = access.node(node.kids[index])
+            node = _of_tree(access.node(node.kids[index]), nfields)
         start = find(node, low, low_after)
         stop = find(node, high, high_after)
         if start >= stop:
@@ -643,16 +663,17 @@ class NodeTree:
         span of its last entries (spans are recorded with their sign, ``positive`` for ``plus``).
         """
         bound, bound_after = cut
-        access = self.access
+        access, nfields = self.access, self.nfields
         find = _finder()
         levels = 0
+        _of_tree(node, nfields)
         while not node.leaf:
             levels = _deeper(levels, node)
             index = find(node, bound, True) - 1
             rows = node.rows()
             plus.append(before)
             before, after = rows[index], rows[index + 1]
-            node = access.node(node.kids[index])
+            node = _of_tree(access.node(node.kids[index]), nfields)
         index = find(node, bound, bound_after)
         size = len(node.keys)
         if 2 * index <= size:
@@ -739,8 +760,8 @@ class NodeTree:
             return totals
         if index >= self.count:
             return list(self.root.summary)
-        access = self.access
-        node = access.node(self.root.node_id)
+        access, nfields = self.access, self.nfields
+        node = _of_tree(access.node(self.root.node_id), nfields)
         levels = 0
         while not node.leaf:
             levels = _deeper(levels, node)
@@ -748,7 +769,7 @@ class NodeTree:
             child = _by_count(node, counts, index)
             totals = vadd(totals, node.prefixes(child))
             index -= counts[child]
-            node = access.node(node.kids[child])
+            node = _of_tree(access.node(node.kids[child]), nfields)
         return vadd(totals, node.prefixes(index))
 
     def select(self, index: int) -> tuple[bytes, tuple[Any, ...]]:
@@ -768,19 +789,20 @@ class NodeTree:
         access = self.access
         node = access.node(self.root.node_id)
         if speedups is not None:  # the same descent, in one C call
-            found, at, hits = speedups.select(node, index, access.node, access.shared, True)
+            found, at, hits = speedups.select(node, index, access.node, access.shared, True, self.nfields)
             if hits:
                 access.count_hits(hits)
             if at is None:  # the entry and its values, read from the leaf's search image
                 return found  # type: ignore[no-any-return]
             node, index = found, at
         levels = 0
+        _of_tree(node, self.nfields)
         while not node.leaf:
             levels = _deeper(levels, node)
             counts = node.counts()
             child = _by_count(node, counts, index)
             index -= counts[child]
-            node = access.node(node.kids[child])
+            node = _of_tree(access.node(node.kids[child]), self.nfields)
         if not 0 <= index < len(node.keys):
             raise _damaged(node, "it holds fewer entries than its parent counts")
         return node.keys[index], tuple(col[index] for col in node.cols)
@@ -797,7 +819,9 @@ class NodeTree:
             return None
         if speedups is not None:
             access = self.access
-            found, at, hits = speedups.find(access.node(self.root.node_id), entry, access.node, access.shared)
+            found, at, hits = speedups.find(
+                access.node(self.root.node_id), entry, access.node, access.shared, self.nfields
+            )
             if hits:
                 access.count_hits(hits)
             if at is None:  # absent (None), or the values read from the leaf's image
@@ -821,9 +845,9 @@ class NodeTree:
         remaining = stop - start
         if self.root is None or remaining <= 0:
             return
-        access = self.access
+        access, nfields = self.access, self.nfields
         stack: Path = []
-        node = access.node(self.root.node_id)
+        node = _of_tree(access.node(self.root.node_id), nfields)
         index = stop - 1 if reverse else start
         levels = 0
         while not node.leaf:
@@ -832,7 +856,7 @@ class NodeTree:
             child = _by_count(node, counts, index)
             index -= counts[child]
             stack.append((node, child))
-            node = access.node(node.kids[child])
+            node = _of_tree(access.node(node.kids[child]), nfields)
         step = -1 if reverse else 1
         while True:
             # the leaf's entries this iteration takes, made for them alone (a cached compact leaf
@@ -856,12 +880,12 @@ class NodeTree:
                 child += step
                 if 0 <= child < len(parent.kids):
                     stack.append((parent, child))
-                    node = access.node(parent.kids[child])
+                    node = _of_tree(access.node(parent.kids[child]), nfields)
                     while not node.leaf:
                         _deeper(len(stack), node)
                         child = len(node.kids) - 1 if reverse else 0
                         stack.append((node, child))
-                        node = access.node(node.kids[child])
+                        node = _of_tree(access.node(node.kids[child]), nfields)
                     index = node.size() - 1 if reverse else 0
                     break
             else:
@@ -1422,15 +1446,15 @@ class NodeTree:
 
     def _path(self, entry: bytes) -> tuple[Path, Node]:
         assert self.root is not None
-        access = self.access
+        access, nfields = self.access, self.nfields
         path: Path = []
-        node = access.node(self.root.node_id)
+        node = _of_tree(access.node(self.root.node_id), nfields)
         levels = 0
         while not node.leaf:  # no search images: a write replaces these nodes, and their images would go
             levels = _deeper(levels, node)
             index = bisect_right(node.keys, entry) - 1
             path.append((node, index))
-            node = access.node(node.kids[index])
+            node = _of_tree(access.node(node.kids[index]), nfields)
         if levels != self.root.height - 1:  # the writes' splits and merges go by the height
             raise _wrong_depth(node, levels, self.root.height)
         return path, node

@@ -121,7 +121,12 @@ anything they do not recognize, so the Python decoder reports the damage; a Hypo
 one byte of stored nodes and compares the kernels with the Python decoder, also under
 AddressSanitizer. Every descent stops after ``MAX_LEVELS`` levels with tallytree's
 CorruptDatabaseError: damaged child ids that lead back up would otherwise loop for ever, holding the
-GIL.
+GIL. And every descent checks the shape of each node it opens (see check_fields), raising the same
+error: its number of value fields against the tree's (a node of another aggregate), a leaf's entry
+count against its parent's (a leaf of another place, or emptied; all but ``find``, which reads no
+counts), and two descents that part at a node against each other's depth. ``range_totals`` and ``settle`` know the tree's number of fields;
+``rank``, ``rank_range``, ``select`` and ``find`` take it as an optional last argument, and without
+it compare every node with the first (so a whole foreign tree under a root id needs the number).
 
 Exact sums
 ----------
@@ -2255,18 +2260,42 @@ prefetch_image(PyObject *blob)
     }
 }
 
-/* -1 with tallytree's CorruptDatabaseError set to ``message`` (ImportError if that cannot be found). */
+/* -1 with tallytree's CorruptDatabaseError set to ``message`` (a str this consumes; NULL: an error is
+   set already), or ImportError if that cannot be found. */
 static int
-corrupt(const char *message)
+corrupt_with(PyObject *message)
 {
+    if (message == NULL) {
+        return -1;
+    }
     PyObject *errors = PyImport_ImportModule("tallytree.errors");
     PyObject *type = errors == NULL ? NULL : PyObject_GetAttrString(errors, "CorruptDatabaseError");
     Py_XDECREF(errors);
     if (type != NULL) {
-        PyErr_SetString(type, message);
+        PyErr_SetObject(type, message);
         Py_DECREF(type);
     }
+    Py_DECREF(message);
     return -1;
+}
+
+/* -1 with tallytree's CorruptDatabaseError set to ``message``. */
+static int
+corrupt(const char *message)
+{
+    return corrupt_with(PyUnicode_FromString(message));
+}
+
+/* The id of a node, for a message: a new reference (None when it has none). */
+static PyObject *
+id_of(PyObject *node)
+{
+    PyObject *found = PyObject_GetAttr(node, id_name);
+    if (found == NULL) {
+        PyErr_Clear();
+        found = Py_NewRef(Py_None);
+    }
+    return found;
 }
 
 /* A descent past MAX_LEVELS follows damaged child ids that lead back up: without a bound it would
@@ -2279,16 +2308,173 @@ too_deep(void)
                    "run `tallytree check` to locate the damage");
 }
 
-/* One level of a descent: ``node``'s image opened into *image (see node_image_hinted) and whether the
-   node is a leaf, 1 or 0; -1 with an error set (the image released), CorruptDatabaseError when
-   ``levels`` (this one's depth, from 1) is past MAX_LEVELS. */
+/* The shape checks of the descents. Every node of a tree holds the same number of value fields: a
+   leaf one column per field, an internal node its counts, then a sum and a float count per field. A
+   node of another number is a node of another aggregate (a damaged child id, or a node record that a
+   foreign writer swapped): read as this tree's, its counts, rows and values would answer wrong, or
+   fail untyped. So each descent compares every node it opens with the tree's number, read from the
+   node's image header (one comparison; its attributes only when it has no image or no values
+   section, never a compact leaf's lists): the number the caller gives (``range_totals`` and
+   ``settle`` take it; ``rank``, ``rank_range``, ``select`` and ``find`` take it as an optional last
+   argument), or else the first node's, so that a foreign node below it is refused. And a leaf holds
+   as many entries as its parent (or the root record, when ``range_totals`` starts at it) counts for
+   it: a leaf of another place, or one emptied by damage, is refused where a descent would count or
+   sum it by the parent's figures. Both raise CorruptDatabaseError naming the node. */
+/* Neither is -1, an image's number when it has no values section (so never equal to one). */
+#define FIELDS_UNKNOWN (-3) /* not given: the first node's number stands for the tree's */
+#define FIELDS_ODD (-2)     /* an internal node of an even number of columns: no number of fields */
+
+typedef struct {
+    Py_ssize_t count; /* the tree's number of value fields, or FIELDS_UNKNOWN until the first node */
+    int given;        /* whether the caller gave it */
+} Fields;
+
+/* The fields argument of a descent (``args[at]`` when there are more than ``at`` arguments) into
+   *fields: 0, or -1 with TypeError or ValueError. */
 static int
-open_level(PyObject *node, PyObject *hint, Image *image, int levels)
+fields_argument(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t at, const char *what, Fields *fields)
+{
+    fields->count = FIELDS_UNKNOWN;
+    fields->given = nargs > at;
+    return fields->given ? size_argument(args[at], what, &fields->count) : 0;
+}
+
+/* The number of value fields of a node (see above) into *found: 0, or -1 with an error set. */
+static int
+node_fields(PyObject *node, const Image *image, int leaf, Py_ssize_t *found)
+{
+    if (image->blob != NULL && image->fields >= 0) {
+        *found = image->fields;
+        return 0;
+    }
+    PyObject *cols = PyObject_GetAttr(node, cols_name);
+    Py_ssize_t width = cols == NULL ? -1 : PyObject_Length(cols);
+    Py_XDECREF(cols);
+    if (width < 0) {
+        return -1;
+    }
+    *found = leaf ? width : width % 2 == 1 ? (width - 1) / 2 : FIELDS_ODD;
+    return 0;
+}
+
+/* -1 with CorruptDatabaseError set for a node that holds ``found`` value fields where its tree holds
+   ``fields->count``. */
+static int
+foreign_node(PyObject *node, Py_ssize_t found, const Fields *fields)
+{
+    PyObject *id = id_of(node);
+    PyObject *message;
+    if (found == FIELDS_ODD) {
+        message = PyUnicode_FromFormat(
+            "node %S is an internal node of an even number of columns, which no aggregate's node "
+            "holds; run `tallytree check` to locate the damage",
+            id);
+    }
+    else {
+        message = PyUnicode_FromFormat(
+            "node %S holds %zd value field(s) where %s %zd: a node of another aggregate (a damaged "
+            "child id, or node record); run `tallytree check` to locate the damage",
+            id, found, fields->given ? "its aggregate has" : "the first node of the descent holds", fields->count);
+    }
+    Py_DECREF(id);
+    return corrupt_with(message);
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define COLD __attribute__((cold, noinline)) /* off the descents' straight path */
+#else
+#define COLD
+#endif
+
+/* check_fields beyond its first test (a node without an image or values section, the first node,
+   or a mismatch). */
+static COLD int
+check_fields_further(PyObject *node, const Image *image, int leaf, Fields *fields)
+{
+    Py_ssize_t found;
+    if (node_fields(node, image, leaf, &found) < 0) {
+        return -1;
+    }
+    if (found == fields->count) {
+        return 0;
+    }
+    if (fields->count == FIELDS_UNKNOWN && found >= 0) {
+        fields->count = found;
+        return 0;
+    }
+    return foreign_node(node, found, fields);
+}
+
+/* Whether a node a descent opened (``leaf`` its kind) holds the tree's number of value fields,
+   learnt from it when not known yet: 0, or -1 with CorruptDatabaseError (or an error of its
+   attributes) set. One comparison for a node whose image has a values section. */
+static inline int
+check_fields(PyObject *node, const Image *image, int leaf, Fields *fields)
+{
+    if (image->blob != NULL) {
+        if (image->fields == fields->count) {
+            return 0;
+        }
+        if (fields->count == FIELDS_UNKNOWN && image->fields >= 0) { /* the first node's, not given */
+            fields->count = image->fields;
+            return 0;
+        }
+    }
+    return check_fields_further(node, image, leaf, fields);
+}
+
+/* check_count beyond its first test (a leaf without an image, or a mismatch). */
+static COLD int
+check_count_further(PyObject *node, const Image *image, Py_ssize_t expected)
+{
+    Py_ssize_t size = node_size(node, image);
+    if (size < 0 || size == expected) {
+        return size < 0 ? -1 : 0;
+    }
+    PyObject *id = id_of(node);
+    PyObject *message = PyUnicode_FromFormat(
+        "node %S holds %zd entries where its parent counts %zd: a leaf of another place, or damaged; "
+        "run `tallytree check` to locate the damage",
+        id, size, expected);
+    Py_DECREF(id);
+    return corrupt_with(message);
+}
+
+/* Whether a leaf holds ``expected`` entries, what its parent (or the root record) counts for it; -1
+   (no count known: the descent began at the leaf) passes. 0, or -1 with CorruptDatabaseError (or an
+   error of its attributes) set. One comparison for a leaf with an image. */
+static inline int
+check_count(PyObject *node, const Image *image, Py_ssize_t expected)
+{
+    if (expected < 0 || (image->blob != NULL && image->count == expected)) {
+        return 0;
+    }
+    return check_count_further(node, image, expected);
+}
+
+/* Two descents that part at one node reach their leaves at one depth: -1 with CorruptDatabaseError
+   set (a child id that leads to another level of the tree, or into another tree). */
+static int
+uneven_depths(void)
+{
+    return corrupt("two descents from one node reached leaves at different depths: a damaged child id "
+                   "leads to another level or tree; run `tallytree check` to locate the damage");
+}
+
+/* One level of a descent: ``node``'s image opened into *image (see node_image_hinted) and whether the
+   node is a leaf, 1 or 0, its number of value fields checked (check_fields); -1 with an error set
+   (the image released), CorruptDatabaseError when ``levels`` (this one's depth, from 1) is past
+   MAX_LEVELS or the node is of another aggregate. */
+static int
+open_level(PyObject *node, PyObject *hint, Image *image, int levels, Fields *fields)
 {
     image->blob = NULL;
     int leaf = levels > MAX_LEVELS ? too_deep()
                : node_image_hinted(node, hint, image) < 0 ? -1
                                                            : image_is_leaf(node, image);
+    if (leaf >= 0 && check_fields(node, image, leaf, fields) < 0) {
+        leaf = -1;
+    }
     if (leaf < 0) {
         image_release(image);
     }
@@ -2384,6 +2570,26 @@ count_before(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t *c
     return *count == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
+/* The items in the children before ``index`` of an internal node and in child ``index`` itself
+   (``node.counts()[index]``, and ``[index + 1]`` less that): 0, or -1 with an error set. */
+static inline int
+counts_at(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t *before, Py_ssize_t *within)
+{
+    if (image->kind == IMAGE_INTERNAL && image->blob != NULL && index >= 0 && index < image->count) {
+        int64_t pair[2]; /* counts[index] and counts[index + 1]: one line, mostly */
+        memcpy(pair, image->counts + index * 8, sizeof(pair));
+        *before = (Py_ssize_t)pair[0];
+        *within = (Py_ssize_t)(pair[1] - pair[0]);
+        return 0;
+    }
+    Py_ssize_t after;
+    if (count_before(node, image, index, before) < 0 || count_before(node, image, index + 1, &after) < 0) {
+        return -1;
+    }
+    *within = after - *before;
+    return 0;
+}
+
 /* The index of the child of an internal node whose subtree holds the cut at ``key``. */
 static Py_ssize_t
 child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size)
@@ -2394,13 +2600,16 @@ child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size
 
 /* ``count`` descents (one rank, or the two cuts of a range below the node where they part):
    ``ranks[side]`` grows by the number of entries < cuts[side] (<= when afters[side]) below
-   nodes[side] (borrowed). Two step down level by level in turn, each level opening
+   nodes[side] (borrowed), whose parent counts ``within[side]`` entries in it (-1: no parent, the
+   descent starts at the tree's root). Two step down level by level in turn, each level opening
    both images before searching either: the cache misses of one descent's next node (its table slot,
    its image's first lines) are then under way while the other one works, where one descent after
-   the other waits for each miss in turn. 0, or -1 with an error set. */
+   the other waits for each miss in turn. Each node's number of value fields and each leaf's count
+   are checked (see check_fields), and two descents must reach their leaves at the same level. 0, or
+   -1 with an error set. */
 static int
 descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], const Py_ssize_t sizes[],
-        const int afters[], Py_ssize_t ranks[], Fetcher *fetcher)
+        const int afters[], Py_ssize_t ranks[], Py_ssize_t within[], Fields *fields, Fetcher *fetcher)
 {
     Image images[2] = {{.blob = NULL}, {.blob = NULL}};
     int done[2] = {count < 1, count < 2}, failed = 0, levels = 0;
@@ -2419,18 +2628,20 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
             PyObject *node = nodes[side];
             Image *image = &images[side];
             int leaf = image_is_leaf(node, image);
-            if (leaf < 0) {
+            if (leaf < 0 || check_fields(node, image, leaf, fields) < 0) {
                 failed = 1;
             }
             else if (leaf) {
-                Py_ssize_t found = image_search(node, image, cuts[side], sizes[side], afters[side]);
+                Py_ssize_t found = check_count(node, image, within[side]) < 0
+                                       ? -1
+                                       : image_search(node, image, cuts[side], sizes[side], afters[side]);
                 failed = found < 0;
                 ranks[side] += found;
                 done[side] = 1;
             }
             else {
                 Py_ssize_t index = child_index(node, image, cuts[side], sizes[side]), before;
-                failed = index < 0 || count_before(node, image, index, &before) < 0;
+                failed = index < 0 || counts_at(node, image, index, &before, &within[side]) < 0;
                 PyObject *child = failed ? NULL : child_of(node, image, index, fetcher, &hints[side]);
                 if (child == NULL) {
                     failed = 1;
@@ -2441,6 +2652,9 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
                 }
             }
             image_release(image);
+        }
+        if (!failed && count == 2 && done[0] != done[1]) {
+            failed = uneven_depths();
         }
     }
     for (int side = 0; side < count; side++) {
@@ -2489,9 +2703,10 @@ fetcher_end(Fetcher *fetcher)
 
 /* The child of an internal node whose subtree holds entry ``*index`` of the node's subtree (the last
    child whose cumulative count is <= it), ``*index`` made relative to that child: through the image's
-   counts, or ``node.counts()``. The child's position, or -1 with an error set. */
+   counts, or ``node.counts()``, with the entries the node counts in that child in *within. The
+   child's position, or -1 with an error set. */
 static Py_ssize_t
-child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
+child_by_count(PyObject *node, const Image *image, Py_ssize_t *index, Py_ssize_t *within)
 {
     PyObject *counts = NULL;
     Py_ssize_t size;
@@ -2506,7 +2721,7 @@ child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
             return -1;
         }
     }
-    Py_ssize_t low = 0, high = size, before = 0; /* bisect_right(counts, index) */
+    Py_ssize_t low = 0, high = size, before = 0, after = 0; /* bisect_right(counts, index) */
     while (low < high) {
         Py_ssize_t middle = low + (high - low) / 2, value;
         if (counts == NULL) {
@@ -2529,6 +2744,7 @@ child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
         }
         else {
             high = middle;
+            after = value; /* counts[low] once the search ends */
         }
     }
     Py_XDECREF(counts);
@@ -2537,6 +2753,7 @@ child_by_count(PyObject *node, const Image *image, Py_ssize_t *index)
                        "locate the damage");
     }
     *index -= before;
+    *within = after - before;
     return low - 1;
 }
 
@@ -2582,27 +2799,34 @@ image_entry(const Image *image, Py_ssize_t position)
     return entry == NULL ? (Py_DECREF(values), NULL) : Py_BuildValue("(NN)", entry, values);
 }
 
-/* select(node, index, fetch, nodes[, item]) -> (leaf, position, hits): the leaf that holds entry
-   ``index`` of the subtree of ``node`` and its position there (_btree.NodeTree.select's descent). With
-   ``item`` true, ((entry, values), None, hits) instead when the leaf's image holds them (see
-   image_entry). */
+/* select(node, index, fetch, nodes[, item[, fields]]) -> (leaf, position, hits): the leaf that holds
+   entry ``index`` of the subtree of ``node`` and its position there (_btree.NodeTree.select's
+   descent). With ``item`` true, ((entry, values), None, hits) instead when the leaf's image holds them
+   (see image_entry). ``fields``: the tree's number of value fields (see check_fields). */
 static PyObject *
 tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
-    if (nargs != 4 && nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "select(node, index, fetch, nodes[, item])");
+    Fields fields;
+    if (nargs < 4 || nargs > 6) {
+        PyErr_SetString(PyExc_TypeError, "select(node, index, fetch, nodes[, item[, fields]])");
         return NULL;
     }
-    Py_ssize_t index = PyLong_AsSsize_t(args[1]);
-    int item = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
-    if ((index == -1 && PyErr_Occurred()) || item < 0 || fetcher_from(args[2], args[3], &fetcher) < 0) {
+    Py_ssize_t index = PyLong_AsSsize_t(args[1]), within = -1;
+    int item = nargs >= 5 ? PyObject_IsTrue(args[4]) : 0;
+    if ((index == -1 && PyErr_Occurred()) || item < 0 ||
+        fields_argument(args, nargs, 5, "select(): fields", &fields) < 0 ||
+        fetcher_from(args[2], args[3], &fetcher) < 0) {
         return NULL;
     }
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     for (int levels = 1; node != NULL; levels++) {
         Image image;
-        int leaf = open_level(node, hint, &image, levels);
+        int leaf = open_level(node, hint, &image, levels, &fields);
+        if (leaf > 0 && check_count(node, &image, within) < 0) {
+            image_release(&image);
+            break;
+        }
         if (leaf > 0 && item) {
             PyObject *found = image_entry(&image, index);
             if (found != NULL || PyErr_Occurred()) {
@@ -2616,7 +2840,7 @@ tree_select(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             result = leaf < 0 ? NULL : Py_BuildValue("(Onn)", node, index, fetcher.hits);
             break;
         }
-        Py_ssize_t child = child_by_count(node, &image, &index);
+        Py_ssize_t child = child_by_count(node, &image, &index, &within);
         node = child < 0 ? NULL : child_of(node, &image, child, &fetcher, &hint);
         image_release(&image);
         if (node != NULL) { /* the leaf is returned, and read: its object's lines come in meanwhile */
@@ -2653,19 +2877,22 @@ leaf_holds(PyObject *node, const Image *image, Py_ssize_t position, const char *
     return same;
 }
 
-/* find(node, entry, fetch, nodes) -> (found, position, hits): the leaf below ``node`` that would hold
-   ``entry`` searched for it (_btree.NodeTree.find's descent). ``(None, None, hits)`` when it is absent;
-   ``(values, None, hits)`` when the leaf's image holds its values (see image_entry); else ``(leaf,
-   position, hits)``, the caller reading the values from the leaf's columns. */
+/* find(node, entry, fetch, nodes[, fields]) -> (found, position, hits): the leaf below ``node`` that
+   would hold ``entry`` searched for it (_btree.NodeTree.find's descent). ``(None, None, hits)`` when it
+   is absent; ``(values, None, hits)`` when the leaf's image holds its values (see image_entry); else
+   ``(leaf, position, hits)``, the caller reading the values from the leaf's columns. ``fields``: the
+   tree's number of value fields (see check_fields; this descent reads no counts, and checks none). */
 static PyObject *
 tree_find(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
-    if (nargs != 4 || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "find(node, entry: bytes, fetch, nodes)");
+    Fields fields;
+    if ((nargs != 4 && nargs != 5) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "find(node, entry: bytes, fetch, nodes[, fields])");
         return NULL;
     }
-    if (fetcher_from(args[2], args[3], &fetcher) < 0) {
+    if (fields_argument(args, nargs, 4, "find(): fields", &fields) < 0 ||
+        fetcher_from(args[2], args[3], &fetcher) < 0) {
         return NULL;
     }
     const char *key = PyBytes_AS_STRING(args[1]);
@@ -2673,7 +2900,7 @@ tree_find(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     PyObject *node = args[0], *hint = NULL, *result = NULL;
     for (int levels = 1; node != NULL; levels++) {
         Image image;
-        int leaf = open_level(node, hint, &image, levels);
+        int leaf = open_level(node, hint, &image, levels, &fields);
         if (leaf < 0) {
             image_release(&image);
             break;
@@ -2707,55 +2934,64 @@ tree_find(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
-/* rank(node, key, after, fetch, nodes) -> (rank, hits) */
+/* rank(node, key, after, fetch, nodes[, fields]) -> (rank, hits); ``fields``: the tree's number of
+   value fields (see check_fields). */
 static PyObject *
 tree_rank(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
-    if (nargs != 5 || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "rank(node, key: bytes, after: bool, fetch, nodes)");
+    Fields fields;
+    if ((nargs != 5 && nargs != 6) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "rank(node, key: bytes, after: bool, fetch, nodes[, fields])");
         return NULL;
     }
     int after = PyObject_IsTrue(args[2]);
-    if (after < 0 || fetcher_from(args[3], args[4], &fetcher) < 0) {
+    if (after < 0 || fields_argument(args, nargs, 5, "rank(): fields", &fields) < 0 ||
+        fetcher_from(args[3], args[4], &fetcher) < 0) {
         return NULL;
     }
     PyObject *nodes[1] = {args[0]}, *hints[1] = {NULL};
     const char *cuts[1] = {PyBytes_AS_STRING(args[1])};
-    Py_ssize_t sizes[1] = {PyBytes_GET_SIZE(args[1])}, ranks[1] = {0};
+    Py_ssize_t sizes[1] = {PyBytes_GET_SIZE(args[1])}, ranks[1] = {0}, within[1] = {-1};
     int afters[1] = {after};
-    int failed = descend(1, nodes, hints, cuts, sizes, afters, ranks, &fetcher) < 0;
+    int failed = descend(1, nodes, hints, cuts, sizes, afters, ranks, within, &fields, &fetcher) < 0;
     fetcher_end(&fetcher);
     return failed ? NULL : Py_BuildValue("nn", ranks[0], fetcher.hits);
 }
 
-/* rank_range(node, low, low_after, high, high_after, fetch, nodes) -> (start, stop, hits): the two
-   descents share the path down to the node where the cuts part. */
+/* rank_range(node, low, low_after, high, high_after, fetch, nodes[, fields]) -> (start, stop, hits):
+   the two descents share the path down to the node where the cuts part. ``fields``: the tree's number
+   of value fields (see check_fields). */
 static PyObject *
 tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     Fetcher fetcher;
-    if (nargs != 7 || !PyBytes_Check(args[1]) || !PyBytes_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "rank_range(node, low: bytes, low_after, high: bytes, high_after, fetch, nodes)");
+    Fields fields;
+    if ((nargs != 7 && nargs != 8) || !PyBytes_Check(args[1]) || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "rank_range(node, low: bytes, low_after, high: bytes, high_after, fetch, nodes[, fields])");
         return NULL;
     }
     int low_after = PyObject_IsTrue(args[2]), high_after = PyObject_IsTrue(args[4]);
-    if (low_after < 0 || high_after < 0 || fetcher_from(args[5], args[6], &fetcher) < 0) {
+    if (low_after < 0 || high_after < 0 || fields_argument(args, nargs, 7, "rank_range(): fields", &fields) < 0 ||
+        fetcher_from(args[5], args[6], &fetcher) < 0) {
         return NULL;
     }
     const char *low = PyBytes_AS_STRING(args[1]), *high = PyBytes_AS_STRING(args[3]);
     Py_ssize_t low_size = PyBytes_GET_SIZE(args[1]), high_size = PyBytes_GET_SIZE(args[3]);
     PyObject *node = args[0], *hint = NULL, *result = NULL;
-    Py_ssize_t base = 0;
+    Py_ssize_t base = 0, within = -1;
     for (int levels = 1; node != NULL; levels++) {
         Image image;
-        int leaf = open_level(node, hint, &image, levels);
+        int leaf = open_level(node, hint, &image, levels, &fields);
         if (leaf < 0) {
             image_release(&image);
             break;
         }
         if (leaf) {
-            Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
+            Py_ssize_t start = check_count(node, &image, within) < 0
+                                   ? -1
+                                   : image_search(node, &image, low, low_size, low_after);
             Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
             image_release(&image);
             result = stop < 0 ? NULL : Py_BuildValue("nnn", base + start, base + stop, fetcher.hits);
@@ -2763,9 +2999,9 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         }
         Py_ssize_t index = child_index(node, &image, low, low_size);
         Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
-        Py_ssize_t before, at_other;
-        if (other < 0 || count_before(node, &image, index, &before) < 0 ||
-            (index != other && count_before(node, &image, other, &at_other) < 0)) {
+        Py_ssize_t before, at_other, within_other;
+        if (other < 0 || counts_at(node, &image, index, &before, &within) < 0 ||
+            (index != other && counts_at(node, &image, other, &at_other, &within_other) < 0)) {
             image_release(&image);
             break;
         }
@@ -2779,9 +3015,9 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
             }
             PyObject *pair[2] = {low_child, high_child};
             const char *cuts[2] = {low, high};
-            Py_ssize_t cut_sizes[2] = {low_size, high_size}, ranks[2] = {0, 0};
+            Py_ssize_t cut_sizes[2] = {low_size, high_size}, ranks[2] = {0, 0}, counted[2] = {within, within_other};
             int afters[2] = {low_after, high_after};
-            if (descend(2, pair, hints, cuts, cut_sizes, afters, ranks, &fetcher) == 0) {
+            if (descend(2, pair, hints, cuts, cut_sizes, afters, ranks, counted, &fields, &fetcher) == 0) {
                 result = Py_BuildValue("nnn", base + before + ranks[0], base + at_other + ranks[1], fetcher.hits);
             }
             break;
@@ -3172,7 +3408,13 @@ settle(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         if (parse_span(PyTuple_GET_ITEM(spans, index), &columns, &start, &stop, &positive) < 0) {
             goto failed;
         }
+        Py_ssize_t width = PySequence_Fast_GET_SIZE(columns); /* a tuple or a list (parse_span) */
         Py_DECREF(columns);
+        if (width != fields) { /* a leaf of another aggregate (see check_fields) */
+            Fields expected = {fields, 1};
+            foreign_node(PyTuple_GET_ITEM(PyTuple_GET_ITEM(spans, index), 0), width, &expected);
+            goto failed;
+        }
         entries += positive ? stop - start : start - stop;
     }
     PyObject *count = PyLong_FromLongLong(entries);
@@ -3482,6 +3724,44 @@ rows_around(PyObject *node, const Image *image, Py_ssize_t index, Py_ssize_t fie
     return after->python == NULL ? -1 : 0;
 }
 
+/* The count of a summary row (0 for none) into *count, -1 there when it has no int64 count (add_row
+   then says what is wrong with it): 0, or -1 with an error set. */
+static int
+row_count(const Row *row, Py_ssize_t *count)
+{
+    *count = 0;
+    if (row->image != NULL) {
+        *count = (Py_ssize_t)row->count;
+        return 0;
+    }
+    if (row->python == NULL) {
+        return 0;
+    }
+    PyObject *item = PySequence_GetItem(row->python, 0);
+    if (item == NULL) {
+        PyErr_Clear();
+        *count = -1;
+        return 0;
+    }
+    long long value;
+    int found = exact_int64(item, &value);
+    Py_DECREF(item);
+    *count = found > 0 ? (Py_ssize_t)value : -1;
+    return found < 0 ? -1 : 0;
+}
+
+/* Whether a leaf holds what its parent (or the root record) counts in it, the count of ``after``
+   less that of ``before`` (see check_count; unknown counts pass): 0, or -1 with an error set. */
+static int
+check_rows_count(PyObject *node, const Image *image, const Row *before, const Row *after)
+{
+    Py_ssize_t low, high;
+    if (row_count(before, &low) < 0 || row_count(after, &high) < 0) {
+        return -1;
+    }
+    return low < 0 || high < 0 ? 0 : check_count(node, image, high - low);
+}
+
 /* Add (sign 1) or subtract (-1) a row: 0, 1 when a value is left to Python, -1 with an error set. */
 static int
 add_row(Total *total, const Row *row, int sign)
@@ -3692,12 +3972,16 @@ static int
 walk_step(Walk *walk, Total *total, Fetcher *fetcher)
 {
     PyObject *node = walk->node;
+    Fields fields = {total->fields, 1};
     int leaf = image_is_leaf(node, &walk->image);
-    if (leaf < 0) {
+    if (leaf < 0 || check_fields(node, &walk->image, leaf, &fields) < 0) {
         return -1;
     }
     if (leaf) {
         walk->done = 1;
+        if (check_rows_count(node, &walk->image, &walk->before, &walk->after) < 0) {
+            return -1;
+        }
         Py_ssize_t index = image_search(node, &walk->image, walk->key, walk->size, walk->key_after);
         Py_ssize_t count = index < 0 ? -1 : node_size(node, &walk->image);
         if (count < 0) {
@@ -3739,8 +4023,8 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
 /* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
    in turn, each level opening every walk's image before searching any: the cache misses of one
    walk's next node (its table slot, its image's first lines) are then under way while the other works,
-   where one walk after the other waits for each miss in turn. Releases the walks. 0, 1 when a value
-   is left to Python, -1 with an error set. */
+   where one walk after the other waits for each miss in turn. Two walks must reach their leaves at the
+   same level. Releases the walks. 0, 1 when a value is left to Python, -1 with an error set. */
 static int
 walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
 {
@@ -3757,6 +4041,9 @@ walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
                 image_release(&walks[at].image);
                 running += !walks[at].done;
             }
+        }
+        if (status == 0 && count == 2 && walks[0].done != walks[1].done) {
+            status = uneven_depths();
         }
     }
     for (int at = 0; at < count; at++) {
@@ -3775,9 +4062,10 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
 {
     Image image = {.blob = NULL};
     PyObject *hint = NULL;
+    Fields fields = {total->fields, 1};
     int status = -1;
     for (int levels = 1;; levels++) {
-        int leaf = open_level(node, hint, &image, levels);
+        int leaf = open_level(node, hint, &image, levels, &fields);
         if (leaf < 0) {
             goto finish;
         }
@@ -3823,6 +4111,9 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
         }
         image_release(&image);
         node = child;
+    }
+    if (check_rows_count(node, &image, before, after) < 0) {
+        goto finish;
     }
     Py_ssize_t start = image_search(node, &image, low, low_size, low_after);
     Py_ssize_t stop = start < 0 ? -1 : image_search(node, &image, high, high_size, high_after);
