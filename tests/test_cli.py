@@ -176,6 +176,74 @@ def test_build_replaces_the_aggregate_and_append_merges(tmp_path: Path, run: Any
     assert json.loads(out)["aggregates"][0]["items"] == 120
 
 
+@pytest.mark.parametrize("source", ["header-only.csv", "empty.jsonl", "table", "where"])
+def test_a_build_from_a_source_with_no_items_does_not_empty_the_aggregate(
+    built: Path, tmp_path: Path, run: Any, source: str
+) -> None:
+    """A replacing build from a source that gives no item emptied every namespace and exited 0: a
+    header-only export, an empty table or a --where that matches nothing wiped the aggregate. It is
+    now refused (exit 1, nothing written) unless --allow-empty; --append with nothing is no change."""
+    before = run("query", built, "events", "totals", "--namespace", "org:1")
+    options: list[Any] = []
+    if source == "table":
+        path = tmp_path / "app.sqlite"
+        with sqlite3.connect(path) as connection:
+            connection.execute(f"CREATE TABLE events ({', '.join(FIELDS)})")
+        options = ["--from", path, "--table", "events"]
+    elif source == "where":
+        options = ["--from", write_csv(tmp_path / "events.csv", EVENTS), "--where", "status=nope"]
+    else:
+        path = tmp_path / source
+        path.write_text(",".join(FIELDS) + "\n" if source.endswith(".csv") else "")
+        options = ["--from", path]
+    code, out, err = run("build", built, "events", *options, *BUILD)
+    assert (code, out) == (1, "")
+    assert "gave no items" in err and "it would empty aggregate 'events' (300 items in 4 namespace(s))" in err
+    assert "nothing was written. Pass --allow-empty to empty it" in err
+    if source == "where":
+        assert "--where matched none of its 300 record(s)" in err
+    assert run("query", built, "events", "totals", "--namespace", "org:1") == before
+    assert run("build", built, "events", *options, *BUILD, "--append", "--quiet") == (0, "", "")
+    assert run("query", built, "events", "totals", "--namespace", "org:1") == before
+    code, out, _ = run("build", built, "events", *options, *BUILD, "--allow-empty", "--json")
+    assert code == 0 and json.loads(out)["items"] == 0 and json.loads(out)["namespaces_cleared"] == 4
+    assert run("stats", built, "--json")[1].count('"items": 0') == 1
+    code, _, err = run("build", tmp_path / "new", "events", *options, *BUILD, "--quiet")
+    assert (code, err) == (0, "")  # a new (or empty) aggregate has nothing to lose
+
+
+def test_a_source_whose_every_record_is_skipped_is_an_error(built: Path, tmp_path: Path, run: Any) -> None:
+    """With --on-error skip and every record malformed (a wrong --key-type, say), the build emptied
+    the aggregate, or defined an empty one, and exited 0. It is an error in every mode now."""
+    source = tmp_path / "bad.csv"
+    source.write_text("org,ts,id,cost,tokens\norg:1,yesterday,a,1,1\norg:2,tomorrow,b,2,2\n")
+    first = "line 2: field 'ts' is \"yesterday\": not a datetime"
+    modes: list[tuple[Path, list[str]]] = [(built, []), (built, ["--append"]), (built, ["--allow-empty"])]
+    for database, extra in [*modes, (tmp_path / "new", [])]:
+        code, out, err = run(
+            "build", database, "events", "--from", source, *BUILD, "--on-error", "skip", *extra
+        )
+        assert (code, out) == (1, ""), extra
+        assert f"bad.csv: no record gave an item: 2 malformed record(s) skipped (the first: {first}" in err
+        assert "nothing was written" in err
+    assert not (tmp_path / "new").exists()  # the database the build created is removed again
+    assert aggregates_of(built) == ["events"]
+    assert run("query", built, "events", "count", "--namespace", "org:1") == (0, "75\n", "")
+
+
+def test_verify_repair_from_a_source_with_no_items_is_refused(built: Path, tmp_path: Path, run: Any) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(FIELDS) + "\n")
+    code, _, err = run("verify", built, "events", "--from", empty, *BUILD, "--repair")
+    assert code == 1 and "--repair would delete all 300 items of aggregate 'events'" in err
+    assert run("query", built, "events", "count", "--namespace", "org:1") == (0, "75\n", "")
+    code, out, _ = run("verify", built, "events", "--from", empty, *BUILD)  # reports the drift
+    assert code == 3 and "extra: 300" in out
+    code, out, _ = run("verify", built, "events", "--from", empty, *BUILD, "--repair", "--allow-empty")
+    assert code == 0 and "repaired: 300 item(s)" in out
+    assert run("stats", built, "--json")[1].count('"items": 0') == 1
+
+
 def test_build_without_sum_keeps_the_aggregate_fields(
     built: Path, sources: dict[str, Path], run: Any
 ) -> None:
@@ -246,22 +314,28 @@ def test_build_from_sqlite(tmp_path: Path, run: Any) -> None:
 
 
 class FakeSqlAlchemy(types.ModuleType):
-    """Just enough of SQLAlchemy's API (create_engine, text, a streaming result) over sqlite3."""
+    """Just enough of SQLAlchemy's API (create_engine, text, a streaming result, a transaction, the
+    postgresql_readonly option) over sqlite3. ``log`` records what the source did."""
 
-    def __init__(self) -> None:
+    log: list[str]
+
+    def __init__(self, *, readonly: bool = True) -> None:
         super().__init__("sqlalchemy")
+        self.log = []
+        self.readonly = readonly  # whether the dialect has read-only transactions
 
     @staticmethod
     def text(sql: str) -> str:
         return sql
 
-    @staticmethod
-    def create_engine(url: str) -> Any:
+    def create_engine(self, url: str) -> Any:
         path = url.split("@", 1)[1]
+        log, readonly = self.log, self.readonly
 
         class Result:
             def __init__(self, cursor: sqlite3.Cursor) -> None:
                 self.cursor = cursor
+                self.returns_rows = cursor.description is not None
 
             def keys(self) -> list[str]:
                 return [column[0] for column in self.cursor.description]
@@ -274,21 +348,33 @@ class FakeSqlAlchemy(types.ModuleType):
                 self.connection = sqlite3.connect(path)
 
             def execution_options(self, **options: Any) -> Connection:
-                assert options == {"stream_results": True}
+                assert options in ({"stream_results": True}, {"postgresql_readonly": True})
+                if "postgresql_readonly" in options:
+                    if not readonly:
+                        raise NotImplementedError
+                    self.connection.execute("PRAGMA query_only = ON")  # as SET TRANSACTION READ ONLY
+                log.append(f"options {options}")
                 return self
+
+            def begin(self) -> None:
+                self.connection.execute("BEGIN")  # DDL included: SQLite's is transactional
+                log.append("begin")
 
             def execute(self, sql: str) -> Result:
                 return Result(self.connection.execute(sql))
 
             def close(self) -> None:
-                self.connection.close()
+                log.append("close")
+                self.connection.close()  # uncommitted: rolled back, as SQLAlchemy's close does
 
         class Engine:
+            dialect = types.SimpleNamespace(name=url.partition(":")[0].partition("+")[0])
+
             def connect(self) -> Connection:
                 return Connection()
 
             def dispose(self) -> None:
-                pass
+                log.append("dispose")
 
         return Engine()
 
@@ -384,15 +470,52 @@ def test_malformed_csv_lines(tmp_path: Path, run: Any) -> None:
     assert "short.csv line 3: expected 3 fields (as in the header), found 2" in err
     argv = ["--key", "ts", "--id", "id", "--sum", "cost", "--on-error", "skip", "--json"]
     code, out, _ = run("build", tmp_path / "db", "x", "--from", source, *argv)
+    assert code == 1 and "short.csv line 4: a quoted field begins there and never ends" in out
+    source.write_text('ts,id,cost\n1,a,1\n2,b\n3,c,"7"\n')
+    code, out, _ = run("build", tmp_path / "db", "x", "--from", source, *argv)
     skipped = json.loads(out)["skipped"]
-    assert code == 0 and skipped["count"] == 2
-    assert skipped["examples"][1] == {
-        "where": "line 4",
-        "error": "malformed CSV (unexpected end of data); the line may be truncated",
+    assert code == 0 and skipped["count"] == 1
+    assert skipped["examples"][0] == {
+        "where": "line 3",
+        "error": "expected 3 fields (as in the header), found 2; the line may be truncated or have an "
+        "unquoted delimiter",
     }
     source.write_text("ts,id\n")
     code, _, err = run("build", tmp_path / "db", "x", "--from", source, "--key", "nope")
     assert code == 1 and "has no column 'nope'; its columns are ts, id" in err
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+@pytest.mark.parametrize("records", [2, 5000])  # the unclosed quote in the first batch or a later one
+def test_an_unclosed_csv_quote_is_fatal_and_names_the_line_it_opens(
+    tmp_path: Path, run: Any, on_error: str, records: int
+) -> None:
+    """A quote that is never closed swallowed the rest of the file into one field; with --on-error
+    skip that was one skipped record, named by the file's last line, and every record after the
+    quote was lost without a word. It stops the build now, whatever --on-error says, naming the line
+    where the quoted field opens (from standard input: where its record begins)."""
+    rows = "".join(f"{n},e{n},1\n" for n in range(records))
+    opened = records + 3  # the header, the records, a record spanning two lines
+    text = f'k,id,v\n{rows}-1,"two\nlines",1\n-2,x"y,"never ""closed"" here\n-3,z,1\n-4,w,1\n'
+    source = tmp_path / "open.csv"
+    source.write_text(text)
+    argv = [*KEY_ID_SUM, "--on-error", on_error]
+    code, out, err = run("build", tmp_path / "db", "x", "--from", source, *argv)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"tallytree: error: {source} line {opened + 1}: a quoted field begins there and never ends: the "
+        "file ends inside it, so every line after it was read as part of that field; close the quote (a "
+        'quote inside a quoted field is written twice, "")\n'
+    )
+    assert not (tmp_path / "db").exists()
+    stdin = types.SimpleNamespace(buffer=io.BytesIO(text.encode()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stdin", stdin)
+        code, _, err = run("build", tmp_path / "db", "x", "--from", "-", "--format", "csv", *argv)
+    assert code == 1
+    assert f"standard input line {opened + 1}: the record that begins there has a quoted field" in err
+    with pytest.raises(SourceError, match=f"line {opened + 1}: a quoted field begins there"):
+        list(open_source(str(source)).records())
 
 
 def test_a_repeated_column_is_refused_where_it_is_read(tmp_path: Path, run: Any) -> None:
@@ -806,6 +929,120 @@ def test_text_ids_that_are_canonical_integers_are_ints_from_every_source(tmp_pat
     assert code == 0 and json.loads(out)["items"] == 3
 
 
+def test_namespaces_follow_the_rule_of_ids_from_every_source(tmp_path: Path, run: Any) -> None:
+    """The CSV cell 42 was the namespace 42 and the JSON string "42" the namespace "42", so the same
+    export as CSV or JSON Lines built different namespaces (and verified as all drift). Namespaces
+    follow the rule of ids now: text that is a canonical integer is that int from every source,
+    other text stays text; --namespace-type str keeps text, int requires integers."""
+    rows = [("42", "a"), ("007", "b"), ("4.5", "c"), ("org:1", "d")]
+    csv_file = tmp_path / "n.csv"
+    csv_file.write_text("org,k,id,v\n" + "".join(f"{org},1,{name},1\n" for org, name in rows))
+    jsonl = tmp_path / "n.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"org": org, "k": 1, "id": name, "v": 1}) + "\n" for org, name in rows)
+    )
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"org": 42, "k": 1, "id": "a", "v": 1}\n{"org": 4.5, "k": 1, "id": "c", "v": 1}\n')
+    sqlite = tmp_path / "n.sqlite"
+    with sqlite3.connect(sqlite) as connection:
+        connection.execute("CREATE TABLE t (org TEXT, k INTEGER, id TEXT, v INTEGER)")
+        connection.executemany("INSERT INTO t VALUES (?, 1, ?, 1)", rows)
+    argv = ["--namespace", "org", *KEY_ID_SUM]
+    database = tmp_path / "db"
+    sources: list[tuple[str, list[Any]]] = [
+        ("c", ["--from", csv_file]),
+        ("j", ["--from", jsonl]),
+        ("s", ["--from", sqlite, "--table", "t"]),
+    ]
+    for name, source in sources:
+        assert run("build", database, name, *source, *argv, "--quiet") == (0, "", ""), name
+        code, out, _ = run("namespaces", database, name, "--json")
+        assert [space["namespace"] for space in json.loads(out)["namespaces"]] == [42, "007", "4.5", "org:1"]
+        assert run("verify", database, "c", *source, *argv, "--quiet")[0] == 0, name
+    assert run("build", database, "n", "--from", numbers, *argv, "--quiet") == (0, "", "")
+    code, out, _ = run("namespaces", database, "n", "--json")  # JSON numbers keep their type
+    assert [space["namespace"] for space in json.loads(out)["namespaces"]] == [4.5, 42]
+    assert run("query", database, "c", "count", "--namespace", "42") == (0, "1\n", "")
+    for name, source in [*sources, ("n", ["--from", numbers])]:
+        code, _, _ = run("build", database, f"{name}2", *source, *argv, "--namespace-type", "str", "--quiet")
+        assert code == 0
+        code, out, _ = run("namespaces", database, f"{name}2", "--json")
+        expected = ["4.5", "42"] if name == "n" else ["007", "4.5", "42", "org:1"]
+        assert [space["namespace"] for space in json.loads(out)["namespaces"]] == expected, name
+    code, _, err = run("build", database, "i", "--from", csv_file, *argv, "--namespace-type", "int")
+    assert code == 1 and "line 4: field 'org' is \"4.5\", not an int" in err
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+@pytest.mark.parametrize("query", ["DELETE FROM t", "DROP TABLE t", "UPDATE t SET k = 0"])
+def test_an_sql_query_that_returns_no_rows_is_a_source_error_and_is_rolled_back(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch, query: str, readonly: bool
+) -> None:
+    """A --query that returns no rows (DDL, DML) gave a traceback, and what it did could be
+    committed. It is a source error now, run in a transaction that is rolled back (read-only where
+    the dialect allows it, where the statement itself fails)."""
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (k INTEGER)")
+        connection.executemany("INSERT INTO t VALUES (?)", [(n,) for n in range(10)])
+    fake = FakeSqlAlchemy(readonly=readonly)
+    monkeypatch.setitem(sys.modules, "sqlalchemy", fake)
+    url = f"postgresql://me:hunter2@{path}"
+    code, out, err = run("build", tmp_path / "db", "a", "--from", url, "--query", query, "--key", "k")
+    assert (code, out) == (1, "")
+    shown = f"tallytree: error: cannot read from postgresql://me:***@{path}: "
+    if readonly:
+        assert err == shown + "attempt to write a readonly database\n"
+    else:
+        assert err == shown + (
+            "the query returns no rows (it is not a SELECT); give a SELECT to read; what it changed is "
+            "rolled back\n"
+        )
+    options = ["options {'postgresql_readonly': True}"] if readonly else []
+    assert fake.log == [*options, "options {'stream_results': True}", "begin", "close", "dispose"]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*), sum(k) FROM t").fetchone() == (10, 45)
+    assert not (tmp_path / "db").exists()
+    fake.log.clear()
+    code, _, _ = run("build", tmp_path / "db", "a", "--from", url, "--table", "t", "--key", "k", "--quiet")
+    assert code == 0
+    assert fake.log == [*options, "options {'stream_results': True}", "begin", "close", "dispose"]
+
+
+def test_sqlite_urls_are_read_as_sqlite_files(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite+pysqlite:///missing.sqlite created an empty file (through SQLAlchemy) and exited 1;
+    sqlite:///app.sqlite?mode=ro read "app.sqlite?mode=ro" as the path. Every SQLite URL is now read
+    as a SQLite path is: read-only, its query string apart, a missing file not found (exit 4)."""
+    monkeypatch.chdir(tmp_path)
+    with sqlite3.connect(tmp_path / "app.sqlite") as connection:
+        connection.execute("CREATE TABLE t (k INTEGER)")
+        connection.executemany("INSERT INTO t VALUES (?)", [(n,) for n in range(10)])
+    argv = ["--table", "t", "--key", "k", "--quiet"]
+    for url in [
+        "sqlite:///app.sqlite?mode=ro",
+        "sqlite+pysqlite:///app.sqlite",
+        f"SQLite:///{tmp_path}/app.sqlite",
+    ]:
+        assert run("build", "db", "a", "--from", url, *argv) == (0, "", ""), url
+    assert run("query", "db", "a", "count") == (0, "10\n", "")
+    code, _, err = run("build", "db", "a", "--from", "sqlite+pysqlite:///missing.sqlite", *argv)
+    assert code == 4 and "source missing.sqlite not found" in err
+    assert not (tmp_path / "missing.sqlite").exists()
+    code, _, err = run("build", "db", "a", "--from", "sqlite://", *argv)
+    assert code == 1 and "give the SQLite file, as in sqlite:///relative/app.db" in err
+    code, _, err = run(
+        "build", "db", "a", "--from", "app.sqlite", "--query", "PRAGMA foreign_keys = ON", "--key", "k"
+    )
+    assert code == 1 and "app.sqlite: the query returns no rows (it is not a SELECT); give a SELECT" in err
+    code, _, err = run("build", "db", "a", "--from", "app.sqlite", "--query", "DELETE FROM t", "--key", "k")
+    assert code == 1 and "app.sqlite: attempt to write a readonly database" in err
+    odd = tmp_path / "odd?name#1.sqlite"  # a path that is not read as a URI's query or fragment
+    shutil.copy(tmp_path / "app.sqlite", odd)
+    assert run("build", "db", "b", "--from", odd, *argv) == (0, "", "")
+
+
 class SecretLeakingSqlAlchemy(FakeSqlAlchemy):
     """A driver whose errors quote the URL it was given, percent-decoded too (as some do)."""
 
@@ -888,6 +1125,7 @@ def test_sql_url_errors_while_reading_rows_are_source_errors(
 
                 class Failing:
                     keys = result.keys
+                    returns_rows = True
 
                     def __iter__(self) -> Iterator[Any]:
                         yield (1,)
@@ -968,6 +1206,90 @@ def test_sigterm_during_a_build_or_verify_cleans_up_as_ctrl_c_does(
     assert aggregates_of(database) == ["old"]
     assert run("query", database, "old", "totals") == (0, "count=1 v=1\n", "")
     assert run("check", database) == (0, "ok: no problems found\n", "")
+
+
+SIGNAL_IN_COMMIT = """\
+import os, signal, sys
+from tallytree import _txn
+from tallytree.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the test runner ignores SIGINT
+when, signum = sys.argv[1], int(sys.argv[2])
+commit = _txn.WriteTransaction.commit
+
+
+def signalled(self):
+    if when == "before":  # the signal comes as the commit begins: its handler runs before LMDB's
+        os.kill(os.getpid(), signum)
+    commit(self)
+    if when == "after":  # as if it came during LMDB's commit: its handler runs once that returns
+        os.kill(os.getpid(), signum)
+
+
+_txn.WriteTransaction.commit = signalled
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", ["build", "verify"])
+def test_a_signal_during_the_commit_lets_it_complete_and_says_so(
+    tmp_path: Path, run: Any, command: str, signum: int, when: str
+) -> None:
+    """Ctrl-C or SIGTERM during the commit: its handler ran once LMDB's commit had returned, and the
+    command said "nothing was written" (exit 130 or 143) with everything written. From the commit
+    on, a signal is only noted: the commit completes, the command reports it (exit 0) and says when
+    the signal came. Deterministic: the signal is sent from inside a patched commit."""
+    database = tmp_path / "db"
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text("k,id,v\n1,a,1\n2,b,2\n")
+    new.write_text("k,id,v\n1,a,1\n2,b,2\n3,c,5\n")
+    assert run("build", database, "a", "--from", old, *KEY_ID_SUM, "--quiet")[0] == 0
+    extra = ["--repair"] if command == "verify" else []
+    child = [sys.executable, "-c", SIGNAL_IN_COMMIT, when, str(signum)]
+    result = subprocess.run(
+        [*child, command, str(database), "a", "--from", str(new), *KEY_ID_SUM, *extra, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    name = signal.Signals(signum).name
+    what = "the build is in place (3 items)" if command == "build" else "the repair is in place"
+    assert (result.returncode, result.stderr) == (
+        0,
+        f"tallytree: note: {name} arrived during the commit, which cannot be interrupted; it completed: "
+        f"{what}\n",
+    )
+    document = json.loads(result.stdout)
+    assert document["signal_during_commit"] == name
+    assert document["items" if command == "build" else "repaired"] == (3 if command == "build" else 1)
+    assert run("query", database, "a", "totals") == (0, "count=3 v=8\n", "")
+    assert run("check", database) == (0, "ok: no problems found\n", "")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_ctrl_c_during_the_commit_of_a_drop_does_not_say_nothing_was_written(
+    tmp_path: Path, run: Any
+) -> None:
+    database = tmp_path / "db"
+    source = tmp_path / "s.csv"
+    source.write_text("k,id,v\n1,a,1\n")
+    assert run("build", database, "a", "--from", source, *KEY_ID_SUM, "--quiet")[0] == 0
+    child = [sys.executable, "-c", SIGNAL_IN_COMMIT, "after", str(int(signal.SIGINT))]
+    result = subprocess.run(
+        [*child, "drop", str(database), "a", "--yes"], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout) == (
+        0,
+        f"dropped aggregate 'a' from {database}: 1 items in 1 namespace(s)\n",
+    )
+    assert result.stderr == (
+        "tallytree: note: SIGINT arrived during the commit, which cannot be interrupted; it completed: the "
+        "drop is done\n"
+    )
+    assert aggregates_of(database) == []
 
 
 def test_a_failed_build_leaves_the_previous_contents(built: Path, tmp_path: Path, run: Any) -> None:
@@ -1158,6 +1480,8 @@ def test_help_and_version(run: Any) -> None:
     for command in ("build", "query", "check", "verify", "stats", "namespaces", "drop", "demo"):
         code, out, _ = run(command, "--help")
         assert code == 0 and out.startswith(f"usage: tallytree {command}") and "--json" in out
+    code, out, _ = run("--help")  # every exit code a script may see, 130 and 143 included
+    assert code == 0 and "130 interrupted (Ctrl-C), 143 terminated (SIGTERM)" in " ".join(out.split())
     code, out, _ = run("--version")
     assert (code, out) == (0, f"tallytree {tallytree.__version__}\n")
 
@@ -1196,6 +1520,42 @@ def test_eight_digit_dates_are_basic_iso_dates_not_epoch_seconds(tmp_path: Path,
     source.write_text("day,id,v\n20240131,a,1\n20230229,b,2\n")
     code, _, err = run("build", tmp_path / "db", "days", "--from", source, *argv)
     assert code == 1 and "line 3: field 'day' is \"20230229\": not a date: YYYYMMDD with no such day" in err
+
+
+def test_infinite_float_keys_are_strict_json_and_infinity_is_a_bound(tmp_path: Path, run: Any) -> None:
+    """--json printed the bare Infinity of Python's json module (not JSON: strict parsers refuse
+    the document); and --lt Infinity was the text "Infinity" (after every number). Infinite floats
+    are now {"float": "Infinity"} in JSON, and Infinity and -Infinity on the command line are the
+    float infinities ("Infinity" in quotes stays text)."""
+    source = tmp_path / "inf.jsonl"
+    source.write_text(
+        '{"k": 1.5, "id": "a", "v": 1}\n{"k": Infinity, "id": "b", "v": 2}\n'
+        '{"k": -Infinity, "id": "c", "v": 3}\n{"k": "Infinity", "id": "d", "v": 4}\n'
+    )
+    database = tmp_path / "db"
+    assert run("build", database, "a", "--from", source, *KEY_ID_SUM, "--quiet") == (0, "", "")
+    code, out, _ = run("query", database, "a", "items", "--json")
+    document = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert [item["key"] for item in document["items"]] == [
+        {"float": "-Infinity"},
+        1.5,
+        {"float": "Infinity"},
+        "Infinity",
+    ]
+    for bound, expected in [
+        (["--lt", "Infinity"], "2"),
+        (["--ge", "Infinity"], "2"),
+        (["--gt=-Infinity"], "3"),  # with =: argparse reads a separate -Infinity as an option
+        (["--eq", "Infinity"], "1"),
+        (["--eq", '"Infinity"'], "1"),
+        (["--lt", '"Infinity"'], "3"),
+    ]:
+        assert run("query", database, "a", "count", *bound) == (0, f"{expected}\n", ""), bound
+    code, out, _ = run("query", database, "a", "max", "--lt", '"Infinity"', "--json")
+    assert json.loads(out)["key"] == {"float": "Infinity"}
+    code, out, _ = run("query", database, "a", "items", "--limit", "3")
+    assert code == 0 and out.splitlines()[:3] == ["-Infinity  c  v=3", "1.5  a  v=1", "Infinity  b  v=2"]
+    assert run("query", database, "a", "rank", "Infinity") == (0, "2\n", "")  # text output reads back
 
 
 def test_query_operations(built: Path, run: Any) -> None:
@@ -1321,6 +1681,29 @@ def test_check_passes_and_fails(built: Path, run: Any) -> None:
     assert code == 3 and json.loads(out)["ok"] is False
 
 
+def test_damage_met_by_build_or_verify_is_exit_code_3(
+    built: Path, sources: dict[str, Path], run: Any
+) -> None:
+    """A damaged node met while reading the stored items was reported as a failure of the source
+    (exit 1, "events.csv: node ... cannot be decoded"); it is the database's, exit 3, as for query."""
+    import lmdb
+
+    environment = lmdb.open(str(built), max_dbs=8)
+    nodes = environment.open_db(b"nodes")
+    with environment.begin(write=True) as txn:
+        for key in list(txn.cursor(db=nodes).iternext(values=False)):
+            txn.put(key, b"\xc1" * 24, db=nodes)  # 0xc1: never used by msgpack
+    environment.close()
+    for command, extra in [
+        ("verify", []),
+        ("verify", ["--repair"]),
+        ("build", ["--append", "--on-duplicate", "last"]),
+    ]:
+        code, out, err = run(command, built, "events", "--from", sources["csv"], *BUILD, *extra, "--json")
+        assert code == 3, (command, err)
+        assert json.loads(out)["exit_code"] == 3 and not err.startswith(f"tallytree: error: {sources['csv']}")
+
+
 def test_stats(tmp_path: Path, sources: dict[str, Path], run: Any) -> None:
     built = tmp_path / "db"  # nodes of 64 entries: 75 items per namespace make trees of two levels
     code, _, err = run(
@@ -1363,6 +1746,43 @@ def test_namespaces_are_paged(built: Path, run: Any) -> None:
     document = json.loads(out)
     assert [space["namespace"] for space in document["namespaces"]] == ["org:3"]
     assert document["done"] is True and document["next"] is None
+
+
+def test_namespaces_after_names_its_option_in_errors(built: Path, run: Any) -> None:
+    code, _, err = run("namespaces", built, "events", "--after", '{"org": 1}')
+    assert code == 2 and err.startswith("tallytree: error: --after '{\"org\": 1}': ")
+
+
+@pytest.mark.parametrize("name", ["namespace", "start", "end"])
+def test_sums_named_like_the_json_output_keys_are_refused(tmp_path: Path, run: Any, name: str) -> None:
+    """A summed field named namespace, start or end overwrote that key of `namespaces --json` or
+    `query buckets --json` (they print the sums beside their own keys, as `count`, which the library
+    reserves). build refuses the names for a new aggregate; an aggregate the library defined with
+    one is refused by the JSON output that would merge them, and read in text."""
+    source = tmp_path / "s.csv"
+    source.write_text("k,id,v\n1,a,5\n2,b,7\n")
+    database = tmp_path / "db"
+    code, out, err = run(
+        "build", database, "a", "--from", source, "--key", "k", "--id", "id", "--sum", f"{name}=v"
+    )
+    assert (code, out) == (1, "")
+    assert f"the value field name {name!r} is reserved: `tallytree " in err and "pick another name" in err
+    assert not database.exists()
+    with tallytree.open(database) as db:  # the library defines it
+        aggregate = db.aggregate("a", values=(name,))
+        with db.write() as tx:
+            aggregate.insert_many(tx, [(1, "a", (5,)), (2, "b", (7,))], namespace="n")
+    argv = ["--namespace", "n", "--start", "0", "--width", "10", "--count", "1"]
+    command = (
+        ["namespaces", database, "a"] if name == "namespace" else ["query", database, "a", "buckets", *argv]
+    )
+    code, out, err = run(*command, "--json")
+    assert code == 1 and f"aggregate 'a' has a value field named {name!r}" in err
+    assert json.loads(out) == {"error": err.removeprefix("tallytree: error: ").strip(), "exit_code": 1}
+    code, out, _ = run(*command)
+    assert code == 0 and f"count=2 {name}=12" in out
+    code, out, _ = run("query", database, "a", "totals", "--namespace", "n", "--json")
+    assert json.loads(out) == {"count": 2, name: 12}  # no key of its own there
 
 
 # ------------------------------------------------------------------ drop
@@ -1572,6 +1992,44 @@ def test_verify_reports_drift_and_repairs_it(built: Path, tmp_path: Path, run: A
     assert code == 1 and "sums ['cost', 'tokens'], but --sum names ['cost']" in err
 
 
+def test_verify_says_when_the_keys_differ_only_in_type(
+    built: Path, sources: dict[str, Path], run: Any
+) -> None:
+    """A verify without the build's --key-type datetime reported every item missing and extra and
+    suggested --repair, which rewrote every key. It now says that the key types differ, with the
+    --key-type to give, and --repair refuses it (exit 1, nothing written) unless --force."""
+    argv = [option for option in BUILD if option not in ("--key-type", "datetime")]
+    code, out, _ = run("verify", built, "events", "--from", sources["csv"], *argv)
+    assert code == 3 and "missing: 300" in out and "extra: 300" in out
+    assert out.splitlines()[-1] == (
+        "drift: 600 item(s); the stored keys are of type datetime and the source's of type text: the "
+        "source is probably read with another --key-type than the build that stored them: verify again "
+        "with --key-type datetime"
+    )
+    code, out, _ = run("verify", built, "events", "--from", sources["csv"], *argv, "--json")
+    assert code == 3 and json.loads(out)["key_types"]["hint"] == "--key-type datetime"
+    assert json.loads(out)["key_types"]["stored"] == ["datetime"]
+    before = run("query", built, "events", "items", "--namespace", "org:1", "--limit", "2")
+    code, out, err = run("verify", built, "events", "--from", sources["csv"], *argv, "--repair")
+    assert (code, out) == (1, "")
+    assert "--repair would rewrite every key, so nothing was written: verify again with --key-type" in err
+    assert run("query", built, "events", "items", "--namespace", "org:1", "--limit", "2") == before
+    code, out, _ = run("verify", built, "events", "--from", sources["csv"], *argv, "--repair", "--force")
+    assert code == 0 and "repaired: 600 item(s)" in out
+    assert run("verify", built, "events", "--from", sources["csv"], *argv)[0] == 0  # text keys now
+    assert run("verify", built, "events", "--from", sources["csv"], *BUILD)[0] == 3
+    document = json.loads(run("verify", built, "events", "--from", sources["csv"], *BUILD, "--json")[1])
+    assert document["key_types"]["hint"] == "--key-type str"
+    tuples = ["--key", "status,ts", "--key-type", "ts=datetime", "--id", "id", "--sum", "cost"]
+    assert run("build", built, "pairs", "--from", sources["csv"], *tuples, "--quiet")[0] == 0
+    code, out, _ = run("verify", built, "pairs", "--from", sources["csv"], *tuples[:2], *tuples[4:])
+    assert code == 3 and out.splitlines()[-1].endswith(
+        "the stored keys are of type (text, datetime) and the source's of type (text, text): the source "
+        "is probably read with another --key-type than the build that stored them: verify again with "
+        "--key-type ts=datetime"
+    )
+
+
 def test_verify_treats_a_repeated_item_as_build_does(tmp_path: Path, run: Any) -> None:
     """A source build refuses verifies as an error naming both lines, not as "ok" with the last row
     kept; --on-duplicate last compares what a build with it holds. --repair writes nothing then."""
@@ -1656,6 +2114,7 @@ def test_docs_commands_run(tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     write_csv(tmp_path / "events.csv", EVENTS)
+    write_csv(tmp_path / "header-only.csv", [])
     lines = BAD_JSONL.split("\n")
     (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], lines[6], lines[3]]) + "\n")
     with sqlite3.connect(tmp_path / "app.sqlite") as connection:

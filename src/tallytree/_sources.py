@@ -18,10 +18,12 @@ Typing rules. JSON values keep their JSON types (arrays become tuples). CSV cell
 values are text, typed *automatically*: an integer written canonically (``42``, ``-7``, not ``042``,
 ``+7`` or ``-0``) becomes an int, a decimal number a float, anything else stays text; text that
 only Python reads as a number (``1_000``, digits outside ASCII) is never one (see
-:func:`_python_only`). Ids are the
-exception to "JSON keeps its types": an id written as text that is a canonical integer becomes an int
-from every source (the JSON string ``"42"`` as the CSV cell ``42`` and the SQL text ``'42'``), so that
-the same data exported as CSV, JSON Lines or SQL gives the same ids (``--id-type str`` keeps text).
+:func:`_python_only`). Ids and namespaces are
+the exception to "JSON keeps its types": one written as text that is a canonical integer becomes an
+int from every source (the JSON string ``"42"`` as the CSV cell ``42`` and the SQL text ``'42'``),
+other text stays text (a CSV ``4.5`` too), so that the same data exported as CSV, JSON Lines or SQL
+gives the same ids and namespaces (``--id-type str``, ``--namespace-type str`` keep text; see
+:func:`_typed_namespace`).
 ``--key-type datetime`` reads ISO 8601 text (without an offset: UTC) or epoch seconds, or milliseconds
 for numbers of magnitude 10^11 and above; eight digits that form a date are that date
 (``20240131``, ISO 8601's basic form), not seconds of 1970 to 1973; a moment that leaves the years
@@ -36,11 +38,18 @@ the first bad byte; the header of a CSV file is not a record, so bytes there sto
 decoded with ``surrogateescape``, so the csv module's reader (which reads ahead) never fails mid-file,
 and once the decoder has escaped a bad byte, records are checked for escaped bytes (U+DC80 to
 U+DCFF, which strict UTF-8 text never holds) before they are used (see :class:`CsvSource`).
+
+A CSV quote that is never closed is a :class:`SourceError`, not a malformed record: the csv module
+reads every line after it into that field, up to the end of the file, so skipping "the record" would
+drop the rest of the file without a word. The message names the line where the quoted field opens,
+found by reading the file again (:func:`_unclosed_quote`; from standard input, the line where its
+record begins).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import importlib
 import io
@@ -61,6 +70,7 @@ from ._keys import MAX_KEY_BYTES
 
 __all__ = [
     "KEY_TYPES",
+    "NAMESPACE_TYPES",
     "RowError",
     "RowSpec",
     "Source",
@@ -181,18 +191,29 @@ def _tuples(value: Any) -> Any:
 def parse_value(text: str) -> Any:
     """A value given on the command line: JSON if it parses as JSON (arrays become tuples), else text.
 
+    ``Infinity`` and ``-Infinity``, which JSON lacks but JavaScript and Python's ``json`` read, are
+    the float infinities (a float key may be one: ``--lt Infinity`` bounds the finite floats); the
+    text is ``'"Infinity"'``. ``NaN`` stays text: no key is NaN. O(len(text)).
+
     >>> parse_value("42"), parse_value("user:42"), parse_value('"42"'), parse_value('["eu", 1]')
     (42, 'user:42', '42', ('eu', 1))
+    >>> parse_value("-Infinity"), parse_value('"Infinity"'), parse_value("NaN"), parse_value("[1, Infinity]")
+    (-inf, 'Infinity', 'NaN', (1, inf))
     """
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_constant)
     except ValueError:
         return text
     if isinstance(value, dict):
         raise ValueError(f"{text!r} is a JSON object; give a number, text or an array")
-    if isinstance(value, float) and not math.isfinite(value):
-        return text
     return _tuples(value)
+
+
+def _constant(name: str) -> float:
+    """``json.loads``'s ``parse_constant``: the infinities, and NaN refused (the text is then text)."""
+    if name == "NaN":
+        raise ValueError("NaN is no key")
+    return float(name)
 
 
 def parse_datetime(value: Any) -> datetime:
@@ -383,8 +404,17 @@ class CsvSource(_FileSource):
 
     kind = "csv"
 
-    def __init__(self, name: str, stream: IO[bytes], total_bytes: int | None, delimiter: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        stream: IO[bytes],
+        total_bytes: int | None,
+        delimiter: str,
+        path: str | None = None,
+    ) -> None:
         super().__init__(name, stream, total_bytes)
+        self.path = path  # the file, to find where an unclosed quote opened (None: standard input)
+        self.delimiter = delimiter
         if csv.field_size_limit() < _CSV_FIELD_LIMIT:  # see _CSV_FIELD_LIMIT: raised, never lowered
             csv.field_size_limit(_CSV_FIELD_LIMIT)
         self._escaped = _ESCAPES[0]  # bad bytes decoded so far, by any source: see batches()
@@ -401,6 +431,24 @@ class CsvSource(_FileSource):
             line, error = escaped
             raise SourceError(f"{name} line {line}: the header row is {error.args[0]}")
         self.fields = [name.strip() for name in header]
+        self._last_line = self.reader.line_num  # the last line of the last record read whole
+
+    def _error(self, exc: csv.Error) -> RowError:
+        """The RowError of a malformed record; raises SourceError for the end of the file inside a
+        quoted field, which no skipping can get past: the reader took every line after the quote
+        into that field, so the records there are lost, and skipping "one record" would hide them."""
+        if "unexpected end of data" not in str(exc):
+            return RowError(f"malformed CSV ({exc}); the line may be truncated")
+        first = self._last_line + 1
+        opened = _unclosed_quote(self.path, first, self.delimiter) if self.path is not None else None
+        if opened is None:
+            where = f"line {first}: the record that begins there has a quoted field that never ends"
+        else:
+            where = f"line {opened}: a quoted field begins there and never ends"
+        raise SourceError(
+            f"{self.name} {where}: the file ends inside it, so every line after it was read as part of "
+            'that field; close the quote (a quote inside a quoted field is written twice, "")'
+        )
 
     def records(self) -> Iterator[tuple[int, Any]]:
         reader = self.reader
@@ -410,8 +458,10 @@ class CsvSource(_FileSource):
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield reader.line_num, RowError(f"malformed CSV ({exc}); the line may be truncated")
+                yield reader.line_num, self._error(exc)
+                self._last_line = reader.line_num
                 continue
+            self._last_line = reader.line_num
             if not row:
                 continue  # a blank line
             yield self._checked(row, reader.line_num)
@@ -425,12 +475,13 @@ class CsvSource(_FileSource):
         rows = zip(reader, map(attrgetter("line_num"), repeat(reader)), strict=False)
         while True:
             read: list[tuple[list[str], int]] = []
-            error: Exception | None = None
+            error: csv.Error | None = None
             try:
                 read.extend(islice(rows, size))
             except csv.Error as exc:
-                error = RowError(f"malformed CSV ({exc}); the line may be truncated")
+                error = exc
             if read:
+                self._last_line = read[-1][1]
                 cells = list(map(itemgetter(0), read))
                 # a bad byte counted since this source opened may be in these rows (or later ones)
                 clean = _ESCAPES[0] == self._escaped or _utf8(cells)
@@ -438,8 +489,9 @@ class CsvSource(_FileSource):
                     yield list(zip(map(itemgetter(1), read), cells, strict=True))
                 else:
                     yield [self._checked(row, number) for row, number in read if row]
-            if error is not None:
-                yield [(reader.line_num, error)]
+            if error is not None:  # after the records before it, which may be malformed too
+                yield [(reader.line_num, self._error(error))]
+                self._last_line = reader.line_num
             elif len(read) < size:
                 return
 
@@ -454,6 +506,47 @@ class CsvSource(_FileSource):
             f"expected {width} fields (as in the header), found {len(row)}; the line may be truncated or "
             "have an unquoted delimiter"
         )
+
+
+def _unclosed_quote(path: str, first: int, delimiter: str) -> int | None:
+    """The line on which the quoted field that the end of ``path`` left open begins, reading the
+    record that begins on line ``first`` as the csv module does (a quote opens a field only at its
+    start; ``""`` inside is a quote); None when the file cannot be read again, or reads otherwise now.
+    O(size of the file): only for the error message, after the reader met the end of the file.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as file:
+    ...     _ = file.write('k,v\\n1,"a\\nb",2\\n3,x"y,"open ""q"" \\n4,z\\n')
+    >>> _unclosed_quote(file.name, 2, ",")
+    4
+    >>> os.remove(file.name)
+    """
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+            quoted, start, opened = False, True, None
+            for number, line in enumerate(islice(text, first - 1, None), first):
+                index, end = 0, len(line)
+                while index < end:
+                    if quoted:
+                        close = line.find('"', index)
+                        if close < 0:
+                            break  # the line break is in the field too
+                        if line.startswith('"', close + 1):
+                            index = close + 2  # a quote written twice
+                        else:
+                            quoted, start, index = False, False, close + 1
+                    elif start and line[index] == '"':
+                        quoted, opened, index = True, number, index + 1
+                    else:  # an unquoted field, or what follows a closing quote: up to the delimiter
+                        found = line.find(delimiter, index)
+                        if found < 0:
+                            break  # the line break ends the record
+                        start, index = True, found + 1
+                if not quoted:
+                    start = True
+    except OSError:
+        return None
+    return opened if quoted else None
 
 
 def _escape_counted(error: UnicodeError) -> tuple[str | bytes, int]:
@@ -519,12 +612,20 @@ def _quote(identifier: str) -> str:
 def _sqlite_source(path: str, table: str | None, query: str | None) -> SqlSource:
     if not table and not query:
         raise SourceError(f"{path} is a SQLite database: say what to read with --table NAME or --query SQL")
+    # read-only: a --query that writes fails ("attempt to write a readonly database"). The path is
+    # percent-encoded, so that a '?' or '#' in it is not read as the URI's query or fragment.
+    connection = None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        connection = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
         cursor = connection.execute(query or f"SELECT * FROM {_quote(table or '')}")
     except sqlite3.Error as exc:
+        if connection is not None:
+            connection.close()
         raise SourceError(f"{path}: {exc}") from exc
-    columns = [description[0] for description in cursor.description or ()]
+    if cursor.description is None:  # a statement that returns no rows (CREATE, PRAGMA x = y, ...)
+        connection.close()
+        raise SourceError(f"{path}: {_NO_ROWS}")
+    columns = [description[0] for description in cursor.description]
 
     def rows() -> Iterator[Sequence[Any]]:
         try:
@@ -533,6 +634,9 @@ def _sqlite_source(path: str, table: str | None, query: str | None) -> SqlSource
             raise SourceError(f"{path}: {exc}") from exc
 
     return SqlSource(path, rows(), columns, connection.close)
+
+
+_NO_ROWS = "the query returns no rows (it is not a SELECT); give a SELECT to read"
 
 
 def _url_source(url: str, table: str | None, query: str | None) -> SqlSource:
@@ -553,25 +657,41 @@ def _url_source(url: str, table: str | None, query: str | None) -> SqlSource:
             "reading from an SQL database URL needs SQLAlchemy and the database's driver: "
             "pip install 'tallytree[sql]' (or pip install sqlalchemy and e.g. psycopg)"
         ) from None
+    engine = connection = None
+
+    def close() -> None:  # the transaction rolled back: nothing a --query did is committed
+        try:
+            if connection is not None:
+                connection.close()  # which rolls back the transaction it began
+        finally:
+            if engine is not None:
+                engine.dispose()
+
     try:
         engine = sqlalchemy.create_engine(url)
         connection = engine.connect()
+        if engine.dialect.name == "postgresql":  # a read-only transaction, where a write fails
+            with contextlib.suppress(NotImplementedError):  # without it: the rollback at close() remains
+                connection = connection.execution_options(postgresql_readonly=True)
+        connection = connection.execution_options(stream_results=True)
+        connection.begin()  # explicit, never committed: close() rolls it back
         text = query or f"SELECT * FROM {_quote(table or '')}"
-        result = connection.execution_options(stream_results=True).execute(sqlalchemy.text(text))
+        result = connection.execute(sqlalchemy.text(text))
+        returns_rows = result.returns_rows
+        columns = list(result.keys()) if returns_rows else []
     except Exception as exc:  # driver errors have no common base class below Exception
+        close()
         # (from None: the chained driver error could quote the URL in a traceback)
         raise SourceError(f"cannot read from {name}: {_scrub(str(exc), url)}") from None
-    columns = list(result.keys())
+    if not returns_rows:  # DDL or DML: its transaction is rolled back by close()
+        close()
+        raise SourceError(f"cannot read from {name}: {_NO_ROWS}; what it changed is rolled back")
 
     def rows() -> Iterator[Sequence[Any]]:
         try:
             yield from result
         except Exception as exc:  # as above: a lost connection, a bad value mid-stream
             raise SourceError(f"cannot read from {name}: {_scrub(str(exc), url)}") from None
-
-    def close() -> None:
-        connection.close()
-        engine.dispose()
 
     return SqlSource(name, rows(), columns, close)
 
@@ -670,8 +790,9 @@ def open_source(
     if table and query:  # the query would run and the table be ignored without a word
         raise SourceError("give --table NAME or --query SQL, not both (a query can read the table)")
     if "://" in spec and not os.path.exists(spec):
-        if spec.startswith("sqlite:///"):
-            return _open_file(spec[len("sqlite:///") :], "sqlite", table, query, delimiter)
+        scheme, _, rest = spec.partition("://")
+        if scheme.lower() == "sqlite" or scheme.lower().startswith("sqlite+"):
+            return _open_file(_sqlite_url_path(spec, rest), "sqlite", table, query, delimiter)
         return _url_source(spec, table, query)
     if spec == "-":
         if stdin is None:
@@ -682,6 +803,24 @@ def open_source(
             raise SourceError("a SQLite database cannot be read from standard input; give its path")
         return _from_stream("standard input", buffered, None, kind, delimiter)
     return _open_file(spec, format, table, query, delimiter)
+
+
+def _sqlite_url_path(url: str, rest: str) -> str:
+    """The file of an SQLAlchemy SQLite URL (``sqlite:///app.db``, ``sqlite+pysqlite:////abs/app.db``,
+    ``sqlite:///file:app.db?mode=ro&uri=true``), read by this module, read-only, as a SQLite path
+    is: its query string holds connection options, never part of the path. O(len(url)).
+
+    >>> _sqlite_url_path("", "/app.db?mode=ro"), _sqlite_url_path("", "//abs/app.db")
+    ('app.db', '/abs/app.db')
+    """
+    path = rest.partition("?")[0]
+    if not path.startswith("/") or path == "/":
+        raise SourceError(
+            f"{url}: give the SQLite file, as in sqlite:///relative/app.db or sqlite:////absolute/app.db "
+            "(an in-memory database holds nothing to read)"
+        )
+    path = urllib.parse.unquote(path[1:])
+    return path.removeprefix("file:") if "uri=true" in rest.partition("?")[2].lower() else path
 
 
 def _open_file(
@@ -710,7 +849,7 @@ def _open_file(
             raise SourceError(f"--table and --query apply to SQL sources; {path} is {kind}")
         if kind == "csv" and delimiter is None and path.lower().endswith(".tsv"):
             delimiter = "\t"
-        return _from_stream(path, stream, os.path.getsize(path), kind, delimiter)
+        return _from_stream(path, stream, os.path.getsize(path), kind, delimiter, path)
     except BaseException:
         stream.close()
         raise
@@ -730,14 +869,21 @@ def delimiter_problem(delimiter: str) -> str | None:
     return None
 
 
-def _from_stream(name: str, stream: IO[bytes], total: int | None, kind: str, delimiter: str | None) -> Source:
+def _from_stream(
+    name: str,
+    stream: IO[bytes],
+    total: int | None,
+    kind: str,
+    delimiter: str | None,
+    path: str | None = None,
+) -> Source:
     if kind == "jsonl":
         return JsonLinesSource(name, stream, total)
     if kind == "csv":
         problem = delimiter_problem(delimiter) if delimiter is not None else None
         if problem is not None:
             raise SourceError(f"the CSV delimiter {problem}")
-        return CsvSource(name, stream, total, "," if delimiter is None else delimiter)
+        return CsvSource(name, stream, total, "," if delimiter is None else delimiter, path)
     raise SourceError(f"unknown source format {kind!r}; use jsonl, csv or sqlite")
 
 
@@ -770,7 +916,8 @@ class RowSpec:
 
     ``key`` names one field or several (a tuple key); ``key_types`` maps a key field to one of
     :data:`KEY_TYPES` (``"*"`` for all); ``id`` names the id field (None: the record number);
-    ``namespace`` the namespace field (None: the default namespace); ``sums`` maps each value field
+    ``namespace`` the namespace field (None: the default namespace), typed by ``namespace_type``
+    (see :func:`_typed_namespace`); ``sums`` maps each value field
     of the aggregate to the record field holding it; ``where`` the required text of some fields.
     """
 
@@ -779,6 +926,7 @@ class RowSpec:
     id: str | None = None
     id_type: str = "auto"
     namespace: str | None = None
+    namespace_type: str = "auto"
     sums: dict[str, str] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)
 
@@ -794,7 +942,9 @@ class RowSpec:
         key_parts = [_typed(name, kind, texts) for name, kind in zip(self.key, key_types, strict=True)]
         id_part = _typed_id(self.id, self.id_type, texts) if self.id is not None else None
         namespace_part = (
-            _cached(_typed(self.namespace, "auto", texts)) if self.namespace is not None else None
+            _cached(_typed_namespace(self.namespace, self.namespace_type, texts))
+            if self.namespace is not None
+            else None
         )
         value_parts = [_number(name) for name in self.sums.values()]
         names = [
@@ -843,7 +993,9 @@ class RowSpec:
         key_types = [self.key_types.get(name, self.key_types.get("*", "auto")) for name in self.key]
         key_parts = [_column(name, kind) for name, kind in zip(self.key, key_types, strict=True)]
         id_part = _id_column(self.id, self.id_type) if self.id is not None else None
-        namespace_part = _typed(self.namespace, "auto", True) if self.namespace is not None else None
+        namespace_part = None
+        if self.namespace is not None:
+            namespace_part = _typed_namespace(self.namespace, self.namespace_type, True)
         typed: dict[str, Any] = {}  # namespaces repeat: each text is typed once
         names = [*self.key, *([self.id] if self.id is not None else []), *self.sums.values()]
         if self.namespace is not None:
@@ -1118,6 +1270,44 @@ def _typed(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
         return value
 
     return auto_json
+
+
+NAMESPACE_TYPES = ("auto", "str", "int")
+
+
+def _typed_namespace(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:
+    """A converter of one namespace value: the rule of ids, so that the same data exported as CSV,
+    JSON Lines or SQL gives the same namespaces. ``auto``: text that is a canonical integer (``42``,
+    not ``042``) is that int, from every source (the CSV cell ``42``, the JSON string ``"42"``, the
+    SQL text ``'42'``), other text stays text (``4.5``, ``org:1``), and a JSON or SQL value that is
+    not text keeps its type (a JSON array is a tuple); ``str``: text, an integer written as text
+    (JSON ``42`` gives ``"42"``); ``int``: an integer. Raises RowError for a value it cannot type
+    (an empty CSV cell included). O(len(value)).
+
+    >>> [_typed_namespace("org", "auto", False)(value) for value in ("42", 42, "042", "4.5", 4.5, None)]
+    [42, 42, '042', '4.5', 4.5, None]
+    >>> _typed_namespace("org", "auto", True)("42"), _typed_namespace("org", "str", False)(42)
+    (42, '42')
+    """
+    if kind in ("str", "int"):
+        return _typed(name, kind, texts)
+    if kind != "auto":
+        raise SourceError(f"unknown namespace type {kind!r}; use {', '.join(NAMESPACE_TYPES)}")
+    other = _typed(name, "auto", False)  # JSON and SQL values: their own type, arrays as tuples
+
+    def auto(value: Any) -> Any:
+        if type(value) is not str:
+            return other(value)
+        if texts and value == "":
+            raise RowError(f"field {name!r} is empty")
+        if not _canonical_int(value):
+            return value
+        try:
+            return int(value)
+        except ValueError:  # a canonical integer beyond int()'s digit limit
+            raise RowError(f"field {name!r} is {_show(value)}, {_digits_error(value, _KEY_LIMIT)}") from None
+
+    return auto
 
 
 def _typed_id(name: str, kind: str, texts: bool) -> Callable[[Any], Any]:

@@ -14,15 +14,20 @@ Commands (``tallytree COMMAND --help`` for each)::
 
 Every command takes ``--json`` (one JSON document on stdout, errors too). Exit codes, for scripts:
 
-    0  ok                          3  check failed, or verify found drift (not repaired)
-    1  error (one line on stderr)  4  not found: database, aggregate, table, namespace or source file
-    2  bad usage                 130  interrupted by Ctrl-C (nothing was written)
+    0  ok                          3  check failed, verify found drift (not repaired), or a damaged
+    1  error (one line on stderr)     database met by any command (build and verify included)
+    2  bad usage                   4  not found: database, aggregate, table, namespace or source file
+                                 130  interrupted by Ctrl-C (nothing was written)
                                  143  build or verify ended by SIGTERM (nothing was written)
 
 SIGTERM (``kill``, ``timeout``, ``docker stop``) during ``build`` or ``verify`` takes the path of
 Ctrl-C: the transaction is aborted, a new aggregate the build defined is dropped again, the sort runs
 are removed, and the command exits with 143 (128 + 15, what a shell reports for a process SIGTERM
-ended). Other commands write nothing that needs undoing and keep the default handling.
+ended). Other commands write nothing that needs undoing and keep the default handling, but for
+``drop --yes``, whose one library call holds its transaction and its commit: it completes. Once the
+commit has begun, Ctrl-C and SIGTERM are only noted: the commit completes and is reported (exit 0,
+with a note on stderr), so that 130 and 143 always mean that nothing was written (see
+:class:`_Signals`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from ._gc import gc_paused
 from ._keys import decode_key, encode_key
 from ._sources import (
     KEY_TYPES,
+    NAMESPACE_TYPES,
     RowError,
     RowSpec,
     SourceError,
@@ -114,28 +120,76 @@ class _Terminated(KeyboardInterrupt):
     dropped again), then ends the command with exit code 143."""
 
 
+class _Signals:
+    """What :func:`_interruptible` yields: the command calls :meth:`commit_begins` as the last step
+    before its write transaction commits, and from then on Ctrl-C and SIGTERM no longer interrupt.
+
+    An interruption is reported as "nothing was written" (exit 130 or 143), which is only true
+    before the commit: the commit itself (LMDB's, and the Python around it) cannot be undone once
+    begun, and a signal's Python handler runs between bytecodes, so one that arrives during the C
+    call of the commit would run right after it, with everything written. So once the commit
+    begins, a signal is only recorded (``received``): the commit completes, the command reports
+    what it did as usual (exit 0) and adds a note saying when the signal came. Whatever is reported
+    is then true: 130 or 143 means nothing was written, 0 that the build or the repair is in place.
+    """
+
+    def __init__(self) -> None:
+        self.committing = False
+        self.received: str | None = None  # the signal (SIGINT, SIGTERM) that came during the commit
+
+    def commit_begins(self) -> None:
+        """From here on, record the signals instead of raising: the commit is about to run."""
+        self.committing = True
+
+    def note(self, what: str) -> None:
+        """Tell stderr that a signal came during the commit, which completed: ``what`` is in place."""
+        if self.received is not None:
+            print(
+                f"tallytree: note: {self.received} arrived during the commit, which cannot be interrupted; "
+                f"it completed: {what}",
+                file=sys.stderr,
+            )
+
+
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _interruptible() -> Iterator[_Signals]:
     """Turn SIGTERM (the default of ``kill``, ``timeout``, ``docker stop``) into :class:`_Terminated`
     while the block runs, instead of the default of ending the process on the spot, which would skip
-    the cleanup. A second SIGTERM during that cleanup is ignored. The previous handler is restored
-    afterwards. Only the main thread can handle signals: elsewhere (``main`` called from a thread)
-    nothing changes."""
+    the cleanup, and Ctrl-C into KeyboardInterrupt as usual; but from :meth:`_Signals.commit_begins`
+    on, either is only recorded (see :class:`_Signals`). A second SIGTERM during the cleanup is
+    ignored. The previous handlers are restored afterwards; a SIGINT handler other than Python's
+    default (one an application installed, or SIG_IGN) is left alone. Only the main thread can
+    handle signals: elsewhere (``main`` called from a thread) nothing changes."""
+    signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield signals
         return
     raised = False
 
     def terminate(signum: int, frame: Any) -> None:
         nonlocal raised
-        if not raised:
+        if signals.committing:
+            signals.received = signals.received or "SIGTERM"
+        elif not raised:
             raised = True
             raise _Terminated
 
+    def interrupt(signum: int, frame: Any) -> None:
+        if signals.committing:
+            signals.received = signals.received or "SIGINT"
+            return
+        raise KeyboardInterrupt
+
     previous = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.getsignal(signal.SIGINT)
+    own_int = previous_int is signal.default_int_handler
     try:
-        yield
+        if own_int:
+            signal.signal(signal.SIGINT, interrupt)
+        yield signals
     finally:
+        if own_int:
+            signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
@@ -149,7 +203,8 @@ class _Parser(argparse.ArgumentParser):
         raise _Usage(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-_EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage, 3 check failed or drift found, 4 not found
+_EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage, 3 check failed, drift found or a damaged database,
+4 not found, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); after 130 or 143 nothing was written
 values on the command line are JSON if they parse as JSON (42, "42", ["eu", 1]), else text"""
 
 
@@ -186,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     _source_arguments(build)
     build.add_argument(
         "--append", action="store_true", help="merge into the stored items instead of replacing"
+    )
+    build.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let a source that gives no items empty an aggregate that holds some (else: exit 1)",
     )
     _on_duplicate_argument(build)
     build.add_argument(
@@ -260,6 +320,16 @@ def _parser() -> argparse.ArgumentParser:
     _source_arguments(verify)
     _on_duplicate_argument(verify)
     verify.add_argument("--repair", action="store_true", help="insert, update and delete to match the source")
+    verify.add_argument(
+        "--force",
+        action="store_true",
+        help="--repair even when the stored keys and the source's differ in type (rewriting every key)",
+    )
+    verify.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let --repair from a source that gives no items empty the aggregate (else: exit 1)",
+    )
     verify.add_argument(
         "--examples", type=int, default=5, help="examples shown per kind of drift (default 5)"
     )
@@ -370,6 +440,12 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--id-type", choices=("auto", "str", "int"), default="auto", help="how to read ids")
     parser.add_argument(
+        "--namespace-type",
+        choices=NAMESPACE_TYPES,
+        default="auto",
+        help="how to read namespaces (auto: as ids, text that is an integer is an int)",
+    )
+    parser.add_argument(
         "--format", choices=("jsonl", "csv", "sqlite"), help="the source format (default: guessed)"
     )
     parser.add_argument(
@@ -444,7 +520,33 @@ def _silence_stdout() -> None:
 
 
 def _print_json(document: Any) -> None:
-    print(json.dumps(document, indent=2, ensure_ascii=False, default=_jsonable))
+    """Print ``document`` as JSON: strict JSON (``allow_nan=False``), infinite floats (float keys
+    may be) written as ``{"float": "Infinity"}`` (see :func:`_finite`)."""
+    print(json.dumps(_finite(document), indent=2, ensure_ascii=False, default=_jsonable, allow_nan=False))
+
+
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with each float that JSON cannot hold replaced by ``{"float": "Infinity"}``,
+    ``{"float": "-Infinity"}`` or ``{"float": "NaN"}``: an object, as bytes are ``{"base64": ...}``,
+    so that no text key ``"Infinity"`` reads the same; the spellings are JavaScript's and Python's
+    (``float("-Infinity")``). Totals and tuples are converted on the way. O(size of value).
+
+    >>> _finite({"key": float("inf"), "rows": [(1.5, -float("inf"))]})
+    {'key': {'float': 'Infinity'}, 'rows': [[1.5, {'float': '-Infinity'}]]}
+    """
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else {"float": _NON_FINITE.get(value, "NaN")}
+    if kind is dict:
+        return {name: _finite(element) for name, element in value.items()}
+    if kind is list or kind is tuple:
+        return [_finite(element) for element in value]
+    if kind is Totals:
+        return _finite(value.as_dict())
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -454,7 +556,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, Totals):
-        return value.as_dict()
+        return _finite(value.as_dict())
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -777,6 +879,7 @@ def _row_spec(args: argparse.Namespace, fields: Sequence[str] | None) -> RowSpec
         id=args.id,
         id_type=args.id_type,
         namespace=args.namespace,
+        namespace_type=args.namespace_type,
         sums=sums,
         where=where,
     )
@@ -790,7 +893,7 @@ def _build(args: argparse.Namespace) -> int:
     memory = _parse_size(args.memory)
     if not 0.5 <= args.fill <= 1.0:
         raise _Usage(f"--fill {args.fill} must be from 0.5 to 1.0")
-    with _sigterm_interrupts():  # until the commit and the close; what follows only reports
+    with _interruptible() as signals:  # until the commit and the close; what follows only reports
         progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
         reader = _Reader(args, None, progress)
         try:
@@ -801,6 +904,9 @@ def _build(args: argparse.Namespace) -> int:
                     if not reader.sums and fields:
                         reader.spec.sums.update({name: name for name in fields})
                         reader.convert = reader.spec.converter(reader.source)
+                    for name in reader.sums if not existing else ():
+                        if (reserved := _reserved_sum(name)) is not None:
+                            raise _Failure(reserved)
                     try:
                         aggregate = db.aggregate(
                             args.aggregate, values=tuple(reader.sums), node_size=args.node_size
@@ -813,7 +919,7 @@ def _build(args: argparse.Namespace) -> int:
                     except ValueError as exc:
                         raise _Failure(str(exc)) from exc
                     report, commit_seconds = _without_gc(
-                        _run_build, args, db, aggregate, reader, memory, progress
+                        _run_build, args, db, aggregate, reader, memory, progress, signals
                     )
                 except BaseException:
                     if not existing and args.aggregate in db.aggregates():
@@ -840,6 +946,7 @@ def _build(args: argparse.Namespace) -> int:
         "duplicates_dropped": report.duplicates,
         "namespaces_cleared": report.cleared,
         "skipped": reader.skipped_report(),
+        "signal_during_commit": signals.received,
     }
     if args.json:
         _print_json(summary)
@@ -861,6 +968,7 @@ def _build(args: argparse.Namespace) -> int:
             print(f"  skipped {reader.skipped:,} malformed record(s), e.g.:")
             for sample in reader.samples:
                 print(f"    {sample['where']}: {sample['error']}")
+    signals.note(f"the build is in place ({report.items:,} items)")
     return EXIT_OK
 
 
@@ -877,6 +985,7 @@ def _run_build(
     reader: _Reader,
     memory: int,
     progress: _Progress,
+    signals: _Signals,
 ) -> tuple[_bulk.BuildReport, float]:
     def on_progress(phase: str, done: int) -> None:
         if phase == "write" and not args.sorted:
@@ -904,11 +1013,62 @@ def _run_build(
                 progress=on_progress,
                 temp_dir=args.temp_dir,
             )
-        except Error as exc:
+        except CorruptDatabaseError:  # the database's damage, not the source's: exit 3 (see main)
+            raise
+        except Error as exc:  # a duplicate, disorder, a bad key: named with the source
             raise _Failure(f"{reader.source.name}: {exc}") from exc
-        progress.show("committing", report.items, "items", force=True)
-        committing = time.perf_counter()
+        refusal = _empty_build(args, reader, report)
+        if refusal is not None:
+            tx.abort()  # nothing is written; the block's end does nothing more
+        else:
+            progress.show("committing", report.items, "items", force=True)
+            committing = time.perf_counter()
+            signals.commit_begins()  # the last step before the commit (see _Signals)
+    if refusal is not None:
+        raise _Failure(refusal(db, aggregate))
     return report, time.perf_counter() - committing
+
+
+def _empty_build(
+    args: argparse.Namespace, reader: _Reader, report: _bulk.BuildReport
+) -> Callable[[_db.Database, Aggregate], str] | None:
+    """Why a build that gave no item must not commit, as a function making the message once the
+    transaction is aborted; None when it may.
+
+    A source that gives no item (a CSV file with only its header, an empty table, a ``--where``
+    that matches nothing) would, replacing, empty an aggregate that holds items: refused unless
+    ``--allow-empty``. A source whose every item-giving record was malformed (skipped with
+    ``--on-error skip``) is refused in every mode, the aggregate new or not: the options, or the
+    source, are wrong.
+    """
+    if report.items or (args.append and not reader.skipped):
+        return None
+    name = reader.source.name
+    if reader.skipped:
+        first = reader.samples[0]
+        skipped = (
+            f"{name}: no record gave an item: {reader.skipped:,} malformed record(s) skipped (the first: "
+            f"{first['where']}: {first['error']}); nothing was written. Fix the source or the options "
+            "that read it (--key-type, --id-type, --sum)"
+        )
+        return lambda db, aggregate: skipped
+    if args.allow_empty or not report.cleared:  # nothing stored to lose (report.cleared: namespaces)
+        return None
+    if reader.records:
+        why = f"--where matched none of its {reader.records:,} record(s)"
+    else:
+        why = f"it holds no {reader.source.unit}s" if reader.source.kind != "csv" else "it holds no records"
+
+    def message(db: _db.Database, aggregate: Aggregate) -> str:
+        with db.read() as tx:
+            held = _aggregate_contents(tx, aggregate)
+        return (
+            f"{name} gave no items ({why}), and a build replaces the aggregate's contents: it would empty "
+            f"aggregate {args.aggregate!r} ({held['items']:,} items in {held['namespaces']:,} namespace(s)); "
+            "nothing was written. Pass --allow-empty to empty it, or check the source"
+        )
+
+    return message
 
 
 # ---------------------------------------------------------------- query
@@ -971,13 +1131,43 @@ class _Keys:
             raise _Failure(f"--prefix {text!r}: {exc}") from None
 
 
-def _namespace_value(text: str | None) -> Any:
+def _namespace_value(text: str | None, option: str = "--namespace") -> Any:
     if text is None:
         return None
     try:
         return parse_value(text)
     except ValueError as exc:
-        raise _Usage(f"--namespace {text!r}: {exc}") from None
+        raise _Usage(f"{option} {text!r}: {exc}") from None
+
+
+_OWN_KEYS = {"namespace": "namespaces", "start": "query buckets", "end": "query buckets"}
+"""Keys that JSON output puts beside an aggregate's sums, in one object with them (``count`` too,
+which the library reserves): a value field of one of these names would overwrite the key, or be
+overwritten. ``build`` refuses them for a new aggregate; the output refuses an aggregate that the
+library defined with one (see :func:`_own_keys_free`). Elsewhere sums are nested under ``values``."""
+
+
+def _reserved_sum(name: str) -> str | None:
+    """Why ``name`` cannot be a summed field of an aggregate ``build`` defines, or None. O(1)."""
+    if name not in _OWN_KEYS:
+        return None
+    return (
+        f"the value field name {name!r} is reserved: `tallytree {_OWN_KEYS[name]} --json` prints its own "
+        f"{name!r} key beside the sums; pick another name (--sum NAME={shlex.quote(name)} names the field "
+        "apart from its column)"
+    )
+
+
+def _own_keys_free(aggregate: Aggregate, keys: Sequence[str]) -> None:
+    """Refuse JSON output that would merge a value field into one of ``keys`` (an aggregate the
+    library defined with such a field; ``build`` refuses them): exit 1, before anything is read."""
+    for name in keys:
+        if name in aggregate.fields:
+            raise _Failure(
+                f"aggregate {aggregate.name!r} has a value field named {name!r}, the name of a key that "
+                f"`tallytree {_OWN_KEYS[name]} --json` prints beside the sums, so one would overwrite the "
+                "other; read it without --json, or from Python"
+            )
 
 
 def _item_document(item: Item, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -1101,6 +1291,8 @@ def _buckets(
     extra = sorted(name for name in ("ge", "gt", "le", "lt", "eq") if name in bounds)
     if extra:
         raise _Usage(f"query buckets takes --start/--width/--count (and --prefix), not --{extra[0]}")
+    if args.json:
+        _own_keys_free(aggregate, ["start", "end"])
     start = keys.read("--start", args.start)
     width = _width(args.width, start)
     buckets = aggregate.buckets(
@@ -1238,9 +1430,13 @@ def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
 def _namespaces(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise _Usage("--limit must be at least 1")
-    after = encode_key(_namespace_value(args.after), what="namespace") if args.after is not None else None
+    after = None
+    if args.after is not None:
+        after = encode_key(_namespace_value(args.after, "--after"), what="namespace")
     with _open_existing(args.database) as db:
         aggregate = _aggregate(db, args.aggregate)
+        if args.json:
+            _own_keys_free(aggregate, ["namespace"])
         page: list[tuple[Any, Totals]] = []
         more = False
         with db.read() as tx:
@@ -1300,14 +1496,19 @@ def _drop(args: argparse.Namespace) -> int:
                 f"drop would delete {target} of {args.database}: {held}. Nothing was deleted; it cannot "
                 "be undone, so pass --yes to delete it"
             )
-        if args.table is not None:
-            db.drop_table(args.table)
-        else:
-            db.drop_aggregate(args.aggregate)
+        # one library call, its transaction and its commit: a Ctrl-C handled once it returned
+        # would report "nothing was written" after the drop, so the signals wait for it
+        with _interruptible() as signals:
+            signals.commit_begins()
+            if args.table is not None:
+                db.drop_table(args.table)
+            else:
+                db.drop_aggregate(args.aggregate)
     if args.json:
         _print_json(document)
     else:
         print(f"dropped {target} from {args.database}: {held}")
+    signals.note("the drop is done")
     return EXIT_OK
 
 
@@ -1364,7 +1565,7 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         db = _open_existing(args.database)
     progress = _Progress(sys.stderr.isatty() and not args.quiet, sys.stderr)
-    with _sigterm_interrupts(), db:
+    with _interruptible() as signals, db:
         aggregate = _aggregate(db, args.aggregate)
         reader = _Reader(args, aggregate.fields, progress)
         try:
@@ -1387,12 +1588,26 @@ def _verify(args: argparse.Namespace) -> int:
                 )
                 try:
                     drift.compare(source, _stored_items(tx, aggregate))
+                except CorruptDatabaseError:  # the stored items', not the source's: exit 3 (see main)
+                    raise
                 except Error as exc:
                     raise _Failure(f"{reader.source.name}: {exc}") from exc
                 finally:  # now, not when collected (an exception keeps it alive): it removes its sort runs
                     if isinstance(source, Generator):
                         source.close()
-                repaired = drift.repair(tx) if isinstance(tx, WriteTransaction) and drift.total else 0
+                repaired = 0
+                mismatch = _key_mismatch(args, drift) if drift.total else None
+                if isinstance(tx, WriteTransaction):
+                    if drift.total:
+                        _refuse_empty_repair(args, reader, drift)
+                        if mismatch is not None and not args.force:
+                            raise _Failure(
+                                f"{mismatch['message']}; --repair would rewrite every key, so nothing was "
+                                f"written: verify again with {mismatch['hint']}, or pass --force to "
+                                "rewrite the keys"
+                            )
+                        repaired = drift.repair(tx)
+                    signals.commit_begins()  # the last step before the commit (see _Signals)
         finally:
             progress.close()
             reader.close()
@@ -1406,7 +1621,9 @@ def _verify(args: argparse.Namespace) -> int:
         "different": {"count": drift.counts["different"], "examples": drift.examples["different"]},
         "drift": drift.total,
         "repaired": repaired,
+        "key_types": mismatch,
         "skipped": reader.skipped_report(),
+        "signal_during_commit": signals.received,
     }
     if args.json:
         _print_json(document)
@@ -1430,9 +1647,112 @@ def _verify(args: argparse.Namespace) -> int:
             print("ok: the aggregate matches the source")
         elif repaired:
             print(f"repaired: {repaired:,} item(s) written or removed; the aggregate now matches the source")
+        elif mismatch is not None:
+            print(
+                f"drift: {drift.total:,} item(s); {mismatch['message']}: verify again with {mismatch['hint']}"
+            )
         else:
             print(f"drift: {drift.total:,} item(s); run again with --repair to fix it")
+    if repaired:
+        signals.note("the repair is in place")
     return EXIT_CHECK_FAILED if drift.total and not repaired else EXIT_OK
+
+
+def _key_class(value: Any) -> Any:
+    """The type class of a key for comparing two sets of keys: numbers (int and float, which
+    compare with each other) are one class; a tuple's class is its elements' classes. O(len)."""
+    if isinstance(value, tuple):
+        return tuple(_key_class(element) for element in value)
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, datetime):
+        return "datetime"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bytes):
+        return "bytes"
+    return "null" if value is None else type(value).__name__
+
+
+def _class_name(classes: Any) -> str:
+    if isinstance(classes, tuple):
+        return "(" + ", ".join(_class_name(element) for element in classes) + ")"
+    return str(classes)
+
+
+_KEY_TYPE_OF = {"number": None, "datetime": "datetime", "text": "str"}
+
+
+def _key_type_hint(stored: Any, source: Any, sample: Any, key: list[str]) -> str | None:
+    """The --key-type option that reads the source's keys as the stored ones (``sample``, a stored
+    key, tells int from float), or None when no option does (a different shape, bytes, ...)."""
+    if isinstance(stored, tuple):
+        if not isinstance(source, tuple) or len(source) != len(stored) or len(key) != len(stored):
+            return None
+        options = []
+        for index, (one, other) in enumerate(zip(stored, source, strict=True)):
+            if one != other:
+                hint = _key_type_hint(one, other, sample[index], [key[index]])
+                if hint is None:
+                    return None
+                options.append(hint.replace("--key-type ", f"--key-type {key[index]}=", 1))
+        return " ".join(options) or None
+    if isinstance(source, tuple) or stored not in _KEY_TYPE_OF:
+        return None
+    kind = _KEY_TYPE_OF[stored] or ("int" if type(sample) is int else "float")
+    return f"--key-type {kind}"
+
+
+def _key_mismatch(args: argparse.Namespace, drift: _Drift) -> dict[str, Any] | None:
+    """Whether the stored keys and the source's are of different types, as when a build read the
+    key with ``--key-type datetime`` and the verify without it: then every item is missing and
+    extra, and --repair would rewrite every key. Compares the type classes of the first and the last
+    key of each side (in key order, which groups keys by type, so the two span the types present).
+    None when they agree; else ``{"stored": [...], "source": [...], "message": ..., "hint": ...}``."""
+    stored, source = drift.stored_ends, drift.source_ends
+    if not stored or not source:
+        return None
+    stored_classes = list(dict.fromkeys(_key_class(key) for key in stored))
+    source_classes = list(dict.fromkeys(_key_class(key) for key in source))
+    if set(stored_classes) == set(source_classes):
+        return None
+    hint = None
+    if len(stored_classes) == 1 and len(source_classes) == 1:
+        hint = _key_type_hint(stored_classes[0], source_classes[0], stored[0], _split_fields([args.key]))
+    stored_names = " and ".join(map(_class_name, stored_classes))
+    source_names = " and ".join(map(_class_name, source_classes))
+    return {
+        "stored": [_class_name(one) for one in stored_classes],
+        "source": [_class_name(one) for one in source_classes],
+        "message": (
+            f"the stored keys are of type {stored_names} and the source's of type {source_names}: the "
+            "source is probably read with another --key-type than the build that stored them"
+        ),
+        "hint": hint or "the --key and --key-type options of the build",
+    }
+
+
+def _refuse_empty_repair(args: argparse.Namespace, reader: _Reader, drift: _Drift) -> None:
+    """``--repair`` from a source that gave no item would delete every stored item: refused (exit 1,
+    nothing written) when every item-giving record was malformed, and unless ``--allow-empty`` when
+    the source is empty, as ``build`` refuses to replace with nothing."""
+    if drift.source_items or not drift.stored_items:
+        return
+    name = reader.source.name
+    if reader.skipped:
+        first = reader.samples[0]
+        raise _Failure(
+            f"{name}: no record gave an item: {reader.skipped:,} malformed record(s) skipped (the first: "
+            f"{first['where']}: {first['error']}); --repair would delete all {drift.stored_items:,} stored "
+            "items, so nothing was written. Fix the source or the options that read it"
+        )
+    if not args.allow_empty:
+        raise _Failure(
+            f"{name} gave no items, so --repair would delete all {drift.stored_items:,} items of aggregate "
+            f"{args.aggregate!r}; nothing was written. Pass --allow-empty to empty it, or check the source"
+        )
 
 
 def _example_line(example: dict[str, Any]) -> str:
@@ -1456,6 +1776,22 @@ def _stored_items(tx: Transaction, aggregate: Aggregate) -> Iterator[tuple[bytes
             yield namespace, entry, values
 
 
+def _ends(
+    items: Iterator[tuple[bytes, bytes, tuple[Any, ...]]], ends: list[Any]
+) -> Iterator[tuple[bytes, bytes, tuple[Any, ...]]]:
+    """``items``, unchanged; once they are exhausted, ``ends`` holds the keys of the first and the
+    last one (decoded; one key for one item, none for none)."""
+    first = last = None
+    for item in items:
+        if first is None:
+            first = item
+        last = item
+        yield item
+    for one in (first, last) if first is not last else (first,):
+        if one is not None:
+            ends.append(decode_key(one[1])[0])
+
+
 class _Drift:
     """Merge-compares two sorted streams of items; keeps counts, examples and the repairs to make."""
 
@@ -1466,6 +1802,8 @@ class _Drift:
         self.examples: dict[str, list[dict[str, Any]]] = {"missing": [], "extra": [], "different": []}
         self.source_items = 0
         self.stored_items = 0
+        self.source_ends: list[Any] = []  # the first and the last key of each side (see _key_mismatch)
+        self.stored_ends: list[Any] = []
         self.upserts: dict[bytes, list[tuple[bytes, tuple[Any, ...]]]] = {}
         self.deletes: dict[bytes, list[bytes]] = {}
 
@@ -1478,6 +1816,8 @@ class _Drift:
         source: Iterator[tuple[bytes, bytes, tuple[Any, ...]]],
         stored: Iterator[tuple[bytes, bytes, tuple[Any, ...]]],
     ) -> None:
+        source = _ends(source, self.source_ends)
+        stored = _ends(stored, self.stored_ends)
         wanted = next(source, None)
         have = next(stored, None)
         while wanted is not None or have is not None:
