@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 import random
-import statistics
-import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -919,34 +917,6 @@ def test_rows_the_aggregates_cannot_take_fail_the_flush_not_the_commit(engine: E
             assert session.execute(select(func.count()).select_from(Typed)).scalar() == 0
             with db.read() as tx:
                 assert db.aggregate("typed_amounts").count(tx) == 0
-
-
-def test_cost_of_a_committed_update(setup: Any) -> None:
-    """Not an assertion on speed: prints the median time of a committed one-row update with and
-    without the Sync (pytest -s); a rough figure (no warm-up), for a quick look."""
-    _, sync, _, factory = setup
-    with factory() as session:
-        session.add(Load(id=1, org=1, status="open", amount=0))
-        session.commit()
-        load = session.get(Load, 1)
-        assert load is not None
-
-        def median_update(rounds: int) -> float:
-            times = []
-            for i in range(rounds):
-                start = time.perf_counter()
-                load.amount = i + 1
-                session.commit()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
-
-        with_sync = median_update(300)
-        sync.remove(factory)
-        without = median_update(300)
-        sync.listen(factory)
-        print(
-            f"\ncommitted one-row update: {with_sync * 1e6:.0f} us with Sync, {without * 1e6:.0f} us without"
-        )
 
 
 def test_old_rows_are_read_for_update_where_the_dialect_locks_rows() -> None:
