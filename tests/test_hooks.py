@@ -235,6 +235,96 @@ def test_a_handler_refuses_to_write_into_an_aggregate_dropped_since() -> None:
         assert tallytree.check(tx) == []
 
 
+def test_detach_stops_maintaining_an_aggregate_and_forgets_its_extractors(db: tallytree.Database) -> None:
+    hooks, by_status, timeline = _handler(db)
+    rows = {
+        1: {"org": 1, "status": "open", "day": 3, "total": 10},
+        2: {"org": 2, "status": "paid", "day": 4, "total": 5},
+    }
+    with db.write() as tx:
+        hooks.apply_many(tx, [Change.insert(doc_id, row) for doc_id, row in rows.items()])
+    held = snapshot(db)
+    assert hooks.detach("timeline") is timeline
+    assert hooks.aggregates() == ["by_status"] and "timeline" not in repr(hooks)
+    with pytest.raises(tallytree.AggregateNotFoundError, match="no aggregate 'timeline'"):
+        hooks.definition("timeline")
+    with pytest.raises(tallytree.AggregateNotFoundError):
+        hooks.detach("timeline")  # not registered any more
+    assert snapshot(db) == held  # it keeps its items
+    rows[3] = {"org": 1, "status": "open", "day": 9, "total": 1}
+    with db.write() as tx:
+        timeline.insert(tx, (1, 9), 3)  # its own writes were never refused, and are not
+        hooks.apply(tx, Change.insert(3, rows[3]))  # strict, and the detached aggregate is not checked
+        hooks.apply(tx, Change.delete(1, rows.pop(1)))
+        assert [item.id for item in timeline.items(tx)] == [1, 3, 2]
+        assert [(space, totals.count) for space, totals in by_status.namespaces(tx)] == [(1, 1), (2, 1)]
+        with pytest.raises(tallytree.AggregateNotFoundError, match="no extractors"):
+            tallytree.verify(tx, timeline, [{"id": i, **row} for i, row in rows.items()])
+        assert tallytree.verify(tx, by_status, [{"id": i, **row} for i, row in rows.items()]).ok
+    # registered again (with a new definition, say): maintained, and known to verify and repair, again
+    timeline = hooks.aggregate("timeline", key="day")
+    with db.write() as tx:
+        drift = tallytree.repair(tx, timeline, [{"id": i, **row} for i, row in rows.items()])
+        assert (drift.missing, drift.extra, drift.different) == (0, 1, 2)
+        hooks.apply(tx, Change.delete(3, rows.pop(3)))
+        assert [item.id for item in timeline.items(tx)] == [2]
+    hooks.detach("timeline")
+    db.drop_aggregate("timeline")  # retired: the handler goes on with the others
+    with db.write() as tx:
+        hooks.apply(tx, Change.delete(2, rows.pop(2)))
+        assert list(by_status.namespaces(tx)) == []
+        assert tallytree.check(tx) == []
+
+
+def test_detaching_from_one_handler_keeps_another_handler_s_registration() -> None:
+    db = tallytree.open_memory()
+    first, second = ChangeHandler(db), ChangeHandler(db)
+    totals = first.aggregate("totals", key="day", values=("amount",))
+    second.aggregate("totals", key="day", values=("amount",))
+    rows = [{"id": 1, "day": 1, "amount": 5}]
+    first.detach("totals")  # not the definition the database uses (second's, registered last): kept
+    with db.write() as tx:
+        second.apply(tx, Change.insert(1, rows[0]))
+        first.apply(tx, Change.insert(2, {"day": 2, "amount": 1}))  # detached: nothing
+        assert tallytree.verify(tx, totals, rows).ok
+    second.detach("totals")
+    with db.read() as tx, pytest.raises(tallytree.AggregateNotFoundError, match="no extractors"):
+        tallytree.verify(tx, totals, rows)
+    third = ChangeHandler(db)  # a handler registering it again makes it known again
+    third.aggregate("totals", key="day", values=("amount",))
+    with db.read() as tx:
+        assert tallytree.verify(tx, totals, rows).ok
+
+
+def test_verify_and_repair_refuse_extractors_that_place_items_in_another_aggregate() -> None:
+    """They wrote the items where the extractors put them: into a table's aggregate (bypassing the
+    table), or under the id of an aggregate dropped since (root records of an unknown aggregate)."""
+    db = tallytree.open_memory()
+    loads = db.table("loads")
+    owned = loads.aggregate("owned", key="day")
+    plain = db.aggregate("plain")
+    rows = [{"id": 1, "day": 5}]
+    with db.write() as tx:
+        with pytest.raises(tallytree.InvalidArgumentError, match="gives the items of aggregate 'owned'"):
+            tallytree.repair(tx, plain, rows, definition=loads.definition("owned"))
+        assert owned.count(tx) == plain.count(tx) == 0
+    hooks = ChangeHandler(db)
+    hooks.aggregate("x", key="day")
+    db.drop_aggregate("x")  # without detaching it first
+    x = db.aggregate("x")  # a new aggregate of that name
+    for check in (tallytree.verify, tallytree.repair):
+        with db.write() as tx, pytest.raises(tallytree.AggregateNotFoundError, match="dropped or redefined"):
+            check(tx, x, rows)
+    with db.write() as tx, pytest.raises(tallytree.InvalidArgumentError, match="dropped or redefined"):
+        tallytree.repair(tx, x, rows, definition=hooks.definition("x"))
+    with db.read() as tx:
+        assert x.count(tx) == 0 and tallytree.check(tx) == []
+    hooks.aggregate("x", key="day")  # registered again: the new aggregate's
+    with db.write() as tx:
+        assert tallytree.repair(tx, x, rows).missing == 1
+        assert x.count(tx) == 1
+
+
 def test_a_handler_checks_a_definition_before_creating_its_aggregate() -> None:
     db = tallytree.open_memory()
     handler = ChangeHandler(db)

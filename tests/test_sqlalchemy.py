@@ -1230,3 +1230,163 @@ def test_the_old_rows_of_a_flush_are_read_in_one_statement_per_class(setup: Any,
             event.remove(engine, "before_cursor_execute", record)
         rows = [(i % 3, "paid", i) for i in range(1, 1101)]
         assert_in_sync(db, sync, by_status, session, expected_counts(rows))
+
+
+# ---------------------------------------------------------------- detach and unregister
+
+
+def test_an_aggregate_detached_from_a_registered_class_is_no_longer_synced_or_verified(
+    engine: Engine,
+) -> None:
+    with listening(engine) as (db, sync, factory):
+        handler = sync.register(Load)
+        by_status = handler.aggregate("loads", namespace="org", key="status", values=("amount",))
+        by_org = handler.aggregate("loads_by_org", key="org", values=("amount",))
+        with factory() as session:
+            session.add_all([Load(id=i, org=i % 2, status="open", amount=i) for i in range(1, 5)])
+            session.commit()
+            held = snapshot_of(db, by_org)
+            session.get(Load, 1).amount = 100  # type: ignore[union-attr]
+            session.flush()  # queued before the detach, committed after: not applied to it either
+            assert handler.detach("loads_by_org") is by_org
+            session.commit()
+            session.add(Load(id=5, org=7, status="paid", amount=5))
+            session.delete(session.get(Load, 2))
+            session.commit()
+            assert snapshot_of(db, by_org) == held
+            rows = [(1, "open", 100), (1, "open", 3), (0, "open", 4), (7, "paid", 5)]
+            assert_in_sync(db, sync, by_status, session, expected_counts(rows))
+            assert set(sync.verify(session)) == set(sync.repair(session)) == {"loads"}
+            assert snapshot_of(db, by_org) == held  # repair left it alone
+            with db.write() as tx:
+                by_org.insert(tx, 9, "manual", (1,))  # its own writes are allowed, as they were
+                with pytest.raises(tallytree.AggregateNotFoundError, match="no extractors"):
+                    tallytree.verify(tx, by_org, sync._rows(session, Load))
+
+
+def snapshot_of(db: tallytree.Database, aggregate: tallytree.Aggregate) -> list[Any]:
+    with db.read() as tx:
+        return [(item.key, item.id, item.values) for item in aggregate.items(tx)]
+
+
+def test_detaching_or_redefining_an_aware_datetime_key_lifts_its_refusal(engine: Engine) -> None:
+    with listening(engine) as (db, sync, factory):
+        handler = sync.register(Typed)
+        with pytest.raises(tallytree.ArgumentTypeError, match="Decimal"):
+            handler.aggregate("typed_bad", key="aware", values=("amount",))  # refused: not registered
+        handler.aggregate("typed_by_org", key="org")
+        with factory() as session:
+            session.add(Typed())
+            session.commit()  # nothing of the refused definition is left behind
+            handler.aggregate("typed_by_time", key="aware")  # SQLite stores no offset: refused at the flush
+            session.add(Typed())
+            with pytest.raises(tallytree.ArgumentTypeError, match="sqlite stores without its offset"):
+                session.commit()
+            session.rollback()
+            handler.aggregate("typed_by_time", key="org")  # redefined on a column SQLite keeps
+            session.add(Typed())
+            session.commit()
+            handler.aggregate("typed_by_time", key="aware")
+            session.add(Typed())
+            with pytest.raises(tallytree.ArgumentTypeError, match="sqlite stores without its offset"):
+                session.commit()
+            session.rollback()
+            handler.detach("typed_by_time")
+            session.add(Typed())
+            session.commit()
+            with db.read() as tx:
+                assert db.aggregate("typed_by_org").count(tx) == 3
+                assert db.aggregate("typed_by_time").count(tx) == 1
+
+
+def test_unregister_stops_syncing_a_class_and_removes_its_listeners(engine: Engine) -> None:
+    baseline = _mapper_listeners(Load), _mapper_listeners(Ticket)
+    with listening(engine) as (db, sync, factory):
+        by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
+        tickets = sync.register(Ticket).aggregate("tickets_by_status", key="status")
+        assert _mapper_listeners(Load) == baseline[0] + len(_MAPPER_EVENTS)
+        with factory() as session:
+            session.add_all([Load(id=1, org=1, status="open", amount=5), Ticket(id=1, status="open")])
+            session.commit()
+            session.get(Load, 1).status = "paid"  # type: ignore[union-attr]
+            session.flush()  # committed after the unregister: not applied
+            sync.unregister(Load)
+            assert _mapper_listeners(Load) == baseline[0]  # no registered class left in its hierarchy
+            assert _mapper_listeners(Ticket) == baseline[1] + len(_MAPPER_EVENTS)
+            session.get(Ticket, 1).status = "closed"  # type: ignore[union-attr]
+            session.add(Load(id=2, org=1, status="open", amount=7))
+            session.commit()
+            with db.read() as tx:
+                assert [(item.key, item.id) for item in by_status.items(tx, namespace=1)] == [("open", 1)]
+                assert [item.key for item in tickets.items(tx)] == ["closed"]
+                with pytest.raises(tallytree.AggregateNotFoundError, match="no extractors"):
+                    tallytree.verify(tx, by_status, [])
+            assert set(sync.verify(session)) == set(sync.repair(session)) == {"tickets_by_status"}
+            for method in (sync.verify, sync.repair, sync.unregister):
+                args = (session, Load) if method != sync.unregister else (Load,)
+                with pytest.raises(tallytree.InvalidArgumentError, match=r"not a class registered.*Ticket"):
+                    method(*args)  # type: ignore[operator]
+            # registered again: followed at once, and repair brings in what happened meanwhile
+            sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
+            assert _mapper_listeners(Load) == baseline[0] + len(_MAPPER_EVENTS)
+            drift = sync.repair(session, Load)["loads"]
+            assert (drift.missing, drift.different) == (1, 1)
+            session.get(Load, 2).amount = 8  # type: ignore[union-attr]
+            session.commit()
+            assert_in_sync(db, sync, by_status, session, expected_counts([(1, "paid", 5), (1, "open", 8)]))
+        sync.unregister(Load)
+        sync.unregister(Ticket)
+        assert (_mapper_listeners(Load), _mapper_listeners(Ticket)) == baseline
+        sync.register(Ticket)  # while listening: installed again
+        assert _mapper_listeners(Ticket) == baseline[1] + len(_MAPPER_EVENTS)
+    assert _mapper_listeners(Ticket) == baseline[1]
+
+
+def test_unregistering_one_class_of_a_hierarchy_keeps_the_others_synced(engine: Engine) -> None:
+    baseline = _mapper_listeners(Invoice)
+    with listening(engine) as (db, sync, factory):
+        by_kind = sync.register(Invoice).aggregate("invoices_by_kind", key="kind", values=("total",))
+        credit_notes = sync.register(CreditNote).aggregate("credit_notes", key="total")
+        with factory() as session:
+            session.add_all([Invoice(id=1, total=5), CreditNote(id=2, total=7)])
+            session.commit()
+            sync.unregister(CreditNote)
+            assert _mapper_listeners(Invoice) == baseline + len(_MAPPER_EVENTS)  # Invoice still needs them
+            session.get(CreditNote, 2).total = 70  # type: ignore[union-attr]
+            session.add(CreditNote(id=3, total=9))
+            session.commit()
+            with db.read() as tx:
+                assert [(item.id, item.values) for item in by_kind.items(tx)] == [
+                    (2, (70,)),
+                    (3, (9,)),
+                    (1, (5,)),
+                ]
+                assert [item.key for item in credit_notes.items(tx)] == [7]
+            report = sync.verify(session)
+            assert set(report) == {"invoices_by_kind"} and report["invoices_by_kind"].ok
+            sync.register(CreditNote).aggregate("credit_notes", key="total")
+            assert sync.repair(session, CreditNote)["credit_notes"].missing == 1
+            sync.unregister(Invoice)
+            assert _mapper_listeners(Invoice) == baseline + len(_MAPPER_EVENTS)  # CreditNote's hierarchy
+            session.get(CreditNote, 3).total = 90  # type: ignore[union-attr]
+            session.get(Invoice, 1).total = 50  # type: ignore[union-attr]
+            session.commit()
+            with db.read() as tx:
+                assert [item.key for item in credit_notes.items(tx)] == [70, 90]
+                assert [item.values for item in by_kind.items(tx) if item.id == 1] == [(5,)]
+            sync.unregister(CreditNote)
+            assert _mapper_listeners(Invoice) == baseline
+
+
+def test_verify_of_an_aggregate_dropped_behind_the_sync_raises_and_creates_nothing(setup: Any) -> None:
+    db, sync, _, factory = setup
+    with factory() as session:
+        session.add(Load(id=1, org=1, status="open", amount=5))
+        session.commit()
+        db.drop_aggregate("loads")
+        for check in (sync.verify, sync.repair):
+            with pytest.raises(tallytree.TransactionError, match="'loads' was dropped"):
+                check(session)
+        assert db.aggregates() == []  # not created again, empty, by verify
+        with db.read() as tx:
+            assert tallytree.check(tx) == []

@@ -510,6 +510,132 @@ def test_delete_range_exports_then_removes_from_every_aggregate(db: tallytree.Da
         assert by_time.count(tx, namespace=2) == 20
 
 
+# ---------------------------------------------------------------- clear
+
+
+def test_clear_empties_the_table_and_every_aggregate_and_keeps_the_definitions(
+    db: tallytree.Database,
+) -> None:
+    rng = random.Random(11)
+    table = db.table("t")
+    other = db.aggregate("other")  # not the table's: untouched
+    with db.write() as tx:
+        other.insert(tx, 1, "x")
+        docs = {
+            doc_id: doc
+            for doc in (_random_doc(rng) for _ in range(300))
+            for doc_id in [table.insert(tx, doc)]
+        }
+    attached = _attach_all(table, node_size=4)  # several levels, in several namespaces
+    with db.write() as tx:
+        late = [_random_doc(rng) for _ in range(40)]  # queued inserts of this transaction go too
+        table.insert_many(tx, [*late, ("s1", _random_doc(rng))])
+        assert table.clear(tx) == len(docs) + 41
+        _check_all(tx, table, attached, {})
+        assert [list(aggregate.namespaces(tx)) for aggregate, _ in attached] == [[], [], [], []]
+        assert table.clear(tx) == 0
+    with db.read() as tx:
+        _check_all(tx, table, attached, {})
+        assert tallytree.check(tx) == []  # every node of the dropped trees was freed: no leak
+        assert [item.id for item in other.items(tx)] == ["x"]
+    assert table.aggregates() == ["by_status", "live", "timeline", "tokens"]
+    with db.write() as tx:  # the aggregates go on following the table; ids are not reused
+        fresh = {
+            doc_id: doc for doc in (_random_doc(rng) for _ in range(30)) for doc_id in [table.insert(tx, doc)]
+        }
+        assert min(fresh) == len(docs) + len(late) + 1
+        _random_writes(rng, tx, table, fresh, 100)
+    with db.read() as tx:
+        _check_all(tx, table, attached, fresh)
+        assert tallytree.check(tx) == []
+
+
+def test_clear_decodes_no_document_runs_no_extractor_and_drops_leaves_unread(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = Counter[str]()
+
+    def status_of(doc: dict[str, Any]) -> Any:
+        calls["extract"] += 1
+        return doc["status"]
+
+    table = db.table("t")
+    aggregate = table.aggregate("by_status", namespace="org", key=status_of, node_size=4)
+    with db.write() as tx:
+        table.insert_many(tx, [{"org": n % 3, "status": str(n)} for n in range(600)])
+    calls.clear()
+    real_node = WriteTransaction.node
+
+    def counted_node(self: WriteTransaction, node_id: int) -> Any:
+        node = real_node(self, node_id)
+        calls["leaf" if node.leaf else "internal"] += 1
+        return node
+
+    def no_decoding(*args: Any) -> Any:
+        raise AssertionError("clear() decoded a document")
+
+    monkeypatch.setattr(WriteTransaction, "node", counted_node)
+    monkeypatch.setattr(_table, "decode_doc", no_decoding)
+    monkeypatch.setattr(_table, "decode_docs", no_decoding)
+    with db.write() as tx:
+        assert table.clear(tx) == 600
+    monkeypatch.undo()
+    # leaves are dropped by id: at most one read per tree (of 200 items, in leaves of 2 to 4)
+    assert calls["extract"] == 0 and calls["leaf"] <= 3, calls
+    assert calls["internal"] < 600 / 4, calls
+    with db.read() as tx:
+        assert aggregate.count(tx, namespace=0) == table.count(tx) == 0
+        assert tallytree.check(tx) == []
+
+
+def test_clear_is_refused_while_a_function_aggregate_awaits_its_function(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+
+    def org_of(doc: dict[str, Any]) -> Any:
+        return doc["org"]
+
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        table.aggregate("fields", key="at")
+        table.aggregate("func", namespace=org_of, key="at")
+        with db.write() as tx:
+            table.insert_many(tx, [{"org": 1, "at": at} for at in range(20)])
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("t")
+        before = snapshot(db)
+        with (
+            db.write() as tx,
+            pytest.raises(tallytree.TransactionError, match="'func' is defined with a function"),
+        ):
+            table.clear(tx)
+        with db.read() as tx:
+            assert snapshot(db, tx) == before and table.count(tx) == 20
+        table.aggregate("func", namespace=org_of, key="at")
+        with db.write() as tx:
+            assert table.clear(tx) == 20
+        with db.read() as tx:
+            assert table.count(tx) == 0 and all(not spaces for *_, spaces in snapshot(db, tx))
+
+
+def test_an_exception_after_clear_in_its_transaction_undoes_it(db: tallytree.Database) -> None:
+    table = db.table("t")
+    by_status = table.aggregate("by_status", namespace="org", key="status", values=("amount",), node_size=4)
+    with db.write() as tx:
+        table.insert_many(tx, [{"org": n % 4, "status": str(n % 7), "amount": n} for n in range(200)])
+    with db.read() as tx:
+        before = _table_state(db, table, tx)
+    with pytest.raises(RuntimeError, match="later"), db.write() as tx:
+        assert table.clear(tx) == 200
+        assert table.count(tx) == 0 and by_status.count(tx, namespace=1) == 0
+        raise RuntimeError("something later in the transaction")
+    with db.read() as tx:
+        assert _table_state(db, table, tx) == before
+        assert tallytree.check(tx) == []
+    with db.write() as tx:  # the table's own state (count, next id) is read again, not kept from it
+        assert table.insert(tx, {"org": 0, "status": "new", "amount": 1}) == 201
+        assert table.count(tx) == 201
+
+
 # ---------------------------------------------------------------- persistence
 
 
@@ -1124,6 +1250,14 @@ class TableMachine(RuleBasedStateMachine):
         with self.db.write() as tx:
             ids = self.table.insert_many(tx, docs)
         self.docs.update(zip(ids, docs, strict=True))
+
+    @rule(before=st.lists(docs_strategy, max_size=4), after=st.lists(docs_strategy, max_size=4))
+    def clear(self, before: list[Doc], after: list[Doc]) -> None:
+        with self.db.write() as tx:  # inserts queued before the clear, and writes after it
+            self.table.insert_many(tx, before)
+            assert self.table.clear(tx) == len(self.docs) + len(before)
+            ids = self.table.insert_many(tx, after)
+        self.docs = dict(zip(ids, after, strict=True))
 
     @invariant()
     def in_sync(self) -> None:

@@ -14,6 +14,10 @@ tallytree transaction:
 * ``apply(tx, change, idempotent=True)`` makes the aggregates hold the new row's items whatever they held
   (absent old items and present new ones are fine): for replays of a log in order, and backfills.
 
+A handler holds its definitions in memory (``aggregate()`` registers one, ``detach()`` forgets it; pass
+them again in each process), and registers them with the database too, where :func:`verify` and
+:func:`repair` find the extractors of an aggregate no table maintains (the definition registered last).
+
 The two stores commit separately, so a crash between them leaves drift. :func:`verify` recomputes what
 an aggregate should hold from a source of documents (a table, any iterable of rows, a DB-API cursor or
 an SQLAlchemy result) and reports the difference item by item; :func:`repair` applies that difference in
@@ -200,9 +204,43 @@ class ChangeHandler:
         definition = Definition(
             aggregate, key=key, namespace=namespace, values=specs, where=where, on_missing=on_missing
         )
-        self._definitions[name] = definition
+        # copied, not changed in place: an apply() in another thread iterates the one it read
+        self._definitions = {**self._definitions, name: definition}
         self._db._handled[name] = definition
         return aggregate
+
+    def detach(self, name: str) -> Aggregate:
+        """Stop maintaining the aggregate ``name`` with this handler; return it.
+
+        The counterpart of :meth:`aggregate`, as :meth:`tallytree.Table.detach` is of
+        ``table.aggregate()``: the aggregate keeps its items and definition in the database, and
+        :meth:`apply` no longer touches it (changes already queued by an integration included). A
+        handler never refuses an aggregate's own writes, so those stay allowed. :func:`verify` and
+        :func:`repair` without ``definition=`` then no longer know its extractors, unless another
+        handler registered it since (with several handlers registering one name, they follow the
+        last ``aggregate()`` call; pass ``definition=`` to choose). To change a definition, call
+        :meth:`aggregate` again with the new one and :func:`repair` from the source (or
+        ``db.drop_aggregate`` it after detaching, and register it afresh). O(a) for a registered
+        aggregates; needs no transaction. Raises AggregateNotFoundError.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> hooks = tallytree.ChangeHandler(db)
+        >>> by_day = hooks.aggregate("by_day", key="day")
+        >>> with db.write() as tx:
+        ...     hooks.apply(tx, Change.insert(1, {"day": 1}))
+        >>> hooks.detach("by_day") is by_day, hooks.aggregates()
+        (True, [])
+        >>> with db.write() as tx:
+        ...     hooks.apply(tx, Change.insert(2, {"day": 2}))  # by_day is no longer maintained
+        ...     by_day.count(tx)
+        1
+        """
+        definition = self.definition(name)
+        self._definitions = {key: each for key, each in self._definitions.items() if key != name}
+        if self._db._handled.get(name) is definition:
+            self._db._handled.pop(name, None)
+        return definition.aggregate
 
     def aggregates(self) -> list[str]:
         """The names of the registered aggregates, sorted. O(a log a) for a registered aggregates.
@@ -494,8 +532,11 @@ def _diff(
     _check_aggregate(aggregate)
     _check_options(definition, id, examples)
     aggregate._check(tx)  # a transaction of its database, and the aggregate not dropped
+    given = definition is not None
     if definition is None:
         definition = _definition_for(aggregate._db, aggregate, source)
+    if definition.aggregate._id != aggregate._id:  # its items would go to that aggregate's trees
+        raise _not_its_definition(aggregate, definition, given)
     expected: dict[bytes, Coord] = {}
     documents = 0
     for doc_id, doc in _documents(tx, source, id):
@@ -552,6 +593,27 @@ def _diff(
     return drift, fixes
 
 
+def _not_its_definition(aggregate: Aggregate, definition: Definition, given: bool) -> Exception:
+    """The error for extractors that place items in another aggregate than the one verified: another
+    aggregate's (``definition=``), or those of an aggregate of the same name dropped or redefined
+    since they were registered."""
+    name = aggregate.name
+    other = (
+        f"aggregate {definition.name!r}"
+        if definition.name != name
+        else f"an aggregate {name!r} dropped or redefined since"
+    )
+    if given:
+        return InvalidArgumentError(
+            f"{name}: definition= gives the items of {other}, not of this one; pass the definition "
+            f"of {name!r} (handler.definition({name!r}) or table.definition({name!r}))"
+        )
+    return AggregateNotFoundError(
+        f"{name}: the extractors a ChangeHandler registered for it are those of {other}; register it "
+        f"again with handler.aggregate({name!r}, ...) (or pass definition=)"
+    )
+
+
 def _place(aggregate: Aggregate, coord: Coord | None) -> tuple[Any, Item] | None:
     if coord is None:
         return None
@@ -576,6 +638,9 @@ def verify(
     or of ``(id, document)`` pairs. The extractors are the aggregate's: those of the table it is
     attached to, or of the ChangeHandler that registered it in this process (or ``definition=``).
     Returns a :class:`Drift` with counts and up to ``examples`` examples. O(n) reads, O(n) memory.
+    Raises AggregateNotFoundError when no extractors are known for it (or those a handler registered
+    are of an aggregate of that name dropped since), InvalidArgumentError for a ``definition=`` of
+    another aggregate (its extractors place items in that aggregate's trees).
 
     >>> import tallytree
     >>> db = tallytree.open_memory()

@@ -1325,6 +1325,44 @@ class Table:
         self._save_state(wtx)
         return Totals.from_summary(target.fields, summary)
 
+    def clear(self, tx: WriteTransaction) -> int:
+        """Delete every document and empty every attached aggregate, in ``tx``; return how many
+        documents were removed.
+
+        The aggregates stay attached (with their definitions) and are emptied whole, every namespace's
+        tree dropped at once, as :meth:`tallytree.Aggregate.clear` drops one: no document is decoded
+        and no extractor runs. The generated-id counter is kept (ids are never reused). O(n + nodes)
+        for n documents and the aggregates' nodes (leaves are dropped by id without being read),
+        where deleting the documents one by one costs O(n a log n) for a attached aggregates. Like
+        every table write, it raises TransactionError, changing nothing, while an aggregate defined
+        with a function awaits that function after reopening; an exception later in the transaction
+        undoes it with the rest.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> jobs = db.table("jobs")
+        >>> by_state = jobs.aggregate("jobs_by_state", namespace="team", key="state", values=("secs",))
+        >>> with db.write() as tx:
+        ...     jobs.insert_many(tx, [{"team": team, "state": "done", "secs": 5} for team in "abc"])
+        ...     jobs.clear(tx)
+        [1, 2, 3]
+        3
+        >>> with db.write() as tx:
+        ...     jobs.insert(tx, {"team": "a", "state": "new", "secs": 1})  # a new id: 4
+        ...     jobs.count(tx), by_state.totals(tx, namespace="a"), list(by_state.namespaces(tx))
+        4
+        (1, Totals(count=1, secs=1), [('a', Totals(count=1, secs=1))])
+        """
+        wtx = self._begin(tx)
+        for definition in self._definitions.values():
+            _drop_trees(wtx, definition.aggregate)
+        keys = [key for key, _ in wtx.docs(self._prefix, self._stop)]
+        for key in keys:
+            wtx.set_doc(key, None)
+        self._count = 0
+        self._save_state(wtx)
+        return len(keys)
+
 
 def _show(description: Any, aggregate: Aggregate | None) -> str:
     parts = [f"{role}={description[role]!r}" for role in ("key", "namespace", "values", "where")]

@@ -79,7 +79,10 @@ SELECT.
 Listeners: the session listeners go on the targets given to :meth:`Sync.listen`; the mapper listeners
 (one set per registered hierarchy) are installed while the Sync listens to any target, and hold it
 weakly. :meth:`Sync.remove` of the last target, or :meth:`Sync.close`, removes them all, and nothing
-SQLAlchemy holds keeps a Sync that listens to nothing alive.
+SQLAlchemy holds keeps a Sync that listens to nothing alive. :meth:`Sync.unregister` of the last
+registered class of a hierarchy removes that hierarchy's; its aggregates are detached from its handler
+(``handler.detach(name)`` stops syncing one aggregate: nothing extracts, applies, verifies or repairs
+it from then on).
 
 Columns a ``relationship(post_update=True)`` writes (its foreign key, and the ``onupdate`` /
 ``server_onupdate`` / ``Computed`` / version columns of the table its extra UPDATE writes) cannot be
@@ -114,8 +117,9 @@ tallytree write fails) after the first and before the second, those changes are 
 tallytree; a failed tallytree write raises from ``session.commit()`` after the SQL commit, its
 exception noting that SQL committed and tallytree lags (close that session: SQLAlchemy refuses further
 SQL in it). Nothing is lost for good: :meth:`Sync.verify` compares every aggregate with a query over
-the table and reports the drift, and :meth:`Sync.repair` fixes it in one transaction; run it at
-startup, after a crash, or on a schedule (it reports zero drift when nothing went wrong).
+the table and reports the drift, and :meth:`Sync.repair` fixes it (one transaction per registered
+class); run it at startup, after a crash, or on a schedule (it reports zero drift when nothing went
+wrong).
 
 Not seen either, since no mapper event fires for them (verify reports their drift, repair fixes
 it): ORM bulk statements (``session.execute(insert(Model), [...])``,
@@ -467,10 +471,13 @@ class _Registration:
 
     def check_definition(
         self, name: str, key: Any, namespace: Any, values: Sequence[str] | Mapping[str, Extractor]
-    ) -> None:
+    ) -> list[tuple[str, str]]:
         """Refuse, before the aggregate exists, a column named as a key, namespace or value field whose
-        type the aggregate cannot take as SQLAlchemy loads it (functions are checked row by row)."""
+        type the aggregate cannot take as SQLAlchemy loads it (functions are checked row by row).
+        Return the ``(aggregate, column)`` pairs of its ``DateTime(timezone=True)`` key and namespace
+        columns, for :attr:`aware_keys` once the aggregate is registered."""
         model = self.model.__name__
+        aware: list[tuple[str, str]] = []
         roles: list[tuple[str, str, Any]] = [("key", name, key), ("namespace", name, namespace)]
         if isinstance(values, Mapping):
             roles += [("value", field, spec) for field, spec in values.items()]
@@ -494,7 +501,8 @@ class _Registration:
                 if problem:
                     raise ArgumentTypeError(f"{name}: {model}.{column}, used as a {role}, {problem}")
                 if role != "value" and self._aware_datetime(column):
-                    self.aware_keys.append((name, column))
+                    aware.append((name, column))
+        return aware
 
     def _aware_datetime(self, column: str) -> bool:
         column_type = getattr(self.model, column).property.columns[0].type
@@ -555,8 +563,9 @@ class _ModelHandler(ChangeHandler):
         something the aggregate cannot take: a naive datetime (DateTime without timezone), a
         Decimal (Numeric), a uuid, a date... Functions of the row are checked in each flush, before
         the SQL commit. InvalidArgumentError for a name that is no column attribute."""
-        self._registration.check_definition(name, key, namespace, values)
-        return super().aggregate(
+        registration = self._registration
+        aware = registration.check_definition(name, key, namespace, values)
+        aggregate = super().aggregate(
             name,
             key=key,
             namespace=namespace,
@@ -565,6 +574,18 @@ class _ModelHandler(ChangeHandler):
             node_size=node_size,
             on_missing=on_missing,
         )
+        # the definition given last is the one kept (also when it replaces an earlier one)
+        registration.aware_keys = [pair for pair in registration.aware_keys if pair[0] != name] + aware
+        return aggregate
+
+    def detach(self, name: str) -> Aggregate:
+        """:meth:`tallytree.ChangeHandler.detach`: the flushes of the registered class stop extracting,
+        checking and applying the aggregate's items (changes already queued included), and
+        :meth:`Sync.verify` and :meth:`Sync.repair` stop covering it."""
+        aggregate = super().detach(name)
+        registration = self._registration
+        registration.aware_keys = [pair for pair in registration.aware_keys if pair[0] != name]
+        return aggregate
 
 
 class _Flush:
@@ -681,6 +702,57 @@ class Sync:
         if self._live_targets():
             self._install()
         return registration.handler
+
+    def unregister(self, model: type) -> None:
+        """Stop syncing a registered class: the counterpart of :meth:`register`.
+
+        Its handler detaches every aggregate (:meth:`tallytree.ChangeHandler.detach`): they keep
+        their items, the flushes of the class stop extracting and applying its changes (those a
+        session already flushed and commits later included: as for :meth:`close`, call it when no
+        session it listens to has such a transaction in flight, or repair after), and :meth:`verify`
+        and :meth:`repair` stop covering them. The mapper listeners of the class's hierarchy are
+        removed once no registered class is left in it. The other registered classes (a registered
+        base or subclass of ``model`` too) go on as before. To sync the class again, :meth:`register`
+        it and define its aggregates anew, then :meth:`repair` the changes made meanwhile. Like
+        :meth:`remove`, call it while no session it listens to is flushing. O(registered classes +
+        aggregates of ``model``).
+
+        Raises InvalidArgumentError for a class that is not registered.
+
+        Example::
+
+            sync.unregister(Invoice)      # Invoice rows no longer reach tallytree
+            db.drop_aggregate("by_status")  # say, to retire its aggregate
+        """
+        registration = self._registration(model, "unregister")
+        handler = registration.handler
+        for name in handler.aggregates():
+            handler.detach(name)
+        del self._registrations[model]
+        self._matches.clear()
+        self._foreign = {}
+        self._checked = False
+        base = registration.mapper.base_mapper
+        hooks = self._hooks.get(base.class_)
+        if hooks is not None and not any(
+            other.mapper.base_mapper is base for other in self._registrations.values()
+        ):
+            event = _sqlalchemy().event
+            for name, hook in hooks:
+                event.remove(base.class_, name, hook)
+            del self._hooks[base.class_]
+
+    def _registration(self, model: object, method: str) -> _Registration:
+        """The registration of ``model``; InvalidArgumentError naming the registered classes when it has
+        none."""
+        registration = self._registrations.get(model) if isinstance(model, type) else None
+        if registration is None:
+            registered = sorted(each.__name__ for each in self._registrations)
+            raise InvalidArgumentError(
+                f"Sync.{method}: {model!r:.60} is not a class registered with this Sync (registered: "
+                f"{registered}); register it with sync.register(model)"
+            )
+        return registration
 
     def listen(self, target: Any) -> None:
         """Listen to a Session class, a sessionmaker, a scoped_session or one session (any target of
@@ -1235,16 +1307,17 @@ class Sync:
     def verify(self, session: Any, model: type | None = None) -> dict[str, Drift]:
         """Compare every aggregate of the registered classes (or of ``model``) with the rows the
         session's transaction sees now (read from the database, without flushing the session); return
-        the drift per aggregate name. O(rows + items)."""
+        the drift per aggregate name. O(rows + items). Raises InvalidArgumentError for a ``model``
+        that is not registered, TransactionError for an aggregate dropped since it was defined."""
         return self._check(session, model, fix=False)
 
     def repair(self, session: Any, model: type | None = None) -> dict[str, Drift]:
         """Like :meth:`verify`, then fix the aggregates to match the rows, in one tallytree write
-        transaction; return the drift that was fixed.
+        transaction per registered class; return the drift that was fixed.
 
         Raises TransactionError while ``session`` holds flushed changes of registered classes that are
         not committed yet (a rollback would leave them in tallytree): run it in a fresh session, or
-        after the commit."""
+        after the commit; and what :meth:`verify` raises."""
         if session.info.get(self._queue_key()):
             raise TransactionError(
                 "Sync.repair: the session holds flushed changes that are not committed; commit or roll "
@@ -1253,19 +1326,22 @@ class Sync:
         return self._check(session, model, fix=True)
 
     def _check(self, session: Any, model: type | None, *, fix: bool) -> dict[str, Drift]:
+        method = "repair" if fix else "verify"
         models = [model] if model is not None else list(self._registrations)
         report: dict[str, Drift] = {}
         for each in models:
-            handler = self._registrations[each].handler
+            handler = self._registration(each, method).handler
             rows = self._rows(session, each)
+            # the handler's own aggregate objects: one dropped since raises (TransactionError), where
+            # db.aggregate(name) would create an empty one
             if fix:
                 with self._db.write() as wtx:
                     for name in handler.aggregates():
                         definition = handler.definition(name)
-                        report[name] = repair(wtx, self._db.aggregate(name), rows, definition=definition)
+                        report[name] = repair(wtx, definition.aggregate, rows, definition=definition)
             else:
                 with self._db.read() as tx:
                     for name in handler.aggregates():
                         definition = handler.definition(name)
-                        report[name] = verify(tx, self._db.aggregate(name), rows, definition=definition)
+                        report[name] = verify(tx, definition.aggregate, rows, definition=definition)
         return report
