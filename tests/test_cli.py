@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 import tallytree
+from tallytree._keys import encode_key
 from tallytree._sources import RowSpec, SourceError, open_source
 from tallytree.cli import main
 
@@ -1751,6 +1752,87 @@ def test_namespaces_are_paged(built: Path, run: Any) -> None:
 def test_namespaces_after_names_its_option_in_errors(built: Path, run: Any) -> None:
     code, _, err = run("namespaces", built, "events", "--after", '{"org": 1}')
     assert code == 2 and err.startswith("tallytree: error: --after '{\"org\": 1}': ")
+
+
+def _user_namespaces(path: Path, orgs: int, users: int) -> Path:
+    """A database whose aggregate ``usage`` has the namespaces ``("org", o, "user", u)``, the default
+    namespace and ``"org:7"``."""
+    with tallytree.open(path, durable=False) as db:
+        usage = db.aggregate("usage", values=("tokens",))
+        with db.write() as tx:
+            for org in range(orgs):
+                for user in range(users):
+                    usage.insert(tx, 0, "x", (user,), namespace=("org", org, "user", user))
+            usage.insert(tx, 0, "x", (1,))
+            usage.insert(tx, 0, "x", (1,), namespace="org:7")
+    return path
+
+
+def test_namespaces_bounds_prefix_and_reverse(tmp_path: Path, run: Any) -> None:
+    """--prefix lists the tuple namespaces under it, --reverse pages from the end, the bounds read
+    namespace values, and paging with --after (null: after the default namespace) ends."""
+    database = _user_namespaces(tmp_path / "db", 3, 3)
+
+    def names(*argv: str) -> list[Any]:
+        code, out, err = run("namespaces", database, "usage", "--json", *argv)
+        assert (code, err) == (0, ""), argv
+        return [space["namespace"] for space in json.loads(out)["namespaces"]]
+
+    assert names("--prefix", '["org", 1]') == [["org", 1, "user", user] for user in range(3)]
+    assert names("--prefix", '["org", 1]', "--reverse", "--limit", "2") == [
+        ["org", 1, "user", 2],
+        ["org", 1, "user", 1],
+    ]
+    assert names("--ge", "org:", "--lt", "org;") == ["org:7"]
+    assert names("--eq", '["org", 2, "user", 1.0]') == [["org", 2, "user", 1]]
+    assert names("--gt", '["org", 2, "user", 1]', "--limit", "1") == [["org", 2, "user", 2]]
+    assert names("--limit", "1") == [None]
+    assert names("--after", "null", "--limit", "1") == ["org:7"]
+    seen: list[Any] = []
+    argv = ["--reverse", "--limit", "4"]
+    while True:  # text output, following its "# more" line: the default namespace ends the listing
+        code, out, _ = run("namespaces", database, "usage", *argv)
+        lines = out.splitlines()
+        more = lines.pop() if lines[-1].startswith("# more: ") else None
+        seen += [line.split("  ")[0] for line in lines]
+        if more is None:
+            break
+        argv = ["--reverse", "--limit", "4", *shlex.split(more.removeprefix("# more: "))]
+    assert len(seen) == 11 and seen[0] == '["org", 2, "user", 2]' and seen[-2:] == ["org:7", "null"]
+    code, _, err = run("namespaces", database, "usage", "--ge", "a", "--gt", "b")
+    assert code == 1 and "at most one lower bound" in err
+    code, _, err = run("namespaces", database, "usage", "--prefix", '{"a": 1}')
+    assert code == 2 and err.startswith("tallytree: error: --prefix")
+
+
+def test_a_namespaces_page_deep_into_many_reads_only_that_page(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each page read every namespace before --after (and the whole list); now it pulls the page and
+    one more record from the LMDB scan, counted here, whatever its depth."""
+    from tallytree._lmdb import _LmdbTxn
+
+    database = _user_namespaces(tmp_path / "db", 20, 100)
+    pulled: list[bytes] = []
+    scan = _LmdbTxn.scan
+
+    def counting(self: Any, table: int, start: bytes, stop: bytes | None, reverse: bool = False) -> Any:
+        for record in scan(self, table, start, stop, reverse):
+            pulled.append(record[0])
+            yield record
+
+    monkeypatch.setattr(_LmdbTxn, "scan", counting)
+    code, out, _ = run("namespaces", database, "usage", "--after", '["org", 18, "user", 90]', "--limit", "5")
+    assert code == 0
+    assert out.splitlines()[-1] == """# more: --after '["org", 18, "user", 95]'"""
+    first = (1).to_bytes(4, "big") + encode_key(None)  # opening the aggregate reads its first record
+    assert pulled[0] == first and len(pulled[1:]) == 6
+    pulled.clear()
+    code, out, _ = run(
+        "namespaces", database, "usage", "--prefix", '["org", 19]', "--reverse", "--limit", "5"
+    )
+    assert code == 0 and out.splitlines()[0].startswith('["org", 19, "user", 99]  count=1 tokens=99')
+    assert pulled[0] == first and len(pulled[1:]) == 6
 
 
 @pytest.mark.parametrize("name", ["namespace", "start", "end"])

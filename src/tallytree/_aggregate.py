@@ -434,7 +434,8 @@ class Sentinel:
 _KEEP = Sentinel("KEEP")
 """replace()'s default for what an item keeps (its key, id, namespace or values)."""
 _UNSET = Sentinel("UNSET")
-"""get()'s default id: none given (the key is then an Item or a Position)."""
+"""get()'s default id: none given (the key is then an Item or a Position); namespaces()'s default
+``after``: none given (None is the default namespace)."""
 
 
 def owned_reason(aggregate: str, table: str) -> str:
@@ -1099,50 +1100,150 @@ class Aggregate:
         cursor = _encode_cursor(entries[-1]) if entries else None
         return Page(items, cursor, done)
 
-    def namespaces(self, tx: Transaction) -> Iterator[tuple[Any, Totals]]:
-        """Every non-empty namespace with its totals, in key order. O(1) per namespace.
+    def namespaces(
+        self,
+        tx: Transaction,
+        *,
+        ge: Any = None,
+        gt: Any = None,
+        le: Any = None,
+        lt: Any = None,
+        prefix: tuple[Any, ...] | None = None,
+        eq: Any = None,
+        after: Any = _UNSET,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[Any, Totals]]:
+        """The non-empty namespaces with their totals, lazily, in key order (or reversed).
+
+        The bounds are those of every read, on the namespace value: ``ge``/``gt``, ``le``/``lt``,
+        ``prefix`` (tuple namespaces starting with these elements: ``prefix=("org", 7)`` gives
+        ``("org", 7, "user", 3)``) or ``eq`` (namespaces equal in value: ``1`` and ``1.0``); a bound
+        is a namespace value, not a Position. ``after=`` is the namespace a previous call yielded
+        last: the namespaces strictly after it in the direction of iteration (``None`` is the
+        default namespace, so leave ``after=`` out to start at the first). ``limit=`` stops after
+        that many. Together they page through any number of namespaces::
+
+            page = list(agg.namespaces(tx, prefix=("org", 7), limit=100))
+            more = list(agg.namespaces(tx, prefix=("org", 7), after=page[-1][0], limit=100))
+
+        O(log N + k) to yield k namespaces of N (one LMDB cursor seek, then one step each), each
+        total O(1); the in-memory backend of ``open_memory()`` lists the keys within the bounds first.
+        In a write transaction, add O(namespaces it changed) to start and to end.
 
         The iterator reads the transaction's snapshot; as for :meth:`items`, changing the aggregate
         while iterating raises TransactionError (at the next namespace, or at the end for a namespace
-        already passed): collect them first, ``list(agg.namespaces(tx))``. In a write transaction,
-        add O(namespaces it changed) to start and to end.
+        already passed): collect them first, ``list(agg.namespaces(tx))``.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
         >>> usage = db.aggregate("usage", values=("tokens",))
         >>> with db.write() as tx:
-        ...     usage.insert(tx, 1, "a", (100,), namespace="org:2")
-        ...     usage.insert(tx, 2, "b", (50,), namespace="org:1")
-        ...     usage.insert(tx, 3, "c", (25,), namespace="org:1")
+        ...     usage.insert(tx, 1, "a", (100,), namespace=("org", 2))
+        ...     usage.insert(tx, 2, "b", (50,), namespace=("org", 1, "user", 7))
+        ...     usage.insert(tx, 3, "c", (25,), namespace=("org", 1, "user", 9))
         >>> with db.read() as tx:
-        ...     list(usage.namespaces(tx))
-        [('org:1', Totals(count=2, tokens=75)), ('org:2', Totals(count=1, tokens=100))]
+        ...     for namespace, totals in usage.namespaces(tx, prefix=("org", 1)):
+        ...         print(namespace, totals)
+        ('org', 1, 'user', 7) Totals(count=1, tokens=50)
+        ('org', 1, 'user', 9) Totals(count=1, tokens=25)
+        >>> with db.read() as tx:
+        ...     [space for space, _ in usage.namespaces(tx, after=("org", 2), reverse=True, limit=1)]
+        [('org', 1, 'user', 9)]
+
+        Raises BoundsError for conflicting bounds or a ``limit`` below 1, BoundsTypeError for a
+        Position or Item as a bound or a ``limit`` that is not an int, InvalidKeyError /
+        UnsupportedKeyTypeError for bounds (and an ``after``) that are not keys.
         """
         self._check(tx)
+        check_flag(reverse, "reverse")
+        if limit is not None:
+            if type(limit) is not int:
+                raise BoundsTypeError(f"limit must be a positive int or None, not {_show(limit)}")
+            if limit < 1:
+                raise BoundsError(f"limit must be a positive int or None, not {_show(limit)}")
+        for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("eq", eq)):
+            if isinstance(bound, Position | Item):
+                raise BoundsTypeError(
+                    f"namespaces() takes namespace values as bounds, not the {type(bound).__name__} "
+                    f"{_show(bound)} ({name}=): a position is a place among the items of one namespace"
+                )
+        bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
+        tree_prefix = self._prefix
+        start = tree_prefix if bounds.lower is None else tree_prefix + bounds.lower[0]
+        stop = (self._id + 1).to_bytes(4, "big") if bounds.upper is None else tree_prefix + bounds.upper[0]
+        if after is not _UNSET:
+            tree_key = tree_prefix + encode_key(after, what="namespace")
+            if reverse:
+                stop = min(stop, tree_key)
+            else:
+                start = max(start, tree_key + b"\x00")  # the first key above it
+        return self._namespaces(tx, start, stop, limit, reverse)
+
+    def _namespaces(
+        self, tx: Transaction, start: bytes, stop: bytes, limit: int | None, reverse: bool
+    ) -> Iterator[tuple[Any, Totals]]:
+        """The namespaces whose tree keys lie in ``[start, stop)``: the ROOTS records scanned from
+        LMDB, merged in order with the roots a write transaction changed (which win)."""
+        self._check(tx)  # the transaction may have ended since namespaces() was called
+        offset = len(self._prefix)
+        fields = self.fields
+        width = 1 + 2 * len(fields)
+        left = -1 if limit is None else limit
+        if start >= stop:
+            stored: Iterator[tuple[bytes, bytes]] = iter(())
+        else:
+            stored = tx.kv.scan(ROOTS, start, stop, reverse)
+        if not isinstance(tx, WriteTransaction):  # a read transaction's snapshot never changes
+            for key, data in stored:
+                summary = decode_root(data).summary
+                namespace, _ = decode_key(key, offset)
+                if len(summary) != width:
+                    raise _foreign_record(self.name, namespace)
+                yield namespace, Totals.from_summary(fields, summary)
+                self._check(tx)  # as _iterate: an iterator does not outlive its transaction (or aggregate)
+                left -= 1
+                if left == 0:
+                    return
+            return
         prefix = self._prefix
-        stop = (self._id + 1).to_bytes(4, "big")
-        pending: dict[bytes, Root | None] = {}
-        watch: _Watch | None = None  # a read transaction's snapshot never changes
-        if isinstance(tx, WriteTransaction):
-            pending = {key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)}
-            watch = _Watch(tx, prefix, pending)
-        stored = ((key, decode_root(value)) for key, value in tx.kv.scan(ROOTS, prefix, stop))
-        merged: dict[bytes, Root | None] = dict(stored)
-        merged.update(pending)
+        pending = {key: root for key, root in tx.changed_roots().items() if key.startswith(prefix)}
+        watch = _Watch(tx, prefix, pending)
+        changed = sorted((key for key in pending if start <= key < stop), reverse=reverse)
+        record = next(stored, None)  # the next stored record, not yet taken
+        index = 0  # the next changed root, not yet taken
         last: bytes | None = None  # the tree yielded last
-        for key in sorted(merged):
-            if watch is not None and watch.changed(key, last):
+        while True:
+            root: Root | None
+            if index < len(changed):
+                key = changed[index]
+                if record is not None and (record[0] > key if reverse else record[0] < key):
+                    key, taken = record[0], True
+                    root = decode_root(record[1])
+                else:  # a changed root, which replaces the stored record of its tree if there is one
+                    root = pending[key]
+                    index += 1
+                    taken = record is not None and record[0] == key
+            elif record is not None:
+                key, taken = record[0], True
+                root = decode_root(record[1])
+            else:
+                break
+            if watch.changed(key, last):
                 raise self._changed_during_namespaces()
-            root = merged[key]
-            if root is None:
-                continue
-            namespace, _ = decode_key(key, len(prefix))
-            if len(root.summary) != 1 + 2 * len(self.fields):
-                raise _foreign_record(self.name, namespace)
-            yield namespace, Totals.from_summary(self.fields, root.summary)
-            self._check(tx)  # like _iterate: an iterator does not outlive its transaction (or aggregate)
-            last = key
-        if watch is not None and watch.any_changed():  # a namespace already passed, emptied one refilled
+            if root is not None:  # None: a tree this transaction emptied
+                namespace, _ = decode_key(key, offset)
+                if len(root.summary) != width:
+                    raise _foreign_record(self.name, namespace)
+                yield namespace, Totals.from_summary(fields, root.summary)
+                self._check(tx)
+                last = key
+                left -= 1
+                if left == 0:
+                    break
+            if taken:
+                record = next(stored, None)
+        if watch.any_changed():  # a namespace already passed, emptied one refilled
             raise self._changed_during_namespaces()
 
     def _changed_during_namespaces(self) -> TransactionError:

@@ -58,7 +58,7 @@ from ._buckets import UNITS
 from ._check import check
 from ._demo import run_demo
 from ._gc import gc_paused
-from ._keys import decode_key, encode_key
+from ._keys import decode_key
 from ._sources import (
     KEY_TYPES,
     NAMESPACE_TYPES,
@@ -347,9 +347,19 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("aggregate", metavar="AGGREGATE", nargs="?", help="only this aggregate")
     stats.set_defaults(handler=_stats)
 
-    spaces = command("namespaces", "list namespaces with their totals", "Namespaces in key order, paged.")
+    spaces = command(
+        "namespaces",
+        "list namespaces with their totals",
+        "Namespaces in key order (or --reverse), paged, within the bounds on the namespace value.",
+    )
     spaces.add_argument("database", metavar="DB", help="database directory")
     spaces.add_argument("aggregate", metavar="AGGREGATE")
+    for bound in ("ge", "gt", "le", "lt", "eq"):
+        spaces.add_argument(f"--{bound}", metavar="N", help=f"bound: namespace {_BOUND_HELP[bound]} N")
+    spaces.add_argument(
+        "--prefix", metavar="VALUE", help="tuple namespaces starting with VALUE (an element or an array)"
+    )
+    spaces.add_argument("--reverse", action="store_true", help="in descending order")
     spaces.add_argument("--limit", type=int, default=100, help="page size (default 100)")
     spaces.add_argument("--after", metavar="N", help="start after this namespace (the last one printed)")
     spaces.set_defaults(handler=_namespaces)
@@ -1430,23 +1440,22 @@ def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
 def _namespaces(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise _Usage("--limit must be at least 1")
-    after = None
-    if args.after is not None:
-        after = encode_key(_namespace_value(args.after, "--after"), what="namespace")
+    options: dict[str, Any] = {}
+    for name in ("ge", "gt", "le", "lt", "eq", "after"):
+        text = getattr(args, name)
+        if text is not None:
+            options[name] = _namespace_value(text, f"--{name}")
+    if args.prefix is not None:
+        value = _namespace_value(args.prefix, "--prefix")
+        options["prefix"] = value if isinstance(value, tuple) else (value,)
     with _open_existing(args.database) as db:
         aggregate = _aggregate(db, args.aggregate)
         if args.json:
             _own_keys_free(aggregate, ["namespace"])
-        page: list[tuple[Any, Totals]] = []
-        more = False
-        with db.read() as tx:
-            for namespace, totals in aggregate.namespaces(tx):
-                if after is not None and encode_key(namespace, what="namespace") <= after:
-                    continue
-                if len(page) == args.limit:
-                    more = True
-                    break
-                page.append((namespace, totals))
+        with db.read() as tx:  # one more than a page says whether there is more: O(log N + limit)
+            page = list(aggregate.namespaces(tx, limit=args.limit + 1, reverse=args.reverse, **options))
+    more = len(page) > args.limit
+    del page[args.limit :]
     following = page[-1][0] if more else None
     if args.json:
         spaces = [{"namespace": namespace, **totals.as_dict()} for namespace, totals in page]
