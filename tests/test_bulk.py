@@ -715,3 +715,28 @@ def test_builds_restore_the_garbage_collector_state(enabled: bool) -> None:
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_a_spool_holds_one_block_and_writes_the_rest_to_a_nameless_file(tmp_path: Path) -> None:
+    """verify --repair collects its repairs in a Spool: O(limit) items in memory whatever their
+    number, read back in order and equal (tuples, bytes, None, floats, the whole value range)."""
+    from tallytree._bulk import Spool
+
+    items = [
+        (encode_key(f"org:{n % 3}"), encode_key(n) + encode_id(f"e{n}"), (n * 0.5, 2**64 - 1 - n, -(2**63)))
+        if n % 4
+        else (encode_key(None), encode_key(-n) + encode_id(n), None)
+        for n in range(1_000)
+    ]
+    spool = Spool(limit=64, temp_dir=str(tmp_path))
+    try:
+        for item in items:
+            spool.append(item)
+            assert len(spool.held) < 64  # never more than one block in memory
+        assert (len(spool), spool.spilled) == (1_000, 960)
+        assert os.listdir(tmp_path) == []  # the file has no name: nothing to leave behind
+        assert [strict(item) for item in spool] == [strict(item) for item in items]
+    finally:
+        spool.close()
+    with pytest.raises(tallytree.InvalidArgumentError, match="limit must be a positive int"):
+        Spool(limit=0)

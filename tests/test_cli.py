@@ -2199,6 +2199,7 @@ def test_docs_commands_run(tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyP
     write_csv(tmp_path / "header-only.csv", [])
     lines = BAD_JSONL.split("\n")
     (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], lines[6], lines[3]]) + "\n")
+    (tmp_path / "export.json").write_text(json.dumps(EVENTS[:3], indent=2))  # a JSON array
     with sqlite3.connect(tmp_path / "app.sqlite") as connection:
         connection.execute(f"CREATE TABLE events ({', '.join(FIELDS)})")
         connection.executemany(
@@ -2220,3 +2221,368 @@ def test_docs_commands_run(tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyP
         assert argv[0] == "tallytree"
         code, _, err = run(*argv[1:])
         assert code == expected, (command, err)
+
+
+# ------------------------------------------------------------------ verify's memory, JSON Lines, compression
+
+
+def drift_streams(count: int) -> tuple[Iterator[Any], Iterator[Any]]:
+    """A source and a stored stream of ``3 * count`` items each, all drift: ``count`` missing,
+    ``count`` extra and ``count`` different, every item a new object made as it is read."""
+    from tallytree._keys import encode_id, encode_key
+
+    namespace = encode_key("org:1")
+
+    def items(side: int) -> Iterator[Any]:
+        for number in range(3 * count):
+            kind = number % 3  # 0: source only, 1: stored only, 2: both, with other values
+            if kind in (2, side):
+                yield namespace, encode_key(number) + encode_id(f"e{number}"), (float(number), number + side)
+
+    return items(0), items(1)
+
+
+def test_verify_holds_no_item_of_the_drift(tmp_path: Path) -> None:
+    """verify without --repair kept a write for every item of drift (1,000,000 items of drift took
+    310 MB more than a build of the same source): it holds only counts and the examples now."""
+    import tracemalloc
+
+    from tallytree.cli import _Drift
+
+    db = tallytree.open_memory()
+    aggregate = db.aggregate("events", values=("cost", "tokens"))
+    source, stored = drift_streams(20_000)
+    drift = _Drift(aggregate, 5)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        drift.compare(source, stored)
+        grown = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert drift.counts == {"missing": 20_000, "extra": 20_000, "different": 20_000}
+    assert (drift.source_items, drift.stored_items) == (40_000, 40_000)
+    assert [len(examples) for examples in drift.examples.values()] == [5, 5, 5]
+    assert grown < 256 * 1024  # 60,000 items of drift held would be several MB
+
+
+def test_verify_repair_spools_its_writes(
+    built: Path, tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--repair collects its writes in a Spool (a block in memory, the rest in a nameless file in
+    --temp-dir), applies them after the compare, and the aggregate then matches the source."""
+    from tallytree import _bulk
+
+    monkeypatch.setattr(_bulk, "_SPOOL", 7)  # 7 writes a block: the 130 writes below spill 126
+    spools: list[Any] = []
+    spool_class = _bulk.Spool
+
+    def spool(**options: Any) -> Any:
+        spools.append(spool_class(**options))
+        return spools[-1]
+
+    monkeypatch.setattr(_bulk, "Spool", spool)
+    changed = [
+        {**row, "tokens": row["tokens"] + 1} if index % 4 == 0 else row for index, row in enumerate(EVENTS)
+    ]
+    changed = [row for index, row in enumerate(changed) if index % 5 != 1]  # 60 extra in the aggregate
+    changed += [{**row, "id": f"new{index}"} for index, row in enumerate(EVENTS[:10])]  # 10 missing
+    source = write_jsonl(tmp_path / "changed.jsonl", changed)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    code, out, _ = run("verify", built, "events", "--from", source, *BUILD, "--json", "--temp-dir", temp)
+    report = json.loads(out)
+    assert code == 3 and spools == []  # no --repair: nothing collected
+    counts = [report[kind]["count"] for kind in ("missing", "extra", "different")]
+    assert counts == [10, 60, 60]
+    argv = ["verify", built, "events", "--from", source, *BUILD, "--repair", "--temp-dir", temp]
+    code, out, _ = run(*argv)
+    assert code == 0 and "repaired: 130 item(s)" in out
+    assert [(one.spilled, one.held, one.file) for one in spools] == [(126, [], None)]  # then closed
+    assert os.listdir(temp) == []
+    code, out, _ = run("verify", built, "events", "--from", source, *BUILD)
+    assert code == 0 and out.endswith("ok: the aggregate matches the source\n")
+    assert run("check", built)[0] == 0
+
+
+def json_lines_reference(data: bytes) -> list[tuple[int, Any]]:
+    """What a JSON Lines source gives, by the rules it documents: one ``json.loads`` per line (split
+    at line feeds only), blank lines left out, a RowError with the beginning of the reason for each
+    malformed line."""
+    from tallytree._sources import RowError
+
+    parts = data.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    out: list[tuple[int, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            record = RowError("not UTF-8 text")
+        except RecursionError:
+            record = RowError("JSON nested deeper")
+        except ValueError as error:
+            record = RowError("a JSON number of" if "digits" in str(error) else "invalid JSON")
+        if not isinstance(record, dict | RowError):
+            record = RowError("expected a JSON object")
+        out.append((number, record))
+    return out
+
+
+JSON_LINES = [
+    b'\xef\xbb\xbf{"k": 1, "id": "bom"}',  # a byte order mark: json.loads reads it
+    b'{"k": 2, "id": "crlf", "v": [1, {"a": null}]}\r',
+    b"",
+    b"   \t",
+    b'  {"k": 3, "id": "leading space"}',
+    b'{"k": 4, "id": "trailing"}  \t ',
+    b'{"k": 5, "id": "two"} {"k": 6}',
+    b"[1, 2]",
+    b'"text"',
+    b'{"k": 7, "id": "\xe9t\xe9"}',  # Latin-1
+    b'{"k": 8, "id": "\\ud800 lone surrogate", "nan": NaN, "inf": -Infinity}',
+    b'{"k": 9, "id": "huge", "v": ' + b"9" * 5_000 + b"}",
+    b'{"k": 10, "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"k": 11, "id": "unterminated',
+    b'{"k": 12, "id": "caf\xc3\xa9 \xe2\x80\xa8 sep", "x": 1.5e300}',
+    b'{"k": 13, "id": "\x0c form feed"}\x0c',
+    b'{"k": 14, "id": "last, no line feed"}',
+]
+
+
+@pytest.mark.parametrize("size", [1, 3, 4_096])
+def test_json_lines_read_as_json_loads_reads_each_line(tmp_path: Path, size: int) -> None:
+    """Lines are parsed a batch at a time by json's C scanner; a batch with anything but one object
+    per line goes line by line. Either way each line reads as json.loads reads it, and a line nested
+    deeper than the recursion limit is a malformed record (it was a traceback)."""
+    from conftest import strict
+
+    from tallytree._sources import RowError
+
+    clean = [b'{"k": %d, "id": "e%d", "v": %d.5}' % (n, n, n) for n in range(20)]
+    data = b"\n".join([*clean, *JSON_LINES, *clean])
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(data)
+    expected = json_lines_reference(data)
+    opened = open_source(str(path))
+    try:
+        got = [record for batch in opened.batches(size) for record in batch]
+    finally:
+        opened.close()
+    assert [number for number, _ in got] == [number for number, _ in expected]
+    for (number, record), (_, wanted) in zip(got, expected, strict=True):
+        if isinstance(wanted, RowError):
+            assert isinstance(record, RowError) and str(record).startswith(str(wanted)), (number, record)
+        else:
+            assert strict(record) == strict(wanted), number
+    assert sum(isinstance(record, dict) for _, record in got) == 47
+
+
+def test_json_batches_convert_as_records_do(tmp_path: Path) -> None:
+    """The column-at-a-time path of JSON Lines gives each record's row exactly (types included),
+    or hands the batch back to the record-by-record path, which names a bad record."""
+    from conftest import strict
+
+    from tallytree._sources import RowError
+
+    records = [
+        {"org": "o1", "ts": "2024-01-02T03:04:05+02:00", "id": 7, "cost": 1.5, "n": 3},
+        {"org": "42", "ts": "2024-01-02 03:04:05", "id": "a", "cost": -0.0, "n": 10**20},
+        {"org": "007", "ts": "2024-01-02T03:04:05.25Z", "id": "0042", "cost": 0.5, "n": 7},
+        {"org": "", "ts": "2024-01-03", "id": "12", "cost": 2, "n": -(2**63)},
+    ]
+    path = write_jsonl(tmp_path / "records.jsonl", records)
+    specs = [
+        RowSpec(
+            key=["ts"], key_types={"ts": "datetime"}, id="id", namespace="org", sums={"c": "cost", "n": "n"}
+        ),
+        RowSpec(key=["org", "n"], id="id", id_type="str", sums={"c": "cost"}),
+        RowSpec(key=["n"], key_types={"n": "int"}, id="ts", namespace="id", namespace_type="str"),
+        RowSpec(key=["cost"], key_types={"*": "float"}, namespace="id", sums={"n": "n"}),
+    ]
+    opened = open_source(str(path))
+    try:
+        batch = next(opened.batches(100))
+        for spec in specs:
+            convert, batch_convert = spec.converter(opened), spec.batch_converter(opened)
+            assert batch_convert is not None
+            rows = [convert(number, ordinal, record) for ordinal, (number, record) in enumerate(batch, 1)]
+            assert strict(batch_convert([record for _, record in batch], 1)) == strict(rows), spec
+        spec = specs[0]
+        batch_convert = spec.batch_converter(opened)
+        assert batch_convert is not None
+        convert = spec.converter(opened)
+        for (
+            times
+        ) in (  # naive ISO text is UTC: read again with +00:00 after it, or after a date alone by replace
+            ["2024-01-02 03:04:05", "2024-01-02T03", "2024-01-02T03:04:05.123456", " 2024-02-29T23:59 "],
+            ["2024-01-02T03:04:05", "2024-01-03"],
+        ):
+            naive = [{**record, "ts": text} for record, text in zip(records, times, strict=False)]
+            rows = [convert(number, number, record) for number, record in enumerate(naive, 1)]
+            assert strict(batch_convert(naive, 1)) == strict(rows)
+            assert {row[1].tzinfo for row in rows} == {UTC}
+        for field, value in (("cost", True), ("cost", "1e3"), ("ts", 1704067200), ("org", 1), ("id", 1.5)):
+            one = {**records[0], field: value}
+            try:
+                wanted = strict([convert(1, 1, one)])
+            except RowError:
+                wanted = None  # the batch path hands it back, for the record path to name it
+            got = batch_convert([one], 1)
+            assert got is None if wanted is None else strict(got) == wanted, (field, value)
+        assert batch_convert([{key: value for key, value in records[0].items() if key != "cost"}], 1) is None
+        assert RowSpec(key=["user.id"]).batch_converter(opened) is None  # a nested field: record by record
+    finally:
+        opened.close()
+
+
+def test_gzip_sources_are_read_decompressed(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip file (by its magic bytes: .gz, or no telling name) or gzip piped in is decompressed as
+    it is read; it failed as a CSV header that is not UTF-8, with a hint to convert with iconv."""
+    import gzip
+
+    plain = run(
+        "build", tmp_path / "plain", "events", "--from", write_csv(tmp_path / "e.csv", EVENTS), *BUILD
+    )
+    assert plain[0] == 0
+    expected = run("query", tmp_path / "plain", "events", "totals", "--namespace", "org:1")[1]
+    csv_gz = tmp_path / "events.csv.gz"
+    csv_gz.write_bytes(gzip.compress((tmp_path / "e.csv").read_bytes()))
+    jsonl_gz = tmp_path / "events.jsonl.gz"
+    jsonl_gz.write_bytes(gzip.compress(write_jsonl(tmp_path / "e.jsonl", EVENTS).read_bytes()))
+    unnamed = tmp_path / "export"
+    unnamed.write_bytes(jsonl_gz.read_bytes())
+    for number, source in enumerate([csv_gz, jsonl_gz, unnamed, "-"]):
+        if source == "-":
+            monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(jsonl_gz.read_bytes())))
+        database = tmp_path / f"db{number}"
+        code, out, err = run("build", database, "events", "--from", source, *BUILD, "--json")
+        assert (code, err, json.loads(out)["items"]) == (0, "", 300), source
+        assert run("query", database, "events", "totals", "--namespace", "org:1")[1] == expected
+        if source != "-":
+            assert run("verify", database, "events", "--from", source, *BUILD)[0] == 0
+    tsv = tmp_path / "events.tsv.gz"
+    tsv.write_bytes(gzip.compress(b"k\tid\tv\n1\ta\t2\n"))
+    assert run("build", tmp_path / "tsv", "t", "--from", tsv, *KEY_ID_SUM, "--json")[0] == 0
+
+
+def test_a_damaged_gzip_source_is_an_error_naming_it(built: Path, tmp_path: Path, run: Any) -> None:
+    import gzip
+
+    data = gzip.compress(write_jsonl(tmp_path / "e.jsonl", EVENTS[:100]).read_bytes())
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    damaged = tmp_path / "crc.jsonl.gz"
+    damaged.write_bytes(data[:-8] + bytes(4) + data[-4:])  # a wrong CRC, met at the end of the data
+    before = run("query", built, "events", "totals", "--namespace", "org:1")
+    for source, reason in (
+        (truncated, "Compressed file ended before the end-of-stream marker was reached"),
+        (damaged, "CRC check failed"),
+    ):
+        for command in (["build", built, "events"], ["verify", built, "events", "--repair"]):
+            code, out, err = run(*command, "--from", source, *BUILD, "--on-error", "skip")
+            assert (code, out) == (1, "")
+            assert err.startswith(
+                f"tallytree: error: {source} is gzip-compressed, but its compressed data is truncated or "
+                f"damaged ({reason}"
+            )
+            assert err.endswith(
+                "so it cannot be read to the end; test it with gzip -t, and compress or copy it again\n"
+            )
+    assert run("query", built, "events", "totals", "--namespace", "org:1") == before  # nothing written
+    code, _, err = run("build", tmp_path / "new", "events", "--from", truncated, *BUILD)
+    assert code == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_json_array_is_refused_with_how_to_convert_it(
+    built: Path, tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON array given as JSON Lines gave malformed records, or with --on-error skip loaded the
+    objects that happened to sit alone on their lines and dropped the rest without failing."""
+    import gzip
+
+    one_line = tmp_path / "events.json"
+    one_line.write_text(json.dumps(EVENTS[:3]) + "\n")
+    pretty = tmp_path / "pretty export.json"
+    pretty.write_text(json.dumps(EVENTS[:3], indent=2))
+    unnamed = tmp_path / "export"
+    unnamed.write_text("\n  [\n" + ",\n".join(json.dumps(row) for row in EVENTS[:3]) + "\n]\n")
+    packed = tmp_path / "events.jsonl.gz"
+    packed.write_bytes(gzip.compress(one_line.read_bytes()))
+    before = run("query", built, "events", "totals")
+    for source, fix in (
+        (one_line, f"jq -c '.[]' {one_line} > {tmp_path / 'events.jsonl'}"),
+        (pretty, f"jq -c '.[]' '{pretty}' > '{tmp_path / 'pretty export.jsonl'}'"),
+        (unnamed, f"jq -c '.[]' {unnamed} > {unnamed}.jsonl"),
+        (packed, f"gzip -dc {packed} | jq -c '.[]' > {tmp_path / 'events.jsonl'}"),
+    ):
+        for command in (["build", built, "events"], ["verify", built, "events"]):
+            code, out, err = run(*command, "--from", source, *BUILD, "--on-error", "skip")
+            assert (code, out) == (1, "")
+            assert err == (
+                f"tallytree: error: {source} holds a JSON array, not JSON Lines (one JSON object per line); "
+                f"convert it: {fix}\n"
+            )
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(pretty.read_bytes())))
+    code, out, err = run("build", built, "events", "--from", "-", *BUILD, "--json")
+    assert code == 1 and json.loads(out)["error"] == (
+        "standard input holds a JSON array, not JSON Lines (one JSON object per line); pipe it through "
+        "jq -c '.[]' first, which prints one object per line"
+    )
+    assert run("query", built, "events", "totals") == before
+    csv_like = tmp_path / "brackets.csv"  # a CSV header may begin with "[": sniffed as CSV still
+    csv_like.write_text("[k],id,v\n1,a,2\n")
+    assert (
+        run("build", tmp_path / "db2", "b", "--from", csv_like, "--key", "[k]", "--id", "id", "--sum", "v")[0]
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("magic", "compression", "command"),
+    [
+        (b"\xfd7zXZ\x00\x00\x04", "xz", "xz -dc"),
+        (b"BZh91AY&SY\x12", "bzip2", "bzip2 -dc"),
+        (b"\x28\xb5\x2f\xfd\x24", "zstd", "zstd -dc"),
+        (b"PK\x03\x04\x14\x00", "zip", "unzip -p"),
+    ],
+)
+def test_other_compressions_name_the_command_that_decompresses_them(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch, magic: bytes, compression: str, command: str
+) -> None:
+    source = tmp_path / "events.jsonl.x"
+    source.write_bytes(magic + bytes(range(256)))
+    code, out, err = run("build", tmp_path / "db", "events", "--from", source, *BUILD)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"tallytree: error: {source} is {compression}-compressed; tallytree decompresses gzip but not "
+        f"{compression}: decompress it first, or pipe it in with --from - ({command} {source} | "
+        "tallytree ... --from -)\n"
+    )
+    assert not (tmp_path / "db").exists()
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(source.read_bytes())))
+    code, _, err = run("build", tmp_path / "db", "events", "--from", "-", *BUILD)
+    assert code == 1 and err == (
+        f"tallytree: error: standard input is {compression}-compressed; tallytree decompresses gzip but not "
+        f"{compression}: pipe it through {command} first\n"
+    )
+
+
+def test_a_gzip_sqlite_database_is_refused(tmp_path: Path, run: Any) -> None:
+    import gzip
+
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (k INTEGER)")
+    connection.close()
+    packed = tmp_path / "app.sqlite.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    code, _, err = run("build", tmp_path / "db", "t", "--from", packed, "--table", "t", "--key", "k")
+    assert code == 1 and err == (
+        f"tallytree: error: {packed} is gzip-compressed; a SQLite database is read from its file: decompress "
+        f"it first (gunzip -k {packed}) and give the database\n"
+    )

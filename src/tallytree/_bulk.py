@@ -104,6 +104,7 @@ __all__ = [
     "BuildReport",
     "Columns",
     "OnDuplicate",
+    "Spool",
     "build",
     "build_columns",
     "build_many",
@@ -122,6 +123,7 @@ OnDuplicate = Literal["error", "last"]
 
 _BATCH = 32_768
 _BLOCK = 8_192
+_SPOOL = 65_536  # items a Spool holds in memory before it writes them to its file
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 _FAST_INT_LIMIT = 1 << 56  # ints the lanes take (eight 7-bit fraction groups at most)
@@ -745,6 +747,69 @@ def _merge(runs: list[_Run], nfields: int) -> Iterator[_Chunk]:
 
 def _unpacker(file: IO[bytes]) -> Iterator[list[Any]]:
     return iter(msgpack.Unpacker(file, raw=False, use_list=True, max_buffer_size=1 << 31))
+
+
+class Spool:
+    """Tuples appended one by one and read back in the same order, once, in O(``limit``) memory: up
+    to ``limit`` (65,536 by default) are held in memory; each time that many are, they are written
+    to an anonymous temporary file as one msgpack block (in ``temp_dir``, or the system's temporary
+    directory; on POSIX the file has no name, so even ``kill -9`` leaves nothing behind). What
+    ``tallytree verify --repair`` collects its repairs in while it compares a source with the stored
+    items.
+
+    An item holds None, bools, ints (``-2**63`` to ``2**64 - 1``), floats, str, bytes and tuples of
+    them, and comes back equal, tuples as tuples. ``append`` is O(1) amortized; reading is O(n).
+
+    >>> spool = Spool(limit=2)
+    >>> for number in range(5):
+    ...     spool.append((b"ns", number, (0.5, None)))
+    >>> len(spool), spool.spilled, list(spool)[3:]
+    (5, 4, [(b'ns', 3, (0.5, None)), (b'ns', 4, (0.5, None))])
+    >>> spool.close()
+    """
+
+    def __init__(self, *, limit: int | None = None, temp_dir: str | None = None) -> None:
+        if limit is None:
+            limit = _SPOOL
+        if type(limit) is not int or limit < 1:
+            raise InvalidArgumentError(f"limit must be a positive int, not {limit!r}")
+        self.limit = limit
+        self.temp_dir = temp_dir
+        self.held: list[tuple[Any, ...]] = []
+        self.spilled = 0  # items written to the file
+        self.file: IO[bytes] | None = None
+
+    def __len__(self) -> int:
+        return self.spilled + len(self.held)
+
+    def append(self, item: tuple[Any, ...]) -> None:
+        held = self.held
+        held.append(item)
+        if len(held) >= self.limit:
+            if self.file is None:
+                import tempfile  # noqa: PLC0415  # 2.5 ms at import; only a spool that spills needs it
+
+                # closed by close(); an anonymous file on POSIX, removed by the system at any exit
+                self.file = tempfile.TemporaryFile(prefix="tallytree-spool-", dir=self.temp_dir)  # noqa: SIM115
+            self.file.write(msgpack.packb(held, use_bin_type=True))
+            self.spilled += len(held)
+            self.held = []
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        if self.file is not None:
+            self.file.flush()
+            self.file.seek(0)
+            blocks = msgpack.Unpacker(self.file, raw=False, use_list=False, max_buffer_size=1 << 31)
+            for block in blocks:
+                yield from block
+        yield from self.held
+
+    def close(self) -> None:
+        """Forget the items and remove the file."""
+        self.held = []
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class _Sorter:

@@ -47,6 +47,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
@@ -420,7 +421,7 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
         dest="source",
         metavar="SOURCE",
         required=True,
-        help="a JSON Lines or CSV file, - for stdin, a SQLite file, or an SQL URL (needs SQLAlchemy)",
+        help="a JSON Lines or CSV file (or .gz), - for stdin, a SQLite file, an SQL URL (needs SQLAlchemy)",
     )
     parser.add_argument(
         "--key", required=True, metavar="F[,F...]", help="the key field(s); several make a tuple"
@@ -774,7 +775,7 @@ class _Reader:
     def rows(self) -> Iterator[Any]:
         """The rows, read in timed batches (so parsing time is measured apart from building).
 
-        A batch of CSV records is converted a column at a time when it can be
+        A batch of CSV or JSON Lines records is converted a column at a time when it can be
         (:meth:`RowSpec.batch_converter`); a batch with a malformed record goes record by record,
         which names it (or skips it with ``--on-error skip``).
         """
@@ -1577,6 +1578,8 @@ def _verify(args: argparse.Namespace) -> int:
     with _interruptible() as signals, db:
         aggregate = _aggregate(db, args.aggregate)
         reader = _Reader(args, aggregate.fields, progress)
+        # the repairs found, held in O(1) memory (beyond a block, in a temporary file) until applied
+        repairs = _bulk.Spool(temp_dir=args.temp_dir) if args.repair else None
         try:
             if tuple(reader.sums) != aggregate.fields:
                 raise _Failure(
@@ -1585,7 +1588,7 @@ def _verify(args: argparse.Namespace) -> int:
                 )
             transaction = db.write() if args.repair else db.read()
             with transaction as tx:
-                drift = _Drift(aggregate, args.examples)
+                drift = _Drift(aggregate, args.examples, repairs)
                 source = _bulk.sorted_items(
                     aggregate,
                     reader.rows(),
@@ -1620,6 +1623,8 @@ def _verify(args: argparse.Namespace) -> int:
         finally:
             progress.close()
             reader.close()
+            if repairs is not None:
+                repairs.close()
     document = {
         "aggregate": args.aggregate,
         "source": reader.source.name,
@@ -1801,10 +1806,18 @@ def _ends(
             ends.append(decode_key(one[1])[0])
 
 
-class _Drift:
-    """Merge-compares two sorted streams of items; keeps counts, examples and the repairs to make."""
+_REPAIR_BATCH = 32_768  # items given to insert_many at once by verify --repair
 
-    def __init__(self, aggregate: Aggregate, examples: int) -> None:
+
+class _Drift:
+    """Merge-compares two sorted streams of items, one pass over each; keeps counts, the first
+    ``examples`` items of each kind of drift and, for ``--repair``, the writes to make, in
+    ``repairs`` (a :class:`~tallytree._bulk.Spool`, which holds a block in memory and writes the
+    rest to a temporary file). Nothing else is kept per item: without ``--repair`` a verify holds the
+    source's sort buffer, the examples, and the nodes of the stored trees it is reading, whatever the
+    drift. O(n + m)."""
+
+    def __init__(self, aggregate: Aggregate, examples: int, repairs: _bulk.Spool | None = None) -> None:
         self.aggregate = aggregate
         self.limit = examples
         self.counts = {"missing": 0, "extra": 0, "different": 0}
@@ -1813,8 +1826,7 @@ class _Drift:
         self.stored_items = 0
         self.source_ends: list[Any] = []  # the first and the last key of each side (see _key_mismatch)
         self.stored_ends: list[Any] = []
-        self.upserts: dict[bytes, list[tuple[bytes, tuple[Any, ...]]]] = {}
-        self.deletes: dict[bytes, list[bytes]] = {}
+        self.repairs = repairs  # (namespace, entry, values) to upsert, (namespace, entry, None) to delete
 
     @property
     def total(self) -> int:
@@ -1827,6 +1839,7 @@ class _Drift:
     ) -> None:
         source = _ends(source, self.source_ends)
         stored = _ends(stored, self.stored_ends)
+        repair = self.repairs.append if self.repairs is not None else None
         wanted = next(source, None)
         have = next(stored, None)
         while wanted is not None or have is not None:
@@ -1834,19 +1847,22 @@ class _Drift:
                 assert wanted is not None
                 self.source_items += 1
                 self._note("missing", wanted, None)
-                self.upserts.setdefault(wanted[0], []).append((wanted[1], wanted[2]))
+                if repair is not None:
+                    repair(wanted)
                 wanted = next(source, None)
             elif wanted is None or (have[0], have[1]) < (wanted[0], wanted[1]):
                 self.stored_items += 1
                 self._note("extra", have, None)
-                self.deletes.setdefault(have[0], []).append(have[1])
+                if repair is not None:
+                    repair((have[0], have[1], None))
                 have = next(stored, None)
             else:
                 self.source_items += 1
                 self.stored_items += 1
                 if not same_values(have[2], wanted[2]):
                     self._note("different", wanted, have[2])
-                    self.upserts.setdefault(wanted[0], []).append((wanted[1], wanted[2]))
+                    if repair is not None:
+                        repair(wanted)
                 wanted = next(source, None)
                 have = next(stored, None)
 
@@ -1870,20 +1886,27 @@ class _Drift:
         self.examples[kind].append(example)
 
     def repair(self, tx: WriteTransaction) -> int:
+        """Make the writes found by :meth:`compare`, namespace by namespace in key order: a delete
+        per extra item, the missing and different items upserted in batches. Returns the number of
+        items written or removed. O(d log n) for d items of drift, in O(batch) memory."""
+        assert self.repairs is not None
         aggregate = self.aggregate
         changed = 0
-        for encoded, entries in self.deletes.items():
+        for encoded, writes in groupby(self.repairs, itemgetter(0)):
             namespace = decode_key(encoded)[0]
-            for entry in entries:
+            upserts: list[tuple[Any, Any, tuple[Any, ...]]] = []
+            for _, entry, values in writes:
                 key, offset = decode_key(entry)
-                changed += aggregate.discard(tx, key, decode_key(entry, offset)[0], namespace=namespace)
-        for encoded, upserts in self.upserts.items():
-            namespace = decode_key(encoded)[0]
-            items = []
-            for entry, values in upserts:
-                key, offset = decode_key(entry)
-                items.append((key, decode_key(entry, offset)[0], values))
-            changed += aggregate.insert_many(tx, items, namespace=namespace, on_duplicate="update")
+                item_id = decode_key(entry, offset)[0]
+                if values is None:
+                    changed += aggregate.discard(tx, key, item_id, namespace=namespace)
+                    continue
+                upserts.append((key, item_id, values))
+                if len(upserts) >= _REPAIR_BATCH:
+                    changed += aggregate.insert_many(tx, upserts, namespace=namespace, on_duplicate="update")
+                    upserts = []
+            if upserts:
+                changed += aggregate.insert_many(tx, upserts, namespace=namespace, on_duplicate="update")
         return changed
 
 
