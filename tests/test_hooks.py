@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
+from unittest.mock import patch
 
 import pytest
-from conftest import snapshot
+from conftest import pure_python, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tallytree
-from tallytree import Change, ChangeHandler
+from tallytree import Change, ChangeHandler, _hooks
 from tallytree._extract import move
 
 
@@ -459,3 +464,274 @@ def test_verify_and_repair_refuse_arguments_of_the_wrong_type(call: Any, match: 
     assert isinstance(raised.value, TypeError)
     with db.read() as tx:  # nothing was written
         assert aggregate.count(tx) == 0 and tallytree.check(tx) == []
+
+
+# ---------------------------------------------------------------- batches: apply_many against apply
+
+
+def _batch_handler(db: tallytree.Database) -> ChangeHandler:
+    """Three aggregates of small nodes (so a few items split and merge them): one per namespace,
+    one filtered by where= whose composite key needs a field, one of two fields that skips rows
+    without it."""
+    hooks = ChangeHandler(db)
+    hooks.aggregate("by_status", namespace="org", key="status", values=("total",), node_size=4)
+    hooks.aggregate("timeline", key=("org", "day"), where=lambda row: row["status"] != "void", node_size=5)
+    hooks.aggregate(
+        "amounts",
+        key="day",
+        values={"total": "total", "weight": lambda row: row["total"] * 2},
+        on_missing="skip",
+        node_size=4,
+    )
+    return hooks
+
+
+@st.composite
+def _documents(draw: st.DrawFn, chaos: int = 0) -> dict[str, Any]:
+    doc = {
+        "org": draw(st.integers(0, 2)),
+        "status": draw(st.sampled_from(["open", "paid", "void"])),
+        "day": draw(st.integers(0, 12)),
+        "total": draw(st.one_of(st.integers(-3, 3), st.sampled_from([0.5, 1.0, -2.25]))),
+    }
+    if chaos >= 2 and draw(st.integers(0, 24)) == 0:  # timeline refuses it (unless void), amounts skips it
+        del doc["day"]
+    return doc
+
+
+@st.composite
+def _change_logs(draw: st.DrawFn) -> tuple[list[tuple[int, dict[str, Any]]], list[Any]]:
+    """Rows held before the batch, and a log of changes consistent with them, or (``chaos`` > 0) with
+    some arbitrary changes (stale, repeated, drifted), documents the extractors refuse, and (rarely)
+    things that are not changes."""
+    chaos = draw(st.integers(0, 3))
+    rows = dict(draw(st.lists(st.tuples(st.integers(0, 11), _documents()), max_size=30)))
+    held = list(rows.items())
+    log: list[Any] = []
+    for _ in range(draw(st.integers(0, 40))):
+        doc_id = draw(st.integers(0, 11))
+        roll = draw(st.integers(0, 59))
+        if chaos == 3 and roll == 0:
+            log.append(draw(st.sampled_from([None, 5, (doc_id, {"day": 1})])))
+        elif roll < chaos and doc_id in dict(held):  # a replayed insert of a row held before
+            log.append(Change.insert(doc_id, dict(held)[doc_id]))
+        elif roll < chaos * 2:  # arbitrary
+            kind = draw(st.sampled_from(["insert", "update", "delete"]))
+            old = draw(_documents(chaos)) if kind != "insert" else None
+            new = draw(_documents(chaos)) if kind != "delete" else None
+            log.append(Change(kind, doc_id, old, new))
+        elif doc_id not in rows:
+            rows[doc_id] = draw(_documents(chaos))
+            log.append(Change.insert(doc_id, rows[doc_id]))
+        elif draw(st.booleans()):
+            new = {**rows[doc_id], **draw(_documents(chaos))}
+            log.append(Change.update(doc_id, rows[doc_id], new))
+            rows[doc_id] = new
+        else:
+            log.append(Change.delete(doc_id, rows.pop(doc_id)))
+    return held, log
+
+
+def _outcome(run: Any) -> tuple[str, str] | None:
+    try:
+        run()
+    except tallytree.Error as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+@contextmanager
+def _merging_everything() -> Iterator[None]:
+    """Batches merge however few items a tree takes: the sorted-run paths, which the thresholds keep
+    for larger batches than these tests' small ones."""
+    with ExitStack() as stack:
+        for name in ("_MERGE_AT", "_APPENDS_MERGE_AT"):
+            stack.enter_context(patch.object(_hooks, name, 1))
+        yield
+
+
+@pytest.mark.parametrize("paths", ["measured", "merging"])
+@pytest.mark.parametrize("kernels", ["c", "python"])
+@settings(max_examples=100)
+@given(case=_change_logs(), idempotent=st.booleans())
+def test_apply_many_equals_applying_one_by_one(
+    paths: str, kernels: str, case: tuple[list[tuple[int, dict[str, Any]]], list[Any]], idempotent: bool
+) -> None:
+    """A batch gives the items and totals of its changes applied one by one, strict or idempotent,
+    and raises the same error (the same change named); a batch that raises writes nothing."""
+    held, log = case
+    with (
+        pure_python() if kernels == "python" else nullcontext(),
+        _merging_everything() if paths == "merging" else nullcontext(),
+    ):
+        batched, single = tallytree.open_memory(), tallytree.open_memory()
+        handlers = [_batch_handler(batched), _batch_handler(single)]
+        for db, hooks in zip((batched, single), handlers, strict=True):
+            with db.write() as tx:
+                for doc_id, doc in held:  # the rows held before: in the nodes, and appends pending
+                    hooks.apply(tx, Change.insert(doc_id, doc))
+        before = snapshot(batched)
+        with batched.write() as tx:
+            got = _outcome(lambda: handlers[0].apply_many(tx, log, idempotent=idempotent))
+            after = snapshot(batched, tx)
+        with single.write() as tx:
+            expected = _outcome(lambda: [handlers[1].apply(tx, c, idempotent=idempotent) for c in log])
+            if expected is not None:
+                tx.abort()  # one by one, the changes before the failing one were written
+        assert got == expected
+        if got is not None:
+            assert after == before
+        else:
+            assert after == snapshot(single)
+        for db in (batched, single):
+            with db.read() as tx:
+                assert tallytree.check(tx) == []
+
+
+@pytest.mark.parametrize("kernels", ["c", "python"])
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_a_large_batch_equals_applying_one_by_one(
+    db: tallytree.Database, kernels: str, idempotent: bool
+) -> None:
+    """Thousands of changes of every kind into trees of default node size holding thousands of items,
+    with appends pending: merged runs, scattered and time-ordered, and removals."""
+    rng = random.Random(11)
+    other = tallytree.open_memory()
+    with pure_python() if kernels == "python" else nullcontext():
+        hooks = [_batch_handler_default(db), _batch_handler_default(other)]
+        rows: dict[int, dict[str, Any]] = {}
+        held = []
+        for doc_id in range(3000):
+            rows[doc_id] = {
+                "org": rng.randrange(3),
+                "status": "open",
+                "day": doc_id,
+                "total": rng.randrange(9),
+            }
+            held.append(Change.insert(doc_id, rows[doc_id]))
+        log = []
+        for doc_id in range(3000, 6000):  # new rows, scattered and time-ordered, some changed or gone
+            day = doc_id if doc_id % 2 else rng.randrange(3000)
+            rows[doc_id] = {"org": rng.randrange(3), "status": "open", "day": day, "total": rng.random()}
+            log.append(Change.insert(doc_id, rows[doc_id]))
+            old_id = rng.randrange(doc_id)
+            if old_id in rows and rng.random() < 0.3:
+                new = {**rows[old_id], "status": rng.choice(["paid", "void"]), "total": rng.randrange(9)}
+                log.append(Change.update(old_id, rows[old_id], new))
+                rows[old_id] = new
+            elif old_id in rows and rng.random() < 0.1:
+                log.append(Change.delete(old_id, rows.pop(old_id)))
+        for database, handler in zip((db, other), hooks, strict=True):
+            with database.write() as tx:
+                handler.apply_many(tx, held[:2990])
+                for change in held[2990:]:  # appends left pending
+                    handler.apply(tx, change)
+        with db.write() as tx:
+            assert hooks[0].apply_many(tx, log, idempotent=idempotent) == len(log)
+        with other.write() as tx:
+            for change in log:
+                hooks[1].apply(tx, change, idempotent=idempotent)
+        assert snapshot(db) == snapshot(other)
+        with db.read() as tx:
+            assert tallytree.check(tx) == []
+            for name in hooks[0].aggregates():
+                assert tallytree.verify(tx, db.aggregate(name), rows.items()).ok
+        held = snapshot(db)
+        fresh = [Change.insert(doc_id, {**rows[0], "day": doc_id}) for doc_id in range(6000, 9000)]
+        replayed = next(c for c in log if c.kind == "insert" and rows.get(c.id) == c.new)  # unchanged since
+        with db.write() as tx:  # a strict batch failing at its last change writes nothing
+            with pytest.raises(tallytree.DuplicateItemError, match=f"document {replayed.id} is already"):
+                hooks[0].apply_many(tx, [*fresh, replayed])
+            assert snapshot(db, tx) == held
+
+
+def _batch_handler_default(db: tallytree.Database) -> ChangeHandler:
+    hooks = ChangeHandler(db)
+    hooks.aggregate("by_status", namespace="org", key="status", values=("total",))
+    hooks.aggregate("timeline", key=("org", "day"), where=lambda row: row["status"] != "void")
+    return hooks
+
+
+def test_a_strict_batch_names_the_first_failing_change_in_its_order_and_writes_nothing() -> None:
+    """The places a batch needs are checked at its end, tree by tree; the error names the first
+    change that fails in the batch's order (not the first place in key order), as one by one, and
+    nothing is written. So for an item pending (appended, not merged yet), and for an item a change
+    before removed (its place is free then)."""
+    db = tallytree.open_memory()
+    hooks = ChangeHandler(db)
+    events = hooks.aggregate("events", key="at", values=("n",))
+    with db.write() as tx:
+        hooks.apply_many(tx, [Change.insert(at, {"at": at, "n": 1}) for at in range(0, 1000, 10)])
+        hooks.apply(tx, Change.insert(2000, {"at": 2000, "n": 1}))  # pending
+    before = snapshot(db)
+    taken = [Change.insert(at, {"at": at, "n": 1}) for at in (990, 500)]
+    batch = [Change.insert(at, {"at": at, "n": 1}) for at in range(3, 1500, 10)]  # all new
+    pending = Change.insert(2000, {"at": 2000, "n": 1})
+    for position, change in ((60, taken[0]), (90, taken[1]), (140, pending)):
+        batch.insert(position, change)
+    with db.write() as tx:
+        with pytest.raises(tallytree.DuplicateItemError, match="document 990 is already"):
+            hooks.apply_many(tx, batch)
+        assert snapshot(db, tx) == before
+        with pytest.raises(tallytree.DuplicateItemError, match="document 2000 is already"):
+            hooks.apply_many(tx, batch[100:])
+        assert snapshot(db, tx) == before
+        freed = [Change.delete(990, {"at": 990, "n": 1}), *batch[:61]]  # 990 leaves, then comes back
+        assert hooks.apply_many(tx, freed) == 62
+        assert events.totals(tx).as_dict() == {"count": 100 + 1 + 60, "n": 161}
+        assert tallytree.check(tx) == []
+
+
+def test_a_batch_of_changes_that_cancel_out_writes_nothing() -> None:
+    """A document inserted, moved and deleted within the batch leaves every tree untouched; one
+    moved back to where it was, with its values, too."""
+    db = tallytree.open_memory()
+    hooks = ChangeHandler(db)
+    hooks.aggregate("per_org", namespace="org", key="day", values=("n",))
+    row = {"org": 1, "day": 5, "n": 2}
+    with db.write() as tx:
+        hooks.apply(tx, Change.insert(1, row))
+    moved = {**row, "org": 2, "day": 9}
+    log = [
+        Change.insert(2, row),
+        Change.update(2, row, moved),
+        Change.delete(2, moved),
+        Change.update(1, row, moved),
+        Change.update(1, moved, row),
+    ]
+    with db.write() as tx:
+        assert hooks.apply_many(tx, log) == 5
+        assert tx.changed_roots() == {}  # no tree was written
+
+
+def test_registering_another_definition_of_a_registered_name_is_refused() -> None:
+    """As a table does (SchemaMismatchError): the aggregate holds the first definition's items, so a
+    silent replacement would make later changes remove items that are not there. The same
+    definition again is fine (a function passed anew replaces the old); another after detaching, or
+    after the aggregate was dropped, too."""
+    db = tallytree.open_memory()
+    hooks = ChangeHandler(db)
+    by_day = hooks.aggregate("by_day", key="day", where=lambda row: row["ok"])
+    assert hooks.aggregate("by_day", key="day", where=lambda row: row["ok"]) is by_day
+    for other in (
+        {"key": "week"},
+        {"key": "day"},  # without the where= filter
+        {"key": "day", "where": lambda row: row["ok"], "on_missing": "skip"},
+        {"key": "day", "namespace": "org", "where": lambda row: row["ok"]},
+    ):
+        with pytest.raises(tallytree.SchemaMismatchError, match=r"detach it first \(handler.detach"):
+            hooks.aggregate("by_day", **other)
+    assert hooks.definition("by_day").key_spec == "day"
+    with db.write() as tx:
+        hooks.apply(tx, Change.insert(1, {"day": 3, "ok": True}))
+    hooks.detach("by_day")
+    assert hooks.aggregate("by_day", key="week", on_missing="skip") is by_day
+    hooks.detach("by_day")
+    db.drop_aggregate("by_day")
+    assert hooks.aggregate("by_day", key="day", where="ok") is not by_day  # registered anew
+    hooks.aggregate("by_day", key="day", where="ok")
+    db.drop_aggregate("by_day")  # without detaching: the registration names a dropped aggregate
+    fresh = hooks.aggregate("by_day", key="week")
+    with db.write() as tx:
+        hooks.apply(tx, Change.insert(1, {"week": 1}))
+        assert fresh.count(tx) == 1

@@ -1283,9 +1283,13 @@ def test_detaching_or_redefining_an_aware_datetime_key_lifts_its_refusal(engine:
             with pytest.raises(tallytree.ArgumentTypeError, match="sqlite stores without its offset"):
                 session.commit()
             session.rollback()
+            with pytest.raises(tallytree.SchemaMismatchError, match=r"detach it first"):
+                handler.aggregate("typed_by_time", key="org")  # another definition: detach first
+            handler.detach("typed_by_time")
             handler.aggregate("typed_by_time", key="org")  # redefined on a column SQLite keeps
             session.add(Typed())
             session.commit()
+            handler.detach("typed_by_time")
             handler.aggregate("typed_by_time", key="aware")
             session.add(Typed())
             with pytest.raises(tallytree.ArgumentTypeError, match="sqlite stores without its offset"):
@@ -1390,3 +1394,87 @@ def test_verify_of_an_aggregate_dropped_behind_the_sync_raises_and_creates_nothi
         assert db.aggregates() == []  # not created again, empty, by verify
         with db.read() as tx:
             assert tallytree.check(tx) == []
+
+
+def test_a_commit_s_changes_reach_tallytree_as_one_batch(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The changes of a commit, of several registered classes (their handlers interleaved, a subclass's
+    rows reaching two), go through the batch path of ChangeHandler.apply_many, not change by change;
+    in strict mode a failing change is named as one by one would name it and nothing is written."""
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a commit applies its changes as one batch")
+
+    monkeypatch.setattr(tallytree.ChangeHandler, "apply", refused)
+    with listening(engine, idempotent=False) as (db, sync, factory):
+        by_kind = sync.register(Invoice).aggregate("invoices_by_kind", key="kind", values=("total",))
+        by_reason = sync.register(Refund).aggregate("refunds_by_reason", key="reason", values=("total",))
+        with factory() as session:
+            session.add_all([Refund(id=i, total=i, reason=("late", "broken")[i % 2]) for i in range(50)])
+            session.add_all([CreditNote(id=i, total=i) for i in range(50, 300)])
+            session.commit()
+            for refund in session.scalars(select(Refund).where(Refund.id < 10)):
+                refund.total += 1000
+            session.delete(session.get(CreditNote, 60))
+            session.add(Invoice(id=300, total=1))
+            session.commit()
+            report = sync.verify(session)
+            assert all(drift.ok for drift in report.values()), report
+            with db.read() as tx:
+                assert by_kind.totals(tx).as_dict() == {
+                    "count": 300,
+                    "total": sum(range(300)) - 60 + 10 * 1000 + 1,
+                }
+                assert by_reason.count(tx) == 50
+            with db.write() as tx:  # drift: refund 20 is gone from its base class's aggregate
+                by_kind.delete(tx, "refund", 20)
+            before = [(drift.actual, drift.missing) for drift in sync.verify(session).values()]
+            session.add(Invoice(id=301, total=1))
+            session.get(Refund, 30).reason = "other"  # type: ignore[union-attr]
+            session.get(Refund, 20).total = 7  # type: ignore[union-attr]
+            with pytest.raises(
+                tallytree.ItemNotFoundError, match="invoices_by_kind: the item of document 20 "
+            ):
+                session.commit()
+        with factory() as session:  # SQL committed; tallytree wrote nothing of the commit
+            after = {name: (drift.actual, drift.missing) for name, drift in sync.verify(session).items()}
+            assert after == {"invoices_by_kind": (299, 2), "refunds_by_reason": (50, 0)}
+            assert before == [(299, 1), (50, 0)]
+
+
+def test_dropping_an_aggregate_the_sync_still_syncs_is_refused_before_the_sql_commit(engine: Engine) -> None:
+    """db.drop_aggregate of an aggregate a registered class's handler still syncs would make the
+    tallytree write after the SQL commit fail: the Sync refuses the commit before it (at the flush, or
+    before the commit for changes flushed earlier), while SQL can roll back. Detaching it lets the
+    commit go on; the other aggregates get their changes."""
+    with listening(engine) as (db, sync, factory):
+        handler = sync.register(Load)
+        handler.aggregate("loads", namespace="org", key="status", values=("amount",))
+        per_org = handler.aggregate("loads_per_org", key="org")
+        with factory() as session:
+            session.add(Load(id=1, org=1, status="open", amount=1))
+            session.commit()
+            session.add(Load(id=2, org=1, status="open", amount=2))
+            session.flush()
+            db.drop_aggregate("loads")  # changes flushed already are queued for it
+            with pytest.raises(tallytree.TransactionError, match="'loads' was dropped") as raised:
+                session.commit()
+            assert "before the SQL commit" in str(raised.value.__notes__)
+            handler.detach("loads")  # the queued changes skip it now
+            session.commit()
+        with factory() as session:
+            assert session.scalar(select(func.count()).select_from(Load)) == 2
+            with db.read() as tx:
+                assert per_org.count(tx) == 2
+            handler.aggregate("loads", namespace="org", key="status", values=("amount",))  # anew
+            db.drop_aggregate("loads")
+            session.add(Load(id=3, org=1, status="open", amount=3))
+            with pytest.raises(tallytree.TransactionError, match="'loads' was dropped") as raised:
+                session.commit()  # refused in the flush
+            assert "refused in the flush" in str(raised.value.__notes__)
+            session.rollback()
+        with factory() as session:
+            assert session.scalar(select(func.count()).select_from(Load)) == 2  # row 3 never committed
+            with db.read() as tx:
+                assert per_org.count(tx) == 2 and tallytree.check(tx) == []

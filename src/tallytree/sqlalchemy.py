@@ -59,13 +59,19 @@ when they reach tallytree:
   tallytree for a rolled-back transaction; a rolled-back SAVEPOINT drops only its own changes;
 * ``before_commit``: a commit with changes to apply inside ``with db.write()`` in the same thread, or
   once the database is closed, is refused (TransactionError) before anything is committed: the
-  tallytree write that follows the SQL commit could not open;
+  tallytree write that follows the SQL commit could not open. So is a commit (or, in ``after_flush``,
+  a flush) with changes for an aggregate a handler still registers that ``db.drop_aggregate``
+  dropped in this process: ``handler.detach(name)`` first (the queued changes skip it then). A drop
+  cannot be refused instead, as tables refuse it: handlers are plain objects with no close, so the
+  database cannot tell a live handler from one the program let go of (a Sync's handlers live in
+  reference cycles until the garbage collector runs);
 * ``after_commit``: SQLAlchemy fires it for a released SAVEPOINT too, and then nothing happens: the
   SAVEPOINT's changes stay queued with the enclosing transaction, and go with it if it rolls back. At
   the outermost commit (after the database committed) the queued changes are applied in one tallytree
-  write transaction, in order, with ``idempotent=True`` by default. Outermost is the session's: a
-  session joined to a connection whose transaction its caller ends later (``join_transaction_mode``)
-  applies at its own commit;
+  write transaction, in order, as one batch (the path of ``ChangeHandler.apply_many``: checked first,
+  then written per tree in sorted merges), with ``idempotent=True`` by default. Outermost is the
+  session's: a session joined to a connection whose transaction its caller ends later
+  (``join_transaction_mode``) applies at its own commit;
 * ``after_transaction_end`` of the outermost transaction: whatever is still queued is dropped (a
   ``session.close()`` ends the transaction without a rollback event), so a session used again after a
   close starts with an empty queue.
@@ -185,12 +191,12 @@ import functools
 import importlib
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._args import check_flag
 from ._extract import Definition, Extractor, OnMissing, Where
-from ._hooks import Change, ChangeHandler, Drift, repair, verify
+from ._hooks import Change, ChangeHandler, Drift, apply_changes, repair, verify
 from ._keys import encode_id
 from .errors import ArgumentTypeError, InvalidArgumentError, TransactionError
 
@@ -603,6 +609,23 @@ class _Flush:
         # state -> old row (None when gone), read in before_flush (see Sync._prefetch) and taken by the
         # state's own before_update / before_delete (or by the row switch that replaces it).
         self.prefetched: dict[Any, Row | None] = {}
+
+
+def _refuse_dropped(handler: ChangeHandler) -> None:
+    """TransactionError for an aggregate the handler syncs that was dropped since (``db.drop_aggregate``
+    in this process): the tallytree write after the SQL commit would fail. Raised in the flush and
+    before the commit instead, while SQL can still roll back. O(aggregates of the handler)."""
+    for definition in handler._definitions.values():
+        if definition.aggregate._dropped is not None:
+            name = definition.name
+            registration = getattr(handler, "_registration", None)
+            model = registration.model.__name__ if registration is not None else "the class"
+            raise TransactionError(
+                f"aggregate {name!r} was dropped (db.drop_aggregate) while the Sync still syncs {model} "
+                f"into it, so the tallytree write after the SQL commit would fail; stop syncing it "
+                f"before dropping it: handler.detach({name!r}) (changes queued already skip it then) or "
+                f"sync.unregister({model}); or register it again to sync into a new aggregate"
+            )
 
 
 def _mapper_hook(sync: weakref.ref[Sync], name: str) -> Callable[[Any, Any, Any], None]:
@@ -1202,6 +1225,7 @@ class Sync:
             for handler, change in changes:
                 if handler not in definitions:
                     definitions[handler] = [handler.definition(name) for name in handler.aggregates()]
+                    _refuse_dropped(handler)
                 id_bytes = encode_id(change.id)
                 for definition in definitions[handler]:
                     for row in (change.old, change.new):
@@ -1238,6 +1262,17 @@ class Sync:
         # nothing.)
         if session.in_nested_transaction():
             return
+        queue = session.info.get(self._queue_key())
+        if queue:
+            try:
+                for handler in dict.fromkeys(handler for _, handler, _ in queue):
+                    _refuse_dropped(handler)
+            except TransactionError as exc:
+                exc.add_note(
+                    "tallytree.sqlalchemy: refused before the SQL commit (nothing was committed: the "
+                    "session's transaction is still open)"
+                )
+                raise
         closed = getattr(self._db, "_closed", False)
         if not closed and not getattr(self._db._local, "writing", False):
             return
@@ -1269,10 +1304,18 @@ class Sync:
         queue = session.info.pop(self._queue_key(), None)
         if not queue:
             return
+        definitions: dict[ChangeHandler, tuple[Definition, ...]] = {}
+
+        def changes() -> Iterator[tuple[tuple[Definition, ...], Change]]:
+            for _, handler, change in queue:
+                known = definitions.get(handler)
+                if known is None:
+                    known = definitions[handler] = tuple(handler._definitions.values())
+                yield known, change
+
         try:
-            with self._db.write() as tx:
-                for _, handler, change in queue:
-                    handler.apply(tx, change, idempotent=self._idempotent)
+            with self._db.write() as tx:  # one batch, in order: see ChangeHandler.apply_many
+                apply_changes(self._db, tx, changes(), self._idempotent)
         except Exception as exc:
             exc.add_note(
                 f"tallytree.sqlalchemy: the SQL transaction was committed and tallytree was not: it "
