@@ -87,3 +87,16 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tallytree.Dat
         database = tallytree.open(tmp_path / "db", durable=False)
     with database:
         yield database
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, arg: int = 0) -> list[Any]:
+    """Argument ``arg`` of every call of ``owner.name`` from now on (the function still runs)."""
+    calls: list[Any] = []
+    original = getattr(owner, name)
+
+    def recording(*args: Any) -> Any:
+        calls.append(args[arg])
+        return original(*args)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls

@@ -18,7 +18,7 @@ from typing import Any
 import lmdb
 import msgpack
 import pytest
-from conftest import snapshot, strict
+from conftest import record_calls, snapshot, strict
 
 import tallytree
 from tallytree._btree import Root
@@ -58,19 +58,6 @@ def record_commits(monkeypatch: pytest.MonkeyPatch) -> list[list[Op]]:
 
     monkeypatch.setattr(_MemoryTxn, "commit", recording)
     return written
-
-
-def record_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, arg: int = 0) -> list[Any]:
-    """Argument ``arg`` of every call of ``owner.name`` from now on (the function still runs)."""
-    calls: list[Any] = []
-    original = getattr(owner, name)
-
-    def recording(*args: Any) -> Any:
-        calls.append(args[arg])
-        return original(*args)
-
-    monkeypatch.setattr(owner, name, recording)
-    return calls
 
 
 def model_items(rows: dict[tuple[int, str], tuple[Any, ...]]) -> list[tallytree.Item]:

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import pure_python, strict
+from conftest import pure_python, record_calls, strict
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -352,4 +352,32 @@ def test_moves_of_scattered_items(db: tallytree.Database, monkeypatch: pytest.Mo
             events.replace(tx, key, item_id, new_key=key + 0.5)
         raise RuntimeError("abort")
     assert _snapshot(db, events) == before
+    _assert_matches(db, events, rows)
+
+
+@needs_kernels
+def test_a_batch_checked_against_a_pending_tree_searches_leaves_in_their_stored_bytes(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """insert_many into a tree with pending entries first looks for a conflict anywhere in the tree
+    (nothing is written if there is one): that search reads the committed leaves in their stored
+    bytes, as the merge itself does, and decodes none; the error names the batch's first conflict."""
+    events, rows = _loaded(db, 300, 3)
+    with db.write() as tx:
+        events.insert(tx, 5000, "p", (1.0, 1))  # after every entry: it stays pending
+    rows[(5000, "p")] = (1.0, 1)
+    with db.read() as tx:
+        root = tx.root(events._tree_key(None))
+        assert root is not None and root.pending_summary is not None
+    decoded_leaves = record_calls(monkeypatch, NodeTree, "_plan_leaf", 1)
+    rng = random.Random(4)
+    for _ in range(20):
+        fresh = [(key, "n") for key in rng.sample(range(1, 2990), 30) if key % 10]
+        taken = [(key * 10, "s") for key in rng.sample(range(300), 2)]
+        batch = sorted(fresh + taken)
+        with db.write() as tx, pytest.raises(tallytree.DuplicateItemError) as raised:
+            events.insert_many(tx, [(key, item_id, (0.5, 1)) for key, item_id in batch])
+        first = min(taken)
+        assert f"key={first[0]!r}, id={first[1]!r}" in str(raised.value)
+        assert [node for node in decoded_leaves if not node.dirty] == []
     _assert_matches(db, events, rows)

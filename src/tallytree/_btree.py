@@ -1178,14 +1178,10 @@ class NodeTree:
         """
         if self.root is None or not entries:
             return None
+        run = _Run(entries, cols, "error")
+        run.stored = speedups is not None  # as merge_sorted: search leaves in their stored bytes
         try:
-            self._plan(
-                self.access.node(self.root.node_id),
-                self.root.height,
-                0,
-                len(entries),
-                _Run(entries, cols, "error"),
-            )
+            self._plan(self.access.node(self.root.node_id), self.root.height, 0, len(entries), run)
         except _Conflict as conflict:
             return conflict.index
         return None
