@@ -179,6 +179,57 @@ def test_every_zeroed_page_of_the_file_gives_problems_or_typed_errors(tmp_path: 
     assert corrupt_reads >= 10 and corrupt_checks >= 10, (corrupt_reads, corrupt_checks)
 
 
+def _zero_root_page(path: Path, table: bytes) -> None:
+    """Zero the root page of named table ``table`` in the closed database at ``path``: LMDB then
+    fails every read of the table (MDB_CORRUPTED, then MDB_BAD_TXN for the transaction's later calls)."""
+    env = _lmdb_env(path)
+    with env.begin() as txn:
+        record = bytes(txn.get(table))  # the named table's MDB_db record, md_root last
+    env.close()
+    root_page = int.from_bytes(record[40:48], "little")
+    assert 0 < root_page < os.path.getsize(path / "data.mdb") // 4096
+    with (path / "data.mdb").open("r+b") as file:
+        file.seek(root_page * 4096)
+        file.write(bytes(4096))
+
+
+@pytest.mark.parametrize("table", [b"nodes", b"roots", b"docs"])
+def test_a_read_that_meets_a_damaged_page_raises_a_typed_error_inside_the_block(
+    tmp_path: Path, table: bytes
+) -> None:
+    """Inside ``with db.read()``, a read meeting a page LMDB cannot read raised LMDB's own error, which
+    became CorruptDatabaseError only as the block ended: ``except tallytree.Error`` inside the block
+    missed it. Now the read raises CorruptDatabaseError (chained to LMDB's), through every way reads
+    meet LMDB: a get (a node), a scan (the namespaces of an aggregate), a batched scan (a table's
+    documents); so do the reads after it, which LMDB refuses."""
+    path = tmp_path / "db"
+    _events(path)
+    _zero_root_page(path, table)
+    with tallytree.open(path) as db:
+        read: Callable[[tallytree.Transaction], object]
+        if table == b"nodes":
+            events = db.aggregate("events")
+            read = lambda tx: list(events.items(tx, namespace="a"))  # noqa: E731
+        elif table == b"roots":
+            read = db.aggregates_in  # (each aggregate's definition is compared with its trees)
+        else:
+            loads = db.table("loads")
+            read = lambda tx: list(loads.items(tx))  # noqa: E731
+        caught: list[tallytree.Error] = []
+        with db.read() as tx:
+            for _ in range(2):
+                try:
+                    read(tx)
+                except tallytree.Error as exc:
+                    caught.append(exc)
+        assert [type(exc) for exc in caught] == [CorruptDatabaseError] * 2
+        assert isinstance(caught[0].__cause__, lmdb.Error) and "damaged" in str(caught[0])
+        if table != b"docs":  # (check reads the aggregates)
+            with db.read() as tx:
+                problems = tallytree.check(tx)
+            assert problems and "LMDB cannot read" in problems[-1].message
+
+
 def test_an_lmdb_error_of_the_callers_own_environment_is_not_taken_for_damage(tmp_path: Path) -> None:
     """The translation looks at where LMDB's error was raised: a caller's own LMDB environment that
     fails inside a ``with db.read()`` block keeps its error. And a damaged page that tallytree meets

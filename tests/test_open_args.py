@@ -148,13 +148,14 @@ def test_valid_calls_still_work(tmp_path: Path) -> None:
 
 
 def test_a_max_map_size_alone_below_the_default_map_size_lowers_the_initial_map(tmp_path: Path) -> None:
-    """map_size defaults to 1 GiB, or to max_map_size when that is smaller (it is not raised above it)."""
+    """map_size defaults to tallytree._db._DEFAULT_MAP_SIZE (64 GiB on 64-bit POSIX systems), or to
+    max_map_size when that is smaller (it is not raised above it)."""
     limit = 256 * 1024
     with tallytree.open(tmp_path / "small", max_map_size=limit, durable=False) as db:
         assert db._backend.env.info()["map_size"] == limit
         assert db._backend.max_map_size == limit
     with tallytree.open(tmp_path / "default", durable=False) as db:
-        assert db._backend.env.info()["map_size"] == 1 << 30
+        assert db._backend.env.info()["map_size"] == tallytree._db._DEFAULT_MAP_SIZE
 
 
 def test_a_map_size_beyond_the_address_space_raises_and_creates_nothing(tmp_path: Path) -> None:

@@ -27,7 +27,14 @@ import pytest
 from conftest import pure_python, snapshot
 
 import tallytree
-from tallytree import CorruptDatabaseError, DatabaseFormatError, MapFullError, ReadOnlyError, TransactionError
+from tallytree import (
+    CorruptDatabaseError,
+    DatabaseFormatError,
+    MapFullError,
+    ReadOnlyError,
+    StorageError,
+    TransactionError,
+)
 from tallytree._node import decode_node, encode_node
 from tallytree._store import NODES
 from tallytree._txn import node_key
@@ -811,6 +818,88 @@ def test_an_open_the_disk_refuses_raises_storage_error_and_leaves_the_path_as_it
         assert db.aggregates() == []
 
 
+_OPEN_AND_INSERT = """
+import sys, tallytree
+with tallytree.open(sys.argv[1], durable=False) as db:
+    events = db.aggregate("events")
+    with db.write() as tx:
+        events.insert(tx, 1, sys.argv[2])
+"""
+
+
+def _open_in_another_process(path: Path, item_id: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _OPEN_AND_INSERT, str(path), item_id],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SOURCE},
+    )
+
+
+@pytest.mark.parametrize("where", ["mkdir", "iterdir"])
+def test_a_database_another_process_creates_meanwhile_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Workers opening a new path at once: one in a hundred failed, finding the directory that another
+    had made between its look and its mkdir (StorageError "File exists"), or, in a directory found
+    empty, the data.mdb that another had made since (DatabaseFormatError "a non-empty directory
+    without a database"). Each race is forced here: another process creates the database (and writes
+    to it) at that very moment; the open then opens it, and writes too."""
+    path = tmp_path / "a" / "b" / "db"
+    if where == "iterdir":
+        path.mkdir(parents=True)
+    real = getattr(Path, where)
+
+    def after_another_process(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path and not (path / "data.mdb").exists():
+            result = _open_in_another_process(path, "other")
+            assert result.returncode == 0, result.stderr
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, where, after_another_process)
+    with tallytree.open(path, durable=False) as db:
+        assert not db._backend.made_database()
+        events = db.aggregate("events")
+        with db.write() as tx:
+            events.insert(tx, 2, "this")
+    monkeypatch.undo()
+    with tallytree.open(path) as db, db.read() as tx:
+        assert [item.id for item in db.aggregate("events").items(tx)] == ["other", "this"]
+
+
+def test_an_open_that_fails_leaves_a_database_created_meanwhile_by_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open that fails removes what it created, so the path is left as it was; when another process
+    created the database between this one's look for data.mdb and LMDB's open, the failed open
+    removed that process's database. Now an open creates data.mdb itself, exclusively, before LMDB
+    opens it: only the one that made it removes it, and the other process cannot create it
+    meanwhile."""
+    path = tmp_path / "db"
+    real_open_env = tallytree._lmdb.LmdbBackend._open_env
+    other: list[subprocess.CompletedProcess[str]] = []
+
+    def open_env_after_another_process(self: Any, *args: Any) -> Any:
+        other.append(_open_in_another_process(path, "other"))
+        return real_open_env(self, *args)
+
+    def fail(self: Any) -> None:
+        raise StorageError("this open fails")
+
+    monkeypatch.setattr(tallytree._lmdb.LmdbBackend, "_open_env", open_env_after_another_process)
+    monkeypatch.setattr(tallytree._lmdb.LmdbBackend, "_check_file", fail)
+    with pytest.raises(StorageError, match="this open fails"):
+        tallytree.open(path, durable=False)
+    monkeypatch.undo()
+    if other[0].returncode == 0:  # the other process made the database: it is intact
+        with tallytree.open(path, create=False) as db, db.read() as tx:
+            assert [item.id for item in db.aggregate("events").items(tx)] == ["other"]
+    else:  # it found this one's creation under way, wrote nothing, and that creation was undone
+        assert "CorruptDatabaseError" in other[0].stderr
+        assert list(tmp_path.iterdir()) == []
+
+
 _REWRITER = """
 import sys, tallytree
 with tallytree.open(sys.argv[1], durable=False) as db:
@@ -912,6 +1001,68 @@ def test_a_forked_child_is_told_to_open_the_database_again(tmp_path: Path) -> No
     with db.write() as tx:
         events.insert(tx, 3, "parent again")
     db.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32" or sys.maxsize <= 1 << 32, reason="64-bit POSIX")
+def test_the_default_map_is_64_gib_of_address_space_or_what_the_process_can_map(tmp_path: Path) -> None:
+    """A map that must grow stalls the process's new transactions, and one grown by another process
+    beyond this one's map stalls them too, then raises (while a long read stays open): the default map
+    was 1 GiB, reached by ordinary databases. It is 64 GiB now, address space, not disk (the file
+    holds the pages in use); under an address-space limit (ulimit -v) it is halved until the process
+    can map it."""
+    with tallytree.open(tmp_path / "db", durable=False) as db:
+        assert db._backend.env.info()["map_size"] == 64 << 30
+        events = db.aggregate("events")
+        with db.write() as tx:
+            events.insert_many(tx, [(n, "id") for n in range(1000)])
+    assert os.path.getsize(tmp_path / "db" / "data.mdb") < 1 << 20
+    script = textwrap.dedent(
+        f"""
+        import resource, tallytree
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))
+        with tallytree.open({str(tmp_path / "limited")!r}, durable=False) as db:
+            events = db.aggregate("events")
+            with db.write() as tx:
+                events.insert_many(tx, [(n, "id") for n in range(1000)])
+            print(db._backend.env.info()["map_size"])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SOURCE},
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == 4 << 30  # 64 GiB halved until it fits under 8 GiB with the rest
+
+
+_LMDB_NAMES_SINCE = {"BadChecksumError": (3, 0), "ProblemError": (3, 0)}
+"""Names of py-lmdb that tallytree uses and that older versions lack, with the version that added them
+(py-lmdb's ChangeLog, 3.0.0: "New exception classes for the error codes LMDB 1.0 adds")."""
+
+
+def test_the_declared_py_lmdb_has_every_lmdb_name_tallytree_uses() -> None:
+    """pyproject.toml said lmdb>=1.4, but `import tallytree` failed with py-lmdb 1.8.1 and 2.3.0 (no
+    lmdb.BadChecksumError): the declared minimum must have every name the source uses."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    (declared,) = [dep for dep in project["dependencies"] if re.match(r"lmdb\b", dep)]
+    match = re.fullmatch(r"lmdb>=(\d+)\.(\d+)", declared)
+    assert match is not None, declared
+    minimum = (int(match[1]), int(match[2]))
+    used = set()
+    for source in (root / "src" / "tallytree").glob("*.py"):
+        used |= set(re.findall(r"\blmdb\.([A-Za-z_]\w*)", source.read_text()))
+    assert used and all(hasattr(lmdb, name) for name in used), sorted(n for n in used if not hasattr(lmdb, n))
+    assert tuple(map(int, lmdb.__version__.split(".")[:2])) >= minimum  # the installed one, tested
+    for name, since in _LMDB_NAMES_SINCE.items():
+        if name in used:
+            assert minimum >= since, f"lmdb.{name} is new in py-lmdb {since}; the dependency says {declared}"
 
 
 def test_a_second_open_in_the_same_process_is_refused_with_a_hint(tmp_path: Path) -> None:
@@ -1306,7 +1457,12 @@ def test_a_commit_by_another_process_during_map_growth_aborts_the_growing_one(
             )
 
         monkeypatch.setattr(backend, "_resize", resize_then_let_another_process_commit)
-        with pytest.raises(tallytree.TransactionError, match="another process committed"), db.write() as tx:
+        with (
+            pytest.raises(
+                tallytree.TransactionError, match=r"of another process\) committed while this one waited"
+            ),
+            db.write() as tx,
+        ):
             events.insert_many(tx, [(n, "id") for n in range(1, 20_000)])
         monkeypatch.undo()
         with db.read() as tx:
@@ -1316,6 +1472,40 @@ def test_a_commit_by_another_process_during_map_growth_aborts_the_growing_one(
             events.insert_many(tx, [(n, "id") for n in range(1, 20_000)])
         with db.read() as tx:
             assert events.count(tx) == 20_001 and tallytree.check(tx) == []
+
+
+def test_a_commit_by_another_thread_during_map_growth_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, with the other writer a thread of this process: the message said "another process
+    committed", which sent its reader looking for one."""
+    with tallytree.open(tmp_path / "db", map_size=64 * 1024, durable=False) as db:
+        events = db.aggregate("events")
+        backend = db._backend
+        real_resize = backend._resize
+
+        def resize_then_let_another_thread_commit(size: int, why: str, error: type[Exception]) -> None:
+            real_resize(size, why, error)
+
+            def one_insert() -> None:
+                with db.write() as tx:
+                    events.insert(tx, -1, "from another thread")
+
+            thread = threading.Thread(target=one_insert)
+            thread.start()
+            thread.join(30)
+
+        monkeypatch.setattr(backend, "_resize", resize_then_let_another_thread_commit)
+        with (
+            pytest.raises(tallytree.TransactionError, match="another thread of this process") as raised,
+            db.write() as tx,
+        ):
+            events.insert_many(tx, [(n, "id") for n in range(1, 20_000)])
+        assert "nothing was written" in str(raised.value)
+        monkeypatch.undo()
+        with db.read() as tx:
+            assert [item.id for item in events.items(tx)] == ["from another thread"]
+            assert tallytree.check(tx) == []
 
 
 GROWER = """

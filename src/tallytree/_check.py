@@ -34,7 +34,7 @@ from typing import Any
 
 from ._aggregate import Aggregate, Sentinel
 from ._btree import NodeTree, Root, vadd
-from ._db import NEXT_AGGREGATE, damage_error, stored_name
+from ._db import NEXT_AGGREGATE, lmdb_damage, stored_name
 from ._keys import decode_entry, decode_key
 from ._node import Node
 from ._store import META, NODES, ROOTS
@@ -107,10 +107,10 @@ class _Walker:
             self.seen.add(node_id)
         try:
             node = root.pending_of(self.tx)
-        except Error as exc:
-            self.report((), node_id, f"cannot read the pending node: {exc}")
-            return None
         except Exception as exc:
+            if isinstance(exc, Error) and lmdb_damage(exc) is None:
+                self.report((), node_id, f"cannot read the pending node: {exc}")
+                return None
             raise _halt(
                 exc, Problem(self.aggregate.name, self.namespace, (), node_id, "the pending node")
             ) from exc
@@ -157,10 +157,10 @@ class _Walker:
         self.seen.add(node_id)
         try:
             node = self.tx.node(node_id)
-        except Error as exc:
-            self.report(path, node_id, f"cannot read node: {exc}")
-            return None
         except Exception as exc:
+            if isinstance(exc, Error) and lmdb_damage(exc) is None:
+                self.report(path, node_id, f"cannot read node: {exc}")
+                return None
             raise _halt(exc, Problem(self.aggregate.name, self.namespace, path, node_id, "the node")) from exc
         is_root = not path
         size = len(node.keys)
@@ -297,10 +297,11 @@ class _Halt(Exception):
 def _halt(exc: Exception, where: Problem) -> _Halt:
     """The _Halt for an LMDB error met reading ``where`` (a Problem whose message names what was read)
     if it is one for a damaged file; any other error is re-raised: a bug, not damage."""
-    if damage_error(exc) is None:
+    raw = lmdb_damage(exc)  # LMDB's own error (the reads translate it: see _lmdb)
+    if raw is None:
         raise exc
     message = (
-        f"LMDB cannot read {where.message} ({type(exc).__name__}: {exc}): the database file is damaged "
+        f"LMDB cannot read {where.message} ({type(raw).__name__}: {raw}): the database file is damaged "
         "there, and the check stopped (LMDB refuses every later read of a transaction that met a "
         "damaged page); restore the database from a backup or rebuild its aggregates from their source"
     )

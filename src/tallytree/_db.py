@@ -24,9 +24,10 @@ second write transaction in a thread that already has one would wait for itself 
 Damage. A definition is checked whenever it is decoded (``_txn.decode_definition``: when an aggregate
 is opened or its record changes, never per read), and a new aggregate refuses an id that a definition
 or a tree already uses (a counter set back); both raise CorruptDatabaseError. The LMDB errors of a
-damaged file (:data:`_LMDB_DAMAGE`) are translated into CorruptDatabaseError where a ``db.read()`` or
-``db.write()`` block ends (:func:`damage_error`), so reads and writes pay nothing for it, and by
-``open()``; ``check`` reports them as a problem.
+damaged file (``_lmdb.LMDB_DAMAGE``) are translated into CorruptDatabaseError where a read meets them
+(``_lmdb``: a ``try`` that costs nothing unless raised), and what is left (a write's batch merge, a
+commit) where a ``db.read()`` or ``db.write()`` block ends (:func:`damage_error`), and by ``open()``;
+``check`` reports them as a problem.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import lmdb
 import msgpack
 
 from ._aggregate import Aggregate
@@ -50,7 +50,7 @@ from ._args import check_flag
 from ._btree import Root
 from ._extract import Definition
 from ._keys import decode_key
-from ._lmdb import LmdbBackend
+from ._lmdb import LMDB_DAMAGE, LmdbBackend, _unmappable, damaged
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
 from ._table import Table, check_writing, create_table, table_from
 from ._tree import Tree
@@ -93,7 +93,15 @@ DEFAULT_CACHE_NODES = 16384
 that 32,768 nodes of 64 entries held."""
 _FORMAT_KEY = b"format"
 NEXT_AGGREGATE = b"next_agg"
-_DEFAULT_MAP_SIZE = 1 << 30
+_DEFAULT_MAP_SIZE = 1 << 36 if sys.maxsize > 1 << 32 and sys.platform != "win32" else 1 << 30
+"""The ``map_size`` open() starts with when none is given (see :func:`_default_map_size`): 64 GiB where
+that is address space only, as on 64-bit POSIX systems (without ``MDB_WRITEMAP``, which ``_lmdb``
+explains, LMDB maps the file read-only and writes with ``pwrite``: the file holds the pages in use,
+not the map), 1 GiB on Windows (LMDB sets the file's size to the map's there) and 32-bit systems. A
+map this large rarely has to grow: a growth blocks the process's new transactions while it waits
+for those open (up to 10 s), and a database grown by another process beyond this one's map must
+wait the same way for this process's transactions to end before it can follow."""
+_SMALLEST_DEFAULT_MAP_SIZE = 1 << 30
 _MIN_MAP_SIZE = 16 * mmap.PAGESIZE
 """The smallest ``map_size`` open() takes: 16 LMDB pages (an LMDB page is an OS page; 64 KiB with 4 KiB
 pages). Creating the four tables and committing the format tag needs 9; a smaller map fails inside
@@ -393,6 +401,8 @@ class Database:
                     decode_definition(name, data, tx)
                 found.append((name, known))
             except CorruptDatabaseError as exc:
+                if lmdb_damage(exc) is not None:  # a page of the file, not this definition
+                    raise
                 found.append((name, exc))
         return found
 
@@ -695,35 +705,19 @@ class _Writing:
             raise damage from value
 
 
-_LMDB_DAMAGE = (
-    lmdb.CorruptedError,  # MDB_CORRUPTED: "Located page was wrong type"
-    lmdb.PageNotFoundError,  # MDB_PAGE_NOTFOUND: a page number beyond the file
-    lmdb.BadDbiError,  # a named database's record in the main one changed under its handle
-    lmdb.IncompatibleError,  # a named database's flags damaged
-    lmdb.CursorFullError,  # LMDB's own tree deeper than it can be: its page links form a cycle
-    lmdb.PageFullError,
-    lmdb.BadChecksumError,
-    lmdb.ProblemError,
-    lmdb.BadTxnError,  # MDB_BAD_TXN: every later call of a transaction that met one of the above
-)
-"""The errors LMDB raises for a damaged file (a failing disk, a foreign writer): its pages are not
-what its own structure says. A transaction that met one is refused every later call (MDB_BAD_TXN:
-tallytree nests no transactions and retries a write that filled the map in a new one, so it meets
-that error only after damage). Other LMDB errors (a full map, the reader slots, a map grown by
-another process, the disk refusing a write) are about the environment, not the data, and ``_lmdb``
-translates them."""
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def damage_error(error: BaseException | None) -> CorruptDatabaseError | None:
     """The CorruptDatabaseError for ``error`` if it is an LMDB error for a damaged file that tallytree
-    met (raised from its own code: one a caller's own LMDB environment raised inside a ``with
-    db.read()`` block is left alone), else None.
+    met (:data:`~tallytree._lmdb.LMDB_DAMAGE`, raised from its own code: one a caller's own LMDB
+    environment raised inside a ``with db.read()`` block is left alone), else None.
 
-    ``db.read()`` and ``db.write()`` translate these as their block ends (raising the new error from
-    ``__exit__``, chained to LMDB's), so no read or write pays for a ``try`` of its own; ``open()``
-    and ``check()`` too. O(frames) on the error's way only."""
-    if not isinstance(error, _LMDB_DAMAGE):
+    Reads translate these where they meet LMDB (``_lmdb``); ``db.read()`` and ``db.write()``
+    translate what is left as their block ends (raising the new error from ``__exit__``, chained to
+    LMDB's): what a write's batch merge met (it reads through LMDB directly) and what a commit
+    met; ``open()`` and ``check()`` too. O(frames) on the error's way only."""
+    if not isinstance(error, LMDB_DAMAGE):
         return None
     trace = error.__traceback__
     if trace is None:
@@ -732,15 +726,16 @@ def damage_error(error: BaseException | None) -> CorruptDatabaseError | None:
         trace = trace.tb_next
     if not trace.tb_frame.f_code.co_filename.startswith(_PACKAGE):
         return None
-    found = (
-        "this transaction met a damaged page earlier, and LMDB refuses it every later call"
-        if isinstance(error, lmdb.BadTxnError)
-        else "LMDB found a page that its own structure contradicts"
-    )
-    return CorruptDatabaseError(
-        f"the database file is damaged: {found} ({error}). Run `tallytree check` to see what can "
-        "still be read, then restore the database from a backup or rebuild its aggregates from their source"
-    )
+    return damaged(error)
+
+
+def lmdb_damage(error: BaseException | None) -> BaseException | None:
+    """LMDB's error for a damaged file that tallytree met, if ``error`` is one (see
+    :func:`damage_error`) or a CorruptDatabaseError translated from one, else None: damage that
+    makes LMDB refuse every later call of the transaction, which ``check`` stops at. O(frames)."""
+    if isinstance(error, CorruptDatabaseError):
+        error = error.__cause__
+    return error if damage_error(error) is not None else None
 
 
 _ON_DISK: weakref.WeakSet[Database] = weakref.WeakSet()
@@ -773,8 +768,10 @@ def open(
 ) -> Database:
     """Open (or create) the database in the directory ``path``.
 
-    ``map_size`` is the initial size of the LMDB map in bytes (1 GiB by default, or ``max_map_size``
-    if that is smaller); it doubles when full, up to ``max_map_size`` (1 TiB by default). Both are ints
+    ``map_size`` is the initial size of the LMDB map in bytes (by default 64 GiB of address space on
+    64-bit POSIX systems, less if the process cannot map that much, 1 GiB on Windows and 32-bit
+    systems; ``max_map_size`` if that is smaller); it doubles when full, up to ``max_map_size`` (1 TiB
+    by default). Both are ints
     from 16 OS pages (64 KiB with 4 KiB pages) to ``sys.maxsize``, and ``map_size`` may not exceed
     ``max_map_size``. ``durable=False`` skips the fsync of each commit (safe against a killed process,
     not against a power loss). ``cache_nodes`` (an int >= 0; 0 caches nothing) bounds the decoded-node
@@ -800,7 +797,7 @@ def open(
         cache_nodes=cache_nodes,
     )
     if map_size is None:
-        map_size = min(_DEFAULT_MAP_SIZE, max_map_size)
+        map_size = _default_map_size(max_map_size)
     directory = Path(path)
     try:
         backend = LmdbBackend(
@@ -811,7 +808,7 @@ def open(
             readonly=readonly,
             create=create,
         )
-    except _LMDB_DAMAGE as exc:  # (the backend closed what it opened)
+    except LMDB_DAMAGE as exc:  # (the backend closed what it opened)
         raise CorruptDatabaseError(
             f"{directory} is damaged: LMDB cannot read the list of its tables ({exc}). Restore the "
             "database from a backup, or rebuild its aggregates from their source"
@@ -822,6 +819,21 @@ def open(
         backend.close()
         backend.discard_made()
         raise
+
+
+def _default_map_size(max_map_size: int) -> int:
+    """The map size open() starts with when none is given: :data:`_DEFAULT_MAP_SIZE` or
+    ``max_map_size``, whichever is smaller, halved while this process cannot map it (an address-space
+    limit, ``ulimit -v``), down to 1 GiB (below which the backend reports what it cannot map).
+    About 15 us per size tried.
+
+    >>> _default_map_size(1 << 20)
+    1048576
+    """
+    size = min(_DEFAULT_MAP_SIZE, max_map_size)
+    while size > _SMALLEST_DEFAULT_MAP_SIZE and _unmappable(size) is not None:
+        size //= 2
+    return size
 
 
 def open_memory(*, cache_nodes: int = DEFAULT_CACHE_NODES) -> Database:

@@ -22,6 +22,20 @@ served this check; it is no longer read or written, so a commit writes one recor
 transactions are kept in a list of thread ids that every transaction joins and leaves without a
 lock (list appends and removals are atomic); only the rare waits use a condition variable.
 
+How a write transaction ends without committing. py-lmdb (2.0 and later) makes a write transaction's
+``abort()`` wait until no other thread of the process is inside an LMDB call; threads that keep
+running short reads put that off indefinitely, and meanwhile the transaction holds LMDB's writer
+lock, stopping every writer of every process. Its ``commit()`` waits for no one. Since writes are
+buffered above until the commit, the LMDB write transaction of a write that fails, changes nothing or
+is aborted has had no put: it is ended with ``commit()``, which writes nothing for a transaction
+without dirty pages. One whose puts failed in LMDB (the map full, a damaged page) is marked failed
+by LMDB, which then turns its ``commit()`` into an abort; the mark is read back (every call of a
+failed transaction answers MDB_BAD_TXN), never assumed. Only puts followed by another failure (our
+own check of the appended nodes, KeyboardInterrupt between two puts) need ``abort()``: committing
+would write part of the batch. That abort holds the process's new transactions back, as a map
+growth does, so it waits only for the calls of the transactions already open
+(:meth:`LmdbBackend.end_write`). A read transaction's ``abort()`` resets it, waiting for no one.
+
 Each transaction compares its snapshot's LMDB commit id with the last one this process made or saw:
 a later one means another process committed in between, and moves the backend's ``epoch``, after
 which each ``Aggregate`` object checks once that its stored definition is still there (another
@@ -57,7 +71,13 @@ fill it as a new environment, hiding the loss of a truncated database; one that 
 that begins with LMDB's magic is damaged (CorruptDatabaseError), anything else foreign.
 
 Errors are translated: a full map grows the map (or raises MapFullError), a commit the disk refuses
-raises StorageError, the read transaction beyond the reader slots raises TransactionError.
+raises StorageError, the read transaction beyond the reader slots raises TransactionError, and a
+read that meets a page LMDB cannot read (:data:`LMDB_DAMAGE`) raises CorruptDatabaseError there.
+
+Workers opening a new path at once: a directory or a ``data.mdb`` that another process makes
+meanwhile is taken as it is (:func:`_make_directory`, :func:`_checked_directory`), and ``data.mdb``
+is created exclusively before LMDB opens it (:func:`_claim_data_file`), so that of the processes
+creating a database one alone counts it as made, and removes it if its open fails.
 
 A map the process cannot map (more than its address space or ``ulimit -v`` allows) is refused before
 LMDB tries: LMDB unmaps the old map before it maps the new one, so a failed ``set_mapsize`` leaves
@@ -79,6 +99,7 @@ import weakref
 from _thread import get_ident
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -99,7 +120,7 @@ from .errors import (
     TransactionError,
 )
 
-__all__ = ["LmdbBackend"]
+__all__ = ["LMDB_DAMAGE", "LmdbBackend", "damaged"]
 
 _NAMES = (b"meta", b"nodes", b"roots", b"docs")
 # keys of ``meta`` that only tallytree writes: the format tag (_db._FORMAT_KEY), the node id counter
@@ -116,6 +137,49 @@ READERS = 256
 """LMDB reader slots: read transactions open at once, across every process using a database."""
 READER_CHECK = 1.0
 """Seconds between two sweeps of the reader slots of dead processes by a process that writes."""
+# How far an LMDB transaction went, which decides how it may end (see LmdbBackend.end_write)
+_READ = 0  # a read transaction
+_NOTHING_PUT = 1  # a write transaction before its first put or delete
+_PUT = 2  # a write transaction that may hold puts or deletes
+_COMMITTING = 3  # a write transaction handed to LMDB's commit, which ends it whatever it returns
+_ENDED = 4  # a write transaction LMDB committed
+
+LMDB_DAMAGE = (
+    lmdb.CorruptedError,  # MDB_CORRUPTED: "Located page was wrong type"
+    lmdb.PageNotFoundError,  # MDB_PAGE_NOTFOUND: a page number beyond the file
+    lmdb.BadDbiError,  # a named database's record in the main one changed under its handle
+    lmdb.IncompatibleError,  # a named database's flags damaged
+    lmdb.CursorFullError,  # LMDB's own tree deeper than it can be: its page links form a cycle
+    lmdb.PageFullError,
+    lmdb.BadChecksumError,  # (LMDB 1.0's, as ProblemError: py-lmdb 3.0 opens its files too)
+    lmdb.ProblemError,
+    lmdb.BadTxnError,  # MDB_BAD_TXN: every later call of a transaction that met one of the above
+)
+"""The errors LMDB raises for a damaged file (a failing disk, a foreign writer): its pages are not
+what its own structure says. A transaction that met one is refused every later call (MDB_BAD_TXN:
+tallytree nests no transactions, and ends a write that filled the map before it retries in a new
+one, so a read meets that error only after damage). Other LMDB errors (a full map, the reader
+slots, a map grown by another process, the disk refusing a write) are about the environment, not
+the data, and are translated where they arise. Reads (``get``, ``scan``, ``scan_batches``)
+translate these into CorruptDatabaseError (:func:`damaged`) where they meet them."""
+
+
+def damaged(error: BaseException) -> CorruptDatabaseError:
+    """The CorruptDatabaseError for LMDB's ``error`` (one of :data:`LMDB_DAMAGE`), to raise from it.
+
+    >>> damaged(lmdb.CorruptedError("mdb_get: MDB_CORRUPTED"))
+    CorruptDatabaseError('the database file is damaged: LMDB found a page ...')
+    """
+    found = (
+        "this transaction met a damaged page earlier, and LMDB refuses it every later call"
+        if isinstance(error, lmdb.BadTxnError)
+        else "LMDB found a page that its own structure contradicts"
+    )
+    return CorruptDatabaseError(
+        f"the database file is damaged: {found} ({error}). Run `tallytree check` to see what can "
+        "still be read, then restore the database from a backup or rebuild its aggregates from their source"
+    )
+
 
 _OPEN: weakref.WeakSet[LmdbBackend] = weakref.WeakSet()
 
@@ -143,12 +207,13 @@ os.register_at_fork(after_in_child=_mark_forked)
 
 
 class _LmdbTxn:
-    __slots__ = ("_backend", "_dbs", "_ident", "_snapshot", "_txn", "epoch")
+    __slots__ = ("_backend", "_dbs", "_ident", "_snapshot", "_stage", "_txn", "epoch")
 
     def __init__(self, backend: LmdbBackend, write: bool) -> None:
         self._backend = backend
         self._dbs = backend.dbs
         self._ident = ident = get_ident()
+        self._stage = _NOTHING_PUT if write else _READ  # how far a write went (see end_write)
         self._txn: Any = backend.begin_raw(write, ident)
         backend.live.add(self)
         # LMDB's id of the last commit this snapshot holds (a write transaction's own id is the next)
@@ -159,75 +224,91 @@ class _LmdbTxn:
         self.epoch = backend.epoch
 
     def get(self, table: int, key: bytes) -> bytes | None:
-        # bytes already (the transaction has no buffers); positional arguments, see _apply_ops
-        return self._txn.get(key, None, self._dbs[table])  # type: ignore[no-any-return]
+        # bytes already (the transaction has no buffers); positional arguments, see _apply_ops. The
+        # try costs nothing unless LMDB raises (Python 3.11's exceptions cost only when raised)
+        try:
+            return self._txn.get(key, None, self._dbs[table])  # type: ignore[no-any-return]
+        except LMDB_DAMAGE as exc:
+            raise damaged(exc) from exc
 
     def getter(self, table: int) -> Callable[[bytes], bytes | None]:
-        """A cursor's ``get`` (bytes: the transaction has no buffers): no table argument to pass."""
+        """A cursor's ``get`` (bytes: the transaction has no buffers): no table argument to pass.
+        It raises LMDB's own errors (a Python wrapper would cost a call per node of a batch merge,
+        its one user): ``db.write()`` translates them as its block ends."""
         return self._txn.cursor(db=self._dbs[table]).get  # type: ignore[no-any-return]
 
     def scan(
         self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
-        cursor = self._txn.cursor(db=self._dbs[table])
-        if not reverse:
-            if not cursor.set_range(start):
+        try:
+            cursor = self._txn.cursor(db=self._dbs[table])
+            if not reverse:
+                if not cursor.set_range(start):
+                    return
+                for key, value in cursor:
+                    if stop is not None and key >= stop:
+                        return
+                    yield key, value
                 return
-            for key, value in cursor:
-                if stop is not None and key >= stop:
+            positioned = cursor.set_range(stop) if stop is not None else cursor.last()
+            if not positioned:
+                positioned = cursor.last()
+            if not positioned:
+                return
+            if stop is not None and cursor.key() >= stop and not cursor.prev():
+                return
+            for key, value in cursor.iterprev():
+                if key < start:
                     return
                 yield key, value
-            return
-        positioned = cursor.set_range(stop) if stop is not None else cursor.last()
-        if not positioned:
-            positioned = cursor.last()
-        if not positioned:
-            return
-        if stop is not None and cursor.key() >= stop and not cursor.prev():
-            return
-        for key, value in cursor.iterprev():
-            if key < start:
-                return
-            yield key, value
+        except LMDB_DAMAGE as exc:
+            raise damaged(exc) from exc
 
     def scan_batches(
         self, table: int, start: bytes, stop: bytes, size: int
     ) -> Iterator[list[tuple[bytes, bytes]]]:
         # lists of ``size`` taken by C-level iteration; only the last one is cut at ``stop``
-        cursor = self._txn.cursor(db=self._dbs[table])
-        if not cursor.set_range(start):
-            return
-        items = cursor.iternext(keys=True, values=True)
-        while batch := list(islice(items, size)):
-            if batch[-1][0] >= stop:
-                end = bisect_left(batch, (stop,))
-                if end:
-                    yield batch[:end]
+        try:
+            cursor = self._txn.cursor(db=self._dbs[table])
+            if not cursor.set_range(start):
                 return
-            yield batch
+            items = cursor.iternext(keys=True, values=True)
+            while batch := list(islice(items, size)):
+                if batch[-1][0] >= stop:
+                    end = bisect_left(batch, (stop,))
+                    if end:
+                        yield batch[:end]
+                    return
+                yield batch
+        except LMDB_DAMAGE as exc:
+            raise damaged(exc) from exc
 
     def commit(self, ops: list[Op], appended: int = 0) -> None:
         backend = self._backend
-        txn_id = self._txn.id()  # the id a retry must still have (see commit_after_growth)
+        txn = self._txn
+        txn_id = txn.id()  # the id a retry must still have (see commit_after_growth)
+        self._stage = _PUT  # before the first put: from here on, only an abort may end it unwritten
         try:
-            _apply_ops(self._txn, self._dbs, ops, appended)
-            self._txn.commit()
+            _apply_ops(txn, self._dbs, ops, appended)
+            self._stage = _COMMITTING
+            txn.commit()
+            self._stage = _ENDED
             if self._snapshot == backend.seen and _puts(ops, appended):
                 backend.seen = self._snapshot + 1  # this commit's id
         except lmdb.MapFullError:
-            self._end(abort=True)
+            self._end()
             backend.commit_after_growth(ops, appended, txn_id)
             return
         except lmdb.Error as exc:  # the disk, not the data: LMDB committed nothing
-            self._end(abort=True)
+            self._end()
             raise _storage_error(backend.path, exc) from exc
         except BaseException:
-            self._end(abort=True)
+            self._end()
             raise
-        self._end(abort=False)
+        self._end()
 
     def abort(self) -> None:
-        self._end(abort=True)
+        self._end()
 
     def drop(self) -> None:
         """In a forked child (see _mark_forked): forget the inherited LMDB transaction without ending
@@ -236,18 +317,25 @@ class _LmdbTxn:
         again but its end, which then does nothing."""
         self._txn = None
 
-    def _end(self, abort: bool) -> None:
-        """Release the ended LMDB transaction. py-lmdb keeps an ended read transaction's reader slot
-        (one of ``max_readers``) until the object is freed, so it is dropped here rather than left
-        to whatever still refers to this wrapper. Idempotent."""
+    def _end(self) -> None:
+        """End the LMDB transaction (a write one as :meth:`LmdbBackend.end_write` says, unless it was
+        committed) and release it. py-lmdb keeps an ended read transaction's reader slot (one of
+        ``max_readers``) until the object is freed, so it is dropped here rather than left to
+        whatever still refers to this wrapper. Idempotent."""
         txn, self._txn = self._txn, None
         if txn is None:
             return
         backend = self._backend
         backend.live.discard(self)
-        if abort and not backend.forked:  # (an inherited one is dropped: see _mark_forked)
-            txn.abort()
-        backend.end_raw(self._ident)
+        try:
+            if backend.forked:  # an inherited one is dropped (see _mark_forked)
+                pass
+            elif self._stage == _READ:
+                txn.abort()  # a read transaction's end (py-lmdb resets it: no wait, see end_write)
+            else:
+                backend.end_write(txn, self._stage)
+        finally:
+            backend.end_raw(self._ident)
 
 
 def _puts(ops: list[Op], appended: int) -> bool:
@@ -309,7 +397,8 @@ class LmdbBackend:
         created = _check_directory(self.path, create=create and not readonly)
         _check_data_file(self.path)
         # what this open makes, which a failed open removes (discard_made)
-        self._made = (not (self.path / "data.mdb").exists(), created)
+        fresh = create and not readonly and not (self.path / "data.mdb").exists()
+        self._made = (fresh and _claim_data_file(self.path), created)
         try:
             self.env: Any = self._open_env(map_size, durable, readonly, create)
         except BaseException:
@@ -326,7 +415,9 @@ class LmdbBackend:
         # _mark_forked); a set: 0.1 us of a transaction's begin and end
         self.live: set[_LmdbTxn] = set()
         self._lock = threading.Condition()
-        self._resizing = False  # a writer waits for the others to end, to grow the map
+        # Writers holding new transactions of this process back: one waiting for the others to end,
+        # to grow the map (_resize), or one aborting (_abort_held)
+        self._resizing = 0
         self.resize_wait = RESIZE_WAIT
         # The last LMDB commit known to be this process's own, or seen by one of its transactions,
         # and the number of times a transaction found commits after it that this process did not make
@@ -346,7 +437,8 @@ class LmdbBackend:
         _OPEN.add(self)
 
     def made_database(self) -> bool:
-        """Whether this open created the database (there was no ``data.mdb`` before it). O(1)."""
+        """Whether this open created the database (it made its ``data.mdb``: of processes creating it
+        at once, one did). O(1)."""
         return self._made[0]
 
     def discard_made(self) -> None:
@@ -554,8 +646,8 @@ class LmdbBackend:
         writing nothing.
 
         ``txn_id`` is LMDB's id of the aborted write transaction: a new one gets the same id unless
-        another process committed in between, in which case ``ops`` (computed from the older
-        snapshot) must not be applied."""
+        another writer (another thread of this process or another process) committed in between, in
+        which case ``ops`` (computed from the older snapshot) must not be applied."""
         ident = get_ident()
         self.env.reader_check()  # a dead process's snapshot would keep its pages from reuse
         for _ in range(64):
@@ -564,32 +656,92 @@ class LmdbBackend:
                 break
             self._resize(self._growth(size), _GROW, MapFullError)
             txn = self.begin_raw(True, ident)
+            stage = _NOTHING_PUT
             try:
                 if txn.id() != txn_id:
                     raise TransactionError(
-                        "another process committed while this transaction waited for the map to "
-                        "grow; nothing was written. Retry the transaction"
+                        "another write transaction (of another thread of this process, or of another "
+                        "process) committed while this one waited for the map to grow; nothing was "
+                        "written. Retry the transaction"
                     )
+                stage = _PUT
                 _apply_ops(txn, self.dbs, ops, appended)
+                stage = _COMMITTING
                 txn.commit()
-                self.end_raw(ident)
-                return
             except lmdb.MapFullError:
-                txn.abort()
-                self.end_raw(ident)
+                self._end_raw_write(txn, stage, ident)
                 continue
             except lmdb.Error as exc:
-                txn.abort()
-                self.end_raw(ident)
+                self._end_raw_write(txn, stage, ident)
                 raise _storage_error(self.path, exc) from exc
             except BaseException:
-                txn.abort()
-                self.end_raw(ident)
+                self._end_raw_write(txn, stage, ident)
                 raise
+            self.end_raw(ident)
+            return
         raise MapFullError(
             f"the LMDB map is full at max_map_size={self.max_map_size} bytes; nothing was written. "
             "Reopen the database with a larger max_map_size"
         )
+
+    def _end_raw_write(self, txn: Any, stage: int, ident: int) -> None:
+        try:
+            self.end_write(txn, stage)
+        finally:
+            self.end_raw(ident)
+
+    def end_write(self, txn: Any, stage: int) -> None:
+        """End LMDB write transaction ``txn``, which went as far as ``stage``, writing nothing of it.
+
+        py-lmdb (2.0 and later) makes a write transaction's ``abort()`` wait until no other thread of
+        the process is inside an LMDB call (issue #180: for a nested transaction's sake), which
+        threads that keep reading can put off indefinitely; and while it waits, the transaction holds
+        LMDB's writer lock, so every writer of every process waits too. Its ``commit()`` does not wait,
+        so a transaction is ended with ``commit()`` whenever that writes nothing, provably:
+
+        * ``_NOTHING_PUT``: nothing was put or deleted (every write is buffered above until the
+          commit, so this is a failed or empty write, an exception in its ``with`` block, an
+          ``abort()``): LMDB's commit of a transaction without dirty pages writes nothing;
+        * ``_PUT``, if LMDB marked the transaction failed (``MDB_TXN_ERROR``, which every put that
+          ran out of map sets, and most that met damaged pages): its commit then aborts it
+          (``MDB_BAD_TXN``). The mark is read back, not assumed: every call of a failed
+          transaction, a ``get`` too, answers BadTxnError;
+        * ``_ENDED``: LMDB committed it.
+
+        Otherwise puts were made and then something else failed (tallytree's own check after a put,
+        a too-long key, KeyboardInterrupt between two puts): committing would write them, so the
+        transaction is aborted, with new transactions of this process held back meanwhile (see
+        :meth:`_abort_held`). So is one at ``_COMMITTING``: LMDB's commit ended it, whatever it
+        returned (one that failed aborted itself), and py-lmdb's abort of an ended transaction does
+        nothing, unless KeyboardInterrupt came just before the call. O(1) (the abort: O(dirty pages)).
+        """
+        if stage == _ENDED:
+            return
+        if stage == _PUT:
+            try:
+                txn.get(_NAMES[0])  # a failed transaction refuses it
+            except lmdb.BadTxnError:
+                stage = _NOTHING_PUT  # its commit aborts it
+            except lmdb.Error:
+                pass
+        if stage == _NOTHING_PUT:
+            with suppress(lmdb.Error):  # BadTxnError: LMDB aborted the failed transaction
+                txn.commit()
+            return
+        self._abort_held(txn)
+
+    def _abort_held(self, txn: Any) -> None:
+        """Abort write transaction ``txn`` while new transactions of this process wait (as for a map
+        growth): py-lmdb's abort waits for the LMDB calls under way in other threads, which then end
+        with the transactions already open, instead of never (see :meth:`end_write`)."""
+        with self._lock:
+            self._resizing += 1
+        try:
+            txn.abort()
+        finally:
+            with self._lock:
+                self._resizing -= 1
+                self._lock.notify_all()
 
     def _growth(self, size: int) -> int:
         """The size to grow a map of ``size`` bytes to: double, or an eighth more if the process cannot
@@ -621,7 +773,7 @@ class LmdbBackend:
                     "open, and this thread has one open (a read transaction around this one?); "
                     "nothing was written. End it and retry, or open the database with a larger map_size"
                 )
-            self._resizing = True
+            self._resizing += 1
             try:
                 if not self._lock.wait_for(lambda: not self._open, timeout=self.resize_wait):
                     raise error(
@@ -638,7 +790,7 @@ class LmdbBackend:
                         "database object has lost its map: close it and open the database again"
                     ) from exc
             finally:
-                self._resizing = False
+                self._resizing -= 1
                 self._lock.notify_all()
 
     def close(self) -> None:
@@ -719,6 +871,22 @@ def _check_data_file(path: Path) -> None:
     )
 
 
+def _claim_data_file(path: Path) -> bool:
+    """Create the empty ``data.mdb`` of a new database in directory ``path``, which LMDB then fills
+    as a new environment; False if it exists. Exclusive (``O_EXCL``): of processes creating the
+    database at once, one alone has made it, and removes it if its open fails (see
+    ``LmdbBackend.discard_made``), and the others leave it alone. O(1)."""
+    try:
+        os.close(os.open(path / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return False
+    except PermissionError as exc:
+        raise _denied(path, exc) from exc
+    except OSError as exc:
+        raise StorageError(f"cannot create {path / 'data.mdb'}: {exc}") from exc
+    return True
+
+
 def _lmdb_file(data: Path) -> bool:
     """Whether ``data`` begins with an LMDB meta page (its magic after the page header, in the first
     or second page of a common page size), so that a file LMDB refuses is damaged, not foreign."""
@@ -745,7 +913,8 @@ def _checked_directory(path: Path, *, create: bool) -> list[Path]:
         )
     if path.is_dir() and not (path / "data.mdb").exists():
         # a lock.mdb alone is what a creation killed before LMDB made data.mdb leaves: no data
-        if any(entry.name != "lock.mdb" for entry in path.iterdir()):
+        # (a data.mdb found now is another process's creation, under way since the test above)
+        if any(entry.name not in ("lock.mdb", "data.mdb") for entry in path.iterdir()):
             raise DatabaseFormatError(
                 f"{path} is a non-empty directory without a database in it; refusing to create "
                 "one among foreign files. Use an empty or new directory"
@@ -755,12 +924,35 @@ def _checked_directory(path: Path, *, create: bool) -> list[Path]:
     if not path.exists():
         if not create:
             raise DatabaseFormatError(f"{path} does not exist and create=False (or readonly=True)")
-        made = [path, *[parent for parent in path.parents if not parent.exists()]]
-        try:
-            path.mkdir(parents=True)
-        except PermissionError:
-            raise  # (see _check_directory)
-        except OSError as exc:
-            raise StorageError(f"cannot create the database directory {path}: {exc}") from exc
-        return made
+        return _make_directory(path)
     return []
+
+
+def _make_directory(path: Path) -> list[Path]:
+    """Make directory ``path`` and its missing parents; return those made, deepest first. One that
+    another process makes at the same moment (workers opening a new database together) is taken as
+    it is, and not counted as made here: a failed open removes only what it made. On a failure,
+    the directories made are removed again. O(depth)."""
+    missing = [path, *[parent for parent in path.parents if not parent.exists()]]
+    made: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                if not directory.is_dir():
+                    raise
+                continue
+            made.append(directory)
+    except BaseException as exc:
+        for directory in reversed(made):
+            try:
+                directory.rmdir()
+            except OSError:
+                break  # (another process put something in it meanwhile)
+        if isinstance(exc, PermissionError):
+            raise  # (see _check_directory)
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot create the database directory {path}: {exc}") from exc
+        raise
+    return made[::-1]
