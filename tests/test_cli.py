@@ -2586,3 +2586,51 @@ def test_a_gzip_sqlite_database_is_refused(tmp_path: Path, run: Any) -> None:
         f"tallytree: error: {packed} is gzip-compressed; a SQLite database is read from its file: decompress "
         f"it first (gunzip -k {packed}) and give the database\n"
     )
+
+
+# ---------------------------------------------------------------- backup, and stats of the file
+
+
+def test_backup_command(built: Path, tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "backups" / "copy"
+    code, out, err = run("backup", built, copy)
+    assert (code, err) == (0, "") and out.startswith(f"backed up {built} (") and out.endswith(", compacted\n")
+    assert run("check", copy)[0] == 0
+    for org in ("org:1", "org:2"):
+        assert run("query", copy, "events", "totals", "--namespace", org) == run(
+            "query", built, "events", "totals", "--namespace", org
+        )
+    code, out, err = run("backup", built, copy, "--json")  # never written over
+    assert code == 1 and json.loads(out)["exit_code"] == 1 and "is not empty" in json.loads(out)["error"]
+    assert err.count("\n") == 1 and "a backup never writes over anything" in err
+    assert run("backup", tmp_path / "nowhere", tmp_path / "copy2")[0] == 4
+    assert not (tmp_path / "copy2").exists()
+    code, out, _ = run("backup", built, tmp_path / "pages", "--no-compact", "--json")
+    document = json.loads(out)
+    assert code == 0 and document["compact"] is False
+    assert document["backup_bytes"] == document["database_bytes"] == (built / "data.mdb").stat().st_size
+    assert run("check", tmp_path / "pages")[0] == 0
+
+    def interrupted(*_args: Any) -> None:
+        raise KeyboardInterrupt
+
+    from tallytree import _lmdbfile
+
+    monkeypatch.setattr(_lmdbfile, "_compact", interrupted)
+    code, _, err = run("backup", built, tmp_path / "cut")
+    assert code == 130 and "nothing was written" in err and not (tmp_path / "cut").exists()
+
+
+def test_stats_shows_the_file_pages_and_readers(built: Path, run: Any) -> None:
+    code, out, _ = run("stats", built, "--json")
+    storage = json.loads(out)["storage"]
+    assert code == 0 and storage["file_bytes"] == (built / "data.mdb").stat().st_size
+    assert storage["pages"] == storage["pages_used"] + storage["pages_free"]
+    assert storage["pages"] * storage["page_bytes"] == storage["file_bytes"]
+    assert storage["pages_reusable"] is not None and storage["pages_held_by_readers"] == 0
+    assert (storage["readers"], storage["oldest_reader_lag"], storage["dead_readers"]) == (0, None, 0)
+    code, out, _ = run("stats", built)
+    lines = out.splitlines()
+    assert lines[1].startswith(f"  pages of {storage['page_bytes'] // 1024} KiB: {storage['pages']:,} (")
+    assert f"{storage['pages_used']:,} in use, {storage['pages_free']:,} free (" in lines[1]
+    assert "a compacting backup would take" in lines[1] and lines[2] == "  readers: no read transaction open"

@@ -45,6 +45,7 @@ from typing import Any
 
 import msgpack
 
+from . import _lmdbfile
 from ._aggregate import Aggregate
 from ._args import check_flag
 from ._btree import Root
@@ -542,6 +543,112 @@ class Database:
             "hits": cache.hits,
             "misses": cache.misses,
         }
+
+    # ------------------------------------------------------------ backups and space
+
+    def backup(self, path: str | os.PathLike[str], *, compact: bool = True) -> None:
+        """Copy the database, as of its last commit, into the new or empty directory ``path``.
+
+        The copy is one consistent snapshot, taken while other threads and processes go on reading and
+        writing (they are not blocked; the snapshot is held as a read transaction is, see
+        docs/operations.md), and it opens as a tallytree database of its own. It works on a database
+        opened with ``readonly=True``. ``compact=True`` (the default) writes only the pages in use,
+        renumbered, so the copy is as small as the data (a database whose file grew, with many free
+        pages, shrinks: see docs/operations.md, "Space"); ``compact=False`` copies the file's pages as
+        they are, free ones too. A database in memory is written out as a new LMDB database (always
+        compact), which ``tallytree.open(path)`` then opens.
+
+        ``path`` is made, with missing parents, if it does not exist; it is never written over: a file,
+        or a directory holding anything, raises InvalidArgumentError (a ValueError). Inside
+        ``with db.write()`` it raises TransactionError (the copy would not hold the block's writes). A
+        failure (a full disk raises StorageError, a damaged file CorruptDatabaseError) or an
+        interruption (Ctrl-C) leaves no ``data.mdb`` in ``path``, and removes the directories made for
+        it. The copy is synced to the disk before this returns.
+
+        O(pages of the file) to copy it, plus O(pages in use) to compact; O(entries) in memory. A
+        compacting backup needs room for the uncompacted image too while it runs.
+
+        >>> import tallytree, tempfile
+        >>> db = tallytree.open(tempfile.mkdtemp() + "/live.tt")
+        >>> events = db.aggregate("events")
+        >>> with db.write() as tx:
+        ...     events.insert(tx, 1, "e1")
+        >>> copy = tempfile.mkdtemp() + "/copy.tt"
+        >>> db.backup(copy)
+        >>> with tallytree.open(copy, readonly=True) as restored, restored.read() as tx:
+        ...     restored.aggregate("events").count(tx), tallytree.check(tx)
+        (1, [])
+        >>> db.close()
+        """
+        self._check_open()
+        _check_path(path)
+        check_flag(compact, "compact")
+        if getattr(self._local, "writing", False):
+            raise TransactionError(
+                "db.backup() inside `with db.write()`: the copy holds committed data only, not this "
+                "block's writes; call it after the block"
+            )
+        backend = self._backend
+        assert isinstance(backend, (LmdbBackend, MemoryBackend))
+        destination = Path(path)
+        made = _lmdbfile.prepare_destination(destination)
+        try:
+            _lmdbfile.backup(backend, destination, compact=compact)
+        except BaseException as exc:
+            for directory in made:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+            if (damage := damage_error(exc)) is not None:
+                raise damage from exc
+            raise
+
+    def storage_info(self) -> dict[str, Any] | None:
+        """How the database file uses its space, and who holds old snapshots; None in memory.
+
+        An LMDB file is made of pages (``page_bytes`` each). A commit writes the pages it changes as
+        new copies and frees the old ones; LMDB reuses free pages for later writes, but only once no
+        read transaction still reads a snapshot that uses them. The file never shrinks. Entries, as
+        of the last commit (``last_commit``, LMDB's commit id):
+
+        * ``file_bytes`` (the size of ``data.mdb``), ``disk_bytes`` (what it takes on the disk),
+          ``map_bytes`` (the map: address space, grows by doubling; see docs/operations.md);
+        * ``pages``: the pages up to the last one in use; ``pages_used`` by the data, LMDB's catalog
+          and its free list; ``pages_free`` (the rest); of these, ``pages_reusable`` by the next write,
+          and ``pages_held_by_readers``: free pages kept from reuse only because an open read
+          transaction reads an older snapshot (the others were freed by the last commit, which LMDB
+          keeps until the next one). Both are None when the free list could not be read (another
+          LMDB file layout; it never happens with the LMDB py-lmdb bundles);
+        * ``compacted_bytes``: the size a compacting :meth:`backup` would have;
+        * ``readers``: read transactions open now, in every process; ``oldest_reader_lag``: how many
+          commits behind the last one the oldest of them reads (None without readers), and
+          ``oldest_reader_pid`` its process; ``dead_readers``: how many belong to processes of this
+          machine that no longer run (a killed process's slot stays until the next write frees it;
+          None where that cannot be asked).
+
+        O(records of LMDB's free list): a page read each, the first page of each record only.
+
+        >>> import tallytree, tempfile
+        >>> db = tallytree.open(tempfile.mkdtemp() + "/space.tt")
+        >>> info = db.storage_info()
+        >>> info["pages"] == info["pages_used"] + info["pages_free"], info["readers"]
+        (True, 0)
+        >>> db.close()
+        >>> tallytree.open_memory().storage_info() is None
+        True
+        """
+        self._check_open()
+        backend = self._backend
+        if not isinstance(backend, LmdbBackend):
+            return None
+        try:
+            return _lmdbfile.space(backend)
+        except _LMDB_DAMAGE as exc:
+            raise CorruptDatabaseError(
+                f"the database file is damaged: LMDB could not measure its tables ({exc}). Run "
+                "`tallytree check` to see what can still be read"
+            ) from exc
 
 
 def stored_name(key: bytes, prefix: bytes, what: str) -> str:

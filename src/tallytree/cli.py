@@ -7,7 +7,9 @@ Commands (``tallytree COMMAND --help`` for each)::
     query DB AGGREGATE OP                             count, totals, rank, at, min, max, buckets, items
     check DB [AGGREGATE]                              run the invariant checker
     verify DB AGGREGATE --from SOURCE ...             compare with the source; --repair fixes the drift
-    stats DB                                          per aggregate: namespaces, items, depth, nodes, bytes
+    stats DB                                          per aggregate: namespaces, items, depth, nodes, bytes;
+                                                      the file's pages (in use, free, held by readers)
+    backup DB DEST                                    a consistent copy of a live database (compacted)
     namespaces DB AGGREGATE                           namespaces with their totals, paged
     drop DB (AGGREGATE | --table TABLE) --yes         delete an aggregate, or a table with its aggregates
     demo [DIR]                                        generated events, the scenario queries, timed
@@ -18,16 +20,16 @@ Every command takes ``--json`` (one JSON document on stdout, errors too). Exit c
     1  error (one line on stderr)     database met by any command (build and verify included)
     2  bad usage                   4  not found: database, aggregate, table, namespace or source file
                                  130  interrupted by Ctrl-C (nothing was written)
-                                 143  build or verify ended by SIGTERM (nothing was written)
+                                 143  build, verify or backup ended by SIGTERM (nothing was written)
 
-SIGTERM (``kill``, ``timeout``, ``docker stop``) during ``build`` or ``verify`` takes the path of
-Ctrl-C: the transaction is aborted, a new aggregate the build defined is dropped again, the sort runs
-are removed, and the command exits with 143 (128 + 15, what a shell reports for a process SIGTERM
-ended). Other commands write nothing that needs undoing and keep the default handling, but for
-``drop --yes``, whose one library call holds its transaction and its commit: it completes. Once the
-commit has begun, Ctrl-C and SIGTERM are only noted: the commit completes and is reported (exit 0,
-with a note on stderr), so that 130 and 143 always mean that nothing was written (see
-:class:`_Signals`).
+SIGTERM (``kill``, ``timeout``, ``docker stop``) during ``build``, ``verify`` or ``backup`` takes the
+path of Ctrl-C: the transaction is aborted, a new aggregate the build defined is dropped again, the
+sort runs (or the backup's partial files) are removed, and the command exits with 143 (128 + 15, what
+a shell reports for a process SIGTERM ended). Other commands write nothing that needs undoing and
+keep the default handling, but for ``drop --yes``, whose one library call holds its transaction and
+its commit: it completes. Once the commit has begun, Ctrl-C and SIGTERM are only noted: the commit
+completes and is reported (exit 0, with a note on stderr), so that 130 and 143 always mean that
+nothing was written (see :class:`_Signals`).
 """
 
 from __future__ import annotations
@@ -341,8 +343,9 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = command(
         "stats",
-        "per aggregate: namespaces, items, depth, nodes, fill, bytes",
-        "Walk every tree and measure it.",
+        "per aggregate: namespaces, items, depth, nodes, fill, bytes; the file's pages and readers",
+        "Walk every tree and measure it; measure the file: its pages in use and free (reusable now, or\n"
+        "held back by read transactions on older snapshots) and the read transactions open.",
     )
     stats.add_argument("database", metavar="DB", help="database directory")
     stats.add_argument("aggregate", metavar="AGGREGATE", nargs="?", help="only this aggregate")
@@ -382,6 +385,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     drop.add_argument("--yes", action="store_true", help="really delete (without it: say what, exit 2)")
     drop.set_defaults(handler=_drop)
+
+    copy = command(
+        "backup",
+        "copy a live database, consistently, to a new directory (compacted)",
+        "Copy DB, as of its last commit, into DEST (a new or empty directory; never written over),\n"
+        "while other processes go on reading and writing it. The copy holds only the pages in use\n"
+        "(--no-compact: every page, as the file has them) and opens as a database of its own. Never\n"
+        "copy a database in use with cp or rsync: such a copy is torn. An interrupted backup leaves\n"
+        "no database in DEST.",
+    )
+    copy.add_argument("database", metavar="DB", help="database directory (opened read-only)")
+    copy.add_argument("destination", metavar="DEST", help="a new or empty directory (created if missing)")
+    copy.add_argument(
+        "--no-compact", action="store_true", help="copy every page, free ones too (as large as the file)"
+    )
+    copy.set_defaults(handler=_backup)
 
     demo = command(
         "demo",
@@ -1369,10 +1388,14 @@ def _stats(args: argparse.Namespace) -> int:
         with db.read() as tx:
             documents = [_aggregate_stats(tx, aggregate) for aggregate in aggregates]
         size = _database_bytes(db.path)
+        storage = db.storage_info()
     if args.json:
-        _print_json({"database_bytes": size, "aggregates": documents})
+        _print_json({"database_bytes": size, "storage": storage, "aggregates": documents})
         return EXIT_OK
     print(f"database {args.database}: {size / 2**20:,.1f} MiB on disk")
+    if storage is not None:
+        for line in _storage_lines(storage):
+            print(f"  {line}")
     if not documents:
         print("  no aggregates")
     for document in documents:
@@ -1385,6 +1408,55 @@ def _stats(args: argparse.Namespace) -> int:
             + (f"; {document['pending_items']:,} pending inserts" if document["pending_items"] else "")
         )
     return EXIT_OK
+
+
+def _storage_lines(storage: dict[str, Any]) -> list[str]:
+    """The file's pages and readers (``Database.storage_info``), for people.
+
+    >>> for line in _storage_lines({"page_bytes": 4096, "pages": 100, "pages_used": 40,
+    ...     "pages_free": 60, "pages_reusable": 10, "pages_held_by_readers": 45, "compacted_bytes": 159744,
+    ...     "readers": 1, "oldest_reader_lag": 200, "oldest_reader_pid": 7, "dead_readers": 1}):
+    ...     print(*line.split("; "), sep="\\n  ")
+    pages of 4 KiB: 100 (0.4 MiB): 40 in use, 60 free (10 reusable now, 45 held by readers)
+      a compacting backup would take 0.2 MiB
+    readers: 1 read transaction open
+      the oldest reads the snapshot of 200 commits ago (pid 7) and holds 45 free pages (0.2 MiB) from reuse
+      1 of them belongs to a process that no longer runs (its slot is freed at the next write)
+    """
+    page = storage["page_bytes"]
+
+    def mib(pages: int) -> str:
+        return f"{pages * page / 2**20:,.1f} MiB"
+
+    free = f"{storage['pages_free']:,} free"
+    if storage["pages_reusable"] is not None:
+        held = storage["pages_held_by_readers"]
+        free += f" ({storage['pages_reusable']:,} reusable now, {held:,} held by readers)"
+    lines = [
+        f"pages of {page // 1024} KiB: {storage['pages']:,} ({mib(storage['pages'])}): "
+        f"{storage['pages_used']:,} in use, {free}; a compacting backup would take "
+        f"{storage['compacted_bytes'] / 2**20:,.1f} MiB"
+    ]
+    readers = storage["readers"]
+    if not readers:
+        lines.append("readers: no read transaction open")
+        return lines
+    lag = storage["oldest_reader_lag"]
+    snapshot = f"the snapshot of {lag:,} commit{'s' if lag != 1 else ''} ago" if lag else "the last commit"
+    line = (
+        f"readers: {readers:,} read transaction{'s' if readers > 1 else ''} open; the oldest reads "
+        f"{snapshot} (pid {storage['oldest_reader_pid']})"
+    )
+    held = storage["pages_held_by_readers"]
+    if held:
+        line += f" and holds {held:,} free pages ({mib(held)}) from reuse"
+    if storage["dead_readers"]:
+        line += (
+            f"; {storage['dead_readers']:,} of them belong{'s' if storage['dead_readers'] == 1 else ''} to "
+            "a process that no longer runs (its slot is freed at the next write)"
+        )
+    lines.append(line)
+    return lines
 
 
 def _aggregate_stats(tx: Transaction, aggregate: Aggregate) -> dict[str, Any]:
@@ -1471,6 +1543,36 @@ def _namespaces(args: argparse.Namespace) -> int:
 
 def _quote_arg(text: str) -> str:
     return text if text.replace(":", "").replace("_", "").replace("-", "").isalnum() else repr(text)
+
+
+# ---------------------------------------------------------------- backup
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """Copy a database into a new or empty directory (``Database.backup``), opened read-only.
+
+    Ctrl-C and SIGTERM interrupt it: the backup removes what it wrote (exit 130 or 143)."""
+    compact = not args.no_compact
+    with _open_existing(args.database) as db:
+        source = (Path(args.database) / "data.mdb").stat().st_size
+        with _interruptible():
+            db.backup(args.destination, compact=compact)
+    copied = (Path(args.destination) / "data.mdb").stat().st_size
+    document = {
+        "database": args.database,
+        "destination": args.destination,
+        "compact": compact,
+        "database_bytes": source,
+        "backup_bytes": copied,
+    }
+    if args.json:
+        _print_json(document)
+    else:
+        print(
+            f"backed up {args.database} ({source / 2**20:,.1f} MiB) to {args.destination}: "
+            f"{copied / 2**20:,.1f} MiB{', compacted' if compact else ''}"
+        )
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- drop
