@@ -644,11 +644,8 @@ class Database:
             return None
         try:
             return _lmdbfile.space(backend)
-        except _LMDB_DAMAGE as exc:
-            raise CorruptDatabaseError(
-                f"the database file is damaged: LMDB could not measure its tables ({exc}). Run "
-                "`tallytree check` to see what can still be read"
-            ) from exc
+        except LMDB_DAMAGE as exc:
+            raise damaged(exc) from exc
 
 
 def stored_name(key: bytes, prefix: bytes, what: str) -> str:
