@@ -17,6 +17,7 @@ Layers, each importing only the ones below it::
     _keys         order-preserving key encoding
     _store        the three-table storage interface, node cache, in-memory backend
     _lmdb         the LMDB backend
+    _lmdbfile     backups and the space of an LMDB file (its free list, read from the file)
     errors        the exception hierarchy
 
 >>> import tallytree
