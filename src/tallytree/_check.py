@@ -19,17 +19,31 @@ the leaves up and keeps going after the first problem. For each tree it verifies
 
 Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks),
 root records of unknown aggregates, aggregate definitions that do not decode, and ids that two
-definitions share or that the id counter would give again.
+definitions share or that the id counter would give again. And it checks the tables, in one pass over
+every stored document (the DOCS table, in LMDB's order):
 
-Damage is reported, not raised: a node, root record or definition that does not decode, and pages of
-the LMDB file that LMDB itself cannot read, each become a problem (with the namespace, or the
-aggregate, they belong to), and the walk goes on with the rest. Cost: O(n) node reads.
+* each table record decodes, no two tables share an id, and each id is below the table id counter;
+* document keys strictly increase (LMDB walks its pages in order: a key out of order is a damaged
+  page, which a range scan would stop at, hiding the documents after it), and each belongs to a table;
+* each document's id decodes (a str, int or bytes, the whole key) and its bytes decode to a map;
+* each table holds as many documents as its stored count says (the count ``Table.count`` answers
+  from, and that ``Table.items`` compares with when it ends);
+* every stored document count (META ``tstate:``) belongs to a table.
+
+It does not recompute the aggregates attached to a table from its documents: that runs the
+extractors (which may be functions the checker does not have) and is what ``tallytree.verify(tx,
+aggregate, table)`` does, O(n log n); the checker stays structural and O(n).
+
+Damage is reported, not raised: a node, root record, definition or document that does not decode,
+and pages of the LMDB file that LMDB itself cannot read, each become a problem (with the namespace,
+the aggregate, or the table and document, they belong to), and the walk goes on with the rest. Cost:
+O(n) node reads, and O(d) for d documents.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._aggregate import Aggregate, Sentinel
@@ -38,7 +52,7 @@ from ._db import NEXT_AGGREGATE, lmdb_damage, stored_name
 from ._keys import decode_entry, decode_key
 from ._node import Node
 from ._store import META, NODES, ROOTS
-from ._table import decode_record
+from ._table import _NEXT_TABLE, _STATE, _STATE_PREFIX, _TABLE_PREFIX, decode_doc, decode_record
 from ._tree import pending_capacity
 from ._txn import Transaction, decode_root
 from .errors import ArgumentTypeError, CorruptDatabaseError, Error, InvalidArgumentError
@@ -50,15 +64,27 @@ _ALL: Any = Sentinel("ALL")
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One violated invariant: where (aggregate, namespace, child indexes from the root) and what."""
+    """One violated invariant: where (aggregate, namespace, child indexes from the root) and what.
+
+    A problem of a table names it in ``table`` (its ``aggregate`` is None), and the document in
+    ``document`` (its id) when it is about one document whose id decodes.
+
+    >>> print(Problem(None, None, (), None, "it does not decode", table="orders", document=7))
+    table 'orders' document 7: it does not decode
+    """
 
     aggregate: str | None
     namespace: Any
     path: tuple[int, ...]
     node_id: int | None
     message: str
+    table: str | None = None
+    document: Any = None
 
     def __str__(self) -> str:
+        if self.table is not None:
+            document = "" if self.document is None else f" document {self.document!r}"
+            return f"table {self.table!r}{document}: {self.message}"
         where = "/".join(map(str, self.path)) or "root"
         return f"{self.aggregate}[{self.namespace!r}] {where} (node {self.node_id}): {self.message}"
 
@@ -247,8 +273,10 @@ def check(tx: Transaction, aggregate: Aggregate | None = None, *, namespace: Any
     """Walk trees and return every violated invariant (an empty list means all is well).
 
     With an aggregate, checks its trees (or only ``namespace``); without, checks every aggregate of the
-    database and also reports unreferenced nodes (``namespace`` without an aggregate raises
-    InvalidArgumentError). O(n).
+    database, reports unreferenced nodes, and checks every table: each document decodes, and each table
+    holds the number of documents its stored count says (``namespace`` without an aggregate raises
+    InvalidArgumentError). It does not recompute a table's aggregates from its documents:
+    ``tallytree.verify(tx, aggregate, table)`` does. O(n) for n items and documents.
 
     >>> import tallytree
     >>> db = tallytree.open_memory()
@@ -305,7 +333,7 @@ def _halt(exc: Exception, where: Problem) -> _Halt:
         "there, and the check stopped (LMDB refuses every later read of a transaction that met a "
         "damaged page); restore the database from a backup or rebuild its aggregates from their source"
     )
-    return _Halt(Problem(where.aggregate, where.namespace, where.path, where.node_id, message))
+    return _Halt(replace(where, message=message))
 
 
 def _walk(tx: Transaction, aggregate: Aggregate | None, namespace: Any, problems: list[Problem]) -> None:
@@ -329,13 +357,14 @@ def _walk(tx: Transaction, aggregate: Aggregate | None, namespace: Any, problems
                 walker.tree(root)
             seen |= walker.seen
     if aggregate is None:
-        _check_tables(tx, problems)
+        tables, tables_skipped = _tables(tx, problems)
         known = {each._prefix for each in aggregates}
         for key, _ in tx.kv.scan(ROOTS, b"", None):
             if key[:4] not in known:
                 problems.append(Problem(None, None, (), None, f"root record of unknown aggregate {key!r}"))
         if not tx.write:  # a write transaction's freed and new nodes reach the table at commit
             _leaks(tx, seen, skipped, problems)
+        _documents(tx, tables, tables_skipped, problems)  # last: a damaged page stops the check
 
 
 def _leaks(tx: Transaction, seen: set[int], skipped: bool, problems: list[Problem]) -> None:
@@ -399,14 +428,133 @@ def _aggregates(tx: Transaction, problems: list[Problem]) -> list[Aggregate]:
     return found
 
 
-def _check_tables(tx: Transaction, problems: list[Problem]) -> None:
-    """Append a problem for each table record (META ``table:`` + name) that does not decode."""
-    prefix = b"table:"
-    for key, record in tx.kv.scan(META, prefix, prefix[:-1] + bytes([prefix[-1] + 1])):
+_DOC_BATCH = 4096
+_DOCS_END = b"\xff" * 5  # above every key of a table id (at most 2**32 - 2, see _txn.MAX_AGGREGATE_ID)
+_ID_TYPES = (int, str, bytes)
+
+
+def _tables(tx: Transaction, problems: list[Problem]) -> tuple[dict[bytes, str], bool]:
+    """The tables of ``tx``'s snapshot, by the 4-byte prefix of their documents' keys, and whether a
+    table record is damaged (its documents cannot be told from foreign ones). Records that do not
+    decode, ids that two tables share and ids at or above the table id counter (META ``next_table``:
+    a new table would take them) are appended to ``problems``. O(tables)."""
+    tables: dict[bytes, str] = {}
+    damaged = False
+    counter = tx.meta(_NEXT_TABLE)
+    next_id = int.from_bytes(counter, "big") if counter else 1
+    stop = _TABLE_PREFIX[:-1] + bytes([_TABLE_PREFIX[-1] + 1])
+    for key, record in tx.kv.scan(META, _TABLE_PREFIX, stop):
+        name: str | None = None
         try:
-            decode_record(stored_name(key, prefix, "a table"), record)
+            name = stored_name(key, _TABLE_PREFIX, "a table")
+            table_id: int = decode_record(name, record)["id"]
         except CorruptDatabaseError as exc:
-            problems.append(Problem(None, None, (), None, str(exc)))
+            problems.append(Problem(None, None, (), None, str(exc), table=name))
+            damaged = True
+            continue
+        prefix = table_id.to_bytes(4, "big")
+        if prefix in tables:
+            shared = f"table {tables[prefix]!r} has the same id, {table_id}, and so the same documents"
+            problems.append(Problem(None, None, (), None, shared, table=name))
+        tables.setdefault(prefix, name)
+        if table_id >= next_id:
+            message = (
+                f"its id {table_id} is not below the table id counter (META {_NEXT_TABLE!r}, {next_id}): "
+                "a new table would take it, and its documents"
+            )
+            problems.append(Problem(None, None, (), None, message, table=name))
+    return tables, damaged
+
+
+def _documents(tx: Transaction, tables: dict[bytes, str], skipped: bool, problems: list[Problem]) -> None:
+    """One pass over every stored document, in LMDB's order (see the module docstring), appending to
+    ``problems``; then each table's stored count against the documents found, and the documents and
+    counts of no table (one problem for all of them when a table record is ``skipped``: damaged).
+    Raises _Halt where LMDB cannot read a page. O(d) for d documents."""
+    found = dict.fromkeys(tables, 0)
+    orphans: dict[bytes, list[Any]] = {}  # key prefix -> [documents, first key]
+    previous = b""
+    try:
+        for batch in tx.doc_batches(b"", _DOCS_END, _DOC_BATCH):
+            for key, data in batch:
+                prefix = key[:4]
+                name = tables.get(prefix)
+                if key <= previous:
+                    message = (
+                        f"document key {key!r} comes after {previous!r} in LMDB's order: a page of the "
+                        "documents is damaged (a read of the table stops at such a key, missing the "
+                        "documents after it)"
+                    )
+                    problems.append(Problem(None, None, (), None, message, table=name))
+                previous = key
+                if name is None:
+                    orphans.setdefault(prefix, [0, key])[0] += 1
+                    continue
+                found[prefix] += 1
+                _document(name, key, data, problems)
+    except Exception as exc:
+        where = "the stored documents" + (f" after the key {previous!r}" if previous else "")
+        raise _halt(exc, Problem(None, None, (), None, where, table=tables.get(previous[:4]))) from exc
+    for prefix, name in tables.items():
+        state = tx.meta(_STATE_PREFIX + prefix)
+        if state is not None and len(state) != _STATE.size:
+            message = f"its document count (META {_STATE_PREFIX + prefix!r}) is damaged: {state!r:.60}"
+            problems.append(Problem(None, None, (), None, message, table=name))
+            continue
+        count = _STATE.unpack(state)[0] if state is not None else 0
+        if count != found[prefix]:
+            message = (
+                f"it holds {found[prefix]} document(s), but its stored count (META "
+                f"{_STATE_PREFIX + prefix!r}) says {count}: documents were lost or the count is damaged"
+            )
+            problems.append(Problem(None, None, (), None, message, table=name))
+    stop = _STATE_PREFIX[:-1] + bytes([_STATE_PREFIX[-1] + 1])
+    counts = [
+        key for key, _ in tx.kv.scan(META, _STATE_PREFIX, stop) if key[len(_STATE_PREFIX) :] not in tables
+    ]
+    if skipped:
+        if orphans or counts:
+            documents = sum(number for number, _ in orphans.values())
+            message = (
+                f"{documents} document(s) and {len(counts)} document count(s) of no table checked; the "
+                "damaged table records reported above may own them"
+            )
+            problems.append(Problem(None, None, (), None, message))
+        return
+    for prefix, (number, first) in orphans.items():
+        message = (
+            f"{number} document(s) (the first with key {first!r}) under the id {prefix!r}, which no table has"
+        )
+        problems.append(Problem(None, None, (), None, message))
+    problems.extend(
+        Problem(None, None, (), None, f"the document count META {key!r} belongs to no table")
+        for key in counts
+    )
+
+
+def _document(table: str, key: bytes, data: bytes, problems: list[Problem]) -> None:
+    """Check one stored document of ``table``: its id (the rest of ``key``) and its bytes decode, to a
+    str, int or bytes and to a map. O(size)."""
+    try:
+        doc_id, end = decode_key(key, 4)
+        if end != len(key):
+            raise CorruptDatabaseError(f"{len(key) - end} byte(s) follow the id")
+        if type(doc_id) not in _ID_TYPES:
+            raise CorruptDatabaseError(
+                f"the id is {type(doc_id).__name__} {doc_id!r:.60}, not a str, int or bytes"
+            )
+    except CorruptDatabaseError as exc:
+        problems.append(Problem(None, None, (), None, f"document key {key!r} is damaged: {exc}", table=table))
+        return
+    try:
+        doc = decode_doc(data)
+    except Exception as exc:  # msgpack's errors are ValueErrors, mostly; whatever bytes make it raise
+        message = f"the stored bytes do not decode ({type(exc).__name__}: {exc})"
+        problems.append(Problem(None, None, (), None, message, table=table, document=doc_id))
+        return
+    if type(doc) is not dict:
+        message = f"it is stored as {type(doc).__name__} {doc!r:.60}, not as a map of fields"
+        problems.append(Problem(None, None, (), None, message, table=table, document=doc_id))
 
 
 def _show_name(name: str | bytes) -> str:

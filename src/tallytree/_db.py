@@ -17,6 +17,20 @@ database is refused with a clear error), the id counters and one definition per 
     b"table:" + name -> a table and its attached aggregates (see ``_table``)
     b"next_agg"    -> the next aggregate id (4 bytes, big-endian; ids are never reused)
 
+The format tag at open: this version's opens; an older one (``_UPGRADABLE``) opens as it is and is
+retagged by an open for writing; a newer one (``tallytree-N``, N above 3) raises DatabaseFormatError
+saying to upgrade; a tag no tallytree writes, or none, in a store holding tallytree's counters
+(``_MARKS``) is damage, CorruptDatabaseError. Retagging stays at the open for writing rather than an
+explicit upgrade step: this version writes only format 3, so its first write would have to retag
+anyway, and an old process started after the open is refused at its own open instead of failing
+mid-work. While a process has the database open, another (of a newer tallytree) may retag it: a write
+transaction that begins after another process's commits (the backend's epoch moved; one META get)
+checks the tag and raises DatabaseFormatError ("upgraded to format N ... restart this process"),
+writing nothing; and a read block that ends in CorruptDatabaseError reads the tag again, so a record of
+the newer format that does not decode here says the same instead of "damaged". So a future format
+must keep older readers from misreading it silently: its changed records must fail to decode in the
+older version (a new layout or version byte), as version 3's root records do in version 2.
+
 Write transactions are serialized by the backend (LMDB's writer lock, across processes too). Opening a
 second write transaction in a thread that already has one would wait for itself forever, so it raises
 :class:`~tallytree.errors.TransactionError` instead.
@@ -51,7 +65,7 @@ from ._args import check_flag
 from ._btree import Root
 from ._extract import Definition
 from ._keys import decode_key
-from ._lmdb import LMDB_DAMAGE, LmdbBackend, _unmappable, damaged
+from ._lmdb import _OWN_META, LMDB_DAMAGE, LmdbBackend, _unmappable, damaged
 from ._store import ROOTS, Backend, MemoryBackend, NodeCache
 from ._table import Table, check_writing, create_table, table_from
 from ._tree import Tree
@@ -84,8 +98,14 @@ from .errors import (
 __all__ = ["DEFAULT_NODE_SIZE", "Database", "open", "open_memory"]
 
 FORMAT = b"tallytree-3"
+_FORMAT_VERSION = 3
+"""The number of :data:`FORMAT`: the newest format this version reads, and the one it writes."""
 _UPGRADABLE = (b"tallytree-1", b"tallytree-2")
 """Older formats this version reads as they are (and upgrades by retagging when writing)."""
+_TAG_PREFIX = b"tallytree-"
+_MARKS = tuple(key for key in _OWN_META if key != b"format")
+"""META keys only tallytree writes besides the tag (the id counters, see ``_lmdb``): a store holding
+one is tallytree's, so a format tag missing or unreadable there is damage, not another application's."""
 DEFAULT_NODE_SIZE = 128
 """Entries per node; chosen by benchmark (see docs/performance.md, "Settings"): 128 against 64,
 single writes of scattered items take 0.82-0.93x the time; reads of 10^6 items the same."""
@@ -131,6 +151,8 @@ class Database:
         self._closed = False
         self._forked_from: int | None = None  # the pid that opened it, in a process forked since
         self.path = path
+        self._format: bytes | None = None  # the format tag as this process last found or wrote it
+        self._format_epoch = -1  # the backend epoch at which a write transaction last confirmed it
         self._check_format()
         if path is not None:  # (a database in memory is this process's own copy after a fork)
             _ON_DISK.add(self)
@@ -190,28 +212,81 @@ class Database:
         return True
 
     def _check_format(self) -> None:
+        """Check the format tag at open (see the module docstring): the current format opens; an
+        older one opens as it is and is retagged when opened for writing; a newer one raises
+        DatabaseFormatError; a tag missing or unreadable in a store that tallytree wrote (it holds
+        one of :data:`_MARKS`) raises CorruptDatabaseError; a new database gets the tag. O(1)."""
         with self.read() as tx:
             stored = tx.meta(_FORMAT_KEY)
-            # a database that has committed writes holds next_id (or, written before 2026-11-22, gen)
-            empty = stored is None and tx.meta(b"next_id") is None and tx.meta(b"gen") is None
+            marked = any(tx.meta(key) is not None for key in _MARKS)
+            epoch = tx._epoch
+        self._format, self._format_epoch = stored, epoch
+        readonly = getattr(self._backend, "readonly", False)
         if stored == FORMAT:
             return
         if stored in _UPGRADABLE:
-            if not getattr(self._backend, "readonly", False):
+            if not readonly:
                 with self.write() as wtx:
                     wtx.set_meta(_FORMAT_KEY, FORMAT)
+                self._format = FORMAT
             return
         if stored is not None:
-            raise DatabaseFormatError(
-                f"this database has format {stored!r}, but this tallytree reads {FORMAT!r}; "
-                "open it with the tallytree version that wrote it"
+            raise _tag_error(stored, marked)
+        if marked:
+            raise CorruptDatabaseError(
+                "this database holds tallytree's id counters but no format tag (META b'format'): the "
+                "tag was lost to damage, and the database is refused. Restore it from a backup, or "
+                "rebuild its aggregates from their source in a new directory"
             )
-        if not empty:
-            raise DatabaseFormatError("this store has tallytree tables but no format tag; it is damaged")
-        if getattr(self._backend, "readonly", False):
+        if readonly:
             raise DatabaseFormatError("the database is empty and opened read-only; create it first")
         with self.write() as wtx:
             wtx.set_meta(_FORMAT_KEY, FORMAT)
+        self._format = FORMAT
+
+    def format_version(self) -> int:
+        """The number of the format the database is stored in: 3, what this tallytree writes, or 1 or 2
+        for an older database opened read-only (opening it for writing retags it 3). O(1).
+
+        Raises CorruptDatabaseError if its tag was damaged since it was opened.
+
+        >>> import tallytree
+        >>> tallytree.open_memory().format_version()
+        3
+        """
+        with self.read() as tx:
+            stored = tx.meta(_FORMAT_KEY)
+        number = format_number(stored) if stored is not None else None
+        if number is None:
+            raise _tag_error(stored or b"", marked=True)
+        return number
+
+    def _confirm_format(self, tx: WriteTransaction) -> None:
+        """In a write transaction that found other processes' commits (its epoch moved): raise before
+        anything is written if the format tag is no longer one this tallytree writes to (a newer
+        tallytree opened the database for writing and retagged it; or the tag was damaged). One META
+        get, in a transaction after another process's commit only."""
+        stored = tx.meta(_FORMAT_KEY)
+        if stored not in (self._format, FORMAT, *_UPGRADABLE):
+            raise _format_changed(stored, self._format, writing=True)
+        self._format, self._format_epoch = stored, tx._epoch
+
+    def _upgraded(self) -> DatabaseFormatError | None:
+        """After a CorruptDatabaseError out of a read block: the error to raise instead if the
+        database has since been tagged with a newer format than this tallytree reads (a newer
+        tallytree opened it for writing, while this process had it open), else None. One read
+        transaction, on that error's path only."""
+        if self._closed:
+            return None
+        try:
+            with self.read() as tx:
+                stored = tx.meta(_FORMAT_KEY)
+        except Exception:  # (damage that keeps the tag from being read: the first error stands)
+            return None
+        number = format_number(stored) if stored is not None else None
+        if number is None or number <= _FORMAT_VERSION:
+            return None
+        return _format_changed(stored, self._format, writing=False)
 
     # ------------------------------------------------------------ transactions
 
@@ -648,6 +723,65 @@ class Database:
             raise damaged(exc) from exc
 
 
+def format_number(tag: bytes) -> int | None:
+    """The format number of a format tag, ``tallytree-`` and a number from 1 without leading zeros,
+    or None for bytes that no tallytree writes as one. O(len(tag)).
+
+    >>> format_number(b"tallytree-3"), format_number(b"tallytree-0"), format_number(b"\\xff")
+    (3, None, None)
+    """
+    digits = tag[len(_TAG_PREFIX) :] if tag.startswith(_TAG_PREFIX) else b""
+    if not digits.isdigit() or digits.startswith(b"0") or len(digits) > 9:
+        return None
+    return int(digits)
+
+
+def _tag_error(stored: bytes, marked: bool) -> DatabaseFormatError:
+    """The error for a format tag this tallytree does not read, found at open: a newer format's
+    (DatabaseFormatError), a damaged tag in a store tallytree wrote (``marked``: it holds tallytree's
+    counters, or the tag begins as tallytree's) or another application's record (DatabaseFormatError)."""
+    number = format_number(stored)
+    if number is not None and number > _FORMAT_VERSION:
+        return DatabaseFormatError(
+            f"this database has format {number} (tag {stored!r}), written by a newer tallytree; this "
+            f"tallytree reads formats 1 to {_FORMAT_VERSION}. Open it with a tallytree that reads format "
+            f"{number} (upgrade tallytree)"
+        )
+    if marked or stored.startswith(_TAG_PREFIX):
+        return CorruptDatabaseError(
+            f"the format tag of this database (META b'format') is {stored!r:.60}, which no tallytree "
+            f"writes (tags are {_TAG_PREFIX!r} and a format number from 1): the tag is damaged, and the "
+            "database is refused. Restore it from a backup, or rebuild its aggregates from their source "
+            "in a new directory"
+        )
+    return DatabaseFormatError(
+        f"this LMDB environment's meta table holds {stored!r:.60} under b'format', which is no tallytree "
+        "format tag, and none of tallytree's counters: it is another application's; tallytree will not "
+        "write into it. Use a new directory"
+    )
+
+
+def _format_changed(
+    stored: bytes | None, opened: bytes | None, *, writing: bool
+) -> CorruptDatabaseError | DatabaseFormatError:
+    """The error for a format tag that changed, while this process had the database open, to one
+    this tallytree does not read or write: a newer format's, or a damaged tag (``writing``: met as a
+    write transaction began)."""
+    number = format_number(stored) if stored is not None else None
+    if number is None or number <= _FORMAT_VERSION:
+        return CorruptDatabaseError(
+            f"the format tag of this database (META b'format') changed to {stored!r:.60} while this "
+            f"process had it open (it was {opened!r}): the tag is damaged, and the database will be refused "
+            "at its next open. Restore it from a backup, or rebuild its aggregates from their source"
+        )
+    return DatabaseFormatError(
+        f"the database was upgraded to format {number} by a newer tallytree after this process opened it "
+        f"(at {opened!r}); this tallytree reads and writes formats up to {_FORMAT_VERSION}"
+        + (", and nothing was written" if writing else "")
+        + ". Restart this process with the newer tallytree (every process sharing the database must run it)"
+    )
+
+
 def stored_name(key: bytes, prefix: bytes, what: str) -> str:
     """The name in a META key (``prefix`` + name) of ``what`` ("an aggregate", "a table");
     CorruptDatabaseError for one that is not UTF-8 (tallytree writes names as str). O(len(key))."""
@@ -763,6 +897,8 @@ class _Reading:
             tx.abort()
         if kind is not None and (damage := damage_error(value)) is not None:
             raise damage from value
+        if kind is not None and isinstance(value, CorruptDatabaseError) and (newer := self._db._upgraded()):
+            raise newer from value  # (a newer tallytree's records do not decode here)
 
 
 class _Writing:
@@ -786,6 +922,16 @@ class _Writing:
             )
         tx = self._tx = WriteTransaction(db, db._backend.begin(True))
         local.writing = True
+        if tx._epoch != db._format_epoch:  # another process committed: is the format still this one?
+            try:
+                db._confirm_format(tx)
+            except BaseException:
+                self._tx = None
+                try:
+                    tx.abort()
+                finally:
+                    local.writing = False
+                raise
         return tx
 
     def __exit__(

@@ -68,7 +68,12 @@ refused, even one whose only table is called ``meta``; tables that are all empty
 that was interrupted, and open as a new database, as does a directory holding a ``lock.mdb`` alone
 (LMDB makes it before ``data.mdb``). A ``data.mdb`` of 0 bytes is refused as damaged: LMDB would
 fill it as a new environment, hiding the loss of a truncated database; one that LMDB refuses but
-that begins with LMDB's magic is damaged (CorruptDatabaseError), anything else foreign.
+that begins with LMDB's magic is damaged (CorruptDatabaseError), anything else foreign. So is an
+environment whose structure LMDB's own records contradict, as in a copy of ``data.mdb`` torn by a live
+writer (pages the copy's header names were reused before they were copied): a main database holding
+another number of keys than its record counts, LMDB errors in tables that all bear tallytree's names,
+a ``meta`` that holds tallytree's keys beside main-database keys tallytree never writes, or a ``meta``
+without them whose keys LMDB counts differently: CorruptDatabaseError, saying to restore a backup.
 
 Errors are translated: a full map grows the map (or raises MapFullError), a commit the disk refuses
 raises StorageError, the read transaction beyond the reader slots raises TransactionError, and a
@@ -123,9 +128,26 @@ from .errors import (
 __all__ = ["LMDB_DAMAGE", "LmdbBackend", "damaged"]
 
 _NAMES = (b"meta", b"nodes", b"roots", b"docs")
-# keys of ``meta`` that only tallytree writes: the format tag (_db._FORMAT_KEY), the node id counter
-# (_txn._NEXT_ID) and the generation counter of databases written before 2026-11-22
-_OWN_META = (b"format", b"next_id", b"gen")
+# keys of ``meta`` that only tallytree writes: the format tag (_db._FORMAT_KEY, a mark when its value
+# is a tallytree tag: another application may keep a "format" of its own), the node, aggregate and
+# table id counters (_txn._NEXT_ID, _db.NEXT_AGGREGATE, _table._NEXT_TABLE) and the generation
+# counter of databases written before 2026-11-22
+_OWN_META = (b"format", b"next_id", b"gen", b"next_agg", b"next_table")
+_TAG = b"tallytree-"
+_TABLE_RECORD = 48  # bytes of LMDB's record of a named database (MDB_db), its value in the main one
+_DAMAGE = (  # LMDB's errors for pages that contradict its own structure (as _db._LMDB_DAMAGE)
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.BadDbiError,
+    lmdb.IncompatibleError,
+    lmdb.CursorFullError,
+    lmdb.PageFullError,
+    lmdb.BadChecksumError,
+    lmdb.ProblemError,
+    lmdb.BadTxnError,
+)
+_MAIN_LIMIT = 64  # keys of LMDB's main database read at open: tallytree's holds 4 (another's, any number)
+_COUNT_LIMIT = 1 << 20  # keys of a meta table counted to tell damage from another application's data
 _MAGIC = b"\xde\xc0\xef\xbe"  # LMDB's meta page magic (0xBEEFC0DE, little-endian), after a page header
 _EMPTY_WAIT = 0.05  # seconds to let an LMDB environment being created write its first pages
 _key_value = itemgetter(1, 2)  # an Op's key and value
@@ -540,21 +562,45 @@ class LmdbBackend:
         known to be tallytree's: its main database names no other table, and the tables it names
         hold tallytree's own keys in ``meta`` (:data:`_OWN_META`) or nothing at all (a creation that
         was interrupted). Another application's environment is refused before anything is written
-        to it, even one whose only table is called ``meta``."""
+        to it, even one whose only table is called ``meta``.
+
+        Damage is told from foreign data (:meth:`_damaged`): a list of tables that LMDB's own header
+        counts differently (its page was overwritten: a file copy made while a process wrote, a
+        failing disk), LMDB errors met in tables that all bear tallytree's names, and keys that
+        tallytree never writes beside a ``meta`` that holds its format tag raise
+        CorruptDatabaseError, not DatabaseFormatError."""
+        main = self.env.open_db(None)
         with self.env.begin() as txn:
-            present = [bytes(key) for key, _ in txn.cursor()]
+            counted = txn.stat(main)["entries"]
+            entries = islice(txn.cursor(), min(counted, _MAIN_LIMIT) + 1)
+            listed = [(bytes(key), len(value)) for key, value in entries]
+        present = [key for key, _ in listed]
+        if counted <= _MAIN_LIMIT and len(listed) != counted:
+            found = f"more than {counted}" if len(listed) > counted else len(listed)
+            raise self._damaged(
+                f"the list of its tables holds {found} key(s) where LMDB's header counts {counted}"
+            )
         foreign = [key for key in present if key not in _NAMES]
         if foreign:
+            if b"meta" in present and self._meta_marked():
+                raise self._damaged(
+                    f"the list of its tables holds keys tallytree never writes ({foreign[0][:40]!r})"
+                )
             raise DatabaseFormatError(
                 f"{self.path} is an LMDB environment of another application (it holds keys such as "
                 f"{foreign[0][:40]!r}); tallytree will not write into it. Use a new directory"
             )
+        # the keys of the main database that name tables hold LMDB's record of one (48 bytes): tables
+        # of tallytree's names only, whose LMDB errors are damage; a plain key is another application's
+        tables = all(size == _TABLE_RECORD for _, size in listed)
         dbs: dict[bytes, Any] = {}
         try:
             # outside any transaction: handles opened in a read-only one are not kept (py-lmdb)
             for name in present:
                 dbs[name] = self.env.open_db(name, create=False)
             if dbs and not self._holds_tallytree(dbs):
+                if (problem := self._meta_contradicted(dbs)) is not None:
+                    raise self._damaged(problem)
                 raise DatabaseFormatError(
                     f"{self.path} is an LMDB environment of another application (it has the tables "
                     f"{b', '.join(dbs).decode()}, holding data but no tallytree format tag); tallytree "
@@ -570,6 +616,10 @@ class LmdbBackend:
             ) from exc
         except (lmdb.MapResizedError, lmdb.ReadersFullError):
             raise  # (see _opened_dbs)
+        except _DAMAGE as exc:
+            if tables:
+                raise self._damaged(f"LMDB cannot read its tables ({exc})") from exc
+            raise DatabaseFormatError(f"{self.path} is not a tallytree database: {exc}") from exc
         except lmdb.Error as exc:
             raise DatabaseFormatError(f"{self.path} is not a tallytree database: {exc}") from exc
         return [dbs[name] for name in _NAMES]
@@ -579,9 +629,46 @@ class LmdbBackend:
         tallytree writes, or every table is empty. O(tables)."""
         with self.env.begin() as txn:
             meta = dbs.get(b"meta")
-            if meta is not None and any(txn.get(key, None, meta) is not None for key in _OWN_META):
+            if meta is not None and _marked(txn, meta):
                 return True
             return all(txn.stat(db)["entries"] == 0 for db in dbs.values())
+
+    def _damaged(self, problem: str) -> CorruptDatabaseError:
+        """The error for an environment whose tallytree structure LMDB's own contradicts."""
+        return CorruptDatabaseError(
+            f"{self.path} is a damaged tallytree database: {problem}. A copy of data.mdb made while a "
+            "process wrote to it, or a failing disk, does this. Restore the database from a backup "
+            "(or from a copy made with no writer running), or rebuild its aggregates from their source "
+            "in a new directory"
+        )
+
+    def _meta_marked(self) -> bool:
+        """Whether the ``meta`` table holds one of the keys only tallytree writes (:func:`_marked`);
+        False when LMDB cannot tell (it is not a table, or cannot be read). O(1)."""
+        try:
+            meta = self.env.open_db(b"meta", create=False)
+            with self.env.begin() as txn:
+                return _marked(txn, meta)
+        except lmdb.Error:
+            return False
+
+    def _meta_contradicted(self, dbs: dict[bytes, Any]) -> str | None:
+        """For tables named as tallytree's that hold data but no tallytree key in ``meta``: how LMDB
+        contradicts ``meta``, which then is a damaged page of tallytree's (the number of its keys is
+        not what LMDB's record of it counts), or None (another application's). Reads up to
+        :data:`_COUNT_LIMIT` keys, and only on this path of a refused open."""
+        meta = dbs.get(b"meta")
+        if meta is None:
+            return None
+        with self.env.begin() as txn:
+            counted = txn.stat(meta)["entries"]
+            if counted > _COUNT_LIMIT:
+                return None
+            found = sum(1 for _ in islice(txn.cursor(meta).iternext(values=False), counted + 1))
+        if found == counted:
+            return None
+        shown = f"more than {counted}" if found > counted else found
+        return f"its meta table holds {shown} key(s) where LMDB's record of it counts {counted}"
 
     # transactions ------------------------------------------------------------
 
@@ -849,6 +936,16 @@ def _check_directory(path: Path, *, create: bool) -> list[Path]:
         return _checked_directory(path, create=create)
     except PermissionError as exc:
         raise _denied(path, exc) from exc
+
+
+def _marked(txn: Any, meta: Any) -> bool:
+    """Whether table ``meta`` holds a key only tallytree writes (:data:`_OWN_META`): a counter, or a
+    ``format`` that is a tallytree tag. O(1)."""
+    for key in _OWN_META:
+        value = txn.get(key, None, meta)
+        if value is not None and (key != b"format" or value.startswith(_TAG)):
+            return True
+    return False
 
 
 def _check_data_file(path: Path) -> None:

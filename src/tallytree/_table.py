@@ -129,7 +129,8 @@ def _damage(what: str, problem: str) -> CorruptDatabaseError:
     """The error for a stored table record or document that is damaged (``what`` names it)."""
     return CorruptDatabaseError(
         f"{what} is damaged: {problem}; restore the database from a backup, or rebuild the table from "
-        "the source data (`tallytree check` reports damage to the tables' records and the aggregates)"
+        "the source data (`tallytree check` reports damage to the tables' records, their documents and "
+        "the aggregates)"
     )
 
 
@@ -809,8 +810,10 @@ class Table:
         """Iterate lazily over ``(id, document)`` in id order (ints, then str, then bytes).
 
         Writing to the table while iterating raises TransactionError; collect with list() first.
-        O(log n) to start, then O(1) per document (in reverse, inside a write transaction
-        that wrote to the table, its documents are collected first).
+        A pass that ends having met another number of documents than :meth:`count` raises
+        CorruptDatabaseError (a damaged page can end LMDB's scan early). O(log n) to start, then O(1)
+        per document (in reverse, inside a write transaction that wrote to the table, its documents
+        are collected first).
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -825,9 +828,25 @@ class Table:
         """
         check_flag(reverse, "reverse")
         start = len(self._prefix)
+        read = 0
         for key, data in self._scan_docs(tx, reverse):
             doc_id = decode_key(key, start)[0]
+            read += 1
             yield doc_id, self._stored_doc(data, doc_id)
+        self._check_read(tx, read)
+
+    def _check_read(self, tx: Transaction, read: int) -> None:
+        """At the end of a whole pass over the documents (``items``, ``ids``) that met ``read`` of
+        them: raise CorruptDatabaseError unless that is the table's stored count. LMDB ends a range
+        scan, without an error, at a damaged key that sorts after the range, and the documents after
+        it would go unseen. O(1): one META get."""
+        count = self.count(tx)
+        if read != count:
+            raise _damage(
+                f"table {self.name!r}",
+                f"a pass over its documents met {read}, but its stored count is {count} (a damaged page "
+                "of the documents ends a scan early, or holds documents it should not)",
+            )
 
     def _scan_docs(self, tx: Transaction, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         """The stored ``(key, document bytes)`` pairs in order; raises if the table changes meanwhile."""
@@ -846,7 +865,9 @@ class Table:
     def ids(self, tx: Transaction) -> Iterator[Any]:
         """Iterate over the document ids in order (ints by value, then str, then bytes).
 
-        Only the ids are decoded, not the documents. O(log n) to start, then O(1) per document.
+        Only the ids are decoded, not the documents. A pass that ends having met another number of
+        ids than :meth:`count` raises CorruptDatabaseError, as :meth:`items` does. O(log n) to start,
+        then O(1) per document.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -859,8 +880,11 @@ class Table:
         [2, 10, 'a', b'k']
         """
         start = len(self._prefix)
+        read = 0
         for key, _ in self._scan_docs(tx, False):
+            read += 1
             yield decode_key(key, start)[0]
+        self._check_read(tx, read)
 
     # ------------------------------------------------------------ writes
 

@@ -305,7 +305,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--count", type=int, help="buckets: how many buckets")
     query.set_defaults(handler=_query)
 
-    checker = command("check", "run the invariant checker", "Walk every tree and print every problem.")
+    checker = command(
+        "check",
+        "run the invariant checker",
+        "Walk every tree and, without AGGREGATE, every table's documents (each decodes; each table holds "
+        "the number its stored count says), and print every problem with where it is.",
+    )
     checker.add_argument("database", metavar="DB", help="database directory")
     checker.add_argument("aggregate", metavar="AGGREGATE", nargs="?", help="only this aggregate")
     checker.add_argument("--namespace", metavar="N", help="only this namespace (with AGGREGATE)")
