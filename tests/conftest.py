@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,43 @@ def record_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, arg: in
 
     monkeypatch.setattr(owner, name, recording)
     return calls
+
+
+# ------------------------------------------------------------------ the models' key order
+
+
+def value_order(key: Any) -> tuple[Any, ...]:
+    """Order by value: None < False < True < numbers < str < bytes < datetime < tuple.
+
+    Ints and floats compare by value (Python compares them exactly); tuples element by element, a
+    proper prefix first.
+    """
+    if key is None:
+        return (0,)
+    if key is False:
+        return (1,)
+    if key is True:
+        return (2,)
+    kind = type(key)
+    if kind is int or kind is float:
+        return (3, key)
+    if kind is str:
+        return (4, key)
+    if kind is bytes:
+        return (5, key)
+    if kind is datetime:
+        return (6, key)
+    if kind is tuple:
+        return (7, tuple(value_order(element) for element in key))
+    raise AssertionError(f"the model has no order for {key!r}")
+
+
+def number_kinds(key: Any) -> tuple[int, ...]:
+    """The tie-break between keys equal in value: int (0) or float (1) for each number, depth first."""
+    if type(key) is int:
+        return (0,)
+    if type(key) is float:
+        return (1,)
+    if type(key) is tuple:
+        return tuple(kind for element in key for kind in number_kinds(element))
+    return ()

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
 
-from conftest import strict
+from conftest import number_kinds, strict, value_order
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -44,43 +44,6 @@ from tallytree._db import DEFAULT_CACHE_NODES
 FIELDS = ("x", "y")
 
 # ------------------------------------------------------------------ the reference order
-
-
-def value_order(key: Any) -> tuple[Any, ...]:
-    """Order by value: None < False < True < numbers < str < bytes < datetime < tuple.
-
-    Ints and floats compare by value (Python compares them exactly); tuples element by element, a
-    proper prefix first.
-    """
-    if key is None:
-        return (0,)
-    if key is False:
-        return (1,)
-    if key is True:
-        return (2,)
-    kind = type(key)
-    if kind is int or kind is float:
-        return (3, key)
-    if kind is str:
-        return (4, key)
-    if kind is bytes:
-        return (5, key)
-    if kind is datetime:
-        return (6, key)
-    if kind is tuple:
-        return (7, tuple(value_order(element) for element in key))
-    raise AssertionError(f"the model has no order for {key!r}")
-
-
-def number_kinds(key: Any) -> tuple[int, ...]:
-    """The tie-break between keys equal in value: int (0) or float (1) for each number, depth first."""
-    if type(key) is int:
-        return (0,)
-    if type(key) is float:
-        return (1,)
-    if type(key) is tuple:
-        return tuple(kind for element in key for kind in number_kinds(element))
-    return ()
 
 
 def key_order(key: Any) -> tuple[Any, ...]:

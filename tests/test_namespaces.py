@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import pure_python, strict
+from conftest import number_kinds, pure_python, strict, value_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,38 +38,6 @@ from tallytree._lmdb import _LmdbTxn
 NOON = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 # ------------------------------------------------------------------ the model's order
-
-
-def value_order(value: Any) -> tuple[Any, ...]:
-    """None < False < True < numbers < str < bytes < datetime < tuple; numbers by value, 1 == 1.0."""
-    if value is None:
-        return (0,)
-    if value is False:
-        return (1,)
-    if value is True:
-        return (2,)
-    kind = type(value)
-    if kind is int or kind is float:
-        return (3, value)
-    if kind is str:
-        return (4, value)
-    if kind is bytes:
-        return (5, value)
-    if kind is datetime:
-        return (6, value)
-    assert kind is tuple, value
-    return (7, tuple(value_order(element) for element in value))
-
-
-def number_kinds(value: Any) -> tuple[int, ...]:
-    """Between values equal in value: int (0) before float (1), number by number, depth first."""
-    if type(value) is int:
-        return (0,)
-    if type(value) is float:
-        return (1,)
-    if type(value) is tuple:
-        return tuple(kind for element in value for kind in number_kinds(element))
-    return ()
 
 
 def exact_order(value: Any) -> tuple[Any, ...]:
