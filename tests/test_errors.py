@@ -201,6 +201,31 @@ def test_bound_options_of_the_wrong_type_are_bounds_errors_an_index_is_not(db: t
             assert not isinstance(raised.value, tallytree.BoundsError)
 
 
+def test_a_bound_of_another_type_than_every_key_is_a_bounds_type_error(db: tallytree.Database) -> None:
+    """BoundKeyTypeError: a BoundsTypeError (so an ArgumentTypeError, a TypeError and a BoundsError)
+    that names the bound's type and the keys', and says what to do; public in tallytree and errors."""
+    scores = _ten_scores(db)
+    with db.read() as tx, pytest.raises(tallytree.BoundKeyTypeError) as raised:
+        scores.count(tx, ge="3")
+    error = raised.value
+    for kind in (
+        tallytree.BoundsTypeError,
+        ArgumentTypeError,
+        TypeError,
+        tallytree.BoundsError,
+        ValueError,
+        Error,
+    ):
+        assert isinstance(error, kind)
+    assert str(error).startswith(
+        "scores: the lower bound (ge=, gt=, eq= or prefix=) is a str, but every key in this namespace "
+        "is a number"
+    )
+    assert str(error).endswith("convert the bound to a number (e.g. a datetime's .timestamp() for "
+                               "epoch-second keys, or int(text))")  # fmt: skip
+    assert "BoundKeyTypeError" in tallytree.__all__ and "BoundKeyTypeError" in tallytree.errors.__all__
+
+
 def test_insert_many_refuses_what_is_not_iterable_and_writes_nothing(db: tallytree.Database) -> None:
     scores = db.aggregate("scores")
     with db.write() as tx:

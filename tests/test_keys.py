@@ -969,3 +969,70 @@ def test_sort_by_encoding_equals_sort_by_reference() -> None:
     by_reference = sorted(pool, key=functools.cmp_to_key(reference_cmp))
     by_encoding = sorted(pool, key=encode_key)
     assert [encode_key(k) for k in by_reference] == [encode_key(k) for k in by_encoding]
+
+
+class _NumpyLike:
+    """What tallytree reads of a numpy scalar (its type's module, ``ndim``, ``dtype.kind`` and
+    ``item()``), so that the duck typing is tested where numpy is not installed."""
+
+    __module__ = "numpy"
+
+    def __init__(self, item: object, kind: str, ndim: int = 0) -> None:
+        self._item = item
+        self.dtype = type("dtype", (), {"kind": kind})()
+        self.ndim = ndim
+
+    def item(self) -> object:
+        return self._item
+
+
+@pytest.mark.parametrize("kernels", ["built", "python"])
+def test_a_numpy_scalar_encodes_as_the_python_value_it_holds(kernels: str) -> None:
+    """A numpy integer, float or bool (known by its type's module and dtype kind) is its ``item()``,
+    with that type's rules; a datetime64 is naive (InvalidKeyError); other kinds and arrays that
+    are not 0-d are unsupported."""
+    with pure_python() if kernels == "python" else nullcontext():
+        for fake, plain in (
+            (_NumpyLike(5, "i"), 5),
+            (_NumpyLike(2**64 - 1, "u"), 2**64 - 1),
+            (_NumpyLike(0.5, "f"), 0.5),
+            (_NumpyLike(True, "b"), True),
+        ):
+            assert encode_key(fake) == encode_key(plain)
+            assert encode_body(fake) == encode_body(plain)
+            assert encode_key((fake, "a")) == encode_key((plain, "a"))
+        assert encode_id(_NumpyLike(7, "i")) == encode_id(7)
+        for not_an_id in (_NumpyLike(True, "b"), _NumpyLike(0.5, "f")):
+            with pytest.raises(UnsupportedKeyTypeError, match="ids must be str, int or bytes"):
+                encode_id(not_an_id)
+        with pytest.raises(InvalidKeyError, match="NaN"):
+            encode_key(_NumpyLike(math.nan, "f"))
+        with pytest.raises(InvalidKeyError, match="numpy datetime64, which holds no timezone"):
+            encode_key(_NumpyLike(date(2024, 5, 1), "M"))
+        for unsupported in (
+            _NumpyLike(5, "i", ndim=1),  # an array of one element: no scalar
+            _NumpyLike(5, "m"),  # a timedelta64
+            _NumpyLike(1j, "c"),
+            _NumpyLike(Decimal("1.5"), "f"),  # a longdouble's item() is no float
+        ):
+            with pytest.raises(UnsupportedKeyTypeError, match="has unsupported type"):
+                encode_key(unsupported)
+
+
+def test_numpy_is_not_imported_to_encode_its_scalars() -> None:
+    """numpy is no dependency: recognizing its scalars imports nothing (here, with a stand-in)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from tallytree._keys import encode_key\n"
+        "class Int:\n"
+        "    __module__ = 'numpy'\n"
+        "    ndim = 0\n"
+        "    dtype = type('dtype', (), {'kind': 'i'})()\n"
+        "    def item(self): return 5\n"
+        "assert encode_key(Int()) == encode_key(5)\n"
+        "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

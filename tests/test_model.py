@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
 
+import pytest
 from conftest import number_kinds, strict, value_order
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -30,6 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import tallytree
 from tallytree import (
+    BoundKeyTypeError,
     BoundsError,
     DuplicateItemError,
     InvalidArgumentError,
@@ -116,6 +118,33 @@ def cut_order(bound: Any) -> tuple[Any, ...]:
     if isinstance(bound, Position | Item):
         return (value_order(bound.key), 1, number_kinds(bound.key), key_order(bound.id))
     return (value_order(bound), 0)
+
+
+def key_class(key: Any) -> tuple[int, ...]:
+    """What a bound must share with the keys of a namespace whose keys all share it: the type of a
+    key in the order above (False and True one class, ints and floats one), and for a tuple its
+    first element's; ``(7,)`` for the empty tuple, which fits tuple keys (and any tuple fits it)."""
+    if isinstance(key, Position | Item):
+        key = key.key
+    if type(key) is tuple:
+        return (7, key_class(key[0])[0]) if key else (7,)
+    kind = value_order(key)[0]
+    return (1,) if kind == 2 else (kind,)
+
+
+def refuses(rows: list[Item], bounds: list[Any]) -> bool:
+    """Whether tallytree must refuse one of these bounds (or a rank's key) with BoundKeyTypeError:
+    the namespace's keys are all of one class and the bound is of another (a tuple without a first
+    element fits tuple keys, and any tuple fits keys that are all the empty tuple)."""
+    classes = {key_class(row.key) for row in rows}
+    if len(classes) != 1:
+        return False
+    (keys,) = classes
+    return any(
+        key_class(bound) != keys
+        and not (key_class(bound)[0] == keys[0] == 7 and (7,) in (key_class(bound), keys))
+        for bound in bounds
+    )
 
 
 # ------------------------------------------------------------------ the model
@@ -239,6 +268,8 @@ class Model:
         return changed
 
     def delete_range(self, namespace: Any, bounds: dict[str, Any]) -> dict[str, int | float]:
+        if refuses(self.rows(namespace), list(bounds.values())):
+            raise BoundKeyTypeError
         removed = self.select(namespace, bounds)
         space = self._space(namespace)
         space[:] = [row for row in space if not in_bounds(row, bounds)]
@@ -633,6 +664,19 @@ class AggregateMachine(RuleBasedStateMachine):
                 anchored[name] = row.key if row.key is not None else bound
         return anchored
 
+    def _refused(
+        self, data: st.DataObject, namespace: Any, bounds: list[Any], *calls: Callable[[Any], Any]
+    ) -> bool:
+        """Whether the model refuses these bounds (see :func:`refuses`); then each call must raise
+        BoundKeyTypeError."""
+        if not refuses(self.model.rows(namespace), bounds):
+            return False
+        with self._reader(data) as tx:
+            for call in calls:
+                with pytest.raises(BoundKeyTypeError):
+                    call(tx)
+        return True
+
     def _reader(self, data: st.DataObject) -> Any:
         """Reads run in a read transaction, or (seeing the same data) in a write transaction."""
         return self.db.write() if data.draw(st.integers(0, 4)) == 0 else self.db.read()
@@ -649,6 +693,16 @@ class AggregateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), namespace=st.sampled_from(READ_NAMESPACES), bounds=bounds)
     def read_count_and_totals(self, data: st.DataObject, namespace: Any, bounds: dict[str, Any]) -> None:
         bounds = self._anchor(data, namespace, bounds)
+        aggregate = self.aggregate
+        if self._refused(
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: aggregate.count(tx, namespace=namespace, **bounds),
+            lambda tx: aggregate.totals(tx, namespace=namespace, **bounds),
+            lambda tx: aggregate.sum(tx, "x", namespace=namespace, **bounds),
+        ):
+            return
         expected = totals_of(self.model.select(namespace, bounds))
         with self._reader(data) as tx:
             assert self.aggregate.count(tx, namespace=namespace, **bounds) == expected["count"]
@@ -661,6 +715,13 @@ class AggregateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), namespace=st.sampled_from(READ_NAMESPACES), bounds=bounds)
     def read_at(self, data: st.DataObject, namespace: Any, bounds: dict[str, Any]) -> None:
         bounds = self._anchor(data, namespace, bounds)
+        if self._refused(
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: self.aggregate.at(tx, 0, namespace=namespace, **bounds),
+        ):
+            return
         rows = self.model.select(namespace, bounds)
         size = len(rows)
         indexes = data.draw(st.lists(st.integers(-size - 2, size + 1), min_size=1, max_size=4))
@@ -699,6 +760,13 @@ class AggregateMachine(RuleBasedStateMachine):
         if rows and data.draw(st.booleans()):  # often an item within the bounds: counted exactly
             row = data.draw(st.sampled_from(rows))
             key, item_id = row.key, data.draw(st.sampled_from([None, row.id, row.id]))
+        if self._refused(
+            data,
+            namespace,
+            [*bounds.values(), key],
+            lambda tx: self.aggregate.rank(tx, key, item_id, namespace=namespace, reverse=reverse, **bounds),
+        ):
+            return
         if item_id is None:
             here = value_order(key)
             expected = sum(
@@ -717,6 +785,14 @@ class AggregateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), namespace=st.sampled_from(READ_NAMESPACES), bounds=bounds)
     def read_min_max(self, data: st.DataObject, namespace: Any, bounds: dict[str, Any]) -> None:
         bounds = self._anchor(data, namespace, bounds)
+        if self._refused(
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: self.aggregate.min(tx, namespace=namespace, **bounds),
+            lambda tx: self.aggregate.max(tx, namespace=namespace, **bounds),
+        ):
+            return
         rows = self.model.select(namespace, bounds)
         with self._reader(data) as tx:
             first = self.aggregate.min(tx, namespace=namespace, **bounds)
@@ -741,6 +817,13 @@ class AggregateMachine(RuleBasedStateMachine):
     )
     def read_items(self, data: st.DataObject, namespace: Any, bounds: dict[str, Any], reverse: bool) -> None:
         bounds = self._anchor(data, namespace, bounds)
+        if self._refused(
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: list(self.aggregate.items(tx, namespace=namespace, reverse=reverse, **bounds)),
+        ):
+            return
         rows = self.model.select(namespace, bounds)
         with self._reader(data) as tx:
             items = list(self.aggregate.items(tx, namespace=namespace, reverse=reverse, **bounds))
@@ -757,6 +840,13 @@ class AggregateMachine(RuleBasedStateMachine):
         self, data: st.DataObject, namespace: Any, bounds: dict[str, Any], limit: int, reverse: bool
     ) -> None:
         bounds = self._anchor(data, namespace, bounds)
+        if self._refused(
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: self.aggregate.page(tx, namespace=namespace, limit=limit, reverse=reverse, **bounds),
+        ):
+            return
         rows = self.model.select(namespace, bounds)
         expected = rows[::-1] if reverse else rows
         seen: list[Item] = []
@@ -797,6 +887,13 @@ class AggregateMachine(RuleBasedStateMachine):
         bounds = self._anchor(data, namespace, bounds)
         if self.model.rows(namespace) and data.draw(st.booleans()):  # the page starts at an item
             after = data.draw(st.sampled_from(self.model.rows(namespace)))
+        if self._refused(  # after= is a position to resume from, not a bound: never refused
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: self.aggregate.page(tx, namespace=namespace, after=after, limit=limit, **bounds),
+        ):
+            return
         mark = item_order(after.key, after.id)
         rows = self.model.select(namespace, bounds)
         if reverse:
@@ -824,6 +921,13 @@ class AggregateMachine(RuleBasedStateMachine):
     )
     def read_random(self, data: st.DataObject, namespace: Any, bounds: dict[str, Any], seed: int) -> None:
         bounds = self._anchor(data, namespace, bounds)
+        if self._refused(
+            data,
+            namespace,
+            list(bounds.values()),
+            lambda tx: self.aggregate.random(tx, namespace=namespace, rng=seed, **bounds),
+        ):
+            return
         rows = self.model.select(namespace, bounds)
         with self._reader(data) as tx:
             drawn = self.aggregate.random(tx, namespace=namespace, rng=seed, **bounds)
@@ -838,6 +942,16 @@ class AggregateMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), namespace=st.sampled_from(READ_NAMESPACES), key=plain_bounds)
     def rank_is_count_below(self, data: st.DataObject, namespace: Any, key: Any) -> None:
+        if self._refused(
+            data,
+            namespace,
+            [key],
+            lambda tx: self.aggregate.rank(tx, key, namespace=namespace),
+            lambda tx: self.aggregate.count(tx, namespace=namespace, lt=key),
+            lambda tx: self.aggregate.rank(tx, key, namespace=namespace, reverse=True),
+            lambda tx: self.aggregate.count(tx, namespace=namespace, gt=key),
+        ):
+            return
         with self._reader(data) as tx:
             rank = self.aggregate.rank(tx, key, namespace=namespace)
             assert rank == self.aggregate.count(tx, namespace=namespace, lt=key)
@@ -870,6 +984,14 @@ class AggregateMachine(RuleBasedStateMachine):
     )
     def counts_of_adjacent_ranges_add_up(self, data: st.DataObject, namespace: Any, cuts: list[Any]) -> None:
         cuts = list(self._anchor(data, namespace, dict(enumerate(cuts))).values())
+        refused = [cut for cut in cuts if refuses(self.model.rows(namespace), [cut])]
+        if self._refused(
+            data,
+            namespace,
+            refused,
+            *(lambda tx, cut=cut: self.aggregate.count(tx, namespace=namespace, ge=cut) for cut in refused),
+        ):
+            return
         low, middle, high = sorted(cuts, key=cut_order)
         with self._reader(data) as tx:
             count = self.aggregate.count

@@ -44,6 +44,7 @@ from ._txn import ReadTransaction, Transaction, WriteTransaction
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
+    BoundKeyTypeError,
     BoundsError,
     BoundsTypeError,
     CorruptDatabaseError,
@@ -77,6 +78,7 @@ __all__ = [
     "Aggregate",
     "AggregateNotFoundError",
     "ArgumentTypeError",
+    "BoundKeyTypeError",
     "BoundsError",
     "BoundsTypeError",
     "Bucket",

@@ -87,11 +87,21 @@ lower. Ints must be below ``2**(2**24)`` in magnitude (``E < 2**24``, so ``n <= 
 decoding damaged data cannot allocate unbounded memory; only ints with millions of trailing zero
 bits could otherwise fit in ``MAX_KEY_BYTES``.
 
+Other types that stand for these
+--------------------------------
+Subclasses encode as their base type (an ``IntEnum`` as its int, ``numpy.float64`` as its float, a
+pandas ``Timestamp`` as its instant, refused when it holds nanoseconds, which a key cannot). A numpy
+bool, integer or float (float16 to float64) is the Python value it holds, so ``numpy.int64(5)`` and
+``5`` are one key, and ``numpy.True_`` is ``True``, no number; a ``numpy.datetime64`` is naive and
+refused as a naive datetime is. numpy is never imported (see :func:`foreign_scalar`), and these are
+recognized only after every supported type was ruled out.
+
 Limits and decoding
 -------------------
 A full encoding (body and suffix) may be at most ``MAX_KEY_BYTES`` bytes: ``KeyTooLargeError``
 otherwise. Decoding returns plain types: tuple subclasses come back as ``tuple``, ``bytearray`` and
-``memoryview`` as ``bytes``, datetimes in UTC, ``-0.0`` as ``0.0``; floats round-trip bit for bit.
+``memoryview`` as ``bytes``, datetimes in UTC, ``-0.0`` as ``0.0``, numpy scalars as Python ones;
+floats round-trip bit for bit.
 Decoding checks that the input is the canonical encoding of a key and raises
 ``CorruptDatabaseError`` otherwise.
 
@@ -137,6 +147,7 @@ from __future__ import annotations
 import math
 import struct
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from ._native import speedups
 from .errors import (
@@ -154,6 +165,7 @@ __all__ = [
     "encode_id",
     "encode_key",
     "encode_prefix",
+    "foreign_scalar",
     "sort_order",
     "validate_key",
 ]
@@ -435,6 +447,78 @@ def _unsupported(value: object, what: str) -> UnsupportedKeyTypeError:
     return UnsupportedKeyTypeError(f"{what} {_show(value)} has unsupported type {name}: {_SUPPORTED}; {hint}")
 
 
+def foreign_scalar(value: object) -> bool | int | float | None:
+    """The bool, int or float that a numpy scalar stands for, or None for any other value. O(1).
+
+    A numpy bool, integer or float (a scalar or a 0-d array) is its ``.item()``, which numpy defines
+    as the Python scalar of the same value: exact for every integer and for float16, float32 and
+    float64 (a float32 ``0.1`` is the float ``0.10000000149011612``, its exact value). Other numpy
+    scalars give None: ``longdouble`` (whose ``.item()`` is no Python float), complex numbers,
+    timedeltas, and ``datetime64`` (naive, see :func:`_not_a_key`). numpy's str and bytes scalars
+    are subclasses of str and bytes, and ``numpy.float64`` of float: they need nothing from here.
+
+    numpy is never imported: its scalars are recognized by the module of their type (``"numpy"``
+    for every scalar type and for ``ndarray``) and read through ``ndim``, ``dtype.kind`` and
+    ``item()``, their documented interface. ``__index__`` alone would take numpy's integers but not
+    its floats or bools (a numpy bool has no ``__index__``), and would admit any third-party type
+    that defines it. The callers reach this only after every check of a supported type failed, so
+    the common keys and values pay nothing for it.
+
+    >>> foreign_scalar(1) is None, foreign_scalar("a") is None
+    (True, True)
+    """
+    if type(value).__module__ != "numpy" or getattr(value, "ndim", None) != 0:
+        return None
+    found: Any = value
+    if getattr(found.dtype, "kind", None) not in ("b", "i", "u", "f"):
+        return None
+    plain = found.item()
+    kind = type(plain)
+    return plain if kind is bool or kind is int or kind is float else None
+
+
+def _not_a_key(value: object, what: str) -> InvalidKeyError | UnsupportedKeyTypeError:
+    """The error for a value of no type of the key order, which no numpy scalar stands for: a
+    numpy datetime64 names no instant (it is naive), as a naive datetime does (InvalidKeyError), and
+    anything else has no place in the order (:func:`_unsupported`). O(1).
+
+    >>> raise _not_a_key([1], "key")
+    Traceback (most recent call last):
+    tallytree.errors.UnsupportedKeyTypeError: key [1] has unsupported type list: ...: tuple(value)
+    """
+    found: Any = value
+    if type(value).__module__ == "numpy" and getattr(getattr(found, "dtype", None), "kind", None) == "M":
+        return InvalidKeyError(
+            f"{what} {_show(value)} is a numpy datetime64, which holds no timezone and so names no "
+            "instant; convert it to a timezone-aware datetime, e.g. pandas.Timestamp(value, tz='UTC') "
+            "(or series.dt.tz_localize('UTC') for a column), or "
+            "value.astype('datetime64[us]').item().replace(tzinfo=timezone.utc)"
+        )
+    return _unsupported(value, what)
+
+
+def _subclass_datetime_body(value: datetime, what: str) -> bytes:
+    """:func:`_datetime_body` of a datetime subclass, which may hold what a datetime cannot: a pandas
+    Timestamp's nanoseconds (refused rather than dropped: two instants a nanosecond apart would be
+    one key, and a bound would take keys it does not reach) and pandas' NaT, a missing time that is
+    not equal to itself. O(1).
+    """
+    if value != value:  # noqa: PLR0124 (NaT, as NaN, is not equal to itself)
+        raise InvalidKeyError(
+            f"{what} {_show(value)} is a missing time (NaT), which has no place in the key order; "
+            f"filter it out, or map it to None, before using it as a {what}"
+        )
+    nanoseconds = getattr(value, "nanosecond", 0)
+    if nanoseconds:
+        raise InvalidKeyError(
+            f"{what} {_show(value)} has {nanoseconds} nanosecond(s) beyond its microseconds, and keys "
+            "hold datetimes to the microsecond; round it first, e.g. value.floor('us') (or "
+            "series.dt.floor('us') for a column), so that instants that differ by less stay apart "
+            "on purpose"
+        )
+    return _datetime_body(value, what)
+
+
 def _body_into(key: object, parts: list[bytes], suffix: bytearray, what: str, depth: int) -> int:
     """Append the body of ``key`` to ``parts``, its number types to ``suffix``; return its size."""
     kind = type(key)
@@ -466,17 +550,20 @@ def _body_into(key: object, parts: list[bytes], suffix: bytearray, what: str, de
     elif isinstance(key, (bytes, bytearray, memoryview)):
         body = _bytes_body(key, what)
     elif isinstance(key, datetime):
-        body = _datetime_body(key, what)
+        body = _datetime_body(key, what) if type(key) is datetime else _subclass_datetime_body(key, what)
     elif isinstance(key, int):  # int subclasses (IntEnum, ...); bool was handled above
         body = _int_body(int(key), what)
         suffix.append(_INT_SUFFIX)
-    elif isinstance(key, float):
+    elif isinstance(key, float):  # float subclasses (numpy.float64, ...)
         body = _float_body(float(key), what)
         suffix.append(_FLOAT_SUFFIX)
     elif isinstance(key, str):
         body = _str_body(key, what)
-    else:
-        raise _unsupported(key, what)
+    else:  # no type of the key order: a numpy scalar stands for one, anything else is refused
+        plain = foreign_scalar(key)
+        if plain is None:
+            raise _not_a_key(key, what)
+        return _body_into(plain, parts, suffix, what, depth)
     parts.append(body)
     return len(body)
 
@@ -628,13 +715,14 @@ def encode_prefix(prefix: tuple[object, ...]) -> bytes:
 
 
 def encode_id(id: object) -> bytes:
-    """Return the encoding of an item id: like ``encode_key(id, what="id")`` for str, int or bytes.
+    """Return the encoding of an item id: like ``encode_key(id, what="id")`` for str, int or bytes
+    (their subclasses too, and a numpy integer, which is its int).
 
     >>> encode_id("a").hex(" ")
     '40 61 00'
 
-    Raises UnsupportedKeyTypeError for any other type (bool, float and None included) and
-    KeyTooLargeError above ``MAX_KEY_BYTES`` bytes.
+    Raises UnsupportedKeyTypeError for any other type (bool, float and None included, and numpy's
+    bools and floats) and KeyTooLargeError above ``MAX_KEY_BYTES`` bytes.
     """
     kind = type(id)
     if kind is str or kind is int or kind is bytes:
@@ -643,6 +731,9 @@ def encode_id(id: object) -> bytes:
         isinstance(id, int) and not isinstance(id, bool)
     ):
         return encode_key(id, what="id")
+    plain = foreign_scalar(id)
+    if type(plain) is int:  # a numpy integer (a numpy bool or float is no id, as bool and float are not)
+        return encode_key(plain, what="id")
     raise UnsupportedKeyTypeError(
         f"id {_show(id)} has unsupported type {type(id).__qualname__}: ids must be str, int or "
         "bytes (not bool, float or None); convert it, e.g. str(id) or a uuid's .bytes"

@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "AggregateNotFoundError",
     "ArgumentTypeError",
+    "BoundKeyTypeError",
     "BoundsError",
     "BoundsTypeError",
     "CorruptDatabaseError",
@@ -171,3 +172,14 @@ class BoundsTypeError(ArgumentTypeError, BoundsError):
     ``buckets(edges=5)``, ``prefix="ab"``): an ArgumentTypeError, as every argument of the wrong type
     raises, and the BoundsError these raised before. An index (``at(tx, "3")``) or a seed
     (``random(rng=[1])``) is no bound: a plain ArgumentTypeError."""
+
+
+class BoundKeyTypeError(BoundsTypeError):
+    """A bound of another type than the keys it is compared with, in a namespace whose keys are all of
+    one type: ``count(tx, ge="2024-01-01")`` over datetime keys, a str bound over int keys, a bare
+    datetime over ``(status, ts)`` tuple keys (for tuple keys, the type of the first element counts).
+    Keys of different types compare by the order of their types (None < bool < numbers < str < bytes <
+    datetime < tuple), not by value, so such a bound would select every key or none, a wrong answer
+    without an error. Convert the bound to the keys' type. A namespace whose keys are of several types
+    takes bounds of any type, and an empty one answers as always. A BoundsTypeError, so also a
+    TypeError and a BoundsError."""
