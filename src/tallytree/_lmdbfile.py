@@ -76,7 +76,7 @@ import lmdb
 
 from ._lmdb import LmdbBackend
 from ._store import TABLES, MemoryBackend
-from .errors import CorruptDatabaseError, InvalidArgumentError, StorageError, TransactionError
+from .errors import CorruptDatabaseError, InvalidArgumentError, StorageError
 
 __all__ = ["PARTIAL", "SNAPSHOT_PARTIAL", "backup", "prepare_destination", "space"]
 
@@ -391,7 +391,7 @@ def backup(backend: LmdbBackend | MemoryBackend, destination: Path, *, compact: 
             first = image if compact else partial
             with _exclusive(first, created) as target:
                 copied = _copy_snapshot(backend, target)
-                if not copied:  # (a file layout this module does not parse: LMDB copies it itself)
+                if not copied:  # (a layout it does not parse, or commits too fast: LMDB copies it)
                     with _snapshot(backend) as (txn, _):
                         backend.env.copyfd(target.fileno(), compact=True, txn=txn)
                 if first is partial or not copied:
@@ -465,7 +465,10 @@ def _sync_directory(directory: Path) -> None:
 def _copy_snapshot(backend: LmdbBackend, target: IO[bytes]) -> bool:
     """Write the image of the last commit of ``backend`` (its meta pages and every page up to its
     last) to ``target``, under a read transaction that pins it; False, writing nothing, if the
-    file's layout is not the one this module parses. O(pages)."""
+    file's layout is not the one this module parses, or if commits followed each other too fast for
+    ``_ATTEMPTS`` snapshots to find their meta page intact (a writer thread of this process may
+    commit hundreds of times while this one waits for the GIL after a read): LMDB's own copy then
+    takes over. O(pages)."""
     data_file = backend.path / "data.mdb"
     for _ in range(_ATTEMPTS):
         with _snapshot(backend) as (_txn, snapshot), data_file.open("rb", buffering=0) as source:
@@ -490,10 +493,7 @@ def _copy_snapshot(backend: LmdbBackend, target: IO[bytes]) -> bool:
                 target.write(chunk)
                 offset += len(chunk)
             return True
-    raise TransactionError(
-        "commits followed each other too fast to read a consistent snapshot of the database's meta "
-        "page; nothing was written. Back up again"
-    )
+    return False
 
 
 def _compact(image: Path, target: IO[bytes]) -> None:
