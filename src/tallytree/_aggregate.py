@@ -414,6 +414,15 @@ def _same_class(low: bytes, high: bytes) -> bool:
     return code < 7 or _key_class(low) == _key_class(high)
 
 
+def _two_classes(lower: Cut | None, upper: Cut | None) -> bool:
+    """Whether the bounds have two cuts of different classes (then a count strictly among the keys
+    does not rule out a bound of another class than the keys: :meth:`Aggregate._range`). O(1)."""
+    if lower is None or upper is None:
+        return False
+    low, high = lower[0], upper[0]
+    return not (low[0] >> 4 == high[0] >> 4 < 7 or _same_class(low, high))
+
+
 def _class_name(key_class: int) -> str:
     if key_class < _TUPLES:
         return _CLASS_NAMES.get(key_class, f"type {key_class:#x}")
@@ -834,10 +843,7 @@ class Aggregate:
         # cut, or for two of one class, or for two strictly among the keys. Otherwise _check_bounds
         # looks. (A positive count means a root record, which the comparison reads only then.)
         if not 0 < stop - start < (total := tree.original.summary[0]) or (  # type: ignore[union-attr]
-            lower is not None
-            and upper is not None
-            and (start == 0 or stop == total)
-            and not (lower[0][0] >> 4 == upper[0][0] >> 4 < 7 or _same_class(lower[0], upper[0]))
+            (start == 0 or stop == total) and _two_classes(lower, upper)
         ):
             self._check_bounds(tree, bounds, start, stop)
         return start, max(start, stop)
@@ -954,16 +960,13 @@ class Aggregate:
         """
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
-        if bounds.lower is None and bounds.upper is None:
+        if bounds is _UNBOUNDED:
             return tree.count
         lower, upper = bounds.lower, bounds.upper
         start, stop = tree.rank_range(lower, upper)
         if not 0 < stop - start < (total := tree.original.summary[0]) or (  # type: ignore[union-attr]
-            lower is not None
-            and upper is not None
-            and (start == 0 or stop == total)
-            and not (lower[0][0] >> 4 == upper[0][0] >> 4 < 7 or _same_class(lower[0], upper[0]))
-        ):  # as in _range
+            (start == 0 or stop == total) and _two_classes(lower, upper)
+        ):  # _range inlined: count is the hottest read
             self._check_bounds(tree, bounds, start, stop)
         return stop - start if stop > start else 0
 
@@ -997,11 +1000,7 @@ class Aggregate:
         values = tree.range_values(lower, upper)
         if bounds is not _UNBOUNDED and (  # as in _range, from the count within the bounds alone
             not 0 < values[0] < tree.original.summary[0]  # type: ignore[union-attr]
-            or (
-                lower is not None
-                and upper is not None
-                and not (lower[0][0] >> 4 == upper[0][0] >> 4 < 7 or _same_class(lower[0], upper[0]))
-            )
+            or _two_classes(lower, upper)
         ):
             self._check_bounds(tree, bounds)
         return Totals.from_values(self.fields, values)
