@@ -10,6 +10,10 @@ starts from a copy of the same freshly built database, with every node decoded i
 
     python benchmarks/batches.py                                  # N = 10^6; 5,000 to 500,000
     python benchmarks/batches.py --n 100000 --sizes 1000,10000 --rounds 3
+
+A second table removes random stored events the two ways an application can, in the same rounds:
+``delete_many`` (one pass down the tree for the batch) and ``delete`` called once per event in one
+transaction, the baseline; the ratio is the first's time over the second's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ if str(HERE) not in sys.path:
 from workload import SPAN, T0, make_dataset  # noqa: E402
 
 ORDERS = ("random", "time-ordered")
+DELETES = ("delete_many", "delete each")
 
 
 def build(path: Path, n: int) -> str:
@@ -91,21 +96,59 @@ def insert_once(
     return elapsed
 
 
+def delete_once(
+    source: Path, work: Path, namespace: str, stored: int, way: str, size: int, seed: int, verify: bool
+) -> float:
+    """Seconds to remove ``size`` random stored events in one transaction from a fresh copy of
+    ``source`` (warm cache), with ``delete_many`` or one ``delete`` each; both ways remove the same
+    events for the same ``seed``. The count is checked after, and with ``verify`` the whole tree."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    with tallytree.open(work, durable=False) as db:
+        events = db.aggregate("events", values=("cost", "tokens"))
+        with db.read() as tx:
+            chosen = random.Random(seed).sample(range(stored), size)
+            stored_items = list(events.items(tx, namespace=namespace))  # decodes every node: warm
+            gone = [(stored_items[at].key, stored_items[at].id) for at in chosen]
+        start = time.perf_counter()
+        with db.write() as tx:
+            if way == "delete_many":
+                events.delete_many(tx, gone, namespace=namespace)
+            else:
+                for key, item_id in gone:
+                    events.delete(tx, key, item_id, namespace=namespace)
+        elapsed = time.perf_counter() - start
+        with db.read() as tx:
+            count = events.count(tx, namespace=namespace)
+            problems = tallytree.check(tx, events, namespace=namespace) if verify else []
+        if count != stored - size:
+            raise AssertionError(f"{way} of {size} events left {count} of {stored}")
+        if problems:
+            raise AssertionError(f"the tree is damaged after {way}: {problems[:3]}")
+    return elapsed
+
+
 def measure(
-    n: int, sizes: list[int], rounds: int, verify: bool = False, seed: int = 11
+    n: int, sizes: list[int], rounds: int, verify: bool = False, seed: int = 11, deletes: bool = True
 ) -> dict[tuple[str, int], float]:
-    """Median microseconds per event, by (order, batch size); ``verify`` runs the checker after each."""
+    """Median microseconds per event, by (order or way of deleting, batch size); ``verify`` runs the
+    checker after each."""
     rng = random.Random(seed)
     results: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as directory:
         source, work = Path(directory) / "source", Path(directory) / "work"
         namespace = build(source, n)
-        cells = [(order, size) for order in ORDERS for size in sizes]
+        kinds = ORDERS + DELETES if deletes else ORDERS
+        cells = [(kind, size) for kind in kinds for size in sizes if kind in ORDERS or size < n]
         for round_index in range(rounds):
-            for order, size in cells if round_index % 2 == 0 else reversed(cells):
-                items = batch(rng, size, order, 10 * n)
-                elapsed = insert_once(source, work, namespace, n, items, verify)
-                results.setdefault((order, size), []).append(elapsed / size * 1e6)
+            picks = rng.getrandbits(32)  # both ways of deleting remove the same events in a round
+            for kind, size in cells if round_index % 2 == 0 else reversed(cells):
+                if kind in DELETES:
+                    elapsed = delete_once(source, work, namespace, n, kind, size, picks + size, verify)
+                else:
+                    items = batch(rng, size, kind, 10 * n)
+                    elapsed = insert_once(source, work, namespace, n, items, verify)
+                results.setdefault((kind, size), []).append(elapsed / size * 1e6)
     return {key: statistics.median(values) for key, values in results.items()}
 
 
@@ -120,6 +163,19 @@ def report(medians: dict[tuple[str, int], float], n: int) -> str:
             per_event = medians[order, size]
             cells.append(f"{per_event:.1f} us/event ({1e6 / per_event:,.0f}/s)")
         lines.append("| " + " | ".join(cells) + " |")
+    deleted = sorted({size for kind, size in medians if kind in DELETES})
+    if deleted:
+        lines += [
+            "",
+            f"| events removed (one transaction) of {n:,} | delete_many | delete each | ratio |",
+            "|---|---|---|---|",
+        ]
+        for size in deleted:
+            many, each = medians["delete_many", size], medians["delete each", size]
+            lines.append(
+                f"| {size:,} | {many:.1f} us/event ({1e6 / many:,.0f}/s) | {each:.1f} us/event "
+                f"({1e6 / each:,.0f}/s) | {many / each:.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -129,11 +185,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="5000,50000,500000", help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--check", action="store_true", help="run tallytree.check after every batch (O(N))")
+    parser.add_argument("--no-deletes", action="store_true", help="time inserts only")
     args = parser.parse_args()
     n = int(args.n)
     sizes = [int(float(size)) for size in args.sizes.split(",")]
     started = time.perf_counter()
-    medians = measure(n, sizes, args.rounds, verify=args.check)
+    medians = measure(n, sizes, args.rounds, verify=args.check, deletes=not args.no_deletes)
     print(report(medians, n))
     elapsed = time.perf_counter() - started
     print(f"\nMedian over {args.rounds} rounds, each batch into a fresh copy; {elapsed:.0f} s.")

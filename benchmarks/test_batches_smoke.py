@@ -1,4 +1,5 @@
-"""Keep ``batches.py`` working: a small namespace, two batch sizes, both key orders, trees checked."""
+"""Keep ``batches.py`` working: a small namespace, two batch sizes, both key orders and both ways of
+deleting, trees checked."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import batches
 
 def test_batches_quick_run() -> None:
     medians = batches.measure(2_000, [50, 500], rounds=1, verify=True)  # raises if a tree is damaged
-    assert set(medians) == {(order, size) for order in batches.ORDERS for size in (50, 500)}
+    kinds = batches.ORDERS + batches.DELETES
+    assert set(medians) == {(kind, size) for kind in kinds for size in (50, 500)}
     assert all(value > 0 for value in medians.values())
-    assert "random keys" in batches.report(medians, 2_000)
+    report = batches.report(medians, 2_000)
+    assert "random keys" in report
+    assert "delete_many" in report

@@ -267,6 +267,24 @@ class Model:
                 changed += 1
         return changed
 
+    def delete_many(self, namespace: Any, pairs: list[tuple[Any, Any]], missing: str) -> int:
+        seen: set[tuple[Any, ...]] = set()
+        found: list[tuple[Any, Any]] = []
+        for key, item_id in pairs:
+            order = item_order(key, item_id)
+            if order in seen or self._find(namespace, key, item_id) is None:
+                if missing == "error":
+                    raise ItemNotFoundError
+                continue
+            seen.add(order)
+            found.append((key, item_id))
+        for key, item_id in found:
+            index = self._find(namespace, key, item_id)
+            assert index is not None
+            self._space(namespace).pop(index)
+        self._drop_empty()
+        return len(found)
+
     def delete_range(self, namespace: Any, bounds: dict[str, Any]) -> dict[str, int | float]:
         if refuses(self.rows(namespace), list(bounds.values())):
             raise BoundKeyTypeError
@@ -508,6 +526,24 @@ class AggregateMachine(RuleBasedStateMachine):
                 "argument": [(row.key, row.id, row.values) for row in rows] if as_tuples else rows,
                 "on_duplicate": data.draw(st.sampled_from(["error", "skip", "update"])),
             }
+        if kind == "delete_many":
+            # stored items (a few, most or all of them, so that leaves empty out and nodes merge at
+            # every level), now and then one absent or given twice
+            stored = self.model.rows(namespace)
+            chosen: list[tuple[Any, Any]] = []
+            if stored:
+                share = data.draw(st.sampled_from([0.1, 0.5, 0.9, 1.0]))
+                chosen = [(row.key, row.id) for row in stored if data.draw(st.floats(0, 1)) < share]
+            for _ in range(data.draw(st.integers(0, 2))):
+                pair = (data.draw(keys), data.draw(ids)) if not chosen or data.draw(st.booleans()) else chosen[0]
+                chosen.insert(data.draw(st.integers(0, len(chosen))), pair)
+            as_items = data.draw(st.booleans())
+            return kind, {
+                "namespace": namespace,
+                "pairs": chosen,
+                "argument": [Item(key, item_id, ()) for key, item_id in chosen] if as_items else chosen,
+                "missing": data.draw(st.sampled_from(["error", "skip"])),
+            }
         if kind == "delete_range":
             return kind, {"namespace": namespace, "bounds": self._anchor(data, namespace, data.draw(bounds))}
         assert kind == "clear"
@@ -544,6 +580,12 @@ class AggregateMachine(RuleBasedStateMachine):
                     tx, args["argument"], namespace=namespace, on_duplicate=args["on_duplicate"]
                 ),
                 lambda: model.insert_many(namespace, args["rows"], args["on_duplicate"]),
+            ),
+            "delete_many": (
+                lambda: aggregate.delete_many(
+                    tx, args["argument"], namespace=namespace, missing=args["missing"]
+                ),
+                lambda: model.delete_many(namespace, args["pairs"], args["missing"]),
             ),
             "delete_range": (
                 lambda: aggregate.delete_range(tx, namespace=namespace, **args["bounds"]),
@@ -614,6 +656,10 @@ class AggregateMachine(RuleBasedStateMachine):
             )  # fmt: skip
 
     @rule(data=st.data())
+    def delete_many(self, data: st.DataObject) -> None:
+        self._one_write(data, "delete_many")
+
+    @rule(data=st.data())
     def delete_range(self, data: st.DataObject) -> None:
         self._one_write(data, "delete_range")
 
@@ -625,7 +671,7 @@ class AggregateMachine(RuleBasedStateMachine):
     def several_writes_in_one_transaction(self, data: st.DataObject, commit: bool) -> None:
         """Writes see each other inside the transaction; all commit together, or none on abort."""
         kinds = ["insert", "insert", "append", "append", "upsert", "delete", "discard", "replace",
-                 "insert_many", "delete_range", "clear"]  # fmt: skip
+                 "insert_many", "delete_many", "delete_range", "clear"]  # fmt: skip
         ops = [
             self._draw_op(data, data.draw(st.sampled_from(kinds)))
             for _ in range(data.draw(st.integers(1, 6)))

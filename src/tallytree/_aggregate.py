@@ -1883,6 +1883,83 @@ class Aggregate:
             f"{self.name}: items are Item objects or (key, id[, values]) tuples, not {_show(item)}"
         )
 
+    def delete_many(
+        self,
+        tx: WriteTransaction,
+        items: Iterable[Item | tuple[Any, ...]],
+        *,
+        namespace: Any = None,
+        missing: Literal["error", "skip"] = "error",
+    ) -> int:
+        """Remove many items in one call; return how many were removed.
+
+        ``items`` holds :class:`Item` objects or ``(key, id)`` tuples (``(key, id, values)`` too, as
+        :meth:`insert_many` takes them: the values are not looked at). ``missing`` says what to do
+        with an item that is not in the namespace (or is repeated in the batch): ``"error"`` raises
+        ItemNotFoundError naming the first one in input order and removes nothing, ``"skip"``
+        passes over it, as :meth:`discard` does.
+
+        The items are looked up first, then removed in one pass down the tree
+        (``Tree.delete_sorted``): each touched leaf is copied once and loses all its items at once,
+        a subtree that loses every item is dropped without reading its leaves, and underfull nodes
+        are merged or refilled once, bottom-up. Removing items one by one rewrites and rebalances a
+        path per item. O(m log m + m log n) for ``m`` items: their lookups, plus the pass, which
+        writes O(t log_B n) nodes for ``t`` touched leaves. The cyclic garbage collector is paused
+        during the call (see ``_gc``).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> events = db.aggregate("events", values=("cost",))
+        >>> with db.write() as tx:
+        ...     events.insert_many(tx, [(t, f"e{t}", (0.5,)) for t in range(1000)], namespace="u1")
+        ...     events.delete_many(tx, [(t, f"e{t}") for t in range(0, 1000, 2)], namespace="u1")
+        ...     events.delete_many(tx, [(1, "e1"), (2, "e2")], namespace="u1", missing="skip")
+        1000
+        500
+        1
+        >>> with db.read() as tx:
+        ...     events.totals(tx, namespace="u1")
+        Totals(count=499, cost=249.5)
+        """
+        if missing not in ("error", "skip"):
+            raise InvalidArgumentError(f"missing must be 'error' or 'skip', not {_show(missing)}")
+        wtx = self._writable(tx)
+        batch = items if type(items) is list else list(iterator_of(items, f"{self.name}: delete_many", ITEMS))
+        entries: list[bytes] = []
+        for item in batch:
+            key, item_id, _ = self._unpack_item(item)
+            entries.append(encode_key(key) + encode_id(item_id))
+        if not entries:
+            return 0
+        with gc_paused():
+            order = sort_order(entries)  # stable: of equal items, the first given comes first
+            tree, tree_key = self._tree(wtx, namespace)
+            found: list[bytes] = []
+            absent: list[int] = []  # input positions of items not there (or there once, given twice)
+            previous = None
+            for at in order:
+                entry = entries[at]
+                if entry == previous or tree.find(entry) is None:
+                    absent.append(at)
+                else:
+                    found.append(entry)
+                previous = entry
+            if absent and missing == "error":
+                first = min(absent)
+                key, item_id, _ = self._unpack_item(batch[first])
+                twice = entries[first] in found  # there, but given again
+                hint = " (it is given twice in the batch)" if twice else ""
+                raise self._not_found(
+                    key,
+                    item_id,
+                    namespace,
+                    f"{hint}; nothing was removed (missing='skip' passes over absent items)",
+                )
+            if found:
+                tree.delete_sorted(found)
+                self._save(wtx, tree_key, tree)
+        return len(found)
+
     def delete_range(
         self,
         tx: WriteTransaction,

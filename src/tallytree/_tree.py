@@ -75,7 +75,7 @@ from typing import Any
 
 from ._btree import Cut, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
 from ._native import speedups
-from ._node import Node, delta_of
+from ._node import Node, delta_of, summarize
 from .errors import CorruptDatabaseError
 
 __all__ = ["Tree", "appended", "pending_capacity"]
@@ -501,6 +501,29 @@ class Tree:
             self._drop_if_empty()
             return values
         return self.nodes.delete(entry)
+
+    def delete_sorted(self, entries: list[bytes]) -> list[int]:
+        """Remove entries given in strictly ascending order, each of them in the tree (the caller found
+        them, with :meth:`find`); return their summary. Those at or after the first pending entry
+        are pending (the invariant) and leave the pending node in one pass; the others leave the
+        nodes in one pass down the tree (:meth:`NodeTree.remove_sorted`). O(t log B + m) for ``m``
+        entries in ``t`` leaves."""
+        pending = self.pending
+        cut = len(entries) if pending is None else bisect_left(entries, pending.keys[0])
+        removed = self.nodes.remove_sorted(entries[:cut]) if cut else self.zero()
+        if cut < len(entries):
+            assert pending is not None
+            keys = pending.keys
+            places = [bisect_left(keys, entry) for entry in entries[cut:]]
+            part = summarize(len(places), [[col[at] for at in places] for col in pending.cols])
+            pending = self._writable_pending(_negate(part))
+            for at in reversed(places):
+                del pending.keys[at]
+                for col in pending.cols:
+                    del col[at]
+            self._drop_if_empty()
+            removed = vadd(removed, part)
+        return removed
 
     def update(self, entry: bytes, values: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Overwrite the values of an existing entry; return the old values (None if absent).
