@@ -266,11 +266,14 @@ def test_detach_stops_maintaining_an_aggregate_and_forgets_its_extractors(db: ta
         with pytest.raises(tallytree.AggregateNotFoundError, match="no extractors"):
             tallytree.verify(tx, timeline, [{"id": i, **row} for i, row in rows.items()])
         assert tallytree.verify(tx, by_status, [{"id": i, **row} for i, row in rows.items()]).ok
-    # registered again (with a new definition, say): maintained, and known to verify and repair, again
-    timeline = hooks.aggregate("timeline", key="day")
+    # registered again: its items follow the stored definition, so another one needs redefine=True
+    with pytest.raises(tallytree.SchemaMismatchError, match="redefine=True"):
+        hooks.aggregate("timeline", key="day")
+    # the stored one: maintained, and known to verify and repair, again
+    timeline = hooks.aggregate("timeline", key=("org", "day"), where=lambda row: row["status"] != "void")
     with db.write() as tx:
         drift = tallytree.repair(tx, timeline, [{"id": i, **row} for i, row in rows.items()])
-        assert (drift.missing, drift.extra, drift.different) == (0, 1, 2)
+        assert (drift.missing, drift.extra, drift.different) == (0, 1, 0)
         hooks.apply(tx, Change.delete(3, rows.pop(3)))
         assert [item.id for item in timeline.items(tx)] == [2]
     hooks.detach("timeline")
@@ -707,8 +710,8 @@ def test_a_batch_of_changes_that_cancel_out_writes_nothing() -> None:
 def test_registering_another_definition_of_a_registered_name_is_refused() -> None:
     """As a table does (SchemaMismatchError): the aggregate holds the first definition's items, so a
     silent replacement would make later changes remove items that are not there. The same
-    definition again is fine (a function passed anew replaces the old); another after detaching, or
-    after the aggregate was dropped, too."""
+    definition again is fine (a function passed anew replaces the old); another after the aggregate
+    was dropped too, but after detaching only with redefine=True (the items are still the first's)."""
     db = tallytree.open_memory()
     hooks = ChangeHandler(db)
     by_day = hooks.aggregate("by_day", key="day", where=lambda row: row["ok"])
@@ -719,16 +722,21 @@ def test_registering_another_definition_of_a_registered_name_is_refused() -> Non
         {"key": "day", "where": lambda row: row["ok"], "on_missing": "skip"},
         {"key": "day", "namespace": "org", "where": lambda row: row["ok"]},
     ):
-        with pytest.raises(tallytree.SchemaMismatchError, match=r"detach it first \(handler.detach"):
+        with pytest.raises(tallytree.SchemaMismatchError, match=r"redefine=True"):
             hooks.aggregate("by_day", **other)
     assert hooks.definition("by_day").key_spec == "day"
     with db.write() as tx:
         hooks.apply(tx, Change.insert(1, {"day": 3, "ok": True}))
     hooks.detach("by_day")
-    assert hooks.aggregate("by_day", key="week", on_missing="skip") is by_day
+    with pytest.raises(tallytree.SchemaMismatchError, match=r"redefine=True"):
+        hooks.aggregate("by_day", key="week", on_missing="skip")
+    weekly = hooks.aggregate("by_day", key="week", on_missing="skip", redefine=True)
+    assert weekly is not by_day  # made anew, empty
+    with db.read() as tx:
+        assert weekly.count(tx) == 0
     hooks.detach("by_day")
     db.drop_aggregate("by_day")
-    assert hooks.aggregate("by_day", key="day", where="ok") is not by_day  # registered anew
+    assert hooks.aggregate("by_day", key="day", where="ok") is not weekly  # registered anew
     hooks.aggregate("by_day", key="day", where="ok")
     db.drop_aggregate("by_day")  # without detaching: the registration names a dropped aggregate
     fresh = hooks.aggregate("by_day", key="week")

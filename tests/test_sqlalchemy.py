@@ -1283,14 +1283,15 @@ def test_detaching_or_redefining_an_aware_datetime_key_lifts_its_refusal(engine:
             with pytest.raises(tallytree.ArgumentTypeError, match="sqlite stores without its offset"):
                 session.commit()
             session.rollback()
-            with pytest.raises(tallytree.SchemaMismatchError, match=r"detach it first"):
-                handler.aggregate("typed_by_time", key="org")  # another definition: detach first
-            handler.detach("typed_by_time")
-            handler.aggregate("typed_by_time", key="org")  # redefined on a column SQLite keeps
+            with pytest.raises(tallytree.SchemaMismatchError, match=r"redefine=True"):
+                handler.aggregate("typed_by_time", key="org")  # another definition: redefine=True
+            handler.aggregate("typed_by_time", key="org", redefine=True)  # on a column SQLite keeps
             session.add(Typed())
             session.commit()
+            with db.read() as tx:
+                assert db.aggregate("typed_by_time").count(tx) == 1
             handler.detach("typed_by_time")
-            handler.aggregate("typed_by_time", key="aware")
+            handler.aggregate("typed_by_time", key="aware", redefine=True)  # emptied again
             session.add(Typed())
             with pytest.raises(tallytree.ArgumentTypeError, match="sqlite stores without its offset"):
                 session.commit()
@@ -1300,7 +1301,7 @@ def test_detaching_or_redefining_an_aware_datetime_key_lifts_its_refusal(engine:
             session.commit()
             with db.read() as tx:
                 assert db.aggregate("typed_by_org").count(tx) == 3
-                assert db.aggregate("typed_by_time").count(tx) == 1
+                assert db.aggregate("typed_by_time").count(tx) == 0
 
 
 def test_unregister_stops_syncing_a_class_and_removes_its_listeners(engine: Engine) -> None:

@@ -13,7 +13,11 @@ database is refused with a clear error), the id counters and one definition per 
                       since older code cannot read what this version writes; a version 2 tree's
                       pending node moves into its record the next time its pending entries change)
     b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 128}
-                      (+ "table": name for an aggregate maintained by a table: it refuses writes)
+                      (+ "table": name for an aggregate maintained by a table: it refuses writes;
+                      + "extractors": the description of the extractors (``_extract.describe_definition``)
+                      a ChangeHandler registered it with, or the table it was detached from had:
+                      registrations of another definition are refused, see ``_hooks``. Older
+                      releases read such a record as they read any other, ignoring the key)
     b"table:" + name -> a table and its attached aggregates (see ``_table``)
     b"next_agg"    -> the next aggregate id (4 bytes, big-endian; ids are never reused)
 
@@ -51,7 +55,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
@@ -796,10 +800,17 @@ def stored_name(key: bytes, prefix: bytes, what: str) -> str:
 
 
 def define_aggregate(
-    tx: WriteTransaction, name: str, fields: tuple[str, ...], node_size: int, *, owner: str | None = None
+    tx: WriteTransaction,
+    name: str,
+    fields: tuple[str, ...],
+    node_size: int,
+    *,
+    owner: str | None = None,
+    extractors: Mapping[str, Any] | None = None,
 ) -> Aggregate:
-    """Write the definition of a new aggregate in ``tx`` (``owner``: the table that maintains it) and
-    return it, with the next id of the counter (META ``next_agg``).
+    """Write the definition of a new aggregate in ``tx`` (``owner``: the table that maintains it;
+    ``extractors``: the description of the definition a ChangeHandler registers it with) and return
+    it, with the next id of the counter (META ``next_agg``).
 
     An id is never reused, so a counter set back (a foreign writer, a META record restored from an
     old copy) would give the new aggregate the trees of an existing one, which it would then answer
@@ -823,7 +834,9 @@ def define_aggregate(
     definition: dict[str, Any] = {"id": agg_id, "values": list(fields), "node_size": node_size}
     if owner is not None:
         definition["table"] = owner
-    tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
+    if extractors is not None:
+        definition["extractors"] = dict(extractors)
+    tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition, datetime=True))
     return Aggregate(tx._db, name, agg_id, fields, node_size)
 
 

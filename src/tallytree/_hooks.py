@@ -23,7 +23,40 @@ tallytree transaction:
 
 A handler holds its definitions in memory (``aggregate()`` registers one, ``detach()`` forgets it; pass
 them again in each process), and registers them with the database too, where :func:`verify` and
-:func:`repair` find the extractors of an aggregate no table maintains (the definition registered last).
+:func:`repair` find the extractors of an aggregate no table maintains.
+
+Stored definitions. The functions live in the processes, but a description of each definition (that
+of ``_extract.describe_definition``: field names as given, functions by name and code fingerprint)
+is stored in the aggregate's own META record, under ``"extractors"`` (see ``_db``), so that two
+processes, or the old and new workers of a rolling deploy, cannot maintain one aggregate with two
+definitions, whose items would drift apart silently::
+
+    registration    stored record          what happens
+    ------------    -------------          ------------
+    any             no record              the aggregate is created with the description
+    D               no description         adopted: D is stored, the items kept (an aggregate of an
+                                           older release, or made by db.aggregate())
+    D               D                      nothing is written (a read transaction)
+    D               E                      SchemaMismatchError, nothing written, saying what differs
+    D, redefine     E (or none)            a new aggregate (a new id) with D, empty; the old trees
+                                           deleted, in one write transaction: repair() refills it
+    D, redefine     D                      nothing is written (so a deploy may run it again)
+
+Whether a registration writes is decided twice: in a read transaction, then, when something must be
+written, again in the write transaction, under the writer lock (another process may have registered
+meanwhile). Invariant: a description never changes under an aggregate id (a redefinition makes a new
+id; only an aggregate without one gets one: by adoption, or by ``Table.detach``, which stores the
+table's), so a handler whose aggregate is still the one stored under its name (``Aggregate._check``)
+still has the stored definition. ``apply``,
+``apply_many`` and the SQLAlchemy ``Sync`` check that for every registered aggregate before they
+extract anything (:func:`confirm_registered`), whether the change gives it an item or not: two
+attribute tests per aggregate while the backend's epoch stays (it moves when another process
+committed, or this one changed a definition), one META get per aggregate once it moved. A process
+that registered a definition since redefined elsewhere gets SchemaMismatchError (TransactionError
+for an aggregate dropped since), writing nothing: restart it with the new definition. A redefinition
+in this process marks the old ``Aggregate`` object gone before its commit, so another thread's
+handler is refused too. Processes of releases before this one neither store nor check descriptions:
+run this release everywhere before relying on it.
 
 The two stores commit separately, so a crash between them leaves drift. :func:`verify` recomputes what
 an aggregate should hold from a source of documents (a table, any iterable of rows, a DB-API cursor or
@@ -40,9 +73,12 @@ from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._aggregate import Aggregate, Item
+import msgpack
+
+from ._aggregate import Aggregate, Item, owned_reason
 from ._args import check_flag, iterator_of
 from ._btree import same_values
+from ._db import DEFAULT_NODE_SIZE, _check_fields, _check_name, _check_node_size, define_aggregate
 from ._extract import (
     Coord,
     Definition,
@@ -56,12 +92,13 @@ from ._extract import (
 )
 from ._gc import gc_paused
 from ._keys import _show, decode_entry, decode_key, encode_id
-from ._table import Table
+from ._table import Table, _drop_trees
 from ._tree import Tree
-from ._txn import Transaction, WriteTransaction, check_transaction
+from ._txn import DEFINITIONS, Transaction, WriteTransaction, check_transaction, decode_definition
 from .errors import (
     AggregateNotFoundError,
     ArgumentTypeError,
+    CorruptDatabaseError,
     DuplicateItemError,
     InvalidArgumentError,
     InvalidDocumentError,
@@ -183,16 +220,33 @@ class ChangeHandler:
         where: Where = None,
         node_size: int | None = None,
         on_missing: OnMissing = "error",
+        redefine: bool = False,
     ) -> Aggregate:
         """Open (or create) the aggregate ``name`` and register how documents map to its items.
 
-        The extractors are those of :meth:`tallytree.Table.aggregate`. The definition lives in this
-        handler (pass it again in each process); the aggregate's value fields and node size are fixed
-        at creation as usual. Registering the same definition again returns the aggregate; another
-        definition of a name this handler registers raises SchemaMismatchError, as a table does: the
-        aggregate holds the items of the first, so :meth:`detach` it first, then register the new
-        one and :func:`repair` from the source. O(1); creating the aggregate needs its own write
-        transaction, so call this before ``with db.write()``.
+        The extractors are those of :meth:`tallytree.Table.aggregate`. The functions live in this
+        handler (pass them again in each process), and a description of the definition (field names,
+        functions by name and code fingerprint) is stored with the aggregate, as a table stores
+        its own: registering the stored definition again, in any process or handler, returns the
+        aggregate (without writing); another one raises SchemaMismatchError, saying what differs,
+        since the aggregate holds the stored definition's items and other processes may still
+        maintain it with that one. An aggregate without a stored definition (made by
+        ``db.aggregate()`` or an older release) is adopted: the definition is stored, its items kept.
+        The value fields and node size are fixed at creation, as for ``db.aggregate()``.
+
+        ``redefine=True`` changes the definition: when the stored one differs (or none is stored),
+        the aggregate is emptied (made anew, under a new id: its old items followed the old
+        definition) and the new definition stored, in one write transaction; refill it from the
+        source with :func:`repair` (or ``build``). The value fields and node size may change too.
+        Processes still running the old definition are then refused (SchemaMismatchError, nothing
+        written) by their next ``apply``: stop them, or restart them with the new definition. When
+        the stored definition is the given one already, ``redefine=True`` changes nothing, so a
+        deploy may run it twice; yet keep it out of every worker's start-up, where an old worker
+        restarting with its own ``redefine=True`` would switch the aggregate back.
+
+        O(1) reads; writing (creating, adopting, redefining) needs its own write transaction, so
+        call this before ``with db.write()`` (TransactionError inside); redefining deletes the old
+        trees, O(nodes). Raises TransactionError for an aggregate a table maintains.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -205,10 +259,19 @@ class ChangeHandler:
         >>> with db.read() as tx:
         ...     paid.totals(tx)
         Totals(count=1, cents=300)
-        >>> hooks.aggregate("paid_by_day", key="week", values=("cents",))
+        >>> tallytree.ChangeHandler(db).aggregate("paid_by_day", key="week", values=("cents",))
         Traceback (most recent call last):
-        tallytree.errors.SchemaMismatchError: this handler registers aggregate 'paid_by_day' with ...
+        tallytree.errors.SchemaMismatchError: aggregate 'paid_by_day' is stored with another definition: ...
+
+        The migration: register the new definition once with ``redefine=True``, then refill:
+
+        >>> rows = [{"id": 1, "week": 1, "cents": 300}, {"id": 3, "week": 1, "cents": 50}]
+        >>> weekly = hooks.aggregate("paid_by_day", key="week", values=("cents",), redefine=True)
+        >>> with db.write() as tx:
+        ...     tallytree.repair(tx, weekly, rows).missing, weekly.totals(tx)
+        (2, Totals(count=2, cents=350))
         """
+        check_flag(redefine, "redefine")
         if isinstance(values, Mapping):
             specs: dict[str, Extractor] = dict(values)
         elif isinstance(values, str):
@@ -216,22 +279,13 @@ class ChangeHandler:
                 f"values= takes a sequence of field names, e.g. ({values!r},), not a str"
             )
         else:
-            specs = {name: name for name in values}
+            specs = {field: field for field in _check_fields(values)}
+        fields = _check_fields(tuple(specs))
+        _check_name(name, "an aggregate")
+        if node_size is not None:
+            _check_node_size(node_size)
         description = describe_definition(name, key, namespace, specs, where, on_missing)  # before creating
-        known = self._definitions.get(name)
-        if (
-            known is not None
-            and known.aggregate._dropped is None
-            and not same_description(known.description, description)
-        ):
-            raise SchemaMismatchError(
-                f"this handler registers aggregate {name!r} with another definition ({known!r}); to "
-                f"change it, detach it first (handler.detach({name!r})), register the new definition, "
-                "and repair the aggregate from the source (tallytree.repair)"
-            )
-        aggregate = self._db.aggregate(name, values=tuple(specs), node_size=node_size)
-        if aggregate._readonly_reason is not None:
-            raise TransactionError(aggregate._readonly_reason)
+        aggregate = _register(self._db, name, fields, node_size, description, redefine)
         definition = Definition(
             aggregate, key=key, namespace=namespace, values=specs, where=where, on_missing=on_missing
         )
@@ -244,15 +298,15 @@ class ChangeHandler:
         """Stop maintaining the aggregate ``name`` with this handler; return it.
 
         The counterpart of :meth:`aggregate`, as :meth:`tallytree.Table.detach` is of
-        ``table.aggregate()``: the aggregate keeps its items and definition in the database, and
+        ``table.aggregate()``: the aggregate keeps its items and its stored definition, and
         :meth:`apply` no longer touches it (changes already queued by an integration included). A
         handler never refuses an aggregate's own writes, so those stay allowed. :func:`verify` and
         :func:`repair` without ``definition=`` then no longer know its extractors, unless another
-        handler registered it since (with several handlers registering one name, they follow the
-        last ``aggregate()`` call; pass ``definition=`` to choose). To change a definition, detach
-        it, call :meth:`aggregate` with the new one and :func:`repair` from the source (or
-        ``db.drop_aggregate`` it after detaching, and register it afresh). O(a) for a registered
-        aggregates; needs no transaction. Raises AggregateNotFoundError.
+        handler of this process registered it since. Its items still follow the stored definition,
+        so registering it again takes that definition, or another one with ``redefine=True``
+        (which empties it, to :func:`repair` from the source); to retire it, ``db.drop_aggregate``
+        it after detaching. O(a) for a registered aggregates; needs no transaction. Raises
+        AggregateNotFoundError.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -379,6 +433,304 @@ def _writable(db: Database, tx: Transaction) -> WriteTransaction:
     return tx
 
 
+# ---------------------------------------------------------------- stored definitions
+
+_ROLES = ("key", "namespace", "values", "where", "on_missing")
+"""The parts of a stored description (``_extract.describe_definition``), in the order messages show them."""
+
+_Action = Literal["create", "adopt", "recreate"]
+
+
+def _register(
+    db: Database,
+    name: str,
+    fields: tuple[str, ...],
+    node_size: int | None,
+    description: dict[str, Any],
+    redefine: bool,
+) -> Aggregate:
+    """The aggregate ``name`` with ``description`` stored, after what :func:`_plan` says to write
+    (decided in a read transaction, then again in the write transaction if one is needed)."""
+    key = DEFINITIONS + name.encode()
+    with db.read() as tx:
+        record = tx.meta(key)
+        action = _plan(tx, name, record, fields, node_size, description, redefine)
+        if action is None or (action == "adopt" and getattr(db._backend, "readonly", False)):
+            assert record is not None
+            return _aggregate_of(db, tx, name, record)  # (read-only: nothing can be applied anyway)
+    if getattr(db._local, "writing", False):
+        raise TransactionError(
+            f"aggregate {name!r}: registering it {_WRITES[action]}, which needs its own write "
+            "transaction; call hooks.aggregate() before `with db.write()`, not inside"
+        )
+    undo: Callable[[], None] | None = None
+    try:
+        with db.write() as wtx:
+            record = wtx.meta(key)
+            action = _plan(wtx, name, record, fields, node_size, description, redefine)
+            if action is None:
+                assert record is not None
+                return _aggregate_of(db, wtx, name, record)
+            if action == "adopt":
+                assert record is not None
+                stored = decode_definition(name, record, wtx)
+                stored["extractors"] = description
+                wtx.set_meta(key, msgpack.packb(stored, datetime=True))
+                return _aggregate_of(db, wtx, name, record)
+            size = node_size or DEFAULT_NODE_SIZE
+            previous = None
+            if action == "recreate":
+                assert record is not None
+                previous = _aggregate_of(db, wtx, name, record)
+                _drop_trees(wtx, previous)
+                size = node_size or previous.node_size
+            aggregate = define_aggregate(wtx, name, fields, size, extractors=description)
+            undo = _replace(db, name, previous, aggregate)  # before the commit: see _replace
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    return aggregate
+
+
+_WRITES = {
+    "create": "creates it",
+    "adopt": (
+        "stores its definition with it (an aggregate without one: made by db.aggregate() or an older release)"
+    ),
+    "recreate": "with redefine=True empties it and stores the new definition",
+}
+
+
+def _plan(
+    tx: Transaction,
+    name: str,
+    record: bytes | None,
+    fields: tuple[str, ...],
+    node_size: int | None,
+    description: dict[str, Any],
+    redefine: bool,
+) -> _Action | None:
+    """What registering ``description`` must write, given the stored record of the aggregate: None
+    (nothing: it is stored already), or an action (see the module docstring). Raises
+    SchemaMismatchError for another definition without ``redefine``, TransactionError for an
+    aggregate a table maintains, CorruptDatabaseError for a damaged record. O(size of the record)."""
+    if record is None:
+        return "create"
+    stored = decode_definition(name, record, tx)
+    table = stored.get("table")
+    if table is not None:
+        raise TransactionError(owned_reason(name, table))
+    extractors = stored_extractors(name, record)
+    shape = _shape_differences(stored, fields, node_size)
+    if not shape and extractors is not None and same_description(extractors, description):
+        return None
+    if redefine:
+        return "recreate"
+    if shape:
+        raise SchemaMismatchError(
+            f"aggregate {name!r} is stored with {'; '.join(shape)}: they are fixed at creation. To "
+            f"change them, {_MIGRATION.format(name=name)}"
+        )
+    if extractors is None:
+        return "adopt"
+    raise SchemaMismatchError(
+        f"aggregate {name!r} is stored with another definition: {_differences(extractors, description)}. "
+        f"Its items follow the stored one, which other processes may still be running. To change it, "
+        f"{_MIGRATION.format(name=name)}"
+    )
+
+
+_MIGRATION = (
+    "stop the processes that register the stored definition, register the new one once with "
+    "handler.aggregate({name!r}, ..., redefine=True) (it empties the aggregate) and refill it from "
+    "the source: tallytree.repair(tx, aggregate, rows)"
+)
+
+
+def _shape_differences(
+    stored: Mapping[str, Any], fields: tuple[str, ...], node_size: int | None
+) -> list[str]:
+    """How the value fields and node size given differ from a stored aggregate's."""
+    found = []
+    if tuple(stored["values"]) != fields:
+        found.append(f"value fields {list(stored['values'])}, not {list(fields)}")
+    if node_size is not None and node_size != stored["node_size"]:
+        found.append(f"node_size={stored['node_size']}, not {node_size}")
+    return found
+
+
+def stored_extractors(name: str, record: bytes) -> dict[str, Any] | None:
+    """The description of the definition stored in an aggregate's META record (None when it has
+    none), in the form of ``describe_definition`` (datetimes as UTC datetimes). Call after
+    ``decode_definition`` accepted the record. Raises CorruptDatabaseError for one that is no
+    description. O(size of the record).
+
+    >>> import msgpack
+    >>> stored_extractors("a", msgpack.packb({"id": 1, "values": [], "node_size": 64}))
+    >>> record = {"id": 1, "values": [], "node_size": 64, "extractors": {"key": ["field", "day"],
+    ...           "namespace": None, "values": [], "where": None, "on_missing": "error"}}
+    >>> stored_extractors("a", msgpack.packb(record))["key"]
+    ['field', 'day']
+    """
+    try:
+        extractors = msgpack.unpackb(record, raw=False, timestamp=3).get("extractors")
+    except Exception as exc:  # (a timestamp beyond datetime's range, say)
+        raise _damaged_extractors(name, f"they do not decode ({type(exc).__name__}: {exc})") from exc
+    if extractors is None:
+        return None
+    if type(extractors) is not dict or sorted(extractors) != sorted(_ROLES):
+        raise _damaged_extractors(name, f"they are {_show(extractors)}, not a map of {list(_ROLES)}")
+    return extractors
+
+
+def _damaged_extractors(name: str, problem: str) -> CorruptDatabaseError:
+    return CorruptDatabaseError(
+        f"the definition of aggregate {name!r} (META record {DEFINITIONS + name.encode()!r}) is damaged: "
+        f"the extractors stored with it: {problem}; restore the database from a backup, or register "
+        f"the aggregate again with handler.aggregate({name!r}, ..., redefine=True) and repair it from "
+        "the source"
+    )
+
+
+def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], labels: str = "stored, given") -> str:
+    """The parts of two descriptions that differ, as written: ``key='day' stored, 'week' given``."""
+    first, second = labels.split(", ")
+    parts = []
+    for role in _ROLES:
+        was, now = stored.get(role), given.get(role)
+        if same_description(was, now):
+            continue
+        shown_was, shown_now = _show_part(role, was), _show_part(role, now)
+        if shown_was == shown_now:  # a function of the same name whose code differs
+            shown_now += " (other code)"
+        parts.append(f"{role}={shown_was} {first}, {shown_now} {second}")
+    return "; ".join(parts)
+
+
+def _show_part(role: str, part: Any) -> str:
+    """A part of a description as the extractor was written: ``'day'``, ``('org', 'day')``,
+    ``function stats.day_of``, ``{'total': 'total'}``."""
+    if role == "values" and isinstance(part, list):
+        return "{" + ", ".join(f"{field!r}: {_show_part('', spec)}" for field, spec in part) + "}"
+    if isinstance(part, list) and len(part) >= 2:
+        kind = part[0]
+        if kind == "field":
+            return repr(part[1])
+        if kind == "fields":
+            return repr(tuple(part[1]))
+        if kind == "equals":
+            return repr(part[1])
+        if kind == "function":
+            return f"function {part[1]}"
+    return repr(part)
+
+
+def _aggregate_of(db: Database, tx: Transaction, name: str, record: bytes) -> Aggregate:
+    """The database's object for the aggregate stored as ``record`` (a new one when the object it
+    holds is of an aggregate of that name dropped since)."""
+    agg_id = decode_definition(name, record, tx)["id"]
+    known = db._aggregates.get(name)
+    if known is None or known._id != agg_id or known._dropped is not None:
+        known = db._aggregate_from(name, record, tx)
+        db._aggregates[name] = known
+    return known
+
+
+def _replace(db: Database, name: str, previous: Aggregate | None, aggregate: Aggregate) -> Callable[[], None]:
+    """Make ``aggregate`` the database's object for ``name``, the ``previous`` one (redefined) gone,
+    before the write transaction that made it commits: a handler of another thread whose
+    transaction begins right after the commit would find the backend's epoch not moved yet (it
+    moves after the commit), and go on with the old definition. Returns what puts it back if the
+    commit fails."""
+    registered = db._aggregates.get(name)
+    dropped = previous._dropped if previous is not None else None
+
+    def undo() -> None:
+        if registered is None:
+            db._aggregates.pop(name, None)
+        else:
+            db._aggregates[name] = registered
+        if previous is not None:
+            previous._dropped = dropped
+
+    if previous is not None:
+        previous._dropped = f"aggregate {name!r} was redefined (handler.aggregate(..., redefine=True))"
+    db._aggregates[name] = aggregate
+    return undo
+
+
+def confirm_registered(tx: Transaction, definitions: Iterable[Definition]) -> None:
+    """Raise unless the aggregate of every definition a handler registered is still the one stored
+    under its name, so with that definition (see the module docstring): SchemaMismatchError when it
+    was redefined since, TransactionError when it was dropped. Called before anything is extracted
+    or written. Two attribute tests per definition while the backend's epoch stays, one META get
+    per aggregate when it moved. O(a) for a definitions.
+
+    >>> import tallytree
+    >>> db = tallytree.open_memory()
+    >>> old, new = tallytree.ChangeHandler(db), tallytree.ChangeHandler(db)
+    >>> _ = old.aggregate("by_day", key="day")
+    >>> _ = new.aggregate("by_day", key="week", redefine=True)
+    >>> with db.write() as tx:
+    ...     old.apply(tx, Change.insert(1, {"day": 3}))
+    Traceback (most recent call last):
+    tallytree.errors.SchemaMismatchError: aggregate 'by_day' was redefined after this handler ...
+    """
+    epoch = tx._epoch
+    for definition in definitions:
+        aggregate = definition.aggregate
+        if aggregate._epoch != epoch or aggregate._dropped is not None:
+            try:
+                aggregate._check(tx)
+            except TransactionError as exc:
+                if aggregate._dropped is None:  # (a transaction of another database, or ended)
+                    raise
+                raise not_registered(tx, definition) from exc
+
+
+def not_registered(tx: Transaction, definition: Definition) -> Exception:
+    """The error for a definition whose aggregate is no longer the one stored under its name."""
+    name = definition.name
+    record = tx.meta(DEFINITIONS + name.encode())
+    if record is None:
+        return TransactionError(
+            f"aggregate {name!r} was dropped after this handler registered it; nothing was written. "
+            f"Stop maintaining it (handler.detach({name!r})), or register it again "
+            f"(handler.aggregate({name!r}, ...)) to maintain a new aggregate of that name"
+        )
+    stored = decode_definition(name, record, tx)
+    table = stored.get("table")
+    if table is not None:
+        return TransactionError(
+            f"aggregate {name!r} was dropped after this handler registered it, and is now maintained "
+            f"by table {table!r}; nothing was written. Stop maintaining it: handler.detach({name!r})"
+        )
+    extractors = stored_extractors(name, record)
+    aggregate = definition.aggregate
+    if (
+        extractors is not None
+        and same_description(extractors, definition.description)
+        and not _shape_differences(stored, aggregate.fields, aggregate.node_size)
+    ):
+        return TransactionError(
+            f"aggregate {name!r} was dropped and created again with this handler's definition after "
+            f"this handler registered it; nothing was written. Register it again "
+            f"(handler.aggregate({name!r}, ...)) to maintain the new one"
+        )
+    differences = _shape_differences(stored, aggregate.fields, aggregate.node_size)
+    if extractors is None:
+        differences.insert(0, "no definition stored now")
+    elif not same_description(extractors, definition.description):
+        differences.insert(0, _differences(extractors, definition.description, "stored now, this handler's"))
+    return SchemaMismatchError(
+        f"aggregate {name!r} was redefined after this handler registered it (by another process, or "
+        f"another handler with redefine=True): {'; '.join(differences)}; nothing was written. This "
+        "process must not maintain it with the old definition: restart it with the new one (or "
+        f"register the new one: handler.aggregate({name!r}, ...))"
+    )
+
+
 # ---------------------------------------------------------------- batches of changes
 
 _Place = tuple[bytes, bytes]
@@ -409,6 +761,7 @@ def _apply_one(
     idempotent mode, every aggregate found not dropped) before anything is written."""
     if not isinstance(change, Change):
         raise ArgumentTypeError(f"apply() takes a Change, not {type(change).__name__}")
+    confirm_registered(tx, definitions)
     id_bytes = encode_id(change.id)
     plans: list[tuple[Aggregate, Coord | None, Coord | None]] = []
     for definition in definitions:
@@ -492,7 +845,7 @@ class _Batch:
     to it.
     """
 
-    __slots__ = ("aggregates", "alive", "count", "idempotent", "initial", "needs", "state", "tx")
+    __slots__ = ("aggregates", "alive", "confirmed", "count", "idempotent", "initial", "needs", "state", "tx")
 
     def __init__(self, tx: WriteTransaction, idempotent: bool) -> None:
         self.tx = tx
@@ -503,11 +856,16 @@ class _Batch:
         self.needs: list[_Need] = []
         self.aggregates: dict[bytes, Aggregate] = {}  # tree key -> its aggregate
         self.alive: set[int] = set()  # ids of the aggregates found not dropped
+        # id -> the sequences of definitions found still registered (kept: their ids stay theirs)
+        self.confirmed: dict[int, Sequence[Definition]] = {}
 
     def add(self, definitions: Sequence[Definition], change: Any) -> None:
         """Simulate one change (see :meth:`ChangeHandler.apply`). Raises its error."""
         if not isinstance(change, Change):
             raise ArgumentTypeError(f"apply() takes a Change, not {type(change).__name__}")
+        if id(definitions) not in self.confirmed:  # (each handler's, once per batch)
+            confirm_registered(self.tx, definitions)
+            self.confirmed[id(definitions)] = definitions
         doc_id, old_doc, new_doc = change.id, change.old, change.new
         id_bytes = encode_id(doc_id)
         moves: list[tuple[Aggregate, Coord | None, Coord | None]] = []

@@ -567,6 +567,9 @@ class Table:
     def detach(self, name: str) -> Aggregate:
         """Stop maintaining an aggregate; it keeps its items and becomes an ordinary, writable one.
 
+        Its definition stays stored with it, since its items follow it: a
+        :class:`~tallytree.ChangeHandler` may take it over with the same definition (another one
+        needs ``redefine=True``, which empties it).
         Needs its own write transaction (call it before ``with db.write()``). O(a) for a attached
         aggregates, whatever the number of items. Raises AggregateNotFoundError.
 
@@ -594,7 +597,12 @@ class Table:
             if stored is not None:
                 definition = decode_definition(name, stored, tx)
                 definition.pop("table", None)
-                tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition))
+                # its items follow the table's definition: a ChangeHandler registering another is
+                # refused without redefine=True (see _hooks)
+                described = decode_record(self.name, self._record)["aggregates"].get(name)
+                if described is not None:
+                    definition["extractors"] = described
+                tx.set_meta(DEFINITIONS + name.encode(), msgpack.packb(definition, datetime=True))
             record = self._definition_record({name: None})
             tx.set_meta(self._record_key, record)
         aggregate._set_owner(None)

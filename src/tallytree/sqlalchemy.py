@@ -53,7 +53,9 @@ when they reach tallytree:
   fails the flush, which rolls the SQL transaction back, instead of failing after the SQL commit. And
   it refuses (InvalidArgumentError) a flush writing a registered table through a class of another
   hierarchy (two classes mapped to one table): its rows are the registered class's rows, its events
-  are not;
+  are not. And it refuses a flush with changes for an aggregate redefined since the handler
+  registered it (SchemaMismatchError: another process, or another handler, registered another
+  definition with ``redefine=True``; see ``_hooks``): restart the process with the new definition;
 * ``after_soft_rollback`` (every rollback: of a SAVEPOINT, or of the whole transaction): the changes
   queued inside the rolled-back transaction (and the SAVEPOINTs in it) are dropped, so nothing reaches
   tallytree for a rolled-back transaction; a rolled-back SAVEPOINT drops only its own changes;
@@ -61,7 +63,8 @@ when they reach tallytree:
   once the database is closed, is refused (TransactionError) before anything is committed: the
   tallytree write that follows the SQL commit could not open. So is a commit (or, in ``after_flush``,
   a flush) with changes for an aggregate a handler still registers that ``db.drop_aggregate``
-  dropped in this process: ``handler.detach(name)`` first (the queued changes skip it then). A drop
+  dropped in this process: ``handler.detach(name)`` first (the queued changes skip it then), and one
+  with changes for an aggregate redefined since its handler registered it, by any process. A drop
   cannot be refused instead, as tables refuse it: handlers are plain objects with no close, so the
   database cannot tell a live handler from one the program let go of (a Sync's handlers live in
   reference cycles until the garbage collector runs);
@@ -196,9 +199,18 @@ from typing import TYPE_CHECKING, Any
 
 from ._args import check_flag
 from ._extract import Definition, Extractor, OnMissing, Where
-from ._hooks import Change, ChangeHandler, Drift, apply_changes, repair, verify
+from ._hooks import (
+    Change,
+    ChangeHandler,
+    Drift,
+    apply_changes,
+    confirm_registered,
+    not_registered,
+    repair,
+    verify,
+)
 from ._keys import encode_id
-from .errors import ArgumentTypeError, InvalidArgumentError, TransactionError
+from .errors import ArgumentTypeError, InvalidArgumentError, SchemaMismatchError, TransactionError
 
 if TYPE_CHECKING:
     from ._aggregate import Aggregate
@@ -563,6 +575,7 @@ class _ModelHandler(ChangeHandler):
         where: Where = None,
         node_size: int | None = None,
         on_missing: OnMissing = "error",
+        redefine: bool = False,
     ) -> Aggregate:
         """:meth:`tallytree.ChangeHandler.aggregate`, refusing first (ArgumentTypeError, with a hint)
         a column named as a key or namespace, or as a value field, whose type SQLAlchemy loads as
@@ -579,6 +592,7 @@ class _ModelHandler(ChangeHandler):
             where=where,
             node_size=node_size,
             on_missing=on_missing,
+            redefine=redefine,
         )
         # the definition given last is the one kept (also when it replaces an earlier one)
         registration.aware_keys = [pair for pair in registration.aware_keys if pair[0] != name] + aware
@@ -613,18 +627,26 @@ class _Flush:
 
 def _refuse_dropped(handler: ChangeHandler) -> None:
     """TransactionError for an aggregate the handler syncs that was dropped since (``db.drop_aggregate``
-    in this process): the tallytree write after the SQL commit would fail. Raised in the flush and
-    before the commit instead, while SQL can still roll back. O(aggregates of the handler)."""
+    in this process), SchemaMismatchError for one redefined since: the tallytree write after the SQL
+    commit would fail. Raised in the flush and before the commit instead, while SQL can still roll
+    back. O(aggregates of the handler)."""
     for definition in handler._definitions.values():
-        if definition.aggregate._dropped is not None:
+        gone = definition.aggregate._dropped  # "aggregate 'x' was dropped", or "... was redefined (...)"
+        if gone is not None:
+            db = handler._db
+            if not db._closed:  # redefined (by a handler of any process): say how
+                with db.read() as tx:
+                    error = not_registered(tx, definition)
+                if isinstance(error, SchemaMismatchError):
+                    raise error
             name = definition.name
             registration = getattr(handler, "_registration", None)
             model = registration.model.__name__ if registration is not None else "the class"
             raise TransactionError(
-                f"aggregate {name!r} was dropped (db.drop_aggregate) while the Sync still syncs {model} "
-                f"into it, so the tallytree write after the SQL commit would fail; stop syncing it "
-                f"before dropping it: handler.detach({name!r}) (changes queued already skip it then) or "
-                f"sync.unregister({model}); or register it again to sync into a new aggregate"
+                f"{gone} while the Sync still syncs {model} into it, so the tallytree write after the "
+                f"SQL commit would fail; stop syncing it first: handler.detach({name!r}) (changes "
+                f"queued already skip it then) or sync.unregister({model}); or register it again (with "
+                "the definition stored now) to sync into the new aggregate"
             )
 
 
@@ -1219,7 +1241,10 @@ class Sync:
     def _check_changes(self, changes: list[tuple[ChangeHandler, Change]]) -> None:
         """Extract the items of every change now, in the flush, so that a row the aggregates cannot
         take (a bad id, a naive datetime key, a Decimal value, a failing function) fails the flush,
-        which rolls the SQL transaction back, instead of failing after the SQL commit."""
+        which rolls the SQL transaction back, instead of failing after the SQL commit; so does an
+        aggregate dropped or redefined since its handler registered it (``confirm_registered``, in
+        a read transaction: attribute tests, or one META get per aggregate after another process's
+        commit)."""
         definitions: dict[ChangeHandler, list[Definition]] = {}
         try:
             for handler, change in changes:
@@ -1231,6 +1256,10 @@ class Sync:
                     for row in (change.old, change.new):
                         if row is not None:
                             definition.coordinates(row, change.id, id_bytes)
+            if not getattr(self._db, "_closed", False):  # (refused before the commit, with its words)
+                with self._db.read() as tx:  # redefined by another process since it was registered?
+                    for known in definitions.values():
+                        confirm_registered(tx, known)
         except Exception as exc:
             exc.add_note(
                 "tallytree.sqlalchemy: refused in the flush, before the SQL commit: roll the session "
@@ -1263,18 +1292,24 @@ class Sync:
         if session.in_nested_transaction():
             return
         queue = session.info.get(self._queue_key())
+        closed = getattr(self._db, "_closed", False)
+        writing = getattr(self._db._local, "writing", False)
         if queue:
             try:
-                for handler in dict.fromkeys(handler for _, handler, _ in queue):
+                handlers = list(dict.fromkeys(handler for _, handler, _ in queue))
+                for handler in handlers:
                     _refuse_dropped(handler)
-            except TransactionError as exc:
+                if not closed and not writing:  # redefined by another process: refused now too
+                    with self._db.read() as tx:
+                        for handler in handlers:
+                            confirm_registered(tx, handler._definitions.values())
+            except (TransactionError, SchemaMismatchError) as exc:
                 exc.add_note(
                     "tallytree.sqlalchemy: refused before the SQL commit (nothing was committed: the "
                     "session's transaction is still open)"
                 )
                 raise
-        closed = getattr(self._db, "_closed", False)
-        if not closed and not getattr(self._db._local, "writing", False):
+        if not closed and not writing:
             return
         pending = [*session.new, *session.dirty, *session.deleted]
         if not session.info.get(self._queue_key()) and not any(
