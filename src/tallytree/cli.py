@@ -39,6 +39,7 @@ import base64
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
 
 from . import __version__, _bulk, _db
-from ._aggregate import Aggregate, Item, Totals
+from ._aggregate import Aggregate, Item, Totals, _decode_cursor
 from ._btree import same_values
 from ._buckets import UNITS
 from ._check import check
@@ -80,6 +81,8 @@ from ._tree import Tree
 from ._txn import Transaction, WriteTransaction, decode_root, node_key
 from .errors import (
     AggregateNotFoundError,
+    BoundKeyTypeError,
+    BoundsError,
     CorruptDatabaseError,
     Error,
     SchemaMismatchError,
@@ -623,10 +626,19 @@ def _open_existing(path: str, *, write: bool = False) -> _db.Database:
     """Open an existing database, read-only unless ``write``; not found (4) when there is none at
     ``path``. Never creates anything."""
     directory = Path(path)
-    if not (directory / "data.mdb").exists() and (
-        not directory.exists() or (directory.is_dir() and not any(directory.iterdir()))
-    ):
-        raise _NotFound(f"no tallytree database at {path}")
+    if not (directory / "data.mdb").exists():
+        if not directory.exists():
+            raise _NotFound(f"no tallytree database at {path}")
+        if directory.is_dir():
+            # (a lock.mdb alone is what a creation killed before LMDB made data.mdb leaves: no data)
+            others = sorted(entry.name for entry in directory.iterdir() if entry.name != "lock.mdb")
+            if not others:
+                raise _NotFound(f"no tallytree database at {path}")
+            listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise _Failure(
+                f"{path} is a non-empty directory without a database in it (it holds {listed}): give "
+                "the directory of a tallytree database (the one that holds its data.mdb)"
+            )
     return _db.open(directory, readonly=not write, create=False)
 
 
@@ -1131,7 +1143,7 @@ class _Keys:
         kind = self.kind
         if kind is not None and kind != "auto" and not isinstance(value, tuple):
             if kind == "datetime":
-                return parse_datetime(value)
+                return _datetime_bound(value)
             if kind == "str":
                 return text
             if kind == "int":
@@ -1147,7 +1159,7 @@ class _Keys:
             and isinstance(value, str | int | float)
             and not isinstance(value, bool)
         ):
-            return parse_datetime(value)
+            return _datetime_bound(value)
         if isinstance(sample, tuple) and isinstance(value, tuple):
             return tuple(
                 self._shape(element, str(element), sample[index] if index < len(sample) else None)
@@ -1164,6 +1176,34 @@ class _Keys:
             return elements
         except ValueError as exc:
             raise _Failure(f"--prefix {text!r}: {exc}") from None
+
+
+_YEAR_OR_MONTH = re.compile(r"\s*([0-9]{4})(0[1-9]|1[0-2])?\s*\Z")
+
+
+def _datetime_bound(value: Any) -> datetime:
+    """A datetime bound from a value given on the command line (``parse_datetime``), refusing four
+    digits, or six that form a year and a month (``2025``, ``202502``): people type them for a year or
+    a month, which epoch seconds would silently turn into the first minutes of 1970, so that ``--lt
+    2025`` counted nothing. The error says what to type for either meaning. O(len(value)).
+
+    >>> _datetime_bound(20250101).isoformat(), _datetime_bound(2025.0).isoformat()
+    ('2025-01-01T00:00:00+00:00', '1970-01-01T00:33:45+00:00')
+    >>> _datetime_bound(2025)
+    Traceback (most recent call last):
+    ValueError: 2025 would read as epoch seconds (1970-01-01T00:33:45+00:00), not as the year 2025: ...
+    """
+    match = _YEAR_OR_MONTH.match(str(value)) if type(value) in (int, str) else None
+    if match is None:
+        return parse_datetime(value)
+    year, month = match.group(1), match.group(2)
+    digits = year + (month or "")
+    meant = f"the month {year}-{month}" if month else f"the year {year}"
+    start = f"{year}-{month or '01'}-01"
+    raise ValueError(
+        f"{digits} would read as epoch seconds ({parse_datetime(int(digits)).isoformat()}), not as {meant}: "
+        f"for {meant} give {start} (or {start.replace('-', '')}), for that epoch time {digits}.0"
+    )
 
 
 def _namespace_value(text: str | None, option: str = "--namespace") -> Any:
@@ -1247,7 +1287,10 @@ def _query(args: argparse.Namespace) -> int:
                     bounds[name] = keys.read(f"--{name}", text)
             if args.prefix is not None:
                 bounds["prefix"] = keys.prefix(args.prefix)
-            document, lines = _answer(args, aggregate, tx, keys, bounds, fields)
+            try:
+                document, lines = _answer(args, aggregate, tx, keys, bounds, fields)
+            except BoundKeyTypeError as exc:
+                raise _Failure(_bound_type_message(args, keys, sample.key if sample else None, exc)) from None
             if args.namespace is None and sample is None and next(aggregate.namespaces(tx), None) is not None:
                 hint = f"list them with: tallytree namespaces DB {args.aggregate}"
                 print(
@@ -1301,6 +1344,14 @@ def _answer(
         return _buckets(args, aggregate, tx, keys, bounds, fields)
     if args.limit < 1:
         raise _Usage("--limit must be at least 1")
+    if args.after is not None:
+        try:
+            _decode_cursor(args.after)
+        except BoundsError:
+            raise _Failure(
+                f"--after {args.after!r} is not a cursor: give the one the previous page printed (its "
+                "last line, '# more: --after CURSOR', or its \"cursor\" with --json)"
+            ) from None
     page = aggregate.page(tx, after=args.after, limit=args.limit, reverse=args.reverse, **bounds)
     lines = [_item_line(item, fields) for item in page.items]
     if not page.done:
@@ -1311,6 +1362,86 @@ def _answer(
         "done": page.done,
     }
     return document, lines
+
+
+def _kind(value: Any) -> str:
+    """What a key is, in the command line's words: the class a bound must share with the keys."""
+    if isinstance(value, tuple):
+        return f"an array whose first element is {_kind(value[0])}" if value else "an empty array"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "text", bytes: "bytes", datetime: "a datetime"}.get(type(value), type(value).__name__)
+
+
+def _fits_second(keys: _Keys, value: Any, sample: tuple[Any, ...]) -> bool:
+    """Whether ``value`` reads as the second element of keys like ``sample`` (a datetime typed bare
+    over ``(status, ts)`` keys), rather than as their first."""
+    if len(sample) < 2 or _kind(sample[1]) == _kind(sample[0]):
+        return False
+    try:
+        return _kind(keys._shape(value, str(value), sample[1])) == _kind(sample[1])
+    except ValueError:
+        return False
+
+
+def _bound_type_message(args: argparse.Namespace, keys: _Keys, sample: Any, exc: BoundKeyTypeError) -> str:
+    """The library's BoundKeyTypeError (a bound of another type than every key), said for the command
+    line: which option, what it read as, and how to type it (a JSON array for tuple keys, JSON quotes
+    for text that reads as a number), rather than Python's ``ge=(first, value)``."""
+    given = [(f"--{name}", getattr(args, name)) for name in ("ge", "gt", "le", "lt", "eq", "prefix")]
+    if args.op == "rank":
+        given.append(("KEY", args.arg))
+    if args.op == "buckets":
+        given.append(("--start", args.start))
+    where = "the default namespace"
+    if args.namespace is not None:
+        where = f"namespace {_show(_namespace_value(args.namespace))}"
+    for option, text in given:
+        if text is None:
+            continue
+        value = keys.prefix(text) if option == "--prefix" else keys.read(option, text)
+        if _kind(value) == _kind(sample):
+            continue
+        shown = "" if option == "KEY" else f"{option} "  # (the KEY of rank is typed bare)
+        if option == "--prefix" and not isinstance(sample, tuple):
+            hint = (
+                "--prefix selects array keys by their first elements; bound these with --ge, --gt, --le, "
+                "--lt or --eq"
+            )
+        elif option == "--prefix" and sample:
+            head = json.dumps([sample[0]], default=_jsonable, ensure_ascii=False)
+            hint = f"give the first elements as the keys have them, e.g. --prefix {shlex.quote(head)}"
+        elif isinstance(sample, tuple) and sample:
+            if (
+                not isinstance(value, tuple)
+                and _kind(value) == _kind(sample[0])
+                and not _fits_second(keys, value, sample)
+            ):
+                first, rest = value, list(sample[1:])  # the first element alone: show the whole shape
+            else:
+                first, rest = sample[0], list(value[1:]) if isinstance(value, tuple) else [value]
+            head = json.dumps([first], default=_jsonable, ensure_ascii=False)
+            array = json.dumps([first, *rest], default=_jsonable, ensure_ascii=False)
+            hint = (
+                f"give an array, e.g. {shown}{shlex.quote(array)}, or --prefix {shlex.quote(head)} for "
+                f"every key whose first element is {_show(first)}"
+            )
+        elif isinstance(sample, str):
+            quoted = shlex.quote(json.dumps(text, ensure_ascii=False))
+            hint = f"values that read as JSON are JSON, so quote the text: {shown}{quoted}"
+        else:
+            hint = f"give {_kind(sample)}"
+        if keys.kind not in (None, "auto"):
+            hint += f" (--key-type {keys.kind} read it so: leave it out to read bounds like the keys)"
+        return (
+            f"{args.aggregate}: {option} {text!r} reads as {_kind(value)}, but every key in {where} is "
+            f"{_kind(sample)}; values of different types "
+            "compare by their type (null < booleans < numbers < text < bytes < datetimes < arrays), not "
+            f"by value, so it would select every key or none: {hint}"
+        )
+    return str(exc)
 
 
 def _buckets(
