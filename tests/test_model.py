@@ -535,7 +535,8 @@ class AggregateMachine(RuleBasedStateMachine):
                 share = data.draw(st.sampled_from([0.1, 0.5, 0.9, 1.0]))
                 chosen = [(row.key, row.id) for row in stored if data.draw(st.floats(0, 1)) < share]
             for _ in range(data.draw(st.integers(0, 2))):
-                pair = (data.draw(keys), data.draw(ids)) if not chosen or data.draw(st.booleans()) else chosen[0]
+                again = chosen and data.draw(st.booleans())  # an item given twice, or any (key, id)
+                pair = chosen[0] if again else (data.draw(keys), data.draw(ids))
                 chosen.insert(data.draw(st.integers(0, len(chosen))), pair)
             as_items = data.draw(st.booleans())
             return kind, {

@@ -1899,13 +1899,13 @@ class Aggregate:
         ItemNotFoundError naming the first one in input order and removes nothing, ``"skip"``
         passes over it, as :meth:`discard` does.
 
-        The items are looked up first, then removed in one pass down the tree
-        (``Tree.delete_sorted``): each touched leaf is copied once and loses all its items at once,
-        a subtree that loses every item is dropped without reading its leaves, and underfull nodes
-        are merged or refilled once, bottom-up. Removing items one by one rewrites and rebalances a
-        path per item. O(m log m + m log n) for ``m`` items: their lookups, plus the pass, which
-        writes O(t log_B n) nodes for ``t`` touched leaves. The cyclic garbage collector is paused
-        during the call (see ``_gc``).
+        The items are looked up in one pass down the tree, then removed in another
+        (``Tree.find_sorted``, ``Tree.delete_sorted``): each touched leaf is searched once and loses
+        all its items at once, in its stored bytes, a subtree that loses every item is dropped by
+        id, and underfull nodes are merged or refilled once, bottom-up. Removing items one by one
+        rewrites and rebalances a path per item. O(m log m + t log B + m) for ``m`` items in ``t``
+        leaves, writing O(t log_B n) nodes. The cyclic garbage collector is paused during the call
+        (see ``_gc``).
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -1933,17 +1933,22 @@ class Aggregate:
             return 0
         with gc_paused():
             order = sort_order(entries)  # stable: of equal items, the first given comes first
-            tree, tree_key = self._tree(wtx, namespace)
-            found: list[bytes] = []
+            unique: list[bytes] = []
             absent: list[int] = []  # input positions of items not there (or there once, given twice)
+            firsts: list[int] = []
             previous = None
             for at in order:
                 entry = entries[at]
-                if entry == previous or tree.find(entry) is None:
+                if entry == previous:
                     absent.append(at)
                 else:
-                    found.append(entry)
+                    unique.append(entry)
+                    firsts.append(at)
                 previous = entry
+            tree, tree_key = self._tree(wtx, namespace)
+            values, edits = tree.find_sorted(unique)
+            found = [entry for entry, held in zip(unique, values, strict=True) if held is not None]
+            absent += [at for at, held in zip(firsts, values, strict=True) if held is None]
             if absent and missing == "error":
                 first = min(absent)
                 key, item_id, _ = self._unpack_item(batch[first])
@@ -1956,7 +1961,7 @@ class Aggregate:
                     f"{hint}; nothing was removed (missing='skip' passes over absent items)",
                 )
             if found:
-                tree.delete_sorted(found)
+                tree.delete_sorted(found, edits)
                 self._save(wtx, tree_key, tree)
         return len(found)
 

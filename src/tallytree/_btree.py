@@ -260,6 +260,10 @@ _INSERT_EACH = 16
 """Up to this many new entries are inserted into a leaf one by one; more are merged in one sort."""
 
 
+Edits = dict[int, tuple[bytes, list[int]]]
+"""Leaves with entries removed in their stored bytes, by leaf id: (new bytes, the entries' summary)."""
+
+
 class _Path(Enum):
     DECODED = 0
     """What ``NodeTree._insert_stored`` returns for an insert it leaves to the decoded path."""
@@ -1438,9 +1442,96 @@ class NodeTree:
         self._repair_after_range(start)
         return removed
 
-    def remove_sorted(self, entries: list[bytes]) -> list[int]:
+    def find_sorted(self, entries: list[bytes]) -> tuple[list[tuple[Any, ...] | None], Edits]:
+        """The values of each of ``entries`` (strictly ascending; None for one not in the tree), and
+        what removing those found does to each leaf that holds some: the leaf's stored bytes without
+        them and their summary, by the leaf's id, for :meth:`remove_sorted`.
+
+        One pass down the tree for the batch, each touched node read once, and with the C kernels
+        each touched leaf searched in its stored bytes (``leaf_edit``, which removes the entry it
+        finds from a copy), so the removal that follows is already made; a leaf this transaction
+        changed, or one the kernels leave to Python, is searched decoded (no edit). A lookup per
+        entry (``find``) goes through the node cache once per level: 50,000 of them took a third of
+        a batch removal. O(t log B + m) for ``m`` entries in ``t`` leaves.
+        """
+        found: list[tuple[Any, ...] | None] = [None] * len(entries)
+        edits: Edits = {}
+        if self.root is not None and entries:
+            self._find_below(
+                self.access.node(self.root.node_id), self.root.height, entries, 0, len(entries), found, edits
+            )
+        return found, edits
+
+    def _find_below(
+        self,
+        node: Node,
+        height: int,
+        entries: list[bytes],
+        lo: int,
+        hi: int,
+        found: list[tuple[Any, ...] | None],
+        edits: Edits,
+    ) -> None:
+        if node.leaf != (height == 1):
+            raise _misplaced(node, height)
+        keys = node.keys
+        if height == 1:
+            at = 0
+            for index in range(lo, hi):
+                at = bisect_left(keys, entries[index], at)
+                if at < len(keys) and keys[at] == entries[index]:
+                    found[index] = tuple(col[at] for col in node.cols)
+            return
+        access = self.access
+        last = len(keys) - 1
+        child = 0
+        at = lo
+        while at < hi:
+            child = bisect_right(keys, entries[at], child) - 1
+            if child < 0:  # below the node's own fence: only damaged keys send an entry there
+                raise _damaged(node, "its first key is above entries its parent sends to it")
+            stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+            kid = node.kids[child]
+            if height > 2 or not self._find_stored(kid, entries, at, stop, found, edits):
+                self._find_below(access.node(kid), height - 1, entries, at, stop, found, edits)
+            at = stop
+
+    def _find_stored(
+        self,
+        kid: int,
+        entries: list[bytes],
+        lo: int,
+        hi: int,
+        found: list[tuple[Any, ...] | None],
+        edits: Edits,
+    ) -> bool:
+        """:meth:`_find_below` for leaf ``kid`` in its stored bytes; False, finding nothing, when the
+        decoded leaf must be searched instead. O(B) per entry."""
+        if speedups is None:
+            return False
+        data = self.access.stored(kid)
+        if data is None:  # a leaf this transaction changed: its lists
+            return False
+        nfields = self.nfields
+        removed: list[tuple[Any, ...]] = []
+        for index in range(lo, hi):
+            edited = speedups.leaf_edit(data, entries[index], None, nfields)
+            if edited is None:  # not there
+                continue
+            if type(edited) is not tuple:  # a leaf or value the kernel leaves to Python
+                found[lo:hi] = [None] * (hi - lo)
+                return False
+            data, old, _ = edited
+            found[index] = old
+            removed.append(old)
+        if removed:
+            columns = [list(col) for col in zip(*removed, strict=True)] if nfields else []
+            edits[kid] = (data, summarize(len(removed), columns))
+        return True
+
+    def remove_sorted(self, entries: list[bytes], edits: Edits | None = None) -> list[int]:
         """Remove entries given in strictly ascending order, each of them in the tree (the caller
-        found them); return their summary.
+        found them, with :meth:`find_sorted`, whose ``edits`` this takes); return their summary.
 
         One pass down the tree for the whole batch, as :meth:`merge_sorted` goes: the entries are
         split among the children of each node (two bisections per touched child), each touched leaf
@@ -1468,12 +1559,14 @@ class NodeTree:
         if root.height == 1:
             removed = self._remove_from_leaf(node, entries, 0, len(entries))
         else:
-            removed = self._remove_below(node, root.height, entries, 0, len(entries))
+            removed = self._remove_below(node, root.height, entries, 0, len(entries), edits or {})
         root.summary = vsub(root.summary, removed)
         self._shrink_root()
         return removed
 
-    def _remove_below(self, node: Node, height: int, entries: list[bytes], lo: int, hi: int) -> list[int]:
+    def _remove_below(
+        self, node: Node, height: int, entries: list[bytes], lo: int, hi: int, edits: Edits
+    ) -> list[int]:
         """Remove ``entries[lo:hi]`` (all present, none the whole subtree) below a mutable internal
         ``node`` heading a subtree of height ``height``; return their summary. Touched children left
         underfull are fixed before returning; ``node`` itself may be left underfull (its parent
@@ -1485,7 +1578,9 @@ class NodeTree:
         last = len(keys) - 1
         removed = self.zero()
         touched: list[int] = []  # children changed (kept), by their index before any is dropped
+        parts: list[list[int]] = []  # what each of them lost
         dropped: list[int] = []  # children whose every entry goes
+        counts, shift = node.cols[0], node.shifts[0]
         child = 0
         at = lo
         while at < hi:
@@ -1493,13 +1588,12 @@ class NodeTree:
             if child < 0:  # below the node's own fence: only damaged keys send an entry there
                 raise _damaged(node, "its first key is above entries its parent sends to it")
             stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
-            summary = node.child(child)
-            if stop - at >= summary[0]:
+            if stop - at >= counts[child] << shift:
                 self._free_subtree(node.kids[child], height - 1)
                 dropped.append(child)
-                part = summary
+                part = node.child(child)
             else:
-                edited = self._remove_stored(node, child, entries, at, stop) if height == 2 else None
+                edited = self._remove_stored(node, child, entries, at, stop, edits) if height == 2 else None
                 if edited is not None:
                     part = edited
                 else:
@@ -1508,11 +1602,13 @@ class NodeTree:
                     if height == 2:
                         part = self._remove_from_leaf(kid, entries, at, stop)
                     else:
-                        part = self._remove_below(kid, height - 1, entries, at, stop)
-                node.add(child, _negate(part))
+                        part = self._remove_below(kid, height - 1, entries, at, stop, edits)
                 touched.append(child)
+                parts.append(_negate(part))
             removed = vadd(removed, part)
             at = stop
+        if touched:  # one rescale per column for all of them
+            node.add_columns(touched, [list(column) for column in zip(*parts, strict=True)])
         if dropped:
             fence = keys[0]
             for index in reversed(dropped):
@@ -1559,7 +1655,7 @@ class NodeTree:
             raise AssertionError("tallytree bug: refilling the tree after delete_many did not end")
 
     def _remove_stored(
-        self, parent: Node, child: int, entries: list[bytes], lo: int, hi: int
+        self, parent: Node, child: int, entries: list[bytes], lo: int, hi: int, edits: Edits
     ) -> list[int] | None:
         """Remove ``entries[lo:hi]`` (all present, not all of the leaf) from leaf ``child`` of a mutable
         ``parent`` in the leaf's stored bytes (the C kernel ``leaf_edit``, as a single delete goes),
@@ -1567,6 +1663,10 @@ class NodeTree:
         or for a leaf they leave to the decoded path (one this transaction changed, or values they
         do not take): the leaf is then not decoded, copied and encoded again for a few removals,
         and only a leaf left underfull is decoded (by :meth:`_refill`). O(B) per entry."""
+        made = edits.pop(parent.kids[child], None)  # the lookup made it already
+        if made is not None:
+            (parent.kids[child],) = self.access.replace_stored([parent.kids[child]], [made[0]])
+            return made[1]
         if speedups is None:
             return None
         data = self.access.stored(parent.kids[child])

@@ -971,14 +971,11 @@ class _Batch:
             if len(removals) < _MERGE_AT:
                 for entry in removals:
                     tree.delete(entry)
-            else:  # one pass down the tree, of the items there (a strict batch checked most of them)
+            else:  # one pass down the tree to find them (an idempotent batch names absent ones too)
                 removals.sort()
-                held = [
-                    entry
-                    for entry in removals
-                    if (strict and initial.get((tree_key, entry)) is not None) or tree.find(entry) is not None
-                ]
-                tree.delete_sorted(held)
+                found, edits = tree.find_sorted(removals)
+                held = [entry for entry, there in zip(removals, found, strict=True) if there is not None]
+                tree.delete_sorted(held, edits)
             items.sort(key=itemgetter(0))
             if _one_by_one(tree, items):
                 for entry, values in items:

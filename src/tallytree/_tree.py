@@ -73,7 +73,7 @@ from collections.abc import Iterator
 from itertools import chain
 from typing import Any
 
-from ._btree import Cut, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
+from ._btree import Cut, Edits, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
 from ._native import speedups
 from ._node import Node, delta_of, summarize
 from .errors import CorruptDatabaseError
@@ -502,15 +502,31 @@ class Tree:
             return values
         return self.nodes.delete(entry)
 
-    def delete_sorted(self, entries: list[bytes]) -> list[int]:
-        """Remove entries given in strictly ascending order, each of them in the tree (the caller found
-        them, with :meth:`find`); return their summary. Those at or after the first pending entry
-        are pending (the invariant) and leave the pending node in one pass; the others leave the
-        nodes in one pass down the tree (:meth:`NodeTree.remove_sorted`). O(t log B + m) for ``m``
-        entries in ``t`` leaves."""
+    def find_sorted(self, entries: list[bytes]) -> tuple[list[tuple[Any, ...] | None], Edits]:
+        """The values of each of ``entries`` (strictly ascending; None for one not in the tree), and
+        the leaf edits that removing them makes (see :meth:`NodeTree.find_sorted`), for
+        :meth:`delete_sorted`. Entries at or after the first pending one are looked up among the
+        pending entries (the invariant). O(t log B + m) for ``m`` entries in ``t`` leaves."""
         pending = self.pending
         cut = len(entries) if pending is None else bisect_left(entries, pending.keys[0])
-        removed = self.nodes.remove_sorted(entries[:cut]) if cut else self.zero()
+        found, edits = self.nodes.find_sorted(entries[:cut])
+        if cut < len(entries):
+            assert pending is not None
+            keys, cols = pending.keys, pending.cols
+            for entry in entries[cut:]:
+                at = bisect_left(keys, entry)
+                found.append(tuple(col[at] for col in cols) if at < len(keys) and keys[at] == entry else None)
+        return found, edits
+
+    def delete_sorted(self, entries: list[bytes], edits: Edits | None = None) -> list[int]:
+        """Remove entries given in strictly ascending order, each of them in the tree (the caller found
+        them, with :meth:`find_sorted`, whose ``edits`` this takes); return their summary. Those at
+        or after the first pending entry are pending (the invariant) and leave the pending node in
+        one pass; the others leave the nodes in one pass down the tree
+        (:meth:`NodeTree.remove_sorted`). O(t log B + m) for ``m`` entries in ``t`` leaves."""
+        pending = self.pending
+        cut = len(entries) if pending is None else bisect_left(entries, pending.keys[0])
+        removed = self.nodes.remove_sorted(entries[:cut], edits) if cut else self.zero()
         if cut < len(entries):
             assert pending is not None
             keys = pending.keys
