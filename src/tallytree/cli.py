@@ -2124,27 +2124,39 @@ class _Drift:
         self.examples[kind].append(example)
 
     def repair(self, tx: WriteTransaction) -> int:
-        """Make the writes found by :meth:`compare`, namespace by namespace in key order: a delete
-        per extra item, the missing and different items upserted in batches. Returns the number of
-        items written or removed. O(d log n) for d items of drift, in O(batch) memory."""
+        """Make the writes found by :meth:`compare`, namespace by namespace in key order: the extra
+        items removed and the missing and different ones upserted, in batches (``delete_many``,
+        ``insert_many``). Returns the number of items written or removed. O(d log n) for d items
+        of drift, in O(batch) memory."""
         assert self.repairs is not None
-        aggregate = self.aggregate
         changed = 0
         for encoded, writes in groupby(self.repairs, itemgetter(0)):
             namespace = decode_key(encoded)[0]
             upserts: list[tuple[Any, Any, tuple[Any, ...]]] = []
+            extras: list[tuple[Any, Any]] = []
             for _, entry, values in writes:
                 key, offset = decode_key(entry)
                 item_id = decode_key(entry, offset)[0]
-                if values is None:
-                    changed += aggregate.discard(tx, key, item_id, namespace=namespace)
-                    continue
-                upserts.append((key, item_id, values))
-                if len(upserts) >= _REPAIR_BATCH:
-                    changed += aggregate.insert_many(tx, upserts, namespace=namespace, on_duplicate="update")
-                    upserts = []
-            if upserts:
-                changed += aggregate.insert_many(tx, upserts, namespace=namespace, on_duplicate="update")
+                batch: list[Any] = extras if values is None else upserts
+                batch.append((key, item_id) if values is None else (key, item_id, values))
+                if len(batch) >= _REPAIR_BATCH:
+                    changed += self._write(tx, namespace, extras, upserts)
+                    extras, upserts = [], []
+            changed += self._write(tx, namespace, extras, upserts)
+        return changed
+
+    def _write(
+        self,
+        tx: WriteTransaction,
+        namespace: Any,
+        extras: list[tuple[Any, Any]],
+        upserts: list[tuple[Any, Any, tuple[Any, ...]]],
+    ) -> int:
+        """One batch of :meth:`repair`: the extras removed, then the upserts. Returns how many."""
+        aggregate = self.aggregate
+        changed = aggregate.delete_many(tx, extras, namespace=namespace, missing="skip") if extras else 0
+        if upserts:
+            changed += aggregate.insert_many(tx, upserts, namespace=namespace, on_duplicate="update")
         return changed
 
 
