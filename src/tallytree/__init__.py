@@ -14,6 +14,7 @@ Layers, each importing only the ones below it::
     _txn          read / write transactions, the copy-on-write overlay
     _btree        the order-statistic B+ tree of counts and exact sums (no storage code)
     _node         node layout, exact summaries, byte format
+    _docs         what a document holds: numpy and pandas values stored as the Python ones
     _keys         order-preserving key encoding
     _store        the three-table storage interface, node cache, in-memory backend
     _lmdb         the LMDB backend

@@ -71,7 +71,7 @@ from itertools import compress, islice
 from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Literal, final
 
-from ._args import ITEMS, check_flag, flag_error, iterator_of
+from ._args import ITEMS, as_int, check_flag, flag_error, iterator_of
 from ._btree import Root, same_values, vsub
 from ._buckets import Bucket, bucket_edges
 from ._bulk import (
@@ -1056,7 +1056,9 @@ class Aggregate:
     ) -> Item:
         """The item at 0-based ``index`` within the bounds; negative indexes count from the end.
 
-        O(log n). Raises OutOfRangeError (an IndexError) when there is no such item.
+        ``index`` is an int, or what stands for one (a numpy integer); a bool or a float raises
+        ArgumentTypeError, as every int argument's does (``limit=``, ``buckets(count=)``...). O(log n).
+        Raises OutOfRangeError (an IndexError) when there is no such item.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -1068,8 +1070,8 @@ class Aggregate:
         ...     latency.at(tx, 2).key, latency.at(tx, -1).key
         (33, 95)
         """
-        if type(index) is not int:
-            raise ArgumentTypeError(f"index must be an int, not {type(index).__name__}")
+        if type(index) is not int:  # (a numpy integer: its int)
+            index = as_int(index, f"index must be an int, not {type(index).__name__}")
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
         start, stop = self._range(tree, bounds)
@@ -1222,7 +1224,8 @@ class Aggregate:
     ) -> Item | None:
         """A uniformly random item within the bounds, or None if there is none. O(log n).
 
-        ``rng`` is a ``random.Random`` or a seed, for reproducible draws.
+        ``rng`` is a ``random.Random`` or a seed (a numpy integer seeds as its int), for reproducible
+        draws.
 
         >>> import tallytree
         >>> db = tallytree.open_memory()
@@ -1245,9 +1248,12 @@ class Aggregate:
                     "pass an int, a str or a finite float"
                 )
             generator = _random.Random(rng)
-        else:
-            raise ArgumentTypeError(
-                f"rng= takes a random.Random or a seed (an int, float, str or bytes), not {_show(rng)}"
+        else:  # a numpy integer seeds as its int
+            generator = _random.Random(
+                as_int(
+                    rng,
+                    f"rng= takes a random.Random or a seed (an int, float, str or bytes), not {_show(rng)}",
+                )
             )
         bounds = resolve_bounds(ge, gt, le, lt, prefix, eq)
         tree = self._reader(tx, namespace)
@@ -1371,8 +1377,8 @@ class Aggregate:
         >>> [i.key for i in first.items], [i.key for i in second.items], second.done
         ([0, 1, 2], [3, 4], True)
         """
-        if type(limit) is not int:
-            raise BoundsTypeError(f"limit must be a positive int, not {_show(limit)}")
+        if type(limit) is not int:  # (a numpy integer: its int)
+            limit = as_int(limit, f"limit must be a positive int, not {_show(limit)}", BoundsTypeError)
         if limit < 1:
             raise BoundsError(f"limit must be a positive int, not {_show(limit)}")
         check_flag(reverse, "reverse")
@@ -1456,8 +1462,10 @@ class Aggregate:
         self._check(tx)
         check_flag(reverse, "reverse")
         if limit is not None:
-            if type(limit) is not int:
-                raise BoundsTypeError(f"limit must be a positive int or None, not {_show(limit)}")
+            if type(limit) is not int:  # (a numpy integer: its int)
+                limit = as_int(
+                    limit, f"limit must be a positive int or None, not {_show(limit)}", BoundsTypeError
+                )
             if limit < 1:
                 raise BoundsError(f"limit must be a positive int or None, not {_show(limit)}")
         for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("eq", eq)):
@@ -2046,7 +2054,8 @@ class Aggregate:
         keys are tuples and each edge ``e`` means the key ``(p, ..., e)``: buckets over the last
         element within one prefix (e.g. per day within ``("open",)``).
 
-        The first edge is ``start`` itself, as given (its ``fold`` too). Widths:
+        The first edge is ``start`` itself, as given (its ``fold`` too; a numpy number is the Python
+        number it holds, as in ``width`` and ``edges``, and ``count`` may be a numpy integer). Widths:
 
         * Numeric keys (epoch seconds, amounts) take a number. An int start with an int width, or
           with a whole float width (``1e9`` on epoch nanoseconds), gives exact int edges; otherwise

@@ -1,14 +1,23 @@
-"""Checks of arguments shared by the public entry points: typed errors instead of raw ones."""
+"""Checks of arguments shared by the public entry points: typed errors instead of raw ones.
+
+Integer arguments (an index, ``limit=``, ``count=``, ``node_size=``, ``map_size=``, ``memory=``...)
+take an int or anything that stands for one through ``__index__`` (numpy's integers, an
+``IntEnum``), never a bool (an int subclass, but ``limit=True`` is a mistake) or a float, even a
+whole one. Each entry point tests ``type(value) is int`` itself, so the common case costs one
+identity test, and calls :func:`as_int` only for any other type: it gives the plain int or raises
+the error the caller names, with the caller's message (:func:`int_of` gives None instead).
+"""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from ._keys import _show
 from .errors import ArgumentTypeError
 
-__all__ = ["ITEMS", "check_flag", "flag_error", "iterator_of"]
+__all__ = ["ITEMS", "as_int", "check_flag", "flag_error", "int_of", "iterator_of"]
 
 T = TypeVar("T")
 
@@ -39,6 +48,39 @@ def check_flag(value: object, name: str) -> None:
     """
     if value is not True and value is not False:
         raise flag_error(name, value)
+
+
+def int_of(value: object) -> int | None:
+    """The plain int that a value of another type than int stands for as an integer argument, or None.
+
+    ``operator.index(value)`` for a value whose type defines ``__index__`` (a numpy integer, an
+    ``IntEnum``); None for a bool (numpy's has no ``__index__``) and for every other type, floats
+    included. For the slow path of an integer argument (callers test ``type(value) is int`` first, see
+    the module docstring). O(1).
+
+    >>> import enum
+    >>> int_of(enum.IntEnum("Size", "SMALL")(1)), int_of(True), int_of(3.0)
+    (1, None, None)
+    """
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]  # its type defines __index__
+    except TypeError:  # an __index__ that refuses its value
+        return None
+
+
+def as_int(value: object, message: str, error: type[Exception] = ArgumentTypeError) -> int:
+    """:func:`int_of` ``value``, or raise ``error(message)`` (the caller's, naming the argument). O(1).
+
+    >>> as_int(True, "limit must be a positive int, not True")
+    Traceback (most recent call last):
+    tallytree.errors.ArgumentTypeError: limit must be a positive int, not True
+    """
+    result = int_of(value)
+    if result is None:
+        raise error(message)
+    return result
 
 
 def iterator_of(values: Iterable[T], who: str, what: str) -> Iterator[T]:

@@ -10,7 +10,10 @@ key equal in value to the edge), the summary *below* each cut is computed once (
 O((k + 1) log n) for the whole series, and the buckets add up exactly to ``totals(ge=e0, lt=ek)``.
 Empty buckets are returned too (count 0, sums 0, mean None), so the series has no gaps.
 
-Edge 0 is always ``start`` itself (the same object: its type, its ``fold``). Edge ``i`` is:
+Edge 0 is always ``start`` itself (the same object: its type, its ``fold``), but for a numpy number,
+which is the Python int or float it holds, as are a numpy ``width`` and numpy numbers in ``edges=``
+(a key reads back plain, so should its bucket). ``count`` (and ``n`` in ``(unit, n)``) is an int or
+a numpy integer, never a bool. Edge ``i`` is:
 
 * **Numbers** (``width`` an int or a float, for int or float keys such as epoch seconds): ``start +
   i*width`` computed exactly. Int start and int width: ints. Int start and a whole float width
@@ -47,8 +50,8 @@ from dataclasses import dataclass
 from datetime import MAXYEAR, UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from ._args import iterator_of
-from ._keys import _show, encode_body
+from ._args import as_int, int_of, iterator_of
+from ._keys import _show, encode_body, foreign_scalar
 from .errors import ArgumentTypeError, BoundsError, BoundsTypeError, InvalidKeyError, UnsupportedKeyTypeError
 
 if TYPE_CHECKING:
@@ -212,7 +215,7 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
             iterator = iterator_of(edges, "buckets(edges=)", "keys, e.g. [0, 10, 20]")
         except ArgumentTypeError as exc:  # a read option of the wrong type: a BoundsError too
             raise BoundsTypeError(str(exc)) from None
-        result = list(iterator)
+        result = [_plain(edge) for edge in iterator]  # (a numpy number: its Python value)
         if len(result) < 2:
             raise BoundsError(f"edges= needs at least two edges (one bucket), got {len(result)}")
         if len(result) > MAX_BUCKETS + 1:
@@ -222,10 +225,13 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
         return result
     if start is None or width is None or count is None:
         raise BoundsError("buckets() needs start=, width= and count= (or edges=[...])")
-    if type(count) is not int:
-        raise BoundsTypeError(f"count must be an int from 1 to {MAX_BUCKETS}, not {_show(count)}")
+    if type(count) is not int:  # (a numpy integer: its int)
+        count = as_int(
+            count, f"count must be an int from 1 to {MAX_BUCKETS}, not {_show(count)}", BoundsTypeError
+        )
     if not 1 <= count <= MAX_BUCKETS:
         raise BoundsError(f"count must be an int from 1 to {MAX_BUCKETS}, not {_show(count)}")
+    start, width = _plain(start), _plain(width)
     if isinstance(start, datetime | int | float) and not isinstance(start, bool):  # (others: BoundsError)
         _check_key(start, "buckets(start=)")  # naive, NaN, or too large
     result = _edges(start, width, count)
@@ -236,11 +242,25 @@ def bucket_edges(start: Any, width: Any, count: Any, edges: Iterable[Any] | None
     return result
 
 
+def _plain(value: Any) -> Any:
+    """A numpy number's Python int or float (:func:`~tallytree._keys.foreign_scalar`), so that a
+    numpy start or width steps as the number it holds and the edges come back plain; any other value
+    as it is (a numpy bool too: no number). O(1).
+
+    >>> _plain("day")
+    'day'
+    """
+    plain = foreign_scalar(value)
+    return plain if plain is not None and type(plain) is not bool else value
+
+
 def _edges(start: Any, width: Any, count: int) -> list[Any]:
     unit = width
     step = 1
-    if isinstance(width, tuple) and len(width) == 2 and type(width[1]) is int:  # a bool is no step
-        unit, step = width
+    if isinstance(width, tuple) and len(width) == 2:
+        given = width[1] if type(width[1]) is int else int_of(width[1])  # a bool is no step
+        if given is not None:
+            unit, step = width[0], given
     if isinstance(unit, str):
         name = unit.lower()
         if name not in UNITS or step < 1:

@@ -76,7 +76,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from ._args import ITEMS, check_flag, iterator_of
+from ._args import ITEMS, as_int, check_flag, iterator_of
 from ._btree import Root
 from ._gc import gc_paused
 from ._keys import MAX_KEY_BYTES, _show, decode_key, encode_body, encode_id, encode_key, sort_order
@@ -1316,13 +1316,18 @@ def _check_flags(presorted: bool, replace: bool, clear_others: bool, on_invalid:
         )
 
 
-def _check_options(on_duplicate: str, fill: float, memory: int) -> None:
+def _check_options(on_duplicate: str, fill: float, memory: int) -> int:
+    """Check the build options; return ``memory`` as a plain int (a numpy integer is its int)."""
     if on_duplicate not in ("error", "last"):
         raise InvalidArgumentError(f"on_duplicate must be 'error' or 'last', not {on_duplicate!r}")
     if not isinstance(fill, int | float) or not 0.5 <= fill <= 1.0:
         raise InvalidArgumentError(f"fill must be a number from 0.5 to 1.0, not {fill!r}")
-    if type(memory) is not int or memory < 1:
-        raise InvalidArgumentError(f"memory must be a positive int (bytes), not {memory!r}")
+    message = f"memory must be a positive int (bytes), not {memory!r}"
+    if type(memory) is not int:
+        memory = as_int(memory, message, InvalidArgumentError)
+    if memory < 1:
+        raise InvalidArgumentError(message)
+    return memory
 
 
 def _run(
@@ -1343,7 +1348,7 @@ def _run(
     temp_dir: str | None,
     item_type: type | None,
 ) -> BuildReport:
-    _check_options(on_duplicate, fill, memory)
+    memory = _check_options(on_duplicate, fill, memory)
     _check_flags(presorted, replace, clear_others, on_invalid)
     rows = iterator_of(rows, f"{aggregate.name}: build", ITEMS)
     encoder = _Encoder(aggregate, namespace is None, on_invalid, label, item_type)
@@ -1581,7 +1586,7 @@ def sorted_items(
     ``on_duplicate="last"`` the last one is kept. Used to compare an aggregate with its source, one
     pass over each, so that a source verifies as what a build of it would hold.
     """
-    _check_options(on_duplicate, DEFAULT_FILL, memory)
+    memory = _check_options(on_duplicate, DEFAULT_FILL, memory)
     encoder = _Encoder(aggregate, True, on_invalid, label, None)
     sorter = _Sorter(len(aggregate.fields), True, memory, temp_dir, None)
     keep_last = on_duplicate == "last"

@@ -65,7 +65,7 @@ import msgpack
 
 from . import _lmdbfile
 from ._aggregate import Aggregate
-from ._args import check_flag
+from ._args import as_int, check_flag
 from ._btree import Root
 from ._extract import Definition
 from ._keys import decode_key
@@ -372,7 +372,7 @@ class Database:
         check_flag(create, "create")
         fields = _check_fields(values) if values is not None else None
         if node_size is not None:
-            _check_node_size(node_size)
+            node_size = _check_node_size(node_size)
         known = self._aggregates.get(name)
         if known is None or not known._current():  # (dropped, by another process perhaps: load again)
             known = self._load_aggregate(name)
@@ -849,16 +849,14 @@ def _check_name(name: object, what: str) -> None:
         raise InvalidArgumentError(f"{what} name is a non-empty str of at most 200 chars, not {name!r}")
 
 
-def _check_node_size(node_size: object) -> None:
-    """Raise ArgumentTypeError unless ``node_size`` is an int, InvalidArgumentError unless in range."""
-    if type(node_size) is not int:
-        raise ArgumentTypeError(
-            f"node_size must be an int from {MIN_NODE_SIZE} to {MAX_NODE_SIZE}, not {node_size!r}"
-        )
-    if not MIN_NODE_SIZE <= node_size <= MAX_NODE_SIZE:
-        raise InvalidArgumentError(
-            f"node_size must be an int from {MIN_NODE_SIZE} to {MAX_NODE_SIZE}, not {node_size!r}"
-        )
+def _check_node_size(node_size: object) -> int:
+    """``node_size`` as a plain int (a numpy integer is its int); ArgumentTypeError for another type
+    (a bool, a float), InvalidArgumentError out of range. O(1)."""
+    message = f"node_size must be an int from {MIN_NODE_SIZE} to {MAX_NODE_SIZE}, not {node_size!r}"
+    size = node_size if type(node_size) is int else as_int(node_size, message)
+    if not MIN_NODE_SIZE <= size <= MAX_NODE_SIZE:
+        raise InvalidArgumentError(message)
+    return size
 
 
 def _check_fields(values: Sequence[str]) -> tuple[str, ...]:
@@ -1034,7 +1032,7 @@ def open(
     ``map_size`` is the initial size of the LMDB map in bytes (by default 64 GiB of address space on
     64-bit POSIX systems, less if the process cannot map that much, 1 GiB on Windows and 32-bit
     systems; ``max_map_size`` if that is smaller); it doubles when full, up to ``max_map_size`` (1 TiB
-    by default). Both are ints
+    by default). Both are ints (a numpy integer too; never a bool or a float, as for every int argument)
     from 16 OS pages (64 KiB with 4 KiB pages) to ``sys.maxsize``, and ``map_size`` may not exceed
     ``max_map_size``. ``durable=False`` skips the fsync of each commit (safe against a killed process,
     not against a power loss). ``cache_nodes`` (an int >= 0; 0 caches nothing) bounds the decoded-node
@@ -1051,7 +1049,7 @@ def open(
     []
     """
     _check_path(path)
-    _check_options(
+    options = _check_options(
         map_size=map_size,
         max_map_size=max_map_size,
         durable=durable,
@@ -1059,6 +1057,7 @@ def open(
         create=create,
         cache_nodes=cache_nodes,
     )
+    map_size, max_map_size, cache_nodes = options["map_size"], options["max_map_size"], options["cache_nodes"]
     if map_size is None:
         map_size = _default_map_size(max_map_size)
     directory = Path(path)
@@ -1106,8 +1105,8 @@ def open_memory(*, cache_nodes: int = DEFAULT_CACHE_NODES) -> Database:
     ``cache_nodes`` is as for :func:`open` (an int >= 0; a wrong type raises ArgumentTypeError, a
     negative number InvalidArgumentError).
     """
-    _check_options(cache_nodes=cache_nodes)
-    return Database(MemoryBackend(), cache_nodes=cache_nodes)
+    options = _check_options(cache_nodes=cache_nodes)
+    return Database(MemoryBackend(), cache_nodes=options["cache_nodes"])
 
 
 def _check_path(path: object) -> None:
@@ -1124,27 +1123,31 @@ def _check_path(path: object) -> None:
         raise InvalidArgumentError(f"path {name!r} contains a NUL character, which no file name can hold")
 
 
-def _check_options(**options: object) -> None:
+def _check_options(**options: object) -> dict[str, Any]:
     """Raise ArgumentTypeError or InvalidArgumentError for the first unacceptable option of
-    :func:`open` or :func:`open_memory`, before anything is created on disk. The rules are in
-    ``open``'s docstring. O(1)."""
+    :func:`open` or :func:`open_memory`, before anything is created on disk; return the options
+    with each int option a plain int (a numpy integer is its int). The rules are in ``open``'s
+    docstring. O(1)."""
+    checked: dict[str, Any] = {}
     for option, value in options.items():
         if option not in _INT_OPTIONS:
             if not isinstance(value, bool):
                 raise ArgumentTypeError(f"{option} must be True or False, not {value!r}")
         elif value is not None or option != "map_size":  # map_size=None: the default
             least, meaning = _INT_OPTIONS[option]
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ArgumentTypeError(
-                    f"{option} ({meaning}) must be an int, not {type(value).__name__} {value!r}"
-                )
-            if not least <= value <= sys.maxsize:
+            message = f"{option} ({meaning}) must be an int, not {type(value).__name__} {value!r}"
+            number = value if type(value) is int else as_int(value, message)
+            if not least <= number <= sys.maxsize:
                 raise InvalidArgumentError(
-                    f"{option} ({meaning}) must be from {least} to sys.maxsize, not {value}"
+                    f"{option} ({meaning}) must be from {least} to sys.maxsize, not {number}"
                 )
-    map_size, max_map_size = options.get("map_size"), options.get("max_map_size")
-    if isinstance(map_size, int) and isinstance(max_map_size, int) and map_size > max_map_size:
+            checked[option] = number
+            continue
+        checked[option] = value
+    map_size, max_map_size = checked.get("map_size"), checked.get("max_map_size")
+    if map_size is not None and max_map_size is not None and map_size > max_map_size:
         raise InvalidArgumentError(
             f"map_size ({map_size}) is above max_map_size ({max_map_size}), and the map cannot start "
             "beyond its limit; raise max_map_size or lower map_size"
         )
+    return checked

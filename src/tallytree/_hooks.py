@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgpack
 
 from ._aggregate import Aggregate, Item, owned_reason
-from ._args import check_flag, iterator_of
+from ._args import as_int, check_flag, iterator_of
 from ._btree import same_values
 from ._db import DEFAULT_NODE_SIZE, _check_fields, _check_name, _check_node_size, define_aggregate
 from ._extract import (
@@ -1189,8 +1189,9 @@ def _check_aggregate(aggregate: object) -> None:
         )
 
 
-def _check_options(definition: object, id: object, examples: object) -> None:
-    """The options of verify() and repair(), checked before anything is read."""
+def _check_options(definition: object, id: object, examples: object) -> int:
+    """The options of verify() and repair(), checked before anything is read; return ``examples``
+    as a plain int (a numpy integer is its int)."""
     if definition is not None and not isinstance(definition, Definition):
         raise ArgumentTypeError(
             f"definition= takes a Definition (handler.definition(name) or table.definition(name)), or "
@@ -1201,7 +1202,8 @@ def _check_options(definition: object, id: object, examples: object) -> None:
             f"id= takes the name of the rows' id field or a function of a row, not {_show(id)}"
         )
     if type(examples) is not int:
-        raise ArgumentTypeError(f"examples= takes an int (how many examples to keep), not {_show(examples)}")
+        return as_int(examples, f"examples= takes an int (how many examples to keep), not {_show(examples)}")
+    return examples
 
 
 def _owned_by(aggregate: Aggregate, source: Any, definition: Definition | None) -> bool:
@@ -1227,7 +1229,7 @@ def _diff(
     examples: int,
 ) -> tuple[Drift, list[_Fix]]:
     _check_aggregate(aggregate)
-    _check_options(definition, id, examples)
+    examples = _check_options(definition, id, examples)
     aggregate._check(tx)  # a transaction of its database, and the aggregate not dropped
     given = definition is not None
     if definition is None:
