@@ -331,3 +331,16 @@ def test_a_damaged_document_count_is_a_corrupt_database_error(db: tallytree.Data
         table.insert(tx, {"k": 2})
     with db.read() as tx:
         assert [problem for problem in tallytree.check(tx) if "document count" in str(problem)]
+
+
+def test_a_where_filter_takes_numpy_values() -> None:
+    db = tallytree.open_memory()
+    orders = db.table("orders")
+    paid = orders.aggregate("paid", key="day", where={"status": np.int64(2)})
+    with db.write() as tx:
+        orders.insert_many(
+            tx, [{"day": 1, "status": 2}, {"day": 2, "status": 1}, {"day": 3, "status": np.int64(2)}]
+        )
+    with db.read() as tx:
+        assert paid.count(tx) == 2
+    assert orders.aggregate("paid", key="day", where={"status": 2}) is paid  # the same definition

@@ -46,6 +46,7 @@ import msgpack
 from ._aggregate import Aggregate
 from ._btree import same_values
 from ._bulk import Columns, encode_keys, valid_column
+from ._docs import Refused, stand_in
 from ._keys import encode_key
 from ._tree import Tree
 from ._txn import Transaction, WriteTransaction
@@ -144,8 +145,9 @@ def describe_definition(
         "on_missing": on_missing,
     }
     try:  # in its stored form (tuples as lists), so that a reopened definition compares equal
-        stored: dict[str, Any] = msgpack.unpackb(msgpack.packb(description, datetime=True), timestamp=3)
-    except (TypeError, ValueError, OverflowError) as exc:
+        packed = msgpack.packb(description, datetime=True, default=stand_in)  # numpy values too
+        stored: dict[str, Any] = msgpack.unpackb(packed, timestamp=3)
+    except (TypeError, ValueError, OverflowError, Refused) as exc:
         raise ArgumentTypeError(
             f"{name}: where= holds a value that cannot be stored ({exc}); compare with None, bools, "
             "numbers, str, bytes, datetimes, or lists and dicts of these"
