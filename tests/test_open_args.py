@@ -249,3 +249,18 @@ def test_an_open_while_another_process_grows_the_map_adopts_the_new_size(
     with tallytree.open(path, map_size=64 << 10) as db, db.read() as tx:
         assert db.aggregate("events").count(tx) == 30000
         assert tallytree.check(tx) == []
+
+
+def test_opening_without_create_a_directory_of_other_files_says_there_is_no_database(tmp_path: Path) -> None:
+    """Opening read-only (or create=False) creates nothing, so the refusal names what is missing
+    rather than advising against a creation among foreign files."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8")
+    for options in ({"readonly": True}, {"create": False}):
+        with pytest.raises(tallytree.DatabaseFormatError, match="holds no database") as raised:
+            tallytree.open(photos, **options)
+        assert "other files" in str(raised.value) and "refusing to create" not in str(raised.value)
+    with pytest.raises(tallytree.DatabaseFormatError, match="refusing to create one among foreign files"):
+        tallytree.open(photos)
+    assert [path.name for path in photos.iterdir()] == ["cat.jpg"]

@@ -1011,13 +1011,15 @@ def _checked_directory(path: Path, *, create: bool) -> list[Path]:
     if path.is_dir() and not (path / "data.mdb").exists():
         # a lock.mdb alone is what a creation killed before LMDB made data.mdb leaves: no data
         # (a data.mdb found now is another process's creation, under way since the test above)
-        if any(entry.name not in ("lock.mdb", "data.mdb") for entry in path.iterdir()):
+        foreign = any(entry.name not in ("lock.mdb", "data.mdb") for entry in path.iterdir())
+        if not create:  # nothing would be created: the refusal says what is missing
+            among = " (it holds other files: is this the right path?)" if foreign else ""
+            raise DatabaseFormatError(f"{path} holds no database{among}, and create=False (or readonly=True)")
+        if foreign:
             raise DatabaseFormatError(
                 f"{path} is a non-empty directory without a database in it; refusing to create "
                 "one among foreign files. Use an empty or new directory"
             )
-        if not create:
-            raise DatabaseFormatError(f"{path} holds no database and create=False")
     if not path.exists():
         if not create:
             raise DatabaseFormatError(f"{path} does not exist and create=False (or readonly=True)")
