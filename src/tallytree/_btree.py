@@ -1199,21 +1199,11 @@ class NodeTree:
         if height == 2 and run.stored:
             return self._plan_stored(node, lo, hi, run)
         access = self.access
-        entries = run.entries
-        keys = node.keys
-        last = len(keys) - 1
         steps: list[_Step] = []
         correction: list[int] | None = None
-        child = 0
-        at = lo
-        while at < hi:
-            child = bisect_right(keys, entries[at], child) - 1
-            if child < 0:  # below the node's own fence: only damaged keys send an entry there
-                raise _damaged(node, "its first key is above entries its parent sends to it")
-            stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+        for child, at, stop in _spans(node, run.entries, lo, hi):
             step = self._plan(access.node(node.kids[child]), height - 1, at, stop, run)
             correction = _collect(steps, step, child, at, stop, run, correction)
-            at = stop
         if not steps:
             return None
         step = _Step(node, lo, hi, correction)
@@ -1483,18 +1473,10 @@ class NodeTree:
                     found[index] = tuple(col[at] for col in node.cols)
             return
         access = self.access
-        last = len(keys) - 1
-        child = 0
-        at = lo
-        while at < hi:
-            child = bisect_right(keys, entries[at], child) - 1
-            if child < 0:  # below the node's own fence: only damaged keys send an entry there
-                raise _damaged(node, "its first key is above entries its parent sends to it")
-            stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+        for child, at, stop in _spans(node, entries, lo, hi):
             kid = node.kids[child]
             if height > 2 or not self._find_stored(kid, entries, at, stop, found, edits):
                 self._find_below(access.node(kid), height - 1, entries, at, stop, found, edits)
-            at = stop
 
     def _find_stored(
         self,
@@ -1574,20 +1556,12 @@ class NodeTree:
         if node.leaf:
             raise _misplaced(node, height)
         access = self.access
-        keys = node.keys
-        last = len(keys) - 1
         removed = self.zero()
         touched: list[int] = []  # children changed (kept), by their index before any is dropped
         parts: list[list[int]] = []  # what each of them lost
         dropped: list[int] = []  # children whose every entry goes
         counts, shift = node.cols[0], node.shifts[0]
-        child = 0
-        at = lo
-        while at < hi:
-            child = bisect_right(keys, entries[at], child) - 1
-            if child < 0:  # below the node's own fence: only damaged keys send an entry there
-                raise _damaged(node, "its first key is above entries its parent sends to it")
-            stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+        for child, at, stop in _spans(node, entries, lo, hi):
             if stop - at >= counts[child] << shift:
                 self._free_subtree(node.kids[child], height - 1)
                 dropped.append(child)
@@ -1606,11 +1580,10 @@ class NodeTree:
                 touched.append(child)
                 parts.append(_negate(part))
             removed = vadd(removed, part)
-            at = stop
         if touched:  # one rescale per column for all of them
             node.add_columns(touched, [list(column) for column in zip(*parts, strict=True)])
         if dropped:
-            fence = keys[0]
+            fence = node.keys[0]
             for index in reversed(dropped):
                 node.remove_child(index)
             if dropped[0] == 0:  # the child now first must start at this node's own fence
@@ -2003,6 +1976,23 @@ class NodeTree:
         if levels != self.root.height - 1:
             raise _wrong_depth(node, levels, self.root.height)
         return changed
+
+
+def _spans(node: Node, entries: list[bytes], lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+    """How an internal node splits ``entries[lo:hi]`` (ascending) among its children: ``(child, start,
+    stop)`` for each child that gets some, left to right (two bisections per such child). A batch's
+    passes down the tree (merge, lookup, removal) all split it this way. O(t log B) for t children."""
+    keys = node.keys
+    last = len(keys) - 1
+    child = 0
+    at = lo
+    while at < hi:
+        child = bisect_right(keys, entries[at], child) - 1
+        if child < 0:  # below the node's own fence: only damaged keys send an entry there
+            raise _damaged(node, "its first key is above entries its parent sends to it")
+        stop = bisect_left(entries, keys[child + 1], at + 1, hi) if child < last else hi
+        yield child, at, stop
+        at = stop
 
 
 class _Run:
