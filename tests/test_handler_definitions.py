@@ -439,3 +439,20 @@ def test_a_sync_refuses_a_commit_for_an_aggregate_another_process_redefined(tmp_
         assert _sql_count(factory, bill) == 1
         with db.read() as tx:
             assert db.aggregate("invoices").count(tx, namespace=1) == 0  # emptied by the redefinition
+
+
+def test_check_reports_damaged_stored_extractors() -> None:
+    """The checker decodes the extractors a handler stored with an aggregate's definition (a damaged
+    one is otherwise met only when a handler registers)."""
+    db = tallytree.open_memory()
+    tallytree.ChangeHandler(db).aggregate("paid", key="day", values=("cents",))
+    record_key = b"agg:paid"
+    with db.write() as tx:
+        record = msgpack.unpackb(tx.meta(record_key))
+        assert record["extractors"]["key"] == ["field", "day"]
+        tx.set_meta(record_key, msgpack.packb({**record, "extractors": [1, 2]}))
+    with db.read() as tx:
+        problems = tallytree.check(tx)
+    assert [(problem.aggregate, "extractors stored with it" in problem.message) for problem in problems] == [
+        ("paid", True)
+    ]

@@ -18,8 +18,9 @@ the leaves up and keeps going after the first problem. For each tree it verifies
   record gives.
 
 Checking the whole database (no aggregate given) also reports nodes that no tree references (leaks),
-root records of unknown aggregates, aggregate definitions that do not decode, and ids that two
-definitions share or that the id counter would give again. And it checks the tables, in one pass over
+root records of unknown aggregates, aggregate definitions that do not decode (a handler's extractors
+stored with one included), and ids that two definitions share or that the id counter would give
+again. And it checks the tables, in one pass over
 every stored document (the DOCS table, in LMDB's order):
 
 * each table record decodes, no two tables share an id, and each id is below the table id counter;
@@ -49,12 +50,13 @@ from typing import Any
 from ._aggregate import Aggregate, Sentinel
 from ._btree import NodeTree, Root, vadd
 from ._db import NEXT_AGGREGATE, lmdb_damage, stored_name
+from ._hooks import stored_extractors
 from ._keys import decode_entry, decode_key
 from ._node import Node
 from ._store import META, NODES, ROOTS
 from ._table import _NEXT_TABLE, _STATE, _STATE_PREFIX, _TABLE_PREFIX, decode_doc, decode_record
 from ._tree import pending_capacity
-from ._txn import Transaction, decode_root
+from ._txn import DEFINITIONS, Transaction, decode_root
 from .errors import ArgumentTypeError, CorruptDatabaseError, Error, InvalidArgumentError
 
 __all__ = ["Problem", "check"]
@@ -404,8 +406,14 @@ def _aggregates(tx: Transaction, problems: list[Problem]) -> list[Aggregate]:
     for name, each in tx._db._definitions_in(tx):
         if isinstance(each, CorruptDatabaseError):
             problems.append(Problem(_show_name(name), None, (), None, str(each)))
-        else:
-            found.append(each)
+            continue
+        found.append(each)
+        record = tx.meta(DEFINITIONS + each.name.encode())
+        try:  # a handler's extractors, stored with the definition: read when a handler registers
+            if record is not None:
+                stored_extractors(each.name, record)
+        except CorruptDatabaseError as exc:
+            problems.append(Problem(each.name, None, (), None, str(exc)))
     counter = tx.meta(NEXT_AGGREGATE)
     next_id = int.from_bytes(counter, "big") if counter else 1
     owners: dict[int, str] = {}
