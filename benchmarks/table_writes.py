@@ -1,9 +1,11 @@
-"""Table writes: one table insert maintaining three aggregates, next to a plain single-aggregate insert.
+"""Table writes: one table insert maintaining three aggregates, next to a plain single-aggregate insert;
+and batch updates and deletes next to the same calls one by one.
 
-Run: ``python benchmarks/table_writes.py [n] [--attach] [--buckets]`` (default n = 100,000). Both
-loops run in this one process, each inside one LMDB write transaction (``durable=False``), on the
-same seeded documents: AI-usage events ``{"org", "user", "status", "at", "cost", "tokens"}`` with
-``at`` increasing (the usual shape of an event log) and random orgs and users. The table maintains
+Run: ``python benchmarks/table_writes.py [n] [--attach] [--buckets] [--batches ...]`` (default n =
+100,000; 0 skips the inserts). Both insert loops run in this one process, each inside one LMDB write
+transaction (``durable=False``), on the same seeded documents: AI-usage events ``{"org", "user",
+"status", "at", "cost", "tokens"}`` with ``at`` increasing (the usual shape of an event log) and random
+orgs and users. The table maintains
 
 * ``usage``: namespace org, key at, values (cost, tokens);
 * ``by_user``: namespace user, key at;
@@ -12,17 +14,34 @@ same seeded documents: AI-usage events ``{"org", "user", "status", "at", "cost",
 the plain loop inserts into one aggregate shaped like ``usage``. Also timed: ``insert_many`` of the
 same documents; with ``--attach``, attaching one aggregate to a table of 10^6 documents (the build);
 with ``--buckets``, ``buckets`` (30 daily buckets) against one ``totals`` call on a 10^6-item
-namespace. Prints one line per measurement; every write figure includes the commit.
+namespace.
+
+With ``--batches``: ``update_many`` and ``delete_many`` of ``--ids`` ids (default 5,000) against the
+same calls one by one (``update``, ``delete``), in a table of ``--table`` documents (default 10^5)
+with two aggregates, ``usage`` and ``by_status`` above. The ids are a random sample, or with
+``--order recent`` the newest documents (in each namespace, a run of neighbouring keys). The update
+is a refund, ``{"status": "refunded", "cost": 0.0}``: the item moves in ``by_status`` and its values
+change in ``usage``. Each measurement starts from a fresh copy of the same database, every node of
+its aggregates decoded first (a warm process); the two ways alternate for ``--rounds`` rounds (default
+3), so each ratio compares runs of the same moment, and both must end with the same table.
+
+Prints one line per measurement; every write figure includes the commit::
+
+    python benchmarks/table_writes.py                        # inserts of 10^5 documents
+    python benchmarks/table_writes.py 0 --batches --table 1000000 --order recent
 """
 
 from __future__ import annotations
 
+import argparse
 import random
+import shutil
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import tallytree
@@ -137,10 +156,118 @@ def buckets(n: int = 1_000_000, repeat: int = 200) -> None:
             )
 
 
+BATCH_KINDS = ("update", "delete")
+WAYS = ("one by one", "batch")
+REFUND = {"status": "refunded", "cost": 0.0}
+
+
+def build_invoices(path: Path, n: int) -> None:
+    """A table of ``n`` documents (ids 1 to n) with two aggregates, written with insert_many."""
+    with tallytree.open(path, durable=False) as db:
+        table = db.table("invoices")
+        table.aggregate("usage", namespace="org", key="at", values=("cost", "tokens"))
+        table.aggregate("by_status", namespace="org", key=("status", "at"), values=("cost",))
+        with db.write() as tx:
+            table.insert_many(tx, documents(n))
+
+
+def _write(table: tallytree.Table, kind: str, way: str, ids: list[int]) -> Callable[[Any], Any]:
+    if kind == "update":
+        if way == "batch":
+            return lambda tx: table.update_many(tx, [(doc_id, REFUND) for doc_id in ids])
+        return lambda tx: [table.update(tx, doc_id, REFUND) for doc_id in ids]
+    if way == "batch":
+        return lambda tx: table.delete_many(tx, ids)
+    return lambda tx: [table.delete(tx, doc_id) for doc_id in ids]
+
+
+def batch_once(source: Path, work: Path, kind: str, way: str, ids: list[int]) -> tuple[float, Any]:
+    """Seconds for one way of one kind of write, commit included, in a fresh copy of ``source``
+    (every node of the aggregates decoded first); and what the table holds after, to compare."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    with tallytree.open(work, durable=False) as db:
+        table = db.table("invoices")
+        aggregates = [table.aggregate(name) for name in table.aggregates()]
+        with db.read() as tx:
+            for aggregate in aggregates:  # a warm process: every node decoded and cached
+                for namespace, _ in aggregate.namespaces(tx):
+                    for _ in aggregate.items(tx, namespace=namespace):
+                        pass
+        write = _write(table, kind, way, ids)
+        started = time.perf_counter()
+        with db.write() as tx:
+            write(tx)
+        seconds = time.perf_counter() - started
+        with db.read() as tx:
+            held = (
+                table.count(tx),
+                [
+                    sorted(
+                        (repr(namespace), totals.as_dict()) for namespace, totals in aggregate.namespaces(tx)
+                    )
+                    for aggregate in aggregates
+                ],
+            )
+    shutil.rmtree(work, ignore_errors=True)
+    return seconds, held
+
+
+def batches(
+    n: int = 100_000, m: int = 5_000, rounds: int = 3, order: str = "scattered"
+) -> dict[tuple[str, str], list[float]]:
+    """``update_many`` and ``delete_many`` of ``m`` ids against one call per id, in a table of ``n``
+    documents with two aggregates; the ways alternate in each round. The ids are ``scattered`` (a
+    random sample) or the ``recent`` ones (the last m documents: in each namespace, a run of
+    neighbouring keys). Returns the seconds per (kind, way), one per round, and prints them with the
+    same-round ratios."""
+    if order == "scattered":
+        ids = random.Random(7).sample(range(1, n + 1), m)
+    else:
+        ids = list(range(n - m + 1, n + 1))
+    seconds: dict[tuple[str, str], list[float]] = {(kind, way): [] for kind in BATCH_KINDS for way in WAYS}
+    with tempfile.TemporaryDirectory() as directory:
+        source, work = Path(directory) / "source", Path(directory) / "work"
+        build_invoices(source, n)
+        for round_ in range(rounds):
+            for kind in BATCH_KINDS:
+                held = {}
+                for way in WAYS if round_ % 2 == 0 else WAYS[::-1]:
+                    took, held[way] = batch_once(source, work, kind, way, ids)
+                    seconds[kind, way].append(took)
+                assert held["batch"] == held["one by one"], (kind, held)  # the same end state
+    print(f"table of {n:,} documents, 2 aggregates, {m:,} {order} ids (commit included)")
+    for kind in BATCH_KINDS:
+        one, many = seconds[kind, "one by one"], seconds[kind, "batch"]
+        ratios = [batch / single for batch, single in zip(many, one, strict=True)]
+        print(
+            f"{kind:<8} one by one {min(one) * 1e3:,.0f}-{max(one) * 1e3:,.0f} ms, batch "
+            f"{min(many) * 1e3:,.0f}-{max(many) * 1e3:,.0f} ms: batch/one-by-one "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x in {rounds} rounds"
+        )
+    return seconds
+
+
 if __name__ == "__main__":
-    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--")]
-    inserts(int(arguments[0]) if arguments else 100_000)
-    if "--attach" in sys.argv:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("n", nargs="?", type=int, default=100_000, help="documents to insert (0: skip)")
+    parser.add_argument("--attach", action="store_true", help="attach to a table of 10^6 documents")
+    parser.add_argument("--buckets", action="store_true", help="buckets against totals on 10^6 items")
+    parser.add_argument("--batches", action="store_true", help="update_many/delete_many against one by one")
+    parser.add_argument("--table", type=int, default=100_000, help="documents in the table for --batches")
+    parser.add_argument("--ids", type=int, default=5_000, help="ids per batch for --batches")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for --batches")
+    parser.add_argument(
+        "--order", choices=("scattered", "recent"), default="scattered", help="which ids --batches writes"
+    )
+    options = parser.parse_args()
+    if options.n:
+        inserts(options.n)
+    if options.attach:
         attaching(1_000_000)
-    if "--buckets" in sys.argv:
+    if options.buckets:
         buckets()
+    if options.batches:
+        batches(options.table, options.ids, options.rounds, options.order)

@@ -96,6 +96,10 @@ _MAX_GENERATED = 2**62  # explicit int ids above this do not move the generated-
 _ATTACH_BATCH = 8_192  # documents read, decoded and extracted at once when attaching
 
 Document = dict[str, Any]
+_Net = list[Any]
+"""A document a batch write changes (``update_many``, ``delete_many``): ``[id, its stored bytes before
+the batch (None for a deletion), its items before (a Coord or None per attached aggregate, in order),
+its bytes after (None: deleted), its items after (None: deleted)]``."""
 
 
 def encode_doc(doc: Any, doc_id: Any, where: str) -> bytes:
@@ -943,6 +947,46 @@ class Table:
             yield decode_key(key, start)[0]
         self._check_read(tx, read)
 
+    def get_many(self, tx: Transaction, ids: Iterable[Any]) -> list[Document | None]:
+        """The documents with these ids, in the order given: None for an id with no document.
+
+        All are read in ``tx``'s one snapshot (a write transaction sees its own writes). A repeated id
+        gives its document again, as a dict of its own. Every id is encoded before anything is read:
+        one that cannot be a document id raises UnsupportedKeyTypeError. The documents come back in
+        their stored form, as from :meth:`get`, and are decoded in one msgpack call. O(m log n) for m
+        ids: 200 ids took 0.74x the time of 200 :meth:`get` calls. The ids are read in the order
+        given: reading them in key order gained nothing (docs/tables.md).
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> invoices = db.table("invoices")
+        >>> with db.write() as tx:
+        ...     invoices.insert_many(tx, [{"total": 10}, {"total": 25}, {"total": 5}])
+        [1, 2, 3]
+        >>> with db.read() as tx:
+        ...     invoices.get_many(tx, [3, 9, 1, 3])
+        [{'total': 5}, None, {'total': 10}, {'total': 5}]
+        """
+        self._check_alive()
+        check_transaction(tx, self._db, self._where)
+        ids = list(iterator_of(ids, f"table {self.name!r}: get_many", "document ids"))
+        prefix, encode = self._prefix, self._encode_id
+        datas = list(map(tx.doc, [prefix + encode(doc_id) for doc_id in ids]))
+        found = [data for data in datas if data is not None]
+        try:
+            decoded = decode_docs(found)
+        except (ValueError, TypeError):
+            decoded = []
+        if len(decoded) != len(found) or not all(type(doc) is dict for doc in decoded):
+            # a damaged document: named by decoding them one by one
+            decoded = [
+                self._stored_doc(data, doc_id)
+                for doc_id, data in zip(ids, datas, strict=True)
+                if data is not None
+            ]
+        docs = iter(decoded)
+        return [next(docs) if data is not None else None for data in datas]
+
     # ------------------------------------------------------------ writes
 
     def insert(self, tx: WriteTransaction, doc: Mapping[str, Any], id: Any = None) -> Any:
@@ -1285,6 +1329,213 @@ class Table:
         self._next_id = next_id
         self._save_state(wtx)
         return ids
+
+    def update_many(
+        self,
+        tx: WriteTransaction,
+        updates: Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]],
+        *,
+        remove: Iterable[str] = (),
+        missing: Literal["error", "skip"] = "error",
+    ) -> int:
+        """:meth:`update` many documents as one batch: ``updates`` maps ids to patches, or is an
+        iterable of ``(id, patch)`` pairs (an id may repeat: its patches apply in order). Returns how
+        many of the updates changed their document.
+
+        Each patch merges into the document as :meth:`update` merges it, and the ``remove`` fields
+        are dropped from every updated document. An id with no document raises ItemNotFoundError
+        naming it (``missing="error"``) or is passed over (``missing="skip"``). The result is that of
+        :meth:`update` update by update, but a batch that raises writes nothing at all: a missing id,
+        a patch that is not a mapping (InvalidDocumentError), a document that cannot be stored
+        (InvalidDocumentError) or indexed (ExtractionError), each raised at the first update that
+        meets it; then, when every update was read, an aggregate that drifted from the table
+        (ItemNotFoundError or DuplicateItemError, as :meth:`update` says). The updates are read and
+        their items extracted first; then each changed document's net move, from its items before
+        the batch to its items after, is written per aggregate tree: removals, then the new items in
+        one sorted merge (the batch under :meth:`tallytree.ChangeHandler.apply_many`). A document
+        that ends as it began writes nothing, nor does an item that stays in place. The cyclic
+        garbage collector is paused during the call. O(m a) to read and extract m updates of a
+        attached aggregates, plus O(log n) per item moved, plus O(t log B + k) for k new items
+        landing in t leaves of size B: 5,000 updates took 0.56-0.82x the time of the calls one by
+        one in tables of 10^5 and 10^6 documents with two aggregates (docs/tables.md). Memory: O(m a)
+        for the moved items.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> invoices = db.table("invoices")
+        >>> by_status = invoices.aggregate("invoices_by_status", key="status", values=("total",))
+        >>> with db.write() as tx:
+        ...     invoices.insert_many(tx, [{"status": "open", "total": t} for t in (10, 25, 5)])
+        ...     invoices.update_many(tx, {1: {"status": "paid"}, 3: {"status": "paid"}})
+        ...     invoices.update_many(tx, [(3, {"status": "paid"}), (7, {"status": "paid"})], missing="skip")
+        [1, 2, 3]
+        2
+        0
+        >>> with db.read() as tx:
+        ...     by_status.totals(tx, eq="paid"), by_status.totals(tx, eq="open")
+        (Totals(count=2, total=15), Totals(count=1, total=25))
+        """
+        wtx = self._begin(tx)
+        self._check_missing(missing)
+        if isinstance(remove, str | bytes) or not isinstance(remove, Iterable):
+            raise ArgumentTypeError(
+                f"table {self.name!r}: remove= takes a list of field names, e.g. [{remove!r}], "
+                f"not {remove!r:.60}"
+            )
+        fields = list(remove)
+        where = f"table {self.name!r}"
+        if isinstance(updates, Mapping):
+            pairs: Iterator[Any] = iter(updates.items())
+        else:
+            pairs = iterator_of(
+                updates, f"{where}: update_many", "(id, patch) pairs, or a mapping of ids to patches"
+            )
+        prefix, doc = self._prefix, wtx.doc
+        batch: dict[bytes, _Net] = {}
+        changed = 0
+        with gc_paused():  # the batch's items are many live tuples: spare the GC's rescans
+            for pair in pairs:
+                if not isinstance(pair, tuple) or len(pair) != 2:
+                    raise ArgumentTypeError(
+                        f"{where}: update_many takes (id, patch) pairs, or a mapping of ids to patches, "
+                        f"not {pair!r:.60}; nothing was written"
+                    )
+                doc_id, patch = pair
+                id_bytes = self._encode_id(doc_id)
+                net = batch.get(id_bytes)
+                stored = net[3] if net is not None else doc(prefix + id_bytes)
+                if stored is None:
+                    if missing == "skip":
+                        continue
+                    raise ItemNotFoundError(
+                        f"{where}: no document with id {doc_id!r} to update; pass missing='skip' to pass "
+                        "over missing ones. Nothing was written"
+                    )
+                if not isinstance(patch, Mapping):
+                    raise InvalidDocumentError(f"{where}: a patch is a mapping, not {patch!r:.60}")
+                old = self._stored_doc(stored, doc_id)
+                new = {**old, **patch}
+                for field in fields:
+                    new.pop(field, None)
+                data = encode_doc(new, doc_id, where)
+                if data == stored:
+                    continue
+                before = net[2] if net is not None else self._coordinates(old, doc_id, id_bytes)
+                after = self._coordinates(decode_doc(data), doc_id, id_bytes)
+                if net is None:
+                    batch[id_bytes] = [doc_id, stored, before, data, after]
+                else:
+                    net[3], net[4] = data, after
+                changed += 1
+            self._write_batch(wtx, batch)
+        return changed
+
+    def delete_many(
+        self, tx: WriteTransaction, ids: Iterable[Any], *, missing: Literal["error", "skip"] = "error"
+    ) -> int:
+        """:meth:`delete` many documents and their items as one batch; return how many were deleted.
+
+        An id with no document (or one deleted earlier in the batch: ids may repeat) raises
+        ItemNotFoundError naming it (``missing="error"``) or is passed over (``missing="skip"``, as
+        :meth:`discard` does). The result is that of :meth:`delete` id by id, but a batch that raises
+        writes nothing at all: a missing id, or a document that cannot be indexed (ExtractionError),
+        raised at the first id that meets it; then, when every id was read, an aggregate that
+        drifted from the table (ItemNotFoundError, as :meth:`delete` says). The documents are read
+        and their items extracted first, then removed per aggregate tree (the batch under
+        :meth:`tallytree.ChangeHandler.apply_many`). Unlike :meth:`delete`, the documents are not
+        returned (read them first with :meth:`get_many` if they are needed): the batch holds only
+        their items. The cyclic garbage collector is paused during the call. O(m a log n) for m ids
+        and a attached aggregates: 5,000 deletes took 0.49-0.85x the time of the calls one by one in
+        tables of 10^5 and 10^6 documents with two aggregates (docs/tables.md). Memory: O(m a) for
+        the removed items. To delete a range of one aggregate's keys, :meth:`delete_range` drops
+        whole subtrees instead.
+
+        >>> import tallytree
+        >>> db = tallytree.open_memory()
+        >>> invoices = db.table("invoices")
+        >>> by_status = invoices.aggregate("invoices_by_status", key="status", values=("total",))
+        >>> with db.write() as tx:
+        ...     invoices.insert_many(tx, [{"status": "open", "total": t} for t in (10, 25, 5)])
+        ...     invoices.delete_many(tx, [1, 3])
+        ...     invoices.delete_many(tx, [2, 3], missing="skip")
+        [1, 2, 3]
+        2
+        1
+        >>> with db.write() as tx:
+        ...     invoices.delete_many(tx, [4])
+        Traceback (most recent call last):
+        tallytree.errors.ItemNotFoundError: table 'invoices': no document with id 4 to delete; ...
+        >>> with db.read() as tx:
+        ...     invoices.count(tx), by_status.totals(tx)
+        (0, Totals(count=0, total=0))
+        """
+        wtx = self._begin(tx)
+        self._check_missing(missing)
+        where = f"table {self.name!r}"
+        ids = iterator_of(ids, f"{where}: delete_many", "document ids")
+        prefix, doc = self._prefix, wtx.doc
+        batch: dict[bytes, _Net] = {}
+        with gc_paused():  # the batch's items are many live tuples: spare the GC's rescans
+            for doc_id in ids:
+                id_bytes = self._encode_id(doc_id)
+                stored = None if id_bytes in batch else doc(prefix + id_bytes)
+                if stored is None:
+                    if missing == "skip":
+                        continue
+                    again = " (it was deleted earlier in this batch)" if id_bytes in batch else ""
+                    raise ItemNotFoundError(
+                        f"{where}: no document with id {doc_id!r} to delete{again}; pass missing='skip' "
+                        "to pass over missing ones. Nothing was deleted"
+                    )
+                before = self._coordinates(self._stored_doc(stored, doc_id), doc_id, id_bytes)
+                batch[id_bytes] = [doc_id, None, before, None, None]
+            self._write_batch(wtx, batch)
+        return len(batch)
+
+    @staticmethod
+    def _check_missing(missing: object) -> None:
+        if missing not in ("error", "skip"):
+            raise InvalidArgumentError(f"missing= must be 'error' or 'skip', not {missing!r:.60}")
+
+    def _write_batch(self, wtx: WriteTransaction, batch: Mapping[bytes, _Net]) -> None:
+        """Write the net effect of a batch of changed documents (see :data:`_Net`): every item move is
+        checked against the trees first (an item to move or remove must be there, a new place must be
+        free: else the aggregate drifted, and the drift error is raised with nothing written), then
+        written per tree (``ChangeHandler.apply_many``'s batch), then the documents."""
+        from ._hooks import _Batch, _stays  # noqa: PLC0415  # _hooks imports this module
+
+        checked = _Batch(wtx, False, self.name)
+        aggregates = [definition.aggregate for definition in self._definitions.values()]
+        written: list[tuple[bytes, bytes | None]] = []
+        for id_bytes, (doc_id, stored, before, data, after) in batch.items():
+            if data is not None and data == stored:  # changed, then back byte for byte: nothing to write
+                continue
+            written.append((id_bytes, data))
+            if after is None:
+                moves = [
+                    (aggregate, old, None)
+                    for aggregate, old in zip(aggregates, before, strict=True)
+                    if old is not None
+                ]
+            else:
+                moves = [
+                    (aggregate, old, new)
+                    for aggregate, old, new in zip(aggregates, before, after, strict=True)
+                    if (old is not None or new is not None) and not _stays(old, new)
+                ]
+            if moves:
+                checked.add_moves(moves, doc_id)
+        failure = checked.first_failure()
+        if failure is not None:
+            raise failure
+        if not written:  # nothing changed: nothing is written, the table's state included
+            return
+        checked.write()
+        prefix = self._prefix
+        for id_bytes, data in written:
+            wtx.set_doc(prefix + id_bytes, data)
+        self._count -= sum(data is None for _, data in written)
+        self._save_state(wtx)
 
     def delete_range(
         self,
