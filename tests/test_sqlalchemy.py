@@ -25,15 +25,26 @@ from sqlalchemy import (
     Numeric,
     Uuid,
     create_engine,
+    delete,
     event,
     func,
+    insert,
     inspect,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.mutable import MutableDict
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+    with_loader_criteria,
+)
 
 import tallytree
 from tallytree.sqlalchemy import Sync
@@ -306,7 +317,7 @@ def test_rolled_back_changes_are_never_applied(setup: Any) -> None:
         assert sync.verify(session)["loads"].ok
 
 
-def test_crash_window_and_bulk_statements_are_repaired(setup: Any, engine: Engine) -> None:
+def test_crash_window_and_statements_the_sync_cannot_see_are_repaired(setup: Any, engine: Engine) -> None:
     db, sync, by_status, factory = setup
     with factory() as session:
         session.add_all([Load(org=i % 3, status="open", amount=i) for i in range(30)])
@@ -315,7 +326,9 @@ def test_crash_window_and_bulk_statements_are_repaired(setup: Any, engine: Engin
         unseen.add(Load(org=9, status="open", amount=100))
         unseen.commit()
     with factory() as session:
-        session.execute(update(Load).where(Load.org == 1).values(status="paid"))  # bypasses flush events
+        loads = Load.__table__
+        # on the session's connection, not through session.execute(): no event fires
+        session.connection().execute(update(loads).where(loads.c.org == 1).values(status="paid"))
         session.commit()
         drift = sync.verify(session)["loads"]
         assert (drift.missing, drift.different, drift.extra) == (1, 10, 0)
@@ -339,7 +352,9 @@ def test_a_commit_inside_a_tallytree_write_is_refused_before_the_sql_commit(setu
             session.commit()
 
 
-def test_a_failed_tallytree_write_leaves_sql_committed_says_so_and_repair_fixes_it(engine: Engine) -> None:
+def test_a_failed_tallytree_write_refuses_the_sql_commit_and_a_failed_tallytree_commit_says_so(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with listening(engine, idempotent=False) as (db, sync, factory):
         strict = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
         with db.write() as tx:  # an item tallytree holds already: the strict insert fails
@@ -347,19 +362,34 @@ def test_a_failed_tallytree_write_leaves_sql_committed_says_so_and_repair_fixes_
         with factory() as session:
             session.add(Load(id=1, org=1, status="open", amount=1))
             with pytest.raises(tallytree.DuplicateItemError) as raised:
+                session.commit()  # applied before the SQL commit, which does not happen
+            assert "refused before the SQL commit" in str(raised.value.__notes__)
+            session.rollback()
+            assert session.scalar(select(func.count()).select_from(Load)) == 0
+        with factory() as session:
+            assert sync.verify(session)["loads"].extra == 1  # the stray item, and nothing else
+            sync.repair(session)
+            session.add(Load(id=2, org=1, status="paid", amount=2))
+            session.commit()
+            assert_in_sync(db, sync, strict, session, {(1, "paid"): (1, 2)})
+
+        # The tallytree commit itself, after the SQL commit, fails: said so, and repair fixes it.
+        def failing(self: Any) -> None:
+            self.abort()
+            raise tallytree.StorageError("the disk refused the commit")
+
+        monkeypatch.setattr(tallytree.sqlalchemy._Pending, "commit", failing)
+        with factory() as session:
+            session.add(Load(id=3, org=1, status="open", amount=3))
+            with pytest.raises(tallytree.StorageError) as raised:
                 session.commit()
             assert "SQL transaction was committed" in str(raised.value.__notes__)
             assert "Sync.repair" in str(raised.value.__notes__)
+        monkeypatch.undo()
         with factory() as session:  # the SQL commit stands
-            session.add(Load(id=2, org=1, status="paid", amount=2))
-            session.commit()
-            assert sync.verify(session)["loads"].ok  # the stray item happened to match the SQL row
-        with db.write() as tx:  # damage it again, then repair
-            strict.delete(tx, "paid", 2, namespace=1)
-        with factory() as session:
             assert sync.verify(session)["loads"].missing == 1
             sync.repair(session)
-            assert_in_sync(db, sync, strict, session, {(1, "open"): (1, 1), (1, "paid"): (1, 2)})
+            assert_in_sync(db, sync, strict, session, {(1, "open"): (1, 3), (1, "paid"): (1, 2)})
 
 
 def test_strict_mode_raises_on_drift(engine: Engine) -> None:
@@ -846,8 +876,10 @@ def test_updates_and_deletes_read_their_old_rows_and_inserts_read_nothing(setup:
     finally:
         event.remove(engine, "before_cursor_execute", record)
     assert synced[0] == baseline[0] == ["INSERT"]  # one executemany, and no SELECT
-    assert synced[1] == ["SELECT", *baseline[1]]  # the old rows of both updated Loads, in one statement
-    assert synced[2] == ["SELECT", *baseline[2]]  # the old row of the deleted one
+    # the old rows of both updated Loads, in one statement, in a transaction begun as SQLite's writer
+    # (pysqlite would begin it only at the UPDATE, after the read: see _lock_for_writing)
+    assert synced[1] == ["BEGIN", "SELECT", *baseline[1]]
+    assert synced[2] == ["BEGIN", "SELECT", *baseline[2]]  # the old row of the deleted one
 
 
 def test_a_uuid_id_is_its_str_in_changes_and_in_repair(engine: Engine) -> None:
@@ -862,7 +894,7 @@ def test_a_uuid_id_is_its_str_in_changes_and_in_repair(engine: Engine) -> None:
             row.org = "globex"
             session.commit()
             assert sync.verify(session)["typed_by_org"].ok
-            session.execute(update(Typed).values(org="initech"))  # bypasses the flush: repair it
+            session.connection().execute(update(Typed.__table__).values(org="initech"))  # unseen
             session.commit()
             assert sync.repair(session)["typed_by_org"].different == 1
             with db.read() as tx:
@@ -1225,7 +1257,7 @@ def test_the_old_rows_of_a_flush_are_read_in_one_statement_per_class(setup: Any,
             for load in loads:
                 session.delete(load)
             session.commit()
-            assert statements == ["SELECT", "DELETE"]  # one SELECT and one executemany DELETE
+            assert statements == ["BEGIN", "SELECT", "DELETE"]  # one SELECT and one executemany DELETE
         finally:
             event.remove(engine, "before_cursor_execute", record)
         rows = [(i % 3, "paid", i) for i in range(1, 1101)]
@@ -1437,11 +1469,13 @@ def test_a_commit_s_changes_reach_tallytree_as_one_batch(
             with pytest.raises(
                 tallytree.ItemNotFoundError, match="invoices_by_kind: the item of document 20 "
             ):
-                session.commit()
-        with factory() as session:  # SQL committed; tallytree wrote nothing of the commit
+                session.commit()  # refused before the SQL commit
+            session.rollback()
+        with factory() as session:  # nothing of the commit reached SQL or tallytree
             after = {name: (drift.actual, drift.missing) for name, drift in sync.verify(session).items()}
-            assert after == {"invoices_by_kind": (299, 2), "refunds_by_reason": (50, 0)}
+            assert after == {"invoices_by_kind": (299, 1), "refunds_by_reason": (50, 0)}
             assert before == [(299, 1), (50, 0)]
+            assert session.get(Invoice, 301) is None
 
 
 def test_dropping_an_aggregate_the_sync_still_syncs_is_refused_before_the_sql_commit(engine: Engine) -> None:
@@ -1479,3 +1513,145 @@ def test_dropping_an_aggregate_the_sync_still_syncs_is_refused_before_the_sql_co
             assert session.scalar(select(func.count()).select_from(Load)) == 2  # row 3 never committed
             with db.read() as tx:
                 assert per_org.count(tx) == 2 and tallytree.check(tx) == []
+
+
+# ---------------------------------------------------------------- ORM bulk statements
+# session.execute() of insert(), update() and delete() on a registered class fires no mapper event: the
+# Sync follows them through do_orm_execute (the rows read by primary key before and after), or refuses
+# them before they run (regressions from a user journey audit: each left drift only verify found).
+
+
+def test_orm_bulk_statements_reach_tallytree(setup: Any) -> None:
+    db, sync, by_status, factory = setup
+    with factory() as session:
+        session.add_all([Load(id=i, org=i % 3, status="open", amount=i) for i in range(1, 31)])
+        session.commit()
+        steps = [
+            lambda: session.execute(update(Load).where(Load.org == 0).values(status="paid")),
+            lambda: session.execute(update(Load).where(Load.id < 5).values(amount=Load.amount + 100)),
+            lambda: session.execute(update(Load), [{"id": 4, "amount": 999}, {"id": 5, "status": "void"}]),
+            lambda: session.execute(  # criteria in an option: the Sync's SELECT has them too
+                update(Load).values(status="void").options(with_loader_criteria(Load, Load.org == 1))
+            ),
+            lambda: session.execute(delete(Load).where(Load.amount > 25, Load.amount < 100)),
+            lambda: session.execute(insert(Load), [{"id": 100, "org": 9, "status": "open", "amount": 1}]),
+            lambda: session.execute(  # ids the database generates: returned by the INSERT
+                insert(Load),
+                [{"org": 9, "status": "paid", "amount": 2}, {"org": 9, "status": "paid", "amount": 3}],
+            ),
+            lambda: session.execute(insert(Load).values(org=8, status="void", amount=4)),
+            lambda: session.execute(insert(Load).values([{"org": 8, "status": "open", "amount": 5}])),
+            lambda: session.execute(
+                insert(Load).from_select(
+                    ["org", "status", "amount"],
+                    select(Load.org, Load.status, Load.amount).where(Load.org == 9),
+                )
+            ),
+            lambda: session.execute(
+                sqlite_insert(Load).on_conflict_do_nothing(),
+                [
+                    {"id": 100, "org": 7, "status": "void", "amount": 6},
+                    {"id": 500, "org": 7, "status": "open", "amount": 7},
+                ],
+            ),
+        ]
+        for step in steps:
+            step()
+            session.commit()
+            assert_in_sync(db, sync, by_status, session, sql_counts(session))
+        # the caller's own RETURNING rows are still there
+        returned = session.execute(update(Load).where(Load.org == 7).values(status="paid").returning(Load.id))
+        assert returned.scalars().all() == [500]  # (100 was there: DO NOTHING)
+        rows = session.execute(delete(Load).where(Load.org == 8).returning(Load.amount)).scalars().all()
+        assert sorted(rows) == [4, 5]
+        session.commit()
+        assert_in_sync(db, sync, by_status, session, sql_counts(session))
+
+
+def test_bulk_statements_reach_tallytree_at_the_commit_of_their_transaction(
+    savepoint_engine: Engine,
+) -> None:
+    with listening(savepoint_engine, idempotent=False) as (db, sync, factory):
+        by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
+        with factory() as session:
+            session.add_all([Load(id=i, org=1, status="open", amount=i) for i in range(1, 5)])
+            session.commit()
+            session.execute(update(Load).where(Load.id == 1).values(status="paid"))
+            with db.read() as tx:
+                assert by_status.count(tx, namespace=1, eq="paid") == 0  # not committed: nothing yet
+            nested = session.begin_nested()
+            session.execute(update(Load).where(Load.id == 2).values(status="void"))
+            nested.rollback()  # its change goes with it
+            with session.begin_nested():
+                session.execute(delete(Load).where(Load.id == 3))  # released: kept
+            session.get(Load, 4).amount = 40  # type: ignore[union-attr]  # and a flushed change
+            session.commit()
+            expected = {(1, "paid"): (1, 1), (1, "open"): (2, 42)}
+            assert_in_sync(db, sync, by_status, session, expected)
+            session.execute(update(Load).values(status="void"))
+            session.rollback()
+            assert_in_sync(db, sync, by_status, session, expected)
+
+
+def test_bulk_statements_the_sync_cannot_follow_are_refused_before_they_run(engine: Engine) -> None:
+    with listening(engine) as (db, sync, factory):
+        by_status = sync.register(Load).aggregate("loads", namespace="org", key="status", values=("amount",))
+        sync.register(Refund).aggregate("refunds", key="reason")
+        with factory() as session:
+            session.add_all([Load(id=1, org=1, status="open", amount=1), Refund(id=1, total=1, reason="x")])
+            session.commit()
+            loads = Load.__table__
+            refused = [
+                (update(loads).where(loads.c.id == 1).values(status="paid"), None, "update\\(Load\\)"),
+                (delete(loads), None, "ORM statement"),
+                (insert(loads), [{"id": 2, "org": 1, "status": "open", "amount": 2}], "ORM statement"),
+                (
+                    sqlite_insert(Load).on_conflict_do_update(index_elements=["id"], set_={"status": "void"}),
+                    [{"id": 1, "org": 1, "status": "open", "amount": 1}],
+                    "session.merge",
+                ),
+                (insert(Load).returning(Load.amount), [{"org": 1, "status": "open", "amount": 3}], "own"),
+                (update(Invoice).values(total=5), None, "registered subclass"),
+                (update(LoadView).values(status="void"), None, "write through Load"),
+            ]
+            for statement, params, match in refused:
+                with pytest.raises(tallytree.InvalidArgumentError, match=match) as raised:
+                    session.execute(statement, params)
+                assert "nothing was executed" in str(raised.value)
+            session.commit()
+            assert session.scalars(select(Load.status)).all() == ["open"]
+            assert session.scalars(select(Invoice.total)).all() == [1]
+            assert_in_sync(db, sync, by_status, session, {(1, "open"): (1, 1)})
+            # what the Sync does not see at all: statements on the session's connection (repair after)
+            session.connection().execute(update(loads).values(status="void"))
+            session.commit()
+            assert sync.repair(session)["loads"].different == 1
+
+
+def test_a_bulk_statement_that_ran_and_cannot_be_followed_blocks_the_commit_until_a_rollback(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, sync, by_status, factory = setup
+    with factory() as session:
+        session.add_all([Load(id=i, org=1, status="open", amount=i) for i in (1, 2)])
+        session.commit()
+        with pytest.raises(tallytree.TransactionError, match="changed its primary key") as raised:
+            session.execute(update(Load).where(Load.id == 1).values(id=100))
+        assert "roll the session back" in str(raised.value.__notes__)
+        with pytest.raises(tallytree.TransactionError, match="roll the session back"):
+            session.commit()  # the UPDATE ran: committing it would leave drift
+        session.rollback()
+        assert session.scalars(select(Load.id).order_by(Load.id)).all() == [1, 2]
+
+        # rows another transaction commits between the Sync's read and the statement: the count differs
+        selected = Sync._selected
+        monkeypatch.setattr(Sync, "_selected", lambda *args: selected(*args)[:1])
+        with pytest.raises(tallytree.TransactionError, match="wrote 2 row\\(s\\) where 1 matched"):
+            session.execute(update(Load).values(status="paid"))
+        monkeypatch.undo()
+        with pytest.raises(tallytree.TransactionError):
+            session.commit()
+        session.rollback()
+        session.execute(update(Load).values(status="paid"))  # after the rollback: as usual
+        session.commit()
+        assert_in_sync(db, sync, by_status, session, {(1, "paid"): (2, 3)})

@@ -1,4 +1,4 @@
-"""SQLAlchemy integration: keep aggregates in sync with mapped classes, after each SQL commit.
+"""SQLAlchemy integration: keep aggregates in sync with mapped classes, in the order SQL commits.
 
 Needs the ``sqlalchemy`` extra (``pip install 'tallytree[sqlalchemy]'``, SQLAlchemy 2).
 
@@ -7,17 +7,20 @@ Design
 :class:`Sync` registers mapped classes, each with a :class:`~tallytree.ChangeHandler` whose aggregates
 are defined by the usual extractors over the row's column values (a dict of column attribute name to
 value, but the columns ``register(exclude=...)`` leaves out). The rows come from the unit of work, row
-by row, through the mapper events of each registered class's hierarchy; the session events decide
-when they reach tallytree:
+by row, through the mapper events of each registered class's hierarchy, and from ORM bulk statements
+(``do_orm_execute``, below); the session events, and the ``commit`` event of the engines the
+sessions commit on, decide when they reach tallytree:
 
 * ``before_flush`` (session) opens a record for the flush (the mapper events of sessions this Sync
   does not listen to find none and do nothing), and reads the OLD rows of the instances of
   registered classes the flush will update or delete, before any statement of the flush runs: from
   the database, by the primary key they have there, on the flush's own connection, in its
   transaction, ``SELECT ... FOR UPDATE`` (PostgreSQL, MySQL, Oracle lock the rows until the commit;
-  SQLite ignores the clause: its writers are serialized, though pysqlite's default handling runs a
-  transaction's first statement, when it is this read, before its own ``BEGIN``; SQLAlchemy's recipe
-  that emits ``BEGIN`` itself closes that gap). One ``WHERE pk IN (...)`` statement per registered
+  SQLite ignores the clause: its writers are serialized, but pysqlite's default handling would run
+  this read, the transaction's first statement, before its own ``BEGIN``, outside any transaction,
+  where it could read a row as it was before another session's commit that the flush's UPDATE then
+  waits for; so on SQLite a transaction not begun yet is begun first with ``BEGIN IMMEDIATE``, which
+  waits for that commit: see :func:`_lock_for_writing`). One ``WHERE pk IN (...)`` statement per registered
   class (at most 500 keys each) for a single-column primary key; one by one otherwise. Not the
   session's copy: another session may have committed a change to the row since this one loaded it,
   and a mutable value edited in place (a ``MutableDict`` JSON column) has no old value in the
@@ -45,7 +48,8 @@ when they reach tallytree:
   aggregates (SQLAlchemy fires the events of the instance's class only): delete it and add the new
   class's instance in one flush, a row switch, instead;
 * ``after_flush`` (session) turns the flush's rows into :class:`~tallytree.Change` objects, queued on
-  the session with the SQL transaction they belong to: the removals first, then the updates, then the
+  the session with the SQL transaction they belong to (and notes the session's connections, whose
+  COMMIT will apply them): the removals first, then the updates, then the
   additions (a flush holds each old id and each new id once, and only a removal and an addition of the
   same id depend on their order); an update that changes the document id is a delete of the old id and
   an insert of the new one, since items are keyed by id. It also extracts every change's items now, so
@@ -59,25 +63,71 @@ when they reach tallytree:
 * ``after_soft_rollback`` (every rollback: of a SAVEPOINT, or of the whole transaction): the changes
   queued inside the rolled-back transaction (and the SAVEPOINTs in it) are dropped, so nothing reaches
   tallytree for a rolled-back transaction; a rolled-back SAVEPOINT drops only its own changes;
+* ``do_orm_execute`` (session): ``session.execute()`` of an ORM ``insert()``, ``update()`` or
+  ``delete()`` of a registered class is followed (see :meth:`Sync._bulk`): the primary keys of the
+  rows it writes are selected with its criteria before it runs (FOR UPDATE), named by its parameters,
+  or returned by the INSERT (``RETURNING``, added to it); the rows of those keys are read before and
+  after it, and their difference is queued as the flush's changes are. What cannot be followed is
+  refused before it runs (InvalidArgumentError, saying what to write instead): an INSERT that neither
+  names nor can return its keys, an upsert that may update (``ON CONFLICT DO UPDATE``), a statement
+  on a class with registered subclasses or on a registered table through another class, and a Core
+  statement on a registered table through ``session.execute()``; and what turns out wrong after it
+  ran (a WHERE statement that wrote another number of rows than it matched a moment before, an
+  UPDATE that moved a row to another primary key) raises TransactionError and makes the session's
+  commit refused until it rolls back. A SELECT costs three attribute tests;
 * ``before_commit``: a commit with changes to apply inside ``with db.write()`` in the same thread, or
   once the database is closed, is refused (TransactionError) before anything is committed: the
-  tallytree write that follows the SQL commit could not open. So is a commit (or, in ``after_flush``,
+  tallytree write held across the SQL commit could not open. So is a commit (or, in ``after_flush``,
   a flush) with changes for an aggregate a handler still registers that ``db.drop_aggregate``
   dropped in this process: ``handler.detach(name)`` first (the queued changes skip it then), and one
   with changes for an aggregate redefined since its handler registered it, by any process. A drop
   cannot be refused instead, as tables refuse it: handlers are plain objects with no close, so the
   database cannot tell a live handler from one the program let go of (a Sync's handlers live in
   reference cycles until the garbage collector runs);
-* ``after_commit``: SQLAlchemy fires it for a released SAVEPOINT too, and then nothing happens: the
-  SAVEPOINT's changes stay queued with the enclosing transaction, and go with it if it rolls back. At
-  the outermost commit (after the database committed) the queued changes are applied in one tallytree
-  write transaction, in order, as one batch (the path of ``ChangeHandler.apply_many``: checked first,
-  then written per tree in sorted merges), with ``idempotent=True`` by default. Outermost is the
-  session's: a session joined to a connection whose transaction its caller ends later
-  (``join_transaction_mode``) applies at its own commit;
-* ``after_transaction_end`` of the outermost transaction: whatever is still queued is dropped (a
-  ``session.close()`` ends the transaction without a rollback event), so a session used again after a
-  close starts with an empty queue.
+* ``commit`` (engine: fired when a connection is about to send COMMIT, after every ``before_commit``
+  listener and the commit's last flush): when it is the COMMIT of a session with changes queued,
+  the tallytree write transaction is opened (waiting for the writer lock, LMDB's, which serializes
+  writers across threads and processes) and the changes are applied in it, in order, as one batch
+  (the path of ``ChangeHandler.apply_many``: checked first, then written per tree in sorted merges),
+  with ``idempotent=True`` by default; the write stays open, holding the lock, while SQL commits. A
+  change that fails (strict mode, on drift) aborts it and raises: the COMMIT is not sent, nothing is
+  committed anywhere. ``handle_error`` (engine): a COMMIT that fails aborts that write at once (the
+  session fires nothing until it is rolled back or closed);
+* ``after_commit`` (inserted first among the session's listeners): the write held across the SQL
+  commit is committed. So the tallytree commits of sessions with changes happen in the order of their
+  SQL commits: a session's SQL COMMIT happens while it holds the writer lock, which the next one takes
+  only after this commit. SQLAlchemy fires ``after_commit`` for a released SAVEPOINT too, and then
+  nothing happens: the SAVEPOINT's changes stay queued with the enclosing transaction, and go with it
+  if it rolls back. Changes still queued at the outermost ``after_commit`` (``Sync(ordered=False)``; a
+  session joined to a connection whose transaction its caller ends later, ``join_transaction_mode``,
+  which sends no COMMIT; a two-phase commit) are applied then, in a write transaction of their own,
+  after the SQL commit and without the ordering;
+* ``after_soft_rollback`` and ``after_transaction_end`` of the outermost transaction also abort a write
+  still held (the COMMIT failed); at the end of the outermost transaction whatever is still queued is
+  dropped (a ``session.close()`` ends the transaction without a rollback event), so a session used
+  again after a close starts with an empty queue.
+
+Ordering, and its limits. Two sessions changing the same row reach tallytree in the order SQL committed
+them, and each change starts from the row as the previous commit left it: its old row is read in its
+flush with the row locked (FOR UPDATE; SQLite's write lock, taken before the read), so no other
+transaction commits a change to the row between that read and this commit, and the previous commit's
+tallytree write was committed before this commit's opens. This needs: row locks from ``FOR UPDATE``
+(PostgreSQL, MySQL/MariaDB InnoDB, Oracle), or SQLite through pysqlite (or a driver that
+begins its transaction before the first read); a database whose ``FOR UPDATE`` locks nothing may hand a
+change a stale old row: strict mode then refuses the commit (nothing committed), idempotent mode may
+leave drift for verify. No deadlock arises from the lock order: a session takes the writer lock only
+after its flushes (its row locks, SQLite's write lock) and while holding it waits only for its own
+COMMIT, which waits for no row lock; but SQL that waits for a row lock while holding the writer lock
+can deadlock with a session that holds the row and waits for the writer: a ``db.write()`` block that
+writes SQL rows other sessions change, a COMMIT that checks deferred constraints against rows another
+transaction holds (PostgreSQL ``DEFERRABLE`` constraints: set ``lock_timeout``). The writer lock is
+held for the length of the SQL COMMIT, so the commits of sessions with changes are serialized
+(SQLite's are anyway). Green threads (gevent, eventlet) and asyncio run many sessions in one OS
+thread, and the write is held while the COMMIT waits for I/O: under asyncio a second session's
+commit meanwhile is refused (a write is open in the thread), under gevent it would block the thread
+on LMDB's lock, a deadlock (neither is tested here). Use ``Sync(db, ordered=False)`` there: it
+applies each commit's changes after its SQL commit, without holding anything across it, and without
+the ordering (run verify on a schedule).
 
 Each :class:`Sync` keeps its own queue per session, so several can listen to the same sessions (each
 reads the old rows it needs). An instance of a subclass of a registered class (single-table or joined
@@ -103,11 +153,19 @@ followed only if its column says so (``server_default=FetchedValue()`` /
 
 Cost: the old rows of a flush's updated and deleted rows (those whose registered columns change) in
 one SELECT per registered class, on the flush's connection (an index lookup per row; on PostgreSQL
-row locks the UPDATE takes anyway); none for an insert. Measured on SQLite (a file, 1,000 rows,
-medians of 40 alternating rounds in one process, five runs on a shared 2-core machine), a flush
-updating 100 rows took 0.51 to 0.77 times as long as with one SELECT per row (e.g. 11.0 ms against
-16.5 ms, and 5.8 ms without a Sync; the whole commit 0.70 to 0.84 times); a one-row flush, read by
-its own event as before, is not slower (0.88 times, within the noise; 0.6 to 0.7 ms).
+row locks the UPDATE takes anyway; on SQLite a ``BEGIN IMMEDIATE`` before it); none for an insert.
+Measured on SQLite (a file, 1,000 rows, medians of 40 alternating rounds in one process, five runs on
+a shared 2-core machine), a flush updating 100 rows took 0.51 to 0.77 times as long as with one
+SELECT per row (e.g. 11.0 ms against 16.5 ms, and 5.8 ms without a Sync; the whole commit 0.70 to
+0.84 times); a one-row flush, read by its own event as before, is not slower (0.88 times, within the
+noise; 0.6 to 0.7 ms). An ORM bulk statement: one SELECT of its primary keys (an UPDATE or DELETE
+with criteria), and the rows read by primary key before and after it (500 keys per statement). The
+ordering: 1,000 sessions committing one insert each (SQLite file, LMDB, five alternating runs of
+each) took 1.03 to 1.09 times as long as when the changes were applied after the SQL commit
+(median 1.07, about 50 us a commit, most of it SQLAlchemy dispatching engine events at all: an
+empty engine ``commit`` listener costs the old code about 40 us) with SQLite's and tallytree's
+fsyncs off, and the same within the noise of the fsyncs with them on (0.88 to 1.23, median 1.04;
+1.5 to 1.8 ms a commit).
 Setting an expired attribute loads nothing.
 
 Types, checked before anything is committed: a document id is a str, int or bytes, so
@@ -121,20 +179,21 @@ SQLite or MySQL, which store no offset and load naive datetimes, is refused at t
 column set to an int is held as the float it loads as. Functions of the row and ``TypeDecorator``
 columns are checked row by row in the flush.
 
-The crash window: the SQL commit and the tallytree commit are two commits. If the process dies (or the
-tallytree write fails) after the first and before the second, those changes are in SQL but not in
-tallytree; a failed tallytree write raises from ``session.commit()`` after the SQL commit, its
-exception noting that SQL committed and tallytree lags (close that session: SQLAlchemy refuses further
-SQL in it). Nothing is lost for good: :meth:`Sync.verify` compares every aggregate with a query over
-the table and reports the drift, and :meth:`Sync.repair` fixes it (one transaction per registered
-class); run it at startup, after a crash, or on a schedule (it reports zero drift when nothing went
-wrong).
+The crash window: the SQL commit and the tallytree commit are two commits. The changes are applied
+before the SQL COMMIT (a change that fails refuses it), and committed to tallytree right after it. If
+the process dies between the two, or the tallytree commit itself fails (a disk error), those changes
+are in SQL but not in tallytree; a failed tallytree commit raises from ``session.commit()`` after the
+SQL commit, its exception noting that SQL committed and tallytree lags (close that session:
+SQLAlchemy refuses further SQL in it). Nothing is lost for good: :meth:`Sync.verify` compares every
+aggregate with a query over the table and reports the drift, and :meth:`Sync.repair` fixes it (one
+transaction per registered class); run it at startup, after a crash, or on a schedule (it reports zero
+drift when nothing went wrong).
 
-Not seen either, since no mapper event fires for them (verify reports their drift, repair fixes
-it): ORM bulk statements (``session.execute(insert(Model), [...])``,
-``session.execute(update(Model)...)``, also by primary key with a list of dicts, ``delete(Model)``),
-``bulk_save_objects``, ``bulk_insert_mappings``, ``bulk_update_mappings``, Core and ``text()``
-statements, rows the database changes itself (``ON DELETE CASCADE`` / ``SET NULL`` with
+Not seen either, since neither a mapper event nor ``do_orm_execute`` fires for them (verify reports
+their drift, repair fixes it): ``bulk_save_objects``, ``bulk_insert_mappings``, ``bulk_update_mappings``
+(legacy: use ``session.execute(insert(Model), [...])`` / ``update(Model)``, which are followed),
+statements run on a connection (``session.connection().execute(...)``, ``engine.connect()``),
+``text()`` statements, rows the database changes itself (``ON DELETE CASCADE`` / ``SET NULL`` with
 ``passive_deletes=True``, ``ON UPDATE CASCADE`` of children not loaded, triggers), sessions this Sync
 does not listen to, and other programs: repair after them.
 
@@ -175,7 +234,7 @@ Usage (tested in ``tests/test_sqlalchemy.py``)::
         session.add_all([Invoice(org=1, status="open", total=5), Invoice(org=1, status="open", total=7)])
         session.commit()
         session.get(Invoice, 1).status = "paid"
-        session.commit()                      # tallytree is updated after each SQL commit
+        session.commit()                      # tallytree commits with each SQL commit, in its order
 
     with db.read() as tx:
         by_status.count(tx, namespace=1, eq="open"), by_status.totals(tx, namespace=1).total  # (1, 12)
@@ -192,6 +251,7 @@ import copy
 import datetime
 import functools
 import importlib
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -220,6 +280,8 @@ __all__ = ["Sync"]
 
 _QUEUE = "tallytree.changes"
 _FLUSH = "tallytree.flush"
+_WRITE = "tallytree.write"  # session.info[(_WRITE, db)]: the _Pending write of the session's commit
+_BROKEN = "tallytree.broken"  # session.info[(_BROKEN, sync)]: (transaction, why its commit is refused)
 # Dialects whose drivers load DateTime(timezone=True) columns back as naive datetimes (no offset stored).
 _NAIVE_DIALECTS = frozenset({"sqlite", "mysql", "mariadb"})
 _KEY_TYPES = (int, float, str, bytes, datetime.datetime)  # bool is an int; tuples come from several columns
@@ -262,6 +324,30 @@ def _python_type(column: Any) -> type | None:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _lock_for_writing(connection: Any) -> None:
+    """Make the transaction of ``connection`` a writer before it reads rows it is about to write.
+
+    pysqlite's default ("legacy") transaction handling emits its ``BEGIN`` only before the first
+    INSERT, UPDATE or DELETE, so a flush's first statement, the read of its old rows, would run
+    outside any transaction: it could read a row as it was before another session's commit that its
+    UPDATE then waits for, and the change would start from a stale old row. ``BEGIN IMMEDIATE`` takes
+    SQLite's write lock first (waiting for the other writer's commit, as the UPDATE would a moment
+    later), so the old rows read are the ones the UPDATE replaces. Nothing for other dialects (their
+    ``SELECT ... FOR UPDATE`` locks the rows), a transaction already begun, or a driver in autocommit
+    mode (``isolation_level=None``, or Python 3.12's ``autocommit=``). O(1)."""
+    if connection.dialect.name != "sqlite":
+        return
+    driver = getattr(connection.connection, "driver_connection", None)
+    if (
+        getattr(driver, "in_transaction", True)
+        or getattr(driver, "isolation_level", None) is None
+        or getattr(driver, "autocommit", -1) != -1  # sqlite3.LEGACY_TRANSACTION_CONTROL
+    ):
+        return
+    level = str(getattr(driver, "isolation_level", "")).upper()
+    connection.exec_driver_sql("BEGIN EXCLUSIVE" if level == "EXCLUSIVE" else "BEGIN IMMEDIATE")
 
 
 def _describe(identity: Sequence[Any]) -> str:
@@ -417,6 +503,7 @@ class _Registration:
     def read(self, connection: Any, identity: Sequence[Any]) -> Row | None:
         """The row with primary key ``identity`` as the database holds it now, in ``connection``'s
         transaction; None when it is gone."""
+        _lock_for_writing(connection)
         values = connection.execute(
             self.select, {f"pk{i}": value for i, value in enumerate(identity)}
         ).first()
@@ -427,12 +514,35 @@ class _Registration:
         in ``connection``'s transaction, FOR UPDATE; a key the result lacks is gone, or compares
         differently in Python and SQL (a case-insensitive collation): read it alone."""
         assert self.select_many is not None and self.primary_key_index is not None
+        _lock_for_writing(connection)
         rows: dict[Any, Row] = {}
         keys = [identity[0] for identity in identities]
         for start in range(0, len(keys), _CHUNK):
             for values in connection.execute(self.select_many, {"pks": keys[start : start + _CHUNK]}):
                 rows[values[self.primary_key_index]] = dict(zip(self.columns, values, strict=True))
         return rows
+
+    def read_rows(
+        self, connection: Any, identities: Sequence[tuple[Any, ...]], *, gone: bool = False
+    ) -> dict[tuple[Any, ...], Row]:
+        """The rows of these primary keys the database holds now, by primary key tuple, FOR UPDATE: in
+        ``WHERE pk IN (...)`` statements for a single-column primary key, one by one otherwise. A key
+        the batch lacks is read alone (a collation may compare it differently), unless ``gone`` (the
+        rows are expected to be gone: a key the batch lacks is). O(rows)."""
+        if not identities:
+            return {}
+        found: dict[tuple[Any, ...], Row] = {}
+        if self.select_many is not None and len(identities) > 1:
+            for key, row in self.read_many(connection, identities).items():
+                found[(key,)] = row
+            if gone:
+                return found
+        for identity in identities:
+            if identity not in found:
+                alone = self.read(connection, identity)
+                if alone is not None:
+                    found[identity] = alone
+        return found
 
     def post_updated(self) -> dict[str, str]:
         """The registered columns that a relationship with ``post_update=True`` (of any class mapped in
@@ -625,6 +735,46 @@ class _Flush:
         self.prefetched: dict[Any, Row | None] = {}
 
 
+class _Pending:
+    """The tallytree write transaction of a session's commit: opened once the commit has flushed (it
+    waits for the writer lock, LMDB's, across threads and processes), given the commit's changes,
+    and held across the SQL commit; committed in ``after_commit``, aborted on a rollback, on the end
+    of the transaction, or when the SQL commit fails (``handle_error``). Shared by the Syncs of one
+    database listening to the session (``session.info[(_WRITE, db)]``)."""
+
+    __slots__ = ("changes", "connections", "context", "tx")
+
+    def __init__(self, db: Database) -> None:
+        self.context: Any = db.write()
+        self.tx = self.context.__enter__()  # waits while another writer holds the lock
+        self.connections: frozenset[Any] = frozenset()  # the SQL connections whose commit it follows
+        self.changes = 0
+
+    @property
+    def open(self) -> bool:
+        return self.context is not None
+
+    def commit(self) -> None:
+        context, self.context = self.context, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        context, self.context = self.context, None
+        if context is not None:
+            try:
+                self.tx.abort()
+            finally:
+                context.__exit__(None, None, None)  # the transaction has ended: this releases the lock
+
+
+def _connections_of(session: Any) -> frozenset[Any]:
+    """The SQL connections of the session's outermost transaction, whose commit it is (SQLAlchemy
+    keeps them in ``SessionTransaction._connections``: bind -> (connection, transaction, ...))."""
+    connections = getattr(session.get_transaction(), "_connections", None) or {}
+    return frozenset(value[0] for value in connections.values())
+
+
 def _refuse_dropped(handler: ChangeHandler) -> None:
     """TransactionError for an aggregate the handler syncs that was dropped since (``db.drop_aggregate``
     in this process), SchemaMismatchError for one redefined since: the tallytree write after the SQL
@@ -650,6 +800,23 @@ def _refuse_dropped(handler: ChangeHandler) -> None:
             )
 
 
+def _engine_hooks(sync: weakref.ref[Sync]) -> list[tuple[str, Callable[[Any], None]]]:
+    """An engine's ``commit`` and ``handle_error`` listeners, holding their Sync weakly (see
+    :meth:`Sync._watch`)."""
+
+    def commit(connection: Any) -> None:
+        live = sync()
+        if live is not None:
+            live._on_commit(connection)
+
+    def handle_error(context: Any) -> None:
+        live = sync()
+        if live is not None:
+            live._on_error(context)
+
+    return [("commit", commit), ("handle_error", handle_error)]
+
+
 def _mapper_hook(sync: weakref.ref[Sync], name: str) -> Callable[[Any, Any, Any], None]:
     """A mapper event listener that holds its Sync weakly: the mapper registry, which keeps listeners
     for good, must not keep a Sync (and its database) alive; a Sync that is gone does nothing."""
@@ -663,16 +830,45 @@ def _mapper_hook(sync: weakref.ref[Sync], name: str) -> Callable[[Any, Any, Any]
 
 
 class Sync:
-    """Applies the changes of registered mapped classes to tallytree after each SQL commit.
+    """Applies the changes of registered mapped classes to tallytree with each SQL commit, in the order
+    SQL commits them.
 
-    Listens to the sessions given to :meth:`listen`, and to the mapper events of the registered
-    classes while it listens to any; :meth:`close` (or the end of a ``with Sync(db) as sync:`` block)
-    removes every listener it installed."""
+    Listens to the sessions given to :meth:`listen`, to the mapper events of the registered classes
+    while it listens to any, and to the ``commit`` and ``handle_error`` events of the engines those
+    sessions commit changes on; :meth:`close` (or the end of a ``with Sync(db) as sync:`` block)
+    removes every listener it installed.
 
-    def __init__(self, db: Database, *, idempotent: bool = True) -> None:
+    ``idempotent=True`` (the default) applies each change as ``ChangeHandler.apply(...,
+    idempotent=True)`` does: an old item already gone, or a new one already there, is fine (tallytree
+    catching up after a crash). ``idempotent=False`` is strict: a change whose old item tallytree does
+    not hold (drift) raises, and the SQL commit does not happen. ``ordered=True`` (the default) applies
+    a commit's changes just before its SQL COMMIT and commits them just after it, holding tallytree's
+    writer lock across it, so that commits reach tallytree in SQL's order; ``ordered=False`` applies
+    them after the SQL commit, in a write of their own, for green threads and asyncio (see the module
+    docstring, "Ordering"). Raises ArgumentTypeError for a flag that is not a bool.
+
+    Example::
+
+        sync = Sync(db)                    # strict: Sync(db, idempotent=False)
+        sync.register(Invoice).aggregate("by_status", key="status", values=("total",))
+        sync.listen(Session)
+    """
+
+    def __init__(self, db: Database, *, idempotent: bool = True, ordered: bool = True) -> None:
         check_flag(idempotent, "idempotent")
+        check_flag(ordered, "ordered")
         self._db = db
         self._idempotent = idempotent
+        self._ordered = ordered
+        # The engines whose commit and handle_error events this Sync listens to (see _watch), with
+        # the listeners; the connections of the sessions with changes queued, each with its session
+        # (weakly: a connection object lasts one session transaction); and, per thread, the writes
+        # held across an SQL commit (``writes``).
+        self._engines: weakref.WeakKeyDictionary[Any, list[tuple[str, Callable[[Any], None]]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._committing: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+        self._held = threading.local()
         self._registrations: dict[type, _Registration] = {}
         # The registrations an instance of a class reaches: every registered class in its MRO, nearest
         # first; cached per class, cleared by register.
@@ -687,6 +883,9 @@ class Sync:
         # are refused in the flush), by base mapper; computed at the first flush after a change.
         self._foreign: dict[Any, list[tuple[_Registration, frozenset[Any]]]] = {}
         self._discriminators: dict[Any, str | None] = {}
+        # The tables of the registered classes, each with a registered class mapping it (for Core
+        # statements on them; computed with _foreign).
+        self._tables: dict[Any, _Registration] = {}
         self._checked = False
         self._closed = False
 
@@ -810,7 +1009,9 @@ class Sync:
             return
         event = _sqlalchemy().event
         for name, function in self._listeners():
-            event.listen(target, name, function)
+            # after_commit first: the tallytree write held across the SQL commit is committed before
+            # the session's other after_commit listeners run (one may write tallytree itself)
+            event.listen(target, name, function, insert=name == "after_commit")
         try:
             reference: Callable[[], Any] = weakref.ref(target)
         except TypeError:  # not weakly referenceable: held until remove or close
@@ -838,7 +1039,8 @@ class Sync:
         of the registered classes); then :meth:`listen` and :meth:`register` raise TransactionError,
         while :meth:`verify` and :meth:`repair` still work. Changes a session flushed and commits
         after this are not applied: close when no session it listens to is in a transaction (at
-        shutdown), or repair after. Idempotent. O(targets + registered classes).
+        shutdown; a commit under way between its SQL COMMIT and its ``after_commit`` would keep
+        tallytree's writer lock), or repair after. Idempotent. O(targets + registered classes).
 
         Example::
 
@@ -885,6 +1087,10 @@ class Sync:
             for name, hook in hooks:
                 event.remove(base, name, hook)
         self._hooks.clear()
+        for engine, hooks in list(self._engines.items()):
+            for name, hook in hooks:
+                event.remove(engine, name, hook)
+        self._engines.clear()
 
     def _listeners(self) -> list[tuple[str, Callable[..., None]]]:
         return [
@@ -894,6 +1100,7 @@ class Sync:
             ("before_commit", self._before_commit),
             ("after_commit", self._after_commit),
             ("after_transaction_end", self._after_transaction_end),
+            ("do_orm_execute", self._do_orm_execute),
         ]
 
     # ------------------------------------------------------------ events
@@ -1148,9 +1355,12 @@ class Sync:
         those defined after register): refuse post_update relationships on registered columns, and
         find the classes outside the registered hierarchies that map a registered table."""
         foreign: dict[Any, list[tuple[_Registration, frozenset[Any]]]] = {}
+        self._tables = {}
         for registration in self._registrations.values():
             registration.refuse_post_updates()
             tables = frozenset(registration.mapper.tables)
+            for table in tables:
+                self._tables.setdefault(table, registration)
             for other in registration.mapper.registry.mappers:
                 shared = tables & set(other.tables)
                 if shared and other.base_mapper is not registration.mapper.base_mapper:
@@ -1198,7 +1408,6 @@ class Sync:
             return
         if self._foreign:
             self._refuse_foreign_writes(session)
-        transaction = session.get_nested_transaction() or session.get_transaction()
         # Removals before updates before additions: a flush holds each old id and each new id once,
         # and only a removal and an addition of the same id (a row switch, a primary key moved onto a
         # deleted row's) depend on their order.
@@ -1233,10 +1442,28 @@ class Sync:
             for registration in matches:
                 new = registration.project(new_row)
                 additions.append((registration.handler, Change.insert(registration.row_id(new), new)))
-        changes = [*removals, *updates, *additions]
-        if changes:
-            self._check_changes(changes)
-            self._queue(session).extend((transaction, handler, change) for handler, change in changes)
+        self._enqueue(session, [*removals, *updates, *additions])
+
+    def _enqueue(self, session: Any, changes: list[tuple[ChangeHandler, Change]]) -> None:
+        """Check the changes of a flush or of an ORM bulk statement (see :meth:`_check_changes`) and
+        queue them on the session, tagged with its innermost transaction; in the commit itself (a
+        flush of the commit), apply them at once."""
+        if not changes:
+            return
+        self._check_changes(changes)
+        transaction = session.get_nested_transaction() or session.get_transaction()
+        self._queue(session).extend((transaction, handler, change) for handler, change in changes)
+        if self._ordered:  # the SQL COMMIT of these connections applies the queue first
+            self._follow_commit(session)
+
+    def _follow_commit(self, session: Any) -> None:
+        """Have the SQL COMMIT of the session's connections call :meth:`_on_commit` first."""
+        committing = self._committing
+        for connection in _connections_of(session):
+            known = committing.get(connection)
+            if known is None or known() is not session:
+                committing[connection] = weakref.ref(session)
+                self._watch(connection.engine)
 
     def _check_changes(self, changes: list[tuple[ChangeHandler, Change]]) -> None:
         """Extract the items of every change now, in the flush, so that a row the aggregates cannot
@@ -1268,9 +1495,14 @@ class Sync:
             raise
 
     def _after_soft_rollback(self, session: Any, previous_transaction: Any) -> None:
-        session.info.pop((_FLUSH, self), None)
-        queue = session.info.get(self._queue_key())
-        if not queue:
+        info = session.info
+        info.pop((_FLUSH, self), None)
+        # A rollback while a write is held for the commit (the COMMIT failed, and handle_error did
+        # not say so): the write goes.
+        self._abort_write(session)
+        broken = info.get((_BROKEN, self))
+        queue = info.get(self._queue_key())
+        if not queue and broken is None:
             return
 
         def inside(transaction: Any) -> bool:
@@ -1280,27 +1512,35 @@ class Sync:
                 transaction = transaction.parent
             return False
 
-        # A rolled-back SAVEPOINT drops the changes queued in it and in the SAVEPOINTs inside it
-        # (released or not), and keeps those of the enclosing transactions.
-        queue[:] = [entry for entry in queue if not inside(entry[0])]
+        if broken is not None and inside(broken[0]):  # the statement that broke it was rolled back
+            del info[(_BROKEN, self)]
+        if queue:
+            # A rolled-back SAVEPOINT drops the changes queued in it and in the SAVEPOINTs inside it
+            # (released or not), and keeps those of the enclosing transactions.
+            queue[:] = [entry for entry in queue if not inside(entry[0])]
 
     def _before_commit(self, session: Any) -> None:
-        # The changes are applied in a tallytree write transaction after the SQL commit; one already
-        # open in this thread, or a closed database, would make that fail after the SQL commit.
-        # Refuse now, while nothing is committed. (Fired for a SAVEPOINT's release too, which applies
-        # nothing.)
+        # Refuse, while nothing is committed, what would make the tallytree write fail. (Fired for
+        # a SAVEPOINT's release too, which applies nothing.)
         if session.in_nested_transaction():
             return
-        queue = session.info.get(self._queue_key())
-        closed = getattr(self._db, "_closed", False)
-        writing = getattr(self._db._local, "writing", False)
+        info = session.info
+        broken = info.get((_BROKEN, self))
+        if broken is not None:
+            raise TransactionError(
+                f"session.commit() refused: {broken[1]}; roll the session back (nothing was committed)"
+            )
+        queue = info.get(self._queue_key())
+        db = self._db
+        closed = getattr(db, "_closed", False)
+        writing = getattr(db._local, "writing", False)
         if queue:
             try:
                 handlers = list(dict.fromkeys(handler for _, handler, _ in queue))
                 for handler in handlers:
                     _refuse_dropped(handler)
-                if not closed and not writing:  # redefined by another process: refused now too
-                    with self._db.read() as tx:
+                if not closed and not writing:  # redefined by another process
+                    with db.read() as tx:
                         for handler in handlers:
                             confirm_registered(tx, handler._definitions.values())
             except (TransactionError, SchemaMismatchError) as exc:
@@ -1309,8 +1549,12 @@ class Sync:
                     "session's transaction is still open)"
                 )
                 raise
-        if not closed and not writing:
-            return
+        if closed or writing:
+            self._refuse_commit(session, closed)
+
+    def _refuse_commit(self, session: Any, closed: bool) -> None:
+        """Refuse (TransactionError) a commit with changes to apply while the database is closed, or
+        inside ``with db.write()`` in the same thread, where the tallytree write cannot open."""
         pending = [*session.new, *session.dirty, *session.deleted]
         if not session.info.get(self._queue_key()) and not any(
             self._matching(type(each)) for each in pending
@@ -1325,10 +1569,116 @@ class Sync:
             )
         raise TransactionError(
             "session.commit() inside `with db.write()` in the same thread: the changes reach "
-            "tallytree in a write transaction of their own after the SQL commit, which cannot open "
-            "here; commit after the `with` block (nothing was committed: the session's transaction "
-            "is still open)"
+            "tallytree in a write transaction of their own, held across the SQL commit, which cannot "
+            "open here; commit after the `with` block (nothing was committed: the session's "
+            "transaction is still open)"
         )
+
+    def _on_commit(self, connection: Any) -> None:
+        """An SQL COMMIT is about to be sent on ``connection`` (the engine's ``commit`` event): if it
+        is the commit of a session with changes queued for this Sync (in this thread), apply them
+        now, in the write transaction held across that COMMIT."""
+        known = self._committing.get(connection)
+        session = known() if known is not None else None
+        if session is None:
+            return
+        broken = session.info.get((_BROKEN, self))
+        if broken is not None:  # (also when before_commit did not see it: SAVEPOINTs still open)
+            raise TransactionError(
+                f"session.commit() refused: {broken[1]}; roll the session back (nothing was committed)"
+            )
+        if session.info.get(self._queue_key()):
+            self._apply_queued(session)
+
+    def _apply_queued(self, session: Any) -> None:
+        """Apply the changes queued on the session in the write transaction of its commit, opened
+        first if this commit has none yet (waiting for the writer lock): one batch, in order (the
+        path of ``ChangeHandler.apply_many``). A change that fails (strict mode, on drift) aborts
+        that write and raises, so the SQL COMMIT is not sent."""
+        queue = session.info.get(self._queue_key())
+        if not queue:
+            return
+        pending = self._open_write(session)
+        entries = list(queue)
+        queue.clear()
+        definitions: dict[ChangeHandler, tuple[Definition, ...]] = {}
+
+        def changes() -> Iterator[tuple[tuple[Definition, ...], Change]]:
+            for _, handler, change in entries:
+                known = definitions.get(handler)
+                if known is None:
+                    known = definitions[handler] = tuple(handler._definitions.values())
+                yield known, change
+
+        try:
+            pending.changes += apply_changes(self._db, pending.tx, changes(), self._idempotent)
+        except Exception as exc:
+            queue[:0] = entries  # still to apply: a commit tried again without a rollback applies them
+            self._abort_write(session)
+            exc.add_note(
+                "tallytree.sqlalchemy: refused before the SQL commit, which will not happen: roll "
+                "the session back; nothing reached SQL or tallytree"
+            )
+            raise
+
+    def _open_write(self, session: Any) -> _Pending:
+        """The write transaction of the session's commit for this Sync's database: the one another
+        Sync of the database opened, or a new one (which waits for the writer lock)."""
+        key = (_WRITE, self._db)
+        pending: _Pending | None = session.info.get(key)
+        if pending is None or not pending.open:
+            try:
+                pending = _Pending(self._db)
+            except TransactionError as exc:
+                exc.add_note(
+                    "tallytree.sqlalchemy: the commit's changes reach tallytree in a write "
+                    "transaction held across the SQL commit, which could not open; nothing was "
+                    "committed: roll the session back"
+                )
+                raise
+            session.info[key] = pending
+            pending.connections = _connections_of(session)  # (their engines are watched: _follow_commit)
+        held: list[_Pending] = self._held.__dict__.setdefault("writes", [])
+        if pending not in held:
+            if held:
+                held[:] = [each for each in held if each.open]  # (those another Sync of the db ended)
+            held.append(pending)
+        return pending
+
+    def _abort_write(self, session: Any) -> None:
+        pending: _Pending | None = session.info.pop((_WRITE, self._db), None)
+        if pending is not None:
+            self._release(pending, commit=False)
+
+    def _release(self, pending: _Pending, *, commit: bool) -> None:
+        held: list[_Pending] = self._held.__dict__.get("writes", [])
+        if pending in held:
+            held.remove(pending)
+        if commit:
+            pending.commit()
+        else:
+            pending.abort()
+
+    def _watch(self, engine: Any) -> None:
+        """Listen to the engine's ``commit`` (fired just before a connection sends COMMIT: the
+        queued changes are applied then, see :meth:`_on_commit`) and ``handle_error`` (a COMMIT that
+        fails aborts at once the tallytree write held across it: SQLAlchemy fires no session event
+        until the session is rolled back or closed, and other writers wait meanwhile)."""
+        if engine in self._engines:
+            return
+        hooks = _engine_hooks(weakref.ref(self))
+        event = _sqlalchemy().event
+        for name, hook in hooks:
+            event.listen(engine, name, hook)
+        self._engines[engine] = hooks
+
+    def _on_error(self, context: Any) -> None:
+        """An error of a statement or commit on an engine this Sync watches: if it is on a connection
+        whose commit this thread holds a tallytree write for, that commit has failed."""
+        held: list[_Pending] = self._held.__dict__.get("writes", [])
+        for pending in list(held):
+            if context.connection in pending.connections:
+                self._release(pending, commit=False)
 
     def _after_commit(self, session: Any) -> None:
         # SQLAlchemy fires after_commit when a SAVEPOINT is released too; the SAVEPOINT's transaction
@@ -1336,9 +1686,23 @@ class Sync:
         # stay queued, tagged with it, until the outermost commit or a rollback that encloses it.
         if session.in_nested_transaction():
             return
-        queue = session.info.pop(self._queue_key(), None)
+        info = session.info
+        pending: _Pending | None = info.pop((_WRITE, self._db), None)
+        if pending is not None and pending.open:
+            try:
+                self._release(pending, commit=True)
+            except Exception as exc:
+                exc.add_note(
+                    f"tallytree.sqlalchemy: the SQL transaction was committed and tallytree was not: it "
+                    f"lags by {pending.changes} change(s); run Sync.repair(session) in a fresh session"
+                )
+                raise
+        queue = info.pop(self._queue_key(), None)
         if not queue:
             return
+        # Changes not applied before an SQL COMMIT (ordered=False; a session joined to a connection
+        # whose transaction its caller ends; a two-phase commit): applied now, in a write
+        # transaction of their own.
         definitions: dict[ChangeHandler, tuple[Definition, ...]] = {}
 
         def changes() -> Iterator[tuple[tuple[Definition, ...], Change]]:
@@ -1360,10 +1724,267 @@ class Sync:
 
     def _after_transaction_end(self, session: Any, transaction: Any) -> None:
         # The outermost transaction ended: committed (the queue was applied and removed), rolled back
-        # (dropped), or closed without either (session.close()): nothing queued may outlive it.
+        # (dropped), or closed without either (session.close()): nothing queued may outlive it, nor
+        # a write held for a commit that did not happen.
         if transaction.parent is None:
-            session.info.pop(self._queue_key(), None)
-            session.info.pop((_FLUSH, self), None)
+            info = session.info
+            info.pop(self._queue_key(), None)
+            info.pop((_FLUSH, self), None)
+            info.pop((_BROKEN, self), None)
+            self._abort_write(session)
+
+    # ------------------------------------------------------------ ORM bulk statements
+
+    def _do_orm_execute(self, state: Any) -> Any:
+        """``session.execute()`` of an INSERT, UPDATE or DELETE: follow it when it writes a registered
+        class (see :meth:`_bulk`), refuse it when it cannot be followed; a SELECT (or a statement of
+        a class nothing registered concerns) costs three attribute tests."""
+        if not (state.is_update or state.is_delete or state.is_insert):
+            return None
+        if not self._checked:
+            self._check_configuration()
+        statement = state.statement
+        mapper = state.bind_mapper
+        sqlalchemy = _sqlalchemy()
+        if mapper is None or not isinstance(statement, sqlalchemy.sql.dml.UpdateBase):
+            dml = getattr(statement, "element", statement)  # select(...).from_statement(dml)
+            table = getattr(dml, "table", None)
+            registration = self._tables.get(getattr(table, "_deannotate", lambda: table)())
+            if registration is None:
+                return None
+            model = registration.model.__name__
+            kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE"
+            how = (
+                f"write it as an ORM statement on the class, e.g. session.execute({kind.lower()}"
+                f"({model})...), which the Sync follows"
+                if mapper is None
+                else f"run the {kind} itself through session.execute(), which the Sync follows"
+            )
+            raise InvalidArgumentError(
+                f"session.execute(): an {kind} of the table {getattr(table, 'name', table)!r} of the "
+                f"registered {model} "
+                f"that the Sync cannot follow (the aggregates would drift); {how}, or run "
+                "Sync.repair(session) after it through session.connection() (nothing was executed)"
+            )
+        if state.is_delete and state.is_executemany:
+            return None  # SQLAlchemy refuses an ORM DELETE with a list of parameters itself
+        model = mapper.class_.__name__
+        for registration, tables in self._foreign.get(mapper.base_mapper, ()):
+            if tables & set(mapper.tables):
+                name = registration.model.__name__
+                raise InvalidArgumentError(
+                    f"session.execute(): a statement on {model}, which maps a table of the registered "
+                    f"{name} without being (a subclass of) it: the Sync follows writes through {name} "
+                    f"only; write through {name} (nothing was executed)"
+                )
+        below = sorted(
+            other.model.__name__
+            for other in self._registrations.values()
+            if other.mapper is not mapper and other.mapper.isa(mapper)
+        )
+        if below:
+            raise InvalidArgumentError(
+                f"session.execute(): a statement on {model}, whose rows include those of the "
+                f"registered subclass(es) {below}: the Sync cannot tell which rows are theirs; run it "
+                f"on each subclass (update({below[0]})...), or change the rows one by one through the "
+                "session (nothing was executed)"
+            )
+        matches = self._matching(mapper.class_)
+        if not matches:
+            return None
+        if getattr(state.session, "connection_callable", None) is not None:
+            raise InvalidArgumentError(
+                f"session.execute(): a statement on the registered {model} in a session that picks "
+                "its connection per statement (horizontal sharding): the Sync cannot read the rows "
+                "it writes; change them one by one through the session (nothing was executed)"
+            )
+        return self._bulk(state, mapper, matches)
+
+    def _bulk(self, state: Any, mapper: Any, matches: tuple[_Registration, ...]) -> Any:
+        """Run an ORM INSERT, UPDATE or DELETE of a registered class, and queue its changes.
+
+        Before it, the primary keys of the rows it will write are found: an UPDATE or DELETE with a
+        WHERE selects them with its criteria, ``FOR UPDATE`` (on SQLite, in a transaction begun as a
+        writer, see :func:`_lock_for_writing`), so that no other transaction changes them until the
+        commit; an UPDATE by primary key (a list of parameter dicts) names them; an INSERT names
+        them in its parameters, or, when a row does not (a key the database generates, ``.values()``,
+        ``from_select``, ``ON CONFLICT DO NOTHING``), returns them (``RETURNING`` added to it). The
+        rows of those keys are read before (for an UPDATE or DELETE) and after the statement, by
+        primary key, each registered class's columns; their difference is the change of each row.
+        A WHERE statement must have written exactly the rows selected (its row count; a row another
+        transaction committed in between would make it differ); an UPDATE must leave each row at
+        its primary key. Refused (InvalidArgumentError) before it runs: an INSERT that neither names
+        nor can return its keys, an upsert that updates (``ON CONFLICT DO UPDATE``). When anything
+        fails after it ran, the session's commit is refused until it rolls back. O(rows) reads, in
+        ``IN`` statements of 500 keys (one by one for a composite primary key)."""
+        session = state.session
+        statement = state.statement
+        kind = "insert" if state.is_insert else "update" if state.is_update else "delete"
+        keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+        bind = {"mapper": mapper}
+        connection = session.connection(bind_arguments=bind)
+        params = state.parameters
+        by_key = isinstance(params, list)
+        returned: list[tuple[Any, ...]] | None = None  # the primary keys an INSERT returns
+        identities: list[tuple[Any, ...]] = []
+        before: dict[_Registration, dict[tuple[Any, ...], Row]] = {each: {} for each in matches}
+        if kind == "insert":
+            rows = params if by_key else [params] if params else []
+            plain = (
+                getattr(statement, "select", None) is None
+                and not getattr(statement, "_values", None)
+                and not getattr(statement, "_multi_values", None)
+                and getattr(statement, "_post_values_clause", None) is None
+            )
+            if plain and rows and all(row.get(key) is not None for row in rows for key in keys):
+                identities = [tuple(row[key] for key in keys) for row in rows]
+            else:
+                self._refuse_unreturnable(statement, connection.dialect, mapper, by_key)
+                returned = []
+        else:
+            if by_key:  # UPDATE by primary key: one parameter dict per row
+                missing = [row for row in params if any(key not in row for key in keys)]
+                if missing:
+                    raise InvalidArgumentError(
+                        f"session.execute(update({mapper.class_.__name__}), [...]): a parameter dict "
+                        f"without the primary key {keys} ({missing[0]!r:.80}); give it in every dict "
+                        "(nothing was executed)"
+                    )
+                identities = list(dict.fromkeys(tuple(row[key] for key in keys) for row in params))
+            else:
+                identities = self._selected(session, connection, statement, mapper, params)
+            for registration in matches:
+                before[registration] = registration.read_rows(connection, identities)
+        if returned is not None:
+            primary_key = [getattr(mapper.class_, key) for key in keys]
+            result = state.invoke_statement(statement=statement.returning(*primary_key))
+        else:
+            result = state.invoke_statement()
+        try:  # the statement ran: whatever fails now must keep the SQL transaction from committing
+            if returned is not None or bool(getattr(statement, "_returning", ())):
+                frozen = result.freeze()  # its rows, for the caller and (an INSERT's keys) for us
+                if returned is not None:
+                    identities = list(dict.fromkeys(tuple(row) for row in frozen.data))
+                written: int | None = len(frozen.data)
+                result = frozen()
+            elif kind != "insert" and not by_key and connection.dialect.supports_sane_rowcount:
+                written = getattr(result, "rowcount", None)
+            else:
+                written = None
+            if kind != "insert" and not by_key and written is not None and written != len(identities):
+                raise TransactionError(
+                    f"session.execute({kind}({mapper.class_.__name__})...) wrote {written} row(s) "
+                    f"where {len(identities)} matched its criteria just before (another transaction "
+                    "committed rows that match them in between, or a rule or trigger changed the "
+                    "count): the Sync cannot tell which rows changed; roll back and run it again"
+                )
+            changes = self._bulk_changes(connection, mapper, matches, kind, identities, before)
+            self._enqueue(session, changes)
+        except Exception as exc:
+            transaction = session.get_nested_transaction() or session.get_transaction()
+            session.info[(_BROKEN, self)] = (
+                transaction,
+                f"a {kind.upper()} of {mapper.class_.__name__} ran that the Sync could not follow",
+            )
+            self._follow_commit(session)
+            exc.add_note(
+                f"tallytree.sqlalchemy: the {kind.upper()} ran in the SQL transaction and its changes "
+                "cannot reach tallytree: roll the session back (its commit is refused until then)"
+            )
+            raise
+        return result
+
+    def _refuse_unreturnable(self, statement: Any, dialect: Any, mapper: Any, many: bool) -> None:
+        """Refuse an INSERT whose rows do not all name their primary key when ``RETURNING`` cannot
+        give it: the database lacks it, the statement returns columns of its own, or it is an
+        upsert that may update rows (whose old rows nothing read)."""
+        model = mapper.class_.__name__
+        upsert = getattr(statement, "_post_values_clause", None)
+        if upsert is not None and type(upsert).__name__ != "OnConflictDoNothing":
+            raise InvalidArgumentError(
+                f"session.execute(insert({model})...) with an upsert ({type(upsert).__name__}) that "
+                "may update existing rows, whose old values the Sync does not read: the aggregates "
+                f"would drift; use session.merge({model}(...)) per row, or split the rows into "
+                "inserts and updates (nothing was executed)"
+            )
+        can_return = dialect.insert_executemany_returning if many else dialect.insert_returning
+        if getattr(statement, "_returning", ()) or not can_return:
+            why = (
+                "it returns columns of its own"
+                if getattr(statement, "_returning", ())
+                else f"{dialect.name} cannot return the keys it generates"
+            )
+            raise InvalidArgumentError(
+                f"session.execute(insert({model})...): the Sync reads the inserted rows back by "
+                f"primary key, which not every row names, and {why}; give each row its primary key "
+                f"(a list of dicts), or add the instances with session.add_all() (nothing was "
+                "executed)"
+            )
+
+    def _selected(
+        self, session: Any, connection: Any, statement: Any, mapper: Any, params: Any
+    ) -> list[tuple[Any, ...]]:
+        """The primary keys of the rows an UPDATE or DELETE with criteria will write, selected with
+        its criteria (and its options, such as ``with_loader_criteria``), FOR UPDATE, in the
+        session's transaction (as SQLAlchemy's ``synchronize_session='fetch'`` selects them)."""
+        sqlalchemy = _sqlalchemy()
+        _lock_for_writing(connection)
+        select = sqlalchemy.select(*mapper.primary_key).select_from(mapper).with_for_update()
+        if statement.whereclause is not None:
+            select = select.where(statement.whereclause)
+        options = getattr(statement, "_with_options", ())
+        if options:
+            select = select.options(*options)
+        with session.no_autoflush:
+            rows = session.execute(select, params, bind_arguments={"mapper": mapper})
+            return list(dict.fromkeys(tuple(row) for row in rows))
+
+    def _bulk_changes(
+        self,
+        connection: Any,
+        mapper: Any,
+        matches: tuple[_Registration, ...],
+        kind: str,
+        identities: list[tuple[Any, ...]],
+        before: dict[_Registration, dict[tuple[Any, ...], Row]],
+    ) -> list[tuple[ChangeHandler, Change]]:
+        """The changes of a bulk statement: per registered class, each row's old row (``before``)
+        against the row read now; removals, then updates, then additions (as a flush's)."""
+        removals: list[tuple[ChangeHandler, Change]] = []
+        updates: list[tuple[ChangeHandler, Change]] = []
+        additions: list[tuple[ChangeHandler, Change]] = []
+        model = mapper.class_.__name__
+        for registration in matches:
+            old_rows = before[registration]
+            new_rows = registration.read_rows(connection, identities, gone=kind == "delete")
+            handler = registration.handler
+            for identity in identities:
+                old, new = old_rows.get(identity), new_rows.get(identity)
+                if kind == "update" and (old is None) != (new is None):
+                    raise TransactionError(
+                        f"session.execute(update({model})...): the row with primary key "
+                        f"{_describe(identity)} "
+                        + (
+                            "is not where it was before the UPDATE (it changed its primary key, or "
+                            "a trigger moved it): the Sync follows an UPDATE by primary key; change "
+                            "primary keys one instance at a time through the session"
+                            if new is None
+                            else "appeared during the UPDATE (another transaction committed it "
+                            "between the Sync's read and the UPDATE): roll back and run it again"
+                        )
+                    )
+                if old is not None and new is not None:
+                    old_id, new_id = registration.row_id(old), registration.row_id(new)
+                    if old_id != new_id:
+                        removals.append((handler, Change.delete(old_id, old)))
+                        additions.append((handler, Change.insert(new_id, new)))
+                    elif old != new:
+                        updates.append((handler, Change.update(new_id, old, new)))
+                elif old is not None:
+                    removals.append((handler, Change.delete(registration.row_id(old), old)))
+                elif new is not None:
+                    additions.append((handler, Change.insert(registration.row_id(new), new)))
+        return [*removals, *updates, *additions]
 
     # ------------------------------------------------------------ verify and repair
 
