@@ -96,6 +96,20 @@ def run_threads(workers: list[threading.Thread]) -> None:
         assert not worker.is_alive(), "a worker is stuck"
 
 
+def _one_open_invoice(
+    db: tallytree.Database, engine: Engine, idempotent: bool
+) -> tuple[Sync, tallytree.Aggregate, sessionmaker[Session]]:
+    """A Sync of ``db`` listening to sessions of ``engine``, and invoice 7 open in both stores."""
+    sync = Sync(db, idempotent=idempotent)
+    invoices = define(sync)
+    factory = sessionmaker(engine)
+    sync.listen(factory)
+    with factory() as session:
+        session.add(Invoice(id=7, org=1, status="open", total=100))
+        session.commit()
+    return sync, invoices, factory
+
+
 @pytest.mark.parametrize("idempotent", [True, False])
 def test_a_commit_paused_after_its_sql_commit_reaches_tallytree_before_the_next_one(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, idempotent: bool
@@ -114,14 +128,8 @@ def test_a_commit_paused_after_its_sql_commit_reaches_tallytree_before_the_next_
 
     monkeypatch.setattr(Sync, "_after_commit", paused)
     db = tallytree.open(tmp_path / "tally")
-    sync = Sync(db, idempotent=idempotent)
-    invoices = define(sync)
-    factory = sessionmaker(engine)
-    sync.listen(factory)
+    sync, invoices, factory = _one_open_invoice(db, engine, idempotent)
     errors: list[BaseException] = []
-    with factory() as session:
-        session.add(Invoice(id=7, org=1, status="open", total=100))
-        session.commit()
 
     def worker_a() -> None:
         try:
@@ -162,14 +170,8 @@ def test_an_old_row_is_read_after_the_commit_its_update_waits_for(engine: Engine
     not from the row as it was before A's commit ("open"): B's transaction begins as SQLite's writer
     before it reads."""
     db = tallytree.open_memory()
-    sync = Sync(db, idempotent=idempotent)
-    invoices = define(sync)
-    factory = sessionmaker(engine)
-    sync.listen(factory)
+    sync, invoices, factory = _one_open_invoice(db, engine, idempotent)
     errors: list[BaseException] = []
-    with factory() as session:
-        session.add(Invoice(id=7, org=1, status="open", total=100))
-        session.commit()
     first, second = factory(), factory()
     started = threading.Event()
 
