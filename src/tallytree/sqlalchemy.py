@@ -254,7 +254,7 @@ import importlib
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._args import check_flag
@@ -827,6 +827,19 @@ def _mapper_hook(sync: weakref.ref[Sync], name: str) -> Callable[[Any, Any, Any]
             live._on_row(name, connection, target)
 
     return hook
+
+
+def _with_definitions(
+    entries: Iterable[tuple[Any, ChangeHandler, Change]],
+) -> Iterator[tuple[tuple[Definition, ...], Change]]:
+    """Each queued change with the definitions of the handler that queued it (read once per handler,
+    when its first change is applied), as ``apply_changes`` takes them. O(1) per change."""
+    definitions: dict[ChangeHandler, tuple[Definition, ...]] = {}
+    for _, handler, change in entries:
+        known = definitions.get(handler)
+        if known is None:
+            known = definitions[handler] = tuple(handler._definitions.values())
+        yield known, change
 
 
 class Sync:
@@ -1601,17 +1614,10 @@ class Sync:
         pending = self._open_write(session)
         entries = list(queue)
         queue.clear()
-        definitions: dict[ChangeHandler, tuple[Definition, ...]] = {}
-
-        def changes() -> Iterator[tuple[tuple[Definition, ...], Change]]:
-            for _, handler, change in entries:
-                known = definitions.get(handler)
-                if known is None:
-                    known = definitions[handler] = tuple(handler._definitions.values())
-                yield known, change
-
         try:
-            pending.changes += apply_changes(self._db, pending.tx, changes(), self._idempotent)
+            pending.changes += apply_changes(
+                self._db, pending.tx, _with_definitions(entries), self._idempotent
+            )
         except Exception as exc:
             queue[:0] = entries  # still to apply: a commit tried again without a rollback applies them
             self._abort_write(session)
@@ -1703,18 +1709,9 @@ class Sync:
         # Changes not applied before an SQL COMMIT (ordered=False; a session joined to a connection
         # whose transaction its caller ends; a two-phase commit): applied now, in a write
         # transaction of their own.
-        definitions: dict[ChangeHandler, tuple[Definition, ...]] = {}
-
-        def changes() -> Iterator[tuple[tuple[Definition, ...], Change]]:
-            for _, handler, change in queue:
-                known = definitions.get(handler)
-                if known is None:
-                    known = definitions[handler] = tuple(handler._definitions.values())
-                yield known, change
-
         try:
             with self._db.write() as tx:  # one batch, in order: see ChangeHandler.apply_many
-                apply_changes(self._db, tx, changes(), self._idempotent)
+                apply_changes(self._db, tx, _with_definitions(queue), self._idempotent)
         except Exception as exc:
             exc.add_note(
                 f"tallytree.sqlalchemy: the SQL transaction was committed and tallytree was not: it "
