@@ -55,7 +55,7 @@ more, in full: pending entries anywhere, the root record giving each one's index
 bytes in C after one descent that checks the nodes do not hold it. At 10^6 events, alternating
 processes, 3,500 commits each: median 40.8-40.9 us against 55.8-57.8 us for the code here, but mean
 67.9-68.5 us against 57.5-59.8 (14,600-14,700 commits/s against 16,700-17,400). Each merge of 64
-scattered entries rewrites about 64 leaves and their parents in one commit (27-31 us per entry in
+scattered entries rewrites about 64 leaves and their parents in one commit (26-31 us per entry in
 ``insert_many`` of 64), more than the path writes it saves; commits per second being the target,
 the design was not adopted.
 
