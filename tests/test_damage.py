@@ -96,6 +96,12 @@ def _events(path: Path) -> None:
             )
 
 
+def _in_write(db: tallytree.Database, write: Callable[[tallytree.WriteTransaction], object]) -> None:
+    """``write`` in a write transaction of its own, which an exception aborts."""
+    with db.write() as tx:
+        write(tx)
+
+
 def _raises_damage(action: Callable[[], object], *names: str) -> CorruptDatabaseError:
     """Run ``action``, which must raise CorruptDatabaseError whose message holds each of ``names``."""
     with pytest.raises(CorruptDatabaseError) as caught:
@@ -653,21 +659,23 @@ def test_damage_met_at_commit_ends_the_write_transaction(tmp_path: Path) -> None
 @pytest.mark.parametrize("counter", [b"tallytree-3", b"\x01", (1 << 63).to_bytes(8, "big")])
 def test_a_damaged_node_id_counter_raises_corrupt_database_error(tmp_path: Path, counter: bytes) -> None:
     """meta next_id is 8 bytes below 2**63: other bytes there made ids that no key holds (a raw
-    OverflowError from msgpack or int.to_bytes) or, shorter, ids of nodes that exist."""
+    OverflowError from msgpack or int.to_bytes) or, shorter, ids of nodes that exist. Writes that
+    draw new ids read it: a batch (its new leaves), a split. (A write that only rewrites nodes gives
+    each the next version of its own slot and draws none.)"""
     path = tmp_path / "db"
     _events(path)
     _put(path, b"meta", b"next_id", counter)
     before = _dump(path)
     with tallytree.open(path) as db:
         events = db.aggregate("events")
+        new = [(5 + n / 64, f"new{n}", (1.0,)) for n in range(1, 64)]
         for write in (
-            lambda tx: events.insert(tx, 5.5, "new", (1.0,), namespace="a"),
-            lambda tx: events.delete(tx, 10, "e10", namespace="b"),
+            lambda tx: events.insert_many(tx, new, namespace="a"),
+            lambda tx: [events.insert(tx, *item, namespace="b") for item in new],  # one splits its leaf
         ):
-            with db.write() as tx:
-                _raises_damage(partial(write, tx), "next_id")
+            _raises_damage(partial(_in_write, db, write), "next_id")  # aborted: nothing written
         with db.read() as tx:
-            assert events.count(tx, namespace="a") == 200
+            assert events.count(tx, namespace="a") == events.count(tx, namespace="b") == 200
     assert _dump(path) == before
 
 

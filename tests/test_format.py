@@ -101,7 +101,7 @@ def test_a_missing_format_tag_is_damage(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 3 and "no format tag" in output, (code, output)
 
 
-@pytest.mark.parametrize("number", [4, 10])
+@pytest.mark.parametrize("number", [5, 10])
 def test_a_newer_format_says_to_upgrade(
     tmp_path: Path, number: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -143,13 +143,16 @@ def test_format_version_says_what_the_database_is_stored_in(tmp_path: Path) -> N
     path = tmp_path / "db"
     _database(path)
     with tallytree.open(path, readonly=True) as db:
+        assert db.format_version() == 4
+    _set_meta(path, b"format", b"tallytree-3")
+    with tallytree.open(path, readonly=True) as db:  # read as it is
         assert db.format_version() == 3
     _set_meta(path, b"format", b"tallytree-2")
     with tallytree.open(path, readonly=True) as db:  # read as it is
         assert db.format_version() == 2
     with tallytree.open(path) as db:  # retagged by an open for writing
-        assert db.format_version() == 3
-    assert tallytree.open_memory().format_version() == 3
+        assert db.format_version() == 4
+    assert tallytree.open_memory().format_version() == 4
 
 
 # ================================================================== retagged by a newer tallytree
@@ -192,11 +195,11 @@ def test_a_process_meets_a_newer_format_written_while_it_has_the_database_open(
     _database(path)
     with pure_python() if kernels == "Python" else nullcontext(), tallytree.open(path, durable=False) as db:
         assert _count(db, "o") == 5000
-        _newer_process(path, "tallytree-3")  # the tag as it was: damage, and writes elsewhere go on
+        _newer_process(path, "tallytree-4")  # the tag as it was: damage, and writes elsewhere go on
         with pytest.raises(CorruptDatabaseError, match="root record"):
             _count(db, "o")
         _insert(db, "n3")
-        _newer_process(path, "tallytree-4")
+        _newer_process(path, "tallytree-5")
         attempts = [
             lambda: _count(db, "o"),
             lambda: _insert(db, "o"),
@@ -208,7 +211,7 @@ def test_a_process_meets_a_newer_format_written_while_it_has_the_database_open(
             assert not isinstance(caught.value, CorruptDatabaseError), caught.value
             message = str(caught.value)
             assert (
-                "upgraded to format 4 by a newer tallytree" in message and "Restart this process" in message
+                "upgraded to format 5 by a newer tallytree" in message and "Restart this process" in message
             )
         assert _count(db, "n3") == 2  # what still decodes reads; nothing more was written
         assert _count(db, "n4") == 1

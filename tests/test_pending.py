@@ -26,7 +26,7 @@ from tallytree._keys import encode_id, encode_key
 from tallytree._node import Node, decode_node, encode_node, pack_summary
 from tallytree._store import NODES, ROOTS, Op, _MemoryTxn
 from tallytree._tree import Tree, pending_capacity
-from tallytree._txn import decode_root, encode_root, node_key
+from tallytree._txn import SLOT_MASK, decode_root, encode_root, node_key
 from tallytree.errors import CorruptDatabaseError, DuplicateItemError
 
 FIELDS = ("cost", "tokens")
@@ -239,8 +239,11 @@ def test_a_full_pending_node_becomes_the_last_leaf_and_the_leaves_before_it_stay
     with db.read() as tx:
         written_nodes = [decode_node(value, int.from_bytes(key, "big")) for _, key, value in flush if value]
         deleted = [int.from_bytes(key, "big") for _, key, value in flush if value is None]
-    if stored == 3:  # merged: the lone leaf rewritten with the new entries, and cut in two
-        assert old_leaf in deleted and len([node for node in written_nodes if node.leaf]) == 2
+    if stored == 3:  # merged: the lone leaf rewritten with the new entries (a new version of it,
+        # under its slot), and cut in two
+        rewritten = [int.from_bytes(key, "big") for _, key, value in flush if value]
+        assert old_leaf & SLOT_MASK in rewritten and old_leaf not in deleted
+        assert len([node for node in written_nodes if node.leaf]) == 2
         return
     assert list(last.keys) == [encode_key(10_000 + key) + encode_id("new") for key in range(capacity)]
     assert after.height == max(before.height, 2)
@@ -573,7 +576,7 @@ def test_a_version_2_pending_node_is_read_and_moves_into_the_record_when_it_chan
     with tallytree.open(path) as db:
         events = db.aggregate("events")
         with db.read() as tx:
-            assert tx.meta(b"format") == b"tallytree-3"
+            assert tx.meta(b"format") == b"tallytree-4"
             assert tx.kv.get(NODES, node_key(stored - 1)) is not None
         with db.write() as tx:  # a change of the pending entries: the node moves into the record
             events.insert(tx, 102, "p", (0.25, 102))

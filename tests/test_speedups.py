@@ -41,6 +41,7 @@ from tallytree._node import (
     summarize,
 )
 from tallytree._store import NODES
+from tallytree._txn import node_key
 from tallytree.errors import CorruptDatabaseError, KeyTooLargeError
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="the C extension is not built")
@@ -911,12 +912,14 @@ def test_merge_children_reports_every_leaf_after_a_duplicate() -> None:
 def test_merge_children_reads_a_transactions_source_as_stored_reads_it() -> None:
     """``stored`` as a write transaction's source (``stored_source``): a dirty child has no stored
     bytes (None, left to the Python code), a child given in stored form is read from that dict, any
-    other from the table by its 8-byte key; the rows are those the callable ``stored`` gives."""
+    other from the table by its key (``node_key``: the 8 bytes of its slot, whatever its version);
+    the rows are those the callable ``stored`` gives."""
     assert speedups is not None
     leaves = {
         kid: encode_node(Node(kid, True, [bytes([97 + kid])], [[kid]], dirty=True)) for kid in (1, 2, 3)
     }
-    table = {(2**40 + 3).to_bytes(8, "big"): leaves[3]}
+    assert node_key(2**40 + 3) == (3).to_bytes(8, "big")  # version 16 of slot 3
+    table = {node_key(2**40 + 3): leaves[3]}
     source: tuple[dict[int, Any], dict[int, bytes], Any] = ({1: "dirty"}, {2: leaves[2]}, table.get)
     fences, kids = (b"", b"c", b"e"), (1, 2, 2**40 + 3)
     entries = [b"b1", b"c1", b"e1"]

@@ -69,7 +69,7 @@ Every parent keeps each child's count and sums (see ``_node``), so:
 * ``delete_range`` drops whole subtrees that fall inside the range (reading none of their leaves), trims
   the two boundary paths, then repairs underfull nodes along them: O(log n + nodes removed).
 
-Writes are copy-on-write: ``mutable(node)`` hands back a copy under a fresh id the first time a committed
+Writes are copy-on-write: ``mutable(node)`` hands back a copy under a new id the first time a committed
 node is changed in a transaction (later changes in the same transaction edit that copy in place), and the
 parent's pointer is rewritten. Committed nodes are never modified, which is what makes the node cache and
 concurrent readers safe.
@@ -135,6 +135,12 @@ class NodeAccess(Protocol):
 
     def new_id(self) -> int:
         """A fresh node id, never used before."""
+        ...
+
+    def renew(self, node_id: int) -> int:
+        """The id of a new version of node ``node_id``, which replaces it: the caller registers the
+        new version under it (:meth:`adopt`, :meth:`adopt_encoded`, :meth:`adopt_prepared`), and
+        the old one is gone as :meth:`free` would drop it."""
         ...
 
     def adopt(self, node: Node) -> Node:
@@ -1055,13 +1061,11 @@ class NodeTree:
         access = self.access
         parent, index = path[-1]
         old = parent.kids[index]
-        child = access.new_id()
+        child = access.renew(old)
         access.adopt_encoded(child, leaf)
-        access.free(old)
         for node, index in reversed(path):
-            bumped = node.bumped(access.new_id(), index, child, delta)
+            bumped = node.bumped(access.renew(node.id), index, child, delta)
             access.adopt_prepared(bumped, bumped.packed())
-            access.free(node.id)
             child = bumped.id
         self.root.node_id = child
         self.root.summary = vadd(self.root.summary, delta)

@@ -56,7 +56,7 @@ from ._node import Node
 from ._store import META, NODES, ROOTS
 from ._table import _NEXT_TABLE, _STATE, _STATE_PREFIX, _TABLE_PREFIX, decode_doc, decode_record
 from ._tree import pending_capacity
-from ._txn import DEFINITIONS, Transaction, decode_root
+from ._txn import DEFINITIONS, SLOT_MASK, Transaction, decode_root
 from .errors import ArgumentTypeError, CorruptDatabaseError, Error, InvalidArgumentError
 
 __all__ = ["Problem", "check"]
@@ -102,7 +102,7 @@ class _Walker:
         self.nfields = len(aggregate.fields)
         self.max_size = aggregate.node_size
         self.min_size = aggregate.node_size // 2
-        self.seen: set[int] = set()
+        self.seen: set[int] = set()  # the slots (NODES keys) of the nodes walked: see _txn.node_key
 
     def report(self, path: tuple[int, ...], node_id: int | None, message: str) -> None:
         self.problems.append(Problem(self.aggregate.name, self.namespace, path, node_id, message))
@@ -132,7 +132,7 @@ class _Walker:
         """Check a tree's pending node (see ``_tree``); return its summary (None: unreadable)."""
         node_id = root.pending or None  # None: the record holds the node (format 3)
         if node_id is not None:
-            self.seen.add(node_id)
+            self.seen.add(node_id & SLOT_MASK)
         try:
             node = root.pending_of(self.tx)
         except Exception as exc:
@@ -179,10 +179,15 @@ class _Walker:
         low: bytes,
         high: bytes | None,
     ) -> list[int] | None:
-        if node_id in self.seen:  # a cycle, or a child shared by two parents: not walked again
-            self.report(path, node_id, "node is reached a second time (a cycle or a shared child)")
+        slot = node_id & SLOT_MASK
+        if slot in self.seen:  # a cycle, a child shared by two parents, or two versions of a node
+            self.report(
+                path,
+                node_id,
+                "node is reached a second time (a cycle, a shared child, or another version of it)",
+            )
             return None
-        self.seen.add(node_id)
+        self.seen.add(slot)
         try:
             node = self.tx.node(node_id)
         except Exception as exc:
@@ -376,7 +381,7 @@ def _leaks(tx: Transaction, seen: set[int], skipped: bool, problems: list[Proble
     leaked = [
         node_id
         for key, _ in tx.kv.scan(NODES, b"", None)
-        if (node_id := int.from_bytes(key, "big")) not in seen
+        if (node_id := int.from_bytes(key, "big")) not in seen  # a slot: the id of its version 0
     ]
     if not skipped:
         problems.extend(

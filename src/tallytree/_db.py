@@ -7,11 +7,14 @@ the decoded-node cache and the aggregate definitions. It is opened once per proc
 number of threads. The ``meta`` table holds the format tag (checked on open, so a foreign or newer
 database is refused with a clear error), the id counters and one definition per aggregate::
 
-    b"format"      -> b"tallytree-3" (version 2 added the pending node of each tree, see ``_tree``;
-                      version 3 holds it in the tree's root record instead of naming a node. An
-                      older database is read as it is and tagged version 3 when opened for writing,
-                      since older code cannot read what this version writes; a version 2 tree's
-                      pending node moves into its record the next time its pending entries change)
+    b"format"      -> b"tallytree-4" (version 2 added the pending node of each tree, see ``_tree``;
+                      version 3 holds it in the tree's root record instead of naming a node;
+                      version 4 names nodes by slot and version, and a rewrite of a committed node
+                      overwrites its slot, see ``_txn``. An older database is read as it is (its
+                      node ids are version 0 of their slots) and tagged version 4 when opened for
+                      writing, since older code cannot read what this version writes; a version 2
+                      tree's pending node moves into its record the next time its pending entries
+                      change)
     b"agg:" + name -> msgpack {"id": 7, "values": ["cost", "tokens"], "node_size": 128}
                       (+ "table": name for an aggregate maintained by a table: it refuses writes;
                       + "extractors": the description of the extractors (``_extract.describe_definition``)
@@ -22,10 +25,10 @@ database is refused with a clear error), the id counters and one definition per 
     b"next_agg"    -> the next aggregate id (4 bytes, big-endian; ids are never reused)
 
 The format tag at open: this version's opens; an older one (``_UPGRADABLE``) opens as it is and is
-retagged by an open for writing; a newer one (``tallytree-N``, N above 3) raises DatabaseFormatError
+retagged by an open for writing; a newer one (``tallytree-N``, N above 4) raises DatabaseFormatError
 saying to upgrade; a tag no tallytree writes, or none, in a store holding tallytree's counters
 (``_MARKS``) is damage, CorruptDatabaseError. Retagging stays at the open for writing rather than an
-explicit upgrade step: this version writes only format 3, so its first write would have to retag
+explicit upgrade step: this version writes only format 4, so its first write would have to retag
 anyway, and an old process started after the open is refused at its own open instead of failing
 mid-work. While a process has the database open, another (of a newer tallytree) may retag it: a write
 transaction that begins after another process's commits (the backend's epoch moved; one META get)
@@ -33,7 +36,9 @@ checks the tag and raises DatabaseFormatError ("upgraded to format N ... restart
 writing nothing; and a read block that ends in CorruptDatabaseError reads the tag again, so a record of
 the newer format that does not decode here says the same instead of "damaged". So a future format
 must keep older readers from misreading it silently: its changed records must fail to decode in the
-older version (a new layout or version byte), as version 3's root records do in version 2.
+older version (a new layout or version byte), as version 3's root records do in version 2, and
+as version 4's node ids do in version 3 (an id of version 1 or more names a key that does not exist
+there: the node reads as missing, CorruptDatabaseError, and the tag read then says why).
 
 Write transactions are serialized by the backend (LMDB's writer lock, across processes too). Opening a
 second write transaction in a thread that already has one would wait for itself forever, so it raises
@@ -101,10 +106,10 @@ from .errors import (
 
 __all__ = ["DEFAULT_NODE_SIZE", "Database", "open", "open_memory"]
 
-FORMAT = b"tallytree-3"
-_FORMAT_VERSION = 3
+FORMAT = b"tallytree-4"
+_FORMAT_VERSION = 4
 """The number of :data:`FORMAT`: the newest format this version reads, and the one it writes."""
-_UPGRADABLE = (b"tallytree-1", b"tallytree-2")
+_UPGRADABLE = (b"tallytree-1", b"tallytree-2", b"tallytree-3")
 """Older formats this version reads as they are (and upgrades by retagging when writing)."""
 _TAG_PREFIX = b"tallytree-"
 _MARKS = tuple(key for key in _OWN_META if key != b"format")
@@ -113,6 +118,9 @@ one is tallytree's, so a format tag missing or unreadable there is damage, not a
 DEFAULT_NODE_SIZE = 128
 """Entries per node; chosen by benchmark (see docs/performance.md, "Settings"): 128 against 64,
 single writes of scattered items take 0.82-0.93x the time; reads of 10^6 items the same."""
+_OLD_SNAPSHOT_CACHE = 1024
+"""The capacity of the node cache of a transaction older than the database's cache (see
+``Database._cache_for``): a rare transaction, begun as another thread replaced the cache."""
 DEFAULT_CACHE_NODES = 16384
 """Decoded nodes kept per database: with the default node size, about the memory and the items
 that 32,768 nodes of 64 entries held."""
@@ -197,6 +205,25 @@ class Database:
             self._roots.clear()
             self._backend.close()
 
+    def _cache_for(self, snapshot: int) -> NodeCache:
+        """The node cache for a transaction of ``snapshot`` that the current one may not serve: a new
+        empty one, from now on the database's, when the current one has served ``CACHE_SPAN``
+        commits; a small one of its own for a transaction older than the current cache. O(1).
+
+        A node id names a slot and a version of it (``_txn``), and a slot's version goes up by one
+        per commit that rewrites it, wrapping after ``VERSIONS``: an id can come back, naming other
+        contents, ``VERSIONS`` commits later. The nodes of one cache come from snapshots less than
+        ``CACHE_SPAN`` (half of ``VERSIONS``) apart, so no id in it can mean two nodes. Replacing
+        the cache, rather than clearing it, keeps it so: a transaction that began with the old one
+        goes on using it alone. At 50,000 commits a second, a cache is replaced every 45 minutes."""
+        cache = self._cache
+        if snapshot < cache.floor:  # began before the cache was replaced (another thread's)
+            return NodeCache(min(cache.capacity, _OLD_SNAPSHOT_CACHE), snapshot)
+        fresh = NodeCache(cache.capacity, snapshot)
+        fresh.hits, fresh.misses = cache.hits, cache.misses
+        self._cache = fresh
+        return fresh
+
     def _discard_if_unused(self) -> bool:
         """Close the database and remove it (and the directories ``open()`` made for it) if this
         ``open()`` created it and it holds no aggregate and no table: so that a failed first write,
@@ -249,14 +276,14 @@ class Database:
         self._format = FORMAT
 
     def format_version(self) -> int:
-        """The number of the format the database is stored in: 3, what this tallytree writes, or 1 or 2
-        for an older database opened read-only (opening it for writing retags it 3). O(1).
+        """The number of the format the database is stored in: 4, what this tallytree writes, or 1 to
+        3 for an older database opened read-only (opening it for writing retags it 4). O(1).
 
         Raises CorruptDatabaseError if its tag was damaged since it was opened.
 
         >>> import tallytree
         >>> tallytree.open_memory().format_version()
-        3
+        4
         """
         with self.read() as tx:
             stored = tx.meta(_FORMAT_KEY)

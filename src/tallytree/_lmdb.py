@@ -229,7 +229,7 @@ os.register_at_fork(after_in_child=_mark_forked)
 
 
 class _LmdbTxn:
-    __slots__ = ("_backend", "_dbs", "_ident", "_snapshot", "_stage", "_txn", "epoch")
+    __slots__ = ("_backend", "_dbs", "_ident", "_stage", "_txn", "epoch", "snapshot")
 
     def __init__(self, backend: LmdbBackend, write: bool) -> None:
         self._backend = backend
@@ -239,7 +239,7 @@ class _LmdbTxn:
         self._txn: Any = backend.begin_raw(write, ident)
         backend.live.add(self)
         # LMDB's id of the last commit this snapshot holds (a write transaction's own id is the next)
-        self._snapshot = snapshot = self._txn.id() - write
+        self.snapshot = snapshot = self._txn.id() - write
         if snapshot > backend.seen:  # commits this process did not make (see LmdbBackend.epoch)
             backend.seen = snapshot
             backend.epoch += 1
@@ -315,8 +315,8 @@ class _LmdbTxn:
             self._stage = _COMMITTING
             txn.commit()
             self._stage = _ENDED
-            if self._snapshot == backend.seen and _puts(ops, appended):
-                backend.seen = self._snapshot + 1  # this commit's id
+            if self.snapshot == backend.seen and _puts(ops, appended):
+                backend.seen = self.snapshot + 1  # this commit's id
         except lmdb.MapFullError:
             self._end()
             backend.commit_after_growth(ops, appended, txn_id)
@@ -392,7 +392,7 @@ def _apply_ops(txn: Any, dbs: list[Any], ops: list[Op], appended: int) -> None:
         if value is None:
             txn.delete(key, b"", db)
         else:
-            txn.put(key, value, True, True, db is nodes, db)
+            txn.put(key, value, True, True, False, db)
 
 
 class LmdbBackend:

@@ -55,8 +55,9 @@ msgpack packs ints from -2**63 to 2**64 - 1; a node whose sums need more is writ
 columns split into 63-bit limbs (the "wide" form, kind 3). Exact float sums usually need 65-90 bits,
 so most internal nodes of an aggregate with a float field are wide: the C kernel ``pack_internal``
 measures and splits the columns and writes either form in one pass (see :func:`encode_node`).
-Nodes are immutable once committed and every rewrite gets a fresh, never reused id, so a decoded node
-can be cached by id across transactions and processes without ever being stale.
+Nodes are immutable once committed and every rewrite gets a new id (the next version of the node's
+slot, see ``_txn``), so a decoded node can be cached by id across transactions and processes without
+ever being stale.
 
 Compact leaves
 --------------

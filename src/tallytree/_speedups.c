@@ -5326,7 +5326,7 @@ fetch_stored(PyObject *stored, PyObject *kid)
         return NULL;
     }
     char key[8];
-    put_be(key, id, 8); /* _txn.node_key */
+    put_be(key, id & ((1ULL << 36) - 1), 8); /* _txn.node_key: the slot (_txn.SLOT_BITS) */
     PyObject *bytes = PyBytes_FromStringAndSize(key, 8);
     if (bytes == NULL) {
         return NULL;

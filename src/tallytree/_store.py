@@ -9,7 +9,7 @@ table     key                                         value
 ========  ==========================================  =========================================
 META      ``b"format"``, ``b"next_id"``,              format tag, node id counter, aggregate definitions
           ``b"agg:" + name``                          (msgpack)
-NODES     node id, 8 bytes big-endian                 encoded node (``_node``)
+NODES     node slot, 8 bytes big-endian               encoded node (``_node``)
 ROOTS     aggregate id (4 bytes) + encoded namespace  ``[root node id, height, summary]`` (+ the
                                                       pending node and its summary, see ``_tree``)
 DOCS      table id (4 bytes) + encoded document id    the document (msgpack; see ``_table``)
@@ -20,9 +20,10 @@ A backend provides transactions over these tables: ``get`` and ordered ``scan`` 
 until commit, so a backend sees one batch per transaction; that lets the LMDB backend grow its map and
 retry a batch without involving the caller.
 
-Node ids only grow and are never reused, and committed nodes never change, so a decoded node can be
-cached by id for the life of the process: :class:`NodeCache` is a bounded cache (a second-chance
-clock) shared by all transactions of a database.
+A node id names a slot (its NODES key) and a version of it (see ``_txn``, "Slots and versions"), and
+the contents committed under one id never change, so a decoded node can be cached by id:
+:class:`NodeCache` is a bounded cache (a second-chance clock) shared by the transactions of a
+database, replaced by an empty one before versions can wrap around (``Database._cache_for``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class KVTxn(Protocol):
 
     epoch: int
     """The backend's :attr:`Backend.epoch` when this transaction began."""
+
+    snapshot: int
+    """The number of the last commit this transaction's snapshot holds: commits are numbered from 1
+    as they are made, by every process (LMDB's transaction ids)."""
 
     def get(self, table: int, key: bytes) -> bytes | None:
         """Return the value stored under ``key``, or None."""
@@ -203,9 +208,9 @@ class NodeCache:
     :class:`NodeDict`.
     """
 
-    __slots__ = ("_nodes", "hits", "misses", "shared")
+    __slots__ = ("_nodes", "floor", "hits", "misses", "shared")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, floor: int = 0) -> None:
         built = _native.speedups
         nodes: NodeStore = built.NodeTable(capacity) if built is not None else NodeDict(capacity)
         self._nodes = nodes
@@ -214,6 +219,9 @@ class NodeCache:
         self.shared: object = nodes.nodes if isinstance(nodes, NodeDict) else nodes
         self.hits = 0
         self.misses = 0
+        self.floor = floor
+        """The first snapshot whose transactions may use this cache: only those up to
+        ``floor + _txn.CACHE_SPAN`` do (``Database._cache_for``)."""
 
     @property
     def capacity(self) -> int:
@@ -253,6 +261,7 @@ class _MemoryTxn:
         self._tables = backend.tables  # a snapshot: commits replace the table objects they change
         self._write = write
         self.epoch = backend.epoch  # (no other process shares the tables)
+        self.snapshot = backend.commits
 
     def get(self, table: int, key: bytes) -> bytes | None:
         return self._tables[table].get(key)  # type: ignore[no-any-return]
@@ -284,6 +293,7 @@ class _MemoryTxn:
             else:
                 tables[table][key] = value
         self._backend.tables = tables
+        self._backend.commits += 1
         self._backend.writer.release()
 
     def abort(self) -> None:
@@ -301,6 +311,7 @@ class MemoryBackend:
         self.tables: list[SortedDict] = [SortedDict() for _ in range(TABLES)]
         self.writer = threading.Lock()
         self.epoch = 0
+        self.commits = 0  # the number of the last commit (a transaction's snapshot)
 
     def begin(self, write: bool) -> KVTxn:
         if write:
