@@ -19,12 +19,13 @@ tree.
 
 A third column is the storage floor, ``lmdb``: bare py-lmdb in an environment opened as tallytree
 opens its own, holding a copy of tallytree's stored nodes, doing per commit the LMDB work of a
-path rewrite and nothing else. A tree that copies the path of a write (every tree whose nodes are
-immutable once committed) must, per committed write, read the leaf, put a new copy of each node
-of the path (``depth`` nodes of the sizes tallytree stores; a move rewrites two paths that share
-the root), delete the old copies, and put its root record and node id counter. Whatever tallytree
-spends above that floor is its own code; no code that copies paths on LMDB, in any language,
-can go below the floor.
+path rewrite and nothing else. A tree that rewrites the path of a write (every tree that keeps
+counts and sums in its nodes) must, per committed write, read the leaf, write a new copy of each
+node of the path (``depth`` nodes of the sizes tallytree stores; a move rewrites two paths that
+share the root) over the old one's key, and put its root record. Whatever tallytree spends above
+that floor is its own code; no code that rewrites paths on LMDB, in any language, can go below the
+floor. (Until format 4, tallytree wrote each copy under a fresh key and deleted the old one, and
+put its node id counter: the floor did the same.)
 
 It prints a markdown table of medians, means and commits per second (one over the mean),
 tallytree's median as a multiple of SQLite's, the floor's median and tallytree's as a multiple of
@@ -134,7 +135,7 @@ def _sqlite(directory: Path, n: int) -> tuple[dict[str, Write], Rows, Callable[[
 def _lmdb_floor(source: Path, path: Path, seed: int) -> tuple[dict[str, Write], Rows, Callable[[], None]]:
     """The storage floor of a path rewrite (see the module docstring), on a copy of tallytree's
     closed database ``source``: its nodes, its depth (from ``tallytree stats --json``), its root
-    record. Each write rewrites ``depth`` stored nodes drawn at random (two paths for a move)."""
+    record. Each write overwrites ``depth`` stored nodes drawn at random (two paths for a move)."""
     stats = subprocess.run(
         [sys.executable, "-m", "tallytree", "stats", str(source), "events", "--json"],
         check=True,
@@ -147,31 +148,22 @@ def _lmdb_floor(source: Path, path: Path, seed: int) -> tuple[dict[str, Write], 
     env = lmdb.open(
         str(path), map_size=1 << 30, max_dbs=4, sync=False, metasync=False, readahead=False, lock=True
     )
-    meta, nodes, roots = (env.open_db(name) for name in (b"meta", b"nodes", b"roots"))
+    nodes, roots = (env.open_db(name) for name in (b"nodes", b"roots"))
     with env.begin() as txn:
-        stored = dict(txn.cursor(nodes))  # node key -> stored bytes
+        stored = dict(txn.cursor(nodes))  # node key (slot) -> stored bytes
         root_key, root_record = next(iter(txn.cursor(roots)))
-        next_id = int.from_bytes(txn.get(b"next_id", db=meta), "big")
-    alive = list(stored)
+    slots = sorted(stored)
     rng = random.Random(seed)
 
     def rewrite(count: int) -> None:
-        nonlocal next_id
         # the calls take their arguments by position, as tallytree's do (tallytree/_lmdb.py)
         txn = env.begin(None, None, True)
-        old = [alive.pop(rng.randrange(len(alive))) for _ in range(count)]
-        txn.get(old[0], None, nodes)  # the leaf, read to merge the write in (the rest are cached)
-        new = [(next_id + index).to_bytes(8, "big") for index in range(count)]
-        values = [stored.pop(key) for key in old]  # each node rewritten at its own size
-        txn.cursor(nodes).putmulti(list(zip(new, values, strict=True)), True, True, True)
-        for key in old:
-            txn.delete(key, b"", nodes)
+        keys = rng.sample(slots, count)
+        txn.get(keys[0], None, nodes)  # the leaf, read to merge the write in (the rest are cached)
+        for key in sorted(keys):  # each node rewritten at its own size, over its own key
+            txn.put(key, stored[key], True, True, False, nodes)
         txn.put(root_key, root_record, True, True, False, roots)
-        next_id += count
-        txn.put(b"next_id", next_id.to_bytes(8, "big"), True, True, False, meta)
         txn.commit()
-        stored.update(zip(new, values, strict=True))
-        alive.extend(new)
 
     def path_rewrite(item: int, ts: int) -> None:
         rewrite(depth)

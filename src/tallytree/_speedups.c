@@ -5297,6 +5297,9 @@ done:
    a tuple ``(skip, encoded, get)`` of a dict of the node ids that have no usable stored bytes (the
    nodes the transaction changed), a dict of node ids to bytes (nodes given in stored form), and
    ``get(key)``, which reads a node's bytes by its 8-byte key (None when absent). */
+/* The slot of a node id, its NODES key: the id's low _txn.SLOT_BITS bits (the rest is its version). */
+#define NODE_SLOT_MASK ((1ULL << 36) - 1)
+
 static int
 stored_source(PyObject *source)
 {
@@ -5326,7 +5329,7 @@ fetch_stored(PyObject *stored, PyObject *kid)
         return NULL;
     }
     char key[8];
-    put_be(key, id & ((1ULL << 36) - 1), 8); /* _txn.node_key: the slot (_txn.SLOT_BITS) */
+    put_be(key, id & NODE_SLOT_MASK, 8); /* _txn.node_key: the id's slot */
     PyObject *bytes = PyBytes_FromStringAndSize(key, 8);
     if (bytes == NULL) {
         return NULL;
