@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
+import msgpack
 import pytest
 from conftest import pure_python, record_calls, strict
 from hypothesis import given
@@ -119,6 +121,127 @@ def test_bump_internal_refuses_what_it_does_not_take() -> None:
     ):
         with pytest.raises(TypeError):
             speedups.bump_internal(*bad)
+
+
+# One value of each stored width, as msgpack writes ints: fixints, 1, 2, 4 and 8 bytes, signed and
+# unsigned, and beyond (wide); odd, so that no column gets a shift.
+WIDTHS = [
+    5,
+    201,
+    60_001,
+    2**20 + 1,
+    2**40 + 1,
+    -5,
+    -101,
+    -1001,
+    -(10**6) - 1,
+    -(2**40) - 1,
+    2**63 + 1,
+    2**100 + 1,
+]
+
+
+def _uniform(size: int, count: int, total: int, key_length: int, kids: list[int] | None = None) -> Node:
+    """A committed internal node of ``size`` children, two fields, its columns runs of one number each
+    (one width each: the stored walk skips such runs eight or four numbers at a time), its keys of
+    one length (bin 8 or bin 16)."""
+    keys = [b""] + [bytes([0x30]) + index.to_bytes(key_length - 1, "big") for index in range(1, size)]
+    summaries = [[count, total, 3 * total, count, 0] for _ in range(size)]
+    node = Node.internal_from(5, keys, kids or list(range(100, 100 + size)), summaries)
+    committed = decode_node(encode_node(node), 5)
+    assert committed._packed is not None and list(committed.shifts) == [0] * 5
+    return committed
+
+
+def _form(packed: bytes) -> tuple[int, Any]:
+    """An internal node's stored form, plain (2) or wide (3), and a wide one's limbs per column:
+    what a repack keeps (it leaves a node whose form changes to the full pack)."""
+    parts = msgpack.unpackb(packed)
+    return parts[0], parts[4] if parts[0] == 3 else None
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [1, 9, 70])
+@pytest.mark.parametrize("total", WIDTHS, ids=repr)
+def test_bump_internal_repacks_runs_of_every_width(size: int, total: int) -> None:
+    """Nodes whose columns are runs of one stored width, bumped at their first child, their last, and
+    at the edges of the eight-number steps of the walk, by amounts that keep each number's width,
+    change it (larger, smaller, negative) or push a sum beyond msgpack's ints (the node turns wide):
+    the bytes are those of the full pack, as are repack_internal's for the same change."""
+    assert speedups is not None
+    for count, key_length, kids in ((3, 14, None), (200, 300, [2**40 + index for index in range(size)])):
+        origin = _uniform(size, count, total, key_length, kids)
+        packed = origin._packed
+        assert packed is not None
+        for index in sorted({0, 1, 7, 8, 9, size // 2, size - 2, size - 1} & set(range(size))):
+            for kid, delta in (
+                (origin.kids[index], [1, 2, 6, 1, 0]),
+                (7, [2**33, -2 * total, 0, 300, 0]),
+                (2**63, [0, -total - 2**20, 2**64, 0, -1]),
+                (origin.kids[index] + 1, [0, 0, 0, 0, 0]),
+            ):
+                expected = _expected(origin, index, kid, delta)
+                with pure_python():
+                    full = encode_node(expected)
+                bumped = origin.bumped(7, index, kid, delta)
+                assert bumped.packed() == full, (index, kid, delta)
+                assert list(bumped.kids) == expected.kids
+                assert [bumped.child(at) for at in range(size)] == [expected.child(at) for at in range(size)]
+                repacked = speedups.repack_internal(expected, origin, packed, 2)
+                assert repacked == (None if _form(full) != _form(packed) else full)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shift", [1, 29, 30, 31, 59, 60, 61, 1072])
+def test_bump_internal_takes_amounts_its_shifts_divide(shift: int) -> None:
+    """A sum column with a shift (all its sums share ``shift`` trailing zero bits), bumped by amounts
+    with fewer, as many and more trailing zeros, positive and negative (the check reads the int's
+    digits, 30 bits each): the kernel takes exactly those the shift divides, and gives what the
+    dirty copy changed by ``add`` gives; the others are left to that copy."""
+    assert speedups is not None
+    summaries = [[1, (2 * index + 1) << shift, 0] for index in range(12)]
+    node = Node.internal_from(
+        5, [b""] + [bytes([0x30, index]) for index in range(1, 12)], list(range(1, 13)), summaries
+    )
+    origin = decode_node(encode_node(node), 5)
+    assert origin.shifts[1] == shift
+    for zeros in (0, shift - 1, shift, shift + 1, shift + 40):
+        for amount in (3 << zeros, -(3 << zeros), (2**90 + 1) << zeros):
+            delta = [1, amount, 0]
+            made = speedups.bump_internal(origin, origin._packed, 4, 99, delta, 1)
+            assert (made is None) == (zeros < shift), (zeros, amount)
+            expected = _expected(origin, 4, 99, delta)
+            with pure_python():
+                full = encode_node(expected)
+            assert origin.bumped(7, 4, 99, delta).packed() == full
+
+
+@needs_kernels
+def test_bump_internal_reads_any_node_type() -> None:
+    """bump_internal reads a node's slots directly only where an attribute lookup ends at them: a
+    subclass that overrides an attribute with a property, even after the kernel has read that
+    class, and an object of another kind are read through their attributes; an unset slot raises
+    AttributeError as the lookup does."""
+    assert speedups is not None
+    origin = _uniform(9, 3, 5, 14)
+    made = speedups.bump_internal(origin, origin._packed, 2, 50, [1, 2, 6, 1, 0], 2)
+    assert made is not None and made[0][2] == 50
+
+    class Sub(Node):
+        __slots__ = ()
+
+    sub = Sub(5, False, origin.keys, origin.cols, origin.kids, origin.shifts)
+    assert speedups.bump_internal(sub, origin._packed, 2, 50, [1, 2, 6, 1, 0], 2) == made
+    Sub.kids = property(lambda self: tuple(range(200, 209)))  # type: ignore[misc,assignment]  # changed once read
+    other = speedups.bump_internal(sub, origin._packed, 2, 50, [1, 2, 6, 1, 0], 2)
+    assert other is not None and other[0] == (200, 201, 50, *range(203, 209))  # the bytes: ``packed``'s
+    plain = SimpleNamespace(keys=origin.keys, kids=origin.kids, shifts=origin.shifts, cols=origin.cols)
+    assert speedups.bump_internal(plain, origin._packed, 2, 50, [1, 2, 6, 1, 0], 2) == made
+    empty = Node(5, False, origin.keys, origin.cols, origin.kids, origin.shifts)
+    del empty.kids
+    with pytest.raises(AttributeError):
+        speedups.bump_internal(empty, origin._packed, 2, 50, [1, 2, 6, 1, 0], 2)
+    assert speedups.bump_internal(origin, origin._packed, 2, 50, [1, 2, 6, 1, 0], 2) == made
 
 
 def _rows(count: int, seed: int) -> dict[tuple[int, str], tuple[Any, ...]]:
