@@ -999,7 +999,7 @@ key_prefix(const char *key, Py_ssize_t size)
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
-    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name, *getattribute_name;
+    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name;
 
 static int
 intern_names(void)
@@ -1016,61 +1016,10 @@ intern_names(void)
     cols_name = PyUnicode_InternFromString("cols");
     shifts_name = PyUnicode_InternFromString("shifts");
     id_name = PyUnicode_InternFromString("id");
-    getattribute_name = PyUnicode_InternFromString("__getattribute__");
     return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
-                   rows_cache_name && rows_name && cols_name && shifts_name && id_name && getattribute_name
+                   rows_cache_name && rows_name && cols_name && shifts_name && id_name
                ? 0
                : -1;
-}
-
-/* A node's attribute, read from its slot. Node keeps its attributes in __slots__, and defines
-   __getattr__ (a compact leaf's keys and cols, made on first use), so each PyObject_GetAttr on a node
-   goes through slot_tp_getattr_hook: the type searched for __getattribute__, then for the name, then
-   the member descriptor called: ~25 ns per attribute, 5% of a bump_internal. What those steps end
-   at is a fixed offset in the object: it is noted once per name and type, and noted again when the
-   type changes (its version tag), then the slot is read directly. An empty slot (a compact leaf's
-   keys), another kind of attribute, or a type with its own __getattribute__ goes through
-   PyObject_GetAttr as before. A new reference, or NULL with an error set. */
-typedef struct {
-    PyTypeObject *type; /* the type noted, or NULL */
-    unsigned int version;
-    Py_ssize_t offset; /* the slot's offset in the object, or -1 */
-} SlotPlace;
-
-static PyObject *
-slot_attr(PyObject *object, PyObject *name, SlotPlace *place)
-{
-    PyTypeObject *type = Py_TYPE(object);
-#ifdef Py_TPFLAGS_VALID_VERSION_TAG
-    if (type != place->type || type->tp_version_tag != place->version ||
-        !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
-        place->type = NULL;
-        place->offset = -1;
-        PyObject *getattribute = _PyType_Lookup(type, getattribute_name);
-        PyObject *descr = _PyType_Lookup(type, name); /* borrowed, both; they give the type its tag */
-        if (getattribute != NULL && getattribute == _PyType_Lookup(&PyBaseObject_Type, getattribute_name) &&
-            descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
-            (type->tp_getattro == PyObject_GenericGetAttr || PyType_HasFeature(type, Py_TPFLAGS_HEAPTYPE))) {
-            PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-            if (member->type == T_OBJECT_EX && member->flags == 0) {
-                place->offset = member->offset;
-            }
-        }
-        if (PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG) && type->tp_version_tag != 0) {
-            place->type = type;
-            place->version = type->tp_version_tag;
-        }
-    }
-    if (place->offset >= 0 && place->type == type) {
-        PyObject *value = *(PyObject **)((char *)object + place->offset);
-        if (value != NULL) {
-            return Py_NewRef(value);
-        }
-    }
-#else
-    (void)place;
-#endif
-    return PyObject_GetAttr(object, name);
 }
 
 /* 1 for a leaf, 0 for an internal node, -1 with an error set (through the attribute). */
@@ -6886,9 +6835,8 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *theirs[4] = {NULL, NULL, NULL, NULL}, *mine[4] = {NULL, NULL, NULL, NULL};
     PyObject *amounts[1 + 2 * 256], *result = NULL;
     memset(amounts, 0, sizeof(PyObject *) * (size_t)columns);
-    static SlotPlace places[4];
     for (int part = 0; part < 4; part++) {
-        theirs[part] = slot_attr(args[0], names[part], &places[part]);
+        theirs[part] = PyObject_GetAttr(args[0], names[part]);
         if (theirs[part] == NULL) {
             goto done;
         }
