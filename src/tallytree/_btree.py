@@ -965,6 +965,7 @@ class NodeTree:
         if inside and last:
             return _DECODED
         parent, index = path[-1]
+        max_size = self.max_size
         rows = speedups.merge_children(
             parent.keys,
             parent.kids,
@@ -972,8 +973,11 @@ class NodeTree:
             0,
             1,
             [[value] for value in values],
-            self.max_size,
-            self._fill_target(),
+            max_size,
+            # the size of the pieces of a leaf that overflows: a split is left to the decoded path
+            # below, so any size does (the merge finds a duplicate before it cuts anything), and
+            # max_size saves the computation of _fill_target
+            max_size,
             self.access.stored_source(),
         )
         if len(rows) != 1 or rows[0][0] != index:

@@ -951,7 +951,8 @@ class _Writing:
 
     def __enter__(self) -> WriteTransaction:
         db = self._db
-        db._check_open()
+        if db._closed:  # (_check_open, inlined)
+            db._check_open()
         local = db._local
         if getattr(local, "writing", False):
             raise TransactionError(

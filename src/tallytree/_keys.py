@@ -726,6 +726,10 @@ def encode_id(id: object) -> bytes:
     """
     kind = type(id)
     if kind is str or kind is int or kind is bytes:
+        if speedups is not None and kind is not bytes:  # encode_key's C twin, without its call
+            encoded = speedups.one_key(id, False, MAX_KEY_BYTES)
+            if encoded is not None:
+                return encoded
         return encode_key(id, what="id")
     if isinstance(id, (str, bytes, bytearray, memoryview)) or (
         isinstance(id, int) and not isinstance(id, bool)

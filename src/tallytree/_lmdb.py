@@ -257,7 +257,8 @@ class _LmdbTxn:
         """A cursor's ``get`` (bytes: the transaction has no buffers): no table argument to pass.
         It raises LMDB's own errors (a Python wrapper would cost a call per node of a batch merge,
         its one user): ``db.write()`` translates them as its block ends."""
-        return self._txn.cursor(db=self._dbs[table]).get  # type: ignore[no-any-return]
+        # cursor(db) by position, as in _apply_ops: 0.13 us against 0.21 with the keyword
+        return self._txn.cursor(self._dbs[table]).get  # type: ignore[no-any-return]
 
     def scan(
         self, table: int, start: bytes, stop: bytes | None, reverse: bool = False
@@ -308,14 +309,16 @@ class _LmdbTxn:
     def commit(self, ops: list[Op], appended: int = 0) -> None:
         backend = self._backend
         txn = self._txn
-        txn_id = txn.id()  # the id a retry must still have (see commit_after_growth)
+        # the id a retry must still have (see commit_after_growth): txn.id(), which is the
+        # snapshot's + 1 for a write transaction (see __init__), without the call
+        txn_id = self.snapshot + 1
         self._stage = _PUT  # before the first put: from here on, only an abort may end it unwritten
         try:
             _apply_ops(txn, self._dbs, ops, appended)
             self._stage = _COMMITTING
             txn.commit()
             self._stage = _ENDED
-            if self.snapshot == backend.seen and _puts(ops, appended):
+            if self.snapshot == backend.seen and (appended or _puts(ops, 0)):
                 backend.seen = self.snapshot + 1  # this commit's id
         except lmdb.MapFullError:
             self._end()
@@ -350,12 +353,13 @@ class _LmdbTxn:
         backend = self._backend
         backend.live.discard(self)
         try:
+            stage = self._stage
             if backend.forked:  # an inherited one is dropped (see _mark_forked)
                 pass
-            elif self._stage == _READ:
+            elif stage == _READ:
                 txn.abort()  # a read transaction's end (py-lmdb resets it: no wait, see end_write)
-            else:
-                backend.end_write(txn, self._stage)
+            elif stage != _ENDED:  # (one LMDB committed needs nothing more: end_write's first case)
+                backend.end_write(txn, stage)
         finally:
             backend.end_raw(self._ident)
 

@@ -208,7 +208,7 @@ class NodeCache:
     :class:`NodeDict`.
     """
 
-    __slots__ = ("_nodes", "floor", "hits", "misses", "shared")
+    __slots__ = ("_nodes", "discard", "floor", "hits", "lookup", "misses", "put", "shared")
 
     def __init__(self, capacity: int, floor: int = 0) -> None:
         built = _native.speedups
@@ -217,6 +217,14 @@ class NodeCache:
         # what the C kernels' descents take nodes from: the NodeTable, or the NodeDict's dict (both
         # emptied in place by clear(), so this stays valid)
         self.shared: object = nodes.nodes if isinstance(nodes, NodeDict) else nodes
+        # The store's own methods, without a frame of this class (each commit calls them once per node
+        # it writes or replaces; every transaction takes ``lookup``):
+        # lookup: :meth:`get`, which :meth:`clear` keeps valid (a property until session 35);
+        # put: remember a committed node, evicting one beyond capacity (see the class), O(1) amortized;
+        # discard: forget one node if cached (a reader that still needs it decodes it again), O(1)
+        self.lookup: Callable[[int], Node | None] = nodes.get
+        self.put: Callable[[Node], None] = nodes.put
+        self.discard: Callable[[int], None] = nodes.discard
         self.hits = 0
         self.misses = 0
         self.floor = floor
@@ -235,20 +243,6 @@ class NodeCache:
         """The cached node, or None. O(1)."""
         node: Node | None = self._nodes.get(node_id)
         return node
-
-    @property
-    def lookup(self) -> Callable[[int], Node | None]:
-        """:meth:`get` without this class's frame: the store's own ``get`` (which :meth:`clear`
-        keeps valid)."""
-        return self._nodes.get
-
-    def put(self, node: Node) -> None:
-        """Remember a committed node, evicting one beyond capacity (see the class). O(1) amortized."""
-        self._nodes.put(node)
-
-    def discard(self, node_id: int) -> None:
-        """Forget one node if cached (a reader that still needs it decodes it again). O(1)."""
-        self._nodes.discard(node_id)
 
     def clear(self) -> None:
         """Forget every node."""

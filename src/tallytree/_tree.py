@@ -226,8 +226,11 @@ class Tree:
     def root(self) -> Root | None:
         """The root record of the tree as it is now (None: the tree is empty)."""
         nodes = self.nodes.root
-        pending, summary = self.pending, self.pending_summary
-        if pending is None or summary is None:
+        summary = self.pending_summary
+        if summary is None:  # nothing pending (then the pending node is not looked at)
+            return nodes
+        pending = self.pending
+        if pending is None:
             return nodes
         # a pending node with an id is one a format 2 record named, not changed since
         held = None if pending.id else pending
@@ -257,6 +260,16 @@ class Tree:
             root = Root(root.node_id, root.height, list(root.summary))
         self.original = root
         return True, root
+
+    def take_new_root(self) -> Root | None:
+        """The root record to store after a change known to have changed it (an insert: the count
+        grew), for a tree not used after it: :meth:`take_root` without comparing the record with
+        the one before (a dataclass ``__eq__``, which makes a tuple of each record's fields), and
+        without copying the node tree's record, which it would go on changing in place were the
+        tree used again (the tree is left without a record to compare with: ``original`` is None).
+        The two took 0.4 us of a scattered insert. O(1)."""
+        self.original = None
+        return self.root
 
     # ----------------------------------------------------------------- reads
 
@@ -415,9 +428,12 @@ class Tree:
         they skip the pending node. O(log n) (plus the merge every :func:`pending_capacity`
         inserts).
         """
-        if self._pending_index(entry) is not None:
+        if self._pending is None and self._record is None:
+            pending = None  # nothing pending: no pending entry to find (two calls fewer)
+        elif self._pending_index(entry) is not None:
             return False
-        pending = self.pending
+        else:
+            pending = self.pending
         # after the first pending entry means after every entry of the nodes (the invariant);
         # otherwise the descent to the entry's leaf tells whether it falls inside the nodes' range
         if pending is None or entry < pending.keys[0]:
