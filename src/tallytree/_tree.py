@@ -4,8 +4,8 @@ Design
 ======
 Committing one insert into the B+ tree rewrites every node on its path: copy-on-write gives each a
 new id (the next version of its slot, see ``_txn``), so a tree of height 4 writes four nodes of a
-few KiB, whatever the size of the change. For the commonest write of the applications tallytree serves, one new event per
-committed transaction, that page traffic is most of the cost.
+few KiB, whatever the size of the change. For the commonest write of the applications tallytree
+serves, one new event per committed transaction, that page traffic is most of the cost.
 
 So an insert after every entry of the tree's nodes (a new event, keyed by its time; also a short
 sorted run of them, such as a table's per-document inserts) first goes to the tree's *pending* node:
