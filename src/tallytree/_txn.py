@@ -68,7 +68,7 @@ database (``_db``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice, repeat
 from operator import itemgetter
 from struct import Struct
@@ -128,9 +128,9 @@ def node_key(node_id: int) -> bytes:
 _pack_slot = Struct(">Q").pack
 
 
-def _node_keys(node_id: int) -> bytes:
-    """:func:`node_key`, for map() over many ids."""
-    return _pack_slot(node_id & SLOT_MASK)
+def _node_keys(node_ids: Iterable[int]) -> Iterator[bytes]:
+    """:func:`node_key` of each id, by C-level loops (no Python call per id)."""
+    return map(_pack_slot, map(SLOT_MASK.__and__, node_ids))
 
 
 def renewed(node_id: int) -> int:
@@ -669,7 +669,7 @@ class WriteTransaction(Transaction):
                 f"node {node_id} was replaced in this transaction but is still referenced"
             )
         self._overwrites[slot] = node_id
-        return renewed(node_id)
+        return (((node_id >> SLOT_BITS) + 1) % VERSIONS) << SLOT_BITS | slot  # renewed(), inline
 
     def adopt(self, node: Node) -> Node:
         self._dirty[node.id] = node
@@ -912,14 +912,14 @@ class WriteTransaction(Transaction):
                 compact[node_id] = leaf
         if self._encoded:
             encoded = self._encoded
-            ops.extend(zip(repeat(NODES), map(_node_keys, encoded), encoded.values()))
+            ops.extend(zip(repeat(NODES), _node_keys(encoded), encoded.values()))
         ops.sort(key=itemgetter(1))  # slots ascending: new ones last, above every slot stored
         overwrites = len(self._overwrites)
         if overwrites:  # the new slots first, for LMDB's append (the overwrites are plain puts)
             ops = ops[overwrites:] + ops[:overwrites]
         appended = len(ops) - overwrites  # new slots, ascending: LMDB appends them in one call
         if self._freed:  # a batch frees a node per leaf: the ops made by C-level loops
-            ops.extend(zip(repeat(NODES), sorted(map(_node_keys, self._freed)), repeat(None)))
+            ops.extend(zip(repeat(NODES), sorted(_node_keys(self._freed)), repeat(None)))
         written: list[tuple[bytes, bytes, Root]] = []
         for tree in sorted(self._changed_roots):
             root = self._roots[tree]
