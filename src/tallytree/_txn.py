@@ -669,7 +669,7 @@ class WriteTransaction(Transaction):
                 f"node {node_id} was replaced in this transaction but is still referenced"
             )
         self._overwrites[slot] = node_id
-        return (((node_id >> SLOT_BITS) + 1) % VERSIONS) << SLOT_BITS | slot  # renewed(), inline
+        return renewed(node_id)
 
     def adopt(self, node: Node) -> Node:
         self._dirty[node.id] = node
