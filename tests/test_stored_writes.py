@@ -20,14 +20,14 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import pure_python, record_calls, strict
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import tallytree
 from tallytree._btree import NodeTree
 from tallytree._keys import encode_id, encode_key
 from tallytree._native import speedups
-from tallytree._node import Node, decode_node, encode_node
+from tallytree._node import Node, _PatchedNode, decode_node, encode_node
 
 FIELDS = ("cost", "tokens")
 needs_kernels = pytest.mark.skipif(speedups is None, reason="the stored path needs the C kernels")
@@ -107,7 +107,8 @@ def test_bump_internal_refuses_what_it_does_not_take() -> None:
     node._packed = encode_node(node)
     assert node.shifts[1] == 42  # the two sums share 42 trailing zero bits
     made = speedups.bump_internal(node, node._packed, 1, 9, [1, 4 << 42, 0], 1)
-    assert made is not None and made[0] == (1, 9) and made[2] is not None
+    assert made is not None and made[0] == {1: (9, 5, 5, 0)} and type(made[1]) is bytes  # a patch
+    assert speedups.patched_parts(node, made[0], 1) == ((1, 9), ((3, 5), (2, 5), (0, 0)))
     assert speedups.bump_internal(node, node._packed, 1, 9, [1, 1 << 41, 0], 1) is None  # rescale
     assert speedups.bump_internal(node, node._packed, 2, 9, [1, 0, 0], 1) is None  # no child 2
     assert speedups.bump_internal(node, node._packed, 0, 9, [1, 0], 1) is None  # too short
@@ -120,6 +121,78 @@ def test_bump_internal_refuses_what_it_does_not_take() -> None:
     ):
         with pytest.raises(TypeError):
             speedups.bump_internal(*bad)
+
+
+def _unmade(node: Node) -> bool:
+    """Whether ``node`` is a patched node whose kids and cols were never made (see Node.bumped)."""
+    return type(node) is _PatchedNode and node._patch is not None
+
+
+@needs_kernels
+@given(st.integers(1, 40), st.integers(0, 3), st.integers(1, 60), st.data())
+def test_a_chain_of_bumps_is_the_chain_of_dirty_copies(
+    size: int, nfields: int, steps: int, data: st.DataObject
+) -> None:
+    """Each bump of a bumped node, as one insert after another makes them: the node stays a patch of
+    the first one's base while it has at most 16 changed children, then becomes tuples, and becomes a
+    patch again at the next bump; at every step, its child ids (read with ``kid``, which makes
+    nothing), summaries and bytes are those of the dirty copy changed by ``add`` step after step,
+    whether or not something read its kids in between (which makes its tuples)."""
+    node = _committed(size, nfields, data)
+    model = node
+    shapes: set[str] = set()
+    for step in range(steps):
+        index = data.draw(st.integers(0, size - 1), label="index")
+        kid = data.draw(st.integers(0, 2**63), label="kid")
+        delta = [data.draw(st.integers(-3, 3))] + [0] * (2 * nfields)
+        if nfields:  # an amount the column's shift divides (the kernel's case), or one it does not
+            delta[1] = data.draw(st.sampled_from([0, 1, 2**1072, -(2**1080)]))
+            delta[1 + nfields] = data.draw(st.integers(-3, 3))
+        expected = _expected(model, index, kid, delta)
+        with pure_python():
+            full = encode_node(expected)
+        patched_before = _unmade(node)
+        node = node.bumped(10 + step, index, kid, delta)
+        assert node.id == 10 + step and not node.dirty and node.packed() == full, step
+        assert [node.kid(at) for at in range(size)] == expected.kids
+        if _unmade(node):  # (else tuples: past 16 children, or a column rescaled by the dirty copy)
+            assert node._patch is not None and 1 <= len(node._patch) <= 16
+            assert node._base is not None and not _unmade(node._base)  # never a patch of a patch
+            shapes.add("patch" if not patched_before else "patch of a patch's base")
+        else:
+            shapes.add("tuples")
+        if data.draw(st.booleans(), label="read"):
+            assert [node.child(at) for at in range(size)] == [expected.child(at) for at in range(size)]
+            assert type(node) is Node and type(node.kids) is tuple and not _unmade(node)
+        expected.freeze()
+        model = expected
+    assert list(node.kids) == list(model.kids)
+    assert [node.child(at) for at in range(size)] == [model.child(at) for at in range(size)]
+    event(" ".join(sorted(shapes)))
+
+
+@needs_kernels
+def test_patched_nodes_make_their_tuples_on_first_read() -> None:
+    """A bumped node holds no tuples of its children until something reads ``kids`` or ``cols``; then
+    it is a plain node, its base and patch dropped, and reads as the dirty copy does. More than 16
+    changed children make the tuples at the bump. A patch that does not fit its base is refused."""
+    assert speedups is not None
+    origin = _uniform(20, 3, 5, 14)
+    node = origin
+    for step in range(16):
+        node = node.bumped(50 + step, step, 1000 + step, [1, 2, 6, 1, 0])
+        assert _unmade(node) and node._base is origin and len(node._patch or ()) == step + 1
+    assert node.kid(3) == 1003 and node.kid(17) == origin.kids[17] and _unmade(node)
+    made = node.bumped(70, 16, 1016, [1, 2, 6, 1, 0])  # the 17th child changed: tuples
+    assert type(made) is Node and made.kids[:17] == tuple(range(1000, 1017)) and made.kids[17:] == (117, 118, 119)
+    assert node.cols[0][:16] == (4,) * 16 and type(node) is Node and node._patch is None
+    again = made.bumped(71, 0, 5, [1, 0, 0, 0, 0])
+    assert _unmade(again) and again._base is made and again.kid(0) == 5 and again.cols[0][0] == 5
+    for bad in ({0: (1, 2)}, {99: (1, 2, 3, 4, 5, 6)}, {"0": (1, 2, 3, 4, 5, 6)}):
+        assert speedups.patched_parts(origin, bad, 2) is None
+        assert speedups.bump_internal(origin, origin._packed, 1, 9, [1, 0, 0, 0, 0], 2, bad) is None
+    with pytest.raises(TypeError):
+        speedups.bump_internal(origin, origin._packed, 1, 9, [1, 0, 0, 0, 0], 2, [(0, 1)])
 
 
 # One value of each stored width, as msgpack writes ints: fixints, 1, 2, 4 and 8 bytes, signed and

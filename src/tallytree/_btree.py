@@ -967,8 +967,9 @@ class NodeTree:
         parent, index = path[-1]
         max_size = self.max_size
         rows = speedups.merge_children(
-            parent.keys,
-            parent.kids,
+            # the child alone (its fence, its id): a patched parent's kids are not made for it
+            (parent.keys[index],),
+            (parent.kid(index),),
             [entry],
             0,
             1,
@@ -980,7 +981,7 @@ class NodeTree:
             max_size,
             self.access.stored_source(),
         )
-        if len(rows) != 1 or rows[0][0] != index:
+        if len(rows) != 1:
             return _DECODED
         merged = rows[0][4]
         if type(merged) is int:
@@ -1010,7 +1011,7 @@ class NodeTree:
             return _DECODED
         path, _ = found
         parent, index = path[-1]
-        data = self.access.stored(parent.kids[index])
+        data = self.access.stored(parent.kid(index))
         if data is None:  # a leaf this transaction changed: its lists
             return _DECODED
         if values is not None and type(values) is not tuple:
@@ -1049,11 +1050,12 @@ class NodeTree:
         for level in range(height - 1):
             if node.dirty or node.leaf or node._packed is None:
                 return None
-            index = bisect_right(node.keys, entry) - 1
-            last = last and index == len(node.kids) - 1
+            keys = node.keys
+            index = bisect_right(keys, entry) - 1
+            last = last and index == len(keys) - 1
             path.append((node, index))
             if level < height - 2:
-                node = access.node(node.kids[index])
+                node = access.node(node.kid(index))
         return path, last
 
     def _write_stored(self, path: Path, leaf: bytes, delta: list[int]) -> None:
@@ -1064,7 +1066,7 @@ class NodeTree:
         assert self.root is not None
         access = self.access
         parent, index = path[-1]
-        old = parent.kids[index]
+        old = parent.kid(index)
         child = access.renew(old)
         access.adopt_encoded(child, leaf)
         for node, index in reversed(path):

@@ -89,8 +89,19 @@ class Speedups(Protocol):
     def pack_internal(self, parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
     def add_spans(self, node: Any, rows: list[Any], prefixes: list[tuple[int, list[int]]], /) -> bool: ...
     def bump_internal(
-        self, node: Any, packed: bytes | None, index: int, kid: int, delta: list[int], nfields: int, /
-    ) -> tuple[tuple[int, ...], tuple[Any, ...], bytes | None] | None: ...
+        self,
+        node: Any,
+        packed: bytes | None,
+        index: int,
+        kid: int,
+        delta: list[int],
+        nfields: int,
+        patch: dict[int, tuple[int, ...]] | None = None,
+        /,
+    ) -> tuple[Any, ...] | None: ...
+    def patched_parts(
+        self, base: Any, patch: dict[int, tuple[int, ...]], nfields: int, /
+    ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
     def sort_order(self, items: list[bytes], /) -> list[int] | None: ...
     def leaf_edit(
         self, data: bytes, entry: bytes, values: tuple[int | float, ...] | None, nfields: int, /

@@ -56,8 +56,18 @@ def pack_node(head: int, parts: tuple[Sequence[Any], ...], /) -> bytes | None: .
 def pack_internal(parts: tuple[Sequence[Any], ...], nfields: int, /) -> bytes | None: ...
 def add_spans(node: Any, rows: list[Any], prefixes: list[tuple[int, list[int]]], /) -> bool: ...
 def bump_internal(
-    node: Any, packed: bytes | None, index: int, kid: int, delta: list[int], nfields: int, /
-) -> tuple[tuple[int, ...], tuple[Any, ...], bytes | None] | None: ...
+    node: Any,
+    packed: bytes | None,
+    index: int,
+    kid: int,
+    delta: list[int],
+    nfields: int,
+    patch: dict[int, tuple[int, ...]] | None = None,
+    /,
+) -> tuple[Any, ...] | None: ...
+def patched_parts(
+    base: Any, patch: dict[int, tuple[int, ...]], nfields: int, /
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
 def leaf_edit(
     data: bytes, entry: bytes, values: tuple[int | float, ...] | None, nfields: int, /
 ) -> tuple[bytes, tuple[int | float, ...], int] | bool | None: ...
