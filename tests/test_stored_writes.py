@@ -175,7 +175,8 @@ def test_a_chain_of_bumps_is_the_chain_of_dirty_copies(
 def test_patched_nodes_make_their_tuples_on_first_read() -> None:
     """A bumped node holds no tuples of its children until something reads ``kids`` or ``cols``; then
     it is a plain node, its base and patch dropped, and reads as the dirty copy does. More than 16
-    changed children make the tuples at the bump. A patch that does not fit its base is refused."""
+    changed children make the tuples at the bump, and so does the bump of a node a read used. A
+    patch that does not fit its base is refused."""
     assert speedups is not None
     origin = _uniform(20, 3, 5, 14)
     node = origin
@@ -184,10 +185,18 @@ def test_patched_nodes_make_their_tuples_on_first_read() -> None:
         assert _unmade(node) and node._base is origin and len(node._patch or ()) == step + 1
     assert node.kid(3) == 1003 and node.kid(17) == origin.kids[17] and _unmade(node)
     made = node.bumped(70, 16, 1016, [1, 2, 6, 1, 0])  # the 17th child changed: tuples
-    assert type(made) is Node and made.kids[:17] == tuple(range(1000, 1017)) and made.kids[17:] == (117, 118, 119)
+    assert (
+        type(made) is Node
+        and made.kids[:17] == tuple(range(1000, 1017))
+        and made.kids[17:] == (117, 118, 119)
+    )
     assert node.cols[0][:16] == (4,) * 16 and type(node) is Node and node._patch is None
     again = made.bumped(71, 0, 5, [1, 0, 0, 0, 0])
     assert _unmade(again) and again._base is made and again.kid(0) == 5 and again.cols[0][0] == 5
+    assert again.counts()[1] == 5  # a read derived its cumulative counts: reads follow writes here
+    read = again.bumped(72, 1, 6, [1, 0, 0, 0, 0])  # so the next bump makes tuples at once
+    assert type(read) is Node and read.kids[:3] == (5, 6, 1002) and read.cols[0][:2] == (5, 5)
+    assert _unmade(read.bumped(73, 2, 7, [1, 0, 0, 0, 0]))  # which nothing read: patched again
     for bad in ({0: (1, 2)}, {99: (1, 2, 3, 4, 5, 6)}, {"0": (1, 2, 3, 4, 5, 6)}):
         assert speedups.patched_parts(origin, bad, 2) is None
         assert speedups.bump_internal(origin, origin._packed, 1, 9, [1, 0, 0, 0, 0], 2, bad) is None

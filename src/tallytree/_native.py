@@ -97,10 +97,14 @@ class Speedups(Protocol):
         delta: list[int],
         nfields: int,
         patch: dict[int, tuple[int, ...]] | None = None,
+        tuples: bool = False,
         /,
     ) -> tuple[Any, ...] | None: ...
     def patched_parts(
         self, base: Any, patch: dict[int, tuple[int, ...]], nfields: int, /
+    ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
+    def make_patched(
+        self, node: Any, plain: type, nfields: int, /
     ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
     def sort_order(self, items: list[bytes], /) -> list[int] | None: ...
     def leaf_edit(

@@ -71,12 +71,13 @@ the Python code and gives the same answers):
   committed one (``origin``, whose stored bytes are ``packed``) and changed in a few numbers, as a
   write of one item changes each node on its path: the stored bytes copied, the changed numbers
   encoded again; None for any other change, and the caller packs in full;
-* ``bump_internal(node, packed, index, kid, delta, nfields, patch=None)``: what one write does to a
+* ``bump_internal(node, packed, index, kid, delta, nfields, patch=None, tuples=False)``: what one write does to a
   committed internal node of its path, without a dirty copy (``_node.Node.bumped``): its bytes
   repacked from ``packed``, and the node as a patch of the node it was made from (see "Patched
   nodes"), or, past PATCH_MAX patched children, its child ids and changed columns as new tuples;
-* ``patched_parts(base, patch, nfields)``: a patched node's child ids and columns as tuples, made
-  the first time something reads them;
+* ``patched_parts(base, patch, nfields)``: a patched node's child ids and columns as tuples, and
+  ``make_patched(node, plain, nfields)``, which makes them the first time something reads them and
+  makes the node a plain one;
 * ``join_limbs(limbs)``: the inverse for one decoded sum column, ``_node._join_limbs``;
 * ``pack_root(node_id, height, summary, pending, pending_summary)``: a root record's bytes, as
   ``_txn.encode_root`` writes them (big sums as [mantissa, shift], the mantissa as bytes beyond
@@ -1002,7 +1003,7 @@ key_prefix(const char *key, Py_ssize_t size)
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
-    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name;
+    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name, *base_name, *patch_name, *class_name;
 
 static int
 intern_names(void)
@@ -1019,8 +1020,12 @@ intern_names(void)
     cols_name = PyUnicode_InternFromString("cols");
     shifts_name = PyUnicode_InternFromString("shifts");
     id_name = PyUnicode_InternFromString("id");
+    base_name = PyUnicode_InternFromString("_base");
+    patch_name = PyUnicode_InternFromString("_patch");
+    class_name = PyUnicode_InternFromString("__class__");
     return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
-                   rows_cache_name && rows_name && cols_name && shifts_name && id_name
+                   rows_cache_name && rows_name && cols_name && shifts_name && id_name && base_name && patch_name &&
+                   class_name
                ? 0
                : -1;
 }
@@ -6819,39 +6824,46 @@ done:
 
 #define PATCH_MAX 16
 
-/* Whether ``patch`` is a patch of a node of ``count`` children and ``columns`` summary columns: a dict
-   of at most ``limit`` entries, each an int index in range -> a tuple of 1 + ``columns`` items. */
-static int
-patch_fits(PyObject *patch, Py_ssize_t count, Py_ssize_t columns, Py_ssize_t limit)
+/* A patch's entries, read out of its dict once (borrowed): the child's index and its tuple. */
+typedef struct {
+    Py_ssize_t index;
+    PyObject *entry;
+} PatchEntry;
+
+/* Read ``patch`` into ``entries`` (room for ``limit``): its number of entries, or -1 when it is not a
+   patch of a node of ``count`` children and ``columns`` summary columns with at most ``limit``
+   entries: a dict of int index in range -> a tuple of 1 + ``columns`` items. */
+static Py_ssize_t
+patch_entries(PyObject *patch, Py_ssize_t count, Py_ssize_t columns, Py_ssize_t limit, PatchEntry *entries)
 {
     if (!PyDict_CheckExact(patch) || PyDict_GET_SIZE(patch) > limit) {
-        return 0;
+        return -1;
     }
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, n = 0;
     PyObject *key, *entry;
     while (PyDict_Next(patch, &pos, &key, &entry)) {
         long long index;
-        if (!PyLong_CheckExact(key) || !small_int(key, &index) || index < 0 || index >= count || !PyTuple_CheckExact(entry) ||
-            PyTuple_GET_SIZE(entry) != 1 + columns) {
-            return 0;
+        if (!PyLong_CheckExact(key) || !small_int(key, &index) || index < 0 || index >= count ||
+            !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 1 + columns) {
+            return -1;
         }
+        entries[n++] = (PatchEntry){.index = (Py_ssize_t)index, .entry = entry};
     }
-    return 1;
+    return n;
 }
 
 /* Part ``at`` of a patched node (0: the kids, 1 + c: column c): the base's ``part`` (a tuple or list of
    ``count`` items) with each patched child's item in place, a new tuple, or the base's own object when
    the patch changes none of its items. A new reference, or NULL with an error set. */
 static PyObject *
-patched_part(PyObject *part, Py_ssize_t count, PyObject *patch, Py_ssize_t at)
+patched_part(PyObject *part, Py_ssize_t count, const PatchEntry *entries, Py_ssize_t n, Py_ssize_t at)
 {
-    PyObject **items = PySequence_Fast_ITEMS(part), *key, *entry;
-    Py_ssize_t pos = 0;
-    int differs = 0;
-    while (!differs && PyDict_Next(patch, &pos, &key, &entry)) {
-        differs = PyTuple_GET_ITEM(entry, at) != items[PyLong_AsSsize_t(key)]; /* checked: in range */
+    PyObject **items = PySequence_Fast_ITEMS(part);
+    Py_ssize_t each = 0;
+    while (each < n && PyTuple_GET_ITEM(entries[each].entry, at) == items[entries[each].index]) {
+        each++;
     }
-    if (!differs) {
+    if (each == n) {
         return Py_NewRef(part);
     }
     PyObject *copy = tuple_copy(part, count);
@@ -6859,25 +6871,26 @@ patched_part(PyObject *part, Py_ssize_t count, PyObject *patch, Py_ssize_t at)
         return NULL;
     }
     PyObject **to = ((PyTupleObject *)copy)->ob_item;
-    for (pos = 0; PyDict_Next(patch, &pos, &key, &entry);) {
-        Py_SETREF(to[PyLong_AsSsize_t(key)], Py_NewRef(PyTuple_GET_ITEM(entry, at)));
+    for (each = 0; each < n; each++) {
+        Py_SETREF(to[entries[each].index], Py_NewRef(PyTuple_GET_ITEM(entries[each].entry, at)));
     }
     return copy;
 }
 
-/* The kids and columns of the base ``node`` with ``patch`` in place, as tuples: (kids, cols), None when
-   they are not of this shape, or NULL with an error set. */
+/* The kids and columns of a base with a patch's ``entries`` in place, as tuples: (kids, cols), or NULL
+   with an error set. */
 static PyObject *
-patched_tuples(PyObject *kids, PyObject **cols, Py_ssize_t count, Py_ssize_t columns, PyObject *patch)
+patched_tuples(PyObject *kids, PyObject **cols, Py_ssize_t count, Py_ssize_t columns, const PatchEntry *entries,
+               Py_ssize_t n)
 {
-    PyObject *new_kids = patched_part(kids, count, patch, 0);
+    PyObject *new_kids = patched_part(kids, count, entries, n, 0);
     PyObject *new_cols = new_kids == NULL ? NULL : PyTuple_New(columns);
     if (new_cols == NULL) {
         Py_XDECREF(new_kids);
         return NULL;
     }
     for (Py_ssize_t column = 0; column < columns; column++) {
-        PyObject *col = patched_part(cols[column], count, patch, 1 + column);
+        PyObject *col = patched_part(cols[column], count, entries, n, 1 + column);
         if (col == NULL) {
             Py_DECREF(new_kids);
             Py_DECREF(new_cols);
@@ -6939,8 +6952,30 @@ base_release(BaseParts *base)
     }
 }
 
+/* The kids and columns of ``base`` with ``patch`` in place, as tuples (see "Patched nodes"): (kids, cols),
+   None when they are not of this shape, or NULL with an error set. */
+static PyObject *
+patch_applied(PyObject *base_node, PyObject *patch, Py_ssize_t nfields)
+{
+    if (nfields > 256) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t columns = 1 + 2 * nfields, n = -1;
+    PatchEntry entries[PATCH_MAX];
+    BaseParts base;
+    int status = base_read(base_node, columns, &base);
+    if (status > 0) {
+        n = patch_entries(patch, base.count, columns, PATCH_MAX, entries);
+    }
+    PyObject *result = status < 0 ? NULL
+                       : n < 0    ? Py_NewRef(Py_None)
+                                  : patched_tuples(base.parts[1], base.cols, base.count, columns, entries, n);
+    base_release(&base);
+    return result;
+}
+
 /* patched_parts(base, patch, nfields) -> (kids, cols) | None: a patched node's kids and columns as
-   tuples (see "Patched nodes"), made the first time something reads them. */
+   tuples (see "Patched nodes"). */
 static PyObject *
 patched_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -6951,29 +6986,64 @@ patched_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         }
         return NULL;
     }
-    if (nfields > 256) {
-        Py_RETURN_NONE;
+    return patch_applied(args[0], args[1], nfields);
+}
+
+/* make_patched(node, plain, nfields) -> (kids, cols) | None: a patched node (``_node._PatchedNode``) made
+   plain, the first time something reads its kids or cols: its tuples made from its base and patch, its
+   class set to ``plain`` (``_node.Node``, of the same layout), the tuples set in its slots and the
+   base and patch dropped, all without running Python code (so no other thread sees it half made);
+   None when its base and patch are not of this shape. A node made already (its base dropped) gives
+   its tuples. */
+static PyObject *
+make_patched(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t nfields;
+    if (nargs != 3 || !PyType_Check(args[1]) || !PyLong_CheckExact(args[2]) ||
+        size_argument(args[2], "make_patched: nfields", &nfields) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "make_patched(node, plain: type, nfields: int)");
+        }
+        return NULL;
     }
-    Py_ssize_t columns = 1 + 2 * nfields;
-    BaseParts base;
-    int status = base_read(args[0], columns, &base);
-    PyObject *result = status < 0 ? NULL
-                       : status == 0 || !patch_fits(args[1], base.count, columns, PATCH_MAX)
-                           ? Py_NewRef(Py_None)
-                           : patched_tuples(base.parts[1], base.cols, base.count, columns, args[1]);
-    base_release(&base);
+    PyObject *node = args[0], *result = NULL;
+    PyObject *base = PyObject_GetAttr(node, base_name);
+    PyObject *patch = base == NULL ? NULL : PyObject_GetAttr(node, patch_name);
+    if (patch == NULL) {
+        Py_XDECREF(base);
+        return NULL;
+    }
+    if (base == Py_None || patch == Py_None) { /* made already: its class is plain */
+        PyObject *kids = PyObject_GetAttr(node, kids_name);
+        PyObject *cols = kids == NULL ? NULL : PyObject_GetAttr(node, cols_name);
+        result = cols == NULL ? NULL : PyTuple_Pack(2, kids, cols);
+        Py_XDECREF(kids);
+        Py_XDECREF(cols);
+    }
+    else {
+        result = patch_applied(base, patch, nfields);
+        if (result != NULL && result != Py_None &&
+            (PyObject_SetAttr(node, class_name, args[1]) < 0 ||
+             PyObject_SetAttr(node, kids_name, PyTuple_GET_ITEM(result, 0)) < 0 ||
+             PyObject_SetAttr(node, cols_name, PyTuple_GET_ITEM(result, 1)) < 0 ||
+             PyObject_SetAttr(node, base_name, Py_None) < 0 || PyObject_SetAttr(node, patch_name, Py_None) < 0)) {
+            Py_CLEAR(result);
+        }
+    }
+    Py_DECREF(base);
+    Py_DECREF(patch);
     return result;
 }
 
-/* bump_internal(node, packed, index, kid, delta, nfields, patch=None) -> (patch, packed) | (kids, cols,
-   packed) | None: what one insert does to an internal node of its path (``_node.Node.bumped``),
+/* bump_internal(node, packed, index, kid, delta, nfields, patch=None, tuples=False) -> (patch, packed) |
+   (kids, cols, packed) | None: what one insert does to an internal node of its path (``_node.Node.bumped``),
    without a dirty copy. ``node`` is a committed internal node (its keys, kids, shifts and each column a
    tuple or list) and ``patch`` None, or ``node`` is the base of a patched node and ``patch`` its patch
    (see "Patched nodes"); ``packed`` is the stored bytes of the node bumped (the patched one), or None;
    ``delta`` the summary to add to child ``index`` (true scale), ``kid`` the child's new id.
 
    Returns the new node as its patch and its bytes (repacked from ``packed`` as repack_internal does)
-   while it has at most PATCH_MAX patched children; else as tuples of child ids and columns (the
+   while it has at most PATCH_MAX patched children, unless ``tuples``; else as tuples of child ids and columns (the
    unchanged columns the base's own objects) and its bytes: repacked, else packed in full as
    pack_internal does, else None (the Python code packs it). Returns None, making nothing, when a
    column's shift does not divide its amount (the column must be rescaled: a dirty copy's ``add`` does
@@ -6981,12 +7051,14 @@ patched_parts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
 static PyObject *
 bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *patch = nargs == 7 ? args[6] : Py_None;
-    if ((nargs != 6 && nargs != 7) || (args[1] != Py_None && !PyBytes_CheckExact(args[1])) ||
+    PyObject *patch = nargs >= 7 ? args[6] : Py_None;
+    int tuples = nargs == 8 ? PyObject_IsTrue(args[7]) : 0;
+    if (nargs < 6 || nargs > 8 || (args[1] != Py_None && !PyBytes_CheckExact(args[1])) ||
         !PyLong_CheckExact(args[2]) || !PyLong_CheckExact(args[3]) || !PyList_CheckExact(args[4]) ||
-        !PyLong_CheckExact(args[5]) || (patch != Py_None && !PyDict_CheckExact(patch))) {
+        !PyLong_CheckExact(args[5]) || (patch != Py_None && !PyDict_CheckExact(patch)) ||
+        (nargs == 8 && !PyBool_Check(args[7]))) {
         PyErr_SetString(PyExc_TypeError, "bump_internal(node, packed: bytes | None, index: int, kid: int, "
-                                         "delta: list, nfields: int, patch: dict | None = None)");
+                                         "delta: list, nfields: int, patch: dict | None = None, tuples: bool = False)");
         return NULL;
     }
     Py_ssize_t index, nfields;
@@ -7121,7 +7193,7 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (packed == NULL) {
             goto done;
         }
-        if (packed != Py_None && PyDict_GET_SIZE(new_patch) <= PATCH_MAX) {
+        if (packed != Py_None && PyDict_GET_SIZE(new_patch) <= PATCH_MAX && !tuples) {
             PyObject_GC_UnTrack(entry); /* ints only, and the dict holds such tuples only: no cycle */
             PyObject_GC_UnTrack(new_patch);
             result = PyTuple_Pack(2, new_patch, packed);
@@ -7133,12 +7205,14 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(packed);
     }
     /* Too many patched children, or bytes to pack in full: the node as tuples. */
-    if (!patch_fits(new_patch, count, columns, PATCH_MAX + 1)) {
+    PatchEntry entries[PATCH_MAX + 1];
+    Py_ssize_t nentries = patch_entries(new_patch, count, columns, PATCH_MAX + 1, entries);
+    if (nentries < 0) {
         Py_DECREF(packed);
         result = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *parts = patched_tuples(base.parts[1], base.cols, count, columns, new_patch);
+    PyObject *parts = patched_tuples(base.parts[1], base.cols, count, columns, entries, nentries);
     if (parts == NULL) {
         Py_DECREF(packed);
         goto done;
@@ -8225,9 +8299,12 @@ static PyMethodDef methods[] = {
      "their dirty parent's summary columns from the batch's prefix sums; False, changing nothing, when a "
      "column must be rescaled first."},
     {"bump_internal", (PyCFunction)(void (*)(void))bump_internal, METH_FASTCALL,
-     "bump_internal(node, packed, index, kid, delta, nfields, patch=None) -> (patch, packed) | (kids, cols, "
+     "bump_internal(node, packed, index, kid, delta, nfields, patch=None, tuples=False) -> (patch, packed) | (kids, cols, "
      "packed) | None: a committed internal node with one child's id replaced and its summary grown, as "
      "a patch of its base or as tuples, and its bytes (see _node.Node.bumped)"},
+    {"make_patched", (PyCFunction)(void (*)(void))make_patched, METH_FASTCALL,
+     "make_patched(node, plain, nfields) -> (kids, cols) | None: a patched node made plain (its tuples made "
+     "and set, its class set to ``plain``) the first time something reads them (see _node.Node.bumped)"},
     {"patched_parts", (PyCFunction)(void (*)(void))patched_parts, METH_FASTCALL,
      "patched_parts(base, patch, nfields) -> (kids, cols) | None: a patched node's child ids and columns "
      "as tuples (see _node.Node.bumped)"},

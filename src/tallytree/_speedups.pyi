@@ -63,10 +63,14 @@ def bump_internal(
     delta: list[int],
     nfields: int,
     patch: dict[int, tuple[int, ...]] | None = None,
+    tuples: bool = False,
     /,
 ) -> tuple[Any, ...] | None: ...
 def patched_parts(
     base: Any, patch: dict[int, tuple[int, ...]], nfields: int, /
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
+def make_patched(
+    node: Any, plain: type, nfields: int, /
 ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
 def leaf_edit(
     data: bytes, entry: bytes, values: tuple[int | float, ...] | None, nfields: int, /
