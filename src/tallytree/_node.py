@@ -618,9 +618,9 @@ class Node:
         patch of the same base, one child more. A node that reads used (its cumulative arrays
         derived) is bumped into tuples at once, as before: when a read follows each write, making
         them from a patch cost more (bump and first read 4.1 us, against 2.5 us for a bump into
-        tuples, for a node of 115 children). A write that makes no such tuples (a bump made the
-        tuples of the new node, ~115 ids and five columns copied, then freed with the old node)
-        takes ~10,000 fewer instructions per internal node of its path. Past 16 patched children
+        tuples, for a node of 115 children). A bump that makes no such tuples (~115 ids and five
+        columns copied, then freed with the old node) took 1.6-1.8 us where one into tuples took
+        2.5-2.8 us, for such a node (timeit, bump and free). Past 16 patched children
         the bump makes the tuples: the child ids and the changed columns become new tuples, the
         other columns are shared. Without the kernels, or for a column whose shift does not divide
         its amount (which :meth:`add` rescales), it is a dirty copy changed and frozen at once.
@@ -1032,7 +1032,8 @@ class _PatchedNode(Node):
 
     The two are properties of this class, where ``_CompactNode`` has a ``__getattr__``: a class with
     one has CPython 3.11 look every attribute up through it (see ``_CompactNode``), which a write's
-    reads of the node's other attributes paid (~2,500 instructions per commit, measured)."""
+    reads of the node's other attributes paid (~10,000 instructions per scattered commit in
+    callgrind, tried first)."""
 
     __slots__ = ()  # Node's layout: the class can be set to Node once the tuples are made
 
@@ -1064,8 +1065,8 @@ class _PatchedNode(Node):
         self._patch = patch
 
     def kid(self, index: int) -> int:
-        base, patch = self._base, self._patch  # (in this order: see _made)
-        if base is None or patch is None:  # made already
+        base, patch = self._base, self._patch
+        if base is None or patch is None:  # made already (a plain node now: not called again)
             return self.kids[index]
         entry = patch.get(index)
         return base.kids[index] if entry is None else entry[0]
@@ -1091,13 +1092,13 @@ class _PatchedNode(Node):
 
 
 def _patch_of(node: Node) -> tuple[Node, dict[int, tuple[int, ...]] | None]:
-    """The node a bump starts from and the patch to apply to it: a patched node's base and patch
-    (read in this order, see ``_PatchedNode.__getattr__``), else the node itself and None. O(1)."""
+    """The node a bump starts from and the patch to apply to it: a patched node's base and patch, else
+    the node itself and None (a plain node, or a patched one made plain since). O(1)."""
     if type(node) is _PatchedNode:
         base, patch = node._base, node._patch
         if base is not None and patch is not None:
             return base, patch
-    return node, None  # a plain node, or one made since
+    return node, None
 
 
 _KEYS_SLOT: Any = Node.__dict__["keys"]  # the slot's descriptor: reading it never calls __getattr__

@@ -6820,7 +6820,8 @@ done:
    base and one more patched child: no tuple of the node's children is copied (nor freed when the old
    version leaves the node cache), which was two thirds of a bump (callgrind: ~16,000 of ~26,000
    instructions for a node of 115 children, made and freed). Up to PATCH_MAX patched children; the
-   next bump, or the first read of ``kids`` or ``cols`` (``patched_parts``), makes the tuples. */
+   next bump past them, or the first read of ``kids`` or ``cols`` (``make_patched``), makes the
+   tuples; a node that reads used is bumped into tuples at once (``_node.Node.bumped``). */
 
 #define PATCH_MAX 16
 
