@@ -202,6 +202,17 @@ def test_patched_nodes_make_their_tuples_on_first_read() -> None:
         assert speedups.bump_internal(origin, origin._packed, 1, 9, [1, 0, 0, 0, 0], 2, bad) is None
     with pytest.raises(TypeError):
         speedups.bump_internal(origin, origin._packed, 1, 9, [1, 0, 0, 0, 0], 2, [(0, 1)])
+    with pytest.raises(TypeError):
+        speedups.bump_internal(origin, origin._packed, 1, 9, [1, 0, 0, 0, 0], 2, None, 1)  # not a bool
+    patched = origin.bumped(80, 0, 9, [1, 0, 0, 0, 0])
+    for args in ((patched, "Node", 2), (patched, Node, "2"), (patched, Node)):
+        with pytest.raises(TypeError):
+            speedups.make_patched(*args)
+    assert _unmade(patched)  # refused calls changed nothing
+    patched._patch = {0: (1, 2)}  # damage: the node refuses to make its tuples, with the typed error
+    with pytest.raises(tallytree.CorruptDatabaseError):
+        patched.kids  # noqa: B018 (the read is the test)
+    assert speedups.make_patched(patched, Node, 2) is None and _unmade(patched)
 
 
 # One value of each stored width, as msgpack writes ints: fixints, 1, 2, 4 and 8 bytes, signed and
@@ -343,9 +354,9 @@ class Spy:
             self.decoded += 1
             return descend(tree, entry)
 
-        def spy_write(tree: NodeTree, path: Any, leaf: bytes, delta: list[int]) -> None:
+        def spy_write(tree: NodeTree, path: Any, leaf_id: int, leaf: bytes, delta: list[int]) -> None:
             self.stored += 1
-            write(tree, path, leaf, delta)
+            write(tree, path, leaf_id, leaf, delta)
 
         monkeypatch.setattr(NodeTree, "_path", spy_descend)
         monkeypatch.setattr(NodeTree, "_write_stored", spy_write)

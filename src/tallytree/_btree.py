@@ -966,10 +966,11 @@ class NodeTree:
             return _DECODED
         parent, index = path[-1]
         max_size = self.max_size
+        leaf_id = parent.kid(index)
         rows = speedups.merge_children(
             # the child alone (its fence, its id): a patched parent's kids are not made for it
             (parent.keys[index],),
-            (parent.kid(index),),
+            (leaf_id,),
             [entry],
             0,
             1,
@@ -988,7 +989,7 @@ class NodeTree:
             return False  # the entry is there already
         if type(merged) is not bytes:  # the leaf splits, or is one this kernel leaves to Python
             return _DECODED
-        self._write_stored(path, merged, delta)
+        self._write_stored(path, leaf_id, merged, delta)
         return True
 
     def _edit_stored(
@@ -1011,7 +1012,8 @@ class NodeTree:
             return _DECODED
         path, _ = found
         parent, index = path[-1]
-        data = self.access.stored(parent.kid(index))
+        leaf_id = parent.kid(index)
+        data = self.access.stored(leaf_id)
         if data is None:  # a leaf this transaction changed: its lists
             return _DECODED
         if values is not None and type(values) is not tuple:
@@ -1030,7 +1032,7 @@ class NodeTree:
             return old
         else:
             delta = vsub(delta_of(values), delta_of(old))
-        self._write_stored(path, changed, delta)
+        self._write_stored(path, leaf_id, changed, delta)
         return old
 
     def _stored_path(self, entry: bytes) -> tuple[Path, bool] | None:
@@ -1058,16 +1060,15 @@ class NodeTree:
                 node = access.node(node.kid(index))
         return path, last
 
-    def _write_stored(self, path: Path, leaf: bytes, delta: list[int]) -> None:
-        """Write a changed leaf given as its stored bytes, in place of the one ``path`` leads to, and
+    def _write_stored(self, path: Path, leaf_id: int, leaf: bytes, delta: list[int]) -> None:
+        """Write a changed leaf given as its stored bytes, in place of leaf ``leaf_id`` (the one ``path``
+        leads to, whose id the caller read), and
         each internal node of the path rebuilt in committed form by ``Node.bumped`` (new child id,
         summary grown by ``delta``), all handed to the transaction ready to write (``adopt_encoded``,
         ``adopt_prepared``); nothing is copied into lists, encoded or frozen at commit. O(B log_B n)."""
         assert self.root is not None
         access = self.access
-        parent, index = path[-1]
-        old = parent.kid(index)
-        child = access.renew(old)
+        child = access.renew(leaf_id)
         access.adopt_encoded(child, leaf)
         for node, index in reversed(path):
             bumped = node.bumped(access.renew(node.id), index, child, delta)

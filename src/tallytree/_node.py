@@ -634,12 +634,12 @@ class Node:
         made = None
         if speedups is not None:
             nfields = (len(self.shifts) - 1) // 2  # (the shifts: a patched node's cols are not made)
-            if type(self) is _PatchedNode:
-                base, patch = _patch_of(self)
-                read = False  # (a read makes its tuples, and the node plain)
-            else:  # a read derives its cumulative arrays: reads follow writes here, tuples now are cheaper
-                base, patch = self, None
-                read = self._counts is not None or self._rows is not None or self._table is not None
+            base, patch = _patch_of(self)
+            # a read derives its cumulative arrays on a plain node: reads follow writes here, and
+            # tuples made now cost less than tuples made from a patch by the next read
+            read = patch is None and (
+                self._counts is not None or self._rows is not None or self._table is not None
+            )
             made = speedups.bump_internal(base, self._packed, index, kid, delta, nfields, patch, read)
         if made is None:  # without the kernels, or a column to rescale: a dirty copy, as writes make
             node = self.copy(node_id)
