@@ -12,6 +12,7 @@ mixed with other writes in one transaction, read as the model says and pass the 
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from collections import Counter
@@ -213,6 +214,210 @@ def test_patched_nodes_make_their_tuples_on_first_read() -> None:
     with pytest.raises(tallytree.CorruptDatabaseError):
         patched.kids  # noqa: B018 (the read is the test)
     assert speedups.make_patched(patched, Node, 2) is None and _unmade(patched)
+
+
+_SLOTS = [name for name in Node.__slots__ if name not in ("kids", "cols")]
+
+
+def _slots(node: Node) -> dict[str, Any]:
+    """Every slot of ``node`` as it is set (unset ones left out), read from the slots themselves (a
+    patched node's kids and cols are not made)."""
+    found = {}
+    for name in (*_SLOTS, "kids", "cols"):
+        try:
+            found[name] = Node.__dict__[name].__get__(node)
+        except AttributeError:
+            continue
+    return found
+
+
+@needs_kernels
+@given(st.integers(1, 4), st.integers(0, 2), st.data())
+def test_bump_path_bumps_each_level_as_bumped_does(levels: int, nfields: int, data: st.DataObject) -> None:
+    """``bump_path`` (the kernel a write from stored bytes rebuilds its path with) makes, level by level
+    from the bottom up, the node ``Node.bumped`` makes: the same class (a patch, or tuples for a node
+    a read used or one past 16 patched children), the same slots, bytes and children, untracked by
+    the garbage collector. It stops at the first level ``bumped`` leaves to the dirty copy (a column
+    to rescale), having made only the levels below."""
+    assert speedups is not None
+    path: list[tuple[Node, int]] = []
+    for _ in range(levels):
+        size = data.draw(st.integers(1, 30))
+        node = _committed(size, nfields, data)
+        for step in range(data.draw(st.integers(0, 20))):  # an earlier bump or more: a patched node
+            node = node.bumped(
+                200 + step, data.draw(st.integers(0, size - 1)), 300 + step, [1] + [0] * 2 * nfields
+            )
+        if data.draw(st.booleans()):
+            node.counts()  # a node reads used (made plain, if patched)
+        path.append((node, data.draw(st.integers(0, size - 1))))
+    ids = [1000 + level for level in range(levels)]
+    delta = [1] + [0] * (2 * nfields)
+    if nfields:  # an amount every shift divides (the kernel's case), or one some shift may not
+        delta[1] = data.draw(st.sampled_from([0, 3 << 1100, 1, -(2**1080)]))
+    made = speedups.bump_path(path, ids, 99, delta, Node, _PatchedNode)
+    child = 99
+    for level in range(levels - 1, -1, -1):
+        node, index = path[level]
+        depth = levels - 1 - level  # made[depth] is this level's node, when made
+        if depth == len(made):  # where it stopped: bumped leaves this level to the dirty copy
+            base, patch = (node._base, node._patch) if type(node) is _PatchedNode else (node, None)
+            bumped = speedups.bump_internal(base, node._packed, index, child, delta, nfields, patch)
+            assert bumped is None or (len(bumped) == 3 and bumped[2] is None), level
+            break
+        expected = node.bumped(ids[level], index, child, delta)
+        new = made[depth]
+        assert type(new) is type(expected) and new.id == ids[level], level
+        assert _slots(new).keys() == _slots(expected).keys(), level
+        for name, value in _slots(expected).items():
+            if name in ("_base", "keys", "shifts"):
+                assert _slots(new)[name] is value, (level, name)
+            else:
+                assert _slots(new)[name] == value, (level, name)
+        assert not gc.is_tracked(new)
+        assert [new.kid(at) for at in range(len(node.keys))] == [
+            expected.kid(at) for at in range(len(node.keys))
+        ]
+        assert [new.child(at) for at in range(len(node.keys))] == [
+            expected.child(at) for at in range(len(node.keys))
+        ]
+        child = ids[level]
+    event(f"made {len(made)} of {levels}")
+
+
+@needs_kernels
+def test_bump_path_refuses_what_it_does_not_take() -> None:
+    """Wrong argument types, ids that do not match the path and classes of another layout raise
+    TypeError; a node of another class ends the levels it makes (the Python code bumps it)."""
+    assert speedups is not None
+    node = _uniform(5, 1, 1, 3)
+    path = [(node, 2)]
+    for bad in (
+        ((node, 2), [7], 9, [1, 0, 0, 0, 0], Node, _PatchedNode),  # path not a list
+        (path, [7, 8], 9, [1, 0, 0, 0, 0], Node, _PatchedNode),  # an id per node
+        (path, ["7"], 9, [1, 0, 0, 0, 0], Node, _PatchedNode),
+        ([node], [7], 9, [1, 0, 0, 0, 0], Node, _PatchedNode),  # not (node, index)
+        (path, [7], 9, (1, 0, 0, 0, 0), Node, _PatchedNode),
+        (path, [7], 9, [1, 0, 0, 0, 0], Node, int),  # not a subclass of Node
+        (path, [7], 9, [1, 0, 0, 0, 0], int, bool),  # no node slots
+    ):
+        with pytest.raises(TypeError):
+            speedups.bump_path(*bad)
+    expected = node.bumped(8, 2, 9, [1, 0, 0, 0, 0])
+    made = speedups.bump_path([(object(), 0), (node, 2)], [7, 8], 9, [1, 0, 0, 0, 0], Node, _PatchedNode)
+    assert len(made) == 1 and made[0].id == 8 and made[0].packed() == expected.packed()  # then stops
+    assert (
+        speedups.bump_path([(node, 2), (object(), 0)], [7, 8], 9, [1, 0, 0, 0, 0], Node, _PatchedNode) == []
+    )
+
+
+@needs_kernels
+def test_the_stored_descent_is_the_python_descent(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel ``stored_path`` (a write's descent in one call) finds the path the Python descent
+    finds (the same node objects, child indexes and right-edge flag), or None where it gives None: in
+    a write transaction that has changed no node (children taken from the node cache, counted as its
+    hits), after writes from stored bytes in it (patched nodes: children read through their patches),
+    and after writes that split leaves (dirty nodes: None on their paths)."""
+    from tallytree import _btree
+
+    events, rows = _loaded(db, 300, 9)
+    rng = random.Random(10)
+    entries = [encode_key(key) + encode_id(item_id) for key, item_id in rows]
+    entries += [encode_key(rng.randrange(-5, 3100)) + encode_id("q") for _ in range(60)]
+
+    def compare(tx: tallytree.WriteTransaction, fresh: bool = False) -> Counter[str]:
+        root = tx.root(events._tree_key(None))
+        assert root is not None
+        tree = NodeTree(tx, len(FIELDS), events.node_size, root)
+        found: Counter[str] = Counter()
+        for entry in entries:
+            hits = tx._cache.hits
+            kernel = tree._stored_path(entry)
+            taken = tx._cache.hits - hits
+            with monkeypatch.context() as patched:
+                patched.setattr(_btree, "speedups", None)
+                python = tree._stored_path(entry)
+            if kernel is None or python is None:
+                assert kernel is None and python is None, entry
+                found["none"] += 1
+                continue
+            assert [(id(node), index) for node, index in kernel[0]] == [
+                (id(node), index) for node, index in python[0]
+            ]
+            assert kernel[1] == python[1] and len(kernel[0]) == root.height - 1
+            if fresh:  # the root (through tx.node) and each child below it (from the cache's store)
+                assert taken == root.height - 1
+            found["patched" if any(type(node) is _PatchedNode for node, _ in kernel[0]) else "plain"] += 1
+            found["right edge"] += kernel[1]
+        return found
+
+    with db.write() as tx:  # leaves split, some with room left
+        for key in range(15, 2990, 150):
+            events.insert(tx, key, "s", (0.25, key))
+            rows[(key, "s")] = (0.25, key)
+    keys = [key for key in range(1, 2990) if key % 10 and (key, "n") not in rows]
+    roomy = [key for key in keys if _leaf_of(db, events, key, "n")[0] < 4]  # written from stored bytes
+    roomy = roomy[::7][:3]  # (in different leaves)
+    full = next(key for key in keys if _leaf_of(db, events, key, "n")[0] == 4)  # one that splits its leaf
+    with db.read() as tx:  # every node cached
+        assert len(list(events.items(tx))) == len(rows)
+    with db.write() as tx:
+        assert tx.shared is tx._cache.shared  # no node changed: a descent may take committed nodes directly
+        kinds = compare(tx, fresh=True)
+        assert kinds["plain"] == len(entries) and kinds["right edge"] > 0, kinds
+        for key in roomy:
+            events.insert(tx, key, "n", (0.5, key))
+            rows[(key, "n")] = (0.5, key)
+        assert tx.shared is None  # its own nodes come first
+        kinds = compare(tx)
+        assert kinds["patched"] > 0 and kinds["none"] == 0, kinds
+        events.insert(tx, full, "n", (0.5, full))
+        rows[(full, "n")] = (0.5, full)
+        kinds = compare(tx)
+        assert kinds["none"] > 0, kinds  # (the root is dirty now: every path)
+    _assert_matches(db, events, rows)
+
+
+@needs_kernels
+def test_stored_path_refuses_what_it_does_not_take(db: tallytree.Database) -> None:
+    """Wrong argument types raise TypeError; a tree of one level, a root of another class and a dirty
+    node give None (the Python code's cases)."""
+    assert speedups is not None
+    node = _uniform(5, 1, 1, 3)
+    entry = bytes([0x30, 0, 2])
+    fetch: Any = {}.__getitem__
+    found = speedups.stored_path(node, entry, 2, fetch, None, Node, _PatchedNode)
+    assert found == ([(node, 2)], False, 0)
+    for bad in (
+        (node, bytearray(entry), 2, fetch, None, Node, _PatchedNode),
+        (node, entry, 2.0, fetch, None, Node, _PatchedNode),
+        (node, entry, 2, None, None, Node, _PatchedNode),
+        (node, entry, 2, fetch, [], Node, _PatchedNode),
+        (node, entry, 2, fetch, None, Node, int),
+    ):
+        with pytest.raises(TypeError):
+            speedups.stored_path(*bad)
+    assert speedups.stored_path(node, entry, 1, fetch, None, Node, _PatchedNode) is None
+    assert speedups.stored_path(object(), entry, 2, fetch, None, Node, _PatchedNode) is None
+    dirty = node.copy(6)
+    assert speedups.stored_path(dirty, entry, 2, fetch, None, Node, _PatchedNode) is None
+    child = _uniform(4, 1, 1, 3)
+    top = _uniform(3, 1, 1, 3, kids=[child.id, 8, 9])
+    # a child from the store (a dict here, as without the NodeTable), then one from fetch
+    assert speedups.stored_path(top, b"\x00", 3, fetch, {child.id: child}, Node, _PatchedNode) == (
+        [(top, 0), (child, 0)],
+        False,
+        1,
+    )
+    assert speedups.stored_path(top, b"\x00", 3, {child.id: child}.__getitem__, None, Node, _PatchedNode) == (
+        [(top, 0), (child, 0)],
+        False,
+        0,
+    )
+    with pytest.raises(KeyError):  # what fetch raises goes through
+        speedups.stored_path(top, b"\x00", 3, fetch, None, Node, _PatchedNode)
 
 
 # One value of each stored width, as msgpack writes ints: fixints, 1, 2, 4 and 8 bytes, signed and

@@ -106,6 +106,7 @@ from ._node import (
     Chunk,
     Node,
     _float_sum,
+    _PatchedNode,
     _scaled_column,
     column_sum,
     decode_pending,
@@ -141,6 +142,10 @@ class NodeAccess(Protocol):
         """The id of a new version of node ``node_id``, which replaces it: the caller registers the
         new version under it (:meth:`adopt`, :meth:`adopt_encoded`, :meth:`adopt_prepared`), and
         the old one is gone as :meth:`free` would drop it."""
+        ...
+
+    def renew_all(self, node_ids: list[int]) -> list[int]:
+        """:meth:`renew` of each node, in order: the new versions' ids."""
         ...
 
     def adopt(self, node: Node) -> Node:
@@ -179,7 +184,7 @@ class NodeAccess(Protocol):
     def shared(self) -> object:
         """Committed nodes a C descent may take directly by id (the store of the shared cache of a
         read transaction: a ``NodeTable`` or a dict of nodes by id), or None when every node must
-        come from :meth:`node` (a write transaction, whose dirty nodes come first)."""
+        come from :meth:`node` (a write transaction that has changed nodes: its own come first)."""
         ...
 
     def count_hits(self, hits: int) -> None:
@@ -1046,6 +1051,15 @@ class NodeTree:
         if height < 2:
             return None
         access = self.access
+        if speedups is not None:  # the same descent in one call
+            found = speedups.stored_path(
+                access.node(root.node_id), entry, height, access.node, access.shared, Node, _PatchedNode
+            )
+            if found is None:
+                return None
+            if found[2]:
+                access.count_hits(found[2])
+            return found[0], found[1]
         path: Path = []
         node = access.node(root.node_id)
         last = True  # on the right edge so far
@@ -1066,12 +1080,21 @@ class NodeTree:
         each internal node of the path rebuilt in committed form by ``Node.bumped`` (new child id,
         summary grown by ``delta``), all handed to the transaction ready to write (``adopt_encoded``,
         ``adopt_prepared``); nothing is copied into lists, encoded or frozen at commit. O(B log_B n)."""
-        assert self.root is not None
+        assert self.root is not None and speedups is not None
         access = self.access
-        child = access.renew(leaf_id)
+        ids = access.renew_all([node.id for node, _ in path] + [leaf_id])
+        child = ids.pop()
         access.adopt_encoded(child, leaf)
-        for node, index in reversed(path):
-            bumped = node.bumped(access.renew(node.id), index, child, delta)
+        # the C kernel bumps each level it can, from the bottom up; a level it leaves (a column to
+        # rescale, say) and those above it are bumped here
+        made = speedups.bump_path(path, ids, child, delta, Node, _PatchedNode)
+        for bumped in made:
+            access.adopt_prepared(bumped, bumped.packed())
+        if made:
+            child = made[-1].id
+        for level in range(len(path) - len(made) - 1, -1, -1):
+            node, index = path[level]
+            bumped = node.bumped(ids[level], index, child, delta)
             access.adopt_prepared(bumped, bumped.packed())
             child = bumped.id
         self.root.node_id = child

@@ -103,6 +103,19 @@ class Speedups(Protocol):
     def patched_parts(
         self, base: Any, patch: dict[int, tuple[int, ...]], nfields: int, /
     ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...
+    def bump_path(
+        self,
+        path: list[tuple[Any, int]],
+        ids: list[int],
+        child: int,
+        delta: list[int],
+        plain: type,
+        patched: type,
+        /,
+    ) -> list[Any]: ...
+    def stored_path(
+        self, root: Any, entry: bytes, height: int, fetch: Any, nodes: object, plain: type, patched: type, /
+    ) -> tuple[list[tuple[Any, int]], bool, int] | None: ...
     def make_patched(
         self, node: Any, plain: type, nfields: int, /
     ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]] | None: ...

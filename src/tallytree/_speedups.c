@@ -7253,6 +7253,346 @@ done:
     return result;
 }
 
+/* The layout of ``_node.Node``, for bump_path to make nodes without running Python code: each slot's
+   offset in the object, read once from the class's member descriptors and checked (a slot of objects,
+   writable), with the plain class and its patched subclass (``_node._PatchedNode``, of the same layout).
+   The classes are held until other ones are given. */
+enum {
+    SLOT_ID, SLOT_LEAF, SLOT_KEYS, SLOT_COLS, SLOT_KIDS, SLOT_SHIFTS, SLOT_DIRTY, SLOT_PENDING, SLOT_BLOB,
+    SLOT_COUNTS, SLOT_TABLE, SLOT_ROWS, SLOT_READS, SLOT_HOT, SLOT_PACKED, SLOT_ORIGIN, SLOT_BASE, SLOT_PATCH,
+    NODE_SLOTS
+};
+static const char *const node_slot_names[NODE_SLOTS] = {
+    "id", "leaf", "keys", "cols", "kids", "shifts", "dirty", "pending", "_blob",
+    "_counts", "_table", "_rows", "_reads", "_hot", "_packed", "_origin", "_base", "_patch",
+};
+static struct {
+    PyObject *plain, *patched;
+    Py_ssize_t offsets[NODE_SLOTS];
+} node_layout;
+
+/* Read the layout of ``plain`` and ``patched`` into node_layout (unless it holds theirs already): 0, or -1
+   with a TypeError set when they are not of the shape bump_path makes. */
+static int
+node_layout_of(PyObject *plain, PyObject *patched)
+{
+    if (plain == node_layout.plain && patched == node_layout.patched) {
+        return 0;
+    }
+    PyTypeObject *type = (PyTypeObject *)plain, *sub = (PyTypeObject *)patched;
+    if (!PyType_Check(plain) || !PyType_Check(patched) || !PyType_IsSubtype(sub, type) ||
+        type->tp_basicsize != sub->tp_basicsize || type->tp_itemsize != 0 || sub->tp_itemsize != 0 ||
+        type->tp_dictoffset != 0 || sub->tp_dictoffset != 0 || !(type->tp_flags & Py_TPFLAGS_HEAPTYPE) ||
+        type->tp_dict == NULL) {
+        PyErr_SetString(PyExc_TypeError, "bump_path: plain and patched must be a slotted node class and its "
+                                         "subclass of the same layout");
+        return -1;
+    }
+    Py_ssize_t offsets[NODE_SLOTS];
+    for (int slot = 0; slot < NODE_SLOTS; slot++) {
+        PyObject *descr = PyDict_GetItemString(type->tp_dict, node_slot_names[slot]); /* borrowed */
+        PyMemberDef *member = descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+                                  ? ((PyMemberDescrObject *)descr)->d_member
+                                  : NULL;
+        if (member == NULL || member->type != T_OBJECT_EX || (member->flags & READONLY) || member->offset <= 0 ||
+            member->offset + (Py_ssize_t)sizeof(PyObject *) > type->tp_basicsize) {
+            PyErr_Format(PyExc_TypeError, "bump_path: the node class has no slot %s", node_slot_names[slot]);
+            return -1;
+        }
+        offsets[slot] = member->offset;
+    }
+    Py_XSETREF(node_layout.plain, Py_NewRef(plain));
+    Py_XSETREF(node_layout.patched, Py_NewRef(patched));
+    memcpy(node_layout.offsets, offsets, sizeof(offsets));
+    return 0;
+}
+
+/* The object in slot ``slot`` of ``node`` (borrowed; NULL when it is not set). */
+static inline PyObject *
+node_slot(PyObject *node, int slot)
+{
+    return *(PyObject **)((char *)node + node_layout.offsets[slot]);
+}
+
+/* A new committed internal node of class ``type`` (untracked, as ``Node.bumped`` leaves its nodes: it
+   refers to no node that refers to it), its slots set as ``Node.__init__`` and ``_PatchedNode.__init__``
+   set them: ``kids`` and ``cols`` (NULL for a patched node, made when read), ``base`` and ``patch``
+   (NULL for a plain one: never set), ``packed``. Steals nothing. NULL with an error set. */
+static PyObject *
+new_internal_node(PyObject *type, PyObject *node_id, PyObject *keys, PyObject *shifts, PyObject *kids,
+                  PyObject *cols, PyObject *base, PyObject *patch, PyObject *packed)
+{
+    PyObject *node = PyType_GenericAlloc((PyTypeObject *)type, 0);
+    if (node == NULL) {
+        return NULL;
+    }
+    if (PyObject_GC_IsTracked(node)) {
+        PyObject_GC_UnTrack(node);
+    }
+    PyObject *zero = PyLong_FromLong(0); /* a cached small int: never fails */
+    PyObject *values[NODE_SLOTS] = {
+        [SLOT_ID] = node_id, [SLOT_LEAF] = Py_False, [SLOT_KEYS] = keys, [SLOT_COLS] = cols, [SLOT_KIDS] = kids,
+        [SLOT_SHIFTS] = shifts, [SLOT_DIRTY] = Py_False, [SLOT_PENDING] = Py_False, [SLOT_BLOB] = Py_None,
+        [SLOT_COUNTS] = Py_None, [SLOT_TABLE] = Py_None, [SLOT_ROWS] = Py_None, [SLOT_READS] = zero,
+        [SLOT_HOT] = Py_None, [SLOT_PACKED] = packed, [SLOT_ORIGIN] = Py_None, [SLOT_BASE] = base,
+        [SLOT_PATCH] = patch,
+    };
+    for (int slot = 0; slot < NODE_SLOTS; slot++) {
+        *(PyObject **)((char *)node + node_layout.offsets[slot]) = Py_XNewRef(values[slot]);
+    }
+    Py_DECREF(zero);
+    return node;
+}
+
+/* bump_path(path, ids, child, delta, plain, patched) -> list: ``Node.bumped`` for each internal node of a
+   write's path, from the bottom up, in one call (``_btree.NodeTree._write_stored``): ``path`` the nodes
+   and child indexes from the root down (a list of (node, index)), ``ids`` the new id of each (renewed),
+   ``child`` the new id of the leaf below the last, ``delta`` the summary added along the path (true
+   scale), ``plain`` and ``patched`` the classes ``_node.Node`` and ``_node._PatchedNode``. Each level is
+   what bump_internal makes of the node (a patch of its base, or tuples if it reads used; see
+   ``Node.bumped``) made into a node here. Returns the new nodes from the bottom up, stopping at the
+   first level it leaves to the Python code (a node of another class or shape, a column to rescale,
+   bytes to pack in full): the caller bumps that level and those above it. */
+static PyObject *
+bump_path(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "bump_path(path: list[tuple[node, int]], ids: list[int] (one per node), "
+                                         "child: int, delta: list, plain: type, patched: type)");
+        return NULL;
+    }
+    if (node_layout_of(args[4], args[5]) < 0) {
+        return NULL;
+    }
+    PyObject *path = args[0], *ids = args[1], *made = PyList_New(0);
+    if (made == NULL) {
+        return NULL;
+    }
+    PyObject *child = args[2]; /* borrowed: from the arguments, then from the node made below */
+    for (Py_ssize_t level = PyList_GET_SIZE(path) - 1; level >= 0; level--) {
+        PyObject *step = PyList_GET_ITEM(path, level), *node_id = PyList_GET_ITEM(ids, level);
+        if (!PyTuple_CheckExact(step) || PyTuple_GET_SIZE(step) != 2 || !PyLong_CheckExact(node_id)) {
+            Py_DECREF(made);
+            PyErr_SetString(PyExc_TypeError, "bump_path: path holds (node, index) pairs and ids ints");
+            return NULL;
+        }
+        PyObject *node = PyTuple_GET_ITEM(step, 0), *index = PyTuple_GET_ITEM(step, 1);
+        PyTypeObject *type = Py_TYPE(node);
+        if ((PyObject *)type != node_layout.plain && (PyObject *)type != node_layout.patched) {
+            break;
+        }
+        PyObject *keys = node_slot(node, SLOT_KEYS), *shifts = node_slot(node, SLOT_SHIFTS);
+        PyObject *packed = node_slot(node, SLOT_PACKED), *base = node, *patch = Py_None;
+        if (keys == NULL || shifts == NULL || packed == NULL ||
+            !(PyTuple_CheckExact(shifts) || PyList_CheckExact(shifts)) || Py_SIZE(shifts) < 1) {
+            break;
+        }
+        if ((PyObject *)type == node_layout.patched) { /* (_node._patch_of) */
+            PyObject *its_base = node_slot(node, SLOT_BASE), *its_patch = node_slot(node, SLOT_PATCH);
+            if (its_base != NULL && its_base != Py_None && its_patch != NULL && its_patch != Py_None) {
+                base = its_base;
+                patch = its_patch;
+            }
+        }
+        /* a node that reads used is bumped into tuples (see Node.bumped) */
+        int read = 0;
+        if (patch == Py_None) {
+            int slots[3] = {SLOT_COUNTS, SLOT_ROWS, SLOT_TABLE};
+            for (int each = 0; each < 3; each++) {
+                PyObject *derived = node_slot(node, slots[each]);
+                read = read || (derived != NULL && derived != Py_None);
+            }
+        }
+        PyObject *nfields = PyLong_FromSsize_t((Py_SIZE(shifts) - 1) / 2);
+        if (nfields == NULL) {
+            Py_DECREF(made);
+            return NULL;
+        }
+        PyObject *call[8] = {base, packed, index, child, args[3], nfields, patch, read ? Py_True : Py_False};
+        PyObject *bumped = bump_internal(module, call, 8);
+        Py_DECREF(nfields);
+        if (bumped == NULL) {
+            Py_DECREF(made);
+            return NULL;
+        }
+        PyObject *new_node = NULL;
+        if (bumped != Py_None && PyTuple_GET_SIZE(bumped) == 2) {
+            new_node = new_internal_node(node_layout.patched, node_id, keys, shifts, NULL, NULL, base,
+                                         PyTuple_GET_ITEM(bumped, 0), PyTuple_GET_ITEM(bumped, 1));
+        }
+        else if (bumped != Py_None && PyTuple_GET_ITEM(bumped, 2) != Py_None) {
+            new_node = new_internal_node(node_layout.plain, node_id, keys, shifts, PyTuple_GET_ITEM(bumped, 0),
+                                         PyTuple_GET_ITEM(bumped, 1), NULL, NULL, PyTuple_GET_ITEM(bumped, 2));
+        }
+        else { /* a column to rescale, or bytes to pack in full: the Python code's */
+            Py_DECREF(bumped);
+            break;
+        }
+        Py_DECREF(bumped);
+        if (new_node == NULL || PyList_Append(made, new_node) < 0) {
+            Py_XDECREF(new_node);
+            Py_DECREF(made);
+            return NULL;
+        }
+        Py_DECREF(new_node); /* held by the list */
+        child = node_id;
+    }
+    return made;
+}
+
+/* The position of ``entry`` among ``keys`` (a tuple or list of bytes) as bisect_right gives it; -1
+   when a key is not bytes. */
+static Py_ssize_t
+bytes_bisect_right(PyObject *keys, const char *entry, Py_ssize_t size)
+{
+    PyObject **items = PySequence_Fast_ITEMS(keys);
+    Py_ssize_t low = 0, high = PySequence_Fast_GET_SIZE(keys);
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        PyObject *key = items[middle];
+        if (!PyBytes_CheckExact(key)) {
+            return -1;
+        }
+        Py_ssize_t length = PyBytes_GET_SIZE(key);
+        int order = memcmp(entry, PyBytes_AS_STRING(key), (size_t)(size < length ? size : length));
+        if (order < 0 || (order == 0 && size < length)) {
+            high = middle;
+        }
+        else {
+            low = middle + 1;
+        }
+    }
+    return low;
+}
+
+/* stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits) | None: the
+   descent of a write from stored bytes (``_btree.NodeTree._stored_path``) in one call: the internal
+   nodes from ``root`` down to the parent of ``entry``'s leaf, each with the index of the child taken
+   (``path``, a list of (node, index)), whether that is the tree's right edge (``last``), and the
+   number of nodes taken from ``nodes`` (``hits``, for the cache's statistics). A child is taken from
+   ``nodes`` (the node cache's store, a NodeTable or a dict, when the transaction has changed no node;
+   see ``WriteTransaction.shared``), else through
+   ``fetch(node_id)`` (the transaction's ``node``). None when the Python code must take it: a tree of
+   one level, a node this transaction changed (dirty), a leaf above the bottom, a node without stored
+   bytes, or of another class or shape. */
+static PyObject *
+stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyBytes_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) || !PyCallable_Check(args[3]) ||
+        (args[4] != Py_None && !Py_IS_TYPE(args[4], &NodeTableType) && !PyDict_CheckExact(args[4]))) {
+        PyErr_SetString(PyExc_TypeError, "stored_path(root, entry: bytes, height: int, fetch, nodes: NodeTable | "
+                                         "dict | None, plain: type, patched: type)");
+        return NULL;
+    }
+    if (node_layout_of(args[5], args[6]) < 0) {
+        return NULL;
+    }
+    Py_ssize_t height;
+    if (size_argument(args[2], "stored_path: height", &height) < 0) {
+        return NULL;
+    }
+    if (height < 2 || height > MAX_LEVELS) {
+        Py_RETURN_NONE;
+    }
+    NodeTable *table = Py_IS_TYPE(args[4], &NodeTableType) ? (NodeTable *)args[4] : NULL;
+    PyObject *nodes = PyDict_CheckExact(args[4]) ? args[4] : NULL;
+    const char *entry = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]), hits = 0;
+    PyObject *path = PyList_New(0), *node = Py_NewRef(args[0]), *result = NULL;
+    int last = 1;
+    if (path == NULL) {
+        Py_DECREF(node);
+        return NULL;
+    }
+    for (Py_ssize_t level = 0; level < height - 1; level++) {
+        PyObject *type = (PyObject *)Py_TYPE(node);
+        if (type != node_layout.plain && type != node_layout.patched) {
+            goto leave;
+        }
+        PyObject *keys = node_slot(node, SLOT_KEYS), *packed = node_slot(node, SLOT_PACKED);
+        if (node_slot(node, SLOT_DIRTY) != Py_False || node_slot(node, SLOT_LEAF) != Py_False || packed == NULL ||
+            !PyBytes_CheckExact(packed) || keys == NULL || !(PyTuple_CheckExact(keys) || PyList_CheckExact(keys))) {
+            goto leave;
+        }
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(keys), index = bytes_bisect_right(keys, entry, size) - 1;
+        if (index < 0) { /* a key not bytes, or the entry before the node's fence: damage, for Python */
+            goto leave;
+        }
+        last = last && index == count - 1;
+        PyObject *position = PyLong_FromSsize_t(index);
+        PyObject *step = position == NULL ? NULL : PyTuple_Pack(2, node, position);
+        Py_XDECREF(position);
+        if (step == NULL || PyList_Append(path, step) < 0) {
+            Py_XDECREF(step);
+            goto fail;
+        }
+        Py_DECREF(step);
+        if (level == height - 2) {
+            break;
+        }
+        /* the child's id (Node.kid): a patched node's patch, else its base's kids, else its own */
+        PyObject *kids = node_slot(node, SLOT_KIDS), *kid = NULL;
+        if (type == node_layout.patched) {
+            PyObject *base = node_slot(node, SLOT_BASE), *patch = node_slot(node, SLOT_PATCH);
+            if (base != NULL && base != Py_None && patch != NULL && PyDict_CheckExact(patch)) {
+                PyObject *changed = PyDict_GetItemWithError(patch, PyTuple_GET_ITEM(PyList_GET_ITEM(path, level), 1));
+                if (changed == NULL && PyErr_Occurred()) {
+                    goto fail;
+                }
+                if (changed != NULL) {
+                    if (!PyTuple_CheckExact(changed) || PyTuple_GET_SIZE(changed) < 1) {
+                        goto leave;
+                    }
+                    kid = PyTuple_GET_ITEM(changed, 0);
+                }
+                kids = Py_IS_TYPE(base, (PyTypeObject *)node_layout.plain) ? node_slot(base, SLOT_KIDS) : NULL;
+            }
+        }
+        if (kid == NULL) {
+            if (kids == NULL || !(PyTuple_CheckExact(kids) || PyList_CheckExact(kids)) ||
+                PySequence_Fast_GET_SIZE(kids) != count) {
+                goto leave;
+            }
+            kid = PySequence_Fast_ITEMS(kids)[index];
+        }
+        PyObject *child = NULL;
+        uint64_t id;
+        if (table != NULL && table_id(kid, &id)) {
+            Slot *slot = table_find(table, id);
+            if (slot != NULL) {
+                slot_mark(slot);
+                child = Py_NewRef(slot->node);
+                hits++;
+            }
+        }
+        else if (nodes != NULL) {
+            child = Py_XNewRef(PyDict_GetItemWithError(nodes, kid));
+            if (child == NULL && PyErr_Occurred()) {
+                goto fail;
+            }
+            hits += child != NULL;
+        }
+        if (child == NULL) {
+            Py_INCREF(kid); /* (fetch runs Python code, which may drop the node that holds it) */
+            child = PyObject_CallOneArg(args[3], kid);
+            Py_DECREF(kid);
+            if (child == NULL) {
+                goto fail;
+            }
+        }
+        Py_SETREF(node, child);
+    }
+    result = Py_BuildValue("(ONn)", path, PyBool_FromLong(last), hits);
+    goto fail; /* (releases path and node) */
+leave:
+    result = Py_NewRef(Py_None);
+fail:
+    Py_DECREF(path);
+    Py_DECREF(node);
+    return result;
+}
+
 /* ------------------------------------------------------------------ root records */
 
 /* The packed form of one summary value (_node.pack_summary): the int itself in the int64 range,
@@ -8303,6 +8643,12 @@ static PyMethodDef methods[] = {
      "bump_internal(node, packed, index, kid, delta, nfields, patch=None, tuples=False) -> (patch, packed) | (kids, cols, "
      "packed) | None: a committed internal node with one child's id replaced and its summary grown, as "
      "a patch of its base or as tuples, and its bytes (see _node.Node.bumped)"},
+    {"bump_path", (PyCFunction)(void (*)(void))bump_path, METH_FASTCALL,
+     "bump_path(path, ids, child, delta, plain, patched) -> list: Node.bumped for each internal node of a "
+     "write's path, from the bottom up, as far as the kernels take it (see _btree.NodeTree._write_stored)"},
+    {"stored_path", (PyCFunction)(void (*)(void))stored_path, METH_FASTCALL,
+     "stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits) | None: the "
+     "descent of a write from stored bytes in one call (see _btree.NodeTree._stored_path)"},
     {"make_patched", (PyCFunction)(void (*)(void))make_patched, METH_FASTCALL,
      "make_patched(node, plain, nfields) -> (kids, cols) | None: a patched node made plain (its tuples made "
      "and set, its class set to ``plain``) the first time something reads them (see _node.Node.bumped)"},

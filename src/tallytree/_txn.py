@@ -488,6 +488,9 @@ class Transaction:
     def renew(self, node_id: int) -> int:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
+    def renew_all(self, node_ids: list[int]) -> list[int]:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
     def adopt(self, node: Node) -> Node:
         raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
 
@@ -579,7 +582,11 @@ class WriteTransaction(Transaction):
 
     @property
     def shared(self) -> object:
-        return None  # dirty nodes come first: every node through node()
+        # the shared cache while the transaction has changed no node (its first write's descent);
+        # once it has, its own nodes come first: every node through node()
+        if self._dirty or self._encoded or self._overwrites or self._freed:
+            return None
+        return self._cache.shared
 
     def _finish(self) -> None:
         Transaction._finish(self)
@@ -670,6 +677,24 @@ class WriteTransaction(Transaction):
             )
         self._overwrites[slot] = node_id
         return renewed(node_id)
+
+    def renew_all(self, node_ids: list[int]) -> list[int]:
+        """:meth:`renew` of each node, in order: the ids of their new versions. O(len(node_ids)).
+
+        A write's path renews every node of it at once (``NodeTree._write_stored``); when the
+        transaction has made no node yet (its first write), each is a committed node, and the loop
+        does only that case's work."""
+        if self._dirty or self._encoded:
+            return [self.renew(node_id) for node_id in node_ids]
+        overwrites = self._overwrites
+        for node_id in node_ids:
+            slot = node_id & SLOT_MASK
+            if slot in overwrites:
+                raise CorruptDatabaseError(
+                    f"node {node_id} was replaced in this transaction but is still referenced"
+                )
+            overwrites[slot] = node_id
+        return list(map(renewed, node_ids))
 
     def adopt(self, node: Node) -> Node:
         self._dirty[node.id] = node
