@@ -346,7 +346,7 @@ def test_the_stored_descent_is_the_python_descent(
             assert [(id(node), index) for node, index in kernel[0]] == [
                 (id(node), index) for node, index in python[0]
             ]
-            assert kernel[1] == python[1] and len(kernel[0]) == root.height - 1
+            assert kernel[1:] == python[1:] and len(kernel[0]) == root.height - 1  # right edge, ids
             if fresh:  # the root (through tx.node) and each child below it (from the cache's store)
                 assert taken == root.height - 1
             found["patched" if any(type(node) is _PatchedNode for node, _ in kernel[0]) else "plain"] += 1
@@ -389,7 +389,7 @@ def test_stored_path_refuses_what_it_does_not_take(db: tallytree.Database) -> No
     entry = bytes([0x30, 0, 2])
     fetch: Any = {}.__getitem__
     found = speedups.stored_path(node, entry, 2, fetch, None, Node, _PatchedNode)
-    assert found == ([(node, 2)], False, 0)
+    assert found == ([(node, 2)], False, 0, [5, 102])  # the node's id, then its child's
     for bad in (
         (node, bytearray(entry), 2, fetch, None, Node, _PatchedNode),
         (node, entry, 2.0, fetch, None, Node, _PatchedNode),
@@ -410,11 +410,13 @@ def test_stored_path_refuses_what_it_does_not_take(db: tallytree.Database) -> No
         [(top, 0), (child, 0)],
         False,
         1,
+        [5, 5, 100],
     )
     assert speedups.stored_path(top, b"\x00", 3, {child.id: child}.__getitem__, None, Node, _PatchedNode) == (
         [(top, 0), (child, 0)],
         False,
         0,
+        [5, 5, 100],
     )
     with pytest.raises(KeyError):  # what fetch raises goes through
         speedups.stored_path(top, b"\x00", 3, fetch, None, Node, _PatchedNode)
@@ -559,9 +561,9 @@ class Spy:
             self.decoded += 1
             return descend(tree, entry)
 
-        def spy_write(tree: NodeTree, path: Any, leaf_id: int, leaf: bytes, delta: list[int]) -> None:
+        def spy_write(tree: NodeTree, path: Any, ids: list[int], leaf: bytes, delta: list[int]) -> None:
             self.stored += 1
-            write(tree, path, leaf_id, leaf, delta)
+            write(tree, path, ids, leaf, delta)
 
         monkeypatch.setattr(NodeTree, "_path", spy_descend)
         monkeypatch.setattr(NodeTree, "_write_stored", spy_write)

@@ -148,6 +148,12 @@ class NodeAccess(Protocol):
         """:meth:`renew` of each node, in order: the new versions' ids."""
         ...
 
+    def adopt_path(self, leaf_id: int, leaf: bytes, nodes: list[Node]) -> None:
+        """:meth:`adopt_encoded` of a leaf (its id from :meth:`renew`) and :meth:`adopt_prepared` of
+        each node in ``nodes`` (committed ones, as ``Node.bumped`` makes them: each holds its stored
+        bytes)."""
+        ...
+
     def adopt(self, node: Node) -> Node:
         """Register a new dirty node (built with an id from :meth:`new_id`) and return it."""
         ...
@@ -966,16 +972,15 @@ class NodeTree:
         found = self._stored_path(entry)
         if found is None:
             return _DECODED
-        path, last = found
+        path, last, ids = found
         if inside and last:
             return _DECODED
         parent, index = path[-1]
         max_size = self.max_size
-        leaf_id = parent.kid(index)
         rows = speedups.merge_children(
             # the child alone (its fence, its id): a patched parent's kids are not made for it
             (parent.keys[index],),
-            (leaf_id,),
+            (ids[-1],),
             [entry],
             0,
             1,
@@ -994,7 +999,7 @@ class NodeTree:
             return False  # the entry is there already
         if type(merged) is not bytes:  # the leaf splits, or is one this kernel leaves to Python
             return _DECODED
-        self._write_stored(path, leaf_id, merged, delta)
+        self._write_stored(path, ids, merged, delta)
         return True
 
     def _edit_stored(
@@ -1015,10 +1020,8 @@ class NodeTree:
         found = self._stored_path(entry)
         if found is None:
             return _DECODED
-        path, _ = found
-        parent, index = path[-1]
-        leaf_id = parent.kid(index)
-        data = self.access.stored(leaf_id)
+        path, _, ids = found
+        data = self.access.stored(ids[-1])
         if data is None:  # a leaf this transaction changed: its lists
             return _DECODED
         if values is not None and type(values) is not tuple:
@@ -1037,12 +1040,13 @@ class NodeTree:
             return old
         else:
             delta = vsub(delta_of(values), delta_of(old))
-        self._write_stored(path, leaf_id, changed, delta)
+        self._write_stored(path, ids, changed, delta)
         return old
 
-    def _stored_path(self, entry: bytes) -> tuple[Path, bool] | None:
+    def _stored_path(self, entry: bytes) -> tuple[Path, bool, list[int]] | None:
         """The internal nodes of the path to ``entry``'s leaf, each with the index of the child taken,
-        and whether the path is the right edge; None when a write from stored bytes cannot take it:
+        whether the path is the right edge, and the ids of the path's nodes followed by the leaf's;
+        None when a write from stored bytes cannot take it:
         a tree of one leaf, or a node of the path that this transaction changed (a dirty one, whose
         lists the decoded path changes) or that holds no stored bytes. O(log n)."""
         root = self.root
@@ -1057,10 +1061,11 @@ class NodeTree:
             )
             if found is None:
                 return None
-            if found[2]:
-                access.count_hits(found[2])
-            return found[0], found[1]
-        path: Path = []
+            path, last, hits, ids = found
+            if hits:
+                access.count_hits(hits)
+            return path, last, ids
+        path = []
         node = access.node(root.node_id)
         last = True  # on the right edge so far
         for level in range(height - 1):
@@ -1072,24 +1077,22 @@ class NodeTree:
             path.append((node, index))
             if level < height - 2:
                 node = access.node(node.kid(index))
-        return path, last
+        return path, last, [each.id for each, _ in path] + [node.kid(index)]
 
-    def _write_stored(self, path: Path, leaf_id: int, leaf: bytes, delta: list[int]) -> None:
-        """Write a changed leaf given as its stored bytes, in place of leaf ``leaf_id`` (the one ``path``
-        leads to, whose id the caller read), and
-        each internal node of the path rebuilt in committed form by ``Node.bumped`` (new child id,
-        summary grown by ``delta``), all handed to the transaction ready to write (``adopt_encoded``,
+    def _write_stored(self, path: Path, ids: list[int], leaf: bytes, delta: list[int]) -> None:
+        """Write a changed leaf given as its stored bytes, in place of the leaf ``path`` leads to (``ids``:
+        the ids of the path's nodes, then the leaf's, as :meth:`_stored_path` gives them), and each
+        internal node of the path rebuilt in committed form by ``Node.bumped`` (new child id, summary
+        grown by ``delta``), all handed to the transaction ready to write (``adopt_path``,
         ``adopt_prepared``); nothing is copied into lists, encoded or frozen at commit. O(B log_B n)."""
         assert self.root is not None and speedups is not None
         access = self.access
-        ids = access.renew_all([node.id for node, _ in path] + [leaf_id])
+        ids = access.renew_all(ids)
         child = ids.pop()
-        access.adopt_encoded(child, leaf)
         # the C kernel bumps each level it can, from the bottom up; a level it leaves (a column to
         # rescale, say) and those above it are bumped here
         made = speedups.bump_path(path, ids, child, delta, Node, _PatchedNode)
-        for bumped in made:
-            access.adopt_prepared(bumped, bumped.packed())
+        access.adopt_path(child, leaf, made)
         if made:
             child = made[-1].id
         for level in range(len(path) - len(made) - 1, -1, -1):

@@ -7466,16 +7466,44 @@ bytes_bisect_right(PyObject *keys, const char *entry, Py_ssize_t size)
     return low;
 }
 
-/* stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits) | None: the
+/* The id of child ``index`` of internal node ``node`` (of ``count`` children), as ``Node.kid`` reads it:
+   a patched node's patch, else its base's kids, else its own (borrowed). NULL with no error set when
+   the node is not of that shape, NULL with an error set on failure. */
+static PyObject *
+node_kid(PyObject *node, PyObject *position, Py_ssize_t index, Py_ssize_t count)
+{
+    PyObject *kids = node_slot(node, SLOT_KIDS);
+    if ((PyObject *)Py_TYPE(node) == node_layout.patched) {
+        PyObject *base = node_slot(node, SLOT_BASE), *patch = node_slot(node, SLOT_PATCH);
+        if (base != NULL && base != Py_None && patch != NULL && PyDict_CheckExact(patch)) {
+            PyObject *changed = PyDict_GetItemWithError(patch, position);
+            if (changed != NULL) {
+                return PyTuple_CheckExact(changed) && PyTuple_GET_SIZE(changed) >= 1 ? PyTuple_GET_ITEM(changed, 0)
+                                                                                      : NULL;
+            }
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            kids = Py_IS_TYPE(base, (PyTypeObject *)node_layout.plain) ? node_slot(base, SLOT_KIDS) : NULL;
+        }
+    }
+    if (kids == NULL || !(PyTuple_CheckExact(kids) || PyList_CheckExact(kids)) ||
+        PySequence_Fast_GET_SIZE(kids) != count) {
+        return NULL;
+    }
+    return PySequence_Fast_ITEMS(kids)[index];
+}
+
+/* stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits, ids) | None: the
    descent of a write from stored bytes (``_btree.NodeTree._stored_path``) in one call: the internal
    nodes from ``root`` down to the parent of ``entry``'s leaf, each with the index of the child taken
-   (``path``, a list of (node, index)), whether that is the tree's right edge (``last``), and the
-   number of nodes taken from ``nodes`` (``hits``, for the cache's statistics). A child is taken from
-   ``nodes`` (the node cache's store, a NodeTable or a dict, when the transaction has changed no node;
-   see ``WriteTransaction.shared``), else through
-   ``fetch(node_id)`` (the transaction's ``node``). None when the Python code must take it: a tree of
-   one level, a node this transaction changed (dirty), a leaf above the bottom, a node without stored
-   bytes, or of another class or shape. */
+   (``path``, a list of (node, index)), whether that is the tree's right edge (``last``), the number of
+   nodes taken from ``nodes`` (``hits``, for the cache's statistics), and the ids of the path's nodes
+   followed by the leaf's (``ids``). A child is taken from ``nodes`` (the node cache's store, a
+   NodeTable or a dict, when the transaction has changed no node; see ``WriteTransaction.shared``),
+   else through ``fetch(node_id)`` (the transaction's ``node``). None when the Python code must take
+   it: a tree of one level, a node this transaction changed (dirty), a leaf above the bottom, a node
+   without stored bytes, or of another class or shape. */
 static PyObject *
 stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -7499,11 +7527,10 @@ stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     PyObject *nodes = PyDict_CheckExact(args[4]) ? args[4] : NULL;
     const char *entry = PyBytes_AS_STRING(args[1]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[1]), hits = 0;
-    PyObject *path = PyList_New(0), *node = Py_NewRef(args[0]), *result = NULL;
+    PyObject *path = PyList_New(0), *ids = PyList_New(0), *node = Py_NewRef(args[0]), *result = NULL;
     int last = 1;
-    if (path == NULL) {
-        Py_DECREF(node);
-        return NULL;
+    if (path == NULL || ids == NULL) {
+        goto fail;
     }
     for (Py_ssize_t level = 0; level < height - 1; level++) {
         PyObject *type = (PyObject *)Py_TYPE(node);
@@ -7511,8 +7538,10 @@ stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             goto leave;
         }
         PyObject *keys = node_slot(node, SLOT_KEYS), *packed = node_slot(node, SLOT_PACKED);
+        PyObject *node_id = node_slot(node, SLOT_ID);
         if (node_slot(node, SLOT_DIRTY) != Py_False || node_slot(node, SLOT_LEAF) != Py_False || packed == NULL ||
-            !PyBytes_CheckExact(packed) || keys == NULL || !(PyTuple_CheckExact(keys) || PyList_CheckExact(keys))) {
+            !PyBytes_CheckExact(packed) || keys == NULL || !(PyTuple_CheckExact(keys) || PyList_CheckExact(keys)) ||
+            node_id == NULL || !PyLong_CheckExact(node_id)) {
             goto leave;
         }
         Py_ssize_t count = PySequence_Fast_GET_SIZE(keys), index = bytes_bisect_right(keys, entry, size) - 1;
@@ -7523,38 +7552,23 @@ stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         PyObject *position = PyLong_FromSsize_t(index);
         PyObject *step = position == NULL ? NULL : PyTuple_Pack(2, node, position);
         Py_XDECREF(position);
-        if (step == NULL || PyList_Append(path, step) < 0) {
+        if (step == NULL || PyList_Append(path, step) < 0 || PyList_Append(ids, node_id) < 0) {
             Py_XDECREF(step);
             goto fail;
         }
         Py_DECREF(step);
-        if (level == height - 2) {
-            break;
-        }
-        /* the child's id (Node.kid): a patched node's patch, else its base's kids, else its own */
-        PyObject *kids = node_slot(node, SLOT_KIDS), *kid = NULL;
-        if (type == node_layout.patched) {
-            PyObject *base = node_slot(node, SLOT_BASE), *patch = node_slot(node, SLOT_PATCH);
-            if (base != NULL && base != Py_None && patch != NULL && PyDict_CheckExact(patch)) {
-                PyObject *changed = PyDict_GetItemWithError(patch, PyTuple_GET_ITEM(PyList_GET_ITEM(path, level), 1));
-                if (changed == NULL && PyErr_Occurred()) {
-                    goto fail;
-                }
-                if (changed != NULL) {
-                    if (!PyTuple_CheckExact(changed) || PyTuple_GET_SIZE(changed) < 1) {
-                        goto leave;
-                    }
-                    kid = PyTuple_GET_ITEM(changed, 0);
-                }
-                kids = Py_IS_TYPE(base, (PyTypeObject *)node_layout.plain) ? node_slot(base, SLOT_KIDS) : NULL;
-            }
-        }
+        PyObject *kid = node_kid(node, PyTuple_GET_ITEM(step, 1), index, count);
         if (kid == NULL) {
-            if (kids == NULL || !(PyTuple_CheckExact(kids) || PyList_CheckExact(kids)) ||
-                PySequence_Fast_GET_SIZE(kids) != count) {
-                goto leave;
+            if (PyErr_Occurred()) {
+                goto fail;
             }
-            kid = PySequence_Fast_ITEMS(kids)[index];
+            goto leave;
+        }
+        if (level == height - 2) { /* the leaf's id, last */
+            if (PyList_Append(ids, kid) < 0) {
+                goto fail;
+            }
+            break;
         }
         PyObject *child = NULL;
         uint64_t id;
@@ -7583,12 +7597,13 @@ stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         }
         Py_SETREF(node, child);
     }
-    result = Py_BuildValue("(ONn)", path, PyBool_FromLong(last), hits);
-    goto fail; /* (releases path and node) */
+    result = Py_BuildValue("(ONnO)", path, PyBool_FromLong(last), hits, ids);
+    goto fail; /* (releases what is held) */
 leave:
     result = Py_NewRef(Py_None);
 fail:
-    Py_DECREF(path);
+    Py_XDECREF(path);
+    Py_XDECREF(ids);
     Py_DECREF(node);
     return result;
 }
@@ -8647,7 +8662,7 @@ static PyMethodDef methods[] = {
      "bump_path(path, ids, child, delta, plain, patched) -> list: Node.bumped for each internal node of a "
      "write's path, from the bottom up, as far as the kernels take it (see _btree.NodeTree._write_stored)"},
     {"stored_path", (PyCFunction)(void (*)(void))stored_path, METH_FASTCALL,
-     "stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits) | None: the "
+     "stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits, ids) | None: the "
      "descent of a write from stored bytes in one call (see _btree.NodeTree._stored_path)"},
     {"make_patched", (PyCFunction)(void (*)(void))make_patched, METH_FASTCALL,
      "make_patched(node, plain, nfields) -> (kids, cols) | None: a patched node made plain (its tuples made "
