@@ -216,7 +216,7 @@ def test_patched_nodes_make_their_tuples_on_first_read() -> None:
     assert speedups.make_patched(patched, Node, 2) is None and _unmade(patched)
 
 
-_SLOTS = [name for name in Node.__slots__ if name not in ("kids", "cols")]
+_SLOTS = [name for name in Node.__slots__ if name not in ("kids", "cols", "_layout")]
 
 
 def _slots(node: Node) -> dict[str, Any]:
@@ -275,6 +275,7 @@ def test_bump_path_bumps_each_level_as_bumped_does(levels: int, nfields: int, da
             else:
                 assert _slots(new)[name] == value, (level, name)
         assert not gc.is_tracked(new)
+        _assert_layout(new, nfields)
         assert [new.kid(at) for at in range(len(node.keys))] == [
             expected.kid(at) for at in range(len(node.keys))
         ]
@@ -283,6 +284,51 @@ def test_bump_path_bumps_each_level_as_bumped_does(levels: int, nfields: int, da
         ]
         child = ids[level]
     event(f"made {len(made)} of {levels}")
+
+
+def _assert_layout(node: Node, nfields: int) -> bool:
+    """That a node ``bump_path`` made holds the layout of its own bytes (the places a whole walk of
+    them finds), or none; whether it holds one."""
+    assert speedups is not None
+    layout = Node.__dict__["_layout"].__get__(node)
+    if layout is None:
+        return False
+    assert layout[0] is node._packed
+    assert layout[1] == speedups.packed_layout(node._packed, len(node.keys), 1 + 2 * nfields)
+    return True
+
+
+@needs_kernels
+@given(st.integers(1, 40), st.integers(0, 3), st.integers(1, 50), st.data())
+def test_a_chain_of_path_bumps_carries_each_layout(
+    size: int, nfields: int, steps: int, data: st.DataObject
+) -> None:
+    """Bumps by ``bump_path``, one after another, as a node on every write's path has them: each
+    node's bytes are those ``Node.bumped`` makes of the same node (which walks the bytes whole), and
+    the layout each carries to the next (moved by each edit) is the one a whole walk of its bytes
+    finds, whatever numbers change size (ids, counts and sums of every width, sums that make the
+    node wide)."""
+    assert speedups is not None
+    node = _committed(size, nfields, data)
+    laid = 0
+    for step in range(steps):
+        index = data.draw(st.integers(0, size - 1), label="index")
+        kid = data.draw(st.sampled_from([7, 300, 70_000, 2**40, 2**63 - 1, node.kid(index)]), label="kid")
+        delta = [data.draw(st.integers(-3, 3))] + [0] * (2 * nfields)
+        if nfields:
+            delta[1] = data.draw(st.sampled_from([0, 1 << 1100, -(1 << 1100), (2**64) << 1100, 1]))
+            delta[1 + nfields] = data.draw(st.sampled_from([0, 1, -1, 200, 2**33, -(2**40)]))
+        expected = node.bumped(10 + step, index, kid, delta)
+        made = speedups.bump_path([(node, index)], [10 + step], kid, delta, Node, _PatchedNode)
+        if not made:  # a column to rescale: the Python code's (no layout)
+            node = expected
+            continue
+        (new,) = made
+        assert new.packed() == expected.packed() and type(new) is type(expected), step
+        assert [new.child(at) for at in range(size)] == [expected.child(at) for at in range(size)]
+        laid += _assert_layout(new, nfields)
+        node = new
+    event(f"laid {min(laid, 3)}+")
 
 
 @needs_kernels

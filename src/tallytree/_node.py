@@ -307,6 +307,7 @@ class Node:
         "_blob",
         "_counts",
         "_hot",
+        "_layout",  # a node bump_path made: its stored bytes' layout (see _speedups.c); never set on others
         "_origin",
         "_packed",
         "_patch",  # a patched node's (see _PatchedNode); never set on others

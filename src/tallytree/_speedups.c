@@ -6444,6 +6444,9 @@ repack_changes(PyObject **const *cols, Py_ssize_t count, PyObject *packed, Py_ss
             memset(extras, 0, sizeof(Py_ssize_t) * (size_t)nfields); /* no limbs when plain */
         }
     }
+    if (!known && cols == NULL) { /* (bump_internal gives no columns when it found the node stays plain) */
+        Py_RETURN_NONE;
+    }
     for (Py_ssize_t field = 0; field < nfields && !known; field++) {
         Py_ssize_t most = column_extra(cols[1 + field], count, &plain);
         if (most == -1) {
@@ -7036,6 +7039,201 @@ make_patched(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+/* Layouts. A bump (bump_path) repacks an internal node's bytes with one child changed: the child's
+   id and the numbers the write added, in their columns. repack_changes finds them by walking the
+   bytes from the start (every key, every number of every column: ~800 items for a node of 115
+   children and two fields, two thirds of a bump's instructions). A node bump_path makes keeps the
+   *layout* of its bytes: for the child ids and each column, the place of every 16th number and the
+   end, made by one walk when a node has none (it was decoded, or packed in full) and carried on from
+   bump to bump (each edit moves the places after it by its change of size). A repack then walks at
+   most 15 numbers per change. Plain nodes only (a wide node's sums are cut into limbs, each change
+   one edit per limb): a bump of a wide node, or one that makes a plain node wide, walks as before.
+
+   A layout is the tuple (bytes it describes, offsets): the bytes object itself, compared by identity
+   before use, so that a layout never describes other bytes; offsets a bytes object of LayoutHead and
+   its int32 places: for each part p (0 the kids, 1 + c column c) nchunks places (of numbers 0, 16,
+   32, ...) and its end. */
+
+#define LAYOUT_STEP 16
+
+typedef struct {
+    int32_t count, columns, nchunks, length;
+} LayoutHead;
+
+/* The places of part ``part`` (nchunks + 1 of them) in a layout's offsets. */
+static inline int32_t *
+layout_part(LayoutHead *head, Py_ssize_t part)
+{
+    return (int32_t *)(void *)(head + 1) + part * (head->nchunks + 1);
+}
+
+/* Record the places of one stored array of ``count`` numbers at data[*at] (its header first) into
+   ``places`` (every LAYOUT_STEP-th number, then the end): 1, or 0 for bytes of another layout. */
+static int
+layout_walk(const unsigned char *data, Py_ssize_t length, Py_ssize_t *at, Py_ssize_t count, int32_t *places)
+{
+    Py_ssize_t stored;
+    if (!read_array_header(data, length, at, &stored) || stored != count) {
+        return 0;
+    }
+    for (Py_ssize_t done = 0; done < count; done += LAYOUT_STEP) {
+        *places++ = (int32_t)*at;
+        if (!skip_numbers(data, length, at, count - done < LAYOUT_STEP ? count - done : LAYOUT_STEP)) {
+            return 0;
+        }
+    }
+    *places = (int32_t)*at;
+    return 1;
+}
+
+/* The offsets of the layout of ``packed``, a plain internal node of ``count`` children and ``columns``
+   columns, walked whole (every number checked, as repack_changes walks them): a bytes object, None
+   when the bytes are not of that layout (wide, or another shape), NULL with an error set. */
+static PyObject *
+layout_of(PyObject *packed, Py_ssize_t count, Py_ssize_t columns)
+{
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(packed);
+    Py_ssize_t length = PyBytes_GET_SIZE(packed), at = 0, top, nchunks = (count + LAYOUT_STEP - 1) / LAYOUT_STEP;
+    if (count < 1 || length > INT32_MAX || !read_array_header(data, length, &at, &top) || at >= length ||
+        data[at] != 2) {
+        Py_RETURN_NONE;
+    }
+    at++;
+    PyObject *offsets = PyBytes_FromStringAndSize(
+        NULL, (Py_ssize_t)sizeof(LayoutHead) + (1 + columns) * (nchunks + 1) * (Py_ssize_t)sizeof(int32_t));
+    if (offsets == NULL) {
+        return NULL;
+    }
+    LayoutHead *head = (LayoutHead *)(void *)PyBytes_AS_STRING(offsets);
+    *head = (LayoutHead){.count = (int32_t)count, .columns = (int32_t)columns, .nchunks = (int32_t)nchunks,
+                         .length = (int32_t)length};
+    int ok = skip_array(data, length, &at, count, 1) && layout_walk(data, length, &at, count, layout_part(head, 0)) &&
+             skip_array(data, length, &at, columns, 0);
+    for (Py_ssize_t column = 0; column < columns && ok; column++) {
+        ok = layout_walk(data, length, &at, count, layout_part(head, 1 + column));
+    }
+    if (!ok || at != length) {
+        Py_DECREF(offsets);
+        Py_RETURN_NONE;
+    }
+    return offsets;
+}
+
+/* The offsets of ``layout`` (see "Layouts") when it describes ``packed`` for a node of ``count``
+   children and ``columns`` columns, else NULL. */
+static PyObject *
+layout_for(PyObject *layout, PyObject *packed, Py_ssize_t count, Py_ssize_t columns)
+{
+    if (layout == NULL || !PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != 2 ||
+        PyTuple_GET_ITEM(layout, 0) != packed || !PyBytes_CheckExact(PyTuple_GET_ITEM(layout, 1))) {
+        return NULL;
+    }
+    PyObject *offsets = PyTuple_GET_ITEM(layout, 1);
+    const LayoutHead *head = (const LayoutHead *)(const void *)PyBytes_AS_STRING(offsets);
+    Py_ssize_t nchunks = (count + LAYOUT_STEP - 1) / LAYOUT_STEP;
+    if (PyBytes_GET_SIZE(offsets) != (Py_ssize_t)sizeof(LayoutHead) + (1 + columns) * (nchunks + 1) * 4 ||
+        head->count != count || head->columns != columns || head->length != PyBytes_GET_SIZE(packed)) {
+        return NULL;
+    }
+    return offsets;
+}
+
+/* repack_changes for a plain node that stays plain, through the layout of ``packed`` (``offsets``,
+   see "Layouts"): the new bytes, with the new layout in *new_layout ((bytes, offsets)); None when
+   the node does not stay plain (a changed sum beyond msgpack's ints: repack_changes works the limbs
+   out), NULL with an error set. ``changes`` as repack_changes takes them, at most one per part. */
+static PyObject *
+repack_laid(PyObject *packed, PyObject *offsets, const Change *changes, Py_ssize_t nchanges, PyObject **new_layout)
+{
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(packed);
+    Py_ssize_t length = PyBytes_GET_SIZE(packed);
+    LayoutHead *head = (LayoutHead *)(void *)PyBytes_AS_STRING(offsets);
+    Edit edits[REPACK_CHANGES];
+    Py_ssize_t total = length;
+    if (nchanges > REPACK_CHANGES) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t index = 0; index < nchanges; index++) {
+        const Change *change = &changes[index];
+        if (change->part < 0 || change->part > head->columns || change->index < 0 || change->index >= head->count ||
+            (index > 0 && change->part <= changes[index - 1].part)) {
+            Py_RETURN_NONE; /* (bump_internal makes one change per part, in order) */
+        }
+        long long value = 0;
+        unsigned long long big = 0;
+        int is_unsigned = 0;
+        Py_ssize_t size = PyLong_CheckExact(change->item) ? scalar_size(change->item, &value, &big, &is_unsigned) : 0;
+        if (size < 0) {
+            return NULL;
+        }
+        if (size == 0) { /* beyond msgpack's ints: wide now */
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t at = layout_part(head, change->part)[change->index / LAYOUT_STEP];
+        Edit *edit = &edits[index];
+        if (!skip_numbers(data, length, &at, change->index % LAYOUT_STEP)) {
+            Py_RETURN_NONE;
+        }
+        edit->start = at;
+        if (!skip_numbers(data, length, &at, 1)) {
+            Py_RETURN_NONE;
+        }
+        edit->stop = at;
+        char *out = edit->bytes;
+        if (is_unsigned) {
+            *out++ = (char)0xcf;
+            out = put_be(out, big, 8);
+        }
+        else {
+            out = put_int(out, value);
+        }
+        edit->size = out - edit->bytes;
+        total += edit->size - (edit->stop - edit->start);
+    }
+    if (total > INT32_MAX) {
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
+    PyObject *new_offsets = result == NULL ? NULL : PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(offsets));
+    if (new_offsets == NULL) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(result);
+    Py_ssize_t copied = 0;
+    for (Py_ssize_t index = 0; index < nchanges; index++) {
+        const Edit *edit = &edits[index];
+        memcpy(out, data + copied, (size_t)(edit->start - copied));
+        out += edit->start - copied;
+        memcpy(out, edit->bytes, (size_t)edit->size);
+        out += edit->size;
+        copied = edit->stop;
+    }
+    memcpy(out, data + copied, (size_t)(length - copied));
+    /* The new places: each old one moved by the edits that start before it (places and edits both
+       ascend through the bytes). */
+    LayoutHead *new_head = (LayoutHead *)(void *)PyBytes_AS_STRING(new_offsets);
+    *new_head = *head;
+    new_head->length = (int32_t)total;
+    const int32_t *places = (const int32_t *)(const void *)(head + 1);
+    int32_t *new_places = (int32_t *)(void *)(new_head + 1);
+    Py_ssize_t nplaces = (head->columns + 1) * (head->nchunks + 1), next = 0, moved = 0;
+    for (Py_ssize_t index = 0; index < nplaces; index++) {
+        while (next < nchanges && edits[next].start < places[index]) {
+            moved += edits[next].size - (edits[next].stop - edits[next].start);
+            next++;
+        }
+        new_places[index] = (int32_t)(places[index] + moved);
+    }
+    *new_layout = PyTuple_Pack(2, result, new_offsets);
+    Py_DECREF(new_offsets);
+    if (*new_layout == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
 /* bump_internal(node, packed, index, kid, delta, nfields, patch=None, tuples=False) -> (patch, packed) |
    (kids, cols, packed) | None: what one insert does to an internal node of its path (``_node.Node.bumped``),
    without a dirty copy. ``node`` is a committed internal node (its keys, kids, shifts and each column a
@@ -7049,8 +7247,20 @@ make_patched(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
    pack_internal does, else None (the Python code packs it). Returns None, making nothing, when a
    column's shift does not divide its amount (the column must be rescaled: a dirty copy's ``add`` does
    that) or the node is not of this shape. */
+static PyObject *bump_node(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *layout,
+                           PyObject **new_layout);
+
 static PyObject *
 bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return bump_node(module, args, nargs, NULL, NULL);
+}
+
+/* bump_internal, and with ``new_layout`` given, the repack made through ``layout`` (the bumped node's,
+   or NULL) when the node is plain and stays plain, the new node's layout in *new_layout (see
+   "Layouts"; left NULL otherwise). */
+static PyObject *
+bump_node(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *layout, PyObject **new_layout)
 {
     PyObject *patch = nargs >= 7 ? args[6] : Py_None;
     int tuples = nargs == 8 ? PyObject_IsTrue(args[7]) : 0;
@@ -7164,19 +7374,38 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     firsts[1 + columns] = nchanges;
     PyObject *packed = Py_None;
     if (args[1] != Py_None && nchanges <= REPACK_CHANGES && part_items(base.parts[0], count) != NULL) {
-        /* Each sum column's items as the new node holds them (borrowed), for a wide node's limbs; the
-           patch's entries checked on the way (one pass over it). */
-        virtual = PyMem_Malloc(sizeof(PyObject **) * (size_t)columns + sizeof(PyObject *) * (size_t)(nfields * count));
-        if (virtual == NULL) {
-            PyErr_NoMemory();
-            goto done;
+        /* Each sum column's items as the new node holds them (borrowed), for a wide node's limbs: not
+           needed when the node is plain and stays plain (repack_changes then reads no sum but the
+           changed ones), the common case; the patch's entries checked on the way (one pass over it). */
+        int plain = 1, needed = 1;
+        const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+        Py_ssize_t length = PyBytes_GET_SIZE(args[1]), form = 0, top;
+        if (read_array_header(data, length, &form, &top) && form < length && data[form] == 2) {
+            needed = 0;
+            for (Py_ssize_t field = 0; field < nfields && !needed; field++) {
+                if (amounts[1 + field] != NULL &&
+                    (!PyLong_CheckExact(values[1 + field]) || extra_limbs(values[1 + field], &plain) < 0 || !plain)) {
+                    if (PyErr_Occurred()) {
+                        goto done;
+                    }
+                    needed = 1;
+                }
+            }
         }
-        PyObject **items = (PyObject **)(virtual + columns), *key, *each;
-        for (Py_ssize_t column = 0; column < columns; column++) {
-            int sum = column >= 1 && column <= nfields;
-            virtual[column] = sum ? items + (column - 1) * count : NULL;
-            if (sum) {
-                memcpy(virtual[column], PySequence_Fast_ITEMS(base.cols[column]), sizeof(PyObject *) * (size_t)count);
+        PyObject **items = NULL, *key, *each;
+        if (needed) {
+            virtual = PyMem_Malloc(sizeof(PyObject **) * (size_t)columns + sizeof(PyObject *) * (size_t)(nfields * count));
+            if (virtual == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            items = (PyObject **)(virtual + columns);
+            for (Py_ssize_t column = 0; column < columns; column++) {
+                int sum = column >= 1 && column <= nfields;
+                virtual[column] = sum ? items + (column - 1) * count : NULL;
+                if (sum) {
+                    memcpy(virtual[column], PySequence_Fast_ITEMS(base.cols[column]), sizeof(PyObject *) * (size_t)count);
+                }
             }
         }
         for (Py_ssize_t pos = 0; PyDict_Next(new_patch, &pos, &key, &each);) {
@@ -7186,11 +7415,32 @@ bump_internal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 result = Py_NewRef(Py_None);
                 goto done;
             }
-            for (Py_ssize_t field = 0; field < nfields; field++) {
+            for (Py_ssize_t field = 0; field < nfields && virtual != NULL; field++) {
                 virtual[1 + field][at] = PyTuple_GET_ITEM(each, 2 + field);
             }
         }
-        packed = repack_changes(virtual, count, args[1], nfields, changes, nchanges, firsts, 1);
+        packed = NULL;
+        if (new_layout != NULL && !needed) { /* plain, and stays plain: through the bytes' layout */
+            PyObject *offsets = layout_for(layout, args[1], count, columns), *walked = NULL;
+            if (offsets == NULL) { /* none yet: one walk makes it */
+                walked = layout_of(args[1], count, columns);
+                if (walked == NULL) {
+                    goto done;
+                }
+                offsets = walked == Py_None ? NULL : walked;
+            }
+            packed = offsets == NULL ? Py_NewRef(Py_None) : repack_laid(args[1], offsets, changes, nchanges, new_layout);
+            Py_XDECREF(walked);
+            if (packed == Py_None) {
+                Py_CLEAR(packed);
+            }
+            else if (packed == NULL) {
+                goto done;
+            }
+        }
+        if (packed == NULL) {
+            packed = repack_changes(virtual, count, args[1], nfields, changes, nchanges, firsts, 1);
+        }
         if (packed == NULL) {
             goto done;
         }
@@ -7260,11 +7510,11 @@ done:
 enum {
     SLOT_ID, SLOT_LEAF, SLOT_KEYS, SLOT_COLS, SLOT_KIDS, SLOT_SHIFTS, SLOT_DIRTY, SLOT_PENDING, SLOT_BLOB,
     SLOT_COUNTS, SLOT_TABLE, SLOT_ROWS, SLOT_READS, SLOT_HOT, SLOT_PACKED, SLOT_ORIGIN, SLOT_BASE, SLOT_PATCH,
-    NODE_SLOTS
+    SLOT_LAYOUT, NODE_SLOTS
 };
 static const char *const node_slot_names[NODE_SLOTS] = {
     "id", "leaf", "keys", "cols", "kids", "shifts", "dirty", "pending", "_blob",
-    "_counts", "_table", "_rows", "_reads", "_hot", "_packed", "_origin", "_base", "_patch",
+    "_counts", "_table", "_rows", "_reads", "_hot", "_packed", "_origin", "_base", "_patch", "_layout",
 };
 static struct {
     PyObject *plain, *patched;
@@ -7320,7 +7570,7 @@ node_slot(PyObject *node, int slot)
    (NULL for a plain one: never set), ``packed``. Steals nothing. NULL with an error set. */
 static PyObject *
 new_internal_node(PyObject *type, PyObject *node_id, PyObject *keys, PyObject *shifts, PyObject *kids,
-                  PyObject *cols, PyObject *base, PyObject *patch, PyObject *packed)
+                  PyObject *cols, PyObject *base, PyObject *patch, PyObject *packed, PyObject *layout)
 {
     PyObject *node = PyType_GenericAlloc((PyTypeObject *)type, 0);
     if (node == NULL) {
@@ -7335,13 +7585,30 @@ new_internal_node(PyObject *type, PyObject *node_id, PyObject *keys, PyObject *s
         [SLOT_SHIFTS] = shifts, [SLOT_DIRTY] = Py_False, [SLOT_PENDING] = Py_False, [SLOT_BLOB] = Py_None,
         [SLOT_COUNTS] = Py_None, [SLOT_TABLE] = Py_None, [SLOT_ROWS] = Py_None, [SLOT_READS] = zero,
         [SLOT_HOT] = Py_None, [SLOT_PACKED] = packed, [SLOT_ORIGIN] = Py_None, [SLOT_BASE] = base,
-        [SLOT_PATCH] = patch,
+        [SLOT_PATCH] = patch, [SLOT_LAYOUT] = layout != NULL ? layout : Py_None,
     };
     for (int slot = 0; slot < NODE_SLOTS; slot++) {
         *(PyObject **)((char *)node + node_layout.offsets[slot]) = Py_XNewRef(values[slot]);
     }
     Py_DECREF(zero);
     return node;
+}
+
+/* packed_layout(packed, count, columns) -> bytes | None: the offsets of the layout of a plain internal
+   node's bytes (see "Layouts"), walked whole; None for bytes not of that layout. */
+static PyObject *
+packed_layout(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t count, columns;
+    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        size_argument(args[1], "packed_layout: count", &count) < 0 ||
+        size_argument(args[2], "packed_layout: columns", &columns) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "packed_layout(packed: bytes, count: int, columns: int)");
+        }
+        return NULL;
+    }
+    return layout_of(args[0], count, columns);
 }
 
 /* bump_path(path, ids, child, delta, plain, patched) -> list: ``Node.bumped`` for each internal node of a
@@ -7410,25 +7677,32 @@ bump_path(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         PyObject *call[8] = {base, packed, index, child, args[3], nfields, patch, read ? Py_True : Py_False};
-        PyObject *bumped = bump_internal(module, call, 8);
+        PyObject *layout = NULL; /* the new bytes' layout, when the repack went through one */
+        PyObject *bumped = bump_node(module, call, 8, node_slot(node, SLOT_LAYOUT), &layout);
         Py_DECREF(nfields);
         if (bumped == NULL) {
+            Py_XDECREF(layout);
             Py_DECREF(made);
             return NULL;
         }
-        PyObject *new_node = NULL;
+        PyObject *new_node = NULL, *new_packed = bumped == Py_None ? NULL : PyTuple_GET_ITEM(bumped, PyTuple_GET_SIZE(bumped) - 1);
+        if (layout != NULL && (new_packed == NULL || PyTuple_GET_ITEM(layout, 0) != new_packed)) {
+            Py_CLEAR(layout); /* (never: the layout is made with the bytes) */
+        }
         if (bumped != Py_None && PyTuple_GET_SIZE(bumped) == 2) {
             new_node = new_internal_node(node_layout.patched, node_id, keys, shifts, NULL, NULL, base,
-                                         PyTuple_GET_ITEM(bumped, 0), PyTuple_GET_ITEM(bumped, 1));
+                                         PyTuple_GET_ITEM(bumped, 0), new_packed, layout);
         }
-        else if (bumped != Py_None && PyTuple_GET_ITEM(bumped, 2) != Py_None) {
+        else if (bumped != Py_None && new_packed != Py_None) {
             new_node = new_internal_node(node_layout.plain, node_id, keys, shifts, PyTuple_GET_ITEM(bumped, 0),
-                                         PyTuple_GET_ITEM(bumped, 1), NULL, NULL, PyTuple_GET_ITEM(bumped, 2));
+                                         PyTuple_GET_ITEM(bumped, 1), NULL, NULL, new_packed, layout);
         }
         else { /* a column to rescale, or bytes to pack in full: the Python code's */
+            Py_XDECREF(layout);
             Py_DECREF(bumped);
             break;
         }
+        Py_XDECREF(layout);
         Py_DECREF(bumped);
         if (new_node == NULL || PyList_Append(made, new_node) < 0) {
             Py_XDECREF(new_node);
@@ -8664,6 +8938,9 @@ static PyMethodDef methods[] = {
     {"stored_path", (PyCFunction)(void (*)(void))stored_path, METH_FASTCALL,
      "stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits, ids) | None: the "
      "descent of a write from stored bytes in one call (see _btree.NodeTree._stored_path)"},
+    {"packed_layout", (PyCFunction)(void (*)(void))packed_layout, METH_FASTCALL,
+     "packed_layout(packed, count, columns) -> bytes | None: the places of every 16th number of a plain "
+     "internal node's child ids and columns, and their ends (see bump_path)"},
     {"make_patched", (PyCFunction)(void (*)(void))make_patched, METH_FASTCALL,
      "make_patched(node, plain, nfields) -> (kids, cols) | None: a patched node made plain (its tuples made "
      "and set, its class set to ``plain``) the first time something reads them (see _node.Node.bumped)"},
