@@ -34,11 +34,16 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   path, then split, merge or borrow on the way back up.
 * With the C kernels, an ``insert`` into a committed path that needs no split is written from stored
   bytes (``_insert_stored``): the leaf is merged with the entry in its stored bytes, as a batch
-  merges it (below), and each internal node of the path is rebuilt in committed form by
-  ``Node.bumped`` (one C call makes its new child ids and changed columns as tuples and repacks its
-  bytes from the stored ones). Nothing is copied into lists, encoded or frozen at commit, and the
-  leaf is not decoded; the transaction takes the leaf as bytes and the internal nodes in both forms
-  (``adopt_encoded``, ``adopt_prepared``). A ``delete`` that leaves its leaf at least half full and
+  merges it (below), and each internal node of the path is rebuilt in committed form, as
+  ``Node.bumped`` rebuilds one (a patch of the node it was made from, its bytes repacked from the
+  stored ones; see ``_node``). Three C calls do the work of one such write: ``stored_path`` (the
+  descent, taking children straight from the node cache while the transaction has changed no node,
+  and the path's ids), ``merge_children`` (the leaf) and ``bump_path`` (every level of the path,
+  each new node made without running Python code, its bytes repacked through the *layout* of the
+  old ones: see the kernels' "Layouts"); a level ``bump_path`` leaves (a column to rescale) is
+  bumped in Python. Nothing is copied into lists, encoded or frozen at commit, and the leaf is not
+  decoded; the transaction takes the leaf as bytes and the internal nodes in both forms
+  (``adopt_path``, ``adopt_prepared``). A ``delete`` that leaves its leaf at least half full and
   an ``update`` are written the same way (``_edit_stored``): the kernel ``leaf_edit`` drops the
   entry from the leaf's stored bytes, or packs its new values there, and hands back its old values.
   Any other write takes the decoded path.

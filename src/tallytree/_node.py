@@ -83,6 +83,15 @@ write's descent reads a child id with :meth:`Node.kid`, which makes nothing. Mak
 node of 115 children (~115 ids and five columns copied) and freeing them when the next commit
 replaced the node was ~16,000 of a bump's ~26,000 instructions (callgrind); a scattered commit at
 10^6 items bumps two such nodes.
+
+A write's path is bumped by one C call (``_speedups.bump_path``, from ``NodeTree._write_stored``),
+which makes each level's node as :meth:`Node.bumped` does, without running ``__init__``: it sets the
+slots by their offsets, read once from this class's member descriptors and checked. A slot added
+here must be added to the kernel's list too (``node_slot_names``), or such nodes would leave it
+unset: ``test_stored_writes`` compares every slot of the two kinds of nodes. Such a node also keeps the *layout* of its stored bytes (``_layout``: the place of every
+16th number of its child ids and columns), which its next bump repacks through instead of walking
+the whole node (see the kernels' "Layouts"); a node made otherwise has none, and its first such
+bump walks it once.
 """
 
 from __future__ import annotations
