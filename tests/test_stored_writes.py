@@ -449,6 +449,10 @@ def test_stored_path_refuses_what_it_does_not_take(db: tallytree.Database) -> No
     assert speedups.stored_path(object(), entry, 2, fetch, None, Node, _PatchedNode) is None
     dirty = node.copy(6)
     assert speedups.stored_path(dirty, entry, 2, fetch, None, Node, _PatchedNode) is None
+    odd = _uniform(5, 1, 1, 3)
+    odd.keys = (b"", 1, 2, 3, 4)  # damage: keys that are not bytes
+    assert speedups.stored_path(odd, entry, 2, fetch, None, Node, _PatchedNode) is None
+    assert speedups.stored_path(node, b"", 2, fetch, None, Node, _PatchedNode) is not None  # (the fence)
     child = _uniform(4, 1, 1, 3)
     top = _uniform(3, 1, 1, 3, kids=[child.id, 8, 9])
     # a child from the store (a dict here, as without the NodeTable), then one from fetch

@@ -88,10 +88,10 @@ A write's path is bumped by one C call (``_speedups.bump_path``, from ``NodeTree
 which makes each level's node as :meth:`Node.bumped` does, without running ``__init__``: it sets the
 slots by their offsets, read once from this class's member descriptors and checked. A slot added
 here must be added to the kernel's list too (``node_slot_names``), or such nodes would leave it
-unset: ``test_stored_writes`` compares every slot of the two kinds of nodes. Such a node also keeps the *layout* of its stored bytes (``_layout``: the place of every
-16th number of its child ids and columns), which its next bump repacks through instead of walking
-the whole node (see the kernels' "Layouts"); a node made otherwise has none, and its first such
-bump walks it once.
+unset: ``test_stored_writes`` compares every slot of the two kinds of nodes. Such a node also keeps
+the *layout* of its stored bytes (``_layout``: the place of every 16th number of its child ids and
+columns), which its next bump repacks through instead of walking the whole node (see the kernels'
+"Layouts"); a node made otherwise has none, and its first such bump walks it once.
 """
 
 from __future__ import annotations

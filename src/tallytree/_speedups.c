@@ -6311,6 +6311,22 @@ typedef struct {
     char bytes[9];
 } Edit;
 
+/* Write ``data`` (``length`` bytes) into ``out`` with ``edits`` made (ascending, not overlapping): the
+   runs between them copied whole. */
+static void
+write_edits(char *out, const unsigned char *data, Py_ssize_t length, const Edit *edits, Py_ssize_t nedits)
+{
+    Py_ssize_t copied = 0; /* data[:copied] is written */
+    for (const Edit *each = edits; each < edits + nedits; each++) {
+        memcpy(out, data + copied, (size_t)(each->start - copied));
+        out += each->start - copied;
+        memcpy(out, each->bytes, (size_t)each->size);
+        out += each->size;
+        copied = each->stop;
+    }
+    memcpy(out, data + copied, (size_t)(length - copied));
+}
+
 /* The changes the node makes to one array (``part``), with the stored bytes of that array at
    data[*at] (``count`` elements, numbers only): an edit for each changed element, noted at *edits
    (limb ``limb`` of each new value of a wide sum column split into 1 + ``extra`` limbs, or the value
@@ -6506,16 +6522,7 @@ repack_changes(PyObject **const *cols, Py_ssize_t count, PyObject *packed, Py_ss
         result = PyBytes_FromStringAndSize(NULL, total);
     }
     if (result != NULL) {
-        char *out = PyBytes_AS_STRING(result);
-        Py_ssize_t copied = 0; /* data[:copied] is written */
-        for (const Edit *each = edits; each < edit; each++) {
-            memcpy(out, data + copied, (size_t)(each->start - copied));
-            out += each->start - copied;
-            memcpy(out, each->bytes, (size_t)each->size);
-            out += each->size;
-            copied = each->stop;
-        }
-        memcpy(out, data + copied, (size_t)(length - copied));
+        write_edits(PyBytes_AS_STRING(result), data, length, edits, edit - edits);
     }
     if (edits != local) {
         PyMem_Free(edits);
@@ -7199,17 +7206,7 @@ repack_laid(PyObject *packed, PyObject *offsets, const Change *changes, Py_ssize
         Py_XDECREF(result);
         return NULL;
     }
-    char *out = PyBytes_AS_STRING(result);
-    Py_ssize_t copied = 0;
-    for (Py_ssize_t index = 0; index < nchanges; index++) {
-        const Edit *edit = &edits[index];
-        memcpy(out, data + copied, (size_t)(edit->start - copied));
-        out += edit->start - copied;
-        memcpy(out, edit->bytes, (size_t)edit->size);
-        out += edit->size;
-        copied = edit->stop;
-    }
-    memcpy(out, data + copied, (size_t)(length - copied));
+    write_edits(PyBytes_AS_STRING(result), data, length, edits, nchanges);
     /* The new places: each old one moved by the edits that start before it (places and edits both
        ascend through the bytes). */
     LayoutHead *new_head = (LayoutHead *)(void *)PyBytes_AS_STRING(new_offsets);
@@ -7715,31 +7712,6 @@ bump_path(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return made;
 }
 
-/* The position of ``entry`` among ``keys`` (a tuple or list of bytes) as bisect_right gives it; -1
-   when a key is not bytes. */
-static Py_ssize_t
-bytes_bisect_right(PyObject *keys, const char *entry, Py_ssize_t size)
-{
-    PyObject **items = PySequence_Fast_ITEMS(keys);
-    Py_ssize_t low = 0, high = PySequence_Fast_GET_SIZE(keys);
-    while (low < high) {
-        Py_ssize_t middle = low + (high - low) / 2;
-        PyObject *key = items[middle];
-        if (!PyBytes_CheckExact(key)) {
-            return -1;
-        }
-        Py_ssize_t length = PyBytes_GET_SIZE(key);
-        int order = memcmp(entry, PyBytes_AS_STRING(key), (size_t)(size < length ? size : length));
-        if (order < 0 || (order == 0 && size < length)) {
-            high = middle;
-        }
-        else {
-            low = middle + 1;
-        }
-    }
-    return low;
-}
-
 /* The id of child ``index`` of internal node ``node`` (of ``count`` children), as ``Node.kid`` reads it:
    a patched node's patch, else its base's kids, else its own (borrowed). NULL with no error set when
    the node is not of that shape, NULL with an error set on failure. */
@@ -7818,8 +7790,9 @@ stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             node_id == NULL || !PyLong_CheckExact(node_id)) {
             goto leave;
         }
-        Py_ssize_t count = PySequence_Fast_GET_SIZE(keys), index = bytes_bisect_right(keys, entry, size) - 1;
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(keys), index = bisect_sequence(keys, entry, size, 1) - 1;
         if (index < 0) { /* a key not bytes, or the entry before the node's fence: damage, for Python */
+            PyErr_Clear();
             goto leave;
         }
         last = last && index == count - 1;
