@@ -825,3 +825,24 @@ def test_a_batch_checked_against_a_pending_tree_searches_leaves_in_their_stored_
         assert f"key={first[0]!r}, id={first[1]!r}" in str(raised.value)
         assert [node for node in decoded_leaves if not node.dirty] == []
     _assert_matches(db, events, rows)
+
+
+def test_renew_all_refuses_a_node_replaced_already(db: tallytree.Database) -> None:
+    """``renew_all`` gives each node's next version, as ``renew`` does one by one; a node whose slot
+    this transaction replaced already (a stale reference: damage) raises CorruptDatabaseError, on
+    the first write's path and after it alike; a read transaction refuses both path calls."""
+    from tallytree._txn import renewed
+
+    with db.write() as tx:
+        assert tx.renew_all([5, 6]) == [renewed(5), renewed(6)]
+        with pytest.raises(tallytree.CorruptDatabaseError, match="node 5 was replaced"):
+            tx.renew_all([5])
+        tx.adopt_path(renewed(6), b"leaf", [])  # now the transaction holds a node: one by one
+        with pytest.raises(tallytree.CorruptDatabaseError, match="node 6 was replaced"):
+            tx.renew_all([7, 6])
+        tx.abort()
+    with db.read() as rtx:
+        with pytest.raises(tallytree.TransactionError):
+            rtx.renew_all([5])
+        with pytest.raises(tallytree.TransactionError):
+            rtx.adopt_path(5, b"", [])

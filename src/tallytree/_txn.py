@@ -133,6 +133,12 @@ def _node_keys(node_ids: Iterable[int]) -> Iterator[bytes]:
     return map(_pack_slot, map(SLOT_MASK.__and__, node_ids))
 
 
+def _stale_reference(node_id: int) -> CorruptDatabaseError:
+    """The error for a reference to a committed node this transaction replaced already (see
+    ``WriteTransaction.renew``): the tree refers to one node twice, or to a dropped one."""
+    return CorruptDatabaseError(f"node {node_id} was replaced in this transaction but is still referenced")
+
+
 def renewed(node_id: int) -> int:
     """The id of the next version of a node: the same slot, the version after this one's (after the
     last version comes 0). O(1).
@@ -675,9 +681,7 @@ class WriteTransaction(Transaction):
             return node_id
         slot = node_id & SLOT_MASK
         if slot in self._overwrites:  # the committed node was replaced already: a stale reference
-            raise CorruptDatabaseError(
-                f"node {node_id} was replaced in this transaction but is still referenced"
-            )
+            raise _stale_reference(node_id)
         self._overwrites[slot] = node_id
         return renewed(node_id)
 
@@ -694,9 +698,7 @@ class WriteTransaction(Transaction):
         for node_id in node_ids:
             slot = node_id & SLOT_MASK
             if slot in overwrites:
-                raise CorruptDatabaseError(
-                    f"node {node_id} was replaced in this transaction but is still referenced"
-                )
+                raise _stale_reference(node_id)
             overwrites[slot] = node_id
             new_ids.append(((node_id >> SLOT_BITS) + 1) % VERSIONS << SLOT_BITS | slot)  # renewed(node_id)
         return new_ids
