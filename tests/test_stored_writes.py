@@ -600,12 +600,22 @@ def _loaded(db: tallytree.Database, count: int, seed: int) -> tuple[tallytree.Ag
 
 class Spy:
     """Counts the writes that take the decoded path (a descent that decodes the leaf and copies the
-    nodes it changes into lists) and the writes from stored bytes."""
+    nodes it changes into lists) and the writes from stored bytes (by ``_write_stored``, or whole by
+    the ``insert_stored`` kernel)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.decoded = 0
         self.stored = 0
         descend, write = NodeTree._path, NodeTree._write_stored
+        if speedups is not None:
+            kernel = speedups.insert_stored
+
+            def spy_kernel(*args: Any) -> Any:
+                written = kernel(*args)
+                self.stored += type(written) is int
+                return written
+
+            monkeypatch.setattr(speedups, "insert_stored", spy_kernel)
 
         def spy_descend(tree: NodeTree, entry: bytes) -> Any:
             self.decoded += 1
@@ -846,3 +856,224 @@ def test_renew_all_refuses_a_node_replaced_already(db: tallytree.Database) -> No
             rtx.renew_all([5])
         with pytest.raises(tallytree.TransactionError):
             rtx.adopt_path(5, b"", [])
+
+
+def _write_state(tx: tallytree.WriteTransaction, events: tallytree.Aggregate) -> tuple[Any, ...]:
+    """What a write left in ``tx``: the slots it overwrites, the bytes it will write, the nodes it made
+    (class and every slot; a node's base compared by identity), and the root record."""
+    made = {}
+    for node_id, node in tx._prepared.items():
+        slots = _slots(node)
+        if "_base" in slots:
+            slots["_base"] = id(slots["_base"])
+        made[node_id] = (type(node), slots)
+    root = tx.root(events._tree_key(None))
+    assert root is not None
+    return dict(tx._overwrites), dict(tx._encoded), made, tx._dirty.copy(), (root.node_id, list(root.summary))
+
+
+@needs_kernels
+def test_insert_stored_writes_what_the_python_stored_path_writes(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``insert_stored`` (the whole first write of a transaction in one call) leaves the transaction as
+    the Python code of the stored path leaves it (``_stored_path``, ``merge_children`` and
+    ``_write_stored``): the same overwritten slots, the same bytes to write, nodes of the same class
+    with every slot equal, the same root record; on plain nodes and on patched ones (each commit
+    makes the path's nodes patched). It takes the path's nodes from the cache's store, counting
+    them as hits. A second write in the transaction is the Python code's (NotImplemented)."""
+    assert speedups is not None
+    events, rows = _loaded(db, 300, 12)
+    kernel = speedups.insert_stored
+    results: list[Any] = []
+
+    def recorded(*args: Any) -> Any:
+        results.append(kernel(*args))
+        return results[-1]
+
+    monkeypatch.setattr(speedups, "insert_stored", recorded)
+    with db.write() as tx:  # leaves split, leaving room in some
+        for key in range(15, 2990, 60):
+            events.insert(tx, key, "s", (0.25, key))
+            rows[(key, "s")] = (0.25, key)
+    rng = random.Random(13)
+    with db.read() as tx:  # every node cached
+        assert len(list(events.items(tx))) == len(rows)
+    written = 0
+    for key in rng.sample(range(1, 2990), 80):
+        if key % 10 == 0 or (key, "n") in rows or _leaf_of(db, events, key, "n")[0] >= 4:
+            continue  # (a leaf that splits is the decoded path's, tested above)
+        with db.write() as tx:
+            with db.read() as rtx:
+                height = rtx.root(events._tree_key(None)).height  # type: ignore[union-attr]
+            hits = tx._cache.hits
+            events.insert(tx, key, "n", (0.5, key))
+            if type(results[-1]) is not int:
+                tx.abort()
+                continue
+            assert tx._cache.hits - hits == height - 1  # the root and each internal node below it
+            fused = _write_state(tx, events)
+            tx.abort()
+        with monkeypatch.context() as patched, db.write() as tx:
+            patched.setattr(speedups, "insert_stored", lambda *args: NotImplemented)
+            events.insert(tx, key, "n", (0.5, key))
+            assert _write_state(tx, events) == fused
+            tx.abort()
+        with db.write() as tx:  # committed: the next paths hold patched nodes
+            events.insert(tx, key, "n", (0.5, key))
+            events.insert(tx, key, "m", (0.25, -key))  # a second write: the Python code's
+            assert results[-1] is NotImplemented
+        rows[(key, "n")] = (0.5, key)
+        rows[(key, "m")] = (0.25, -key)
+        written += 1
+    assert written >= 10
+    _assert_matches(db, events, rows)
+
+
+@needs_kernels
+def test_insert_stored_leaves_what_it_does_not_write(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changing nothing, ``insert_stored`` answers False for an entry there already (the insert then
+    raises DuplicateItemError), None for the decoded path's inserts (a leaf that splits, the right
+    edge with ``inside``) and NotImplemented in a transaction that changed nodes already."""
+    assert speedups is not None
+    events, rows = _loaded(db, 300, 14)
+    results: list[Any] = []
+    kernel = speedups.insert_stored
+
+    def recorded(*args: Any) -> Any:  # what the kernel answered, and whether it changed the transaction
+        kit = args[-1]
+        before = ({**kit[4]}, {**kit[5]}, {**kit[6]})
+        written = kernel(*args)
+        changed = ({**kit[4]}, {**kit[5]}, {**kit[6]}) != before
+        results.append(written if type(written) is int else (written, changed))
+        return written
+
+    monkeypatch.setattr(speedups, "insert_stored", recorded)
+    (key, item_id), values = next(iter(rows.items()))
+    with db.write() as tx, pytest.raises(tallytree.DuplicateItemError):
+        events.insert(tx, key, item_id, values)
+    assert results[-1] == (False, False)
+    full = next(key for key in range(1, 2990) if key % 10 and _leaf_of(db, events, key, "n")[0] == 4)
+    with db.write() as tx:
+        events.insert(tx, full, "n", (0.5, 1))
+        assert results[-1] == (None, False)
+        tx.abort()
+    with db.write() as tx:  # the right edge: an entry after every entry of the tree, with inside=True
+        tree = NodeTree(tx, len(FIELDS), events.node_size, tx.root(events._tree_key(None)))
+        entry = encode_key(10**6) + encode_id("z")
+        assert tree.insert(entry, (0.5, 1), inside=True) is None
+        assert results[-1] == (None, False)
+        tx.abort()
+    with db.write() as tx:  # leaves split, leaving room in some
+        for key in range(15, 2990, 60):
+            events.insert(tx, key, "s", (0.25, key))
+    roomy = next(key for key in range(1, 2990) if key % 10 and _leaf_of(db, events, key, "n")[0] < 4)
+    results.clear()
+    with db.write() as tx:  # a second write: the Python code's
+        for item_id in ("n", "o"):
+            events.insert(tx, roomy, item_id, (0.5, 1))
+        assert type(results[0]) is int and results[-1] == (NotImplemented, False)
+        tx.abort()
+
+
+def _two_level(root_id: int, leaf_id: int, first: float = 0.25) -> tuple[Node, bytes, list[int]]:
+    """A committed root over two leaves (``leaf_id`` first, two entries each, values (first, 1) and
+    (0.5, 2)): the root, the first leaf's stored bytes, and the delta of an item of values (0.5, 1)."""
+    from tallytree._btree import vadd
+    from tallytree._node import delta_of
+
+    keys = [[encode_key(key) + encode_id("a") for key in pair] for pair in ((1, 2), (5, 6))]
+    leaves = [
+        Node(node_id, True, entries, [[first, 0.5], [1, 2]])
+        for node_id, entries in zip((leaf_id, 77), keys, strict=True)
+    ]
+    summary = vadd(delta_of((first, 1)), delta_of((0.5, 2)))
+    root = Node.internal_from(root_id, [b"", keys[1][0]], [leaf_id, 77], [list(summary), list(summary)])
+    committed = decode_node(encode_node(root), root_id)
+    return committed, encode_node(leaves[0]), delta_of((0.5, 1))
+
+
+@needs_kernels
+def test_insert_stored_renews_ids_as_renewed_does() -> None:
+    """The kernel's new versions are ``_txn.renewed``'s (its slot width is ``SLOT_BITS``, its count of
+    versions the kit's ``VERSIONS``), the last version wrapping to 0; ids that repeat a slot (damage),
+    a level bump_level leaves and a count of versions out of range are the Python code's
+    (NotImplemented, changing nothing); arguments of the wrong types raise TypeError."""
+    from types import SimpleNamespace
+
+    from tallytree._txn import SLOT_BITS, VERSIONS, node_key, renewed
+
+    assert speedups is not None and speedups.SLOT_BITS == SLOT_BITS
+    for root_id, leaf_id in ((5, 6), ((VERSIONS - 1) << SLOT_BITS | 5, 3 << SLOT_BITS | 6)):
+        root, leaf, delta = _two_level(root_id, leaf_id)
+        overwrites: dict[int, int] = {}
+        encoded: dict[int, bytes] = {}
+        prepared: dict[int, Node] = {}
+        cache = SimpleNamespace(hits=0)
+        source = ({}, encoded, {node_key(leaf_id): leaf}.get)
+        fetch = {root_id: root}.__getitem__
+        kit = (
+            fetch,
+            None,
+            source,
+            {},
+            encoded,
+            prepared,
+            overwrites,
+            [],
+            cache,
+            Node,
+            _PatchedNode,
+            VERSIONS,
+        )
+        entry = encode_key(3) + encode_id("a")
+        top = speedups.insert_stored(root_id, entry, 2, False, (0.5, 1), 4, delta, kit)
+        assert top == renewed(root_id) and overwrites == {5: root_id, 6: leaf_id}
+        assert cache.hits == 0  # (the root came from fetch: no store)
+        new_leaf = decode_node(encoded[renewed(leaf_id)], renewed(leaf_id))
+        assert new_leaf.keys[2] == entry
+        assert [list(col) for col in new_leaf.cols] == [[0.25, 0.5, 0.5], [1, 2, 1]]
+        assert prepared[top]._packed is encoded[top] and list(prepared[top].kids) == [renewed(leaf_id), 77]
+        assert encoded[top] == encode_node(decode_node(encoded[top], top))
+    entry = encode_key(3) + encode_id("a")
+    # the leaf in the root's slot; a root whose cost column must be rescaled (1.0 + 0.5: bump_level's
+    # case for the Python code)
+    for root_id, leaf_id, first in ((5, 1 << SLOT_BITS | 5, 0.25), (5, 6, 0.5)):
+        root, leaf, delta = _two_level(root_id, leaf_id, first)
+        source = ({}, {}, {node_key(leaf_id): leaf}.get)
+        kit = ({5: root}.__getitem__, None, source, {}, {}, {}, {}, [], None, Node, _PatchedNode, VERSIONS)
+        assert speedups.insert_stored(5, entry, 2, False, (0.5, 1), 4, delta, kit) is NotImplemented
+        assert kit[4] == kit[5] == kit[6] == {}
+    root, leaf, delta = _two_level(5, 6)
+    source = ({}, {}, {node_key(6): leaf}.get)
+    kit = (
+        {5: root}.__getitem__,
+        None,
+        source,
+        {},
+        {},
+        {},
+        {},
+        [],
+        None,
+        Node,
+        _PatchedNode,
+        0,
+    )  # no versions
+    assert speedups.insert_stored(5, entry, 2, False, (0.5, 1), 4, delta, kit) is NotImplemented
+    assert kit[4] == kit[5] == kit[6] == {}
+    good = (5, entry, 2, False, (0.5, 1), 4, delta, kit)
+    for at, bad in ((0, 5.0), (1, bytearray(entry)), (3, 1), (4, {0.5, 1}), (6, tuple(delta)), (7, kit[:-1])):
+        with pytest.raises(TypeError):
+            speedups.insert_stored(*good[:at], bad, *good[at + 1 :])
+
+
+def test_a_read_transaction_has_no_write_kit(db: tallytree.Database) -> None:
+    """``write_kit`` is a write transaction's, and the same tuple for the whole transaction; a read
+    transaction refuses it as it refuses every write."""
+    with db.write() as tx:
+        assert tx.write_kit() is tx.write_kit()
+    with db.read() as rtx, pytest.raises(tallytree.TransactionError):
+        rtx.write_kit()

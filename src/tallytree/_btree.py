@@ -43,10 +43,15 @@ Every parent keeps each child's count and sums (see ``_node``), so:
   old ones: see the kernels' "Layouts"); a level ``bump_path`` leaves (a column to rescale) is
   bumped in Python. Nothing is copied into lists, encoded or frozen at commit, and the leaf is not
   decoded; the transaction takes the leaf as bytes and the internal nodes in both forms
-  (``adopt_path``, ``adopt_prepared``). A ``delete`` that leaves its leaf at least half full and
-  an ``update`` are written the same way (``_edit_stored``): the kernel ``leaf_edit`` drops the
-  entry from the leaf's stored bytes, or packs its new values there, and hands back its old values.
-  Any other write takes the decoded path.
+  (``adopt_path``, ``adopt_prepared``). The first insert of a transaction (the commonest case, one
+  write per transaction) is all of that in **one** C call, ``insert_stored``: the descent, the
+  merge, the new ids (``renew_all``), the bumps and the hand-over to the transaction, which it
+  reads and fills through ``NodeAccess.write_kit``; it answers NotImplemented, changing nothing,
+  for what the three calls and the Python code around them take (a later write of the
+  transaction, a level to bump in Python). A ``delete`` that leaves its leaf at least half full and
+  an ``update`` are written the same way as an insert's three calls (``_edit_stored``): the kernel
+  ``leaf_edit`` drops the entry from the leaf's stored bytes, or packs its new values there, and
+  hands back its old values. Any other write takes the decoded path.
 * ``merge_sorted`` (batches, ``insert_many``) works per touched node, not per entry: a read-only plan
   splits the sorted batch among the children of each node it visits and finds what each touched leaf
   gets (or, for ``existing="error"``, stops at the first entry already there, before anything is
@@ -105,7 +110,7 @@ from itertools import accumulate, repeat
 from operator import add, is_, itemgetter, lshift, neg, sub
 from typing import Any, Literal, Protocol
 
-from ._native import StoredSource, speedups
+from ._native import StoredSource, WriteKit, speedups
 from ._node import (
     SCALE_BITS,
     Chunk,
@@ -200,6 +205,11 @@ class NodeAccess(Protocol):
 
     def count_hits(self, hits: int) -> None:
         """Count nodes a descent took from :attr:`shared` (cache statistics)."""
+        ...
+
+    def write_kit(self) -> WriteKit:
+        """The transaction's pieces that the ``insert_stored`` kernel reads and fills (see
+        ``_native.WriteKit``); the same tuple for the whole transaction."""
         ...
 
 
@@ -962,18 +972,30 @@ class NodeTree:
     ) -> bool | Literal[_Path.DECODED] | None:
         """:meth:`insert` written from stored bytes, when it can be: the leaf merged with the entry in
         its stored bytes (``merge_children``, as a batch merges it) and each internal node of the
-        path rebuilt in committed form (:meth:`_write_stored`). Returns what :meth:`insert` returns,
-        or ``_DECODED``, having changed nothing, for an insert it leaves to the decoded path: a path
-        the transaction changed already (a dirty node), a leaf that would split, an entry that may
-        belong after the last leaf (the right edge, where the pending node may take it), a leaf the
-        kernel leaves to Python, damage.
+        path rebuilt in committed form (:meth:`_write_stored`); all of it in one call
+        (``insert_stored``) in a transaction that has changed no node yet. Returns what
+        :meth:`insert` returns, or ``_DECODED``, having changed nothing, for an insert it leaves to
+        the decoded path: a path the transaction changed already (a dirty node), a leaf that would
+        split, an entry that may belong after the last leaf (the right edge, where the pending node
+        may take it), a leaf the kernel leaves to Python, damage.
 
         This is the path of a scattered insert into a committed tree, one per transaction. The
         decoded path copies each node into lists, changes the copies, and encodes and freezes them
         at commit, after decoding the leaf if it was not cached. The new leaf is not decoded: it
         enters the node cache when a read decodes it. O(B log_B n).
         """
-        assert speedups is not None
+        assert speedups is not None and self.root is not None
+        root = self.root
+        # the whole write in one call, in a transaction that has changed no node yet
+        written = speedups.insert_stored(
+            root.node_id, entry, root.height, inside, values, self.max_size, delta, self.access.write_kit()
+        )
+        if type(written) is int:
+            root.node_id = written
+            root.summary = vadd(root.summary, delta)
+            return True
+        if written is not NotImplemented:  # False (there already), or None: the decoded path's
+            return False if written is False else _DECODED
         found = self._stored_path(entry)
         if found is None:
             return _DECODED

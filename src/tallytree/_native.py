@@ -47,11 +47,32 @@ StoredSource = tuple[dict[int, Any], dict[int, bytes], Callable[[bytes], "bytes 
 without a Python call per node: the ids to skip (nodes the transaction changed), nodes given in
 stored form by id, and ``get(key)`` of the NODES table (see ``WriteTransaction.stored_source``)."""
 
+WriteKit = tuple[
+    Callable[[int], Any],
+    object,
+    StoredSource,
+    dict[int, Any],
+    dict[int, bytes],
+    dict[int, Any],
+    dict[int, int],
+    list[int],
+    Any,
+    type,
+    type,
+    int,
+]
+"""A write transaction's pieces, for ``insert_stored`` to write a path without a Python call (see
+``WriteTransaction.write_kit``): ``node``, the shared cache's store, the :data:`StoredSource`, the
+dirty, encoded, prepared and overwritten nodes, the freed ones, the node cache (its ``hits``), and
+the node classes ``Node`` and ``_PatchedNode``, and ``_txn.VERSIONS``."""
+
 
 class Speedups(Protocol):
     """What ``_speedups`` provides (each returns None for input it leaves to the Python code)."""
 
     def NodeTable(self, capacity: int, /) -> NodeStore: ...  # the extension's type
+
+    SLOT_BITS: int  # _txn.SLOT_BITS, which the kernels' node ids assume
 
     def int_keys(self, values: Sequence[int], /) -> list[bytes] | None: ...
     def datetime_keys(self, values: Sequence[datetime], /) -> list[bytes] | None: ...
@@ -116,6 +137,18 @@ class Speedups(Protocol):
     def stored_path(
         self, root: Any, entry: bytes, height: int, fetch: Any, nodes: object, plain: type, patched: type, /
     ) -> tuple[list[tuple[Any, int]], bool, int, list[int]] | None: ...
+    def insert_stored(
+        self,
+        root_id: int,
+        entry: bytes,
+        height: int,
+        inside: bool,
+        values: tuple[Any, ...],
+        limit: int,
+        delta: list[int],
+        kit: WriteKit,
+        /,
+    ) -> Any: ...
     def packed_layout(self, packed: bytes, count: int, columns: int, /) -> bytes | None: ...
     def make_patched(
         self, node: Any, plain: type, nfields: int, /

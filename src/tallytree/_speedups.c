@@ -1003,7 +1003,7 @@ key_prefix(const char *key, Py_ssize_t size)
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
-    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name, *base_name, *patch_name, *class_name;
+    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name, *base_name, *patch_name, *class_name, *hits_name;
 
 static int
 intern_names(void)
@@ -1023,9 +1023,10 @@ intern_names(void)
     base_name = PyUnicode_InternFromString("_base");
     patch_name = PyUnicode_InternFromString("_patch");
     class_name = PyUnicode_InternFromString("__class__");
+    hits_name = PyUnicode_InternFromString("hits");
     return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
                    rows_cache_name && rows_name && cols_name && shifts_name && id_name && base_name && patch_name &&
-                   class_name
+                   class_name && hits_name
                ? 0
                : -1;
 }
@@ -5306,7 +5307,8 @@ done:
    nodes the transaction changed), a dict of node ids to bytes (nodes given in stored form), and
    ``get(key)``, which reads a node's bytes by its 8-byte key (None when absent). */
 /* The slot of a node id, its NODES key: the id's low _txn.SLOT_BITS bits (the rest is its version). */
-#define NODE_SLOT_MASK ((1ULL << 36) - 1)
+#define NODE_SLOT_BITS 36 /* _txn.SLOT_BITS */
+#define NODE_SLOT_MASK ((1ULL << NODE_SLOT_BITS) - 1)
 
 static int
 stored_source(PyObject *source)
@@ -7608,15 +7610,79 @@ packed_layout(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     return layout_of(args[0], count, columns);
 }
 
+/* One level of bump_path: internal node ``node`` of a write's path with its child at ``index`` (an int)
+   given the new id ``child`` and its summary grown by ``delta``, as a new node of id ``node_id``: what
+   bump_internal makes of it (a patch of its base, or tuples if it reads used; see ``Node.bumped``) made
+   into a node here. A new reference; NULL with no error set for a level left to the Python code (a node of
+   another class or shape, a column to rescale, bytes to pack in full); NULL with an error set on failure.
+   node_layout holds the classes (node_layout_of). */
+static PyObject *
+bump_level(PyObject *module, PyObject *node, PyObject *index, PyObject *child, PyObject *delta, PyObject *node_id)
+{
+    PyTypeObject *type = Py_TYPE(node);
+    if ((PyObject *)type != node_layout.plain && (PyObject *)type != node_layout.patched) {
+        return NULL;
+    }
+    PyObject *keys = node_slot(node, SLOT_KEYS), *shifts = node_slot(node, SLOT_SHIFTS);
+    PyObject *packed = node_slot(node, SLOT_PACKED), *base = node, *patch = Py_None;
+    if (keys == NULL || shifts == NULL || packed == NULL || !(PyTuple_CheckExact(shifts) || PyList_CheckExact(shifts)) ||
+        Py_SIZE(shifts) < 1) {
+        return NULL;
+    }
+    if ((PyObject *)type == node_layout.patched) { /* (_node._patch_of) */
+        PyObject *its_base = node_slot(node, SLOT_BASE), *its_patch = node_slot(node, SLOT_PATCH);
+        if (its_base != NULL && its_base != Py_None && its_patch != NULL && its_patch != Py_None) {
+            base = its_base;
+            patch = its_patch;
+        }
+    }
+    /* a node that reads used is bumped into tuples (see Node.bumped) */
+    int read = 0;
+    if (patch == Py_None) {
+        int slots[3] = {SLOT_COUNTS, SLOT_ROWS, SLOT_TABLE};
+        for (int each = 0; each < 3; each++) {
+            PyObject *derived = node_slot(node, slots[each]);
+            read = read || (derived != NULL && derived != Py_None);
+        }
+    }
+    PyObject *nfields = PyLong_FromSsize_t((Py_SIZE(shifts) - 1) / 2);
+    if (nfields == NULL) {
+        return NULL;
+    }
+    PyObject *call[8] = {base, packed, index, child, delta, nfields, patch, read ? Py_True : Py_False};
+    PyObject *layout = NULL; /* the new bytes' layout, when the repack went through one */
+    PyObject *bumped = bump_node(module, call, 8, node_slot(node, SLOT_LAYOUT), &layout);
+    Py_DECREF(nfields);
+    if (bumped == NULL) {
+        Py_XDECREF(layout);
+        return NULL;
+    }
+    PyObject *new_node = NULL;
+    PyObject *new_packed = bumped == Py_None ? NULL : PyTuple_GET_ITEM(bumped, PyTuple_GET_SIZE(bumped) - 1);
+    if (layout != NULL && (new_packed == NULL || PyTuple_GET_ITEM(layout, 0) != new_packed)) {
+        Py_CLEAR(layout); /* (never: the layout is made with the bytes) */
+    }
+    if (bumped != Py_None && PyTuple_GET_SIZE(bumped) == 2) {
+        new_node = new_internal_node(node_layout.patched, node_id, keys, shifts, NULL, NULL, base,
+                                     PyTuple_GET_ITEM(bumped, 0), new_packed, layout);
+    }
+    else if (bumped != Py_None && new_packed != Py_None) {
+        new_node = new_internal_node(node_layout.plain, node_id, keys, shifts, PyTuple_GET_ITEM(bumped, 0),
+                                     PyTuple_GET_ITEM(bumped, 1), NULL, NULL, new_packed, layout);
+    }
+    /* else a column to rescale, or bytes to pack in full: the Python code's (NULL, no error) */
+    Py_XDECREF(layout);
+    Py_DECREF(bumped);
+    return new_node;
+}
+
 /* bump_path(path, ids, child, delta, plain, patched) -> list: ``Node.bumped`` for each internal node of a
    write's path, from the bottom up, in one call (``_btree.NodeTree._write_stored``): ``path`` the nodes
    and child indexes from the root down (a list of (node, index)), ``ids`` the new id of each (renewed),
    ``child`` the new id of the leaf below the last, ``delta`` the summary added along the path (true
    scale), ``plain`` and ``patched`` the classes ``_node.Node`` and ``_node._PatchedNode``. Each level is
-   what bump_internal makes of the node (a patch of its base, or tuples if it reads used; see
-   ``Node.bumped``) made into a node here. Returns the new nodes from the bottom up, stopping at the
-   first level it leaves to the Python code (a node of another class or shape, a column to rescale,
-   bytes to pack in full): the caller bumps that level and those above it. */
+   made by bump_level. Returns the new nodes from the bottom up, stopping at the first level it leaves to
+   the Python code: the caller bumps that level and those above it. */
 static PyObject *
 bump_path(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -7636,73 +7702,23 @@ bump_path(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *child = args[2]; /* borrowed: from the arguments, then from the node made below */
     for (Py_ssize_t level = PyList_GET_SIZE(path) - 1; level >= 0; level--) {
         PyObject *step = PyList_GET_ITEM(path, level), *node_id = PyList_GET_ITEM(ids, level);
-        if (!PyTuple_CheckExact(step) || PyTuple_GET_SIZE(step) != 2 || !PyLong_CheckExact(node_id)) {
+        if (!PyTuple_CheckExact(step) || PyTuple_GET_SIZE(step) != 2 || !PyLong_CheckExact(node_id) ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(step, 1))) {
             Py_DECREF(made);
             PyErr_SetString(PyExc_TypeError, "bump_path: path holds (node, index) pairs and ids ints");
             return NULL;
         }
-        PyObject *node = PyTuple_GET_ITEM(step, 0), *index = PyTuple_GET_ITEM(step, 1);
-        PyTypeObject *type = Py_TYPE(node);
-        if ((PyObject *)type != node_layout.plain && (PyObject *)type != node_layout.patched) {
-            break;
-        }
-        PyObject *keys = node_slot(node, SLOT_KEYS), *shifts = node_slot(node, SLOT_SHIFTS);
-        PyObject *packed = node_slot(node, SLOT_PACKED), *base = node, *patch = Py_None;
-        if (keys == NULL || shifts == NULL || packed == NULL ||
-            !(PyTuple_CheckExact(shifts) || PyList_CheckExact(shifts)) || Py_SIZE(shifts) < 1) {
-            break;
-        }
-        if ((PyObject *)type == node_layout.patched) { /* (_node._patch_of) */
-            PyObject *its_base = node_slot(node, SLOT_BASE), *its_patch = node_slot(node, SLOT_PATCH);
-            if (its_base != NULL && its_base != Py_None && its_patch != NULL && its_patch != Py_None) {
-                base = its_base;
-                patch = its_patch;
+        PyObject *new_node = bump_level(module, PyTuple_GET_ITEM(step, 0), PyTuple_GET_ITEM(step, 1), child,
+                                        args[3], node_id);
+        if (new_node == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(made);
+                return NULL;
             }
-        }
-        /* a node that reads used is bumped into tuples (see Node.bumped) */
-        int read = 0;
-        if (patch == Py_None) {
-            int slots[3] = {SLOT_COUNTS, SLOT_ROWS, SLOT_TABLE};
-            for (int each = 0; each < 3; each++) {
-                PyObject *derived = node_slot(node, slots[each]);
-                read = read || (derived != NULL && derived != Py_None);
-            }
-        }
-        PyObject *nfields = PyLong_FromSsize_t((Py_SIZE(shifts) - 1) / 2);
-        if (nfields == NULL) {
-            Py_DECREF(made);
-            return NULL;
-        }
-        PyObject *call[8] = {base, packed, index, child, args[3], nfields, patch, read ? Py_True : Py_False};
-        PyObject *layout = NULL; /* the new bytes' layout, when the repack went through one */
-        PyObject *bumped = bump_node(module, call, 8, node_slot(node, SLOT_LAYOUT), &layout);
-        Py_DECREF(nfields);
-        if (bumped == NULL) {
-            Py_XDECREF(layout);
-            Py_DECREF(made);
-            return NULL;
-        }
-        PyObject *new_node = NULL, *new_packed = bumped == Py_None ? NULL : PyTuple_GET_ITEM(bumped, PyTuple_GET_SIZE(bumped) - 1);
-        if (layout != NULL && (new_packed == NULL || PyTuple_GET_ITEM(layout, 0) != new_packed)) {
-            Py_CLEAR(layout); /* (never: the layout is made with the bytes) */
-        }
-        if (bumped != Py_None && PyTuple_GET_SIZE(bumped) == 2) {
-            new_node = new_internal_node(node_layout.patched, node_id, keys, shifts, NULL, NULL, base,
-                                         PyTuple_GET_ITEM(bumped, 0), new_packed, layout);
-        }
-        else if (bumped != Py_None && new_packed != Py_None) {
-            new_node = new_internal_node(node_layout.plain, node_id, keys, shifts, PyTuple_GET_ITEM(bumped, 0),
-                                         PyTuple_GET_ITEM(bumped, 1), NULL, NULL, new_packed, layout);
-        }
-        else { /* a column to rescale, or bytes to pack in full: the Python code's */
-            Py_XDECREF(layout);
-            Py_DECREF(bumped);
             break;
         }
-        Py_XDECREF(layout);
-        Py_DECREF(bumped);
-        if (new_node == NULL || PyList_Append(made, new_node) < 0) {
-            Py_XDECREF(new_node);
+        if (PyList_Append(made, new_node) < 0) {
+            Py_DECREF(new_node);
             Py_DECREF(made);
             return NULL;
         }
@@ -7740,6 +7756,133 @@ node_kid(PyObject *node, PyObject *position, Py_ssize_t index, Py_ssize_t count)
     return PySequence_Fast_ITEMS(kids)[index];
 }
 
+/* A write's path from stored bytes (stored_path, insert_stored): the internal nodes from the root down to
+   the parent of the entry's leaf, each with the index of the child taken, and the leaf's id. */
+typedef struct {
+    Py_ssize_t levels;               /* internal nodes on the path (held) */
+    PyObject *nodes[MAX_LEVELS];
+    Py_ssize_t indexes[MAX_LEVELS];
+    PyObject *leaf;                  /* the leaf's id (held), or NULL */
+    Py_ssize_t hits;                 /* nodes taken from the node cache's store */
+    int last;                        /* whether the path is the tree's right edge */
+} StoredPath;
+
+static void
+stored_path_clear(StoredPath *path)
+{
+    for (Py_ssize_t level = 0; level < path->levels; level++) {
+        Py_CLEAR(path->nodes[level]);
+    }
+    path->levels = 0;
+    Py_CLEAR(path->leaf);
+}
+
+/* Node ``node_id`` (a new reference): from ``table`` or ``nodes`` (the node cache's store, as
+   stored_path takes it; counted in ``*hits``), else from ``fetch(node_id)``. NULL with an error set. */
+static PyObject *
+path_node(PyObject *node_id, NodeTable *table, PyObject *nodes, PyObject *fetch, Py_ssize_t *hits)
+{
+    uint64_t id;
+    if (table != NULL && table_id(node_id, &id)) {
+        Slot *slot = table_find(table, id);
+        if (slot != NULL) {
+            slot_mark(slot);
+            ++*hits;
+            return Py_NewRef(slot->node);
+        }
+    }
+    else if (nodes != NULL) {
+        PyObject *node = PyDict_GetItemWithError(nodes, node_id);
+        if (node != NULL) {
+            ++*hits;
+            return Py_NewRef(node);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_INCREF(node_id); /* (fetch runs Python code, which may drop the node that holds it) */
+    PyObject *node = PyObject_CallOneArg(fetch, node_id);
+    Py_DECREF(node_id);
+    return node;
+}
+
+/* The descent of stored_path from ``root`` (a node; node_layout holds the classes) to the parent of the
+   leaf of ``entry``, into ``path`` (empty before): 1 when found, 0 with ``path`` empty when the Python
+   code must take it (see stored_path), -1 with an error set (``path`` empty). */
+static int
+descend_stored(PyObject *root, const char *entry, Py_ssize_t size, Py_ssize_t height, PyObject *fetch,
+               PyObject *store, StoredPath *path)
+{
+    NodeTable *table = store != NULL && Py_IS_TYPE(store, &NodeTableType) ? (NodeTable *)store : NULL;
+    PyObject *nodes = store != NULL && PyDict_CheckExact(store) ? store : NULL;
+    PyObject *node = Py_NewRef(root); /* held until it goes to path->nodes */
+    path->last = 1;
+    for (Py_ssize_t level = 0; level < height - 1; level++) {
+        PyObject *type = (PyObject *)Py_TYPE(node);
+        if (type != node_layout.plain && type != node_layout.patched) {
+            goto leave;
+        }
+        PyObject *keys = node_slot(node, SLOT_KEYS), *packed = node_slot(node, SLOT_PACKED);
+        PyObject *node_id = node_slot(node, SLOT_ID);
+        if (node_slot(node, SLOT_DIRTY) != Py_False || node_slot(node, SLOT_LEAF) != Py_False || packed == NULL ||
+            !PyBytes_CheckExact(packed) || keys == NULL || !(PyTuple_CheckExact(keys) || PyList_CheckExact(keys)) ||
+            node_id == NULL || !PyLong_CheckExact(node_id)) {
+            goto leave;
+        }
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(keys), index = bisect_sequence(keys, entry, size, 1) - 1;
+        if (index < 0) { /* a key not bytes, or the entry before the node's fence: damage, for Python */
+            PyErr_Clear();
+            goto leave;
+        }
+        path->last = path->last && index == count - 1;
+        path->nodes[level] = node; /* (the path holds it now) */
+        path->indexes[level] = index;
+        path->levels = level + 1;
+        PyObject *position = PyLong_FromSsize_t(index);
+        if (position == NULL) {
+            goto fail;
+        }
+        PyObject *kid = node_kid(node, position, index, count);
+        Py_DECREF(position);
+        if (kid == NULL) {
+            if (PyErr_Occurred()) {
+                goto fail;
+            }
+            stored_path_clear(path);
+            return 0;
+        }
+        if (level == height - 2) {
+            path->leaf = Py_NewRef(kid);
+            return 1;
+        }
+        node = path_node(kid, table, nodes, fetch, &path->hits);
+        if (node == NULL) {
+            goto fail;
+        }
+    }
+    stored_path_clear(path); /* (never: a height below 2 is refused by the callers) */
+    return 0;
+leave:
+    Py_DECREF(node);
+    stored_path_clear(path);
+    return 0;
+fail:
+    stored_path_clear(path);
+    return -1;
+}
+
+/* The height of a tree as stored_path and insert_stored take it: 1 with ``*height`` set, 0 for a tree the
+   Python code takes (one level, or more than any tree has), -1 with an error set. */
+static int
+path_height(PyObject *argument, const char *what, Py_ssize_t *height)
+{
+    if (size_argument(argument, what, height) < 0) {
+        return -1;
+    }
+    return *height >= 2 && *height <= MAX_LEVELS;
+}
+
 /* stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits, ids) | None: the
    descent of a write from stored bytes (``_btree.NodeTree._stored_path``) in one call: the internal
    nodes from ``root`` down to the parent of ``entry``'s leaf, each with the index of the child taken
@@ -7763,95 +7906,286 @@ stored_path(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     Py_ssize_t height;
-    if (size_argument(args[2], "stored_path: height", &height) < 0) {
-        return NULL;
+    int usable = path_height(args[2], "stored_path: height", &height);
+    if (usable <= 0) {
+        return usable < 0 ? NULL : Py_NewRef(Py_None);
     }
-    if (height < 2 || height > MAX_LEVELS) {
-        Py_RETURN_NONE;
+    StoredPath found = {0};
+    int descended = descend_stored(args[0], PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), height, args[3],
+                                   args[4], &found);
+    if (descended <= 0) {
+        return descended < 0 ? NULL : Py_NewRef(Py_None);
     }
-    NodeTable *table = Py_IS_TYPE(args[4], &NodeTableType) ? (NodeTable *)args[4] : NULL;
-    PyObject *nodes = PyDict_CheckExact(args[4]) ? args[4] : NULL;
-    const char *entry = PyBytes_AS_STRING(args[1]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[1]), hits = 0;
-    PyObject *path = PyList_New(0), *ids = PyList_New(0), *node = Py_NewRef(args[0]), *result = NULL;
-    int last = 1;
+    PyObject *path = PyList_New(found.levels), *ids = PyList_New(found.levels + 1), *result = NULL;
     if (path == NULL || ids == NULL) {
-        goto fail;
+        goto done;
     }
-    for (Py_ssize_t level = 0; level < height - 1; level++) {
-        PyObject *type = (PyObject *)Py_TYPE(node);
-        if (type != node_layout.plain && type != node_layout.patched) {
-            goto leave;
+    for (Py_ssize_t level = 0; level < found.levels; level++) {
+        PyObject *node = found.nodes[level];
+        PyObject *step = Py_BuildValue("(On)", node, found.indexes[level]);
+        if (step == NULL) {
+            goto done;
         }
-        PyObject *keys = node_slot(node, SLOT_KEYS), *packed = node_slot(node, SLOT_PACKED);
-        PyObject *node_id = node_slot(node, SLOT_ID);
-        if (node_slot(node, SLOT_DIRTY) != Py_False || node_slot(node, SLOT_LEAF) != Py_False || packed == NULL ||
-            !PyBytes_CheckExact(packed) || keys == NULL || !(PyTuple_CheckExact(keys) || PyList_CheckExact(keys)) ||
-            node_id == NULL || !PyLong_CheckExact(node_id)) {
-            goto leave;
-        }
-        Py_ssize_t count = PySequence_Fast_GET_SIZE(keys), index = bisect_sequence(keys, entry, size, 1) - 1;
-        if (index < 0) { /* a key not bytes, or the entry before the node's fence: damage, for Python */
-            PyErr_Clear();
-            goto leave;
-        }
-        last = last && index == count - 1;
-        PyObject *position = PyLong_FromSsize_t(index);
-        PyObject *step = position == NULL ? NULL : PyTuple_Pack(2, node, position);
-        Py_XDECREF(position);
-        if (step == NULL || PyList_Append(path, step) < 0 || PyList_Append(ids, node_id) < 0) {
-            Py_XDECREF(step);
-            goto fail;
-        }
-        Py_DECREF(step);
-        PyObject *kid = node_kid(node, PyTuple_GET_ITEM(step, 1), index, count);
-        if (kid == NULL) {
-            if (PyErr_Occurred()) {
-                goto fail;
-            }
-            goto leave;
-        }
-        if (level == height - 2) { /* the leaf's id, last */
-            if (PyList_Append(ids, kid) < 0) {
-                goto fail;
-            }
-            break;
-        }
-        PyObject *child = NULL;
-        uint64_t id;
-        if (table != NULL && table_id(kid, &id)) {
-            Slot *slot = table_find(table, id);
-            if (slot != NULL) {
-                slot_mark(slot);
-                child = Py_NewRef(slot->node);
-                hits++;
-            }
-        }
-        else if (nodes != NULL) {
-            child = Py_XNewRef(PyDict_GetItemWithError(nodes, kid));
-            if (child == NULL && PyErr_Occurred()) {
-                goto fail;
-            }
-            hits += child != NULL;
-        }
-        if (child == NULL) {
-            Py_INCREF(kid); /* (fetch runs Python code, which may drop the node that holds it) */
-            child = PyObject_CallOneArg(args[3], kid);
-            Py_DECREF(kid);
-            if (child == NULL) {
-                goto fail;
-            }
-        }
-        Py_SETREF(node, child);
+        PyList_SET_ITEM(path, level, step);
+        PyList_SET_ITEM(ids, level, Py_NewRef(node_slot(node, SLOT_ID)));
     }
-    result = Py_BuildValue("(ONnO)", path, PyBool_FromLong(last), hits, ids);
-    goto fail; /* (releases what is held) */
-leave:
-    result = Py_NewRef(Py_None);
-fail:
+    PyList_SET_ITEM(ids, found.levels, Py_NewRef(found.leaf));
+    result = Py_BuildValue("(ONnO)", path, PyBool_FromLong(found.last), found.hits, ids);
+done:
     Py_XDECREF(path);
     Py_XDECREF(ids);
-    Py_DECREF(node);
+    stored_path_clear(&found);
+    return result;
+}
+
+/* The id of the next version of node ``id``, as ``_txn.renewed`` makes it: the same slot, the version
+   after this one's (after the last of ``versions`` comes 0). */
+static uint64_t
+renewed_id(uint64_t id, uint64_t versions)
+{
+    return (((id >> NODE_SLOT_BITS) + 1) % versions) << NODE_SLOT_BITS | (id & NODE_SLOT_MASK);
+}
+
+/* What ``_txn.WriteTransaction.write_kit`` gives insert_stored: the transaction's pieces, by position. */
+enum { KIT_FETCH, KIT_NODES, KIT_SOURCE, KIT_DIRTY, KIT_ENCODED, KIT_PREPARED, KIT_OVERWRITES, KIT_FREED, KIT_CACHE,
+       KIT_PLAIN, KIT_PATCHED, KIT_VERSIONS, KIT_SIZE };
+
+/* Whether ``kit`` is a write_kit of a transaction that has changed no node yet: 1, 0, or -1 with a
+   TypeError set for one of another shape. */
+static int
+kit_fresh(PyObject *kit)
+{
+    PyObject **items = PyTuple_CheckExact(kit) && PyTuple_GET_SIZE(kit) == KIT_SIZE ? &PyTuple_GET_ITEM(kit, 0) : NULL;
+    if (items == NULL || !PyCallable_Check(items[KIT_FETCH]) ||
+        !(items[KIT_NODES] == Py_None || Py_IS_TYPE(items[KIT_NODES], &NodeTableType) ||
+          PyDict_CheckExact(items[KIT_NODES])) ||
+        !stored_source(items[KIT_SOURCE]) || !PyDict_CheckExact(items[KIT_DIRTY]) ||
+        !PyDict_CheckExact(items[KIT_ENCODED]) || !PyDict_CheckExact(items[KIT_PREPARED]) ||
+        !PyDict_CheckExact(items[KIT_OVERWRITES]) || !PyList_CheckExact(items[KIT_FREED]) ||
+        !PyLong_CheckExact(items[KIT_VERSIONS])) {
+        PyErr_SetString(PyExc_TypeError, "insert_stored: kit must be a transaction's write_kit()");
+        return -1;
+    }
+    if (node_layout_of(items[KIT_PLAIN], items[KIT_PATCHED]) < 0) {
+        return -1;
+    }
+    return PyDict_GET_SIZE(items[KIT_DIRTY]) == 0 && PyDict_GET_SIZE(items[KIT_ENCODED]) == 0 &&
+           PyDict_GET_SIZE(items[KIT_OVERWRITES]) == 0 && PyList_GET_SIZE(items[KIT_FREED]) == 0;
+}
+
+/* The new versions of a path's nodes and of its leaf (``ids``, ``count`` of them, root first) as
+   ``WriteTransaction.renew_all`` makes them in a transaction that has changed no node: each new id into
+   ``renewed`` (new references), ``count`` slots into ``slots`` (new references); ``versions`` is
+   ``_txn.VERSIONS``. 1; 0, making nothing, for ids that are not node ids or that repeat a slot (the
+   Python code raises what it must), or a count of versions out of range; -1 with an error set. */
+static int
+renew_ids(PyObject *const *ids, Py_ssize_t count, PyObject *versions, PyObject **renewed, PyObject **slots)
+{
+    unsigned long long wrap = PyLong_AsUnsignedLongLong(versions);
+    if (wrap == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (wrap == 0 || wrap > 1ULL << (63 - NODE_SLOT_BITS)) {
+        return 0;
+    }
+    uint64_t values[MAX_LEVELS + 1];
+    for (Py_ssize_t at = 0; at < count; at++) {
+        unsigned long long id = PyLong_AsUnsignedLongLong(ids[at]);
+        if (id == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (id >> 63) {
+            return 0;
+        }
+        values[at] = id;
+        for (Py_ssize_t before = 0; before < at; before++) {
+            if ((values[before] & NODE_SLOT_MASK) == (id & NODE_SLOT_MASK)) {
+                return 0;
+            }
+        }
+    }
+    for (Py_ssize_t at = 0; at < count; at++) {
+        renewed[at] = PyLong_FromUnsignedLongLong(renewed_id(values[at], wrap));
+        slots[at] = PyLong_FromUnsignedLongLong(values[at] & NODE_SLOT_MASK);
+        if (renewed[at] == NULL || slots[at] == NULL) {
+            for (Py_ssize_t made = 0; made <= at; made++) {
+                Py_CLEAR(renewed[made]);
+                Py_CLEAR(slots[made]);
+            }
+            return -1;
+        }
+    }
+    return 1;
+}
+
+/* Add ``hits`` to the node cache's ``hits`` count (``Transaction.count_hits``). 0, or -1 with an error. */
+static int
+count_cache_hits(PyObject *cache, Py_ssize_t hits)
+{
+    if (hits == 0) {
+        return 0;
+    }
+    PyObject *before = PyObject_GetAttr(cache, hits_name);
+    if (before == NULL) {
+        return -1;
+    }
+    PyObject *by = PyLong_FromSsize_t(hits), *after = by == NULL ? NULL : PyNumber_Add(before, by);
+    Py_DECREF(before);
+    Py_XDECREF(by);
+    int failed = after == NULL ? -1 : PyObject_SetAttr(cache, hits_name, after);
+    Py_XDECREF(after);
+    return failed;
+}
+
+/* insert_stored(root_id, entry, height, inside, values, limit, delta, kit) -> int | False | None |
+   NotImplemented: a scattered insert written from stored bytes (``_btree.NodeTree._insert_stored``) in
+   one call, for a transaction that has changed no node yet (its first write, the commonest case: one
+   write per transaction): the descent of stored_path from node ``root_id``; the leaf merged with
+   ``entry`` and its ``values`` (a tuple or list) in its stored bytes, as merge_children merges one entry
+   (``limit`` the node size); a new version of each node of the path and of the leaf (``renew_all``);
+   each internal node bumped by ``delta`` (bump_level); and all of them handed to the transaction as
+   ``adopt_path`` hands them. ``kit`` is the transaction's ``write_kit()``. No Python code runs but the
+   transaction's ``node`` for a node the cache does not hold, and LMDB's get for the leaf's bytes.
+
+   Returns the id of the root's new version; False, changing nothing, when the entry is there already;
+   None, changing nothing, for an insert the decoded path takes (the right edge with ``inside``, where
+   the pending node may take the entry; a leaf that would split or that the merge leaves to Python; a
+   node without stored bytes, or of another class or shape); NotImplemented, changing nothing, for one
+   the Python code of the stored path takes (a transaction that changed nodes already, a level that
+   bump_level leaves to Python, ids that repeat a slot). */
+static PyObject *
+insert_stored(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyLong_CheckExact(args[0]) || !PyBytes_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        !PyBool_Check(args[3]) || !(PyTuple_CheckExact(args[4]) || PyList_CheckExact(args[4])) ||
+        !PyLong_CheckExact(args[5]) || !PyList_CheckExact(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "insert_stored(root_id: int, entry: bytes, height: int, inside: bool, "
+                                         "values: tuple | list, limit: int, delta: list, kit: tuple)");
+        return NULL;
+    }
+    int fresh = kit_fresh(args[7]);
+    if (fresh <= 0) {
+        return fresh < 0 ? NULL : Py_NewRef(Py_NotImplemented);
+    }
+    PyObject **kit = &PyTuple_GET_ITEM(args[7], 0);
+    Py_ssize_t height, limit;
+    int usable = path_height(args[2], "insert_stored: height", &height);
+    if (usable <= 0 || size_argument(args[5], "insert_stored: limit", &limit) < 0) {
+        return usable < 0 || PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    }
+    NodeTable *table = Py_IS_TYPE(kit[KIT_NODES], &NodeTableType) ? (NodeTable *)kit[KIT_NODES] : NULL;
+    PyObject *nodes = PyDict_CheckExact(kit[KIT_NODES]) ? kit[KIT_NODES] : NULL;
+    StoredPath path = {0};
+    PyObject *root = path_node(args[0], table, nodes, kit[KIT_FETCH], &path.hits);
+    if (root == NULL) {
+        return NULL;
+    }
+    int descended = descend_stored(root, PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), height,
+                                   kit[KIT_FETCH], kit[KIT_NODES], &path);
+    Py_DECREF(root);
+    if (descended <= 0) {
+        return descended < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *result = NULL, *entries = NULL, *cols = NULL, *merged = NULL;
+    PyObject *ids[MAX_LEVELS + 1], *renewed[MAX_LEVELS + 1] = {NULL}, *slots[MAX_LEVELS + 1] = {NULL};
+    PyObject *made[MAX_LEVELS] = {NULL};
+    Py_ssize_t count = path.levels + 1; /* the path's nodes and the leaf */
+    if (PyObject_IsTrue(args[3]) && path.last) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    /* the leaf merged with the entry, in its stored bytes */
+    PyObject *data = fetch_stored(kit[KIT_SOURCE], path.leaf);
+    if (data == NULL || data == Py_None) { /* (a leaf without stored bytes: the decoded path's) */
+        result = data;
+        goto done;
+    }
+    if (!PyBytes_CheckExact(data)) {
+        Py_DECREF(data);
+        PyErr_SetString(PyExc_TypeError, "insert_stored: the source's get must return bytes or None");
+        goto done;
+    }
+    Py_ssize_t fields = PySequence_Fast_GET_SIZE(args[4]);
+    entries = PyList_New(1);
+    cols = PyList_New(fields);
+    if (entries == NULL || cols == NULL) {
+        Py_DECREF(data);
+        goto done;
+    }
+    PyList_SET_ITEM(entries, 0, Py_NewRef(args[1]));
+    for (Py_ssize_t field = 0; field < fields; field++) {
+        PyObject *column = PyList_New(1);
+        if (column == NULL) {
+            Py_DECREF(data);
+            goto done;
+        }
+        PyList_SET_ITEM(column, 0, Py_NewRef(PySequence_Fast_ITEMS(args[4])[field]));
+        PyList_SET_ITEM(cols, field, column);
+    }
+    merged = merge_into(data, entries, 0, 1, cols, limit, limit);
+    Py_DECREF(data);
+    if (merged == NULL) {
+        goto done;
+    }
+    if (!PyBytes_CheckExact(merged)) { /* the entry's index (there already), or a leaf that splits */
+        result = Py_NewRef(PyLong_CheckExact(merged) ? Py_False : Py_None);
+        goto done;
+    }
+    /* new versions of the path's nodes and of the leaf; each internal node bumped, from the bottom up */
+    for (Py_ssize_t level = 0; level < path.levels; level++) {
+        ids[level] = node_slot(path.nodes[level], SLOT_ID);
+    }
+    ids[path.levels] = path.leaf;
+    int renewal = renew_ids(ids, count, kit[KIT_VERSIONS], renewed, slots);
+    if (renewal <= 0) {
+        result = renewal < 0 ? NULL : Py_NewRef(Py_NotImplemented);
+        goto done;
+    }
+    for (Py_ssize_t level = path.levels - 1; level >= 0; level--) {
+        PyObject *index = PyLong_FromSsize_t(path.indexes[level]);
+        if (index == NULL) {
+            goto done;
+        }
+        made[level] = bump_level(module, path.nodes[level], index, renewed[level + 1], args[6], renewed[level]);
+        Py_DECREF(index);
+        if (made[level] == NULL) {
+            result = PyErr_Occurred() ? NULL : Py_NewRef(Py_NotImplemented);
+            goto done;
+        }
+    }
+    /* handed to the transaction (renew_all, then adopt_path) */
+    for (Py_ssize_t at = 0; at < count; at++) {
+        if (PyDict_SetItem(kit[KIT_OVERWRITES], slots[at], ids[at]) < 0) {
+            goto done;
+        }
+    }
+    if (PyDict_SetItem(kit[KIT_ENCODED], renewed[path.levels], merged) < 0) {
+        goto done;
+    }
+    for (Py_ssize_t level = path.levels - 1; level >= 0; level--) {
+        if (PyDict_SetItem(kit[KIT_PREPARED], renewed[level], made[level]) < 0 ||
+            PyDict_SetItem(kit[KIT_ENCODED], renewed[level], node_slot(made[level], SLOT_PACKED)) < 0) {
+            goto done;
+        }
+    }
+    if (count_cache_hits(kit[KIT_CACHE], path.hits) < 0) {
+        goto done;
+    }
+    result = Py_NewRef(renewed[0]);
+done:
+    for (Py_ssize_t at = 0; at < count; at++) {
+        Py_XDECREF(renewed[at]);
+        Py_XDECREF(slots[at]);
+        if (at < path.levels) {
+            Py_XDECREF(made[at]);
+        }
+    }
+    Py_XDECREF(entries);
+    Py_XDECREF(cols);
+    Py_XDECREF(merged);
+    stored_path_clear(&path);
     return result;
 }
 
@@ -8911,6 +9245,10 @@ static PyMethodDef methods[] = {
     {"stored_path", (PyCFunction)(void (*)(void))stored_path, METH_FASTCALL,
      "stored_path(root, entry, height, fetch, nodes, plain, patched) -> (path, last, hits, ids) | None: the "
      "descent of a write from stored bytes in one call (see _btree.NodeTree._stored_path)"},
+    {"insert_stored", (PyCFunction)(void (*)(void))insert_stored, METH_FASTCALL,
+     "insert_stored(root_id, entry, height, inside, values, limit, delta, kit) -> int | False | None | "
+     "NotImplemented: a scattered insert written from stored bytes in one call, in a transaction that has "
+     "changed no node yet (see _btree.NodeTree._insert_stored)"},
     {"packed_layout", (PyCFunction)(void (*)(void))packed_layout, METH_FASTCALL,
      "packed_layout(packed, count, columns) -> bytes | None: the places of every 16th number of a plain "
      "internal node's child ids and columns, and their ends (see bump_path)"},
@@ -8982,7 +9320,8 @@ PyInit__speedups(void)
         return NULL;
     }
     PyObject *created = PyModule_Create(&module);
-    if (created != NULL && PyModule_AddObjectRef(created, "NodeTable", (PyObject *)&NodeTableType) < 0) {
+    if (created != NULL && (PyModule_AddObjectRef(created, "NodeTable", (PyObject *)&NodeTableType) < 0 ||
+                            PyModule_AddIntConstant(created, "SLOT_BITS", NODE_SLOT_BITS) < 0)) {
         Py_CLEAR(created);
     }
     return created;

@@ -2,6 +2,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+SLOT_BITS: int
+
 class NodeTable:
     def __init__(self, capacity: int) -> None: ...
     @property
@@ -75,6 +77,17 @@ def bump_path(
 def stored_path(
     root: Any, entry: bytes, height: int, fetch: Any, nodes: object, plain: type, patched: type, /
 ) -> tuple[list[tuple[Any, int]], bool, int, list[int]] | None: ...
+def insert_stored(
+    root_id: int,
+    entry: bytes,
+    height: int,
+    inside: bool,
+    values: tuple[Any, ...],
+    limit: int,
+    delta: list[int],
+    kit: tuple[Any, ...],
+    /,
+) -> Any: ...
 def packed_layout(packed: bytes, count: int, columns: int, /) -> bytes | None: ...
 def make_patched(
     node: Any, plain: type, nfields: int, /

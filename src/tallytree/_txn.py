@@ -79,8 +79,8 @@ import msgpack
 from ._btree import MAX_LEVELS, Root
 from ._gc import gc_paused
 from ._keys import _show
-from ._native import StoredSource, speedups
-from ._node import Node, compact_leaf, decode_node, encode_node, pack_summary, unpack_summary
+from ._native import StoredSource, WriteKit, speedups
+from ._node import Node, _PatchedNode, compact_leaf, decode_node, encode_node, pack_summary, unpack_summary
 from ._store import DOCS, META, NODES, ROOTS, KVTxn, NodeCache, Op
 from ._tree import Tree
 from .errors import ArgumentTypeError, CorruptDatabaseError, TransactionError
@@ -416,6 +416,9 @@ class Transaction:
         """Count cache hits of a descent that took nodes from :attr:`shared`."""
         self._cache.hits += hits
 
+    def write_kit(self) -> WriteKit:
+        raise TransactionError("this is a read transaction; use `with db.write() as tx:` to write")
+
     def node(self, node_id: int) -> Node:
         """A committed node by id, through the shared cache. O(1) when cached, O(size) to decode."""
         node = self._cached(node_id)
@@ -588,6 +591,7 @@ class WriteTransaction(Transaction):
         self._deferred: dict[bytes, tuple[int, int, list[tuple[bytes, tuple[Any, ...]]]]] = {}
         self._next_id: int | None = None
         self._source: StoredSource | None = None  # see stored_source()
+        self._kit: WriteKit | None = None  # see write_kit()
 
     @property
     def shared(self) -> object:
@@ -599,6 +603,7 @@ class WriteTransaction(Transaction):
 
     def _finish(self) -> None:
         Transaction._finish(self)
+        self._kit = None  # (it holds self.node: a cycle that would keep the transaction until a collection)
         # The thread holds no write transaction any more, even before its with block ends (a commit
         # or an abort in the block): a new db.write() may begin. (No other thread's flag can be set
         # while this transaction holds the backend's write lock, so resetting it is always right.)
@@ -642,6 +647,30 @@ class WriteTransaction(Transaction):
         if self._source is None:
             self._source = (self._dirty, self._encoded, self.kv.getter(NODES))
         return self._source
+
+    def write_kit(self) -> WriteKit:
+        """What the ``insert_stored`` kernel reads and fills, the same tuple for the whole
+        transaction: :meth:`node`, the shared cache's store, :meth:`stored_source`, the dirty,
+        encoded, prepared and overwritten nodes, the freed ones, the node cache, the node classes,
+        and :data:`VERSIONS`. The kernel writes only while the transaction has changed no node (its
+        first write), doing there what :meth:`renew_all` and :meth:`adopt_path` do. O(1)."""
+        kit = self._kit
+        if kit is None:
+            kit = self._kit = (
+                self.node,
+                self._cache.shared,
+                self.stored_source(),
+                self._dirty,
+                self._encoded,
+                self._prepared,
+                self._overwrites,
+                self._freed,
+                self._cache,
+                Node,
+                _PatchedNode,
+                VERSIONS,
+            )
+        return kit
 
     def _allocate(self, count: int = 1) -> int:
         """The first of ``count`` fresh ids."""
