@@ -330,7 +330,10 @@ class _LmdbTxn:
         except BaseException:
             self._end()
             raise
-        self._end()
+        # _end's work for a committed transaction, without its call and checks
+        self._txn = None
+        backend.live.discard(self)
+        backend.end_raw(self._ident)
 
     def abort(self) -> None:
         self._end()
