@@ -99,7 +99,7 @@ from ._keys import (
 )
 from ._node import sum_value
 from ._store import ROOTS
-from ._tree import Tree, appended, pending_capacity
+from ._tree import Tree, appended, inserted, pending_capacity
 from ._txn import (
     DEFINITIONS,
     Transaction,
@@ -768,6 +768,13 @@ class Aggregate:
         changed, root = tree.take_root()
         if changed:
             tx.set_root(tree_key, root)
+
+    def _duplicate(self, key: Any, id: Any, namespace: Any) -> DuplicateItemError:
+        """The error for an insert of an item already there (made only when raised)."""
+        return DuplicateItemError(
+            f"{self.name}: item (key={key!r}, id={id!r}) already exists in namespace "
+            f"{namespace!r}; use upsert() to overwrite or discard() it first"
+        )
 
     def _not_found(self, key: Any, id: Any, namespace: Any, hint: str) -> ItemNotFoundError:
         """The error for a missing item (made only when raised: its message formats reprs)."""
@@ -1598,18 +1605,21 @@ class Aggregate:
         checked = self._values(values)
         tree_key = self._tree_key(namespace)
         current = wtx.root(tree_key)
-        # (appended returns None at once for a record without pending entries: the test saves the call)
-        if current is not None and current.pending_summary is not None:
-            root = appended(wtx, current, self._capacity, entry, checked)
-            if root is not None:  # a new event: onto the pending node, without loading the tree
+        if current is not None:  # without loading the tree: a new event onto the pending node, or
+            # a scattered one written in one call into a tree without pending entries
+            root: Root | Literal[False] | None
+            if current.pending_summary is not None:
+                root = appended(wtx, current, self._capacity, entry, checked)
+            else:
+                root = inserted(wtx, current, self.node_size, entry, checked)
+            if root is not None:
+                if root is False:
+                    raise self._duplicate(key, id, namespace)
                 wtx.set_root(tree_key, root)
                 return
         tree = Tree(wtx, len(self.fields), self.node_size, current)  # the record already read
         if not tree.insert(entry, checked):
-            raise DuplicateItemError(
-                f"{self.name}: item (key={key!r}, id={id!r}) already exists in namespace "
-                f"{namespace!r}; use upsert() to overwrite or discard() it first"
-            )
+            raise self._duplicate(key, id, namespace)
         wtx.set_root(tree_key, tree.take_new_root())  # (an insert always changes the record)
 
     def delete(self, tx: WriteTransaction, key: Any, id: Any, *, namespace: Any = None) -> Item:

@@ -79,14 +79,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 from ._btree import Cut, Edits, Existing, NodeAccess, NodeTree, Root, _finder, same_values, vadd, vsub
 from ._native import speedups
 from ._node import Node, delta_of, summarize
 from .errors import CorruptDatabaseError
 
-__all__ = ["Tree", "appended", "pending_capacity"]
+__all__ = ["Tree", "appended", "inserted", "pending_capacity"]
 
 _PENDING_MAX = 64
 """The most entries a pending node holds: each insert rewrites it, so it stays small (64 was measured
@@ -693,6 +693,38 @@ def appended(
     )
     new.packed_pending = packed
     return new
+
+
+def inserted(
+    access: NodeAccess, root: Root | None, node_size: int, entry: bytes, values: tuple[Any, ...]
+) -> Root | Literal[False] | None:
+    """The root record after ``entry`` is inserted into a tree without pending entries by the C kernel
+    ``insert_stored`` (the transaction's first write, in one call: see ``NodeTree._insert_stored``);
+    False, changing nothing, when the entry is there already; None, changing nothing, when the
+    insert needs the whole tree (:meth:`Tree.insert`): without the kernels, for pending entries, a
+    tree of one leaf, and whatever the kernel leaves (a leaf that splits, an entry after every
+    entry of the nodes, which goes to a new pending node, a later write of the transaction).
+    O(B log_B n).
+
+    The commonest write of scattered keys, one per committed transaction, then costs no Tree and no
+    NodeTree, as :func:`appended` spares a new event them (about 220 of the 1,600 bytecodes of such
+    a commit at 10^6 events, 0.98x its instructions).
+
+    >>> from tallytree._btree import Root
+    >>> inserted(None, Root(5, 1, [1, 0, 0]), 64, b"a", (1,)) is None  # one leaf: the tree decides
+    True
+    """
+    if speedups is None or root is None or root.pending_summary is not None or root.height < 2:
+        return None
+    delta = delta_of(values)
+    if len(root.summary) != len(delta):  # (the Tree's load raises what this is)
+        return None
+    written = speedups.insert_stored(
+        root.node_id, entry, root.height, True, values, node_size, delta, access.write_kit()
+    )
+    if type(written) is int:
+        return Root(written, root.height, vadd(root.summary, delta))
+    return False if written is False else None
 
 
 def _foreign_root() -> CorruptDatabaseError:
