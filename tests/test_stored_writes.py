@@ -858,6 +858,15 @@ def test_renew_all_refuses_a_node_replaced_already(db: tallytree.Database) -> No
             rtx.adopt_path(5, b"", [])
 
 
+def _split_leaves(db: tallytree.Database, events: tallytree.Aggregate, rows: dict[Any, Any]) -> None:
+    """Split leaves of a tree of full ones, leaving room in some: an item every 60 keys, in one
+    transaction (added to the model ``rows``)."""
+    with db.write() as tx:
+        for key in range(15, 2990, 60):
+            events.insert(tx, key, "s", (0.25, key))
+            rows[(key, "s")] = (0.25, key)
+
+
 def _write_state(tx: tallytree.WriteTransaction, events: tallytree.Aggregate) -> tuple[Any, ...]:
     """What a write left in ``tx``: the slots it overwrites, the bytes it will write, the nodes it made
     (class and every slot; a node's base compared by identity), and the root record."""
@@ -892,10 +901,7 @@ def test_insert_stored_writes_what_the_python_stored_path_writes(
         return results[-1]
 
     monkeypatch.setattr(speedups, "insert_stored", recorded)
-    with db.write() as tx:  # leaves split, leaving room in some
-        for key in range(15, 2990, 60):
-            events.insert(tx, key, "s", (0.25, key))
-            rows[(key, "s")] = (0.25, key)
+    _split_leaves(db, events, rows)
     rng = random.Random(13)
     with db.read() as tx:  # every node cached
         assert len(list(events.items(tx))) == len(rows)
@@ -966,9 +972,7 @@ def test_insert_stored_leaves_what_it_does_not_write(
         assert tree.insert(entry, (0.5, 1), inside=True) is None
         assert results[-1] == (None, False)
         tx.abort()
-    with db.write() as tx:  # leaves split, leaving room in some
-        for key in range(15, 2990, 60):
-            events.insert(tx, key, "s", (0.25, key))
+    _split_leaves(db, events, {})
     roomy = next(key for key in range(1, 2990) if key % 10 and _leaf_of(db, events, key, "n")[0] < 4)
     results.clear()
     with db.write() as tx:  # a second write: the Python code's
