@@ -12,6 +12,7 @@ import gc
 import itertools
 import math
 import random
+import re
 import sys
 import weakref
 from bisect import bisect_left, bisect_right
@@ -153,6 +154,200 @@ def test_one_key_leaves_a_key_over_the_limit_to_python() -> None:
     assert speedups.one_key("a" * 10, False, 12) == python_keys(["a" * 10])[0]
     with pytest.raises(KeyTooLargeError):
         encode_key(("a" * 200, "b" * 60))
+
+
+IDS = (
+    INT64
+    | st.integers()
+    | st.text(max_size=5)
+    | st.text(alphabet="a\x00\ud800", max_size=3)
+    | (st.binary(max_size=3) | st.floats(allow_nan=False) | st.booleans() | st.none())
+)
+
+
+def _python_entry(key: Any, id: Any) -> bytes | type[tallytree.Error]:
+    """The reference: ``encode_key(key) + encode_id(id)`` by the Python encoders, or the type of the
+    error they raise."""
+    with pure_python():
+        try:
+            return keys_module.encode_key(key) + keys_module.encode_id(id)
+        except tallytree.Error as exc:
+            return type(exc)
+
+
+@given(ONE_KEY_SCALARS | st.lists(ONE_KEY_SCALARS, max_size=3).map(tuple), IDS)
+def test_item_entry_equals_the_python_encoders(key: Any, id: Any) -> None:
+    """An item's entry in one call when the C encoders take the key (as ``one_key`` does) and the id
+    (an int64 or a str), else None; ``encode_entry`` gives what the Python encoders give, or raises
+    what they raise."""
+    assert speedups is not None
+    expected = _python_entry(key, id)
+    handled = (
+        type(expected) is bytes and _one_key_handles(key) and type(id) in (int, str) and _one_key_handles(id)
+    )
+    assert speedups.item_entry(key, id, MAX_KEY_BYTES) == (expected if handled else None)
+    if type(expected) is bytes:
+        assert keys_module.encode_entry(key, id) == expected
+    else:
+        with pytest.raises(expected):
+            keys_module.encode_entry(key, id)
+
+
+def test_item_entry_leaves_a_key_or_an_id_over_the_limit_to_python() -> None:
+    assert speedups is not None
+    key, id = "k" * 20, "i" * 30
+    assert speedups.item_entry(key, id, 32) == _python_entry(key, id)
+    assert speedups.item_entry(key, id, 31) is None  # the id's 32 bytes
+    assert speedups.item_entry(key, "i", 21) is None  # the key's 22 bytes
+    assert speedups.item_entry(Int(3), 1, MAX_KEY_BYTES) is None  # (a subclass: Python's)
+    assert speedups.item_entry(3, Int(1), MAX_KEY_BYTES) is None
+    for call in (
+        lambda: speedups.item_entry(1, 2),  # type: ignore[union-attr, call-arg]
+        lambda: speedups.item_entry(1, 2, None),  # type: ignore[union-attr, arg-type]
+        lambda: speedups.item_entry(1, 2, 3, 4),  # type: ignore[union-attr, call-arg]
+    ):
+        with pytest.raises(TypeError):
+            call()
+    with pytest.raises(ValueError):
+        speedups.item_entry(1, 2, -1)
+
+
+def _plain(values: Any, count: int) -> bool:
+    """The reference for ``plain_values``: an exact tuple of ``count`` values that an item holds as
+    they are (Aggregate._values' fast path in Python)."""
+    return (
+        type(values) is tuple
+        and len(values) == count
+        and all(
+            (type(value) is float and math.isfinite(value))
+            or (type(value) is int and -(2**63) <= value <= 2**64 - 1)
+            for value in values
+        )
+    )
+
+
+PLAIN_VALUES = (
+    st.integers()
+    | st.sampled_from([2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 2**63, 2**100, -(2**100)])
+    | st.floats()
+    | st.booleans()
+    | st.none()
+    | st.text(max_size=2)
+)
+
+
+@given(st.lists(PLAIN_VALUES, max_size=4).map(tuple) | st.lists(PLAIN_VALUES, max_size=3), st.integers(0, 4))
+def test_plain_values_takes_what_the_python_check_takes(values: Any, count: int) -> None:
+    """The values themselves when they need no conversion nor check, else None; ``_values`` then
+    gives what the Python code gives (or raises its error)."""
+    assert speedups is not None
+    answer = speedups.plain_values(values, count)
+    assert answer is (values if _plain(values, count) else None)
+    db = tallytree.open_memory()
+    aggregate = db.aggregate("a", values=tuple(f"v{index}" for index in range(count)))
+    with pure_python():
+        try:
+            expected: Any = strict(aggregate._values(values))
+        except tallytree.Error as exc:
+            expected = type(exc)
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            aggregate._values(values)
+    else:
+        assert strict(aggregate._values(values)) == expected
+
+
+def test_plain_values_refuses_bad_arguments() -> None:
+    assert speedups is not None
+    assert speedups.plain_values([1.0], 1) is None  # a list: converted by the Python code
+    assert speedups.plain_values((1.0, Int(2)), 2) is None
+    with pytest.raises(TypeError):
+        speedups.plain_values((1,))  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        speedups.plain_values((), -1)
+
+
+def _puts_env(path: Any) -> tuple[Any, list[Any]]:
+    import lmdb
+
+    env = lmdb.open(str(path), max_dbs=2, map_size=1 << 22)
+    return env, [env.open_db(b"one"), env.open_db(b"two")]
+
+
+def _contents(env: Any, dbs: list[Any]) -> list[list[tuple[bytes, bytes]]]:
+    with env.begin() as txn:
+        return [list(txn.cursor(db)) for db in dbs]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1), st.binary(min_size=1, max_size=3), st.none() | st.binary(max_size=6)),
+        max_size=12,
+    ),
+    st.integers(0, 3),
+)
+@settings(max_examples=40)
+def test_put_ops_makes_the_calls_of_the_python_loop(
+    ops: list[tuple[int, bytes, bytes | None]], start: int
+) -> None:
+    """``put_ops`` leaves LMDB as ``_lmdb._apply_ops``' own loop does: each op from ``start`` on, in
+    order (a put overwrites; a delete of an absent key does nothing). (``_apply_ops`` with the kernels
+    calls ``put_ops``.)"""
+    import tempfile
+
+    from tallytree import _lmdb
+
+    assert speedups is not None
+    seed = [(0, b"a", b"1"), (1, b"b", b"2"), (0, b"c", b"3")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for built in (True, False):
+            env, dbs = _puts_env(f"{tmp}/{built}")
+            with env.begin(write=True) as txn:
+                for table, key, value in seed:
+                    txn.put(key, value, db=dbs[table])
+                if built:  # the ops before start are not made
+                    speedups.put_ops(txn, dbs, [*[(0, b"x", b"skipped")] * start, *ops], start)
+                else:
+                    with pure_python():
+                        _lmdb._apply_ops(txn, dbs, ops, 0)
+            results.append(_contents(env, dbs))
+            env.close()
+    assert results[0] == results[1]
+
+
+def test_put_ops_raises_what_lmdb_raises_and_refuses_bad_ops(tmp_path: Any) -> None:
+    import lmdb
+
+    assert speedups is not None
+    env, dbs = _puts_env(tmp_path)
+    txn = env.begin(write=True)
+    with pytest.raises(lmdb.BadValsizeError):  # a key beyond LMDB's limit: the ops before it were made
+        speedups.put_ops(txn, dbs, [(0, b"a", b"1"), (1, b"k" * 600, b"2"), (0, b"b", b"3")], 0)
+    assert txn.get(b"a", db=dbs[0]) == b"1"
+    assert txn.get(b"b", db=dbs[0]) is None
+    for ops in ([(2, b"a", b"1")], [(-1, b"a", b"1")], [(0, b"a")], [[0, b"a", b"1"]], [("0", b"a", b"1")]):
+        with pytest.raises((TypeError, IndexError)):
+            speedups.put_ops(txn, dbs, ops, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.put_ops(txn, tuple(dbs), [], 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        speedups.put_ops(txn, dbs, [], -1)
+    txn.abort()
+    env.close()
+
+
+def test_every_module_using_the_kernels_is_switched_by_kernels() -> None:
+    """``kernels(False)`` rebinds ``speedups`` in each module that imports it, or a test of the
+    Python code would run the C kernels in the modules it missed."""
+    import pathlib
+
+    from tallytree import _native
+
+    source = pathlib.Path(_native.__file__).parent
+    imports = re.compile(r"^from \._native import .*\bspeedups\b", re.MULTILINE)
+    users = sorted(path.stem for path in source.glob("*.py") if imports.search(path.read_text()))
+    assert users == sorted(_native._USERS)
 
 
 class Int(int):

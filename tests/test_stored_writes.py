@@ -25,7 +25,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import tallytree
-from tallytree._btree import NodeTree
+from tallytree._btree import NodeTree, Root
 from tallytree._keys import encode_id, encode_key
 from tallytree._native import speedups
 from tallytree._node import Node, _PatchedNode, decode_node, encode_node
@@ -980,6 +980,92 @@ def test_insert_stored_leaves_what_it_does_not_write(
             events.insert(tx, roomy, item_id, (0.5, 1))
         assert type(results[0]) is int and results[-1] == (NotImplemented, False)
         tx.abort()
+
+
+def _pending_events(db: tallytree.Database, events: tallytree.Aggregate, rows: dict[Any, Any]) -> list[int]:
+    """New events after every item, one per commit: they stay in the tree's pending node. Their keys."""
+    keys = list(range(5000, 5000 + 10 * (events._capacity - 2), 10))  # (the next one would merge them)
+    for key in keys:
+        with db.write() as tx:
+            events.insert(tx, key, "p", (0.1, key))
+        rows[(key, "p")] = (0.1, key)
+    with db.read() as tx:
+        root = tx.root(events._tree_key(None))
+        assert root is not None and root.pending_summary is not None
+        assert root.pending_summary[0] == len(keys)
+    return keys
+
+
+@needs_kernels
+def test_inserted_writes_into_a_tree_with_pending_entries_as_the_tree_does(
+    db: tallytree.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scattered insert into a tree holding pending entries (new events not merged yet) is written
+    by ``_tree.inserted`` in one kernel call, without a Tree: it leaves the transaction as the
+    Tree's path (and the Python stored path) leaves it, the new record's bytes included, with the
+    pending node unchanged. An entry at or after the first pending one, a later write of the
+    transaction and a pending node the transaction changed are the Tree's; every read then matches
+    the model."""
+    from tallytree import _aggregate, _txn
+
+    assert speedups is not None
+    events, rows = _loaded(db, 300, 21)
+    _split_leaves(db, events, rows)
+    pending_keys = _pending_events(db, events, rows)
+    kernel = speedups.insert_stored
+    results: list[Any] = []
+
+    def recorded(*args: Any) -> Any:
+        results.append(kernel(*args))
+        return results[-1]
+
+    monkeypatch.setattr(speedups, "insert_stored", recorded)
+    answers: list[Any] = []  # what _tree.inserted returned
+    fused_insert = _aggregate.inserted
+    monkeypatch.setattr(
+        _aggregate, "inserted", lambda *args: answers.append(fused_insert(*args)) or answers[-1]
+    )
+    tree_key = events._tree_key(None)
+    rng = random.Random(22)
+    written = 0
+    for key in rng.sample(range(1, 2990), 60):
+        if key % 10 == 0 or (key, "n") in rows or _leaf_of(db, events, key, "n")[0] >= 4:
+            continue
+        results.clear()
+        with db.write() as tx:
+            events.insert(tx, key, "n", (0.5, key))
+            assert type(results[-1]) is int and isinstance(answers[-1], Root)  # written without a Tree
+            fused = _write_state(tx, events), _txn.encode_root(tx.root(tree_key))  # type: ignore[arg-type]
+            tx.abort()
+        with monkeypatch.context() as patched, db.write() as tx:  # the Tree's path, in Python
+            patched.setattr(_aggregate, "inserted", lambda *args: None)
+            patched.setattr(speedups, "insert_stored", lambda *args: NotImplemented)
+            events.insert(tx, key, "n", (0.5, key))
+            assert (_write_state(tx, events), _txn.encode_root(tx.root(tree_key))) == fused  # type: ignore[arg-type]
+            tx.abort()
+        with db.write() as tx:
+            events.insert(tx, key, "n", (0.5, key))
+            root = tx.root(tree_key)
+            assert root is not None and root.pending_summary is not None
+            assert root.pending_summary[0] == len(pending_keys)  # the pending node as it was
+        rows[(key, "n")] = (0.5, key)
+        written += 1
+    assert written >= 10
+    _assert_matches(db, events, rows)
+    answers.clear()
+    with db.write() as tx:  # at or after the first pending entry: the pending node's, by the Tree
+        events.insert(tx, pending_keys[0] + 5, "q", (0.5, 1))
+        events.insert(tx, 1, "q", (0.5, 1))  # the pending node changed in this transaction: the Tree's
+        root = tx.root(tree_key)
+        assert root is not None and root.pending_summary is not None
+        assert root.pending_summary[0] == len(pending_keys) + 1
+    assert answers == [None, None]
+    rows[(pending_keys[0] + 5, "q")] = rows[(1, "q")] = (0.5, 1)
+    with pytest.raises(tallytree.DuplicateItemError), db.write() as tx:  # a pending item, again
+        events.insert(tx, pending_keys[0], "p", (0.5, 1))
+    with pytest.raises(tallytree.DuplicateItemError), db.write() as tx:  # an item of the nodes, again
+        events.insert(tx, 1, "q", (0.5, 1))
+    _assert_matches(db, events, rows)
 
 
 def _two_level(root_id: int, leaf_id: int, first: float = 0.25) -> tuple[Node, bytes, list[int]]:

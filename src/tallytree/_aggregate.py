@@ -5,7 +5,8 @@ Design
 An :class:`Aggregate` is a named, sorted multiset of items ``(key, id, values)`` with one tree per
 namespace. This module turns user arguments into entries and bounds and calls ``_btree``:
 
-* an item's entry is ``encode_key(key) + encode_id(id)``; its tree is ``aggregate id + namespace``;
+* an item's entry is ``encode_key(key) + encode_id(id)`` (``encode_entry``); its tree is
+  ``aggregate id + namespace``;
 * every read takes the same bounds, keyword-only: ``ge``/``gt`` (lower), ``le``/``lt`` (upper),
   ``prefix`` (tuple keys starting with these elements) or ``eq`` (this key, every id). A bound is a key,
   or a :class:`Position` / :class:`Item` to start or stop inside a run of equal keys. A key bound compares
@@ -91,12 +92,13 @@ from ._keys import (
     decode_entry,
     decode_key,
     encode_body,
-    encode_id,
+    encode_entry,
     encode_key,
     encode_prefix,
     foreign_scalar,
     sort_order,
 )
+from ._native import speedups
 from ._node import sum_value
 from ._store import ROOTS
 from ._tree import Tree, appended, inserted, pending_capacity
@@ -311,7 +313,7 @@ _UNBOUNDED = _Bounds(None, None)  # shared: bounds are never changed once resolv
 
 
 def _entry_of(position: Position | Item) -> bytes:
-    return encode_key(position.key) + encode_id(position.id)
+    return encode_entry(position.key, position.id)
 
 
 def resolve_bounds(
@@ -537,7 +539,7 @@ def _decode_cursor(cursor: str) -> bytes:
     try:
         entry = base64.urlsafe_b64decode(cursor.encode("ascii"))
         key, item_id = decode_entry(entry)
-        canonical = encode_key(key) + encode_id(item_id)  # a float id, say, raises
+        canonical = encode_entry(key, item_id)  # a float id, say, raises
     except (ValueError, Error) as exc:  # binascii.Error and UnicodeEncodeError are ValueErrors
         raise _not_a_cursor(cursor) from exc
     if canonical != entry or _encode_cursor(entry) != cursor:  # bytes after the id, or other text
@@ -784,7 +786,10 @@ class Aggregate:
 
     def _values(self, values: Any) -> tuple[int | float, ...]:
         fields = self.fields
-        if type(values) is tuple and len(values) == len(fields):  # the common case, checked fast
+        if speedups is not None:  # the common case in one C call: a tuple of plain numbers
+            if speedups.plain_values(values, len(fields)) is not None:
+                return values  # type: ignore[no-any-return]
+        elif type(values) is tuple and len(values) == len(fields):  # the same, checked in Python
             for value in values:
                 kind = type(value)
                 if kind is float:
@@ -1144,7 +1149,7 @@ class Aggregate:
             if id is None:  # before every item with the key, or after every one in reverse
                 cut = (_after_key(key) if reverse is True else encode_body(key), False)
             else:
-                cut = (encode_key(key) + encode_id(id), reverse is True)
+                cut = (encode_entry(key, id), reverse is True)
         except UnsupportedKeyTypeError:  # an Item or a Position is no key: found here, off the path
             if not isinstance(key, Item | Position):
                 raise
@@ -1301,7 +1306,7 @@ class Aggregate:
         Item(key=5, id='a', values=(1.5,))
         """
         try:
-            entry = encode_key(key) + encode_id(id)
+            entry = encode_entry(key, id)
         except UnsupportedKeyTypeError:  # an Item or a Position, or no id: found here, off the path
             if isinstance(key, Item | Position):
                 entry = self._given_entry(key, id is not _UNSET, id, "get")
@@ -1601,16 +1606,16 @@ class Aggregate:
         tallytree.errors.DuplicateItemError: events: item (key=1700000000, id='evt_1') already ...
         """
         wtx = self._writable(tx)
-        entry = encode_key(key) + encode_id(id)
+        entry = encode_entry(key, id)
         checked = self._values(values)
         tree_key = self._tree_key(namespace)
         current = wtx.root(tree_key)
         if current is not None:  # without loading the tree: a new event onto the pending node, or
-            # a scattered one written in one call into a tree without pending entries
-            root: Root | Literal[False] | None
+            # a scattered one written in one call into the nodes
+            root: Root | Literal[False] | None = None
             if current.pending_summary is not None:
                 root = appended(wtx, current, self._capacity, entry, checked)
-            else:
+            if root is None:
                 root = inserted(wtx, current, self.node_size, entry, checked)
             if root is not None:
                 if root is False:
@@ -1636,7 +1641,7 @@ class Aggregate:
         Item(key=10, id='ann', values=(3,))
         """
         wtx = self._writable(tx)
-        entry = encode_key(key) + encode_id(id)
+        entry = encode_entry(key, id)
         tree, tree_key = self._tree(wtx, namespace)
         values = tree.delete(entry)
         if values is None:
@@ -1656,7 +1661,7 @@ class Aggregate:
         (True, False)
         """
         wtx = self._writable(tx)
-        entry = encode_key(key) + encode_id(id)
+        entry = encode_entry(key, id)
         tree, tree_key = self._tree(wtx, namespace)
         if tree.delete(entry) is None:
             return False
@@ -1679,7 +1684,7 @@ class Aggregate:
         ['inserted', 'updated', 'unchanged']
         """
         wtx = self._writable(tx)
-        entry = encode_key(key) + encode_id(id)
+        entry = encode_entry(key, id)
         checked = self._values(values)
         tree, tree_key = self._tree(wtx, namespace)
         old = tree.update(entry, checked)
@@ -1728,11 +1733,11 @@ class Aggregate:
                 "new_namespace= or new_values= (to read the item, use get(tx, key, id))"
             )
         wtx = self._writable(tx)
-        entry = encode_key(key) + encode_id(id)
+        entry = encode_entry(key, id)
         target_key = key if new_key is _KEEP else new_key
         target_id = id if new_id is _KEEP else new_id
         target_namespace = namespace if new_namespace is _KEEP else new_namespace
-        target_entry = encode_key(target_key) + encode_id(target_id)
+        target_entry = encode_entry(target_key, target_id)
         target_values = self._values(new_values) if new_values is not _KEEP else None
         tree, tree_key = self._tree(wtx, namespace)
         target_tree_key = self._tree_key(target_namespace)
@@ -1899,7 +1904,7 @@ class Aggregate:
         ids: list[Any] = []
         for item in batch:
             key, item_id, values = self._unpack_item(item)
-            entries.append(encode_key(key) + encode_id(item_id))
+            entries.append(encode_entry(key, item_id))
             rows.append(self._values(values))
             keys.append(key)
             ids.append(item_id)
@@ -1960,7 +1965,7 @@ class Aggregate:
         entries: list[bytes] = []
         for item in batch:
             key, item_id, _ = self._unpack_item(item)
-            entries.append(encode_key(key) + encode_id(item_id))
+            entries.append(encode_entry(key, item_id))
         if not entries:
             return 0
         with gc_paused():

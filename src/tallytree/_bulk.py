@@ -79,7 +79,15 @@ import msgpack
 from ._args import ITEMS, as_int, check_flag, iterator_of
 from ._btree import Root
 from ._gc import gc_paused
-from ._keys import MAX_KEY_BYTES, _show, decode_key, encode_body, encode_id, encode_key, sort_order
+from ._keys import (
+    MAX_KEY_BYTES,
+    _show,
+    decode_key,
+    encode_body,
+    encode_entry,
+    encode_key,
+    sort_order,
+)
 from ._native import speedups
 from ._node import Node, encode_node, summarize
 from ._tree import Tree
@@ -590,7 +598,7 @@ class _Encoder:
                     key, item_id, values = row[1], row[2], row[3] if len(row) == 4 else ()
                 else:
                     key, item_id, values = aggregate._unpack_item(row)
-                entry = encode_key(key) + encode_id(item_id)
+                entry = encode_entry(key, item_id)
                 checked = aggregate._values(values)
             except Error as exc:
                 if self.on_invalid is None:

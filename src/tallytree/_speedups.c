@@ -2,7 +2,7 @@
 
 Design
 ======
-Twenty-seven functions and one type, each a faster twin of Python code that stays the reference and
+Forty-three functions and one type, each a faster twin of Python code that stays the reference and
 the fallback
 (``_native`` loads this module; without a C compiler, or with TALLYTREE_PURE_PYTHON=1, tallytree runs
 the Python code and gives the same answers):
@@ -13,6 +13,12 @@ the Python code and gives the same answers):
 * ``one_key(value, body, limit)``: ``encode_key(value)`` (``encode_body`` when ``body``) of one value
   those two take, or a str, or a flat tuple of those, None and bools (a bound, a prefix, a single
   insert);
+* ``item_entry(key, id, limit)``: an item's entry, ``encode_key(key) + encode_id(id)``, for a key
+  ``one_key`` takes and an int64 or str id (``_keys.encode_entry``: every write of one item);
+* ``plain_values(values, count)``: whether an item's values need no conversion (an exact tuple of
+  finite floats and ints of the int64 or uint64 range: ``Aggregate._values``' fast path);
+* ``put_ops(txn, dbs, ops, start)``: py-lmdb's ``put`` (or ``delete``) for each op of a commit
+  (``_lmdb._apply_ops``' loop), called by position as that loop calls them;
 * ``text_keys(values, limit)``: the same for exact ``str`` of at most ``limit`` UTF-8 bytes with no NUL
   (which would need escaping);
 * ``sort_order(items)``: ``sorted(range(len(items)), key=items.__getitem__)`` for a list of bytes (a
@@ -107,6 +113,14 @@ the Python code and gives the same answers):
 * ``leaf_edit(data, entry, values, nfields)``: one entry removed from a stored leaf, or given new
   values, spliced in the same way (the other elements copied as stored), with the entry's old
   values: a delete or an update of a scattered item (``_btree.NodeTree._edit_stored``);
+* ``stored_path``, ``bump_path`` (with ``packed_layout``) and ``insert_stored``: a write's path from
+  stored bytes (``_btree.NodeTree._stored_path``), each internal node of it bumped as
+  ``Node.bumped`` does (``_write_stored``), and a scattered insert's whole write in one call, in a
+  transaction that has changed no node yet (``_insert_stored``, ``_tree.inserted``);
+* ``append_pending(packed, entry, values, capacity)`` and ``pending_edges(packed)``: a new event
+  appended to a pending node's stored bytes, and the node's count and first and last entries read
+  from them (``_tree.appended``, ``_tree.inserted``, ``Tree._pending_find``); ``leaf_rows`` reads a
+  slice of a compact leaf's entries from its image;
 * ``add_spans(node, rows, prefixes)``: the merged leaves of a batch (``merge_children``'s rows) added
   to their dirty parent's summary columns from the batch's prefix sums
   (``_btree.NodeTree._apply_merged``), or False, changing nothing, when a column must be rescaled.
@@ -454,27 +468,13 @@ tuple_key(PyObject *item, Py_ssize_t limit, int body, PyObject **key)
     return *key == NULL ? -1 : 0;
 }
 
-/* ``one_key(value, body, limit)``: encode_key(value), or encode_body(value) when ``body`` is true, for
-   one exact int64, UTC datetime, str, or flat tuple of those, None and bools, of at most ``limit``
-   bytes (the whole key): what int_keys((value,))[0] gives without the tuple and the list (a bound or
-   a single insert encodes one key). None for any other value (left to the Python code, which encodes
-   it or raises). */
+/* One value's key by the C encoders, encode_key(value) (encode_body(value) when ``body``), for one
+   exact int64, UTC datetime, str, or flat tuple of those, None and bools, of at most ``limit`` bytes
+   (the whole key): a new reference; a new reference to None for any other value (left to the Python
+   code, which encodes it or raises); NULL on an error. */
 static PyObject *
-one_key(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+key_of(PyObject *value, int body, Py_ssize_t limit)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "one_key(value, body: bool, limit: int)");
-        return NULL;
-    }
-    int body = PyObject_IsTrue(args[1]);
-    if (body < 0) {
-        return NULL;
-    }
-    Py_ssize_t limit;
-    if (size_argument(args[2], "one_key(): limit", &limit) < 0) {
-        return NULL;
-    }
-    PyObject *value = args[0];
     PyObject *key = NULL;
     int status;
     if (PyLong_CheckExact(value)) {
@@ -501,6 +501,111 @@ one_key(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return cut;
     }
     return key;
+}
+
+/* ``one_key(value, body, limit)``: key_of(value, body, limit), what int_keys((value,))[0] gives
+   without the tuple and the list (a bound or a prefix encodes one key). */
+static PyObject *
+one_key(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "one_key(value, body: bool, limit: int)");
+        return NULL;
+    }
+    int body = PyObject_IsTrue(args[1]);
+    if (body < 0) {
+        return NULL;
+    }
+    Py_ssize_t limit;
+    if (size_argument(args[2], "one_key(): limit", &limit) < 0) {
+        return NULL;
+    }
+    return key_of(args[0], body, limit);
+}
+
+/* ``item_entry(key, id, limit)``: an item's entry, encode_key(key) + encode_id(id), the first thing
+   every write of one item computes: the key as key_of takes it, the id an exact int64 or str, each of
+   at most ``limit`` bytes; None when either is left to the Python code (which encodes it or raises). */
+static PyObject *
+item_entry(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "item_entry(key, id, limit: int)");
+        return NULL;
+    }
+    Py_ssize_t limit;
+    if (size_argument(args[2], "item_entry(): limit", &limit) < 0) {
+        return NULL;
+    }
+    PyObject *id = args[1];
+    if (!PyLong_CheckExact(id) && !PyUnicode_CheckExact(id)) { /* bytes, and what is no id */
+        Py_RETURN_NONE;
+    }
+    PyObject *key = key_of(args[0], 0, limit);
+    if (key == NULL || key == Py_None) {
+        return key;
+    }
+    PyObject *tail = key_of(id, 0, limit);
+    if (tail == NULL || tail == Py_None) {
+        Py_DECREF(key);
+        return tail;
+    }
+    Py_ssize_t head = PyBytes_GET_SIZE(key);
+    PyObject *entry = PyBytes_FromStringAndSize(NULL, head + PyBytes_GET_SIZE(tail));
+    if (entry != NULL) {
+        memcpy(PyBytes_AS_STRING(entry), PyBytes_AS_STRING(key), (size_t)head);
+        memcpy(PyBytes_AS_STRING(entry) + head, PyBytes_AS_STRING(tail), (size_t)PyBytes_GET_SIZE(tail));
+    }
+    Py_DECREF(key);
+    Py_DECREF(tail);
+    return entry;
+}
+
+/* ``plain_values(values, count)``: ``values`` itself when it is an exact tuple of ``count`` values,
+   each an exact float that is finite or an exact int from -2**63 to 2**64 - 1 (the values an item may
+   hold as they are: Aggregate._values' fast path); None for anything else, which the Python code
+   converts or rejects. */
+static PyObject *
+plain_values(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_values(values, count: int)");
+        return NULL;
+    }
+    Py_ssize_t count;
+    if (size_argument(args[1], "plain_values(): count", &count) < 0) {
+        return NULL;
+    }
+    PyObject *values = args[0];
+    if (!PyTuple_CheckExact(values) || PyTuple_GET_SIZE(values) != count) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *value = PyTuple_GET_ITEM(values, index);
+        if (PyFloat_CheckExact(value)) {
+            if (!isfinite(PyFloat_AS_DOUBLE(value))) {
+                Py_RETURN_NONE;
+            }
+        }
+        else if (PyLong_CheckExact(value)) {
+            int overflow;
+            (void)PyLong_AsLongLongAndOverflow(value, &overflow); /* never fails on an exact int */
+            if (overflow < 0) {
+                Py_RETURN_NONE;
+            }
+            if (overflow > 0) {
+                (void)PyLong_AsUnsignedLongLong(value);
+                if (PyErr_Occurred()) { /* beyond 2**64 - 1 */
+                    PyErr_Clear();
+                    Py_RETURN_NONE;
+                }
+            }
+        }
+        else {
+            Py_RETURN_NONE;
+        }
+    }
+    return Py_NewRef(values);
 }
 
 static PyObject *
@@ -1003,7 +1108,8 @@ key_prefix(const char *key, Py_ssize_t size)
 }
 
 static PyObject *blob_name, *keys_name, *dirty_name, *leaf_name, *kids_name, *counts_cache_name, *counts_name,
-    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name, *base_name, *patch_name, *class_name, *hits_name;
+    *rows_cache_name, *rows_name, *cols_name, *shifts_name, *id_name, *base_name, *patch_name, *class_name, *hits_name,
+    *put_name, *delete_name, *empty_bytes;
 
 static int
 intern_names(void)
@@ -1024,11 +1130,69 @@ intern_names(void)
     patch_name = PyUnicode_InternFromString("_patch");
     class_name = PyUnicode_InternFromString("__class__");
     hits_name = PyUnicode_InternFromString("hits");
+    put_name = PyUnicode_InternFromString("put");
+    delete_name = PyUnicode_InternFromString("delete");
+    empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     return blob_name && keys_name && dirty_name && leaf_name && kids_name && counts_cache_name && counts_name &&
                    rows_cache_name && rows_name && cols_name && shifts_name && id_name && base_name && patch_name &&
-                   class_name && hits_name
+                   class_name && hits_name && put_name && delete_name && empty_bytes
                ? 0
                : -1;
+}
+
+/* ``put_ops(txn, dbs, ops, start)``: the loop of ``_lmdb._apply_ops`` in one call. For each
+   ``(table, key, value)`` of ``ops[start:]`` in order, py-lmdb's ``txn.put(key, value, True, True,
+   False, dbs[table])`` (dupdata, overwrite, append, by position as _lmdb passes them), or
+   ``txn.delete(key, b"", dbs[table])`` for a value of None. What py-lmdb raises propagates, the ops
+   before it done (the caller ends the transaction, as it does when its own loop raises). Returns
+   None. */
+static PyObject *
+put_ops(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "put_ops(txn, dbs: list, ops: list, start: int)");
+        return NULL;
+    }
+    Py_ssize_t start;
+    if (size_argument(args[3], "put_ops(): start", &start) < 0) {
+        return NULL;
+    }
+    PyObject *txn = args[0], *dbs = args[1], *ops = args[2];
+    for (Py_ssize_t index = start; index < PyList_GET_SIZE(ops); index++) {
+        PyObject *op = PyList_GET_ITEM(ops, index);
+        if (!PyTuple_CheckExact(op) || PyTuple_GET_SIZE(op) != 3) {
+            PyErr_SetString(PyExc_TypeError, "put_ops(): each op is a (table, key, value) tuple");
+            return NULL;
+        }
+        Py_INCREF(op); /* (the calls below run no Python code, but py-lmdb is not ours to promise it) */
+        Py_ssize_t table = PyLong_AsSsize_t(PyTuple_GET_ITEM(op, 0));
+        PyObject *db = NULL, *done = NULL;
+        if (!(table == -1 && PyErr_Occurred())) {
+            if (table < 0 || table >= PyList_GET_SIZE(dbs)) {
+                PyErr_Format(PyExc_IndexError, "put_ops(): no table %zd", table);
+            }
+            else {
+                db = PyList_GET_ITEM(dbs, table);
+            }
+        }
+        if (db != NULL) {
+            PyObject *value = PyTuple_GET_ITEM(op, 2);
+            if (value == Py_None) {
+                PyObject *call[4] = {txn, PyTuple_GET_ITEM(op, 1), empty_bytes, db};
+                done = PyObject_VectorcallMethod(delete_name, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
+            else {
+                PyObject *call[7] = {txn, PyTuple_GET_ITEM(op, 1), value, Py_True, Py_True, Py_False, db};
+                done = PyObject_VectorcallMethod(put_name, call, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
+        }
+        Py_DECREF(op);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    Py_RETURN_NONE;
 }
 
 /* 1 for a leaf, 0 for an internal node, -1 with an error set (through the attribute). */
@@ -9177,6 +9341,15 @@ leaf_lists(PyObject *Py_UNUSED(module), PyObject *blob)
 }
 
 static PyMethodDef methods[] = {
+    {"item_entry", (PyCFunction)(void (*)(void))item_entry, METH_FASTCALL,
+     "item_entry(key, id, limit) -> bytes | None: encode_key(key) + encode_id(id) when the C encoders "
+     "take both (see one_key; the id an exact int64 or str), each of at most limit bytes; else None."},
+    {"plain_values", (PyCFunction)(void (*)(void))plain_values, METH_FASTCALL,
+     "plain_values(values, count) -> tuple | None: values when it is an exact tuple of count exact "
+     "finite floats and exact ints from -2**63 to 2**64 - 1; else None."},
+    {"put_ops", (PyCFunction)(void (*)(void))put_ops, METH_FASTCALL,
+     "put_ops(txn, dbs, ops, start) -> None: txn.put(key, value, True, True, False, dbs[table]) (or "
+     "txn.delete(key, b'', dbs[table]) for a value of None) for each (table, key, value) of ops[start:]."},
     {"int_keys", int_keys, METH_O,
      "int_keys(values) -> list[bytes] | None: encode_key of each exact int in the int64 range."},
     {"datetime_keys", datetime_keys, METH_O,

@@ -670,6 +670,14 @@ def appended(
         stored = root.packed_pending if node is None else None if node.dirty else node._packed
         if stored is not None:
             packed = speedups.append_pending(stored, entry, values, capacity)
+            # not an append (or a full node): the tree decides, and the node stays in its bytes,
+            # undecoded (inserted reads its first entry from them)
+            if (
+                packed is None
+                and (edges := speedups.pending_edges(stored)) is not None
+                and (entry <= edges[2] or edges[0] + 1 >= capacity)
+            ):
+                return None
     if packed is not None:
         node = None
     else:  # without the extension, or for a node this transaction changed: the node's lists
@@ -698,33 +706,68 @@ def appended(
 def inserted(
     access: NodeAccess, root: Root | None, node_size: int, entry: bytes, values: tuple[Any, ...]
 ) -> Root | Literal[False] | None:
-    """The root record after ``entry`` is inserted into a tree without pending entries by the C kernel
+    """The root record after ``entry`` is inserted into the tree's nodes by the C kernel
     ``insert_stored`` (the transaction's first write, in one call: see ``NodeTree._insert_stored``);
     False, changing nothing, when the entry is there already; None, changing nothing, when the
-    insert needs the whole tree (:meth:`Tree.insert`): without the kernels, for pending entries, a
-    tree of one leaf, and whatever the kernel leaves (a leaf that splits, an entry after every
-    entry of the nodes, which goes to a new pending node, a later write of the transaction).
-    O(B log_B n).
+    insert needs the whole tree (:meth:`Tree.insert`): without the kernels, a tree of one leaf, an
+    entry that does not sort before every pending entry (or pending entries whose bytes are not at
+    hand: a format 2 record, a node this transaction changed), and whatever the kernel leaves (a
+    leaf that splits, an entry after every entry of the nodes, which goes to the pending node, a
+    later write of the transaction). O(B log_B n).
 
     The commonest write of scattered keys, one per committed transaction, then costs no Tree and no
     NodeTree, as :func:`appended` spares a new event them (about 220 of the 1,600 bytecodes of such
-    a commit at 10^6 events: 0.95x its instructions).
+    a commit at 10^6 events: 0.95x its instructions). A tree with pending entries (new events not
+    merged yet) takes it the same way: the entry goes into the nodes, as :meth:`Tree.insert` puts
+    it, and the new record keeps the pending node as it was.
 
     >>> from tallytree._btree import Root
     >>> inserted(None, Root(5, 1, [1, 0, 0]), 64, b"a", (1,)) is None  # one leaf: the tree decides
     True
     """
-    if speedups is None or root is None or root.pending_summary is not None or root.height < 2:
+    if speedups is None or root is None or root.height < 2:
         return None
     delta = delta_of(values)
     if len(root.summary) != len(delta):  # (the Tree's load raises what this is)
         return None
+    pending = root.pending_summary
+    if pending is not None:
+        first = _first_pending(root)
+        if first is None or entry >= first:  # the pending node's, or the tree's to place
+            return None
+        nodes = root.nodes_root()
+    else:
+        nodes = root
     written = speedups.insert_stored(
-        root.node_id, entry, root.height, True, values, node_size, delta, access.write_kit()
+        nodes.node_id, entry, nodes.height, True, values, node_size, delta, access.write_kit()
     )
-    if type(written) is int:
+    if type(written) is not int:
+        return False if written is False else None
+    if pending is None:
         return Root(written, root.height, vadd(root.summary, delta))
-    return False if written is False else None
+    # the pending node unchanged, in whichever form the record holds it (see Tree.root)
+    alone = Root(written, root.height, vadd(nodes.summary, delta))
+    new = Root(written, root.height, vadd(root.summary, delta), 0, pending, alone, root.pending_node)
+    new.packed_pending = root.packed_pending
+    return new
+
+
+def _first_pending(root: Root) -> bytes | None:
+    """The first pending entry of a record with pending entries, read from the pending node's stored
+    bytes (``pending_edges``, which decodes nothing); None for a format 2 record (the node named by
+    id), a node this transaction changed (no stored bytes), or bytes that do not give it (damage,
+    which the tree's decode reports). O(B) in C."""
+    assert speedups is not None and root.pending_summary is not None
+    node = root.pending_node
+    if root.pending or (node is not None and node.dirty):
+        return None
+    packed = root.packed_pending if node is None else node._packed
+    if packed is None:
+        return None
+    edges = speedups.pending_edges(packed)
+    if edges is None or edges[0] != root.pending_summary[0]:
+        return None
+    return edges[1]
 
 
 def _foreign_root() -> CorruptDatabaseError:
