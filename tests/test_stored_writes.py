@@ -867,6 +867,19 @@ def _split_leaves(db: tallytree.Database, events: tallytree.Aggregate, rows: dic
             rows[(key, "s")] = (0.25, key)
 
 
+def _answers(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[Any]:
+    """Wrap ``owner.name`` (for the test) so that each call's answer is appended to the list returned."""
+    answers: list[Any] = []
+    function = getattr(owner, name)
+
+    def answering(*args: Any) -> Any:
+        answers.append(function(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(owner, name, answering)
+    return answers
+
+
 def _write_state(tx: tallytree.WriteTransaction, events: tallytree.Aggregate) -> tuple[Any, ...]:
     """What a write left in ``tx``: the slots it overwrites, the bytes it will write, the nodes it made
     (class and every slot; a node's base compared by identity), and the root record."""
@@ -893,14 +906,7 @@ def test_insert_stored_writes_what_the_python_stored_path_writes(
     them as hits. A second write in the transaction is the Python code's (NotImplemented)."""
     assert speedups is not None
     events, rows = _loaded(db, 300, 12)
-    kernel = speedups.insert_stored
-    results: list[Any] = []
-
-    def recorded(*args: Any) -> Any:
-        results.append(kernel(*args))
-        return results[-1]
-
-    monkeypatch.setattr(speedups, "insert_stored", recorded)
+    results = _answers(monkeypatch, speedups, "insert_stored")
     _split_leaves(db, events, rows)
     rng = random.Random(13)
     with db.read() as tx:  # every node cached
@@ -1012,19 +1018,8 @@ def test_inserted_writes_into_a_tree_with_pending_entries_as_the_tree_does(
     events, rows = _loaded(db, 300, 21)
     _split_leaves(db, events, rows)
     pending_keys = _pending_events(db, events, rows)
-    kernel = speedups.insert_stored
-    results: list[Any] = []
-
-    def recorded(*args: Any) -> Any:
-        results.append(kernel(*args))
-        return results[-1]
-
-    monkeypatch.setattr(speedups, "insert_stored", recorded)
-    answers: list[Any] = []  # what _tree.inserted returned
-    fused_insert = _aggregate.inserted
-    monkeypatch.setattr(
-        _aggregate, "inserted", lambda *args: answers.append(fused_insert(*args)) or answers[-1]
-    )
+    results = _answers(monkeypatch, speedups, "insert_stored")
+    answers = _answers(monkeypatch, _aggregate, "inserted")  # what _tree.inserted returned
     tree_key = events._tree_key(None)
     rng = random.Random(22)
     written = 0
