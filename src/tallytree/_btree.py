@@ -235,6 +235,38 @@ class Root:
     _nodes: Root | None = dataclass_field(default=None, compare=False, repr=False)
     pending_node: Node | None = None  # compared by identity: records are never changed in place
     packed_pending: bytes | None = dataclass_field(default=None, compare=False, repr=False)
+    _edges: tuple[int, bytes, bytes] | None = dataclass_field(default=None, compare=False, repr=False)
+
+    def stored_edges(self) -> tuple[int, bytes, bytes] | None:
+        """``(count, first, last)`` of the pending entries, read from the pending node's stored bytes
+        in place by the kernel ``pending_edges`` (nothing decoded), once per record; None without the
+        kernels or pending entries, for a format 2 record (the node named by id), a pending node
+        changed since it was stored (no bytes), or bytes that do not give them (damage, which the
+        node's decode reports). Reads use them to take none or all of the pending entries, and a
+        write to tell an append from an entry that belongs among the nodes. O(B) in C the first
+        time, O(1) after.
+
+        >>> Root(5, 2, [3, 0, 0]).stored_edges() is None  # nothing pending
+        True
+        """
+        edges = self._edges
+        if edges is None:
+            node = self.pending_node
+            if (
+                speedups is None
+                or self.pending_summary is None
+                or self.pending
+                or (node is not None and node.dirty)
+            ):
+                return None  # (a dirty node changes in place: never cached for it)
+            packed = self.packed_pending if node is None else node._packed
+            if packed is None:
+                return None
+            edges = speedups.pending_edges(packed)
+            if edges is None or edges[0] != self.pending_summary[0]:
+                return None
+            self._edges = edges
+        return edges
 
     def nodes_root(self) -> Root:
         """The record of the tree's nodes alone: the totals less the pending ones (computed once per

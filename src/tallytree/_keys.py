@@ -750,7 +750,8 @@ def encode_entry(key: object, id: object) -> bytes:
     encodes first. O(size of the key and the id).
 
     One C call (``item_entry``) for a key ``encode_key``'s C twin takes and an int64 or str id; the
-    two Python calls otherwise, which raise what they raise.
+    two Python calls otherwise. Raises what they raise, the key's error first:
+    UnsupportedKeyTypeError, InvalidKeyError or KeyTooLargeError.
 
     >>> encode_entry(5, "a") == encode_key(5) + encode_id("a")
     True

@@ -119,7 +119,6 @@ class Tree:
     """
 
     __slots__ = (
-        "_edges",
         "_pending",
         "_record",
         "access",
@@ -153,7 +152,6 @@ class Tree:
         self.nfields = nfields
         self.capacity = node_size if node_size < _PENDING_MAX else _PENDING_MAX  # pending_capacity
         self.original = root
-        self._edges: tuple[int, bytes, bytes] | None = None
         if root is not None and (
             len(root.summary) != 1 + 2 * nfields
             or (root.pending_summary is not None and len(root.pending_summary) != 1 + 2 * nfields)
@@ -198,22 +196,11 @@ class Tree:
         self._record = None
 
     def _edges_of_record(self) -> tuple[int, bytes, bytes] | None:
-        """``(count, first, last)`` of a pending node not decoded yet, read from its bytes; None once
-        it is decoded, or when the bytes do not give them (the decode then says what is wrong). O(B)
-        in C the first time, O(1) after."""
+        """``(count, first, last)`` of a pending node not decoded yet, read from its bytes
+        (:meth:`Root.stored_edges`); None once it is decoded, or when the bytes do not give them (the
+        decode then says what is wrong). O(B) in C the first time, O(1) after."""
         record = self._record
-        if record is None:
-            return None
-        edges = self._edges
-        if edges is None:
-            packed = record.packed_pending  # None if another reader of the record decoded it
-            if packed is None or speedups is None:
-                return None
-            edges = speedups.pending_edges(packed)
-            if edges is None or edges[0] != self._pending_count():  # damaged: the decode reports it
-                return None
-            self._edges = edges
-        return edges
+        return None if record is None else record.stored_edges()
 
     def _pending_find(self, bound: bytes, after: bool) -> int:
         """Number of pending entries ``< bound`` (``<= bound`` when ``after``); the pending node must
@@ -681,7 +668,7 @@ def appended(
             # undecoded (inserted reads its first entry from them)
             if (
                 packed is None
-                and (edges := speedups.pending_edges(stored)) is not None
+                and (edges := root.stored_edges()) is not None
                 and (entry <= edges[2] or edges[0] + 1 >= capacity)
             ):
                 return None
@@ -739,8 +726,8 @@ def inserted(
         return None
     pending = root.pending_summary
     if pending is not None:
-        first = _first_pending(root)
-        if first is None or entry >= first:  # the pending node's, or the tree's to place
+        edges = root.stored_edges()  # (appended, which declined the entry, read them already)
+        if edges is None or entry >= edges[1]:  # the pending node's, or the tree's to place
             return None
         nodes = root.nodes_root()
     else:
@@ -757,24 +744,6 @@ def inserted(
     new = Root(written, root.height, vadd(root.summary, delta), 0, pending, alone, root.pending_node)
     new.packed_pending = root.packed_pending
     return new
-
-
-def _first_pending(root: Root) -> bytes | None:
-    """The first pending entry of a record with pending entries, read from the pending node's stored
-    bytes (``pending_edges``, which decodes nothing); None for a format 2 record (the node named by
-    id), a node this transaction changed (no stored bytes), or bytes that do not give it (damage,
-    which the tree's decode reports). O(B) in C."""
-    assert speedups is not None and root.pending_summary is not None
-    node = root.pending_node
-    if root.pending or (node is not None and node.dirty):
-        return None
-    packed = root.packed_pending if node is None else node._packed
-    if packed is None:
-        return None
-    edges = speedups.pending_edges(packed)
-    if edges is None or edges[0] != root.pending_summary[0]:
-        return None
-    return edges[1]
 
 
 def _foreign_root() -> CorruptDatabaseError:
