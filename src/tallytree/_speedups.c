@@ -2433,6 +2433,74 @@ prefetch_image(PyObject *blob)
     }
 }
 
+/* Start loading the lines of [start, stop), at most ``most`` of them. */
+static void
+prefetch_range(const char *start, const char *stop, int most)
+{
+    for (const char *line = start; line < stop && most > 0; line += 64, most--) {
+        PREFETCH(line);
+    }
+    if (stop > start && most > 0) {
+        PREFETCH(stop - 1); /* the last line, when the range does not start on a line's boundary */
+    }
+}
+
+/* Start loading the key prefixes of an open image that prefetch_image's first lines did not cover
+   (a node of more than ~64 keys), which a search bisects: a walk opens every walk's image before
+   searching any, so that these lines of both come in together. */
+static void
+prefetch_prefixes(const Image *image)
+{
+    if (image->blob != NULL) {
+        const char *end = image->prefixes + 8 * image->count;
+        const char *covered = (const char *)image->blob + 64 * PREFETCH_LINES;
+        if (end > covered) {
+            prefetch_range(covered, end, 32);
+        }
+    }
+}
+
+/* A descent of two cuts (a range below the node where they part) waits, at each level of each cut,
+   for a chain of cache misses on a tree out of the CPU caches: the line of the child's id and count
+   (and summary rows, for a range sum) in the node's image, then the node table's slot of that id,
+   then the child's image. Done one cut after the other, the chains add up; split into phases across
+   both cuts (every search, then every child id, then every lookup), the two cuts' misses of each
+   phase come in together. These two start the loads of the first two phases. */
+
+/* Start loading what the step down to child ``index`` of an internal node reads from its image: the
+   child's id, the cumulative counts around it and, with ``fields`` > 0 (a range sum of that many
+   value fields), the shifts and the summary rows around it. */
+static void
+prefetch_child(const Image *image, Py_ssize_t index, Py_ssize_t fields)
+{
+    if (image->blob == NULL || image->kind != IMAGE_INTERNAL || index < 0 || index >= image->count) {
+        return;
+    }
+    PREFETCH(image->kids + 8 * index);
+    prefetch_range(image->counts + 8 * index, image->counts + 8 * index + 16, 2);
+    if (fields > 0 && image->fields == fields) {
+        const char *rows = image->values + align8(4 * fields) + index * 24 * fields;
+        PREFETCH(image->values);
+        prefetch_range(rows, rows + 48 * fields, 8);
+    }
+}
+
+/* Start loading the node table's slot of child ``index`` of an internal node, reading the child's id
+   from its image (prefetch_child has started loading it): the lookup of child_of then finds it under
+   way. A hint only: the slot a probe starts at, which holds the id but after a collision. */
+static void
+prefetch_slot(const Image *image, Py_ssize_t index, const Fetcher *fetcher)
+{
+    const NodeTable *table = fetcher->table;
+    if (table == NULL || table->slots == NULL || image->blob == NULL || image->kind != IMAGE_INTERNAL ||
+        index < 0 || index >= image->count) {
+        return;
+    }
+    uint64_t id;
+    memcpy(&id, image->kids + 8 * index, sizeof(id));
+    PREFETCH(&table->slots[slot_of(table, id)]);
+}
+
 /* -1 with tallytree's CorruptDatabaseError set to ``message`` (a str this consumes; NULL: an error is
    set already), or ImportError if that cannot be found. */
 static int
@@ -2774,9 +2842,9 @@ child_index(PyObject *node, const Image *image, const char *key, Py_ssize_t size
 /* ``count`` descents (one rank, or the two cuts of a range below the node where they part):
    ``ranks[side]`` grows by the number of entries < cuts[side] (<= when afters[side]) below
    nodes[side] (borrowed), whose parent counts ``within[side]`` entries in it (-1: no parent, the
-   descent starts at the tree's root). Two step down level by level in turn, each level opening
-   both images before searching either: the cache misses of one descent's next node (its table slot,
-   its image's first lines) are then under way while the other one works, where one descent after
+   descent starts at the tree's root). Two step down level by level in turn, each level in phases
+   across both (see prefetch_child): open both images, search both nodes, read both child ids, then
+   step down both; the cache misses of each phase then come in together, where one descent after
    the other waits for each miss in turn. Each node's number of value fields and each leaf's count
    are checked (see check_fields), and two descents must reach their leaves at the same level. 0, or
    -1 with an error set. */
@@ -2785,7 +2853,8 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
         const int afters[], Py_ssize_t ranks[], Py_ssize_t within[], Fields *fields, Fetcher *fetcher)
 {
     Image images[2] = {{.blob = NULL}, {.blob = NULL}};
-    int done[2] = {count < 1, count < 2}, failed = 0, levels = 0;
+    int done[2] = {count < 1, count < 2}, leaves[2] = {0, 0}, failed = 0, levels = 0;
+    Py_ssize_t found[2] = {0, 0};
     while (!failed && !(done[0] && done[1])) {
         if (++levels > MAX_LEVELS) {
             failed = too_deep();
@@ -2793,28 +2862,48 @@ descend(int count, PyObject *nodes[], PyObject *hints[], const char *cuts[], con
         }
         for (int side = 0; side < count && !failed; side++) {
             failed = !done[side] && node_image_hinted(nodes[side], hints[side], &images[side]) < 0;
+            prefetch_prefixes(&images[side]);
         }
-        for (int side = 0; side < count && !failed; side++) {
+        for (int side = 0; side < count && !failed; side++) { /* the searches */
             if (done[side]) {
                 continue;
             }
             PyObject *node = nodes[side];
             Image *image = &images[side];
-            int leaf = image_is_leaf(node, image);
+            int leaf = leaves[side] = image_is_leaf(node, image);
             if (leaf < 0 || check_fields(node, image, leaf, fields) < 0) {
                 failed = 1;
             }
             else if (leaf) {
-                Py_ssize_t found = check_count(node, image, within[side]) < 0
-                                       ? -1
-                                       : image_search(node, image, cuts[side], sizes[side], afters[side]);
-                failed = found < 0;
-                ranks[side] += found;
+                found[side] = check_count(node, image, within[side]) < 0
+                                  ? -1
+                                  : image_search(node, image, cuts[side], sizes[side], afters[side]);
+                failed = found[side] < 0;
+            }
+            else {
+                found[side] = child_index(node, image, cuts[side], sizes[side]);
+                failed = found[side] < 0;
+                prefetch_child(image, found[side], 0);
+            }
+        }
+        for (int side = 0; side < count && !failed; side++) {
+            if (!done[side] && !leaves[side]) {
+                prefetch_slot(&images[side], found[side], fetcher);
+            }
+        }
+        for (int side = 0; side < count && !failed; side++) { /* the steps down */
+            if (done[side]) {
+                continue;
+            }
+            PyObject *node = nodes[side];
+            Image *image = &images[side];
+            if (leaves[side]) {
+                ranks[side] += found[side];
                 done[side] = 1;
             }
             else {
-                Py_ssize_t index = child_index(node, image, cuts[side], sizes[side]), before;
-                failed = index < 0 || counts_at(node, image, index, &before, &within[side]) < 0;
+                Py_ssize_t index = found[side], before;
+                failed = counts_at(node, image, index, &before, &within[side]) < 0;
                 PyObject *child = failed ? NULL : child_of(node, image, index, fetcher, &hints[side]);
                 if (child == NULL) {
                     failed = 1;
@@ -3173,6 +3262,12 @@ tree_rank_range(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         Py_ssize_t index = child_index(node, &image, low, low_size);
         Py_ssize_t other = index < 0 ? -1 : child_index(node, &image, high, high_size);
         Py_ssize_t before, at_other, within_other;
+        if (index != other && other >= 0) { /* the two descents' first lookups, in phases */
+            prefetch_child(&image, index, 0);
+            prefetch_child(&image, other, 0);
+            prefetch_slot(&image, index, &fetcher);
+            prefetch_slot(&image, other, &fetcher);
+        }
         if (other < 0 || counts_at(node, &image, index, &before, &within) < 0 ||
             (index != other && counts_at(node, &image, other, &at_other, &within_other) < 0)) {
             image_release(&image);
@@ -4113,10 +4208,12 @@ add_span(Total *total, PyObject *leaf, const Image *image, Py_ssize_t start, Py_
 typedef struct {
     PyObject *node; /* borrowed (see fetcher_keep) */
     PyObject *hint; /* the node's image if known, borrowed (see node_image_hinted), or NULL */
+    PyObject *next; /* from walk_search's child lookup: the child to step down to, borrowed */
     Row before, after;
     const char *key;
     Py_ssize_t size;
-    int key_after, sign, done, levels;
+    Py_ssize_t index, count; /* from walk_search: the cut's place in the node, and a leaf's size */
+    int key_after, sign, done, levels, leaf;
     Image image;
 } Walk;
 
@@ -4140,26 +4237,69 @@ walk_release(Walk *walk)
     row_release(&walk->after);
 }
 
-/* One level of a walk (its node's image open): 0, 1 when a value is left to Python, -1 on an error. */
+/* The first phase of one level of a walk (its node's image open): whether the node is a leaf, and
+   the cut's place in it (a leaf: the entries before the cut; an internal node: the child holding it);
+   then start loading what walk_step reads next (see prefetch_child): an internal node's child id,
+   counts and rows around that child, a leaf's values on the shorter side of the cut. 0, or -1 with an
+   error set. */
 static int
-walk_step(Walk *walk, Total *total, Fetcher *fetcher)
+walk_search(Walk *walk, Total *total)
 {
     PyObject *node = walk->node;
+    Image *image = &walk->image;
     Fields fields = {total->fields, 1};
-    int leaf = image_is_leaf(node, &walk->image);
-    if (leaf < 0 || check_fields(node, &walk->image, leaf, &fields) < 0) {
+    int leaf = walk->leaf = image_is_leaf(node, image);
+    if (leaf < 0 || check_fields(node, image, leaf, &fields) < 0) {
         return -1;
     }
-    if (leaf) {
+    if (!leaf) {
+        if (++walk->levels > MAX_LEVELS) {
+            return too_deep();
+        }
+        walk->index = child_index(node, image, walk->key, walk->size);
+        prefetch_child(image, walk->index, total->fields);
+        return walk->index < 0 ? -1 : 0;
+    }
+    if (check_rows_count(node, image, &walk->before, &walk->after) < 0) {
+        return -1;
+    }
+    Py_ssize_t index = walk->index = image_search(node, image, walk->key, walk->size, walk->key_after);
+    Py_ssize_t count = walk->count = index < 0 ? -1 : node_size(node, image);
+    if (count < 0) {
+        return -1;
+    }
+    if (image->blob != NULL && image->kind == IMAGE_LEAF && image->fields == total->fields) {
+        int head = 2 * index <= count;
+        PREFETCH(image->values); /* the columns' types */
+        for (Py_ssize_t field = 0; field < total->fields; field++) {
+            const char *column = image->values + align8(total->fields) + 8 * field * count;
+            prefetch_range(column + 8 * (head ? 0 : index), column + 8 * (head ? index : count), 8);
+        }
+    }
+    return 0;
+}
+
+/* The child an internal node's walk steps down to (walk_search found it) into ``walk->next``, its
+   image in ``walk->hint`` when the node table knows it (and its first lines loading: see
+   child_of). 0, or -1 with an error set. */
+static int
+walk_lookup(Walk *walk, Fetcher *fetcher)
+{
+    walk->next = child_of(walk->node, &walk->image, walk->index, fetcher, &walk->hint);
+    return walk->next == NULL ? -1 : 0;
+}
+
+/* The rest of one level of a walk, after walk_search (and walk_lookup, for an internal node): a
+   leaf's part added, or the rows before an internal node's child added and the step down to it. 0, 1
+   when a value is left to Python, -1 on an error. */
+static int
+walk_step(Walk *walk, Total *total)
+{
+    PyObject *node = walk->node;
+    Py_ssize_t index = walk->index;
+    if (walk->leaf) {
         walk->done = 1;
-        if (check_rows_count(node, &walk->image, &walk->before, &walk->after) < 0) {
-            return -1;
-        }
-        Py_ssize_t index = image_search(node, &walk->image, walk->key, walk->size, walk->key_after);
-        Py_ssize_t count = index < 0 ? -1 : node_size(node, &walk->image);
-        if (count < 0) {
-            return -1;
-        }
+        Py_ssize_t count = walk->count;
         int head = 2 * index <= count, status;
         if (head) {
             status = add_row(total, &walk->before, walk->sign);
@@ -4171,13 +4311,6 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
         }
         return add_span(total, node, &walk->image, index, count, walk->sign < 0);
     }
-    if (++walk->levels > MAX_LEVELS) {
-        return too_deep();
-    }
-    Py_ssize_t index = child_index(node, &walk->image, walk->key, walk->size);
-    if (index < 0) {
-        return -1;
-    }
     int status = add_row(total, &walk->before, walk->sign);
     if (status) {
         return status;
@@ -4185,19 +4318,16 @@ walk_step(Walk *walk, Total *total, Fetcher *fetcher)
     if (rows_around(node, &walk->image, index, total->fields, &walk->before, &walk->after) < 0) {
         return -1;
     }
-    PyObject *child = child_of(node, &walk->image, index, fetcher, &walk->hint);
-    if (child == NULL) {
-        return -1;
-    }
-    walk->node = child;
+    walk->node = walk->next;
     return 0;
 }
 
 /* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
-   in turn, each level opening every walk's image before searching any: the cache misses of one
-   walk's next node (its table slot, its image's first lines) are then under way while the other works,
-   where one walk after the other waits for each miss in turn. Two walks must reach their leaves at the
-   same level. Releases the walks. 0, 1 when a value is left to Python, -1 with an error set. */
+   in turn, each level in phases across the walks (see prefetch_child): open every walk's image, search
+   each, read each child id, look each child up, then step each down; the cache misses of each phase
+   then come in together, where one walk after the other waits for each miss in turn. Two walks must reach their
+   leaves at the same level. Releases the walks. 0, 1 when a value is left to Python, -1 with an
+   error set. */
 static int
 walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
 {
@@ -4206,11 +4336,23 @@ walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
         for (int at = 0; at < count && status == 0; at++) {
             Walk *walk = &walks[at];
             status = !walk->done && node_image_hinted(walk->node, walk->hint, &walk->image) < 0 ? -1 : 0;
+            prefetch_prefixes(&walk->image);
+        }
+        for (int at = 0; at < count && status == 0; at++) {
+            status = walks[at].done ? 0 : walk_search(&walks[at], total);
+        }
+        for (int at = 0; at < count && status == 0; at++) {
+            if (!walks[at].done && !walks[at].leaf) {
+                prefetch_slot(&walks[at].image, walks[at].index, fetcher);
+            }
+        }
+        for (int at = 0; at < count && status == 0; at++) {
+            status = walks[at].done || walks[at].leaf ? 0 : walk_lookup(&walks[at], fetcher);
         }
         running = 0;
         for (int at = 0; at < count && status == 0; at++) {
             if (!walks[at].done) {
-                status = walk_step(&walks[at], total, fetcher);
+                status = walk_step(&walks[at], total);
                 image_release(&walks[at].image);
                 running += !walks[at].done;
             }
@@ -4254,9 +4396,13 @@ between(PyObject *node, Row *before, Row *after, const char *low, Py_ssize_t low
             status = 0;
             goto finish;
         }
+        prefetch_child(&image, index, total->fields);
         if (index != other) {
             Walk walks[2];
             PyObject *high_hint, *low_hint = NULL;
+            prefetch_child(&image, other, total->fields); /* the two walks' first lookups, in phases */
+            prefetch_slot(&image, index, fetcher);
+            prefetch_slot(&image, other, fetcher);
             PyObject *high_kid = child_of(node, &image, other, fetcher, &high_hint);
             PyObject *low_kid = high_kid == NULL ? NULL : child_of(node, &image, index, fetcher, &low_hint);
             if (low_kid == NULL) {
