@@ -11,7 +11,8 @@ mode is compared with the other's.
 it, as a request that asks one question does): what a transaction and the first read of a namespace
 in it add.
 
-Two query sets per operation and size:
+Two query sets per operation, each asked of every size alike (the same windows, and ``at`` indices at
+the same fractions of ``n``, so that the growth compares the same questions):
 
 * ``fresh``: new random windows every round, so most leaves a round reads were not read in a while
   (out of the CPU caches): a service answering scattered questions;
@@ -86,9 +87,15 @@ def build(path: Path, n: int, warm: bool = True, built: bool = True) -> tuple[An
     return db, events, namespace
 
 
-def queries(rng: random.Random, count: int, n: int) -> list[tuple[int, int, int]]:
-    """``count`` (lo, hi, index): a 10% window, and an index for ``at``."""
-    return [(*window(rng, FRACTION), rng.randrange(n)) for _ in range(count)]
+def queries(rng: random.Random, count: int, sizes: list[int]) -> dict[int, list[tuple[int, int, int]]]:
+    """``count`` (lo, hi, index) for each size in ``sizes``: a 10% window, and an index for ``at``.
+
+    Every size gets the same windows, and the same place in its items for ``at`` (an index at the
+    same fraction of ``n``): the growth from one size to the next compares the same questions, where
+    independent samples (a fixed sample for the ``repeated`` set) would add their own differences.
+    """
+    drawn = [(*window(rng, FRACTION), rng.random()) for _ in range(count)]
+    return {n: [(lo, hi, min(int(place * n), n - 1)) for lo, hi, place in drawn] for n in sizes}
 
 
 def reader(op: str, db: Any, events: Any, namespace: str) -> Callable[[Any, tuple[int, int, int]], Any]:
@@ -125,10 +132,14 @@ def measure(
         }
         # each operation its own windows: one that followed another on the same windows would find
         # their leaves in the CPU caches
-        repeated = {(n, op): queries(rng, per_round, n) for n in sizes for op in OPERATIONS}
+        repeated = {
+            (n, op): batch for op in OPERATIONS for n, batch in queries(rng, per_round, sizes).items()
+        }
         cells = [(mode, n, kind) for mode in modes for n in sizes for kind in SETS]
         for round_index in range(rounds):
-            fresh = {(n, op): queries(rng, per_round, n) for n in sizes for op in OPERATIONS}
+            fresh = {
+                (n, op): batch for op in OPERATIONS for n, batch in queries(rng, per_round, sizes).items()
+            }
             answers: dict[tuple[int, str, str], list[Any]] = {}
             for mode, n, kind in cells if round_index % 2 == 0 else reversed(cells):
                 db, events, namespace = trees[mode, n]
