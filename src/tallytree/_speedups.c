@@ -47,7 +47,7 @@ the Python code and gives the same answers):
   returns). Eviction is a second-chance clock, so a tree's internal nodes stay while its leaves
   stream through a cache smaller than the tree;
 * ``rank``, ``rank_range``, ``select`` and ``find``: the descents of ``_btree.NodeTree`` (a rank; two
-  ranks sharing their path, then descending in step; the leaf and position of an entry by its index;
+  ranks sharing their path, then descending level by level in phases (see prefetch_child); the leaf and position of an entry by its index;
   the values of an entry by its bytes) in one call each, children taken from the shared node cache (a
   NodeTable, or a dict) when the caller allows it (read transactions) and through the transaction's
   ``node`` otherwise; they return how many cache hits they made, for the statistics. ``select`` (asked
@@ -4368,7 +4368,7 @@ walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
 }
 
 /* The shared path of a two-sided range sum, from ``node`` (borrowed): down to the
-   node where the cuts part, then both walks in step; or, when both cuts end in one leaf, its part on
+   node where the cuts part, then both walks in phases (walk_all); or, when both cuts end in one leaf, its part on
    its shorter side (the span between them, or the whole leaf as its parent knows it minus both
    ends). 0, 1 when a value is left to Python, -1 with an error set. */
 static int
