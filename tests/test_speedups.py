@@ -1577,6 +1577,45 @@ def test_range_totals_equal_the_python_sums(
         raise _Abort
 
 
+def test_range_descents_in_phases_answer_as_python_in_a_deep_tree(tmp_path: Any) -> None:
+    """count, totals, rank and the range ranks of a deep LMDB tree (nodes of 4: six levels) through
+    the node table and the search images, where the two cuts' descents run in phases (see
+    ``prefetch_child``): they part at every depth, from the root to the leaves' parents, and end in
+    leaves on either side of the cut's shorter span. Every answer equals the pure Python one and the
+    model's."""
+    rng = random.Random(40)
+    keys = sorted(rng.sample(range(100_000), 3_000))
+    rows = [
+        (key, at, (rng.uniform(-1e6, 1e6), rng.randrange(-(2**40), 2**40))) for at, key in enumerate(keys)
+    ]
+    db = tallytree.open(tmp_path / "deep", durable=False)
+    agg = db.aggregate("a", values=("f", "i"), node_size=4)
+    with db.write() as tx:
+        agg.insert_many(tx, rows)
+    windows = [(None, None)] + [tuple(sorted(rng.sample(range(-5, 100_005), 2))) for _ in range(150)]
+    windows += [(key, key + width) for key in rng.sample(keys, 50) for width in (1, 40, 400)]
+
+    def reads(tx: Any) -> list[Any]:
+        answers: list[Any] = []
+        for low, high in windows:
+            bounds = {name: value for name, value in (("ge", low), ("lt", high)) if value is not None}
+            answers += [agg.count(tx, **bounds), agg.totals(tx, **bounds)]
+            answers.append(agg.rank(tx, low) if low is not None else None)
+        return answers
+
+    with pure_python(), db.read() as tx:
+        expected = reads(tx)
+    for _ in range(3):  # the first reads build the images; the last go through them and the table
+        with db.read() as tx:
+            assert reads(tx) == expected
+    for (low, high), count, totals, _rank in zip(windows, *[iter(expected)] * 3, strict=True):
+        inside = [row for row in rows if (low is None or row[0] >= low) and (high is None or row[0] < high)]
+        assert count == totals.count == len(inside)
+        assert totals.f == math.fsum(row[2][0] for row in inside)
+        assert totals.i == sum(row[2][1] for row in inside)
+    db.close()
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     st.integers(0, 30),

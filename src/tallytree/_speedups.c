@@ -47,8 +47,8 @@ the Python code and gives the same answers):
   returns). Eviction is a second-chance clock, so a tree's internal nodes stay while its leaves
   stream through a cache smaller than the tree;
 * ``rank``, ``rank_range``, ``select`` and ``find``: the descents of ``_btree.NodeTree`` (a rank; two
-  ranks sharing their path, then descending level by level in phases (see prefetch_child); the leaf and position of an entry by its index;
-  the values of an entry by its bytes) in one call each, children taken from the shared node cache (a
+  ranks sharing their path, then descending level by level in phases, see prefetch_child; the leaf
+  and position of an entry by its index; the values of an entry by its bytes) in one call each, children taken from the shared node cache (a
   NodeTable, or a dict) when the caller allows it (read transactions) and through the transaction's
   ``node`` otherwise; they return how many cache hits they made, for the statistics. ``select`` (asked
   for the item) and ``find`` read the entry and its values from the leaf's image when it has one,
@@ -2451,11 +2451,11 @@ prefetch_range(const char *start, const char *stop, int most)
 static void
 prefetch_prefixes(const Image *image)
 {
-    if (image->blob != NULL) {
+    if (image->blob != NULL) { /* compared as addresses: ``covered`` may lie past a small image */
         const char *end = image->prefixes + 8 * image->count;
-        const char *covered = (const char *)image->blob + 64 * PREFETCH_LINES;
-        if (end > covered) {
-            prefetch_range(covered, end, 32);
+        uintptr_t covered = (uintptr_t)image->blob + 64 * PREFETCH_LINES;
+        if ((uintptr_t)end > covered) {
+            prefetch_range(end - ((uintptr_t)end - covered), end, 32);
         }
     }
 }
@@ -4323,11 +4323,11 @@ walk_step(Walk *walk, Total *total)
 }
 
 /* Run ``count`` walks (one, or the two cuts of a range below the node where they part) level by level
-   in turn, each level in phases across the walks (see prefetch_child): open every walk's image, search
-   each, read each child id, look each child up, then step each down; the cache misses of each phase
-   then come in together, where one walk after the other waits for each miss in turn. Two walks must reach their
-   leaves at the same level. Releases the walks. 0, 1 when a value is left to Python, -1 with an
-   error set. */
+   in turn, each level in phases across the walks (see prefetch_child): open every walk's image,
+   search each, read each child id, look each child up, then step each down; the cache misses of each
+   phase then come in together, where one walk after the other waits for each miss in turn. Two walks
+   must reach their leaves at the same level. Releases the walks. 0, 1 when a value is left to
+   Python, -1 with an error set. */
 static int
 walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
 {
@@ -4367,8 +4367,8 @@ walk_all(Walk *walks, int count, Total *total, Fetcher *fetcher)
     return status;
 }
 
-/* The shared path of a two-sided range sum, from ``node`` (borrowed): down to the
-   node where the cuts part, then both walks in phases (walk_all); or, when both cuts end in one leaf, its part on
+/* The shared path of a two-sided range sum, from ``node`` (borrowed): down to the node where the
+   cuts part, then both walks in phases (walk_all); or, when both cuts end in one leaf, its part on
    its shorter side (the span between them, or the whole leaf as its parent knows it minus both
    ends). 0, 1 when a value is left to Python, -1 with an error set. */
 static int
