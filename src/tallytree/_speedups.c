@@ -2451,11 +2451,10 @@ prefetch_range(const char *start, const char *stop, int most)
 static void
 prefetch_prefixes(const Image *image)
 {
-    if (image->blob != NULL) { /* compared as addresses: ``covered`` may lie past a small image */
-        const char *end = image->prefixes + 8 * image->count;
-        uintptr_t covered = (uintptr_t)image->blob + 64 * PREFETCH_LINES;
-        if ((uintptr_t)end > covered) {
-            prefetch_range(end - ((uintptr_t)end - covered), end, 32);
+    if (image->blob != NULL) { /* the prefixes' bytes that lie past the first lines, if any */
+        Py_ssize_t covered = 64 * PREFETCH_LINES - (image->prefixes - (const char *)image->blob);
+        if (8 * image->count > covered) {
+            prefetch_range(image->prefixes + covered, image->prefixes + 8 * image->count, 32);
         }
     }
 }
